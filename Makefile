@@ -1,0 +1,83 @@
+# Citadel's entry points. `make demo` runs the main job, `make test` runs every test.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export CITADEL_CACHE ?= $(HOME)/.cache/citadel
+# The folder operator/ in the repository root would shadow the standard-library
+# module `operator` for any `python -m`/`python -c` started here: never put the
+# current directory on sys.path.
+export PYTHONSAFEPATH := 1
+HARNESS := PYTHONPATH=tests/e2e $(PY) -m harness
+# Warnings are errors in tests (pyproject.toml); the venv is rebuilt when
+# pyproject.toml changes.
+VENV_STAMP := $(VENV)/.installed
+
+.PHONY: help
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(VENV_STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+.PHONY: venv
+venv: $(VENV_STAMP) ## Create the Python environment (.venv)
+
+.PHONY: fmt
+fmt: venv ## Format the code in place
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+.PHONY: lint
+lint: venv ## ruff format check, ruff lint, mypy --strict, import layering
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	# mypy runs from src/ so that the folder operator/ never shadows the
+	# standard-library module of that name.
+	cd src && ../$(VENV)/bin/mypy --config-file ../pyproject.toml -p citadel
+	$(VENV)/bin/mypy --config-file pyproject.toml tests/e2e/harness
+	$(VENV)/bin/lint-imports --config .importlinter
+
+.PHONY: unit
+unit: venv ## Unit tests (no cluster, no network)
+	$(VENV)/bin/pytest -m unit tests/unit
+
+.PHONY: binaries
+binaries: ## Build the cluster binaries from Go modules (cached in $CITADEL_CACHE)
+	bash tests/e2e/cluster/build.sh
+
+.PHONY: cluster-up
+cluster-up: venv ## Start the local cluster and make context citadel-local current
+	$(HARNESS) up
+
+.PHONY: cluster-down
+cluster-down: venv ## Stop the local cluster, leaving no process behind
+	$(HARNESS) down
+
+.PHONY: cluster-reset
+cluster-reset: venv ## Stop the local cluster and delete its data
+	$(HARNESS) reset
+
+.PHONY: e2e
+e2e: venv ## End-to-end tests against the cluster (local harness unless KUBECONFIG is set)
+	$(VENV)/bin/pytest -m e2e tests/e2e
+
+.PHONY: test
+test: lint unit e2e ## Everything: lint, types, unit and e2e tests
+
+.PHONY: demo
+demo: ## The main job: cluster, chart, a real model answering through the gateway
+	@echo "make demo: not built yet (issue 6): it will start the local cluster, install" >&2
+	@echo "the chart, serve SmolLM2 on the CPU and answer a chat completion." >&2
+	@exit 2
+
+.PHONY: bench
+bench: ## Benchmarks against the peers (writes docs/benchmarks.md)
+	@echo "make bench: not built yet (issue 8)." >&2
+	@exit 2
