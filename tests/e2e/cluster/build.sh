@@ -14,13 +14,14 @@ bin=$cache/bin
 src=$cache/src
 mkdir -p "$bin" "$src"
 export GOFLAGS=-mod=mod GOTOOLCHAIN=local
-script_sum=$(sha256sum "$0" "$here/versions.env" | sha256sum | cut -c1-16)
 
 log() { printf '[build %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
-# up_to_date NAME: true when bin/NAME exists and was built by this script at these versions.
-up_to_date() { [[ -x $bin/$1 && -f $bin/.$1.stamp && $(cat "$bin/.$1.stamp") == "$script_sum" ]]; }
-mark_built() { echo "$script_sum" >"$bin/.$1.stamp"; }
+# Each binary's stamp records what it was built from (module, version, flags), so
+# changing one pin rebuilds that binary alone.
+# up_to_date NAME RECIPE: true when bin/NAME exists and was built from RECIPE.
+up_to_date() { [[ -x $bin/$1 && -f $bin/.$1.stamp && $(cat "$bin/.$1.stamp") == "$2" ]]; }
+mark_built() { echo "$2" >"$bin/.$1.stamp"; }
 
 # wrapper DIR MODULE VERSION [REPLACES...]: a module that requires MODULE@VERSION.
 wrapper() {
@@ -37,7 +38,8 @@ wrapper() {
 
 build_kubernetes() {
   local names=(kube-apiserver kube-controller-manager kube-scheduler kubectl) missing=()
-  for n in "${names[@]}"; do up_to_date "$n" || missing+=("$n"); done
+  local recipe="k8s.io/kubernetes@$KUBERNETES_VERSION stamped"
+  for n in "${names[@]}"; do up_to_date "$n" "$recipe" || missing+=("$n"); done
   ((${#missing[@]})) || { log "kubernetes $KUBERNETES_VERSION: cached"; return; }
   local dir=$src/kubernetes start=$SECONDS
   # The staging modules are `replace`d by relative paths in kubernetes' own go.mod;
@@ -70,19 +72,20 @@ build_kubernetes() {
       log "  $n built in $((SECONDS - t))s"
     done
   )
-  for n in "${missing[@]}"; do mark_built "$n"; done
+  for n in "${missing[@]}"; do mark_built "$n" "$recipe"; done
   log "kubernetes: done in $((SECONDS - start))s"
 }
 
 # build_simple NAME MODULE VERSION PACKAGE LDFLAGS
 build_simple() {
   local name=$1 module=$2 version=$3 package=$4 ldflags=$5
-  up_to_date "$name" && { log "$name $version: cached"; return; }
+  local recipe="$module@$version $ldflags"
+  up_to_date "$name" "$recipe" && { log "$name $version: cached"; return; }
   local dir=$src/$name start=$SECONDS
   log "$name $version: building"
   wrapper "$dir" "$module" "$version"
   (cd "$dir" && go get "$module@$version" >/dev/null && go build -trimpath -ldflags "-s -w $ldflags" -o "$bin/$name" "$package")
-  mark_built "$name"
+  mark_built "$name" "$recipe"
   log "$name: done in $((SECONDS - start))s"
 }
 
@@ -91,8 +94,19 @@ build_etcd() {
 }
 
 build_helm() {
-  build_simple helm helm.sh/helm/v3 "$HELM_VERSION" helm.sh/helm/v3/cmd/helm \
-    "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+  # Like Helm's own Makefile: the Kubernetes version `helm lint` and `helm template`
+  # assume without a cluster is that of the client-go Helm is built with.
+  local client_go minor flags
+  client_go=$(go mod download -json "helm.sh/helm/v3@$HELM_VERSION" \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])' \
+    | xargs sed -nE 's#^\s+k8s\.io/client-go v0\.([0-9]+)\..*#\1#p')
+  minor=${client_go:?cannot read client-go from helm go.mod}
+  flags="-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+  flags+=" -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+  for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+    flags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$minor"
+  done
+  build_simple helm helm.sh/helm/v3 "$HELM_VERSION" helm.sh/helm/v3/cmd/helm "$flags"
 }
 
 build_kwok() {

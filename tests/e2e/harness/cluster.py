@@ -258,8 +258,13 @@ class Cluster:
         """Builds (or finds cached) every binary from its pinned Go module."""
         subprocess.run(["bash", str(CLUSTER_DIR / "build.sh")], check=True)
 
-    def up(self) -> None:
-        """Starts whatever is not running yet, then creates the fake nodes."""
+    def up(self, *, merge_kubeconfig: bool = True) -> None:
+        """Starts whatever is not running yet, then creates the fake nodes.
+
+        Args:
+            merge_kubeconfig: add the `citadel-local` context to the user's
+                kubeconfig and make it current (what `make cluster-up` does).
+        """
         began = time.monotonic()
         self.build()
         self.layout.state.mkdir(parents=True, exist_ok=True)
@@ -277,7 +282,8 @@ class Cluster:
             self._wait(name, functools.partial(self.healthy, name), timeout=90)
             say(f"{name}: healthy in {time.monotonic() - started:.1f}s")
         self._create_nodes()
-        self._merge_user_kubeconfig()
+        if merge_kubeconfig:
+            self._merge_user_kubeconfig()
         say(
             f"cluster ready in {time.monotonic() - began:.1f}s (context {CONTEXT_NAME})"
         )

@@ -26,6 +26,12 @@ def read_versions() -> dict[str, str]:
 class Ports:
     """Loopback ports, chosen high and uncommon so they rarely collide."""
 
+    @classmethod
+    def shifted(cls, offset: int) -> Ports:
+        """The same set of ports moved by `offset`, for a second cluster."""
+        base = cls()
+        return cls(**{f: getattr(base, f) + offset for f in base.__dataclass_fields__})
+
     etcd_client: int = 23790
     etcd_peer: int = 23800
     apiserver: int = 26443
@@ -45,6 +51,8 @@ class Layout:
     """
 
     cache: Path
+    state_dir: Path | None = None
+    """Overrides `<cache>/cluster`, so a second cluster can share the binaries."""
 
     @classmethod
     def from_env(cls) -> Layout:
@@ -57,7 +65,7 @@ class Layout:
 
     @property
     def state(self) -> Path:
-        return self.cache / "cluster"
+        return self.state_dir or self.cache / "cluster"
 
     @property
     def pki(self) -> Path:

@@ -1,0 +1,59 @@
+"""`up` twice is harmless and `down` leaves no process or listening port behind.
+
+Runs a second, throw-away cluster on other ports with its own state directory (the
+binaries are shared), so the cluster the other tests use stays up.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from harness import procs
+from harness.cluster import COMPONENTS, Cluster
+from harness.config import Layout, Ports
+from harness.kube import KubeCluster
+
+pytestmark = pytest.mark.e2e
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids whose command line contains `text` (our state directory)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if text.encode() in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def test_up_is_idempotent_and_down_leaves_nothing(
+    cluster: KubeCluster, tmp_path: Path
+) -> None:
+    if not cluster.local:
+        pytest.skip("the harness lifecycle only applies to the local cluster")
+    layout = Layout(cache=Layout.from_env().cache, state_dir=tmp_path / "cluster")
+    ports = Ports.shifted(100)
+    second = Cluster(layout=layout, ports=ports)
+    try:
+        second.up(merge_kubeconfig=False)
+        first_pids = {name: procs.pid_of(layout.run, name) for name in COMPONENTS}
+        assert all(first_pids.values()), first_pids
+        second.up(merge_kubeconfig=False)
+        again = {name: procs.pid_of(layout.run, name) for name in COMPONENTS}
+        assert again == first_pids, "a second `up` must not restart anything"
+        nodes = second.kubectl("get", "nodes", "-o", "name").split()
+        assert "node/hx-llm-server-01" in nodes
+    finally:
+        second.down()
+    for name, pid in first_pids.items():
+        assert pid is not None and not Path(f"/proc/{pid}").exists(), name
+    assert processes_mentioning(str(layout.state)) == []
+    all_ports = [getattr(ports, f) for f in ports.__dataclass_fields__]
+    assert procs.listening_ports(all_ports) == []

@@ -1,0 +1,73 @@
+"""A handle on the cluster under test for e2e tests: kubectl and helm against one
+kubeconfig."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class KubectlError(RuntimeError):
+    """kubectl exited non-zero; the message holds its stderr."""
+
+
+@dataclass(frozen=True)
+class KubeCluster:
+    """The cluster under test, reached through a kubeconfig file.
+
+    Attributes:
+        kubeconfig: the kubeconfig file the tests (and any process they start) use.
+        context: the context in it, or None for its current context.
+        kubectl_path: the kubectl binary.
+        helm_path: the helm binary.
+        local: True when this is the local harness (kwok nodes, known node names).
+    """
+
+    kubeconfig: Path
+    context: str | None
+    kubectl_path: str
+    helm_path: str
+    local: bool
+
+    def _base(self, tool: str, context_flag: str) -> list[str]:
+        args = [tool, f"--kubeconfig={self.kubeconfig}"]
+        if self.context:
+            args.append(f"{context_flag}={self.context}")
+        return args
+
+    def kubectl(
+        self, *args: str, input_text: str | None = None, check: bool = True
+    ) -> str:
+        """Runs kubectl against the cluster and returns its standard output.
+
+        Raises:
+            KubectlError: kubectl failed and `check` is true.
+        """
+        return self._run(
+            self._base(self.kubectl_path, "--context"), args, input_text, check
+        )
+
+    def helm(self, *args: str, check: bool = True) -> str:
+        """Runs helm against the cluster and returns its standard output."""
+        return self._run(
+            self._base(self.helm_path, "--kube-context"), args, None, check
+        )
+
+    @staticmethod
+    def _run(
+        base: list[str], args: tuple[str, ...], input_text: str | None, check: bool
+    ) -> str:
+        result = subprocess.run(
+            [*base, *args],
+            input=input_text,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise KubectlError(
+                f"{Path(base[0]).name} {' '.join(args)} failed: {result.stderr.strip()}"
+            )
+        return result.stdout if result.returncode == 0 else result.stderr
