@@ -1,16 +1,43 @@
-"""`citadel-gateway`: the gateway's entry point."""
+"""`citadel-gateway`: the gateway's entry point (the only place that reads the
+environment)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 
-from citadel.gateway import __version__
+import uvicorn
+
+from citadel.gateway import __version__, logs
+from citadel.gateway.app import create_app
+from citadel.gateway.settings import GatewaySettings
+from citadel.gateway.wiring import build_deps
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Starts the gateway (until the gateway lands: reports its version)."""
-    parser = argparse.ArgumentParser(prog="citadel-gateway")
+    """Serves the gateway until SIGTERM or SIGINT (requests in flight finish).
+
+    Settings come from `CITADEL_GATEWAY_*` environment variables (see
+    `citadel.gateway.settings`).
+    """
+    parser = argparse.ArgumentParser(
+        prog="citadel-gateway",
+        description="Citadel's OpenAI-compatible gateway; configured by "
+        "CITADEL_GATEWAY_* environment variables.",
+    )
     parser.add_argument("--version", action="version", version=__version__)
     parser.parse_args(argv)
-    print(f"citadel-gateway {__version__}")
+    settings = GatewaySettings()
+    logs.configure(settings.log_format, settings.log_level)
+    app = create_app(settings, build_deps(settings, dict(os.environ)))
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=30,
+    )
     return 0

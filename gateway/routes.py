@@ -25,6 +25,7 @@ CONFIGMAP_KEY = "routes.json"
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # What clients may send as "model": Hugging Face style names included.
 SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
+ENDPOINT_PATTERN = r"^https?://[^/\s]+$"
 
 
 class RoutesError(ValueError):
@@ -78,6 +79,9 @@ class ModelRoute(_Model):
     ready: bool = False
     """True when at least one replica is Ready (the LLMModel's Ready condition)."""
     ready_replicas: int = Field(0, ge=0, alias="readyReplicas")
+    endpoints: tuple[Annotated[str, Field(pattern=ENDPOINT_PATTERN)], ...] = ()
+    """Replica base URLs (`http://host:port`) for a gateway run from a file;
+    in Kubernetes they come from the Service's EndpointSlices instead."""
 
     @property
     def names(self) -> tuple[str, ...]:

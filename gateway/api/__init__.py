@@ -1,0 +1,1 @@
+"""The REST front door: FastAPI routers, thin; the work is in the services."""

@@ -1,0 +1,45 @@
+"""The app factory: routers, error handlers, and the parts' lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from citadel.gateway import __version__
+from citadel.gateway.api import errors, health, openai
+from citadel.gateway.deps import Deps
+from citadel.gateway.settings import GatewaySettings
+
+
+def create_app(settings: GatewaySettings, deps: Deps) -> FastAPI:
+    """The gateway's ASGI app, built from `deps` (nothing global)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for start in deps.startup:
+            await start()
+        tasks = [asyncio.create_task(source.run()) for source in deps.sources]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for stop in reversed(deps.shutdown):
+                await stop()
+
+    app = FastAPI(
+        title="Citadel gateway",
+        version=__version__,
+        summary="One OpenAI-compatible endpoint for every model.",
+        lifespan=lifespan,
+    )
+    app.state.deps = deps
+    app.state.settings = settings
+    app.include_router(openai.router)
+    app.include_router(health.router)
+    errors.install(app)
+    return app

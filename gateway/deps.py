@@ -1,0 +1,77 @@
+"""What the app is built from, and the FastAPI dependencies that hand it out.
+
+`Deps` is made once by the entry point (`wiring.build_deps`) or by a test, then
+passed to `create_app`; nothing is global.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from citadel.gateway.metrics import GatewayMetrics
+from citadel.gateway.services.auth import Authenticator, Principal
+from citadel.gateway.services.catalog import Catalog
+from citadel.gateway.services.proxy import ProxyService
+from citadel.gateway.sources.base import Source
+
+REQUEST_ID = "x-request-id"
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+
+
+@dataclass
+class Deps:
+    """The gateway's parts.
+
+    Attributes:
+        catalog: models and replicas.
+        authenticator: keys to principals.
+        proxy: the request path.
+        metrics: the instruments and their registry.
+        sources: background tasks run while the app runs (discovery, key
+            watches, the metrics scraper).
+        startup: awaited before the sources start (open connection pools).
+        shutdown: awaited after the sources stop (close them).
+        session_header: the header used by `session-affinity`.
+        max_body_bytes: larger request bodies get 413.
+    """
+
+    catalog: Catalog
+    authenticator: Authenticator
+    proxy: ProxyService
+    metrics: GatewayMetrics
+    sources: list[Source] = field(default_factory=list)
+    startup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    session_header: str = "x-session-id"
+    max_body_bytes: int = 8 * 1024 * 1024
+
+
+def get_deps(request: Request) -> Deps:
+    """The app's Deps."""
+    deps: Deps = request.app.state.deps
+    return deps
+
+
+def request_id(request: Request) -> str:
+    """The caller's `x-request-id` when it is sane, else a new one; kept on the
+    request so error responses carry it too."""
+    given = request.headers.get(REQUEST_ID)
+    rid = given if given and _REQUEST_ID_OK.match(given) else uuid.uuid4().hex
+    request.state.request_id = rid
+    return rid
+
+
+def principal(request: Request, deps: Annotated[Deps, Depends(get_deps)]) -> Principal:
+    """The caller, from the `Authorization` header."""
+    return deps.authenticator.authenticate(request.headers.get("authorization"))
+
+
+DepsDep = Annotated[Deps, Depends(get_deps)]
+RequestIdDep = Annotated[str, Depends(request_id)]
+PrincipalDep = Annotated[Principal, Depends(principal)]

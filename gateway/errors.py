@@ -1,0 +1,178 @@
+"""One error hierarchy, mapped once to OpenAI's error shape and an HTTP status.
+
+Services raise these; the API layer turns any of them into
+`{"error": {"message", "type", "param", "code"}}` with `status` and `headers`.
+Other front doors (gRPC, GraphQL) map the same classes to their own codes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import orjson
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway reports to a client."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, dict[str, str | None]]:
+        """OpenAI's error object."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def to_json(self) -> bytes:
+        """The error object as JSON bytes."""
+        return orjson.dumps(self.body())
+
+
+class _RetryLater(GatewayError):
+    """An error that tells the client when to try again."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float,
+        headers: dict[str, str] | None = None,
+        scope: str = "",
+    ) -> None:
+        merged = dict(headers or {})
+        merged["retry-after"] = str(max(1, math.ceil(retry_after_s)))
+        super().__init__(message, headers=merged)
+        self.retry_after_s = retry_after_s
+        self.scope = scope
+        """For limits: which kind refused it (requests, tokens or quota)."""
+
+
+class InvalidRequest(GatewayError):
+    """400: malformed JSON or an invalid field."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationFailed(GatewayError):
+    """401: no API key, or one that is unknown or revoked."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(GatewayError):
+    """403: the key may not use this model or endpoint."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "model_not_allowed"
+
+
+class ModelNotFound(GatewayError):
+    """404: no model by that name."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class NotFound(GatewayError):
+    """404: no such path."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    """405: the path exists, the method does not."""
+
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class BodyTooLarge(GatewayError):
+    """413: the request body is over the configured limit."""
+
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(_RetryLater):
+    """429: a requests or tokens per minute limit."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class QuotaExceeded(_RetryLater):
+    """429: a daily or monthly token quota is used up."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
+class NoReplica(_RetryLater):
+    """503: the model has no ready replica."""
+
+    status = 503
+    type = "server_error"
+    code = "model_not_ready"
+
+
+class NotReady(_RetryLater):
+    """503: the gateway has no routing configuration yet."""
+
+    status = 503
+    type = "server_error"
+    code = "gateway_not_ready"
+
+
+class BackendError(GatewayError):
+    """502: the replica failed or answered with something unusable."""
+
+    status = 502
+    type = "server_error"
+    code = "backend_error"
+
+
+class BackendTimeout(GatewayError):
+    """504: the replica did not answer in time."""
+
+    status = 504
+    type = "server_error"
+    code = "backend_timeout"
+
+
+class InternalError(GatewayError):
+    """500: a bug in the gateway; the message says no more than that."""
+
+    status = 500
+    type = "server_error"
+    code = "internal_error"

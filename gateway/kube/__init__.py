@@ -1,0 +1,1 @@
+"""A small typed async Kubernetes client (aiohttp): get, list, watch, create, delete."""

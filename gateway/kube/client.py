@@ -1,0 +1,197 @@
+"""A small async Kubernetes API client: what the gateway and the key CLI need.
+
+Objects are plain dicts as the API returns them. `list_watch` keeps a view in sync:
+it lists, then watches from the list's resourceVersion, resumes from the last one
+seen after a dropped connection, and lists again when the server answers 410 Gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+import aiohttp
+import orjson
+
+from citadel.gateway.kube.config import KubeConfig
+
+log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+
+
+class KubeApiError(Exception):
+    """The API server refused a request."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+
+
+class WatchExpired(KubeApiError):
+    """410 Gone: the resourceVersion is too old; list again."""
+
+
+def configmaps(namespace: str) -> str:
+    return f"/api/v1/namespaces/{namespace}/configmaps"
+
+
+def secrets(namespace: str) -> str:
+    return f"/api/v1/namespaces/{namespace}/secrets"
+
+
+def endpoint_slices(namespace: str) -> str:
+    return f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices"
+
+
+class KubeClient:
+    """Talks to one API server over one pooled aiohttp session."""
+
+    def __init__(self, config: KubeConfig) -> None:
+        self._config = config
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        """Opens the session (inside the running event loop)."""
+        connector = aiohttp.TCPConnector(ssl=self._config.ssl_context())
+        self._session = aiohttp.ClientSession(
+            self._config.server,
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None),
+            # A watch event is one line: a large ConfigMap must fit in the buffer.
+            read_bufsize=4 * 1024 * 1024,
+        )
+
+    async def close(self) -> None:
+        """Closes the session."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"accept": "application/json"}
+        token = self._config.bearer()
+        if token:
+            headers["authorization"] = f"Bearer {token}"
+        return headers
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        params: Mapping[str, str] | None = None,
+        body: Obj | None = None,
+        timeout_s: float = 30,
+    ) -> Obj:
+        """One API call; returns the decoded JSON answer.
+
+        Raises:
+            KubeApiError: the server answered with an error status.
+        """
+        if self._session is None:
+            raise RuntimeError("KubeClient.start() was not called")
+        data = orjson.dumps(body) if body is not None else None
+        headers = self._headers()
+        if data is not None:
+            headers["content-type"] = "application/json"
+        async with self._session.request(
+            method,
+            path,
+            params=params,
+            data=data,
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+        ) as response:
+            payload = await response.read()
+            if response.status >= 400:
+                raise _api_error(response.status, payload)
+            result: Obj = orjson.loads(payload) if payload else {}
+            return result
+
+    async def list(
+        self, path: str, params: Mapping[str, str] | None = None
+    ) -> tuple[list[Obj], str]:
+        """Every item at `path`, and the list's resourceVersion."""
+        answer = await self.request("GET", path, params)
+        return answer.get("items") or [], answer["metadata"]["resourceVersion"]
+
+    async def watch(
+        self,
+        path: str,
+        resource_version: str,
+        params: Mapping[str, str] | None = None,
+        timeout_s: int = 300,
+    ) -> AsyncIterator[tuple[str, Obj]]:
+        """(type, object) events after `resource_version`, until the server ends
+        the watch.
+
+        Raises:
+            WatchExpired: the version is too old (list again).
+        """
+        if self._session is None:
+            raise RuntimeError("KubeClient.start() was not called")
+        query = {
+            **(params or {}),
+            "watch": "true",
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(timeout_s),
+        }
+        async with self._session.get(
+            path, params=query, headers=self._headers()
+        ) as response:
+            if response.status >= 400:
+                raise _api_error(response.status, await response.read())
+            async for line in response.content:
+                if not line.strip():
+                    continue
+                event = orjson.loads(line)
+                kind, obj = event.get("type", ""), event.get("object") or {}
+                if kind == "ERROR":
+                    raise _api_error(int(obj.get("code", 500)), orjson.dumps(obj))
+                yield kind, obj
+
+
+def _api_error(status: int, payload: bytes) -> KubeApiError:
+    try:
+        message = str(orjson.loads(payload).get("message", payload[:200]))
+    except (orjson.JSONDecodeError, AttributeError):
+        message = payload[:200].decode(errors="replace")
+    if status == 410:
+        return WatchExpired(status, message)
+    return KubeApiError(status, message)
+
+
+async def list_watch(
+    client: KubeClient,
+    path: str,
+    params: Mapping[str, str],
+    on_sync: Callable[[list[Obj]], Awaitable[None] | None],
+    on_event: Callable[[str, Obj], Awaitable[None] | None],
+    retry_s: float = 2.0,
+) -> None:
+    """Keeps a view in sync until cancelled: `on_sync` with the full list after
+    each (re-)list, `on_event` with each change after it."""
+    version: str | None = None
+    while True:
+        try:
+            if version is None:
+                items, version = await client.list(path, params)
+                await _maybe_await(on_sync(items))
+            async for kind, obj in client.watch(path, version, params):
+                version = obj.get("metadata", {}).get("resourceVersion", version)
+                if kind != "BOOKMARK":
+                    await _maybe_await(on_event(kind, obj))
+        except WatchExpired:
+            log.info("watch expired; listing again", extra={"path": path})
+            version = None
+        except (aiohttp.ClientError, TimeoutError, KubeApiError) as err:
+            log.warning("watch failed; retrying", extra={"path": path, "error": err})
+            await asyncio.sleep(retry_s)
+
+
+async def _maybe_await(value: Awaitable[None] | None) -> None:
+    if value is not None:
+        await value

@@ -1,0 +1,142 @@
+"""Where the Kubernetes API is and how to authenticate: kubeconfig or in-cluster."""
+
+from __future__ import annotations
+
+import base64
+import ssl
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+class KubeConfigError(ValueError):
+    """A kubeconfig that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class KubeConfig:
+    """Everything needed to reach one API server.
+
+    Attributes:
+        server: `https://host:port`.
+        ca_data: PEM of the CA that signs the server's certificate.
+        insecure: skip verifying the server's certificate.
+        cert_data, key_data: PEM of a client certificate and its key.
+        token: a bearer token.
+        token_file: a file holding a bearer token, re-read as it rotates.
+        namespace: the context's namespace.
+    """
+
+    server: str
+    ca_data: bytes | None = None
+    insecure: bool = False
+    cert_data: bytes | None = None
+    key_data: bytes | None = None
+    token: str | None = None
+    token_file: Path | None = None
+    namespace: str | None = None
+
+    def ssl_context(self) -> ssl.SSLContext | bool:
+        """The TLS context for aiohttp (True: system defaults)."""
+        if not self.server.startswith("https"):
+            return False
+        ctx = ssl.create_default_context(
+            cadata=self.ca_data.decode() if self.ca_data else None
+        )
+        if self.insecure:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        if self.cert_data and self.key_data:
+            # load_cert_chain reads files only: write them where only we can read.
+            with tempfile.TemporaryDirectory() as tmp:
+                cert, key = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
+                cert.write_bytes(self.cert_data)
+                key.write_bytes(self.key_data)
+                ctx.load_cert_chain(cert, key)
+        return ctx
+
+    def bearer(self) -> str | None:
+        """The current bearer token, if any (the file wins: it rotates)."""
+        if self.token_file is not None and self.token_file.exists():
+            return self.token_file.read_text().strip()
+        return self.token
+
+
+def _data(entry: Mapping[str, Any], field: str, base: Path) -> bytes | None:
+    """`<field>-data` (base64) or the file named by `<field>`."""
+    if entry.get(f"{field}-data"):
+        return base64.b64decode(entry[f"{field}-data"])
+    if entry.get(field):
+        return (base / str(entry[field])).expanduser().read_bytes()
+    return None
+
+
+def _named(items: Any, name: str, kind: str) -> dict[str, Any]:
+    for item in items or []:
+        if item.get("name") == name:
+            found: dict[str, Any] = item.get(kind) or {}
+            return found
+    raise KubeConfigError(f"kubeconfig has no {kind} named {name!r}")
+
+
+def load_kubeconfig(path: Path, context: str | None = None) -> KubeConfig:
+    """Reads a kubeconfig file (client certificates or token; no exec plugins).
+
+    Raises:
+        KubeConfigError: the file lacks the context, cluster or user named.
+    """
+    try:
+        doc = yaml.safe_load(path.expanduser().read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise KubeConfigError(f"cannot read kubeconfig {path}: {err}") from err
+    name = context or doc.get("current-context")
+    if not name:
+        raise KubeConfigError(f"kubeconfig {path} has no current context")
+    ctx = _named(doc.get("contexts"), name, "context")
+    cluster = _named(doc.get("clusters"), ctx.get("cluster", ""), "cluster")
+    user = _named(doc.get("users"), ctx.get("user", ""), "user")
+    base = path.expanduser().parent
+    token_file = user.get("tokenFile")
+    return KubeConfig(
+        server=str(cluster.get("server", "")).rstrip("/"),
+        ca_data=_data(cluster, "certificate-authority", base),
+        insecure=bool(cluster.get("insecure-skip-tls-verify", False)),
+        cert_data=_data(user, "client-certificate", base),
+        key_data=_data(user, "client-key", base),
+        token=user.get("token"),
+        token_file=base / token_file if token_file else None,
+        namespace=ctx.get("namespace"),
+    )
+
+
+def in_cluster(
+    environ: Mapping[str, str], account_dir: Path = SERVICE_ACCOUNT_DIR
+) -> KubeConfig:
+    """The pod's service account (`KUBERNETES_SERVICE_HOST`/`_PORT` from environ).
+
+    Raises:
+        KubeConfigError: not running in a pod.
+    """
+    host = environ.get("KUBERNETES_SERVICE_HOST")
+    port = environ.get("KUBERNETES_SERVICE_PORT", "443")
+    if not host:
+        raise KubeConfigError(
+            "not in a cluster (no KUBERNETES_SERVICE_HOST): set "
+            "CITADEL_GATEWAY_KUBECONFIG or CITADEL_GATEWAY_ROUTES_SOURCE=file"
+        )
+    if ":" in host:
+        host = f"[{host}]"
+    ca = account_dir / "ca.crt"
+    namespace = account_dir / "namespace"
+    return KubeConfig(
+        server=f"https://{host}:{port}",
+        ca_data=ca.read_bytes() if ca.exists() else None,
+        token_file=account_dir / "token",
+        namespace=namespace.read_text().strip() if namespace.exists() else None,
+    )

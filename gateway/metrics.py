@@ -1,0 +1,142 @@
+"""Every metric the gateway exports: names, label keys and buckets in one place.
+
+Labels are bounded: model names come from the routing document, key names from the
+key store (capped by `max_key_labels`, the rest counted as `other`), replica
+addresses from discovery. Keys themselves never appear.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PREFIX = "citadel_gateway_"
+
+LABEL_MODEL = "model"
+LABEL_STATUS = "status"
+LABEL_KEY = "key"
+LABEL_REPLICA = "replica"
+LABEL_STRATEGY = "strategy"
+LABEL_KIND = "kind"
+LABEL_ENDPOINT = "endpoint"
+LABEL_SCOPE = "scope"
+
+OTHER_KEY = "other"
+ANONYMOUS_KEY = "anonymous"
+UNKNOWN_MODEL = "unknown"
+
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+COST_BUCKETS = (0.00001, 0.0001, 0.001, 0.01, 0.1, 1.0, 10.0)
+
+
+class GatewayMetrics:
+    """The gateway's instruments, registered in their own registry.
+
+    Args:
+        registry: where they are registered (one per app, so tests never share).
+        max_key_labels: distinct key names kept as labels before `other`.
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, max_key_labels: int = 100
+    ) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        self._max_keys = max_key_labels
+        self._keys: set[str] = set()
+        r = self.registry
+        self.requests = Counter(
+            PREFIX + "requests",
+            "Requests answered, by model, HTTP status and key name.",
+            [LABEL_ENDPOINT, LABEL_MODEL, LABEL_STATUS, LABEL_KEY],
+            registry=r,
+        )
+        self.latency = Histogram(
+            PREFIX + "request_duration_seconds",
+            "Time from request to the last byte of the response.",
+            [LABEL_ENDPOINT, LABEL_MODEL],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            PREFIX + "time_to_first_token_seconds",
+            "Time from request to the first streamed chunk sent to the client.",
+            [LABEL_MODEL],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            PREFIX + "tokens",
+            "Tokens used, by model, key name and kind (prompt or completion).",
+            [LABEL_MODEL, LABEL_KEY, LABEL_KIND],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            PREFIX + "rate_limited",
+            "Requests refused by a limit, by scope (requests, tokens, quota).",
+            [LABEL_MODEL, LABEL_KEY, LABEL_SCOPE],
+            registry=r,
+        )
+        self.backend_errors = Counter(
+            PREFIX + "backend_errors",
+            "Failures talking to a replica, by kind (connect, timeout, protocol).",
+            [LABEL_MODEL, LABEL_REPLICA, LABEL_KIND],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            PREFIX + "in_flight_requests",
+            "Requests outstanding at each replica from this gateway.",
+            [LABEL_MODEL, LABEL_REPLICA],
+            registry=r,
+        )
+        self.routing_decisions = Counter(
+            PREFIX + "routing_decisions",
+            "Replica choices, by strategy and how the choice was made.",
+            [LABEL_MODEL, LABEL_STRATEGY, LABEL_KIND],
+            registry=r,
+        )
+        self.ejections = Counter(
+            PREFIX + "replica_ejections",
+            "Times a replica was taken out of rotation after failures.",
+            [LABEL_MODEL, LABEL_REPLICA],
+            registry=r,
+        )
+        self.cost = Histogram(
+            PREFIX + "request_cost",
+            "Cost of each request in the routing document's currency, when priced.",
+            [LABEL_MODEL, LABEL_KEY],
+            buckets=COST_BUCKETS,
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            PREFIX + "config_reloads",
+            "Routing documents loaded, by result (ok or invalid).",
+            [LABEL_STATUS],
+            registry=r,
+        )
+
+    def key_label(self, key_name: str | None) -> str:
+        """A bounded label for a key name."""
+        if key_name is None:
+            return ANONYMOUS_KEY
+        if key_name in self._keys:
+            return key_name
+        if len(self._keys) < self._max_keys:
+            self._keys.add(key_name)
+            return key_name
+        return OTHER_KEY

@@ -1,0 +1,1 @@
+"""Services below the protocol layer: auth, limits, routing, proxy."""

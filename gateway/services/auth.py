@@ -1,0 +1,164 @@
+"""API keys: records, hashing, the key store and the checks made per request.
+
+A key is `ctd-` followed by 43 URL-safe characters (32 random bytes). Only its
+SHA-256 is stored: with that much entropy a salt adds nothing, and a plain hash lets
+the gateway find a key's record in one dictionary look-up. The key itself is shown
+once, at creation, and never logged.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from fnmatch import fnmatchcase
+from typing import Annotated, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from citadel.gateway.errors import AuthenticationFailed, PermissionDenied
+from citadel.gateway.routes import NAME_PATTERN, ModelRoute
+
+KEY_PREFIX = "ctd-"
+HASH_PREFIX = "sha256:"
+
+
+class Role(enum.StrEnum):
+    """What a key may do: admins may call every model."""
+
+    ADMIN = "admin"
+    USER = "user"
+
+
+class KeyRecord(BaseModel):
+    """Everything stored about one key (never the key itself)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]
+    hash: Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]
+    role: Role = Role.USER
+    models: tuple[str, ...] = ("*",)
+    """Glob patterns (`fnmatch`) of the model names or aliases it may call."""
+    rpm: Annotated[int, Field(ge=1)] | None = None
+    tpm: Annotated[int, Field(ge=1)] | None = None
+    daily_tokens: Annotated[int, Field(ge=1)] | None = Field(None, alias="dailyTokens")
+    monthly_tokens: Annotated[int, Field(ge=1)] | None = Field(
+        None, alias="monthlyTokens"
+    )
+    created: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+def generate_key() -> str:
+    """A new random key."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    """The stored form of a key."""
+    return HASH_PREFIX + hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a key's record, or nobody when auth is disabled."""
+
+    key: KeyRecord | None
+
+    @property
+    def name(self) -> str | None:
+        """The key's name (a bounded metric label), None when anonymous."""
+        return self.key.name if self.key else None
+
+    def may_use(self, route: ModelRoute, requested: str | None = None) -> bool:
+        """True when the key may call this model (by any of its names)."""
+        if self.key is None or self.key.role is Role.ADMIN:
+            return True
+        names = (requested, *route.names) if requested else route.names
+        return any(
+            fnmatchcase(name, pattern) for pattern in self.key.models for name in names
+        )
+
+    def check(self, route: ModelRoute, requested: str) -> None:
+        """Raises PermissionDenied unless the key may call this model."""
+        if not self.may_use(route, requested):
+            raise PermissionDenied(
+                f"The key `{self.name}` may not use the model `{requested}`.",
+                param="model",
+            )
+
+
+ANONYMOUS = Principal(None)
+
+
+class KeyStore(Protocol):
+    """Finds a key's record by its hash."""
+
+    def lookup(self, key_hash: str) -> KeyRecord | None: ...
+
+
+class InMemoryKeyStore:
+    """The keys in force, replaced whole or one by one by a key source."""
+
+    def __init__(self, records: Iterable[KeyRecord] = ()) -> None:
+        self._by_hash: dict[str, KeyRecord] = {}
+        self.replace_all(records)
+
+    def lookup(self, key_hash: str) -> KeyRecord | None:
+        return self._by_hash.get(key_hash)
+
+    def replace_all(self, records: Iterable[KeyRecord]) -> None:
+        """Puts exactly these records in force (in one assignment)."""
+        self._by_hash = {r.hash: r for r in records}
+
+    def put(self, record: KeyRecord) -> None:
+        """Adds or replaces one record (by name)."""
+        self.remove(record.name)
+        self._by_hash = {**self._by_hash, record.hash: record}
+
+    def remove(self, name: str) -> None:
+        """Revokes the key with this name, if any."""
+        self._by_hash = {h: r for h, r in self._by_hash.items() if r.name != name}
+
+    def __len__(self) -> int:
+        return len(self._by_hash)
+
+
+class Authenticator:
+    """Turns an `Authorization` header into a Principal.
+
+    Args:
+        store: where key records are found.
+        required: False only when auth is explicitly disabled.
+    """
+
+    def __init__(self, store: KeyStore, required: bool = True) -> None:
+        self._store = store
+        self._required = required
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        """The caller, from `Bearer <key>`.
+
+        Raises:
+            AuthenticationFailed: no key, or an unknown or revoked one.
+        """
+        if not self._required:
+            return ANONYMOUS
+        scheme, _, key = (authorization or "").partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            raise AuthenticationFailed(
+                "You didn't provide an API key. Send it as "
+                "`Authorization: Bearer <key>`."
+            )
+        digest = hash_key(key)
+        record = self._store.lookup(digest)
+        # compare_digest: the look-up found it by hash; make the final check
+        # constant-time all the same.
+        if record is None or not hmac.compare_digest(record.hash, digest):
+            raise AuthenticationFailed("Incorrect API key provided.")
+        return Principal(record)

@@ -1,0 +1,103 @@
+"""The catalog: the routing document in force and the replicas of each model.
+
+Discovery sources push into it (`set_document`, `set_endpoints`); requests read from
+it. Swapping a document replaces immutable lookups in one assignment, so requests in
+flight keep the route they resolved and none is dropped. An invalid document is
+logged and the last good one stays.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+from citadel.gateway.errors import ModelNotFound, NotReady
+from citadel.gateway.routes import ModelRoute, RoutesError, RoutingDocument
+from citadel.gateway.services.replicas import Endpoint, Replica
+
+log = logging.getLogger(__name__)
+
+
+class Catalog:
+    """Models by name and their usable replicas.
+
+    Args:
+        on_reload: called with "ok" or "invalid" after each document offered.
+    """
+
+    def __init__(self, on_reload: Callable[[str], None] | None = None) -> None:
+        self._document: RoutingDocument | None = None
+        self._by_name: dict[str, ModelRoute] = {}
+        self._endpoints: dict[tuple[str, str], tuple[Endpoint, ...]] = {}
+        self._replicas: dict[str, Replica] = {}
+        self._on_reload = on_reload
+
+    @property
+    def loaded(self) -> bool:
+        """True once a valid routing document has been loaded."""
+        return self._document is not None
+
+    @property
+    def document(self) -> RoutingDocument | None:
+        """The routing document in force."""
+        return self._document
+
+    def set_document(self, doc: RoutingDocument) -> None:
+        """Puts a new routing document in force."""
+        by_name = {name: route for route in doc.models for name in route.names}
+        self._document, self._by_name = doc, by_name
+        log.info("routing document loaded", extra={"models": len(doc.models)})
+        if self._on_reload:
+            self._on_reload("ok")
+
+    def reject_document(self, error: RoutesError | str) -> None:
+        """Records an unusable document; the last good one stays in force."""
+        log.error(
+            "routing document rejected; keeping the last good one",
+            extra={"error": str(error), "loaded": self.loaded},
+        )
+        if self._on_reload:
+            self._on_reload("invalid")
+
+    def set_endpoints(
+        self, namespace: str, service: str, endpoints: Sequence[Endpoint]
+    ) -> None:
+        """Replaces the addresses behind one Service."""
+        self._endpoints[(namespace, service)] = tuple(endpoints)
+        known = {e.url for eps in self._endpoints.values() for e in eps}
+        for url in known - self._replicas.keys():
+            self._replicas[url] = Replica(url)
+        for url in self._replicas.keys() - known:
+            # Requests in flight keep their own reference to the replica.
+            del self._replicas[url]
+
+    def resolve(self, name: str) -> ModelRoute:
+        """The route for a model name or alias.
+
+        Raises:
+            NotReady: no routing document has been loaded yet.
+            ModelNotFound: no model by that name.
+        """
+        route = self._by_name.get(name)
+        if route is not None:
+            return route
+        if not self.loaded:
+            raise NotReady("the gateway has not loaded its routes yet", retry_after_s=2)
+        raise ModelNotFound(f"The model `{name}` does not exist.", param="model")
+
+    def routes(self) -> tuple[ModelRoute, ...]:
+        """Every model in the document in force."""
+        return self._document.models if self._document else ()
+
+    def replicas(self, route: ModelRoute) -> list[Replica]:
+        """Replicas that may take new requests: ready ones, else terminating ones
+        still serving (so a rolling update never leaves a gap)."""
+        endpoints = self._endpoints.get((route.namespace, route.service), ())
+        chosen = [e for e in endpoints if e.ready and not e.terminating]
+        if not chosen:
+            chosen = [e for e in endpoints if e.serving]
+        return [self._replicas[e.url] for e in chosen]
+
+    def all_replicas(self) -> dict[str, Replica]:
+        """Every known replica by URL (for the metrics scraper)."""
+        return dict(self._replicas)

@@ -1,0 +1,201 @@
+"""Limits per key and per model: requests and tokens per minute, token quotas per
+day and month.
+
+Which buckets a request draws from:
+- the key's own `rpm`/`tpm` (over all models) and its daily and monthly quotas;
+- the model's `limits` from the routing document, a per-key default: each key gets
+  its own `rpm`/`tpm` bucket for that model.
+
+Tokens are estimated before the request (the prompt's characters / 4 plus
+`max_tokens`) and corrected once the reply's usage is known.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from citadel.gateway.errors import QuotaExceeded, RateLimited
+from citadel.gateway.routes import ModelRoute
+from citadel.gateway.services.auth import Principal
+from citadel.gateway.services.buckets import (
+    Bucket,
+    BucketStore,
+    Level,
+    Take,
+    format_reset,
+    reset_time,
+)
+from citadel.gateway.services.prefix import prompt_text
+
+MINUTE = 60.0
+
+
+def estimate_tokens(body: Mapping[str, Any], default_max_tokens: int) -> int:
+    """A cautious guess of a request's tokens: prompt characters / 4 + reply."""
+    prompt = math.ceil(len(prompt_text(body)) / 4)
+    if "input" in body:
+        return max(1, prompt)
+    reply = body.get("max_completion_tokens") or body.get("max_tokens")
+    if not isinstance(reply, int) or reply < 1:
+        reply = default_max_tokens
+    n = body.get("n")
+    choices = n if isinstance(n, int) and n > 0 else 1
+    return max(1, prompt + reply * choices)
+
+
+@dataclass(frozen=True)
+class _Check:
+    take: Take
+    scope: str  # "requests", "tokens" or "quota"
+
+
+@dataclass
+class Admission:
+    """A request let through: the headers to return, and what to correct later."""
+
+    estimate: int
+    headers: dict[str, str] = field(default_factory=dict)
+    token_takes: tuple[Take, ...] = ()
+
+
+class Limiter:
+    """Admits requests against the buckets and settles their real token use.
+
+    Args:
+        store: where bucket levels live (in process or Redis).
+        clock: wall-clock seconds (Unix time: quotas follow UTC days and months,
+            and gateways sharing Redis must agree on it).
+    """
+
+    def __init__(self, store: BucketStore, clock: Callable[[], float]) -> None:
+        self._store = store
+        self._clock = clock
+
+    async def admit(
+        self, principal: Principal, route: ModelRoute, estimate: int
+    ) -> Admission:
+        """Takes one request and `estimate` tokens from every bucket that applies.
+
+        Raises:
+            RateLimited: a requests- or tokens-per-minute bucket is empty.
+            QuotaExceeded: a daily or monthly quota is used up.
+        """
+        now = self._clock()
+        checks = self._checks(principal, route, estimate, now)
+        if not checks:
+            return Admission(estimate)
+        levels = await self._store.take([c.take for c in checks], now)
+        headers = _headers(checks, levels)
+        if not levels[0].ok:
+            raise _refusal(checks, levels, headers, principal, route)
+        token_takes = tuple(c.take for c in checks if c.scope != "requests")
+        return Admission(estimate, headers, token_takes)
+
+    async def settle(self, admission: Admission, used: int) -> None:
+        """Corrects the token buckets by the real use minus the estimate."""
+        delta = used - admission.estimate
+        if delta == 0 or not admission.token_takes:
+            return
+        takes = [Take(t.bucket, delta, 0) for t in admission.token_takes]
+        await self._store.adjust(takes, self._clock())
+
+    def _checks(
+        self, principal: Principal, route: ModelRoute, estimate: int, now: float
+    ) -> list[_Check]:
+        key = principal.key
+        who = principal.name or "anonymous"
+        model = route.served_name
+        checks: list[_Check] = []
+
+        def per_minute(scope: str, ident: str, limit: int | None, amount: int) -> None:
+            if limit is not None:
+                bucket = Bucket(f"{scope}:{ident}", limit, limit / MINUTE, 2 * MINUTE)
+                checks.append(_Check(Take(bucket, amount, min(amount, limit)), scope))
+
+        per_minute("requests", f"key:{who}", key.rpm if key else None, 1)
+        per_minute("requests", f"key:{who}:model:{model}", route.limits.rpm, 1)
+        per_minute("tokens", f"key:{who}", key.tpm if key else None, estimate)
+        per_minute("tokens", f"key:{who}:model:{model}", route.limits.tpm, estimate)
+        if key is not None:
+            for period, limit in (
+                ("day", key.daily_tokens),
+                ("month", key.monthly_tokens),
+            ):
+                if limit is not None:
+                    stamp, left_s = _period(period, now)
+                    bucket = Bucket(f"quota:key:{who}:{stamp}", limit, 0.0, left_s)
+                    checks.append(_Check(Take(bucket, estimate, 1), "quota"))
+        return checks
+
+
+def _period(period: str, now: float) -> tuple[str, float]:
+    """The period's stamp (UTC) and the seconds left in it."""
+    t = datetime.fromtimestamp(now, UTC)
+    if period == "day":
+        start = t.replace(hour=0, minute=0, second=0, microsecond=0)
+        end = start + timedelta(days=1)
+        stamp = start.strftime("%Y-%m-%d")
+    else:
+        start = t.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        end = (start + timedelta(days=32)).replace(day=1)
+        stamp = start.strftime("%Y-%m")
+    return stamp, (end - t).total_seconds()
+
+
+def _headers(checks: list[_Check], levels: list[Level]) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers from the tightest bucket of each kind."""
+    headers: dict[str, str] = {}
+    for scope in ("requests", "tokens"):
+        pairs = [
+            (c, lv) for c, lv in zip(checks, levels, strict=True) if c.scope == scope
+        ]
+        if not pairs:
+            continue
+        check, level = min(pairs, key=lambda p: p[1].level / p[0].take.bucket.capacity)
+        bucket = check.take.bucket
+        remaining = max(0, math.floor(level.level))
+        headers[f"x-ratelimit-limit-{scope}"] = str(int(bucket.capacity))
+        headers[f"x-ratelimit-remaining-{scope}"] = str(remaining)
+        headers[f"x-ratelimit-reset-{scope}"] = format_reset(
+            reset_time(level.level, bucket)
+        )
+    return headers
+
+
+def _refusal(
+    checks: list[_Check],
+    levels: list[Level],
+    headers: dict[str, str],
+    principal: Principal,
+    route: ModelRoute,
+) -> RateLimited | QuotaExceeded:
+    failed = [
+        (c, lv) for c, lv in zip(checks, levels, strict=True) if lv.level < c.take.need
+    ]
+    check, level = max(failed, key=lambda p: p[1].wait_s)
+    wait = level.wait_s
+    who = f"key `{principal.name}`" if principal.name else "this gateway"
+    if check.scope == "quota":
+        error: RateLimited | QuotaExceeded = QuotaExceeded(
+            f"The token quota of {who} is used up for this period "
+            f"({int(check.take.bucket.capacity)} tokens); it renews in "
+            f"{format_reset(wait)}.",
+            retry_after_s=wait,
+            headers=headers,
+            scope=check.scope,
+        )
+    else:
+        per = "requests" if check.scope == "requests" else "tokens"
+        error = RateLimited(
+            f"Rate limit reached for {per} per minute on {who}, model "
+            f"`{route.served_name}`: limit {int(check.take.bucket.capacity)}. "
+            f"Try again in {format_reset(wait)}.",
+            retry_after_s=wait,
+            headers=headers,
+            scope=check.scope,
+        )
+    return error

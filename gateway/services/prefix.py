@@ -1,0 +1,75 @@
+"""Prompt prefixes as chains of block hashes, for prefix-aware routing.
+
+The text a model sees first (the system prompt, then the conversation so far) is cut
+into blocks of `BLOCK_CHARS` characters; each block's hash covers every block before
+it, like vLLM's prefix cache, so two requests share a hash exactly when they share
+that whole prefix. Hashes are stable across processes (no per-process seed), so
+every gateway replica routes the same prefix the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+BLOCK_CHARS = 256
+MAX_BLOCKS = 64
+
+
+def prompt_text(body: Mapping[str, Any]) -> str:
+    """The prompt of a chat, completion or embedding request, as one string."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        parts: list[str] = []
+        for message in messages:
+            if isinstance(message, Mapping):
+                parts.append(f"{message.get('role')}\x1f{_content(message)}\x1e")
+        return "".join(parts)
+    for field in ("prompt", "input"):
+        value = body.get(field)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and value:
+            return str(value[0])
+    return ""
+
+
+def _content(message: Mapping[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            str(part.get("text", "")) for part in content if isinstance(part, Mapping)
+        )
+    return ""
+
+
+def block_hashes(text: str, block_chars: int = BLOCK_CHARS) -> list[int]:
+    """Chained hashes of the prompt's full blocks (and of a short prompt whole).
+
+    Only complete blocks count, like a KV cache; a prompt shorter than one block is
+    hashed whole so it still has an identity.
+    """
+    data = text.encode()
+    size = block_chars
+    count = min(len(data) // size, MAX_BLOCKS) or (1 if data else 0)
+    hashes: list[int] = []
+    previous = b""
+    for i in range(count):
+        digest = hashlib.blake2b(
+            previous + data[i * size : (i + 1) * size], digest_size=8
+        ).digest()
+        hashes.append(int.from_bytes(digest, "big"))
+        previous = digest
+    return hashes
+
+
+def rendezvous(key: str | int, urls: list[str]) -> str:
+    """The URL with the highest hash for `key` (stable when others come and go)."""
+
+    def weight(url: str) -> bytes:
+        return hashlib.blake2b(f"{key}|{url}".encode(), digest_size=8).digest()
+
+    return max(urls, key=weight)

@@ -1,0 +1,324 @@
+"""The request path below any protocol: check, limit, route, forward, account.
+
+REST calls `ProxyService.handle`; other front doors (gRPC, GraphQL) call the same
+method, so keys, limits, routing, metrics and errors are the same whichever door a
+request comes through.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from citadel.gateway.errors import (
+    BackendError,
+    BackendTimeout,
+    GatewayError,
+    NoReplica,
+)
+from citadel.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
+from citadel.gateway.routes import ModelRoute
+from citadel.gateway.services.auth import Principal
+from citadel.gateway.services.catalog import Catalog
+from citadel.gateway.services.limits import Admission, Limiter, estimate_tokens
+from citadel.gateway.services.replicas import EjectionPolicy, Replica
+from citadel.gateway.services.requests import (
+    ApiCall,
+    client_wants_usage,
+    parse_body,
+    upstream_body,
+)
+from citadel.gateway.services.routing import Router
+from citadel.gateway.services.sse import EventFilter, Usage, error_event, usage_of_body
+from citadel.gateway.services.strategies import RouteRequest
+from citadel.gateway.upstream import (
+    Reply,
+    Upstream,
+    UpstreamFailure,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+
+log = logging.getLogger("citadel.gateway.access")
+
+
+@dataclass
+class ProxyResponse:
+    """What goes back to the client: a whole body or a stream of SSE bytes."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes = b""
+    stream: AsyncIterator[bytes] | None = None
+    media_type: str = "application/json"
+
+
+@dataclass
+class _Context:
+    """One request's facts, gathered as it goes (for metrics and the log)."""
+
+    call: ApiCall
+    principal: Principal
+    request_id: str
+    started: float
+    model: str = UNKNOWN_MODEL
+    route: ModelRoute | None = None
+    replica: Replica | None = None
+    admission: Admission | None = None
+
+
+@dataclass(frozen=True)
+class ProxyOptions:
+    """How hard the proxy tries, and its token estimate."""
+
+    retries: int = 2
+    default_max_tokens: int = 256
+    ejection: EjectionPolicy = field(default_factory=EjectionPolicy)
+
+
+class ProxyService:
+    """Forwards OpenAI requests to a model's replicas."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        router: Router,
+        limiter: Limiter,
+        upstream: Upstream,
+        metrics: GatewayMetrics,
+        options: ProxyOptions,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._catalog = catalog
+        self._router = router
+        self._limiter = limiter
+        self._upstream = upstream
+        self._metrics = metrics
+        self._options = options
+        self._clock = clock
+
+    async def handle(
+        self,
+        call: ApiCall,
+        principal: Principal,
+        raw: bytes,
+        request_id: str,
+        session: str | None = None,
+    ) -> ProxyResponse:
+        """Answers one request.
+
+        Raises:
+            GatewayError: any refusal or failure, to be shown in OpenAI's shape.
+        """
+        ctx = _Context(call, principal, request_id, self._clock())
+        try:
+            return await self._handle(ctx, raw, session)
+        except GatewayError as err:
+            await self._settle(ctx, None)
+            self._finish(ctx, err.status, err.code)
+            raise
+
+    async def _handle(
+        self,
+        ctx: _Context,
+        raw: bytes,
+        session: str | None,
+    ) -> ProxyResponse:
+        body = parse_body(raw, ctx.call)
+        ctx.route = route = self._catalog.resolve(body["model"])
+        ctx.model = route.served_name
+        ctx.principal.check(route, body["model"])
+        stream = ctx.call.streams and body.get("stream") is True
+        estimate = estimate_tokens(body, self._options.default_max_tokens)
+        try:
+            ctx.admission = await self._limiter.admit(ctx.principal, route, estimate)
+        except GatewayError as err:
+            key = self._metrics.key_label(ctx.principal.name)
+            scope = getattr(err, "scope", "") or "requests"
+            self._metrics.rate_limited.labels(ctx.model, key, scope).inc()
+            raise
+        out = upstream_body(raw, body, route.served_name, stream)
+        headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
+        request = RouteRequest(body, session)
+        response = await self._send(ctx, route, out, headers, request)
+        reply_headers = {**ctx.admission.headers, "x-request-id": ctx.request_id}
+        if stream and response.status == 200:
+            keep = client_wants_usage(body)
+            return ProxyResponse(
+                200,
+                {**reply_headers, "cache-control": "no-cache"},
+                stream=self._relay(ctx, response, keep),
+                media_type="text/event-stream",
+            )
+        return await self._whole(ctx, response, reply_headers)
+
+    async def _send(
+        self,
+        ctx: _Context,
+        route: ModelRoute,
+        body: bytes,
+        headers: dict[str, str],
+        request: RouteRequest,
+    ) -> Reply:
+        """The first replica response, trying others while connections fail."""
+        tried: list[Replica] = []
+        last: UpstreamFailure | None = None
+        for _ in range(self._options.retries + 1):
+            try:
+                replica = self._router.choose(route, request, tried)
+            except NoReplica:
+                if last is None:
+                    raise
+                break
+            tried.append(replica)
+            self._acquire(ctx, replica)
+            try:
+                return await self._upstream.post(
+                    replica.url + ctx.call.path, body, headers
+                )
+            except UpstreamFailure as err:
+                self._release(ctx, replica, err)
+                last = err
+                if isinstance(err, UpstreamTimeout):
+                    raise BackendTimeout(
+                        f"The model `{route.served_name}` did not answer in time."
+                    ) from err
+                if not isinstance(err, UpstreamUnreachable):
+                    break
+        raise BackendError(
+            f"No replica of `{route.served_name}` could be reached ({last})."
+        )
+
+    async def _whole(
+        self, ctx: _Context, response: Reply, headers: dict[str, str]
+    ) -> ProxyResponse:
+        replica = ctx.replica
+        assert replica is not None
+        try:
+            data = await response.read()
+        except UpstreamFailure as err:
+            self._release(ctx, replica, err)
+            if isinstance(err, UpstreamTimeout):
+                raise BackendTimeout("The model did not answer in time.") from err
+            raise BackendError(f"The model's reply broke off ({err}).") from err
+        if response.status >= 500:
+            self._release(ctx, replica, UpstreamFailure(f"status {response.status}"))
+            raise BackendError(
+                f"The model's server failed with status {response.status}."
+            )
+        self._release(ctx, replica, None)
+        usage = usage_of_body(data) if response.status == 200 else Usage()
+        await self._settle(ctx, usage)
+        self._finish(ctx, response.status, None)
+        return ProxyResponse(
+            response.status, headers, data, media_type=response.content_type
+        )
+
+    async def _relay(
+        self, ctx: _Context, response: Reply, keep_usage: bool
+    ) -> AsyncIterator[bytes]:
+        """Forwards SSE events as they arrive; accounts when the stream ends."""
+        replica = ctx.replica
+        assert replica is not None
+        events = EventFilter(keep_usage)
+        failure: UpstreamFailure | None = None
+        first = True
+        try:
+            async for chunk in response.chunks():
+                out = events.feed(chunk)
+                if out:
+                    if first:
+                        first = False
+                        ttft = self._clock() - ctx.started
+                        self._metrics.ttft.labels(ctx.model).observe(ttft)
+                    yield out
+            rest = events.rest()
+            if rest:
+                yield rest
+        except UpstreamFailure as err:
+            failure = err
+            gateway_error = (
+                BackendTimeout("The model stopped answering.")
+                if isinstance(err, UpstreamTimeout)
+                else BackendError(f"The model's stream broke off ({err}).")
+            )
+            yield error_event(gateway_error.body())
+        finally:
+            response.close()
+            self._release(ctx, replica, failure)
+            await self._settle(ctx, events.usage)
+            self._finish(ctx, 200, "stream_broken" if failure else None)
+
+    def _acquire(self, ctx: _Context, replica: Replica) -> None:
+        ctx.replica = replica
+        replica.in_flight += 1
+        self._metrics.in_flight.labels(ctx.model, replica.url).inc()
+
+    def _release(
+        self, ctx: _Context, replica: Replica, failure: UpstreamFailure | None
+    ) -> None:
+        replica.in_flight -= 1
+        self._metrics.in_flight.labels(ctx.model, replica.url).dec()
+        if failure is None:
+            replica.record_success()
+            return
+        self._metrics.backend_errors.labels(ctx.model, replica.url, failure.kind).inc()
+        log.warning(
+            "replica failed",
+            extra={
+                "request_id": ctx.request_id,
+                "replica": replica.url,
+                "error": str(failure),
+            },
+        )
+        if replica.record_failure(self._clock(), self._options.ejection):
+            self._metrics.ejections.labels(ctx.model, replica.url).inc()
+            log.warning("replica ejected", extra={"replica": replica.url})
+
+    async def _settle(self, ctx: _Context, usage: Usage | None) -> None:
+        """Corrects the token buckets (no usage on a failure: nothing was used)
+        and counts tokens and cost."""
+        admission, ctx.admission = ctx.admission, None
+        if admission is None:
+            return
+        used = usage.total if usage is not None else 0
+        try:
+            await self._limiter.settle(admission, used)
+        except Exception:  # the reply is served; a limit store hiccup must not fail it
+            log.exception("could not settle token use", extra=self._log_fields(ctx))
+        if usage is None or ctx.route is None:
+            return
+        key = self._metrics.key_label(ctx.principal.name)
+        self._metrics.tokens.labels(ctx.model, key, "prompt").inc(usage.prompt)
+        self._metrics.tokens.labels(ctx.model, key, "completion").inc(usage.completion)
+        price = ctx.route.pricing
+        cost = (
+            usage.prompt * price.prompt_per_million
+            + usage.completion * price.completion_per_million
+        ) / 1_000_000
+        if cost > 0:
+            self._metrics.cost.labels(ctx.model, key).observe(cost)
+
+    def _finish(self, ctx: _Context, status: int, code: str | None) -> None:
+        elapsed = self._clock() - ctx.started
+        key = self._metrics.key_label(ctx.principal.name)
+        kind = ctx.call.kind.value
+        self._metrics.requests.labels(kind, ctx.model, str(status), key).inc()
+        self._metrics.latency.labels(kind, ctx.model).observe(elapsed)
+        fields = self._log_fields(ctx)
+        fields.update(status=status, duration_ms=round(elapsed * 1000, 3))
+        if code:
+            fields["code"] = code
+        log.info("request", extra=fields)
+
+    @staticmethod
+    def _log_fields(ctx: _Context) -> dict[str, object]:
+        return {
+            "request_id": ctx.request_id,
+            "endpoint": ctx.call.kind.value,
+            "model": ctx.model,
+            "key": ctx.principal.name,
+            "replica": ctx.replica.url if ctx.replica else None,
+        }

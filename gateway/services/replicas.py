@@ -1,0 +1,76 @@
+"""Replicas: where a model is served, what load they carry, whether they are healthy.
+
+Health is passive: a replica that fails `eject_after` times in a row is taken out of
+rotation for a back-off that doubles with each ejection in a row (up to a maximum),
+then re-admitted on trial; one success makes it healthy again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One address behind a model's Service, as discovery reports it.
+
+    `ready` replicas take new requests; `serving` but `terminating` ones are used
+    only when no replica is ready (they still finish their work).
+    """
+
+    url: str
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+
+
+@dataclass(frozen=True)
+class EjectionPolicy:
+    """When a failing replica leaves rotation and for how long."""
+
+    eject_after: int = 3
+    base_s: float = 5.0
+    max_s: float = 60.0
+
+
+@dataclass
+class LoadReport:
+    """What a replica's vLLM `/metrics` said at the last scrape."""
+
+    running: float = 0.0
+    waiting: float = 0.0
+    kv_cache_usage: float = 0.0
+    scraped_at: float | None = None
+
+
+@dataclass(eq=False)
+class Replica:
+    """One model server, with the state the gateway keeps about it."""
+
+    url: str
+    in_flight: int = 0
+    failures: int = 0
+    ejections_in_row: int = 0
+    ejected_until: float = 0.0
+    load: LoadReport = field(default_factory=LoadReport)
+
+    def available(self, now: float) -> bool:
+        """True unless the replica is ejected at `now`."""
+        return now >= self.ejected_until
+
+    def record_success(self) -> None:
+        """A request completed: the replica is healthy."""
+        self.failures = 0
+        self.ejections_in_row = 0
+
+    def record_failure(self, now: float, policy: EjectionPolicy) -> bool:
+        """A request failed; returns True when this failure ejects the replica."""
+        self.failures += 1
+        trial = self.ejections_in_row > 0 and self.failures == 1
+        if self.failures < policy.eject_after and not trial:
+            return False
+        backoff = min(policy.max_s, policy.base_s * 2**self.ejections_in_row)
+        self.ejected_until = now + backoff
+        self.ejections_in_row += 1
+        self.failures = 0
+        return True

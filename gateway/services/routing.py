@@ -1,0 +1,66 @@
+"""The router: one strategy instance per model, chosen by the routing document."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+
+from citadel.gateway.errors import NoReplica
+from citadel.gateway.routes import ModelRoute
+from citadel.gateway.services.catalog import Catalog
+from citadel.gateway.services.replicas import Replica
+from citadel.gateway.services.strategies import RouteRequest, Strategy, make_strategy
+
+NO_REPLICA_RETRY_S = 5.0
+
+
+class Router:
+    """Picks a replica for each attempt of a request.
+
+    Args:
+        catalog: the models and their replicas.
+        clock: monotonic seconds (for ejection times).
+        on_decision: called with (model, strategy, how) after each choice.
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        clock: Callable[[], float],
+        on_decision: Callable[[str, str, str], None] | None = None,
+    ) -> None:
+        self._catalog = catalog
+        self._clock = clock
+        self._on_decision = on_decision
+        self._strategies: dict[tuple[str, str], Strategy] = {}
+
+    def choose(
+        self,
+        route: ModelRoute,
+        request: RouteRequest,
+        exclude: Collection[Replica] = (),
+    ) -> Replica:
+        """A replica for `route` not in `exclude`.
+
+        Healthy replicas come first; when every one is ejected the ejected ones are
+        tried anyway (a guess beats a certain 503).
+
+        Raises:
+            NoReplica: the model has no replica left to try.
+        """
+        candidates = [r for r in self._catalog.replicas(route) if r not in exclude]
+        now = self._clock()
+        healthy = [r for r in candidates if r.available(now)] or candidates
+        if not healthy:
+            raise NoReplica(
+                f"The model `{route.served_name}` has no ready replica; "
+                "try again shortly.",
+                retry_after_s=NO_REPLICA_RETRY_S,
+            )
+        key = (route.served_name, route.strategy.value)
+        strategy = self._strategies.get(key)
+        if strategy is None:
+            strategy = self._strategies[key] = make_strategy(route.strategy)
+        replica, how = strategy.choose(healthy, request)
+        if self._on_decision:
+            self._on_decision(route.served_name, route.strategy.value, how)
+        return replica

@@ -1,0 +1,117 @@
+"""Server-sent events on the streaming path: cut at event boundaries, read usage.
+
+The relay forwards every complete event the moment its last byte arrives; only a
+partial event at the end of a network chunk waits for the rest. Events are parsed
+only when they mention usage, so ordinary token chunks cost a byte search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+EVENT_END = b"\n\n"
+USAGE_MARK = b'"usage"'
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts from a response's `usage` object."""
+
+    prompt: int = 0
+    completion: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.prompt + self.completion
+
+
+def usage_of(payload: Any) -> Usage | None:
+    """The usage in a parsed response or chunk, if it has one."""
+    if not isinstance(payload, dict):
+        return None
+    usage = payload.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens") or 0
+    completion = usage.get("completion_tokens") or 0
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return Usage(prompt, completion)
+
+
+def usage_of_body(body: bytes) -> Usage | None:
+    """The usage in a whole (non-streamed) JSON response."""
+    if USAGE_MARK not in body:
+        return None
+    try:
+        return usage_of(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        return None
+
+
+class EventFilter:
+    """Cuts a byte stream into complete SSE events, notes the usage they carry,
+    and drops the usage-only chunk when the client did not ask for it.
+
+    Args:
+        keep_usage_chunk: False when the gateway added `include_usage` itself.
+    """
+
+    def __init__(self, keep_usage_chunk: bool) -> None:
+        self._keep = keep_usage_chunk
+        self._buffer = b""
+        self.usage: Usage | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The complete events in `chunk` (with any earlier partial one)."""
+        data = self._buffer + chunk if self._buffer else chunk
+        end = data.rfind(EVENT_END)
+        if end < 0:
+            self._buffer = data
+            return b""
+        cut = end + len(EVENT_END)
+        complete, self._buffer = data[:cut], data[cut:]
+        if USAGE_MARK not in complete:
+            return complete
+        events = complete.split(EVENT_END)
+        kept = [e for e in events[:-1] if self._keep_event(e)]
+        return b"".join(e + EVENT_END for e in kept)
+
+    def rest(self) -> bytes:
+        """Whatever followed the last complete event (sent as is at the end)."""
+        rest, self._buffer = self._buffer, b""
+        return rest
+
+    def _keep_event(self, event: bytes) -> bool:
+        if USAGE_MARK not in event:
+            return True
+        payload = _data_of(event)
+        usage = usage_of(payload)
+        if usage is None:
+            return True
+        self.usage = usage
+        usage_only = isinstance(payload, dict) and payload.get("choices") == []
+        return self._keep or not usage_only
+
+
+def _data_of(event: bytes) -> Any:
+    """The JSON of an event's `data:` lines, or None."""
+    lines = [
+        line[5:].strip()
+        for line in event.split(b"\n")
+        if line.startswith(b"data:") and line[5:].strip() != b"[DONE]"
+    ]
+    if not lines:
+        return None
+    try:
+        return orjson.loads(b"\n".join(lines))
+    except orjson.JSONDecodeError:
+        return None
+
+
+def error_event(body: dict[str, Any]) -> bytes:
+    """An SSE event carrying an error object (sent when a stream breaks off)."""
+    return b"data: " + orjson.dumps(body) + EVENT_END

@@ -1,0 +1,187 @@
+"""Routing strategies: each picks one replica for a request.
+
+A strategy sees only the replicas that may take the request (healthy, not yet tried
+for it; never an empty list) and returns the one chosen with a short word saying how
+(`rotation`, `least`, `cache`, `hash`, `overflow`, `session`, `score`), which the
+routing-decision metric counts.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from citadel.gateway.routes import RoutingStrategy
+from citadel.gateway.services.prefix import block_hashes, prompt_text, rendezvous
+from citadel.gateway.services.replicas import Replica
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    """What strategies may look at: the parsed body and the session header."""
+
+    body: Mapping[str, Any]
+    session: str | None = None
+
+
+class Strategy(Protocol):
+    """Picks a replica; `replicas` is never empty."""
+
+    def choose(
+        self, replicas: Sequence[Replica], request: RouteRequest
+    ) -> tuple[Replica, str]: ...
+
+
+class RoundRobin:
+    """Each replica in turn."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def choose(
+        self, replicas: Sequence[Replica], request: RouteRequest
+    ) -> tuple[Replica, str]:
+        self._next += 1
+        return replicas[self._next % len(replicas)], "rotation"
+
+
+class LeastLoad:
+    """The replica with the fewest requests outstanding from this gateway; ties go
+    round the replicas in turn so an idle pool is still shared."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def choose(
+        self, replicas: Sequence[Replica], request: RouteRequest
+    ) -> tuple[Replica, str]:
+        self._next += 1
+        return least_loaded(replicas, self._next), "least"
+
+
+def least_loaded(replicas: Sequence[Replica], start: int = 0) -> Replica:
+    """The replica with the fewest requests in flight, first from `start` on ties."""
+    n = len(replicas)
+    best = replicas[start % n]
+    for i in range(1, n):
+        candidate = replicas[(start + i) % n]
+        if candidate.in_flight < best.in_flight:
+            best = candidate
+    return best
+
+
+class PrefixAware:
+    """Requests sharing a prompt prefix go where that prefix was last sent, with
+    bounded load.
+
+    The longest known chain of block hashes wins (`cache`); a prefix never seen goes
+    to the replica its first block hashes to (`hash`), so requests sharing a system
+    prompt meet on one replica. Either choice is overruled (`overflow`) when that
+    replica carries more than `load_factor` x the average load + 1, and the
+    least-loaded replica takes the request instead.
+
+    Args:
+        load_factor: how far above average a replica may be before overflow.
+        capacity: block hashes remembered (least recently used ones go first).
+    """
+
+    def __init__(self, load_factor: float = 1.25, capacity: int = 200_000) -> None:
+        self._load_factor = load_factor
+        self._capacity = capacity
+        self._owner: OrderedDict[int, str] = OrderedDict()
+        self._next = 0
+
+    def choose(
+        self, replicas: Sequence[Replica], request: RouteRequest
+    ) -> tuple[Replica, str]:
+        hashes = block_hashes(prompt_text(request.body))
+        by_url = {r.url: r for r in replicas}
+        chosen, how = self._by_prefix(hashes, by_url)
+        average = sum(r.in_flight for r in replicas) / len(replicas)
+        if chosen is None or chosen.in_flight > self._load_factor * average + 1:
+            self._next += 1
+            chosen = least_loaded(replicas, self._next)
+            how = "overflow" if hashes else "least"
+        self._remember(hashes, chosen.url)
+        return chosen, how
+
+    def _by_prefix(
+        self, hashes: list[int], by_url: dict[str, Replica]
+    ) -> tuple[Replica | None, str]:
+        for h in reversed(hashes):
+            url = self._owner.get(h)
+            if url in by_url:
+                return by_url[url], "cache"
+        if not hashes:
+            return None, "least"
+        return by_url[rendezvous(hashes[0], list(by_url))], "hash"
+
+    def _remember(self, hashes: list[int], url: str) -> None:
+        owner = self._owner
+        for h in hashes:
+            owner[h] = url
+            owner.move_to_end(h)
+        while len(owner) > self._capacity:
+            owner.popitem(last=False)
+
+
+class KvAware:
+    """The replica with the lowest load score from its vLLM metrics.
+
+    score = in_flight + running / 2 + 2 x waiting + 4 x kv_cache_usage: queued
+    requests weigh most, a nearly full KV cache means evictions and re-computation,
+    and this gateway's own requests in flight count at once, between scrapes.
+    """
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def choose(
+        self, replicas: Sequence[Replica], request: RouteRequest
+    ) -> tuple[Replica, str]:
+        self._next += 1
+        n = len(replicas)
+        ordered = [replicas[(self._next + i) % n] for i in range(n)]
+        return min(ordered, key=kv_score), "score"
+
+
+def kv_score(replica: Replica) -> float:
+    """The KvAware score of one replica (lower is better)."""
+    load = replica.load
+    return (
+        replica.in_flight
+        + load.running / 2
+        + 2 * load.waiting
+        + 4 * load.kv_cache_usage
+    )
+
+
+class SessionAffinity:
+    """Requests with the same session header go to the same replica (rendezvous
+    hashing, so only that replica's sessions move when it goes); requests without
+    one go to the least-loaded replica."""
+
+    def __init__(self) -> None:
+        self._least = LeastLoad()
+
+    def choose(
+        self, replicas: Sequence[Replica], request: RouteRequest
+    ) -> tuple[Replica, str]:
+        if not request.session:
+            return self._least.choose(replicas, request)
+        by_url = {r.url: r for r in replicas}
+        return by_url[rendezvous(request.session, list(by_url))], "session"
+
+
+def make_strategy(kind: RoutingStrategy) -> Strategy:
+    """A fresh strategy of the given kind."""
+    factories: dict[RoutingStrategy, type[Strategy]] = {
+        RoutingStrategy.ROUND_ROBIN: RoundRobin,
+        RoutingStrategy.LEAST_LOAD: LeastLoad,
+        RoutingStrategy.PREFIX_AWARE: PrefixAware,
+        RoutingStrategy.KV_AWARE: KvAware,
+        RoutingStrategy.SESSION_AFFINITY: SessionAffinity,
+    }
+    return factories[kind]()

@@ -1,0 +1,95 @@
+"""The gateway's settings: read once from the environment by the entry point.
+
+Every field is an environment variable `CITADEL_GATEWAY_<FIELD>` (for example
+`CITADEL_GATEWAY_ROUTES_SOURCE=file`). The Helm chart sets them; keep the names
+stable.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class RoutesSource(enum.StrEnum):
+    """Where the routing document and the replicas' addresses come from."""
+
+    KUBERNETES = "kubernetes"
+    FILE = "file"
+
+
+class AuthMode(enum.StrEnum):
+    """Whether requests need an API key."""
+
+    REQUIRED = "required"
+    DISABLED = "disabled"
+
+
+class LogFormat(enum.StrEnum):
+    """How log lines are written."""
+
+    JSON = "json"
+    TEXT = "text"
+
+
+class GatewaySettings(BaseSettings):
+    """Typed configuration of one gateway process."""
+
+    model_config = SettingsConfigDict(env_prefix="CITADEL_GATEWAY_", frozen=True)
+
+    host: str = "0.0.0.0"
+    """Address to listen on."""
+    port: int = Field(8000, ge=1, le=65535)
+    """Port to listen on."""
+    routes_source: RoutesSource = RoutesSource.KUBERNETES
+    """`kubernetes` (watch the ConfigMap and EndpointSlices) or `file`."""
+    routes_file: Path | None = None
+    """The routing document (JSON) when `routes_source` is `file`; reloaded when it
+    changes. Each model lists its replicas' URLs under `endpoints`."""
+    keys_file: Path | None = None
+    """A static key file (JSON, written by `citadel keys create --file`). Used
+    instead of Kubernetes Secrets when set, or when `routes_source` is `file`."""
+    namespace: str = "citadel-system"
+    """Namespace of the `citadel-routes` ConfigMap and of the API-key Secrets."""
+    kubeconfig: Path | None = None
+    """A kubeconfig file; empty means the in-cluster service account."""
+    kube_context: str | None = None
+    """The kubeconfig context to use; empty means its current context."""
+    auth: AuthMode = AuthMode.REQUIRED
+    """`required` (default) or `disabled`: serving without keys must be explicit."""
+    redis_url: str = ""
+    """Redis for limits shared by every gateway replica; empty keeps them in
+    process (one replica)."""
+    log_format: LogFormat = LogFormat.JSON
+    """`json` (one object per line) or `text`."""
+    log_level: str = "INFO"
+    """Python logging level name."""
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    """Largest request body accepted; larger ones get 413."""
+    connect_timeout_s: float = Field(2.0, gt=0)
+    """Time to open a connection to a replica before trying another."""
+    read_timeout_s: float = Field(600.0, gt=0)
+    """Longest silence from a replica (between chunks) before a 504."""
+    retries: int = Field(2, ge=0, le=10)
+    """Extra replicas tried when a connection fails before any byte was sent."""
+    eject_after_failures: int = Field(3, ge=1)
+    """Consecutive failures that take a replica out of rotation."""
+    eject_base_s: float = Field(5.0, gt=0)
+    """First ejection time; doubles for each ejection in a row, up to `eject_max_s`."""
+    eject_max_s: float = Field(60.0, gt=0)
+    """Longest ejection."""
+    metrics_scrape_period_s: float = Field(2.0, gt=0)
+    """How often each replica's vLLM `/metrics` is read (for `kv-aware`)."""
+    file_poll_period_s: float = Field(1.0, gt=0)
+    """How often the routes file and the keys file are checked for changes."""
+    session_header: str = "x-session-id"
+    """Header whose value pins a conversation to one replica (`session-affinity`)."""
+    default_max_tokens: int = Field(256, ge=1)
+    """Tokens assumed for the reply when a request sets no `max_tokens`, to
+    estimate its cost before the reply tells the real use."""
+    max_key_labels: int = Field(100, ge=1)
+    """Distinct key names used as metric labels; later ones are counted as
+    `other`, so metrics stay bounded."""

@@ -1,0 +1,1 @@
+"""Where routes, replicas and keys come from: files or the Kubernetes API."""

@@ -1,0 +1,107 @@
+"""Routes and keys from files, re-read when they change (outside Kubernetes)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from citadel.gateway.routes import RoutesError, parse_document
+from citadel.gateway.services.auth import InMemoryKeyStore, KeyRecord
+from citadel.gateway.services.catalog import Catalog
+from citadel.gateway.services.replicas import Endpoint
+
+log = logging.getLogger(__name__)
+
+
+class KeyFile(BaseModel):
+    """The static key file: `{"keys": [KeyRecord, ...]}`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    keys: list[KeyRecord] = []
+
+
+def read_key_file(path: Path) -> KeyFile:
+    """The key file's contents; an empty one when the file does not exist."""
+    if not path.exists():
+        return KeyFile()
+    return KeyFile.model_validate_json(path.read_bytes())
+
+
+class FileWatcher:
+    """Calls `load(bytes)` with a file's contents now and whenever it changes.
+
+    Args:
+        path: the file.
+        load: what to do with new contents.
+        period_s: how often the file's modification time and size are checked.
+    """
+
+    def __init__(
+        self, path: Path, load: Callable[[bytes], None], period_s: float
+    ) -> None:
+        self._path = path
+        self._load = load
+        self._period = period_s
+        self._seen: tuple[int, int] | None = None
+
+    def check(self) -> None:
+        """Loads the file if it changed since the last check."""
+        try:
+            stat = self._path.stat()
+            seen = (stat.st_mtime_ns, stat.st_size)
+            if seen == self._seen:
+                return
+            data = self._path.read_bytes()
+        except OSError as err:
+            log.error("cannot read file", extra={"path": str(self._path), "error": err})
+            return
+        self._seen = seen
+        self._load(data)
+
+    async def run(self) -> None:
+        """Checks until cancelled."""
+        while True:
+            self.check()
+            await asyncio.sleep(self._period)
+
+
+def routes_file_source(path: Path, catalog: Catalog, period_s: float) -> FileWatcher:
+    """The routing document from a file; replicas from its `endpoints` lists."""
+
+    def load(data: bytes) -> None:
+        try:
+            doc = parse_document(data)
+        except RoutesError as err:
+            catalog.reject_document(err)
+            return
+        for route in doc.models:
+            endpoints = [Endpoint(url) for url in route.endpoints]
+            catalog.set_endpoints(route.namespace, route.service, endpoints)
+        catalog.set_document(doc)
+
+    return FileWatcher(path, load, period_s)
+
+
+def keys_file_source(
+    path: Path, store: InMemoryKeyStore, period_s: float
+) -> FileWatcher:
+    """The keys from a static key file; a bad file keeps the keys in force."""
+
+    def load(data: bytes) -> None:
+        try:
+            keys = KeyFile.model_validate_json(data).keys
+        except ValidationError as err:
+            log.error(
+                "key file rejected; keeping the keys in force",
+                extra={"error": str(err)},
+            )
+            return
+        store.replace_all(keys)
+        log.info("keys loaded", extra={"keys": len(keys)})
+
+    return FileWatcher(path, load, period_s)

@@ -1,0 +1,234 @@
+"""Routes, replicas and keys from the Kubernetes API, kept current by watches.
+
+- The `citadel-routes` ConfigMap in the gateway's namespace holds the routing
+  document (key `routes.json`); a deleted or invalid one leaves the last good one in
+  force.
+- EndpointSlices (discovery.k8s.io/v1, label `kubernetes.io/service-name`) of every
+  namespace the document names give each Service's pod addresses with their ready,
+  serving and terminating conditions.
+- Secrets labelled `citadel.ai/api-key=true` in the gateway's namespace hold the API
+  keys' records (never the keys); a deleted Secret is a revoked key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections import defaultdict
+from typing import Any
+
+from pydantic import ValidationError
+
+from citadel.gateway.kube.client import (
+    KubeClient,
+    Obj,
+    configmaps,
+    endpoint_slices,
+    list_watch,
+    secrets,
+)
+from citadel.gateway.routes import (
+    CONFIGMAP_KEY,
+    CONFIGMAP_NAME,
+    RoutesError,
+    parse_document,
+)
+from citadel.gateway.services.auth import InMemoryKeyStore, KeyRecord
+from citadel.gateway.services.catalog import Catalog
+from citadel.gateway.services.replicas import Endpoint
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+KEY_LABEL = "citadel.ai/api-key"
+KEY_NAME_LABEL = "citadel.ai/key-name"
+KEY_DATA = "key.json"
+KEY_SECRET_PREFIX = "citadel-key-"
+
+
+def slice_endpoints(slice_: Obj) -> list[Endpoint]:
+    """The endpoints of one EndpointSlice, as `http://address:port` URLs."""
+    ports = slice_.get("ports") or []
+    http = [p for p in ports if p.get("name") == "http"] or ports
+    port = http[0].get("port") if http else None
+    if port is None:
+        return []
+    result = []
+    for endpoint in slice_.get("endpoints") or []:
+        addresses = endpoint.get("addresses") or []
+        if not addresses:
+            continue
+        address = addresses[0]
+        host = f"[{address}]" if ":" in address else address
+        cond = endpoint.get("conditions") or {}
+        ready = cond.get("ready") is not False  # unset means ready
+        serving = cond.get("serving", ready) is not False
+        terminating = cond.get("terminating") is True
+        result.append(Endpoint(f"http://{host}:{port}", ready, serving, terminating))
+    return result
+
+
+class _SliceView:
+    """The EndpointSlices of one namespace, pushed to the catalog per Service."""
+
+    def __init__(self, namespace: str, catalog: Catalog) -> None:
+        self._namespace = namespace
+        self._catalog = catalog
+        self._slices: dict[str, Obj] = {}
+
+    def sync(self, items: list[Obj]) -> None:
+        self._slices = {item["metadata"]["name"]: item for item in items}
+        self._push()
+
+    def event(self, kind: str, obj: Obj) -> None:
+        name = obj["metadata"]["name"]
+        if kind == "DELETED":
+            self._slices.pop(name, None)
+        else:
+            self._slices[name] = obj
+        self._push()
+
+    def _push(self) -> None:
+        by_service: dict[str, list[Endpoint]] = defaultdict(list)
+        for item in self._slices.values():
+            service = (item["metadata"].get("labels") or {}).get(SERVICE_NAME_LABEL)
+            if service:
+                by_service[service].extend(slice_endpoints(item))
+        known = {
+            r.service for r in self._catalog.routes() if r.namespace == self._namespace
+        }
+        for service in known | by_service.keys():
+            self._catalog.set_endpoints(
+                self._namespace, service, by_service.get(service, [])
+            )
+
+
+class RoutesWatchSource:
+    """Watches the routes ConfigMap and the EndpointSlices it points at."""
+
+    def __init__(self, client: KubeClient, namespace: str, catalog: Catalog) -> None:
+        self._client = client
+        self._namespace = namespace
+        self._catalog = catalog
+        self._slice_watches: dict[str, asyncio.Task[None]] = {}
+
+    async def run(self) -> None:
+        params = {"fieldSelector": f"metadata.name={CONFIGMAP_NAME}"}
+        try:
+            await list_watch(
+                self._client,
+                configmaps(self._namespace),
+                params,
+                self._sync,
+                self._event,
+            )
+        finally:
+            for task in self._slice_watches.values():
+                task.cancel()
+
+    def _sync(self, items: list[Obj]) -> None:
+        for item in items:
+            self._load(item)
+
+    def _event(self, kind: str, obj: Obj) -> None:
+        if kind == "DELETED":
+            log.warning("routes ConfigMap deleted; keeping the last good document")
+            return
+        self._load(obj)
+
+    def _load(self, configmap: Obj) -> None:
+        raw = (configmap.get("data") or {}).get(CONFIGMAP_KEY)
+        if raw is None:
+            self._catalog.reject_document(f"ConfigMap has no key {CONFIGMAP_KEY!r}")
+            return
+        try:
+            doc = parse_document(raw)
+        except RoutesError as err:
+            self._catalog.reject_document(err)
+            return
+        self._catalog.set_document(doc)
+        self._watch_namespaces({route.namespace for route in doc.models})
+
+    def _watch_namespaces(self, namespaces: set[str]) -> None:
+        for gone in self._slice_watches.keys() - namespaces:
+            self._slice_watches.pop(gone).cancel()
+        for namespace in namespaces - self._slice_watches.keys():
+            view = _SliceView(namespace, self._catalog)
+            self._slice_watches[namespace] = asyncio.create_task(
+                list_watch(
+                    self._client,
+                    endpoint_slices(namespace),
+                    {"labelSelector": SERVICE_NAME_LABEL},
+                    view.sync,
+                    view.event,
+                )
+            )
+
+
+def key_secret(record: KeyRecord, namespace: str) -> Obj:
+    """The Secret that stores a key's record."""
+    data = record.model_dump_json(by_alias=True).encode()
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": KEY_SECRET_PREFIX + record.name,
+            "namespace": namespace,
+            "labels": {
+                KEY_LABEL: "true",
+                KEY_NAME_LABEL: record.name,
+                "app.kubernetes.io/part-of": "citadel",
+            },
+        },
+        "data": {KEY_DATA: base64.b64encode(data).decode()},
+    }
+
+
+def key_from_secret(secret: Obj) -> KeyRecord | None:
+    """The key record in a Secret, or None (logged) when it is not one."""
+    raw = (secret.get("data") or {}).get(KEY_DATA)
+    name = secret.get("metadata", {}).get("name")
+    try:
+        return KeyRecord.model_validate_json(base64.b64decode(raw or ""))
+    except (ValidationError, ValueError) as err:
+        log.error(
+            "ignoring a malformed key Secret", extra={"secret": name, "error": str(err)}
+        )
+        return None
+
+
+class KeySecretsSource:
+    """Watches the key Secrets; a deleted Secret revokes its key at once."""
+
+    def __init__(
+        self, client: KubeClient, namespace: str, store: InMemoryKeyStore
+    ) -> None:
+        self._client = client
+        self._namespace = namespace
+        self._store = store
+
+    async def run(self) -> None:
+        await list_watch(
+            self._client,
+            secrets(self._namespace),
+            {"labelSelector": f"{KEY_LABEL}=true"},
+            self._sync,
+            self._event,
+        )
+
+    def _sync(self, items: list[Obj]) -> None:
+        records = [r for r in map(key_from_secret, items) if r is not None]
+        self._store.replace_all(records)
+        log.info("keys loaded", extra={"keys": len(records)})
+
+    def _event(self, kind: str, obj: Obj) -> None:
+        record = key_from_secret(obj)
+        labels: dict[str, Any] = obj.get("metadata", {}).get("labels") or {}
+        name = record.name if record else labels.get(KEY_NAME_LABEL)
+        if kind == "DELETED" and name:
+            self._store.remove(name)
+            log.info("key revoked", extra={"key": name})
+        elif record is not None:
+            self._store.put(record)

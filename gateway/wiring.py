@@ -1,0 +1,128 @@
+"""The composition root: picks each part's implementation from the settings."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+from citadel.gateway.deps import Deps
+from citadel.gateway.kube.client import KubeClient
+from citadel.gateway.kube.config import KubeConfig, in_cluster, load_kubeconfig
+from citadel.gateway.metrics import GatewayMetrics
+from citadel.gateway.services.auth import Authenticator, InMemoryKeyStore
+from citadel.gateway.services.buckets import BucketStore, InProcessBuckets
+from citadel.gateway.services.catalog import Catalog
+from citadel.gateway.services.limits import Limiter
+from citadel.gateway.services.proxy import ProxyOptions, ProxyService
+from citadel.gateway.services.redis_buckets import RedisBuckets
+from citadel.gateway.services.replicas import EjectionPolicy
+from citadel.gateway.services.routing import Router
+from citadel.gateway.services.scraper import MetricsScraper
+from citadel.gateway.settings import AuthMode, GatewaySettings, RoutesSource
+from citadel.gateway.sources.files import keys_file_source, routes_file_source
+from citadel.gateway.sources.kubernetes import KeySecretsSource, RoutesWatchSource
+from citadel.gateway.upstream import UpstreamClient, UpstreamSettings
+
+
+def kube_config(settings: GatewaySettings, environ: Mapping[str, str]) -> KubeConfig:
+    """The kubeconfig file when one is set, else the in-cluster service account."""
+    if settings.kubeconfig is not None:
+        return load_kubeconfig(settings.kubeconfig, settings.kube_context)
+    return in_cluster(environ)
+
+
+def build_deps(settings: GatewaySettings, environ: Mapping[str, str]) -> Deps:
+    """Every part of the gateway, wired as the settings say.
+
+    Args:
+        settings: the typed settings.
+        environ: the process environment (only for the in-cluster API address).
+    """
+    metrics = GatewayMetrics(max_key_labels=settings.max_key_labels)
+    catalog = Catalog(lambda result: metrics.config_reloads.labels(result).inc())
+    keys = InMemoryKeyStore()
+    upstream = UpstreamClient(
+        UpstreamSettings(settings.connect_timeout_s, settings.read_timeout_s)
+    )
+
+    def decided(model: str, strategy: str, how: str) -> None:
+        metrics.routing_decisions.labels(model, strategy, how).inc()
+
+    router = Router(catalog, time.monotonic, decided)
+    store, shutdown = _bucket_store(settings)
+    limiter = Limiter(store, time.time)
+    deps = Deps(
+        catalog=catalog,
+        authenticator=Authenticator(keys, settings.auth is AuthMode.REQUIRED),
+        proxy=ProxyService(
+            catalog, router, limiter, upstream, metrics, _options(settings)
+        ),
+        metrics=metrics,
+        startup=[upstream.start],
+        shutdown=[upstream.close, *shutdown],
+        session_header=settings.session_header,
+        max_body_bytes=settings.max_body_bytes,
+    )
+    deps.sources.append(
+        MetricsScraper(
+            catalog, upstream, settings.metrics_scrape_period_s, time.monotonic
+        )
+    )
+    _add_sources(settings, environ, deps, keys)
+    return deps
+
+
+def _bucket_store(
+    settings: GatewaySettings,
+) -> tuple[BucketStore, list[Callable[[], Awaitable[None]]]]:
+    """Redis when a URL is set (limits shared by every replica), else in process."""
+    if not settings.redis_url:
+        return InProcessBuckets(), []
+    store = RedisBuckets.from_url(settings.redis_url)
+    return store, [store.close]
+
+
+def _options(settings: GatewaySettings) -> ProxyOptions:
+    return ProxyOptions(
+        retries=settings.retries,
+        default_max_tokens=settings.default_max_tokens,
+        ejection=EjectionPolicy(
+            settings.eject_after_failures, settings.eject_base_s, settings.eject_max_s
+        ),
+    )
+
+
+def _add_sources(
+    settings: GatewaySettings,
+    environ: Mapping[str, str],
+    deps: Deps,
+    keys: InMemoryKeyStore,
+) -> None:
+    period = settings.file_poll_period_s
+    use_kube = settings.routes_source is RoutesSource.KUBERNETES
+    kube_keys = settings.keys_file is None and use_kube
+    client = KubeClient(kube_config(settings, environ)) if use_kube else None
+    if client is not None:
+        deps.startup.append(client.start)
+        deps.shutdown.append(client.close)
+        deps.sources.append(RoutesWatchSource(client, settings.namespace, deps.catalog))
+    elif settings.routes_file is not None:
+        deps.sources.append(
+            routes_file_source(settings.routes_file, deps.catalog, period)
+        )
+    else:
+        raise ValueError(
+            "CITADEL_GATEWAY_ROUTES_FILE is required with "
+            "CITADEL_GATEWAY_ROUTES_SOURCE=file"
+        )
+    if settings.auth is AuthMode.DISABLED:
+        return
+    if kube_keys and client is not None:
+        deps.sources.append(KeySecretsSource(client, settings.namespace, keys))
+    elif settings.keys_file is not None:
+        deps.sources.append(keys_file_source(settings.keys_file, keys, period))
+    else:
+        raise ValueError(
+            "CITADEL_GATEWAY_KEYS_FILE is required outside Kubernetes unless "
+            "CITADEL_GATEWAY_AUTH=disabled"
+        )

@@ -1,0 +1,200 @@
+"""Gateway unit-test helpers: an app on in-memory parts and a fake upstream."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from fastapi import FastAPI
+
+from citadel.gateway.app import create_app
+from citadel.gateway.deps import Deps
+from citadel.gateway.metrics import GatewayMetrics
+from citadel.gateway.routes import RoutingDocument
+from citadel.gateway.services.auth import (
+    Authenticator,
+    InMemoryKeyStore,
+    KeyRecord,
+    hash_key,
+)
+from citadel.gateway.services.buckets import InProcessBuckets
+from citadel.gateway.services.catalog import Catalog
+from citadel.gateway.services.limits import Limiter
+from citadel.gateway.services.proxy import ProxyOptions, ProxyService
+from citadel.gateway.services.replicas import Endpoint
+from citadel.gateway.services.routing import Router
+from citadel.gateway.settings import GatewaySettings
+
+KEY = "ctd-unit-test-key-alice"
+ADMIN_KEY = "ctd-unit-test-key-root"
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class FakeReply:
+    """A canned upstream reply; `chunks` may hold an exception to raise."""
+
+    status: int = 200
+    body: bytes = b"{}"
+    parts: list[bytes | Exception] = field(default_factory=list)
+    content_type: str = "application/json"
+    closed: bool = False
+
+    async def read(self) -> bytes:
+        return self.body
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for part in self.parts:
+            if isinstance(part, Exception):
+                raise part
+            yield part
+
+    def close(self) -> None:
+        self.closed = True
+
+
+Handler = Callable[[str, dict[str, Any]], FakeReply | Exception]
+
+
+def completion(model: str = "smollm2", usage: tuple[int, int] = (10, 5)) -> FakeReply:
+    body = {
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+        "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1]},
+    }
+    return FakeReply(body=orjson.dumps(body))
+
+
+class FakeUpstream:
+    """Answers with `handler(url, body)`; remembers every call."""
+
+    def __init__(self, handler: Handler | None = None) -> None:
+        self.handler: Handler = handler or (lambda url, body: completion())
+        self.calls: list[tuple[str, dict[str, Any], Mapping[str, str]]] = []
+
+    async def post(
+        self, url: str, body: bytes, headers: Mapping[str, str]
+    ) -> FakeReply:
+        parsed = orjson.loads(body)
+        self.calls.append((url, parsed, headers))
+        result = self.handler(url, parsed)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+
+def document(**route: Any) -> RoutingDocument:
+    base = {
+        "name": "smol",
+        "namespace": "llm",
+        "servedName": "smollm2",
+        "aliases": ["chat"],
+        "service": "smol",
+        "strategy": "round-robin",
+    }
+    return RoutingDocument.model_validate({"models": [{**base, **route}]})
+
+
+@dataclass
+class Harness:
+    """An app on in-memory parts, and handles on those parts."""
+
+    app: FastAPI
+    deps: Deps
+    upstream: FakeUpstream
+    keys: InMemoryKeyStore
+    clock: Clock
+
+    def client(self) -> httpx.AsyncClient:
+        transport = httpx.ASGITransport(app=self.app)
+        return httpx.AsyncClient(
+            transport=transport,
+            base_url="http://gateway",
+            headers={"authorization": f"Bearer {KEY}"},
+        )
+
+
+def build(
+    doc: RoutingDocument | None = None,
+    loaded: bool = True,
+    replicas: tuple[str, ...] = ("http://r1", "http://r2"),
+    records: tuple[KeyRecord, ...] | None = None,
+    auth: bool = True,
+    retries: int = 2,
+) -> Harness:
+    clock = Clock()
+    metrics = GatewayMetrics()
+    catalog = Catalog()
+    if loaded:
+        doc = doc or document()
+        catalog.set_document(doc)
+        for route in doc.models:
+            catalog.set_endpoints(
+                route.namespace, route.service, [Endpoint(u) for u in replicas]
+            )
+    if records is None:
+        records = (
+            KeyRecord(name="alice", hash=hash_key(KEY), models=("smollm2",)),
+            KeyRecord(name="root", hash=hash_key(ADMIN_KEY), role="admin"),
+        )
+    keys = InMemoryKeyStore(records)
+    upstream = FakeUpstream()
+    proxy = ProxyService(
+        catalog,
+        Router(catalog, clock),
+        Limiter(InProcessBuckets(), clock),
+        upstream,
+        metrics,
+        ProxyOptions(retries=retries),
+        clock,
+    )
+    deps = Deps(
+        catalog=catalog,
+        authenticator=Authenticator(keys, required=auth),
+        proxy=proxy,
+        metrics=metrics,
+        max_body_bytes=4096,
+    )
+    app = create_app(GatewaySettings(routes_source="file"), deps)
+    return Harness(app, deps, upstream, keys, clock)
+
+
+@dataclass(frozen=True)
+class Kit:
+    """What tests build harnesses and replies with (conftest is not importable)."""
+
+    build: Callable[..., Harness] = build
+    document: Callable[..., RoutingDocument] = document
+    completion: Callable[..., FakeReply] = completion
+    reply: type[FakeReply] = FakeReply
+    key: str = KEY
+    admin_key: str = ADMIN_KEY
+    chat: Mapping[str, Any] = field(
+        default_factory=lambda: {
+            "model": "chat",
+            "messages": [{"role": "user", "content": "hello"}],
+        }
+    )
+
+
+@pytest.fixture
+def kit() -> Kit:
+    return Kit()
+
+
+@pytest.fixture
+def harness() -> Harness:
+    return build()

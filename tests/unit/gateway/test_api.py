@@ -1,0 +1,312 @@
+"""The REST door on in-memory parts: forwarding, streaming, errors, headers."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+import pytest
+
+from citadel.gateway.upstream import UpstreamTimeout, UpstreamUnreachable
+
+pytestmark = pytest.mark.unit
+
+
+async def test_alias_becomes_served_name_and_unknown_fields_pass(
+    harness: Any, kit: Any
+) -> None:
+    async with harness.client() as client:
+        body = {**kit.chat, "top_k": 7, "vendor": {"x": [1, 2]}}
+        answer = await client.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 200
+    url, sent, headers = harness.upstream.calls[0]
+    assert url.endswith("/v1/chat/completions")
+    assert sent == {**body, "model": "smollm2"}
+    assert headers["x-request-id"] == answer.headers["x-request-id"]
+
+
+async def test_body_is_forwarded_byte_for_byte_when_nothing_changes(
+    harness: Any,
+) -> None:
+    raw = b'{"model": "smollm2",   "messages": [{"role":"user","content":"x"}]}'
+    seen: list[bytes] = []
+    post = harness.upstream.post
+
+    async def spy(url: str, body: bytes, headers: Any) -> Any:
+        seen.append(body)
+        return await post(url, body, headers)
+
+    harness.upstream.post = spy
+    async with harness.client() as client:
+        await client.post("/v1/chat/completions", content=raw)
+    assert seen == [raw]
+
+
+async def test_request_id_is_kept_or_made(harness: Any, kit: Any) -> None:
+    async with harness.client() as client:
+        given = await client.post(
+            "/v1/chat/completions", json=kit.chat, headers={"x-request-id": "abc-1"}
+        )
+        made = await client.post("/v1/chat/completions", json=kit.chat)
+        refused = await client.post(
+            "/v1/chat/completions", json=kit.chat, headers={"authorization": "x"}
+        )
+    assert given.headers["x-request-id"] == "abc-1"
+    assert len(made.headers["x-request-id"]) == 32
+    assert refused.status_code == 401 and refused.headers["x-request-id"]
+
+
+def _sse(*payloads: Any) -> list[bytes]:
+    return [b"data: " + orjson.dumps(p) + b"\n\n" for p in payloads] + [
+        b"data: [DONE]\n\n"
+    ]
+
+
+CHUNK = {"choices": [{"index": 0, "delta": {"content": "hi"}}]}
+USAGE = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+
+
+@pytest.mark.parametrize("client_asked", [False, True])
+async def test_stream_usage_chunk_reaches_only_clients_that_asked(
+    harness: Any, kit: Any, client_asked: bool
+) -> None:
+    parts = _sse(CHUNK, CHUNK, USAGE)
+    # Split one event across two network chunks: it must still arrive whole.
+    split = [parts[0], parts[1][:10], parts[1][10:], parts[2], parts[3]]
+    harness.upstream.handler = lambda url, body: kit.reply(
+        parts=split, content_type="text/event-stream"
+    )
+    body: dict[str, Any] = {**kit.chat, "stream": True}
+    if client_asked:
+        body["stream_options"] = {"include_usage": True}
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=body)
+    assert answer.headers["content-type"].startswith("text/event-stream")
+    sent = harness.upstream.calls[0][1]
+    assert sent["stream_options"] == {"include_usage": True}
+    expected = parts if client_asked else [parts[0], parts[1], parts[3]]
+    assert answer.content == b"".join(expected)
+    tokens = harness.deps.metrics.tokens.labels("smollm2", "alice", "completion")
+    assert tokens._value.get() == 2
+
+
+async def test_broken_stream_ends_with_an_error_event(harness: Any, kit: Any) -> None:
+    from citadel.gateway.upstream import UpstreamBroken
+
+    parts: list[Any] = [*_sse(CHUNK)[:1], UpstreamBroken("reset")]
+    harness.upstream.handler = lambda url, body: kit.reply(parts=parts)
+    async with harness.client() as client:
+        answer = await client.post(
+            "/v1/chat/completions", json={**kit.chat, "stream": True}
+        )
+    events = answer.content.split(b"\n\n")
+    assert events[0].startswith(b"data: {")
+    assert orjson.loads(events[1][6:])["error"]["code"] == "backend_error"
+
+
+async def test_connection_failure_is_retried_on_another_replica(
+    harness: Any, kit: Any
+) -> None:
+    def handler(url: str, body: Any) -> Any:
+        if url.startswith("http://r1"):
+            return UpstreamUnreachable("refused")
+        return kit.completion()
+
+    harness.upstream.handler = handler
+    async with harness.client() as client:
+        for _ in range(4):
+            answer = await client.post("/v1/chat/completions", json=kit.chat)
+            assert answer.status_code == 200
+    urls = [call[0] for call in harness.upstream.calls]
+    assert any(u.startswith("http://r1") for u in urls)
+    assert sum(u.startswith("http://r2") for u in urls) == 4
+
+
+async def test_failing_replica_is_ejected_then_readmitted(
+    harness: Any, kit: Any
+) -> None:
+    def handler(url: str, body: Any) -> Any:
+        return UpstreamUnreachable("down") if "r1" in url else kit.completion()
+
+    harness.upstream.handler = handler
+    async with harness.client() as client:
+        for _ in range(8):
+            await client.post("/v1/chat/completions", json=kit.chat)
+        r1_calls = sum("r1" in c[0] for c in harness.upstream.calls)
+        assert r1_calls == 3  # eject_after=3; then no more tries
+        harness.clock.now += 10  # past the 5 s back-off
+        harness.upstream.handler = lambda url, body: kit.completion()
+        for _ in range(4):
+            await client.post("/v1/chat/completions", json=kit.chat)
+    assert sum("r1" in c[0] for c in harness.upstream.calls) > r1_calls
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "code"),
+    [
+        (UpstreamUnreachable("refused"), 502, "backend_error"),
+        (UpstreamTimeout("slow"), 504, "backend_timeout"),
+    ],
+)
+async def test_backend_failures_map_to_5xx(
+    harness: Any, kit: Any, failure: Exception, status: int, code: str
+) -> None:
+    harness.upstream.handler = lambda url, body: failure
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert answer.status_code == status
+    assert answer.json()["error"]["code"] == code
+
+
+async def test_backend_4xx_passes_through_and_5xx_becomes_502(
+    harness: Any, kit: Any
+) -> None:
+    error = {"error": {"message": "too long", "type": "BadRequestError"}}
+    harness.upstream.handler = lambda url, body: kit.reply(
+        status=400, body=orjson.dumps(error)
+    )
+    async with harness.client() as client:
+        bad = await client.post("/v1/chat/completions", json=kit.chat)
+        harness.upstream.handler = lambda url, body: kit.reply(status=500)
+        failed = await client.post("/v1/chat/completions", json=kit.chat)
+    assert bad.status_code == 400 and bad.json() == error
+    assert failed.status_code == 502
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "param"),
+    [
+        (b"{nope", 400, None, None),
+        (b"[1]", 400, None, None),
+        (b'{"messages": []}', 400, None, "model"),
+        (b'{"model": "chat", "messages": "hi"}', 400, None, "messages"),
+        (b'{"model": "chat", "messages": [{}], "max_tokens": 0}', 400, None, None),
+        (b'{"model": "nope", "messages": [{}]}', 404, "model_not_found", "model"),
+        (b'{"model": "other", "messages": [{}]}', 403, "model_not_allowed", "model"),
+        (b"x" * 5000, 413, "request_too_large", None),
+    ],
+)
+async def test_client_errors_in_openai_shape(
+    kit: Any, body: bytes, status: int, code: str | None, param: str | None
+) -> None:
+    doc = kit.document().model_copy(
+        update={
+            "models": (
+                *kit.document().models,
+                kit.document(name="other", servedName="other", aliases=[]).models[0],
+            )
+        }
+    )
+    h = kit.build(doc=doc)
+    async with h.client() as client:
+        answer = await client.post("/v1/chat/completions", content=body)
+    assert answer.status_code == status
+    error = answer.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code or (code is None and status == 400)
+    if param:
+        assert error["param"] == param
+
+
+async def test_auth_errors(harness: Any, kit: Any) -> None:
+    async with harness.client() as client:
+        missing = await client.post(
+            "/v1/chat/completions", json=kit.chat, headers={"authorization": ""}
+        )
+        wrong = await client.post(
+            "/v1/chat/completions",
+            json=kit.chat,
+            headers={"authorization": "Bearer ctd-wrong"},
+        )
+    assert missing.status_code == wrong.status_code == 401
+    assert wrong.json()["error"]["code"] == "invalid_api_key"
+    assert "ctd-wrong" not in wrong.text
+
+
+async def test_revoked_key_stops_working_at_once(harness: Any, kit: Any) -> None:
+    async with harness.client() as client:
+        assert (await client.post("/v1/chat/completions", json=kit.chat)).is_success
+        harness.keys.remove("alice")
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert answer.status_code == 401
+
+
+async def test_rate_limit_429_with_retry_after_and_headers(kit: Any) -> None:
+    h = kit.build(doc=kit.document(limits={"rpm": 2}))
+    async with h.client() as client:
+        ok = [await client.post("/v1/chat/completions", json=kit.chat) for _ in "ab"]
+        refused = await client.post("/v1/chat/completions", json=kit.chat)
+        h.clock.now += 30  # one request's worth of refill
+        again = await client.post("/v1/chat/completions", json=kit.chat)
+    assert [a.status_code for a in ok] == [200, 200]
+    assert ok[0].headers["x-ratelimit-limit-requests"] == "2"
+    assert ok[0].headers["x-ratelimit-remaining-requests"] == "1"
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert refused.headers["retry-after"] == "30"
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert again.status_code == 200
+    assert len(h.upstream.calls) == 3
+
+
+async def test_no_replica_is_503_with_retry_after(kit: Any) -> None:
+    h = kit.build(replicas=())
+    async with h.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert answer.status_code == 503
+    assert answer.headers["retry-after"] == "5"
+
+
+async def test_models_lists_only_allowed_ones(kit: Any) -> None:
+    doc = kit.document().model_copy(
+        update={
+            "models": (
+                *kit.document().models,
+                kit.document(name="big", servedName="big", aliases=[]).models[0],
+            )
+        }
+    )
+    h = kit.build(doc=doc)
+    async with h.client() as client:
+        user = await client.get("/v1/models")
+        admin = await client.get(
+            "/v1/models", headers={"authorization": f"Bearer {kit.admin_key}"}
+        )
+    assert [m["id"] for m in user.json()["data"]] == ["smollm2", "chat"]
+    assert {m["id"] for m in admin.json()["data"]} == {"smollm2", "chat", "big"}
+
+
+async def test_health_readiness_and_metrics(kit: Any) -> None:
+    empty = kit.build(loaded=False)
+    async with empty.client() as client:
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/readyz")).status_code == 503
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+        assert answer.status_code == 503
+    h = kit.build()
+    async with h.client() as client:
+        assert (await client.get("/readyz")).status_code == 200
+        await client.post("/v1/chat/completions", json=kit.chat)
+        text = (await client.get("/metrics")).text
+    assert 'citadel_gateway_requests_total{endpoint="chat",key="alice"' in text
+    assert kit.key not in text
+
+
+async def test_auth_disabled_needs_no_key(kit: Any) -> None:
+    h = kit.build(auth=False)
+    async with h.client() as client:
+        answer = await client.post(
+            "/v1/chat/completions", json=kit.chat, headers={"authorization": ""}
+        )
+    assert answer.status_code == 200
+
+
+async def test_embeddings_and_completions_forward_to_their_paths(
+    harness: Any,
+) -> None:
+    async with harness.client() as client:
+        await client.post("/v1/embeddings", json={"model": "chat", "input": "x"})
+        await client.post("/v1/completions", json={"model": "chat", "prompt": "x"})
+    paths = [urlsplit(call[0]).path for call in harness.upstream.calls]
+    assert paths == ["/v1/embeddings", "/v1/completions"]

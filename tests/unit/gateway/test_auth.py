@@ -1,0 +1,97 @@
+"""Keys: generation, hashing, look-up, model patterns, roles."""
+
+from __future__ import annotations
+
+import pytest
+
+from citadel.gateway.errors import AuthenticationFailed, PermissionDenied
+from citadel.gateway.routes import ModelRoute
+from citadel.gateway.services.auth import (
+    Authenticator,
+    InMemoryKeyStore,
+    KeyRecord,
+    Role,
+    generate_key,
+    hash_key,
+)
+
+pytestmark = pytest.mark.unit
+
+ROUTE = ModelRoute.model_validate(
+    {
+        "name": "m",
+        "namespace": "n",
+        "servedName": "meta-llama/Llama-3-8B",
+        "aliases": ["llama"],
+        "service": "m",
+    }
+)
+
+
+def test_keys_are_random_prefixed_and_hashed() -> None:
+    a, b = generate_key(), generate_key()
+    assert a != b and a.startswith("ctd-") and len(a) >= 40
+    assert hash_key(a).startswith("sha256:") and a not in hash_key(a)
+    assert hash_key(a) == hash_key(a)
+
+
+def test_authenticate_finds_the_record_by_hash() -> None:
+    key = generate_key()
+    store = InMemoryKeyStore([KeyRecord(name="alice", hash=hash_key(key))])
+    auth = Authenticator(store)
+    assert auth.authenticate(f"Bearer {key}").name == "alice"
+    assert auth.authenticate(f"bearer   {key}").name == "alice"
+    for header in (None, "", "Bearer", f"Basic {key}", "Bearer ctd-other"):
+        with pytest.raises(AuthenticationFailed):
+            auth.authenticate(header)
+    store.remove("alice")
+    with pytest.raises(AuthenticationFailed):
+        auth.authenticate(f"Bearer {key}")
+
+
+def test_disabled_auth_is_anonymous() -> None:
+    assert (
+        Authenticator(InMemoryKeyStore(), required=False).authenticate(None).key is None
+    )
+
+
+@pytest.mark.parametrize(
+    ("patterns", "requested", "allowed"),
+    [
+        (("*",), "llama", True),
+        (("meta-llama/*",), "llama", True),  # the served name matches
+        (("llama",), "llama", True),
+        (("mistral*",), "llama", False),
+        ((), "llama", False),
+    ],
+)
+def test_model_patterns(
+    patterns: tuple[str, ...], requested: str, allowed: bool
+) -> None:
+    store = InMemoryKeyStore([KeyRecord(name="u", hash=hash_key("k"), models=patterns)])
+    who = Authenticator(store).authenticate("Bearer k")
+    assert who.may_use(ROUTE, requested) is allowed
+    if not allowed:
+        with pytest.raises(PermissionDenied):
+            who.check(ROUTE, requested)
+
+
+def test_admins_may_use_every_model() -> None:
+    record = KeyRecord(name="a", hash=hash_key("k"), role=Role.ADMIN, models=())
+    who = Authenticator(InMemoryKeyStore([record])).authenticate("Bearer k")
+    who.check(ROUTE, "llama")
+
+
+def test_store_put_replaces_by_name() -> None:
+    store = InMemoryKeyStore([KeyRecord(name="a", hash=hash_key("old"))])
+    store.put(KeyRecord(name="a", hash=hash_key("new")))
+    assert store.lookup(hash_key("old")) is None
+    assert store.lookup(hash_key("new")) is not None and len(store) == 1
+
+
+def test_record_reads_camel_case_quota_fields() -> None:
+    record = KeyRecord.model_validate(
+        {"name": "a", "hash": hash_key("k"), "dailyTokens": 5, "monthlyTokens": 9}
+    )
+    assert (record.daily_tokens, record.monthly_tokens) == (5, 9)
+    assert "dailyTokens" in record.model_dump_json(by_alias=True)

@@ -1,0 +1,46 @@
+"""The error hierarchy and its one mapping to OpenAI's shape."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from citadel.gateway import errors
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (errors.InvalidRequest("x", param="messages"), 400, None),
+        (errors.AuthenticationFailed("x"), 401, "invalid_api_key"),
+        (errors.PermissionDenied("x"), 403, "model_not_allowed"),
+        (errors.ModelNotFound("x"), 404, "model_not_found"),
+        (errors.BodyTooLarge("x"), 413, "request_too_large"),
+        (errors.RateLimited("x", retry_after_s=0.2), 429, "rate_limit_exceeded"),
+        (errors.QuotaExceeded("x", retry_after_s=90), 429, "insufficient_quota"),
+        (errors.BackendError("x"), 502, "backend_error"),
+        (errors.NoReplica("x", retry_after_s=5), 503, "model_not_ready"),
+        (errors.BackendTimeout("x"), 504, "backend_timeout"),
+        (errors.InternalError("x"), 500, "internal_error"),
+    ],
+)
+def test_each_error_has_status_and_openai_shape(
+    error: errors.GatewayError, status: int, code: str | None
+) -> None:
+    assert error.status == status
+    body = orjson.loads(error.to_json())
+    assert body == {
+        "error": {
+            "message": "x",
+            "type": error.type,
+            "param": error.param,
+            "code": code,
+        }
+    }
+
+
+def test_retry_after_is_whole_seconds_at_least_one() -> None:
+    assert errors.RateLimited("x", retry_after_s=0.2).headers["retry-after"] == "1"
+    assert errors.NoReplica("x", retry_after_s=4.1).headers["retry-after"] == "5"

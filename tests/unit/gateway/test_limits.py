@@ -1,0 +1,166 @@
+"""Token-bucket arithmetic, token estimates and the limiter (time injected)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from citadel.gateway.errors import QuotaExceeded, RateLimited
+from citadel.gateway.routes import ModelRoute
+from citadel.gateway.services.auth import KeyRecord, Principal, hash_key
+from citadel.gateway.services.buckets import (
+    Bucket,
+    InProcessBuckets,
+    Take,
+    format_reset,
+    refill,
+)
+from citadel.gateway.services.limits import Limiter, estimate_tokens
+
+pytestmark = pytest.mark.unit
+
+T0 = datetime(2026, 3, 31, 23, 59, 0, tzinfo=UTC).timestamp()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def route(**limits: int) -> ModelRoute:
+    return ModelRoute.model_validate(
+        {
+            "name": "m",
+            "namespace": "n",
+            "servedName": "m",
+            "service": "m",
+            "limits": limits,
+        }
+    )
+
+
+def principal(**fields: object) -> Principal:
+    return Principal(KeyRecord(name="k", hash=hash_key("x"), **fields))  # type: ignore[arg-type]
+
+
+def test_refill_is_linear_and_capped() -> None:
+    b = Bucket("b", capacity=60, rate=1, ttl_s=120)
+    assert refill(0, 0, 30, b) == 30
+    assert refill(50, 0, 30, b) == 60
+    assert refill(10, 5, 4, b) == 10  # a clock that steps back adds nothing
+
+
+async def test_take_is_all_or_nothing() -> None:
+    store = InProcessBuckets()
+    small, big = Bucket("s", 1, 1 / 60, 120), Bucket("b", 100, 1, 120)
+    first = await store.take([Take(small, 1, 1), Take(big, 10, 10)], 0)
+    assert all(lv.ok for lv in first)
+    second = await store.take([Take(small, 1, 1), Take(big, 10, 10)], 0)
+    assert not any(lv.ok for lv in second)
+    assert second[0].wait_s == pytest.approx(60)
+    # The refused take left the big bucket alone.
+    assert second[1].level == 90
+
+
+async def test_a_request_bigger_than_the_bucket_needs_only_a_full_bucket() -> None:
+    store = InProcessBuckets()
+    b = Bucket("t", 100, 100 / 60, 120)
+    assert (await store.take([Take(b, 500, 100)], 0))[0].ok
+    refused = (await store.take([Take(b, 1, 1)], 0))[0]
+    assert not refused.ok and refused.level == -400
+    assert refused.wait_s == pytest.approx(401 * 60 / 100)
+
+
+async def test_expired_buckets_start_full() -> None:
+    store = InProcessBuckets()
+    quota = Bucket("q", 10, 0, ttl_s=5)
+    await store.take([Take(quota, 10, 1)], 0)
+    assert not (await store.take([Take(quota, 1, 1)], 1))[0].ok
+    assert (await store.take([Take(quota, 1, 1)], 6))[0].ok
+
+
+def test_estimate_tokens() -> None:
+    chat = {"messages": [{"role": "user", "content": "x" * 400}], "max_tokens": 50}
+    assert estimate_tokens(chat, 256) == 50 + 102  # "user" and separators count
+    assert estimate_tokens({"prompt": "abcd", "n": 2}, 10) == 1 + 20
+    assert estimate_tokens({"input": "x" * 8}, 256) == 2
+
+
+async def test_rpm_per_key_and_per_model() -> None:
+    clock = Clock()
+    limiter = Limiter(InProcessBuckets(), clock)
+    who = principal(rpm=3)
+    admitted = await limiter.admit(who, route(rpm=2), 1)
+    assert admitted.headers["x-ratelimit-limit-requests"] == "2"
+    await limiter.admit(who, route(rpm=2), 1)
+    with pytest.raises(RateLimited) as info:
+        await limiter.admit(who, route(rpm=2), 1)
+    assert info.value.scope == "requests"
+    assert info.value.headers["retry-after"] == "30"
+    # Another model has its own bucket; the key's own rpm=3 has one left.
+    await limiter.admit(who, route(), 1)
+    with pytest.raises(RateLimited):
+        await limiter.admit(who, route(), 1)
+    clock.now += 30
+    await limiter.admit(who, route(rpm=2), 1)
+
+
+async def test_tpm_is_settled_with_real_use() -> None:
+    clock = Clock()
+    limiter = Limiter(InProcessBuckets(), clock)
+    who = principal(tpm=1000)
+    admission = await limiter.admit(who, route(), 900)
+    assert admission.headers["x-ratelimit-remaining-tokens"] == "100"
+    await limiter.settle(admission, 100)  # used far less than estimated
+    again = await limiter.admit(who, route(), 500)
+    assert again.headers["x-ratelimit-remaining-tokens"] == "400"
+    await limiter.settle(again, 1400)  # used more: the bucket goes below zero
+    with pytest.raises(RateLimited) as info:
+        await limiter.admit(who, route(), 10)
+    assert info.value.scope == "tokens"
+    # The level is 400 - 900 = -500: 510 tokens at 1000/60 per second.
+    assert info.value.headers["retry-after"] == "31"
+
+
+async def test_daily_quota_renews_at_utc_midnight() -> None:
+    clock = Clock()  # 23:59 UTC
+    limiter = Limiter(InProcessBuckets(), clock)
+    who = principal(daily_tokens=100)
+    admission = await limiter.admit(who, route(), 80)
+    await limiter.settle(admission, 120)
+    with pytest.raises(QuotaExceeded) as info:
+        await limiter.admit(who, route(), 1)
+    assert info.value.headers["retry-after"] == "60"
+    assert info.value.status == 429 and info.value.code == "insufficient_quota"
+    clock.now += 61
+    await limiter.admit(who, route(), 1)
+
+
+async def test_monthly_quota_spans_days() -> None:
+    clock = Clock()
+    limiter = Limiter(InProcessBuckets(), clock)
+    who = principal(monthly_tokens=100)
+    clock.now -= 86_400 * 5
+    await limiter.settle(await limiter.admit(who, route(), 60), 60)
+    clock.now += 86_400
+    await limiter.settle(await limiter.admit(who, route(), 60), 60)
+    with pytest.raises(QuotaExceeded):
+        await limiter.admit(who, route(), 1)
+
+
+async def test_no_limits_no_buckets() -> None:
+    limiter = Limiter(InProcessBuckets(), Clock())
+    admission = await limiter.admit(Principal(None), route(), 10)
+    assert admission.headers == {}
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.02, "20ms"), (1, "1s"), (59.2, "1m0s"), (360, "6m0s"), (3723, "1h2m3s")],
+)
+def test_reset_format(seconds: float, text: str) -> None:
+    assert format_reset(seconds) == text

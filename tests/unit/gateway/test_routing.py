@@ -1,0 +1,95 @@
+"""The router: health, exclusion, ejection and the decision callback."""
+
+from __future__ import annotations
+
+import pytest
+
+from citadel.gateway.errors import NoReplica
+from citadel.gateway.routes import RoutingDocument
+from citadel.gateway.services.catalog import Catalog
+from citadel.gateway.services.replicas import EjectionPolicy, Endpoint, Replica
+from citadel.gateway.services.routing import Router
+from citadel.gateway.services.strategies import RouteRequest
+
+pytestmark = pytest.mark.unit
+
+DOC = RoutingDocument.model_validate(
+    {
+        "models": [
+            {
+                "name": "m",
+                "namespace": "llm",
+                "servedName": "m",
+                "service": "m",
+                "strategy": "round-robin",
+            }
+        ]
+    }
+)
+
+
+def setup(*endpoints: Endpoint) -> tuple[Catalog, Router, list[tuple[str, ...]]]:
+    catalog = Catalog()
+    catalog.set_document(DOC)
+    catalog.set_endpoints("llm", "m", endpoints)
+    decisions: list[tuple[str, ...]] = []
+    now = [0.0]
+    router = Router(catalog, lambda: now[0], lambda *d: decisions.append(d))
+    return catalog, router, decisions
+
+
+def test_terminating_endpoints_take_no_new_requests_while_others_are_ready() -> None:
+    _catalog, router, decisions = setup(
+        Endpoint("http://a"), Endpoint("http://b", ready=False, terminating=True)
+    )
+    route = DOC.models[0]
+    urls = {router.choose(route, RouteRequest({})).url for _ in range(4)}
+    assert urls == {"http://a"}
+    assert decisions[0] == ("m", "round-robin", "rotation")
+
+
+def test_terminating_but_serving_endpoints_are_the_last_resort() -> None:
+    _, router, _ = setup(
+        Endpoint("http://b", ready=False, serving=True, terminating=True),
+        Endpoint("http://c", ready=False, serving=False),
+    )
+    assert router.choose(DOC.models[0], RouteRequest({})).url == "http://b"
+
+
+def test_exclusion_and_no_replica() -> None:
+    _catalog, router, _ = setup(Endpoint("http://a"))
+    route = DOC.models[0]
+    only = router.choose(route, RouteRequest({}))
+    with pytest.raises(NoReplica) as info:
+        router.choose(route, RouteRequest({}), exclude=[only])
+    assert info.value.headers["retry-after"] == "5"
+
+
+def test_all_ejected_are_still_tried() -> None:
+    catalog, router, _ = setup(Endpoint("http://a"))
+    replica = catalog.replicas(DOC.models[0])[0]
+    replica.ejected_until = 100.0
+    assert router.choose(DOC.models[0], RouteRequest({})) is replica
+
+
+def test_ejection_backoff_doubles_and_success_resets() -> None:
+    policy = EjectionPolicy(eject_after=2, base_s=5, max_s=12)
+    r = Replica("http://a")
+    assert not r.record_failure(0, policy)
+    assert r.record_failure(0, policy) and r.ejected_until == 5
+    assert not r.available(4) and r.available(5)
+    # On trial after the back-off: one failure ejects again, for twice as long.
+    assert r.record_failure(6, policy) and r.ejected_until == 16
+    assert r.record_failure(20, policy) and r.ejected_until == 32  # capped at 12
+    r.record_success()
+    assert not r.record_failure(40, policy)
+
+
+def test_replica_state_survives_endpoint_updates() -> None:
+    catalog, _, _ = setup(Endpoint("http://a"))
+    replica = catalog.replicas(DOC.models[0])[0]
+    replica.in_flight = 2
+    catalog.set_endpoints("llm", "m", [Endpoint("http://a"), Endpoint("http://b")])
+    assert catalog.replicas(DOC.models[0])[0] is replica
+    catalog.set_endpoints("llm", "m", [Endpoint("http://b")])
+    assert [r.url for r in catalog.replicas(DOC.models[0])] == ["http://b"]

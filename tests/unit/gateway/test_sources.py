@@ -1,0 +1,158 @@
+"""Config reload from files and from Kubernetes objects (no API server)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import orjson
+import pytest
+
+from citadel.gateway.routes import CONFIGMAP_KEY
+from citadel.gateway.services.auth import InMemoryKeyStore, KeyRecord, hash_key
+from citadel.gateway.services.catalog import Catalog
+from citadel.gateway.services.replicas import Endpoint
+from citadel.gateway.services.scraper import parse_vllm_metrics
+from citadel.gateway.sources.files import keys_file_source, routes_file_source
+from citadel.gateway.sources.kubernetes import (
+    KeySecretsSource,
+    RoutesWatchSource,
+    key_from_secret,
+    key_secret,
+    slice_endpoints,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def doc(served: str = "m", endpoints: tuple[str, ...] = ("http://127.0.0.1:9",)) -> str:
+    route = {
+        "name": "m",
+        "namespace": "llm",
+        "servedName": served,
+        "service": "m",
+        "endpoints": list(endpoints),
+    }
+    return json.dumps({"schemaVersion": 1, "models": [route]})
+
+
+def test_routes_file_reloads_and_keeps_last_good(tmp_path: Path) -> None:
+    results: list[str] = []
+    catalog = Catalog(results.append)
+    path = tmp_path / "routes.json"
+    path.write_text(doc("first"))
+    watcher = routes_file_source(path, catalog, 1.0)
+    watcher.check()
+    route = catalog.resolve("first")
+    assert [r.url for r in catalog.replicas(route)] == ["http://127.0.0.1:9"]
+    path.write_text("{broken")
+    watcher.check()
+    assert catalog.resolve("first") is route  # the last good document stays
+    path.write_text(doc("second", ("http://127.0.0.1:7", "http://127.0.0.1:8")))
+    watcher.check()
+    assert len(catalog.replicas(catalog.resolve("second"))) == 2
+    watcher.check()  # unchanged: not loaded again
+    assert results == ["ok", "invalid", "ok"]
+
+
+def test_keys_file_reloads(tmp_path: Path) -> None:
+    store = InMemoryKeyStore()
+    path = tmp_path / "keys.json"
+    record = KeyRecord(name="a", hash=hash_key("k"))
+    path.write_bytes(orjson.dumps({"keys": [record.model_dump(mode="json")]}))
+    watcher = keys_file_source(path, store, 1.0)
+    watcher.check()
+    assert store.lookup(hash_key("k")) == record
+    path.write_text('{"keys": [{"name": "BAD"}]}')
+    watcher.check()
+    assert len(store) == 1  # a bad file keeps the keys in force
+    path.write_text('{"keys": []}')
+    watcher.check()
+    assert len(store) == 0
+
+
+def test_endpoint_slice_conditions() -> None:
+    slice_ = {
+        "ports": [{"name": "metrics", "port": 9000}, {"name": "http", "port": 8000}],
+        "endpoints": [
+            {"addresses": ["10.0.0.1"], "conditions": {"ready": True}},
+            {"addresses": ["10.0.0.2"]},
+            {
+                "addresses": ["10.0.0.3"],
+                "conditions": {"ready": False, "serving": True, "terminating": True},
+            },
+            {"addresses": ["fd00::4"], "conditions": {"ready": False}},
+            {"addresses": []},
+        ],
+    }
+    assert slice_endpoints(slice_) == [
+        Endpoint("http://10.0.0.1:8000"),
+        Endpoint("http://10.0.0.2:8000"),
+        Endpoint("http://10.0.0.3:8000", ready=False, serving=True, terminating=True),
+        Endpoint("http://[fd00::4]:8000", ready=False, serving=False),
+    ]
+    assert slice_endpoints({"endpoints": [{"addresses": ["10.0.0.1"]}]}) == []
+
+
+def _slice(name: str, service: str, *ips: str) -> dict[str, object]:
+    return {
+        "metadata": {
+            "name": name,
+            "labels": {"kubernetes.io/service-name": service},
+        },
+        "ports": [{"port": 8000}],
+        "endpoints": [{"addresses": [ip]} for ip in ips],
+    }
+
+
+async def test_configmap_and_slices_feed_the_catalog() -> None:
+    catalog = Catalog()
+    source = RoutesWatchSource(None, "citadel-system", catalog)  # type: ignore[arg-type]
+    source._load({"data": {CONFIGMAP_KEY: doc("m", ())}})
+    route = catalog.resolve("m")
+    assert "llm" in source._slice_watches
+    for task in source._slice_watches.values():
+        task.cancel()
+    from citadel.gateway.sources.kubernetes import _SliceView
+
+    view = _SliceView("llm", catalog)
+    view.sync([_slice("m-1", "m", "10.0.0.1"), _slice("x-1", "other", "10.0.0.9")])
+    assert [r.url for r in catalog.replicas(route)] == ["http://10.0.0.1:8000"]
+    view.event("ADDED", _slice("m-2", "m", "10.0.0.2"))
+    assert len(catalog.replicas(route)) == 2
+    view.event("DELETED", _slice("m-1", "m"))
+    view.event("DELETED", _slice("m-2", "m"))
+    assert catalog.replicas(route) == []
+    source._load({"data": {CONFIGMAP_KEY: "{bad"}})
+    source._event("DELETED", {})
+    assert catalog.resolve("m") is route
+
+
+def test_key_secret_round_trip_and_watch_events() -> None:
+    record = KeyRecord(name="alice", hash=hash_key("k"), rpm=5, daily_tokens=10)
+    secret = key_secret(record, "citadel-system")
+    assert secret["metadata"]["labels"]["citadel.ai/api-key"] == "true"
+    assert "k" not in base64.b64decode(secret["data"]["key.json"]).decode().split('"')
+    assert key_from_secret(secret) == record
+    assert key_from_secret({"data": {"key.json": "bm9wZQ=="}}) is None
+    store = InMemoryKeyStore()
+    source = KeySecretsSource(None, "citadel-system", store)  # type: ignore[arg-type]
+    source._sync([secret])
+    assert store.lookup(record.hash) == record
+    source._event("DELETED", secret)
+    assert store.lookup(record.hash) is None
+
+
+def test_vllm_metrics_parsing() -> None:
+    text = """# HELP vllm:num_requests_running Number of requests running.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_running{engine="1",model_name="m"} 1.0
+vllm:num_requests_waiting{model_name="m"} 2.0
+vllm:kv_cache_usage_perc{model_name="m"} 0.5
+vllm:bogus{model_name="m"} nan-ish
+"""
+    report = parse_vllm_metrics(text, 7.0)
+    assert (report.running, report.waiting, report.kv_cache_usage) == (4, 2, 0.5)
+    assert report.scraped_at == 7.0

@@ -1,0 +1,133 @@
+"""Routing strategies and the router."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from citadel.gateway.routes import RoutingStrategy
+from citadel.gateway.services.prefix import block_hashes, prompt_text, rendezvous
+from citadel.gateway.services.replicas import LoadReport, Replica
+from citadel.gateway.services.strategies import (
+    KvAware,
+    LeastLoad,
+    PrefixAware,
+    RoundRobin,
+    RouteRequest,
+    SessionAffinity,
+    make_strategy,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def pool(n: int = 3) -> list[Replica]:
+    return [Replica(f"http://10.0.0.{i}:8000") for i in range(n)]
+
+
+def chat(*contents: str) -> RouteRequest:
+    messages = [{"role": "user", "content": c} for c in contents]
+    return RouteRequest({"messages": messages})
+
+
+def test_round_robin_visits_each_in_turn() -> None:
+    replicas, rr = pool(), RoundRobin()
+    picks = [rr.choose(replicas, chat("x"))[0] for _ in range(6)]
+    assert Counter(r.url for r in picks) == {r.url: 2 for r in replicas}
+
+
+def test_least_load_prefers_fewest_in_flight_and_shares_ties() -> None:
+    replicas, strategy = pool(), LeastLoad()
+    replicas[0].in_flight, replicas[1].in_flight = 4, 1
+    assert strategy.choose(replicas, chat("x"))[0] is replicas[2]
+    replicas[2].in_flight = 1
+    picks = {strategy.choose(replicas, chat("x"))[0].url for _ in range(4)}
+    assert picks == {replicas[1].url, replicas[2].url}
+
+
+def test_prefix_aware_keeps_a_growing_conversation_on_one_replica() -> None:
+    replicas, strategy = pool(4), PrefixAware()
+    system = "You are a helpful assistant. " * 20
+    first, how = strategy.choose(replicas, chat(system, "question one"))
+    assert how == "hash"
+    turn2, how2 = strategy.choose(
+        replicas, chat(system, "question one", "answer " * 60, "question two")
+    )
+    assert turn2 is first and how2 == "cache"
+
+
+def test_prefix_aware_spreads_distinct_prefixes() -> None:
+    replicas, strategy = pool(4), PrefixAware()
+    picks = {
+        strategy.choose(replicas, chat(f"user {i} " + "x" * 300))[0].url
+        for i in range(40)
+    }
+    assert len(picks) == 4
+
+
+def test_prefix_aware_overflows_to_least_loaded_when_bound_is_passed() -> None:
+    replicas, strategy = pool(4), PrefixAware()
+    request = chat("shared system prompt " * 30)
+    home, _ = strategy.choose(replicas, request)
+    home.in_flight = 3  # average 0.75: bound 1.25 * 0.75 + 1 < 3
+    other, how = strategy.choose(replicas, request)
+    assert other is not home and how == "overflow"
+
+
+def test_prefix_table_is_bounded() -> None:
+    strategy = PrefixAware(capacity=10)
+    for i in range(50):
+        strategy.choose(pool(), chat(f"{i}" * 600))
+    assert len(strategy._owner) == 10
+
+
+def test_kv_aware_prefers_idle_cache_and_short_queue() -> None:
+    replicas, strategy = pool(), KvAware()
+    replicas[0].load = LoadReport(running=2, waiting=3, kv_cache_usage=0.9)
+    replicas[1].load = LoadReport(running=2, waiting=0, kv_cache_usage=0.2)
+    replicas[2].load = LoadReport(running=1, waiting=0, kv_cache_usage=0.95)
+    assert strategy.choose(replicas, chat("x"))[0] is replicas[1]
+
+
+def test_session_affinity_pins_sessions_and_survives_other_replicas_leaving() -> None:
+    replicas, strategy = pool(4), SessionAffinity()
+    pinned = {
+        s: strategy.choose(replicas, RouteRequest({}, s))[0].url for s in "abcdefgh"
+    }
+    again = {s: strategy.choose(replicas, RouteRequest({}, s))[0].url for s in pinned}
+    assert again == pinned
+    survivors = [r for r in replicas if r.url != replicas[0].url]
+    after = {s: strategy.choose(survivors, RouteRequest({}, s))[0].url for s in pinned}
+    assert all(after[s] == u for s, u in pinned.items() if u != replicas[0].url)
+    _no_session, how = strategy.choose(replicas, RouteRequest({}))
+    assert how == "least"
+
+
+@pytest.mark.parametrize("kind", list(RoutingStrategy))
+def test_every_strategy_kind_has_an_implementation(kind: RoutingStrategy) -> None:
+    replica, _ = make_strategy(kind).choose(pool(), chat("x"))
+    assert isinstance(replica, Replica)
+
+
+def test_block_hashes_share_exactly_the_common_prefix() -> None:
+    a = block_hashes("x" * 600 + "tail a")
+    b = block_hashes("x" * 600 + "other tail")
+    c = block_hashes("y" + "x" * 599)
+    assert a[:2] == b[:2] and len(a) == 2
+    assert c[0] != a[0]
+    assert block_hashes("short") == block_hashes("short") != []
+    assert block_hashes("") == []
+
+
+def test_prompt_text_reads_chat_completion_and_embedding_bodies() -> None:
+    parts = {"role": "user", "content": [{"type": "text", "text": "hi"}]}
+    assert "hi" in prompt_text({"messages": [parts]})
+    assert prompt_text({"prompt": "p"}) == "p"
+    assert prompt_text({"input": ["a", "b"]}) == "a"
+    assert prompt_text({}) == ""
+
+
+def test_rendezvous_is_stable() -> None:
+    urls = [f"http://h{i}" for i in range(5)]
+    assert rendezvous("k", urls) == rendezvous("k", list(reversed(urls)))
