@@ -48,6 +48,10 @@ lint: venv ## ruff format check, ruff lint, mypy --strict, import layering
 unit: venv ## Unit tests (no cluster, no network)
 	$(VENV)/bin/pytest -m unit tests/unit
 
+.PHONY: crds
+crds: venv ## Generate crds/ and docs/reference/llmmodel.md from operator/spec.py
+	$(PY) -m citadel.operator.generate .
+
 .PHONY: binaries
 binaries: ## Build the cluster binaries from Go modules (cached in $CITADEL_CACHE)
 	bash tests/e2e/cluster/build.sh

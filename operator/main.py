@@ -1,16 +1,96 @@
-"""`citadel-operator`: the operator's entry point."""
+"""`citadel-operator`: the operator's entry point.
+
+The only place that reads the environment: settings are loaded here once and passed
+down.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+
+import kopf
+from prometheus_client import start_http_server
 
 from citadel.operator import __version__
+from citadel.operator.handlers import build_registry
+from citadel.operator.kube.client import AioKube
+from citadel.operator.metrics import Metrics
+from citadel.operator.reconcile import Reconciler
+from citadel.operator.settings import LogFormat, OperatorSettings, PeeringMode
+
+PREFIX = "citadel.ai"
+
+
+def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
+    """Kopf's settings: our annotation prefix, quiet handler events, peering."""
+    ks = kopf.OperatorSettings()
+    ks.persistence.finalizer = f"{PREFIX}/finalizer"
+    ks.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    ks.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PREFIX, key="last-handled-configuration"
+    )
+    # Our own Events describe the model; Kopf's per-handler ones only when failing.
+    ks.posting.level = logging.WARNING
+    ks.peering.name = settings.peering_name
+    ks.peering.mandatory = settings.peering is PeeringMode.MANDATORY
+    ks.peering.standalone = settings.peering is PeeringMode.STANDALONE
+    ks.peering.clusterwide = settings.clusterwide
+    return ks
+
+
+def login_function(ks: kopf.OperatorSettings) -> kopf.ConnectionInfo:
+    """In-cluster service account first, then KUBECONFIG or ~/.kube/config.
+
+    Raises:
+        kopf.LoginError: neither is available.
+    """
+    info = kopf.login_with_service_account(settings=ks) or kopf.login_with_kubeconfig(
+        settings=ks
+    )
+    if info is None:
+        raise kopf.LoginError("no service account and no kubeconfig to log in with")
+    return info
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Starts the operator (until the operator lands: reports its version)."""
-    parser = argparse.ArgumentParser(prog="citadel-operator")
+    """Runs the operator until it is stopped (SIGINT/SIGTERM)."""
+    parser = argparse.ArgumentParser(
+        prog="citadel-operator",
+        description="Reconciles LLMModel resources into vLLM Deployments. Settings "
+        "come from CITADEL_OPERATOR_* variables (docs/concepts.md).",
+    )
     parser.add_argument("--version", action="version", version=__version__)
     parser.parse_args(argv)
-    print(f"citadel-operator {__version__}")
+    settings = OperatorSettings()
+    kopf.configure(
+        verbose=settings.verbose,
+        log_format=kopf.LogFormat.JSON
+        if settings.log_format is LogFormat.JSON
+        else kopf.LogFormat.FULL,
+    )
+    ks = kopf_settings(settings)
+    metrics = Metrics()
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, registry=metrics.registry)
+
+    def login() -> kopf.ConnectionInfo:
+        return login_function(ks)
+
+    kube = AioKube(login)
+    reconciler = Reconciler(kube, settings, metrics)
+    registry = build_registry(reconciler, settings, login, kube.close)
+    kopf.run(
+        registry=registry,
+        settings=ks,
+        clusterwide=settings.clusterwide,
+        namespaces=settings.watch_namespaces,
+        # Peering comes from `ks` alone: kopf.run's peering_name would make it
+        # mandatory whatever the mode says.
+        liveness_endpoint=(
+            f"http://0.0.0.0:{settings.health_port}/healthz"
+            if settings.health_port
+            else None
+        ),
+    )
     return 0

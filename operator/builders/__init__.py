@@ -1,0 +1,1 @@
+"""Pure functions from an LLMModel to the Kubernetes objects it owns."""

@@ -1,0 +1,309 @@
+"""The vLLM Deployment: engine arguments, GPUs, volumes, probes and placement."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from citadel.operator import names
+from citadel.operator.builders.common import (
+    Manifest,
+    labels,
+    metadata,
+    selector_labels,
+)
+from citadel.operator.model import LLMModel
+from citadel.operator.settings import OperatorSettings
+
+CACHE_MOUNT = "/cache"
+SOURCE_MOUNT = "/model-source"
+UID = 1000
+# Time a stopping server gets after the drain to finish what it is generating.
+SHUTDOWN_SECONDS = 60
+# The Deployment is marked failed only well after the startup probe gave up.
+PROGRESS_MARGIN_SECONDS = 300
+
+
+def model_argument(model: LLMModel) -> str:
+    """vLLM's `--model`: a repo id, an S3 URL, or a path inside the container."""
+    source = model.spec.model
+    if source.startswith("pvc://"):
+        _claim, _, path = source.removeprefix("pvc://").partition("/")
+        return f"{SOURCE_MOUNT}/{path}".rstrip("/")
+    return source
+
+
+def engine_args(model: LLMModel) -> list[str]:
+    """The arguments of vLLM's OpenAI server, from the spec."""
+    spec, engine = model.spec, model.spec.engine
+    args = [
+        f"--model={model_argument(model)}",
+        "--served-model-name",
+        *spec.names,
+        "--host=0.0.0.0",
+        f"--port={names.HTTP_PORT}",
+    ]
+    if spec.resources.gpus > 0:
+        args.append(f"--tensor-parallel-size={spec.resources.gpus}")
+        args.append(f"--gpu-memory-utilization={engine.gpu_memory_utilization:g}")
+    if engine.max_model_len is not None:
+        args.append(f"--max-model-len={engine.max_model_len}")
+    args.append(f"--dtype={engine.dtype}")
+    if engine.quantization:
+        args.append(f"--quantization={engine.quantization}")
+    if spec.model.startswith("s3://") and not any(
+        a.startswith("--load-format") for a in engine.extra_args
+    ):
+        # vLLM streams S3 objects through the Run:ai model streamer.
+        args.append("--load-format=runai_streamer")
+    return [*args, *engine.extra_args]
+
+
+def _env(model: LLMModel) -> list[Manifest]:
+    engine = model.spec.engine
+    ours: list[Manifest] = [
+        # The root filesystem is read-only; tools that write to $HOME get /tmp.
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "HF_HOME", "value": f"{CACHE_MOUNT}/huggingface"},
+        {"name": "VLLM_CACHE_ROOT", "value": f"{CACHE_MOUNT}/vllm"},
+    ]
+    if engine.hf_token_secret_ref is not None:
+        ref = engine.hf_token_secret_ref
+        ours.append(
+            {
+                "name": "HF_TOKEN",
+                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+            }
+        )
+    # Server-side apply refuses duplicate names; the user's entry wins.
+    theirs = [dict(item) for item in engine.env]
+    overridden = {item["name"] for item in theirs}
+    return [e for e in ours if e["name"] not in overridden] + theirs
+
+
+def _resources(model: LLMModel) -> Manifest:
+    res = model.spec.resources
+    requests: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    if res.cpu is not None:
+        requests["cpu"] = str(res.cpu)
+    if res.memory is not None:
+        requests["memory"] = limits["memory"] = str(res.memory)
+    if res.gpus > 0:
+        requests[names.GPU_RESOURCE] = limits[names.GPU_RESOURCE] = str(res.gpus)
+    out: Manifest = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _probes(model: LLMModel) -> Manifest:
+    def probe(period: int, failures: int, timeout: int) -> Manifest:
+        return {
+            "httpGet": {"path": "/health", "port": names.HTTP_PORT_NAME},
+            "periodSeconds": period,
+            "timeoutSeconds": timeout,
+            "failureThreshold": failures,
+        }
+
+    startup_timeout = model.spec.engine.startup_timeout_seconds
+    return {
+        # Loading tens of gigabytes takes minutes: the startup probe holds the
+        # other two back until the server answers once.
+        "startupProbe": probe(10, math.ceil(startup_timeout / 10), 5),
+        "readinessProbe": probe(5, 3, 3),
+        "livenessProbe": probe(15, 4, 5),
+    }
+
+
+def _volumes(model: LLMModel) -> tuple[list[Manifest], list[Manifest]]:
+    """(volumes, volumeMounts) for shm, the cache, /tmp and a PVC model source."""
+    engine, cache = model.spec.engine, model.spec.cache
+    cache_volume: Manifest = (
+        {"persistentVolumeClaim": {"claimName": names.cache_claim_name(model.name)}}
+        if cache is not None
+        else {"emptyDir": {}}
+    )
+    volumes: list[Manifest] = [
+        {
+            "name": "dshm",
+            "emptyDir": {"medium": "Memory", "sizeLimit": engine.shm_size},
+        },
+        {"name": "cache", **cache_volume},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[Manifest] = [
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "cache", "mountPath": CACHE_MOUNT},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if model.spec.model.startswith("pvc://"):
+        claim = model.spec.model.removeprefix("pvc://").partition("/")[0]
+        volumes.append(
+            {
+                "name": "model-source",
+                "persistentVolumeClaim": {"claimName": claim, "readOnly": True},
+            }
+        )
+        mounts.append(
+            {"name": "model-source", "mountPath": SOURCE_MOUNT, "readOnly": True}
+        )
+    return volumes, mounts
+
+
+def _container(model: LLMModel, settings: OperatorSettings) -> Manifest:
+    engine = model.spec.engine
+    _, mounts = _volumes(model)
+    container: Manifest = {
+        "name": names.CONTAINER_NAME,
+        "image": engine.image or settings.default_vllm_image,
+        # The images' entrypoints differ between releases; the module does not.
+        "command": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
+        "args": engine_args(model),
+        "ports": [
+            {
+                "name": names.HTTP_PORT_NAME,
+                "containerPort": names.HTTP_PORT,
+                "protocol": "TCP",
+            }
+        ],
+        "env": _env(model),
+        "resources": _resources(model),
+        "volumeMounts": mounts,
+        **_probes(model),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+        },
+    }
+    if engine.image_pull_policy is not None:
+        container["imagePullPolicy"] = str(engine.image_pull_policy)
+    if engine.drain_seconds > 0:
+        # Keep serving while the endpoint disappears from the gateway's view.
+        container["lifecycle"] = {
+            "preStop": {"sleep": {"seconds": engine.drain_seconds}}
+        }
+    return container
+
+
+def gpu_toleration() -> Manifest:
+    """Tolerates the taint GPU nodes carry (nvidia.com/gpu:NoSchedule)."""
+    return {"key": names.GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+
+
+def node_selector(model: LLMModel) -> dict[str, str]:
+    """The pods' nodeSelector: the spec's plus the GPU product shortcut."""
+    placement = model.spec.placement
+    selector = dict(placement.node_selector or {})
+    if placement.gpu_product:
+        selector[names.GPU_PRODUCT_LABEL] = placement.gpu_product
+    return selector
+
+
+def affinity(model: LLMModel) -> Manifest | None:
+    """The spec's affinity, with nodeName added to every required node term.
+
+    nodeName goes through the scheduler (a `metadata.name` field selector) rather
+    than into pod.spec.nodeName, so a node that cannot take the pod is reported as
+    Unschedulable instead of the pod failing on the node.
+    """
+    placement = model.spec.placement
+    result: Manifest = dict(placement.affinity or {})
+    if placement.node_name is None:
+        return result or None
+    pin = {"key": "metadata.name", "operator": "In", "values": [placement.node_name]}
+    node_affinity = dict(result.get("nodeAffinity") or {})
+    required = dict(
+        node_affinity.get("requiredDuringSchedulingIgnoredDuringExecution") or {}
+    )
+    terms = [dict(t) for t in required.get("nodeSelectorTerms") or [{}]]
+    for term in terms:
+        term["matchFields"] = [*term.get("matchFields", []), pin]
+    required["nodeSelectorTerms"] = terms
+    node_affinity["requiredDuringSchedulingIgnoredDuringExecution"] = required
+    result["nodeAffinity"] = node_affinity
+    return result
+
+
+def tolerations(model: LLMModel) -> list[Manifest]:
+    """The GPU toleration (when GPUs are asked for) plus the spec's."""
+    theirs = [
+        t.model_dump(by_alias=True, exclude_none=True)
+        for t in model.spec.placement.tolerations
+    ]
+    return ([gpu_toleration()] if model.spec.resources.gpus > 0 else []) + theirs
+
+
+def _pod_spec(model: LLMModel, settings: OperatorSettings) -> Manifest:
+    pod = model.spec.pod
+    volumes, _ = _volumes(model)
+    spec: Manifest = {
+        "containers": [_container(model, settings)],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": model.spec.engine.drain_seconds
+        + SHUTDOWN_SECONDS,
+        # Service links would put variables such as VLLM_PORT (from a Service named
+        # vllm) into the environment, which vLLM reads as its own settings.
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": UID,
+            "runAsGroup": UID,
+            "fsGroup": UID,
+            # A cache of hundreds of gigabytes is not re-chowned on every start.
+            "fsGroupChangePolicy": "OnRootMismatch",
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    optional: dict[str, Any] = {
+        "nodeSelector": node_selector(model),
+        "affinity": affinity(model),
+        "tolerations": tolerations(model),
+        "serviceAccountName": pod.service_account_name,
+        "priorityClassName": pod.priority_class_name,
+        "imagePullSecrets": [{"name": s.name} for s in pod.image_pull_secrets],
+    }
+    spec.update({k: v for k, v in optional.items() if v})
+    return spec
+
+
+def build_deployment(model: LLMModel, settings: OperatorSettings) -> Manifest:
+    """The Deployment running the model's vLLM servers."""
+    rollout = model.spec.rollout
+    pod_annotations = {
+        "kubectl.kubernetes.io/default-container": names.CONTAINER_NAME,
+        **(model.spec.pod.annotations or {}),
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(model, model.name),
+        "spec": {
+            "replicas": model.spec.replicas,
+            "selector": {"matchLabels": selector_labels(model)},
+            # maxSurge 0 by default: a model holding every GPU of its node could
+            # never start a surge pod (docs/concepts.md, "Updates").
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {
+                    "maxSurge": rollout.max_surge,
+                    "maxUnavailable": rollout.max_unavailable,
+                },
+            },
+            "revisionHistoryLimit": 3,
+            "progressDeadlineSeconds": model.spec.engine.startup_timeout_seconds
+            + PROGRESS_MARGIN_SECONDS,
+            "template": {
+                "metadata": {
+                    "labels": {**(model.spec.pod.labels or {}), **labels(model)},
+                    "annotations": pod_annotations,
+                },
+                "spec": _pod_spec(model, settings),
+            },
+        },
+    }

@@ -1,0 +1,88 @@
+"""The model's other objects: Service, cache claim, PodDisruptionBudget, PodMonitor."""
+
+from __future__ import annotations
+
+from citadel.operator import names
+from citadel.operator.builders.common import Manifest, metadata, selector_labels
+from citadel.operator.model import LLMModel
+from citadel.operator.spec import DeletePolicy
+
+
+def build_service(model: LLMModel) -> Manifest:
+    """The ClusterIP Service whose EndpointSlices the gateway watches."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(model, model.name),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(model),
+            "ports": [
+                {
+                    "name": names.HTTP_PORT_NAME,
+                    "port": names.HTTP_PORT,
+                    "targetPort": names.HTTP_PORT_NAME,
+                    "protocol": "TCP",
+                    "appProtocol": "http",
+                }
+            ],
+        },
+    }
+
+
+def build_cache_claim(model: LLMModel) -> Manifest | None:
+    """The cache PersistentVolumeClaim, or None when the spec has no cache.
+
+    Only `deletePolicy: Delete` gives it an owner reference: by default the claim,
+    which holds the downloaded weights, outlives the model.
+    """
+    cache = model.spec.cache
+    if cache is None:
+        return None
+    spec: Manifest = {
+        "accessModes": [str(cache.access_mode)],
+        "resources": {"requests": {"storage": cache.size}},
+    }
+    if cache.storage_class_name is not None:
+        spec["storageClassName"] = cache.storage_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": metadata(
+            model,
+            names.cache_claim_name(model.name),
+            owned=cache.delete_policy is DeletePolicy.DELETE,
+            component="model-cache",
+        ),
+        "spec": spec,
+    }
+
+
+def build_pdb(model: LLMModel) -> Manifest | None:
+    """A PodDisruptionBudget: drains take one replica at a time (replicas > 1)."""
+    if model.spec.replicas <= 1:
+        return None
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": metadata(model, model.name),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": selector_labels(model)},
+        },
+    }
+
+
+def build_pod_monitor(model: LLMModel) -> Manifest:
+    """A Prometheus Operator PodMonitor scraping vLLM's `/metrics`."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": metadata(model, model.name),
+        "spec": {
+            "selector": {"matchLabels": selector_labels(model)},
+            "podMetricsEndpoints": [
+                {"port": names.HTTP_PORT_NAME, "path": "/metrics", "interval": "15s"}
+            ],
+        },
+    }

@@ -1,0 +1,76 @@
+"""Kubernetes Events for an LLMModel: one per condition transition."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from citadel.operator import names
+from citadel.operator.kube.client import Manifest
+from citadel.operator.model import LLMModel
+from citadel.operator.status import Condition, ConditionType, LLMModelStatus
+
+EventType = Literal["Normal", "Warning"]
+# (condition type, status) pairs that are bad news.
+_WARNING = {
+    (ConditionType.SCHEDULED, "False"),
+    (ConditionType.DEGRADED, "True"),
+}
+
+
+@dataclass(frozen=True)
+class Notice:
+    """An Event to post: its type, reason and message."""
+
+    type: EventType
+    reason: str
+    message: str
+
+
+def _is_warning(cond: Condition) -> bool:
+    if (cond.type, cond.status) in _WARNING:
+        return True
+    return cond.reason == "ProgressDeadlineExceeded"
+
+
+def transitions(old: LLMModelStatus, new: LLMModelStatus) -> list[Notice]:
+    """A notice for every condition whose status or reason changed.
+
+    Messages that only update counts ("1/3 ready" -> "2/3 ready") do not make a new
+    event: that would flood the namespace's events during a rollout.
+    """
+    notices = []
+    for cond in new.conditions:
+        before = old.condition(ConditionType(cond.type))
+        if before is not None and (before.status, before.reason) == (
+            cond.status,
+            cond.reason,
+        ):
+            continue
+        kind: EventType = "Warning" if _is_warning(cond) else "Normal"
+        text = f"{cond.type}={cond.status}: {cond.message}"
+        notices.append(Notice(kind, cond.reason, text))
+    return notices
+
+
+def event_object(model: LLMModel, notice: Notice, now: str) -> Manifest:
+    """A core/v1 Event about `model`."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{model.name}.", "namespace": model.namespace},
+        "involvedObject": {
+            "apiVersion": names.API_VERSION,
+            "kind": names.KIND,
+            "name": model.name,
+            "namespace": model.namespace,
+            "uid": model.uid,
+        },
+        "type": notice.type,
+        "reason": notice.reason,
+        "message": notice.message[:1024],
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+        "source": {"component": names.MANAGER_NAME},
+    }

@@ -1,0 +1,119 @@
+"""Kopf handlers: thin adapters from watch events to the Reconciler.
+
+`build_registry` registers them on a fresh registry (no import-time side effects),
+closing over the Reconciler that `main` built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import kopf
+
+from citadel.operator import names
+from citadel.operator.reconcile import ReconcileError, Reconciler
+from citadel.operator.settings import OperatorSettings
+
+LLMMODEL = (names.GROUP, names.VERSION, names.PLURAL)
+MANAGED = {names.LABEL_MANAGED_BY: names.MANAGER_NAME}
+
+
+async def _translated(work: Coroutine[Any, Any, object]) -> None:
+    """Runs a reconcile, mapping its errors to Kopf's retry semantics."""
+    try:
+        await work
+    except ReconcileError as err:
+        if err.retryable:
+            raise kopf.TemporaryError(str(err), delay=err.delay) from err
+        raise kopf.PermanentError(str(err)) from err
+
+
+def build_registry(
+    reconciler: Reconciler,
+    settings: OperatorSettings,
+    login: Callable[[], kopf.ConnectionInfo],
+    on_cleanup: Callable[[], Awaitable[None]],
+) -> kopf.OperatorRegistry:
+    """Registers every handler of the operator.
+
+    Args:
+        reconciler: does the work.
+        settings: the operator's settings (the resync interval).
+        login: credentials for Kopf's own API connection.
+        on_cleanup: closes what `main` opened, when the operator stops.
+    """
+    registry = kopf.OperatorRegistry()
+    background: list[asyncio.Task[None]] = []
+
+    @kopf.on.login(registry=registry)
+    def operator_login(**_: Any) -> kopf.ConnectionInfo:
+        return login()
+
+    @kopf.on.startup(registry=registry)
+    async def operator_startup(**_: Any) -> None:
+        def count(ok: bool) -> None:
+            reconciler.metrics.publishes.labels(result="ok" if ok else "error").inc()
+
+        background.append(asyncio.create_task(reconciler.routes.run(count)))
+        # Publishing once at start drops routes of models deleted while no
+        # operator was running.
+        reconciler.routes.kick()
+
+    @kopf.on.cleanup(registry=registry)
+    async def operator_cleanup(**_: Any) -> None:
+        for task in background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await on_cleanup()
+
+    @kopf.on.resume(*LLMMODEL, id="reconcile-resume", registry=registry)
+    @kopf.on.create(*LLMMODEL, id="reconcile-create", registry=registry)
+    @kopf.on.update(*LLMMODEL, id="reconcile-update", registry=registry)
+    async def llmmodel_reconcile(body: kopf.Body, **_: Any) -> None:
+        await _translated(reconciler.reconcile(body))
+
+    if settings.resync_seconds > 0:
+
+        @kopf.timer(
+            *LLMMODEL,
+            id="resync",
+            interval=settings.resync_seconds,
+            initial_delay=settings.resync_seconds,
+            registry=registry,
+        )
+        async def llmmodel_resync(body: kopf.Body, **_: Any) -> None:
+            await _translated(reconciler.reconcile(body))
+
+    @kopf.on.event(*LLMMODEL, id="llmmodel-event", registry=registry)
+    async def llmmodel_event(
+        type: str | None, namespace: str | None, name: str | None, **_: Any
+    ) -> None:
+        if type == "DELETED" and namespace and name:
+            await reconciler.forget(namespace, name)
+
+    @kopf.on.event(
+        "apps",
+        "v1",
+        "deployments",
+        id="deployment-event",
+        labels=MANAGED,
+        registry=registry,
+    )
+    async def deployment_event(
+        labels: kopf.Labels, namespace: str | None, **_: Any
+    ) -> None:
+        owner = labels.get(names.LABEL_MODEL)
+        if owner and namespace:
+            await reconciler.refresh(namespace, owner, fix_drift=True)
+
+    @kopf.on.event("", "v1", "pods", id="pod-event", labels=MANAGED, registry=registry)
+    async def pod_event(labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
+        owner = labels.get(names.LABEL_MODEL)
+        if owner and namespace:
+            await reconciler.refresh(namespace, owner)
+
+    return registry

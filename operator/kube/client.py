@@ -1,0 +1,208 @@
+"""The Kubernetes client interface and its aiohttp implementation.
+
+Writes are server-side apply (`application/apply-patch+yaml`, field manager
+`citadel-operator`, force): applying the same object twice is a no-op, fields the
+operator stopped setting are removed, and fields other managers own are left alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import aiohttp
+import kopf
+
+from citadel.operator import names
+from citadel.operator.kube.resources import Resource, resource_for
+
+Manifest = dict[str, Any]
+Login = Callable[[], kopf.ConnectionInfo]
+
+# Statuses worth retrying: conflicts, throttling, timeouts and server trouble.
+RETRYABLE = frozenset({0, 404, 408, 409, 425, 429, 500, 502, 503, 504})
+
+
+class ApiError(Exception):
+    """An API request failed.
+
+    Attributes:
+        status: the HTTP status, 0 when the server could not be reached.
+        reason: the Status object's reason, such as `NotFound` or `Invalid`.
+        message: the Status object's message.
+    """
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+    @property
+    def retryable(self) -> bool:
+        """True when the same request may succeed later without a spec change."""
+        return self.status in RETRYABLE
+
+
+class Kube(Protocol):
+    """What the operator needs from the Kubernetes API."""
+
+    async def apply(self, obj: Manifest, *, subresource: str = "") -> Manifest:
+        """Server-side applies `obj` (or its `status` with subresource="status")."""
+        ...
+
+    async def get(
+        self, resource: Resource, name: str, namespace: str | None = None
+    ) -> Manifest | None:
+        """The object, or None when it does not exist."""
+        ...
+
+    async def list(
+        self,
+        resource: Resource,
+        namespace: str | None = None,
+        *,
+        label_selector: str | None = None,
+    ) -> list[Manifest]:
+        """The objects in a namespace (every namespace when None)."""
+        ...
+
+    async def delete(
+        self, resource: Resource, name: str, namespace: str | None = None
+    ) -> bool:
+        """Deletes an object; False when it did not exist."""
+        ...
+
+    async def create(self, obj: Manifest) -> Manifest:
+        """Creates an object (for Events, which are never applied)."""
+        ...
+
+    async def has_resource(self, resource: Resource) -> bool:
+        """True when the API server serves the resource (CRD installed)."""
+        ...
+
+
+class AioKube:
+    """`Kube` over aiohttp, with the credentials Kopf's login functions find."""
+
+    def __init__(self, login: Login, *, timeout: float = 30.0) -> None:
+        """Creates a client; the connection opens on the first request.
+
+        Args:
+            login: returns fresh credentials; called again after a 401.
+            timeout: seconds per request.
+        """
+        self._login = login
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+        self._info: kopf.ConnectionInfo | None = None
+        self._lock = asyncio.Lock()
+
+    async def _open(self, *, fresh: bool = False) -> aiohttp.ClientSession:
+        async with self._lock:
+            if self._session is not None and not fresh:
+                return self._session
+            if self._session is not None:
+                await self._session.close()
+            self._info = self._login()
+            ctx: ssl.SSLContext | bool = self._info.as_ssl_context()
+            if self._info.insecure:
+                ctx = False
+            self._session = aiohttp.ClientSession(
+                base_url=self._info.server.rstrip("/") + "/",
+                headers=self._info.as_http_headers(),
+                connector=aiohttp.TCPConnector(ssl=ctx, limit=64),
+                timeout=self._timeout,
+            )
+            return self._session
+
+    async def close(self) -> None:
+        """Closes the connection pool."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        body: Manifest | None = None,
+        content_type: str = "application/json",
+    ) -> Manifest | None:
+        for attempt in (1, 2):
+            session = await self._open(fresh=attempt == 2)
+            data = None if body is None else json.dumps(body)
+            headers = {"Content-Type": content_type} if body is not None else {}
+            try:
+                async with session.request(
+                    method, path.lstrip("/"), params=params, data=data, headers=headers
+                ) as response:
+                    if response.status == 401 and attempt == 1:
+                        continue  # a rotated token: log in again once
+                    if response.status == 404 and method in ("GET", "DELETE"):
+                        return None
+                    payload = await response.json(content_type=None)
+                    if response.status >= 400:
+                        raise ApiError(
+                            response.status,
+                            str((payload or {}).get("reason", "Error")),
+                            str((payload or {}).get("message", payload)),
+                        )
+                    return dict(payload or {})
+            except (aiohttp.ClientError, TimeoutError) as err:
+                raise ApiError(0, type(err).__name__, str(err)) from err
+        raise ApiError(401, "Unauthorized", "the credentials were refused twice")
+
+    async def apply(self, obj: Manifest, *, subresource: str = "") -> Manifest:
+        resource = resource_for(obj["apiVersion"], obj["kind"])
+        meta = obj["metadata"]
+        path = resource.path(meta.get("namespace"), meta["name"], subresource)
+        params = {"fieldManager": names.FIELD_MANAGER, "force": "true"}
+        result = await self._request(
+            "PATCH",
+            path,
+            params=params,
+            body=obj,
+            content_type="application/apply-patch+yaml",
+        )
+        return result or {}
+
+    async def get(
+        self, resource: Resource, name: str, namespace: str | None = None
+    ) -> Manifest | None:
+        return await self._request("GET", resource.path(namespace, name))
+
+    async def list(
+        self,
+        resource: Resource,
+        namespace: str | None = None,
+        *,
+        label_selector: str | None = None,
+    ) -> list[Manifest]:
+        params = {"labelSelector": label_selector} if label_selector else None
+        result = await self._request("GET", resource.path(namespace), params=params)
+        return list((result or {}).get("items", []))
+
+    async def delete(
+        self, resource: Resource, name: str, namespace: str | None = None
+    ) -> bool:
+        body = {"propagationPolicy": "Background"}
+        path = resource.path(namespace, name)
+        return await self._request("DELETE", path, body=body) is not None
+
+    async def create(self, obj: Manifest) -> Manifest:
+        resource = resource_for(obj["apiVersion"], obj["kind"])
+        path = resource.path(obj["metadata"].get("namespace"))
+        return await self._request("POST", path, body=obj) or {}
+
+    async def has_resource(self, resource: Resource) -> bool:
+        prefix = f"/apis/{resource.api_version}" if resource.group else "/api/v1"
+        found = await self._request("GET", prefix)
+        return any(
+            r.get("name") == resource.plural for r in (found or {}).get("resources", [])
+        )

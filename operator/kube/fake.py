@@ -1,0 +1,137 @@
+"""An in-memory `Kube` for unit tests: objects in a dict, calls recorded."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Iterable
+from typing import Any
+
+from citadel.operator.kube.client import ApiError, Manifest
+from citadel.operator.kube.resources import Resource, resource_for
+
+
+def _merge(base: Manifest, patch: Manifest) -> Manifest:
+    """A rough stand-in for server-side apply: maps merge, everything else replaces."""
+    out = dict(base)
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _matches(obj: Manifest, selector: str | None) -> bool:
+    if not selector:
+        return True
+    labels = obj.get("metadata", {}).get("labels", {})
+    pairs = (term.split("=", 1) for term in selector.split(","))
+    return all(labels.get(k) == v for k, v in pairs)
+
+
+class FakeKube:
+    """Keeps objects by (plural, namespace, name); every write is recorded.
+
+    Attributes:
+        objects: the stored objects.
+        applied: every object passed to `apply`, in order (with the subresource).
+        deleted: (plural, namespace, name) of every successful delete.
+        events: every object passed to `create` (Events).
+        served: resources that `has_resource` reports as installed.
+        fail: plural -> ApiError raised by any write to that resource.
+    """
+
+    def __init__(
+        self, objects: Iterable[Manifest] = (), served: Iterable[Resource] = ()
+    ):
+        self.objects: dict[tuple[str, str, str], Manifest] = {}
+        self.applied: list[tuple[str, Manifest]] = []
+        self.deleted: list[tuple[str, str, str]] = []
+        self.events: list[Manifest] = []
+        self.served = set(served)
+        self.fail: dict[str, ApiError] = {}
+        self._uids = itertools.count(1)
+        for obj in objects:
+            self.put(obj)
+
+    @staticmethod
+    def _key(
+        resource: Resource, name: str, namespace: str | None
+    ) -> tuple[str, str, str]:
+        return (resource.plural, namespace or "" if resource.namespaced else "", name)
+
+    def put(self, obj: Manifest) -> Manifest:
+        """Stores an object as if the API server had created it."""
+        obj = copy.deepcopy(obj)
+        meta = obj.setdefault("metadata", {})
+        meta.setdefault("uid", f"uid-{next(self._uids)}")
+        meta.setdefault("generation", 1)
+        meta.setdefault("creationTimestamp", "2026-01-01T00:00:00Z")
+        resource = resource_for(obj["apiVersion"], obj["kind"])
+        self.objects[self._key(resource, meta["name"], meta.get("namespace"))] = obj
+        return obj
+
+    def stored(
+        self, resource: Resource, name: str, namespace: str | None = None
+    ) -> Any:
+        """The stored object (KeyError when absent), for assertions."""
+        return self.objects[self._key(resource, name, namespace)]
+
+    async def apply(self, obj: Manifest, *, subresource: str = "") -> Manifest:
+        resource = resource_for(obj["apiVersion"], obj["kind"])
+        if resource.plural in self.fail:
+            raise self.fail[resource.plural]
+        self.applied.append((subresource, copy.deepcopy(obj)))
+        meta = obj["metadata"]
+        key = self._key(resource, meta["name"], meta.get("namespace"))
+        current = self.objects.get(key)
+        if current is None:
+            if subresource:
+                raise ApiError(404, "NotFound", f"{resource.plural} {meta['name']}")
+            return copy.deepcopy(self.put(obj))
+        if subresource == "status":
+            merged = {**current, "status": copy.deepcopy(obj.get("status", {}))}
+        else:
+            merged = _merge(current, {k: v for k, v in obj.items() if k != "status"})
+            if merged.get("spec") != current.get("spec"):
+                merged["metadata"]["generation"] = current["metadata"]["generation"] + 1
+        self.objects[key] = merged
+        return copy.deepcopy(merged)
+
+    async def get(
+        self, resource: Resource, name: str, namespace: str | None = None
+    ) -> Manifest | None:
+        found = self.objects.get(self._key(resource, name, namespace))
+        return copy.deepcopy(found) if found is not None else None
+
+    async def list(
+        self,
+        resource: Resource,
+        namespace: str | None = None,
+        *,
+        label_selector: str | None = None,
+    ) -> list[Manifest]:
+        return [
+            copy.deepcopy(obj)
+            for (plural, ns, _), obj in sorted(self.objects.items())
+            if plural == resource.plural
+            and (namespace is None or ns == namespace)
+            and _matches(obj, label_selector)
+        ]
+
+    async def delete(
+        self, resource: Resource, name: str, namespace: str | None = None
+    ) -> bool:
+        key = self._key(resource, name, namespace)
+        if self.objects.pop(key, None) is None:
+            return False
+        self.deleted.append(key)
+        return True
+
+    async def create(self, obj: Manifest) -> Manifest:
+        self.events.append(copy.deepcopy(obj))
+        return obj
+
+    async def has_resource(self, resource: Resource) -> bool:
+        return resource in self.served

@@ -1,0 +1,362 @@
+"""Derives an LLMModel's status from what the cluster reports.
+
+A pure function of the model, its Deployment, its pods and the nodes, so every case
+(unschedulable, unknown node, too few GPUs, crash loops, rollouts) is unit-tested
+without a cluster. docs/concepts.md lists every reason produced here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from citadel.operator import names
+from citadel.operator.builders.common import label_selector
+from citadel.operator.builders.deployment import node_selector
+from citadel.operator.model import LLMModel
+from citadel.operator.status import (
+    Condition,
+    ConditionType,
+    LLMModelStatus,
+    Phase,
+    ReplicaCounts,
+)
+
+Obj = Mapping[str, Any]
+CondStatus = Literal["True", "False", "Unknown"]
+
+# Waiting reasons of a container that will not fix themselves.
+BAD_WAITING = frozenset(
+    {
+        "CrashLoopBackOff",
+        "ImagePullBackOff",
+        "ErrImagePull",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "RunContainerError",
+    }
+)
+# Scheduled=False reasons that need a change to the spec or the cluster.
+PERMANENT_PLACEMENT = frozenset({"NodeNotFound", "NoMatchingNode", "InsufficientGPUs"})
+MAX_LISTED = 5
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One condition's outcome before timestamps are attached."""
+
+    status: CondStatus
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Blocker:
+    """A problem found by the operator itself, such as a served name already taken;
+    it makes the model Failed and not Ready."""
+
+    reason: str
+    message: str
+
+
+def _gpus(node: Obj) -> int:
+    raw = node.get("status", {}).get("allocatable", {}).get(names.GPU_RESOURCE, "0")
+    try:
+        return int(str(raw))
+    except ValueError:
+        return 0
+
+
+def _listing(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:MAX_LISTED])
+    return shown + (
+        f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+    )
+
+
+def check_placement(model: LLMModel, nodes: Sequence[Obj]) -> Verdict | None:
+    """What the operator can tell before the scheduler: the target node is missing,
+    no node carries the labels, or no candidate has enough allocatable GPUs."""
+    placement = model.spec.placement
+    candidates = list(nodes)
+    if placement.node_name is not None:
+        candidates = [n for n in nodes if n["metadata"]["name"] == placement.node_name]
+        if not candidates:
+            known = sorted(n["metadata"]["name"] for n in nodes)
+            return Verdict(
+                "False",
+                "NodeNotFound",
+                f"placement.nodeName: node {placement.node_name!r} does not exist "
+                f"(nodes: {_listing(known) or 'none'})",
+            )
+    wanted = node_selector(model)
+    if wanted:
+        candidates = [
+            n
+            for n in candidates
+            if all(
+                n["metadata"].get("labels", {}).get(k) == v for k, v in wanted.items()
+            )
+        ]
+        if not candidates:
+            text = ", ".join(f"{k}={v}" for k, v in sorted(wanted.items()))
+            return Verdict("False", "NoMatchingNode", f"no node has the labels {text}")
+    gpus = model.spec.resources.gpus
+    if gpus > 0 and candidates and max(_gpus(n) for n in candidates) < gpus:
+        have = _listing([f"{n['metadata']['name']} has {_gpus(n)}" for n in candidates])
+        return Verdict(
+            "False",
+            "InsufficientGPUs",
+            f"resources.gpus asks for {gpus} {names.GPU_RESOURCE} per replica, more "
+            f"than any candidate node can allocate ({have})",
+        )
+    return None
+
+
+def _live(pods: Sequence[Obj]) -> list[Obj]:
+    return [p for p in pods if not p.get("metadata", {}).get("deletionTimestamp")]
+
+
+def _pod_condition(pod: Obj, kind: str) -> Obj | None:
+    for cond in pod.get("status", {}).get("conditions", []) or []:
+        if cond.get("type") == kind:
+            return dict(cond)
+    return None
+
+
+def _unschedulable(pods: Sequence[Obj]) -> list[tuple[str, str]]:
+    found = []
+    for pod in pods:
+        cond = _pod_condition(pod, "PodScheduled")
+        if cond and cond.get("status") == "False":
+            found.append((pod["metadata"]["name"], str(cond.get("message", ""))))
+    return found
+
+
+def _failure(pods: Sequence[Obj]) -> Verdict | None:
+    """The first container stuck in a state that will not fix itself."""
+    for pod in pods:
+        name = pod["metadata"]["name"]
+        status = pod.get("status", {})
+        if status.get("phase") == "Failed":
+            reason = status.get("reason") or "PodFailed"
+            return Verdict("True", reason, f"pod {name}: {status.get('message', '')}")
+        for cs in status.get("containerStatuses", []) or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in BAD_WAITING:
+                last = ((cs.get("lastState") or {}).get("terminated") or {}).get(
+                    "reason"
+                )
+                detail = waiting.get("message") or (
+                    f"last exit: {last}" if last else ""
+                )
+                return Verdict(
+                    "True",
+                    str(waiting["reason"]),
+                    f"pod {name}, container {cs.get('name')}: "
+                    f"{waiting['reason']} {detail}".rstrip(),
+                )
+    return None
+
+
+def _deployment_condition(deployment: Obj | None, kind: str) -> Obj:
+    for cond in (deployment or {}).get("status", {}).get("conditions", []) or []:
+        if cond.get("type") == kind:
+            return dict(cond)
+    return {}
+
+
+def counts(model: LLMModel, deployment: Obj | None) -> ReplicaCounts:
+    """Replica counts from the Deployment's status."""
+    status = (deployment or {}).get("status", {})
+    return ReplicaCounts(
+        desired=model.spec.replicas,
+        current=int(status.get("replicas", 0)),
+        updated=int(status.get("updatedReplicas", 0)),
+        ready=int(status.get("readyReplicas", 0)),
+    )
+
+
+def _scheduled(model: LLMModel, pods: Sequence[Obj], nodes: Sequence[Obj]) -> Verdict:
+    stuck = _unschedulable(pods)
+    scheduler = f"; scheduler: {stuck[0][1]}" if stuck else ""
+    problem = check_placement(model, nodes)
+    if problem is not None:
+        return Verdict("False", problem.reason, problem.message + scheduler)
+    if stuck:
+        return Verdict(
+            "False",
+            "Unschedulable",
+            f"{len(stuck)} of {len(pods)} pods cannot be placed: {stuck[0][1]}",
+        )
+    if model.spec.replicas == 0:
+        return Verdict("True", "ScaledToZero", "replicas is 0: nothing to place")
+    placed = sorted(
+        {p["spec"]["nodeName"] for p in pods if p.get("spec", {}).get("nodeName")}
+    )
+    if not pods or not placed:
+        return Verdict("Unknown", "Pending", "waiting for pods to be created")
+    return Verdict(
+        "True", "Scheduled", f"{len(pods)} pods placed on {_listing(placed)}"
+    )
+
+
+def _progressing(model: LLMModel, deployment: Obj | None, n: ReplicaCounts) -> Verdict:
+    if deployment is None:
+        return Verdict("True", "Creating", "creating the Deployment")
+    progress = _deployment_condition(deployment, "Progressing")
+    if progress.get("reason") == "ProgressDeadlineExceeded":
+        return Verdict(
+            "False", "ProgressDeadlineExceeded", str(progress.get("message", ""))
+        )
+    observed = deployment.get("status", {}).get("observedGeneration", 0)
+    if observed < deployment.get("metadata", {}).get("generation", 0) or (
+        n.updated < n.desired
+    ):
+        return Verdict(
+            "True", "RollingOut", f"{n.updated}/{n.desired} replicas updated"
+        )
+    if n.ready < n.desired:
+        return Verdict(
+            "True",
+            "WaitingForReplicas",
+            f"{n.ready}/{n.desired} replicas ready (the model loads before a replica "
+            "turns ready)",
+        )
+    if n.current > n.desired:
+        return Verdict(
+            "True", "ScalingDown", f"{n.current} replicas, {n.desired} wanted"
+        )
+    return Verdict(
+        "False", "Complete", f"{n.ready}/{n.desired} replicas updated and ready"
+    )
+
+
+def _degraded(deployment: Obj | None, pods: Sequence[Obj]) -> Verdict:
+    failure = _failure(pods)
+    if failure is not None:
+        return failure
+    progress = _deployment_condition(deployment, "Progressing")
+    if progress.get("reason") == "ProgressDeadlineExceeded":
+        return Verdict(
+            "True", "ProgressDeadlineExceeded", str(progress.get("message", ""))
+        )
+    return Verdict("False", "AsExpected", "no replica is failing")
+
+
+def _ready(
+    model: LLMModel, n: ReplicaCounts, blocker: Blocker | None, others: list[Verdict]
+) -> Verdict:
+    if blocker is not None:
+        return Verdict("False", blocker.reason, blocker.message)
+    if n.desired == 0:
+        return Verdict("False", "ScaledToZero", "replicas is 0")
+    if n.ready > 0:
+        return Verdict(
+            "True",
+            "ReplicasReady",
+            f"{n.ready}/{n.desired} replicas ready at {model.endpoint}",
+        )
+    scheduled, degraded, progressing = others
+    for verdict, bad in (
+        (scheduled, "False"),
+        (degraded, "True"),
+        (progressing, "True"),
+    ):
+        if verdict.status == bad:
+            return Verdict("False", verdict.reason, verdict.message)
+    return Verdict("False", "NoReadyReplicas", "no replica is ready")
+
+
+def _phase(
+    verdicts: Mapping[ConditionType, Verdict], n: ReplicaCounts, blocker: Blocker | None
+) -> Phase:
+    scheduled = verdicts[ConditionType.SCHEDULED]
+    if blocker is not None or (
+        scheduled.reason in PERMANENT_PLACEMENT and n.ready == 0
+    ):
+        return Phase.FAILED
+    if verdicts[ConditionType.DEGRADED].status == "True":
+        return Phase.DEGRADED
+    if scheduled.status == "False":
+        return Phase.PENDING if n.ready == 0 else Phase.DEGRADED
+    if verdicts[ConditionType.PROGRESSING].status == "True":
+        return Phase.PENDING if scheduled.status == "Unknown" else Phase.PROGRESSING
+    return Phase.READY
+
+
+def _stamp(
+    kind: ConditionType, verdict: Verdict, model: LLMModel, now: str
+) -> Condition:
+    previous = model.status.condition(kind)
+    unchanged = previous is not None and previous.status == verdict.status
+    return Condition(
+        type=str(kind),
+        status=verdict.status,
+        reason=verdict.reason,
+        message=verdict.message,
+        observed_generation=model.generation,
+        last_transition_time=previous.last_transition_time
+        if unchanged and previous
+        else now,
+    )
+
+
+def derive_status(
+    model: LLMModel,
+    deployment: Obj | None,
+    pods: Sequence[Obj],
+    nodes: Sequence[Obj],
+    now: str,
+    blocker: Blocker | None = None,
+) -> LLMModelStatus:
+    """The status the model should carry.
+
+    Args:
+        model: the LLMModel (its previous conditions keep their transition times).
+        deployment: its Deployment, or None before it exists.
+        pods: its pods.
+        nodes: every node (for the target-node and GPU-capacity checks).
+        now: the current time, RFC 3339, for conditions that change.
+        blocker: a problem found by the operator that makes the model Failed.
+    """
+    live = _live(pods)
+    n = counts(model, deployment)
+    verdicts: dict[ConditionType, Verdict] = {
+        ConditionType.SCHEDULED: _scheduled(model, live, nodes),
+        ConditionType.DEGRADED: _degraded(deployment, live),
+        ConditionType.PROGRESSING: _progressing(model, deployment, n),
+    }
+    verdicts[ConditionType.READY] = _ready(
+        model,
+        n,
+        blocker,
+        [
+            verdicts[t]
+            for t in (
+                ConditionType.SCHEDULED,
+                ConditionType.DEGRADED,
+                ConditionType.PROGRESSING,
+            )
+        ],
+    )
+    order = (
+        ConditionType.READY,
+        ConditionType.SCHEDULED,
+        ConditionType.PROGRESSING,
+        ConditionType.DEGRADED,
+    )
+    return LLMModelStatus(
+        phase=_phase(verdicts, n, blocker),
+        conditions=[_stamp(t, verdicts[t], model, now) for t in order],
+        replicas=n,
+        served_name=model.served_name,
+        endpoint=model.endpoint,
+        nodes=sorted(
+            {p["spec"]["nodeName"] for p in live if p.get("spec", {}).get("nodeName")}
+        ),
+        selector=label_selector(model),
+        observed_generation=model.generation,
+    )

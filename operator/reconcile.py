@@ -1,0 +1,365 @@
+"""Reconciling one LLMModel: apply what it owns, then derive and write its status.
+
+This layer knows the Kubernetes API through `Kube` and nothing of Kopf: it raises
+`ReconcileError` (retryable or not) and the handlers translate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from citadel.operator import names
+from citadel.operator.builders.common import label_selector
+from citadel.operator.builders.deployment import build_deployment
+from citadel.operator.builders.objects import (
+    build_cache_claim,
+    build_pdb,
+    build_pod_monitor,
+    build_service,
+)
+from citadel.operator.drift import drifted
+from citadel.operator.events import Notice, event_object, transitions
+from citadel.operator.kube.client import ApiError, Kube, Manifest
+from citadel.operator.kube.resources import (
+    DEPLOYMENTS,
+    LLMMODELS,
+    NODES,
+    PDBS,
+    POD_MONITORS,
+    PODS,
+    PVCS,
+    Resource,
+    resource_for,
+)
+from citadel.operator.metrics import Metrics
+from citadel.operator.model import LLMModel
+from citadel.operator.observe import Blocker, derive_status
+from citadel.operator.routing import RoutePublisher
+from citadel.operator.settings import OperatorSettings
+from citadel.operator.status import LLMModelStatus
+
+log = logging.getLogger(__name__)
+NODE_CACHE_SECONDS = 2.0
+CAPABILITY_CACHE_SECONDS = 60.0
+
+
+def utc_now() -> str:
+    """The current time as metav1.Time wants it."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class ReconcileError(Exception):
+    """A reconcile that failed; `retryable` says whether trying again may help."""
+
+    def __init__(self, message: str, *, retryable: bool, delay: float = 5.0) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.delay = delay
+
+
+class Serializer:
+    """One reconcile at a time per model; refresh requests that queue up behind a
+    waiting one are dropped, since it will read the newest state anyway."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._waiting: set[str] = set()
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        """Holds the model's lock."""
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            yield
+
+    @asynccontextmanager
+    async def coalesce(self, key: str) -> AsyncIterator[bool]:
+        """Yields True holding the lock, or False when a request already waits."""
+        if key in self._waiting:
+            yield False
+            return
+        self._waiting.add(key)
+        try:
+            async with self.hold(key):
+                self._waiting.discard(key)
+                yield True
+        finally:
+            self._waiting.discard(key)
+
+    def forget(self, key: str) -> None:
+        """Drops the lock of a deleted model."""
+        lock = self._locks.get(key)
+        if lock is not None and not lock.locked():
+            del self._locks[key]
+
+
+def _owner_uid(obj: Manifest) -> str | None:
+    for ref in obj.get("metadata", {}).get("ownerReferences", []) or []:
+        if ref.get("controller") and ref.get("kind") == names.KIND:
+            return str(ref.get("uid"))
+    return None
+
+
+def _is_ours(obj: Manifest) -> bool:
+    labels = obj.get("metadata", {}).get("labels", {}) or {}
+    return labels.get(names.LABEL_MANAGED_BY) == names.MANAGER_NAME
+
+
+class Reconciler:
+    """Makes the cluster match each LLMModel and reports what it sees."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        settings: OperatorSettings,
+        metrics: Metrics,
+        clock: Callable[[], str] = utc_now,
+    ) -> None:
+        self.kube = kube
+        self.settings = settings
+        self.metrics = metrics
+        self.routes = RoutePublisher(kube, settings, on_conflicts=self._recheck)
+        self._clock = clock
+        self._serial = Serializer()
+        self._nodes_cache: tuple[float, list[Manifest]] | None = None
+        self._monitoring_cache: tuple[float, bool] | None = None
+
+    # -- entry points ------------------------------------------------------------
+
+    async def reconcile(self, body: Mapping[str, Any]) -> LLMModelStatus:
+        """Applies every owned object of the model in `body`, then its status.
+
+        Raises:
+            ReconcileError: a request failed or the model cannot be built.
+        """
+        model = await self._parse(body)
+        async with self._serial.hold(model.key):
+            with self.metrics.timed("full"):
+                try:
+                    await self._apply_owned(model)
+                    status = await self._refresh(model)
+                except ReconcileError as err:
+                    self.metrics.errors.labels(
+                        error="temporary" if err.retryable else "permanent"
+                    ).inc()
+                    raise
+        self.routes.kick()
+        return status
+
+    async def refresh(
+        self, namespace: str, name: str, *, fix_drift: bool = False
+    ) -> None:
+        """Re-derives the status after a change to an owned object or pod.
+
+        With `fix_drift`, the Deployment is first put back if it was changed by hand
+        (or deleted). Errors are logged: the next event or resync tries again.
+        """
+        key = f"{namespace}/{name}"
+        async with self._serial.coalesce(key) as mine:
+            if not mine:
+                return
+            try:
+                with self.metrics.timed("refresh"):
+                    body = await self.kube.get(LLMMODELS, name, namespace)
+                    if body is None or body["metadata"].get("deletionTimestamp"):
+                        return
+                    model = LLMModel.from_body(body)
+                    if fix_drift:
+                        await self._revert_drift(model)
+                    await self._refresh(model)
+            except (ApiError, ReconcileError, ValidationError) as err:
+                log.warning("refreshing %s failed: %s", key, err)
+
+    async def forget(self, namespace: str, name: str) -> None:
+        """The model is gone: drop its route and metrics."""
+        key = f"{namespace}/{name}"
+        self.metrics.set_phase(key, None)
+        self._serial.forget(key)
+        self.routes.kick()
+
+    # -- applying ----------------------------------------------------------------
+
+    async def _parse(self, body: Mapping[str, Any]) -> LLMModel:
+        try:
+            return LLMModel.from_body(body)
+        except ValidationError as err:
+            # Only objects stored before a stricter CRD can get here.
+            raise ReconcileError(f"invalid spec: {err}", retryable=False) from err
+
+    async def _apply(self, model: LLMModel, obj: Manifest) -> None:
+        resource = resource_for(obj["apiVersion"], obj["kind"])
+        name = obj["metadata"]["name"]
+        current = await self._call(self.kube.get(resource, name, model.namespace))
+        if current is not None and _owner_uid(current) != model.uid:
+            previous = _owner_uid(current) is not None and _is_ours(current)
+            raise ReconcileError(
+                f"{obj['kind']} {name} already exists and does not belong to this "
+                + (
+                    "LLMModel yet (a deleted one of the same name is being cleaned up)"
+                    if previous
+                    else "LLMModel: rename the model or remove that object"
+                ),
+                retryable=previous,
+            )
+        await self._call(self.kube.apply(obj))
+
+    async def _call(self, request: Any) -> Any:
+        try:
+            return await request
+        except ApiError as err:
+            raise ReconcileError(str(err), retryable=err.retryable) from err
+
+    async def _apply_owned(self, model: LLMModel) -> None:
+        first_look = model.status.observed_generation != model.generation
+        claim = build_cache_claim(model)
+        if claim is not None:
+            await self._apply_claim(model, claim, first_look)
+        await self._apply(model, build_deployment(model, self.settings))
+        await self._apply(model, build_service(model))
+        pdb = build_pdb(model)
+        if pdb is not None:
+            await self._apply(model, pdb)
+        else:
+            await self._delete_owned(model, PDBS, model.name)
+        if await self._monitoring_installed():
+            await self._apply(model, build_pod_monitor(model))
+        elif first_look:
+            await self._post(
+                model,
+                Notice(
+                    "Normal",
+                    "MonitoringUnavailable",
+                    "the Prometheus Operator CRDs (monitoring.coreos.com/v1 "
+                    "PodMonitor) are not installed: no PodMonitor was created and "
+                    "vLLM's metrics are not scraped",
+                ),
+            )
+
+    async def _apply_claim(
+        self, model: LLMModel, claim: Manifest, first_look: bool
+    ) -> None:
+        name = claim["metadata"]["name"]
+        current = await self._call(self.kube.get(PVCS, name, model.namespace))
+        if current is not None and not _is_ours(current):
+            # A claim someone else made: used as it is, never changed.
+            if first_look:
+                await self._post(
+                    model,
+                    Notice(
+                        "Normal",
+                        "CacheClaimAdopted",
+                        f"using the existing PersistentVolumeClaim {name} as the cache "
+                        "without changing it",
+                    ),
+                )
+            return
+        try:
+            await self.kube.apply(claim)
+        except ApiError as err:
+            if err.retryable:
+                raise ReconcileError(str(err), retryable=True) from err
+            # Claims are mostly immutable (a class may not allow resizing): the
+            # model keeps running on the claim it has.
+            await self._post(
+                model,
+                Notice("Warning", "CacheClaimNotUpdated", f"{name}: {err.message}"),
+            )
+
+    async def _delete_owned(
+        self, model: LLMModel, resource: Resource, name: str
+    ) -> None:
+        current = await self._call(self.kube.get(resource, name, model.namespace))
+        if current is not None and _owner_uid(current) == model.uid:
+            await self._call(self.kube.delete(resource, name, model.namespace))
+
+    async def _monitoring_installed(self) -> bool:
+        now = time.monotonic()
+        if (
+            self._monitoring_cache
+            and now - self._monitoring_cache[0] < CAPABILITY_CACHE_SECONDS
+        ):
+            return self._monitoring_cache[1]
+        found = bool(await self._call(self.kube.has_resource(POD_MONITORS)))
+        self._monitoring_cache = (now, found)
+        return found
+
+    async def _revert_drift(self, model: LLMModel) -> None:
+        desired = build_deployment(model, self.settings)
+        actual = await self.kube.get(DEPLOYMENTS, model.name, model.namespace)
+        if actual is not None and _owner_uid(actual) != model.uid:
+            return
+        if drifted(desired, actual):
+            await self.kube.apply(desired)
+            self.metrics.drift.labels(kind="Deployment").inc()
+            what = "recreated" if actual is None else "put back manual changes to"
+            await self._post(
+                model,
+                Notice("Normal", "DriftReverted", f"{what} Deployment {model.name}"),
+            )
+
+    # -- status ------------------------------------------------------------------
+
+    async def _nodes(self) -> list[Manifest]:
+        now = time.monotonic()
+        if self._nodes_cache and now - self._nodes_cache[0] < NODE_CACHE_SECONDS:
+            return self._nodes_cache[1]
+        nodes = await self._call(self.kube.list(NODES))
+        self._nodes_cache = (now, nodes)
+        return list(nodes)
+
+    async def _refresh(self, model: LLMModel) -> LLMModelStatus:
+        deployment = await self._call(
+            self.kube.get(DEPLOYMENTS, model.name, model.namespace)
+        )
+        pods = await self._call(
+            self.kube.list(PODS, model.namespace, label_selector=label_selector(model))
+        )
+        conflict = self.routes.conflicts.get(model.key)
+        status = derive_status(
+            model,
+            deployment,
+            pods,
+            await self._nodes(),
+            self._clock(),
+            Blocker("ServedNameConflict", conflict) if conflict else None,
+        )
+        if status != model.status:
+            await self._call(
+                self.kube.apply(status_patch(model, status), subresource="status")
+            )
+            for notice in transitions(model.status, status):
+                await self._post(model, notice)
+            self.routes.kick()
+        self.metrics.set_phase(model.key, status.phase)
+        return status
+
+    async def _post(self, model: LLMModel, notice: Notice) -> None:
+        try:
+            await self.kube.create(event_object(model, notice, self._clock()))
+        except ApiError as err:
+            # An event is worth less than the reconcile that wanted to post it.
+            log.warning(
+                "could not post event %s for %s: %s", notice.reason, model.key, err
+            )
+
+    async def _recheck(self, keys: set[str]) -> None:
+        for key in keys:
+            namespace, _, name = key.partition("/")
+            await self.refresh(namespace, name)
+
+
+def status_patch(model: LLMModel, status: LLMModelStatus) -> Manifest:
+    """The server-side apply body for the status subresource."""
+    return {
+        "apiVersion": names.API_VERSION,
+        "kind": names.KIND,
+        "metadata": {"name": model.name, "namespace": model.namespace},
+        "status": status.model_dump(by_alias=True, exclude_none=True, mode="json"),
+    }

@@ -1,0 +1,158 @@
+"""The routing ConfigMap: one document, rebuilt from every LLMModel, one writer.
+
+Several models share the ConfigMap, so it is never patched per model: a single
+publisher task lists all models and writes the whole document (server-side apply,
+a no-op when nothing changed). Changes within `route_publish_delay` are coalesced.
+A served name or alias claimed by two models goes to the older one; the newer is
+left out of the document and told why in its status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+from citadel.gateway.routes import (
+    CONFIGMAP_KEY,
+    ModelRoute,
+    RouteLimits,
+    RoutingDocument,
+)
+from citadel.operator import names
+from citadel.operator.kube.client import ApiError, Kube, Manifest
+from citadel.operator.kube.resources import LLMMODELS
+from citadel.operator.model import LLMModel
+from citadel.operator.settings import OperatorSettings
+from citadel.operator.status import ConditionType
+
+log = logging.getLogger(__name__)
+Conflicts = dict[str, str]
+"""`namespace/name` -> why the model is left out of the document."""
+
+
+def route_for(model: LLMModel) -> ModelRoute:
+    """The model's entry in the routing document."""
+    ready = model.status.condition(ConditionType.READY)
+    return ModelRoute(
+        name=model.name,
+        namespace=model.namespace,
+        served_name=model.served_name,
+        aliases=tuple(model.spec.aliases),
+        service=model.name,
+        port=names.HTTP_PORT,
+        strategy=model.spec.routing.strategy,
+        limits=RouteLimits(rpm=model.spec.limits.rpm, tpm=model.spec.limits.tpm),
+        ready=ready is not None and ready.status == "True",
+        ready_replicas=model.status.replicas.ready,
+    )
+
+
+def build_document(models: Sequence[LLMModel]) -> tuple[RoutingDocument, Conflicts]:
+    """The routing document for `models`, and the models left out for name clashes."""
+    claimed: dict[str, str] = {}
+    routes: list[ModelRoute] = []
+    conflicts: Conflicts = {}
+    for model in sorted(models, key=lambda m: (m.created, m.namespace, m.name)):
+        route = route_for(model)
+        taken = [n for n in route.names if n in claimed]
+        if taken:
+            conflicts[model.key] = (
+                f"model name {taken[0]!r} is already served by {claimed[taken[0]]}; "
+                "choose another servedName or alias"
+            )
+            continue
+        claimed.update(dict.fromkeys(route.names, model.key))
+        routes.append(route)
+    return RoutingDocument(models=tuple(routes)), conflicts
+
+
+def configmap(settings: OperatorSettings, doc: RoutingDocument) -> Manifest:
+    """The ConfigMap holding `doc`."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": settings.routes_configmap,
+            "namespace": settings.gateway_namespace,
+            "labels": {
+                names.LABEL_NAME: "citadel-routes",
+                names.LABEL_PART_OF: "citadel",
+                names.LABEL_MANAGED_BY: names.MANAGER_NAME,
+            },
+        },
+        "data": {CONFIGMAP_KEY: doc.to_json()},
+    }
+
+
+ConflictsChanged = Callable[[set[str]], Awaitable[None]]
+
+
+class RoutePublisher:
+    """Writes the routing ConfigMap after `kick()`, coalescing bursts."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        settings: OperatorSettings,
+        on_conflicts: ConflictsChanged | None = None,
+    ) -> None:
+        self._kube = kube
+        self._settings = settings
+        self._on_conflicts = on_conflicts
+        self._wanted = asyncio.Event()
+        self.conflicts: Conflicts = {}
+        self.published: RoutingDocument | None = None
+
+    def kick(self) -> None:
+        """Asks for the document to be rebuilt and written soon."""
+        self._wanted.set()
+
+    async def _models(self) -> list[LLMModel]:
+        namespaces: Sequence[str | None] = self._settings.watch_namespaces or (None,)
+        found: list[LLMModel] = []
+        for namespace in namespaces:
+            for body in await self._kube.list(LLMMODELS, namespace):
+                if body.get("metadata", {}).get("deletionTimestamp"):
+                    continue  # on its way out: stop routing to it now
+                try:
+                    found.append(LLMModel.from_body(body))
+                except ValueError as err:
+                    log.warning("skipping unparsable LLMModel: %s", err)
+        return found
+
+    async def publish(self) -> RoutingDocument:
+        """Rebuilds the document from every LLMModel and writes it.
+
+        Raises:
+            ApiError: listing the models or writing the ConfigMap failed.
+        """
+        doc, conflicts = build_document(await self._models())
+        await self._kube.apply(configmap(self._settings, doc))
+        changed = set(conflicts) ^ set(self.conflicts)
+        changed |= {k for k in conflicts if self.conflicts.get(k) != conflicts[k]}
+        self.conflicts, self.published = conflicts, doc
+        if changed and self._on_conflicts is not None:
+            await self._on_conflicts(changed)
+        return doc
+
+    async def run(self, on_result: Callable[[bool], None] | None = None) -> None:
+        """Publishes after every kick until cancelled; failures retry with backoff."""
+        delay = 1.0
+        while True:
+            await self._wanted.wait()
+            await asyncio.sleep(self._settings.route_publish_delay)
+            self._wanted.clear()
+            try:
+                await self.publish()
+            except ApiError as err:
+                log.warning("could not write the routing ConfigMap: %s", err)
+                if on_result:
+                    on_result(False)
+                self._wanted.set()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+            else:
+                if on_result:
+                    on_result(True)
+                delay = 1.0

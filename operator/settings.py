@@ -1,0 +1,76 @@
+"""The operator's configuration, read once from the environment at start-up."""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.33.0"
+
+
+class LogFormat(enum.StrEnum):
+    """How log lines are written."""
+
+    JSON = "json"
+    TEXT = "text"
+
+
+class PeeringMode(enum.StrEnum):
+    """Whether replicas of the operator coordinate through Kopf peering.
+
+    `auto` peers when the KopfPeering CRDs and the peering object exist and runs
+    standalone otherwise; `mandatory` refuses to start without them; `standalone`
+    never peers (one replica only).
+    """
+
+    AUTO = "auto"
+    MANDATORY = "mandatory"
+    STANDALONE = "standalone"
+
+
+class OperatorSettings(BaseSettings):
+    """Settings of `citadel-operator`, from `CITADEL_OPERATOR_*` variables."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CITADEL_OPERATOR_", frozen=True, use_attribute_docstrings=True
+    )
+
+    watch_namespaces: Annotated[tuple[str, ...], NoDecode] = ()
+    """Namespaces to watch, comma-separated; empty watches the whole cluster."""
+    gateway_namespace: str = "citadel-system"
+    """Where the routing ConfigMap is kept (the gateway's namespace)."""
+    routes_configmap: str = "citadel-routes"
+    """The routing ConfigMap's name."""
+    default_vllm_image: str = DEFAULT_VLLM_IMAGE
+    """The vLLM image for models that do not name one (a pinned tag)."""
+    log_format: LogFormat = LogFormat.JSON
+    """`json` for log collectors, `text` for people."""
+    verbose: bool = False
+    """Debug logging."""
+    metrics_port: int = Field(8080, ge=0, le=65535)
+    """Port of the Prometheus `/metrics` endpoint; 0 turns it off."""
+    health_port: int = Field(8081, ge=0, le=65535)
+    """Port of the liveness endpoint `/healthz`; 0 turns it off."""
+    peering: PeeringMode = PeeringMode.AUTO
+    """Kopf peering mode; see PeeringMode."""
+    peering_name: str = "citadel-operator"
+    """The (Cluster)KopfPeering object the replicas share."""
+    resync_seconds: float = Field(120.0, ge=0)
+    """How often every model is reconciled in full even without events; 0 never."""
+    route_publish_delay: float = Field(0.2, ge=0)
+    """How long route changes are gathered before the ConfigMap is written."""
+
+    @field_validator("watch_namespaces", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @property
+    def clusterwide(self) -> bool:
+        """True when no namespaces are listed."""
+        return not self.watch_namespaces

@@ -1,0 +1,103 @@
+"""The LLMModel status as typed models (also the CRD status schema source)."""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from citadel.operator.spec import Time
+
+
+class Phase(enum.StrEnum):
+    """A one-word summary of the conditions, for people and printer columns."""
+
+    PENDING = "Pending"
+    PROGRESSING = "Progressing"
+    READY = "Ready"
+    DEGRADED = "Degraded"
+    FAILED = "Failed"
+
+
+class ConditionType(enum.StrEnum):
+    """The conditions every LLMModel carries (docs/concepts.md lists the reasons)."""
+
+    READY = "Ready"
+    SCHEDULED = "Scheduled"
+    PROGRESSING = "Progressing"
+    DEGRADED = "Degraded"
+
+
+class _Status(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        frozen=True,
+        extra="ignore",
+        use_attribute_docstrings=True,
+    )
+
+
+class Condition(_Status):
+    """A metav1.Condition."""
+
+    type: Annotated[str, Field(max_length=316)]
+    status: Literal["True", "False", "Unknown"]
+    reason: Annotated[
+        str, Field(max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    ]
+    """A CamelCase word saying why; docs/concepts.md lists them."""
+    message: Annotated[str, Field(max_length=32768)] = ""
+    """What a person needs to know."""
+    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    last_transition_time: Time
+    """When the status last changed."""
+
+
+class ReplicaCounts(_Status):
+    """Replica counts of the model's Deployment."""
+
+    desired: int = 0
+    """spec.replicas."""
+    current: int = 0
+    """Pods that exist."""
+    updated: int = 0
+    """Pods that run the current spec."""
+    ready: int = 0
+    """Pods that answer their readiness probe."""
+
+
+class LLMModelStatus(_Status):
+    """The observed state, derived from the Deployment, its pods and the nodes."""
+
+    phase: Phase | None = None
+    conditions: Annotated[
+        list[Condition],
+        Field(
+            max_length=16,
+            json_schema_extra={
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["type"],
+            },
+        ),
+    ] = []
+    replicas: ReplicaCounts = Field(default_factory=ReplicaCounts)
+    served_name: str | None = None
+    """The name clients send as `model` (spec.servedName or the LLMModel's name)."""
+    endpoint: str | None = None
+    """The in-cluster URL of the OpenAI-compatible server."""
+    nodes: Annotated[
+        list[str],
+        Field(max_length=64, json_schema_extra={"x-kubernetes-list-type": "set"}),
+    ] = []
+    """The nodes the model's pods were placed on."""
+    selector: str | None = None
+    """The pods' label selector (for the scale subresource and autoscalers)."""
+    observed_generation: int | None = None
+    """The metadata.generation this status describes."""
+
+    def condition(self, kind: ConditionType) -> Condition | None:
+        """The condition of that type, if present."""
+        return next((c for c in self.conditions if c.type == kind), None)

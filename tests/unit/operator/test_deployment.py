@@ -1,0 +1,267 @@
+"""The Deployment builder: engine arguments, GPUs, volumes, probes, placement."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from citadel.operator.builders.deployment import build_deployment, engine_args
+from citadel.operator.settings import OperatorSettings
+
+from .samples import make_model
+
+pytestmark = pytest.mark.unit
+
+
+def _pod(settings: OperatorSettings, **spec: Any) -> dict[str, Any]:
+    return build_deployment(make_model(**spec), settings)["spec"]["template"]["spec"]
+
+
+def _container(settings: OperatorSettings, **spec: Any) -> dict[str, Any]:
+    container: dict[str, Any] = _pod(settings, **spec)["containers"][0]
+    return container
+
+
+@pytest.mark.parametrize("gpus", [0, 1, 2, 8])
+def test_gpus_become_the_limit_and_tensor_parallel_size(
+    settings: OperatorSettings, gpus: int
+) -> None:
+    pod = _pod(settings, resources={"gpus": gpus})
+    container = pod["containers"][0]
+    limits = container["resources"].get("limits", {})
+    tp = [a for a in container["args"] if a.startswith("--tensor-parallel-size")]
+    gpu_toleration = {
+        "key": "nvidia.com/gpu",
+        "operator": "Exists",
+        "effect": "NoSchedule",
+    }
+    if gpus:
+        assert limits["nvidia.com/gpu"] == str(gpus)
+        assert tp == [f"--tensor-parallel-size={gpus}"]
+        assert gpu_toleration in pod["tolerations"]
+    else:
+        assert "nvidia.com/gpu" not in limits
+        assert tp == []
+        assert "tolerations" not in pod
+
+
+def test_engine_arguments_follow_the_spec(settings: OperatorSettings) -> None:
+    model = make_model(
+        servedName="mixtral",
+        aliases=["chat-default"],
+        resources={"gpus": 2},
+        engine={
+            "maxModelLen": 32768,
+            "gpuMemoryUtilization": 0.85,
+            "dtype": "bfloat16",
+            "quantization": "awq",
+            "extraArgs": ["--enable-prefix-caching", "--max-num-seqs", "128"],
+        },
+    )
+    assert engine_args(model) == [
+        "--model=mistralai/Mixtral-8x7B-Instruct-v0.1",
+        "--served-model-name",
+        "mixtral",
+        "chat-default",
+        "--host=0.0.0.0",
+        "--port=8000",
+        "--tensor-parallel-size=2",
+        "--gpu-memory-utilization=0.85",
+        "--max-model-len=32768",
+        "--dtype=bfloat16",
+        "--quantization=awq",
+        "--enable-prefix-caching",
+        "--max-num-seqs",
+        "128",
+    ]
+
+
+def test_served_name_defaults_to_the_model_name(settings: OperatorSettings) -> None:
+    args = engine_args(make_model("smol"))
+    assert args[1:3] == ["--served-model-name", "smol"]
+
+
+def test_s3_models_stream_with_the_run_ai_loader(settings: OperatorSettings) -> None:
+    args = engine_args(make_model(model="s3://weights/llama/8b"))
+    assert "--model=s3://weights/llama/8b" in args
+    assert "--load-format=runai_streamer" in args
+
+
+def test_pvc_source_is_mounted_read_only(settings: OperatorSettings) -> None:
+    pod = _pod(settings, model="pvc://weights/llama-3.1-8b")
+    container = pod["containers"][0]
+    assert "--model=/model-source/llama-3.1-8b" in container["args"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "model-source")
+    assert volume["persistentVolumeClaim"] == {"claimName": "weights", "readOnly": True}
+
+
+@pytest.mark.parametrize("cache", [None, {"size": "200Gi"}])
+def test_cache_is_the_claim_or_an_empty_dir(
+    settings: OperatorSettings, cache: dict[str, str] | None
+) -> None:
+    spec = {"cache": cache} if cache else {}
+    pod = _pod(settings, **spec)
+    volume = next(v for v in pod["volumes"] if v["name"] == "cache")
+    if cache:
+        assert volume["persistentVolumeClaim"] == {"claimName": "mixtral-cache"}
+    else:
+        assert volume["emptyDir"] == {}
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["HF_HOME"] == "/cache/huggingface"
+
+
+def test_shared_memory_is_memory_backed(settings: OperatorSettings) -> None:
+    pod = _pod(settings, engine={"shmSize": "32Gi"})
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "32Gi"}
+    mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert {"/dev/shm", "/cache", "/tmp"} <= mounts
+
+
+def test_hf_token_comes_from_the_secret_and_user_env_wins(
+    settings: OperatorSettings,
+) -> None:
+    container = _container(
+        settings,
+        engine={
+            "hfTokenSecretRef": {"name": "hf"},
+            "env": [
+                {"name": "HF_HOME", "value": "/elsewhere"},
+                {"name": "X", "value": "1"},
+            ],
+        },
+    )
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HF_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "hf", "key": "token"}
+    }
+    assert env["HF_HOME"]["value"] == "/elsewhere"
+    assert [e["name"] for e in container["env"]].count("HF_HOME") == 1
+
+
+def test_probes_allow_long_model_loads(settings: OperatorSettings) -> None:
+    container = _container(settings, engine={"startupTimeoutSeconds": 3600})
+    startup = container["startupProbe"]
+    assert startup["httpGet"] == {"path": "/health", "port": "http"}
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 3600
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert container["livenessProbe"]["failureThreshold"] >= 3
+
+
+def test_security_context_is_restricted(settings: OperatorSettings) -> None:
+    pod = _pod(settings)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    ctx = pod["containers"][0]["securityContext"]
+    assert ctx["allowPrivilegeEscalation"] is False
+    assert ctx["capabilities"] == {"drop": ["ALL"]}
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["enableServiceLinks"] is False
+
+
+def test_drain_and_grace_period(settings: OperatorSettings) -> None:
+    pod = _pod(settings, engine={"drainSeconds": 20})
+    assert pod["containers"][0]["lifecycle"] == {"preStop": {"sleep": {"seconds": 20}}}
+    assert pod["terminationGracePeriodSeconds"] == 80
+    assert (
+        "lifecycle" not in _pod(settings, engine={"drainSeconds": 0})["containers"][0]
+    )
+
+
+def test_update_strategy_never_surges_by_default(settings: OperatorSettings) -> None:
+    spec = build_deployment(make_model(), settings)["spec"]
+    assert spec["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    surging = build_deployment(make_model(rollout={"maxSurge": 1}), settings)["spec"]
+    assert surging["strategy"]["rollingUpdate"]["maxSurge"] == 1
+
+
+def test_image_defaults_to_the_pinned_one(settings: OperatorSettings) -> None:
+    assert _container(settings)["image"] == "vllm/vllm-openai:v0.33.0"
+    custom = _container(settings, engine={"image": "registry.local/vllm:1"})
+    assert custom["image"] == "registry.local/vllm:1"
+
+
+def test_labels_selector_and_owner(settings: OperatorSettings) -> None:
+    deployment = build_deployment(make_model(pod={"labels": {"team": "a"}}), settings)
+    meta = deployment["metadata"]
+    assert meta["labels"]["app.kubernetes.io/managed-by"] == "citadel-operator"
+    assert meta["labels"]["app.kubernetes.io/instance"] == "mixtral"
+    assert meta["ownerReferences"][0]["uid"] == "uid-mixtral"
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    template = deployment["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= template.items()
+    assert template["team"] == "a"
+
+
+NODE_PIN = {"key": "metadata.name", "operator": "In", "values": ["hx-llm-server-01"]}
+
+
+@pytest.mark.parametrize(
+    ("placement", "selector", "terms"),
+    [
+        ({}, None, None),
+        ({"nodeName": "hx-llm-server-01"}, None, [{"matchFields": [NODE_PIN]}]),
+        (
+            {"gpuProduct": "NVIDIA-A100-SXM4-80GB"},
+            {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"},
+            None,
+        ),
+        ({"nodeSelector": {"zone": "a"}}, {"zone": "a"}, None),
+        (
+            {
+                "nodeName": "hx-llm-server-01",
+                "affinity": {
+                    "nodeAffinity": {
+                        "requiredDuringSchedulingIgnoredDuringExecution": {
+                            "nodeSelectorTerms": [
+                                {
+                                    "matchExpressions": [
+                                        {"key": "a", "operator": "Exists"}
+                                    ]
+                                }
+                            ]
+                        }
+                    }
+                },
+            },
+            None,
+            [
+                {
+                    "matchExpressions": [{"key": "a", "operator": "Exists"}],
+                    "matchFields": [NODE_PIN],
+                }
+            ],
+        ),
+    ],
+)
+def test_placement_variants(
+    settings: OperatorSettings,
+    placement: dict[str, Any],
+    selector: dict[str, str] | None,
+    terms: list[dict[str, Any]] | None,
+) -> None:
+    pod = _pod(settings, placement=placement)
+    assert pod.get("nodeSelector") == selector
+    affinity = pod.get("affinity", {}).get("nodeAffinity", {})
+    required = affinity.get("requiredDuringSchedulingIgnoredDuringExecution", {})
+    assert required.get("nodeSelectorTerms") == terms
+    assert "nodeName" not in pod  # always through the scheduler
+
+
+def test_user_tolerations_are_added(settings: OperatorSettings) -> None:
+    pod = _pod(
+        settings,
+        placement={
+            "tolerations": [
+                {"key": "dedicated", "value": "llm", "effect": "NoSchedule"}
+            ]
+        },
+    )
+    assert {
+        "key": "dedicated",
+        "operator": "Equal",
+        "value": "llm",
+        "effect": "NoSchedule",
+    } in pod["tolerations"]
+    assert len(pod["tolerations"]) == 2

@@ -1,0 +1,50 @@
+"""Events on condition transitions."""
+
+from __future__ import annotations
+
+import pytest
+
+from citadel.operator.events import event_object, transitions
+from citadel.operator.observe import derive_status
+
+from .samples import NODES, NOW, deployment, make_model, pod
+
+pytestmark = pytest.mark.unit
+
+
+def test_every_new_condition_is_an_event() -> None:
+    model = make_model()
+    status = derive_status(model, deployment(), [pod("p1")], NODES, NOW)
+    notices = transitions(model.status, status)
+    assert {n.reason for n in notices} == {
+        "ReplicasReady",
+        "Scheduled",
+        "Complete",
+        "AsExpected",
+    }
+    assert all(n.type == "Normal" for n in notices)
+
+
+def test_bad_news_is_a_warning_and_counts_alone_are_not_news() -> None:
+    model = make_model(replicas=3)
+    before = derive_status(
+        model, deployment(3, 1), [pod("p1", unschedulable="full")], NODES, NOW
+    )
+    after = derive_status(
+        model, deployment(3, 2), [pod("p1", unschedulable="full")], NODES, NOW
+    )
+    assert transitions(before, after) == []
+    scheduled = next(
+        n for n in transitions(model.status, before) if n.reason == "Unschedulable"
+    )
+    assert scheduled.type == "Warning"
+    assert "full" in scheduled.message
+
+
+def test_event_object_points_at_the_model() -> None:
+    model = make_model()
+    notice = transitions(model.status, derive_status(model, None, [], NODES, NOW))[0]
+    event = event_object(model, notice, NOW)
+    assert event["involvedObject"]["kind"] == "LLMModel"
+    assert event["involvedObject"]["uid"] == "uid-mixtral"
+    assert event["metadata"]["namespace"] == "llm"

@@ -1,0 +1,57 @@
+"""The Kopf wiring: handlers registered, errors translated, settings applied."""
+
+from __future__ import annotations
+
+import kopf
+import pytest
+
+from citadel.operator.handlers import _translated, build_registry
+from citadel.operator.kube.fake import FakeKube
+from citadel.operator.main import kopf_settings
+from citadel.operator.metrics import Metrics
+from citadel.operator.reconcile import ReconcileError, Reconciler
+from citadel.operator.settings import OperatorSettings, PeeringMode
+
+pytestmark = pytest.mark.unit
+
+
+async def _fail(retryable: bool) -> None:
+    raise ReconcileError("boom", retryable=retryable, delay=3)
+
+
+async def test_retryable_errors_become_temporary() -> None:
+    with pytest.raises(kopf.TemporaryError) as err:
+        await _translated(_fail(True))
+    assert err.value.delay == 3
+    with pytest.raises(kopf.PermanentError):
+        await _translated(_fail(False))
+
+
+def _login() -> kopf.ConnectionInfo:
+    return kopf.ConnectionInfo(server="https://127.0.0.1:1")
+
+
+async def _noop() -> None:
+    return None
+
+
+@pytest.mark.parametrize("resync", [0.0, 60.0])
+def test_registry_has_every_handler(settings: OperatorSettings, resync: float) -> None:
+    settings = settings.model_copy(update={"resync_seconds": resync})
+    reconciler = Reconciler(FakeKube(), settings, Metrics())
+    registry = build_registry(reconciler, settings, _login, _noop)
+    changing = {h.id for h in registry._changing.get_all_handlers()}
+    assert {"reconcile-create", "reconcile-update", "reconcile-resume"} <= changing
+    watching = {h.id for h in registry._watching.get_all_handlers()}
+    assert {"llmmodel-event", "deployment-event", "pod-event"} <= watching
+    timers = {h.id for h in registry._spawning.get_all_handlers()}
+    assert timers == ({"resync"} if resync else set())
+
+
+def test_kopf_settings_keep_state_in_our_annotations(
+    settings: OperatorSettings,
+) -> None:
+    ks = kopf_settings(settings.model_copy(update={"peering": PeeringMode.MANDATORY}))
+    assert ks.persistence.finalizer == "citadel.ai/finalizer"
+    assert ks.peering.mandatory and not ks.peering.standalone
+    assert ks.peering.name == "citadel-operator"

@@ -1,0 +1,72 @@
+"""Service, cache claim, PodDisruptionBudget and PodMonitor builders."""
+
+from __future__ import annotations
+
+import pytest
+
+from citadel.operator.builders.objects import (
+    build_cache_claim,
+    build_pdb,
+    build_pod_monitor,
+    build_service,
+)
+
+from .samples import make_model
+
+pytestmark = pytest.mark.unit
+
+
+def test_service_exposes_port_8000_named_http() -> None:
+    service = build_service(make_model())
+    assert service["metadata"]["name"] == "mixtral"
+    assert service["spec"]["ports"] == [
+        {
+            "name": "http",
+            "port": 8000,
+            "targetPort": "http",
+            "protocol": "TCP",
+            "appProtocol": "http",
+        }
+    ]
+    assert service["spec"]["selector"]["citadel.ai/model"] == "mixtral"
+
+
+def test_no_cache_no_claim() -> None:
+    assert build_cache_claim(make_model()) is None
+
+
+def test_cache_claim_is_kept_by_default() -> None:
+    claim = build_cache_claim(
+        make_model(cache={"size": "200Gi", "storageClassName": "fast"})
+    )
+    assert claim is not None
+    assert claim["metadata"]["name"] == "mixtral-cache"
+    assert "ownerReferences" not in claim["metadata"]
+    assert claim["spec"] == {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": "200Gi"}},
+        "storageClassName": "fast",
+    }
+
+
+def test_cache_claim_is_owned_when_it_should_go_with_the_model() -> None:
+    claim = build_cache_claim(
+        make_model(cache={"size": "1Gi", "deletePolicy": "Delete"})
+    )
+    assert claim is not None
+    assert claim["metadata"]["ownerReferences"][0]["kind"] == "LLMModel"
+    assert "storageClassName" not in claim["spec"]
+
+
+@pytest.mark.parametrize(("replicas", "wanted"), [(0, False), (1, False), (2, True)])
+def test_pdb_only_with_several_replicas(replicas: int, wanted: bool) -> None:
+    pdb = build_pdb(make_model(replicas=replicas))
+    assert (pdb is not None) is wanted
+    if pdb is not None:
+        assert pdb["spec"]["maxUnavailable"] == 1
+
+
+def test_pod_monitor_scrapes_metrics() -> None:
+    monitor = build_pod_monitor(make_model())
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "http"
+    assert monitor["spec"]["podMetricsEndpoints"][0]["path"] == "/metrics"

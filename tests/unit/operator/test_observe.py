@@ -1,0 +1,223 @@
+"""Status derivation from sample cluster objects."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from citadel.operator.model import LLMModel
+from citadel.operator.observe import Blocker, derive_status
+from citadel.operator.status import ConditionType, LLMModelStatus, Phase
+
+from .samples import NODES, NOW, deployment, make_model, model_body, pod
+
+pytestmark = pytest.mark.unit
+PINNED = {"placement": {"nodeName": "hx-llm-server-01"}, "resources": {"gpus": 2}}
+
+
+def _cond(status: LLMModelStatus, kind: ConditionType) -> tuple[str, str, str]:
+    cond = status.condition(kind)
+    assert cond is not None
+    return cond.status, cond.reason, cond.message
+
+
+def _derive(
+    model: LLMModel,
+    deploy: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+    blocker: Blocker | None = None,
+) -> LLMModelStatus:
+    return derive_status(model, deploy, pods, NODES, NOW, blocker)
+
+
+def test_ready_model() -> None:
+    status = _derive(make_model(**PINNED), deployment(), [pod("p1")])
+    assert status.phase is Phase.READY
+    assert _cond(status, ConditionType.READY)[:2] == ("True", "ReplicasReady")
+    assert _cond(status, ConditionType.SCHEDULED)[:2] == ("True", "Scheduled")
+    assert _cond(status, ConditionType.PROGRESSING)[:2] == ("False", "Complete")
+    assert _cond(status, ConditionType.DEGRADED)[:2] == ("False", "AsExpected")
+    assert status.replicas.desired == status.replicas.ready == 1
+    assert status.endpoint == "http://mixtral.llm.svc:8000"
+    assert status.nodes == ["hx-llm-server-01"]
+    assert status.served_name == "mixtral"
+    assert status.observed_generation == 1
+    assert all(c.observed_generation == 1 for c in status.conditions)
+
+
+def test_before_the_deployment_exists() -> None:
+    status = _derive(make_model(**PINNED), None, [])
+    assert status.phase is Phase.PENDING
+    assert _cond(status, ConditionType.PROGRESSING)[:2] == ("True", "Creating")
+    assert _cond(status, ConditionType.SCHEDULED)[0] == "Unknown"
+    assert _cond(status, ConditionType.READY)[0] == "False"
+
+
+def test_unschedulable_pod_quotes_the_scheduler() -> None:
+    message = "0/3 nodes are available: 1 Insufficient nvidia.com/gpu."
+    status = _derive(
+        make_model(**PINNED),
+        deployment(ready=0),
+        [pod("p1", node_name=None, unschedulable=message)],
+    )
+    assert status.phase is Phase.PENDING
+    scheduled = _cond(status, ConditionType.SCHEDULED)
+    assert scheduled[:2] == ("False", "Unschedulable")
+    assert message in scheduled[2]
+    assert _cond(status, ConditionType.READY)[1] == "Unschedulable"
+
+
+def test_unknown_node_is_named() -> None:
+    model = make_model(placement={"nodeName": "hx-nope"})
+    status = _derive(
+        model, deployment(ready=0), [pod("p1", node_name=None, unschedulable="x")]
+    )
+    scheduled = _cond(status, ConditionType.SCHEDULED)
+    assert scheduled[:2] == ("False", "NodeNotFound")
+    assert "'hx-nope' does not exist" in scheduled[2]
+    assert "hx-llm-server-01" in scheduled[2]
+    assert "scheduler: x" in scheduled[2]
+    assert status.phase is Phase.FAILED
+
+
+def test_more_gpus_than_the_node_has() -> None:
+    model = make_model(
+        placement={"nodeName": "hx-llm-server-01"}, resources={"gpus": 16}
+    )
+    status = _derive(model, deployment(ready=0), [])
+    scheduled = _cond(status, ConditionType.SCHEDULED)
+    assert scheduled[:2] == ("False", "InsufficientGPUs")
+    assert "16 nvidia.com/gpu" in scheduled[2]
+    assert "hx-llm-server-01 has 4" in scheduled[2]
+    assert status.phase is Phase.FAILED
+
+
+def test_gpu_product_that_no_node_has() -> None:
+    model = make_model(placement={"gpuProduct": "NVIDIA-B200"})
+    status = _derive(model, deployment(ready=0), [])
+    assert _cond(status, ConditionType.SCHEDULED)[:2] == ("False", "NoMatchingNode")
+
+
+def test_gpu_product_checks_capacity_of_matching_nodes_only() -> None:
+    model = make_model(
+        placement={"gpuProduct": "NVIDIA-H100-80GB-HBM3"}, resources={"gpus": 8}
+    )
+    status = _derive(model, deployment(ready=0), [])
+    assert _cond(status, ConditionType.SCHEDULED)[1] == "InsufficientGPUs"
+    fits = make_model(
+        placement={"gpuProduct": "NVIDIA-A100-SXM4-80GB"}, resources={"gpus": 8}
+    )
+    assert (
+        _cond(
+            _derive(fits, deployment(), [pod("p1", node_name="hx-llm-server-02")]),
+            ConditionType.SCHEDULED,
+        )[0]
+        == "True"
+    )
+
+
+@pytest.mark.parametrize(
+    "reason", ["CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull"]
+)
+def test_crash_loops_and_pull_failures_degrade(reason: str) -> None:
+    status = _derive(
+        make_model(**PINNED),
+        deployment(ready=0),
+        [pod("p1", ready=False, waiting=reason)],
+    )
+    degraded = _cond(status, ConditionType.DEGRADED)
+    assert degraded[:2] == ("True", reason)
+    assert "pod p1" in degraded[2]
+    assert status.phase is Phase.DEGRADED
+    assert _cond(status, ConditionType.READY)[1] == reason
+
+
+def test_loading_model_is_progressing() -> None:
+    status = _derive(
+        make_model(**PINNED), deployment(ready=0), [pod("p1", ready=False)]
+    )
+    assert status.phase is Phase.PROGRESSING
+    assert _cond(status, ConditionType.PROGRESSING)[:2] == (
+        "True",
+        "WaitingForReplicas",
+    )
+    assert _cond(status, ConditionType.READY)[:2] == ("False", "WaitingForReplicas")
+
+
+def test_rollout_in_flight() -> None:
+    status = _derive(
+        make_model(**PINNED, replicas=2),
+        deployment(replicas=2, ready=2, updated=1, generation=3, observed=3),
+        [pod("p1"), pod("p2")],
+    )
+    assert _cond(status, ConditionType.PROGRESSING)[:2] == ("True", "RollingOut")
+    assert status.phase is Phase.PROGRESSING
+    assert _cond(status, ConditionType.READY)[0] == "True"
+
+
+def test_progress_deadline_exceeded() -> None:
+    status = _derive(
+        make_model(**PINNED),
+        deployment(ready=0, deadline_exceeded=True),
+        [pod("p1", ready=False)],
+    )
+    assert _cond(status, ConditionType.PROGRESSING)[:2] == (
+        "False",
+        "ProgressDeadlineExceeded",
+    )
+    assert _cond(status, ConditionType.DEGRADED)[:2] == (
+        "True",
+        "ProgressDeadlineExceeded",
+    )
+    assert status.phase is Phase.DEGRADED
+
+
+def test_partly_unschedulable_while_serving_is_degraded() -> None:
+    status = _derive(
+        make_model(**PINNED, replicas=2),
+        deployment(replicas=2, ready=1),
+        [pod("p1"), pod("p2", node_name=None, unschedulable="no room")],
+    )
+    assert status.phase is Phase.DEGRADED
+    assert _cond(status, ConditionType.READY)[0] == "True"
+
+
+def test_scaled_to_zero() -> None:
+    status = _derive(make_model(replicas=0), deployment(replicas=0, ready=0), [])
+    assert _cond(status, ConditionType.READY)[:2] == ("False", "ScaledToZero")
+    assert status.phase is Phase.READY
+
+
+def test_blocker_fails_the_model() -> None:
+    status = _derive(
+        make_model(**PINNED),
+        deployment(),
+        [pod("p1")],
+        Blocker("ServedNameConflict", "taken"),
+    )
+    assert _cond(status, ConditionType.READY) == (
+        "False",
+        "ServedNameConflict",
+        "taken",
+    )
+    assert status.phase is Phase.FAILED
+
+
+def test_terminating_pods_are_ignored() -> None:
+    old = pod("old", waiting="CrashLoopBackOff")
+    old["metadata"]["deletionTimestamp"] = NOW
+    status = _derive(make_model(**PINNED), deployment(), [pod("p1"), old])
+    assert _cond(status, ConditionType.DEGRADED)[0] == "False"
+
+
+def test_transition_time_is_kept_while_the_status_holds() -> None:
+    first = _derive(make_model(**PINNED), deployment(), [pod("p1")])
+    earlier = first.model_dump(by_alias=True, mode="json")
+    for cond in earlier["conditions"]:
+        cond["lastTransitionTime"] = "2020-01-01T00:00:00Z"
+    model = LLMModel.from_body(model_body(status=earlier, **PINNED))
+    again = _derive(model, deployment(ready=0), [pod("p1", ready=False)])
+    times = {c.type: c.last_transition_time for c in again.conditions}
+    assert times["Scheduled"] == "2020-01-01T00:00:00Z"  # still True
+    assert times["Ready"] == NOW  # True -> False

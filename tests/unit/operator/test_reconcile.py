@@ -1,0 +1,199 @@
+"""The Reconciler against the in-memory Kube."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from citadel.operator.kube.client import ApiError
+from citadel.operator.kube.fake import FakeKube
+from citadel.operator.kube.resources import (
+    DEPLOYMENTS,
+    LLMMODELS,
+    PDBS,
+    POD_MONITORS,
+    PVCS,
+    SERVICES,
+)
+from citadel.operator.metrics import Metrics
+from citadel.operator.reconcile import ReconcileError, Reconciler, Serializer
+from citadel.operator.settings import OperatorSettings
+
+from .samples import NODES, NOW, model_body, pod
+
+pytestmark = pytest.mark.unit
+
+
+def _setup(
+    settings: OperatorSettings, *objects: dict[str, Any], monitoring: bool = False
+) -> tuple[FakeKube, Reconciler]:
+    kube = FakeKube([*NODES, *objects], served=[POD_MONITORS] if monitoring else [])
+    return kube, Reconciler(kube, settings, Metrics(), clock=lambda: NOW)
+
+
+def _reasons(kube: FakeKube) -> list[str]:
+    return [e["reason"] for e in kube.events]
+
+
+async def test_creates_every_owned_object_and_a_status(
+    settings: OperatorSettings,
+) -> None:
+    body = model_body(cache={"size": "10Gi"}, replicas=2)
+    kube, reconciler = _setup(settings, body)
+    status = await reconciler.reconcile(body)
+    for resource, name in (
+        (DEPLOYMENTS, "mixtral"),
+        (SERVICES, "mixtral"),
+        (PVCS, "mixtral-cache"),
+        (PDBS, "mixtral"),
+    ):
+        assert kube.stored(resource, name, "llm")
+    stored = kube.stored(LLMMODELS, "mixtral", "llm")["status"]
+    assert stored["observedGeneration"] == 1
+    assert stored["phase"] == status.phase == "Pending"
+    assert "MonitoringUnavailable" in _reasons(kube)
+    assert "RollingOut" in _reasons(kube)
+
+
+async def test_reconcile_twice_changes_nothing(settings: OperatorSettings) -> None:
+    kube, reconciler = _setup(settings, model_body())
+    await reconciler.reconcile(model_body())
+    body = kube.stored(LLMMODELS, "mixtral", "llm")
+    events, statuses = (
+        len(kube.events),
+        sum(1 for s, _ in kube.applied if s == "status"),
+    )
+    await reconciler.reconcile(body)
+    assert len(kube.events) == events
+    assert sum(1 for s, _ in kube.applied if s == "status") == statuses
+
+
+async def test_pod_monitor_when_the_crd_exists(settings: OperatorSettings) -> None:
+    kube, reconciler = _setup(settings, model_body(), monitoring=True)
+    await reconciler.reconcile(model_body())
+    assert kube.stored(POD_MONITORS, "mixtral", "llm")
+    assert "MonitoringUnavailable" not in _reasons(kube)
+
+
+async def test_scaling_to_one_removes_the_pdb(settings: OperatorSettings) -> None:
+    kube, reconciler = _setup(settings, model_body(replicas=3))
+    await reconciler.reconcile(model_body(replicas=3))
+    await reconciler.reconcile(model_body(replicas=1, generation=2))
+    assert (PDBS.plural, "llm", "mixtral") in kube.deleted
+
+
+async def test_foreign_object_with_the_same_name_is_not_taken_over(
+    settings: OperatorSettings,
+) -> None:
+    foreign = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "mixtral", "namespace": "llm"},
+        "spec": {"replicas": 9},
+    }
+    kube, reconciler = _setup(settings, model_body(), foreign)
+    with pytest.raises(ReconcileError, match="does not belong") as err:
+        await reconciler.reconcile(model_body())
+    assert not err.value.retryable
+    assert kube.stored(DEPLOYMENTS, "mixtral", "llm")["spec"] == {"replicas": 9}
+
+
+async def test_existing_cache_claim_is_used_untouched(
+    settings: OperatorSettings,
+) -> None:
+    theirs = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "mixtral-cache", "namespace": "llm"},
+        "spec": {"resources": {"requests": {"storage": "1Ti"}}},
+    }
+    body = model_body(cache={"size": "10Gi"})
+    kube, reconciler = _setup(settings, body, theirs)
+    await reconciler.reconcile(body)
+    assert kube.stored(PVCS, "mixtral-cache", "llm")["spec"] == theirs["spec"]
+    assert "CacheClaimAdopted" in _reasons(kube)
+
+
+async def test_api_errors_are_classified(settings: OperatorSettings) -> None:
+    kube, reconciler = _setup(settings, model_body())
+    kube.fail["services"] = ApiError(503, "ServiceUnavailable", "etcd")
+    with pytest.raises(ReconcileError) as temporary:
+        await reconciler.reconcile(model_body())
+    assert temporary.value.retryable
+    kube.fail["services"] = ApiError(422, "Invalid", "spec.ports")
+    with pytest.raises(ReconcileError) as permanent:
+        await reconciler.reconcile(model_body())
+    assert not permanent.value.retryable
+
+
+async def test_refresh_reverts_a_hand_edit(settings: OperatorSettings) -> None:
+    kube, reconciler = _setup(settings, model_body())
+    await reconciler.reconcile(model_body())
+    kube.stored(DEPLOYMENTS, "mixtral", "llm")["spec"]["replicas"] = 7
+    await reconciler.refresh("llm", "mixtral", fix_drift=True)
+    assert kube.stored(DEPLOYMENTS, "mixtral", "llm")["spec"]["replicas"] == 1
+    assert "DriftReverted" in _reasons(kube)
+
+
+async def test_refresh_recreates_a_deleted_deployment(
+    settings: OperatorSettings,
+) -> None:
+    kube, reconciler = _setup(settings, model_body())
+    await reconciler.reconcile(model_body())
+    await kube.delete(DEPLOYMENTS, "mixtral", "llm")
+    await reconciler.refresh("llm", "mixtral", fix_drift=True)
+    assert kube.stored(DEPLOYMENTS, "mixtral", "llm")
+
+
+async def test_refresh_follows_the_pods(settings: OperatorSettings) -> None:
+    kube, reconciler = _setup(settings, model_body())
+    await reconciler.reconcile(model_body())
+    kube.put(pod("mixtral-abc", waiting="CrashLoopBackOff"))
+    await reconciler.refresh("llm", "mixtral")
+    status = kube.stored(LLMMODELS, "mixtral", "llm")["status"]
+    assert status["phase"] == "Degraded"
+    assert "CrashLoopBackOff" in _reasons(kube)
+
+
+async def test_refresh_of_a_missing_model_is_quiet(settings: OperatorSettings) -> None:
+    kube, reconciler = _setup(settings)
+    await reconciler.refresh("llm", "gone", fix_drift=True)
+    assert kube.applied == []
+
+
+async def test_name_conflict_shows_in_the_status(settings: OperatorSettings) -> None:
+    first = model_body("a", servedName="chat")
+    second = model_body("b", servedName="chat", created="2026-06-01T00:00:00Z")
+    kube, reconciler = _setup(settings, first, second)
+    await reconciler.reconcile(first)
+    await reconciler.reconcile(second)
+    await reconciler.routes.publish()  # finds the clash and refreshes "b"
+    status = kube.stored(LLMMODELS, "b", "llm")["status"]
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "ServedNameConflict"
+    assert status["phase"] == "Failed"
+
+
+async def test_forget_clears_the_phase_metric(settings: OperatorSettings) -> None:
+    _, reconciler = _setup(settings, model_body())
+    await reconciler.reconcile(model_body())
+    gauge = reconciler.metrics.models.labels(phase="Pending")
+    assert gauge._value.get() == 1
+    await reconciler.forget("llm", "mixtral")
+    assert gauge._value.get() == 0
+
+
+async def test_serializer_drops_requests_queued_behind_a_waiting_one() -> None:
+    serial = Serializer()
+    async with serial.hold("k"), serial.coalesce("x") as first:
+        assert first
+    entered: list[bool] = []
+    async with serial.hold("k"):
+        # Nothing waits for "k" yet, so this request would queue; simulate a
+        # second caller arriving while the first waits.
+        serial._waiting.add("k")
+        async with serial.coalesce("k") as second:
+            entered.append(second)
+        serial._waiting.discard("k")
+    assert entered == [False]

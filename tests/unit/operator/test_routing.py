@@ -1,0 +1,115 @@
+"""The routing document and the single writer of its ConfigMap."""
+
+from __future__ import annotations
+
+import pytest
+
+from citadel.gateway.routes import RoutingStrategy, parse_document
+from citadel.operator.kube.fake import FakeKube
+from citadel.operator.kube.resources import CONFIGMAPS
+from citadel.operator.model import LLMModel
+from citadel.operator.routing import RoutePublisher, build_document, route_for
+from citadel.operator.settings import OperatorSettings
+
+from .samples import model_body
+
+pytestmark = pytest.mark.unit
+
+READY = {
+    "conditions": [
+        {
+            "type": "Ready",
+            "status": "True",
+            "reason": "ReplicasReady",
+            "lastTransitionTime": "2026-01-01T00:00:00Z",
+        }
+    ],
+    "replicas": {"desired": 2, "ready": 2},
+}
+
+
+def test_route_carries_every_field() -> None:
+    model = LLMModel.from_body(
+        model_body(
+            servedName="mixtral",
+            aliases=["chat-default"],
+            routing={"strategy": "least-load"},
+            limits={"rpm": 600, "tpm": 200000},
+            status=READY,
+        )
+    )
+    route = route_for(model)
+    assert route.names == ("mixtral", "chat-default")
+    assert (route.namespace, route.service, route.port) == ("llm", "mixtral", 8000)
+    assert route.strategy is RoutingStrategy.LEAST_LOAD
+    assert (route.limits.rpm, route.limits.tpm) == (600, 200000)
+    assert route.ready and route.ready_replicas == 2
+
+
+def test_not_ready_without_the_condition() -> None:
+    assert route_for(LLMModel.from_body(model_body())).ready is False
+
+
+def test_older_model_keeps_a_contested_name() -> None:
+    old = LLMModel.from_body(
+        model_body("a", servedName="chat", created="2026-01-01T00:00:00Z")
+    )
+    new = LLMModel.from_body(
+        model_body(
+            "b", servedName="other", aliases=["chat"], created="2026-02-01T00:00:00Z"
+        )
+    )
+    doc, conflicts = build_document([new, old])
+    assert [r.name for r in doc.models] == ["a"]
+    assert "already served by llm/a" in conflicts["llm/b"]
+    parse_document(doc.to_json())  # the gateway accepts it
+
+
+async def test_publisher_writes_the_whole_document(settings: OperatorSettings) -> None:
+    kube = FakeKube(
+        [model_body("a", servedName="x"), model_body("b", namespace="other")]
+    )
+    publisher = RoutePublisher(kube, settings)
+    doc = await publisher.publish()
+    stored = kube.stored(CONFIGMAPS, "citadel-routes", "citadel-system")
+    assert parse_document(stored["data"]["routes.json"]) == doc
+    assert {(r.namespace, r.name) for r in doc.models} == {("llm", "a"), ("other", "b")}
+    assert (
+        stored["metadata"]["labels"]["app.kubernetes.io/managed-by"]
+        == "citadel-operator"
+    )
+
+
+async def test_deleting_models_leave_the_document(settings: OperatorSettings) -> None:
+    going = model_body("b")
+    going["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    kube = FakeKube([model_body("a"), going])
+    doc = await RoutePublisher(kube, settings).publish()
+    assert [r.name for r in doc.models] == ["a"]
+
+
+async def test_watched_namespaces_limit_the_document(
+    settings: OperatorSettings,
+) -> None:
+    kube = FakeKube([model_body("a"), model_body("b", namespace="other")])
+    scoped = settings.model_copy(update={"watch_namespaces": ("other",)})
+    doc = await RoutePublisher(kube, scoped).publish()
+    assert [r.namespace for r in doc.models] == ["other"]
+
+
+async def test_conflict_changes_are_reported(settings: OperatorSettings) -> None:
+    seen: list[set[str]] = []
+
+    async def report(keys: set[str]) -> None:
+        seen.append(keys)
+
+    kube = FakeKube(
+        [
+            model_body("a", servedName="chat"),
+            model_body("b", servedName="chat", created="2026-03-01T00:00:00Z"),
+        ]
+    )
+    publisher = RoutePublisher(kube, settings, on_conflicts=report)
+    await publisher.publish()
+    await publisher.publish()  # unchanged: not reported again
+    assert seen == [{"llm/b"}]

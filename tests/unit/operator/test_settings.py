@@ -1,0 +1,37 @@
+"""Settings from CITADEL_OPERATOR_* variables."""
+
+from __future__ import annotations
+
+import pytest
+
+from citadel.operator.settings import LogFormat, OperatorSettings, PeeringMode
+
+pytestmark = pytest.mark.unit
+
+
+def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("WATCH_NAMESPACES", "GATEWAY_NAMESPACE", "LOG_FORMAT"):
+        monkeypatch.delenv(f"CITADEL_OPERATOR_{name}", raising=False)
+    settings = OperatorSettings()
+    assert settings.clusterwide
+    assert settings.gateway_namespace == "citadel-system"
+    assert settings.routes_configmap == "citadel-routes"
+    assert settings.default_vllm_image.startswith("vllm/vllm-openai:v")
+    assert (settings.metrics_port, settings.health_port) == (8080, 8081)
+
+
+def test_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CITADEL_OPERATOR_WATCH_NAMESPACES", "llm, team-a,")
+    monkeypatch.setenv("CITADEL_OPERATOR_LOG_FORMAT", "text")
+    monkeypatch.setenv("CITADEL_OPERATOR_PEERING", "standalone")
+    settings = OperatorSettings()
+    assert settings.watch_namespaces == ("llm", "team-a")
+    assert not settings.clusterwide
+    assert settings.log_format is LogFormat.TEXT
+    assert settings.peering is PeeringMode.STANDALONE
+
+
+def test_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CITADEL_OPERATOR_LOG_FORMAT", "xml")
+    with pytest.raises(ValueError, match="log_format"):
+        OperatorSettings()
