@@ -44,9 +44,23 @@ lint: venv ## ruff format check, ruff lint, mypy --strict, import layering
 	$(VENV)/bin/mypy --config-file pyproject.toml tests/e2e/harness
 	$(VENV)/bin/lint-imports --config .importlinter
 
+# The chart's template tests need helm: `make unit` builds it alone (from its Go
+# module, a few minutes once, then cached), not the whole cluster.
+HELM := $(CITADEL_CACHE)/bin/helm
+$(HELM):
+	bash tests/e2e/cluster/build.sh helm
+
 .PHONY: unit
-unit: venv ## Unit tests (no cluster, no network)
+unit: venv $(HELM) ## Unit tests (no cluster, no network)
 	$(VENV)/bin/pytest -m unit tests/unit
+
+.PHONY: dashboards
+dashboards: venv ## Regenerate the chart's Grafana dashboards from charts/dashboards.py
+	$(PY) charts/dashboards.py
+
+.PHONY: chart-docs
+chart-docs: venv ## Regenerate the values reference in docs/install.md from the schema
+	$(PY) charts/values_reference.py
 
 .PHONY: crds
 crds: venv ## Generate crds/ and docs/reference/llmmodel.md from operator/spec.py

@@ -1,0 +1,193 @@
+{{/* Names, labels and small shared pieces. Every helper starts with "citadel.". */}}
+
+{{- define "citadel.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The prefix of every object's name. Component suffixes (-operator, -gateway, -redis,
+-admin-key) add at most 16 characters, so it is cut at 47.
+*/}}
+{{- define "citadel.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 47 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 47 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 47 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "citadel.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels of every object; call with (dict "ctx" $ "component" "gateway"). */}}
+{{- define "citadel.labels" -}}
+helm.sh/chart: {{ include "citadel.chart" .ctx }}
+{{ include "citadel.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/part-of: citadel
+{{- with .ctx.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The labels a component's selectors use; they never change across upgrades. */}}
+{{- define "citadel.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "citadel.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "citadel.operator.fullname" -}}
+{{ include "citadel.fullname" . }}-operator
+{{- end }}
+
+{{- define "citadel.gateway.fullname" -}}
+{{ include "citadel.fullname" . }}-gateway
+{{- end }}
+
+{{- define "citadel.redis.fullname" -}}
+{{ include "citadel.fullname" . }}-redis
+{{- end }}
+
+{{- define "citadel.operator.serviceAccountName" -}}
+{{- if .Values.operator.serviceAccount.create }}
+{{- default (include "citadel.operator.fullname" .) .Values.operator.serviceAccount.name }}
+{{- else }}
+{{- required "operator.serviceAccount.name is required when operator.serviceAccount.create is false" .Values.operator.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "citadel.gateway.serviceAccountName" -}}
+{{- if .Values.gateway.serviceAccount.create }}
+{{- default (include "citadel.gateway.fullname" .) .Values.gateway.serviceAccount.name }}
+{{- else }}
+{{- required "gateway.serviceAccount.name is required when gateway.serviceAccount.create is false" .Values.gateway.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* An image reference; call with (dict "image" .Values.x.image "ctx" $). */}}
+{{- define "citadel.image" -}}
+{{- $tag := default .ctx.Chart.AppVersion .image.tag }}
+{{- if .image.digest }}
+{{- printf "%s@%s" .image.repository .image.digest }}
+{{- else }}
+{{- printf "%s:%s" .image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{/* The namespaces holding models: empty means cluster-wide. */}}
+{{- define "citadel.watchNamespaces" -}}
+{{- join "," (uniq .Values.watchNamespaces) }}
+{{- end }}
+
+{{/* Where the gateway's limits live: an external URL, the bundled Redis, or "". */}}
+{{- define "citadel.redisUrl" -}}
+{{- if .Values.redis.externalUrl }}
+{{- .Values.redis.externalUrl }}
+{{- else if and .Values.redis.enabled (not .Values.redis.externalUrlSecret.name) }}
+{{- printf "redis://%s:6379/0" (include "citadel.redis.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/* True ("true") when the bundled Redis runs. */}}
+{{- define "citadel.redis.enabled" -}}
+{{- if and .Values.redis.enabled .Values.gateway.enabled (not .Values.redis.externalUrl) (not .Values.redis.externalUrlSecret.name) }}true{{ end }}
+{{- end }}
+
+{{/* True when the Prometheus Operator's API is served (or given with --api-versions). */}}
+{{- define "citadel.monitoring.enabled" -}}
+{{- if and .Values.monitoring.enabled (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1") }}true{{ end }}
+{{- end }}
+
+{{/* The pod security context every Citadel pod runs with. */}}
+{{- define "citadel.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+fsGroup: 65532
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* The container security context: the "restricted" Pod Security Standard. */}}
+{{- define "citadel.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+capabilities:
+  drop: [ALL]
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/*
+The bootstrap admin key: the one already stored in the cluster when there is one
+(so upgrades keep it), otherwise a new one. Computed once per render and cached on
+the root context, so the plain-key Secret and the hashed record agree.
+*/}}
+{{- define "citadel.adminKey" -}}
+{{- if not (hasKey $ "citadelAdminKey") }}
+{{- $name := printf "%s-admin-key" (include "citadel.fullname" .) }}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace $name }}
+{{- $key := "" }}
+{{- if and $existing $existing.data (hasKey $existing.data "key") }}
+{{- $key = index $existing.data "key" | b64dec }}
+{{- else }}
+{{- $key = printf "ctd-%s" (randAlphaNum 43) }}
+{{- end }}
+{{- $_ := set $ "citadelAdminKey" $key }}
+{{- end }}
+{{- get $ "citadelAdminKey" }}
+{{- end }}
+
+{{/* The name of the Kopf peering object the operator replicas share. */}}
+{{- define "citadel.operator.peeringName" -}}
+{{ include "citadel.operator.fullname" . }}-{{ .Release.Namespace }}
+{{- end }}
+
+{{/*
+What the operator does to the objects of the namespaces holding models: LLMModels
+and what it makes for each (Deployment, Service, cache PVC, PodDisruptionBudget,
+PodMonitor), the pods and ReplicaSets it reads to explain a model's status, and
+Events. Used by the ClusterRole (cluster-wide) or by one Role per namespace.
+*/}}
+{{- define "citadel.operator.modelRules" -}}
+- apiGroups: [citadel.ai]
+  resources: [llmmodels]
+  verbs: [get, list, watch, patch, update]
+- apiGroups: [citadel.ai]
+  resources: [llmmodels/status]
+  verbs: [get, patch, update]
+# Owner references with blockOwnerDeletion need update on the owner's finalizers.
+- apiGroups: [citadel.ai]
+  resources: [llmmodels/finalizers]
+  verbs: [update]
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, list, watch, create, update, patch, delete]
+- apiGroups: [apps]
+  resources: [replicasets]
+  verbs: [get, list, watch]
+- apiGroups: [""]
+  resources: [services, persistentvolumeclaims]
+  verbs: [get, list, watch, create, update, patch, delete]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [get, list, watch, create, update, patch, delete]
+- apiGroups: [monitoring.coreos.com]
+  resources: [podmonitors]
+  verbs: [get, list, watch, create, update, patch, delete]
+- apiGroups: ["", events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+{{- end }}

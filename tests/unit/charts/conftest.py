@@ -1,0 +1,166 @@
+"""Fixtures for the chart's template tests: `helm template` with the helm binary the
+cluster build makes (`make unit` builds it first; `$CITADEL_CACHE/bin/helm`, else
+`helm` on PATH), parsed into objects."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[3]
+# CITADEL_CHART tests another copy of the chart, such as an unpacked `helm package`.
+CHART = Path(os.environ.get("CITADEL_CHART") or ROOT / "charts" / "citadel")
+RELEASE = "citadel"
+NAMESPACE = "citadel-system"
+MONITORING_API = "monitoring.coreos.com/v1"
+
+Obj = dict[str, Any]
+
+
+def find_tool(name: str) -> str | None:
+    """A tool from the cluster build's cache, else from PATH."""
+    cache = Path(os.environ.get("CITADEL_CACHE") or Path.home() / ".cache/citadel")
+    built = cache / "bin" / name
+    return str(built) if built.exists() else shutil.which(name)
+
+
+def load_script(name: str) -> ModuleType:
+    """A script from charts/ (dashboards, values_reference) as a module."""
+    path = ROOT / "charts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"citadel_charts_{name}", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def script() -> Callable[[str], ModuleType]:
+    """Loads a script from charts/ by name."""
+    return load_script
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    """The helm binary; the tests are skipped, saying why, when there is none."""
+    found = find_tool("helm")
+    if not found:
+        pytest.skip(
+            "no helm binary: run `make binaries` (or `make unit`, which builds it)"
+        )
+    return found
+
+
+def _set_args(values: dict[str, Any]) -> list[str]:
+    # --set-json keeps the types (numbers, lists, booleans) exactly as written here.
+    return [
+        arg for k, v in values.items() for arg in ("--set-json", f"{k}={json.dumps(v)}")
+    ]
+
+
+def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Runs helm with no kubeconfig and a throw-away cache."""
+    env = {
+        **os.environ,
+        "KUBECONFIG": "/dev/null",
+        "HELM_CACHE_HOME": "/tmp/citadel-helm",
+    }
+    return subprocess.run(
+        [helm, *args], capture_output=True, text=True, timeout=60, env=env, check=False
+    )
+
+
+class ChartKit:
+    """Renders the chart and picks objects out of what it rendered."""
+
+    release = RELEASE
+    namespace = NAMESPACE
+    path = CHART
+    root = ROOT
+
+    def __init__(self, helm: str) -> None:
+        self.helm = helm
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Runs helm offline (template and lint read no kubeconfig)."""
+        return run_helm(self.helm, *args)
+
+    def render(
+        self,
+        values: dict[str, Any] | None = None,
+        *,
+        monitoring: bool = False,
+        namespace: str = NAMESPACE,
+        expect_error: str | None = None,
+    ) -> list[Obj]:
+        """Renders the chart with `--set-json` values and returns its objects (the
+        `helm test` Pod included).
+
+        Args:
+            values: dotted value paths to JSON-able values.
+            monitoring: pretend the monitoring.coreos.com/v1 API is served.
+            namespace: the release namespace.
+            expect_error: text of the error expected instead of objects.
+        """
+        args = ["template", RELEASE, str(CHART), "--namespace", namespace]
+        args += _set_args(values or {})
+        if monitoring:
+            args += ["--api-versions", MONITORING_API]
+        result = self.run(*args)
+        if expect_error is not None:
+            assert result.returncode != 0, "rendered although it should have failed"
+            assert expect_error in result.stderr, result.stderr
+            return []
+        assert result.returncode == 0, result.stderr
+        return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+    @staticmethod
+    def find(objs: list[Obj], kind: str, name: str | None = None) -> list[Obj]:
+        """The objects of one kind (and name)."""
+        return [
+            o
+            for o in objs
+            if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)
+        ]
+
+    def one(self, objs: list[Obj], kind: str, name: str | None = None) -> Obj:
+        """The single object of one kind (and name)."""
+        found = self.find(objs, kind, name)
+        assert len(found) == 1, (
+            f"{len(found)} {kind} {name or ''} in {self.names(objs)}"
+        )
+        return found[0]
+
+    @staticmethod
+    def names(objs: list[Obj]) -> list[str]:
+        """`Kind/namespace/name` of every object, for messages."""
+        return [
+            f"{o['kind']}/{o['metadata'].get('namespace', '')}/{o['metadata']['name']}"
+            for o in objs
+        ]
+
+    @staticmethod
+    def env_of(container: Obj) -> dict[str, Any]:
+        """A container's env as name -> value (or its valueFrom)."""
+        return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+    @staticmethod
+    def container(deployment: Obj) -> Obj:
+        """The first container of a Deployment."""
+        return deployment["spec"]["template"]["spec"]["containers"][0]  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="session")
+def chart(helm: str) -> ChartKit:
+    """The chart and helpers to render it."""
+    return ChartKit(helm)

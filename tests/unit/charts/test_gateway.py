@@ -1,0 +1,170 @@
+"""The gateway's optional parts: Ingress, autoscaling, disruption budget, Redis,
+the bootstrap admin key and the model NetworkPolicy."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from typing import TYPE_CHECKING
+
+import pytest
+
+from citadel.gateway.services.auth import Role, hash_key
+from citadel.gateway.sources.kubernetes import KEY_LABEL, key_from_secret
+
+if TYPE_CHECKING:
+    from conftest import ChartKit
+
+pytestmark = pytest.mark.unit
+
+
+def test_ingress_with_class_hosts_and_tls(chart: ChartKit) -> None:
+    objs = chart.render(
+        {
+            "gateway.ingress.enabled": True,
+            "gateway.ingress.className": "nginx",
+            "gateway.ingress.hosts": [
+                {"host": "llm.corp", "paths": [{"path": "/v1", "pathType": "Prefix"}]}
+            ],
+            "gateway.ingress.tls": [{"secretName": "llm-tls", "hosts": ["llm.corp"]}],
+        }
+    )
+    ingress = chart.one(objs, "Ingress")
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"] == [{"secretName": "llm-tls", "hosts": ["llm.corp"]}]
+    rule = ingress["spec"]["rules"][0]
+    assert rule["host"] == "llm.corp"
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": "citadel-gateway", "port": {"name": "http"}}
+    assert not chart.find(chart.render(), "Ingress")
+
+
+def test_autoscaling_replaces_fixed_replicas(chart: ChartKit) -> None:
+    objs = chart.render({"gateway.autoscaling.enabled": True})
+    hpa = chart.one(objs, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "citadel-gateway"
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 10)
+    assert "replicas" not in chart.one(objs, "Deployment", "citadel-gateway")["spec"]
+
+
+def test_disruption_budget(chart: ChartKit) -> None:
+    pdb = chart.one(chart.render(), "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == (
+        "gateway"
+    )
+    off = chart.render({"gateway.podDisruptionBudget.enabled": False})
+    assert not chart.find(off, "PodDisruptionBudget")
+
+
+def redis_url(chart: ChartKit, values: dict[str, object]) -> object:
+    objs = chart.render(values)
+    env = chart.env_of(
+        chart.container(chart.one(objs, "Deployment", "citadel-gateway"))
+    )
+    return env["CITADEL_GATEWAY_REDIS_URL"]
+
+
+def test_redis_bundled_external_or_none(chart: ChartKit) -> None:
+    objs = chart.render()
+    assert (
+        chart.one(objs, "Service", "citadel-redis")["spec"]["ports"][0]["port"] == 6379
+    )
+    redis = chart.one(objs, "Deployment", "citadel-redis")
+    assert chart.container(redis)["image"] == "docker.io/library/redis:7.4.6-alpine"
+    assert chart.one(objs, "NetworkPolicy", "citadel-redis")
+
+    external = {"redis.externalUrl": "rediss://redis.corp:6380/2"}
+    assert redis_url(chart, external) == "rediss://redis.corp:6380/2"
+    assert not chart.find(chart.render(external), "Deployment", "citadel-redis")
+
+    secret = {"redis.externalUrlSecret": {"name": "redis-url", "key": "url"}}
+    assert redis_url(chart, secret) == {
+        "secretKeyRef": {"name": "redis-url", "key": "url"}
+    }
+    assert redis_url(chart, {"redis.enabled": False, "gateway.replicas": 1}) == ""
+
+
+def test_admin_key_record_is_what_the_gateway_reads(chart: ChartKit) -> None:
+    objs = chart.render()
+    plain = chart.one(objs, "Secret", "citadel-admin-key")
+    key = base64.b64decode(plain["data"]["key"]).decode()
+    assert key.startswith("ctd-") and len(key) == 4 + 43
+    record_secret = chart.one(objs, "Secret", "citadel-key-admin")
+    assert record_secret["metadata"]["labels"][KEY_LABEL] == "true"
+    assert KEY_LABEL not in plain["metadata"]["labels"]
+    record = key_from_secret(record_secret)
+    assert record is not None
+    assert record.role is Role.ADMIN
+    assert record.hash == hash_key(key)
+    assert record.hash == "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+    # A second render (no cluster to look up) makes a new key: the same key across
+    # upgrades comes from the lookup, tested on a cluster (tests/e2e/chart).
+    again = chart.one(chart.render(), "Secret", "citadel-admin-key")
+    assert again["data"]["key"] != plain["data"]["key"]
+
+
+def test_admin_key_kept_on_uninstall_when_asked(chart: ChartKit) -> None:
+    objs = chart.render({"gateway.adminKey.keepOnUninstall": True})
+    for name in ("citadel-admin-key", "citadel-key-admin"):
+        annotations = chart.one(objs, "Secret", name)["metadata"]["annotations"]
+        assert annotations["helm.sh/resource-policy"] == "keep"
+    objs = chart.render({"gateway.adminKey.create": False})
+    assert not chart.find(objs, "Secret")
+
+
+def test_helm_test_pod_calls_models_with_the_admin_key(chart: ChartKit) -> None:
+    pod = chart.one(chart.render(), "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    c = pod["spec"]["containers"][0]
+    env = chart.env_of(c)
+    assert env["CITADEL_URL"] == "http://citadel-gateway.citadel-system.svc:80"
+    assert env["CITADEL_API_KEY"] == {
+        "secretKeyRef": {"name": "citadel-admin-key", "key": "key"}
+    }
+    assert "/v1/models" in c["command"][-1]
+    pod = chart.one(chart.render({"gateway.auth": "disabled"}), "Pod")
+    assert "CITADEL_API_KEY" not in chart.env_of(pod["spec"]["containers"][0])
+
+
+def test_model_network_policy(chart: ChartKit) -> None:
+    chart.render({"networkPolicy.enabled": True}, expect_error="networkPolicy")
+    objs = chart.render(
+        {
+            "networkPolicy.enabled": True,
+            "watchNamespaces": ["llm-a", "llm-b"],
+            "networkPolicy.extraFrom": [
+                {"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}
+            ],
+        }
+    )
+    policies = chart.find(objs, "NetworkPolicy", "citadel-models")
+    assert {p["metadata"]["namespace"] for p in policies} == {"llm-a", "llm-b"}
+    spec = policies[0]["spec"]
+    assert spec["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/managed-by": "citadel-operator"
+    }
+    peers = spec["ingress"][0]["from"]
+    assert peers[0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": chart.namespace
+    }
+    assert peers[0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == (
+        "gateway"
+    )
+    assert peers[1] == {"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}
+    assert spec["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 8000}]
+
+
+def test_model_pod_labels_are_the_operators(chart: ChartKit) -> None:
+    from citadel.operator import names
+
+    values = json.loads((chart.path / "values.schema.json").read_text())
+    assert values  # the schema parses
+    objs = chart.render(
+        {"networkPolicy.enabled": True, "networkPolicy.namespaces": ["x"]}
+    )
+    policy = chart.one(objs, "NetworkPolicy", "citadel-models")
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector == {names.LABEL_MANAGED_BY: names.MANAGER_NAME}
+    assert policy["spec"]["ingress"][0]["ports"][0]["port"] == names.HTTP_PORT

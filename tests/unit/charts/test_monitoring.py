@@ -1,0 +1,240 @@
+"""ServiceMonitors, alert rules (promtool) and Grafana dashboards: their PromQL
+parses, and every metric it names is one the gateway, the operator or vLLM exports."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+from citadel.gateway.metrics import GatewayMetrics
+from citadel.operator.metrics import Metrics as OperatorMetrics
+
+if TYPE_CHECKING:
+    from conftest import ChartKit, Obj
+
+pytestmark = pytest.mark.unit
+
+HERE = Path(__file__).parent
+# vLLM's own metrics that the rules and dashboards use (vLLM's V1 engine names).
+VLLM_METRICS = {
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:kv_cache_usage_perc",
+    "vllm:time_to_first_token_seconds_bucket",
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
+}
+# Grafana's variables, replaced by what they stand for when the PromQL is checked.
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__range": "1h",
+    "$namespace": ".*",
+    "$model": ".*",
+    "$key": ".*",
+}
+
+
+def exported_names(registry: CollectorRegistry) -> set[str]:
+    """The series names a registry's metrics are exported as."""
+    suffixes = {
+        "counter": ["_total"],
+        "histogram": ["_bucket", "_sum", "_count"],
+        "gauge": [""],
+    }
+    return {
+        family.name + suffix
+        for family in registry.collect()
+        for suffix in suffixes[family.type]
+    }
+
+
+def known_metrics() -> set[str]:
+    gateway = GatewayMetrics(CollectorRegistry())
+    operator = OperatorMetrics(CollectorRegistry())
+    return (
+        exported_names(gateway.registry)
+        | exported_names(operator.registry)
+        | VLLM_METRICS
+        | {"up"}
+    )
+
+
+def rules(chart: ChartKit, values: dict[str, Any] | None = None) -> Obj:
+    objs = chart.render(values, monitoring=True)
+    return chart.one(objs, "PrometheusRule")["spec"]  # type: ignore[no-any-return]
+
+
+def rule_exprs(spec: Obj) -> list[str]:
+    return [r["expr"] for g in spec["groups"] for r in g["rules"]]
+
+
+def dashboard_exprs() -> list[str]:
+    exprs = []
+    for path in sorted((HERE.parents[2] / "charts/citadel/dashboards").glob("*.json")):
+        board = json.loads(path.read_text())
+        for panel in board["panels"]:
+            for target in panel["targets"]:
+                expr = target["expr"]
+                for var, value in GRAFANA_VARIABLES.items():
+                    expr = expr.replace(var, value)
+                exprs.append(expr)
+    return exprs
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names in a PromQL expression (identifiers before a selector or range)."""
+    tokens = re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*[{\[]", expr)
+    return {t for t in tokens if t.startswith(("citadel_", "vllm:")) or t == "up"}
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    found = shutil.which("promtool")
+    if not found:
+        pytest.skip("no promtool: install Debian's `prometheus` package (.ci/run does)")
+    return found
+
+
+def test_monitoring_objects_only_where_the_api_is_served(chart: ChartKit) -> None:
+    assert not chart.find(chart.render(), "ServiceMonitor")
+    assert not chart.find(chart.render(), "PrometheusRule")
+    objs = chart.render({"monitoring.labels": {"release": "kps"}}, monitoring=True)
+    monitors = chart.find(objs, "ServiceMonitor")
+    assert {m["metadata"]["name"] for m in monitors} == {
+        "citadel-gateway",
+        "citadel-operator",
+    }
+    for o in [*monitors, chart.one(objs, "PrometheusRule")]:
+        assert o["metadata"]["labels"]["release"] == "kps"
+    # One owner for vLLM's PodMonitors: the operator, per model.
+    assert not chart.find(objs, "PodMonitor")
+    assert not chart.find(
+        chart.render({"monitoring.enabled": False}, monitoring=True), "ServiceMonitor"
+    )
+
+
+def test_service_monitors_select_the_metrics_ports(chart: ChartKit) -> None:
+    objs = chart.render(monitoring=True)
+    for monitor in chart.find(objs, "ServiceMonitor"):
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        services = [
+            s
+            for s in chart.find(objs, "Service")
+            if selector.items() <= s["metadata"]["labels"].items()
+        ]
+        assert len(services) == 1, monitor["metadata"]["name"]
+        ports = {p["name"] for p in services[0]["spec"]["ports"]}
+        endpoint = monitor["spec"]["endpoints"][0]
+        assert endpoint["port"] in ports
+        assert endpoint["path"] == "/metrics"
+
+
+def test_rules_pass_promtool_check_and_unit_tests(
+    chart: ChartKit, promtool: str, tmp_path: Path
+) -> None:
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules(chart)))
+    shutil.copy(HERE / "rules_test.yaml", tmp_path / "rules_test.yaml")
+    for args in (
+        ["check", "rules", "rules.yaml"],
+        ["test", "rules", "rules_test.yaml"],
+    ):
+        result = subprocess.run(
+            [promtool, *args], cwd=tmp_path, capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rule_thresholds_come_from_values(chart: ChartKit) -> None:
+    spec = rules(
+        chart,
+        {
+            "monitoring.rules.errorRatio": 0.2,
+            "monitoring.rules.alertLabels": {"team": "ml-platform"},
+        },
+    )
+    by_name = {r["alert"]: r for g in spec["groups"] for r in g["rules"]}
+    assert by_name["CitadelGatewayErrorRatioHigh"]["expr"].rstrip().endswith("> 0.2")
+    assert all(r["labels"]["team"] == "ml-platform" for r in by_name.values())
+    names = {
+        r["alert"]
+        for g in rules(chart, {"gateway.enabled": False})["groups"]
+        for r in g["rules"]
+    }
+    assert not {n for n in names if "Gateway" in n}
+
+
+def test_every_promql_expression_parses(
+    promtool: str, tmp_path: Path, chart: ChartKit
+) -> None:
+    exprs = rule_exprs(rules(chart)) + dashboard_exprs()
+    records = [{"record": f"citadel:check_{i}", "expr": e} for i, e in enumerate(exprs)]
+    (tmp_path / "all.yaml").write_text(
+        yaml.safe_dump({"groups": [{"name": "all", "rules": records}]})
+    )
+    result = subprocess.run(
+        [promtool, "check", "rules", "all.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(exprs)} rules found" in result.stdout
+
+
+def test_every_metric_named_is_exported(chart: ChartKit) -> None:
+    known = known_metrics()
+    used: set[str] = set()
+    for expr in rule_exprs(rules(chart)) + dashboard_exprs():
+        used |= metric_names(expr)
+    assert used - known == set()
+    # And the core ones are used at all.
+    for name in (
+        "citadel_gateway_requests_total",
+        "citadel_gateway_time_to_first_token_seconds_bucket",
+        "citadel_gateway_tokens_total",
+        "citadel_gateway_rate_limited_total",
+        "citadel_gateway_request_cost_sum",
+        "citadel_operator_models",
+        *VLLM_METRICS,
+    ):
+        assert name in used, name
+
+
+def test_dashboards_are_fresh_and_shipped(
+    chart: ChartKit, script: Callable[[str], ModuleType]
+) -> None:
+    dashboards = script("dashboards")
+    rendered = dashboards.render()
+    folder = chart.path / "dashboards"
+    assert {p.name for p in folder.glob("*.json")} == set(rendered)
+    for name, text in rendered.items():
+        assert (folder / name).read_text() == text, (
+            f"{name} is stale: run `make dashboards`"
+        )
+    objs = chart.render()
+    maps = {
+        m["metadata"]["name"]: m
+        for m in chart.find(objs, "ConfigMap")
+        if m["metadata"]["labels"].get("grafana_dashboard") == "1"
+    }
+    assert set(maps) == {f"citadel-dashboard-{Path(n).stem}" for n in rendered}
+    for name, text in rendered.items():
+        data = maps[f"citadel-dashboard-{Path(name).stem}"]["data"]
+        assert json.loads(data[f"citadel-{name}"]) == json.loads(text)
+    titles = {json.loads(t)["title"] for t in rendered.values()}
+    assert titles == {
+        "Citadel / Overview",
+        "Citadel / Model serving",
+        "Citadel / Usage and cost by key",
+    }

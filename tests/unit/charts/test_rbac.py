@@ -1,0 +1,135 @@
+"""Least-privilege RBAC, cluster-wide and namespaced."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from conftest import ChartKit, Obj
+
+pytestmark = pytest.mark.unit
+
+WRITE = {"create", "update", "patch", "delete"}
+
+
+def grants(rules: list[Obj]) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) of every rule."""
+    return {
+        (group, resource, verb)
+        for rule in rules
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def bound_to(objs: list[Obj], subject: str) -> set[tuple[str, str, str, str]]:
+    """(namespace or '*', apiGroup, resource, verb) granted to a ServiceAccount."""
+    roles = {
+        (o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o
+        for o in objs
+        if o["kind"] in {"Role", "ClusterRole"}
+    }
+    result = set()
+    for binding in objs:
+        if binding["kind"] not in {"RoleBinding", "ClusterRoleBinding"}:
+            continue
+        if not any(s["name"] == subject for s in binding["subjects"]):
+            continue
+        ns = binding["metadata"].get("namespace")
+        ref = binding["roleRef"]
+        role = roles[(ref["kind"], ns if ref["kind"] == "Role" else None, ref["name"])]
+        scope = ns or "*"
+        result |= {(scope, *g) for g in grants(role["rules"])}
+    return result
+
+
+def test_operator_cluster_wide(chart: ChartKit) -> None:
+    granted = bound_to(chart.render(), "citadel-operator")
+    # What it manages, everywhere.
+    for resource, group in [
+        ("deployments", "apps"),
+        ("services", ""),
+        ("persistentvolumeclaims", ""),
+        ("poddisruptionbudgets", "policy"),
+        ("podmonitors", "monitoring.coreos.com"),
+    ]:
+        for verb in WRITE | {"get", "list", "watch"}:
+            assert ("*", group, resource, verb) in granted, (resource, verb)
+    assert ("*", "citadel.ai", "llmmodels/status", "patch") in granted
+    assert ("*", "kopf.dev", "clusterkopfpeerings", "patch") in granted
+    # Reads only.
+    for group, resource in [
+        ("", "pods"),
+        ("apps", "replicasets"),
+        ("", "nodes"),
+        ("apiextensions.k8s.io", "customresourcedefinitions"),
+    ]:
+        assert not {v for s, g, r, v in granted if (g, r) == (group, resource)} & WRITE
+    # The routing ConfigMap only in the gateway's namespace; never Secrets.
+    configmaps = {(s, v) for s, g, r, v in granted if r == "configmaps"}
+    assert configmaps and {s for s, _ in configmaps} == {chart.namespace}
+    assert not [g for g in granted if g[2] == "secrets"]
+    assert not [g for g in granted if "*" in g[1:]]
+
+
+def test_operator_namespaced(chart: ChartKit) -> None:
+    objs = chart.render({"watchNamespaces": ["llm-a", "llm-b"]})
+    granted = bound_to(objs, "citadel-operator")
+    env = chart.env_of(
+        chart.container(chart.one(objs, "Deployment", "citadel-operator"))
+    )
+    assert env["CITADEL_OPERATOR_WATCH_NAMESPACES"] == "llm-a,llm-b"
+    scopes = {s for s, g, r, v in granted if r == "deployments"}
+    assert scopes == {"llm-a", "llm-b"}
+    cluster = {(g, r) for s, g, r, v in granted if s == "*"}
+    assert cluster == {
+        ("", "nodes"),
+        ("", "namespaces"),
+        ("apiextensions.k8s.io", "customresourcedefinitions"),
+    }
+    peerings = chart.find(objs, "KopfPeering")
+    assert {p["metadata"]["namespace"] for p in peerings} == {"llm-a", "llm-b"}
+    assert not chart.find(objs, "ClusterKopfPeering")
+
+
+def test_peering_object_is_the_one_the_operator_uses(chart: ChartKit) -> None:
+    objs = chart.render()
+    peering = chart.one(objs, "ClusterKopfPeering")
+    env = chart.env_of(
+        chart.container(chart.one(objs, "Deployment", "citadel-operator"))
+    )
+    assert env["CITADEL_OPERATOR_PEERING_NAME"] == peering["metadata"]["name"]
+
+
+def test_gateway_reads_only(chart: ChartKit) -> None:
+    granted = bound_to(chart.render(), "citadel-gateway")
+    assert {v for _, _, _, v in granted} == {"get", "list", "watch"}
+    assert {(s, r) for s, _, r, _ in granted} == {
+        (chart.namespace, "configmaps"),
+        (chart.namespace, "secrets"),
+        ("*", "endpointslices"),
+    }
+    granted = bound_to(chart.render({"watchNamespaces": ["llm"]}), "citadel-gateway")
+    assert ("llm", "discovery.k8s.io", "endpointslices", "watch") in granted
+    assert not [g for g in granted if g[0] == "*"]
+
+
+def test_rbac_can_be_left_to_the_platform_team(chart: ChartKit) -> None:
+    objs = chart.render(
+        {
+            "operator.rbac.create": False,
+            "gateway.rbac.create": False,
+            "operator.serviceAccount.create": False,
+            "operator.serviceAccount.name": "ops",
+        }
+    )
+    kinds = {o["kind"] for o in objs}
+    assert not kinds & {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}
+    operator = chart.one(objs, "Deployment", "citadel-operator")
+    assert operator["spec"]["template"]["spec"]["serviceAccountName"] == "ops"
+    assert [s["metadata"]["name"] for s in chart.find(objs, "ServiceAccount")] == [
+        "citadel-gateway"
+    ]

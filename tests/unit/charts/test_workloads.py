@@ -1,0 +1,200 @@
+"""What every rendered workload must be: labelled, pinned, non-root and read-only,
+and configured with settings the operator and the gateway actually read."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from citadel.gateway.settings import GatewaySettings
+from citadel.operator.settings import OperatorSettings
+
+if TYPE_CHECKING:
+    from conftest import ChartKit, Obj
+
+pytestmark = pytest.mark.unit
+
+STANDARD_LABELS = {
+    "helm.sh/chart",
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/version",
+    "app.kubernetes.io/managed-by",
+    "app.kubernetes.io/part-of",
+    "app.kubernetes.io/component",
+}
+
+# Every optional part on, so that every template renders.
+EVERYTHING: dict[str, Any] = {
+    "gateway.ingress.enabled": True,
+    "gateway.autoscaling.enabled": True,
+    "networkPolicy.enabled": True,
+    "networkPolicy.namespaces": ["llm"],
+}
+
+
+def pod_specs(objs: list[Obj]) -> list[tuple[str, Obj]]:
+    """(name, pod spec) of every Deployment and Pod."""
+    specs = []
+    for o in objs:
+        if o["kind"] == "Deployment":
+            specs.append((o["metadata"]["name"], o["spec"]["template"]["spec"]))
+        elif o["kind"] == "Pod":
+            specs.append((o["metadata"]["name"], o["spec"]))
+    return specs
+
+
+def test_every_object_carries_the_standard_labels(chart: ChartKit) -> None:
+    objs = chart.render(EVERYTHING, monitoring=True)
+    for o in objs:
+        missing = STANDARD_LABELS - set(o["metadata"].get("labels", {}))
+        assert not missing, f"{o['kind']}/{o['metadata']['name']} lacks {missing}"
+        assert o["metadata"]["labels"]["app.kubernetes.io/instance"] == chart.release
+
+
+def test_the_default_release_makes_the_expected_objects(chart: ChartKit) -> None:
+    objs = chart.render()
+    kinds = sorted({o["kind"] for o in objs})
+    assert kinds == [
+        "ClusterKopfPeering",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ConfigMap",
+        "Deployment",
+        "NetworkPolicy",
+        "Pod",
+        "PodDisruptionBudget",
+        "Role",
+        "RoleBinding",
+        "Secret",
+        "Service",
+        "ServiceAccount",
+    ]
+    deployments = {d["metadata"]["name"] for d in chart.find(objs, "Deployment")}
+    assert deployments == {"citadel-operator", "citadel-gateway", "citadel-redis"}
+    assert all(
+        o["metadata"].get("namespace") == chart.namespace
+        for o in objs
+        if o["kind"] not in {"ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering"}
+    )
+
+
+def test_selectors_match_their_pods(chart: ChartKit) -> None:
+    objs = chart.render(EVERYTHING, monitoring=True)
+    pods = {
+        d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
+        for d in chart.find(objs, "Deployment")
+    }
+    for d in chart.find(objs, "Deployment"):
+        selector = d["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= pods[d["metadata"]["name"]].items()
+    for svc in chart.find(objs, "Service"):
+        matched = [
+            n
+            for n, labels in pods.items()
+            if svc["spec"]["selector"].items() <= labels.items()
+        ]
+        assert len(matched) == 1, f"Service {svc['metadata']['name']} selects {matched}"
+
+
+@pytest.mark.parametrize("values", [{}, EVERYTHING], ids=["defaults", "everything"])
+def test_containers_are_non_root_read_only_and_restricted(
+    chart: ChartKit, values: dict[str, Any]
+) -> None:
+    for name, spec in pod_specs(chart.render(values)):
+        pod_ctx = spec["securityContext"]
+        assert pod_ctx["runAsNonRoot"] is True, name
+        assert pod_ctx["runAsUser"] != 0, name
+        assert pod_ctx["seccompProfile"]["type"] == "RuntimeDefault", name
+        for c in spec["containers"]:
+            ctx = c["securityContext"]
+            assert ctx["allowPrivilegeEscalation"] is False, name
+            assert ctx["readOnlyRootFilesystem"] is True, name
+            assert ctx["capabilities"]["drop"] == ["ALL"], name
+            assert "resources" in c and c["resources"]["limits"]["memory"], name
+
+
+def test_images_are_pinned(chart: ChartKit) -> None:
+    for name, spec in pod_specs(chart.render()):
+        for c in spec["containers"]:
+            image = c["image"]
+            repo, _, tag = image.rpartition(":")
+            assert repo and tag and tag != "latest", f"{name}: {image}"
+    objs = chart.render({"gateway.image.digest": "sha256:" + "a" * 64})
+    gateway = chart.one(objs, "Deployment", "citadel-gateway")
+    assert chart.container(gateway)["image"].endswith("@sha256:" + "a" * 64)
+    chart.render({"gateway.image.tag": "latest"}, expect_error="tag")
+
+
+def settings_env(settings: type[Any], prefix: str) -> set[str]:
+    return {prefix + name.upper() for name in settings.model_fields}
+
+
+def test_operator_env_names_are_settings_the_operator_reads(chart: ChartKit) -> None:
+    objs = chart.render({"operator.defaultVllmImage": "vllm/vllm-openai:v0.1.0"})
+    env = chart.env_of(
+        chart.container(chart.one(objs, "Deployment", "citadel-operator"))
+    )
+    ours = {k for k in env if k.startswith("CITADEL_OPERATOR_")}
+    assert ours <= settings_env(OperatorSettings, "CITADEL_OPERATOR_")
+    assert env["CITADEL_OPERATOR_WATCH_NAMESPACES"] == ""
+    assert env["CITADEL_OPERATOR_GATEWAY_NAMESPACE"] == chart.namespace
+    assert env["CITADEL_OPERATOR_DEFAULT_VLLM_IMAGE"] == "vllm/vllm-openai:v0.1.0"
+    assert OperatorSettings.model_fields["metrics_port"].default == 8080
+    assert env["CITADEL_OPERATOR_METRICS_PORT"] == "8080"
+    assert "POD_ID" in env  # Kopf names the replica after its pod when peering
+
+
+def test_gateway_env_names_are_settings_the_gateway_reads(chart: ChartKit) -> None:
+    objs = chart.render()
+    env = chart.env_of(
+        chart.container(chart.one(objs, "Deployment", "citadel-gateway"))
+    )
+    assert set(env) <= settings_env(GatewaySettings, "CITADEL_GATEWAY_")
+    assert env["CITADEL_GATEWAY_ROUTES_SOURCE"] == "kubernetes"
+    assert env["CITADEL_GATEWAY_NAMESPACE"] == chart.namespace
+    assert env["CITADEL_GATEWAY_AUTH"] == "required"
+    assert env["CITADEL_GATEWAY_REDIS_URL"] == "redis://citadel-redis:6379/0"
+    # The settings accept what the chart sets.
+    values = {k.removeprefix("CITADEL_GATEWAY_").lower(): v for k, v in env.items()}
+    GatewaySettings.model_validate(values)
+
+
+def test_gateway_probes_and_spread(chart: ChartKit) -> None:
+    gateway = chart.one(chart.render(), "Deployment", "citadel-gateway")
+    spec = gateway["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    keys = {t["topologyKey"] for t in spec["topologySpreadConstraints"]}
+    assert keys == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+    assert gateway["spec"]["replicas"] == 2
+    own = [{"maxSkew": 2, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule"}]
+    gateway = chart.one(
+        chart.render({"gateway.topologySpreadConstraints": own}),
+        "Deployment",
+        "citadel-gateway",
+    )
+    assert gateway["spec"]["template"]["spec"]["topologySpreadConstraints"] == own
+
+
+def test_components_can_be_turned_off(chart: ChartKit) -> None:
+    objs = chart.render({"operator.enabled": False})
+    assert not [
+        o
+        for o in objs
+        if o["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
+    ]
+    objs = chart.render({"gateway.enabled": False})
+    components = {o["metadata"]["labels"]["app.kubernetes.io/component"] for o in objs}
+    assert components == {"operator", "monitoring"}
+
+
+def test_names_follow_the_release(chart: ChartKit) -> None:
+    objs = chart.render({"fullnameOverride": "llm"})
+    assert {d["metadata"]["name"] for d in chart.find(objs, "Deployment")} == {
+        "llm-operator",
+        "llm-gateway",
+        "llm-redis",
+    }
