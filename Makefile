@@ -86,8 +86,12 @@ cluster-reset: venv ## Stop the local cluster and delete its data
 e2e: venv ## End-to-end tests against the cluster (local harness unless KUBECONFIG is set)
 	$(VENV)/bin/pytest -m e2e tests/e2e
 
+.PHONY: integration
+integration: venv ## Integration tests: gateway, fake backends and redis as local processes
+	$(VENV)/bin/pytest -m integration tests/gateway
+
 .PHONY: test
-test: lint unit e2e ## Everything: lint, types, unit and e2e tests
+test: lint unit integration e2e ## Everything: lint, types, unit and e2e tests
 
 .PHONY: demo
 demo: ## The main job: cluster, chart, a real model answering through the gateway

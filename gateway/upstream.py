@@ -165,13 +165,19 @@ class UpstreamClient:
         """Any request (`GET /metrics` for the scraper, with its own timeout)."""
         if self._session is None:
             raise RuntimeError("UpstreamClient.start() was not called")
-        timeout = (
-            aiohttp.ClientTimeout(total=timeout_s) if timeout_s is not None else None
-        )
         try:
-            response = await self._session.request(
-                method, url, data=body, headers=headers, timeout=timeout
-            )
+            if timeout_s is None:  # the session's timeouts (None would disable them)
+                response = await self._session.request(
+                    method, url, data=body, headers=headers
+                )
+            else:
+                response = await self._session.request(
+                    method,
+                    url,
+                    data=body,
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=timeout_s),
+                )
         except BaseException as err:
             raise _classify(err, started=False) from err
         return UpstreamResponse(response)

@@ -1,0 +1,247 @@
+"""Integration fixtures: fake backends, Redis and gateways as real local processes.
+
+Everything listens on 127.0.0.1 with ports the kernel hands out; every process is
+stopped at teardown. Waits are bounded (`START_TIMEOUT_S`), never asserted on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+BIN = Path(sys.executable).parent
+FAKE_BACKEND = Path(__file__).with_name("fake_backend.py")
+START_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CITADEL_GATEWAY_")}
+    return {**env, "PYTHONSAFEPATH": "1", **extra}
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+@dataclass
+class Backend:
+    """One fake replica process."""
+
+    name: str
+    url: str
+    proc: subprocess.Popen[bytes]
+
+    def received(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = httpx.get(self.url + "/received").json()
+        return result
+
+    def release(self) -> None:
+        httpx.post(self.url + "/release")
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@dataclass
+class Gateway:
+    """One gateway process."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def metric(self, prefix: str) -> float:
+        """The sum of the metric samples whose line starts with `prefix`."""
+        text = httpx.get(self.url + "/metrics").text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(prefix)
+        )
+
+
+@pytest.fixture
+def start_backend(tmp_path: Path) -> Iterator[Callable[[str], Backend]]:
+    started: list[Backend] = []
+
+    def start(name: str) -> Backend:
+        proc = subprocess.Popen(
+            [sys.executable, str(FAKE_BACKEND), "--name", name],
+            stdout=subprocess.PIPE,
+            env=_env(),
+            cwd=tmp_path,
+        )
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        if not line.startswith("listening on "):
+            proc.kill()
+            raise RuntimeError(f"fake backend {name} did not start: {line!r}")
+        backend = Backend(name, f"http://127.0.0.1:{int(line.split()[-1])}", proc)
+        started.append(backend)
+        return backend
+
+    yield start
+    for backend in started:
+        _stop(backend.proc)
+
+
+def route(name: str, backends: list[Backend], **extra: Any) -> dict[str, Any]:
+    """A routing-document entry for a model served by `backends`."""
+    return {
+        "name": name,
+        "namespace": "llm",
+        "servedName": name,
+        "service": name,
+        "endpoints": [b.url for b in backends],
+        "ready": True,
+        **extra,
+    }
+
+
+def create_key(keys_file: Path, name: str, *options: str) -> str:
+    """A new key in the static key file, made by the real CLI."""
+    out = subprocess.run(
+        [
+            str(BIN / "citadel"),
+            "keys",
+            "--file",
+            str(keys_file),
+            "create",
+            name,
+            *options,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=_env(),
+    ).stdout
+    return out.strip().splitlines()[-1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"not ready in {START_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def start_gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
+    started: list[Gateway] = []
+
+    def start(models: list[dict[str, Any]], keys_file: Path, **env: str) -> Gateway:
+        routes = tmp_path / "routes.json"
+        routes.write_text(json.dumps({"schemaVersion": 1, "models": models}))
+        port = free_port()
+        log = tmp_path / f"gateway-{port}.log"
+        settings = {
+            "CITADEL_GATEWAY_HOST": "127.0.0.1",
+            "CITADEL_GATEWAY_PORT": str(port),
+            "CITADEL_GATEWAY_ROUTES_SOURCE": "file",
+            "CITADEL_GATEWAY_ROUTES_FILE": str(routes),
+            "CITADEL_GATEWAY_KEYS_FILE": str(keys_file),
+            "CITADEL_GATEWAY_FILE_POLL_PERIOD_S": "0.2",
+            "CITADEL_GATEWAY_METRICS_SCRAPE_PERIOD_S": "0.5",
+            **{f"CITADEL_GATEWAY_{k.upper()}": v for k, v in env.items()},
+        }
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [str(BIN / "citadel-gateway")],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=_env(**settings),
+                cwd=tmp_path,
+            )
+        gateway = Gateway(f"http://127.0.0.1:{port}", proc, log)
+        started.append(gateway)
+        wait_ready(gateway.url, proc, log)
+        return gateway
+
+    yield start
+    for gateway in started:
+        _stop(gateway.proc)
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.fail(
+            "redis-server is not installed (Debian: apt-get install redis-server)"
+        )
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            server,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    break
+        except OSError:
+            time.sleep(0.1)
+    yield f"redis://127.0.0.1:{port}/0"
+    _stop(proc)
+
+
+@dataclass(frozen=True)
+class Helpers:
+    """Plain helpers for the tests (conftest itself is not importable)."""
+
+    route: Callable[..., dict[str, Any]] = route
+    create_key: Callable[..., str] = create_key
+
+
+@pytest.fixture
+def helpers() -> Helpers:
+    return Helpers()
