@@ -1,0 +1,289 @@
+"""Every PromQL expression of the chart's alerts and dashboards runs without error on
+a real Prometheus (Debian's package) that scraped a real gateway process, a
+vLLM-like backend and the operator's real metrics registry; the core gateway panels
+return data.
+
+The backend is the gateway tests' stand-in (tests/gateway/fake_backend.py, run as
+a process): it exports vLLM's queue and KV-cache gauges but not vLLM's token
+counters or TTFT histogram, so those panels are only checked to run here. The same
+check against real vLLM belongs with the full-path tests (`make demo`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import start_http_server
+
+from citadel.operator.metrics import Metrics
+from citadel.operator.status import Phase
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[3]
+BIN = Path(sys.executable).parent
+NAMESPACE = "citadel-system"
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__range": "5m",
+    "$namespace": ".*",
+    "$model": ".*",
+    "$key": ".*",
+}
+# Panels that must show data after a few requests through the gateway.
+CORE = [
+    "Requests/s by model",
+    "Requests/s by status",
+    "Tokens/s",
+    "Time to first token (p99)",
+    "Requests/s by key",
+    "Tokens in the time range",
+    "Queue depth",
+    "KV cache use",
+    "Models by phase",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http(url: str, body: dict[str, Any] | None = None, key: str = "") -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data)
+    request.add_header("Content-Type", "application/json")
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.read()
+    except urllib.error.HTTPError as err:
+        return err.read()
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{proc.args} exited:\n{log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.2)
+    pytest.fail(f"{url} did not answer:\n{log.read_text()[-2000:]}")
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def start(
+    started: list[subprocess.Popen[bytes]], args: list[str], log: Path, **env: str
+) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            args,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONSAFEPATH": "1", **env},
+            cwd=log.parent,
+        )
+    started.append(proc)
+    return proc
+
+
+def expressions(tmp_path: Path) -> list[tuple[str, str]]:
+    """(name, PromQL) of every alert and dashboard panel query."""
+    helm = os.environ.get("CITADEL_CACHE") or str(Path.home() / ".cache/citadel")
+    out = subprocess.run(
+        [
+            f"{helm}/bin/helm",
+            "template",
+            "citadel",
+            str(ROOT / "charts/citadel"),
+            "-n",
+            NAMESPACE,
+            "--api-versions",
+            "monitoring.coreos.com/v1",
+            "--show-only",
+            "templates/monitoring/prometheusrule.yaml",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "KUBECONFIG": "/dev/null"},
+    ).stdout
+    spec = yaml.safe_load(out)["spec"]
+    result = [(r["alert"], r["expr"]) for g in spec["groups"] for r in g["rules"]]
+    for path in sorted((ROOT / "charts/citadel/dashboards").glob("*.json")):
+        for panel in json.loads(path.read_text())["panels"]:
+            for target in panel["targets"]:
+                expr = target["expr"]
+                for var, value in GRAFANA_VARIABLES.items():
+                    expr = expr.replace(var, value)
+                result.append((f"{path.stem}: {panel['title']}", expr))
+    return result
+
+
+def test_every_expression_runs_on_prometheus(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    prometheus = shutil.which("prometheus")
+    if not prometheus:
+        pytest.skip(
+            "no prometheus: install Debian's `prometheus` package (.ci/run does)"
+        )
+    # A backend, the real gateway in front of it, with a key from the real CLI.
+    backend_port = free_port()
+    backend_log = tmp_path / "backend.log"
+    backend = start(
+        processes,
+        [sys.executable, str(ROOT / "tests/gateway/fake_backend.py"), "--name", "a",
+         "--port", str(backend_port)],
+        backend_log,
+    )  # fmt: skip
+    backend_url = f"http://127.0.0.1:{backend_port}"
+    wait_http(backend_url + "/metrics", backend, backend_log)
+    keys = tmp_path / "keys.json"
+    key = (
+        subprocess.run(
+            [str(BIN / "citadel"), "keys", "--file", str(keys), "create", "team-a"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONSAFEPATH": "1"},
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    routes = tmp_path / "routes.json"
+    model = {
+        "name": "m",
+        "namespace": "llm",
+        "servedName": "m",
+        "service": "m",
+        "endpoints": [backend_url],
+        "ready": True,
+        "pricing": {"promptPerMillion": 1.0, "completionPerMillion": 2.0},
+    }
+    routes.write_text(json.dumps({"schemaVersion": 1, "models": [model]}))
+    gateway_port = free_port()
+    gateway_log = tmp_path / "gateway.log"
+    gateway = start(
+        processes,
+        [str(BIN / "citadel-gateway")],
+        gateway_log,
+        CITADEL_GATEWAY_HOST="127.0.0.1",
+        CITADEL_GATEWAY_PORT=str(gateway_port),
+        CITADEL_GATEWAY_ROUTES_SOURCE="file",
+        CITADEL_GATEWAY_ROUTES_FILE=str(routes),
+        CITADEL_GATEWAY_KEYS_FILE=str(keys),
+    )
+    gateway_url = f"http://127.0.0.1:{gateway_port}"
+    wait_http(gateway_url + "/readyz", gateway, gateway_log)
+
+    # The operator's real metrics registry, with models in two phases.
+    operator = Metrics()
+    operator.set_phase("llm/m", Phase.READY)
+    operator.set_phase("llm/other", Phase.PENDING)
+    operator_port = free_port()
+    start_http_server(operator_port, addr="127.0.0.1", registry=operator.registry)
+
+    prom_port = free_port()
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [
+            {
+                "job_name": "citadel-gateway",
+                "static_configs": [
+                    {
+                        "targets": [f"127.0.0.1:{gateway_port}"],
+                        "labels": {"namespace": NAMESPACE, "pod": "gateway-1"},
+                    }
+                ],
+            },
+            {
+                "job_name": "citadel-operator-metrics",
+                "static_configs": [
+                    {
+                        "targets": [f"127.0.0.1:{operator_port}"],
+                        "labels": {"namespace": NAMESPACE, "pod": "operator-1"},
+                    }
+                ],
+            },
+            {
+                "job_name": "llm/m",
+                "static_configs": [
+                    {
+                        "targets": [f"127.0.0.1:{backend_port}"],
+                        "labels": {
+                            "namespace": "llm",
+                            "pod": "m-1",
+                            "container": "vllm",
+                        },
+                    }
+                ],
+            },
+        ],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    prom_log = tmp_path / "prometheus.log"
+    prom = start(
+        processes,
+        [
+            prometheus,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+        ],
+        prom_log,
+    )
+    prom_url = f"http://127.0.0.1:{prom_port}"
+    wait_http(prom_url + "/-/ready", prom, prom_log)
+
+    # Traffic over several scrapes: plain and streamed chats, a refused key.
+    for _ in range(8):
+        chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        http(gateway_url + "/v1/chat/completions", chat, key)
+        http(gateway_url + "/v1/chat/completions", {**chat, "stream": True}, key)
+        http(gateway_url + "/v1/chat/completions", chat, "ctd-wrong")
+        time.sleep(1)
+    time.sleep(2)
+
+    failures, empty = [], []
+    for name, expr in expressions(tmp_path):
+        query = urllib.parse.urlencode({"query": expr})
+        answer = json.loads(http(f"{prom_url}/api/v1/query?{query}"))
+        if answer.get("status") != "success":
+            failures.append(f"{name}: {answer.get('error')}\n  {expr}")
+        elif not answer["data"]["result"]:
+            empty.append(name)
+    assert not failures, "\n".join(failures)
+    core_empty = [n for n in empty if n.split(": ", 1)[-1] in CORE]
+    assert not core_empty, f"core panels without data: {core_empty}"
+    print(f"\nexpressions without data here: {empty}")
