@@ -1,0 +1,112 @@
+"""The gateway in front of the real CPU vLLM, driven with the official client.
+
+Needs `make vllm` (skipped with the reason otherwise): run with
+`.venv/bin/pytest -m vllm tests/gateway/vllm`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from vllm_server import VLLMServer
+
+pytestmark = pytest.mark.vllm
+
+QUESTION: Any = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture
+def clients(
+    tmp_path: Path, smollm2_server: VLLMServer, start_gateway: Any, helpers: Any
+) -> tuple[openai.OpenAI, openai.OpenAI]:
+    """(through the gateway, straight to vLLM)."""
+    keys = tmp_path / "keys.json"
+    key = helpers.create_key(keys, "vllm-user", "--models", "smollm2", "smol-chat")
+    route = {
+        "name": "smollm2",
+        "namespace": "llm",
+        "servedName": "smollm2",
+        "aliases": ["smol-chat"],
+        "service": "smollm2",
+        "endpoints": [smollm2_server.base_url],
+    }
+    gateway = start_gateway([route], keys)
+    via = openai.OpenAI(
+        base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=120
+    )
+    direct = openai.OpenAI(
+        base_url=smollm2_server.openai_url, api_key="unused", timeout=120
+    )
+    return via, direct
+
+
+def test_chat_through_the_gateway_knows_paris(clients: Any) -> None:
+    via, _ = clients
+    answer = via.chat.completions.create(
+        model="smol-chat", messages=QUESTION, max_tokens=24, temperature=0
+    )
+    assert "Paris" in (answer.choices[0].message.content or "")
+    assert answer.model == "smollm2"
+    assert answer.usage is not None and answer.usage.prompt_tokens > 0
+
+
+def test_completion_and_streaming_with_usage(clients: Any) -> None:
+    via, _ = clients
+    completion = via.completions.create(
+        model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0
+    )
+    assert completion.choices[0].text
+    chunks = list(
+        via.chat.completions.create(
+            model="smollm2",
+            messages=QUESTION,
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Paris" in text
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens > 0
+    silent = list(
+        via.completions.create(
+            model="smollm2", prompt="Hello", max_tokens=4, stream=True
+        )
+    )
+    assert silent and all(c.usage is None for c in silent)
+
+
+def test_vllm_parameters_the_gateway_does_not_know_pass_through(
+    clients: Any,
+) -> None:
+    via, direct = clients
+    extra = {"ignore_eos": True, "top_k": 1}
+    answers = [
+        client.completions.create(
+            model="smollm2",
+            prompt="Hi",
+            max_tokens=12,
+            temperature=0,
+            extra_body=extra,
+        )
+        for client in (via, direct)
+    ]
+    # ignore_eos forces all 12 tokens: only if the gateway forwarded it.
+    assert [a.usage.completion_tokens for a in answers] == [12, 12]
+    assert answers[0].choices[0].text == answers[1].choices[0].text
+
+
+def test_errors_from_the_gateway_and_from_vllm(clients: Any) -> None:
+    via, _ = clients
+    with pytest.raises(openai.NotFoundError):
+        via.chat.completions.create(model="no-such-model", messages=QUESTION)
+    with pytest.raises(openai.BadRequestError):
+        # vLLM refuses a reply longer than the model's context: its 400 passes.
+        via.chat.completions.create(
+            model="smollm2", messages=QUESTION, max_tokens=10_000_000
+        )
