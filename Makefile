@@ -90,8 +90,12 @@ e2e: venv ## End-to-end tests against the cluster (local harness unless KUBECONF
 integration: venv ## Integration tests: gateway, fake backends and redis as local processes
 	$(VENV)/bin/pytest -m integration tests/gateway
 
+.PHONY: e2e-gateway
+e2e-gateway: venv ## The gateway against the cluster: ConfigMap, EndpointSlices, key Secrets
+	$(VENV)/bin/pytest -m e2e tests/gateway/kubernetes
+
 .PHONY: test
-test: lint unit integration e2e ## Everything: lint, types, unit and e2e tests
+test: lint unit integration e2e e2e-gateway ## Everything: lint, types, unit and e2e tests
 
 .PHONY: demo
 demo: ## The main job: cluster, chart, a real model answering through the gateway
@@ -103,3 +107,11 @@ demo: ## The main job: cluster, chart, a real model answering through the gatewa
 bench: ## Benchmarks against the peers (writes docs/benchmarks.md)
 	@echo "make bench: not built yet (issue 8)." >&2
 	@exit 2
+
+.PHONY: vllm
+vllm: ## Install the CPU vLLM and its test models (cached in $CITADEL_CACHE)
+	bash tests/support/vllm/install.sh
+
+.PHONY: vllm-test
+vllm-test: venv vllm ## Smoke tests against the real CPU vLLM
+	$(VENV)/bin/pytest -m vllm tests/vllm

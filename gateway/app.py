@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from citadel.gateway import __version__
-from citadel.gateway.api import errors, health, openai
+from citadel.gateway.api import admin, errors, health, openai
 from citadel.gateway.deps import Deps
 from citadel.gateway.settings import GatewaySettings
 
@@ -41,5 +41,6 @@ def create_app(settings: GatewaySettings, deps: Deps) -> FastAPI:
     app.state.settings = settings
     app.include_router(openai.router)
     app.include_router(health.router)
+    app.include_router(admin.router)
     errors.install(app)
     return app

@@ -7,6 +7,7 @@ passed to `create_app`; nothing is global.
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class Deps:
         shutdown: awaited after the sources stop (close them).
         session_header: the header used by `session-affinity`.
         max_body_bytes: larger request bodies get 413.
+        clock: monotonic seconds (the clock replica ejections are timed by).
     """
 
     catalog: Catalog
@@ -50,6 +52,7 @@ class Deps:
     shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     session_header: str = "x-session-id"
     max_body_bytes: int = 8 * 1024 * 1024
+    clock: Callable[[], float] = time.monotonic
 
 
 def get_deps(request: Request) -> Deps:

@@ -90,6 +90,14 @@ class PermissionDenied(GatewayError):
     code = "model_not_allowed"
 
 
+class AdminOnly(GatewayError):
+    """403: the endpoint needs a key with the admin role."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "admin_only"
+
+
 class ModelNotFound(GatewayError):
     """404: no model by that name."""
 

@@ -165,21 +165,27 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
 def start_gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
     started: list[Gateway] = []
 
-    def start(models: list[dict[str, Any]], keys_file: Path, **env: str) -> Gateway:
-        routes = tmp_path / "routes.json"
-        routes.write_text(json.dumps({"schemaVersion": 1, "models": models}))
+    def start(
+        models: list[dict[str, Any]] | None, keys_file: Path | None, **env: str
+    ) -> Gateway:
+        """A gateway on `models` (a routes file) or, with None, on what `env`
+        says; on the keys in `keys_file` or, with None, on what `env` says."""
         port = free_port()
         log = tmp_path / f"gateway-{port}.log"
         settings = {
             "CITADEL_GATEWAY_HOST": "127.0.0.1",
             "CITADEL_GATEWAY_PORT": str(port),
-            "CITADEL_GATEWAY_ROUTES_SOURCE": "file",
-            "CITADEL_GATEWAY_ROUTES_FILE": str(routes),
-            "CITADEL_GATEWAY_KEYS_FILE": str(keys_file),
             "CITADEL_GATEWAY_FILE_POLL_PERIOD_S": "0.2",
             "CITADEL_GATEWAY_METRICS_SCRAPE_PERIOD_S": "0.5",
-            **{f"CITADEL_GATEWAY_{k.upper()}": v for k, v in env.items()},
         }
+        if models is not None:
+            routes = tmp_path / "routes.json"
+            routes.write_text(json.dumps({"schemaVersion": 1, "models": models}))
+            settings["CITADEL_GATEWAY_ROUTES_SOURCE"] = "file"
+            settings["CITADEL_GATEWAY_ROUTES_FILE"] = str(routes)
+        if keys_file is not None:
+            settings["CITADEL_GATEWAY_KEYS_FILE"] = str(keys_file)
+        settings.update({f"CITADEL_GATEWAY_{k.upper()}": v for k, v in env.items()})
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 [str(BIN / "citadel-gateway")],

@@ -167,6 +167,7 @@ def build(
         proxy=proxy,
         metrics=metrics,
         max_body_bytes=4096,
+        clock=clock,
     )
     app = create_app(GatewaySettings(routes_source="file"), deps)
     return Harness(app, deps, upstream, keys, clock)

@@ -310,3 +310,21 @@ async def test_embeddings_and_completions_forward_to_their_paths(
         await client.post("/v1/completions", json={"model": "chat", "prompt": "x"})
     paths = [urlsplit(call[0]).path for call in harness.upstream.calls]
     assert paths == ["/v1/embeddings", "/v1/completions"]
+
+
+async def test_admin_replicas_shows_state_to_admins_only(
+    harness: Any, kit: Any
+) -> None:
+    harness.upstream.handler = lambda url, body: UpstreamUnreachable("down")
+    async with harness.client() as client:
+        for _ in range(3):
+            await client.post("/v1/chat/completions", json=kit.chat)
+        user = await client.get("/admin/replicas")
+        admin = await client.get(
+            "/admin/replicas", headers={"authorization": f"Bearer {kit.admin_key}"}
+        )
+    assert user.status_code == 403 and user.json()["error"]["code"] == "admin_only"
+    [model] = admin.json()["models"]
+    assert model["servedName"] == "smollm2" and model["strategy"] == "round-robin"
+    assert {r["url"] for r in model["replicas"]} == {"http://r1", "http://r2"}
+    assert any(r["ejected"] for r in model["replicas"])
