@@ -58,6 +58,10 @@ def build_registry(
             reconciler.metrics.publishes.labels(result="ok" if ok else "error").inc()
 
         background.append(asyncio.create_task(reconciler.routes.run(count)))
+        if settings.resync_seconds > 0:
+            # Not a kopf.timer: timers put a finalizer on every model, and then
+            # deleting a model (or its namespace) hangs while no operator runs.
+            background.append(asyncio.create_task(reconciler.run_resync()))
         # Publishing once at start drops routes of models deleted while no
         # operator was running.
         reconciler.routes.kick()
@@ -75,18 +79,6 @@ def build_registry(
     @kopf.on.update(*LLMMODEL, id="reconcile-update", registry=registry)
     async def llmmodel_reconcile(body: kopf.Body, **_: Any) -> None:
         await _translated(reconciler.reconcile(body))
-
-    if settings.resync_seconds > 0:
-
-        @kopf.timer(
-            *LLMMODEL,
-            id="resync",
-            interval=settings.resync_seconds,
-            initial_delay=settings.resync_seconds,
-            registry=registry,
-        )
-        async def llmmodel_resync(body: kopf.Body, **_: Any) -> None:
-            await _translated(reconciler.reconcile(body))
 
     @kopf.on.event(*LLMMODEL, id="llmmodel-event", registry=registry)
     async def llmmodel_event(

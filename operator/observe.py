@@ -198,9 +198,8 @@ def _scheduled(model: LLMModel, pods: Sequence[Obj], nodes: Sequence[Obj]) -> Ve
     )
     if not pods or not placed:
         return Verdict("Unknown", "Pending", "waiting for pods to be created")
-    return Verdict(
-        "True", "Scheduled", f"{len(pods)} pods placed on {_listing(placed)}"
-    )
+    count = f"{len(pods)} pod" + ("s" if len(pods) != 1 else "")
+    return Verdict("True", "Scheduled", f"{count} placed on {_listing(placed)}")
 
 
 def _progressing(model: LLMModel, deployment: Obj | None, n: ReplicaCounts) -> Verdict:

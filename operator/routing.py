@@ -85,6 +85,29 @@ def configmap(settings: OperatorSettings, doc: RoutingDocument) -> Manifest:
     }
 
 
+async def list_models(kube: Kube, settings: OperatorSettings) -> list[Manifest]:
+    """Every LLMModel the operator handles, except those being deleted."""
+    found: list[Manifest] = []
+    for scope in settings.list_scopes():
+        for body in await kube.list(LLMMODELS, scope):
+            meta = body.get("metadata", {})
+            if meta.get("deletionTimestamp"):
+                continue  # on its way out: stop routing to it now
+            if settings.watches(meta.get("namespace", "")):
+                found.append(body)
+    return found
+
+
+def _parse_all(bodies: Sequence[Manifest]) -> list[LLMModel]:
+    models = []
+    for body in bodies:
+        try:
+            models.append(LLMModel.from_body(body))
+        except ValueError as err:
+            log.warning("skipping unparsable LLMModel: %s", err)
+    return models
+
+
 ConflictsChanged = Callable[[set[str]], Awaitable[None]]
 
 
@@ -108,26 +131,14 @@ class RoutePublisher:
         """Asks for the document to be rebuilt and written soon."""
         self._wanted.set()
 
-    async def _models(self) -> list[LLMModel]:
-        namespaces: Sequence[str | None] = self._settings.watch_namespaces or (None,)
-        found: list[LLMModel] = []
-        for namespace in namespaces:
-            for body in await self._kube.list(LLMMODELS, namespace):
-                if body.get("metadata", {}).get("deletionTimestamp"):
-                    continue  # on its way out: stop routing to it now
-                try:
-                    found.append(LLMModel.from_body(body))
-                except ValueError as err:
-                    log.warning("skipping unparsable LLMModel: %s", err)
-        return found
-
     async def publish(self) -> RoutingDocument:
         """Rebuilds the document from every LLMModel and writes it.
 
         Raises:
             ApiError: listing the models or writing the ConfigMap failed.
         """
-        doc, conflicts = build_document(await self._models())
+        bodies = await list_models(self._kube, self._settings)
+        doc, conflicts = build_document(_parse_all(bodies))
         await self._kube.apply(configmap(self._settings, doc))
         changed = set(conflicts) ^ set(self.conflicts)
         changed |= {k for k in conflicts if self.conflicts.get(k) != conflicts[k]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import fnmatch
 from typing import Annotated
 
 from pydantic import Field, field_validator
@@ -39,7 +40,8 @@ class OperatorSettings(BaseSettings):
     )
 
     watch_namespaces: Annotated[tuple[str, ...], NoDecode] = ()
-    """Namespaces to watch, comma-separated; empty watches the whole cluster."""
+    """Namespaces to watch, comma-separated, globs allowed (`team-*`); empty
+    watches the whole cluster."""
     gateway_namespace: str = "citadel-system"
     """Where the routing ConfigMap is kept (the gateway's namespace)."""
     routes_configmap: str = "citadel-routes"
@@ -74,3 +76,19 @@ class OperatorSettings(BaseSettings):
     def clusterwide(self) -> bool:
         """True when no namespaces are listed."""
         return not self.watch_namespaces
+
+    def list_scopes(self) -> tuple[str | None, ...]:
+        """Namespaces to list models in: None (all) when any pattern is a glob."""
+        if self.clusterwide or any(_is_glob(n) for n in self.watch_namespaces):
+            return (None,)
+        return self.watch_namespaces
+
+    def watches(self, namespace: str) -> bool:
+        """True when `namespace` is one the operator handles."""
+        return self.clusterwide or any(
+            fnmatch.fnmatchcase(namespace, p) for p in self.watch_namespaces
+        )
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")

@@ -44,8 +44,9 @@ def test_registry_has_every_handler(settings: OperatorSettings, resync: float) -
     assert {"reconcile-create", "reconcile-update", "reconcile-resume"} <= changing
     watching = {h.id for h in registry._watching.get_all_handlers()}
     assert {"llmmodel-event", "deployment-event", "pod-event"} <= watching
-    timers = {h.id for h in registry._spawning.get_all_handlers()}
-    assert timers == ({"resync"} if resync else set())
+    # No timers or daemons: they would put a finalizer on every model.
+    assert list(registry._spawning.get_all_handlers()) == []
+    assert not any(h.requires_finalizer for h in registry._changing.get_all_handlers())
 
 
 def test_kopf_settings_keep_state_in_our_annotations(

@@ -113,3 +113,12 @@ async def test_conflict_changes_are_reported(settings: OperatorSettings) -> None
     await publisher.publish()
     await publisher.publish()  # unchanged: not reported again
     assert seen == [{"llm/b"}]
+
+
+async def test_namespace_globs_filter_the_document(settings: OperatorSettings) -> None:
+    kube = FakeKube(
+        [model_body("a", namespace="e2e-1"), model_body("b", namespace="x")]
+    )
+    scoped = settings.model_copy(update={"watch_namespaces": ("e2e-*",)})
+    doc = await RoutePublisher(kube, scoped).publish()
+    assert [r.namespace for r in doc.models] == ["e2e-1"]

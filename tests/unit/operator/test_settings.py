@@ -35,3 +35,12 @@ def test_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CITADEL_OPERATOR_LOG_FORMAT", "xml")
     with pytest.raises(ValueError, match="log_format"):
         OperatorSettings()
+
+
+def test_namespace_globs_list_everything_and_filter() -> None:
+    settings = OperatorSettings(watch_namespaces=("e2e-*", "llm"))
+    assert settings.list_scopes() == (None,)
+    assert settings.watches("e2e-abc") and settings.watches("llm")
+    assert not settings.watches("other")
+    plain = OperatorSettings(watch_namespaces=("llm",))
+    assert plain.list_scopes() == ("llm",)

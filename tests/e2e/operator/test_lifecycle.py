@@ -1,0 +1,145 @@
+"""Changes after creation: scaling, new engine arguments, hand edits, deletion."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pytest
+
+from .conftest import Kube
+
+pytestmark = pytest.mark.e2e
+
+
+def _model(name: str, extra: str = "", served: str | None = None) -> str:
+    return f"""
+apiVersion: citadel.ai/v1alpha1
+kind: LLMModel
+metadata: {{name: {name}}}
+spec:
+  model: Qwen/Qwen2.5-0.5B-Instruct
+  servedName: {served or name}
+  resources: {{gpus: 1}}
+  placement: {{nodeName: hx-llm-server-02}}
+{extra}
+"""
+
+
+def _args(kube: Kube, name: str) -> list[str]:
+    deployment = kube.get("deployment", name)
+    return list(deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+
+
+def test_scaling_through_the_scale_subresource(kube: Kube) -> None:
+    kube.apply(_model("scaled"))
+    kube.wait_phase("scaled", "Ready")
+    kube.cluster.kubectl(
+        "scale", "llmmodel/scaled", "--replicas=3", "-n", kube.namespace
+    )
+    kube.wait(
+        "3 ready replicas",
+        lambda: kube.get("llmmodel", "scaled")["status"]["replicas"]["ready"] == 3,
+    )
+    kube.wait_phase("scaled", "Ready")
+    assert kube.get("deployment", "scaled")["spec"]["replicas"] == 3
+    assert kube.get("pdb", "scaled")["spec"]["maxUnavailable"] == 1
+    route = kube.wait(
+        "route", lambda: [r for r in kube.routes() if r["readyReplicas"] == 3]
+    )
+    assert route[0]["name"] == "scaled"
+
+    kube.cluster.kubectl(
+        "scale", "llmmodel/scaled", "--replicas=1", "-n", kube.namespace
+    )
+    kube.wait("the PDB to go", lambda: kube.get("pdb", "scaled") is None)
+    kube.wait(
+        "one pod", lambda: len(kube.items("pods", "citadel.ai/model=scaled")) == 1
+    )
+    kube.delete_model("scaled")
+
+
+def test_engine_argument_change_rolls_the_deployment(kube: Kube) -> None:
+    kube.apply(_model("rolled"))
+    kube.wait_phase("rolled", "Ready")
+    before = kube.get("deployment", "rolled")
+    old_pods = {
+        p["metadata"]["name"] for p in kube.items("pods", "citadel.ai/model=rolled")
+    }
+
+    kube.apply(
+        _model("rolled", "  engine: {maxModelLen: 4096, extraArgs: [--enforce-eager]}")
+    )
+    kube.wait("new arguments", lambda: "--max-model-len=4096" in _args(kube, "rolled"))
+    assert "--enforce-eager" in _args(kube, "rolled")
+    after = kube.get("deployment", "rolled")
+    assert after["metadata"]["generation"] > before["metadata"]["generation"]
+
+    def replaced() -> bool:
+        pods = kube.items("pods", "citadel.ai/model=rolled")
+        names = {p["metadata"]["name"] for p in pods}
+        return bool(names) and not (names & old_pods)
+
+    kube.wait("the pod to be replaced", replaced)
+    kube.wait_phase("rolled", "Ready")
+    body = kube.get("llmmodel", "rolled")
+    assert body["status"]["observedGeneration"] == body["metadata"]["generation"]
+    replica_sets = kube.items("replicasets", "citadel.ai/model=rolled")
+    assert len(replica_sets) == 2
+    kube.delete_model("rolled")
+
+
+def test_hand_edits_to_the_deployment_are_reverted(kube: Kube) -> None:
+    kube.apply(_model("guarded"))
+    kube.wait_phase("guarded", "Ready")
+    patch = {
+        "spec": {
+            "replicas": 4,
+            "template": {"spec": {"containers": [{"name": "vllm", "image": "evil:1"}]}},
+        }
+    }
+    kube.cluster.kubectl(
+        "patch", "deployment", "guarded", "-n", kube.namespace, "-p", json.dumps(patch)
+    )
+
+    def restored() -> bool:
+        spec = kube.get("deployment", "guarded")["spec"]
+        image = spec["template"]["spec"]["containers"][0]["image"]
+        return spec["replicas"] == 1 and image.startswith("vllm/vllm-openai:")
+
+    kube.wait("the Deployment to be put back", restored, timeout=30)
+    kube.cluster.kubectl("delete", "deployment", "guarded", "-n", kube.namespace)
+    kube.wait(
+        "the Deployment to be recreated",
+        lambda: kube.get("deployment", "guarded") is not None,
+        timeout=30,
+    )
+    kube.wait_phase("guarded", "Ready")
+    events = kube.cluster.kubectl(
+        "get",
+        "events",
+        "-n",
+        kube.namespace,
+        "--field-selector",
+        "reason=DriftReverted",
+    )
+    assert "DriftReverted" in events
+    kube.delete_model("guarded")
+
+
+def test_delete_removes_what_it_owned_but_keeps_the_cache(
+    kube: Kube, cache_volume: Callable[..., str]
+) -> None:
+    cache_volume("doomed-cache")
+    kube.apply(_model("doomed", "  replicas: 2\n  cache: {size: 10Gi}"))
+    kube.wait_phase("doomed", "Ready")
+    kube.wait("its route", lambda: [r for r in kube.routes() if r["name"] == "doomed"])
+    kube.delete_model("doomed")
+    for kind in ("deployment", "service", "pdb"):
+        kube.wait(f"the {kind} to go", lambda k=kind: kube.get(k, "doomed") is None)
+    kube.wait(
+        "the route to go",
+        lambda: not [r for r in kube.routes() if r["name"] == "doomed"],
+    )
+    claim = kube.get("pvc", "doomed-cache")
+    assert claim is not None and claim["metadata"].get("deletionTimestamp") is None

@@ -1,0 +1,125 @@
+"""Operator restarts, and how quickly a new model gets its Deployment."""
+
+from __future__ import annotations
+
+import queue
+import statistics
+import subprocess
+import threading
+import time
+
+import pytest
+
+from .conftest import Kube, OperatorProcess
+
+pytestmark = pytest.mark.e2e
+
+
+def _model(name: str) -> str:
+    return f"""
+apiVersion: citadel.ai/v1alpha1
+kind: LLMModel
+metadata: {{name: {name}}}
+spec:
+  model: Qwen/Qwen2.5-0.5B-Instruct
+  resources: {{gpus: 1}}
+  placement: {{gpuProduct: NVIDIA-A100-SXM4-80GB}}
+"""
+
+
+def test_restart_mid_reconcile_converges_without_duplicates(
+    kube: Kube, operator: OperatorProcess
+) -> None:
+    names = [f"restart-{i}" for i in range(4)]
+    operator.stop()
+    try:
+        for name in names:
+            kube.apply(_model(name))
+    finally:
+        operator.start()
+    # Killed while the new models are being reconciled, then started again.
+    time.sleep(0.3)
+    operator.stop(kill=True)
+    operator.start()
+    for name in names:
+        kube.wait_phase(name, "Ready")
+    for name in names:
+        selector = f"citadel.ai/model={name}"
+        assert len(kube.items("deployments", selector)) == 1
+        assert len(kube.items("replicasets", selector)) == 1, "template changed"
+        assert len(kube.items("pods", selector)) == 1
+        assert len(kube.items("services", selector)) == 1
+    routes = kube.wait(
+        "four ready routes",
+        lambda: (
+            (r := kube.routes()) and len(r) == 4 and all(x["ready"] for x in r) and r
+        ),
+    )
+    assert sorted(r["name"] for r in routes) == names
+    for name in names:
+        kube.delete_model(name)
+
+
+class _Watch:
+    """`kubectl get deployments --watch`, with the arrival time of every line."""
+
+    def __init__(self, kube: Kube) -> None:
+        cluster = kube.cluster
+        args = [cluster.kubectl_path, f"--kubeconfig={cluster.kubeconfig}"]
+        if cluster.context:
+            args.append(f"--context={cluster.context}")
+        args += ["get", "deployments", "-n", kube.namespace, "--watch", "-o", "name"]
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+        self.lines: queue.Queue[tuple[float, str]] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put((time.monotonic(), line.strip()))
+
+    def first(self, name: str, timeout: float = 30) -> float:
+        deadline = time.monotonic() + timeout
+        while True:
+            seen, line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            if line.endswith(f"/{name}"):
+                return seen
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def test_time_from_apply_to_deployment(
+    kube: Kube, record_property: pytest.RecordProperty
+) -> None:
+    """Measured, not a target: the time is reported, the bound is only a sanity one."""
+    watch = _Watch(kube)
+    time.sleep(1.0)  # the watch is established
+    from_start, from_return = [], []
+    try:
+        for i in range(8):
+            name = f"latency-{i}"
+            start = time.monotonic()
+            kube.apply(_model(name))
+            returned = time.monotonic()
+            seen = watch.first(name)
+            from_start.append(seen - start)
+            from_return.append(seen - returned)
+    finally:
+        watch.close()
+    report = (
+        f"apply -> Deployment over {len(from_start)} models: "
+        f"median {statistics.median(from_start) * 1000:.0f} ms, "
+        f"max {max(from_start) * 1000:.0f} ms from starting `kubectl apply`; "
+        f"median {statistics.median(from_return) * 1000:.0f} ms after it returned"
+    )
+    print(f"\n{report}")
+    record_property("apply_to_deployment", report)
+    assert max(from_start) < 10, report
+    for i in range(8):
+        kube.cluster.kubectl("delete", "llmmodel", f"latency-{i}", "-n", kube.namespace)
