@@ -12,7 +12,15 @@ from citadel.gateway.api.schemas import (
     error_responses,
     request_body,
 )
-from citadel.gateway.deps import REQUEST_ID, DepsDep, PrincipalDep, RequestIdDep
+from citadel.gateway.deps import (
+    REQUEST_ID,
+    DepsDep,
+    PrincipalDep,
+    RequestIdDep,
+    caller,
+    deps_of,
+    take_request_id,
+)
 from citadel.gateway.errors import BodyTooLarge
 from citadel.gateway.services.requests import CHAT, COMPLETIONS, EMBEDDINGS, ApiCall
 
@@ -34,10 +42,11 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def forward(
-    call: ApiCall, request: Request, deps: DepsDep, rid: str, principal: PrincipalDep
-) -> Response:
+async def forward(call: ApiCall, request: Request) -> Response:
     """Runs the proxy and wraps its answer in a response."""
+    rid = take_request_id(request)
+    deps = deps_of(request)
+    principal = caller(request, deps)
     raw = await read_body(request, deps.max_body_bytes)
     session = request.headers.get(deps.session_header)
     result = await deps.proxy.handle(call, principal, raw, rid, session)
@@ -48,28 +57,23 @@ async def forward(
     return Response(result.body, result.status, result.headers, result.media_type)
 
 
+# The forwarding endpoints take the bare request (see citadel.gateway.deps).
 @router.post("/chat/completions", openapi_extra=request_body(CHAT_REQUEST))
-async def chat_completions(
-    request: Request, deps: DepsDep, rid: RequestIdDep, principal: PrincipalDep
-) -> Response:
+async def chat_completions(request: Request) -> Response:
     """Creates a chat completion (streamed as server-sent events with `stream`)."""
-    return await forward(CHAT, request, deps, rid, principal)
+    return await forward(CHAT, request)
 
 
 @router.post("/completions", openapi_extra=request_body(COMPLETION_REQUEST))
-async def completions(
-    request: Request, deps: DepsDep, rid: RequestIdDep, principal: PrincipalDep
-) -> Response:
+async def completions(request: Request) -> Response:
     """Creates a text completion (streamed as server-sent events with `stream`)."""
-    return await forward(COMPLETIONS, request, deps, rid, principal)
+    return await forward(COMPLETIONS, request)
 
 
 @router.post("/embeddings", openapi_extra=request_body(EMBEDDING_REQUEST))
-async def embeddings(
-    request: Request, deps: DepsDep, rid: RequestIdDep, principal: PrincipalDep
-) -> Response:
+async def embeddings(request: Request) -> Response:
     """Creates embeddings of the input."""
-    return await forward(EMBEDDINGS, request, deps, rid, principal)
+    return await forward(EMBEDDINGS, request)
 
 
 @router.get("/models")
