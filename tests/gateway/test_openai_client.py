@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import signal
 import subprocess
 import sys
 import time
@@ -194,3 +196,50 @@ def test_revoked_key_stops_working_without_restart(
             return
         time.sleep(0.1)
     pytest.fail("the revoked key still works after 30 s")
+
+
+def test_client_leaving_a_stream_frees_the_replica(setup: dict[str, Any]) -> None:
+    gateway, key = setup["gateway"], setup["key"]
+    body = {
+        "model": "smol",
+        "messages": MESSAGES,
+        "stream": True,
+        "fake_hold": True,
+    }
+    with httpx.stream(
+        "POST",
+        gateway.url + "/v1/chat/completions",
+        json=body,
+        headers={"authorization": f"Bearer {key}"},
+    ) as stream:
+        chunks = stream.iter_bytes()
+        assert next(chunks).startswith(b"data: ")
+        assert gateway.metric("citadel_gateway_in_flight_requests") == 1
+    # The client hung up mid-stream: the gateway lets go of the replica.
+    deadline = time.monotonic() + 30
+    while gateway.metric("citadel_gateway_in_flight_requests") != 0:
+        assert time.monotonic() < deadline, "in-flight count never went back to 0"
+        time.sleep(0.1)
+    setup["backend"].release()
+
+
+def test_sigterm_lets_requests_in_flight_finish(setup: dict[str, Any]) -> None:
+    gateway, key = setup["gateway"], setup["key"]
+    client = httpx.Client(
+        base_url=gateway.url, headers={"authorization": f"Bearer {key}"}, timeout=60
+    )
+    body = {"model": "smol", "messages": MESSAGES, "fake_delay_s": 1.5}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [
+            pool.submit(client.post, "/v1/chat/completions", json=body)
+            for _ in range(4)
+        ]
+        backend = setup["backend"]
+        deadline = time.monotonic() + 30
+        while len(backend.received()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        gateway.proc.send_signal(signal.SIGTERM)
+        statuses = [f.result().status_code for f in futures]
+    assert statuses == [200] * 4
+    # uvicorn re-raises the signal once it has shut down cleanly.
+    assert gateway.proc.wait(timeout=60) in (0, -signal.SIGTERM)

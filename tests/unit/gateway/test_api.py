@@ -328,3 +328,13 @@ async def test_admin_replicas_shows_state_to_admins_only(
     assert model["servedName"] == "smollm2" and model["strategy"] == "round-robin"
     assert {r["url"] for r in model["replicas"]} == {"http://r1", "http://r2"}
     assert any(r["ejected"] for r in model["replicas"])
+
+
+async def test_cost_is_observed_when_the_model_is_priced(kit: Any) -> None:
+    pricing = {"promptPerMillion": 1.0, "completionPerMillion": 2.0}
+    h = kit.build(doc=kit.document(pricing=pricing))
+    async with h.client() as client:
+        await client.post("/v1/chat/completions", json=kit.chat)
+    cost = h.deps.metrics.cost.labels("smollm2", "alice")
+    # usage (10, 5): 10 x 1.0 + 5 x 2.0 per million tokens
+    assert cost._sum.get() == pytest.approx(20 / 1_000_000)
