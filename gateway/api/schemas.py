@@ -20,42 +20,34 @@ _MESSAGE = {
         "content": {"type": "string"},
     },
 }
-_STREAM = {
-    "stream": {"type": "boolean"},
-    "stream_options": {
+
+
+def _generation(prompt_field: str, prompt: dict[str, Any]) -> dict[str, Any]:
+    """A chat or completion request: its prompt field, then the shared ones."""
+    return {
         "type": "object",
-        "properties": {"include_usage": {"type": "boolean"}},
-    },
-}
+        "required": ["model", prompt_field],
+        "properties": {
+            "model": _MODEL,
+            prompt_field: prompt,
+            "max_tokens": _POSITIVE,
+            "max_completion_tokens": _POSITIVE,
+            "n": _POSITIVE,
+            "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+            "stream": {"type": "boolean"},
+            "stream_options": {
+                "type": "object",
+                "properties": {"include_usage": {"type": "boolean"}},
+            },
+        },
+        "additionalProperties": True,
+    }
 
-CHAT_REQUEST: dict[str, Any] = {
-    "type": "object",
-    "required": ["model", "messages"],
-    "properties": {
-        "model": _MODEL,
-        "messages": {"type": "array", "minItems": 1, "items": _MESSAGE},
-        "max_tokens": _POSITIVE,
-        "max_completion_tokens": _POSITIVE,
-        "n": _POSITIVE,
-        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-        **_STREAM,
-    },
-    "additionalProperties": True,
-}
 
-COMPLETION_REQUEST: dict[str, Any] = {
-    "type": "object",
-    "required": ["model", "prompt"],
-    "properties": {
-        "model": _MODEL,
-        "prompt": {"type": "string"},
-        "max_tokens": _POSITIVE,
-        "n": _POSITIVE,
-        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-        **_STREAM,
-    },
-    "additionalProperties": True,
-}
+CHAT_REQUEST = _generation(
+    "messages", {"type": "array", "minItems": 1, "items": _MESSAGE}
+)
+COMPLETION_REQUEST = _generation("prompt", {"type": "string"})
 
 EMBEDDING_REQUEST: dict[str, Any] = {
     "type": "object",

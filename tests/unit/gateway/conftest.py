@@ -96,7 +96,9 @@ class FakeUpstream:
         return result
 
 
-def document(**route: Any) -> RoutingDocument:
+def document(*others: str, **route: Any) -> RoutingDocument:
+    """The model `smollm2` (alias `chat`) changed by `route`, and one more model
+    for each name in `others`."""
     base = {
         "name": "smol",
         "namespace": "llm",
@@ -105,7 +107,8 @@ def document(**route: Any) -> RoutingDocument:
         "service": "smol",
         "strategy": "round-robin",
     }
-    return RoutingDocument.model_validate({"models": [{**base, **route}]})
+    extra = [{**base, "name": n, "servedName": n, "aliases": []} for n in others]
+    return RoutingDocument.model_validate({"models": [{**base, **route}, *extra]})
 
 
 @dataclass
