@@ -77,8 +77,15 @@ def reset_time(level: float, bucket: Bucket) -> float:
     return max(0.0, (bucket.capacity - level) / bucket.rate)
 
 
+class StoreUnavailable(Exception):
+    """The bucket store cannot be reached (Redis down): limits cannot be checked."""
+
+
 class BucketStore(Protocol):
-    """Keeps bucket levels; every method is atomic over its takes."""
+    """Keeps bucket levels; every method is atomic over its takes.
+
+    Raises StoreUnavailable when it cannot be reached.
+    """
 
     async def take(self, takes: Sequence[Take], now: float) -> list[Level]:
         """Takes every amount if every bucket holds its need, else nothing."""

@@ -7,11 +7,14 @@ Which buckets a request draws from:
   its own `rpm`/`tpm` bucket for that model.
 
 Tokens are estimated before the request (the prompt's characters / 4 plus
-`max_tokens`) and corrected once the reply's usage is known.
+`max_tokens`) and corrected once the reply's usage is known. When the bucket store
+is unreachable (Redis down) requests are admitted unchecked and the error logged:
+an outage of the limit store does not stop serving.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +28,7 @@ from citadel.gateway.services.buckets import (
     Bucket,
     BucketStore,
     Level,
+    StoreUnavailable,
     Take,
     format_reset,
     reset_time,
@@ -32,6 +36,8 @@ from citadel.gateway.services.buckets import (
 from citadel.gateway.services.prefix import prompt_text
 
 MINUTE = 60.0
+
+log = logging.getLogger(__name__)
 
 
 def estimate_tokens(body: Mapping[str, Any], default_max_tokens: int) -> int:
@@ -88,7 +94,12 @@ class Limiter:
         checks = self._checks(principal, route, estimate, now)
         if not checks:
             return Admission(estimate)
-        levels = await self._store.take([c.take for c in checks], now)
+        try:
+            levels = await self._store.take([c.take for c in checks], now)
+        except StoreUnavailable as err:
+            # Fail open: an outage of the limit store must not stop serving.
+            log.error("limits not checked: store unavailable", extra={"error": err})
+            return Admission(estimate)
         headers = _headers(checks, levels)
         if not levels[0].ok:
             raise _refusal(checks, levels, headers, principal, route)
@@ -101,7 +112,10 @@ class Limiter:
         if delta == 0 or not admission.token_takes:
             return
         takes = [Take(t.bucket, delta, 0) for t in admission.token_takes]
-        await self._store.adjust(takes, self._clock())
+        try:
+            await self._store.adjust(takes, self._clock())
+        except StoreUnavailable as err:
+            log.error("token use not settled: store unavailable", extra={"error": err})
 
     def _checks(
         self, principal: Principal, route: ModelRoute, estimate: int, now: float

@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
-from citadel.gateway.services.buckets import Level, Take, wait_time
+from citadel.gateway.services.buckets import Level, StoreUnavailable, Take, wait_time
 
 PREFIX = "citadel:bucket:"
 
@@ -83,7 +84,10 @@ class RedisBuckets:
             ttl_ms = max(1, int(b.ttl_s * 1000))
             args += [repr(b.capacity), repr(b.rate), repr(t.amount), repr(t.need)]
             args.append(ttl_ms)
-        rows = await self._script(keys=keys, args=args)
+        try:
+            rows = await self._script(keys=keys, args=args)
+        except RedisError as err:
+            raise StoreUnavailable(f"redis: {err}") from err
         result = []
         for t, (ok, before, after) in zip(takes, rows, strict=True):
             level_before = float(before)

@@ -12,6 +12,7 @@ from citadel.gateway.services.auth import KeyRecord, Principal, hash_key
 from citadel.gateway.services.buckets import (
     Bucket,
     InProcessBuckets,
+    StoreUnavailable,
     Take,
     format_reset,
     refill,
@@ -164,3 +165,18 @@ async def test_no_limits_no_buckets() -> None:
 )
 def test_reset_format(seconds: float, text: str) -> None:
     assert format_reset(seconds) == text
+
+
+class DownStore:
+    async def take(self, takes: object, now: float) -> list[object]:
+        raise StoreUnavailable("redis: connection refused")
+
+    async def adjust(self, takes: object, now: float) -> None:
+        raise StoreUnavailable("redis: connection refused")
+
+
+async def test_an_unreachable_store_admits_unchecked() -> None:
+    limiter = Limiter(DownStore(), Clock())  # type: ignore[arg-type]
+    admission = await limiter.admit(principal(rpm=1), route(rpm=1), 10)
+    assert admission.headers == {}
+    await limiter.settle(admission, 5)
