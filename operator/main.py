@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         if settings.log_format is LogFormat.JSON
         else kopf.LogFormat.FULL,
     )
+    if not settings.verbose:
+        # Kopf logs every handler call at INFO, one line per pod event; our own
+        # lines say what each reconcile did.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     ks = kopf_settings(settings)
     metrics = Metrics()
     if settings.metrics_port:

@@ -7,6 +7,7 @@ This layer knows the Kubernetes API through `Kube` and nothing of Kopf: it raise
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -149,8 +150,22 @@ class Reconciler:
                     self.metrics.errors.labels(
                         error="temporary" if err.retryable else "permanent"
                     ).inc()
+                    if not err.retryable:
+                        # Say it where people look, not only in the logs.
+                        with contextlib.suppress(ReconcileError):
+                            await self._refresh(
+                                model, Blocker("ReconcileFailed", str(err))
+                            )
                     raise
         self.routes.kick()
+        log.info(
+            "reconciled %s (generation %d): %s, %d/%d ready",
+            model.key,
+            model.generation,
+            status.phase,
+            status.replicas.ready,
+            status.replicas.desired,
+        )
         return status
 
     async def refresh(
@@ -334,7 +349,9 @@ class Reconciler:
         self._nodes_cache = (now, nodes)
         return list(nodes)
 
-    async def _refresh(self, model: LLMModel) -> LLMModelStatus:
+    async def _refresh(
+        self, model: LLMModel, blocker: Blocker | None = None
+    ) -> LLMModelStatus:
         deployment = await self._call(
             self.kube.get(DEPLOYMENTS, model.name, model.namespace)
         )
@@ -342,18 +359,22 @@ class Reconciler:
             self.kube.list(PODS, model.namespace, label_selector=label_selector(model))
         )
         conflict = self.routes.conflicts.get(model.key)
+        if conflict and blocker is None:
+            blocker = Blocker("ServedNameConflict", conflict)
         status = derive_status(
             model,
             deployment,
             pods,
             await self._nodes(),
             self._clock(),
-            Blocker("ServedNameConflict", conflict) if conflict else None,
+            blocker,
         )
         if status != model.status:
             await self._call(
                 self.kube.apply(status_patch(model, status), subresource="status")
             )
+            if status.phase != model.status.phase:
+                log.info("%s: %s -> %s", model.key, model.status.phase, status.phase)
             for notice in transitions(model.status, status):
                 await self._post(model, notice)
             self.routes.kick()

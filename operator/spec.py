@@ -87,7 +87,10 @@ def _cel(*rules: dict[str, str]) -> dict[str, Any]:
     return {"x-kubernetes-validations": list(rules)}
 
 
-class _Spec(BaseModel):
+class ApiModel(BaseModel):
+    """Base of the resource's models: camelCase in the API, snake_case in Python,
+    docstrings as the schema's descriptions."""
+
     # Unknown fields are pruned by the API server; reading leniently lets an older
     # operator read objects written for a newer CRD.
     model_config = ConfigDict(
@@ -133,7 +136,7 @@ class AccessMode(enum.StrEnum):
     READ_WRITE_MANY = "ReadWriteMany"
 
 
-class Resources(_Spec):
+class Resources(ApiModel):
     """What each replica gets."""
 
     gpus: int = Field(1, ge=0, le=64)
@@ -145,7 +148,7 @@ class Resources(_Spec):
     """Memory request and limit per replica, such as `90Gi`."""
 
 
-class Toleration(_Spec):
+class Toleration(ApiModel):
     """A Kubernetes toleration (core/v1 Toleration)."""
 
     key: Annotated[str, Field(max_length=316)] | None = None
@@ -160,7 +163,7 @@ class Toleration(_Spec):
     """For NoExecute: how long the pod stays after the taint appears."""
 
 
-class Placement(_Spec):
+class Placement(ApiModel):
     """Where the replicas run. The GPU toleration is added whenever gpus > 0."""
 
     model_config = ConfigDict(
@@ -190,7 +193,7 @@ class Placement(_Spec):
     """A core/v1 Affinity for the pods, merged with the placement above."""
 
 
-class SecretKeyRef(_Spec):
+class SecretKeyRef(ApiModel):
     """A key of a Secret in the model's namespace."""
 
     name: Annotated[str, Field(max_length=253, pattern=DNS1123_SUBDOMAIN)]
@@ -199,7 +202,7 @@ class SecretKeyRef(_Spec):
     """The key inside the Secret."""
 
 
-class Engine(_Spec):
+class Engine(ApiModel):
     """The vLLM server."""
 
     image: Annotated[str, Field(max_length=512, pattern=IMAGE_PATTERN)] | None = None
@@ -244,7 +247,7 @@ class Engine(_Spec):
     """How long a stopping replica keeps serving so the gateway can drain it."""
 
 
-class Cache(_Spec):
+class Cache(ApiModel):
     """The model cache, a PersistentVolumeClaim mounted as the Hugging Face home."""
 
     size: Annotated[
@@ -287,13 +290,13 @@ class Cache(_Spec):
     deleted; `Delete` removes it with the model."""
 
 
-class Routing(_Spec):
+class Routing(ApiModel):
     """How the gateway spreads requests over the replicas."""
 
     strategy: RoutingStrategy = RoutingStrategy.PREFIX_AWARE
 
 
-class Limits(_Spec):
+class Limits(ApiModel):
     """Default per-key limits for this model at the gateway; absent is unlimited."""
 
     rpm: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
@@ -302,7 +305,7 @@ class Limits(_Spec):
     """Tokens per minute per API key."""
 
 
-class Rollout(_Spec):
+class Rollout(ApiModel):
     """How a changed spec replaces running replicas.
 
     The default (maxSurge 0, maxUnavailable 1) never asks for more GPUs than the
@@ -328,7 +331,7 @@ class Rollout(_Spec):
     """Replicas an update may stop before their replacements are ready."""
 
 
-class PodOptions(_Spec):
+class PodOptions(ApiModel):
     """Extra settings for the pods."""
 
     model_config = ConfigDict(
@@ -369,7 +372,7 @@ def _object_default() -> dict[str, Any]:
     return {"default": {}}
 
 
-class LLMModelSpec(_Spec):
+class LLMModelSpec(ApiModel):
     """The desired state of one served model."""
 
     model_config = ConfigDict(

@@ -5,10 +5,9 @@ from __future__ import annotations
 import enum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
+from pydantic import Field
 
-from citadel.operator.spec import Time
+from citadel.operator.spec import ApiModel, Time
 
 
 class Phase(enum.StrEnum):
@@ -30,17 +29,7 @@ class ConditionType(enum.StrEnum):
     DEGRADED = "Degraded"
 
 
-class _Status(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        frozen=True,
-        extra="ignore",
-        use_attribute_docstrings=True,
-    )
-
-
-class Condition(_Status):
+class Condition(ApiModel):
     """A metav1.Condition."""
 
     type: Annotated[str, Field(max_length=316)]
@@ -56,7 +45,7 @@ class Condition(_Status):
     """When the status last changed."""
 
 
-class ReplicaCounts(_Status):
+class ReplicaCounts(ApiModel):
     """Replica counts of the model's Deployment."""
 
     desired: int = 0
@@ -69,7 +58,7 @@ class ReplicaCounts(_Status):
     """Pods that answer their readiness probe."""
 
 
-class LLMModelStatus(_Status):
+class LLMModelStatus(ApiModel):
     """The observed state, derived from the Deployment, its pods and the nodes."""
 
     phase: Phase | None = None
@@ -82,7 +71,7 @@ class LLMModelStatus(_Status):
                 "x-kubernetes-list-map-keys": ["type"],
             },
         ),
-    ] = []
+    ] = Field(default_factory=list)
     replicas: ReplicaCounts = Field(default_factory=ReplicaCounts)
     served_name: str | None = None
     """The name clients send as `model` (spec.servedName or the LLMModel's name)."""
@@ -91,7 +80,7 @@ class LLMModelStatus(_Status):
     nodes: Annotated[
         list[str],
         Field(max_length=64, json_schema_extra={"x-kubernetes-list-type": "set"}),
-    ] = []
+    ] = Field(default_factory=list)
     """The nodes the model's pods were placed on."""
     selector: str | None = None
     """The pods' label selector (for the scale subresource and autoscalers)."""

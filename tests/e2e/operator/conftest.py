@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from harness.kube import KubeCluster
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -26,6 +27,20 @@ ROUTES_NAMESPACE = "citadel-operator-e2e"
 # The operator handles only the namespaces of these tests (see the namespace
 # fixture in tests/e2e/conftest.py), never anyone else's models.
 WATCHED = "e2e-*"
+
+
+def llmmodel(name: str, **spec: Any) -> str:
+    """An LLMModel manifest (YAML) serving a small model unless `spec` says else;
+    a field given as None is left out."""
+    merged = {"model": "Qwen/Qwen2.5-0.5B-Instruct", **spec}
+    return yaml.safe_dump(
+        {
+            "apiVersion": "citadel.ai/v1alpha1",
+            "kind": "LLMModel",
+            "metadata": {"name": name},
+            "spec": {k: v for k, v in merged.items() if v is not None},
+        }
+    )
 
 
 def _free_port() -> int:

@@ -4,26 +4,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
-from .conftest import Kube
+from .conftest import Kube, llmmodel
 
 pytestmark = pytest.mark.e2e
 
 
-def _model(name: str, extra: str = "", served: str | None = None) -> str:
-    return f"""
-apiVersion: citadel.ai/v1alpha1
-kind: LLMModel
-metadata: {{name: {name}}}
-spec:
-  model: Qwen/Qwen2.5-0.5B-Instruct
-  servedName: {served or name}
-  resources: {{gpus: 1}}
-  placement: {{nodeName: hx-llm-server-02}}
-{extra}
-"""
+def _model(name: str, **spec: Any) -> str:
+    return llmmodel(
+        name, resources={"gpus": 1}, placement={"nodeName": "hx-llm-server-02"}, **spec
+    )
 
 
 def _args(kube: Kube, name: str) -> list[str]:
@@ -68,7 +61,7 @@ def test_engine_argument_change_rolls_the_deployment(kube: Kube) -> None:
     }
 
     kube.apply(
-        _model("rolled", "  engine: {maxModelLen: 4096, extraArgs: [--enforce-eager]}")
+        _model("rolled", engine={"maxModelLen": 4096, "extraArgs": ["--enforce-eager"]})
     )
     kube.wait("new arguments", lambda: "--max-model-len=4096" in _args(kube, "rolled"))
     assert "--enforce-eager" in _args(kube, "rolled")
@@ -131,7 +124,7 @@ def test_delete_removes_what_it_owned_but_keeps_the_cache(
     kube: Kube, cache_volume: Callable[..., str]
 ) -> None:
     cache_volume("doomed-cache")
-    kube.apply(_model("doomed", "  replicas: 2\n  cache: {size: 10Gi}"))
+    kube.apply(_model("doomed", replicas=2, cache={"size": "10Gi"}))
     kube.wait_phase("doomed", "Ready")
     kube.wait("its route", lambda: [r for r in kube.routes() if r["name"] == "doomed"])
     kube.delete_model("doomed")

@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import Kube
+from .conftest import Kube, llmmodel
 
 pytestmark = pytest.mark.e2e
 
 
-def _model(name: str, placement: str, gpus: int) -> str:
-    return f"""
-apiVersion: citadel.ai/v1alpha1
-kind: LLMModel
-metadata: {{name: {name}}}
-spec:
-  model: Qwen/Qwen2.5-72B-Instruct
-  resources: {{gpus: {gpus}}}
-  placement: {placement}
-"""
+def _model(name: str, placement: dict[str, str], gpus: int) -> str:
+    return llmmodel(
+        name,
+        model="Qwen/Qwen2.5-72B-Instruct",
+        resources={"gpus": gpus},
+        placement=placement,
+    )
 
 
 def _scheduled(kube: Kube, name: str, reason: str) -> dict[str, str]:
@@ -35,7 +32,7 @@ def _scheduled(kube: Kube, name: str, reason: str) -> dict[str, str]:
 
 
 def test_sixteen_gpus_on_a_four_gpu_node(kube: Kube) -> None:
-    kube.apply(_model("huge", "{nodeName: hx-llm-server-01}", 16))
+    kube.apply(_model("huge", {"nodeName": "hx-llm-server-01"}, 16))
     cond = _scheduled(kube, "huge", "InsufficientGPUs")
     assert "16 nvidia.com/gpu" in cond["message"]
     assert "hx-llm-server-01 has 4" in cond["message"]
@@ -53,13 +50,13 @@ def test_sixteen_gpus_on_a_four_gpu_node(kube: Kube) -> None:
 
 
 def test_sixteen_gpus_anywhere(kube: Kube) -> None:
-    kube.apply(_model("huger", "{}", 16))
+    kube.apply(_model("huger", {}, 16))
     cond = _scheduled(kube, "huger", "InsufficientGPUs")
     assert "hx-llm-server-02 has 8" in cond["message"]
 
 
 def test_node_that_does_not_exist(kube: Kube) -> None:
-    kube.apply(_model("lost", "{nodeName: hx-llm-server-99}", 1))
+    kube.apply(_model("lost", {"nodeName": "hx-llm-server-99"}, 1))
     cond = _scheduled(kube, "lost", "NodeNotFound")
     assert "node 'hx-llm-server-99' does not exist" in cond["message"]
     assert "hx-llm-server-01" in cond["message"]  # lists the real ones
@@ -68,9 +65,9 @@ def test_node_that_does_not_exist(kube: Kube) -> None:
 
 
 def test_node_already_full_quotes_the_scheduler(kube: Kube) -> None:
-    kube.apply(_model("first", "{nodeName: hx-llm-server-01}", 3))
+    kube.apply(_model("first", {"nodeName": "hx-llm-server-01"}, 3))
     kube.wait_phase("first", "Ready")
-    kube.apply(_model("second", "{nodeName: hx-llm-server-01}", 3))
+    kube.apply(_model("second", {"nodeName": "hx-llm-server-01"}, 3))
     cond = _scheduled(kube, "second", "Unschedulable")
     assert "nvidia.com/gpu" in cond["message"]
     assert kube.phase("second") == "Pending"

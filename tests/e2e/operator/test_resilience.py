@@ -10,21 +10,15 @@ import time
 
 import pytest
 
-from .conftest import Kube, OperatorProcess
+from .conftest import Kube, OperatorProcess, llmmodel
 
 pytestmark = pytest.mark.e2e
 
 
 def _model(name: str) -> str:
-    return f"""
-apiVersion: citadel.ai/v1alpha1
-kind: LLMModel
-metadata: {{name: {name}}}
-spec:
-  model: Qwen/Qwen2.5-0.5B-Instruct
-  resources: {{gpus: 1}}
-  placement: {{gpuProduct: NVIDIA-A100-SXM4-80GB}}
-"""
+    return llmmodel(
+        name, resources={"gpus": 1}, placement={"gpuProduct": "NVIDIA-A100-SXM4-80GB"}
+    )
 
 
 def test_restart_mid_reconcile_converges_without_duplicates(
@@ -123,3 +117,25 @@ def test_time_from_apply_to_deployment(
     assert max(from_start) < 10, report
     for i in range(8):
         kube.cluster.kubectl("delete", "llmmodel", f"latency-{i}", "-n", kube.namespace)
+
+
+def test_metrics_count_reconciles_and_phases(
+    kube: Kube, operator: OperatorProcess
+) -> None:
+    kube.apply(_model("counted"))
+    kube.wait_phase("counted", "Ready")
+
+    def exported() -> str | None:
+        text = operator.metrics()
+        ready = [
+            line
+            for line in text.splitlines()
+            if line.startswith('citadel_operator_models{phase="Ready"}')
+        ]
+        return text if ready and float(ready[0].split()[-1]) >= 1 else None
+
+    text = kube.wait("a Ready model in the metrics", exported)
+    assert 'citadel_operator_reconciles_total{kind="full",result="ok"}' in text
+    assert "citadel_operator_reconcile_duration_seconds_bucket" in text
+    assert 'citadel_operator_route_publishes_total{result="ok"}' in text
+    kube.delete_model("counted")

@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import yaml
 from harness.kube import KubeCluster
 
-pytestmark = pytest.mark.e2e
+from .conftest import llmmodel
 
-BASE: dict[str, Any] = {"model": "Qwen/Qwen2.5-0.5B-Instruct"}
+pytestmark = pytest.mark.e2e
 
 CASES: list[tuple[str, dict[str, Any], str, str]] = [
     ("missing-model", {"model": None}, "bad", "spec.model: Required value"),
@@ -74,16 +73,7 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
 
 
 def _manifest(name: str, spec: dict[str, Any]) -> str:
-    merged = {**BASE, **spec}
-    merged = {k: v for k, v in merged.items() if v is not None}
-    return yaml.safe_dump(
-        {
-            "apiVersion": "citadel.ai/v1alpha1",
-            "kind": "LLMModel",
-            "metadata": {"name": name},
-            "spec": merged,
-        }
-    )
+    return llmmodel(name, **spec)
 
 
 @pytest.mark.parametrize(

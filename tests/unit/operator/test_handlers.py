@@ -5,9 +5,10 @@ from __future__ import annotations
 import kopf
 import pytest
 
+from citadel.operator import __version__
 from citadel.operator.handlers import _translated, build_registry
 from citadel.operator.kube.fake import FakeKube
-from citadel.operator.main import kopf_settings
+from citadel.operator.main import kopf_settings, main
 from citadel.operator.metrics import Metrics
 from citadel.operator.reconcile import ReconcileError, Reconciler
 from citadel.operator.settings import OperatorSettings, PeeringMode
@@ -56,3 +57,10 @@ def test_kopf_settings_keep_state_in_our_annotations(
     assert ks.persistence.finalizer == "citadel.ai/finalizer"
     assert ks.peering.mandatory and not ks.peering.standalone
     assert ks.peering.name == "citadel-operator"
+
+
+def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == __version__

@@ -97,6 +97,11 @@ async def test_foreign_object_with_the_same_name_is_not_taken_over(
         await reconciler.reconcile(model_body())
     assert not err.value.retryable
     assert kube.stored(DEPLOYMENTS, "mixtral", "llm")["spec"] == {"replicas": 9}
+    status = kube.stored(LLMMODELS, "mixtral", "llm")["status"]
+    assert status["phase"] == "Failed"
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "ReconcileFailed"
+    assert "rename the model" in ready["message"]
 
 
 async def test_existing_cache_claim_is_used_untouched(
