@@ -72,8 +72,19 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
 ]
 
 
-def _manifest(name: str, spec: dict[str, Any]) -> str:
-    return llmmodel(name, **spec)
+def _apply(
+    cluster: KubeCluster, namespace: str, name: str, spec: dict[str, Any]
+) -> str:
+    """kubectl apply; returns its output, or its error when refused."""
+    return cluster.kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input_text=llmmodel(name, **spec),
+        check=False,
+    )
 
 
 @pytest.mark.parametrize(
@@ -89,15 +100,7 @@ def test_invalid_manifest_is_refused_naming_the_field(
     name: str,
     field: str,
 ) -> None:
-    out = cluster.kubectl(
-        "apply",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        input_text=_manifest(name, spec),
-        check=False,
-    )
+    out = _apply(cluster, namespace, name, spec)
     assert "is invalid" in out or "Invalid value" in out, out
     assert field in out, out
     assert cluster.kubectl("get", "llmmodels", "-n", namespace, "-o", "name") == ""
@@ -107,19 +110,9 @@ def test_immutable_cache_fields(
     cluster: KubeCluster, namespace: str, crds: None
 ) -> None:
     first = {"cache": {"size": "10Gi", "storageClassName": "fast"}}
-    cluster.kubectl(
-        "apply", "-n", namespace, "-f", "-", input_text=_manifest("m", first)
-    )
+    assert "created" in _apply(cluster, namespace, "m", first)
     changed = {"cache": {"size": "5Gi", "storageClassName": "slow"}}
-    out = cluster.kubectl(
-        "apply",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        input_text=_manifest("m", changed),
-        check=False,
-    )
+    out = _apply(cluster, namespace, "m", changed)
     assert "cache.storageClassName is immutable" in out, out
     assert "cache.size can only grow" in out, out
     cluster.kubectl("delete", "llmmodel", "m", "-n", namespace)
