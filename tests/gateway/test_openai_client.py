@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ MESSAGES: Any = [{"role": "user", "content": "Say hi"}]
 @pytest.fixture
 def setup(
     tmp_path: Path, start_backend: Any, start_gateway: Any, helpers: Any
-) -> dict[str, Any]:
+) -> Iterator[dict[str, Any]]:
     backend = start_backend("a")
     keys = tmp_path / "keys.json"
     key = helpers.create_key(keys, "alice", "--models", "smol*", "chat")
@@ -33,14 +34,16 @@ def setup(
         helpers.route("empty", []),
     ]
     gateway = start_gateway(models, keys, read_timeout_s="2", max_body_bytes="4096")
-    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
-    return {
-        "backend": backend,
-        "gateway": gateway,
-        "client": client,
-        "key": key,
-        "limited": limited,
-    }
+    with openai.OpenAI(
+        base_url=gateway.url + "/v1", api_key=key, max_retries=0
+    ) as client:
+        yield {
+            "backend": backend,
+            "gateway": gateway,
+            "client": client,
+            "key": key,
+            "limited": limited,
+        }
 
 
 def test_chat_completion_embeddings_and_models(setup: dict[str, Any]) -> None:
@@ -114,10 +117,9 @@ def test_first_chunk_is_relayed_while_the_backend_still_holds_the_stream(
 def test_errors_have_openai_types_and_statuses(setup: dict[str, Any]) -> None:
     client: openai.OpenAI = setup["client"]
     url = setup["gateway"].url
-    with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(
-            base_url=url + "/v1", api_key="ctd-bad", max_retries=0
-        ).models.list()
+    bad = openai.OpenAI(base_url=url + "/v1", api_key="ctd-bad", max_retries=0)
+    with bad, pytest.raises(openai.AuthenticationError):
+        bad.models.list()
     with pytest.raises(openai.PermissionDeniedError):
         client.chat.completions.create(model="other", messages=MESSAGES)
     with pytest.raises(openai.NotFoundError) as missing:
@@ -158,12 +160,12 @@ def test_no_ready_replica_is_503_with_retry_after(setup: dict[str, Any]) -> None
 
 
 def test_rate_limit_429(setup: dict[str, Any]) -> None:
-    client = openai.OpenAI(
+    with openai.OpenAI(
         base_url=setup["gateway"].url + "/v1", api_key=setup["limited"], max_retries=0
-    )
-    client.chat.completions.create(model="smol", messages=MESSAGES)
-    with pytest.raises(openai.RateLimitError) as limited:
+    ) as client:
         client.chat.completions.create(model="smol", messages=MESSAGES)
+        with pytest.raises(openai.RateLimitError) as limited:
+            client.chat.completions.create(model="smol", messages=MESSAGES)
     headers = limited.value.response.headers
     assert int(headers["retry-after"]) > 0
     assert headers["x-ratelimit-limit-requests"] == "1"
@@ -229,7 +231,7 @@ def test_sigterm_lets_requests_in_flight_finish(setup: dict[str, Any]) -> None:
         base_url=gateway.url, headers={"authorization": f"Bearer {key}"}, timeout=60
     )
     body = {"model": "smol", "messages": MESSAGES, "fake_delay_s": 1.5}
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    with client, concurrent.futures.ThreadPoolExecutor(4) as pool:
         futures = [
             pool.submit(client.post, "/v1/chat/completions", json=body)
             for _ in range(4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def three(
     tmp_path: Path, start_backend: Any, start_gateway: Any, helpers: Any
-) -> dict[str, Any]:
+) -> Iterator[dict[str, Any]]:
     backends = [start_backend(name) for name in ("a", "b", "c")]
     keys = tmp_path / "keys.json"
     key = helpers.create_key(keys, "load")
@@ -29,8 +30,10 @@ def three(
         helpers.route("least", backends, strategy="least-load"),
     ]
     gateway = start_gateway(models, keys)
-    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
-    return {"backends": backends, "gateway": gateway, "client": client, "key": key}
+    with openai.OpenAI(
+        base_url=gateway.url + "/v1", api_key=key, max_retries=0
+    ) as client:
+        yield {"backends": backends, "gateway": gateway, "client": client, "key": key}
 
 
 def replica_of(client: openai.OpenAI, model: str, **extra: Any) -> str:

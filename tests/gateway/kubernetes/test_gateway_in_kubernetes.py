@@ -124,6 +124,18 @@ def test_routes_replicas_and_keys_follow_the_cluster(
     as_admin = httpx.Client(
         base_url=gateway.url, headers={"authorization": f"Bearer {admin}"}
     )
+    with as_user, as_admin:
+        changes_take_effect(gateway, kube, ns, as_user, as_admin)
+
+
+def changes_take_effect(
+    gateway: Any,
+    kube: KubeCluster,
+    ns: str,
+    as_user: httpx.Client,
+    as_admin: httpx.Client,
+) -> None:
+    """Changes to slices, the ConfigMap and the key Secrets, each seen in time."""
 
     def replicas() -> set[str]:
         answer = as_admin.get("/admin/replicas")

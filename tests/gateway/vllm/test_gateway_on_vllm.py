@@ -6,6 +6,7 @@ Needs `make vllm` (skipped with the reason otherwise): run with
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ QUESTION: Any = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture
 def clients(
     tmp_path: Path, smollm2_server: VLLMServer, start_gateway: Any, helpers: Any
-) -> tuple[openai.OpenAI, openai.OpenAI]:
+) -> Iterator[tuple[openai.OpenAI, openai.OpenAI]]:
     """(through the gateway, straight to vLLM)."""
     keys = tmp_path / "keys.json"
     key = helpers.create_key(keys, "vllm-user", "--models", "smollm2", "smol-chat")
@@ -40,7 +41,8 @@ def clients(
     direct = openai.OpenAI(
         base_url=smollm2_server.openai_url, api_key="unused", timeout=120
     )
-    return via, direct
+    with via, direct:
+        yield via, direct
 
 
 def test_chat_through_the_gateway_knows_paris(clients: Any) -> None:
