@@ -115,3 +115,7 @@ vllm: ## Install the CPU vLLM and its test models (cached in $CITADEL_CACHE)
 .PHONY: vllm-test
 vllm-test: venv vllm ## Smoke tests against the real CPU vLLM
 	$(VENV)/bin/pytest -m vllm tests/vllm
+
+.PHONY: vllm-gateway
+vllm-gateway: venv vllm ## The gateway in front of the real CPU vLLM, with the openai client
+	$(VENV)/bin/pytest -m vllm tests/gateway/vllm
