@@ -34,31 +34,34 @@ class Strategy(Protocol):
     ) -> tuple[Replica, str]: ...
 
 
-class RoundRobin:
-    """Each replica in turn."""
+class _Turns:
+    """A counter that moves on at each choice (where ties start, or whose turn)."""
 
     def __init__(self) -> None:
-        self._next = 0
+        self._turns = 0
+
+    def _turn(self) -> int:
+        self._turns += 1
+        return self._turns
+
+
+class RoundRobin(_Turns):
+    """Each replica in turn."""
 
     def choose(
         self, replicas: Sequence[Replica], request: RouteRequest
     ) -> tuple[Replica, str]:
-        self._next += 1
-        return replicas[self._next % len(replicas)], "rotation"
+        return replicas[self._turn() % len(replicas)], "rotation"
 
 
-class LeastLoad:
+class LeastLoad(_Turns):
     """The replica with the fewest requests outstanding from this gateway; ties go
     round the replicas in turn so an idle pool is still shared."""
 
-    def __init__(self) -> None:
-        self._next = 0
-
     def choose(
         self, replicas: Sequence[Replica], request: RouteRequest
     ) -> tuple[Replica, str]:
-        self._next += 1
-        return least_loaded(replicas, self._next), "least"
+        return least_loaded(replicas, self._turn()), "least"
 
 
 def least_loaded(replicas: Sequence[Replica], start: int = 0) -> Replica:
@@ -72,7 +75,7 @@ def least_loaded(replicas: Sequence[Replica], start: int = 0) -> Replica:
     return best
 
 
-class PrefixAware:
+class PrefixAware(_Turns):
     """Requests sharing a prompt prefix go where that prefix was last sent, with
     bounded load.
 
@@ -88,10 +91,10 @@ class PrefixAware:
     """
 
     def __init__(self, load_factor: float = 1.25, capacity: int = 200_000) -> None:
+        super().__init__()
         self._load_factor = load_factor
         self._capacity = capacity
         self._owner: OrderedDict[int, str] = OrderedDict()
-        self._next = 0
 
     def choose(
         self, replicas: Sequence[Replica], request: RouteRequest
@@ -101,8 +104,7 @@ class PrefixAware:
         chosen, how = self._by_prefix(hashes, by_url)
         average = sum(r.in_flight for r in replicas) / len(replicas)
         if chosen is None or chosen.in_flight > self._load_factor * average + 1:
-            self._next += 1
-            chosen = least_loaded(replicas, self._next)
+            chosen = least_loaded(replicas, self._turn())
             how = "overflow" if hashes else "least"
         self._remember(hashes, chosen.url)
         return chosen, how
@@ -127,7 +129,7 @@ class PrefixAware:
             owner.popitem(last=False)
 
 
-class KvAware:
+class KvAware(_Turns):
     """The replica with the lowest load score from its vLLM metrics.
 
     score = in_flight + running / 2 + 2 x waiting + 4 x kv_cache_usage: queued
@@ -135,15 +137,11 @@ class KvAware:
     and this gateway's own requests in flight count at once, between scrapes.
     """
 
-    def __init__(self) -> None:
-        self._next = 0
-
     def choose(
         self, replicas: Sequence[Replica], request: RouteRequest
     ) -> tuple[Replica, str]:
-        self._next += 1
-        n = len(replicas)
-        ordered = [replicas[(self._next + i) % n] for i in range(n)]
+        start, n = self._turn(), len(replicas)
+        ordered = [replicas[(start + i) % n] for i in range(n)]
         return min(ordered, key=kv_score), "score"
 
 
