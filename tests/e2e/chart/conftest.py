@@ -13,10 +13,6 @@ from harness.kube import KubeCluster
 
 ROOT = Path(__file__).resolve().parents[3]
 MODULE = "github.com/prometheus-operator/prometheus-operator"
-# The Go module proxy refuses v0.95.x of this module ("403 Forbidden: This module
-# version is not available"); v0.94.1 is the newest it serves. Used only when the
-# pinned version is refused, and said so in the test output.
-SERVED_FALLBACK = "v0.94.1"
 
 
 def pinned_version() -> str:
@@ -44,14 +40,8 @@ def download(version: str) -> dict[str, str]:
 
 
 def crd_folder() -> Path:
-    version = pinned_version()
-    info = download(version)
-    if "Error" in info and version != SERVED_FALLBACK:
-        print(
-            f"\n{MODULE}@{version} is not served by the Go module proxy "
-            f"({info['Error'].splitlines()[0]}); using {SERVED_FALLBACK}"
-        )
-        info = download(SERVED_FALLBACK)
+    # Pinned in versions.env (v0.95.x is refused by the Go module proxy).
+    info = download(pinned_version())
     if "Error" in info:
         pytest.fail(f"cannot download {MODULE}: {info['Error']}")
     return Path(info["Dir"]) / "example" / "prometheus-operator-crd"

@@ -6,7 +6,6 @@ binaries are shared), so the cluster the other tests use stays up.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -18,26 +17,14 @@ from harness.kube import KubeCluster
 pytestmark = pytest.mark.e2e
 
 
-def processes_mentioning(text: str) -> list[int]:
-    """Pids whose command line contains `text` (our state directory)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if text.encode() in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
 def test_up_is_idempotent_and_down_leaves_nothing(
     cluster: KubeCluster, tmp_path: Path
 ) -> None:
     if not cluster.local:
         pytest.skip("the harness lifecycle only applies to the local cluster")
+    # A run of this test that was killed half-way leaves its cluster behind, with
+    # its pid files in a pytest temporary directory: clear those first.
+    procs.kill_all(procs.processes_mentioning("/test_up_is_idempotent_and_down"))
     layout = Layout(cache=Layout.from_env().cache, state_dir=tmp_path / "cluster")
     ports = Ports.shifted(100)
     second = Cluster(layout=layout, ports=ports)
@@ -53,7 +40,7 @@ def test_up_is_idempotent_and_down_leaves_nothing(
     finally:
         second.down()
     for name, pid in first_pids.items():
-        assert pid is not None and not Path(f"/proc/{pid}").exists(), name
-    assert processes_mentioning(str(layout.state)) == []
+        assert pid is not None and not procs.alive(pid), name
+    assert procs.processes_mentioning(str(layout.state)) == []
     all_ports = [getattr(ports, f) for f in ports.__dataclass_fields__]
     assert procs.listening_ports(all_ports) == []

@@ -6,6 +6,8 @@ check is left alone, and only what is missing is built or started.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import os
 import ssl
@@ -14,7 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,6 +137,13 @@ class Cluster:
                 f"--tls-cert-file={pk / 'apiserver.crt'}",
                 f"--tls-private-key-file={pk / 'apiserver.key'}",
                 f"--client-ca-file={pk / 'ca.crt'}",
+                # Aggregated APIs (metrics-server and the like) trust this CA for
+                # front-proxy requests; without it the apiserver logs errors.
+                f"--requestheader-client-ca-file={pk / 'ca.crt'}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
                 f"--kubelet-client-certificate={pk / 'apiserver-kubelet-client.crt'}",
                 f"--kubelet-client-key={pk / 'apiserver-kubelet-client.key'}",
                 f"--service-account-key-file={pk / 'sa.pub'}",
@@ -183,6 +192,8 @@ class Cluster:
                 f"--kubeconfig={self._kubeconfig('kwok')}",
                 f"--config={CLUSTER_DIR / 'kwok.yaml'}",
                 "--node-ip=10.255.0.1",
+                # kwok's own server: only its /healthz is used here.
+                f"--server-address=127.0.0.1:{p.kwok_server}",
             ]
         raise ClusterError(f"unknown component {name}")
 
@@ -223,7 +234,7 @@ class Cluster:
             "kube-scheduler": lambda: self._get(
                 f"https://127.0.0.1:{p.scheduler}/healthz"
             ),
-            "kwok": lambda: True,
+            "kwok": lambda: self._get(f"http://127.0.0.1:{p.kwok_server}/healthz"),
         }
         return checks[name]()
 
@@ -254,6 +265,14 @@ class Cluster:
 
     # -- up / down -------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Serialises `up` and `down` across processes (make, pytest sessions)."""
+        self.layout.state.mkdir(parents=True, exist_ok=True)
+        with (self.layout.state / "lock").open("w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
     def build(self) -> None:
         """Builds (or finds cached) every binary from its pinned Go module."""
         subprocess.run(["bash", str(CLUSTER_DIR / "build.sh")], check=True)
@@ -265,6 +284,10 @@ class Cluster:
             merge_kubeconfig: add the `citadel-local` context to the user's
                 kubeconfig and make it current (what `make cluster-up` does).
         """
+        with self._exclusive():
+            self._up(merge_kubeconfig)
+
+    def _up(self, merge_kubeconfig: bool) -> None:
         began = time.monotonic()
         self.build()
         self.layout.state.mkdir(parents=True, exist_ok=True)
@@ -276,6 +299,7 @@ class Cluster:
                 say(f"{name}: already running")
                 continue
             procs.stop(self.layout.run, name)
+            self._check_port_free(name)
             started = time.monotonic()
             say(f"{name}: starting")
             procs.start(self.layout.run, self.layout.logs, name, self._argv(name), env)
@@ -287,6 +311,26 @@ class Cluster:
         say(
             f"cluster ready in {time.monotonic() - began:.1f}s (context {CONTEXT_NAME})"
         )
+
+    def _port_of(self, name: str) -> int:
+        field_name = {
+            "etcd": "etcd_client",
+            "kube-apiserver": "apiserver",
+            "kube-controller-manager": "controller_manager",
+            "kube-scheduler": "scheduler",
+            "kwok": "kwok_server",
+        }[name]
+        port: int = getattr(self.ports, field_name)
+        return port
+
+    def _check_port_free(self, name: str) -> None:
+        """Fails at once, naming the culprit, when another process holds the port."""
+        port = self._port_of(name)
+        if procs.listening_ports([port]):
+            raise ClusterError(
+                f"{name} cannot start: port {port} is already in use (another "
+                "cluster? `make cluster-down`, or look with `ss -ltnp`)"
+            )
 
     def _create_nodes(self) -> None:
         self.kubectl(
@@ -358,9 +402,19 @@ class Cluster:
 
     def down(self) -> None:
         """Stops every daemon the harness started and checks that no port is left."""
+        with self._exclusive():
+            self._down()
+
+    def _down(self) -> None:
         for name in reversed(COMPONENTS):
             if procs.stop(self.layout.run, name):
                 say(f"{name}: stopped")
+        # Daemons whose pid file was lost (a killed run) are found by their state
+        # directory, which every one of them names on its command line.
+        strays = procs.processes_mentioning(str(self.layout.state) + "/")
+        if strays:
+            say(f"stopping {len(strays)} harness process(es) without a pid file")
+            procs.kill_all(strays)
         left = procs.listening_ports(
             [getattr(self.ports, f) for f in self.ports.__dataclass_fields__]
         )

@@ -3,6 +3,7 @@ kubeconfig."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,29 @@ class KubeCluster:
         if self.context:
             args.append(f"{context_flag}={self.context}")
         return args
+
+    def with_token(self, token: str, path: Path) -> KubeCluster:
+        """The same cluster, authenticating only with a bearer `token`.
+
+        Args:
+            token: e.g. a ServiceAccount token from `kubectl create token`.
+            path: where to write the derived kubeconfig.
+        """
+        config = json.loads(
+            self.kubectl("config", "view", "--raw", "--minify", "-o", "json")
+        )
+        context = config["contexts"][0]
+        config["users"] = [{"name": "token-user", "user": {"token": token}}]
+        context["context"]["user"] = "token-user"
+        path.write_text(json.dumps(config))
+        path.chmod(0o600)
+        return KubeCluster(
+            kubeconfig=path,
+            context=context["name"],
+            kubectl_path=self.kubectl_path,
+            helm_path=self.helm_path,
+            local=self.local,
+        )
 
     def kubectl(
         self, *args: str, input_text: str | None = None, check: bool = True

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,26 +38,49 @@ def pid_of(run_dir: Path, name: str) -> int | None:
 def start(
     run_dir: Path, log_dir: Path, name: str, argv: Sequence[str], env: dict[str, str]
 ) -> int:
-    """Starts `argv` as a daemon in its own session, logging to `<log_dir>/<name>.log`.
+    """Starts `argv` as a daemon, logging to `<log_dir>/<name>.log`.
 
-    The process outlives the caller (so `make cluster-up` can return) and is found
-    again through its pid file.
+    The daemon is detached (double fork, new session): it outlives the caller, so
+    `make cluster-up` can return, and it is never the caller's child, so no zombie or
+    unreaped-process warning is left when it stops. It is found again through its pid
+    file.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     log_dir.mkdir(parents=True, exist_ok=True)
-    log = (log_dir / f"{name}.log").open("ab")
-    proc = subprocess.Popen(
-        list(argv),
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
-    log.close()
-    (run_dir / f"{name}.pid").write_text(f"{proc.pid}\n")
+    with (log_dir / f"{name}.log").open("ab") as log:
+        pid = _spawn_detached(list(argv), env, log.fileno())
+    (run_dir / f"{name}.pid").write_text(f"{pid}\n")
     (run_dir / f"{name}.cmd").write_bytes(os.fsencode(argv[0]))
-    return proc.pid
+    return pid
+
+
+def _spawn_detached(argv: list[str], env: dict[str, str], log_fd: int) -> int:
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the forked child
+        try:
+            os.close(read_end)
+            os.setsid()
+            grandchild = os.fork()
+            if grandchild == 0:
+                # Its own process group, so that stop() can signal it and anything
+                # it starts in one go.
+                os.setpgid(0, 0)
+                devnull = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(devnull, 0)
+                os.dup2(log_fd, 1)
+                os.dup2(log_fd, 2)
+                os.execve(argv[0], argv, env)
+            os.write(write_end, str(grandchild).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(child, 0)
+    with os.fdopen(read_end) as pipe:
+        text = pipe.read()
+    if not text:
+        raise OSError(f"could not start {argv[0]}")
+    return int(text)
 
 
 def stop(run_dir: Path, name: str, grace: float = 10.0) -> bool:
@@ -68,22 +90,69 @@ def stop(run_dir: Path, name: str, grace: float = 10.0) -> bool:
         True when a running process was stopped.
     """
     pid = pid_of(run_dir, name)
-    stopped = False
     if pid is not None:
-        stopped = True
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
+        _signal_group(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and pid_of(run_dir, name) is not None:
+        while time.monotonic() < deadline and alive(pid):
             time.sleep(0.1)
-        if pid_of(run_dir, name) is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-            while pid_of(run_dir, name) is not None:
+        if alive(pid):
+            _signal_group(pid, signal.SIGKILL)
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and alive(pid):
                 time.sleep(0.05)
     for suffix in (".pid", ".cmd"):
         (run_dir / f"{name}{suffix}").unlink(missing_ok=True)
-    return stopped
+    return pid is not None
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    """Signals the daemon's process group, or the daemon alone if it has none."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids (not this process) whose command line contains `text`."""
+    needle = text.encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if needle in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def kill_all(pids: Sequence[int], grace: float = 10.0) -> None:
+    """TERM, then KILL after `grace` seconds, every pid still alive."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    running = list(pids)
+    while running and time.monotonic() < deadline:
+        time.sleep(0.1)
+        running = [pid for pid in running if alive(pid)]
+    for pid in running:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not: where pid 1 is no real init, as in
+    some sandboxes, dead daemons linger as zombies)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return not stat.split(") ", 1)[-1].startswith("Z")
 
 
 def listening_ports(ports: Sequence[int]) -> list[int]:
