@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -29,6 +30,20 @@ async def _translated(work: Coroutine[Any, Any, object]) -> None:
         if err.retryable:
             raise kopf.TemporaryError(str(err), delay=err.delay) from err
         raise kopf.PermanentError(str(err)) from err
+
+
+def _without_finalizers(registry: kopf.OperatorRegistry) -> None:
+    """Stops Kopf from putting a finalizer on every model for the timer.
+
+    Kopf marks every timer as needing one, to stop it gracefully before the object
+    goes; the resync needs no such care, and with a finalizer, deleting a model (or
+    its namespace) would hang whenever no operator runs. Kopf has no option for
+    this, hence the replacement of its (frozen) handler records.
+    """
+    spawning = registry._spawning
+    spawning._handlers = [
+        dataclasses.replace(h, requires_finalizer=False) for h in spawning._handlers
+    ]
 
 
 def build_registry(
@@ -58,10 +73,6 @@ def build_registry(
             reconciler.metrics.publishes.labels(result="ok" if ok else "error").inc()
 
         background.append(asyncio.create_task(reconciler.routes.run(count)))
-        if settings.resync_seconds > 0:
-            # Not a kopf.timer: timers put a finalizer on every model, and then
-            # deleting a model (or its namespace) hangs while no operator runs.
-            background.append(asyncio.create_task(reconciler.run_resync()))
         # Publishing once at start drops routes of models deleted while no
         # operator was running.
         reconciler.routes.kick()
@@ -79,6 +90,21 @@ def build_registry(
     @kopf.on.update(*LLMMODEL, id="reconcile-update", registry=registry)
     async def llmmodel_reconcile(body: kopf.Body, **_: Any) -> None:
         await _translated(reconciler.reconcile(body))
+
+    if settings.resync_seconds > 0:
+        # A Kopf timer, so that it pauses with the rest of the operator when a
+        # peer of higher priority runs.
+        @kopf.timer(
+            *LLMMODEL,
+            id="resync",
+            interval=settings.resync_seconds,
+            initial_delay=settings.resync_seconds,
+            registry=registry,
+        )
+        async def llmmodel_resync(body: kopf.Body, **_: Any) -> None:
+            await _translated(reconciler.reconcile(body))
+
+        _without_finalizers(registry)
 
     @kopf.on.event(*LLMMODEL, id="llmmodel-event", registry=registry)
     async def llmmodel_event(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import random
 
 import kopf
 from prometheus_client import start_http_server
@@ -22,8 +23,15 @@ from citadel.operator.settings import LogFormat, OperatorSettings, PeeringMode
 PREFIX = "citadel.ai"
 
 
-def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
-    """Kopf's settings: our annotation prefix, quiet handler events, peering."""
+def kopf_settings(
+    settings: OperatorSettings, default_priority: int = 0
+) -> kopf.OperatorSettings:
+    """Kopf's settings: our annotation prefix, quiet handler events, peering.
+
+    Args:
+        settings: the operator's settings.
+        default_priority: the peering priority when the settings give none.
+    """
     ks = kopf.OperatorSettings()
     ks.persistence.finalizer = f"{PREFIX}/finalizer"
     ks.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
@@ -36,6 +44,12 @@ def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
     ks.peering.mandatory = settings.peering is PeeringMode.MANDATORY
     ks.peering.standalone = settings.peering is PeeringMode.STANDALONE
     ks.peering.clusterwide = settings.clusterwide
+    # Replicas of equal priority would both keep working (Kopf only warns).
+    ks.peering.priority = (
+        settings.peering_priority
+        if settings.peering_priority is not None
+        else default_priority
+    )
     return ks
 
 
@@ -73,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         # Kopf logs every handler call at INFO, one line per pod event; our own
         # lines say what each reconcile did.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    ks = kopf_settings(settings)
+    ks = kopf_settings(settings, default_priority=random.randint(1, 1_000_000))
     metrics = Metrics()
     if settings.metrics_port:
         start_http_server(settings.metrics_port, registry=metrics.registry)

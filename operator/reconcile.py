@@ -43,7 +43,7 @@ from citadel.operator.kube.resources import (
 from citadel.operator.metrics import Metrics
 from citadel.operator.model import LLMModel
 from citadel.operator.observe import Blocker, derive_status
-from citadel.operator.routing import RoutePublisher, list_models
+from citadel.operator.routing import RoutePublisher
 from citadel.operator.settings import OperatorSettings
 from citadel.operator.status import LLMModelStatus
 
@@ -191,26 +191,6 @@ class Reconciler:
                     await self._refresh(model)
             except (ApiError, ReconcileError, ValidationError) as err:
                 log.warning("refreshing %s failed: %s", key, err)
-
-    async def resync(self) -> None:
-        """Reconciles every model once, whatever happened (a safety net for lost
-        events); failures are logged and left to the next round."""
-        try:
-            bodies = await list_models(self.kube, self.settings)
-        except ApiError as err:
-            log.warning("resync could not list the models: %s", err)
-            return
-        for body in bodies:
-            try:
-                await self.reconcile(body)
-            except ReconcileError as err:
-                log.warning("resync of %s failed: %s", body["metadata"]["name"], err)
-
-    async def run_resync(self) -> None:
-        """Calls `resync` every `resync_seconds` until cancelled."""
-        while True:
-            await asyncio.sleep(self.settings.resync_seconds)
-            await self.resync()
 
     async def forget(self, namespace: str, name: str) -> None:
         """The model is gone: drop its route and metrics."""

@@ -60,6 +60,9 @@ class OperatorSettings(BaseSettings):
     """Kopf peering mode; see PeeringMode."""
     peering_name: str = "citadel-operator"
     """The (Cluster)KopfPeering object the replicas share."""
+    peering_priority: int | None = Field(None, ge=0)
+    """This replica's peering priority (the highest works, the others wait); a
+    random one per start when absent, so two replicas never tie."""
     resync_seconds: float = Field(120.0, ge=0)
     """How often every model is reconciled in full even without events; 0 never."""
     route_publish_delay: float = Field(0.2, ge=0)

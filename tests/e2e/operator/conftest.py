@@ -58,6 +58,8 @@ class OperatorProcess:
     proc: subprocess.Popen[bytes] | None = None
     health_port: int = field(default_factory=_free_port)
     metrics_port: int = field(default_factory=_free_port)
+    env: dict[str, str] = field(default_factory=dict)
+    """Settings over the defaults below."""
 
     def start(self) -> None:
         env = {
@@ -70,6 +72,7 @@ class OperatorProcess:
             "CITADEL_OPERATOR_RESYNC_SECONDS": "30",
             "CITADEL_OPERATOR_HEALTH_PORT": str(self.health_port),
             "CITADEL_OPERATOR_METRICS_PORT": str(self.metrics_port),
+            **self.env,
         }
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(

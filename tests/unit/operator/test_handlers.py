@@ -45,9 +45,11 @@ def test_registry_has_every_handler(settings: OperatorSettings, resync: float) -
     assert {"reconcile-create", "reconcile-update", "reconcile-resume"} <= changing
     watching = {h.id for h in registry._watching.get_all_handlers()}
     assert {"llmmodel-event", "deployment-event", "pod-event"} <= watching
-    # No timers or daemons: they would put a finalizer on every model.
-    assert list(registry._spawning.get_all_handlers()) == []
-    assert not any(h.requires_finalizer for h in registry._changing.get_all_handlers())
+    timers = registry._spawning.get_all_handlers()
+    assert [h.id for h in timers] == (["resync"] if resync else [])
+    # No finalizers: deleting a model must never wait for the operator.
+    for handler in [*timers, *registry._changing.get_all_handlers()]:
+        assert not handler.requires_finalizer, handler.id
 
 
 def test_kopf_settings_keep_state_in_our_annotations(
@@ -57,6 +59,9 @@ def test_kopf_settings_keep_state_in_our_annotations(
     assert ks.persistence.finalizer == "citadel.ai/finalizer"
     assert ks.peering.mandatory and not ks.peering.standalone
     assert ks.peering.name == "citadel-operator"
+    assert kopf_settings(settings, default_priority=7).peering.priority == 7
+    fixed = settings.model_copy(update={"peering_priority": 3})
+    assert kopf_settings(fixed, default_priority=7).peering.priority == 3
 
 
 def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:

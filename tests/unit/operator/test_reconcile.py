@@ -202,9 +202,3 @@ async def test_serializer_drops_requests_queued_behind_a_waiting_one() -> None:
             entered.append(second)
         serial._waiting.discard("k")
     assert entered == [False]
-
-
-async def test_resync_reconciles_every_model(settings: OperatorSettings) -> None:
-    kube, reconciler = _setup(settings, model_body("a"), model_body("b", namespace="x"))
-    await reconciler.resync()
-    assert kube.stored(DEPLOYMENTS, "a", "llm") and kube.stored(DEPLOYMENTS, "b", "x")
