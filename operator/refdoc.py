@@ -7,6 +7,7 @@ from typing import Any
 from citadel.operator import names
 from citadel.operator.crd import PRINTER_COLUMNS
 from citadel.operator.schema import Schema
+from citadel.operator.spec import QUANTITY_PATTERN
 
 
 def _type(node: Schema) -> str:
@@ -32,7 +33,9 @@ def _constraints(node: Schema) -> list[str]:
         found.append(f"at most {node['maxLength']} characters")
     if "maxItems" in node:
         found.append(f"at most {node['maxItems']} items")
-    if "pattern" in node and not node.get("x-kubernetes-int-or-string"):
+    if node.get("pattern") == QUANTITY_PATTERN:
+        found.append("a Kubernetes quantity")
+    elif "pattern" in node:
         found.append(f"matches `{node['pattern']}`")
     for rule in node.get("x-kubernetes-validations", ()):
         found.append(f"rule: {rule['message']}")
