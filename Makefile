@@ -29,6 +29,10 @@ $(VENV_STAMP): pyproject.toml
 .PHONY: venv
 venv: $(VENV_STAMP) ## Create the Python environment (.venv)
 
+.PHONY: proto
+proto: venv ## Regenerate gateway/rpc/v1 from proto/ (committed; `make unit` fails when stale)
+	$(PY) proto/generate.py
+
 .PHONY: fmt
 fmt: venv ## Format the code in place
 	$(VENV)/bin/ruff format .

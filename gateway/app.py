@@ -10,7 +10,9 @@ from fastapi import FastAPI
 
 from citadel.gateway import __version__
 from citadel.gateway.api import admin, errors, health, openai
+from citadel.gateway.api.version import VersionHeaders
 from citadel.gateway.deps import Deps
+from citadel.gateway.graphql.router import graphql_router
 from citadel.gateway.settings import GatewaySettings
 
 
@@ -42,5 +44,7 @@ def create_app(settings: GatewaySettings, deps: Deps) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(health.router)
     app.include_router(admin.router)
+    app.include_router(graphql_router())
+    app.add_middleware(VersionHeaders)
     errors.install(app)
     return app

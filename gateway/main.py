@@ -10,6 +10,7 @@ import uvicorn
 
 from citadel.gateway import __version__, logs
 from citadel.gateway.app import create_app
+from citadel.gateway.rpc.server import add_grpc
 from citadel.gateway.settings import GatewaySettings
 from citadel.gateway.wiring import build_deps
 
@@ -29,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.parse_args(argv)
     settings = GatewaySettings()
     logs.configure(settings.log_format, settings.log_level)
-    app = create_app(settings, build_deps(settings, dict(os.environ)))
+    deps = build_deps(settings, dict(os.environ))
+    if settings.grpc_port:
+        add_grpc(deps, settings.host, settings.grpc_port, settings.max_body_bytes)
+    app = create_app(settings, deps)
     uvicorn.run(
         app,
         host=settings.host,

@@ -44,6 +44,9 @@ class GatewaySettings(BaseSettings):
     """Address to listen on."""
     port: int = Field(8000, ge=1, le=65535)
     """Port to listen on."""
+    grpc_port: int = Field(0, ge=0, le=65535)
+    """Port of the gRPC API (`citadel.v1`, docs/grpc.md), served by the same
+    process on `host`; 0 (default) turns it off."""
     routes_source: RoutesSource = RoutesSource.KUBERNETES
     """`kubernetes` (watch the ConfigMap and EndpointSlices) or `file`."""
     routes_file: Path | None = None

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -57,6 +57,8 @@ def estimate_tokens(body: Mapping[str, Any], default_max_tokens: int) -> int:
 class _Check:
     take: Take
     scope: str  # "requests", "tokens" or "quota"
+    window: str = "minute"  # or "day", "month" for quotas
+    model: str | None = None  # None: the key's own bucket, over all models
 
 
 @dataclass
@@ -66,6 +68,22 @@ class Admission:
     estimate: int
     headers: dict[str, str] = field(default_factory=dict)
     token_takes: tuple[Take, ...] = ()
+
+
+@dataclass(frozen=True)
+class Standing:
+    """Where one of a caller's buckets stands now (for the GraphQL `usage`)."""
+
+    scope: str
+    """`requests`, `tokens` or `quota`."""
+    window: str
+    """`minute`, `day` or `month`."""
+    model: str | None
+    """The served name for a per-model limit; None for the key's own."""
+    limit: int
+    remaining: int
+    reset_s: float
+    """Seconds until the bucket is full again (for a quota: the period ends)."""
 
 
 class Limiter:
@@ -117,6 +135,36 @@ class Limiter:
         except StoreUnavailable as err:
             log.error("token use not settled: store unavailable", extra={"error": err})
 
+    async def standing(
+        self, principal: Principal, routes: Iterable[ModelRoute]
+    ) -> list[Standing]:
+        """The caller's buckets (its own and those of `routes`), read without
+        taking anything.
+
+        Raises:
+            StoreUnavailable: the bucket store cannot be reached.
+        """
+        now = self._clock()
+        checks = {
+            c.take.bucket.key: c
+            for route in routes
+            for c in self._checks(principal, route, 0, now)
+        }
+        # Amount and need 0: nothing is taken, the levels come back.
+        takes = [Take(c.take.bucket, 0, 0) for c in checks.values()]
+        levels = await self._store.take(takes, now) if takes else []
+        return [
+            Standing(
+                c.scope,
+                c.window,
+                c.model,
+                int(c.take.bucket.capacity),
+                max(0, math.floor(level.level)),
+                reset_time(level.level, c.take.bucket),
+            )
+            for c, level in zip(checks.values(), levels, strict=True)
+        ]
+
     def _checks(
         self, principal: Principal, route: ModelRoute, estimate: int, now: float
     ) -> list[_Check]:
@@ -125,15 +173,19 @@ class Limiter:
         model = route.served_name
         checks: list[_Check] = []
 
-        def per_minute(scope: str, ident: str, limit: int | None, amount: int) -> None:
+        def per_minute(
+            scope: str, ident: str, limit: int | None, amount: int, per: str | None
+        ) -> None:
             if limit is not None:
                 bucket = Bucket(f"{scope}:{ident}", limit, limit / MINUTE, 2 * MINUTE)
-                checks.append(_Check(Take(bucket, amount, min(amount, limit)), scope))
+                take = Take(bucket, amount, min(amount, limit))
+                checks.append(_Check(take, scope, model=per))
 
-        per_minute("requests", f"key:{who}", key.rpm if key else None, 1)
-        per_minute("requests", f"key:{who}:model:{model}", route.limits.rpm, 1)
-        per_minute("tokens", f"key:{who}", key.tpm if key else None, estimate)
-        per_minute("tokens", f"key:{who}:model:{model}", route.limits.tpm, estimate)
+        by_model = f"key:{who}:model:{model}"
+        per_minute("requests", f"key:{who}", key.rpm if key else None, 1, None)
+        per_minute("requests", by_model, route.limits.rpm, 1, model)
+        per_minute("tokens", f"key:{who}", key.tpm if key else None, estimate, None)
+        per_minute("tokens", by_model, route.limits.tpm, estimate, model)
         if key is not None:
             for period, limit in (
                 ("day", key.daily_tokens),
@@ -142,7 +194,8 @@ class Limiter:
                 if limit is not None:
                     stamp, left_s = _period(period, now)
                     bucket = Bucket(f"quota:key:{who}:{stamp}", limit, 0.0, left_s)
-                    checks.append(_Check(Take(bucket, estimate, 1), "quota"))
+                    take = Take(bucket, estimate, 1)
+                    checks.append(_Check(take, "quota", window=period))
         return checks
 
 

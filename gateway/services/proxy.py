@@ -7,6 +7,7 @@ request comes through.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -67,6 +68,8 @@ class _Context:
     route: ModelRoute | None = None
     replica: Replica | None = None
     admission: Admission | None = None
+    holding: bool = False
+    """True while `replica` counts this request as in flight."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,11 @@ class ProxyService:
         self._options = options
         self._clock = clock
 
+    @property
+    def limiter(self) -> Limiter:
+        """The limits it enforces (read by the GraphQL `usage` query)."""
+        return self._limiter
+
     async def handle(
         self,
         call: ApiCall,
@@ -118,6 +126,12 @@ class ProxyService:
         except GatewayError as err:
             await self._settle(ctx, None)
             self._finish(ctx, err.status, err.code)
+            raise
+        except asyncio.CancelledError:
+            # The caller went away (a gRPC cancel or deadline). The upstream
+            # request is dropped with the task; the estimate stays charged, as
+            # the replica may have worked on it.
+            self._abandon(ctx)
             raise
 
     async def _handle(
@@ -252,13 +266,14 @@ class ProxyService:
             self._finish(ctx, 200, "stream_broken" if failure else None)
 
     def _acquire(self, ctx: _Context, replica: Replica) -> None:
-        ctx.replica = replica
+        ctx.replica, ctx.holding = replica, True
         replica.in_flight += 1
         self._metrics.in_flight.labels(ctx.model, replica.url).inc()
 
     def _release(
         self, ctx: _Context, replica: Replica, failure: UpstreamFailure | None
     ) -> None:
+        ctx.holding = False
         replica.in_flight -= 1
         self._metrics.in_flight.labels(ctx.model, replica.url).dec()
         if failure is None:
@@ -276,6 +291,15 @@ class ProxyService:
         if replica.record_failure(self._clock(), self._options.ejection):
             self._metrics.ejections.labels(ctx.model, replica.url).inc()
             log.warning("replica ejected", extra={"replica": replica.url})
+
+    def _abandon(self, ctx: _Context) -> None:
+        """Frees the replica of a cancelled request and counts it (499)."""
+        if ctx.holding and ctx.replica is not None:
+            ctx.holding = False
+            ctx.replica.in_flight -= 1
+            self._metrics.in_flight.labels(ctx.model, ctx.replica.url).dec()
+        ctx.admission = None
+        self._finish(ctx, 499, "cancelled")
 
     async def _settle(self, ctx: _Context, usage: Usage | None) -> None:
         """Corrects the token buckets (no usage on a failure: nothing was used)

@@ -246,6 +246,7 @@ class Helpers:
 
     route: Callable[..., dict[str, Any]] = route
     create_key: Callable[..., str] = create_key
+    free_port: Callable[[], int] = free_port
 
 
 @pytest.fixture

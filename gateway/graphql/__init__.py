@@ -1,0 +1,1 @@
+"""The GraphQL front door at `/graphql` (strawberry), mounted in the HTTP app."""

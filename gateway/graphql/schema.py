@@ -1,0 +1,159 @@
+"""The GraphQL schema: queries, the chat mutation and the streaming
+subscription, with limits on what one document may ask.
+
+Every operation that reaches a model runs `ProxyService.handle`, like REST and
+gRPC. Validation refuses documents deeper than `MAX_DEPTH`, longer than
+`MAX_TOKENS` tokens or with more than `MAX_ALIASES` aliases (the way to ask for
+the same field twice), so one document cannot fan out into unbounded work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+
+import strawberry
+from graphql import GraphQLError
+from strawberry.extensions import MaxAliasesLimiter, MaxTokensLimiter, QueryDepthLimiter
+from strawberry.types import ExecutionContext, Info
+
+from citadel.gateway.errors import GatewayError
+from citadel.gateway.graphql.context import GraphQLContext
+from citadel.gateway.graphql.errors import reported
+from citadel.gateway.graphql.types import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionInput,
+    Limit,
+    Model,
+    Usage,
+)
+from citadel.gateway.services.buckets import StoreUnavailable
+from citadel.gateway.services.requests import CHAT
+from citadel.gateway.services.structured import ask, usable_models
+from citadel.gateway.versioning import API_VERSION
+
+MAX_DEPTH = 6
+MAX_TOKENS = 2000
+MAX_ALIASES = 4
+
+Ctx = Info[GraphQLContext, None]
+
+
+async def _models(info: Ctx) -> list[Model]:
+    with reported():
+        ctx = info.context
+        catalog = ctx.deps.catalog
+        routes = {r.served_name: r for _, r in usable_models(catalog, ctx.principal())}
+        return [Model.of(r, len(catalog.replicas(r))) for r in routes.values()]
+
+
+async def _usage(info: Ctx) -> Usage:
+    with reported():
+        ctx = info.context
+        principal = ctx.principal()
+        catalog = ctx.deps.catalog
+        routes = {r.served_name: r for _, r in usable_models(catalog, principal)}
+        try:
+            standings = await ctx.deps.proxy.limiter.standing(
+                principal, routes.values()
+            )
+        except StoreUnavailable as err:
+            raise GraphQLError("The limit store is unreachable.") from err
+        key = principal.key
+        return Usage(
+            key=key.name if key else None,
+            role=key.role.value if key else None,
+            limits=[Limit.of(s) for s in standings],
+        )
+
+
+def _api_version() -> str:
+    return API_VERSION
+
+
+async def _chat_completion(info: Ctx, input: ChatCompletionInput) -> ChatCompletion:
+    with reported():
+        ctx = info.context
+        body = input.body(stream=False)
+        answer = await ask(ctx.deps.proxy, CHAT, ctx.principal(), body, ctx.request_id)
+        ctx.add_headers(
+            {k: v for k, v in answer.headers.items() if k.startswith("x-ratelimit-")}
+        )
+        return ChatCompletion.of(answer.body)
+
+
+async def _chat_completion_stream(
+    info: Ctx, input: ChatCompletionInput
+) -> AsyncGenerator[ChatCompletionChunk, None]:
+    with reported():
+        ctx = info.context
+        body = input.body(stream=True)
+        answer = await ask(ctx.deps.proxy, CHAT, ctx.principal(), body, ctx.request_id)
+    assert answer.chunks is not None
+    with reported():
+        async for chunk in answer.chunks:
+            yield ChatCompletionChunk.of(chunk)
+
+
+@strawberry.type
+class Query:
+    models: list[Model] = strawberry.field(
+        resolver=_models, description="The models the caller's key may use."
+    )
+    usage: Usage = strawberry.field(
+        resolver=_usage, description="The caller's key, its limits and quotas now."
+    )
+    api_version: str = strawberry.field(
+        resolver=_api_version, description="The API version served (`v1`)."
+    )
+
+
+@strawberry.type
+class Mutation:
+    chat_completion: ChatCompletion = strawberry.mutation(
+        resolver=_chat_completion,
+        description="Creates a chat completion, answered whole.",
+    )
+
+
+@strawberry.type
+class Subscription:
+    chat_completion_stream: AsyncGenerator[ChatCompletionChunk, None] = (
+        strawberry.subscription(
+            resolver=_chat_completion_stream,
+            description="Streams a chat completion, one chunk as each arrives.",
+        )
+    )
+
+
+class _Schema(strawberry.Schema):
+    def process_errors(
+        self,
+        errors: list[GraphQLError],
+        execution_context: ExecutionContext | None = None,
+    ) -> None:
+        # Refusals (bad key, limits, validation) are the caller's business,
+        # logged by the proxy already; only unexpected errors are logged here.
+        unexpected = [
+            e
+            for e in errors
+            if e.original_error is not None
+            and not isinstance(e.original_error, GraphQLError | GatewayError)
+            and not (e.extensions or {}).get("code")
+        ]
+        if unexpected:
+            super().process_errors(unexpected, execution_context)
+
+
+def build_schema() -> strawberry.Schema:
+    """The schema with its document limits."""
+    return _Schema(
+        query=Query,
+        mutation=Mutation,
+        subscription=Subscription,
+        extensions=[
+            lambda: QueryDepthLimiter(max_depth=MAX_DEPTH),
+            lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
+            lambda: MaxAliasesLimiter(max_alias_count=MAX_ALIASES),
+        ],
+    )

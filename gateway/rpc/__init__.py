@@ -1,0 +1,1 @@
+"""The gRPC front door (`citadel.v1`), served beside HTTP by the gateway process."""

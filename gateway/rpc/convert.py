@@ -1,0 +1,94 @@
+"""citadel.v1 messages to OpenAI's JSON bodies and back.
+
+Requests become the body REST would receive (the typed fields, then `extra`
+merged in), so the proxy below sees no difference. Answers are read with
+protobuf's JSON mapping, which skips fields the messages do not have (vLLM adds
+some) and treats `null` as unset.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from citadel.gateway.errors import BackendError
+from citadel.gateway.rpc.v1 import citadel_pb2 as pb
+
+M = TypeVar("M", bound=Message)
+_RESERVED = ("model", "stream", "stream_options")
+
+
+def _sampling(sampling: pb.Sampling) -> dict[str, Any]:
+    out: dict[str, Any] = json_format.MessageToDict(
+        sampling, preserving_proto_field_name=True
+    )
+    if "seed" in out:  # int64 is a string in protobuf's JSON mapping
+        out["seed"] = int(out["seed"])
+    return out
+
+
+def _extra(
+    message: pb.ChatCompletionRequest | pb.CompletionRequest | pb.EmbeddingsRequest,
+) -> dict[str, Any]:
+    if not message.HasField("extra"):
+        return {}
+    extra: dict[str, Any] = json_format.MessageToDict(message.extra)
+    # The RPC decides whether it streams; the typed fields win over `extra`.
+    for key in _RESERVED:
+        extra.pop(key, None)
+    return {k: _integral(v) for k, v in extra.items()}
+
+
+def _integral(value: Any) -> Any:
+    """Struct numbers are doubles: 5.0 goes out as 5, as a client would send it."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    return value
+
+
+def chat_body(request: pb.ChatCompletionRequest, stream: bool) -> dict[str, Any]:
+    """The OpenAI body of a chat request; a stream asks for the usage chunk."""
+    body: dict[str, Any] = {
+        **_extra(request),
+        "model": request.model,
+        "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+        **_sampling(request.sampling),
+    }
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def completion_body(request: pb.CompletionRequest) -> dict[str, Any]:
+    """The OpenAI body of a text completion request."""
+    return {
+        **_extra(request),
+        "model": request.model,
+        "prompt": request.prompt,
+        **_sampling(request.sampling),
+    }
+
+
+def embeddings_body(request: pb.EmbeddingsRequest) -> dict[str, Any]:
+    """The OpenAI body of an embeddings request."""
+    return {**_extra(request), "model": request.model, "input": list(request.input)}
+
+
+def parse(payload: dict[str, Any], message: M) -> M:
+    """`message` filled from an OpenAI JSON answer.
+
+    Raises:
+        BackendError: the answer does not fit the message.
+    """
+    try:
+        json_format.ParseDict(payload, message, ignore_unknown_fields=True)
+    except json_format.ParseError as err:
+        raise BackendError(f"The model's answer could not be read: {err}") from err
+    return message

@@ -1,0 +1,102 @@
+"""The gRPC server: grpcio's asyncio server on its own port, in the gateway's
+event loop, beside uvicorn.
+
+It starts and stops with the app (`Deps.startup`/`Deps.shutdown`), so it shares
+the pooled upstream client, the catalog, the keys and the limits with REST.
+Besides `citadel.v1.Inference` it serves server reflection and the standard
+health service: `""` and `citadel.v1.Inference` are SERVING once the routing
+document is loaded (what `/readyz` says), NOT_SERVING before and while
+stopping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from citadel.gateway.deps import Deps
+from citadel.gateway.rpc.service import InferenceService
+from citadel.gateway.rpc.v1 import citadel_pb2 as pb
+from citadel.gateway.rpc.v1 import citadel_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+HEALTH_PERIOD_S = 0.5
+STOP_GRACE_S = 30.0
+
+
+class GrpcServer:
+    """The gRPC door of one gateway process.
+
+    Args:
+        deps: the app's parts.
+        host: address to listen on.
+        port: port to listen on (0: any free port, see `port` after `start`).
+        max_message_bytes: largest request message (the REST body limit).
+    """
+
+    def __init__(
+        self, deps: Deps, host: str, port: int, max_message_bytes: int
+    ) -> None:
+        self._deps = deps
+        self._address = f"{host}:{port}"
+        self._max = max_message_bytes
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self.port = port
+
+    async def start(self) -> None:
+        """Binds the port and starts serving."""
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", self._max),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_InferenceServicer_to_server(InferenceService(self._deps), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+        self.port = server.add_insecure_port(self._address)
+        await server.start()
+        self._server = server
+        log.info("grpc listening", extra={"port": self.port})
+
+    async def stop(self) -> None:
+        """Reports NOT_SERVING, then lets calls in flight finish (bounded)."""
+        if self._server is None:
+            return
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(STOP_GRACE_S)
+        self._server = None
+
+    async def run(self) -> None:
+        """Keeps the health status in step with readiness until cancelled."""
+        serving: bool | None = None
+        while True:
+            ready = self._deps.catalog.loaded
+            if ready != serving:
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING
+                    if ready
+                    else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+                for name in ("", SERVICE_NAME):
+                    await self._health.set(name, status)
+                serving = ready
+            await asyncio.sleep(HEALTH_PERIOD_S)
+
+
+def add_grpc(deps: Deps, host: str, port: int, max_message_bytes: int) -> GrpcServer:
+    """Adds a gRPC server to the app's lifecycle (after the upstream client
+    starts, stopped before it closes)."""
+    server = GrpcServer(deps, host, port, max_message_bytes)
+    deps.startup.append(server.start)
+    deps.shutdown.append(server.stop)
+    deps.sources.append(server)
+    return server

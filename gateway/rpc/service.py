@@ -1,0 +1,185 @@
+"""The `citadel.v1.Inference` service: each RPC runs the request path REST runs.
+
+Every call: the key from the `authorization` metadata, the request id from
+`x-request-id` (or a new one), then `ProxyService.handle` under the call's
+deadline, which also bounds the upstream request (the deadline is the upstream
+timeout). A cancelled call cancels the task, and with it the upstream request.
+The API version and request id go out in the initial and trailing metadata,
+with the `x-ratelimit-*` values in the trailers; errors leave through
+`citadel.gateway.rpc.status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from citadel.gateway.deps import Deps
+from citadel.gateway.errors import BackendTimeout, GatewayError, InternalError
+from citadel.gateway.rpc import convert
+from citadel.gateway.rpc.status import status_of
+from citadel.gateway.rpc.v1 import citadel_pb2 as pb
+from citadel.gateway.rpc.v1 import citadel_pb2_grpc as pb_grpc
+from citadel.gateway.services.auth import Principal
+from citadel.gateway.services.requests import CHAT, COMPLETIONS, EMBEDDINGS, ApiCall
+from citadel.gateway.services.structured import Answer, ask, usable_models
+from citadel.gateway.versioning import (
+    API_VERSION,
+    GRPC_DEPRECATIONS,
+    VERSION_HEADER,
+)
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+REQUEST_ID = "x-request-id"
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+
+
+@dataclass
+class _Call:
+    """One RPC's caller and the metadata it will end with."""
+
+    principal: Principal
+    request_id: str
+    metadata: dict[str, str]
+    session: str | None
+    trailers: dict[str, str] = field(default_factory=dict)
+
+
+class InferenceService(pb_grpc.InferenceServicer):
+    """The servicer, built on the app's parts."""
+
+    def __init__(self, deps: Deps) -> None:
+        self._deps = deps
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Context
+    ) -> pb.ListModelsResponse:
+        async with self._call(context) as call:
+            models = usable_models(self._deps.catalog, call.principal)
+        return pb.ListModelsResponse(
+            models=[pb.Model(id=name, owned_by="citadel") for name, _ in models]
+        )
+
+    async def ChatCompletion(
+        self, request: pb.ChatCompletionRequest, context: Context
+    ) -> pb.ChatCompletionResponse:
+        body = convert.chat_body(request, stream=False)
+        answer = await self._unary(context, CHAT, body)
+        return convert.parse(answer, pb.ChatCompletionResponse())
+
+    async def ChatCompletionStream(
+        self, request: pb.ChatCompletionRequest, context: Context
+    ) -> AsyncIterator[pb.ChatCompletionChunk]:
+        body = convert.chat_body(request, stream=True)
+        async with self._call(context) as call:
+            # The deadline bounds the wait for the first answer; after that a
+            # passed deadline cancels the call (and the stream) like a client
+            # cancel does.
+            async with _deadline(context):
+                answer = await self._ask(CHAT, body, call)
+            assert answer.chunks is not None
+            async for chunk in answer.chunks:
+                yield convert.parse(chunk, pb.ChatCompletionChunk())
+
+    async def Completion(
+        self, request: pb.CompletionRequest, context: Context
+    ) -> pb.CompletionResponse:
+        answer = await self._unary(
+            context, COMPLETIONS, convert.completion_body(request)
+        )
+        return convert.parse(answer, pb.CompletionResponse())
+
+    async def Embeddings(
+        self, request: pb.EmbeddingsRequest, context: Context
+    ) -> pb.EmbeddingsResponse:
+        answer = await self._unary(
+            context, EMBEDDINGS, convert.embeddings_body(request)
+        )
+        return convert.parse(answer, pb.EmbeddingsResponse())
+
+    async def _unary(
+        self, context: Context, api: ApiCall, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        async with self._call(context) as call, _deadline(context):
+            answer = await self._ask(api, body, call)
+        return answer.body
+
+    async def _ask(self, api: ApiCall, body: dict[str, Any], call: _Call) -> Answer:
+        answer = await ask(
+            self._deps.proxy, api, call.principal, body, call.request_id, call.session
+        )
+        call.trailers.update(_passed(answer.headers))
+        return answer
+
+    @contextlib.asynccontextmanager
+    async def _call(self, context: Context) -> AsyncIterator[_Call]:
+        """Authenticates the caller; ends the call with the right status."""
+        metadata = {
+            k.lower(): v
+            for k, v in context.invocation_metadata() or ()
+            if isinstance(v, str)
+        }
+        given = metadata.get(REQUEST_ID, "")
+        rid = given if _REQUEST_ID_OK.match(given) else uuid.uuid4().hex
+        head = {VERSION_HEADER: API_VERSION, REQUEST_ID: rid}
+        deprecation = GRPC_DEPRECATIONS.get(_method(context))
+        if deprecation is not None:
+            head.update(deprecation.headers())
+        await context.send_initial_metadata(tuple(head.items()))
+        trailers = {VERSION_HEADER: API_VERSION, REQUEST_ID: rid}
+        try:
+            principal = self._deps.authenticator.authenticate(
+                metadata.get("authorization")
+            )
+            session = metadata.get(self._deps.session_header)
+            call = _Call(principal, rid, metadata, session, trailers)
+            yield call
+        except GatewayError as err:
+            await _abort(context, err, trailers)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as err:
+            log.error("unexpected error", exc_info=err, extra={"request_id": rid})
+            await _abort(
+                context, InternalError("The gateway failed unexpectedly."), trailers
+            )
+        else:
+            context.set_trailing_metadata(tuple(trailers.items()))
+
+
+def _method(context: Context) -> str:
+    details = getattr(context, "_rpc_event", None)
+    method = getattr(getattr(details, "call_details", None), "method", b"")
+    return method.decode() if isinstance(method, bytes) else str(method)
+
+
+@contextlib.asynccontextmanager
+async def _deadline(context: Context) -> AsyncIterator[None]:
+    """Bounds the work by the call's deadline (None: no deadline)."""
+    remaining = context.time_remaining()
+    try:
+        async with asyncio.timeout(remaining):
+            yield
+    except TimeoutError as err:
+        raise BackendTimeout("The call's deadline passed.") from err
+
+
+def _passed(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.startswith("x-ratelimit-")}
+
+
+async def _abort(
+    context: Context, error: GatewayError, trailers: dict[str, str]
+) -> None:
+    status = status_of(error, trailers)
+    await context.abort(status.code, status.details, status.trailing_metadata)

@@ -1,0 +1,139 @@
+"""The proxy's answers as parsed JSON, for the front doors that are not OpenAI's
+REST API (gRPC, GraphQL).
+
+They go through `ProxyService.handle` like REST, so keys, limits, routing,
+metrics and errors are the same; only the bytes are turned into objects here. A
+replica's own refusal (a 4xx with OpenAI's error body, which REST relays as is)
+becomes an `InvalidRequest` carrying the replica's message, so every door reports
+it through the one error hierarchy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from citadel.gateway.errors import (
+    BackendError,
+    BackendTimeout,
+    GatewayError,
+    InvalidRequest,
+)
+from citadel.gateway.routes import ModelRoute
+from citadel.gateway.services.auth import Principal
+from citadel.gateway.services.catalog import Catalog
+from citadel.gateway.services.proxy import ProxyResponse, ProxyService
+from citadel.gateway.services.requests import ApiCall
+from citadel.gateway.services.sse import EVENT_END
+
+DONE = b"[DONE]"
+
+
+@dataclass
+class Answer:
+    """A whole answer (`body`) or a stream of chunks (`chunks`), with the
+    headers REST would send (request id, `x-ratelimit-*`)."""
+
+    headers: dict[str, str]
+    body: dict[str, Any] = field(default_factory=dict)
+    chunks: AsyncIterator[dict[str, Any]] | None = None
+
+
+async def ask(
+    proxy: ProxyService,
+    call: ApiCall,
+    principal: Principal,
+    body: dict[str, Any],
+    request_id: str,
+    session: str | None = None,
+) -> Answer:
+    """Runs one request through the proxy.
+
+    Raises:
+        GatewayError: as for REST, and `InvalidRequest` when the replica
+            refused the request itself.
+    """
+    result = await proxy.handle(
+        call, principal, orjson.dumps(body), request_id, session
+    )
+    if result.stream is not None:
+        return Answer(result.headers, chunks=events(result.stream))
+    return Answer(result.headers, _json_of(result))
+
+
+def _json_of(result: ProxyResponse) -> dict[str, Any]:
+    try:
+        parsed = orjson.loads(result.body)
+    except orjson.JSONDecodeError as err:
+        raise BackendError("The model's server answered with invalid JSON.") from err
+    if not isinstance(parsed, dict):
+        raise BackendError("The model's server answered with something unexpected.")
+    if result.status != 200:
+        raise refusal(result.status, parsed)
+    return parsed
+
+
+def refusal(status: int, body: dict[str, Any]) -> GatewayError:
+    """The gateway error for a replica's own error answer."""
+    error = body.get("error")
+    detail = error if isinstance(error, dict) else {}
+    message = str(detail.get("message") or f"The model refused with status {status}.")
+    param = detail.get("param")
+    if status == 504 or detail.get("code") == BackendTimeout.code:
+        return BackendTimeout(message)
+    if status >= 500:
+        return BackendError(message)
+    return InvalidRequest(message, param=param if isinstance(param, str) else None)
+
+
+async def events(stream: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
+    """The JSON objects of an SSE stream, one per event as it arrives.
+
+    The stream is closed when the caller stops early (which ends the upstream
+    request). An error event (a stream broken off) raises its gateway error.
+    """
+    buffer = b""
+    try:
+        async for piece in stream:
+            buffer += piece
+            *complete, buffer = buffer.split(EVENT_END)
+            for event in complete:
+                payload = _data(event)
+                if payload is not None:
+                    yield payload
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _data(event: bytes) -> dict[str, Any] | None:
+    lines = [ln[5:].strip() for ln in event.split(b"\n") if ln.startswith(b"data:")]
+    data = b"\n".join(lines)
+    if not data or data == DONE:
+        return None
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError as err:
+        raise BackendError("The model's stream carried invalid JSON.") from err
+    if not isinstance(payload, dict):
+        return None
+    if "error" in payload and "choices" not in payload:
+        raise refusal(502, payload)
+    return payload
+
+
+def usable_models(
+    catalog: Catalog, principal: Principal
+) -> list[tuple[str, ModelRoute]]:
+    """Every name the caller may send as `model`, with its route (REST's
+    `GET /v1/models` order: each model's served name, then its aliases)."""
+    return [
+        (name, route)
+        for route in catalog.routes()
+        for name in route.names
+        if principal.may_use(route, name)
+    ]
