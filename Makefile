@@ -46,6 +46,7 @@ lint: venv ## ruff format check, ruff lint, mypy --strict, import layering
 	# standard-library module of that name.
 	cd src && ../$(VENV)/bin/mypy --config-file ../pyproject.toml -p citadel
 	$(VENV)/bin/mypy --config-file pyproject.toml tests/e2e/harness
+	$(VENV)/bin/mypy --config-file pyproject.toml bench/citadel_bench bench/simulator
 	$(VENV)/bin/lint-imports --config .importlinter
 
 # The chart's template tests need helm: `make unit` builds it alone (from its Go

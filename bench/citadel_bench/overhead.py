@@ -1,0 +1,224 @@
+"""Gateway overhead: the same load straight to a fast backend and through each
+proxy, interleaved round by round so that drift shows."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from citadel_bench import loadgen, peers
+from citadel_bench.procs import Proc, simulator_argv, start, stop, wait_listening
+from citadel_bench.stats import median, percentile
+
+CONCURRENCY = (1, 16, 64)
+MODES = ("json", "stream")
+PROMPT = "Summarise the benefits of continuous batching in two sentences. " * 2
+REPLY_TOKENS = 16
+
+
+@dataclass
+class Point:
+    """One measured run: target x mode x concurrency x round."""
+
+    target: str
+    mode: str
+    concurrency: int
+    round: int
+    requests: int
+    errors: int
+    rps: float
+    median_ms: float
+    p99_ms: float
+    first_chunk_ms: float
+    cpu_cores: float
+    rss_mb: float
+    latencies_ms: list[float] = field(repr=False, default_factory=list)
+
+
+@dataclass
+class OverheadResult:
+    points: list[Point]
+    skipped: dict[str, str]
+    """Peers that did not run, and why."""
+    rss_start_mb: dict[str, float]
+
+
+def body(stream: bool) -> Callable[[int], dict[str, Any]]:
+    def make(i: int) -> dict[str, Any]:
+        return {
+            "model": peers.MODEL,
+            "messages": [{"role": "user", "content": f"{i} {PROMPT}"}],
+            "max_tokens": REPLY_TOKENS,
+            "stream": stream,
+        }
+
+    return make
+
+
+def measure(
+    target: str,
+    url: str,
+    proc: Proc,
+    mode: str,
+    concurrency: int,
+    round_: int,
+    seconds: float,
+) -> Point:
+    """One run against `url`, with the CPU and memory of `proc` around it."""
+    make = body(mode == "stream")
+    chat = url + "/v1/chat/completions"
+    # A short warm-up opens the connections.
+    asyncio.run(loadgen.closed_loop(chat, make, concurrency, concurrency * 4, 2.0))
+    cpu0, t0 = proc.cpu_seconds(), time.monotonic()
+    run = asyncio.run(loadgen.closed_loop(chat, make, concurrency, 10**6, seconds))
+    cpu = (proc.cpu_seconds() - cpu0) / (time.monotonic() - t0)
+    ok = run.ok
+    latencies = [s.latency * 1000 for s in ok]
+    firsts = [s.first_chunk * 1000 for s in ok]
+    return Point(
+        target=target,
+        mode=mode,
+        concurrency=concurrency,
+        round=round_,
+        requests=len(ok),
+        errors=run.errors,
+        rps=run.rps,
+        median_ms=median(latencies),
+        p99_ms=percentile(latencies, 99),
+        first_chunk_ms=median(firsts),
+        cpu_cores=cpu,
+        rss_mb=proc.rss_bytes() / 2**20,
+        latencies_ms=latencies,
+    )
+
+
+def run_overhead(log_dir: Path, rounds: int, seconds: float) -> OverheadResult:
+    """Starts the backend and every proxy once, then runs the interleaved grid."""
+    procs: list[Proc] = []
+    skipped: dict[str, str] = {}
+    try:
+        sim = start(
+            "overhead-sim",
+            simulator_argv(1, "--instant", "--default-max-tokens", str(REPLY_TOKENS)),
+            log_dir,
+        )
+        procs.append(sim)
+        backend = f"http://127.0.0.1:{wait_listening(sim)[0]}"
+        targets: dict[str, tuple[Proc, str]] = {"direct": (sim, backend)}
+        proc, url = peers.start_citadel([backend], log_dir)
+        procs.append(proc)
+        targets["citadel"] = (proc, url)
+        for name, starter in (
+            ("vllm-router", peers.start_vllm_router),
+            ("litellm", peers.start_litellm),
+        ):
+            problem = peers.peer_problem(name)
+            if problem:
+                skipped[name] = problem
+                continue
+            try:
+                proc, url = starter([backend], log_dir)
+            except RuntimeError as err:
+                skipped[name] = f"did not start: {str(err)[-400:]}"
+                continue
+            procs.append(proc)
+            targets[name] = (proc, url)
+        rss_start = {n: p.rss_bytes() / 2**20 for n, (p, _) in targets.items()}
+        points: list[Point] = []
+        names = list(targets)
+        for r in range(rounds):
+            for mode in MODES:
+                for concurrency in CONCURRENCY:
+                    # Rotate the order each round so no target always goes first.
+                    shift = r % len(names)
+                    for name in names[shift:] + names[:shift]:
+                        proc, url = targets[name]
+                        points.append(
+                            measure(name, url, proc, mode, concurrency, r, seconds)
+                        )
+                        print(_line(points[-1]), flush=True)
+        return OverheadResult(points, skipped, rss_start)
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+
+
+def _line(p: Point) -> str:
+    return (
+        f"overhead r{p.round} {p.mode:6} c={p.concurrency:<3} {p.target:12} "
+        f"rps={p.rps:8.1f} med={p.median_ms:7.2f}ms p99={p.p99_ms:7.2f}ms "
+        f"first={p.first_chunk_ms:7.2f}ms cpu={p.cpu_cores:4.2f} "
+        f"rss={p.rss_mb:6.1f}MB err={p.errors}"
+    )
+
+
+def profile_citadel(log_dir: Path, seconds: float, py_spy: Path) -> list[str]:
+    """py-spy on the gateway at concurrency 64, non-streaming: the functions with
+    the most samples (self time), as text lines."""
+    import subprocess
+
+    procs: list[Proc] = []
+    try:
+        sim = start(
+            "profile-sim",
+            simulator_argv(1, "--instant", "--default-max-tokens", str(REPLY_TOKENS)),
+            log_dir,
+        )
+        procs.append(sim)
+        backend = f"http://127.0.0.1:{wait_listening(sim)[0]}"
+        gateway, url = peers.start_citadel([backend], log_dir, name="citadel-profiled")
+        procs.append(gateway)
+        out = log_dir / "citadel-profile.txt"
+        spy = subprocess.Popen(
+            [
+                str(py_spy),
+                "record",
+                "--format",
+                "raw",
+                "--nonblocking",
+                "-d",
+                str(int(seconds)),
+                "-o",
+                str(out),
+                "-p",
+                str(gateway.pid),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        chat = url + "/v1/chat/completions"
+        asyncio.run(loadgen.closed_loop(chat, body(False), 64, 10**6, seconds))
+        spy.wait(timeout=seconds + 30)
+        return top_functions(out.read_text() if out.exists() else "")
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+
+
+def top_functions(collapsed: str, count: int = 12) -> list[str]:
+    """Self-time and inclusive shares of the hottest frames in py-spy's collapsed
+    stacks ("frame;frame;frame N" lines)."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        samples = int(n)
+        total += samples
+        frames = stack.split(";")
+        own[frames[-1]] = own.get(frames[-1], 0) + samples
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + samples
+    if not total:
+        return []
+    ranked = sorted(own.items(), key=lambda kv: -kv[1])[:count]
+    return [
+        f"{100 * n / total:5.1f}% self, {100 * inclusive[f] / total:5.1f}% incl  {f}"
+        for f, n in ranked
+    ]

@@ -1,0 +1,184 @@
+"""Routing quality: the multi-turn chat workload over simulated replicas, through
+each Citadel strategy, each vllm-router policy, and plain round robin (the load
+generator itself rotating over the replicas, no proxy)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from citadel_bench import loadgen, peers
+from citadel_bench.procs import Proc, simulator_argv, start, stop, wait_listening
+from citadel_bench.stats import Summary
+from citadel_bench.workload import ChatWorkload, conversation
+
+REPLICAS = 4
+CITADEL_STRATEGIES = (
+    "prefix-aware",
+    "round-robin",
+    "least-load",
+    "kv-aware",
+    "session-affinity",
+)
+# kv_aware needs vLLM's KV-cache event stream (ZMQ), which the simulator lacks.
+ROUTER_POLICIES = (
+    "cache_aware",
+    "round_robin",
+    "random",
+    "power_of_two",
+    "consistent_hash",
+    "sticky_least_loaded",
+)
+# A KV cache of 32k tokens per replica: the conversations alive at once fit when
+# each stays on one replica, not when every replica sees all of them. A chunk per
+# 8 tokens spares the CPU (TTFT is unchanged: the first token has its own chunk).
+SIM_OPTIONS = ("--kv-capacity-tokens", "32768", "--stream-every", "8")
+
+
+@dataclass
+class RoutingRun:
+    """One target's results on the workload."""
+
+    target: str
+    requests: int
+    errors: int
+    ttft: Summary
+    wall_s: float
+    output_tokens: int
+    hit_rate: float
+    """Prefix-cache hits / queries over all replicas (tokens)."""
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.wall_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.wall_s
+
+
+async def drive(
+    workload: ChatWorkload, url_for: Callable[[], str], deadline_s: float
+) -> tuple[list[loadgen.Sample], float]:
+    """Every user holds its conversations turn by turn; bounded by `deadline_s`."""
+    samples: list[loadgen.Sample] = []
+    deadline = time.perf_counter() + deadline_s
+    async with loadgen.session(workload.users, timeout_s=120) as client:
+
+        async def user(u: int) -> None:
+            for c in range(workload.conversations_per_user):
+                conv = conversation(workload, u, c)
+                for _ in range(workload.turns):
+                    if time.perf_counter() > deadline:
+                        return
+                    body = conv.next_request(workload, peers.MODEL)
+                    url = url_for() + "/v1/chat/completions"
+                    headers = {"x-session-id": conv.session}
+                    sample = await loadgen.send(
+                        client, url, body, headers, keep_text=True
+                    )
+                    samples.append(sample)
+                    if not sample.ok:
+                        return
+                    conv.add_answer(sample.text)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(user(u) for u in range(workload.users)))
+        return samples, time.perf_counter() - began
+
+
+def cache_counters(backends: list[str]) -> tuple[float, float]:
+    """Summed prefix-cache queries and hits of the replicas."""
+    queries = hits = 0.0
+    pattern = re.compile(r"^vllm:prefix_cache_(queries|hits)_total\{[^}]*\} (\S+)$")
+    for backend in backends:
+        with urllib.request.urlopen(backend + "/metrics", timeout=5) as response:
+            for line in response.read().decode().splitlines():
+                match = pattern.match(line)
+                if match and match.group(1) == "queries":
+                    queries += float(match.group(2))
+                elif match:
+                    hits += float(match.group(2))
+    return queries, hits
+
+
+def run_target(
+    target: str,
+    workload: ChatWorkload,
+    log_dir: Path,
+    deadline_s: float,
+) -> RoutingRun:
+    """Fresh replicas (cold caches) and a fresh proxy for one target."""
+    procs: list[Proc] = []
+    try:
+        sim = start(
+            f"routing-sim-{target}", simulator_argv(REPLICAS, *SIM_OPTIONS), log_dir
+        )
+        procs.append(sim)
+        backends = [f"http://127.0.0.1:{p}" for p in wait_listening(sim)]
+        kind, _, variant = target.partition(":")
+        url_for: Callable[[], str]
+        if kind == "plain":
+            rotation = itertools.cycle(backends)
+            url_for = rotation.__next__
+        else:
+            if kind == "citadel":
+                proc, url = peers.start_citadel(
+                    backends, log_dir, variant, name=f"citadel-{variant}"
+                )
+            else:
+                proc, url = peers.start_vllm_router(backends, log_dir, variant)
+            procs.append(proc)
+            url_for = url.__str__
+        samples, wall = asyncio.run(drive(workload, url_for, deadline_s))
+        queries, hits = cache_counters(backends)
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+    ok = [s for s in samples if s.ok]
+    return RoutingRun(
+        target=target,
+        requests=len(ok),
+        errors=len(samples) - len(ok),
+        ttft=Summary.of([s.first_chunk * 1000 for s in ok]),
+        wall_s=wall,
+        output_tokens=len(ok) * workload.max_tokens,
+        hit_rate=hits / queries if queries else 0.0,
+    )
+
+
+def targets(router_available: bool) -> list[str]:
+    """Every routing target, Citadel's default first."""
+    names = [f"citadel:{s}" for s in CITADEL_STRATEGIES] + ["plain:round-robin"]
+    if router_available:
+        names += [f"vllm-router:{p}" for p in ROUTER_POLICIES]
+    return names
+
+
+def run_routing(
+    workload: ChatWorkload, log_dir: Path, deadline_s: float
+) -> tuple[list[RoutingRun], dict[str, str]]:
+    """All targets, one after another; failures are recorded, not raised."""
+    problem = peers.peer_problem("vllm-router")
+    skipped: dict[str, str] = {"vllm-router": problem} if problem else {}
+    runs: list[RoutingRun] = []
+    for target in targets(problem is None):
+        try:
+            run = run_target(target, workload, log_dir, deadline_s)
+        except RuntimeError as err:
+            skipped[target] = f"did not run: {str(err)[-300:]}"
+            continue
+        runs.append(run)
+        print(
+            f"routing {target:32} n={run.requests} err={run.errors} "
+            f"ttft mean={run.ttft.mean:7.1f}ms p90={run.ttft.p90:7.1f}ms "
+            f"rps={run.rps:6.2f} hit={run.hit_rate:.2f}",
+            flush=True,
+        )
+    return runs, skipped

@@ -1,0 +1,254 @@
+"""The HTTP side: vLLM's OpenAI routes, `/health` and `/metrics` over an Engine."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from simulator.engine import Engine, Sequence, output_text
+from simulator.params import SimParams
+
+ENGINE = web.AppKey("engine", Engine)
+SERVED = web.AppKey("served", str)
+
+
+def render_prompt(body: Mapping[str, Any]) -> str:
+    """The text the model would see: chat messages in a simple template, or the
+    completion prompt."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        parts = []
+        for message in messages:
+            if isinstance(message, Mapping):
+                content = message.get("content")
+                if isinstance(content, list):
+                    content = "".join(
+                        str(p.get("text", "")) for p in content if isinstance(p, dict)
+                    )
+                parts.append(f"<|{message.get('role')}|>\n{content}\n")
+        return "".join(parts) + "<|assistant|>\n"
+    prompt = body.get("prompt")
+    if isinstance(prompt, list):
+        prompt = prompt[0] if prompt else ""
+    return str(prompt or "")
+
+
+def _error(status: int, message: str) -> web.Response:
+    error = {"message": message, "type": "BadRequestError", "param": None}
+    return web.json_response(
+        {"error": {**error, "code": status}}, status=status, dumps=_dumps
+    )
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, chat=True)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, chat=False)
+
+
+async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
+    engine = request.app[ENGINE]
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return _error(400, "The request body is not valid JSON.")
+    if not isinstance(body, dict):
+        return _error(400, "The request body must be a JSON object.")
+    max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+    if not isinstance(max_tokens, int):
+        max_tokens = engine.params.default_max_tokens
+    seq = engine.prepare(render_prompt(body), max_tokens)
+    if not engine.fits(seq):
+        return _error(400, "The prompt and max_tokens exceed the model's length.")
+    base = {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        "created": int(time.time()),
+        "model": body.get("model") or request.app[SERVED],
+    }
+    if body.get("stream") is True:
+        options = body.get("stream_options")
+        usage = isinstance(options, dict) and options.get("include_usage") is True
+        return await _stream(request, engine, seq, base, chat, usage)
+    count = await _run(engine, seq)
+    text = output_text(count, 0, engine.params.chars_per_token)
+    choice: dict[str, Any] = {"index": 0, "finish_reason": "length", "logprobs": None}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    answer = {
+        **base,
+        "object": "chat.completion" if chat else "text_completion",
+        "choices": [choice],
+        "usage": _usage(seq, count),
+    }
+    return web.Response(body=orjson.dumps(answer), content_type="application/json")
+
+
+def _usage(seq: Sequence, completion: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": seq.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": seq.prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": seq.cached_tokens},
+    }
+
+
+async def _run(engine: Engine, seq: Sequence) -> int:
+    """Runs `seq` to its end; the number of tokens it made."""
+    if engine.params.instant:
+        engine.counters.prompt_tokens += seq.prompt_tokens
+        engine.counters.generation_tokens += seq.max_tokens
+        engine.counters.requests_finished += 1
+        return seq.max_tokens
+    engine.submit(seq)
+    try:
+        while await seq.tokens.get() is not None:
+            pass
+    finally:
+        if seq.generated < seq.max_tokens:
+            engine.cancel(seq)
+    return seq.generated
+
+
+async def _stream(
+    request: web.Request,
+    engine: Engine,
+    seq: Sequence,
+    base: dict[str, Any],
+    chat: bool,
+    include_usage: bool,
+) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    head = {**base, "object": "chat.completion.chunk" if chat else "text_completion"}
+
+    async def send(choice: dict[str, Any] | None, usage: Any = None) -> None:
+        chunk = {**head, "choices": [choice] if choice else []}
+        if usage is not None:
+            chunk["usage"] = usage
+        await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+
+    def choice(start: int, end: int, last: bool) -> dict[str, Any]:
+        finish = "length" if last else None
+        piece = output_text(end, start, engine.params.chars_per_token)
+        if chat:
+            delta = {"content": piece}
+            return {
+                "index": 0,
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+        return {"index": 0, "text": piece, "logprobs": None, "finish_reason": finish}
+
+    # Like vLLM, the role comes in the first chunk, once the first token exists.
+    role = {"index": 0, "delta": {"role": "assistant", "content": ""}}
+    if engine.params.instant:
+        await _run(engine, seq)
+        if chat:
+            await send(role)
+        for i in range(seq.max_tokens):
+            await send(choice(i, i + 1, i == seq.max_tokens - 1))
+        seq.generated = seq.max_tokens
+    else:
+        engine.submit(seq)
+        every, sent = engine.params.stream_every, 0
+        try:
+            while (n := await seq.tokens.get()) is not None:
+                if n == 1 and chat:
+                    await send(role)
+                last = n == seq.max_tokens
+                if n == 1 or last or n - sent >= every:
+                    await send(choice(sent, n, last))
+                    sent = n
+        finally:
+            if seq.generated < seq.max_tokens:
+                engine.cancel(seq)
+    if include_usage:
+        await send(None, _usage(seq, seq.generated))
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(status=200)
+
+
+async def models(request: web.Request) -> web.Response:
+    served = request.app[SERVED]
+    model = {
+        "id": served,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": "vllm",
+        "root": served,
+        "max_model_len": request.app[ENGINE].params.max_model_len,
+    }
+    return web.json_response({"object": "list", "data": [model]}, dumps=_dumps)
+
+
+def metrics_text(engine: Engine, served: str) -> str:
+    """vLLM's metric names (0.32.0) with this engine's values."""
+    labels = f'{{engine="0",model_name="{served}"}}'
+    c = engine.counters
+    rows = [
+        ("gauge", "vllm:num_requests_running", len(engine.running)),
+        ("gauge", "vllm:num_requests_waiting", len(engine.waiting)),
+        ("gauge", "vllm:kv_cache_usage_perc", engine.cache.usage),
+        ("counter", "vllm:prefix_cache_queries_total", c.prefix_queries),
+        ("counter", "vllm:prefix_cache_hits_total", c.prefix_hits),
+        ("counter", "vllm:prompt_tokens_total", c.prompt_tokens),
+        ("counter", "vllm:generation_tokens_total", c.generation_tokens),
+    ]
+    lines = []
+    for kind, name, value in rows:
+        family = name.removesuffix("_total")
+        lines.append(f"# TYPE {family} {kind}")
+        lines.append(f"{name}{labels} {float(value)}")
+    lines.append("# TYPE vllm:request_success counter")
+    lines.append(
+        f'vllm:request_success_total{{engine="0",finished_reason="length",'
+        f'model_name="{served}"}} {float(c.requests_finished)}'
+    )
+    return "\n".join(lines) + "\n"
+
+
+async def metrics(request: web.Request) -> web.Response:
+    text = metrics_text(request.app[ENGINE], request.app[SERVED])
+    return web.Response(text=text, content_type="text/plain")
+
+
+async def _start_engine(app: web.Application) -> None:
+    app[ENGINE].start()
+
+
+async def _stop_engine(app: web.Application) -> None:
+    await app[ENGINE].stop()
+
+
+def make_app(params: SimParams, served: str) -> web.Application:
+    """One simulated replica serving the model name `served`."""
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[ENGINE] = Engine(params)
+    app[SERVED] = served
+    app.on_startup.append(_start_engine)
+    app.on_cleanup.append(_stop_engine)
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    return app
