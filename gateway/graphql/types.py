@@ -10,6 +10,7 @@ from strawberry.scalars import JSON
 
 from citadel.gateway.routes import ModelRoute
 from citadel.gateway.services.limits import Standing
+from citadel.gateway.services.structured import openai_body
 
 
 @strawberry.type
@@ -106,7 +107,9 @@ class ChatCompletionInput:
     def body(self, stream: bool) -> dict[str, Any]:
         """The OpenAI body (typed fields win over `extra`)."""
         extra: dict[str, Any] = self.extra if isinstance(self.extra, dict) else {}
-        sampling = {
+        fields = {
+            "model": self.model,
+            "messages": [{"role": m.role, "content": m.content} for m in self.messages],
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -114,16 +117,7 @@ class ChatCompletionInput:
             "stop": self.stop,
             "seed": self.seed,
         }
-        body: dict[str, Any] = {
-            **{k: v for k, v in extra.items() if k not in ("stream", "stream_options")},
-            "model": self.model,
-            "messages": [{"role": m.role, "content": m.content} for m in self.messages],
-            **{k: v for k, v in sampling.items() if v is not None},
-        }
-        if stream:
-            body["stream"] = True
-            body["stream_options"] = {"include_usage": True}
-        return body
+        return openai_body(extra, fields, stream)
 
 
 @strawberry.type
@@ -170,9 +164,7 @@ class ChatCompletion:
     @classmethod
     def of(cls, payload: dict[str, Any]) -> ChatCompletion:
         return cls(
-            id=str(payload.get("id", "")),
-            model=str(payload.get("model", "")),
-            created=int(payload.get("created") or 0),
+            **_head(payload),
             choices=[
                 ChatChoice(
                     index=int(c.get("index") or 0),
@@ -181,7 +173,6 @@ class ChatCompletion:
                 )
                 for c in _choices(payload)
             ],
-            usage=TokenUsage.of(payload.get("usage")),
         )
 
 
@@ -205,9 +196,7 @@ class ChatCompletionChunk:
     @classmethod
     def of(cls, payload: dict[str, Any]) -> ChatCompletionChunk:
         return cls(
-            id=str(payload.get("id", "")),
-            model=str(payload.get("model", "")),
-            created=int(payload.get("created") or 0),
+            **_head(payload),
             choices=[
                 ChunkChoice(
                     index=int(c.get("index") or 0),
@@ -216,8 +205,17 @@ class ChatCompletionChunk:
                 )
                 for c in _choices(payload)
             ],
-            usage=TokenUsage.of(payload.get("usage")),
         )
+
+
+def _head(payload: dict[str, Any]) -> dict[str, Any]:
+    """The fields a completion and its chunks share."""
+    return {
+        "id": str(payload.get("id", "")),
+        "model": str(payload.get("model", "")),
+        "created": int(payload.get("created") or 0),
+        "usage": TokenUsage.of(payload.get("usage")),
+    }
 
 
 def _choices(payload: dict[str, Any]) -> list[dict[str, Any]]:

@@ -15,9 +15,9 @@ from google.protobuf.message import Message
 
 from citadel.gateway.errors import BackendError
 from citadel.gateway.rpc.v1 import citadel_pb2 as pb
+from citadel.gateway.services.structured import openai_body
 
 M = TypeVar("M", bound=Message)
-_RESERVED = ("model", "stream", "stream_options")
 
 
 def _sampling(sampling: pb.Sampling) -> dict[str, Any]:
@@ -35,9 +35,6 @@ def _extra(
     if not message.HasField("extra"):
         return {}
     extra: dict[str, Any] = json_format.MessageToDict(message.extra)
-    # The RPC decides whether it streams; the typed fields win over `extra`.
-    for key in _RESERVED:
-        extra.pop(key, None)
     return {k: _integral(v) for k, v in extra.items()}
 
 
@@ -54,31 +51,21 @@ def _integral(value: Any) -> Any:
 
 def chat_body(request: pb.ChatCompletionRequest, stream: bool) -> dict[str, Any]:
     """The OpenAI body of a chat request; a stream asks for the usage chunk."""
-    body: dict[str, Any] = {
-        **_extra(request),
-        "model": request.model,
-        "messages": [{"role": m.role, "content": m.content} for m in request.messages],
-        **_sampling(request.sampling),
-    }
-    if stream:
-        body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
-    return body
+    messages = [{"role": m.role, "content": m.content} for m in request.messages]
+    fields = {"model": request.model, "messages": messages}
+    return openai_body(_extra(request), fields | _sampling(request.sampling), stream)
 
 
 def completion_body(request: pb.CompletionRequest) -> dict[str, Any]:
     """The OpenAI body of a text completion request."""
-    return {
-        **_extra(request),
-        "model": request.model,
-        "prompt": request.prompt,
-        **_sampling(request.sampling),
-    }
+    fields = {"model": request.model, "prompt": request.prompt}
+    return openai_body(_extra(request), fields | _sampling(request.sampling))
 
 
 def embeddings_body(request: pb.EmbeddingsRequest) -> dict[str, Any]:
     """The OpenAI body of an embeddings request."""
-    return {**_extra(request), "model": request.model, "input": list(request.input)}
+    fields = {"model": request.model, "input": list(request.input)}
+    return openai_body(_extra(request), fields)
 
 
 def parse(payload: dict[str, Any], message: M) -> M:

@@ -10,7 +10,7 @@ it through the one error hierarchy.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,3 +137,20 @@ def usable_models(
         for name in route.names
         if principal.may_use(route, name)
     ]
+
+
+_DOOR_DECIDES = ("model", "stream", "stream_options")
+
+
+def openai_body(
+    extra: Mapping[str, Any], fields: Mapping[str, Any], stream: bool = False
+) -> dict[str, Any]:
+    """The OpenAI body for a door with typed fields: `extra` (any other
+    parameter, passed through), then the typed fields that are set, which win;
+    whether it streams is the door's choice, and a stream asks for usage."""
+    body = {k: v for k, v in extra.items() if k not in _DOOR_DECIDES}
+    body.update((k, v) for k, v in fields.items() if v is not None)
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return body
