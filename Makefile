@@ -108,10 +108,17 @@ demo: ## The main job: cluster, chart, a real model answering through the gatewa
 	@echo "the chart, serve SmolLM2 on the CPU and answer a chat completion." >&2
 	@exit 2
 
+# The benchmarks' own tools (matplotlib, py-spy) come from the `bench` extra; the
+# peers (vllm-router, LiteLLM) get venvs of their own under $CITADEL_CACHE/bench.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): pyproject.toml $(VENV_STAMP)
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	@touch $@
+
 .PHONY: bench
-bench: ## Benchmarks against the peers (writes docs/benchmarks.md)
-	@echo "make bench: not built yet (issue 8)." >&2
-	@exit 2
+bench: $(BENCH_STAMP) ## Benchmarks against the peers, ~30 min (BENCH_QUICK=1: a few); writes docs/benchmarks.md
+	bash bench/peers/install.sh
+	PYTHONPATH=bench $(PY) -m citadel_bench --out docs
 
 .PHONY: vllm
 vllm: ## Install the CPU vLLM and its test models (cached in $CITADEL_CACHE)

@@ -10,7 +10,7 @@ import re
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from citadel_bench import loadgen, peers
@@ -53,6 +53,7 @@ class RoutingRun:
     output_tokens: int
     hit_rate: float
     """Prefix-cache hits / queries over all replicas (tokens)."""
+    ttfts_ms: list[float] = field(default_factory=list, repr=False)
 
     @property
     def rps(self) -> float:
@@ -150,6 +151,7 @@ def run_target(
         wall_s=wall,
         output_tokens=len(ok) * workload.max_tokens,
         hit_rate=hits / queries if queries else 0.0,
+        ttfts_ms=[s.first_chunk * 1000 for s in ok],
     )
 
 

@@ -1,0 +1,53 @@
+"""How big each benchmark is: the full run and the quick smoke run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from citadel_bench.workload import ChatWorkload
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Sizes and bounds of one `make bench`."""
+
+    quick: bool
+    overhead_rounds: int
+    overhead_seconds: float
+    profile_seconds: float
+    routing: ChatWorkload
+    routing_deadline_s: float
+    memory_requests: int
+    scale_models: int
+    scale_nodes: int
+    scale_timeout_s: float
+    vllm_check: bool
+
+
+FULL = BenchConfig(
+    quick=False,
+    overhead_rounds=3,
+    overhead_seconds=4.0,
+    profile_seconds=6.0,
+    routing=ChatWorkload(),
+    routing_deadline_s=120.0,
+    memory_requests=100_000,
+    scale_models=1000,
+    scale_nodes=100,
+    scale_timeout_s=420.0,
+    vllm_check=True,
+)
+
+QUICK = BenchConfig(
+    quick=True,
+    overhead_rounds=1,
+    overhead_seconds=1.0,
+    profile_seconds=3.0,
+    routing=ChatWorkload(users=8, conversations_per_user=1, turns=6),
+    routing_deadline_s=40.0,
+    memory_requests=10_000,
+    scale_models=100,
+    scale_nodes=10,
+    scale_timeout_s=120.0,
+    vllm_check=False,
+)

@@ -1,0 +1,204 @@
+"""Aggregating the raw results into the report's rows and the targets' verdicts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from citadel_bench.memory import MemoryRun
+from citadel_bench.operator_scale import ScaleRun
+from citadel_bench.overhead import Point
+from citadel_bench.report import Verdict, fmt
+from citadel_bench.routing import RoutingRun
+from citadel_bench.stats import median, percentile, ratio
+
+DEFAULT_STRATEGY = "citadel:prefix-aware"
+PLAIN_RR = "plain:round-robin"
+
+
+@dataclass(frozen=True)
+class OverheadRow:
+    """One target at one mode and concurrency, over all rounds."""
+
+    mode: str
+    concurrency: int
+    target: str
+    rps: float
+    median_ms: float
+    p99_ms: float
+    added_median_ms: float
+    added_p99_ms: float
+    first_chunk_ms: float
+    spread_ms: tuple[float, float]
+    """Lowest and highest per-round median (drift)."""
+    cpu_cores: float
+    rss_mb: float
+    errors: int
+
+
+def overhead_rows(points: list[Point]) -> list[OverheadRow]:
+    """Medians over rounds; added latency is per round against `direct`."""
+    keys = sorted(
+        {(p.mode, p.concurrency, p.target) for p in points},
+        key=lambda k: (k[0], k[1], _target_order(k[2])),
+    )
+    rows = []
+    for mode, level, target in keys:
+        mine = [
+            p
+            for p in points
+            if (p.mode, p.concurrency, p.target) == (mode, level, target)
+        ]
+        direct = {
+            p.round: p
+            for p in points
+            if (p.mode, p.concurrency, p.target) == (mode, level, "direct")
+        }
+        added = [
+            p.median_ms - direct[p.round].median_ms for p in mine if p.round in direct
+        ]
+        added99 = [p.p99_ms - direct[p.round].p99_ms for p in mine if p.round in direct]
+        medians = [p.median_ms for p in mine]
+        rows.append(
+            OverheadRow(
+                mode=mode,
+                concurrency=level,
+                target=target,
+                rps=median([p.rps for p in mine]),
+                median_ms=median(medians),
+                p99_ms=median([p.p99_ms for p in mine]),
+                added_median_ms=median(added),
+                added_p99_ms=median(added99),
+                first_chunk_ms=median([p.first_chunk_ms for p in mine]),
+                spread_ms=(min(medians), max(medians)),
+                cpu_cores=median([p.cpu_cores for p in mine]),
+                rss_mb=max(p.rss_mb for p in mine),
+                errors=sum(p.errors for p in mine),
+            )
+        )
+    return rows
+
+
+def _target_order(target: str) -> int:
+    order = ["direct", "citadel", "vllm-router", "litellm"]
+    return order.index(target) if target in order else len(order)
+
+
+def _row(
+    rows: list[OverheadRow], mode: str, level: int, target: str
+) -> OverheadRow | None:
+    return next(
+        (r for r in rows if (r.mode, r.concurrency, r.target) == (mode, level, target)),
+        None,
+    )
+
+
+def overhead_verdicts(
+    rows: list[OverheadRow], skipped: dict[str, str]
+) -> list[Verdict]:
+    verdicts = []
+    for mode in ("json", "stream"):
+        row = _row(rows, mode, 1, "citadel")
+        if row:
+            verdicts.append(
+                Verdict(
+                    f"Citadel added median latency < 1 ms ({mode}, concurrency 1)",
+                    f"{fmt(row.added_median_ms)} ms",
+                    row.added_median_ms < 1.0,
+                )
+            )
+    for peer, wanted, label in (
+        ("vllm-router", 0.5, "at least half vllm-router's RPS"),
+        ("vllm-router", 1.0, "RPS at least vllm-router's (DESIGN.md)"),
+        ("litellm", 1.0, "RPS at least LiteLLM's (DESIGN.md)"),
+    ):
+        for mode in ("json", "stream"):
+            ours = _row(rows, mode, 64, "citadel")
+            theirs = _row(rows, mode, 64, peer)
+            if ours is None or theirs is None:
+                verdicts.append(
+                    Verdict(
+                        f"{label} ({mode}, c=64)", DASH_, None, skipped.get(peer, "")
+                    )
+                )
+                continue
+            r = ratio(ours.rps, theirs.rps)
+            verdicts.append(
+                Verdict(
+                    f"{label} ({mode}, concurrency 64)",
+                    f"{fmt(ours.rps, 0)} vs {fmt(theirs.rps, 0)} RPS = {fmt(r)}x",
+                    r >= wanted,
+                    ""
+                    if r >= wanted
+                    else f"short by {fmt(100 * (wanted - r) / wanted, 0)}%",
+                )
+            )
+    return verdicts
+
+
+DASH_ = "\N{EN DASH}"
+
+
+def routing_verdicts(runs: list[RoutingRun]) -> list[Verdict]:
+    by = {r.target: r for r in runs}
+    default = by.get(DEFAULT_STRATEGY)
+    plain = by.get(PLAIN_RR)
+    verdicts = []
+    if default and plain:
+        r = ratio(default.ttft.mean, plain.ttft.mean)
+        verdicts.append(
+            Verdict(
+                "prefix-aware mean TTFT <= 0.5 x round robin's",
+                f"{fmt(default.ttft.mean, 1)} vs {fmt(plain.ttft.mean, 1)} ms "
+                f"= {fmt(r)}x",
+                r <= 0.5,
+                "" if r <= 0.5 else f"{fmt(r / 0.5)}x the allowed ratio",
+            )
+        )
+    router = [r for r in runs if r.target.startswith("vllm-router:")]
+    if default and router:
+        best = min(router, key=lambda r: r.ttft.mean)
+        verdicts.append(
+            Verdict(
+                "prefix-aware mean TTFT below every vllm-router policy",
+                f"{fmt(default.ttft.mean, 1)} ms vs best {best.target.split(':')[1]} "
+                f"{fmt(best.ttft.mean, 1)} ms",
+                default.ttft.mean < best.ttft.mean,
+            )
+        )
+    elif default:
+        verdicts.append(
+            Verdict("prefix-aware below every vllm-router policy", DASH_, None)
+        )
+    return verdicts
+
+
+def scale_verdicts(run: ScaleRun) -> list[Verdict]:
+    n = f"{run.models} models on {run.nodes} nodes"
+    if run.problem:
+        return [Verdict(f"operator scale ({n})", DASH_, None, run.problem[:200])]
+    p50 = percentile(run.latencies_s, 50)
+    p99 = percentile(run.latencies_s, 99)
+    ready = run.all_ready_s
+    return [
+        Verdict(
+            "a new LLMModel has its Deployment within 1 s (p99)",
+            f"p50 {fmt(p50)} s, p99 {fmt(p99)} s",
+            not math.isnan(p99) and p99 <= 1.0,
+        ),
+        Verdict(
+            f"{n} Ready within 60 s",
+            f"{fmt(ready, 1)} s" if ready is not None else "not all Ready",
+            ready is not None and ready <= 60.0,
+            f"creating them took {fmt(run.apply_s, 1)} s of that (kubectl)",
+        ),
+    ]
+
+
+def memory_verdict(run: MemoryRun) -> Verdict:
+    return Verdict(
+        f"gateway RSS growth < 10% over {run.requests:,} requests",
+        f"{fmt(run.curve[0][1], 1)} -> {fmt(run.curve[-1][1], 1)} MiB "
+        f"({fmt(100 * run.growth, 1)}%)",
+        run.growth < 0.10,
+    )
