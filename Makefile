@@ -103,10 +103,12 @@ e2e-gateway: venv ## The gateway against the cluster: ConfigMap, EndpointSlices,
 test: lint unit integration e2e e2e-gateway ## Everything: lint, types, unit and e2e tests
 
 .PHONY: demo
-demo: ## The main job: cluster, chart, a real model answering through the gateway
-	@echo "make demo: not built yet (issue 6): it will start the local cluster, install" >&2
-	@echo "the chart, serve SmolLM2 on the CPU and answer a chat completion." >&2
-	@exit 2
+demo: venv binaries ## The main job: cluster, chart, a real model answering through the gateway
+	PYTHONPATH=tests/e2e $(PY) -m harness.demo up
+
+.PHONY: demo-down
+demo-down: venv ## Remove the demo and stop the local cluster
+	PYTHONPATH=tests/e2e $(PY) -m harness.demo down
 
 # The benchmarks' own tools (matplotlib, py-spy) come from the `bench` extra; the
 # peers (vllm-router, LiteLLM) get venvs of their own under $CITADEL_CACHE/bench.

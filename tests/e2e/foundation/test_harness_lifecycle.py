@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from harness import procs
-from harness.cluster import COMPONENTS, Cluster
+from harness.cluster import Cluster
 from harness.config import Layout, Ports
 from harness.kube import KubeCluster
 
@@ -27,13 +27,16 @@ def test_up_is_idempotent_and_down_leaves_nothing(
     procs.kill_all(procs.processes_mentioning("/test_up_is_idempotent_and_down"))
     layout = Layout(cache=Layout.from_env().cache, state_dir=tmp_path / "cluster")
     ports = Ports.shifted(100)
-    second = Cluster(layout=layout, ports=ports)
+    # One pod runtime per machine: the second cluster runs without.
+    second = Cluster(layout=layout, ports=ports, pod_runtime=False)
     try:
         second.up(merge_kubeconfig=False)
-        first_pids = {name: procs.pid_of(layout.run, name) for name in COMPONENTS}
+        first_pids = {
+            name: procs.pid_of(layout.run, name) for name in second.components
+        }
         assert all(first_pids.values()), first_pids
         second.up(merge_kubeconfig=False)
-        again = {name: procs.pid_of(layout.run, name) for name in COMPONENTS}
+        again = {name: procs.pid_of(layout.run, name) for name in second.components}
         assert again == first_pids, "a second `up` must not restart anything"
         nodes = second.kubectl("get", "nodes", "-o", "name").split()
         assert "node/hx-llm-server-01" in nodes

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from . import pki, procs
-from .config import CLUSTER_DIR, CONTEXT_NAME, Layout, Ports
+from .config import CLUSTER_DIR, CONTEXT_NAME, HARNESS_DIR, Layout, Ports
 
 # The order matters: each component needs the ones before it.
 COMPONENTS = (
@@ -32,9 +32,9 @@ COMPONENTS = (
     "kube-controller-manager",
     "kube-scheduler",
     "kwok",
+    "pod-runtime",
 )
 SERVICE_CIDR = "10.96.0.0/16"
-POD_CIDR = "10.244.0.0/16"
 FAKE_NODES = ("hx-llm-server-01", "hx-llm-server-02", "hx-cpu-01")
 
 
@@ -55,6 +55,14 @@ class Cluster:
 
     layout: Layout = field(default_factory=Layout.from_env)
     ports: Ports = field(default_factory=Ports)
+    pod_runtime: bool = True
+    """Run the pod runtime (needs root for network namespaces; one per machine)."""
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The daemons this cluster runs, in start order."""
+        runtime = self.pod_runtime and os.geteuid() == 0
+        return COMPONENTS if runtime else COMPONENTS[:-1]
 
     @property
     def server(self) -> str:
@@ -195,6 +203,8 @@ class Cluster:
                 # kwok's own server: only its /healthz is used here.
                 f"--server-address=127.0.0.1:{p.kwok_server}",
             ]
+        if name == "pod-runtime":
+            return [sys.executable, "-m", "harness.podruntime"]
         raise ClusterError(f"unknown component {name}")
 
     # -- health ------------------------------------------------------------------
@@ -235,6 +245,9 @@ class Cluster:
                 f"https://127.0.0.1:{p.scheduler}/healthz"
             ),
             "kwok": lambda: self._get(f"http://127.0.0.1:{p.kwok_server}/healthz"),
+            "pod-runtime": lambda: self._get(
+                f"http://127.0.0.1:{p.pod_runtime}/healthz"
+            ),
         }
         return checks[name]()
 
@@ -291,10 +304,17 @@ class Cluster:
         began = time.monotonic()
         self.build()
         self.layout.state.mkdir(parents=True, exist_ok=True)
+        if not pki.pki_current(self.layout.pki) and any(
+            self.healthy(name) for name in self.components
+        ):
+            say("certificates changed: restarting the cluster with new ones")
+            self._down()
         pki.ensure_pki(self.layout.pki)
         self.layout.admin_kubeconfig.write_text(self._kubeconfig("admin").read_text())
         env = {k: v for k, v in os.environ.items() if not k.startswith("KUBE")}
-        for name in COMPONENTS:
+        # The pod runtime is this harness's own Python module.
+        env.update(PYTHONPATH=str(HARNESS_DIR.parent), PYTHONSAFEPATH="1")
+        for name in self.components:
             if self.healthy(name):
                 say(f"{name}: already running")
                 continue
@@ -319,6 +339,7 @@ class Cluster:
             "kube-controller-manager": "controller_manager",
             "kube-scheduler": "scheduler",
             "kwok": "kwok_server",
+            "pod-runtime": "pod_runtime",
         }[name]
         port: int = getattr(self.ports, field_name)
         return port
@@ -407,7 +428,10 @@ class Cluster:
 
     def _down(self) -> None:
         for name in reversed(COMPONENTS):
-            if procs.stop(self.layout.run, name):
+            # Stopped gracefully, the pod runtime stops its pods' programs.
+            if procs.stop(
+                self.layout.run, name, grace=30 if name == "pod-runtime" else 10
+            ):
                 say(f"{name}: stopped")
         # Daemons whose pid file was lost (a killed run) are found by their state
         # directory, which every one of them names on its command line.
@@ -424,4 +448,4 @@ class Cluster:
 
     def status(self) -> dict[str, bool]:
         """Whether each component runs and is healthy."""
-        return {name: self.healthy(name) for name in COMPONENTS}
+        return {name: self.healthy(name) for name in self.components}

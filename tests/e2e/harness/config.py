@@ -38,6 +38,7 @@ class Ports:
     controller_manager: int = 26257
     scheduler: int = 26259
     kwok_server: int = 26250
+    pod_runtime: int = 26251
 
 
 @dataclass(frozen=True)

@@ -72,22 +72,26 @@ class KubeCluster:
             self._base(self.kubectl_path, "--context"), args, input_text, check
         )
 
-    def helm(self, *args: str, check: bool = True) -> str:
+    def helm(self, *args: str, check: bool = True, timeout: float = 120) -> str:
         """Runs helm against the cluster and returns its standard output."""
         return self._run(
-            self._base(self.helm_path, "--kube-context"), args, None, check
+            self._base(self.helm_path, "--kube-context"), args, None, check, timeout
         )
 
     @staticmethod
     def _run(
-        base: list[str], args: tuple[str, ...], input_text: str | None, check: bool
+        base: list[str],
+        args: tuple[str, ...],
+        input_text: str | None,
+        check: bool,
+        timeout: float = 120,
     ) -> str:
         result = subprocess.run(
             [*base, *args],
             input=input_text,
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=timeout,
             check=False,
         )
         if check and result.returncode != 0:

@@ -13,6 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 VALIDITY = dt.timedelta(days=365)
+# Bumped whenever what is issued changes, so that `up` issues everything anew.
+PKI_VERSION = "3"
 
 # name -> (common name, organisation) of the client certificates the harness issues.
 CLIENTS: dict[str, tuple[str, str | None]] = {
@@ -75,6 +77,12 @@ def _issue(
     return key, builder.sign(ca_key, hashes.SHA256())
 
 
+def pki_current(directory: Path) -> bool:
+    """Whether the certificates in `directory` are what this version issues."""
+    marker = directory / "complete"
+    return marker.exists() and marker.read_text().strip() == PKI_VERSION
+
+
 def ensure_pki(directory: Path) -> None:
     """Creates the CA and every certificate once; later calls keep what exists.
 
@@ -82,7 +90,8 @@ def ensure_pki(directory: Path) -> None:
         directory: where `ca.crt`, `<name>.crt`/`.key` and `sa.key`/`sa.pub` go.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    if (directory / "complete").exists():
+    marker = directory / "complete"
+    if pki_current(directory):
         return
     ca_key = _key()
     now = dt.datetime.now(dt.UTC)
@@ -125,9 +134,9 @@ def ensure_pki(directory: Path) -> None:
             "kubernetes.default.svc.cluster.local",
         )
     ]
-    sans += [
-        x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", "10.96.0.1")
-    ]
+    # 10.244.128.1: the pod runtime's bridge, where pods reach the API server.
+    addresses = ("127.0.0.1", "10.96.0.1", "10.244.128.1")
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in addresses]
     servers = {"apiserver": sans, "kwok-server": sans, "etcd": sans}
     for name, server_sans in servers.items():
         key, cert = _issue(ca_key, ca_cert, _name(name), server=True, sans=server_sans)
@@ -149,4 +158,4 @@ def ensure_pki(directory: Path) -> None:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     )
-    (directory / "complete").write_text("ok\n")
+    marker.write_text(PKI_VERSION + "\n")
