@@ -52,36 +52,51 @@ def kube(cluster: Cluster) -> KubeCluster:
     )
 
 
-def install_chart(k: KubeCluster) -> None:
-    """`helm upgrade --install`, after the documented server-side apply of the CRDs
-    (Helm installs `crds/` once and never upgrades them)."""
+def install_chart(
+    k: KubeCluster,
+    release: str = RELEASE,
+    namespace: str = SYSTEM_NS,
+    extra: tuple[str, ...] = (),
+) -> None:
+    """`helm upgrade --install` with the demo values, after the documented
+    server-side apply of the CRDs (Helm installs `crds/` once, never upgrades them).
+
+    Args:
+        k: the cluster.
+        release: the Helm release name.
+        namespace: the release's namespace (the gateway's and the routes').
+        extra: more helm arguments, such as `--set` lines.
+    """
     k.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-    listed = k.helm("list", "-n", SYSTEM_NS, "--pending", "-q", check=False).split()
-    if RELEASE in listed:
+    listed = k.helm("list", "-n", namespace, "--pending", "-q", check=False).split()
+    if release in listed:
         # A run stopped half-way leaves the release locked as pending.
-        say(f"removing the release {RELEASE} left pending by an interrupted run")
-        k.helm("uninstall", RELEASE, "-n", SYSTEM_NS, "--wait", timeout=300)
+        say(f"removing the release {release} left pending by an interrupted run")
+        k.helm("uninstall", release, "-n", namespace, "--wait", timeout=300)
     started = time.monotonic()
     k.helm(
         "upgrade",
         "--install",
-        RELEASE,
+        release,
         str(REPO / "charts" / "citadel"),
         "--namespace",
-        SYSTEM_NS,
+        namespace,
         "--create-namespace",
         "-f",
         str(DEMO_DIR / "values.yaml"),
         "--wait",
         "--timeout=5m",
+        *extra,
         timeout=330,
     )
     took = time.monotonic() - started
     say(f"chart installed; operator and gateway Ready in {took:.0f}s")
 
 
-def model_state(k: KubeCluster) -> dict[str, Any]:
-    out = k.kubectl("get", "llmmodel", MODEL, "-n", MODEL_NS, "-o", "json", check=False)
+def model_state(k: KubeCluster, namespace: str = MODEL_NS) -> dict[str, Any]:
+    out = k.kubectl(
+        "get", "llmmodel", MODEL, "-n", namespace, "-o", "json", check=False
+    )
     try:
         state: dict[str, Any] = json.loads(out)
     except json.JSONDecodeError:
@@ -89,12 +104,15 @@ def model_state(k: KubeCluster) -> dict[str, Any]:
     return state
 
 
-def watch_until_ready(k: KubeCluster, timeout: float) -> None:
-    """Prints the model's phase and conditions each time they change."""
+def watch_until_ready(
+    k: KubeCluster, timeout: float, namespace: str = MODEL_NS, replicas: int = 1
+) -> None:
+    """Prints the model's phase and conditions each time they change, until it is
+    Ready with `replicas` ready replicas."""
     seen = ""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status = model_state(k).get("status", {})
+        status = model_state(k, namespace).get("status", {})
         conditions = {c["type"]: c for c in status.get("conditions", [])}
         line = f"phase={status.get('phase', '-')} " + " ".join(
             f"{t}={c['status']}({c.get('reason', '')})"
@@ -106,24 +124,38 @@ def watch_until_ready(k: KubeCluster, timeout: float) -> None:
             if ready.get("status") != "True" and ready.get("message"):
                 say(f"    {ready['message']}")
             seen = line
-        if status.get("phase") == "Ready":
+        ready_replicas = status.get("replicas", {}).get("ready", 0)
+        if status.get("phase") == "Ready" and ready_replicas >= replicas:
             return
         time.sleep(1)
     raise ClusterError(f"{MODEL} not Ready after {timeout:.0f}s")
 
 
-def gateway_url(k: KubeCluster) -> str:
+def gateway_url(
+    k: KubeCluster, release: str = RELEASE, namespace: str = SYSTEM_NS
+) -> str:
     """The gateway's address: a ready endpoint of its Service (the local cluster
     has no kube-proxy, so the pod's own address stands in for the ingress)."""
+
+    service = k.kubectl(
+        "get",
+        "services",
+        "-n",
+        namespace,
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+        "-l",
+        f"app.kubernetes.io/instance={release},app.kubernetes.io/component=gateway",
+    ).strip()
 
     def ready_address() -> str | None:
         out = k.kubectl(
             "get",
             "endpointslices",
             "-n",
-            SYSTEM_NS,
+            namespace,
             "-l",
-            f"kubernetes.io/service-name={RELEASE}-gateway",
+            f"kubernetes.io/service-name={service}",
             "-o",
             "json",
         )
@@ -137,15 +169,16 @@ def gateway_url(k: KubeCluster) -> str:
     return wait_for("a ready gateway endpoint", ready_address, timeout=120)
 
 
-def create_key(k: KubeCluster) -> str:
+def create_key(k: KubeCluster, namespace: str = SYSTEM_NS, name: str = "") -> str:
+    """A new API key for every model, made with the `citadel keys` CLI."""
     result = subprocess.run(
         [
             str(REPO / ".venv" / "bin" / "citadel"),
             "keys",
             f"--kubeconfig={k.kubeconfig}",
-            f"--namespace={SYSTEM_NS}",
+            f"--namespace={namespace}",
             "create",
-            f"demo-{int(time.time())}",
+            name or f"demo-{int(time.time())}",
             "--models",
             "*",
         ],
@@ -188,8 +221,9 @@ def up() -> None:
     cluster = Cluster()
     cluster.up(merge_kubeconfig=True)
     k = kube(cluster)
-    install_chart(k)
+    # The operator watches this namespace only: its Roles need it to exist.
     k.kubectl("create", "namespace", MODEL_NS, check=False)
+    install_chart(k)
     k.kubectl("apply", "-n", MODEL_NS, "-f", str(DEMO_DIR / "smollm2.yaml"))
     say(f"applied LLMModel {MODEL_NS}/{MODEL}; waiting for it to be Ready")
     watch_until_ready(k, timeout=600)
