@@ -88,7 +88,7 @@ cluster-reset: venv ## Stop the local cluster and delete its data
 	$(HARNESS) reset
 
 .PHONY: e2e
-e2e: venv ## End-to-end tests against the cluster (local harness unless KUBECONFIG is set)
+e2e: venv vllm ## End-to-end tests against the cluster (local harness unless KUBECONFIG is set)
 	$(VENV)/bin/pytest -m e2e tests/e2e
 
 .PHONY: integration
@@ -100,7 +100,7 @@ e2e-gateway: venv ## The gateway against the cluster: ConfigMap, EndpointSlices,
 	$(VENV)/bin/pytest -m e2e tests/gateway/kubernetes
 
 .PHONY: test
-test: lint unit integration e2e e2e-gateway ## Everything: lint, types, unit and e2e tests
+test: lint unit integration vllm-test vllm-gateway e2e e2e-gateway ## Everything: lint, types, unit, integration, real vLLM and e2e tests
 
 .PHONY: demo
 demo: venv binaries ## The main job: cluster, chart, a real model answering through the gateway
