@@ -5,30 +5,17 @@ ServiceAccount tokens, and Helm."""
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from harness.kube import KubeCluster, KubectlError
+from harness.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 
 HERE = Path(__file__).parent
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
-    """Polls `check` until it returns something truthy; fails with `what`."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.5)
-    pytest.fail(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def gpu_deployment(name: str, gpus: int, product: str | None) -> dict[str, Any]:

@@ -10,30 +10,19 @@ import json
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
 from harness import demo
+from harness.wait import wait_for
 from openai import OpenAI
 
 from .conftest import MODEL_NS, RELEASE, SYSTEM_NS, Platform
 
 pytestmark = pytest.mark.e2e
-T = TypeVar("T")
 MODEL = demo.MODEL
-
-
-def eventually(what: str, check: Callable[[], T | None], timeout: float = 60) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.5)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
 def client(platform: Platform, key: str | None = None) -> OpenAI:
@@ -104,7 +93,7 @@ def test_chat_and_completion_plain_and_streaming(platform: Platform) -> None:
 def test_scaled_to_two_replicas_both_receive_traffic(platform: Platform) -> None:
     platform.cluster.kubectl("scale", "llmmodel", MODEL, "-n", MODEL_NS, "--replicas=2")
     demo.watch_until_ready(platform.cluster, 600, MODEL_NS, replicas=2)
-    ips = eventually(
+    ips = wait_for(
         "two running replicas",
         lambda: (
             [p["status"]["podIP"] for p in model_pods(platform)]
@@ -147,7 +136,7 @@ def test_deleting_a_pod_under_load_fails_no_request(platform: Platform) -> None:
 def test_revoked_key_is_refused_within_seconds(platform: Platform) -> None:
     key = demo.create_key(platform.cluster, SYSTEM_NS, "fullpath-revoke")
     openai = client(platform, key)
-    eventually("the new key to work", lambda: ask(openai, "Hi"), timeout=30)
+    wait_for("the new key to work", lambda: ask(openai, "Hi"), timeout=30)
     subprocess.run(
         [
             str(demo.REPO / ".venv/bin/citadel"),
@@ -170,7 +159,7 @@ def test_revoked_key_is_refused_within_seconds(platform: Platform) -> None:
         )
         return response.status_code == 401
 
-    eventually("the revoked key to get 401", refused, timeout=30)
+    wait_for("the revoked key to get 401", refused, timeout=30)
 
 
 def owned_objects(platform: Platform) -> dict[str, int]:
@@ -228,7 +217,7 @@ def test_operator_and_gateway_restart_under_load_converge(platform: Platform) ->
     )
     # Converged: the model still answers through the new gateway, and nothing
     # was made twice by the new operator.
-    openai = eventually(
+    openai = wait_for(
         "the new gateway to answer",
         lambda: client(platform) if _answers(client(platform)) else None,
         timeout=120,
@@ -273,4 +262,4 @@ def test_deleted_model_is_not_found_within_seconds(platform: Platform) -> None:
             body["error"]["code"] == "model_not_found"
         )
 
-    eventually("model_not_found", not_found, timeout=30)
+    wait_for("model_not_found", not_found, timeout=30)

@@ -14,12 +14,12 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from .cluster import Cluster, ClusterError, say
 from .config import HARNESS_DIR
 from .kube import KubeCluster
+from .wait import wait_for
 
 REPO = HARNESS_DIR.parents[2]
 DEMO_DIR = HARNESS_DIR.parent / "demo"
@@ -28,17 +28,6 @@ SYSTEM_NS = "citadel-system"
 MODEL_NS = "llm-demo"
 MODEL = "smollm2"
 QUESTION = "What is the capital of France? Answer in one sentence."
-T = TypeVar("T")
-
-
-def wait_for(what: str, check: Callable[[], T | None], timeout: float) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(1)
-    raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def kube(cluster: Cluster) -> KubeCluster:

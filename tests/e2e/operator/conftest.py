@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from harness.kube import KubeCluster
+from harness.wait import wait_for
 
 ROOT = Path(__file__).resolve().parents[3]
 OPERATOR = Path(sys.executable).parent / "citadel-operator"
@@ -193,14 +194,7 @@ class Kube:
         interval: float = 0.5,
     ) -> Any:
         """Polls `check` until it returns something truthy."""
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            last = check()
-            if last:
-                return last
-            time.sleep(interval)
-        raise AssertionError(f"timed out waiting for {what}; last seen: {last!r}")
+        return wait_for(what, check, timeout, interval)
 
     def condition(self, model: str, kind: str) -> dict[str, Any]:
         body = self.get("llmmodel", model) or {}
