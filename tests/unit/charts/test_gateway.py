@@ -39,6 +39,26 @@ def test_ingress_with_class_hosts_and_tls(chart: ChartKit) -> None:
     assert not chart.find(chart.render(), "Ingress")
 
 
+def test_grpc_port_is_off_by_default_and_exposed_when_set(chart: ChartKit) -> None:
+    def ports(objs: list[dict[str, object]]) -> tuple[object, object, object]:
+        deployment = chart.one(objs, "Deployment", "citadel-gateway")
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        service = chart.one(objs, "Service", "citadel-gateway")
+        return (
+            env["CITADEL_GATEWAY_GRPC_PORT"],
+            [p["name"] for p in container["ports"]],
+            [(p["name"], p["port"]) for p in service["spec"]["ports"]],
+        )
+
+    assert ports(chart.render()) == ("0", ["http"], [("http", 80)])
+    assert ports(chart.render({"gateway.grpcPort": 50051})) == (
+        "50051",
+        ["http", "grpc"],
+        [("http", 80), ("grpc", 50051)],
+    )
+
+
 def test_autoscaling_replaces_fixed_replicas(chart: ChartKit) -> None:
     objs = chart.render({"gateway.autoscaling.enabled": True})
     hpa = chart.one(objs, "HorizontalPodAutoscaler")
