@@ -1,16 +1,12 @@
 """Every PromQL expression of the chart's alerts and dashboards runs without error on
-a real Prometheus (Debian's package) that scraped a real gateway process, a
-vLLM-like backend and the operator's real metrics registry; the core gateway panels
-return data.
-
-The backend is the gateway tests' stand-in (tests/gateway/fake_backend.py, run as
-a process): it exports vLLM's queue and KV-cache gauges but not vLLM's token
-counters or TTFT histogram, so those panels are only checked to run here. The same
-check against real vLLM belongs with the full-path tests (`make demo`).
+a real Prometheus (Debian's package) that scraped a real gateway process in front of
+real vLLM (the CPU build serving SmolLM2, `make vllm`) and the operator's real
+metrics registry; the core panels, vLLM's own included, return data.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -30,6 +26,9 @@ from prometheus_client import start_http_server
 
 from citadel.operator.metrics import Metrics
 from citadel.operator.status import Phase
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support" / "vllm"))
+import vllm_server  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.e2e
 
@@ -54,6 +53,10 @@ CORE = [
     "Queue depth",
     "KV cache use",
     "Models by phase",
+    # vLLM's own metrics, scraped from the real server.
+    "Time to first token",
+    "Generated tokens/s",
+    "Prompt tokens/s",
 ]
 
 
@@ -70,7 +73,7 @@ def http(url: str, body: dict[str, Any] | None = None, key: str = "") -> Any:
     if key:
         request.add_header("Authorization", f"Bearer {key}")
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=60) as response:
             return response.read()
     except urllib.error.HTTPError as err:
         return err.read()
@@ -153,22 +156,34 @@ def expressions(tmp_path: Path) -> list[tuple[str, str]]:
 def test_every_expression_runs_on_prometheus(
     tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
+    with contextlib.ExitStack() as stack:
+        check_every_expression(tmp_path, processes, stack)
+
+
+def check_every_expression(
+    tmp_path: Path,
+    processes: list[subprocess.Popen[bytes]],
+    stack: contextlib.ExitStack,
+) -> None:
     prometheus = shutil.which("prometheus")
     if not prometheus:
         pytest.skip(
             "no prometheus: install Debian's `prometheus` package (.ci/run does)"
         )
-    # A backend, the real gateway in front of it, with a key from the real CLI.
+    reason = vllm_server.missing_reason()
+    if reason:
+        pytest.skip(f"the CPU vLLM is not installed (`make vllm`): {reason}")
+    # Real vLLM, the real gateway in front of it, with a key from the real CLI.
     backend_port = free_port()
-    backend_log = tmp_path / "backend.log"
-    backend = start(
-        processes,
-        [sys.executable, str(ROOT / "tests/gateway/fake_backend.py"), "--name", "a",
-         "--port", str(backend_port)],
-        backend_log,
-    )  # fmt: skip
-    backend_url = f"http://127.0.0.1:{backend_port}"
-    wait_http(backend_url + "/metrics", backend, backend_log)
+    backend = stack.enter_context(
+        vllm_server.run_vllm(
+            vllm_server.model_path("smollm2-135m-instruct"),
+            port=backend_port,
+            served_names=["m"],
+            log_path=tmp_path / "vllm.log",
+        )
+    )
+    backend_url = backend.base_url
     keys = tmp_path / "keys.json"
     key = (
         subprocess.run(
@@ -268,7 +283,11 @@ def test_every_expression_runs_on_prometheus(
 
     # Traffic over several scrapes: plain and streamed chats, a refused key.
     for _ in range(8):
-        chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        chat = {
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 8,
+        }
         http(gateway_url + "/v1/chat/completions", chat, key)
         http(gateway_url + "/v1/chat/completions", {**chat, "stream": True}, key)
         http(gateway_url + "/v1/chat/completions", chat, "ctd-wrong")
