@@ -88,7 +88,7 @@ cluster-reset: venv ## Stop the local cluster and delete its data
 	$(HARNESS) reset
 
 .PHONY: e2e
-e2e: venv vllm ## End-to-end tests against the cluster (local harness unless KUBECONFIG is set)
+e2e: venv vllm binaries ## End-to-end tests against the cluster (local harness unless KUBECONFIG is set)
 	$(VENV)/bin/pytest -m e2e tests/e2e
 
 .PHONY: integration
@@ -96,7 +96,7 @@ integration: venv ## Integration tests: gateway, fake backends and redis as loca
 	$(VENV)/bin/pytest -m integration tests/gateway
 
 .PHONY: e2e-gateway
-e2e-gateway: venv ## The gateway against the cluster: ConfigMap, EndpointSlices, key Secrets
+e2e-gateway: venv binaries ## The gateway against the cluster: ConfigMap, EndpointSlices, key Secrets
 	$(VENV)/bin/pytest -m e2e tests/gateway/kubernetes
 
 .PHONY: test
