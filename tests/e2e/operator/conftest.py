@@ -66,6 +66,8 @@ class OperatorProcess:
         env = {
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
+            # Tests read the log while the operator runs: no buffering.
+            "PYTHONUNBUFFERED": "1",
             "CITADEL_OPERATOR_WATCH_NAMESPACES": WATCHED,
             "CITADEL_OPERATOR_GATEWAY_NAMESPACE": ROUTES_NAMESPACE,
             "CITADEL_OPERATOR_LOG_FORMAT": "text",

@@ -69,7 +69,11 @@ def test_only_the_higher_priority_replica_works(
             )
         )
         kube.wait_phase("peered", "Ready")
-        assert _reconciles(replicas[20]) >= 1
+        kube.wait(
+            "the higher-priority replica to log its reconcile",
+            lambda: _reconciles(replicas[20]) >= 1,
+            timeout=30,
+        )
         assert _reconciles(replicas[10]) == 0
 
         replicas[20].stop()
@@ -81,7 +85,11 @@ def test_only_the_higher_priority_replica_works(
             lambda: kube.get("deployment", "peered")["spec"]["replicas"] == 2,
             timeout=90,
         )
-        assert _reconciles(replicas[10]) >= 1
+        kube.wait(
+            "the other replica to log its reconcile",
+            lambda: _reconciles(replicas[10]) >= 1,
+            timeout=30,
+        )
     finally:
         for process in replicas.values():
             process.stop()
