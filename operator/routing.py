@@ -10,6 +10,7 @@ left out of the document and told why in its status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -148,10 +149,17 @@ class RoutePublisher:
         return doc
 
     async def run(self, on_result: Callable[[bool], None] | None = None) -> None:
-        """Publishes after every kick until cancelled; failures retry with backoff."""
+        """Publishes after every kick until cancelled; failures retry with backoff.
+
+        Also publishes every `resync_seconds` without a kick: a model deleted while
+        this replica was paused for a peer, or down, sends no event that survives
+        the pause, and its route would otherwise stay in the document.
+        """
         delay = 1.0
+        period = self._settings.resync_seconds or None
         while True:
-            await self._wanted.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wanted.wait(), timeout=period)
             await asyncio.sleep(self._settings.route_publish_delay)
             self._wanted.clear()
             try:

@@ -224,6 +224,18 @@ def test_operator_and_gateway_restart_under_load_converge(platform: Platform) ->
     )
     assert "Paris" in ask(openai, "What is the capital of France?", 30)
     assert owned_objects(platform) == before
+    # The new operator works: it may first pause for up to a minute in favour of
+    # the old pod's peering record, then it must act on a change.
+    platform.cluster.kubectl("scale", "llmmodel", MODEL, "-n", MODEL_NS, "--replicas=1")
+    wait_for(
+        "the new operator to scale the Deployment",
+        lambda: platform.cluster.kubectl(
+            "get", "deployment", MODEL, "-n", MODEL_NS,
+            "-o", "jsonpath={.spec.replicas}",
+        ).strip()
+        == "1",
+        timeout=150,
+    )  # fmt: skip
     routes = json.loads(
         platform.cluster.kubectl(
             "get",

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import pytest
 
 from citadel.gateway.routes import RoutingStrategy, parse_document
 from citadel.operator.kube.fake import FakeKube
-from citadel.operator.kube.resources import CONFIGMAPS
+from citadel.operator.kube.resources import CONFIGMAPS, LLMMODELS
 from citadel.operator.model import LLMModel
 from citadel.operator.routing import RoutePublisher, build_document, route_for
 from citadel.operator.settings import OperatorSettings
@@ -122,3 +125,30 @@ async def test_namespace_globs_filter_the_document(settings: OperatorSettings) -
     scoped = settings.model_copy(update={"watch_namespaces": ("e2e-*",)})
     doc = await RoutePublisher(kube, scoped).publish()
     assert [r.namespace for r in doc.models] == ["e2e-1"]
+
+
+async def test_publisher_republishes_without_a_kick(settings: OperatorSettings) -> None:
+    """A deletion missed while paused for a peer still leaves the document."""
+    kube = FakeKube([model_body("a", servedName="x"), model_body("b", servedName="y")])
+    publisher = RoutePublisher(
+        kube, settings.model_copy(update={"resync_seconds": 0.05})
+    )
+    await publisher.publish()
+    await kube.delete(LLMMODELS, "b", "llm")  # no event reaches the publisher
+    task = asyncio.create_task(publisher.run())
+    try:
+
+        async def names() -> set[str]:
+            stored = kube.stored(CONFIGMAPS, "citadel-routes", "citadel-system")
+            doc = parse_document(stored["data"]["routes.json"])
+            return {r.name for r in doc.models}
+
+        for _ in range(100):
+            if await names() == {"a"}:
+                break
+            await asyncio.sleep(0.01)
+        assert await names() == {"a"}
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
