@@ -46,13 +46,7 @@ def cluster() -> KubeCluster:
         )
     harness = Cluster(layout=layout)
     harness.up(merge_kubeconfig=False)
-    return KubeCluster(
-        kubeconfig=layout.admin_kubeconfig,
-        context=None,
-        kubectl_path=str(layout.binary("kubectl")),
-        helm_path=str(layout.binary("helm")),
-        local=True,
-    )
+    return harness.admin()
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -5,7 +5,6 @@ the CPU vLLM as the pods of a real LLMModel."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +17,12 @@ from harness.kube import KubeCluster
 RELEASE = "fullpath"
 SYSTEM_NS = "fullpath-system"
 MODEL_NS = "fullpath-models"
-VLLM_SUPPORT = Path(__file__).resolve().parents[2] / "support" / "vllm"
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support" / "vllm"))
+
+# Skips without the CPU vLLM, or installs it when CI is set.
+from vllm_fixtures import vllm_installed  # noqa: E402
+
+__all__ = ["vllm_installed"]
 
 
 @dataclass(frozen=True)
@@ -33,24 +37,10 @@ class Platform:
         return demo.gateway_url(self.cluster, RELEASE, SYSTEM_NS)
 
 
-def _vllm_missing() -> str | None:
-    sys.path.insert(0, str(VLLM_SUPPORT))
-    import vllm_server  # type: ignore[import-not-found]
-
-    reason: str | None = vllm_server.missing_reason()
-    if reason and os.environ.get("CI"):
-        subprocess.run(["bash", str(VLLM_SUPPORT / "install.sh")], check=True)
-        reason = vllm_server.missing_reason()
-    return reason
-
-
 @pytest.fixture(scope="module")
-def platform(cluster: KubeCluster) -> Iterator[Platform]:
+def platform(cluster: KubeCluster, vllm_installed: None) -> Iterator[Platform]:
     if not cluster.local or os.geteuid() != 0:
         pytest.skip("needs the local harness's pod runtime (root, network namespaces)")
-    missing = _vllm_missing()
-    if missing:
-        pytest.skip(f"the CPU vLLM is not installed (`make vllm`): {missing}")
     # The chart's namespaced RBAC needs the watched namespace to exist.
     cluster.kubectl("create", "namespace", MODEL_NS, check=False)
     try:

@@ -24,6 +24,7 @@ import yaml
 
 from . import pki, procs
 from .config import CLUSTER_DIR, CONTEXT_NAME, HARNESS_DIR, Layout, Ports
+from .kube import KubeCluster
 
 # The order matters: each component needs the ones before it.
 COMPONENTS = (
@@ -63,6 +64,16 @@ class Cluster:
         """The daemons this cluster runs, in start order."""
         runtime = self.pod_runtime and os.geteuid() == 0
         return COMPONENTS if runtime else COMPONENTS[:-1]
+
+    def admin(self) -> KubeCluster:
+        """kubectl and helm against this cluster, as its admin."""
+        return KubeCluster(
+            kubeconfig=self.layout.admin_kubeconfig,
+            context=None,
+            kubectl_path=str(self.layout.binary("kubectl")),
+            helm_path=str(self.layout.binary("helm")),
+            local=True,
+        )
 
     @property
     def server(self) -> str:

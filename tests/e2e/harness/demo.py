@@ -30,17 +30,6 @@ MODEL = "smollm2"
 QUESTION = "What is the capital of France? Answer in one sentence."
 
 
-def kube(cluster: Cluster) -> KubeCluster:
-    lay = cluster.layout
-    return KubeCluster(
-        kubeconfig=lay.admin_kubeconfig,
-        context=None,
-        kubectl_path=str(lay.binary("kubectl")),
-        helm_path=str(lay.binary("helm")),
-        local=True,
-    )
-
-
 def install_chart(
     k: KubeCluster,
     release: str = RELEASE,
@@ -209,7 +198,7 @@ def up() -> None:
     subprocess.run(["bash", str(REPO / "tests/support/vllm/install.sh")], check=True)
     cluster = Cluster()
     cluster.up(merge_kubeconfig=True)
-    k = kube(cluster)
+    k = cluster.admin()
     # The operator watches this namespace only: its Roles need it to exist.
     k.kubectl("create", "namespace", MODEL_NS, check=False)
     install_chart(k)
@@ -246,7 +235,7 @@ Stop it all: make demo-down
 def down() -> None:
     cluster = Cluster()
     if cluster.healthy("kube-apiserver"):
-        k = kube(cluster)
+        k = cluster.admin()
         k.kubectl(
             "delete",
             "namespace",
