@@ -63,6 +63,7 @@ def platform(cluster: KubeCluster, vllm_installed: None) -> Iterator[Platform]:
             "--wait=true",
             "--timeout=180s",
             check=False,
+            timeout=200,
         )
         cluster.helm("uninstall", RELEASE, "-n", SYSTEM_NS, "--wait", check=False)
         cluster.kubectl("delete", "namespace", SYSTEM_NS, "--wait=false", check=False)

@@ -214,6 +214,7 @@ def test_operator_and_gateway_restart_under_load_converge(platform: Platform) ->
         "--timeout=180s",
         "-l",
         f"app.kubernetes.io/instance={RELEASE}",
+        timeout=200,
     )
     # Converged: the model still answers through the new gateway, and nothing
     # was made twice by the new operator.

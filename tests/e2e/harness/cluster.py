@@ -36,6 +36,11 @@ COMPONENTS = (
     "pod-runtime",
 )
 SERVICE_CIDR = "10.96.0.0/16"
+# The controller-manager's and scheduler's own client rate limits (20 and 50
+# requests/s by default) would make them, not the code under test, the bottleneck
+# when hundreds of fake pods start at once; kwokctl lifts them the same way
+# (`disableQPSLimits`) for its simulated clusters.
+UNLIMITED_CLIENT = ("--kube-api-qps=5000", "--kube-api-burst=10000")
 FAKE_NODES = ("hx-llm-server-01", "hx-llm-server-02", "hx-cpu-01")
 
 
@@ -191,6 +196,7 @@ class Cluster:
                 f"--cluster-signing-key-file={pk / 'ca.key'}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 f"--cert-dir={lay.state / 'controller-manager-certs'}",
+                *UNLIMITED_CLIENT,
                 "--v=1",
             ]
         if name == "kube-scheduler":
@@ -203,6 +209,7 @@ class Cluster:
                 "--bind-address=127.0.0.1",
                 f"--secure-port={p.scheduler}",
                 "--leader-elect=false",
+                *UNLIMITED_CLIENT,
                 "--v=1",
             ]
         if name == "kwok":

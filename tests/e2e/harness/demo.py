@@ -244,6 +244,7 @@ def down() -> None:
             "--wait=true",
             "--timeout=120s",
             check=False,
+            timeout=140,
         )
         k.helm("uninstall", RELEASE, "-n", SYSTEM_NS, "--wait", check=False)
     cluster.down()

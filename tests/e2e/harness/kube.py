@@ -61,15 +61,23 @@ class KubeCluster:
         )
 
     def kubectl(
-        self, *args: str, input_text: str | None = None, check: bool = True
+        self,
+        *args: str,
+        input_text: str | None = None,
+        check: bool = True,
+        timeout: float = 120,
     ) -> str:
         """Runs kubectl against the cluster and returns its standard output.
+
+        Args:
+            timeout: seconds before kubectl is killed; a command with its own
+                `--timeout` needs a longer one here.
 
         Raises:
             KubectlError: kubectl failed and `check` is true.
         """
         return self._run(
-            self._base(self.kubectl_path, "--context"), args, input_text, check
+            self._base(self.kubectl_path, "--context"), args, input_text, check, timeout
         )
 
     def helm(self, *args: str, check: bool = True, timeout: float = 120) -> str:

@@ -158,6 +158,10 @@ class PodRun:
     waiting: tuple[str, str] | None = None
     stopping: bool = False
     supervisor: asyncio.Task[None] | None = None
+    # Status writes go one at a time and each is built inside the lock, so the
+    # last write always carries the newest state: two concurrent PATCHes could
+    # land out of order and leave a ready pod reported as not ready.
+    reporting: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def stopped(self) -> bool:
         """Whether the pod is being stopped (read anew after every await)."""
@@ -184,6 +188,11 @@ class Runtime:
         self.used_ips: set[str] = set()
         self.root = layout.state / "pods"
         self.tasks: set[asyncio.Task[None]] = set()
+        # Pods whose termination has begun. Every status write during the drain
+        # brings another MODIFIED event with the deletionTimestamp; each must not
+        # start a second termination, which would delete the pod at once and so
+        # void its ServiceAccount token while the program still shuts down.
+        self.terminating: set[str] = set()
 
     # -- addresses -------------------------------------------------------------
 
@@ -238,10 +247,11 @@ class Runtime:
         }
 
     async def report(self, run: PodRun) -> None:
-        try:
-            await self.api.patch_status(run.pod, self.status_of(run))
-        except RuntimeError as err:
-            log.warning("status of %s not written: %s", run.key, err)
+        async with run.reporting:
+            try:
+                await self.api.patch_status(run.pod, self.status_of(run))
+            except RuntimeError as err:
+                log.warning("status of %s not written: %s", run.key, err)
 
     # -- starting ----------------------------------------------------------------
 
@@ -483,9 +493,13 @@ class Runtime:
                 await self.stop_run(run, 5, 0)
             return
         if meta.get("deletionTimestamp"):
+            if uid in self.terminating:
+                return
+            self.terminating.add(uid)
             task = asyncio.create_task(self.terminate(pod))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+            task.add_done_callback(lambda _: self.terminating.discard(uid))
             return
         if not spec.get("nodeName"):
             return
