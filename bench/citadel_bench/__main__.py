@@ -7,6 +7,7 @@ reported as such in the document and the others still run.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import sys
@@ -19,7 +20,12 @@ from typing import TypeVar
 
 from citadel_bench import plots
 from citadel_bench.config import FULL, QUICK, BenchConfig
-from citadel_bench.document import Results, write_document
+from citadel_bench.document import (
+    Results,
+    routing_figure,
+    routing_part,
+    write_document,
+)
 from citadel_bench.memory import run_memory
 from citadel_bench.operator_scale import run_scale
 from citadel_bench.overhead import profile_citadel, run_overhead
@@ -84,14 +90,18 @@ def main() -> None:
             lambda: profile_citadel(log_dir, config.profile_seconds, Path(py_spy)),
         )
     if "routing" in wanted:
-        found_routing = attempt(
-            results,
-            "routing",
-            lambda: run_routing(config.routing, log_dir, config.routing_deadline_s),
-        )
-        if found_routing:
-            results.routing, results.routing_skipped = found_routing
-            plots.routing_plot(results.routing, figures / "routing.png")
+        # One part per workload, so that one failing still reports the other.
+        for workload in config.routing:
+            found_routing = attempt(
+                results,
+                routing_part(workload),
+                functools.partial(
+                    run_routing, workload, log_dir, config.routing_deadline_s
+                ),
+            )
+            if found_routing:
+                results.routing.append(found_routing)
+                plots.routing_plot(found_routing, figures / routing_figure(workload))
     if "memory" in wanted:
         results.memory = attempt(
             results, "memory", lambda: run_memory(log_dir, config.memory_requests)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from citadel_bench.workload import ChatWorkload
+from citadel_bench.workload import MULTI_ROUND_QA, SHORT_CHAT, ChatWorkload
 
 
 @dataclass(frozen=True)
@@ -15,7 +15,8 @@ class BenchConfig:
     overhead_rounds: int
     overhead_seconds: float
     profile_seconds: float
-    routing: ChatWorkload
+    routing: tuple[ChatWorkload, ...]
+    """The routing benchmark's workloads, each through every target."""
     routing_deadline_s: float
     memory_requests: int
     scale_models: int
@@ -29,7 +30,7 @@ FULL = BenchConfig(
     overhead_rounds=3,
     overhead_seconds=4.0,
     profile_seconds=6.0,
-    routing=ChatWorkload(),
+    routing=(SHORT_CHAT, MULTI_ROUND_QA),
     routing_deadline_s=120.0,
     memory_requests=100_000,
     scale_models=1000,
@@ -43,7 +44,10 @@ QUICK = BenchConfig(
     overhead_rounds=1,
     overhead_seconds=1.0,
     profile_seconds=3.0,
-    routing=ChatWorkload(users=8, conversations_per_user=1, turns=6),
+    routing=(
+        replace(SHORT_CHAT, users=8, conversations_per_user=1, turns=6),
+        replace(MULTI_ROUND_QA, users=8, turns=4),
+    ),
     routing_deadline_s=40.0,
     memory_requests=10_000,
     scale_models=100,

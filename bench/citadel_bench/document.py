@@ -22,9 +22,16 @@ from citadel_bench.results import (
     routing_verdicts,
     scale_verdicts,
 )
-from citadel_bench.routing import REPLICAS, SIM_OPTIONS, RoutingRun
+from citadel_bench.routing import (
+    KV_CAPACITY_TOKENS,
+    REPLICAS,
+    SIM_OPTIONS,
+    RoutingResult,
+    RoutingRun,
+)
 from citadel_bench.stats import percentile
 from citadel_bench.vllm_check import BLOCK, CheckRow
+from citadel_bench.workload import CHARS_PER_TOKEN, ChatWorkload
 
 
 def _loadavg() -> str:
@@ -69,8 +76,8 @@ class Results:
     check_skipped: str | None = None
     overhead: OverheadResult | None = None
     profile: list[str] | None = None
-    routing: list[RoutingRun] = field(default_factory=list)
-    routing_skipped: dict[str, str] = field(default_factory=dict)
+    routing: list[RoutingResult] = field(default_factory=list)
+    """One per workload that ran, in the order of `config.routing`."""
     memory: MemoryRun | None = None
     scale: ScaleRun | None = None
 
@@ -123,8 +130,8 @@ def _targets(r: Results) -> list[str]:
         verdicts += overhead_verdicts(
             overhead_rows(r.overhead.points), r.overhead.skipped
         )
-    if r.routing:
-        verdicts += routing_verdicts(r.routing)
+    for result in r.routing:
+        verdicts += routing_verdicts(result)
     if r.scale:
         verdicts += scale_verdicts(r.scale)
     if r.memory:
@@ -250,25 +257,73 @@ def _overhead(r: Results) -> list[str]:
     return out
 
 
+def routing_part(workload: ChatWorkload) -> str:
+    """The part's name (in `Results.failures` and `durations`) for one workload."""
+    return f"routing ({workload.name})"
+
+
+def routing_figure(workload: ChatWorkload) -> str:
+    """The file name of one workload's TTFT plot, under docs/benchmarks/."""
+    return f"routing-{workload.slug}.png"
+
+
+def _workload_method(w: ChatWorkload) -> list[str]:
+    """What one workload sends, where its shape comes from, and how it meets the
+    replicas' KV cache."""
+    systems = (
+        "the shared system prompt"
+        if w.system_prompts == 1
+        else f"one of {w.system_prompts} shared system prompts"
+    )
+    context = (
+        f"then a user-specific context of {w.context_chars:,} characters "
+        f"(~{w.context_chars // CHARS_PER_TOKEN:,} tokens) at the head of its "
+        "first user message, "
+        if w.context_chars
+        else ""
+    )
+    held = (
+        "one conversation"
+        if w.conversations_per_user == 1
+        else f"{w.conversations_per_user} conversations one after another"
+    )
+    everyone = w.footprint(w.users)
+    quarter = w.users // REPLICAS
+    fits = w.footprint(quarter) <= KV_CAPACITY_TOKENS
+    return [
+        f"Workload (`bench/citadel_bench/workload.py`): {w.users} users at once, "
+        f"each holding {held} of {w.turns} turns; each conversation starts with "
+        f"{systems} of "
+        f"{w.system_chars:,} characters (~{w.system_chars // CHARS_PER_TOKEN:,} "
+        f"tokens), {context}adds a user message of {w.user_chars:,} characters "
+        "per turn and sends the whole conversation back, streamed, `max_tokens` "
+        f"{w.max_tokens}; the answer joins the conversation. {w.about}",
+        "",
+        f"Against the KV cache: at its last turn a conversation holds "
+        f"~{w.conversation_tokens:,} tokens besides the system prompts "
+        f"({w.system_tokens:,} tokens together), counted as the simulator does "
+        f"({CHARS_PER_TOKEN} characters a token, chat template left out); a "
+        f"replica holds {KV_CAPACITY_TOKENS:,}. All {w.users} conversations need "
+        f"{everyone:,} tokens, {everyone / KV_CAPACITY_TOKENS:.1f}x a replica "
+        "(what each replica is asked to keep under round robin); a quarter of "
+        f"them ({quarter}, one replica's share when each stays on one) need "
+        f"{w.footprint(quarter):,}, which "
+        + ("fits." if fits else "does **not** fit."),
+        "",
+    ]
+
+
 def _routing(r: Results) -> list[str]:
-    out = ["## Routing quality", ""]
-    if not r.routing:
-        return [*out, f"Not run: {r.failures.get('routing', 'skipped')}", ""]
-    w = r.config.routing
-    out += [
+    out = [
+        "## Routing quality",
+        "",
         f"{REPLICAS} simulated replicas (one process; model parameters in",
         "[bench/simulator/MODEL.md](../bench/simulator/MODEL.md), options "
         f"`{' '.join(SIM_OPTIONS)}`),",
-        "fresh for every target so each starts with cold caches. Workload "
-        f"(`bench/citadel_bench/workload.py`): {w.users} users at once, each",
-        f"holding {w.conversations_per_user} conversations one after another of "
-        f"{w.turns} turns; each conversation starts",
-        f"with one of {w.system_prompts} shared system prompts of {w.system_chars:,} "
-        f"characters (~{w.system_chars // 4:,} tokens),",
-        f"adds a user message of {w.user_chars} characters per turn and sends the",
-        f"whole conversation back, streamed, `max_tokens` {w.max_tokens}; the answer "
-        "joins the",
-        "conversation. Every request carries `x-session-id` (the conversation).",
+        "fresh for every target so each starts with cold caches; every workload "
+        "below runs",
+        "through every target. Every request carries `x-session-id` (the "
+        "conversation).",
         "TTFT is the time to the first streamed chunk (the simulator sends the first",
         "one with the first token). `plain:round-robin` is the load generator",
         "rotating over the replicas itself, no proxy. `hit rate` is the replicas' "
@@ -277,38 +332,54 @@ def _routing(r: Results) -> list[str]:
         "simulator does not produce, so it is left out.",
         "",
     ]
-    for name, why in r.routing_skipped.items():
-        out += [f"- {name}: {why}", ""]
-    out.append(
-        table(
-            [
-                "target",
-                "requests",
-                "errors",
-                "TTFT mean ms",
-                "TTFT p50 ms",
-                "TTFT p90 ms",
-                "req/s",
-                "output tok/s",
-                "hit rate",
-            ],
-            [
-                (
-                    run.target,
-                    run.requests,
-                    run.errors,
-                    run.ttft.mean,
-                    run.ttft.median,
-                    run.ttft.p90,
-                    run.rps,
-                    run.tokens_per_s,
-                    run.hit_rate,
-                )
-                for run in r.routing
-            ],
-        )
+    found = {result.workload.name: result for result in r.routing}
+    for w in r.config.routing:
+        out += [f"### {w.name[:1].upper()}{w.name[1:]}", ""]
+        result = found.get(w.name)
+        if result is None:
+            why = r.failures.get(routing_part(w), "skipped")
+            out += [f"Not run: {why}", ""]
+            continue
+        out += _workload_method(w)
+        for name, why in result.skipped.items():
+            out += [f"- {name}: {why}", ""]
+        out += [
+            _routing_table(result.runs),
+            "",
+            f"![TTFT per target, {w.name}](benchmarks/{routing_figure(w)})",
+            "",
+        ]
+    return out
+
+
+def _routing_table(runs: list[RoutingRun]) -> str:
+    return table(
+        [
+            "target",
+            "requests",
+            "errors",
+            "TTFT mean ms",
+            "TTFT p50 ms",
+            "TTFT p90 ms",
+            "req/s",
+            "output tok/s",
+            "hit rate",
+        ],
+        [
+            (
+                run.target,
+                run.requests,
+                run.errors,
+                run.ttft.mean,
+                run.ttft.median,
+                run.ttft.p90,
+                run.rps,
+                run.tokens_per_s,
+                run.hit_rate,
+            )
+            for run in runs
+        ],
     )
-    return [*out, "", "![TTFT per target](benchmarks/routing.png)", ""]
 
 
 def _memory(r: Results) -> list[str]:

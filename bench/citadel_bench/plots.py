@@ -8,7 +8,7 @@ from typing import Any
 from citadel_bench.memory import MemoryRun
 from citadel_bench.operator_scale import ScaleRun
 from citadel_bench.overhead import Point
-from citadel_bench.routing import RoutingRun
+from citadel_bench.routing import RoutingResult
 
 
 def _pyplot() -> Any:
@@ -52,12 +52,14 @@ def overhead_plot(points: list[Point], path: Path) -> None:
     plt.close(fig)
 
 
-def routing_plot(runs: list[RoutingRun], path: Path) -> None:
-    """TTFT distribution per routing target."""
+def routing_plot(result: RoutingResult, path: Path) -> None:
+    """TTFT distribution per routing target on one workload."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(11, 4))
+    runs = result.runs
     names = [r.target for r in runs]
     ax.boxplot([r.ttfts_ms or [0.0] for r in runs], tick_labels=names, showfliers=False)
+    ax.set_title(result.workload.name)
     ax.set_ylabel("time to first token (ms)")
     ax.tick_params(axis="x", labelrotation=35)
     fig.tight_layout()

@@ -9,7 +9,7 @@ from citadel_bench.memory import MemoryRun
 from citadel_bench.operator_scale import ScaleRun
 from citadel_bench.overhead import Point
 from citadel_bench.report import Verdict, fmt
-from citadel_bench.routing import RoutingRun
+from citadel_bench.routing import RoutingResult
 from citadel_bench.stats import median, percentile, ratio
 
 DEFAULT_STRATEGY = "citadel:prefix-aware"
@@ -139,8 +139,10 @@ def overhead_verdicts(
 DASH_ = "\N{EN DASH}"
 
 
-def routing_verdicts(runs: list[RoutingRun]) -> list[Verdict]:
-    by = {r.target: r for r in runs}
+def routing_verdicts(result: RoutingResult) -> list[Verdict]:
+    """The two routing targets on one workload, named after it."""
+    on = f"({result.workload.name})"
+    by = {r.target: r for r in result.runs}
     default = by.get(DEFAULT_STRATEGY)
     plain = by.get(PLAIN_RR)
     verdicts = []
@@ -148,19 +150,19 @@ def routing_verdicts(runs: list[RoutingRun]) -> list[Verdict]:
         r = ratio(default.ttft.mean, plain.ttft.mean)
         verdicts.append(
             Verdict(
-                "prefix-aware mean TTFT <= 0.5 x round robin's",
+                f"prefix-aware mean TTFT <= 0.5 x round robin's {on}",
                 f"{fmt(default.ttft.mean, 1)} vs {fmt(plain.ttft.mean, 1)} ms "
                 f"= {fmt(r)}x",
                 r <= 0.5,
                 "" if r <= 0.5 else f"{fmt(r / 0.5)}x the allowed ratio",
             )
         )
-    router = [r for r in runs if r.target.startswith("vllm-router:")]
+    router = [r for r in result.runs if r.target.startswith("vllm-router:")]
     if default and router:
         best = min(router, key=lambda r: r.ttft.mean)
         verdicts.append(
             Verdict(
-                "prefix-aware mean TTFT below every vllm-router policy",
+                f"prefix-aware mean TTFT below every vllm-router policy {on}",
                 f"{fmt(default.ttft.mean, 1)} ms vs best {best.target.split(':')[1]} "
                 f"{fmt(best.ttft.mean, 1)} ms",
                 default.ttft.mean < best.ttft.mean,
@@ -168,7 +170,12 @@ def routing_verdicts(runs: list[RoutingRun]) -> list[Verdict]:
         )
     elif default:
         verdicts.append(
-            Verdict("prefix-aware below every vllm-router policy", DASH_, None)
+            Verdict(
+                f"prefix-aware below every vllm-router policy {on}",
+                DASH_,
+                None,
+                result.skipped.get("vllm-router", ""),
+            )
         )
     return verdicts
 

@@ -1,4 +1,4 @@
-"""Routing quality: the multi-turn chat workload over simulated replicas, through
+"""Routing quality: a multi-turn chat workload over simulated replicas, through
 each Citadel strategy, each vllm-router policy, and plain round robin (the load
 generator itself rotating over the replicas, no proxy)."""
 
@@ -36,9 +36,16 @@ ROUTER_POLICIES = (
     "sticky_least_loaded",
 )
 # A KV cache of 32k tokens per replica: the conversations alive at once fit when
-# each stays on one replica, not when every replica sees all of them. A chunk per
-# 8 tokens spares the CPU (TTFT is unchanged: the first token has its own chunk).
-SIM_OPTIONS = ("--kv-capacity-tokens", "32768", "--stream-every", "8")
+# each stays on one replica, not when every replica sees all of them (the
+# workloads are sized against it, see ChatWorkload.footprint). A chunk per 8
+# tokens spares the CPU (TTFT is unchanged: the first token has its own chunk).
+KV_CAPACITY_TOKENS = 32_768
+SIM_OPTIONS = (
+    "--kv-capacity-tokens",
+    str(KV_CAPACITY_TOKENS),
+    "--stream-every",
+    "8",
+)
 
 
 @dataclass
@@ -163,24 +170,40 @@ def targets(router_available: bool) -> list[str]:
     return names
 
 
+@dataclass
+class RoutingResult:
+    """Every target's run on one workload.
+
+    Attributes:
+        workload: what ran.
+        runs: one per target that ran, in the order of `targets`.
+        skipped: target (or peer) -> why it did not run.
+    """
+
+    workload: ChatWorkload
+    runs: list[RoutingRun] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
 def run_routing(
     workload: ChatWorkload, log_dir: Path, deadline_s: float
-) -> tuple[list[RoutingRun], dict[str, str]]:
+) -> RoutingResult:
     """All targets, one after another; failures are recorded, not raised."""
     problem = peers.peer_problem("vllm-router")
-    skipped: dict[str, str] = {"vllm-router": problem} if problem else {}
-    runs: list[RoutingRun] = []
+    result = RoutingResult(workload)
+    if problem:
+        result.skipped["vllm-router"] = problem
     for target in targets(problem is None):
         try:
             run = run_target(target, workload, log_dir, deadline_s)
         except RuntimeError as err:
-            skipped[target] = f"did not run: {str(err)[-300:]}"
+            result.skipped[target] = f"did not run: {str(err)[-300:]}"
             continue
-        runs.append(run)
+        result.runs.append(run)
         print(
-            f"routing {target:32} n={run.requests} err={run.errors} "
+            f"routing {workload.slug} {target:32} n={run.requests} err={run.errors} "
             f"ttft mean={run.ttft.mean:7.1f}ms p90={run.ttft.p90:7.1f}ms "
             f"rps={run.rps:6.2f} hit={run.hit_rate:.2f}",
             flush=True,
         )
-    return runs, skipped
+    return result

@@ -1,0 +1,114 @@
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from citadel_bench.config import FULL
+from citadel_bench.document import (
+    Results,
+    routing_figure,
+    routing_part,
+    write_document,
+)
+from citadel_bench.results import routing_verdicts
+from citadel_bench.routing import RoutingResult, RoutingRun
+from citadel_bench.stats import Summary
+from citadel_bench.workload import MULTI_ROUND_QA, SHORT_CHAT, ChatWorkload
+
+pytestmark = pytest.mark.unit
+
+
+def _run(target: str, ttft_ms: float) -> RoutingRun:
+    return RoutingRun(
+        target=target,
+        requests=10,
+        errors=0,
+        ttft=Summary.of([ttft_ms]),
+        wall_s=2.0,
+        output_tokens=1000,
+        hit_rate=0.5,
+    )
+
+
+def _result(workload: ChatWorkload, prefix_ms: float) -> RoutingResult:
+    return RoutingResult(
+        workload,
+        [
+            _run("citadel:prefix-aware", prefix_ms),
+            _run("plain:round-robin", 100.0),
+            _run("vllm-router:cache_aware", 60.0),
+            _run("vllm-router:round_robin", 110.0),
+        ],
+    )
+
+
+def _results() -> Results:
+    return Results(
+        config=FULL,
+        started=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+        load_start="1 1 1",
+        machine={
+            "cpu": "2 cores",
+            "memory": "8 GiB",
+            "os": "Linux",
+            "python": "3.11",
+            "commit": "abc",
+        },
+    )
+
+
+def _write(r: Results, tmp_path: Path) -> str:
+    path = tmp_path / "benchmarks.md"
+    write_document(r, path, tmp_path)
+    return path.read_text()
+
+
+def test_routing_verdicts_are_named_after_the_workload() -> None:
+    short = routing_verdicts(_result(SHORT_CHAT, 82.0))
+    assert [v.ok for v in short] == [False, False]
+    assert all(v.target.endswith("(short chat)") for v in short)
+    assert "best cache_aware 60.0 ms" in short[1].measured
+    qa = routing_verdicts(_result(MULTI_ROUND_QA, 30.0))
+    assert [v.ok for v in qa] == [True, True]
+    assert qa[0].measured == "30.0 vs 100.0 ms = 0.30x"
+
+
+def test_document_reports_each_workload(tmp_path: Path) -> None:
+    r = _results()
+    r.routing = [_result(SHORT_CHAT, 82.0), _result(MULTI_ROUND_QA, 30.0)]
+    doc = _write(r, tmp_path)
+    targets = doc.split("## Targets")[1].split("\n## ")[0]
+    # Both routing targets for each workload, so a miss on one stays visible.
+    rows = [line for line in targets.splitlines() if "prefix-aware" in line]
+    assert len(rows) == 4
+    assert sum("(short chat)" in row and "| miss |" in row for row in rows) == 2
+    assert sum("(multi-round QA)" in row and "| pass |" in row for row in rows) == 2
+    routing = doc.split("## Routing quality")[1].split("\n## ")[0]
+    short, qa = routing.split("### Short chat")[1].split("### Multi-round QA")
+    # A table, a method paragraph and a plot per workload.
+    assert short.count("| citadel:prefix-aware |") == 1
+    assert qa.count("| citadel:prefix-aware |") == 1
+    assert f"benchmarks/{routing_figure(SHORT_CHAT)}" in short
+    assert f"benchmarks/{routing_figure(MULTI_ROUND_QA)}" in qa
+    assert "one of 4 shared system prompts of 6,000 characters" in short
+    assert "user-specific context" not in short
+    assert "each holding 2 conversations one after another of 10 turns" in short
+    assert "each holding one conversation of 10 turns" in qa
+    assert "user-specific context of 16,000 characters" in qa
+    assert "production-stack" in qa and "production-stack" not in short
+    assert SHORT_CHAT.about in short
+    assert "All 16 conversations need 37,360 tokens, 1.1x a replica" in short
+    # The sizing: all users do not fit one replica, a quarter of them do.
+    assert "All 16 conversations need 84,200 tokens, 2.6x a replica" in qa
+    assert "a quarter of them (4, one replica's share" in qa
+    assert "need 21,800, which fits." in qa
+
+
+def test_document_says_which_workload_did_not_run(tmp_path: Path) -> None:
+    r = _results()
+    r.routing = [_result(SHORT_CHAT, 82.0)]
+    r.failures[routing_part(MULTI_ROUND_QA)] = "RuntimeError: no simulator"
+    doc = _write(r, tmp_path)
+    qa = doc.split("### Multi-round QA")[1].split("\n## ")[0]
+    assert "Not run: RuntimeError: no simulator" in qa
+    targets = doc.split("## Targets")[1].split("\n## ")[0]
+    assert "(multi-round QA)" not in targets and "(short chat)" in targets
