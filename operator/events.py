@@ -37,17 +37,23 @@ def transitions(old: LLMModelStatus, new: LLMModelStatus) -> list[Notice]:
     """A notice for every condition whose status or reason changed.
 
     Messages that only update counts ("1/3 ready" -> "2/3 ready") do not make a new
-    event: that would flood the namespace's events during a rollout.
+    event: that would flood the namespace's events during a rollout. A condition's
+    first value makes one only when it is bad news: a new model would otherwise
+    post four events at once saying nothing is wrong, and at a thousand models
+    those writes were a large share of the API server's load.
     """
     notices = []
     for cond in new.conditions:
         before = old.condition(ConditionType(cond.type))
+        warning = _is_warning(cond)
+        if before is None and not warning:
+            continue
         if before is not None and (before.status, before.reason) == (
             cond.status,
             cond.reason,
         ):
             continue
-        kind: EventType = "Warning" if _is_warning(cond) else "Normal"
+        kind: EventType = "Warning" if warning else "Normal"
         text = f"{cond.type}={cond.status}: {cond.message}"
         notices.append(Notice(kind, cond.reason, text))
     return notices

@@ -17,6 +17,13 @@ import kopf
 from citadel.operator import names
 from citadel.operator.reconcile import ReconcileError, Reconciler
 from citadel.operator.settings import OperatorSettings
+from citadel.operator.view import (
+    DEPLOYMENTS_INDEX,
+    MODELS_INDEX,
+    NODES_INDEX,
+    PODS_INDEX,
+    IndexedView,
+)
 
 LLMMODEL = (names.GROUP, names.VERSION, names.PLURAL)
 MANAGED = {names.LABEL_MANAGED_BY: names.MANAGER_NAME}
@@ -67,8 +74,45 @@ def build_registry(
     def operator_login(**_: Any) -> kopf.ConnectionInfo:
         return login()
 
+    # Indexes of what the watches deliver: the Reconciler reads models, owned
+    # Deployments and pods, and nodes from them instead of asking the API server
+    # (see view.py). Deletions leave an index by themselves. The functions are
+    # coroutines because Kopf runs plain functions in a thread pool, which at a
+    # thousand models cost more than the indexing; they keep plain dicts, which
+    # read faster than Kopf's Body views.
+    @kopf.index(*LLMMODEL, id=MODELS_INDEX, registry=registry)
+    async def citadel_models(
+        namespace: str | None, name: str | None, body: kopf.Body, **_: Any
+    ) -> dict[object, dict[str, Any]]:
+        return {(namespace, name): dict(body)}
+
+    @kopf.index(
+        "apps", "v1", "deployments", id=DEPLOYMENTS_INDEX, labels=MANAGED,
+        registry=registry,
+    )  # fmt: skip
+    async def citadel_deployments(
+        namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+    ) -> dict[object, dict[str, Any]] | None:
+        owner = labels.get(names.LABEL_MODEL)
+        return {(namespace, owner): dict(body)} if owner else None
+
+    @kopf.index("", "v1", "pods", id=PODS_INDEX, labels=MANAGED, registry=registry)
+    async def citadel_pods(
+        namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+    ) -> dict[object, dict[str, Any]] | None:
+        owner = labels.get(names.LABEL_MODEL)
+        return {(namespace, owner): dict(body)} if owner else None
+
+    @kopf.index("", "v1", "nodes", id=NODES_INDEX, registry=registry)
+    async def citadel_nodes(body: kopf.Body, **_: Any) -> dict[object, dict[str, Any]]:
+        return {None: dict(body)}
+
     @kopf.on.startup(registry=registry)
-    async def operator_startup(**_: Any) -> None:
+    async def operator_startup(**kwargs: Any) -> None:
+        # Kopf hands the (still empty) indexes to startup handlers and runs no
+        # resource handler before each has its initial listing.
+        reconciler.use(IndexedView(kwargs))
+
         def count(ok: bool) -> None:
             reconciler.metrics.publishes.labels(result="ok" if ok else "error").inc()
 

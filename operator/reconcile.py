@@ -30,12 +30,8 @@ from citadel.operator.drift import drifted
 from citadel.operator.events import Notice, event_object, transitions
 from citadel.operator.kube.client import ApiError, Kube, Manifest
 from citadel.operator.kube.resources import (
-    DEPLOYMENTS,
-    LLMMODELS,
-    NODES,
     PDBS,
     POD_MONITORS,
-    PODS,
     PVCS,
     Resource,
     resource_for,
@@ -46,9 +42,9 @@ from citadel.operator.observe import Blocker, derive_status
 from citadel.operator.routing import RoutePublisher
 from citadel.operator.settings import OperatorSettings
 from citadel.operator.status import LLMModelStatus
+from citadel.operator.view import ApiView, ClusterView, resource_version
 
 log = logging.getLogger(__name__)
-NODE_CACHE_SECONDS = 2.0
 CAPABILITY_CACHE_SECONDS = 60.0
 
 
@@ -122,15 +118,32 @@ class Reconciler:
         settings: OperatorSettings,
         metrics: Metrics,
         clock: Callable[[], str] = utc_now,
+        view: ClusterView | None = None,
     ) -> None:
         self.kube = kube
         self.settings = settings
         self.metrics = metrics
         self.routes = RoutePublisher(kube, settings, on_conflicts=self._recheck)
+        self.view: ClusterView = view or ApiView(kube, settings.list_scopes())
+        self.routes.source = lambda: self.view.models()
         self._clock = clock
         self._serial = Serializer()
-        self._nodes_cache: tuple[float, list[Manifest]] | None = None
+        # Bound the API work in flight; waiters are woken in arrival order.
+        # Refreshes have slots of their own so that, during a burst of new
+        # models, those already running still get their status (Ready) written.
+        self._slots = asyncio.Semaphore(settings.max_concurrent_reconciles)
+        self._refresh_slots = asyncio.Semaphore(settings.max_concurrent_reconciles)
         self._monitoring_cache: tuple[float, bool] | None = None
+        # Each model's body as our last status write returned it, until the watch
+        # (and so the view) catches up: a refresh in between must not compare
+        # against the status before that write (it would write and announce the
+        # same change twice).
+        self._written: dict[str, Manifest] = {}
+
+    def use(self, view: ClusterView) -> None:
+        """Reads through `view` from now on (the handlers' indexes, once Kopf has
+        made them)."""
+        self.view = view
 
     # -- entry points ------------------------------------------------------------
 
@@ -140,12 +153,14 @@ class Reconciler:
         Raises:
             ReconcileError: a request failed or the model cannot be built.
         """
-        model = await self._parse(body)
-        async with self._serial.hold(model.key):
+        meta = body.get("metadata", {})
+        key = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+        async with self._serial.hold(key), self._slots:
+            model = await self._parse(self._newest(key, body))
             with self.metrics.timed("full"):
                 try:
-                    await self._apply_owned(model)
-                    status = await self._refresh(model)
+                    deployment = await self._apply_owned(model)
+                    status = await self._refresh(model, deployment=deployment)
                 except ReconcileError as err:
                     self.metrics.errors.labels(
                         error="temporary" if err.retryable else "permanent"
@@ -181,14 +196,15 @@ class Reconciler:
             if not mine:
                 return
             try:
-                with self.metrics.timed("refresh"):
-                    body = await self.kube.get(LLMMODELS, name, namespace)
-                    if body is None or body["metadata"].get("deletionTimestamp"):
-                        return
-                    model = LLMModel.from_body(body)
-                    if fix_drift:
-                        await self._revert_drift(model)
-                    await self._refresh(model)
+                async with self._refresh_slots:
+                    with self.metrics.timed("refresh"):
+                        body = await self.view.model(namespace, name)
+                        if body is None or body["metadata"].get("deletionTimestamp"):
+                            return
+                        model = LLMModel.from_body(self._newest(key, body))
+                        if fix_drift:
+                            await self._revert_drift(model)
+                        await self._refresh(model)
             except (ApiError, ReconcileError, ValidationError) as err:
                 log.warning("refreshing %s failed: %s", key, err)
 
@@ -197,7 +213,22 @@ class Reconciler:
         key = f"{namespace}/{name}"
         self.metrics.set_phase(key, None)
         self._serial.forget(key)
+        self._written.pop(key, None)
         self.routes.kick()
+
+    def _newest(self, key: str, body: Mapping[str, Any]) -> Mapping[str, Any]:
+        """`body`, or the reply of our last status write when that is newer."""
+        written = self._written.get(key)
+        if written is None:
+            return body
+        mine, theirs = resource_version(written), resource_version(body)
+        same = written.get("metadata", {}).get("uid") == body.get("metadata", {}).get(
+            "uid"
+        )
+        if same and mine is not None and theirs is not None and theirs < mine:
+            return written
+        del self._written[key]
+        return body
 
     # -- applying ----------------------------------------------------------------
 
@@ -208,10 +239,20 @@ class Reconciler:
             # Only objects stored before a stricter CRD can get here.
             raise ReconcileError(f"invalid spec: {err}", retryable=False) from err
 
-    async def _apply(self, model: LLMModel, obj: Manifest) -> None:
+    async def _apply(
+        self, model: LLMModel, obj: Manifest, known: Manifest | None = None
+    ) -> Manifest:
+        """Applies `obj` unless an object of that name belongs to someone else.
+
+        Args:
+            known: the object as a watch last saw it; read from the API if None
+                (it may then exist without our labels, which the watches skip).
+        """
         resource = resource_for(obj["apiVersion"], obj["kind"])
         name = obj["metadata"]["name"]
-        current = await self._call(self.kube.get(resource, name, model.namespace))
+        current = known or await self._call(
+            self.kube.get(resource, name, model.namespace)
+        )
         if current is not None and _owner_uid(current) != model.uid:
             previous = _owner_uid(current) is not None and _is_ours(current)
             raise ReconcileError(
@@ -223,7 +264,8 @@ class Reconciler:
                 ),
                 retryable=previous,
             )
-        await self._call(self.kube.apply(obj))
+        applied: Manifest = await self._call(self.kube.apply(obj))
+        return applied
 
     async def _call(self, request: Any) -> Any:
         try:
@@ -231,12 +273,17 @@ class Reconciler:
         except ApiError as err:
             raise ReconcileError(str(err), retryable=err.retryable) from err
 
-    async def _apply_owned(self, model: LLMModel) -> None:
+    async def _apply_owned(self, model: LLMModel) -> Manifest:
+        """Applies every owned object; returns the Deployment as applied."""
         first_look = model.status.observed_generation != model.generation
         claim = build_cache_claim(model)
         if claim is not None:
             await self._apply_claim(model, claim, first_look)
-        await self._apply(model, build_deployment(model, self.settings))
+        deployment = await self._apply(
+            model,
+            build_deployment(model, self.settings),
+            await self.view.deployment(model.namespace, model.name),
+        )
         await self._apply(model, build_service(model))
         pdb = build_pdb(model)
         if pdb is not None:
@@ -256,6 +303,7 @@ class Reconciler:
                     "vLLM's metrics are not scraped",
                 ),
             )
+        return deployment
 
     async def _apply_claim(
         self, model: LLMModel, claim: Manifest, first_look: bool
@@ -307,7 +355,7 @@ class Reconciler:
 
     async def _revert_drift(self, model: LLMModel) -> None:
         desired = build_deployment(model, self.settings)
-        actual = await self.kube.get(DEPLOYMENTS, model.name, model.namespace)
+        actual = await self.view.deployment(model.namespace, model.name)
         if actual is not None and _owner_uid(actual) != model.uid:
             return
         if drifted(desired, actual):
@@ -321,22 +369,23 @@ class Reconciler:
 
     # -- status ------------------------------------------------------------------
 
-    async def _nodes(self) -> list[Manifest]:
-        now = time.monotonic()
-        if self._nodes_cache and now - self._nodes_cache[0] < NODE_CACHE_SECONDS:
-            return self._nodes_cache[1]
-        nodes = await self._call(self.kube.list(NODES))
-        self._nodes_cache = (now, nodes)
-        return list(nodes)
-
     async def _refresh(
-        self, model: LLMModel, blocker: Blocker | None = None
+        self,
+        model: LLMModel,
+        blocker: Blocker | None = None,
+        deployment: Manifest | None = None,
     ) -> LLMModelStatus:
-        deployment = await self._call(
-            self.kube.get(DEPLOYMENTS, model.name, model.namespace)
-        )
+        """Derives and writes the status.
+
+        Args:
+            deployment: the Deployment just applied (newer than the view's).
+        """
+        if deployment is None:
+            deployment = await self._call(
+                self.view.deployment(model.namespace, model.name)
+            )
         pods = await self._call(
-            self.kube.list(PODS, model.namespace, label_selector=label_selector(model))
+            self.view.pods(model.namespace, model.name, label_selector(model))
         )
         conflict = self.routes.conflicts.get(model.key)
         if conflict and blocker is None:
@@ -345,14 +394,16 @@ class Reconciler:
             model,
             deployment,
             pods,
-            await self._nodes(),
+            await self._call(self.view.nodes()),
             self._clock(),
             blocker,
         )
         if status != model.status:
-            await self._call(
+            written = await self._call(
                 self.kube.apply(status_patch(model, status), subresource="status")
             )
+            if written:
+                self._written[model.key] = written
             if status.phase != model.status.phase:
                 log.info("%s: %s -> %s", model.key, model.status.phase, status.phase)
             for notice in transitions(model.status, status):

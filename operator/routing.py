@@ -10,9 +10,8 @@ left out of the document and told why in its status.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from citadel.gateway.routes import (
     CONFIGMAP_KEY,
@@ -87,29 +86,27 @@ def configmap(settings: OperatorSettings, doc: RoutingDocument) -> Manifest:
 
 
 async def list_models(kube: Kube, settings: OperatorSettings) -> list[Manifest]:
-    """Every LLMModel the operator handles, except those being deleted."""
+    """Every LLMModel in the namespaces the operator lists, from the API server."""
     found: list[Manifest] = []
     for scope in settings.list_scopes():
-        for body in await kube.list(LLMMODELS, scope):
-            meta = body.get("metadata", {})
-            if meta.get("deletionTimestamp"):
-                continue  # on its way out: stop routing to it now
-            if settings.watches(meta.get("namespace", "")):
-                found.append(body)
+        found.extend(await kube.list(LLMMODELS, scope))
     return found
 
 
-def _parse_all(bodies: Sequence[Manifest]) -> list[LLMModel]:
-    models = []
+def routable(bodies: Iterable[Manifest], settings: OperatorSettings) -> list[Manifest]:
+    """The models the operator handles, except those being deleted."""
+    found = []
     for body in bodies:
-        try:
-            models.append(LLMModel.from_body(body))
-        except ValueError as err:
-            log.warning("skipping unparsable LLMModel: %s", err)
-    return models
+        meta = body.get("metadata", {})
+        if meta.get("deletionTimestamp"):
+            continue  # on its way out: stop routing to it now
+        if settings.watches(meta.get("namespace", "")):
+            found.append(body)
+    return found
 
 
 ConflictsChanged = Callable[[set[str]], Awaitable[None]]
+ModelSource = Callable[[], Awaitable[list[Manifest]]]
 
 
 class RoutePublisher:
@@ -127,20 +124,51 @@ class RoutePublisher:
         self._wanted = asyncio.Event()
         self.conflicts: Conflicts = {}
         self.published: RoutingDocument | None = None
+        self.source: ModelSource = lambda: list_models(kube, settings)
+        """Where the models come from: the API server, or the watches' index."""
+        # Parsed models by uid with the resourceVersion they were parsed at: at a
+        # thousand models, parsing all of them for every publish cost more than
+        # everything else the operator did.
+        self._parsed: dict[str, tuple[str, LLMModel]] = {}
 
     def kick(self) -> None:
         """Asks for the document to be rebuilt and written soon."""
         self._wanted.set()
 
-    async def publish(self) -> RoutingDocument:
+    def _parse_all(self, bodies: Sequence[Manifest]) -> list[LLMModel]:
+        models = []
+        parsed: dict[str, tuple[str, LLMModel]] = {}
+        for body in bodies:
+            meta = body.get("metadata", {})
+            uid, version = str(meta.get("uid", "")), str(meta.get("resourceVersion"))
+            known = self._parsed.get(uid)
+            if known is not None and known[0] == version and uid:
+                model = known[1]
+            else:
+                try:
+                    model = LLMModel.from_body(body)
+                except ValueError as err:
+                    log.warning("skipping unparsable LLMModel: %s", err)
+                    continue
+            parsed[uid] = (version, model)
+            models.append(model)
+        self._parsed = parsed
+        return models
+
+    async def publish(self, *, force: bool = True) -> RoutingDocument:
         """Rebuilds the document from every LLMModel and writes it.
+
+        Args:
+            force: write even when the document is the one last written (the
+                periodic publish does, in case the ConfigMap was changed or lost).
 
         Raises:
             ApiError: listing the models or writing the ConfigMap failed.
         """
-        bodies = await list_models(self._kube, self._settings)
-        doc, conflicts = build_document(_parse_all(bodies))
-        await self._kube.apply(configmap(self._settings, doc))
+        bodies = routable(await self.source(), self._settings)
+        doc, conflicts = build_document(self._parse_all(bodies))
+        if force or doc != self.published:
+            await self._kube.apply(configmap(self._settings, doc))
         changed = set(conflicts) ^ set(self.conflicts)
         changed |= {k for k in conflicts if self.conflicts.get(k) != conflicts[k]}
         self.conflicts, self.published = conflicts, doc
@@ -158,12 +186,15 @@ class RoutePublisher:
         delay = 1.0
         period = self._settings.resync_seconds or None
         while True:
-            with contextlib.suppress(TimeoutError):
+            kicked = True
+            try:
                 await asyncio.wait_for(self._wanted.wait(), timeout=period)
+            except TimeoutError:
+                kicked = False
             await asyncio.sleep(self._settings.route_publish_delay)
             self._wanted.clear()
             try:
-                await self.publish()
+                await self.publish(force=not kicked)
             except ApiError as err:
                 log.warning("could not write the routing ConfigMap: %s", err)
                 if on_result:

@@ -67,6 +67,11 @@ class OperatorSettings(BaseSettings):
     """How often every model is reconciled in full even without events; 0 never."""
     route_publish_delay: float = Field(0.2, ge=0)
     """How long route changes are gathered before the ConfigMap is written."""
+    max_concurrent_reconciles: int = Field(32, ge=1)
+    """Models reconciled at once, and as many status refreshes beside them; the
+    rest wait their turn in arrival order. Without a bound, a burst of new models
+    started every reconcile at once against a saturated API server and requests
+    timed out waiting for it."""
 
     @field_validator("watch_namespaces", mode="before")
     @classmethod

@@ -40,6 +40,9 @@ class FakeKube:
         events: every object passed to `create` (Events).
         served: resources that `has_resource` reports as installed.
         fail: plural -> ApiError raised by any write to that resource.
+        reads: (verb, plural) of every get and list, in order.
+
+    Every write gives the object a new, growing `resourceVersion`.
     """
 
     def __init__(
@@ -52,6 +55,8 @@ class FakeKube:
         self.served = set(served)
         self.fail: dict[str, ApiError] = {}
         self._uids = itertools.count(1)
+        self._versions = itertools.count(1)
+        self.reads: list[tuple[str, str]] = []
         for obj in objects:
             self.put(obj)
 
@@ -68,6 +73,7 @@ class FakeKube:
         meta.setdefault("uid", f"uid-{next(self._uids)}")
         meta.setdefault("generation", 1)
         meta.setdefault("creationTimestamp", "2026-01-01T00:00:00Z")
+        meta["resourceVersion"] = str(next(self._versions))
         resource = resource_for(obj["apiVersion"], obj["kind"])
         self.objects[self._key(resource, meta["name"], meta.get("namespace"))] = obj
         return obj
@@ -96,12 +102,17 @@ class FakeKube:
             merged = _merge(current, {k: v for k, v in obj.items() if k != "status"})
             if merged.get("spec") != current.get("spec"):
                 merged["metadata"]["generation"] = current["metadata"]["generation"] + 1
+        merged["metadata"] = {
+            **merged["metadata"],
+            "resourceVersion": str(next(self._versions)),
+        }
         self.objects[key] = merged
         return copy.deepcopy(merged)
 
     async def get(
         self, resource: Resource, name: str, namespace: str | None = None
     ) -> Manifest | None:
+        self.reads.append(("get", resource.plural))
         found = self.objects.get(self._key(resource, name, namespace))
         return copy.deepcopy(found) if found is not None else None
 
@@ -112,6 +123,7 @@ class FakeKube:
         *,
         label_selector: str | None = None,
     ) -> list[Manifest]:
+        self.reads.append(("list", resource.plural))
         return [
             copy.deepcopy(obj)
             for (plural, ns, _), obj in sorted(self.objects.items())

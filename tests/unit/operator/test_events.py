@@ -12,16 +12,13 @@ from .samples import NODES, NOW, deployment, make_model, pod
 pytestmark = pytest.mark.unit
 
 
-def test_every_new_condition_is_an_event() -> None:
+def test_a_healthy_first_look_is_quiet_and_later_changes_are_events() -> None:
     model = make_model()
-    status = derive_status(model, deployment(), [pod("p1")], NODES, NOW)
-    notices = transitions(model.status, status)
-    assert {n.reason for n in notices} == {
-        "ReplicasReady",
-        "Scheduled",
-        "Complete",
-        "AsExpected",
-    }
+    creating = derive_status(model, None, [], NODES, NOW)
+    assert transitions(model.status, creating) == []
+    ready = derive_status(model, deployment(), [pod("p1")], NODES, NOW)
+    notices = transitions(creating, ready)
+    assert {n.reason for n in notices} == {"ReplicasReady", "Scheduled", "Complete"}
     assert all(n.type == "Normal" for n in notices)
 
 
@@ -43,7 +40,9 @@ def test_bad_news_is_a_warning_and_counts_alone_are_not_news() -> None:
 
 def test_event_object_points_at_the_model() -> None:
     model = make_model()
-    notice = transitions(model.status, derive_status(model, None, [], NODES, NOW))[0]
+    creating = derive_status(model, None, [], NODES, NOW)
+    ready = derive_status(model, deployment(), [pod("p1")], NODES, NOW)
+    notice = transitions(creating, ready)[0]
     event = event_object(model, notice, NOW)
     assert event["involvedObject"]["kind"] == "LLMModel"
     assert event["involvedObject"]["uid"] == "uid-mixtral"

@@ -152,3 +152,43 @@ async def test_publisher_republishes_without_a_kick(settings: OperatorSettings) 
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_an_unchanged_document_is_written_only_when_forced(
+    settings: OperatorSettings,
+) -> None:
+    kube = FakeKube([model_body("a")])
+    publisher = RoutePublisher(kube, settings)
+    await publisher.publish(force=False)
+    assert len(kube.applied) == 1
+    await publisher.publish(force=False)
+    assert len(kube.applied) == 1
+    await publisher.publish(force=True)
+    assert len(kube.applied) == 2
+    kube.put(model_body("b"))
+    doc = await publisher.publish(force=False)
+    assert len(kube.applied) == 3
+    assert [r.name for r in doc.models] == ["a", "b"]
+
+
+async def test_models_are_parsed_again_only_when_they_change(
+    settings: OperatorSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kube = FakeKube([model_body("a"), model_body("b")])
+    publisher = RoutePublisher(kube, settings)
+    parsed: list[str] = []
+    original = LLMModel.from_body
+
+    def counting(body: dict[str, object]) -> LLMModel:
+        parsed.append(body["metadata"]["name"])  # type: ignore[index]
+        return original(body)
+
+    monkeypatch.setattr(LLMModel, "from_body", staticmethod(counting))
+    await publisher.publish()
+    await publisher.publish()
+    assert sorted(parsed) == ["a", "b"]
+    stored = kube.stored(LLMMODELS, "a", "llm")
+    await kube.apply({**stored, "spec": {**stored["spec"], "servedName": "z"}})
+    doc = await publisher.publish()
+    assert sorted(parsed) == ["a", "a", "b"]
+    assert {r.served_name for r in doc.models} >= {"z"}
