@@ -2,8 +2,8 @@
 
 A strategy sees only the replicas that may take the request (healthy, not yet tried
 for it; never an empty list) and returns the one chosen with a short word saying how
-(`rotation`, `least`, `cache`, `hash`, `overflow`, `session`, `score`), which the
-routing-decision metric counts.
+(`rotation`, `least`, `cache`, `hash`, `balance`, `overflow`, `session`, `score`),
+which the routing-decision metric counts.
 """
 
 from __future__ import annotations
@@ -81,19 +81,32 @@ class PrefixAware(_Turns):
 
     The longest known chain of block hashes wins (`cache`); a prefix never seen goes
     to the replica its first block hashes to (`hash`), so requests sharing a system
-    prompt meet on one replica. Either choice is overruled (`overflow`) when that
-    replica carries more than `load_factor` x the average load + 1, and the
-    least-loaded replica takes the request instead.
+    prompt meet on one replica. When the known part is less than `cache_threshold`
+    of the prompt (a new conversation that shares only a system prompt, followed by
+    a long text of its own), the least-loaded replica takes it instead (`balance`):
+    most of its prefill is due wherever it goes, and a burst of such conversations
+    would otherwise pile onto the system prompt's replica (SGLang's cache-aware
+    router makes the same cut, at the same default). Any choice is overruled
+    (`overflow`) when that replica carries more than `load_factor` x the average
+    load + 1, and the least-loaded replica takes the request instead.
 
     Args:
         load_factor: how far above average a replica may be before overflow.
         capacity: block hashes remembered (least recently used ones go first).
+        cache_threshold: the share of the prompt's blocks a known prefix must
+            cover to decide the replica.
     """
 
-    def __init__(self, load_factor: float = 1.25, capacity: int = 200_000) -> None:
+    def __init__(
+        self,
+        load_factor: float = 1.25,
+        capacity: int = 200_000,
+        cache_threshold: float = 0.5,
+    ) -> None:
         super().__init__()
         self._load_factor = load_factor
         self._capacity = capacity
+        self._cache_threshold = cache_threshold
         self._owner: OrderedDict[int, str] = OrderedDict()
 
     def choose(
@@ -101,7 +114,9 @@ class PrefixAware(_Turns):
     ) -> tuple[Replica, str]:
         hashes = block_hashes(prompt_text(request.body))
         by_url = {r.url: r for r in replicas}
-        chosen, how = self._by_prefix(hashes, by_url)
+        chosen, how, matched = self._by_prefix(hashes, by_url)
+        if how == "cache" and matched < self._cache_threshold * len(hashes):
+            chosen, how = least_loaded(replicas, self._turn()), "balance"
         average = sum(r.in_flight for r in replicas) / len(replicas)
         if chosen is None or chosen.in_flight > self._load_factor * average + 1:
             chosen = least_loaded(replicas, self._turn())
@@ -111,14 +126,16 @@ class PrefixAware(_Turns):
 
     def _by_prefix(
         self, hashes: list[int], by_url: dict[str, Replica]
-    ) -> tuple[Replica | None, str]:
-        for h in reversed(hashes):
-            url = self._owner.get(h)
+    ) -> tuple[Replica | None, str, int]:
+        """The replica for the longest known prefix, how, and its length in
+        blocks."""
+        for i in range(len(hashes) - 1, -1, -1):
+            url = self._owner.get(hashes[i])
             if url in by_url:
-                return by_url[url], "cache"
+                return by_url[url], "cache", i + 1
         if not hashes:
-            return None, "least"
-        return by_url[rendezvous(hashes[0], list(by_url))], "hash"
+            return None, "least", 0
+        return by_url[rendezvous(hashes[0], list(by_url))], "hash", 0
 
     def _remember(self, hashes: list[int], url: str) -> None:
         owner = self._owner

@@ -75,6 +75,25 @@ def test_prefix_aware_overflows_to_least_loaded_when_bound_is_passed() -> None:
     assert other is not home and how == "overflow"
 
 
+def test_prefix_aware_balances_new_conversations_sharing_only_a_system_prompt() -> None:
+    replicas, strategy = pool(4), PrefixAware()
+    system = "shared system prompt " * 50  # ~4 blocks
+    picks = []
+    for user in range(8):
+        document = f"user {user} document " * 200  # ~15 blocks of its own
+        replica, how = strategy.choose(replicas, chat(system, document))
+        replica.in_flight += 1
+        picks.append((replica.url, how))
+    # Each replica takes two: the system prompt alone does not decide.
+    assert Counter(url for url, _ in picks) == {r.url: 2 for r in replicas}
+    assert {how for _, how in picks[1:]} == {"balance"}
+    # The next turn of each conversation stays where its document is.
+    for user in range(8):
+        document = f"user {user} document " * 200
+        turn2, how = strategy.choose(replicas, chat(system, document, "and then?"))
+        assert (turn2.url, how) == (picks[user][0], "cache")
+
+
 def test_prefix_table_is_bounded() -> None:
     strategy = PrefixAware(capacity=10)
     for i in range(50):
