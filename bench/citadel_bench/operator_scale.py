@@ -2,9 +2,17 @@
 cluster (`make cluster-up`), with the operator as a local process.
 
 The bench adds its own fake nodes (`bench-gpu-NNN`) and namespace, and removes
-both at the end. Models are created by a few `kubectl apply` processes at once;
+both at the end. Models are created by a few `kubectl create` processes at once;
 apply-to-Deployment latency runs from the moment a watch on LLMModels reports a
-model to the moment a watch on Deployments reports its Deployment.
+model to the moment a watch on Deployments reports its Deployment, and the same
+LLMModel watch reports when each model turns Ready (no polling, which would load
+the API server it measures). Once all are Ready, a few more models are created one
+at a time: the latency a single new model sees on a cluster holding the thousand.
+
+For scale, the same cluster then runs the floor: the very Deployments and Services
+the operator builds for those models, created straight with `kubectl create` and
+no operator, timed until every Deployment is Available. CPU time is read per
+control-plane process from /proc during both runs.
 """
 
 from __future__ import annotations
@@ -19,12 +27,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from citadel_bench.procs import REPO, Proc, free_port, start, stop, wait_http
+from citadel_bench.procs import REPO, TICKS, Proc, free_port, start, stop, wait_http
 
 NAMESPACE = "bench-scale"
 ROUTES_NAMESPACE = "citadel-bench"
 CONTEXT = "citadel-local"
 APPLY_STREAMS = 4
+STEADY_MODELS = 20
+MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+STEADY_GAP_S = 0.5
+CONTROL_PLANE = (
+    "kube-apiserver",
+    "etcd",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kwok",
+)
 
 
 def kubectl_path() -> Path:
@@ -41,6 +59,16 @@ class ScaleRun:
     all_deployments_s: float | None = None
     all_ready_s: float | None = None
     latencies_s: list[float] = field(default_factory=list)
+    steady_latencies_s: list[float] = field(default_factory=list)
+    """Apply-to-Deployment of models created one at a time after the burst."""
+    cpu_by_process: dict[str, float] = field(default_factory=dict)
+    """CPU seconds of each control-plane process from the first apply to all Ready."""
+    wall_s: float = 0.0
+    """The span `cpu_by_process` covers."""
+    floor_ready_s: float | None = None
+    """The same Deployments and Services without the operator: all Available."""
+    floor_cpu_by_process: dict[str, float] = field(default_factory=dict)
+    floor_problem: str | None = None
     curve: list[tuple[float, int, int]] = field(default_factory=list)
     """(seconds since the first apply, Deployments seen, models Ready)."""
     rss_peak_mb: float = 0.0
@@ -98,12 +126,37 @@ def node(i: int, gpus: int) -> dict[str, object]:
     }
 
 
+def control_plane_cpu() -> dict[str, float]:
+    """CPU seconds so far of each control-plane process, by command name."""
+    found: dict[str, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            text = stat.read_text()
+            comm = text[text.index("(") + 1 : text.rindex(")")]
+            # The kernel keeps 15 characters of a command's name.
+            name = next((n for n in CONTROL_PLANE if n[:15] == comm), None)
+            if name is not None:
+                fields = text.rsplit(")", 1)[1].split()
+                used = (int(fields[11]) + int(fields[12])) / TICKS
+                found[name] = found.get(name, 0.0) + used
+    return found
+
+
+def cpu_since(before: dict[str, float]) -> dict[str, float]:
+    now = control_plane_cpu()
+    return {name: now[name] - before.get(name, 0.0) for name in now}
+
+
+def model_name(i: int) -> str:
+    return f"m{i:04d}"
+
+
 def model(i: int) -> dict[str, object]:
     return {
         "apiVersion": "citadel.ai/v1alpha1",
         "kind": "LLMModel",
-        "metadata": {"name": f"m{i:04d}", "namespace": NAMESPACE},
-        "spec": {"model": "Qwen/Qwen2.5-0.5B-Instruct"},
+        "metadata": {"name": model_name(i), "namespace": NAMESPACE},
+        "spec": {"model": MODEL},
     }
 
 
@@ -135,9 +188,14 @@ def cluster_kubeconfig(log_dir: Path) -> Path | None:
 
 
 def watch(
-    kube: Kubectl, kind: str, seen: dict[str, float], stop_flag: threading.Event
+    kube: Kubectl,
+    kind: str,
+    seen: dict[str, float],
+    stop_flag: threading.Event,
+    ready: dict[str, float] | None = None,
 ) -> subprocess.Popen[str]:
-    """Notes when a watch first reports each object of `kind`."""
+    """Notes when a watch first reports each object of `kind`, and, with `ready`,
+    when it first reports the object's `status.phase` as Ready."""
     proc = subprocess.Popen(
         [
             *kube.base,
@@ -147,7 +205,7 @@ def watch(
             NAMESPACE,
             "--watch",
             "-o",
-            "jsonpath={.metadata.name}{'\\n'}",
+            "jsonpath={.metadata.name} {.status.phase}{'\\n'}",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -157,9 +215,12 @@ def watch(
     def read() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
-            name = line.strip()
+            name, _, phase = line.strip().partition(" ")
+            now = time.monotonic()
             if name and name not in seen:
-                seen[name] = time.monotonic()
+                seen[name] = now
+            if ready is not None and phase == "Ready" and name not in ready:
+                ready[name] = now
             if stop_flag.is_set():
                 break
 
@@ -170,9 +231,9 @@ def watch(
 def apply_stream(
     kube: Kubectl, items: list[dict[str, object]], applied: dict[str, float]
 ) -> None:
-    """`kubectl apply` of `items`, noting when each one is reported created."""
+    """`kubectl create` of `items`, noting when each one is reported created."""
     proc = subprocess.Popen(
-        [*kube.base, "apply", "-f", "-"],
+        [*kube.base, "create", "-f", "-"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -187,6 +248,24 @@ def apply_stream(
         if name:
             applied[name] = time.monotonic()
     proc.wait(timeout=600)
+
+
+def one_at_a_time(
+    kube: Kubectl, first: int, created: dict[str, float], seen: dict[str, float]
+) -> list[float]:
+    """Creates `STEADY_MODELS` more models, each after the last has its Deployment
+    (or 10 s), and returns their apply-to-Deployment latencies."""
+    latencies = []
+    for i in range(first, first + STEADY_MODELS):
+        name = model_name(i)
+        kube("create", "-f", "-", stdin=json.dumps(model(i)))
+        limit = time.monotonic() + 10.0
+        while time.monotonic() < limit and not (name in created and name in seen):
+            time.sleep(0.02)
+        if name in created and name in seen:
+            latencies.append(seen[name] - created[name])
+        time.sleep(STEADY_GAP_S)
+    return latencies
 
 
 def run_scale(log_dir: Path, models: int, nodes: int, timeout_s: float) -> ScaleRun:
@@ -234,10 +313,12 @@ def run_scale(log_dir: Path, models: int, nodes: int, timeout_s: float) -> Scale
         cpu0 = operator.cpu_seconds()
         seen: dict[str, float] = {}
         created: dict[str, float] = {}
-        watchers.append(watch(kube, "llmmodels", created, stop_flag))
+        ready_at: dict[str, float] = {}
+        watchers.append(watch(kube, "llmmodels", created, stop_flag, ready_at))
         watchers.append(watch(kube, "deployments", seen, stop_flag))
         time.sleep(1.0)
         applied: dict[str, float] = {}
+        cpu_before = control_plane_cpu()
         began = time.monotonic()
         streams = [
             [model(i) for i in range(k, models, APPLY_STREAMS)]
@@ -254,15 +335,7 @@ def run_scale(log_dir: Path, models: int, nodes: int, timeout_s: float) -> Scale
         result.apply_s = time.monotonic() - began
         deadline = began + timeout_s
         while time.monotonic() < deadline:
-            out = kube(
-                "get",
-                "llmmodels",
-                "-n",
-                NAMESPACE,
-                "-o",
-                "jsonpath={range .items[*]}{.status.phase}{'\\n'}{end}",
-            )
-            ready = sum(1 for line in out.split() if line == "Ready")
+            ready = len(ready_at)
             now = time.monotonic() - began
             result.curve.append((now, len(seen), ready))
             result.rss_peak_mb = max(result.rss_peak_mb, operator.rss_bytes() / 2**20)
@@ -270,12 +343,17 @@ def run_scale(log_dir: Path, models: int, nodes: int, timeout_s: float) -> Scale
             if len(seen) >= models and result.all_deployments_s is None:
                 result.all_deployments_s = max(seen.values()) - began
             if ready >= models:
-                result.all_ready_s = now
+                result.all_ready_s = max(ready_at.values()) - began
                 break
-            time.sleep(2.0)
+            time.sleep(1.0)
+        result.wall_s = time.monotonic() - began
+        result.cpu_by_process = cpu_since(cpu_before)
+        result.cpu_by_process["citadel-operator"] = operator.cpu_seconds() - cpu0
         # Both watches see events with the same delay, so their difference is the
         # operator's reaction time; kubectl's own timing is not involved.
         result.latencies_s = [seen[n] - created[n] for n in created if n in seen]
+        if result.all_ready_s is not None:
+            result.steady_latencies_s = one_at_a_time(kube, models, created, seen)
         result.rss_end_mb = operator.rss_bytes() / 2**20
         result.cpu_s = operator.cpu_seconds() - cpu0
     except (RuntimeError, subprocess.TimeoutExpired) as err:
@@ -290,5 +368,99 @@ def run_scale(log_dir: Path, models: int, nodes: int, timeout_s: float) -> Scale
             stop(operator)
         with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
             kube("delete", "namespace", NAMESPACE, "--timeout=300s", check=False)
-            kube("delete", "node", "-l", "citadel.ai/bench=true", "--wait=false")
+    if result.problem is None:
+        run_floor(kube, result, timeout_s)
+    with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+        kube("delete", "node", "-l", "citadel.ai/bench=true", "--wait=false")
     return result
+
+
+def floor_objects(i: int) -> list[dict[str, object]]:
+    """The Deployment and Service the operator builds for model `i`, unowned (an
+    owner that does not exist would have them garbage-collected)."""
+    # Imported here: the benchmark's other parts need no operator code.
+    from citadel.operator.builders.deployment import build_deployment
+    from citadel.operator.builders.objects import build_service
+    from citadel.operator.model import LLMModel
+    from citadel.operator.settings import OperatorSettings
+
+    body = {
+        "metadata": {"name": model_name(i), "namespace": NAMESPACE, "uid": "floor"},
+        "spec": {"model": MODEL},
+    }
+    parsed = LLMModel.from_body(body)
+    objects = [build_deployment(parsed, OperatorSettings()), build_service(parsed)]
+    for obj in objects:
+        obj["metadata"].pop("ownerReferences", None)
+    return objects
+
+
+def run_floor(kube: Kubectl, result: ScaleRun, timeout_s: float) -> None:
+    """Times the same Deployments and Services without the operator."""
+    available: dict[str, float] = {}
+    stop_flag = threading.Event()
+    watcher: subprocess.Popen[str] | None = None
+    try:
+        kube("create", "namespace", NAMESPACE)
+        watcher = subprocess.Popen(
+            [
+                *kube.base,
+                "get",
+                "deployments",
+                "-n",
+                NAMESPACE,
+                "--watch",
+                "-o",
+                "jsonpath={.metadata.name} {.status.availableReplicas}{'\\n'}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+
+        def read() -> None:
+            assert watcher is not None and watcher.stdout is not None
+            for line in watcher.stdout:
+                name, _, count = line.strip().partition(" ")
+                if count not in ("", "0") and name not in available:
+                    available[name] = time.monotonic()
+                if stop_flag.is_set():
+                    break
+
+        threading.Thread(target=read, daemon=True).start()
+        time.sleep(1.0)
+        cpu_before = control_plane_cpu()
+        began = time.monotonic()
+        streams = [
+            [
+                o
+                for i in range(k, result.models, APPLY_STREAMS)
+                for o in floor_objects(i)
+            ]
+            for k in range(APPLY_STREAMS)
+        ]
+        done: dict[str, float] = {}
+        threads = [
+            threading.Thread(target=apply_stream, args=(kube, items, done))
+            for items in streams
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=timeout_s)
+        deadline = began + timeout_s
+        while time.monotonic() < deadline and len(available) < result.models:
+            time.sleep(1.0)
+        if len(available) >= result.models:
+            result.floor_ready_s = max(available.values()) - began
+        result.floor_cpu_by_process = cpu_since(cpu_before)
+    except (RuntimeError, subprocess.TimeoutExpired) as err:
+        result.floor_problem = str(err)[-300:]
+    finally:
+        stop_flag.set()
+        if watcher is not None:
+            watcher.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                watcher.wait(timeout=10)
+        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+            kube("delete", "namespace", NAMESPACE, "--timeout=300s", check=False)

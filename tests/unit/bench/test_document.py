@@ -9,7 +9,8 @@ from citadel_bench.document import (
     routing_part,
     write_document,
 )
-from citadel_bench.results import routing_verdicts
+from citadel_bench.operator_scale import ScaleRun
+from citadel_bench.results import routing_verdicts, scale_verdicts
 from citadel_bench.routing import RoutingResult, RoutingRun
 from citadel_bench.stats import Summary
 from citadel_bench.workload import MULTI_ROUND_QA, SHORT_CHAT, ChatWorkload
@@ -112,3 +113,41 @@ def test_document_says_which_workload_did_not_run(tmp_path: Path) -> None:
     assert "Not run: RuntimeError: no simulator" in qa
     targets = doc.split("## Targets")[1].split("\n## ")[0]
     assert "(multi-round QA)" not in targets and "(short chat)" in targets
+
+
+def _scale() -> ScaleRun:
+    return ScaleRun(
+        models=1000,
+        nodes=100,
+        apply_s=10.0,
+        all_deployments_s=50.0,
+        all_ready_s=75.0,
+        latencies_s=[0.5] * 50 + [20.0] * 50,
+        steady_latencies_s=[0.02] * 19 + [0.3],
+        cpu_by_process={"kube-apiserver": 60.0, "citadel-operator": 20.0},
+        wall_s=80.0,
+        floor_ready_s=55.0,
+        floor_cpu_by_process={"kube-apiserver": 40.0},
+    )
+
+
+def test_scale_verdicts_separate_one_model_from_the_burst() -> None:
+    one, burst, ready = scale_verdicts(_scale())
+    assert one.ok is True and "one at a time" in one.target
+    assert one.measured.startswith("p50 0.020 s, p99 0.2")
+    assert burst.ok is False
+    assert ready.ok is False and "took 55.0 s" in ready.note
+    late = _scale()
+    late.steady_latencies_s = [1.5] * 20
+    assert scale_verdicts(late)[0].ok is False
+
+
+def test_document_reports_the_floor_and_cpu_per_process(tmp_path: Path) -> None:
+    r = _results()
+    r.scale = _scale()
+    doc = _write(r, tmp_path)
+    scale = doc.split("## Operator scale")[1].split("\n## ")[0]
+    assert "| floor: the same Deployments and Services, no operator" in scale
+    assert "55.0 s" in scale
+    assert "citadel-operator 20.0, kube-apiserver 60.0; total 80.0 s" in scale
+    assert "(1.00 of 2 cores)" in scale
