@@ -146,7 +146,7 @@ def build_registry(
             registry=registry,
         )
         async def llmmodel_resync(body: kopf.Body, **_: Any) -> None:
-            await _translated(reconciler.reconcile(body))
+            await _translated(reconciler.reconcile(body, resync=True))
 
         _without_finalizers(registry)
 

@@ -133,6 +133,14 @@ class Reconciler:
         # models, those already running still get their status (Ready) written.
         self._slots = asyncio.Semaphore(settings.max_concurrent_reconciles)
         self._refresh_slots = asyncio.Semaphore(settings.max_concurrent_reconciles)
+        # Periodic resyncs of unchanged models queue here first, so they never
+        # hold more than an eighth of the slots: every model's timer fires about
+        # one resync period after the operator first saw it, and after a burst
+        # of creations those resyncs arrive together; a new model waiting behind
+        # them took 8 s to get its Deployment (docs/benchmarks.md).
+        self._resync_slots = asyncio.Semaphore(
+            max(1, settings.max_concurrent_reconciles // 8)
+        )
         self._monitoring_cache: tuple[float, bool] | None = None
         # Each model's body as our last status write returned it, until the watch
         # (and so the view) catches up: a refresh in between must not compare
@@ -147,15 +155,26 @@ class Reconciler:
 
     # -- entry points ------------------------------------------------------------
 
-    async def reconcile(self, body: Mapping[str, Any]) -> LLMModelStatus:
+    async def reconcile(
+        self, body: Mapping[str, Any], *, resync: bool = False
+    ) -> LLMModelStatus:
         """Applies every owned object of the model in `body`, then its status.
+
+        Args:
+            body: the LLMModel.
+            resync: a periodic pass over an unchanged model, which yields to
+                new and changed models for most of the slots.
 
         Raises:
             ReconcileError: a request failed or the model cannot be built.
         """
         meta = body.get("metadata", {})
         key = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
-        async with self._serial.hold(key), self._slots:
+        async with contextlib.AsyncExitStack() as held:
+            if resync:
+                await held.enter_async_context(self._resync_slots)
+            await held.enter_async_context(self._serial.hold(key))
+            await held.enter_async_context(self._slots)
             model = await self._parse(self._newest(key, body))
             with self.metrics.timed("full"):
                 try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -203,3 +204,33 @@ async def test_serializer_drops_requests_queued_behind_a_waiting_one() -> None:
             entered.append(second)
         serial._waiting.discard("k")
     assert entered == [False]
+
+
+async def test_resyncs_hold_few_slots_and_new_models_pass_them(
+    settings: OperatorSettings,
+) -> None:
+    settings = settings.model_copy(update={"max_concurrent_reconciles": 8})
+    gate = asyncio.Event()
+    busy = {"now": 0, "peak": 0}
+
+    class SlowKube(FakeKube):
+        async def apply(
+            self, obj: dict[str, Any], *, subresource: str = ""
+        ) -> dict[str, Any]:
+            if obj["kind"] == "Deployment" and obj["metadata"]["name"] != "new":
+                busy["now"] += 1
+                busy["peak"] = max(busy["peak"], busy["now"])
+                await gate.wait()
+                busy["now"] -= 1
+            return await super().apply(obj, subresource=subresource)
+
+    old = [model_body(f"old{i}") for i in range(4)]
+    kube = SlowKube([*NODES, *old, model_body("new")])
+    reconciler = Reconciler(kube, settings, Metrics(), clock=lambda: NOW)
+    resyncs = [asyncio.create_task(reconciler.reconcile(b, resync=True)) for b in old]
+    await asyncio.sleep(0.05)
+    assert busy["peak"] == 1  # 8 slots, an eighth of them for resyncs
+    await asyncio.wait_for(reconciler.reconcile(model_body("new")), timeout=2)
+    gate.set()
+    await asyncio.gather(*resyncs)
+    assert busy["peak"] == 1
