@@ -20,6 +20,9 @@ SOURCE_MOUNT = "/model-source"
 UID = 1000
 # Time a stopping server gets after the drain to finish what it is generating.
 SHUTDOWN_SECONDS = 60
+# Of which the server waits for requests in flight all but this, so it exits
+# before the kubelet's SIGKILL.
+SHUTDOWN_MARGIN_SECONDS = 5
 # The Deployment is marked failed only well after the startup probe gave up.
 PROGRESS_MARGIN_SECONDS = 300
 
@@ -56,6 +59,10 @@ def engine_args(model: LLMModel) -> list[str]:
     ):
         # vLLM streams S3 objects through the Run:ai model streamer.
         args.append("--load-format=runai_streamer")
+    if not any(a.startswith("--shutdown-timeout") for a in engine.extra_args):
+        # vLLM aborts what it is generating on SIGTERM unless told to wait; the
+        # pod's grace period leaves it SHUTDOWN_SECONDS after the drain.
+        args.append(f"--shutdown-timeout={SHUTDOWN_SECONDS - SHUTDOWN_MARGIN_SECONDS}")
     return [*args, *engine.extra_args]
 
 

@@ -445,14 +445,17 @@ class Runtime:
             await asyncio.sleep(pre_stop)
         proc = run.proc
         if proc is not None and proc.returncode is None:
+            # Like a container runtime: SIGTERM to the main process alone (vLLM's
+            # API server then stops its engine process gracefully; signalled
+            # directly, the engine died at once and aborted requests in flight),
+            # SIGKILL to everything left when the grace period ends.
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
+                os.kill(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), timeout=max(grace, 1.0))
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                await proc.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
         if run.supervisor:
             run.supervisor.cancel()
         await asyncio.to_thread(podnet.remove_pod, run.pod["metadata"]["uid"])

@@ -71,10 +71,20 @@ def test_engine_arguments_follow_the_spec(settings: OperatorSettings) -> None:
         "--max-model-len=32768",
         "--dtype=bfloat16",
         "--quantization=awq",
+        "--shutdown-timeout=55",
         "--enable-prefix-caching",
         "--max-num-seqs",
         "128",
     ]
+
+
+def test_the_server_finishes_requests_in_flight_before_the_grace_ends() -> None:
+    model = make_model(engine={"drainSeconds": 10})
+    pod = build_deployment(model, OperatorSettings())["spec"]["template"]["spec"]
+    assert "--shutdown-timeout=55" in engine_args(model)
+    assert pod["terminationGracePeriodSeconds"] == 10 + 60
+    own = make_model(engine={"extraArgs": ["--shutdown-timeout=5"]})
+    assert [a for a in engine_args(own) if "shutdown" in a] == ["--shutdown-timeout=5"]
 
 
 def test_served_name_defaults_to_the_model_name(settings: OperatorSettings) -> None:
