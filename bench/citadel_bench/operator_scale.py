@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,12 +191,14 @@ def cluster_kubeconfig(log_dir: Path) -> Path | None:
 def watch(
     kube: Kubectl,
     kind: str,
+    field: str,
     seen: dict[str, float],
     stop_flag: threading.Event,
-    ready: dict[str, float] | None = None,
+    done: dict[str, float] | None = None,
+    is_done: Callable[[str], bool] = bool,
 ) -> subprocess.Popen[str]:
-    """Notes when a watch first reports each object of `kind`, and, with `ready`,
-    when it first reports the object's `status.phase` as Ready."""
+    """Notes when a watch on `kind` first reports each object, and, with `done`,
+    when it first reports `field` (a jsonpath) with a value `is_done` accepts."""
     proc = subprocess.Popen(
         [
             *kube.base,
@@ -205,7 +208,7 @@ def watch(
             NAMESPACE,
             "--watch",
             "-o",
-            "jsonpath={.metadata.name} {.status.phase}{'\\n'}",
+            f"jsonpath={{.metadata.name}} {field}{{'\\n'}}",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -215,12 +218,12 @@ def watch(
     def read() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
-            name, _, phase = line.strip().partition(" ")
+            name, _, value = line.strip().partition(" ")
             now = time.monotonic()
             if name and name not in seen:
                 seen[name] = now
-            if ready is not None and phase == "Ready" and name not in ready:
-                ready[name] = now
+            if done is not None and name not in done and is_done(value):
+                done[name] = now
             if stop_flag.is_set():
                 break
 
@@ -228,26 +231,37 @@ def watch(
     return proc
 
 
-def apply_stream(
-    kube: Kubectl, items: list[dict[str, object]], applied: dict[str, float]
+def stop_watches(watchers: list[subprocess.Popen[str]]) -> None:
+    for watcher in watchers:
+        watcher.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            watcher.wait(timeout=10)
+
+
+def create_in_streams(
+    kube: Kubectl,
+    objects: Callable[[int], list[dict[str, object]]],
+    count: int,
+    timeout_s: float,
 ) -> None:
-    """`kubectl create` of `items`, noting when each one is reported created."""
-    proc = subprocess.Popen(
-        [*kube.base, "create", "-f", "-"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(as_list(items))
-    proc.stdin.close()
-    for line in proc.stdout:
-        # "llmmodel.citadel.ai/m0001 created"
-        name = line.split(" ", 1)[0].rpartition("/")[2]
-        if name:
-            applied[name] = time.monotonic()
-    proc.wait(timeout=600)
+    """`objects(i)` for i below `count`, created by `APPLY_STREAMS` kubectl
+    processes at once."""
+    streams = [
+        [o for i in range(k, count, APPLY_STREAMS) for o in objects(i)]
+        for k in range(APPLY_STREAMS)
+    ]
+    threads = [
+        threading.Thread(target=create_stream, args=(kube, items)) for items in streams
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout_s)
+
+
+def create_stream(kube: Kubectl, items: list[dict[str, object]]) -> None:
+    """`kubectl create` of `items` (the watches note when each appears)."""
+    kube("create", "-f", "-", stdin=as_list(items))
 
 
 def one_at_a_time(
@@ -314,24 +328,22 @@ def run_scale(log_dir: Path, models: int, nodes: int, timeout_s: float) -> Scale
         seen: dict[str, float] = {}
         created: dict[str, float] = {}
         ready_at: dict[str, float] = {}
-        watchers.append(watch(kube, "llmmodels", created, stop_flag, ready_at))
-        watchers.append(watch(kube, "deployments", seen, stop_flag))
+        watchers.append(
+            watch(
+                kube,
+                "llmmodels",
+                "{.status.phase}",
+                created,
+                stop_flag,
+                ready_at,
+                lambda phase: phase == "Ready",
+            )
+        )
+        watchers.append(watch(kube, "deployments", "", seen, stop_flag))
         time.sleep(1.0)
-        applied: dict[str, float] = {}
         cpu_before = control_plane_cpu()
         began = time.monotonic()
-        streams = [
-            [model(i) for i in range(k, models, APPLY_STREAMS)]
-            for k in range(APPLY_STREAMS)
-        ]
-        threads = [
-            threading.Thread(target=apply_stream, args=(kube, items, applied))
-            for items in streams
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=timeout_s)
+        create_in_streams(kube, lambda i: [model(i)], models, timeout_s)
         result.apply_s = time.monotonic() - began
         deadline = began + timeout_s
         while time.monotonic() < deadline:
@@ -360,10 +372,7 @@ def run_scale(log_dir: Path, models: int, nodes: int, timeout_s: float) -> Scale
         result.problem = str(err)[-500:]
     finally:
         stop_flag.set()
-        for watcher in watchers:
-            watcher.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                watcher.wait(timeout=10)
+        stop_watches(watchers)
         if operator is not None:
             stop(operator)
         with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
@@ -399,55 +408,24 @@ def run_floor(kube: Kubectl, result: ScaleRun, timeout_s: float) -> None:
     """Times the same Deployments and Services without the operator."""
     available: dict[str, float] = {}
     stop_flag = threading.Event()
-    watcher: subprocess.Popen[str] | None = None
+    watchers: list[subprocess.Popen[str]] = []
     try:
         kube("create", "namespace", NAMESPACE)
-        watcher = subprocess.Popen(
-            [
-                *kube.base,
-                "get",
+        watchers.append(
+            watch(
+                kube,
                 "deployments",
-                "-n",
-                NAMESPACE,
-                "--watch",
-                "-o",
-                "jsonpath={.metadata.name} {.status.availableReplicas}{'\\n'}",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
+                "{.status.availableReplicas}",
+                {},
+                stop_flag,
+                available,
+                lambda count: count not in ("", "0"),
+            )
         )
-
-        def read() -> None:
-            assert watcher is not None and watcher.stdout is not None
-            for line in watcher.stdout:
-                name, _, count = line.strip().partition(" ")
-                if count not in ("", "0") and name not in available:
-                    available[name] = time.monotonic()
-                if stop_flag.is_set():
-                    break
-
-        threading.Thread(target=read, daemon=True).start()
         time.sleep(1.0)
         cpu_before = control_plane_cpu()
         began = time.monotonic()
-        streams = [
-            [
-                o
-                for i in range(k, result.models, APPLY_STREAMS)
-                for o in floor_objects(i)
-            ]
-            for k in range(APPLY_STREAMS)
-        ]
-        done: dict[str, float] = {}
-        threads = [
-            threading.Thread(target=apply_stream, args=(kube, items, done))
-            for items in streams
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=timeout_s)
+        create_in_streams(kube, floor_objects, result.models, timeout_s)
         deadline = began + timeout_s
         while time.monotonic() < deadline and len(available) < result.models:
             time.sleep(1.0)
@@ -458,9 +436,6 @@ def run_floor(kube: Kubectl, result: ScaleRun, timeout_s: float) -> None:
         result.floor_problem = str(err)[-300:]
     finally:
         stop_flag.set()
-        if watcher is not None:
-            watcher.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                watcher.wait(timeout=10)
+        stop_watches(watchers)
         with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
             kube("delete", "namespace", NAMESPACE, "--timeout=300s", check=False)
