@@ -20,6 +20,12 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def overhead_plot(points: list[Point], path: Path) -> None:
     """Latency distributions (last round) per target, one panel per mode x
     concurrency."""
@@ -47,9 +53,7 @@ def overhead_plot(points: list[Point], path: Path) -> None:
             ax.set_title(f"{mode}, concurrency {level}")
             ax.set_ylabel("latency (ms)")
             ax.tick_params(axis="x", labelrotation=20)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def routing_plot(result: RoutingResult, path: Path) -> None:
@@ -62,9 +66,7 @@ def routing_plot(result: RoutingResult, path: Path) -> None:
     ax.set_title(result.workload.name)
     ax.set_ylabel("time to first token (ms)")
     ax.tick_params(axis="x", labelrotation=35)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def scale_plot(run: ScaleRun, path: Path) -> None:
@@ -77,9 +79,7 @@ def scale_plot(run: ScaleRun, path: Path) -> None:
     ax.set_xlabel("seconds since the first apply")
     ax.set_ylabel("count")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def memory_plot(run: MemoryRun, path: Path) -> None:
@@ -90,6 +90,4 @@ def memory_plot(run: MemoryRun, path: Path) -> None:
     ax.set_xlabel("requests")
     ax.set_ylabel("gateway RSS (MiB)")
     ax.set_ylim(bottom=0)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, path)
