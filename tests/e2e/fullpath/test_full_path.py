@@ -110,6 +110,16 @@ def test_scaled_to_two_replicas_both_receive_traffic(platform: Platform) -> None
     assert all(after[ip] > before[ip] for ip in ips), (before, after)
 
 
+def say_hi(platform: Platform, key: str) -> httpx.Response:
+    """A raw chat request with `key`, for the status code the gateway gives."""
+    return httpx.post(
+        f"{platform.gateway_url()}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]},
+        timeout=60,
+    )
+
+
 def test_deleting_a_pod_under_load_fails_no_request(platform: Platform) -> None:
     pods = model_pods(platform)
     assert len(pods) == 2
@@ -151,13 +161,7 @@ def test_revoked_key_is_refused_within_seconds(platform: Platform) -> None:
     )
 
     def refused() -> bool:
-        response = httpx.post(
-            f"{platform.gateway_url()}/v1/chat/completions",
-            headers={"Authorization": f"Bearer {key}"},
-            json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]},
-            timeout=60,
-        )
-        return response.status_code == 401
+        return say_hi(platform, key).status_code == 401
 
     wait_for("the revoked key to get 401", refused, timeout=30)
 
@@ -264,12 +268,7 @@ def test_deleted_model_is_not_found_within_seconds(platform: Platform) -> None:
     platform.cluster.kubectl("delete", "llmmodel", MODEL, "-n", MODEL_NS)
 
     def not_found() -> bool:
-        response = httpx.post(
-            f"{platform.gateway_url()}/v1/chat/completions",
-            headers={"Authorization": f"Bearer {platform.key}"},
-            json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]},
-            timeout=60,
-        )
+        response = say_hi(platform, platform.key)
         body = response.json()
         return response.status_code == 404 and (
             body["error"]["code"] == "model_not_found"
