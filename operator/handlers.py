@@ -86,18 +86,13 @@ def build_registry(
     ) -> dict[object, dict[str, Any]]:
         return {(namespace, name): dict(body)}
 
+    # Owned Deployments and pods, both by (namespace, model).
     @kopf.index(
         "apps", "v1", "deployments", id=DEPLOYMENTS_INDEX, labels=MANAGED,
         registry=registry,
     )  # fmt: skip
-    async def citadel_deployments(
-        namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
-    ) -> dict[object, dict[str, Any]] | None:
-        owner = labels.get(names.LABEL_MODEL)
-        return {(namespace, owner): dict(body)} if owner else None
-
     @kopf.index("", "v1", "pods", id=PODS_INDEX, labels=MANAGED, registry=registry)
-    async def citadel_pods(
+    async def citadel_by_model(
         namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
     ) -> dict[object, dict[str, Any]] | None:
         owner = labels.get(names.LABEL_MODEL)

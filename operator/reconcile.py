@@ -123,9 +123,15 @@ class Reconciler:
         self.kube = kube
         self.settings = settings
         self.metrics = metrics
-        self.routes = RoutePublisher(kube, settings, on_conflicts=self._recheck)
         self.view: ClusterView = view or ApiView(kube, settings.list_scopes())
-        self.routes.source = lambda: self.view.models()
+        # Through `self.view` at each publish: `use` swaps it once Kopf's indexes
+        # exist.
+        self.routes = RoutePublisher(
+            kube,
+            settings,
+            on_conflicts=self._recheck,
+            source=lambda: self.view.models(),
+        )
         self._clock = clock
         self._serial = Serializer()
         # Bound the API work in flight; waiters are woken in arrival order.

@@ -21,10 +21,10 @@ from citadel.gateway.routes import (
 )
 from citadel.operator import names
 from citadel.operator.kube.client import ApiError, Kube, Manifest
-from citadel.operator.kube.resources import LLMMODELS
 from citadel.operator.model import LLMModel
 from citadel.operator.settings import OperatorSettings
 from citadel.operator.status import ConditionType
+from citadel.operator.view import ApiView
 
 log = logging.getLogger(__name__)
 Conflicts = dict[str, str]
@@ -85,14 +85,6 @@ def configmap(settings: OperatorSettings, doc: RoutingDocument) -> Manifest:
     }
 
 
-async def list_models(kube: Kube, settings: OperatorSettings) -> list[Manifest]:
-    """Every LLMModel in the namespaces the operator lists, from the API server."""
-    found: list[Manifest] = []
-    for scope in settings.list_scopes():
-        found.extend(await kube.list(LLMMODELS, scope))
-    return found
-
-
 def routable(bodies: Iterable[Manifest], settings: OperatorSettings) -> list[Manifest]:
     """The models the operator handles, except those being deleted."""
     found = []
@@ -117,15 +109,17 @@ class RoutePublisher:
         kube: Kube,
         settings: OperatorSettings,
         on_conflicts: ConflictsChanged | None = None,
+        source: ModelSource | None = None,
     ) -> None:
+        """Makes a publisher; `source` lists the models (default: the API server,
+        in the namespaces `settings` lists)."""
         self._kube = kube
         self._settings = settings
         self._on_conflicts = on_conflicts
         self._wanted = asyncio.Event()
         self.conflicts: Conflicts = {}
         self.published: RoutingDocument | None = None
-        self.source: ModelSource = lambda: list_models(kube, settings)
-        """Where the models come from: the API server, or the watches' index."""
+        self._source = source or ApiView(kube, settings.list_scopes()).models
         # Parsed models by uid with the resourceVersion they were parsed at: at a
         # thousand models, parsing all of them for every publish cost more than
         # everything else the operator did.
@@ -165,7 +159,7 @@ class RoutePublisher:
         Raises:
             ApiError: listing the models or writing the ConfigMap failed.
         """
-        bodies = routable(await self.source(), self._settings)
+        bodies = routable(await self._source(), self._settings)
         doc, conflicts = build_document(self._parse_all(bodies))
         if force or doc != self.published:
             await self._kube.apply(configmap(self._settings, doc))
