@@ -143,7 +143,7 @@ class Reconciler:
         # hold more than an eighth of the slots: every model's timer fires about
         # one resync period after the operator first saw it, and after a burst
         # of creations those resyncs arrive together; a new model waiting behind
-        # them took 8 s to get its Deployment (docs/benchmarks.md).
+        # them took 8 s to get its Deployment (`make bench` at 1f4ae66).
         self._resync_slots = asyncio.Semaphore(
             max(1, settings.max_concurrent_reconciles // 8)
         )

@@ -120,9 +120,8 @@ class RoutePublisher:
         self.conflicts: Conflicts = {}
         self.published: RoutingDocument | None = None
         self._source = source or ApiView(kube, settings.list_scopes()).models
-        # Parsed models by uid with the resourceVersion they were parsed at: at a
-        # thousand models, parsing all of them for every publish cost more than
-        # everything else the operator did.
+        # Parsed models by uid with the resourceVersion they were parsed at, so a
+        # publish parses only the models that changed since the last one.
         self._parsed: dict[str, tuple[str, LLMModel]] = {}
 
     def kick(self) -> None:

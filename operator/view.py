@@ -3,8 +3,8 @@
 Two sources answer the same questions. `ApiView` asks the API server each time (unit
 tests, and any caller without watches). `IndexedView` answers from the Kopf indexes
 that `handlers.build_registry` keeps on the operator's own watch streams, so a status
-refresh costs no request at all: at a thousand models, those reads were most of the
-operator's requests and kept the API server busy (docs/benchmarks.md).
+refresh costs no request at all: at 300 models those reads were about 11 of the
+operator's ~24 requests per model (apiserver_request_total before and after a run).
 
 Kopf runs no handler before every index has its initial listing, so an indexed read
 never sees a half-filled cache; afterwards an index is as fresh as the last event
