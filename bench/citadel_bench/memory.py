@@ -7,9 +7,9 @@ import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
-from citadel_bench import loadgen, peers
-from citadel_bench.overhead import REPLY_TOKENS, body
-from citadel_bench.procs import Proc, simulator_argv, start, stop, wait_listening
+from citadel_bench import loadgen
+from citadel_bench.overhead import body, start_instant_citadel
+from citadel_bench.procs import Proc, stop
 
 
 @dataclass
@@ -32,15 +32,7 @@ def run_memory(log_dir: Path, total: int, batches: int = 10) -> MemoryRun:
     """`total` requests (half streamed) at concurrency 16, in `batches` batches."""
     procs: list[Proc] = []
     try:
-        sim = start(
-            "memory-sim",
-            simulator_argv(1, "--instant", "--default-max-tokens", str(REPLY_TOKENS)),
-            log_dir,
-        )
-        procs.append(sim)
-        backend = f"http://127.0.0.1:{wait_listening(sim)[0]}"
-        gateway, url = peers.start_citadel([backend], log_dir, name="citadel-memory")
-        procs.append(gateway)
+        gateway, url = start_instant_citadel(log_dir, "memory", procs)
         chat = url + "/v1/chat/completions"
         per_batch = max(1, total // batches)
 

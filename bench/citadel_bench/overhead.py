@@ -156,6 +156,23 @@ def _line(p: Point) -> str:
     )
 
 
+def start_instant_citadel(
+    log_dir: Path, name: str, procs: list[Proc]
+) -> tuple[Proc, str]:
+    """An `--instant` simulated replica with a Citadel gateway in front; both
+    join `procs` (for the caller to stop); returns the gateway and its URL."""
+    sim = start(
+        f"{name}-sim",
+        simulator_argv(1, "--instant", "--default-max-tokens", str(REPLY_TOKENS)),
+        log_dir,
+    )
+    procs.append(sim)
+    backend = f"http://127.0.0.1:{wait_listening(sim)[0]}"
+    gateway, url = peers.start_citadel([backend], log_dir, name=f"citadel-{name}")
+    procs.append(gateway)
+    return gateway, url
+
+
 def profile_citadel(log_dir: Path, seconds: float, py_spy: Path) -> list[str]:
     """py-spy on the gateway at concurrency 64, non-streaming: the functions with
     the most samples (self time), as text lines."""
@@ -163,15 +180,7 @@ def profile_citadel(log_dir: Path, seconds: float, py_spy: Path) -> list[str]:
 
     procs: list[Proc] = []
     try:
-        sim = start(
-            "profile-sim",
-            simulator_argv(1, "--instant", "--default-max-tokens", str(REPLY_TOKENS)),
-            log_dir,
-        )
-        procs.append(sim)
-        backend = f"http://127.0.0.1:{wait_listening(sim)[0]}"
-        gateway, url = peers.start_citadel([backend], log_dir, name="citadel-profiled")
-        procs.append(gateway)
+        gateway, url = start_instant_citadel(log_dir, "profile", procs)
         out = log_dir / "citadel-profile.txt"
         spy = subprocess.Popen(
             [
