@@ -96,7 +96,11 @@ def main() -> None:
                 results,
                 routing_part(workload),
                 functools.partial(
-                    run_routing, workload, log_dir, config.routing_deadline_s
+                    run_routing,
+                    workload,
+                    log_dir,
+                    config.routing_deadline_s,
+                    config.routing_rounds,
                 ),
             )
             if found_routing:

@@ -18,6 +18,9 @@ class BenchConfig:
     routing: tuple[ChatWorkload, ...]
     """The routing benchmark's workloads, each through every target."""
     routing_deadline_s: float
+    routing_rounds: int
+    """How many times every routing target runs each workload (the first turns'
+    cold prefills dominate a mean, and vary from run to run)."""
     memory_requests: int
     scale_models: int
     scale_nodes: int
@@ -32,6 +35,7 @@ FULL = BenchConfig(
     profile_seconds=6.0,
     routing=(SHORT_CHAT, MULTI_ROUND_QA),
     routing_deadline_s=120.0,
+    routing_rounds=3,
     memory_requests=100_000,
     scale_models=1000,
     scale_nodes=100,
@@ -49,6 +53,7 @@ QUICK = BenchConfig(
         replace(MULTI_ROUND_QA, users=8, turns=4),
     ),
     routing_deadline_s=40.0,
+    routing_rounds=1,
     memory_requests=10_000,
     scale_models=100,
     scale_nodes=10,

@@ -19,7 +19,7 @@ from citadel_bench.operator_scale import (
 )
 from citadel_bench.overhead import REPLY_TOKENS, OverheadResult
 from citadel_bench.procs import REPO
-from citadel_bench.report import Verdict, fmt, table, verdict_table
+from citadel_bench.report import Verdict, fmt, spread, table, verdict_table
 from citadel_bench.results import (
     memory_verdict,
     overhead_rows,
@@ -327,8 +327,14 @@ def _routing(r: Results) -> list[str]:
         f"`{' '.join(SIM_OPTIONS)}`),",
         "fresh for every target so each starts with cold caches; every workload "
         "below runs",
-        "through every target. Every request carries `x-session-id` (the "
-        "conversation).",
+        f"through every target, {r.config.routing_rounds} times over "
+        "(`rounds`), the order of",
+        "targets rotated each round; a target's rounds are pooled, and "
+        "`round means` gives",
+        "the lowest and highest mean TTFT of a single round (the first turns' "
+        "cold prefills",
+        "weigh heavily in a mean and vary from run to run). Every request carries",
+        "`x-session-id` (the conversation).",
         "TTFT is the time to the first streamed chunk (the simulator sends the first",
         "one with the first token). `plain:round-robin` is the load generator",
         "rotating over the replicas itself, no proxy. `hit rate` is the replicas' "
@@ -364,6 +370,7 @@ def _routing_table(runs: list[RoutingRun]) -> str:
             "requests",
             "errors",
             "TTFT mean ms",
+            "round means ms",
             "TTFT p50 ms",
             "TTFT p90 ms",
             "req/s",
@@ -376,6 +383,7 @@ def _routing_table(runs: list[RoutingRun]) -> str:
                 run.requests,
                 run.errors,
                 run.ttft.mean,
+                spread(run.round_means_ms),
                 run.ttft.median,
                 run.ttft.p90,
                 run.rps,

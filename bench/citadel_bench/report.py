@@ -23,6 +23,13 @@ def fmt(value: float | int | str | None, digits: int = 2) -> str:
     return f"{value:,.{digits}f}"
 
 
+def spread(values: Sequence[float], digits: int = 1) -> str:
+    """The lowest and highest of `values` as `low-high` (a dash for none)."""
+    if not values:
+        return DASH
+    return f"{fmt(min(values), digits)}-{fmt(max(values), digits)}"
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A Markdown table; cells go through `fmt` unless already strings."""
     lines = [

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from citadel_bench.memory import MemoryRun
 from citadel_bench.operator_scale import ScaleRun
 from citadel_bench.overhead import Point
-from citadel_bench.report import Verdict, fmt
+from citadel_bench.report import Verdict, fmt, spread
 from citadel_bench.routing import RoutingResult
 from citadel_bench.stats import median, percentile, ratio
 
@@ -166,6 +166,7 @@ def routing_verdicts(result: RoutingResult) -> list[Verdict]:
                 f"{fmt(default.ttft.mean, 1)} ms vs best {best.target.split(':')[1]} "
                 f"{fmt(best.ttft.mean, 1)} ms",
                 default.ttft.mean < best.ttft.mean,
+                _overlap(default.round_means_ms, best.round_means_ms),
             )
         )
     elif default:
@@ -178,6 +179,19 @@ def routing_verdicts(result: RoutingResult) -> list[Verdict]:
             )
         )
     return verdicts
+
+
+def _overlap(ours: list[float], theirs: list[float]) -> str:
+    """A note when two targets' single-round means overlap, so the comparison of
+    their pooled means is within the run-to-run spread."""
+    if len(ours) < 2 or len(theirs) < 2:
+        return ""
+    if max(ours) < min(theirs) or max(theirs) < min(ours):
+        return ""
+    return (
+        f"within the spread between rounds (round means {spread(ours)} vs "
+        f"{spread(theirs)} ms)"
+    )
 
 
 def scale_verdicts(run: ScaleRun) -> list[Verdict]:

@@ -61,6 +61,10 @@ class RoutingRun:
     hit_rate: float
     """Prefix-cache hits / queries over all replicas (tokens)."""
     ttfts_ms: list[float] = field(default_factory=list, repr=False)
+    round_means_ms: list[float] = field(default_factory=list)
+    """Mean TTFT of each round on its own (the spread between rounds)."""
+    cache_queries: float = 0.0
+    """The prompt tokens `hit_rate` is over."""
 
     @property
     def rps(self) -> float:
@@ -150,15 +154,42 @@ def run_target(
         for proc in reversed(procs):
             stop(proc)
     ok = [s for s in samples if s.ok]
+    ttfts = [s.first_chunk * 1000 for s in ok]
+    summary = Summary.of(ttfts)
     return RoutingRun(
         target=target,
         requests=len(ok),
         errors=len(samples) - len(ok),
-        ttft=Summary.of([s.first_chunk * 1000 for s in ok]),
+        ttft=summary,
         wall_s=wall,
         output_tokens=len(ok) * workload.max_tokens,
         hit_rate=hits / queries if queries else 0.0,
-        ttfts_ms=[s.first_chunk * 1000 for s in ok],
+        ttfts_ms=ttfts,
+        round_means_ms=[summary.mean],
+        cache_queries=queries,
+    )
+
+
+def merge_rounds(runs: list[RoutingRun]) -> RoutingRun:
+    """One target's rounds (in order) as one run: requests pooled, each round's
+    mean kept."""
+    ttfts = [t for run in runs for t in run.ttfts_ms]
+    queries = sum(run.cache_queries for run in runs)
+    return RoutingRun(
+        target=runs[0].target,
+        requests=sum(run.requests for run in runs),
+        errors=sum(run.errors for run in runs),
+        ttft=Summary.of(ttfts),
+        wall_s=sum(run.wall_s for run in runs),
+        output_tokens=sum(run.output_tokens for run in runs),
+        hit_rate=(
+            sum(run.hit_rate * run.cache_queries for run in runs) / queries
+            if queries
+            else 0.0
+        ),
+        ttfts_ms=ttfts,
+        round_means_ms=[m for run in runs for m in run.round_means_ms],
+        cache_queries=queries,
     )
 
 
@@ -186,24 +217,38 @@ class RoutingResult:
 
 
 def run_routing(
-    workload: ChatWorkload, log_dir: Path, deadline_s: float
+    workload: ChatWorkload, log_dir: Path, deadline_s: float, rounds: int = 1
 ) -> RoutingResult:
-    """All targets, one after another; failures are recorded, not raised."""
+    """Every target, `rounds` times over, the order rotated each round so that
+    drift on the shared machine does not always fall on the same targets; a
+    target's rounds are pooled. Failures are recorded, not raised: a target that
+    fails in any round is left out."""
     problem = peers.peer_problem("vllm-router")
     result = RoutingResult(workload)
     if problem:
         result.skipped["vllm-router"] = problem
-    for target in targets(problem is None):
-        try:
-            run = run_target(target, workload, log_dir, deadline_s)
-        except RuntimeError as err:
-            result.skipped[target] = f"did not run: {str(err)[-300:]}"
-            continue
-        result.runs.append(run)
-        print(
-            f"routing {workload.slug} {target:32} n={run.requests} err={run.errors} "
-            f"ttft mean={run.ttft.mean:7.1f}ms p90={run.ttft.p90:7.1f}ms "
-            f"rps={run.rps:6.2f} hit={run.hit_rate:.2f}",
-            flush=True,
-        )
+    names = targets(problem is None)
+    done: dict[str, list[RoutingRun]] = {name: [] for name in names}
+    for n in range(rounds):
+        for target in names[n % len(names) :] + names[: n % len(names)]:
+            if target in result.skipped:
+                continue
+            try:
+                run = run_target(target, workload, log_dir, deadline_s)
+            except RuntimeError as err:
+                result.skipped[target] = f"did not run: {str(err)[-300:]}"
+                continue
+            done[target].append(run)
+            print(
+                f"routing {workload.slug} round {n + 1} {target:32} "
+                f"n={run.requests} err={run.errors} "
+                f"ttft mean={run.ttft.mean:7.1f}ms p90={run.ttft.p90:7.1f}ms "
+                f"rps={run.rps:6.2f} hit={run.hit_rate:.2f}",
+                flush=True,
+            )
+    result.runs = [
+        merge_rounds(done[name])
+        for name in names
+        if done[name] and name not in result.skipped
+    ]
     return result

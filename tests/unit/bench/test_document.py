@@ -10,8 +10,9 @@ from citadel_bench.document import (
     write_document,
 )
 from citadel_bench.operator_scale import ScaleRun
+from citadel_bench.report import Verdict
 from citadel_bench.results import routing_verdicts, scale_verdicts
-from citadel_bench.routing import RoutingResult, RoutingRun
+from citadel_bench.routing import RoutingResult, RoutingRun, merge_rounds
 from citadel_bench.stats import Summary
 from citadel_bench.workload import MULTI_ROUND_QA, SHORT_CHAT, ChatWorkload
 
@@ -151,3 +152,56 @@ def test_document_reports_the_floor_and_cpu_per_process(tmp_path: Path) -> None:
     assert "55.0 s" in scale
     assert "citadel-operator 20.0, kube-apiserver 60.0; total 80.0 s" in scale
     assert "(1.00 of 2 cores)" in scale
+
+
+def _round(target: str, ttfts: list[float], hits: float, queries: float) -> RoutingRun:
+    return RoutingRun(
+        target=target,
+        requests=len(ttfts),
+        errors=0,
+        ttft=Summary.of(ttfts),
+        wall_s=1.0,
+        output_tokens=10 * len(ttfts),
+        hit_rate=hits / queries,
+        ttfts_ms=ttfts,
+        round_means_ms=[sum(ttfts) / len(ttfts)],
+        cache_queries=queries,
+    )
+
+
+def test_rounds_pool_requests_and_keep_each_rounds_mean() -> None:
+    merged = merge_rounds(
+        [
+            _round("citadel:prefix-aware", [10.0, 30.0], hits=1, queries=4),
+            _round("citadel:prefix-aware", [50.0], hits=3, queries=4),
+        ]
+    )
+    assert merged.requests == 3 and merged.wall_s == 2.0
+    assert merged.ttft.mean == 30.0
+    assert merged.round_means_ms == [20.0, 50.0]
+    # Hit rates pool by the tokens they are over, not by round.
+    assert merged.hit_rate == 0.5 and merged.cache_queries == 8
+
+
+def test_a_win_within_the_rounds_spread_says_so() -> None:
+    def run(target: str, means: list[float]) -> RoutingRun:
+        return merge_rounds([_round(target, [m], 1, 1) for m in means])
+
+    def verdict(ours: list[float], theirs: list[float]) -> Verdict:
+        result = RoutingResult(
+            MULTI_ROUND_QA,
+            [
+                run("citadel:prefix-aware", ours),
+                run("plain:round-robin", [200.0, 210.0]),
+                run("vllm-router:sticky_least_loaded", theirs),
+            ],
+        )
+        return routing_verdicts(result)[1]
+
+    close = verdict([80.0, 90.0], [84.0, 88.0])
+    assert close.ok is True
+    assert close.note == (
+        "within the spread between rounds (round means 80.0-90.0 vs 84.0-88.0 ms)"
+    )
+    clear = verdict([60.0, 70.0], [84.0, 88.0])
+    assert clear.ok is True and clear.note == ""
