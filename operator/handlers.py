@@ -15,6 +15,7 @@ from typing import Any
 import kopf
 
 from citadel.operator import names
+from citadel.operator.kopfstate import MemoryState
 from citadel.operator.reconcile import ReconcileError, Reconciler
 from citadel.operator.settings import OperatorSettings
 from citadel.operator.view import (
@@ -58,6 +59,7 @@ def build_registry(
     settings: OperatorSettings,
     login: Callable[[], kopf.ConnectionInfo],
     on_cleanup: Callable[[], Awaitable[None]],
+    state: MemoryState,
 ) -> kopf.OperatorRegistry:
     """Registers every handler of the operator.
 
@@ -66,6 +68,7 @@ def build_registry(
         settings: the operator's settings (the resync interval).
         login: credentials for Kopf's own API connection.
         on_cleanup: closes what `main` opened, when the operator stops.
+        state: Kopf's handling state, forgotten when a model is deleted.
     """
     registry = kopf.OperatorRegistry()
     background: list[asyncio.Task[None]] = []
@@ -147,9 +150,15 @@ def build_registry(
 
     @kopf.on.event(*LLMMODEL, id="llmmodel-event", registry=registry)
     async def llmmodel_event(
-        type: str | None, namespace: str | None, name: str | None, **_: Any
+        type: str | None,
+        namespace: str | None,
+        name: str | None,
+        uid: str | None,
+        **_: Any,
     ) -> None:
         if type == "DELETED" and namespace and name:
+            if uid:
+                state.forget([uid])
             await reconciler.forget(namespace, name)
 
     @kopf.on.event(

@@ -15,29 +15,28 @@ from prometheus_client import start_http_server
 
 from citadel.operator import __version__
 from citadel.operator.handlers import build_registry
+from citadel.operator.kopfstate import MemoryState
 from citadel.operator.kube.client import AioKube
 from citadel.operator.metrics import Metrics
+from citadel.operator.names import KOPF_PREFIX
 from citadel.operator.reconcile import Reconciler
 from citadel.operator.settings import LogFormat, OperatorSettings, PeeringMode
 
-PREFIX = "citadel.ai"
-
 
 def kopf_settings(
-    settings: OperatorSettings, default_priority: int = 0
+    settings: OperatorSettings, state: MemoryState, default_priority: int = 0
 ) -> kopf.OperatorSettings:
-    """Kopf's settings: our annotation prefix, quiet handler events, peering.
+    """Kopf's settings: handling state in memory, quiet handler events, peering.
 
     Args:
         settings: the operator's settings.
+        state: where Kopf keeps what it handled (see kopfstate.py).
         default_priority: the peering priority when the settings give none.
     """
     ks = kopf.OperatorSettings()
-    ks.persistence.finalizer = f"{PREFIX}/finalizer"
-    ks.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
-    ks.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=PREFIX, key="last-handled-configuration"
-    )
+    ks.persistence.finalizer = f"{KOPF_PREFIX}/finalizer"
+    ks.persistence.progress_storage = state.progress
+    ks.persistence.diffbase_storage = state.diffbase
     # Our own Events describe the model; Kopf's per-handler ones only when failing.
     ks.posting.level = logging.WARNING
     ks.peering.name = settings.peering_name
@@ -87,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         # Kopf logs every handler call at INFO, one line per pod event; our own
         # lines say what each reconcile did.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    ks = kopf_settings(settings, default_priority=random.randint(1, 1_000_000))
+    state = MemoryState()
+    ks = kopf_settings(settings, state, default_priority=random.randint(1, 1_000_000))
     metrics = Metrics()
     if settings.metrics_port:
         start_http_server(settings.metrics_port, registry=metrics.registry)
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     kube = AioKube(login)
     reconciler = Reconciler(kube, settings, metrics)
-    registry = build_registry(reconciler, settings, login, kube.close)
+    registry = build_registry(reconciler, settings, login, kube.close, state)
     kopf.run(
         registry=registry,
         settings=ks,

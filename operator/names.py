@@ -15,6 +15,8 @@ SINGULAR = "llmmodel"
 SHORT_NAMES = ("llm", "llms")
 CRD_NAME = f"{PLURAL}.{GROUP}"
 
+# Kopf's finalizer, "touch" and legacy state annotations are named under it.
+KOPF_PREFIX = GROUP
 FIELD_MANAGER = "citadel-operator"
 MANAGER_NAME = "citadel-operator"
 """The value of `app.kubernetes.io/managed-by` on every object the operator makes."""

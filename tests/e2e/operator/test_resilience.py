@@ -38,6 +38,10 @@ def test_restart_mid_reconcile_converges_without_duplicates(
     for name in names:
         kube.wait_phase(name, "Ready")
     for name in names:
+        # Kopf's handling state stays in the operator's memory: the restarted
+        # operator handled the models without writing to them.
+        annotations = kube.get("llmmodel", name)["metadata"].get("annotations", {})
+        assert not [a for a in annotations if a.startswith("citadel.ai/")], annotations
         selector = f"citadel.ai/model={name}"
         assert len(kube.items("deployments", selector)) == 1
         assert len(kube.items("replicasets", selector)) == 1, "template changed"
@@ -52,6 +56,44 @@ def test_restart_mid_reconcile_converges_without_duplicates(
     assert sorted(r["name"] for r in routes) == names
     for name in names:
         kube.delete_model(name)
+
+
+def test_changes_made_while_stopped_are_applied_on_start(
+    kube: Kube, operator: OperatorProcess
+) -> None:
+    # The operator keeps no handling state on the models, so the one that starts
+    # must find the change by itself.
+    kube.apply(_model("offline"))
+    kube.wait_phase("offline", "Ready")
+    operator.stop()
+    try:
+        kube.cluster.kubectl(
+            "scale", "llmmodel/offline", "--replicas=2", "-n", kube.namespace
+        )
+    finally:
+        operator.start()
+    kube.wait(
+        "two replicas",
+        lambda: kube.get("deployment", "offline")["spec"]["replicas"] == 2,
+    )
+    kube.wait(
+        "the new generation observed",
+        lambda: (
+            (body := kube.get("llmmodel", "offline"))["status"].get(
+                "observedGeneration"
+            )
+            == body["metadata"]["generation"]
+        ),
+    )
+    # And the running operator still tells updates from its own status writes.
+    kube.cluster.kubectl(
+        "scale", "llmmodel/offline", "--replicas=1", "-n", kube.namespace
+    )
+    kube.wait(
+        "one replica",
+        lambda: kube.get("deployment", "offline")["spec"]["replicas"] == 1,
+    )
+    kube.delete_model("offline")
 
 
 class _Watch:

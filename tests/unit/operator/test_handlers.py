@@ -7,6 +7,7 @@ import pytest
 
 from citadel.operator import __version__
 from citadel.operator.handlers import _translated, build_registry
+from citadel.operator.kopfstate import MemoryState
 from citadel.operator.kube.fake import FakeKube
 from citadel.operator.main import kopf_settings, main
 from citadel.operator.metrics import Metrics
@@ -40,7 +41,7 @@ async def _noop() -> None:
 def test_registry_has_every_handler(settings: OperatorSettings, resync: float) -> None:
     settings = settings.model_copy(update={"resync_seconds": resync})
     reconciler = Reconciler(FakeKube(), settings, Metrics())
-    registry = build_registry(reconciler, settings, _login, _noop)
+    registry = build_registry(reconciler, settings, _login, _noop, MemoryState())
     changing = {h.id for h in registry._changing.get_all_handlers()}
     assert {"reconcile-create", "reconcile-update", "reconcile-resume"} <= changing
     watching = {h.id for h in registry._watching.get_all_handlers()}
@@ -52,16 +53,19 @@ def test_registry_has_every_handler(settings: OperatorSettings, resync: float) -
         assert not handler.requires_finalizer, handler.id
 
 
-def test_kopf_settings_keep_state_in_our_annotations(
-    settings: OperatorSettings,
-) -> None:
-    ks = kopf_settings(settings.model_copy(update={"peering": PeeringMode.MANDATORY}))
+def test_kopf_settings_keep_state_in_memory(settings: OperatorSettings) -> None:
+    state = MemoryState()
+    ks = kopf_settings(
+        settings.model_copy(update={"peering": PeeringMode.MANDATORY}), state
+    )
+    assert ks.persistence.diffbase_storage is state.diffbase
+    assert ks.persistence.progress_storage is state.progress
     assert ks.persistence.finalizer == "citadel.ai/finalizer"
     assert ks.peering.mandatory and not ks.peering.standalone
     assert ks.peering.name == "citadel-operator"
-    assert kopf_settings(settings, default_priority=7).peering.priority == 7
+    assert kopf_settings(settings, state, default_priority=7).peering.priority == 7
     fixed = settings.model_copy(update={"peering_priority": 3})
-    assert kopf_settings(fixed, default_priority=7).peering.priority == 3
+    assert kopf_settings(fixed, state, default_priority=7).peering.priority == 3
 
 
 def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,111 @@
+"""Kopf's handling state kept in the operator's memory, not on the LLMModels.
+
+Kopf remembers, per object, the spec it last handled (to tell an update from a
+status write) and each handler's progress (retries). Its stock storages keep both
+in annotations, which costs a PATCH of every new LLMModel after its first
+reconcile, one more watch event that everybody watching models receives, and a
+copy of the spec in every later read and event of that model. At 300 models that
+PATCH was one request in twelve of the operator's own (measured with
+apiserver_request_total, see docs/benchmarks.md).
+
+Nothing here needs to outlive the process: every handler of an LLMModel runs the
+same idempotent reconcile, so an operator that starts without this state (a
+restart, or a peer taking over) handles every model as new, once, exactly as
+Kopf's resume handlers would. The one thing still written to the object is
+Kopf's "touch" annotation, which wakes the object up after a retry delay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import kopf
+
+from citadel.operator.names import KOPF_PREFIX
+
+
+class MemoryDiffBase(kopf.AnnotationsDiffBaseStorage):
+    """The last handled essence of each object, by uid, in memory.
+
+    Essences are built as the annotation storage builds them (our annotations
+    left out), so objects that still carry an annotation from an older operator
+    compare the same.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(prefix=KOPF_PREFIX, key="last-handled-configuration")
+        self._essences: dict[str, kopf.BodyEssence] = {}
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return self._essences.get(body.metadata.uid or "")
+
+    def store(
+        self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence
+    ) -> None:
+        uid = body.metadata.uid
+        if uid:
+            self._essences[uid] = essence
+
+    def forget(self, uid: str) -> None:
+        """Drops a deleted object's essence."""
+        self._essences.pop(uid, None)
+
+    def __len__(self) -> int:
+        return len(self._essences)
+
+
+class MemoryProgress(kopf.AnnotationsProgressStorage):
+    """Each handler's progress (started, retries, delay), by uid, in memory.
+
+    Only `touch` still patches the object, as the annotation storage does: Kopf
+    uses it to get a fresh event once a retry's delay is over.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(prefix=KOPF_PREFIX)
+        self._records: dict[str, dict[str, kopf.ProgressRecord]] = {}
+
+    def fetch(
+        self, *, key: kopf.HandlerId, body: kopf.Body
+    ) -> kopf.ProgressRecord | None:
+        return self._records.get(body.metadata.uid or "", {}).get(key)
+
+    def store(
+        self,
+        *,
+        key: kopf.HandlerId,
+        record: kopf.ProgressRecord,
+        body: kopf.Body,
+        patch: kopf.Patch,
+    ) -> None:
+        uid = body.metadata.uid
+        if uid:
+            self._records.setdefault(uid, {})[key] = record
+
+    def purge(self, *, key: kopf.HandlerId, body: kopf.Body, patch: kopf.Patch) -> None:
+        records = self._records.get(body.metadata.uid or "")
+        if records is not None:
+            records.pop(key, None)
+            if not records:
+                del self._records[body.metadata.uid or ""]
+
+    def forget(self, uid: str) -> None:
+        """Drops a deleted object's records."""
+        self._records.pop(uid, None)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+
+class MemoryState:
+    """Both storages, and one place to forget a deleted object."""
+
+    def __init__(self) -> None:
+        self.diffbase = MemoryDiffBase()
+        self.progress = MemoryProgress()
+
+    def forget(self, uids: Iterable[str]) -> None:
+        """Drops what is kept for these (deleted) objects."""
+        for uid in uids:
+            self.diffbase.forget(uid)
+            self.progress.forget(uid)

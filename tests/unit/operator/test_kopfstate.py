@@ -1,0 +1,88 @@
+"""Kopf's handling state in memory: nothing of it is written to the model."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import kopf
+import pytest
+
+from citadel.operator.kopfstate import MemoryState
+
+pytestmark = pytest.mark.unit
+
+
+def _body(replicas: int = 1, **status: Any) -> kopf.Body:
+    return kopf.Body(
+        {
+            "apiVersion": "citadel.ai/v1alpha1",
+            "kind": "LLMModel",
+            "metadata": {
+                "name": "m",
+                "namespace": "ns",
+                "uid": "uid-1",
+                "generation": replicas,
+                "resourceVersion": "7",
+                "annotations": {
+                    # What an older operator left behind: not part of the essence.
+                    "citadel.ai/last-handled-configuration": '{"spec": {}}',
+                },
+            },
+            "spec": {"replicas": replicas},
+            "status": status,
+        }
+    )
+
+
+def _cause(state: MemoryState, body: kopf.Body) -> str:
+    """What Kopf makes of `body` with this state: no essence stored is a creation,
+    an empty diff against it nothing, anything else an update (the e2e tests run
+    Kopf itself)."""
+    old = state.diffbase.fetch(body=body)
+    if old is None:
+        return "create"
+    return "noop" if old == state.diffbase.build(body=body) else "update"
+
+
+def test_what_was_handled_is_remembered_without_patching() -> None:
+    state = MemoryState()
+    body = _body()
+    assert _cause(state, body) == "create"
+    patch = kopf.Patch()
+    state.diffbase.store(
+        body=body, patch=patch, essence=state.diffbase.build(body=body)
+    )
+    assert not patch
+    # Our own status write changes nothing Kopf handles...
+    assert _cause(state, _body(phase="Ready")) == "noop"
+    # ...a new spec is an update.
+    assert _cause(state, _body(replicas=2)) == "update"
+    # A deleted model's state goes; a model of that name made again is new.
+    state.forget(["uid-1"])
+    assert len(state.diffbase) == 0
+    assert _cause(state, body) == "create"
+
+
+def test_progress_is_kept_and_purged_in_memory() -> None:
+    state = MemoryState()
+    body = _body()
+    patch = kopf.Patch()
+    key = kopf.HandlerId("reconcile-create")
+    record: kopf.ProgressRecord = {"started": "2026-11-29T00:00:00", "retries": 1}
+    state.progress.store(key=key, record=copy.deepcopy(record), body=body, patch=patch)
+    assert not patch
+    assert state.progress.fetch(key=key, body=body) == record
+    state.progress.purge(key=key, body=body, patch=patch)
+    assert not patch
+    assert state.progress.fetch(key=key, body=body) is None
+    assert len(state.progress) == 0
+
+
+def test_touch_still_wakes_the_object_after_a_retry_delay() -> None:
+    # Kopf patches a dummy annotation to get an event when a delay is over;
+    # without it a failed reconcile would wait for the periodic resync.
+    state = MemoryState()
+    patch = kopf.Patch()
+    state.progress.touch(body=_body(), patch=patch, value="now")
+    assert patch["metadata"]["annotations"]
