@@ -18,10 +18,14 @@ Kopf's "touch" annotation, which wakes the object up after a retry delay.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import cast
 
 import kopf
 
 from citadel.operator.names import KOPF_PREFIX
+
+# What Kopf accepts as a field: a dotted path, or its parts.
+FieldSpec = str | tuple[str, ...] | list[str] | None
 
 
 class MemoryDiffBase(kopf.AnnotationsDiffBaseStorage):
@@ -35,6 +39,24 @@ class MemoryDiffBase(kopf.AnnotationsDiffBaseStorage):
     def __init__(self) -> None:
         super().__init__(prefix=KOPF_PREFIX, key="last-handled-configuration")
         self._essences: dict[str, kopf.BodyEssence] = {}
+
+    def build(
+        self, *, body: kopf.Body, extra_fields: Iterable[FieldSpec] | None = None
+    ) -> kopf.BodyEssence:
+        # Kopf deep-copies the whole body and then drops all but the spec, labels
+        # and annotations; copying the status and managedFields first was 8% of
+        # the operator's CPU at 300 models (py-spy).
+        if extra_fields:
+            return super().build(body=body, extra_fields=extra_fields)
+        meta = body.get("metadata", {})
+        kept = ("name", "namespace", "uid", "labels", "annotations")
+        lean = {
+            "apiVersion": body.get("apiVersion"),
+            "kind": body.get("kind"),
+            "metadata": {k: meta[k] for k in kept if k in meta},
+            "spec": body.get("spec", {}),
+        }
+        return super().build(body=kopf.Body(cast(kopf.RawBody, lean)))
 
     def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
         return self._essences.get(body.metadata.uid or "")

@@ -86,3 +86,30 @@ def test_touch_still_wakes_the_object_after_a_retry_delay() -> None:
     patch = kopf.Patch()
     state.progress.touch(body=_body(), patch=patch, value="now")
     assert patch["metadata"]["annotations"]
+
+
+def test_essence_is_what_kopfs_own_storage_builds() -> None:
+    # Built from the spec, labels and annotations only (not a copy of the whole
+    # body), and the same as Kopf's stock storage makes of the whole body.
+    raw = dict(_body(phase="Ready"))
+    raw["metadata"] = {
+        **raw["metadata"],
+        "labels": {"team": "a"},
+        "managedFields": [{"manager": "citadel-operator", "fieldsV1": {"f:x": {}}}],
+        "creationTimestamp": "2026-11-29T00:00:00Z",
+    }
+    raw["metadata"]["annotations"] = {
+        **raw["metadata"]["annotations"],
+        "note": "kept",
+        "kubectl.kubernetes.io/last-applied-configuration": "{}",
+    }
+    body = kopf.Body(raw)
+    stock = kopf.AnnotationsDiffBaseStorage(
+        prefix="citadel.ai", key="last-handled-configuration"
+    )
+    essence = MemoryState().diffbase.build(body=body)
+    assert essence == stock.build(body=body)
+    assert essence == {
+        "metadata": {"labels": {"team": "a"}, "annotations": {"note": "kept"}},
+        "spec": {"replicas": 1},
+    }
