@@ -45,6 +45,8 @@ def create_app(settings: GatewaySettings, deps: Deps) -> FastAPI:
     app.include_router(health.router)
     app.include_router(admin.router)
     app.include_router(graphql_router())
+    # The fast path sits inside VersionHeaders, so its responses get them too.
+    app.add_middleware(openai.ForwardingFastPath)
     app.add_middleware(VersionHeaders)
     errors.install(app)
     return app

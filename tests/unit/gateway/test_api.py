@@ -322,3 +322,27 @@ async def test_cost_is_observed_when_the_model_is_priced(kit: Any) -> None:
     cost = h.deps.metrics.cost.labels("smollm2", "alice")
     # usage (10, 5): 10 x 1.0 + 5 x 2.0 per million tokens
     assert cost._sum.get() == pytest.approx(20 / 1_000_000)
+
+
+async def test_unexpected_failure_is_a_500_in_openai_shape(
+    harness: Any, kit: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The forwarding endpoints skip FastAPI's exception handlers (a fast path):
+    # a bug in the request path must still answer like everything else.
+    def broken(url: str, body: bytes) -> Any:
+        raise RuntimeError("a bug")
+
+    harness.upstream.handler = broken
+    async with harness.client() as client:
+        answer = await client.post(
+            "/v1/chat/completions", json=kit.chat, headers={"x-request-id": "r-9"}
+        )
+        listed = await client.get("/v1/models")
+    assert answer.status_code == 500
+    assert answer.json()["error"]["type"] == "server_error"
+    assert answer.headers["x-request-id"] == "r-9"
+    assert "a bug" not in answer.text
+    assert any(r.exc_info and "a bug" in str(r.exc_info[1]) for r in caplog.records)
+    # Both doors add the same version header.
+    version = [h for h in listed.headers if "version" in h]
+    assert version and all(answer.headers.get(h) for h in version)
