@@ -18,7 +18,12 @@ from citadel.operator.kube.resources import (
     SERVICES,
 )
 from citadel.operator.metrics import Metrics
-from citadel.operator.reconcile import ReconcileError, Reconciler, Serializer
+from citadel.operator.reconcile import (
+    Precedence,
+    ReconcileError,
+    Reconciler,
+    Serializer,
+)
 from citadel.operator.settings import OperatorSettings
 
 from .samples import NODES, NOW, model_body, pod
@@ -234,3 +239,45 @@ async def test_resyncs_hold_few_slots_and_new_models_pass_them(
     gate.set()
     await asyncio.gather(*resyncs)
     assert busy["peak"] == 1
+
+
+async def test_refreshes_wait_while_new_models_are_reconciled(
+    settings: OperatorSettings,
+) -> None:
+    gate = asyncio.Event()
+    status_writes: list[str] = []
+
+    class SlowKube(FakeKube):
+        async def apply(
+            self, obj: dict[str, Any], *, subresource: str = ""
+        ) -> dict[str, Any]:
+            if obj["kind"] == "Deployment" and obj["metadata"]["name"] == "new":
+                await gate.wait()
+            if subresource == "status":
+                status_writes.append(obj["metadata"]["name"])
+            return await super().apply(obj, subresource=subresource)
+
+    kube = SlowKube([*NODES, model_body("old"), model_body("new")])
+    reconciler = Reconciler(kube, settings, Metrics(), clock=lambda: NOW)
+    await reconciler.reconcile(model_body("old"))
+    status_writes.clear()
+    await kube.apply(pod("old-0", model="old"))
+    new = asyncio.create_task(reconciler.reconcile(model_body("new")))
+    await asyncio.sleep(0.05)
+    refresh = asyncio.create_task(reconciler.refresh("llm", "old"))
+    await asyncio.sleep(0.05)
+    # The old model's status waits while the new model gets its Deployment.
+    assert not refresh.done() and status_writes == []
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(new, refresh), timeout=2)
+    assert status_writes == ["new", "old"]
+
+
+async def test_precedence_waits_a_bounded_time() -> None:
+    precedence = Precedence(max_wait_s=0.05)
+    await asyncio.wait_for(precedence.wait(), timeout=0.01)  # nothing pending
+    async with precedence.urgent():
+        began = asyncio.get_running_loop().time()
+        await precedence.wait()
+        assert asyncio.get_running_loop().time() - began >= 0.05
+    await asyncio.wait_for(precedence.wait(), timeout=0.01)
