@@ -117,7 +117,11 @@ def main() -> None:
             results,
             "operator scale",
             lambda: run_scale(
-                log_dir, config.scale_models, config.scale_nodes, config.scale_timeout_s
+                log_dir,
+                config.scale_models,
+                config.scale_nodes,
+                config.scale_timeout_s,
+                Path(py_spy) if Path(py_spy).exists() else None,
             ),
         )
         if results.scale and results.scale.curve:

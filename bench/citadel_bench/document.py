@@ -481,7 +481,10 @@ def _scale(r: Results) -> list[str]:
             "operator RSS peak / end",
             f"{fmt(s.rss_peak_mb, 0)} / {fmt(s.rss_end_mb, 0)} MiB",
         ),
-        ("operator CPU time", f"{fmt(s.cpu_s, 1)} s"),
+        (
+            "operator CPU time, the burst and the one-at-a-time models",
+            f"{fmt(s.cpu_s, 1)} s",
+        ),
         *_cpu_rows("CPU s, with the operator", s.cpu_by_process, s.wall_s),
         *_cpu_rows(
             "CPU s, the floor",
@@ -490,7 +493,58 @@ def _scale(r: Results) -> list[str]:
         ),
     ]
     out.append(table(["what", "value"], rows))
-    return [*out, "", "![operator scale](benchmarks/operator-scale.png)", ""]
+    out += ["", "![operator scale](benchmarks/operator-scale.png)", ""]
+    out += _scale_requests(s)
+    if s.profile:
+        out += [
+            "### Where the operator spends its time",
+            "",
+            "py-spy (`record --format raw --nonblocking`, 25 samples a second) on "
+            "the operator",
+            "from the first apply until every model was Ready; the frames with the "
+            "most samples:",
+            "",
+            "```text",
+            *s.profile,
+            "```",
+            "",
+        ]
+    return out
+
+
+def _scale_requests(s: ScaleRun, count: int = 16) -> list[str]:
+    """The API requests of both runs per model, most frequent first."""
+    if not s.requests:
+        return []
+    keys = sorted(s.requests, key=lambda k: -s.requests[k])[:count]
+    rows = [
+        (
+            key,
+            s.requests[key] / s.models,
+            s.floor_requests.get(key, 0.0) / s.models if s.floor_requests else None,
+        )
+        for key in keys
+    ]
+    total = sum(s.requests.values()) / s.models
+    floor_total = (
+        sum(s.floor_requests.values()) / s.models if s.floor_requests else None
+    )
+    return [
+        "### API requests",
+        "",
+        "`apiserver_request_total` before and after each run, per model, summed "
+        "over every",
+        "client (kubectl, the operator, the controllers, the scheduler, kwok with "
+        "its node",
+        "leases, and the watches; the two runs last differently long);",
+        f"the {count} most frequent with the operator:",
+        "",
+        table(
+            ["verb and resource", "with the operator", "floor"],
+            [*rows, ("all requests", total, floor_total)],
+        ),
+        "",
+    ]
 
 
 def _failures(r: Results) -> list[str]:

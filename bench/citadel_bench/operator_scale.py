@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import threading
@@ -75,6 +77,13 @@ class ScaleRun:
     rss_peak_mb: float = 0.0
     rss_end_mb: float = 0.0
     cpu_s: float = 0.0
+    """Operator CPU seconds over the burst and the one-at-a-time models."""
+    requests: dict[str, float] = field(default_factory=dict)
+    """API requests during the run with the operator, by "VERB resource"."""
+    floor_requests: dict[str, float] = field(default_factory=dict)
+    """The same during the floor."""
+    profile: list[str] = field(default_factory=list)
+    """py-spy's hottest frames of the operator during the burst."""
     problem: str | None = None
 
 
@@ -141,6 +150,60 @@ def control_plane_cpu() -> dict[str, float]:
                 used = (int(fields[11]) + int(fields[12])) / TICKS
                 found[name] = found.get(name, 0.0) + used
     return found
+
+
+def api_requests(kube: Kubectl) -> dict[str, float]:
+    """The API server's request counter so far, summed by "VERB resource[/sub]"
+    (every client together: the server does not count by client)."""
+    found: dict[str, float] = {}
+    pattern = re.compile(r'(\w+)="([^"]*)"')
+    for line in kube("get", "--raw", "/metrics").splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels = dict(pattern.findall(line))
+        sub = labels.get("subresource", "")
+        key = f"{labels.get('verb')} {labels.get('resource')}" + (
+            f"/{sub}" if sub else ""
+        )
+        found[key] = found.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def requests_since(kube: Kubectl, before: dict[str, float]) -> dict[str, float]:
+    now = api_requests(kube)
+    grown = {k: v - before.get(k, 0.0) for k, v in now.items()}
+    return {k: v for k, v in grown.items() if v > 0}
+
+
+def start_profile(
+    py_spy: Path | None, pid: int, out: Path
+) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling `pid` into `out` (raw stacks) until stopped; 25 samples a
+    second, without pausing the process, to disturb the run little."""
+    if py_spy is None:
+        return None
+    return subprocess.Popen(
+        [str(py_spy), "record", "--format", "raw", "--nonblocking", "-r", "25",
+         "-o", str(out), "-p", str(pid)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def stop_profile(spy: subprocess.Popen[bytes] | None, out: Path) -> list[str]:
+    """Stops py-spy (it writes its stacks on SIGINT); the hottest frames."""
+    if spy is None:
+        return []
+    spy.send_signal(signal.SIGINT)
+    try:
+        spy.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        spy.wait()
+    # Imported here: overhead pulls in the load generator.
+    from citadel_bench.overhead import top_functions
+
+    return top_functions(out.read_text()) if out.exists() else []
 
 
 def cpu_since(before: dict[str, float]) -> dict[str, float]:
@@ -282,8 +345,18 @@ def one_at_a_time(
     return latencies
 
 
-def run_scale(log_dir: Path, models: int, nodes: int, timeout_s: float) -> ScaleRun:
-    """The whole measurement; a problem is recorded in the result, not raised."""
+def run_scale(
+    log_dir: Path,
+    models: int,
+    nodes: int,
+    timeout_s: float,
+    py_spy: Path | None = None,
+) -> ScaleRun:
+    """The whole measurement; a problem is recorded in the result, not raised.
+
+    Args:
+        py_spy: when given, the operator is profiled during the burst.
+    """
     result = ScaleRun(models, nodes)
     kubeconfig = cluster_kubeconfig(log_dir)
     if kubeconfig is None:
@@ -292,6 +365,7 @@ def run_scale(log_dir: Path, models: int, nodes: int, timeout_s: float) -> Scale
     kube = Kubectl(kubeconfig)
     operator: Proc | None = None
     watchers: list[subprocess.Popen[str]] = []
+    spy: subprocess.Popen[bytes] | None = None
     stop_flag = threading.Event()
     try:
         # A namespace left terminating by an earlier run must be gone first.
@@ -341,6 +415,8 @@ def run_scale(log_dir: Path, models: int, nodes: int, timeout_s: float) -> Scale
         )
         watchers.append(watch(kube, "deployments", "", seen, stop_flag))
         time.sleep(1.0)
+        requests_before = api_requests(kube)
+        spy = start_profile(py_spy, operator.pid, log_dir / "operator-profile.txt")
         cpu_before = control_plane_cpu()
         began = time.monotonic()
         create_in_streams(kube, lambda i: [model(i)], models, timeout_s)
@@ -361,6 +437,9 @@ def run_scale(log_dir: Path, models: int, nodes: int, timeout_s: float) -> Scale
         result.wall_s = time.monotonic() - began
         result.cpu_by_process = cpu_since(cpu_before)
         result.cpu_by_process["citadel-operator"] = operator.cpu_seconds() - cpu0
+        result.requests = requests_since(kube, requests_before)
+        result.profile = stop_profile(spy, log_dir / "operator-profile.txt")
+        spy = None
         # Both watches see events with the same delay, so their difference is the
         # operator's reaction time; kubectl's own timing is not involved.
         result.latencies_s = [seen[n] - created[n] for n in created if n in seen]
@@ -373,6 +452,7 @@ def run_scale(log_dir: Path, models: int, nodes: int, timeout_s: float) -> Scale
     finally:
         stop_flag.set()
         stop_watches(watchers)
+        stop_profile(spy, log_dir / "operator-profile.txt")
         if operator is not None:
             stop(operator)
         with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
@@ -423,6 +503,7 @@ def run_floor(kube: Kubectl, result: ScaleRun, timeout_s: float) -> None:
             )
         )
         time.sleep(1.0)
+        requests_before = api_requests(kube)
         cpu_before = control_plane_cpu()
         began = time.monotonic()
         create_in_streams(kube, floor_objects, result.models, timeout_s)
@@ -432,6 +513,7 @@ def run_floor(kube: Kubectl, result: ScaleRun, timeout_s: float) -> None:
         if len(available) >= result.models:
             result.floor_ready_s = max(available.values()) - began
         result.floor_cpu_by_process = cpu_since(cpu_before)
+        result.floor_requests = requests_since(kube, requests_before)
     except (RuntimeError, subprocess.TimeoutExpired) as err:
         result.floor_problem = str(err)[-300:]
     finally:

@@ -152,6 +152,23 @@ def test_document_reports_the_floor_and_cpu_per_process(tmp_path: Path) -> None:
     assert "55.0 s" in scale
     assert "citadel-operator 20.0, kube-apiserver 60.0; total 80.0 s" in scale
     assert "(1.00 of 2 cores)" in scale
+    assert "### API requests" not in scale and "py-spy" not in scale
+
+
+def test_document_shows_requests_per_model_and_the_operators_profile(
+    tmp_path: Path,
+) -> None:
+    r = _results()
+    r.scale = _scale()
+    r.scale.requests = {"APPLY llmmodels/status": 2300.0, "GET services": 1000.0}
+    r.scale.floor_requests = {"GET services": 10.0}
+    r.scale.profile = ["  9.0% self,  9.0% incl  raw_decode (json/decoder.py:353)"]
+    scale = _write(r, tmp_path).split("## Operator scale")[1].split("\n## ")[0]
+    assert "| APPLY llmmodels/status | 2.30 | 0.00 |" in scale
+    assert "| GET services | 1.00 | 0.01 |" in scale
+    assert "| all requests | 3.30 | 0.01 |" in scale
+    assert scale.index("APPLY llmmodels") < scale.index("GET services")
+    assert "raw_decode (json/decoder.py:353)" in scale
 
 
 def _round(target: str, ttfts: list[float], hits: float, queries: float) -> RoutingRun:
