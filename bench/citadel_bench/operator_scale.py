@@ -36,6 +36,7 @@ NAMESPACE = "bench-scale"
 ROUTES_NAMESPACE = "citadel-bench"
 CONTEXT = "citadel-local"
 APPLY_STREAMS = 4
+PROFILE = "operator-profile.txt"
 STEADY_MODELS = 20
 MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 STEADY_GAP_S = 0.5
@@ -175,34 +176,25 @@ def requests_since(kube: Kubectl, before: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in grown.items() if v > 0}
 
 
-def start_profile(
-    py_spy: Path | None, pid: int, out: Path
-) -> subprocess.Popen[bytes] | None:
-    """py-spy sampling `pid` into `out` (raw stacks) until stopped; 25 samples a
-    second, without pausing the process, to disturb the run little."""
+def start_profile(py_spy: Path | None, pid: int, log_dir: Path) -> Proc | None:
+    """py-spy sampling `pid` (raw stacks into log_dir) until stopped; 25 samples
+    a second, without pausing the process, to disturb the run little."""
     if py_spy is None:
         return None
-    return subprocess.Popen(
-        [str(py_spy), "record", "--format", "raw", "--nonblocking", "-r", "25",
-         "-o", str(out), "-p", str(pid)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    out = log_dir / PROFILE
+    argv = [str(py_spy), "record", "--format", "raw", "--nonblocking", "-r", "25"]
+    return start("operator-py-spy", [*argv, "-o", str(out), "-p", str(pid)], log_dir)
 
 
-def stop_profile(spy: subprocess.Popen[bytes] | None, out: Path) -> list[str]:
+def stop_profile(spy: Proc | None, log_dir: Path) -> list[str]:
     """Stops py-spy (it writes its stacks on SIGINT); the hottest frames."""
     if spy is None:
         return []
-    spy.send_signal(signal.SIGINT)
-    try:
-        spy.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        spy.kill()
-        spy.wait()
+    stop(spy, timeout_s=30, first=signal.SIGINT)
     # Imported here: overhead pulls in the load generator.
     from citadel_bench.overhead import top_functions
 
+    out = log_dir / PROFILE
     return top_functions(out.read_text()) if out.exists() else []
 
 
@@ -365,7 +357,7 @@ def run_scale(
     kube = Kubectl(kubeconfig)
     operator: Proc | None = None
     watchers: list[subprocess.Popen[str]] = []
-    spy: subprocess.Popen[bytes] | None = None
+    spy: Proc | None = None
     stop_flag = threading.Event()
     try:
         # A namespace left terminating by an earlier run must be gone first.
@@ -416,7 +408,7 @@ def run_scale(
         watchers.append(watch(kube, "deployments", "", seen, stop_flag))
         time.sleep(1.0)
         requests_before = api_requests(kube)
-        spy = start_profile(py_spy, operator.pid, log_dir / "operator-profile.txt")
+        spy = start_profile(py_spy, operator.pid, log_dir)
         cpu_before = control_plane_cpu()
         began = time.monotonic()
         create_in_streams(kube, lambda i: [model(i)], models, timeout_s)
@@ -438,7 +430,7 @@ def run_scale(
         result.cpu_by_process = cpu_since(cpu_before)
         result.cpu_by_process["citadel-operator"] = operator.cpu_seconds() - cpu0
         result.requests = requests_since(kube, requests_before)
-        result.profile = stop_profile(spy, log_dir / "operator-profile.txt")
+        result.profile = stop_profile(spy, log_dir)
         spy = None
         # Both watches see events with the same delay, so their difference is the
         # operator's reaction time; kubectl's own timing is not involved.
@@ -452,7 +444,7 @@ def run_scale(
     finally:
         stop_flag.set()
         stop_watches(watchers)
-        stop_profile(spy, log_dir / "operator-profile.txt")
+        stop_profile(spy, log_dir)
         if operator is not None:
             stop(operator)
         with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):

@@ -118,11 +118,13 @@ def start(
     return Proc(name, popen, log)
 
 
-def stop(proc: Proc, timeout_s: float = 15.0) -> None:
-    """SIGTERM to the group, SIGKILL after `timeout_s`."""
+def stop(
+    proc: Proc, timeout_s: float = 15.0, first: signal.Signals = signal.SIGTERM
+) -> None:
+    """`first` (SIGTERM) to the group, SIGKILL after `timeout_s`."""
     if proc.popen.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, first)
         try:
             proc.popen.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
