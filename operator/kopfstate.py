@@ -5,14 +5,18 @@ status write) and each handler's progress (retries). Its stock storages keep bot
 in annotations, which costs a PATCH of every new LLMModel after its first
 reconcile, one more watch event that everybody watching models receives, and a
 copy of the spec in every later read and event of that model. At 300 models that
-PATCH was one request in twelve of the operator's own (measured with
-apiserver_request_total, see docs/benchmarks.md).
+PATCH was about one request in twelve of the operator's own (apiserver_request_total
+in a scratch run before this module; docs/benchmarks.md has the requests after).
 
 Nothing here needs to outlive the process: every handler of an LLMModel runs the
 same idempotent reconcile, so an operator that starts without this state (a
 restart, or a peer taking over) handles every model as new, once, exactly as
 Kopf's resume handlers would. The one thing still written to the object is
 Kopf's "touch" annotation, which wakes the object up after a retry delay.
+
+Entries go when the model's DELETED event arrives; a model deleted while this
+operator was paused for a peer sends none, and its entry (a spec, a few hundred
+bytes) stays until the operator restarts.
 """
 
 from __future__ import annotations
