@@ -101,11 +101,12 @@ class ForwardingFastPath:
     """Pure ASGI: serves POSTs to the forwarding endpoints without FastAPI's
     routing, dependency solving and exception middleware.
 
-    Those layers were a fifth of the gateway's CPU per proxied request (py-spy
-    at concurrency 64) and add nothing to these endpoints, which take the bare
-    request. Errors get the same OpenAI-shaped responses as through the app's
-    handlers; everything else (other paths and methods, the OpenAPI document,
-    which still lists the routes above) goes on to the app.
+    Those layers add nothing to these endpoints, which take the bare request,
+    and skipping them raised throughput at concurrency 64 by 31% (json) and 21%
+    (streaming) against the instant simulator. Errors get the same OpenAI-shaped
+    responses as through the app's handlers; everything else (other paths and
+    methods, the OpenAPI document, which still lists the routes above) goes on to
+    the app.
 
     Args:
         app: the rest of the app.
