@@ -53,13 +53,18 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(request, error)
 
 
-async def _unexpected(request: Request, exc: Exception) -> Response:
+def unexpected_response(request: Request, exc: Exception) -> Response:
+    """Logs a failure no GatewayError describes; the 500 the caller gets."""
     log.error(
         "unexpected error",
         exc_info=exc,
         extra={"request_id": getattr(request.state, "request_id", None)},
     )
     return error_response(request, InternalError("The gateway failed unexpectedly."))
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    return unexpected_response(request, exc)
 
 
 def install(app: FastAPI) -> None:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from citadel.gateway.api.errors import error_response
+from citadel.gateway.api.errors import error_response, unexpected_response
 from citadel.gateway.api.schemas import (
     CHAT_REQUEST,
     COMPLETION_REQUEST,
@@ -25,10 +23,8 @@ from citadel.gateway.deps import (
     deps_of,
     take_request_id,
 )
-from citadel.gateway.errors import BodyTooLarge, GatewayError, InternalError
+from citadel.gateway.errors import BodyTooLarge, GatewayError
 from citadel.gateway.services.requests import CHAT, COMPLETIONS, EMBEDDINGS, ApiCall
-
-log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=error_responses())
 
@@ -135,12 +131,5 @@ class ForwardingFastPath:
         except GatewayError as err:
             response = error_response(request, err)
         except Exception as err:
-            log.error(
-                "unexpected error",
-                exc_info=err,
-                extra={"request_id": getattr(request.state, "request_id", None)},
-            )
-            response = error_response(
-                request, InternalError("The gateway failed unexpectedly.")
-            )
+            response = unexpected_response(request, err)
         await response(scope, receive, send)
