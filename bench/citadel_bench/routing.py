@@ -58,13 +58,18 @@ class RoutingRun:
     ttft: Summary
     wall_s: float
     output_tokens: int
-    hit_rate: float
-    """Prefix-cache hits / queries over all replicas (tokens)."""
+    cache_hits: float
+    """Prompt tokens found in the replicas' prefix caches."""
+    cache_queries: float
+    """Prompt tokens looked up in them."""
     ttfts_ms: list[float] = field(default_factory=list, repr=False)
     round_means_ms: list[float] = field(default_factory=list)
     """Mean TTFT of each round on its own (the spread between rounds)."""
-    cache_queries: float = 0.0
-    """The prompt tokens `hit_rate` is over."""
+
+    @property
+    def hit_rate(self) -> float:
+        """Prefix-cache hits / queries over all replicas (tokens)."""
+        return self.cache_hits / self.cache_queries if self.cache_queries else 0.0
 
     @property
     def rps(self) -> float:
@@ -163,10 +168,10 @@ def run_target(
         ttft=summary,
         wall_s=wall,
         output_tokens=len(ok) * workload.max_tokens,
-        hit_rate=hits / queries if queries else 0.0,
+        cache_hits=hits,
+        cache_queries=queries,
         ttfts_ms=ttfts,
         round_means_ms=[summary.mean],
-        cache_queries=queries,
     )
 
 
@@ -174,7 +179,6 @@ def merge_rounds(runs: list[RoutingRun]) -> RoutingRun:
     """One target's rounds (in order) as one run: requests pooled, each round's
     mean kept."""
     ttfts = [t for run in runs for t in run.ttfts_ms]
-    queries = sum(run.cache_queries for run in runs)
     return RoutingRun(
         target=runs[0].target,
         requests=sum(run.requests for run in runs),
@@ -182,14 +186,10 @@ def merge_rounds(runs: list[RoutingRun]) -> RoutingRun:
         ttft=Summary.of(ttfts),
         wall_s=sum(run.wall_s for run in runs),
         output_tokens=sum(run.output_tokens for run in runs),
-        hit_rate=(
-            sum(run.hit_rate * run.cache_queries for run in runs) / queries
-            if queries
-            else 0.0
-        ),
+        cache_hits=sum(run.cache_hits for run in runs),
+        cache_queries=sum(run.cache_queries for run in runs),
         ttfts_ms=ttfts,
         round_means_ms=[m for run in runs for m in run.round_means_ms],
-        cache_queries=queries,
     )
 
 

@@ -27,7 +27,8 @@ def _run(target: str, ttft_ms: float) -> RoutingRun:
         ttft=Summary.of([ttft_ms]),
         wall_s=2.0,
         output_tokens=1000,
-        hit_rate=0.5,
+        cache_hits=1.0,
+        cache_queries=2.0,
     )
 
 
@@ -179,10 +180,10 @@ def _round(target: str, ttfts: list[float], hits: float, queries: float) -> Rout
         ttft=Summary.of(ttfts),
         wall_s=1.0,
         output_tokens=10 * len(ttfts),
-        hit_rate=hits / queries,
+        cache_hits=hits,
         ttfts_ms=ttfts,
-        round_means_ms=[sum(ttfts) / len(ttfts)],
         cache_queries=queries,
+        round_means_ms=[sum(ttfts) / len(ttfts)],
     )
 
 
