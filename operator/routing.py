@@ -147,8 +147,9 @@ class RoutePublisher:
         self._source = source or ApiView(kube, settings.list_scopes()).models
         # Each model's entry by uid, with the resourceVersion it was made at, so
         # a publish parses and routes only the models that changed since the
-        # last one: with all of them done on every publish, publishing was a
-        # fifth of the operator's CPU during a burst of 1,000 (py-spy).
+        # last one: with all of them done on every publish, publishing was 23% of
+        # the operator's py-spy samples during the burst of 1,000 (`make bench`
+        # at fe48022).
         self._entries: dict[str, tuple[str, Entry]] = {}
 
     def kick(self) -> None:
