@@ -14,7 +14,14 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from citadel_bench.procs import REPO, simulator_argv, start, stop, wait_listening
+from citadel_bench.procs import (
+    REPO,
+    Proc,
+    simulator_argv,
+    start,
+    stop,
+    wait_listening,
+)
 
 VLLM_SUPPORT = REPO / "tests" / "support" / "vllm"
 BLOCK = 128
@@ -91,16 +98,9 @@ def as_text(ids: list[int]) -> str:
     return "".join(chr(0x4E00 + i % 20000) for i in ids)
 
 
-def run_check(log_dir: Path) -> tuple[list[CheckRow], str | None]:
-    """The comparison table, or the reason it could not run."""
-    sys.path.insert(0, str(VLLM_SUPPORT))
-    try:
-        import vllm_server  # type: ignore[import-not-found]
-    finally:
-        sys.path.remove(str(VLLM_SUPPORT))
-    reason = vllm_server.missing_reason()
-    if reason:
-        return [], reason
+def start_simulator(log_dir: Path) -> tuple[Proc, str]:
+    """A simulator set up like the CPU vLLM (block size 128, one character a
+    token) and its base URL; stop it with `procs.stop`."""
     sim = start(
         "check-sim",
         simulator_argv(
@@ -115,23 +115,50 @@ def run_check(log_dir: Path) -> tuple[list[CheckRow], str | None]:
         log_dir,
     )
     try:
-        sim_url = f"http://127.0.0.1:{wait_listening(sim)[0]}"
-        sim_deltas = _deltas(sim_url, "sim", [as_text(p) for p in prompts()])
-    finally:
+        return sim, f"http://127.0.0.1:{wait_listening(sim)[0]}"
+    except Exception:
         stop(sim)
-    with vllm_server.run_vllm(
-        vllm_server.model_path(vllm_server.TINY_RANDOM),
-        port=vllm_server.free_port(),
-        host="127.0.0.1",
-        served_names=["tiny"],
-        log_path=log_dir / "vllm-check.log",
-    ) as server:
-        real = _deltas(server.base_url, "tiny", list(prompts()))
-    rows = [
+        raise
+
+
+def compare(vllm_url: str, vllm_model: str, sim_url: str) -> list[CheckRow]:
+    """Sends the scenarios to both servers, each prompt once, in order.
+
+    Args:
+        vllm_url: the vLLM server's base URL (block size 128, prefix caching on).
+        vllm_model: the name that server serves.
+        sim_url: the simulator's base URL (from `start_simulator`).
+    """
+    sim_deltas = _deltas(sim_url, "sim", [as_text(p) for p in prompts()])
+    real = _deltas(vllm_url, vllm_model, list(prompts()))
+    return [
         CheckRow(what, len(ids), real[i], sim_deltas[i])
         for i, (what, ids) in enumerate(SCENARIOS)
     ]
-    return rows, None
+
+
+def run_check(log_dir: Path) -> tuple[list[CheckRow], str | None]:
+    """The comparison table, or the reason it could not run."""
+    sys.path.insert(0, str(VLLM_SUPPORT))
+    try:
+        import vllm_server  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(VLLM_SUPPORT))
+    reason = vllm_server.missing_reason()
+    if reason:
+        return [], reason
+    sim, sim_url = start_simulator(log_dir)
+    try:
+        with vllm_server.run_vllm(
+            vllm_server.model_path(vllm_server.TINY_RANDOM),
+            port=vllm_server.free_port(),
+            host="127.0.0.1",
+            served_names=["tiny"],
+            log_path=log_dir / "vllm-check.log",
+        ) as server:
+            return compare(server.base_url, "tiny", sim_url), None
+    finally:
+        stop(sim)
 
 
 def prompts() -> list[list[int]]:
