@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from citadel_bench.config import BenchConfig
+from citadel_bench.goprofile import CATEGORIES, CHUNK_S, OTHER, ApiServerProfile
 from citadel_bench.memory import MemoryRun
 from citadel_bench.operator_scale import (
     APPLY_STREAMS,
@@ -19,7 +20,7 @@ from citadel_bench.operator_scale import (
 )
 from citadel_bench.overhead import REPLY_TOKENS, OverheadResult
 from citadel_bench.procs import REPO
-from citadel_bench.report import Verdict, fmt, spread, table, verdict_table
+from citadel_bench.report import DASH, Verdict, fmt, spread, table, verdict_table
 from citadel_bench.results import (
     memory_verdict,
     overhead_rows,
@@ -333,7 +334,11 @@ def _routing(r: Results) -> list[str]:
         "`round means` gives",
         "the lowest and highest mean TTFT of a single round (the first turns' "
         "cold prefills",
-        "weigh heavily in a mean and vary from run to run). Every request carries",
+        "weigh heavily in a mean and vary from run to run); `later turns mean` "
+        "is the mean",
+        "TTFT of every turn but each conversation's first, whose cold prefill is "
+        "due wherever",
+        "it goes. Every request carries",
         "`x-session-id` (the conversation).",
         "TTFT is the time to the first streamed chunk (the simulator sends the first",
         "one with the first token). `plain:round-robin` is the load generator",
@@ -371,6 +376,7 @@ def _routing_table(runs: list[RoutingRun]) -> str:
             "errors",
             "TTFT mean ms",
             "round means ms",
+            "later turns mean ms",
             "TTFT p50 ms",
             "TTFT p90 ms",
             "req/s",
@@ -384,6 +390,7 @@ def _routing_table(runs: list[RoutingRun]) -> str:
                 run.errors,
                 run.ttft.mean,
                 spread(run.round_means_ms),
+                run.later_mean_ms,
                 run.ttft.median,
                 run.ttft.p90,
                 run.rps,
@@ -495,6 +502,7 @@ def _scale(r: Results) -> list[str]:
     out.append(table(["what", "value"], rows))
     out += ["", "![operator scale](benchmarks/operator-scale.png)", ""]
     out += _scale_requests(s)
+    out += _scale_apiserver(s)
     if s.profile:
         out += [
             "### Where the operator spends its time",
@@ -510,6 +518,47 @@ def _scale(r: Results) -> list[str]:
             "",
         ]
     return out
+
+
+def _scale_apiserver(s: ScaleRun) -> list[str]:
+    """The API server's CPU by category in both runs."""
+    ours, floor = s.apiserver, s.floor_apiserver
+    if ours.problem and floor.problem:
+        return ["### Where the API server spends its time", "", ours.problem, ""]
+    names = [name for name, _ in CATEGORIES] + [OTHER]
+    names.sort(key=lambda n: -ours.seconds.get(n, 0.0))
+
+    def cell(p: ApiServerProfile, name: str) -> str:
+        if p.problem:
+            return DASH
+        return f"{fmt(p.seconds.get(name, 0.0), 1)} s ({fmt(100 * p.share(name), 0)}%)"
+
+    rows = [(name, cell(ours, name), cell(floor, name)) for name in names]
+    rows.append(
+        (
+            "all samples",
+            DASH if ours.problem else f"{fmt(ours.total, 1)} s",
+            DASH if floor.problem else f"{fmt(floor.total, 1)} s",
+        )
+    )
+    return [
+        "### Where the API server spends its time",
+        "",
+        "kube-apiserver's own CPU profile (`/debug/pprof/profile`, "
+        f"{CHUNK_S} s at a time, the last one",
+        "running at most that much past the span) over each run: with the "
+        "operator from",
+        "the first apply until every model was Ready, the floor until every "
+        "Deployment was",
+        "Available. `go tool pprof -traces` gives the stacks; each goes to the first",
+        "category, in the order of `CATEGORIES` in "
+        "[bench/citadel_bench/goprofile.py](../bench/citadel_bench/goprofile.py),",
+        "whose marker frames it holds (a request's handler before the plumbing "
+        "around it).",
+        "",
+        table(["category", "with the operator", "floor"], rows),
+        "",
+    ]
 
 
 def _scale_requests(s: ScaleRun, count: int = 16) -> list[str]:

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from citadel_bench.goprofile import ApiServerProfile, ApiServerProfiler
 from citadel_bench.procs import REPO, TICKS, Proc, free_port, start, stop, wait_http
 
 NAMESPACE = "bench-scale"
@@ -85,6 +86,10 @@ class ScaleRun:
     """The same during the floor."""
     profile: list[str] = field(default_factory=list)
     """py-spy's hottest frames of the operator during the burst."""
+    apiserver: ApiServerProfile = field(default_factory=ApiServerProfile)
+    """The API server's CPU by category, first apply to all Ready."""
+    floor_apiserver: ApiServerProfile = field(default_factory=ApiServerProfile)
+    """The same during the floor."""
     problem: str | None = None
 
 
@@ -358,6 +363,7 @@ def run_scale(
     operator: Proc | None = None
     watchers: list[subprocess.Popen[str]] = []
     spy: Proc | None = None
+    apiserver: ApiServerProfiler | None = None
     stop_flag = threading.Event()
     try:
         # A namespace left terminating by an earlier run must be gone first.
@@ -409,6 +415,7 @@ def run_scale(
         time.sleep(1.0)
         requests_before = api_requests(kube)
         spy = start_profile(py_spy, operator.pid, log_dir)
+        apiserver = ApiServerProfiler(kube.base, log_dir, "apiserver").start()
         cpu_before = control_plane_cpu()
         began = time.monotonic()
         create_in_streams(kube, lambda i: [model(i)], models, timeout_s)
@@ -430,6 +437,7 @@ def run_scale(
         result.cpu_by_process = cpu_since(cpu_before)
         result.cpu_by_process["citadel-operator"] = operator.cpu_seconds() - cpu0
         result.requests = requests_since(kube, requests_before)
+        result.apiserver = apiserver.stop()
         result.profile = stop_profile(spy, log_dir)
         spy = None
         # Both watches see events with the same delay, so their difference is the
@@ -445,12 +453,14 @@ def run_scale(
         stop_flag.set()
         stop_watches(watchers)
         stop_profile(spy, log_dir)
+        if apiserver is not None:
+            apiserver.halt()
         if operator is not None:
             stop(operator)
         with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
             kube("delete", "namespace", NAMESPACE, "--timeout=300s", check=False)
     if result.problem is None:
-        run_floor(kube, result, timeout_s)
+        run_floor(kube, result, timeout_s, log_dir)
     with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
         kube("delete", "node", "-l", "citadel.ai/bench=true", "--wait=false")
     return result
@@ -476,11 +486,12 @@ def floor_objects(i: int) -> list[dict[str, object]]:
     return objects
 
 
-def run_floor(kube: Kubectl, result: ScaleRun, timeout_s: float) -> None:
+def run_floor(kube: Kubectl, result: ScaleRun, timeout_s: float, log_dir: Path) -> None:
     """Times the same Deployments and Services without the operator."""
     available: dict[str, float] = {}
     stop_flag = threading.Event()
     watchers: list[subprocess.Popen[str]] = []
+    apiserver: ApiServerProfiler | None = None
     try:
         kube("create", "namespace", NAMESPACE)
         watchers.append(
@@ -496,6 +507,7 @@ def run_floor(kube: Kubectl, result: ScaleRun, timeout_s: float) -> None:
         )
         time.sleep(1.0)
         requests_before = api_requests(kube)
+        apiserver = ApiServerProfiler(kube.base, log_dir, "floor-apiserver").start()
         cpu_before = control_plane_cpu()
         began = time.monotonic()
         create_in_streams(kube, floor_objects, result.models, timeout_s)
@@ -506,9 +518,12 @@ def run_floor(kube: Kubectl, result: ScaleRun, timeout_s: float) -> None:
             result.floor_ready_s = max(available.values()) - began
         result.floor_cpu_by_process = cpu_since(cpu_before)
         result.floor_requests = requests_since(kube, requests_before)
+        result.floor_apiserver = apiserver.stop()
     except (RuntimeError, subprocess.TimeoutExpired) as err:
         result.floor_problem = str(err)[-300:]
     finally:
+        if apiserver is not None:
+            apiserver.halt()
         stop_flag.set()
         stop_watches(watchers)
         with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):

@@ -9,7 +9,7 @@ from citadel_bench.memory import MemoryRun
 from citadel_bench.operator_scale import ScaleRun
 from citadel_bench.overhead import Point
 from citadel_bench.report import Verdict, fmt, spread
-from citadel_bench.routing import RoutingResult
+from citadel_bench.routing import RoutingResult, RoutingRun
 from citadel_bench.stats import median, percentile, ratio
 
 DEFAULT_STRATEGY = "citadel:prefix-aware"
@@ -154,7 +154,12 @@ def routing_verdicts(result: RoutingResult) -> list[Verdict]:
                 f"{fmt(default.ttft.mean, 1)} vs {fmt(plain.ttft.mean, 1)} ms "
                 f"= {fmt(r)}x",
                 r <= 0.5,
-                "" if r <= 0.5 else f"{fmt(r / 0.5)}x the allowed ratio",
+                ""
+                if r <= 0.5
+                else _joined(
+                    f"{fmt(r / 0.5)}x the allowed ratio",
+                    _later(default, plain, ratio_too=True),
+                ),
             )
         )
     router = [r for r in result.runs if r.target.startswith("vllm-router:")]
@@ -166,7 +171,10 @@ def routing_verdicts(result: RoutingResult) -> list[Verdict]:
                 f"{fmt(default.ttft.mean, 1)} ms vs best {best.target.split(':')[1]} "
                 f"{fmt(best.ttft.mean, 1)} ms",
                 default.ttft.mean < best.ttft.mean,
-                _overlap(default.round_means_ms, best.round_means_ms),
+                _joined(
+                    _overlap(default.round_means_ms, best.round_means_ms),
+                    _later(default, best),
+                ),
             )
         )
     elif default:
@@ -179,6 +187,23 @@ def routing_verdicts(result: RoutingResult) -> list[Verdict]:
             )
         )
     return verdicts
+
+
+def _later(ours: RoutingRun, theirs: RoutingRun, ratio_too: bool = False) -> str:
+    """Both targets' mean TTFT after each conversation's first turn, as a note."""
+    if not ours.later_ttfts_ms or not theirs.later_ttfts_ms:
+        return ""
+    a, b = ours.later_mean_ms, theirs.later_mean_ms
+    ratio_note = f" = {fmt(ratio(a, b))}x" if ratio_too else ""
+    return (
+        f"after each conversation's first turn: {fmt(a, 1)} vs {fmt(b, 1)} ms"
+        + ratio_note
+    )
+
+
+def _joined(*notes: str) -> str:
+    """The non-empty notes, as one."""
+    return "; ".join(n for n in notes if n)
 
 
 def _overlap(ours: list[float], theirs: list[float]) -> str:

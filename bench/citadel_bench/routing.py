@@ -63,6 +63,10 @@ class RoutingRun:
     cache_queries: float
     """Prompt tokens looked up in them."""
     ttfts_ms: list[float] = field(default_factory=list, repr=False)
+    later_ttfts_ms: list[float] = field(default_factory=list, repr=False)
+    """TTFTs of every turn but each conversation's first: its cold prefill of the
+    system prompt and context is due wherever it goes, so these show what routing
+    decides."""
     round_means_ms: list[float] = field(default_factory=list)
     """Mean TTFT of each round on its own (the spread between rounds)."""
 
@@ -70,6 +74,11 @@ class RoutingRun:
     def hit_rate(self) -> float:
         """Prefix-cache hits / queries over all replicas (tokens)."""
         return self.cache_hits / self.cache_queries if self.cache_queries else 0.0
+
+    @property
+    def later_mean_ms(self) -> float:
+        """Mean TTFT after each conversation's first turn."""
+        return Summary.of(self.later_ttfts_ms).mean if self.later_ttfts_ms else 0.0
 
     @property
     def rps(self) -> float:
@@ -82,16 +91,20 @@ class RoutingRun:
 
 async def drive(
     workload: ChatWorkload, url_for: Callable[[], str], deadline_s: float
-) -> tuple[list[loadgen.Sample], float]:
-    """Every user holds its conversations turn by turn; bounded by `deadline_s`."""
-    samples: list[loadgen.Sample] = []
+) -> tuple[list[tuple[int, loadgen.Sample]], float]:
+    """Every user holds its conversations turn by turn; bounded by `deadline_s`.
+
+    Returns:
+        (turn in its conversation from 0, sample) per request, and the wall time.
+    """
+    samples: list[tuple[int, loadgen.Sample]] = []
     deadline = time.perf_counter() + deadline_s
     async with loadgen.session(workload.users, timeout_s=120) as client:
 
         async def user(u: int) -> None:
             for c in range(workload.conversations_per_user):
                 conv = conversation(workload, u, c)
-                for _ in range(workload.turns):
+                for turn in range(workload.turns):
                     if time.perf_counter() > deadline:
                         return
                     body = conv.next_request(workload, peers.MODEL)
@@ -100,7 +113,7 @@ async def drive(
                     sample = await loadgen.send(
                         client, url, body, headers, keep_text=True
                     )
-                    samples.append(sample)
+                    samples.append((turn, sample))
                     if not sample.ok:
                         return
                     conv.add_answer(sample.text)
@@ -158,8 +171,8 @@ def run_target(
     finally:
         for proc in reversed(procs):
             stop(proc)
-    ok = [s for s in samples if s.ok]
-    ttfts = [s.first_chunk * 1000 for s in ok]
+    ok = [(turn, s) for turn, s in samples if s.ok]
+    ttfts = [s.first_chunk * 1000 for _, s in ok]
     summary = Summary.of(ttfts)
     return RoutingRun(
         target=target,
@@ -171,6 +184,7 @@ def run_target(
         cache_hits=hits,
         cache_queries=queries,
         ttfts_ms=ttfts,
+        later_ttfts_ms=[s.first_chunk * 1000 for turn, s in ok if turn > 0],
         round_means_ms=[summary.mean],
     )
 
@@ -189,6 +203,7 @@ def merge_rounds(runs: list[RoutingRun]) -> RoutingRun:
         cache_hits=sum(run.cache_hits for run in runs),
         cache_queries=sum(run.cache_queries for run in runs),
         ttfts_ms=ttfts,
+        later_ttfts_ms=[t for run in runs for t in run.later_ttfts_ms],
         round_means_ms=[m for run in runs for m in run.round_means_ms],
     )
 

@@ -176,7 +176,9 @@ class Cluster:
                 "--authorization-mode=Node,RBAC",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--allow-privileged=true",
-                "--profiling=false",
+                # kube-apiserver's default: `make bench` reads its CPU profile
+                # (/debug/pprof, for admin users only) during the scale run.
+                "--profiling=true",
                 "--v=1",
             ]
         if name == "kube-controller-manager":

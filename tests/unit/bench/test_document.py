@@ -9,6 +9,7 @@ from citadel_bench.document import (
     routing_part,
     write_document,
 )
+from citadel_bench.goprofile import ApiServerProfile
 from citadel_bench.operator_scale import ScaleRun
 from citadel_bench.report import Verdict
 from citadel_bench.results import routing_verdicts, scale_verdicts
@@ -172,7 +173,27 @@ def test_document_shows_requests_per_model_and_the_operators_profile(
     assert "raw_decode (json/decoder.py:353)" in scale
 
 
-def _round(target: str, ttfts: list[float], hits: float, queries: float) -> RoutingRun:
+def test_scale_shows_the_api_servers_cpu_by_category(tmp_path: Path) -> None:
+    r = _results()
+    r.scale = _scale()
+    r.scale.apiserver = ApiServerProfile(
+        {"LLMModel status writes": 3.0, "creates (POST)": 1.0}
+    )
+    r.scale.floor_apiserver = ApiServerProfile(problem="no Go toolchain")
+    scale = _write(r, tmp_path).split("## Operator scale")[1].split("\n## ")[0]
+    assert "| LLMModel status writes | 3.0 s (75%) | \N{EN DASH} |" in scale
+    assert "| creates (POST) | 1.0 s (25%) | \N{EN DASH} |" in scale
+    assert "| all samples | 4.0 s | \N{EN DASH} |" in scale
+    assert scale.index("LLMModel status writes") < scale.index("creates (POST)")
+
+
+def _round(
+    target: str,
+    ttfts: list[float],
+    hits: float,
+    queries: float,
+    later: list[float] | None = None,
+) -> RoutingRun:
     return RoutingRun(
         target=target,
         requests=len(ttfts),
@@ -182,6 +203,7 @@ def _round(target: str, ttfts: list[float], hits: float, queries: float) -> Rout
         output_tokens=10 * len(ttfts),
         cache_hits=hits,
         ttfts_ms=ttfts,
+        later_ttfts_ms=later or [],
         cache_queries=queries,
         round_means_ms=[sum(ttfts) / len(ttfts)],
     )
@@ -223,3 +245,31 @@ def test_a_win_within_the_rounds_spread_says_so() -> None:
     )
     clear = verdict([60.0, 70.0], [84.0, 88.0])
     assert clear.ok is True and clear.note == ""
+
+
+def test_later_turns_are_pooled_and_compared_in_the_verdict() -> None:
+    ours = merge_rounds(
+        [
+            _round("citadel:prefix-aware", [700.0, 20.0], 1, 1, later=[20.0]),
+            _round("citadel:prefix-aware", [600.0, 30.0], 1, 1, later=[30.0]),
+        ]
+    )
+    assert ours.later_ttfts_ms == [20.0, 30.0] and ours.later_mean_ms == 25.0
+    theirs = _round(
+        "vllm-router:sticky_least_loaded", [500.0, 40.0], 1, 1, later=[40.0]
+    )
+    result = RoutingResult(
+        MULTI_ROUND_QA, [ours, _round("plain:round-robin", [900.0], 1, 1), theirs]
+    )
+    half, below = routing_verdicts(result)
+    assert half.ok is True and half.note == ""
+    assert below.ok is False
+    assert below.note == "after each conversation's first turn: 25.0 vs 40.0 ms"
+    plain = _round("plain:round-robin", [500.0, 50.0], 1, 1, later=[50.0])
+    result = RoutingResult(MULTI_ROUND_QA, [ours, plain, theirs])
+    half = routing_verdicts(result)[0]
+    assert half.ok is False
+    assert half.note == (
+        "2.45x the allowed ratio; after each conversation's first turn: "
+        "25.0 vs 50.0 ms = 0.50x"
+    )
