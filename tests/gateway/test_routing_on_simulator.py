@@ -1,0 +1,190 @@
+"""Routing quality through the real gateway, over four simulated vLLM replicas.
+
+The bench's simulator (bench/simulator, MODEL.md) keeps a prefix cache as vLLM does
+and reports it with vLLM's metrics, so how much of the prompts the replicas found
+cached says how well the gateway placed the requests. Requests go one at a time, so
+the placements, and the counts, do not depend on timing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+REPLICAS = 4
+# Fast steps: the test is about where requests go, not how long they take.
+SIM_OPTIONS = (
+    "--prefill-tokens-per-s",
+    "10000000",
+    "--decode-base-s",
+    "0.0005",
+    "--decode-per-seq-s",
+    "0",
+)
+
+
+class Simulator:
+    """`python -m simulator --replicas 4`, one process."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        env = {**os.environ, "PYTHONSAFEPATH": "1", "PYTHONPATH": str(REPO / "bench")}
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "simulator",
+                "--replicas",
+                str(REPLICAS),
+                *SIM_OPTIONS,
+            ],
+            stdout=subprocess.PIPE,
+            env=env,
+            cwd=tmp_path,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        if not line.startswith("listening on "):
+            self.proc.kill()
+            raise RuntimeError(f"the simulator did not start: {line!r}")
+        self.urls = [f"http://127.0.0.1:{p}" for p in line.split()[2:]]
+
+    def prefix_cache(self) -> tuple[float, float]:
+        """Prompt tokens looked up and found, summed over the replicas."""
+        queries = hits = 0.0
+        for url in self.urls:
+            for line in httpx.get(url + "/metrics").text.splitlines():
+                if line.startswith("vllm:prefix_cache_queries_total{"):
+                    queries += float(line.rsplit(" ", 1)[1])
+                elif line.startswith("vllm:prefix_cache_hits_total{"):
+                    hits += float(line.rsplit(" ", 1)[1])
+        return queries, hits
+
+    def requests_per_replica(self) -> list[float]:
+        found = []
+        for url in self.urls:
+            text = httpx.get(url + "/metrics").text
+            found.append(
+                sum(
+                    float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines()
+                    if line.startswith("vllm:request_success_total{")
+                )
+            )
+        return found
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+@pytest.fixture
+def simulators(tmp_path: Path) -> Iterator[Callable[[], Simulator]]:
+    started: list[Simulator] = []
+
+    def start() -> Simulator:
+        sim = Simulator(tmp_path)
+        started.append(sim)
+        return sim
+
+    yield start
+    for sim in started:
+        sim.stop()
+
+
+def converse(client: openai.OpenAI, model: str) -> None:
+    """Seven users, four turns each, taking turns: two shared system prompts, a
+    long text of each user's own at the head of its first message.
+
+    Seven, not a multiple of the replicas: with eight, round robin would send each
+    user to the same replica every turn and be sticky by accident.
+    """
+    systems = [
+        f"System {s}: you answer questions about clusters. " * 40 for s in (0, 1)
+    ]
+    chats: list[list[Any]] = [
+        [{"role": "system", "content": systems[user % 2]}] for user in range(7)
+    ]
+    for turn in range(4):
+        for user, messages in enumerate(chats):
+            context = f"User {user}'s notes: " + "lorem ipsum dolor " * 200
+            question = f"Question {turn} from user {user}?"
+            messages.append(
+                {
+                    "role": "user",
+                    "content": f"{context}\n\n{question}" if turn == 0 else question,
+                }
+            )
+            answer = client.chat.completions.create(
+                model=model, messages=messages, max_tokens=16
+            )
+            messages.append(
+                {"role": "assistant", "content": answer.choices[0].message.content}
+            )
+
+
+def run(
+    strategy: str,
+    simulators: Callable[[], Simulator],
+    start_gateway: Any,
+    helpers: Any,
+    tmp_path: Path,
+) -> Simulator:
+    sim = simulators()
+    model = {
+        "name": "chat",
+        "namespace": "llm",
+        "servedName": "chat",
+        "service": "chat",
+        "endpoints": sim.urls,
+        "ready": True,
+        "strategy": strategy,
+    }
+    keys = tmp_path / f"keys-{strategy}.json"
+    key = helpers.create_key(keys, strategy)
+    gateway = start_gateway([model], keys)
+    with openai.OpenAI(
+        base_url=gateway.url + "/v1", api_key=key, max_retries=0
+    ) as client:
+        converse(client, "chat")
+    return sim
+
+
+def test_prefix_aware_finds_far_more_of_each_prompt_cached_than_round_robin(
+    simulators: Callable[[], Simulator],
+    start_gateway: Any,
+    helpers: Any,
+    tmp_path: Path,
+) -> None:
+    prefix = run("prefix-aware", simulators, start_gateway, helpers, tmp_path)
+    rotation = run("round-robin", simulators, start_gateway, helpers, tmp_path)
+    queries, hits = prefix.prefix_cache()
+    rr_queries, rr_hits = rotation.prefix_cache()
+    print(
+        f"hit rate: prefix-aware {hits / queries:.3f}, round robin "
+        f"{rr_hits / rr_queries:.3f}; requests per replica, prefix-aware "
+        f"{prefix.requests_per_replica()}"
+    )
+    # Same prompts on both: only where they went differs.
+    assert queries == rr_queries
+    # Every later turn finds its whole conversation cached, bar the new question.
+    assert hits / queries > 0.7
+    assert hits / queries > rr_hits / rr_queries + 0.4
+    # ... without putting every conversation on one replica.
+    assert sum(1 for n in prefix.requests_per_replica() if n > 0) >= 3
