@@ -1,0 +1,360 @@
+"""The upstream client against scripted HTTP servers on loopback.
+
+Each server is a plain asyncio server that reads a request head and answers with
+bytes the test chooses, so the client meets exactly the responses, closes and
+silences a replica can produce.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from citadel.gateway.upstream import (
+    UpstreamBroken,
+    UpstreamClient,
+    UpstreamSettings,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+
+pytestmark = pytest.mark.unit
+
+# (the connection's number from 0, its request's number on it from 0, the reader,
+# the writer) -> whether to keep serving the connection.
+Handler = Callable[
+    [int, int, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]
+]
+
+
+class Server:
+    """Serves `handler` on 127.0.0.1; counts connections and requests."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.url = ""
+        self._server: asyncio.Server | None = None
+
+    async def start(self, tls: ssl.SSLContext | None = None) -> Server:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=tls)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+        return self
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        number, self.connections = self.connections, self.connections + 1
+        try:
+            for on_connection in range(1_000):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                self.requests.append(head + await reader.readexactly(length))
+                if not await self.handler(number, on_connection, reader, writer):
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+
+def reply(body: bytes, *extra: bytes) -> bytes:
+    head = [
+        b"HTTP/1.1 200 OK",
+        b"content-type: application/json",
+        b"content-length: %d" % len(body),
+        *extra,
+    ]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+async def answer_json(
+    _: int, __: int, ___: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> bool:
+    writer.write(reply(b'{"ok": true}'))
+    await writer.drain()
+    return True
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[..., Awaitable[Server]]]:
+    servers: list[Server] = []
+
+    async def start(handler: Handler, tls: ssl.SSLContext | None = None) -> Server:
+        server = await Server(handler).start(tls)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.stop()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[UpstreamClient]:
+    upstream = UpstreamClient(UpstreamSettings(connect_timeout_s=2, read_timeout_s=5))
+    await upstream.start()
+    yield upstream
+    await upstream.close()
+
+
+async def test_a_json_reply_and_the_connection_is_kept_for_the_next(
+    serve: Callable[..., Awaitable[Server]], client: UpstreamClient
+) -> None:
+    server = await serve(answer_json)
+    for _ in range(3):
+        response = await client.post(
+            server.url + "/v1/chat/completions",
+            b'{"model": "m"}',
+            {"content-type": "application/json", "x-request-id": "r1"},
+        )
+        assert response.status == 200
+        assert response.content_type == "application/json"
+        assert await response.read() == b'{"ok": true}'
+    assert server.connections == 1
+    head = server.requests[0]
+    assert head.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+    assert b"\r\nx-request-id: r1\r\n" in head
+    assert b"\r\ncontent-length: 14\r\n" in head
+    assert head.endswith(b'\r\n\r\n{"model": "m"}')
+
+
+async def test_a_chunked_stream_arrives_piece_by_piece(
+    serve: Callable[..., Awaitable[Server]], client: UpstreamClient
+) -> None:
+    go_on = asyncio.Event()
+
+    async def stream(
+        _: int, __: int, ___: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n"
+        )
+        await writer.drain()
+        await go_on.wait()  # the rest only once the client holds the first piece
+        writer.write(b"6\r\nsecond\r\n0\r\n\r\n")
+        await writer.drain()
+        return True
+
+    server = await serve(stream)
+    response = await client.post(server.url + "/v1/completions", b"{}", {})
+    assert response.content_type == "text/event-stream"
+    pieces = []
+    async for chunk in response.chunks():
+        pieces.append(chunk)
+        go_on.set()
+    assert pieces == [b"first", b"second"]
+    # The stream was read whole: its connection serves the next request.
+    server.handler = answer_json
+    assert await (await client.post(server.url + "/", b"{}", {})).read()
+    assert server.connections == 1
+
+
+async def test_nothing_listening_is_unreachable(client: UpstreamClient) -> None:
+    server = await Server(answer_json).start()
+    await server.stop()
+    with pytest.raises(UpstreamUnreachable, match="cannot connect"):
+        await client.post(server.url + "/", b"{}", {})
+
+
+async def test_a_close_before_any_answer_is_unreachable(
+    serve: Callable[..., Awaitable[Server]], client: UpstreamClient
+) -> None:
+    async def hang_up(*_: object) -> bool:
+        return False
+
+    server = await serve(hang_up)
+    with pytest.raises(UpstreamUnreachable, match="closed the connection"):
+        await client.post(server.url + "/", b"{}", {})
+
+
+async def test_a_kept_alive_connection_the_replica_dropped_is_retried_once(
+    serve: Callable[..., Awaitable[Server]], client: UpstreamClient
+) -> None:
+    # Each connection answers its first request and hangs up on the second, as a
+    # replica closing an idle connection just as a request arrives.
+    async def once_per_connection(
+        _: int, on_connection: int, __: asyncio.StreamReader, w: asyncio.StreamWriter
+    ) -> bool:
+        if on_connection > 0:
+            return False
+        w.write(reply(b"{}"))
+        await w.drain()
+        return True
+
+    server = await serve(once_per_connection)
+    assert await (await client.post(server.url + "/", b"1", {})).read() == b"{}"
+    assert await (await client.post(server.url + "/", b"2", {})).read() == b"{}"
+    assert server.connections == 2
+    assert [r[-1:] for r in server.requests] == [b"1", b"2", b"2"]
+
+
+async def test_a_body_cut_short_is_broken(
+    serve: Callable[..., Awaitable[Server]], client: UpstreamClient
+) -> None:
+    async def cut(_: int, __: int, ___: object, writer: asyncio.StreamWriter) -> bool:
+        writer.write(reply(b"0123456789" * 10)[:-90])
+        await writer.drain()
+        return False
+
+    server = await serve(cut)
+    response = await client.post(server.url + "/", b"{}", {})
+    assert response.status == 200
+    with pytest.raises(UpstreamBroken, match="broke off"):
+        await response.read()
+
+
+async def test_garbage_is_broken(
+    serve: Callable[..., Awaitable[Server]], client: UpstreamClient
+) -> None:
+    async def garbage(_: int, __: int, ___: object, w: asyncio.StreamWriter) -> bool:
+        w.write(b"SMTP ready\r\n\r\n")
+        await w.drain()
+        return True
+
+    server = await serve(garbage)
+    with pytest.raises(UpstreamBroken, match="unreadable"):
+        await client.post(server.url + "/", b"{}", {})
+
+
+async def test_silence_times_out(
+    serve: Callable[..., Awaitable[Server]],
+) -> None:
+    async def silent(
+        _: int, __: int, reader: asyncio.StreamReader, ___: object
+    ) -> bool:
+        await reader.read()  # until the client gives up and closes
+        return False
+
+    server = await serve(silent)
+    upstream = UpstreamClient(UpstreamSettings(read_timeout_s=0.2))
+    with pytest.raises(UpstreamTimeout, match="no answer"):
+        await upstream.post(server.url + "/", b"{}", {})
+    await upstream.close()
+    assert server.connections == 1
+
+
+async def test_a_body_left_unread_drops_its_connection(
+    serve: Callable[..., Awaitable[Server]], client: UpstreamClient
+) -> None:
+    rest = asyncio.Event()
+
+    async def slow_body(
+        _: int, __: int, ___: object, writer: asyncio.StreamWriter
+    ) -> bool:
+        whole = reply(b"0123456789")
+        writer.write(whole[:-5])
+        await writer.drain()
+        await rest.wait()
+        writer.write(whole[-5:])
+        await writer.drain()
+        return True
+
+    server = await serve(slow_body)
+    response = await client.post(server.url + "/", b"{}", {})
+    response.close()  # the body is still coming: its end would be misread
+    rest.set()
+    server.handler = answer_json
+    await (await client.post(server.url + "/", b"{}", {})).read()
+    assert server.connections == 2
+
+
+async def test_a_reply_that_ends_with_the_connection(
+    serve: Callable[..., Awaitable[Server]], client: UpstreamClient
+) -> None:
+    async def http10(_: int, __: int, ___: object, w: asyncio.StreamWriter) -> bool:
+        w.write(b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nall of it")
+        await w.drain()
+        return False
+
+    server = await serve(http10)
+    response = await client.request("GET", server.url + "/metrics", timeout_s=5)
+    assert await response.read() == b"all of it"
+    assert response.content_type == "text/plain"
+    assert server.requests[0].startswith(b"GET /metrics HTTP/1.1\r\n")
+    assert b"content-length" not in server.requests[0]
+
+
+async def test_a_line_break_in_a_header_is_refused(client: UpstreamClient) -> None:
+    with pytest.raises(ValueError, match="line break"):
+        await client.post(
+            "http://127.0.0.1:9/", b"{}", {"x-request-id": "a\r\nx-admin: 1"}
+        )
+
+
+async def test_an_address_that_is_not_http_is_unreachable(
+    client: UpstreamClient,
+) -> None:
+    with pytest.raises(UpstreamUnreachable, match="not an http"):
+        await client.post("ftp://127.0.0.1/", b"{}", {})
+
+
+def _self_signed(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context for 127.0.0.1 and a client context that trusts it."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "replica")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert_file, key_file)
+    return server, ssl.create_default_context(cafile=str(cert_file))
+
+
+async def test_https_replicas_are_verified(
+    serve: Callable[..., Awaitable[Server]], tmp_path: Path
+) -> None:
+    server_tls, trusting = _self_signed(tmp_path)
+    server = await serve(answer_json, server_tls)
+    trusted = UpstreamClient(UpstreamSettings(), tls=trusting)
+    assert await (await trusted.post(server.url + "/", b"{}", {})).read()
+    await trusted.close()
+    # The system's CAs do not know the replica's certificate.
+    default = UpstreamClient(UpstreamSettings())
+    with pytest.raises(UpstreamUnreachable, match="CERTIFICATE_VERIFY_FAILED"):
+        await default.post(server.url + "/", b"{}", {})
+    await default.close()
