@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from citadel.gateway.api.errors import error_response, unexpected_response
 from citadel.gateway.api.schemas import (
@@ -24,6 +27,7 @@ from citadel.gateway.deps import (
     take_request_id,
 )
 from citadel.gateway.errors import BodyTooLarge, GatewayError
+from citadel.gateway.services.proxy import ProxyResponse
 from citadel.gateway.services.requests import CHAT, COMPLETIONS, EMBEDDINGS, ApiCall
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=error_responses())
@@ -44,14 +48,19 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def forward(call: ApiCall, request: Request) -> Response:
-    """Runs the proxy and wraps its answer in a response."""
+async def proxied(call: ApiCall, request: Request) -> ProxyResponse:
+    """Runs the proxy for one forwarding request."""
     rid = take_request_id(request)
     deps = deps_of(request)
     principal = caller(request, deps)
     raw = await read_body(request, deps.max_body_bytes)
     session = request.headers.get(deps.session_header)
-    result = await deps.proxy.handle(call, principal, raw, rid, session)
+    return await deps.proxy.handle(call, principal, raw, rid, session)
+
+
+async def forward(call: ApiCall, request: Request) -> Response:
+    """Runs the proxy and wraps its answer in a response."""
+    result = await proxied(call, request)
     if result.stream is not None:
         return StreamingResponse(
             result.stream, result.status, result.headers, result.media_type
@@ -99,10 +108,13 @@ class ForwardingFastPath:
 
     Those layers add nothing to these endpoints, which take the bare request,
     and skipping them raised throughput at concurrency 64 by 31% (json) and 21%
-    (streaming) against the instant simulator. Errors get the same OpenAI-shaped
-    responses as through the app's handlers; everything else (other paths and
-    methods, the OpenAPI document, which still lists the routes above) goes on to
-    the app.
+    (streaming) against the instant simulator. Responses go out as ASGI messages
+    rather than Starlette responses: a stream then needs one watcher task for the
+    client's disconnect instead of an anyio task group, which took streaming from
+    1,650-1,740 to 1,860-2,050 requests/s (three 4 s runs each). Errors get the
+    same OpenAI-shaped responses as through the app's handlers; everything else
+    (other paths and methods, the OpenAPI document, which still lists the routes
+    above) goes on to the app.
 
     Args:
         app: the rest of the app.
@@ -127,9 +139,70 @@ class ForwardingFastPath:
             return
         request = Request(scope, receive)
         try:
-            response = await forward(call, request)
+            result = await proxied(call, request)
         except GatewayError as err:
-            response = error_response(request, err)
+            await error_response(request, err)(scope, receive, send)
+            return
         except Exception as err:
-            response = unexpected_response(request, err)
-        await response(scope, receive, send)
+            await unexpected_response(request, err)(scope, receive, send)
+            return
+        if result.stream is None:
+            await _send_whole(result, send)
+        else:
+            await _send_stream(result, result.stream, receive, send)
+
+
+def _start(result: ProxyResponse, *extra: tuple[bytes, bytes]) -> Message:
+    headers = [
+        (k.encode("latin-1"), v.encode("latin-1")) for k, v in result.headers.items()
+    ]
+    headers.append((b"content-type", result.media_type.encode("latin-1")))
+    headers.extend(extra)
+    return {"type": "http.response.start", "status": result.status, "headers": headers}
+
+
+async def _send_whole(result: ProxyResponse, send: Send) -> None:
+    length = (b"content-length", str(len(result.body)).encode())
+    await send(_start(result, length))
+    await send({"type": "http.response.body", "body": result.body})
+
+
+async def _send_stream(
+    result: ProxyResponse, stream: AsyncIterator[bytes], receive: Receive, send: Send
+) -> None:
+    """Relays `stream`; stops it (closing the replica's connection, which makes
+    vLLM abort the request) as soon as the client goes away.
+
+    Starlette's StreamingResponse does the same with an anyio task group per
+    response; a plain task and a done-callback cost less.
+    """
+    relay = asyncio.current_task()
+    assert relay is not None
+    state = {"finished": False, "gone": False}
+
+    async def watch() -> None:
+        # The body was read whole: the next message is the disconnect (uvicorn
+        # also sends it once the response is complete, hence `finished`).
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not state["finished"]:
+            state["gone"] = True
+            relay.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await send(_start(result))
+        async for chunk in stream:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        state["finished"] = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except asyncio.CancelledError:
+        if not state["gone"]:
+            raise
+        relay.uncancel()
+    finally:
+        state["finished"] = True
+        watcher.cancel()
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()

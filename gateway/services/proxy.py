@@ -238,6 +238,7 @@ class ProxyService:
         assert replica is not None
         events = EventFilter(keep_usage)
         failure: UpstreamFailure | None = None
+        gone = False
         first = True
         try:
             async for chunk in response.chunks():
@@ -259,11 +260,16 @@ class ProxyService:
                 else BackendError(f"The model's stream broke off ({err}).")
             )
             yield error_event(gateway_error.body())
+        except (asyncio.CancelledError, GeneratorExit):
+            # Stopped from outside: the client went away mid-stream.
+            gone = True
+            raise
         finally:
             response.close()
             self._release(ctx, replica, failure)
             await self._settle(ctx, events.usage)
-            self._finish(ctx, 200, "stream_broken" if failure else None)
+            code = "stream_broken" if failure else "client_closed" if gone else None
+            self._finish(ctx, 200, code)
 
     def _acquire(self, ctx: _Context, replica: Replica) -> None:
         ctx.replica, ctx.holding = replica, True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import signal
 import subprocess
 import sys
@@ -222,6 +223,14 @@ def test_client_leaving_a_stream_frees_the_replica(setup: dict[str, Any]) -> Non
     while gateway.metric("citadel_gateway_in_flight_requests") != 0:
         assert time.monotonic() < deadline, "in-flight count never went back to 0"
         time.sleep(0.1)
+    # ... because it saw the client go, not because the replica's silence ran
+    # into the read timeout (2 s here), which would log `stream_broken`.
+    ends = [
+        json.loads(line)
+        for line in gateway.log.read_text().splitlines()
+        if '"msg":"request"' in line
+    ]
+    assert ends[-1]["code"] == "client_closed"
     setup["backend"].release()
 
 
