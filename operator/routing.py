@@ -2,7 +2,8 @@
 
 Several models share the ConfigMap, so it is never patched per model: a single
 publisher task lists all models and writes the whole document (server-side apply,
-a no-op when nothing changed). Changes within `route_publish_delay` are coalesced.
+a no-op when nothing changed). Changes within `route_publish_delay` are coalesced,
+and writes are at least `route_publish_interval` apart.
 A served name or alias claimed by two models goes to the older one; the newer is
 left out of the document and told why in its status.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -206,14 +208,18 @@ class RoutePublisher:
         """
         delay = 1.0
         period = self._settings.resync_seconds or None
+        loop = asyncio.get_running_loop()
+        last = -math.inf
         while True:
             kicked = True
             try:
                 await asyncio.wait_for(self._wanted.wait(), timeout=period)
             except TimeoutError:
                 kicked = False
-            await asyncio.sleep(self._settings.route_publish_delay)
+            gap = last + self._settings.route_publish_interval - loop.time()
+            await asyncio.sleep(max(self._settings.route_publish_delay, gap))
             self._wanted.clear()
+            last = loop.time()
             try:
                 await self.publish(force=not kicked)
             except ApiError as err:

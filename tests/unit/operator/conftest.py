@@ -15,4 +15,5 @@ def settings() -> OperatorSettings:
         gateway_namespace="citadel-system",
         default_vllm_image="vllm/vllm-openai:v0.33.0",
         route_publish_delay=0,
+        route_publish_interval=0,
     )

@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 
-from citadel.gateway.routes import RoutingStrategy, parse_document
+from citadel.gateway.routes import RoutingDocument, RoutingStrategy, parse_document
 from citadel.operator.kube.fake import FakeKube
 from citadel.operator.kube.resources import CONFIGMAPS, LLMMODELS
 from citadel.operator.model import LLMModel
@@ -152,6 +152,42 @@ async def test_publisher_republishes_without_a_kick(settings: OperatorSettings) 
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_writes_keep_the_publish_interval_apart(
+    settings: OperatorSettings,
+) -> None:
+    kube = FakeKube([model_body("a")])
+    interval = 0.2
+    publisher = RoutePublisher(
+        kube, settings.model_copy(update={"route_publish_interval": interval})
+    )
+    loop = asyncio.get_running_loop()
+    calls: list[float] = []
+    written: list[list[str]] = []
+    publish = publisher.publish
+
+    async def timed(*, force: bool = True) -> RoutingDocument:
+        calls.append(loop.time())
+        doc = await publish(force=force)
+        written.append([r.name for r in doc.models])
+        return doc
+
+    publisher.publish = timed  # type: ignore[method-assign]
+    task = asyncio.create_task(publisher.run())
+    try:
+        for name in ("b", "c"):  # two changes, the second right after a write
+            seen = len(written)
+            kube.put(model_body(name))
+            publisher.kick()
+            while len(written) == seen:
+                await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert written == [["a", "b"], ["a", "b", "c"]]
+    assert calls[1] - calls[0] >= interval - 0.01
 
 
 async def test_an_unchanged_document_is_written_only_when_forced(
