@@ -429,10 +429,11 @@ class UpstreamClient:
         target = self._target(url)
         data = request_bytes(method, target, headers, body)
         conn = await self._connection(target.address, deadline, reuse=True)
+        reused = conn.used > 0
         try:
             await self._start(conn, data, deadline)
         except UpstreamUnreachable:
-            if conn.used == 1:
+            if not reused:
                 raise
             # A kept-alive connection the replica had closed: one new one.
             conn = await self._connection(target.address, deadline, reuse=False)
