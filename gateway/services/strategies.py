@@ -76,19 +76,22 @@ def least_loaded(replicas: Sequence[Replica], start: int = 0) -> Replica:
 
 
 class PrefixAware(_Turns):
-    """Requests sharing a prompt prefix go where that prefix was last sent, with
+    """Requests sharing a prompt prefix go where that prefix was sent, with
     bounded load.
 
-    The longest known chain of block hashes wins (`cache`); a prefix never seen goes
-    to the replica its first block hashes to (`hash`), so requests sharing a system
-    prompt meet on one replica. When the known part is less than `cache_threshold`
-    of the prompt (a new conversation that shares only a system prompt, followed by
-    a long text of its own), the least-loaded replica takes it instead (`balance`):
-    most of its prefill is due wherever it goes, and a burst of such conversations
-    would otherwise pile onto the system prompt's replica (SGLang's cache-aware
-    router makes the same cut, at the same default). Any choice is overruled
-    (`overflow`) when that replica carries more than `load_factor` x the average
-    load + 1, and the least-loaded replica takes the request instead.
+    The longest known chain of block hashes wins (`cache`); when several replicas
+    were sent that prefix (a system prompt many conversations start with), the
+    least loaded of them takes the request, as in SGLang's cache-aware router,
+    which picks the worker with the longest match and breaks ties by load. A
+    prefix never seen goes to the replica its first block hashes to (`hash`), so
+    requests sharing a system prompt meet on one replica. When the known part is
+    less than `cache_threshold` of the prompt (a new conversation that shares only
+    a system prompt, followed by a long text of its own), the least-loaded replica
+    takes it instead (`balance`): most of its prefill is due wherever it goes, and
+    a burst of such conversations would otherwise pile onto the system prompt's
+    replica (SGLang's router makes the same cut, at the same default). Any choice
+    is overruled (`overflow`) when that replica carries more than `load_factor` x
+    the average load + 1, and the least-loaded replica takes the request instead.
 
     Args:
         load_factor: how far above average a replica may be before overflow.
@@ -96,6 +99,10 @@ class PrefixAware(_Turns):
         cache_threshold: the share of the prompt's blocks a known prefix must
             cover to decide the replica.
     """
+
+    # Replica URLs get one bit each in the masks below; pods come and go, so
+    # after this many the table starts afresh rather than grow.
+    _MAX_REPLICAS = 1024
 
     def __init__(
         self,
@@ -107,14 +114,15 @@ class PrefixAware(_Turns):
         self._load_factor = load_factor
         self._capacity = capacity
         self._cache_threshold = cache_threshold
-        self._owner: OrderedDict[int, str] = OrderedDict()
+        # Block hash -> bit mask of the replicas it was sent to.
+        self._owners: OrderedDict[int, int] = OrderedDict()
+        self._bits: dict[str, int] = {}
 
     def choose(
         self, replicas: Sequence[Replica], request: RouteRequest
     ) -> tuple[Replica, str]:
         hashes = block_hashes(prompt_text(request.body))
-        by_url = {r.url: r for r in replicas}
-        chosen, how, matched = self._by_prefix(hashes, by_url)
+        chosen, how, matched = self._by_prefix(hashes, replicas)
         if how == "cache" and matched < self._cache_threshold * len(hashes):
             chosen, how = least_loaded(replicas, self._turn()), "balance"
         average = sum(r.in_flight for r in replicas) / len(replicas)
@@ -124,26 +132,42 @@ class PrefixAware(_Turns):
         self._remember(hashes, chosen.url)
         return chosen, how
 
+    def _bit(self, url: str) -> int:
+        bit = self._bits.get(url)
+        if bit is None:
+            if len(self._bits) >= self._MAX_REPLICAS:
+                self._bits.clear()
+                self._owners.clear()
+            bit = self._bits[url] = 1 << len(self._bits)
+        return bit
+
     def _by_prefix(
-        self, hashes: list[int], by_url: dict[str, Replica]
+        self, hashes: list[int], replicas: Sequence[Replica]
     ) -> tuple[Replica | None, str, int]:
         """The replica for the longest known prefix, how, and its length in
         blocks."""
-        for i in range(len(hashes) - 1, -1, -1):
-            url = self._owner.get(hashes[i])
-            if url in by_url:
-                return by_url[url], "cache", i + 1
         if not hashes:
             return None, "least", 0
-        return by_url[rendezvous(hashes[0], list(by_url))], "hash", 0
+        bits = [self._bits.get(r.url, 0) for r in replicas]
+        for i in range(len(hashes) - 1, -1, -1):
+            mask = self._owners.get(hashes[i], 0)
+            if not mask:
+                continue
+            holding = [r for r, bit in zip(replicas, bits, strict=True) if mask & bit]
+            if holding:
+                return least_loaded(holding, self._turn()), "cache", i + 1
+        urls = [r.url for r in replicas]
+        home = rendezvous(hashes[0], urls)
+        return replicas[urls.index(home)], "hash", 0
 
     def _remember(self, hashes: list[int], url: str) -> None:
-        owner = self._owner
+        bit = self._bit(url)
+        owners = self._owners
         for h in hashes:
-            owner[h] = url
-            owner.move_to_end(h)
-        while len(owner) > self._capacity:
-            owner.popitem(last=False)
+            owners[h] = owners.get(h, 0) | bit
+            owners.move_to_end(h)
+        while len(owners) > self._capacity:
+            owners.popitem(last=False)
 
 
 class KvAware(_Turns):

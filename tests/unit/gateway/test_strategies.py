@@ -94,11 +94,37 @@ def test_prefix_aware_balances_new_conversations_sharing_only_a_system_prompt() 
         assert (turn2.url, how) == (picks[user][0], "cache")
 
 
+def test_a_prefix_sent_to_several_replicas_goes_to_the_least_loaded() -> None:
+    replicas, strategy = pool(4), PrefixAware()
+    system = "shared system prompt " * 50
+    # Two conversations on the same system prompt went to two replicas (the
+    # second overflowed), so both hold the prompt.
+    a, _ = strategy.choose(replicas, chat(system, "first"))
+    a.in_flight = 5
+    b, how = strategy.choose(replicas, chat(system, "second"))
+    assert b is not a and how == "overflow"
+    # A third conversation on that prompt: both hold it, the idle one takes it.
+    a.in_flight, b.in_flight = 2, 0
+    c, how = strategy.choose(replicas, chat(system, "third"))
+    assert (c, how) == (b, "cache")
+    b.in_flight = 3
+    d, how = strategy.choose(replicas, chat(system, "fourth"))
+    assert (d, how) == (a, "cache")
+    # A conversation's own history is on one replica only: it stays there, even
+    # when another replica holding the system prompt is idler.
+    a.in_flight = b.in_flight = 0
+    history = [system, "fifth", "answer " * 100]
+    home, _ = strategy.choose(replicas, chat(*history))
+    home.in_flight = 1
+    again, how = strategy.choose(replicas, chat(*history, "and then?"))
+    assert (again, how) == (home, "cache")
+
+
 def test_prefix_table_is_bounded() -> None:
     strategy = PrefixAware(capacity=10)
     for i in range(50):
         strategy.choose(pool(), chat(f"{i}" * 600))
-    assert len(strategy._owner) == 10
+    assert len(strategy._owners) == 10
 
 
 def test_kv_aware_prefers_idle_cache_and_short_queue() -> None:
