@@ -174,7 +174,7 @@ async def _send_stream(
     vLLM abort the request) as soon as the client goes away.
 
     Starlette's StreamingResponse does the same with an anyio task group per
-    response; a plain task and a done-callback cost less.
+    response; one watcher task that cancels the relay costs less.
     """
     relay = asyncio.current_task()
     assert relay is not None
