@@ -69,9 +69,9 @@ class OperatorSettings(BaseSettings):
     """How long route changes are gathered before the ConfigMap is written."""
     route_publish_interval: float = Field(1.0, ge=0)
     """Least time between two writes of the ConfigMap. Each write carries the
-    whole document (about 200 KB at 1,000 models) to the API server and to every
-    gateway's watch; while models keep changing, as in a burst of new ones, this
-    bounds how often that happens."""
+    whole document (450 KB for 1,000 minimal models, measured with
+    build_document) to the API server and to every gateway's watch; while
+    models keep changing, as in a burst of new ones, this bounds how often."""
     max_concurrent_reconciles: int = Field(32, ge=1)
     """Models reconciled at once, and as many status refreshes beside them; the
     rest wait their turn in arrival order. Without a bound, a burst of new models
