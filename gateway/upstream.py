@@ -108,6 +108,13 @@ Address = tuple[str, int, bool]
 """Host, port, TLS."""
 
 
+def _within(limit_s: float, deadline: float | None) -> float:
+    """`limit_s`, or less when `deadline` (monotonic) comes sooner."""
+    if deadline is None:
+        return limit_s
+    return max(0.0, min(limit_s, deadline - time.monotonic()))
+
+
 @dataclass(frozen=True)
 class _Target:
     """A URL split once: where to connect and what the request line names."""
@@ -340,10 +347,7 @@ class UpstreamResponse:
         self.content_type = conn.content_type
 
     def _timeout(self) -> float:
-        read = self._client.settings.read_timeout_s
-        if self._deadline is None:
-            return read
-        return max(0.0, min(read, self._deadline - time.monotonic()))
+        return _within(self._client.settings.read_timeout_s, self._deadline)
 
     async def read(self) -> bytes:
         """The whole body; the connection then goes back to the pool.
@@ -443,9 +447,7 @@ class UpstreamClient:
     async def _start(
         self, conn: _Connection, data: bytes, deadline: float | None
     ) -> None:
-        timeout = self.settings.read_timeout_s
-        if deadline is not None:
-            timeout = max(0.0, min(timeout, deadline - time.monotonic()))
+        timeout = _within(self.settings.read_timeout_s, deadline)
         if conn.closed:  # closed by the replica while it waited in the pool
             raise UpstreamUnreachable("the replica closed the connection")
         conn.send(data)
@@ -475,9 +477,7 @@ class UpstreamClient:
                 return conn
             conn.close()
         host, port, tls = address
-        timeout = self.settings.connect_timeout_s
-        if deadline is not None:
-            timeout = max(0.0, min(timeout, deadline - now))
+        timeout = _within(self.settings.connect_timeout_s, deadline)
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
