@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from citadel.gateway.api.errors import error_response, unexpected_response
@@ -58,17 +57,26 @@ async def proxied(call: ApiCall, request: Request) -> ProxyResponse:
     return await deps.proxy.handle(call, principal, raw, rid, session)
 
 
+class _Proxied(Response):
+    """The proxy's answer as a response for the routes below, sent the way the
+    fast path sends it (`send_result`)."""
+
+    def __init__(self, result: ProxyResponse) -> None:
+        super().__init__(status_code=result.status)
+        self.result = result
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_result(self.result, receive, send)
+
+
 async def forward(call: ApiCall, request: Request) -> Response:
     """Runs the proxy and wraps its answer in a response."""
-    result = await proxied(call, request)
-    if result.stream is not None:
-        return StreamingResponse(
-            result.stream, result.status, result.headers, result.media_type
-        )
-    return Response(result.body, result.status, result.headers, result.media_type)
+    return _Proxied(await proxied(call, request))
 
 
 # The forwarding endpoints take the bare request (see citadel.gateway.deps).
+# ForwardingFastPath serves these requests before FastAPI routes them; the
+# routes stay for the OpenAPI document, and for an app built without it.
 @router.post("/chat/completions", openapi_extra=request_body(CHAT_REQUEST))
 async def chat_completions(request: Request) -> Response:
     """Creates a chat completion (streamed as server-sent events with `stream`)."""
@@ -146,10 +154,15 @@ class ForwardingFastPath:
         except Exception as err:
             await unexpected_response(request, err)(scope, receive, send)
             return
-        if result.stream is None:
-            await _send_whole(result, send)
-        else:
-            await _send_stream(result, result.stream, receive, send)
+        await send_result(result, receive, send)
+
+
+async def send_result(result: ProxyResponse, receive: Receive, send: Send) -> None:
+    """Sends the proxy's answer as ASGI messages."""
+    if result.stream is None:
+        await _send_whole(result, send)
+    else:
+        await _send_stream(result, result.stream, receive, send)
 
 
 def _start(result: ProxyResponse, *extra: tuple[bytes, bytes]) -> Message:

@@ -346,3 +346,34 @@ async def test_unexpected_failure_is_a_500_in_openai_shape(
     # Both doors add the same version header.
     version = [h for h in listed.headers if "version" in h]
     assert version and all(answer.headers.get(h) for h in version)
+
+
+async def test_the_routes_answer_as_the_fast_path_does(harness: Any, kit: Any) -> None:
+    """Without ForwardingFastPath the FastAPI routes serve the same bytes."""
+    from citadel.gateway.api.openai import ForwardingFastPath
+
+    parts = _sse(CHUNK, USAGE)
+    harness.upstream.handler = lambda url, body: (
+        kit.reply(parts=parts, content_type="text/event-stream")
+        if body.get("stream")
+        else kit.completion()
+    )
+    stream = {**kit.chat, "stream": True, "stream_options": {"include_usage": True}}
+
+    async def answers() -> list[tuple[int, str, bytes]]:
+        async with harness.client() as client:
+            got = [
+                await client.post("/v1/chat/completions", json=body)
+                for body in (kit.chat, stream)
+            ]
+        return [(a.status_code, a.headers["content-type"], a.content) for a in got]
+
+    fast = await answers()
+    app = harness.app
+    app.user_middleware = [
+        m for m in app.user_middleware if m.cls is not ForwardingFastPath
+    ]
+    app.middleware_stack = None  # rebuilt on the next request, without it
+    assert await answers() == fast
+    assert [status for status, _, _ in fast] == [200, 200]
+    assert fast[1][2] == b"".join(parts)
