@@ -203,6 +203,34 @@ def stop_profile(spy: Proc | None, log_dir: Path) -> list[str]:
     return top_functions(out.read_text()) if out.exists() else []
 
 
+class Window:
+    """What the cluster did over one span of a run: control-plane CPU, API
+    requests and the API server's profile, read at `start` and at `stop`.
+
+    Args:
+        kube: kubectl on the cluster.
+        log_dir: where the API server's profiles go.
+        name: a prefix for their file names.
+    """
+
+    def __init__(self, kube: Kubectl, log_dir: Path, name: str) -> None:
+        self._kube = kube
+        self._requests = api_requests(kube)
+        self._profiler = ApiServerProfiler(kube.base, log_dir, name).start()
+        self._cpu = control_plane_cpu()
+
+    def stop(self) -> tuple[dict[str, float], dict[str, float], ApiServerProfile]:
+        """CPU seconds by process, requests by "VERB resource" and the API
+        server's CPU by category, since the start."""
+        cpu = cpu_since(self._cpu)
+        requests = requests_since(self._kube, self._requests)
+        return cpu, requests, self._profiler.stop()
+
+    def halt(self) -> None:
+        """Ends the profiling on a path that reads nothing (a failure)."""
+        self._profiler.halt()
+
+
 def cpu_since(before: dict[str, float]) -> dict[str, float]:
     now = control_plane_cpu()
     return {name: now[name] - before.get(name, 0.0) for name in now}
@@ -363,7 +391,7 @@ def run_scale(
     operator: Proc | None = None
     watchers: list[subprocess.Popen[str]] = []
     spy: Proc | None = None
-    apiserver: ApiServerProfiler | None = None
+    window: Window | None = None
     stop_flag = threading.Event()
     try:
         # A namespace left terminating by an earlier run must be gone first.
@@ -413,10 +441,8 @@ def run_scale(
         )
         watchers.append(watch(kube, "deployments", "", seen, stop_flag))
         time.sleep(1.0)
-        requests_before = api_requests(kube)
         spy = start_profile(py_spy, operator.pid, log_dir)
-        apiserver = ApiServerProfiler(kube.base, log_dir, "apiserver").start()
-        cpu_before = control_plane_cpu()
+        window = Window(kube, log_dir, "apiserver")
         began = time.monotonic()
         create_in_streams(kube, lambda i: [model(i)], models, timeout_s)
         result.apply_s = time.monotonic() - began
@@ -434,10 +460,8 @@ def run_scale(
                 break
             time.sleep(1.0)
         result.wall_s = time.monotonic() - began
-        result.cpu_by_process = cpu_since(cpu_before)
+        result.cpu_by_process, result.requests, result.apiserver = window.stop()
         result.cpu_by_process["citadel-operator"] = operator.cpu_seconds() - cpu0
-        result.requests = requests_since(kube, requests_before)
-        result.apiserver = apiserver.stop()
         result.profile = stop_profile(spy, log_dir)
         spy = None
         # Both watches see events with the same delay, so their difference is the
@@ -453,8 +477,8 @@ def run_scale(
         stop_flag.set()
         stop_watches(watchers)
         stop_profile(spy, log_dir)
-        if apiserver is not None:
-            apiserver.halt()
+        if window is not None:
+            window.halt()
         if operator is not None:
             stop(operator)
         with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
@@ -491,7 +515,7 @@ def run_floor(kube: Kubectl, result: ScaleRun, timeout_s: float, log_dir: Path) 
     available: dict[str, float] = {}
     stop_flag = threading.Event()
     watchers: list[subprocess.Popen[str]] = []
-    apiserver: ApiServerProfiler | None = None
+    window: Window | None = None
     try:
         kube("create", "namespace", NAMESPACE)
         watchers.append(
@@ -506,9 +530,7 @@ def run_floor(kube: Kubectl, result: ScaleRun, timeout_s: float, log_dir: Path) 
             )
         )
         time.sleep(1.0)
-        requests_before = api_requests(kube)
-        apiserver = ApiServerProfiler(kube.base, log_dir, "floor-apiserver").start()
-        cpu_before = control_plane_cpu()
+        window = Window(kube, log_dir, "floor-apiserver")
         began = time.monotonic()
         create_in_streams(kube, floor_objects, result.models, timeout_s)
         deadline = began + timeout_s
@@ -516,14 +538,16 @@ def run_floor(kube: Kubectl, result: ScaleRun, timeout_s: float, log_dir: Path) 
             time.sleep(1.0)
         if len(available) >= result.models:
             result.floor_ready_s = max(available.values()) - began
-        result.floor_cpu_by_process = cpu_since(cpu_before)
-        result.floor_requests = requests_since(kube, requests_before)
-        result.floor_apiserver = apiserver.stop()
+        (
+            result.floor_cpu_by_process,
+            result.floor_requests,
+            result.floor_apiserver,
+        ) = window.stop()
     except (RuntimeError, subprocess.TimeoutExpired) as err:
         result.floor_problem = str(err)[-300:]
     finally:
-        if apiserver is not None:
-            apiserver.halt()
+        if window is not None:
+            window.halt()
         stop_flag.set()
         stop_watches(watchers)
         with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
