@@ -110,13 +110,6 @@ def categorise(traces: str) -> dict[str, float]:
     return found
 
 
-def go_binary() -> str | None:
-    """The Go toolchain that built the local cluster (for `go tool pprof`)."""
-    return shutil.which("go") or (
-        "/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists() else None
-    )
-
-
 class ApiServerProfiler:
     """Takes consecutive CPU profiles of the API server from `start` to `stop`.
 
@@ -170,7 +163,8 @@ class ApiServerProfiler:
         self._thread.join(timeout=CHUNK_S + 90)
         if self._problem or not self._files:
             return ApiServerProfile(problem=self._problem or "no profile was taken")
-        go = go_binary()
+        # The `go` on PATH, as tests/e2e/cluster/build.sh builds the cluster with.
+        go = shutil.which("go")
         if go is None:
             return ApiServerProfile(problem="no Go toolchain for `go tool pprof`")
         done = subprocess.run(
