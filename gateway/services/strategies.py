@@ -122,12 +122,15 @@ class PrefixAware(_Turns):
         self, replicas: Sequence[Replica], request: RouteRequest
     ) -> tuple[Replica, str]:
         hashes = block_hashes(prompt_text(request.body))
-        chosen, how, matched = self._by_prefix(hashes, replicas)
+        # One turn per request, wherever ties are broken: taking one at each
+        # step would move the starting point by two and skip replicas.
+        turn = self._turn()
+        chosen, how, matched = self._by_prefix(hashes, replicas, turn)
         if how == "cache" and matched < self._cache_threshold * len(hashes):
-            chosen, how = least_loaded(replicas, self._turn()), "balance"
+            chosen, how = least_loaded(replicas, turn), "balance"
         average = sum(r.in_flight for r in replicas) / len(replicas)
         if chosen is None or chosen.in_flight > self._load_factor * average + 1:
-            chosen = least_loaded(replicas, self._turn())
+            chosen = least_loaded(replicas, turn)
             how = "overflow" if hashes else "least"
         self._remember(hashes, chosen.url)
         return chosen, how
@@ -142,7 +145,7 @@ class PrefixAware(_Turns):
         return bit
 
     def _by_prefix(
-        self, hashes: list[int], replicas: Sequence[Replica]
+        self, hashes: list[int], replicas: Sequence[Replica], turn: int
     ) -> tuple[Replica | None, str, int]:
         """The replica for the longest known prefix, how, and its length in
         blocks."""
@@ -155,7 +158,7 @@ class PrefixAware(_Turns):
                 continue
             holding = [r for r, bit in zip(replicas, bits, strict=True) if mask & bit]
             if holding:
-                return least_loaded(holding, self._turn()), "cache", i + 1
+                return least_loaded(holding, turn), "cache", i + 1
         urls = [r.url for r in replicas]
         home = rendezvous(hashes[0], urls)
         return replicas[urls.index(home)], "hash", 0

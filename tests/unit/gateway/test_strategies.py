@@ -120,6 +120,19 @@ def test_a_prefix_sent_to_several_replicas_goes_to_the_least_loaded() -> None:
     assert (again, how) == (home, "cache")
 
 
+def test_prefix_aware_ties_go_round_every_replica() -> None:
+    replicas, strategy = pool(4), PrefixAware()
+    system = "shared system prompt " * 50
+    picks = [
+        strategy.choose(replicas, chat(system, f"user {u} document " * 200))
+        for u in range(8)
+    ]
+    balanced = [replica.url for replica, how in picks if how == "balance"]
+    # Idle replicas: new conversations take them in turn, none is skipped.
+    assert len(balanced) == 7
+    assert set(balanced[:4]) == {r.url for r in replicas}
+
+
 def test_prefix_table_is_bounded() -> None:
     strategy = PrefixAware(capacity=10)
     for i in range(50):
