@@ -8,9 +8,6 @@ the placements, and the counts, do not depend on timing.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,10 +15,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from citadel_bench import procs
+from citadel_bench.routing import cache_counters
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 REPLICAS = 4
 # Fast steps: the test is about where requests go, not how long they take.
 SIM_OPTIONS = (
@@ -35,40 +33,23 @@ SIM_OPTIONS = (
 
 
 class Simulator:
-    """`python -m simulator --replicas 4`, one process."""
+    """`python -m simulator --replicas 4`, one process, started as the bench
+    starts it."""
 
-    def __init__(self, tmp_path: Path) -> None:
-        env = {**os.environ, "PYTHONSAFEPATH": "1", "PYTHONPATH": str(REPO / "bench")}
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "simulator",
-                "--replicas",
-                str(REPLICAS),
-                *SIM_OPTIONS,
-            ],
-            stdout=subprocess.PIPE,
-            env=env,
-            cwd=tmp_path,
+    def __init__(self, log_dir: Path, name: str) -> None:
+        self.proc = procs.start(
+            name, procs.simulator_argv(REPLICAS, *SIM_OPTIONS), log_dir
         )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().decode()
-        if not line.startswith("listening on "):
-            self.proc.kill()
-            raise RuntimeError(f"the simulator did not start: {line!r}")
-        self.urls = [f"http://127.0.0.1:{p}" for p in line.split()[2:]]
+        try:
+            ports = procs.wait_listening(self.proc)
+        except RuntimeError:
+            procs.stop(self.proc)
+            raise
+        self.urls = [f"http://127.0.0.1:{p}" for p in ports]
 
     def prefix_cache(self) -> tuple[float, float]:
         """Prompt tokens looked up and found, summed over the replicas."""
-        queries = hits = 0.0
-        for url in self.urls:
-            for line in httpx.get(url + "/metrics").text.splitlines():
-                if line.startswith("vllm:prefix_cache_queries_total{"):
-                    queries += float(line.rsplit(" ", 1)[1])
-                elif line.startswith("vllm:prefix_cache_hits_total{"):
-                    hits += float(line.rsplit(" ", 1)[1])
-        return queries, hits
+        return cache_counters(self.urls)
 
     def requests_per_replica(self) -> list[float]:
         found = []
@@ -83,29 +64,19 @@ class Simulator:
             )
         return found
 
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-
 
 @pytest.fixture
 def simulators(tmp_path: Path) -> Iterator[Callable[[], Simulator]]:
     started: list[Simulator] = []
 
     def start() -> Simulator:
-        sim = Simulator(tmp_path)
+        sim = Simulator(tmp_path, f"simulator-{len(started)}")
         started.append(sim)
         return sim
 
     yield start
     for sim in started:
-        sim.stop()
+        procs.stop(sim.proc)
 
 
 def converse(client: openai.OpenAI, model: str) -> None:
