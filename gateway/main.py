@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     # as long as the process. Frozen, it is left out of full collections, which
     # otherwise walked all of it and found nothing to free: about 60 ms each,
     # every few seconds under load, with every request in flight waiting (the
-    # p99 latency at concurrency 64; docs/benchmarks.md).
+    # p99 latency at concurrency 64; docs/benchmarks.md). Garbage is collected
+    # first: frozen, it would never be freed.
+    gc.collect()
     gc.freeze()
     uvicorn.run(
         app,

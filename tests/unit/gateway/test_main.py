@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,21 @@ from citadel.gateway import main as entry
 pytestmark = pytest.mark.unit
 
 
+class _Cycle:
+    """Refers to itself, so only the cycle collector frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
 @pytest.fixture
 def unfrozen() -> Iterator[None]:
-    """Gives back to the collector whatever a test froze (it is one process)."""
+    """Gives back to the collector whatever a test froze (it is one process), with
+    automatic collection off meanwhile so that only the code under test collects."""
     gc.unfreeze()
+    gc.disable()
     yield
+    gc.enable()
     gc.unfreeze()
 
 
@@ -32,9 +43,11 @@ def test_startup_objects_are_frozen_before_serving(
     monkeypatch.setenv("CITADEL_GATEWAY_ROUTES_FILE", str(routes))
     monkeypatch.setenv("CITADEL_GATEWAY_AUTH", "disabled")
     served: dict[str, Any] = {}
+    garbage = weakref.ref(_Cycle())
 
     def run(app: object, **options: Any) -> None:
         served["frozen"] = gc.get_freeze_count()
+        served["garbage_left"] = garbage() is not None
         served["app"] = app
 
     monkeypatch.setattr(entry.uvicorn, "run", run)
@@ -43,3 +56,5 @@ def test_startup_objects_are_frozen_before_serving(
     # serving starts, so full collections under load do not walk them.
     assert served["frozen"] > 0
     assert not any(obj is served["app"] for obj in gc.get_objects())
+    # Garbage from before is freed first, not frozen for good.
+    assert not served["garbage_left"]
