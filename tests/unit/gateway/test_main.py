@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvicorn
 
 from citadel.gateway import main as entry
 
@@ -50,7 +51,7 @@ def test_startup_objects_are_frozen_before_serving(
         served["garbage_left"] = garbage() is not None
         served["app"] = app
 
-    monkeypatch.setattr(entry.uvicorn, "run", run)
+    monkeypatch.setattr(uvicorn, "run", run)
     assert entry.main([]) == 0
     # The app, and what it was built from, sit in the permanent generation when
     # serving starts, so full collections under load do not walk them.
