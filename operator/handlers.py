@@ -54,6 +54,20 @@ def _without_finalizers(registry: kopf.OperatorRegistry) -> None:
     ]
 
 
+def _kept(body: kopf.Body) -> dict[str, Any]:
+    """What an index keeps of an object: all but `metadata.managedFields`.
+
+    The field-ownership records are nearly as large as the spec they describe,
+    nothing in the operator reads them from an index, and the index holds one
+    object per model, Deployment, pod and node for as long as they live.
+    """
+    kept = dict(body)
+    metadata = kept.get("metadata")
+    if isinstance(metadata, dict) and "managedFields" in metadata:
+        kept["metadata"] = {k: v for k, v in metadata.items() if k != "managedFields"}
+    return kept
+
+
 def build_registry(
     reconciler: Reconciler,
     settings: OperatorSettings,
@@ -87,7 +101,7 @@ def build_registry(
     async def citadel_models(
         namespace: str | None, name: str | None, body: kopf.Body, **_: Any
     ) -> dict[object, dict[str, Any]]:
-        return {(namespace, name): dict(body)}
+        return {(namespace, name): _kept(body)}
 
     # Owned Deployments and pods, both by (namespace, model).
     @kopf.index(
@@ -99,11 +113,11 @@ def build_registry(
         namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
     ) -> dict[object, dict[str, Any]] | None:
         owner = labels.get(names.LABEL_MODEL)
-        return {(namespace, owner): dict(body)} if owner else None
+        return {(namespace, owner): _kept(body)} if owner else None
 
     @kopf.index("", "v1", "nodes", id=NODES_INDEX, registry=registry)
     async def citadel_nodes(body: kopf.Body, **_: Any) -> dict[object, dict[str, Any]]:
-        return {None: dict(body)}
+        return {None: _kept(body)}
 
     @kopf.on.startup(registry=registry)
     async def operator_startup(**kwargs: Any) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import kopf
 import pytest
 
-from citadel.operator import __version__
+from citadel.operator import __version__, names, view
 from citadel.operator.handlers import _translated, build_registry
 from citadel.operator.kopfstate import MemoryState
 from citadel.operator.kube.fake import FakeKube
@@ -73,3 +75,43 @@ def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert done.value.code == 0
     assert capsys.readouterr().out.strip() == __version__
+
+
+async def test_indexes_keep_objects_without_field_ownership(
+    settings: OperatorSettings,
+) -> None:
+    reconciler = Reconciler(FakeKube(), settings, Metrics())
+    registry = build_registry(reconciler, settings, _login, _noop, MemoryState())
+    labels = {names.LABEL_MANAGED_BY: names.MANAGER_NAME, names.LABEL_MODEL: "m"}
+    raw: dict[str, Any] = {
+        "metadata": {
+            "name": "m",
+            "namespace": "ns",
+            "labels": labels,
+            "resourceVersion": "7",
+            "managedFields": [{"manager": "kube-controller-manager"}],
+        },
+        "spec": {"replicas": 1},
+        "status": {"readyReplicas": 1},
+    }
+    indexes = {h.id: h for h in registry._indexing.get_all_handlers()}
+    assert set(indexes) == {
+        view.MODELS_INDEX,
+        view.DEPLOYMENTS_INDEX,
+        view.PODS_INDEX,
+        view.NODES_INDEX,
+    }
+    for handler in indexes.values():
+        index_fn: Any = handler.fn
+        entry = await index_fn(
+            namespace="ns",
+            name="m",
+            labels=labels,
+            body=kopf.Body(cast(kopf.RawBody, raw)),
+        )
+        [kept] = entry.values()
+        assert "managedFields" not in kept["metadata"], handler.id
+        assert kept["metadata"]["resourceVersion"] == "7"
+        assert kept["spec"] == raw["spec"] and kept["status"] == raw["status"]
+    # The watch event's own body is left as it came.
+    assert raw["metadata"]["managedFields"]
