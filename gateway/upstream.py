@@ -6,8 +6,7 @@ the parser uvicorn uses for the gateway's own side. Replicas speak plain HTTP/1.
 (or TLS) on the pod network, so nothing more is needed. aiohttp's client, used
 before, cost the gateway about 305 µs of CPU per proxied request at concurrency 64
 (2,922 requests/s on 0.89 cores, `make bench` at 29000f4); with this one it is
-about 210 µs (3,770-4,320 requests/s on 0.81-0.90 cores, three 4 s runs against
-the same simulator; docs/benchmarks.md has the full run).
+about 220 µs (3,900 requests/s on 0.85 cores, `make bench` at ededc39).
 
 Failures are sorted into three kinds that the proxy treats differently:
 

@@ -57,9 +57,10 @@ def _without_finalizers(registry: kopf.OperatorRegistry) -> None:
 def _kept(body: kopf.Body) -> dict[str, Any]:
     """What an index keeps of an object: all but `metadata.managedFields`.
 
-    The field-ownership records are nearly as large as the spec they describe,
-    nothing in the operator reads them from an index, and the index holds one
-    object per model, Deployment, pod and node for as long as they live.
+    Nothing in the operator reads the field-ownership records from an index,
+    which holds one object per model, Deployment, pod and node for as long as
+    they live. Dropping them took the operator's RSS peak/end at 1,000 models
+    from 336/338 MiB (make bench at 36d70e5) to 291/293 MiB (at b68cf22).
     """
     kept = dict(body)
     metadata = kept.get("metadata")

@@ -118,8 +118,10 @@ class ForwardingFastPath:
     and skipping them raised throughput at concurrency 64 by 31% (json) and 21%
     (streaming) against the instant simulator. Responses go out as ASGI messages
     rather than Starlette responses: a stream then needs one watcher task for the
-    client's disconnect instead of an anyio task group, which took streaming from
-    1,650-1,740 to 1,860-2,050 requests/s (three 4 s runs each). Errors get the
+    client's disconnect instead of an anyio task group. Streaming at concurrency
+    64 against the instant simulator, six 4 s runs each at 65cc179: 2,100-2,350
+    requests/s on 0.86-0.93 cores this way, 1,990-2,120 on 0.97-0.99 through
+    Starlette's StreamingResponse (about 15% more CPU per request). Errors get the
     same OpenAI-shaped responses as through the app's handlers; everything else
     (other paths and methods, the OpenAPI document, which still lists the routes
     above) goes on to the app.
