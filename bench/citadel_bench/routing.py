@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
+import statistics
 import time
 import urllib.request
 from collections.abc import Callable
@@ -78,7 +79,7 @@ class RoutingRun:
     @property
     def later_mean_ms(self) -> float:
         """Mean TTFT after each conversation's first turn."""
-        return Summary.of(self.later_ttfts_ms).mean if self.later_ttfts_ms else 0.0
+        return statistics.fmean(self.later_ttfts_ms) if self.later_ttfts_ms else 0.0
 
     @property
     def rps(self) -> float:
