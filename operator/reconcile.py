@@ -27,7 +27,7 @@ from citadel.operator.builders.objects import (
     build_service,
 )
 from citadel.operator.drift import drifted
-from citadel.operator.events import Notice, event_object, transitions
+from citadel.operator.events import Notice, combined, event_object, transitions
 from citadel.operator.kube.client import ApiError, Kube, Manifest
 from citadel.operator.kube.resources import (
     PDBS,
@@ -483,7 +483,8 @@ class Reconciler:
                 self._written[model.key] = written
             if status.phase != model.status.phase:
                 log.info("%s: %s -> %s", model.key, model.status.phase, status.phase)
-            for notice in transitions(model.status, status):
+            notice = combined(transitions(model.status, status))
+            if notice is not None:
                 await self._post(model, notice)
             self.routes.kick()
         self.metrics.set_phase(model.key, status.phase)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from citadel.operator.events import event_object, transitions
+from citadel.operator.events import Notice, combined, event_object, transitions
 from citadel.operator.observe import derive_status
 
 from .samples import NODES, NOW, deployment, make_model, pod
@@ -47,3 +47,31 @@ def test_event_object_points_at_the_model() -> None:
     assert event["involvedObject"]["kind"] == "LLMModel"
     assert event["involvedObject"]["uid"] == "uid-mixtral"
     assert event["metadata"]["namespace"] == "llm"
+
+
+def test_one_event_per_write_leads_with_ready() -> None:
+    model = make_model()
+    creating = derive_status(model, None, [], NODES, NOW)
+    ready = derive_status(model, deployment(), [pod("p1")], NODES, NOW)
+    notice = combined(transitions(creating, ready))
+    assert notice is not None
+    assert (notice.type, notice.reason) == ("Normal", "ReplicasReady")
+    assert notice.message.startswith("Ready=True: ")
+    assert "; Scheduled=True: " in notice.message
+    assert "; Progressing=False: " in notice.message
+
+
+def test_a_warning_leads_the_event_it_shares() -> None:
+    notices = [
+        Notice("Normal", "WaitingForReplicas", "Ready=False: loading"),
+        Notice("Warning", "Unschedulable", "Scheduled=False: 0/3 nodes"),
+        Notice("Normal", "RollingOut", "Progressing=True: 0/1 updated"),
+    ]
+    notice = combined(notices)
+    assert notice == Notice(
+        "Warning",
+        "Unschedulable",
+        "Scheduled=False: 0/3 nodes; Ready=False: loading; "
+        "Progressing=True: 0/1 updated",
+    )
+    assert combined([]) is None

@@ -165,7 +165,9 @@ async def test_refresh_follows_the_pods(settings: OperatorSettings) -> None:
     await reconciler.refresh("llm", "mixtral")
     status = kube.stored(LLMMODELS, "mixtral", "llm")["status"]
     assert status["phase"] == "Degraded"
-    assert "CrashLoopBackOff" in _reasons(kube)
+    # Ready, Progressing and Degraded all changed: one Event, led by the warning.
+    assert _reasons(kube) == ["MonitoringUnavailable", "CrashLoopBackOff"]
+    assert kube.events[-1]["type"] == "Warning"
 
 
 async def test_refresh_of_a_missing_model_is_quiet(settings: OperatorSettings) -> None:
