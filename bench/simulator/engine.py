@@ -4,11 +4,16 @@ Each step admits waiting requests in arrival order while the running batch has
 room and their KV blocks fit, gives the prefilling requests up to
 `max_batched_tokens` of their uncached prompt tokens, lets every decoding request
 make one token, sleeps for the step's modelled duration, then hands out the tokens.
+
+Steps keep their own clock: an idle engine's step starts when a request arrives,
+and each later step when the one before it ends, however late the event loop gets
+round to it (it is shared with the other replicas of the process).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -42,6 +47,8 @@ class Sequence:
     to_prefill: int = 0
     generated: int = 0
     cached_tokens: int = 0
+    arrived: float = 0.0
+    """When it was submitted (time.monotonic)."""
 
 
 @dataclass
@@ -94,13 +101,16 @@ class Engine:
 
     def submit(self, seq: Sequence) -> None:
         """Queues a request; its tokens arrive on `seq.tokens`, then None."""
+        seq.arrived = time.monotonic()
         self.waiting.append(seq)
         self._wake.set()
 
-    def _admit(self) -> None:
+    def _admit(self, start: float | None) -> None:
         p = self.params
         while self.waiting and len(self.running) < p.max_num_seqs:
             seq = self.waiting[0]
+            if start is not None and seq.arrived > start:
+                return
             allocation = self.cache.allocate(
                 seq.hashes, seq.prompt_tokens, seq.prompt_tokens + seq.max_tokens
             )
@@ -115,10 +125,15 @@ class Engine:
             self.counters.prompt_tokens += seq.prompt_tokens
             self.running.append(seq)
 
-    def plan_step(self) -> tuple[float, list[Sequence]]:
+    def plan_step(self, start: float | None = None) -> tuple[float, list[Sequence]]:
         """Admits what fits and returns the step's duration and the sequences that
-        make a token at its end (prefill budget is consumed here)."""
-        self._admit()
+        make a token at its end (prefill budget is consumed here).
+
+        Args:
+            start: when the step begins (time.monotonic); requests that arrived
+                after it wait for a later step. None admits every waiting request.
+        """
+        self._admit(start)
         budget = self.params.max_batched_tokens
         decoding = [s for s in self.running if s.to_prefill == 0]
         budget -= len(decoding)
@@ -166,16 +181,29 @@ class Engine:
                 self.cache.free(seq.allocation)
 
     async def _loop(self) -> None:
+        start = 0.0  # when the current (or last) step began
         while True:
             if not self.waiting and not self.running:
                 self._wake.clear()
                 await self._wake.wait()
-            duration, emitting = self.plan_step()
+            if not self.running and self.waiting:
+                # An idle engine starts a step as soon as a request arrives, as
+                # vLLM's engine core wakes on its input queue. This loop may get
+                # here later, while the process parses a burst of requests for
+                # all its replicas; the step still starts at the arrival, and
+                # requests parsed in the meantime wait for the next step, as they
+                # would on a replica of their own.
+                start = max(start, self.waiting[0].arrived)
+            duration, emitting = self.plan_step(start)
             if not emitting and not self.running:
                 # Nothing fits although the cache is empty: cannot happen after
                 # `fits`; wait for a change instead of spinning.
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            await asyncio.sleep(duration)
+            end = start + duration
+            await asyncio.sleep(max(0.0, end - time.monotonic()))
             self.finish_step(emitting)
+            # Back to back on the engine's own clock: a late wake-up shortens
+            # the next sleep instead of adding to every step.
+            start = end

@@ -1,4 +1,5 @@
 import asyncio
+import time
 
 import pytest
 from simulator.engine import Engine
@@ -76,14 +77,47 @@ async def test_loop_streams_tokens_in_modelled_time() -> None:
     engine.start()
     try:
         seq = engine.prepare("hello", max_tokens=5)
-        engine.submit(seq)
         loop = asyncio.get_running_loop()
         began = loop.time()
+        engine.submit(seq)
         tokens = []
         while (token := await asyncio.wait_for(seq.tokens.get(), 5)) is not None:
             tokens.append(token)
         assert tokens == [1, 2, 3, 4, 5]
         assert loop.time() - began >= 5 * 0.002
+    finally:
+        await engine.stop()
+
+
+def test_a_step_admits_only_what_arrived_before_it() -> None:
+    engine = Engine(params())
+    first = engine.prepare("a" * 8, max_tokens=1)
+    second = engine.prepare("b" * 8, max_tokens=1)
+    engine.submit(first)
+    time.sleep(0.001)
+    engine.submit(second)
+    _, emitting = engine.plan_step(first.arrived)
+    assert emitting == [first] and list(engine.waiting) == [second]
+    _, emitting = engine.plan_step()
+    assert emitting == [first, second]
+
+
+async def test_an_idle_engine_steps_when_a_request_arrives() -> None:
+    # The event loop is busy (here: blocked) between two submits to an idle
+    # engine, as when it parses other replicas' requests: the first request's
+    # step began when it arrived, so the second waits for the next step.
+    engine = Engine(params(decode_base_s=0.02, decode_per_seq_s=0.0))
+    engine.start()
+    try:
+        first = engine.prepare("a" * 8, max_tokens=2)
+        second = engine.prepare("b" * 8, max_tokens=1)
+        engine.submit(first)
+        time.sleep(0.005)
+        engine.submit(second)
+        assert await asyncio.wait_for(first.tokens.get(), 5) == 1
+        assert second.generated == 0
+        assert await asyncio.wait_for(second.tokens.get(), 5) == 1
+        assert first.generated == 2
     finally:
         await engine.stop()
 
