@@ -317,10 +317,18 @@ class _Connection(asyncio.Protocol):
             await self._wait(timeout_s)
 
     async def next_chunk(self, timeout_s: float) -> bytes | None:
-        """The next piece of the body, or None at its end."""
+        """All of the body received so far and not yet taken, or None at its end."""
         while True:
             if self._chunks:
-                chunk = self._chunks.popleft()
+                # One piece for everything that is here: httptools hands over each
+                # HTTP chunk (one SSE event from vLLM) on its own, and relaying
+                # them one by one costs a client write and a pass of the relay
+                # each, even when a single read brought many.
+                if len(self._chunks) == 1:
+                    chunk = self._chunks.popleft()
+                else:
+                    chunk = b"".join(self._chunks)
+                    self._chunks.clear()
                 self._buffered -= len(chunk)
                 if self._paused and self._buffered < _LOW_WATER and self.transport:
                     self._paused = False
@@ -357,7 +365,7 @@ class UpstreamResponse:
         return b"".join([chunk async for chunk in self.chunks()])
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives, in the pieces the network delivers."""
+        """The body as it arrives: each piece is what came since the last one."""
         conn = self._conn
         if conn is None:
             return

@@ -171,6 +171,39 @@ async def test_a_chunked_stream_arrives_piece_by_piece(
     assert server.connections == 1
 
 
+async def test_chunks_received_together_are_one_piece(
+    serve: Callable[..., Awaitable[Server]], client: UpstreamClient
+) -> None:
+    go_on = asyncio.Event()
+
+    async def stream(
+        _: int, __: int, ___: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        await writer.drain()
+        await go_on.wait()
+        # Three HTTP chunks in one write: the relay gets them in one piece.
+        writer.write(b"1\r\na\r\n1\r\nb\r\n1\r\nc\r\n0\r\n\r\n")
+        await writer.drain()
+        return True
+
+    server = await serve(stream)
+    response = await client.post(server.url + "/v1/completions", b"{}", {})
+    assert response.status == 200
+    go_on.set()
+
+    async def all_received() -> None:
+        while not (conn := response._conn) or not conn.complete:
+            await asyncio.sleep(0.001)
+
+    # Nothing is taken before the whole write is here.
+    await asyncio.wait_for(all_received(), 5)
+    assert [chunk async for chunk in response.chunks()] == [b"abc"]
+
+
 async def test_nothing_listening_is_unreachable(client: UpstreamClient) -> None:
     server = await Server(answer_json).start()
     await server.stop()
