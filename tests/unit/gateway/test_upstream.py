@@ -139,25 +139,32 @@ async def test_a_json_reply_and_the_connection_is_kept_for_the_next(
     assert head.endswith(b'\r\n\r\n{"model": "m"}')
 
 
-async def test_a_chunked_stream_arrives_piece_by_piece(
-    serve: Callable[..., Awaitable[Server]], client: UpstreamClient
-) -> None:
-    go_on = asyncio.Event()
+def chunked(first: bytes, rest: bytes, go_on: asyncio.Event) -> Handler:
+    """A handler that streams `first` (after the head), then `rest` once `go_on`
+    is set; both are raw chunked-encoding bytes."""
 
     async def stream(
         _: int, __: int, ___: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> bool:
         writer.write(
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-            b"transfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n"
+            b"transfer-encoding: chunked\r\n\r\n" + first
         )
         await writer.drain()
-        await go_on.wait()  # the rest only once the client holds the first piece
-        writer.write(b"6\r\nsecond\r\n0\r\n\r\n")
+        await go_on.wait()
+        writer.write(rest)
         await writer.drain()
         return True
 
-    server = await serve(stream)
+    return stream
+
+
+async def test_a_chunked_stream_arrives_piece_by_piece(
+    serve: Callable[..., Awaitable[Server]], client: UpstreamClient
+) -> None:
+    go_on = asyncio.Event()
+    # The rest only once the client holds the first piece.
+    server = await serve(chunked(b"5\r\nfirst\r\n", b"6\r\nsecond\r\n0\r\n\r\n", go_on))
     response = await client.post(server.url + "/v1/completions", b"{}", {})
     assert response.content_type == "text/event-stream"
     pieces = []
@@ -175,22 +182,9 @@ async def test_chunks_received_together_are_one_piece(
     serve: Callable[..., Awaitable[Server]], client: UpstreamClient
 ) -> None:
     go_on = asyncio.Event()
-
-    async def stream(
-        _: int, __: int, ___: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> bool:
-        writer.write(
-            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-            b"transfer-encoding: chunked\r\n\r\n"
-        )
-        await writer.drain()
-        await go_on.wait()
-        # Three HTTP chunks in one write: the relay gets them in one piece.
-        writer.write(b"1\r\na\r\n1\r\nb\r\n1\r\nc\r\n0\r\n\r\n")
-        await writer.drain()
-        return True
-
-    server = await serve(stream)
+    # Three HTTP chunks in one write: the relay gets them in one piece.
+    rest = b"1\r\na\r\n1\r\nb\r\n1\r\nc\r\n0\r\n\r\n"
+    server = await serve(chunked(b"", rest, go_on))
     response = await client.post(server.url + "/v1/completions", b"{}", {})
     assert response.status == 200
     go_on.set()
