@@ -64,6 +64,8 @@ class _Context:
     principal: Principal
     request_id: str
     started: float
+    session: str | None = None
+    """The conversation's id from the session header, if sent."""
     model: str = UNKNOWN_MODEL
     route: ModelRoute | None = None
     replica: Replica | None = None
@@ -120,9 +122,9 @@ class ProxyService:
         Raises:
             GatewayError: any refusal or failure, to be shown in OpenAI's shape.
         """
-        ctx = _Context(call, principal, request_id, self._clock())
+        ctx = _Context(call, principal, request_id, self._clock(), session)
         try:
-            return await self._handle(ctx, raw, session)
+            return await self._handle(ctx, raw)
         except GatewayError as err:
             await self._settle(ctx, None)
             self._finish(ctx, err.status, err.code)
@@ -134,12 +136,7 @@ class ProxyService:
             self._abandon(ctx)
             raise
 
-    async def _handle(
-        self,
-        ctx: _Context,
-        raw: bytes,
-        session: str | None,
-    ) -> ProxyResponse:
+    async def _handle(self, ctx: _Context, raw: bytes) -> ProxyResponse:
         body = parse_body(raw, ctx.call)
         ctx.route = route = self._catalog.resolve(body["model"])
         ctx.model = route.served_name
@@ -155,7 +152,7 @@ class ProxyService:
             raise
         out = upstream_body(raw, body, route.served_name, stream)
         headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
-        request = RouteRequest(body, session)
+        request = RouteRequest(body, ctx.session)
         response = await self._send(ctx, route, out, headers, request)
         reply_headers = {**ctx.admission.headers, "x-request-id": ctx.request_id}
         if stream and response.status == 200:
@@ -350,5 +347,8 @@ class ProxyService:
             "endpoint": ctx.call.kind.value,
             "model": ctx.model,
             "key": ctx.principal.name,
+            # With the replica, traces where each conversation went (a move to
+            # another replica costs its prefix cache).
+            "session": ctx.session,
             "replica": ctx.replica.url if ctx.replica else None,
         }

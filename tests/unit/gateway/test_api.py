@@ -377,3 +377,18 @@ async def test_the_routes_answer_as_the_fast_path_does(harness: Any, kit: Any) -
     assert await answers() == fast
     assert [status for status, _, _ in fast] == [200, 200]
     assert fast[1][2] == b"".join(parts)
+
+
+async def test_the_access_log_names_the_session_and_replica(
+    harness: Any, kit: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="citadel.gateway.access")
+    async with harness.client() as client:
+        answer = await client.post(
+            "/v1/chat/completions", json=kit.chat, headers={"x-session-id": "conv-7"}
+        )
+        await client.post("/v1/chat/completions", json=kit.chat)
+    assert answer.status_code == 200
+    logged = [r for r in caplog.records if r.name == "citadel.gateway.access"]
+    assert [getattr(r, "session", "absent") for r in logged] == ["conv-7", None]
+    assert all(getattr(r, "replica", "").startswith("http://r") for r in logged)
