@@ -246,11 +246,14 @@ def run_routing(
     names = targets(problem is None)
     done: dict[str, list[RoutingRun]] = {name: [] for name in names}
     for n in range(rounds):
+        # Each round's logs apart: the gateway's access log traces every request.
+        round_dir = log_dir / f"routing-{workload.slug}-round-{n + 1}"
+        round_dir.mkdir(parents=True, exist_ok=True)
         for target in names[n % len(names) :] + names[: n % len(names)]:
             if target in result.skipped:
                 continue
             try:
-                run = run_target(target, workload, log_dir, deadline_s)
+                run = run_target(target, workload, round_dir, deadline_s)
             except RuntimeError as err:
                 result.skipped[target] = f"did not run: {str(err)[-300:]}"
                 continue
