@@ -23,7 +23,6 @@ Failures are sorted into three kinds that the proxy treats differently:
 from __future__ import annotations
 
 import asyncio
-import collections
 import socket
 import ssl
 import time
@@ -98,8 +97,8 @@ class Upstream(Protocol):
 
 
 _HIGH_WATER = 256 * 1024
-"""Body bytes buffered before the socket stops being read (a slow client)."""
-_LOW_WATER = 64 * 1024
+"""Body bytes buffered before the socket stops being read (a slow client); it is
+read again once the relay has taken them."""
 _TARGETS_KEPT = 4096
 """Parsed URLs remembered (replica x path: few, and pods come and go slowly)."""
 
@@ -186,7 +185,7 @@ class _Connection(asyncio.Protocol):
         self.received = False
         self._headers_done = False
         self._length_known = False
-        self._chunks: collections.deque[bytes] = collections.deque()
+        self._chunks: list[bytes] = []
         self._buffered = 0
         self._paused = False
         self._error: UpstreamFailure | None = None
@@ -324,13 +323,10 @@ class _Connection(asyncio.Protocol):
                 # HTTP chunk (one SSE event from vLLM) on its own, and relaying
                 # them one by one costs a client write and a pass of the relay
                 # each, even when a single read brought many.
-                if len(self._chunks) == 1:
-                    chunk = self._chunks.popleft()
-                else:
-                    chunk = b"".join(self._chunks)
-                    self._chunks.clear()
-                self._buffered -= len(chunk)
-                if self._paused and self._buffered < _LOW_WATER and self.transport:
+                chunk = b"".join(self._chunks)  # a lone piece is not copied
+                self._chunks.clear()
+                self._buffered = 0
+                if self._paused and self.transport:
                     self._paused = False
                     self.transport.resume_reading()
                 return chunk

@@ -198,6 +198,30 @@ async def test_chunks_received_together_are_one_piece(
     assert [chunk async for chunk in response.chunks()] == [b"abc"]
 
 
+async def test_a_client_that_falls_behind_pauses_the_replica(
+    serve: Callable[..., Awaitable[Server]], client: UpstreamClient
+) -> None:
+    piece = b"x" * 65536
+    body = b"".join(b"10000\r\n" + piece + b"\r\n" for _ in range(6))
+    sent = asyncio.Event()
+    sent.set()
+    server = await serve(chunked(body + b"0\r\n\r\n", b"", sent))
+    response = await client.post(server.url + "/v1/completions", b"{}", {})
+    conn = response._conn
+    assert conn is not None
+
+    async def paused() -> None:
+        while not conn._paused:
+            await asyncio.sleep(0.001)
+
+    # Over 256 KB held and nothing taken: the socket is no longer read.
+    await asyncio.wait_for(paused(), 5)
+    first = await conn.next_chunk(5)
+    assert first and not conn._paused
+    rest = [chunk async for chunk in response.chunks()]
+    assert first + b"".join(rest) == piece * 6
+
+
 async def test_nothing_listening_is_unreachable(client: UpstreamClient) -> None:
     server = await Server(answer_json).start()
     await server.stop()
