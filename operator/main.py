@@ -18,7 +18,7 @@ from citadel.operator.handlers import build_registry
 from citadel.operator.kopfstate import MemoryState
 from citadel.operator.kube.client import AioKube
 from citadel.operator.metrics import Metrics
-from citadel.operator.names import KOPF_PREFIX
+from citadel.operator.names import KOPF_PREFIX, LABEL_MANAGED_BY, MANAGER_NAME
 from citadel.operator.reconcile import Reconciler
 from citadel.operator.settings import LogFormat, OperatorSettings, PeeringMode
 
@@ -26,7 +26,8 @@ from citadel.operator.settings import LogFormat, OperatorSettings, PeeringMode
 def kopf_settings(
     settings: OperatorSettings, state: MemoryState, default_priority: int = 0
 ) -> kopf.OperatorSettings:
-    """Kopf's settings: handling state in memory, quiet handler events, peering.
+    """Kopf's settings: handling state in memory, server-side label selectors,
+    quiet handler events, peering.
 
     Args:
         settings: the operator's settings.
@@ -37,6 +38,12 @@ def kopf_settings(
     ks.persistence.finalizer = f"{KOPF_PREFIX}/finalizer"
     ks.persistence.progress_storage = state.progress
     ks.persistence.diffbase_storage = state.diffbase
+    # Only our own pods and Deployments are sent: the handlers' label filters
+    # run in the operator, after the API server has sent, and Kopf decoded and
+    # processed, every pod and Deployment of the cluster (or watched namespaces).
+    managed = f"{LABEL_MANAGED_BY}={MANAGER_NAME}"
+    ks.watching.label_selectors["", "v1", "pods"] = managed
+    ks.watching.label_selectors["apps", "v1", "deployments"] = managed
     # Our own Events describe the model; Kopf's per-handler ones only when failing.
     ks.posting.level = logging.WARNING
     ks.peering.name = settings.peering_name

@@ -70,6 +70,25 @@ def test_kopf_settings_keep_state_in_memory(settings: OperatorSettings) -> None:
     assert kopf_settings(fixed, state, default_priority=7).peering.priority == 3
 
 
+def test_watches_of_pods_and_deployments_carry_our_label_selector(
+    settings: OperatorSettings,
+) -> None:
+    # Kopf's `labels=` on a handler filters in the operator, after the API server
+    # has sent every pod of the cluster; the selector makes it filter.
+    selectors = kopf_settings(settings, MemoryState()).watching.label_selectors
+
+    def selector(group: str, plural: str, kind: str) -> list[str]:
+        resource = kopf.Resource(group, "v1", plural, kind=kind, namespaced=True)
+        return list(selectors.collect(resource))
+
+    managed = ["app.kubernetes.io/managed-by=citadel-operator"]
+    assert selector("", "pods", "Pod") == managed
+    assert selector("apps", "deployments", "Deployment") == managed
+    # Models, and nodes that are anyone's, come whole.
+    assert selector("citadel.ai", "llmmodels", "LLMModel") == []
+    assert selector("", "nodes", "Node") == []
+
+
 def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as done:
         main(["--version"])
