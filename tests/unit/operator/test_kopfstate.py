@@ -113,3 +113,24 @@ def test_essence_is_what_kopfs_own_storage_builds() -> None:
         "metadata": {"labels": {"team": "a"}, "annotations": {"note": "kept"}},
         "spec": {"replicas": 1},
     }
+
+
+def test_pods_and_deployments_get_no_essence() -> None:
+    # Kopf builds an essence for every event, but compares them only for
+    # resources with change or timer handlers; the operator has those for
+    # LLMModels alone.
+    pod = kopf.Body(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "p", "namespace": "ns", "uid": "uid-2"},
+            "spec": {"containers": [{"name": "vllm", "image": "vllm"}]},
+        }
+    )
+    assert MemoryState().diffbase.build(body=pod) == {}
+    # A body without a kind (never seen from Kopf) is treated as a model.
+    raw = dict(_body())
+    del raw["kind"]
+    assert MemoryState().diffbase.build(body=kopf.Body(raw)) == {
+        "spec": {"replicas": 1}
+    }
