@@ -7,8 +7,8 @@ closing over the Reconciler that `main` built.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
+import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -26,6 +26,7 @@ from citadel.operator.view import (
     IndexedView,
 )
 
+log = logging.getLogger(__name__)
 LLMMODEL = (names.GROUP, names.VERSION, names.PLURAL)
 MANAGED = {names.LABEL_MANAGED_BY: names.MANAGER_NAME}
 
@@ -87,6 +88,26 @@ def build_registry(
     """
     registry = kopf.OperatorRegistry()
     background: list[asyncio.Task[None]] = []
+    # Refreshes asked for by pod and Deployment events run as tasks of their
+    # own: Kopf keeps each event's body, and the reference cycles it builds
+    # around it, until the handler returns, and during a burst a refresh waits
+    # for up to PRECEDENCE_MAX_WAIT_S. Held that long, they reached the oldest
+    # garbage-collector generation. In a 1,000-model scale run (scratch, with
+    # gc.callbacks) full collections freed 102k objects instead of 352k-462k,
+    # and the operator's RSS peak was 247 MiB against 299-314.
+    refreshes: set[asyncio.Task[None]] = set()
+
+    def finished(task: asyncio.Task[None]) -> None:
+        refreshes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("status refresh failed", exc_info=task.exception())
+
+    def spawn_refresh(namespace: str, name: str, *, fix_drift: bool = False) -> None:
+        task = asyncio.create_task(
+            reconciler.refresh(namespace, name, fix_drift=fix_drift)
+        )
+        refreshes.add(task)
+        task.add_done_callback(finished)
 
     @kopf.on.login(registry=registry)
     def operator_login(**_: Any) -> kopf.ConnectionInfo:
@@ -136,10 +157,11 @@ def build_registry(
 
     @kopf.on.cleanup(registry=registry)
     async def operator_cleanup(**_: Any) -> None:
-        for task in background:
+        tasks = [*background, *refreshes]
+        for task in tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Refreshes log their own failures (see `finished`).
+        await asyncio.gather(*tasks, return_exceptions=True)
         await on_cleanup()
 
     @kopf.on.resume(*LLMMODEL, id="reconcile-resume", registry=registry)
@@ -189,12 +211,12 @@ def build_registry(
     ) -> None:
         owner = labels.get(names.LABEL_MODEL)
         if owner and namespace:
-            await reconciler.refresh(namespace, owner, fix_drift=True)
+            spawn_refresh(namespace, owner, fix_drift=True)
 
     @kopf.on.event("", "v1", "pods", id="pod-event", labels=MANAGED, registry=registry)
     async def pod_event(labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
         owner = labels.get(names.LABEL_MODEL)
         if owner and namespace:
-            await reconciler.refresh(namespace, owner)
+            spawn_refresh(namespace, owner)
 
     return registry

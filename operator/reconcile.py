@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -65,13 +67,22 @@ class ReconcileError(Exception):
         self.delay = delay
 
 
+@dataclass
+class RefreshWish:
+    """What a status refresh is asked to do besides deriving the status."""
+
+    fix_drift: bool = False
+    """Put the Deployment back first if it was changed by hand (or deleted)."""
+
+
 class Serializer:
-    """One reconcile at a time per model; refresh requests that queue up behind a
-    waiting one are dropped, since it will read the newest state anyway."""
+    """One reconcile at a time per model; refresh requests that come while one
+    already waits are merged into it and dropped, since it will read the newest
+    state anyway."""
 
     def __init__(self) -> None:
         self._locks: dict[str, asyncio.Lock] = {}
-        self._waiting: set[str] = set()
+        self._waiting: dict[str, RefreshWish] = {}
 
     @asynccontextmanager
     async def hold(self, key: str) -> AsyncIterator[None]:
@@ -80,18 +91,34 @@ class Serializer:
             yield
 
     @asynccontextmanager
-    async def coalesce(self, key: str) -> AsyncIterator[bool]:
-        """Yields True holding the lock, or False when a request already waits."""
-        if key in self._waiting:
-            yield False
+    async def coalesce(
+        self,
+        key: str,
+        wish: RefreshWish,
+        first: Callable[[], Awaitable[None]] | None = None,
+    ) -> AsyncIterator[RefreshWish | None]:
+        """Yields the wishes of every merged request, holding the lock; or None
+        when a request already waits, which then takes `wish` over.
+
+        Args:
+            first: awaited before the lock, while this request counts as waiting.
+        """
+        waiting = self._waiting.get(key)
+        if waiting is not None:
+            waiting.fix_drift |= wish.fix_drift
+            yield None
             return
-        self._waiting.add(key)
+        mine = dataclasses.replace(wish)
+        self._waiting[key] = mine
         try:
+            if first is not None:
+                await first()
             async with self.hold(key):
-                self._waiting.discard(key)
-                yield True
+                del self._waiting[key]
+                yield mine
         finally:
-            self._waiting.discard(key)
+            if self._waiting.get(key) is mine:
+                del self._waiting[key]
 
     def forget(self, key: str) -> None:
         """Drops the lock of a deleted model."""
@@ -266,11 +293,14 @@ class Reconciler:
         (or deleted). Errors are logged: the next event or resync tries again.
         """
         key = f"{namespace}/{name}"
-        # Before the model's lock: a reconcile of this model may be what we
-        # wait for.
-        await self._precedence.wait()
-        async with self._serial.coalesce(key) as mine:
-            if not mine:
+        # Waits for the reconciles of new models before the model's lock (a
+        # reconcile of this model may be what it waits for), already counted as
+        # waiting: during a burst, each event of a model's pods and Deployment
+        # asks for a refresh, and all but one are merged into it.
+        async with self._serial.coalesce(
+            key, RefreshWish(fix_drift), first=self._precedence.wait
+        ) as wish:
+            if wish is None:
                 return
             try:
                 async with self._refresh_slots:
@@ -279,7 +309,7 @@ class Reconciler:
                         if body is None or body["metadata"].get("deletionTimestamp"):
                             return
                         model = LLMModel.from_body(self._newest(key, body))
-                        if fix_drift:
+                        if wish.fix_drift:
                             await self._revert_drift(model)
                         await self._refresh(model)
             except (ApiError, ReconcileError, ValidationError) as err:

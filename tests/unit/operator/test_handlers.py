@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, cast
 
 import kopf
@@ -134,3 +135,44 @@ async def test_indexes_keep_objects_without_field_ownership(
         assert kept["spec"] == raw["spec"] and kept["status"] == raw["status"]
     # The watch event's own body is left as it came.
     assert raw["metadata"]["managedFields"]
+
+
+async def test_pod_and_deployment_events_hand_the_refresh_to_a_task(
+    settings: OperatorSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Kopf holds an event's body until its handler returns; a refresh may wait
+    # long for a burst of new models, so the handlers return at once.
+    gate = asyncio.Event()
+    asked: list[tuple[str, str, bool]] = []
+
+    class Waiting(Reconciler):
+        async def refresh(
+            self, namespace: str, name: str, *, fix_drift: bool = False
+        ) -> None:
+            asked.append((namespace, name, fix_drift))
+            await gate.wait()
+            raise RuntimeError("a bug")
+
+    reconciler = Waiting(FakeKube(), settings, Metrics())
+    registry = build_registry(reconciler, settings, _login, _noop, MemoryState())
+    handlers = {h.id: h.fn for h in registry._watching.get_all_handlers()}
+    labels = {names.LABEL_MANAGED_BY: names.MANAGER_NAME, names.LABEL_MODEL: "m"}
+    for handler_id in ("pod-event", "deployment-event"):
+        handler: Any = handlers[handler_id]
+        await asyncio.wait_for(handler(labels=labels, namespace="ns"), timeout=1)
+    await asyncio.sleep(0)
+    assert asked == [("ns", "m", False), ("ns", "m", True)]
+    # A failure nobody awaits is still logged.
+    gate.set()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert [r.message for r in caplog.records].count("status refresh failed") == 2
+    # Cleanup cancels what still runs.
+    gate.clear()
+    await handlers["pod-event"](labels=labels, namespace="ns")
+    [cleanup] = [
+        h for h in registry._activities.get_all_handlers() if "cleanup" in h.id
+    ]
+    cleanup_fn: Any = cleanup.fn
+    await asyncio.wait_for(cleanup_fn(), timeout=1)
+    assert len(asked) == 3

@@ -22,6 +22,7 @@ from citadel.operator.reconcile import (
     Precedence,
     ReconcileError,
     Reconciler,
+    RefreshWish,
     Serializer,
 )
 from citadel.operator.settings import OperatorSettings
@@ -198,19 +199,30 @@ async def test_forget_clears_the_phase_metric(settings: OperatorSettings) -> Non
     assert gauge._value.get() == 0
 
 
-async def test_serializer_drops_requests_queued_behind_a_waiting_one() -> None:
+async def test_serializer_merges_requests_that_come_while_one_waits() -> None:
     serial = Serializer()
-    async with serial.hold("k"), serial.coalesce("x") as first:
-        assert first
-    entered: list[bool] = []
-    async with serial.hold("k"):
-        # Nothing waits for "k" yet, so this request would queue; simulate a
-        # second caller arriving while the first waits.
-        serial._waiting.add("k")
-        async with serial.coalesce("k") as second:
-            entered.append(second)
-        serial._waiting.discard("k")
-    assert entered == [False]
+    async with serial.hold("k"), serial.coalesce("x", RefreshWish()) as first:
+        assert first == RefreshWish()
+    gate = asyncio.Event()
+    entered: list[RefreshWish | None] = []
+
+    async def ask(wish: RefreshWish) -> None:
+        async with serial.coalesce("k", wish, first=gate.wait) as merged:
+            entered.append(merged)
+
+    # The first request waits (for `first`, then the lock); the next two are
+    # merged into it, the drift fix of the second with them.
+    waiting = asyncio.create_task(ask(RefreshWish()))
+    await asyncio.sleep(0)
+    await ask(RefreshWish(fix_drift=True))
+    await ask(RefreshWish())
+    assert entered == [None, None]
+    gate.set()
+    await waiting
+    assert entered == [None, None, RefreshWish(fix_drift=True)]
+    # Once it has run, a request waits again, with its own wishes.
+    await ask(RefreshWish())
+    assert entered[-1] == RefreshWish()
 
 
 async def test_resyncs_hold_few_slots_and_new_models_pass_them(
