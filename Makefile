@@ -120,10 +120,10 @@ $(BENCH_STAMP): pyproject.toml $(VENV_STAMP)
 .PHONY: bench
 # The scale part needs the local cluster and the check part the CPU vLLM, so both
 # are brought in here: a fresh checkout gets the whole document, not rows saying
-# "not measured". The cluster is left running, as the e2e tests leave it.
-bench: $(BENCH_STAMP) vllm binaries ## Benchmarks against the peers, ~30 min (BENCH_QUICK=1: a few); writes docs/benchmarks.md
+# "not measured". cluster-up builds the binaries it lacks and leaves the cluster
+# running, as the e2e tests leave it.
+bench: $(BENCH_STAMP) vllm cluster-up ## Benchmarks against the peers, ~30 min (BENCH_QUICK=1: a few); writes docs/benchmarks.md
 	bash bench/peers/install.sh
-	$(HARNESS) up
 	PYTHONPATH=bench $(PY) -m citadel_bench --out docs
 
 .PHONY: vllm
