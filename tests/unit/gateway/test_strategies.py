@@ -68,11 +68,42 @@ def test_prefix_aware_spreads_distinct_prefixes() -> None:
 
 def test_prefix_aware_overflows_to_least_loaded_when_bound_is_passed() -> None:
     replicas, strategy = pool(4), PrefixAware()
-    request = chat("shared system prompt " * 30)
+    request = chat("shared system prompt " * 30)  # 2 blocks: a lead of 1 will do
     home, _ = strategy.choose(replicas, request)
     home.in_flight = 3  # average 0.75: bound 1.25 * 0.75 + 1 < 3
     other, how = strategy.choose(replicas, request)
     assert other is not home and how == "overflow"
+
+
+def test_a_long_known_prefix_stays_until_its_replica_leads_by_more() -> None:
+    replicas, strategy = pool(4), PrefixAware()
+    history = ["context of this conversation " * 600]  # over 64 blocks
+    home, _ = strategy.choose(replicas, chat(*history))
+    request = chat(*history, "and then?")
+    # Little load everywhere: 3 against 1 passes the relative bound (2.25) but
+    # not the lead that 64 held blocks are worth (8 blocks per request).
+    for replica in replicas:
+        replica.in_flight = 1
+    home.in_flight = 3
+    same, how = strategy.choose(replicas, request)
+    assert (same, how) == (home, "cache")
+    home.in_flight = 8  # a lead of 7
+    same, how = strategy.choose(replicas, request)
+    assert (same, how) == (home, "cache")
+    home.in_flight = 9  # a lead of 8
+    other, how = strategy.choose(replicas, request)
+    assert other is not home and how == "overflow"
+
+
+def test_a_new_prefix_overflows_at_the_relative_bound_alone() -> None:
+    replicas, strategy = pool(4), PrefixAware()
+    prompt = "a prompt nobody sent before " * 30
+    urls = [r.url for r in replicas]
+    home = replicas[urls.index(rendezvous(block_hashes(prompt)[0], urls))]
+    home.in_flight = 3  # average 0.75: bound 1.25 * 0.75 + 1 < 3
+    # Nothing is cached for it anywhere, so nothing is lost by moving it.
+    chosen, how = strategy.choose(replicas, RouteRequest({"prompt": prompt}))
+    assert chosen is not home and how == "overflow"
 
 
 def test_prefix_aware_balances_new_conversations_sharing_only_a_system_prompt() -> None:
