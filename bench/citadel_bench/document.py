@@ -344,6 +344,10 @@ def _routing(r: Results) -> list[str]:
         "one with the first token). `plain:round-robin` is the load generator",
         "rotating over the replicas itself, no proxy. `hit rate` is the replicas' "
         "prefix-cache hits / queries.",
+        "`replica TTFT mean` is the replicas' own `vllm:time_to_first_token_seconds`",
+        "(from a request's arrival at a replica to its first token): what the "
+        "routing decided,",
+        "without the time a proxy adds in front (which the client's TTFT includes).",
         "vllm-router's `kv_aware` policy needs vLLM's KV-cache event stream, which the",
         "simulator does not produce, so it is left out.",
         "",
@@ -377,6 +381,7 @@ def _routing_table(runs: list[RoutingRun]) -> str:
             "TTFT mean ms",
             "round means ms",
             "later turns mean ms",
+            "replica TTFT mean ms",
             "TTFT p50 ms",
             "TTFT p90 ms",
             "req/s",
@@ -391,6 +396,7 @@ def _routing_table(runs: list[RoutingRun]) -> str:
                 run.ttft.mean,
                 spread(run.round_means_ms),
                 run.later_mean_ms,
+                run.replica_ttft_ms,
                 run.ttft.median,
                 run.ttft.p90,
                 run.rps,

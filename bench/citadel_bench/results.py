@@ -174,6 +174,7 @@ def routing_verdicts(result: RoutingResult) -> list[Verdict]:
                 _joined(
                     _overlap(default.round_means_ms, best.round_means_ms),
                     _later(default, best),
+                    _at_replicas(default, best),
                 ),
             )
         )
@@ -198,6 +199,17 @@ def _later(ours: RoutingRun, theirs: RoutingRun, ratio_too: bool = False) -> str
     return (
         f"after each conversation's first turn: {fmt(a, 1)} vs {fmt(b, 1)} ms"
         + ratio_note
+    )
+
+
+def _at_replicas(ours: RoutingRun, theirs: RoutingRun) -> str:
+    """Both targets' mean TTFT as the replicas measured it (no proxy time), as a
+    note."""
+    if not ours.replica_ttft_count or not theirs.replica_ttft_count:
+        return ""
+    return (
+        f"at the replicas (vllm:time_to_first_token_seconds): "
+        f"{fmt(ours.replica_ttft_ms, 1)} vs {fmt(theirs.replica_ttft_ms, 1)} ms"
     )
 
 

@@ -63,6 +63,10 @@ class RoutingRun:
     """Prompt tokens found in the replicas' prefix caches."""
     cache_queries: float
     """Prompt tokens looked up in them."""
+    replica_ttft_sum_s: float = 0.0
+    """The replicas' `vllm:time_to_first_token_seconds` sum: from each request's
+    arrival at a replica to its first token, so without the proxy's own time."""
+    replica_ttft_count: float = 0.0
     ttfts_ms: list[float] = field(default_factory=list, repr=False)
     later_ttfts_ms: list[float] = field(default_factory=list, repr=False)
     """TTFTs of every turn but each conversation's first: its cold prefill of the
@@ -75,6 +79,13 @@ class RoutingRun:
     def hit_rate(self) -> float:
         """Prefix-cache hits / queries over all replicas (tokens)."""
         return self.cache_hits / self.cache_queries if self.cache_queries else 0.0
+
+    @property
+    def replica_ttft_ms(self) -> float:
+        """Mean TTFT at the replicas (what routing decides, without the proxy)."""
+        if not self.replica_ttft_count:
+            return 0.0
+        return 1000 * self.replica_ttft_sum_s / self.replica_ttft_count
 
     @property
     def later_mean_ms(self) -> float:
@@ -124,19 +135,47 @@ async def drive(
         return samples, time.perf_counter() - began
 
 
-def cache_counters(backends: list[str]) -> tuple[float, float]:
-    """Summed prefix-cache queries and hits of the replicas."""
-    queries = hits = 0.0
-    pattern = re.compile(r"^vllm:prefix_cache_(queries|hits)_total\{[^}]*\} (\S+)$")
+@dataclass(frozen=True)
+class ReplicaCounters:
+    """What the replicas counted over a run, summed over all of them."""
+
+    cache_queries: float = 0.0
+    cache_hits: float = 0.0
+    ttft_sum_s: float = 0.0
+    ttft_count: float = 0.0
+
+
+_COUNTER = re.compile(
+    r"^vllm:(prefix_cache_queries_total|prefix_cache_hits_total|"
+    r"time_to_first_token_seconds_sum|time_to_first_token_seconds_count)"
+    r"\{[^}]*\} (\S+)$"
+)
+
+
+def replica_counters(backends: list[str]) -> ReplicaCounters:
+    """Summed prefix-cache queries and hits, and TTFT sum and count, of the
+    replicas."""
+    sums = dict.fromkeys(
+        (
+            "prefix_cache_queries_total",
+            "prefix_cache_hits_total",
+            "time_to_first_token_seconds_sum",
+            "time_to_first_token_seconds_count",
+        ),
+        0.0,
+    )
     for backend in backends:
         with urllib.request.urlopen(backend + "/metrics", timeout=5) as response:
             for line in response.read().decode().splitlines():
-                match = pattern.match(line)
-                if match and match.group(1) == "queries":
-                    queries += float(match.group(2))
-                elif match:
-                    hits += float(match.group(2))
-    return queries, hits
+                match = _COUNTER.match(line)
+                if match:
+                    sums[match.group(1)] += float(match.group(2))
+    return ReplicaCounters(
+        cache_queries=sums["prefix_cache_queries_total"],
+        cache_hits=sums["prefix_cache_hits_total"],
+        ttft_sum_s=sums["time_to_first_token_seconds_sum"],
+        ttft_count=sums["time_to_first_token_seconds_count"],
+    )
 
 
 def run_target(
@@ -168,7 +207,7 @@ def run_target(
             procs.append(proc)
             url_for = url.__str__
         samples, wall = asyncio.run(drive(workload, url_for, deadline_s))
-        queries, hits = cache_counters(backends)
+        counted = replica_counters(backends)
     finally:
         for proc in reversed(procs):
             stop(proc)
@@ -182,8 +221,10 @@ def run_target(
         ttft=summary,
         wall_s=wall,
         output_tokens=len(ok) * workload.max_tokens,
-        cache_hits=hits,
-        cache_queries=queries,
+        cache_hits=counted.cache_hits,
+        cache_queries=counted.cache_queries,
+        replica_ttft_sum_s=counted.ttft_sum_s,
+        replica_ttft_count=counted.ttft_count,
         ttfts_ms=ttfts,
         later_ttfts_ms=[s.first_chunk * 1000 for turn, s in ok if turn > 0],
         round_means_ms=[summary.mean],
@@ -203,6 +244,8 @@ def merge_rounds(runs: list[RoutingRun]) -> RoutingRun:
         output_tokens=sum(run.output_tokens for run in runs),
         cache_hits=sum(run.cache_hits for run in runs),
         cache_queries=sum(run.cache_queries for run in runs),
+        replica_ttft_sum_s=sum(run.replica_ttft_sum_s for run in runs),
+        replica_ttft_count=sum(run.replica_ttft_count for run in runs),
         ttfts_ms=ttfts,
         later_ttfts_ms=[t for run in runs for t in run.later_ttfts_ms],
         round_means_ms=[m for run in runs for m in run.round_means_ms],
@@ -262,7 +305,8 @@ def run_routing(
                 f"routing {workload.slug} round {n + 1} {target:32} "
                 f"n={run.requests} err={run.errors} "
                 f"ttft mean={run.ttft.mean:7.1f}ms p90={run.ttft.p90:7.1f}ms "
-                f"rps={run.rps:6.2f} hit={run.hit_rate:.2f}",
+                f"rps={run.rps:6.2f} hit={run.hit_rate:.2f} "
+                f"replica ttft={run.replica_ttft_ms:6.1f}ms",
                 flush=True,
             )
     result.runs = [

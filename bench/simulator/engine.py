@@ -51,15 +51,41 @@ class Sequence:
     """When it was submitted (time.monotonic)."""
 
 
+# vLLM 0.32.0's buckets for vllm:time_to_first_token_seconds
+# (vllm/v1/metrics/buckets.py, TIME_TO_FIRST_TOKEN_BUCKETS).
+TTFT_BUCKETS_S = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)  # fmt: skip
+
+
 @dataclass
 class Counters:
-    """vLLM's counters (in tokens for the prefix cache)."""
+    """vLLM's counters (in tokens for the prefix cache), and its time-to-first-
+    token histogram: from a request's arrival at the engine to its first token,
+    so, unlike a client's TTFT, without any proxy or network in front."""
 
     prefix_queries: int = 0
     prefix_hits: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
     requests_finished: int = 0
+    ttft_sum_s: float = 0.0
+    ttft_buckets: list[int] = field(
+        default_factory=lambda: [0] * (len(TTFT_BUCKETS_S) + 1)
+    )
+    """Observations per bucket (not cumulative), the last one above them all."""
+    ttft_count: int = 0
+
+    def observe_ttft(self, seconds: float) -> None:
+        """Counts one request's time to first token."""
+        self.ttft_sum_s += seconds
+        self.ttft_count += 1
+        for i, bound in enumerate(TTFT_BUCKETS_S):
+            if seconds <= bound:
+                self.ttft_buckets[i] += 1
+                return
+        self.ttft_buckets[-1] += 1
 
 
 class Engine:
@@ -153,9 +179,12 @@ class Engine:
     def finish_step(self, emitting: list[Sequence]) -> None:
         """Hands one token to each sequence in `emitting`; frees finished ones."""
         done: list[Sequence] = []
+        now = time.monotonic()
         for seq in emitting:
             seq.generated += 1
             self.counters.generation_tokens += 1
+            if seq.generated == 1:
+                self.counters.observe_ttft(now - seq.arrived)
             seq.tokens.put_nowait(seq.generated)
             if seq.generated >= seq.max_tokens:
                 done.append(seq)

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from simulator.engine import Engine, Sequence, output_text
+from simulator.engine import TTFT_BUCKETS_S, Engine, Sequence, output_text
 from simulator.params import SimParams
 
 ENGINE = web.AppKey("engine", Engine)
@@ -223,6 +223,18 @@ def metrics_text(engine: Engine, served: str) -> str:
         f'vllm:request_success_total{{engine="0",finished_reason="length",'
         f'model_name="{served}"}} {float(c.requests_finished)}'
     )
+    ttft = "vllm:time_to_first_token_seconds"
+    lines.append(f"# TYPE {ttft} histogram")
+    below = 0
+    bounds = [*(str(b) for b in TTFT_BUCKETS_S), "+Inf"]
+    for bound, count in zip(bounds, c.ttft_buckets, strict=True):
+        below += count
+        lines.append(
+            f'{ttft}_bucket{{engine="0",le="{bound}",model_name="{served}"}} '
+            f"{float(below)}"
+        )
+    lines.append(f"{ttft}_sum{labels} {c.ttft_sum_s}")
+    lines.append(f"{ttft}_count{labels} {float(c.ttft_count)}")
     return "\n".join(lines) + "\n"
 
 

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 from citadel_bench import procs
-from citadel_bench.routing import cache_counters
+from citadel_bench.routing import replica_counters
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +49,8 @@ class Simulator:
 
     def prefix_cache(self) -> tuple[float, float]:
         """Prompt tokens looked up and found, summed over the replicas."""
-        return cache_counters(self.urls)
+        counted = replica_counters(self.urls)
+        return counted.cache_queries, counted.cache_hits
 
     def requests_per_replica(self) -> list[float]:
         found = []

@@ -273,3 +273,28 @@ def test_later_turns_are_pooled_and_compared_in_the_verdict() -> None:
         "2.45x the allowed ratio; after each conversation's first turn: "
         "25.0 vs 50.0 ms = 0.50x"
     )
+
+
+def test_replica_ttft_is_pooled_and_shown_beside_the_clients() -> None:
+    def at_replicas(target: str, sum_s: float, count: float) -> RoutingRun:
+        run = _round(target, [100.0], 1, 1)
+        run.replica_ttft_sum_s, run.replica_ttft_count = sum_s, count
+        return run
+
+    ours = merge_rounds(
+        [
+            at_replicas("citadel:prefix-aware", 0.5, 5),
+            at_replicas("citadel:prefix-aware", 1.5, 5),
+        ]
+    )
+    assert ours.replica_ttft_ms == 200.0
+    theirs = at_replicas("vllm-router:sticky_least_loaded", 0.9, 10)
+    result = RoutingResult(
+        MULTI_ROUND_QA, [ours, _round("plain:round-robin", [900.0], 1, 1), theirs]
+    )
+    below = routing_verdicts(result)[1]
+    assert below.note.endswith(
+        "at the replicas (vllm:time_to_first_token_seconds): 200.0 vs 90.0 ms"
+    )
+    # A run without the histogram (no replica TTFT) adds no note.
+    assert _round("x", [1.0], 1, 1).replica_ttft_ms == 0.0

@@ -89,6 +89,26 @@ async def test_loop_streams_tokens_in_modelled_time() -> None:
         await engine.stop()
 
 
+async def test_time_to_first_token_is_counted_as_vllm_does() -> None:
+    engine = Engine(params(decode_base_s=0.002, decode_per_seq_s=0.0))
+    engine.start()
+    try:
+        seq = engine.prepare("hello", max_tokens=3)
+        engine.submit(seq)
+        while await asyncio.wait_for(seq.tokens.get(), 5) is not None:
+            pass
+    finally:
+        await engine.stop()
+    counters = engine.counters
+    assert counters.ttft_count == 1 and counters.ttft_sum_s >= 0.002
+    text = metrics_text(engine, "smol")
+    name = "vllm:time_to_first_token_seconds"
+    assert f'{name}_count{{engine="0",model_name="smol"}} 1.0' in text
+    # Buckets are cumulative: none below 1 ms, the one at +Inf has it.
+    assert f'{name}_bucket{{engine="0",le="0.001",model_name="smol"}} 0.0' in text
+    assert f'{name}_bucket{{engine="0",le="+Inf",model_name="smol"}} 1.0' in text
+
+
 def test_a_step_admits_only_what_arrived_before_it() -> None:
     engine = Engine(params())
     first = engine.prepare("a" * 8, max_tokens=1)
