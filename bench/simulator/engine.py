@@ -183,7 +183,7 @@ class Engine:
         for seq in emitting:
             seq.generated += 1
             self.counters.generation_tokens += 1
-            if seq.generated == 1:
+            if seq.generated == 1 and seq.arrived:
                 self.counters.observe_ttft(now - seq.arrived)
             seq.tokens.put_nowait(seq.generated)
             if seq.generated >= seq.max_tokens:

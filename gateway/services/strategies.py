@@ -98,16 +98,18 @@ class PrefixAware(_Turns):
     prefix, the more load it is worth. A whole known prompt (64 blocks) may lead
     by 7 before it moves; a new conversation that shares a system prompt of a few
     blocks moves as soon as the relative bound is passed, which keeps the
-    conversations on a system prompt from piling onto its replica. Measured with
-    `make bench`'s routing workloads, three rounds each, one machine: with the
-    relative bound alone, one multi-round QA run in five moved a conversation
-    whose replica held three requests against one elsewhere (the other users were
-    done) and prefilled its 5,000 tokens again (later turns' mean 23.8 against
-    17-18 ms); with a fixed lead of 8 for every cached prefix, short chat's mean
-    rose to 38.8 ms (conversations piled onto their system prompt's replica);
-    with this rule, no conversation moved in 4 multi-round QA runs and short chat
-    gave 35.8 ms. vllm-router's and SGLang's cache-aware policies also require an
-    absolute lead (64 requests, and 1.5x) before they balance.
+    conversations on a system prompt from piling onto its replica. Measured on
+    `make bench`'s routing workloads (scratch runs, one machine): with the
+    relative bound alone, 4 of 13 multi-round QA runs moved a conversation whose
+    replica held three requests against one elsewhere (the other users were
+    done), which prefilled its 5,000 tokens again (those runs' later turns
+    averaged 23.7-25.5 ms against 17-19); a fixed lead of 8 for every cached
+    prefix gave short chat 38.8 ms against sticky_least_loaded's 37.3 in the
+    same run (conversations piled onto their system prompt's replica; the
+    relative bound alone had 36.8 in `make bench`); with this rule no
+    conversation moved in 4 multi-round QA runs and short chat gave 35.8 ms.
+    vllm-router's and SGLang's cache-aware policies also require an absolute
+    lead (64 requests, and 1.5x) before they balance.
 
     Args:
         load_factor: how far above average a replica may be before overflow.
