@@ -98,16 +98,10 @@ class PrefixAware(_Turns):
     prefix, the more load it is worth. A whole known prompt (64 blocks) may lead
     by 7 before it moves; a new conversation that shares a system prompt of a few
     blocks moves as soon as the relative bound is passed, which keeps the
-    conversations on a system prompt from piling onto its replica. Measured on
-    `make bench`'s routing workloads (scratch runs, one machine): with the
-    relative bound alone, 4 of 13 multi-round QA runs moved a conversation whose
-    replica held three requests against one elsewhere (the other users were
-    done), which prefilled its 5,000 tokens again (those runs' later turns
-    averaged 23.7-25.5 ms against 17-19); a fixed lead of 8 for every cached
-    prefix gave short chat 38.8 ms against sticky_least_loaded's 37.3 in the
-    same run (conversations piled onto their system prompt's replica; the
-    relative bound alone had 36.8 in `make bench`); with this rule no
-    conversation moved in 4 multi-round QA runs and short chat gave 35.8 ms.
+    conversations on a system prompt from piling onto its replica. With the
+    relative bound alone, multi-round QA lost conversations at its end, when a
+    replica held three requests against one elsewhere, and each prefilled its
+    5,000 tokens again (issue 8's note of the ninth session has the runs).
     vllm-router's and SGLang's cache-aware policies also require an absolute
     lead (64 requests, and 1.5x) before they balance.
 
@@ -153,22 +147,22 @@ class PrefixAware(_Turns):
             chosen, how = least_loaded(replicas, turn), "balance"
         if chosen is None:
             chosen, how = least_loaded(replicas, turn), "least"
-        elif how != "balance" and self._overloaded(chosen, replicas, matched, turn):
-            chosen, how = least_loaded(replicas, turn), "overflow"
+        elif instead := self._overflow(chosen, replicas, matched, turn):
+            chosen, how = instead, "overflow"
         self._remember(hashes, chosen.url)
         return chosen, how
 
-    def _overloaded(
+    def _overflow(
         self, chosen: Replica, replicas: Sequence[Replica], matched: int, turn: int
-    ) -> bool:
-        """Whether `chosen`, holding `matched` blocks of the prompt, carries too
-        much to take the request."""
+    ) -> Replica | None:
+        """The least-loaded replica when `chosen`, holding `matched` blocks of the
+        prompt, carries too much to take the request; else None."""
         average = sum(r.in_flight for r in replicas) / len(replicas)
         if chosen.in_flight <= self._load_factor * average + 1:
-            return False
+            return None
         least = least_loaded(replicas, turn)
-        gap = max(1, matched // self._blocks_per_request)
-        return chosen.in_flight - least.in_flight >= gap
+        lead = max(1, matched // self._blocks_per_request)
+        return least if chosen.in_flight - least.in_flight >= lead else None
 
     def _bit(self, url: str) -> int:
         bit = self._bits.get(url)
