@@ -145,25 +145,19 @@ class ReplicaCounters:
     ttft_count: float = 0.0
 
 
-_COUNTER = re.compile(
-    r"^vllm:(prefix_cache_queries_total|prefix_cache_hits_total|"
-    r"time_to_first_token_seconds_sum|time_to_first_token_seconds_count)"
-    r"\{[^}]*\} (\S+)$"
+_SUMMED = (
+    "prefix_cache_queries_total",
+    "prefix_cache_hits_total",
+    "time_to_first_token_seconds_sum",
+    "time_to_first_token_seconds_count",
 )
+_COUNTER = re.compile(rf"^vllm:({'|'.join(_SUMMED)})\{{[^}}]*\}} (\S+)$")
 
 
 def replica_counters(backends: list[str]) -> ReplicaCounters:
     """Summed prefix-cache queries and hits, and TTFT sum and count, of the
     replicas."""
-    sums = dict.fromkeys(
-        (
-            "prefix_cache_queries_total",
-            "prefix_cache_hits_total",
-            "time_to_first_token_seconds_sum",
-            "time_to_first_token_seconds_count",
-        ),
-        0.0,
-    )
+    sums = dict.fromkeys(_SUMMED, 0.0)
     for backend in backends:
         with urllib.request.urlopen(backend + "/metrics", timeout=5) as response:
             for line in response.read().decode().splitlines():

@@ -13,6 +13,7 @@ round to it (it is shared with the other replicas of the process).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -81,11 +82,9 @@ class Counters:
         """Counts one request's time to first token."""
         self.ttft_sum_s += seconds
         self.ttft_count += 1
-        for i, bound in enumerate(TTFT_BUCKETS_S):
-            if seconds <= bound:
-                self.ttft_buckets[i] += 1
-                return
-        self.ttft_buckets[-1] += 1
+        # The first bound at or above it (Prometheus buckets are `le`); past
+        # them all, the last slot.
+        self.ttft_buckets[bisect.bisect_left(TTFT_BUCKETS_S, seconds)] += 1
 
 
 class Engine:
