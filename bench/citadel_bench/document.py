@@ -342,8 +342,16 @@ def _routing(r: Results) -> list[str]:
         "`x-session-id` (the conversation).",
         "TTFT is the time to the first streamed chunk (the simulator sends the first",
         "one with the first token). `plain:round-robin` is the load generator",
-        "rotating over the replicas itself, no proxy. `hit rate` is the replicas' "
-        "prefix-cache hits / queries.",
+        "rotating over the replicas itself, no proxy. `plain:pinned-warm` is a "
+        "reference,",
+        "not a router: the load generator keeps each user on one replica (user "
+        "mod replicas,",
+        "so each holds a quarter of the conversations) and, before the run and "
+        "not counted,",
+        "puts every system prompt into every replica's cache; what placement "
+        "alone reaches",
+        "when nothing stands in front of the replicas and no system prompt is "
+        "ever cold. `hit rate` is the replicas' prefix-cache hits / queries.",
         "`replica TTFT mean` is the replicas' own `vllm:time_to_first_token_seconds`",
         "(from a request's arrival at a replica to its first token): what the "
         "routing decided,",

@@ -9,7 +9,7 @@ from citadel_bench.memory import MemoryRun
 from citadel_bench.operator_scale import ScaleRun
 from citadel_bench.overhead import Point
 from citadel_bench.report import Verdict, fmt, spread
-from citadel_bench.routing import RoutingResult, RoutingRun
+from citadel_bench.routing import PINNED_WARM, RoutingResult, RoutingRun
 from citadel_bench.stats import median, percentile, ratio
 
 DEFAULT_STRATEGY = "citadel:prefix-aware"
@@ -159,6 +159,7 @@ def routing_verdicts(result: RoutingResult) -> list[Verdict]:
                 else _joined(
                     f"{fmt(r / 0.5)}x the allowed ratio",
                     _later(default, plain, ratio_too=True),
+                    _reference(by.get(PINNED_WARM), plain),
                 ),
             )
         )
@@ -199,6 +200,19 @@ def _later(ours: RoutingRun, theirs: RoutingRun, ratio_too: bool = False) -> str
     return (
         f"after each conversation's first turn: {fmt(a, 1)} vs {fmt(b, 1)} ms"
         + ratio_note
+    )
+
+
+def _reference(pinned: RoutingRun | None, plain: RoutingRun) -> str:
+    """What the reference placement reached against round robin, as a note: when
+    it is above half of round robin too, placement alone cannot meet the target
+    on this workload."""
+    if pinned is None:
+        return ""
+    r = ratio(pinned.ttft.mean, plain.ttft.mean)
+    return (
+        f"{PINNED_WARM} (no proxy, warm caches) {fmt(pinned.ttft.mean, 1)} ms "
+        f"= {fmt(r)}x"
     )
 
 

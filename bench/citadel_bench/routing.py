@@ -1,6 +1,7 @@
 """Routing quality: a multi-turn chat workload over simulated replicas, through
-each Citadel strategy, each vllm-router policy, and plain round robin (the load
-generator itself rotating over the replicas, no proxy)."""
+each Citadel strategy, each vllm-router policy, plain round robin (the load
+generator itself rotating over the replicas, no proxy), and a reference placement
+without a proxy (`PINNED_WARM`)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 from citadel_bench import loadgen, peers
 from citadel_bench.procs import Proc, simulator_argv, start, stop, wait_listening
 from citadel_bench.stats import Summary
-from citadel_bench.workload import ChatWorkload, conversation
+from citadel_bench.workload import ChatWorkload, conversation, system_prompts
 
 REPLICAS = 4
 CITADEL_STRATEGIES = (
@@ -101,10 +102,23 @@ class RoutingRun:
         return self.output_tokens / self.wall_s
 
 
+PLAIN_TARGETS = ("round-robin", "pinned-warm")
+"""The targets without a proxy: the load generator picks the replica itself."""
+PINNED_WARM = "plain:pinned-warm"
+"""Each user kept on one replica (user mod replicas) whose cache was warmed with
+every system prompt before the run: a reference for what placement alone reaches
+on a workload, with no proxy's time in front."""
+
+
 async def drive(
-    workload: ChatWorkload, url_for: Callable[[], str], deadline_s: float
+    workload: ChatWorkload, url_for: Callable[[int], str], deadline_s: float
 ) -> tuple[list[tuple[int, loadgen.Sample]], float]:
     """Every user holds its conversations turn by turn; bounded by `deadline_s`.
+
+    Args:
+        workload: what the users send.
+        url_for: the base URL for a request of user N.
+        deadline_s: no new request after this long.
 
     Returns:
         (turn in its conversation from 0, sample) per request, and the wall time.
@@ -120,7 +134,7 @@ async def drive(
                     if time.perf_counter() > deadline:
                         return
                     body = conv.next_request(workload, peers.MODEL)
-                    url = url_for() + "/v1/chat/completions"
+                    url = url_for(u) + "/v1/chat/completions"
                     headers = {"x-session-id": conv.session}
                     sample = await loadgen.send(
                         client, url, body, headers, keep_text=True
@@ -135,6 +149,28 @@ async def drive(
         return samples, time.perf_counter() - began
 
 
+async def warm_up(workload: ChatWorkload, backends: list[str]) -> None:
+    """Puts every system prompt of `workload` into every replica's prefix cache:
+    a one-token chat of the system message alone, whose rendered blocks every
+    conversation on that prompt starts with.
+
+    Raises:
+        RuntimeError: a replica refused.
+    """
+    async with loadgen.session(1) as client:
+        for backend in backends:
+            for prompt in system_prompts(workload):
+                body = {
+                    "model": peers.MODEL,
+                    "messages": [{"role": "system", "content": prompt}],
+                    "max_tokens": 1,
+                    "stream": True,
+                }
+                url = backend + "/v1/chat/completions"
+                if not (await loadgen.send(client, url, body)).ok:
+                    raise RuntimeError(f"warming {backend} failed")
+
+
 @dataclass(frozen=True)
 class ReplicaCounters:
     """What the replicas counted over a run, summed over all of them."""
@@ -143,6 +179,15 @@ class ReplicaCounters:
     cache_hits: float = 0.0
     ttft_sum_s: float = 0.0
     ttft_count: float = 0.0
+
+    def since(self, earlier: ReplicaCounters) -> ReplicaCounters:
+        """What was counted after `earlier` was read."""
+        return ReplicaCounters(
+            cache_queries=self.cache_queries - earlier.cache_queries,
+            cache_hits=self.cache_hits - earlier.cache_hits,
+            ttft_sum_s=self.ttft_sum_s - earlier.ttft_sum_s,
+            ttft_count=self.ttft_count - earlier.ttft_count,
+        )
 
 
 _SUMMED = (
@@ -187,10 +232,13 @@ def run_target(
         procs.append(sim)
         backends = [f"http://127.0.0.1:{p}" for p in wait_listening(sim)]
         kind, _, variant = target.partition(":")
-        url_for: Callable[[], str]
-        if kind == "plain":
+        url_for: Callable[[int], str]
+        if target == PINNED_WARM:
+            asyncio.run(warm_up(workload, backends))
+            url_for = lambda user: backends[user % len(backends)]  # noqa: E731
+        elif kind == "plain":
             rotation = itertools.cycle(backends)
-            url_for = rotation.__next__
+            url_for = lambda _: next(rotation)  # noqa: E731
         else:
             if kind == "citadel":
                 proc, url = peers.start_citadel(
@@ -199,9 +247,12 @@ def run_target(
             else:
                 proc, url = peers.start_vllm_router(backends, log_dir, variant)
             procs.append(proc)
-            url_for = url.__str__
+            url_for = lambda _: url  # noqa: E731
+        # Warming is neither timed nor counted: hit rate and the replicas' TTFT
+        # are the workload's alone.
+        before = replica_counters(backends)
         samples, wall = asyncio.run(drive(workload, url_for, deadline_s))
-        counted = replica_counters(backends)
+        counted = replica_counters(backends).since(before)
     finally:
         for proc in reversed(procs):
             stop(proc)
@@ -248,7 +299,8 @@ def merge_rounds(runs: list[RoutingRun]) -> RoutingRun:
 
 def targets(router_available: bool) -> list[str]:
     """Every routing target, Citadel's default first."""
-    names = [f"citadel:{s}" for s in CITADEL_STRATEGIES] + ["plain:round-robin"]
+    names = [f"citadel:{s}" for s in CITADEL_STRATEGIES]
+    names += [f"plain:{p}" for p in PLAIN_TARGETS]
     if router_available:
         names += [f"vllm-router:{p}" for p in ROUTER_POLICIES]
     return names

@@ -11,7 +11,7 @@ from citadel_bench.document import (
 )
 from citadel_bench.goprofile import ApiServerProfile
 from citadel_bench.operator_scale import ScaleRun
-from citadel_bench.report import Verdict
+from citadel_bench.report import DASH, Verdict
 from citadel_bench.results import routing_verdicts, scale_verdicts
 from citadel_bench.routing import RoutingResult, RoutingRun, merge_rounds
 from citadel_bench.stats import Summary
@@ -298,3 +298,25 @@ def test_replica_ttft_is_pooled_and_shown_beside_the_clients() -> None:
     )
     # A run without the histogram (no replica TTFT) adds no note.
     assert _round("x", [1.0], 1, 1).replica_ttft_ms == 0.0
+
+
+def test_a_missed_half_of_round_robin_names_the_reference() -> None:
+    ours = _round("citadel:prefix-aware", [36.0], 1, 1)
+    plain = _round("plain:round-robin", [42.0], 1, 1)
+    pinned = _round("plain:pinned-warm", [29.0], 1, 1)
+    half = routing_verdicts(RoutingResult(SHORT_CHAT, [ours, plain, pinned]))[0]
+    assert half.ok is False
+    assert half.note == (
+        "1.71x the allowed ratio; plain:pinned-warm (no proxy, warm caches) "
+        "29.0 ms = 0.69x"
+    )
+    # Without the reference, the note stays as it was; a met target has none.
+    assert routing_verdicts(RoutingResult(SHORT_CHAT, [ours, plain]))[0].note == (
+        "1.71x the allowed ratio"
+    )
+    fast = _round("citadel:prefix-aware", [20.0], 1, 1)
+    met = routing_verdicts(RoutingResult(SHORT_CHAT, [fast, plain, pinned]))[0]
+    assert met.ok is True and met.note == ""
+    # The reference is not a router: it never stands in for vllm-router's best.
+    peer = routing_verdicts(RoutingResult(SHORT_CHAT, [ours, plain, pinned]))[1]
+    assert peer.ok is None and peer.measured == DASH
