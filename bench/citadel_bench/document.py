@@ -326,8 +326,8 @@ def _routing(r: Results) -> list[str]:
         f"{REPLICAS} simulated replicas (one process; model parameters in",
         "[bench/simulator/MODEL.md](../bench/simulator/MODEL.md), options "
         f"`{' '.join(SIM_OPTIONS)}`),",
-        "fresh for every target so each starts with cold caches; every workload "
-        "below runs",
+        "fresh for every target so each starts with cold caches (all but the "
+        "reference below); every workload below runs",
         f"through every target, {r.config.routing_rounds} times over "
         "(`rounds`), the order of",
         "targets rotated each round; a target's rounds are pooled, and "
@@ -338,20 +338,22 @@ def _routing(r: Results) -> list[str]:
         "is the mean",
         "TTFT of every turn but each conversation's first, whose cold prefill is "
         "due wherever",
-        "it goes. Every request carries",
+        "it goes (its user-specific part, for the reference). Every request carries",
         "`x-session-id` (the conversation).",
         "TTFT is the time to the first streamed chunk (the simulator sends the first",
         "one with the first token). `plain:round-robin` is the load generator",
         "rotating over the replicas itself, no proxy. `plain:pinned-warm` is a "
         "reference,",
-        "not a router: the load generator keeps each user on one replica (user "
-        "mod replicas,",
-        "so each holds a quarter of the conversations) and, before the run and "
-        "not counted,",
-        "puts every system prompt into every replica's cache; what placement "
-        "alone reaches",
-        "when nothing stands in front of the replicas and no system prompt is "
-        "ever cold. `hit rate` is the replicas' prefix-cache hits / queries.",
+        "neither a router nor a bound: the load generator keeps each user on one "
+        "replica",
+        f"(user mod {REPLICAS}, an even split when the users are a multiple of "
+        f"{REPLICAS}) and, before the run and",
+        "not counted, puts every system prompt into every replica's cache, which "
+        "no router",
+        "gets: one fixed placement with no system prompt ever cold and nothing "
+        "in front of",
+        "the replicas, to show how far a workload lets placement go. `hit rate` "
+        "is the replicas' prefix-cache hits / queries.",
         "`replica TTFT mean` is the replicas' own `vllm:time_to_first_token_seconds`",
         "(from a request's arrival at a replica to its first token): what the "
         "routing decided,",

@@ -102,12 +102,26 @@ class RoutingRun:
         return self.output_tokens / self.wall_s
 
 
-PLAIN_TARGETS = ("round-robin", "pinned-warm")
-"""The targets without a proxy: the load generator picks the replica itself."""
+PLAIN_RR = "plain:round-robin"
+"""The load generator rotating over the replicas itself, no proxy."""
 PINNED_WARM = "plain:pinned-warm"
-"""Each user kept on one replica (user mod replicas) whose cache was warmed with
-every system prompt before the run: a reference for what placement alone reaches
-on a workload, with no proxy's time in front."""
+"""A reference, not a router and not a bound: each user kept on one replica (user
+mod replicas) whose cache held every system prompt before the run, no proxy in
+front. One fixed, even placement that starts warm, as no router does."""
+
+
+def plain_picker(target: str, backends: list[str]) -> Callable[[int], str]:
+    """The replica for user N's next request on a target without a proxy.
+
+    Raises:
+        ValueError: not one of those targets.
+    """
+    if target == PINNED_WARM:
+        return lambda user: backends[user % len(backends)]
+    if target == PLAIN_RR:
+        rotation = itertools.cycle(backends)
+        return lambda _: next(rotation)
+    raise ValueError(f"no proxy-less target {target!r}")
 
 
 async def drive(
@@ -233,12 +247,10 @@ def run_target(
         backends = [f"http://127.0.0.1:{p}" for p in wait_listening(sim)]
         kind, _, variant = target.partition(":")
         url_for: Callable[[int], str]
-        if target == PINNED_WARM:
-            asyncio.run(warm_up(workload, backends))
-            url_for = lambda user: backends[user % len(backends)]  # noqa: E731
-        elif kind == "plain":
-            rotation = itertools.cycle(backends)
-            url_for = lambda _: next(rotation)  # noqa: E731
+        if kind == "plain":
+            url_for = plain_picker(target, backends)
+            if target == PINNED_WARM:
+                asyncio.run(warm_up(workload, backends))
         else:
             if kind == "citadel":
                 proc, url = peers.start_citadel(
@@ -299,8 +311,7 @@ def merge_rounds(runs: list[RoutingRun]) -> RoutingRun:
 
 def targets(router_available: bool) -> list[str]:
     """Every routing target, Citadel's default first."""
-    names = [f"citadel:{s}" for s in CITADEL_STRATEGIES]
-    names += [f"plain:{p}" for p in PLAIN_TARGETS]
+    names = [f"citadel:{s}" for s in CITADEL_STRATEGIES] + [PLAIN_RR, PINNED_WARM]
     if router_available:
         names += [f"vllm-router:{p}" for p in ROUTER_POLICIES]
     return names

@@ -307,9 +307,12 @@ def test_a_missed_half_of_round_robin_names_the_reference() -> None:
     half = routing_verdicts(RoutingResult(SHORT_CHAT, [ours, plain, pinned]))[0]
     assert half.ok is False
     assert half.note == (
-        "1.71x the allowed ratio; plain:pinned-warm (no proxy, warm caches) "
-        "29.0 ms = 0.69x"
+        "1.71x the allowed ratio; plain:pinned-warm (a reference: pinned, warm "
+        "caches, no proxy) 29.0 ms = 0.69x, also above half"
     )
+    below = _round("plain:pinned-warm", [20.0], 1, 1)
+    within = routing_verdicts(RoutingResult(SHORT_CHAT, [ours, plain, below]))[0]
+    assert within.ok is False and within.note.endswith("= 0.48x, within half")
     # Without the reference, the note stays as it was; a met target has none.
     assert routing_verdicts(RoutingResult(SHORT_CHAT, [ours, plain]))[0].note == (
         "1.71x the allowed ratio"

@@ -1,0 +1,39 @@
+"""The routing benchmark's reference target end to end: the real simulator process,
+the warm-up, the pinned users and the counters as `make bench` runs them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from citadel_bench.routing import PINNED_WARM, PLAIN_RR, run_target
+from citadel_bench.workload import ChatWorkload
+
+pytestmark = pytest.mark.integration
+
+# Small enough for seconds: 4 users, so one per simulated replica when pinned.
+WORKLOAD = ChatWorkload(
+    users=4,
+    conversations_per_user=1,
+    turns=3,
+    system_prompts=2,
+    system_chars=800,
+    user_chars=40,
+    max_tokens=4,
+)
+
+
+def test_the_reference_counts_only_the_workload_and_finds_its_prompts_warm(
+    tmp_path: Path,
+) -> None:
+    pinned = run_target(PINNED_WARM, WORKLOAD, tmp_path, 60.0)
+    rotated = run_target(PLAIN_RR, WORKLOAD, tmp_path, 60.0)
+    for run in (pinned, rotated):
+        assert run.requests == WORKLOAD.requests and run.errors == 0
+        # One first token per request of the workload, none of the warm-up's.
+        assert run.replica_ttft_count == WORKLOAD.requests
+    # Same prompts both times; warm and pinned, every turn finds its system
+    # prompt and its own conversation so far, which rotating does not.
+    assert pinned.cache_queries == rotated.cache_queries
+    assert pinned.cache_hits > rotated.cache_hits
+    assert pinned.hit_rate > 0.8
