@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from citadel_bench.memory import MemoryRun
 from citadel_bench.operator_scale import ScaleRun
 from citadel_bench.overhead import Point
-from citadel_bench.report import Verdict, fmt, spread
+from citadel_bench.report import DASH, Verdict, fmt, spread
 from citadel_bench.routing import PINNED_WARM, PLAIN_RR, RoutingResult, RoutingRun
 from citadel_bench.stats import median, percentile, ratio
 
@@ -117,7 +117,7 @@ def overhead_verdicts(
             if ours is None or theirs is None:
                 verdicts.append(
                     Verdict(
-                        f"{label} ({mode}, c=64)", DASH_, None, skipped.get(peer, "")
+                        f"{label} ({mode}, c=64)", DASH, None, skipped.get(peer, "")
                     )
                 )
                 continue
@@ -133,9 +133,6 @@ def overhead_verdicts(
                 )
             )
     return verdicts
-
-
-DASH_ = "\N{EN DASH}"
 
 
 def routing_verdicts(result: RoutingResult) -> list[Verdict]:
@@ -182,7 +179,7 @@ def routing_verdicts(result: RoutingResult) -> list[Verdict]:
         verdicts.append(
             Verdict(
                 f"prefix-aware below every vllm-router policy {on}",
-                DASH_,
+                DASH,
                 None,
                 result.skipped.get("vllm-router", ""),
             )
@@ -249,7 +246,7 @@ def _overlap(ours: list[float], theirs: list[float]) -> str:
 def scale_verdicts(run: ScaleRun) -> list[Verdict]:
     n = f"{run.models} models on {run.nodes} nodes"
     if run.problem:
-        return [Verdict(f"operator scale ({n})", DASH_, None, run.problem[:200])]
+        return [Verdict(f"operator scale ({n})", DASH, None, run.problem[:200])]
     p99 = percentile(run.latencies_s, 99)
     steady99 = percentile(run.steady_latencies_s, 99)
     ready = run.all_ready_s
