@@ -260,8 +260,9 @@ def run_target(
                 proc, url = peers.start_vllm_router(backends, log_dir, variant)
             procs.append(proc)
             url_for = lambda _: url  # noqa: E731
-        # Warming is neither timed nor counted: hit rate and the replicas' TTFT
-        # are the workload's alone.
+        # Read for every target, not only after a warm-up: whatever reached the
+        # replicas before the workload (the reference's warm-up, a proxy's
+        # probes) stays out of the hit rate and the replicas' TTFT.
         before = replica_counters(backends)
         samples, wall = asyncio.run(drive(workload, url_for, deadline_s))
         counted = replica_counters(backends).since(before)
