@@ -279,6 +279,17 @@ def overview() -> Any:
             [("sum by (phase) (citadel_operator_models)", "{{phase}}")],
         ),
         panel(
+            "Models not Ready",
+            "Each LLMModel in a phase other than Ready, named (namespace/name).",
+            [
+                (
+                    "max by (model_namespace, model, phase) "
+                    '(citadel_operator_model_phase{phase!="Ready"})',
+                    "{{model_namespace}}/{{model}} {{phase}}",
+                )
+            ],
+        ),
+        panel(
             "Operator reconciles/s",
             "Reconciles by result, and failed ones by error class.",
             [
@@ -397,6 +408,18 @@ def model_serving() -> Any:
                 )
             ],
             unit="s",
+        ),
+        panel(
+            "Replicas",
+            "Each model's replicas as the operator reports them: desired, and ready "
+            "(answering their readiness probe).",
+            [
+                (
+                    "max by (model_namespace, model, state) (citadel_operator_model_"
+                    'replicas{served_name=~"$model", state=~"desired|ready"})',
+                    "{{model_namespace}}/{{model}} {{state}}",
+                )
+            ],
         ),
         panel(
             "In-flight per replica",

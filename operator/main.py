@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     state = MemoryState()
     ks = kopf_settings(settings, state, default_priority=random.randint(1, 1_000_000))
-    metrics = Metrics()
+    # A paused peer's per-model reports go stale after three missed resyncs
+    # (ModelSeries); without resyncs nothing renews them, so they never do.
+    metrics = Metrics(stale_after_s=3 * settings.resync_seconds or None)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, registry=metrics.registry)
 

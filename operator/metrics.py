@@ -3,26 +3,47 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-from citadel.operator.status import Phase
+from citadel.operator.status import LLMModelStatus, Phase
 
 RECONCILES = "citadel_operator_reconciles_total"
 RECONCILE_ERRORS = "citadel_operator_reconcile_errors_total"
 RECONCILE_SECONDS = "citadel_operator_reconcile_duration_seconds"
 MODELS = "citadel_operator_models"
+MODEL_PHASE = "citadel_operator_model_phase"
+MODEL_REPLICAS = "citadel_operator_model_replicas"
+# The labels of the per-model series. Not `namespace`: Prometheus sets that target
+# label to the operator's own namespace, and a scraped `namespace` would be renamed.
+MODEL_LABELS = ("model_namespace", "model", "served_name")
+REPLICA_STATES = ("desired", "current", "updated", "ready")
 ROUTE_PUBLISHES = "citadel_operator_route_publishes_total"
 DRIFT_REVERTS = "citadel_operator_drift_reverts_total"
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class Metrics:
-    """The operator's metrics in their own registry (no process-wide state)."""
+    """The operator's metrics in their own registry (no process-wide state).
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    Args:
+        registry: where they are registered; a new one by default.
+        clock: monotonic seconds, for the age of the per-model reports.
+        stale_after_s: see ModelSeries.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        stale_after_s: float | None = None,
+    ) -> None:
         self.registry = registry or CollectorRegistry()
         self.reconciles = Counter(
             RECONCILES,
@@ -43,9 +64,6 @@ class Metrics:
             buckets=BUCKETS,
             registry=self.registry,
         )
-        self.models = Gauge(
-            MODELS, "LLMModels by phase.", ["phase"], registry=self.registry
-        )
         self.publishes = Counter(
             ROUTE_PUBLISHES,
             "Writes of the routing ConfigMap.",
@@ -58,9 +76,8 @@ class Metrics:
             ["kind"],
             registry=self.registry,
         )
-        self._phases: dict[str, Phase] = {}
-        for phase in Phase:
-            self.models.labels(phase=str(phase)).set(0)
+        self.model_series = ModelSeries(clock, stale_after_s)
+        self.registry.register(self.model_series)
 
     @contextmanager
     def timed(self, kind: str) -> Iterator[None]:
@@ -76,11 +93,90 @@ class Metrics:
         finally:
             self.duration.labels(kind=kind).observe(time.perf_counter() - start)
 
-    def set_phase(self, key: str, phase: Phase | None) -> None:
-        """Records a model's phase (None: the model is gone)."""
-        old = self._phases.pop(key, None)
-        if old is not None:
-            self.models.labels(phase=str(old)).dec()
-        if phase is not None:
-            self._phases[key] = phase
-            self.models.labels(phase=str(phase)).inc()
+    def set_model(
+        self, namespace: str, name: str, status: LLMModelStatus | None
+    ) -> None:
+        """Records a model's phase and replica counts (None: the model is gone)."""
+        self.model_series.set(namespace, name, status)
+
+    def touch(self, namespace: str, name: str) -> None:
+        """Notes that the model is still being reconciled, whatever the outcome."""
+        self.model_series.touch(namespace, name)
+
+
+@dataclass
+class _Reported:
+    labels: tuple[str, str, str]
+    phase: Phase | None
+    replicas: tuple[int, int, int, int]
+    seen: float
+
+
+class ModelSeries(Collector):
+    """The per-model series and the counts by phase, built at each scrape from
+    what the reconciler last reported.
+
+    A replica that Kopf peering pauses stops reconciling but keeps running; what it
+    reported before would stay on its /metrics and keep alerts firing for a model
+    that has long recovered. So a model not reconciled for `stale_after_s` (the
+    resync runs every active replica's models far more often) is left out.
+
+    Args:
+        clock: monotonic seconds.
+        stale_after_s: None keeps every report (no periodic resync to renew them).
+    """
+
+    def __init__(self, clock: Callable[[], float], stale_after_s: float | None) -> None:
+        self._clock = clock
+        self._stale_after = stale_after_s
+        self._models: dict[tuple[str, str], _Reported] = {}
+
+    def set(self, namespace: str, name: str, status: LLMModelStatus | None) -> None:
+        """Records a model's status (None: the model is gone)."""
+        if status is None:
+            self._models.pop((namespace, name), None)
+            return
+        counts = status.replicas
+        self._models[(namespace, name)] = _Reported(
+            (namespace, name, status.served_name or name),
+            status.phase,
+            (counts.desired, counts.current, counts.updated, counts.ready),
+            self._clock(),
+        )
+
+    def touch(self, namespace: str, name: str) -> None:
+        """Renews a model's report without changing it."""
+        reported = self._models.get((namespace, name))
+        if reported is not None:
+            reported.seen = self._clock()
+
+    def collect(self) -> Iterable[Metric]:
+        """The three families, from the reports that are not stale."""
+        now = self._clock()
+        fresh = [
+            r
+            for r in self._models.values()
+            if self._stale_after is None or now - r.seen <= self._stale_after
+        ]
+        by_phase = dict.fromkeys(Phase, 0)
+        phases = GaugeMetricFamily(
+            MODEL_PHASE,
+            "1 for each LLMModel's current phase; the series goes when it changes.",
+            labels=[*MODEL_LABELS, "phase"],
+        )
+        replicas = GaugeMetricFamily(
+            MODEL_REPLICAS,
+            "Each LLMModel's replica counts from its status, by state (desired, "
+            "current, updated, ready).",
+            labels=[*MODEL_LABELS, "state"],
+        )
+        for r in fresh:
+            if r.phase is not None:
+                by_phase[r.phase] += 1
+                phases.add_metric([*r.labels, str(r.phase)], 1)
+            for state, value in zip(REPLICA_STATES, r.replicas, strict=True):
+                replicas.add_metric([*r.labels, state], value)
+        models = GaugeMetricFamily(MODELS, "LLMModels by phase.", labels=["phase"])
+        for phase, count in by_phase.items():
+            models.add_metric([str(phase)], count)
+        return [models, phases, replicas]

@@ -249,7 +249,11 @@ class Reconciler:
             ReconcileError: a request failed or the model cannot be built.
         """
         meta = body.get("metadata", {})
-        key = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+        namespace, name = meta.get("namespace", ""), meta.get("name", "")
+        key = f"{namespace}/{name}"
+        # Kopf called us, so this replica is active: its report of the model stands
+        # even if this pass fails.
+        self.metrics.touch(namespace, name)
         async with contextlib.AsyncExitStack() as held:
             if resync:
                 await held.enter_async_context(self._resync_slots)
@@ -318,7 +322,7 @@ class Reconciler:
     async def forget(self, namespace: str, name: str) -> None:
         """The model is gone: drop its route and metrics."""
         key = f"{namespace}/{name}"
-        self.metrics.set_phase(key, None)
+        self.metrics.set_model(namespace, name, None)
         self._serial.forget(key)
         self._written.pop(key, None)
         self.routes.kick()
@@ -517,7 +521,7 @@ class Reconciler:
             if notice is not None:
                 await self._post(model, notice)
             self.routes.kick()
-        self.metrics.set_phase(model.key, status.phase)
+        self.metrics.set_model(model.namespace, model.name, status)
         return status
 
     async def _post(self, model: LLMModel, notice: Notice) -> None:

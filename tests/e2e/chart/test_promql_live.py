@@ -25,7 +25,7 @@ import yaml
 from prometheus_client import start_http_server
 
 from citadel.operator.metrics import Metrics
-from citadel.operator.status import Phase
+from citadel.operator.status import LLMModelStatus, Phase, ReplicaCounts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support" / "vllm"))
 import vllm_server  # type: ignore[import-not-found]
@@ -53,6 +53,8 @@ CORE = [
     "Queue depth",
     "KV cache use",
     "Models by phase",
+    "Models not Ready",
+    "Replicas",
     # vLLM's own metrics, scraped from the real server.
     "Time to first token",
     "Generated tokens/s",
@@ -224,8 +226,18 @@ def check_every_expression(
 
     # The operator's real metrics registry, with models in two phases.
     operator = Metrics()
-    operator.set_phase("llm/m", Phase.READY)
-    operator.set_phase("llm/other", Phase.PENDING)
+    operator.set_model(
+        "llm",
+        "m",
+        LLMModelStatus(
+            phase=Phase.READY,
+            replicas=ReplicaCounts(desired=2, current=2, updated=2, ready=1),
+            served_name="m",
+        ),
+    )
+    operator.set_model(
+        "llm", "other", LLMModelStatus(phase=Phase.PENDING, replicas=ReplicaCounts())
+    )
     operator_port = free_port()
     start_http_server(operator_port, addr="127.0.0.1", registry=operator.registry)
 

@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import Kube, OperatorProcess, llmmodel
 
@@ -180,4 +181,36 @@ def test_metrics_count_reconciles_and_phases(
     assert 'citadel_operator_reconciles_total{kind="full",result="ok"}' in text
     assert "citadel_operator_reconcile_duration_seconds_bucket" in text
     assert 'citadel_operator_route_publishes_total{result="ok"}' in text
+    mine = {"model_namespace": kube.namespace, "model": "counted"}
+    assert _samples(text, "citadel_operator_model_phase", mine) == {
+        ("counted", "Ready"): 1.0
+    }
+    assert _samples(text, "citadel_operator_model_replicas", mine) == {
+        ("counted", "desired"): 1.0,
+        ("counted", "current"): 1.0,
+        ("counted", "updated"): 1.0,
+        ("counted", "ready"): 1.0,
+    }
     kube.delete_model("counted")
+
+    def gone() -> bool:
+        current = operator.metrics()
+        return not _samples(current, "citadel_operator_model_phase", mine)
+
+    kube.wait("the deleted model's series gone", gone)
+
+
+def _samples(
+    text: str, name: str, labels: dict[str, str]
+) -> dict[tuple[str, str], float]:
+    """(served_name, phase or state) -> value of the samples of `name` that carry
+    `labels`, from an exposition in any label order."""
+    return {
+        (
+            sample.labels["served_name"],
+            sample.labels.get("phase") or sample.labels["state"],
+        ): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    }

@@ -190,13 +190,43 @@ async def test_name_conflict_shows_in_the_status(settings: OperatorSettings) -> 
     assert status["phase"] == "Failed"
 
 
-async def test_forget_clears_the_phase_metric(settings: OperatorSettings) -> None:
+async def test_forget_clears_the_phase_metrics(settings: OperatorSettings) -> None:
     _, reconciler = _setup(settings, model_body())
     await reconciler.reconcile(model_body())
-    gauge = reconciler.metrics.models.labels(phase="Pending")
-    assert gauge._value.get() == 1
+    registry = reconciler.metrics.registry
+    mine = {"model_namespace": "llm", "model": "mixtral", "served_name": "mixtral"}
+
+    def sample(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert sample("citadel_operator_models", phase="Pending") == 1
+    assert sample("citadel_operator_model_phase", **mine, phase="Pending") == 1
+    assert sample("citadel_operator_model_replicas", **mine, state="desired") == 1
     await reconciler.forget("llm", "mixtral")
-    assert gauge._value.get() == 0
+    assert sample("citadel_operator_models", phase="Pending") == 0
+    assert sample("citadel_operator_model_phase", **mine, phase="Pending") is None
+    assert sample("citadel_operator_model_replicas", **mine, state="desired") is None
+
+
+async def test_a_failed_resync_still_renews_the_models_report(
+    settings: OperatorSettings,
+) -> None:
+    now = [0.0]
+    kube = FakeKube([*NODES, model_body()])
+    metrics = Metrics(clock=lambda: now[0], stale_after_s=360.0)
+    reconciler = Reconciler(kube, settings, metrics, clock=lambda: NOW)
+    await reconciler.reconcile(model_body())
+    mine = {"model_namespace": "llm", "model": "mixtral", "served_name": "mixtral"}
+    labels = {**mine, "phase": "Pending"}
+    now[0] = 300.0
+    kube.fail["services"] = ApiError(503, "ServiceUnavailable", "etcd")
+    with pytest.raises(ReconcileError):
+        await reconciler.reconcile(model_body(), resync=True)
+    now[0] = 400.0
+    sample = metrics.registry.get_sample_value
+    assert sample("citadel_operator_model_phase", labels) == 1
+    now[0] = 700.0  # no resync since 300 s: this replica no longer reports it
+    assert sample("citadel_operator_model_phase", labels) is None
 
 
 async def test_serializer_merges_requests_that_come_while_one_waits() -> None:
