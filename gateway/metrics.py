@@ -19,6 +19,7 @@ LABEL_STRATEGY = "strategy"
 LABEL_KIND = "kind"
 LABEL_ENDPOINT = "endpoint"
 LABEL_SCOPE = "scope"
+LABEL_DOOR = "door"
 
 OTHER_KEY = "other"
 ANONYMOUS_KEY = "anonymous"
@@ -62,8 +63,9 @@ class GatewayMetrics:
         r = self.registry
         self.requests = Counter(
             PREFIX + "requests",
-            "Requests answered, by model, HTTP status and key name.",
-            [LABEL_ENDPOINT, LABEL_MODEL, LABEL_STATUS, LABEL_KEY],
+            "Requests answered, by model, HTTP status, key name and door (rest, "
+            "grpc, graphql); refused before the body is read: model `unknown`.",
+            [LABEL_ENDPOINT, LABEL_MODEL, LABEL_STATUS, LABEL_KEY, LABEL_DOOR],
             registry=r,
         )
         self.latency = Histogram(

@@ -26,8 +26,15 @@ from citadel.gateway.deps import (
     take_request_id,
 )
 from citadel.gateway.errors import BodyTooLarge, GatewayError
+from citadel.gateway.services.auth import Principal
 from citadel.gateway.services.proxy import ProxyResponse
-from citadel.gateway.services.requests import CHAT, COMPLETIONS, EMBEDDINGS, ApiCall
+from citadel.gateway.services.requests import (
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    ApiCall,
+    Door,
+)
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=error_responses())
 
@@ -51,8 +58,13 @@ async def proxied(call: ApiCall, request: Request) -> ProxyResponse:
     """Runs the proxy for one forwarding request."""
     rid = take_request_id(request)
     deps = deps_of(request)
-    principal = caller(request, deps)
-    raw = await read_body(request, deps.max_body_bytes)
+    principal: Principal | None = None
+    try:
+        principal = caller(request, deps)
+        raw = await read_body(request, deps.max_body_bytes)
+    except GatewayError as err:
+        deps.proxy.refused(call, rid, err, Door.REST, principal)
+        raise
     session = request.headers.get(deps.session_header)
     return await deps.proxy.handle(call, principal, raw, rid, session)
 

@@ -28,7 +28,7 @@ from citadel.gateway.graphql.types import (
     Usage,
 )
 from citadel.gateway.services.buckets import StoreUnavailable
-from citadel.gateway.services.requests import CHAT
+from citadel.gateway.services.requests import CHAT, Door
 from citadel.gateway.services.structured import ask, usable_models
 from citadel.gateway.versioning import API_VERSION
 
@@ -75,7 +75,9 @@ async def _chat_completion(info: Ctx, input: ChatCompletionInput) -> ChatComplet
     with reported():
         ctx = info.context
         body = input.body(stream=False)
-        answer = await ask(ctx.deps.proxy, CHAT, ctx.principal(), body, ctx.request_id)
+        answer = await ask(
+            ctx.deps.proxy, CHAT, ctx.principal(), body, ctx.request_id, Door.GRAPHQL
+        )
         ctx.add_headers(
             {k: v for k, v in answer.headers.items() if k.startswith("x-ratelimit-")}
         )
@@ -88,7 +90,9 @@ async def _chat_completion_stream(
     with reported():
         ctx = info.context
         body = input.body(stream=True)
-        answer = await ask(ctx.deps.proxy, CHAT, ctx.principal(), body, ctx.request_id)
+        answer = await ask(
+            ctx.deps.proxy, CHAT, ctx.principal(), body, ctx.request_id, Door.GRAPHQL
+        )
     assert answer.chunks is not None
     with reported():
         async for chunk in answer.chunks:

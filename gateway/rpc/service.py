@@ -29,7 +29,13 @@ from citadel.gateway.rpc.status import status_of
 from citadel.gateway.rpc.v1 import citadel_pb2 as pb
 from citadel.gateway.rpc.v1 import citadel_pb2_grpc as pb_grpc
 from citadel.gateway.services.auth import Principal
-from citadel.gateway.services.requests import CHAT, COMPLETIONS, EMBEDDINGS, ApiCall
+from citadel.gateway.services.requests import (
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    ApiCall,
+    Door,
+)
 from citadel.gateway.services.structured import Answer, ask, usable_models
 from citadel.gateway.versioning import (
     API_VERSION,
@@ -81,7 +87,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         self, request: pb.ChatCompletionRequest, context: Context
     ) -> AsyncIterator[pb.ChatCompletionChunk]:
         body = convert.chat_body(request, stream=True)
-        async with self._call(context) as call:
+        async with self._call(context, CHAT) as call:
             # The deadline bounds the wait for the first answer; after that a
             # passed deadline cancels the call (and the stream) like a client
             # cancel does.
@@ -110,20 +116,33 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def _unary(
         self, context: Context, api: ApiCall, body: dict[str, Any]
     ) -> dict[str, Any]:
-        async with self._call(context) as call, _deadline(context):
+        async with self._call(context, api) as call, _deadline(context):
             answer = await self._ask(api, body, call)
         return answer.body
 
     async def _ask(self, api: ApiCall, body: dict[str, Any], call: _Call) -> Answer:
         answer = await ask(
-            self._deps.proxy, api, call.principal, body, call.request_id, call.session
+            self._deps.proxy,
+            api,
+            call.principal,
+            body,
+            call.request_id,
+            Door.GRPC,
+            call.session,
         )
         call.trailers.update(_passed(answer.headers))
         return answer
 
     @contextlib.asynccontextmanager
-    async def _call(self, context: Context) -> AsyncIterator[_Call]:
-        """Authenticates the caller; ends the call with the right status."""
+    async def _call(
+        self, context: Context, api: ApiCall | None = None
+    ) -> AsyncIterator[_Call]:
+        """Authenticates the caller; ends the call with the right status.
+
+        Args:
+            api: the forwarded endpoint, whose request metrics count a refused
+                key (None: not a model call).
+        """
         metadata = {
             k.lower(): v
             for k, v in context.invocation_metadata() or ()
@@ -138,9 +157,14 @@ class InferenceService(pb_grpc.InferenceServicer):
         await context.send_initial_metadata(tuple(head.items()))
         trailers = {VERSION_HEADER: API_VERSION, REQUEST_ID: rid}
         try:
-            principal = self._deps.authenticator.authenticate(
-                metadata.get("authorization")
-            )
+            try:
+                principal = self._deps.authenticator.authenticate(
+                    metadata.get("authorization")
+                )
+            except GatewayError as err:
+                if api is not None:
+                    self._deps.proxy.refused(api, rid, err, Door.GRPC)
+                raise
             session = metadata.get(self._deps.session_header)
             call = _Call(principal, rid, metadata, session, trailers)
             yield call

@@ -27,6 +27,7 @@ from citadel.gateway.services.limits import Admission, Limiter, estimate_tokens
 from citadel.gateway.services.replicas import EjectionPolicy, Replica
 from citadel.gateway.services.requests import (
     ApiCall,
+    Door,
     client_wants_usage,
     parse_body,
     upstream_body,
@@ -66,6 +67,7 @@ class _Context:
     started: float
     session: str | None = None
     """The conversation's id from the session header, if sent."""
+    door: Door = Door.REST
     model: str = UNKNOWN_MODEL
     route: ModelRoute | None = None
     replica: Replica | None = None
@@ -116,13 +118,14 @@ class ProxyService:
         raw: bytes,
         request_id: str,
         session: str | None = None,
+        door: Door = Door.REST,
     ) -> ProxyResponse:
         """Answers one request.
 
         Raises:
             GatewayError: any refusal or failure, to be shown in OpenAI's shape.
         """
-        ctx = _Context(call, principal, request_id, self._clock(), session)
+        ctx = _Context(call, principal, request_id, self._clock(), session, door)
         try:
             return await self._handle(ctx, raw)
         except GatewayError as err:
@@ -328,11 +331,40 @@ class ProxyService:
         if cost > 0:
             self._metrics.cost.labels(ctx.model, key).observe(cost)
 
+    def refused(
+        self,
+        call: ApiCall,
+        request_id: str,
+        error: GatewayError,
+        door: Door,
+        principal: Principal | None = None,
+    ) -> None:
+        """Counts and logs a request its door refused before `handle`: no key or
+        a bad one, a body over the limit. Without it a flood of bad keys would
+        not show in the request metrics."""
+        name = principal.name if principal is not None else None
+        key = self._metrics.key_label(name)
+        labels = (call.kind.value, UNKNOWN_MODEL, str(error.status), key, door.value)
+        self._metrics.requests.labels(*labels).inc()
+        log.info(
+            "request",
+            extra={
+                "request_id": request_id,
+                "endpoint": call.kind.value,
+                "door": door.value,
+                "model": UNKNOWN_MODEL,
+                "key": name,
+                "status": error.status,
+                "code": error.code,
+            },
+        )
+
     def _finish(self, ctx: _Context, status: int, code: str | None) -> None:
         elapsed = self._clock() - ctx.started
         key = self._metrics.key_label(ctx.principal.name)
         kind = ctx.call.kind.value
-        self._metrics.requests.labels(kind, ctx.model, str(status), key).inc()
+        labels = (kind, ctx.model, str(status), key, ctx.door.value)
+        self._metrics.requests.labels(*labels).inc()
         self._metrics.latency.labels(kind, ctx.model).observe(elapsed)
         fields = self._log_fields(ctx)
         fields.update(status=status, duration_ms=round(elapsed * 1000, 3))
@@ -345,6 +377,7 @@ class ProxyService:
         return {
             "request_id": ctx.request_id,
             "endpoint": ctx.call.kind.value,
+            "door": ctx.door.value,
             "model": ctx.model,
             "key": ctx.principal.name,
             # With the replica, traces where each conversation went (a move to

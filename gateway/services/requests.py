@@ -16,6 +16,14 @@ import orjson
 from citadel.gateway.errors import InvalidRequest
 
 
+class Door(enum.StrEnum):
+    """The protocol a request came in by (the value is the metric label)."""
+
+    REST = "rest"
+    GRPC = "grpc"
+    GRAPHQL = "graphql"
+
+
 class ApiKind(enum.StrEnum):
     """The forwarded endpoints (the value is the metric label)."""
 

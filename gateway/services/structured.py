@@ -26,7 +26,7 @@ from citadel.gateway.routes import ModelRoute
 from citadel.gateway.services.auth import Principal
 from citadel.gateway.services.catalog import Catalog
 from citadel.gateway.services.proxy import ProxyResponse, ProxyService
-from citadel.gateway.services.requests import ApiCall
+from citadel.gateway.services.requests import ApiCall, Door
 from citadel.gateway.services.sse import EVENT_END
 
 DONE = b"[DONE]"
@@ -48,6 +48,7 @@ async def ask(
     principal: Principal,
     body: dict[str, Any],
     request_id: str,
+    door: Door,
     session: str | None = None,
 ) -> Answer:
     """Runs one request through the proxy.
@@ -57,7 +58,7 @@ async def ask(
             refused the request itself.
     """
     result = await proxy.handle(
-        call, principal, orjson.dumps(body), request_id, session
+        call, principal, orjson.dumps(body), request_id, session, door
     )
     if result.stream is not None:
         return Answer(result.headers, chunks=events(result.stream))

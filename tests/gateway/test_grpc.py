@@ -151,6 +151,10 @@ def test_each_error_has_its_status_code(setup: dict[str, Any]) -> None:
     assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "invalid_api_key")
     code, reason, _ = fails("smol", metadata=(("authorization", "Bearer nope"),))
     assert code is grpc.StatusCode.UNAUTHENTICATED
+    refused = (
+        'citadel_gateway_requests_total{door="grpc",endpoint="chat",key="anonymous"'
+    )
+    assert setup["gateway"].metric(refused) == 2  # the two keys refused above
     code, reason, _ = fails("other")
     assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "model_not_allowed")
     code, reason, details = fails("nope", metadata=setup["limited"])
@@ -219,7 +223,8 @@ def test_cancelling_a_unary_call_frees_the_replica(setup: dict[str, Any]) -> Non
     _wait_until(lambda: gateway.metric("citadel_gateway_in_flight_requests") == 1)
     future.cancel()
     _wait_until(lambda: gateway.metric("citadel_gateway_in_flight_requests") == 0)
-    assert gateway.metric('citadel_gateway_requests_total{endpoint="chat"') >= 1
+    counted = 'citadel_gateway_requests_total{door="grpc",endpoint="chat"'
+    assert gateway.metric(counted) >= 1
 
 
 def test_health_and_reflection(setup: dict[str, Any]) -> None:

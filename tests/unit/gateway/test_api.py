@@ -216,6 +216,38 @@ async def test_auth_errors(harness: Any, kit: Any) -> None:
     assert "ctd-wrong" not in wrong.text
 
 
+async def test_refusals_before_the_proxy_are_counted(kit: Any) -> None:
+    h = kit.build()  # bodies up to 4,096 bytes
+    async with h.client() as client:
+        wrong = await client.post(
+            "/v1/chat/completions",
+            json=kit.chat,
+            headers={"authorization": "Bearer ctd-wrong"},
+        )
+        big = await client.post(
+            "/v1/completions",
+            content=b'{"model": "chat", "prompt": "' + b"x" * 5_000 + b'"}',
+            headers={"content-type": "application/json"},
+        )
+    assert (wrong.status_code, big.status_code) == (401, 413)
+    sample = h.deps.metrics.registry.get_sample_value
+    common = {"model": "unknown", "door": "rest"}
+    counted = "citadel_gateway_requests_total"
+    assert (
+        sample(
+            counted, {**common, "endpoint": "chat", "status": "401", "key": "anonymous"}
+        )
+        == 1
+    )
+    assert (
+        sample(
+            counted,
+            {**common, "endpoint": "completions", "status": "413", "key": "alice"},
+        )
+        == 1
+    )
+
+
 async def test_revoked_key_stops_working_at_once(harness: Any, kit: Any) -> None:
     async with harness.client() as client:
         assert (await client.post("/v1/chat/completions", json=kit.chat)).is_success
@@ -273,7 +305,9 @@ async def test_health_readiness_and_metrics(kit: Any) -> None:
         assert (await client.get("/readyz")).status_code == 200
         await client.post("/v1/chat/completions", json=kit.chat)
         text = (await client.get("/metrics")).text
-    assert 'citadel_gateway_requests_total{endpoint="chat",key="alice"' in text
+    assert (
+        'citadel_gateway_requests_total{door="rest",endpoint="chat",key="alice"' in text
+    )
     assert kit.key not in text
 
 

@@ -14,7 +14,7 @@ from citadel.gateway.errors import BackendTimeout, InvalidRequest
 from citadel.gateway.routes import ModelRoute
 from citadel.gateway.services.buckets import InProcessBuckets
 from citadel.gateway.services.limits import Limiter
-from citadel.gateway.services.requests import CHAT
+from citadel.gateway.services.requests import CHAT, Door
 from citadel.gateway.services.structured import ask, events, usable_models
 
 pytestmark = pytest.mark.unit
@@ -23,7 +23,9 @@ pytestmark = pytest.mark.unit
 async def test_answers_come_back_parsed(kit: Any) -> None:
     harness = kit.build()
     who = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
-    answer = await ask(harness.deps.proxy, CHAT, who, dict(kit.chat), "rid-1")
+    answer = await ask(
+        harness.deps.proxy, CHAT, who, dict(kit.chat), "rid-1", Door.GRPC
+    )
     assert answer.body["choices"][0]["message"]["content"] == "hi"
     assert answer.headers["x-request-id"] == "rid-1"
 
@@ -34,7 +36,7 @@ async def test_a_replica_refusal_becomes_invalid_request(kit: Any) -> None:
     harness.upstream.handler = lambda url, body: kit.reply(400, orjson.dumps(error))
     who = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
     with pytest.raises(InvalidRequest) as caught:
-        await ask(harness.deps.proxy, CHAT, who, dict(kit.chat), "rid")
+        await ask(harness.deps.proxy, CHAT, who, dict(kit.chat), "rid", Door.GRPC)
     assert caught.value.message == "max_tokens too big"
     assert caught.value.param == "max_tokens"
 
@@ -69,7 +71,7 @@ async def test_cancel_frees_the_replica_and_counts_499(kit: Any) -> None:
     harness.deps.proxy._upstream = hanging
     who = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
     task = asyncio.create_task(
-        ask(harness.deps.proxy, CHAT, who, dict(kit.chat), "rid")
+        ask(harness.deps.proxy, CHAT, who, dict(kit.chat), "rid", Door.GRPC)
     )
     await hanging.started.wait()
     route = harness.deps.catalog.resolve("chat")
@@ -78,8 +80,15 @@ async def test_cancel_frees_the_replica_and_counts_499(kit: Any) -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert sum(r.in_flight for r in harness.deps.catalog.replicas(route)) == 0
-    requests = harness.deps.metrics.requests.labels("chat", "smollm2", "499", "alice")
-    assert requests._value.get() == 1
+    labels = {
+        "endpoint": "chat",
+        "model": "smollm2",
+        "status": "499",
+        "key": "alice",
+        "door": "grpc",
+    }
+    sample = harness.deps.metrics.registry.get_sample_value
+    assert sample("citadel_gateway_requests_total", labels) == 1
 
 
 async def test_standing_reads_limits_without_taking(kit: Any) -> None:
