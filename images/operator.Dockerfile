@@ -15,7 +15,7 @@ COPY src ./src
 COPY operator ./operator
 COPY gateway ./gateway
 RUN python -m venv /opt/citadel \
-    && /opt/citadel/bin/pip install --no-compile . \
+    && /opt/citadel/bin/pip install --no-compile '.[operator]' \
     && /opt/citadel/bin/python -m compileall -q /opt/citadel/lib
 
 # Run: the interpreter, the virtual environment and an unprivileged user.

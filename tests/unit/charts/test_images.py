@@ -55,6 +55,8 @@ def test_dockerfile_rules(image: str) -> None:
     assert [a for w, a in final if w == "COPY"] == [
         "--from=build /opt/citadel /opt/citadel"
     ]
+    # Its program's extra only (tests/unit/test_packaging.py checks it suffices).
+    assert any(f"pip install --no-compile '.[{image}]'" in a for w, a in steps)
     (entrypoint,) = [a for w, a in steps if w == "ENTRYPOINT"]
     script = IMAGES[image]
     assert entrypoint == f'["/opt/citadel/bin/{script}"]'
