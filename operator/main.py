@@ -95,9 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     state = MemoryState()
     ks = kopf_settings(settings, state, default_priority=random.randint(1, 1_000_000))
-    # A paused peer's per-model reports go stale after three missed resyncs
-    # (ModelSeries); without resyncs nothing renews them, so they never do.
-    metrics = Metrics(stale_after_s=3 * settings.resync_seconds or None)
+    # A paused peer's per-model reports go stale after two resync periods
+    # (ModelSeries): under CitadelModelFailed's 5 minutes with the default 120 s.
+    # Without resyncs nothing renews them, so they never do.
+    metrics = Metrics(stale_after_s=2 * settings.resync_seconds or None)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, registry=metrics.registry)
 

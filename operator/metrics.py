@@ -118,8 +118,8 @@ class ModelSeries(Collector):
 
     A replica that Kopf peering pauses stops reconciling but keeps running; what it
     reported before would stay on its /metrics and keep alerts firing for a model
-    that has long recovered. So a model not reconciled for `stale_after_s` (the
-    resync runs every active replica's models far more often) is left out.
+    that has long recovered. So a model not reconciled for `stale_after_s` (an
+    active replica's resync renews every model's report each period) is left out.
 
     Args:
         clock: monotonic seconds.

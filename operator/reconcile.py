@@ -521,7 +521,11 @@ class Reconciler:
             if notice is not None:
                 await self._post(model, notice)
             self.routes.kick()
-        self.metrics.set_model(model.namespace, model.name, status)
+        # A pass that started before the model was deleted may end after
+        # forget(): its report would bring the deleted model's series back.
+        current = await self._call(self.view.model(model.namespace, model.name))
+        if current is not None and current["metadata"].get("uid") == model.uid:
+            self.metrics.set_model(model.namespace, model.name, status)
         return status
 
     async def _post(self, model: LLMModel, notice: Notice) -> None:

@@ -229,6 +229,41 @@ async def test_a_failed_resync_still_renews_the_models_report(
     assert sample("citadel_operator_model_phase", labels) is None
 
 
+async def test_a_pass_that_ends_after_the_delete_leaves_no_series(
+    settings: OperatorSettings,
+) -> None:
+    gate = asyncio.Event()
+    gate.set()
+
+    class SlowKube(FakeKube):
+        async def apply(
+            self, obj: dict[str, Any], *, subresource: str = ""
+        ) -> dict[str, Any]:
+            if obj["kind"] == "Deployment":
+                await gate.wait()
+            return await super().apply(obj, subresource=subresource)
+
+    kube = SlowKube([*NODES, model_body()])
+    reconciler = Reconciler(kube, settings, Metrics(), clock=lambda: NOW)
+    await reconciler.reconcile(model_body())
+    # A resync of the unchanged model (no status write, so no 404 to stop it)
+    # waits while the model is deleted.
+    gate.clear()
+    stored = kube.stored(LLMMODELS, "mixtral", "llm")
+    resync = asyncio.create_task(reconciler.reconcile(stored, resync=True))
+    await asyncio.sleep(0.01)
+    await kube.delete(LLMMODELS, "mixtral", "llm")
+    await reconciler.forget("llm", "mixtral")
+    gate.set()
+    await resync
+    sample = reconciler.metrics.registry.get_sample_value
+    labels = {"model_namespace": "llm", "model": "mixtral", "served_name": "mixtral"}
+    assert (
+        sample("citadel_operator_model_phase", {**labels, "phase": "Pending"}) is None
+    )
+    assert sample("citadel_operator_models", {"phase": "Pending"}) == 0
+
+
 async def test_serializer_merges_requests_that_come_while_one_waits() -> None:
     serial = Serializer()
     async with serial.hold("k"), serial.coalesce("x", RefreshWish()) as first:
