@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from prometheus_client import start_http_server
 
 from citadel.operator.metrics import Metrics
@@ -29,6 +26,8 @@ from citadel.operator.status import LLMModelStatus, Phase, ReplicaCounts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support" / "vllm"))
 import vllm_server  # type: ignore[import-not-found]
+from harness import prometheus
+from harness.procs import stop_child
 
 pytestmark = pytest.mark.e2e
 
@@ -62,12 +61,6 @@ CORE = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def http(url: str, body: dict[str, Any] | None = None, key: str = "") -> Any:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data)
@@ -99,12 +92,7 @@ def processes(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
     yield started
     for proc in started:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_child(proc)
 
 
 def start(
@@ -122,28 +110,9 @@ def start(
     return proc
 
 
-def expressions(tmp_path: Path) -> list[tuple[str, str]]:
+def expressions() -> list[tuple[str, str]]:
     """(name, PromQL) of every alert and dashboard panel query."""
-    helm = os.environ.get("CITADEL_CACHE") or str(Path.home() / ".cache/citadel")
-    out = subprocess.run(
-        [
-            f"{helm}/bin/helm",
-            "template",
-            "citadel",
-            str(ROOT / "charts/citadel"),
-            "-n",
-            NAMESPACE,
-            "--api-versions",
-            "monitoring.coreos.com/v1",
-            "--show-only",
-            "templates/monitoring/prometheusrule.yaml",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "KUBECONFIG": "/dev/null"},
-    ).stdout
-    spec = yaml.safe_load(out)["spec"]
+    spec = prometheus.chart_rules(NAMESPACE)
     result = [(r["alert"], r["expr"]) for g in spec["groups"] for r in g["rules"]]
     for path in sorted((ROOT / "charts/citadel/dashboards").glob("*.json")):
         for panel in json.loads(path.read_text())["panels"]:
@@ -167,8 +136,7 @@ def check_every_expression(
     processes: list[subprocess.Popen[bytes]],
     stack: contextlib.ExitStack,
 ) -> None:
-    prometheus = shutil.which("prometheus")
-    if not prometheus:
+    if prometheus.binary() is None:
         pytest.skip(
             "no prometheus: install Debian's `prometheus` package (.ci/run does)"
         )
@@ -176,7 +144,7 @@ def check_every_expression(
     if reason:
         pytest.skip(f"the CPU vLLM is not installed (`make vllm`): {reason}")
     # Real vLLM, the real gateway in front of it, with a key from the real CLI.
-    backend_port = free_port()
+    backend_port = prometheus.free_port()
     backend = stack.enter_context(
         vllm_server.run_vllm(
             vllm_server.model_path("smollm2-135m-instruct"),
@@ -209,7 +177,7 @@ def check_every_expression(
         "pricing": {"promptPerMillion": 1.0, "completionPerMillion": 2.0},
     }
     routes.write_text(json.dumps({"schemaVersion": 1, "models": [model]}))
-    gateway_port = free_port()
+    gateway_port = prometheus.free_port()
     gateway_log = tmp_path / "gateway.log"
     gateway = start(
         processes,
@@ -238,60 +206,43 @@ def check_every_expression(
     operator.set_model(
         "llm", "other", LLMModelStatus(phase=Phase.PENDING, replicas=ReplicaCounts())
     )
-    operator_port = free_port()
+    operator_port = prometheus.free_port()
     start_http_server(operator_port, addr="127.0.0.1", registry=operator.registry)
 
-    prom_port = free_port()
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [
-            {
-                "job_name": "citadel-gateway",
-                "static_configs": [
-                    {
-                        "targets": [f"127.0.0.1:{gateway_port}"],
-                        "labels": {"namespace": NAMESPACE, "pod": "gateway-1"},
-                    }
-                ],
-            },
-            {
-                "job_name": "citadel-operator-metrics",
-                "static_configs": [
-                    {
-                        "targets": [f"127.0.0.1:{operator_port}"],
-                        "labels": {"namespace": NAMESPACE, "pod": "operator-1"},
-                    }
-                ],
-            },
-            {
-                "job_name": "llm/m",
-                "static_configs": [
-                    {
-                        "targets": [f"127.0.0.1:{backend_port}"],
-                        "labels": {
-                            "namespace": "llm",
-                            "pod": "m-1",
-                            "container": "vllm",
-                        },
-                    }
-                ],
-            },
-        ],
-    }
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    prom_log = tmp_path / "prometheus.log"
-    prom = start(
-        processes,
-        [
-            prometheus,
-            f"--config.file={tmp_path / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{prom_port}",
-        ],
-        prom_log,
-    )
-    prom_url = f"http://127.0.0.1:{prom_port}"
-    wait_http(prom_url + "/-/ready", prom, prom_log)
+    scrape_configs = [
+        {
+            "job_name": "citadel-gateway",
+            "static_configs": [
+                {
+                    "targets": [f"127.0.0.1:{gateway_port}"],
+                    "labels": {"namespace": NAMESPACE, "pod": "gateway-1"},
+                }
+            ],
+        },
+        {
+            "job_name": "citadel-operator-metrics",
+            "static_configs": [
+                {
+                    "targets": [f"127.0.0.1:{operator_port}"],
+                    "labels": {"namespace": NAMESPACE, "pod": "operator-1"},
+                }
+            ],
+        },
+        {
+            "job_name": "llm/m",
+            "static_configs": [
+                {
+                    "targets": [f"127.0.0.1:{backend_port}"],
+                    "labels": {
+                        "namespace": "llm",
+                        "pod": "m-1",
+                        "container": "vllm",
+                    },
+                }
+            ],
+        },
+    ]
+    prom_url = stack.enter_context(prometheus.running(tmp_path, scrape_configs))
 
     # Traffic over several scrapes: plain and streamed chats, a refused key.
     for _ in range(8):
@@ -307,7 +258,7 @@ def check_every_expression(
     time.sleep(2)
 
     failures, empty = [], []
-    for name, expr in expressions(tmp_path):
+    for name, expr in expressions():
         query = urllib.parse.urlencode({"query": expr})
         answer = json.loads(http(f"{prom_url}/api/v1/query?{query}"))
         if answer.get("status") != "success":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -171,3 +172,13 @@ def listening_ports(ports: Sequence[int]) -> list[int]:
             if state == "0A" and port in wanted:  # 0A = LISTEN
                 found.add(port)
     return sorted(found)
+
+
+def stop_child(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """Stops a child process: SIGTERM, then SIGKILL after `grace` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
