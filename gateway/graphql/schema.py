@@ -27,6 +27,7 @@ from citadel.gateway.graphql.types import (
     Model,
     Usage,
 )
+from citadel.gateway.services.auth import Principal
 from citadel.gateway.services.buckets import StoreUnavailable
 from citadel.gateway.services.requests import CHAT, Door
 from citadel.gateway.services.structured import ask, usable_models
@@ -71,12 +72,25 @@ def _api_version() -> str:
     return API_VERSION
 
 
+def _caller(ctx: GraphQLContext) -> Principal:
+    """The caller of a chat operation; a refused key is counted as REST counts it.
+
+    Over WebSocket the key is checked here, when the operation starts (over HTTP
+    it was checked before the operation was known, and is not counted).
+    """
+    try:
+        return ctx.principal()
+    except GatewayError as err:
+        ctx.deps.proxy.refused(CHAT, ctx.request_id, err, Door.GRAPHQL)
+        raise
+
+
 async def _chat_completion(info: Ctx, input: ChatCompletionInput) -> ChatCompletion:
     with reported():
         ctx = info.context
         body = input.body(stream=False)
         answer = await ask(
-            ctx.deps.proxy, CHAT, ctx.principal(), body, ctx.request_id, Door.GRAPHQL
+            ctx.deps.proxy, CHAT, _caller(ctx), body, ctx.request_id, Door.GRAPHQL
         )
         ctx.add_headers(
             {k: v for k, v in answer.headers.items() if k.startswith("x-ratelimit-")}
@@ -91,7 +105,7 @@ async def _chat_completion_stream(
         ctx = info.context
         body = input.body(stream=True)
         answer = await ask(
-            ctx.deps.proxy, CHAT, ctx.principal(), body, ctx.request_id, Door.GRAPHQL
+            ctx.deps.proxy, CHAT, _caller(ctx), body, ctx.request_id, Door.GRAPHQL
         )
     assert answer.chunks is not None
     with reported():

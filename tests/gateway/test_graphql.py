@@ -194,3 +194,19 @@ def test_subscription_streams_chunks(setup: dict[str, Any]) -> None:
     words = [c["choices"][0]["delta"]["content"] for c in chunks if c["choices"]]
     assert words == ["w0 ", "w1 ", "w2 "]
     assert chunks[-1]["usage"]["completionTokens"] == 3
+
+
+def test_a_refused_key_over_websocket_is_counted(setup: dict[str, Any]) -> None:
+    url = setup["gateway"].url.replace("http://", "ws://") + "/graphql"
+    with connect(url, subprotocols=["graphql-transport-ws"]) as ws:  # type: ignore[list-item]
+        init = {"type": "connection_init", "payload": {"authorization": "Bearer no"}}
+        ws.send(json.dumps(init))
+        assert json.loads(ws.recv(timeout=30))["type"] == "connection_ack"
+        query = {"query": STREAM, "variables": {"input": chat_input()}}
+        ws.send(json.dumps({"id": "1", "type": "subscribe", "payload": query}))
+        message = json.loads(ws.recv(timeout=30))
+    assert message["type"] in {"error", "next"}, message
+    counted = (
+        'citadel_gateway_requests_total{door="graphql",endpoint="chat",key="anonymous"'
+    )
+    assert setup["gateway"].metric(counted) == 1
