@@ -66,6 +66,10 @@ class GatewaySettings(BaseSettings):
     redis_url: str = ""
     """Redis for limits shared by every gateway replica; empty keeps them in
     process (one replica)."""
+    redis_timeout_s: float = Field(0.25, gt=0)
+    """How long a Redis call may take before limits fail open for that request;
+    without it a stalled Redis would hold every request for the client's
+    default of seconds."""
     log_format: LogFormat = LogFormat.JSON
     """`json` (one object per line) or `text`."""
     log_level: str = "INFO"

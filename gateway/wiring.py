@@ -78,7 +78,7 @@ def _bucket_store(
     """Redis when a URL is set (limits shared by every replica), else in process."""
     if not settings.redis_url:
         return InProcessBuckets(), []
-    store = RedisBuckets.from_url(settings.redis_url)
+    store = RedisBuckets.from_url(settings.redis_url, settings.redis_timeout_s)
     return store, [store.close]
 
 

@@ -70,6 +70,16 @@ def wait_time(level: float, need: float, bucket: Bucket) -> float:
     return (need - level) / bucket.rate
 
 
+def keep_time(level: float, bucket: Bucket) -> float:
+    """How long to keep a bucket written at `level`: its TTL, and for a refilling
+    bucket at least until it is full again, so that a debt (a level below zero,
+    after a large request or a settle above the estimate) is waited out rather
+    than forgotten when the TTL ends."""
+    if bucket.rate <= 0:
+        return bucket.ttl_s
+    return max(bucket.ttl_s, (bucket.capacity - level) / bucket.rate)
+
+
 def reset_time(level: float, bucket: Bucket) -> float:
     """Seconds until the bucket is full again."""
     if bucket.rate <= 0:
@@ -128,7 +138,7 @@ class InProcessBuckets:
             self._store(t.bucket, self._level(t.bucket, now) - t.amount, now)
 
     def _store(self, bucket: Bucket, level: float, now: float) -> None:
-        self._state[bucket.key] = (level, now, now + bucket.ttl_s)
+        self._state[bucket.key] = (level, now, now + keep_time(level, bucket))
         if len(self._state) > self._max:
             self._state = {k: v for k, v in self._state.items() if v[2] > now}
 

@@ -224,7 +224,7 @@ class ProxyService:
             )
         self._release(ctx, replica, None)
         usage = usage_of_body(data) if response.status == 200 else Usage()
-        await self._settle(ctx, usage)
+        await self._settle(ctx, usage, answered=True)
         self._finish(ctx, response.status, None)
         return ProxyResponse(
             response.status, headers, data, media_type=response.content_type
@@ -267,7 +267,9 @@ class ProxyService:
         finally:
             response.close()
             self._release(ctx, replica, failure)
-            await self._settle(ctx, events.usage)
+            # A stream that broke, or a client that left, before the usage
+            # chunk: the replica may have generated all of it.
+            await self._settle(ctx, events.usage, answered=True)
             code = "stream_broken" if failure else "client_closed" if gone else None
             self._finish(ctx, 200, code)
 
@@ -307,13 +309,25 @@ class ProxyService:
         ctx.admission = None
         self._finish(ctx, 499, "cancelled")
 
-    async def _settle(self, ctx: _Context, usage: Usage | None) -> None:
-        """Corrects the token buckets (no usage on a failure: nothing was used)
-        and counts tokens and cost."""
+    async def _settle(
+        self, ctx: _Context, usage: Usage | None, *, answered: bool = False
+    ) -> None:
+        """Corrects the token buckets and counts tokens and cost.
+
+        Args:
+            usage: what the reply reported; None when it reported nothing.
+            answered: a replica answered. Without a usage its estimate stands
+                (refunding it would let a client that leaves before the usage
+                chunk, or a reply without one, use tokens past its limits);
+                a request that failed before any answer used nothing.
+        """
         admission, ctx.admission = ctx.admission, None
         if admission is None:
             return
-        used = usage.total if usage is not None else 0
+        if usage is not None:
+            used = usage.total
+        else:
+            used = admission.estimate if answered else 0
         try:
             await self._limiter.settle(admission, used)
         except Exception:  # the reply is served; a limit store hiccup must not fail it

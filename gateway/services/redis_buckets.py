@@ -48,6 +48,12 @@ for i = 1, n do
   if ok then
     after = before[i] - amount
     redis.call('HSET', KEYS[i], 'l', tostring(after), 't', tostring(now))
+    -- As keep_time: a refilling bucket stays until it is full again.
+    local rate = tonumber(ARGV[base + 2])
+    local cap = tonumber(ARGV[base + 1])
+    if rate > 0 then
+      ttl = math.max(ttl, math.ceil((cap - after) / rate * 1000))
+    end
     redis.call('PEXPIRE', KEYS[i], ttl)
   end
   out[i] = {ok and '1' or '0', tostring(before[i]), tostring(after)}
@@ -68,9 +74,14 @@ class RedisBuckets:
         self._script = client.register_script(_SCRIPT)
 
     @classmethod
-    def from_url(cls, url: str) -> RedisBuckets:
-        """A store on a new client for `url` (`redis://host:port/db`)."""
-        return cls(aioredis.Redis.from_url(url))
+    def from_url(cls, url: str, timeout_s: float = 0.25) -> RedisBuckets:
+        """A store on a new client for `url` (`redis://host:port/db`); a call
+        (or a connect) that takes over `timeout_s` fails as StoreUnavailable."""
+        return cls(
+            aioredis.Redis.from_url(
+                url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+            )
+        )
 
     async def close(self) -> None:
         """Closes the client's connections."""

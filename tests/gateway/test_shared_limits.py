@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+
+from citadel.gateway.routes import ModelRoute
+from citadel.gateway.services.auth import KeyRecord, Principal
+from citadel.gateway.services.buckets import Bucket, Take
+from citadel.gateway.services.limits import Limiter
+from citadel.gateway.services.redis_buckets import PREFIX, RedisBuckets
 
 pytestmark = pytest.mark.integration
 
@@ -65,3 +73,44 @@ def test_requests_are_served_while_redis_is_down(
     ]
     assert statuses == [200, 200]  # limits fail open, serving goes on
     assert "store unavailable" in gateway.log.read_text()
+
+
+async def test_redis_keeps_a_debt_until_it_has_refilled(redis_url: str) -> None:
+    store = RedisBuckets.from_url(redis_url)
+    bucket = Bucket("debt", 100, 100 / 60, 120)  # a 100-per-minute bucket
+    try:
+        assert (await store.take([Take(bucket, 1_000, 100)], 0.0))[0].ok
+        # 900 in debt: full again after (100 + 900) / (100 / 60) = 600 s, not 120.
+        ttl_ms = await store._client.pttl(PREFIX + "debt")
+        assert 599_000 <= ttl_ms <= 600_000
+        assert (await store.take([Take(bucket, 1, 1)], 130.0))[0].ok is False
+    finally:
+        await store.close()
+
+
+async def test_a_stalled_redis_fails_open_within_its_timeout() -> None:
+    # A server that accepts connections and never answers.
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def hang(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(hang, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = RedisBuckets.from_url(f"redis://127.0.0.1:{port}/0", timeout_s=0.2)
+    limiter = Limiter(store, time.time)
+    who = Principal(KeyRecord(name="k", hash="sha256:" + "0" * 64, rpm=5))
+    route = ModelRoute.model_validate(
+        {"name": "m", "namespace": "n", "servedName": "m", "service": "m"}
+    )
+    started = time.monotonic()
+    try:
+        admission = await limiter.admit(who, route, 10)
+    finally:
+        await store.close()
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+    assert time.monotonic() - started < 2  # redis-py's default would wait 5 s
+    assert admission.token_takes == ()  # admitted unchecked

@@ -105,6 +105,35 @@ async def test_broken_stream_ends_with_an_error_event(harness: Any, kit: Any) ->
     assert orjson.loads(events[1][6:])["error"]["code"] == "backend_error"
 
 
+@pytest.mark.parametrize(
+    "reply", ["a stream that breaks", "a stream without usage", "no usage", "a 502"]
+)
+async def test_an_answer_without_usage_keeps_its_estimate(kit: Any, reply: str) -> None:
+    from citadel.gateway.services.limits import estimate_tokens
+    from citadel.gateway.upstream import UpstreamBroken
+
+    first = {**kit.chat, "max_tokens": 1_000, "stream": reply.startswith("a stream")}
+    replies = {
+        "a stream that breaks": kit.reply(
+            parts=[*_sse(CHUNK)[:1], UpstreamBroken("x")]
+        ),
+        "a stream without usage": kit.reply(parts=_sse(CHUNK)[:1]),
+        "no usage": kit.reply(body=b'{"choices": []}'),
+        "a 502": kit.reply(status=502, body=b"{}"),
+    }
+    answers = iter([replies[reply]])
+    h = kit.build(doc=kit.document(limits={"tpm": 10_000}))
+    h.upstream.handler = lambda url, b: next(answers, None) or kit.completion()
+    async with h.client() as client:
+        await client.post("/v1/chat/completions", json=first)
+        after = await client.post("/v1/chat/completions", json=kit.chat)
+    remaining = int(after.headers["x-ratelimit-remaining-tokens"])
+    second = estimate_tokens(dict(kit.chat), 256)
+    kept = 0 if reply == "a 502" else estimate_tokens(first, 256)
+    # No replica answered the 502 (it counts as a failure): nothing was used.
+    assert remaining == 10_000 - kept - second
+
+
 async def test_connection_failure_is_retried_on_another_replica(
     harness: Any, kit: Any
 ) -> None:

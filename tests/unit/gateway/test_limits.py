@@ -84,6 +84,15 @@ async def test_expired_buckets_start_full() -> None:
     assert (await store.take([Take(quota, 1, 1)], 6))[0].ok
 
 
+async def test_a_debt_is_waited_out_not_forgotten_when_the_ttl_ends() -> None:
+    store = InProcessBuckets()
+    b = Bucket("t", 100, 100 / 60, 120)
+    assert (await store.take([Take(b, 1000, 100)], 0))[0].ok  # 900 in debt
+    refused = (await store.take([Take(b, 1, 1)], 130))[0]  # past the 120 s TTL
+    assert not refused.ok and refused.level == pytest.approx(-900 + 130 * 100 / 60)
+    assert (await store.take([Take(b, 1, 1)], 601))[0].ok  # refilled by then
+
+
 def test_estimate_tokens() -> None:
     chat = {"messages": [{"role": "user", "content": "x" * 400}], "max_tokens": 50}
     assert estimate_tokens(chat, 256) == 50 + 102  # "user" and separators count
