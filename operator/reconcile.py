@@ -32,6 +32,7 @@ from citadel.operator.drift import drifted
 from citadel.operator.events import Notice, combined, event_object, transitions
 from citadel.operator.kube.client import ApiError, Kube, Manifest
 from citadel.operator.kube.resources import (
+    DEPLOYMENTS,
     PDBS,
     POD_MONITORS,
     PVCS,
@@ -445,6 +446,24 @@ class Reconciler:
                 model,
                 Notice("Warning", "CacheClaimNotUpdated", f"{name}: {err.message}"),
             )
+            if current is not None:
+                await self._apply_claim_metadata(claim, current)
+
+    async def _apply_claim_metadata(self, claim: Manifest, current: Manifest) -> None:
+        """Applies `claim` with the spec the claim has now: its metadata still
+        follows the model. Above all the owner reference, which deletePolicy sets
+        or removes: a refused resize must not leave a Retain claim to be deleted
+        with its model."""
+        spec = current.get("spec", {})
+        kept = {**claim, "spec": {k: spec[k] for k in claim["spec"] if k in spec}}
+        try:
+            await self.kube.apply(kept)
+        except ApiError as err:
+            raise ReconcileError(
+                f"PersistentVolumeClaim {claim['metadata']['name']}: its owner "
+                f"reference could not follow deletePolicy: {err.message}",
+                retryable=err.retryable,
+            ) from err
 
     async def _delete_owned(
         self, model: LLMModel, resource: Resource, name: str
@@ -467,6 +486,12 @@ class Reconciler:
     async def _revert_drift(self, model: LLMModel) -> None:
         desired = build_deployment(model, self.settings)
         actual = await self.view.deployment(model.namespace, model.name)
+        if actual is None:
+            # The view holds only Deployments labelled as ours: one of that name
+            # without the label may be someone else's, and must not be taken over.
+            actual = await self._call(
+                self.kube.get(DEPLOYMENTS, model.name, model.namespace)
+            )
         if actual is not None and _owner_uid(actual) != model.uid:
             return
         if drifted(desired, actual):

@@ -100,6 +100,14 @@ class FakeKube:
             merged = {**current, "status": copy.deepcopy(obj.get("status", {}))}
         else:
             merged = _merge(current, {k: v for k, v in obj.items() if k != "status"})
+            if "ownerReferences" not in meta:
+                # The operator is the only field manager here: owner references
+                # it stops applying go, as server-side apply removes them.
+                merged["metadata"] = {
+                    k: v
+                    for k, v in merged["metadata"].items()
+                    if k != "ownerReferences"
+                }
             if merged.get("spec") != current.get("spec"):
                 merged["metadata"]["generation"] = current["metadata"]["generation"] + 1
         merged["metadata"] = {

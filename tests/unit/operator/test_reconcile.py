@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from citadel.operator import names
 from citadel.operator.kube.client import ApiError
 from citadel.operator.kube.fake import FakeKube
 from citadel.operator.kube.resources import (
@@ -26,6 +27,7 @@ from citadel.operator.reconcile import (
     Serializer,
 )
 from citadel.operator.settings import OperatorSettings
+from citadel.operator.view import ApiView
 
 from .samples import NODES, NOW, model_body, pod
 
@@ -128,6 +130,36 @@ async def test_existing_cache_claim_is_used_untouched(
     assert "CacheClaimAdopted" in _reasons(kube)
 
 
+async def test_retain_drops_the_owner_reference_even_when_a_resize_is_refused(
+    settings: OperatorSettings,
+) -> None:
+    deleting = model_body(cache={"size": "100Gi", "deletePolicy": "Delete"})
+    kube, reconciler = _setup(settings, deleting)
+    await reconciler.reconcile(deleting)
+    claim = kube.stored(PVCS, "mixtral-cache", "llm")
+    assert [r["uid"] for r in claim["metadata"]["ownerReferences"]] == ["uid-mixtral"]
+
+    # A StorageClass that does not allow expansion refuses the larger size.
+    original = kube.apply
+
+    async def refuse_growth(obj: dict[str, Any], *, subresource: str = "") -> Any:
+        size = obj.get("spec", {}).get("resources", {}).get("requests", {})
+        if obj["kind"] == "PersistentVolumeClaim" and size.get("storage") == "200Gi":
+            raise ApiError(
+                403, "Forbidden", "only dynamically provisioned pvc can be resized"
+            )
+        return await original(obj, subresource=subresource)
+
+    kube.apply = refuse_growth  # type: ignore[method-assign]
+    retaining = model_body(cache={"size": "200Gi", "deletePolicy": "Retain"})
+    kube.put(retaining)
+    await reconciler.reconcile(retaining)
+    claim = kube.stored(PVCS, "mixtral-cache", "llm")
+    assert "ownerReferences" not in claim["metadata"]  # not deleted with the model
+    assert claim["spec"]["resources"]["requests"]["storage"] == "100Gi"
+    assert "CacheClaimNotUpdated" in _reasons(kube)
+
+
 async def test_api_errors_are_classified(settings: OperatorSettings) -> None:
     kube, reconciler = _setup(settings, model_body())
     kube.fail["services"] = ApiError(503, "ServiceUnavailable", "etcd")
@@ -157,6 +189,36 @@ async def test_refresh_recreates_a_deleted_deployment(
     await kube.delete(DEPLOYMENTS, "mixtral", "llm")
     await reconciler.refresh("llm", "mixtral", fix_drift=True)
     assert kube.stored(DEPLOYMENTS, "mixtral", "llm")
+
+
+async def test_drift_repair_leaves_a_deployment_of_someone_else_alone(
+    settings: OperatorSettings,
+) -> None:
+    class LabelledView(ApiView):
+        """Like Kopf's indexes: only Deployments labelled as ours."""
+
+        async def deployment(self, namespace: str, name: str) -> Any:
+            found = await super().deployment(namespace, name)
+            labels = (found or {}).get("metadata", {}).get("labels", {})
+            return found if labels.get(names.LABEL_MANAGED_BY) else None
+
+    kube, reconciler = _setup(settings, model_body())
+    reconciler.use(LabelledView(kube))
+    await reconciler.reconcile(model_body())
+    # Ours is deleted; someone makes their own of that name before the refresh.
+    await kube.delete(DEPLOYMENTS, "mixtral", "llm")
+    theirs = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "mixtral", "namespace": "llm"},
+        "spec": {"replicas": 9},
+    }
+    kube.put(theirs)
+    await reconciler.refresh("llm", "mixtral", fix_drift=True)
+    assert kube.stored(DEPLOYMENTS, "mixtral", "llm")["spec"] == {"replicas": 9}
+    assert (
+        "ownerReferences" not in kube.stored(DEPLOYMENTS, "mixtral", "llm")["metadata"]
+    )
 
 
 async def test_refresh_follows_the_pods(settings: OperatorSettings) -> None:
