@@ -156,19 +156,18 @@ class InferenceService(pb_grpc.InferenceServicer):
             head.update(deprecation.headers())
         await context.send_initial_metadata(tuple(head.items()))
         trailers = {VERSION_HEADER: API_VERSION, REQUEST_ID: rid}
+        call: _Call | None = None
         try:
-            try:
-                principal = self._deps.authenticator.authenticate(
-                    metadata.get("authorization")
-                )
-            except GatewayError as err:
-                if api is not None:
-                    self._deps.proxy.refused(api, rid, err, Door.GRPC)
-                raise
+            principal = self._deps.authenticator.authenticate(
+                metadata.get("authorization")
+            )
             session = metadata.get(self._deps.session_header)
             call = _Call(principal, rid, metadata, session, trailers)
             yield call
         except GatewayError as err:
+            if call is None and api is not None:
+                # Refused for its key: the proxy never saw it to count it.
+                self._deps.proxy.refused(api, rid, err, Door.GRPC)
             await _abort(context, err, trailers)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise

@@ -75,9 +75,7 @@ def keep_time(level: float, bucket: Bucket) -> float:
     bucket at least until it is full again, so that a debt (a level below zero,
     after a large request or a settle above the estimate) is waited out rather
     than forgotten when the TTL ends."""
-    if bucket.rate <= 0:
-        return bucket.ttl_s
-    return max(bucket.ttl_s, (bucket.capacity - level) / bucket.rate)
+    return max(bucket.ttl_s, reset_time(level, bucket))
 
 
 def reset_time(level: float, bucket: Bucket) -> float:

@@ -356,22 +356,9 @@ class ProxyService:
         """Counts and logs a request its door refused before `handle`: no key or
         a bad one, a body over the limit. Without it a flood of bad keys would
         not show in the request metrics."""
-        name = principal.name if principal is not None else None
-        key = self._metrics.key_label(name)
-        labels = (call.kind.value, UNKNOWN_MODEL, str(error.status), key, door.value)
-        self._metrics.requests.labels(*labels).inc()
-        log.info(
-            "request",
-            extra={
-                "request_id": request_id,
-                "endpoint": call.kind.value,
-                "door": door.value,
-                "model": UNKNOWN_MODEL,
-                "key": name,
-                "status": error.status,
-                "code": error.code,
-            },
-        )
+        who = principal if principal is not None else Principal(None)
+        ctx = _Context(call, who, request_id, self._clock(), door=door)
+        self._finish(ctx, error.status, error.code)
 
     def _finish(self, ctx: _Context, status: int, code: str | None) -> None:
         elapsed = self._clock() - ctx.started
