@@ -362,9 +362,7 @@ class Reconciler:
         """
         resource = resource_for(obj["apiVersion"], obj["kind"])
         name = obj["metadata"]["name"]
-        current = known or await self._call(
-            self.kube.get(resource, name, model.namespace)
-        )
+        current = await self._existing(resource, name, model.namespace, known)
         if current is not None and _owner_uid(current) != model.uid:
             previous = _owner_uid(current) is not None and _is_ours(current)
             raise ReconcileError(
@@ -378,6 +376,19 @@ class Reconciler:
             )
         applied: Manifest = await self._call(self.kube.apply(obj))
         return applied
+
+    async def _existing(
+        self, resource: Resource, name: str, namespace: str, known: Manifest | None
+    ) -> Manifest | None:
+        """The object as `known` from a watch, else read from the API: the views
+        hold only objects labelled as ours, and one of that name without the
+        label may be someone else's."""
+        if known is not None:
+            return known
+        found: Manifest | None = await self._call(
+            self.kube.get(resource, name, namespace)
+        )
+        return found
 
     async def _call(self, request: Any) -> Any:
         try:
@@ -485,13 +496,12 @@ class Reconciler:
 
     async def _revert_drift(self, model: LLMModel) -> None:
         desired = build_deployment(model, self.settings)
-        actual = await self.view.deployment(model.namespace, model.name)
-        if actual is None:
-            # The view holds only Deployments labelled as ours: one of that name
-            # without the label may be someone else's, and must not be taken over.
-            actual = await self._call(
-                self.kube.get(DEPLOYMENTS, model.name, model.namespace)
-            )
+        actual = await self._existing(
+            DEPLOYMENTS,
+            model.name,
+            model.namespace,
+            await self.view.deployment(model.namespace, model.name),
+        )
         if actual is not None and _owner_uid(actual) != model.uid:
             return
         if drifted(desired, actual):
