@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+from decimal import Decimal
+from typing import Any
 
 import pytest
 
 from citadel.operator.builders.deployment import build_deployment
-from citadel.operator.drift import covers, drifted
+from citadel.operator.drift import covers, drifted, quantity
 from citadel.operator.settings import OperatorSettings
 
 from .samples import make_model
@@ -49,3 +51,105 @@ def test_scalars_compare_as_the_api_writes_them() -> None:
     assert covers({"a": 1}, {"a": "1"})
     assert not covers({"a": False}, {"a": 0})
     assert not covers([1, 2], [1])
+
+
+def _pod(deployment: dict[str, Any]) -> dict[str, Any]:
+    pod: dict[str, Any] = deployment["spec"]["template"]["spec"]
+    return pod
+
+
+def _cached_model_deployment(settings: OperatorSettings) -> dict[str, Any]:
+    """A Deployment with a volume, a mount and an env var of ours."""
+    deployment = build_deployment(
+        make_model(engine={"env": [{"name": "HF_HOME", "value": "/x"}]}), settings
+    )
+    assert _pod(deployment)["volumes"] and _pod(deployment)["containers"][0]["env"]
+    return deployment
+
+
+@pytest.mark.parametrize(
+    "addition",
+    [
+        # A sidecar another tool put in (a mesh, a log shipper).
+        lambda p: p["containers"].append({"name": "sidecar", "image": "proxy:1"}),
+        lambda p: p["containers"][0]["env"].append({"name": "OTHER", "value": "1"}),
+        lambda p: p["volumes"].append({"name": "extra", "emptyDir": {}}),
+        lambda p: p["containers"][0]["volumeMounts"].append(
+            {"name": "extra", "mountPath": "/extra"}
+        ),
+        lambda p: p["containers"][0]["ports"].append(
+            {"name": "admin", "containerPort": 9000, "protocol": "TCP"}
+        ),
+        lambda p: p.setdefault("imagePullSecrets", []).append({"name": "regcred"}),
+        # Entries of ours, in another order: the server merges by key.
+        lambda p: p["containers"][0]["env"].reverse(),
+    ],
+)
+def test_entries_other_managers_add_to_merged_lists_are_not_drift(
+    settings: OperatorSettings, addition: object
+) -> None:
+    desired = _cached_model_deployment(settings)
+    actual = copy.deepcopy(desired)
+    addition(_pod(actual))  # type: ignore[operator]
+    actual["metadata"]["labels"]["team"] = "x"
+    actual["metadata"]["finalizers"] = ["example.com/keep"]
+    assert not drifted(desired, actual)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda p: p["containers"][0]["env"].pop(),
+        lambda p: p["containers"][0]["env"][-1].update(value="/elsewhere"),
+        lambda p: p["volumes"].pop(),
+        lambda p: p["containers"][0]["ports"][0].update(containerPort=9999),
+        lambda p: p["containers"][0].update(name="renamed"),
+        # Atomic lists are replaced whole by our apply: an addition is drift.
+        lambda p: p["tolerations"].append({"key": "k", "operator": "Exists"}),
+        lambda p: p["containers"][0]["command"].append("--more"),
+    ],
+)
+def test_changes_to_entries_of_ours_are_drift(
+    settings: OperatorSettings, edit: object
+) -> None:
+    desired = _cached_model_deployment(settings)
+    actual = copy.deepcopy(desired)
+    edit(_pod(actual))  # type: ignore[operator]
+    assert drifted(desired, actual)
+
+
+@pytest.mark.parametrize(
+    ("ours", "stored"),
+    [("0.5", "500m"), ("1024Mi", "1Gi"), ("1e3", "1k"), ("2", 2), ("1.5Gi", "1536Mi")],
+)
+def test_quantities_compare_by_value(
+    settings: OperatorSettings, ours: str, stored: object
+) -> None:
+    desired = build_deployment(make_model(resources={"cpu": ours}), settings)
+    actual = copy.deepcopy(desired)
+    container = _pod(actual)["containers"][0]
+    container["resources"]["requests"]["cpu"] = stored
+    assert not drifted(desired, actual)
+    container["resources"]["requests"]["cpu"] = "3"
+    assert drifted(desired, actual)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("500m", Decimal("0.5")),
+        ("1Gi", Decimal(2**30)),
+        ("1E", Decimal("1e18")),
+        ("1Ei", Decimal(2**60)),
+        ("2e3", Decimal(2000)),
+        ("1.5k", Decimal(1500)),
+        (".5", Decimal("0.5")),
+        (3, Decimal(3)),
+        ("1x", None),
+        ("e3", None),
+        ("1e", None),
+        (True, None),
+    ],
+)
+def test_quantity(text: object, value: Decimal | None) -> None:
+    assert quantity(text) == value

@@ -1,0 +1,135 @@
+"""Drift on a real API server: what other field managers add is left alone, what
+they change of ours is put back, once."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from harness.kube import KubeCluster
+
+from citadel.operator.drift import MAP_LISTS, SET_LISTS
+
+from .conftest import Kube, llmmodel
+
+pytestmark = pytest.mark.e2e
+
+_SCHEMA_PREFIX = "#/components/schemas/"
+
+
+def _list_fields(
+    schemas: dict[str, Any], name: str, found: dict[str, set[Any]], seen: set[str]
+) -> None:
+    """Every list field reachable from schema `name`, with its list type and map
+    keys, not looking inside atomic lists (our apply replaces those whole)."""
+    if name in seen:
+        return
+    seen.add(name)
+    for field, prop in schemas[name].get("properties", {}).items():
+        target = prop["allOf"][0] if "allOf" in prop else prop
+        if target.get("type") == "array":
+            kind = prop.get("x-kubernetes-list-type", "atomic")
+            keys = tuple(prop.get("x-kubernetes-list-map-keys", ()))
+            found.setdefault(field, set()).add((kind, keys))
+            items = target["items"]
+            items = items["allOf"][0] if "allOf" in items else items
+            if kind == "map" and "$ref" in items:
+                _list_fields(schemas, items["$ref"][len(_SCHEMA_PREFIX) :], found, seen)
+        elif "$ref" in target:
+            _list_fields(schemas, target["$ref"][len(_SCHEMA_PREFIX) :], found, seen)
+
+
+def test_merged_lists_match_the_api_servers_schema(cluster: KubeCluster) -> None:
+    doc = json.loads(cluster.kubectl("get", "--raw", "/openapi/v3/apis/apps/v1"))
+    found: dict[str, set[Any]] = {}
+    _list_fields(
+        doc["components"]["schemas"], "io.k8s.api.apps.v1.Deployment", found, set()
+    )
+    # A field name used for lists of two kinds would make the table ambiguous.
+    assert all(len(kinds) == 1 for kinds in found.values()), found
+    kinds = {field: next(iter(k)) for field, k in found.items()}
+    maps = {f: keys for f, (kind, keys) in kinds.items() if kind == "map"}
+    sets = {f for f, (kind, _) in kinds.items() if kind == "set"}
+    assert {f: k for f, k in MAP_LISTS.items() if f in kinds} == maps
+    assert sets == SET_LISTS
+
+
+def _drift_events(kube: Kube, model: str) -> int:
+    out = kube.cluster.kubectl(
+        "get",
+        "events",
+        "-n",
+        kube.namespace,
+        "--field-selector",
+        f"reason=DriftReverted,involvedObject.name={model}",
+        "-o",
+        "json",
+    )
+    return len(json.loads(out)["items"])
+
+
+def _rolled_out(kube: Kube, name: str) -> bool:
+    deployment = kube.get("deployment", name)
+    status = deployment.get("status", {})
+    return bool(
+        status.get("observedGeneration") == deployment["metadata"]["generation"]
+        and status.get("updatedReplicas") == deployment["spec"]["replicas"]
+        and status.get("readyReplicas") == deployment["spec"]["replicas"]
+        and status.get("replicas") == deployment["spec"]["replicas"]
+    )
+
+
+def _patch_containers(kube: Kube, name: str, *containers: dict[str, Any]) -> None:
+    """A strategic merge patch of the pod template's containers, by name, as
+    kubectl's field manager."""
+    patch = {"spec": {"template": {"spec": {"containers": list(containers)}}}}
+    kube.cluster.kubectl(
+        "patch", "deployment", name, "-n", kube.namespace, "-p", json.dumps(patch)
+    )
+
+
+def test_additions_by_other_managers_stay_and_are_not_reverted(kube: Kube) -> None:
+    # Quantities the API server stores in another form ("500m", "1Gi").
+    kube.apply(
+        llmmodel(
+            "shared",
+            resources={"gpus": 1, "cpu": "0.5", "memory": "1024Mi"},
+            placement={"nodeName": "hx-llm-server-02"},
+        )
+    )
+    kube.wait_phase("shared", "Ready")
+    kube.wait("the first rollout", lambda: _rolled_out(kube, "shared"))
+    stored = kube.get("deployment", "shared")["spec"]["template"]["spec"]
+    assert stored["containers"][0]["resources"]["requests"]["cpu"] == "500m"
+    assert _drift_events(kube, "shared") == 0
+
+    # What a sidecar injector or a policy engine does: entries beside ours.
+    _patch_containers(
+        kube,
+        "shared",
+        {"name": "sidecar", "image": "proxy:1"},
+        {"name": "vllm", "env": [{"name": "EXTRA", "value": "1"}]},
+    )
+    kube.wait("the sidecar's rollout", lambda: _rolled_out(kube, "shared"))
+    kube.wait_phase("shared", "Ready")
+    assert _drift_events(kube, "shared") == 0
+
+    # A field of ours changed by hand is put back, with one Event, and the other
+    # manager's entries stay.
+    _patch_containers(kube, "shared", {"name": "vllm", "image": "evil:1"})
+
+    def restored() -> dict[str, Any] | None:
+        pod = kube.get("deployment", "shared")["spec"]["template"]["spec"]
+        by_name = {c["name"]: c for c in pod["containers"]}
+        image = by_name["vllm"]["image"]
+        return by_name if image.startswith("vllm/vllm-openai:") else None
+
+    containers = kube.wait("the image to be put back", restored, timeout=30)
+    assert set(containers) == {"vllm", "sidecar"}
+    assert {"name": "EXTRA", "value": "1"} in containers["vllm"]["env"]
+    kube.wait("the DriftReverted event", lambda: _drift_events(kube, "shared") == 1)
+    kube.wait("the last rollout", lambda: _rolled_out(kube, "shared"))
+    kube.wait_phase("shared", "Ready")
+    assert _drift_events(kube, "shared") == 1
+    kube.delete_model("shared")
