@@ -66,6 +66,8 @@ class ScaleRun:
     latencies_s: list[float] = field(default_factory=list)
     steady_latencies_s: list[float] = field(default_factory=list)
     """Apply-to-Deployment of models created one at a time after the burst."""
+    ready_latencies_s: list[float] = field(default_factory=list)
+    """Apply-to-Ready of the models of the burst."""
     cpu_by_process: dict[str, float] = field(default_factory=dict)
     """CPU seconds of each control-plane process from the first apply to all Ready."""
     wall_s: float = 0.0
@@ -467,6 +469,9 @@ def run_scale(
         # Both watches see events with the same delay, so their difference is the
         # operator's reaction time; kubectl's own timing is not involved.
         result.latencies_s = [seen[n] - created[n] for n in created if n in seen]
+        result.ready_latencies_s = [
+            ready_at[n] - created[n] for n in created if n in ready_at
+        ]
         if result.all_ready_s is not None:
             result.steady_latencies_s = one_at_a_time(kube, models, created, seen)
         result.rss_end_mb = operator.rss_bytes() / 2**20

@@ -127,6 +127,7 @@ def _scale() -> ScaleRun:
         all_ready_s=75.0,
         latencies_s=[0.5] * 50 + [20.0] * 50,
         steady_latencies_s=[0.02] * 19 + [0.3],
+        ready_latencies_s=[30.0] * 99 + [70.0],
         cpu_by_process={"kube-apiserver": 60.0, "citadel-operator": 20.0},
         wall_s=80.0,
         floor_ready_s=55.0,
@@ -152,6 +153,7 @@ def test_document_reports_the_floor_and_cpu_per_process(tmp_path: Path) -> None:
     scale = doc.split("## Operator scale")[1].split("\n## ")[0]
     assert "| floor: the same Deployments and Services, no operator" in scale
     assert "55.0 s" in scale
+    assert "| apply-to-Ready during the burst, p50 / p99 / max | 30.00 / " in scale
     assert "citadel-operator 20.0, kube-apiserver 60.0; total 80.0 s" in scale
     assert "(1.00 of 2 cores)" in scale
     assert "### API requests" not in scale and "py-spy" not in scale
