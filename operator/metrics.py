@@ -59,7 +59,8 @@ class Metrics:
         )
         self.duration = Histogram(
             RECONCILE_SECONDS,
-            "Reconcile duration.",
+            "Reconcile duration; a full reconcile includes its wait for its second "
+            "turn at the slots.",
             ["kind"],
             buckets=BUCKETS,
             registry=self.registry,

@@ -422,3 +422,39 @@ async def test_precedence_waits_a_bounded_time() -> None:
         await precedence.wait()
         assert asyncio.get_running_loop().time() - began >= 0.05
     await asyncio.wait_for(precedence.wait(), timeout=0.01)
+
+
+async def test_a_burst_of_new_models_gets_its_deployments_first(
+    settings: OperatorSettings,
+) -> None:
+    settings = settings.model_copy(update={"max_concurrent_reconciles": 1})
+    bodies = [model_body(f"m{i}") for i in range(3)]
+
+    class YieldingKube(FakeKube):
+        async def apply(
+            self, obj: dict[str, Any], *, subresource: str = ""
+        ) -> dict[str, Any]:
+            await asyncio.sleep(0)  # as a request would, letting others queue
+            return await super().apply(obj, subresource=subresource)
+
+    kube = YieldingKube([*NODES, *bodies])
+    reconciler = Reconciler(kube, settings, Metrics(), clock=lambda: NOW)
+    await asyncio.gather(*(reconciler.reconcile(b) for b in bodies))
+    order = [
+        (obj["kind"], obj["metadata"]["name"])
+        for sub, obj in kube.applied
+        if not sub and obj["kind"] in ("Deployment", "Service")
+    ]
+    # Each model's Service (and status) waits behind the Deployments of the
+    # models already queued: a model's pods start as early as they can.
+    assert order == [
+        ("Deployment", "m0"),
+        ("Deployment", "m1"),
+        ("Deployment", "m2"),
+        ("Service", "m0"),
+        ("Service", "m1"),
+        ("Service", "m2"),
+    ]
+    for body in bodies:
+        stored = kube.stored(LLMMODELS, body["metadata"]["name"], "llm")
+        assert stored["status"]["observedGeneration"] == 1
