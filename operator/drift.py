@@ -7,12 +7,20 @@ maps, and entries in the lists the API server merges by key (a sidecar container
 an environment variable, a volume). Treating those as drift made the operator
 "revert" them at every Deployment event, posting a DriftReverted Event each time
 while the apply changed nothing.
+
+`drifted` is the quick check, made from what is known of the server's rules; a
+form it does not know (a default inside an atomic list, a quantity rounded to
+1n) would make it report drift for ever. The reconciler therefore has the API
+server confirm with a dry run of the apply (`unchanged_by`) before it acts, and
+remembers a refuted check by `fingerprint` until the object or our apply changes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation, localcontext
 from typing import Any
 
 # Fields that only the API server or controllers write; never compared.
@@ -59,8 +67,8 @@ _KEY_DEFAULTS = {"protocol": "TCP"}
 # Maps whose values are resource quantities, and single quantity fields: the
 # server stores quantities in canonical form ("0.5" comes back as "500m",
 # "1024Mi" as "1Gi"), so they compare by value.
-_QUANTITY_MAPS = frozenset({"requests", "limits"})
-_QUANTITY_FIELDS = frozenset({"sizeLimit"})
+_QUANTITY_MAPS = frozenset({"requests", "limits", "overhead"})
+_QUANTITY_FIELDS = frozenset({"sizeLimit", "divisor"})
 _QUANTITY = re.compile(r"^([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(\S*)$")
 _EXPONENT = re.compile(r"^[eE][+-]?[0-9]+$")
 _SUFFIXES = {
@@ -94,7 +102,10 @@ def quantity(value: Any) -> Decimal | None:
     number, suffix = match.groups()
     scale = _SUFFIXES.get(suffix)
     if scale is not None:
-        return Decimal(number) * scale
+        # Exact: the default 28 digits would round long quantities together.
+        with localcontext() as exact:
+            exact.prec = 80
+            return Decimal(number) * scale
     if _EXPONENT.match(suffix) is None:
         return None
     try:
@@ -131,36 +142,49 @@ def _covers_map_list(actual: list[Any], desired: list[Any], field: str) -> bool:
     )
 
 
-def covers(actual: Any, desired: Any, field: str = "") -> bool:
+def _empty(value: Any) -> bool:
+    """Values the API server drops from optional fields: "", [] and {} (not
+    False or 0, which it keeps)."""
+    return value is None or value == "" or value == [] or value == {}
+
+
+def covers(actual: Any, desired: Any, field: str = "", whole: bool = False) -> bool:
     """True when `actual` holds everything in `desired`.
 
     Maps may carry extra keys (defaults the API server filled in, fields of other
     managers); lists merged by key (`MAP_LISTS`, chosen by `field`, the name the
     value sits under) and set lists must hold each desired entry, and may hold
-    others; any other list must match item by item, with the same length.
-    Quantities compare by value; other scalars as strings, so `8` equals "8".
+    others; any other list is atomic, and must match item by item, each item
+    `whole`: with no keys of its own, since our apply replaces the list. A desired
+    empty value matches a missing one. Quantities compare by value; other scalars
+    as strings, so `8` equals "8".
     """
     if isinstance(desired, dict):
         if not isinstance(actual, dict):
             return False
-        if field in _QUANTITY_MAPS:
-            return all(
-                key in actual and _same_quantity(actual[key], value)
-                for key, value in desired.items()
-            )
-        return all(
-            key in actual and covers(actual[key], value, key)
-            for key, value in desired.items()
-        )
+        if whole and any(k not in desired and not _empty(v) for k, v in actual.items()):
+            return False
+        quantities = field in _QUANTITY_MAPS
+        for key, value in desired.items():
+            if key not in actual:
+                if _empty(value):
+                    continue
+                return False
+            if quantities:
+                if not _same_quantity(actual[key], value):
+                    return False
+            elif not covers(actual[key], value, key, whole):
+                return False
+        return True
     if isinstance(desired, list):
         if not isinstance(actual, list):
             return False
-        if field in MAP_LISTS:
+        if not whole and field in MAP_LISTS:
             return _covers_map_list(actual, desired, field)
-        if field in SET_LISTS:
+        if not whole and field in SET_LISTS:
             return all(any(covers(a, d) for a in actual) for d in desired)
         return len(actual) == len(desired) and all(
-            covers(a, d) for a, d in zip(actual, desired, strict=True)
+            covers(a, d, whole=True) for a, d in zip(actual, desired, strict=True)
         )
     if field in _QUANTITY_FIELDS:
         return _same_quantity(actual, desired)
@@ -184,3 +208,29 @@ def drifted(desired: dict[str, Any], actual: dict[str, Any] | None) -> bool:
     return not (
         covers(actual.get("metadata", {}), meta, "metadata") and covers(actual, body)
     )
+
+
+# What an apply of ours can change, besides annotations (see `drifted`).
+_COMPARED_METADATA = ("labels", "ownerReferences", "finalizers")
+
+
+def _compared(obj: dict[str, Any]) -> dict[str, Any]:
+    meta = obj.get("metadata", {})
+    return {
+        "metadata": {k: meta.get(k) for k in _COMPARED_METADATA},
+        **{k: v for k, v in obj.items() if k not in ("metadata", "status")},
+    }
+
+
+def unchanged_by(result: dict[str, Any], actual: dict[str, Any]) -> bool:
+    """True when `result`, a dry run's answer to our apply, is `actual` again in
+    everything but annotations and status: the apply would change nothing."""
+    return _compared(result) == _compared(actual)
+
+
+def fingerprint(desired: dict[str, Any], actual: dict[str, Any]) -> str:
+    """A digest of our apply and of what `unchanged_by` compares in the object:
+    the same fingerprint means a dry run would give the same answer. (Not the
+    object's generation: a Deployment's also moves when only its annotations do.)"""
+    text = json.dumps([desired, _compared(actual)], sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()

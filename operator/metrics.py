@@ -59,8 +59,7 @@ class Metrics:
         )
         self.duration = Histogram(
             RECONCILE_SECONDS,
-            "Reconcile duration; a full reconcile includes its wait for its second "
-            "turn at the slots.",
+            "Reconcile duration; a full reconcile's two waits for a slot included.",
             ["kind"],
             buckets=BUCKETS,
             registry=self.registry,

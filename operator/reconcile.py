@@ -28,7 +28,7 @@ from citadel.operator.builders.objects import (
     build_pod_monitor,
     build_service,
 )
-from citadel.operator.drift import drifted
+from citadel.operator.drift import drifted, fingerprint, unchanged_by
 from citadel.operator.events import Notice, combined, event_object, transitions
 from citadel.operator.kube.client import ApiError, Kube, Manifest
 from citadel.operator.kube.resources import (
@@ -82,14 +82,25 @@ class Serializer:
     state anyway."""
 
     def __init__(self) -> None:
-        self._locks: dict[str, asyncio.Lock] = {}
+        # A model's lock and how many hold it or wait for it; it goes when the
+        # last one leaves, so a model deleted during a reconcile leaves none.
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._waiting: dict[str, RefreshWish] = {}
 
     @asynccontextmanager
     async def hold(self, key: str) -> AsyncIterator[None]:
         """Holds the model's lock."""
-        async with self._locks.setdefault(key, asyncio.Lock()):
-            yield
+        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users > 1:
+                self._locks[key] = (lock, users - 1)
+            else:
+                del self._locks[key]
 
     @asynccontextmanager
     async def coalesce(
@@ -121,11 +132,9 @@ class Serializer:
             if self._waiting.get(key) is mine:
                 del self._waiting[key]
 
-    def forget(self, key: str) -> None:
-        """Drops the lock of a deleted model."""
-        lock = self._locks.get(key)
-        if lock is not None and not lock.locked():
-            del self._locks[key]
+    def held(self) -> set[str]:
+        """The models whose lock someone holds or waits for."""
+        return set(self._locks)
 
 
 class Precedence:
@@ -233,6 +242,9 @@ class Reconciler:
         # against the status before that write (it would write and announce the
         # same change twice).
         self._written: dict[str, Manifest] = {}
+        # Per model, the fingerprint (drift.fingerprint) of a drift check that a
+        # dry run refuted: not asked again until the Deployment or ours changes.
+        self._refuted: dict[str, str] = {}
 
     def use(self, view: ClusterView) -> None:
         """Reads through `view` from now on (the handlers' indexes, once Kopf has
@@ -285,6 +297,10 @@ class Reconciler:
                     async with self._slots:
                         deployment = await self._apply_workload(model)
                     async with self._slots:
+                        if not await self._still_there(model):
+                            # Deleted while it waited: owner references to it
+                            # would only give the garbage collector work.
+                            return model.status
                         await self._apply_rest(model)
                         status = await self._refresh(
                             model, deployment=await self._newer(model, deployment)
@@ -347,8 +363,8 @@ class Reconciler:
         """The model is gone: drop its route and metrics."""
         key = f"{namespace}/{name}"
         self.metrics.set_model(namespace, name, None)
-        self._serial.forget(key)
         self._written.pop(key, None)
+        self._refuted.pop(key, None)
         self.routes.kick()
 
     def _newest(self, key: str, body: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -428,7 +444,7 @@ class Reconciler:
         return await self._apply(
             model,
             build_deployment(model, self.settings),
-            await self.view.deployment(model.namespace, model.name),
+            await self._call(self.view.deployment(model.namespace, model.name)),
         )
 
     async def _apply_rest(self, model: LLMModel) -> None:
@@ -454,9 +470,15 @@ class Reconciler:
                 ),
             )
 
+    async def _still_there(self, model: LLMModel) -> bool:
+        """Whether the model still exists, as the same object, not being deleted."""
+        body = await self._call(self.view.model(model.namespace, model.name))
+        meta = body.get("metadata", {}) if body else {}
+        return meta.get("uid") == model.uid and not meta.get("deletionTimestamp")
+
     async def _newer(self, model: LLMModel, applied: Manifest) -> Manifest:
         """The Deployment as applied, or as the watch saw it since if newer."""
-        seen = await self.view.deployment(model.namespace, model.name)
+        seen = await self._call(self.view.deployment(model.namespace, model.name))
         if seen is None:
             return applied
         mine, theirs = resource_version(applied), resource_version(seen)
@@ -543,6 +565,10 @@ class Reconciler:
         if actual is not None and _owner_uid(actual) != model.uid:
             return
         if drifted(desired, actual):
+            if actual is not None and not await self._apply_would_change(
+                model, desired, actual
+            ):
+                return
             await self.kube.apply(desired)
             self.metrics.drift.labels(kind="Deployment").inc()
             what = "recreated" if actual is None else "put back manual changes to"
@@ -550,6 +576,31 @@ class Reconciler:
                 model,
                 Notice("Normal", "DriftReverted", f"{what} Deployment {model.name}"),
             )
+
+    async def _apply_would_change(
+        self, model: LLMModel, desired: Manifest, actual: Manifest
+    ) -> bool:
+        """Whether applying `desired` would change `actual`, as a dry run on the
+        API server says: it alone knows every form it rewrites."""
+        mark = fingerprint(desired, actual)
+        if self._refuted.get(model.key) == mark:
+            return False
+        try:
+            result = await self.kube.apply(desired, dry_run=True)
+        except ApiError as err:
+            if err.retryable:
+                raise
+            # An admission webhook with side effects refuses every dry run:
+            # the quick check decides alone, as it did before dry runs.
+            log.warning("%s: dry run refused, so not confirmed: %s", model.key, err)
+            return True
+        if unchanged_by(result, actual):
+            self._refuted[model.key] = mark
+            log.info(
+                "%s: the Deployment differs only in form; left as it is", model.key
+            )
+            return False
+        return True
 
     # -- status ------------------------------------------------------------------
 

@@ -50,8 +50,11 @@ class ApiError(Exception):
 class Kube(Protocol):
     """What the operator needs from the Kubernetes API."""
 
-    async def apply(self, obj: Manifest, *, subresource: str = "") -> Manifest:
-        """Server-side applies `obj` (or its `status` with subresource="status")."""
+    async def apply(
+        self, obj: Manifest, *, subresource: str = "", dry_run: bool = False
+    ) -> Manifest:
+        """Server-side applies `obj` (or its `status` with subresource="status");
+        with `dry_run`, returns what the object would become and stores nothing."""
         ...
 
     async def get(
@@ -158,11 +161,15 @@ class AioKube:
                 raise ApiError(0, type(err).__name__, str(err)) from err
         raise ApiError(401, "Unauthorized", "the credentials were refused twice")
 
-    async def apply(self, obj: Manifest, *, subresource: str = "") -> Manifest:
+    async def apply(
+        self, obj: Manifest, *, subresource: str = "", dry_run: bool = False
+    ) -> Manifest:
         resource = resource_for(obj["apiVersion"], obj["kind"])
         meta = obj["metadata"]
         path = resource.path(meta.get("namespace"), meta["name"], subresource)
         params = {"fieldManager": names.FIELD_MANAGER, "force": "true"}
+        if dry_run:
+            params["dryRun"] = "All"
         result = await self._request(
             "PATCH",
             path,

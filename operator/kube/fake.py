@@ -36,6 +36,7 @@ class FakeKube:
     Attributes:
         objects: the stored objects.
         applied: every object passed to `apply`, in order (with the subresource).
+        dry_runs: the same, for dry-run applies (which store nothing).
         deleted: (plural, namespace, name) of every successful delete.
         events: every object passed to `create` (Events).
         served: resources that `has_resource` reports as installed.
@@ -50,6 +51,7 @@ class FakeKube:
     ):
         self.objects: dict[tuple[str, str, str], Manifest] = {}
         self.applied: list[tuple[str, Manifest]] = []
+        self.dry_runs: list[tuple[str, Manifest]] = []
         self.deleted: list[tuple[str, str, str]] = []
         self.events: list[Manifest] = []
         self.served = set(served)
@@ -84,17 +86,23 @@ class FakeKube:
         """The stored object (KeyError when absent), for assertions."""
         return self.objects[self._key(resource, name, namespace)]
 
-    async def apply(self, obj: Manifest, *, subresource: str = "") -> Manifest:
+    async def apply(
+        self, obj: Manifest, *, subresource: str = "", dry_run: bool = False
+    ) -> Manifest:
         resource = resource_for(obj["apiVersion"], obj["kind"])
         if resource.plural in self.fail:
             raise self.fail[resource.plural]
-        self.applied.append((subresource, copy.deepcopy(obj)))
+        (self.dry_runs if dry_run else self.applied).append(
+            (subresource, copy.deepcopy(obj))
+        )
         meta = obj["metadata"]
         key = self._key(resource, meta["name"], meta.get("namespace"))
         current = self.objects.get(key)
         if current is None:
             if subresource:
                 raise ApiError(404, "NotFound", f"{resource.plural} {meta['name']}")
+            if dry_run:
+                return copy.deepcopy(obj)
             return copy.deepcopy(self.put(obj))
         if subresource == "status":
             merged = {**current, "status": copy.deepcopy(obj.get("status", {}))}
@@ -110,6 +118,8 @@ class FakeKube:
                 }
             if merged.get("spec") != current.get("spec"):
                 merged["metadata"]["generation"] = current["metadata"]["generation"] + 1
+        if dry_run:
+            return copy.deepcopy(merged)
         merged["metadata"] = {
             **merged["metadata"],
             "resourceVersion": str(next(self._versions)),

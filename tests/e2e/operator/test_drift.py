@@ -11,7 +11,7 @@ from harness.kube import KubeCluster
 
 from citadel.operator.drift import MAP_LISTS, SET_LISTS
 
-from .conftest import Kube, llmmodel
+from .conftest import Kube, OperatorProcess, llmmodel
 
 pytestmark = pytest.mark.e2e
 
@@ -133,3 +133,41 @@ def test_additions_by_other_managers_stay_and_are_not_reverted(kube: Kube) -> No
     kube.wait_phase("shared", "Ready")
     assert _drift_events(kube, "shared") == 1
     kube.delete_model("shared")
+
+
+def test_forms_only_the_server_knows_are_confirmed_once_and_left(
+    kube: Kube, operator: OperatorProcess
+) -> None:
+    # The API server rounds a CPU request up to a whole millicore; the quick
+    # check does not know that rule, so the dry run of the apply has the last
+    # word.
+    kube.apply(
+        llmmodel(
+            "tiny",
+            resources={"gpus": 1, "cpu": "0.0000000001"},
+            placement={"nodeName": "hx-llm-server-02"},
+        )
+    )
+    kube.wait_phase("tiny", "Ready")
+    kube.wait("the rollout", lambda: _rolled_out(kube, "tiny"))
+    stored = kube.get("deployment", "tiny")["spec"]["template"]["spec"]
+    assert stored["containers"][0]["resources"]["requests"]["cpu"] == "1m"
+    # Deployment events that change nothing of ours.
+    for i in range(3):
+        kube.cluster.kubectl(
+            "annotate",
+            "deployment",
+            "tiny",
+            f"e2e/touch={i}",
+            "--overwrite",
+            "-n",
+            kube.namespace,
+        )
+    kube.wait("the annotations observed", lambda: _rolled_out(kube, "tiny"))
+    kube.wait_phase("tiny", "Ready")
+    assert _drift_events(kube, "tiny") == 0
+    marker = f"{kube.namespace}/tiny: the Deployment differs only in form"
+    kube.wait("the dry run's verdict", lambda: marker in operator.tail(400))
+    # Remembered: one dry run for the three events and the rollout's.
+    assert operator.tail(400).count(marker) == 1
+    kube.delete_model("tiny")

@@ -9,7 +9,13 @@ from typing import Any
 import pytest
 
 from citadel.operator.builders.deployment import build_deployment
-from citadel.operator.drift import covers, drifted, quantity
+from citadel.operator.drift import (
+    covers,
+    drifted,
+    fingerprint,
+    quantity,
+    unchanged_by,
+)
 from citadel.operator.settings import OperatorSettings
 
 from .samples import make_model
@@ -145,6 +151,10 @@ def test_quantities_compare_by_value(
         ("1.5k", Decimal(1500)),
         (".5", Decimal("0.5")),
         (3, Decimal(3)),
+        (
+            "123456789012345678901234567891k",
+            Decimal("123456789012345678901234567891000"),
+        ),
         ("1x", None),
         ("e3", None),
         ("1e", None),
@@ -153,3 +163,83 @@ def test_quantities_compare_by_value(
 )
 def test_quantity(text: object, value: Decimal | None) -> None:
     assert quantity(text) == value
+
+
+def test_empty_values_the_server_drops_are_not_drift(
+    settings: OperatorSettings,
+) -> None:
+    desired = build_deployment(
+        make_model(
+            engine={"env": [{"name": "EMPTY", "value": ""}]},
+            placement={"tolerations": [{"key": "", "operator": "Exists"}]},
+        ),
+        settings,
+    )
+    actual = copy.deepcopy(desired)
+    pod = _pod(actual)
+    next(e for e in pod["containers"][0]["env"] if e["name"] == "EMPTY").pop("value")
+    next(t for t in pod["tolerations"] if t.get("key") == "").pop("key")
+    assert not drifted(desired, actual)
+
+
+def test_a_divisor_compares_by_value(settings: OperatorSettings) -> None:
+    ref = {"resource": "limits.memory", "divisor": "1024Ki"}
+    env = [{"name": "MEM", "valueFrom": {"resourceFieldRef": ref}}]
+    desired = build_deployment(make_model(engine={"env": env}), settings)
+    actual = copy.deepcopy(desired)
+    stored = next(e for e in _pod(actual)["containers"][0]["env"] if e["name"] == "MEM")
+    stored["valueFrom"]["resourceFieldRef"]["divisor"] = "1Mi"
+    assert not drifted(desired, actual)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        # Our apply replaces atomic lists whole: a key added inside one of our
+        # entries would go, so it is drift.
+        lambda p: p["tolerations"][0].update(tolerationSeconds=30),
+        lambda p: p["affinity"]["nodeAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ]["nodeSelectorTerms"][0].update(
+            matchExpressions=[{"key": "k", "operator": "Exists"}]
+        ),
+    ],
+)
+def test_keys_added_inside_entries_of_atomic_lists_are_drift(
+    settings: OperatorSettings, edit: object
+) -> None:
+    desired = build_deployment(
+        make_model(resources={"gpus": 1}, placement={"nodeName": "n1"}), settings
+    )
+    actual = copy.deepcopy(desired)
+    edit(_pod(actual))  # type: ignore[operator]
+    assert drifted(desired, actual)
+
+
+def test_the_dry_run_comparison_and_fingerprint(settings: OperatorSettings) -> None:
+    desired = build_deployment(make_model(), settings)
+    actual = copy.deepcopy(desired)
+    actual["metadata"].update(generation=3, resourceVersion="9", annotations={"a": "b"})
+    actual["status"] = {"replicas": 1}
+    result = copy.deepcopy(actual)
+    result["metadata"]["annotations"] = {}
+    result["status"] = {}
+    assert unchanged_by(result, actual)
+    result["spec"]["replicas"] = 4
+    assert not unchanged_by(result, actual)
+
+    mark = fingerprint(desired, actual)
+    status_only = copy.deepcopy(actual)
+    status_only["status"] = {"replicas": 2}
+    status_only["metadata"]["resourceVersion"] = "10"
+    assert fingerprint(desired, status_only) == mark
+    status_only["metadata"]["generation"] = 4
+    status_only["metadata"]["annotations"] = {"c": "d"}
+    assert fingerprint(desired, status_only) == mark
+    for change in (
+        lambda a: a["spec"].update(paused=True),
+        lambda a: a["metadata"]["labels"].update(x="y"),
+    ):
+        changed = copy.deepcopy(actual)
+        change(changed)
+        assert fingerprint(desired, changed) != mark

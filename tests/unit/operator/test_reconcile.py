@@ -299,11 +299,11 @@ async def test_a_pass_that_ends_after_the_delete_leaves_no_series(
 
     class SlowKube(FakeKube):
         async def apply(
-            self, obj: dict[str, Any], *, subresource: str = ""
+            self, obj: dict[str, Any], *, subresource: str = "", dry_run: bool = False
         ) -> dict[str, Any]:
             if obj["kind"] == "Deployment":
                 await gate.wait()
-            return await super().apply(obj, subresource=subresource)
+            return await super().apply(obj, subresource=subresource, dry_run=dry_run)
 
     kube = SlowKube([*NODES, model_body()])
     reconciler = Reconciler(kube, settings, Metrics(), clock=lambda: NOW)
@@ -361,14 +361,14 @@ async def test_resyncs_hold_few_slots_and_new_models_pass_them(
 
     class SlowKube(FakeKube):
         async def apply(
-            self, obj: dict[str, Any], *, subresource: str = ""
+            self, obj: dict[str, Any], *, subresource: str = "", dry_run: bool = False
         ) -> dict[str, Any]:
             if obj["kind"] == "Deployment" and obj["metadata"]["name"] != "new":
                 busy["now"] += 1
                 busy["peak"] = max(busy["peak"], busy["now"])
                 await gate.wait()
                 busy["now"] -= 1
-            return await super().apply(obj, subresource=subresource)
+            return await super().apply(obj, subresource=subresource, dry_run=dry_run)
 
     old = [model_body(f"old{i}") for i in range(4)]
     kube = SlowKube([*NODES, *old, model_body("new")])
@@ -390,13 +390,13 @@ async def test_refreshes_wait_while_new_models_are_reconciled(
 
     class SlowKube(FakeKube):
         async def apply(
-            self, obj: dict[str, Any], *, subresource: str = ""
+            self, obj: dict[str, Any], *, subresource: str = "", dry_run: bool = False
         ) -> dict[str, Any]:
             if obj["kind"] == "Deployment" and obj["metadata"]["name"] == "new":
                 await gate.wait()
             if subresource == "status":
                 status_writes.append(obj["metadata"]["name"])
-            return await super().apply(obj, subresource=subresource)
+            return await super().apply(obj, subresource=subresource, dry_run=dry_run)
 
     kube = SlowKube([*NODES, model_body("old"), model_body("new")])
     reconciler = Reconciler(kube, settings, Metrics(), clock=lambda: NOW)
@@ -432,10 +432,10 @@ async def test_a_burst_of_new_models_gets_its_deployments_first(
 
     class YieldingKube(FakeKube):
         async def apply(
-            self, obj: dict[str, Any], *, subresource: str = ""
+            self, obj: dict[str, Any], *, subresource: str = "", dry_run: bool = False
         ) -> dict[str, Any]:
             await asyncio.sleep(0)  # as a request would, letting others queue
-            return await super().apply(obj, subresource=subresource)
+            return await super().apply(obj, subresource=subresource, dry_run=dry_run)
 
     kube = YieldingKube([*NODES, *bodies])
     reconciler = Reconciler(kube, settings, Metrics(), clock=lambda: NOW)
@@ -458,3 +458,102 @@ async def test_a_burst_of_new_models_gets_its_deployments_first(
     for body in bodies:
         stored = kube.stored(LLMMODELS, body["metadata"]["name"], "llm")
         assert stored["status"]["observedGeneration"] == 1
+
+
+async def test_drift_the_server_refutes_is_left_and_not_asked_again(
+    settings: OperatorSettings,
+) -> None:
+    kube, reconciler = _setup(settings, model_body())
+    await reconciler.reconcile(model_body())
+    stored = kube.stored(DEPLOYMENTS, "mixtral", "llm")
+    # A form the quick check does not know: the fake's dry run (a plain merge)
+    # then gives back the object as it is, as the server does for a no-op.
+    stored["spec"]["template"]["spec"]["containers"][0]["image"] = "same:in-form"
+
+    async def no_change(obj: dict[str, Any], **_: Any) -> dict[str, Any]:
+        kube.dry_runs.append(("", obj))
+        return dict(kube.stored(DEPLOYMENTS, "mixtral", "llm"))
+
+    applied = len(kube.applied)
+    real_apply = kube.apply
+    kube.apply = lambda obj, **kw: (  # type: ignore[method-assign]
+        no_change(obj, **kw) if kw.get("dry_run") else real_apply(obj, **kw)
+    )
+    for _ in range(3):
+        await reconciler.refresh("llm", "mixtral", fix_drift=True)
+    assert len(kube.dry_runs) == 1  # then remembered
+    assert "DriftReverted" not in _reasons(kube)
+    assert not [o for s, o in kube.applied[applied:] if o["kind"] == "Deployment"]
+    # A change to the Deployment is asked about again.
+    stored["spec"]["paused"] = True
+    await reconciler.refresh("llm", "mixtral", fix_drift=True)
+    assert len(kube.dry_runs) == 2
+
+
+async def test_drift_the_server_confirms_is_put_back(
+    settings: OperatorSettings,
+) -> None:
+    kube, reconciler = _setup(settings, model_body())
+    await reconciler.reconcile(model_body())
+    kube.stored(DEPLOYMENTS, "mixtral", "llm")["spec"]["template"]["spec"][
+        "containers"
+    ][0]["image"] = "evil:1"
+    await reconciler.refresh("llm", "mixtral", fix_drift=True)
+    assert len(kube.dry_runs) == 1
+    image = kube.stored(DEPLOYMENTS, "mixtral", "llm")["spec"]["template"]["spec"][
+        "containers"
+    ][0]["image"]
+    assert image != "evil:1"
+    assert _reasons(kube).count("DriftReverted") == 1
+
+
+async def test_a_model_deleted_between_its_two_turns_gets_nothing_more(
+    settings: OperatorSettings,
+) -> None:
+    settings = settings.model_copy(update={"max_concurrent_reconciles": 1})
+    gate = asyncio.Event()
+
+    class GatedKube(FakeKube):
+        async def apply(
+            self, obj: dict[str, Any], *, subresource: str = "", dry_run: bool = False
+        ) -> dict[str, Any]:
+            if obj["kind"] == "Deployment" and obj["metadata"]["name"] == "first":
+                await gate.wait()
+            return await super().apply(obj, subresource=subresource, dry_run=dry_run)
+
+    first, doomed = model_body("first"), model_body("doomed")
+    kube = GatedKube([*NODES, first, doomed])
+    reconciler = Reconciler(kube, settings, Metrics(), clock=lambda: NOW)
+    held = asyncio.create_task(reconciler.reconcile(first))
+    await asyncio.sleep(0.01)
+    # "doomed" waits for the only slot; its first turn, then its second, queue
+    # behind "first".
+    task = asyncio.create_task(reconciler.reconcile(doomed))
+    await asyncio.sleep(0.01)
+    gate.set()
+    while not kube.objects.get(("deployments", "llm", "doomed")):
+        await asyncio.sleep(0)
+    await kube.delete(LLMMODELS, "doomed", "llm")
+    await reconciler.forget("llm", "doomed")
+    await asyncio.wait_for(asyncio.gather(held, task), timeout=2)
+    assert ("services", "llm", "doomed") not in kube.objects
+    assert "llm/doomed" not in reconciler._serial.held()
+
+
+async def test_drift_is_put_back_when_the_dry_run_is_refused(
+    settings: OperatorSettings,
+) -> None:
+    kube, reconciler = _setup(settings, model_body())
+    await reconciler.reconcile(model_body())
+    kube.stored(DEPLOYMENTS, "mixtral", "llm")["spec"]["replicas"] = 7
+    real_apply = kube.apply
+
+    async def refuse_dry_runs(obj: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        if kw.get("dry_run"):
+            raise ApiError(400, "BadRequest", "webhook has side effects")
+        return await real_apply(obj, **kw)
+
+    kube.apply = refuse_dry_runs  # type: ignore[method-assign]
+    await reconciler.refresh("llm", "mixtral", fix_drift=True)
+    assert kube.stored(DEPLOYMENTS, "mixtral", "llm")["spec"]["replicas"] == 1
+    assert "DriftReverted" in _reasons(kube)
