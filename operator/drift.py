@@ -142,6 +142,10 @@ def _covers_map_list(actual: list[Any], desired: list[Any], field: str) -> bool:
     )
 
 
+# Maps of user data, where the server keeps "" values as they are.
+_STRING_MAPS = frozenset({"labels", "annotations", "nodeSelector", "matchLabels"})
+
+
 def _empty(value: Any) -> bool:
     """Values the API server drops from optional fields: "", [] and {} (not
     False or 0, which it keeps)."""
@@ -162,12 +166,15 @@ def covers(actual: Any, desired: Any, field: str = "", whole: bool = False) -> b
     if isinstance(desired, dict):
         if not isinstance(actual, dict):
             return False
-        if whole and any(k not in desired and not _empty(v) for k, v in actual.items()):
+        dropped = field not in _STRING_MAPS  # does the server drop empties here
+        if whole and any(
+            k not in desired and not (dropped and _empty(v)) for k, v in actual.items()
+        ):
             return False
         quantities = field in _QUANTITY_MAPS
         for key, value in desired.items():
             if key not in actual:
-                if _empty(value):
+                if dropped and _empty(value):
                     continue
                 return False
             if quantities:

@@ -242,9 +242,10 @@ class Reconciler:
         # against the status before that write (it would write and announce the
         # same change twice).
         self._written: dict[str, Manifest] = {}
-        # Per model, the fingerprint (drift.fingerprint) of a drift check that a
-        # dry run refuted: not asked again until the Deployment or ours changes.
-        self._refuted: dict[str, str] = {}
+        # Per model, the fingerprint (drift.fingerprint) of a Deployment that needs
+        # no apply of ours: a drift check the dry run refuted, or what our last
+        # forced apply left. Not checked again until it or our apply changes.
+        self._settled: dict[str, str] = {}
 
     def use(self, view: ClusterView) -> None:
         """Reads through `view` from now on (the handlers' indexes, once Kopf has
@@ -295,11 +296,14 @@ class Reconciler:
                     # one run each), its status queued behind the Deployments
                     # of the models after it.
                     async with self._slots:
+                        if not await self._still_there(model):
+                            # Deleted while it waited: a claim made now would
+                            # outlive it (Retain), owned objects would only give
+                            # the garbage collector work.
+                            return model.status
                         deployment = await self._apply_workload(model)
                     async with self._slots:
                         if not await self._still_there(model):
-                            # Deleted while it waited: owner references to it
-                            # would only give the garbage collector work.
                             return model.status
                         await self._apply_rest(model)
                         status = await self._refresh(
@@ -353,6 +357,12 @@ class Reconciler:
                         if body is None or body["metadata"].get("deletionTimestamp"):
                             return
                         model = LLMModel.from_body(self._newest(key, body))
+                        if _first_look(model):
+                            # A reconcile of this generation is on its way: the
+                            # Deployment would look drifted against the new
+                            # spec, and a status written now would claim the
+                            # generation observed before it is applied.
+                            return
                         if wish.fix_drift:
                             await self._revert_drift(model)
                         await self._refresh(model)
@@ -364,7 +374,7 @@ class Reconciler:
         key = f"{namespace}/{name}"
         self.metrics.set_model(namespace, name, None)
         self._written.pop(key, None)
-        self._refuted.pop(key, None)
+        self._settled.pop(key, None)
         self.routes.kick()
 
     def _newest(self, key: str, body: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -569,7 +579,10 @@ class Reconciler:
                 model, desired, actual
             ):
                 return
-            await self.kube.apply(desired)
+            result = await self.kube.apply(desired)
+            # Applying the same again would change nothing, whatever the quick
+            # check says (it decides alone when dry runs are refused).
+            self._settled[model.key] = fingerprint(desired, result)
             self.metrics.drift.labels(kind="Deployment").inc()
             what = "recreated" if actual is None else "put back manual changes to"
             await self._post(
@@ -583,7 +596,7 @@ class Reconciler:
         """Whether applying `desired` would change `actual`, as a dry run on the
         API server says: it alone knows every form it rewrites."""
         mark = fingerprint(desired, actual)
-        if self._refuted.get(model.key) == mark:
+        if self._settled.get(model.key) == mark:
             return False
         try:
             result = await self.kube.apply(desired, dry_run=True)
@@ -594,8 +607,13 @@ class Reconciler:
             # the quick check decides alone, as it did before dry runs.
             log.warning("%s: dry run refused, so not confirmed: %s", model.key, err)
             return True
+        if resource_version(result) != resource_version(actual):
+            # The view is behind the server, so the answer is not about `actual`;
+            # the watch event of the newer version asks again.
+            return False
         if unchanged_by(result, actual):
-            self._refuted[model.key] = mark
+            if await self._still_there(model):  # else forget() has run
+                self._settled[model.key] = mark
             log.info(
                 "%s: the Deployment differs only in form; left as it is", model.key
             )

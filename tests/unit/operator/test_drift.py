@@ -243,3 +243,14 @@ def test_the_dry_run_comparison_and_fingerprint(settings: OperatorSettings) -> N
         changed = copy.deepcopy(actual)
         change(changed)
         assert fingerprint(desired, changed) != mark
+
+
+def test_an_empty_label_or_node_selector_value_removed_is_drift(
+    settings: OperatorSettings,
+) -> None:
+    desired = build_deployment(
+        make_model(placement={"nodeSelector": {"pool": "", "zone": "a"}}), settings
+    )
+    actual = copy.deepcopy(desired)
+    del _pod(actual)["nodeSelector"]["pool"]  # the server keeps "" in such maps
+    assert drifted(desired, actual)

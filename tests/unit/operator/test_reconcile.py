@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 from typing import Any
 
 import pytest
@@ -507,39 +508,6 @@ async def test_drift_the_server_confirms_is_put_back(
     assert _reasons(kube).count("DriftReverted") == 1
 
 
-async def test_a_model_deleted_between_its_two_turns_gets_nothing_more(
-    settings: OperatorSettings,
-) -> None:
-    settings = settings.model_copy(update={"max_concurrent_reconciles": 1})
-    gate = asyncio.Event()
-
-    class GatedKube(FakeKube):
-        async def apply(
-            self, obj: dict[str, Any], *, subresource: str = "", dry_run: bool = False
-        ) -> dict[str, Any]:
-            if obj["kind"] == "Deployment" and obj["metadata"]["name"] == "first":
-                await gate.wait()
-            return await super().apply(obj, subresource=subresource, dry_run=dry_run)
-
-    first, doomed = model_body("first"), model_body("doomed")
-    kube = GatedKube([*NODES, first, doomed])
-    reconciler = Reconciler(kube, settings, Metrics(), clock=lambda: NOW)
-    held = asyncio.create_task(reconciler.reconcile(first))
-    await asyncio.sleep(0.01)
-    # "doomed" waits for the only slot; its first turn, then its second, queue
-    # behind "first".
-    task = asyncio.create_task(reconciler.reconcile(doomed))
-    await asyncio.sleep(0.01)
-    gate.set()
-    while not kube.objects.get(("deployments", "llm", "doomed")):
-        await asyncio.sleep(0)
-    await kube.delete(LLMMODELS, "doomed", "llm")
-    await reconciler.forget("llm", "doomed")
-    await asyncio.wait_for(asyncio.gather(held, task), timeout=2)
-    assert ("services", "llm", "doomed") not in kube.objects
-    assert "llm/doomed" not in reconciler._serial.held()
-
-
 async def test_drift_is_put_back_when_the_dry_run_is_refused(
     settings: OperatorSettings,
 ) -> None:
@@ -557,3 +525,105 @@ async def test_drift_is_put_back_when_the_dry_run_is_refused(
     await reconciler.refresh("llm", "mixtral", fix_drift=True)
     assert kube.stored(DEPLOYMENTS, "mixtral", "llm")["spec"]["replicas"] == 1
     assert "DriftReverted" in _reasons(kube)
+
+
+async def _reconciled_then_updated(
+    settings: OperatorSettings,
+) -> tuple[FakeKube, Reconciler]:
+    """A model reconciled with image A, then changed to image B (generation 2)
+    and not reconciled again."""
+    body = model_body(engine={"image": "vllm:A"})
+    kube, reconciler = _setup(settings, body)
+    await reconciler.reconcile(body)
+    updated = copy.deepcopy(kube.stored(LLMMODELS, "mixtral", "llm"))
+    updated["spec"]["engine"] = {"image": "vllm:B"}
+    updated["metadata"]["generation"] = 2
+    kube.put(updated)
+    return kube, reconciler
+
+
+async def test_a_refresh_before_the_reconcile_of_a_new_generation_waits_for_it(
+    settings: OperatorSettings,
+) -> None:
+    kube, reconciler = await _reconciled_then_updated(settings)
+    # The update is seen by the watch; its reconcile has not run yet.
+    statuses = sum(1 for s, _ in kube.applied if s == "status")
+    await reconciler.refresh("llm", "mixtral", fix_drift=True)
+    # Neither "put back manual changes" for the new spec, nor a status that
+    # claims generation 2 observed while the Deployment still runs image A.
+    assert "DriftReverted" not in _reasons(kube)
+    assert sum(1 for s, _ in kube.applied if s == "status") == statuses
+    await reconciler.reconcile(kube.stored(LLMMODELS, "mixtral", "llm"))
+    stored = kube.stored(LLMMODELS, "mixtral", "llm")
+    assert stored["status"]["observedGeneration"] == 2
+
+
+async def test_drift_is_not_judged_on_a_view_behind_the_server(
+    settings: OperatorSettings,
+) -> None:
+    kube, reconciler = await _reconciled_then_updated(settings)
+    stale = copy.deepcopy(kube.stored(DEPLOYMENTS, "mixtral", "llm"))
+    await reconciler.reconcile(kube.stored(LLMMODELS, "mixtral", "llm"))
+
+    class LaggingView(ApiView):
+        async def deployment(self, namespace: str, name: str) -> Any:
+            return copy.deepcopy(stale)  # the write above not seen yet
+
+    reconciler.use(LaggingView(kube))
+    applied = len(kube.applied)
+    await reconciler.refresh("llm", "mixtral", fix_drift=True)
+    assert len(kube.dry_runs) == 1
+    assert not [o for s, o in kube.applied[applied:] if o["kind"] == "Deployment"]
+    assert "DriftReverted" not in _reasons(kube)
+
+
+class _GatedKube(FakeKube):
+    """Holds the Deployment apply of model `held` until `gate` is set."""
+
+    def __init__(self, objects: list[dict[str, Any]], held: str) -> None:
+        super().__init__(objects)
+        self.gate = asyncio.Event()
+        self._held = held
+
+    async def apply(
+        self, obj: dict[str, Any], *, subresource: str = "", dry_run: bool = False
+    ) -> dict[str, Any]:
+        if obj["kind"] == "Deployment" and obj["metadata"]["name"] == self._held:
+            await self.gate.wait()
+        return await super().apply(obj, subresource=subresource, dry_run=dry_run)
+
+
+@pytest.mark.parametrize("turn", ["first", "second"])
+async def test_a_model_deleted_while_it_waits_for_a_turn_gets_nothing_more(
+    settings: OperatorSettings, turn: str
+) -> None:
+    settings = settings.model_copy(update={"max_concurrent_reconciles": 1})
+    first, doomed = model_body("first"), model_body("doomed", cache={"size": "5Gi"})
+    kube = _GatedKube([*NODES, first, doomed], held="first")
+    reconciler = Reconciler(kube, settings, Metrics(), clock=lambda: NOW)
+    # "doomed" waits for the only slot, held by "first"; its second turn queues
+    # behind "first"'s.
+    held = asyncio.create_task(reconciler.reconcile(first))
+    await asyncio.sleep(0.01)
+    task = asyncio.create_task(reconciler.reconcile(doomed))
+    await asyncio.sleep(0.01)
+    if turn == "second":
+        kube.gate.set()
+        while ("deployments", "llm", "doomed") not in kube.objects:
+            await asyncio.sleep(0)
+    await kube.delete(LLMMODELS, "doomed", "llm")
+    await reconciler.forget("llm", "doomed")
+    kube.gate.set()
+    await asyncio.wait_for(asyncio.gather(held, task), timeout=2)
+    gone = [("services", "doomed")]
+    if turn == "first":
+        # A claim made now would outlive the model (deletePolicy Retain).
+        gone += [("deployments", "doomed"), ("persistentvolumeclaims", "doomed-cache")]
+    for plural, name in gone:
+        assert (plural, "llm", name) not in kube.objects
+    # No 404 on a status write counted, no lock left behind.
+    errors = reconciler.metrics.registry.get_sample_value(
+        "citadel_operator_reconcile_errors_total", {"error": "temporary"}
+    )
+    assert not errors
+    assert "llm/doomed" not in reconciler._serial.held()
