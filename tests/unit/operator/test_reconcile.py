@@ -508,8 +508,8 @@ async def test_drift_the_server_confirms_is_put_back(
     assert _reasons(kube).count("DriftReverted") == 1
 
 
-async def test_drift_is_put_back_when_the_dry_run_is_refused(
-    settings: OperatorSettings,
+async def test_drift_is_put_back_once_when_the_dry_run_is_refused(
+    settings: OperatorSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     kube, reconciler = _setup(settings, model_body())
     await reconciler.reconcile(model_body())
@@ -525,6 +525,14 @@ async def test_drift_is_put_back_when_the_dry_run_is_refused(
     await reconciler.refresh("llm", "mixtral", fix_drift=True)
     assert kube.stored(DEPLOYMENTS, "mixtral", "llm")["spec"]["replicas"] == 1
     assert "DriftReverted" in _reasons(kube)
+    # A quick check that stays wrong (a form it does not know) with no dry run
+    # to refute it: what the apply left needs no second apply.
+    monkeypatch.setattr("citadel.operator.reconcile.drifted", lambda *_: True)
+    applied = len(kube.applied)
+    for _ in range(2):
+        await reconciler.refresh("llm", "mixtral", fix_drift=True)
+    assert len(kube.applied) == applied
+    assert _reasons(kube).count("DriftReverted") == 1
 
 
 async def _reconciled_then_updated(
