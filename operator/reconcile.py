@@ -189,6 +189,12 @@ def _first_look(model: LLMModel) -> bool:
     return model.status.observed_generation != model.generation
 
 
+def _refuses_dry_runs(err: ApiError) -> bool:
+    """Whether `err` says dry runs cannot be made (an admission webhook that
+    declares side effects), rather than that this apply is refused."""
+    return err.status == 400 and "dry run" in err.message.lower()
+
+
 def _is_ours(obj: Manifest) -> bool:
     labels = obj.get("metadata", {}).get("labels", {}) or {}
     return labels.get(names.LABEL_MANAGED_BY) == names.MANAGER_NAME
@@ -246,6 +252,8 @@ class Reconciler:
         # no apply of ours: a drift check the dry run refuted, or what our last
         # forced apply left. Not checked again until it or our apply changes.
         self._settled: dict[str, str] = {}
+        # Per model, the generation whose reconcile failed for good, and why.
+        self._failed: dict[str, tuple[int, Blocker]] = {}
 
     def use(self, view: ClusterView) -> None:
         """Reads through `view` from now on (the handlers' indexes, once Kopf has
@@ -314,13 +322,15 @@ class Reconciler:
                         error="temporary" if err.retryable else "permanent"
                     ).inc()
                     if not err.retryable:
-                        # Say it where people look, not only in the logs.
+                        # Say it where people look, not only in the logs; and
+                        # keep saying it: refreshes report this generation too.
+                        blocker = Blocker("ReconcileFailed", str(err))
+                        self._failed[model.key] = (model.generation, blocker)
                         with contextlib.suppress(ReconcileError):
                             async with self._slots:
-                                await self._refresh(
-                                    model, Blocker("ReconcileFailed", str(err))
-                                )
+                                await self._refresh(model, blocker)
                     raise
+        self._failed.pop(model.key, None)
         self.routes.kick()
         log.info(
             "reconciled %s (generation %d): %s, %d/%d ready",
@@ -363,9 +373,15 @@ class Reconciler:
                             # spec, and a status written now would claim the
                             # generation observed before it is applied.
                             return
-                        if wish.fix_drift:
+                        failure = self._failed.get(key)
+                        blocker = None
+                        if failure is not None and failure[0] == model.generation:
+                            # The spec that failed is not applied: nothing to put
+                            # back, and the failure stays in the status.
+                            blocker = failure[1]
+                        elif wish.fix_drift:
                             await self._revert_drift(model)
-                        await self._refresh(model)
+                        await self._refresh(model, blocker)
             except (ApiError, ReconcileError, ValidationError) as err:
                 log.warning("refreshing %s failed: %s", key, err)
 
@@ -375,6 +391,7 @@ class Reconciler:
         self.metrics.set_model(namespace, name, None)
         self._written.pop(key, None)
         self._settled.pop(key, None)
+        self._failed.pop(key, None)
         self.routes.kick()
 
     def _newest(self, key: str, body: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -601,7 +618,7 @@ class Reconciler:
         try:
             result = await self.kube.apply(desired, dry_run=True)
         except ApiError as err:
-            if err.retryable:
+            if err.retryable or not _refuses_dry_runs(err):
                 raise
             # An admission webhook with side effects refuses every dry run:
             # the quick check decides alone, as it did before dry runs.

@@ -89,8 +89,9 @@ def test_touch_still_wakes_the_object_after_a_retry_delay() -> None:
 
 
 def test_essence_is_what_kopfs_own_storage_builds() -> None:
-    # Built from the spec, labels and annotations only (not a copy of the whole
-    # body), and the same as Kopf's stock storage makes of the whole body.
+    # Built from the spec, labels, annotations and generation only (not a copy of
+    # the whole body), and the same as Kopf's stock storage makes of the whole
+    # body with the generation as an extra field.
     raw = dict(_body(phase="Ready"))
     raw["metadata"] = {
         **raw["metadata"],
@@ -108,9 +109,13 @@ def test_essence_is_what_kopfs_own_storage_builds() -> None:
         prefix="citadel.ai", key="last-handled-configuration"
     )
     essence = MemoryState().diffbase.build(body=body)
-    assert essence == stock.build(body=body)
+    assert essence == stock.build(body=body, extra_fields=["metadata.generation"])
     assert essence == {
-        "metadata": {"labels": {"team": "a"}, "annotations": {"note": "kept"}},
+        "metadata": {
+            "labels": {"team": "a"},
+            "annotations": {"note": "kept"},
+            "generation": 1,
+        },
         "spec": {"replicas": 1},
     }
 
@@ -132,5 +137,19 @@ def test_pods_and_deployments_get_no_essence() -> None:
     raw = dict(_body())
     del raw["kind"]
     assert MemoryState().diffbase.build(body=kopf.Body(raw)) == {
-        "spec": {"replicas": 1}
+        "metadata": {"generation": 1},
+        "spec": {"replicas": 1},
     }
+
+
+def test_a_spec_changed_and_changed_back_is_still_an_update() -> None:
+    state = MemoryState()
+    handled = _body()
+    state.diffbase.store(
+        body=handled, patch=kopf.Patch(), essence=state.diffbase.build(body=handled)
+    )
+    # Spec 1 -> 2 -> 1 while the model waited: the same spec, generation 3,
+    # and generation 3 was never reconciled.
+    back = copy.deepcopy(dict(handled))
+    back["metadata"]["generation"] = 3
+    assert _cause(state, kopf.Body(back)) == "update"

@@ -508,20 +508,32 @@ async def test_drift_the_server_confirms_is_put_back(
     assert _reasons(kube).count("DriftReverted") == 1
 
 
+def _fail_dry_runs(kube: FakeKube, error: ApiError) -> None:
+    """Makes every dry-run apply raise `error`; real applies go through."""
+    real_apply = kube.apply
+
+    async def apply(obj: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        if kw.get("dry_run"):
+            raise error
+        return await real_apply(obj, **kw)
+
+    kube.apply = apply  # type: ignore[method-assign]
+
+
 async def test_drift_is_put_back_once_when_the_dry_run_is_refused(
     settings: OperatorSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     kube, reconciler = _setup(settings, model_body())
     await reconciler.reconcile(model_body())
     kube.stored(DEPLOYMENTS, "mixtral", "llm")["spec"]["replicas"] = 7
-    real_apply = kube.apply
-
-    async def refuse_dry_runs(obj: dict[str, Any], **kw: Any) -> dict[str, Any]:
-        if kw.get("dry_run"):
-            raise ApiError(400, "BadRequest", "webhook has side effects")
-        return await real_apply(obj, **kw)
-
-    kube.apply = refuse_dry_runs  # type: ignore[method-assign]
+    _fail_dry_runs(
+        kube,
+        ApiError(
+            400,
+            "BadRequest",
+            'admission webhook "audit.example.com" does not support dry run',
+        ),
+    )
     await reconciler.refresh("llm", "mixtral", fix_drift=True)
     assert kube.stored(DEPLOYMENTS, "mixtral", "llm")["spec"]["replicas"] == 1
     assert "DriftReverted" in _reasons(kube)
@@ -635,3 +647,42 @@ async def test_a_model_deleted_while_it_waits_for_a_turn_gets_nothing_more(
     )
     assert not errors
     assert "llm/doomed" not in reconciler._serial.held()
+
+
+async def test_a_permanent_failure_stays_in_the_status_of_its_generation(
+    settings: OperatorSettings,
+) -> None:
+    kube, reconciler = await _reconciled_then_updated(settings)
+    kube.put(pod("mixtral-abc"))
+    kube.fail["deployments"] = ApiError(403, "Forbidden", "denied by policy")
+    with pytest.raises(ReconcileError):
+        await reconciler.reconcile(kube.stored(LLMMODELS, "mixtral", "llm"))
+    applied = len(kube.applied)
+    # Pod and Deployment events: the failure is what the status says, and the
+    # refused spec is neither applied nor announced as a hand edit put back.
+    await reconciler.refresh("llm", "mixtral")
+    await reconciler.refresh("llm", "mixtral", fix_drift=True)
+    status = kube.stored(LLMMODELS, "mixtral", "llm")["status"]
+    assert status["phase"] == "Failed"
+    assert not [o for s, o in kube.applied[applied:] if o["kind"] == "Deployment"]
+    assert not kube.dry_runs and "DriftReverted" not in _reasons(kube)
+    # Once the policy allows it, the next reconcile applies and clears it.
+    del kube.fail["deployments"]
+    await reconciler.reconcile(kube.stored(LLMMODELS, "mixtral", "llm"))
+    await reconciler.refresh("llm", "mixtral")
+    assert kube.stored(LLMMODELS, "mixtral", "llm")["status"]["phase"] != "Failed"
+
+
+async def test_a_dry_run_refused_for_this_apply_does_not_lead_to_the_apply(
+    settings: OperatorSettings,
+) -> None:
+    kube, reconciler = _setup(settings, model_body())
+    await reconciler.reconcile(model_body())
+    kube.stored(DEPLOYMENTS, "mixtral", "llm")["spec"]["replicas"] = 7
+    _fail_dry_runs(kube, ApiError(403, "Forbidden", "denied by policy"))
+    applied = len(kube.applied)
+    await reconciler.refresh("llm", "mixtral", fix_drift=True)
+    # The dry run said this apply is refused; only "no dry runs here" falls
+    # back to the quick check.
+    assert len(kube.applied) == applied
+    assert "DriftReverted" not in _reasons(kube)
