@@ -23,17 +23,9 @@ import re
 from decimal import Decimal, InvalidOperation, localcontext
 from typing import Any
 
-# Fields that only the API server or controllers write; never compared.
-_IGNORED_METADATA = frozenset(
-    {
-        "uid",
-        "resourceVersion",
-        "generation",
-        "creationTimestamp",
-        "managedFields",
-        "annotations",
-    }
-)
+# What of an object's metadata our apply sets and may change: not annotations,
+# which other tools (kubectl rollout restart, Deployment revisions) write too.
+_COMPARED_METADATA = ("labels", "ownerReferences", "finalizers")
 
 # The lists in a Deployment that the API server merges by key
 # (x-kubernetes-list-type: map, and their x-kubernetes-list-map-keys), by field
@@ -201,30 +193,18 @@ def covers(actual: Any, desired: Any, field: str = "", whole: bool = False) -> b
 def drifted(desired: dict[str, Any], actual: dict[str, Any] | None) -> bool:
     """True when `actual` is missing or lost something `desired` sets.
 
-    Annotations are left out of metadata: other tools (kubectl rollout restart,
-    Deployment revisions) write their own.
+    Of metadata, only `_COMPARED_METADATA` counts.
     """
     if actual is None:
         return True
-    meta = {
-        k: v
-        for k, v in desired.get("metadata", {}).items()
-        if k not in _IGNORED_METADATA
-    }
-    body = {k: v for k, v in desired.items() if k not in ("metadata", "status")}
-    return not (
-        covers(actual.get("metadata", {}), meta, "metadata") and covers(actual, body)
-    )
-
-
-# What an apply of ours can change, besides annotations (see `drifted`).
-_COMPARED_METADATA = ("labels", "ownerReferences", "finalizers")
+    return not covers(actual, _compared(desired))
 
 
 def _compared(obj: dict[str, Any]) -> dict[str, Any]:
+    """The parts of `obj` an apply of ours may change."""
     meta = obj.get("metadata", {})
     return {
-        "metadata": {k: meta.get(k) for k in _COMPARED_METADATA},
+        "metadata": {k: meta[k] for k in _COMPARED_METADATA if k in meta},
         **{k: v for k, v in obj.items() if k not in ("metadata", "status")},
     }
 

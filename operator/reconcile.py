@@ -45,7 +45,7 @@ from citadel.operator.observe import Blocker, derive_status
 from citadel.operator.routing import RoutePublisher
 from citadel.operator.settings import OperatorSettings
 from citadel.operator.status import LLMModelStatus
-from citadel.operator.view import ApiView, ClusterView, resource_version
+from citadel.operator.view import ApiView, ClusterView, is_newer, resource_version
 
 log = logging.getLogger(__name__)
 CAPABILITY_CACHE_SECONDS = 60.0
@@ -296,13 +296,14 @@ class Reconciler:
                     # Pods take minutes to pull and load a model, and what the
                     # operator makes beside them (Service, PDB, PodMonitor,
                     # status) can wait for the pods of the next models to start.
-                    # Burst of 1,000 models on the local cluster, two runs each
-                    # (bench/citadel_bench/operator_scale.py): apply-to-Deployment
-                    # p99 18-22 s against 54-68 s in one pass, all Ready at
-                    # 1.38-1.41x the no-operator floor against 1.56-1.67x; but
-                    # the median model turned Ready later (59 s against 42 s,
-                    # one run each), its status queued behind the Deployments
-                    # of the models after it.
+                    # Burst of 1,000 models on the local cluster
+                    # (bench/citadel_bench/operator_scale.py, four runs of two
+                    # turns, two of one pass): apply-to-Deployment p99 18-22 s
+                    # against 54-68 s; all Ready 1.38-1.62x the no-operator
+                    # floor against 1.56-1.67x, the same within the spread; but
+                    # the median model turned Ready later (53-62 s against 42 s
+                    # in one run), its status queued behind the Deployments of
+                    # the models after it.
                     async with self._slots:
                         if not await self._still_there(model):
                             # Deleted while it waited: a claim made now would
@@ -399,11 +400,10 @@ class Reconciler:
         written = self._written.get(key)
         if written is None:
             return body
-        mine, theirs = resource_version(written), resource_version(body)
         same = written.get("metadata", {}).get("uid") == body.get("metadata", {}).get(
             "uid"
         )
-        if same and mine is not None and theirs is not None and theirs < mine:
+        if same and is_newer(written, body):
             return written
         del self._written[key]
         return body
@@ -506,14 +506,7 @@ class Reconciler:
     async def _newer(self, model: LLMModel, applied: Manifest) -> Manifest:
         """The Deployment as applied, or as the watch saw it since if newer."""
         seen = await self._call(self.view.deployment(model.namespace, model.name))
-        if seen is None:
-            return applied
-        mine, theirs = resource_version(applied), resource_version(seen)
-        return (
-            seen
-            if mine is not None and theirs is not None and theirs > mine
-            else applied
-        )
+        return seen if seen is not None and is_newer(seen, applied) else applied
 
     async def _apply_claim(
         self, model: LLMModel, claim: Manifest, first_look: bool

@@ -140,3 +140,10 @@ def resource_version(body: Mapping[str, Any]) -> int | None:
         return int(raw)
     except (TypeError, ValueError):
         return None
+
+
+def is_newer(copy: Mapping[str, Any], other: Mapping[str, Any]) -> bool:
+    """Whether `copy` of an object is a later version than `other`; False when
+    either resourceVersion is not a number."""
+    mine, theirs = resource_version(copy), resource_version(other)
+    return mine is not None and theirs is not None and mine > theirs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -64,6 +65,15 @@ def _pod(deployment: dict[str, Any]) -> dict[str, Any]:
     return pod
 
 
+def _edited(
+    desired: dict[str, Any], edit: Callable[[dict[str, Any]], object]
+) -> dict[str, Any]:
+    """A copy of `desired` with `edit` applied to its pod spec."""
+    actual = copy.deepcopy(desired)
+    edit(_pod(actual))
+    return actual
+
+
 def _cached_model_deployment(settings: OperatorSettings) -> dict[str, Any]:
     """A Deployment with a volume, a mount and an env var of ours."""
     deployment = build_deployment(
@@ -92,11 +102,10 @@ def _cached_model_deployment(settings: OperatorSettings) -> dict[str, Any]:
     ],
 )
 def test_entries_other_managers_add_to_merged_lists_are_not_drift(
-    settings: OperatorSettings, addition: object
+    settings: OperatorSettings, addition: Callable[[dict[str, Any]], object]
 ) -> None:
     desired = _cached_model_deployment(settings)
-    actual = copy.deepcopy(desired)
-    addition(_pod(actual))  # type: ignore[operator]
+    actual = _edited(desired, addition)
     actual["metadata"]["labels"]["team"] = "x"
     actual["metadata"]["finalizers"] = ["example.com/keep"]
     assert not drifted(desired, actual)
@@ -116,12 +125,10 @@ def test_entries_other_managers_add_to_merged_lists_are_not_drift(
     ],
 )
 def test_changes_to_entries_of_ours_are_drift(
-    settings: OperatorSettings, edit: object
+    settings: OperatorSettings, edit: Callable[[dict[str, Any]], object]
 ) -> None:
     desired = _cached_model_deployment(settings)
-    actual = copy.deepcopy(desired)
-    edit(_pod(actual))  # type: ignore[operator]
-    assert drifted(desired, actual)
+    assert drifted(desired, _edited(desired, edit))
 
 
 @pytest.mark.parametrize(
@@ -206,14 +213,12 @@ def test_a_divisor_compares_by_value(settings: OperatorSettings) -> None:
     ],
 )
 def test_keys_added_inside_entries_of_atomic_lists_are_drift(
-    settings: OperatorSettings, edit: object
+    settings: OperatorSettings, edit: Callable[[dict[str, Any]], object]
 ) -> None:
     desired = build_deployment(
         make_model(resources={"gpus": 1}, placement={"nodeName": "n1"}), settings
     )
-    actual = copy.deepcopy(desired)
-    edit(_pod(actual))  # type: ignore[operator]
-    assert drifted(desired, actual)
+    assert drifted(desired, _edited(desired, edit))
 
 
 def test_the_dry_run_comparison_and_fingerprint(settings: OperatorSettings) -> None:
