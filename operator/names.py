@@ -37,6 +37,14 @@ LABEL_PART_OF = "app.kubernetes.io/part-of"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_MODEL = "citadel.ai/model"
 
+ANNOTATION_CREATED_FOR = f"{GROUP}/created-for"
+"""On a cache claim the operator created: the uid of the LLMModel it was made for.
+
+A label can be copied onto anyone's claim; this is set only by the operator's own
+create, so a claim without it is never changed, and never given an owner reference
+that would delete it with the model.
+"""
+
 MAX_NAME_LENGTH = 52
 """The longest LLMModel name.
 

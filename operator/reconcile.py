@@ -195,6 +195,27 @@ def _refuses_dry_runs(err: ApiError) -> bool:
     return err.status == 400 and "dry run" in err.message.lower()
 
 
+def _created_for(claim: Manifest, model: LLMModel) -> str | None:
+    """The uid of the model the operator created `claim` for; None when the
+    operator did not create it.
+
+    Claims made before the `created-for` annotation count as created for `model`
+    when they carry its owner reference (deletePolicy Delete); the next apply adds
+    the annotation.
+    """
+    meta = claim.get("metadata", {})
+    marked = (meta.get("annotations") or {}).get(names.ANNOTATION_CREATED_FOR)
+    if marked:
+        return str(marked)
+    return model.uid if _owner_uid(claim) == model.uid else None
+
+
+def _built_claim(model: LLMModel, created_for: str) -> Manifest:
+    claim = build_cache_claim(model, created_for)
+    assert claim is not None, "only called for a model with spec.cache"
+    return claim
+
+
 def _is_ours(obj: Manifest) -> bool:
     labels = obj.get("metadata", {}).get("labels", {}) or {}
     return labels.get(names.LABEL_MANAGED_BY) == names.MANAGER_NAME
@@ -465,9 +486,8 @@ class Reconciler:
     async def _apply_workload(self, model: LLMModel) -> Manifest:
         """Applies the cache claim and the Deployment; returns the Deployment as
         applied."""
-        claim = build_cache_claim(model)
-        if claim is not None:
-            await self._apply_claim(model, claim, _first_look(model))
+        if model.spec.cache is not None:
+            await self._apply_claim(model, _first_look(model))
         return await self._apply(
             model,
             build_deployment(model, self.settings),
@@ -508,13 +528,16 @@ class Reconciler:
         seen = await self._call(self.view.deployment(model.namespace, model.name))
         return seen if seen is not None and is_newer(seen, applied) else applied
 
-    async def _apply_claim(
-        self, model: LLMModel, claim: Manifest, first_look: bool
-    ) -> None:
-        name = claim["metadata"]["name"]
+    async def _apply_claim(self, model: LLMModel, first_look: bool) -> None:
+        name = names.cache_claim_name(model.name)
         current = await self._call(self.kube.get(PVCS, name, model.namespace))
-        if current is not None and not _is_ours(current):
-            # A claim someone else made: used as it is, never changed.
+        if current is None:
+            await self._create_claim(model)
+            return
+        created_for = _created_for(current, model)
+        if created_for is None:
+            # A claim the operator did not create (whatever its labels say): used
+            # as it is, never changed, never given an owner reference.
             if first_look:
                 await self._post(
                     model,
@@ -522,10 +545,11 @@ class Reconciler:
                         "Normal",
                         "CacheClaimAdopted",
                         f"using the existing PersistentVolumeClaim {name} as the cache "
-                        "without changing it",
+                        "without changing it: the operator did not create it",
                     ),
                 )
             return
+        claim = _built_claim(model, created_for)
         try:
             await self.kube.apply(claim)
         except ApiError as err:
@@ -537,8 +561,30 @@ class Reconciler:
                 model,
                 Notice("Warning", "CacheClaimNotUpdated", f"{name}: {err.message}"),
             )
-            if current is not None:
-                await self._apply_claim_metadata(claim, current)
+            await self._apply_claim_metadata(claim, current)
+
+    async def _create_claim(self, model: LLMModel) -> None:
+        """Creates the cache claim, marked as the operator's.
+
+        A create, not an apply, so that a claim someone makes at the same moment is
+        refused (409) rather than merged into and marked. The owner reference is
+        applied after: fields a create sets stay with it, and the apply that
+        switches to Retain must be able to remove the reference.
+        """
+        claim = _built_claim(model, model.uid)
+        meta = {k: v for k, v in claim["metadata"].items() if k != "ownerReferences"}
+        try:
+            await self.kube.create({**claim, "metadata": meta})
+        except ApiError as err:
+            if err.status == 409:
+                raise ReconcileError(
+                    f"PersistentVolumeClaim {meta['name']} was created by someone "
+                    "else meanwhile; looking again",
+                    retryable=True,
+                ) from err
+            raise ReconcileError(str(err), retryable=err.retryable) from err
+        if "ownerReferences" in claim["metadata"]:
+            await self._call(self.kube.apply(claim))
 
     async def _apply_claim_metadata(self, claim: Manifest, current: Manifest) -> None:
         """Applies `claim` with the spec the claim has now: its metadata still

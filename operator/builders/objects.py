@@ -30,11 +30,20 @@ def build_service(model: LLMModel) -> Manifest:
     }
 
 
-def build_cache_claim(model: LLMModel) -> Manifest | None:
+def build_cache_claim(
+    model: LLMModel, created_for: str | None = None
+) -> Manifest | None:
     """The cache PersistentVolumeClaim, or None when the spec has no cache.
 
     Only `deletePolicy: Delete` gives it an owner reference: by default the claim,
     which holds the downloaded weights, outlives the model.
+
+    Args:
+        model: the model.
+        created_for: the uid of the model the operator created the claim for (this
+            one's, or an earlier model's of the same name when it was retained);
+            the claim carries it in its `created-for` annotation. None for the
+            claim to create, which gets this model's.
     """
     cache = model.spec.cache
     if cache is None:
@@ -45,15 +54,17 @@ def build_cache_claim(model: LLMModel) -> Manifest | None:
     }
     if cache.storage_class_name is not None:
         spec["storageClassName"] = cache.storage_class_name
+    meta = metadata(
+        model,
+        names.cache_claim_name(model.name),
+        owned=cache.delete_policy is DeletePolicy.DELETE,
+        component="model-cache",
+    )
+    meta["annotations"] = {names.ANNOTATION_CREATED_FOR: created_for or model.uid}
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": metadata(
-            model,
-            names.cache_claim_name(model.name),
-            owned=cache.delete_policy is DeletePolicy.DELETE,
-            component="model-cache",
-        ),
+        "metadata": meta,
         "spec": spec,
     }
 

@@ -80,7 +80,9 @@ class Kube(Protocol):
         ...
 
     async def create(self, obj: Manifest) -> Manifest:
-        """Creates an object (for Events, which are never applied)."""
+        """Creates an object; a 409 ApiError when one of that name exists (for
+        Events, which are never applied, and claims that must not be merged into
+        someone else's)."""
         ...
 
     async def has_resource(self, resource: Resource) -> bool:
@@ -205,7 +207,8 @@ class AioKube:
     async def create(self, obj: Manifest) -> Manifest:
         resource = resource_for(obj["apiVersion"], obj["kind"])
         path = resource.path(obj["metadata"].get("namespace"))
-        return await self._request("POST", path, body=obj) or {}
+        params = {"fieldManager": names.FIELD_MANAGER}
+        return await self._request("POST", path, params=params, body=obj) or {}
 
     async def has_resource(self, resource: Resource) -> bool:
         prefix = f"/apis/{resource.api_version}" if resource.group else "/api/v1"

@@ -54,6 +54,7 @@ class FakeKube:
         self.dry_runs: list[tuple[str, Manifest]] = []
         self.deleted: list[tuple[str, str, str]] = []
         self.events: list[Manifest] = []
+        self.created: list[Manifest] = []
         self.served = set(served)
         self.fail: dict[str, ApiError] = {}
         self._uids = itertools.count(1)
@@ -160,8 +161,17 @@ class FakeKube:
         return True
 
     async def create(self, obj: Manifest) -> Manifest:
-        self.events.append(copy.deepcopy(obj))
-        return obj
+        if obj["kind"] == "Event":
+            self.events.append(copy.deepcopy(obj))
+            return obj
+        resource = resource_for(obj["apiVersion"], obj["kind"])
+        if resource.plural in self.fail:
+            raise self.fail[resource.plural]
+        meta = obj["metadata"]
+        if self._key(resource, meta["name"], meta.get("namespace")) in self.objects:
+            raise ApiError(409, "AlreadyExists", f"{resource.plural} {meta['name']}")
+        self.created.append(copy.deepcopy(obj))
+        return copy.deepcopy(self.put(obj))
 
     async def has_resource(self, resource: Resource) -> bool:
         return resource in self.served

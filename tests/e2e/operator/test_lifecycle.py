@@ -19,6 +19,13 @@ def _model(name: str, **spec: Any) -> str:
     )
 
 
+def _events(kube: Kube, selector: str) -> str:
+    """`kubectl get events` in the test's namespace, by field selector."""
+    return kube.cluster.kubectl(
+        "get", "events", "-n", kube.namespace, "--field-selector", selector
+    )
+
+
 def _args(kube: Kube, name: str) -> list[str]:
     deployment = kube.get("deployment", name)
     return list(deployment["spec"]["template"]["spec"]["containers"][0]["args"])
@@ -108,15 +115,7 @@ def test_hand_edits_to_the_deployment_are_reverted(kube: Kube) -> None:
         timeout=30,
     )
     kube.wait_phase("guarded", "Ready")
-    events = kube.cluster.kubectl(
-        "get",
-        "events",
-        "-n",
-        kube.namespace,
-        "--field-selector",
-        "reason=DriftReverted",
-    )
-    assert "DriftReverted" in events
+    assert "DriftReverted" in _events(kube, "reason=DriftReverted")
     kube.delete_model("guarded")
 
 
@@ -135,4 +134,62 @@ def test_delete_removes_what_it_owned_but_keeps_the_cache(
         lambda: not [r for r in kube.routes() if r["name"] == "doomed"],
     )
     claim = kube.get("pvc", "doomed-cache")
+    assert claim is not None and claim["metadata"].get("deletionTimestamp") is None
+
+
+def test_delete_policy_deletes_only_a_claim_the_operator_made(
+    kube: Kube, cache_volume: Callable[..., str]
+) -> None:
+    deleting = {"size": "10Gi", "deletePolicy": "Delete"}
+    cache_volume("made-cache")
+    kube.apply(_model("made", cache=deleting))
+    kube.wait_phase("made", "Ready")
+
+    def owners(claim: str) -> list[str]:
+        meta = kube.get("pvc", claim)["metadata"]
+        return [r["name"] for r in meta.get("ownerReferences", [])]
+
+    assert owners("made-cache") == ["made"]
+    # The create must leave the owner reference to the apply, or Retain could
+    # not take it away: a field set by a create stays with the create.
+    kube.apply(_model("made", cache={**deleting, "deletePolicy": "Retain"}))
+    kube.wait("the owner reference to go", lambda: not owners("made-cache"))
+    kube.apply(_model("made", cache=deleting))
+    kube.wait("the owner reference back", lambda: owners("made-cache") == ["made"])
+
+    # Someone's claim with our labels copied onto it: used, never owned.
+    cache_volume("copied-cache")
+    labels = {
+        "app.kubernetes.io/managed-by": "citadel-operator",
+        "citadel.ai/model": "copied",
+    }
+    kube.apply(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": "copied-cache", "labels": labels},
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "resources": {"requests": {"storage": "10Gi"}},
+                },
+            }
+        )
+    )
+    kube.apply(_model("copied", cache=deleting))
+    kube.wait_phase("copied", "Ready")
+    assert owners("copied-cache") == []
+    adopted = "reason=CacheClaimAdopted,involvedObject.name=copied"
+    assert "copied-cache" in _events(kube, adopted)
+
+    kube.delete_model("copied")
+    kube.delete_model("made")
+    kube.wait(
+        "the garbage collector to delete made-cache",
+        lambda: (
+            (claim := kube.get("pvc", "made-cache")) is None
+            or claim["metadata"].get("deletionTimestamp")
+        ),
+    )
+    claim = kube.get("pvc", "copied-cache")
     assert claim is not None and claim["metadata"].get("deletionTimestamp") is None

@@ -42,6 +42,9 @@ def test_cache_claim_is_kept_by_default() -> None:
     assert claim is not None
     assert claim["metadata"]["name"] == "mixtral-cache"
     assert "ownerReferences" not in claim["metadata"]
+    # Marks the claim as made by the operator, for this model unless told.
+    annotations = claim["metadata"]["annotations"]
+    assert annotations == {"citadel.ai/created-for": "uid-mixtral"}
     assert claim["spec"] == {
         "accessModes": ["ReadWriteOnce"],
         "resources": {"requests": {"storage": "200Gi"}},
@@ -56,6 +59,13 @@ def test_cache_claim_is_owned_when_it_should_go_with_the_model() -> None:
     assert claim is not None
     assert claim["metadata"]["ownerReferences"][0]["kind"] == "LLMModel"
     assert "storageClassName" not in claim["spec"]
+
+
+def test_cache_claim_keeps_the_model_it_was_created_for() -> None:
+    claim = build_cache_claim(make_model(cache={"size": "1Gi"}), "uid-earlier")
+    assert claim is not None
+    annotations = claim["metadata"]["annotations"]
+    assert annotations == {"citadel.ai/created-for": "uid-earlier"}
 
 
 @pytest.mark.parametrize(("replicas", "wanted"), [(0, False), (1, False), (2, True)])

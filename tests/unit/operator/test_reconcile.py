@@ -131,6 +131,108 @@ async def test_existing_cache_claim_is_used_untouched(
     assert "CacheClaimAdopted" in _reasons(kube)
 
 
+def _claim(**metadata: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "mixtral-cache", "namespace": "llm", **metadata},
+        "spec": {"resources": {"requests": {"storage": "1Ti"}}},
+    }
+
+
+async def test_a_claim_with_our_labels_but_not_made_by_us_is_never_owned(
+    settings: OperatorSettings,
+) -> None:
+    # Labels can be copied from any manifest of ours; with deletePolicy Delete an
+    # owner reference on this claim would have the garbage collector delete it.
+    theirs = _claim(
+        labels={names.LABEL_MANAGED_BY: names.MANAGER_NAME, names.LABEL_MODEL: "x"}
+    )
+    body = model_body(cache={"size": "10Gi", "deletePolicy": "Delete"})
+    kube, reconciler = _setup(settings, body, theirs)
+    await reconciler.reconcile(body)
+    claim = kube.stored(PVCS, "mixtral-cache", "llm")
+    assert "ownerReferences" not in claim["metadata"]
+    assert claim["spec"] == theirs["spec"]
+    assert not [o for _, o in kube.applied if o["kind"] == "PersistentVolumeClaim"]
+    assert "CacheClaimAdopted" in _reasons(kube)
+
+
+async def test_a_new_claim_is_created_marked_and_then_owned(
+    settings: OperatorSettings,
+) -> None:
+    body = model_body(cache={"size": "10Gi", "deletePolicy": "Delete"})
+    kube, reconciler = _setup(settings, body)
+    await reconciler.reconcile(body)
+    [created] = kube.created
+    # The create leaves the owner reference to the apply, which alone can take
+    # it away again when the policy becomes Retain.
+    assert "ownerReferences" not in created["metadata"]
+    claim = kube.stored(PVCS, "mixtral-cache", "llm")
+    annotations = claim["metadata"]["annotations"]
+    assert annotations[names.ANNOTATION_CREATED_FOR] == "uid-mixtral"
+    assert [r["uid"] for r in claim["metadata"]["ownerReferences"]] == ["uid-mixtral"]
+
+
+async def test_a_retained_claim_serves_the_next_model_of_its_name(
+    settings: OperatorSettings,
+) -> None:
+    retained = _claim(annotations={names.ANNOTATION_CREATED_FOR: "uid-earlier"})
+    body = model_body(cache={"size": "2Ti"})
+    kube, reconciler = _setup(settings, body, retained)
+    await reconciler.reconcile(body)
+    claim = kube.stored(PVCS, "mixtral-cache", "llm")
+    assert claim["spec"]["resources"]["requests"]["storage"] == "2Ti"
+    annotations = claim["metadata"]["annotations"]
+    assert annotations[names.ANNOTATION_CREATED_FOR] == "uid-earlier"
+    assert not kube.created
+    assert "CacheClaimAdopted" not in _reasons(kube)
+
+
+async def test_a_claim_from_before_the_mark_is_ours_by_its_owner_reference(
+    settings: OperatorSettings,
+) -> None:
+    owned = _claim(
+        ownerReferences=[
+            {
+                "apiVersion": names.API_VERSION,
+                "kind": names.KIND,
+                "name": "mixtral",
+                "uid": "uid-mixtral",
+                "controller": True,
+            }
+        ]
+    )
+    body = model_body(cache={"size": "2Ti", "deletePolicy": "Delete"})
+    kube, reconciler = _setup(settings, body, owned)
+    await reconciler.reconcile(body)
+    claim = kube.stored(PVCS, "mixtral-cache", "llm")
+    assert claim["spec"]["resources"]["requests"]["storage"] == "2Ti"
+    annotations = claim["metadata"]["annotations"]
+    assert annotations[names.ANNOTATION_CREATED_FOR] == "uid-mixtral"
+
+
+async def test_a_claim_made_by_someone_else_meanwhile_is_left_alone(
+    settings: OperatorSettings,
+) -> None:
+    body = model_body(cache={"size": "10Gi", "deletePolicy": "Delete"})
+    kube, reconciler = _setup(settings, body)
+    original = kube.create
+
+    async def someone_first(obj: dict[str, Any]) -> Any:
+        if obj["kind"] == "PersistentVolumeClaim":
+            kube.put(_claim())  # between our read and our create
+        return await original(obj)
+
+    kube.create = someone_first  # type: ignore[method-assign]
+    with pytest.raises(ReconcileError, match="someone else") as err:
+        await reconciler.reconcile(body)
+    assert err.value.retryable
+    claim = kube.stored(PVCS, "mixtral-cache", "llm")
+    assert claim["metadata"].get("annotations") is None
+    assert "ownerReferences" not in claim["metadata"]
+
+
 async def test_retain_drops_the_owner_reference_even_when_a_resize_is_refused(
     settings: OperatorSettings,
 ) -> None:
