@@ -33,7 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_format, settings.log_level)
     deps = build_deps(settings, dict(os.environ))
     if settings.grpc_port:
-        add_grpc(deps, settings.host, settings.grpc_port, settings.max_body_bytes)
+        add_grpc(
+            deps,
+            settings.host,
+            settings.grpc_port,
+            settings.max_body_bytes,
+            stop_grace_s=settings.shutdown_grace_s,
+        )
     app = create_app(settings, deps)
     # What start-up built (modules, FastAPI's routes, pydantic's validators;
     # about 105,700 objects from the imports alone: len(gc.get_objects()) after
@@ -54,6 +60,6 @@ def main(argv: list[str] | None = None) -> int:
         http="httptools",
         access_log=False,
         log_config=None,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
     return 0

@@ -70,6 +70,10 @@ class GatewaySettings(BaseSettings):
     """How long a Redis call may take before limits fail open for that request;
     without it a stalled Redis would hold every request for the client's
     default of seconds."""
+    shutdown_grace_s: int = Field(30, ge=0)
+    """After SIGTERM, how long requests in flight (open streams too) may finish
+    before they are cut, for REST and again for gRPC. Keep it below the pod's
+    termination grace period (the chart derives it from that)."""
     log_format: LogFormat = LogFormat.JSON
     """`json` (one object per line) or `text`."""
     log_level: str = "INFO"

@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 HEALTH_PERIOD_S = 0.5
-STOP_GRACE_S = 30.0
 
 
 class GrpcServer:
@@ -38,12 +37,19 @@ class GrpcServer:
         host: address to listen on.
         port: port to listen on (0: any free port, see `port` after `start`).
         max_message_bytes: largest request message (the REST body limit).
+        stop_grace_s: how long calls in flight may finish when it stops.
     """
 
     def __init__(
-        self, deps: Deps, host: str, port: int, max_message_bytes: int
+        self,
+        deps: Deps,
+        host: str,
+        port: int,
+        max_message_bytes: int,
+        stop_grace_s: float = 30.0,
     ) -> None:
         self._deps = deps
+        self._stop_grace_s = stop_grace_s
         self._address = f"{host}:{port}"
         self._max = max_message_bytes
         self._server: grpc.aio.Server | None = None
@@ -72,7 +78,7 @@ class GrpcServer:
         if self._server is None:
             return
         await self._health.enter_graceful_shutdown()
-        await self._server.stop(STOP_GRACE_S)
+        await self._server.stop(self._stop_grace_s)
         self._server = None
 
     async def run(self) -> None:
@@ -92,10 +98,17 @@ class GrpcServer:
             await asyncio.sleep(HEALTH_PERIOD_S)
 
 
-def add_grpc(deps: Deps, host: str, port: int, max_message_bytes: int) -> GrpcServer:
+def add_grpc(
+    deps: Deps,
+    host: str,
+    port: int,
+    max_message_bytes: int,
+    *,
+    stop_grace_s: float = 30.0,
+) -> GrpcServer:
     """Adds a gRPC server to the app's lifecycle (after the upstream client
     starts, stopped before it closes)."""
-    server = GrpcServer(deps, host, port, max_message_bytes)
+    server = GrpcServer(deps, host, port, max_message_bytes, stop_grace_s)
     deps.startup.append(server.start)
     deps.shutdown.append(server.stop)
     deps.sources.append(server)

@@ -254,3 +254,32 @@ def test_sigterm_lets_requests_in_flight_finish(setup: dict[str, Any]) -> None:
     assert statuses == [200] * 4
     # uvicorn re-raises the signal once it has shut down cleanly.
     assert gateway.proc.wait(timeout=60) in (0, -signal.SIGTERM)
+
+
+def test_sigterm_cuts_what_outlasts_the_shutdown_grace(
+    tmp_path: Path, start_backend: Any, start_gateway: Any, helpers: Any
+) -> None:
+    # The grace is a setting (the chart derives it from the pod's termination
+    # grace period): a request longer than it is cut, not waited for.
+    backend = start_backend("a")
+    keys = tmp_path / "keys.json"
+    key = helpers.create_key(keys, "alice", "--models", "chat")
+    models = [helpers.route("chat", [backend])]
+    gateway = start_gateway(models, keys, shutdown_grace_s="1")
+    client = httpx.Client(
+        base_url=gateway.url, headers={"authorization": f"Bearer {key}"}, timeout=60
+    )
+    body = {"model": "chat", "messages": MESSAGES, "fake_delay_s": 20}
+    with client, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(client.post, "/v1/chat/completions", json=body)
+        deadline = time.monotonic() + 30
+        while not backend.received() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        gateway.proc.send_signal(signal.SIGTERM)
+        assert gateway.proc.wait(timeout=15) is not None  # not 20 s and more
+        # uvicorn answers a request it cuts before its headers with a plain 500.
+        try:
+            status: int | None = future.result().status_code
+        except httpx.TransportError:
+            status = None
+        assert status != 200

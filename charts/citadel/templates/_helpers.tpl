@@ -5,18 +5,19 @@
 {{- end }}
 
 {{/*
-The prefix of every object's name. Component suffixes (-operator, -gateway, -redis,
--admin-key) add at most 16 characters, so it is cut at 47.
+The prefix of every object's name. The longest suffix of a name that must be a
+63-character DNS label, the operator's metrics Service's (-operator-metrics), adds
+17 characters, so it is cut at 46.
 */}}
 {{- define "citadel.fullname" -}}
 {{- if .Values.fullnameOverride }}
-{{- .Values.fullnameOverride | trunc 47 | trimSuffix "-" }}
+{{- .Values.fullnameOverride | trunc 46 | trimSuffix "-" }}
 {{- else }}
 {{- $name := default .Chart.Name .Values.nameOverride }}
 {{- if contains $name .Release.Name }}
-{{- .Release.Name | trunc 47 | trimSuffix "-" }}
+{{- .Release.Name | trunc 46 | trimSuffix "-" }}
 {{- else }}
-{{- printf "%s-%s" .Release.Name $name | trunc 47 | trimSuffix "-" }}
+{{- printf "%s-%s" .Release.Name $name | trunc 46 | trimSuffix "-" }}
 {{- end }}
 {{- end }}
 {{- end }}

@@ -198,3 +198,28 @@ def test_names_follow_the_release(chart: ChartKit) -> None:
         "llm-gateway",
         "llm-redis",
     }
+
+
+def test_names_stay_legal_at_the_longest_prefix(chart: ChartKit) -> None:
+    objs = chart.render({"fullnameOverride": "x" * 46})
+    for o in objs:
+        name = o["metadata"]["name"]
+        # A Service's name is a DNS label; every other name here a subdomain.
+        limit = 63 if o["kind"] == "Service" else 253
+        assert len(name) <= limit, f"{o['kind']} {name}"
+    chart.render({"fullnameOverride": "x" * 47}, expect_error="fullnameOverride")
+
+
+def test_gateway_shutdown_grace_follows_the_pods(chart: ChartKit) -> None:
+    def grace(values: dict[str, Any]) -> tuple[int, str]:
+        deployment = chart.one(chart.render(values), "Deployment", "citadel-gateway")
+        env = chart.env_of(chart.container(deployment))
+        pod = deployment["spec"]["template"]["spec"]
+        return pod["terminationGracePeriodSeconds"], env[
+            "CITADEL_GATEWAY_SHUTDOWN_GRACE_S"
+        ]
+
+    # The preStop sleep (5 s) and a margin come out of the pod's period.
+    assert grace({}) == (60, "50")
+    assert grace({"gateway.terminationGracePeriodSeconds": 3600}) == (3600, "3590")
+    assert grace({"gateway.terminationGracePeriodSeconds": 4}) == (4, "0")
