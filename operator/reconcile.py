@@ -504,7 +504,8 @@ class Reconciler:
         else:
             await self._delete_owned(model, PDBS, model.name)
         if await self._monitoring_installed():
-            await self._apply(model, build_pod_monitor(model))
+            monitor = build_pod_monitor(model, self.settings.pod_monitor_labels)
+            await self._apply(model, monitor)
         elif first_look:
             await self._post(
                 model,

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import enum
 import fnmatch
+import re
 from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from citadel.operator import names
 
 DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.33.0"
 
@@ -72,6 +75,10 @@ class OperatorSettings(BaseSettings):
     whole document (450 KB for 1,000 minimal models, measured with
     build_document) to the API server and to every gateway's watch; while
     models keep changing, as in a burst of new ones, this bounds how often."""
+    pod_monitor_labels: dict[str, str] = {}
+    """Labels added to every PodMonitor, as a JSON object: those a Prometheus
+    selects PodMonitors by (kube-prometheus-stack's `release`). The operator's
+    own labels cannot be replaced."""
     max_concurrent_reconciles: int = Field(32, ge=1)
     """Models reconciled at once, and as many status refreshes beside them; the
     rest wait their turn in arrival order. Without a bound, a burst of new models
@@ -83,6 +90,18 @@ class OperatorSettings(BaseSettings):
     def _split(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("pod_monitor_labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, text in value.items():
+            if not _LABEL_KEY.match(key):
+                raise ValueError(f"{key!r} is not a label key")
+            if key in _OWN_LABELS:
+                raise ValueError(f"{key!r} is one of the operator's own labels")
+            if not _LABEL_VALUE.match(text):
+                raise ValueError(f"{text!r} (label {key}) is not a label value")
         return value
 
     @property
@@ -101,6 +120,21 @@ class OperatorSettings(BaseSettings):
         return self.clusterwide or any(
             fnmatch.fnmatchcase(namespace, p) for p in self.watch_namespaces
         )
+
+
+_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_LABEL_KEY = re.compile(rf"^([a-z0-9]([-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_NAME}$")
+_LABEL_VALUE = re.compile(rf"^({_NAME})?$")
+_OWN_LABELS = frozenset(
+    {
+        names.LABEL_NAME,
+        names.LABEL_INSTANCE,
+        names.LABEL_COMPONENT,
+        names.LABEL_PART_OF,
+        names.LABEL_MANAGED_BY,
+        names.LABEL_MODEL,
+    }
+)
 
 
 def _is_glob(pattern: str) -> bool:

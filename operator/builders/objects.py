@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from citadel.operator import names
 from citadel.operator.builders.common import Manifest, metadata, selector_labels
 from citadel.operator.model import LLMModel
@@ -84,12 +86,22 @@ def build_pdb(model: LLMModel) -> Manifest | None:
     }
 
 
-def build_pod_monitor(model: LLMModel) -> Manifest:
-    """A Prometheus Operator PodMonitor scraping vLLM's `/metrics`."""
+def build_pod_monitor(
+    model: LLMModel, extra_labels: Mapping[str, str] | None = None
+) -> Manifest:
+    """A Prometheus Operator PodMonitor scraping vLLM's `/metrics`.
+
+    Args:
+        model: the model.
+        extra_labels: labels a Prometheus selects PodMonitors by; the model's own
+            labels win over them.
+    """
+    meta = metadata(model, model.name)
+    meta["labels"] = {**(extra_labels or {}), **meta["labels"]}
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PodMonitor",
-        "metadata": metadata(model, model.name),
+        "metadata": meta,
         "spec": {
             "selector": {"matchLabels": selector_labels(model)},
             "podMetricsEndpoints": [

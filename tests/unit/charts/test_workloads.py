@@ -146,6 +146,22 @@ def test_operator_env_names_are_settings_the_operator_reads(chart: ChartKit) -> 
     assert "POD_ID" in env  # Kopf names the replica after its pod when peering
 
 
+def test_monitoring_labels_reach_the_operators_pod_monitors(
+    chart: ChartKit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def env(values: dict[str, Any]) -> dict[str, Any]:
+        objs = chart.render(values)
+        return chart.env_of(
+            chart.container(chart.one(objs, "Deployment", "citadel-operator"))
+        )
+
+    assert "CITADEL_OPERATOR_POD_MONITOR_LABELS" not in env({})
+    labels = {"release": "kube-prometheus-stack"}
+    given = env({"monitoring.labels": labels})["CITADEL_OPERATOR_POD_MONITOR_LABELS"]
+    monkeypatch.setenv("CITADEL_OPERATOR_POD_MONITOR_LABELS", given)
+    assert OperatorSettings().pod_monitor_labels == labels
+
+
 def test_gateway_env_names_are_settings_the_gateway_reads(chart: ChartKit) -> None:
     objs = chart.render()
     env = chart.env_of(

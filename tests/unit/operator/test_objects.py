@@ -80,3 +80,10 @@ def test_pod_monitor_scrapes_metrics() -> None:
     monitor = build_pod_monitor(make_model())
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "http"
     assert monitor["spec"]["podMetricsEndpoints"][0]["path"] == "/metrics"
+
+
+def test_pod_monitor_carries_the_labels_prometheus_selects() -> None:
+    extra = {"release": "prom", "citadel.ai/model": "not-this"}
+    labels = build_pod_monitor(make_model(), extra)["metadata"]["labels"]
+    assert labels["release"] == "prom"
+    assert labels["citadel.ai/model"] == "mixtral"  # its own labels win

@@ -37,6 +37,33 @@ def test_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
         OperatorSettings()
 
 
+def test_pod_monitor_labels_from_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "CITADEL_OPERATOR_POD_MONITOR_LABELS",
+        '{"release": "kube-prometheus-stack", "example.com/team": "ml"}',
+    )
+    labels = OperatorSettings().pod_monitor_labels
+    assert labels == {"release": "kube-prometheus-stack", "example.com/team": "ml"}
+
+
+@pytest.mark.parametrize(
+    ("labels", "problem"),
+    [
+        ('{"bad key": "x"}', "not a label key"),
+        ('{"release": "not a value"}', "not a label value"),
+        ('{"release": "' + "x" * 64 + '"}', "not a label value"),
+        ('{"app.kubernetes.io/managed-by": "helm"}', "operator's own labels"),
+        ('["release"]', "pod_monitor_labels"),
+    ],
+)
+def test_bad_pod_monitor_labels_are_refused(
+    monkeypatch: pytest.MonkeyPatch, labels: str, problem: str
+) -> None:
+    monkeypatch.setenv("CITADEL_OPERATOR_POD_MONITOR_LABELS", labels)
+    with pytest.raises(ValueError, match=problem):
+        OperatorSettings()
+
+
 def test_namespace_globs_list_everything_and_filter() -> None:
     settings = OperatorSettings(watch_namespaces=("e2e-*", "llm"))
     assert settings.list_scopes() == (None,)
