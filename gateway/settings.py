@@ -56,7 +56,11 @@ class GatewaySettings(BaseSettings):
     """A static key file (JSON, written by `citadel keys create --file`). Used
     instead of Kubernetes Secrets when set, or when `routes_source` is `file`."""
     namespace: str = "citadel-system"
-    """Namespace of the `citadel-routes` ConfigMap and of the API-key Secrets."""
+    """Namespace of the API-key Secrets, and of the `citadel-routes` ConfigMap
+    unless `routes_namespace` names another."""
+    routes_namespace: str = ""
+    """Namespace of the `citadel-routes` ConfigMap when it is not `namespace`: a
+    gateway of its own (its own keys) beside another release's operator."""
     kubeconfig: Path | None = None
     """A kubeconfig file; empty means the in-cluster service account."""
     kube_context: str | None = None

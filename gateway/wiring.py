@@ -105,7 +105,8 @@ def _add_sources(
     if client is not None:
         deps.startup.append(client.start)
         deps.shutdown.append(client.close)
-        deps.sources.append(RoutesWatchSource(client, settings.namespace, deps.catalog))
+        routes_namespace = settings.routes_namespace or settings.namespace
+        deps.sources.append(RoutesWatchSource(client, routes_namespace, deps.catalog))
     elif settings.routes_file is not None:
         deps.sources.append(
             routes_file_source(settings.routes_file, deps.catalog, period)

@@ -156,39 +156,53 @@ the root context, so the plain-key Secret and the hashed record agree.
 {{/*
 What the operator does to the objects of the namespaces holding models: LLMModels
 and what it makes for each (Deployment, Service, cache PVC, PodDisruptionBudget,
-PodMonitor), the pods and ReplicaSets it reads to explain a model's status, and
-Events. Used by the ClusterRole (cluster-wide) or by one Role per namespace.
+PodMonitor), the pods it reads to explain a model's status, and Events. Used by the ClusterRole (cluster-wide) or by one Role per namespace.
 */}}
 {{- define "citadel.operator.modelRules" -}}
+# Only the verbs the operator sends: it applies (patch), creates claims and
+# Events (create), deletes what it owns, and watches models, Deployments and pods
+# (Kopf's indexes); it never updates (PUT).
 - apiGroups: [citadel.ai]
   resources: [llmmodels]
-  verbs: [get, list, watch, patch, update]
+  verbs: [get, list, watch, patch]
 - apiGroups: [citadel.ai]
   resources: [llmmodels/status]
-  verbs: [get, patch, update]
+  verbs: [get, patch]
 # Owner references with blockOwnerDeletion need update on the owner's finalizers.
 - apiGroups: [citadel.ai]
   resources: [llmmodels/finalizers]
   verbs: [update]
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [get, list, watch, create, update, patch, delete]
-- apiGroups: [apps]
-  resources: [replicasets]
-  verbs: [get, list, watch]
-- apiGroups: [""]
-  resources: [services, persistentvolumeclaims]
-  verbs: [get, list, watch, create, update, patch, delete]
+  verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch]
+- apiGroups: [""]
+  resources: [services, persistentvolumeclaims]
+  verbs: [get, create, patch, delete]
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
-  verbs: [get, list, watch, create, update, patch, delete]
+  verbs: [get, create, patch, delete]
 - apiGroups: [monitoring.coreos.com]
   resources: [podmonitors]
-  verbs: [get, list, watch, create, update, patch, delete]
+  verbs: [get, create, patch, delete]
 - apiGroups: ["", events.k8s.io]
   resources: [events]
   verbs: [create, patch]
+{{- end }}
+
+{{/*
+The namespace of the routing ConfigMap when it is not the release's: empty unless
+gateway.routesNamespace names another one, which only a gateway beside another
+release's operator may do (this release's operator writes into its own).
+*/}}
+{{- define "citadel.gateway.routesNamespace" -}}
+{{- $ns := .Values.gateway.routesNamespace }}
+{{- if and $ns (ne $ns .Release.Namespace) }}
+{{- if .Values.operator.enabled }}
+{{- fail "gateway.routesNamespace is for operator.enabled=false: this release's operator writes the routing ConfigMap into the release namespace" }}
+{{- end }}
+{{- $ns }}
+{{- end }}
 {{- end }}

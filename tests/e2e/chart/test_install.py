@@ -98,7 +98,7 @@ def test_install_upgrade_uninstall_cluster_wide(
     kinds = {o["kind"] for o in objs}
     assert {"ServiceMonitor", "PrometheusRule", "Ingress", "NetworkPolicy"} <= kinds
     assert get(cluster, "crd", "llmmodels.citadel.ai")["spec"]["group"] == "citadel.ai"
-    assert get(cluster, "networkpolicy", "citadel-e2e-models", "-n", models)
+    assert get(cluster, "networkpolicy", f"citadel-e2e-models-{ns}", "-n", models)
 
     # Every Deployment is Available with its pods scheduled on a fake node.
     for name in ("operator", "gateway", "redis"):
@@ -114,8 +114,9 @@ def test_install_upgrade_uninstall_cluster_wide(
     assert can_i(cluster, op, ns, "create", "deployments", "-n", models)
     assert can_i(cluster, op, ns, "patch", "llmmodels.citadel.ai/status", "-n", models)
     assert can_i(cluster, op, ns, "create", "podmonitors.monitoring.coreos.com", "-A")
-    assert can_i(cluster, op, ns, "update", "configmaps", "-n", ns)
-    assert not can_i(cluster, op, ns, "update", "configmaps", "-n", models)
+    assert can_i(cluster, op, ns, "patch", "configmaps", "-n", ns)
+    assert not can_i(cluster, op, ns, "patch", "configmaps", "-n", models)
+    assert not can_i(cluster, op, ns, "update", "deployments", "-n", models)
     assert not can_i(cluster, op, ns, "get", "secrets", "-n", ns)
     assert not can_i(cluster, op, ns, "delete", "nodes")
     assert can_i(cluster, gw, ns, "watch", "endpointslices.discovery.k8s.io", "-A")
@@ -193,6 +194,22 @@ def test_namespaced_install_keeps_the_admin_key_when_asked(
         cluster, gw, ns, "watch", "endpointslices.discovery.k8s.io", "-n", models
     )
     assert not can_i(cluster, gw, ns, "watch", "endpointslices.discovery.k8s.io", "-A")
+
+    # A gateway of its own (its own keys) beside this release's operator: Ready
+    # (--wait) only once it reads the routing ConfigMap in the other namespace.
+    team = namespaces("team")
+    cluster.helm(
+        "install", RELEASE, CHART, "-n", team, *WAIT,
+        "--set", "operator.enabled=false",
+        "--set", f"gateway.routesNamespace={ns}",
+        "--set", f"watchNamespaces={{{models}}}",
+        "--set", "gateway.replicas=1",
+        "--set", "redis.enabled=false",
+    )  # fmt: skip
+    assert can_i(cluster, gw, team, "watch", "configmaps/citadel-routes", "-n", ns)
+    assert not can_i(cluster, gw, team, "get", "configmaps/other", "-n", ns)
+    assert not can_i(cluster, gw, team, "list", "secrets", "-n", ns)
+    cluster.helm("uninstall", RELEASE, "-n", team, "--wait", "--timeout", "100s")
 
     key = admin_key(cluster, ns)
     cluster.helm("uninstall", RELEASE, "-n", ns, "--wait", "--timeout", "100s")

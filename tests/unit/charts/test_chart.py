@@ -50,6 +50,8 @@ def test_helm_lint_strict(chart: ChartKit, case: str, tmp_path: Path) -> None:
         ({"watchNamespaces": ["Bad_NS"]}, "/watchNamespaces/0"),
         ({"monitoring.rules.errorRatio": 2}, "/monitoring/rules/errorRatio"),
         ({"monitoring.rules.modelNotReadyFor": "soon"}, "modelNotReadyFor"),
+        ({"gateway.ingress.hosts": []}, "/gateway/ingress/hosts"),
+        ({"redis.image.tag": ""}, "redis.image.tag (or digest) must be set"),
     ],
 )
 def test_schema_refuses_bad_values(

@@ -145,6 +145,12 @@ def test_helm_test_pod_calls_models_with_the_admin_key(chart: ChartKit) -> None:
     assert "/v1/models" in c["command"][-1]
     pod = chart.one(chart.render({"gateway.auth": "disabled"}), "Pod")
     assert "CITADEL_API_KEY" not in chart.env_of(pod["spec"]["containers"][0])
+    # No key to test with: the gateway's 401 is the answer to expect.
+    pod = chart.one(chart.render({"gateway.adminKey.create": False}), "Pod")
+    env = chart.env_of(pod["spec"]["containers"][0])
+    assert "CITADEL_API_KEY" not in env and env["CITADEL_EXPECT"] == "401"
+    pulled = chart.render({"imagePullSecrets": [{"name": "regcred"}]})
+    assert chart.one(pulled, "Pod")["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
 
 
 def test_model_network_policy(chart: ChartKit) -> None:
@@ -158,7 +164,7 @@ def test_model_network_policy(chart: ChartKit) -> None:
             ],
         }
     )
-    policies = chart.find(objs, "NetworkPolicy", "citadel-models")
+    policies = chart.find(objs, "NetworkPolicy", "citadel-models-citadel-system")
     assert {p["metadata"]["namespace"] for p in policies} == {"llm-a", "llm-b"}
     spec = policies[0]["spec"]
     assert spec["podSelector"]["matchLabels"] == {
@@ -181,7 +187,39 @@ def test_model_pod_labels_are_the_operators(chart: ChartKit) -> None:
     objs = chart.render(
         {"networkPolicy.enabled": True, "networkPolicy.namespaces": ["x"]}
     )
-    policy = chart.one(objs, "NetworkPolicy", "citadel-models")
+    policy = chart.one(objs, "NetworkPolicy", "citadel-models-citadel-system")
     selector = policy["spec"]["podSelector"]["matchLabels"]
     assert selector == {names.LABEL_MANAGED_BY: names.MANAGER_NAME}
     assert policy["spec"]["ingress"][0]["ports"][0]["port"] == names.HTTP_PORT
+
+
+def test_a_gateway_beside_another_releases_operator(chart: ChartKit) -> None:
+    objs = chart.render(
+        {"operator.enabled": False, "gateway.routesNamespace": "citadel-system"},
+        namespace="team-b",
+    )
+    env = chart.env_of(
+        chart.container(chart.one(objs, "Deployment", "citadel-gateway"))
+    )
+    assert env["CITADEL_GATEWAY_ROUTES_NAMESPACE"] == "citadel-system"
+    assert env["CITADEL_GATEWAY_NAMESPACE"] == "team-b"  # its own keys
+    role = chart.one(objs, "Role", "citadel-gateway-routes-team-b")
+    assert role["metadata"]["namespace"] == "citadel-system"
+    assert role["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": ["citadel-routes"],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
+    binding = chart.one(objs, "RoleBinding", "citadel-gateway-routes-team-b")
+    assert binding["subjects"][0]["namespace"] == "team-b"
+    # The release's own namespace, or the default: nothing extra.
+    same = chart.render({"gateway.routesNamespace": chart.namespace})
+    gateway = chart.container(chart.one(same, "Deployment", "citadel-gateway"))
+    assert "CITADEL_GATEWAY_ROUTES_NAMESPACE" not in chart.env_of(gateway)
+    chart.render(
+        {"gateway.routesNamespace": "elsewhere"},
+        expect_error="gateway.routesNamespace is for operator.enabled=false",
+    )

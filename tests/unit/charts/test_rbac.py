@@ -48,16 +48,20 @@ def bound_to(objs: list[Obj], subject: str) -> set[tuple[str, str, str, str]]:
 
 def test_operator_cluster_wide(chart: ChartKit) -> None:
     granted = bound_to(chart.render(), "citadel-operator")
-    # What it manages, everywhere.
-    for resource, group in [
-        ("deployments", "apps"),
-        ("services", ""),
-        ("persistentvolumeclaims", ""),
-        ("poddisruptionbudgets", "policy"),
-        ("podmonitors", "monitoring.coreos.com"),
+    # What it manages, everywhere, with the verbs it sends (it applies: patch;
+    # it never updates) and watches where Kopf indexes them.
+    applied = {"get", "create", "patch", "delete"}
+    for resource, group, verbs in [
+        ("deployments", "apps", applied | {"list", "watch"}),
+        ("services", "", applied),
+        ("persistentvolumeclaims", "", applied),
+        ("poddisruptionbudgets", "policy", applied),
+        ("podmonitors", "monitoring.coreos.com", applied),
     ]:
-        for verb in WRITE | {"get", "list", "watch"}:
-            assert ("*", group, resource, verb) in granted, (resource, verb)
+        found = {v for s, g, r, v in granted if (s, g, r) == ("*", group, resource)}
+        assert found == verbs, resource
+    updates = {r for _, _, r, v in granted if v == "update"}
+    assert updates == {"llmmodels/finalizers"}  # for blockOwnerDeletion
     assert ("*", "citadel.ai", "llmmodels/status", "patch") in granted
     assert ("*", "kopf.dev", "clusterkopfpeerings", "patch") in granted
     # Reads only.

@@ -239,3 +239,23 @@ def test_gateway_shutdown_grace_follows_the_pods(chart: ChartKit) -> None:
     assert grace({}) == (60, "50")
     assert grace({"gateway.terminationGracePeriodSeconds": 3600}) == (3600, "3590")
     assert grace({"gateway.terminationGracePeriodSeconds": 4}) == (4, "0")
+
+
+def test_names_in_shared_namespaces_carry_the_release_namespace(
+    chart: ChartKit,
+) -> None:
+    # Two releases of one name (a second gateway in a team's namespace) put Roles
+    # and NetworkPolicies into the same model namespaces: they must not clash.
+    values = {"watchNamespaces": ["llm"], "networkPolicy.enabled": True}
+    objs = chart.render(values)
+    team = chart.render({**values, "operator.enabled": False}, namespace="team-b")
+
+    def shared(rendered: list[Obj]) -> set[tuple[str, str]]:
+        return {
+            (o["kind"], o["metadata"]["name"])
+            for o in rendered
+            if o["metadata"].get("namespace") == "llm"
+        }
+
+    assert shared(objs) and shared(team)
+    assert not shared(objs) & shared(team)
