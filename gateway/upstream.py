@@ -123,7 +123,10 @@ class _Target:
 
     @classmethod
     def of(cls, url: str) -> _Target:
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as err:  # e.g. an unclosed IPv6 bracket
+            raise UpstreamUnreachable(f"not a URL: {url!r} ({err})") from err
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UpstreamUnreachable(f"not an http:// or https:// URL: {url!r}")
         tls = parts.scheme == "https"

@@ -45,8 +45,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404:
         error = NotFound(f"No such endpoint: {request.method} {request.url.path}")
     elif exc.status_code == 405:
+        # Starlette names the allowed methods in `Allow`, which a 405 must carry
+        # (RFC 9110, 15.5.6).
         error = MethodNotAllowed(
-            f"{request.method} is not allowed on {request.url.path}"
+            f"{request.method} is not allowed on {request.url.path}",
+            headers=dict(exc.headers or {}),
         )
     else:
         error = InvalidRequest(str(exc.detail))

@@ -17,6 +17,7 @@ from citadel.gateway.errors import (
     BackendError,
     BackendTimeout,
     GatewayError,
+    InternalError,
     NoReplica,
 )
 from citadel.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
@@ -138,6 +139,15 @@ class ProxyService:
             # the replica may have worked on it.
             self._abandon(ctx)
             raise
+        except Exception as err:
+            # A bug: free the replica and count the request all the same, or a
+            # load-aware strategy would see the replica busy for ever.
+            log.error("unexpected error", exc_info=err, extra=self._log_fields(ctx))
+            self._let_go(ctx)
+            await self._settle(ctx, None)
+            failure = InternalError("The gateway failed unexpectedly.")
+            self._finish(ctx, failure.status, failure.code)
+            raise failure from err
 
     async def _handle(self, ctx: _Context, raw: bytes) -> ProxyResponse:
         body = parse_body(raw, ctx.call)
@@ -302,12 +312,16 @@ class ProxyService:
 
     def _abandon(self, ctx: _Context) -> None:
         """Frees the replica of a cancelled request and counts it (499)."""
+        self._let_go(ctx)
+        ctx.admission = None
+        self._finish(ctx, 499, "cancelled")
+
+    def _let_go(self, ctx: _Context) -> None:
+        """Frees the replica, if the request still holds one, judging nothing."""
         if ctx.holding and ctx.replica is not None:
             ctx.holding = False
             ctx.replica.in_flight -= 1
             self._metrics.in_flight.labels(ctx.model, ctx.replica.url).dec()
-        ctx.admission = None
-        self._finish(ctx, 499, "cancelled")
 
     async def _settle(
         self, ctx: _Context, usage: Usage | None, *, answered: bool = False

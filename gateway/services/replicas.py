@@ -64,7 +64,14 @@ class Replica:
         self.ejections_in_row = 0
 
     def record_failure(self, now: float, policy: EjectionPolicy) -> bool:
-        """A request failed; returns True when this failure ejects the replica."""
+        """A request failed; returns True when this failure ejects the replica.
+
+        While the replica is ejected a failure counts for nothing: it comes from a
+        request sent before the ejection, not from the trial after it, and
+        counting it would double the back-off once per request that was in flight.
+        """
+        if now < self.ejected_until:
+            return False
         self.failures += 1
         trial = self.ejections_in_row > 0 and self.failures == 1
         if self.failures < policy.eject_after and not trial:

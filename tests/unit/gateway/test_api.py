@@ -406,9 +406,25 @@ async def test_unexpected_failure_is_a_500_in_openai_shape(
     assert answer.headers["x-request-id"] == "r-9"
     assert "a bug" not in answer.text
     assert any(r.exc_info and "a bug" in str(r.exc_info[1]) for r in caplog.records)
+    # The replica it was sent to is free again, and the request is counted.
+    catalog = harness.deps.catalog
+    replicas = [r for route in catalog.routes() for r in catalog.replicas(route)]
+    assert replicas and all(r.in_flight == 0 for r in replicas)
+    labels = {"endpoint": "chat", "model": "smollm2", "status": "500"}
+    labels.update(key="alice", door="rest")
+    sample = harness.deps.metrics.registry.get_sample_value
+    assert sample("citadel_gateway_requests_total", labels) == 1
     # Both doors add the same version header.
     version = [h for h in listed.headers if "version" in h]
     assert version and all(answer.headers.get(h) for h in version)
+
+
+async def test_a_405_names_the_allowed_methods(harness: Any) -> None:
+    async with harness.client() as client:
+        answer = await client.get("/v1/chat/completions")
+    assert answer.status_code == 405
+    assert answer.headers["allow"] == "POST"
+    assert answer.json()["error"]["type"] == "invalid_request_error"
 
 
 async def test_the_routes_answer_as_the_fast_path_does(harness: Any, kit: Any) -> None:

@@ -85,6 +85,18 @@ def test_ejection_backoff_doubles_and_success_resets() -> None:
     assert not r.record_failure(40, policy)
 
 
+def test_failures_from_before_an_ejection_do_not_lengthen_it() -> None:
+    # Eight requests in flight when a replica dies fail one after another: the
+    # ejection their first failures cause stays the first back-off.
+    policy = EjectionPolicy(eject_after=2, base_s=5, max_s=60)
+    r = Replica("http://a")
+    ejected = [r.record_failure(100.0, policy) for _ in range(8)]
+    assert ejected == [False, True, False, False, False, False, False, False]
+    assert r.ejected_until == 105.0 and r.ejections_in_row == 1
+    # The trial after the back-off still doubles it.
+    assert r.record_failure(106.0, policy) and r.ejected_until == 116.0
+
+
 def test_replica_state_survives_endpoint_updates() -> None:
     catalog, _, _ = setup(Endpoint("http://a"))
     replica = catalog.replicas(DOC.models[0])[0]
