@@ -108,9 +108,12 @@ async def _chat_completion_stream(
             ctx.deps.proxy, CHAT, _caller(ctx), body, ctx.request_id, Door.GRAPHQL
         )
     assert answer.chunks is not None
-    with reported():
-        async for chunk in answer.chunks:
-            yield ChatCompletionChunk.of(chunk)
+    try:
+        with reported():
+            async for chunk in answer.chunks:
+                yield ChatCompletionChunk.of(chunk)
+    finally:
+        await answer.chunks.aclose()
 
 
 @strawberry.type

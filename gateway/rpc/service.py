@@ -91,11 +91,18 @@ class InferenceService(pb_grpc.InferenceServicer):
             # The deadline bounds the wait for the first answer; after that a
             # passed deadline cancels the call (and the stream) like a client
             # cancel does.
-            async with _deadline(context):
-                answer = await self._ask(CHAT, body, call)
-            assert answer.chunks is not None
-            async for chunk in answer.chunks:
-                yield convert.parse(chunk, pb.ChatCompletionChunk())
+            answer: Answer | None = None
+            try:
+                async with _deadline(context):
+                    answer = await self._ask(CHAT, body, call)
+                assert answer.chunks is not None
+                async for chunk in answer.chunks:
+                    yield convert.parse(chunk, pb.ChatCompletionChunk())
+            finally:
+                # Also when the deadline passed as the answer came: the stream,
+                # unread, still holds a replica.
+                if answer is not None and answer.chunks is not None:
+                    await answer.chunks.aclose()
 
     async def Completion(
         self, request: pb.CompletionRequest, context: Context

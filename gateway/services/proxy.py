@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from citadel.gateway.errors import (
     BackendError,
@@ -36,6 +37,7 @@ from citadel.gateway.services.requests import (
 from citadel.gateway.services.routing import Router
 from citadel.gateway.services.sse import EventFilter, Usage, error_event, usage_of_body
 from citadel.gateway.services.strategies import RouteRequest
+from citadel.gateway.services.streams import Closing
 from citadel.gateway.upstream import (
     Reply,
     Upstream,
@@ -106,6 +108,9 @@ class ProxyService:
         self._metrics = metrics
         self._options = options
         self._clock = clock
+        # Settles running on after the request that started them was cancelled
+        # (a task nothing references may be collected before it finishes).
+        self._unfinished: set[asyncio.Task[None]] = set()
 
     @property
     def limiter(self) -> Limiter:
@@ -240,13 +245,24 @@ class ProxyService:
             response.status, headers, data, media_type=response.content_type
         )
 
-    async def _relay(
+    def _relay(
         self, ctx: _Context, response: Reply, keep_usage: bool
-    ) -> AsyncIterator[bytes]:
-        """Forwards SSE events as they arrive; accounts when the stream ends."""
+    ) -> Closing[bytes]:
+        """The reply's SSE events as they arrive; accounts once the stream ends
+        or is closed, read or not."""
         replica = ctx.replica
         assert replica is not None
         events = EventFilter(keep_usage)
+
+        async def unread() -> None:
+            await self._end_relay(ctx, response, replica, events, None, gone=True)
+
+        return Closing(self._forward(ctx, response, replica, events), unread)
+
+    async def _forward(
+        self, ctx: _Context, response: Reply, replica: Replica, events: EventFilter
+    ) -> AsyncGenerator[bytes, None]:
+        """Forwards SSE events as they arrive; accounts when the stream ends."""
         failure: UpstreamFailure | None = None
         gone = False
         first = True
@@ -275,13 +291,35 @@ class ProxyService:
             gone = True
             raise
         finally:
-            response.close()
-            self._release(ctx, replica, failure)
+            await self._end_relay(ctx, response, replica, events, failure, gone)
+
+    async def _end_relay(
+        self,
+        ctx: _Context,
+        response: Reply,
+        replica: Replica,
+        events: EventFilter,
+        failure: UpstreamFailure | None,
+        gone: bool,
+    ) -> None:
+        response.close()
+        self._release(ctx, replica, failure)
+        code = "stream_broken" if failure else "client_closed" if gone else None
+        try:
             # A stream that broke, or a client that left, before the usage
-            # chunk: the replica may have generated all of it.
-            await self._settle(ctx, events.usage, answered=True)
-            code = "stream_broken" if failure else "client_closed" if gone else None
+            # chunk: the replica may have generated all of it. A client that
+            # leaves now (right after [DONE]) cancels this task; the correction
+            # of its buckets must not be cut short with it.
+            await self._shielded(self._settle(ctx, events.usage, answered=True))
+        finally:
             self._finish(ctx, 200, code)
+
+    async def _shielded(self, work: Coroutine[Any, Any, None]) -> None:
+        """Awaits `work` in a task of its own that a cancel of this one spares."""
+        task = asyncio.create_task(work)
+        self._unfinished.add(task)
+        task.add_done_callback(self._unfinished.discard)
+        await asyncio.shield(task)
 
     def _acquire(self, ctx: _Context, replica: Replica) -> None:
         ctx.replica, ctx.holding = replica, True

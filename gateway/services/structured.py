@@ -10,7 +10,7 @@ it through the one error hierarchy.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ from citadel.gateway.services.catalog import Catalog
 from citadel.gateway.services.proxy import ProxyResponse, ProxyService
 from citadel.gateway.services.requests import ApiCall, Door
 from citadel.gateway.services.sse import EVENT_END
+from citadel.gateway.services.streams import Closing
 
 DONE = b"[DONE]"
 
@@ -39,7 +40,8 @@ class Answer:
 
     headers: dict[str, str]
     body: dict[str, Any] = field(default_factory=dict)
-    chunks: AsyncIterator[dict[str, Any]] | None = None
+    chunks: Closing[dict[str, Any]] | None = None
+    """A stream's objects; close it when done (read or not: it holds a replica)."""
 
 
 async def ask(
@@ -90,12 +92,29 @@ def refusal(status: int, body: dict[str, Any]) -> GatewayError:
     return InvalidRequest(message, param=param if isinstance(param, str) else None)
 
 
-async def events(stream: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
+def events(stream: AsyncIterator[bytes]) -> Closing[dict[str, Any]]:
     """The JSON objects of an SSE stream, one per event as it arrives.
 
     The stream is closed when the caller stops early (which ends the upstream
-    request). An error event (a stream broken off) raises its gateway error.
+    request), or closes this before reading it. An error event (a stream broken
+    off) raises its gateway error.
     """
+
+    async def unread() -> None:
+        await _close(stream)
+
+    return Closing(_objects(stream), unread)
+
+
+async def _close(stream: AsyncIterator[bytes]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def _objects(
+    stream: AsyncIterator[bytes],
+) -> AsyncGenerator[dict[str, Any], None]:
     buffer = b""
     try:
         async for piece in stream:
@@ -106,9 +125,7 @@ async def events(stream: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
                 if payload is not None:
                     yield payload
     finally:
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await _close(stream)
 
 
 def _data(event: bytes) -> dict[str, Any] | None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
 import pytest
 
+from citadel.gateway.services.requests import CHAT
 from citadel.gateway.upstream import UpstreamTimeout, UpstreamUnreachable
 
 pytestmark = pytest.mark.unit
@@ -471,3 +473,73 @@ async def test_the_access_log_names_the_session_and_replica(
     logged = [r for r in caplog.records if r.name == "citadel.gateway.access"]
     assert [getattr(r, "session", "absent") for r in logged] == ["conv-7", None]
     assert all(getattr(r, "replica", "").startswith("http://r") for r in logged)
+
+
+def _in_flight(harness: Any) -> int:
+    catalog = harness.deps.catalog
+    return sum(
+        r.in_flight for route in catalog.routes() for r in catalog.replicas(route)
+    )
+
+
+def _counted(harness: Any, status: str) -> float | None:
+    labels = {"endpoint": "chat", "model": "smollm2", "status": status}
+    labels.update(key="alice", door="rest")
+    sample = harness.deps.metrics.registry.get_sample_value
+    return sample("citadel_gateway_requests_total", labels)  # type: ignore[no-any-return]
+
+
+async def _stream(harness: Any, kit: Any) -> Any:
+    principal = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
+    raw = orjson.dumps({**kit.chat, "stream": True})
+    return await harness.deps.proxy.handle(CHAT, principal, raw, "r-1")
+
+
+async def test_a_stream_closed_before_it_is_read_frees_its_replica(
+    harness: Any, kit: Any
+) -> None:
+    # A client can leave before the first chunk is asked for (uvicorn holds the
+    # send of the headers): closing the stream must still free what it holds.
+    reply = kit.reply(parts=_sse(CHUNK))
+    harness.upstream.handler = lambda url, body: reply
+    result = await _stream(harness, kit)
+    assert _in_flight(harness) == 1
+    await result.stream.aclose()
+    assert _in_flight(harness) == 0
+    assert reply.closed
+    assert _counted(harness, "200") == 1
+
+
+async def test_a_client_leaving_during_the_settle_is_still_counted(
+    harness: Any, kit: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The client reads [DONE] and hangs up while the token correction (a Redis
+    # round trip with shared limits) is under way.
+    harness.upstream.handler = lambda url, body: kit.reply(parts=_sse(CHUNK, USAGE))
+    limiter = harness.deps.proxy.limiter
+    original = limiter.settle
+    started, done = asyncio.Event(), asyncio.Event()
+
+    async def slow(admission: Any, used: int) -> None:
+        started.set()
+        await asyncio.sleep(0.05)
+        await original(admission, used)
+        done.set()
+
+    monkeypatch.setattr(limiter, "settle", slow)
+    result = await _stream(harness, kit)
+
+    async def read() -> None:
+        async for _ in result.stream:
+            pass
+
+    reader = asyncio.create_task(read())
+    await started.wait()
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    assert _counted(harness, "200") == 1
+    await asyncio.wait_for(done.wait(), 5)  # the settle ran to its end
+    sample = harness.deps.metrics.registry.get_sample_value
+    tokens = {"model": "smollm2", "key": "alice", "kind": "prompt"}
+    assert sample("citadel_gateway_tokens_total", tokens) == 3

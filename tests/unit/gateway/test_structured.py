@@ -54,6 +54,26 @@ async def test_events_are_cut_at_boundaries_and_errors_raise() -> None:
         _ = [e async for e in events(broken)]
 
 
+async def test_events_closed_unread_close_their_stream() -> None:
+    # A door that gives up between the answer and its first read still frees
+    # the relay (and the replica it holds) by closing the events.
+    class Relay:
+        closed = False
+
+        def __aiter__(self) -> Relay:
+            return self
+
+        async def __anext__(self) -> bytes:
+            raise StopAsyncIteration
+
+        async def aclose(self) -> None:
+            self.closed = True
+
+    relay = Relay()
+    await events(relay).aclose()
+    assert relay.closed
+
+
 class HangingUpstream:
     """Never answers until cancelled."""
 
