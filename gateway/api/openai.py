@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from citadel.gateway.api.errors import error_response, unexpected_response
@@ -54,8 +56,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def proxied(call: ApiCall, request: Request) -> ProxyResponse:
-    """Runs the proxy for one forwarding request."""
+async def proxied(call: ApiCall, request: Request) -> ProxyResponse | None:
+    """Runs the proxy for one forwarding request; None when the client left
+    before its answer (counted as 499, nothing to send)."""
     rid = take_request_id(request)
     deps = deps_of(request)
     principal: Principal | None = None
@@ -65,8 +68,50 @@ async def proxied(call: ApiCall, request: Request) -> ProxyResponse:
     except GatewayError as err:
         deps.proxy.refused(call, rid, err, Door.REST, principal)
         raise
+    except ClientDisconnect:  # gone during the upload
+        deps.proxy.left(call, rid, Door.REST, principal)
+        return None
     session = request.headers.get(deps.session_header)
-    return await deps.proxy.handle(call, principal, raw, rid, session)
+    # uvicorn never cancels the app when a client leaves: without the watcher a
+    # replica would generate a whole answer nobody reads (and the OpenAI client
+    # sends it again after its timeout).
+    relay = asyncio.current_task()
+    assert relay is not None
+    watch = _Watch(request.receive, relay)
+    try:
+        return await deps.proxy.handle(call, principal, raw, rid, session)
+    except asyncio.CancelledError:
+        if not watch.gone:
+            raise
+        relay.uncancel()  # the proxy counted it (499)
+        return None
+    finally:
+        watch.stop()
+
+
+class _Watch:
+    """Cancels `task` when the client disconnects, until stopped.
+
+    The body was read whole, so the next message is the disconnect (uvicorn also
+    sends one once the response is complete: stop the watch before that).
+    Stopping is synchronous, so no cancel can come after it: the watcher runs
+    only while `task` waits.
+    """
+
+    def __init__(self, receive: Receive, task: asyncio.Task[Any]) -> None:
+        self.gone = False
+        self._task = task
+        self._watcher = asyncio.create_task(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        self._task.cancel()
+
+    def stop(self) -> None:
+        """Stops watching."""
+        self._watcher.cancel()
 
 
 class _Proxied(Response):
@@ -83,7 +128,10 @@ class _Proxied(Response):
 
 async def forward(call: ApiCall, request: Request) -> Response:
     """Runs the proxy and wraps its answer in a response."""
-    return _Proxied(await proxied(call, request))
+    result = await proxied(call, request)
+    if result is None:  # the client left: nobody reads what is sent
+        return Response(status_code=499)
+    return _Proxied(result)
 
 
 # The forwarding endpoints take the bare request (see citadel.gateway.deps).
@@ -168,7 +216,8 @@ class ForwardingFastPath:
         except Exception as err:
             await unexpected_response(request, err)(scope, receive, send)
             return
-        await send_result(result, receive, send)
+        if result is not None:
+            await send_result(result, receive, send)
 
 
 async def send_result(result: ProxyResponse, receive: Receive, send: Send) -> None:
@@ -205,31 +254,19 @@ async def _send_stream(
     """
     relay = asyncio.current_task()
     assert relay is not None
-    state = {"finished": False, "gone": False}
-
-    async def watch() -> None:
-        # The body was read whole: the next message is the disconnect (uvicorn
-        # also sends it once the response is complete, hence `finished`).
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        if not state["finished"]:
-            state["gone"] = True
-            relay.cancel()
-
-    watcher = asyncio.create_task(watch())
+    watch = _Watch(receive, relay)
     try:
         await send(_start(result))
         async for chunk in stream:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        state["finished"] = True
+        watch.stop()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     except asyncio.CancelledError:
-        if not state["gone"]:
+        if not watch.gone:
             raise
         relay.uncancel()
     finally:
-        state["finished"] = True
-        watcher.cancel()
+        watch.stop()
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
             await aclose()

@@ -412,6 +412,18 @@ class ProxyService:
         ctx = _Context(call, who, request_id, self._clock(), door=door)
         self._finish(ctx, error.status, error.code)
 
+    def left(
+        self,
+        call: ApiCall,
+        request_id: str,
+        door: Door,
+        principal: Principal | None = None,
+    ) -> None:
+        """Counts and logs a request whose client left before `handle` (499)."""
+        who = principal if principal is not None else Principal(None)
+        ctx = _Context(call, who, request_id, self._clock(), door=door)
+        self._finish(ctx, 499, "client_closed")
+
     def _finish(self, ctx: _Context, status: int, code: str | None) -> None:
         elapsed = self._clock() - ctx.started
         key = self._metrics.key_label(ctx.principal.name)

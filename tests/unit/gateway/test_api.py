@@ -482,8 +482,8 @@ def _in_flight(harness: Any) -> int:
     )
 
 
-def _counted(harness: Any, status: str) -> float | None:
-    labels = {"endpoint": "chat", "model": "smollm2", "status": status}
+def _counted(harness: Any, status: str, model: str = "smollm2") -> float | None:
+    labels = {"endpoint": "chat", "model": model, "status": status}
     labels.update(key="alice", door="rest")
     sample = harness.deps.metrics.registry.get_sample_value
     return sample("citadel_gateway_requests_total", labels)  # type: ignore[no-any-return]
@@ -543,3 +543,79 @@ async def test_a_client_leaving_during_the_settle_is_still_counted(
     sample = harness.deps.metrics.registry.get_sample_value
     tokens = {"model": "smollm2", "key": "alice", "kind": "prompt"}
     assert sample("citadel_gateway_tokens_total", tokens) == 3
+
+
+def _collect(sent: list[Any]) -> Any:
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    return send
+
+
+def _scope(kit: Any) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"authorization", f"Bearer {kit.key}".encode()),
+            (b"content-type", b"application/json"),
+        ],
+        "server": ("gateway", 80),
+        "client": ("client", 1234),
+    }
+
+
+async def test_a_client_that_leaves_stops_a_whole_answer(
+    harness: Any, kit: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # uvicorn does not cancel the app when a client leaves: the gateway must
+    # notice, or the replica generates an answer nobody reads.
+    started, stopped = asyncio.Event(), asyncio.Event()
+
+    async def generating(url: str, body: bytes, headers: Any) -> Any:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            stopped.set()
+
+    monkeypatch.setattr(harness.upstream, "post", generating)
+    messages = [{"type": "http.request", "body": orjson.dumps(kit.chat)}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await started.wait()
+        return {"type": "http.disconnect"}
+
+    sent: list[Any] = []
+    await asyncio.wait_for(harness.app(_scope(kit), receive, _collect(sent)), 5)
+    assert stopped.is_set() and not sent
+    assert _in_flight(harness) == 0
+    assert _counted(harness, "499") == 1
+    assert _counted(harness, "200") is None
+
+
+async def test_a_client_gone_during_the_upload_is_counted_not_an_error(
+    harness: Any, kit: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    messages = [
+        {"type": "http.disconnect"},
+        {"type": "http.request", "body": b'{"model": "ch', "more_body": True},
+    ]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop()
+
+    sent: list[Any] = []
+    await harness.app(_scope(kit), receive, _collect(sent))
+    assert not sent
+    assert _counted(harness, "499", model="unknown") == 1  # its body never came
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
