@@ -305,12 +305,17 @@ class ProxyService:
         response.close()
         self._release(ctx, replica, failure)
         code = "stream_broken" if failure else "client_closed" if gone else None
+        # A stream that broke, or a client that left, before the usage chunk:
+        # the replica may have generated all of it.
+        settle = self._settle(ctx, events.usage, answered=True)
         try:
-            # A stream that broke, or a client that left, before the usage
-            # chunk: the replica may have generated all of it. A client that
-            # leaves now (right after [DONE]) cancels this task; the correction
-            # of its buckets must not be cut short with it.
-            await self._shielded(self._settle(ctx, events.usage, answered=True))
+            if ctx.admission is not None and ctx.admission.token_takes:
+                # The correction may wait on Redis, and a client that leaves now
+                # (right after [DONE]) cancels this task: it must not be cut
+                # short with it. (Without token buckets nothing waits.)
+                await self._shielded(settle)
+            else:
+                await settle
         finally:
             self._finish(ctx, 200, code)
 

@@ -511,10 +511,11 @@ async def test_a_stream_closed_before_it_is_read_frees_its_replica(
 
 
 async def test_a_client_leaving_during_the_settle_is_still_counted(
-    harness: Any, kit: Any, monkeypatch: pytest.MonkeyPatch
+    kit: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The client reads [DONE] and hangs up while the token correction (a Redis
     # round trip with shared limits) is under way.
+    harness = kit.build(doc=kit.document(limits={"tpm": 100_000}))
     harness.upstream.handler = lambda url, body: kit.reply(parts=_sse(CHUNK, USAGE))
     limiter = harness.deps.proxy.limiter
     original = limiter.settle
