@@ -4,8 +4,11 @@ environment)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import os
+import socket
+from collections.abc import Awaitable, Callable
 
 import uvicorn
 
@@ -32,14 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     settings = GatewaySettings()
     logs.configure(settings.log_format, settings.log_level)
     deps = build_deps(settings, dict(os.environ))
+    draining: list[Callable[[], Awaitable[None]]] = []
     if settings.grpc_port:
-        add_grpc(
+        grpc_server = add_grpc(
             deps,
             settings.host,
             settings.grpc_port,
             settings.max_body_bytes,
             stop_grace_s=settings.shutdown_grace_s,
         )
+        draining.append(grpc_server.stop)
     app = create_app(settings, deps)
     # What start-up built (modules, FastAPI's routes, pydantic's validators;
     # about 105,700 objects from the imports alone: len(gc.get_objects()) after
@@ -52,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     # frozen, it would never be freed.
     gc.collect()
     gc.freeze()
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -62,4 +67,28 @@ def main(argv: list[str] | None = None) -> int:
         log_config=None,
         timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
-    return 0
+    server = _Server(config, draining)
+    server.run()
+    return 0 if server.started else 3  # uvicorn's code for a failed start
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, draining the gateway's other doors beside its own.
+
+    uvicorn drains HTTP for the shutdown grace and only then shuts the app down,
+    which stopped gRPC: gRPC took the grace a second time, past the pod's
+    termination grace period, and went on taking new calls meanwhile.
+    """
+
+    def __init__(
+        self, config: uvicorn.Config, draining: list[Callable[[], Awaitable[None]]]
+    ) -> None:
+        super().__init__(config)
+        self._draining = draining
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        drains = [asyncio.ensure_future(drain()) for drain in self._draining]
+        try:
+            await super().shutdown(sockets)
+        finally:
+            await asyncio.gather(*drains, return_exceptions=True)

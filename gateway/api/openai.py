@@ -115,7 +115,9 @@ class _Watch:
     The body was read whole, so the next message is the disconnect (uvicorn also
     sends one once the response is complete: stop the watch before that).
     Stopping is synchronous, so no cancel can come after it: the watcher runs
-    only while `task` waits.
+    only while `task` waits. One case stays unseen: a client that pipelined a
+    second request on the connection and left; uvicorn marks only that queued
+    request as disconnected.
     """
 
     def __init__(self, receive: Receive, task: asyncio.Task[Any]) -> None:

@@ -53,6 +53,7 @@ class GrpcServer:
         self._address = f"{host}:{port}"
         self._max = max_message_bytes
         self._server: grpc.aio.Server | None = None
+        self._stopping: asyncio.Future[None] | None = None
         self._health = health.aio.HealthServicer()
         self.port = port
 
@@ -74,7 +75,16 @@ class GrpcServer:
         log.info("grpc listening", extra={"port": self.port})
 
     async def stop(self) -> None:
-        """Reports NOT_SERVING, then lets calls in flight finish (bounded)."""
+        """Reports NOT_SERVING, then lets calls in flight finish (bounded).
+
+        The gateway starts this when it begins to shut down and awaits it again
+        when the app stops: every call waits for the one stop.
+        """
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop())
+        await self._stopping
+
+    async def _stop(self) -> None:
         if self._server is None:
             return
         await self._health.enter_graceful_shutdown()

@@ -77,6 +77,8 @@ class _Context:
     admission: Admission | None = None
     holding: bool = False
     """True while `replica` counts this request as in flight."""
+    finished: bool = False
+    """True once the request is counted and logged."""
 
 
 @dataclass(frozen=True)
@@ -135,8 +137,7 @@ class ProxyService:
         try:
             return await self._handle(ctx, raw)
         except GatewayError as err:
-            await self._settle(ctx, None)
-            self._finish(ctx, err.status, err.code)
+            await self._account(ctx, None, err.status, err.code)
             raise
         except asyncio.CancelledError:
             # The caller went away (a gRPC cancel or deadline). The upstream
@@ -149,9 +150,8 @@ class ProxyService:
             # load-aware strategy would see the replica busy for ever.
             log.error("unexpected error", exc_info=err, extra=self._log_fields(ctx))
             self._let_go(ctx)
-            await self._settle(ctx, None)
             failure = InternalError("The gateway failed unexpectedly.")
-            self._finish(ctx, failure.status, failure.code)
+            await self._account(ctx, None, failure.status, failure.code)
             raise failure from err
 
     async def _handle(self, ctx: _Context, raw: bytes) -> ProxyResponse:
@@ -239,8 +239,7 @@ class ProxyService:
             )
         self._release(ctx, replica, None)
         usage = usage_of_body(data) if response.status == 200 else Usage()
-        await self._settle(ctx, usage, answered=True)
-        self._finish(ctx, response.status, None)
+        await self._account(ctx, usage, response.status, None, answered=True)
         return ProxyResponse(
             response.status, headers, data, media_type=response.content_type
         )
@@ -307,17 +306,30 @@ class ProxyService:
         code = "stream_broken" if failure else "client_closed" if gone else None
         # A stream that broke, or a client that left, before the usage chunk:
         # the replica may have generated all of it.
-        settle = self._settle(ctx, events.usage, answered=True)
+        await self._account(ctx, events.usage, 200, code, answered=True)
+
+    async def _account(
+        self,
+        ctx: _Context,
+        usage: Usage | None,
+        status: int,
+        code: str | None,
+        *,
+        answered: bool = False,
+    ) -> None:
+        """Settles the request's tokens, then counts it. A client that leaves
+        meanwhile (right after its answer) cancels this task: neither may be cut
+        short with it, so the settle runs on in a task of its own when it may
+        wait on Redis (without token buckets nothing waits), and the count comes
+        in a finally."""
+        settle = self._settle(ctx, usage, answered=answered)
         try:
             if ctx.admission is not None and ctx.admission.token_takes:
-                # The correction may wait on Redis, and a client that leaves now
-                # (right after [DONE]) cancels this task: it must not be cut
-                # short with it. (Without token buckets nothing waits.)
                 await self._shielded(settle)
             else:
                 await settle
         finally:
-            self._finish(ctx, 200, code)
+            self._finish(ctx, status, code)
 
     async def _shielded(self, work: Coroutine[Any, Any, None]) -> None:
         """Awaits `work` in a task of its own that a cancel of this one spares."""
@@ -430,6 +442,9 @@ class ProxyService:
         self._finish(ctx, 499, "client_closed")
 
     def _finish(self, ctx: _Context, status: int, code: str | None) -> None:
+        if ctx.finished:  # counted already; a cancel after that changes nothing
+            return
+        ctx.finished = True
         elapsed = self._clock() - ctx.started
         key = self._metrics.key_label(ctx.principal.name)
         kind = ctx.call.kind.value

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2
@@ -247,3 +250,35 @@ def _wait_until(condition: Any, timeout_s: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"not reached in {timeout_s}s")
         time.sleep(0.05)
+
+
+def test_sigterm_drains_grpc_beside_rest(setup: dict[str, Any]) -> None:
+    # gRPC used to stop only after REST had drained, taking new calls all the
+    # while (and the grace a second time, past the pod's period).
+    gateway, stub, auth = setup["gateway"], setup["stub"], setup["auth"]
+    slow = pb.ChatCompletionRequest(model="chat", messages=MESSAGES)
+    slow.extra.update({"fake_delay_s": 3})
+    in_flight = stub.ChatCompletion.future(slow, metadata=auth, timeout=30)
+    # A REST request in flight keeps uvicorn draining.
+    rest = httpx.Client(base_url=gateway.url, headers={"authorization": auth[0][1]})
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    with rest, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(
+            rest.post, "/v1/chat/completions", json={**body, "fake_delay_s": 3}
+        )
+        backend = setup["backend"]
+        deadline = time.monotonic() + 30
+        while len(backend.received()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        gateway.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ChatCompletion(
+                pb.ChatCompletionRequest(model="chat", messages=MESSAGES),
+                metadata=auth,
+                timeout=10,
+            )
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert in_flight.result().choices  # the calls from before finish
+        assert answer.result().status_code == 200
+    assert gateway.proc.wait(timeout=60) in (0, -signal.SIGTERM)

@@ -620,3 +620,40 @@ async def test_a_client_gone_during_the_upload_is_counted_not_an_error(
     assert not sent
     assert _counted(harness, "499", model="unknown") == 1  # its body never came
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+@pytest.mark.parametrize(
+    ("reply", "status"),
+    [("a whole answer", "200"), ("a failed replica", "502")],
+)
+async def test_a_cancel_during_the_settle_cuts_neither_it_nor_the_count(
+    kit: Any, monkeypatch: pytest.MonkeyPatch, reply: str, status: str
+) -> None:
+    # The client leaves (or a gRPC deadline passes) while its answer's, or
+    # its failure's, token correction waits on Redis.
+    harness = kit.build(doc=kit.document(limits={"tpm": 100_000}))
+    answer = kit.completion() if reply == "a whole answer" else kit.reply(status=500)
+    harness.upstream.handler = lambda url, body: answer
+    limiter = harness.deps.proxy.limiter
+    original = limiter.settle
+    started, done = asyncio.Event(), asyncio.Event()
+
+    async def slow(admission: Any, used: int) -> None:
+        started.set()
+        await asyncio.sleep(0.05)
+        await original(admission, used)
+        done.set()
+
+    monkeypatch.setattr(limiter, "settle", slow)
+    principal = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
+    handling = asyncio.create_task(
+        harness.deps.proxy.handle(CHAT, principal, orjson.dumps(kit.chat), "r-1")
+    )
+    await started.wait()
+    handling.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await handling
+    assert _counted(harness, status) == 1
+    assert _counted(harness, "499") is None
+    await asyncio.wait_for(done.wait(), 5)
+    assert _in_flight(harness) == 0
