@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
 from citadel.gateway import main as entry
 
@@ -46,12 +45,13 @@ def test_startup_objects_are_frozen_before_serving(
     served: dict[str, Any] = {}
     garbage = weakref.ref(_Cycle())
 
-    def run(app: object, **options: Any) -> None:
+    def run(server: Any) -> None:
         served["frozen"] = gc.get_freeze_count()
         served["garbage_left"] = garbage() is not None
-        served["app"] = app
+        served["app"] = server.config.app
+        server.started = True
 
-    monkeypatch.setattr(uvicorn, "run", run)
+    monkeypatch.setattr(entry._Server, "run", run)
     assert entry.main([]) == 0
     # The app, and what it was built from, sit in the permanent generation when
     # serving starts, so full collections under load do not walk them.
