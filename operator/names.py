@@ -44,6 +44,10 @@ A label can be copied onto anyone's claim; this is set only by the operator's ow
 create, so a claim without it is never changed, and never given an owner reference
 that would delete it with the model.
 """
+ANNOTATION_CREATED_AS = f"{GROUP}/created-as"
+"""On a cache claim the operator created: the claim's own uid, written right after
+the create. A copy of the claim (annotations and all) gets a new uid, so only the
+claim the operator made passes for it."""
 
 MAX_NAME_LENGTH = 52
 """The longest LLMModel name.

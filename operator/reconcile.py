@@ -199,19 +199,25 @@ def _created_for(claim: Manifest, model: LLMModel) -> str | None:
     """The uid of the model the operator created `claim` for; None when the
     operator did not create it.
 
-    Claims made before the `created-for` annotation count as created for `model`
-    when they carry its owner reference (deletePolicy Delete); the next apply adds
-    the annotation.
+    Its marks say so when `created-as` is the claim's own uid: annotations can be
+    copied onto another claim, its uid cannot. A claim marked only `created-for`
+    (the write after the create has not happened yet) counts for that model
+    alone. Claims made before the marks count as created for `model` when they
+    carry its owner reference (deletePolicy Delete); the next apply marks them.
     """
     meta = claim.get("metadata", {})
-    marked = (meta.get("annotations") or {}).get(names.ANNOTATION_CREATED_FOR)
-    if marked:
-        return str(marked)
+    annotations = meta.get("annotations") or {}
+    made_for = annotations.get(names.ANNOTATION_CREATED_FOR)
+    made_as = annotations.get(names.ANNOTATION_CREATED_AS)
+    if made_for and made_as:
+        return str(made_for) if made_as == meta.get("uid") else None
+    if made_for:
+        return model.uid if made_for == model.uid else None
     return model.uid if _owner_uid(claim) == model.uid else None
 
 
-def _built_claim(model: LLMModel, created_for: str) -> Manifest:
-    claim = build_cache_claim(model, created_for)
+def _built_claim(model: LLMModel, created_for: str, created_as: str | None) -> Manifest:
+    claim = build_cache_claim(model, created_for, created_as)
     assert claim is not None, "only called for a model with spec.cache"
     return claim
 
@@ -550,9 +556,9 @@ class Reconciler:
                     ),
                 )
             return
-        claim = _built_claim(model, created_for)
+        claim = _built_claim(model, created_for, current["metadata"].get("uid"))
         try:
-            await self.kube.apply(claim)
+            applied: Manifest = await self.kube.apply(claim)
         except ApiError as err:
             if err.retryable:
                 raise ReconcileError(str(err), retryable=True) from err
@@ -562,32 +568,56 @@ class Reconciler:
                 model,
                 Notice("Warning", "CacheClaimNotUpdated", f"{name}: {err.message}"),
             )
-            await self._apply_claim_metadata(claim, current)
+            applied = await self._apply_claim_metadata(claim, current)
+        if "ownerReferences" not in claim["metadata"]:
+            await self._drop_owner(model, applied)
 
     async def _create_claim(self, model: LLMModel) -> None:
         """Creates the cache claim, marked as the operator's.
 
         A create, not an apply, so that a claim someone makes at the same moment is
-        refused (409) rather than merged into and marked. The owner reference is
-        applied after: fields a create sets stay with it, and the apply that
-        switches to Retain must be able to remove the reference.
+        refused (409) rather than merged into and marked. It carries its owner
+        reference (deletePolicy Delete) from the first moment, so no model deleted
+        meanwhile leaves it behind. Then its own uid is added to its marks.
         """
-        claim = _built_claim(model, model.uid)
-        meta = {k: v for k, v in claim["metadata"].items() if k != "ownerReferences"}
+        claim = _built_claim(model, model.uid, None)
         try:
-            await self.kube.create({**claim, "metadata": meta})
+            created = await self.kube.create(claim)
         except ApiError as err:
             if err.status == 409:
                 raise ReconcileError(
-                    f"PersistentVolumeClaim {meta['name']} was created by someone "
-                    "else meanwhile; looking again",
+                    f"PersistentVolumeClaim {claim['metadata']['name']} was created "
+                    "by someone else meanwhile; looking again",
                     retryable=True,
                 ) from err
             raise ReconcileError(str(err), retryable=err.retryable) from err
-        if "ownerReferences" in claim["metadata"]:
-            await self._call(self.kube.apply(claim))
+        uid = created.get("metadata", {}).get("uid")
+        await self._call(self.kube.apply(_built_claim(model, model.uid, uid)))
 
-    async def _apply_claim_metadata(self, claim: Manifest, current: Manifest) -> None:
+    async def _drop_owner(self, model: LLMModel, claim: Manifest) -> None:
+        """Removes the model's owner reference from a claim to retain.
+
+        The create set it, so the create's field manager entry owns it too, and
+        an apply without it leaves it in place: a JSON patch removes it, tested
+        against the uid so that a list changed meanwhile is not cut wrongly.
+        """
+        refs = claim.get("metadata", {}).get("ownerReferences") or []
+        for i, ref in enumerate(refs):
+            if ref.get("uid") == model.uid:
+                path = f"/metadata/ownerReferences/{i}"
+                operations = [
+                    {"op": "test", "path": f"{path}/uid", "value": model.uid},
+                    {"op": "remove", "path": path},
+                ]
+                name = claim["metadata"]["name"]
+                await self._call(
+                    self.kube.json_patch(PVCS, name, model.namespace, operations)
+                )
+                return
+
+    async def _apply_claim_metadata(
+        self, claim: Manifest, current: Manifest
+    ) -> Manifest:
         """Applies `claim` with the spec the claim has now: its metadata still
         follows the model. Above all the owner reference, which deletePolicy sets
         or removes: a refused resize must not leave a Retain claim to be deleted
@@ -595,13 +625,14 @@ class Reconciler:
         spec = current.get("spec", {})
         kept = {**claim, "spec": {k: spec[k] for k in claim["spec"] if k in spec}}
         try:
-            await self.kube.apply(kept)
+            applied: Manifest = await self.kube.apply(kept)
         except ApiError as err:
             raise ReconcileError(
                 f"PersistentVolumeClaim {claim['metadata']['name']}: its owner "
                 f"reference could not follow deletePolicy: {err.message}",
                 retryable=err.retryable,
             ) from err
+        return applied
 
     async def _delete_owned(
         self, model: LLMModel, resource: Resource, name: str

@@ -123,7 +123,9 @@ class OperatorSettings(BaseSettings):
 
 
 _NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
-_LABEL_KEY = re.compile(rf"^([a-z0-9]([-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_NAME}$")
+# A DNS subdomain: dot-separated DNS labels, 253 characters at most.
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+_LABEL_KEY = re.compile(rf"^((?=.{{1,253}}/){_DNS_LABEL}(\.{_DNS_LABEL})*/)?{_NAME}$")
 _LABEL_VALUE = re.compile(rf"^({_NAME})?$")
 _OWN_LABELS = frozenset(
     {

@@ -33,7 +33,7 @@ def build_service(model: LLMModel) -> Manifest:
 
 
 def build_cache_claim(
-    model: LLMModel, created_for: str | None = None
+    model: LLMModel, created_for: str | None = None, created_as: str | None = None
 ) -> Manifest | None:
     """The cache PersistentVolumeClaim, or None when the spec has no cache.
 
@@ -46,6 +46,7 @@ def build_cache_claim(
             one's, or an earlier model's of the same name when it was retained);
             the claim carries it in its `created-for` annotation. None for the
             claim to create, which gets this model's.
+        created_as: the claim's own uid once it exists (`created-as`).
     """
     cache = model.spec.cache
     if cache is None:
@@ -63,6 +64,8 @@ def build_cache_claim(
         component="model-cache",
     )
     meta["annotations"] = {names.ANNOTATION_CREATED_FOR: created_for or model.uid}
+    if created_as is not None:
+        meta["annotations"][names.ANNOTATION_CREATED_AS] = created_as
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",

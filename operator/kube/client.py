@@ -63,6 +63,18 @@ class Kube(Protocol):
         """The object, or None when it does not exist."""
         ...
 
+    async def json_patch(
+        self,
+        resource: Resource,
+        name: str,
+        namespace: str | None,
+        operations: list[Manifest],
+    ) -> Manifest:
+        """Applies a JSON patch (RFC 6902): for what server-side apply cannot do,
+        such as removing a field another field manager also owns. A failed `test`
+        operation raises ApiError (422)."""
+        ...
+
     async def list(
         self,
         resource: Resource,
@@ -136,7 +148,7 @@ class AioKube:
         path: str,
         *,
         params: dict[str, str] | None = None,
-        body: Manifest | None = None,
+        body: Manifest | list[Manifest] | None = None,
         content_type: str = "application/json",
     ) -> Manifest | None:
         for attempt in (1, 2):
@@ -185,6 +197,22 @@ class AioKube:
         self, resource: Resource, name: str, namespace: str | None = None
     ) -> Manifest | None:
         return await self._request("GET", resource.path(namespace, name))
+
+    async def json_patch(
+        self,
+        resource: Resource,
+        name: str,
+        namespace: str | None,
+        operations: list[Manifest],
+    ) -> Manifest:
+        result = await self._request(
+            "PATCH",
+            resource.path(namespace, name),
+            params={"fieldManager": names.FIELD_MANAGER},
+            body=operations,
+            content_type="application/json-patch+json",
+        )
+        return result or {}
 
     async def list(
         self,

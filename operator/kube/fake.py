@@ -22,6 +22,10 @@ def _merge(base: Manifest, patch: Manifest) -> Manifest:
     return out
 
 
+def _index(part: str | int) -> str | int:
+    return int(part) if isinstance(part, str) and part.isdigit() else part
+
+
 def _matches(obj: Manifest, selector: str | None) -> bool:
     if not selector:
         return True
@@ -55,6 +59,8 @@ class FakeKube:
         self.deleted: list[tuple[str, str, str]] = []
         self.events: list[Manifest] = []
         self.created: list[Manifest] = []
+        self.patched: list[tuple[str, str, list[Manifest]]] = []
+        self._created_owners: set[tuple[str, str, str]] = set()
         self.served = set(served)
         self.fail: dict[str, ApiError] = {}
         self._uids = itertools.count(1)
@@ -109,9 +115,10 @@ class FakeKube:
             merged = {**current, "status": copy.deepcopy(obj.get("status", {}))}
         else:
             merged = _merge(current, {k: v for k, v in obj.items() if k != "status"})
-            if "ownerReferences" not in meta:
-                # The operator is the only field manager here: owner references
-                # it stops applying go, as server-side apply removes them.
+            if "ownerReferences" not in meta and key not in self._created_owners:
+                # Owner references the operator stops applying go, as server-side
+                # apply removes fields no other manager owns; those a create set
+                # stay (the create's manager entry still owns them).
                 merged["metadata"] = {
                     k: v
                     for k, v in merged["metadata"].items()
@@ -127,6 +134,38 @@ class FakeKube:
         }
         self.objects[key] = merged
         return copy.deepcopy(merged)
+
+    async def json_patch(
+        self,
+        resource: Resource,
+        name: str,
+        namespace: str | None,
+        operations: list[Manifest],
+    ) -> Manifest:
+        """Supports `test` and `remove` (what the operator sends)."""
+        key = self._key(resource, name, namespace)
+        if key not in self.objects:
+            raise ApiError(404, "NotFound", f"{resource.plural} {name}")
+        obj = copy.deepcopy(self.objects[key])
+        for op in operations:
+            *parents, last = [_index(p) for p in op["path"].split("/")[1:]]
+            holder: Any = obj
+            try:
+                for part in parents:
+                    holder = holder[part]
+                if op["op"] == "test" and holder[_index(last)] != op["value"]:
+                    raise ApiError(422, "Invalid", f"test failed at {op['path']}")
+                if op["op"] == "remove":
+                    del holder[_index(last)]
+            except (KeyError, IndexError, TypeError) as err:
+                raise ApiError(422, "Invalid", f"no {op['path']}") from err
+        if not obj["metadata"].get("ownerReferences"):
+            obj["metadata"].pop("ownerReferences", None)
+            self._created_owners.discard(key)
+        obj["metadata"]["resourceVersion"] = str(next(self._versions))
+        self.objects[key] = obj
+        self.patched.append((resource.plural, name, copy.deepcopy(operations)))
+        return copy.deepcopy(obj)
 
     async def get(
         self, resource: Resource, name: str, namespace: str | None = None
@@ -171,6 +210,10 @@ class FakeKube:
         if self._key(resource, meta["name"], meta.get("namespace")) in self.objects:
             raise ApiError(409, "AlreadyExists", f"{resource.plural} {meta['name']}")
         self.created.append(copy.deepcopy(obj))
+        if meta.get("ownerReferences"):
+            self._created_owners.add(
+                self._key(resource, meta["name"], meta.get("namespace"))
+            )
         return copy.deepcopy(self.put(obj))
 
     async def has_resource(self, resource: Resource) -> bool:

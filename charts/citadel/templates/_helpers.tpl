@@ -7,17 +7,18 @@
 {{/*
 The prefix of every object's name. The longest suffix of a name that must be a
 63-character DNS label, the operator's metrics Service's (-operator-metrics), adds
-17 characters, so it is cut at 46.
+17 characters, so it is cut at 46; without the operator, at 47 (-gateway-... and
+the rest add at most 16), as before that Service existed, so that no name moves.
 */}}
 {{- define "citadel.fullname" -}}
 {{- if .Values.fullnameOverride }}
-{{- .Values.fullnameOverride | trunc 46 | trimSuffix "-" }}
+{{- .Values.fullnameOverride | trunc (ternary 46 47 .Values.operator.enabled) | trimSuffix "-" }}
 {{- else }}
 {{- $name := default .Chart.Name .Values.nameOverride }}
 {{- if contains $name .Release.Name }}
-{{- .Release.Name | trunc 46 | trimSuffix "-" }}
+{{- .Release.Name | trunc (ternary 46 47 .Values.operator.enabled) | trimSuffix "-" }}
 {{- else }}
-{{- printf "%s-%s" .Release.Name $name | trunc 46 | trimSuffix "-" }}
+{{- printf "%s-%s" .Release.Name $name | trunc (ternary 46 47 .Values.operator.enabled) | trimSuffix "-" }}
 {{- end }}
 {{- end }}
 {{- end }}

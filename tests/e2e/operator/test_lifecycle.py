@@ -150,14 +150,17 @@ def test_delete_policy_deletes_only_a_claim_the_operator_made(
         return [r["name"] for r in meta.get("ownerReferences", [])]
 
     assert owners("made-cache") == ["made"]
-    # The create must leave the owner reference to the apply, or Retain could
-    # not take it away: a field set by a create stays with the create.
+    made = kube.get("pvc", "made-cache")["metadata"]
+    assert made["annotations"]["citadel.ai/created-as"] == made["uid"]
+    # The create set the owner reference, so the create's field manager owns it
+    # too: Retain must still take it away (an apply alone would not).
     kube.apply(_model("made", cache={**deleting, "deletePolicy": "Retain"}))
     kube.wait("the owner reference to go", lambda: not owners("made-cache"))
     kube.apply(_model("made", cache=deleting))
     kube.wait("the owner reference back", lambda: owners("made-cache") == ["made"])
 
-    # Someone's claim with our labels copied onto it: used, never owned.
+    # Someone's claim with our labels and marks copied onto it (`kubectl get
+    # -o yaml` of ours, renamed): used, never owned.
     cache_volume("copied-cache")
     labels = {
         "app.kubernetes.io/managed-by": "citadel-operator",
@@ -168,7 +171,15 @@ def test_delete_policy_deletes_only_a_claim_the_operator_made(
             {
                 "apiVersion": "v1",
                 "kind": "PersistentVolumeClaim",
-                "metadata": {"name": "copied-cache", "labels": labels},
+                "metadata": {
+                    "name": "copied-cache",
+                    "labels": labels,
+                    "annotations": {
+                        k: v
+                        for k, v in made["annotations"].items()
+                        if k.startswith("citadel.ai/")  # not the binder's
+                    },
+                },
                 "spec": {
                     "accessModes": ["ReadWriteOnce"],
                     "resources": {"requests": {"storage": "10Gi"}},

@@ -217,13 +217,16 @@ def test_names_follow_the_release(chart: ChartKit) -> None:
 
 
 def test_names_stay_legal_at_the_longest_prefix(chart: ChartKit) -> None:
-    objs = chart.render({"fullnameOverride": "x" * 46})
-    for o in objs:
-        name = o["metadata"]["name"]
-        # A Service's name is a DNS label; every other name here a subdomain.
-        limit = 63 if o["kind"] == "Service" else 253
-        assert len(name) <= limit, f"{o['kind']} {name}"
-    chart.render({"fullnameOverride": "x" * 47}, expect_error="fullnameOverride")
+    for operator in (True, False):
+        values = {"fullnameOverride": "x" * 47, "operator.enabled": operator}
+        for o in chart.render(values):
+            name = o["metadata"]["name"]
+            # A Service's name is a DNS label; every other name here a subdomain.
+            limit = 63 if o["kind"] == "Service" else 253
+            assert len(name) <= limit, f"{o['kind']} {name}"
+    # Without the operator the prefix is what it was before (47 characters).
+    objs = chart.render({"fullnameOverride": "x" * 47, "operator.enabled": False})
+    assert chart.find(objs, "Deployment", "x" * 47 + "-gateway")
 
 
 def test_gateway_shutdown_grace_follows_the_pods(chart: ChartKit) -> None:

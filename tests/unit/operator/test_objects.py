@@ -62,10 +62,14 @@ def test_cache_claim_is_owned_when_it_should_go_with_the_model() -> None:
 
 
 def test_cache_claim_keeps_the_model_it_was_created_for() -> None:
-    claim = build_cache_claim(make_model(cache={"size": "1Gi"}), "uid-earlier")
+    model = make_model(cache={"size": "1Gi"})
+    claim = build_cache_claim(model, "uid-earlier", "uid-claim")
     assert claim is not None
     annotations = claim["metadata"]["annotations"]
-    assert annotations == {"citadel.ai/created-for": "uid-earlier"}
+    assert annotations == {
+        "citadel.ai/created-for": "uid-earlier",
+        "citadel.ai/created-as": "uid-claim",
+    }
 
 
 @pytest.mark.parametrize(("replicas", "wanted"), [(0, False), (1, False), (2, True)])

@@ -158,26 +158,59 @@ async def test_a_claim_with_our_labels_but_not_made_by_us_is_never_owned(
     assert "CacheClaimAdopted" in _reasons(kube)
 
 
-async def test_a_new_claim_is_created_marked_and_then_owned(
+async def test_a_new_claim_is_created_owned_and_marked_with_its_uid(
     settings: OperatorSettings,
 ) -> None:
     body = model_body(cache={"size": "10Gi", "deletePolicy": "Delete"})
     kube, reconciler = _setup(settings, body)
     await reconciler.reconcile(body)
     [created] = kube.created
-    # The create leaves the owner reference to the apply, which alone can take
-    # it away again when the policy becomes Retain.
-    assert "ownerReferences" not in created["metadata"]
+    # Owned from the first moment: a model deleted before the next write
+    # still takes its claim with it.
+    assert [r["uid"] for r in created["metadata"]["ownerReferences"]] == ["uid-mixtral"]
     claim = kube.stored(PVCS, "mixtral-cache", "llm")
     annotations = claim["metadata"]["annotations"]
     assert annotations[names.ANNOTATION_CREATED_FOR] == "uid-mixtral"
+    assert annotations[names.ANNOTATION_CREATED_AS] == claim["metadata"]["uid"]
+
+
+async def test_a_claim_deleted_with_its_model_even_if_marking_it_failed(
+    settings: OperatorSettings,
+) -> None:
+    body = model_body(cache={"size": "10Gi", "deletePolicy": "Delete"})
+    kube, reconciler = _setup(settings, body)
+    original = kube.apply
+
+    async def unavailable(obj: dict[str, Any], **kwargs: Any) -> Any:
+        if obj["kind"] == "PersistentVolumeClaim":
+            raise ApiError(503, "ServiceUnavailable", "etcd")
+        return await original(obj, **kwargs)
+
+    kube.apply = unavailable  # type: ignore[method-assign]
+    with pytest.raises(ReconcileError):
+        await reconciler.reconcile(body)
+    claim = kube.stored(PVCS, "mixtral-cache", "llm")
     assert [r["uid"] for r in claim["metadata"]["ownerReferences"]] == ["uid-mixtral"]
+    # Half marked, it is this model's alone until the next turn marks it whole.
+    kube.apply = original  # type: ignore[method-assign]
+    await reconciler.reconcile(body)
+    claim = kube.stored(PVCS, "mixtral-cache", "llm")
+    annotations = claim["metadata"]["annotations"]
+    assert annotations[names.ANNOTATION_CREATED_AS] == claim["metadata"]["uid"]
+
+
+def _marked(made_for: str, made_as: str, **metadata: Any) -> dict[str, Any]:
+    annotations = {
+        names.ANNOTATION_CREATED_FOR: made_for,
+        names.ANNOTATION_CREATED_AS: made_as,
+    }
+    return _claim(annotations=annotations, **metadata)
 
 
 async def test_a_retained_claim_serves_the_next_model_of_its_name(
     settings: OperatorSettings,
 ) -> None:
-    retained = _claim(annotations={names.ANNOTATION_CREATED_FOR: "uid-earlier"})
+    retained = _marked("uid-earlier", "uid-claim", uid="uid-claim")
     body = model_body(cache={"size": "2Ti"})
     kube, reconciler = _setup(settings, body, retained)
     await reconciler.reconcile(body)
@@ -187,6 +220,53 @@ async def test_a_retained_claim_serves_the_next_model_of_its_name(
     assert annotations[names.ANNOTATION_CREATED_FOR] == "uid-earlier"
     assert not kube.created
     assert "CacheClaimAdopted" not in _reasons(kube)
+
+
+@pytest.mark.parametrize(
+    "copied",
+    [
+        # `kubectl get pvc -o yaml` of a claim of ours, renamed and applied.
+        _marked("uid-other", "uid-original", uid="uid-copy"),
+        # Marked by a create for another model and never marked whole.
+        _claim(annotations={names.ANNOTATION_CREATED_FOR: "uid-other"}),
+    ],
+)
+async def test_copied_marks_do_not_make_a_claim_ours(
+    settings: OperatorSettings, copied: dict[str, Any]
+) -> None:
+    body = model_body(cache={"size": "10Gi", "deletePolicy": "Delete"})
+    kube, reconciler = _setup(settings, body, copied)
+    await reconciler.reconcile(body)
+    claim = kube.stored(PVCS, "mixtral-cache", "llm")
+    assert "ownerReferences" not in claim["metadata"]
+    assert claim["spec"] == copied["spec"]
+    assert "CacheClaimAdopted" in _reasons(kube)
+
+
+async def test_retain_removes_the_owner_reference_the_create_set(
+    settings: OperatorSettings,
+) -> None:
+    # The create's field manager entry owns the reference too, so an apply
+    # without it would leave it: a JSON patch takes it away.
+    deleting = model_body(cache={"size": "10Gi", "deletePolicy": "Delete"})
+    kube, reconciler = _setup(settings, deleting)
+    await reconciler.reconcile(deleting)
+    retaining = model_body(cache={"size": "10Gi", "deletePolicy": "Retain"})
+    kube.put(retaining)
+    await reconciler.reconcile(retaining)
+    claim = kube.stored(PVCS, "mixtral-cache", "llm")
+    assert "ownerReferences" not in claim["metadata"]
+    [(plural, _, operations)] = kube.patched
+    assert plural == "persistentvolumeclaims"
+    assert operations[0] == {
+        "op": "test",
+        "path": "/metadata/ownerReferences/0/uid",
+        "value": "uid-mixtral",
+    }
+    kube.put(deleting)
+    await reconciler.reconcile(deleting)
+    claim = kube.stored(PVCS, "mixtral-cache", "llm")
+    assert [r["uid"] for r in claim["metadata"]["ownerReferences"]] == ["uid-mixtral"]
 
 
 async def test_a_claim_from_before_the_mark_is_ours_by_its_owner_reference(

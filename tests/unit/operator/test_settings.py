@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from citadel.operator.settings import LogFormat, OperatorSettings, PeeringMode
@@ -38,18 +40,22 @@ def test_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_pod_monitor_labels_from_json(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(
-        "CITADEL_OPERATOR_POD_MONITOR_LABELS",
-        '{"release": "kube-prometheus-stack", "example.com/team": "ml"}',
-    )
-    labels = OperatorSettings().pod_monitor_labels
-    assert labels == {"release": "kube-prometheus-stack", "example.com/team": "ml"}
+    given = {
+        "release": "kube-prometheus-stack",
+        "example.com/team": "ml",
+        "a-1.b2.example/Team_Name.x": "",
+    }
+    monkeypatch.setenv("CITADEL_OPERATOR_POD_MONITOR_LABELS", json.dumps(given))
+    assert OperatorSettings().pod_monitor_labels == given
 
 
 @pytest.mark.parametrize(
     ("labels", "problem"),
     [
         ('{"bad key": "x"}', "not a label key"),
+        ('{"a..b/x": "y"}', "not a label key"),
+        ('{"a.-b/x": "y"}', "not a label key"),
+        ('{"' + "a" * 254 + '/x": "y"}', "not a label key"),
         ('{"release": "not a value"}', "not a label value"),
         ('{"release": "' + "x" * 64 + '"}', "not a label value"),
         ('{"app.kubernetes.io/managed-by": "helm"}', "operator's own labels"),
