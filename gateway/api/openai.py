@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -37,6 +36,7 @@ from citadel.gateway.services.requests import (
     ApiCall,
     Door,
 )
+from citadel.gateway.services.streams import Closing
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=error_responses())
 
@@ -261,7 +261,7 @@ async def _send_whole(result: ProxyResponse, send: Send) -> None:
 
 
 async def _send_stream(
-    result: ProxyResponse, stream: AsyncIterator[bytes], send: Send, watch: _Watch
+    result: ProxyResponse, stream: Closing[bytes], send: Send, watch: _Watch
 ) -> None:
     """Relays `stream`; `watch` stops it (closing the replica's connection, which
     makes vLLM abort the request) as soon as the client goes away.
@@ -276,6 +276,4 @@ async def _send_stream(
         watch.stop()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await stream.aclose()

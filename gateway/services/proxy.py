@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +56,8 @@ class ProxyResponse:
     status: int
     headers: dict[str, str]
     body: bytes = b""
-    stream: AsyncIterator[bytes] | None = None
+    stream: Closing[bytes] | None = None
+    """Close it when done, read or not: it holds a replica until then."""
     media_type: str = "application/json"
 
 
@@ -346,9 +347,7 @@ class ProxyService:
     def _release(
         self, ctx: _Context, replica: Replica, failure: UpstreamFailure | None
     ) -> None:
-        ctx.holding = False
-        replica.in_flight -= 1
-        self._metrics.in_flight.labels(ctx.model, replica.url).dec()
+        self._free(ctx, replica)
         if failure is None:
             replica.record_success()
             return
@@ -374,9 +373,12 @@ class ProxyService:
     def _let_go(self, ctx: _Context) -> None:
         """Frees the replica, if the request still holds one, judging nothing."""
         if ctx.holding and ctx.replica is not None:
-            ctx.holding = False
-            ctx.replica.in_flight -= 1
-            self._metrics.in_flight.labels(ctx.model, ctx.replica.url).dec()
+            self._free(ctx, ctx.replica)
+
+    def _free(self, ctx: _Context, replica: Replica) -> None:
+        ctx.holding = False
+        replica.in_flight -= 1
+        self._metrics.in_flight.labels(ctx.model, replica.url).dec()
 
     async def _settle(
         self, ctx: _Context, usage: Usage | None, *, answered: bool = False
@@ -425,9 +427,7 @@ class ProxyService:
         """Counts and logs a request its door refused before `handle`: no key or
         a bad one, a body over the limit. Without it a flood of bad keys would
         not show in the request metrics."""
-        who = principal if principal is not None else Principal(None)
-        ctx = _Context(call, who, request_id, self._clock(), door=door)
-        self._finish(ctx, error.status, error.code)
+        self._count_early(call, request_id, door, principal, error.status, error.code)
 
     def left(
         self,
@@ -437,9 +437,20 @@ class ProxyService:
         principal: Principal | None = None,
     ) -> None:
         """Counts and logs a request whose client left before `handle` (499)."""
+        self._count_early(call, request_id, door, principal, 499, "client_closed")
+
+    def _count_early(
+        self,
+        call: ApiCall,
+        request_id: str,
+        door: Door,
+        principal: Principal | None,
+        status: int,
+        code: str | None,
+    ) -> None:
         who = principal if principal is not None else Principal(None)
         ctx = _Context(call, who, request_id, self._clock(), door=door)
-        self._finish(ctx, 499, "client_closed")
+        self._finish(ctx, status, code)
 
     def _finish(self, ctx: _Context, status: int, code: str | None) -> None:
         if ctx.finished:  # counted already; a cancel after that changes nothing
