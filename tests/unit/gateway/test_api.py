@@ -489,10 +489,33 @@ def _counted(harness: Any, status: str, model: str = "smollm2") -> float | None:
     return sample("citadel_gateway_requests_total", labels)  # type: ignore[no-any-return]
 
 
-async def _stream(harness: Any, kit: Any) -> Any:
+async def _handle(harness: Any, kit: Any, **body: Any) -> Any:
     principal = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
-    raw = orjson.dumps({**kit.chat, "stream": True})
+    raw = orjson.dumps({**kit.chat, **body})
     return await harness.deps.proxy.handle(CHAT, principal, raw, "r-1")
+
+
+async def _stream(harness: Any, kit: Any) -> Any:
+    return await _handle(harness, kit, stream=True)
+
+
+def _slow_settle(
+    harness: Any, monkeypatch: pytest.MonkeyPatch
+) -> tuple[asyncio.Event, asyncio.Event]:
+    """Makes the token settle wait 50 ms, as a Redis round trip would; the
+    events say when it started and when it finished."""
+    limiter = harness.deps.proxy.limiter
+    original = limiter.settle
+    started, done = asyncio.Event(), asyncio.Event()
+
+    async def slow(admission: Any, used: int) -> None:
+        started.set()
+        await asyncio.sleep(0.05)
+        await original(admission, used)
+        done.set()
+
+    monkeypatch.setattr(limiter, "settle", slow)
+    return started, done
 
 
 async def test_a_stream_closed_before_it_is_read_frees_its_replica(
@@ -517,17 +540,7 @@ async def test_a_client_leaving_during_the_settle_is_still_counted(
     # round trip with shared limits) is under way.
     harness = kit.build(doc=kit.document(limits={"tpm": 100_000}))
     harness.upstream.handler = lambda url, body: kit.reply(parts=_sse(CHUNK, USAGE))
-    limiter = harness.deps.proxy.limiter
-    original = limiter.settle
-    started, done = asyncio.Event(), asyncio.Event()
-
-    async def slow(admission: Any, used: int) -> None:
-        started.set()
-        await asyncio.sleep(0.05)
-        await original(admission, used)
-        done.set()
-
-    monkeypatch.setattr(limiter, "settle", slow)
+    started, done = _slow_settle(harness, monkeypatch)
     result = await _stream(harness, kit)
 
     async def read() -> None:
@@ -634,21 +647,8 @@ async def test_a_cancel_during_the_settle_cuts_neither_it_nor_the_count(
     harness = kit.build(doc=kit.document(limits={"tpm": 100_000}))
     answer = kit.completion() if reply == "a whole answer" else kit.reply(status=500)
     harness.upstream.handler = lambda url, body: answer
-    limiter = harness.deps.proxy.limiter
-    original = limiter.settle
-    started, done = asyncio.Event(), asyncio.Event()
-
-    async def slow(admission: Any, used: int) -> None:
-        started.set()
-        await asyncio.sleep(0.05)
-        await original(admission, used)
-        done.set()
-
-    monkeypatch.setattr(limiter, "settle", slow)
-    principal = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
-    handling = asyncio.create_task(
-        harness.deps.proxy.handle(CHAT, principal, orjson.dumps(kit.chat), "r-1")
-    )
+    started, done = _slow_settle(harness, monkeypatch)
+    handling = asyncio.create_task(_handle(harness, kit))
     await started.wait()
     handling.cancel()
     with pytest.raises(asyncio.CancelledError):

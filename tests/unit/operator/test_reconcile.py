@@ -42,6 +42,19 @@ def _setup(
     return kube, Reconciler(kube, settings, Metrics(), clock=lambda: NOW)
 
 
+def _the_claim(kube: FakeKube) -> Any:
+    return kube.stored(PVCS, "mixtral-cache", "llm")
+
+
+async def _reconciled_claim(
+    settings: OperatorSettings, body: dict[str, Any], *objects: dict[str, Any]
+) -> tuple[FakeKube, Any]:
+    """The cache claim after one reconcile of `body` among `objects`."""
+    kube, reconciler = _setup(settings, body, *objects)
+    await reconciler.reconcile(body)
+    return kube, _the_claim(kube)
+
+
 def _reasons(kube: FakeKube) -> list[str]:
     return [e["reason"] for e in kube.events]
 
@@ -127,7 +140,7 @@ async def test_existing_cache_claim_is_used_untouched(
     body = model_body(cache={"size": "10Gi"})
     kube, reconciler = _setup(settings, body, theirs)
     await reconciler.reconcile(body)
-    assert kube.stored(PVCS, "mixtral-cache", "llm")["spec"] == theirs["spec"]
+    assert _the_claim(kube)["spec"] == theirs["spec"]
     assert "CacheClaimAdopted" in _reasons(kube)
 
 
@@ -149,9 +162,7 @@ async def test_a_claim_with_our_labels_but_not_made_by_us_is_never_owned(
         labels={names.LABEL_MANAGED_BY: names.MANAGER_NAME, names.LABEL_MODEL: "x"}
     )
     body = model_body(cache={"size": "10Gi", "deletePolicy": "Delete"})
-    kube, reconciler = _setup(settings, body, theirs)
-    await reconciler.reconcile(body)
-    claim = kube.stored(PVCS, "mixtral-cache", "llm")
+    kube, claim = await _reconciled_claim(settings, body, theirs)
     assert "ownerReferences" not in claim["metadata"]
     assert claim["spec"] == theirs["spec"]
     assert not [o for _, o in kube.applied if o["kind"] == "PersistentVolumeClaim"]
@@ -168,7 +179,7 @@ async def test_a_new_claim_is_created_owned_and_marked_with_its_uid(
     # Owned from the first moment: a model deleted before the next write
     # still takes its claim with it.
     assert [r["uid"] for r in created["metadata"]["ownerReferences"]] == ["uid-mixtral"]
-    claim = kube.stored(PVCS, "mixtral-cache", "llm")
+    claim = _the_claim(kube)
     annotations = claim["metadata"]["annotations"]
     assert annotations[names.ANNOTATION_CREATED_FOR] == "uid-mixtral"
     assert annotations[names.ANNOTATION_CREATED_AS] == claim["metadata"]["uid"]
@@ -189,12 +200,12 @@ async def test_a_claim_deleted_with_its_model_even_if_marking_it_failed(
     kube.apply = unavailable  # type: ignore[method-assign]
     with pytest.raises(ReconcileError):
         await reconciler.reconcile(body)
-    claim = kube.stored(PVCS, "mixtral-cache", "llm")
+    claim = _the_claim(kube)
     assert [r["uid"] for r in claim["metadata"]["ownerReferences"]] == ["uid-mixtral"]
     # Half marked, it is this model's alone until the next turn marks it whole.
     kube.apply = original  # type: ignore[method-assign]
     await reconciler.reconcile(body)
-    claim = kube.stored(PVCS, "mixtral-cache", "llm")
+    claim = _the_claim(kube)
     annotations = claim["metadata"]["annotations"]
     assert annotations[names.ANNOTATION_CREATED_AS] == claim["metadata"]["uid"]
 
@@ -212,9 +223,7 @@ async def test_a_retained_claim_serves_the_next_model_of_its_name(
 ) -> None:
     retained = _marked("uid-earlier", "uid-claim", uid="uid-claim")
     body = model_body(cache={"size": "2Ti"})
-    kube, reconciler = _setup(settings, body, retained)
-    await reconciler.reconcile(body)
-    claim = kube.stored(PVCS, "mixtral-cache", "llm")
+    kube, claim = await _reconciled_claim(settings, body, retained)
     assert claim["spec"]["resources"]["requests"]["storage"] == "2Ti"
     annotations = claim["metadata"]["annotations"]
     assert annotations[names.ANNOTATION_CREATED_FOR] == "uid-earlier"
@@ -235,9 +244,7 @@ async def test_copied_marks_do_not_make_a_claim_ours(
     settings: OperatorSettings, copied: dict[str, Any]
 ) -> None:
     body = model_body(cache={"size": "10Gi", "deletePolicy": "Delete"})
-    kube, reconciler = _setup(settings, body, copied)
-    await reconciler.reconcile(body)
-    claim = kube.stored(PVCS, "mixtral-cache", "llm")
+    kube, claim = await _reconciled_claim(settings, body, copied)
     assert "ownerReferences" not in claim["metadata"]
     assert claim["spec"] == copied["spec"]
     assert "CacheClaimAdopted" in _reasons(kube)
@@ -254,7 +261,7 @@ async def test_retain_removes_the_owner_reference_the_create_set(
     retaining = model_body(cache={"size": "10Gi", "deletePolicy": "Retain"})
     kube.put(retaining)
     await reconciler.reconcile(retaining)
-    claim = kube.stored(PVCS, "mixtral-cache", "llm")
+    claim = _the_claim(kube)
     assert "ownerReferences" not in claim["metadata"]
     [(plural, _, operations)] = kube.patched
     assert plural == "persistentvolumeclaims"
@@ -265,7 +272,7 @@ async def test_retain_removes_the_owner_reference_the_create_set(
     }
     kube.put(deleting)
     await reconciler.reconcile(deleting)
-    claim = kube.stored(PVCS, "mixtral-cache", "llm")
+    claim = _the_claim(kube)
     assert [r["uid"] for r in claim["metadata"]["ownerReferences"]] == ["uid-mixtral"]
 
 
@@ -284,9 +291,7 @@ async def test_a_claim_from_before_the_mark_is_ours_by_its_owner_reference(
         ]
     )
     body = model_body(cache={"size": "2Ti", "deletePolicy": "Delete"})
-    kube, reconciler = _setup(settings, body, owned)
-    await reconciler.reconcile(body)
-    claim = kube.stored(PVCS, "mixtral-cache", "llm")
+    _, claim = await _reconciled_claim(settings, body, owned)
     assert claim["spec"]["resources"]["requests"]["storage"] == "2Ti"
     annotations = claim["metadata"]["annotations"]
     assert annotations[names.ANNOTATION_CREATED_FOR] == "uid-mixtral"
@@ -308,7 +313,7 @@ async def test_a_claim_made_by_someone_else_meanwhile_is_left_alone(
     with pytest.raises(ReconcileError, match="someone else") as err:
         await reconciler.reconcile(body)
     assert err.value.retryable
-    claim = kube.stored(PVCS, "mixtral-cache", "llm")
+    claim = _the_claim(kube)
     assert claim["metadata"].get("annotations") is None
     assert "ownerReferences" not in claim["metadata"]
 
@@ -319,7 +324,7 @@ async def test_retain_drops_the_owner_reference_even_when_a_resize_is_refused(
     deleting = model_body(cache={"size": "100Gi", "deletePolicy": "Delete"})
     kube, reconciler = _setup(settings, deleting)
     await reconciler.reconcile(deleting)
-    claim = kube.stored(PVCS, "mixtral-cache", "llm")
+    claim = _the_claim(kube)
     assert [r["uid"] for r in claim["metadata"]["ownerReferences"]] == ["uid-mixtral"]
 
     # A StorageClass that does not allow expansion refuses the larger size.
@@ -337,7 +342,7 @@ async def test_retain_drops_the_owner_reference_even_when_a_resize_is_refused(
     retaining = model_body(cache={"size": "200Gi", "deletePolicy": "Retain"})
     kube.put(retaining)
     await reconciler.reconcile(retaining)
-    claim = kube.stored(PVCS, "mixtral-cache", "llm")
+    claim = _the_claim(kube)
     assert "ownerReferences" not in claim["metadata"]  # not deleted with the model
     assert claim["spec"]["resources"]["requests"]["storage"] == "100Gi"
     assert "CacheClaimNotUpdated" in _reasons(kube)
