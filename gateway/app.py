@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from citadel.gateway import __version__
 from citadel.gateway.api import admin, errors, health, openai
@@ -45,8 +46,12 @@ def create_app(settings: GatewaySettings, deps: Deps) -> FastAPI:
     app.include_router(health.router)
     app.include_router(admin.router)
     app.include_router(graphql_router())
-    # The fast path sits inside VersionHeaders, so its responses get them too.
-    app.add_middleware(openai.ForwardingFastPath)
     app.add_middleware(VersionHeaders)
     errors.install(app)
     return app
+
+
+def serving(app: FastAPI) -> ASGIApp:
+    """What the server runs: the forwarding endpoints' fast path in front of
+    `app` (see `openai.ForwardingFastPath`), which serves everything else."""
+    return openai.ForwardingFastPath(app)

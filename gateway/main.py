@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 import uvicorn
 
 from citadel.gateway import __version__, logs
-from citadel.gateway.app import create_app
+from citadel.gateway.app import create_app, serving
 from citadel.gateway.rpc.server import add_grpc
 from citadel.gateway.settings import GatewaySettings
 from citadel.gateway.wiring import build_deps
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             stop_grace_s=settings.shutdown_grace_s,
         )
         draining.append(grpc_server.stop)
-    app = create_app(settings, deps)
+    app = serving(create_app(settings, deps))
     # What start-up built (modules, FastAPI's routes, pydantic's validators;
     # about 105,700 objects from the imports alone: len(gc.get_objects()) after
     # importing this module) lives as long as the process.

@@ -10,8 +10,9 @@ import httpx
 import orjson
 import pytest
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 
-from citadel.gateway.app import create_app
+from citadel.gateway.app import create_app, serving
 from citadel.gateway.deps import Deps
 from citadel.gateway.metrics import GatewayMetrics
 from citadel.gateway.routes import RoutingDocument
@@ -121,8 +122,13 @@ class Harness:
     keys: InMemoryKeyStore
     clock: Clock
 
+    @property
+    def served(self) -> ASGIApp:
+        """The app as the server runs it (the fast path in front)."""
+        return serving(self.app)
+
     def client(self) -> httpx.AsyncClient:
-        transport = httpx.ASGITransport(app=self.app)
+        transport = httpx.ASGITransport(app=self.served)
         return httpx.AsyncClient(
             transport=transport,
             base_url="http://gateway",
