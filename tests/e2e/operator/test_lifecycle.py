@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,18 @@ def _events(kube: Kube, selector: str) -> str:
     """`kubectl get events` in the test's namespace, by field selector."""
     return kube.cluster.kubectl(
         "get", "events", "-n", kube.namespace, "--field-selector", selector
+    )
+
+
+def _rollout_events(kube: Kube, model: str) -> int:
+    """How many RollingOut events the model got (repeats count)."""
+    events = kube.items("events")
+    return sum(
+        max(1, e.get("count") or 0)
+        for e in events
+        if e.get("reason") == "RollingOut"
+        and e["involvedObject"].get("name") == model
+        and e["involvedObject"].get("kind") == "LLMModel"
     )
 
 
@@ -87,6 +100,35 @@ def test_engine_argument_change_rolls_the_deployment(kube: Kube) -> None:
     replica_sets = kube.items("replicasets", "citadel.ai/model=rolled")
     assert len(replica_sets) == 2
     kube.delete_model("rolled")
+
+
+def test_an_annotation_on_the_deployment_does_not_flap_the_model(
+    kube: Kube,
+) -> None:
+    """An annotation bumps a Deployment's generation and rolls nothing out; the
+    model stays Ready throughout (a flap leaves a RollingOut event and a new
+    transition time behind it)."""
+    kube.apply(_model("tagged"))
+    kube.wait_phase("tagged", "Ready")
+    before = kube.condition("tagged", "Progressing")
+    rollouts = _rollout_events(kube, "tagged")
+    deployment = kube.get("deployment", "tagged")
+    kube.cluster.kubectl(
+        "annotate", "deployment", "tagged", "team=search", "-n", kube.namespace
+    )
+
+    def observed() -> bool:
+        now = kube.get("deployment", "tagged")
+        generation = now["metadata"]["generation"]
+        seen = now["status"].get("observedGeneration") == generation
+        return seen and generation > deployment["metadata"]["generation"]
+
+    kube.wait("the controller to observe the annotation", observed)
+    time.sleep(2)  # the operator handles the Deployment's events meanwhile
+    assert kube.condition("tagged", "Progressing") == before
+    assert kube.phase("tagged") == "Ready"
+    assert _rollout_events(kube, "tagged") == rollouts
+    kube.delete_model("tagged")
 
 
 def test_hand_edits_to_the_deployment_are_reverted(kube: Kube) -> None:

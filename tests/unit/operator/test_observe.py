@@ -156,6 +156,23 @@ def test_rollout_in_flight() -> None:
     assert _cond(status, ConditionType.READY)[0] == "True"
 
 
+def test_a_generation_its_controller_has_not_seen_keeps_the_verdict() -> None:
+    """An annotation bumps a Deployment's generation and rolls nothing out: until
+    the controller has looked, the model stays as it was (no flap to Progressing)."""
+    ready = _derive(make_model(**PINNED), deployment(), [pod("p1")])
+    body = model_body(**PINNED)
+    body["status"] = ready.model_dump(by_alias=True, exclude_none=True, mode="json")
+    lagging = deployment(generation=2, observed=1)
+    status = _derive(LLMModel.from_body(body), lagging, [pod("p1")])
+    assert status.phase is Phase.READY
+    assert _cond(status, ConditionType.PROGRESSING) == _cond(
+        ready, ConditionType.PROGRESSING
+    )
+    # Seen first while lagging, there is no verdict to keep.
+    first = _derive(make_model(**PINNED), lagging, [pod("p1")])
+    assert _cond(first, ConditionType.PROGRESSING)[:2] == ("True", "RollingOut")
+
+
 def test_progress_deadline_exceeded() -> None:
     status = _derive(
         make_model(**PINNED),
