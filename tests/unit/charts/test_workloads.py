@@ -241,6 +241,10 @@ def test_gateway_shutdown_grace_follows_the_pods(chart: ChartKit) -> None:
     # The preStop sleep (5 s) and a margin come out of the pod's period.
     assert grace({}) == (60, "50")
     assert grace({"gateway.terminationGracePeriodSeconds": 3600}) == (3600, "3590")
+    # A short period still leaves the streams most of what the sleep leaves.
+    assert grace({"gateway.terminationGracePeriodSeconds": 15}) == (15, "5")
+    assert grace({"gateway.terminationGracePeriodSeconds": 10}) == (10, "3")
+    assert grace({"gateway.terminationGracePeriodSeconds": 8}) == (8, "2")
     assert grace({"gateway.terminationGracePeriodSeconds": 4}) == (4, "0")
 
 
