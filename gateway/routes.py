@@ -110,10 +110,12 @@ class RoutingDocument(_Model):
         return self
 
     def to_json(self) -> str:
-        """The canonical JSON form (sorted models, stable key order)."""
+        """The canonical JSON form (sorted models, stable key order), compact: a
+        ConfigMap holds at most 1 MiB, which indented JSON filled at about 2,170
+        models without aliases, and compact JSON at about 2,700."""
         ordered = sorted(self.models, key=lambda r: (r.namespace, r.name))
         doc = self.model_copy(update={"models": tuple(ordered)})
-        return doc.model_dump_json(by_alias=True, indent=2)
+        return doc.model_dump_json(by_alias=True)
 
 
 def parse_document(raw: str | bytes) -> RoutingDocument:

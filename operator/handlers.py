@@ -144,7 +144,9 @@ def build_registry(
     @kopf.on.startup(registry=registry)
     async def operator_startup(**kwargs: Any) -> None:
         # Kopf hands the (still empty) indexes to startup handlers and runs no
-        # resource handler before each has its initial listing.
+        # resource handler before each has its initial listing, nor while this
+        # replica stands by for a peer: the routes wait for the first one.
+        reconciler.routes.hold()
         reconciler.use(IndexedView(kwargs))
 
         def count(ok: bool) -> None:
@@ -162,12 +164,14 @@ def build_registry(
             task.cancel()
         # Refreshes log their own failures (see `finished`).
         await asyncio.gather(*tasks, return_exceptions=True)
+        await reconciler.stop()
         await on_cleanup()
 
     @kopf.on.resume(*LLMMODEL, id="reconcile-resume", registry=registry)
     @kopf.on.create(*LLMMODEL, id="reconcile-create", registry=registry)
     @kopf.on.update(*LLMMODEL, id="reconcile-update", registry=registry)
     async def llmmodel_reconcile(body: kopf.Body, **_: Any) -> None:
+        reconciler.routes.ready()
         await _translated(reconciler.reconcile(body))
 
     if settings.resync_seconds > 0:
@@ -193,6 +197,7 @@ def build_registry(
         uid: str | None,
         **_: Any,
     ) -> None:
+        reconciler.routes.ready()
         if type == "DELETED" and namespace and name:
             if uid:
                 state.forget([uid])
@@ -209,14 +214,23 @@ def build_registry(
     async def deployment_event(
         labels: kopf.Labels, namespace: str | None, **_: Any
     ) -> None:
+        reconciler.routes.ready()
         owner = labels.get(names.LABEL_MODEL)
         if owner and namespace:
             spawn_refresh(namespace, owner, fix_drift=True)
 
     @kopf.on.event("", "v1", "pods", id="pod-event", labels=MANAGED, registry=registry)
     async def pod_event(labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
+        reconciler.routes.ready()
         owner = labels.get(names.LABEL_MODEL)
         if owner and namespace:
             spawn_refresh(namespace, owner)
+
+    # Every cluster has nodes (watched for their index anyway): with no model
+    # and nothing of ours left, this is what lets the first document be written,
+    # which drops the routes of models deleted while no operator ran.
+    @kopf.on.event("", "v1", "nodes", id="node-event", registry=registry)
+    async def node_event(**_: Any) -> None:
+        reconciler.routes.ready()
 
     return registry

@@ -281,6 +281,8 @@ class Reconciler:
         self._settled: dict[str, str] = {}
         # Per model, the generation whose reconcile failed for good, and why.
         self._failed: dict[str, tuple[int, Blocker]] = {}
+        # Refreshes of models whose name conflict changed, started by a publish.
+        self._rechecks: set[asyncio.Task[None]] = set()
 
     def use(self, view: ClusterView) -> None:
         """Reads through `view` from now on (the handlers' indexes, once Kopf has
@@ -768,9 +770,26 @@ class Reconciler:
             )
 
     async def _recheck(self, keys: set[str]) -> None:
+        # In tasks of their own: each refresh may wait for a burst of new models
+        # (Precedence), one after another, and the publisher that asks for them
+        # would hold every model's routes back meanwhile.
         for key in keys:
             namespace, _, name = key.partition("/")
-            await self.refresh(namespace, name)
+            task = asyncio.create_task(self.refresh(namespace, name))
+            self._rechecks.add(task)
+            task.add_done_callback(self._recheck_done)
+
+    def _recheck_done(self, task: asyncio.Task[None]) -> None:
+        self._rechecks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("status refresh failed", exc_info=task.exception())
+
+    async def stop(self) -> None:
+        """Cancels the refreshes it started on its own (name-conflict rechecks)."""
+        tasks = list(self._rechecks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def status_patch(model: LLMModel, status: LLMModelStatus) -> Manifest:

@@ -144,6 +144,8 @@ class RoutePublisher:
         self._settings = settings
         self._on_conflicts = on_conflicts
         self._wanted = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._ready.set()
         self.conflicts: Conflicts = {}
         self.published: RoutingDocument | None = None
         self._source = source or ApiView(kube, settings.list_scopes()).models
@@ -157,6 +159,17 @@ class RoutePublisher:
     def kick(self) -> None:
         """Asks for the document to be rebuilt and written soon."""
         self._wanted.set()
+
+    def hold(self) -> None:
+        """Writes nothing until `ready()`: the source does not hold every model
+        yet (Kopf's indexes before their first listing, or for as long as this
+        replica stands by for a peer). A document built from them would drop
+        the models it misses, and every gateway would answer 404 for them."""
+        self._ready.clear()
+
+    def ready(self) -> None:
+        """The source holds every model: writing may start (or go on)."""
+        self._ready.set()
 
     def _entries_of(self, bodies: Sequence[Manifest]) -> list[Entry]:
         entries = []
@@ -210,6 +223,7 @@ class RoutePublisher:
         period = self._settings.resync_seconds or None
         loop = asyncio.get_running_loop()
         last = -math.inf
+        await self._ready.wait()
         while True:
             kicked = True
             try:

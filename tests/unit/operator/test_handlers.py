@@ -6,6 +6,7 @@ import asyncio
 from typing import Any, cast
 
 import kopf
+import orjson
 import pytest
 
 from citadel.operator import __version__, names, view
@@ -16,6 +17,8 @@ from citadel.operator.main import kopf_settings, main
 from citadel.operator.metrics import Metrics
 from citadel.operator.reconcile import ReconcileError, Reconciler
 from citadel.operator.settings import OperatorSettings, PeeringMode
+
+from .samples import model_body
 
 pytestmark = pytest.mark.unit
 
@@ -176,3 +179,53 @@ async def test_pod_and_deployment_events_hand_the_refresh_to_a_task(
     cleanup_fn: Any = cleanup.fn
     await asyncio.wait_for(cleanup_fn(), timeout=1)
     assert len(asked) == 3
+
+
+async def test_routes_wait_for_the_first_resource_handler(
+    settings: OperatorSettings,
+) -> None:
+    """Kopf runs startup handlers on still empty indexes, and resource handlers
+    only once every index has its first listing (never while standing by for a
+    peer): a document written before that drops every model it misses."""
+    settings = settings.model_copy(update={"route_publish_delay": 0.0})
+    kube = FakeKube()
+    reconciler = Reconciler(kube, settings, Metrics())
+    registry = build_registry(reconciler, settings, _login, _noop, MemoryState())
+    indexes: dict[str, dict[object, list[dict[str, Any]]]] = {
+        name: {}
+        for name in (
+            view.MODELS_INDEX,
+            view.DEPLOYMENTS_INDEX,
+            view.PODS_INDEX,
+            view.NODES_INDEX,
+        )
+    }
+    activities = {h.id: h.fn for h in registry._activities.get_all_handlers()}
+    [startup] = [fn for id_, fn in activities.items() if "startup" in id_]
+    [cleanup] = [fn for id_, fn in activities.items() if "cleanup" in id_]
+    start: Any = startup
+    await start(**indexes)
+
+    def writes() -> list[list[str]]:
+        return [
+            [m["name"] for m in orjson.loads(obj["data"]["routes.json"])["models"]]
+            for _, obj in kube.applied
+            if obj["kind"] == "ConfigMap"
+        ]
+
+    try:
+        await asyncio.sleep(0.2)
+        assert writes() == []  # kicked at start, held
+        body = model_body("a")
+        indexes[view.MODELS_INDEX][("llm", "a")] = [body]  # the listing came
+        handlers = {h.id: h.fn for h in registry._watching.get_all_handlers()}
+        node_event: Any = handlers["node-event"]
+        await node_event()
+        for _ in range(100):
+            if writes():
+                break
+            await asyncio.sleep(0.01)
+        assert writes() == [["a"]]
+    finally:
+        stop: Any = cleanup
+        await stop()

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from citadel.operator import names
+from citadel.operator import names, reconcile
 from citadel.operator.kube.client import ApiError
 from citadel.operator.kube.fake import FakeKube
 from citadel.operator.kube.resources import (
@@ -433,11 +433,30 @@ async def test_name_conflict_shows_in_the_status(settings: OperatorSettings) -> 
     kube, reconciler = _setup(settings, first, second)
     await reconciler.reconcile(first)
     await reconciler.reconcile(second)
-    await reconciler.routes.publish()  # finds the clash and refreshes "b"
+    await reconciler.routes.publish()  # finds the clash, starts a refresh of "b"
+    await asyncio.gather(*reconciler._rechecks)
     status = kube.stored(LLMMODELS, "b", "llm")["status"]
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "ServedNameConflict"
     assert status["phase"] == "Failed"
+
+
+async def test_conflict_rechecks_do_not_hold_the_publisher(
+    settings: OperatorSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each recheck may wait out a burst of new models; the publish that finds
+    the conflicts goes on at once (it took one wait per model in turn)."""
+    monkeypatch.setattr(reconcile, "PRECEDENCE_MAX_WAIT_S", 0.5)
+    bodies = [model_body("a", servedName="chat")] + [
+        model_body(f"copy{i}", servedName="chat", created="2026-06-01T00:00:00Z")
+        for i in range(3)
+    ]
+    _, reconciler = _setup(settings, *bodies)
+    async with reconciler._precedence.urgent():  # a new model's reconcile runs
+        await asyncio.wait_for(reconciler.routes.publish(), timeout=1)
+        assert len(reconciler._rechecks) == 3
+    await asyncio.wait_for(asyncio.gather(*reconciler._rechecks), timeout=5)
+    await reconciler.stop()
 
 
 async def test_forget_clears_the_phase_metrics(settings: OperatorSettings) -> None:
