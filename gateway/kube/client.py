@@ -46,6 +46,12 @@ def endpoint_slices(namespace: str) -> str:
     return f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices"
 
 
+WATCH_GRACE_S = 30.0
+"""How long past its timeoutSeconds a watch may run before it is dropped."""
+WATCH_SILENCE_S = 150.0
+"""How long a watch may stay silent (no event, no bookmark) before it is dropped."""
+
+
 class KubeClient:
     """Talks to one API server over one pooled aiohttp session."""
 
@@ -139,8 +145,16 @@ class KubeClient:
             "allowWatchBookmarks": "true",
             "timeoutSeconds": str(timeout_s),
         }
+        # The server ends the watch after timeout_s and sends a bookmark about
+        # every minute meanwhile; silence past these bounds is a connection
+        # that is gone without a word (a lost control-plane node, a dropped NAT
+        # entry), which would otherwise hold the watch, and stale routes or
+        # revoked keys, for ever.
+        bounds = aiohttp.ClientTimeout(
+            total=timeout_s + WATCH_GRACE_S, sock_read=WATCH_SILENCE_S
+        )
         async with self._session.get(
-            path, params=query, headers=self._headers()
+            path, params=query, headers=self._headers(), timeout=bounds
         ) as response:
             if response.status >= 400:
                 raise _api_error(response.status, await response.read())
@@ -187,7 +201,8 @@ async def list_watch(
         except WatchExpired:
             log.info("watch expired; listing again", extra={"path": path})
             version = None
-        except (aiohttp.ClientError, TimeoutError, KubeApiError) as err:
+        except (aiohttp.ClientError, TimeoutError, KubeApiError, ValueError) as err:
+            # ValueError: a line that is not JSON, or past the read buffer.
             log.warning("watch failed; retrying", extra={"path": path, "error": err})
             await asyncio.sleep(retry_s)
 

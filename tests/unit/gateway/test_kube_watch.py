@@ -9,7 +9,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from citadel.gateway.kube.client import WatchExpired, list_watch
+from citadel.gateway.kube import client as client_module
+from citadel.gateway.kube.client import KubeClient, WatchExpired, list_watch
+from citadel.gateway.kube.config import KubeConfig
 
 pytestmark = pytest.mark.unit
 
@@ -73,3 +75,43 @@ async def test_resumes_after_a_drop_and_relists_after_gone() -> None:
     # 10 from the list; 15 after the bookmark; 15 again after the drop; 16; then
     # a new list's 20 after 410.
     assert api.watched_from == ["10", "15", "15", "16", "20"]
+
+
+async def test_a_watch_on_a_connection_gone_silent_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A peer that vanished without a word (no FIN, no RST) sends nothing; the
+    watch ends past its bounds instead of waiting for ever."""
+    monkeypatch.setattr(client_module, "WATCH_GRACE_S", 0.5)
+    monkeypatch.setattr(client_module, "WATCH_SILENCE_S", 60.0)
+
+    async def handle(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        await writer.drain()
+        await asyncio.Event().wait()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    kube = KubeClient(KubeConfig(server=f"http://127.0.0.1:{port}"))
+    await kube.start()
+
+    async def drain() -> None:
+        async for _ in kube.watch("/api/v1/namespaces/x/configmaps", "1", timeout_s=1):
+            pass
+
+    task = asyncio.create_task(drain())
+    try:
+        done, _ = await asyncio.wait({task}, timeout=5)
+        assert task in done, "the watch still waits"
+        # aiohttp's timeout is a TimeoutError, which list_watch retries.
+        assert isinstance(task.exception(), TimeoutError)
+    finally:
+        task.cancel()
+        await kube.close()
+        server.close()
