@@ -69,39 +69,69 @@ def slice_endpoints(slice_: Obj) -> list[Endpoint]:
     return result
 
 
-class _SliceView:
-    """The EndpointSlices of one namespace, pushed to the catalog per Service."""
+def _service_of(slice_: Obj) -> str | None:
+    labels = slice_.get("metadata", {}).get("labels") or {}
+    service = labels.get(SERVICE_NAME_LABEL)
+    return service if isinstance(service, str) and service else None
 
-    def __init__(self, namespace: str, catalog: Catalog) -> None:
+
+class _SliceView:
+    """The EndpointSlices of one namespace, pushed to the catalog per Service:
+    only the Service an event is about, and only Services the routing document
+    names (every Service of the namespace has slices).
+
+    Args:
+        namespace: the namespace watched.
+        catalog: where addresses go.
+        routed: the Services the document names in `namespace`.
+    """
+
+    def __init__(self, namespace: str, catalog: Catalog, routed: set[str]) -> None:
         self._namespace = namespace
         self._catalog = catalog
+        self._routed = routed
         self._slices: dict[str, Obj] = {}
+        self._by_service: dict[str, set[str]] = defaultdict(set)
 
     def sync(self, items: list[Obj]) -> None:
         self._slices = {item["metadata"]["name"]: item for item in items}
-        self._push()
+        self._by_service.clear()
+        for name, item in self._slices.items():
+            service = _service_of(item)
+            if service:
+                self._by_service[service].add(name)
+        pushed = {svc for ns, svc in self._catalog.services() if ns == self._namespace}
+        for service in pushed | self._routed:
+            self._push(service)
 
     def event(self, kind: str, obj: Obj) -> None:
         name = obj["metadata"]["name"]
-        if kind == "DELETED":
-            self._slices.pop(name, None)
-        else:
+        old = self._slices.pop(name, None)
+        if kind != "DELETED":
             self._slices[name] = obj
-        self._push()
+        services = {_service_of(obj), old and _service_of(old)} - {None}
+        for service in services:
+            assert service  # for the type checker: None is gone
+            self._by_service[service].discard(name)
+            if kind != "DELETED" and service == _service_of(obj):
+                self._by_service[service].add(name)
+            if not self._by_service[service]:
+                del self._by_service[service]
+            self._push(service)
 
-    def _push(self) -> None:
-        by_service: dict[str, list[Endpoint]] = defaultdict(list)
-        for item in self._slices.values():
-            service = (item["metadata"].get("labels") or {}).get(SERVICE_NAME_LABEL)
-            if service:
-                by_service[service].extend(slice_endpoints(item))
-        known = {
-            r.service for r in self._catalog.routes() if r.namespace == self._namespace
-        }
-        for service in known | by_service.keys():
-            self._catalog.set_endpoints(
-                self._namespace, service, by_service.get(service, [])
-            )
+    def route(self, routed: set[str]) -> None:
+        """The document now names `routed` in this namespace."""
+        changed = routed ^ self._routed
+        self._routed = routed
+        for service in changed:
+            self._push(service)
+
+    def _push(self, service: str) -> None:
+        endpoints: list[Endpoint] = []
+        if service in self._routed:
+            for name in self._by_service.get(service, ()):
+                endpoints.extend(slice_endpoints(self._slices[name]))
+        self._catalog.set_endpoints(self._namespace, service, endpoints)
 
 
 class RoutesWatchSource:
@@ -112,6 +142,7 @@ class RoutesWatchSource:
         self._namespace = namespace
         self._catalog = catalog
         self._slice_watches: dict[str, asyncio.Task[None]] = {}
+        self._views: dict[str, _SliceView] = {}
 
     async def run(self) -> None:
         params = {"fieldSelector": f"metadata.name={CONFIGMAP_NAME}"}
@@ -148,13 +179,23 @@ class RoutesWatchSource:
             self._catalog.reject_document(err)
             return
         self._catalog.set_document(doc)
-        self._watch_namespaces({route.namespace for route in doc.models})
+        routed: dict[str, set[str]] = defaultdict(set)
+        for route in doc.models:
+            routed[route.namespace].add(route.service)
+        self._watch_namespaces(routed)
 
-    def _watch_namespaces(self, namespaces: set[str]) -> None:
-        for gone in self._slice_watches.keys() - namespaces:
+    def _watch_namespaces(self, routed: dict[str, set[str]]) -> None:
+        for gone in self._slice_watches.keys() - routed.keys():
             self._slice_watches.pop(gone).cancel()
-        for namespace in namespaces - self._slice_watches.keys():
-            view = _SliceView(namespace, self._catalog)
+            del self._views[gone]
+            self._catalog.forget_namespace(gone)
+        for namespace, services in routed.items():
+            if namespace in self._views:
+                self._views[namespace].route(services)
+                continue
+            view = self._views[namespace] = _SliceView(
+                namespace, self._catalog, services
+            )
             self._slice_watches[namespace] = asyncio.create_task(
                 list_watch(
                     self._client,

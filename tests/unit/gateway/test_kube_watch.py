@@ -85,6 +85,8 @@ async def test_a_watch_on_a_connection_gone_silent_ends(
     monkeypatch.setattr(client_module, "WATCH_GRACE_S", 0.5)
     monkeypatch.setattr(client_module, "WATCH_SILENCE_S", 60.0)
 
+    done_serving = asyncio.Event()
+
     async def handle(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
@@ -94,7 +96,8 @@ async def test_a_watch_on_a_connection_gone_silent_ends(
             b"transfer-encoding: chunked\r\n\r\n"
         )
         await writer.drain()
-        await asyncio.Event().wait()
+        await done_serving.wait()
+        writer.close()
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -114,4 +117,6 @@ async def test_a_watch_on_a_connection_gone_silent_ends(
     finally:
         task.cancel()
         await kube.close()
+        done_serving.set()
         server.close()
+        await server.wait_closed()

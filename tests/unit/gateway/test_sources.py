@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -116,17 +117,49 @@ async def test_configmap_and_slices_feed_the_catalog() -> None:
         task.cancel()
     from citadel.gateway.sources.kubernetes import _SliceView
 
-    view = _SliceView("llm", catalog)
+    view = _SliceView("llm", catalog, {"m"})
     view.sync([_slice("m-1", "m", "10.0.0.1"), _slice("x-1", "other", "10.0.0.9")])
     assert [r.url for r in catalog.replicas(route)] == ["http://10.0.0.1:8000"]
+    # A Service no model names (every Service has slices) is no replica.
+    assert set(catalog.all_replicas()) == {"http://10.0.0.1:8000"}
     view.event("ADDED", _slice("m-2", "m", "10.0.0.2"))
     assert len(catalog.replicas(route)) == 2
     view.event("DELETED", _slice("m-1", "m"))
     view.event("DELETED", _slice("m-2", "m"))
     assert catalog.replicas(route) == []
+    assert catalog.all_replicas() == {}
     source._load({"data": {CONFIGMAP_KEY: "{bad"}})
     source._event("DELETED", {})
     assert catalog.resolve("m") is route
+
+
+async def test_slices_push_only_their_service_and_leave_nothing_behind() -> None:
+    from citadel.gateway.sources.kubernetes import _SliceView
+
+    catalog = Catalog()
+    view = _SliceView("llm", catalog, {"a", "b"})
+    view.sync([_slice("a-1", "a", "10.0.0.1"), _slice("b-1", "b", "10.0.0.2")])
+    pushed: list[str] = []
+    original = catalog.set_endpoints
+
+    def spy(namespace: str, service: str, endpoints: Any) -> None:
+        pushed.append(service)
+        original(namespace, service, endpoints)
+
+    catalog.set_endpoints = spy  # type: ignore[method-assign]
+    # A pod in two slices while they are reshuffled counts once.
+    view.event("ADDED", _slice("a-2", "a", "10.0.0.1", "10.0.0.3"))
+    assert pushed == ["a"]
+    urls = sorted(catalog.all_replicas())
+    assert urls == [f"http://10.0.0.{i}:8000" for i in (1, 2, 3)]
+    # A model left out of the document takes its replicas with it.
+    view.route({"b"})
+    assert sorted(catalog.all_replicas()) == ["http://10.0.0.2:8000"]
+    assert catalog.services() == [("llm", "b")]
+    # A namespace no longer watched is forgotten: its addresses could be stale
+    # by the time it is watched again.
+    catalog.forget_namespace("llm")
+    assert catalog.all_replicas() == {} and catalog.services() == []
 
 
 def test_key_secret_round_trip_and_watch_events() -> None:
