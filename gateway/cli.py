@@ -12,11 +12,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
+from pydantic import ValidationError
 
 from citadel.gateway import __version__
 from citadel.gateway.kube.client import KubeApiError, KubeClient, secrets
 from citadel.gateway.kube.config import KubeConfigError, load_kubeconfig
-from citadel.gateway.services.auth import KeyRecord, Role, generate_key, hash_key
+from citadel.gateway.services.auth import (
+    KeyRecord,
+    Role,
+    generate_key,
+    hash_key,
+    invalid_fields,
+)
 from citadel.gateway.sources.files import KeyFile, read_key_file
 from citadel.gateway.sources.kubernetes import (
     KEY_LABEL,
@@ -64,6 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_kube_command(args))
     except (CliError, KubeConfigError, KubeApiError, OSError) as err:
         print(f"citadel: {err}", file=sys.stderr)
+        return 1
+    except ValidationError as err:  # a name or limit the key record refuses
+        print(f"citadel: {invalid_fields(err)}", file=sys.stderr)
         return 1
     return 0
 

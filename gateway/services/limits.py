@@ -36,6 +36,11 @@ from citadel.gateway.services.buckets import (
 from citadel.gateway.services.prefix import prompt_text
 
 MINUTE = 60.0
+MAX_ESTIMATE = 10**9
+"""The most tokens one request is estimated at: beyond any model's context (the
+model refuses a larger `max_tokens`, and the estimate is then given back), and
+small enough for the bucket arithmetic in Redis's Lua, which a `max_tokens` of
+10^19 broke."""
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +49,13 @@ def estimate_tokens(body: Mapping[str, Any], default_max_tokens: int) -> int:
     """A cautious guess of a request's tokens: prompt characters / 4 + reply."""
     prompt = math.ceil(len(prompt_text(body)) / 4)
     if "input" in body:
-        return max(1, prompt)
+        return min(MAX_ESTIMATE, max(1, prompt))
     reply = body.get("max_completion_tokens") or body.get("max_tokens")
     if not isinstance(reply, int) or reply < 1:
         reply = default_max_tokens
     n = body.get("n")
     choices = n if isinstance(n, int) and n > 0 else 1
-    return max(1, prompt + reply * choices)
+    return min(MAX_ESTIMATE, max(1, prompt + reply * choices))
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ class Admission:
     estimate: int
     headers: dict[str, str] = field(default_factory=dict)
     token_takes: tuple[Take, ...] = ()
+    request_takes: tuple[Take, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -122,14 +128,27 @@ class Limiter:
         if not levels[0].ok:
             raise _refusal(checks, levels, headers, principal, route)
         token_takes = tuple(c.take for c in checks if c.scope != "requests")
-        return Admission(estimate, headers, token_takes)
+        request_takes = tuple(c.take for c in checks if c.scope == "requests")
+        return Admission(estimate, headers, token_takes, request_takes)
 
-    async def settle(self, admission: Admission, used: int) -> None:
-        """Corrects the token buckets by the real use minus the estimate."""
+    async def settle(
+        self, admission: Admission, used: int, *, served: bool = True
+    ) -> None:
+        """Corrects the token buckets by the real use minus the estimate.
+
+        Args:
+            admission: what `admit` took.
+            used: the tokens the request used.
+            served: False for a request no replica answered, which gives its
+                request back too: a client retrying a model that is not ready
+                yet would otherwise be rate limited once it is.
+        """
         delta = used - admission.estimate
-        if delta == 0 or not admission.token_takes:
+        takes = [Take(t.bucket, delta, 0) for t in admission.token_takes if delta]
+        if not served:
+            takes += [Take(t.bucket, -t.amount, 0) for t in admission.request_takes]
+        if not takes:
             return
-        takes = [Take(t.bucket, delta, 0) for t in admission.token_takes]
         try:
             await self._store.adjust(takes, self._clock())
         except StoreUnavailable as err:
@@ -194,7 +213,10 @@ class Limiter:
                 if limit is not None:
                     stamp, left_s = _period(period, now)
                     bucket = Bucket(f"quota:key:{who}:{stamp}", limit, 0.0, left_s)
-                    take = Take(bucket, estimate, 1)
+                    # The whole estimate must be left (as for the per-minute
+                    # buckets): a quota never refills within its period, and a
+                    # debt is forgiven when the next period's bucket starts.
+                    take = Take(bucket, estimate, min(estimate, limit))
                     checks.append(_Check(take, "quota", window=period))
         return checks
 

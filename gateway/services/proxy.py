@@ -138,6 +138,8 @@ class ProxyService:
         try:
             return await self._handle(ctx, raw)
         except GatewayError as err:
+            if ctx.admission is not None:  # admitted: where its limits stand
+                err.headers = {**ctx.admission.headers, **err.headers}
             await self._account(ctx, None, err.status, err.code)
             raise
         except asyncio.CancelledError:
@@ -400,7 +402,9 @@ class ProxyService:
         else:
             used = admission.estimate if answered else 0
         try:
-            await self._limiter.settle(admission, used)
+            await self._limiter.settle(
+                admission, used, served=answered or usage is not None
+            )
         except Exception:  # the reply is served; a limit store hiccup must not fail it
             log.exception("could not settle token use", extra=self._log_fields(ctx))
         if usage is None or ctx.route is None:

@@ -54,7 +54,9 @@ for i = 1, n do
     if rate > 0 then
       ttl = math.max(ttl, math.ceil((cap - after) / rate * 1000))
     end
-    redis.call('PEXPIRE', KEYS[i], ttl)
+    -- Lua writes numbers past 14 digits in exponent form, which PEXPIRE
+    -- refuses, and the script would stop half done: at most about 30 years.
+    redis.call('PEXPIRE', KEYS[i], math.min(ttl, 1e12))
   end
   out[i] = {ok and '1' or '0', tostring(before[i]), tostring(after)}
 end

@@ -10,7 +10,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from citadel.gateway.routes import RoutesError, parse_document
-from citadel.gateway.services.auth import InMemoryKeyStore, KeyRecord
+from citadel.gateway.services.auth import InMemoryKeyStore, KeyRecord, invalid_fields
 from citadel.gateway.services.catalog import Catalog
 from citadel.gateway.services.replicas import Endpoint
 
@@ -98,7 +98,7 @@ def keys_file_source(
         except ValidationError as err:
             log.error(
                 "key file rejected; keeping the keys in force",
-                extra={"error": str(err)},
+                extra={"error": invalid_fields(err)},
             )
             return
         store.replace_all(keys)

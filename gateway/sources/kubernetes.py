@@ -34,7 +34,11 @@ from citadel.gateway.routes import (
     RoutesError,
     parse_document,
 )
-from citadel.gateway.services.auth import InMemoryKeyStore, KeyRecord
+from citadel.gateway.services.auth import (
+    InMemoryKeyStore,
+    KeyRecord,
+    invalid_fields,
+)
 from citadel.gateway.services.catalog import Catalog
 from citadel.gateway.services.replicas import Endpoint
 
@@ -233,7 +237,13 @@ def key_from_secret(secret: Obj) -> KeyRecord | None:
     name = secret.get("metadata", {}).get("name")
     try:
         return KeyRecord.model_validate_json(base64.b64decode(raw or ""))
-    except (ValidationError, ValueError) as err:
+    except ValidationError as err:
+        log.error(
+            "ignoring a malformed key Secret",
+            extra={"secret": name, "error": invalid_fields(err)},
+        )
+        return None
+    except ValueError as err:  # not base64: says nothing of what it held
         log.error(
             "ignoring a malformed key Secret", extra={"secret": name, "error": str(err)}
         )

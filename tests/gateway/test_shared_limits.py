@@ -88,6 +88,25 @@ async def test_redis_keeps_a_debt_until_it_has_refilled(redis_url: str) -> None:
         await store.close()
 
 
+async def test_a_debt_past_lua_numbers_still_expires_and_is_given_back(
+    redis_url: str,
+) -> None:
+    """A debt whose refill takes longer than 10^14 ms broke the script half way
+    (Lua wrote the expiry in exponent form): the request was let through
+    unchecked, the bucket kept its debt for ever, and nothing gave it back."""
+    store = RedisBuckets.from_url(redis_url)
+    bucket = Bucket("deep", 1_000, 1_000 / 60, 120)
+    try:
+        # The gateway's estimates stop at 10^9 tokens; the store takes more.
+        [level] = await store.take([Take(bucket, 10**13, 1_000)], 0.0)
+        assert level.ok
+        assert 0 < await store._client.pttl(PREFIX + "deep") <= 10**12
+        await store.adjust([Take(bucket, -(10**13), 0)], 1.0)  # given back
+        assert (await store.take([Take(bucket, 1, 1)], 2.0))[0].ok
+    finally:
+        await store.close()
+
+
 async def test_a_stalled_redis_fails_open_within_its_timeout() -> None:
     # A server that accepts connections and never answers.
     accepted: list[asyncio.StreamWriter] = []

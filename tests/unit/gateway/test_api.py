@@ -197,6 +197,21 @@ async def test_backend_failures_map_to_5xx(
     assert answer.json()["error"]["code"] == code
 
 
+async def test_an_error_after_admission_says_where_the_limits_stand(
+    kit: Any,
+) -> None:
+    h = kit.build(doc=kit.document(limits={"rpm": 5, "tpm": 10_000}))
+    h.upstream.handler = lambda url, body: UpstreamUnreachable("refused")
+    async with h.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+        assert answer.status_code == 502
+        # No replica answered: the request was given back, tokens and all.
+        assert answer.headers["x-ratelimit-remaining-requests"] == "4"
+        h.upstream.handler = lambda url, body: kit.completion()
+        after = await client.post("/v1/chat/completions", json=kit.chat)
+    assert after.headers["x-ratelimit-remaining-requests"] == "4"
+
+
 async def test_backend_4xx_passes_through_and_5xx_becomes_502(
     harness: Any, kit: Any
 ) -> None:
@@ -514,10 +529,10 @@ def _slow_settle(
     original = limiter.settle
     started, done = asyncio.Event(), asyncio.Event()
 
-    async def slow(admission: Any, used: int) -> None:
+    async def slow(admission: Any, used: int, *, served: bool = True) -> None:
         started.set()
         await asyncio.sleep(0.05)
-        await original(admission, used)
+        await original(admission, used, served=served)
         done.set()
 
     monkeypatch.setattr(limiter, "settle", slow)

@@ -39,3 +39,14 @@ def test_missing_kubeconfig_is_reported(
     missing = tmp_path / "nope"
     assert main(["keys", "--kubeconfig", str(missing), "list"]) == 1
     assert "cannot read kubeconfig" in capsys.readouterr().err
+
+
+def test_bad_input_is_one_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["keys", "--file", str(tmp_path / "keys.json"), "create"]
+    assert main([*args, "Alice"]) == 1
+    assert main([*args, "bob", "--rpm", "0"]) == 1
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(":")[0] for line in errors] == ["citadel", "citadel"]
+    assert "name:" in errors[0] and "rpm:" in errors[1]

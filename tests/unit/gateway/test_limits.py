@@ -17,7 +17,7 @@ from citadel.gateway.services.buckets import (
     format_reset,
     refill,
 )
-from citadel.gateway.services.limits import Limiter, estimate_tokens
+from citadel.gateway.services.limits import MAX_ESTIMATE, Limiter, estimate_tokens
 
 pytestmark = pytest.mark.unit
 
@@ -157,9 +157,36 @@ async def test_monthly_quota_spans_days() -> None:
     clock.now -= 86_400 * 5
     await limiter.settle(await limiter.admit(who, route(), 60), 60)
     clock.now += 86_400
-    await limiter.settle(await limiter.admit(who, route(), 60), 60)
+    await limiter.settle(await limiter.admit(who, route(), 40), 40)
     with pytest.raises(QuotaExceeded):
         await limiter.admit(who, route(), 1)
+
+
+async def test_a_quota_admits_only_a_request_whose_estimate_is_left() -> None:
+    """A quota never refills within its period and a debt ends with it: a
+    request larger than what is left would be an overshoot forgiven."""
+    limiter = Limiter(InProcessBuckets(), Clock())
+    who = principal(daily_tokens=10_000)
+    await limiter.settle(await limiter.admit(who, route(), 9_999), 9_999)
+    with pytest.raises(QuotaExceeded):
+        await limiter.admit(who, route(), 500_000)
+    await limiter.admit(who, route(), 1)
+
+
+async def test_a_request_no_replica_answered_gives_its_request_back() -> None:
+    limiter = Limiter(InProcessBuckets(), Clock())
+    who = principal(rpm=2, tpm=1_000)
+    for _ in range(5):  # a model not ready yet: retried, never served
+        admission = await limiter.admit(who, route(), 100)
+        await limiter.settle(admission, 0, served=False)
+    admission = await limiter.admit(who, route(), 100)
+    assert admission.headers["x-ratelimit-remaining-requests"] == "1"
+    assert admission.headers["x-ratelimit-remaining-tokens"] == "900"
+
+
+def test_an_estimate_stays_within_bounds() -> None:
+    huge = {"messages": [], "max_tokens": 10**19, "n": 128}
+    assert estimate_tokens(huge, 256) == MAX_ESTIMATE
 
 
 async def test_no_limits_no_buckets() -> None:

@@ -73,6 +73,19 @@ def test_keys_file_reloads(tmp_path: Path) -> None:
     assert len(store) == 0
 
 
+def test_a_rejected_key_file_logs_fields_not_values(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A raw key put where its hash belongs must not reach the logs."""
+    path = tmp_path / "keys.json"
+    secret = "ctd-" + "s" * 40
+    path.write_text(orjson.dumps({"keys": [{"name": "a", "hash": secret}]}).decode())
+    keys_file_source(path, InMemoryKeyStore(), 1.0).check()
+    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "keys.0.hash" in record.error  # type: ignore[attr-defined]
+    assert secret not in record.error  # type: ignore[attr-defined]
+
+
 def test_endpoint_slice_conditions() -> None:
     slice_ = {
         "ports": [{"name": "metrics", "port": 9000}, {"name": "http", "port": 8000}],
