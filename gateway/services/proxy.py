@@ -309,7 +309,9 @@ class ProxyService:
         code = "stream_broken" if failure else "client_closed" if gone else None
         # A stream that broke, or a client that left, before the usage chunk:
         # the replica may have generated all of it.
-        await self._account(ctx, events.usage, 200, code, answered=True)
+        await self._account(
+            ctx, events.usage, 200, code, answered=True, relayed=events.count
+        )
 
     async def _account(
         self,
@@ -319,13 +321,14 @@ class ProxyService:
         code: str | None,
         *,
         answered: bool = False,
+        relayed: int = 0,
     ) -> None:
         """Settles the request's tokens, then counts it. A client that leaves
         meanwhile (right after its answer) cancels this task: neither may be cut
         short with it, so the settle runs on in a task of its own when it may
         wait on Redis (without token buckets nothing waits), and the count comes
         in a finally."""
-        settle = self._settle(ctx, usage, answered=answered)
+        settle = self._settle(ctx, usage, answered=answered, relayed=relayed)
         try:
             if ctx.admission is not None and ctx.admission.token_takes:
                 await self._shielded(settle)
@@ -383,7 +386,12 @@ class ProxyService:
         self._metrics.in_flight.labels(ctx.model, replica.url).dec()
 
     async def _settle(
-        self, ctx: _Context, usage: Usage | None, *, answered: bool = False
+        self,
+        ctx: _Context,
+        usage: Usage | None,
+        *,
+        answered: bool = False,
+        relayed: int = 0,
     ) -> None:
         """Corrects the token buckets and counts tokens and cost.
 
@@ -393,6 +401,11 @@ class ProxyService:
                 (refunding it would let a client that leaves before the usage
                 chunk, or a reply without one, use tokens past its limits);
                 a request that failed before any answer used nothing.
+            relayed: stream events relayed. Without a usage at least one token
+                each is charged: a client that reads a long stream and leaves
+                before its usage chunk would otherwise pay only the estimate
+                (256 tokens without `max_tokens`, where vLLM goes on to the end
+                of the context).
         """
         admission, ctx.admission = ctx.admission, None
         if admission is None:
@@ -400,7 +413,7 @@ class ProxyService:
         if usage is not None:
             used = usage.total
         else:
-            used = admission.estimate if answered else 0
+            used = max(admission.estimate, relayed) if answered else 0
         try:
             await self._limiter.settle(
                 admission, used, served=answered or usage is not None

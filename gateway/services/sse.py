@@ -64,6 +64,9 @@ class EventFilter:
         self._keep = keep_usage_chunk
         self._buffer = b""
         self.usage: Usage | None = None
+        self.count = 0
+        """Complete events seen (each of vLLM's carries a token or more, but the
+        first and the usage chunk)."""
 
     def feed(self, chunk: bytes) -> bytes:
         """The complete events in `chunk` (with any earlier partial one)."""
@@ -74,6 +77,7 @@ class EventFilter:
             return b""
         cut = end + len(EVENT_END)
         complete, self._buffer = data[:cut], data[cut:]
+        self.count += complete.count(EVENT_END)
         if USAGE_MARK not in complete:
             return complete
         events = complete.split(EVENT_END)

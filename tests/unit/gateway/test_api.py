@@ -197,6 +197,25 @@ async def test_backend_failures_map_to_5xx(
     assert answer.json()["error"]["code"] == code
 
 
+async def test_a_stream_without_usage_is_charged_a_token_an_event(
+    kit: Any,
+) -> None:
+    """A client that reads a long stream and leaves before its usage chunk paid
+    only the estimate (10 tokens here) for all it read."""
+    from citadel.gateway.services.limits import estimate_tokens
+
+    long = {**kit.chat, "max_tokens": 10, "stream": True}
+    answers = iter([kit.reply(parts=_sse(*[CHUNK] * 600))])
+    h = kit.build(doc=kit.document(limits={"tpm": 10_000}))
+    h.upstream.handler = lambda url, b: next(answers, None) or kit.completion()
+    async with h.client() as client:
+        await client.post("/v1/chat/completions", json=long)
+        after = await client.post("/v1/chat/completions", json=kit.chat)
+    remaining = int(after.headers["x-ratelimit-remaining-tokens"])
+    second = estimate_tokens(dict(kit.chat), 256)
+    assert remaining == 10_000 - 601 - second  # 600 events and [DONE]
+
+
 async def test_an_error_after_admission_says_where_the_limits_stand(
     kit: Any,
 ) -> None:
