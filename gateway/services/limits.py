@@ -58,12 +58,24 @@ def estimate_tokens(body: Mapping[str, Any], default_max_tokens: int) -> int:
     return min(MAX_ESTIMATE, max(1, prompt + reply * choices))
 
 
+QUOTA_SCALE = 1e12
+"""What every quota bucket holds when nothing is used: its level is this minus
+the tokens used, so the key's quota, read at each request, can change within a
+period (a bucket holding what is left kept the old quota until the period ended,
+and a lowered one forgot what was used). Lua keeps integers exact to 14 digits."""
+
+
 @dataclass(frozen=True)
 class _Check:
     take: Take
     scope: str  # "requests", "tokens" or "quota"
+    limit: int
     window: str = "minute"  # or "day", "month" for quotas
     model: str | None = None  # None: the key's own bucket, over all models
+
+    def left(self, level: float) -> float:
+        """What is left of `limit` when the bucket is at `level`."""
+        return level - (self.take.bucket.capacity - self.limit)
 
 
 @dataclass
@@ -177,8 +189,8 @@ class Limiter:
                 c.scope,
                 c.window,
                 c.model,
-                int(c.take.bucket.capacity),
-                max(0, math.floor(level.level)),
+                c.limit,
+                max(0, math.floor(c.left(level.level))),
                 reset_time(level.level, c.take.bucket),
             )
             for c, level in zip(checks.values(), levels, strict=True)
@@ -198,7 +210,7 @@ class Limiter:
             if limit is not None:
                 bucket = Bucket(f"{scope}:{ident}", limit, limit / MINUTE, 2 * MINUTE)
                 take = Take(bucket, amount, min(amount, limit))
-                checks.append(_Check(take, scope, model=per))
+                checks.append(_Check(take, scope, limit, model=per))
 
         by_model = f"key:{who}:model:{model}"
         per_minute("requests", f"key:{who}", key.rpm if key else None, 1, None)
@@ -212,12 +224,15 @@ class Limiter:
             ):
                 if limit is not None:
                     stamp, left_s = _period(period, now)
-                    bucket = Bucket(f"quota:key:{who}:{stamp}", limit, 0.0, left_s)
+                    bucket = Bucket(
+                        f"quota-used:key:{who}:{stamp}", QUOTA_SCALE, 0.0, left_s
+                    )
                     # The whole estimate must be left (as for the per-minute
                     # buckets): a quota never refills within its period, and a
                     # debt is forgiven when the next period's bucket starts.
-                    take = Take(bucket, estimate, min(estimate, limit))
-                    checks.append(_Check(take, "quota", window=period))
+                    need = min(estimate, limit) + QUOTA_SCALE - limit
+                    take = Take(bucket, estimate, need)
+                    checks.append(_Check(take, "quota", limit, window=period))
         return checks
 
 
@@ -271,7 +286,7 @@ def _refusal(
     if check.scope == "quota":
         error: RateLimited | QuotaExceeded = QuotaExceeded(
             f"The token quota of {who} is used up for this period "
-            f"({int(check.take.bucket.capacity)} tokens); it renews in "
+            f"({check.limit} tokens); it renews in "
             f"{format_reset(wait)}.",
             retry_after_s=wait,
             headers=headers,
@@ -281,7 +296,7 @@ def _refusal(
         per = "requests" if check.scope == "requests" else "tokens"
         error = RateLimited(
             f"Rate limit reached for {per} per minute on {who}, model "
-            f"`{route.served_name}`: limit {int(check.take.bucket.capacity)}. "
+            f"`{route.served_name}`: limit {check.limit}. "
             f"Try again in {format_reset(wait)}.",
             retry_after_s=wait,
             headers=headers,

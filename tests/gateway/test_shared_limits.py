@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from citadel.gateway.errors import QuotaExceeded
 from citadel.gateway.routes import ModelRoute
 from citadel.gateway.services.auth import KeyRecord, Principal
 from citadel.gateway.services.buckets import Bucket, Take
@@ -103,6 +104,33 @@ async def test_a_debt_past_lua_numbers_still_expires_and_is_given_back(
         assert 0 < await store._client.pttl(PREFIX + "deep") <= 10**12
         await store.adjust([Take(bucket, -(10**13), 0)], 1.0)  # given back
         assert (await store.take([Take(bucket, 1, 1)], 2.0))[0].ok
+    finally:
+        await store.close()
+
+
+async def test_a_quota_in_redis_follows_its_key_within_the_period(
+    redis_url: str,
+) -> None:
+    """Quota buckets count what is used, offset by 10^12 (Lua's numbers must
+    keep it exact): a raised quota unblocks the key at once."""
+    store = RedisBuckets.from_url(redis_url)
+    limiter = Limiter(store, time.time)
+    route = ModelRoute.model_validate(
+        {"name": "m", "namespace": "n", "servedName": "m", "service": "m"}
+    )
+
+    def key(daily: int) -> Principal:
+        name = f"quota-{id(store)}"
+        record = KeyRecord(name=name, hash="sha256:" + "1" * 64, daily_tokens=daily)
+        return Principal(record)
+
+    try:
+        await limiter.settle(await limiter.admit(key(1_000), route, 999), 999)
+        with pytest.raises(QuotaExceeded):
+            await limiter.admit(key(1_000), route, 2)
+        await limiter.admit(key(1_000), route, 1)
+        [standing] = await limiter.standing(key(5_000), [route])
+        assert standing.remaining == 4_000
     finally:
         await store.close()
 

@@ -216,3 +216,20 @@ async def test_an_unreachable_store_admits_unchecked() -> None:
     admission = await limiter.admit(principal(rpm=1), route(rpm=1), 10)
     assert admission.headers == {}
     await limiter.settle(admission, 5)
+
+
+async def test_a_quota_changed_within_its_period_applies_at_once() -> None:
+    """The bucket counts what is used, so the key's quota, read at each request,
+    can change: a raised one unblocks the key, a lowered one keeps what was used."""
+    limiter = Limiter(InProcessBuckets(), Clock())
+    small = principal(daily_tokens=1_000)
+    await limiter.settle(await limiter.admit(small, route(), 1_000), 1_000)
+    with pytest.raises(QuotaExceeded, match="1000 tokens"):
+        await limiter.admit(small, route(), 10)
+    await limiter.admit(principal(daily_tokens=100_000), route(), 10)
+    big = principal(monthly_tokens=1_000_000)
+    await limiter.settle(await limiter.admit(big, route(), 900_000), 900_000)
+    with pytest.raises(QuotaExceeded):
+        await limiter.admit(principal(monthly_tokens=100_000), route(), 10)
+    [standing] = await limiter.standing(principal(monthly_tokens=950_000), [route()])
+    assert (standing.limit, standing.remaining) == (950_000, 50_000)
