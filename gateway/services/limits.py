@@ -251,12 +251,16 @@ def _period(period: str, now: float) -> tuple[str, float]:
 
 
 def _headers(checks: list[_Check], levels: list[Level]) -> dict[str, str]:
-    """OpenAI's x-ratelimit-* headers from the tightest bucket of each kind."""
+    """OpenAI's x-ratelimit-* headers from the tightest bucket of each kind: on
+    a refusal, of those that refused."""
     headers: dict[str, str] = {}
+    refused = not levels[0].ok
     for scope in ("requests", "tokens"):
         pairs = [
             (c, lv) for c, lv in zip(checks, levels, strict=True) if c.scope == scope
         ]
+        failed = [(c, lv) for c, lv in pairs if refused and lv.level < c.take.need]
+        pairs = failed or pairs
         if not pairs:
             continue
         check, level = min(pairs, key=lambda p: p[1].level / p[0].take.bucket.capacity)

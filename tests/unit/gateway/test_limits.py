@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -233,3 +234,44 @@ async def test_a_quota_changed_within_its_period_applies_at_once() -> None:
         await limiter.admit(principal(monthly_tokens=100_000), route(), 10)
     [standing] = await limiter.standing(principal(monthly_tokens=950_000), [route()])
     assert (standing.limit, standing.remaining) == (950_000, 50_000)
+
+
+async def test_a_refusal_reports_the_bucket_that_refused() -> None:
+    clock = Clock()
+    limiter = Limiter(InProcessBuckets(), clock)
+    who = principal(rpm=100)
+    a = route(rpm=10)
+    b = route().model_copy(update={"served_name": "b", "name": "b"})
+    for _ in range(10):
+        await limiter.admit(who, a, 1)
+    for _ in range(85):
+        await limiter.admit(who, b, 1)
+    clock.now += 5.4  # model a's bucket refills to 0.9, the key's to 14
+    for _ in range(10):
+        await limiter.admit(who, b, 1)
+    with pytest.raises(RateLimited) as refused:
+        await limiter.admit(who, a, 1)
+    headers = refused.value.headers
+    assert headers["x-ratelimit-limit-requests"] == "10"
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+
+
+async def test_live_buckets_past_the_bound_are_not_swept_at_each_store() -> None:
+    store = InProcessBuckets(max_buckets=10)
+    sweeps = 0
+    state = store._state
+
+    class Counting(dict[str, tuple[float, float, float]]):
+        def items(self) -> Any:
+            nonlocal sweeps
+            sweeps += 1
+            return super().items()
+
+    store._state = Counting(state)
+    for i in range(100):  # all live: nothing to drop
+        bucket = Bucket(f"b{i}", 10, 0.0, 3600)
+        await store.take([Take(bucket, 1, 1)], 0.0)
+        if not isinstance(store._state, Counting):
+            store._state = Counting(store._state)
+    assert len(store._state) == 100
+    assert sweeps <= 4  # at 11, 23, 47, 95 kept
