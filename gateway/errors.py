@@ -162,6 +162,15 @@ class NotReady(_RetryLater):
     code = "gateway_not_ready"
 
 
+class ShuttingDown(_RetryLater):
+    """503: the gateway stopped before the answer came (its shutdown grace ran
+    out); another replica of the gateway can take the request."""
+
+    status = 503
+    type = "server_error"
+    code = "shutting_down"
+
+
 class BackendError(GatewayError):
     """502: the replica failed or answered with something unusable."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +28,7 @@ from citadel.gateway.deps import (
     deps_of,
     take_request_id,
 )
-from citadel.gateway.errors import BodyTooLarge, GatewayError
+from citadel.gateway.errors import BodyTooLarge, GatewayError, ShuttingDown
 from citadel.gateway.services.auth import Principal
 from citadel.gateway.services.proxy import ProxyResponse
 from citadel.gateway.services.requests import (
@@ -37,6 +38,7 @@ from citadel.gateway.services.requests import (
     ApiCall,
     Door,
 )
+from citadel.gateway.services.sse import error_event
 from citadel.gateway.services.streams import Closing
 from citadel.gateway.versioning import response_headers
 
@@ -104,11 +106,38 @@ async def _serve(call: ApiCall, request: Request, send: Send, extra: Headers) ->
         result = await deps.proxy.handle(call, principal, raw, rid, session)
         await send_result(result, send, watch, extra)
     except asyncio.CancelledError:
-        if not watch.gone:
+        if not watch.gone and not deps.proxy.cut:
             raise
-        task.uncancel()  # the proxy counted it (499, or client_closed)
+        # The proxy counted it (499, client_closed, or shutting_down).
+        task.uncancel()
+        if not watch.gone:
+            await _cut_off(request, send, watch, extra)
     finally:
         watch.stop()
+
+
+async def _cut_off(request: Request, send: Send, watch: _Watch, extra: Headers) -> None:
+    """Ends a request the server cut at the end of its shutdown grace: an error
+    in OpenAI's shape (uvicorn would send a plain-text 500, or drop a stream
+    without a word)."""
+    error = ShuttingDown(
+        "The gateway stopped before the answer came; send the request again.",
+        retry_after_s=1,
+    )
+    with contextlib.suppress(Exception):  # the connection may be gone already
+        if watch.started:
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": error_event(error.body()),
+                    "more_body": True,
+                }
+            )
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        else:
+            response = error_response(request, error)
+            response.raw_headers.extend(extra)
+            await response(request.scope, request.receive, send)
 
 
 WATCH_AFTER_S = 0.05
@@ -135,6 +164,8 @@ class _Watch:
 
     def __init__(self, receive: Receive, task: asyncio.Task[Any]) -> None:
         self.gone = False
+        self.started = False
+        """True once the response has begun."""
         self._receive = receive
         self._task = task
         self._watcher: asyncio.Task[None] | None = None
@@ -262,7 +293,7 @@ async def send_result(
     """Sends the proxy's answer as ASGI messages, with the `extra` headers."""
     if result.stream is None:
         watch.stop()
-        await _send_whole(result, send, extra)
+        await _send_whole(result, send, watch, extra)
     else:
         await _send_stream(result, result.stream, send, watch, extra)
 
@@ -279,9 +310,12 @@ def _start(
     return {"type": "http.response.start", "status": result.status, "headers": headers}
 
 
-async def _send_whole(result: ProxyResponse, send: Send, extra: Headers) -> None:
+async def _send_whole(
+    result: ProxyResponse, send: Send, watch: _Watch, extra: Headers
+) -> None:
     length = (b"content-length", str(len(result.body)).encode())
     await send(_start(result, extra, length))
+    watch.started = True
     await send({"type": "http.response.body", "body": result.body})
 
 
@@ -300,6 +334,7 @@ async def _send_stream(
     """
     try:
         await send(_start(result, extra))
+        watch.started = True
         async for chunk in stream:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         watch.stop()

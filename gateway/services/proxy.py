@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from citadel.gateway.errors import (
     GatewayError,
     InternalError,
     NoReplica,
+    ShuttingDown,
 )
 from citadel.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from citadel.gateway.routes import ModelRoute
@@ -114,6 +116,17 @@ class ProxyService:
         # Settles running on after the request that started them was cancelled
         # (a task nothing references may be collected before it finishes).
         self._unfinished: set[asyncio.Task[None]] = set()
+        self._cut_at = math.inf
+
+    def stopping(self, grace_s: float) -> None:
+        """The server stops: what still runs after `grace_s` is cut by it, not
+        by its client, and is counted so (503 `shutting_down`)."""
+        self._cut_at = self._clock() + grace_s
+
+    @property
+    def cut(self) -> bool:
+        """True once the shutdown grace has run out."""
+        return self._clock() >= self._cut_at
 
     @property
     def limiter(self) -> Limiter:
@@ -306,7 +319,9 @@ class ProxyService:
     ) -> None:
         response.close()
         self._release(ctx, replica, failure)
-        code = "stream_broken" if failure else "client_closed" if gone else None
+        code = "stream_broken" if failure else None
+        if gone:
+            code = "shutting_down" if self.cut else "client_closed"
         # A stream that broke, or a client that left, before the usage chunk:
         # the replica may have generated all of it.
         await self._account(
@@ -370,10 +385,14 @@ class ProxyService:
             log.warning("replica ejected", extra={"replica": replica.url})
 
     def _abandon(self, ctx: _Context) -> None:
-        """Frees the replica of a cancelled request and counts it (499)."""
+        """Frees the replica of a cancelled request and counts it (499, or 503
+        when the server cut it at the end of its shutdown grace)."""
         self._let_go(ctx)
         ctx.admission = None
-        self._finish(ctx, 499, "cancelled")
+        if self.cut:
+            self._finish(ctx, ShuttingDown.status, ShuttingDown.code)
+        else:
+            self._finish(ctx, 499, "cancelled")
 
     def _let_go(self, ctx: _Context) -> None:
         """Frees the replica, if the request still holds one, judging nothing."""

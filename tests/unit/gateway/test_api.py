@@ -697,3 +697,60 @@ async def test_a_cancel_during_the_settle_cuts_neither_it_nor_the_count(
     assert _counted(harness, "499") is None
     await asyncio.wait_for(done.wait(), 5)
     assert _in_flight(harness) == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_request_the_server_cuts_gets_an_openai_error(
+    harness: Any, kit: Any, stream: bool
+) -> None:
+    """At the end of its shutdown grace uvicorn cancels what still runs: the
+    client gets a 503 `shutting_down` (an error event in a stream), not a
+    plain-text 500 or a stream cut without a word, and it is counted so."""
+
+    class Endless(kit.reply):  # type: ignore[misc,name-defined]
+        async def chunks(self) -> Any:
+            yield _sse(CHUNK)[0]
+            await asyncio.Event().wait()
+
+    waiting = asyncio.Event()
+
+    async def post(url: str, body: bytes, headers: Any) -> Any:
+        waiting.set()
+        if not stream:
+            await asyncio.Event().wait()  # a long answer
+        return Endless(content_type="text/event-stream")
+
+    harness.upstream.post = post
+    messages = [
+        {"type": "http.request", "body": orjson.dumps({**kit.chat, "stream": stream})}
+    ]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await asyncio.Event().wait()  # the client stays
+        return {}
+
+    sent: list[Any] = []
+    task = asyncio.create_task(harness.served(_scope(kit), receive, _collect(sent)))
+    while not waiting.is_set() or (stream and not sent):
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)
+    harness.deps.proxy.stopping(0)
+    task.cancel()  # what uvicorn does when the grace has run out
+    await asyncio.wait_for(task, 5)
+    bodies = b"".join(m.get("body", b"") for m in sent)
+    if stream:
+        assert sent[0]["status"] == 200
+        assert b'"shutting_down"' in bodies.split(b"\n\n")[-2]
+        assert sent[-1] == {
+            "type": "http.response.body",
+            "body": b"",
+            "more_body": False,
+        }
+        assert _counted(harness, "200") == 1
+    else:
+        assert sent[0]["status"] == 503
+        assert orjson.loads(bodies)["error"]["code"] == "shutting_down"
+        assert _counted(harness, "503") == 1
+    assert _in_flight(harness) == 0
