@@ -1,9 +1,10 @@
 """Who is asking: the GraphQL context, built per request (or per WebSocket).
 
 Over HTTP the key is checked before the query runs, so a missing or bad key is
-a 401 in OpenAI's shape, as on REST. Over WebSocket (subscriptions) the key
-comes from the `connection_init` payload (`{"authorization": "Bearer ..."}`) or
-the handshake's `Authorization` header, and is checked when an operation starts.
+a 401 in OpenAI's shape, as on REST, counted as a refused chat. Over WebSocket
+(subscriptions) the key comes from the `connection_init` payload
+(`{"authorization": "Bearer ..."}`) or the handshake's `Authorization` header, and
+is checked when an operation starts.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from starlette.responses import Response
 from strawberry.fastapi import BaseContext
 
 from citadel.gateway.deps import REQUEST_ID, Deps, take_request_id
+from citadel.gateway.errors import GatewayError
 from citadel.gateway.services.auth import Principal
+from citadel.gateway.services.requests import CHAT, Door
 
 
 class GraphQLContext(BaseContext):
@@ -67,8 +70,15 @@ async def context_of(
     if response is not None:
         response.headers[REQUEST_ID] = rid
     if isinstance(connection, Request):
-        principal = deps.authenticator.authenticate(
-            connection.headers.get("authorization")
-        )
+        try:
+            principal = deps.authenticator.authenticate(
+                connection.headers.get("authorization")
+            )
+        except GatewayError as err:
+            # Counted as a refused chat (the operation is not known yet, and
+            # chats are what keys are for), or a flood of bad keys would not
+            # show in the request metrics.
+            deps.proxy.refused(CHAT, rid, err, Door.GRAPHQL)
+            raise
         return GraphQLContext(deps, rid, principal)
     return GraphQLContext(deps, rid, None)

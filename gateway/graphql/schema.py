@@ -76,7 +76,7 @@ def _caller(ctx: GraphQLContext) -> Principal:
     """The caller of a chat operation; a refused key is counted as REST counts it.
 
     Over WebSocket the key is checked here, when the operation starts (over HTTP
-    it was checked before the operation was known, and is not counted).
+    it was checked, and a refusal counted, before the operation was known).
     """
     try:
         return ctx.principal()

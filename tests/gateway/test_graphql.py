@@ -196,6 +196,20 @@ def test_subscription_streams_chunks(setup: dict[str, Any]) -> None:
     assert chunks[-1]["usage"]["completionTokens"] == 3
 
 
+def test_a_refused_key_over_http_is_counted(setup: dict[str, Any]) -> None:
+    counted = (
+        'citadel_gateway_requests_total{door="graphql",endpoint="chat",key="anonymous"'
+    )
+    before = setup["gateway"].metric(counted)
+    refused = httpx.post(
+        setup["gateway"].url + "/graphql",
+        json={"query": MODELS},
+        headers={"authorization": "Bearer wrong"},
+    )
+    assert refused.status_code == 401
+    assert setup["gateway"].metric(counted) == before + 1
+
+
 def test_a_refused_key_over_websocket_is_counted(setup: dict[str, Any]) -> None:
     url = setup["gateway"].url.replace("http://", "ws://") + "/graphql"
     with connect(url, subprotocols=["graphql-transport-ws"]) as ws:  # type: ignore[list-item]
