@@ -212,11 +212,13 @@ def _progressing(model: LLMModel, deployment: Obj | None, n: ReplicaCounts) -> V
         )
     observed = deployment.get("status", {}).get("observedGeneration", 0)
     previous = model.status.condition(ConditionType.PROGRESSING)
-    if observed < deployment.get("metadata", {}).get("generation", 0) and previous:
+    lagging = observed < deployment.get("metadata", {}).get("generation", 0)
+    if lagging and previous and previous.observed_generation == model.generation:
         # Its controller has not looked at the latest change yet. A change to a
         # Deployment's annotations (anyone's) bumps its generation too and rolls
         # nothing out: the verdict stands until the controller says, or the model
-        # would turn Progressing and back to Ready at every such change.
+        # would turn Progressing and back to Ready at every such change. Not
+        # after a change of the model's spec: that one we just applied.
         return Verdict(previous.status, previous.reason, previous.message)
     if observed < deployment.get("metadata", {}).get("generation", 0) or (
         n.updated < n.desired

@@ -171,6 +171,13 @@ def test_a_generation_its_controller_has_not_seen_keeps_the_verdict() -> None:
     # Seen first while lagging, there is no verdict to keep.
     first = _derive(make_model(**PINNED), lagging, [pod("p1")])
     assert _cond(first, ConditionType.PROGRESSING)[:2] == ("True", "RollingOut")
+    # The model's own spec changed (the operator applied it): a rollout may be
+    # due, and the new generation must not be reported Complete.
+    body["spec"]["replicas"] = 2
+    body["metadata"]["generation"] = 2
+    changed = _derive(LLMModel.from_body(body), lagging, [pod("p1")])
+    assert _cond(changed, ConditionType.PROGRESSING)[:2] == ("True", "RollingOut")
+    assert changed.phase is Phase.PROGRESSING
 
 
 def test_progress_deadline_exceeded() -> None:
