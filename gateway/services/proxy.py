@@ -80,6 +80,9 @@ class _Context:
     admission: Admission | None = None
     holding: bool = False
     """True while `replica` counts this request as in flight."""
+    reached: bool = False
+    """True once a replica may have worked on it (anything but a connection
+    that failed before a byte came back)."""
     finished: bool = False
     """True once the request is counted and logged."""
 
@@ -220,11 +223,12 @@ class ProxyService:
             tried.append(replica)
             self._acquire(ctx, replica)
             try:
-                return await self._upstream.post(
+                reply = await self._upstream.post(
                     replica.url + ctx.call.path, body, headers
                 )
             except UpstreamFailure as err:
                 self._release(ctx, replica, err)
+                ctx.reached |= not isinstance(err, UpstreamUnreachable)
                 last = err
                 if isinstance(err, UpstreamTimeout):
                     raise BackendTimeout(
@@ -232,6 +236,9 @@ class ProxyService:
                     ) from err
                 if not isinstance(err, UpstreamUnreachable):
                     break
+            else:
+                ctx.reached = True
+                return reply
         raise BackendError(
             f"No replica of `{route.served_name}` could be reached ({last})."
         )
@@ -435,7 +442,7 @@ class ProxyService:
             used = max(admission.estimate, relayed) if answered else 0
         try:
             await self._limiter.settle(
-                admission, used, served=answered or usage is not None
+                admission, used, served=answered or ctx.reached or usage is not None
             )
         except Exception:  # the reply is served; a limit store hiccup must not fail it
             log.exception("could not settle token use", extra=self._log_fields(ctx))

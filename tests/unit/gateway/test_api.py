@@ -216,6 +216,24 @@ async def test_a_stream_without_usage_is_charged_a_token_an_event(
     assert remaining == 10_000 - 601 - second  # 600 events and [DONE]
 
 
+@pytest.mark.parametrize("failure", ["timeout", "a 500"])
+async def test_a_request_a_replica_worked_on_keeps_its_request(
+    kit: Any, failure: str
+) -> None:
+    """Only a request that reached no replica is given back: a slow or failing
+    model must not take any number of requests past the rpm."""
+    h = kit.build(doc=kit.document(limits={"rpm": 2}))
+    h.upstream.handler = lambda url, body: (
+        UpstreamTimeout("slow") if failure == "timeout" else kit.reply(status=500)
+    )
+    async with h.client() as client:
+        statuses = [
+            (await client.post("/v1/chat/completions", json=kit.chat)).status_code
+            for _ in range(3)
+        ]
+    assert statuses[2] == 429
+
+
 async def test_an_error_after_admission_says_where_the_limits_stand(
     kit: Any,
 ) -> None:
