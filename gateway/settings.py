@@ -76,8 +76,8 @@ class GatewaySettings(BaseSettings):
     default of seconds."""
     shutdown_grace_s: int = Field(30, ge=0)
     """After SIGTERM, how long requests in flight (open streams too) may finish
-    before they are cut, for REST and again for gRPC. Keep it below the pod's
-    termination grace period (the chart derives it from that)."""
+    before they are cut (503 `shutting_down`), REST and gRPC at once. Keep it
+    below the pod's termination grace period (the chart derives it from that)."""
     log_format: LogFormat = LogFormat.JSON
     """`json` (one object per line) or `text`."""
     log_level: str = "INFO"

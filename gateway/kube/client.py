@@ -46,6 +46,8 @@ def endpoint_slices(namespace: str) -> str:
     return f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices"
 
 
+CONNECT_TIMEOUT_S = 10.0
+"""How long a connection to the API server may take (TLS included)."""
 WATCH_GRACE_S = 30.0
 """How long past its timeoutSeconds a watch may run before it is dropped."""
 WATCH_SILENCE_S = 150.0
@@ -65,7 +67,9 @@ class KubeClient:
         self._session = aiohttp.ClientSession(
             self._config.server,
             connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None),
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=None
+            ),
             # A watch event is one line: a large ConfigMap must fit in the buffer.
             read_bufsize=4 * 1024 * 1024,
         )
@@ -151,7 +155,9 @@ class KubeClient:
         # entry), which would otherwise hold the watch, and stale routes or
         # revoked keys, for ever.
         bounds = aiohttp.ClientTimeout(
-            total=timeout_s + WATCH_GRACE_S, sock_read=WATCH_SILENCE_S
+            total=timeout_s + WATCH_GRACE_S,
+            sock_connect=CONNECT_TIMEOUT_S,
+            sock_read=WATCH_SILENCE_S,
         )
         async with self._session.get(
             path, params=query, headers=self._headers(), timeout=bounds

@@ -120,3 +120,22 @@ async def test_a_watch_on_a_connection_gone_silent_ends(
         done_serving.set()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_watch_keeps_the_connect_timeout() -> None:
+    """A request's own ClientTimeout replaces the session's whole one: the
+    watch's must bound the connection too (a stuck TLS handshake took 60 s)."""
+    seen: list[aiohttp.ClientTimeout] = []
+
+    class Session:
+        def get(self, *args: Any, timeout: aiohttp.ClientTimeout, **kw: Any) -> Any:
+            seen.append(timeout)
+            raise aiohttp.ClientConnectionError("no")
+
+    kube = KubeClient(KubeConfig(server="http://127.0.0.1:1"))
+    kube._session = Session()  # type: ignore[assignment]
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async for _ in kube.watch("/api/v1/namespaces/x/configmaps", "1"):
+            pass
+    assert seen[0].sock_connect == client_module.CONNECT_TIMEOUT_S
+    assert seen[0].sock_read == client_module.WATCH_SILENCE_S
