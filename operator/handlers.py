@@ -16,6 +16,7 @@ import kopf
 
 from citadel.operator import names
 from citadel.operator.kopfstate import MemoryState
+from citadel.operator.kube.client import ApiError
 from citadel.operator.reconcile import ReconcileError, Reconciler
 from citadel.operator.settings import OperatorSettings
 from citadel.operator.view import (
@@ -153,8 +154,12 @@ def build_registry(
             reconciler.metrics.publishes.labels(result="ok" if ok else "error").inc()
 
         background.append(asyncio.create_task(reconciler.routes.run(count)))
-        # Publishing once at start drops routes of models deleted while no
-        # operator was running.
+        try:
+            await reconciler.routes.ensure()
+        except ApiError as err:  # the first kick will write it
+            log.warning("could not make the routing ConfigMap: %s", err)
+        # Publishing once the indexes are listed drops routes of models deleted
+        # while no operator was running.
         reconciler.routes.kick()
 
     @kopf.on.cleanup(registry=registry)
@@ -185,6 +190,9 @@ def build_registry(
             registry=registry,
         )
         async def llmmodel_resync(body: kopf.Body, **_: Any) -> None:
+            # Also rewrites the routing ConfigMap now and then, in case it was
+            # changed or lost (at most once per resync period).
+            reconciler.routes.kick(force=True)
             await _translated(reconciler.reconcile(body, resync=True))
 
         _without_finalizers(registry)

@@ -144,6 +144,7 @@ class RoutePublisher:
         self._settings = settings
         self._on_conflicts = on_conflicts
         self._wanted = asyncio.Event()
+        self._forced = False
         self._ready = asyncio.Event()
         self._ready.set()
         self.conflicts: Conflicts = {}
@@ -156,16 +157,39 @@ class RoutePublisher:
         # at fe48022).
         self._entries: dict[str, tuple[str, Entry]] = {}
 
-    def kick(self) -> None:
-        """Asks for the document to be rebuilt and written soon."""
+    def kick(self, *, force: bool = False) -> None:
+        """Asks for the document to be rebuilt and written soon.
+
+        Args:
+            force: write it even when unchanged (the periodic resync asks so,
+                in case the ConfigMap was changed or lost); at most once per
+                `resync_seconds`.
+        """
+        self._forced |= force
         self._wanted.set()
 
     def hold(self) -> None:
         """Writes nothing until `ready()`: the source does not hold every model
         yet (Kopf's indexes before their first listing, or for as long as this
         replica stands by for a peer). A document built from them would drop
-        the models it misses, and every gateway would answer 404 for them."""
+        the models it misses, and every gateway would answer 404 for them.
+        Once ready, it writes only when kicked, and Kopf's handlers, which kick
+        it, pause with the replica."""
         self._ready.clear()
+
+    async def ensure(self) -> None:
+        """Creates the ConfigMap with no model if there is none (never changes
+        one): gateways wait for it, and an operator whose watched namespaces do
+        not exist yet runs no handler that would write it.
+
+        Raises:
+            ApiError: the API server refused or could not be reached.
+        """
+        try:
+            await self._kube.create(configmap(self._settings, RoutingDocument()))
+        except ApiError as err:
+            if err.status != 409:
+                raise
 
     def ready(self) -> None:
         """The source holds every model: writing may start (or go on)."""
@@ -215,27 +239,27 @@ class RoutePublisher:
     async def run(self, on_result: Callable[[bool], None] | None = None) -> None:
         """Publishes after every kick until cancelled; failures retry with backoff.
 
-        Also publishes every `resync_seconds` without a kick: a model deleted while
-        this replica was paused for a peer, or down, sends no event that survives
-        the pause, and its route would otherwise stay in the document.
+        Nothing is written without a kick: a replica paused for a peer, whose
+        indexes no longer change, must not write its old document over the
+        active replica's (the periodic resync kicks with `force` instead, from
+        a Kopf timer, which pauses with the replica).
         """
         delay = 1.0
-        period = self._settings.resync_seconds or None
         loop = asyncio.get_running_loop()
-        last = -math.inf
+        last = last_forced = -math.inf
         await self._ready.wait()
         while True:
-            kicked = True
-            try:
-                await asyncio.wait_for(self._wanted.wait(), timeout=period)
-            except TimeoutError:
-                kicked = False
+            await self._wanted.wait()
             gap = last + self._settings.route_publish_interval - loop.time()
             await asyncio.sleep(max(self._settings.route_publish_delay, gap))
             self._wanted.clear()
             last = loop.time()
+            force = self._forced and last - last_forced >= self._settings.resync_seconds
+            self._forced = False
             try:
-                await self.publish(force=not kicked)
+                await self.publish(force=force)
+                if force:
+                    last_forced = last
             except ApiError as err:
                 log.warning("could not write the routing ConfigMap: %s", err)
                 if on_result:

@@ -127,31 +127,56 @@ async def test_namespace_globs_filter_the_document(settings: OperatorSettings) -
     assert [r.namespace for r in doc.models] == ["e2e-1"]
 
 
-async def test_publisher_republishes_without_a_kick(settings: OperatorSettings) -> None:
-    """A deletion missed while paused for a peer still leaves the document."""
-    kube = FakeKube([model_body("a", servedName="x"), model_body("b", servedName="y")])
+async def test_publisher_writes_only_when_kicked(settings: OperatorSettings) -> None:
+    """A replica paused for a peer gets no more kicks (Kopf's handlers and
+    timers pause with it): it must not write its old document over the active
+    replica's. The resync's forced kicks rewrite an unchanged document, at most
+    once per resync period."""
+    kube = FakeKube([model_body("a", servedName="x")])
     publisher = RoutePublisher(
-        kube, settings.model_copy(update={"resync_seconds": 0.05})
+        kube,
+        settings.model_copy(update={"resync_seconds": 60, "route_publish_delay": 0}),
     )
     await publisher.publish()
-    await kube.delete(LLMMODELS, "b", "llm")  # no event reaches the publisher
     task = asyncio.create_task(publisher.run())
-    try:
 
-        async def names() -> set[str]:
-            stored = kube.stored(CONFIGMAPS, "citadel-routes", "citadel-system")
-            doc = parse_document(stored["data"]["routes.json"])
-            return {r.name for r in doc.models}
+    def writes() -> int:
+        return sum(1 for _, o in kube.applied if o["kind"] == "ConfigMap")
 
+    async def settled(count: int) -> None:
         for _ in range(100):
-            if await names() == {"a"}:
+            if writes() == count:
                 break
             await asyncio.sleep(0.01)
-        assert await names() == {"a"}
+        await asyncio.sleep(0.05)
+        assert writes() == count
+
+    try:
+        await settled(1)  # no kick, no write
+        publisher.kick()
+        await settled(1)  # unchanged: nothing to write
+        publisher.kick(force=True)
+        await settled(2)
+        publisher.kick(force=True)  # within the resync period
+        await settled(2)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_ensure_makes_a_missing_configmap_and_leaves_one(
+    settings: OperatorSettings,
+) -> None:
+    kube = FakeKube([model_body("a", servedName="x")])
+    publisher = RoutePublisher(kube, settings)
+    await publisher.ensure()
+    stored = kube.stored(CONFIGMAPS, "citadel-routes", "citadel-system")
+    assert parse_document(stored["data"]["routes.json"]).models == ()
+    await publisher.publish()
+    await publisher.ensure()  # never changes one that exists
+    stored = kube.stored(CONFIGMAPS, "citadel-routes", "citadel-system")
+    assert len(parse_document(stored["data"]["routes.json"]).models) == 1
 
 
 async def test_writes_keep_the_publish_interval_apart(
