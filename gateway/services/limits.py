@@ -288,10 +288,16 @@ def _refusal(
     wait = level.wait_s
     who = f"key `{principal.name}`" if principal.name else "this gateway"
     if check.scope == "quota":
+        left = max(0, math.floor(check.left(level.level)))
+        state = (
+            f"has {left} tokens left this period ({check.limit}), fewer than "
+            f"this request may use ({int(check.take.amount)}: the prompt and "
+            "max_tokens); ask for fewer, or wait until it renews"
+            if left
+            else f"is used up for this period ({check.limit} tokens); it renews"
+        )
         error: RateLimited | QuotaExceeded = QuotaExceeded(
-            f"The token quota of {who} is used up for this period "
-            f"({check.limit} tokens); it renews in "
-            f"{format_reset(wait)}.",
+            f"The token quota of {who} {state} in {format_reset(wait)}.",
             retry_after_s=wait,
             headers=headers,
             scope=check.scope,
