@@ -79,6 +79,10 @@ def routes_file_source(path: Path, catalog: Catalog, period_s: float) -> FileWat
         except RoutesError as err:
             catalog.reject_document(err)
             return
+        listed = {(route.namespace, route.service) for route in doc.models}
+        for namespace, service in catalog.services():
+            if (namespace, service) not in listed:  # a route the file dropped
+                catalog.set_endpoints(namespace, service, ())
         for route in doc.models:
             endpoints = [Endpoint(url) for url in route.endpoints]
             catalog.set_endpoints(route.namespace, route.service, endpoints)

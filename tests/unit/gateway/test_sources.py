@@ -57,6 +57,32 @@ def test_routes_file_reloads_and_keeps_last_good(tmp_path: Path) -> None:
     assert results == ["ok", "invalid", "ok"]
 
 
+def test_a_route_the_file_drops_takes_its_replicas_with_it(tmp_path: Path) -> None:
+    def routes(*services: str) -> str:
+        models = [
+            {
+                "name": service,
+                "namespace": "llm",
+                "servedName": service,
+                "service": service,
+                "endpoints": [f"http://10.0.0.{i}:8000"],
+            }
+            for i, service in enumerate(services, start=1)
+        ]
+        return json.dumps({"schemaVersion": 1, "models": models})
+
+    catalog = Catalog()
+    path = tmp_path / "routes.json"
+    path.write_text(routes("a", "b"))
+    watcher = routes_file_source(path, catalog, 1.0)
+    watcher.check()
+    assert len(catalog.all_replicas()) == 2
+    path.write_text(routes("b"))
+    watcher.check()
+    assert list(catalog.all_replicas()) == ["http://10.0.0.1:8000"]
+    assert catalog.services() == [("llm", "b")]
+
+
 def test_keys_file_reloads(tmp_path: Path) -> None:
     store = InMemoryKeyStore()
     path = tmp_path / "keys.json"
