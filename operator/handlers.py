@@ -89,26 +89,6 @@ def build_registry(
     """
     registry = kopf.OperatorRegistry()
     background: list[asyncio.Task[None]] = []
-    # Refreshes asked for by pod and Deployment events run as tasks of their
-    # own: Kopf keeps each event's body, and the reference cycles it builds
-    # around it, until the handler returns, and during a burst a refresh waits
-    # for up to PRECEDENCE_MAX_WAIT_S. Held that long, they reached the oldest
-    # garbage-collector generation. In a 1,000-model scale run (scratch, with
-    # gc.callbacks) full collections freed 102k objects instead of 352k-462k,
-    # and the operator's RSS peak was 247 MiB against 299-314.
-    refreshes: set[asyncio.Task[None]] = set()
-
-    def finished(task: asyncio.Task[None]) -> None:
-        refreshes.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("status refresh failed", exc_info=task.exception())
-
-    def spawn_refresh(namespace: str, name: str, *, fix_drift: bool = False) -> None:
-        task = asyncio.create_task(
-            reconciler.refresh(namespace, name, fix_drift=fix_drift)
-        )
-        refreshes.add(task)
-        task.add_done_callback(finished)
 
     @kopf.on.login(registry=registry)
     def operator_login(**_: Any) -> kopf.ConnectionInfo:
@@ -164,11 +144,9 @@ def build_registry(
 
     @kopf.on.cleanup(registry=registry)
     async def operator_cleanup(**_: Any) -> None:
-        tasks = [*background, *refreshes]
-        for task in tasks:
+        for task in background:
             task.cancel()
-        # Refreshes log their own failures (see `finished`).
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*background, return_exceptions=True)
         await reconciler.stop()
         await on_cleanup()
 
@@ -225,14 +203,14 @@ def build_registry(
         reconciler.routes.ready()
         owner = labels.get(names.LABEL_MODEL)
         if owner and namespace:
-            spawn_refresh(namespace, owner, fix_drift=True)
+            reconciler.spawn_refresh(namespace, owner, fix_drift=True)
 
     @kopf.on.event("", "v1", "pods", id="pod-event", labels=MANAGED, registry=registry)
     async def pod_event(labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
         reconciler.routes.ready()
         owner = labels.get(names.LABEL_MODEL)
         if owner and namespace:
-            spawn_refresh(namespace, owner)
+            reconciler.spawn_refresh(namespace, owner)
 
     # Every cluster has nodes (watched for their index anyway): with no model
     # and nothing of ours left, this is what lets the first document be written,

@@ -220,9 +220,7 @@ def _progressing(model: LLMModel, deployment: Obj | None, n: ReplicaCounts) -> V
         # would turn Progressing and back to Ready at every such change. Not
         # after a change of the model's spec: that one we just applied.
         return Verdict(previous.status, previous.reason, previous.message)
-    if observed < deployment.get("metadata", {}).get("generation", 0) or (
-        n.updated < n.desired
-    ):
+    if lagging or n.updated < n.desired:
         return Verdict(
             "True", "RollingOut", f"{n.updated}/{n.desired} replicas updated"
         )

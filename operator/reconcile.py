@@ -281,8 +281,8 @@ class Reconciler:
         self._settled: dict[str, str] = {}
         # Per model, the generation whose reconcile failed for good, and why.
         self._failed: dict[str, tuple[int, Blocker]] = {}
-        # Refreshes of models whose name conflict changed, started by a publish.
-        self._rechecks: set[asyncio.Task[None]] = set()
+        # Refreshes running as tasks of their own (see spawn_refresh).
+        self._spawned: set[asyncio.Task[None]] = set()
 
     def use(self, view: ClusterView) -> None:
         """Reads through `view` from now on (the handlers' indexes, once Kopf has
@@ -769,27 +769,41 @@ class Reconciler:
                 "could not post event %s for %s: %s", notice.reason, model.key, err
             )
 
-    async def _recheck(self, keys: set[str]) -> None:
-        # In tasks of their own: each refresh may wait for a burst of new models
-        # (Precedence), one after another, and the publisher that asks for them
-        # would hold every model's routes back meanwhile.
-        for key in keys:
-            namespace, _, name = key.partition("/")
-            task = asyncio.create_task(self.refresh(namespace, name))
-            self._rechecks.add(task)
-            task.add_done_callback(self._recheck_done)
+    def spawn_refresh(
+        self, namespace: str, name: str, *, fix_drift: bool = False
+    ) -> None:
+        """`refresh` in a task of its own, its failure logged.
 
-    def _recheck_done(self, task: asyncio.Task[None]) -> None:
-        self._rechecks.discard(task)
+        What asks for it returns at once. A pod or Deployment event's handler:
+        Kopf keeps each event's body, and the reference cycles it builds around
+        it, until the handler returns, and during a burst a refresh waits for up
+        to PRECEDENCE_MAX_WAIT_S. Held that long, they reached the oldest
+        garbage-collector generation. In a 1,000-model scale run (scratch, with
+        gc.callbacks) full collections freed 102k objects instead of 352k-462k,
+        and the operator's RSS peak was 247 MiB against 299-314. A publish that
+        finds name conflicts changed: awaited one after another, its rechecks
+        held every model's routes back.
+        """
+        task = asyncio.create_task(self.refresh(namespace, name, fix_drift=fix_drift))
+        self._spawned.add(task)
+        task.add_done_callback(self._spawned_done)
+
+    def _spawned_done(self, task: asyncio.Task[None]) -> None:
+        self._spawned.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("status refresh failed", exc_info=task.exception())
 
     async def stop(self) -> None:
-        """Cancels the refreshes it started on its own (name-conflict rechecks)."""
-        tasks = list(self._rechecks)
+        """Cancels the refreshes still running in tasks of their own."""
+        tasks = list(self._spawned)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _recheck(self, keys: set[str]) -> None:
+        for key in keys:
+            namespace, _, name = key.partition("/")
+            self.spawn_refresh(namespace, name)
 
 
 def status_patch(model: LLMModel, status: LLMModelStatus) -> Manifest:

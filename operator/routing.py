@@ -262,6 +262,7 @@ class RoutePublisher:
                     last_forced = last
             except ApiError as err:
                 log.warning("could not write the routing ConfigMap: %s", err)
+                self._forced |= force  # the retry still owes the forced write
                 if on_result:
                     on_result(False)
                 self._wanted.set()

@@ -73,13 +73,20 @@ async def serve(
     try:
         await _serve(call, request, send, extra)
     except Exception as err:
-        response = (
-            error_response(request, err)
-            if isinstance(err, GatewayError)
-            else unexpected_response(request, err)
-        )
-        response.raw_headers.extend(extra)
-        await response(request.scope, request.receive, send)
+        await _send_error(request, send, err, extra)
+
+
+async def _send_error(
+    request: Request, send: Send, err: Exception, extra: Headers
+) -> None:
+    """Sends `err` in OpenAI's shape (a 500 for anything but a GatewayError)."""
+    response = (
+        error_response(request, err)
+        if isinstance(err, GatewayError)
+        else unexpected_response(request, err)
+    )
+    response.raw_headers.extend(extra)
+    await response(request.scope, request.receive, send)
 
 
 async def _serve(call: ApiCall, request: Request, send: Send, extra: Headers) -> None:
@@ -135,9 +142,7 @@ async def _cut_off(request: Request, send: Send, watch: _Watch, extra: Headers) 
             )
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         else:
-            response = error_response(request, error)
-            response.raw_headers.extend(extra)
-            await response(request.scope, request.receive, send)
+            await _send_error(request, send, error, extra)
 
 
 WATCH_AFTER_S = 0.05

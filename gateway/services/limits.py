@@ -47,15 +47,14 @@ log = logging.getLogger(__name__)
 
 def estimate_tokens(body: Mapping[str, Any], default_max_tokens: int) -> int:
     """A cautious guess of a request's tokens: prompt characters / 4 + reply."""
-    prompt = math.ceil(len(prompt_text(body)) / 4)
-    if "input" in body:
-        return min(MAX_ESTIMATE, max(1, prompt))
-    reply = body.get("max_completion_tokens") or body.get("max_tokens")
-    if not isinstance(reply, int) or reply < 1:
-        reply = default_max_tokens
-    n = body.get("n")
-    choices = n if isinstance(n, int) and n > 0 else 1
-    return min(MAX_ESTIMATE, max(1, prompt + reply * choices))
+    tokens = math.ceil(len(prompt_text(body)) / 4)
+    if "input" not in body:
+        reply = body.get("max_completion_tokens") or body.get("max_tokens")
+        if not isinstance(reply, int) or reply < 1:
+            reply = default_max_tokens
+        n = body.get("n")
+        tokens += reply * (n if isinstance(n, int) and n > 0 else 1)
+    return min(MAX_ESTIMATE, max(1, tokens))
 
 
 QUOTA_SCALE = 1e12

@@ -326,8 +326,10 @@ class ProxyService:
     ) -> None:
         response.close()
         self._release(ctx, replica, failure)
-        code = "stream_broken" if failure else None
-        if gone:
+        code = None
+        if failure:
+            code = "stream_broken"
+        elif gone:
             code = "shutting_down" if self.cut else "client_closed"
         # A stream that broke, or a client that left, before the usage chunk:
         # the replica may have generated all of it.
@@ -441,9 +443,7 @@ class ProxyService:
         else:
             used = max(admission.estimate, relayed) if answered else 0
         try:
-            await self._limiter.settle(
-                admission, used, served=answered or ctx.reached or usage is not None
-            )
+            await self._limiter.settle(admission, used, served=ctx.reached)
         except Exception:  # the reply is served; a limit store hiccup must not fail it
             log.exception("could not settle token use", extra=self._log_fields(ctx))
         if usage is None or ctx.route is None:

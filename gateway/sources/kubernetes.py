@@ -98,30 +98,41 @@ class _SliceView:
         self._by_service: dict[str, set[str]] = defaultdict(set)
 
     def sync(self, items: list[Obj]) -> None:
-        self._slices = {item["metadata"]["name"]: item for item in items}
+        self._slices.clear()
         self._by_service.clear()
-        for name, item in self._slices.items():
-            service = _service_of(item)
-            if service:
-                self._by_service[service].add(name)
+        for item in items:
+            self._keep(item["metadata"]["name"], item)
         pushed = {svc for ns, svc in self._catalog.services() if ns == self._namespace}
         for service in pushed | self._routed:
             self._push(service)
 
     def event(self, kind: str, obj: Obj) -> None:
         name = obj["metadata"]["name"]
-        old = self._slices.pop(name, None)
+        touched = {self._forget(name)}
         if kind != "DELETED":
-            self._slices[name] = obj
-        services = {_service_of(obj), old and _service_of(old)} - {None}
-        for service in services:
-            assert service  # for the type checker: None is gone
-            self._by_service[service].discard(name)
-            if kind != "DELETED" and service == _service_of(obj):
-                self._by_service[service].add(name)
-            if not self._by_service[service]:
+            touched.add(self._keep(name, obj))
+        for service in touched:
+            if service is not None:
+                self._push(service)
+
+    def _keep(self, name: str, item: Obj) -> str | None:
+        """Holds a slice; its Service, if it names one."""
+        self._slices[name] = item
+        service = _service_of(item)
+        if service is not None:
+            self._by_service[service].add(name)
+        return service
+
+    def _forget(self, name: str) -> str | None:
+        """Drops a slice; the Service it was of, if any."""
+        old = self._slices.pop(name, None)
+        service = _service_of(old) if old is not None else None
+        if service is not None:
+            names = self._by_service[service]
+            names.discard(name)
+            if not names:
                 del self._by_service[service]
-            self._push(service)
+        return service
 
     def route(self, routed: set[str]) -> None:
         """The document now names `routed` in this namespace."""
@@ -237,15 +248,12 @@ def key_from_secret(secret: Obj) -> KeyRecord | None:
     name = secret.get("metadata", {}).get("name")
     try:
         return KeyRecord.model_validate_json(base64.b64decode(raw or ""))
-    except ValidationError as err:
+    except ValueError as err:  # pydantic's ValidationError is one too
+        # Its fields, not its values: a key may sit where its hash belongs. Bad
+        # base64 says nothing of what it held.
+        why = invalid_fields(err) if isinstance(err, ValidationError) else str(err)
         log.error(
-            "ignoring a malformed key Secret",
-            extra={"secret": name, "error": invalid_fields(err)},
-        )
-        return None
-    except ValueError as err:  # not base64: says nothing of what it held
-        log.error(
-            "ignoring a malformed key Secret", extra={"secret": name, "error": str(err)}
+            "ignoring a malformed key Secret", extra={"secret": name, "error": why}
         )
         return None
 

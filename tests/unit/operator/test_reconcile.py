@@ -434,7 +434,7 @@ async def test_name_conflict_shows_in_the_status(settings: OperatorSettings) -> 
     await reconciler.reconcile(first)
     await reconciler.reconcile(second)
     await reconciler.routes.publish()  # finds the clash, starts a refresh of "b"
-    await asyncio.gather(*reconciler._rechecks)
+    await asyncio.gather(*reconciler._spawned)
     status = kube.stored(LLMMODELS, "b", "llm")["status"]
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "ServedNameConflict"
@@ -454,8 +454,8 @@ async def test_conflict_rechecks_do_not_hold_the_publisher(
     _, reconciler = _setup(settings, *bodies)
     async with reconciler._precedence.urgent():  # a new model's reconcile runs
         await asyncio.wait_for(reconciler.routes.publish(), timeout=1)
-        assert len(reconciler._rechecks) == 3
-    await asyncio.wait_for(asyncio.gather(*reconciler._rechecks), timeout=5)
+        assert len(reconciler._spawned) == 3
+    await asyncio.wait_for(asyncio.gather(*reconciler._spawned), timeout=5)
     await reconciler.stop()
 
 
