@@ -114,6 +114,18 @@ async def test_broken_stream_ends_with_an_error_event(harness: Any, kit: Any) ->
     assert orjson.loads(events[1][6:])["error"]["code"] == "backend_error"
 
 
+async def _tokens_left_after(kit: Any, first: Any, reply: Any) -> int:
+    """Tokens left of a model's 10,000 a minute after `first`, answered with
+    `reply`, and a plain chat after it."""
+    answers = iter([reply])
+    h = kit.build(doc=kit.document(limits={"tpm": 10_000}))
+    h.upstream.handler = lambda url, b: next(answers, None) or kit.completion()
+    async with h.client() as client:
+        await client.post("/v1/chat/completions", json=first)
+        after = await client.post("/v1/chat/completions", json=kit.chat)
+    return int(after.headers["x-ratelimit-remaining-tokens"])
+
+
 @pytest.mark.parametrize(
     "reply", ["a stream that breaks", "a stream without usage", "no usage", "a 502"]
 )
@@ -130,13 +142,7 @@ async def test_an_answer_without_usage_keeps_its_estimate(kit: Any, reply: str) 
         "no usage": kit.reply(body=b'{"choices": []}'),
         "a 502": kit.reply(status=502, body=b"{}"),
     }
-    answers = iter([replies[reply]])
-    h = kit.build(doc=kit.document(limits={"tpm": 10_000}))
-    h.upstream.handler = lambda url, b: next(answers, None) or kit.completion()
-    async with h.client() as client:
-        await client.post("/v1/chat/completions", json=first)
-        after = await client.post("/v1/chat/completions", json=kit.chat)
-    remaining = int(after.headers["x-ratelimit-remaining-tokens"])
+    remaining = await _tokens_left_after(kit, first, replies[reply])
     second = estimate_tokens(dict(kit.chat), 256)
     kept = 0 if reply == "a 502" else estimate_tokens(first, 256)
     # No replica answered the 502 (it counts as a failure): nothing was used.
@@ -205,13 +211,9 @@ async def test_a_stream_without_usage_is_charged_a_token_an_event(
     from citadel.gateway.services.limits import estimate_tokens
 
     long = {**kit.chat, "max_tokens": 10, "stream": True}
-    answers = iter([kit.reply(parts=_sse(*[CHUNK] * 600))])
-    h = kit.build(doc=kit.document(limits={"tpm": 10_000}))
-    h.upstream.handler = lambda url, b: next(answers, None) or kit.completion()
-    async with h.client() as client:
-        await client.post("/v1/chat/completions", json=long)
-        after = await client.post("/v1/chat/completions", json=kit.chat)
-    remaining = int(after.headers["x-ratelimit-remaining-tokens"])
+    remaining = await _tokens_left_after(
+        kit, long, kit.reply(parts=_sse(*[CHUNK] * 600))
+    )
     second = estimate_tokens(dict(kit.chat), 256)
     assert remaining == 10_000 - 601 - second  # 600 events and [DONE]
 

@@ -153,22 +153,6 @@ def _claim(**metadata: Any) -> dict[str, Any]:
     }
 
 
-async def test_a_claim_with_our_labels_but_not_made_by_us_is_never_owned(
-    settings: OperatorSettings,
-) -> None:
-    # Labels can be copied from any manifest of ours; with deletePolicy Delete an
-    # owner reference on this claim would have the garbage collector delete it.
-    theirs = _claim(
-        labels={names.LABEL_MANAGED_BY: names.MANAGER_NAME, names.LABEL_MODEL: "x"}
-    )
-    body = model_body(cache={"size": "10Gi", "deletePolicy": "Delete"})
-    kube, claim = await _reconciled_claim(settings, body, theirs)
-    assert "ownerReferences" not in claim["metadata"]
-    assert claim["spec"] == theirs["spec"]
-    assert not [o for _, o in kube.applied if o["kind"] == "PersistentVolumeClaim"]
-    assert "CacheClaimAdopted" in _reasons(kube)
-
-
 async def test_a_new_claim_is_created_owned_and_marked_with_its_uid(
     settings: OperatorSettings,
 ) -> None:
@@ -234,19 +218,27 @@ async def test_a_retained_claim_serves_the_next_model_of_its_name(
 @pytest.mark.parametrize(
     "copied",
     [
+        # Labels can be copied from any manifest of ours; with deletePolicy
+        # Delete an owner reference on such a claim would have the garbage
+        # collector delete it.
+        _claim(
+            labels={names.LABEL_MANAGED_BY: names.MANAGER_NAME, names.LABEL_MODEL: "x"}
+        ),
         # `kubectl get pvc -o yaml` of a claim of ours, renamed and applied.
         _marked("uid-other", "uid-original", uid="uid-copy"),
         # Marked by a create for another model and never marked whole.
         _claim(annotations={names.ANNOTATION_CREATED_FOR: "uid-other"}),
     ],
+    ids=["our labels", "our marks", "half our marks"],
 )
-async def test_copied_marks_do_not_make_a_claim_ours(
+async def test_copied_labels_or_marks_do_not_make_a_claim_ours(
     settings: OperatorSettings, copied: dict[str, Any]
 ) -> None:
     body = model_body(cache={"size": "10Gi", "deletePolicy": "Delete"})
     kube, claim = await _reconciled_claim(settings, body, copied)
     assert "ownerReferences" not in claim["metadata"]
     assert claim["spec"] == copied["spec"]
+    assert not [o for _, o in kube.applied if o["kind"] == "PersistentVolumeClaim"]
     assert "CacheClaimAdopted" in _reasons(kube)
 
 
