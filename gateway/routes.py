@@ -111,8 +111,9 @@ class RoutingDocument(_Model):
 
     def to_json(self) -> str:
         """The canonical JSON form (sorted models, stable key order), compact: a
-        ConfigMap holds at most 1 MiB, which indented JSON filled at about 2,170
-        models without aliases, and compact JSON at about 2,700."""
+        ConfigMap holds at most 1 MiB. A model without aliases takes 285 bytes
+        with names of 10 characters and 387 with names of 35, where indented
+        JSON took 445 and 547: some 2,700-3,700 models fit, not 1,900-2,400."""
         ordered = sorted(self.models, key=lambda r: (r.namespace, r.name))
         doc = self.model_copy(update={"models": tuple(ordered)})
         return doc.model_dump_json(by_alias=True)

@@ -31,8 +31,9 @@ class Catalog:
         self._endpoints: dict[tuple[str, str], tuple[Endpoint, ...]] = {}
         self._replicas: dict[str, Replica] = {}
         # How many Services list each URL: a change to one Service touches its
-        # own URLs only (rescanning every Service's made each EndpointSlice event
-        # cost 178 ms at 1,000 models).
+        # own URLs only. Rescanning every Service's made an EndpointSlice event
+        # cost 207 ms at 1,000 models; this way 0.01 ms (one of 1,000 Services,
+        # two addresses each, changed 20 times, at 4b9687e and at 763b9f7).
         self._uses: dict[str, int] = {}
         self._on_reload = on_reload
 
