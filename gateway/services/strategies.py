@@ -195,9 +195,14 @@ class PrefixAware(_Turns):
     def _remember(self, hashes: list[int], url: str) -> None:
         bit = self._bit(url)
         owners = self._owners
+        get, touch = owners.get, owners.move_to_end
         for h in hashes:
-            owners[h] = owners.get(h, 0) | bit
-            owners.move_to_end(h)
+            mask = get(h, 0)
+            # A conversation's earlier blocks are usually known to this replica
+            # already: then only their recency changes.
+            if not mask & bit:
+                owners[h] = mask | bit
+            touch(h)
         while len(owners) > self._capacity:
             owners.popitem(last=False)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -204,9 +207,29 @@ def test_block_hashes_share_exactly_the_common_prefix() -> None:
     b = block_hashes("x" * 600 + "other tail")
     c = block_hashes("y" + "x" * 599)
     assert a[:2] == b[:2] and len(a) == 2
-    assert c[0] != a[0]
+    # The second blocks hold the same text; only what came before differs.
+    assert c[0] != a[0] and c[1] != a[1]
     assert block_hashes("short") == block_hashes("short") != []
     assert block_hashes("") == []
+
+
+def test_block_hashes_are_the_same_in_every_process() -> None:
+    # Gateway replicas route a prefix alike only if no per-process seed enters.
+    code = (
+        "from citadel.gateway.services.prefix import block_hashes;"
+        "print(block_hashes('p' * 700))"
+    )
+    seen = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for seed in ("1", "2")
+    }
+    assert seen == {str(block_hashes("p" * 700))}
 
 
 def test_prompt_text_reads_chat_completion_and_embedding_bodies() -> None:
