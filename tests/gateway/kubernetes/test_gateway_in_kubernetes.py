@@ -173,6 +173,7 @@ def changes_take_effect(
     invalid = 'citadel_gateway_config_reloads_total{status="invalid"}'
     eventually(lambda: gateway.metric(invalid) >= 1, "the broken document is seen")
     assert models() == ["smol", "chat"]
+    assert gateway.metric("citadel_gateway_config_last_reload_successful") == 0
 
     # A revoked key stops working within seconds; others keep working.
     keys(kube, ns, "revoke", "alice")

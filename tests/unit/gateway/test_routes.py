@@ -13,6 +13,7 @@ from citadel.gateway.routes import (
     RoutingDocument,
     RoutingStrategy,
     parse_document,
+    read_document,
 )
 
 pytestmark = pytest.mark.unit
@@ -74,12 +75,59 @@ def test_bad_documents_raise_routes_error(raw: str) -> None:
         parse_document(raw)
 
 
+def test_a_route_a_gateway_cannot_use_costs_that_route_only() -> None:
+    """A newer operator's value for one model leaves every other route in force."""
+    raw = json.dumps(
+        {
+            "models": [
+                _route("a", "aa", strategy="tree-of-experts", limits={"rpm": 5}),
+                _route("b", "bb", port=0),
+                _route("c", "cc"),
+                "not a route",
+            ]
+        }
+    )
+    reading = read_document(raw)
+    a, c = reading.document.models
+    assert a.strategy is RoutingStrategy.PREFIX_AWARE and a.limits.rpm == 5
+    assert c.name == "c"
+    assert reading.problems == (
+        "model llm/a: strategy 'tree-of-experts' is unknown to this gateway; "
+        "routing with prefix-aware",
+        "model llm/b: left out: port: Input should be greater than or equal to 1",
+        "models[3]: left out: document: Input should be a valid dictionary or "
+        "instance of ModelRoute",
+    )
+    with pytest.raises(RoutesError, match="llm/b: left out"):
+        parse_document(raw)  # what an operator writes must be read in full
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        ("{not json", "not JSON"),
+        ("[]", "not a JSON object"),
+        (json.dumps({"models": {"a": 1}}), "`models` must be a list"),
+        (json.dumps({"schemaVersion": "1"}), "schemaVersion must be a positive"),
+        (
+            json.dumps({"schemaVersion": SCHEMA_VERSION + 1, "models": []}),
+            "upgrade the gateway",
+        ),
+    ],
+)
+def test_a_document_unusable_as_a_whole_is_refused(raw: str, says: str) -> None:
+    with pytest.raises(RoutesError, match=says):
+        read_document(raw)
+
+
 def test_one_name_cannot_route_to_two_models() -> None:
     raw = json.dumps(
         {"models": [_route("a", "same"), _route("b", "other", aliases=["same"])]}
     )
     with pytest.raises(RoutesError, match="claimed by both"):
         parse_document(raw)
+    with pytest.raises(RoutesError, match="claimed by both"):
+        read_document(raw)
 
 
 def test_canonical_json_is_sorted_and_stable() -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
+from citadel.gateway.metrics import GatewayMetrics
 from citadel.gateway.routes import CONFIGMAP_KEY
 from citadel.gateway.services.auth import InMemoryKeyStore, KeyRecord, hash_key
 from citadel.gateway.services.catalog import Catalog
@@ -55,6 +56,35 @@ def test_routes_file_reloads_and_keeps_last_good(tmp_path: Path) -> None:
     assert len(catalog.replicas(catalog.resolve("second"))) == 2
     watcher.check()  # unchanged: not loaded again
     assert results == ["ok", "invalid", "ok"]
+
+
+def test_a_route_left_out_of_a_document_keeps_the_others_current(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    results: list[str] = []
+    catalog = Catalog(results.append)
+    path = tmp_path / "routes.json"
+    good = json.loads(doc("first"))["models"][0]
+    newer = {**good, "name": "n", "servedName": "newer", "port": "any"}
+    path.write_text(json.dumps({"models": [good, newer]}))
+    routes_file_source(path, catalog, 1.0).check()
+    assert catalog.resolve("first").name == "m"
+    assert results == ["partial"]
+    [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "model llm/n: left out: port" in warning.getMessage()
+
+
+def test_the_last_reload_gauge_holds_until_a_document_is_used_in_full() -> None:
+    metrics = GatewayMetrics()
+    sample = metrics.registry.get_sample_value
+    last = "citadel_gateway_config_last_reload_successful"
+    seen = [sample(last)]
+    for result in ("partial", "ok", "invalid", "ok"):
+        metrics.reloaded(result)
+        seen.append(sample(last))
+    assert seen == [1, 0, 1, 0, 1]
+    labels = {"status": "ok"}
+    assert sample("citadel_gateway_config_reloads_total", labels) == 2
 
 
 def test_a_route_the_file_drops_takes_its_replicas_with_it(tmp_path: Path) -> None:
