@@ -127,10 +127,25 @@ class GatewayMetrics:
         )
         self.config_reloads = Counter(
             PREFIX + "config_reloads",
-            "Routing documents loaded, by result (ok or invalid).",
+            "Routing documents offered, by result: ok; partial (some routes left "
+            "out or read differently); invalid (refused, the last good one stays).",
             [LABEL_STATUS],
             registry=r,
         )
+        # A document is offered once per change, so the alert needs a state to
+        # hold, not a count that stops growing.
+        self.config_last_reload_ok = Gauge(
+            PREFIX + "config_last_reload_successful",
+            "1 when the last routing document offered was used in full (or none "
+            "was offered yet); 0 when it was refused or partly left out.",
+            registry=r,
+        )
+        self.config_last_reload_ok.set(1)
+
+    def reloaded(self, result: str) -> None:
+        """Counts one routing document offered (ok, partial or invalid)."""
+        self.config_reloads.labels(result).inc()
+        self.config_last_reload_ok.set(1 if result == "ok" else 0)
 
     def key_label(self, key_name: str | None) -> str:
         """A bounded label for a key name."""

@@ -9,15 +9,19 @@ Compatibility: `schemaVersion` is bumped only for changes an older reader cannot
 ignore. Readers accept every version up to the one they know and ignore unknown
 fields, so a newer operator can add fields while old gateways keep serving; a document
 with a newer major version is refused with a clear error, and the gateway keeps the
-last good document.
+last good document. Within a version, a route an older reader cannot use (a value
+it does not know) costs that route only: a strategy it does not know reads as the
+default, and any other route it cannot read is left out, each with a reason.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Self
+from dataclasses import dataclass
+from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import from_json
 
 SCHEMA_VERSION = 1
 CONFIGMAP_NAME = "citadel-routes"
@@ -119,20 +123,99 @@ class RoutingDocument(_Model):
         return doc.model_dump_json(by_alias=True)
 
 
-def parse_document(raw: str | bytes) -> RoutingDocument:
-    """Parses and validates a routing document.
+@dataclass(frozen=True)
+class DocumentReading:
+    """A routing document as a gateway can use it."""
+
+    document: RoutingDocument
+    problems: tuple[str, ...] = ()
+    """One line per route left out or read differently; empty when used in full."""
+
+
+def read_document(raw: str | bytes) -> DocumentReading:
+    """Parses a routing document, keeping every route this gateway can use.
+
+    A route with a strategy this gateway does not know (a newer operator's) is
+    routed with the default strategy; any other route it cannot read is left out.
+    Each is named in `problems`: one model's new setting must not freeze the
+    routes of every other model.
 
     Raises:
-        RoutesError: the JSON is malformed, does not match the schema, or comes
-            from a newer, incompatible schema version.
+        RoutesError: the document as a whole is unusable: malformed JSON, no list
+            of models, a newer schema version, or one name claimed by two models.
     """
     try:
-        doc = RoutingDocument.model_validate_json(raw)
-    except ValidationError as err:
-        raise RoutesError(f"invalid routing document: {err}") from err
-    if doc.schema_version > SCHEMA_VERSION:
+        data = from_json(raw)
+    except ValueError as err:
+        raise RoutesError(f"invalid routing document: not JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise RoutesError("invalid routing document: not a JSON object")
+    version = data.get("schemaVersion", SCHEMA_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise RoutesError(
-            f"routing document has schemaVersion {doc.schema_version}; this gateway "
+            "invalid routing document: schemaVersion must be a positive integer, "
+            f"not {version!r}"
+        )
+    if version > SCHEMA_VERSION:
+        raise RoutesError(
+            f"routing document has schemaVersion {version}; this gateway "
             f"understands up to {SCHEMA_VERSION}: upgrade the gateway first"
         )
-    return doc
+    entries = data.get("models", [])
+    if not isinstance(entries, list):
+        raise RoutesError("invalid routing document: `models` must be a list")
+    routes: list[ModelRoute] = []
+    problems: list[str] = []
+    for i, entry in enumerate(entries):
+        where = _where(entry, i)
+        strategy = entry.get("strategy") if isinstance(entry, dict) else None
+        if isinstance(strategy, str) and strategy not in _STRATEGIES:
+            entry = {**entry, "strategy": _DEFAULT_STRATEGY.value}
+            problems.append(
+                f"{where}: strategy {strategy!r} is unknown to this gateway; "
+                f"routing with {_DEFAULT_STRATEGY.value}"
+            )
+        try:
+            routes.append(ModelRoute.model_validate(entry))
+        except ValidationError as err:
+            problems.append(f"{where}: left out: {_brief(err)}")
+    try:
+        document = RoutingDocument(schema_version=version, models=tuple(routes))
+    except ValidationError as err:
+        raise RoutesError(f"invalid routing document: {_brief(err)}") from err
+    return DocumentReading(document, tuple(problems))
+
+
+def parse_document(raw: str | bytes) -> RoutingDocument:
+    """Parses a routing document that must be usable in full (what an operator
+    writes for a gateway of its own version).
+
+    Raises:
+        RoutesError: as `read_document`, and for any route it would leave out or
+            read differently.
+    """
+    reading = read_document(raw)
+    if reading.problems:
+        raise RoutesError("invalid routing document: " + "; ".join(reading.problems))
+    return reading.document
+
+
+_STRATEGIES = frozenset(s.value for s in RoutingStrategy)
+_DEFAULT_STRATEGY: RoutingStrategy = ModelRoute.model_fields["strategy"].default
+
+
+def _where(entry: Any, index: int) -> str:
+    """How a log line names one route of the document."""
+    if isinstance(entry, dict):
+        namespace, name = entry.get("namespace"), entry.get("name")
+        if isinstance(namespace, str) and isinstance(name, str):
+            return f"model {namespace}/{name}"
+    return f"models[{index}]"
+
+
+def _brief(err: ValidationError) -> str:
+    """A validation error on one line: where and what, for each problem."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in e['loc']) or 'document'}: {e['msg']}"
+        for e in err.errors()
+    )

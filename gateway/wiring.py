@@ -39,7 +39,7 @@ def build_deps(settings: GatewaySettings, environ: Mapping[str, str]) -> Deps:
         environ: the process environment (only for the in-cluster API address).
     """
     metrics = GatewayMetrics(max_key_labels=settings.max_key_labels)
-    catalog = Catalog(lambda result: metrics.config_reloads.labels(result).inc())
+    catalog = Catalog(metrics.reloaded)
     keys = InMemoryKeyStore()
     upstream = UpstreamClient(
         UpstreamSettings(settings.connect_timeout_s, settings.read_timeout_s)

@@ -47,13 +47,24 @@ class Catalog:
         """The routing document in force."""
         return self._document
 
-    def set_document(self, doc: RoutingDocument) -> None:
-        """Puts a new routing document in force."""
+    def set_document(self, doc: RoutingDocument, problems: Sequence[str] = ()) -> None:
+        """Puts a new routing document in force.
+
+        Args:
+            doc: the document.
+            problems: routes it was read without, or read differently (from
+                `read_document`): each is logged, and the reload counts as partial.
+        """
         by_name = {name: route for route in doc.models for name in route.names}
         self._document, self._by_name = doc, by_name
-        log.info("routing document loaded", extra={"models": len(doc.models)})
+        for problem in problems:
+            log.warning("routing document: %s", problem)
+        log.info(
+            "routing document loaded",
+            extra={"models": len(doc.models), "problems": len(problems)},
+        )
         if self._on_reload:
-            self._on_reload("ok")
+            self._on_reload("partial" if problems else "ok")
 
     def reject_document(self, error: RoutesError | str) -> None:
         """Records an unusable document; the last good one stays in force."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from citadel.gateway.routes import RoutesError, parse_document
+from citadel.gateway.routes import RoutesError, read_document
 from citadel.gateway.services.auth import InMemoryKeyStore, KeyRecord, invalid_fields
 from citadel.gateway.services.catalog import Catalog
 from citadel.gateway.services.replicas import Endpoint
@@ -75,10 +75,11 @@ def routes_file_source(path: Path, catalog: Catalog, period_s: float) -> FileWat
 
     def load(data: bytes) -> None:
         try:
-            doc = parse_document(data)
+            reading = read_document(data)
         except RoutesError as err:
             catalog.reject_document(err)
             return
+        doc = reading.document
         listed = {(route.namespace, route.service) for route in doc.models}
         for namespace, service in catalog.services():
             if (namespace, service) not in listed:  # a route the file dropped
@@ -86,7 +87,7 @@ def routes_file_source(path: Path, catalog: Catalog, period_s: float) -> FileWat
         for route in doc.models:
             endpoints = [Endpoint(url) for url in route.endpoints]
             catalog.set_endpoints(route.namespace, route.service, endpoints)
-        catalog.set_document(doc)
+        catalog.set_document(doc, reading.problems)
 
     return FileWatcher(path, load, period_s)
 

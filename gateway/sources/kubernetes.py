@@ -32,7 +32,7 @@ from citadel.gateway.routes import (
     CONFIGMAP_KEY,
     CONFIGMAP_NAME,
     RoutesError,
-    parse_document,
+    read_document,
 )
 from citadel.gateway.services.auth import (
     InMemoryKeyStore,
@@ -189,11 +189,12 @@ class RoutesWatchSource:
             self._catalog.reject_document(f"ConfigMap has no key {CONFIGMAP_KEY!r}")
             return
         try:
-            doc = parse_document(raw)
+            reading = read_document(raw)
         except RoutesError as err:
             self._catalog.reject_document(err)
             return
-        self._catalog.set_document(doc)
+        doc = reading.document
+        self._catalog.set_document(doc, reading.problems)
         routed: dict[str, set[str]] = defaultdict(set)
         for route in doc.models:
             routed[route.namespace].add(route.service)
