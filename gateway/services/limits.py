@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -85,6 +85,9 @@ class Admission:
     headers: dict[str, str] = field(default_factory=dict)
     token_takes: tuple[Take, ...] = ()
     request_takes: tuple[Take, ...] = ()
+    checks: tuple[_Check, ...] = ()
+    """The buckets it was checked against, and their levels after the take."""
+    levels: tuple[Level, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -140,11 +143,13 @@ class Limiter:
             raise _refusal(checks, levels, headers, principal, route)
         token_takes = tuple(c.take for c in checks if c.scope != "requests")
         request_takes = tuple(c.take for c in checks if c.scope == "requests")
-        return Admission(estimate, headers, token_takes, request_takes)
+        return Admission(
+            estimate, headers, token_takes, request_takes, tuple(checks), tuple(levels)
+        )
 
     async def settle(
         self, admission: Admission, used: int, *, served: bool = True
-    ) -> None:
+    ) -> dict[str, str]:
         """Corrects the token buckets by the real use minus the estimate.
 
         Args:
@@ -153,17 +158,28 @@ class Limiter:
             served: False for a request no replica answered, which gives its
                 request back too: a client retrying a model that is not ready
                 yet would otherwise be rate limited once it is.
+
+        Returns:
+            The x-ratelimit-* headers as the buckets stand after the correction,
+            for an error answered after it.
         """
         delta = used - admission.estimate
         takes = [Take(t.bucket, delta, 0) for t in admission.token_takes if delta]
         if not served:
             takes += [Take(t.bucket, -t.amount, 0) for t in admission.request_takes]
         if not takes:
-            return
+            return admission.headers
         try:
             await self._store.adjust(takes, self._clock())
         except StoreUnavailable as err:
             log.error("token use not settled: store unavailable", extra={"error": err})
+            return admission.headers
+        taken = {t.bucket.key: t.amount for t in takes}
+        levels = [
+            replace(level, level=level.level - taken.get(check.take.bucket.key, 0))
+            for check, level in zip(admission.checks, admission.levels, strict=True)
+        ]
+        return _headers(list(admission.checks), levels) if levels else admission.headers
 
     async def standing(
         self, principal: Principal, routes: Iterable[ModelRoute]

@@ -85,6 +85,8 @@ class _Context:
     that failed before a byte came back)."""
     finished: bool = False
     """True once the request is counted and logged."""
+    settled_headers: dict[str, str] | None = None
+    """The x-ratelimit-* headers once its tokens are settled."""
 
 
 @dataclass(frozen=True)
@@ -154,9 +156,11 @@ class ProxyService:
         try:
             return await self._handle(ctx, raw)
         except GatewayError as err:
-            if ctx.admission is not None:  # admitted: where its limits stand
-                err.headers = {**ctx.admission.headers, **err.headers}
+            admitted = ctx.admission
             await self._account(ctx, None, err.status, err.code)
+            if admitted is not None:  # where its limits stand, once settled
+                limits = ctx.settled_headers or admitted.headers
+                err.headers = {**limits, **err.headers}
             raise
         except asyncio.CancelledError:
             # The caller went away (a gRPC cancel or deadline). The upstream
@@ -443,7 +447,9 @@ class ProxyService:
         else:
             used = max(admission.estimate, relayed) if answered else 0
         try:
-            await self._limiter.settle(admission, used, served=ctx.reached)
+            ctx.settled_headers = await self._limiter.settle(
+                admission, used, served=ctx.reached
+            )
         except Exception:  # the reply is served; a limit store hiccup must not fail it
             log.exception("could not settle token use", extra=self._log_fields(ctx))
         if usage is None or ctx.route is None:

@@ -244,8 +244,10 @@ async def test_an_error_after_admission_says_where_the_limits_stand(
     async with h.client() as client:
         answer = await client.post("/v1/chat/completions", json=kit.chat)
         assert answer.status_code == 502
-        # No replica answered: the request was given back, tokens and all.
-        assert answer.headers["x-ratelimit-remaining-requests"] == "4"
+        # No replica answered: the request was given back, tokens and all, and
+        # the answer's headers say so.
+        assert answer.headers["x-ratelimit-remaining-requests"] == "5"
+        assert answer.headers["x-ratelimit-remaining-tokens"] == "10000"
         h.upstream.handler = lambda url, body: kit.completion()
         after = await client.post("/v1/chat/completions", json=kit.chat)
     assert after.headers["x-ratelimit-remaining-requests"] == "4"
