@@ -202,6 +202,28 @@ async def test_configmap_and_slices_feed_the_catalog() -> None:
     assert catalog.resolve("m") is route
 
 
+async def test_a_pod_moved_to_another_slice_keeps_its_replica_state() -> None:
+    from citadel.gateway.sources.kubernetes import _SliceView
+
+    now = [0.0]
+    catalog = Catalog(clock=lambda: now[0])
+    view = _SliceView("llm", catalog, {"m"})
+    view.sync([_slice("m-1", "m", "10.0.0.1")])
+    [replica] = catalog.all_replicas().values()
+    replica.in_flight, replica.ejected_until = 2, 30.0
+    # The controller moves the pod: the old slice's event comes first.
+    view.event("DELETED", _slice("m-1", "m"))
+    now[0] = 5.0
+    view.event("ADDED", _slice("m-2", "m", "10.0.0.1"))
+    assert catalog.all_replicas() == {"http://10.0.0.1:8000": replica}
+    # An address gone for longer starts afresh.
+    view.event("DELETED", _slice("m-2", "m"))
+    now[0] += Catalog.DEPARTED_KEEP_S
+    view.event("ADDED", _slice("m-3", "m", "10.0.0.1"))
+    [again] = catalog.all_replicas().values()
+    assert again is not replica and again.in_flight == 0
+
+
 async def test_slices_push_only_their_service_and_leave_nothing_behind() -> None:
     from citadel.gateway.sources.kubernetes import _SliceView
 
