@@ -119,6 +119,12 @@ def _live(pods: Sequence[Obj]) -> list[Obj]:
     return [p for p in pods if not p.get("metadata", {}).get("deletionTimestamp")]
 
 
+def _ended(pod: Obj) -> bool:
+    """A pod that will not run again (Failed or Succeeded): its ReplicaSet has
+    made another, and the object stays until someone or the pod GC deletes it."""
+    return pod.get("status", {}).get("phase") in ("Failed", "Succeeded")
+
+
 def _pod_condition(pod: Obj, kind: str) -> Obj | None:
     for cond in pod.get("status", {}).get("conditions", []) or []:
         if cond.get("type") == kind:
@@ -135,12 +141,15 @@ def _unschedulable(pods: Sequence[Obj]) -> list[tuple[str, str]]:
     return found
 
 
-def _failure(pods: Sequence[Obj]) -> Verdict | None:
-    """The first container stuck in a state that will not fix itself."""
+def _failure(pods: Sequence[Obj], short: bool) -> Verdict | None:
+    """The first container stuck in a state that will not fix itself; a failed
+    pod only while the model is `short` of ready replicas (once replaced, an
+    evicted pod or one refused by the kubelet stays listed, but nothing is
+    wrong)."""
     for pod in pods:
         name = pod["metadata"]["name"]
         status = pod.get("status", {})
-        if status.get("phase") == "Failed":
+        if status.get("phase") == "Failed" and short:
             reason = status.get("reason") or "PodFailed"
             return Verdict("True", reason, f"pod {name}: {status.get('message', '')}")
         for cs in status.get("containerStatuses", []) or []:
@@ -180,9 +189,14 @@ def counts(model: LLMModel, deployment: Obj | None) -> ReplicaCounts:
 
 
 def _scheduled(model: LLMModel, pods: Sequence[Obj], nodes: Sequence[Obj]) -> Verdict:
+    pods = [p for p in pods if not _ended(p)]
     stuck = _unschedulable(pods)
     scheduler = f"; scheduler: {stuck[0][1]}" if stuck else ""
-    problem = check_placement(model, nodes)
+    # Once every pod has its node, the nodes' labels and capacity no longer
+    # matter: a label that a node's feature discovery drops and puts back while
+    # it restarts must not turn a serving model Degraded.
+    placing = not pods or any(not p.get("spec", {}).get("nodeName") for p in pods)
+    problem = check_placement(model, nodes) if placing else None
     if problem is not None:
         return Verdict("False", problem.reason, problem.message + scheduler)
     if stuck:
@@ -240,8 +254,8 @@ def _progressing(model: LLMModel, deployment: Obj | None, n: ReplicaCounts) -> V
     )
 
 
-def _degraded(deployment: Obj | None, pods: Sequence[Obj]) -> Verdict:
-    failure = _failure(pods)
+def _degraded(deployment: Obj | None, pods: Sequence[Obj], n: ReplicaCounts) -> Verdict:
+    failure = _failure(pods, short=n.ready < n.desired)
     if failure is not None:
         return failure
     progress = _deployment_condition(deployment, "Progressing")
@@ -332,7 +346,7 @@ def derive_status(
     n = counts(model, deployment)
     verdicts: dict[ConditionType, Verdict] = {
         ConditionType.SCHEDULED: _scheduled(model, live, nodes),
-        ConditionType.DEGRADED: _degraded(deployment, live),
+        ConditionType.DEGRADED: _degraded(deployment, live, n),
         ConditionType.PROGRESSING: _progressing(model, deployment, n),
     }
     verdicts[ConditionType.READY] = _ready(
@@ -361,7 +375,11 @@ def derive_status(
         served_name=model.served_name,
         endpoint=model.endpoint,
         nodes=sorted(
-            {p["spec"]["nodeName"] for p in live if p.get("spec", {}).get("nodeName")}
+            {
+                p["spec"]["nodeName"]
+                for p in live
+                if p.get("spec", {}).get("nodeName") and not _ended(p)
+            }
         ),
         selector=label_selector(model),
         observed_generation=model.generation,

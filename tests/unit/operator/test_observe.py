@@ -10,7 +10,7 @@ from citadel.operator.model import LLMModel
 from citadel.operator.observe import Blocker, derive_status
 from citadel.operator.status import ConditionType, LLMModelStatus, Phase
 
-from .samples import NODES, NOW, deployment, make_model, model_body, pod
+from .samples import NODES, NOW, deployment, make_model, model_body, node, pod
 
 pytestmark = pytest.mark.unit
 PINNED = {"placement": {"nodeName": "hx-llm-server-01"}, "resources": {"gpus": 2}}
@@ -245,3 +245,60 @@ def test_transition_time_is_kept_while_the_status_holds() -> None:
     times = {c.type: c.last_transition_time for c in again.conditions}
     assert times["Scheduled"] == "2020-01-01T00:00:00Z"  # still True
     assert times["Ready"] == NOW  # True -> False
+
+
+def _failed_pod(name: str, reason: str, message: str) -> dict[str, Any]:
+    failed = pod(name)
+    failed["status"] = {"phase": "Failed", "reason": reason, "message": message}
+    return failed
+
+
+@pytest.mark.parametrize(
+    ("reason", "message"),
+    [
+        ("Evicted", "The node was low on resource: memory."),
+        (
+            "UnexpectedAdmissionError",
+            "Allocate failed due to no healthy devices present; cannot allocate "
+            "unhealthy devices nvidia.com/gpu",
+        ),
+        ("Terminated", "Pod was terminated in response to imminent node shutdown."),
+    ],
+)
+def test_a_failed_pod_counts_only_while_replicas_are_short(
+    reason: str, message: str
+) -> None:
+    """The ReplicaSet replaces a failed pod; the failed object stays listed until
+    someone deletes it, and must not keep a serving model Degraded."""
+    model = make_model(**PINNED)
+    pods = [pod("p-new"), _failed_pod("p-old", reason, message)]
+    serving = _derive(model, deployment(replicas=1, ready=1), pods)
+    assert serving.phase is Phase.READY
+    assert _cond(serving, ConditionType.DEGRADED)[:2] == ("False", "AsExpected")
+    assert _cond(serving, ConditionType.SCHEDULED)[2].startswith("1 pod placed")
+    short = _derive(model, deployment(replicas=1, ready=0), pods)
+    assert _cond(short, ConditionType.DEGRADED) == (
+        "True",
+        reason,
+        f"pod p-old: {message}",
+    )
+
+
+def test_node_labels_matter_only_until_the_pods_are_placed() -> None:
+    """A node's GPU label that feature discovery drops and puts back while it
+    restarts must not turn a serving model Degraded."""
+    nodes = [node("gpu-1", 1)]  # no nvidia.com/gpu.product label, for now
+    model = make_model(resources={"gpus": 1}, placement={"gpuProduct": "NVIDIA-L4"})
+    placed = derive_status(
+        model, deployment(), [pod("p1", node_name="gpu-1")], nodes, NOW
+    )
+    assert placed.phase is Phase.READY
+    assert _cond(placed, ConditionType.SCHEDULED)[:2] == ("True", "Scheduled")
+    waiting = derive_status(
+        model,
+        deployment(ready=0),
+        [pod("p2", node_name=None, ready=False, unschedulable="0/1 nodes")],
+        nodes,
+        NOW,
+    )
+    assert _cond(waiting, ConditionType.SCHEDULED)[:2] == ("False", "NoMatchingNode")
