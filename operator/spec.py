@@ -223,12 +223,12 @@ class Engine(ApiModel):
             max_length=64,
             json_schema_extra=_cel(
                 _rule(
-                    "self.all(a, !a.matches('^--("
-                    + "|".join(MANAGED_ARGS)
-                    + ")(=.*)?$'))",
+                    "self.all(a, !a.matches('^(--("
+                    + "|".join(a.replace("-", "[-_]") for a in MANAGED_ARGS)
+                    + ")|-tp)(=.*)?$'))",
                     "engine.extraArgs must not set --"
                     + ", --".join(MANAGED_ARGS)
-                    + ": the operator sets them from the spec",
+                    + " (or -tp): the operator sets them from the spec",
                 )
             ),
         ),

@@ -39,15 +39,8 @@ def model_argument(model: LLMModel) -> str:
 def engine_args(model: LLMModel) -> list[str]:
     """The arguments of vLLM's OpenAI server, from the spec."""
     spec, engine = model.spec, model.spec.engine
-    args = [
-        f"--model={model_argument(model)}",
-        "--served-model-name",
-        *spec.names,
-        "--host=0.0.0.0",
-        f"--port={names.HTTP_PORT}",
-    ]
+    args: list[str] = []
     if spec.resources.gpus > 0:
-        args.append(f"--tensor-parallel-size={spec.resources.gpus}")
         args.append(f"--gpu-memory-utilization={engine.gpu_memory_utilization:g}")
     if engine.max_model_len is not None:
         args.append(f"--max-model-len={engine.max_model_len}")
@@ -63,7 +56,21 @@ def engine_args(model: LLMModel) -> list[str]:
         # vLLM aborts what it is generating on SIGTERM unless told to wait; the
         # pod's grace period leaves it SHUTDOWN_SECONDS after the drain.
         args.append(f"--shutdown-timeout={SHUTDOWN_SECONDS - SHUTDOWN_MARGIN_SECONDS}")
-    return [*args, *engine.extra_args]
+    # What the operator must own comes after extraArgs: vLLM keeps a flag's last
+    # value, and its parser takes spellings the CRD's rule cannot all list
+    # (argparse accepts any unambiguous prefix, such as --served-model).
+    # Only the served name: the gateway sends every request under it, so the
+    # aliases are the gateway's alone, and changing them restarts no replica.
+    managed = [
+        f"--model={model_argument(model)}",
+        "--served-model-name",
+        model.served_name,
+        "--host=0.0.0.0",
+        f"--port={names.HTTP_PORT}",
+    ]
+    if spec.resources.gpus > 0:
+        managed.append(f"--tensor-parallel-size={spec.resources.gpus}")
+    return [*args, *engine.extra_args, *managed]
 
 
 def _env(model: LLMModel) -> list[Manifest]:
@@ -74,6 +81,11 @@ def _env(model: LLMModel) -> list[Manifest]:
         {"name": "HF_HOME", "value": f"{CACHE_MOUNT}/huggingface"},
         {"name": "VLLM_CACHE_ROOT", "value": f"{CACHE_MOUNT}/vllm"},
     ]
+    if model.spec.resources.gpus == 0:
+        # CUDA images set NVIDIA_VISIBLE_DEVICES=all, and a pod that asks the
+        # device plugin for no GPU would get every GPU of its node from the
+        # container runtime, beside the models that asked for them.
+        ours.append({"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"})
     if engine.hf_token_secret_ref is not None:
         ref = engine.hf_token_secret_ref
         ours.append(

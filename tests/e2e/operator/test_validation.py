@@ -53,6 +53,18 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "bad",
         "spec.engine.extraArgs",
     ),
+    (
+        "managed-extra-arg-short",
+        {"engine": {"extraArgs": ["--enforce-eager", "-tp=1"]}},
+        "bad",
+        "spec.engine.extraArgs",
+    ),
+    (
+        "managed-extra-arg-underscores",
+        {"engine": {"extraArgs": ["--served_model_name=x"]}},
+        "bad",
+        "spec.engine.extraArgs",
+    ),
     ("served-name", {"servedName": "has space"}, "bad", "spec.servedName"),
     (
         "alias-repeats-name",

@@ -60,13 +60,6 @@ def test_engine_arguments_follow_the_spec(settings: OperatorSettings) -> None:
         },
     )
     assert engine_args(model) == [
-        "--model=mistralai/Mixtral-8x7B-Instruct-v0.1",
-        "--served-model-name",
-        "mixtral",
-        "chat-default",
-        "--host=0.0.0.0",
-        "--port=8000",
-        "--tensor-parallel-size=2",
         "--gpu-memory-utilization=0.85",
         "--max-model-len=32768",
         "--dtype=bfloat16",
@@ -75,7 +68,21 @@ def test_engine_arguments_follow_the_spec(settings: OperatorSettings) -> None:
         "--enable-prefix-caching",
         "--max-num-seqs",
         "128",
+        # Last, so that no spelling in extraArgs overrides them (vLLM keeps a
+        # flag's last value); the aliases are the gateway's alone.
+        "--model=mistralai/Mixtral-8x7B-Instruct-v0.1",
+        "--served-model-name",
+        "mixtral",
+        "--host=0.0.0.0",
+        "--port=8000",
+        "--tensor-parallel-size=2",
     ]
+
+
+def test_an_alias_change_restarts_no_replica(settings: OperatorSettings) -> None:
+    before = build_deployment(make_model(), settings)["spec"]["template"]
+    after = build_deployment(make_model(aliases=["chat-default"]), settings)
+    assert after["spec"]["template"] == before
 
 
 def test_the_server_finishes_requests_in_flight_before_the_grace_ends() -> None:
@@ -89,7 +96,8 @@ def test_the_server_finishes_requests_in_flight_before_the_grace_ends() -> None:
 
 def test_served_name_defaults_to_the_model_name(settings: OperatorSettings) -> None:
     args = engine_args(make_model("smol"))
-    assert args[1:3] == ["--served-model-name", "smol"]
+    at = args.index("--served-model-name")
+    assert args[at : at + 3] == ["--served-model-name", "smol", "--host=0.0.0.0"]
 
 
 def test_s3_models_stream_with_the_run_ai_loader(settings: OperatorSettings) -> None:
@@ -275,3 +283,14 @@ def test_user_tolerations_are_added(settings: OperatorSettings) -> None:
         "effect": "NoSchedule",
     } in pod["tolerations"]
     assert len(pod["tolerations"]) == 2
+
+
+@pytest.mark.parametrize(("gpus", "visible"), [(0, "void"), (2, None)])
+def test_a_model_without_gpus_sees_none_of_the_node(
+    settings: OperatorSettings, gpus: int, visible: str | None
+) -> None:
+    """CUDA images set NVIDIA_VISIBLE_DEVICES=all: a pod that asked the device
+    plugin for no GPU would otherwise get every GPU of its node."""
+    container = _container(settings, resources={"gpus": gpus})
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env.get("NVIDIA_VISIBLE_DEVICES") == visible
