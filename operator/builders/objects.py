@@ -74,9 +74,23 @@ def build_cache_claim(
     }
 
 
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+
+
 def build_pdb(model: LLMModel) -> Manifest | None:
-    """A PodDisruptionBudget: drains take one replica at a time (replicas > 1)."""
-    if model.spec.replicas <= 1:
+    """A PodDisruptionBudget: drains take one replica at a time.
+
+    None for one replica, and for a model pinned to one node (`placement.nodeName`,
+    or a nodeSelector on the node's hostname): there every replica goes with the
+    node, and the replacement of the first one evicted can only wait for that
+    node, so the budget would refuse the next eviction for ever and block the
+    drain.
+    """
+    placement = model.spec.placement
+    pinned = placement.node_name is not None or (
+        HOSTNAME_LABEL in (placement.node_selector or {})
+    )
+    if model.spec.replicas <= 1 or pinned:
         return None
     return {
         "apiVersion": "policy/v1",
@@ -85,6 +99,9 @@ def build_pdb(model: LLMModel) -> Manifest | None:
         "spec": {
             "maxUnavailable": 1,
             "selector": {"matchLabels": selector_labels(model)},
+            # A replica that crash-loops or still loads protects nothing; with
+            # the default policy two such replicas would block every drain.
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
         },
     }
 

@@ -15,9 +15,13 @@ pytestmark = pytest.mark.e2e
 
 
 def _model(name: str, **spec: Any) -> str:
-    return llmmodel(
-        name, resources={"gpus": 1}, placement={"nodeName": "hx-llm-server-02"}, **spec
-    )
+    pinned = {"resources": {"gpus": 1}, "placement": {"nodeName": "hx-llm-server-02"}}
+    return llmmodel(name, **{**pinned, **spec})
+
+
+# Models with a PodDisruptionBudget: a pool of nodes (here of one node), not one
+# node by name, where a budget would block the drain.
+POOL = {"gpuProduct": "NVIDIA-A100-SXM4-80GB"}
 
 
 def _events(kube: Kube, selector: str) -> str:
@@ -45,7 +49,7 @@ def _args(kube: Kube, name: str) -> list[str]:
 
 
 def test_scaling_through_the_scale_subresource(kube: Kube) -> None:
-    kube.apply(_model("scaled"))
+    kube.apply(_model("scaled", placement=POOL))
     kube.wait_phase("scaled", "Ready")
     kube.cluster.kubectl(
         "scale", "llmmodel/scaled", "--replicas=3", "-n", kube.namespace
@@ -165,7 +169,7 @@ def test_delete_removes_what_it_owned_but_keeps_the_cache(
     kube: Kube, cache_volume: Callable[..., str]
 ) -> None:
     cache_volume("doomed-cache")
-    kube.apply(_model("doomed", replicas=2, cache={"size": "10Gi"}))
+    kube.apply(_model("doomed", replicas=2, cache={"size": "10Gi"}, placement=POOL))
     kube.wait_phase("doomed", "Ready")
     kube.wait("its route", lambda: [r for r in kube.routes() if r["name"] == "doomed"])
     kube.delete_model("doomed")

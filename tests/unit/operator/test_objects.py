@@ -78,6 +78,18 @@ def test_pdb_only_with_several_replicas(replicas: int, wanted: bool) -> None:
     assert (pdb is not None) is wanted
     if pdb is not None:
         assert pdb["spec"]["maxUnavailable"] == 1
+        assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+def test_no_pdb_when_every_replica_is_pinned_to_one_node() -> None:
+    """Draining the node evicts one replica, whose replacement can only wait for
+    that node: a budget would refuse the second eviction for ever."""
+    pinned = make_model(replicas=2, placement={"nodeName": "hx-llm-server-01"})
+    assert build_pdb(pinned) is None
+    host = {"nodeSelector": {"kubernetes.io/hostname": "hx-llm-server-01"}}
+    assert build_pdb(make_model(replicas=2, placement=host)) is None
+    pool = {"gpuProduct": "NVIDIA-H100-80GB-HBM3"}
+    assert build_pdb(make_model(replicas=2, placement=pool)) is not None
 
 
 def test_pod_monitor_scrapes_metrics() -> None:
