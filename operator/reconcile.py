@@ -565,11 +565,14 @@ class Reconciler:
             if err.retryable:
                 raise ReconcileError(str(err), retryable=True) from err
             # Claims are mostly immutable (a class may not allow resizing): the
-            # model keeps running on the claim it has.
-            await self._post(
-                model,
-                Notice("Warning", "CacheClaimNotUpdated", f"{name}: {err.message}"),
-            )
+            # model keeps running on the claim it has. Said once per change of
+            # the spec, not at every resync while the spec still asks.
+            log.warning("cache claim %s/%s not updated: %s", model.namespace, name, err)
+            if first_look:
+                await self._post(
+                    model,
+                    Notice("Warning", "CacheClaimNotUpdated", f"{name}: {err.message}"),
+                )
             applied = await self._apply_claim_metadata(claim, current)
         if "ownerReferences" not in claim["metadata"]:
             await self._drop_owner(model, applied)

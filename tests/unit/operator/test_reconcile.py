@@ -338,6 +338,12 @@ async def test_retain_drops_the_owner_reference_even_when_a_resize_is_refused(
     assert "ownerReferences" not in claim["metadata"]  # not deleted with the model
     assert claim["spec"]["resources"]["requests"]["storage"] == "100Gi"
     assert "CacheClaimNotUpdated" in _reasons(kube)
+    # The spec still asks for 200Gi at every resync: said once, not every time.
+    for _ in range(3):
+        await reconciler.reconcile(
+            kube.stored(LLMMODELS, "mixtral", "llm"), resync=True
+        )
+    assert _reasons(kube).count("CacheClaimNotUpdated") == 1
 
 
 async def test_api_errors_are_classified(settings: OperatorSettings) -> None:
