@@ -38,8 +38,11 @@ BAD_WAITING = frozenset(
         "RunContainerError",
     }
 )
-# Scheduled=False reasons that need a change to the spec or the cluster.
+# Scheduled=False reasons that need a change to the spec or the cluster; where
+# nodes are autoscaled, only a node named by the spec that does not exist (an
+# autoscaler names its nodes itself).
 PERMANENT_PLACEMENT = frozenset({"NodeNotFound", "NoMatchingNode", "InsufficientGPUs"})
+PERMANENT_WHEN_AUTOSCALED = frozenset({"NodeNotFound"})
 MAX_LISTED = 5
 
 
@@ -291,12 +294,13 @@ def _ready(
 
 
 def _phase(
-    verdicts: Mapping[ConditionType, Verdict], n: ReplicaCounts, blocker: Blocker | None
+    verdicts: Mapping[ConditionType, Verdict],
+    n: ReplicaCounts,
+    blocker: Blocker | None,
+    permanent: frozenset[str],
 ) -> Phase:
     scheduled = verdicts[ConditionType.SCHEDULED]
-    if blocker is not None or (
-        scheduled.reason in PERMANENT_PLACEMENT and n.ready == 0
-    ):
+    if blocker is not None or (scheduled.reason in permanent and n.ready == 0):
         return Phase.FAILED
     if verdicts[ConditionType.DEGRADED].status == "True":
         return Phase.DEGRADED
@@ -331,6 +335,8 @@ def derive_status(
     nodes: Sequence[Obj],
     now: str,
     blocker: Blocker | None = None,
+    *,
+    nodes_autoscaled: bool = False,
 ) -> LLMModelStatus:
     """The status the model should carry.
 
@@ -341,6 +347,8 @@ def derive_status(
         nodes: every node (for the target-node and GPU-capacity checks).
         now: the current time, RFC 3339, for conditions that change.
         blocker: a problem found by the operator that makes the model Failed.
+        nodes_autoscaled: nodes join on demand, so no node for the model yet
+            is a wait (Pending), not a failure.
     """
     live = _live(pods)
     n = counts(model, deployment)
@@ -369,7 +377,12 @@ def derive_status(
         ConditionType.DEGRADED,
     )
     return LLMModelStatus(
-        phase=_phase(verdicts, n, blocker),
+        phase=_phase(
+            verdicts,
+            n,
+            blocker,
+            PERMANENT_WHEN_AUTOSCALED if nodes_autoscaled else PERMANENT_PLACEMENT,
+        ),
         conditions=[_stamp(t, verdicts[t], model, now) for t in order],
         replicas=n,
         served_name=model.served_name,

@@ -743,6 +743,7 @@ class Reconciler:
             await self._call(self.view.nodes()),
             self._clock(),
             blocker,
+            nodes_autoscaled=self.settings.nodes_autoscaled,
         )
         if status != model.status:
             written = await self._call(

@@ -132,7 +132,12 @@ def settings_env(settings: type[Any], prefix: str) -> set[str]:
 
 
 def test_operator_env_names_are_settings_the_operator_reads(chart: ChartKit) -> None:
-    objs = chart.render({"operator.defaultVllmImage": "vllm/vllm-openai:v0.1.0"})
+    objs = chart.render(
+        {
+            "operator.defaultVllmImage": "vllm/vllm-openai:v0.1.0",
+            "operator.nodesAutoscaled": True,
+        }
+    )
     env = chart.env_of(
         chart.container(chart.one(objs, "Deployment", "citadel-operator"))
     )
@@ -141,6 +146,7 @@ def test_operator_env_names_are_settings_the_operator_reads(chart: ChartKit) -> 
     assert env["CITADEL_OPERATOR_WATCH_NAMESPACES"] == ""
     assert env["CITADEL_OPERATOR_GATEWAY_NAMESPACE"] == chart.namespace
     assert env["CITADEL_OPERATOR_DEFAULT_VLLM_IMAGE"] == "vllm/vllm-openai:v0.1.0"
+    assert OperatorSettings(nodes_autoscaled=env["CITADEL_OPERATOR_NODES_AUTOSCALED"])
     assert OperatorSettings.model_fields["metrics_port"].default == 8080
     assert env["CITADEL_OPERATOR_METRICS_PORT"] == "8080"
     assert "POD_ID" in env  # Kopf names the replica after its pod when peering

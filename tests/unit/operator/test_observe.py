@@ -302,3 +302,28 @@ def test_node_labels_matter_only_until_the_pods_are_placed() -> None:
         NOW,
     )
     assert _cond(waiting, ConditionType.SCHEDULED)[:2] == ("False", "NoMatchingNode")
+
+
+@pytest.mark.parametrize(
+    ("placement", "gpus", "reason"),
+    [
+        ({"gpuProduct": "NVIDIA-L4"}, 1, "NoMatchingNode"),
+        ({}, 16, "InsufficientGPUs"),
+        ({"nodeName": "gone"}, 1, "NodeNotFound"),
+    ],
+)
+def test_where_nodes_are_autoscaled_only_a_named_node_missing_fails(
+    placement: dict[str, Any], gpus: int, reason: str
+) -> None:
+    """An autoscaler adds the node once the pod waits for one: until then the
+    model is Pending, not Failed (which pages someone)."""
+    model = make_model(resources={"gpus": gpus}, placement=placement)
+    pending = [pod("p1", node_name=None, ready=False, unschedulable="0/3 nodes")]
+    fixed = derive_status(model, deployment(ready=0), pending, NODES, NOW)
+    scaled = derive_status(
+        model, deployment(ready=0), pending, NODES, NOW, nodes_autoscaled=True
+    )
+    assert _cond(fixed, ConditionType.SCHEDULED)[1] == reason
+    assert _cond(scaled, ConditionType.SCHEDULED)[1] == reason
+    assert fixed.phase is Phase.FAILED
+    assert scaled.phase is (Phase.FAILED if reason == "NodeNotFound" else Phase.PENDING)
