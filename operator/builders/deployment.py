@@ -23,6 +23,8 @@ SHUTDOWN_SECONDS = 60
 # Of which the server waits for requests in flight all but this, so it exits
 # before the kubelet's SIGKILL.
 SHUTDOWN_MARGIN_SECONDS = 5
+# The longest --shutdown-timeout from extraArgs that the grace period follows.
+MAX_SHUTDOWN_SECONDS = 24 * 3600
 # The Deployment is marked failed only well after the startup probe gave up.
 PROGRESS_MARGIN_SECONDS = 300
 
@@ -71,6 +73,26 @@ def engine_args(model: LLMModel) -> list[str]:
     if spec.resources.gpus > 0:
         managed.append(f"--tensor-parallel-size={spec.resources.gpus}")
     return [*args, *engine.extra_args, *managed]
+
+
+def shutdown_seconds(model: LLMModel) -> int:
+    """What the server gets after the drain: SHUTDOWN_SECONDS, or more when
+    extraArgs give vLLM a longer --shutdown-timeout (else the kubelet would
+    kill it before that timeout ends)."""
+    args = model.spec.engine.extra_args
+    asked = 0
+    for i, arg in enumerate(args):
+        value = None
+        if arg.startswith("--shutdown-timeout="):
+            value = arg.partition("=")[2]
+        elif arg == "--shutdown-timeout" and i + 1 < len(args):
+            value = args[i + 1]
+        if value is not None:
+            try:
+                asked = min(max(0, math.ceil(float(value))), MAX_SHUTDOWN_SECONDS)
+            except (ValueError, OverflowError):
+                asked = 0  # vLLM refuses it at start; nothing to wait for
+    return max(SHUTDOWN_SECONDS, asked + SHUTDOWN_MARGIN_SECONDS)
 
 
 def _env(model: LLMModel) -> list[Manifest]:
@@ -264,7 +286,7 @@ def _pod_spec(model: LLMModel, settings: OperatorSettings) -> Manifest:
         "containers": [_container(model, settings)],
         "volumes": volumes,
         "terminationGracePeriodSeconds": model.spec.engine.drain_seconds
-        + SHUTDOWN_SECONDS,
+        + shutdown_seconds(model),
         # Service links would put variables such as VLLM_PORT (from a Service named
         # vllm) into the environment, which vLLM reads as its own settings.
         "enableServiceLinks": False,

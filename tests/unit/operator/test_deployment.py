@@ -94,6 +94,26 @@ def test_the_server_finishes_requests_in_flight_before_the_grace_ends() -> None:
     assert [a for a in engine_args(own) if "shutdown" in a] == ["--shutdown-timeout=5"]
 
 
+@pytest.mark.parametrize(
+    ("extra", "grace"),
+    [
+        (["--shutdown-timeout=5"], 10 + 60),
+        (["--shutdown-timeout=300"], 10 + 305),
+        (["--shutdown-timeout", "120"], 10 + 125),
+        (["--shutdown-timeout=999999999"], 10 + 24 * 3600 + 5),
+        (["--shutdown-timeout=inf"], 10 + 60),
+        (["--shutdown-timeout=soon"], 10 + 60),
+    ],
+)
+def test_the_grace_period_outlasts_a_longer_shutdown_timeout(
+    settings: OperatorSettings, extra: list[str], grace: int
+) -> None:
+    """The kubelet must not kill a server that extraArgs told to wait longer."""
+    model = make_model(engine={"drainSeconds": 10, "extraArgs": extra})
+    pod = build_deployment(model, settings)["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == grace
+
+
 def test_served_name_defaults_to_the_model_name(settings: OperatorSettings) -> None:
     args = engine_args(make_model("smol"))
     at = args.index("--served-model-name")
