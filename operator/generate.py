@@ -21,11 +21,13 @@ HEADER = (
 
 
 def _yaml(*docs: object) -> str:
-    body = "---\n".join(
-        yaml.safe_dump(doc, sort_keys=False, width=88, allow_unicode=True)
+    # Every document starts with "---": `helm show crds` joins the chart's CRD
+    # files with nothing between them, and without it the last document of one
+    # file and the first of the next would merge into one.
+    return HEADER + "".join(
+        "---\n" + yaml.safe_dump(doc, sort_keys=False, width=88, allow_unicode=True)
         for doc in docs
     )
-    return HEADER + body
 
 
 def render_files() -> dict[str, str]:

@@ -98,6 +98,20 @@ def test_crds_are_the_generated_files(chart: ChartKit) -> None:
         assert link.resolve() == (root_crds / name).resolve()
 
 
+def test_helm_show_crds_gives_every_crd(chart: ChartKit) -> None:
+    """docs/install.md upgrades the CRDs by piping this to kubectl apply: helm
+    joins the files with nothing between them, so no CRD may merge into the
+    one before it."""
+    result = chart.run("show", "crds", str(chart.path))
+    assert result.returncode == 0, result.stderr
+    crds = [d["metadata"]["name"] for d in yaml.safe_load_all(result.stdout) if d]
+    assert sorted(crds) == [
+        "clusterkopfpeerings.kopf.dev",
+        "kopfpeerings.kopf.dev",
+        "llmmodels.citadel.ai",
+    ]
+
+
 def test_helm_package_ships_the_crd_content(chart: ChartKit, tmp_path: Path) -> None:
     result = chart.run("package", str(chart.path), "--destination", str(tmp_path))
     assert result.returncode == 0, result.stderr
