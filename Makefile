@@ -18,7 +18,7 @@ VENV_STAMP := $(VENV)/.installed
 
 .PHONY: help
 help: ## List the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 $(VENV_STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -88,7 +88,7 @@ cluster-reset: venv ## Stop the local cluster and delete its data
 	$(HARNESS) reset
 
 .PHONY: e2e
-e2e: venv vllm binaries ## End-to-end tests against the cluster (local harness unless KUBECONFIG is set)
+e2e: venv vllm binaries ## End-to-end tests against the cluster (local harness unless CITADEL_E2E_KUBECONFIG is set)
 	$(VENV)/bin/pytest -m e2e tests/e2e
 
 .PHONY: integration

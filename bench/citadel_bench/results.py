@@ -108,8 +108,8 @@ def overhead_verdicts(
             )
     for peer, wanted, label in (
         ("vllm-router", 0.5, "at least half vllm-router's RPS"),
-        ("vllm-router", 1.0, "RPS at least vllm-router's (DESIGN.md)"),
-        ("litellm", 1.0, "RPS at least LiteLLM's (DESIGN.md)"),
+        ("vllm-router", 1.0, "RPS at least vllm-router's (design target)"),
+        ("litellm", 1.0, "RPS at least LiteLLM's (design target)"),
     ):
         for mode in ("json", "stream"):
             ours = _row(rows, mode, 64, "citadel")
