@@ -26,6 +26,8 @@ HTTP_PORT = 8000
 HTTP_PORT_NAME = "http"
 
 GPU_RESOURCE = "nvidia.com/gpu"
+# The label every node carries with its own name (a nodeSelector on it pins).
+HOSTNAME_LABEL = "kubernetes.io/hostname"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 
 # Standard labels (https://kubernetes.io/docs/concepts/overview/working-with-objects/

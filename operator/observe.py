@@ -144,15 +144,30 @@ def _unschedulable(pods: Sequence[Obj]) -> list[tuple[str, str]]:
     return found
 
 
+def _created(pod: Obj) -> str:
+    # RFC 3339 in UTC, whole seconds: ordered as strings.
+    return str(pod.get("metadata", {}).get("creationTimestamp") or "")
+
+
+def _is_ready(pod: Obj) -> bool:
+    cond = _pod_condition(pod, "Ready")
+    return bool(cond and cond.get("status") == "True") and not _ended(pod)
+
+
 def _failure(pods: Sequence[Obj], short: bool) -> Verdict | None:
-    """The first container stuck in a state that will not fix itself; a failed
-    pod only while the model is `short` of ready replicas (once replaced, an
-    evicted pod or one refused by the kubelet stays listed, but nothing is
-    wrong)."""
+    """The first container stuck in a state that will not fix itself.
+
+    A failed pod counts only while the model is `short` of ready replicas and
+    no ready pod is newer: an evicted pod, or one the kubelet refused, stays
+    listed after its ReplicaSet replaced it, and must not stand for the cause
+    when a later scale-up or rollout waits for a replica to load.
+    """
+    newest_ready = max((_created(p) for p in pods if _is_ready(p)), default="")
     for pod in pods:
         name = pod["metadata"]["name"]
         status = pod.get("status", {})
-        if status.get("phase") == "Failed" and short:
+        failed = status.get("phase") == "Failed"
+        if failed and short and _created(pod) >= newest_ready:
             reason = status.get("reason") or "PodFailed"
             return Verdict("True", reason, f"pod {name}: {status.get('message', '')}")
         for cs in status.get("containerStatuses", []) or []:
@@ -293,6 +308,16 @@ def _ready(
     return Verdict("False", "NoReadyReplicas", "no replica is ready")
 
 
+def _permanent(model: LLMModel, nodes_autoscaled: bool) -> frozenset[str]:
+    """The Scheduled=False reasons that make the model Failed."""
+    if not nodes_autoscaled:
+        return PERMANENT_PLACEMENT
+    if names.HOSTNAME_LABEL in (model.spec.placement.node_selector or {}):
+        # A node asked for by name: no autoscaler will make one of that name.
+        return PERMANENT_WHEN_AUTOSCALED | {"NoMatchingNode"}
+    return PERMANENT_WHEN_AUTOSCALED
+
+
 def _phase(
     verdicts: Mapping[ConditionType, Verdict],
     n: ReplicaCounts,
@@ -377,12 +402,7 @@ def derive_status(
         ConditionType.DEGRADED,
     )
     return LLMModelStatus(
-        phase=_phase(
-            verdicts,
-            n,
-            blocker,
-            PERMANENT_WHEN_AUTOSCALED if nodes_autoscaled else PERMANENT_PLACEMENT,
-        ),
+        phase=_phase(verdicts, n, blocker, _permanent(model, nodes_autoscaled)),
         conditions=[_stamp(t, verdicts[t], model, now) for t in order],
         replicas=n,
         served_name=model.served_name,

@@ -49,12 +49,12 @@ def engine_args(model: LLMModel) -> list[str]:
     args.append(f"--dtype={engine.dtype}")
     if engine.quantization:
         args.append(f"--quantization={engine.quantization}")
-    if spec.model.startswith("s3://") and not any(
-        a.startswith("--load-format") for a in engine.extra_args
+    if spec.model.startswith("s3://") and not _values(
+        engine.extra_args, "--load-format"
     ):
         # vLLM streams S3 objects through the Run:ai model streamer.
         args.append("--load-format=runai_streamer")
-    if not any(a.startswith("--shutdown-timeout") for a in engine.extra_args):
+    if not _values(engine.extra_args, "--shutdown-timeout"):
         # vLLM aborts what it is generating on SIGTERM unless told to wait; the
         # pod's grace period leaves it SHUTDOWN_SECONDS after the drain.
         args.append(f"--shutdown-timeout={SHUTDOWN_SECONDS - SHUTDOWN_MARGIN_SECONDS}")
@@ -72,26 +72,44 @@ def engine_args(model: LLMModel) -> list[str]:
     ]
     if spec.resources.gpus > 0:
         managed.append(f"--tensor-parallel-size={spec.resources.gpus}")
+    if not engine.extra_args:
+        # Nothing to override them: the order of the releases before, so that an
+        # upgrade of the operator rolls no model that has no extraArgs.
+        return [*managed, *args]
     return [*args, *engine.extra_args, *managed]
+
+
+def _values(args: list[str], flag: str) -> list[str]:
+    """The values `args` give `flag`, read as vLLM's parser reads them:
+    underscores for dashes, and any prefix of at least `--xxxx` letters (argparse
+    takes an unambiguous abbreviation; an ambiguous one vLLM refuses anyway)."""
+    found = []
+    for i, arg in enumerate(args):
+        if not arg.startswith("--"):
+            continue
+        key, eq, value = arg.partition("=")
+        key = key.replace("_", "-")
+        if len(key) < 6 or not flag.startswith(key):
+            continue
+        if eq:
+            found.append(value)
+        elif i + 1 < len(args):
+            found.append(args[i + 1])
+        else:
+            found.append("")
+    return found
 
 
 def shutdown_seconds(model: LLMModel) -> int:
     """What the server gets after the drain: SHUTDOWN_SECONDS, or more when
     extraArgs give vLLM a longer --shutdown-timeout (else the kubelet would
     kill it before that timeout ends)."""
-    args = model.spec.engine.extra_args
     asked = 0
-    for i, arg in enumerate(args):
-        value = None
-        if arg.startswith("--shutdown-timeout="):
-            value = arg.partition("=")[2]
-        elif arg == "--shutdown-timeout" and i + 1 < len(args):
-            value = args[i + 1]
-        if value is not None:
-            try:
-                asked = min(max(0, math.ceil(float(value))), MAX_SHUTDOWN_SECONDS)
-            except (ValueError, OverflowError):
-                asked = 0  # vLLM refuses it at start; nothing to wait for
+    for value in _values(model.spec.engine.extra_args, "--shutdown-timeout"):
+        try:  # vLLM keeps the last one, an int
+            asked = min(max(0, int(value)), MAX_SHUTDOWN_SECONDS)
+        except ValueError:
+            asked = 0  # vLLM refuses it at start; nothing to wait for
     return max(SHUTDOWN_SECONDS, asked + SHUTDOWN_MARGIN_SECONDS)
 
 

@@ -74,9 +74,6 @@ def build_cache_claim(
     }
 
 
-HOSTNAME_LABEL = "kubernetes.io/hostname"
-
-
 def build_pdb(model: LLMModel) -> Manifest | None:
     """A PodDisruptionBudget: drains take one replica at a time.
 
@@ -88,7 +85,7 @@ def build_pdb(model: LLMModel) -> Manifest | None:
     """
     placement = model.spec.placement
     pinned = placement.node_name is not None or (
-        HOSTNAME_LABEL in (placement.node_selector or {})
+        names.HOSTNAME_LABEL in (placement.node_selector or {})
     )
     if model.spec.replicas <= 1 or pinned:
         return None

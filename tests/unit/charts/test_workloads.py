@@ -146,7 +146,8 @@ def test_operator_env_names_are_settings_the_operator_reads(chart: ChartKit) -> 
     assert env["CITADEL_OPERATOR_WATCH_NAMESPACES"] == ""
     assert env["CITADEL_OPERATOR_GATEWAY_NAMESPACE"] == chart.namespace
     assert env["CITADEL_OPERATOR_DEFAULT_VLLM_IMAGE"] == "vllm/vllm-openai:v0.1.0"
-    assert OperatorSettings(nodes_autoscaled=env["CITADEL_OPERATOR_NODES_AUTOSCALED"])
+    autoscaled = env["CITADEL_OPERATOR_NODES_AUTOSCALED"]
+    assert OperatorSettings(nodes_autoscaled=autoscaled).nodes_autoscaled is True
     assert OperatorSettings.model_fields["metrics_port"].default == 8080
     assert env["CITADEL_OPERATOR_METRICS_PORT"] == "8080"
     assert "POD_ID" in env  # Kopf names the replica after its pod when peering

@@ -102,6 +102,11 @@ def test_the_server_finishes_requests_in_flight_before_the_grace_ends() -> None:
         (["--shutdown-timeout", "120"], 10 + 125),
         (["--shutdown-timeout=999999999"], 10 + 24 * 3600 + 5),
         (["--shutdown-timeout=inf"], 10 + 60),
+        # vLLM's parser reads underscores as dashes, and takes abbreviations.
+        (["--shutdown_timeout=600"], 10 + 605),
+        (["--shutdown_timeout", "600"], 10 + 605),
+        (["--shutdown-time=300"], 10 + 305),
+        (["--shutdown-timeout=300", "--shutdown-timeout=20"], 10 + 60),
         (["--shutdown-timeout=soon"], 10 + 60),
     ],
 )
@@ -112,6 +117,24 @@ def test_the_grace_period_outlasts_a_longer_shutdown_timeout(
     model = make_model(engine={"drainSeconds": 10, "extraArgs": extra})
     pod = build_deployment(model, settings)["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] == grace
+    # The user's timeout, in whatever spelling, replaces the operator's.
+    assert "--shutdown-timeout=55" not in engine_args(model)
+
+
+def test_without_extra_args_the_arguments_keep_their_order() -> None:
+    """An upgrade of the operator must not roll models it builds the same way."""
+    args = engine_args(make_model(resources={"gpus": 2}))
+    assert args == [
+        "--model=mistralai/Mixtral-8x7B-Instruct-v0.1",
+        "--served-model-name",
+        "mixtral",
+        "--host=0.0.0.0",
+        "--port=8000",
+        "--tensor-parallel-size=2",
+        "--gpu-memory-utilization=0.9",
+        "--dtype=auto",
+        "--shutdown-timeout=55",
+    ]
 
 
 def test_served_name_defaults_to_the_model_name(settings: OperatorSettings) -> None:

@@ -310,6 +310,7 @@ def test_node_labels_matter_only_until_the_pods_are_placed() -> None:
         ({"gpuProduct": "NVIDIA-L4"}, 1, "NoMatchingNode"),
         ({}, 16, "InsufficientGPUs"),
         ({"nodeName": "gone"}, 1, "NodeNotFound"),
+        ({"nodeSelector": {"kubernetes.io/hostname": "gone"}}, 1, "NoMatchingNode"),
     ],
 )
 def test_where_nodes_are_autoscaled_only_a_named_node_missing_fails(
@@ -326,4 +327,34 @@ def test_where_nodes_are_autoscaled_only_a_named_node_missing_fails(
     assert _cond(fixed, ConditionType.SCHEDULED)[1] == reason
     assert _cond(scaled, ConditionType.SCHEDULED)[1] == reason
     assert fixed.phase is Phase.FAILED
-    assert scaled.phase is (Phase.FAILED if reason == "NodeNotFound" else Phase.PENDING)
+    named = "nodeName" in placement or "nodeSelector" in placement
+    assert scaled.phase is (Phase.FAILED if named else Phase.PENDING)
+
+
+def _at(body: dict[str, Any], created: str) -> dict[str, Any]:
+    body["metadata"]["creationTimestamp"] = created
+    return body
+
+
+def test_a_failed_pod_older_than_a_ready_one_is_not_the_cause() -> None:
+    """A scale-up waits for a replica to load while an evicted pod from last week
+    is still listed: that pod was replaced long ago and explains nothing."""
+    model = make_model(replicas=3, **PINNED)
+    old = _failed_pod("old", "Evicted", "The node was low on resource: memory.")
+    pods = [
+        _at(old, "2026-11-28T10:00:00Z"),
+        _at(pod("a"), "2026-11-29T10:00:00Z"),
+        _at(pod("b"), "2026-11-29T10:00:00Z"),
+        _at(pod("c", ready=False), "2026-12-05T10:00:00Z"),
+    ]
+    status = _derive(model, deployment(replicas=3, ready=2), pods)
+    assert status.phase is Phase.PROGRESSING
+    assert _cond(status, ConditionType.DEGRADED)[:2] == ("False", "AsExpected")
+    # Pods the kubelet keeps refusing are newer than every ready one: the cause.
+    refused = _failed_pod("d", "UnexpectedAdmissionError", "no healthy devices")
+    pods[3] = _at(refused, "2026-12-05T10:00:00Z")
+    status = _derive(model, deployment(replicas=3, ready=2), pods)
+    assert _cond(status, ConditionType.DEGRADED)[:2] == (
+        "True",
+        "UnexpectedAdmissionError",
+    )
