@@ -130,6 +130,33 @@ class DocumentReading:
     document: RoutingDocument
     problems: tuple[str, ...] = ()
     """One line per route left out or read differently; empty when used in full."""
+    left_out: tuple[tuple[str, str], ...] = ()
+    """(namespace, name) of each model whose route was left out."""
+
+    def keeping(self, previous: RoutingDocument | None) -> DocumentReading:
+        """This reading, where each model left out keeps the route `previous`
+        had for it: a serving model goes on serving as before, rather than
+        answering 404, until the gateway can read its new route."""
+        wanted = set(self.left_out)
+        kept = [
+            r
+            for r in (previous.models if previous else ())
+            if (r.namespace, r.name) in wanted
+        ]
+        if not kept:
+            return self
+        try:
+            document = RoutingDocument(
+                schema_version=self.document.schema_version,
+                models=(*self.document.models, *kept),
+            )
+        except ValidationError:  # a name of a kept route is another model's now
+            return self
+        notes = tuple(
+            f"model {r.namespace}/{r.name}: its previous route stays in force"
+            for r in kept
+        )
+        return DocumentReading(document, self.problems + notes, self.left_out)
 
 
 def read_document(raw: str | bytes) -> DocumentReading:
@@ -166,6 +193,7 @@ def read_document(raw: str | bytes) -> DocumentReading:
         raise RoutesError("invalid routing document: `models` must be a list")
     routes: list[ModelRoute] = []
     problems: list[str] = []
+    left_out: list[tuple[str, str]] = []
     for i, entry in enumerate(entries):
         where = _where(entry, i)
         strategy = entry.get("strategy") if isinstance(entry, dict) else None
@@ -179,11 +207,13 @@ def read_document(raw: str | bytes) -> DocumentReading:
             routes.append(ModelRoute.model_validate(entry))
         except ValidationError as err:
             problems.append(f"{where}: left out: {_brief(err)}")
+            if (identity := _identity(entry)) is not None:
+                left_out.append(identity)
     try:
         document = RoutingDocument(schema_version=version, models=tuple(routes))
     except ValidationError as err:
         raise RoutesError(f"invalid routing document: {_brief(err)}") from err
-    return DocumentReading(document, tuple(problems))
+    return DocumentReading(document, tuple(problems), tuple(left_out))
 
 
 def parse_document(raw: str | bytes) -> RoutingDocument:
@@ -204,13 +234,19 @@ _STRATEGIES = frozenset(s.value for s in RoutingStrategy)
 _DEFAULT_STRATEGY: RoutingStrategy = ModelRoute.model_fields["strategy"].default
 
 
-def _where(entry: Any, index: int) -> str:
-    """How a log line names one route of the document."""
+def _identity(entry: Any) -> tuple[str, str] | None:
+    """(namespace, name) of a route as written, when it has them."""
     if isinstance(entry, dict):
         namespace, name = entry.get("namespace"), entry.get("name")
         if isinstance(namespace, str) and isinstance(name, str):
-            return f"model {namespace}/{name}"
-    return f"models[{index}]"
+            return namespace, name
+    return None
+
+
+def _where(entry: Any, index: int) -> str:
+    """How a log line names one route of the document."""
+    identity = _identity(entry)
+    return f"model {identity[0]}/{identity[1]}" if identity else f"models[{index}]"
 
 
 def _brief(err: ValidationError) -> str:

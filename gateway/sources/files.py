@@ -75,7 +75,7 @@ def routes_file_source(path: Path, catalog: Catalog, period_s: float) -> FileWat
 
     def load(data: bytes) -> None:
         try:
-            reading = read_document(data)
+            reading = read_document(data).keeping(catalog.document)
         except RoutesError as err:
             catalog.reject_document(err)
             return

@@ -189,7 +189,7 @@ class RoutesWatchSource:
             self._catalog.reject_document(f"ConfigMap has no key {CONFIGMAP_KEY!r}")
             return
         try:
-            reading = read_document(raw)
+            reading = read_document(raw).keeping(self._catalog.document)
         except RoutesError as err:
             self._catalog.reject_document(err)
             return

@@ -74,6 +74,32 @@ def test_a_route_left_out_of_a_document_keeps_the_others_current(
     assert "model llm/n: left out: port" in warning.getMessage()
 
 
+def test_a_serving_model_whose_route_turns_unreadable_keeps_its_route(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A newer operator's value for one model (read by an older gateway) must not
+    turn that serving model into a 404."""
+    results: list[str] = []
+    catalog = Catalog(results.append)
+    path = tmp_path / "routes.json"
+    good = json.loads(doc("first"))["models"][0]
+    other = {**good, "name": "o", "servedName": "other", "service": "o"}
+    path.write_text(json.dumps({"models": [{**good, "limits": {"rpm": 5}}, other]}))
+    watcher = routes_file_source(path, catalog, 1.0)
+    watcher.check()
+    newer = {**good, "limits": {"rpm": 0}}  # refused by this gateway's schema
+    path.write_text(json.dumps({"models": [newer, {**other, "aliases": ["o2"]}]}))
+    watcher.check()
+    assert results == ["ok", "partial"]
+    assert catalog.resolve("first").limits.rpm == 5  # as before
+    assert catalog.resolve("o2").name == "o"  # the other model's change is in
+    assert [r.url for r in catalog.replicas(catalog.resolve("first"))] == [
+        "http://127.0.0.1:9"
+    ]
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("llm/m: its previous route stays in force" in m for m in said)
+
+
 def test_the_last_reload_gauge_holds_until_a_document_is_used_in_full() -> None:
     metrics = GatewayMetrics()
     sample = metrics.registry.get_sample_value
