@@ -20,6 +20,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from citadel.gateway.errors import BodyTooLarge
 from citadel.gateway.metrics import GatewayMetrics
 from citadel.gateway.services.auth import Authenticator, Principal
 from citadel.gateway.services.catalog import Catalog
@@ -97,3 +98,18 @@ async def principal(
 DepsDep = Annotated[Deps, Depends(get_deps)]
 RequestIdDep = Annotated[str, Depends(request_id)]
 PrincipalDep = Annotated[Principal, Depends(principal)]
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise BodyTooLarge(f"The request body is over the limit of {limit} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"The request body is over the limit of {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)

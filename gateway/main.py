@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=settings.shutdown_grace_s,
+        # A GraphQL WebSocket message carries a whole request: the same limit
+        # as a request body (uvicorn closes the socket past it, code 1009).
+        ws_max_size=settings.max_body_bytes,
     )
     server = _Server(config, draining)
     server.run()

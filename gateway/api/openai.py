@@ -26,9 +26,10 @@ from citadel.gateway.deps import (
     RequestIdDep,
     caller,
     deps_of,
+    read_body,
     take_request_id,
 )
-from citadel.gateway.errors import BodyTooLarge, GatewayError, ShuttingDown
+from citadel.gateway.errors import GatewayError, ShuttingDown
 from citadel.gateway.services.auth import Principal
 from citadel.gateway.services.proxy import ProxyResponse
 from citadel.gateway.services.requests import (
@@ -43,21 +44,6 @@ from citadel.gateway.services.streams import Closing
 from citadel.gateway.versioning import response_headers
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=error_responses())
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `limit` bytes."""
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise BodyTooLarge(f"The request body is over the limit of {limit} bytes.")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"The request body is over the limit of {limit} bytes.")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 Headers = Sequence[tuple[bytes, bytes]]

@@ -12,24 +12,50 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from starlette.requests import HTTPConnection, Request
+from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import Response
 from strawberry.fastapi import BaseContext
 
-from citadel.gateway.deps import REQUEST_ID, Deps, take_request_id
+from citadel.gateway.deps import REQUEST_ID, Deps, read_body, take_request_id
 from citadel.gateway.errors import GatewayError
 from citadel.gateway.services.auth import Principal
 from citadel.gateway.services.requests import CHAT, Door
 
 
 class GraphQLContext(BaseContext):
-    """The app's parts and the caller of one operation."""
+    """The app's parts and the caller of one operation (over HTTP), or of each
+    operation of a WebSocket.
 
-    def __init__(self, deps: Deps, request_id: str, principal: Principal | None):
+    Args:
+        deps: the app's parts.
+        request_id: the request's id (over WebSocket, the connection's).
+        principal: the caller, checked before the operation (HTTP); None over
+            WebSocket, where the key is checked as each operation starts.
+        session: the session header, for session-affinity routing.
+    """
+
+    def __init__(
+        self,
+        deps: Deps,
+        request_id: str,
+        principal: Principal | None,
+        session: str | None = None,
+    ):
         super().__init__()
         self.deps = deps
         self.request_id = request_id
+        self.session = session
         self._principal = principal
+        self._calls = 0
+
+    def next_request_id(self) -> str:
+        """The id of the next model call: the request's own for the first (the
+        id the HTTP response carries), then numbered, so that the access log
+        and the replicas tell apart the calls of one document or one socket."""
+        self._calls += 1
+        return (
+            self.request_id if self._calls == 1 else f"{self.request_id}-{self._calls}"
+        )
 
     def add_headers(self, headers: Mapping[str, str]) -> None:
         """Headers for the HTTP response (the `x-ratelimit-*` values)."""
@@ -42,11 +68,14 @@ class GraphQLContext(BaseContext):
         Raises:
             AuthenticationFailed: no key, or an unknown or revoked one.
         """
-        if self._principal is None:
-            self._principal = self.deps.authenticator.authenticate(
-                _authorization(self.connection_params, self.request)
-            )
-        return self._principal
+        if self._principal is not None:
+            return self._principal
+        # Over WebSocket, checked for every operation, never kept: a key revoked
+        # or narrowed while the socket is open must stop working within seconds,
+        # as on REST and gRPC (one dictionary lookup).
+        return self.deps.authenticator.authenticate(
+            _authorization(self.connection_params, self.request)
+        )
 
 
 def _authorization(params: Any, connection: Any) -> str | None:
@@ -69,16 +98,27 @@ async def context_of(
     rid = take_request_id(connection)  # type: ignore[arg-type]
     if response is not None:
         response.headers[REQUEST_ID] = rid
+    session = connection.headers.get(deps.session_header)
     if isinstance(connection, Request):
         try:
             principal = deps.authenticator.authenticate(
                 connection.headers.get("authorization")
             )
+            await _read_body(connection, deps.max_body_bytes)
         except GatewayError as err:
             # Counted as a refused chat (the operation is not known yet, and
             # chats are what keys are for), or a flood of bad keys would not
             # show in the request metrics.
             deps.proxy.refused(CHAT, rid, err, Door.GRAPHQL)
             raise
-        return GraphQLContext(deps, rid, principal)
-    return GraphQLContext(deps, rid, None)
+        except ClientDisconnect:  # gone during the upload
+            deps.proxy.left(CHAT, rid, Door.GRAPHQL)
+            raise
+        return GraphQLContext(deps, rid, principal, session)
+    return GraphQLContext(deps, rid, None, session)
+
+
+async def _read_body(request: Request, limit: int) -> None:
+    """Reads the body under the gateway's size limit (413, as on REST), before
+    strawberry reads it whole; strawberry then gets it from Starlette's cache."""
+    request._body = await read_body(request, limit)

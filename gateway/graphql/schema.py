@@ -9,10 +9,14 @@ the same field twice), so one document cannot fan out into unbounded work.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import asyncio
+from collections.abc import AsyncGenerator, Awaitable
+from typing import Any, TypeVar
 
 import strawberry
 from graphql import GraphQLError
+from starlette.requests import Request
+from starlette.types import Receive
 from strawberry.extensions import MaxAliasesLimiter, MaxTokensLimiter, QueryDepthLimiter
 from strawberry.types import ExecutionContext, Info
 
@@ -30,7 +34,7 @@ from citadel.gateway.graphql.types import (
 from citadel.gateway.services.auth import Principal
 from citadel.gateway.services.buckets import StoreUnavailable
 from citadel.gateway.services.requests import CHAT, Door
-from citadel.gateway.services.structured import ask, usable_models
+from citadel.gateway.services.structured import Answer, ask, usable_models
 from citadel.gateway.versioning import API_VERSION
 
 MAX_DEPTH = 6
@@ -38,6 +42,7 @@ MAX_TOKENS = 2000
 MAX_ALIASES = 4
 
 Ctx = Info[GraphQLContext, None]
+T = TypeVar("T")
 
 
 async def _models(info: Ctx) -> list[Model]:
@@ -85,17 +90,58 @@ def _caller(ctx: GraphQLContext) -> Principal:
         raise
 
 
+def _ask(ctx: GraphQLContext, body: dict[str, Any]) -> Awaitable[Answer]:
+    return ask(
+        ctx.deps.proxy,
+        CHAT,
+        _caller(ctx),
+        body,
+        ctx.next_request_id(),
+        Door.GRAPHQL,
+        ctx.session,
+    )
+
+
 async def _chat_completion(info: Ctx, input: ChatCompletionInput) -> ChatCompletion:
     with reported():
         ctx = info.context
         body = input.body(stream=False)
-        answer = await ask(
-            ctx.deps.proxy, CHAT, _caller(ctx), body, ctx.request_id, Door.GRAPHQL
-        )
+        answer = await _unless_gone(ctx.request, _ask(ctx, body))
         ctx.add_headers(
             {k: v for k, v in answer.headers.items() if k.startswith("x-ratelimit-")}
         )
         return ChatCompletion.of(answer.body)
+
+
+async def _unless_gone(request: object, work: Awaitable[T]) -> T:
+    """`work`, cancelled if the HTTP client leaves first: uvicorn never cancels
+    the app, and the replica would generate a whole answer nobody reads (the
+    OpenAI client sends it again after its timeout). The proxy counts it 499.
+    Over WebSocket strawberry stops an operation whose socket closes."""
+    task = asyncio.ensure_future(work)
+    if not isinstance(request, Request):
+        return await task
+    # The body was read whole, so the next message is the disconnect.
+    gone = asyncio.ensure_future(_disconnect(request.receive))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if not (gone.done() and not gone.cancelled()):
+            raise  # this resolver was cancelled itself
+        # Nobody reads the answer; an error, not a cancel, keeps the server
+        # from logging a traceback for it.
+        raise GraphQLError("The client left before the answer came.") from None
+
+
+async def _disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _chat_completion_stream(
@@ -104,9 +150,7 @@ async def _chat_completion_stream(
     with reported():
         ctx = info.context
         body = input.body(stream=True)
-        answer = await ask(
-            ctx.deps.proxy, CHAT, _caller(ctx), body, ctx.request_id, Door.GRAPHQL
-        )
+        answer = await _ask(ctx, body)
     assert answer.chunks is not None
     try:
         with reported():
