@@ -243,8 +243,15 @@ class ProxyService:
             else:
                 ctx.reached = True
                 return reply
+        # The failure's own text names the pod's address: logged with the
+        # replica (_release), not told to clients.
+        why = (
+            "no connection could be made"
+            if isinstance(last, UpstreamUnreachable)
+            else "the answer could not be read"
+        )
         raise BackendError(
-            f"No replica of `{route.served_name}` could be reached ({last})."
+            f"No replica of `{route.served_name}` could be reached ({why})."
         )
 
     async def _whole(
