@@ -13,17 +13,25 @@ from typing import Any, TypeVar
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from citadel.gateway.errors import BackendError
+from citadel.gateway.errors import BackendError, InvalidRequest
 from citadel.gateway.rpc.v1 import citadel_pb2 as pb
 from citadel.gateway.services.structured import openai_body
 
 M = TypeVar("M", bound=Message)
 
 
+def _json(message: Message, **options: Any) -> dict[str, Any]:
+    """A message as JSON; a value JSON cannot carry (NaN, infinity) is the
+    caller's mistake, as invalid JSON is on REST."""
+    try:
+        out: dict[str, Any] = json_format.MessageToDict(message, **options)
+    except (ValueError, json_format.Error) as err:
+        raise InvalidRequest(f"The request cannot be sent as JSON: {err}") from err
+    return out
+
+
 def _sampling(sampling: pb.Sampling) -> dict[str, Any]:
-    out: dict[str, Any] = json_format.MessageToDict(
-        sampling, preserving_proto_field_name=True
-    )
+    out = _json(sampling, preserving_proto_field_name=True)
     if "seed" in out:  # int64 is a string in protobuf's JSON mapping
         out["seed"] = int(out["seed"])
     return out
@@ -34,7 +42,7 @@ def _extra(
 ) -> dict[str, Any]:
     if not message.HasField("extra"):
         return {}
-    extra: dict[str, Any] = json_format.MessageToDict(message.extra)
+    extra = _json(message.extra)
     return {k: _integral(v) for k, v in extra.items()}
 
 
@@ -65,7 +73,15 @@ def completion_body(request: pb.CompletionRequest) -> dict[str, Any]:
 def embeddings_body(request: pb.EmbeddingsRequest) -> dict[str, Any]:
     """The OpenAI body of an embeddings request."""
     fields = {"model": request.model, "input": list(request.input)}
-    return openai_body(_extra(request), fields)
+    body = openai_body(_extra(request), fields)
+    if body.get("encoding_format", "float") != "float":
+        # The answer's `embedding` is a list of floats in citadel.v1.
+        raise InvalidRequest(
+            "Over gRPC embeddings come as floats: `encoding_format` must be "
+            "`float` or absent.",
+            param="encoding_format",
+        )
+    return body
 
 
 def parse(payload: dict[str, Any], message: M) -> M:

@@ -24,6 +24,7 @@ from citadel.gateway.rpc.v1 import citadel_pb2 as pb
 from citadel.gateway.rpc.v1 import citadel_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+GRPC_SLACK_BYTES = 16 * 1024 * 1024
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 HEALTH_PERIOD_S = 0.5
@@ -61,7 +62,10 @@ class GrpcServer:
         """Binds the port and starts serving."""
         server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", self._max),
+                # Well above the gateway's own limit, which the service applies
+                # (counted, and answered as REST's 413 is); only a message past
+                # this one gets grpc-core's RESOURCE_EXHAUSTED, uncounted.
+                ("grpc.max_receive_message_length", self._max + GRPC_SLACK_BYTES),
                 ("grpc.so_reuseport", 0),
             ]
         )

@@ -16,14 +16,20 @@ import contextlib
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from citadel.gateway.deps import Deps
-from citadel.gateway.errors import BackendTimeout, GatewayError, InternalError
+from citadel.gateway.errors import (
+    BackendTimeout,
+    BodyTooLarge,
+    GatewayError,
+    InternalError,
+)
 from citadel.gateway.rpc import convert
 from citadel.gateway.rpc.status import status_of
 from citadel.gateway.rpc.v1 import citadel_pb2 as pb
@@ -44,6 +50,7 @@ from citadel.gateway.versioning import (
 )
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=Message)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 REQUEST_ID = "x-request-id"
@@ -79,15 +86,21 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def ChatCompletion(
         self, request: pb.ChatCompletionRequest, context: Context
     ) -> pb.ChatCompletionResponse:
-        body = convert.chat_body(request, stream=False)
-        answer = await self._unary(context, CHAT, body)
-        return convert.parse(answer, pb.ChatCompletionResponse())
+        return await self._unary(
+            context,
+            request,
+            CHAT,
+            lambda: convert.chat_body(request, stream=False),
+            pb.ChatCompletionResponse,
+        )
 
     async def ChatCompletionStream(
         self, request: pb.ChatCompletionRequest, context: Context
     ) -> AsyncIterator[pb.ChatCompletionChunk]:
-        body = convert.chat_body(request, stream=True)
         async with self._call(context, CHAT) as call:
+            body = self._body(
+                request, CHAT, call, lambda: convert.chat_body(request, stream=True)
+            )
             # The deadline bounds the wait for the first answer; after that a
             # passed deadline cancels the call (and the stream) like a client
             # cancel does.
@@ -107,25 +120,65 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def Completion(
         self, request: pb.CompletionRequest, context: Context
     ) -> pb.CompletionResponse:
-        answer = await self._unary(
-            context, COMPLETIONS, convert.completion_body(request)
+        return await self._unary(
+            context,
+            request,
+            COMPLETIONS,
+            lambda: convert.completion_body(request),
+            pb.CompletionResponse,
         )
-        return convert.parse(answer, pb.CompletionResponse())
 
     async def Embeddings(
         self, request: pb.EmbeddingsRequest, context: Context
     ) -> pb.EmbeddingsResponse:
-        answer = await self._unary(
-            context, EMBEDDINGS, convert.embeddings_body(request)
+        return await self._unary(
+            context,
+            request,
+            EMBEDDINGS,
+            lambda: convert.embeddings_body(request),
+            pb.EmbeddingsResponse,
         )
-        return convert.parse(answer, pb.EmbeddingsResponse())
+
+    def _body(
+        self,
+        request: Message,
+        api: ApiCall,
+        call: _Call,
+        body_of: Callable[[], dict[str, Any]],
+    ) -> dict[str, Any]:
+        """The OpenAI body of `request`; a message over the body limit, or one
+        that cannot become JSON, is refused as REST refuses its body (413, 400:
+        here INVALID_ARGUMENT), and counted. (grpc-core's own limit, set higher,
+        would answer RESOURCE_EXHAUSTED, a rate limit's code, and count nothing.)
+        """
+        limit = self._deps.max_body_bytes
+        try:
+            if request.ByteSize() > limit:
+                raise BodyTooLarge(f"The request is over the limit of {limit} bytes.")
+            return body_of()
+        except GatewayError as err:
+            self._deps.proxy.refused(
+                api, call.request_id, err, Door.GRPC, call.principal
+            )
+            raise
 
     async def _unary(
-        self, context: Context, api: ApiCall, body: dict[str, Any]
-    ) -> dict[str, Any]:
-        async with self._call(context, api) as call, _deadline(context):
-            answer = await self._ask(api, body, call)
-        return answer.body
+        self,
+        context: Context,
+        request: Message,
+        api: ApiCall,
+        body_of: Callable[[], dict[str, Any]],
+        reply: Callable[[], M],
+    ) -> M:
+        """One unary call: the body is made, and the answer read, inside the
+        call's error mapping (a request it cannot convert is INVALID_ARGUMENT,
+        counted like REST's 400; never UNKNOWN)."""
+        async with self._call(context, api) as call:
+            body = self._body(request, api, call, body_of)
+            async with _deadline(context):
+                answer = await self._ask(api, body, call)
+            return convert.parse(answer.body, reply())
+        raise AssertionError("unreachable: _call aborts the call")
 
     async def _ask(self, api: ApiCall, body: dict[str, Any], call: _Call) -> Answer:
         answer = await ask(
