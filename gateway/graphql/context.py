@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import Response
 from strawberry.fastapi import BaseContext
@@ -100,6 +101,7 @@ async def context_of(
         response.headers[REQUEST_ID] = rid
     session = connection.headers.get(deps.session_header)
     if isinstance(connection, Request):
+        principal: Principal | None = None
         try:
             principal = deps.authenticator.authenticate(
                 connection.headers.get("authorization")
@@ -109,11 +111,12 @@ async def context_of(
             # Counted as a refused chat (the operation is not known yet, and
             # chats are what keys are for), or a flood of bad keys would not
             # show in the request metrics.
-            deps.proxy.refused(CHAT, rid, err, Door.GRAPHQL)
+            deps.proxy.refused(CHAT, rid, err, Door.GRAPHQL, principal)
             raise
-        except ClientDisconnect:  # gone during the upload
-            deps.proxy.left(CHAT, rid, Door.GRAPHQL)
-            raise
+        except ClientDisconnect as err:  # gone during the upload
+            deps.proxy.left(CHAT, rid, Door.GRAPHQL, principal)
+            # Answered to nobody; unlike any other exception, logged as nothing.
+            raise HTTPException(499, "The client left during the upload.") from err
         return GraphQLContext(deps, rid, principal, session)
     return GraphQLContext(deps, rid, None, session)
 

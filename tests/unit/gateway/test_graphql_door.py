@@ -72,6 +72,15 @@ async def test_a_body_over_the_limit_is_refused_as_on_rest(kit: Any) -> None:
     assert rest.status_code == graphql.status_code == 413
     assert graphql.json()["error"]["code"] == "request_too_large"
     assert harness.upstream.calls == []
+    sample = harness.deps.metrics.registry.get_sample_value
+    labels = {
+        "endpoint": "chat",
+        "model": "unknown",
+        "status": "413",
+        "key": "alice",
+        "door": "graphql",
+    }
+    assert sample("citadel_gateway_requests_total", labels) == 1
 
 
 async def test_the_session_header_reaches_the_router(kit: Any) -> None:
@@ -172,6 +181,50 @@ async def test_a_client_that_leaves_frees_the_replica(kit: Any) -> None:
     labels = {
         "endpoint": "chat",
         "model": "smollm2",
+        "status": "499",
+        "key": "alice",
+        "door": "graphql",
+    }
+    assert sample("citadel_gateway_requests_total", labels) == 1
+
+
+async def test_a_client_gone_during_the_upload_is_counted_and_not_logged(
+    kit: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    harness = kit.build()
+
+    async def receive() -> Any:
+        return {"type": "http.disconnect"}
+
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/graphql",
+        "raw_path": b"/graphql",
+        "query_string": b"",
+        "root_path": "",
+        "server": ("gateway", 80),
+        "client": ("client", 1),
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"authorization", f"Bearer {kit.key}".encode()),
+        ],
+    }
+    await harness.served(scope, receive, send)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert harness.upstream.calls == []
+    sample = harness.deps.metrics.registry.get_sample_value
+    labels = {
+        "endpoint": "chat",
+        "model": "unknown",
         "status": "499",
         "key": "alice",
         "door": "graphql",
