@@ -138,25 +138,23 @@ class DocumentReading:
         had for it: a serving model goes on serving as before, rather than
         answering 404, until the gateway can read its new route."""
         wanted = set(self.left_out)
-        kept = [
-            r
-            for r in (previous.models if previous else ())
-            if (r.namespace, r.name) in wanted
-        ]
-        if not kept:
+        document, notes = self.document, list(self.problems)
+        for route in previous.models if previous else ():
+            if (route.namespace, route.name) not in wanted:
+                continue
+            where = f"model {route.namespace}/{route.name}"
+            try:
+                document = RoutingDocument(
+                    schema_version=document.schema_version,
+                    models=(*document.models, route),
+                )
+            except ValidationError:  # one of its names is another model's now
+                notes.append(f"{where}: left out, its names are taken")
+                continue
+            notes.append(f"{where}: its previous route stays in force")
+        if document is self.document:
             return self
-        try:
-            document = RoutingDocument(
-                schema_version=self.document.schema_version,
-                models=(*self.document.models, *kept),
-            )
-        except ValidationError:  # a name of a kept route is another model's now
-            return self
-        notes = tuple(
-            f"model {r.namespace}/{r.name}: its previous route stays in force"
-            for r in kept
-        )
-        return DocumentReading(document, self.problems + notes, self.left_out)
+        return DocumentReading(document, tuple(notes), self.left_out)
 
 
 def read_document(raw: str | bytes) -> DocumentReading:

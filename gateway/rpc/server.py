@@ -24,7 +24,12 @@ from citadel.gateway.rpc.v1 import citadel_pb2 as pb
 from citadel.gateway.rpc.v1 import citadel_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-GRPC_SLACK_BYTES = 16 * 1024 * 1024
+
+
+def grpc_limit(max_body_bytes: int) -> int:
+    """grpc-core's limit on a received message, a little above the gateway's."""
+    return max_body_bytes + max_body_bytes // 8 + 64 * 1024
+
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 HEALTH_PERIOD_S = 0.5
@@ -62,10 +67,12 @@ class GrpcServer:
         """Binds the port and starts serving."""
         server = grpc.aio.server(
             options=[
-                # Well above the gateway's own limit, which the service applies
-                # (counted, and answered as REST's 413 is); only a message past
-                # this one gets grpc-core's RESOURCE_EXHAUSTED, uncounted.
-                ("grpc.max_receive_message_length", self._max + GRPC_SLACK_BYTES),
+                # Above the gateway's own limit, which the service applies
+                # (counted, and answered as REST's 413 is), by an eighth and
+                # 64 KiB: grpc-core reads a whole message before any key is
+                # checked, so not by much. Past it, grpc-core's own
+                # RESOURCE_EXHAUSTED, uncounted.
+                ("grpc.max_receive_message_length", grpc_limit(self._max)),
                 ("grpc.so_reuseport", 0),
             ]
         )

@@ -81,15 +81,15 @@ def engine_args(model: LLMModel) -> list[str]:
 
 def _values(args: list[str], flag: str) -> list[str]:
     """The values `args` give `flag`, read as vLLM's parser reads them:
-    underscores for dashes, and any prefix of at least `--xxxx` letters (argparse
-    takes an unambiguous abbreviation; an ambiguous one vLLM refuses anyway)."""
+    underscores for dashes, and any prefix (argparse takes an unambiguous
+    abbreviation, such as `--shu`; vLLM refuses an ambiguous one at start)."""
     found = []
     for i, arg in enumerate(args):
         if not arg.startswith("--"):
             continue
         key, eq, value = arg.partition("=")
         key = key.replace("_", "-")
-        if len(key) < 6 or not flag.startswith(key):
+        if len(key) < 3 or not flag.startswith(key):
             continue
         if eq:
             found.append(value)

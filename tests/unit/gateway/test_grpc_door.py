@@ -106,3 +106,14 @@ async def test_an_answer_that_does_not_fit_the_message_is_a_mapped_error(
     error = await _refused(stub.ChatCompletion(_chat(), metadata=key))
     assert error.code() is grpc.StatusCode.UNAVAILABLE  # REST's 502
     assert "Unexpected" not in error.details()
+
+
+async def test_grpc_core_refuses_what_is_far_over_the_limit_before_any_key(
+    door: tuple[Any, pb_grpc.InferenceStub],
+) -> None:
+    """gRPC reads a whole message before the key is checked: its own limit stays
+    close to the gateway's (4096 bytes here), so no anonymous caller makes the
+    gateway hold much more."""
+    _, stub = door
+    error = await _refused(stub.ChatCompletion(_chat("a" * 100_000)))
+    assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -106,6 +106,8 @@ def test_the_server_finishes_requests_in_flight_before_the_grace_ends() -> None:
         (["--shutdown_timeout=600"], 10 + 605),
         (["--shutdown_timeout", "600"], 10 + 605),
         (["--shutdown-time=300"], 10 + 305),
+        (["--shu=300"], 10 + 305),
+        (["--shu", "300"], 10 + 305),
         (["--shutdown-timeout=300", "--shutdown-timeout=20"], 10 + 60),
         (["--shutdown-timeout=soon"], 10 + 60),
     ],
