@@ -182,6 +182,31 @@ def build(
     return Harness(app, deps, upstream, keys, clock)
 
 
+def post_scope(path: str, key: str = KEY, length: int | None = None) -> dict[str, Any]:
+    """The ASGI scope of a JSON POST to `path` with `key` (and a content-length),
+    for tests that drive the app's receive and send themselves."""
+    headers = [
+        (b"authorization", f"Bearer {key}".encode()),
+        (b"content-type", b"application/json"),
+    ]
+    if length is not None:
+        headers.append((b"content-length", str(length).encode()))
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "server": ("gateway", 80),
+        "client": ("client", 1234),
+    }
+
+
 @dataclass(frozen=True)
 class Kit:
     """What tests build harnesses and replies with (conftest is not importable)."""
@@ -190,6 +215,7 @@ class Kit:
     document: Callable[..., RoutingDocument] = document
     completion: Callable[..., FakeReply] = completion
     reply: type[FakeReply] = FakeReply
+    post_scope: Callable[..., dict[str, Any]] = post_scope
     key: str = KEY
     admin_key: str = ADMIN_KEY
     chat: Mapping[str, Any] = field(

@@ -638,26 +638,6 @@ def _collect(sent: list[Any]) -> Any:
     return send
 
 
-def _scope(kit: Any) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/chat/completions",
-        "raw_path": b"/v1/chat/completions",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
-            (b"authorization", f"Bearer {kit.key}".encode()),
-            (b"content-type", b"application/json"),
-        ],
-        "server": ("gateway", 80),
-        "client": ("client", 1234),
-    }
-
-
 async def test_a_client_that_leaves_stops_a_whole_answer(
     harness: Any, kit: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -682,7 +662,10 @@ async def test_a_client_that_leaves_stops_a_whole_answer(
         return {"type": "http.disconnect"}
 
     sent: list[Any] = []
-    await asyncio.wait_for(harness.served(_scope(kit), receive, _collect(sent)), 5)
+    await asyncio.wait_for(
+        harness.served(kit.post_scope("/v1/chat/completions"), receive, _collect(sent)),
+        5,
+    )
     assert stopped.is_set() and not sent
     assert _in_flight(harness) == 0
     assert _counted(harness, "499") == 1
@@ -701,7 +684,9 @@ async def test_a_client_gone_during_the_upload_is_counted_not_an_error(
         return messages.pop()
 
     sent: list[Any] = []
-    await harness.served(_scope(kit), receive, _collect(sent))
+    await harness.served(
+        kit.post_scope("/v1/chat/completions"), receive, _collect(sent)
+    )
     assert not sent
     assert _counted(harness, "499", model="unknown") == 1  # its body never came
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
@@ -764,7 +749,9 @@ async def test_a_request_the_server_cuts_gets_an_openai_error(
         return {}
 
     sent: list[Any] = []
-    task = asyncio.create_task(harness.served(_scope(kit), receive, _collect(sent)))
+    task = asyncio.create_task(
+        harness.served(kit.post_scope("/v1/chat/completions"), receive, _collect(sent))
+    )
     while not waiting.is_set() or (stream and not sent):
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.01)

@@ -72,15 +72,7 @@ async def test_a_body_over_the_limit_is_refused_as_on_rest(kit: Any) -> None:
     assert rest.status_code == graphql.status_code == 413
     assert graphql.json()["error"]["code"] == "request_too_large"
     assert harness.upstream.calls == []
-    sample = harness.deps.metrics.registry.get_sample_value
-    labels = {
-        "endpoint": "chat",
-        "model": "unknown",
-        "status": "413",
-        "key": "alice",
-        "door": "graphql",
-    }
-    assert sample("citadel_gateway_requests_total", labels) == 1
+    assert _counted(harness, "unknown", "413") == 1
 
 
 async def test_the_session_header_reaches_the_router(kit: Any) -> None:
@@ -121,6 +113,19 @@ async def test_each_model_call_of_a_document_has_its_own_request_id(
     assert ids == ["doc-1", "doc-1-2"]
 
 
+def _counted(harness: Any, model: str, status: str) -> float | None:
+    """How many GraphQL chats of alice's key were counted with `status`."""
+    labels = {
+        "endpoint": "chat",
+        "model": model,
+        "status": status,
+        "key": "alice",
+        "door": "graphql",
+    }
+    sample = harness.deps.metrics.registry.get_sample_value
+    return sample("citadel_gateway_requests_total", labels)  # type: ignore[no-any-return]
+
+
 class _Held:
     """A reply that never comes."""
 
@@ -156,36 +161,11 @@ async def test_a_client_that_leaves_frees_the_replica(kit: Any) -> None:
     async def send(message: Any) -> None:
         pass
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/graphql",
-        "raw_path": b"/graphql",
-        "query_string": b"",
-        "root_path": "",
-        "server": ("gateway", 80),
-        "client": ("client", 1),
-        "headers": [
-            (b"content-type", b"application/json"),
-            (b"authorization", f"Bearer {kit.key}".encode()),
-            (b"content-length", str(len(raw)).encode()),
-        ],
-    }
+    scope = kit.post_scope("/graphql", kit.key, len(raw))
     await asyncio.wait_for(harness.served(scope, receive, send), 5)
     replicas = harness.deps.catalog.all_replicas().values()
     assert sum(r.in_flight for r in replicas) == 0
-    sample = harness.deps.metrics.registry.get_sample_value
-    labels = {
-        "endpoint": "chat",
-        "model": "smollm2",
-        "status": "499",
-        "key": "alice",
-        "door": "graphql",
-    }
-    assert sample("citadel_gateway_requests_total", labels) == 1
+    assert _counted(harness, "smollm2", "499") == 1
 
 
 async def test_a_client_gone_during_the_upload_is_counted_and_not_logged(
@@ -196,37 +176,10 @@ async def test_a_client_gone_during_the_upload_is_counted_and_not_logged(
     async def receive() -> Any:
         return {"type": "http.disconnect"}
 
-    sent: list[Any] = []
-
     async def send(message: Any) -> None:
-        sent.append(message)
+        pass
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/graphql",
-        "raw_path": b"/graphql",
-        "query_string": b"",
-        "root_path": "",
-        "server": ("gateway", 80),
-        "client": ("client", 1),
-        "headers": [
-            (b"content-type", b"application/json"),
-            (b"authorization", f"Bearer {kit.key}".encode()),
-        ],
-    }
-    await harness.served(scope, receive, send)
+    await harness.served(kit.post_scope("/graphql", kit.key), receive, send)
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
     assert harness.upstream.calls == []
-    sample = harness.deps.metrics.registry.get_sample_value
-    labels = {
-        "endpoint": "chat",
-        "model": "unknown",
-        "status": "499",
-        "key": "alice",
-        "door": "graphql",
-    }
-    assert sample("citadel_gateway_requests_total", labels) == 1
+    assert _counted(harness, "unknown", "499") == 1

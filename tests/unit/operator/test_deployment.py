@@ -12,6 +12,15 @@ from citadel.operator.settings import OperatorSettings
 from .samples import make_model
 
 pytestmark = pytest.mark.unit
+# The flags the operator owns, for the two-GPU Mixtral of these tests.
+MANAGED = [
+    "--model=mistralai/Mixtral-8x7B-Instruct-v0.1",
+    "--served-model-name",
+    "mixtral",
+    "--host=0.0.0.0",
+    "--port=8000",
+    "--tensor-parallel-size=2",
+]
 
 
 def _pod(settings: OperatorSettings, **spec: Any) -> dict[str, Any]:
@@ -70,12 +79,7 @@ def test_engine_arguments_follow_the_spec(settings: OperatorSettings) -> None:
         "128",
         # Last, so that no spelling in extraArgs overrides them (vLLM keeps a
         # flag's last value); the aliases are the gateway's alone.
-        "--model=mistralai/Mixtral-8x7B-Instruct-v0.1",
-        "--served-model-name",
-        "mixtral",
-        "--host=0.0.0.0",
-        "--port=8000",
-        "--tensor-parallel-size=2",
+        *MANAGED,
     ]
 
 
@@ -127,12 +131,7 @@ def test_without_extra_args_the_arguments_keep_their_order() -> None:
     """An upgrade of the operator must not roll models it builds the same way."""
     args = engine_args(make_model(resources={"gpus": 2}))
     assert args == [
-        "--model=mistralai/Mixtral-8x7B-Instruct-v0.1",
-        "--served-model-name",
-        "mixtral",
-        "--host=0.0.0.0",
-        "--port=8000",
-        "--tensor-parallel-size=2",
+        *MANAGED,
         "--gpu-memory-utilization=0.9",
         "--dtype=auto",
         "--shutdown-timeout=55",
