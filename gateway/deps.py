@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
+from starlette.types import Receive
 
 from citadel.gateway.errors import BodyTooLarge
 from citadel.gateway.metrics import GatewayMetrics
@@ -113,3 +114,11 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise BodyTooLarge(f"The request body is over the limit of {limit} bytes.")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def disconnected(receive: Receive) -> None:
+    """Returns once the client has disconnected. For a request whose body was
+    read whole: the next message is then the disconnect (uvicorn also sends one
+    once the response is complete)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass

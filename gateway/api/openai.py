@@ -26,6 +26,7 @@ from citadel.gateway.deps import (
     RequestIdDep,
     caller,
     deps_of,
+    disconnected,
     read_body,
     take_request_id,
 )
@@ -166,8 +167,7 @@ class _Watch:
         self._watcher = asyncio.create_task(self._watch())
 
     async def _watch(self) -> None:
-        while (await self._receive())["type"] != "http.disconnect":
-            pass
+        await disconnected(self._receive)
         self.gone = True
         self._task.cancel()
 

@@ -16,10 +16,10 @@ from typing import Any, TypeVar
 import strawberry
 from graphql import GraphQLError
 from starlette.requests import Request
-from starlette.types import Receive
 from strawberry.extensions import MaxAliasesLimiter, MaxTokensLimiter, QueryDepthLimiter
 from strawberry.types import ExecutionContext, Info
 
+from citadel.gateway.deps import disconnected
 from citadel.gateway.errors import GatewayError
 from citadel.gateway.graphql.context import GraphQLContext
 from citadel.gateway.graphql.errors import reported
@@ -122,7 +122,7 @@ async def _unless_gone(request: object, work: Awaitable[T]) -> T:
     if not isinstance(request, Request):
         return await task
     # The body was read whole, so the next message is the disconnect.
-    gone = asyncio.ensure_future(_disconnect(request.receive))
+    gone = asyncio.ensure_future(disconnected(request.receive))
     try:
         await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -137,11 +137,6 @@ async def _unless_gone(request: object, work: Awaitable[T]) -> T:
         # Nobody reads the answer; an error, not a cancel, keeps the server
         # from logging a traceback for it.
         raise GraphQLError("The client left before the answer came.") from None
-
-
-async def _disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 async def _chat_completion_stream(
