@@ -83,11 +83,19 @@ class Admission:
 
     estimate: int
     headers: dict[str, str] = field(default_factory=dict)
-    token_takes: tuple[Take, ...] = ()
-    request_takes: tuple[Take, ...] = ()
     checks: tuple[_Check, ...] = ()
     """The buckets it was checked against, and their levels after the take."""
     levels: tuple[Level, ...] = ()
+
+    @property
+    def token_takes(self) -> tuple[Take, ...]:
+        """What it took from token buckets (per minute and quotas)."""
+        return tuple(c.take for c in self.checks if c.scope != "requests")
+
+    @property
+    def request_takes(self) -> tuple[Take, ...]:
+        """What it took from requests-per-minute buckets."""
+        return tuple(c.take for c in self.checks if c.scope == "requests")
 
 
 @dataclass(frozen=True)
@@ -141,11 +149,7 @@ class Limiter:
         headers = _headers(checks, levels)
         if not levels[0].ok:
             raise _refusal(checks, levels, headers, principal, route)
-        token_takes = tuple(c.take for c in checks if c.scope != "requests")
-        request_takes = tuple(c.take for c in checks if c.scope == "requests")
-        return Admission(
-            estimate, headers, token_takes, request_takes, tuple(checks), tuple(levels)
-        )
+        return Admission(estimate, headers, tuple(checks), tuple(levels))
 
     async def settle(
         self, admission: Admission, used: int, *, served: bool = True
