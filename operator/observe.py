@@ -312,7 +312,7 @@ def _permanent(model: LLMModel, nodes_autoscaled: bool) -> frozenset[str]:
     """The Scheduled=False reasons that make the model Failed."""
     if not nodes_autoscaled:
         return PERMANENT_PLACEMENT
-    if names.HOSTNAME_LABEL in (model.spec.placement.node_selector or {}):
+    if model.spec.placement.one_node:
         # A node asked for by name: no autoscaler will make one of that name.
         return PERMANENT_WHEN_AUTOSCALED | {"NoMatchingNode"}
     return PERMANENT_WHEN_AUTOSCALED

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic.alias_generators import to_camel
 
 from citadel.gateway.routes import SERVED_NAME_PATTERN, RoutingStrategy
+from citadel.operator import names
 
 # Kubernetes' own patterns, so bad values are refused by the API server at once.
 QUANTITY_PATTERN = (
@@ -191,6 +192,14 @@ class Placement(ApiModel):
     """Extra tolerations for the pods."""
     affinity: AnyObject | None = None
     """A core/v1 Affinity for the pods, merged with the placement above."""
+
+    @property
+    def one_node(self) -> bool:
+        """Every replica can only run on one node, named: by nodeName, or by a
+        nodeSelector on the node's hostname label."""
+        return self.node_name is not None or (
+            names.HOSTNAME_LABEL in (self.node_selector or {})
+        )
 
 
 class SecretKeyRef(ApiModel):

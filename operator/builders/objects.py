@@ -83,11 +83,7 @@ def build_pdb(model: LLMModel) -> Manifest | None:
     node, so the budget would refuse the next eviction for ever and block the
     drain.
     """
-    placement = model.spec.placement
-    pinned = placement.node_name is not None or (
-        names.HOSTNAME_LABEL in (placement.node_selector or {})
-    )
-    if model.spec.replicas <= 1 or pinned:
+    if model.spec.replicas <= 1 or model.spec.placement.one_node:
         return None
     return {
         "apiVersion": "policy/v1",
