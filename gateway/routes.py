@@ -138,22 +138,28 @@ class DocumentReading:
         had for it: a serving model goes on serving as before, rather than
         answering 404, until the gateway can read its new route."""
         wanted = set(self.left_out)
-        document, notes = self.document, list(self.problems)
+        owners = {
+            n: (r.namespace, r.name) for r in self.document.models for n in r.names
+        }
+        kept: list[ModelRoute] = []
+        notes = list(self.problems)
         for route in previous.models if previous else ():
-            if (route.namespace, route.name) not in wanted:
+            identity = (route.namespace, route.name)
+            if identity not in wanted:
                 continue
             where = f"model {route.namespace}/{route.name}"
-            try:
-                document = RoutingDocument(
-                    schema_version=document.schema_version,
-                    models=(*document.models, route),
-                )
-            except ValidationError:  # one of its names is another model's now
+            if any(owners.get(name, identity) != identity for name in route.names):
                 notes.append(f"{where}: left out, its names are taken")
                 continue
+            owners.update(dict.fromkeys(route.names, identity))
+            kept.append(route)
             notes.append(f"{where}: its previous route stays in force")
-        if document is self.document:
-            return self
+        if not kept:
+            return DocumentReading(self.document, tuple(notes), self.left_out)
+        # One document at the end: each one built validates every name again.
+        document = self.document.model_copy(
+            update={"models": (*self.document.models, *kept)}
+        )
         return DocumentReading(document, tuple(notes), self.left_out)
 
 

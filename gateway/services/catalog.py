@@ -13,7 +13,12 @@ import time
 from collections.abc import Callable, Sequence
 
 from citadel.gateway.errors import ModelNotFound, NotReady
-from citadel.gateway.routes import ModelRoute, RoutesError, RoutingDocument
+from citadel.gateway.routes import (
+    DocumentReading,
+    ModelRoute,
+    RoutesError,
+    RoutingDocument,
+)
 from citadel.gateway.services.replicas import Endpoint, Replica
 
 log = logging.getLogger(__name__)
@@ -81,6 +86,14 @@ class Catalog:
         )
         if self._on_reload:
             self._on_reload("partial" if problems else "ok")
+
+    def take_reading(self, reading: DocumentReading) -> RoutingDocument:
+        """Puts a document read by `read_document` in force, where each model
+        it left out keeps its route from the document in force now; returns
+        the document put in force."""
+        kept = reading.keeping(self._document)
+        self.set_document(kept.document, kept.problems)
+        return kept.document
 
     def reject_document(self, error: RoutesError | str) -> None:
         """Records an unusable document; the last good one stays in force."""

@@ -75,11 +75,13 @@ def routes_file_source(path: Path, catalog: Catalog, period_s: float) -> FileWat
 
     def load(data: bytes) -> None:
         try:
-            reading = read_document(data).keeping(catalog.document)
+            reading = read_document(data)
         except RoutesError as err:
             catalog.reject_document(err)
             return
-        doc = reading.document
+        # No await from here on: no request sees the document before its
+        # replicas.
+        doc = catalog.take_reading(reading)
         listed = {(route.namespace, route.service) for route in doc.models}
         for namespace, service in catalog.services():
             if (namespace, service) not in listed:  # a route the file dropped
@@ -87,7 +89,6 @@ def routes_file_source(path: Path, catalog: Catalog, period_s: float) -> FileWat
         for route in doc.models:
             endpoints = [Endpoint(url) for url in route.endpoints]
             catalog.set_endpoints(route.namespace, route.service, endpoints)
-        catalog.set_document(doc, reading.problems)
 
     return FileWatcher(path, load, period_s)
 

@@ -189,12 +189,11 @@ class RoutesWatchSource:
             self._catalog.reject_document(f"ConfigMap has no key {CONFIGMAP_KEY!r}")
             return
         try:
-            reading = read_document(raw).keeping(self._catalog.document)
+            reading = read_document(raw)
         except RoutesError as err:
             self._catalog.reject_document(err)
             return
-        doc = reading.document
-        self._catalog.set_document(doc, reading.problems)
+        doc = self._catalog.take_reading(reading)
         routed: dict[str, set[str]] = defaultdict(set)
         for route in doc.models:
             routed[route.namespace].add(route.service)

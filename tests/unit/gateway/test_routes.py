@@ -141,3 +141,22 @@ def test_canonical_json_is_sorted_and_stable() -> None:
     assert (
         doc.to_json() == RoutingDocument(models=tuple(reversed(doc.models))).to_json()
     )
+
+
+def test_a_kept_route_whose_names_are_taken_now_is_left_out() -> None:
+    previous = parse_document(
+        json.dumps({"models": [_route("a", "aa", aliases=["x"]), _route("c", "cc")]})
+    )
+    raw = json.dumps(
+        {
+            "models": [
+                _route("a", "aa", port=0),
+                _route("b", "x"),
+                _route("c", "cc", port=0),
+            ]
+        }
+    )
+    kept = read_document(raw).keeping(previous)
+    assert sorted(r.name for r in kept.document.models) == ["b", "c"]
+    assert "model llm/a: left out, its names are taken" in kept.problems
+    assert "model llm/c: its previous route stays in force" in kept.problems
