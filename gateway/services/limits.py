@@ -87,6 +87,17 @@ class Admission:
     """The buckets it was checked against, and their levels after the take."""
     levels: tuple[Level, ...] = ()
 
+    def headers_after(self, taken: Mapping[str, float]) -> dict[str, str]:
+        """The x-ratelimit-* headers once `taken` (from `Limiter.settle`) is
+        applied to the levels this admission left."""
+        if not taken:
+            return self.headers
+        levels = [
+            replace(level, level=level.level - taken.get(check.take.bucket.key, 0))
+            for check, level in zip(self.checks, self.levels, strict=True)
+        ]
+        return _headers(list(self.checks), levels)
+
     @property
     def token_takes(self) -> tuple[Take, ...]:
         """What it took from token buckets (per minute and quotas)."""
@@ -153,7 +164,7 @@ class Limiter:
 
     async def settle(
         self, admission: Admission, used: int, *, served: bool = True
-    ) -> dict[str, str]:
+    ) -> dict[str, float]:
         """Corrects the token buckets by the real use minus the estimate.
 
         Args:
@@ -164,26 +175,23 @@ class Limiter:
                 yet would otherwise be rate limited once it is.
 
         Returns:
-            The x-ratelimit-* headers as the buckets stand after the correction,
-            for an error answered after it.
+            What was taken from (negative: given back to) each bucket, by key;
+            empty when nothing was, or the store failed. `Admission.headers_after`
+            makes the headers of an error answered after it; a success needs
+            none (its headers went out with the answer).
         """
         delta = used - admission.estimate
         takes = [Take(t.bucket, delta, 0) for t in admission.token_takes if delta]
         if not served:
             takes += [Take(t.bucket, -t.amount, 0) for t in admission.request_takes]
         if not takes:
-            return admission.headers
+            return {}
         try:
             await self._store.adjust(takes, self._clock())
         except StoreUnavailable as err:
             log.error("token use not settled: store unavailable", extra={"error": err})
-            return admission.headers
-        taken = {t.bucket.key: t.amount for t in takes}
-        levels = [
-            replace(level, level=level.level - taken.get(check.take.bucket.key, 0))
-            for check, level in zip(admission.checks, admission.levels, strict=True)
-        ]
-        return _headers(list(admission.checks), levels) if levels else admission.headers
+            return {}
+        return {t.bucket.key: t.amount for t in takes}
 
     async def standing(
         self, principal: Principal, routes: Iterable[ModelRoute]

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,8 +85,8 @@ class _Context:
     that failed before a byte came back)."""
     finished: bool = False
     """True once the request is counted and logged."""
-    settled_headers: dict[str, str] | None = None
-    """The x-ratelimit-* headers once its tokens are settled."""
+    settled: Mapping[str, float] = field(default_factory=dict)
+    """What settling its tokens took from each bucket (`Limiter.settle`)."""
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ class ProxyService:
             admitted = ctx.admission
             await self._account(ctx, None, err.status, err.code)
             if admitted is not None:  # where its limits stand, once settled
-                limits = ctx.settled_headers or admitted.headers
+                limits = admitted.headers_after(ctx.settled)
                 err.headers = {**limits, **err.headers}
             raise
         except asyncio.CancelledError:
@@ -361,11 +361,16 @@ class ProxyService:
         """Settles the request's tokens, then counts it. A client that leaves
         meanwhile (right after its answer) cancels this task: neither may be cut
         short with it, so the settle runs on in a task of its own when it may
-        wait on Redis (without token buckets nothing waits), and the count comes
-        in a finally."""
+        wait on Redis (else nothing waits),
+        and the count comes in a finally."""
         settle = self._settle(ctx, usage, answered=answered, relayed=relayed)
         try:
-            if ctx.admission is not None and ctx.admission.token_takes:
+            admission = ctx.admission
+            # Settling waits on the store when it corrects tokens, or gives a
+            # request back (one that reached no replica).
+            if admission is not None and (
+                admission.token_takes or (admission.request_takes and not ctx.reached)
+            ):
                 await self._shielded(settle)
             else:
                 await settle
@@ -454,7 +459,7 @@ class ProxyService:
         else:
             used = max(admission.estimate, relayed) if answered else 0
         try:
-            ctx.settled_headers = await self._limiter.settle(
+            ctx.settled = await self._limiter.settle(
                 admission, used, served=ctx.reached
             )
         except Exception:  # the reply is served; a limit store hiccup must not fail it
