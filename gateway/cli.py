@@ -17,12 +17,12 @@ from pydantic import ValidationError
 from citadel.gateway import __version__
 from citadel.gateway.kube.client import KubeApiError, KubeClient, secrets
 from citadel.gateway.kube.config import KubeConfigError, load_kubeconfig
+from citadel.gateway.routes import invalid_fields
 from citadel.gateway.services.auth import (
     KeyRecord,
     Role,
     generate_key,
     hash_key,
-    invalid_fields,
 )
 from citadel.gateway.sources.files import KeyFile, read_key_file
 from citadel.gateway.sources.kubernetes import (
@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"citadel: {err}", file=sys.stderr)
         return 1
     except ValidationError as err:  # a name or limit the key record refuses
-        print(f"citadel: {invalid_fields(err)}", file=sys.stderr)
+        print(f"citadel: {invalid_fields(err, 'record')}", file=sys.stderr)
         return 1
     return 0
 

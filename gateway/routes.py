@@ -210,13 +210,13 @@ def read_document(raw: str | bytes) -> DocumentReading:
         try:
             routes.append(ModelRoute.model_validate(entry))
         except ValidationError as err:
-            problems.append(f"{where}: left out: {_brief(err)}")
+            problems.append(f"{where}: left out: {invalid_fields(err)}")
             if (identity := _identity(entry)) is not None:
                 left_out.append(identity)
     try:
         document = RoutingDocument(schema_version=version, models=tuple(routes))
     except ValidationError as err:
-        raise RoutesError(f"invalid routing document: {_brief(err)}") from err
+        raise RoutesError(f"invalid routing document: {invalid_fields(err)}") from err
     return DocumentReading(document, tuple(problems), tuple(left_out))
 
 
@@ -253,9 +253,11 @@ def _where(entry: Any, index: int) -> str:
     return f"model {identity[0]}/{identity[1]}" if identity else f"models[{index}]"
 
 
-def _brief(err: ValidationError) -> str:
-    """A validation error on one line: where and what, for each problem."""
+def invalid_fields(err: ValidationError, whole: str = "document") -> str:
+    """A validation error on one line, field by field, without the values it
+    held (a rejected key file may hold a key where its hash belongs, and the
+    message goes to logs); `whole` names an error of the object itself."""
     return "; ".join(
-        f"{'.'.join(str(part) for part in e['loc']) or 'document'}: {e['msg']}"
-        for e in err.errors()
+        f"{'.'.join(str(part) for part in e['loc']) or whole}: {e['msg']}"
+        for e in err.errors(include_input=False, include_url=False)
     )

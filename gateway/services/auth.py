@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from typing import Annotated, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from citadel.gateway.errors import AuthenticationFailed, PermissionDenied
 from citadel.gateway.routes import NAME_PATTERN, ModelRoute
@@ -162,13 +162,3 @@ class Authenticator:
         if record is None or not hmac.compare_digest(record.hash, digest):
             raise AuthenticationFailed("Incorrect API key provided.")
         return Principal(record)
-
-
-def invalid_fields(err: ValidationError) -> str:
-    """What a record got wrong, field by field, without the values it held: a
-    rejected key file or Secret may hold a key where its hash belongs, and the
-    message goes to logs."""
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'record'}: {e['msg']}"
-        for e in err.errors(include_input=False, include_url=False)
-    )

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from citadel.gateway.routes import RoutesError, read_document
-from citadel.gateway.services.auth import InMemoryKeyStore, KeyRecord, invalid_fields
+from citadel.gateway.routes import RoutesError, invalid_fields, read_document
+from citadel.gateway.services.auth import InMemoryKeyStore, KeyRecord
 from citadel.gateway.services.catalog import Catalog
 from citadel.gateway.services.replicas import Endpoint
 
@@ -104,7 +104,7 @@ def keys_file_source(
         except ValidationError as err:
             log.error(
                 "key file rejected; keeping the keys in force",
-                extra={"error": invalid_fields(err)},
+                extra={"error": invalid_fields(err, "record")},
             )
             return
         store.replace_all(keys)

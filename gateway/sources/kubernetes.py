@@ -32,13 +32,10 @@ from citadel.gateway.routes import (
     CONFIGMAP_KEY,
     CONFIGMAP_NAME,
     RoutesError,
+    invalid_fields,
     read_document,
 )
-from citadel.gateway.services.auth import (
-    InMemoryKeyStore,
-    KeyRecord,
-    invalid_fields,
-)
+from citadel.gateway.services.auth import InMemoryKeyStore, KeyRecord
 from citadel.gateway.services.catalog import Catalog
 from citadel.gateway.services.replicas import Endpoint
 
@@ -251,7 +248,11 @@ def key_from_secret(secret: Obj) -> KeyRecord | None:
     except ValueError as err:  # pydantic's ValidationError is one too
         # Its fields, not its values: a key may sit where its hash belongs. Bad
         # base64 says nothing of what it held.
-        why = invalid_fields(err) if isinstance(err, ValidationError) else str(err)
+        why = (
+            invalid_fields(err, "record")
+            if isinstance(err, ValidationError)
+            else str(err)
+        )
         log.error(
             "ignoring a malformed key Secret", extra={"secret": name, "error": why}
         )
