@@ -207,6 +207,17 @@ def post_scope(path: str, key: str = KEY, length: int | None = None) -> dict[str
     }
 
 
+def counted(
+    harness: Harness, status: str, *, door: str = "rest", model: str = "smollm2"
+) -> float | None:
+    """How many chats of alice's key came in by `door` and were counted with
+    `status` (None: none)."""
+    labels = {"endpoint": "chat", "model": model, "status": status}
+    labels.update(key="alice", door=door)
+    sample = harness.deps.metrics.registry.get_sample_value
+    return sample("citadel_gateway_requests_total", labels)  # type: ignore[no-any-return]
+
+
 @dataclass(frozen=True)
 class Kit:
     """What tests build harnesses and replies with (conftest is not importable)."""
@@ -216,6 +227,7 @@ class Kit:
     completion: Callable[..., FakeReply] = completion
     reply: type[FakeReply] = FakeReply
     post_scope: Callable[..., dict[str, Any]] = post_scope
+    counted: Callable[..., float | None] = counted
     key: str = KEY
     admin_key: str = ADMIN_KEY
     chat: Mapping[str, Any] = field(

@@ -554,13 +554,6 @@ def _in_flight(harness: Any) -> int:
     )
 
 
-def _counted(harness: Any, status: str, model: str = "smollm2") -> float | None:
-    labels = {"endpoint": "chat", "model": model, "status": status}
-    labels.update(key="alice", door="rest")
-    sample = harness.deps.metrics.registry.get_sample_value
-    return sample("citadel_gateway_requests_total", labels)  # type: ignore[no-any-return]
-
-
 async def _handle(harness: Any, kit: Any, **body: Any) -> Any:
     principal = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
     raw = orjson.dumps({**kit.chat, **body})
@@ -602,7 +595,7 @@ async def test_a_stream_closed_before_it_is_read_frees_its_replica(
     await result.stream.aclose()
     assert _in_flight(harness) == 0
     assert reply.closed
-    assert _counted(harness, "200") == 1
+    assert kit.counted(harness, "200") == 1
 
 
 async def test_a_client_leaving_during_the_settle_is_still_counted(
@@ -624,7 +617,7 @@ async def test_a_client_leaving_during_the_settle_is_still_counted(
     reader.cancel()
     with pytest.raises(asyncio.CancelledError):
         await reader
-    assert _counted(harness, "200") == 1
+    assert kit.counted(harness, "200") == 1
     await asyncio.wait_for(done.wait(), 5)  # the settle ran to its end
     sample = harness.deps.metrics.registry.get_sample_value
     tokens = {"model": "smollm2", "key": "alice", "kind": "prompt"}
@@ -668,8 +661,8 @@ async def test_a_client_that_leaves_stops_a_whole_answer(
     )
     assert stopped.is_set() and not sent
     assert _in_flight(harness) == 0
-    assert _counted(harness, "499") == 1
-    assert _counted(harness, "200") is None
+    assert kit.counted(harness, "499") == 1
+    assert kit.counted(harness, "200") is None
 
 
 async def test_a_client_gone_during_the_upload_is_counted_not_an_error(
@@ -688,7 +681,7 @@ async def test_a_client_gone_during_the_upload_is_counted_not_an_error(
         kit.post_scope("/v1/chat/completions"), receive, _collect(sent)
     )
     assert not sent
-    assert _counted(harness, "499", model="unknown") == 1  # its body never came
+    assert kit.counted(harness, "499", model="unknown") == 1  # its body never came
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
@@ -710,8 +703,8 @@ async def test_a_cancel_during_the_settle_cuts_neither_it_nor_the_count(
     handling.cancel()
     with pytest.raises(asyncio.CancelledError):
         await handling
-    assert _counted(harness, status) == 1
-    assert _counted(harness, "499") is None
+    assert kit.counted(harness, status) == 1
+    assert kit.counted(harness, "499") is None
     await asyncio.wait_for(done.wait(), 5)
     assert _in_flight(harness) == 0
 
@@ -767,9 +760,9 @@ async def test_a_request_the_server_cuts_gets_an_openai_error(
             "body": b"",
             "more_body": False,
         }
-        assert _counted(harness, "200") == 1
+        assert kit.counted(harness, "200") == 1
     else:
         assert sent[0]["status"] == 503
         assert orjson.loads(bodies)["error"]["code"] == "shutting_down"
-        assert _counted(harness, "503") == 1
+        assert kit.counted(harness, "503") == 1
     assert _in_flight(harness) == 0

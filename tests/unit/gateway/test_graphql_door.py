@@ -72,7 +72,7 @@ async def test_a_body_over_the_limit_is_refused_as_on_rest(kit: Any) -> None:
     assert rest.status_code == graphql.status_code == 413
     assert graphql.json()["error"]["code"] == "request_too_large"
     assert harness.upstream.calls == []
-    assert _counted(harness, "unknown", "413") == 1
+    assert kit.counted(harness, "413", door="graphql", model="unknown") == 1
 
 
 async def test_the_session_header_reaches_the_router(kit: Any) -> None:
@@ -111,19 +111,6 @@ async def test_each_model_call_of_a_document_has_its_own_request_id(
     ids = [headers["x-request-id"] for _, _, headers in harness.upstream.calls]
     assert answer.headers["x-request-id"] == "doc-1"
     assert ids == ["doc-1", "doc-1-2"]
-
-
-def _counted(harness: Any, model: str, status: str) -> float | None:
-    """How many GraphQL chats of alice's key were counted with `status`."""
-    labels = {
-        "endpoint": "chat",
-        "model": model,
-        "status": status,
-        "key": "alice",
-        "door": "graphql",
-    }
-    sample = harness.deps.metrics.registry.get_sample_value
-    return sample("citadel_gateway_requests_total", labels)  # type: ignore[no-any-return]
 
 
 class _Held:
@@ -165,7 +152,7 @@ async def test_a_client_that_leaves_frees_the_replica(kit: Any) -> None:
     await asyncio.wait_for(harness.served(scope, receive, send), 5)
     replicas = harness.deps.catalog.all_replicas().values()
     assert sum(r.in_flight for r in replicas) == 0
-    assert _counted(harness, "smollm2", "499") == 1
+    assert kit.counted(harness, "499", door="graphql", model="smollm2") == 1
 
 
 async def test_a_client_gone_during_the_upload_is_counted_and_not_logged(
@@ -182,4 +169,4 @@ async def test_a_client_gone_during_the_upload_is_counted_and_not_logged(
     await harness.served(kit.post_scope("/graphql", kit.key), receive, send)
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
     assert harness.upstream.calls == []
-    assert _counted(harness, "unknown", "499") == 1
+    assert kit.counted(harness, "499", door="graphql", model="unknown") == 1

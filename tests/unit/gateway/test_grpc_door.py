@@ -30,18 +30,6 @@ async def door(kit: Any) -> AsyncIterator[tuple[Any, pb_grpc.InferenceStub]]:
         await server.stop()
 
 
-def _counted(harness: Any, status: str) -> float:
-    sample = harness.deps.metrics.registry.get_sample_value
-    labels = {
-        "endpoint": "chat",
-        "model": "unknown",
-        "status": status,
-        "key": "alice",
-        "door": "grpc",
-    }
-    return sample("citadel_gateway_requests_total", labels) or 0.0
-
-
 def _chat(content: str = "hi") -> pb.ChatCompletionRequest:
     message = pb.ChatMessage(role="user", content=content)
     return pb.ChatCompletionRequest(model="chat", messages=[message])
@@ -62,7 +50,7 @@ async def test_a_message_over_the_body_limit_is_refused_as_on_rest(
     # INVALID_ARGUMENT, as for REST's 413; not RESOURCE_EXHAUSTED, which
     # retry policies read as a rate limit.
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert _counted(harness, "413") == 1
+    assert kit.counted(harness, "413", door="grpc", model="unknown") == 1
     assert harness.upstream.calls == []
 
 
@@ -76,7 +64,7 @@ async def test_a_request_that_cannot_become_json_is_invalid(
     error = await _refused(stub.ChatCompletion(request, metadata=key))
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "Unexpected" not in error.details()
-    assert _counted(harness, "400") == 1
+    assert kit.counted(harness, "400", door="grpc", model="unknown") == 1
     # Without a key it is the key that is refused, first.
     error = await _refused(stub.ChatCompletion(request))
     assert error.code() is grpc.StatusCode.UNAUTHENTICATED
