@@ -38,11 +38,9 @@ BAD_WAITING = frozenset(
         "RunContainerError",
     }
 )
-# Scheduled=False reasons that need a change to the spec or the cluster; where
-# nodes are autoscaled, only a node named by the spec that does not exist (an
-# autoscaler names its nodes itself).
+# Scheduled=False reasons that need a change to the spec or the cluster (where
+# nodes are autoscaled, only for a model pinned to one node: _permanent).
 PERMANENT_PLACEMENT = frozenset({"NodeNotFound", "NoMatchingNode", "InsufficientGPUs"})
-PERMANENT_WHEN_AUTOSCALED = frozenset({"NodeNotFound"})
 MAX_LISTED = 5
 
 
@@ -207,7 +205,7 @@ def counts(model: LLMModel, deployment: Obj | None) -> ReplicaCounts:
 
 
 def _scheduled(model: LLMModel, pods: Sequence[Obj], nodes: Sequence[Obj]) -> Verdict:
-    pods = [p for p in pods if not _ended(p)]
+    """Scheduled, from the pods that still run or will (`pods`: none ended)."""
     stuck = _unschedulable(pods)
     scheduler = f"; scheduler: {stuck[0][1]}" if stuck else ""
     # Once every pod has its node, the nodes' labels and capacity no longer
@@ -309,13 +307,12 @@ def _ready(
 
 
 def _permanent(model: LLMModel, nodes_autoscaled: bool) -> frozenset[str]:
-    """The Scheduled=False reasons that make the model Failed."""
-    if not nodes_autoscaled:
-        return PERMANENT_PLACEMENT
-    if model.spec.placement.one_node:
-        # A node asked for by name: no autoscaler will make one of that name.
-        return PERMANENT_WHEN_AUTOSCALED | {"NoMatchingNode"}
-    return PERMANENT_WHEN_AUTOSCALED
+    """The Scheduled=False reasons that make the model Failed: all of them,
+    unless nodes are autoscaled and the model may run on a node yet to come
+    (no autoscaler makes a named node, nor adds GPUs to one)."""
+    if nodes_autoscaled and not model.spec.placement.one_node:
+        return frozenset()
+    return PERMANENT_PLACEMENT
 
 
 def _phase(
@@ -376,9 +373,10 @@ def derive_status(
             is a wait (Pending), not a failure.
     """
     live = _live(pods)
+    running = [p for p in live if not _ended(p)]
     n = counts(model, deployment)
     verdicts: dict[ConditionType, Verdict] = {
-        ConditionType.SCHEDULED: _scheduled(model, live, nodes),
+        ConditionType.SCHEDULED: _scheduled(model, running, nodes),
         ConditionType.DEGRADED: _degraded(deployment, live, n),
         ConditionType.PROGRESSING: _progressing(model, deployment, n),
     }
@@ -410,8 +408,8 @@ def derive_status(
         nodes=sorted(
             {
                 p["spec"]["nodeName"]
-                for p in live
-                if p.get("spec", {}).get("nodeName") and not _ended(p)
+                for p in running
+                if p.get("spec", {}).get("nodeName")
             }
         ),
         selector=label_selector(model),

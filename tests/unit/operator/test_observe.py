@@ -311,6 +311,7 @@ def test_node_labels_matter_only_until_the_pods_are_placed() -> None:
         ({}, 16, "InsufficientGPUs"),
         ({"nodeName": "gone"}, 1, "NodeNotFound"),
         ({"nodeSelector": {"kubernetes.io/hostname": "gone"}}, 1, "NoMatchingNode"),
+        ({"nodeName": "hx-llm-server-01"}, 16, "InsufficientGPUs"),
     ],
 )
 def test_where_nodes_are_autoscaled_only_a_named_node_missing_fails(
