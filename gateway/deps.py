@@ -11,12 +11,13 @@ passed to `create_app`; nothing is global.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from starlette.types import Receive
@@ -116,9 +117,49 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def disconnected(receive: Receive) -> None:
-    """Returns once the client has disconnected. For a request whose body was
-    read whole: the next message is then the disconnect (uvicorn also sends one
-    once the response is complete)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
+WATCH_AFTER_S = 0.05
+"""How long a request runs before the gateway watches for its client leaving.
+
+Watching takes a task per request. Against the instant simulator at concurrency
+64, a watch from the first moment cost 9% of the json requests per second and 6%
+of the streamed (three 4 s runs each, side by side with the code before it).
+Answers that come within this time need no watch; a model's answers take longer.
+"""
+
+
+class ClientWatch:
+    """Cancels `task` when the client disconnects, from `WATCH_AFTER_S` on, until
+    stopped.
+
+    The body was read whole, so the next message is the disconnect (uvicorn also
+    sends one once the response is complete: stop the watch before that).
+    Stopping is synchronous, so no cancel can come after it: the watcher runs
+    only while `task` waits. One case stays unseen: a client that pipelined a
+    second request on the connection and left; uvicorn marks only that queued
+    request as disconnected.
+    """
+
+    def __init__(self, receive: Receive, task: asyncio.Task[Any]) -> None:
+        self.gone = False
+        self.started = False
+        """True once the response has begun."""
+        self._receive = receive
+        self._task = task
+        self._watcher: asyncio.Task[None] | None = None
+        self._timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, self._begin)
+
+    def _begin(self) -> None:
+        self._watcher = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        # The body was read whole: the next message is the disconnect.
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        self._task.cancel()
+
+    def stop(self) -> None:
+        """Stops watching."""
+        self._timer.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
-from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from starlette.requests import ClientDisconnect
@@ -21,12 +20,12 @@ from citadel.gateway.api.schemas import (
 )
 from citadel.gateway.deps import (
     REQUEST_ID,
+    ClientWatch,
     DepsDep,
     PrincipalDep,
     RequestIdDep,
     caller,
     deps_of,
-    disconnected,
     read_body,
     take_request_id,
 )
@@ -95,7 +94,7 @@ async def _serve(call: ApiCall, request: Request, send: Send, extra: Headers) ->
     # sends it again after its timeout), or go on streaming into the void.
     task = asyncio.current_task()
     assert task is not None
-    watch = _Watch(request.receive, task)
+    watch = ClientWatch(request.receive, task)
     try:
         result = await deps.proxy.handle(call, principal, raw, rid, session)
         await send_result(result, send, watch, extra)
@@ -110,7 +109,9 @@ async def _serve(call: ApiCall, request: Request, send: Send, extra: Headers) ->
         watch.stop()
 
 
-async def _cut_off(request: Request, send: Send, watch: _Watch, extra: Headers) -> None:
+async def _cut_off(
+    request: Request, send: Send, watch: ClientWatch, extra: Headers
+) -> None:
     """Ends a request the server cut at the end of its shutdown grace: an error
     in OpenAI's shape (uvicorn would send a plain-text 500, or drop a stream
     without a word)."""
@@ -130,52 +131,6 @@ async def _cut_off(request: Request, send: Send, watch: _Watch, extra: Headers) 
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         else:
             await _send_error(request, send, error, extra)
-
-
-WATCH_AFTER_S = 0.05
-"""How long a request runs before the gateway watches for its client leaving.
-
-Watching takes a task per request. Against the instant simulator at concurrency
-64, a watch from the first moment cost 9% of the json requests per second and 6%
-of the streamed (three 4 s runs each, side by side with the code before it).
-Answers that come within this time need no watch; a model's answers take longer.
-"""
-
-
-class _Watch:
-    """Cancels `task` when the client disconnects, from `WATCH_AFTER_S` on, until
-    stopped.
-
-    The body was read whole, so the next message is the disconnect (uvicorn also
-    sends one once the response is complete: stop the watch before that).
-    Stopping is synchronous, so no cancel can come after it: the watcher runs
-    only while `task` waits. One case stays unseen: a client that pipelined a
-    second request on the connection and left; uvicorn marks only that queued
-    request as disconnected.
-    """
-
-    def __init__(self, receive: Receive, task: asyncio.Task[Any]) -> None:
-        self.gone = False
-        self.started = False
-        """True once the response has begun."""
-        self._receive = receive
-        self._task = task
-        self._watcher: asyncio.Task[None] | None = None
-        self._timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, self._begin)
-
-    def _begin(self) -> None:
-        self._watcher = asyncio.create_task(self._watch())
-
-    async def _watch(self) -> None:
-        await disconnected(self._receive)
-        self.gone = True
-        self._task.cancel()
-
-    def stop(self) -> None:
-        """Stops watching."""
-        self._timer.cancel()
-        if self._watcher is not None:
-            self._watcher.cancel()
 
 
 class _Served(Response):
@@ -279,7 +234,7 @@ class ForwardingFastPath:
 
 
 async def send_result(
-    result: ProxyResponse, send: Send, watch: _Watch, extra: Headers = ()
+    result: ProxyResponse, send: Send, watch: ClientWatch, extra: Headers = ()
 ) -> None:
     """Sends the proxy's answer as ASGI messages, with the `extra` headers."""
     if result.stream is None:
@@ -302,7 +257,7 @@ def _start(
 
 
 async def _send_whole(
-    result: ProxyResponse, send: Send, watch: _Watch, extra: Headers
+    result: ProxyResponse, send: Send, watch: ClientWatch, extra: Headers
 ) -> None:
     length = (b"content-length", str(len(result.body)).encode())
     await send(_start(result, extra, length))
@@ -314,7 +269,7 @@ async def _send_stream(
     result: ProxyResponse,
     stream: Closing[bytes],
     send: Send,
-    watch: _Watch,
+    watch: ClientWatch,
     extra: Headers,
 ) -> None:
     """Relays `stream`; `watch` stops it (closing the replica's connection, which

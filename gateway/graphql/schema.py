@@ -19,7 +19,7 @@ from starlette.requests import Request
 from strawberry.extensions import MaxAliasesLimiter, MaxTokensLimiter, QueryDepthLimiter
 from strawberry.types import ExecutionContext, Info
 
-from citadel.gateway.deps import disconnected
+from citadel.gateway.deps import ClientWatch
 from citadel.gateway.errors import GatewayError
 from citadel.gateway.graphql.context import GraphQLContext
 from citadel.gateway.graphql.errors import reported
@@ -121,22 +121,18 @@ async def _unless_gone(request: object, work: Awaitable[T]) -> T:
     task = asyncio.ensure_future(work)
     if not isinstance(request, Request):
         return await task
-    # The body was read whole, so the next message is the disconnect.
-    gone = asyncio.ensure_future(disconnected(request.receive))
-    try:
-        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not task.done():
-            task.cancel()
+    watch = ClientWatch(request.receive, task)
     try:
         return await task
     except asyncio.CancelledError:
-        if not (gone.done() and not gone.cancelled()):
-            raise  # this resolver was cancelled itself
+        if not watch.gone:  # this resolver was cancelled itself
+            task.cancel()
+            raise
         # Nobody reads the answer; an error, not a cancel, keeps the server
         # from logging a traceback for it.
         raise GraphQLError("The client left before the answer came.") from None
+    finally:
+        watch.stop()
 
 
 async def _chat_completion_stream(
