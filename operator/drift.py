@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation, localcontext
 from typing import Any
 
@@ -50,6 +51,15 @@ MAP_LISTS: dict[str, tuple[str, ...]] = {
     "volumeDevices": ("devicePath",),
     "volumeMounts": ("mountPath",),
     "volumes": ("name",),
+}
+ListKeys = Mapping[str, tuple[str, ...]]
+"""Field name -> the keys its entries merge by (as MAP_LISTS)."""
+# MAP_LISTS for the other kinds the operator applies, where a field name keys
+# differently: a Service's ports merge by port number and protocol. (Among the
+# fields we set, a PodDisruptionBudget, a PersistentVolumeClaim and a PodMonitor
+# hold no list merged by key.)
+MAP_LISTS_BY_KIND: dict[str, ListKeys] = {
+    "Service": {**MAP_LISTS, "ports": ("port", "protocol")},
 }
 # Lists the server treats as sets (x-kubernetes-list-type: set); every other list
 # is atomic, and our apply replaces it whole.
@@ -125,11 +135,12 @@ def _entry_key(entry: Any, keys: tuple[str, ...]) -> tuple[str, ...] | None:
     return tuple(str(entry.get(k, _KEY_DEFAULTS.get(k, ""))) for k in keys)
 
 
-def _covers_map_list(actual: list[Any], desired: list[Any], field: str) -> bool:
-    keys = MAP_LISTS[field]
+def _covers_map_list(
+    actual: list[Any], desired: list[Any], keys: tuple[str, ...], lists: ListKeys
+) -> bool:
     by_key = {_entry_key(a, keys): a for a in actual}
     return all(
-        (key := _entry_key(d, keys)) in by_key and covers(by_key[key], d)
+        (key := _entry_key(d, keys)) in by_key and covers(by_key[key], d, lists=lists)
         for d in desired
     )
 
@@ -144,14 +155,21 @@ def _empty(value: Any) -> bool:
     return value is None or value == "" or value == [] or value == {}
 
 
-def covers(actual: Any, desired: Any, field: str = "", whole: bool = False) -> bool:
+def covers(
+    actual: Any,
+    desired: Any,
+    field: str = "",
+    whole: bool = False,
+    lists: ListKeys = MAP_LISTS,
+) -> bool:
     """True when `actual` holds everything in `desired`.
 
     Maps may carry extra keys (defaults the API server filled in, fields of other
     managers); lists merged by key (`MAP_LISTS`, chosen by `field`, the name the
     value sits under) and set lists must hold each desired entry, and may hold
     others; any other list is atomic, and must match item by item, each item
-    `whole`: with no keys of its own, since our apply replaces the list. A desired
+    `whole`: with no keys of its own, since our apply replaces the list. `lists`
+    replaces `MAP_LISTS` for a kind that keys lists differently. A desired
     empty value matches a missing one. Quantities compare by value; other scalars
     as strings, so `8` equals "8".
     """
@@ -172,18 +190,19 @@ def covers(actual: Any, desired: Any, field: str = "", whole: bool = False) -> b
             if quantities:
                 if not _same_quantity(actual[key], value):
                     return False
-            elif not covers(actual[key], value, key, whole):
+            elif not covers(actual[key], value, key, whole, lists):
                 return False
         return True
     if isinstance(desired, list):
         if not isinstance(actual, list):
             return False
-        if not whole and field in MAP_LISTS:
-            return _covers_map_list(actual, desired, field)
+        if not whole and field in lists:
+            return _covers_map_list(actual, desired, lists[field], lists)
         if not whole and field in SET_LISTS:
-            return all(any(covers(a, d) for a in actual) for d in desired)
+            return all(any(covers(a, d, lists=lists) for a in actual) for d in desired)
         return len(actual) == len(desired) and all(
-            covers(a, d, whole=True) for a, d in zip(actual, desired, strict=True)
+            covers(a, d, whole=True, lists=lists)
+            for a, d in zip(actual, desired, strict=True)
         )
     if field in _QUANTITY_FIELDS:
         return _same_quantity(actual, desired)
@@ -197,7 +216,8 @@ def drifted(desired: dict[str, Any], actual: dict[str, Any] | None) -> bool:
     """
     if actual is None:
         return True
-    return not covers(actual, _compared(desired))
+    lists = MAP_LISTS_BY_KIND.get(str(desired.get("kind")), MAP_LISTS)
+    return not covers(actual, _compared(desired), lists=lists)
 
 
 def _compared(obj: dict[str, Any]) -> dict[str, Any]:

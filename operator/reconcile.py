@@ -339,11 +339,11 @@ class Reconciler:
                             # outlive it (Retain), owned objects would only give
                             # the garbage collector work.
                             return model.status
-                        deployment = await self._apply_workload(model)
+                        deployment = await self._apply_workload(model, resync)
                     async with self._slots:
                         if not await self._still_there(model):
                             return model.status
-                        await self._apply_rest(model)
+                        await self._apply_rest(model, resync)
                         status = await self._refresh(
                             model, deployment=await self._newer(model, deployment)
                         )
@@ -447,17 +447,30 @@ class Reconciler:
             raise ReconcileError(f"invalid spec: {err}", retryable=False) from err
 
     async def _apply(
-        self, model: LLMModel, obj: Manifest, known: Manifest | None = None
+        self,
+        model: LLMModel,
+        obj: Manifest,
+        known: Manifest | None = None,
+        *,
+        resync: bool = False,
     ) -> Manifest:
         """Applies `obj` unless an object of that name belongs to someone else.
 
         Args:
             known: the object as a watch last saw it; read from the API if None
                 (it may then exist without our labels, which the watches skip).
+            resync: a periodic pass over an unchanged model: the object is read
+                from the API server's cache, and applied only if it lost
+                something `obj` sets (see `_holds`).
+
+        Returns:
+            The object as applied, or as found when left alone.
         """
         resource = resource_for(obj["apiVersion"], obj["kind"])
         name = obj["metadata"]["name"]
-        current = await self._existing(resource, name, model.namespace, known)
+        current = await self._existing(
+            resource, name, model.namespace, known, cached=resync
+        )
         if current is not None and _owner_uid(current) != model.uid:
             previous = _owner_uid(current) is not None and _is_ours(current)
             raise ReconcileError(
@@ -469,19 +482,44 @@ class Reconciler:
                 ),
                 retryable=previous,
             )
+        if resync and current is not None and self._holds(model, obj, current):
+            return current
         applied: Manifest = await self._call(self.kube.apply(obj))
         return applied
 
+    def _holds(self, model: LLMModel, desired: Manifest, actual: Manifest) -> bool:
+        """Whether `actual` holds everything our apply of `desired` sets: by the
+        quick check, or by a dry run that refuted it (the Deployment's mark).
+
+        Only for periodic passes: a changed spec, or a new operator (resume),
+        always applies, so that fields we stopped setting go too. Applying every
+        owned object at each resync was three server-side applies and three reads
+        from etcd per model and period: with 1,000 Ready models on the local
+        cluster, 50 requests a second and 0.16 of a core of API server CPU while
+        nothing changed; reading from the cache and applying nothing, 25 cached
+        reads a second and 0.02 of a core (240 s windows, before and after; `make
+        bench` reports the same as "At rest").
+        """
+        if not drifted(desired, actual):
+            return True
+        return self._settled.get(model.key) == fingerprint(desired, actual)
+
     async def _existing(
-        self, resource: Resource, name: str, namespace: str, known: Manifest | None
+        self,
+        resource: Resource,
+        name: str,
+        namespace: str,
+        known: Manifest | None,
+        *,
+        cached: bool = False,
     ) -> Manifest | None:
-        """The object as `known` from a watch, else read from the API: the views
-        hold only objects labelled as ours, and one of that name without the
-        label may be someone else's."""
+        """The object as `known` from a watch, else read from the API (from its
+        cache with `cached`): the views hold only objects labelled as ours, and
+        one of that name without the label may be someone else's."""
         if known is not None:
             return known
         found: Manifest | None = await self._call(
-            self.kube.get(resource, name, namespace)
+            self.kube.get(resource, name, namespace, cached=cached)
         )
         return found
 
@@ -491,29 +529,31 @@ class Reconciler:
         except ApiError as err:
             raise ReconcileError(str(err), retryable=err.retryable) from err
 
-    async def _apply_workload(self, model: LLMModel) -> Manifest:
-        """Applies the cache claim and the Deployment; returns the Deployment as
-        applied."""
+    async def _apply_workload(self, model: LLMModel, resync: bool) -> Manifest:
+        """Applies the cache claim and the Deployment (on a resync, only what
+        drifted; see `_apply`); returns the Deployment as applied or found."""
         if model.spec.cache is not None:
-            await self._apply_claim(model, _first_look(model))
+            await self._apply_claim(model, _first_look(model), resync)
         return await self._apply(
             model,
             build_deployment(model, self.settings),
             await self._call(self.view.deployment(model.namespace, model.name)),
+            resync=resync,
         )
 
-    async def _apply_rest(self, model: LLMModel) -> None:
-        """Applies what the model owns besides its workload."""
+    async def _apply_rest(self, model: LLMModel, resync: bool) -> None:
+        """Applies what the model owns besides its workload (on a resync, only
+        what drifted)."""
         first_look = _first_look(model)
-        await self._apply(model, build_service(model))
+        await self._apply(model, build_service(model), resync=resync)
         pdb = build_pdb(model)
         if pdb is not None:
-            await self._apply(model, pdb)
+            await self._apply(model, pdb, resync=resync)
         else:
-            await self._delete_owned(model, PDBS, model.name)
+            await self._delete_owned(model, PDBS, model.name, cached=resync)
         if await self._monitoring_installed():
             monitor = build_pod_monitor(model, self.settings.pod_monitor_labels)
-            await self._apply(model, monitor)
+            await self._apply(model, monitor, resync=resync)
         elif first_look:
             await self._post(
                 model,
@@ -537,9 +577,13 @@ class Reconciler:
         seen = await self._call(self.view.deployment(model.namespace, model.name))
         return seen if seen is not None and is_newer(seen, applied) else applied
 
-    async def _apply_claim(self, model: LLMModel, first_look: bool) -> None:
+    async def _apply_claim(
+        self, model: LLMModel, first_look: bool, resync: bool = False
+    ) -> None:
         name = names.cache_claim_name(model.name)
-        current = await self._call(self.kube.get(PVCS, name, model.namespace))
+        current = await self._call(
+            self.kube.get(PVCS, name, model.namespace, cached=resync)
+        )
         if current is None:
             await self._create_claim(model)
             return
@@ -559,6 +603,19 @@ class Reconciler:
                 )
             return
         claim = _built_claim(model, created_for, current["metadata"].get("uid"))
+        if resync and self._holds(model, claim, current):
+            applied: Manifest = current
+        else:
+            applied = await self._apply_claim_spec(model, claim, current, first_look)
+        if "ownerReferences" not in claim["metadata"]:
+            await self._drop_owner(model, applied)
+
+    async def _apply_claim_spec(
+        self, model: LLMModel, claim: Manifest, current: Manifest, first_look: bool
+    ) -> Manifest:
+        """Applies `claim`; where its spec is refused (a resize the class does
+        not allow), its metadata alone."""
+        name = claim["metadata"]["name"]
         try:
             applied: Manifest = await self.kube.apply(claim)
         except ApiError as err:
@@ -574,8 +631,7 @@ class Reconciler:
                     Notice("Warning", "CacheClaimNotUpdated", f"{name}: {err.message}"),
                 )
             applied = await self._apply_claim_metadata(claim, current)
-        if "ownerReferences" not in claim["metadata"]:
-            await self._drop_owner(model, applied)
+        return applied
 
     async def _create_claim(self, model: LLMModel) -> None:
         """Creates the cache claim, marked as the operator's.
@@ -640,9 +696,11 @@ class Reconciler:
         return applied
 
     async def _delete_owned(
-        self, model: LLMModel, resource: Resource, name: str
+        self, model: LLMModel, resource: Resource, name: str, *, cached: bool = False
     ) -> None:
-        current = await self._call(self.kube.get(resource, name, model.namespace))
+        current = await self._call(
+            self.kube.get(resource, name, model.namespace, cached=cached)
+        )
         if current is not None and _owner_uid(current) == model.uid:
             await self._call(self.kube.delete(resource, name, model.namespace))
 

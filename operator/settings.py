@@ -71,7 +71,8 @@ class OperatorSettings(BaseSettings):
     model's labels or enough GPUs yet, the model waits (Pending) for one instead
     of turning Failed."""
     resync_seconds: float = Field(120.0, ge=0)
-    """How often every model is reconciled in full even without events; 0 never."""
+    """How often every model is looked over even without events (owned objects
+    that drifted are applied again, see Reconciler._holds); 0 never."""
     route_publish_delay: float = Field(0.2, ge=0)
     """How long route changes are gathered before the ConfigMap is written."""
     route_publish_interval: float = Field(1.0, ge=0)

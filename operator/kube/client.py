@@ -58,9 +58,18 @@ class Kube(Protocol):
         ...
 
     async def get(
-        self, resource: Resource, name: str, namespace: str | None = None
+        self,
+        resource: Resource,
+        name: str,
+        namespace: str | None = None,
+        *,
+        cached: bool = False,
     ) -> Manifest | None:
-        """The object, or None when it does not exist."""
+        """The object, or None when it does not exist.
+
+        With `cached`, the API server answers from its watch cache (it may be
+        milliseconds behind) instead of reading etcd.
+        """
         ...
 
     async def json_patch(
@@ -194,9 +203,16 @@ class AioKube:
         return result or {}
 
     async def get(
-        self, resource: Resource, name: str, namespace: str | None = None
+        self,
+        resource: Resource,
+        name: str,
+        namespace: str | None = None,
+        *,
+        cached: bool = False,
     ) -> Manifest | None:
-        return await self._request("GET", resource.path(namespace, name))
+        # resourceVersion=0: any version the server holds, so its cache answers.
+        params = {"resourceVersion": "0"} if cached else None
+        return await self._request("GET", resource.path(namespace, name), params=params)
 
     async def json_patch(
         self,

@@ -45,7 +45,8 @@ class FakeKube:
         events: every object passed to `create` (Events).
         served: resources that `has_resource` reports as installed.
         fail: plural -> ApiError raised by any write to that resource.
-        reads: (verb, plural) of every get and list, in order.
+        reads: (verb, plural) of every get ("get cached" with `cached`) and
+            list, in order.
 
     Every write gives the object a new, growing `resourceVersion`.
     """
@@ -168,9 +169,14 @@ class FakeKube:
         return copy.deepcopy(obj)
 
     async def get(
-        self, resource: Resource, name: str, namespace: str | None = None
+        self,
+        resource: Resource,
+        name: str,
+        namespace: str | None = None,
+        *,
+        cached: bool = False,
     ) -> Manifest | None:
-        self.reads.append(("get", resource.plural))
+        self.reads.append(("get cached" if cached else "get", resource.plural))
         found = self.objects.get(self._key(resource, name, namespace))
         return copy.deepcopy(found) if found is not None else None
 

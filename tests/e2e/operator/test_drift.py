@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from harness.kube import KubeCluster
 
-from citadel.operator.drift import MAP_LISTS, SET_LISTS
+from citadel.operator.drift import MAP_LISTS, MAP_LISTS_BY_KIND, SET_LISTS
 
 from .conftest import Kube, OperatorProcess, llmmodel
 
@@ -40,18 +40,28 @@ def _list_fields(
             _list_fields(schemas, target["$ref"][len(_SCHEMA_PREFIX) :], found, seen)
 
 
-def test_merged_lists_match_the_api_servers_schema(cluster: KubeCluster) -> None:
-    doc = json.loads(cluster.kubectl("get", "--raw", "/openapi/v3/apis/apps/v1"))
+@pytest.mark.parametrize(
+    ("path", "schema", "kind"),
+    [
+        ("apis/apps/v1", "io.k8s.api.apps.v1.Deployment", "Deployment"),
+        ("api/v1", "io.k8s.api.core.v1.Service", "Service"),
+        ("api/v1", "io.k8s.api.core.v1.PersistentVolumeClaim", "PersistentVolumeClaim"),
+        ("apis/policy/v1", "io.k8s.api.policy.v1.PodDisruptionBudget", "PDB"),
+    ],
+)
+def test_merged_lists_match_the_api_servers_schema(
+    cluster: KubeCluster, path: str, schema: str, kind: str
+) -> None:
+    doc = json.loads(cluster.kubectl("get", "--raw", f"/openapi/v3/{path}"))
     found: dict[str, set[Any]] = {}
-    _list_fields(
-        doc["components"]["schemas"], "io.k8s.api.apps.v1.Deployment", found, set()
-    )
+    _list_fields(doc["components"]["schemas"], schema, found, set())
     # A field name used for lists of two kinds would make the table ambiguous.
     assert all(len(kinds) == 1 for kinds in found.values()), found
     kinds = {field: next(iter(k)) for field, k in found.items()}
     maps = {f: keys for f, (kind, keys) in kinds.items() if kind == "map"}
     sets = {f for f, (kind, _) in kinds.items() if kind == "set"}
-    assert {f: k for f, k in MAP_LISTS.items() if f in kinds} == maps
+    table = MAP_LISTS_BY_KIND.get(kind, MAP_LISTS)
+    assert {f: k for f, k in table.items() if f in kinds} == maps
     assert sets == SET_LISTS
 
 
@@ -171,3 +181,28 @@ def test_forms_only_the_server_knows_are_confirmed_once_and_left(
     # Remembered: one dry run for the three events and the rollout's.
     assert operator.tail(400).count(marker) == 1
     kube.delete_model("tiny")
+
+
+def test_the_periodic_pass_puts_back_a_service_changed_by_hand(kube: Kube) -> None:
+    # The Service is not watched: the resync (30 s here) finds the edit.
+    kube.apply(llmmodel("svc", placement={"nodeName": "hx-llm-server-02"}))
+    kube.wait_phase("svc", "Ready")
+    ours = kube.get("service", "svc")["spec"]["ports"]
+    assert [p["port"] for p in ours] == [8000]
+    # Someone replaces our port with theirs: ours is put back, theirs stays.
+    added = {"name": "debug", "port": 9000, "targetPort": 9000, "protocol": "TCP"}
+    patch = {"spec": {"ports": [added]}}
+    kube.cluster.kubectl(
+        "patch", "service", "svc", "-n", kube.namespace, "--type=merge",
+        "-p", json.dumps(patch),
+    )  # fmt: skip
+
+    def ports() -> list[int] | None:
+        found = sorted(p["port"] for p in kube.get("service", "svc")["spec"]["ports"])
+        return found if 8000 in found else None
+
+    assert kube.wait("the port to be put back", ports, timeout=75, interval=2) == [
+        8000,
+        9000,
+    ]
+    kube.delete_model("svc")

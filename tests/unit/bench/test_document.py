@@ -175,6 +175,22 @@ def test_document_shows_requests_per_model_and_the_operators_profile(
     assert "raw_decode (json/decoder.py:353)" in scale
 
 
+def test_scale_shows_requests_and_cpu_at_rest(tmp_path: Path) -> None:
+    r = _results()
+    r.scale = _scale()
+    scale = _write(r, tmp_path).split("## Operator scale")[1].split("\n## ")[0]
+    assert "### At rest" not in scale
+    r.scale.rest_s = 120.0
+    r.scale.rest_requests = {"GET services": 1200.0, "PUT leases": 2400.0}
+    r.scale.rest_cpu_by_process = {"kube-apiserver": 12.0, "citadel-operator": 6.0}
+    scale = _write(r, tmp_path).split("## Operator scale")[1].split("\n## ")[0]
+    rest = scale.split("### At rest")[1].split("###")[0]
+    assert "| PUT leases | 20.00 |" in rest and "| GET services | 10.00 |" in rest
+    assert rest.index("PUT leases") < rest.index("GET services")
+    assert "| all | 30.0 |" in rest
+    assert "citadel-operator 0.050, kube-apiserver 0.100" in rest
+
+
 def test_scale_shows_the_api_servers_cpu_by_category(tmp_path: Path) -> None:
     r = _results()
     r.scale = _scale()

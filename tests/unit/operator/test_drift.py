@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
+from citadel.operator import names
 from citadel.operator.builders.deployment import build_deployment
+from citadel.operator.builders.objects import build_service
 from citadel.operator.drift import (
     covers,
     drifted,
@@ -47,6 +49,49 @@ def test_manual_edits_are_drift(settings: OperatorSettings, edit: object) -> Non
     desired = build_deployment(make_model(), settings)
     actual = copy.deepcopy(desired)
     edit(actual)  # type: ignore[operator]
+    assert drifted(desired, actual)
+
+
+def _served(service: dict[str, Any]) -> dict[str, Any]:
+    """`service` as the API server stores it, with its defaults."""
+    stored = copy.deepcopy(service)
+    stored["spec"].update(
+        clusterIP="10.96.0.7",
+        clusterIPs=["10.96.0.7"],
+        ipFamilies=["IPv4"],
+        ipFamilyPolicy="SingleStack",
+        internalTrafficPolicy="Cluster",
+        sessionAffinity="None",
+    )
+    return stored
+
+
+def test_a_service_with_its_defaults_and_a_port_of_someone_else_holds_ours() -> None:
+    desired = build_service(make_model())
+    actual = _served(desired)
+    # Another manager's port: a Service's ports merge by port number and
+    # protocol (not by a container's port, as in a pod), so ours is still there.
+    actual["spec"]["ports"].append(
+        {"name": "debug", "port": 9000, "targetPort": 9000, "protocol": "TCP"}
+    )
+    assert not drifted(desired, actual)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda s: s["ports"][0].update(port=8081),
+        lambda s: s["ports"].clear(),
+        lambda s: s["selector"].pop(names.LABEL_MODEL),
+        lambda s: s.update(type="NodePort"),
+    ],
+)
+def test_changes_to_our_service_are_drift(
+    edit: Callable[[dict[str, Any]], object],
+) -> None:
+    desired = build_service(make_model())
+    actual = _served(desired)
+    edit(actual["spec"])
     assert drifted(desired, actual)
 
 

@@ -93,6 +93,52 @@ async def test_reconcile_twice_changes_nothing(settings: OperatorSettings) -> No
     assert sum(1 for s, _ in kube.applied if s == "status") == statuses
 
 
+def _kinds_applied(kube: FakeKube) -> list[str]:
+    return sorted(obj["kind"] for sub, obj in kube.applied if not sub)
+
+
+async def test_a_resync_of_an_unchanged_model_applies_nothing(
+    settings: OperatorSettings,
+) -> None:
+    body = model_body(cache={"size": "10Gi"}, replicas=2)
+    kube, reconciler = _setup(settings, body, monitoring=True)
+    await reconciler.reconcile(body)
+    stored = kube.stored(LLMMODELS, "mixtral", "llm")
+    kube.applied.clear()
+    kube.reads.clear()
+    await reconciler.reconcile(stored, resync=True)
+    assert kube.applied == []
+    assert kube.dry_runs == []
+    # What only the API holds (the views hold the Deployment) comes from its cache.
+    owned = {SERVICES.plural, PVCS.plural, PDBS.plural, POD_MONITORS.plural}
+    assert {verb for verb, plural in kube.reads if plural in owned} == {"get cached"}
+    # A pass that is not a resync (a changed spec, a new operator) applies all.
+    await reconciler.reconcile(stored)
+    assert _kinds_applied(kube) == [
+        "Deployment",
+        "PersistentVolumeClaim",
+        "PodDisruptionBudget",
+        "PodMonitor",
+        "Service",
+    ]
+
+
+async def test_a_resync_puts_back_what_drifted(settings: OperatorSettings) -> None:
+    body = model_body(cache={"size": "10Gi"}, replicas=2)
+    kube, reconciler = _setup(settings, body, monitoring=True)
+    await reconciler.reconcile(body)
+    stored = kube.stored(LLMMODELS, "mixtral", "llm")
+    service = kube.stored(SERVICES, "mixtral", "llm")
+    kube.put({**service, "spec": {**service["spec"], "ports": []}})
+    del kube.objects[(POD_MONITORS.plural, "llm", "mixtral")]
+    del kube.objects[(DEPLOYMENTS.plural, "llm", "mixtral")]
+    kube.applied.clear()
+    await reconciler.reconcile(stored, resync=True)
+    assert _kinds_applied(kube) == ["Deployment", "PodMonitor", "Service"]
+    assert kube.stored(SERVICES, "mixtral", "llm")["spec"] == service["spec"]
+    assert kube.stored(POD_MONITORS, "mixtral", "llm")
+
+
 async def test_pod_monitor_when_the_crd_exists(settings: OperatorSettings) -> None:
     kube, reconciler = _setup(settings, model_body(), monitoring=True)
     await reconciler.reconcile(model_body())
@@ -486,6 +532,9 @@ async def test_a_failed_resync_still_renews_the_models_report(
     mine = {"model_namespace": "llm", "model": "mixtral", "served_name": "mixtral"}
     labels = {**mine, "phase": "Pending"}
     now[0] = 300.0
+    # Changed by hand, so the resync applies it.
+    service = kube.stored(SERVICES, "mixtral", "llm")
+    kube.put({**service, "spec": {**service["spec"], "ports": []}})
     kube.fail["services"] = ApiError(503, "ServiceUnavailable", "etcd")
     with pytest.raises(ReconcileError):
         await reconciler.reconcile(model_body(), resync=True)
