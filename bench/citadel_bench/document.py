@@ -14,6 +14,7 @@ from citadel_bench.goprofile import CATEGORIES, CHUNK_S, OTHER, ApiServerProfile
 from citadel_bench.memory import MemoryRun
 from citadel_bench.operator_scale import (
     APPLY_STREAMS,
+    RESYNC_S,
     STEADY_GAP_S,
     STEADY_MODELS,
     ScaleRun,
@@ -525,6 +526,7 @@ def _scale(r: Results) -> list[str]:
     out.append(table(["what", "value"], rows))
     out += ["", "![operator scale](benchmarks/operator-scale.png)", ""]
     out += _scale_requests(s)
+    out += _scale_rest(s)
     out += _scale_apiserver(s)
     if s.profile:
         out += [
@@ -615,6 +617,39 @@ def _scale_requests(s: ScaleRun, count: int = 16) -> list[str]:
             ["verb and resource", "with the operator", "floor"],
             [*rows, ("all requests", total, floor_total)],
         ),
+        "",
+    ]
+
+
+def _scale_rest(s: ScaleRun, count: int = 10) -> list[str]:
+    """Requests a second and CPU over one resync period at rest."""
+    if not s.rest_s:
+        return []
+    per_s = {k: v / s.rest_s for k, v in s.rest_requests.items()}
+    keys = sorted(per_s, key=lambda k: -per_s[k])[:count]
+    cpu = s.rest_cpu_by_process
+    cores = ", ".join(f"{n} {fmt(cpu[n] / s.rest_s, 3)}" for n in sorted(cpu))
+    return [
+        "### At rest",
+        "",
+        f"Once every model was Ready and the one-at-a-time models were made: "
+        f"{fmt(s.rest_s, 0)} s,",
+        f"one resync period of the operator (`CITADEL_OPERATOR_RESYNC_SECONDS`="
+        f"{fmt(RESYNC_S, 0)}), in which each",
+        "model's periodic pass runs once and nothing changes. Requests a second, "
+        "every client",
+        f"together (APPLY and the reads of owned objects are the operator's); "
+        f"the {count} most frequent:",
+        "",
+        table(
+            ["verb and resource", "requests/s"],
+            [
+                *[(k, fmt(per_s[k], 2)) for k in keys],
+                ("all", fmt(sum(per_s.values()), 1)),
+            ],
+        ),
+        "",
+        f"CPU over that span, in cores: {cores}.",
         "",
     ]
 

@@ -41,6 +41,9 @@ PROFILE = "operator-profile.txt"
 STEADY_MODELS = 20
 MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 STEADY_GAP_S = 0.5
+# The operator's resync period, set explicitly (its default): the span at rest
+# covers one, in which every model's periodic pass runs once.
+RESYNC_S = 120.0
 CONTROL_PLANE = (
     "kube-apiserver",
     "etcd",
@@ -92,6 +95,13 @@ class ScaleRun:
     """The API server's CPU by category, first apply to all Ready."""
     floor_apiserver: ApiServerProfile = field(default_factory=ApiServerProfile)
     """The same during the floor."""
+    rest_requests: dict[str, float] = field(default_factory=dict)
+    """API requests by "VERB resource" over one resync period at rest (every
+    model Ready, nothing changing)."""
+    rest_cpu_by_process: dict[str, float] = field(default_factory=dict)
+    """CPU seconds of each process, the operator's too, over that span."""
+    rest_s: float = 0.0
+    """The span at rest, 0 when not measured."""
     problem: str | None = None
 
 
@@ -422,6 +432,7 @@ def run_scale(
             "CITADEL_OPERATOR_PEERING": "standalone",
             "CITADEL_OPERATOR_HEALTH_PORT": str(health),
             "CITADEL_OPERATOR_METRICS_PORT": str(free_port()),
+            "CITADEL_OPERATOR_RESYNC_SECONDS": str(RESYNC_S),
         }
         binary = Path(sys.executable).with_name("citadel-operator")
         operator = start("operator", [str(binary)], log_dir, env=env)
@@ -476,6 +487,8 @@ def run_scale(
             result.steady_latencies_s = one_at_a_time(kube, models, created, seen)
         result.rss_end_mb = operator.rss_bytes() / 2**20
         result.cpu_s = operator.cpu_seconds() - cpu0
+        if result.all_ready_s is not None:
+            at_rest(kube, operator, result)
     except (RuntimeError, subprocess.TimeoutExpired) as err:
         result.problem = str(err)[-500:]
     finally:
@@ -493,6 +506,19 @@ def run_scale(
     with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
         kube("delete", "node", "-l", "citadel.ai/bench=true", "--wait=false")
     return result
+
+
+def at_rest(kube: Kubectl, operator: Proc, result: ScaleRun) -> None:
+    """API requests and CPU over one resync period with every model Ready: what
+    the operator costs the cluster while nothing changes."""
+    requests0, cpu0 = api_requests(kube), control_plane_cpu()
+    operator0 = operator.cpu_seconds()
+    began = time.monotonic()
+    time.sleep(RESYNC_S)
+    result.rest_requests = requests_since(kube, requests0)
+    result.rest_cpu_by_process = cpu_since(cpu0)
+    result.rest_cpu_by_process["citadel-operator"] = operator.cpu_seconds() - operator0
+    result.rest_s = time.monotonic() - began
 
 
 def floor_objects(i: int) -> list[dict[str, object]]:
