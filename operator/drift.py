@@ -27,6 +27,10 @@ from typing import Any
 # What of an object's metadata our apply sets and may change: not annotations,
 # which other tools (kubectl rollout restart, Deployment revisions) write too.
 _COMPARED_METADATA = ("labels", "ownerReferences", "finalizers")
+# A claim's annotations are ours too: its marks say who created it.
+_COMPARED_METADATA_BY_KIND = {
+    "PersistentVolumeClaim": (*_COMPARED_METADATA, "annotations"),
+}
 
 # The lists in a Deployment that the API server merges by key
 # (x-kubernetes-list-type: map, and their x-kubernetes-list-map-keys), by field
@@ -212,7 +216,7 @@ def covers(
 def drifted(desired: dict[str, Any], actual: dict[str, Any] | None) -> bool:
     """True when `actual` is missing or lost something `desired` sets.
 
-    Of metadata, only `_COMPARED_METADATA` counts.
+    Of metadata, only `_COMPARED_METADATA` counts (and a claim's annotations).
     """
     if actual is None:
         return True
@@ -223,15 +227,17 @@ def drifted(desired: dict[str, Any], actual: dict[str, Any] | None) -> bool:
 def _compared(obj: dict[str, Any]) -> dict[str, Any]:
     """The parts of `obj` an apply of ours may change."""
     meta = obj.get("metadata", {})
+    keys = _COMPARED_METADATA_BY_KIND.get(str(obj.get("kind")), _COMPARED_METADATA)
     return {
-        "metadata": {k: meta[k] for k in _COMPARED_METADATA if k in meta},
+        "metadata": {k: meta[k] for k in keys if k in meta},
         **{k: v for k, v in obj.items() if k not in ("metadata", "status")},
     }
 
 
 def unchanged_by(result: dict[str, Any], actual: dict[str, Any]) -> bool:
     """True when `result`, a dry run's answer to our apply, is `actual` again in
-    everything but annotations and status: the apply would change nothing."""
+    everything but status and (but for a claim) annotations: the apply would
+    change nothing."""
     return _compared(result) == _compared(actual)
 
 

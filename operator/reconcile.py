@@ -184,6 +184,12 @@ def _owner_uid(obj: Manifest) -> str | None:
     return None
 
 
+def _refers_to(obj: Manifest, uid: str) -> bool:
+    """Whether `obj` has an owner reference to `uid`."""
+    refs = obj.get("metadata", {}).get("ownerReferences", []) or []
+    return any(ref.get("uid") == uid for ref in refs)
+
+
 def _first_look(model: LLMModel) -> bool:
     """Whether this generation of the model was never reconciled."""
     return model.status.observed_generation != model.generation
@@ -275,10 +281,11 @@ class Reconciler:
         # against the status before that write (it would write and announce the
         # same change twice).
         self._written: dict[str, Manifest] = {}
-        # Per model, the fingerprint (drift.fingerprint) of a Deployment that needs
-        # no apply of ours: a drift check the dry run refuted, or what our last
-        # forced apply left. Not checked again until it or our apply changes.
-        self._settled: dict[str, str] = {}
+        # Per model and kind, the fingerprint (drift.fingerprint) of an owned
+        # object that needs no apply of ours: a drift check the dry run refuted,
+        # or what our last forced apply left. Not checked again until it or our
+        # apply changes.
+        self._settled: dict[str, dict[str, str]] = {}
         # Per model, the generation whose reconcile failed for good, and why.
         self._failed: dict[str, tuple[int, Blocker]] = {}
         # Refreshes running as tasks of their own (see spawn_refresh).
@@ -317,6 +324,10 @@ class Reconciler:
                 await held.enter_async_context(self._precedence.urgent())
             await held.enter_async_context(self._serial.hold(key))
             model = await self._parse(self._newest(key, body))
+            # A generation whose reconcile failed for good was never applied in
+            # full: its periodic pass applies everything (a field the new spec
+            # drops is no drift).
+            resync = resync and model.key not in self._failed
             with self.metrics.timed("full"):
                 try:
                     # Two turns in the queue for slots: the Deployment (and the
@@ -459,18 +470,29 @@ class Reconciler:
         Args:
             known: the object as a watch last saw it; read from the API if None
                 (it may then exist without our labels, which the watches skip).
-            resync: a periodic pass over an unchanged model: the object is read
-                from the API server's cache, and applied only if it lost
-                something `obj` sets (see `_holds`).
+            resync: a periodic pass over an unchanged model: applied only if it
+                lost something `obj` sets (see `_holds` and `_put_back`).
 
         Returns:
             The object as applied, or as found when left alone.
         """
         resource = resource_for(obj["apiVersion"], obj["kind"])
         name = obj["metadata"]["name"]
-        current = await self._existing(
-            resource, name, model.namespace, known, cached=resync
-        )
+        if resync:
+            # The API server's cache, not the watch behind `known` (a missed
+            # event is what this pass is for), says whether there is anything
+            # to do; what is done is decided on etcd's copy, as it may be behind.
+            cached = await self._existing(
+                resource, name, model.namespace, None, cached=True
+            )
+            if (
+                cached is not None
+                and _owner_uid(cached) == model.uid
+                and self._holds(model, obj, cached)
+            ):
+                return cached
+            known = None
+        current = await self._existing(resource, name, model.namespace, known)
         if current is not None and _owner_uid(current) != model.uid:
             previous = _owner_uid(current) is not None and _is_ours(current)
             raise ReconcileError(
@@ -482,27 +504,51 @@ class Reconciler:
                 ),
                 retryable=previous,
             )
-        if resync and current is not None and self._holds(model, obj, current):
-            return current
+        if resync:
+            return await self._put_back(model, obj, current)
         applied: Manifest = await self._call(self.kube.apply(obj))
         return applied
 
+    async def _put_back(
+        self, model: LLMModel, desired: Manifest, actual: Manifest | None
+    ) -> Manifest:
+        """Applies `desired` over `actual` (ours) if it drifted, as a dry run
+        confirms, with a DriftReverted event; returns the object as it is after.
+        """
+        kind, name = desired["kind"], desired["metadata"]["name"]
+        if actual is not None and not (
+            drifted(desired, actual)
+            and await self._call(self._apply_would_change(model, desired, actual))
+        ):
+            return actual
+        result: Manifest = await self._call(self.kube.apply(desired))
+        # Applying the same again would change nothing, whatever the quick check
+        # says (it decides alone when dry runs are refused).
+        self._settled.setdefault(model.key, {})[kind] = fingerprint(desired, result)
+        self.metrics.drift.labels(kind=kind).inc()
+        what = "created the missing" if actual is None else "put back manual changes to"
+        await self._post(
+            model, Notice("Normal", "DriftReverted", f"{what} {kind} {name}")
+        )
+        return result
+
     def _holds(self, model: LLMModel, desired: Manifest, actual: Manifest) -> bool:
         """Whether `actual` holds everything our apply of `desired` sets: by the
-        quick check, or by a dry run that refuted it (the Deployment's mark).
+        quick check, or by a dry run that refuted it (its mark in `_settled`).
 
-        Only for periodic passes: a changed spec, or a new operator (resume),
-        always applies, so that fields we stopped setting go too. Applying every
-        owned object at each resync was three server-side applies and three reads
-        from etcd per model and period: with 1,000 Ready models on the local
-        cluster, 50 requests a second and 0.16 of a core of API server CPU while
-        nothing changed; reading from the cache and applying nothing, 25 cached
-        reads a second and 0.02 of a core (240 s windows, before and after; `make
-        bench` reports the same as "At rest").
+        Only for periodic passes: a changed spec, a new operator (resume) or a
+        failed spec change applies in full, so that fields we stopped setting go
+        too. Applying every owned object at each pass was three server-side
+        applies and three reads from etcd per model and period: with 1,000 Ready
+        models on the local cluster, 50 requests a second and 0.16 of a core of
+        API server CPU while nothing changed (240 s windows, beside the same
+        cluster without the operator). Now a pass that finds nothing to do makes
+        only reads from the API server's cache (`make bench`: "At rest").
         """
         if not drifted(desired, actual):
             return True
-        return self._settled.get(model.key) == fingerprint(desired, actual)
+        mark = self._settled.get(model.key, {}).get(desired["kind"])
+        return mark == fingerprint(desired, actual)
 
     async def _existing(
         self,
@@ -550,7 +596,7 @@ class Reconciler:
         if pdb is not None:
             await self._apply(model, pdb, resync=resync)
         else:
-            await self._delete_owned(model, PDBS, model.name, cached=resync)
+            await self._delete_owned(model, PDBS, model.name, resync=resync)
         if await self._monitoring_installed():
             monitor = build_pod_monitor(model, self.settings.pod_monitor_labels)
             await self._apply(model, monitor, resync=resync)
@@ -581,9 +627,14 @@ class Reconciler:
         self, model: LLMModel, first_look: bool, resync: bool = False
     ) -> None:
         name = names.cache_claim_name(model.name)
-        current = await self._call(
-            self.kube.get(PVCS, name, model.namespace, cached=resync)
-        )
+        if resync:
+            # As in `_apply`: the cache says whether there is anything to do.
+            cached = await self._call(
+                self.kube.get(PVCS, name, model.namespace, cached=True)
+            )
+            if cached is not None and self._claim_holds(model, cached):
+                return
+        current = await self._call(self.kube.get(PVCS, name, model.namespace))
         if current is None:
             await self._create_claim(model)
             return
@@ -603,12 +654,22 @@ class Reconciler:
                 )
             return
         claim = _built_claim(model, created_for, current["metadata"].get("uid"))
-        if resync and self._holds(model, claim, current):
-            applied: Manifest = current
-        else:
-            applied = await self._apply_claim_spec(model, claim, current, first_look)
+        applied = await self._apply_claim_spec(model, claim, current, first_look)
         if "ownerReferences" not in claim["metadata"]:
             await self._drop_owner(model, applied)
+
+    def _claim_holds(self, model: LLMModel, claim: Manifest) -> bool:
+        """Whether a periodic pass has nothing to do to the claim: not ours (never
+        changed), or holding what we set, with no owner reference to drop."""
+        created_for = _created_for(claim, model)
+        if created_for is None:
+            return True
+        desired = _built_claim(model, created_for, claim["metadata"].get("uid"))
+        if "ownerReferences" not in desired["metadata"] and _refers_to(
+            claim, model.uid
+        ):
+            return False
+        return self._holds(model, desired, claim)
 
     async def _apply_claim_spec(
         self, model: LLMModel, claim: Manifest, current: Manifest, first_look: bool
@@ -696,13 +757,21 @@ class Reconciler:
         return applied
 
     async def _delete_owned(
-        self, model: LLMModel, resource: Resource, name: str, *, cached: bool = False
+        self, model: LLMModel, resource: Resource, name: str, *, resync: bool = False
     ) -> None:
-        current = await self._call(
-            self.kube.get(resource, name, model.namespace, cached=cached)
-        )
+        """Deletes the object if it is the model's (on a resync, if the API
+        server's cache says there is one; checked again on etcd's copy)."""
+        if resync:
+            cached = await self._call(
+                self.kube.get(resource, name, model.namespace, cached=True)
+            )
+            if cached is None or _owner_uid(cached) != model.uid:
+                return
+        current = await self._call(self.kube.get(resource, name, model.namespace))
         if current is not None and _owner_uid(current) == model.uid:
-            await self._call(self.kube.delete(resource, name, model.namespace))
+            # Only that very object: one made under the same name since is not.
+            uid = current["metadata"]["uid"]
+            await self._call(self.kube.delete(resource, name, model.namespace, uid=uid))
 
     async def _monitoring_installed(self) -> bool:
         now = time.monotonic()
@@ -725,29 +794,16 @@ class Reconciler:
         )
         if actual is not None and _owner_uid(actual) != model.uid:
             return
-        if drifted(desired, actual):
-            if actual is not None and not await self._apply_would_change(
-                model, desired, actual
-            ):
-                return
-            result = await self.kube.apply(desired)
-            # Applying the same again would change nothing, whatever the quick
-            # check says (it decides alone when dry runs are refused).
-            self._settled[model.key] = fingerprint(desired, result)
-            self.metrics.drift.labels(kind="Deployment").inc()
-            what = "recreated" if actual is None else "put back manual changes to"
-            await self._post(
-                model,
-                Notice("Normal", "DriftReverted", f"{what} Deployment {model.name}"),
-            )
+        await self._put_back(model, desired, actual)
 
     async def _apply_would_change(
         self, model: LLMModel, desired: Manifest, actual: Manifest
     ) -> bool:
         """Whether applying `desired` would change `actual`, as a dry run on the
         API server says: it alone knows every form it rewrites."""
+        kind = desired["kind"]
         mark = fingerprint(desired, actual)
-        if self._settled.get(model.key) == mark:
+        if self._settled.get(model.key, {}).get(kind) == mark:
             return False
         try:
             result = await self.kube.apply(desired, dry_run=True)
@@ -760,14 +816,13 @@ class Reconciler:
             return True
         if resource_version(result) != resource_version(actual):
             # The view is behind the server, so the answer is not about `actual`;
-            # the watch event of the newer version asks again.
+            # the watch event of the newer version (or the next resync, for what
+            # is not watched) asks again.
             return False
         if unchanged_by(result, actual):
             if await self._still_there(model):  # else forget() has run
-                self._settled[model.key] = mark
-            log.info(
-                "%s: the Deployment differs only in form; left as it is", model.key
-            )
+                self._settled.setdefault(model.key, {})[kind] = mark
+            log.info("%s: the %s differs only in form; left as it is", model.key, kind)
             return False
         return True
 

@@ -95,9 +95,15 @@ class Kube(Protocol):
         ...
 
     async def delete(
-        self, resource: Resource, name: str, namespace: str | None = None
+        self,
+        resource: Resource,
+        name: str,
+        namespace: str | None = None,
+        *,
+        uid: str | None = None,
     ) -> bool:
-        """Deletes an object; False when it did not exist."""
+        """Deletes an object; False when it did not exist. With `uid`, only the
+        object of that uid: another one of that name is a 409 ApiError."""
         ...
 
     async def create(self, obj: Manifest) -> Manifest:
@@ -242,9 +248,16 @@ class AioKube:
         return list((result or {}).get("items", []))
 
     async def delete(
-        self, resource: Resource, name: str, namespace: str | None = None
+        self,
+        resource: Resource,
+        name: str,
+        namespace: str | None = None,
+        *,
+        uid: str | None = None,
     ) -> bool:
-        body = {"propagationPolicy": "Background"}
+        body: Manifest = {"propagationPolicy": "Background"}
+        if uid is not None:
+            body["preconditions"] = {"uid": uid}
         path = resource.path(namespace, name)
         return await self._request("DELETE", path, body=body) is not None
 

@@ -47,6 +47,9 @@ class FakeKube:
         fail: plural -> ApiError raised by any write to that resource.
         reads: (verb, plural) of every get ("get cached" with `cached`) and
             list, in order.
+        behind: (plural, namespace, name) -> what a `cached` get answers
+            instead of the stored object (None: not found), as a watch cache
+            behind the store would.
 
     Every write gives the object a new, growing `resourceVersion`.
     """
@@ -67,6 +70,7 @@ class FakeKube:
         self._uids = itertools.count(1)
         self._versions = itertools.count(1)
         self.reads: list[tuple[str, str]] = []
+        self.behind: dict[tuple[str, str, str], Manifest | None] = {}
         for obj in objects:
             self.put(obj)
 
@@ -177,7 +181,11 @@ class FakeKube:
         cached: bool = False,
     ) -> Manifest | None:
         self.reads.append(("get cached" if cached else "get", resource.plural))
-        found = self.objects.get(self._key(resource, name, namespace))
+        key = self._key(resource, name, namespace)
+        if cached and key in self.behind:
+            found = self.behind[key]
+            return copy.deepcopy(found) if found is not None else None
+        found = self.objects.get(key)
         return copy.deepcopy(found) if found is not None else None
 
     async def list(
@@ -197,11 +205,22 @@ class FakeKube:
         ]
 
     async def delete(
-        self, resource: Resource, name: str, namespace: str | None = None
+        self,
+        resource: Resource,
+        name: str,
+        namespace: str | None = None,
+        *,
+        uid: str | None = None,
     ) -> bool:
         key = self._key(resource, name, namespace)
-        if self.objects.pop(key, None) is None:
+        found = self.objects.get(key)
+        if found is None:
             return False
+        if uid is not None and found["metadata"]["uid"] != uid:
+            raise ApiError(
+                409, "Conflict", f"Precondition failed: UID in precondition: {uid}"
+            )
+        del self.objects[key]
         self.deleted.append(key)
         return True
 

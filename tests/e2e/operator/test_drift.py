@@ -46,7 +46,11 @@ def _list_fields(
         ("apis/apps/v1", "io.k8s.api.apps.v1.Deployment", "Deployment"),
         ("api/v1", "io.k8s.api.core.v1.Service", "Service"),
         ("api/v1", "io.k8s.api.core.v1.PersistentVolumeClaim", "PersistentVolumeClaim"),
-        ("apis/policy/v1", "io.k8s.api.policy.v1.PodDisruptionBudget", "PDB"),
+        (
+            "apis/policy/v1",
+            "io.k8s.api.policy.v1.PodDisruptionBudget",
+            "PodDisruptionBudget",
+        ),
     ],
 )
 def test_merged_lists_match_the_api_servers_schema(

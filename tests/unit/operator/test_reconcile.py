@@ -139,6 +139,127 @@ async def test_a_resync_puts_back_what_drifted(settings: OperatorSettings) -> No
     assert kube.stored(POD_MONITORS, "mixtral", "llm")
 
 
+async def test_a_resync_puts_back_what_drifted_with_an_event(
+    settings: OperatorSettings,
+) -> None:
+    kube, reconciler = _setup(settings, model_body(), monitoring=True)
+    await reconciler.reconcile(model_body())
+    stored = kube.stored(LLMMODELS, "mixtral", "llm")
+    service = kube.stored(SERVICES, "mixtral", "llm")
+    kube.put({**service, "spec": {**service["spec"], "ports": []}})
+    await reconciler.reconcile(stored, resync=True)
+    [event] = [e for e in kube.events if e["reason"] == "DriftReverted"]
+    assert event["message"] == "put back manual changes to Service mixtral"
+    assert (
+        reconciler.metrics.registry.get_sample_value(
+            "citadel_operator_drift_reverts_total", {"kind": "Service"}
+        )
+        == 1
+    )
+    kube.applied.clear()
+    await reconciler.reconcile(stored, resync=True)
+    assert kube.applied == [] and _reasons(kube).count("DriftReverted") == 1
+
+
+async def test_a_resync_after_a_failed_spec_change_applies_in_full(
+    settings: OperatorSettings,
+) -> None:
+    kube, reconciler = _setup(settings, model_body())
+    await reconciler.reconcile(model_body())
+    changed = model_body(generation=2, replicas=1, pod={"annotations": {"a": "b"}})
+    kube.put(changed)
+    kube.fail["services"] = ApiError(403, "Forbidden", "denied by policy")
+    with pytest.raises(ReconcileError):
+        await reconciler.reconcile(changed)
+    # The policy is lifted: the pass applies the whole spec, not what drifted.
+    del kube.fail["services"]
+    kube.applied.clear()
+    await reconciler.reconcile(kube.stored(LLMMODELS, "mixtral", "llm"), resync=True)
+    assert _kinds_applied(kube) == ["Deployment", "Service"]
+    kube.applied.clear()
+    await reconciler.reconcile(kube.stored(LLMMODELS, "mixtral", "llm"), resync=True)
+    assert kube.applied == []
+
+
+async def test_a_resync_acts_on_etcds_copy_not_a_stale_cache(
+    settings: OperatorSettings,
+) -> None:
+    kube, reconciler = _setup(settings, model_body(replicas=2))
+    await reconciler.reconcile(model_body(replicas=2))
+    ours = kube.stored(PDBS, "mixtral", "llm")
+    one = model_body(replicas=1, generation=2)
+    kube.put(one)
+    await reconciler.reconcile(one)
+    assert (PDBS.plural, "llm", "mixtral") in kube.deleted
+    stored = kube.stored(LLMMODELS, "mixtral", "llm")
+    # Someone made a PDB of that name since; the cache still shows ours.
+    kube.put({**ours, "metadata": {"name": "mixtral", "namespace": "llm"}})
+    kube.behind[(PDBS.plural, "llm", "mixtral")] = ours
+    await reconciler.reconcile(stored, resync=True)
+    assert kube.stored(PDBS, "mixtral", "llm")  # not deleted
+    # The same for a Service replaced by someone else's: the cache shows ours,
+    # drifted, but etcd's copy decides.
+    service = kube.stored(SERVICES, "mixtral", "llm")
+    kube.put({**service, "metadata": {"name": "mixtral", "namespace": "llm"}})
+    kube.behind[(SERVICES.plural, "llm", "mixtral")] = {**service, "spec": {}}
+    kube.applied.clear()
+    with pytest.raises(ReconcileError, match="does not belong to this LLMModel"):
+        await reconciler.reconcile(stored, resync=True)
+    assert _kinds_applied(kube) == []  # the status says why
+
+
+async def test_a_stale_claim_in_the_cache_does_not_fail_a_retained_claim(
+    settings: OperatorSettings,
+) -> None:
+    deleting = model_body(cache={"size": "10Gi", "deletePolicy": "Delete"})
+    kube, reconciler = _setup(settings, deleting)
+    await reconciler.reconcile(deleting)
+    owned = _the_claim(kube)
+    retaining = model_body(
+        cache={"size": "10Gi", "deletePolicy": "Retain"}, generation=2
+    )
+    kube.put(retaining)
+    await reconciler.reconcile(retaining)
+    assert "ownerReferences" not in _the_claim(kube)["metadata"]
+    # The cache has not seen the patch that dropped the owner reference yet.
+    kube.behind[(PVCS.plural, "llm", "mixtral-cache")] = owned
+    patches = len(kube.patched)
+    await reconciler.reconcile(kube.stored(LLMMODELS, "mixtral", "llm"), resync=True)
+    assert len(kube.patched) == patches
+
+
+async def test_a_resync_puts_back_the_claims_marks(settings: OperatorSettings) -> None:
+    body = model_body(cache={"size": "10Gi"})
+    kube, reconciler = _setup(settings, body)
+    await reconciler.reconcile(body)
+    claim = _the_claim(kube)
+    marks = claim["metadata"]["annotations"]
+    # The mark that holds the claim's own uid, lost: without it, the next model
+    # of this name would take the retained claim for someone else's.
+    kept = {names.ANNOTATION_CREATED_FOR: marks[names.ANNOTATION_CREATED_FOR]}
+    kube.put({**claim, "metadata": {**claim["metadata"], "annotations": kept}})
+    await reconciler.reconcile(kube.stored(LLMMODELS, "mixtral", "llm"), resync=True)
+    assert _the_claim(kube)["metadata"]["annotations"] == marks
+
+
+async def test_a_resync_recreates_a_deployment_the_watch_still_shows(
+    settings: OperatorSettings,
+) -> None:
+    kube, reconciler = _setup(settings, model_body())
+    await reconciler.reconcile(model_body())
+    seen = kube.stored(DEPLOYMENTS, "mixtral", "llm")
+
+    class MissedDelete(ApiView):
+        async def deployment(self, namespace: str, name: str) -> Any:
+            return seen
+
+    reconciler.use(MissedDelete(kube))
+    await kube.delete(DEPLOYMENTS, "mixtral", "llm")
+    await reconciler.reconcile(kube.stored(LLMMODELS, "mixtral", "llm"), resync=True)
+    assert kube.stored(DEPLOYMENTS, "mixtral", "llm")
+    assert "DriftReverted" in _reasons(kube)
+
+
 async def test_pod_monitor_when_the_crd_exists(settings: OperatorSettings) -> None:
     kube, reconciler = _setup(settings, model_body(), monitoring=True)
     await reconciler.reconcile(model_body())
