@@ -324,10 +324,11 @@ class Reconciler:
                 await held.enter_async_context(self._precedence.urgent())
             await held.enter_async_context(self._serial.hold(key))
             model = await self._parse(self._newest(key, body))
-            # A generation whose reconcile failed for good was never applied in
-            # full: its periodic pass applies everything (a field the new spec
-            # drops is no drift).
-            resync = resync and model.key not in self._failed
+            # A generation not yet reconciled (its update may be waiting for a
+            # slot or backing off), or whose reconcile failed for good, was
+            # never applied in full: its periodic pass applies everything (a
+            # field the new spec drops is no drift).
+            resync = resync and not (model.key in self._failed or _first_look(model))
             with self.metrics.timed("full"):
                 try:
                     # Two turns in the queue for slots: the Deployment (and the
@@ -771,7 +772,15 @@ class Reconciler:
         if current is not None and _owner_uid(current) == model.uid:
             # Only that very object: one made under the same name since is not.
             uid = current["metadata"]["uid"]
-            await self._call(self.kube.delete(resource, name, model.namespace, uid=uid))
+            try:
+                await self.kube.delete(resource, name, model.namespace, uid=uid)
+            except ApiError as err:
+                if err.status != 409:
+                    raise ReconcileError(str(err), retryable=err.retryable) from err
+                # Replaced since the read: not ours to delete.
+                log.info(
+                    "%s: %s %s changed; not deleted", model.key, resource.kind, name
+                )
 
     async def _monitoring_installed(self) -> bool:
         now = time.monotonic()

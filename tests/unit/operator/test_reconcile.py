@@ -109,9 +109,11 @@ async def test_a_resync_of_an_unchanged_model_applies_nothing(
     await reconciler.reconcile(stored, resync=True)
     assert kube.applied == []
     assert kube.dry_runs == []
-    # What only the API holds (the views hold the Deployment) comes from its cache.
+    # What is not watched comes from the API server's cache, and the Deployment
+    # too (beside the views, which a missed event leaves behind).
     owned = {SERVICES.plural, PVCS.plural, PDBS.plural, POD_MONITORS.plural}
     assert {verb for verb, plural in kube.reads if plural in owned} == {"get cached"}
+    assert ("get cached", DEPLOYMENTS.plural) in kube.reads
     # A pass that is not a resync (a changed spec, a new operator) applies all.
     await reconciler.reconcile(stored)
     assert _kinds_applied(kube) == [
@@ -159,6 +161,63 @@ async def test_a_resync_puts_back_what_drifted_with_an_event(
     kube.applied.clear()
     await reconciler.reconcile(stored, resync=True)
     assert kube.applied == [] and _reasons(kube).count("DriftReverted") == 1
+
+
+async def test_a_resync_before_the_update_applies_the_new_spec_in_full(
+    settings: OperatorSettings,
+) -> None:
+    # The timer's pass can come first while the update waits for a slot.
+    kube, reconciler = _setup(settings, model_body())
+    await reconciler.reconcile(model_body())
+    changed = model_body(generation=2, pod={"annotations": {"a": "b"}})
+    changed["status"] = kube.stored(LLMMODELS, "mixtral", "llm")["status"]
+    kube.put(changed)
+    kube.applied.clear()
+    await reconciler.reconcile(kube.stored(LLMMODELS, "mixtral", "llm"), resync=True)
+    assert _kinds_applied(kube) == ["Deployment", "Service"]
+    assert "DriftReverted" not in _reasons(kube)
+
+
+async def test_a_dry_run_that_refutes_a_services_drift_is_remembered(
+    settings: OperatorSettings,
+) -> None:
+    kube, reconciler = _setup(settings, model_body())
+    await reconciler.reconcile(model_body())
+    stored = kube.stored(LLMMODELS, "mixtral", "llm")
+    # A form the quick check does not know: the server took our port as 8000.0.
+    service = kube.stored(SERVICES, "mixtral", "llm")
+    ports = [{**service["spec"]["ports"][0], "port": "8000.0"}]
+    kube.put({**service, "spec": {**service["spec"], "ports": ports}})
+    original = kube.apply
+
+    async def as_stored(obj: dict[str, Any], **kwargs: Any) -> Any:
+        if kwargs.get("dry_run") and obj["kind"] == "Service":
+            await original(obj, **kwargs)  # recorded
+            return kube.stored(SERVICES, "mixtral", "llm")
+        return await original(obj, **kwargs)
+
+    kube.apply = as_stored  # type: ignore[method-assign]
+    kube.applied.clear()
+    for _ in range(2):
+        await reconciler.reconcile(stored, resync=True)
+    assert [o["kind"] for _, o in kube.dry_runs] == ["Service"]  # once
+    assert kube.applied == [] and "DriftReverted" not in _reasons(kube)
+
+
+async def test_a_pdb_replaced_before_the_delete_is_left(
+    settings: OperatorSettings,
+) -> None:
+    kube, reconciler = _setup(settings, model_body(replicas=2))
+    await reconciler.reconcile(model_body(replicas=2))
+    one = model_body(replicas=1, generation=2)
+    kube.put(one)
+
+    async def replaced(*_: Any, **__: Any) -> bool:
+        raise ApiError(409, "Conflict", "Precondition failed: UID in precondition")
+
+    kube.delete = replaced  # type: ignore[method-assign]
+    status = await reconciler.reconcile(one)
+    assert status.observed_generation == 2
 
 
 async def test_a_resync_after_a_failed_spec_change_applies_in_full(
