@@ -184,6 +184,12 @@ def _owner_uid(obj: Manifest) -> str | None:
     return None
 
 
+def _at_version(obj: Manifest, actual: Manifest) -> Manifest:
+    """`obj` with `actual`'s resourceVersion, which makes an apply conditional."""
+    meta = {**obj["metadata"], "resourceVersion": actual["metadata"]["resourceVersion"]}
+    return {**obj, "metadata": meta}
+
+
 def _refers_to(obj: Manifest, uid: str) -> bool:
     """Whether `obj` has an owner reference to `uid`."""
     refs = obj.get("metadata", {}).get("ownerReferences", []) or []
@@ -506,15 +512,27 @@ class Reconciler:
                 retryable=previous,
             )
         if resync:
-            return await self._put_back(model, obj, current)
+            return await self._put_back(model, obj, current, conditional=True)
         applied: Manifest = await self._call(self.kube.apply(obj))
         return applied
 
     async def _put_back(
-        self, model: LLMModel, desired: Manifest, actual: Manifest | None
+        self,
+        model: LLMModel,
+        desired: Manifest,
+        actual: Manifest | None,
+        *,
+        conditional: bool = False,
     ) -> Manifest:
         """Applies `desired` over `actual` (ours) if it drifted, as a dry run
         confirms, with a DriftReverted event; returns the object as it is after.
+
+        Args:
+            conditional: apply only to `actual`'s version (read from etcd just
+                before): one changed since, even replaced by someone else's, is
+                left for the next pass. Not for a Deployment as the watch saw it:
+                its controller writes its status often, and a put-back refused
+                for that waited for the next event (seen in the e2e tests).
         """
         kind, name = desired["kind"], desired["metadata"]["name"]
         if actual is not None and not (
@@ -522,7 +540,18 @@ class Reconciler:
             and await self._call(self._apply_would_change(model, desired, actual))
         ):
             return actual
-        result: Manifest = await self._call(self.kube.apply(desired))
+        if conditional and actual is not None:
+            try:
+                result: Manifest = await self.kube.apply(_at_version(desired, actual))
+            except ApiError as err:
+                if err.status != 409:
+                    raise ReconcileError(str(err), retryable=err.retryable) from err
+                log.info(
+                    "%s: %s %s changed; left for the next pass", model.key, kind, name
+                )
+                return actual
+        else:
+            result = await self._call(self.kube.apply(desired))
         # Applying the same again would change nothing, whatever the quick check
         # says (it decides alone when dry runs are refused).
         self._settled.setdefault(model.key, {})[kind] = fingerprint(desired, result)

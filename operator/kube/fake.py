@@ -51,7 +51,8 @@ class FakeKube:
             instead of the stored object (None: not found), as a watch cache
             behind the store would.
 
-    Every write gives the object a new, growing `resourceVersion`.
+    Every write gives the object a new, growing `resourceVersion`; an apply
+    that carries one is refused (409) unless it is the stored object's.
     """
 
     def __init__(
@@ -110,6 +111,11 @@ class FakeKube:
         meta = obj["metadata"]
         key = self._key(resource, meta["name"], meta.get("namespace"))
         current = self.objects.get(key)
+        version = meta.get("resourceVersion")
+        if version is not None and (
+            current is None or current["metadata"]["resourceVersion"] != version
+        ):
+            raise ApiError(409, "Conflict", "the object has been modified")
         if current is None:
             if subresource:
                 raise ApiError(404, "NotFound", f"{resource.plural} {meta['name']}")

@@ -204,6 +204,27 @@ async def test_a_dry_run_that_refutes_a_services_drift_is_remembered(
     assert kube.applied == [] and "DriftReverted" not in _reasons(kube)
 
 
+async def test_a_put_back_is_left_if_the_object_changed_since_the_read(
+    settings: OperatorSettings,
+) -> None:
+    kube, reconciler = _setup(settings, model_body())
+    await reconciler.reconcile(model_body())
+    service = kube.stored(SERVICES, "mixtral", "llm")
+    kube.put({**service, "spec": {**service["spec"], "ports": []}})
+    original = kube.apply
+
+    async def changed_meanwhile(obj: dict[str, Any], **kwargs: Any) -> Any:
+        result = await original(obj, **kwargs)
+        if kwargs.get("dry_run"):  # someone writes between the dry run and ours
+            kube.put(kube.stored(SERVICES, "mixtral", "llm"))
+        return result
+
+    kube.apply = changed_meanwhile  # type: ignore[method-assign]
+    await reconciler.reconcile(kube.stored(LLMMODELS, "mixtral", "llm"), resync=True)
+    assert kube.stored(SERVICES, "mixtral", "llm")["spec"]["ports"] == []
+    assert "DriftReverted" not in _reasons(kube)  # left for the next pass
+
+
 async def test_a_pdb_replaced_before_the_delete_is_left(
     settings: OperatorSettings,
 ) -> None:
