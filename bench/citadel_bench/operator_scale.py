@@ -223,24 +223,32 @@ class Window:
         kube: kubectl on the cluster.
         log_dir: where the API server's profiles go.
         name: a prefix for their file names.
+        profiled: False for no profile (its requests would be in the counts).
     """
 
-    def __init__(self, kube: Kubectl, log_dir: Path, name: str) -> None:
+    def __init__(
+        self, kube: Kubectl, log_dir: Path, name: str, *, profiled: bool = True
+    ) -> None:
         self._kube = kube
         self._requests = api_requests(kube)
-        self._profiler = ApiServerProfiler(kube.base, log_dir, name).start()
+        self._profiler = (
+            ApiServerProfiler(kube.base, log_dir, name).start() if profiled else None
+        )
         self._cpu = control_plane_cpu()
+        self.began = time.monotonic()
 
     def stop(self) -> tuple[dict[str, float], dict[str, float], ApiServerProfile]:
         """CPU seconds by process, requests by "VERB resource" and the API
-        server's CPU by category, since the start."""
+        server's CPU by category (empty when not profiled), since the start."""
         cpu = cpu_since(self._cpu)
         requests = requests_since(self._kube, self._requests)
-        return cpu, requests, self._profiler.stop()
+        profile = self._profiler.stop() if self._profiler else ApiServerProfile()
+        return cpu, requests, profile
 
     def halt(self) -> None:
         """Ends the profiling on a path that reads nothing (a failure)."""
-        self._profiler.halt()
+        if self._profiler is not None:
+            self._profiler.halt()
 
 
 def cpu_since(before: dict[str, float]) -> dict[str, float]:
@@ -488,7 +496,7 @@ def run_scale(
         result.rss_end_mb = operator.rss_bytes() / 2**20
         result.cpu_s = operator.cpu_seconds() - cpu0
         if result.all_ready_s is not None:
-            at_rest(kube, operator, result)
+            at_rest(kube, operator, result, log_dir)
     except (RuntimeError, subprocess.TimeoutExpired) as err:
         result.problem = str(err)[-500:]
     finally:
@@ -508,17 +516,15 @@ def run_scale(
     return result
 
 
-def at_rest(kube: Kubectl, operator: Proc, result: ScaleRun) -> None:
+def at_rest(kube: Kubectl, operator: Proc, result: ScaleRun, log_dir: Path) -> None:
     """API requests and CPU over one resync period with every model Ready: what
     the operator costs the cluster while nothing changes."""
-    requests0, cpu0 = api_requests(kube), control_plane_cpu()
     operator0 = operator.cpu_seconds()
-    began = time.monotonic()
+    window = Window(kube, log_dir, "rest", profiled=False)
     time.sleep(RESYNC_S)
-    result.rest_requests = requests_since(kube, requests0)
-    result.rest_cpu_by_process = cpu_since(cpu0)
+    result.rest_cpu_by_process, result.rest_requests, _ = window.stop()
     result.rest_cpu_by_process["citadel-operator"] = operator.cpu_seconds() - operator0
-    result.rest_s = time.monotonic() - began
+    result.rest_s = time.monotonic() - window.began
 
 
 def floor_objects(i: int) -> list[dict[str, object]]:
