@@ -97,6 +97,31 @@ def _kinds_applied(kube: FakeKube) -> list[str]:
     return sorted(obj["kind"] for sub, obj in kube.applied if not sub)
 
 
+async def _resync(kube: FakeKube, reconciler: Reconciler) -> None:
+    """The periodic pass over the model as stored."""
+    await reconciler.reconcile(kube.stored(LLMMODELS, "mixtral", "llm"), resync=True)
+
+
+def _portless_service(kube: FakeKube) -> Any:
+    """Takes the ports off the stored Service, as a hand edit; returns it before."""
+    service = kube.stored(SERVICES, "mixtral", "llm")
+    kube.put({**service, "spec": {**service["spec"], "ports": []}})
+    return service
+
+
+async def _retained(settings: OperatorSettings) -> tuple[FakeKube, Reconciler, Any]:
+    """A model whose claim was made under deletePolicy Delete, then switched to
+    Retain; with the claim as it was before the switch."""
+    deleting = model_body(cache={"size": "10Gi", "deletePolicy": "Delete"})
+    kube, reconciler = _setup(settings, deleting)
+    await reconciler.reconcile(deleting)
+    owned = _the_claim(kube)
+    retaining = model_body(cache={"size": "10Gi", "deletePolicy": "Retain"})
+    kube.put(retaining)
+    await reconciler.reconcile(retaining)
+    return kube, reconciler, owned
+
+
 async def test_a_resync_of_an_unchanged_model_applies_nothing(
     settings: OperatorSettings,
 ) -> None:
@@ -130,8 +155,7 @@ async def test_a_resync_puts_back_what_drifted(settings: OperatorSettings) -> No
     kube, reconciler = _setup(settings, body, monitoring=True)
     await reconciler.reconcile(body)
     stored = kube.stored(LLMMODELS, "mixtral", "llm")
-    service = kube.stored(SERVICES, "mixtral", "llm")
-    kube.put({**service, "spec": {**service["spec"], "ports": []}})
+    service = _portless_service(kube)
     del kube.objects[(POD_MONITORS.plural, "llm", "mixtral")]
     del kube.objects[(DEPLOYMENTS.plural, "llm", "mixtral")]
     kube.applied.clear()
@@ -147,8 +171,7 @@ async def test_a_resync_puts_back_what_drifted_with_an_event(
     kube, reconciler = _setup(settings, model_body(), monitoring=True)
     await reconciler.reconcile(model_body())
     stored = kube.stored(LLMMODELS, "mixtral", "llm")
-    service = kube.stored(SERVICES, "mixtral", "llm")
-    kube.put({**service, "spec": {**service["spec"], "ports": []}})
+    _portless_service(kube)
     await reconciler.reconcile(stored, resync=True)
     [event] = [e for e in kube.events if e["reason"] == "DriftReverted"]
     assert event["message"] == "put back manual changes to Service mixtral"
@@ -173,7 +196,7 @@ async def test_a_resync_before_the_update_applies_the_new_spec_in_full(
     changed["status"] = kube.stored(LLMMODELS, "mixtral", "llm")["status"]
     kube.put(changed)
     kube.applied.clear()
-    await reconciler.reconcile(kube.stored(LLMMODELS, "mixtral", "llm"), resync=True)
+    await _resync(kube, reconciler)
     assert _kinds_applied(kube) == ["Deployment", "Service"]
     assert "DriftReverted" not in _reasons(kube)
 
@@ -209,8 +232,7 @@ async def test_a_put_back_is_left_if_the_object_changed_since_the_read(
 ) -> None:
     kube, reconciler = _setup(settings, model_body())
     await reconciler.reconcile(model_body())
-    service = kube.stored(SERVICES, "mixtral", "llm")
-    kube.put({**service, "spec": {**service["spec"], "ports": []}})
+    _portless_service(kube)
     original = kube.apply
 
     async def changed_meanwhile(obj: dict[str, Any], **kwargs: Any) -> Any:
@@ -220,7 +242,7 @@ async def test_a_put_back_is_left_if_the_object_changed_since_the_read(
         return result
 
     kube.apply = changed_meanwhile  # type: ignore[method-assign]
-    await reconciler.reconcile(kube.stored(LLMMODELS, "mixtral", "llm"), resync=True)
+    await _resync(kube, reconciler)
     assert kube.stored(SERVICES, "mixtral", "llm")["spec"]["ports"] == []
     assert "DriftReverted" not in _reasons(kube)  # left for the next pass
 
@@ -254,10 +276,10 @@ async def test_a_resync_after_a_failed_spec_change_applies_in_full(
     # The policy is lifted: the pass applies the whole spec, not what drifted.
     del kube.fail["services"]
     kube.applied.clear()
-    await reconciler.reconcile(kube.stored(LLMMODELS, "mixtral", "llm"), resync=True)
+    await _resync(kube, reconciler)
     assert _kinds_applied(kube) == ["Deployment", "Service"]
     kube.applied.clear()
-    await reconciler.reconcile(kube.stored(LLMMODELS, "mixtral", "llm"), resync=True)
+    await _resync(kube, reconciler)
     assert kube.applied == []
 
 
@@ -291,20 +313,12 @@ async def test_a_resync_acts_on_etcds_copy_not_a_stale_cache(
 async def test_a_stale_claim_in_the_cache_does_not_fail_a_retained_claim(
     settings: OperatorSettings,
 ) -> None:
-    deleting = model_body(cache={"size": "10Gi", "deletePolicy": "Delete"})
-    kube, reconciler = _setup(settings, deleting)
-    await reconciler.reconcile(deleting)
-    owned = _the_claim(kube)
-    retaining = model_body(
-        cache={"size": "10Gi", "deletePolicy": "Retain"}, generation=2
-    )
-    kube.put(retaining)
-    await reconciler.reconcile(retaining)
+    kube, reconciler, owned = await _retained(settings)
     assert "ownerReferences" not in _the_claim(kube)["metadata"]
     # The cache has not seen the patch that dropped the owner reference yet.
     kube.behind[(PVCS.plural, "llm", "mixtral-cache")] = owned
     patches = len(kube.patched)
-    await reconciler.reconcile(kube.stored(LLMMODELS, "mixtral", "llm"), resync=True)
+    await _resync(kube, reconciler)
     assert len(kube.patched) == patches
 
 
@@ -318,7 +332,7 @@ async def test_a_resync_puts_back_the_claims_marks(settings: OperatorSettings) -
     # of this name would take the retained claim for someone else's.
     kept = {names.ANNOTATION_CREATED_FOR: marks[names.ANNOTATION_CREATED_FOR]}
     kube.put({**claim, "metadata": {**claim["metadata"], "annotations": kept}})
-    await reconciler.reconcile(kube.stored(LLMMODELS, "mixtral", "llm"), resync=True)
+    await _resync(kube, reconciler)
     assert _the_claim(kube)["metadata"]["annotations"] == marks
 
 
@@ -335,7 +349,7 @@ async def test_a_resync_recreates_a_deployment_the_watch_still_shows(
 
     reconciler.use(MissedDelete(kube))
     await kube.delete(DEPLOYMENTS, "mixtral", "llm")
-    await reconciler.reconcile(kube.stored(LLMMODELS, "mixtral", "llm"), resync=True)
+    await _resync(kube, reconciler)
     assert kube.stored(DEPLOYMENTS, "mixtral", "llm")
     assert "DriftReverted" in _reasons(kube)
 
@@ -494,12 +508,7 @@ async def test_retain_removes_the_owner_reference_the_create_set(
 ) -> None:
     # The create's field manager entry owns the reference too, so an apply
     # without it would leave it: a JSON patch takes it away.
-    deleting = model_body(cache={"size": "10Gi", "deletePolicy": "Delete"})
-    kube, reconciler = _setup(settings, deleting)
-    await reconciler.reconcile(deleting)
-    retaining = model_body(cache={"size": "10Gi", "deletePolicy": "Retain"})
-    kube.put(retaining)
-    await reconciler.reconcile(retaining)
+    kube, reconciler, _ = await _retained(settings)
     claim = _the_claim(kube)
     assert "ownerReferences" not in claim["metadata"]
     [(plural, _, operations)] = kube.patched
@@ -509,6 +518,7 @@ async def test_retain_removes_the_owner_reference_the_create_set(
         "path": "/metadata/ownerReferences/0/uid",
         "value": "uid-mixtral",
     }
+    deleting = model_body(cache={"size": "10Gi", "deletePolicy": "Delete"})
     kube.put(deleting)
     await reconciler.reconcile(deleting)
     claim = _the_claim(kube)
@@ -734,8 +744,7 @@ async def test_a_failed_resync_still_renews_the_models_report(
     labels = {**mine, "phase": "Pending"}
     now[0] = 300.0
     # Changed by hand, so the resync applies it.
-    service = kube.stored(SERVICES, "mixtral", "llm")
-    kube.put({**service, "spec": {**service["spec"], "ports": []}})
+    _portless_service(kube)
     kube.fail["services"] = ApiError(503, "ServiceUnavailable", "etcd")
     with pytest.raises(ReconcileError):
         await reconciler.reconcile(model_body(), resync=True)
