@@ -152,7 +152,6 @@ class ClientWatch:
         self._watcher = asyncio.create_task(self._watch())
 
     async def _watch(self) -> None:
-        # The body was read whole: the next message is the disconnect.
         while (await self._receive())["type"] != "http.disconnect":
             pass
         self.gone = True
