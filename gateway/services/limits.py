@@ -98,6 +98,11 @@ class Admission:
         ]
         return _headers(list(self.checks), levels)
 
+    def settles_in_store(self, served: bool) -> bool:
+        """Whether `Limiter.settle` may write to the store (and wait on it):
+        to correct tokens, or to give back a request that was not `served`."""
+        return bool(self.token_takes) or (not served and bool(self.request_takes))
+
     @property
     def token_takes(self) -> tuple[Take, ...]:
         """What it took from token buckets (per minute and quotas)."""

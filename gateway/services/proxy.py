@@ -361,16 +361,11 @@ class ProxyService:
         """Settles the request's tokens, then counts it. A client that leaves
         meanwhile (right after its answer) cancels this task: neither may be cut
         short with it, so the settle runs on in a task of its own when it may
-        wait on Redis (else nothing waits),
-        and the count comes in a finally."""
+        wait on the store (Redis), and the count comes in a finally."""
         settle = self._settle(ctx, usage, answered=answered, relayed=relayed)
         try:
             admission = ctx.admission
-            # Settling waits on the store when it corrects tokens, or gives a
-            # request back (one that reached no replica).
-            if admission is not None and (
-                admission.token_takes or (admission.request_takes and not ctx.reached)
-            ):
+            if admission is not None and admission.settles_in_store(ctx.reached):
                 await self._shielded(settle)
             else:
                 await settle
