@@ -290,8 +290,8 @@ class Reconciler:
         self._written: dict[str, Manifest] = {}
         # Per model and kind, the fingerprint (drift.fingerprint) of an owned
         # object that needs no apply of ours: a drift check the dry run refuted,
-        # or what our last forced apply left. Not checked again until it or our
-        # apply changes.
+        # what our last forced apply left, or a claim whose resize was refused.
+        # Not checked again until it or our apply changes.
         self._settled: dict[str, dict[str, str]] = {}
         # Per model, the generation whose reconcile failed for good, and why.
         self._failed: dict[str, tuple[int, Blocker]] = {}
@@ -702,9 +702,19 @@ class Reconciler:
                 )
             return
         claim = _built_claim(model, created_for, current["metadata"].get("uid"))
-        applied = await self._apply_claim_spec(model, claim, current, first_look)
+        applied, refused = await self._apply_claim_spec(
+            model, claim, current, first_look
+        )
         if "ownerReferences" not in claim["metadata"]:
-            await self._drop_owner(model, applied)
+            applied = await self._drop_owner(model, applied)
+        if refused:
+            # Until the claim or the spec changes, a periodic pass would be
+            # refused the same again: it has nothing to do (a full pass, after a
+            # change of spec or at start-up, tries again). Without the mark each
+            # pass wrote twice per period: the refused apply and the metadata's.
+            self._settled.setdefault(model.key, {})[claim["kind"]] = fingerprint(
+                claim, applied
+            )
 
     def _claim_holds(self, model: LLMModel, claim: Manifest) -> bool:
         """Whether a periodic pass has nothing to do to the claim: not ours (never
@@ -721,9 +731,10 @@ class Reconciler:
 
     async def _apply_claim_spec(
         self, model: LLMModel, claim: Manifest, current: Manifest, first_look: bool
-    ) -> Manifest:
+    ) -> tuple[Manifest, bool]:
         """Applies `claim`; where its spec is refused (a resize the class does
-        not allow), its metadata alone."""
+        not allow), its metadata alone. Returns the claim as applied, and whether
+        its spec was refused."""
         name = claim["metadata"]["name"]
         try:
             applied: Manifest = await self.kube.apply(claim)
@@ -739,8 +750,8 @@ class Reconciler:
                     model,
                     Notice("Warning", "CacheClaimNotUpdated", f"{name}: {err.message}"),
                 )
-            applied = await self._apply_claim_metadata(claim, current)
-        return applied
+            return await self._apply_claim_metadata(claim, current), True
+        return applied, False
 
     async def _create_claim(self, model: LLMModel) -> None:
         """Creates the cache claim, marked as the operator's.
@@ -764,8 +775,9 @@ class Reconciler:
         uid = created.get("metadata", {}).get("uid")
         await self._call(self.kube.apply(_built_claim(model, model.uid, uid)))
 
-    async def _drop_owner(self, model: LLMModel, claim: Manifest) -> None:
-        """Removes the model's owner reference from a claim to retain.
+    async def _drop_owner(self, model: LLMModel, claim: Manifest) -> Manifest:
+        """Removes the model's owner reference from a claim to retain; returns
+        the claim as it is after.
 
         The create set it, so the create's field manager entry owns it too, and
         an apply without it leaves it in place: a JSON patch removes it, tested
@@ -780,10 +792,11 @@ class Reconciler:
                     {"op": "remove", "path": path},
                 ]
                 name = claim["metadata"]["name"]
-                await self._call(
+                patched: Manifest = await self._call(
                     self.kube.json_patch(PVCS, name, model.namespace, operations)
                 )
-                return
+                return patched
+        return claim
 
     async def _apply_claim_metadata(
         self, claim: Manifest, current: Manifest

@@ -578,10 +578,12 @@ async def test_retain_drops_the_owner_reference_even_when_a_resize_is_refused(
 
     # A StorageClass that does not allow expansion refuses the larger size.
     original = kube.apply
+    refused: list[str] = []
 
     async def refuse_growth(obj: dict[str, Any], *, subresource: str = "") -> Any:
         size = obj.get("spec", {}).get("resources", {}).get("requests", {})
         if obj["kind"] == "PersistentVolumeClaim" and size.get("storage") == "200Gi":
+            refused.append(obj["metadata"]["name"])
             raise ApiError(
                 403, "Forbidden", "only dynamically provisioned pvc can be resized"
             )
@@ -595,12 +597,20 @@ async def test_retain_drops_the_owner_reference_even_when_a_resize_is_refused(
     assert "ownerReferences" not in claim["metadata"]  # not deleted with the model
     assert claim["spec"]["resources"]["requests"]["storage"] == "100Gi"
     assert "CacheClaimNotUpdated" in _reasons(kube)
-    # The spec still asks for 200Gi at every resync: said once, not every time.
+    # The spec still asks for 200Gi at every resync: said once, not every time,
+    # and not tried again (it would be refused the same) until something changes.
+    kube.applied.clear()
     for _ in range(3):
-        await reconciler.reconcile(
-            kube.stored(LLMMODELS, "mixtral", "llm"), resync=True
-        )
+        await _resync(kube, reconciler)
     assert _reasons(kube).count("CacheClaimNotUpdated") == 1
+    assert refused == ["mixtral-cache"]
+    assert kube.applied == []
+    # A claim changed since is looked at again: its labels are put back.
+    claim = _the_claim(kube)
+    kube.put({**claim, "metadata": {**claim["metadata"], "labels": {}}})
+    await _resync(kube, reconciler)
+    assert refused == ["mixtral-cache", "mixtral-cache"]
+    assert _the_claim(kube)["metadata"]["labels"] == claim["metadata"]["labels"]
 
 
 async def test_api_errors_are_classified(settings: OperatorSettings) -> None:
