@@ -45,7 +45,7 @@ def create_app(settings: GatewaySettings, deps: Deps) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(health.router)
     app.include_router(admin.router)
-    app.include_router(graphql_router())
+    app.include_router(graphql_router(settings.graphql_init_timeout_s))
     app.add_middleware(VersionHeaders)
     errors.install(app)
     return app

@@ -82,6 +82,9 @@ class GatewaySettings(BaseSettings):
     """`json` (one object per line) or `text`."""
     log_level: str = "INFO"
     """Python logging level name."""
+    graphql_init_timeout_s: float = Field(10.0, gt=0)
+    """How long a GraphQL WebSocket may stay open before its `connection_init`,
+    which must carry a valid key; then it is closed (code 4408)."""
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     """Largest request body accepted; larger ones get 413."""
     connect_timeout_s: float = Field(2.0, gt=0)

@@ -3,8 +3,10 @@
 Over HTTP the key is checked before the query runs, so a missing or bad key is
 a 401 in OpenAI's shape, as on REST, counted as a refused chat. Over WebSocket
 (subscriptions) the key comes from the `connection_init` payload
-(`{"authorization": "Bearer ..."}`) or the handshake's `Authorization` header, and
-is checked when an operation starts.
+(`{"authorization": "Bearer ..."}`, the only way for browsers, which cannot set
+headers on a WebSocket) or the handshake's `Authorization` header. It is checked
+at `connection_init`, where a socket without a valid key is refused (counted
+like the HTTP 401), and again when each operation starts.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import Response
+from strawberry.exceptions import ConnectionRejectionError
 from strawberry.fastapi import BaseContext
 
 from citadel.gateway.deps import REQUEST_ID, Deps, read_body, take_request_id
 from citadel.gateway.errors import GatewayError
+from citadel.gateway.graphql.errors import extensions_of
 from citadel.gateway.services.auth import Principal
 from citadel.gateway.services.requests import CHAT, Door
 
@@ -77,6 +81,26 @@ class GraphQLContext(BaseContext):
         return self.deps.authenticator.authenticate(
             _authorization(self.connection_params, self.request)
         )
+
+
+def admit(context: GraphQLContext) -> None:
+    """Checks the key of a WebSocket at its `connection_init`.
+
+    Raises:
+        ConnectionRejectionError: no key, or an unknown or revoked one; its
+            payload is the GraphQL error (`graphql-ws` sends it to the client).
+    """
+    try:
+        context.principal()
+    except GatewayError as err:
+        # Counted as the HTTP 401 is, or a flood of keyless sockets would not
+        # show in the request metrics.
+        context.deps.proxy.refused(CHAT, context.request_id, err, Door.GRAPHQL)
+        payload: dict[str, object] = {
+            "message": err.message,
+            "extensions": extensions_of(err),
+        }
+        raise ConnectionRejectionError(payload) from err
 
 
 def _authorization(params: Any, connection: Any) -> str | None:

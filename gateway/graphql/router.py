@@ -3,24 +3,86 @@
 POST (and GET for queries) over HTTP, and subscriptions over WebSocket
 (`graphql-transport-ws`, and the older `graphql-ws`) on the same path. No
 GraphiQL page: the gateway serves APIs only.
+
+A WebSocket stays open only with a valid key: its `connection_init` is refused
+without one, and a socket that sends no `connection_init` is closed after
+`init_timeout_s`, whichever protocol it speaks. Otherwise a client without a
+key could hold sockets open for ever without running an operation.
 """
 
 from __future__ import annotations
 
-from strawberry.fastapi import GraphQLRouter
+import asyncio
+import contextlib
+from datetime import timedelta
 
-from citadel.gateway.graphql.context import GraphQLContext, context_of
+from starlette.websockets import WebSocketDisconnect
+from strawberry.fastapi import GraphQLRouter
+from strawberry.subscriptions.protocols.graphql_ws.handlers import (
+    BaseGraphQLWSHandler,
+)
+from strawberry.subscriptions.protocols.graphql_ws.types import ConnectionInitMessage
+from strawberry.types.unset import UnsetType
+
+from citadel.gateway.graphql.context import GraphQLContext, admit, context_of
 from citadel.gateway.graphql.schema import build_schema
 
 PATH = "/graphql"
+INIT_TIMEOUT_CLOSE = 4408
+"""The close code of a socket that sent no `connection_init` in time: the one
+`graphql-transport-ws` uses, for the older protocol too."""
 
 
-def graphql_router() -> GraphQLRouter[GraphQLContext, None]:
-    """The router; `app.include_router(graphql_router())` mounts it."""
-    return GraphQLRouter(
+class _GraphQLWSHandler(BaseGraphQLWSHandler[GraphQLContext, None]):
+    """The older `graphql-ws` protocol, with the `connection_init` wait that
+    strawberry gives `graphql-transport-ws` only."""
+
+    _init_wait: asyncio.Task[None] | None = None
+
+    async def handle(self) -> None:
+        self._init_wait = asyncio.create_task(self._close_uninitialised())
+        try:
+            await super().handle()
+        finally:
+            self._init_wait.cancel()
+
+    async def handle_connection_init(self, message: ConnectionInitMessage) -> None:
+        # The key is checked now: the socket is refused or acknowledged.
+        if self._init_wait is not None:
+            self._init_wait.cancel()
+        await super().handle_connection_init(message)
+
+    async def _close_uninitialised(self) -> None:
+        await asyncio.sleep(self.view.connection_init_wait_timeout.total_seconds())
+        reason = "Connection initialisation timeout"
+        with contextlib.suppress(WebSocketDisconnect):  # the client left first
+            await self.websocket.close(code=INIT_TIMEOUT_CLOSE, reason=reason)
+
+
+class _Router(GraphQLRouter[GraphQLContext, None]):
+    graphql_ws_handler_class = _GraphQLWSHandler
+
+    async def on_ws_connect(
+        self, context: GraphQLContext
+    ) -> UnsetType | dict[str, object] | None:
+        # Refused: graphql-transport-ws closes with 4403; graphql-ws sends
+        # `connection_error` and closes with 1011.
+        admit(context)
+        return await super().on_ws_connect(context)  # acknowledged, no payload
+
+
+def graphql_router(init_timeout_s: float) -> GraphQLRouter[GraphQLContext, None]:
+    """The router; `app.include_router(graphql_router(...))` mounts it.
+
+    Args:
+        init_timeout_s: how long a WebSocket may stay open before its
+            `connection_init`.
+    """
+    return _Router(
         build_schema(),
         path=PATH,
         graphql_ide=None,
         context_getter=context_of,
         include_in_schema=False,
+        connection_init_wait_timeout=timedelta(seconds=init_timeout_s),
     )

@@ -1,5 +1,6 @@
 """The GraphQL door against the REST door's rules: keys checked per operation,
-the body limit, the session header, request ids, and a client that leaves."""
+a WebSocket refused without a valid key, the body limit, the session header,
+request ids, and a client that leaves."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from typing import Any
 import orjson
 import pytest
 from starlette.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
+
+from citadel.gateway.app import create_app, serving
+from citadel.gateway.settings import GatewaySettings
 
 pytestmark = pytest.mark.unit
 
@@ -23,6 +28,11 @@ STREAM = """subscription S($input: ChatCompletionInput!) {
 CHAT = """mutation C($input: ChatCompletionInput!) {
   chatCompletion(input: $input) { choices { message { content } } } }"""
 INPUT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+PROTOCOLS = ["graphql-transport-ws", "graphql-ws"]
+# How each protocol refuses a connection_init without a valid key: the code
+# graphql-transport-ws names for it, and the older protocol's reference server's
+# (after its `connection_error` message).
+REFUSED = {"graphql-transport-ws": 4403, "graphql-ws": 1011}
 
 
 def _sse(*payloads: Any) -> list[bytes]:
@@ -59,6 +69,118 @@ def test_a_key_revoked_while_a_socket_is_open_stops_working(kit: Any) -> None:
         refused = run("2")
     assert refused["payload"]["errors"][0]["extensions"]["code"] == "invalid_api_key"
     assert len(harness.upstream.calls) == 1
+
+
+def _refused_sockets(harness: Any) -> float | None:
+    """Sockets refused for their key, counted as REST counts a 401."""
+    labels = {"endpoint": "chat", "model": "unknown", "status": "401"}
+    labels.update(key="anonymous", door="graphql")
+    sample = harness.deps.metrics.registry.get_sample_value
+    return sample("citadel_gateway_requests_total", labels)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("authorization", [None, "Bearer ctd-wrong"])
+def test_a_socket_without_a_valid_key_is_closed_at_connection_init(
+    kit: Any, protocol: str, authorization: str | None
+) -> None:
+    """A socket that never runs an operation must not stay open on a bad key."""
+    harness = kit.build()
+    payload = {} if authorization is None else {"authorization": authorization}
+    with (
+        TestClient(harness.app) as client,
+        client.websocket_connect("/graphql", subprotocols=[protocol]) as ws,
+    ):
+        ws.send_json({"type": "connection_init", "payload": payload})
+        if protocol == "graphql-ws":  # says why before it closes
+            error = ws.receive_json()
+            assert error["type"] == "connection_error"
+            assert error["payload"]["extensions"]["code"] == "invalid_api_key"
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+    assert closed.value.code == REFUSED[protocol]
+    assert _refused_sockets(harness) == 1
+
+
+def test_a_key_in_the_handshake_header_opens_a_socket(kit: Any) -> None:
+    harness = kit.build()
+    harness.upstream.handler = lambda url, body: kit.reply(
+        parts=_sse(CHUNK), content_type="text/event-stream"
+    )
+    headers = {"authorization": f"Bearer {kit.key}"}
+    payload = {"query": STREAM, "variables": {"input": INPUT}}
+    with (
+        TestClient(harness.app) as client,
+        client.websocket_connect(
+            "/graphql", subprotocols=["graphql-transport-ws"], headers=headers
+        ) as ws,
+    ):
+        ws.send_json({"type": "connection_init"})
+        assert ws.receive_json()["type"] == "connection_ack"
+        ws.send_json({"id": "1", "type": "subscribe", "payload": payload})
+        assert ws.receive_json()["type"] == "next"
+        assert ws.receive_json()["type"] == "complete"
+    assert _refused_sockets(harness) is None
+
+
+def test_the_older_protocol_streams_with_a_key_in_connection_init(kit: Any) -> None:
+    harness = kit.build()
+    harness.upstream.handler = lambda url, body: kit.reply(
+        parts=_sse(CHUNK), content_type="text/event-stream"
+    )
+    auth = {"authorization": f"Bearer {kit.key}"}
+    payload = {"query": STREAM, "variables": {"input": INPUT}}
+    with (
+        TestClient(harness.app) as client,
+        client.websocket_connect("/graphql", subprotocols=["graphql-ws"]) as ws,
+    ):
+        ws.send_json({"type": "connection_init", "payload": auth})
+        assert ws.receive_json()["type"] == "connection_ack"
+        ws.send_json({"id": "1", "type": "start", "payload": payload})
+        data = ws.receive_json()
+        assert ws.receive_json()["type"] == "complete"
+    chunk = data["payload"]["data"]["chatCompletionStream"]
+    assert chunk["choices"][0]["delta"]["content"] == "x"
+    assert len(harness.upstream.calls) == 1
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_a_socket_that_never_sends_connection_init_is_closed(
+    kit: Any, protocol: str
+) -> None:
+    harness = kit.build()
+    settings = GatewaySettings(routes_source="file", graphql_init_timeout_s=0.1)
+    app = serving(create_app(settings, harness.deps))
+    sent: list[dict[str, Any]] = []
+    closed = asyncio.Event()
+
+    async def receive() -> Any:
+        if not sent:  # the handshake
+            return {"type": "websocket.connect"}
+        await closed.wait()  # silent until the gateway closes the socket
+        return {"type": "websocket.disconnect", "code": 1000}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+        if message["type"] == "websocket.close":
+            closed.set()
+
+    scope = {
+        "type": "websocket",
+        "asgi": {"version": "3.0"},
+        "scheme": "ws",
+        "path": "/graphql",
+        "raw_path": b"/graphql",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"sec-websocket-protocol", protocol.encode())],
+        "subprotocols": [protocol],
+        "server": ("gateway", 80),
+        "client": ("client", 1234),
+    }
+    await asyncio.wait_for(app(scope, receive, send), 5)
+    assert [m["type"] for m in sent] == ["websocket.accept", "websocket.close"]
+    assert sent[-1]["code"] == 4408
 
 
 async def test_a_body_over_the_limit_is_refused_as_on_rest(kit: Any) -> None:
