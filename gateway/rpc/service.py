@@ -110,7 +110,12 @@ class InferenceService(pb_grpc.InferenceServicer):
                     answer = await self._ask(CHAT, body, call)
                 assert answer.chunks is not None
                 async for chunk in answer.chunks:
-                    yield convert.parse(chunk, pb.ChatCompletionChunk())
+                    try:
+                        message = convert.parse(chunk, pb.ChatCompletionChunk())
+                    except GatewayError as err:
+                        answer.unusable(err)  # counted as what the client gets
+                        raise
+                    yield message
             finally:
                 # Also when the deadline passed as the answer came: the stream,
                 # unread, still holds a replica.
@@ -172,15 +177,26 @@ class InferenceService(pb_grpc.InferenceServicer):
     ) -> M:
         """One unary call: the body is made, and the answer read, inside the
         call's error mapping (a request it cannot convert is INVALID_ARGUMENT,
-        counted like REST's 400; never UNKNOWN)."""
+        counted like REST's 400; never UNKNOWN). The answer is read into the
+        message before the proxy counts the request: one that does not fit is
+        counted as the UNAVAILABLE (REST's 502) it ends with."""
         async with self._call(context, api) as call:
             body = self._body(request, api, call, body_of)
+            message = reply()
             async with _deadline(context):
-                answer = await self._ask(api, body, call)
-            return convert.parse(answer.body, reply())
+                await self._ask(
+                    api, body, call, lambda answer: convert.parse(answer, message)
+                )
+            return message
         raise AssertionError("unreachable: _call aborts the call")
 
-    async def _ask(self, api: ApiCall, body: dict[str, Any], call: _Call) -> Answer:
+    async def _ask(
+        self,
+        api: ApiCall,
+        body: dict[str, Any],
+        call: _Call,
+        fit: Callable[[dict[str, Any]], object] | None = None,
+    ) -> Answer:
         answer = await ask(
             self._deps.proxy,
             api,
@@ -189,6 +205,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             call.request_id,
             Door.GRPC,
             call.session,
+            fit,
         )
         call.trailers.update(_passed(answer.headers))
         return answer

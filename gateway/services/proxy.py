@@ -50,6 +50,14 @@ from citadel.gateway.upstream import (
 
 log = logging.getLogger("citadel.gateway.access")
 
+Reader = Callable[[bytes], None]
+"""A door's reading of a whole answer (`ProxyService.handle`'s `read`)."""
+
+
+def _read_already(error: GatewayError) -> None:
+    """`ProxyResponse.unusable` of a whole answer, which its door read (`read`)
+    before it was counted."""
+
 
 @dataclass
 class ProxyResponse:
@@ -61,6 +69,12 @@ class ProxyResponse:
     stream: Closing[bytes] | None = None
     """Close it when done, read or not: it holds a replica until then."""
     media_type: str = "application/json"
+    unusable: Callable[[GatewayError], None] = _read_already
+    """For a stream: its door, before closing it, says why it cannot use what
+    the replica sent (a chunk that is not JSON, or does not fit the door's
+    message); the request is then counted as that error, which is what the
+    door's client gets, not as the 200 the replica sent. REST relays the bytes
+    and never calls it."""
 
 
 @dataclass
@@ -87,6 +101,12 @@ class _Context:
     """True once the request is counted and logged."""
     settled: Mapping[str, float] = field(default_factory=dict)
     """What settling its tokens took from each bucket (`Limiter.settle`)."""
+    unusable: GatewayError | None = None
+    """Why its door could not use the streamed answer, if it could not."""
+
+    def found_unusable(self, error: GatewayError) -> None:
+        """Notes why the door could not use the stream (before it closes it)."""
+        self.unusable = error
 
 
 @dataclass(frozen=True)
@@ -146,21 +166,25 @@ class ProxyService:
         request_id: str,
         session: str | None = None,
         door: Door = Door.REST,
+        read: Reader | None = None,
     ) -> ProxyResponse:
         """Answers one request.
+
+        Args:
+            read: a door's reading of a whole answer with status 200, run
+                before the request is counted: a `GatewayError` it raises (an
+                answer the door cannot use) is what the request ends with and
+                is counted as. A stream's door says so through
+                `ProxyResponse.unusable`.
 
         Raises:
             GatewayError: any refusal or failure, to be shown in OpenAI's shape.
         """
         ctx = _Context(call, principal, request_id, self._clock(), session, door)
         try:
-            return await self._handle(ctx, raw)
+            return await self._handle(ctx, raw, read)
         except GatewayError as err:
-            admitted = ctx.admission
-            await self._account(ctx, None, err.status, err.code)
-            if admitted is not None:  # where its limits stand, once settled
-                limits = admitted.headers_after(ctx.settled)
-                err.headers = {**limits, **err.headers}
+            await self._fail(ctx, err)
             raise
         except asyncio.CancelledError:
             # The caller went away (a gRPC cancel or deadline). The upstream
@@ -177,7 +201,9 @@ class ProxyService:
             await self._account(ctx, None, failure.status, failure.code)
             raise failure from err
 
-    async def _handle(self, ctx: _Context, raw: bytes) -> ProxyResponse:
+    async def _handle(
+        self, ctx: _Context, raw: bytes, read: Reader | None
+    ) -> ProxyResponse:
         body = parse_body(raw, ctx.call)
         ctx.route = route = self._catalog.resolve(body["model"])
         ctx.model = route.served_name
@@ -203,8 +229,9 @@ class ProxyService:
                 {**reply_headers, "cache-control": "no-cache"},
                 stream=self._relay(ctx, response, keep),
                 media_type="text/event-stream",
+                unusable=ctx.found_unusable,
             )
-        return await self._whole(ctx, response, reply_headers)
+        return await self._whole(ctx, response, reply_headers, read)
 
     async def _send(
         self,
@@ -255,7 +282,11 @@ class ProxyService:
         )
 
     async def _whole(
-        self, ctx: _Context, response: Reply, headers: dict[str, str]
+        self,
+        ctx: _Context,
+        response: Reply,
+        headers: dict[str, str],
+        read: Reader | None,
     ) -> ProxyResponse:
         replica = ctx.replica
         assert replica is not None
@@ -273,6 +304,14 @@ class ProxyService:
             )
         self._release(ctx, replica, None)
         usage = usage_of_body(data) if response.status == 200 else Usage()
+        if read is not None and response.status == 200:
+            try:
+                read(data)
+            except GatewayError as err:
+                # The replica did the work it reports: its tokens stay charged,
+                # as for an answer the door could use.
+                await self._fail(ctx, err, usage, answered=True)
+                raise
         await self._account(ctx, usage, response.status, None, answered=True)
         return ProxyResponse(
             response.status, headers, data, media_type=response.content_type
@@ -337,15 +376,17 @@ class ProxyService:
     ) -> None:
         response.close()
         self._release(ctx, replica, failure)
-        code = None
+        status, code = 200, None
         if failure:
             code = "stream_broken"
+        elif ctx.unusable is not None:  # the door closes it for that
+            status, code = ctx.unusable.status, ctx.unusable.code
         elif gone:
             code = "shutting_down" if self.cut else "client_closed"
-        # A stream that broke, or a client that left, before the usage chunk:
-        # the replica may have generated all of it.
+        # A stream that broke, one the door could not use, or a client that
+        # left, before the usage chunk: the replica may have generated all of it.
         await self._account(
-            ctx, events.usage, 200, code, answered=True, relayed=events.count
+            ctx, events.usage, status, code, answered=True, relayed=events.count
         )
 
     async def _account(
@@ -371,6 +412,25 @@ class ProxyService:
                 await settle
         finally:
             self._finish(ctx, status, code)
+
+    async def _fail(
+        self,
+        ctx: _Context,
+        error: GatewayError,
+        usage: Usage | None = None,
+        *,
+        answered: bool = False,
+    ) -> None:
+        """Counts a request that ends in `error` (once: a failure counted where
+        it happened passes through `handle` after), and gives `error` the
+        `x-ratelimit-*` headers as they stand once its tokens are settled."""
+        if ctx.finished:
+            return
+        admitted = ctx.admission
+        await self._account(ctx, usage, error.status, error.code, answered=answered)
+        if admitted is not None:
+            limits = admitted.headers_after(ctx.settled)
+            error.headers = {**limits, **error.headers}
 
     async def _shielded(self, work: Coroutine[Any, Any, None]) -> None:
         """Awaits `work` in a task of its own that a cancel of this one spares."""

@@ -6,11 +6,15 @@ metrics and errors are the same; only the bytes are turned into objects here. A
 replica's own refusal (a 4xx with OpenAI's error body, which REST relays as is)
 becomes an `InvalidRequest` carrying the replica's message, so every door reports
 it through the one error hierarchy.
+
+An answer the door cannot use (not JSON, or not what its message holds) is told
+to the proxy before the request is counted, so it is counted as the error the
+door's client gets (502 `backend_error`), not as the replica's 200.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +29,7 @@ from citadel.gateway.errors import (
 from citadel.gateway.routes import ModelRoute
 from citadel.gateway.services.auth import Principal
 from citadel.gateway.services.catalog import Catalog
-from citadel.gateway.services.proxy import ProxyResponse, ProxyService
+from citadel.gateway.services.proxy import ProxyService
 from citadel.gateway.services.requests import ApiCall, Door
 from citadel.gateway.services.sse import EVENT_END
 from citadel.gateway.services.streams import Closing
@@ -42,6 +46,10 @@ class Answer:
     body: dict[str, Any] = field(default_factory=dict)
     chunks: Closing[dict[str, Any]] | None = None
     """A stream's objects; close it when done (read or not: it holds a replica)."""
+    unusable: Callable[[GatewayError], None] = field(default=lambda error: None)
+    """For a stream: call it, before closing `chunks`, with the error that a
+    chunk the door cannot use ends the call with; the request is counted as
+    that error."""
 
 
 async def ask(
@@ -52,30 +60,49 @@ async def ask(
     request_id: str,
     door: Door,
     session: str | None = None,
+    fit: Callable[[dict[str, Any]], object] | None = None,
 ) -> Answer:
     """Runs one request through the proxy.
+
+    Args:
+        fit: the door's reading of a whole answer (a JSON object), run before
+            the request is counted; the `GatewayError` it raises for an answer
+            that does not fit the door's message is what the request is counted
+            as (None: any object will do). A stream's chunks are the door's to
+            read: it tells `Answer.unusable` of one that does not fit.
 
     Raises:
         GatewayError: as for REST, and `InvalidRequest` when the replica
             refused the request itself.
     """
+    # Read by the proxy before it counts the request, so that an answer that is
+    # not a JSON object, or does not fit, is counted as the error it ends with.
+    read: dict[str, Any] = {}
+
+    def reader(data: bytes) -> None:
+        nonlocal read
+        read = _json_of(data)
+        if fit is not None:
+            fit(read)
+
     result = await proxy.handle(
-        call, principal, orjson.dumps(body), request_id, session, door
+        call, principal, orjson.dumps(body), request_id, session, door, reader
     )
     if result.stream is not None:
-        return Answer(result.headers, chunks=events(result.stream))
-    return Answer(result.headers, _json_of(result))
+        chunks = events(result.stream, result.unusable)
+        return Answer(result.headers, chunks=chunks, unusable=result.unusable)
+    if result.status != 200:
+        raise refusal(result.status, _json_of(result.body))
+    return Answer(result.headers, read)
 
 
-def _json_of(result: ProxyResponse) -> dict[str, Any]:
+def _json_of(data: bytes) -> dict[str, Any]:
     try:
-        parsed = orjson.loads(result.body)
+        parsed = orjson.loads(data)
     except orjson.JSONDecodeError as err:
         raise BackendError("The model's server answered with invalid JSON.") from err
     if not isinstance(parsed, dict):
         raise BackendError("The model's server answered with something unexpected.")
-    if result.status != 200:
-        raise refusal(result.status, parsed)
     return parsed
 
 
@@ -92,18 +119,22 @@ def refusal(status: int, body: dict[str, Any]) -> GatewayError:
     return InvalidRequest(message, param=param if isinstance(param, str) else None)
 
 
-def events(stream: AsyncIterator[bytes]) -> Closing[dict[str, Any]]:
+def events(
+    stream: AsyncIterator[bytes],
+    unusable: Callable[[GatewayError], None] = lambda error: None,
+) -> Closing[dict[str, Any]]:
     """The JSON objects of an SSE stream, one per event as it arrives.
 
     The stream is closed when the caller stops early (which ends the upstream
     request), or closes this before reading it. An error event (a stream broken
-    off) raises its gateway error.
+    off, or the replica's own error) raises its gateway error, as does an
+    event that is not JSON; `unusable` hears of it before the stream closes.
     """
 
     async def unread() -> None:
         await _close(stream)
 
-    return Closing(_objects(stream), unread)
+    return Closing(_objects(stream, unusable), unread)
 
 
 async def _close(stream: AsyncIterator[bytes]) -> None:
@@ -113,7 +144,7 @@ async def _close(stream: AsyncIterator[bytes]) -> None:
 
 
 async def _objects(
-    stream: AsyncIterator[bytes],
+    stream: AsyncIterator[bytes], unusable: Callable[[GatewayError], None]
 ) -> AsyncGenerator[dict[str, Any], None]:
     buffer = b""
     try:
@@ -121,7 +152,11 @@ async def _objects(
             buffer += piece
             *complete, buffer = buffer.split(EVENT_END)
             for event in complete:
-                payload = _data(event)
+                try:
+                    payload = _data(event)
+                except GatewayError as err:
+                    unusable(err)  # before the finally closes (and counts) it
+                    raise
                 if payload is not None:
                     yield payload
     finally:

@@ -84,16 +84,93 @@ async def test_embeddings_other_than_floats_are_refused_before_the_replica(
     assert harness.upstream.calls == []
 
 
-async def test_an_answer_that_does_not_fit_the_message_is_a_mapped_error(
-    door: tuple[Any, pb_grpc.InferenceStub], kit: Any
+def _access(caplog: pytest.LogCaptureFixture) -> list[tuple[Any, Any]]:
+    """The status and code of each access-log line."""
+    return [
+        (getattr(r, "status", None), getattr(r, "code", None))
+        for r in caplog.records
+        if r.name == "citadel.gateway.access" and r.getMessage() == "request"
+    ]
+
+
+UNFIT = {"id": "c", "choices": "not a list", "usage": {"prompt_tokens": 7}}
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [orjson.dumps(UNFIT), b'{"choices": [', b"[1]"],
+    ids=["unfit", "invalid JSON", "not an object"],
+)
+async def test_an_answer_the_door_cannot_use_is_counted_as_the_replicas_failure(
+    door: tuple[Any, pb_grpc.InferenceStub],
+    kit: Any,
+    caplog: pytest.LogCaptureFixture,
+    answer: bytes,
 ) -> None:
+    # The client gets UNAVAILABLE: the request is counted and logged as the
+    # 502 it is, not as the 200 the replica sent.
+    caplog.set_level("INFO", logger="citadel.gateway.access")
     harness, stub = door
-    odd = {"id": "c", "choices": "not a list"}
-    harness.upstream.handler = lambda url, body: kit.reply(body=orjson.dumps(odd))
+    harness.upstream.handler = lambda url, body: kit.reply(body=answer)
     key = (("authorization", f"Bearer {kit.key}"),)
     error = await _refused(stub.ChatCompletion(_chat(), metadata=key))
-    assert error.code() is grpc.StatusCode.UNAVAILABLE  # REST's 502
+    assert error.code() is grpc.StatusCode.UNAVAILABLE
     assert "Unexpected" not in error.details()
+    assert kit.counted(harness, "502", door="grpc") == 1
+    assert kit.counted(harness, "200", door="grpc") is None
+    assert _access(caplog) == [(502, "backend_error")]
+
+
+async def test_an_unusable_answer_keeps_the_tokens_it_reported_charged(
+    door: tuple[Any, pb_grpc.InferenceStub], kit: Any
+) -> None:
+    # The replica did the work it reports: the key pays for it, as for an
+    # answer it could use (or a client could use the replica past its limits).
+    harness, stub = door
+    harness.upstream.handler = lambda url, body: kit.reply(body=orjson.dumps(UNFIT))
+    key = (("authorization", f"Bearer {kit.key}"),)
+    await _refused(stub.ChatCompletion(_chat(), metadata=key))
+    sample = harness.deps.metrics.registry.get_sample_value
+    tokens = {"model": "smollm2", "key": "alice", "kind": "prompt"}
+    assert sample("citadel_gateway_tokens_total", tokens) == 7
+
+
+def _events(*payloads: bytes) -> list[bytes]:
+    return [b"data: " + p + b"\n\n" for p in payloads] + [b"data: [DONE]\n\n"]
+
+
+CHUNK = orjson.dumps({"id": "c", "choices": [{"index": 0, "delta": {"content": "hi"}}]})
+
+
+@pytest.mark.parametrize(
+    "bad", [orjson.dumps(UNFIT), b'{"choices": ['], ids=["unfit", "invalid JSON"]
+)
+async def test_a_chunk_the_door_cannot_use_ends_the_stream_counted_as_a_failure(
+    door: tuple[Any, pb_grpc.InferenceStub],
+    kit: Any,
+    caplog: pytest.LogCaptureFixture,
+    bad: bytes,
+) -> None:
+    caplog.set_level("INFO", logger="citadel.gateway.access")
+    harness, stub = door
+    reply = kit.reply(
+        parts=_events(CHUNK, bad, CHUNK), content_type="text/event-stream"
+    )
+    harness.upstream.handler = lambda url, body: reply
+    key = (("authorization", f"Bearer {kit.key}"),)
+    call = stub.ChatCompletionStream(_chat(), metadata=key)
+    got: list[pb.ChatCompletionChunk] = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for chunk in call:
+            got.append(chunk)
+    assert [c.choices[0].delta.content for c in got] == ["hi"]
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    # Not 200 `client_closed`: the client did not leave, the replica's
+    # answer could not be used.
+    assert kit.counted(harness, "502", door="grpc") == 1
+    assert kit.counted(harness, "200", door="grpc") is None
+    assert _access(caplog) == [(502, "backend_error")]
+    assert reply.closed
 
 
 async def test_grpc_core_refuses_what_is_far_over_the_limit_before_any_key(
