@@ -7,7 +7,8 @@
   namespace the document names give each Service's pod addresses with their ready,
   serving and terminating conditions.
 - Secrets labelled `citadel.ai/api-key=true` in the gateway's namespace hold the API
-  keys' records (never the keys); a deleted Secret is a revoked key.
+  keys' records (never the keys); a deleted Secret is a revoked key, and so is
+  one edited into something that is not a key record.
 """
 
 from __future__ import annotations
@@ -292,3 +293,10 @@ class KeySecretsSource:
             log.info("key revoked", extra={"key": name})
         elif record is not None:
             self._store.put(record)
+        elif name:
+            # Edited into something unreadable: the key stops working, as it
+            # would in a gateway started now (`_sync` skips it), rather than
+            # keep the record the edit meant to change (perhaps to narrow it)
+            # on the gateways that saw it before.
+            self._store.remove(name)
+            log.error("key disabled until its Secret is mended", extra={"key": name})

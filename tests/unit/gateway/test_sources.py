@@ -294,6 +294,31 @@ def test_key_secret_round_trip_and_watch_events() -> None:
     assert store.lookup(record.hash) is None
 
 
+def test_a_key_secret_edited_into_a_bad_record_disables_the_key(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """As a gateway started after the edit would (it skips the Secret), and not
+    the record the edit meant to change."""
+    record = KeyRecord(name="alice", hash=hash_key("k"), models=["*"])
+    secret = key_secret(record, "citadel-system")
+    store = InMemoryKeyStore()
+    source = KeySecretsSource(None, "citadel-system", store)  # type: ignore[arg-type]
+    source._event("ADDED", secret)
+    assert store.lookup(record.hash) == record
+    broken = {
+        **secret,
+        "data": {"key.json": base64.b64encode(b'{"name": "alice"').decode()},
+    }
+    source._event("MODIFIED", broken)
+    assert store.lookup(record.hash) is None
+    assert "key disabled until its Secret is mended" in caplog.text
+    restarted = InMemoryKeyStore()
+    KeySecretsSource(None, "citadel-system", restarted)._sync([broken])  # type: ignore[arg-type]
+    assert len(restarted) == 0
+    source._event("MODIFIED", secret)  # mended
+    assert store.lookup(record.hash) == record
+
+
 def test_vllm_metrics_parsing() -> None:
     text = """# HELP vllm:num_requests_running Number of requests running.
 # TYPE vllm:num_requests_running gauge
