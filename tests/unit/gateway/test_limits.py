@@ -151,6 +151,17 @@ async def test_daily_quota_renews_at_utc_midnight() -> None:
     await limiter.admit(who, route(), 1)
 
 
+async def test_a_request_across_midnight_counts_on_the_day_it_came() -> None:
+    clock = Clock()  # 23:59 UTC
+    limiter = Limiter(InProcessBuckets(), clock)
+    who = principal(daily_tokens=100)
+    admission = await limiter.admit(who, route(), 10)
+    clock.now += 61  # the reply ends after midnight, having used 90 tokens
+    await limiter.settle(admission, 90)
+    # The new day is whole: the 90 went to the day before.
+    await limiter.settle(await limiter.admit(who, route(), 100), 100)
+
+
 async def test_monthly_quota_spans_days() -> None:
     clock = Clock()
     limiter = Limiter(InProcessBuckets(), clock)
