@@ -11,6 +11,7 @@ import asyncio
 import json
 import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
@@ -24,6 +25,24 @@ Login = Callable[[], kopf.ConnectionInfo]
 
 # Statuses worth retrying: conflicts, throttling, timeouts and server trouble.
 RETRYABLE = frozenset({0, 404, 408, 409, 425, 429, 500, 502, 503, 504})
+# A list of the objects' metadata alone (PartialObjectMetadataList), or the
+# whole objects from a server that cannot.
+METADATA_ONLY = (
+    "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1, application/json"
+)
+
+
+@dataclass(frozen=True)
+class Listing:
+    """Which objects a list found, and as of when.
+
+    Attributes:
+        uids: the objects' uids.
+        resource_version: the list's own resourceVersion (the state it shows).
+    """
+
+    uids: frozenset[str]
+    resource_version: str
 
 
 class ApiError(Exception):
@@ -92,6 +111,17 @@ class Kube(Protocol):
         label_selector: str | None = None,
     ) -> list[Manifest]:
         """The objects in a namespace (every namespace when None)."""
+        ...
+
+    async def list_uids(
+        self,
+        resource: Resource,
+        namespace: str | None = None,
+        *,
+        label_selector: str | None = None,
+    ) -> Listing:
+        """Which objects exist in a namespace (every namespace when None), from
+        the API server's watch cache and with their metadata alone."""
         ...
 
     async def delete(
@@ -165,11 +195,14 @@ class AioKube:
         params: dict[str, str] | None = None,
         body: Manifest | list[Manifest] | None = None,
         content_type: str = "application/json",
+        accept: str | None = None,
     ) -> Manifest | None:
         for attempt in (1, 2):
             session = await self._open(fresh=attempt == 2)
             data = None if body is None else json.dumps(body)
             headers = {"Content-Type": content_type} if body is not None else {}
+            if accept is not None:
+                headers["Accept"] = accept
             try:
                 async with session.request(
                     method, path.lstrip("/"), params=params, data=data, headers=headers
@@ -246,6 +279,27 @@ class AioKube:
         params = {"labelSelector": label_selector} if label_selector else None
         result = await self._request("GET", resource.path(namespace), params=params)
         return list((result or {}).get("items", []))
+
+    async def list_uids(
+        self,
+        resource: Resource,
+        namespace: str | None = None,
+        *,
+        label_selector: str | None = None,
+    ) -> Listing:
+        params = {"resourceVersion": "0"}
+        if label_selector:
+            params["labelSelector"] = label_selector
+        result = await self._request(
+            "GET", resource.path(namespace), params=params, accept=METADATA_ONLY
+        )
+        result = result or {}
+        return Listing(
+            uids=frozenset(
+                str(item["metadata"]["uid"]) for item in result.get("items", [])
+            ),
+            resource_version=str(result.get("metadata", {}).get("resourceVersion")),
+        )
 
     async def delete(
         self,

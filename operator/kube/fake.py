@@ -7,7 +7,7 @@ import itertools
 from collections.abc import Iterable
 from typing import Any
 
-from citadel.operator.kube.client import ApiError, Manifest
+from citadel.operator.kube.client import ApiError, Listing, Manifest
 from citadel.operator.kube.resources import Resource, resource_for
 
 
@@ -44,9 +44,10 @@ class FakeKube:
         deleted: (plural, namespace, name) of every successful delete.
         events: every object passed to `create` (Events).
         served: resources that `has_resource` reports as installed.
-        fail: plural -> ApiError raised by any write to that resource.
+        fail: plural -> ApiError raised by any write to that resource (and
+            by `list_uids`).
         reads: (verb, plural) of every get ("get cached" with `cached`) and
-            list, in order.
+            list ("list cached" for `list_uids`), in order.
         behind: (plural, namespace, name) -> what a `cached` get answers
             instead of the stored object (None: not found), as a watch cache
             behind the store would.
@@ -209,6 +210,25 @@ class FakeKube:
             and (namespace is None or ns == namespace)
             and _matches(obj, label_selector)
         ]
+
+    async def list_uids(
+        self,
+        resource: Resource,
+        namespace: str | None = None,
+        *,
+        label_selector: str | None = None,
+    ) -> Listing:
+        """As of a version after every write so far, unless `fail` names the
+        resource."""
+        self.reads.append(("list cached", resource.plural))
+        if resource.plural in self.fail:
+            raise self.fail[resource.plural]
+        found = await self.list(resource, namespace, label_selector=label_selector)
+        self.reads.pop()
+        return Listing(
+            uids=frozenset(obj["metadata"]["uid"] for obj in found),
+            resource_version=str(next(self._versions)),
+        )
 
     async def delete(
         self,
