@@ -19,6 +19,7 @@ from citadel.operator.kopfstate import MemoryState
 from citadel.operator.kube.client import ApiError
 from citadel.operator.reconcile import ReconcileError, Reconciler
 from citadel.operator.settings import OperatorSettings
+from citadel.operator.sweep import IndexSweep
 from citadel.operator.view import (
     DEPLOYMENTS_INDEX,
     MODELS_INDEX,
@@ -96,10 +97,12 @@ def build_registry(
 
     # Indexes of what the watches deliver: the Reconciler reads models, owned
     # Deployments and pods, and nodes from them instead of asking the API server
-    # (see view.py). Deletions leave an index by themselves. The functions are
-    # coroutines because Kopf runs plain functions in a thread pool (40% of a
-    # py-spy profile's samples at 1,000 models were in its threads); they keep
-    # plain dicts, since reads through Kopf's Body views showed in that profile.
+    # (see view.py). Deletions leave an index by themselves, except those a
+    # watch missed while it was down, which a sweep finds (sweep.py). The
+    # functions are coroutines because Kopf runs plain functions in a thread pool
+    # (40% of a py-spy profile's samples at 1,000 models were in its threads);
+    # they keep plain dicts, since reads through Kopf's Body views showed in
+    # that profile.
     @kopf.index(*LLMMODEL, id=MODELS_INDEX, registry=registry)
     async def citadel_models(
         namespace: str | None, name: str | None, body: kopf.Body, **_: Any
@@ -128,7 +131,14 @@ def build_registry(
         # resource handler before each has its initial listing, nor while this
         # replica stands by for a peer: the routes wait for the first one.
         reconciler.routes.hold()
-        reconciler.use(IndexedView(kwargs))
+        view = IndexedView(kwargs)
+        reconciler.use(view)
+        if settings.resync_seconds > 0:
+            # Not a Kopf timer: it only reads and hides index entries, which is
+            # as right for a replica paused for a peer (its indexes stand still
+            # until it resumes and lists again) as for an active one.
+            sweep = IndexSweep(reconciler.kube, view, settings.list_scopes())
+            background.append(asyncio.create_task(sweep.run(settings.resync_seconds)))
 
         def count(ok: bool) -> None:
             reconciler.metrics.publishes.labels(result="ok" if ok else "error").inc()
@@ -167,10 +177,26 @@ def build_registry(
             initial_delay=settings.resync_seconds,
             registry=registry,
         )
-        async def llmmodel_resync(body: kopf.Body, **_: Any) -> None:
+        async def llmmodel_resync(
+            body: kopf.Body,
+            namespace: str | None,
+            name: str | None,
+            uid: str | None,
+            **_: Any,
+        ) -> None:
             # Also rewrites the routing ConfigMap now and then, in case it was
             # changed or lost (at most once per resync period).
             reconciler.routes.kick(force=True)
+            current = await reconciler.view.model(namespace or "", name or "")
+            if current is None or current["metadata"].get("uid") != uid:
+                # Kopf keeps the timer of a model deleted while the watch was
+                # down (no DELETED event came) after the sweep hid it: forgotten
+                # here as that event would have, or its metrics would live on.
+                if uid:
+                    state.forget([uid])
+                if current is None and namespace and name:
+                    await reconciler.forget(namespace, name)
+                return
             await _translated(reconciler.reconcile(body, resync=True))
 
         _without_finalizers(registry)

@@ -18,7 +18,7 @@ from citadel.operator.handlers import build_registry
 from citadel.operator.kopfstate import MemoryState
 from citadel.operator.kube.client import AioKube
 from citadel.operator.metrics import Metrics
-from citadel.operator.names import KOPF_PREFIX, LABEL_MANAGED_BY, MANAGER_NAME
+from citadel.operator.names import KOPF_PREFIX, MANAGED_SELECTOR
 from citadel.operator.reconcile import Reconciler
 from citadel.operator.settings import LogFormat, OperatorSettings, PeeringMode
 
@@ -41,9 +41,8 @@ def kopf_settings(
     # Only our own pods and Deployments are sent: the handlers' label filters
     # run in the operator, after the API server has sent, and Kopf decoded and
     # processed, every pod and Deployment of the cluster (or watched namespaces).
-    managed = f"{LABEL_MANAGED_BY}={MANAGER_NAME}"
-    ks.watching.label_selectors["", "v1", "pods"] = managed
-    ks.watching.label_selectors["apps", "v1", "deployments"] = managed
+    ks.watching.label_selectors["", "v1", "pods"] = MANAGED_SELECTOR
+    ks.watching.label_selectors["apps", "v1", "deployments"] = MANAGED_SELECTOR
     # Our own Events describe the model; Kopf's per-handler ones only when failing.
     ks.posting.level = logging.WARNING
     ks.peering.name = settings.peering_name

@@ -38,6 +38,8 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_PART_OF = "app.kubernetes.io/part-of"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_MODEL = "citadel.ai/model"
+MANAGED_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGER_NAME}"
+"""The label selector of the pods and Deployments the operator watches."""
 
 ANNOTATION_CREATED_FOR = f"{GROUP}/created-for"
 """On a cache claim the operator created: the uid of the LLMModel it was made for.

@@ -8,13 +8,17 @@ operator's ~24 requests per model (apiserver_request_total before and after a ru
 
 Kopf runs no handler before every index has its initial listing, so an indexed read
 never sees a half-filled cache; afterwards an index is as fresh as the last event
-its stream delivered, and every change brings an event that refreshes again.
+its stream delivered, and every change brings an event that refreshes again. Except
+one: a watch that resumes too late (410 Gone, as across an API server restart) or
+after a pause for a peer lists again, and an object deleted meanwhile gets no event,
+so Kopf keeps it in its index for ever. `Vanished` marks such entries (sweep.py finds
+them) and `IndexedView` skips them.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from citadel.operator.kube.client import Kube, Manifest
@@ -91,41 +95,92 @@ class ApiView:
         return list(nodes)
 
 
-def _one(index: Index, key: object) -> Manifest | None:
-    store = index.get(key)
-    if not store:
-        return None
-    return next(iter(store))
+def _version_of(body: Mapping[str, Any]) -> tuple[str, str]:
+    meta = body.get("metadata", {})
+    return str(meta.get("uid", "")), str(meta.get("resourceVersion", ""))
+
+
+class Vanished:
+    """Index entries whose object the API server no longer has (see sweep.py).
+
+    Each mark is a uid with the resourceVersion of the copy left in the index: a
+    copy the watch replaced since (an object of ours labelled away and back) is
+    not hidden. Marks go with their entries (`keep`), so they never outnumber
+    the indexes' entries.
+    """
+
+    def __init__(self) -> None:
+        self._marks: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._marks)
+
+    def hides(self, body: Mapping[str, Any]) -> bool:
+        """Whether `body` is a copy marked as gone."""
+        uid, version = _version_of(body)
+        return self._marks.get(uid) == version
+
+    def mark(self, body: Mapping[str, Any]) -> None:
+        """Marks this copy as gone."""
+        uid, version = _version_of(body)
+        self._marks[uid] = version
+
+    def keep(self, bodies: Iterable[Mapping[str, Any]]) -> None:
+        """Drops the marks of copies not among `bodies` (every entry of every
+        index): a late DELETED event, or a newer copy, took theirs out."""
+        present = dict(_version_of(body) for body in bodies)
+        self._marks = {
+            uid: version
+            for uid, version in self._marks.items()
+            if present.get(uid) == version
+        }
 
 
 class IndexedView:
-    """Reads from Kopf's indexes (see `handlers.build_registry` for their keys)."""
+    """Reads from Kopf's indexes (see `handlers.build_registry` for their keys),
+    skipping the entries `vanished` marks."""
 
-    def __init__(self, indexes: Mapping[str, Any]) -> None:
+    def __init__(
+        self, indexes: Mapping[str, Any], vanished: Vanished | None = None
+    ) -> None:
         """Takes the indexes from a handler's keyword arguments.
 
         Raises:
             KeyError: an index is missing (the registry did not declare it).
         """
-        self._models: Index = indexes[MODELS_INDEX]
-        self._deployments: Index = indexes[DEPLOYMENTS_INDEX]
-        self._pods: Index = indexes[PODS_INDEX]
-        self._nodes: Index = indexes[NODES_INDEX]
+        self.indexes: dict[str, Index] = {name: indexes[name] for name in INDEXES}
+        self.vanished = vanished if vanished is not None else Vanished()
+
+    def _all(self, index: str, key: object) -> list[Manifest]:
+        store = self.indexes[index].get(key, ())
+        if not self.vanished:
+            return list(store)
+        return [body for body in store if not self.vanished.hides(body)]
+
+    def _one(self, index: str, key: object) -> Manifest | None:
+        # A model deleted and made again under its name while the watch was
+        # down shares the key with what is left of the old one.
+        found = self._all(index, key)
+        return found[0] if found else None
 
     async def model(self, namespace: str, name: str) -> Manifest | None:
-        return _one(self._models, (namespace, name))
+        return self._one(MODELS_INDEX, (namespace, name))
 
     async def models(self) -> list[Manifest]:
-        return [body for store in self._models.values() for body in store]
+        stores = self.indexes[MODELS_INDEX].values()
+        if not self.vanished:
+            return [body for store in stores for body in store]
+        hides = self.vanished.hides
+        return [body for store in stores for body in store if not hides(body)]
 
     async def deployment(self, namespace: str, name: str) -> Manifest | None:
-        return _one(self._deployments, (namespace, name))
+        return self._one(DEPLOYMENTS_INDEX, (namespace, name))
 
     async def pods(self, namespace: str, model: str, selector: str) -> list[Manifest]:
-        return list(self._pods.get((namespace, model), ()))
+        return self._all(PODS_INDEX, (namespace, model))
 
     async def nodes(self) -> list[Manifest]:
-        return list(self._nodes.get(None, ()))
+        return self._all(NODES_INDEX, None)
 
 
 def resource_version(body: Mapping[str, Any]) -> int | None:
