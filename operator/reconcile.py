@@ -33,6 +33,7 @@ from citadel.operator.events import Notice, combined, event_object, transitions
 from citadel.operator.kube.client import ApiError, Kube, Manifest
 from citadel.operator.kube.resources import (
     DEPLOYMENTS,
+    LLMMODELS,
     PDBS,
     POD_MONITORS,
     PVCS,
@@ -67,6 +68,11 @@ class ReconcileError(Exception):
         super().__init__(message)
         self.retryable = retryable
         self.delay = delay
+
+
+class _ModelGone(Exception):
+    """The model is gone, though the view still shows it (a watch that missed
+    its deletion, until sweep.py hides it): nothing is to be made for it."""
 
 
 @dataclass
@@ -366,6 +372,9 @@ class Reconciler:
                         status = await self._refresh(
                             model, deployment=await self._newer(model, deployment)
                         )
+                except _ModelGone:
+                    log.info("%s is gone: nothing made for it", model.key)
+                    return model.status
                 except ReconcileError as err:
                     self.metrics.errors.labels(
                         error="temporary" if err.retryable else "permanent"
@@ -431,6 +440,8 @@ class Reconciler:
                         elif wish.fix_drift:
                             await self._revert_drift(model)
                         await self._refresh(model, blocker)
+            except _ModelGone:
+                log.info("%s is gone: its Deployment is not made again", key)
             except (ApiError, ReconcileError, ValidationError) as err:
                 log.warning("refreshing %s failed: %s", key, err)
 
@@ -541,6 +552,8 @@ class Reconciler:
             and await self._call(self._apply_would_change(model, desired, actual))
         ):
             return actual
+        if actual is None:
+            await self._confirm_there(model)
         if conditional and actual is not None:
             applied = await self._unless_changed(
                 model, desired, self.kube.apply(_at_version(desired, actual))
@@ -660,11 +673,29 @@ class Reconciler:
                 ),
             )
 
-    async def _still_there(self, model: LLMModel) -> bool:
-        """Whether the model still exists, as the same object, not being deleted."""
-        body = await self._call(self.view.model(model.namespace, model.name))
+    async def _still_there(self, model: LLMModel, *, fresh: bool = False) -> bool:
+        """Whether the model still exists, as the same object, not being deleted:
+        as the view shows it, or with `fresh` as etcd has it."""
+        if fresh:
+            body = await self._call(
+                self.kube.get(LLMMODELS, model.name, model.namespace)
+            )
+        else:
+            body = await self._call(self.view.model(model.namespace, model.name))
         meta = body.get("metadata", {}) if body else {}
         return meta.get("uid") == model.uid and not meta.get("deletionTimestamp")
+
+    async def _confirm_there(self, model: LLMModel) -> None:
+        """Before making an owned object again: a model whose deletion a watch
+        missed would get it back at every pass (and a Retain claim for good)
+        until the sweep hides it. One read from etcd, only when something is
+        missing.
+
+        Raises:
+            _ModelGone: it is gone.
+        """
+        if not await self._still_there(model, fresh=True):
+            raise _ModelGone(model.key)
 
     async def _newer(self, model: LLMModel, applied: Manifest) -> Manifest:
         """The Deployment as applied, or as the watch saw it since if newer."""
@@ -684,6 +715,8 @@ class Reconciler:
                 return
         current = await self._existing(PVCS, name, model.namespace, None)
         if current is None:
+            if resync:
+                await self._confirm_there(model)
             await self._create_claim(model)
             return
         created_for = _created_for(current, model)

@@ -132,6 +132,33 @@ async def test_a_model_deleted_in_a_watch_gap_loses_its_route_and_its_pass(
     assert [obj["kind"] for _, obj in kube.applied] == []
 
 
+async def test_before_the_sweep_a_deleted_models_pass_makes_nothing(
+    settings: OperatorSettings,
+) -> None:
+    """The view still shows it: what is missing is made only once etcd confirms
+    the model (one read, only then)."""
+    kube, indexes, reconciler, _ = _setup(settings, model_body(cache={"size": "10Gi"}))
+    await reconciler.reconcile(model_body(cache={"size": "10Gi"}))
+    indexes.relist(kube)
+    [stale] = indexes.data[MODELS_INDEX][("llm", "mixtral")]
+    _gone(kube, "llmmodels", "deployments", "services", "persistentvolumeclaims")
+    kube.applied.clear()
+    kube.created.clear()
+
+    assert await reconciler.view.model("llm", "mixtral") is not None
+    await reconciler.reconcile(stale, resync=True)
+    # The Deployments' watch saw its deletion (by the garbage collector); that
+    # event asks for it back.
+    [deployment] = indexes.data[DEPLOYMENTS_INDEX][("llm", "mixtral")]
+    indexes.deleted(
+        DEPLOYMENTS_INDEX, ("llm", "mixtral"), deployment["metadata"]["uid"]
+    )
+    await reconciler.refresh("llm", "mixtral", fix_drift=True)
+
+    assert [obj["kind"] for obj in kube.created] == []
+    assert [obj["kind"] for _, obj in kube.applied] == []
+
+
 async def test_a_model_made_again_in_a_watch_gap_is_reconciled(
     settings: OperatorSettings,
 ) -> None:
