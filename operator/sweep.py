@@ -148,10 +148,16 @@ class IndexSweep:
         return found
 
     async def run(self, interval: float) -> None:
-        """Sweeps every `interval` seconds until cancelled."""
+        """Sweeps every `interval` seconds until cancelled; a pass that fails
+        for any reason is logged, and the next one runs all the same."""
         while True:
             await asyncio.sleep(interval)
-            await self.sweep()
+            try:
+                await self.sweep()
+            except Exception:
+                # An answer of a shape not foreseen (a real API server's empty
+                # metadata list once was) must not end the sweeps for good.
+                log.exception("sweeping the indexes failed")
 
 
 def _named(body: Mapping[str, Any]) -> str:

@@ -294,10 +294,10 @@ class AioKube:
             "GET", resource.path(namespace), params=params, accept=METADATA_ONLY
         )
         result = result or {}
+        # An empty PartialObjectMetadataList has `"items": null`.
+        items = result.get("items") or []
         return Listing(
-            uids=frozenset(
-                str(item["metadata"]["uid"]) for item in result.get("items", [])
-            ),
+            uids=frozenset(str(item["metadata"]["uid"]) for item in items),
             resource_version=str(result.get("metadata", {}).get("resourceVersion")),
         )
 

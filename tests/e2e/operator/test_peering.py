@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,41 @@ def peer_namespace(cluster: KubeCluster, crds: None) -> Iterator[str]:
 
 def _reconciles(process: OperatorProcess) -> int:
     return process.log_path.read_text().count("reconciled ")
+
+
+def _peering(cluster: KubeCluster, namespace: str) -> None:
+    cluster.kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input_text="apiVersion: kopf.dev/v1\nkind: KopfPeering\n"
+        "metadata: {name: citadel-operator}\n",
+    )
+
+
+def _replica(
+    operator: OperatorProcess, namespace: str, tmp_path: Path, priority: int
+) -> OperatorProcess:
+    return OperatorProcess(
+        kubeconfig=operator.kubeconfig,
+        log_path=tmp_path / f"operator-{priority}.log",
+        env={
+            "CITADEL_OPERATOR_WATCH_NAMESPACES": namespace,
+            "CITADEL_OPERATOR_GATEWAY_NAMESPACE": namespace,
+            "CITADEL_OPERATOR_PEERING": "mandatory",
+            "CITADEL_OPERATOR_PEERING_PRIORITY": str(priority),
+            "CITADEL_OPERATOR_RESYNC_SECONDS": "10",
+        },
+    )
+
+
+def _routed(kube: Kube, namespace: str) -> set[str]:
+    cm = kube.get("configmap", "citadel-routes", namespace)
+    if cm is None:
+        return set()
+    return {m["name"] for m in json.loads(cm["data"]["routes.json"])["models"]}
 
 
 def test_only_the_higher_priority_replica_works(
@@ -96,3 +132,61 @@ def test_only_the_higher_priority_replica_works(
         cluster.kubectl(
             "delete", "llmmodel", "peered", "-n", peer_namespace, check=False
         )
+
+
+def test_a_model_deleted_while_a_replica_stood_by_is_not_routed_by_it(
+    cluster: KubeCluster,
+    peer_namespace: str,
+    tmp_path: Path,
+    operator: OperatorProcess,
+) -> None:
+    """Paused for a peer, a replica's watches stop; resumed, they list again, and
+    Kopf keeps in its indexes the models deleted meanwhile (no event came). The
+    replica finds them gone (sweep.py) and leaves them out of the routes."""
+    _peering(cluster, peer_namespace)
+    low = _replica(operator, peer_namespace, tmp_path, 10)
+    high = _replica(operator, peer_namespace, tmp_path, 20)
+    kube = Kube(cluster, peer_namespace)
+    gpu = {"resources": {"gpus": 0}}
+    try:
+        low.start()
+        kube.apply(llmmodel("kept", **gpu))
+        kube.apply(llmmodel("deleted", **gpu))
+        kube.wait(
+            "both routed by the only replica",
+            lambda: _routed(kube, peer_namespace) == {"kept", "deleted"},
+            timeout=60,
+        )
+        high.start()
+        kube.wait(
+            "the first replica to pause for the higher-priority one",
+            lambda: "Pausing operations in favour of" in low.log_path.read_text(),
+            timeout=90,
+        )
+        kube.delete_model("deleted")
+        kube.wait(
+            "the deleted model to leave the routes",
+            lambda: _routed(kube, peer_namespace) == {"kept"},
+            timeout=30,
+        )
+        high.stop()
+        kube.wait(
+            "the first replica to take over again and find the model gone",
+            lambda: "deleted while the watch was down" in low.log_path.read_text(),
+            timeout=90,
+        )
+        # Its next write of the routes (its resync timer forces one at least
+        # once a period) leaves the model out, and stays so.
+        kube.wait(
+            "the routes without the deleted model",
+            lambda: _routed(kube, peer_namespace) == {"kept"},
+            timeout=30,
+        )
+        assert kube.get("deployment", "deleted") is None
+    finally:
+        high.stop()
+        low.stop()
+        for name in ("kept", "deleted"):
+            cluster.kubectl(
+                "delete", "llmmodel", name, "-n", peer_namespace, check=False
+            )

@@ -255,6 +255,28 @@ async def test_a_failed_list_leaves_the_index_as_it_was(
     assert set(await sweep.sweep()) == {PODS_INDEX}
 
 
+async def test_the_sweeps_go_on_after_one_that_fails_unforeseen(
+    settings: OperatorSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    kube, indexes, reconciler, sweep = _setup(settings, model_body())
+    _gone(kube, "llmmodels")
+    indexes.relist(kube)
+    kube.fail[LLMMODELS.plural] = TypeError("'NoneType' object is not iterable")  # type: ignore[assignment]
+    task = asyncio.create_task(sweep.run(0.01))
+    try:
+        await asyncio.sleep(0.05)
+        assert await reconciler.view.model("llm", "mixtral") is not None
+        del kube.fail[LLMMODELS.plural]
+        for _ in range(100):
+            if await reconciler.view.model("llm", "mixtral") is None:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+    assert await reconciler.view.model("llm", "mixtral") is None
+    assert "sweeping the indexes failed" in caplog.text
+
+
 async def test_marks_go_with_their_entries(settings: OperatorSettings) -> None:
     kube, indexes, reconciler, sweep = _setup(settings, model_body(), pod("p"))
     vanished = sweep._view.vanished
