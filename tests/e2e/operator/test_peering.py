@@ -41,8 +41,13 @@ def _peering(cluster: KubeCluster, namespace: str) -> None:
 
 
 def _replica(
-    operator: OperatorProcess, namespace: str, tmp_path: Path, priority: int
+    operator: OperatorProcess,
+    namespace: str,
+    tmp_path: Path,
+    priority: int,
+    **env: str,
 ) -> OperatorProcess:
+    """An operator replica of its own in `namespace`, with mandatory peering."""
     return OperatorProcess(
         kubeconfig=operator.kubeconfig,
         log_path=tmp_path / f"operator-{priority}.log",
@@ -51,7 +56,7 @@ def _replica(
             "CITADEL_OPERATOR_GATEWAY_NAMESPACE": namespace,
             "CITADEL_OPERATOR_PEERING": "mandatory",
             "CITADEL_OPERATOR_PEERING_PRIORITY": str(priority),
-            "CITADEL_OPERATOR_RESYNC_SECONDS": "10",
+            **env,
         },
     )
 
@@ -69,26 +74,9 @@ def test_only_the_higher_priority_replica_works(
     tmp_path: Path,
     operator: OperatorProcess,
 ) -> None:
-    cluster.kubectl(
-        "apply",
-        "-n",
-        peer_namespace,
-        "-f",
-        "-",
-        input_text="apiVersion: kopf.dev/v1\nkind: KopfPeering\n"
-        "metadata: {name: citadel-operator}\n",
-    )
+    _peering(cluster, peer_namespace)
     replicas = {
-        priority: OperatorProcess(
-            kubeconfig=operator.kubeconfig,
-            log_path=tmp_path / f"operator-{priority}.log",
-            env={
-                "CITADEL_OPERATOR_WATCH_NAMESPACES": peer_namespace,
-                "CITADEL_OPERATOR_GATEWAY_NAMESPACE": peer_namespace,
-                "CITADEL_OPERATOR_PEERING": "mandatory",
-                "CITADEL_OPERATOR_PEERING_PRIORITY": str(priority),
-            },
-        )
+        priority: _replica(operator, peer_namespace, tmp_path, priority)
         for priority in (10, 20)
     }
     kube = Kube(cluster, peer_namespace)
@@ -144,8 +132,10 @@ def test_a_model_deleted_while_a_replica_stood_by_is_not_routed_by_it(
     Kopf keeps in its indexes the models deleted meanwhile (no event came). The
     replica finds them gone (sweep.py) and leaves them out of the routes."""
     _peering(cluster, peer_namespace)
-    low = _replica(operator, peer_namespace, tmp_path, 10)
-    high = _replica(operator, peer_namespace, tmp_path, 20)
+    # A short period: the sweep runs once per resync period.
+    fast = {"CITADEL_OPERATOR_RESYNC_SECONDS": "10"}
+    low = _replica(operator, peer_namespace, tmp_path, 10, **fast)
+    high = _replica(operator, peer_namespace, tmp_path, 20, **fast)
     kube = Kube(cluster, peer_namespace)
     gpu = {"resources": {"gpus": 0}}
     try:
