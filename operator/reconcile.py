@@ -235,6 +235,12 @@ def _created_for(claim: Manifest, model: LLMModel) -> str | None:
     return model.uid if _owner_uid(claim) == model.uid else None
 
 
+def _with_spec_of(claim: Manifest, current: Manifest) -> Manifest:
+    """`claim` with the spec fields it sets as `current` has them."""
+    spec = current.get("spec", {})
+    return {**claim, "spec": {k: spec[k] for k in claim["spec"] if k in spec}}
+
+
 def _built_claim(model: LLMModel, created_for: str, created_as: str | None) -> Manifest:
     claim = build_cache_claim(model, created_for, created_as)
     assert claim is not None, "only called for a model with spec.cache"
@@ -296,8 +302,8 @@ class Reconciler:
         self._written: dict[str, Manifest] = {}
         # Per model and kind, the fingerprint (drift.fingerprint) of an owned
         # object that needs no apply of ours: a drift check the dry run refuted,
-        # what our last forced apply left, or a claim whose resize was refused.
-        # Not checked again until it or our apply changes.
+        # or what our last forced apply left. Not checked again until it or our
+        # apply changes.
         self._settled: dict[str, dict[str, str]] = {}
         # Per model, the generation whose reconcile failed for good, and why.
         self._failed: dict[str, tuple[int, Blocker]] = {}
@@ -735,19 +741,9 @@ class Reconciler:
                 )
             return
         claim = _built_claim(model, created_for, current["metadata"].get("uid"))
-        applied, refused = await self._apply_claim_spec(
-            model, claim, current, first_look
-        )
+        applied = await self._apply_claim_spec(model, claim, current, first_look)
         if "ownerReferences" not in claim["metadata"]:
-            applied = await self._drop_owner(model, applied)
-        if refused:
-            # Until the claim or the spec changes, a periodic pass would be
-            # refused the same again: it has nothing to do (a full pass, after a
-            # change of spec or at start-up, tries again). Without the mark each
-            # pass wrote twice per period: the refused apply and the metadata's.
-            self._settled.setdefault(model.key, {})[claim["kind"]] = fingerprint(
-                claim, applied
-            )
+            await self._drop_owner(model, applied)
 
     def _claim_holds(self, model: LLMModel, claim: Manifest) -> bool:
         """Whether a periodic pass has nothing to do to the claim: not ours (never
@@ -764,10 +760,9 @@ class Reconciler:
 
     async def _apply_claim_spec(
         self, model: LLMModel, claim: Manifest, current: Manifest, first_look: bool
-    ) -> tuple[Manifest, bool]:
+    ) -> Manifest:
         """Applies `claim`; where its spec is refused (a resize the class does
-        not allow), its metadata alone. Returns the claim as applied, and whether
-        its spec was refused."""
+        not allow, a quota), its metadata alone, if it does not hold already."""
         name = claim["metadata"]["name"]
         try:
             applied: Manifest = await self.kube.apply(claim)
@@ -776,15 +771,22 @@ class Reconciler:
                 raise ReconcileError(str(err), retryable=True) from err
             # Claims are mostly immutable (a class may not allow resizing): the
             # model keeps running on the claim it has. Said once per change of
-            # the spec, not at every resync while the spec still asks.
+            # the spec, not at every resync while the spec still asks. Each
+            # periodic pass asks again (a refusal stores nothing): a quota
+            # raised, or a class that allows expansion now, lets it through.
             log.warning("cache claim %s/%s not updated: %s", model.namespace, name, err)
             if first_look:
                 await self._post(
                     model,
                     Notice("Warning", "CacheClaimNotUpdated", f"{name}: {err.message}"),
                 )
-            return await self._apply_claim_metadata(claim, current), True
-        return applied, False
+            kept = _with_spec_of(claim, current)
+            if self._holds(model, kept, current):
+                # Without this check each pass wrote twice while the spec asked:
+                # the refused apply and this one.
+                return current
+            return await self._apply_claim_metadata(kept)
+        return applied
 
     async def _create_claim(self, model: LLMModel) -> None:
         """Creates the cache claim, marked as the operator's.
@@ -808,9 +810,8 @@ class Reconciler:
         uid = created.get("metadata", {}).get("uid")
         await self._call(self.kube.apply(_built_claim(model, model.uid, uid)))
 
-    async def _drop_owner(self, model: LLMModel, claim: Manifest) -> Manifest:
-        """Removes the model's owner reference from a claim to retain; returns
-        the claim as it is after.
+    async def _drop_owner(self, model: LLMModel, claim: Manifest) -> None:
+        """Removes the model's owner reference from a claim to retain.
 
         The create set it, so the create's field manager entry owns it too, and
         an apply without it leaves it in place: a JSON patch removes it, tested
@@ -825,26 +826,21 @@ class Reconciler:
                     {"op": "remove", "path": path},
                 ]
                 name = claim["metadata"]["name"]
-                patched: Manifest = await self._call(
+                await self._call(
                     self.kube.json_patch(PVCS, name, model.namespace, operations)
                 )
-                return patched
-        return claim
+                return
 
-    async def _apply_claim_metadata(
-        self, claim: Manifest, current: Manifest
-    ) -> Manifest:
-        """Applies `claim` with the spec the claim has now: its metadata still
-        follows the model. Above all the owner reference, which deletePolicy sets
-        or removes: a refused resize must not leave a Retain claim to be deleted
-        with its model."""
-        spec = current.get("spec", {})
-        kept = {**claim, "spec": {k: spec[k] for k in claim["spec"] if k in spec}}
+    async def _apply_claim_metadata(self, kept: Manifest) -> Manifest:
+        """Applies `kept`, our claim with the spec the claim has now: its
+        metadata still follows the model. Above all the owner reference, which
+        deletePolicy sets or removes: a refused resize must not leave a Retain
+        claim to be deleted with its model."""
         try:
             applied: Manifest = await self.kube.apply(kept)
         except ApiError as err:
             raise ReconcileError(
-                f"PersistentVolumeClaim {claim['metadata']['name']}: its owner "
+                f"PersistentVolumeClaim {kept['metadata']['name']}: its owner "
                 f"reference could not follow deletePolicy: {err.message}",
                 retryable=err.retryable,
             ) from err
