@@ -347,7 +347,10 @@ class Reconciler:
             # slot or backing off), or whose reconcile failed for good, was
             # never applied in full: its periodic pass applies everything (a
             # field the new spec drops is no drift).
-            resync = resync and not (model.key in self._failed or _first_look(model))
+            timer, resync = (
+                resync,
+                resync and not (model.key in self._failed or _first_look(model)),
+            )
             with self.metrics.timed("full"):
                 try:
                     # Two turns in the queue for slots: the Deployment (and the
@@ -370,6 +373,10 @@ class Reconciler:
                             # outlive it (Retain), owned objects would only give
                             # the garbage collector work.
                             return model.status
+                        if timer and not resync:
+                            # Applies in full, so makes whatever is missing: a
+                            # timer outlives a deletion its watch missed.
+                            await self._confirm_there(model)
                         deployment = await self._apply_workload(model, resync)
                     async with self._slots:
                         if not await self._still_there(model):

@@ -159,6 +159,21 @@ async def test_before_the_sweep_a_deleted_models_pass_makes_nothing(
     assert [obj["kind"] for _, obj in kube.applied] == []
 
 
+async def test_before_the_sweep_a_pass_in_full_for_a_deleted_model_makes_nothing(
+    settings: OperatorSettings,
+) -> None:
+    """A timer pass over a generation never reconciled (or failed) applies in
+    full: it too confirms the model first."""
+    kube, indexes, reconciler, _ = _setup(settings, model_body(cache={"size": "10Gi"}))
+    [stale] = indexes.data[MODELS_INDEX][("llm", "mixtral")]
+    _gone(kube, "llmmodels")
+
+    await reconciler.reconcile(stale, resync=True)
+
+    assert [obj["kind"] for obj in kube.created] == []
+    assert [obj["kind"] for _, obj in kube.applied] == []
+
+
 async def test_a_model_made_again_in_a_watch_gap_is_reconciled(
     settings: OperatorSettings,
 ) -> None:
