@@ -159,8 +159,11 @@ class IndexedView:
 
     def _one(self, index: str, key: object) -> Manifest | None:
         # A model deleted and made again under its name while the watch was
-        # down shares the key with what is left of the old one.
+        # down shares the key with what is left of the old one until the sweep
+        # hides it: the newer is the one that exists (two of one name cannot).
         found = self._all(index, key)
+        if len(found) > 1:
+            return max(found, key=lambda body: resource_version(body) or 0)
         return found[0] if found else None
 
     async def model(self, namespace: str, name: str) -> Manifest | None:
