@@ -17,7 +17,6 @@ import asyncio
 import base64
 import logging
 from collections import defaultdict
-from typing import Any
 
 from pydantic import ValidationError
 
@@ -260,8 +259,13 @@ def key_from_secret(secret: Obj) -> KeyRecord | None:
         return None
 
 
+def _secret_name(obj: Obj) -> str:
+    return str(obj.get("metadata", {}).get("name", ""))
+
+
 class KeySecretsSource:
-    """Watches the key Secrets; a deleted Secret revokes its key at once."""
+    """Watches the key Secrets; a deleted Secret revokes its key at once, and so
+    does one edited into something that is not a key record."""
 
     def __init__(
         self, client: KubeClient, namespace: str, store: InMemoryKeyStore
@@ -269,6 +273,9 @@ class KeySecretsSource:
         self._client = client
         self._namespace = namespace
         self._store = store
+        # Secret name -> the name of the key its record holds: what a Secret
+        # deleted or made unreadable takes away (its labels may say otherwise).
+        self._held: dict[str, str] = {}
 
     async def run(self) -> None:
         await list_watch(
@@ -280,23 +287,33 @@ class KeySecretsSource:
         )
 
     def _sync(self, items: list[Obj]) -> None:
-        records = [r for r in map(key_from_secret, items) if r is not None]
-        self._store.replace_all(records)
-        log.info("keys loaded", extra={"keys": len(records)})
+        held = {}
+        for item in items:
+            record = key_from_secret(item)
+            if record is not None:
+                held[_secret_name(item)] = record
+        self._held = {secret: record.name for secret, record in held.items()}
+        self._store.replace_all(list(held.values()))
+        log.info("keys loaded", extra={"keys": len(held)})
 
     def _event(self, kind: str, obj: Obj) -> None:
-        record = key_from_secret(obj)
-        labels: dict[str, Any] = obj.get("metadata", {}).get("labels") or {}
-        name = record.name if record else labels.get(KEY_NAME_LABEL)
-        if kind == "DELETED" and name:
-            self._store.remove(name)
-            log.info("key revoked", extra={"key": name})
-        elif record is not None:
+        secret = _secret_name(obj)
+        record = None if kind == "DELETED" else key_from_secret(obj)
+        before = self._held.pop(secret, None)
+        if record is not None:
+            self._held[secret] = record.name
             self._store.put(record)
-        elif name:
+        if before is None or before in self._held.values():
+            return  # it held no key, or one another Secret holds
+        if kind == "DELETED":
+            self._store.remove(before)
+            log.info("key revoked", extra={"key": before})
+        elif record is None:
             # Edited into something unreadable: the key stops working, as it
             # would in a gateway started now (`_sync` skips it), rather than
             # keep the record the edit meant to change (perhaps to narrow it)
             # on the gateways that saw it before.
-            self._store.remove(name)
-            log.error("key disabled until its Secret is mended", extra={"key": name})
+            self._store.remove(before)
+            log.error("key disabled until its Secret is mended", extra={"key": before})
+        else:
+            self._store.remove(before)  # its record now names another key

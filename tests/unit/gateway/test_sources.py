@@ -319,6 +319,30 @@ def test_a_key_secret_edited_into_a_bad_record_disables_the_key(
     assert store.lookup(record.hash) == record
 
 
+def test_a_broken_key_secret_takes_away_only_the_key_it_held() -> None:
+    """Not the key its labels name: a copy of alice's Secret, renamed and broken,
+    leaves alice's key working (as a gateway started now would)."""
+    alice = KeyRecord(name="alice", hash=hash_key("a"), models=["*"])
+    secret = key_secret(alice, "citadel-system")
+    store = InMemoryKeyStore()
+    source = KeySecretsSource(None, "citadel-system", store)  # type: ignore[arg-type]
+    source._sync([secret])
+    copy = {
+        **secret,
+        "metadata": {**secret["metadata"], "name": "citadel-key-bob"},
+        "data": {"key.json": base64.b64encode(b"{").decode()},
+    }
+    source._event("ADDED", copy)
+    source._event("MODIFIED", copy)
+    source._event("DELETED", copy)
+    assert store.lookup(alice.hash) == alice
+    # A record edited to name another key: the key it named before goes.
+    carol = KeyRecord(name="carol", hash=hash_key("c"), models=["*"])
+    source._event("MODIFIED", {**secret, "data": key_secret(carol, "x")["data"]})
+    assert store.lookup(alice.hash) is None
+    assert store.lookup(carol.hash) == carol
+
+
 def test_vllm_metrics_parsing() -> None:
     text = """# HELP vllm:num_requests_running Number of requests running.
 # TYPE vllm:num_requests_running gauge
