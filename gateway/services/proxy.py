@@ -377,11 +377,14 @@ class ProxyService:
         response.close()
         self._release(ctx, replica, failure)
         status, code = 200, None
+        if ctx.unusable is not None:
+            # The door ends its call with an error for what it was sent (a
+            # chunk it cannot use, or the error event of a stream that broke):
+            # counted as that, what its client gets. REST's client got a 200.
+            status, code = ctx.unusable.status, ctx.unusable.code
         if failure:
             code = "stream_broken"
-        elif ctx.unusable is not None:  # the door closes it for that
-            status, code = ctx.unusable.status, ctx.unusable.code
-        elif gone:
+        elif gone and ctx.unusable is None:
             code = "shutting_down" if self.cut else "client_closed"
         # A stream that broke, one the door could not use, or a client that
         # left, before the usage chunk: the replica may have generated all of it.

@@ -13,6 +13,7 @@ from google.protobuf import struct_pb2
 from citadel.gateway.rpc.server import GrpcServer
 from citadel.gateway.rpc.v1 import citadel_pb2 as pb
 from citadel.gateway.rpc.v1 import citadel_pb2_grpc as pb_grpc
+from citadel.gateway.upstream import UpstreamFailure
 
 pytestmark = pytest.mark.unit
 
@@ -171,6 +172,30 @@ async def test_a_chunk_the_door_cannot_use_ends_the_stream_counted_as_a_failure(
     assert kit.counted(harness, "200", door="grpc") is None
     assert _access(caplog) == [(502, "backend_error")]
     assert reply.closed
+
+
+async def test_a_stream_broken_upstream_is_counted_as_the_failure_its_client_gets(
+    door: tuple[Any, pb_grpc.InferenceStub],
+    kit: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """REST's client got a 200 before the error event (counted 200
+    `stream_broken`); a gRPC client gets UNAVAILABLE, counted as its 502."""
+    caplog.set_level("INFO", logger="citadel.gateway.access")
+    harness, stub = door
+    broken = UpstreamFailure("connection reset")
+    reply = kit.reply(
+        parts=[b"data: " + CHUNK + b"\n\n", broken], content_type="text/event-stream"
+    )
+    harness.upstream.handler = lambda url, body: reply
+    key = (("authorization", f"Bearer {kit.key}"),)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in stub.ChatCompletionStream(_chat(), metadata=key):
+            pass
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert kit.counted(harness, "502", door="grpc") == 1
+    assert kit.counted(harness, "200", door="grpc") is None
+    assert _access(caplog) == [(502, "stream_broken")]
 
 
 async def test_grpc_core_refuses_what_is_far_over_the_limit_before_any_key(
