@@ -170,11 +170,9 @@ class IndexedView:
         return self._one(MODELS_INDEX, (namespace, name))
 
     async def models(self) -> list[Manifest]:
-        stores = self.indexes[MODELS_INDEX].values()
-        if not self.vanished:
-            return [body for store in stores for body in store]
-        hides = self.vanished.hides
-        return [body for store in stores for body in store if not hides(body)]
+        # One per name, as `model` answers: not both of a model made again.
+        found = (self._one(MODELS_INDEX, key) for key in self.indexes[MODELS_INDEX])
+        return [body for body in found if body is not None]
 
     async def deployment(self, namespace: str, name: str) -> Manifest | None:
         return self._one(DEPLOYMENTS_INDEX, (namespace, name))

@@ -190,6 +190,8 @@ async def test_a_model_made_again_in_a_watch_gap_is_reconciled(
     # exists (its timer would otherwise take it for a leftover and forget it).
     found = await reconciler.view.model("llm", "mixtral")
     assert found is not None and found["metadata"]["uid"] == "uid-mixtral-2"
+    models = await reconciler.view.models()  # what the routes are made of
+    assert [body["metadata"]["uid"] for body in models] == ["uid-mixtral-2"]
     await sweep.sweep()
 
     found = await reconciler.view.model("llm", "mixtral")
