@@ -205,11 +205,19 @@ class FakeKube:
         self.reads.append(("list", resource.plural))
         return [
             copy.deepcopy(obj)
+            for obj in self._listed(resource, namespace, label_selector)
+        ]
+
+    def _listed(
+        self, resource: Resource, namespace: str | None, label_selector: str | None
+    ) -> Iterable[Manifest]:
+        return (
+            obj
             for (plural, ns, _), obj in sorted(self.objects.items())
             if plural == resource.plural
             and (namespace is None or ns == namespace)
             and _matches(obj, label_selector)
-        ]
+        )
 
     async def list_uids(
         self,
@@ -223,8 +231,7 @@ class FakeKube:
         self.reads.append(("list cached", resource.plural))
         if resource.plural in self.fail:
             raise self.fail[resource.plural]
-        found = await self.list(resource, namespace, label_selector=label_selector)
-        self.reads.pop()
+        found = self._listed(resource, namespace, label_selector)
         return Listing(
             uids=frozenset(obj["metadata"]["uid"] for obj in found),
             resource_version=str(next(self._versions)),
