@@ -22,7 +22,7 @@ from strawberry.fastapi import BaseContext
 
 from citadel.gateway.deps import REQUEST_ID, Deps, read_body, take_request_id
 from citadel.gateway.errors import GatewayError
-from citadel.gateway.graphql.errors import extensions_of
+from citadel.gateway.graphql.errors import graphql_error
 from citadel.gateway.services.auth import Principal
 from citadel.gateway.services.requests import CHAT, Door
 
@@ -96,11 +96,7 @@ def admit(context: GraphQLContext) -> None:
         # Counted as the HTTP 401 is, or a flood of keyless sockets would not
         # show in the request metrics.
         context.deps.proxy.refused(CHAT, context.request_id, err, Door.GRAPHQL)
-        payload: dict[str, object] = {
-            "message": err.message,
-            "extensions": extensions_of(err),
-        }
-        raise ConnectionRejectionError(payload) from err
+        raise ConnectionRejectionError(dict(graphql_error(err).formatted)) from err
 
 
 def _authorization(params: Any, connection: Any) -> str | None:

@@ -80,8 +80,7 @@ async def ask(
     read: dict[str, Any] = {}
 
     def reader(data: bytes) -> None:
-        nonlocal read
-        read = _json_of(data)
+        read.update(_json_of(data))
         if fit is not None:
             fit(read)
 
