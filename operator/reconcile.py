@@ -578,7 +578,7 @@ class Reconciler:
             result = await self._call(self.kube.apply(desired))
         # Applying the same again would change nothing, whatever the quick check
         # says (it decides alone when dry runs are refused).
-        self._settled.setdefault(model.key, {})[kind] = fingerprint(desired, result)
+        self._settle(model, kind, fingerprint(desired, result))
         self.metrics.drift.labels(kind=kind).inc()
         what = "created the missing" if actual is None else "put back manual changes to"
         await self._post(
@@ -603,8 +603,14 @@ class Reconciler:
         """
         if not drifted(desired, actual):
             return True
-        mark = self._settled.get(model.key, {}).get(desired["kind"])
-        return mark == fingerprint(desired, actual)
+        return self._settled_as(model, desired["kind"]) == fingerprint(desired, actual)
+
+    def _settled_as(self, model: LLMModel, kind: str) -> str | None:
+        """The fingerprint of the model's `kind` that needs no apply, if any."""
+        return self._settled.get(model.key, {}).get(kind)
+
+    def _settle(self, model: LLMModel, kind: str, mark: str) -> None:
+        self._settled.setdefault(model.key, {})[kind] = mark
 
     async def _existing(
         self,
@@ -904,7 +910,7 @@ class Reconciler:
         API server says: it alone knows every form it rewrites."""
         kind = desired["kind"]
         mark = fingerprint(desired, actual)
-        if self._settled.get(model.key, {}).get(kind) == mark:
+        if self._settled_as(model, kind) == mark:
             return False
         try:
             result = await self.kube.apply(desired, dry_run=True)
@@ -922,7 +928,7 @@ class Reconciler:
             return False
         if unchanged_by(result, actual):
             if await self._still_there(model):  # else forget() has run
-                self._settled.setdefault(model.key, {})[kind] = mark
+                self._settle(model, kind, mark)
             log.info("%s: the %s differs only in form; left as it is", model.key, kind)
             return False
         return True
