@@ -353,7 +353,20 @@ def _routing(r: Results) -> list[str]:
         "no router",
         "gets: one fixed placement with no system prompt ever cold and nothing "
         "in front of",
-        "the replicas, to show how far a workload lets placement go. `hit rate` "
+        "the replicas, to show how far a workload lets placement go. "
+        "`python:bare-relay` is a",
+        "reference too",
+        "([bench/citadel_bench/relay.py](../bench/citadel_bench/relay.py)): "
+        "the gateway's HTTP stack",
+        "(uvicorn, httptools, uvloop and its upstream client) relaying bytes with "
+        "none of its",
+        "request work (no parsing, keys, limits, prefix hashes, metrics, log or "
+        "token accounting),",
+        "each conversation kept where it first went (the replica with the fewest "
+        "requests in",
+        "flight), as `sticky_least_loaded` places them: beside the two, it splits "
+        "a gap at the",
+        "client into the stack's part and Citadel's request work. `hit rate` "
         "is the replicas' prefix-cache hits / queries.",
         "`replica TTFT mean` is the replicas' own `vllm:time_to_first_token_seconds`",
         "(from a request's arrival at a replica to its first token): what the "

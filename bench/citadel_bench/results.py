@@ -9,7 +9,13 @@ from citadel_bench.memory import MemoryRun
 from citadel_bench.operator_scale import ScaleRun
 from citadel_bench.overhead import Point
 from citadel_bench.report import DASH, Verdict, fmt, spread
-from citadel_bench.routing import PINNED_WARM, PLAIN_RR, RoutingResult, RoutingRun
+from citadel_bench.routing import (
+    BARE_RELAY,
+    PINNED_WARM,
+    PLAIN_RR,
+    RoutingResult,
+    RoutingRun,
+)
 from citadel_bench.stats import median, percentile, ratio
 
 DEFAULT_STRATEGY = "citadel:prefix-aware"
@@ -172,6 +178,7 @@ def routing_verdicts(result: RoutingResult) -> list[Verdict]:
                     _overlap(default.round_means_ms, best.round_means_ms),
                     _later(default, best),
                     _at_replicas(default, best),
+                    _relay(by.get(BARE_RELAY)),
                 ),
             )
         )
@@ -196,6 +203,17 @@ def _later(ours: RoutingRun, theirs: RoutingRun, ratio_too: bool = False) -> str
     return (
         f"after each conversation's first turn: {fmt(a, 1)} vs {fmt(b, 1)} ms"
         + ratio_note
+    )
+
+
+def _relay(relay: RoutingRun | None) -> str:
+    """The bare relay's mean TTFT, as a note: where the gateway's HTTP stack
+    alone stands, without its request work."""
+    if relay is None:
+        return ""
+    return (
+        f"{BARE_RELAY} (a reference: Citadel's HTTP stack, none of its request "
+        f"work) {fmt(relay.ttft.mean, 1)} ms"
     )
 
 

@@ -9,6 +9,7 @@ import asyncio
 import itertools
 import re
 import statistics
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -16,7 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from citadel_bench import loadgen, peers
-from citadel_bench.procs import Proc, simulator_argv, start, stop, wait_listening
+from citadel_bench.procs import (
+    Proc,
+    bench_env,
+    free_port,
+    simulator_argv,
+    start,
+    stop,
+    wait_http,
+    wait_listening,
+)
 from citadel_bench.stats import Summary
 from citadel_bench.workload import ChatWorkload, conversation, system_prompts
 
@@ -108,6 +118,11 @@ PINNED_WARM = "plain:pinned-warm"
 """A reference, not a router and not a bound: each user kept on one replica (user
 mod replicas) whose cache held every system prompt before the run, no proxy in
 front. One fixed, even placement that starts warm, as no router does."""
+
+
+BARE_RELAY = "python:bare-relay"
+"""A reference: Citadel's HTTP stack relaying with none of its request work, sticky
+sessions placed as `sticky_least_loaded` places them (`citadel_bench.relay`)."""
 
 
 def plain_picker(target: str, backends: list[str]) -> Callable[[int], str]:
@@ -231,6 +246,24 @@ def replica_counters(backends: list[str]) -> ReplicaCounters:
     )
 
 
+def start_relay(backends: list[str], log_dir: Path) -> tuple[Proc, str]:
+    """The bare relay (`BARE_RELAY`) in front of `backends`."""
+    port = free_port()
+    proc = start(
+        "bare-relay",
+        [sys.executable, "-m", "citadel_bench.relay", "--port", str(port), *backends],
+        log_dir,
+        env=bench_env(),
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(proc, url + "/")
+    except RuntimeError:
+        stop(proc)
+        raise
+    return proc, url
+
+
 def run_target(
     target: str,
     workload: ChatWorkload,
@@ -256,6 +289,8 @@ def run_target(
                 proc, url = peers.start_citadel(
                     backends, log_dir, variant, name=f"citadel-{variant}"
                 )
+            elif target == BARE_RELAY:
+                proc, url = start_relay(backends, log_dir)
             else:
                 proc, url = peers.start_vllm_router(backends, log_dir, variant)
             procs.append(proc)
@@ -312,7 +347,8 @@ def merge_rounds(runs: list[RoutingRun]) -> RoutingRun:
 
 def targets(router_available: bool) -> list[str]:
     """Every routing target, Citadel's default first."""
-    names = [f"citadel:{s}" for s in CITADEL_STRATEGIES] + [PLAIN_RR, PINNED_WARM]
+    names = [f"citadel:{s}" for s in CITADEL_STRATEGIES]
+    names += [PLAIN_RR, PINNED_WARM, BARE_RELAY]
     if router_available:
         names += [f"vllm-router:{p}" for p in ROUTER_POLICIES]
     return names

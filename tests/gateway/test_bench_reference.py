@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from citadel_bench.routing import PINNED_WARM, PLAIN_RR, run_target
+from citadel_bench.routing import BARE_RELAY, PINNED_WARM, PLAIN_RR, run_target
 from citadel_bench.workload import ChatWorkload
 
 pytestmark = pytest.mark.integration
@@ -37,3 +37,16 @@ def test_the_reference_counts_only_the_workload_and_finds_its_prompts_warm(
     assert pinned.cache_queries == rotated.cache_queries
     assert pinned.cache_hits > rotated.cache_hits
     assert pinned.hit_rate > 0.8
+
+
+def test_the_bare_relay_serves_the_workload_keeping_conversations_together(
+    tmp_path: Path,
+) -> None:
+    relayed = run_target(BARE_RELAY, WORKLOAD, tmp_path, 60.0)
+    rotated = run_target(PLAIN_RR, WORKLOAD, tmp_path, 60.0)
+    assert relayed.requests == WORKLOAD.requests and relayed.errors == 0
+    assert relayed.replica_ttft_count == WORKLOAD.requests
+    # Each conversation stays on one replica: its later turns find what its
+    # earlier ones left there, as rotating does not.
+    assert relayed.cache_queries == rotated.cache_queries
+    assert relayed.cache_hits > rotated.cache_hits

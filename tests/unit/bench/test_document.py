@@ -341,3 +341,19 @@ def test_a_missed_half_of_round_robin_names_the_reference() -> None:
     # The reference is not a router: it never stands in for vllm-router's best.
     peer = routing_verdicts(RoutingResult(SHORT_CHAT, [ours, plain, pinned]))[1]
     assert peer.ok is None and peer.measured == DASH
+
+
+def test_the_bare_relay_is_named_beside_the_best_peer_policy() -> None:
+    ours = _round("citadel:prefix-aware", [82.0], 1, 1)
+    plain = _round("plain:round-robin", [220.0], 1, 1)
+    best = _round("vllm-router:sticky_least_loaded", [80.0], 1, 1)
+    relay = _round("python:bare-relay", [80.4], 1, 1)
+    below = routing_verdicts(RoutingResult(MULTI_ROUND_QA, [ours, plain, best, relay]))
+    assert below[1].ok is False
+    assert below[1].note == (
+        "python:bare-relay (a reference: Citadel's HTTP stack, none of its request "
+        "work) 80.4 ms"
+    )
+    # Without it, no note; it is never the peer compared against.
+    alone = routing_verdicts(RoutingResult(MULTI_ROUND_QA, [ours, plain, best]))
+    assert alone[1].note == ""

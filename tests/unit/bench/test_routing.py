@@ -4,10 +4,13 @@ counting only what came after."""
 import asyncio
 from collections.abc import AsyncIterator
 
+import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 from citadel_bench import loadgen, peers
+from citadel_bench.relay import BareRelay, StickyLeastLoaded
 from citadel_bench.routing import (
+    BARE_RELAY,
     PINNED_WARM,
     PLAIN_RR,
     ReplicaCounters,
@@ -19,6 +22,8 @@ from citadel_bench.routing import (
 from citadel_bench.workload import ChatWorkload, conversation
 from simulator.params import SimParams
 from simulator.server import make_app
+
+from citadel.gateway.upstream import UpstreamClient, UpstreamSettings
 
 pytestmark = pytest.mark.unit
 
@@ -75,7 +80,8 @@ def test_counters_since_subtract_every_series() -> None:
 
 
 def test_the_reference_runs_with_or_without_the_peer() -> None:
-    assert PINNED_WARM in targets(False) and PINNED_WARM in targets(True)
+    for reference in (PINNED_WARM, BARE_RELAY):
+        assert reference in targets(False) and reference in targets(True)
     assert targets(False)[0] == "citadel:prefix-aware"
 
 
@@ -88,3 +94,53 @@ def test_pinned_keeps_each_user_on_one_replica_and_round_robin_rotates() -> None
     assert [rotation(user) for user in (0, 0, 0, 5, 1)] == list("abcab")
     with pytest.raises(ValueError, match="plain:random"):
         plain_picker("plain:random", backends)
+
+
+def test_the_bare_relay_keeps_each_session_where_it_first_went() -> None:
+    placement = StickyLeastLoaded(["a", "b", "c"])
+    # Equal loads: new sessions are spread in turn.
+    assert [placement.choose(s) for s in (b"s1", b"s2", b"s3", b"s4")] == list("abca")
+    # Otherwise a new session goes to the replica with the fewest in flight...
+    placement.in_flight.update(a=2, b=0, c=1)
+    assert placement.choose(b"s5") == "b"
+    # ...and every session stays where it first went, whatever the load.
+    assert [placement.choose(s) for s in (b"s1", b"s3", b"s5")] == list("acb")
+    # A request without a session is placed each time, never kept.
+    assert placement.choose(b"") == "b"
+    placement.in_flight.update(b=9)
+    assert placement.choose(b"") == "c"
+
+
+async def test_the_bare_relay_streams_the_replicas_answer_as_it_came(
+    replicas: list[str],
+) -> None:
+    upstream = UpstreamClient(UpstreamSettings())
+    placement = StickyLeastLoaded(replicas)
+    relay = BareRelay(placement, upstream)
+    body = conversation(WORKLOAD, 0, 0).next_request(WORKLOAD, peers.MODEL)
+    request = orjson.dumps({**body, "stream": True})
+    pending = [{"type": "http.request", "body": request, "more_body": False}]
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return pending.pop(0)
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "headers": [(b"x-session-id", b"u0")],
+    }
+    await relay(scope, receive, send)  # type: ignore[arg-type]
+    await upstream.close()
+    start, *chunks = sent
+    assert start["status"] == 200
+    assert start["headers"] == [(b"content-type", b"text/event-stream")]
+    stream = b"".join(m["body"] for m in chunks)  # type: ignore[misc]
+    # Relayed untouched: no usage chunk asked for, and the end as vLLM sends it.
+    assert b'"usage"' not in stream and stream.endswith(b"data: [DONE]\n\n")
+    assert chunks[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    assert placement.in_flight == dict.fromkeys(replicas, 0)
