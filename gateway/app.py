@@ -44,6 +44,8 @@ def create_app(settings: GatewaySettings, deps: Deps) -> FastAPI:
     app.state.settings = settings
     app.include_router(openai.router)
     app.include_router(health.router)
+    if not settings.metrics_port:
+        app.include_router(health.metrics_router)
     app.include_router(admin.router)
     app.include_router(graphql_router(settings.graphql_init_timeout_s))
     app.add_middleware(VersionHeaders)

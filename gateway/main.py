@@ -11,6 +11,7 @@ import socket
 from collections.abc import Awaitable, Callable
 
 import uvicorn
+from prometheus_client import CollectorRegistry, start_http_server
 
 from citadel.gateway import __version__, logs
 from citadel.gateway.app import create_app, serving
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         draining.append(grpc_server.stop)
     app = serving(create_app(settings, deps))
+    stop_metrics = _serve_metrics(settings, deps.metrics.registry)
 
     async def mark_stopping() -> None:
         deps.proxy.stopping(settings.shutdown_grace_s)
@@ -76,8 +78,29 @@ def main(argv: list[str] | None = None) -> int:
         ws_max_size=settings.max_body_bytes,
     )
     server = _Server(config, draining)
-    server.run()
+    try:
+        server.run()
+    finally:
+        stop_metrics()
     return 0 if server.started else 3  # uvicorn's code for a failed start
+
+
+def _serve_metrics(
+    settings: GatewaySettings, registry: CollectorRegistry
+) -> Callable[[], None]:
+    """Serves `/metrics` on `settings.metrics_port`, if set, from a thread of its
+    own (prometheus_client's server); returns what stops it."""
+    if not settings.metrics_port:
+        return lambda: None
+    server, _ = start_http_server(
+        settings.metrics_port, addr=settings.host, registry=registry
+    )
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+
+    return stop
 
 
 class _Server(uvicorn.Server):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -47,6 +47,10 @@ class GatewaySettings(BaseSettings):
     grpc_port: int = Field(0, ge=0, le=65535)
     """Port of the gRPC API (`citadel.v1`, docs/grpc.md), served by the same
     process on `host`; 0 (default) turns it off."""
+    metrics_port: int = Field(0, ge=0, le=65535)
+    """Port that serves `/metrics` on `host`, and then `port` does not: an
+    Ingress in front of `port` cannot publish the metrics (key names, traffic per
+    key, pod addresses). 0 (default) serves them on `port`."""
     routes_source: RoutesSource = RoutesSource.KUBERNETES
     """`kubernetes` (watch the ConfigMap and EndpointSlices) or `file`."""
     routes_file: Path | None = None
@@ -111,3 +115,12 @@ class GatewaySettings(BaseSettings):
     max_key_labels: int = Field(100, ge=1)
     """Distinct key names used as metric labels; later ones are counted as
     `other`, so metrics stay bounded."""
+
+    @model_validator(mode="after")
+    def _ports_apart(self) -> GatewaySettings:
+        if self.metrics_port and self.metrics_port in (self.port, self.grpc_port):
+            raise ValueError(
+                f"metrics_port {self.metrics_port} is also the HTTP or gRPC port: "
+                "give it a port of its own, or 0 to serve /metrics on the HTTP port"
+            )
+        return self

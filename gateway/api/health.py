@@ -9,6 +9,8 @@ from citadel.gateway.deps import DepsDep
 from citadel.gateway.errors import NotReady
 
 router = APIRouter(tags=["operations"])
+metrics_router = APIRouter(tags=["operations"])
+"""`/metrics`, on the HTTP port only when no port of its own serves it."""
 
 
 @router.get("/healthz")
@@ -25,7 +27,7 @@ async def readyz(deps: DepsDep) -> dict[str, str]:
     return {"status": "ready"}
 
 
-@router.get("/metrics", include_in_schema=False)
+@metrics_router.get("/metrics", include_in_schema=False)
 async def metrics(deps: DepsDep) -> Response:
     """Prometheus text exposition of the gateway's metrics."""
     return Response(

@@ -51,11 +51,68 @@ def test_grpc_port_is_off_by_default_and_exposed_when_set(chart: ChartKit) -> No
             [(p["name"], p["port"]) for p in service["spec"]["ports"]],
         )
 
-    assert ports(chart.render()) == ("0", ["http"], [("http", 80)])
+    assert ports(chart.render()) == ("0", ["http", "metrics"], [("http", 80)])
     assert ports(chart.render({"gateway.grpcPort": 50051})) == (
         "50051",
-        ["http", "grpc"],
+        ["http", "grpc", "metrics"],
         [("http", 80), ("grpc", 50051)],
+    )
+
+
+def test_metrics_are_served_apart_from_what_the_ingress_exposes(
+    chart: ChartKit,
+) -> None:
+    def seen(values: dict[str, object]) -> tuple[object, ...]:
+        objs = chart.render(
+            {"gateway.ingress.enabled": True, **values}, monitoring=True
+        )
+        deployment = chart.one(objs, "Deployment", "citadel-gateway")
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        ingress = chart.one(objs, "Ingress", "citadel-gateway")
+        backends = {
+            p["backend"]["service"]["port"]["name"]
+            for rule in ingress["spec"]["rules"]
+            for p in rule["http"]["paths"]
+        }
+        monitor = chart.one(objs, "ServiceMonitor", "citadel-gateway")
+        (scraped,) = [
+            s
+            for s in chart.find(objs, "Service")
+            if monitor["spec"]["selector"]["matchLabels"].items()
+            <= s["metadata"]["labels"].items()
+        ]
+        return (
+            env["CITADEL_GATEWAY_METRICS_PORT"],
+            backends,
+            scraped["metadata"]["name"],
+            scraped["spec"]["type"],
+            [(p["name"], p["port"]) for p in scraped["spec"]["ports"]],
+            monitor["spec"]["endpoints"][0]["port"],
+            scraped["metadata"]["labels"].get(monitor["spec"].get("jobLabel")),
+        )
+
+    # By default on a port of its own, behind a ClusterIP Service the Ingress does
+    # not route to, whatever type the API's Service is; the job keeps the
+    # gateway's name (the alert rules select it).
+    assert seen({"gateway.service.type": "LoadBalancer"}) == (
+        "9090",
+        {"http"},
+        "citadel-gateway-metrics",
+        "ClusterIP",
+        [("metrics", 9090)],
+        "metrics",
+        "citadel-gateway",
+    )
+    # 0: on the API port, as before.
+    assert seen({"gateway.metricsPort": 0}) == (
+        "0",
+        {"http"},
+        "citadel-gateway",
+        "ClusterIP",
+        [("http", 80)],
+        "http",
+        None,
     )
 
 

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
+import socket
+import urllib.error
+import urllib.request
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from pydantic import ValidationError
 
 from citadel.gateway import main as entry
+from citadel.gateway.settings import GatewaySettings
 
 pytestmark = pytest.mark.unit
 
@@ -59,3 +66,63 @@ def test_startup_objects_are_frozen_before_serving(
     assert not any(obj is served["app"] for obj in gc.get_objects())
     # Garbage from before is freed first, not frozen for good.
     assert not served["garbage_left"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_metrics_on_a_port_of_their_own_and_not_on_the_api_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    routes = tmp_path / "routes.json"
+    routes.write_text(json.dumps({"schemaVersion": 1, "models": []}))
+    port = _free_port()
+    monkeypatch.setenv("CITADEL_GATEWAY_ROUTES_SOURCE", "file")
+    monkeypatch.setenv("CITADEL_GATEWAY_ROUTES_FILE", str(routes))
+    monkeypatch.setenv("CITADEL_GATEWAY_AUTH", "disabled")
+    monkeypatch.setenv("CITADEL_GATEWAY_HOST", "127.0.0.1")
+    monkeypatch.setenv("CITADEL_GATEWAY_METRICS_PORT", str(port))
+    seen: dict[str, Any] = {}
+
+    def run(server: Any) -> None:
+        seen["metrics"] = _get(f"http://127.0.0.1:{port}/metrics")
+
+        async def api() -> httpx.Response:
+            transport = httpx.ASGITransport(app=server.config.app)
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://gw"
+            ) as client:
+                return await client.get("/metrics")
+
+        seen["api"] = asyncio.run(api())
+        server.started = True
+
+    monkeypatch.setattr(entry._Server, "run", run)
+    assert entry.main([]) == 0
+    status, text = seen["metrics"]
+    assert status == 200 and "citadel_gateway_" in text
+    # The API port, which an Ingress may publish, does not serve them.
+    assert seen["api"].status_code == 404
+    assert seen["api"].json()["error"]["code"] == "not_found"
+    # Stopped with the server.
+    with pytest.raises(OSError):
+        _get(f"http://127.0.0.1:{port}/metrics")
+
+
+def test_the_metrics_port_must_be_a_port_of_its_own() -> None:
+    for clash in ({"port": 9000}, {"grpc_port": 9000}):
+        with pytest.raises(ValidationError, match="metrics_port 9000"):
+            GatewaySettings(metrics_port=9000, **clash)  # type: ignore[arg-type]
+    assert GatewaySettings(metrics_port=9090).metrics_port == 9090
