@@ -31,6 +31,7 @@ from citadel.gateway.deps import (
 )
 from citadel.gateway.errors import GatewayError, ShuttingDown
 from citadel.gateway.services.auth import Principal
+from citadel.gateway.services.catalog import unknown_model
 from citadel.gateway.services.proxy import ProxyResponse
 from citadel.gateway.services.requests import (
     CHAT,
@@ -171,6 +172,11 @@ async def embeddings(request: Request) -> Response:
     return await forward(EMBEDDINGS, request)
 
 
+def _model(name: str) -> dict[str, object]:
+    """A model object in OpenAI's shape."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": "citadel"}
+
+
 @router.get("/models")
 async def list_models(
     response: Response, deps: DepsDep, rid: RequestIdDep, principal: PrincipalDep
@@ -178,12 +184,34 @@ async def list_models(
     """The models the caller's key may use (served names and aliases)."""
     response.headers[REQUEST_ID] = rid
     data = [
-        {"id": name, "object": "model", "created": 0, "owned_by": "citadel"}
+        _model(name)
         for route in deps.catalog.routes()
         for name in route.names
         if principal.may_use(route, name)
     ]
     return {"object": "list", "data": data}
+
+
+# `:path`: served names may hold slashes (Hugging Face's "org/model"); the
+# OpenAI client sends one as %2F, which the server decodes to "/" before routing.
+@router.get("/models/{model:path}")
+async def retrieve_model(
+    model: str,
+    response: Response,
+    deps: DepsDep,
+    rid: RequestIdDep,
+    principal: PrincipalDep,
+) -> dict[str, object]:
+    """One model the caller's key may use, as `GET /v1/models` lists it.
+
+    A name the key may not use is refused as unknown (404 `model_not_found`),
+    as OpenAI refuses a model the key has no access to: the list hides it too.
+    """
+    response.headers[REQUEST_ID] = rid
+    route = deps.catalog.resolve(model)  # 503 before the routes are loaded
+    if not principal.may_use(route, model):
+        raise unknown_model(model)
+    return _model(model)
 
 
 class ForwardingFastPath:

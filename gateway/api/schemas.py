@@ -2,8 +2,12 @@
 
 The handlers read raw bytes (validating with pydantic on the hot path would cost
 more than the rest of the gateway); these schemas only document the API and feed
-schema-driven tests. They list the fields the gateway itself looks at and allow any
-other, as the backend receives them unchanged.
+schema-driven tests. They describe OpenAI's request shapes as wide as the gateway
+forwards them (content parts, tool messages, token-id prompts) and allow any other
+field, as the backend receives them unchanged. Every body they describe passes the
+gateway's own checks (`citadel.gateway.services.requests.parse_body`) but for one
+gap JSON Schema cannot close: it counts 2.0 as an integer, which the gateway
+refuses where it wants one (`max_tokens`, `n`).
 """
 
 from __future__ import annotations
@@ -12,13 +16,68 @@ from typing import Any
 
 _MODEL = {"type": "string", "minLength": 1, "description": "Served name or alias."}
 _POSITIVE = {"type": "integer", "minimum": 1}
+_PART = {
+    "type": "object",
+    "required": ["type"],
+    "properties": {
+        "type": {
+            "type": "string",
+            "description": "`text`, `image_url`, `input_audio`, `file`, ...",
+        },
+        "text": {"type": "string"},
+    },
+    "additionalProperties": True,
+}
+_TOOL_CALL = {
+    "type": "object",
+    "required": ["id", "type", "function"],
+    "properties": {
+        "id": {"type": "string"},
+        "type": {"type": "string", "enum": ["function"]},
+        "function": {
+            "type": "object",
+            "required": ["name", "arguments"],
+            "properties": {
+                "name": {"type": "string"},
+                "arguments": {"type": "string", "description": "JSON text."},
+            },
+        },
+    },
+}
+# One schema for every role, as wide as what the gateway forwards: which fields
+# a role needs (`content`, except on an assistant message with `tool_calls`;
+# `tool_call_id` on a tool message) is for the model's server to check.
 _MESSAGE = {
     "type": "object",
-    "required": ["role", "content"],
+    "required": ["role"],
     "properties": {
-        "role": {"type": "string", "enum": ["system", "user", "assistant"]},
-        "content": {"type": "string"},
+        "role": {
+            "type": "string",
+            "enum": ["developer", "system", "user", "assistant", "tool"],
+        },
+        "content": {
+            "oneOf": [
+                {"type": "string"},
+                {"type": "array", "minItems": 1, "items": _PART},
+                {"type": "null"},
+            ],
+            "description": "Text, content parts, or null beside `tool_calls`.",
+        },
+        "name": {"type": "string"},
+        "tool_calls": {"type": "array", "items": _TOOL_CALL},
+        "tool_call_id": {"type": "string"},
     },
+    "additionalProperties": True,
+}
+_TOKENS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+_PROMPT = {
+    "oneOf": [
+        {"type": "string"},
+        {"type": "array", "minItems": 1, "items": {"type": "string"}},
+        _TOKENS,
+        {"type": "array", "minItems": 1, "items": _TOKENS},
+    ],
+    "description": "A text, texts, token ids, or lists of token ids.",
 }
 
 
@@ -47,19 +106,14 @@ def _generation(prompt_field: str, prompt: dict[str, Any]) -> dict[str, Any]:
 CHAT_REQUEST = _generation(
     "messages", {"type": "array", "minItems": 1, "items": _MESSAGE}
 )
-COMPLETION_REQUEST = _generation("prompt", {"type": "string"})
+COMPLETION_REQUEST = _generation("prompt", _PROMPT)
 
 EMBEDDING_REQUEST: dict[str, Any] = {
     "type": "object",
     "required": ["model", "input"],
     "properties": {
         "model": _MODEL,
-        "input": {
-            "oneOf": [
-                {"type": "string"},
-                {"type": "array", "items": {"type": "string"}, "minItems": 1},
-            ]
-        },
+        "input": _PROMPT,
     },
     "additionalProperties": True,
 }

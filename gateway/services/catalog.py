@@ -163,7 +163,7 @@ class Catalog:
             return route
         if not self.loaded:
             raise NotReady("the gateway has not loaded its routes yet", retry_after_s=2)
-        raise ModelNotFound(f"The model `{name}` does not exist.", param="model")
+        raise unknown_model(name)
 
     def routes(self) -> tuple[ModelRoute, ...]:
         """Every model in the document in force."""
@@ -185,6 +185,12 @@ class Catalog:
     def all_replicas(self) -> dict[str, Replica]:
         """Every known replica by URL (for the metrics scraper)."""
         return dict(self._replicas)
+
+
+def unknown_model(name: str) -> ModelNotFound:
+    """The error for a model name the caller may not send (404 `model_not_found`),
+    the same wherever the gateway refuses one."""
+    return ModelNotFound(f"The model `{name}` does not exist.", param="model")
 
 
 def _usability(endpoint: Endpoint) -> tuple[bool, bool, bool]:

@@ -9,7 +9,9 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 import pytest
+from openai import AsyncOpenAI, NotFoundError
 
+from citadel.gateway.services.auth import KeyRecord, hash_key
 from citadel.gateway.services.requests import CHAT
 from citadel.gateway.upstream import UpstreamTimeout, UpstreamUnreachable
 from citadel.gateway.versioning import VERSION_HEADER
@@ -395,6 +397,61 @@ async def test_models_lists_only_allowed_ones(kit: Any) -> None:
         )
     assert [m["id"] for m in user.json()["data"]] == ["smollm2", "chat"]
     assert {m["id"] for m in admin.json()["data"]} == {"smollm2", "chat", "big"}
+
+
+async def test_a_model_is_retrieved_as_the_list_shows_it(kit: Any) -> None:
+    h = kit.build(doc=kit.document("big"))
+    admin = {"authorization": f"Bearer {kit.admin_key}"}
+    async with h.client() as client:
+        for headers in ({}, admin):
+            listed = (await client.get("/v1/models", headers=headers)).json()["data"]
+            for entry in listed:
+                one = await client.get(f"/v1/models/{entry['id']}", headers=headers)
+                assert (one.status_code, one.json()) == (200, entry)
+        hidden = await client.get("/v1/models/big")  # alice may not use it
+        unknown = await client.get("/v1/models/nope", headers={"x-request-id": "r-1"})
+        chat = await client.post(
+            "/v1/chat/completions", json={**kit.chat, "model": "nope"}
+        )
+        anonymous = await client.get("/v1/models/chat", headers={"authorization": ""})
+    # The same refusal as a chat with a model that does not exist.
+    assert (unknown.status_code, unknown.json()) == (404, chat.json())
+    assert unknown.json()["error"]["code"] == "model_not_found"
+    assert unknown.headers["x-request-id"] == "r-1"
+    assert hidden.status_code == 404
+    assert hidden.json()["error"] == {
+        **chat.json()["error"],
+        "message": "The model `big` does not exist.",
+    }
+    assert anonymous.status_code == 401
+
+
+async def test_models_named_with_slashes_are_retrieved(kit: Any) -> None:
+    name = "meta-llama/Llama-3-8B"
+    records = (KeyRecord(name="alice", hash=hash_key(kit.key), models=("meta-*",)),)
+    h = kit.build(doc=kit.document(servedName=name), records=records)
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=h.served))
+    openai = AsyncOpenAI(
+        base_url="http://gateway/v1", api_key=kit.key, http_client=http
+    )
+    async with openai:
+        # The client sends the slash as %2F.
+        model = await openai.models.retrieve(name)
+        alias = await openai.models.retrieve("chat")
+        with pytest.raises(NotFoundError) as refused:
+            await openai.models.retrieve("meta-llama/nope")
+    assert (model.id, model.object, alias.id) == (name, "model", "chat")
+    assert refused.value.code == "model_not_found"
+    async with h.client() as client:
+        plain = await client.get(f"/v1/models/{name}")  # a bare slash
+    assert plain.json()["id"] == name
+
+
+async def test_retrieving_a_model_before_the_routes_load_is_a_503(kit: Any) -> None:
+    async with kit.build(loaded=False).client() as client:
+        answer = await client.get("/v1/models/chat")
+    assert answer.status_code == 503
+    assert answer.json()["error"]["code"] == "gateway_not_ready"
 
 
 async def test_health_readiness_and_metrics(kit: Any) -> None:
