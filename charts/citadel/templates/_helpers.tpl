@@ -198,6 +198,27 @@ The namespace of the routing ConfigMap when it is not the release's: empty unles
 gateway.routesNamespace names another one, which only a gateway beside another
 release's operator may do (this release's operator writes into its own).
 */}}
+{{/*
+The namespace of the API-key Secrets: gateway.keysNamespace, else the release's.
+*/}}
+{{- define "citadel.gateway.keysNamespace" -}}
+{{- default .Release.Namespace .Values.gateway.keysNamespace }}
+{{- end }}
+
+{{/*
+The gateway's CITADEL_GATEWAY_ROUTES_NAMESPACE: another release's namespace
+(gateway.routesNamespace), or the release's own when the keys (its
+CITADEL_GATEWAY_NAMESPACE) are elsewhere; empty when it is the keys' namespace.
+*/}}
+{{- define "citadel.gateway.routesNamespaceEnv" -}}
+{{- $other := include "citadel.gateway.routesNamespace" . }}
+{{- if $other }}
+{{- $other }}
+{{- else if ne (include "citadel.gateway.keysNamespace" .) .Release.Namespace }}
+{{- .Release.Namespace }}
+{{- end }}
+{{- end }}
+
 {{- define "citadel.gateway.routesNamespace" -}}
 {{- $ns := .Values.gateway.routesNamespace }}
 {{- if and $ns (ne $ns .Release.Namespace) }}

@@ -121,6 +121,53 @@ def test_gateway_reads_only(chart: ChartKit) -> None:
     assert not [g for g in granted if g[0] == "*"]
 
 
+def test_gateway_keys_in_a_namespace_of_their_own(chart: ChartKit) -> None:
+    objs = chart.render({"gateway.keysNamespace": "llm-keys"})
+    granted = bound_to(objs, "citadel-gateway")
+    # Secrets only where the keys are; in the release namespace, the routing
+    # ConfigMap by name, so its other Secrets and ConfigMaps are out of reach.
+    assert {(s, r) for s, _, r, _ in granted} == {
+        (chart.namespace, "configmaps"),
+        ("llm-keys", "secrets"),
+        ("*", "endpointslices"),
+    }
+    (release_role,) = [
+        o
+        for o in chart.find(objs, "Role")
+        if o["metadata"]["namespace"] == chart.namespace
+        and o["metadata"]["name"] == "citadel-gateway"
+    ]
+    assert release_role["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": ["citadel-routes"],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
+    container = chart.one(objs, "Deployment", "citadel-gateway")["spec"]["template"][
+        "spec"
+    ]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["CITADEL_GATEWAY_NAMESPACE"] == "llm-keys"
+    assert env["CITADEL_GATEWAY_ROUTES_NAMESPACE"] == chart.namespace
+    # The admin key's record goes where the gateway reads keys; its plain copy,
+    # for people, stays in the release namespace.
+    record = chart.one(objs, "Secret", "citadel-key-admin")
+    assert record["metadata"]["namespace"] == "llm-keys"
+    plain = chart.one(objs, "Secret", "citadel-admin-key")
+    assert plain["metadata"]["namespace"] == chart.namespace
+    # By default nothing moves.
+    env = {
+        e["name"]: e.get("value")
+        for e in chart.one(chart.render(), "Deployment", "citadel-gateway")["spec"][
+            "template"
+        ]["spec"]["containers"][0]["env"]
+    }
+    assert env["CITADEL_GATEWAY_NAMESPACE"] == chart.namespace
+    assert "CITADEL_GATEWAY_ROUTES_NAMESPACE" not in env
+
+
 def test_rbac_can_be_left_to_the_platform_team(chart: ChartKit) -> None:
     objs = chart.render(
         {
