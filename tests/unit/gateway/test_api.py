@@ -278,6 +278,31 @@ async def test_backend_4xx_passes_through_and_5xx_becomes_502(
     assert failed.status_code == 502
 
 
+def _quota_key(kit: Any, **limits: int) -> Any:
+    """A harness whose key `alice` has `limits`, its replies 1,000 tokens."""
+    from citadel.gateway.services.auth import KeyRecord, hash_key
+
+    record = KeyRecord(name="alice", hash=hash_key(kit.key), **limits)
+    h = kit.build(records=(record,))
+    h.upstream.handler = lambda url, body: kit.completion(usage=(900, 100))
+    return h
+
+
+async def test_a_quota_refuses_a_batch_larger_than_what_is_left(kit: Any) -> None:
+    """Estimated as its first prompt with one reply, a batch of prompts went
+    through a quota with a fraction of its size left."""
+    h = _quota_key(kit, daily_tokens=1_700)
+    batch = {"model": "chat", "prompt": ["x" * 400] * 8, "max_tokens": 10}
+    half = {**batch, "prompt": batch["prompt"][:4]}
+    async with h.client() as client:
+        await client.post("/v1/chat/completions", json=kit.chat)  # 700 left
+        refused = await client.post("/v1/completions", json=batch)  # 880
+        admitted = await client.post("/v1/completions", json=half)  # 440
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "insufficient_quota"
+    assert admitted.status_code == 200
+
+
 @pytest.mark.parametrize(
     ("body", "status", "code", "param"),
     [

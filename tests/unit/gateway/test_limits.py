@@ -101,6 +101,41 @@ def test_estimate_tokens() -> None:
     assert estimate_tokens({"input": "x" * 8}, 256) == 2
 
 
+@pytest.mark.parametrize(
+    ("body", "tokens"),
+    [
+        # 8 prompts of 1,000 tokens, each with its reply of 100.
+        ({"prompt": ["x" * 4000] * 8, "max_tokens": 100}, 8 * 1000 + 8 * 100),
+        # Token ids: one token each, one prompt.
+        ({"prompt": list(range(4000)), "max_tokens": 100}, 4000 + 100),
+        ({"prompt": [[1] * 300, [2] * 500], "max_tokens": 10}, 800 + 2 * 10),
+        # Each prompt's reply for each choice; best_of is generated in full.
+        ({"prompt": ["abcd", "efgh"], "n": 3, "max_tokens": 10}, 2 + 2 * 3 * 10),
+        ({"prompt": "abcd", "n": 2, "best_of": 5, "max_tokens": 10}, 1 + 5 * 10),
+        ({"prompt": "abcd", "n": 3, "best_of": 2, "max_tokens": 10}, 1 + 3 * 10),
+        # Embeddings: every input, no reply.
+        ({"input": ["x" * 4000] * 64}, 64 * 1000),
+        ({"input": [list(range(50)), list(range(30))]}, 80),
+        ({"input": list(range(70))}, 70),
+        # A chat's content parts count (one prompt, n replies).
+        (
+            {
+                "messages": [{"role": "user", "content": [{"text": "x" * 394}]}],
+                "max_tokens": 10,
+                "n": 2,
+            },
+            100 + 2 * 10,
+        ),
+    ],
+)
+def test_an_estimate_counts_every_prompt_and_each_reply(
+    body: dict[str, Any], tokens: int
+) -> None:
+    """A batch estimated as its first prompt, with one reply, let a quota admit
+    a request many times what it had left."""
+    assert estimate_tokens(body, 256) == tokens
+
+
 async def test_rpm_per_key_and_per_model() -> None:
     clock = Clock()
     limiter = Limiter(InProcessBuckets(), clock)
