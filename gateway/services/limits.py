@@ -335,25 +335,33 @@ def _period(period: str, now: float) -> tuple[str, float]:
 
 
 def _headers(checks: list[_Check], levels: list[Level]) -> dict[str, str]:
-    """OpenAI's x-ratelimit-* headers from the tightest bucket of each kind: on
-    a refusal, of those that refused."""
+    """OpenAI's x-ratelimit-* headers: for requests, of the requests-per-minute
+    buckets; for tokens, of the tokens-per-minute buckets and the quotas, a
+    quota's being its own numbers (its limit, what is left of it, the end of its
+    period).
+
+    Of each kind, the bucket with the fewest left is shown, the budget a client
+    has; on a refusal, of those that refused, the one waited for longest, as
+    `Retry-After` is.
+    """
     headers: dict[str, str] = {}
     refused = not levels[0].ok
-    for scope in ("requests", "tokens"):
+    for name, scopes in (("requests", ("requests",)), ("tokens", ("tokens", "quota"))):
         pairs = [
-            (c, lv) for c, lv in zip(checks, levels, strict=True) if c.scope == scope
+            (c, lv) for c, lv in zip(checks, levels, strict=True) if c.scope in scopes
         ]
         failed = [(c, lv) for c, lv in pairs if refused and lv.level < c.take.need]
-        pairs = failed or pairs
-        if not pairs:
+        if failed:
+            check, level = max(failed, key=lambda p: p[1].wait_s)
+        elif pairs:
+            check, level = min(pairs, key=lambda p: p[0].left(p[1].level))
+        else:
             continue
-        check, level = min(pairs, key=lambda p: p[1].level / p[0].take.bucket.capacity)
-        bucket = check.take.bucket
-        remaining = max(0, math.floor(level.level))
-        headers[f"x-ratelimit-limit-{scope}"] = str(int(bucket.capacity))
-        headers[f"x-ratelimit-remaining-{scope}"] = str(remaining)
-        headers[f"x-ratelimit-reset-{scope}"] = format_reset(
-            reset_time(level.level, bucket)
+        remaining = max(0, math.floor(check.left(level.level)))
+        headers[f"x-ratelimit-limit-{name}"] = str(check.limit)
+        headers[f"x-ratelimit-remaining-{name}"] = str(remaining)
+        headers[f"x-ratelimit-reset-{name}"] = format_reset(
+            reset_time(level.level, check.take.bucket)
         )
     return headers
 

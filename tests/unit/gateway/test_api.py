@@ -288,6 +288,23 @@ def _quota_key(kit: Any, **limits: int) -> Any:
     return h
 
 
+async def test_a_quota_429_carries_the_quotas_headers(kit: Any) -> None:
+    h = _quota_key(kit, tpm=100_000, daily_tokens=1_000)
+    async with h.client() as client:
+        ok = await client.post("/v1/chat/completions", json=kit.chat)
+        refused = await client.post("/v1/chat/completions", json=kit.chat)
+    # The day's quota was the tighter budget: 1,000 less the first estimate.
+    assert ok.headers["x-ratelimit-limit-tokens"] == "1000"
+    assert ok.headers["x-ratelimit-remaining-tokens"] == "741"
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "insufficient_quota"
+    assert refused.headers["x-ratelimit-limit-tokens"] == "1000"
+    assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
+    # 08:00 UTC: the day ends in 16 hours.
+    assert refused.headers["x-ratelimit-reset-tokens"] == "16h0m0s"
+    assert refused.headers["retry-after"] == str(16 * 3600)
+
+
 async def test_a_quota_refuses_a_batch_larger_than_what_is_left(kit: Any) -> None:
     """Estimated as its first prompt with one reply, a batch of prompts went
     through a quota with a fraction of its size left."""
