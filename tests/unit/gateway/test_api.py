@@ -278,6 +278,22 @@ async def test_backend_4xx_passes_through_and_5xx_becomes_502(
     assert failed.status_code == 502
 
 
+async def test_a_replicas_4xx_carries_the_limits_once_settled(kit: Any) -> None:
+    """vLLM's 400 used nothing: its estimate was given back, and its headers
+    say so, as those of an error the gateway raises after admission do."""
+    h = kit.build(doc=kit.document(limits={"tpm": 10_000}))
+    error = {"error": {"message": "too long", "type": "BadRequestError"}}
+    h.upstream.handler = lambda url, body: kit.reply(
+        status=400, body=orjson.dumps(error)
+    )
+    async with h.client() as client:
+        bad = await client.post(
+            "/v1/chat/completions", json={**kit.chat, "max_tokens": 5_000}
+        )
+    assert bad.status_code == 400
+    assert bad.headers["x-ratelimit-remaining-tokens"] == "10000"
+
+
 def _quota_key(kit: Any, **limits: int) -> Any:
     """A harness whose key `alice` has `limits`, its replies 1,000 tokens."""
     from citadel.gateway.services.auth import KeyRecord, hash_key
