@@ -6,10 +6,10 @@ Which buckets a request draws from:
 - the model's `limits` from the routing document, a per-key default: each key gets
   its own `rpm`/`tpm` bucket for that model.
 
-Tokens are estimated before the request (the prompt's characters / 4 plus
-`max_tokens`) and corrected once the reply's usage is known. When the bucket store
-is unreachable (Redis down) requests are admitted unchecked and the error logged:
-an outage of the limit store does not stop serving.
+Tokens are estimated before the request (each prompt's characters / 4 plus
+`max_tokens` for each prompt and choice) and corrected once the reply's usage is
+known. When the bucket store is unreachable (Redis down) requests are admitted
+unchecked and the error logged: an outage of the limit store does not stop serving.
 """
 
 from __future__ import annotations
@@ -46,15 +46,67 @@ log = logging.getLogger(__name__)
 
 
 def estimate_tokens(body: Mapping[str, Any], default_max_tokens: int) -> int:
-    """A cautious guess of a request's tokens: prompt characters / 4 + reply."""
-    tokens = math.ceil(len(prompt_text(body)) / 4)
+    """A cautious guess of a request's tokens, before it is sent.
+
+    Every prompt counts: its characters / 4, or for a prompt given as token ids
+    one token each; a chat is one prompt, its messages as `prompt_text` joins
+    them. A chat or completion adds its reply (`max_completion_tokens`, else
+    `max_tokens`, else `default_max_tokens`) for each prompt and each sequence
+    generated for it: `n`, or `best_of` when larger, as every candidate is
+    generated (and billed by OpenAI) though only `n` come back.
+    """
+    if isinstance(body.get("messages"), list):
+        tokens, prompts = _text_tokens(prompt_text(body)), 1
+    else:
+        tokens, prompts = _prompt_tokens(body)
     if "input" not in body:
         reply = body.get("max_completion_tokens") or body.get("max_tokens")
         if not isinstance(reply, int) or reply < 1:
             reply = default_max_tokens
-        n = body.get("n")
-        tokens += reply * (n if isinstance(n, int) and n > 0 else 1)
+        tokens += reply * prompts * _sequences(body)
     return min(MAX_ESTIMATE, max(1, tokens))
+
+
+def _text_tokens(text: str) -> int:
+    return math.ceil(len(text) / 4)
+
+
+def _prompt_tokens(body: Mapping[str, Any]) -> tuple[int, int]:
+    """The tokens of a completion's `prompt` or an embedding's `input`, and how
+    many prompts it holds: a string, token ids, or an array of either (a batch,
+    each prompt generated for or embedded on its own)."""
+    for name in ("prompt", "input"):
+        value = body.get(name)
+        if isinstance(value, str):
+            return _text_tokens(value), 1
+        if isinstance(value, list) and value:
+            # Token ids are integers throughout (the backend refuses a mix), so
+            # the first tells, without a pass over a prompt of thousands.
+            if isinstance(value[0], int):
+                return len(value), 1
+            return sum(_one_prompt(item) for item in value), len(value)
+    return 0, 1
+
+
+def _one_prompt(item: object) -> int:
+    """The tokens of one prompt of a batch."""
+    if isinstance(item, str):
+        return _text_tokens(item)
+    if isinstance(item, list):  # token ids
+        return len(item)
+    # A token id among strings, or a shape the backend will refuse: one token,
+    # not its text (str() of a deeply nested value would recurse past the limit).
+    return 1
+
+
+def _sequences(body: Mapping[str, Any]) -> int:
+    """How many replies are generated for each prompt."""
+    count = 1
+    for name in ("n", "best_of"):
+        value = body.get(name)
+        if isinstance(value, int) and value > count:
+            count = value
+    return count
 
 
 QUOTA_SCALE = 1e12
@@ -283,25 +335,33 @@ def _period(period: str, now: float) -> tuple[str, float]:
 
 
 def _headers(checks: list[_Check], levels: list[Level]) -> dict[str, str]:
-    """OpenAI's x-ratelimit-* headers from the tightest bucket of each kind: on
-    a refusal, of those that refused."""
+    """OpenAI's x-ratelimit-* headers: for requests, of the requests-per-minute
+    buckets; for tokens, of the tokens-per-minute buckets and the quotas, a
+    quota's being its own numbers (its limit, what is left of it, the end of its
+    period).
+
+    Of each kind, the bucket with the fewest left is shown, the budget a client
+    has; on a refusal, of those that refused, the one waited for longest, as
+    `Retry-After` is.
+    """
     headers: dict[str, str] = {}
     refused = not levels[0].ok
-    for scope in ("requests", "tokens"):
+    for name, scopes in (("requests", ("requests",)), ("tokens", ("tokens", "quota"))):
         pairs = [
-            (c, lv) for c, lv in zip(checks, levels, strict=True) if c.scope == scope
+            (c, lv) for c, lv in zip(checks, levels, strict=True) if c.scope in scopes
         ]
         failed = [(c, lv) for c, lv in pairs if refused and lv.level < c.take.need]
-        pairs = failed or pairs
-        if not pairs:
+        if failed:
+            check, level = max(failed, key=lambda p: p[1].wait_s)
+        elif pairs:
+            check, level = min(pairs, key=lambda p: p[0].left(p[1].level))
+        else:
             continue
-        check, level = min(pairs, key=lambda p: p[1].level / p[0].take.bucket.capacity)
-        bucket = check.take.bucket
-        remaining = max(0, math.floor(level.level))
-        headers[f"x-ratelimit-limit-{scope}"] = str(int(bucket.capacity))
-        headers[f"x-ratelimit-remaining-{scope}"] = str(remaining)
-        headers[f"x-ratelimit-reset-{scope}"] = format_reset(
-            reset_time(level.level, bucket)
+        remaining = max(0, math.floor(check.left(level.level)))
+        headers[f"x-ratelimit-limit-{name}"] = str(check.limit)
+        headers[f"x-ratelimit-remaining-{name}"] = str(remaining)
+        headers[f"x-ratelimit-reset-{name}"] = format_reset(
+            reset_time(level.level, check.take.bucket)
         )
     return headers
 

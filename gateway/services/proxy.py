@@ -312,7 +312,13 @@ class ProxyService:
                 # as for an answer the door could use.
                 await self._fail(ctx, err, usage, answered=True)
                 raise
+        admitted = ctx.admission
         await self._account(ctx, usage, response.status, None, answered=True)
+        if response.status != 200 and admitted is not None:
+            # An error the replica answered (vLLM's 400) used nothing: its
+            # estimate was given back, which its headers must show, as those
+            # of an error the gateway raises do (`_fail`).
+            headers = {**headers, **admitted.headers_after(ctx.settled)}
         return ProxyResponse(
             response.status, headers, data, media_type=response.content_type
         )

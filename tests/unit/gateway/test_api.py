@@ -280,6 +280,64 @@ async def test_backend_4xx_passes_through_and_5xx_becomes_502(
     assert failed.status_code == 502
 
 
+async def test_a_replicas_4xx_carries_the_limits_once_settled(kit: Any) -> None:
+    """vLLM's 400 used nothing: its estimate was given back, and its headers
+    say so, as those of an error the gateway raises after admission do."""
+    h = kit.build(doc=kit.document(limits={"tpm": 10_000}))
+    error = {"error": {"message": "too long", "type": "BadRequestError"}}
+    h.upstream.handler = lambda url, body: kit.reply(
+        status=400, body=orjson.dumps(error)
+    )
+    async with h.client() as client:
+        bad = await client.post(
+            "/v1/chat/completions", json={**kit.chat, "max_tokens": 5_000}
+        )
+    assert bad.status_code == 400
+    assert bad.headers["x-ratelimit-remaining-tokens"] == "10000"
+
+
+def _quota_key(kit: Any, **limits: int) -> Any:
+    """A harness whose key `alice` has `limits`, its replies 1,000 tokens."""
+    from citadel.gateway.services.auth import KeyRecord, hash_key
+
+    record = KeyRecord(name="alice", hash=hash_key(kit.key), **limits)
+    h = kit.build(records=(record,))
+    h.upstream.handler = lambda url, body: kit.completion(usage=(900, 100))
+    return h
+
+
+async def test_a_quota_429_carries_the_quotas_headers(kit: Any) -> None:
+    h = _quota_key(kit, tpm=100_000, daily_tokens=1_000)
+    async with h.client() as client:
+        ok = await client.post("/v1/chat/completions", json=kit.chat)
+        refused = await client.post("/v1/chat/completions", json=kit.chat)
+    # The day's quota was the tighter budget: 1,000 less the first estimate.
+    assert ok.headers["x-ratelimit-limit-tokens"] == "1000"
+    assert ok.headers["x-ratelimit-remaining-tokens"] == "741"
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "insufficient_quota"
+    assert refused.headers["x-ratelimit-limit-tokens"] == "1000"
+    assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
+    # 08:00 UTC: the day ends in 16 hours.
+    assert refused.headers["x-ratelimit-reset-tokens"] == "16h0m0s"
+    assert refused.headers["retry-after"] == str(16 * 3600)
+
+
+async def test_a_quota_refuses_a_batch_larger_than_what_is_left(kit: Any) -> None:
+    """Estimated as its first prompt with one reply, a batch of prompts went
+    through a quota with a fraction of its size left."""
+    h = _quota_key(kit, daily_tokens=1_700)
+    batch = {"model": "chat", "prompt": ["x" * 400] * 8, "max_tokens": 10}
+    half = {**batch, "prompt": batch["prompt"][:4]}
+    async with h.client() as client:
+        await client.post("/v1/chat/completions", json=kit.chat)  # 700 left
+        refused = await client.post("/v1/completions", json=batch)  # 880
+        admitted = await client.post("/v1/completions", json=half)  # 440
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "insufficient_quota"
+    assert admitted.status_code == 200
+
+
 @pytest.mark.parametrize(
     ("body", "status", "code", "param"),
     [

@@ -101,6 +101,41 @@ def test_estimate_tokens() -> None:
     assert estimate_tokens({"input": "x" * 8}, 256) == 2
 
 
+@pytest.mark.parametrize(
+    ("body", "tokens"),
+    [
+        # 8 prompts of 1,000 tokens, each with its reply of 100.
+        ({"prompt": ["x" * 4000] * 8, "max_tokens": 100}, 8 * 1000 + 8 * 100),
+        # Token ids: one token each, one prompt.
+        ({"prompt": list(range(4000)), "max_tokens": 100}, 4000 + 100),
+        ({"prompt": [[1] * 300, [2] * 500], "max_tokens": 10}, 800 + 2 * 10),
+        # Each prompt's reply for each choice; best_of is generated in full.
+        ({"prompt": ["abcd", "efgh"], "n": 3, "max_tokens": 10}, 2 + 2 * 3 * 10),
+        ({"prompt": "abcd", "n": 2, "best_of": 5, "max_tokens": 10}, 1 + 5 * 10),
+        ({"prompt": "abcd", "n": 3, "best_of": 2, "max_tokens": 10}, 1 + 3 * 10),
+        # Embeddings: every input, no reply.
+        ({"input": ["x" * 4000] * 64}, 64 * 1000),
+        ({"input": [list(range(50)), list(range(30))]}, 80),
+        ({"input": list(range(70))}, 70),
+        # A chat's content parts count (one prompt, n replies).
+        (
+            {
+                "messages": [{"role": "user", "content": [{"text": "x" * 394}]}],
+                "max_tokens": 10,
+                "n": 2,
+            },
+            100 + 2 * 10,
+        ),
+    ],
+)
+def test_an_estimate_counts_every_prompt_and_each_reply(
+    body: dict[str, Any], tokens: int
+) -> None:
+    """A batch estimated as its first prompt, with one reply, let a quota admit
+    a request many times what it had left."""
+    assert estimate_tokens(body, 256) == tokens
+
+
 async def test_rpm_per_key_and_per_model() -> None:
     clock = Clock()
     limiter = Limiter(InProcessBuckets(), clock)
@@ -265,6 +300,74 @@ async def test_a_refusal_reports_the_bucket_that_refused() -> None:
     headers = refused.value.headers
     assert headers["x-ratelimit-limit-requests"] == "10"
     assert headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def _tokens(headers: dict[str, str]) -> tuple[str, str, str]:
+    return (
+        headers["x-ratelimit-limit-tokens"],
+        headers["x-ratelimit-remaining-tokens"],
+        headers["x-ratelimit-reset-tokens"],
+    )
+
+
+async def test_token_headers_show_the_tightest_budget_a_quota_too() -> None:
+    """A quota is a token budget: when it leaves less than the tokens per
+    minute, the headers show it (its limit, what is left, the end of its
+    period), as they do for a key with a quota only."""
+    limiter = Limiter(InProcessBuckets(), Clock())  # 23:59 UTC
+    tight = principal(tpm=100_000, daily_tokens=1_000)
+    assert _tokens((await limiter.admit(tight, route(), 600)).headers) == (
+        "1000",
+        "400",
+        "1m0s",
+    )
+    limiter = Limiter(InProcessBuckets(), Clock())
+    roomy = principal(tpm=1_000, daily_tokens=100_000)
+    assert _tokens((await limiter.admit(roomy, route(), 600)).headers) == (
+        "1000",
+        "400",
+        "36s",
+    )
+    limiter = Limiter(InProcessBuckets(), Clock())
+    monthly = principal(daily_tokens=100_000, monthly_tokens=5_000)
+    assert _tokens((await limiter.admit(monthly, route(), 600)).headers) == (
+        "5000",
+        "4400",
+        "1m0s",  # 23:59 on the 31st of March: the month ends with the day
+    )
+    # The fewest tokens left, not the smallest share of a limit: 400 of the
+    # minute's 1,000 can be sent now, not 30% of a month's 1,000,000.
+    clock = Clock()
+    clock.now -= 10 * 86_400
+    limiter = Limiter(InProcessBuckets(), clock)
+    month = principal(tpm=1_000, monthly_tokens=1_000_000)
+    await limiter.settle(await limiter.admit(month, route(), 1), 700_000)
+    clock.now += 86_400  # the minute's debt is long paid
+    assert _tokens((await limiter.admit(month, route(), 600)).headers) == (
+        "1000",
+        "400",
+        "36s",
+    )
+
+
+async def test_a_quota_refusal_carries_the_quotas_headers() -> None:
+    """Not those of the tokens per minute, which did not refuse and had room."""
+    limiter = Limiter(InProcessBuckets(), Clock())  # 23:59 UTC
+    who = principal(tpm=100_000, daily_tokens=1_000)
+    await limiter.settle(await limiter.admit(who, route(), 600), 600)
+    with pytest.raises(QuotaExceeded) as info:
+        await limiter.admit(who, route(), 500)
+    headers = info.value.headers
+    assert _tokens(headers) == ("1000", "400", "1m0s")
+    assert headers["retry-after"] == "60"
+    # Refused by the tokens per minute, the headers are its own.
+    limiter = Limiter(InProcessBuckets(), Clock())
+    who = principal(tpm=1_000, daily_tokens=100_000)
+    await limiter.admit(who, route(), 900)
+    with pytest.raises(RateLimited) as minute:
+        await limiter.admit(who, route(), 500)
+    assert _tokens(minute.value.headers) == ("1000", "100", "54s")
+    assert minute.value.headers["retry-after"] == "24"
 
 
 async def test_live_buckets_past_the_bound_are_not_swept_at_each_store() -> None:
