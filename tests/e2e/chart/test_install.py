@@ -197,11 +197,13 @@ def test_namespaced_install_keeps_the_admin_key_when_asked(
 
     # A gateway of its own (its own keys) beside this release's operator: Ready
     # (--wait) only once it reads the routing ConfigMap in the other namespace.
-    team = namespaces("team")
+    # Its keys in a namespace of their own: the gateway reads Secrets only there.
+    team, team_keys = namespaces("team"), namespaces("team-keys")
     cluster.helm(
         "install", RELEASE, CHART, "-n", team, *WAIT,
         "--set", "operator.enabled=false",
         "--set", f"gateway.routesNamespace={ns}",
+        "--set", f"gateway.keysNamespace={team_keys}",
         "--set", f"watchNamespaces={{{models}}}",
         "--set", "gateway.replicas=1",
         "--set", "redis.enabled=false",
@@ -209,6 +211,9 @@ def test_namespaced_install_keeps_the_admin_key_when_asked(
     assert can_i(cluster, gw, team, "watch", "configmaps/citadel-routes", "-n", ns)
     assert not can_i(cluster, gw, team, "get", "configmaps/other", "-n", ns)
     assert not can_i(cluster, gw, team, "list", "secrets", "-n", ns)
+    assert can_i(cluster, gw, team, "watch", "secrets", "-n", team_keys)
+    assert not can_i(cluster, gw, team, "get", "secrets", "-n", team)
+    assert get(cluster, "secret", "citadel-key-admin", "-n", team_keys)
     cluster.helm("uninstall", RELEASE, "-n", team, "--wait", "--timeout", "100s")
 
     key = admin_key(cluster, ns)
