@@ -40,6 +40,25 @@ app.kubernetes.io/part-of: citadel
 {{- end }}
 
 {{/* The labels a component's selectors use; they never change across upgrades. */}}
+{{/*
+A pod's labels: the selector's, then `labels` (a podLabels value, named `name` in
+the error), which may not set a selector key: Helm would render it twice, the last
+one would win, and the API server would refuse a Deployment whose template no
+longer matches its selector.
+*/}}
+{{- define "citadel.podLabels" -}}
+{{- $selector := include "citadel.selectorLabels" . | fromYaml }}
+{{- range $key, $_ := .labels }}
+{{- if hasKey $selector $key }}
+{{- fail (printf "%s may not set %s: the Deployment's selector uses it" $.name $key) }}
+{{- end }}
+{{- end }}
+{{- include "citadel.selectorLabels" . }}
+{{- with .labels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
 {{- define "citadel.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "citadel.name" .ctx }}
 app.kubernetes.io/instance: {{ .ctx.Release.Name }}

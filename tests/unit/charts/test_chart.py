@@ -46,6 +46,15 @@ def test_helm_lint_strict(chart: ChartKit, case: str, tmp_path: Path) -> None:
         ({"gateway.replica": 2}, "additional properties 'replica' not allowed"),
         ({"operator.image.tag": "latest"}, "/operator/image/tag"),
         ({"gateway.auth": "maybe"}, "/gateway/auth"),
+        (
+            {"gateway.podLabels": {"app.kubernetes.io/component": "x"}},
+            "gateway.podLabels may not set app.kubernetes.io/component: "
+            "the Deployment's selector uses it",
+        ),
+        (
+            {"operator.podLabels": {"app.kubernetes.io/instance": "x"}},
+            "operator.podLabels may not set app.kubernetes.io/instance",
+        ),
         ({"redis.externalUrl": "http://redis"}, "/redis/externalUrl"),
         ({"watchNamespaces": ["Bad_NS"]}, "/watchNamespaces/0"),
         ({"monitoring.rules.errorRatio": 2}, "/monitoring/rules/errorRatio"),
