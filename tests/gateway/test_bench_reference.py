@@ -3,6 +3,7 @@ the warm-up, the pinned users and the counters as `make bench` runs them."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -42,10 +43,13 @@ def test_the_reference_counts_only_the_workload_and_finds_its_prompts_warm(
 def test_the_bare_relay_serves_the_workload_keeping_conversations_together(
     tmp_path: Path,
 ) -> None:
-    relayed = run_target(BARE_RELAY, WORKLOAD, tmp_path, 60.0)
-    rotated = run_target(PLAIN_RR, WORKLOAD, tmp_path, 60.0)
-    assert relayed.requests == WORKLOAD.requests and relayed.errors == 0
-    assert relayed.replica_ttft_count == WORKLOAD.requests
+    # 3 users on 4 replicas: rotating moves each conversation at every turn (with
+    # 4, each turn's requests would come round to the same replicas).
+    workload = dataclasses.replace(WORKLOAD, users=3)
+    relayed = run_target(BARE_RELAY, workload, tmp_path, 60.0)
+    rotated = run_target(PLAIN_RR, workload, tmp_path, 60.0)
+    assert relayed.requests == workload.requests and relayed.errors == 0
+    assert relayed.replica_ttft_count == workload.requests
     # Each conversation stays on one replica: its later turns find what its
     # earlier ones left there, as rotating does not.
     assert relayed.cache_queries == rotated.cache_queries
