@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
+from prometheus_client.metrics import MetricWrapperBase
 
 from citadel.gateway.metrics import GatewayMetrics
 from citadel.operator.metrics import Metrics as OperatorMetrics
+from citadel.operator.status import LLMModelStatus, Phase, ReplicaCounts
 
 if TYPE_CHECKING:
     from conftest import ChartKit, Obj
@@ -33,6 +35,19 @@ VLLM_METRICS = {
     "vllm:time_to_first_token_seconds_bucket",
     "vllm:prompt_tokens_total",
     "vllm:generation_tokens_total",
+}
+# The labels Prometheus and the Prometheus Operator put on every series of a target
+# scraped through a ServiceMonitor or PodMonitor (`endpoint`: the port's name). A
+# metric's own label of one of these names is renamed `exported_<name>`
+# (honor_labels is off), so queries on it find nothing.
+TARGET_LABELS = {
+    "job",
+    "instance",
+    "namespace",
+    "pod",
+    "service",
+    "endpoint",
+    "container",
 }
 # Grafana's variables, replaced by what they stand for when the PromQL is checked.
 GRAFANA_VARIABLES = {
@@ -56,6 +71,21 @@ def exported_names(registry: CollectorRegistry) -> set[str]:
         for family in registry.collect()
         for suffix in suffixes[family.type]
     }
+
+
+def label_names(owner: object, registry: CollectorRegistry) -> dict[str, set[str]]:
+    """Metric family -> every label it is declared or exported with: the labels of
+    the instruments `owner` holds (children or not) and of each sample its registry
+    collects (custom collectors)."""
+    found: dict[str, set[str]] = {}
+    for family in registry.collect():
+        found.setdefault(family.name, set()).update(
+            name for sample in family.samples for name in sample.labels
+        )
+    for metric in vars(owner).values():
+        if isinstance(metric, MetricWrapperBase):
+            found.setdefault(metric._name, set()).update(metric._labelnames)
+    return found
 
 
 def known_metrics() -> set[str]:
@@ -103,6 +133,28 @@ def promtool() -> str:
     if not found:
         pytest.skip("no promtool: install Debian's `prometheus` package (.ci/run does)")
     return found
+
+
+def test_no_metric_label_is_a_target_label() -> None:
+    gateway = GatewayMetrics(CollectorRegistry())
+    operator = OperatorMetrics(CollectorRegistry())
+    # The per-model series exist only once a model is reported.
+    counts = ReplicaCounts(desired=2, current=2, updated=2, ready=1)
+    operator.set_model(
+        "llm", "m", LLMModelStatus(phase=Phase.READY, replicas=counts, served_name="m")
+    )
+    labels = {
+        **label_names(gateway, gateway.registry),
+        **label_names(operator, operator.registry),
+    }
+    assert "citadel_gateway_requests" in labels
+    assert "citadel_operator_model_replicas" in labels
+    clashes = {
+        name: sorted(names & TARGET_LABELS)
+        for name, names in labels.items()
+        if names & TARGET_LABELS
+    }
+    assert clashes == {}
 
 
 def test_monitoring_objects_only_where_the_api_is_served(chart: ChartKit) -> None:
