@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
 from citadel.gateway.metrics import GatewayMetrics
+from citadel.operator import names
 from citadel.operator.metrics import Metrics as OperatorMetrics
 from citadel.operator.status import LLMModelStatus, Phase, ReplicaCounts
 
@@ -223,6 +224,52 @@ def test_rule_thresholds_come_from_values(chart: ChartKit) -> None:
         for r in g["rules"]
     }
     assert not {n for n in names if "Gateway" in n}
+
+
+def test_model_alerts_only_where_the_release_runs_the_operator(
+    chart: ChartKit,
+) -> None:
+    """A team's gateway-only release (docs/install.md) has no model pods of its
+    own: the models' alerts come once, from the operator's release."""
+    team = {
+        "operator.enabled": False,
+        "gateway.routesNamespace": "citadel-system",
+        "monitoring.rules.alertLabels": {"team": "research"},
+    }
+    assert [g["name"] for g in rules(chart, team)["groups"]] == ["citadel.gateway"]
+    assert [g["name"] for g in rules(chart)["groups"]] == [
+        "citadel.gateway",
+        "citadel.models",
+        "citadel.operator",
+    ]
+    neither = {"operator.enabled": False, "gateway.enabled": False}
+    assert not chart.find(chart.render(neither, monitoring=True), "PrometheusRule")
+
+
+@pytest.mark.parametrize(
+    ("values", "scope"),
+    [
+        ({}, f'{names.MODEL_TARGET_LABEL}!=""'),
+        (
+            {"watchNamespaces": ["llm", "llm-research"]},
+            f'{names.MODEL_TARGET_LABEL}!="", namespace=~"llm|llm-research"',
+        ),
+    ],
+)
+def test_model_alerts_read_only_citadels_model_pods(
+    chart: ChartKit, values: dict[str, Any], scope: str
+) -> None:
+    """Every selector of the model alerts asks for the label the operator's
+    PodMonitor puts on its pods' series (and the watched namespaces): another
+    vLLM that the same Prometheus scrapes is not Citadel's."""
+    (models,) = [
+        g for g in rules(chart, values)["groups"] if g["name"] == "citadel.models"
+    ]
+    for rule in models["rules"]:
+        selectors = re.findall(r"\{([^{}]*)\}", rule["expr"])
+        assert selectors, rule["alert"]
+        for selector in selectors:
+            assert scope in selector, (rule["alert"], selector)
 
 
 def test_every_promql_expression_parses(
