@@ -395,16 +395,17 @@ def model_serving() -> Any:
         ),
         panel(
             "Request duration (p99)",
-            "99th percentile of the time to the last byte, per endpoint.",
+            "99th percentile of the time to the last byte, per API (chat, "
+            "completions, ...).",
             [
                 (
                     quantile(
                         0.99,
                         "citadel_gateway_request_duration_seconds",
                         GW_MODEL,
-                        "endpoint",
+                        "api",
                     ),
-                    "{{endpoint}}",
+                    "{{api}}",
                 )
             ],
             unit="s",

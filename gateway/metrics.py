@@ -17,7 +17,10 @@ LABEL_KEY = "key"
 LABEL_REPLICA = "replica"
 LABEL_STRATEGY = "strategy"
 LABEL_KIND = "kind"
-LABEL_ENDPOINT = "endpoint"
+# The API a request called (chat, completions, ...). Not `endpoint`: the Prometheus
+# Operator sets that target label (the scrape port's name) on every series, and a
+# scraped `endpoint` would be renamed `exported_endpoint`.
+LABEL_API = "api"
 LABEL_SCOPE = "scope"
 LABEL_DOOR = "door"
 
@@ -65,13 +68,13 @@ class GatewayMetrics:
             PREFIX + "requests",
             "Requests answered, by model, HTTP status, key name and door (rest, "
             "grpc, graphql); refused before the body is read: model `unknown`.",
-            [LABEL_ENDPOINT, LABEL_MODEL, LABEL_STATUS, LABEL_KEY, LABEL_DOOR],
+            [LABEL_API, LABEL_MODEL, LABEL_STATUS, LABEL_KEY, LABEL_DOOR],
             registry=r,
         )
         self.latency = Histogram(
             PREFIX + "request_duration_seconds",
             "Time from request to the last byte of the response.",
-            [LABEL_ENDPOINT, LABEL_MODEL],
+            [LABEL_API, LABEL_MODEL],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

@@ -38,6 +38,11 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_PART_OF = "app.kubernetes.io/part-of"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_MODEL = "citadel.ai/model"
+MODEL_TARGET_LABEL = "citadel_ai_model"
+"""LABEL_MODEL as a label of every series Prometheus scrapes from a model pod: the
+PodMonitor copies it onto its targets (`podTargetLabels`, which the Prometheus
+Operator spells with `_` for `.` and `/`). The chart's model alerts select
+Citadel's pods by it, not any vLLM pod the same Prometheus scrapes."""
 MANAGED_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGER_NAME}"
 """The label selector of the pods and Deployments the operator watches."""
 

@@ -117,6 +117,9 @@ def build_pod_monitor(
         "metadata": meta,
         "spec": {
             "selector": {"matchLabels": selector_labels(model)},
+            # Marks every series as one of Citadel's model pods, and whose
+            # (names.MODEL_TARGET_LABEL): the alerts select them by it.
+            "podTargetLabels": [names.LABEL_MODEL],
             "podMetricsEndpoints": [
                 {"port": names.HTTP_PORT_NAME, "path": "/metrics", "interval": "15s"}
             ],

@@ -137,7 +137,7 @@ def test_same_answers_same_limits_same_quota(doors: dict[str, Any]) -> None:
         line
         for line in text.splitlines()
         if line.startswith("citadel_gateway_requests_total{")
-        and 'endpoint="chat"' in line
+        and 'api="chat"' in line
         and 'status="200"' in line
     ]
     # One answer through each door, each counted under its own.

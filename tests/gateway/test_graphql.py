@@ -198,9 +198,7 @@ def test_subscription_streams_chunks(setup: dict[str, Any]) -> None:
 
 
 def test_a_refused_key_over_http_is_counted(setup: dict[str, Any]) -> None:
-    counted = (
-        'citadel_gateway_requests_total{door="graphql",endpoint="chat",key="anonymous"'
-    )
+    counted = 'citadel_gateway_requests_total{api="chat",door="graphql",key="anonymous"'
     before = setup["gateway"].metric(counted)
     refused = httpx.post(
         setup["gateway"].url + "/graphql",
@@ -220,7 +218,5 @@ def test_a_refused_key_over_websocket_is_counted(setup: dict[str, Any]) -> None:
             ws.recv(timeout=30)  # refused at connection_init: never acknowledged
     assert closed.value.rcvd is not None
     assert closed.value.rcvd.code == 4403
-    counted = (
-        'citadel_gateway_requests_total{door="graphql",endpoint="chat",key="anonymous"'
-    )
+    counted = 'citadel_gateway_requests_total{api="chat",door="graphql",key="anonymous"'
     assert setup["gateway"].metric(counted) == 1

@@ -154,9 +154,7 @@ def test_each_error_has_its_status_code(setup: dict[str, Any]) -> None:
     assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "invalid_api_key")
     code, reason, _ = fails("smol", metadata=(("authorization", "Bearer nope"),))
     assert code is grpc.StatusCode.UNAUTHENTICATED
-    refused = (
-        'citadel_gateway_requests_total{door="grpc",endpoint="chat",key="anonymous"'
-    )
+    refused = 'citadel_gateway_requests_total{api="chat",door="grpc",key="anonymous"'
     assert setup["gateway"].metric(refused) == 2  # the two keys refused above
     code, reason, _ = fails("other")
     assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "model_not_allowed")
@@ -226,7 +224,7 @@ def test_cancelling_a_unary_call_frees_the_replica(setup: dict[str, Any]) -> Non
     _wait_until(lambda: gateway.metric("citadel_gateway_in_flight_requests") == 1)
     future.cancel()
     _wait_until(lambda: gateway.metric("citadel_gateway_in_flight_requests") == 0)
-    counted = 'citadel_gateway_requests_total{door="grpc",endpoint="chat"'
+    counted = 'citadel_gateway_requests_total{api="chat",door="grpc"'
     assert gateway.metric(counted) >= 1
 
 

@@ -233,10 +233,12 @@ def check_every_expression(
             "static_configs": [
                 {
                     "targets": [f"127.0.0.1:{backend_port}"],
+                    # What the operator's PodMonitor gives a model pod's series.
                     "labels": {
                         "namespace": "llm",
                         "pod": "m-1",
                         "container": "vllm",
+                        "citadel_ai_model": "m",
                     },
                 }
             ],

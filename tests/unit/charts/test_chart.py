@@ -60,6 +60,17 @@ def test_helm_lint_strict(chart: ChartKit, case: str, tmp_path: Path) -> None:
         ({"monitoring.rules.errorRatio": 2}, "/monitoring/rules/errorRatio"),
         ({"monitoring.rules.modelNotReadyFor": "soon"}, "modelNotReadyFor"),
         ({"gateway.ingress.hosts": []}, "/gateway/ingress/hosts"),
+        # An Ingress rule without paths is refused by the API server at install.
+        (
+            {"gateway.ingress.hosts": [{"host": "a.example.com", "paths": []}]},
+            "/gateway/ingress/hosts/0/paths",
+        ),
+        # Helm merges maps with the defaults: only a null empties this one. No
+        # label would select every pod of the namespace.
+        (
+            {"networkPolicy.modelPodLabels": {"app.kubernetes.io/managed-by": None}},
+            "/networkPolicy/modelPodLabels",
+        ),
         ({"redis.image.tag": ""}, "redis.image.tag (or digest) must be set"),
     ],
 )

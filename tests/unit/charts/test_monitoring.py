@@ -15,9 +15,12 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
+from prometheus_client.metrics import MetricWrapperBase
 
 from citadel.gateway.metrics import GatewayMetrics
+from citadel.operator import names
 from citadel.operator.metrics import Metrics as OperatorMetrics
+from citadel.operator.status import LLMModelStatus, Phase, ReplicaCounts
 
 if TYPE_CHECKING:
     from conftest import ChartKit, Obj
@@ -33,6 +36,19 @@ VLLM_METRICS = {
     "vllm:time_to_first_token_seconds_bucket",
     "vllm:prompt_tokens_total",
     "vllm:generation_tokens_total",
+}
+# The labels Prometheus and the Prometheus Operator put on every series of a target
+# scraped through a ServiceMonitor or PodMonitor (`endpoint`: the port's name). A
+# metric's own label of one of these names is renamed `exported_<name>`
+# (honor_labels is off), so queries on it find nothing.
+TARGET_LABELS = {
+    "job",
+    "instance",
+    "namespace",
+    "pod",
+    "service",
+    "endpoint",
+    "container",
 }
 # Grafana's variables, replaced by what they stand for when the PromQL is checked.
 GRAFANA_VARIABLES = {
@@ -56,6 +72,21 @@ def exported_names(registry: CollectorRegistry) -> set[str]:
         for family in registry.collect()
         for suffix in suffixes[family.type]
     }
+
+
+def label_names(owner: object, registry: CollectorRegistry) -> dict[str, set[str]]:
+    """Metric family -> every label it is declared or exported with: the labels of
+    the instruments `owner` holds (children or not) and of each sample its registry
+    collects (custom collectors)."""
+    found: dict[str, set[str]] = {}
+    for family in registry.collect():
+        found.setdefault(family.name, set()).update(
+            name for sample in family.samples for name in sample.labels
+        )
+    for metric in vars(owner).values():
+        if isinstance(metric, MetricWrapperBase):
+            found.setdefault(metric._name, set()).update(metric._labelnames)
+    return found
 
 
 def known_metrics() -> set[str]:
@@ -103,6 +134,28 @@ def promtool() -> str:
     if not found:
         pytest.skip("no promtool: install Debian's `prometheus` package (.ci/run does)")
     return found
+
+
+def test_no_metric_label_is_a_target_label() -> None:
+    gateway = GatewayMetrics(CollectorRegistry())
+    operator = OperatorMetrics(CollectorRegistry())
+    # The per-model series exist only once a model is reported.
+    counts = ReplicaCounts(desired=2, current=2, updated=2, ready=1)
+    operator.set_model(
+        "llm", "m", LLMModelStatus(phase=Phase.READY, replicas=counts, served_name="m")
+    )
+    labels = {
+        **label_names(gateway, gateway.registry),
+        **label_names(operator, operator.registry),
+    }
+    assert "citadel_gateway_requests" in labels
+    assert "citadel_operator_model_replicas" in labels
+    clashes = {
+        name: sorted(names & TARGET_LABELS)
+        for name, names in labels.items()
+        if names & TARGET_LABELS
+    }
+    assert clashes == {}
 
 
 def test_monitoring_objects_only_where_the_api_is_served(chart: ChartKit) -> None:
@@ -171,6 +224,52 @@ def test_rule_thresholds_come_from_values(chart: ChartKit) -> None:
         for r in g["rules"]
     }
     assert not {n for n in names if "Gateway" in n}
+
+
+def test_model_alerts_only_where_the_release_runs_the_operator(
+    chart: ChartKit,
+) -> None:
+    """A team's gateway-only release (docs/install.md) has no model pods of its
+    own: the models' alerts come once, from the operator's release."""
+    team = {
+        "operator.enabled": False,
+        "gateway.routesNamespace": "citadel-system",
+        "monitoring.rules.alertLabels": {"team": "research"},
+    }
+    assert [g["name"] for g in rules(chart, team)["groups"]] == ["citadel.gateway"]
+    assert [g["name"] for g in rules(chart)["groups"]] == [
+        "citadel.gateway",
+        "citadel.models",
+        "citadel.operator",
+    ]
+    neither = {"operator.enabled": False, "gateway.enabled": False}
+    assert not chart.find(chart.render(neither, monitoring=True), "PrometheusRule")
+
+
+@pytest.mark.parametrize(
+    ("values", "scope"),
+    [
+        ({}, f'{names.MODEL_TARGET_LABEL}!=""'),
+        (
+            {"watchNamespaces": ["llm", "llm-research"]},
+            f'{names.MODEL_TARGET_LABEL}!="", namespace=~"llm|llm-research"',
+        ),
+    ],
+)
+def test_model_alerts_read_only_citadels_model_pods(
+    chart: ChartKit, values: dict[str, Any], scope: str
+) -> None:
+    """Every selector of the model alerts asks for the label the operator's
+    PodMonitor puts on its pods' series (and the watched namespaces): another
+    vLLM that the same Prometheus scrapes is not Citadel's."""
+    (models,) = [
+        g for g in rules(chart, values)["groups"] if g["name"] == "citadel.models"
+    ]
+    for rule in models["rules"]:
+        selectors = re.findall(r"\{([^{}]*)\}", rule["expr"])
+        assert selectors, rule["alert"]
+        for selector in selectors:
+            assert scope in selector, (rule["alert"], selector)
 
 
 def test_every_promql_expression_parses(

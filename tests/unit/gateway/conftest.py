@@ -212,7 +212,7 @@ def counted(
 ) -> float | None:
     """How many chats of alice's key came in by `door` and were counted with
     `status` (None: none)."""
-    labels = {"endpoint": "chat", "model": model, "status": status}
+    labels = {"api": "chat", "model": model, "status": status}
     labels.update(key="alice", door=door)
     sample = harness.deps.metrics.registry.get_sample_value
     return sample("citadel_gateway_requests_total", labels)  # type: ignore[no-any-return]

@@ -398,15 +398,13 @@ async def test_refusals_before_the_proxy_are_counted(kit: Any) -> None:
     common = {"model": "unknown", "door": "rest"}
     counted = "citadel_gateway_requests_total"
     assert (
-        sample(
-            counted, {**common, "endpoint": "chat", "status": "401", "key": "anonymous"}
-        )
+        sample(counted, {**common, "api": "chat", "status": "401", "key": "anonymous"})
         == 1
     )
     assert (
         sample(
             counted,
-            {**common, "endpoint": "completions", "status": "413", "key": "alice"},
+            {**common, "api": "completions", "status": "413", "key": "alice"},
         )
         == 1
     )
@@ -524,9 +522,7 @@ async def test_health_readiness_and_metrics(kit: Any) -> None:
         assert (await client.get("/readyz")).status_code == 200
         await client.post("/v1/chat/completions", json=kit.chat)
         text = (await client.get("/metrics")).text
-    assert (
-        'citadel_gateway_requests_total{door="rest",endpoint="chat",key="alice"' in text
-    )
+    assert 'citadel_gateway_requests_total{api="chat",door="rest",key="alice"' in text
     assert kit.key not in text
 
 
@@ -600,7 +596,7 @@ async def test_unexpected_failure_is_a_500_in_openai_shape(
     catalog = harness.deps.catalog
     replicas = [r for route in catalog.routes() for r in catalog.replicas(route)]
     assert replicas and all(r.in_flight == 0 for r in replicas)
-    labels = {"endpoint": "chat", "model": "smollm2", "status": "500"}
+    labels = {"api": "chat", "model": "smollm2", "status": "500"}
     labels.update(key="alice", door="rest")
     sample = harness.deps.metrics.registry.get_sample_value
     assert sample("citadel_gateway_requests_total", labels) == 1

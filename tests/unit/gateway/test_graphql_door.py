@@ -73,7 +73,7 @@ def test_a_key_revoked_while_a_socket_is_open_stops_working(kit: Any) -> None:
 
 def _refused_sockets(harness: Any) -> float | None:
     """Sockets refused for their key, counted as REST counts a 401."""
-    labels = {"endpoint": "chat", "model": "unknown", "status": "401"}
+    labels = {"api": "chat", "model": "unknown", "status": "401"}
     labels.update(key="anonymous", door="graphql")
     sample = harness.deps.metrics.registry.get_sample_value
     return sample("citadel_gateway_requests_total", labels)  # type: ignore[no-any-return]

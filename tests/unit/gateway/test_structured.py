@@ -101,7 +101,7 @@ async def test_cancel_frees_the_replica_and_counts_499(kit: Any) -> None:
         await task
     assert sum(r.in_flight for r in harness.deps.catalog.replicas(route)) == 0
     labels = {
-        "endpoint": "chat",
+        "api": "chat",
         "model": "smollm2",
         "status": "499",
         "key": "alice",

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
+from citadel.operator import names
 from citadel.operator.builders.objects import (
     build_cache_claim,
     build_pdb,
@@ -96,6 +99,16 @@ def test_pod_monitor_scrapes_metrics() -> None:
     monitor = build_pod_monitor(make_model())
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "http"
     assert monitor["spec"]["podMetricsEndpoints"][0]["path"] == "/metrics"
+
+
+def test_pod_monitor_labels_every_series_with_the_model() -> None:
+    """The chart's model alerts select Citadel's pods by the target label the
+    Prometheus Operator makes of podTargetLabels (`.` and `/` become `_`)."""
+    monitor = build_pod_monitor(make_model())
+    assert monitor["spec"]["podTargetLabels"] == [names.LABEL_MODEL]
+    as_target = re.sub(r"[^a-zA-Z0-9_]", "_", names.LABEL_MODEL)
+    assert as_target == names.MODEL_TARGET_LABEL == "citadel_ai_model"
+    assert monitor["spec"]["selector"]["matchLabels"][names.LABEL_MODEL] == "mixtral"
 
 
 def test_pod_monitor_carries_the_labels_prometheus_selects() -> None:
