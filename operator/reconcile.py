@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from citadel.operator import names
-from citadel.operator.builders.common import label_selector
+from citadel.operator.builders.common import BuildError, label_selector
 from citadel.operator.builders.deployment import build_deployment
 from citadel.operator.builders.objects import (
     build_cache_claim,
@@ -662,10 +662,18 @@ class Reconciler:
             await self._apply_claim(model, _first_look(model), resync)
         return await self._apply(
             model,
-            build_deployment(model, self.settings),
+            self._deployment(model),
             await self._call(self.view.deployment(model.namespace, model.name)),
             resync=resync,
         )
+
+    def _deployment(self, model: LLMModel) -> Manifest:
+        """The model's Deployment; a spec it cannot be built from is a permanent
+        failure (the status says why), not an error Kopf would retry forever."""
+        try:
+            return build_deployment(model, self.settings)
+        except BuildError as err:
+            raise ReconcileError(str(err), retryable=False) from err
 
     async def _apply_rest(self, model: LLMModel, resync: bool) -> None:
         """Applies what the model owns besides its workload (on a resync, only
@@ -892,7 +900,7 @@ class Reconciler:
         return found
 
     async def _revert_drift(self, model: LLMModel) -> None:
-        desired = build_deployment(model, self.settings)
+        desired = self._deployment(model)
         actual = await self._existing(
             DEPLOYMENTS,
             model.name,

@@ -26,13 +26,20 @@ def _constraints(node: Schema) -> list[str]:
     if "enum" in node:
         found.append("one of " + ", ".join(f"`{v}`" for v in node["enum"]))
     low, high = node.get("minimum"), node.get("maximum")
-    if low is not None or high is not None:
+    if high is not None:
         left = "(" if node.get("exclusiveMinimum") else "["
         found.append(f"in {left}{low if low is not None else '-inf'}, {high}]")
+    elif low is not None:
+        found.append(f"{'above' if node.get('exclusiveMinimum') else 'at least'} {low}")
     if "maxLength" in node:
         found.append(f"at most {node['maxLength']} characters")
     if "maxItems" in node:
         found.append(f"at most {node['maxItems']} items")
+    if node.get("x-kubernetes-list-type") == "set":
+        found.append("no duplicates")
+    elif node.get("x-kubernetes-list-type") == "map":
+        keys = ", ".join(f"`{k}`" for k in node["x-kubernetes-list-map-keys"])
+        found.append(f"one item per {keys}")
     if node.get("pattern") == QUANTITY_PATTERN:
         found.append("a Kubernetes quantity")
     elif "pattern" in node:

@@ -36,23 +36,173 @@ MODEL_SOURCE_PATTERN = (
     r"|/.+"
     r"|[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?)$"
 )
-IMAGE_PATTERN = r"^[a-z0-9]([-a-z0-9._/:@]*[A-Za-z0-9_])?$"
+# A qualified name (label, annotation, taint and node-selector keys): an optional DNS
+# subdomain prefix and "/", then at most 63 characters. `[.]`, not `\.`: the
+# patterns go into CEL string literals, where a backslash would need escaping.
+_DNS_LABEL_PART = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+QUALIFIED_NAME = (
+    rf"^({_DNS_LABEL_PART}([.]{_DNS_LABEL_PART})*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+# An image reference as the OCI distribution grammar has it: an optional registry
+# host (with a dot, a port or `localhost`), a lowercase repository path, then a tag
+# (mixed case, at most 128 characters) and/or a digest.
+_HOST_PART = r"[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?"
+_PATH_PART = r"[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*"
+IMAGE_PATTERN = (
+    rf"^((localhost|{_HOST_PART}([.]{_HOST_PART})+)(:[0-9]+)?/|{_HOST_PART}:[0-9]+/)?"
+    rf"{_PATH_PART}(/{_PATH_PART})*"
+    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
+    r"(@[A-Za-z][A-Za-z0-9]*([-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9A-Fa-f]{32,})?$"
+)
 MANAGED_ARGS = ("model", "port", "host", "served-model-name", "tensor-parallel-size")
 
-Quantity = Annotated[
-    str | int,
-    WithJsonSchema(
+
+def _rule(rule: str, message: str, **extra: str) -> dict[str, str]:
+    return {"rule": rule, "message": message, **extra}
+
+
+def _cel(*rules: dict[str, str]) -> dict[str, Any]:
+    return {"x-kubernetes-validations": list(rules)}
+
+
+def _qualified_name(value: str) -> str:
+    """CEL that is true when `value` is a qualified name (the prefix's limit of 253
+    characters is beyond the pattern)."""
+    return f"{value}.matches('{QUALIFIED_NAME}') && {value}.indexOf('/') <= 253"
+
+
+QUALIFIED_NAME_HELP = (
+    "an optional DNS subdomain prefix (at most 253 characters) and '/', then at "
+    "most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or "
+    "digit, such as example.com/gpu-type"
+)
+
+
+def _qualified_keys(field: str, *, any_case_prefix: bool = False) -> Any:
+    """Field settings whose CEL rule refuses map keys that are not qualified names,
+    as Kubernetes refuses them in the pod (annotation keys are checked lowercased,
+    as Kubernetes does)."""
+    key = "k.lowerAscii()" if any_case_prefix else "k"
+    return Field(
+        json_schema_extra=_cel(
+            _rule(
+                f"self.all(k, {_qualified_name(key)})",
+                f"{field} keys must be qualified names: {QUALIFIED_NAME_HELP}",
+            )
+        )
+    )
+
+
+def _quantity_rule(
+    field: str, *, positive: bool = False, int_or_string: bool = False
+) -> dict[str, str]:
+    """A CEL rule refusing a negative quantity (or, with `positive`, also zero);
+    the pattern has already checked the shape."""
+    return _rule(
+        # The integer form of an int-or-string is left to `minimum`. Not
+        # `quantity(self).sign()`: Kubernetes declares `sign` as a function, not a
+        # method, so that does not compile.
+        ("type(self) == int || " if int_or_string else "")
+        + "!isQuantity(self) || "
+        + (
+            "quantity(self).isGreaterThan(quantity('0'))"
+            if positive
+            else "!quantity(self).isLessThan(quantity('0'))"
+        ),
+        f"{field} must be {'greater than 0' if positive else 'at least 0'}",
+    )
+
+
+def _not_negative(field: str) -> Any:
+    """Field settings refusing a negative quantity."""
+    return Field(json_schema_extra=_cel(_quantity_rule(field)))
+
+
+def _int_or_quantity(field: str) -> WithJsonSchema:
+    """The schema of a non-negative int-or-string quantity (`minimum` for the
+    integer form, the pattern and a rule for the string one)."""
+    return WithJsonSchema(
         {
             "anyOf": [{"type": "integer"}, {"type": "string"}],
             "pattern": QUANTITY_PATTERN,
+            "minimum": 0,
             "x-kubernetes-int-or-string": True,
+            **_cel(_quantity_rule(field, int_or_string=True)),
+        }
+    )
+
+
+StrQuantity = Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=64)]
+
+
+def _objects(description: str, **properties: dict[str, Any]) -> dict[str, Any]:
+    """A list of objects whose fields are not checked, beyond `properties`."""
+    item: dict[str, Any] = {
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": True,
+    }
+    if properties:
+        item["properties"] = properties
+    return {"type": "array", "description": description, "items": item}
+
+
+def _object(description: str, **properties: dict[str, Any]) -> dict[str, Any]:
+    """An object whose fields are not checked, beyond `properties`."""
+    return {
+        "type": "object",
+        "description": description,
+        "x-kubernetes-preserve-unknown-fields": True,
+        "properties": properties,
+    }
+
+
+def _pod_affinity(kind: str) -> dict[str, Any]:
+    return _object(
+        f"core/v1 {kind}.",
+        requiredDuringSchedulingIgnoredDuringExecution=_objects(
+            "A list of PodAffinityTerm objects."
+        ),
+        preferredDuringSchedulingIgnoredDuringExecution=_objects(
+            "A list of WeightedPodAffinityTerm objects."
+        ),
+    )
+
+
+# Only the shape of a core/v1 Affinity (which fields are lists, which objects): a
+# list written as a map is refused at once, rather than by the API server when the
+# operator applies the Deployment. The rest is left to that check.
+Affinity = Annotated[
+    dict[str, Any],
+    WithJsonSchema(
+        {
+            "type": "object",
+            "x-kubernetes-preserve-unknown-fields": True,
+            "properties": {
+                "nodeAffinity": _object(
+                    "core/v1 NodeAffinity.",
+                    requiredDuringSchedulingIgnoredDuringExecution=_object(
+                        "A core/v1 NodeSelector; placement.nodeName is added to "
+                        "each of its terms.",
+                        nodeSelectorTerms=_objects(
+                            "A list of NodeSelectorTerm objects (ORed).",
+                            matchExpressions=_objects(
+                                "A list of NodeSelectorRequirement objects."
+                            ),
+                            matchFields=_objects(
+                                "A list of NodeSelectorRequirement objects."
+                            ),
+                        ),
+                    ),
+                    preferredDuringSchedulingIgnoredDuringExecution=_objects(
+                        "A list of PreferredSchedulingTerm objects."
+                    ),
+                ),
+                "podAffinity": _pod_affinity("PodAffinity"),
+                "podAntiAffinity": _pod_affinity("PodAntiAffinity"),
+            },
         }
     ),
-]
-StrQuantity = Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=64)]
-AnyObject = Annotated[
-    dict[str, Any],
-    WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True}),
 ]
 EnvVar = Annotated[
     dict[str, Any],
@@ -66,9 +216,25 @@ EnvVar = Annotated[
                     "pattern": ENV_NAME,
                     "maxLength": 256,
                     "description": "The variable's name.",
-                }
+                },
+                "value": {
+                    "type": "string",
+                    "description": "The variable's value (a string: quote numbers).",
+                },
+                "valueFrom": {
+                    "type": "object",
+                    "x-kubernetes-preserve-unknown-fields": True,
+                    "description": "Where the value comes from (core/v1 "
+                    "EnvVarSource), instead of value.",
+                },
             },
             "x-kubernetes-preserve-unknown-fields": True,
+            **_cel(
+                _rule(
+                    "!has(self.valueFrom) || !has(self.value) || self.value == ''",
+                    "engine.env: an entry sets either value or valueFrom, not both",
+                )
+            ),
         }
     ),
 ]
@@ -78,14 +244,6 @@ LabelMap = Annotated[
     Field(max_length=32),
 ]
 Time = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})]
-
-
-def _rule(rule: str, message: str, **extra: str) -> dict[str, str]:
-    return {"rule": rule, "message": message, **extra}
-
-
-def _cel(*rules: dict[str, str]) -> dict[str, Any]:
-    return {"x-kubernetes-validations": list(rules)}
 
 
 class ApiModel(BaseModel):
@@ -143,20 +301,52 @@ class Resources(ApiModel):
     gpus: int = Field(1, ge=0, le=64)
     """NVIDIA GPUs per replica: the `nvidia.com/gpu` limit and vLLM's tensor-parallel
     size. 0 runs on the CPU."""
-    cpu: Quantity | None = None
+    cpu: Annotated[str | int, _int_or_quantity("resources.cpu")] | None = None
     """CPU request per replica, such as `8`."""
-    memory: Quantity | None = None
+    memory: Annotated[str | int, _int_or_quantity("resources.memory")] | None = None
     """Memory request and limit per replica, such as `90Gi`."""
 
 
 class Toleration(ApiModel):
     """A Kubernetes toleration (core/v1 Toleration)."""
 
-    key: Annotated[str, Field(max_length=316)] | None = None
+    # What Kubernetes refuses in the pod, refused here when the model is applied.
+    model_config = ConfigDict(
+        json_schema_extra=_cel(
+            _rule(
+                "(has(self.key) && self.key != '') || "
+                "(has(self.operator) && self.operator == 'Exists')",
+                "placement.tolerations: a toleration without a key must have "
+                "operator Exists (it then tolerates every taint)",
+                fieldPath=".operator",
+            ),
+            _rule(
+                "!has(self.key) || self.key == '' || " + _qualified_name("self.key"),
+                "placement.tolerations: key must be a qualified name: "
+                f"{QUALIFIED_NAME_HELP}",
+                fieldPath=".key",
+            ),
+            _rule(
+                "!has(self.operator) || self.operator != 'Exists' || "
+                "!has(self.value) || self.value == ''",
+                "placement.tolerations: a toleration with operator Exists matches "
+                "every value of its key: leave value out",
+                fieldPath=".value",
+            ),
+            _rule(
+                "!has(self.tolerationSeconds) || "
+                "(has(self.effect) && self.effect == 'NoExecute')",
+                "placement.tolerations: tolerationSeconds needs effect NoExecute",
+                fieldPath=".tolerationSeconds",
+            ),
+        )
+    )
+
+    key: Annotated[str, Field(max_length=317)] | None = None
     """The taint key; empty with operator Exists tolerates everything."""
     operator: Literal["Exists", "Equal"] = "Equal"
     """`Exists` matches any value of the key."""
-    value: Annotated[str, Field(max_length=63)] | None = None
+    value: Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)] | None = None
     """The taint value (operator Equal)."""
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     """The taint effect to tolerate; all effects when absent."""
@@ -183,15 +373,19 @@ class Placement(ApiModel):
     ) = None
     """Runs every replica on this node (through the scheduler, so an impossible
     request is reported instead of failing on the node)."""
-    node_selector: LabelMap | None = None
+    node_selector: (
+        Annotated[LabelMap, _qualified_keys("placement.nodeSelector")] | None
+    ) = None
     """Node labels the node must carry."""
     gpu_product: Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)] | None = None
     """Shortcut for the node label `nvidia.com/gpu.product`, e.g.
     `NVIDIA-A100-SXM4-80GB`."""
     tolerations: Annotated[list[Toleration], Field(max_length=32)] = []
     """Extra tolerations for the pods."""
-    affinity: AnyObject | None = None
-    """A core/v1 Affinity for the pods, merged with the placement above."""
+    affinity: Affinity | None = None
+    """A core/v1 Affinity for the pods, merged with the placement above. Only its
+    shape is checked here (which fields are lists and which objects); the rest when
+    the operator applies the Deployment."""
 
     @property
     def one_node(self) -> bool:
@@ -214,7 +408,26 @@ class SecretKeyRef(ApiModel):
 class Engine(ApiModel):
     """The vLLM server."""
 
-    image: Annotated[str, Field(max_length=512, pattern=IMAGE_PATTERN)] | None = None
+    image: (
+        Annotated[
+            str,
+            Field(
+                max_length=512,
+                # A rule rather than `pattern`: its message is readable.
+                json_schema_extra=_cel(
+                    _rule(
+                        f"self.matches('{IMAGE_PATTERN}')",
+                        "engine.image must be an image reference such as "
+                        "registry.example.com/ml/vllm-openai:v0.8.5: an optional "
+                        "registry host, a lowercase repository path, then an optional "
+                        "tag (letters, digits, '_', '.' and '-', at most 128) and/or "
+                        "@sha256:<digest>",
+                    )
+                ),
+            ),
+        ]
+        | None
+    ) = None
     """The vLLM OpenAI server image; the operator's pinned default when absent."""
     image_pull_policy: PullPolicy | None = None
     max_model_len: Annotated[int, Field(ge=128, le=10_485_760)] | None = None
@@ -243,14 +456,25 @@ class Engine(ApiModel):
         ),
     ] = []
     """More vLLM arguments, such as `--enable-prefix-caching`."""
-    env: Annotated[list[EnvVar], Field(max_length=64)] = []
-    """Extra environment variables (core/v1 EnvVar)."""
+    env: Annotated[
+        list[EnvVar],
+        Field(
+            max_length=64,
+            # Keyed by name, so a name given twice is refused, as the Deployment
+            # would refuse it.
+            json_schema_extra={
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["name"],
+            },
+        ),
+    ] = []
+    """Extra environment variables (core/v1 EnvVar), one per name."""
     hf_token_secret_ref: SecretKeyRef | None = None
     """A Secret holding a Hugging Face token, exported as `HF_TOKEN`."""
     startup_timeout_seconds: int = Field(1800, ge=60, le=14400)
     """How long a replica may take to download and load the model before it is
     restarted."""
-    shm_size: StrQuantity = "10Gi"
+    shm_size: Annotated[StrQuantity, _not_negative("engine.shmSize")] = "10Gi"
     """Size of the memory-backed `/dev/shm` (tensor-parallel workers share it)."""
     drain_seconds: int = Field(10, ge=0, le=600)
     """How long a stopping replica keeps serving so the gateway can drain it."""
@@ -266,7 +490,8 @@ class Cache(ApiModel):
                 _rule(
                     "quantity(self).compareTo(quantity(oldSelf)) >= 0",
                     "cache.size can only grow",
-                )
+                ),
+                _quantity_rule("cache.size", positive=True),
             )
         ),
     ]
@@ -293,7 +518,9 @@ class Cache(ApiModel):
             )
         ),
     ] = AccessMode.READ_WRITE_ONCE
-    """ReadWriteMany lets replicas on several nodes share one cache."""
+    """ReadWriteMany lets replicas on several nodes share one cache;
+    ReadWriteOncePod lets only one pod use it, so it needs replicas <= 1 and
+    rollout.maxSurge 0."""
     delete_policy: DeletePolicy = DeletePolicy.RETAIN
     """`Retain` keeps the claim (and the downloaded weights) when the model is
     deleted; `Delete` removes it with the model."""
@@ -356,12 +583,14 @@ class PodOptions(ApiModel):
 
     annotations: (
         Annotated[
-            dict[str, Annotated[str, Field(max_length=4096)]], Field(max_length=32)
+            dict[str, Annotated[str, Field(max_length=4096)]],
+            Field(max_length=32),
+            _qualified_keys("pod.annotations", any_case_prefix=True),
         ]
         | None
     ) = None
     """Pod annotations, such as those a service mesh or a runtime reads."""
-    labels: LabelMap | None = None
+    labels: Annotated[LabelMap, _qualified_keys("pod.labels")] | None = None
     """Extra pod labels."""
     service_account_name: (
         Annotated[str, Field(max_length=253, pattern=DNS1123_SUBDOMAIN)] | None
@@ -397,6 +626,20 @@ class LLMModelSpec(ApiModel):
                 "!has(self.placement) || !has(self.placement.gpuProduct)",
                 "placement.gpuProduct needs resources.gpus > 0",
                 fieldPath=".placement.gpuProduct",
+            ),
+            _rule(
+                # has(): the API server checks the rule against objects before
+                # their defaults are filled in too (see Rollout).
+                "!has(self.cache) || !has(self.cache.accessMode) || "
+                "self.cache.accessMode != 'ReadWriteOncePod' || "
+                "((!has(self.replicas) || self.replicas <= 1) && "
+                "(!has(self.rollout) || !has(self.rollout.maxSurge) || "
+                "self.rollout.maxSurge == 0))",
+                "cache.accessMode ReadWriteOncePod lets only one pod use the cache: "
+                "it needs replicas <= 1 and rollout.maxSurge 0 (the other pods would "
+                "stay unschedulable); use ReadWriteOnce or ReadWriteMany for more "
+                "pods (accessMode is immutable: a new cache claim)",
+                fieldPath=".cache.accessMode",
             ),
         )
     )

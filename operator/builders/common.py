@@ -10,6 +10,14 @@ from citadel.operator.model import LLMModel
 Manifest = dict[str, Any]
 
 
+class BuildError(ValueError):
+    """The spec cannot be turned into the objects it asks for.
+
+    Only for what the CRD's schema leaves unchecked (or objects stored before it
+    checked it): retrying cannot help, the spec must change.
+    """
+
+
 def selector_labels(model: LLMModel) -> dict[str, str]:
     """The labels that select the model's pods (never change: selectors are
     immutable)."""

@@ -7,6 +7,7 @@ from typing import Any
 
 from citadel.operator import names
 from citadel.operator.builders.common import (
+    BuildError,
     Manifest,
     labels,
     metadata,
@@ -263,25 +264,64 @@ def node_selector(model: LLMModel) -> dict[str, str]:
     return selector
 
 
+def _object(value: Any, path: str) -> Manifest:
+    """`value` (None: an empty object) if it is an object, else BuildError."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _misshapen(path, "an object", value)
+    return dict(value)
+
+
+def _objects(value: Any, path: str) -> list[Manifest]:
+    """`value` (None: an empty list) if it is a list of objects, else BuildError."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise _misshapen(path, "a list of objects", value)
+    return [dict(v) for v in value]
+
+
+def _misshapen(path: str, wanted: str, value: Any) -> BuildError:
+    if isinstance(value, dict):
+        found = "a map"
+    elif isinstance(value, list):
+        found = "a list" if wanted == "an object" else "a list of other things"
+    else:
+        found = f"{type(value).__name__} {value!r}"
+    return BuildError(
+        f"placement.affinity.{path} must be {wanted}, not {found} "
+        "(see the core/v1 Affinity API)"
+    )
+
+
 def affinity(model: LLMModel) -> Manifest | None:
     """The spec's affinity, with nodeName added to every required node term.
 
     nodeName goes through the scheduler (a `metadata.name` field selector) rather
     than into pod.spec.nodeName, so a node that cannot take the pod is reported as
     Unschedulable instead of the pod failing on the node.
+
+    Raises:
+        BuildError: the affinity's node terms are not shaped as core/v1 has them
+            (the CRD checks this, but not for objects stored before it did).
     """
     placement = model.spec.placement
     result: Manifest = dict(placement.affinity or {})
     if placement.node_name is None:
         return result or None
     pin = {"key": "metadata.name", "operator": "In", "values": [placement.node_name]}
-    node_affinity = dict(result.get("nodeAffinity") or {})
-    required = dict(
-        node_affinity.get("requiredDuringSchedulingIgnoredDuringExecution") or {}
+    path = "nodeAffinity"
+    node_affinity = _object(result.get("nodeAffinity"), path)
+    path += ".requiredDuringSchedulingIgnoredDuringExecution"
+    required = _object(
+        node_affinity.get("requiredDuringSchedulingIgnoredDuringExecution"), path
     )
-    terms = [dict(t) for t in required.get("nodeSelectorTerms") or [{}]]
-    for term in terms:
-        term["matchFields"] = [*term.get("matchFields", []), pin]
+    path += ".nodeSelectorTerms"
+    terms = _objects(required.get("nodeSelectorTerms"), path) or [{}]
+    for i, term in enumerate(terms):
+        fields = _objects(term.get("matchFields"), f"{path}[{i}].matchFields")
+        term["matchFields"] = [*fields, pin]
     required["nodeSelectorTerms"] = terms
     node_affinity["requiredDuringSchedulingIgnoredDuringExecution"] = required
     result["nodeAffinity"] = node_affinity

@@ -79,6 +79,148 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "bad",
         "spec.rollout",
     ),
+    (
+        "affinity-terms-as-a-map",
+        {
+            "placement": {
+                "affinity": {
+                    "nodeAffinity": {
+                        "requiredDuringSchedulingIgnoredDuringExecution": {
+                            "nodeSelectorTerms": {
+                                "matchExpressions": [
+                                    {"key": "a", "operator": "In", "values": ["b"]}
+                                ]
+                            }
+                        }
+                    }
+                }
+            }
+        },
+        "bad",
+        "spec.placement.affinity.nodeAffinity."
+        "requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms",
+    ),
+    (
+        "toleration-without-key",
+        {"placement": {"tolerations": [{"effect": "NoSchedule"}]}},
+        "bad",
+        "spec.placement.tolerations[0].operator",
+    ),
+    (
+        "toleration-exists-with-value",
+        {
+            "placement": {
+                "tolerations": [{"key": "a", "operator": "Exists", "value": "b"}]
+            }
+        },
+        "bad",
+        "spec.placement.tolerations[0].value",
+    ),
+    (
+        "toleration-seconds-without-no-execute",
+        {
+            "placement": {
+                "tolerations": [
+                    {
+                        "key": "a",
+                        "operator": "Exists",
+                        "effect": "NoSchedule",
+                        "tolerationSeconds": 60,
+                    }
+                ]
+            }
+        },
+        "bad",
+        "spec.placement.tolerations[0].tolerationSeconds",
+    ),
+    (
+        "toleration-key",
+        {"placement": {"tolerations": [{"key": "a b", "operator": "Exists"}]}},
+        "bad",
+        "spec.placement.tolerations[0].key",
+    ),
+    (
+        "toleration-value",
+        {"placement": {"tolerations": [{"key": "a", "value": "b c"}]}},
+        "bad",
+        "spec.placement.tolerations[0].value",
+    ),
+    (
+        "node-selector-key",
+        {"placement": {"nodeSelector": {"gpu type": "a100"}}},
+        "bad",
+        "spec.placement.nodeSelector",
+    ),
+    (
+        "pod-label-key",
+        {"pod": {"labels": {"team name": "ml"}}},
+        "bad",
+        "spec.pod.labels",
+    ),
+    (
+        "pod-annotation-key",
+        {"pod": {"annotations": {"my annotation": "x"}}},
+        "bad",
+        "spec.pod.annotations",
+    ),
+    (
+        "env-twice",
+        {"engine": {"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}},
+        "bad",
+        "spec.engine.env[1]",
+    ),
+    (
+        "env-number",
+        {"engine": {"env": [{"name": "A", "value": 1}]}},
+        "bad",
+        "spec.engine.env[0].value",
+    ),
+    (
+        "env-value-and-value-from",
+        {
+            "engine": {
+                "env": [
+                    {
+                        "name": "A",
+                        "value": "1",
+                        "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}},
+                    }
+                ]
+            }
+        },
+        "bad",
+        "spec.engine.env[0]",
+    ),
+    ("negative-cpu", {"resources": {"cpu": -4}}, "bad", "spec.resources.cpu"),
+    (
+        "negative-memory",
+        {"resources": {"memory": "-90Gi"}},
+        "bad",
+        "spec.resources.memory",
+    ),
+    ("negative-shm", {"engine": {"shmSize": "-1Gi"}}, "bad", "spec.engine.shmSize"),
+    ("zero-cache", {"cache": {"size": "0"}}, "bad", "spec.cache.size"),
+    (
+        "image-uppercase-repository",
+        {"engine": {"image": "vllm/VLLM-openai:v1"}},
+        "bad",
+        "spec.engine.image",
+    ),
+    (
+        "read-write-once-pod-two-replicas",
+        {"replicas": 2, "cache": {"size": "1Gi", "accessMode": "ReadWriteOncePod"}},
+        "bad",
+        "spec.cache.accessMode",
+    ),
+    (
+        "read-write-once-pod-surge",
+        {
+            "rollout": {"maxSurge": 1, "maxUnavailable": 0},
+            "cache": {"size": "1Gi", "accessMode": "ReadWriteOncePod"},
+        },
+        "bad",
+        "spec.cache.accessMode",
+    ),
     ("name-too-long", {}, "m" * 53, "metadata.name"),
     ("name-uppercase", {}, "Mixtral", "metadata.name"),
 ]
@@ -116,6 +258,59 @@ def test_invalid_manifest_is_refused_naming_the_field(
     assert "is invalid" in out or "Invalid value" in out, out
     assert field in out, out
     assert cluster.kubectl("get", "llmmodels", "-n", namespace, "-o", "name") == ""
+
+
+def test_legal_edge_cases_are_accepted(
+    cluster: KubeCluster, namespace: str, crds: None
+) -> None:
+    spec = {
+        "replicas": 1,
+        "placement": {
+            "nodeSelector": {"example.com/gpu-type": "a100"},
+            "tolerations": [
+                {"operator": "Exists"},
+                {"key": "example.com/t", "value": "Big_Value.1"},
+                {
+                    "key": "dedicated",
+                    "operator": "Exists",
+                    "effect": "NoExecute",
+                    "tolerationSeconds": 60,
+                },
+            ],
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {"matchExpressions": [{"key": "a", "operator": "Exists"}]}
+                        ]
+                    }
+                }
+            },
+        },
+        "engine": {
+            "image": "registry.example.com/ml/vllm-openai:v0.8.5-CUDA12",
+            "env": [
+                {"name": "A", "value": "1"},
+                {
+                    "name": "B",
+                    "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+                },
+            ],
+        },
+        "cache": {"size": "1Gi", "accessMode": "ReadWriteOncePod"},
+        "pod": {"labels": {"team": "ml"}, "annotations": {"Example.com/Note": "x"}},
+    }
+    out = cluster.kubectl(
+        "apply",
+        "--dry-run=server",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input_text=llmmodel("edge", **spec),
+        check=False,
+    )
+    assert "created (server dry run)" in out, out
 
 
 def test_immutable_cache_fields(

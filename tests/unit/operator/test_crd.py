@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,12 @@ from citadel.operator import names
 from citadel.operator.crd import llmmodel_crd, openapi_schema
 from citadel.operator.generate import main, render_files
 from citadel.operator.schema import structural_schema
-from citadel.operator.spec import LLMModelSpec
+from citadel.operator.spec import (
+    IMAGE_PATTERN,
+    LABEL_VALUE,
+    QUALIFIED_NAME,
+    LLMModelSpec,
+)
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[3]
@@ -121,3 +127,185 @@ def test_crd_has_columns_short_names_and_subresources() -> None:
         "Node",
         "Age",
     ]
+
+
+def _at(path: str) -> dict[str, Any]:
+    """The schema node at a dotted path under spec (`[]`: a list's items)."""
+    node = openapi_schema()["properties"]["spec"]
+    for part in path.split("."):
+        items = part.endswith("[]")
+        node = node["properties"][part.removesuffix("[]")]
+        if items:
+            node = node["items"]
+    return node
+
+
+def _rules(path: str) -> list[dict[str, str]]:
+    rules: list[dict[str, str]] = _at(path).get("x-kubernetes-validations", [])
+    return rules
+
+
+def _all_rules() -> list[dict[str, str]]:
+    return [
+        rule
+        for _, node in _walk(openapi_schema())
+        for rule in node.get("x-kubernetes-validations", ())
+    ]
+
+
+def test_every_rule_says_what_to_fix() -> None:
+    for rule in _all_rules():
+        assert len(rule.get("message", "")) > 20, rule
+
+
+# What the rules may call: each was compiled in Kubernetes 1.30's CEL environment,
+# the oldest the chart supports (apiextensions-apiserver's cel.Compile with
+# environment.MustBaseEnvSet(1.30)). `format.*` came in 1.31, and `sign` is a
+# function there, not a method: `quantity(x).sign()` does not compile.
+CEL_CALLS_OF_KUBERNETES_1_30 = {
+    "all",
+    "compareTo",
+    "has",
+    "indexOf",
+    "isGreaterThan",
+    "isLessThan",
+    "isQuantity",
+    "lowerAscii",
+    "matches",
+    "quantity",
+    "startsWith",
+    "type",
+}
+
+
+def test_rules_call_only_what_kubernetes_1_30_offers() -> None:
+    for rule in _all_rules():
+        called = set(re.findall(r"([A-Za-z_][A-Za-z0-9_]*)\s*\(", rule["rule"]))
+        assert called <= CEL_CALLS_OF_KUBERNETES_1_30, rule["rule"]
+        assert "format." not in rule["rule"], rule["rule"]
+
+
+def test_affinity_shape_is_checked_and_the_rest_kept() -> None:
+    affinity = _at("placement.affinity")
+    assert affinity["x-kubernetes-preserve-unknown-fields"] is True
+    required = _at(
+        "placement.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+    )
+    terms = required["properties"]["nodeSelectorTerms"]
+    # A map where the list belongs is refused by the API server at once.
+    assert terms["type"] == "array"
+    assert terms["items"]["type"] == "object"
+    assert terms["items"]["x-kubernetes-preserve-unknown-fields"] is True
+    for name in ("matchExpressions", "matchFields"):
+        assert terms["items"]["properties"][name]["type"] == "array"
+    for kind in ("podAffinity", "podAntiAffinity"):
+        for when in ("required", "preferred"):
+            field = f"{when}DuringSchedulingIgnoredDuringExecution"
+            assert _at(f"placement.affinity.{kind}")["properties"][field]["items"] == {
+                "type": "object",
+                "x-kubernetes-preserve-unknown-fields": True,
+            }
+
+
+@pytest.mark.parametrize(
+    ("path", "rule", "message"),
+    [
+        ("placement.tolerations[]", "self.operator == 'Exists'", "without a key"),
+        ("placement.tolerations[]", "self.key.matches(", "qualified name"),
+        ("placement.tolerations[]", "self.value == ''", "leave value out"),
+        ("placement.tolerations[]", "'NoExecute'", "needs effect NoExecute"),
+        ("placement.nodeSelector", "self.all(k, k.matches(", "qualified names"),
+        ("pod.labels", "self.all(k, k.matches(", "qualified names"),
+        ("pod.annotations", "k.lowerAscii().matches(", "qualified names"),
+        ("engine.env[]", "has(self.valueFrom)", "value or valueFrom, not both"),
+        ("engine.image", "self.matches(", "lowercase repository path"),
+        ("resources.cpu", "isLessThan(quantity('0'))", "at least 0"),
+        ("resources.memory", "isLessThan(quantity('0'))", "at least 0"),
+        ("engine.shmSize", "isLessThan(quantity('0'))", "at least 0"),
+        ("cache.size", "isGreaterThan(quantity('0'))", "greater than 0"),
+    ],
+)
+def test_admission_rules_are_attached(path: str, rule: str, message: str) -> None:
+    assert any(rule in r["rule"] and message in r["message"] for r in _rules(path))
+
+
+def test_a_read_write_once_pod_cache_needs_one_pod() -> None:
+    rule = next(
+        r
+        for r in openapi_schema()["properties"]["spec"]["x-kubernetes-validations"]
+        if "ReadWriteOncePod" in r["rule"]
+    )
+    assert rule["fieldPath"] == ".cache.accessMode"
+    assert "self.replicas <= 1" in rule["rule"]
+    assert "self.rollout.maxSurge == 0" in rule["rule"]
+    assert "only one pod" in rule["message"]
+
+
+def test_quantities_cannot_be_negative_integers() -> None:
+    for path in ("resources.cpu", "resources.memory"):
+        node = _at(path)
+        assert node["x-kubernetes-int-or-string"] and node["minimum"] == 0
+
+
+def test_env_is_a_map_keyed_by_name_with_string_values() -> None:
+    env = _at("engine.env")
+    assert env["x-kubernetes-list-type"] == "map"
+    assert env["x-kubernetes-list-map-keys"] == ["name"]
+    assert env["items"]["required"] == ["name"]
+    assert env["items"]["properties"]["value"]["type"] == "string"
+    assert _at("placement.tolerations[]")["properties"]["value"]["pattern"] == (
+        LABEL_VALUE
+    )
+
+
+# The patterns the rules match with (RE2 in the API server; the same here).
+@pytest.mark.parametrize(
+    ("image", "legal"),
+    [
+        ("vllm/vllm-openai:v0.33.0", True),
+        ("vllm/vllm-openai:Latest", True),
+        ("registry.example.com/ml/vllm-openai:v0.8.5-CUDA12", True),
+        ("Registry.Example.com:5000/ml/vllm_openai__x:v1", True),
+        ("localhost/vllm", True),
+        ("localhost:5000/a/b.c-d:_tag", True),
+        ("vllm/vllm-openai@sha256:" + "a" * 64, True),
+        ("ghcr.io/a/b:v1@sha256:" + "0" * 64, True),
+        ("vllm/VLLM-openai:latest", False),
+        ("Vllm/vllm-openai", False),
+        ("vllm/vllm openai", False),
+        ("vllm/vllm-openai:", False),
+        ("vllm/vllm-openai:-dash", False),
+        ("vllm/x:" + "a" * 129, False),
+        ("vllm//x", False),
+        ("vllm/x@sha256:abc", False),
+    ],
+)
+def test_image_pattern_follows_the_oci_grammar(image: str, legal: bool) -> None:
+    assert bool(re.search(IMAGE_PATTERN, image)) is legal
+
+
+@pytest.mark.parametrize(
+    ("key", "legal"),
+    [
+        ("gpu", True),
+        ("Simple_Key.x-1", True),
+        ("example.com/gpu-type", True),
+        ("kubernetes.io/hostname", True),
+        ("a" * 63, True),
+        ("a" * 253 + "/" + "b" * 63, True),
+        ("gpu type", False),
+        ("a" * 64, False),
+        ("a" * 254 + "/b", False),
+        ("Example.com/x", False),
+        ("-gpu", False),
+        ("gpu-", False),
+        ("/gpu", False),
+        ("example.com/", False),
+        ("a/b/c", False),
+        ("", False),
+    ],
+)
+def test_qualified_name_pattern(key: str, legal: bool) -> None:
+    # The 253-character limit of the prefix is the rule's indexOf, not the pattern.
+    matches = bool(re.search(QUALIFIED_NAME, key)) and key.find("/") <= 253
+    assert matches is legal

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
 
+from citadel.operator.builders.common import BuildError
 from citadel.operator.builders.deployment import build_deployment, engine_args
 from citadel.operator.settings import OperatorSettings
 
@@ -309,6 +311,48 @@ def test_placement_variants(
     required = affinity.get("requiredDuringSchedulingIgnoredDuringExecution", {})
     assert required.get("nodeSelectorTerms") == terms
     assert "nodeName" not in pod  # always through the scheduler
+
+
+@pytest.mark.parametrize(
+    ("affinity", "named"),
+    [
+        # A common YAML slip: the terms written as a map instead of a list.
+        (
+            {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": {
+                            "matchExpressions": [{"key": "a", "operator": "Exists"}]
+                        }
+                    }
+                }
+            },
+            "requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms "
+            "must be a list of objects, not a map",
+        ),
+        (
+            {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [{"matchFields": {"key": "x"}}]
+                    }
+                }
+            },
+            "nodeSelectorTerms[0].matchFields must be a list of objects, not a map",
+        ),
+        (
+            {"nodeAffinity": ["required"]},
+            "placement.affinity.nodeAffinity must be an object",
+        ),
+    ],
+)
+def test_a_malformed_affinity_beside_node_name_is_a_clear_error(
+    settings: OperatorSettings, affinity: dict[str, Any], named: str
+) -> None:
+    # The CRD refuses these shapes; objects stored before it did still get here.
+    model = make_model(placement={"nodeName": "hx-llm-server-01", "affinity": affinity})
+    with pytest.raises(BuildError, match=re.escape(named)):
+        build_deployment(model, settings)
 
 
 def test_user_tolerations_are_added(settings: OperatorSettings) -> None:

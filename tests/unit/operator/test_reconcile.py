@@ -389,6 +389,57 @@ async def test_foreign_object_with_the_same_name_is_not_taken_over(
     assert "rename the model" in ready["message"]
 
 
+async def test_a_spec_the_deployment_cannot_be_built_from_fails_for_good(
+    settings: OperatorSettings,
+) -> None:
+    # nodeSelectorTerms as a map: the CRD refuses it now, not objects stored before.
+    placement = {
+        "nodeName": "hx-llm-server-01",
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": {"matchExpressions": []}
+                }
+            }
+        },
+    }
+    body = model_body(placement=placement)
+    kube, reconciler = _setup(settings, body)
+    with pytest.raises(ReconcileError, match="nodeSelectorTerms") as err:
+        await reconciler.reconcile(body)
+    assert not err.value.retryable  # Kopf does not retry it forever
+    assert (DEPLOYMENTS.plural, "llm", "mixtral") not in kube.objects
+    status = kube.stored(LLMMODELS, "mixtral", "llm")["status"]
+    assert status["phase"] == "Failed"
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "ReconcileFailed"
+    assert "must be a list of objects, not a map" in ready["message"]
+
+
+async def test_a_drift_repair_of_a_spec_that_cannot_be_built_is_only_logged(
+    settings: OperatorSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As after a restart of the operator: the failed generation was observed, and
+    # its failure is no longer in memory.
+    placement = {
+        "nodeName": "hx-llm-server-01",
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": [
+                    {"nodeSelectorTerms": []}
+                ]
+            }
+        },
+    }
+    body = model_body(placement=placement, status={"observedGeneration": 1})
+    kube, reconciler = _setup(settings, body)
+    await reconciler.refresh("llm", "mixtral", fix_drift=True)
+    assert "requiredDuringSchedulingIgnoredDuringExecution must be an object" in (
+        caplog.text
+    )
+    assert (DEPLOYMENTS.plural, "llm", "mixtral") not in kube.objects
+
+
 async def test_existing_cache_claim_is_used_untouched(
     settings: OperatorSettings,
 ) -> None:
