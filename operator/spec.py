@@ -389,11 +389,57 @@ class Placement(ApiModel):
 
     @property
     def one_node(self) -> bool:
-        """Every replica can only run on one node, named: by nodeName, or by a
-        nodeSelector on the node's hostname label."""
-        return self.node_name is not None or (
-            names.HOSTNAME_LABEL in (self.node_selector or {})
-        )
+        """Every replica can only run on one node, named: by nodeName, by a
+        nodeSelector on the node's hostname label, or by a required node affinity
+        whose terms all name that one node."""
+        if self.node_name is not None:
+            return True
+        if names.HOSTNAME_LABEL in (self.node_selector or {}):
+            return True
+        nodes = _nodes_named(self.affinity)
+        return nodes is not None and len(nodes) == 1
+
+
+def _nodes_named(affinity: Mapping[str, Any] | None) -> set[str] | None:
+    """The nodes a required node affinity lets pods onto, when each of its (ORed)
+    terms names them: the hostname label `In` some values, or the field
+    `metadata.name` `In` some; None when a term names none (it may allow any
+    node), or for a shape the Deployment's builder refuses anyway."""
+    if affinity is None:
+        return None
+    try:
+        node = affinity["nodeAffinity"]
+        terms = node["requiredDuringSchedulingIgnoredDuringExecution"][
+            "nodeSelectorTerms"
+        ]
+    except (KeyError, TypeError):
+        return None
+    if not isinstance(terms, list) or not terms:
+        return None
+    nodes: set[str] = set()
+    for term in terms:
+        if not isinstance(term, Mapping):
+            return None
+        named: set[str] | None = None
+        for field, key in (
+            ("matchExpressions", names.HOSTNAME_LABEL),
+            ("matchFields", "metadata.name"),
+        ):
+            requirements = term.get(field) or []
+            if not isinstance(requirements, list):
+                return None
+            for req in requirements:
+                if not isinstance(req, Mapping):
+                    return None
+                if req.get("key") != key or req.get("operator") != "In":
+                    continue
+                values = {str(v) for v in req.get("values") or []}
+                # Requirements of one term are ANDed.
+                named = values if named is None else named & values
+        if named is None:
+            return None
+        nodes |= named
+    return nodes
 
 
 class SecretKeyRef(ApiModel):

@@ -78,7 +78,8 @@ def build_pdb(model: LLMModel) -> Manifest | None:
     """A PodDisruptionBudget: drains take one replica at a time.
 
     None for one replica, and for a model pinned to one node (`placement.nodeName`,
-    or a nodeSelector on the node's hostname): there every replica goes with the
+    a nodeSelector on the node's hostname, or a required node affinity that names
+    one node only: `Placement.one_node`): there every replica goes with the
     node, and the replacement of the first one evicted can only wait for that
     node, so the budget would refuse the next eviction for ever and block the
     drain.

@@ -95,6 +95,83 @@ def test_no_pdb_when_every_replica_is_pinned_to_one_node() -> None:
     assert build_pdb(make_model(replicas=2, placement=pool)) is not None
 
 
+def _required(*terms: dict[str, object]) -> dict[str, object]:
+    return {
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": list(terms)
+                }
+            }
+        }
+    }
+
+
+def _on(key: str, *values: str, field: str = "matchExpressions") -> dict[str, object]:
+    return {field: [{"key": key, "operator": "In", "values": list(values)}]}
+
+
+@pytest.mark.parametrize(
+    ("placement", "one_node"),
+    [
+        # Every term names the same one node: the label, or the node's name.
+        (_required(_on("kubernetes.io/hostname", "gpu-1")), True),
+        (_required(_on("metadata.name", "gpu-1", field="matchFields")), True),
+        (
+            _required(
+                _on("kubernetes.io/hostname", "gpu-1"),
+                _on("metadata.name", "gpu-1", field="matchFields"),
+            ),
+            True,
+        ),
+        # Two nodes, in one term or across terms (ORed).
+        (_required(_on("kubernetes.io/hostname", "gpu-1", "gpu-2")), False),
+        (
+            _required(
+                _on("kubernetes.io/hostname", "gpu-1"),
+                _on("kubernetes.io/hostname", "gpu-2"),
+            ),
+            False,
+        ),
+        # A term that names no node may allow any.
+        (
+            _required(
+                _on("kubernetes.io/hostname", "gpu-1"),
+                _on("nvidia.com/gpu.product", "A100"),
+            ),
+            False,
+        ),
+        # Requirements of one term are ANDed: two names narrowed to one.
+        (
+            _required(
+                {
+                    "matchExpressions": [
+                        {
+                            "key": "kubernetes.io/hostname",
+                            "operator": "In",
+                            "values": ["gpu-1", "gpu-2"],
+                        },
+                        {
+                            "key": "kubernetes.io/hostname",
+                            "operator": "In",
+                            "values": ["gpu-2"],
+                        },
+                    ]
+                }
+            ),
+            True,
+        ),
+        ({"affinity": {"podAntiAffinity": {}}}, False),
+    ],
+)
+def test_no_pdb_when_a_required_affinity_pins_every_replica_to_one_node(
+    placement: dict[str, object], one_node: bool
+) -> None:
+    model = make_model(replicas=2, placement=placement)
+    assert model.spec.placement.one_node is one_node
+    assert (build_pdb(model) is None) is one_node
+
+
 def test_pod_monitor_scrapes_metrics() -> None:
     monitor = build_pod_monitor(make_model())
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "http"
