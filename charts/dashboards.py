@@ -184,7 +184,9 @@ def overview() -> Any:
         stat(
             "Models Ready",
             "LLMModels in phase Ready, as the operator reports.",
-            'sum(citadel_operator_models{phase="Ready"})',
+            # max, as the rules take: during a failover the replica that stood
+            # down keeps its series a while, and a sum counted the models twice.
+            'max(citadel_operator_models{phase="Ready"})',
         ),
         panel(
             "Requests/s by model",
@@ -276,7 +278,7 @@ def overview() -> Any:
         panel(
             "Models by phase",
             "LLMModels per phase (Pending, Progressing, Ready, Degraded, Failed).",
-            [("sum by (phase) (citadel_operator_models)", "{{phase}}")],
+            [("max by (phase) (citadel_operator_models)", "{{phase}}")],
         ),
         panel(
             "Models not Ready",

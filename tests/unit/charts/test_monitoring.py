@@ -272,6 +272,21 @@ def test_model_alerts_read_only_citadels_model_pods(
             assert scope in selector, (rule["alert"], selector)
 
 
+# A sum straight over the operator's model series: every operator replica exports
+# them, and one that stood down for a peer keeps its series a while.
+_SUMMED_OVER_REPLICAS = re.compile(
+    r"\bsum\s*(by\s*\([^)]*\)\s*)?\(\s*citadel_operator_model"
+)
+
+
+def test_operator_model_series_are_never_summed_over_replicas(
+    chart: ChartKit,
+) -> None:
+    exprs = rule_exprs(rules(chart)) + dashboard_exprs()
+    assert [e for e in exprs if "citadel_operator_model" in e]
+    assert [e for e in exprs if _SUMMED_OVER_REPLICAS.search(e)] == []
+
+
 def test_every_promql_expression_parses(
     promtool: str, tmp_path: Path, chart: ChartKit
 ) -> None:
