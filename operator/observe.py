@@ -16,6 +16,7 @@ from citadel.operator.builders.common import label_selector
 from citadel.operator.builders.deployment import node_selector
 from citadel.operator.model import LLMModel
 from citadel.operator.status import (
+    MAX_NODES,
     Condition,
     ConditionType,
     LLMModelStatus,
@@ -26,16 +27,23 @@ from citadel.operator.status import (
 Obj = Mapping[str, Any]
 CondStatus = Literal["True", "False", "Unknown"]
 
-# Waiting reasons of a container that will not fix themselves.
+# Waiting reasons of a container that will not fix themselves: the kubelet's
+# image, container-creation and hook errors (pkg/kubelet/images/types.go,
+# pkg/kubelet/container/sync_result.go) and its crash-loop back-off.
 BAD_WAITING = frozenset(
     {
         "CrashLoopBackOff",
         "ImagePullBackOff",
         "ErrImagePull",
+        "ErrImageNeverPull",
         "InvalidImageName",
+        "ImageInspectError",
+        "SignatureValidationFailed",
         "CreateContainerConfigError",
         "CreateContainerError",
         "RunContainerError",
+        "PreCreateHookError",
+        "PostStartHookError",
     }
 )
 # Scheduled=False reasons that need a change to the spec or the cluster (where
@@ -152,37 +160,79 @@ def _is_ready(pod: Obj) -> bool:
     return bool(cond and cond.get("status") == "True") and not _ended(pod)
 
 
-def _failure(pods: Sequence[Obj], short: bool) -> Verdict | None:
-    """The first container stuck in a state that will not fix itself.
+def _template_hash(pod: Obj) -> str:
+    return str(pod.get("metadata", {}).get("labels", {}).get("pod-template-hash", ""))
 
-    A failed pod counts only while the model is `short` of ready replicas and
-    no ready pod is newer: an evicted pod, or one the kubelet refused, stays
-    listed after its ReplicaSet replaced it, and must not stand for the cause
-    when a later scale-up or rollout waits for a replica to load.
+
+def _crash(cs: Obj) -> str | None:
+    """How a container that keeps crashing last ended, or None if it does not.
+
+    Between back-offs a crash-looping container is `running` (vLLM loads again)
+    and only its restart count and last termination tell; without this the
+    model would flip Degraded, Progressing, Degraded at every restart.
     """
-    newest_ready = max((_created(p) for p in pods if _is_ready(p)), default="")
+    if cs.get("ready") or not cs.get("restartCount"):
+        return None
+    ended = (cs.get("lastState") or {}).get("terminated") or {}
+    code = ended.get("exitCode")
+    reason = ended.get("reason")
+    if reason != "OOMKilled" and not (isinstance(code, int) and code != 0):
+        return None
+    return f"last exit: {reason or 'Error'} (exit code {code})"
+
+
+def _container_failure(pods: Sequence[Obj]) -> Verdict | None:
+    """The first container of a pod still running, or about to, that is stuck."""
     for pod in pods:
+        if _ended(pod):
+            continue
         name = pod["metadata"]["name"]
-        status = pod.get("status", {})
-        failed = status.get("phase") == "Failed"
-        if failed and short and _created(pod) >= newest_ready:
-            reason = status.get("reason") or "PodFailed"
-            return Verdict("True", reason, f"pod {name}: {status.get('message', '')}")
-        for cs in status.get("containerStatuses", []) or []:
+        loading = not _is_ready(pod)
+        for cs in pod.get("status", {}).get("containerStatuses", []) or []:
+            where = f"pod {name}, container {cs.get('name')}"
             waiting = (cs.get("state") or {}).get("waiting") or {}
-            if waiting.get("reason") in BAD_WAITING:
-                last = ((cs.get("lastState") or {}).get("terminated") or {}).get(
-                    "reason"
-                )
-                detail = waiting.get("message") or (
-                    f"last exit: {last}" if last else ""
-                )
+            crash = _crash(cs) if loading else None
+            reason = waiting.get("reason")
+            last = ((cs.get("lastState") or {}).get("terminated") or {}).get("reason")
+            detail = waiting.get("message") or (f"last exit: {last}" if last else "")
+            if reason == "CrashLoopBackOff" or (crash and reason not in BAD_WAITING):
+                # One message whether it waits out the back-off or loads again:
+                # the status is not rewritten at every restart.
+                reason, detail = "CrashLoopBackOff", crash or detail
+            if reason in BAD_WAITING:
                 return Verdict(
-                    "True",
-                    str(waiting["reason"]),
-                    f"pod {name}, container {cs.get('name')}: "
-                    f"{waiting['reason']} {detail}".rstrip(),
+                    "True", str(reason), f"{where}: {reason} {detail}".rstrip()
                 )
+    return None
+
+
+def _failure(pods: Sequence[Obj], short: bool) -> Verdict | None:
+    """The first container stuck in a state that will not fix itself, else a
+    failed pod that explains why the model is `short` of ready replicas.
+
+    An evicted pod, or one the kubelet refused, stays listed after its
+    ReplicaSet replaced it, and must not stand for the cause when a later
+    rollout, restart or scale-up waits for a replica to load. So a failed pod
+    counts only while no ready pod is newer, and only if it belongs to the
+    current ReplicaSet (the pod-template-hash of the newest pod still running)
+    or is newer than every pod still running.
+    """
+    stuck = _container_failure(pods)
+    if stuck is not None or not short:
+        return stuck
+    running = [p for p in pods if not _ended(p)]
+    newest_ready = max((_created(p) for p in running if _is_ready(p)), default="")
+    newest = max(running, key=_created, default=None)
+    current = _template_hash(newest) if newest is not None else ""
+    for pod in pods:
+        status = pod.get("status", {})
+        if status.get("phase") != "Failed" or _created(pod) < newest_ready:
+            continue
+        ours = bool(current) and _template_hash(pod) == current
+        if ours or newest is None or _created(pod) >= _created(newest):
+            reason = status.get("reason") or "PodFailed"
+            message = f"pod {pod['metadata']['name']}: {status.get('message', '')}"
+            return Verdict("True", reason, message)
     return None
 
 
@@ -211,6 +261,10 @@ def _scheduled(model: LLMModel, pods: Sequence[Obj], nodes: Sequence[Obj]) -> Ve
     # Once every pod has its node, the nodes' labels and capacity no longer
     # matter: a label that a node's feature discovery drops and puts back while
     # it restarts must not turn a serving model Degraded.
+    if model.spec.replicas == 0:
+        # Nothing will be placed: a nodeName or label that matches no node now
+        # is no failure until the model is scaled up again.
+        return Verdict("True", "ScaledToZero", "replicas is 0: nothing to place")
     placing = not pods or any(not p.get("spec", {}).get("nodeName") for p in pods)
     problem = check_placement(model, nodes) if placing else None
     if problem is not None:
@@ -221,8 +275,6 @@ def _scheduled(model: LLMModel, pods: Sequence[Obj], nodes: Sequence[Obj]) -> Ve
             "Unschedulable",
             f"{len(stuck)} of {len(pods)} pods cannot be placed: {stuck[0][1]}",
         )
-    if model.spec.replicas == 0:
-        return Verdict("True", "ScaledToZero", "replicas is 0: nothing to place")
     placed = sorted(
         {p["spec"]["nodeName"] for p in pods if p.get("spec", {}).get("nodeName")}
     )
@@ -253,6 +305,17 @@ def _progressing(model: LLMModel, deployment: Obj | None, n: ReplicaCounts) -> V
     if lagging or n.updated < n.desired:
         return Verdict(
             "True", "RollingOut", f"{n.updated}/{n.desired} replicas updated"
+        )
+    if n.current > n.updated:
+        # A surge rollout (maxSurge > 0) has started every updated replica and
+        # keeps the old ones until those turn ready: not a scale-down.
+        old = n.current - n.updated
+        return Verdict(
+            "True",
+            "RollingOut",
+            f"{n.updated}/{n.desired} replicas updated, {old} old "
+            + ("replica" if old == 1 else "replicas")
+            + " still running",
         )
     if n.ready < n.desired:
         return Verdict(
@@ -411,7 +474,7 @@ def derive_status(
                 for p in running
                 if p.get("spec", {}).get("nodeName")
             }
-        ),
+        )[:MAX_NODES],
         selector=label_selector(model),
         observed_generation=model.generation,
     )

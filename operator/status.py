@@ -9,6 +9,10 @@ from pydantic import Field
 
 from citadel.operator.spec import ApiModel, Time
 
+# The most pods a model has during a rollout: spec.replicas plus
+# rollout.maxSurge, at most 64 each (operator/spec.py).
+MAX_NODES = 128
+
 
 class Phase(enum.StrEnum):
     """A one-word summary of the conditions, for people and printer columns."""
@@ -79,9 +83,13 @@ class LLMModelStatus(ApiModel):
     """The in-cluster URL of the OpenAI-compatible server."""
     nodes: Annotated[
         list[str],
-        Field(max_length=64, json_schema_extra={"x-kubernetes-list-type": "set"}),
+        Field(
+            max_length=MAX_NODES, json_schema_extra={"x-kubernetes-list-type": "set"}
+        ),
     ] = Field(default_factory=list)
-    """The nodes the model's pods were placed on."""
+    """The nodes the model's pods were placed on, sorted by name: at most 128,
+    the most pods a rollout makes (replicas plus rollout.maxSurge); should other
+    pods carry the model's labels, the nodes past 128 are left out."""
     selector: str | None = None
     """The pods' label selector (for the scale subresource and autoscalers)."""
     observed_generation: int | None = None

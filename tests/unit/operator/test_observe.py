@@ -359,3 +359,197 @@ def test_a_failed_pod_older_than_a_ready_one_is_not_the_cause() -> None:
         "True",
         "UnexpectedAdmissionError",
     )
+
+
+def _evicted(name: str, created: str, template: str = "") -> dict[str, Any]:
+    failed = _failed_pod(name, "Evicted", "The node was low on resource: memory.")
+    if template:
+        failed["metadata"]["labels"]["pod-template-hash"] = template
+    return _at(failed, created)
+
+
+def _of(body: dict[str, Any], template: str, created: str) -> dict[str, Any]:
+    body["metadata"]["labels"]["pod-template-hash"] = template
+    return _at(body, created)
+
+
+def test_an_old_eviction_does_not_degrade_a_later_rollout() -> None:
+    """With one replica every rollout or restart leaves the model short while
+    the replacement loads: an eviction of an older ReplicaSet's pod is no
+    cause, and a crash loop of the new pod is named, not the eviction."""
+    model = make_model(**PINNED)
+    old = _evicted("mixtral-aaa-x", "2026-01-01T00:00:00Z", template="aaa")
+    loading = _of(pod("mixtral-bbb-y", ready=False), "bbb", "2026-03-01T00:00:00Z")
+    status = _derive(model, deployment(ready=0), [old, loading])
+    assert _cond(status, ConditionType.DEGRADED)[:2] == ("False", "AsExpected")
+    assert status.phase is Phase.PROGRESSING
+    # Without template hashes (pods made by others), age decides alike.
+    bare = _derive(
+        model,
+        deployment(ready=0),
+        [_evicted("x", "2026-01-01T00:00:00Z"), _at(loading, "2026-03-01T00:00:00Z")],
+    )
+    assert _cond(bare, ConditionType.DEGRADED)[0] == "False"
+    crashing = pod("mixtral-bbb-z", ready=False, waiting="CrashLoopBackOff")
+    crashing = _of(crashing, "bbb", "2026-03-01T00:00:00Z")
+    status = _derive(model, deployment(ready=0), [old, crashing])
+    assert _cond(status, ConditionType.DEGRADED)[:2] == ("True", "CrashLoopBackOff")
+
+
+def test_an_eviction_of_the_current_replica_set_is_the_cause() -> None:
+    """The current replica was evicted and its replacement loads: that is why
+    nothing is ready, and the replacement being newer does not hide it."""
+    model = make_model(**PINNED)
+    evicted = _evicted("mixtral-bbb-x", "2026-03-01T00:00:00Z", template="bbb")
+    loading = _of(pod("mixtral-bbb-y", ready=False), "bbb", "2026-03-02T00:00:00Z")
+    status = _derive(model, deployment(ready=0), [evicted, loading])
+    assert _cond(status, ConditionType.DEGRADED)[:2] == ("True", "Evicted")
+    # Not once the replacement serves.
+    serving = _of(pod("mixtral-bbb-y"), "bbb", "2026-03-02T00:00:00Z")
+    status = _derive(model, deployment(), [evicted, serving])
+    assert _cond(status, ConditionType.DEGRADED)[0] == "False"
+
+
+def test_a_crash_loop_wins_over_a_failed_pod_listed_first() -> None:
+    model = make_model(**PINNED, replicas=2)
+    failed = _evicted("a", "2026-03-01T00:00:00Z")
+    crashing = _at(
+        pod("b", ready=False, waiting="CrashLoopBackOff"),
+        failed["metadata"]["creationTimestamp"],
+    )
+    status = _derive(model, deployment(replicas=2, ready=0), [failed, crashing])
+    assert _cond(status, ConditionType.DEGRADED)[:2] == ("True", "CrashLoopBackOff")
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        "ErrImageNeverPull",
+        "ImageInspectError",
+        "SignatureValidationFailed",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "RunContainerError",
+        "PreCreateHookError",
+        "PostStartHookError",
+    ],
+)
+def test_every_kubelet_image_and_start_error_degrades(reason: str) -> None:
+    status = _derive(
+        make_model(**PINNED),
+        deployment(ready=0),
+        [pod("p1", ready=False, waiting=reason)],
+    )
+    assert _cond(status, ConditionType.DEGRADED)[:2] == ("True", reason)
+    assert status.phase is Phase.DEGRADED
+    assert _cond(status, ConditionType.READY)[1] == reason
+
+
+def _restarted(state: dict[str, Any], ended: dict[str, Any]) -> dict[str, Any]:
+    body = pod("p1", ready=False)
+    body["status"]["containerStatuses"] = [
+        {
+            "name": "vllm",
+            "ready": False,
+            "restartCount": 3,
+            "state": state,
+            "lastState": {"terminated": ended},
+        }
+    ]
+    return body
+
+
+OOM = {"reason": "OOMKilled", "exitCode": 137}
+BACK_OFF = {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s"}}
+RUNNING = {"running": {"startedAt": NOW}}
+
+
+def test_a_crash_loop_stays_degraded_while_the_container_loads_again() -> None:
+    """Between back-offs the container runs (vLLM loads again): the model must
+    not flip to Progressing and back, with a status write and Events, at every
+    restart."""
+    model = make_model(**PINNED)
+    seen: set[tuple[str, str, str]] = set()
+    for state in (BACK_OFF, RUNNING, BACK_OFF, RUNNING):
+        status = _derive(model, deployment(ready=0), [_restarted(state, OOM)])
+        assert status.phase is Phase.DEGRADED
+        seen.add(_cond(status, ConditionType.DEGRADED))
+    assert len(seen) == 1
+    assert seen.pop() == (
+        "True",
+        "CrashLoopBackOff",
+        "pod p1, container vllm: CrashLoopBackOff last exit: OOMKilled (exit code 137)",
+    )
+    # A non-zero exit counts as well as an OOM kill.
+    error = {"reason": "Error", "exitCode": 1}
+    status = _derive(model, deployment(ready=0), [_restarted(RUNNING, error)])
+    assert _cond(status, ConditionType.DEGRADED)[:2] == ("True", "CrashLoopBackOff")
+
+
+def test_a_restart_that_exited_cleanly_or_turned_ready_is_not_a_crash() -> None:
+    model = make_model(**PINNED)
+    clean = {"reason": "Completed", "exitCode": 0}
+    status = _derive(model, deployment(ready=0), [_restarted(RUNNING, clean)])
+    assert _cond(status, ConditionType.DEGRADED)[0] == "False"
+    assert status.phase is Phase.PROGRESSING
+    serving = _restarted(RUNNING, OOM)
+    serving["status"]["conditions"][1]["status"] = "True"
+    serving["status"]["containerStatuses"][0]["ready"] = True
+    status = _derive(model, deployment(), [serving])
+    assert _cond(status, ConditionType.DEGRADED)[0] == "False"
+    assert status.phase is Phase.READY
+
+
+def test_a_surge_rollout_is_rolling_out_not_scaling_down() -> None:
+    """maxSurge 1, maxUnavailable 0: the new pod loads while the old one serves."""
+    model = make_model(**PINNED, rollout={"maxSurge": 1, "maxUnavailable": 0})
+    status = _derive(
+        model,
+        deployment(replicas=2, ready=1, updated=1),
+        [pod("old"), pod("new", ready=False)],
+    )
+    assert _cond(status, ConditionType.PROGRESSING) == (
+        "True",
+        "RollingOut",
+        "1/1 replicas updated, 1 old replica still running",
+    )
+    assert status.phase is Phase.PROGRESSING
+    # A plain scale-down keeps its reason.
+    down = _derive(
+        make_model(**PINNED),
+        deployment(replicas=3, ready=3),
+        [pod("a"), pod("b"), pod("c")],
+    )
+    assert _cond(down, ConditionType.PROGRESSING)[:2] == ("True", "ScalingDown")
+
+
+def test_scaled_to_zero_on_a_node_that_is_gone_is_not_failed() -> None:
+    model = make_model(replicas=0, placement={"nodeName": "hx-gone"})
+    status = _derive(model, deployment(replicas=0, ready=0), [])
+    assert status.phase is Phase.READY
+    assert _cond(status, ConditionType.SCHEDULED)[:2] == ("True", "ScaledToZero")
+    assert _cond(status, ConditionType.READY)[:2] == ("False", "ScaledToZero")
+
+
+def test_every_node_of_the_largest_surge_rollout_is_listed() -> None:
+    """64 replicas and maxSurge 64 on one node each: the status still validates
+    (a ValidationError would freeze it) and lists them all."""
+    nodes = [node(f"n{i:03}", 8) for i in range(129)]
+    model = make_model(
+        replicas=64,
+        resources={"gpus": 8},
+        rollout={"maxSurge": 64, "maxUnavailable": 0},
+    )
+    pods = [pod(f"p{i}", node_name=f"n{i:03}", ready=i < 64) for i in range(128)]
+    status = derive_status(
+        model, deployment(replicas=128, ready=64, updated=64), pods, nodes, NOW
+    )
+    assert status.nodes == [f"n{i:03}" for i in range(128)]
+    # Pods made by others with the model's labels are left out past the bound.
+    pods.append(pod("stray", node_name="n128"))
+    status = derive_status(
+        model, deployment(replicas=129, ready=65, updated=64), pods, nodes, NOW
+    )
+    assert len(status.nodes) == 128
+    LLMModelStatus.model_validate(status.model_dump())
