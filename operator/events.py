@@ -8,7 +8,7 @@ from typing import Literal
 from citadel.operator import names
 from citadel.operator.kube.client import Manifest
 from citadel.operator.model import LLMModel
-from citadel.operator.status import Condition, ConditionType, LLMModelStatus
+from citadel.operator.status import Condition, ConditionType, LLMModelStatus, Phase
 
 EventType = Literal["Normal", "Warning"]
 # (condition type, status) pairs that are bad news.
@@ -16,6 +16,11 @@ _WARNING = {
     (ConditionType.SCHEDULED, "False"),
     (ConditionType.DEGRADED, "True"),
 }
+# Reasons that are bad news whatever the condition: the last two are the
+# operator's own (observe.Blocker), and make the model Failed.
+_WARNING_REASONS = frozenset(
+    {"ProgressDeadlineExceeded", "ReconcileFailed", "ServedNameConflict"}
+)
 
 
 @dataclass(frozen=True)
@@ -27,10 +32,14 @@ class Notice:
     message: str
 
 
-def _is_warning(cond: Condition) -> bool:
+def _is_warning(cond: Condition, failed: bool) -> bool:
+    """Whether `cond`'s change is bad news; `failed`: the model's phase is Failed
+    (its Ready then says why, whatever the reason)."""
     if (cond.type, cond.status) in _WARNING:
         return True
-    return cond.reason == "ProgressDeadlineExceeded"
+    if failed and cond.type == ConditionType.READY:
+        return True
+    return cond.reason in _WARNING_REASONS
 
 
 def transitions(old: LLMModelStatus, new: LLMModelStatus) -> list[Notice]:
@@ -41,16 +50,25 @@ def transitions(old: LLMModelStatus, new: LLMModelStatus) -> list[Notice]:
     first value makes one only when it is bad news: a new model would otherwise
     post four events at once saying nothing is wrong (at 300 models, Events were
     about a sixth of the API server's requests: apiserver_request_total).
+
+    A model that turns Failed always makes a Warning, led by its Ready condition,
+    even when no condition changed (the same placement problem is Failed once
+    nodes are no longer autoscaled): Event-based alerts and `kubectl get events
+    --field-selector type=Warning` must see every model that needs a change.
     """
+    failed = new.phase == Phase.FAILED
+    turned_failed = failed and old.phase != Phase.FAILED
     notices = []
     for cond in new.conditions:
         before = old.condition(ConditionType(cond.type))
-        warning = _is_warning(cond)
+        warning = _is_warning(cond, failed)
         if before is None and not warning:
             continue
-        if before is not None and (before.status, before.reason) == (
-            cond.status,
-            cond.reason,
+        announced = turned_failed and cond.type == ConditionType.READY
+        if (
+            before is not None
+            and (before.status, before.reason) == (cond.status, cond.reason)
+            and not announced
         ):
             continue
         kind: EventType = "Warning" if warning else "Normal"

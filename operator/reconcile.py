@@ -45,7 +45,7 @@ from citadel.operator.model import LLMModel
 from citadel.operator.observe import Blocker, derive_status
 from citadel.operator.routing import RoutePublisher
 from citadel.operator.settings import OperatorSettings
-from citadel.operator.status import LLMModelStatus
+from citadel.operator.status import ConditionType, LLMModelStatus
 from citadel.operator.view import ApiView, ClusterView, is_newer, resource_version
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ CAPABILITY_CACHE_SECONDS = 60.0
 # The longest a status refresh waits behind reconciles of new or changed models
 # (see Precedence).
 PRECEDENCE_MAX_WAIT_S = 10.0
+# The Ready reason of a model whose reconcile failed for good.
+RECONCILE_FAILED = "ReconcileFailed"
 
 
 def utc_now() -> str:
@@ -208,6 +210,24 @@ def _first_look(model: LLMModel) -> bool:
     return model.status.observed_generation != model.generation
 
 
+def _stored_failure(model: LLMModel) -> Blocker | None:
+    """The permanent failure of this generation's reconcile, as the model's
+    status reports it (written by this operator before it restarted, or by a
+    peer); None when it reports none.
+
+    `Reconciler._failed` holds it only in memory: without this, the first
+    refresh after a restart wrote the unapplied generation as Ready.
+    """
+    if _first_look(model):
+        return None
+    ready = model.status.condition(ConditionType.READY)
+    if ready is None or (ready.status, ready.reason) != ("False", RECONCILE_FAILED):
+        return None
+    if ready.observed_generation not in (None, model.generation):
+        return None
+    return Blocker(RECONCILE_FAILED, ready.message)
+
+
 def _refuses_dry_runs(err: ApiError) -> bool:
     """Whether `err` says dry runs cannot be made (an admission webhook that
     declares side effects), rather than that this apply is refused."""
@@ -344,12 +364,18 @@ class Reconciler:
             await held.enter_async_context(self._serial.hold(key))
             model = await self._parse(self._newest(key, body))
             # A generation not yet reconciled (its update may be waiting for a
-            # slot or backing off), or whose reconcile failed for good, was
-            # never applied in full: its periodic pass applies everything (a
-            # field the new spec drops is no drift).
+            # slot or backing off), or whose reconcile failed for good (here or
+            # before a restart, as the status says), was never applied in full:
+            # its periodic pass applies everything (a field the new spec drops
+            # is no drift).
             timer, resync = (
                 resync,
-                resync and not (model.key in self._failed or _first_look(model)),
+                resync
+                and not (
+                    model.key in self._failed
+                    or _first_look(model)
+                    or _stored_failure(model) is not None
+                ),
             )
             with self.metrics.timed("full"):
                 try:
@@ -395,7 +421,7 @@ class Reconciler:
                     if not err.retryable:
                         # Say it where people look, not only in the logs; and
                         # keep saying it: refreshes report this generation too.
-                        blocker = Blocker("ReconcileFailed", str(err))
+                        blocker = Blocker(RECONCILE_FAILED, str(err))
                         self._failed[model.key] = (model.generation, blocker)
                         with contextlib.suppress(ReconcileError):
                             async with self._slots:
@@ -450,7 +476,11 @@ class Reconciler:
                             # The spec that failed is not applied: nothing to put
                             # back, and the failure stays in the status.
                             blocker = failure[1]
-                        elif wish.fix_drift:
+                        elif failure is None:
+                            # Failed before this operator started: the same
+                            # until a reconcile of this generation succeeds.
+                            blocker = _stored_failure(model)
+                        if blocker is None and wish.fix_drift:
                             await self._revert_drift(model)
                         await self._refresh(model, blocker)
             except _ModelGone:

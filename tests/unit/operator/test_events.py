@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from citadel.operator.events import Notice, combined, event_object, transitions
-from citadel.operator.observe import derive_status
+from citadel.operator.observe import Blocker, derive_status
+from citadel.operator.status import Phase
 
 from .samples import NODES, NOW, deployment, make_model, pod
 
@@ -36,6 +37,63 @@ def test_bad_news_is_a_warning_and_counts_alone_are_not_news() -> None:
     )
     assert scheduled.type == "Warning"
     assert "full" in scheduled.message
+
+
+@pytest.mark.parametrize("reason", ["ReconcileFailed", "ServedNameConflict"])
+def test_a_model_the_operator_fails_is_a_warning(reason: str) -> None:
+    # `kubectl get events --field-selector type=Warning` and alerts on Events
+    # must see every model turning Failed, not only those that cannot be placed.
+    model = make_model()
+    ready = derive_status(model, deployment(), [pod("p1")], NODES, NOW)
+    blocker = Blocker(reason, "it cannot go on")
+    failed = derive_status(model, deployment(), [pod("p1")], NODES, NOW, blocker)
+    assert failed.phase is Phase.FAILED
+    notice = combined(transitions(ready, failed))
+    assert notice is not None
+    assert (notice.type, notice.reason) == ("Warning", reason)
+    assert notice.message == "Ready=False: it cannot go on"
+    # Also as a new model's first status, which posts only bad news.
+    first = derive_status(model, None, [], NODES, NOW, blocker)
+    notice = combined(transitions(model.status, first))
+    assert notice is not None
+    assert (notice.type, notice.reason) == ("Warning", reason)
+
+
+def test_losing_the_last_replica_to_a_placement_failure_is_a_warning() -> None:
+    # Scheduled=False (a Warning when it came) has not changed: only Ready has,
+    # and with it the phase, from Degraded to Failed.
+    model = make_model(placement={"nodeName": "gone"}, replicas=2)
+    waiting = pod("p2", node_name=None, ready=False, unschedulable="0/3 nodes")
+    serving = derive_status(
+        model, deployment(2, 1), [pod("p1", node_name="gone"), waiting], NODES, NOW
+    )
+    assert serving.phase is Phase.DEGRADED
+    failed = derive_status(model, deployment(2, 0), [waiting], NODES, NOW)
+    assert failed.phase is Phase.FAILED
+    notice = combined(transitions(serving, failed))
+    assert notice is not None
+    assert (notice.type, notice.reason) == ("Warning", "NodeNotFound")
+    assert notice.message.startswith("Ready=False: ")
+
+
+def test_turning_failed_with_no_condition_changed_is_a_warning() -> None:
+    # Nodes no longer autoscaled (the operator restarted without it): the same
+    # conditions now make the model Failed instead of Pending.
+    model = make_model(resources={"gpus": 16})
+    waiting = pod("p1", node_name=None, ready=False, unschedulable="0/3 nodes")
+    pending = derive_status(
+        model, deployment(ready=0), [waiting], NODES, NOW, nodes_autoscaled=True
+    )
+    assert pending.phase is Phase.PENDING
+    failed = derive_status(model, deployment(ready=0), [waiting], NODES, NOW)
+    assert failed.phase is Phase.FAILED
+    assert failed.conditions == pending.conditions
+    notice = combined(transitions(pending, failed))
+    assert notice is not None
+    assert (notice.type, notice.reason) == ("Warning", "InsufficientGPUs")
+    assert notice.message.startswith("Ready=False: ")
+    # Once Failed, the same status again is no news.
+    assert transitions(failed, failed) == []
 
 
 def test_event_object_points_at_the_model() -> None:

@@ -1216,3 +1216,64 @@ async def test_a_dry_run_refused_for_this_apply_does_not_lead_to_the_apply(
     # back to the quick check.
     assert len(kube.applied) == applied
     assert "DriftReverted" not in _reasons(kube)
+
+
+async def test_a_permanent_failure_outlives_an_operator_restart(
+    settings: OperatorSettings,
+) -> None:
+    kube, reconciler = await _reconciled_then_updated(settings)
+    serving = kube.stored(DEPLOYMENTS, "mixtral", "llm")
+    serving["status"] = {
+        "observedGeneration": serving["metadata"]["generation"],
+        "replicas": 1,
+        "updatedReplicas": 1,
+        "readyReplicas": 1,
+    }
+    kube.put(pod("mixtral-abc"))
+    kube.fail["deployments"] = ApiError(403, "Forbidden", "denied by policy")
+    with pytest.raises(ReconcileError):
+        await reconciler.reconcile(kube.stored(LLMMODELS, "mixtral", "llm"))
+    del kube.fail["deployments"]
+    # A new operator (a restart, a peer taking over) knows the failure only from
+    # the status: pod and Deployment events that come before its first reconcile
+    # neither report generation 2 (never applied) as Ready nor apply it.
+    restarted = Reconciler(kube, settings, Metrics(), clock=lambda: NOW)
+    events, applied = len(kube.events), len(kube.applied)
+    await restarted.refresh("llm", "mixtral")
+    await restarted.refresh("llm", "mixtral", fix_drift=True)
+    status = kube.stored(LLMMODELS, "mixtral", "llm")["status"]
+    assert (status["phase"], status["observedGeneration"]) == ("Failed", 2)
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "ReconcileFailed")
+    assert "denied by policy" in ready["message"]
+    assert kube.events[events:] == [] and kube.applied[applied:] == []
+    # Its periodic pass applies the failed spec in full, and that clears it.
+    kube.applied.clear()
+    await _resync(kube, restarted)
+    assert _kinds_applied(kube) == ["Deployment", "Service"]
+    await restarted.refresh("llm", "mixtral")
+    status = kube.stored(LLMMODELS, "mixtral", "llm")["status"]
+    assert status["phase"] != "Failed"
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] != "ReconcileFailed"
+
+
+async def test_a_spec_change_after_a_restart_does_not_inherit_the_failure(
+    settings: OperatorSettings,
+) -> None:
+    kube, reconciler = await _reconciled_then_updated(settings)
+    kube.fail["deployments"] = ApiError(403, "Forbidden", "denied by policy")
+    with pytest.raises(ReconcileError):
+        await reconciler.reconcile(kube.stored(LLMMODELS, "mixtral", "llm"))
+    del kube.fail["deployments"]
+    restarted = Reconciler(kube, settings, Metrics(), clock=lambda: NOW)
+    fixed = copy.deepcopy(kube.stored(LLMMODELS, "mixtral", "llm"))
+    fixed["spec"]["engine"] = {"image": "vllm:C"}
+    fixed["metadata"]["generation"] = 3
+    kube.put(fixed)
+    await restarted.reconcile(kube.stored(LLMMODELS, "mixtral", "llm"))
+    await restarted.refresh("llm", "mixtral")
+    status = kube.stored(LLMMODELS, "mixtral", "llm")["status"]
+    assert (status["phase"], status["observedGeneration"]) == ("Pending", 3)
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] != "ReconcileFailed"
