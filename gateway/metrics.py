@@ -99,7 +99,8 @@ class GatewayMetrics:
         )
         self.backend_errors = Counter(
             PREFIX + "backend_errors",
-            "Failures talking to a replica, by kind (connect, timeout, protocol).",
+            "Failures talking to a replica, by kind (connect, dropped, timeout, "
+            "protocol).",
             [LABEL_MODEL, LABEL_REPLICA, LABEL_KIND],
             registry=r,
         )

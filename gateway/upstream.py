@@ -8,13 +8,19 @@ before, cost the gateway about 305 µs of CPU per proxied request at concurrency
 (2,922 requests/s on 0.89 cores, `make bench` at 29000f4); with this one it is
 about 220 µs (3,900 requests/s on 0.85 cores, `make bench` at ededc39).
 
-Failures are sorted into three kinds that the proxy treats differently:
+Failures are sorted into kinds that the proxy treats differently:
 
-- `UpstreamUnreachable`: the connection failed or was dropped before any response
-  byte (refused, reset, a kept-alive connection the replica had closed): safe to
-  retry on another replica. A kept-alive connection that fails so is first retried
-  once on a new connection to the same replica, as the replica most likely closed
-  it while idle;
+- `UpstreamUnreachable`: the request never got to the replica: the connection
+  failed before it could be sent (refused, TLS, a timeout), or it was a kept-alive
+  connection the replica had closed while idle (it fails within
+  `_STALE_WITHIN_S` of the write). Safe to retry on another replica; a kept-alive
+  connection that fails so is first retried once on a new connection to the same
+  replica;
+- `UpstreamDropped` (an `UpstreamUnreachable`): the replica closed the connection,
+  without a response byte, after the request was written: it may have read the
+  request and worked on it (vLLM crashing mid-generation, or on this very
+  request). Never sent again to the same replica; the proxy may try another one
+  but counts the request as having reached a replica;
 - `UpstreamTimeout`: no answer (or no next piece of the body) in time: 504, not
   retried;
 - `UpstreamBroken`: a broken or unreadable response after it began: 502.
@@ -44,6 +50,19 @@ class UpstreamUnreachable(UpstreamFailure):
     """Nothing came back: the request may be sent to another replica."""
 
     kind = "connect"
+
+
+class UpstreamDropped(UpstreamUnreachable):
+    """The replica closed the connection without answering after the request was
+    written: it may have worked on it.
+
+    A subclass of `UpstreamUnreachable` because nothing came back, so a caller
+    that tries another replica for that still does (losing no request when a
+    replica dies mid-load); a caller that gives back what a request was charged
+    for an unreachable replica must test for this first.
+    """
+
+    kind = "dropped"
 
 
 class UpstreamTimeout(UpstreamFailure):
@@ -99,6 +118,16 @@ class Upstream(Protocol):
 _HIGH_WATER = 256 * 1024
 """Body bytes buffered before the socket stops being read (a slow client); it is
 read again once the relay has taken them."""
+_STALE_WITHIN_S = 0.1
+"""How soon after the write a reused connection's close, with no response byte,
+still counts as the replica having closed it while idle (its FIN crossed the
+request): that close comes back within a round trip, under a millisecond on a pod
+network, plus however late a busy event loop runs the callback (tens of ms at
+worst). A replica that read the request and worked on it (parsed, queued,
+prefilled) before it died is slower than that. A bound too low sends a stale
+connection's request to another replica rather than the same one on a new
+connection (a lost prefix cache; a 502 for a model with one replica); one too
+high runs a request that kills its replica at once a second time there."""
 _TARGETS_KEPT = 4096
 """Parsed URLs remembered (replica x path: few, and pods come and go slowly)."""
 
@@ -177,6 +206,10 @@ class _Connection(asyncio.Protocol):
         """When it went back to the pool; None while in use."""
         self.used = 0
         """Requests sent on it so far."""
+        self.reused = False
+        """True when the request in progress is not its first."""
+        self.sent_at: float | None = None
+        """When (monotonic) the request in progress was written."""
         self._parser = httptools.HttpResponseParser(self)
         self._reset()
 
@@ -230,9 +263,21 @@ class _Connection(asyncio.Protocol):
             return
         why = f": {exc}" if exc else ""
         if not self.received:
-            self._fail(UpstreamUnreachable(f"the replica closed the connection{why}"))
+            self._fail(self._unanswered(why))
         else:
             self._fail(UpstreamBroken(f"the response broke off{why}"))
+
+    def _unanswered(self, why: str) -> UpstreamUnreachable:
+        """What a close with no response byte means (see `_STALE_WITHIN_S`)."""
+        sent = self.sent_at
+        if sent is None or (self.reused and time.monotonic() - sent < _STALE_WITHIN_S):
+            return UpstreamUnreachable(f"the replica closed the connection{why}")
+        # asyncio cannot tell whether the replica read the bytes: a new
+        # connection it took, or a reused one it held on to past the bound,
+        # means it was there to read them.
+        return UpstreamDropped(
+            f"the replica closed the connection without answering{why}"
+        )
 
     # -- httptools callbacks -----------------------------------------------------
 
@@ -272,7 +317,9 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
         self._reset()
         self.idle_since = None
+        self.reused = self.used > 0
         self.used += 1
+        self.sent_at = time.monotonic()
         assert self.transport is not None
         self.transport.write(data)
 
@@ -421,7 +468,8 @@ class UpstreamClient:
         """Sends a POST and returns once the response's status and headers came.
 
         Raises:
-            UpstreamUnreachable, UpstreamTimeout, UpstreamBroken: see the module.
+            UpstreamUnreachable, UpstreamDropped, UpstreamTimeout, UpstreamBroken:
+                see the module.
         """
         return await self.request("POST", url, body, headers)
 
@@ -442,6 +490,8 @@ class UpstreamClient:
         reused = conn.used > 0
         try:
             await self._start(conn, data, deadline)
+        except UpstreamDropped:
+            raise  # the replica may be working on it: never twice on one replica
         except UpstreamUnreachable:
             if not reused:
                 raise

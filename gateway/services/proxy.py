@@ -43,6 +43,7 @@ from citadel.gateway.services.streams import Closing
 from citadel.gateway.upstream import (
     Reply,
     Upstream,
+    UpstreamDropped,
     UpstreamFailure,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -96,7 +97,10 @@ class _Context:
     """True while `replica` counts this request as in flight."""
     reached: bool = False
     """True once a replica may have worked on it (anything but a connection
-    that failed before a byte came back)."""
+    that failed before the request got to the replica)."""
+    dropped: bool = False
+    """True once a replica closed the connection without answering after the
+    request was written (`UpstreamDropped`): it may have worked on it."""
     finished: bool = False
     """True once the request is counted and logged."""
     settled: Mapping[str, float] = field(default_factory=dict)
@@ -259,7 +263,14 @@ class ProxyService:
                 )
             except UpstreamFailure as err:
                 self._release(ctx, replica, err)
-                ctx.reached |= not isinstance(err, UpstreamUnreachable)
+                if isinstance(err, UpstreamDropped):
+                    # Tried on another replica all the same (a replica killed
+                    # mid-load must not lose the request), but charged: a
+                    # request that kills every replica it meets must not be
+                    # repeatable past the client's limits.
+                    ctx.reached = ctx.dropped = True
+                elif not isinstance(err, UpstreamUnreachable):
+                    ctx.reached = True
                 last = err
                 if isinstance(err, UpstreamTimeout):
                     raise BackendTimeout(
@@ -272,14 +283,13 @@ class ProxyService:
                 return reply
         # The failure's own text names the pod's address: logged with the
         # replica (_release), not told to clients.
-        why = (
-            "no connection could be made"
-            if isinstance(last, UpstreamUnreachable)
-            else "the answer could not be read"
-        )
-        raise BackendError(
-            f"No replica of `{route.served_name}` could be reached ({why})."
-        )
+        if not isinstance(last, UpstreamUnreachable):
+            why = "could be reached (the answer could not be read)"
+        elif ctx.dropped:
+            why = "answered (the replica closed the connection without answering)"
+        else:
+            why = "could be reached (no connection could be made)"
+        raise BackendError(f"No replica of `{route.served_name}` {why}.")
 
     async def _whole(
         self,
@@ -508,7 +518,9 @@ class ProxyService:
             answered: a replica answered. Without a usage its estimate stands
                 (refunding it would let a client that leaves before the usage
                 chunk, or a reply without one, use tokens past its limits);
-                a request that failed before any answer used nothing.
+                a request that failed before any answer used nothing, unless
+                a replica dropped it (`_Context.dropped`) after it may have
+                worked on it.
             relayed: stream events relayed. Without a usage at least one token
                 each is charged: a client that reads a long stream and leaves
                 before its usage chunk would otherwise pay only the estimate
@@ -521,7 +533,8 @@ class ProxyService:
         if usage is not None:
             used = usage.total
         else:
-            used = max(admission.estimate, relayed) if answered else 0
+            charged = answered or ctx.dropped
+            used = max(admission.estimate, relayed) if charged else 0
         try:
             ctx.settled = await self._limiter.settle(
                 admission, used, served=ctx.reached

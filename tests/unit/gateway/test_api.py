@@ -13,7 +13,11 @@ from openai import AsyncOpenAI, NotFoundError
 
 from citadel.gateway.services.auth import KeyRecord, hash_key
 from citadel.gateway.services.requests import CHAT
-from citadel.gateway.upstream import UpstreamTimeout, UpstreamUnreachable
+from citadel.gateway.upstream import (
+    UpstreamDropped,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from citadel.gateway.versioning import VERSION_HEADER
 
 pytestmark = pytest.mark.unit
@@ -246,6 +250,47 @@ async def test_a_request_a_replica_worked_on_keeps_its_request(
             for _ in range(3)
         ]
     assert statuses[2] == 429
+
+
+async def test_a_dropped_request_is_tried_elsewhere_but_stays_charged(
+    kit: Any,
+) -> None:
+    """A replica that closed the connection without answering, after the
+    request was written, may have worked on it (a request that crashes vLLM
+    each time): the next replica is tried, but the request and its estimate
+    stay charged, so the client's limits bound how often it can repeat it."""
+    from citadel.gateway.services.limits import estimate_tokens
+
+    h = kit.build(doc=kit.document(limits={"rpm": 2, "tpm": 10_000}))
+    h.upstream.handler = lambda url, body: UpstreamDropped("closed at 10.0.0.7")
+    async with h.client() as client:
+        answers = [
+            await client.post("/v1/chat/completions", json=kit.chat) for _ in range(3)
+        ]
+    assert [a.status_code for a in answers] == [502, 502, 429]
+    assert len(h.upstream.calls) == 4  # both replicas, twice; none after the 429
+    first = answers[0]
+    assert "closed the connection without answering" in first.json()["error"]["message"]
+    assert "no connection could be made" not in first.text
+    assert "10.0.0.7" not in first.text
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    left = 10_000 - estimate_tokens(dict(kit.chat), 256)
+    assert first.headers["x-ratelimit-remaining-tokens"] == str(left)
+
+
+async def test_a_dropped_request_is_answered_by_the_next_replica(
+    harness: Any, kit: Any
+) -> None:
+    """A replica killed with the request in flight loses no request."""
+    harness.upstream.handler = lambda url, body: (
+        UpstreamDropped("killed") if "r1" in url else kit.completion()
+    )
+    async with harness.client() as client:
+        answers = [
+            await client.post("/v1/chat/completions", json=kit.chat) for _ in range(2)
+        ]
+    assert [a.status_code for a in answers] == [200, 200]
+    assert any("r1" in call[0] for call in harness.upstream.calls)
 
 
 async def test_an_error_after_admission_says_where_the_limits_stand(

@@ -21,8 +21,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from citadel.gateway.upstream import (
+    _STALE_WITHIN_S,
     UpstreamBroken,
     UpstreamClient,
+    UpstreamDropped,
     UpstreamSettings,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -229,15 +231,41 @@ async def test_nothing_listening_is_unreachable(client: UpstreamClient) -> None:
         await client.post(server.url + "/", b"{}", {})
 
 
-async def test_a_close_before_any_answer_is_unreachable(
-    serve: Callable[..., Awaitable[Server]], client: UpstreamClient
-) -> None:
-    async def hang_up(*_: object) -> bool:
+LATE = _STALE_WITHIN_S * 3
+"""Past the bound within which a reused connection's close means it went stale:
+as a replica that worked on the request, then died."""
+
+
+def hang_up_after(delay_s: float, *, reset: bool = False, answered: int = 0) -> Handler:
+    """A handler that answers the first `answered` requests of each connection,
+    then, `delay_s` after reading the next one, closes the connection without a
+    byte back (a FIN, or with `reset` a RST: a killed process)."""
+
+    async def hang_up(
+        _: int, on_connection: int, __: object, writer: asyncio.StreamWriter
+    ) -> bool:
+        if on_connection < answered:
+            writer.write(reply(b"{}"))
+            await writer.drain()
+            return True
+        await asyncio.sleep(delay_s)
+        if reset:
+            writer.transport.abort()
         return False
 
-    server = await serve(hang_up)
-    with pytest.raises(UpstreamUnreachable, match="closed the connection"):
+    return hang_up
+
+
+@pytest.mark.parametrize("delay_s", [0, LATE], ids=["at-once", "late"])
+async def test_a_new_connection_closed_after_the_request_is_dropped(
+    serve: Callable[..., Awaitable[Server]], client: UpstreamClient, delay_s: float
+) -> None:
+    # A new connection cannot have gone stale: the replica took it and the
+    # request, so it may have worked on it whenever it hangs up.
+    server = await serve(hang_up_after(delay_s))
+    with pytest.raises(UpstreamDropped, match="closed the connection without"):
         await client.post(server.url + "/", b"{}", {})
+    assert len(server.requests) == 1
 
 
 async def test_a_kept_alive_connection_the_replica_dropped_is_retried_once(
@@ -259,6 +287,20 @@ async def test_a_kept_alive_connection_the_replica_dropped_is_retried_once(
     assert await (await client.post(server.url + "/", b"2", {})).read() == b"{}"
     assert server.connections == 2
     assert [r[-1:] for r in server.requests] == [b"1", b"2", b"2"]
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["fin", "rst"])
+async def test_a_kept_alive_connection_dropped_late_is_not_sent_again(
+    serve: Callable[..., Awaitable[Server]], client: UpstreamClient, reset: bool
+) -> None:
+    # The replica read the second request and worked on it before it died: a
+    # new connection to it would run the same generation twice.
+    server = await serve(hang_up_after(LATE, reset=reset, answered=1))
+    assert await (await client.post(server.url + "/", b"1", {})).read() == b"{}"
+    with pytest.raises(UpstreamDropped, match="without answering"):
+        await client.post(server.url + "/", b"2", {})
+    assert [r[-1:] for r in server.requests] == [b"1", b"2"]
+    assert server.connections == 1
 
 
 async def test_a_body_cut_short_is_broken(
