@@ -57,6 +57,7 @@ class Catalog:
         self._departed: dict[str, tuple[float, Replica]] = {}
         self._on_reload = on_reload
         self._clock = clock
+        self._document_listeners: list[Callable[[RoutingDocument], None]] = []
 
     @property
     def loaded(self) -> bool:
@@ -68,6 +69,11 @@ class Catalog:
         """The routing document in force."""
         return self._document
 
+    def on_document(self, listener: Callable[[RoutingDocument], None]) -> None:
+        """Calls `listener` with each document put in force from now on (after
+        it is in force)."""
+        self._document_listeners.append(listener)
+
     def set_document(self, doc: RoutingDocument, problems: Sequence[str] = ()) -> None:
         """Puts a new routing document in force.
 
@@ -78,6 +84,8 @@ class Catalog:
         """
         by_name = {name: route for route in doc.models for name in route.names}
         self._document, self._by_name = doc, by_name
+        for listener in self._document_listeners:
+            listener(doc)
         for problem in problems:
             log.warning("routing document: %s", problem)
         log.info(

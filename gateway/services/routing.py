@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 
 from citadel.gateway.errors import NoReplica
-from citadel.gateway.routes import ModelRoute
+from citadel.gateway.routes import ModelRoute, RoutingDocument
 from citadel.gateway.services.catalog import Catalog
 from citadel.gateway.services.replicas import Replica
 from citadel.gateway.services.strategies import RouteRequest, Strategy, make_strategy
@@ -15,6 +15,10 @@ NO_REPLICA_RETRY_S = 5.0
 
 class Router:
     """Picks a replica for each attempt of a request.
+
+    Each model's strategy keeps its state (a prefix-aware table holds up to
+    200,000 block hashes) while the model keeps its served name and strategy;
+    each document put in force drops the state of the models it no longer has.
 
     Args:
         catalog: the models and their replicas.
@@ -32,6 +36,14 @@ class Router:
         self._clock = clock
         self._on_decision = on_decision
         self._strategies: dict[tuple[str, str], Strategy] = {}
+        catalog.on_document(self._forget_gone)
+
+    def _forget_gone(self, doc: RoutingDocument) -> None:
+        """Drops the strategies of models deleted, renamed or switched to
+        another strategy: kept, they would last as long as the process."""
+        live = {(route.served_name, route.strategy.value) for route in doc.models}
+        for key in self._strategies.keys() - live:
+            del self._strategies[key]
 
     def choose(
         self,
