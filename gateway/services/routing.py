@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection
 
 from citadel.gateway.errors import NoReplica
@@ -24,6 +25,8 @@ class Router:
         catalog: the models and their replicas.
         clock: monotonic seconds (for ejection times).
         on_decision: called with (model, strategy, how) after each choice.
+        load_max_age_s: how old a replica's vLLM load report may be and still
+            count for `kv-aware` (see `scraper.report_max_age_s`).
     """
 
     def __init__(
@@ -31,9 +34,11 @@ class Router:
         catalog: Catalog,
         clock: Callable[[], float],
         on_decision: Callable[[str, str, str], None] | None = None,
+        load_max_age_s: float = math.inf,
     ) -> None:
         self._catalog = catalog
         self._clock = clock
+        self._load_max_age_s = load_max_age_s
         self._on_decision = on_decision
         self._strategies: dict[tuple[str, str], Strategy] = {}
         catalog.on_document(self._forget_gone)
@@ -71,7 +76,9 @@ class Router:
         key = (route.served_name, route.strategy.value)
         strategy = self._strategies.get(key)
         if strategy is None:
-            strategy = self._strategies[key] = make_strategy(route.strategy)
+            strategy = self._strategies[key] = make_strategy(
+                route.strategy, self._clock, self._load_max_age_s
+            )
         replica, how = strategy.choose(healthy, request)
         if self._on_decision:
             self._on_decision(route.served_name, route.strategy.value, how)

@@ -7,7 +7,12 @@ import pytest
 from citadel.gateway.errors import NoReplica
 from citadel.gateway.routes import RoutingDocument
 from citadel.gateway.services.catalog import Catalog
-from citadel.gateway.services.replicas import EjectionPolicy, Endpoint, Replica
+from citadel.gateway.services.replicas import (
+    EjectionPolicy,
+    Endpoint,
+    LoadReport,
+    Replica,
+)
 from citadel.gateway.services.routing import Router
 from citadel.gateway.services.strategies import RouteRequest
 
@@ -153,3 +158,19 @@ def test_a_new_document_drops_the_state_of_models_gone_and_keeps_the_rest() -> N
     # Switched to another strategy: the prefix-aware table goes too.
     catalog.set_document(_prefix_doc(("stays", "least-load"), ("goes", "round-robin")))
     assert router._strategies == {}
+
+
+def test_the_router_passes_the_report_age_to_kv_aware() -> None:
+    kv = _prefix_doc(("m", "kv-aware"))
+    now = [0.0]
+    catalog = Catalog()
+    catalog.set_document(kv)
+    catalog.set_endpoints("llm", "m", [Endpoint("http://a"), Endpoint("http://b")])
+    router = Router(catalog, lambda: now[0], load_max_age_s=10.0)
+    a, b = catalog.replicas(kv.models[0])
+    a.load = LoadReport(running=0, scraped_at=0.0)
+    a.in_flight = 2
+    b.load = LoadReport(running=8, scraped_at=0.0)
+    assert router.choose(kv.models[0], RouteRequest({})) is a
+    now[0] = 11.0  # neither report counts now: in flight alone
+    assert router.choose(kv.models[0], RouteRequest({})) is b

@@ -11,11 +11,15 @@ import orjson
 import pytest
 
 from citadel.gateway.metrics import GatewayMetrics
-from citadel.gateway.routes import CONFIGMAP_KEY
+from citadel.gateway.routes import CONFIGMAP_KEY, RoutingDocument
 from citadel.gateway.services.auth import InMemoryKeyStore, KeyRecord, hash_key
 from citadel.gateway.services.catalog import Catalog
-from citadel.gateway.services.replicas import Endpoint
-from citadel.gateway.services.scraper import parse_vllm_metrics
+from citadel.gateway.services.replicas import Endpoint, LoadReport
+from citadel.gateway.services.scraper import (
+    MetricsScraper,
+    parse_vllm_metrics,
+    report_max_age_s,
+)
 from citadel.gateway.sources.files import keys_file_source, routes_file_source
 from citadel.gateway.sources.kubernetes import (
     KeySecretsSource,
@@ -24,6 +28,7 @@ from citadel.gateway.sources.kubernetes import (
     key_secret,
     slice_endpoints,
 )
+from citadel.gateway.upstream import UpstreamTimeout
 
 pytestmark = pytest.mark.unit
 
@@ -355,3 +360,55 @@ vllm:bogus{model_name="m"} nan-ish
     report = parse_vllm_metrics(text, 7.0)
     assert (report.running, report.waiting, report.kv_cache_usage) == (4, 2, 0.5)
     assert report.scraped_at == 7.0
+
+
+class _MetricsUpstream:
+    """Answers /metrics per replica URL: text (200), a status, or a failure."""
+
+    def __init__(self) -> None:
+        self.answers: dict[str, str | int | Exception] = {}
+
+    async def request(
+        self, method: str, url: str, timeout_s: float | None = None
+    ) -> Any:
+        answer = self.answers[url.removesuffix("/metrics")]
+        if isinstance(answer, Exception):
+            raise answer
+
+        class Response:
+            status = answer if isinstance(answer, int) else 200
+
+            async def read(self) -> bytes:
+                return answer.encode() if isinstance(answer, str) else b""
+
+        return Response()
+
+
+@pytest.mark.parametrize("failure", [UpstreamTimeout("slow"), 503])
+async def test_a_failed_scrape_drops_the_last_report(
+    failure: Exception | int,
+) -> None:
+    """The last figures were kept for ever: the busiest replica, whose
+    /metrics times out, looked idle to kv-aware."""
+    now = [0.0]
+    route = {
+        "name": "m",
+        "namespace": "llm",
+        "servedName": "m",
+        "service": "m",
+        "strategy": "kv-aware",
+    }
+    catalog = Catalog(clock=lambda: now[0])
+    catalog.set_document(RoutingDocument.model_validate({"models": [route]}))
+    catalog.set_endpoints("llm", "m", [Endpoint("http://a")])
+    upstream = _MetricsUpstream()
+    scraper = MetricsScraper(catalog, upstream, 2.0, lambda: now[0])  # type: ignore[arg-type]
+    upstream.answers["http://a"] = "vllm:num_requests_running 0\n"
+    await scraper.scrape_once()
+    replica = catalog.all_replicas()["http://a"]
+    assert replica.load.scraped_at == 0.0
+    upstream.answers["http://a"] = failure
+    now[0] = 2.0
+    await scraper.scrape_once()
+    assert replica.load == LoadReport()
+    assert report_max_age_s(2.0) == 10.0
