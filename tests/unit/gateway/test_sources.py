@@ -412,3 +412,56 @@ async def test_a_failed_scrape_drops_the_last_report(
     await scraper.scrape_once()
     assert replica.load == LoadReport()
     assert report_max_age_s(2.0) == 10.0
+
+
+def _pod_slice(name: str, service: str, *pods: tuple[str, str]) -> dict[str, object]:
+    """A slice whose endpoints name their pods: (ip, pod uid) each."""
+    slice_ = _slice(name, service)
+    slice_["endpoints"] = [
+        {"addresses": [ip], "targetRef": {"kind": "Pod", "uid": uid}}
+        for ip, uid in pods
+    ]
+    return slice_
+
+
+async def test_a_reused_ip_starts_afresh_unless_it_is_the_same_service_and_pod() -> (
+    None
+):
+    """A pod's IP handed within 60 s to a new pod, maybe another model's: the new
+    pod got the old one's ejection, back-off and load."""
+    from citadel.gateway.sources.kubernetes import _SliceView
+
+    now = [0.0]
+    catalog = Catalog(clock=lambda: now[0])
+    view = _SliceView("llm", catalog, {"a", "b"})
+    ip = "http://10.0.0.5:8000"
+    view.sync([_pod_slice("a-1", "a", ("10.0.0.5", "pod-1"))])
+    old = catalog.all_replicas()[ip]
+    old.ejected_until, old.ejections_in_row = 40.0, 3
+    old.load = LoadReport(waiting=500, scraped_at=0.0)
+
+    view.event("DELETED", _slice("a-1", "a"))  # pod-1 is deleted
+    now[0] = 4.0
+    # Its IP goes to a pod of another model's Service.
+    view.event("ADDED", _pod_slice("b-1", "b", ("10.0.0.5", "pod-2")))
+    new = catalog.all_replicas()[ip]
+    assert new is not old and new.available(now[0]) and new.load == LoadReport()
+
+    view.event("DELETED", _slice("b-1", "b"))
+    now[0] = 8.0
+    # Back in the Service it left, but another pod: afresh too.
+    view.event("ADDED", _pod_slice("b-2", "b", ("10.0.0.5", "pod-3")))
+    assert catalog.all_replicas()[ip] is not new
+
+    newer = catalog.all_replicas()[ip]
+    view.event("DELETED", _slice("b-2", "b"))
+    now[0] = 9.0
+    # The same pod in the same Service (moved to another slice): kept.
+    view.event("ADDED", _pod_slice("b-3", "b", ("10.0.0.5", "pod-3")))
+    assert catalog.all_replicas()[ip] is newer
+
+
+def test_endpoint_slices_name_the_pod_behind_each_address() -> None:
+    slice_ = _pod_slice("m-1", "m", ("10.0.0.1", "uid-1"))
+    slice_["endpoints"].append({"addresses": ["10.0.0.2"]})  # type: ignore[attr-defined]
+    assert [e.pod for e in slice_endpoints(slice_)] == ["uid-1", None]
