@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
+from citadel.gateway.errors import ModelNotFound
 from citadel.gateway.metrics import GatewayMetrics
 from citadel.gateway.routes import CONFIGMAP_KEY, RoutingDocument
 from citadel.gateway.services.auth import InMemoryKeyStore, KeyRecord, hash_key
@@ -465,3 +466,35 @@ def test_endpoint_slices_name_the_pod_behind_each_address() -> None:
     slice_ = _pod_slice("m-1", "m", ("10.0.0.1", "uid-1"))
     slice_["endpoints"].append({"addresses": ["10.0.0.2"]})  # type: ignore[attr-defined]
     assert [e.pod for e in slice_endpoints(slice_)] == ["uid-1", None]
+
+
+def test_a_routes_file_naming_one_service_with_two_endpoint_lists_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both models were silently routed to the second one's endpoints."""
+    results: list[str] = []
+    catalog = Catalog(results.append)
+    path = tmp_path / "routes.json"
+    llama = {**json.loads(doc("llama", ("http://127.0.0.1:8001",)))["models"][0]}
+    path.write_text(json.dumps({"models": [llama]}))
+    watcher = routes_file_source(path, catalog, 1.0)
+    watcher.check()
+    qwen = {**llama, "name": "q", "servedName": "qwen"}
+    # One server for both (one vLLM with two LoRA adapters): fine.
+    path.write_text(json.dumps({"models": [llama, qwen]}))
+    watcher.check()
+    assert catalog.resolve("qwen").service == "m"
+    qwen["endpoints"] = ["http://127.0.0.1:8002"]
+    path.write_text(json.dumps({"models": [llama, {**qwen, "servedName": "qwen2"}]}))
+    watcher.check()
+    assert results == ["ok", "ok", "invalid"]
+    [error] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "name the service 'm' with different endpoints" in str(
+        error.error  # type: ignore[attr-defined]
+    )
+    # The last good document stays, with each model on its own endpoints.
+    assert [r.url for r in catalog.replicas(catalog.resolve("llama"))] == [
+        "http://127.0.0.1:8001"
+    ]
+    with pytest.raises(ModelNotFound):
+        catalog.resolve("qwen2")
