@@ -17,7 +17,7 @@ from citadel.gateway.services.proxy import ProxyOptions, ProxyService
 from citadel.gateway.services.redis_buckets import RedisBuckets
 from citadel.gateway.services.replicas import EjectionPolicy
 from citadel.gateway.services.routing import Router
-from citadel.gateway.services.scraper import MetricsScraper
+from citadel.gateway.services.scraper import MetricsScraper, report_max_age_s
 from citadel.gateway.settings import AuthMode, GatewaySettings, RoutesSource
 from citadel.gateway.sources.files import keys_file_source, routes_file_source
 from citadel.gateway.sources.kubernetes import KeySecretsSource, RoutesWatchSource
@@ -48,7 +48,12 @@ def build_deps(settings: GatewaySettings, environ: Mapping[str, str]) -> Deps:
     def decided(model: str, strategy: str, how: str) -> None:
         metrics.routing_decisions.labels(model, strategy, how).inc()
 
-    router = Router(catalog, time.monotonic, decided)
+    router = Router(
+        catalog,
+        time.monotonic,
+        decided,
+        load_max_age_s=report_max_age_s(settings.metrics_scrape_period_s),
+    )
     store, shutdown = _bucket_store(settings)
     limiter = Limiter(store, time.time)
     deps = Deps(

@@ -2,13 +2,16 @@
 
 Objects are plain dicts as the API returns them. `list_watch` keeps a view in sync:
 it lists, then watches from the list's resourceVersion, resumes from the last one
-seen after a dropped connection, and lists again when the server answers 410 Gone.
+seen after a dropped connection, lists again when the server answers 410 Gone, and
+backs off when watches end at once without an event.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -52,6 +55,12 @@ WATCH_GRACE_S = 30.0
 """How long past its timeoutSeconds a watch may run before it is dropped."""
 WATCH_SILENCE_S = 150.0
 """How long a watch may stay silent (no event, no bookmark) before it is dropped."""
+WATCH_QUICK_S = 5.0
+"""A watch that ends sooner than this without an event counts as empty."""
+WATCH_BACKOFF_BASE_S = 0.5
+"""The pause after one empty watch; it doubles with each empty watch in a row."""
+WATCH_BACKOFF_MAX_S = 30.0
+"""The longest pause between empty watches."""
 
 
 class KubeClient:
@@ -191,26 +200,62 @@ async def list_watch(
     on_sync: Callable[[list[Obj]], Awaitable[None] | None],
     on_event: Callable[[str, Obj], Awaitable[None] | None],
     retry_s: float = 2.0,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    clock: Callable[[], float] = time.monotonic,
 ) -> None:
     """Keeps a view in sync until cancelled: `on_sync` with the full list after
-    each (re-)list, `on_event` with each change after it."""
+    each (re-)list, `on_event` with each change after it.
+
+    Args:
+        client: the API client.
+        path: the collection to list and watch.
+        params: query parameters for both (a label selector).
+        on_sync: called with every item after each list.
+        on_event: called with (type, object) for each change.
+        retry_s: the pause after a failed list or watch.
+        sleep: how to pause (injected by tests).
+        clock: monotonic seconds, to tell a watch that ended at once.
+    """
     version: str | None = None
+    empty_in_row = 0
     while True:
         try:
             if version is None:
                 items, version = await client.list(path, params)
                 await _maybe_await(on_sync(items))
+            started, delivered = clock(), False
             async for kind, obj in client.watch(path, version, params):
+                delivered = True
                 version = obj.get("metadata", {}).get("resourceVersion", version)
                 if kind != "BOOKMARK":
                     await _maybe_await(on_event(kind, obj))
+            if delivered or clock() - started >= WATCH_QUICK_S:
+                empty_in_row = 0
+                continue
+            # An API server shutting down, or a proxy that closes long-lived
+            # streams, ends each watch at once: re-opened at once, every
+            # gateway spins a CPU and floods the API server. The jitter keeps
+            # the gateways' watches from coming back all together.
+            empty_in_row += 1
+            pause = watch_backoff_s(empty_in_row) * random.uniform(0.5, 1.0)
+            log.warning(
+                "watch ended at once without an event; pausing",
+                extra={"path": path, "empty_in_row": empty_in_row, "pause_s": pause},
+            )
+            await sleep(pause)
         except WatchExpired:
             log.info("watch expired; listing again", extra={"path": path})
             version = None
         except (aiohttp.ClientError, TimeoutError, KubeApiError, ValueError) as err:
             # ValueError: a line that is not JSON, or past the read buffer.
             log.warning("watch failed; retrying", extra={"path": path, "error": err})
-            await asyncio.sleep(retry_s)
+            await sleep(retry_s)
+
+
+def watch_backoff_s(empty_in_row: int) -> float:
+    """The longest pause after `empty_in_row` (1 or more) empty watches in a row."""
+    exponent = min(empty_in_row - 1, 16)  # past the cap long before: no overflow
+    return min(WATCH_BACKOFF_MAX_S, WATCH_BACKOFF_BASE_S * 2.0**exponent)
 
 
 async def _maybe_await(value: Awaitable[None] | None) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from citadel.gateway.errors import ModelNotFound, NotReady
 from citadel.gateway.routes import (
@@ -22,6 +23,16 @@ from citadel.gateway.routes import (
 from citadel.gateway.services.replicas import Endpoint, Replica
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Departed:
+    """A replica whose address left its Service, kept a while."""
+
+    left: float
+    replica: Replica
+    service: tuple[str, str]
+    pod: str | None
 
 
 class Catalog:
@@ -37,6 +48,9 @@ class Catalog:
     # EndpointSlice controller moves a pod to another slice, the old slice's
     # event can come first, and the pod's requests in flight and ejection
     # would otherwise start afresh when the new slice's event brings it back.
+    # Only the same Service gets it back, and the same pod where the slices
+    # name it: an IP is soon handed to another pod, maybe another model's,
+    # which must not start ejected, or with the old pod's load.
     DEPARTED_KEEP_S = 60.0
 
     def __init__(
@@ -53,10 +67,11 @@ class Catalog:
         # cost 207 ms at 1,000 models; this way 0.01 ms (one of 1,000 Services,
         # two addresses each, changed 20 times, at 4b9687e and at 763b9f7).
         self._uses: dict[str, int] = {}
-        # URL -> (when it left, its replica), oldest first.
-        self._departed: dict[str, tuple[float, Replica]] = {}
+        # URL -> the replica that left it, oldest first.
+        self._departed: dict[str, _Departed] = {}
         self._on_reload = on_reload
         self._clock = clock
+        self._document_listeners: list[Callable[[RoutingDocument], None]] = []
 
     @property
     def loaded(self) -> bool:
@@ -68,6 +83,11 @@ class Catalog:
         """The routing document in force."""
         return self._document
 
+    def on_document(self, listener: Callable[[RoutingDocument], None]) -> None:
+        """Calls `listener` with each document put in force from now on (after
+        it is in force)."""
+        self._document_listeners.append(listener)
+
     def set_document(self, doc: RoutingDocument, problems: Sequence[str] = ()) -> None:
         """Puts a new routing document in force.
 
@@ -78,6 +98,8 @@ class Catalog:
         """
         by_name = {name: route for route in doc.models for name in route.names}
         self._document, self._by_name = doc, by_name
+        for listener in self._document_listeners:
+            listener(doc)
         for problem in problems:
             log.warning("routing document: %s", problem)
         log.info(
@@ -119,7 +141,8 @@ class Catalog:
             known = unique.get(endpoint.url)
             if known is None or _usability(endpoint) > _usability(known):
                 unique[endpoint.url] = endpoint
-        before = {e.url for e in self._endpoints.get(key, ())}
+        previous = {e.url: e for e in self._endpoints.get(key, ())}
+        before = previous.keys()
         if unique:
             self._endpoints[key] = tuple(unique.values())
         else:
@@ -129,19 +152,24 @@ class Catalog:
         for url in unique.keys() - before:
             self._uses[url] = self._uses.get(url, 0) + 1
             if url not in self._replicas:
-                _, kept = self._departed.pop(url, (now, None))
-                self._replicas[url] = kept or Replica(url)
+                gone = self._departed.pop(url, None)
+                if gone and gone.service == key and gone.pod == unique[url].pod:
+                    self._replicas[url] = gone.replica
+                else:
+                    self._replicas[url] = Replica(url)
         for url in before - unique.keys():
             self._uses[url] -= 1
             if not self._uses[url]:
                 # Requests in flight keep their own reference to the replica.
                 del self._uses[url]
-                self._departed[url] = (now, self._replicas.pop(url))
+                self._departed[url] = _Departed(
+                    now, self._replicas.pop(url), key, previous[url].pod
+                )
 
     def _forget_departed(self, now: float) -> None:
         while self._departed:
-            url, (left, _) = next(iter(self._departed.items()))
-            if now - left < self.DEPARTED_KEEP_S:
+            url, gone = next(iter(self._departed.items()))
+            if now - gone.left < self.DEPARTED_KEEP_S:
                 return
             del self._departed[url]
 

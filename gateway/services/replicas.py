@@ -15,13 +15,16 @@ class Endpoint:
     """One address behind a model's Service, as discovery reports it.
 
     `ready` replicas take new requests; `serving` but `terminating` ones are used
-    only when no replica is ready (they still finish their work).
+    only when no replica is ready (they still finish their work). `pod` is the
+    uid of the pod behind the address when discovery knows it (an IP is reused
+    by another pod soon after its pod is gone).
     """
 
     url: str
     ready: bool = True
     serving: bool = True
     terminating: bool = False
+    pod: str | None = None
 
 
 @dataclass(frozen=True)

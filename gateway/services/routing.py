@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection
 
 from citadel.gateway.errors import NoReplica
-from citadel.gateway.routes import ModelRoute
+from citadel.gateway.routes import ModelRoute, RoutingDocument
 from citadel.gateway.services.catalog import Catalog
 from citadel.gateway.services.replicas import Replica
 from citadel.gateway.services.strategies import RouteRequest, Strategy, make_strategy
@@ -16,10 +17,16 @@ NO_REPLICA_RETRY_S = 5.0
 class Router:
     """Picks a replica for each attempt of a request.
 
+    Each model's strategy keeps its state (a prefix-aware table holds up to
+    200,000 block hashes) while the model keeps its served name and strategy;
+    each document put in force drops the state of the models it no longer has.
+
     Args:
         catalog: the models and their replicas.
         clock: monotonic seconds (for ejection times).
         on_decision: called with (model, strategy, how) after each choice.
+        load_max_age_s: how old a replica's vLLM load report may be and still
+            count for `kv-aware` (see `scraper.report_max_age_s`).
     """
 
     def __init__(
@@ -27,11 +34,21 @@ class Router:
         catalog: Catalog,
         clock: Callable[[], float],
         on_decision: Callable[[str, str, str], None] | None = None,
+        load_max_age_s: float = math.inf,
     ) -> None:
         self._catalog = catalog
         self._clock = clock
+        self._load_max_age_s = load_max_age_s
         self._on_decision = on_decision
         self._strategies: dict[tuple[str, str], Strategy] = {}
+        catalog.on_document(self._forget_gone)
+
+    def _forget_gone(self, doc: RoutingDocument) -> None:
+        """Drops the strategies of models deleted, renamed or switched to
+        another strategy: kept, they would last as long as the process."""
+        live = {(route.served_name, route.strategy.value) for route in doc.models}
+        for key in self._strategies.keys() - live:
+            del self._strategies[key]
 
     def choose(
         self,
@@ -59,7 +76,9 @@ class Router:
         key = (route.served_name, route.strategy.value)
         strategy = self._strategies.get(key)
         if strategy is None:
-            strategy = self._strategies[key] = make_strategy(route.strategy)
+            strategy = self._strategies[key] = make_strategy(
+                route.strategy, self._clock, self._load_max_age_s
+            )
         replica, how = strategy.choose(healthy, request)
         if self._on_decision:
             self._on_decision(route.served_name, route.strategy.value, how)

@@ -1,7 +1,8 @@
 """Reads each replica's vLLM `/metrics` on a short period, for `kv-aware` routing.
 
 Only replicas of models routed `kv-aware` are read. A replica that cannot be read
-keeps its last report; its health is judged by real requests, not by this.
+loses its last report (routed by its requests in flight alone until it answers
+again); its health is judged by real requests, not by this.
 """
 
 from __future__ import annotations
@@ -20,6 +21,15 @@ log = logging.getLogger(__name__)
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+STALE_AFTER_PERIODS = 5
+"""Scrape periods after which a report no longer counts: a scrape may take a
+period and the next one starts a period later, so two periods pass between
+reports in the worst case."""
+
+
+def report_max_age_s(period_s: float) -> float:
+    """How old a load report may be and still count, for a scrape period."""
+    return STALE_AFTER_PERIODS * period_s
 
 
 def parse_vllm_metrics(text: str, now: float) -> LoadReport:
@@ -86,6 +96,11 @@ class MetricsScraper:
             log.debug(
                 "metrics scrape failed", extra={"replica": replica.url, "error": err}
             )
+            replica.load = LoadReport()
             return
         if response.status == 200:
             replica.load = parse_vllm_metrics(text, self._clock())
+        else:
+            # The last figures would be trusted for ever, and the replica whose
+            # /metrics fails is as likely as not the busiest one.
+            replica.load = LoadReport()

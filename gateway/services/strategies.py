@@ -8,8 +8,10 @@ which the routing-decision metric counts.
 
 from __future__ import annotations
 
+import math
+import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -213,13 +215,37 @@ class KvAware(_Turns):
     score = in_flight + running / 2 + 2 x waiting + 4 x kv_cache_usage: queued
     requests weigh most, a nearly full KV cache means evictions and re-computation,
     and this gateway's own requests in flight count at once, between scrapes.
+
+    While a replica has no report, or only one older than `max_age_s` (its
+    /metrics fails, or it is new), the replicas are compared on their
+    requests in flight alone (`least`): figures for some and none for others
+    would make the one that cannot be read, as likely as not the busiest,
+    look idle.
+
+    Args:
+        clock: monotonic seconds, the clock of `LoadReport.scraped_at`.
+        max_age_s: how old a report may be and still count.
     """
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        max_age_s: float = math.inf,
+    ) -> None:
+        super().__init__()
+        self._clock = clock
+        self._max_age_s = max_age_s
 
     def choose(
         self, replicas: Sequence[Replica], request: RouteRequest
     ) -> tuple[Replica, str]:
         start, n = self._turn(), len(replicas)
         ordered = [replicas[(start + i) % n] for i in range(n)]
+        oldest = self._clock() - self._max_age_s
+        for replica in ordered:
+            scraped_at = replica.load.scraped_at
+            if scraped_at is None or scraped_at < oldest:
+                return least_loaded(ordered), "least"
         return min(ordered, key=kv_score), "score"
 
 
@@ -251,13 +277,24 @@ class SessionAffinity:
         return by_url[rendezvous(request.session, list(by_url))], "session"
 
 
-def make_strategy(kind: RoutingStrategy) -> Strategy:
-    """A fresh strategy of the given kind."""
+def make_strategy(
+    kind: RoutingStrategy,
+    clock: Callable[[], float] = time.monotonic,
+    load_max_age_s: float = math.inf,
+) -> Strategy:
+    """A fresh strategy of the given kind.
+
+    Args:
+        kind: the strategy.
+        clock: monotonic seconds (for `kv-aware`).
+        load_max_age_s: how old a load report may be and count (`kv-aware`).
+    """
+    if kind is RoutingStrategy.KV_AWARE:
+        return KvAware(clock, load_max_age_s)
     factories: dict[RoutingStrategy, type[Strategy]] = {
         RoutingStrategy.ROUND_ROBIN: RoundRobin,
         RoutingStrategy.LEAST_LOAD: LeastLoad,
         RoutingStrategy.PREFIX_AWARE: PrefixAware,
-        RoutingStrategy.KV_AWARE: KvAware,
         RoutingStrategy.SESSION_AFFINITY: SessionAffinity,
     }
     return factories[kind]()

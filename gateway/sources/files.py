@@ -9,7 +9,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from citadel.gateway.routes import RoutesError, invalid_fields, read_document
+from citadel.gateway.routes import (
+    RoutesError,
+    RoutingDocument,
+    invalid_fields,
+    read_document,
+)
 from citadel.gateway.services.auth import InMemoryKeyStore, KeyRecord
 from citadel.gateway.services.catalog import Catalog
 from citadel.gateway.services.replicas import Endpoint
@@ -71,17 +76,23 @@ class FileWatcher:
 
 
 def routes_file_source(path: Path, catalog: Catalog, period_s: float) -> FileWatcher:
-    """The routing document from a file; replicas from its `endpoints` lists."""
+    """The routing document from a file; replicas from its `endpoints` lists.
+
+    Replicas belong to a (namespace, service), as in Kubernetes: routes that
+    name the same one must list the same endpoints, or the document is refused.
+    """
 
     def load(data: bytes) -> None:
         try:
-            reading = read_document(data)
+            reading = read_document(data).keeping(catalog.document)
+            check_file_endpoints(reading.document)
         except RoutesError as err:
             catalog.reject_document(err)
             return
         # No await from here on: no request sees the document before its
         # replicas.
-        doc = catalog.take_reading(reading)
+        doc = reading.document
+        catalog.set_document(doc, reading.problems)
         listed = {(route.namespace, route.service) for route in doc.models}
         for namespace, service in catalog.services():
             if (namespace, service) not in listed:  # a route the file dropped
@@ -91,6 +102,27 @@ def routes_file_source(path: Path, catalog: Catalog, period_s: float) -> FileWat
             catalog.set_endpoints(route.namespace, route.service, endpoints)
 
     return FileWatcher(path, load, period_s)
+
+
+def check_file_endpoints(doc: RoutingDocument) -> None:
+    """Checks that routes naming the same (namespace, service) list the same
+    endpoints: the catalog keeps one list per Service, and the last route's
+    would silently serve every model that names it.
+
+    Raises:
+        RoutesError: two routes name one service with different endpoints.
+    """
+    seen: dict[tuple[str, str], tuple[str, frozenset[str]]] = {}
+    for route in doc.models:
+        key, urls = (route.namespace, route.service), frozenset(route.endpoints)
+        first, first_urls = seen.setdefault(key, (route.name, urls))
+        if first_urls != urls:
+            raise RoutesError(
+                f"invalid routing document: models {route.namespace}/{first} and "
+                f"{route.namespace}/{route.name} name the service "
+                f"{route.service!r} with different endpoints; give each its own "
+                "service"
+            )
 
 
 def keys_file_source(

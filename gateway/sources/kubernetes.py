@@ -66,7 +66,10 @@ def slice_endpoints(slice_: Obj) -> list[Endpoint]:
         ready = cond.get("ready") is not False  # unset means ready
         serving = cond.get("serving", ready) is not False
         terminating = cond.get("terminating") is True
-        result.append(Endpoint(f"http://{host}:{port}", ready, serving, terminating))
+        uid = (endpoint.get("targetRef") or {}).get("uid")
+        pod = uid if isinstance(uid, str) and uid else None
+        url = f"http://{host}:{port}"
+        result.append(Endpoint(url, ready, serving, terminating, pod))
     return result
 
 

@@ -139,3 +139,121 @@ async def test_a_watch_keeps_the_connect_timeout() -> None:
             pass
     assert seen[0].sock_connect == client_module.CONNECT_TIMEOUT_S
     assert seen[0].sock_read == client_module.WATCH_SILENCE_S
+
+
+class EmptyWatches:
+    """A server (or a proxy before it) that ends every watch at once, with no
+    event; then, from the `deliver_at`-th watch on, one that delivers an event."""
+
+    def __init__(self, deliver_at: int = 10**9) -> None:
+        self.watches = 0
+        self.deliver_at = deliver_at
+
+    async def list(
+        self, path: str, params: Mapping[str, str] | None = None
+    ) -> tuple[list[dict[str, Any]], str]:
+        return [], "1"
+
+    async def watch(
+        self, path: str, version: str, params: Mapping[str, str] | None = None
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        self.watches += 1
+        await asyncio.sleep(0)  # one round trip, then the server ends it
+        if self.watches == self.deliver_at:
+            yield "ADDED", {"metadata": {"resourceVersion": "2"}}
+
+
+async def _run_watches(api: EmptyWatches, count: int) -> list[float]:
+    """The pauses list_watch takes over `count` watches, with a clock that never
+    moves (each watch ends at once)."""
+    pauses: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        if api.watches >= count:
+            raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        await list_watch(
+            api,  # type: ignore[arg-type]
+            "/x",
+            {},
+            lambda items: None,
+            lambda kind, obj: None,
+            sleep=sleep,
+            clock=lambda: 0.0,
+        )
+    return pauses
+
+
+async def test_watches_ended_at_once_back_off_with_jitter_up_to_a_cap() -> None:
+    """An API server shutting down, or a proxy that closes long-lived streams,
+    ends each watch at once: re-opening it at once spun a CPU and sent tens of
+    thousands of watch requests a second."""
+    pauses = await _run_watches(EmptyWatches(), 12)
+    assert len(pauses) >= 11  # a pause after each empty watch
+    assert all(0 < p <= client_module.WATCH_BACKOFF_MAX_S for p in pauses)
+    assert pauses[0] <= 1.0  # a single empty watch costs little
+    assert pauses[-1] >= client_module.WATCH_BACKOFF_MAX_S / 2
+    assert len(set(pauses)) > 1
+
+
+async def test_a_watch_that_delivers_resets_the_back_off() -> None:
+    pauses = await _run_watches(EmptyWatches(deliver_at=8), 10)
+    # empty watches 1-7 pause ever longer; the 8th delivers (no pause); the
+    # 9th and 10th start again from the shortest pause.
+    assert len(pauses) == 9
+    assert pauses[6] > 4 * pauses[7]
+    assert pauses[7] <= 1.0
+
+
+async def test_a_watch_that_lasted_is_reopened_at_once() -> None:
+    """The server ends each watch after its timeoutSeconds: no pause then."""
+    api = EmptyWatches()
+    now = [0.0]
+    pauses: list[float] = []
+
+    async def watch(
+        path: str, version: str, params: Mapping[str, str] | None = None
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        api.watches += 1
+        if api.watches > 3:
+            raise asyncio.CancelledError
+        now[0] += 300.0
+        return
+        yield
+
+    async def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+
+    api.watch = watch  # type: ignore[method-assign]
+    with pytest.raises(asyncio.CancelledError):
+        await list_watch(
+            api,  # type: ignore[arg-type]
+            "/x",
+            {},
+            lambda items: None,
+            lambda kind, obj: None,
+            sleep=sleep,
+            clock=lambda: now[0],
+        )
+    assert pauses == []
+
+
+async def test_empty_watches_are_not_reopened_in_a_spin() -> None:
+    """The review's measure, with the real sleep: 36,876 watches in 0.2 s."""
+    api = EmptyWatches()
+    task = asyncio.create_task(
+        list_watch(
+            api,  # type: ignore[arg-type]
+            "/x",
+            {},
+            lambda items: None,
+            lambda kind, obj: None,
+        )
+    )
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert api.watches <= 2

@@ -7,7 +7,12 @@ import pytest
 from citadel.gateway.errors import NoReplica
 from citadel.gateway.routes import RoutingDocument
 from citadel.gateway.services.catalog import Catalog
-from citadel.gateway.services.replicas import EjectionPolicy, Endpoint, Replica
+from citadel.gateway.services.replicas import (
+    EjectionPolicy,
+    Endpoint,
+    LoadReport,
+    Replica,
+)
 from citadel.gateway.services.routing import Router
 from citadel.gateway.services.strategies import RouteRequest
 
@@ -105,3 +110,67 @@ def test_replica_state_survives_endpoint_updates() -> None:
     assert catalog.replicas(DOC.models[0])[0] is replica
     catalog.set_endpoints("llm", "m", [Endpoint("http://b")])
     assert [r.url for r in catalog.replicas(DOC.models[0])] == ["http://b"]
+
+
+def _prefix_doc(*served: tuple[str, str]) -> RoutingDocument:
+    """One route per (served name, strategy), all on the Service `m`."""
+    return RoutingDocument.model_validate(
+        {
+            "models": [
+                {
+                    "name": f"m{i}",
+                    "namespace": "llm",
+                    "servedName": name,
+                    "service": "m",
+                    "strategy": strategy,
+                }
+                for i, (name, strategy) in enumerate(served)
+            ]
+        }
+    )
+
+
+def test_a_new_document_drops_the_state_of_models_gone_and_keeps_the_rest() -> None:
+    """A model deleted, renamed or switched to another strategy left its
+    prefix-aware table (up to 200,000 hashes) for the life of the process."""
+    catalog = Catalog()
+    decisions: list[tuple[str, ...]] = []
+    router = Router(catalog, lambda: 0.0, lambda *d: decisions.append(d))
+    catalog.set_endpoints("llm", "m", [Endpoint("http://a"), Endpoint("http://b")])
+    first = _prefix_doc(("stays", "prefix-aware"), ("goes", "prefix-aware"))
+    catalog.set_document(first)
+    prompt = RouteRequest({"prompt": "p" * 2048})
+    for route in first.models:
+        router.choose(route, prompt)
+
+    # `goes` is deleted (and, for good measure, `stays` is re-read unchanged).
+    catalog.set_document(_prefix_doc(("stays", "prefix-aware")))
+    assert len(router._strategies) == 1
+    # A renamed or re-created `goes` starts afresh; `stays` knows its prompt.
+    catalog.set_document(first)
+    decisions.clear()
+    for route in first.models:
+        router.choose(route, prompt)
+    assert decisions == [
+        ("stays", "prefix-aware", "cache"),
+        ("goes", "prefix-aware", "hash"),
+    ]
+    # Switched to another strategy: the prefix-aware table goes too.
+    catalog.set_document(_prefix_doc(("stays", "least-load"), ("goes", "round-robin")))
+    assert router._strategies == {}
+
+
+def test_the_router_passes_the_report_age_to_kv_aware() -> None:
+    kv = _prefix_doc(("m", "kv-aware"))
+    now = [0.0]
+    catalog = Catalog()
+    catalog.set_document(kv)
+    catalog.set_endpoints("llm", "m", [Endpoint("http://a"), Endpoint("http://b")])
+    router = Router(catalog, lambda: now[0], load_max_age_s=10.0)
+    a, b = catalog.replicas(kv.models[0])
+    a.load = LoadReport(running=0, scraped_at=0.0)
+    a.in_flight = 2
+    b.load = LoadReport(running=8, scraped_at=0.0)
+    assert router.choose(kv.models[0], RouteRequest({})) is a
+    now[0] = 11.0  # neither report counts now: in flight alone
+    assert router.choose(kv.models[0], RouteRequest({})) is b

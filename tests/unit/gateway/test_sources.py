@@ -10,12 +10,17 @@ from typing import Any
 import orjson
 import pytest
 
+from citadel.gateway.errors import ModelNotFound
 from citadel.gateway.metrics import GatewayMetrics
-from citadel.gateway.routes import CONFIGMAP_KEY
+from citadel.gateway.routes import CONFIGMAP_KEY, RoutingDocument
 from citadel.gateway.services.auth import InMemoryKeyStore, KeyRecord, hash_key
 from citadel.gateway.services.catalog import Catalog
-from citadel.gateway.services.replicas import Endpoint
-from citadel.gateway.services.scraper import parse_vllm_metrics
+from citadel.gateway.services.replicas import Endpoint, LoadReport
+from citadel.gateway.services.scraper import (
+    MetricsScraper,
+    parse_vllm_metrics,
+    report_max_age_s,
+)
 from citadel.gateway.sources.files import keys_file_source, routes_file_source
 from citadel.gateway.sources.kubernetes import (
     KeySecretsSource,
@@ -24,6 +29,7 @@ from citadel.gateway.sources.kubernetes import (
     key_secret,
     slice_endpoints,
 )
+from citadel.gateway.upstream import UpstreamTimeout
 
 pytestmark = pytest.mark.unit
 
@@ -355,3 +361,140 @@ vllm:bogus{model_name="m"} nan-ish
     report = parse_vllm_metrics(text, 7.0)
     assert (report.running, report.waiting, report.kv_cache_usage) == (4, 2, 0.5)
     assert report.scraped_at == 7.0
+
+
+class _MetricsUpstream:
+    """Answers /metrics per replica URL: text (200), a status, or a failure."""
+
+    def __init__(self) -> None:
+        self.answers: dict[str, str | int | Exception] = {}
+
+    async def request(
+        self, method: str, url: str, timeout_s: float | None = None
+    ) -> Any:
+        answer = self.answers[url.removesuffix("/metrics")]
+        if isinstance(answer, Exception):
+            raise answer
+
+        class Response:
+            status = answer if isinstance(answer, int) else 200
+
+            async def read(self) -> bytes:
+                return answer.encode() if isinstance(answer, str) else b""
+
+        return Response()
+
+
+@pytest.mark.parametrize("failure", [UpstreamTimeout("slow"), 503])
+async def test_a_failed_scrape_drops_the_last_report(
+    failure: Exception | int,
+) -> None:
+    """The last figures were kept for ever: the busiest replica, whose
+    /metrics times out, looked idle to kv-aware."""
+    now = [0.0]
+    route = {
+        "name": "m",
+        "namespace": "llm",
+        "servedName": "m",
+        "service": "m",
+        "strategy": "kv-aware",
+    }
+    catalog = Catalog(clock=lambda: now[0])
+    catalog.set_document(RoutingDocument.model_validate({"models": [route]}))
+    catalog.set_endpoints("llm", "m", [Endpoint("http://a")])
+    upstream = _MetricsUpstream()
+    scraper = MetricsScraper(catalog, upstream, 2.0, lambda: now[0])  # type: ignore[arg-type]
+    upstream.answers["http://a"] = "vllm:num_requests_running 0\n"
+    await scraper.scrape_once()
+    replica = catalog.all_replicas()["http://a"]
+    assert replica.load.scraped_at == 0.0
+    upstream.answers["http://a"] = failure
+    now[0] = 2.0
+    await scraper.scrape_once()
+    assert replica.load == LoadReport()
+    assert report_max_age_s(2.0) == 10.0
+
+
+def _pod_slice(name: str, service: str, *pods: tuple[str, str]) -> dict[str, object]:
+    """A slice whose endpoints name their pods: (ip, pod uid) each."""
+    slice_ = _slice(name, service)
+    slice_["endpoints"] = [
+        {"addresses": [ip], "targetRef": {"kind": "Pod", "uid": uid}}
+        for ip, uid in pods
+    ]
+    return slice_
+
+
+async def test_a_reused_ip_starts_afresh_unless_it_is_the_same_service_and_pod() -> (
+    None
+):
+    """A pod's IP handed within 60 s to a new pod, maybe another model's: the new
+    pod got the old one's ejection, back-off and load."""
+    from citadel.gateway.sources.kubernetes import _SliceView
+
+    now = [0.0]
+    catalog = Catalog(clock=lambda: now[0])
+    view = _SliceView("llm", catalog, {"a", "b"})
+    ip = "http://10.0.0.5:8000"
+    view.sync([_pod_slice("a-1", "a", ("10.0.0.5", "pod-1"))])
+    old = catalog.all_replicas()[ip]
+    old.ejected_until, old.ejections_in_row = 40.0, 3
+    old.load = LoadReport(waiting=500, scraped_at=0.0)
+
+    view.event("DELETED", _slice("a-1", "a"))  # pod-1 is deleted
+    now[0] = 4.0
+    # Its IP goes to a pod of another model's Service.
+    view.event("ADDED", _pod_slice("b-1", "b", ("10.0.0.5", "pod-2")))
+    new = catalog.all_replicas()[ip]
+    assert new is not old and new.available(now[0]) and new.load == LoadReport()
+
+    view.event("DELETED", _slice("b-1", "b"))
+    now[0] = 8.0
+    # Back in the Service it left, but another pod: afresh too.
+    view.event("ADDED", _pod_slice("b-2", "b", ("10.0.0.5", "pod-3")))
+    assert catalog.all_replicas()[ip] is not new
+
+    newer = catalog.all_replicas()[ip]
+    view.event("DELETED", _slice("b-2", "b"))
+    now[0] = 9.0
+    # The same pod in the same Service (moved to another slice): kept.
+    view.event("ADDED", _pod_slice("b-3", "b", ("10.0.0.5", "pod-3")))
+    assert catalog.all_replicas()[ip] is newer
+
+
+def test_endpoint_slices_name_the_pod_behind_each_address() -> None:
+    slice_ = _pod_slice("m-1", "m", ("10.0.0.1", "uid-1"))
+    slice_["endpoints"].append({"addresses": ["10.0.0.2"]})  # type: ignore[attr-defined]
+    assert [e.pod for e in slice_endpoints(slice_)] == ["uid-1", None]
+
+
+def test_a_routes_file_naming_one_service_with_two_endpoint_lists_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both models were silently routed to the second one's endpoints."""
+    results: list[str] = []
+    catalog = Catalog(results.append)
+    path = tmp_path / "routes.json"
+    llama = {**json.loads(doc("llama", ("http://127.0.0.1:8001",)))["models"][0]}
+    path.write_text(json.dumps({"models": [llama]}))
+    watcher = routes_file_source(path, catalog, 1.0)
+    watcher.check()
+    qwen = {**llama, "name": "q", "servedName": "qwen"}
+    # One server for both (one vLLM with two LoRA adapters): fine.
+    path.write_text(json.dumps({"models": [llama, qwen]}))
+    watcher.check()
+    assert catalog.resolve("qwen").service == "m"
+    qwen["endpoints"] = ["http://127.0.0.1:8002"]
+    path.write_text(json.dumps({"models": [llama, {**qwen, "servedName": "qwen2"}]}))
+    watcher.check()
+    assert results == ["ok", "ok", "invalid"]
+    [error] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "name the service 'm' with different endpoints" in str(
+        error.error  # type: ignore[attr-defined]
+    )
+    # The last good document stays, with each model on its own endpoints.
+    assert [r.url for r in catalog.replicas(catalog.resolve("llama"))] == [
+        "http://127.0.0.1:8001"
+    ]
+    with pytest.raises(ModelNotFound):
+        catalog.resolve("qwen2")

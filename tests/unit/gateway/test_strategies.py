@@ -176,9 +176,9 @@ def test_prefix_table_is_bounded() -> None:
 
 def test_kv_aware_prefers_idle_cache_and_short_queue() -> None:
     replicas, strategy = pool(), KvAware()
-    replicas[0].load = LoadReport(running=2, waiting=3, kv_cache_usage=0.9)
-    replicas[1].load = LoadReport(running=2, waiting=0, kv_cache_usage=0.2)
-    replicas[2].load = LoadReport(running=1, waiting=0, kv_cache_usage=0.95)
+    replicas[0].load = LoadReport(2, waiting=3, kv_cache_usage=0.9, scraped_at=0)
+    replicas[1].load = LoadReport(2, waiting=0, kv_cache_usage=0.2, scraped_at=0)
+    replicas[2].load = LoadReport(1, waiting=0, kv_cache_usage=0.95, scraped_at=0)
     assert strategy.choose(replicas, chat("x"))[0] is replicas[1]
 
 
@@ -243,3 +243,21 @@ def test_prompt_text_reads_chat_completion_and_embedding_bodies() -> None:
 def test_rendezvous_is_stable() -> None:
     urls = [f"http://h{i}" for i in range(5)]
     assert rendezvous("k", urls) == rendezvous("k", list(reversed(urls)))
+
+
+def test_kv_aware_uses_in_flight_alone_while_a_report_is_stale_or_missing() -> None:
+    """A replica whose /metrics stopped answering kept its last, low figures for
+    ever: the busiest replica looked idle and took every request."""
+    now = [100.0]
+    replicas, strategy = pool(2), KvAware(lambda: now[0], max_age_s=10.0)
+    busy, other = replicas
+    busy.load = LoadReport(running=0, waiting=0, scraped_at=50.0)  # stale
+    busy.in_flight = 3
+    other.load = LoadReport(running=8, waiting=0, scraped_at=99.0)
+    other.in_flight = 1
+    picks = [strategy.choose(replicas, chat("x")) for _ in range(4)]
+    assert picks == [(other, "least")] * 4
+    busy.load = LoadReport()  # what a failed scrape leaves: no report at all
+    assert strategy.choose(replicas, chat("x")) == (other, "least")
+    busy.load = LoadReport(running=0, waiting=0, scraped_at=95.0)  # fresh again
+    assert strategy.choose(replicas, chat("x")) == (busy, "score")
