@@ -81,11 +81,22 @@ def test_session_affinity_by_header(three: dict[str, Any]) -> None:
 
 def test_kv_aware_reads_replica_metrics(three: dict[str, Any]) -> None:
     client, gateway = three["client"], three["gateway"]
+
+    def scored() -> float:
+        return gateway.metric(
+            'citadel_gateway_routing_decisions_total{kind="score",model="kv"'
+        )
+
+    # Until every replica's /metrics has been read once, kv-aware compares
+    # requests in flight alone (decisions `least`): wait for the first scrape.
+    deadline = time.monotonic() + 15
+    while not scored() and time.monotonic() < deadline:
+        replica_of(client, "kv")
+        time.sleep(0.2)
+    before = scored()
+    assert before, "no kv-aware decision by score within 15 s"
     assert {replica_of(client, "kv") for _ in range(6)} <= set("abc")
-    decisions = gateway.metric(
-        'citadel_gateway_routing_decisions_total{kind="score",model="kv"'
-    )
-    assert decisions == 6
+    assert scored() - before == 6
 
 
 def test_dead_replica_is_ejected_and_requests_fail_over(
