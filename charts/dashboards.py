@@ -21,7 +21,9 @@ DS = {"type": "prometheus", "uid": "${datasource}"}
 GW = 'namespace=~"$namespace"'
 GW_MODEL = f'{GW}, model=~"$model"'
 GW_KEY = f'{GW}, model=~"$model", key=~"$key"'
-VLLM = 'model_name=~"$model"'
+# Citadel's model pods only (the label each model's PodMonitor adds), as the
+# alerts select: not every vLLM the Prometheus scrapes.
+VLLM = 'citadel_ai_model!="", model_name=~"$model"'
 RI = "$__rate_interval"
 
 Panel = dict[str, Any]

@@ -272,6 +272,18 @@ def test_model_alerts_read_only_citadels_model_pods(
             assert scope in selector, (rule["alert"], selector)
 
 
+def test_vllm_panels_read_only_citadels_model_pods() -> None:
+    """As the alerts: a vLLM that the same Prometheus scrapes outside Citadel
+    stays off the dashboards."""
+    scoped = [e for e in dashboard_exprs() if "vllm:" in e]
+    assert scoped
+    for expr in scoped:
+        selectors = re.findall(r"vllm:\w+\{([^{}]*)\}", expr)
+        assert selectors, expr
+        for selector in selectors:
+            assert f'{names.MODEL_TARGET_LABEL}!=""' in selector, expr
+
+
 # A sum straight over the operator's model series: every operator replica exports
 # them, and one that stood down for a peer keeps its series a while.
 _SUMMED_OVER_REPLICAS = re.compile(
