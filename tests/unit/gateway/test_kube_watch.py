@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -163,9 +163,11 @@ class EmptyWatches:
             yield "ADDED", {"metadata": {"resourceVersion": "2"}}
 
 
-async def _run_watches(api: EmptyWatches, count: int) -> list[float]:
-    """The pauses list_watch takes over `count` watches, with a clock that never
-    moves (each watch ends at once)."""
+async def _run_watches(
+    api: EmptyWatches, count: int, clock: Callable[[], float] = lambda: 0.0
+) -> list[float]:
+    """The pauses list_watch takes over `count` watches; by default with a clock
+    that never moves (each watch ends at once)."""
     pauses: list[float] = []
 
     async def sleep(seconds: float) -> None:
@@ -181,7 +183,7 @@ async def _run_watches(api: EmptyWatches, count: int) -> list[float]:
             lambda items: None,
             lambda kind, obj: None,
             sleep=sleep,
-            clock=lambda: 0.0,
+            clock=clock,
         )
     return pauses
 
@@ -207,36 +209,28 @@ async def test_a_watch_that_delivers_resets_the_back_off() -> None:
     assert pauses[7] <= 1.0
 
 
-async def test_a_watch_that_lasted_is_reopened_at_once() -> None:
-    """The server ends each watch after its timeoutSeconds: no pause then."""
-    api = EmptyWatches()
-    now = [0.0]
-    pauses: list[float] = []
+class LastingWatches(EmptyWatches):
+    """Each watch lasts 300 s (the server's timeoutSeconds), with no event."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
 
     async def watch(
-        path: str, version: str, params: Mapping[str, str] | None = None
+        self, path: str, version: str, params: Mapping[str, str] | None = None
     ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        api.watches += 1
-        if api.watches > 3:
+        self.watches += 1
+        if self.watches > 3:
             raise asyncio.CancelledError
-        now[0] += 300.0
+        self.now += 300.0
         return
         yield
 
-    async def sleep(seconds: float) -> None:
-        pauses.append(seconds)
 
-    api.watch = watch  # type: ignore[method-assign]
-    with pytest.raises(asyncio.CancelledError):
-        await list_watch(
-            api,  # type: ignore[arg-type]
-            "/x",
-            {},
-            lambda items: None,
-            lambda kind, obj: None,
-            sleep=sleep,
-            clock=lambda: now[0],
-        )
+async def test_a_watch_that_lasted_is_reopened_at_once() -> None:
+    """The server ends each watch after its timeoutSeconds: no pause then."""
+    api = LastingWatches()
+    pauses = await _run_watches(api, 10**9, clock=lambda: api.now)
     assert pauses == []
 
 
