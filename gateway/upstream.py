@@ -121,9 +121,11 @@ read again once the relay has taken them."""
 _STALE_WITHIN_S = 0.1
 """How soon after the write a reused connection's close, with no response byte,
 still counts as the replica having closed it while idle (its FIN crossed the
-request): that close comes back within a round trip, under a millisecond on a pod
-network, plus however late a busy event loop runs the callback (tens of ms at
-worst). A replica that read the request and worked on it (parsed, queued,
+request): that close comes back within a round trip plus however late the event
+loop runs the callback. Neither was measured on a pod network; on this machine,
+under the multi-round QA benchmark's load, the gateway's loop ran a 1 ms timer
+at most 7 ms late (a scratch lag monitor, 2026-12-06), so 100 ms leaves a wide
+margin. A replica that read the request and worked on it (parsed, queued,
 prefilled) before it died is slower than that. A bound too low sends a stale
 connection's request to another replica rather than the same one on a new
 connection (a lost prefix cache; a 502 for a model with one replica); one too
