@@ -2,8 +2,9 @@
 
 Objects are plain dicts as the API returns them. `list_watch` keeps a view in sync:
 it lists, then watches from the list's resourceVersion, resumes from the last one
-seen after a dropped connection, lists again when the server answers 410 Gone, and
-backs off when watches end at once without an event.
+seen after a dropped connection, lists again (after a short, jittered pause that
+grows while it repeats) when the server answers 410 Gone, and backs off when
+watches end at once without an event.
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ WATCH_BACKOFF_BASE_S = 0.5
 """The pause after one empty watch; it doubles with each empty watch in a row."""
 WATCH_BACKOFF_MAX_S = 30.0
 """The longest pause between empty watches."""
+RELIST_BACKOFF_BASE_S = 1.0
+"""The longest pause before listing again after the first 410 in a row; it
+doubles with each one in a row. The pause itself is drawn from zero to it."""
+RELIST_BACKOFF_MAX_S = 30.0
+"""The longest pause before listing again."""
 
 
 class KubeClient:
@@ -202,6 +208,7 @@ async def list_watch(
     retry_s: float = 2.0,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     clock: Callable[[], float] = time.monotonic,
+    jitter: Callable[[float, float], float] = random.uniform,
 ) -> None:
     """Keeps a view in sync until cancelled: `on_sync` with the full list after
     each (re-)list, `on_event` with each change after it.
@@ -215,9 +222,11 @@ async def list_watch(
         retry_s: the pause after a failed list or watch.
         sleep: how to pause (injected by tests).
         clock: monotonic seconds, to tell a watch that ended at once.
+        jitter: a number between its two arguments (injected by tests).
     """
     version: str | None = None
     empty_in_row = 0
+    relists_in_row = 0
     while True:
         try:
             if version is None:
@@ -226,26 +235,42 @@ async def list_watch(
             started, delivered = clock(), False
             async for kind, obj in client.watch(path, version, params):
                 delivered = True
+                relists_in_row = 0  # in sync again: a later 410 is a first one
                 version = obj.get("metadata", {}).get("resourceVersion", version)
                 if kind != "BOOKMARK":
                     await _maybe_await(on_event(kind, obj))
             if delivered or clock() - started >= WATCH_QUICK_S:
-                empty_in_row = 0
+                empty_in_row = relists_in_row = 0
                 continue
             # An API server shutting down, or a proxy that closes long-lived
             # streams, ends each watch at once: re-opened at once, every
             # gateway spins a CPU and floods the API server. The jitter keeps
             # the gateways' watches from coming back all together.
             empty_in_row += 1
-            pause = watch_backoff_s(empty_in_row) * random.uniform(0.5, 1.0)
+            pause = watch_backoff_s(empty_in_row) * jitter(0.5, 1.0)
             log.warning(
                 "watch ended at once without an event; pausing",
                 extra={"path": path, "empty_in_row": empty_in_row, "pause_s": pause},
             )
             await sleep(pause)
         except WatchExpired:
-            log.info("watch expired; listing again", extra={"path": path})
+            # A compaction or an API server's restart expires the watches of
+            # every gateway replica, of every kind, together: listed again at
+            # once, they all hit the API server (and etcd: the list is a
+            # quorum read) in the same instant. A pause drawn from zero spreads
+            # them; repeated, it grows.
+            relists_in_row += 1
+            pause = jitter(0.0, relist_backoff_s(relists_in_row))
+            log.info(
+                "watch expired; listing again",
+                extra={
+                    "path": path,
+                    "relists_in_row": relists_in_row,
+                    "pause_s": pause,
+                },
+            )
             version = None
+            await sleep(pause)
         except (aiohttp.ClientError, TimeoutError, KubeApiError, ValueError) as err:
             # ValueError: a line that is not JSON, or past the read buffer.
             log.warning("watch failed; retrying", extra={"path": path, "error": err})
@@ -256,6 +281,13 @@ def watch_backoff_s(empty_in_row: int) -> float:
     """The longest pause after `empty_in_row` (1 or more) empty watches in a row."""
     exponent = min(empty_in_row - 1, 16)  # past the cap long before: no overflow
     return min(WATCH_BACKOFF_MAX_S, WATCH_BACKOFF_BASE_S * 2.0**exponent)
+
+
+def relist_backoff_s(relists_in_row: int) -> float:
+    """The longest pause before the `relists_in_row`-th (1 or more) list in a
+    row that a 410 asked for."""
+    exponent = min(relists_in_row - 1, 16)  # past the cap long before: no overflow
+    return min(RELIST_BACKOFF_MAX_S, RELIST_BACKOFF_BASE_S * 2.0**exponent)
 
 
 async def _maybe_await(value: Awaitable[None] | None) -> None:

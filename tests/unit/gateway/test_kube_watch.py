@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -63,6 +64,7 @@ async def test_resumes_after_a_drop_and_relists_after_gone() -> None:
             lambda items: synced.append([i["metadata"]["name"] for i in items]),
             lambda kind, obj: events.append((kind, obj["metadata"]["resourceVersion"])),
             retry_s=0,
+            jitter=lambda low, high: low,  # no pause before the list after 410
         )
     )
     while api.lists < 2 or len(api.watched_from) < 5:
@@ -251,3 +253,94 @@ async def test_empty_watches_are_not_reopened_in_a_spin() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert api.watches <= 2
+
+
+class ScriptedWatches:
+    """Each watch plays one step of a script, then the run ends: an exception
+    is raised at once, a list of event types is delivered. Lists, watches and
+    pauses are logged in order."""
+
+    def __init__(self, script: list[Exception | list[str]]) -> None:
+        self.script = script
+        self.log: list[str] = []
+        self.lists = 0
+        self.list_params: list[Mapping[str, str] | None] = []
+
+    async def list(
+        self, path: str, params: Mapping[str, str] | None = None
+    ) -> tuple[list[dict[str, Any]], str]:
+        self.lists += 1
+        self.list_params.append(params)
+        self.log.append("list")
+        return [], str(self.lists)
+
+    async def watch(
+        self, path: str, version: str, params: Mapping[str, str] | None = None
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        self.log.append(f"watch {version}")
+        if not self.script:
+            raise asyncio.CancelledError  # the end of the run
+        step = self.script.pop(0)
+        if isinstance(step, Exception):
+            raise step
+        for kind in step:
+            yield kind, {"metadata": {"resourceVersion": version + "+"}}
+
+    async def sleep(self, seconds: float) -> None:
+        self.log.append(f"sleep {seconds:g}")
+
+
+async def _run_script(
+    api: ScriptedWatches,
+    jitter: Callable[[float, float], float] = lambda low, high: high,
+) -> None:
+    with pytest.raises(asyncio.CancelledError):
+        await list_watch(
+            api,  # type: ignore[arg-type]
+            "/x",
+            {"labelSelector": "a"},
+            lambda items: None,
+            lambda kind, obj: None,
+            sleep=api.sleep,
+            jitter=jitter,
+        )
+
+
+def gone() -> WatchExpired:
+    return WatchExpired(410, "too old resource version: 1 (5)")
+
+
+async def test_a_relist_after_gone_waits_a_pause_that_grows_while_it_repeats() -> None:
+    """A compaction or an API server's restart expires every replica's watches
+    of every kind together: all listed again in the same instant."""
+    drawn: list[tuple[float, float]] = []
+
+    def jitter(low: float, high: float) -> float:
+        drawn.append((low, high))
+        return high
+
+    api = ScriptedWatches([gone() for _ in range(7)])
+    await _run_script(api, jitter)
+    # No pause before the first list; then one before each list again.
+    assert api.log[:3] == ["list", "watch 1", "sleep 1"]
+    pauses = [float(entry.split()[1]) for entry in api.log if entry[0] == "s"]
+    assert pauses == [1, 2, 4, 8, 16, 30, 30]
+    assert api.log[-3:] == ["sleep 30", "list", "watch 8"]
+    # Each pause is drawn from zero up: the replicas' lists spread out.
+    assert {low for low, _ in drawn} == {0.0}
+
+
+async def test_a_first_relist_is_quick_with_the_real_jitter() -> None:
+    api = ScriptedWatches([gone()])
+    await _run_script(api, random.uniform)
+    assert api.log[:2] == ["list", "watch 1"]
+    assert api.log[2].startswith("sleep ")
+    assert 0 <= float(api.log[2].split()[1]) <= 1.0
+    assert api.log[3:] == ["list", "watch 2"]
+
+
+async def test_a_watch_that_delivers_resets_the_relist_pause() -> None:
+    api = ScriptedWatches([gone(), gone(), ["BOOKMARK"], gone()])
+    await _run_script(api)
+    pauses = [entry for entry in api.log if entry.startswith("sleep")]
+    assert pauses == ["sleep 1", "sleep 2", "sleep 1"]
