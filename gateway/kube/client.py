@@ -3,8 +3,8 @@
 Objects are plain dicts as the API returns them. `list_watch` keeps a view in sync:
 it lists, then watches from the list's resourceVersion, resumes from the last one
 seen after a dropped connection, lists again (after a short, jittered pause that
-grows while it repeats) when the server answers 410 Gone, and backs off when
-watches end at once without an event.
+grows while it repeats) when the server answers 410 Gone or has not seen the version
+yet, and backs off when watches end at once without an event.
 """
 
 from __future__ import annotations
@@ -38,6 +38,18 @@ class WatchExpired(KubeApiError):
     """410 Gone: the resourceVersion is too old; list again."""
 
 
+class ResourceVersionTooLarge(KubeApiError):
+    """504 Timeout, "Too large resource version": the API server has not seen
+    the resourceVersion yet (it lags behind etcd, e.g. the one a connection
+    failed over to); list again from etcd rather than wait for it."""
+
+
+TOO_LARGE_CAUSE = "ResourceVersionTooLarge"
+"""The Status cause an API server gives a version it has not seen yet."""
+TOO_LARGE_MESSAGE = "Too large resource version"
+"""What API servers 1.17.0 to 1.18.5, which gave no cause, said instead."""
+
+
 def configmaps(namespace: str) -> str:
     return f"/api/v1/namespaces/{namespace}/configmaps"
 
@@ -63,8 +75,9 @@ WATCH_BACKOFF_BASE_S = 0.5
 WATCH_BACKOFF_MAX_S = 30.0
 """The longest pause between empty watches."""
 RELIST_BACKOFF_BASE_S = 1.0
-"""The longest pause before listing again after the first 410 in a row; it
-doubles with each one in a row. The pause itself is drawn from zero to it."""
+"""The longest pause before listing again after the first 410 (or version too
+large) in a row; it doubles with each one in a row. The pause itself is drawn
+from zero to it."""
 RELIST_BACKOFF_MAX_S = 30.0
 """The longest pause before listing again."""
 
@@ -154,6 +167,8 @@ class KubeClient:
 
         Raises:
             WatchExpired: the version is too old (list again).
+            ResourceVersionTooLarge: the server has not seen the version yet
+                (list again).
         """
         if self._session is None:
             raise RuntimeError("KubeClient.start() was not called")
@@ -191,12 +206,30 @@ class KubeClient:
 
 def _api_error(status: int, payload: bytes) -> KubeApiError:
     try:
-        message = str(orjson.loads(payload).get("message", payload[:200]))
+        answer = orjson.loads(payload)
+        message = str(answer.get("message", payload[:200]))
     except (orjson.JSONDecodeError, AttributeError):
-        message = payload[:200].decode(errors="replace")
+        answer, message = {}, payload[:200].decode(errors="replace")
     if status == 410:
         return WatchExpired(status, message)
+    if _too_large(answer):
+        return ResourceVersionTooLarge(status, message)
     return KubeApiError(status, message)
+
+
+def _too_large(status: Obj) -> bool:
+    """Whether a Status says the resourceVersion asked for is one the server
+    has not seen yet (read as client-go's reflector reads it)."""
+    details = status.get("details")
+    found = details.get("causes") if isinstance(details, dict) else None
+    causes = [c for c in found or () if isinstance(c, dict)]
+    if any(cause.get("reason") == TOO_LARGE_CAUSE for cause in causes):
+        return True
+    if status.get("reason") != "Timeout":
+        return False
+    return TOO_LARGE_MESSAGE in str(status.get("message", "")) or any(
+        cause.get("message") == TOO_LARGE_MESSAGE for cause in causes
+    )
 
 
 async def list_watch(
@@ -253,18 +286,22 @@ async def list_watch(
                 extra={"path": path, "empty_in_row": empty_in_row, "pause_s": pause},
             )
             await sleep(pause)
-        except WatchExpired:
+        except (WatchExpired, ResourceVersionTooLarge) as err:
             # A compaction or an API server's restart expires the watches of
             # every gateway replica, of every kind, together: listed again at
             # once, they all hit the API server (and etcd: the list is a
             # quorum read) in the same instant. A pause drawn from zero spreads
-            # them; repeated, it grows.
+            # them; repeated, it grows. A version too large (an API server
+            # behind etcd) is not waited out either: the list, from etcd,
+            # gives a version to watch from, as client-go's reflector does.
             relists_in_row += 1
             pause = jitter(0.0, relist_backoff_s(relists_in_row))
+            why = "expired" if isinstance(err, WatchExpired) else "version too large"
             log.info(
-                "watch expired; listing again",
+                "watch version unusable; listing again",
                 extra={
                     "path": path,
+                    "reason": why,
                     "relists_in_row": relists_in_row,
                     "pause_s": pause,
                 },
@@ -285,7 +322,7 @@ def watch_backoff_s(empty_in_row: int) -> float:
 
 def relist_backoff_s(relists_in_row: int) -> float:
     """The longest pause before the `relists_in_row`-th (1 or more) list in a
-    row that a 410 asked for."""
+    row that a 410 or a version too large asked for."""
     exponent = min(relists_in_row - 1, 16)  # past the cap long before: no overflow
     return min(RELIST_BACKOFF_MAX_S, RELIST_BACKOFF_BASE_S * 2.0**exponent)
 

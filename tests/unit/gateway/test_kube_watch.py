@@ -1,4 +1,5 @@
-"""list_watch: resume from the last version, list again after 410 Gone."""
+"""list_watch: resume from the last version, list again after 410 Gone or a
+version the API server has not seen yet."""
 
 from __future__ import annotations
 
@@ -8,10 +9,17 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from citadel.gateway.kube import client as client_module
-from citadel.gateway.kube.client import KubeClient, WatchExpired, list_watch
+from citadel.gateway.kube.client import (
+    KubeApiError,
+    KubeClient,
+    ResourceVersionTooLarge,
+    WatchExpired,
+    list_watch,
+)
 from citadel.gateway.kube.config import KubeConfig
 
 pytestmark = pytest.mark.unit
@@ -255,6 +263,26 @@ async def test_empty_watches_are_not_reopened_in_a_spin() -> None:
     assert api.watches <= 2
 
 
+TOO_LARGE_STATUS = {
+    "kind": "Status",
+    "apiVersion": "v1",
+    "metadata": {},
+    "status": "Failure",
+    "message": "Timeout: Too large resource version: 120, current: 100",
+    "reason": "Timeout",
+    "details": {
+        "causes": [
+            {
+                "reason": "ResourceVersionTooLarge",
+                "message": "Too large resource version",
+            }
+        ],
+        "retryAfterSeconds": 1,
+    },
+    "code": 504,
+}
+
+
 class ScriptedWatches:
     """Each watch plays one step of a script, then the run ends: an exception
     is raised at once, a list of event types is delivered. Lists, watches and
@@ -344,3 +372,90 @@ async def test_a_watch_that_delivers_resets_the_relist_pause() -> None:
     await _run_script(api)
     pauses = [entry for entry in api.log if entry.startswith("sleep")]
     assert pauses == ["sleep 1", "sleep 2", "sleep 1"]
+
+
+async def test_a_version_the_api_server_has_not_seen_lists_again() -> None:
+    """An API server behind etcd (one a connection failed over to) answers 504
+    "Too large resource version" for a version it has not seen yet: the watch
+    was retried with that version for as long as the server lagged."""
+    too_large = client_module._api_error(504, orjson.dumps(TOO_LARGE_STATUS))
+    api = ScriptedWatches([too_large, too_large])
+    await _run_script(api)
+    assert api.log == [
+        "list",
+        "watch 1",
+        "sleep 1",
+        "list",
+        "watch 2",
+        "sleep 2",
+        "list",
+        "watch 3",
+    ]
+    # The list asks for no version: the freshest, from etcd, not the cache.
+    assert all("resourceVersion" not in (p or {}) for p in api.list_params)
+
+
+@pytest.mark.parametrize(
+    "status",
+    [
+        TOO_LARGE_STATUS,
+        # API servers 1.17.0 to 1.18.5 gave the cause without its reason.
+        {
+            **TOO_LARGE_STATUS,
+            "details": {"causes": [{"message": "Too large resource version"}]},
+        },
+        {**TOO_LARGE_STATUS, "details": {}},
+    ],
+)
+def test_too_large_resource_version_is_told_apart(status: dict[str, Any]) -> None:
+    error = client_module._api_error(504, orjson.dumps(status))
+    assert isinstance(error, ResourceVersionTooLarge)
+
+
+@pytest.mark.parametrize(
+    "status",
+    [
+        # A proxy's own 504, or a server that timed out for another reason.
+        {"kind": "Status", "reason": "Timeout", "message": "request timed out"},
+        {"message": "upstream timed out"},
+    ],
+)
+def test_other_timeouts_are_plain_api_errors(status: dict[str, Any]) -> None:
+    error = client_module._api_error(504, orjson.dumps(status))
+    assert type(error) is KubeApiError
+    assert type(client_module._api_error(504, b"<html>")) is KubeApiError
+
+
+async def test_the_client_raises_too_large_from_an_answer_and_an_event() -> None:
+    """The watch cache answers a version it has not seen with an ERROR event
+    in a 200 stream; other paths answer with the HTTP status."""
+    body = orjson.dumps(TOO_LARGE_STATUS)
+    event = orjson.dumps({"type": "ERROR", "object": TOO_LARGE_STATUS}) + b"\n"
+    answers = [
+        b"HTTP/1.1 504 Gateway Timeout\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(body), body),
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(event), event),
+    ]
+
+    async def handle(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answers.pop(0))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    kube = KubeClient(KubeConfig(server=f"http://127.0.0.1:{port}"))
+    await kube.start()
+    try:
+        for _ in range(2):
+            with pytest.raises(ResourceVersionTooLarge):
+                async for _ in kube.watch("/api/v1/namespaces/x/configmaps", "120"):
+                    pass
+    finally:
+        await kube.close()
+        server.close()
+        await server.wait_closed()
