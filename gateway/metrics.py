@@ -132,7 +132,8 @@ class GatewayMetrics:
         self.config_reloads = Counter(
             PREFIX + "config_reloads",
             "Routing documents offered, by result: ok; partial (some routes left "
-            "out or read differently); invalid (refused, the last good one stays).",
+            "out or read differently); invalid (refused, the last good one stays); "
+            "missing (its ConfigMap deleted, the last good one stays).",
             [LABEL_STATUS],
             registry=r,
         )
@@ -141,13 +142,15 @@ class GatewayMetrics:
         self.config_last_reload_ok = Gauge(
             PREFIX + "config_last_reload_successful",
             "1 when the last routing document offered was used in full (or none "
-            "was offered yet); 0 when it was refused or partly left out.",
+            "was offered yet); 0 when it was refused or partly left out, or its "
+            "ConfigMap deleted.",
             registry=r,
         )
         self.config_last_reload_ok.set(1)
 
     def reloaded(self, result: str) -> None:
-        """Counts one routing document offered (ok, partial or invalid)."""
+        """Counts one routing document offered (ok, partial or invalid), or
+        its source gone (missing)."""
         self.config_reloads.labels(result).inc()
         self.config_last_reload_ok.set(1 if result == "ok" else 0)
 

@@ -3,7 +3,7 @@
 Discovery sources push into it (`set_document`, `set_endpoints`); requests read from
 it. Swapping a document replaces immutable lookups in one assignment, so requests in
 flight keep the route they resolved and none is dropped. An invalid document is
-logged and the last good one stays.
+logged and the last good one stays; so does the document whose source is gone.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class Catalog:
 
     Args:
         on_reload: called with "ok", "partial" or "invalid" after each document
-            offered.
+            offered, and with "missing" when the document's source is gone.
         clock: monotonic seconds, for how long a departed replica is kept.
     """
 
@@ -125,6 +125,16 @@ class Catalog:
         )
         if self._on_reload:
             self._on_reload("invalid")
+
+    def lose_document(self, why: str) -> None:
+        """Records that the routing document's source is gone (its ConfigMap
+        deleted); the document in force stays, and so does readiness."""
+        log.warning(
+            "routing document gone; keeping the last good one",
+            extra={"error": why, "loaded": self.loaded},
+        )
+        if self._on_reload:
+            self._on_reload("missing")
 
     def set_endpoints(
         self, namespace: str, service: str, endpoints: Sequence[Endpoint]

@@ -2,7 +2,7 @@
 
 - The `citadel-routes` ConfigMap in the gateway's namespace holds the routing
   document (key `routes.json`); a deleted or invalid one leaves the last good one in
-  force.
+  force (a deleted one counts as a reload that is `missing`).
 - EndpointSlices (discovery.k8s.io/v1, label `kubernetes.io/service-name`) of every
   namespace the document names give each Service's pod addresses with their ready,
   serving and terminating conditions.
@@ -176,12 +176,22 @@ class RoutesWatchSource:
     def _sync(self, items: list[Obj]) -> None:
         for item in items:
             self._load(item)
+        if not items and self._catalog.loaded:
+            # Deleted while the watch was down: seen only in the list after.
+            self._lost()
 
     def _event(self, kind: str, obj: Obj) -> None:
         if kind == "DELETED":
-            log.warning("routes ConfigMap deleted; keeping the last good document")
+            self._lost()
             return
         self._load(obj)
+
+    def _lost(self) -> None:
+        # Routes and replicas stay current to the last document: the operator
+        # writes it again (at the latest at its periodic resync), and every
+        # gateway turning unready, or dropping its routes, meanwhile would take
+        # the whole API down. The reload gauge drops, for the alert.
+        self._catalog.lose_document(f"routes ConfigMap deleted: {CONFIGMAP_NAME}")
 
     def _load(self, configmap: Obj) -> None:
         raw = (configmap.get("data") or {}).get(CONFIGMAP_KEY)

@@ -498,3 +498,75 @@ def test_a_routes_file_naming_one_service_with_two_endpoint_lists_is_refused(
     ]
     with pytest.raises(ModelNotFound):
         catalog.resolve("qwen2")
+
+
+def _routes_configmap(served: str) -> dict[str, object]:
+    return {
+        "metadata": {"name": "citadel-routes", "resourceVersion": "7"},
+        "data": {CONFIGMAP_KEY: doc(served, ())},
+    }
+
+
+def _stop_slice_watches(source: RoutesWatchSource) -> None:
+    for task in source._slice_watches.values():
+        task.cancel()
+
+
+async def test_a_deleted_routes_configmap_keeps_the_document_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The last document stays in force, and the gateway ready (every gateway
+    turning unready would take the whole API down): the log and the reload
+    gauge, which CitadelGatewayRoutesNotApplied reads, say it is gone."""
+    metrics = GatewayMetrics()
+    sample = metrics.registry.get_sample_value
+    last = "citadel_gateway_config_last_reload_successful"
+    catalog = Catalog(metrics.reloaded)
+    source = RoutesWatchSource(None, "citadel-system", catalog)  # type: ignore[arg-type]
+    try:
+        source._sync([_routes_configmap("m")])
+        route = catalog.resolve("m")
+        assert sample(last) == 1
+        source._event("DELETED", _routes_configmap("m"))
+        assert catalog.resolve("m") is route
+        assert catalog.loaded  # /readyz stays 200
+        assert sample(last) == 0
+        assert sample("citadel_gateway_config_reloads_total", {"status": "missing"})
+        [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
+        assert "gone; keeping the last good one" in warning.getMessage()
+        assert "ConfigMap deleted" in warning.error  # type: ignore[attr-defined]
+        source._event("ADDED", _routes_configmap("m"))  # the operator writes it
+        assert sample(last) == 1
+    finally:
+        _stop_slice_watches(source)
+
+
+async def test_a_routes_configmap_gone_from_a_new_list_counts_as_deleted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Deleted while the watch was down, it is seen only in the list after a
+    410: that was silent."""
+    results: list[str] = []
+    catalog = Catalog(results.append)
+    source = RoutesWatchSource(None, "citadel-system", catalog)  # type: ignore[arg-type]
+    try:
+        source._sync([_routes_configmap("m")])
+        route = catalog.resolve("m")
+        caplog.clear()
+        source._sync([])
+        assert catalog.resolve("m") is route
+        assert results == ["ok", "missing"]
+        [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
+        assert "ConfigMap deleted" in warning.error  # type: ignore[attr-defined]
+    finally:
+        _stop_slice_watches(source)
+
+
+def test_no_routes_configmap_at_start_is_no_reload() -> None:
+    """Before the operator first writes it, the gateway waits, unready: no
+    document was offered, none refused."""
+    results: list[str] = []
+    catalog = Catalog(results.append)
+    RoutesWatchSource(None, "citadel-system", catalog)._sync([])  # type: ignore[arg-type]
+    assert results == []
+    assert not catalog.loaded
