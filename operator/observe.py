@@ -49,6 +49,11 @@ BAD_WAITING = frozenset(
 # Scheduled=False reasons that need a change to the spec or the cluster (where
 # nodes are autoscaled, only for a model pinned to one node: _permanent).
 PERMANENT_PLACEMENT = frozenset({"NodeNotFound", "NoMatchingNode", "InsufficientGPUs"})
+# The PodScheduled=False reason the API server gives a pod created with
+# scheduling gates (spec.schedulingGates), and the Scheduled=False reason of a
+# model whose pods wait for theirs: a queue such as Kueue holds them until it
+# admits them, and no scheduler tries them before. A wait, not a failure.
+SCHEDULING_GATED = "SchedulingGated"
 MAX_LISTED = 5
 
 
@@ -141,11 +146,28 @@ def _pod_condition(pod: Obj, kind: str) -> Obj | None:
     return None
 
 
+def _gates(pod: Obj) -> list[str]:
+    """The names of the scheduling gates that hold `pod` back."""
+    gates = pod.get("spec", {}).get("schedulingGates") or []
+    return [str(gate.get("name", "")) for gate in gates]
+
+
+def _gated(pod: Obj) -> bool:
+    """Whether `pod` waits for its scheduling gates, or for the scheduler's
+    first try since they were removed (the condition still says so)."""
+    if pod.get("spec", {}).get("nodeName"):
+        return False
+    cond = _pod_condition(pod, "PodScheduled") or {}
+    held = (cond.get("status"), cond.get("reason")) == ("False", SCHEDULING_GATED)
+    return held or bool(_gates(pod))
+
+
 def _unschedulable(pods: Sequence[Obj]) -> list[tuple[str, str]]:
+    """The pods the scheduler tried and could not place, with its message."""
     found = []
     for pod in pods:
         cond = _pod_condition(pod, "PodScheduled")
-        if cond and cond.get("status") == "False":
+        if cond and cond.get("status") == "False" and not _gated(pod):
             found.append((pod["metadata"]["name"], str(cond.get("message", ""))))
     return found
 
@@ -275,6 +297,15 @@ def _scheduled(model: LLMModel, pods: Sequence[Obj], nodes: Sequence[Obj]) -> Ve
             "Unschedulable",
             f"{len(stuck)} of {len(pods)} pods cannot be placed: {stuck[0][1]}",
         )
+    gated = [p for p in pods if _gated(p)]
+    if gated:
+        gates = _listing(sorted({g for p in gated for g in _gates(p)}))
+        return Verdict(
+            "False",
+            SCHEDULING_GATED,
+            f"{len(gated)} of {len(pods)} pods wait for their scheduling gates"
+            + (f": {gates}" if gates else " (now removed: the scheduler is next)"),
+        )
     placed = sorted(
         {p["spec"]["nodeName"] for p in pods if p.get("spec", {}).get("nodeName")}
     )
@@ -389,6 +420,10 @@ def _phase(
         return Phase.FAILED
     if verdicts[ConditionType.DEGRADED].status == "True":
         return Phase.DEGRADED
+    if scheduled.reason == SCHEDULING_GATED:
+        # Queued (Kueue): the pods wait their turn like pods yet to be made, and
+        # a scale-up or rollout held that way is under way, not broken.
+        return Phase.PENDING if n.ready == 0 else Phase.PROGRESSING
     if scheduled.status == "False":
         return Phase.PENDING if n.ready == 0 else Phase.DEGRADED
     if verdicts[ConditionType.PROGRESSING].status == "True":

@@ -207,6 +207,56 @@ def test_partly_unschedulable_while_serving_is_degraded() -> None:
     assert _cond(status, ConditionType.READY)[0] == "True"
 
 
+KUEUE = "kueue.x-k8s.io/admission"
+
+
+def test_a_pod_held_by_scheduling_gates_waits_and_is_no_failure() -> None:
+    """A queue (Kueue) holds the pod until it admits the model: no scheduler
+    has tried it, so it is not Unschedulable, and the model is Pending."""
+    status = _derive(
+        make_model(**PINNED), deployment(ready=0), [pod("p1", gates=[KUEUE])]
+    )
+    scheduled = _cond(status, ConditionType.SCHEDULED)
+    assert scheduled == (
+        "False",
+        "SchedulingGated",
+        f"1 of 1 pods wait for their scheduling gates: {KUEUE}",
+    )
+    assert _cond(status, ConditionType.READY) == ("False", *scheduled[1:])
+    assert _cond(status, ConditionType.DEGRADED)[0] == "False"
+    assert status.phase is Phase.PENDING
+
+
+def test_a_scale_up_held_by_scheduling_gates_is_progressing() -> None:
+    """The replicas that serve go on; the gated one waits its turn: not
+    Degraded, which alerts (CitadelModelFailed)."""
+    status = _derive(
+        make_model(**PINNED, replicas=2),
+        deployment(replicas=2, ready=1),
+        [pod("p1"), pod("p2", gates=[KUEUE, "example.com/quota"])],
+    )
+    assert _cond(status, ConditionType.SCHEDULED) == (
+        "False",
+        "SchedulingGated",
+        "1 of 2 pods wait for their scheduling gates: example.com/quota, " + KUEUE,
+    )
+    assert _cond(status, ConditionType.READY)[0] == "True"
+    assert status.phase is Phase.PROGRESSING
+
+
+def test_an_unschedulable_pod_wins_over_a_gated_one() -> None:
+    status = _derive(
+        make_model(**PINNED, replicas=2),
+        deployment(replicas=2, ready=0),
+        [pod("p1", gates=[KUEUE]), pod("p2", node_name=None, unschedulable="full")],
+    )
+    assert _cond(status, ConditionType.SCHEDULED) == (
+        "False",
+        "Unschedulable",
+        "1 of 2 pods cannot be placed: full",
+    )
+
+
 def test_scaled_to_zero() -> None:
     status = _derive(make_model(replicas=0), deployment(replicas=0, ready=0), [])
     assert _cond(status, ConditionType.READY)[:2] == ("False", "ScaledToZero")
