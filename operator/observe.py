@@ -182,6 +182,27 @@ def _is_ready(pod: Obj) -> bool:
     return bool(cond and cond.get("status") == "True") and not _ended(pod)
 
 
+def _has_served(pod: Obj) -> bool:
+    """Whether `pod` is ready, or was since it started and is no longer.
+
+    The kubelet's first status of a pod has Ready False, its transition time
+    stamped just before Initialized's (kubelet/status/status_manager.go), and
+    Initialized turns True then or once the init containers end. So a Ready
+    whose last transition is later than Initialized's turned True in between
+    and back: a readiness probe failing, the node controller marking the pods
+    of a NotReady node, the pod failing. Times are whole seconds, so a pod
+    ready and back within a second of starting reads as never ready, as does
+    one whose init containers ran again (a new sandbox): the reading before
+    this check.
+    """
+    if _is_ready(pod):
+        return True
+    ready = _pod_condition(pod, "Ready") or {}
+    initialized = _pod_condition(pod, "Initialized") or {}
+    since = str(initialized.get("lastTransitionTime") or "")
+    return bool(since) and str(ready.get("lastTransitionTime") or "") > since
+
+
 def _template_hash(pod: Obj) -> str:
     return str(pod.get("metadata", {}).get("labels", {}).get("pod-template-hash", ""))
 
@@ -235,20 +256,25 @@ def _failure(pods: Sequence[Obj], short: bool) -> Verdict | None:
     An evicted pod, or one the kubelet refused, stays listed after its
     ReplicaSet replaced it, and must not stand for the cause when a later
     rollout, restart or scale-up waits for a replica to load. So a failed pod
-    counts only while no ready pod is newer, and only if it belongs to the
-    current ReplicaSet (the pod-template-hash of the newest pod still running)
-    or is newer than every pod still running.
+    counts only if it belongs to the current ReplicaSet (the pod-template-hash
+    of the newest pod still running) or is newer than every pod still running;
+    and only while no newer pod has served. Ready now is not enough: once the
+    replacement has served, the eviction is dealt with, and it must not stand
+    for the cause when that pod stops being ready for a while (a readiness
+    probe failing, its node NotReady; see `_has_served`).
     """
     stuck = _container_failure(pods)
     if stuck is not None or not short:
         return stuck
     running = [p for p in pods if not _ended(p)]
-    newest_ready = max((_created(p) for p in running if _is_ready(p)), default="")
+    # Ended pods too: of two evictions, the pod that had served since the
+    # first is the one to name.
+    newest_served = max((_created(p) for p in pods if _has_served(p)), default="")
     newest = max(running, key=_created, default=None)
     current = _template_hash(newest) if newest is not None else ""
     for pod in pods:
         status = pod.get("status", {})
-        if status.get("phase") != "Failed" or _created(pod) < newest_ready:
+        if status.get("phase") != "Failed" or _created(pod) < newest_served:
             continue
         ours = bool(current) and _template_hash(pod) == current
         if ours or newest is None or _created(pod) >= _created(newest):

@@ -460,6 +460,54 @@ def test_an_eviction_of_the_current_replica_set_is_the_cause() -> None:
     assert _cond(status, ConditionType.DEGRADED)[0] == "False"
 
 
+def _since(body: dict[str, Any], initialized: str, ready: str) -> dict[str, Any]:
+    """`body` with the kubelet's transition times: Initialized at `initialized`,
+    Ready (as it is now) at `ready`."""
+    conditions = body["status"]["conditions"]
+    conditions.append(
+        {"type": "Initialized", "status": "True", "lastTransitionTime": initialized}
+    )
+    next(c for c in conditions if c["type"] == "Ready")["lastTransitionTime"] = ready
+    return body
+
+
+def test_an_eviction_its_replacement_has_served_since_does_not_count_again() -> None:
+    """The replacement of an evicted replica turned ready, then stopped being
+    ready for a while (a readiness probe failing, its node NotReady): the old
+    eviction, which pod GC keeps listed, is not why."""
+    model = make_model(**PINNED)
+    evicted = _evicted("mixtral-bbb-x", "2026-03-01T00:00:00Z", template="bbb")
+    lapsed = _since(
+        _of(pod("mixtral-bbb-y", ready=False), "bbb", "2026-03-02T00:00:00Z"),
+        initialized="2026-03-02T00:00:10Z",
+        ready="2026-03-09T00:00:00Z",  # True -> False, long after it started
+    )
+    status = _derive(model, deployment(ready=0), [evicted, lapsed])
+    assert _cond(status, ConditionType.DEGRADED)[:2] == ("False", "AsExpected")
+    assert status.phase is Phase.PROGRESSING
+    # A replacement still loading for the first time has not: the eviction is
+    # the cause (its Ready turned False when the kubelet first wrote it).
+    loading = _since(
+        _of(pod("mixtral-bbb-y", ready=False), "bbb", "2026-03-02T00:00:00Z"),
+        initialized="2026-03-02T00:00:10Z",
+        ready="2026-03-02T00:00:10Z",
+    )
+    status = _derive(model, deployment(ready=0), [evicted, loading])
+    assert _cond(status, ConditionType.DEGRADED)[:2] == ("True", "Evicted")
+    # And an eviction of the replica that had served is: it is named, not the
+    # eviction it made up for.
+    again = _evicted("mixtral-bbb-y", "2026-03-02T00:00:00Z", template="bbb")
+    again["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
+    again = _since(again, "2026-03-02T00:00:10Z", ready="2026-03-09T00:00:00Z")
+    fresh = _of(pod("mixtral-bbb-z", ready=False), "bbb", "2026-03-09T00:00:00Z")
+    status = _derive(model, deployment(ready=0), [evicted, again, fresh])
+    assert _cond(status, ConditionType.DEGRADED) == (
+        "True",
+        "Evicted",
+        "pod mixtral-bbb-y: The node was low on resource: memory.",
+    )
+
+
 def test_a_crash_loop_wins_over_a_failed_pod_listed_first() -> None:
     model = make_model(**PINNED, replicas=2)
     failed = _evicted("a", "2026-03-01T00:00:00Z")
