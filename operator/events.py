@@ -21,6 +21,10 @@ _WARNING = {
 _WARNING_REASONS = frozenset(
     {"ProgressDeadlineExceeded", "ReconcileFailed", "ServedNameConflict"}
 )
+# Reasons of a wait, not a failure, though their condition reads like one:
+# pods that a queue (Kueue) holds back with scheduling gates are Scheduled=False
+# until it admits them, and every model in a queue would raise a Warning.
+_WAITING_REASONS = frozenset({"SchedulingGated"})
 
 
 @dataclass(frozen=True)
@@ -35,9 +39,11 @@ class Notice:
 def _is_warning(cond: Condition, failed: bool) -> bool:
     """Whether `cond`'s change is bad news; `failed`: the model's phase is Failed
     (its Ready then says why, whatever the reason)."""
-    if (cond.type, cond.status) in _WARNING:
-        return True
     if failed and cond.type == ConditionType.READY:
+        return True
+    if cond.reason in _WAITING_REASONS:
+        return False
+    if (cond.type, cond.status) in _WARNING:
         return True
     return cond.reason in _WARNING_REASONS
 

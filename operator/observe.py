@@ -49,6 +49,11 @@ BAD_WAITING = frozenset(
 # Scheduled=False reasons that need a change to the spec or the cluster (where
 # nodes are autoscaled, only for a model pinned to one node: _permanent).
 PERMANENT_PLACEMENT = frozenset({"NodeNotFound", "NoMatchingNode", "InsufficientGPUs"})
+# The PodScheduled=False reason the API server gives a pod created with
+# scheduling gates (spec.schedulingGates), and the Scheduled=False reason of a
+# model whose pods wait for theirs: a queue such as Kueue holds them until it
+# admits them, and no scheduler tries them before. A wait, not a failure.
+SCHEDULING_GATED = "SchedulingGated"
 MAX_LISTED = 5
 
 
@@ -141,11 +146,28 @@ def _pod_condition(pod: Obj, kind: str) -> Obj | None:
     return None
 
 
+def _gates(pod: Obj) -> list[str]:
+    """The names of the scheduling gates that hold `pod` back."""
+    gates = pod.get("spec", {}).get("schedulingGates") or []
+    return [str(gate.get("name", "")) for gate in gates]
+
+
+def _gated(pod: Obj) -> bool:
+    """Whether `pod` waits for its scheduling gates, or for the scheduler's
+    first try since they were removed (the condition still says so)."""
+    if pod.get("spec", {}).get("nodeName"):
+        return False
+    cond = _pod_condition(pod, "PodScheduled") or {}
+    held = (cond.get("status"), cond.get("reason")) == ("False", SCHEDULING_GATED)
+    return held or bool(_gates(pod))
+
+
 def _unschedulable(pods: Sequence[Obj]) -> list[tuple[str, str]]:
+    """The pods the scheduler tried and could not place, with its message."""
     found = []
     for pod in pods:
         cond = _pod_condition(pod, "PodScheduled")
-        if cond and cond.get("status") == "False":
+        if cond and cond.get("status") == "False" and not _gated(pod):
             found.append((pod["metadata"]["name"], str(cond.get("message", ""))))
     return found
 
@@ -158,6 +180,27 @@ def _created(pod: Obj) -> str:
 def _is_ready(pod: Obj) -> bool:
     cond = _pod_condition(pod, "Ready")
     return bool(cond and cond.get("status") == "True") and not _ended(pod)
+
+
+def _has_served(pod: Obj) -> bool:
+    """Whether `pod` is ready, or was since it started and is no longer.
+
+    The kubelet's first status of a pod has Ready False, its transition time
+    stamped just before Initialized's (kubelet/status/status_manager.go), and
+    Initialized turns True then or once the init containers end. So a Ready
+    whose last transition is later than Initialized's turned True in between
+    and back: a readiness probe failing, the node controller marking the pods
+    of a NotReady node, the pod failing. Times are whole seconds, so a pod
+    ready and back within a second of starting reads as never ready, as does
+    one whose init containers ran again (a new sandbox): the reading before
+    this check.
+    """
+    if _is_ready(pod):
+        return True
+    ready = _pod_condition(pod, "Ready") or {}
+    initialized = _pod_condition(pod, "Initialized") or {}
+    since = str(initialized.get("lastTransitionTime") or "")
+    return bool(since) and str(ready.get("lastTransitionTime") or "") > since
 
 
 def _template_hash(pod: Obj) -> str:
@@ -213,20 +256,25 @@ def _failure(pods: Sequence[Obj], short: bool) -> Verdict | None:
     An evicted pod, or one the kubelet refused, stays listed after its
     ReplicaSet replaced it, and must not stand for the cause when a later
     rollout, restart or scale-up waits for a replica to load. So a failed pod
-    counts only while no ready pod is newer, and only if it belongs to the
-    current ReplicaSet (the pod-template-hash of the newest pod still running)
-    or is newer than every pod still running.
+    counts only if it belongs to the current ReplicaSet (the pod-template-hash
+    of the newest pod still running) or is newer than every pod still running;
+    and only while no newer pod has served. Ready now is not enough: once the
+    replacement has served, the eviction is dealt with, and it must not stand
+    for the cause when that pod stops being ready for a while (a readiness
+    probe failing, its node NotReady; see `_has_served`).
     """
     stuck = _container_failure(pods)
     if stuck is not None or not short:
         return stuck
     running = [p for p in pods if not _ended(p)]
-    newest_ready = max((_created(p) for p in running if _is_ready(p)), default="")
+    # Ended pods too: of two evictions, the pod that had served since the
+    # first is the one to name.
+    newest_served = max((_created(p) for p in pods if _has_served(p)), default="")
     newest = max(running, key=_created, default=None)
     current = _template_hash(newest) if newest is not None else ""
     for pod in pods:
         status = pod.get("status", {})
-        if status.get("phase") != "Failed" or _created(pod) < newest_ready:
+        if status.get("phase") != "Failed" or _created(pod) < newest_served:
             continue
         ours = bool(current) and _template_hash(pod) == current
         if ours or newest is None or _created(pod) >= _created(newest):
@@ -274,6 +322,15 @@ def _scheduled(model: LLMModel, pods: Sequence[Obj], nodes: Sequence[Obj]) -> Ve
             "False",
             "Unschedulable",
             f"{len(stuck)} of {len(pods)} pods cannot be placed: {stuck[0][1]}",
+        )
+    gated = [p for p in pods if _gated(p)]
+    if gated:
+        gates = _listing(sorted({g for p in gated for g in _gates(p)}))
+        return Verdict(
+            "False",
+            SCHEDULING_GATED,
+            f"{len(gated)} of {len(pods)} pods wait for their scheduling gates"
+            + (f": {gates}" if gates else " (now removed: the scheduler is next)"),
         )
     placed = sorted(
         {p["spec"]["nodeName"] for p in pods if p.get("spec", {}).get("nodeName")}
@@ -389,6 +446,10 @@ def _phase(
         return Phase.FAILED
     if verdicts[ConditionType.DEGRADED].status == "True":
         return Phase.DEGRADED
+    if scheduled.reason == SCHEDULING_GATED:
+        # Queued (Kueue): the pods wait their turn like pods yet to be made, and
+        # a scale-up or rollout held that way is under way, not broken.
+        return Phase.PENDING if n.ready == 0 else Phase.PROGRESSING
     if scheduled.status == "False":
         return Phase.PENDING if n.ready == 0 else Phase.DEGRADED
     if verdicts[ConditionType.PROGRESSING].status == "True":

@@ -991,7 +991,7 @@ class Reconciler:
         pods = await self._call(
             self.view.pods(model.namespace, model.name, label_selector(model))
         )
-        conflict = self.routes.conflicts.get(model.key)
+        conflict = await self._call(self.routes.conflict(model.key))
         if conflict and blocker is None:
             blocker = Blocker("ServedNameConflict", conflict)
         status = derive_status(

@@ -148,6 +148,9 @@ class RoutePublisher:
         self._ready = asyncio.Event()
         self._ready.set()
         self.conflicts: Conflicts = {}
+        # Whether `conflicts` holds what the models say: from a publish, or
+        # derived by `conflict` before the first one.
+        self._known = False
         self.published: RoutingDocument | None = None
         self._source = source or ApiView(kube, settings.list_scopes()).models
         # Each model's entry by uid, with the resourceVersion it was made at, so
@@ -195,6 +198,29 @@ class RoutePublisher:
         """The source holds every model: writing may start (or go on)."""
         self._ready.set()
 
+    async def conflict(self, key: str) -> str | None:
+        """Why the model `key` is left out of the document, or None.
+
+        The conflicts the last publish found. Before the first one (an operator
+        just started, or a peer that took over) they are derived from the
+        models as the source shows them now, and kept as if published: the
+        refreshes and resume reconciles before it reported a model left out of
+        the routes as Ready, Failed again once the publish found the clash.
+        Derived, not read back from the model's status as a ReconcileFailed
+        is: a clash depends on the other models, which may have changed while
+        no operator ran. The first publish rechecks the models whose conflict
+        changed since, as any publish does; and parses no model again.
+
+        Raises:
+            ApiError: listing the models failed.
+        """
+        if not self._known and self._ready.is_set():
+            bodies = routable(await self._source(), self._settings)
+            _, conflicts = assemble(self._entries_of(bodies))
+            if not self._known:  # else a publish ended meanwhile, and is newer
+                self.conflicts, self._known = conflicts, True
+        return self.conflicts.get(key)
+
     def _entries_of(self, bodies: Sequence[Manifest]) -> list[Entry]:
         entries = []
         made: dict[str, tuple[str, Entry]] = {}
@@ -231,7 +257,7 @@ class RoutePublisher:
             await self._kube.apply(configmap(self._settings, doc))
         changed = set(conflicts) ^ set(self.conflicts)
         changed |= {k for k in conflicts if self.conflicts.get(k) != conflicts[k]}
-        self.conflicts, self.published = conflicts, doc
+        self.conflicts, self.published, self._known = conflicts, doc, True
         if changed and self._on_conflicts is not None:
             await self._on_conflicts(changed)
         return doc

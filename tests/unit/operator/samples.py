@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from citadel.operator.model import LLMModel
@@ -72,10 +73,22 @@ def pod(
     unschedulable: str | None = None,
     waiting: str | None = None,
     model: str = "mixtral",
+    gates: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """A pod of `model` in one of the states the status code distinguishes."""
+    """A pod of `model` in one of the states the status code distinguishes;
+    with `gates`, held by those scheduling gates (as Kueue's admission does)."""
     conditions: list[dict[str, Any]] = []
-    if unschedulable is not None:
+    if gates:
+        node_name = None
+        conditions.append(
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "SchedulingGated",
+                "message": "Scheduling is blocked due to non-empty scheduling gates",
+            }
+        )
+    elif unschedulable is not None:
         conditions.append(
             {
                 "type": "PodScheduled",
@@ -99,7 +112,9 @@ def pod(
                 "lastState": {"terminated": {"reason": "Error"}},
             }
         ]
-    spec = {"nodeName": node_name} if node_name else {}
+    spec: dict[str, Any] = {"nodeName": node_name} if node_name else {}
+    if gates:
+        spec["schedulingGates"] = [{"name": gate} for gate in gates]
     return {
         "apiVersion": "v1",
         "kind": "Pod",

@@ -96,6 +96,25 @@ def test_turning_failed_with_no_condition_changed_is_a_warning() -> None:
     assert transitions(failed, failed) == []
 
 
+def test_waiting_for_scheduling_gates_is_no_warning() -> None:
+    # A model queued by Kueue is waiting, not failing: Warning-based alerts
+    # must not fire for every model in a queue.
+    model = make_model()
+    gated = pod("p1", gates=["kueue.x-k8s.io/admission"])
+    waiting = derive_status(model, deployment(ready=0), [gated], NODES, NOW)
+    assert transitions(model.status, waiting) == []
+    creating = derive_status(model, None, [], NODES, NOW)
+    notice = combined(transitions(creating, waiting))
+    assert notice is not None
+    assert (notice.type, notice.reason) == ("Normal", "SchedulingGated")
+    # Once admitted, a pod the scheduler cannot place is bad news again.
+    full = pod("p1", node_name=None, unschedulable="0/3 nodes")
+    stuck = derive_status(model, deployment(ready=0), [full], NODES, NOW)
+    notice = combined(transitions(waiting, stuck))
+    assert notice is not None
+    assert (notice.type, notice.reason) == ("Warning", "Unschedulable")
+
+
 def test_event_object_points_at_the_model() -> None:
     model = make_model()
     creating = derive_status(model, None, [], NODES, NOW)

@@ -207,6 +207,56 @@ def test_partly_unschedulable_while_serving_is_degraded() -> None:
     assert _cond(status, ConditionType.READY)[0] == "True"
 
 
+KUEUE = "kueue.x-k8s.io/admission"
+
+
+def test_a_pod_held_by_scheduling_gates_waits_and_is_no_failure() -> None:
+    """A queue (Kueue) holds the pod until it admits the model: no scheduler
+    has tried it, so it is not Unschedulable, and the model is Pending."""
+    status = _derive(
+        make_model(**PINNED), deployment(ready=0), [pod("p1", gates=[KUEUE])]
+    )
+    scheduled = _cond(status, ConditionType.SCHEDULED)
+    assert scheduled == (
+        "False",
+        "SchedulingGated",
+        f"1 of 1 pods wait for their scheduling gates: {KUEUE}",
+    )
+    assert _cond(status, ConditionType.READY) == ("False", *scheduled[1:])
+    assert _cond(status, ConditionType.DEGRADED)[0] == "False"
+    assert status.phase is Phase.PENDING
+
+
+def test_a_scale_up_held_by_scheduling_gates_is_progressing() -> None:
+    """The replicas that serve go on; the gated one waits its turn: not
+    Degraded, which alerts (CitadelModelFailed)."""
+    status = _derive(
+        make_model(**PINNED, replicas=2),
+        deployment(replicas=2, ready=1),
+        [pod("p1"), pod("p2", gates=[KUEUE, "example.com/quota"])],
+    )
+    assert _cond(status, ConditionType.SCHEDULED) == (
+        "False",
+        "SchedulingGated",
+        "1 of 2 pods wait for their scheduling gates: example.com/quota, " + KUEUE,
+    )
+    assert _cond(status, ConditionType.READY)[0] == "True"
+    assert status.phase is Phase.PROGRESSING
+
+
+def test_an_unschedulable_pod_wins_over_a_gated_one() -> None:
+    status = _derive(
+        make_model(**PINNED, replicas=2),
+        deployment(replicas=2, ready=0),
+        [pod("p1", gates=[KUEUE]), pod("p2", node_name=None, unschedulable="full")],
+    )
+    assert _cond(status, ConditionType.SCHEDULED) == (
+        "False",
+        "Unschedulable",
+        "1 of 2 pods cannot be placed: full",
+    )
+
+
 def test_scaled_to_zero() -> None:
     status = _derive(make_model(replicas=0), deployment(replicas=0, ready=0), [])
     assert _cond(status, ConditionType.READY)[:2] == ("False", "ScaledToZero")
@@ -408,6 +458,54 @@ def test_an_eviction_of_the_current_replica_set_is_the_cause() -> None:
     serving = _of(pod("mixtral-bbb-y"), "bbb", "2026-03-02T00:00:00Z")
     status = _derive(model, deployment(), [evicted, serving])
     assert _cond(status, ConditionType.DEGRADED)[0] == "False"
+
+
+def _since(body: dict[str, Any], initialized: str, ready: str) -> dict[str, Any]:
+    """`body` with the kubelet's transition times: Initialized at `initialized`,
+    Ready (as it is now) at `ready`."""
+    conditions = body["status"]["conditions"]
+    conditions.append(
+        {"type": "Initialized", "status": "True", "lastTransitionTime": initialized}
+    )
+    next(c for c in conditions if c["type"] == "Ready")["lastTransitionTime"] = ready
+    return body
+
+
+def test_an_eviction_its_replacement_has_served_since_does_not_count_again() -> None:
+    """The replacement of an evicted replica turned ready, then stopped being
+    ready for a while (a readiness probe failing, its node NotReady): the old
+    eviction, which pod GC keeps listed, is not why."""
+    model = make_model(**PINNED)
+    evicted = _evicted("mixtral-bbb-x", "2026-03-01T00:00:00Z", template="bbb")
+    lapsed = _since(
+        _of(pod("mixtral-bbb-y", ready=False), "bbb", "2026-03-02T00:00:00Z"),
+        initialized="2026-03-02T00:00:10Z",
+        ready="2026-03-09T00:00:00Z",  # True -> False, long after it started
+    )
+    status = _derive(model, deployment(ready=0), [evicted, lapsed])
+    assert _cond(status, ConditionType.DEGRADED)[:2] == ("False", "AsExpected")
+    assert status.phase is Phase.PROGRESSING
+    # A replacement still loading for the first time has not: the eviction is
+    # the cause (its Ready turned False when the kubelet first wrote it).
+    loading = _since(
+        _of(pod("mixtral-bbb-y", ready=False), "bbb", "2026-03-02T00:00:00Z"),
+        initialized="2026-03-02T00:00:10Z",
+        ready="2026-03-02T00:00:10Z",
+    )
+    status = _derive(model, deployment(ready=0), [evicted, loading])
+    assert _cond(status, ConditionType.DEGRADED)[:2] == ("True", "Evicted")
+    # And an eviction of the replica that had served is: it is named, not the
+    # eviction it made up for.
+    again = _evicted("mixtral-bbb-y", "2026-03-02T00:00:00Z", template="bbb")
+    again["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
+    again = _since(again, "2026-03-02T00:00:10Z", ready="2026-03-09T00:00:00Z")
+    fresh = _of(pod("mixtral-bbb-z", ready=False), "bbb", "2026-03-09T00:00:00Z")
+    status = _derive(model, deployment(ready=0), [evicted, again, fresh])
+    assert _cond(status, ConditionType.DEGRADED) == (
+        "True",
+        "Evicted",
+        "pod mixtral-bbb-y: The node was low on resource: memory.",
+    )
 
 
 def test_a_crash_loop_wins_over_a_failed_pod_listed_first() -> None:

@@ -763,6 +763,69 @@ async def test_name_conflict_shows_in_the_status(settings: OperatorSettings) -> 
     assert status["phase"] == "Failed"
 
 
+async def _conflicting_and_serving(
+    settings: OperatorSettings,
+) -> tuple[FakeKube, dict[str, Any]]:
+    """Models "a" and, newer, "b" claim the served name "chat"; b's replica is
+    ready and its status says ServedNameConflict (Failed)."""
+    first = model_body("a", servedName="chat")
+    second = model_body("b", servedName="chat", created="2026-06-01T00:00:00Z")
+    kube, reconciler = _setup(settings, first, second)
+    await reconciler.reconcile(first)
+    await reconciler.reconcile(second)
+    serving = kube.stored(DEPLOYMENTS, "b", "llm")
+    serving["status"] = {
+        "observedGeneration": serving["metadata"]["generation"],
+        "replicas": 1,
+        "updatedReplicas": 1,
+        "readyReplicas": 1,
+    }
+    kube.put(pod("b-abc", model="b"))
+    await reconciler.routes.publish()
+    await asyncio.gather(*reconciler._spawned)
+    await reconciler.refresh("llm", "b")  # the pod's event
+    status = kube.stored(LLMMODELS, "b", "llm")["status"]
+    assert (status["phase"], status["replicas"]["ready"]) == ("Failed", 1)
+    return kube, first
+
+
+async def test_a_name_conflict_outlives_an_operator_restart(
+    settings: OperatorSettings,
+) -> None:
+    """A new operator knows no conflict until its first publish: the pod events
+    and resume reconciles that come before it must not report the model that
+    is left out of the routes as Ready (and Failed again a moment later)."""
+    kube, _ = await _conflicting_and_serving(settings)
+    restarted = Reconciler(kube, settings, Metrics(), clock=lambda: NOW)
+    events = len(kube.events)
+    await restarted.refresh("llm", "b")
+    await restarted.reconcile(kube.stored(LLMMODELS, "b", "llm"))
+    status = kube.stored(LLMMODELS, "b", "llm")["status"]
+    assert status["phase"] == "Failed"
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "ServedNameConflict")
+    assert "already served by llm/a" in ready["message"]
+    assert kube.events[events:] == []
+    # The first publish finds the same: nothing to recheck.
+    await restarted.routes.publish()
+    assert not restarted._spawned
+
+
+async def test_a_name_conflict_gone_while_no_operator_ran_is_not_kept(
+    settings: OperatorSettings,
+) -> None:
+    """The conflict is derived from the models, not read back from the status:
+    the older model deleted meanwhile, the newer one serves at once."""
+    kube, first = await _conflicting_and_serving(settings)
+    await kube.delete(LLMMODELS, "a", "llm", uid=first["metadata"]["uid"])
+    restarted = Reconciler(kube, settings, Metrics(), clock=lambda: NOW)
+    await restarted.refresh("llm", "b")
+    status = kube.stored(LLMMODELS, "b", "llm")["status"]
+    assert status["phase"] == "Ready"
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("True", "ReplicasReady")
+
+
 async def test_conflict_rechecks_do_not_hold_the_publisher(
     settings: OperatorSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

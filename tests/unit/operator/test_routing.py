@@ -118,6 +118,37 @@ async def test_conflict_changes_are_reported(settings: OperatorSettings) -> None
     assert seen == [{"llm/b"}]
 
 
+async def test_conflicts_are_derived_before_the_first_publish(
+    settings: OperatorSettings,
+) -> None:
+    """A publisher that has not published yet (an operator just started) finds
+    the clashes from the models, once; the first publish then reports only
+    what changed since."""
+    seen: list[set[str]] = []
+
+    async def report(keys: set[str]) -> None:
+        seen.append(keys)
+
+    kube = FakeKube(
+        [
+            model_body("a", servedName="chat"),
+            model_body("b", servedName="chat", created="2026-03-01T00:00:00Z"),
+            model_body("c", servedName="chat", created="2026-04-01T00:00:00Z"),
+        ]
+    )
+    publisher = RoutePublisher(kube, settings, on_conflicts=report)
+    publisher.hold()  # the source may miss models: nothing is derived from it
+    assert await publisher.conflict("llm/b") is None
+    publisher.ready()
+    assert "already served by llm/a" in (await publisher.conflict("llm/b") or "")
+    assert await publisher.conflict("llm/a") is None
+    await kube.delete(LLMMODELS, "c", "llm")
+    assert await publisher.conflict("llm/c") is not None  # derived once only
+    await publisher.publish()
+    assert seen == [{"llm/c"}]
+    assert await publisher.conflict("llm/c") is None
+
+
 async def test_namespace_globs_filter_the_document(settings: OperatorSettings) -> None:
     kube = FakeKube(
         [model_body("a", namespace="e2e-1"), model_body("b", namespace="x")]
