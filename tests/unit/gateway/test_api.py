@@ -278,6 +278,38 @@ async def test_a_dropped_request_is_tried_elsewhere_but_stays_charged(
     assert first.headers["x-ratelimit-remaining-tokens"] == str(left)
 
 
+@pytest.mark.parametrize(
+    ("when", "kept"),
+    [("waiting for the headers", True), ("mid-body", True), ("connecting", False)],
+)
+async def test_a_request_that_timed_out_at_its_replica_stays_charged(
+    kit: Any, when: str, kept: bool
+) -> None:
+    """A request that times out after it was written (a huge prompt, a huge
+    max_tokens) may have kept its replica busy all along: its estimate stays
+    charged, or a client whose requests always time out would never meet its
+    tokens per minute or its quotas. One whose connection timed out never got
+    to the replica: its estimate is given back."""
+    from citadel.gateway.services.limits import estimate_tokens
+
+    h = kit.build(doc=kit.document(limits={"tpm": 10_000}), retries=0)
+
+    def handler(url: str, body: Any) -> Any:
+        if when == "connecting":
+            return UpstreamUnreachable("connect timeout to 10.0.0.7:8000")
+        if when == "mid-body":
+            return kit.reply(body=UpstreamTimeout("no answer in 600 s"))
+        return UpstreamTimeout("no answer from 10.0.0.7:8000 in 600 s")
+
+    h.upstream.handler = handler
+    async with h.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert answer.status_code == (504 if kept else 502)
+    estimate = estimate_tokens(dict(kit.chat), 256)
+    left = 10_000 - estimate if kept else 10_000
+    assert answer.headers["x-ratelimit-remaining-tokens"] == str(left)
+
+
 async def test_a_dropped_request_is_answered_by_the_next_replica(
     harness: Any, kit: Any
 ) -> None:
