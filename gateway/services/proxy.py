@@ -22,6 +22,7 @@ from citadel.gateway.errors import (
     InternalError,
     NoReplica,
     ShuttingDown,
+    refusal,
 )
 from citadel.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from citadel.gateway.routes import ModelRoute
@@ -410,9 +411,14 @@ class ProxyService:
             # chunk it cannot use, or the error event of a stream that broke):
             # counted as that, what its client gets. REST's client got a 200.
             status, code = ctx.unusable.status, ctx.unusable.code
+        elif events.error is not None:
+            # The replica's own error event (vLLM's, when generation fails),
+            # relayed to REST's client after its 200: still a 200, but with
+            # the code the other doors count it as, so the log shows a failure.
+            code = refusal(502, events.error).code
         if failure:
             code = "stream_broken"
-        elif gone and ctx.unusable is None:
+        elif gone and code is None:
             code = "shutting_down" if self.cut else "client_closed"
         # A stream that broke, one the door could not use, or a client that
         # left, before the usage chunk: the replica may have generated all of it.
