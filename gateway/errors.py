@@ -8,7 +8,8 @@ Other front doors (gRPC, GraphQL) map the same classes to their own codes.
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import orjson
 
@@ -193,3 +194,17 @@ class InternalError(GatewayError):
     status = 500
     type = "server_error"
     code = "internal_error"
+
+
+def refusal(status: int, body: Mapping[str, Any]) -> GatewayError:
+    """The gateway error for a replica's own error answer: OpenAI's error object
+    in `body`, answered with `status` (502 for an error event in a stream)."""
+    error = body.get("error")
+    detail = error if isinstance(error, dict) else {}
+    message = str(detail.get("message") or f"The model refused with status {status}.")
+    param = detail.get("param")
+    if status == 504 or detail.get("code") == BackendTimeout.code:
+        return BackendTimeout(message)
+    if status >= 500:
+        return BackendError(message)
+    return InvalidRequest(message, param=param if isinstance(param, str) else None)

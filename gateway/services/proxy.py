@@ -22,6 +22,7 @@ from citadel.gateway.errors import (
     InternalError,
     NoReplica,
     ShuttingDown,
+    refusal,
 )
 from citadel.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from citadel.gateway.routes import ModelRoute
@@ -101,6 +102,11 @@ class _Context:
     dropped: bool = False
     """True once a replica closed the connection without answering after the
     request was written (`UpstreamDropped`): it may have worked on it."""
+    worked: bool = False
+    """True once a replica may have worked on it without answering it whole:
+    it dropped it, or did not answer in time after the request was written
+    (`UpstreamTimeout`, waiting for the headers or for the rest of the body).
+    Its estimate then stays charged, though no usage came back."""
     finished: bool = False
     """True once the request is counted and logged."""
     settled: Mapping[str, float] = field(default_factory=dict)
@@ -268,11 +274,17 @@ class ProxyService:
                     # mid-load must not lose the request), but charged: a
                     # request that kills every replica it meets must not be
                     # repeatable past the client's limits.
-                    ctx.reached = ctx.dropped = True
+                    ctx.reached = ctx.dropped = ctx.worked = True
                 elif not isinstance(err, UpstreamUnreachable):
                     ctx.reached = True
                 last = err
                 if isinstance(err, UpstreamTimeout):
+                    # Only ever after the request was written (a connection
+                    # that timed out is `UpstreamUnreachable`): the replica may
+                    # be working on it still, so it stays charged, or a client
+                    # whose requests always time out (huge prompts, huge
+                    # `max_tokens`) would never meet its token limits.
+                    ctx.worked = True
                     raise BackendTimeout(
                         f"The model `{route.served_name}` did not answer in time."
                     ) from err
@@ -305,6 +317,7 @@ class ProxyService:
         except UpstreamFailure as err:
             self._release(ctx, replica, err)
             if isinstance(err, UpstreamTimeout):
+                ctx.worked = True  # as for a timeout before the headers (_send)
                 raise BackendTimeout("The model did not answer in time.") from err
             raise BackendError(f"The model's reply broke off ({err}).") from err
         if response.status >= 500:
@@ -398,9 +411,14 @@ class ProxyService:
             # chunk it cannot use, or the error event of a stream that broke):
             # counted as that, what its client gets. REST's client got a 200.
             status, code = ctx.unusable.status, ctx.unusable.code
+        elif events.error is not None:
+            # The replica's own error event (vLLM's, when generation fails),
+            # relayed to REST's client after its 200: still a 200, but with
+            # the code the other doors count it as, so the log shows a failure.
+            code = refusal(502, events.error).code
         if failure:
             code = "stream_broken"
-        elif gone and ctx.unusable is None:
+        elif gone and code is None:
             code = "shutting_down" if self.cut else "client_closed"
         # A stream that broke, one the door could not use, or a client that
         # left, before the usage chunk: the replica may have generated all of it.
@@ -519,8 +537,8 @@ class ProxyService:
                 (refunding it would let a client that leaves before the usage
                 chunk, or a reply without one, use tokens past its limits);
                 a request that failed before any answer used nothing, unless
-                a replica dropped it (`_Context.dropped`) after it may have
-                worked on it.
+                a replica may have worked on it (`_Context.worked`: it dropped
+                it, or timed out after it was written).
             relayed: stream events relayed. Without a usage at least one token
                 each is charged: a client that reads a long stream and leaves
                 before its usage chunk would otherwise pay only the estimate
@@ -533,7 +551,7 @@ class ProxyService:
         if usage is not None:
             used = usage.total
         else:
-            charged = answered or ctx.dropped
+            charged = answered or ctx.worked
             used = max(admission.estimate, relayed) if charged else 0
         try:
             ctx.settled = await self._limiter.settle(

@@ -2,7 +2,8 @@
 
 The relay forwards every complete event the moment its last byte arrives; only a
 partial event at the end of a network chunk waits for the rest. Events are parsed
-only when they mention usage, so ordinary token chunks cost a byte search.
+only when they mention usage or an error, so ordinary token chunks cost two byte
+searches.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import orjson
 
 EVENT_END = b"\n\n"
 USAGE_MARK = b'"usage"'
+ERROR_MARK = b'"error"'
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,14 @@ def usage_of(payload: Any) -> Usage | None:
     return Usage(prompt, completion)
 
 
+def error_of(payload: Any) -> dict[str, Any] | None:
+    """`payload` when it is an error event's (OpenAI's error object, which vLLM
+    writes into a stream whose generation failed), else None."""
+    if isinstance(payload, dict) and "error" in payload and "choices" not in payload:
+        return payload
+    return None
+
+
 def usage_of_body(body: bytes) -> Usage | None:
     """The usage in a whole (non-streamed) JSON response."""
     if USAGE_MARK not in body:
@@ -53,8 +63,9 @@ def usage_of_body(body: bytes) -> Usage | None:
 
 
 class EventFilter:
-    """Cuts a byte stream into complete SSE events, notes the usage they carry,
-    and drops the usage-only chunk when the client did not ask for it.
+    """Cuts a byte stream into complete SSE events, notes the usage and the
+    first error event they carry, and drops the usage-only chunk when the client
+    did not ask for it.
 
     Args:
         keep_usage_chunk: False when the gateway added `include_usage` itself.
@@ -64,6 +75,8 @@ class EventFilter:
         self._keep = keep_usage_chunk
         self._buffer = b""
         self.usage: Usage | None = None
+        self.error: dict[str, Any] | None = None
+        """The first error event's payload (`error_of`), relayed as is."""
         self.count = 0
         """Complete events seen (each of vLLM's carries a token or more, but the
         first and the usage chunk)."""
@@ -78,7 +91,7 @@ class EventFilter:
         cut = end + len(EVENT_END)
         complete, self._buffer = data[:cut], data[cut:]
         self.count += complete.count(EVENT_END)
-        if USAGE_MARK not in complete:
+        if USAGE_MARK not in complete and ERROR_MARK not in complete:
             return complete
         events = complete.split(EVENT_END)
         kept = [e for e in events[:-1] if self._keep_event(e)]
@@ -90,9 +103,13 @@ class EventFilter:
         return rest
 
     def _keep_event(self, event: bytes) -> bool:
-        if USAGE_MARK not in event:
+        if USAGE_MARK not in event and ERROR_MARK not in event:
             return True
+        # Parsed, not judged by the mark alone: a token may be the word itself
+        # (`"token":"error"` in logprobs), or a chunk may carry both.
         payload = _data_of(event)
+        if self.error is None:
+            self.error = error_of(payload)
         usage = usage_of(payload)
         if usage is None:
             return True

@@ -20,18 +20,13 @@ from typing import Any
 
 import orjson
 
-from citadel.gateway.errors import (
-    BackendError,
-    BackendTimeout,
-    GatewayError,
-    InvalidRequest,
-)
+from citadel.gateway.errors import BackendError, GatewayError, refusal
 from citadel.gateway.routes import ModelRoute
 from citadel.gateway.services.auth import Principal
 from citadel.gateway.services.catalog import Catalog
 from citadel.gateway.services.proxy import ProxyService
 from citadel.gateway.services.requests import ApiCall, Door
-from citadel.gateway.services.sse import EVENT_END
+from citadel.gateway.services.sse import EVENT_END, error_of
 from citadel.gateway.services.streams import Closing
 
 DONE = b"[DONE]"
@@ -105,19 +100,6 @@ def _json_of(data: bytes) -> dict[str, Any]:
     return parsed
 
 
-def refusal(status: int, body: dict[str, Any]) -> GatewayError:
-    """The gateway error for a replica's own error answer."""
-    error = body.get("error")
-    detail = error if isinstance(error, dict) else {}
-    message = str(detail.get("message") or f"The model refused with status {status}.")
-    param = detail.get("param")
-    if status == 504 or detail.get("code") == BackendTimeout.code:
-        return BackendTimeout(message)
-    if status >= 500:
-        return BackendError(message)
-    return InvalidRequest(message, param=param if isinstance(param, str) else None)
-
-
 def events(
     stream: AsyncIterator[bytes],
     unusable: Callable[[GatewayError], None] = lambda error: None,
@@ -173,7 +155,7 @@ def _data(event: bytes) -> dict[str, Any] | None:
         raise BackendError("The model's stream carried invalid JSON.") from err
     if not isinstance(payload, dict):
         return None
-    if "error" in payload and "choices" not in payload:
+    if error_of(payload) is not None:
         raise refusal(502, payload)
     return payload
 

@@ -46,15 +46,18 @@ class Clock:
 
 @dataclass
 class FakeReply:
-    """A canned upstream reply; `chunks` may hold an exception to raise."""
+    """A canned upstream reply; `body`, or one of `parts`, may be an exception
+    to raise when it is read."""
 
     status: int = 200
-    body: bytes = b"{}"
+    body: bytes | Exception = b"{}"
     parts: list[bytes | Exception] = field(default_factory=list)
     content_type: str = "application/json"
     closed: bool = False
 
     async def read(self) -> bytes:
+        if isinstance(self.body, Exception):
+            raise self.body
         return self.body
 
     async def chunks(self) -> AsyncIterator[bytes]:

@@ -120,6 +120,57 @@ async def test_broken_stream_ends_with_an_error_event(harness: Any, kit: Any) ->
     assert orjson.loads(events[1][6:])["error"]["code"] == "backend_error"
 
 
+def _access(caplog: pytest.LogCaptureFixture) -> list[tuple[Any, Any]]:
+    """The status and code of each access-log line."""
+    return [
+        (getattr(r, "status", None), getattr(r, "code", None))
+        for r in caplog.records
+        if r.name == "citadel.gateway.access" and r.getMessage() == "request"
+    ]
+
+
+# What vLLM writes into a stream when generation fails after it began.
+VLLM_ERROR = {
+    "error": {"message": "engine died", "type": "InternalServerError", "code": 500}
+}
+
+
+async def test_a_replicas_error_event_is_logged_with_a_code(
+    harness: Any, kit: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client got a 200 before vLLM's own error event, relayed as is; the
+    access log says it failed, with the code the gRPC and GraphQL doors count
+    the same event as, so the log does not show it as a plain success."""
+    caplog.set_level("INFO", logger="citadel.gateway.access")
+    parts = _sse(CHUNK, VLLM_ERROR)
+    harness.upstream.handler = lambda url, body: kit.reply(
+        parts=parts, content_type="text/event-stream"
+    )
+    async with harness.client() as client:
+        answer = await client.post(
+            "/v1/chat/completions", json={**kit.chat, "stream": True}
+        )
+    assert answer.status_code == 200
+    assert answer.content == b"".join(parts)
+    assert kit.counted(harness, "200") == 1
+    assert _access(caplog) == [(200, "backend_error")]
+
+
+async def test_a_token_named_error_is_no_error_event(
+    harness: Any, kit: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="citadel.gateway.access")
+    token = {"token": "error", "logprob": -0.1, "top_logprobs": []}
+    choice = {"index": 0, "delta": {"content": "error"}}
+    chunk = {"choices": [{**choice, "logprobs": {"content": [token]}}]}
+    harness.upstream.handler = lambda url, body: kit.reply(
+        parts=_sse(chunk), content_type="text/event-stream"
+    )
+    async with harness.client() as client:
+        await client.post("/v1/chat/completions", json={**kit.chat, "stream": True})
+    assert _access(caplog) == [(200, None)]
+
+
 async def _tokens_left_after(kit: Any, first: Any, reply: Any) -> int:
     """Tokens left of a model's 10,000 a minute after `first`, answered with
     `reply`, and a plain chat after it."""
@@ -276,6 +327,38 @@ async def test_a_dropped_request_is_tried_elsewhere_but_stays_charged(
     assert first.headers["x-ratelimit-remaining-requests"] == "1"
     left = 10_000 - estimate_tokens(dict(kit.chat), 256)
     assert first.headers["x-ratelimit-remaining-tokens"] == str(left)
+
+
+@pytest.mark.parametrize(
+    ("when", "kept"),
+    [("waiting for the headers", True), ("mid-body", True), ("connecting", False)],
+)
+async def test_a_request_that_timed_out_at_its_replica_stays_charged(
+    kit: Any, when: str, kept: bool
+) -> None:
+    """A request that times out after it was written (a huge prompt, a huge
+    max_tokens) may have kept its replica busy all along: its estimate stays
+    charged, or a client whose requests always time out would never meet its
+    tokens per minute or its quotas. One whose connection timed out never got
+    to the replica: its estimate is given back."""
+    from citadel.gateway.services.limits import estimate_tokens
+
+    h = kit.build(doc=kit.document(limits={"tpm": 10_000}), retries=0)
+
+    def handler(url: str, body: Any) -> Any:
+        if when == "connecting":
+            return UpstreamUnreachable("connect timeout to 10.0.0.7:8000")
+        if when == "mid-body":
+            return kit.reply(body=UpstreamTimeout("no answer in 600 s"))
+        return UpstreamTimeout("no answer from 10.0.0.7:8000 in 600 s")
+
+    h.upstream.handler = handler
+    async with h.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert answer.status_code == (504 if kept else 502)
+    estimate = estimate_tokens(dict(kit.chat), 256)
+    left = 10_000 - estimate if kept else 10_000
+    assert answer.headers["x-ratelimit-remaining-tokens"] == str(left)
 
 
 async def test_a_dropped_request_is_answered_by_the_next_replica(

@@ -53,3 +53,25 @@ def test_usage_of_a_whole_body() -> None:
     )
     assert usage_of_body(b'{"choices":[]}') is None
     assert usage_of_body(b'{"usage": broken') is None
+
+
+ERROR = b'data: {"error":{"message":"engine died","type":"InternalServerError"}}\n\n'
+
+
+def test_an_error_event_is_noted_and_relayed() -> None:
+    f = EventFilter(keep_usage_chunk=False)
+    assert f.feed(TOKEN + ERROR[:9]) == TOKEN
+    assert f.error is None
+    assert f.feed(ERROR[9:] + DONE) == ERROR + DONE
+    assert f.error is not None
+    assert f.error["error"]["message"] == "engine died"
+
+
+def test_the_word_error_in_a_chunk_is_no_error_event() -> None:
+    logprobs = {"content": [{"token": "error", "logprob": -0.5}]}
+    chunk = {"choices": [{"delta": {"content": '"error"'}, "logprobs": logprobs}]}
+    event = b"data: " + orjson.dumps(chunk) + b"\n\n"
+    f = EventFilter(keep_usage_chunk=False)
+    assert f.feed(event + USAGE) == event
+    assert f.error is None
+    assert f.usage == Usage(4, 2)
