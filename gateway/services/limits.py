@@ -34,6 +34,7 @@ from citadel.gateway.services.buckets import (
     reset_time,
 )
 from citadel.gateway.services.prefix import prompt_text
+from citadel.gateway.services.requests import ApiCall, ApiKind
 
 MINUTE = 60.0
 MAX_ESTIMATE = 10**9
@@ -45,21 +46,26 @@ small enough for the bucket arithmetic in Redis's Lua, which a `max_tokens` of
 log = logging.getLogger(__name__)
 
 
-def estimate_tokens(body: Mapping[str, Any], default_max_tokens: int) -> int:
+def estimate_tokens(
+    body: Mapping[str, Any], call: ApiCall, default_max_tokens: int
+) -> int:
     """A cautious guess of a request's tokens, before it is sent.
 
-    Every prompt counts: its characters / 4, or for a prompt given as token ids
-    one token each; a chat is one prompt, its messages as `prompt_text` joins
-    them. A chat or completion adds its reply (`max_completion_tokens`, else
-    `max_tokens`, else `default_max_tokens`) for each prompt and each sequence
-    generated for it: `n`, or `best_of` when larger, as every candidate is
-    generated (and billed by OpenAI) though only `n` come back.
+    What counts follows the endpoint called (`call`), never the fields the body
+    happens to carry: a chat's `messages`, a completion's `prompt`, an
+    embedding's `input`. Every prompt counts: its characters / 4, or for a
+    prompt given as token ids one token each; a chat is one prompt, its
+    messages as `prompt_text` joins them. A chat or completion adds its reply
+    (`max_completion_tokens`, else `max_tokens`, else `default_max_tokens`) for
+    each prompt and each sequence generated for it: `n`, or `best_of` when
+    larger, as every candidate is generated (and billed by OpenAI) though only
+    `n` come back; an embedding generates nothing.
     """
-    if isinstance(body.get("messages"), list):
+    if call.kind is ApiKind.CHAT:
         tokens, prompts = _text_tokens(prompt_text(body)), 1
     else:
-        tokens, prompts = _prompt_tokens(body)
-    if "input" not in body:
+        tokens, prompts = _prompt_tokens(body.get(call.prompt_field))
+    if call.kind is not ApiKind.EMBEDDINGS:
         reply = body.get("max_completion_tokens") or body.get("max_tokens")
         if not isinstance(reply, int) or reply < 1:
             reply = default_max_tokens
@@ -71,20 +77,18 @@ def _text_tokens(text: str) -> int:
     return math.ceil(len(text) / 4)
 
 
-def _prompt_tokens(body: Mapping[str, Any]) -> tuple[int, int]:
+def _prompt_tokens(value: object) -> tuple[int, int]:
     """The tokens of a completion's `prompt` or an embedding's `input`, and how
     many prompts it holds: a string, token ids, or an array of either (a batch,
     each prompt generated for or embedded on its own)."""
-    for name in ("prompt", "input"):
-        value = body.get(name)
-        if isinstance(value, str):
-            return _text_tokens(value), 1
-        if isinstance(value, list) and value:
-            # Token ids are integers throughout (the backend refuses a mix), so
-            # the first tells, without a pass over a prompt of thousands.
-            if isinstance(value[0], int):
-                return len(value), 1
-            return sum(_one_prompt(item) for item in value), len(value)
+    if isinstance(value, str):
+        return _text_tokens(value), 1
+    if isinstance(value, list) and value:
+        # Token ids are integers throughout (the backend refuses a mix), so
+        # the first tells, without a pass over a prompt of thousands.
+        if isinstance(value[0], int):
+            return len(value), 1
+        return sum(_one_prompt(item) for item in value), len(value)
     return 0, 1
 
 

@@ -19,6 +19,12 @@ from citadel.gateway.services.buckets import (
     refill,
 )
 from citadel.gateway.services.limits import MAX_ESTIMATE, Limiter, estimate_tokens
+from citadel.gateway.services.requests import (
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    ApiCall,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -96,27 +102,47 @@ async def test_a_debt_is_waited_out_not_forgotten_when_the_ttl_ends() -> None:
 
 def test_estimate_tokens() -> None:
     chat = {"messages": [{"role": "user", "content": "x" * 400}], "max_tokens": 50}
-    assert estimate_tokens(chat, 256) == 50 + 102  # "user" and separators count
-    assert estimate_tokens({"prompt": "abcd", "n": 2}, 10) == 1 + 20
-    assert estimate_tokens({"input": "x" * 8}, 256) == 2
+    assert estimate_tokens(chat, CHAT, 256) == 50 + 102  # "user" and separators
+    assert estimate_tokens({"prompt": "abcd", "n": 2}, COMPLETIONS, 10) == 1 + 20
+    assert estimate_tokens({"input": "x" * 8}, EMBEDDINGS, 256) == 2
 
 
 @pytest.mark.parametrize(
-    ("body", "tokens"),
+    ("body", "call", "tokens"),
     [
         # 8 prompts of 1,000 tokens, each with its reply of 100.
-        ({"prompt": ["x" * 4000] * 8, "max_tokens": 100}, 8 * 1000 + 8 * 100),
+        (
+            {"prompt": ["x" * 4000] * 8, "max_tokens": 100},
+            COMPLETIONS,
+            8 * 1000 + 8 * 100,
+        ),
         # Token ids: one token each, one prompt.
-        ({"prompt": list(range(4000)), "max_tokens": 100}, 4000 + 100),
-        ({"prompt": [[1] * 300, [2] * 500], "max_tokens": 10}, 800 + 2 * 10),
+        ({"prompt": list(range(4000)), "max_tokens": 100}, COMPLETIONS, 4000 + 100),
+        (
+            {"prompt": [[1] * 300, [2] * 500], "max_tokens": 10},
+            COMPLETIONS,
+            800 + 2 * 10,
+        ),
         # Each prompt's reply for each choice; best_of is generated in full.
-        ({"prompt": ["abcd", "efgh"], "n": 3, "max_tokens": 10}, 2 + 2 * 3 * 10),
-        ({"prompt": "abcd", "n": 2, "best_of": 5, "max_tokens": 10}, 1 + 5 * 10),
-        ({"prompt": "abcd", "n": 3, "best_of": 2, "max_tokens": 10}, 1 + 3 * 10),
+        (
+            {"prompt": ["abcd", "efgh"], "n": 3, "max_tokens": 10},
+            COMPLETIONS,
+            2 + 2 * 3 * 10,
+        ),
+        (
+            {"prompt": "abcd", "n": 2, "best_of": 5, "max_tokens": 10},
+            COMPLETIONS,
+            1 + 5 * 10,
+        ),
+        (
+            {"prompt": "abcd", "n": 3, "best_of": 2, "max_tokens": 10},
+            COMPLETIONS,
+            1 + 3 * 10,
+        ),
         # Embeddings: every input, no reply.
-        ({"input": ["x" * 4000] * 64}, 64 * 1000),
-        ({"input": [list(range(50)), list(range(30))]}, 80),
-        ({"input": list(range(70))}, 70),
+        ({"input": ["x" * 4000] * 64}, EMBEDDINGS, 64 * 1000),
+        ({"input": [list(range(50)), list(range(30))]}, EMBEDDINGS, 80),
+        ({"input": list(range(70))}, EMBEDDINGS, 70),
         # A chat's content parts count (one prompt, n replies).
         (
             {
@@ -124,16 +150,43 @@ def test_estimate_tokens() -> None:
                 "max_tokens": 10,
                 "n": 2,
             },
+            CHAT,
             100 + 2 * 10,
         ),
     ],
 )
 def test_an_estimate_counts_every_prompt_and_each_reply(
-    body: dict[str, Any], tokens: int
+    body: dict[str, Any], call: ApiCall, tokens: int
 ) -> None:
     """A batch estimated as its first prompt, with one reply, let a quota admit
     a request many times what it had left."""
-    assert estimate_tokens(body, 256) == tokens
+    assert estimate_tokens(body, call, 256) == tokens
+
+
+@pytest.mark.parametrize(
+    ("body", "call", "tokens"),
+    [
+        # A chat's `input` is not an embedding's: the reply counts.
+        (
+            {"messages": [{"role": "user", "content": "x" * 6}], "input": "y"},
+            CHAT,
+            256 + 3,
+        ),
+        # A completion's prompt, not the messages it also carries.
+        (
+            {"prompt": "x" * 4000, "messages": [{"content": "y"}]},
+            COMPLETIONS,
+            1000 + 256,
+        ),
+        # An embedding's input, not a stray prompt; no reply, whatever it asks.
+        ({"input": "x" * 4000, "prompt": "y", "max_tokens": 9}, EMBEDDINGS, 1000),
+    ],
+)
+def test_an_estimate_follows_the_call_not_the_body(
+    body: dict[str, Any], call: ApiCall, tokens: int
+) -> None:
+    """Told from the body, a chat with an `input` was an embedding (no reply)."""
+    assert estimate_tokens(body, call, 256) == tokens
 
 
 async def test_rpm_per_key_and_per_model() -> None:
@@ -233,7 +286,7 @@ async def test_a_request_no_replica_answered_gives_its_request_back() -> None:
 
 def test_an_estimate_stays_within_bounds() -> None:
     huge = {"messages": [], "max_tokens": 10**19, "n": 128}
-    assert estimate_tokens(huge, 256) == MAX_ESTIMATE
+    assert estimate_tokens(huge, CHAT, 256) == MAX_ESTIMATE
 
 
 async def test_no_limits_no_buckets() -> None:
