@@ -6,8 +6,9 @@ Which buckets a request draws from:
 - the model's `limits` from the routing document, a per-key default: each key gets
   its own `rpm`/`tpm` bucket for that model.
 
-Tokens are estimated before the request (each prompt's characters / 4 plus
-`max_tokens` for each prompt and choice) and corrected once the reply's usage is
+Tokens are estimated before the request (each prompt's characters / 4, with a
+chat's tool schemas and calls as their JSON's characters / 4, plus `max_tokens`
+for each prompt and choice) and corrected once the reply's usage is
 known. When the bucket store is unreachable (Redis down) requests are admitted
 unchecked and the error logged: an outage of the limit store does not stop serving.
 """
@@ -20,6 +21,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import orjson
 
 from citadel.gateway.errors import QuotaExceeded, RateLimited
 from citadel.gateway.routes import ModelRoute
@@ -55,14 +58,16 @@ def estimate_tokens(
     happens to carry: a chat's `messages`, a completion's `prompt`, an
     embedding's `input`. Every prompt counts: its characters / 4, or for a
     prompt given as token ids one token each; a chat is one prompt, its
-    messages as `prompt_text` joins them. A chat or completion adds its reply
+    messages as `prompt_text` joins them, and its `tools` (or `functions`)
+    and the messages' `tool_calls` (or `function_call`) as their JSON's
+    characters / 4; not `response_format`. A chat or completion adds its reply
     (`max_completion_tokens`, else `max_tokens`, else `default_max_tokens`) for
     each prompt and each sequence generated for it: `n`, or `best_of` when
     larger, as every candidate is generated (and billed by OpenAI) though only
     `n` come back; an embedding generates nothing.
     """
     if call.kind is ApiKind.CHAT:
-        tokens, prompts = _text_tokens(prompt_text(body)), 1
+        tokens, prompts = _chat_tokens(body), 1
     else:
         tokens, prompts = _prompt_tokens(body.get(call.prompt_field))
     if call.kind is not ApiKind.EMBEDDINGS:
@@ -75,6 +80,64 @@ def estimate_tokens(
 
 def _text_tokens(text: str) -> int:
     return math.ceil(len(text) / 4)
+
+
+def _chat_tokens(body: Mapping[str, Any]) -> int:
+    """The tokens of a chat's prompt: its messages' text, as `prompt_text`
+    joins it, and the JSON of the tool schemas and calls that the chat
+    template renders beside it."""
+    # vLLM hands `tools` to the chat template, which writes them into the
+    # prompt (often the largest part of an agent's), and so are the calls of
+    # earlier turns. `functions`, OpenAI's older name, vLLM does not read:
+    # counted all the same, as OpenAI renders them; an estimate too high is
+    # given back once the reply's usage is known. `response_format` is not
+    # counted: vLLM compiles its schema into a grammar that guides decoding,
+    # outside the prompt and its usage, so it would stay charged on every
+    # reply that reports no usage.
+    rendered = [body.get("tools"), body.get("functions")]
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            if isinstance(message, Mapping):
+                rendered += (message.get("tool_calls"), message.get("function_call"))
+    structured = [value for value in rendered if value is not None]
+    tokens = _text_tokens(prompt_text(body))
+    if structured:
+        # One serialisation of them all, in C; the walk is for what orjson
+        # refuses.
+        tokens += math.ceil(_json_chars(structured) / 4)
+    return tokens
+
+
+def _json_chars(value: object) -> int:
+    """The size of `value` written as JSON (UTF-8 bytes: its characters, or
+    more for non-ASCII text)."""
+    try:
+        return len(orjson.dumps(value))
+    except orjson.JSONEncodeError:
+        # Nested deeper than orjson writes (254 levels; it reads 1,024, so a
+        # body may hold such a value): measured by a walk, ten times slower.
+        return _walked_json_chars(value)
+
+
+def _walked_json_chars(value: object) -> int:
+    """`value`'s JSON characters (escapes aside), walked on a stack rather
+    than by recursion, which a deep value would take past Python's limit."""
+    chars, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            chars += len(item) + 2  # and its quotes
+        elif isinstance(item, Mapping):
+            # Braces and commas; each key with its quotes and colon.
+            chars += max(2, len(item) + 1) + sum(len(str(k)) + 3 for k in item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            chars += max(2, len(item) + 1)  # brackets and commas
+            stack.extend(item)
+        else:
+            chars += len(str(item))  # a number; True, False, None as long
+    return chars
 
 
 def _prompt_tokens(value: object) -> tuple[int, int]:

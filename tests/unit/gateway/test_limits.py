@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
 
 from citadel.gateway.errors import QuotaExceeded, RateLimited
@@ -187,6 +189,56 @@ def test_an_estimate_follows_the_call_not_the_body(
 ) -> None:
     """Told from the body, a chat with an `input` was an embedding (no reply)."""
     assert estimate_tokens(body, call, 256) == tokens
+
+
+TOOL = {
+    "type": "function",
+    "function": {"name": "f", "description": "x" * 2000, "parameters": {}},
+}
+CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"tools": [TOOL] * 50}, {}),
+        ({"functions": [TOOL["function"]] * 50}, {}),
+        # An agent's history: the calls it made are rendered back too.
+        ({}, {"tool_calls": [{**CALL, "arguments": "y" * 2000}] * 50}),
+        ({}, {"function_call": {"name": "f", "arguments": "y" * 100_000}}),
+    ],
+)
+def test_a_chat_counts_the_tool_schemas_and_calls_in_its_prompt(
+    fields: dict[str, Any], message: dict[str, Any]
+) -> None:
+    """vLLM renders `tools` (and the calls of earlier turns) into the prompt
+    through the chat template: 50 tool schemas of 2,000 characters, some
+    25,000 prompt tokens, were estimated as 3."""
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    bare = estimate_tokens(chat, CHAT, 256)
+    turn = {"role": "assistant", "content": None, **message}
+    body = {**chat, **fields, "messages": [*chat["messages"], turn]}
+    size = len(orjson.dumps([*fields.values(), *message.values()]))
+    added = estimate_tokens(body, CHAT, 256) - bare - 3  # "assistant" and separators
+    assert 25_000 <= added <= size / 4 + 1
+    # A response format is no part of the prompt: vLLM guides decoding with it.
+    schema = {"type": "json_schema", "json_schema": {"schema": TOOL}}
+    assert estimate_tokens({**body, "response_format": schema}, CHAT, 256) == (
+        bare + 3 + added
+    )
+
+
+def test_a_tool_schema_nested_past_what_json_writers_take_still_counts() -> None:
+    """orjson writes 254 levels but reads 1,024: a deeper schema is counted by
+    a walk instead, not failed with a 500."""
+    deep: object = "x" * 4000
+    for _ in range(600):
+        deep = [deep]
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    bare = estimate_tokens(chat, CHAT, 256)
+    added = estimate_tokens({**chat, "tools": deep}, CHAT, 256) - bare
+    size = len(json.dumps(deep, separators=(",", ":")))  # 600 levels: fine here
+    assert abs(added - size / 4) <= 1
 
 
 async def test_rpm_per_key_and_per_model() -> None:
