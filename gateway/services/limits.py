@@ -7,10 +7,11 @@ Which buckets a request draws from:
   its own `rpm`/`tpm` bucket for that model.
 
 Tokens are estimated before the request (each prompt's characters / 4, with a
-chat's tool schemas and calls as their JSON's characters / 4, plus `max_tokens`
-for each prompt and choice) and corrected once the reply's usage is
-known. When the bucket store is unreachable (Redis down) requests are admitted
-unchecked and the error logged: an outage of the limit store does not stop serving.
+chat's tool schemas and calls as their JSON's characters / 4 and a fixed number
+for each image, audio or file, plus `max_tokens` for each prompt and choice) and
+corrected once the reply's usage is known. When the bucket store is unreachable
+(Redis down) requests are admitted unchecked and the error logged: an outage of
+the limit store does not stop serving.
 """
 
 from __future__ import annotations
@@ -46,6 +47,18 @@ model refuses a larger `max_tokens`, and the estimate is then given back), and
 small enough for the bucket arithmetic in Redis's Lua, which a `max_tokens` of
 10^19 broke."""
 
+MEDIA_PART_TOKENS = 3_000
+"""What each image, audio, video or file part of a chat is estimated at,
+whatever its size: what common vision models in vLLM make of a photo at their
+default resolution, rounded up (a 1920x1080 one is about 2,700 tokens in
+Qwen2-VL, one per 28x28 pixels; LLaVA-NeXT's largest grid is 2,928, LLaVA-1.5's
+one image 576). The part's payload (a `data:` URL, base64 audio) is never
+counted as text: 1 MB of it would be 250,000 tokens. The reply's usage corrects
+the estimate either way."""
+
+_TEXT_PARTS = frozenset({"text", "input_text", "output_text", "refusal", "thinking"})
+"""The content part types vLLM reads as text, not media."""
+
 log = logging.getLogger(__name__)
 
 
@@ -58,9 +71,11 @@ def estimate_tokens(
     happens to carry: a chat's `messages`, a completion's `prompt`, an
     embedding's `input`. Every prompt counts: its characters / 4, or for a
     prompt given as token ids one token each; a chat is one prompt, its
-    messages as `prompt_text` joins them, and its `tools` (or `functions`)
-    and the messages' `tool_calls` (or `function_call`) as their JSON's
-    characters / 4; not `response_format`. A chat or completion adds its reply
+    messages as `prompt_text` joins them, `MEDIA_PART_TOKENS` for each of
+    their image, audio, video or file parts (not their payload's characters),
+    and its `tools` (or `functions`) and the messages' `tool_calls` (or
+    `function_call`) as their JSON's characters / 4; not `response_format`.
+    A chat or completion adds its reply
     (`max_completion_tokens`, else `max_tokens`, else `default_max_tokens`) for
     each prompt and each sequence generated for it: `n`, or `best_of` when
     larger, as every candidate is generated (and billed by OpenAI) though only
@@ -84,8 +99,9 @@ def _text_tokens(text: str) -> int:
 
 def _chat_tokens(body: Mapping[str, Any]) -> int:
     """The tokens of a chat's prompt: its messages' text, as `prompt_text`
-    joins it, and the JSON of the tool schemas and calls that the chat
-    template renders beside it."""
+    joins it, `MEDIA_PART_TOKENS` for each of their media parts, and the JSON
+    of the tool schemas and calls that the chat template renders beside
+    them."""
     # vLLM hands `tools` to the chat template, which writes them into the
     # prompt (often the largest part of an agent's), and so are the calls of
     # earlier turns. `functions`, OpenAI's older name, vLLM does not read:
@@ -95,18 +111,34 @@ def _chat_tokens(body: Mapping[str, Any]) -> int:
     # outside the prompt and its usage, so it would stay charged on every
     # reply that reports no usage.
     rendered = [body.get("tools"), body.get("functions")]
+    media = 0
     messages = body.get("messages")
     if isinstance(messages, list):
         for message in messages:
             if isinstance(message, Mapping):
                 rendered += (message.get("tool_calls"), message.get("function_call"))
+                media += _media_parts(message.get("content"))
     structured = [value for value in rendered if value is not None]
-    tokens = _text_tokens(prompt_text(body))
+    tokens = _text_tokens(prompt_text(body)) + media * MEDIA_PART_TOKENS
     if structured:
         # One serialisation of them all, in C; the walk is for what orjson
         # refuses.
         tokens += math.ceil(_json_chars(structured) / 4)
     return tokens
+
+
+def _media_parts(content: object) -> int:
+    """How many parts of a message's content are media: any part object that
+    is not text (vLLM takes an image without its `type`, so none is needed)."""
+    if not isinstance(content, list):
+        return 0
+    return sum(
+        1
+        for part in content
+        if isinstance(part, Mapping)
+        and "text" not in part
+        and part.get("type") not in _TEXT_PARTS
+    )
 
 
 def _json_chars(value: object) -> int:

@@ -241,6 +241,29 @@ def test_a_tool_schema_nested_past_what_json_writers_take_still_counts() -> None
     assert abs(added - size / 4) <= 1
 
 
+DATA = "data:image/png;base64," + "A" * 1_000_000
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "image_url", "image_url": {"url": DATA}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+        {"image_url": {"url": DATA}},  # vLLM takes it without a type
+        {"type": "input_audio", "input_audio": {"data": DATA[22:], "format": "wav"}},
+        {"type": "video_url", "video_url": {"url": "https://example.com/cat.mp4"}},
+        {"type": "file", "file": {"file_data": DATA}},
+    ],
+)
+def test_a_chat_counts_each_media_part_at_a_fixed_size(part: dict[str, Any]) -> None:
+    """Images, audio and files added nothing; nor may their payload count as
+    text: 1 MB of base64 would be 250,000 tokens."""
+    text = {"type": "text", "text": "x" * 400}
+    chat = {"messages": [{"role": "user", "content": [text, part, part]}]}
+    # 406 characters with "user" and separators, 3,000 tokens a part, a reply.
+    assert estimate_tokens({**chat, "max_tokens": 1}, CHAT, 256) == 102 + 6_000 + 1
+
+
 async def test_rpm_per_key_and_per_model() -> None:
     clock = Clock()
     limiter = Limiter(InProcessBuckets(), clock)
