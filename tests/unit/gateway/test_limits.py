@@ -155,6 +155,12 @@ def test_estimate_tokens() -> None:
             CHAT,
             100 + 2 * 10,
         ),
+        # So does text given as a plain string among them, as vLLM takes it.
+        (
+            {"messages": [{"role": "user", "content": ["x" * 394]}], "max_tokens": 1},
+            CHAT,
+            100 + 1,
+        ),
     ],
 )
 def test_an_estimate_counts_every_prompt_and_each_reply(
