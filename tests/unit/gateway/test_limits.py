@@ -141,6 +141,14 @@ def test_estimate_tokens() -> None:
             COMPLETIONS,
             1 + 3 * 10,
         ),
+        # Shapes the backend refuses still count each prompt as its own shape,
+        # and a deep one without recursing: a list is its length in ids.
+        (
+            {"prompt": ["abcd", [1, 2, 3], 7], "max_tokens": 10},
+            COMPLETIONS,
+            1 + 3 + 1 + 3 * 10,
+        ),
+        ({"prompt": [[[[1] * 5]], [[2], [3]]], "max_tokens": 1}, COMPLETIONS, 3 + 2),
         # Embeddings: every input, no reply.
         ({"input": ["x" * 4000] * 64}, EMBEDDINGS, 64 * 1000),
         ({"input": [list(range(50)), list(range(30))]}, EMBEDDINGS, 80),
