@@ -6,10 +6,12 @@ Which buckets a request draws from:
 - the model's `limits` from the routing document, a per-key default: each key gets
   its own `rpm`/`tpm` bucket for that model.
 
-Tokens are estimated before the request (each prompt's characters / 4 plus
-`max_tokens` for each prompt and choice) and corrected once the reply's usage is
-known. When the bucket store is unreachable (Redis down) requests are admitted
-unchecked and the error logged: an outage of the limit store does not stop serving.
+Tokens are estimated before the request (each prompt's characters / 4, with a
+chat's tool schemas and calls as their JSON's characters / 4 and a fixed number
+for each image, audio or file, plus `max_tokens` for each prompt and choice) and
+corrected once the reply's usage is known. When the bucket store is unreachable
+(Redis down) requests are admitted unchecked and the error logged: an outage of
+the limit store does not stop serving.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import orjson
 
 from citadel.gateway.errors import QuotaExceeded, RateLimited
 from citadel.gateway.routes import ModelRoute
@@ -34,6 +38,7 @@ from citadel.gateway.services.buckets import (
     reset_time,
 )
 from citadel.gateway.services.prefix import prompt_text
+from citadel.gateway.services.requests import ApiCall, ApiKind
 
 MINUTE = 60.0
 MAX_ESTIMATE = 10**9
@@ -42,24 +47,45 @@ model refuses a larger `max_tokens`, and the estimate is then given back), and
 small enough for the bucket arithmetic in Redis's Lua, which a `max_tokens` of
 10^19 broke."""
 
+MEDIA_PART_TOKENS = 3_000
+"""What each image, audio, video or file part of a chat is estimated at,
+whatever its size: what common vision models in vLLM make of a photo at their
+default resolution, rounded up (a 1920x1080 one is about 2,700 tokens in
+Qwen2-VL, one per 28x28 pixels; LLaVA-NeXT's largest grid is 2,928, LLaVA-1.5's
+one image 576). The part's payload (a `data:` URL, base64 audio) is never
+counted as text: 1 MB of it would be 250,000 tokens. The reply's usage corrects
+the estimate either way."""
+
+_TEXT_PARTS = frozenset({"text", "input_text", "output_text", "refusal", "thinking"})
+"""The content part types vLLM reads as text, not media."""
+
 log = logging.getLogger(__name__)
 
 
-def estimate_tokens(body: Mapping[str, Any], default_max_tokens: int) -> int:
+def estimate_tokens(
+    body: Mapping[str, Any], call: ApiCall, default_max_tokens: int
+) -> int:
     """A cautious guess of a request's tokens, before it is sent.
 
-    Every prompt counts: its characters / 4, or for a prompt given as token ids
-    one token each; a chat is one prompt, its messages as `prompt_text` joins
-    them. A chat or completion adds its reply (`max_completion_tokens`, else
-    `max_tokens`, else `default_max_tokens`) for each prompt and each sequence
-    generated for it: `n`, or `best_of` when larger, as every candidate is
-    generated (and billed by OpenAI) though only `n` come back.
+    What counts follows the endpoint called (`call`), never the fields the body
+    happens to carry: a chat's `messages`, a completion's `prompt`, an
+    embedding's `input`. Every prompt counts: its characters / 4, or for a
+    prompt given as token ids one token each; a chat is one prompt, its
+    messages as `prompt_text` joins them, `MEDIA_PART_TOKENS` for each of
+    their image, audio, video or file parts (not their payload's characters),
+    and its `tools` (or `functions`) and the messages' `tool_calls` (or
+    `function_call`) as their JSON's characters / 4; not `response_format`.
+    A chat or completion adds its reply
+    (`max_completion_tokens`, else `max_tokens`, else `default_max_tokens`) for
+    each prompt and each sequence generated for it: `n`, or `best_of` when
+    larger, as every candidate is generated (and billed by OpenAI) though only
+    `n` come back; an embedding generates nothing.
     """
-    if isinstance(body.get("messages"), list):
-        tokens, prompts = _text_tokens(prompt_text(body)), 1
+    if call.kind is ApiKind.CHAT:
+        tokens, prompts = _chat_tokens(body), 1
     else:
-        tokens, prompts = _prompt_tokens(body)
-    if "input" not in body:
+        tokens, prompts = _prompt_tokens(body.get(call.prompt_field))
+    if call.kind is not ApiKind.EMBEDDINGS:
         reply = body.get("max_completion_tokens") or body.get("max_tokens")
         if not isinstance(reply, int) or reply < 1:
             reply = default_max_tokens
@@ -71,20 +97,93 @@ def _text_tokens(text: str) -> int:
     return math.ceil(len(text) / 4)
 
 
-def _prompt_tokens(body: Mapping[str, Any]) -> tuple[int, int]:
+def _chat_tokens(body: Mapping[str, Any]) -> int:
+    """The tokens of a chat's prompt: its messages' text, as `prompt_text`
+    joins it, `MEDIA_PART_TOKENS` for each of their media parts, and the JSON
+    of the tool schemas and calls that the chat template renders beside
+    them."""
+    # vLLM hands `tools` to the chat template, which writes them into the
+    # prompt (often the largest part of an agent's), and so are the calls of
+    # earlier turns. `functions`, OpenAI's older name, vLLM does not read:
+    # counted all the same, as OpenAI renders them; an estimate too high is
+    # given back once the reply's usage is known. `response_format` is not
+    # counted: vLLM compiles its schema into a grammar that guides decoding,
+    # outside the prompt and its usage, so it would stay charged on every
+    # reply that reports no usage.
+    rendered = [body.get("tools"), body.get("functions")]
+    media = 0
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            if isinstance(message, Mapping):
+                rendered += (message.get("tool_calls"), message.get("function_call"))
+                media += _media_parts(message.get("content"))
+    structured = [value for value in rendered if value is not None]
+    tokens = _text_tokens(prompt_text(body)) + media * MEDIA_PART_TOKENS
+    if structured:
+        # One serialisation of them all, in C; the walk is for what orjson
+        # refuses.
+        tokens += math.ceil(_json_chars(structured) / 4)
+    return tokens
+
+
+def _media_parts(content: object) -> int:
+    """How many parts of a message's content are media: any part object that
+    is not text (vLLM takes an image without its `type`, so none is needed)."""
+    if not isinstance(content, list):
+        return 0
+    return sum(
+        1
+        for part in content
+        if isinstance(part, Mapping)
+        and "text" not in part
+        and part.get("type") not in _TEXT_PARTS
+    )
+
+
+def _json_chars(value: object) -> int:
+    """The size of `value` written as JSON (UTF-8 bytes: its characters, or
+    more for non-ASCII text)."""
+    try:
+        return len(orjson.dumps(value))
+    except orjson.JSONEncodeError:
+        # Nested deeper than orjson writes (254 levels; it reads 1,024, so a
+        # body may hold such a value): measured by a walk, ten times slower.
+        return _walked_json_chars(value)
+
+
+def _walked_json_chars(value: object) -> int:
+    """`value`'s JSON characters (escapes aside), walked on a stack rather
+    than by recursion, which a deep value would take past Python's limit."""
+    chars, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            chars += len(item) + 2  # and its quotes
+        elif isinstance(item, Mapping):
+            # Braces and commas; each key with its quotes and colon.
+            chars += max(2, len(item) + 1) + sum(len(str(k)) + 3 for k in item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            chars += max(2, len(item) + 1)  # brackets and commas
+            stack.extend(item)
+        else:
+            chars += len(str(item))  # a number; True, False, None as long
+    return chars
+
+
+def _prompt_tokens(value: object) -> tuple[int, int]:
     """The tokens of a completion's `prompt` or an embedding's `input`, and how
     many prompts it holds: a string, token ids, or an array of either (a batch,
     each prompt generated for or embedded on its own)."""
-    for name in ("prompt", "input"):
-        value = body.get(name)
-        if isinstance(value, str):
-            return _text_tokens(value), 1
-        if isinstance(value, list) and value:
-            # Token ids are integers throughout (the backend refuses a mix), so
-            # the first tells, without a pass over a prompt of thousands.
-            if isinstance(value[0], int):
-                return len(value), 1
-            return sum(_one_prompt(item) for item in value), len(value)
+    if isinstance(value, str):
+        return _text_tokens(value), 1
+    if isinstance(value, list) and value:
+        # Token ids are integers throughout (the backend refuses a mix), so
+        # the first tells, without a pass over a prompt of thousands.
+        if isinstance(value[0], int):
+            return len(value), 1
+        return sum(_one_prompt(item) for item in value), len(value)
     return 0, 1
 
 

@@ -47,8 +47,12 @@ def _content(message: Mapping[str, Any]) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
+        # vLLM takes a plain string among the parts as text; media parts have
+        # none, and their payload (base64) is no text to route or charge by.
         return "".join(
-            str(part.get("text", "")) for part in content if isinstance(part, Mapping)
+            part if isinstance(part, str) else str(part.get("text", ""))
+            for part in content
+            if isinstance(part, str | Mapping)
         )
     return ""
 

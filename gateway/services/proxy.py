@@ -219,7 +219,7 @@ class ProxyService:
         ctx.model = route.served_name
         ctx.principal.check(route, body["model"])
         stream = ctx.call.streams and body.get("stream") is True
-        estimate = estimate_tokens(body, self._options.default_max_tokens)
+        estimate = estimate_tokens(body, ctx.call, self._options.default_max_tokens)
         try:
             ctx.admission = await self._limiter.admit(ctx.principal, route, estimate)
         except GatewayError as err:

@@ -200,8 +200,8 @@ async def test_an_answer_without_usage_keeps_its_estimate(kit: Any, reply: str) 
         "a 502": kit.reply(status=502, body=b"{}"),
     }
     remaining = await _tokens_left_after(kit, first, replies[reply])
-    second = estimate_tokens(dict(kit.chat), 256)
-    kept = 0 if reply == "a 502" else estimate_tokens(first, 256)
+    second = estimate_tokens(dict(kit.chat), CHAT, 256)
+    kept = 0 if reply == "a 502" else estimate_tokens(first, CHAT, 256)
     # No replica answered the 502 (it counts as a failure): nothing was used.
     assert remaining == 10_000 - kept - second
 
@@ -281,7 +281,7 @@ async def test_a_stream_without_usage_is_charged_a_token_an_event(
     remaining = await _tokens_left_after(
         kit, long, kit.reply(parts=_sse(*[CHUNK] * 600))
     )
-    second = estimate_tokens(dict(kit.chat), 256)
+    second = estimate_tokens(dict(kit.chat), CHAT, 256)
     assert remaining == 10_000 - 601 - second  # 600 events and [DONE]
 
 
@@ -325,7 +325,7 @@ async def test_a_dropped_request_is_tried_elsewhere_but_stays_charged(
     assert "no connection could be made" not in first.text
     assert "10.0.0.7" not in first.text
     assert first.headers["x-ratelimit-remaining-requests"] == "1"
-    left = 10_000 - estimate_tokens(dict(kit.chat), 256)
+    left = 10_000 - estimate_tokens(dict(kit.chat), CHAT, 256)
     assert first.headers["x-ratelimit-remaining-tokens"] == str(left)
 
 
@@ -449,6 +449,31 @@ async def test_a_quota_429_carries_the_quotas_headers(kit: Any) -> None:
     # 08:00 UTC: the day ends in 16 hours.
     assert refused.headers["x-ratelimit-reset-tokens"] == "16h0m0s"
     assert refused.headers["retry-after"] == str(16 * 3600)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "tokens"),
+    [
+        # The chat's prompt (11 characters) and its reply: `input` names no
+        # embedding here.
+        ("/v1/chat/completions", {"input": "x" * 400}, 3 + 256),
+        # The completion's prompt, not the chat's messages it carries.
+        ("/v1/completions", {"prompt": "x" * 4000}, 1000 + 256),
+        # The embedding's input, not a stray prompt or messages; no reply.
+        ("/v1/embeddings", {"input": "x" * 4000, "prompt": "x"}, 1000),
+    ],
+)
+async def test_an_estimate_follows_the_endpoint_called_not_the_body(
+    kit: Any, path: str, body: dict[str, Any], tokens: int
+) -> None:
+    """Told from the body, a chat carrying an unrelated `input` was estimated
+    as an embedding, without its reply, and a completion carrying `messages`
+    as that chat."""
+    h = kit.build(doc=kit.document(limits={"tpm": 100_000}))
+    async with h.client() as client:
+        answer = await client.post(path, json={**kit.chat, **body})
+    assert answer.status_code == 200
+    assert answer.headers["x-ratelimit-remaining-tokens"] == str(100_000 - tokens)
 
 
 async def test_a_quota_refuses_a_batch_larger_than_what_is_left(kit: Any) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
 
 from citadel.gateway.errors import QuotaExceeded, RateLimited
@@ -19,6 +21,12 @@ from citadel.gateway.services.buckets import (
     refill,
 )
 from citadel.gateway.services.limits import MAX_ESTIMATE, Limiter, estimate_tokens
+from citadel.gateway.services.requests import (
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    ApiCall,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -96,27 +104,55 @@ async def test_a_debt_is_waited_out_not_forgotten_when_the_ttl_ends() -> None:
 
 def test_estimate_tokens() -> None:
     chat = {"messages": [{"role": "user", "content": "x" * 400}], "max_tokens": 50}
-    assert estimate_tokens(chat, 256) == 50 + 102  # "user" and separators count
-    assert estimate_tokens({"prompt": "abcd", "n": 2}, 10) == 1 + 20
-    assert estimate_tokens({"input": "x" * 8}, 256) == 2
+    assert estimate_tokens(chat, CHAT, 256) == 50 + 102  # "user" and separators
+    assert estimate_tokens({"prompt": "abcd", "n": 2}, COMPLETIONS, 10) == 1 + 20
+    assert estimate_tokens({"input": "x" * 8}, EMBEDDINGS, 256) == 2
 
 
 @pytest.mark.parametrize(
-    ("body", "tokens"),
+    ("body", "call", "tokens"),
     [
         # 8 prompts of 1,000 tokens, each with its reply of 100.
-        ({"prompt": ["x" * 4000] * 8, "max_tokens": 100}, 8 * 1000 + 8 * 100),
+        (
+            {"prompt": ["x" * 4000] * 8, "max_tokens": 100},
+            COMPLETIONS,
+            8 * 1000 + 8 * 100,
+        ),
         # Token ids: one token each, one prompt.
-        ({"prompt": list(range(4000)), "max_tokens": 100}, 4000 + 100),
-        ({"prompt": [[1] * 300, [2] * 500], "max_tokens": 10}, 800 + 2 * 10),
+        ({"prompt": list(range(4000)), "max_tokens": 100}, COMPLETIONS, 4000 + 100),
+        (
+            {"prompt": [[1] * 300, [2] * 500], "max_tokens": 10},
+            COMPLETIONS,
+            800 + 2 * 10,
+        ),
         # Each prompt's reply for each choice; best_of is generated in full.
-        ({"prompt": ["abcd", "efgh"], "n": 3, "max_tokens": 10}, 2 + 2 * 3 * 10),
-        ({"prompt": "abcd", "n": 2, "best_of": 5, "max_tokens": 10}, 1 + 5 * 10),
-        ({"prompt": "abcd", "n": 3, "best_of": 2, "max_tokens": 10}, 1 + 3 * 10),
+        (
+            {"prompt": ["abcd", "efgh"], "n": 3, "max_tokens": 10},
+            COMPLETIONS,
+            2 + 2 * 3 * 10,
+        ),
+        (
+            {"prompt": "abcd", "n": 2, "best_of": 5, "max_tokens": 10},
+            COMPLETIONS,
+            1 + 5 * 10,
+        ),
+        (
+            {"prompt": "abcd", "n": 3, "best_of": 2, "max_tokens": 10},
+            COMPLETIONS,
+            1 + 3 * 10,
+        ),
+        # Shapes the backend refuses still count each prompt as its own shape,
+        # and a deep one without recursing: a list is its length in ids.
+        (
+            {"prompt": ["abcd", [1, 2, 3], 7], "max_tokens": 10},
+            COMPLETIONS,
+            1 + 3 + 1 + 3 * 10,
+        ),
+        ({"prompt": [[[[1] * 5]], [[2], [3]]], "max_tokens": 1}, COMPLETIONS, 3 + 2),
         # Embeddings: every input, no reply.
-        ({"input": ["x" * 4000] * 64}, 64 * 1000),
-        ({"input": [list(range(50)), list(range(30))]}, 80),
-        ({"input": list(range(70))}, 70),
+        ({"input": ["x" * 4000] * 64}, EMBEDDINGS, 64 * 1000),
+        ({"input": [list(range(50)), list(range(30))]}, EMBEDDINGS, 80),
+        ({"input": list(range(70))}, EMBEDDINGS, 70),
         # A chat's content parts count (one prompt, n replies).
         (
             {
@@ -124,16 +160,122 @@ def test_estimate_tokens() -> None:
                 "max_tokens": 10,
                 "n": 2,
             },
+            CHAT,
             100 + 2 * 10,
+        ),
+        # So does text given as a plain string among them, as vLLM takes it.
+        (
+            {"messages": [{"role": "user", "content": ["x" * 394]}], "max_tokens": 1},
+            CHAT,
+            100 + 1,
         ),
     ],
 )
 def test_an_estimate_counts_every_prompt_and_each_reply(
-    body: dict[str, Any], tokens: int
+    body: dict[str, Any], call: ApiCall, tokens: int
 ) -> None:
     """A batch estimated as its first prompt, with one reply, let a quota admit
     a request many times what it had left."""
-    assert estimate_tokens(body, 256) == tokens
+    assert estimate_tokens(body, call, 256) == tokens
+
+
+@pytest.mark.parametrize(
+    ("body", "call", "tokens"),
+    [
+        # A chat's `input` is not an embedding's: the reply counts.
+        (
+            {"messages": [{"role": "user", "content": "x" * 6}], "input": "y"},
+            CHAT,
+            256 + 3,
+        ),
+        # A completion's prompt, not the messages it also carries.
+        (
+            {"prompt": "x" * 4000, "messages": [{"content": "y"}]},
+            COMPLETIONS,
+            1000 + 256,
+        ),
+        # An embedding's input, not a stray prompt; no reply, whatever it asks.
+        ({"input": "x" * 4000, "prompt": "y", "max_tokens": 9}, EMBEDDINGS, 1000),
+    ],
+)
+def test_an_estimate_follows_the_call_not_the_body(
+    body: dict[str, Any], call: ApiCall, tokens: int
+) -> None:
+    """Told from the body, a chat with an `input` was an embedding (no reply)."""
+    assert estimate_tokens(body, call, 256) == tokens
+
+
+TOOL = {
+    "type": "function",
+    "function": {"name": "f", "description": "x" * 2000, "parameters": {}},
+}
+CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"tools": [TOOL] * 50}, {}),
+        ({"functions": [TOOL["function"]] * 50}, {}),
+        # An agent's history: the calls it made are rendered back too.
+        ({}, {"tool_calls": [{**CALL, "arguments": "y" * 2000}] * 50}),
+        ({}, {"function_call": {"name": "f", "arguments": "y" * 100_000}}),
+    ],
+)
+def test_a_chat_counts_the_tool_schemas_and_calls_in_its_prompt(
+    fields: dict[str, Any], message: dict[str, Any]
+) -> None:
+    """vLLM renders `tools` (and the calls of earlier turns) into the prompt
+    through the chat template: 50 tool schemas of 2,000 characters, some
+    25,000 prompt tokens, were estimated as 3."""
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    bare = estimate_tokens(chat, CHAT, 256)
+    turn = {"role": "assistant", "content": None, **message}
+    body = {**chat, **fields, "messages": [*chat["messages"], turn]}
+    size = len(orjson.dumps([*fields.values(), *message.values()]))
+    added = estimate_tokens(body, CHAT, 256) - bare - 3  # "assistant" and separators
+    assert 25_000 <= added <= size / 4 + 1
+    # A response format is no part of the prompt: vLLM guides decoding with it.
+    schema = {"type": "json_schema", "json_schema": {"schema": TOOL}}
+    assert estimate_tokens({**body, "response_format": schema}, CHAT, 256) == (
+        bare + 3 + added
+    )
+
+
+def test_a_tool_schema_nested_past_what_json_writers_take_still_counts() -> None:
+    """orjson writes 254 levels but reads 1,024: a deeper schema is counted by
+    a walk instead, not failed with a 500."""
+    deep: object = "x" * 4000
+    for _ in range(600):
+        deep = [deep]
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    bare = estimate_tokens(chat, CHAT, 256)
+    added = estimate_tokens({**chat, "tools": deep}, CHAT, 256) - bare
+    size = len(json.dumps(deep, separators=(",", ":")))  # 600 levels: fine here
+    assert abs(added - size / 4) <= 1
+
+
+DATA = "data:image/png;base64," + "A" * 1_000_000
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "image_url", "image_url": {"url": DATA}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+        {"image_url": {"url": DATA}},  # vLLM takes it without a type
+        {"type": "input_audio", "input_audio": {"data": DATA[22:], "format": "wav"}},
+        {"type": "video_url", "video_url": {"url": "https://example.com/cat.mp4"}},
+        {"type": "file", "file": {"file_data": DATA}},
+    ],
+)
+def test_a_chat_counts_each_media_part_at_a_fixed_size(part: dict[str, Any]) -> None:
+    """Images, audio and files added nothing; nor may their payload count as
+    text: 1 MB of base64 would be 250,000 tokens."""
+    text = {"type": "text", "text": "x" * 400}
+    chat = {"messages": [{"role": "user", "content": [text, part, part]}]}
+    # 406 characters with "user" and separators, 3,000 tokens a part, a reply.
+    assert estimate_tokens({**chat, "max_tokens": 1}, CHAT, 256) == 102 + 6_000 + 1
 
 
 async def test_rpm_per_key_and_per_model() -> None:
@@ -233,7 +375,7 @@ async def test_a_request_no_replica_answered_gives_its_request_back() -> None:
 
 def test_an_estimate_stays_within_bounds() -> None:
     huge = {"messages": [], "max_tokens": 10**19, "n": 128}
-    assert estimate_tokens(huge, 256) == MAX_ESTIMATE
+    assert estimate_tokens(huge, CHAT, 256) == MAX_ESTIMATE
 
 
 async def test_no_limits_no_buckets() -> None:

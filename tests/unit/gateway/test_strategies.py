@@ -240,6 +240,13 @@ def test_prompt_text_reads_chat_completion_and_embedding_bodies() -> None:
     assert prompt_text({}) == ""
 
 
+def test_prompt_text_reads_plain_string_parts() -> None:
+    """vLLM takes a string among a message's content parts as text: it is
+    part of the prompt, to route by and to charge for."""
+    parts = {"role": "user", "content": ["hi ", {"type": "text", "text": "there"}]}
+    assert prompt_text({"messages": [parts]}) == "user\x1fhi there\x1e"
+
+
 def test_rendezvous_is_stable() -> None:
     urls = [f"http://h{i}" for i in range(5)]
     assert rendezvous("k", urls) == rendezvous("k", list(reversed(urls)))
