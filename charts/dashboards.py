@@ -160,9 +160,11 @@ def overview() -> Any:
             "reqps",
         ),
         stat(
-            "5xx ratio",
-            "Share of answers that are server errors.",
-            f'sum(rate({req}{{{GW}, status=~"5.."}}[{RI}])) '
+            "Error ratio",
+            "Share of answers that are server errors (5xx), or REST streams that "
+            "failed after their 200 (citadel_gateway_stream_errors_total).",
+            f'sum(rate({req}{{{GW}, status=~"5.."}}[{RI}]) '
+            f"or rate(citadel_gateway_stream_errors_total{{{GW}}}[{RI}])) "
             f"/ sum(rate({req}{{{GW}}}[{RI}]))",
             "percentunit",
         ),

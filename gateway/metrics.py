@@ -23,6 +23,7 @@ LABEL_KIND = "kind"
 LABEL_API = "api"
 LABEL_SCOPE = "scope"
 LABEL_DOOR = "door"
+LABEL_CODE = "code"
 
 OTHER_KEY = "other"
 ANONYMOUS_KEY = "anonymous"
@@ -95,6 +96,17 @@ class GatewayMetrics:
             PREFIX + "rate_limited",
             "Requests refused by a limit, by scope (requests, tokens, quota).",
             [LABEL_MODEL, LABEL_KEY, LABEL_SCOPE],
+            registry=r,
+        )
+        # Apart from `requests`: a code label there would multiply its series
+        # by every code, while only these few streams need one.
+        self.stream_errors = Counter(
+            PREFIX + "stream_errors",
+            "REST streams that failed after their 200 went out (counted as 200 in "
+            "requests_total), by code: stream_broken (the replica's stream broke "
+            "off or went silent), backend_error (the model server's error event), "
+            "shutting_down (cut at the end of the gateway's shutdown grace).",
+            [LABEL_API, LABEL_MODEL, LABEL_CODE],
             registry=r,
         )
         self.backend_errors = Counter(

@@ -617,6 +617,11 @@ class ProxyService:
         kind = ctx.call.kind.value
         labels = (kind, ctx.model, str(status), key, ctx.door.value)
         self._metrics.requests.labels(*labels).inc()
+        if status == 200 and code is not None and code != "client_closed":
+            # A stream that failed after its 200 (only REST's client gets one:
+            # the other doors end with the error's status): the error ratio
+            # must see it though the client's status says success.
+            self._metrics.stream_errors.labels(kind, ctx.model, code).inc()
         self._metrics.latency.labels(kind, ctx.model).observe(elapsed)
         fields = self._log_fields(ctx)
         fields.update(status=status, duration_ms=round(elapsed * 1000, 3))

@@ -118,6 +118,15 @@ async def test_broken_stream_ends_with_an_error_event(harness: Any, kit: Any) ->
     events = answer.content.split(b"\n\n")
     assert events[0].startswith(b"data: {")
     assert orjson.loads(events[1][6:])["error"]["code"] == "backend_error"
+    assert _stream_errors(harness, "stream_broken") == 1
+
+
+def _stream_errors(harness: Any, code: str) -> float | None:
+    """`citadel_gateway_stream_errors_total` of the chat fixture's model."""
+    labels = {"api": "chat", "model": "smollm2", "code": code}
+    sample = harness.deps.metrics.registry.get_sample_value
+    value: float | None = sample("citadel_gateway_stream_errors_total", labels)
+    return value
 
 
 def _access(caplog: pytest.LogCaptureFixture) -> list[tuple[Any, Any]]:
@@ -154,6 +163,8 @@ async def test_a_replicas_error_event_is_logged_with_a_code(
     assert answer.content == b"".join(parts)
     assert kit.counted(harness, "200") == 1
     assert _access(caplog) == [(200, "backend_error")]
+    # Counted apart, so the error ratio sees what the 200 hides.
+    assert _stream_errors(harness, "backend_error") == 1
 
 
 async def test_a_token_named_error_is_no_error_event(
@@ -169,6 +180,7 @@ async def test_a_token_named_error_is_no_error_event(
     async with harness.client() as client:
         await client.post("/v1/chat/completions", json={**kit.chat, "stream": True})
     assert _access(caplog) == [(200, None)]
+    assert _stream_errors(harness, "backend_error") is None
 
 
 async def _tokens_left_after(kit: Any, first: Any, reply: Any) -> int:
@@ -356,7 +368,7 @@ async def test_a_request_that_timed_out_at_its_replica_stays_charged(
     async with h.client() as client:
         answer = await client.post("/v1/chat/completions", json=kit.chat)
     assert answer.status_code == (504 if kept else 502)
-    estimate = estimate_tokens(dict(kit.chat), 256)
+    estimate = estimate_tokens(dict(kit.chat), CHAT, 256)
     left = 10_000 - estimate if kept else 10_000
     assert answer.headers["x-ratelimit-remaining-tokens"] == str(left)
 
