@@ -45,12 +45,27 @@ QUALIFIED_NAME = (
     r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
 )
 # An image reference as the OCI distribution grammar has it: an optional registry
-# host (with a dot, a port or `localhost`), a lowercase repository path, then a tag
-# (mixed case, at most 128 characters) and/or a digest.
+# host (with a dot, a port or `localhost`, or an IPv6 address in brackets), a
+# lowercase repository path, then a tag (mixed case, at most 128 characters) and/or
+# a digest.
 _HOST_PART = r"[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?"
 _PATH_PART = r"[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*"
+# An IPv6 address: eight groups, or fewer around one "::" (a group before it and up
+# to 6 after, two and up to 5, ...). Without the IPv4-embedded forms and zones,
+# which the distribution grammar refuses too (it takes any hex digits and colons).
+_HEX_GROUP = r"[0-9A-Fa-f]{1,4}"
+_IPV6 = "|".join(
+    [
+        rf"({_HEX_GROUP}:){{7}}{_HEX_GROUP}",
+        rf"({_HEX_GROUP}:){{1,7}}:",
+        *(rf"({_HEX_GROUP}:){{{n}}}(:{_HEX_GROUP}){{1,{7 - n}}}" for n in range(1, 7)),
+        rf":((:{_HEX_GROUP}){{1,7}}|:)",
+    ]
+)
+# `[[]` and `[]]` are the brackets themselves, for the same reason as `[.]`.
 IMAGE_PATTERN = (
-    rf"^((localhost|{_HOST_PART}([.]{_HOST_PART})+)(:[0-9]+)?/|{_HOST_PART}:[0-9]+/)?"
+    rf"^((localhost|{_HOST_PART}([.]{_HOST_PART})+)(:[0-9]+)?/|{_HOST_PART}:[0-9]+/"
+    rf"|[[]({_IPV6})[]](:[0-9]+)?/)?"
     rf"{_PATH_PART}(/{_PATH_PART})*"
     r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
     r"(@[A-Za-z][A-Za-z0-9]*([-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9A-Fa-f]{32,})?$"

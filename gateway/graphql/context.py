@@ -6,7 +6,8 @@ a 401 in OpenAI's shape, as on REST, counted as a refused chat. Over WebSocket
 (`{"authorization": "Bearer ..."}`, the only way for browsers, which cannot set
 headers on a WebSocket) or the handshake's `Authorization` header. It is checked
 at `connection_init`, where a socket without a valid key is refused (counted
-like the HTTP 401), and again when each operation starts.
+like the HTTP 401), and again when each operation starts, whatever it asks for:
+a key revoked while the socket is open gets no more answers.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from graphql import GraphQLError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import Response
@@ -83,6 +85,23 @@ class GraphQLContext(BaseContext):
         )
 
 
+def refusal(context: GraphQLContext) -> GraphQLError | None:
+    """Checks the key of a WebSocket against the key store as it is now.
+
+    Returns:
+        None while the key works; else the GraphQL error that refuses the socket
+        or the operation (REST's 401 in its `extensions`), the refusal counted
+        as the HTTP 401 is, or a flood of keyless sockets would not show in the
+        request metrics.
+    """
+    try:
+        context.principal()
+    except GatewayError as err:
+        context.deps.proxy.refused(CHAT, context.request_id, err, Door.GRAPHQL)
+        return graphql_error(err)
+    return None
+
+
 def admit(context: GraphQLContext) -> None:
     """Checks the key of a WebSocket at its `connection_init`.
 
@@ -90,13 +109,9 @@ def admit(context: GraphQLContext) -> None:
         ConnectionRejectionError: no key, or an unknown or revoked one; its
             payload is the GraphQL error (`graphql-ws` sends it to the client).
     """
-    try:
-        context.principal()
-    except GatewayError as err:
-        # Counted as the HTTP 401 is, or a flood of keyless sockets would not
-        # show in the request metrics.
-        context.deps.proxy.refused(CHAT, context.request_id, err, Door.GRAPHQL)
-        raise ConnectionRejectionError(dict(graphql_error(err).formatted)) from err
+    error = refusal(context)
+    if error is not None:
+        raise ConnectionRejectionError(dict(error.formatted))
 
 
 def _authorization(params: Any, connection: Any) -> str | None:

@@ -7,7 +7,10 @@ GraphiQL page: the gateway serves APIs only.
 A WebSocket stays open only with a valid key: its `connection_init` is refused
 without one, and a socket that sends no `connection_init` is closed after
 `init_timeout_s`, whichever protocol it speaks. Otherwise a client without a
-key could hold sockets open for ever without running an operation.
+key could hold sockets open for ever without running an operation. The key is
+checked again as each operation starts, before it runs: once it is revoked,
+every new operation is refused with the protocol's `error` message (as a
+document that does not validate is), while the streams already running finish.
 """
 
 from __future__ import annotations
@@ -18,13 +21,27 @@ from datetime import timedelta
 
 from starlette.websockets import WebSocketDisconnect
 from strawberry.fastapi import GraphQLRouter
+from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
+    BaseGraphQLTransportWSHandler,
+)
+from strawberry.subscriptions.protocols.graphql_transport_ws.types import (
+    SubscribeMessage,
+)
 from strawberry.subscriptions.protocols.graphql_ws.handlers import (
     BaseGraphQLWSHandler,
 )
-from strawberry.subscriptions.protocols.graphql_ws.types import ConnectionInitMessage
+from strawberry.subscriptions.protocols.graphql_ws.types import (
+    ConnectionInitMessage,
+    StartMessage,
+)
 from strawberry.types.unset import UnsetType
 
-from citadel.gateway.graphql.context import GraphQLContext, admit, context_of
+from citadel.gateway.graphql.context import (
+    GraphQLContext,
+    admit,
+    context_of,
+    refusal,
+)
 from citadel.gateway.graphql.schema import build_schema
 
 PATH = "/graphql"
@@ -33,9 +50,27 @@ INIT_TIMEOUT_CLOSE = 4408
 `graphql-transport-ws` uses, for the older protocol too."""
 
 
+class _GraphQLTransportWSHandler(BaseGraphQLTransportWSHandler[GraphQLContext, None]):
+    """`graphql-transport-ws`, with the key checked as each operation starts."""
+
+    async def handle_subscribe(self, message: SubscribeMessage) -> None:
+        # Not acknowledged, or an id in use: the base class closes the socket.
+        if self.connection_acknowledged and message["id"] not in self.operations:
+            # Any operation, not only those that reach a model (which check the
+            # key themselves): over HTTP no answer comes without a valid key.
+            error = refusal(self.context)
+            if error is not None:
+                await self.send_message(
+                    {"id": message["id"], "type": "error", "payload": [error.formatted]}
+                )
+                return
+        await super().handle_subscribe(message)
+
+
 class _GraphQLWSHandler(BaseGraphQLWSHandler[GraphQLContext, None]):
-    """The older `graphql-ws` protocol, with the `connection_init` wait that
-    strawberry gives `graphql-transport-ws` only."""
+    """The older `graphql-ws` protocol, with the key checked as each operation
+    starts and the `connection_init` wait that strawberry gives
+    `graphql-transport-ws` only."""
 
     _init_wait: asyncio.Task[None] | None = None
 
@@ -52,6 +87,19 @@ class _GraphQLWSHandler(BaseGraphQLWSHandler[GraphQLContext, None]):
             self._init_wait.cancel()
         await super().handle_connection_init(message)
 
+    async def handle_start(self, message: StartMessage) -> None:
+        # Not acknowledged: the base class closes the socket. An id in use: the
+        # base class replaces its operation, by a subscription (this protocol
+        # runs no other), whose resolver checks the key.
+        if self.connection_acknowledged and message["id"] not in self.tasks:
+            error = refusal(self.context)
+            if error is not None:
+                await self.send_message(
+                    {"type": "error", "id": message["id"], "payload": error.formatted}
+                )
+                return
+        await super().handle_start(message)
+
     async def _close_uninitialised(self) -> None:
         await asyncio.sleep(self.view.connection_init_wait_timeout.total_seconds())
         reason = "Connection initialisation timeout"
@@ -60,6 +108,7 @@ class _GraphQLWSHandler(BaseGraphQLWSHandler[GraphQLContext, None]):
 
 
 class _Router(GraphQLRouter[GraphQLContext, None]):
+    graphql_transport_ws_handler_class = _GraphQLTransportWSHandler
     graphql_ws_handler_class = _GraphQLWSHandler
 
     async def on_ws_connect(

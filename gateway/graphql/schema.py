@@ -80,8 +80,9 @@ def _api_version() -> str:
 def _caller(ctx: GraphQLContext) -> Principal:
     """The caller of a chat operation; a refused key is counted as REST counts it.
 
-    Over WebSocket the key is checked here, when the operation starts (over HTTP
-    it was checked, and a refusal counted, before the operation was known).
+    Over WebSocket the key is checked again here, for a key revoked since the
+    socket's check as the operation started (over HTTP it was checked, and a
+    refusal counted, before the operation was known).
     """
     try:
         return ctx.principal()

@@ -633,7 +633,9 @@ class ProxyService:
     def _log_fields(ctx: _Context) -> dict[str, object]:
         return {
             "request_id": ctx.request_id,
-            "endpoint": ctx.call.kind.value,
+            # `api`, as the metrics' label (which could not be `endpoint`: the
+            # Prometheus Operator sets its own), so logs and metrics join.
+            "api": ctx.call.kind.value,
             "door": ctx.door.value,
             "model": ctx.model,
             "key": ctx.principal.name,

@@ -823,6 +823,18 @@ async def test_the_access_log_names_the_session_and_replica(
     assert all(getattr(r, "replica", "").startswith("http://r") for r in logged)
 
 
+async def test_the_access_log_names_the_api_as_the_metrics_do(
+    harness: Any, kit: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # `api`, the metrics' label, so that logs and metrics join on one name.
+    caplog.set_level("INFO", logger="citadel.gateway.access")
+    async with harness.client() as client:
+        await client.post("/v1/chat/completions", json=kit.chat)
+    [line] = [r for r in caplog.records if r.name == "citadel.gateway.access"]
+    assert getattr(line, "api", None) == "chat"
+    assert not hasattr(line, "endpoint")
+
+
 def _in_flight(harness: Any) -> int:
     catalog = harness.deps.catalog
     return sum(

@@ -41,34 +41,56 @@ def _sse(*payloads: Any) -> list[bytes]:
     ]
 
 
-def test_a_key_revoked_while_a_socket_is_open_stops_working(kit: Any) -> None:
+# What starts an operation, on each protocol.
+START = {"graphql-transport-ws": "subscribe", "graphql-ws": "start"}
+
+
+@pytest.mark.parametrize(
+    ("protocol", "document"),
+    [
+        ("graphql-transport-ws", STREAM),
+        # Operations that reach no model, and so check no key themselves.
+        ("graphql-transport-ws", "{ apiVersion }"),
+        ("graphql-transport-ws", "{ __schema { queryType { name } } }"),
+        ("graphql-ws", STREAM),  # the older protocol runs subscriptions only
+    ],
+)
+def test_a_key_revoked_while_a_socket_is_open_stops_every_operation(
+    kit: Any, protocol: str, document: str
+) -> None:
     harness = kit.build()
     harness.upstream.handler = lambda url, body: kit.reply(
         parts=_sse(CHUNK), content_type="text/event-stream"
     )
     with (
         TestClient(harness.app) as client,
-        client.websocket_connect(
-            "/graphql", subprotocols=["graphql-transport-ws"]
-        ) as ws,
+        client.websocket_connect("/graphql", subprotocols=[protocol]) as ws,
     ):
         auth = {"authorization": f"Bearer {kit.key}"}
         ws.send_json({"type": "connection_init", "payload": auth})
         assert ws.receive_json()["type"] == "connection_ack"
 
-        def run(op: str) -> dict[str, Any]:
-            payload = {"query": STREAM, "variables": {"input": INPUT}}
-            ws.send_json({"id": op, "type": "subscribe", "payload": payload})
-            first: dict[str, Any] = ws.receive_json()
-            while first["type"] == "next" and ws.receive_json()["type"] != "complete":
-                pass
-            return first
+        def run(op: str, query: str) -> list[dict[str, Any]]:
+            """The operation's messages, up to its last."""
+            payload = {"query": query, "variables": {"input": INPUT}}
+            ws.send_json({"id": op, "type": START[protocol], "payload": payload})
+            messages = [ws.receive_json()]
+            while messages[-1]["type"] not in ("complete", "error"):
+                messages.append(ws.receive_json())
+            return messages
 
-        assert run("1")["type"] == "next"
+        assert [m["type"] for m in run("1", STREAM)][-1] == "complete"
         harness.keys.remove("alice")
-        refused = run("2")
-    assert refused["payload"]["errors"][0]["extensions"]["code"] == "invalid_api_key"
+        refused = run("2", document)
+    # Refused before it runs, with REST's 401 (graphql-transport-ws sends a
+    # list of errors, graphql-ws one).
+    assert [m["type"] for m in refused] == ["error"]
+    errors = refused[0]["payload"]
+    error = errors[0] if isinstance(errors, list) else errors
+    assert error["extensions"]["code"] == "invalid_api_key"
+    assert error["extensions"]["status"] == 401
     assert len(harness.upstream.calls) == 1
+    assert _refused_sockets(harness) == 1
 
 
 def _refused_sockets(harness: Any) -> float | None:

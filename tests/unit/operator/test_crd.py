@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +260,17 @@ def test_env_is_a_map_keyed_by_name_with_string_values() -> None:
     )
 
 
+def _legal_image(image: str) -> bool:
+    """The image rule's verdict. The API server matches with RE2 (Go's regexp),
+    Python's `re` here: the same answers for these patterns (no lookarounds or
+    backreferences, which RE2 lacks), but `re` warns that `[[]` might one day
+    open a nested set; RE2 has no nested sets, and `re` reads it as RE2 does, as
+    the bracket itself."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Possible nested set", FutureWarning)
+        return bool(re.search(IMAGE_PATTERN, image))
+
+
 # The patterns the rules match with (RE2 in the API server; the same here).
 @pytest.mark.parametrize(
     ("image", "legal"),
@@ -278,10 +291,52 @@ def test_env_is_a_map_keyed_by_name_with_string_values() -> None:
         ("vllm/x:" + "a" * 129, False),
         ("vllm//x", False),
         ("vllm/x@sha256:abc", False),
+        # A registry host may be an IPv6 address in brackets, with a port or not.
+        ("[fd00::1]:5000/vllm/vllm-openai:v0.8.0", True),
+        ("[::1]/repo/img@sha256:" + "a" * 64, True),
+        ("[2001:DB8:0:0:0:0:0:1]:443/ml/vllm", True),
+        ("[::]/vllm", True),
+        ("[::1/repo/img", False),
+        ("::1]/repo/img", False),
+        ("[::1]", False),
+        ("[::1]:/vllm", False),
+        ("[::1]/Vllm", False),
+        ("[]/vllm", False),
+        ("[registry]/vllm", False),
+        ("[registry.example.com]/vllm", False),
+        ("[192.0.2.1]:5000/vllm", False),
+        # Refused by the distribution grammar too.
+        ("[::ffff:192.0.2.1]/vllm", False),
+        ("[fe80::1%eth0]/vllm", False),
     ],
 )
 def test_image_pattern_follows_the_oci_grammar(image: str, legal: bool) -> None:
-    assert bool(re.search(IMAGE_PATTERN, image)) is legal
+    assert _legal_image(image) is legal
+
+
+def _ipv6_spellings() -> list[str]:
+    """1:2:...:8 with each run of groups (none too) left out for a "::", and
+    malformed neighbours: too many groups, a group too long, colons astray."""
+    groups = [str(n) for n in range(1, 9)]
+    compressed = [
+        f"{':'.join(groups[:start])}::{':'.join(groups[end:])}"
+        for start in range(9)
+        for end in range(start, 9)
+    ]
+    malformed = ["1:2:3:4:5:6:7", "1:2:3:4:5:6:7:8:9", "12345::1", "1::2::3"]
+    astray = [":1", "1:", ":::", "1:::2", "0:0"]
+    return [":".join(groups), *compressed, *malformed, *astray]
+
+
+@pytest.mark.parametrize("address", _ipv6_spellings())
+def test_image_pattern_takes_exactly_the_ipv6_addresses(address: str) -> None:
+    try:
+        ipaddress.IPv6Address(address)
+    except ValueError:
+        valid = False
+    else:
+        valid = True
+    assert _legal_image(f"[{address}]:5000/vllm") is valid
 
 
 @pytest.mark.parametrize(
