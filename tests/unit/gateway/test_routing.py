@@ -86,7 +86,7 @@ def test_ejection_backoff_doubles_and_success_resets() -> None:
     # On trial after the back-off: one failure ejects again, for twice as long.
     assert r.record_failure(6, policy) and r.ejected_until == 16
     assert r.record_failure(20, policy) and r.ejected_until == 32  # capped at 12
-    r.record_success()
+    r.record_success(40)
     assert not r.record_failure(40, policy)
 
 
@@ -100,6 +100,23 @@ def test_failures_from_before_an_ejection_do_not_lengthen_it() -> None:
     assert r.ejected_until == 105.0 and r.ejections_in_row == 1
     # The trial after the back-off still doubles it.
     assert r.record_failure(106.0, policy) and r.ejected_until == 116.0
+
+
+def test_a_success_while_ejected_neither_ends_the_ejection_nor_its_doubling() -> None:
+    # A stream sent before the replica failed ends well while it is ejected. It
+    # cleared the ejections in a row: the replica came back needing two
+    # failures, not one failed trial, and the back-off never doubled.
+    policy = EjectionPolicy(eject_after=2, base_s=5, max_s=60)
+    r = Replica("http://a")
+    r.record_failure(100.0, policy)
+    assert r.record_failure(100.0, policy) and r.ejected_until == 105.0
+    r.record_success(101.0)
+    assert not r.available(104.0) and r.available(105.0)
+    assert r.record_failure(106.0, policy) and r.ejected_until == 116.0
+    # A success once the ejection is over is the trial's: healthy again.
+    r.record_success(117.0)
+    assert (r.failures, r.ejections_in_row) == (0, 0)
+    assert not r.record_failure(118.0, policy)
 
 
 def test_replica_state_survives_endpoint_updates() -> None:
