@@ -12,6 +12,7 @@ import pytest
 from openai import AsyncOpenAI, NotFoundError
 
 from citadel.gateway.services.auth import KeyRecord, hash_key
+from citadel.gateway.services.replicas import Endpoint
 from citadel.gateway.services.requests import CHAT
 from citadel.gateway.upstream import (
     UpstreamDropped,
@@ -171,6 +172,30 @@ async def test_connection_failure_is_retried_on_another_replica(
     urls = [call[0] for call in harness.upstream.calls]
     assert any(u.startswith("http://r1") for u in urls)
     assert sum(u.startswith("http://r2") for u in urls) == 4
+
+
+async def test_a_retry_goes_to_a_terminating_replica_when_no_ready_one_is_left(
+    harness: Any, kit: Any
+) -> None:
+    # A rolling update: the new pod is ready but cannot be reached yet, the old
+    # one is terminating and still serving.
+    harness.deps.catalog.set_endpoints(
+        "llm",
+        "smol",
+        [Endpoint("http://r1"), Endpoint("http://r2", ready=False, terminating=True)],
+    )
+
+    def handler(url: str, body: Any) -> Any:
+        if url.startswith("http://r1"):
+            return UpstreamUnreachable("refused")
+        return kit.completion()
+
+    harness.upstream.handler = handler
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert answer.status_code == 200
+    urls = [urlsplit(call[0]).netloc for call in harness.upstream.calls]
+    assert urls == ["r1", "r2"]
 
 
 async def test_failing_replica_is_ejected_then_readmitted(

@@ -61,6 +61,23 @@ def test_terminating_but_serving_endpoints_are_the_last_resort() -> None:
     assert router.choose(DOC.models[0], RouteRequest({})).url == "http://b"
 
 
+def test_a_retry_falls_back_to_terminating_endpoints_once_ready_ones_failed() -> None:
+    # The only ready replica failed to connect: a terminating one still serving
+    # is tried next, as it would be on a first try, not a 502 for the client.
+    _, router, _ = setup(
+        Endpoint("http://a"),
+        Endpoint("http://b", ready=False, serving=True, terminating=True),
+        Endpoint("http://c", ready=False, serving=False, terminating=True),
+    )
+    route = DOC.models[0]
+    first = router.choose(route, RouteRequest({}))
+    assert first.url == "http://a"
+    second = router.choose(route, RouteRequest({}), exclude=[first])
+    assert second.url == "http://b"
+    with pytest.raises(NoReplica):
+        router.choose(route, RouteRequest({}), exclude=[first, second])
+
+
 def test_exclusion_and_no_replica() -> None:
     _catalog, router, _ = setup(Endpoint("http://a"))
     route = DOC.models[0]
