@@ -47,6 +47,12 @@ class LoadReport:
     kv_cache_usage: float = 0.0
     scraped_at: float | None = None
 
+    def stale(self, now: float, max_age_s: float) -> bool:
+        """True when there are no figures (none read yet, or the last read
+        failed) or they are older than `max_age_s` at `now`: they do not
+        count, and the zeros of no figures say nothing of the load."""
+        return self.scraped_at is None or self.scraped_at < now - max_age_s
+
 
 @dataclass(eq=False)
 class Replica:
@@ -58,6 +64,9 @@ class Replica:
     ejections_in_row: int = 0
     ejected_until: float = 0.0
     load: LoadReport = field(default_factory=LoadReport)
+    load_read_at: float | None = None
+    """When its `/metrics` last answered, kept when a later read fails and
+    drops `load` (for /admin/replicas: since when the load is unknown)."""
 
     def available(self, now: float) -> bool:
         """True unless the replica is ejected at `now`."""

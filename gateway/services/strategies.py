@@ -272,10 +272,9 @@ class KvAware(_Turns):
     ) -> tuple[Replica, str]:
         start, n = self._turn(), len(replicas)
         ordered = [replicas[(start + i) % n] for i in range(n)]
-        oldest = self._clock() - self._max_age_s
+        now, max_age_s = self._clock(), self._max_age_s
         for replica in ordered:
-            scraped_at = replica.load.scraped_at
-            if scraped_at is None or scraped_at < oldest:
+            if replica.load.stale(now, max_age_s):
                 return least_loaded(ordered), "least"
         return min(ordered, key=kv_score), "score"
 
