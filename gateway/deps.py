@@ -12,6 +12,7 @@ passed to `create_app`; nothing is global.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
 import uuid
@@ -49,6 +50,9 @@ class Deps:
         session_header: the header used by `session-affinity`.
         max_body_bytes: larger request bodies get 413.
         clock: monotonic seconds (the clock replica ejections are timed by).
+        load_max_age_s: how old a replica's vLLM load report may be and still
+            count (`scraper.report_max_age_s`); /admin/replicas marks older
+            ones stale.
     """
 
     catalog: Catalog
@@ -61,6 +65,7 @@ class Deps:
     session_header: str = "x-session-id"
     max_body_bytes: int = 8 * 1024 * 1024
     clock: Callable[[], float] = time.monotonic
+    load_max_age_s: float = math.inf
 
 
 def deps_of(request: Request) -> Deps:

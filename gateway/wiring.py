@@ -48,12 +48,8 @@ def build_deps(settings: GatewaySettings, environ: Mapping[str, str]) -> Deps:
     def decided(model: str, strategy: str, how: str) -> None:
         metrics.routing_decisions.labels(model, strategy, how).inc()
 
-    router = Router(
-        catalog,
-        time.monotonic,
-        decided,
-        load_max_age_s=report_max_age_s(settings.metrics_scrape_period_s),
-    )
+    load_max_age_s = report_max_age_s(settings.metrics_scrape_period_s)
+    router = Router(catalog, time.monotonic, decided, load_max_age_s=load_max_age_s)
     store, shutdown = _bucket_store(settings)
     limiter = Limiter(store, time.time)
     deps = Deps(
@@ -67,6 +63,7 @@ def build_deps(settings: GatewaySettings, environ: Mapping[str, str]) -> Deps:
         shutdown=[upstream.close, *shutdown],
         session_header=settings.session_header,
         max_body_bytes=settings.max_body_bytes,
+        load_max_age_s=load_max_age_s,
     )
     deps.sources.append(
         MetricsScraper(

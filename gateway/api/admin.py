@@ -21,6 +21,7 @@ async def replicas(
     if principal.key is not None and principal.key.role is not Role.ADMIN:
         raise AdminOnly("This endpoint needs a key with the admin role.")
     now = deps.clock()
+    max_age_s = deps.load_max_age_s
     models = [
         {
             "name": route.name,
@@ -36,6 +37,10 @@ async def replicas(
                     "running": r.load.running,
                     "waiting": r.load.waiting,
                     "kvCacheUsage": r.load.kv_cache_usage,
+                    # A failed read of /metrics leaves zeros, as an idle
+                    # replica shows: these tell unknown from idle.
+                    "loadAgeS": _age(now, r.load_read_at),
+                    "loadStale": r.load.stale(now, max_age_s),
                 }
                 for r in deps.catalog.replicas(route)
             ],
@@ -43,3 +48,8 @@ async def replicas(
         for route in deps.catalog.routes()
     ]
     return {"models": models}
+
+
+def _age(now: float, then: float | None) -> float | None:
+    """Seconds from `then` to `now` (None: never)."""
+    return None if then is None else round(now - then, 3)

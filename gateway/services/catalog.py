@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from citadel.gateway.errors import ModelNotFound, NotReady
@@ -207,14 +207,27 @@ class Catalog:
         """Every model in the document in force."""
         return self._document.models if self._document else ()
 
-    def replicas(self, route: ModelRoute) -> list[Replica]:
-        """Replicas that may take new requests: ready ones, else terminating ones
-        still serving (so a rolling update never leaves a gap)."""
+    def replicas(
+        self, route: ModelRoute, exclude: Collection[Replica] = ()
+    ) -> list[Replica]:
+        """Replicas that may take new requests, but those in `exclude`: ready
+        ones, else terminating ones still serving (so a rolling update never
+        leaves a gap).
+
+        The exclusion comes first: a retry after every ready replica failed
+        goes on to a terminating one still serving, as a first try would,
+        rather than end in a 502.
+        """
         endpoints = self._endpoints.get((route.namespace, route.service), ())
-        chosen = [e for e in endpoints if e.ready and not e.terminating]
+        ready = [e for e in endpoints if e.ready and not e.terminating]
+        chosen = [r for r in self._of(ready) if r not in exclude]
         if not chosen:
-            chosen = [e for e in endpoints if e.serving]
-        return [self._replicas[e.url] for e in chosen]
+            serving = [e for e in endpoints if e.serving]
+            chosen = [r for r in self._of(serving) if r not in exclude]
+        return chosen
+
+    def _of(self, endpoints: Sequence[Endpoint]) -> list[Replica]:
+        return [self._replicas[e.url] for e in endpoints]
 
     def services(self) -> list[tuple[str, str]]:
         """(namespace, Service) of every Service with addresses."""

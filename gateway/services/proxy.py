@@ -486,7 +486,7 @@ class ProxyService:
     ) -> None:
         self._free(ctx, replica)
         if failure is None:
-            replica.record_success()
+            replica.record_success(self._clock())
             return
         self._metrics.backend_errors.labels(ctx.model, replica.url, failure.kind).inc()
         log.warning(

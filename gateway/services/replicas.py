@@ -2,7 +2,9 @@
 
 Health is passive: a replica that fails `eject_after` times in a row is taken out of
 rotation for a back-off that doubles with each ejection in a row (up to a maximum),
-then re-admitted on trial; one success makes it healthy again.
+then re-admitted on trial; one success makes it healthy again. An ejection lasts its
+period, as Envoy's outlier detection has it: what the requests in flight when it
+began do meanwhile, well or not, changes nothing.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ class LoadReport:
     kv_cache_usage: float = 0.0
     scraped_at: float | None = None
 
+    def stale(self, now: float, max_age_s: float) -> bool:
+        """True when there are no figures (none read yet, or the last read
+        failed) or they are older than `max_age_s` at `now`: they do not
+        count, and the zeros of no figures say nothing of the load."""
+        return self.scraped_at is None or self.scraped_at < now - max_age_s
+
 
 @dataclass(eq=False)
 class Replica:
@@ -56,13 +64,26 @@ class Replica:
     ejections_in_row: int = 0
     ejected_until: float = 0.0
     load: LoadReport = field(default_factory=LoadReport)
+    load_read_at: float | None = None
+    """When its `/metrics` last answered, kept when a later read fails and
+    drops `load` (for /admin/replicas: since when the load is unknown)."""
 
     def available(self, now: float) -> bool:
         """True unless the replica is ejected at `now`."""
         return now >= self.ejected_until
 
-    def record_success(self) -> None:
-        """A request completed: the replica is healthy."""
+    def record_success(self, now: float) -> None:
+        """A request completed: the replica is healthy.
+
+        While the replica is ejected a success counts for nothing, as a failure
+        does (`record_failure`): it comes from a request sent before the
+        ejection (a long stream, as likely as not), not from the trial after
+        it. Counted, it would end the ejections in a row, so the replica would
+        come back needing `eject_after` failures, each a client's error, where
+        one failed trial should eject it again for twice as long.
+        """
+        if now < self.ejected_until:
+            return
         self.failures = 0
         self.ejections_in_row = 0
 

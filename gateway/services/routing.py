@@ -64,7 +64,7 @@ class Router:
         Raises:
             NoReplica: the model has no replica left to try.
         """
-        candidates = [r for r in self._catalog.replicas(route) if r not in exclude]
+        candidates = self._catalog.replicas(route, exclude)
         now = self._clock()
         healthy = [r for r in candidates if r.available(now)] or candidates
         if not healthy:

@@ -100,6 +100,7 @@ class MetricsScraper:
             return
         if response.status == 200:
             replica.load = parse_vllm_metrics(text, self._clock())
+            replica.load_read_at = replica.load.scraped_at
         else:
             # The last figures would be trusted for ever, and the replica whose
             # /metrics fails is as likely as not the busiest one.

@@ -12,6 +12,7 @@ import pytest
 from openai import AsyncOpenAI, NotFoundError
 
 from citadel.gateway.services.auth import KeyRecord, hash_key
+from citadel.gateway.services.replicas import Endpoint, LoadReport
 from citadel.gateway.services.requests import CHAT
 from citadel.gateway.upstream import (
     UpstreamDropped,
@@ -234,6 +235,30 @@ async def test_connection_failure_is_retried_on_another_replica(
     urls = [call[0] for call in harness.upstream.calls]
     assert any(u.startswith("http://r1") for u in urls)
     assert sum(u.startswith("http://r2") for u in urls) == 4
+
+
+async def test_a_retry_goes_to_a_terminating_replica_when_no_ready_one_is_left(
+    harness: Any, kit: Any
+) -> None:
+    # A rolling update: the new pod is ready but cannot be reached yet, the old
+    # one is terminating and still serving.
+    harness.deps.catalog.set_endpoints(
+        "llm",
+        "smol",
+        [Endpoint("http://r1"), Endpoint("http://r2", ready=False, terminating=True)],
+    )
+
+    def handler(url: str, body: Any) -> Any:
+        if url.startswith("http://r1"):
+            return UpstreamUnreachable("refused")
+        return kit.completion()
+
+    harness.upstream.handler = handler
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert answer.status_code == 200
+    urls = [urlsplit(call[0]).netloc for call in harness.upstream.calls]
+    assert urls == ["r1", "r2"]
 
 
 async def test_failing_replica_is_ejected_then_readmitted(
@@ -726,6 +751,37 @@ async def test_admin_replicas_shows_state_to_admins_only(
     assert model["servedName"] == "smollm2" and model["strategy"] == "round-robin"
     assert {r["url"] for r in model["replicas"]} == {"http://r1", "http://r2"}
     assert any(r["ejected"] for r in model["replicas"])
+    # Its strategy is not kv-aware: /metrics is never read, the load unknown.
+    assert all(r["loadAgeS"] is None and r["loadStale"] for r in model["replicas"])
+
+
+async def test_admin_replicas_tells_an_unknown_load_from_an_idle_one(
+    harness: Any, kit: Any
+) -> None:
+    # A failed read of /metrics drops the figures: the zeros it left showed as
+    # an idle replica's would, with nothing to say since when.
+    harness.deps.load_max_age_s = 10.0
+    now = harness.clock.now
+    idle, unknown = harness.deps.catalog.replicas(harness.deps.catalog.resolve("chat"))
+    idle.load = LoadReport(running=0, scraped_at=now - 2)
+    idle.load_read_at = now - 2
+    unknown.load_read_at = now - 30  # read then, and every read since failed
+    admin = {"authorization": f"Bearer {kit.admin_key}"}
+    async with harness.client() as client:
+        first = (await client.get("/admin/replicas", headers=admin)).json()
+        harness.clock.now += 9
+        later = (await client.get("/admin/replicas", headers=admin)).json()
+
+    def load(answer: Any) -> list[tuple[str, float, float | None, bool]]:
+        [model] = answer["models"]
+        return [
+            (r["url"], r["running"], r["loadAgeS"], r["loadStale"])
+            for r in model["replicas"]
+        ]
+
+    assert load(first) == [("http://r1", 0, 2.0, False), ("http://r2", 0, 30.0, True)]
+    # Older than a report may be and count (kv-aware's bound): stale too.
+    assert load(later)[0] == ("http://r1", 0, 11.0, True)
 
 
 async def test_cost_is_observed_when_the_model_is_priced(kit: Any) -> None:

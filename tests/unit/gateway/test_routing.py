@@ -61,6 +61,23 @@ def test_terminating_but_serving_endpoints_are_the_last_resort() -> None:
     assert router.choose(DOC.models[0], RouteRequest({})).url == "http://b"
 
 
+def test_a_retry_falls_back_to_terminating_endpoints_once_ready_ones_failed() -> None:
+    # The only ready replica failed to connect: a terminating one still serving
+    # is tried next, as it would be on a first try, not a 502 for the client.
+    _, router, _ = setup(
+        Endpoint("http://a"),
+        Endpoint("http://b", ready=False, serving=True, terminating=True),
+        Endpoint("http://c", ready=False, serving=False, terminating=True),
+    )
+    route = DOC.models[0]
+    first = router.choose(route, RouteRequest({}))
+    assert first.url == "http://a"
+    second = router.choose(route, RouteRequest({}), exclude=[first])
+    assert second.url == "http://b"
+    with pytest.raises(NoReplica):
+        router.choose(route, RouteRequest({}), exclude=[first, second])
+
+
 def test_exclusion_and_no_replica() -> None:
     _catalog, router, _ = setup(Endpoint("http://a"))
     route = DOC.models[0]
@@ -86,7 +103,7 @@ def test_ejection_backoff_doubles_and_success_resets() -> None:
     # On trial after the back-off: one failure ejects again, for twice as long.
     assert r.record_failure(6, policy) and r.ejected_until == 16
     assert r.record_failure(20, policy) and r.ejected_until == 32  # capped at 12
-    r.record_success()
+    r.record_success(40)
     assert not r.record_failure(40, policy)
 
 
@@ -100,6 +117,23 @@ def test_failures_from_before_an_ejection_do_not_lengthen_it() -> None:
     assert r.ejected_until == 105.0 and r.ejections_in_row == 1
     # The trial after the back-off still doubles it.
     assert r.record_failure(106.0, policy) and r.ejected_until == 116.0
+
+
+def test_a_success_while_ejected_neither_ends_the_ejection_nor_its_doubling() -> None:
+    # A stream sent before the replica failed ends well while it is ejected. It
+    # cleared the ejections in a row: the replica came back needing two
+    # failures, not one failed trial, and the back-off never doubled.
+    policy = EjectionPolicy(eject_after=2, base_s=5, max_s=60)
+    r = Replica("http://a")
+    r.record_failure(100.0, policy)
+    assert r.record_failure(100.0, policy) and r.ejected_until == 105.0
+    r.record_success(101.0)
+    assert not r.available(104.0) and r.available(105.0)
+    assert r.record_failure(106.0, policy) and r.ejected_until == 116.0
+    # A success once the ejection is over is the trial's: healthy again.
+    r.record_success(117.0)
+    assert (r.failures, r.ejections_in_row) == (0, 0)
+    assert not r.record_failure(118.0, policy)
 
 
 def test_replica_state_survives_endpoint_updates() -> None:

@@ -412,6 +412,8 @@ async def test_a_failed_scrape_drops_the_last_report(
     now[0] = 2.0
     await scraper.scrape_once()
     assert replica.load == LoadReport()
+    # When it last answered stays, for /admin/replicas: unknown since then.
+    assert replica.load_read_at == 0.0
     assert report_max_age_s(2.0) == 10.0
 
 

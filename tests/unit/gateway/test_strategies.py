@@ -174,6 +174,47 @@ def test_prefix_table_is_bounded() -> None:
     assert len(strategy._owners) == 10
 
 
+def _sent_to(
+    strategy: PrefixAware,
+    replicas: list[Replica],
+    target: Replica,
+    request: RouteRequest,
+) -> None:
+    """Routes `request` while every replica but `target` is busy, so that it
+    goes there wherever its prefix would."""
+    for replica in replicas:
+        replica.in_flight = 0 if replica is target else 100
+    chosen, _ = strategy.choose(replicas, request)
+    assert chosen is target
+    for replica in replicas:
+        replica.in_flight = 0
+
+
+def test_prefix_aware_makes_room_by_forgetting_only_the_replicas_gone() -> None:
+    # Each new pod is a new URL with a bit of its own in the masks. Once every
+    # bit was handed out the whole table was wiped: the conversations of the
+    # replicas still serving lost their placement too, all at once.
+    strategy = PrefixAware()
+    strategy._MAX_REPLICAS = 2
+    stay = Replica("http://10.0.0.1:8000")
+    conversation = ["system prompt " * 40, "a question " * 40]
+    _sent_to(strategy, [stay], stay, chat(*conversation))
+    for i in range(5):  # a pod replaced by another, five times
+        pod = Replica(f"http://10.0.1.{i}:8000")
+        _sent_to(strategy, [stay, pod], pod, chat(f"pod {i} conversation " * 50))
+    grown = chat(*conversation, "an answer " * 40, "and then?")
+    assert strategy.choose([stay, pod], grown) == (stay, "cache")
+    # The newest pod has the bit of the ones gone: what was sent to them is
+    # not taken for its own.
+    for i in range(4):
+        _, how = strategy.choose([stay, pod], chat(f"pod {i} conversation " * 50))
+        assert how != "cache"
+    # As many replicas at once as there are bits: the table starts afresh.
+    crowd = [stay, pod, Replica("http://10.0.2.1:8000")]
+    _sent_to(strategy, crowd, crowd[2], chat("a new conversation " * 50))
+    assert list(strategy._bits) == [crowd[2].url]
+
+
 def test_kv_aware_prefers_idle_cache_and_short_queue() -> None:
     replicas, strategy = pool(), KvAware()
     replicas[0].load = LoadReport(2, waiting=3, kv_cache_usage=0.9, scraped_at=0)
