@@ -166,9 +166,13 @@ class Query:
 
 @strawberry.type
 class Mutation:
-    chat_completion: ChatCompletion = strawberry.mutation(
+    # Nullable: a document may ask for several completions (aliases), and an
+    # error in a non-null field would null all of `data`, losing the answers
+    # of those that worked, and were charged for.
+    chat_completion: ChatCompletion | None = strawberry.mutation(
         resolver=_chat_completion,
-        description="Creates a chat completion, answered whole.",
+        description="Creates a chat completion, answered whole; null with an "
+        "error when it fails.",
     )
 
 

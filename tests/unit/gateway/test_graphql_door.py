@@ -292,3 +292,27 @@ async def test_a_client_gone_during_the_upload_is_counted_and_not_logged(
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
     assert harness.upstream.calls == []
     assert kit.counted(harness, "499", door="graphql", model="unknown") == 1
+
+
+async def test_a_failed_call_of_a_document_keeps_the_answers_before_it(
+    kit: Any,
+) -> None:
+    # Charged for `a` and `b`, the caller must get them: the error nulls only
+    # the field that failed, not the whole of `data`.
+    harness = kit.build(kit.document(limits={"rpm": 2}))
+    three = """mutation C($input: ChatCompletionInput!) {
+      a: chatCompletion(input: $input) { model }
+      b: chatCompletion(input: $input) { model }
+      c: chatCompletion(input: $input) { model }
+    }"""
+    async with harness.client() as client:
+        answer = await client.post(
+            "/graphql", json={"query": three, "variables": {"input": INPUT}}
+        )
+    body = answer.json()
+    done = {"model": "smollm2"}
+    assert body["data"] == {"a": done, "b": done, "c": None}
+    (error,) = body["errors"]
+    assert error["path"] == ["c"]
+    assert error["extensions"]["code"] == "rate_limit_exceeded"
+    assert len(harness.upstream.calls) == 2
