@@ -316,3 +316,17 @@ async def test_a_failed_call_of_a_document_keeps_the_answers_before_it(
     assert error["path"] == ["c"]
     assert error["extensions"]["code"] == "rate_limit_exceeded"
     assert len(harness.upstream.calls) == 2
+
+
+async def test_retry_after_is_a_number_of_seconds_as_in_its_header(
+    kit: Any,
+) -> None:
+    harness = kit.build(kit.document(limits={"rpm": 1}))
+    async with harness.client() as client:
+        for _ in "ab":
+            answer = await client.post(
+                "/graphql", json={"query": CHAT, "variables": {"input": INPUT}}
+            )
+    extensions = answer.json()["errors"][0]["extensions"]
+    assert extensions["retryAfter"] == 60
+    assert extensions["headers"]["retry-after"] == "60"
