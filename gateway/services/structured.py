@@ -35,6 +35,7 @@ from citadel.gateway.services.sse import EVENT_END
 from citadel.gateway.services.streams import Closing
 
 DONE = b"[DONE]"
+_LIMIT_PREFIX = "x-ratelimit-"
 
 
 @dataclass
@@ -73,7 +74,8 @@ async def ask(
 
     Raises:
         GatewayError: as for REST, and `InvalidRequest` when the replica
-            refused the request itself.
+            refused the request itself (with the `x-ratelimit-*` values REST
+            sends with it in its `headers`).
     """
     # Read by the proxy before it counts the request, so that an answer that is
     # not a JSON object, or does not fit, is counted as the error it ends with.
@@ -91,7 +93,13 @@ async def ask(
         chunks = events(result.stream, result.unusable)
         return Answer(result.headers, chunks=chunks, unusable=result.unusable)
     if result.status != 200:
-        raise refusal(result.status, _json_of(result.body))
+        error = refusal(result.status, _json_of(result.body))
+        # The limits' values after the estimate was given back, which REST
+        # sends with the replica's error, leave with the door's error.
+        error.headers.update(
+            (k, v) for k, v in result.headers.items() if k.startswith(_LIMIT_PREFIX)
+        )
+        raise error
     return Answer(result.headers, read)
 
 

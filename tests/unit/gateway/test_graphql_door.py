@@ -330,3 +330,26 @@ async def test_retry_after_is_a_number_of_seconds_as_in_its_header(
     extensions = answer.json()["errors"][0]["extensions"]
     assert extensions["retryAfter"] == 60
     assert extensions["headers"]["retry-after"] == "60"
+
+
+async def test_a_replicas_own_refusal_carries_the_limit_values_as_on_rest(
+    kit: Any,
+) -> None:
+    # The estimate was given back when the replica refused: the values say so,
+    # as REST's headers do.
+    harness = kit.build(kit.document(limits={"tpm": 1000}))
+    refusal = {"error": {"message": "max_tokens too large", "param": "max_tokens"}}
+    harness.upstream.handler = lambda url, body: kit.reply(400, orjson.dumps(refusal))
+    big = {**INPUT, "maxTokens": 500}
+    async with harness.client() as client:
+        rest = await client.post(
+            "/v1/chat/completions", json={**kit.chat, "max_tokens": 500}
+        )
+        graphql = await client.post(
+            "/graphql", json={"query": CHAT, "variables": {"input": big}}
+        )
+    extensions = graphql.json()["errors"][0]["extensions"]
+    assert (extensions["status"], extensions["param"]) == (400, "max_tokens")
+    limits = {k: v for k, v in rest.headers.items() if k.startswith("x-ratelimit-")}
+    assert limits["x-ratelimit-remaining-tokens"] == "1000"
+    assert {k: extensions["headers"].get(k) for k in limits} == limits
