@@ -5,6 +5,7 @@ request ids, and a client that leaves."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import orjson
@@ -353,3 +354,35 @@ async def test_a_replicas_own_refusal_carries_the_limit_values_as_on_rest(
     limits = {k: v for k, v in rest.headers.items() if k.startswith("x-ratelimit-")}
     assert limits["x-ratelimit-remaining-tokens"] == "1000"
     assert {k: extensions["headers"].get(k) for k in limits} == limits
+
+
+def _errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+
+
+def _access(caplog: pytest.LogCaptureFixture) -> list[tuple[Any, Any]]:
+    """The status and code of each access-log line."""
+    return [
+        (getattr(r, "status", None), getattr(r, "code", None))
+        for r in caplog.records
+        if r.name == "citadel.gateway.access" and r.getMessage() == "request"
+    ]
+
+
+async def test_an_integer_json_cannot_carry_is_refused_as_on_rest(
+    kit: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # orjson writes integers up to 64 bits: a bigger one in `extra` is the
+    # caller's mistake (REST's 400), not the gateway's failure.
+    harness = kit.build()
+    variables = {"input": {**INPUT, "extra": {"max_tokens": 10**30}}}
+    raw = json.dumps({"query": CHAT, "variables": variables})  # orjson cannot
+    async with harness.client() as client:
+        answer = await client.post(
+            "/graphql", content=raw, headers={"content-type": "application/json"}
+        )
+    extensions = answer.json()["errors"][0]["extensions"]
+    assert (extensions["status"], extensions["type"]) == (400, "invalid_request_error")
+    assert harness.upstream.calls == []
+    assert kit.counted(harness, "400", door="graphql", model="unknown") == 1
+    assert _errors_logged(caplog) == []

@@ -239,3 +239,23 @@ async def test_a_replicas_own_refusal_carries_the_limit_values_as_on_rest(
     assert limits["x-ratelimit-remaining-tokens"] == "1000"
     trailers = dict(error.trailing_metadata() or ())
     assert {k: trailers.get(k) for k in limits} == limits
+
+
+async def test_a_number_too_big_for_an_integer_is_refused_as_on_rest(
+    door: tuple[Any, pb_grpc.InferenceStub],
+    kit: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A Struct number is a double; 1e30 is whole but no 64-bit integer: sent
+    # as the double it is, REST's check refuses it (`max_tokens` 1e30 in a
+    # REST body is read as that double too), not the JSON encoder.
+    harness, stub = door
+    request = _chat()
+    request.extra.update({"max_tokens": 1e30})
+    key = (("authorization", f"Bearer {kit.key}"),)
+    error = await _refused(stub.ChatCompletion(request, metadata=key))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_tokens" in error.details()
+    assert kit.counted(harness, "400", door="grpc", model="unknown") == 1
+    assert harness.upstream.calls == []
+    assert [r for r in caplog.records if r.levelname == "ERROR"] == []
