@@ -386,3 +386,81 @@ async def test_an_integer_json_cannot_carry_is_refused_as_on_rest(
     assert harness.upstream.calls == []
     assert kit.counted(harness, "400", door="graphql", model="unknown") == 1
     assert _errors_logged(caplog) == []
+
+
+UNFIT = {
+    "id": "c",
+    "model": "smollm2",
+    "created": 1,
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+    "usage": {"prompt_tokens": 7, "completion_tokens": 3},
+}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"created": "yesterday"},
+        {"created": 2**40},  # GraphQL's Int is 32-bit
+        {"choices": [{"index": 0, "message": {"content": {"text": "hi"}}}]},
+    ],
+    ids=["not a number", "too big for Int", "not a string"],
+)
+async def test_an_answer_that_does_not_fit_the_schema_is_counted_as_its_502(
+    kit: Any, caplog: pytest.LogCaptureFixture, change: dict[str, Any]
+) -> None:
+    caplog.set_level("INFO", logger="citadel.gateway.access")
+    harness = kit.build()
+    unfit = orjson.dumps({**UNFIT, **change})
+    harness.upstream.handler = lambda url, body: kit.reply(body=unfit)
+    query = """mutation C($input: ChatCompletionInput!) {
+      chatCompletion(input: $input) { created choices { message { content } } } }"""
+    async with harness.client() as client:
+        answer = await client.post(
+            "/graphql", json={"query": query, "variables": {"input": INPUT}}
+        )
+    extensions = answer.json()["errors"][0]["extensions"]
+    assert (extensions["status"], extensions["code"]) == (502, "backend_error")
+    assert kit.counted(harness, "502", door="graphql") == 1
+    assert kit.counted(harness, "200", door="graphql") is None
+    assert _access(caplog) == [(502, "backend_error")]
+    assert _errors_logged(caplog) == []
+    # The replica did the work it reports: the key pays for it.
+    sample = harness.deps.metrics.registry.get_sample_value
+    tokens = {"model": "smollm2", "key": "alice", "kind": "prompt"}
+    assert sample("citadel_gateway_tokens_total", tokens) == 7
+
+
+def test_a_chunk_that_does_not_fit_ends_the_stream_counted_as_its_502(
+    kit: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="citadel.gateway.access")
+    harness = kit.build()
+    reply = kit.reply(
+        parts=_sse(CHUNK, {**CHUNK, "created": "x"}, CHUNK),
+        content_type="text/event-stream",
+    )
+    harness.upstream.handler = lambda url, body: reply
+    auth = {"authorization": f"Bearer {kit.key}"}
+    payload = {"query": STREAM, "variables": {"input": INPUT}}
+    with (
+        TestClient(harness.app) as client,
+        client.websocket_connect(
+            "/graphql", subprotocols=["graphql-transport-ws"]
+        ) as ws,
+    ):
+        ws.send_json({"type": "connection_init", "payload": auth})
+        assert ws.receive_json()["type"] == "connection_ack"
+        ws.send_json({"id": "1", "type": "subscribe", "payload": payload})
+        first, broken = ws.receive_json(), ws.receive_json()
+        assert ws.receive_json()["type"] == "complete"
+    assert first["payload"]["data"]["chatCompletionStream"] is not None
+    extensions = broken["payload"]["errors"][0]["extensions"]
+    assert (extensions["status"], extensions["code"]) == (502, "backend_error")
+    # Not 200 `client_closed`: the client did not leave, the replica's answer
+    # could not be used.
+    assert kit.counted(harness, "502", door="graphql") == 1
+    assert kit.counted(harness, "200", door="graphql") is None
+    assert _access(caplog) == [(502, "backend_error")]
+    assert _errors_logged(caplog) == []
+    assert reply.closed
