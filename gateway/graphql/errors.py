@@ -1,8 +1,9 @@
 """The one place where gateway errors become GraphQL errors.
 
 A GraphQL error carries REST's error object in its `extensions`: `code`, `type`,
-`param`, the HTTP `status` REST would answer with, and for limits
-`retryAfter` (seconds) with the `x-ratelimit-*` values under `headers`.
+`param`, the HTTP `status` REST would answer with, and for errors that say when
+to retry `retryAfter` (whole seconds, a number), with the headers REST would send
+(`retry-after`, `x-ratelimit-*`) under `headers`.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ def extensions_of(error: GatewayError) -> dict[str, Any]:
         "param": error.param,
         "status": error.status,
     }
-    retry_after_s = getattr(error, "retry_after_s", None)
-    if isinstance(retry_after_s, int | float):
-        out["retryAfter"] = error.headers.get("retry-after")
+    retry_after = error.headers.get("retry-after", "")
+    if retry_after.isdecimal():  # whole seconds, the number its header holds
+        out["retryAfter"] = int(retry_after)
     if error.headers:
         out["headers"] = dict(error.headers)
     return out

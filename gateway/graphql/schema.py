@@ -10,7 +10,7 @@ the same field twice), so one document cannot fan out into unbounded work.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import strawberry
@@ -91,7 +91,11 @@ def _caller(ctx: GraphQLContext) -> Principal:
         raise
 
 
-def _ask(ctx: GraphQLContext, body: dict[str, Any]) -> Awaitable[Answer]:
+def _ask(
+    ctx: GraphQLContext,
+    body: dict[str, Any],
+    fit: Callable[[dict[str, Any]], object] | None = None,
+) -> Awaitable[Answer]:
     return ask(
         ctx.deps.proxy,
         CHAT,
@@ -100,6 +104,7 @@ def _ask(ctx: GraphQLContext, body: dict[str, Any]) -> Awaitable[Answer]:
         ctx.next_request_id(),
         Door.GRAPHQL,
         ctx.session,
+        fit,
     )
 
 
@@ -107,11 +112,18 @@ async def _chat_completion(info: Ctx, input: ChatCompletionInput) -> ChatComplet
     with reported():
         ctx = info.context
         body = input.body(stream=False)
-        answer = await _unless_gone(ctx.request, _ask(ctx, body))
+        # Read before the proxy counts the request: an answer that does not
+        # fit the schema is counted as the 502 it ends with, not as a 200.
+        read: list[ChatCompletion] = []
+
+        def fit(payload: dict[str, Any]) -> None:
+            read.append(ChatCompletion.of(payload))
+
+        answer = await _unless_gone(ctx.request, _ask(ctx, body, fit))
         ctx.add_headers(
             {k: v for k, v in answer.headers.items() if k.startswith("x-ratelimit-")}
         )
-        return ChatCompletion.of(answer.body)
+        return read[0]
 
 
 async def _unless_gone(request: object, work: Awaitable[T]) -> T:
@@ -147,7 +159,14 @@ async def _chat_completion_stream(
     try:
         with reported():
             async for chunk in answer.chunks:
-                yield ChatCompletionChunk.of(chunk)
+                try:
+                    piece = ChatCompletionChunk.of(chunk)
+                except GatewayError as err:
+                    # Before the stream closes (and is counted): counted as
+                    # the 502 the client gets, not as the replica's 200.
+                    answer.unusable(err)
+                    raise
+                yield piece
     finally:
         await answer.chunks.aclose()
 
@@ -167,9 +186,13 @@ class Query:
 
 @strawberry.type
 class Mutation:
-    chat_completion: ChatCompletion = strawberry.mutation(
+    # Nullable: a document may ask for several completions (aliases), and an
+    # error in a non-null field would null all of `data`, losing the answers
+    # of those that worked, and were charged for.
+    chat_completion: ChatCompletion | None = strawberry.mutation(
         resolver=_chat_completion,
-        description="Creates a chat completion, answered whole.",
+        description="Creates a chat completion, answered whole; null with an "
+        "error when it fails.",
     )
 
 

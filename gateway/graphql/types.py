@@ -1,16 +1,28 @@
 """The GraphQL schema's types, and how they are read from the gateway's parts
-and from OpenAI's JSON answers."""
+and from OpenAI's JSON answers.
+
+An answer is read whole before it is served: a value the schema cannot carry (a
+`created` that is no number, an `Int` past 32 bits, an object for a `String`)
+is the replica's failure, a `BackendError`, found while the proxy can still
+count the request as the 502 its client gets.
+"""
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
 
 import strawberry
+from graphql import GraphQLError, GraphQLString
 from strawberry.scalars import JSON
 
+from citadel.gateway.errors import BackendError
 from citadel.gateway.routes import ModelRoute
 from citadel.gateway.services.limits import Standing
 from citadel.gateway.services.structured import openai_body
+
+_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
+"""GraphQL's `Int` is 32 bits."""
 
 
 @strawberry.type
@@ -134,11 +146,16 @@ class TokenUsage:
 
     @classmethod
     def of(cls, payload: Any) -> TokenUsage | None:
+        """The usage of an answer, if it has one.
+
+        Raises:
+            BackendError: a count that does not fit an `Int`.
+        """
         if not isinstance(payload, dict):
             return None
-        prompt = int(payload.get("prompt_tokens") or 0)
-        completion = int(payload.get("completion_tokens") or 0)
-        total = int(payload.get("total_tokens") or prompt + completion)
+        prompt = _int(payload, "prompt_tokens")
+        completion = _int(payload, "completion_tokens")
+        total = _int(payload, "total_tokens") or prompt + completion
         return cls(
             prompt_tokens=prompt, completion_tokens=completion, total_tokens=total
         )
@@ -163,13 +180,18 @@ class ChatCompletion:
 
     @classmethod
     def of(cls, payload: dict[str, Any]) -> ChatCompletion:
+        """The completion in a whole JSON answer.
+
+        Raises:
+            BackendError: the answer does not fit the schema.
+        """
         return cls(
             **_head(payload),
             choices=[
                 ChatChoice(
-                    index=int(c.get("index") or 0),
+                    index=_int(c, "index"),
                     message=_message(c.get("message")),
-                    finish_reason=c.get("finish_reason"),
+                    finish_reason=_text(c, "finish_reason"),
                 )
                 for c in _choices(payload)
             ],
@@ -195,13 +217,18 @@ class ChatCompletionChunk:
 
     @classmethod
     def of(cls, payload: dict[str, Any]) -> ChatCompletionChunk:
+        """The chunk in one streamed JSON event.
+
+        Raises:
+            BackendError: the chunk does not fit the schema.
+        """
         return cls(
             **_head(payload),
             choices=[
                 ChunkChoice(
-                    index=int(c.get("index") or 0),
+                    index=_int(c, "index"),
                     delta=_message(c.get("delta")),
-                    finish_reason=c.get("finish_reason"),
+                    finish_reason=_text(c, "finish_reason"),
                 )
                 for c in _choices(payload)
             ],
@@ -213,7 +240,7 @@ def _head(payload: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": str(payload.get("id", "")),
         "model": str(payload.get("model", "")),
-        "created": int(payload.get("created") or 0),
+        "created": _int(payload, "created"),
         "usage": TokenUsage.of(payload.get("usage")),
     }
 
@@ -228,4 +255,36 @@ def _choices(payload: dict[str, Any]) -> list[dict[str, Any]]:
 def _message(payload: Any) -> Message:
     if not isinstance(payload, dict):
         return Message(role=None, content=None)
-    return Message(role=payload.get("role"), content=payload.get("content"))
+    return Message(role=_text(payload, "role"), content=_text(payload, "content"))
+
+
+def _int(payload: dict[str, Any], name: str) -> int:
+    """The `Int` field `name` of `payload` (0 when absent or null)."""
+    value = payload.get(name)
+    try:
+        number = int(value or 0)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise _unfit(name, value, "a whole number") from err
+    if not _INT_MIN <= number <= _INT_MAX:
+        raise _unfit(name, value, "a 32-bit integer")
+    return number
+
+
+def _text(payload: dict[str, Any], name: str) -> str | None:
+    """The `String` field `name` of `payload`, as GraphQL writes it (a number
+    or a boolean too; not an object or a list)."""
+    value = payload.get(name)
+    if value is None:
+        return None
+    try:
+        text: str = GraphQLString.serialize(value)
+    except GraphQLError as err:
+        raise _unfit(name, value, "a string") from err
+    return text
+
+
+def _unfit(name: str, value: Any, expected: str) -> BackendError:
+    return BackendError(
+        f"The model's answer could not be read: `{name}` is "
+        f"{reprlib.repr(value)}, not {expected}."
+    )

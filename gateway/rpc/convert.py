@@ -18,6 +18,7 @@ from citadel.gateway.rpc.v1 import citadel_pb2 as pb
 from citadel.gateway.services.structured import openai_body
 
 M = TypeVar("M", bound=Message)
+_INT64 = 2**63
 
 
 def _json(message: Message, **options: Any) -> dict[str, Any]:
@@ -47,8 +48,13 @@ def _extra(
 
 
 def _integral(value: Any) -> Any:
-    """Struct numbers are doubles: 5.0 goes out as 5, as a client would send it."""
-    if isinstance(value, float) and value.is_integer():
+    """Struct numbers are doubles: 5.0 goes out as 5, as a client would send it.
+
+    A whole double past 64-bit integers (1e30) stays a double, as REST's JSON
+    reader keeps such a number: JSON could not carry it as an integer, and
+    REST's checks refuse it where an integer is due (`max_tokens`).
+    """
+    if isinstance(value, float) and value.is_integer() and abs(value) < _INT64:
         return int(value)
     if isinstance(value, list):
         return [_integral(v) for v in value]

@@ -30,6 +30,7 @@ from citadel.gateway.services.sse import EVENT_END, error_of
 from citadel.gateway.services.streams import Closing
 
 DONE = b"[DONE]"
+_LIMIT_PREFIX = "x-ratelimit-"
 
 
 @dataclass
@@ -67,8 +68,10 @@ async def ask(
             read: it tells `Answer.unusable` of one that does not fit.
 
     Raises:
-        GatewayError: as for REST, and `InvalidRequest` when the replica
-            refused the request itself.
+        GatewayError: as for REST, and `InvalidRequest` for a body that
+            cannot be written as JSON, or when the replica refused the request
+            itself (with the `x-ratelimit-*` values REST sends with it in its
+            `headers`).
     """
     # Read by the proxy before it counts the request, so that an answer that is
     # not a JSON object, or does not fit, is counted as the error it ends with.
@@ -79,14 +82,26 @@ async def ask(
         if fit is not None:
             fit(read)
 
-    result = await proxy.handle(
-        call, principal, orjson.dumps(body), request_id, session, door, reader
-    )
+    try:
+        raw = orjson.dumps(body)
+    except orjson.JSONEncodeError as err:
+        # An integer past 64 bits (GraphQL's JSON scalar holds any): the
+        # caller's mistake, refused and counted as REST refuses a bad body.
+        invalid = InvalidRequest(f"The request cannot be sent as JSON: {err}.")
+        proxy.refused(call, request_id, invalid, door, principal)
+        raise invalid from err
+    result = await proxy.handle(call, principal, raw, request_id, session, door, reader)
     if result.stream is not None:
         chunks = events(result.stream, result.unusable)
         return Answer(result.headers, chunks=chunks, unusable=result.unusable)
     if result.status != 200:
-        raise refusal(result.status, _json_of(result.body))
+        error = refusal(result.status, _json_of(result.body))
+        # The limits' values after the estimate was given back, which REST
+        # sends with the replica's error, leave with the door's error.
+        error.headers.update(
+            (k, v) for k, v in result.headers.items() if k.startswith(_LIMIT_PREFIX)
+        )
+        raise error
     return Answer(result.headers, read)
 
 

@@ -5,6 +5,7 @@ request ids, and a client that leaves."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import orjson
@@ -314,3 +315,174 @@ async def test_a_client_gone_during_the_upload_is_counted_and_not_logged(
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
     assert harness.upstream.calls == []
     assert kit.counted(harness, "499", door="graphql", model="unknown") == 1
+
+
+async def test_a_failed_call_of_a_document_keeps_the_answers_before_it(
+    kit: Any,
+) -> None:
+    # Charged for `a` and `b`, the caller must get them: the error nulls only
+    # the field that failed, not the whole of `data`.
+    harness = kit.build(kit.document(limits={"rpm": 2}))
+    three = """mutation C($input: ChatCompletionInput!) {
+      a: chatCompletion(input: $input) { model }
+      b: chatCompletion(input: $input) { model }
+      c: chatCompletion(input: $input) { model }
+    }"""
+    async with harness.client() as client:
+        answer = await client.post(
+            "/graphql", json={"query": three, "variables": {"input": INPUT}}
+        )
+    body = answer.json()
+    done = {"model": "smollm2"}
+    assert body["data"] == {"a": done, "b": done, "c": None}
+    (error,) = body["errors"]
+    assert error["path"] == ["c"]
+    assert error["extensions"]["code"] == "rate_limit_exceeded"
+    assert len(harness.upstream.calls) == 2
+
+
+async def test_retry_after_is_a_number_of_seconds_as_in_its_header(
+    kit: Any,
+) -> None:
+    harness = kit.build(kit.document(limits={"rpm": 1}))
+    async with harness.client() as client:
+        for _ in "ab":
+            answer = await client.post(
+                "/graphql", json={"query": CHAT, "variables": {"input": INPUT}}
+            )
+    extensions = answer.json()["errors"][0]["extensions"]
+    assert extensions["retryAfter"] == 60
+    assert extensions["headers"]["retry-after"] == "60"
+
+
+async def test_a_replicas_own_refusal_carries_the_limit_values_as_on_rest(
+    kit: Any,
+) -> None:
+    # The estimate was given back when the replica refused: the values say so,
+    # as REST's headers do.
+    harness = kit.build(kit.document(limits={"tpm": 1000}))
+    refusal = {"error": {"message": "max_tokens too large", "param": "max_tokens"}}
+    harness.upstream.handler = lambda url, body: kit.reply(400, orjson.dumps(refusal))
+    big = {**INPUT, "maxTokens": 500}
+    async with harness.client() as client:
+        rest = await client.post(
+            "/v1/chat/completions", json={**kit.chat, "max_tokens": 500}
+        )
+        graphql = await client.post(
+            "/graphql", json={"query": CHAT, "variables": {"input": big}}
+        )
+    extensions = graphql.json()["errors"][0]["extensions"]
+    assert (extensions["status"], extensions["param"]) == (400, "max_tokens")
+    limits = {k: v for k, v in rest.headers.items() if k.startswith("x-ratelimit-")}
+    assert limits["x-ratelimit-remaining-tokens"] == "1000"
+    assert {k: extensions["headers"].get(k) for k in limits} == limits
+
+
+def _errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+
+
+def _access(caplog: pytest.LogCaptureFixture) -> list[tuple[Any, Any]]:
+    """The status and code of each access-log line."""
+    return [
+        (getattr(r, "status", None), getattr(r, "code", None))
+        for r in caplog.records
+        if r.name == "citadel.gateway.access" and r.getMessage() == "request"
+    ]
+
+
+async def test_an_integer_json_cannot_carry_is_refused_as_on_rest(
+    kit: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # orjson writes integers up to 64 bits: a bigger one in `extra` is the
+    # caller's mistake (REST's 400), not the gateway's failure.
+    harness = kit.build()
+    variables = {"input": {**INPUT, "extra": {"max_tokens": 10**30}}}
+    raw = json.dumps({"query": CHAT, "variables": variables})  # orjson cannot
+    async with harness.client() as client:
+        answer = await client.post(
+            "/graphql", content=raw, headers={"content-type": "application/json"}
+        )
+    extensions = answer.json()["errors"][0]["extensions"]
+    assert (extensions["status"], extensions["type"]) == (400, "invalid_request_error")
+    assert harness.upstream.calls == []
+    assert kit.counted(harness, "400", door="graphql", model="unknown") == 1
+    assert _errors_logged(caplog) == []
+
+
+UNFIT = {
+    "id": "c",
+    "model": "smollm2",
+    "created": 1,
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+    "usage": {"prompt_tokens": 7, "completion_tokens": 3},
+}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"created": "yesterday"},
+        {"created": 2**40},  # GraphQL's Int is 32-bit
+        {"choices": [{"index": 0, "message": {"content": {"text": "hi"}}}]},
+    ],
+    ids=["not a number", "too big for Int", "not a string"],
+)
+async def test_an_answer_that_does_not_fit_the_schema_is_counted_as_its_502(
+    kit: Any, caplog: pytest.LogCaptureFixture, change: dict[str, Any]
+) -> None:
+    caplog.set_level("INFO", logger="citadel.gateway.access")
+    harness = kit.build()
+    unfit = orjson.dumps({**UNFIT, **change})
+    harness.upstream.handler = lambda url, body: kit.reply(body=unfit)
+    query = """mutation C($input: ChatCompletionInput!) {
+      chatCompletion(input: $input) { created choices { message { content } } } }"""
+    async with harness.client() as client:
+        answer = await client.post(
+            "/graphql", json={"query": query, "variables": {"input": INPUT}}
+        )
+    extensions = answer.json()["errors"][0]["extensions"]
+    assert (extensions["status"], extensions["code"]) == (502, "backend_error")
+    assert kit.counted(harness, "502", door="graphql") == 1
+    assert kit.counted(harness, "200", door="graphql") is None
+    assert _access(caplog) == [(502, "backend_error")]
+    assert _errors_logged(caplog) == []
+    # The replica did the work it reports: the key pays for it.
+    sample = harness.deps.metrics.registry.get_sample_value
+    tokens = {"model": "smollm2", "key": "alice", "kind": "prompt"}
+    assert sample("citadel_gateway_tokens_total", tokens) == 7
+
+
+def test_a_chunk_that_does_not_fit_ends_the_stream_counted_as_its_502(
+    kit: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="citadel.gateway.access")
+    harness = kit.build()
+    reply = kit.reply(
+        parts=_sse(CHUNK, {**CHUNK, "created": "x"}, CHUNK),
+        content_type="text/event-stream",
+    )
+    harness.upstream.handler = lambda url, body: reply
+    auth = {"authorization": f"Bearer {kit.key}"}
+    payload = {"query": STREAM, "variables": {"input": INPUT}}
+    with (
+        TestClient(harness.app) as client,
+        client.websocket_connect(
+            "/graphql", subprotocols=["graphql-transport-ws"]
+        ) as ws,
+    ):
+        ws.send_json({"type": "connection_init", "payload": auth})
+        assert ws.receive_json()["type"] == "connection_ack"
+        ws.send_json({"id": "1", "type": "subscribe", "payload": payload})
+        first, broken = ws.receive_json(), ws.receive_json()
+        assert ws.receive_json()["type"] == "complete"
+    assert first["payload"]["data"]["chatCompletionStream"] is not None
+    extensions = broken["payload"]["errors"][0]["extensions"]
+    assert (extensions["status"], extensions["code"]) == (502, "backend_error")
+    # Not 200 `client_closed`: the client did not leave, the replica's answer
+    # could not be used.
+    assert kit.counted(harness, "502", door="graphql") == 1
+    assert kit.counted(harness, "200", door="graphql") is None
+    assert _access(caplog) == [(502, "backend_error")]
+    assert _errors_logged(caplog) == []
+    assert reply.closed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,17 +19,24 @@ from citadel.gateway.upstream import UpstreamFailure
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture
-async def door(kit: Any) -> AsyncIterator[tuple[Any, pb_grpc.InferenceStub]]:
-    harness = kit.build()  # max_body_bytes 4096
+@contextlib.asynccontextmanager
+async def _serving(harness: Any) -> AsyncIterator[pb_grpc.InferenceStub]:
+    """A stub on a gRPC server running on `harness`'s parts."""
     server = GrpcServer(harness.deps, "127.0.0.1", 0, harness.deps.max_body_bytes)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:
-        yield harness, pb_grpc.InferenceStub(channel)
+        yield pb_grpc.InferenceStub(channel)
     finally:
         await channel.close()
         await server.stop()
+
+
+@pytest.fixture
+async def door(kit: Any) -> AsyncIterator[tuple[Any, pb_grpc.InferenceStub]]:
+    harness = kit.build()  # max_body_bytes 4096
+    async with _serving(harness) as stub:
+        yield harness, stub
 
 
 def _chat(content: str = "hi") -> pb.ChatCompletionRequest:
@@ -207,3 +215,47 @@ async def test_grpc_core_refuses_what_is_far_over_the_limit_before_any_key(
     _, stub = door
     error = await _refused(stub.ChatCompletion(_chat("a" * 100_000)))
     assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_a_replicas_own_refusal_carries_the_limit_values_as_on_rest(
+    kit: Any,
+) -> None:
+    # The estimate was given back when the replica refused: the trailers say
+    # so, as REST's headers do.
+    harness = kit.build(kit.document(limits={"tpm": 1000}))
+    refusal = {"error": {"message": "max_tokens too large", "param": "max_tokens"}}
+    harness.upstream.handler = lambda url, body: kit.reply(400, orjson.dumps(refusal))
+    async with harness.client() as client:
+        rest = await client.post(
+            "/v1/chat/completions", json={**kit.chat, "max_tokens": 500}
+        )
+    request = _chat()
+    request.sampling.max_tokens = 500
+    key = (("authorization", f"Bearer {kit.key}"),)
+    async with _serving(harness) as stub:
+        error = await _refused(stub.ChatCompletion(request, metadata=key))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    limits = {k: v for k, v in rest.headers.items() if k.startswith("x-ratelimit-")}
+    assert limits["x-ratelimit-remaining-tokens"] == "1000"
+    trailers = dict(error.trailing_metadata() or ())
+    assert {k: trailers.get(k) for k in limits} == limits
+
+
+async def test_a_number_too_big_for_an_integer_is_refused_as_on_rest(
+    door: tuple[Any, pb_grpc.InferenceStub],
+    kit: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A Struct number is a double; 1e30 is whole but no 64-bit integer: sent
+    # as the double it is, REST's check refuses it (`max_tokens` 1e30 in a
+    # REST body is read as that double too), not the JSON encoder.
+    harness, stub = door
+    request = _chat()
+    request.extra.update({"max_tokens": 1e30})
+    key = (("authorization", f"Bearer {kit.key}"),)
+    error = await _refused(stub.ChatCompletion(request, metadata=key))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_tokens" in error.details()
+    assert kit.counted(harness, "400", door="grpc", model="unknown") == 1
+    assert harness.upstream.calls == []
+    assert [r for r in caplog.records if r.levelname == "ERROR"] == []
