@@ -15,6 +15,7 @@ from citadel.gateway.api.version import VersionHeaders
 from citadel.gateway.deps import Deps
 from citadel.gateway.graphql.router import graphql_router
 from citadel.gateway.settings import GatewaySettings
+from citadel.gateway.sources.base import start_supervised
 
 
 def create_app(settings: GatewaySettings, deps: Deps) -> FastAPI:
@@ -24,7 +25,10 @@ def create_app(settings: GatewaySettings, deps: Deps) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for start in deps.startup:
             await start()
-        tasks = [asyncio.create_task(source.run()) for source in deps.sources]
+        tasks = [
+            start_supervised(source.run(), type(source).__name__)
+            for source in deps.sources
+        ]
         try:
             yield
         finally:

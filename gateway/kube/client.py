@@ -4,7 +4,9 @@ Objects are plain dicts as the API returns them. `list_watch` keeps a view in sy
 it lists, then watches from the list's resourceVersion, resumes from the last one
 seen after a dropped connection, lists again (after a short, jittered pause that
 grows while it repeats) when the server answers 410 Gone or has not seen the version
-yet, and backs off when watches end at once without an event.
+yet, backs off when watches end at once without an event, and backs off with jitter
+(honouring Retry-After) while lists and watches fail. An error raised by one of its
+callbacks is logged with the object it was given, and the view is listed afresh.
 """
 
 from __future__ import annotations
@@ -27,11 +29,21 @@ Obj = dict[str, Any]
 
 
 class KubeApiError(Exception):
-    """The API server refused a request."""
+    """The API server refused a request.
 
-    def __init__(self, status: int, message: str) -> None:
+    Attributes:
+        status: the HTTP status (or a watch ERROR event's code).
+        retry_after_s: how long the server asked the client to wait before
+            trying again (its Retry-After header, else the Status's
+            retryAfterSeconds), if it said.
+    """
+
+    def __init__(
+        self, status: int, message: str, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(f"{status}: {message}")
         self.status = status
+        self.retry_after_s = retry_after_s
 
 
 class WatchExpired(KubeApiError):
@@ -80,6 +92,9 @@ large) in a row; it doubles with each one in a row. The pause itself is drawn
 from zero to it."""
 RELIST_BACKOFF_MAX_S = 30.0
 """The longest pause before listing again."""
+FAILURE_BACKOFF_MAX_S = 30.0
+"""The longest pause after failed lists or watches (from `list_watch`'s
+`retry_s`, doubling with each failure in a row), a Retry-After included."""
 
 
 class KubeClient:
@@ -144,7 +159,7 @@ class KubeClient:
         ) as response:
             payload = await response.read()
             if response.status >= 400:
-                raise _api_error(response.status, payload)
+                raise _api_error(response.status, payload, response.headers)
             result: Obj = orjson.loads(payload) if payload else {}
             return result
 
@@ -193,7 +208,8 @@ class KubeClient:
             path, params=query, headers=self._headers(), timeout=bounds
         ) as response:
             if response.status >= 400:
-                raise _api_error(response.status, await response.read())
+                payload = await response.read()
+                raise _api_error(response.status, payload, response.headers)
             async for line in response.content:
                 if not line.strip():
                     continue
@@ -204,7 +220,9 @@ class KubeClient:
                 yield kind, obj
 
 
-def _api_error(status: int, payload: bytes) -> KubeApiError:
+def _api_error(
+    status: int, payload: bytes, headers: Mapping[str, str] | None = None
+) -> KubeApiError:
     try:
         answer = orjson.loads(payload)
         message = str(answer.get("message", payload[:200]))
@@ -214,15 +232,38 @@ def _api_error(status: int, payload: bytes) -> KubeApiError:
         return WatchExpired(status, message)
     if _too_large(answer):
         return ResourceVersionTooLarge(status, message)
-    return KubeApiError(status, message)
+    return KubeApiError(status, message, _retry_after_s(answer, headers or {}))
+
+
+def _retry_after_s(status: Obj, headers: Mapping[str, str]) -> float | None:
+    """The wait a refusal asks for: the Retry-After header (delta-seconds; the
+    API server never sends a date), else a Status's retryAfterSeconds (all a
+    watch's ERROR event has)."""
+    for value in (
+        headers.get("Retry-After"),
+        _details(status).get("retryAfterSeconds"),
+    ):
+        try:
+            seconds = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            continue
+        if seconds >= 0 and seconds == seconds:  # not NaN
+            return seconds
+    return None
+
+
+def _details(status: Obj) -> Obj:
+    details = status.get("details")
+    return details if isinstance(details, dict) else {}
 
 
 def _too_large(status: Obj) -> bool:
     """Whether a Status says the resourceVersion asked for is one the server
     has not seen yet (read as client-go's reflector reads it)."""
-    details = status.get("details")
-    found = details.get("causes") if isinstance(details, dict) else None
-    causes = [c for c in found or () if isinstance(c, dict)]
+    found = _details(status).get("causes")
+    causes = (
+        [c for c in found if isinstance(c, dict)] if isinstance(found, list) else []
+    )
     if any(cause.get("reason") == TOO_LARGE_CAUSE for cause in causes):
         return True
     if status.get("reason") != "Timeout":
@@ -246,13 +287,22 @@ async def list_watch(
     """Keeps a view in sync until cancelled: `on_sync` with the full list after
     each (re-)list, `on_event` with each change after it.
 
+    A callback that raises is logged with what it was given; the view is then
+    listed afresh (after a pause, as after a failure), since the callback may
+    have left it half updated. Callbacks should skip what they cannot read
+    rather than raise: a list that keeps failing them keeps the view stale.
+
     Args:
         client: the API client.
         path: the collection to list and watch.
         params: query parameters for both (a label selector).
         on_sync: called with every item after each list.
         on_event: called with (type, object) for each change.
-        retry_s: the pause after a failed list or watch.
+        retry_s: the longest pause after the first failed list or watch in a
+            row; it doubles with each failure in a row, up to
+            `FAILURE_BACKOFF_MAX_S`, and the pause itself is drawn from half
+            of it to all of it. A longer Retry-After is honoured, up to that
+            cap too.
         sleep: how to pause (injected by tests).
         clock: monotonic seconds, to tell a watch that ended at once.
         jitter: a number between its two arguments (injected by tests).
@@ -260,20 +310,23 @@ async def list_watch(
     version: str | None = None
     empty_in_row = 0
     relists_in_row = 0
+    failures_in_row = 0
     while True:
         try:
             if version is None:
-                items, version = await client.list(path, params)
-                await _maybe_await(on_sync(items))
+                items, listed = await client.list(path, params)
+                await _sync(on_sync, items)
+                version, failures_in_row = listed, 0
             started, delivered = clock(), False
             async for kind, obj in client.watch(path, version, params):
                 delivered = True
-                relists_in_row = 0  # in sync again: a later 410 is a first one
-                version = obj.get("metadata", {}).get("resourceVersion", version)
+                # In sync again: a later 410 or failure is a first one.
+                relists_in_row = failures_in_row = 0
+                version = _version_of(obj) or version
                 if kind != "BOOKMARK":
-                    await _maybe_await(on_event(kind, obj))
+                    await _deliver(on_event, kind, obj)
             if delivered or clock() - started >= WATCH_QUICK_S:
-                empty_in_row = relists_in_row = 0
+                empty_in_row = relists_in_row = failures_in_row = 0
                 continue
             # An API server shutting down, or a proxy that closes long-lived
             # streams, ends each watch at once: re-opened at once, every
@@ -308,10 +361,39 @@ async def list_watch(
             )
             version = None
             await sleep(pause)
+        except _CallbackFailed as err:
+            # A shape the handler did not expect (a KeyError, a TypeError):
+            # raised out of the loop, it ended the watch for good, and that
+            # namespace's replicas (or the keys) stopped changing, unseen.
+            failures_in_row += 1
+            pause = failure_backoff_s(failures_in_row, retry_s) * jitter(0.5, 1.0)
+            log.error(
+                "watch handler failed; listing again",
+                exc_info=err.__cause__,
+                extra={"path": path, "object": err.what, "pause_s": pause},
+            )
+            version = None
+            await sleep(pause)
         except (aiohttp.ClientError, TimeoutError, KubeApiError, ValueError) as err:
             # ValueError: a line that is not JSON, or past the read buffer.
-            log.warning("watch failed; retrying", extra={"path": path, "error": err})
-            await sleep(retry_s)
+            # An API server that is overloaded (429) or failing (5xx) is asked
+            # again by every gateway replica: at a fixed pause, all together
+            # and for ever. The pause grows, and the jitter spreads them.
+            failures_in_row += 1
+            pause = failure_backoff_s(failures_in_row, retry_s) * jitter(0.5, 1.0)
+            asked = err.retry_after_s if isinstance(err, KubeApiError) else None
+            if asked is not None:
+                pause = max(pause, min(asked, FAILURE_BACKOFF_MAX_S))
+            log.warning(
+                "watch failed; retrying",
+                extra={
+                    "path": path,
+                    "error": err,
+                    "failures_in_row": failures_in_row,
+                    "pause_s": pause,
+                },
+            )
+            await sleep(pause)
 
 
 def watch_backoff_s(empty_in_row: int) -> float:
@@ -320,11 +402,62 @@ def watch_backoff_s(empty_in_row: int) -> float:
     return min(WATCH_BACKOFF_MAX_S, WATCH_BACKOFF_BASE_S * 2.0**exponent)
 
 
+def failure_backoff_s(failures_in_row: int, base_s: float) -> float:
+    """The longest pause after `failures_in_row` (1 or more) failed lists or
+    watches in a row, the first one's being `base_s`."""
+    exponent = min(failures_in_row - 1, 16)  # past the cap long before: no overflow
+    return min(FAILURE_BACKOFF_MAX_S, base_s * 2.0**exponent)
+
+
 def relist_backoff_s(relists_in_row: int) -> float:
     """The longest pause before the `relists_in_row`-th (1 or more) list in a
     row that a 410 or a version too large asked for."""
     exponent = min(relists_in_row - 1, 16)  # past the cap long before: no overflow
     return min(RELIST_BACKOFF_MAX_S, RELIST_BACKOFF_BASE_S * 2.0**exponent)
+
+
+class _CallbackFailed(Exception):
+    """A `list_watch` callback raised (the cause); `what` names what it was
+    given. Never leaves `list_watch`."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+async def _sync(
+    on_sync: Callable[[list[Obj]], Awaitable[None] | None], items: list[Obj]
+) -> None:
+    try:
+        await _maybe_await(on_sync(items))
+    except Exception as err:  # not CancelledError: a BaseException
+        raise _CallbackFailed(f"a list of {len(items)}") from err
+
+
+async def _deliver(
+    on_event: Callable[[str, Obj], Awaitable[None] | None], kind: str, obj: Obj
+) -> None:
+    try:
+        await _maybe_await(on_event(kind, obj))
+    except Exception as err:  # not CancelledError: a BaseException
+        raise _CallbackFailed(f"{kind} {_describe(obj)}") from err
+
+
+def _describe(obj: Obj) -> str:
+    """An object's kind and namespace/name, for a log line, whatever its shape."""
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
+    kind = obj.get("kind") if isinstance(obj, dict) else None
+    name = "/".join(
+        str(part) for part in (meta.get("namespace"), meta.get("name")) if part
+    )
+    return f"{kind or 'object'} {name or '(no name)'}"
+
+
+def _version_of(obj: Obj) -> str | None:
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    version = meta.get("resourceVersion") if isinstance(meta, dict) else None
+    return version if isinstance(version, str) and version else None
 
 
 async def _maybe_await(value: Awaitable[None] | None) -> None:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
 
 
 class Source(Protocol):
@@ -13,3 +18,37 @@ class Source(Protocol):
     """
 
     async def run(self) -> None: ...
+
+
+def start_supervised(work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    """Starts `work`, meant to run until cancelled, as a task whose end by
+    anything but a cancel is logged as an error.
+
+    A background task that raised kept its exception to itself until it was
+    awaited (at shutdown, if ever): a watch that died left its routes, replicas
+    or keys frozen, with nothing in the logs.
+
+    Args:
+        work: the coroutine (a source's `run`, a watch loop).
+        name: what it watches, for the log and the task's name.
+    """
+    task = asyncio.create_task(work, name=name)
+    task.add_done_callback(_report_end)
+    return task
+
+
+def _report_end(task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is None:
+        log.error(
+            "background task ended; it no longer updates what it kept",
+            extra={"task": task.get_name()},
+        )
+    else:
+        log.error(
+            "background task failed; it no longer updates what it kept",
+            exc_info=error,
+            extra={"task": task.get_name()},
+        )

@@ -5,7 +5,8 @@
   force (a deleted one counts as a reload that is `missing`).
 - EndpointSlices (discovery.k8s.io/v1, label `kubernetes.io/service-name`) of every
   namespace the document names give each Service's pod addresses with their ready,
-  serving and terminating conditions.
+  serving and terminating conditions; one that cannot be read is logged and counts
+  as gone.
 - Secrets labelled `citadel.ai/api-key=true` in the gateway's namespace hold the API
   keys' records (never the keys); a deleted Secret is a revoked key, and so is
   one edited into something that is not a key record.
@@ -17,6 +18,7 @@ import asyncio
 import base64
 import logging
 from collections import defaultdict
+from typing import NamedTuple
 
 from pydantic import ValidationError
 
@@ -38,6 +40,7 @@ from citadel.gateway.routes import (
 from citadel.gateway.services.auth import InMemoryKeyStore, KeyRecord
 from citadel.gateway.services.catalog import Catalog
 from citadel.gateway.services.replicas import Endpoint
+from citadel.gateway.sources.base import start_supervised
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,17 @@ KEY_LABEL = "citadel.ai/api-key"
 KEY_NAME_LABEL = "citadel.ai/key-name"
 KEY_DATA = "key.json"
 KEY_SECRET_PREFIX = "citadel-key-"
+
+_MALFORMED = (AttributeError, IndexError, KeyError, TypeError, ValueError)
+"""What reading an object of an unexpected shape raises (a field of another
+type, one missing): the object is skipped, logged, rather than end its watch."""
+
+
+def _object_name(obj: Obj) -> str | None:
+    """An object's metadata.name, or None when it has none."""
+    meta = obj.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else None
+    return name if isinstance(name, str) and name else None
 
 
 def slice_endpoints(slice_: Obj) -> list[Endpoint]:
@@ -61,6 +75,8 @@ def slice_endpoints(slice_: Obj) -> list[Endpoint]:
         if not addresses:
             continue
         address = addresses[0]
+        if not isinstance(address, str):
+            raise TypeError(f"an address that is not a string: {address!r}")
         host = f"[{address}]" if ":" in address else address
         cond = endpoint.get("conditions") or {}
         ready = cond.get("ready") is not False  # unset means ready
@@ -79,6 +95,13 @@ def _service_of(slice_: Obj) -> str | None:
     return service if isinstance(service, str) and service else None
 
 
+class _Slice(NamedTuple):
+    """What the view keeps of one EndpointSlice: read once, when it comes."""
+
+    service: str | None
+    endpoints: list[Endpoint]
+
+
 class _SliceView:
     """The EndpointSlices of one namespace, pushed to the catalog per Service:
     only the Service an event is about, and only Services the routing document
@@ -94,20 +117,24 @@ class _SliceView:
         self._namespace = namespace
         self._catalog = catalog
         self._routed = routed
-        self._slices: dict[str, Obj] = {}
+        self._slices: dict[str, _Slice] = {}
         self._by_service: dict[str, set[str]] = defaultdict(set)
 
     def sync(self, items: list[Obj]) -> None:
         self._slices.clear()
         self._by_service.clear()
         for item in items:
-            self._keep(item["metadata"]["name"], item)
+            name = self._name(item)
+            if name is not None:
+                self._keep(name, item)
         pushed = {svc for ns, svc in self._catalog.services() if ns == self._namespace}
         for service in pushed | self._routed:
             self._push(service)
 
     def event(self, kind: str, obj: Obj) -> None:
-        name = obj["metadata"]["name"]
+        name = self._name(obj)
+        if name is None:
+            return
         touched = {self._forget(name)}
         if kind != "DELETED":
             touched.add(self._keep(name, obj))
@@ -115,18 +142,36 @@ class _SliceView:
             if service is not None:
                 self._push(service)
 
+    def _name(self, item: Obj) -> str | None:
+        name = _object_name(item)
+        if name is None:
+            log.error(
+                "ignoring an EndpointSlice without a name",
+                extra={"namespace": self._namespace},
+            )
+        return name
+
     def _keep(self, name: str, item: Obj) -> str | None:
-        """Holds a slice; its Service, if it names one."""
-        self._slices[name] = item
-        service = _service_of(item)
-        if service is not None:
-            self._by_service[service].add(name)
-        return service
+        """Holds a slice; its Service, if it names one. One that cannot be
+        read is not held (as if deleted): a gateway started now would skip it
+        too, and one bad slice must not stop the watch of the namespace."""
+        try:
+            held = _Slice(_service_of(item), slice_endpoints(item))
+        except _MALFORMED as err:
+            log.error(
+                "ignoring a malformed EndpointSlice",
+                extra={"slice": f"{self._namespace}/{name}", "error": repr(err)},
+            )
+            return None
+        self._slices[name] = held
+        if held.service is not None:
+            self._by_service[held.service].add(name)
+        return held.service
 
     def _forget(self, name: str) -> str | None:
         """Drops a slice; the Service it was of, if any."""
         old = self._slices.pop(name, None)
-        service = _service_of(old) if old is not None else None
+        service = old.service if old is not None else None
         if service is not None:
             names = self._by_service[service]
             names.discard(name)
@@ -145,7 +190,7 @@ class _SliceView:
         endpoints: list[Endpoint] = []
         if service in self._routed:
             for name in self._by_service.get(service, ()):
-                endpoints.extend(slice_endpoints(self._slices[name]))
+                endpoints.extend(self._slices[name].endpoints)
         self._catalog.set_endpoints(self._namespace, service, endpoints)
 
 
@@ -194,9 +239,15 @@ class RoutesWatchSource:
         self._catalog.lose_document(f"routes ConfigMap deleted: {CONFIGMAP_NAME}")
 
     def _load(self, configmap: Obj) -> None:
-        raw = (configmap.get("data") or {}).get(CONFIGMAP_KEY)
+        data = configmap.get("data")
+        raw = data.get(CONFIGMAP_KEY) if isinstance(data, dict) else None
         if raw is None:
             self._catalog.reject_document(f"ConfigMap has no key {CONFIGMAP_KEY!r}")
+            return
+        if not isinstance(raw, str):
+            self._catalog.reject_document(
+                f"ConfigMap key {CONFIGMAP_KEY!r} is not text"
+            )
             return
         try:
             reading = read_document(raw)
@@ -221,14 +272,15 @@ class RoutesWatchSource:
             view = self._views[namespace] = _SliceView(
                 namespace, self._catalog, services
             )
-            self._slice_watches[namespace] = asyncio.create_task(
+            self._slice_watches[namespace] = start_supervised(
                 list_watch(
                     self._client,
                     endpoint_slices(namespace),
                     {"labelSelector": SERVICE_NAME_LABEL},
                     view.sync,
                     view.event,
-                )
+                ),
+                f"EndpointSlices of {namespace}",
             )
 
 
@@ -254,11 +306,13 @@ def key_secret(record: KeyRecord, namespace: str) -> Obj:
 
 def key_from_secret(secret: Obj) -> KeyRecord | None:
     """The key record in a Secret, or None (logged) when it is not one."""
-    raw = (secret.get("data") or {}).get(KEY_DATA)
-    name = secret.get("metadata", {}).get("name")
+    data = secret.get("data")
+    raw = data.get(KEY_DATA) if isinstance(data, dict) else None
+    name = _object_name(secret)
     try:
         return KeyRecord.model_validate_json(base64.b64decode(raw or ""))
-    except ValueError as err:  # pydantic's ValidationError is one too
+    except (TypeError, ValueError) as err:  # pydantic's ValidationError is one
+        # TypeError: a value that is not a string (base64 of it fails so).
         # Its fields, not its values: a key may sit where its hash belongs. Bad
         # base64 says nothing of what it held.
         why = (
@@ -273,7 +327,7 @@ def key_from_secret(secret: Obj) -> KeyRecord | None:
 
 
 def _secret_name(obj: Obj) -> str:
-    return str(obj.get("metadata", {}).get("name", ""))
+    return _object_name(obj) or ""
 
 
 class KeySecretsSource:

@@ -1,9 +1,11 @@
 """list_watch: resume from the last version, list again after 410 Gone or a
-version the API server has not seen yet."""
+version the API server has not seen yet, back off while lists and watches fail,
+and outlive a handler that raises."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
@@ -285,11 +287,17 @@ TOO_LARGE_STATUS = {
 
 class ScriptedWatches:
     """Each watch plays one step of a script, then the run ends: an exception
-    is raised at once, a list of event types is delivered. Lists, watches and
-    pauses are logged in order."""
+    is raised at once, a list of event types is delivered. Lists fail with
+    `list_failures` first, one each. Lists, watches and pauses are logged in
+    order."""
 
-    def __init__(self, script: list[Exception | list[str]]) -> None:
+    def __init__(
+        self,
+        script: list[Exception | list[str]],
+        list_failures: list[Exception] | None = None,
+    ) -> None:
         self.script = script
+        self.list_failures = list_failures or []
         self.log: list[str] = []
         self.lists = 0
         self.list_params: list[Mapping[str, str] | None] = []
@@ -297,9 +305,11 @@ class ScriptedWatches:
     async def list(
         self, path: str, params: Mapping[str, str] | None = None
     ) -> tuple[list[dict[str, Any]], str]:
+        self.log.append("list")
+        if self.list_failures:
+            raise self.list_failures.pop(0)
         self.lists += 1
         self.list_params.append(params)
-        self.log.append("list")
         return [], str(self.lists)
 
     async def watch(
@@ -312,7 +322,8 @@ class ScriptedWatches:
         if isinstance(step, Exception):
             raise step
         for kind in step:
-            yield kind, {"metadata": {"resourceVersion": version + "+"}}
+            meta = {"namespace": "llm", "name": "m-1", "resourceVersion": version + "+"}
+            yield kind, {"kind": "EndpointSlice", "metadata": meta}
 
     async def sleep(self, seconds: float) -> None:
         self.log.append(f"sleep {seconds:g}")
@@ -321,17 +332,23 @@ class ScriptedWatches:
 async def _run_script(
     api: ScriptedWatches,
     jitter: Callable[[float, float], float] = lambda low, high: high,
+    on_sync: Callable[[list[dict[str, Any]]], None] = lambda items: None,
+    on_event: Callable[[str, dict[str, Any]], None] = lambda kind, obj: None,
 ) -> None:
     with pytest.raises(asyncio.CancelledError):
         await list_watch(
             api,  # type: ignore[arg-type]
             "/x",
             {"labelSelector": "a"},
-            lambda items: None,
-            lambda kind, obj: None,
+            on_sync,
+            on_event,
             sleep=api.sleep,
             jitter=jitter,
         )
+
+
+def _pauses(api: ScriptedWatches) -> list[float]:
+    return [float(entry.split()[1]) for entry in api.log if entry[0] == "s"]
 
 
 def gone() -> WatchExpired:
@@ -459,3 +476,177 @@ async def test_the_client_raises_too_large_from_an_answer_and_an_event() -> None
         await kube.close()
         server.close()
         await server.wait_closed()
+
+
+def _api_error(status: int, retry_after_s: float | None = None) -> KubeApiError:
+    if retry_after_s is None:
+        return KubeApiError(status, "refused")
+    return KubeApiError(status, "refused", retry_after_s)
+
+
+async def test_failed_lists_and_watches_back_off_with_jitter_up_to_a_cap() -> None:
+    """An API server answering 429 (or 500, 503, or not at all) was asked
+    again every 2 s by every gateway replica, all together, for ever."""
+    drawn: list[tuple[float, float]] = []
+
+    def jitter(low: float, high: float) -> float:
+        drawn.append((low, high))
+        return high
+
+    api = ScriptedWatches(
+        [
+            aiohttp.ClientConnectionError("refused"),
+            TimeoutError(),
+            _api_error(429),
+            _api_error(500),
+            _api_error(503),
+            _api_error(503),
+        ],
+        list_failures=[_api_error(503), aiohttp.ClientConnectionError("reset")],
+    )
+    await _run_script(api, jitter)
+    # Two failed lists; a list that works starts the count again; then six
+    # failed watches, each retried from the list's version.
+    assert api.log[:5] == ["list", "sleep 2", "list", "sleep 4", "list"]
+    assert _pauses(api) == [2, 4, 2, 4, 8, 16, 30, 30]
+    assert api.log[-2:] == ["sleep 30", "watch 1"]
+    # Each pause is drawn from half its bound up: the replicas spread out.
+    assert set(drawn) == {(0.5, 1.0)}
+
+
+async def test_first_failures_are_quick_and_spread_with_the_real_jitter() -> None:
+    """As many gateway replicas as runs here, failing at the same instant."""
+    first: list[float] = []
+    for _ in range(20):
+        api = ScriptedWatches([_api_error(500)])
+        await _run_script(api, random.uniform)
+        first.append(_pauses(api)[0])
+    assert all(1.0 <= pause <= 2.0 for pause in first)
+    assert len(set(first)) > 1
+
+
+async def test_a_watch_that_delivers_resets_the_failure_back_off() -> None:
+    api = ScriptedWatches(
+        [_api_error(500), _api_error(500), ["ADDED"], _api_error(500)]
+    )
+    await _run_script(api)
+    assert _pauses(api) == [2, 4, 2]
+
+
+@pytest.mark.parametrize(
+    ("asked", "paused"),
+    [
+        (7.0, 7.0),  # longer than the back-off: honoured
+        (0.5, 2.0),  # shorter: the back-off holds
+        (3600.0, None),  # never past the cap
+    ],
+)
+async def test_a_retry_after_is_honoured_up_to_the_cap(
+    asked: float, paused: float | None
+) -> None:
+    paused = paused or client_module.FAILURE_BACKOFF_MAX_S
+    api = ScriptedWatches([], list_failures=[_api_error(429, asked)])
+    await _run_script(api)
+    assert api.log[:3] == ["list", f"sleep {paused:g}", "list"]
+
+
+async def test_the_client_reads_retry_after_from_an_answer_and_an_event() -> None:
+    """The API server's 429 says Retry-After; a watch's ERROR event carries
+    only its Status, whose details say retryAfterSeconds."""
+    refused = orjson.dumps({"kind": "Status", "reason": "TooManyRequests"})
+    status = {
+        "kind": "Status",
+        "reason": "TooManyRequests",
+        "code": 429,
+        "details": {"retryAfterSeconds": 3},
+    }
+    event = orjson.dumps({"type": "ERROR", "object": status}) + b"\n"
+    answers = [
+        b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n"
+        b"retry-after: 5\r\ncontent-length: %d\r\n\r\n%s" % (len(refused), refused),
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(event), event),
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nbusy",
+    ]
+
+    async def handle(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answers.pop(0))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    kube = KubeClient(KubeConfig(server=f"http://127.0.0.1:{port}"))
+    await kube.start()
+    try:
+        with pytest.raises(KubeApiError) as listed:
+            await kube.list("/api/v1/namespaces/x/secrets")
+        assert (listed.value.status, listed.value.retry_after_s) == (429, 5.0)
+        with pytest.raises(KubeApiError) as watched:
+            async for _ in kube.watch("/api/v1/namespaces/x/secrets", "1"):
+                pass
+        assert (watched.value.status, watched.value.retry_after_s) == (429, 3.0)
+        with pytest.raises(KubeApiError) as busy:
+            await kube.list("/api/v1/namespaces/x/secrets")
+        assert (busy.value.status, busy.value.retry_after_s) == (503, None)
+    finally:
+        await kube.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_handler_that_raises_is_logged_and_the_view_listed_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A KeyError on an object of a shape the handler did not expect ended the
+    watch for good, unlogged: the namespace's replicas stopped changing."""
+    seen: list[str] = []
+
+    def on_event(kind: str, obj: dict[str, Any]) -> None:
+        seen.append(kind)
+        if kind == "MODIFIED":
+            raise KeyError("ports")
+
+    api = ScriptedWatches([["ADDED", "MODIFIED", "DELETED"], ["ADDED"]])
+    await _run_script(api, on_event=on_event)
+    # The rest of that watch is dropped: the handler may have left the view
+    # half updated, and a new list puts it right.
+    assert seen == ["ADDED", "MODIFIED", "ADDED"]
+    assert api.log == ["list", "watch 1", "sleep 2", "list", "watch 2", "watch 2+"]
+    [error] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert error.object == "MODIFIED EndpointSlice llm/m-1"  # type: ignore[attr-defined]
+    assert error.exc_info is not None and error.exc_info[0] is KeyError
+
+
+async def test_a_list_its_handler_cannot_take_is_listed_again_ever_later() -> None:
+    calls: list[int] = []
+
+    def on_sync(items: list[dict[str, Any]]) -> None:
+        calls.append(len(items))
+        if len(calls) < 4:
+            raise TypeError("'NoneType' object is not subscriptable")
+
+    api = ScriptedWatches([])
+    await _run_script(api, on_sync=on_sync)
+    assert api.log == [
+        "list",
+        "sleep 2",
+        "list",
+        "sleep 4",
+        "list",
+        "sleep 8",
+        "list",
+        "watch 4",  # watched from the version of the list it took
+    ]
+
+
+async def test_a_cancel_from_a_handler_is_not_swallowed() -> None:
+    def on_event(kind: str, obj: dict[str, Any]) -> None:
+        raise asyncio.CancelledError
+
+    api = ScriptedWatches([["ADDED"], ["ADDED"]])
+    await _run_script(api, on_event=on_event)
+    assert api.log == ["list", "watch 1"]

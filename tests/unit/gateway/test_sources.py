@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from pathlib import Path
@@ -572,3 +573,123 @@ def test_no_routes_configmap_at_start_is_no_reload() -> None:
     RoutesWatchSource(None, "citadel-system", catalog)._sync([])  # type: ignore[arg-type]
     assert results == []
     assert not catalog.loaded
+
+
+async def test_a_malformed_endpoint_slice_is_skipped_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A slice of a shape the view did not expect raised out of the watch and
+    ended it for good: the namespace's replicas stopped changing, unlogged."""
+    from citadel.gateway.sources.kubernetes import _SliceView
+
+    catalog = Catalog()
+    view = _SliceView("llm", catalog, {"m"})
+    bad_ports = {**_slice("m-2", "m", "10.0.0.2"), "ports": ["http"]}
+    view.sync([_slice("m-1", "m", "10.0.0.1"), {"metadata": None}, bad_ports])
+    assert list(catalog.all_replicas()) == ["http://10.0.0.1:8000"]
+    view.event("ADDED", _slice("m-3", "m", "10.0.0.3"))
+    # Edited into something unreadable: gone, as a gateway started now would
+    # not read it either.
+    bad_address = {**_slice("m-3", "m"), "endpoints": [{"addresses": [7]}]}
+    view.event("MODIFIED", bad_address)
+    view.event("MODIFIED", {"metadata": {"name": 3}})
+    view.event("ADDED", _slice("m-4", "m", "10.0.0.4"))
+    assert sorted(catalog.all_replicas()) == [
+        "http://10.0.0.1:8000",
+        "http://10.0.0.4:8000",
+    ]
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert [getattr(r, "slice", None) for r in errors] == [
+        None,
+        "llm/m-2",
+        "llm/m-3",
+        None,
+    ]
+    assert "without a name" in errors[0].getMessage()
+
+
+def test_key_secrets_of_an_unexpected_shape_are_skipped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    alice = KeyRecord(name="alice", hash=hash_key("a"), models=["*"])
+    secret = key_secret(alice, "citadel-system")
+    odd: list[dict[str, Any]] = [
+        {**secret, "data": ["key.json"]},
+        {**secret, "data": {"key.json": 5}},
+        {"metadata": None, "data": None},
+    ]
+    for item in odd:
+        assert key_from_secret(item) is None
+    store = InMemoryKeyStore()
+    source = KeySecretsSource(None, "citadel-system", store)  # type: ignore[arg-type]
+    source._sync([secret, *odd])
+    assert store.lookup(alice.hash) == alice
+    for item in odd:
+        source._event("MODIFIED", item)
+    # The first edit turned alice's own Secret unreadable: her key stops.
+    assert store.lookup(alice.hash) is None
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert said.count("ignoring a malformed key Secret") == 3 * len(odd)
+    assert "key disabled until its Secret is mended" in said
+
+
+@pytest.mark.parametrize("data", [["routes.json"], {CONFIGMAP_KEY: 5}])
+def test_a_routes_configmap_of_an_unexpected_shape_is_refused(data: Any) -> None:
+    results: list[str] = []
+    catalog = Catalog(results.append)
+    RoutesWatchSource(None, "citadel-system", catalog)._sync(  # type: ignore[arg-type]
+        [{"metadata": {"name": "citadel-routes"}, "data": data}]
+    )
+    assert results == ["invalid"]
+
+
+class _BrokenClient:
+    """A client that fails in a way no watch retries."""
+
+    async def list(self, path: str, params: Any = None) -> Any:
+        raise RuntimeError("KubeClient.start() was not called")
+
+
+async def test_a_slice_watch_that_dies_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The per-namespace watches ran as bare tasks: one that died kept its
+    error to itself, and its namespace's replicas froze."""
+    catalog = Catalog()
+    source = RoutesWatchSource(_BrokenClient(), "citadel-system", catalog)  # type: ignore[arg-type]
+    source._load({"data": {CONFIGMAP_KEY: doc("m", ())}})
+    task = source._slice_watches["llm"]
+    await asyncio.wait({task})
+    await asyncio.sleep(0)  # the done callbacks run in the loop's next turn
+    [error] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert error.task == "EndpointSlices of llm"  # type: ignore[attr-defined]
+    assert error.exc_info is not None and error.exc_info[0] is RuntimeError
+    # Cancelled (its namespace no longer routed, or the gateway stopping): quiet.
+    caplog.clear()
+    source._load({"data": {CONFIGMAP_KEY: doc("m", ())}})
+    source._load({"data": {CONFIGMAP_KEY: json.dumps({"models": []})}})
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert [r for r in caplog.records if r.levelname == "ERROR"] == []
+
+
+async def test_a_source_that_dies_is_logged(
+    harness: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The app ran each source as a bare task, gathered only at shutdown."""
+
+    class Failing:
+        async def run(self) -> None:
+            raise KeyError("metadata")
+
+    class Ending:
+        async def run(self) -> None:
+            return
+
+    harness.deps.sources.extend([Failing(), Ending()])
+    async with harness.app.router.lifespan_context(harness.app):
+        for _ in range(3):
+            await asyncio.sleep(0)
+        errors = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert [r.task for r in errors] == ["Failing", "Ending"]  # type: ignore[attr-defined]
+        assert errors[0].exc_info is not None
