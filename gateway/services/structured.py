@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from citadel.gateway.errors import BackendError, GatewayError, refusal
+from citadel.gateway.errors import BackendError, GatewayError, InvalidRequest, refusal
 from citadel.gateway.routes import ModelRoute
 from citadel.gateway.services.auth import Principal
 from citadel.gateway.services.catalog import Catalog
