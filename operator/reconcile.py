@@ -45,7 +45,12 @@ from citadel.operator.model import LLMModel
 from citadel.operator.observe import Blocker, derive_status
 from citadel.operator.routing import RoutePublisher
 from citadel.operator.settings import OperatorSettings
-from citadel.operator.status import ConditionType, LLMModelStatus
+from citadel.operator.status import (
+    RECONCILE_FAILED,
+    ConditionType,
+    LLMModelStatus,
+    name_taken,
+)
 from citadel.operator.view import ApiView, ClusterView, is_newer, resource_version
 
 log = logging.getLogger(__name__)
@@ -54,8 +59,6 @@ CAPABILITY_CACHE_SECONDS = 60.0
 # The longest a status refresh waits behind reconciles of new or changed models
 # (see Precedence).
 PRECEDENCE_MAX_WAIT_S = 10.0
-# The Ready reason of a model whose reconcile failed for good.
-RECONCILE_FAILED = "ReconcileFailed"
 
 
 def utc_now() -> str:
@@ -83,6 +86,27 @@ class RefreshWish:
 
     fix_drift: bool = False
     """Put the Deployment back first if it was changed by hand (or deleted)."""
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one pass applies, and how it first found each object's name (see
+    `Reconciler._plan`)."""
+
+    deployment: Manifest
+    service: Manifest
+    pdb: Manifest | None
+    """None: the model has no PodDisruptionBudget (one of its own goes)."""
+    monitor: Manifest | None
+    """None: the PodMonitor CRD is not served."""
+    seen: Mapping[str, Manifest | None]
+    """Kind -> the object of that name as `_apply` first reads it (None: there
+    was none), where the pass may start from that read."""
+
+    def named(self) -> list[Manifest]:
+        """Every object the pass applies, the Service first."""
+        objects = (self.service, self.deployment, self.pdb, self.monitor)
+        return [obj for obj in objects if obj is not None]
 
 
 class Serializer:
@@ -272,6 +296,25 @@ def _is_ours(obj: Manifest) -> bool:
     return labels.get(names.LABEL_MANAGED_BY) == names.MANAGER_NAME
 
 
+def _refusal(model: LLMModel, obj: Manifest, current: Manifest | None) -> None:
+    """Raises when `current`, the object of `obj`'s name, is not the model's.
+
+    Raises:
+        ReconcileError: it is someone else's (for good: the status names it), or
+            a deleted model's of the same name still being cleaned up (retryable).
+    """
+    if current is None or _owner_uid(current) == model.uid:
+        return
+    kind, name = obj["kind"], obj["metadata"]["name"]
+    if _owner_uid(current) is not None and _is_ours(current):
+        raise ReconcileError(
+            f"{kind} {name} already exists and does not belong to this LLMModel "
+            "yet (a deleted one of the same name is being cleaned up)",
+            retryable=True,
+        )
+    raise ReconcileError(name_taken(kind, name), retryable=False)
+
+
 class Reconciler:
     """Makes the cluster match each LLMModel and reports what it sees."""
 
@@ -403,11 +446,12 @@ class Reconciler:
                             # Applies in full, so makes whatever is missing: a
                             # timer outlives a deletion its watch missed.
                             await self._confirm_there(model)
-                        deployment = await self._apply_workload(model, resync)
+                        plan = await self._plan(model, resync)
+                        deployment = await self._apply_workload(model, plan, resync)
                     async with self._slots:
                         if not await self._still_there(model):
                             return model.status
-                        await self._apply_rest(model, resync)
+                        await self._apply_rest(model, plan, resync)
                         status = await self._refresh(
                             model, deployment=await self._newer(model, deployment)
                         )
@@ -519,53 +563,61 @@ class Reconciler:
             # Only objects stored before a stricter CRD can get here.
             raise ReconcileError(f"invalid spec: {err}", retryable=False) from err
 
-    async def _apply(
+    async def _look(
         self,
         model: LLMModel,
         obj: Manifest,
         known: Manifest | None = None,
+        *,
+        cached: bool = False,
+    ) -> Manifest | None:
+        """The object of `obj`'s name as `_apply` starts from it: as `known` from
+        a watch, else read from etcd; with `cached`, read from the API server's
+        cache instead (a resync's start: a missed event is what that pass is
+        for, so not the watch).
+
+        The views hold only objects labelled as ours: one of that name without
+        the label, maybe someone else's, is found by the read.
+        """
+        resource = resource_for(obj["apiVersion"], obj["kind"])
+        name = obj["metadata"]["name"]
+        if cached:
+            return await self._existing(
+                resource, name, model.namespace, None, cached=True
+            )
+        return await self._existing(resource, name, model.namespace, known)
+
+    async def _apply(
+        self,
+        model: LLMModel,
+        obj: Manifest,
+        first: Manifest | None,
         *,
         resync: bool = False,
     ) -> Manifest:
         """Applies `obj` unless an object of that name belongs to someone else.
 
         Args:
-            known: the object as a watch last saw it; read from the API if None
-                (it may then exist without our labels, which the watches skip).
+            first: the object of that name as `_look` found it (None: none),
+                from the API server's cache on a resync.
             resync: a periodic pass over an unchanged model: applied only if it
                 lost something `obj` sets (see `_holds` and `_put_back`).
 
         Returns:
             The object as applied, or as found when left alone.
         """
-        resource = resource_for(obj["apiVersion"], obj["kind"])
-        name = obj["metadata"]["name"]
+        current = first
         if resync:
-            # The API server's cache, not the watch behind `known` (a missed
-            # event is what this pass is for), says whether there is anything
-            # to do; what is done is decided on etcd's copy, as it may be behind.
-            cached = await self._existing(
-                resource, name, model.namespace, None, cached=True
-            )
+            # The cache says whether there is anything to do; what is done is
+            # decided on etcd's copy, as the cache may be behind.
             if (
-                cached is not None
-                and _owner_uid(cached) == model.uid
-                and self._holds(model, obj, cached)
+                first is not None
+                and _owner_uid(first) == model.uid
+                and self._holds(model, obj, first)
             ):
-                return cached
-            known = None
-        current = await self._existing(resource, name, model.namespace, known)
-        if current is not None and _owner_uid(current) != model.uid:
-            previous = _owner_uid(current) is not None and _is_ours(current)
-            raise ReconcileError(
-                f"{obj['kind']} {name} already exists and does not belong to this "
-                + (
-                    "LLMModel yet (a deleted one of the same name is being cleaned up)"
-                    if previous
-                    else "LLMModel: rename the model or remove that object"
-                ),
-                retryable=previous,
-            )
+                return first
+            current = await self._look(model, obj)
+        _refusal(model, obj, current)
         if resync:
             return await self._put_back(model, obj, current, conditional=True)
         applied: Manifest = await self._call(self.kube.apply(obj))
@@ -685,17 +737,66 @@ class Reconciler:
         except ApiError as err:
             raise ReconcileError(str(err), retryable=err.retryable) from err
 
-    async def _apply_workload(self, model: LLMModel, resync: bool) -> Manifest:
+    async def _plan(self, model: LLMModel, resync: bool) -> _Plan:
+        """Builds what the pass applies, and refuses it before anything is
+        written if a name it uses belongs to someone else.
+
+        Checked before any write, as each apply's own check came too late: a
+        model refused its Service was left with its multi-GPU Deployment
+        running and a Retain claim made for it. The Service is checked first,
+        so that the failure names it whenever it is taken. The claim's name is
+        no clash: a claim the operator did not make is used as it is.
+
+        One read per object, all at once, and no more where the pass read
+        anyway: the Deployment's apply starts from this read (the index's
+        copy, else etcd's; on a resync the API server's cache), and so do a
+        resync's other applies (the cache). A full pass reads the Service,
+        PDB and PodMonitor here from the API server's cache, a request each
+        that it did not make before, and from etcd again right before each
+        apply, in its second turn. A clash the cache shows is confirmed on
+        etcd's copy, which may differ.
+
+        Raises:
+            ReconcileError: a name is taken, or a read failed.
+        """
+        deployment = self._deployment(model)
+        monitor = None
+        if await self._monitoring_installed():
+            monitor = build_pod_monitor(model, self.settings.pod_monitor_labels)
+        plan = _Plan(deployment, build_service(model), build_pdb(model), monitor, {})
+        known = await self._call(self.view.deployment(model.namespace, model.name))
+        found = await asyncio.gather(
+            *(
+                self._look(model, obj, known, cached=resync)
+                if obj is deployment
+                else self._look(model, obj, cached=True)
+                for obj in plan.named()
+            )
+        )
+        for obj, current in zip(plan.named(), found, strict=True):
+            if (
+                current is not None
+                and _owner_uid(current) != model.uid
+                and (obj is not deployment or resync)
+            ):
+                current = await self._look(model, obj)  # the cache may be behind
+            _refusal(model, obj, current)
+        seen = {
+            obj["kind"]: first
+            for obj, first in zip(plan.named(), found, strict=True)
+            if resync or obj is deployment
+        }
+        return dataclasses.replace(plan, seen=seen)
+
+    async def _apply_workload(
+        self, model: LLMModel, plan: _Plan, resync: bool
+    ) -> Manifest:
         """Applies the cache claim and the Deployment (on a resync, only what
         drifted; see `_apply`); returns the Deployment as applied or found."""
         if model.spec.cache is not None:
             await self._apply_claim(model, _first_look(model), resync)
-        return await self._apply(
-            model,
-            self._deployment(model),
-            await self._call(self.view.deployment(model.namespace, model.name)),
-            resync=resync,
-        )
+        first = plan.seen[plan.deployment["kind"]]
+        return await self._apply(model, plan.deployment, first, resync=resync)
 
     def _deployment(self, model: LLMModel) -> Manifest:
         """The model's Deployment; a spec it cannot be built from is a permanent
@@ -705,19 +806,17 @@ class Reconciler:
         except BuildError as err:
             raise ReconcileError(str(err), retryable=False) from err
 
-    async def _apply_rest(self, model: LLMModel, resync: bool) -> None:
+    async def _apply_rest(self, model: LLMModel, plan: _Plan, resync: bool) -> None:
         """Applies what the model owns besides its workload (on a resync, only
         what drifted)."""
         first_look = _first_look(model)
-        await self._apply(model, build_service(model), resync=resync)
-        pdb = build_pdb(model)
-        if pdb is not None:
-            await self._apply(model, pdb, resync=resync)
+        await self._apply_named(model, plan, plan.service, resync)
+        if plan.pdb is not None:
+            await self._apply_named(model, plan, plan.pdb, resync)
         else:
             await self._delete_owned(model, PDBS, model.name, resync=resync)
-        if await self._monitoring_installed():
-            monitor = build_pod_monitor(model, self.settings.pod_monitor_labels)
-            await self._apply(model, monitor, resync=resync)
+        if plan.monitor is not None:
+            await self._apply_named(model, plan, plan.monitor, resync)
         elif first_look:
             await self._post(
                 model,
@@ -729,6 +828,16 @@ class Reconciler:
                     "vLLM's metrics are not scraped",
                 ),
             )
+
+    async def _apply_named(
+        self, model: LLMModel, plan: _Plan, obj: Manifest, resync: bool
+    ) -> None:
+        """Applies `obj` from the plan's read of it where the pass may start from
+        that, else from etcd's copy read now: the plan's, in the first turn, may
+        be seconds old, and the apply must not merge into an object made since."""
+        kind = obj["kind"]
+        first = plan.seen[kind] if kind in plan.seen else await self._look(model, obj)
+        await self._apply(model, obj, first, resync=resync)
 
     async def _still_there(self, model: LLMModel, *, fresh: bool = False) -> bool:
         """Whether the model still exists, as the same object, not being deleted:

@@ -12,6 +12,21 @@ from citadel.operator.spec import ApiModel, Time
 # The most pods a model has during a rollout: spec.replicas plus
 # rollout.maxSurge, at most 64 each (operator/spec.py).
 MAX_NODES = 128
+# The Ready reason of a model whose reconcile failed for good.
+RECONCILE_FAILED = "ReconcileFailed"
+
+
+def name_taken(kind: str, name: str) -> str:
+    """The `ReconcileFailed` message for an object the model would own whose name
+    an object that is not the model's already has.
+
+    One wording, written by the reconciler and recognised by the routes
+    (routing.py leaves out a model whose Service is not its own).
+    """
+    return (
+        f"{kind} {name} already exists and does not belong to this LLMModel: "
+        "rename the model or remove that object"
+    )
 
 
 class Phase(enum.StrEnum):

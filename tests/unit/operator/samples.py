@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from citadel.operator.kube.resources import Resource
 from citadel.operator.model import LLMModel
 
 NOW = "2026-05-01T12:00:00Z"
@@ -163,4 +164,21 @@ def deployment(
             "readyReplicas": ready,
             "conditions": conditions,
         },
+    }
+
+
+def foreign(resource: Resource, name: str = "mixtral") -> dict[str, Any]:
+    """An object in `llm` that someone else made: their labels, no owner
+    reference (a Service selecting their own pods, say)."""
+    spec: dict[str, Any] = {"selector": {"matchLabels": {"app": "payments-api"}}}
+    if resource.kind == "Service":
+        spec = {
+            "selector": {"app": "payments-api"},
+            "ports": [{"name": "https", "port": 443}],
+        }
+    return {
+        "apiVersion": resource.api_version,
+        "kind": resource.kind,
+        "metadata": {"name": name, "namespace": "llm", "labels": {"team": "payments"}},
+        "spec": spec,
     }

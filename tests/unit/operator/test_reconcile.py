@@ -18,6 +18,7 @@ from citadel.operator.kube.resources import (
     POD_MONITORS,
     PVCS,
     SERVICES,
+    Resource,
 )
 from citadel.operator.metrics import Metrics
 from citadel.operator.reconcile import (
@@ -30,7 +31,7 @@ from citadel.operator.reconcile import (
 from citadel.operator.settings import OperatorSettings
 from citadel.operator.view import ApiView
 
-from .samples import NODES, NOW, model_body, pod
+from .samples import NODES, NOW, foreign, model_body, pod
 
 pytestmark = pytest.mark.unit
 
@@ -387,6 +388,53 @@ async def test_foreign_object_with_the_same_name_is_not_taken_over(
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "ReconcileFailed"
     assert "rename the model" in ready["message"]
+
+
+@pytest.mark.parametrize(
+    "taken", [SERVICES, DEPLOYMENTS, PDBS, POD_MONITORS], ids=lambda r: r.kind
+)
+async def test_a_taken_name_is_refused_before_anything_is_made(
+    settings: OperatorSettings, taken: Resource
+) -> None:
+    # Two replicas of four GPUs and a Retain claim: all made, and left, before
+    # the check of the Service refused the model.
+    body = model_body(resources={"gpus": 4}, replicas=2, cache={"size": "200Gi"})
+    theirs = foreign(taken)
+    kube, reconciler = _setup(settings, body, theirs, monitoring=True)
+    with pytest.raises(ReconcileError, match=f"{taken.kind} mixtral already") as err:
+        await reconciler.reconcile(body)
+    assert not err.value.retryable
+    assert kube.created == []
+    assert [sub for sub, _ in kube.applied] == ["status"]
+    assert {plural for plural, _, _ in kube.objects} == {
+        "nodes",
+        LLMMODELS.plural,
+        taken.plural,
+    }
+    assert kube.stored(taken, "mixtral", "llm")["spec"] == theirs["spec"]
+
+
+async def test_a_resync_that_finds_the_service_taken_makes_nothing_again(
+    settings: OperatorSettings,
+) -> None:
+    body = model_body(cache={"size": "10Gi"})
+    kube, reconciler = _setup(settings, body)
+    await reconciler.reconcile(body)
+    # Everything of the model's gone (a clean-up by hand), a Service of its
+    # name someone else's now.
+    for resource, name in (
+        (DEPLOYMENTS, "mixtral"),
+        (SERVICES, "mixtral"),
+        (PVCS, "mixtral-cache"),
+    ):
+        del kube.objects[(resource.plural, "llm", name)]
+    kube.put(foreign(SERVICES))
+    kube.applied.clear()
+    with pytest.raises(ReconcileError, match="Service mixtral already exists"):
+        await _resync(kube, reconciler)
+    assert [sub for sub, _ in kube.applied] == ["status"]
+    assert (DEPLOYMENTS.plural, "llm", "mixtral") not in kube.objects
+    assert (PVCS.plural, "llm", "mixtral-cache") not in kube.objects
 
 
 async def test_a_spec_the_deployment_cannot_be_built_from_fails_for_good(
