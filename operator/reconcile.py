@@ -744,8 +744,9 @@ class Reconciler:
         Checked before any write, as each apply's own check came too late: a
         model refused its Service was left with its multi-GPU Deployment
         running and a Retain claim made for it. The Service is checked first,
-        so that the failure names it whenever it is taken. The claim's name is
-        no clash: a claim the operator did not make is used as it is.
+        so that the failure names it whenever it is taken: the routes leave
+        such a model out (routing.service_taken). The claim's name is no
+        clash: a claim the operator did not make is used as it is.
 
         One read per object, all at once, and no more where the pass read
         anyway: the Deployment's apply starts from this read (the index's

@@ -5,7 +5,8 @@ publisher task lists all models and writes the whole document (server-side apply
 a no-op when nothing changed). Changes within `route_publish_delay` are coalesced,
 and writes are at least `route_publish_interval` apart.
 A served name or alias claimed by two models goes to the older one; the newer is
-left out of the document and told why in its status.
+left out of the document and told why in its status. A model whose Service is not
+its own (see `service_taken`) is left out too, though it keeps its names.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from citadel.operator import names
 from citadel.operator.kube.client import ApiError, Kube, Manifest
 from citadel.operator.model import LLMModel
 from citadel.operator.settings import OperatorSettings
-from citadel.operator.status import ConditionType
+from citadel.operator.status import RECONCILE_FAILED, ConditionType, name_taken
 from citadel.operator.view import ApiView
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,25 @@ def route_for(model: LLMModel) -> ModelRoute:
     )
 
 
+def service_taken(model: LLMModel) -> bool:
+    """Whether the model failed for good because a Service of its name is not
+    its own.
+
+    Its route would name that Service, and the gateway would send the model's
+    clients, their prompts and their keys' traffic, to someone else's pods. The
+    model's status tells, at no cost to the publisher: the reconciler checks the
+    Service first, before it writes anything, and reports a taken one as
+    `ReconcileFailed` with the message of `name_taken`. Once a reconcile makes
+    the model's own Service, that report goes, and the route comes back.
+    """
+    ready = model.status.condition(ConditionType.READY)
+    return (
+        ready is not None
+        and (ready.status, ready.reason) == ("False", RECONCILE_FAILED)
+        and ready.message == name_taken("Service", model.name)
+    )
+
+
 @dataclass(frozen=True)
 class Entry:
     """One model as the document needs it: its route, and what orders it."""
@@ -60,12 +80,19 @@ class Entry:
     order: tuple[str, str, str]
     """Older models first (creation time, then namespace and name)."""
     route: ModelRoute
+    routed: bool = True
+    """Whether the route goes into the document; a model left out still holds
+    its names against newer models, so that they do not change hands when it
+    is fixed."""
 
     @classmethod
     def of(cls, model: LLMModel) -> Entry:
         """The entry of a parsed model."""
         return cls(
-            model.key, (model.created, model.namespace, model.name), route_for(model)
+            model.key,
+            (model.created, model.namespace, model.name),
+            route_for(model),
+            routed=not service_taken(model),
         )
 
 
@@ -76,7 +103,8 @@ def build_document(models: Sequence[LLMModel]) -> tuple[RoutingDocument, Conflic
 
 def assemble(entries: Sequence[Entry]) -> tuple[RoutingDocument, Conflicts]:
     """The routing document from the models' entries, and the models left out for
-    name clashes."""
+    name clashes (those not `routed` are left out as well, but claim their names
+    all the same)."""
     claimed: dict[str, str] = {}
     routes: list[ModelRoute] = []
     conflicts: Conflicts = {}
@@ -90,7 +118,8 @@ def assemble(entries: Sequence[Entry]) -> tuple[RoutingDocument, Conflicts]:
             )
             continue
         claimed.update(dict.fromkeys(route.names, entry.key))
-        routes.append(route)
+        if entry.routed:
+            routes.append(route)
     return RoutingDocument(models=tuple(routes)), conflicts
 
 

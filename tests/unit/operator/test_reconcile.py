@@ -28,6 +28,7 @@ from citadel.operator.reconcile import (
     RefreshWish,
     Serializer,
 )
+from citadel.operator.routing import RoutePublisher
 from citadel.operator.settings import OperatorSettings
 from citadel.operator.view import ApiView
 
@@ -435,6 +436,30 @@ async def test_a_resync_that_finds_the_service_taken_makes_nothing_again(
     assert [sub for sub, _ in kube.applied] == ["status"]
     assert (DEPLOYMENTS.plural, "llm", "mixtral") not in kube.objects
     assert (PVCS.plural, "llm", "mixtral-cache") not in kube.objects
+
+
+async def test_a_model_refused_its_service_is_routed_once_it_has_its_own(
+    settings: OperatorSettings,
+) -> None:
+    body = model_body()
+    kube, reconciler = _setup(settings, body, model_body("llama"), foreign(SERVICES))
+    with pytest.raises(ReconcileError, match="Service mixtral already exists"):
+        await reconciler.reconcile(body)
+    # Its route would name the payments team's Service: the gateway would send
+    # mixtral's clients there. Its status says so, for a new operator too.
+    doc = await reconciler.routes.publish()
+    assert [r.name for r in doc.models] == ["llama"]
+    assert await RoutePublisher(kube, settings).publish() == doc
+    # Their Service goes; the periodic pass makes the model's own.
+    del kube.objects[(SERVICES.plural, "llm", "mixtral")]
+    await _resync(kube, reconciler)
+    service = kube.stored(SERVICES, "mixtral", "llm")
+    assert [r["uid"] for r in service["metadata"]["ownerReferences"]] == ["uid-mixtral"]
+    doc = await reconciler.routes.publish()
+    assert {(r.name, r.service) for r in doc.models} == {
+        ("llama", "llama"),
+        ("mixtral", "mixtral"),
+    }
 
 
 async def test_a_spec_the_deployment_cannot_be_built_from_fails_for_good(

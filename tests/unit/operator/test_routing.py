@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 import pytest
 
@@ -13,6 +14,7 @@ from citadel.operator.kube.resources import CONFIGMAPS, LLMMODELS
 from citadel.operator.model import LLMModel
 from citadel.operator.routing import RoutePublisher, build_document, route_for
 from citadel.operator.settings import OperatorSettings
+from citadel.operator.status import name_taken
 
 from .samples import model_body
 
@@ -66,6 +68,35 @@ def test_older_model_keeps_a_contested_name() -> None:
     assert [r.name for r in doc.models] == ["a"]
     assert "already served by llm/a" in conflicts["llm/b"]
     parse_document(doc.to_json())  # the gateway accepts it
+
+
+def _failed(message: str) -> dict[str, Any]:
+    """A status whose Ready condition says the reconcile failed for good."""
+    ready = {
+        "type": "Ready",
+        "status": "False",
+        "reason": "ReconcileFailed",
+        "message": message,
+        "lastTransitionTime": "2026-01-01T00:00:00Z",
+    }
+    return {"phase": "Failed", "conditions": [ready]}
+
+
+def test_a_model_whose_service_is_not_its_own_is_left_out() -> None:
+    taken = LLMModel.from_body(
+        model_body("a", servedName="chat", status=_failed(name_taken("Service", "a")))
+    )
+    # Failed for another name: its Service, checked first, is its own.
+    other = LLMModel.from_body(
+        model_body("c", status=_failed(name_taken("Deployment", "c")))
+    )
+    newer = LLMModel.from_body(
+        model_body("b", servedName="chat", created="2026-02-01T00:00:00Z")
+    )
+    doc, conflicts = build_document([taken, other, newer])
+    assert [r.name for r in doc.models] == ["c"]
+    # It keeps its name: fixed, it would take it back from the newer model.
+    assert "llm/a" in conflicts["llm/b"]
 
 
 async def test_publisher_writes_the_whole_document(settings: OperatorSettings) -> None:
