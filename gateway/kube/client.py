@@ -5,8 +5,10 @@ it lists, then watches from the list's resourceVersion, resumes from the last on
 seen after a dropped connection, lists again (after a short, jittered pause that
 grows while it repeats) when the server answers 410 Gone or has not seen the version
 yet, backs off when watches end at once without an event, and backs off with jitter
-(honouring Retry-After) while lists and watches fail. An error raised by one of its
-callbacks is logged with the object it was given, and the view is listed afresh.
+(honouring Retry-After) while lists and watches fail, an answer of a shape the API
+does not define (a list without its resourceVersion, a watch line that is not an
+object) counted as a failure. An error raised by one of its callbacks is logged with
+the object it was given, and the view is listed afresh.
 """
 
 from __future__ import annotations
@@ -44,6 +46,17 @@ class KubeApiError(Exception):
         super().__init__(f"{status}: {message}")
         self.status = status
         self.retry_after_s = retry_after_s
+
+
+class UnexpectedAnswer(KubeApiError):
+    """The API server said it succeeded (status 200) but answered with
+    something of a shape its API does not define: a list without
+    metadata.resourceVersion, a watch line that is JSON but not an event
+    object. A fault of the server or of a proxy before it, retried as a
+    refusal is."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(200, message)
 
 
 class WatchExpired(KubeApiError):
@@ -160,15 +173,36 @@ class KubeClient:
             payload = await response.read()
             if response.status >= 400:
                 raise _api_error(response.status, payload, response.headers)
-            result: Obj = orjson.loads(payload) if payload else {}
+            result = orjson.loads(payload) if payload else {}
+            if not isinstance(result, dict):
+                # Its type only: the answer may hold a Secret's data.
+                raise UnexpectedAnswer(
+                    f"{method} {path}: an answer that is not an object "
+                    f"({type(result).__name__})"
+                )
             return result
 
     async def list(
         self, path: str, params: Mapping[str, str] | None = None
     ) -> tuple[list[Obj], str]:
-        """Every item at `path`, and the list's resourceVersion."""
+        """Every item at `path`, and the list's resourceVersion.
+
+        Raises:
+            KubeApiError: the server refused the list.
+            UnexpectedAnswer: its answer has no resourceVersion, or items
+                that are not objects.
+        """
         answer = await self.request("GET", path, params)
-        return answer.get("items") or [], answer["metadata"]["resourceVersion"]
+        items = answer.get("items") or []
+        meta = answer.get("metadata")
+        version = meta.get("resourceVersion") if isinstance(meta, dict) else None
+        if not isinstance(version, str) or not version:
+            # Without it there is no version to watch from (a KeyError here
+            # ended the watch for good).
+            raise UnexpectedAnswer(f"a list of {path} without a resourceVersion")
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise UnexpectedAnswer(f"a list of {path} whose items are not objects")
+        return items, version
 
     async def watch(
         self,
@@ -184,6 +218,9 @@ class KubeClient:
             WatchExpired: the version is too old (list again).
             ResourceVersionTooLarge: the server has not seen the version yet
                 (list again).
+            KubeApiError: the server refused the watch, or ended it with an
+                ERROR event.
+            UnexpectedAnswer: a line that is JSON but not an event object.
         """
         if self._session is None:
             raise RuntimeError("KubeClient.start() was not called")
@@ -213,11 +250,34 @@ class KubeClient:
             async for line in response.content:
                 if not line.strip():
                     continue
-                event = orjson.loads(line)
-                kind, obj = event.get("type", ""), event.get("object") or {}
+                kind, obj = _read_event(line)
                 if kind == "ERROR":
-                    raise _api_error(int(obj.get("code", 500)), orjson.dumps(obj))
+                    code = obj.get("code")
+                    status = code if isinstance(code, int) else 500
+                    raise _api_error(status, orjson.dumps(obj))
                 yield kind, obj
+
+
+def _read_event(line: bytes) -> tuple[str, Obj]:
+    """A watch line's (type, object).
+
+    Raises:
+        ValueError: the line is not JSON (orjson's error is one).
+        UnexpectedAnswer: it is JSON, but not an object with a type and an
+            object (an AttributeError here ended the watch for good).
+    """
+    event = orjson.loads(line)
+    kind = event.get("type") if isinstance(event, dict) else None
+    obj = event.get("object") if isinstance(event, dict) else None
+    if not isinstance(kind, str) or not isinstance(obj, dict):
+        # Its shape only: the line may hold a Secret's data.
+        shape = (
+            "an object without a type and an object"
+            if isinstance(event, dict)
+            else f"a JSON {type(event).__name__}"
+        )
+        raise UnexpectedAnswer(f"a watch line that is not an event: {shape}")
+    return kind, obj
 
 
 def _api_error(
