@@ -8,7 +8,8 @@ yet, backs off when watches end at once without an event, and backs off with jit
 (honouring Retry-After) while lists and watches fail, an answer of a shape the API
 does not define (a list without its resourceVersion, a watch line that is not an
 object) counted as a failure. An error raised by one of its callbacks is logged with
-the object it was given, and the view is listed afresh.
+the object it was given, and the view is listed afresh. It tells whoever asks (the
+gateway's metrics) when its view is in sync and when a list or watch failed.
 """
 
 from __future__ import annotations
@@ -339,6 +340,7 @@ async def list_watch(
     params: Mapping[str, str],
     on_sync: Callable[[list[Obj]], Awaitable[None] | None],
     on_event: Callable[[str, Obj], Awaitable[None] | None],
+    on_health: Callable[[bool], None] | None = None,
     retry_s: float = 2.0,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     clock: Callable[[], float] = time.monotonic,
@@ -358,6 +360,10 @@ async def list_watch(
         params: query parameters for both (a label selector).
         on_sync: called with every item after each list.
         on_event: called with (type, object) for each change.
+        on_health: told True when the view is in sync (after each list, and
+            when a watch delivers or lasts after a failure), False after each
+            failed list or watch, each list or event a callback could not
+            take, and when an error no retry covers ends it.
         retry_s: the longest pause after the first failed list or watch in a
             row; it doubles with each failure in a row, up to
             `FAILURE_BACKOFF_MAX_S`, and the pause itself is drawn from half
@@ -367,7 +373,9 @@ async def list_watch(
         clock: monotonic seconds, to tell a watch that ended at once.
         jitter: a number between its two arguments (injected by tests).
     """
+    report = on_health or _unreported
     version: str | None = None
+    in_sync = False
     empty_in_row = 0
     relists_in_row = 0
     failures_in_row = 0
@@ -377,16 +385,24 @@ async def list_watch(
                 items, listed = await client.list(path, params)
                 await _sync(on_sync, items)
                 version, failures_in_row = listed, 0
+                in_sync = True
+                report(True)
             started, delivered = clock(), False
             async for kind, obj in client.watch(path, version, params):
                 delivered = True
                 # In sync again: a later 410 or failure is a first one.
                 relists_in_row = failures_in_row = 0
+                if not in_sync:
+                    in_sync = True
+                    report(True)
                 version = _version_of(obj) or version
                 if kind != "BOOKMARK":
                     await _deliver(on_event, kind, obj)
             if delivered or clock() - started >= WATCH_QUICK_S:
                 empty_in_row = relists_in_row = failures_in_row = 0
+                if not in_sync:
+                    in_sync = True
+                    report(True)
                 continue
             # An API server shutting down, or a proxy that closes long-lived
             # streams, ends each watch at once: re-opened at once, every
@@ -426,6 +442,8 @@ async def list_watch(
             # raised out of the loop, it ended the watch for good, and that
             # namespace's replicas (or the keys) stopped changing, unseen.
             failures_in_row += 1
+            in_sync = False
+            report(False)
             pause = failure_backoff_s(failures_in_row, retry_s) * jitter(0.5, 1.0)
             log.error(
                 "watch handler failed; listing again",
@@ -440,6 +458,8 @@ async def list_watch(
             # again by every gateway replica: at a fixed pause, all together
             # and for ever. The pause grows, and the jitter spreads them.
             failures_in_row += 1
+            in_sync = False
+            report(False)
             pause = failure_backoff_s(failures_in_row, retry_s) * jitter(0.5, 1.0)
             asked = err.retry_after_s if isinstance(err, KubeApiError) else None
             if asked is not None:
@@ -454,6 +474,11 @@ async def list_watch(
                 },
             )
             await sleep(pause)
+        except Exception:
+            # Not a cancel (a BaseException): an error no retry covers ends
+            # the watch, its view frozen until something starts it again.
+            report(False)
+            raise
 
 
 def watch_backoff_s(empty_in_row: int) -> float:
@@ -518,6 +543,10 @@ def _version_of(obj: Obj) -> str | None:
     meta = obj.get("metadata") if isinstance(obj, dict) else None
     version = meta.get("resourceVersion") if isinstance(meta, dict) else None
     return version if isinstance(version, str) and version else None
+
+
+def _unreported(in_sync: bool) -> None:
+    """`list_watch`'s `on_health` when nobody asks."""
 
 
 async def _maybe_await(value: Awaitable[None] | None) -> None:

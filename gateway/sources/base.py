@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
@@ -18,6 +18,61 @@ class Source(Protocol):
     """
 
     async def run(self) -> None: ...
+
+
+class WatchHealth(Protocol):
+    """Where the Kubernetes watches say how they fare (the gateway's metrics,
+    `GatewayMetrics`).
+
+    `resource` is the kind of object watched, one of a few; `watch` tells the
+    watches of one kind apart (one per namespace) and is no label.
+    """
+
+    def watch_started(self, resource: str, watch: str) -> None: ...
+
+    def watch_synced(self, resource: str, watch: str) -> None: ...
+
+    def watch_failed(self, resource: str, watch: str) -> None: ...
+
+    def watch_stopped(self, resource: str, watch: str) -> None: ...
+
+
+class Unobserved:
+    """A `WatchHealth` that keeps nothing (for sources built without one)."""
+
+    def watch_started(self, resource: str, watch: str) -> None:
+        """Keeps nothing."""
+
+    def watch_synced(self, resource: str, watch: str) -> None:
+        """Keeps nothing."""
+
+    def watch_failed(self, resource: str, watch: str) -> None:
+        """Keeps nothing."""
+
+    def watch_stopped(self, resource: str, watch: str) -> None:
+        """Keeps nothing."""
+
+
+def watch_reporter(
+    health: WatchHealth, resource: str, watch: str
+) -> Callable[[bool], None]:
+    """Tells `health` that a watch starts (not in sync yet), and returns what
+    its `list_watch` tells how it fares (its `on_health`).
+
+    Args:
+        health: where it goes.
+        resource: the kind watched (routes, endpointslices, secrets).
+        watch: which watch of that kind.
+    """
+    health.watch_started(resource, watch)
+
+    def report(in_sync: bool) -> None:
+        if in_sync:
+            health.watch_synced(resource, watch)
+        else:
+            health.watch_failed(resource, watch)
+
+    return report
 
 
 def start_supervised(work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:

@@ -10,6 +10,9 @@
 - Secrets labelled `citadel.ai/api-key=true` in the gateway's namespace hold the API
   keys' records (never the keys); a deleted Secret is a revoked key, and so is
   one edited into something that is not a key record.
+
+Each watch tells the `WatchHealth` it is given (the metrics) when it is in sync and
+when it fails, by the kind of object it keeps: `ROUTES`, `ENDPOINT_SLICES`, `KEYS`.
 """
 
 from __future__ import annotations
@@ -40,7 +43,12 @@ from citadel.gateway.routes import (
 from citadel.gateway.services.auth import InMemoryKeyStore, KeyRecord
 from citadel.gateway.services.catalog import Catalog
 from citadel.gateway.services.replicas import Endpoint
-from citadel.gateway.sources.base import start_supervised
+from citadel.gateway.sources.base import (
+    Unobserved,
+    WatchHealth,
+    start_supervised,
+    watch_reporter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +57,13 @@ KEY_LABEL = "citadel.ai/api-key"
 KEY_NAME_LABEL = "citadel.ai/key-name"
 KEY_DATA = "key.json"
 KEY_SECRET_PREFIX = "citadel-key-"
+
+ROUTES = "routes"
+"""The resource label of the routes ConfigMap's watch."""
+ENDPOINT_SLICES = "endpointslices"
+"""The resource label of the EndpointSlice watches (one per namespace)."""
+KEYS = "secrets"
+"""The resource label of the key Secrets' watch."""
 
 _MALFORMED = (AttributeError, IndexError, KeyError, TypeError, ValueError)
 """What reading an object of an unexpected shape raises (a field of another
@@ -195,12 +210,26 @@ class _SliceView:
 
 
 class RoutesWatchSource:
-    """Watches the routes ConfigMap and the EndpointSlices it points at."""
+    """Watches the routes ConfigMap and the EndpointSlices it points at.
 
-    def __init__(self, client: KubeClient, namespace: str, catalog: Catalog) -> None:
+    Args:
+        client: the API client.
+        namespace: the ConfigMap's namespace.
+        catalog: where routes and addresses go.
+        health: told how each watch fares.
+    """
+
+    def __init__(
+        self,
+        client: KubeClient,
+        namespace: str,
+        catalog: Catalog,
+        health: WatchHealth | None = None,
+    ) -> None:
         self._client = client
         self._namespace = namespace
         self._catalog = catalog
+        self._health = health or Unobserved()
         self._slice_watches: dict[str, asyncio.Task[None]] = {}
         self._views: dict[str, _SliceView] = {}
 
@@ -213,6 +242,7 @@ class RoutesWatchSource:
                 params,
                 self._sync,
                 self._event,
+                watch_reporter(self._health, ROUTES, self._namespace),
             )
         finally:
             for task in self._slice_watches.values():
@@ -265,6 +295,7 @@ class RoutesWatchSource:
             self._slice_watches.pop(gone).cancel()
             del self._views[gone]
             self._catalog.forget_namespace(gone)
+            self._health.watch_stopped(ENDPOINT_SLICES, gone)
         for namespace, services in routed.items():
             if namespace in self._views:
                 self._views[namespace].route(services)
@@ -279,6 +310,7 @@ class RoutesWatchSource:
                     {"labelSelector": SERVICE_NAME_LABEL},
                     view.sync,
                     view.event,
+                    watch_reporter(self._health, ENDPOINT_SLICES, namespace),
                 ),
                 f"EndpointSlices of {namespace}",
             )
@@ -332,14 +364,26 @@ def _secret_name(obj: Obj) -> str:
 
 class KeySecretsSource:
     """Watches the key Secrets; a deleted Secret revokes its key at once, and so
-    does one edited into something that is not a key record."""
+    does one edited into something that is not a key record.
+
+    Args:
+        client: the API client.
+        namespace: the Secrets' namespace.
+        store: where the key records go.
+        health: told how the watch fares.
+    """
 
     def __init__(
-        self, client: KubeClient, namespace: str, store: InMemoryKeyStore
+        self,
+        client: KubeClient,
+        namespace: str,
+        store: InMemoryKeyStore,
+        health: WatchHealth | None = None,
     ) -> None:
         self._client = client
         self._namespace = namespace
         self._store = store
+        self._health = health or Unobserved()
         # Secret name -> the name of the key its record holds: what a Secret
         # deleted or made unreadable takes away (its labels may say otherwise).
         self._held: dict[str, str] = {}
@@ -351,6 +395,7 @@ class KeySecretsSource:
             {"labelSelector": f"{KEY_LABEL}=true"},
             self._sync,
             self._event,
+            watch_reporter(self._health, KEYS, self._namespace),
         )
 
     def _sync(self, items: list[Obj]) -> None:

@@ -781,3 +781,61 @@ async def test_a_watch_line_that_is_not_an_event_is_a_failed_watch(
         "UnexpectedAnswer",
         "KubeApiError",
     ]
+
+
+async def test_list_watch_says_when_its_view_is_in_sync() -> None:
+    """A failing watch was only in the logs: nothing a metric or an alert
+    could read said that a view had gone stale."""
+    said: list[bool] = []
+
+    def on_event(kind: str, obj: dict[str, Any]) -> None:
+        if kind == "MODIFIED":
+            raise KeyError("ports")
+
+    api = ScriptedWatches(
+        [
+            aiohttp.ClientConnectionError("reset"),
+            ["ADDED", "BOOKMARK"],
+            gone(),
+            ["MODIFIED"],
+        ],
+        list_failures=[_api_error(403)],
+    )
+    with pytest.raises(asyncio.CancelledError):
+        await list_watch(
+            api,  # type: ignore[arg-type]
+            "/x",
+            {},
+            lambda items: None,
+            on_event,
+            said.append,
+            sleep=api.sleep,
+        )
+    assert said == [
+        False,  # the list refused
+        True,  # listed
+        False,  # the watch dropped
+        True,  # it delivers again (once: the bookmark says nothing new)
+        True,  # listed again after 410 (no failure between)
+        False,  # the handler could not take an event
+        True,  # listed again
+    ]
+
+
+async def test_a_watch_ended_by_an_error_says_it_is_out_of_sync() -> None:
+    said: list[bool] = []
+
+    class Unstarted:
+        async def list(self, path: str, params: Any = None) -> Any:
+            raise RuntimeError("KubeClient.start() was not called")
+
+    with pytest.raises(RuntimeError):
+        await list_watch(
+            Unstarted(),  # type: ignore[arg-type]
+            "/x",
+            {},
+            lambda items: None,
+            lambda kind, obj: None,
+            said.append,
+        )
+    assert said == [False]

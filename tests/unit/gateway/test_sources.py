@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from citadel.gateway.errors import ModelNotFound
+from citadel.gateway.kube.client import KubeApiError
 from citadel.gateway.metrics import GatewayMetrics
 from citadel.gateway.routes import CONFIGMAP_KEY, RoutingDocument
 from citadel.gateway.services.auth import InMemoryKeyStore, KeyRecord, hash_key
@@ -22,6 +23,7 @@ from citadel.gateway.services.scraper import (
     parse_vllm_metrics,
     report_max_age_s,
 )
+from citadel.gateway.settings import GatewaySettings
 from citadel.gateway.sources.files import keys_file_source, routes_file_source
 from citadel.gateway.sources.kubernetes import (
     KeySecretsSource,
@@ -31,6 +33,7 @@ from citadel.gateway.sources.kubernetes import (
     slice_endpoints,
 )
 from citadel.gateway.upstream import UpstreamTimeout
+from citadel.gateway.wiring import build_deps
 
 pytestmark = pytest.mark.unit
 
@@ -693,3 +696,104 @@ async def test_a_source_that_dies_is_logged(
         errors = [r for r in caplog.records if r.levelname == "ERROR"]
         assert [r.task for r in errors] == ["Failing", "Ending"]  # type: ignore[attr-defined]
         assert errors[0].exc_info is not None
+
+
+SYNCED = "citadel_gateway_watch_synced"
+FAILURES = "citadel_gateway_watch_failures_total"
+
+
+def test_the_watch_gauge_is_down_while_any_watch_of_its_resource_is() -> None:
+    metrics = GatewayMetrics()
+
+    def synced() -> float | None:
+        return metrics.registry.get_sample_value(SYNCED, {"resource": "es"})
+
+    metrics.watch_started("es", "llm")
+    metrics.watch_started("es", "research")
+    assert synced() == 0  # not listed yet
+    metrics.watch_synced("es", "llm")
+    assert synced() == 0
+    metrics.watch_synced("es", "research")
+    assert synced() == 1
+    metrics.watch_failed("es", "research")
+    metrics.watch_synced("es", "llm")
+    assert synced() == 0  # one namespace stale is a stale view
+    # A namespace no longer routed holds it down no more.
+    metrics.watch_stopped("es", "research")
+    assert synced() == 1
+    assert metrics.registry.get_sample_value(FAILURES, {"resource": "es"}) == 1
+
+
+def _two_namespaces() -> dict[str, object]:
+    routes = [
+        {"name": m, "namespace": m, "servedName": m, "service": m, "endpoints": []}
+        for m in ("llm", "research")
+    ]
+    document = json.dumps({"schemaVersion": 1, "models": routes})
+    return {
+        "metadata": {"name": "citadel-routes", "resourceVersion": "7"},
+        "data": {CONFIGMAP_KEY: document},
+    }
+
+
+class _QuietApi:
+    """Lists the routes ConfigMap (two namespaces routed); refuses the lists of
+    `refused` (403, as without RBAC there); lists anything else empty. Every
+    watch stays quiet."""
+
+    def __init__(self, refused: str) -> None:
+        self.refused = refused
+
+    async def list(self, path: str, params: Any = None) -> Any:
+        if path.endswith("/configmaps"):
+            return [_two_namespaces()], "7"
+        if self.refused in path:
+            raise KubeApiError(403, "forbidden")
+        return [], "7"
+
+    async def watch(self, path: str, version: str, params: Any = None) -> Any:
+        await asyncio.Event().wait()
+        yield
+
+
+async def _until(done: Any) -> None:
+    for _ in range(1000):
+        if done():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("not reached")
+
+
+async def test_failing_watches_show_in_the_metrics() -> None:
+    """A watch that kept failing (no RBAC in a namespace, an API server down)
+    was only in the logs: the gateway routed on a stale view, unseen."""
+    metrics = GatewayMetrics()
+    sample = metrics.registry.get_sample_value
+    api = _QuietApi(refused="/namespaces/research/")
+    routes = RoutesWatchSource(api, "citadel-system", Catalog(), metrics)  # type: ignore[arg-type]
+    keys = KeySecretsSource(api, "citadel-system", InMemoryKeyStore(), metrics)  # type: ignore[arg-type]
+    tasks = [asyncio.create_task(routes.run()), asyncio.create_task(keys.run())]
+    try:
+        await _until(lambda: sample(FAILURES, {"resource": "endpointslices"}))
+        await _until(lambda: sample(SYNCED, {"resource": "secrets"}))
+        assert sample(SYNCED, {"resource": "routes"}) == 1
+        assert sample(SYNCED, {"resource": "secrets"}) == 1
+        assert sample(SYNCED, {"resource": "endpointslices"}) == 0
+        assert sample(FAILURES, {"resource": "endpointslices"}) == 1
+        assert sample(FAILURES, {"resource": "routes"}) == 0
+        # The namespace leaves the document: its watch holds the gauge no more.
+        routes._load({"data": {CONFIGMAP_KEY: doc("llm", ())}})
+        assert sample(SYNCED, {"resource": "endpointslices"}) == 1
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_the_kubernetes_watches_report_to_the_gateways_metrics() -> None:
+    deps = build_deps(GatewaySettings(), {"KUBERNETES_SERVICE_HOST": "10.0.0.1"})
+    watches = [
+        s for s in deps.sources if isinstance(s, (RoutesWatchSource, KeySecretsSource))
+    ]
+    assert len(watches) == 2
+    assert all(s._health is deps.metrics for s in watches)
