@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 from collections import defaultdict
 from typing import NamedTuple
@@ -46,6 +47,7 @@ from citadel.gateway.services.replicas import Endpoint
 from citadel.gateway.sources.base import (
     Unobserved,
     WatchHealth,
+    keep_running,
     start_supervised,
     watch_reporter,
 )
@@ -236,13 +238,16 @@ class RoutesWatchSource:
     async def run(self) -> None:
         params = {"fieldSelector": f"metadata.name={CONFIGMAP_NAME}"}
         try:
-            await list_watch(
-                self._client,
-                configmaps(self._namespace),
-                params,
-                self._sync,
-                self._event,
-                watch_reporter(self._health, ROUTES, self._namespace),
+            await keep_running(
+                lambda: list_watch(
+                    self._client,
+                    configmaps(self._namespace),
+                    params,
+                    self._sync,
+                    self._event,
+                    watch_reporter(self._health, ROUTES, self._namespace),
+                ),
+                f"routes ConfigMap {self._namespace}/{CONFIGMAP_NAME}",
             )
         finally:
             for task in self._slice_watches.values():
@@ -303,17 +308,25 @@ class RoutesWatchSource:
             view = self._views[namespace] = _SliceView(
                 namespace, self._catalog, services
             )
+            name = f"EndpointSlices of {namespace}"
+            # Started again if it dies anyway: left in the dict, a dead watch
+            # froze the namespace's replicas until it left the document.
             self._slice_watches[namespace] = start_supervised(
-                list_watch(
-                    self._client,
-                    endpoint_slices(namespace),
-                    {"labelSelector": SERVICE_NAME_LABEL},
-                    view.sync,
-                    view.event,
-                    watch_reporter(self._health, ENDPOINT_SLICES, namespace),
+                keep_running(
+                    functools.partial(self._watch_slices, namespace, view), name
                 ),
-                f"EndpointSlices of {namespace}",
+                name,
             )
+
+    async def _watch_slices(self, namespace: str, view: _SliceView) -> None:
+        await list_watch(
+            self._client,
+            endpoint_slices(namespace),
+            {"labelSelector": SERVICE_NAME_LABEL},
+            view.sync,
+            view.event,
+            watch_reporter(self._health, ENDPOINT_SLICES, namespace),
+        )
 
 
 def key_secret(record: KeyRecord, namespace: str) -> Obj:
@@ -389,13 +402,16 @@ class KeySecretsSource:
         self._held: dict[str, str] = {}
 
     async def run(self) -> None:
-        await list_watch(
-            self._client,
-            secrets(self._namespace),
-            {"labelSelector": f"{KEY_LABEL}=true"},
-            self._sync,
-            self._event,
-            watch_reporter(self._health, KEYS, self._namespace),
+        await keep_running(
+            lambda: list_watch(
+                self._client,
+                secrets(self._namespace),
+                {"labelSelector": f"{KEY_LABEL}=true"},
+                self._sync,
+                self._event,
+                watch_reporter(self._health, KEYS, self._namespace),
+            ),
+            f"key Secrets of {self._namespace}",
         )
 
     def _sync(self, items: list[Obj]) -> None:

@@ -24,6 +24,7 @@ from citadel.gateway.services.scraper import (
     report_max_age_s,
 )
 from citadel.gateway.settings import GatewaySettings
+from citadel.gateway.sources import base as sources_base
 from citadel.gateway.sources.files import keys_file_source, routes_file_source
 from citadel.gateway.sources.kubernetes import (
     KeySecretsSource,
@@ -646,34 +647,104 @@ def test_a_routes_configmap_of_an_unexpected_shape_is_refused(data: Any) -> None
     assert results == ["invalid"]
 
 
-class _BrokenClient:
-    """A client that fails in a way no watch retries."""
+class _DiesOnce:
+    """A client whose first list fails in a way no watch retries (as before
+    start()); then it lists `items`, and its watches stay quiet."""
+
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.items = items
+        self.lists = 0
 
     async def list(self, path: str, params: Any = None) -> Any:
-        raise RuntimeError("KubeClient.start() was not called")
+        self.lists += 1
+        if self.lists == 1:
+            raise RuntimeError("KubeClient.start() was not called")
+        return self.items, "1"
+
+    async def watch(self, path: str, version: str, params: Any = None) -> Any:
+        await asyncio.Event().wait()
+        yield
 
 
-async def test_a_slice_watch_that_dies_is_logged(
-    caplog: pytest.LogCaptureFixture,
+@pytest.fixture
+def quick_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sources_base, "RESTART_BASE_S", 0.0)
+
+
+async def test_a_slice_watch_that_dies_is_logged_and_started_again(
+    caplog: pytest.LogCaptureFixture, quick_restarts: None
 ) -> None:
-    """The per-namespace watches ran as bare tasks: one that died kept its
-    error to itself, and its namespace's replicas froze."""
+    """A per-namespace watch that died stayed in the source's dict: its
+    namespace's replicas froze until it left the routing document and came
+    back."""
+    metrics = GatewayMetrics()
     catalog = Catalog()
-    source = RoutesWatchSource(_BrokenClient(), "citadel-system", catalog)  # type: ignore[arg-type]
+    api = _DiesOnce([_slice("m-1", "m", "10.0.0.1")])
+    source = RoutesWatchSource(api, "citadel-system", catalog, metrics)  # type: ignore[arg-type]
     source._load({"data": {CONFIGMAP_KEY: doc("m", ())}})
+    route = catalog.resolve("m")
     task = source._slice_watches["llm"]
-    await asyncio.wait({task})
-    await asyncio.sleep(0)  # the done callbacks run in the loop's next turn
-    [error] = [r for r in caplog.records if r.levelname == "ERROR"]
-    assert error.task == "EndpointSlices of llm"  # type: ignore[attr-defined]
-    assert error.exc_info is not None and error.exc_info[0] is RuntimeError
-    # Cancelled (its namespace no longer routed, or the gateway stopping): quiet.
-    caplog.clear()
-    source._load({"data": {CONFIGMAP_KEY: doc("m", ())}})
-    source._load({"data": {CONFIGMAP_KEY: json.dumps({"models": []})}})
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
-    assert [r for r in caplog.records if r.levelname == "ERROR"] == []
+    try:
+        await _until(lambda: catalog.replicas(route))
+        assert [r.url for r in catalog.replicas(route)] == ["http://10.0.0.1:8000"]
+        assert not task.done()
+        assert source._slice_watches["llm"] is task
+        [error] = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert error.task == "EndpointSlices of llm"  # type: ignore[attr-defined]
+        assert error.exc_info is not None and error.exc_info[0] is RuntimeError
+        assert "starting it again" in error.getMessage()
+        synced = {"resource": "endpointslices"}
+        assert metrics.registry.get_sample_value(SYNCED, synced) == 1
+        assert metrics.registry.get_sample_value(FAILURES, synced) == 1
+        # Cancelled (its namespace no longer routed, or the gateway stopping):
+        # quiet.
+        caplog.clear()
+        source._load({"data": {CONFIGMAP_KEY: json.dumps({"models": []})}})
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert task.cancelled()
+        assert [r for r in caplog.records if r.levelname == "ERROR"] == []
+    finally:
+        _stop_slice_watches(source)
+
+
+async def test_a_key_watch_that_dies_is_started_again(quick_restarts: None) -> None:
+    alice = KeyRecord(name="alice", hash=hash_key("a"), models=["*"])
+    store = InMemoryKeyStore()
+    api = _DiesOnce([key_secret(alice, "citadel-system")])
+    task = asyncio.create_task(KeySecretsSource(api, "citadel-system", store).run())  # type: ignore[arg-type]
+    try:
+        await _until(lambda: store.lookup(alice.hash) or task.done())
+        assert store.lookup(alice.hash) == alice
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_work_that_ends_is_run_again_after_a_pause_that_grows() -> None:
+    runs: list[str] = []
+    pauses: list[float] = []
+    now = [0.0]
+
+    async def work() -> None:
+        runs.append("run")
+        if len(runs) == 3:
+            return  # ended without an error: run again too
+        if len(runs) == 4:
+            now[0] += sources_base.RESTART_MAX_S  # lasted: the row ends
+        if len(runs) == 6:
+            raise asyncio.CancelledError
+        raise KeyError("metadata")
+
+    async def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+
+    with pytest.raises(asyncio.CancelledError):
+        await sources_base.keep_running(
+            work, "w", sleep, lambda: now[0], lambda low, high: high
+        )
+    assert len(runs) == 6
+    assert pauses == [1, 2, 4, 1, 2]
 
 
 async def test_a_source_that_dies_is_logged(
