@@ -2,7 +2,8 @@
 
 Labels are bounded: model names come from the routing document, key names from the
 key store (capped by `max_key_labels`, the rest counted as `other`), replica
-addresses from discovery. Keys themselves never appear.
+addresses from discovery, watched resources from the few kinds the sources watch
+(never a namespace or an object's name). Keys themselves never appear.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ LABEL_API = "api"
 LABEL_SCOPE = "scope"
 LABEL_DOOR = "door"
 LABEL_CODE = "code"
+# The kind of object a Kubernetes watch keeps (routes, endpointslices, secrets).
+LABEL_RESOURCE = "resource"
 
 OTHER_KEY = "other"
 ANONYMOUS_KEY = "anonymous"
@@ -159,12 +162,66 @@ class GatewayMetrics:
             registry=r,
         )
         self.config_last_reload_ok.set(1)
+        self.watch_failures = Counter(
+            PREFIX + "watch_failures",
+            "Kubernetes lists and watches that failed, by the resource watched "
+            "(routes, endpointslices, secrets): refused, unanswered or answered "
+            "in a shape the API does not define, a list or event the gateway "
+            "could not take, or a watch that ended by an error.",
+            [LABEL_RESOURCE],
+            registry=r,
+        )
+        # A failing watch retries for ever and logs each time, but a count
+        # cannot say it has not recovered since: the alert needs a state.
+        self.watches_synced = Gauge(
+            PREFIX + "watch_synced",
+            "1 while every watch of the resource is in sync; 0 from a watch's "
+            "start until its first list, and from a failure until a list or an "
+            "event comes again: the gateway works on a view that may be stale.",
+            [LABEL_RESOURCE],
+            registry=r,
+        )
+        # Resource -> its watches not in sync (one per namespace for
+        # endpointslices): the gauge is 1 only when none is left.
+        self._unsynced: dict[str, set[str]] = {}
 
     def reloaded(self, result: str) -> None:
         """Counts one routing document offered (ok, partial or invalid), or
         its source gone (missing)."""
         self.config_reloads.labels(result).inc()
         self.config_last_reload_ok.set(1 if result == "ok" else 0)
+
+    def watch_started(self, resource: str, watch: str) -> None:
+        """A watch of `resource` starts, not in sync until its first list.
+
+        Args:
+            resource: the kind watched, the label.
+            watch: which watch of that kind (a namespace); never a label.
+        """
+        self.watch_failures.labels(resource)  # 0 from the start, for rate()
+        self._watch_state(resource, watch, synced=False)
+
+    def watch_synced(self, resource: str, watch: str) -> None:
+        """A watch listed, or delivered again after a failure."""
+        self._watch_state(resource, watch, synced=True)
+
+    def watch_failed(self, resource: str, watch: str) -> None:
+        """A watch's list or watch failed (counted); its view may go stale."""
+        self.watch_failures.labels(resource).inc()
+        self._watch_state(resource, watch, synced=False)
+
+    def watch_stopped(self, resource: str, watch: str) -> None:
+        """A watch no longer needed (its namespace no longer routed) is
+        forgotten: it holds the gauge down no more."""
+        self._watch_state(resource, watch, synced=True)
+
+    def _watch_state(self, resource: str, watch: str, synced: bool) -> None:
+        unsynced = self._unsynced.setdefault(resource, set())
+        if synced:
+            unsynced.discard(watch)
+        else:
+            unsynced.add(watch)
+        self.watches_synced.labels(resource).set(0 if unsynced else 1)
 
     def key_label(self, key_name: str | None) -> str:
         """A bounded label for a key name."""

@@ -108,7 +108,9 @@ def _add_sources(
         deps.startup.append(client.start)
         deps.shutdown.append(client.close)
         routes_namespace = settings.routes_namespace or settings.namespace
-        deps.sources.append(RoutesWatchSource(client, routes_namespace, deps.catalog))
+        deps.sources.append(
+            RoutesWatchSource(client, routes_namespace, deps.catalog, deps.metrics)
+        )
     elif settings.routes_file is not None:
         deps.sources.append(
             routes_file_source(settings.routes_file, deps.catalog, period)
@@ -121,7 +123,9 @@ def _add_sources(
     if settings.auth is AuthMode.DISABLED:
         return
     if kube_keys and client is not None:
-        deps.sources.append(KeySecretsSource(client, settings.namespace, keys))
+        deps.sources.append(
+            KeySecretsSource(client, settings.namespace, keys, deps.metrics)
+        )
     elif settings.keys_file is not None:
         deps.sources.append(keys_file_source(settings.keys_file, keys, period))
     else:

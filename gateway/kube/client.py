@@ -5,8 +5,11 @@ it lists, then watches from the list's resourceVersion, resumes from the last on
 seen after a dropped connection, lists again (after a short, jittered pause that
 grows while it repeats) when the server answers 410 Gone or has not seen the version
 yet, backs off when watches end at once without an event, and backs off with jitter
-(honouring Retry-After) while lists and watches fail. An error raised by one of its
-callbacks is logged with the object it was given, and the view is listed afresh.
+(honouring Retry-After) while lists and watches fail, an answer of a shape the API
+does not define (a list without its resourceVersion, a watch line that is not an
+object) counted as a failure. An error raised by one of its callbacks is logged with
+the object it was given, and the view is listed afresh. It tells whoever asks (the
+gateway's metrics) when its view is in sync and when a list or watch failed.
 """
 
 from __future__ import annotations
@@ -44,6 +47,17 @@ class KubeApiError(Exception):
         super().__init__(f"{status}: {message}")
         self.status = status
         self.retry_after_s = retry_after_s
+
+
+class UnexpectedAnswer(KubeApiError):
+    """The API server said it succeeded (status 200) but answered with
+    something of a shape its API does not define: a list without
+    metadata.resourceVersion, a watch line that is JSON but not an event
+    object. A fault of the server or of a proxy before it, retried as a
+    refusal is."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(200, message)
 
 
 class WatchExpired(KubeApiError):
@@ -160,15 +174,36 @@ class KubeClient:
             payload = await response.read()
             if response.status >= 400:
                 raise _api_error(response.status, payload, response.headers)
-            result: Obj = orjson.loads(payload) if payload else {}
+            result = orjson.loads(payload) if payload else {}
+            if not isinstance(result, dict):
+                # Its type only: the answer may hold a Secret's data.
+                raise UnexpectedAnswer(
+                    f"{method} {path}: an answer that is not an object "
+                    f"({type(result).__name__})"
+                )
             return result
 
     async def list(
         self, path: str, params: Mapping[str, str] | None = None
     ) -> tuple[list[Obj], str]:
-        """Every item at `path`, and the list's resourceVersion."""
+        """Every item at `path`, and the list's resourceVersion.
+
+        Raises:
+            KubeApiError: the server refused the list.
+            UnexpectedAnswer: its answer has no resourceVersion, or items
+                that are not objects.
+        """
         answer = await self.request("GET", path, params)
-        return answer.get("items") or [], answer["metadata"]["resourceVersion"]
+        items = answer.get("items") or []
+        meta = answer.get("metadata")
+        version = meta.get("resourceVersion") if isinstance(meta, dict) else None
+        if not isinstance(version, str) or not version:
+            # Without it there is no version to watch from (a KeyError here
+            # ended the watch for good).
+            raise UnexpectedAnswer(f"a list of {path} without a resourceVersion")
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise UnexpectedAnswer(f"a list of {path} whose items are not objects")
+        return items, version
 
     async def watch(
         self,
@@ -184,6 +219,9 @@ class KubeClient:
             WatchExpired: the version is too old (list again).
             ResourceVersionTooLarge: the server has not seen the version yet
                 (list again).
+            KubeApiError: the server refused the watch, or ended it with an
+                ERROR event.
+            UnexpectedAnswer: a line that is JSON but not an event object.
         """
         if self._session is None:
             raise RuntimeError("KubeClient.start() was not called")
@@ -213,11 +251,34 @@ class KubeClient:
             async for line in response.content:
                 if not line.strip():
                     continue
-                event = orjson.loads(line)
-                kind, obj = event.get("type", ""), event.get("object") or {}
+                kind, obj = _read_event(line)
                 if kind == "ERROR":
-                    raise _api_error(int(obj.get("code", 500)), orjson.dumps(obj))
+                    code = obj.get("code")
+                    status = code if isinstance(code, int) else 500
+                    raise _api_error(status, orjson.dumps(obj))
                 yield kind, obj
+
+
+def _read_event(line: bytes) -> tuple[str, Obj]:
+    """A watch line's (type, object).
+
+    Raises:
+        ValueError: the line is not JSON (orjson's error is one).
+        UnexpectedAnswer: it is JSON, but not an object with a type and an
+            object (an AttributeError here ended the watch for good).
+    """
+    event = orjson.loads(line)
+    kind = event.get("type") if isinstance(event, dict) else None
+    obj = event.get("object") if isinstance(event, dict) else None
+    if not isinstance(kind, str) or not isinstance(obj, dict):
+        # Its shape only: the line may hold a Secret's data.
+        shape = (
+            "an object without a type and an object"
+            if isinstance(event, dict)
+            else f"a JSON {type(event).__name__}"
+        )
+        raise UnexpectedAnswer(f"a watch line that is not an event: {shape}")
+    return kind, obj
 
 
 def _api_error(
@@ -279,6 +340,7 @@ async def list_watch(
     params: Mapping[str, str],
     on_sync: Callable[[list[Obj]], Awaitable[None] | None],
     on_event: Callable[[str, Obj], Awaitable[None] | None],
+    on_health: Callable[[bool], None] | None = None,
     retry_s: float = 2.0,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     clock: Callable[[], float] = time.monotonic,
@@ -298,6 +360,10 @@ async def list_watch(
         params: query parameters for both (a label selector).
         on_sync: called with every item after each list.
         on_event: called with (type, object) for each change.
+        on_health: told True when the view is in sync (after each list, and
+            when a watch delivers or lasts after a failure), False after each
+            failed list or watch, each list or event a callback could not
+            take, and when an error no retry covers ends it.
         retry_s: the longest pause after the first failed list or watch in a
             row; it doubles with each failure in a row, up to
             `FAILURE_BACKOFF_MAX_S`, and the pause itself is drawn from half
@@ -307,7 +373,9 @@ async def list_watch(
         clock: monotonic seconds, to tell a watch that ended at once.
         jitter: a number between its two arguments (injected by tests).
     """
+    report = on_health or _unreported
     version: str | None = None
+    in_sync = False
     empty_in_row = 0
     relists_in_row = 0
     failures_in_row = 0
@@ -317,16 +385,24 @@ async def list_watch(
                 items, listed = await client.list(path, params)
                 await _sync(on_sync, items)
                 version, failures_in_row = listed, 0
+                in_sync = True
+                report(True)
             started, delivered = clock(), False
             async for kind, obj in client.watch(path, version, params):
                 delivered = True
                 # In sync again: a later 410 or failure is a first one.
                 relists_in_row = failures_in_row = 0
+                if not in_sync:
+                    in_sync = True
+                    report(True)
                 version = _version_of(obj) or version
                 if kind != "BOOKMARK":
                     await _deliver(on_event, kind, obj)
             if delivered or clock() - started >= WATCH_QUICK_S:
                 empty_in_row = relists_in_row = failures_in_row = 0
+                if not in_sync:
+                    in_sync = True
+                    report(True)
                 continue
             # An API server shutting down, or a proxy that closes long-lived
             # streams, ends each watch at once: re-opened at once, every
@@ -366,6 +442,8 @@ async def list_watch(
             # raised out of the loop, it ended the watch for good, and that
             # namespace's replicas (or the keys) stopped changing, unseen.
             failures_in_row += 1
+            in_sync = False
+            report(False)
             pause = failure_backoff_s(failures_in_row, retry_s) * jitter(0.5, 1.0)
             log.error(
                 "watch handler failed; listing again",
@@ -380,6 +458,8 @@ async def list_watch(
             # again by every gateway replica: at a fixed pause, all together
             # and for ever. The pause grows, and the jitter spreads them.
             failures_in_row += 1
+            in_sync = False
+            report(False)
             pause = failure_backoff_s(failures_in_row, retry_s) * jitter(0.5, 1.0)
             asked = err.retry_after_s if isinstance(err, KubeApiError) else None
             if asked is not None:
@@ -394,6 +474,11 @@ async def list_watch(
                 },
             )
             await sleep(pause)
+        except Exception:
+            # Not a cancel (a BaseException): an error no retry covers ends
+            # the watch, its view frozen until something starts it again.
+            report(False)
+            raise
 
 
 def watch_backoff_s(empty_in_row: int) -> float:
@@ -458,6 +543,10 @@ def _version_of(obj: Obj) -> str | None:
     meta = obj.get("metadata") if isinstance(obj, dict) else None
     version = meta.get("resourceVersion") if isinstance(meta, dict) else None
     return version if isinstance(version, str) and version else None
+
+
+def _unreported(in_sync: bool) -> None:
+    """`list_watch`'s `on_health` when nobody asks."""
 
 
 async def _maybe_await(value: Awaitable[None] | None) -> None:

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+import random
+import time
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
+
+RESTART_BASE_S = 1.0
+"""The longest pause before running again work that ended; it doubles with each
+end in a row. The pause itself is drawn from half of it to all of it."""
+RESTART_MAX_S = 60.0
+"""The longest pause before running it again; a run that lasted this long ends
+no row."""
 
 
 class Source(Protocol):
@@ -18,6 +27,107 @@ class Source(Protocol):
     """
 
     async def run(self) -> None: ...
+
+
+class WatchHealth(Protocol):
+    """Where the Kubernetes watches say how they fare (the gateway's metrics,
+    `GatewayMetrics`).
+
+    `resource` is the kind of object watched, one of a few; `watch` tells the
+    watches of one kind apart (one per namespace) and is no label.
+    """
+
+    def watch_started(self, resource: str, watch: str) -> None: ...
+
+    def watch_synced(self, resource: str, watch: str) -> None: ...
+
+    def watch_failed(self, resource: str, watch: str) -> None: ...
+
+    def watch_stopped(self, resource: str, watch: str) -> None: ...
+
+
+class Unobserved:
+    """A `WatchHealth` that keeps nothing (for sources built without one)."""
+
+    def watch_started(self, resource: str, watch: str) -> None:
+        """Keeps nothing."""
+
+    def watch_synced(self, resource: str, watch: str) -> None:
+        """Keeps nothing."""
+
+    def watch_failed(self, resource: str, watch: str) -> None:
+        """Keeps nothing."""
+
+    def watch_stopped(self, resource: str, watch: str) -> None:
+        """Keeps nothing."""
+
+
+def watch_reporter(
+    health: WatchHealth, resource: str, watch: str
+) -> Callable[[bool], None]:
+    """Tells `health` that a watch starts (not in sync yet), and returns what
+    its `list_watch` tells how it fares (its `on_health`).
+
+    Args:
+        health: where it goes.
+        resource: the kind watched (routes, endpointslices, secrets).
+        watch: which watch of that kind.
+    """
+    health.watch_started(resource, watch)
+
+    def report(in_sync: bool) -> None:
+        if in_sync:
+            health.watch_synced(resource, watch)
+        else:
+            health.watch_failed(resource, watch)
+
+    return report
+
+
+async def keep_running(
+    work: Callable[[], Coroutine[Any, Any, None]],
+    name: str,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    jitter: Callable[[float, float], float] = random.uniform,
+) -> None:
+    """Runs `work()`, meant to run until cancelled, and runs it again each time
+    it ends by anything but a cancel (logged as an error), after a pause that
+    grows while the ends come in a row.
+
+    A watch that died anyway (an error no retry of its own covers) left its
+    view frozen: a namespace's replicas until the namespace left the routing
+    document and came back, the keys or the routes until the gateway restarted.
+
+    Args:
+        work: makes the coroutine to run (a watch loop), once a run.
+        name: what it keeps, for the log.
+        sleep: how to pause (injected by tests).
+        clock: monotonic seconds, to tell a run that lasted.
+        jitter: a number between its two arguments (injected by tests).
+    """
+    ends_in_row = 0
+    while True:
+        started = clock()
+        error: Exception | None = None
+        try:
+            await work()
+        except Exception as err:  # not CancelledError: a BaseException
+            error = err
+        if clock() - started >= RESTART_MAX_S:
+            ends_in_row = 0
+        ends_in_row += 1
+        exponent = min(ends_in_row - 1, 16)  # past the cap long before
+        pause = min(RESTART_MAX_S, RESTART_BASE_S * 2.0**exponent)
+        pause *= jitter(0.5, 1.0)
+        log.error(
+            "background task failed; starting it again"
+            if error is not None
+            else "background task ended; starting it again",
+            exc_info=error,
+            extra={"task": name, "ends_in_row": ends_in_row, "pause_s": pause},
+        )
+        await sleep(pause)
 
 
 def start_supervised(work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:

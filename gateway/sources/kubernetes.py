@@ -10,12 +10,16 @@
 - Secrets labelled `citadel.ai/api-key=true` in the gateway's namespace hold the API
   keys' records (never the keys); a deleted Secret is a revoked key, and so is
   one edited into something that is not a key record.
+
+Each watch tells the `WatchHealth` it is given (the metrics) when it is in sync and
+when it fails, by the kind of object it keeps: `ROUTES`, `ENDPOINT_SLICES`, `KEYS`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 from collections import defaultdict
 from typing import NamedTuple
@@ -40,7 +44,13 @@ from citadel.gateway.routes import (
 from citadel.gateway.services.auth import InMemoryKeyStore, KeyRecord
 from citadel.gateway.services.catalog import Catalog
 from citadel.gateway.services.replicas import Endpoint
-from citadel.gateway.sources.base import start_supervised
+from citadel.gateway.sources.base import (
+    Unobserved,
+    WatchHealth,
+    keep_running,
+    start_supervised,
+    watch_reporter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +59,13 @@ KEY_LABEL = "citadel.ai/api-key"
 KEY_NAME_LABEL = "citadel.ai/key-name"
 KEY_DATA = "key.json"
 KEY_SECRET_PREFIX = "citadel-key-"
+
+ROUTES = "routes"
+"""The resource label of the routes ConfigMap's watch."""
+ENDPOINT_SLICES = "endpointslices"
+"""The resource label of the EndpointSlice watches (one per namespace)."""
+KEYS = "secrets"
+"""The resource label of the key Secrets' watch."""
 
 _MALFORMED = (AttributeError, IndexError, KeyError, TypeError, ValueError)
 """What reading an object of an unexpected shape raises (a field of another
@@ -195,24 +212,42 @@ class _SliceView:
 
 
 class RoutesWatchSource:
-    """Watches the routes ConfigMap and the EndpointSlices it points at."""
+    """Watches the routes ConfigMap and the EndpointSlices it points at.
 
-    def __init__(self, client: KubeClient, namespace: str, catalog: Catalog) -> None:
+    Args:
+        client: the API client.
+        namespace: the ConfigMap's namespace.
+        catalog: where routes and addresses go.
+        health: told how each watch fares.
+    """
+
+    def __init__(
+        self,
+        client: KubeClient,
+        namespace: str,
+        catalog: Catalog,
+        health: WatchHealth | None = None,
+    ) -> None:
         self._client = client
         self._namespace = namespace
         self._catalog = catalog
+        self._health = health or Unobserved()
         self._slice_watches: dict[str, asyncio.Task[None]] = {}
         self._views: dict[str, _SliceView] = {}
 
     async def run(self) -> None:
         params = {"fieldSelector": f"metadata.name={CONFIGMAP_NAME}"}
         try:
-            await list_watch(
-                self._client,
-                configmaps(self._namespace),
-                params,
-                self._sync,
-                self._event,
+            await keep_running(
+                lambda: list_watch(
+                    self._client,
+                    configmaps(self._namespace),
+                    params,
+                    self._sync,
+                    self._event,
+                    watch_reporter(self._health, ROUTES, self._namespace),
+                ),
+                f"routes ConfigMap {self._namespace}/{CONFIGMAP_NAME}",
             )
         finally:
             for task in self._slice_watches.values():
@@ -265,6 +300,7 @@ class RoutesWatchSource:
             self._slice_watches.pop(gone).cancel()
             del self._views[gone]
             self._catalog.forget_namespace(gone)
+            self._health.watch_stopped(ENDPOINT_SLICES, gone)
         for namespace, services in routed.items():
             if namespace in self._views:
                 self._views[namespace].route(services)
@@ -272,16 +308,25 @@ class RoutesWatchSource:
             view = self._views[namespace] = _SliceView(
                 namespace, self._catalog, services
             )
+            name = f"EndpointSlices of {namespace}"
+            # Started again if it dies anyway: left in the dict, a dead watch
+            # froze the namespace's replicas until it left the document.
             self._slice_watches[namespace] = start_supervised(
-                list_watch(
-                    self._client,
-                    endpoint_slices(namespace),
-                    {"labelSelector": SERVICE_NAME_LABEL},
-                    view.sync,
-                    view.event,
+                keep_running(
+                    functools.partial(self._watch_slices, namespace, view), name
                 ),
-                f"EndpointSlices of {namespace}",
+                name,
             )
+
+    async def _watch_slices(self, namespace: str, view: _SliceView) -> None:
+        await list_watch(
+            self._client,
+            endpoint_slices(namespace),
+            {"labelSelector": SERVICE_NAME_LABEL},
+            view.sync,
+            view.event,
+            watch_reporter(self._health, ENDPOINT_SLICES, namespace),
+        )
 
 
 def key_secret(record: KeyRecord, namespace: str) -> Obj:
@@ -332,25 +377,41 @@ def _secret_name(obj: Obj) -> str:
 
 class KeySecretsSource:
     """Watches the key Secrets; a deleted Secret revokes its key at once, and so
-    does one edited into something that is not a key record."""
+    does one edited into something that is not a key record.
+
+    Args:
+        client: the API client.
+        namespace: the Secrets' namespace.
+        store: where the key records go.
+        health: told how the watch fares.
+    """
 
     def __init__(
-        self, client: KubeClient, namespace: str, store: InMemoryKeyStore
+        self,
+        client: KubeClient,
+        namespace: str,
+        store: InMemoryKeyStore,
+        health: WatchHealth | None = None,
     ) -> None:
         self._client = client
         self._namespace = namespace
         self._store = store
+        self._health = health or Unobserved()
         # Secret name -> the name of the key its record holds: what a Secret
         # deleted or made unreadable takes away (its labels may say otherwise).
         self._held: dict[str, str] = {}
 
     async def run(self) -> None:
-        await list_watch(
-            self._client,
-            secrets(self._namespace),
-            {"labelSelector": f"{KEY_LABEL}=true"},
-            self._sync,
-            self._event,
+        await keep_running(
+            lambda: list_watch(
+                self._client,
+                secrets(self._namespace),
+                {"labelSelector": f"{KEY_LABEL}=true"},
+                self._sync,
+                self._event,
+                watch_reporter(self._health, KEYS, self._namespace),
+            ),
+            f"key Secrets of {self._namespace}",
         )
 
     def _sync(self, items: list[Obj]) -> None:

@@ -149,6 +149,7 @@ def test_no_metric_label_is_a_target_label() -> None:
         **label_names(operator, operator.registry),
     }
     assert "citadel_gateway_requests" in labels
+    assert labels["citadel_gateway_watch_synced"] == {"resource"}
     assert "citadel_operator_model_replicas" in labels
     clashes = {
         name: sorted(names & TARGET_LABELS)

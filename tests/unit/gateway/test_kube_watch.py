@@ -650,3 +650,192 @@ async def test_a_cancel_from_a_handler_is_not_swallowed() -> None:
     api = ScriptedWatches([["ADDED"], ["ADDED"]])
     await _run_script(api, on_event=on_event)
     assert api.log == ["list", "watch 1"]
+
+
+def _ok(body: bytes) -> bytes:
+    return (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+        b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+
+async def _list_watch_served(
+    answers: list[bytes], delivered: int
+) -> tuple[list[list[dict[str, Any]]], list[str], list[float]]:
+    """Runs list_watch with the real client against a server that gives
+    `answers` in turn, one a connection (then holds each further one open),
+    until `delivered` events came; what it synced, the events' object names,
+    and the pauses it took."""
+    synced: list[list[dict[str, Any]]] = []
+    events: list[str] = []
+    pauses: list[float] = []
+    got_all = asyncio.Event()
+
+    async def handle(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        if not answers:
+            await asyncio.Event().wait()  # a quiet watch, until the end
+        writer.write(answers.pop(0))
+        await writer.drain()
+        writer.close()
+
+    def on_event(kind: str, obj: dict[str, Any]) -> None:
+        events.append(f"{kind} {obj['metadata']['name']}")
+        if len(events) == delivered:
+            got_all.set()
+
+    async def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    kube = KubeClient(KubeConfig(server=f"http://127.0.0.1:{port}"))
+    await kube.start()
+    task = asyncio.create_task(
+        list_watch(
+            kube,
+            "/api/v1/namespaces/x/secrets",
+            {},
+            synced.append,
+            on_event,
+            sleep=sleep,
+            jitter=lambda low, high: high,
+        )
+    )
+    try:
+        done, _ = await asyncio.wait(
+            {task, asyncio.create_task(got_all.wait())},
+            timeout=5,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        assert task not in done, f"the watch ended: {task.exception()!r}"
+        assert got_all.is_set(), "the events did not come"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await kube.close()
+        server.close()
+        await server.wait_closed()
+    return synced, events, pauses
+
+
+def _listed(version: str = "5") -> bytes:
+    meta = {"resourceVersion": version}
+    return orjson.dumps({"kind": "SecretList", "metadata": meta, "items": []})
+
+
+def _event(kind: str, name: str, version: str) -> bytes:
+    meta = {"name": name, "resourceVersion": version}
+    return orjson.dumps({"type": kind, "object": {"metadata": meta}}) + b"\n"
+
+
+async def test_a_list_answer_without_its_version_is_a_failed_list(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A list answer without metadata.resourceVersion raised a KeyError out of
+    list_watch: the watch ended for good, its view frozen."""
+    answers = [
+        _ok(orjson.dumps({"kind": "SecretList", "items": []})),
+        _ok(orjson.dumps({"kind": "SecretList", "metadata": None, "items": []})),
+        _ok(b"[]"),
+        _ok(orjson.dumps({"metadata": {"resourceVersion": "5"}, "items": [3]})),
+        _ok(_listed()),
+        _ok(_event("ADDED", "a", "6")),
+    ]
+    synced, events, pauses = await _list_watch_served(answers, delivered=1)
+    assert synced == [[]]
+    assert events == ["ADDED a"]
+    assert pauses == [2, 4, 8, 16]  # backed off as any failed list
+    failed = [r for r in caplog.records if r.getMessage() == "watch failed; retrying"]
+    assert len(failed) == 4
+    assert all(
+        isinstance(r.error, client_module.UnexpectedAnswer)  # type: ignore[attr-defined]
+        for r in failed
+    )
+
+
+async def test_a_watch_line_that_is_not_an_event_is_a_failed_watch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A watch line that is JSON but not an object (or one without its type
+    and object) raised an AttributeError out of list_watch."""
+    answers = [
+        _ok(_listed()),
+        _ok(_event("ADDED", "a", "6") + b"[1, 2]\n"),
+        _ok(b'"ADDED"\n'),
+        _ok(b'{"type": "ADDED", "object": null}\n'),
+        _ok(b'{"type": "ERROR", "object": {"code": null}}\n'),
+        _ok(_event("ADDED", "b", "7")),
+    ]
+    synced, events, pauses = await _list_watch_served(answers, delivered=2)
+    assert synced == [[]]
+    # Watched again from the last version seen, without a list.
+    assert events == ["ADDED a", "ADDED b"]
+    assert pauses == [2, 4, 8, 16]
+    failed = [r for r in caplog.records if r.getMessage() == "watch failed; retrying"]
+    assert [type(r.error).__name__ for r in failed] == [  # type: ignore[attr-defined]
+        "UnexpectedAnswer",
+        "UnexpectedAnswer",
+        "UnexpectedAnswer",
+        "KubeApiError",
+    ]
+
+
+async def test_list_watch_says_when_its_view_is_in_sync() -> None:
+    """A failing watch was only in the logs: nothing a metric or an alert
+    could read said that a view had gone stale."""
+    said: list[bool] = []
+
+    def on_event(kind: str, obj: dict[str, Any]) -> None:
+        if kind == "MODIFIED":
+            raise KeyError("ports")
+
+    api = ScriptedWatches(
+        [
+            aiohttp.ClientConnectionError("reset"),
+            ["ADDED", "BOOKMARK"],
+            gone(),
+            ["MODIFIED"],
+        ],
+        list_failures=[_api_error(403)],
+    )
+    with pytest.raises(asyncio.CancelledError):
+        await list_watch(
+            api,  # type: ignore[arg-type]
+            "/x",
+            {},
+            lambda items: None,
+            on_event,
+            said.append,
+            sleep=api.sleep,
+        )
+    assert said == [
+        False,  # the list refused
+        True,  # listed
+        False,  # the watch dropped
+        True,  # it delivers again (once: the bookmark says nothing new)
+        True,  # listed again after 410 (no failure between)
+        False,  # the handler could not take an event
+        True,  # listed again
+    ]
+
+
+async def test_a_watch_ended_by_an_error_says_it_is_out_of_sync() -> None:
+    said: list[bool] = []
+
+    class Unstarted:
+        async def list(self, path: str, params: Any = None) -> Any:
+            raise RuntimeError("KubeClient.start() was not called")
+
+    with pytest.raises(RuntimeError):
+        await list_watch(
+            Unstarted(),  # type: ignore[arg-type]
+            "/x",
+            {},
+            lambda items: None,
+            lambda kind, obj: None,
+            said.append,
+        )
+    assert said == [False]

@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from citadel.gateway.errors import ModelNotFound
+from citadel.gateway.kube.client import KubeApiError
 from citadel.gateway.metrics import GatewayMetrics
 from citadel.gateway.routes import CONFIGMAP_KEY, RoutingDocument
 from citadel.gateway.services.auth import InMemoryKeyStore, KeyRecord, hash_key
@@ -22,6 +23,8 @@ from citadel.gateway.services.scraper import (
     parse_vllm_metrics,
     report_max_age_s,
 )
+from citadel.gateway.settings import GatewaySettings
+from citadel.gateway.sources import base as sources_base
 from citadel.gateway.sources.files import keys_file_source, routes_file_source
 from citadel.gateway.sources.kubernetes import (
     KeySecretsSource,
@@ -31,6 +34,7 @@ from citadel.gateway.sources.kubernetes import (
     slice_endpoints,
 )
 from citadel.gateway.upstream import UpstreamTimeout
+from citadel.gateway.wiring import build_deps
 
 pytestmark = pytest.mark.unit
 
@@ -643,34 +647,104 @@ def test_a_routes_configmap_of_an_unexpected_shape_is_refused(data: Any) -> None
     assert results == ["invalid"]
 
 
-class _BrokenClient:
-    """A client that fails in a way no watch retries."""
+class _DiesOnce:
+    """A client whose first list fails in a way no watch retries (as before
+    start()); then it lists `items`, and its watches stay quiet."""
+
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.items = items
+        self.lists = 0
 
     async def list(self, path: str, params: Any = None) -> Any:
-        raise RuntimeError("KubeClient.start() was not called")
+        self.lists += 1
+        if self.lists == 1:
+            raise RuntimeError("KubeClient.start() was not called")
+        return self.items, "1"
+
+    async def watch(self, path: str, version: str, params: Any = None) -> Any:
+        await asyncio.Event().wait()
+        yield
 
 
-async def test_a_slice_watch_that_dies_is_logged(
-    caplog: pytest.LogCaptureFixture,
+@pytest.fixture
+def quick_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sources_base, "RESTART_BASE_S", 0.0)
+
+
+async def test_a_slice_watch_that_dies_is_logged_and_started_again(
+    caplog: pytest.LogCaptureFixture, quick_restarts: None
 ) -> None:
-    """The per-namespace watches ran as bare tasks: one that died kept its
-    error to itself, and its namespace's replicas froze."""
+    """A per-namespace watch that died stayed in the source's dict: its
+    namespace's replicas froze until it left the routing document and came
+    back."""
+    metrics = GatewayMetrics()
     catalog = Catalog()
-    source = RoutesWatchSource(_BrokenClient(), "citadel-system", catalog)  # type: ignore[arg-type]
+    api = _DiesOnce([_slice("m-1", "m", "10.0.0.1")])
+    source = RoutesWatchSource(api, "citadel-system", catalog, metrics)  # type: ignore[arg-type]
     source._load({"data": {CONFIGMAP_KEY: doc("m", ())}})
+    route = catalog.resolve("m")
     task = source._slice_watches["llm"]
-    await asyncio.wait({task})
-    await asyncio.sleep(0)  # the done callbacks run in the loop's next turn
-    [error] = [r for r in caplog.records if r.levelname == "ERROR"]
-    assert error.task == "EndpointSlices of llm"  # type: ignore[attr-defined]
-    assert error.exc_info is not None and error.exc_info[0] is RuntimeError
-    # Cancelled (its namespace no longer routed, or the gateway stopping): quiet.
-    caplog.clear()
-    source._load({"data": {CONFIGMAP_KEY: doc("m", ())}})
-    source._load({"data": {CONFIGMAP_KEY: json.dumps({"models": []})}})
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
-    assert [r for r in caplog.records if r.levelname == "ERROR"] == []
+    try:
+        await _until(lambda: catalog.replicas(route))
+        assert [r.url for r in catalog.replicas(route)] == ["http://10.0.0.1:8000"]
+        assert not task.done()
+        assert source._slice_watches["llm"] is task
+        [error] = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert error.task == "EndpointSlices of llm"  # type: ignore[attr-defined]
+        assert error.exc_info is not None and error.exc_info[0] is RuntimeError
+        assert "starting it again" in error.getMessage()
+        synced = {"resource": "endpointslices"}
+        assert metrics.registry.get_sample_value(SYNCED, synced) == 1
+        assert metrics.registry.get_sample_value(FAILURES, synced) == 1
+        # Cancelled (its namespace no longer routed, or the gateway stopping):
+        # quiet.
+        caplog.clear()
+        source._load({"data": {CONFIGMAP_KEY: json.dumps({"models": []})}})
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert task.cancelled()
+        assert [r for r in caplog.records if r.levelname == "ERROR"] == []
+    finally:
+        _stop_slice_watches(source)
+
+
+async def test_a_key_watch_that_dies_is_started_again(quick_restarts: None) -> None:
+    alice = KeyRecord(name="alice", hash=hash_key("a"), models=["*"])
+    store = InMemoryKeyStore()
+    api = _DiesOnce([key_secret(alice, "citadel-system")])
+    task = asyncio.create_task(KeySecretsSource(api, "citadel-system", store).run())  # type: ignore[arg-type]
+    try:
+        await _until(lambda: store.lookup(alice.hash) or task.done())
+        assert store.lookup(alice.hash) == alice
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_work_that_ends_is_run_again_after_a_pause_that_grows() -> None:
+    runs: list[str] = []
+    pauses: list[float] = []
+    now = [0.0]
+
+    async def work() -> None:
+        runs.append("run")
+        if len(runs) == 3:
+            return  # ended without an error: run again too
+        if len(runs) == 4:
+            now[0] += sources_base.RESTART_MAX_S  # lasted: the row ends
+        if len(runs) == 6:
+            raise asyncio.CancelledError
+        raise KeyError("metadata")
+
+    async def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+
+    with pytest.raises(asyncio.CancelledError):
+        await sources_base.keep_running(
+            work, "w", sleep, lambda: now[0], lambda low, high: high
+        )
+    assert len(runs) == 6
+    assert pauses == [1, 2, 4, 1, 2]
 
 
 async def test_a_source_that_dies_is_logged(
@@ -693,3 +767,104 @@ async def test_a_source_that_dies_is_logged(
         errors = [r for r in caplog.records if r.levelname == "ERROR"]
         assert [r.task for r in errors] == ["Failing", "Ending"]  # type: ignore[attr-defined]
         assert errors[0].exc_info is not None
+
+
+SYNCED = "citadel_gateway_watch_synced"
+FAILURES = "citadel_gateway_watch_failures_total"
+
+
+def test_the_watch_gauge_is_down_while_any_watch_of_its_resource_is() -> None:
+    metrics = GatewayMetrics()
+
+    def synced() -> float | None:
+        return metrics.registry.get_sample_value(SYNCED, {"resource": "es"})
+
+    metrics.watch_started("es", "llm")
+    metrics.watch_started("es", "research")
+    assert synced() == 0  # not listed yet
+    metrics.watch_synced("es", "llm")
+    assert synced() == 0
+    metrics.watch_synced("es", "research")
+    assert synced() == 1
+    metrics.watch_failed("es", "research")
+    metrics.watch_synced("es", "llm")
+    assert synced() == 0  # one namespace stale is a stale view
+    # A namespace no longer routed holds it down no more.
+    metrics.watch_stopped("es", "research")
+    assert synced() == 1
+    assert metrics.registry.get_sample_value(FAILURES, {"resource": "es"}) == 1
+
+
+def _two_namespaces() -> dict[str, object]:
+    routes = [
+        {"name": m, "namespace": m, "servedName": m, "service": m, "endpoints": []}
+        for m in ("llm", "research")
+    ]
+    document = json.dumps({"schemaVersion": 1, "models": routes})
+    return {
+        "metadata": {"name": "citadel-routes", "resourceVersion": "7"},
+        "data": {CONFIGMAP_KEY: document},
+    }
+
+
+class _QuietApi:
+    """Lists the routes ConfigMap (two namespaces routed); refuses the lists of
+    `refused` (403, as without RBAC there); lists anything else empty. Every
+    watch stays quiet."""
+
+    def __init__(self, refused: str) -> None:
+        self.refused = refused
+
+    async def list(self, path: str, params: Any = None) -> Any:
+        if path.endswith("/configmaps"):
+            return [_two_namespaces()], "7"
+        if self.refused in path:
+            raise KubeApiError(403, "forbidden")
+        return [], "7"
+
+    async def watch(self, path: str, version: str, params: Any = None) -> Any:
+        await asyncio.Event().wait()
+        yield
+
+
+async def _until(done: Any) -> None:
+    for _ in range(1000):
+        if done():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("not reached")
+
+
+async def test_failing_watches_show_in_the_metrics() -> None:
+    """A watch that kept failing (no RBAC in a namespace, an API server down)
+    was only in the logs: the gateway routed on a stale view, unseen."""
+    metrics = GatewayMetrics()
+    sample = metrics.registry.get_sample_value
+    api = _QuietApi(refused="/namespaces/research/")
+    routes = RoutesWatchSource(api, "citadel-system", Catalog(), metrics)  # type: ignore[arg-type]
+    keys = KeySecretsSource(api, "citadel-system", InMemoryKeyStore(), metrics)  # type: ignore[arg-type]
+    tasks = [asyncio.create_task(routes.run()), asyncio.create_task(keys.run())]
+    try:
+        await _until(lambda: sample(FAILURES, {"resource": "endpointslices"}))
+        await _until(lambda: sample(SYNCED, {"resource": "secrets"}))
+        assert sample(SYNCED, {"resource": "routes"}) == 1
+        assert sample(SYNCED, {"resource": "secrets"}) == 1
+        assert sample(SYNCED, {"resource": "endpointslices"}) == 0
+        assert sample(FAILURES, {"resource": "endpointslices"}) == 1
+        assert sample(FAILURES, {"resource": "routes"}) == 0
+        # The namespace leaves the document: its watch holds the gauge no more.
+        routes._load({"data": {CONFIGMAP_KEY: doc("llm", ())}})
+        assert sample(SYNCED, {"resource": "endpointslices"}) == 1
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_the_kubernetes_watches_report_to_the_gateways_metrics() -> None:
+    deps = build_deps(GatewaySettings(), {"KUBERNETES_SERVICE_HOST": "10.0.0.1"})
+    watches = [
+        s for s in deps.sources if isinstance(s, (RoutesWatchSource, KeySecretsSource))
+    ]
+    assert len(watches) == 2
+    assert all(s._health is deps.metrics for s in watches)
