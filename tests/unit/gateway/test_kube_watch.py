@@ -5,6 +5,7 @@ and outlive a handler that raises."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -455,27 +456,11 @@ async def test_the_client_raises_too_large_from_an_answer_and_an_event() -> None
         b"content-length: %d\r\n\r\n%s" % (len(event), event),
     ]
 
-    async def handle(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(answers.pop(0))
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    kube = KubeClient(KubeConfig(server=f"http://127.0.0.1:{port}"))
-    await kube.start()
-    try:
+    async with _canned_api(answers) as kube:
         for _ in range(2):
             with pytest.raises(ResourceVersionTooLarge):
                 async for _ in kube.watch("/api/v1/namespaces/x/configmaps", "120"):
                     pass
-    finally:
-        await kube.close()
-        server.close()
-        await server.wait_closed()
 
 
 def _api_error(status: int, retry_after_s: float | None = None) -> KubeApiError:
@@ -569,19 +554,7 @@ async def test_the_client_reads_retry_after_from_an_answer_and_an_event() -> Non
         b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nbusy",
     ]
 
-    async def handle(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(answers.pop(0))
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    kube = KubeClient(KubeConfig(server=f"http://127.0.0.1:{port}"))
-    await kube.start()
-    try:
+    async with _canned_api(answers) as kube:
         with pytest.raises(KubeApiError) as listed:
             await kube.list("/api/v1/namespaces/x/secrets")
         assert (listed.value.status, listed.value.retry_after_s) == (429, 5.0)
@@ -592,10 +565,6 @@ async def test_the_client_reads_retry_after_from_an_answer_and_an_event() -> Non
         with pytest.raises(KubeApiError) as busy:
             await kube.list("/api/v1/namespaces/x/secrets")
         assert (busy.value.status, busy.value.retry_after_s) == (503, None)
-    finally:
-        await kube.close()
-        server.close()
-        await server.wait_closed()
 
 
 async def test_a_handler_that_raises_is_logged_and_the_view_listed_again(
@@ -659,6 +628,33 @@ def _ok(body: bytes) -> bytes:
     )
 
 
+@contextlib.asynccontextmanager
+async def _canned_api(answers: list[bytes]) -> AsyncIterator[KubeClient]:
+    """A started client of a server that gives `answers` in turn, one a
+    connection (and holds each further one open: a quiet watch, until the end)."""
+
+    async def handle(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        if not answers:
+            await asyncio.Event().wait()
+        writer.write(answers.pop(0))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    kube = KubeClient(KubeConfig(server=f"http://127.0.0.1:{port}"))
+    await kube.start()
+    try:
+        yield kube
+    finally:
+        await kube.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def _list_watch_served(
     answers: list[bytes], delivered: int
 ) -> tuple[list[list[dict[str, Any]]], list[str], list[float]]:
@@ -671,16 +667,6 @@ async def _list_watch_served(
     pauses: list[float] = []
     got_all = asyncio.Event()
 
-    async def handle(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        if not answers:
-            await asyncio.Event().wait()  # a quiet watch, until the end
-        writer.write(answers.pop(0))
-        await writer.drain()
-        writer.close()
-
     def on_event(kind: str, obj: dict[str, Any]) -> None:
         events.append(f"{kind} {obj['metadata']['name']}")
         if len(events) == delivered:
@@ -689,35 +675,29 @@ async def _list_watch_served(
     async def sleep(seconds: float) -> None:
         pauses.append(seconds)
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    kube = KubeClient(KubeConfig(server=f"http://127.0.0.1:{port}"))
-    await kube.start()
-    task = asyncio.create_task(
-        list_watch(
-            kube,
-            "/api/v1/namespaces/x/secrets",
-            {},
-            synced.append,
-            on_event,
-            sleep=sleep,
-            jitter=lambda low, high: high,
+    async with _canned_api(answers) as kube:
+        task = asyncio.create_task(
+            list_watch(
+                kube,
+                "/api/v1/namespaces/x/secrets",
+                {},
+                synced.append,
+                on_event,
+                sleep=sleep,
+                jitter=lambda low, high: high,
+            )
         )
-    )
-    try:
-        done, _ = await asyncio.wait(
-            {task, asyncio.create_task(got_all.wait())},
-            timeout=5,
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-        assert task not in done, f"the watch ended: {task.exception()!r}"
-        assert got_all.is_set(), "the events did not come"
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await kube.close()
-        server.close()
-        await server.wait_closed()
+        try:
+            done, _ = await asyncio.wait(
+                {task, asyncio.create_task(got_all.wait())},
+                timeout=5,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            assert task not in done, f"the watch ended: {task.exception()!r}"
+            assert got_all.is_set(), "the events did not come"
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
     return synced, events, pauses
 
 
