@@ -25,7 +25,7 @@ from citadel.gateway.routes import ModelRoute
 from citadel.gateway.services.auth import Principal
 from citadel.gateway.services.catalog import Catalog
 from citadel.gateway.services.proxy import ProxyService
-from citadel.gateway.services.requests import ApiCall, Door
+from citadel.gateway.services.requests import ApiCall, Door, dumps_request
 from citadel.gateway.services.sse import EVENT_END, error_of
 from citadel.gateway.services.streams import Closing
 
@@ -83,13 +83,13 @@ async def ask(
             fit(read)
 
     try:
-        raw = orjson.dumps(body)
-    except orjson.JSONEncodeError as err:
-        # An integer past 64 bits (GraphQL's JSON scalar holds any): the
-        # caller's mistake, refused and counted as REST refuses a bad body.
-        invalid = InvalidRequest(f"The request cannot be sent as JSON: {err}.")
+        raw = dumps_request(body)
+    except InvalidRequest as invalid:
+        # An integer past 64 bits (GraphQL's JSON scalar holds any), or nested
+        # deeper than JSON is written: the caller's mistake, refused (in REST's
+        # words) and counted as REST refuses a bad body.
         proxy.refused(call, request_id, invalid, door, principal)
-        raise invalid from err
+        raise
     result = await proxy.handle(call, principal, raw, request_id, session, door, reader)
     if result.stream is not None:
         chunks = events(result.stream, result.unusable)

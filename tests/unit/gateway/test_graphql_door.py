@@ -486,3 +486,42 @@ def test_a_chunk_that_does_not_fit_ends_the_stream_counted_as_its_502(
     assert _access(caplog) == [(502, "backend_error")]
     assert _errors_logged(caplog) == []
     assert reply.closed
+
+
+async def test_a_body_nested_too_deeply_is_refused_as_on_rest(
+    kit: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # JSON's `extra` nests 300 levels: more than orjson writes (254).
+    harness = kit.build()
+    deep = "[" * 300 + "]" * 300
+    inputs = json.dumps(INPUT)[:-1] + f', "extra": {{"deep": {deep}}}}}'
+    raw = f'{{"query": {json.dumps(CHAT)}, "variables": {{"input": {inputs}}}}}'
+    rest_raw = orjson.dumps(kit.chat)[:-1] + b', "deep": ' + deep.encode() + b"}"
+    json_type = {"content-type": "application/json"}
+    async with harness.client() as client:
+        rest = await client.post(
+            "/v1/chat/completions", content=rest_raw, headers=json_type
+        )
+        answer = await client.post("/graphql", content=raw, headers=json_type)
+    error = answer.json()["errors"][0]
+    assert error["message"] == rest.json()["error"]["message"]
+    extensions = error["extensions"]
+    assert (extensions["status"], extensions["type"]) == (400, "invalid_request_error")
+    assert harness.upstream.calls == []
+    assert kit.counted(harness, "400", door="graphql", model="unknown") == 1
+    assert _errors_logged(caplog) == []
+
+
+async def test_variables_nested_past_what_python_reads_are_a_400(
+    kit: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Deeper than the JSON reader recurses: still the caller's mistake.
+    harness = kit.build()
+    deep = "[" * 1500 + "]" * 1500
+    raw = f'{{"query": {json.dumps(CHAT)}, "variables": {{"input": {deep}}}}}'
+    async with harness.client() as client:
+        answer = await client.post(
+            "/graphql", content=raw, headers={"content-type": "application/json"}
+        )
+    assert answer.status_code == 400
+    assert _errors_logged(caplog) == []
