@@ -14,6 +14,7 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from citadel.gateway.app import create_app, serving
+from citadel.gateway.services.buckets import StoreUnavailable
 from citadel.gateway.settings import GatewaySettings
 
 pytestmark = pytest.mark.unit
@@ -525,3 +526,25 @@ async def test_variables_nested_past_what_python_reads_are_a_400(
         )
     assert answer.status_code == 400
     assert _errors_logged(caplog) == []
+
+
+async def test_an_unreachable_limit_store_nulls_usage_alone(kit: Any) -> None:
+    # `usage` fails alone: the fields asked beside it keep their answers.
+    harness = kit.build()
+
+    async def down(*args: Any) -> Any:
+        raise StoreUnavailable("redis: connection refused")
+
+    harness.deps.proxy.limiter.standing = down
+    query = "{ models { id } usage { key } apiVersion }"
+    async with harness.client() as client:
+        answer = await client.post("/graphql", json={"query": query})
+    got = answer.json()
+    assert got["data"] == {
+        "models": [{"id": "smollm2"}],
+        "usage": None,
+        "apiVersion": "v1",
+    }
+    (error,) = got["errors"]
+    assert error["path"] == ["usage"]
+    assert error["message"] == "The limit store is unreachable."
