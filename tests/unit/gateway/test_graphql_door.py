@@ -548,3 +548,45 @@ async def test_an_unreachable_limit_store_nulls_usage_alone(kit: Any) -> None:
     (error,) = got["errors"]
     assert error["path"] == ["usage"]
     assert error["message"] == "The limit store is unreachable."
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "said"),
+    [
+        (
+            404,
+            b"<html><head><title>404 Not Found</title></head></html>",
+            "404 Not Found",
+        ),
+        (400, b"Invalid HTTP request received.", "Invalid HTTP request received."),
+        (400, b"", "status 400"),
+    ],
+    ids=["a proxy's HTML page", "plain text", "empty"],
+)
+async def test_a_replicas_refusal_that_is_not_json_is_an_invalid_request(
+    kit: Any,
+    caplog: pytest.LogCaptureFixture,
+    status: int,
+    body: bytes,
+    said: str,
+) -> None:
+    # As a refusal in OpenAI's shape, not as the replica's failure (502): the
+    # request is counted with the replica's status, as REST relays it.
+    caplog.set_level("INFO", logger="citadel.gateway.access")
+    harness = kit.build()
+    reply = kit.reply(status=status, body=body, content_type="text/html")
+    harness.upstream.handler = lambda url, sent: reply
+    async with harness.client() as client:
+        answer = await client.post(
+            "/graphql", json={"query": CHAT, "variables": {"input": INPUT}}
+        )
+    error = answer.json()["errors"][0]
+    assert (error["extensions"]["status"], error["extensions"]["code"]) == (
+        400,
+        "invalid_request_error",
+    )
+    assert said in error["message"] and "<" not in error["message"]
+    assert str(status) in error["message"]
+    assert kit.counted(harness, str(status), door="graphql") == 1
+    assert kit.counted(harness, "502", door="graphql") is None
+    assert _access(caplog) == [(status, None)]
