@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from datetime import timedelta
 
 from starlette.websockets import WebSocketDisconnect
@@ -110,6 +111,20 @@ class _GraphQLWSHandler(BaseGraphQLWSHandler[GraphQLContext, None]):
 class _Router(GraphQLRouter[GraphQLContext, None]):
     graphql_transport_ws_handler_class = _GraphQLTransportWSHandler
     graphql_ws_handler_class = _GraphQLWSHandler
+
+    def decode_json(self, data: str | bytes) -> object:
+        """A body or socket message as JSON; strawberry answers one it cannot
+        parse with a 400 (over HTTP) or closes the socket (4400).
+
+        The standard library's reader recurses: JSON nested deeper than
+        Python's recursion limit would be a RecursionError, the gateway's 500,
+        for what is the caller's mistake.
+        """
+        try:
+            return json.loads(data)
+        except RecursionError as err:
+            text = data if isinstance(data, str) else data.decode(errors="replace")
+            raise json.JSONDecodeError("nested too deeply", text, 0) from err
 
     async def on_ws_connect(
         self, context: GraphQLContext

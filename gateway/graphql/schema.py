@@ -176,8 +176,13 @@ class Query:
     models: list[Model] = strawberry.field(
         resolver=_models, description="The models the caller's key may use."
     )
-    usage: Usage = strawberry.field(
-        resolver=_usage, description="The caller's key, its limits and quotas now."
+    # Nullable: the limit store (Redis) may be unreachable, and an error in a
+    # non-null field would null all of `data`, the other fields asked with it
+    # (`models`, `apiVersion`) too.
+    usage: Usage | None = strawberry.field(
+        resolver=_usage,
+        description="The caller's key, its limits and quotas now; null with an "
+        "error when the limit store cannot be reached.",
     )
     api_version: str = strawberry.field(
         resolver=_api_version, description="The API version served (`v1`)."

@@ -46,6 +46,18 @@ CHAT = ApiCall(ApiKind.CHAT, "/v1/chat/completions", "messages", True)
 COMPLETIONS = ApiCall(ApiKind.COMPLETIONS, "/v1/completions", "prompt", True)
 EMBEDDINGS = ApiCall(ApiKind.EMBEDDINGS, "/v1/embeddings", "input", False)
 
+MAX_DEPTH = 254
+"""How deeply a body's arrays and objects may nest (the body is the first level).
+
+orjson reads 1,024 levels but writes only 254: a deeper body, once read, could
+not be written again where the gateway changes it (an alias, a stream's usage
+option) or measures it (the token estimate), so it is refused as it is read."""
+
+TOO_DEEP = (
+    "The request body is nested too deeply: its arrays and objects may nest "
+    f"at most {MAX_DEPTH} levels."
+)
+
 
 def parse_body(raw: bytes, call: ApiCall) -> dict[str, Any]:
     """The request body as a dict, checked just enough to route it.
@@ -61,6 +73,11 @@ def parse_body(raw: bytes, call: ApiCall) -> dict[str, Any]:
         ) from err
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    # Writing it is the depth check: in C, about 4 us for a 20 KB chat (a fifth
+    # of the read), where a walk in Python takes 35 us. What orjson reads it
+    # fails to write only past MAX_DEPTH (numbers past 64 bits it reads as
+    # floats, and it refuses lone surrogates), so nothing needs a walk.
+    dumps_request(body)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest(
@@ -88,6 +105,22 @@ def parse_body(raw: bytes, call: ApiCall) -> dict[str, Any]:
     return body
 
 
+def dumps_request(body: dict[str, Any]) -> bytes:
+    """`body` as JSON bytes, for any door.
+
+    Raises:
+        InvalidRequest: it cannot be written: nested deeper than `MAX_DEPTH`,
+            or (from a door other than REST's) an integer past 64 bits.
+    """
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError as err:
+        # orjson's word for depth; any other failure keeps its own words.
+        if "recursion" in str(err).lower():
+            raise InvalidRequest(TOO_DEEP) from err
+        raise InvalidRequest(f"The request cannot be sent as JSON: {err}.") from err
+
+
 def client_wants_usage(body: dict[str, Any]) -> bool:
     """True when a streaming client asked for the usage chunk itself."""
     options = body.get("stream_options")
@@ -110,4 +143,4 @@ def upstream_body(
             **(options if isinstance(options, dict) else {}),
             "include_usage": True,
         }
-    return orjson.dumps(out)
+    return dumps_request(out)

@@ -555,6 +555,36 @@ async def test_client_errors_in_openai_shape(
         assert error["param"] == param
 
 
+@pytest.mark.parametrize(
+    ("model", "stream"),
+    [("chat", False), ("smollm2", True), ("smollm2", False)],
+    ids=["alias", "stream", "unchanged"],
+)
+async def test_a_body_nested_too_deeply_is_a_400_whatever_is_done_with_it(
+    kit: Any, caplog: pytest.LogCaptureFixture, model: str, stream: bool
+) -> None:
+    """orjson reads 1,024 levels but writes 254: a body between the two is
+    refused as it is read, not failed with a 500 when the gateway writes it
+    again (an alias, a stream's usage option), nor sent on when it does not."""
+    h = kit.build()
+    deep = b"[" * 300 + b"]" * 300
+    raw = orjson.dumps({**kit.chat, "model": model, "stream": stream})
+    raw = raw[:-1] + b', "deep": ' + deep + b"}"
+    async with h.client() as client:
+        answer = await client.post(
+            "/v1/chat/completions",
+            content=raw,
+            headers={"content-type": "application/json"},
+        )
+    assert answer.status_code == 400
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "nested too deeply" in error["message"]
+    assert h.upstream.calls == []
+    assert kit.counted(h, "400", model="unknown") == 1
+    assert [r for r in caplog.records if r.levelname == "ERROR"] == []
+
+
 async def test_auth_errors(harness: Any, kit: Any) -> None:
     async with harness.client() as client:
         missing = await client.post(

@@ -14,6 +14,7 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from citadel.gateway.app import create_app, serving
+from citadel.gateway.services.buckets import StoreUnavailable
 from citadel.gateway.settings import GatewaySettings
 
 pytestmark = pytest.mark.unit
@@ -486,3 +487,106 @@ def test_a_chunk_that_does_not_fit_ends_the_stream_counted_as_its_502(
     assert _access(caplog) == [(502, "backend_error")]
     assert _errors_logged(caplog) == []
     assert reply.closed
+
+
+async def test_a_body_nested_too_deeply_is_refused_as_on_rest(
+    kit: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # JSON's `extra` nests 300 levels: more than orjson writes (254).
+    harness = kit.build()
+    deep = "[" * 300 + "]" * 300
+    inputs = json.dumps(INPUT)[:-1] + f', "extra": {{"deep": {deep}}}}}'
+    raw = f'{{"query": {json.dumps(CHAT)}, "variables": {{"input": {inputs}}}}}'
+    rest_raw = orjson.dumps(kit.chat)[:-1] + b', "deep": ' + deep.encode() + b"}"
+    json_type = {"content-type": "application/json"}
+    async with harness.client() as client:
+        rest = await client.post(
+            "/v1/chat/completions", content=rest_raw, headers=json_type
+        )
+        answer = await client.post("/graphql", content=raw, headers=json_type)
+    error = answer.json()["errors"][0]
+    assert error["message"] == rest.json()["error"]["message"]
+    extensions = error["extensions"]
+    assert (extensions["status"], extensions["type"]) == (400, "invalid_request_error")
+    assert harness.upstream.calls == []
+    assert kit.counted(harness, "400", door="graphql", model="unknown") == 1
+    assert _errors_logged(caplog) == []
+
+
+async def test_variables_nested_past_what_python_reads_are_a_400(
+    kit: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Deeper than the JSON reader recurses: still the caller's mistake.
+    harness = kit.build()
+    deep = "[" * 1500 + "]" * 1500
+    raw = f'{{"query": {json.dumps(CHAT)}, "variables": {{"input": {deep}}}}}'
+    async with harness.client() as client:
+        answer = await client.post(
+            "/graphql", content=raw, headers={"content-type": "application/json"}
+        )
+    assert answer.status_code == 400
+    assert _errors_logged(caplog) == []
+
+
+async def test_an_unreachable_limit_store_nulls_usage_alone(kit: Any) -> None:
+    # `usage` fails alone: the fields asked beside it keep their answers.
+    harness = kit.build()
+
+    async def down(*args: Any) -> Any:
+        raise StoreUnavailable("redis: connection refused")
+
+    harness.deps.proxy.limiter.standing = down
+    query = "{ models { id } usage { key } apiVersion }"
+    async with harness.client() as client:
+        answer = await client.post("/graphql", json={"query": query})
+    got = answer.json()
+    assert got["data"] == {
+        "models": [{"id": "smollm2"}],
+        "usage": None,
+        "apiVersion": "v1",
+    }
+    (error,) = got["errors"]
+    assert error["path"] == ["usage"]
+    assert error["message"] == "The limit store is unreachable."
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "said"),
+    [
+        (
+            404,
+            b"<html><head><title>404 Not Found</title></head></html>",
+            "404 Not Found",
+        ),
+        (400, b"Invalid HTTP request received.", "Invalid HTTP request received."),
+        (400, b"", "status 400"),
+    ],
+    ids=["a proxy's HTML page", "plain text", "empty"],
+)
+async def test_a_replicas_refusal_that_is_not_json_is_an_invalid_request(
+    kit: Any,
+    caplog: pytest.LogCaptureFixture,
+    status: int,
+    body: bytes,
+    said: str,
+) -> None:
+    # As a refusal in OpenAI's shape, not as the replica's failure (502): the
+    # request is counted with the replica's status, as REST relays it.
+    caplog.set_level("INFO", logger="citadel.gateway.access")
+    harness = kit.build()
+    reply = kit.reply(status=status, body=body, content_type="text/html")
+    harness.upstream.handler = lambda url, sent: reply
+    async with harness.client() as client:
+        answer = await client.post(
+            "/graphql", json={"query": CHAT, "variables": {"input": INPUT}}
+        )
+    error = answer.json()["errors"][0]
+    assert (error["extensions"]["status"], error["extensions"]["code"]) == (
+        400,
+        "invalid_request_error",
+    )
+    assert said in error["message"] and "<" not in error["message"]
+    assert str(status) in error["message"]
+    assert kit.counted(harness, str(status), door="graphql") == 1
+    assert kit.counted(harness, "502", door="graphql") is None
+    assert _access(caplog) == [(status, None)]

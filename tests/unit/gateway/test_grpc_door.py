@@ -259,3 +259,30 @@ async def test_a_number_too_big_for_an_integer_is_refused_as_on_rest(
     assert kit.counted(harness, "400", door="grpc", model="unknown") == 1
     assert harness.upstream.calls == []
     assert [r for r in caplog.records if r.levelname == "ERROR"] == []
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [(400, b"Invalid HTTP request received."), (404, b"<h1>404 Not Found</h1>")],
+    ids=["plain text", "a proxy's HTML page"],
+)
+async def test_a_replicas_refusal_that_is_not_json_is_invalid_argument(
+    door: tuple[Any, pb_grpc.InferenceStub],
+    kit: Any,
+    caplog: pytest.LogCaptureFixture,
+    status: int,
+    body: bytes,
+) -> None:
+    # Not UNAVAILABLE (a replica's failure): the replica refused the request,
+    # and it is counted with the replica's status, as REST relays it.
+    caplog.set_level("INFO", logger="citadel.gateway.access")
+    harness, stub = door
+    reply = kit.reply(status=status, body=body, content_type="text/plain")
+    harness.upstream.handler = lambda url, sent: reply
+    key = (("authorization", f"Bearer {kit.key}"),)
+    error = await _refused(stub.ChatCompletion(_chat(), metadata=key))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert str(status) in error.details() and "<" not in error.details()
+    assert kit.counted(harness, str(status), door="grpc") == 1
+    assert kit.counted(harness, "502", door="grpc") is None
+    assert _access(caplog) == [(status, None)]

@@ -10,6 +10,8 @@ from citadel.gateway.services.requests import (
     CHAT,
     COMPLETIONS,
     EMBEDDINGS,
+    MAX_DEPTH,
+    TOO_DEEP,
     parse_body,
     upstream_body,
 )
@@ -53,3 +55,30 @@ def test_invalid_fields_name_the_param(call: object, raw: bytes, param: str) -> 
     with pytest.raises(InvalidRequest) as info:
         parse_body(raw, call)  # type: ignore[arg-type]
     assert info.value.param == param
+
+
+def _deep_body(levels: int) -> bytes:
+    """A completions body whose arrays and objects nest `levels` deep (the body
+    itself is the first level)."""
+    arrays = levels - 1
+    return (
+        b'{"model": "m", "prompt": "x", "deep": ' + b"[" * arrays + b"]" * arrays + b"}"
+    )
+
+
+def test_a_body_nested_deeper_than_json_can_be_written_is_refused() -> None:
+    # orjson reads 1,024 levels but writes 254: a deeper body, read, could not
+    # be written again (an alias replaced, a stream's usage option added).
+    raw = _deep_body(MAX_DEPTH + 1)
+    assert orjson.loads(raw)  # what the reader takes
+    with pytest.raises(InvalidRequest) as info:
+        parse_body(raw, COMPLETIONS)
+    assert info.value.message == TOO_DEEP
+    assert str(MAX_DEPTH) in TOO_DEEP
+
+
+def test_a_body_as_deep_as_json_can_be_written_is_read_and_rewritten() -> None:
+    raw = _deep_body(MAX_DEPTH)
+    body = parse_body(raw, COMPLETIONS)
+    out = orjson.loads(upstream_body(raw, body, "served", stream=True))
+    assert out["deep"] == body["deep"]

@@ -127,3 +127,32 @@ async def test_standing_reads_limits_without_taking(kit: Any) -> None:
     await limiter.admit(who, routes[0], 5)
     (standing,) = await limiter.standing(who, routes)
     assert standing.remaining == 9
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'"model not found"', b"Not Found\n\x00\x1b[31m  at  the  proxy\r\n"],
+    ids=["JSON but no object", "text with controls"],
+)
+async def test_a_refusal_without_an_error_object_quotes_the_replica(
+    kit: Any, body: bytes
+) -> None:
+    harness = kit.build()
+    harness.upstream.handler = lambda url, sent: kit.reply(404, body)
+    who = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
+    with pytest.raises(InvalidRequest) as caught:
+        await ask(harness.deps.proxy, CHAT, who, dict(kit.chat), "rid", Door.GRPC)
+    message = caught.value.message
+    assert "status 404" in message
+    assert "Not Found" in message or "model not found" in message
+    assert message.isprintable() and "  " not in message
+
+
+async def test_a_long_refusal_is_quoted_short(kit: Any) -> None:
+    harness = kit.build()
+    page = b"<p>" + b"word " * 1000 + b"</p>"
+    harness.upstream.handler = lambda url, sent: kit.reply(400, page)
+    who = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
+    with pytest.raises(InvalidRequest) as caught:
+        await ask(harness.deps.proxy, CHAT, who, dict(kit.chat), "rid", Door.GRPC)
+    assert len(caught.value.message) < 300
