@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     for limit in ("rpm", "tpm", "daily-tokens", "monthly-tokens"):
         create.add_argument(f"--{limit}", type=int)
     actions.add_parser("list", help="list keys (never the keys themselves)")
-    revoke = actions.add_parser("revoke", help="revoke a key now")
+    revoke = actions.add_parser("revoke", help="revoke every key of a name now")
     revoke.add_argument("name")
     return parser
 
@@ -163,12 +163,33 @@ async def _kube_command(args: argparse.Namespace) -> None:
                 raise
             _show_created(key, record)
         else:
-            try:
-                await client.request("DELETE", f"{path}/{KEY_SECRET_PREFIX}{args.name}")
-            except KubeApiError as err:
-                if err.status == 404:
-                    raise CliError(f"no key named {args.name!r}") from err
-                raise
-            print(f"revoked key {args.name!r}")
+            await _revoke_secrets(client, path, args.name)
     finally:
         await client.close()
+
+
+async def _revoke_secrets(client: KubeClient, path: str, name: str) -> None:
+    """Deletes every key Secret whose record names the key, and the one
+    `create` made for it (readable or not): the gateway takes each Secret for a
+    key of its own, so a second Secret of the name (a rotation made by hand)
+    left behind would keep a key of that name working."""
+    items, _ = await client.list(path, {"labelSelector": f"{KEY_LABEL}=true"})
+    doomed = {KEY_SECRET_PREFIX + name}
+    for item in items:
+        record = key_from_secret(item)
+        meta = item.get("metadata")
+        secret = meta.get("name") if isinstance(meta, dict) else None
+        if record is not None and record.name == name and isinstance(secret, str):
+            doomed.add(secret)
+    deleted = []
+    for secret in sorted(doomed):
+        try:
+            await client.request("DELETE", f"{path}/{secret}")
+        except KubeApiError as err:
+            if err.status != 404:  # 404: gone already, or never made
+                raise
+            continue
+        deleted.append(secret)
+    if not deleted:
+        raise CliError(f"no key named {name!r}")
+    print(f"revoked key {name!r} (Secrets: {', '.join(deleted)})")

@@ -11,8 +11,10 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import logging
 import secrets
-from collections.abc import Iterable
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
@@ -25,6 +27,8 @@ from citadel.gateway.routes import NAME_PATTERN, ModelRoute
 
 KEY_PREFIX = "ctd-"
 HASH_PREFIX = "sha256:"
+
+log = logging.getLogger(__name__)
 
 
 class Role(enum.StrEnum):
@@ -102,9 +106,22 @@ class KeyStore(Protocol):
 
 
 class InMemoryKeyStore:
-    """The keys in force, replaced whole or one by one by a key source."""
+    """The keys in force, each record held by one thing of a key source (a key
+    Secret, an entry of the key file).
+
+    Keyed by holder, not by key name, so that what is in force depends only on
+    which holders exist, never on the order in which they came: taking one
+    holder's record away revokes exactly that record's key, and two holders
+    whose records share a name are two keys that both work. A key (a hash) that
+    two holders give different records is refused (logged), since neither can
+    be said to be the one meant; the same record held twice (a copied Secret)
+    is in force while either holds it.
+    """
 
     def __init__(self, records: Iterable[KeyRecord] = ()) -> None:
+        self._held: dict[str, KeyRecord] = {}
+        # A key's hash -> who holds a record of it: what an event must look at.
+        self._holders: dict[str, set[str]] = {}
         self._by_hash: dict[str, KeyRecord] = {}
         self.replace_all(records)
 
@@ -112,17 +129,65 @@ class InMemoryKeyStore:
         return self._by_hash.get(key_hash)
 
     def replace_all(self, records: Iterable[KeyRecord]) -> None:
-        """Puts exactly these records in force (in one assignment)."""
-        self._by_hash = {r.hash: r for r in records}
+        """Puts exactly these records in force, each held on its own."""
+        self.hold_all({f"#{i}": record for i, record in enumerate(records)})
 
-    def put(self, record: KeyRecord) -> None:
-        """Adds or replaces one record (by name)."""
-        self.remove(record.name)
-        self._by_hash = {**self._by_hash, record.hash: record}
+    def hold_all(self, held: Mapping[str, KeyRecord]) -> None:
+        """Puts exactly these holders' records in force (in one assignment).
+
+        Args:
+            held: holder (a Secret's name, say) -> the record it holds.
+        """
+        self._held = dict(held)
+        self._holders = defaultdict(set)
+        for holder, record in held.items():
+            self._holders[record.hash].add(holder)
+        in_force = ((h, self._agreed(h)) for h in self._holders)
+        self._by_hash = {h: r for h, r in in_force if r is not None}
+
+    def hold(self, holder: str, record: KeyRecord | None) -> KeyRecord | None:
+        """Makes `holder` hold `record`, or nothing when it is None (a holder
+        deleted, or one that no longer holds a readable record).
+
+        Returns:
+            The record it held before, if any.
+        """
+        before = self._held.pop(holder, None)
+        if before is not None:
+            self._holders[before.hash].discard(holder)
+        if record is not None:
+            self._held[holder] = record
+            self._holders.setdefault(record.hash, set()).add(holder)
+        by_hash = dict(self._by_hash)
+        for key_hash in {r.hash for r in (before, record) if r is not None}:
+            agreed = self._agreed(key_hash) if self._holders[key_hash] else None
+            if agreed is not None:
+                by_hash[key_hash] = agreed
+                continue
+            by_hash.pop(key_hash, None)
+            if not self._holders[key_hash]:
+                del self._holders[key_hash]
+        self._by_hash = by_hash  # one assignment: a look-up sees before or after
+        return before
+
+    def _agreed(self, key_hash: str) -> KeyRecord | None:
+        """The record of a key, or None (logged) when its holders disagree."""
+        holders = self._holders[key_hash]
+        records = {self._held[holder] for holder in holders}
+        if len(records) == 1:
+            return records.pop()
+        log.error(
+            "key refused: the records holding it differ",
+            extra={
+                "keys": sorted({r.name for r in records}),
+                "holders": sorted(holders),
+            },
+        )
+        return None
 
     def remove(self, name: str) -> None:
-        """Revokes the key with this name, if any."""
-        self._by_hash = {h: r for h, r in self._by_hash.items() if r.name != name}
+        """Revokes every key with this name."""
+        self.hold_all({h: r for h, r in self._held.items() if r.name != name})
 
     def __len__(self) -> int:
         return len(self._by_hash)

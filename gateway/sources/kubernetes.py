@@ -8,8 +8,8 @@
   serving and terminating conditions; one that cannot be read is logged and counts
   as gone.
 - Secrets labelled `citadel.ai/api-key=true` in the gateway's namespace hold the API
-  keys' records (never the keys); a deleted Secret is a revoked key, and so is
-  one edited into something that is not a key record.
+  keys' records (never the keys), one key each; a deleted Secret is a revoked
+  key, and so is one edited into something that is not a key record.
 
 Each watch tells the `WatchHealth` it is given (the metrics) when it is in sync and
 when it fails, by the kind of object it keeps: `ROUTES`, `ENDPOINT_SLICES`, `KEYS`.
@@ -379,6 +379,14 @@ class KeySecretsSource:
     """Watches the key Secrets; a deleted Secret revokes its key at once, and so
     does one edited into something that is not a key record.
 
+    The store is keyed by Secret: each Secret's record is a key of its own, so
+    the keys in force are those of the Secrets present whatever order their
+    events came in, as in a gateway started now. Two Secrets whose records share
+    a key name are two keys of that name, each working until its own Secret
+    goes (a hand-made rotation): refusing one of them would need an order
+    between Secrets, and the one refused would start working when the other
+    is deleted, a revocation that brings a key to life.
+
     Args:
         client: the API client.
         namespace: the Secrets' namespace.
@@ -397,9 +405,6 @@ class KeySecretsSource:
         self._namespace = namespace
         self._store = store
         self._health = health or Unobserved()
-        # Secret name -> the name of the key its record holds: what a Secret
-        # deleted or made unreadable takes away (its labels may say otherwise).
-        self._held: dict[str, str] = {}
 
     async def run(self) -> None:
         await keep_running(
@@ -420,28 +425,28 @@ class KeySecretsSource:
             record = key_from_secret(item)
             if record is not None:
                 held[_secret_name(item)] = record
-        self._held = {secret: record.name for secret, record in held.items()}
-        self._store.replace_all(list(held.values()))
+        self._store.hold_all(held)
         log.info("keys loaded", extra={"keys": len(held)})
 
     def _event(self, kind: str, obj: Obj) -> None:
         secret = _secret_name(obj)
         record = None if kind == "DELETED" else key_from_secret(obj)
-        before = self._held.pop(secret, None)
-        if record is not None:
-            self._held[secret] = record.name
-            self._store.put(record)
-        if before is None or before in self._held.values():
-            return  # it held no key, or one another Secret holds
+        # What a Secret deleted or made unreadable takes away is the record it
+        # held, whatever its labels say.
+        before = self._store.hold(secret, record)
+        if before is None or record is not None:
+            return  # it held no key, or holds one still (perhaps another)
         if kind == "DELETED":
-            self._store.remove(before)
-            log.info("key revoked", extra={"key": before})
-        elif record is None:
+            # A copy of the Secret (the same record) may keep the key working.
+            gone = self._store.lookup(before.hash) is None
+            said = "key revoked" if gone else "key Secret deleted; a copy holds it"
+            log.info(said, extra={"key": before.name, "secret": secret})
+        else:
             # Edited into something unreadable: the key stops working, as it
             # would in a gateway started now (`_sync` skips it), rather than
             # keep the record the edit meant to change (perhaps to narrow it)
             # on the gateways that saw it before.
-            self._store.remove(before)
-            log.error("key disabled until its Secret is mended", extra={"key": before})
-        else:
-            self._store.remove(before)  # its record now names another key
+            log.error(
+                "key disabled until its Secret is mended",
+                extra={"key": before.name, "secret": secret},
+            )

@@ -82,11 +82,41 @@ def test_admins_may_use_every_model() -> None:
     who.check(ROUTE, "llama")
 
 
-def test_store_put_replaces_by_name() -> None:
-    store = InMemoryKeyStore([KeyRecord(name="a", hash=hash_key("old"))])
-    store.put(KeyRecord(name="a", hash=hash_key("new")))
-    assert store.lookup(hash_key("old")) is None
-    assert store.lookup(hash_key("new")) is not None and len(store) == 1
+def test_the_store_is_keyed_by_holder_not_by_name() -> None:
+    """Two holders of one key name are two keys: each goes with its holder."""
+    old = KeyRecord(name="a", hash=hash_key("old"))
+    new = KeyRecord(name="a", hash=hash_key("new"))
+    store = InMemoryKeyStore()
+    store.hold_all({"A": old})
+    assert store.hold("B", new) is None
+    assert store.lookup(old.hash) == old and store.lookup(new.hash) == new
+    assert store.hold("B", None) == new
+    assert store.lookup(old.hash) == old and store.lookup(new.hash) is None
+    assert store.hold("A", new) == old  # a holder edited to hold another key
+    assert store.lookup(old.hash) is None and store.lookup(new.hash) == new
+    store.hold("B", old)
+    store.remove("a")  # every key of the name
+    assert len(store) == 0
+
+
+def test_a_key_whose_holders_disagree_is_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Neither record is the one meant, whatever order they came in; the same
+    record held twice is in force while either holds it."""
+    wide = KeyRecord(name="a", hash=hash_key("k"))
+    narrow = wide.model_copy(update={"models": ("small",)})
+    store = InMemoryKeyStore()
+    store.hold("A", wide)
+    store.hold("copy", wide)
+    store.hold("A", None)
+    assert store.lookup(wide.hash) == wide
+    store.hold("A", narrow)
+    assert store.lookup(wide.hash) is None
+    assert "key refused: the records holding it differ" in caplog.text
+    assert len(InMemoryKeyStore([narrow, wide])) == 0  # as a key file, too
+    store.hold("copy", None)
+    assert store.lookup(wide.hash) == narrow
 
 
 def test_record_reads_camel_case_quota_fields() -> None:

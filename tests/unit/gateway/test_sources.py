@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -352,6 +353,71 @@ def test_a_broken_key_secret_takes_away_only_the_key_it_held() -> None:
     source._event("MODIFIED", {**secret, "data": key_secret(carol, "x")["data"]})
     assert store.lookup(alice.hash) is None
     assert store.lookup(carol.hash) == carol
+
+
+def _accepted(store: InMemoryKeyStore, keys: list[str]) -> set[str]:
+    return {key for key in keys if store.lookup(hash_key(key)) is not None}
+
+
+def test_each_key_secret_is_a_key_of_its_own() -> None:
+    """Secret B holds alice's name with a new key (a rotation made by hand):
+    each key works exactly while its own Secret exists, in a gateway that saw
+    every event and in one started (`_sync`) at any step and then fed the
+    events after it, so replicas agree."""
+    keys = ["ctd-old", "ctd-new"]
+    a = key_secret(KeyRecord(name="alice", hash=hash_key("ctd-old")), "ns")
+    b = key_secret(KeyRecord(name="alice", hash=hash_key("ctd-new")), "ns")
+    b["metadata"]["name"] = "citadel-key-alice-rotated"
+    copy = {**a, "metadata": {**a["metadata"], "name": "citadel-key-alice-copy"}}
+    steps: list[tuple[str, dict[str, Any], set[str]]] = [
+        ("ADDED", a, {"ctd-old"}),
+        ("ADDED", b, {"ctd-old", "ctd-new"}),
+        ("ADDED", copy, {"ctd-old", "ctd-new"}),
+        ("DELETED", b, {"ctd-old"}),
+        ("DELETED", a, {"ctd-old"}),  # its copy holds the same record still
+        ("DELETED", copy, set()),
+    ]
+    present: dict[str, dict[str, Any]] = {}
+    gateways: list[tuple[int, KeySecretsSource, InMemoryKeyStore]] = []
+    for step, (kind, secret, expected) in enumerate(steps):
+        for _, source, _ in gateways:
+            source._event(kind, secret)
+        if kind == "DELETED":
+            del present[secret["metadata"]["name"]]
+        else:
+            present[secret["metadata"]["name"]] = secret
+        store = InMemoryKeyStore()
+        started = KeySecretsSource(None, "ns", store)  # type: ignore[arg-type]
+        started._sync(list(present.values()))
+        gateways.append((step, started, store))
+        for started_at, _, store in gateways:
+            assert _accepted(store, keys) == expected, (started_at, step)
+
+
+def test_a_key_file_holds_keys_as_key_secrets_do(tmp_path: Path) -> None:
+    """Two entries of one name are two keys; a key given two different records
+    is refused, as two Secrets giving it them would be."""
+    one = KeyRecord(name="a", hash=hash_key("one"))
+    two = KeyRecord(name="a", hash=hash_key("two"), rpm=5)
+    clash = one.model_copy(update={"models": ("small",)})
+    path = tmp_path / "keys.json"
+    store = InMemoryKeyStore()
+    watcher = keys_file_source(path, store, 0.0)
+    for records, expected in (
+        ([one, two], {"one", "two"}),
+        ([two, one, clash], {"two"}),
+    ):
+        content = [r.model_dump(mode="json") for r in records]
+        path.write_bytes(orjson.dumps({"keys": content}))
+        os.utime(path, ns=(0, len(records)))  # seen as changed
+        watcher.check()
+        assert _accepted(store, ["one", "two"]) == expected
+        secrets = [key_secret(r, "ns") for r in records]
+        for i, secret in enumerate(secrets):
+            secret["metadata"]["name"] = f"key-{i}"
+        from_secrets = InMemoryKeyStore()
+        KeySecretsSource(None, "ns", from_secrets)._sync(secrets)  # type: ignore[arg-type]
+        assert _accepted(from_secrets, ["one", "two"]) == expected
 
 
 def test_vllm_metrics_parsing() -> None:
