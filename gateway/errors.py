@@ -131,6 +131,15 @@ class BodyTooLarge(GatewayError):
     code = "request_too_large"
 
 
+class HeadersTooLarge(GatewayError):
+    """431: the request line and headers are over the gateway's bound; answered
+    before the app sees the request, and the connection closed."""
+
+    status = 431
+    type = "invalid_request_error"
+    code = "headers_too_large"
+
+
 class RateLimited(_RetryLater):
     """429: a requests or tokens per minute limit."""
 

@@ -89,6 +89,12 @@ class GatewayMetrics:
             buckets=TTFT_BUCKETS,
             registry=r,
         )
+        self.headers_too_large = Counter(
+            PREFIX + "headers_too_large",
+            "Requests refused (431, connection closed) before the app saw them: "
+            "request line and headers over the bound, or never ending past it.",
+            registry=r,
+        )
         self.tokens = Counter(
             PREFIX + "tokens",
             "Tokens used, by model, key name and kind (prompt or completion).",

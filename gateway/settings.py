@@ -91,6 +91,10 @@ class GatewaySettings(BaseSettings):
     which must carry a valid key; then it is closed (code 4408)."""
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     """Largest request body accepted; larger ones get 413."""
+    max_header_bytes: int = Field(64 * 1024, ge=8 * 1024, le=1024 * 1024)
+    """Largest request line and headers accepted, in all; past it the request gets
+    431 and its connection is closed. httptools has no bound of its own, and its
+    cost grows with the square of a header's size: 1 MiB at most (Go's default)."""
     connect_timeout_s: float = Field(2.0, gt=0)
     """Time to open a connection to a replica before trying another."""
     read_timeout_s: float = Field(600.0, gt=0)

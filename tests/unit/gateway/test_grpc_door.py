@@ -63,6 +63,20 @@ async def test_a_message_over_the_body_limit_is_refused_as_on_rest(
     assert harness.upstream.calls == []
 
 
+async def test_metadata_past_grpcs_own_bound_is_refused_before_the_service(
+    door: tuple[Any, pb_grpc.InferenceStub], kit: Any
+) -> None:
+    # The REST door bounds its headers itself (citadel.gateway.protocol);
+    # grpc-core bounds metadata by default (8 KiB soft, 16 KiB hard). This pins
+    # that default: an option raising it would bring back the unbounded case.
+    harness, stub = door
+    metadata = (("authorization", f"Bearer {kit.key}"), ("x-pad", "a" * 17_000))
+    error = await _refused(stub.ChatCompletion(_chat(), metadata=metadata))
+    assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "metadata" in (error.details() or "")
+    assert harness.upstream.calls == []
+
+
 async def test_a_request_that_cannot_become_json_is_invalid(
     door: tuple[Any, pb_grpc.InferenceStub], kit: Any
 ) -> None:

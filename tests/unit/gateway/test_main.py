@@ -126,3 +126,55 @@ def test_the_metrics_port_must_be_a_port_of_its_own() -> None:
         with pytest.raises(ValidationError, match="metrics_port 9000"):
             GatewaySettings(metrics_port=9000, **clash)  # type: ignore[arg-type]
     assert GatewaySettings(metrics_port=9090).metrics_port == 9090
+
+
+def test_request_heads_past_the_setting_are_refused_and_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    routes = tmp_path / "routes.json"
+    routes.write_text(json.dumps({"schemaVersion": 1, "models": []}))
+    metrics_port = _free_port()
+    monkeypatch.setenv("CITADEL_GATEWAY_ROUTES_SOURCE", "file")
+    monkeypatch.setenv("CITADEL_GATEWAY_ROUTES_FILE", str(routes))
+    monkeypatch.setenv("CITADEL_GATEWAY_AUTH", "disabled")
+    monkeypatch.setenv("CITADEL_GATEWAY_HOST", "127.0.0.1")
+    monkeypatch.setenv("CITADEL_GATEWAY_PORT", str(_free_port()))
+    monkeypatch.setenv("CITADEL_GATEWAY_METRICS_PORT", str(metrics_port))
+    monkeypatch.setenv("CITADEL_GATEWAY_MAX_HEADER_BYTES", "8192")
+    seen: dict[str, bytes] = {}
+
+    async def ask(port: int, pad: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"GET /healthz HTTP/1.1\r\nhost: gw\r\nx-pad: %s\r\n" % (b"a" * pad)
+        )
+        writer.write(b"connection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        return answer
+
+    async def serve(server: Any) -> None:
+        task = asyncio.create_task(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.01)
+        seen["small"] = await ask(server.config.port, 4000)
+        seen["large"] = await ask(server.config.port, 9000)
+        server.should_exit = True
+        await task
+
+    def run(server: Any) -> None:
+        asyncio.run(serve(server))
+        seen["metrics"] = _get(f"http://127.0.0.1:{metrics_port}/metrics")[1].encode()
+
+    monkeypatch.setattr(entry._Server, "run", run)
+    assert entry.main([]) == 0
+    assert seen["small"].startswith(b"HTTP/1.1 200 ")
+    assert seen["large"].startswith(b"HTTP/1.1 431 ")
+    assert b"citadel_gateway_headers_too_large_total 1.0" in seen["metrics"]
+
+
+def test_the_header_bound_stays_within_what_httptools_bears() -> None:
+    assert GatewaySettings().max_header_bytes == 64 * 1024
+    for wrong in (1024, 2 * 1024 * 1024):
+        with pytest.raises(ValidationError, match="max_header_bytes"):
+            GatewaySettings(max_header_bytes=wrong)

@@ -1,0 +1,222 @@
+"""The HTTP protocol's bound on request heads, served by a real uvicorn on
+loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from citadel.gateway.protocol import HeadBoundedProtocol, head_bounded
+
+pytestmark = pytest.mark.unit
+
+BOUND = 16 * 1024
+CHUNK = 4 * 1024
+
+
+@dataclass
+class Served:
+    """A server on loopback and what happened to it."""
+
+    port: int
+    refused: list[None] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+
+
+@asynccontextmanager
+async def serving(bound: int = BOUND) -> AsyncIterator[Served]:
+    """uvicorn with the bounded protocol on a free port, answering 200 `ok`
+    (accepting WebSockets) and noting each request the app saw."""
+    served = Served(port=0)
+
+    async def app(
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    ) -> None:
+        served.paths.append(scope["path"])
+        if scope["type"] == "websocket":
+            await receive()
+            await send({"type": "websocket.accept"})
+            return
+        while (await receive()).get("more_body"):
+            pass
+        start = {"status": 200, "headers": [(b"content-length", b"2")]}
+        await send({"type": "http.response.start", **start})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=0,
+        http=head_bounded(bound, lambda: served.refused.append(None)),
+        lifespan="off",
+        log_config=None,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    served.port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield served
+    finally:
+        server.should_exit = True
+        await task
+
+
+def head(target: str = "/", size: int = 0, **headers: str) -> bytes:
+    """A GET's head whose target and fields (each counted with 4 bytes for `: `
+    and CRLF) come to `size` bytes, with `x-pad-*` fields to make it so (of
+    under 4 KiB each: the `websockets` library refuses lines over 8 KiB)."""
+    fields = {"host": "gw", **headers}
+    used = len(target) + sum(len(k) + len(v) + 4 for k, v in fields.items())
+    for i in range(size):
+        name = f"x-pad-{i}"
+        pad = min(size - used - len(name) - 4, 4000)
+        assert pad >= 0
+        fields[name] = "a" * pad
+        used += len(name) + pad + 4
+        if used == size:
+            break
+    lines = [f"GET {target} HTTP/1.1"] + [f"{k}: {v}" for k, v in fields.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def exchange(port: int, *writes: bytes) -> bytes:
+    """Sends each write (letting the server read it alone), then reads what
+    comes back until the server closes or stays silent for a second."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for data in writes:
+            writer.write(data)
+            await writer.drain()
+            await asyncio.sleep(0.02)
+        answer = b""
+        while True:
+            try:
+                chunk = await asyncio.wait_for(reader.read(65536), 1.0)
+            except TimeoutError:
+                return answer
+            if not chunk:
+                return answer
+            answer += chunk
+    finally:
+        writer.close()
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+async def test_a_head_at_the_bound_is_served() -> None:
+    async with serving() as served:
+        answer = await exchange(served.port, head(size=BOUND))
+    assert status_of(answer) == 200 and answer.endswith(b"ok")
+    assert served.paths == ["/"] and not served.refused
+
+
+async def test_a_head_past_the_bound_gets_431_and_a_closed_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="citadel.gateway.protocol")
+    async with serving() as served:
+        # Whole, in one read, and in reads of a few KiB.
+        whole = head(size=BOUND + 1)
+        pieces = [whole[i : i + CHUNK] for i in range(0, len(whole), CHUNK)]
+        answers = [
+            await exchange(served.port, whole),
+            await exchange(served.port, *pieces),
+        ]
+    for answer in answers:
+        status, _, rest = answer.partition(b"\r\n")
+        assert status == b"HTTP/1.1 431 Request Header Fields Too Large"
+        headers, _, body = rest.partition(b"\r\n\r\n")
+        assert b"connection: close" in headers
+        error = json.loads(body)["error"]
+        assert error["code"] == "headers_too_large"
+        assert str(BOUND) in error["message"]
+    # The app never saw them; each counted and logged once, without its headers.
+    assert served.paths == [] and len(served.refused) == 2
+    records = [r for r in caplog.records if r.name == "citadel.gateway.protocol"]
+    assert len(records) == 2
+    assert all("aaaa" not in str(vars(r)) for r in records)
+
+
+async def test_a_head_that_never_ends_is_refused_once_past_the_bound() -> None:
+    async with serving() as served:
+        reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+        writer.write(b"GET / HTTP/1.1\r\nhost: gw\r\nx-pad: ")
+        sent = 0
+        answer = b""
+        while sent < 64 * BOUND and not answer:
+            writer.write(b"a" * CHUNK)
+            await writer.drain()
+            sent += CHUNK
+            with suppress(TimeoutError):
+                answer = await asyncio.wait_for(reader.read(65536), 0.02)
+        writer.close()
+    assert status_of(answer) == 431
+    # Refused within a read or two past the bound.
+    assert sent <= BOUND + 3 * CHUNK
+    assert served.paths == [] and len(served.refused) == 1
+
+
+async def test_the_bound_is_per_request_on_a_kept_alive_connection() -> None:
+    async with serving() as served:
+        # A body larger than the bound, in the same reads as the next request's
+        # head, is not counted as part of that head.
+        body = b"b" * (3 * BOUND)
+        post = b"POST /a HTTP/1.1\r\nhost: gw\r\ncontent-length: %d\r\n\r\n" % len(body)
+        second = head("/b", size=BOUND)
+        answer = await exchange(
+            served.port, post + body + second[:100], second[100:], head("/c", BOUND + 1)
+        )
+    assert answer.count(b"HTTP/1.1 200 OK") == 2
+    assert answer.count(b"HTTP/1.1 431 ") == 1
+    assert served.paths == ["/a", "/b"] and len(served.refused) == 1
+
+
+async def test_a_websocket_with_too_large_headers_is_not_opened() -> None:
+    upgrade = {
+        "upgrade": "websocket",
+        "connection": "Upgrade",
+        "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "sec-websocket-version": "13",
+    }
+    async with serving() as served:
+        opened = await exchange(served.port, head("/ws", size=BOUND, **upgrade))
+        refused = await exchange(served.port, head("/ws", size=BOUND + 1, **upgrade))
+    assert status_of(opened) == 101
+    assert status_of(refused) == 431
+    assert served.paths == ["/ws"] and len(served.refused) == 1
+
+
+def test_uvicorn_still_has_what_the_bound_overrides() -> None:
+    # The bound rides on uvicorn's internals: if a release renames or drops one
+    # of these, an override would silently stop being called.
+    overridden = {
+        name
+        for name, value in vars(HeadBoundedProtocol).items()
+        if callable(value) and not name.startswith("_")
+    }
+    assert overridden == {
+        "data_received",
+        "on_message_begin",
+        "on_headers_complete",
+        "on_body",
+        "on_message_complete",
+        "handle_websocket_upgrade",
+    }
+    assert overridden <= set(vars(HttpToolsProtocol))
+    # A whole head is measured by what uvicorn's on_url and on_header keep
+    # (`url`, `headers`): the tests at and past the bound pin that.
