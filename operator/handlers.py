@@ -6,7 +6,6 @@ closing over the Reconciler that `main` built.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
@@ -15,6 +14,7 @@ from typing import Any
 import kopf
 
 from citadel.operator import names
+from citadel.operator.background import Background
 from citadel.operator.kopfstate import MemoryState
 from citadel.operator.kube.client import ApiError
 from citadel.operator.reconcile import ReconcileError, Reconciler
@@ -89,7 +89,7 @@ def build_registry(
         state: Kopf's handling state, forgotten when a model is deleted.
     """
     registry = kopf.OperatorRegistry()
-    background: list[asyncio.Task[None]] = []
+    background = Background()
 
     @kopf.on.login(registry=registry)
     def operator_login(**_: Any) -> kopf.ConnectionInfo:
@@ -133,17 +133,18 @@ def build_registry(
         reconciler.routes.hold()
         view = IndexedView(kwargs)
         reconciler.use(view)
+        # Each task starts once: Kopf runs this handler again if it failed.
         if settings.resync_seconds > 0:
             # Not a Kopf timer: it only reads and hides index entries, which is
             # as right for a replica paused for a peer (its indexes stand still
             # until it resumes and lists again) as for an active one.
             sweep = IndexSweep(reconciler.kube, view, settings.list_scopes())
-            background.append(asyncio.create_task(sweep.run(settings.resync_seconds)))
+            background.start("index-sweep", lambda: sweep.run(settings.resync_seconds))
 
         def count(ok: bool) -> None:
             reconciler.metrics.publishes.labels(result="ok" if ok else "error").inc()
 
-        background.append(asyncio.create_task(reconciler.routes.run(count)))
+        background.start("route-publisher", lambda: reconciler.routes.run(count))
         try:
             await reconciler.routes.ensure()
         except ApiError as err:  # the first kick will write it
@@ -154,11 +155,21 @@ def build_registry(
 
     @kopf.on.cleanup(registry=registry)
     async def operator_cleanup(**_: Any) -> None:
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        await background.stop()
         await reconciler.stop()
         await on_cleanup()
+
+    # Kopf's liveness endpoint (/healthz) fails while a probe raises: a task the
+    # operator relies on that ended gets the pod restarted. A replica standing
+    # by for a peer runs both tasks (the publisher waits), so it stays healthy.
+    @kopf.on.probe(id="background-tasks", registry=registry)
+    async def background_tasks(**_: Any) -> list[str]:
+        dead = background.dead()
+        if dead:
+            # Permanent: a temporary error would make Kopf retry the probe
+            # within the request, which would hang until the probe times out.
+            raise kopf.PermanentError(f"background tasks ended: {', '.join(dead)}")
+        return background.running()
 
     @kopf.on.resume(*LLMMODEL, id="reconcile-resume", registry=registry)
     @kopf.on.create(*LLMMODEL, id="reconcile-create", registry=registry)

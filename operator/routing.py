@@ -31,6 +31,9 @@ from citadel.operator.status import RECONCILE_FAILED, ConditionType, name_taken
 from citadel.operator.view import ApiView
 
 log = logging.getLogger(__name__)
+PUBLISH_BACKOFF_MAX_S = 30.0
+"""The longest pause between two tries of a failing write (the alert
+CitadelOperatorRoutesNotPublished expects one at least every 30 s)."""
 Conflicts = dict[str, str]
 """`namespace/name` -> why the model is left out of the document."""
 
@@ -151,6 +154,15 @@ def routable(bodies: Iterable[Manifest], settings: OperatorSettings) -> list[Man
         if settings.watches(meta.get("namespace", "")):
             found.append(body)
     return found
+
+
+def backoff(delay: float, err: Exception) -> float:
+    """How long the publisher waits after a failed write: `delay`, or the wait
+    a throttling API server asked for (Retry-After) if longer, up to
+    PUBLISH_BACKOFF_MAX_S either way, so that a write that keeps failing is
+    tried, and counted, at least that often."""
+    asked = err.retry_after_s if isinstance(err, ApiError) else None
+    return min(max(delay, asked or 0.0), PUBLISH_BACKOFF_MAX_S)
 
 
 ConflictsChanged = Callable[[set[str]], Awaitable[None]]
@@ -292,7 +304,8 @@ class RoutePublisher:
         return doc
 
     async def run(self, on_result: Callable[[bool], None] | None = None) -> None:
-        """Publishes after every kick until cancelled; failures retry with backoff.
+        """Publishes after every kick until cancelled; failures, whatever they
+        are, are logged, counted and retried with backoff.
 
         Nothing is written without a kick: a replica paused for a peer, whose
         indexes no longer change, must not write its old document over the
@@ -315,14 +328,20 @@ class RoutePublisher:
                 await self.publish(force=force)
                 if force:
                     last_forced = last
-            except ApiError as err:
-                log.warning("could not write the routing ConfigMap: %s", err)
+            except Exception as err:
+                if isinstance(err, ApiError):
+                    log.warning("could not write the routing ConfigMap: %s", err)
+                else:
+                    # A bug, or an answer of a shape not foreseen: the task
+                    # ending here would never write the document again, and
+                    # nothing would say so (no error counted, liveness fine).
+                    log.exception("publishing the routes failed")
                 self._forced |= force  # the retry still owes the forced write
                 if on_result:
                     on_result(False)
                 self._wanted.set()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                await asyncio.sleep(backoff(delay, err))
+                delay = min(delay * 2, PUBLISH_BACKOFF_MAX_S)
             else:
                 if on_result:
                     on_result(True)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -49,16 +50,29 @@ class ApiError(Exception):
     """An API request failed.
 
     Attributes:
-        status: the HTTP status, 0 when the server could not be reached.
-        reason: the Status object's reason, such as `NotFound` or `Invalid`.
-        message: the Status object's message.
+        status: the HTTP status; 0 when no answer came (the server could not be
+            reached), or one that is not JSON although it says it succeeded.
+        reason: the Status object's reason, such as `NotFound` or `Invalid`
+            (the HTTP reason phrase when the answer is not a Status).
+        message: the Status object's message (else the start of the answer).
+        retry_after_s: how long the server asked the client to wait before
+            trying again (its Retry-After header, else the Status's
+            retryAfterSeconds), if it said.
     """
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        message: str,
+        *,
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(f"{status} {reason}: {message}")
         self.status = status
         self.reason = reason
         self.message = message
+        self.retry_after_s = retry_after_s
 
     @property
     def retryable(self) -> bool:
@@ -211,14 +225,12 @@ class AioKube:
                         continue  # a rotated token: log in again once
                     if response.status == 404 and method in ("GET", "DELETE"):
                         return None
-                    payload = await response.json(content_type=None)
+                    raw = await response.read()
                     if response.status >= 400:
-                        raise ApiError(
-                            response.status,
-                            str((payload or {}).get("reason", "Error")),
-                            str((payload or {}).get("message", payload)),
+                        raise _refusal(
+                            response.status, response.reason, raw, response.headers
                         )
-                    return dict(payload or {})
+                    return _answer(response.status, raw, response.content_type)
             except (aiohttp.ClientError, TimeoutError) as err:
                 raise ApiError(0, type(err).__name__, str(err)) from err
         raise ApiError(401, "Unauthorized", "the credentials were refused twice")
@@ -327,3 +339,79 @@ class AioKube:
         return any(
             r.get("name") == resource.plural for r in (found or {}).get("resources", [])
         )
+
+
+# How much of an answer that is not a Status goes into an ApiError's message.
+EXCERPT_CHARS = 200
+
+
+def _refusal(
+    status: int, phrase: str | None, raw: bytes, headers: Mapping[str, str]
+) -> ApiError:
+    """The ApiError for an answer of status 400 or more, whatever its body.
+
+    The API server answers with a Status object, except where it cannot: its
+    overload filter answers 429 in plain text, and proxies before it answer 502
+    or 503 with HTML. Those fail as their status says (429 and 5xx retryable),
+    not as a JSON decoding error that no caller expects: one ended the route
+    publisher for good.
+    """
+    try:
+        payload = json.loads(raw) if raw.strip() else None
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict):
+        excerpt = raw.decode("utf-8", "replace").strip()[:EXCERPT_CHARS]
+        return ApiError(
+            status,
+            phrase or "Error",
+            excerpt or "(no body)",
+            retry_after_s=_retry_after_s({}, headers),
+        )
+    return ApiError(
+        status,
+        str(payload.get("reason", phrase or "Error")),
+        str(payload.get("message", payload)),
+        retry_after_s=_retry_after_s(payload, headers),
+    )
+
+
+def _answer(status: int, raw: bytes, content_type: str) -> Manifest:
+    """The object a successful answer holds (empty for an empty body).
+
+    Raises:
+        ApiError: the body is not a JSON object (status 0, retryable): a
+            proxy's page, or an answer cut short. Its length and type alone
+            are told, since it may be part of an object such as a Secret.
+    """
+    if not raw.strip():
+        return {}
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict):
+        raise ApiError(
+            0,
+            "InvalidResponse",
+            f"a {status} answer that is not a JSON object "
+            f"({len(raw)} bytes of {content_type or 'no content type'})",
+        )
+    return payload
+
+
+def _retry_after_s(status: Manifest, headers: Mapping[str, str]) -> float | None:
+    """The wait a refusal asks for: the Retry-After header (delta-seconds; the
+    API server never sends a date), else a Status's retryAfterSeconds."""
+    details = status.get("details")
+    for value in (
+        headers.get("Retry-After"),
+        details.get("retryAfterSeconds") if isinstance(details, dict) else None,
+    ):
+        try:
+            seconds = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            continue
+        if seconds >= 0 and math.isfinite(seconds):
+            return seconds
+    return None

@@ -9,10 +9,34 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from citadel.operator.kube.client import METADATA_ONLY, AioKube, Listing
+from citadel.operator.kube.client import METADATA_ONLY, AioKube, ApiError, Listing
 from citadel.operator.kube.resources import NODES, PODS
 
 pytestmark = pytest.mark.unit
+
+CONFIGMAP = {
+    "apiVersion": "v1",
+    "kind": "ConfigMap",
+    "metadata": {"name": "x", "namespace": "ns"},
+    "data": {},
+}
+
+
+async def _apply_against(answer: web.Response) -> dict[str, Any]:
+    """What `apply` returns from a server that always answers `answer`."""
+
+    async def respond(request: web.Request) -> web.Response:
+        return answer
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", respond)
+    async with TestServer(app) as server:
+        url = str(server.make_url("/"))
+        kube = AioKube(lambda: kopf.ConnectionInfo(server=url))
+        try:
+            return await kube.apply(CONFIGMAP)
+        finally:
+            await kube.close()
 
 
 async def test_list_uids_asks_the_cache_for_metadata_alone() -> None:
@@ -49,3 +73,99 @@ async def test_list_uids_asks_the_cache_for_metadata_alone() -> None:
         ),
         ("/api/v1/nodes", {"resourceVersion": "0"}, METADATA_ONLY),
     ]
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "reason", "message", "retry_after_s"),
+    [
+        # kube-apiserver's max-in-flight filter: plain text, and a Retry-After.
+        (
+            web.Response(
+                status=429,
+                text="Too many requests, please try again later.\n",
+                headers={"Retry-After": "1"},
+            ),
+            429,
+            "Too Many Requests",
+            "Too many requests, please try again later.",
+            1.0,
+        ),
+        # A proxy before it: an HTML page.
+        (
+            web.Response(
+                status=502,
+                text="<html><body>502 Bad Gateway</body></html>",
+                content_type="text/html",
+            ),
+            502,
+            "Bad Gateway",
+            "<html><body>502 Bad Gateway</body></html>",
+            None,
+        ),
+        (web.Response(status=503), 503, "Service Unavailable", "(no body)", None),
+        # A Status object says it itself; APF says how long in its details.
+        (
+            web.json_response(
+                {
+                    "kind": "Status",
+                    "reason": "TooManyRequests",
+                    "message": "the server has received too many requests",
+                    "details": {"retryAfterSeconds": 2},
+                },
+                status=429,
+            ),
+            429,
+            "TooManyRequests",
+            "the server has received too many requests",
+            2.0,
+        ),
+        (
+            web.json_response(
+                {"kind": "Status", "reason": "Invalid", "message": "bad"}, status=422
+            ),
+            422,
+            "Invalid",
+            "bad",
+            None,
+        ),
+    ],
+)
+async def test_every_refusal_is_an_api_error(
+    answer: web.Response,
+    status: int,
+    reason: str,
+    message: str,
+    retry_after_s: float | None,
+) -> None:
+    """The API server answers with a Status object, except where it cannot;
+    an answer that is not one failed as a JSON decoding error, which nothing
+    expects (it ended the route publisher for good)."""
+    with pytest.raises(ApiError) as err:
+        await _apply_against(answer)
+    assert (err.value.status, err.value.reason) == (status, reason)
+    assert err.value.message == message
+    assert err.value.retry_after_s == retry_after_s
+    assert err.value.retryable == (status != 422)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        web.Response(text="<html>sign in</html>", content_type="text/html"),
+        web.Response(text='{"kind": "ConfigMap", "data": {"key": "se'),  # cut short
+        web.json_response(["not", "an", "object"]),
+    ],
+)
+async def test_a_success_that_is_not_a_json_object_is_an_api_error(
+    answer: web.Response,
+) -> None:
+    with pytest.raises(ApiError) as err:
+        await _apply_against(answer)
+    assert err.value.status == 0 and err.value.retryable
+    assert err.value.reason == "InvalidResponse"
+    # Its length and type only: it may be part of a Secret.
+    assert "sign in" not in str(err.value) and '"se' not in str(err.value)
+
+
+async def test_an_empty_success_is_an_empty_object() -> None:
+    assert await _apply_against(web.Response(status=200)) == {}

@@ -12,11 +12,13 @@ import pytest
 from citadel.operator import __version__, names, view
 from citadel.operator.handlers import _translated, build_registry
 from citadel.operator.kopfstate import MemoryState
+from citadel.operator.kube.client import Manifest
 from citadel.operator.kube.fake import FakeKube
 from citadel.operator.main import kopf_settings, main
 from citadel.operator.metrics import Metrics
 from citadel.operator.reconcile import ReconcileError, Reconciler
 from citadel.operator.settings import OperatorSettings, PeeringMode
+from citadel.operator.sweep import IndexSweep
 
 from .samples import model_body
 
@@ -229,3 +231,93 @@ async def test_routes_wait_for_the_first_resource_handler(
     finally:
         stop: Any = cleanup
         await stop()
+
+
+def _activity(registry: kopf.OperatorRegistry, kind: str) -> Any:
+    [fn] = [h.fn for h in registry._activities.get_all_handlers() if kind in h.id]
+    return fn
+
+
+def _empty_indexes() -> dict[str, dict[object, list[dict[str, Any]]]]:
+    return {
+        name: {}
+        for name in (
+            view.MODELS_INDEX,
+            view.DEPLOYMENTS_INDEX,
+            view.PODS_INDEX,
+            view.NODES_INDEX,
+        )
+    }
+
+
+async def test_startup_run_again_starts_each_task_once(
+    settings: OperatorSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kopf runs a start-up handler that failed again: a second publisher and
+    a second sweep were started beside the first."""
+    settings = settings.model_copy(update={"resync_seconds": 60.0})
+    started: list[str] = []
+
+    async def sweeping(self: IndexSweep, interval: float) -> None:
+        started.append("sweep")
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(IndexSweep, "run", sweeping)
+
+    class Failing(FakeKube):
+        failures = 1
+
+        async def create(self, obj: Manifest) -> Manifest:
+            if self.failures:
+                self.failures -= 1
+                raise RuntimeError("an answer of a shape not foreseen")
+            return await super().create(obj)
+
+    reconciler = Reconciler(Failing(), settings, Metrics())
+
+    async def publishing(on_result: Any = None) -> None:
+        started.append("publisher")
+        await asyncio.Event().wait()
+
+    reconciler.routes.run = publishing  # type: ignore[method-assign]
+    registry = build_registry(reconciler, settings, _login, _noop, MemoryState())
+    startup = _activity(registry, "startup")
+    try:
+        with pytest.raises(RuntimeError):
+            await startup(**_empty_indexes())
+        await startup(**_empty_indexes())  # as Kopf retries it
+        await asyncio.sleep(0)
+        assert sorted(started) == ["publisher", "sweep"]
+    finally:
+        await _activity(registry, "cleanup")()
+
+
+async def test_liveness_fails_once_a_background_task_ends(
+    settings: OperatorSettings,
+) -> None:
+    """Nothing awaited the publisher's task: once it ended, the routing
+    ConfigMap was never written again and /healthz still answered 200."""
+    settings = settings.model_copy(update={"resync_seconds": 60.0})
+    reconciler = Reconciler(FakeKube(), settings, Metrics())
+    crash = asyncio.Event()
+
+    async def publishing(on_result: Any = None) -> None:
+        await crash.wait()
+        raise RuntimeError("a bug")
+
+    reconciler.routes.run = publishing  # type: ignore[method-assign]
+    registry = build_registry(reconciler, settings, _login, _noop, MemoryState())
+    probe = _activity(registry, "background-tasks")
+    await _activity(registry, "startup")(**_empty_indexes())
+    try:
+        # Started, and held as a replica standing by for a peer is: alive.
+        assert await probe() == ["index-sweep", "route-publisher"]
+        crash.set()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        # Permanent, so that Kopf answers the probe at once instead of trying
+        # the handler again within the request.
+        with pytest.raises(kopf.PermanentError, match="route-publisher"):
+            await probe()
+    finally:
+        await _activity(registry, "cleanup")()

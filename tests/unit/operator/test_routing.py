@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from typing import Any
 
 import pytest
 
 from citadel.gateway.routes import RoutingDocument, RoutingStrategy, parse_document
+from citadel.operator.kube.client import ApiError, Manifest
 from citadel.operator.kube.fake import FakeKube
 from citadel.operator.kube.resources import CONFIGMAPS, LLMMODELS
 from citadel.operator.model import LLMModel
-from citadel.operator.routing import RoutePublisher, build_document, route_for
+from citadel.operator.routing import (
+    PUBLISH_BACKOFF_MAX_S,
+    RoutePublisher,
+    backoff,
+    build_document,
+    route_for,
+)
 from citadel.operator.settings import OperatorSettings
 from citadel.operator.status import name_taken
 
@@ -315,3 +323,56 @@ async def test_models_are_parsed_again_only_when_they_change(
     doc = await publisher.publish()
     assert sorted(parsed) == ["a", "a", "b"]
     assert {r.served_name for r in doc.models} >= {"z"}
+
+
+async def test_a_publisher_outlives_a_failure_of_any_kind(
+    settings: OperatorSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An error that is not an ApiError (a JSON decoding error from an answer
+    that was not JSON was one) ended the publisher's task: the ConfigMap was
+    never written again and no error was counted. It is logged, counted and
+    retried like any failed write."""
+
+    class Failing(FakeKube):
+        failures = 1
+
+        async def apply(
+            self, obj: Manifest, *, subresource: str = "", dry_run: bool = False
+        ) -> Manifest:
+            if self.failures:
+                self.failures -= 1
+                raise json.JSONDecodeError("Expecting value", "Too many requests", 0)
+            return await super().apply(obj, subresource=subresource, dry_run=dry_run)
+
+    kube = Failing([model_body("a")])
+    publisher = RoutePublisher(kube, settings)
+    results: list[bool] = []
+    task = asyncio.create_task(publisher.run(results.append))
+    try:
+        publisher.kick()
+        for _ in range(300):  # the retry waits 1 s
+            if len(results) == 2 or task.done():
+                break
+            await asyncio.sleep(0.01)
+        assert not task.done()
+        assert results == [False, True]
+        [logged] = [r for r in caplog.records if r.name == "citadel.operator.routing"]
+        assert logged.message == "publishing the routes failed"
+        assert logged.exc_info is not None  # with its traceback
+        assert len(kube.applied) == 1
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def test_a_failed_write_waits_as_long_as_the_api_server_asks() -> None:
+    throttled = ApiError(429, "TooManyRequests", "slow down", retry_after_s=5)
+    assert backoff(1.0, throttled) == 5
+    assert backoff(8.0, throttled) == 8  # never less than the back-off
+    # Within the bound, so that a failing write is retried (and counted) at
+    # least that often.
+    slow = ApiError(429, "TooManyRequests", "slow down", retry_after_s=3600)
+    assert backoff(1.0, slow) == PUBLISH_BACKOFF_MAX_S
+    assert backoff(2.0, ApiError(500, "InternalError", "boom")) == 2
+    assert backoff(2.0, RuntimeError("a bug")) == 2
