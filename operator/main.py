@@ -56,7 +56,9 @@ def kopf_settings(
     ks.peering.mandatory = settings.peering is PeeringMode.MANDATORY
     ks.peering.standalone = settings.peering is PeeringMode.STANDALONE
     ks.peering.clusterwide = settings.clusterwide
-    # Replicas of equal priority would both keep working (Kopf only warns).
+    ks.peering.lifetime = settings.peering_lifetime_seconds
+    # Replicas of equal priority all pause (Kopf 1.45 pauses every replica that
+    # sees a live peer of its own priority): hence a random one per start.
     ks.peering.priority = (
         settings.peering_priority
         if settings.peering_priority is not None

@@ -71,7 +71,17 @@ class OperatorSettings(BaseSettings):
     """The (Cluster)KopfPeering object the replicas share."""
     peering_priority: int | None = Field(None, ge=0)
     """This replica's peering priority (the highest works, the others wait); a
-    random one per start when absent, so two replicas never tie."""
+    random one per start when absent. Set it for one process only: Kopf pauses
+    every replica that sees a live peer of its own priority, so replicas given
+    the same one all stand by."""
+    peering_lifetime_seconds: int = Field(60, ge=15, le=600)
+    """How long a replica's announcement in the peering object holds: when the
+    active replica dies without withdrawing it (its node lost), a standby takes
+    over after this long. Kopf renews it 5 to 10 s before it runs out, whatever
+    the lifetime, and the standbys judge it by their own clocks: clocks further
+    apart than that let a standby work beside the active replica, so nodes need
+    NTP, and a longer lifetime does not help. At least 15 s, so that a renewal
+    is never due at once."""
     nodes_autoscaled: bool = False
     """Nodes join on demand (Cluster Autoscaler, Karpenter): when no node has a
     model's labels or enough GPUs yet, the model waits (Pending) for one instead

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from citadel.operator.main import main
+from citadel.operator.kopfstate import MemoryState
+from citadel.operator.main import kopf_settings, main
+from citadel.operator.settings import OperatorSettings
 
 pytestmark = pytest.mark.unit
+
+
+def test_the_peering_lifetime_reaches_kopf(settings: OperatorSettings) -> None:
+    assert kopf_settings(settings, MemoryState()).peering.lifetime == 60
+    longer = settings.model_copy(update={"peering_lifetime_seconds": 120})
+    assert kopf_settings(longer, MemoryState()).peering.lifetime == 120
 
 
 @pytest.mark.parametrize(

@@ -157,6 +157,8 @@ def test_bad_namespaces_are_refused(
         ("ROUTE_PUBLISH_DELAY", "61", "less than or equal to 60"),
         ("ROUTE_PUBLISH_INTERVAL", "inf", "finite"),
         ("ROUTE_PUBLISH_INTERVAL", "601", "less than or equal to 600"),
+        ("PEERING_LIFETIME_SECONDS", "14", "greater than or equal to 15"),
+        ("PEERING_LIFETIME_SECONDS", "601", "less than or equal to 600"),
         ("HEALTH_PORT", "8080", "METRICS_PORT and CITADEL_OPERATOR_HEALTH_PORT"),
     ],
 )
@@ -200,6 +202,7 @@ def test_explain_writes_one_line_per_problem(monkeypatch: pytest.MonkeyPatch) ->
         ("RESYNC_SECONDS", "86400", "resync_seconds", 86400.0),
         ("ROUTE_PUBLISH_DELAY", "0", "route_publish_delay", 0.0),
         ("ROUTE_PUBLISH_INTERVAL", "600", "route_publish_interval", 600.0),
+        ("PEERING_LIFETIME_SECONDS", "15", "peering_lifetime_seconds", 15),
         ("ROUTES_CONFIGMAP", "routes.v1", "routes_configmap", "routes.v1"),
         ("HEALTH_PORT", "0", "health_port", 0),
     ],
@@ -219,3 +222,9 @@ def test_both_ports_may_be_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CITADEL_OPERATOR_METRICS_PORT", "0")
     monkeypatch.setenv("CITADEL_OPERATOR_HEALTH_PORT", "0")
     assert (OperatorSettings().metrics_port, OperatorSettings().health_port) == (0, 0)
+
+
+def test_peering_lifetime_defaults_to_kopfs() -> None:
+    # A longer one would not tolerate more clock skew (Kopf renews 5 to 10 s
+    # before the end whatever the lifetime), only slow the takeover.
+    assert OperatorSettings.model_fields["peering_lifetime_seconds"].default == 60
