@@ -12,6 +12,8 @@ import random
 
 import kopf
 from prometheus_client import start_http_server
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from citadel.operator import __version__
 from citadel.operator.handlers import build_registry
@@ -20,7 +22,12 @@ from citadel.operator.kube.client import AioKube
 from citadel.operator.metrics import Metrics
 from citadel.operator.names import KOPF_PREFIX, MANAGED_SELECTOR
 from citadel.operator.reconcile import Reconciler
-from citadel.operator.settings import LogFormat, OperatorSettings, PeeringMode
+from citadel.operator.settings import (
+    LogFormat,
+    OperatorSettings,
+    PeeringMode,
+    explain,
+)
 
 
 def kopf_settings(
@@ -49,7 +56,9 @@ def kopf_settings(
     ks.peering.mandatory = settings.peering is PeeringMode.MANDATORY
     ks.peering.standalone = settings.peering is PeeringMode.STANDALONE
     ks.peering.clusterwide = settings.clusterwide
-    # Replicas of equal priority would both keep working (Kopf only warns).
+    ks.peering.lifetime = settings.peering_lifetime_seconds
+    # Replicas of equal priority all pause (Kopf 1.45 pauses every replica that
+    # sees a live peer of its own priority): hence a random one per start.
     ks.peering.priority = (
         settings.peering_priority
         if settings.peering_priority is not None
@@ -81,7 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--version", action="version", version=__version__)
     parser.parse_args(argv)
-    settings = OperatorSettings()
+    try:
+        settings = OperatorSettings()
+    except ValidationError as error:
+        parser.exit(2, f"citadel-operator: invalid settings\n{explain(error)}\n")
+    except SettingsError as error:
+        # A value that is not JSON where JSON is expected (POD_MONITOR_LABELS).
+        parser.exit(2, f"citadel-operator: invalid settings\n{error}\n")
     kopf.configure(
         verbose=settings.verbose,
         log_format=kopf.LogFormat.JSON

@@ -5,14 +5,20 @@ from __future__ import annotations
 import enum
 import fnmatch
 import re
+import warnings
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from citadel.operator import names
+from citadel.operator.spec import IMAGE_PATTERN
 
 DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.33.0"
+ENV_PREFIX = "CITADEL_OPERATOR_"
+# A resync reconciles every model: more often than this it keeps the API server
+# busy with nothing but resyncs.
+MIN_RESYNC_SECONDS = 10.0
 
 
 class LogFormat(enum.StrEnum):
@@ -39,12 +45,12 @@ class OperatorSettings(BaseSettings):
     """Settings of `citadel-operator`, from `CITADEL_OPERATOR_*` variables."""
 
     model_config = SettingsConfigDict(
-        env_prefix="CITADEL_OPERATOR_", frozen=True, use_attribute_docstrings=True
+        env_prefix=ENV_PREFIX, frozen=True, use_attribute_docstrings=True
     )
 
     watch_namespaces: Annotated[tuple[str, ...], NoDecode] = ()
-    """Namespaces to watch, comma-separated, globs allowed (`team-*`); empty
-    watches the whole cluster."""
+    """Namespaces to watch, comma-separated, globs allowed (`team-*`, `llm-?`,
+    `team-[ab]`); empty watches the whole cluster."""
     gateway_namespace: str = "citadel-system"
     """Where the routing ConfigMap is kept (the gateway's namespace)."""
     routes_configmap: str = "citadel-routes"
@@ -65,17 +71,29 @@ class OperatorSettings(BaseSettings):
     """The (Cluster)KopfPeering object the replicas share."""
     peering_priority: int | None = Field(None, ge=0)
     """This replica's peering priority (the highest works, the others wait); a
-    random one per start when absent, so two replicas never tie."""
+    random one per start when absent. Set it for one process only: Kopf pauses
+    every replica that sees a live peer of its own priority, so replicas given
+    the same one all stand by."""
+    peering_lifetime_seconds: int = Field(60, ge=15, le=600)
+    """How long a replica's announcement in the peering object holds: when the
+    active replica dies without withdrawing it (its node lost), a standby takes
+    over after this long. Kopf renews it 5 to 10 s before it runs out, whatever
+    the lifetime, and the standbys judge it by their own clocks: clocks further
+    apart than that let a standby work beside the active replica, so nodes need
+    NTP, and a longer lifetime does not help. At least 15 s, so that a renewal
+    is never due at once."""
     nodes_autoscaled: bool = False
     """Nodes join on demand (Cluster Autoscaler, Karpenter): when no node has a
     model's labels or enough GPUs yet, the model waits (Pending) for one instead
     of turning Failed."""
-    resync_seconds: float = Field(120.0, ge=0)
+    resync_seconds: float = Field(120.0, ge=0, le=86400, allow_inf_nan=False)
     """How often every model is looked over even without events (owned objects
-    that drifted are applied again, see Reconciler._holds); 0 never."""
-    route_publish_delay: float = Field(0.2, ge=0)
-    """How long route changes are gathered before the ConfigMap is written."""
-    route_publish_interval: float = Field(1.0, ge=0)
+    that drifted are applied again, see Reconciler._holds); 0 never, otherwise
+    10 s to a day."""
+    route_publish_delay: float = Field(0.2, ge=0, le=60, allow_inf_nan=False)
+    """How long route changes are gathered before the ConfigMap is written (at
+    most a minute: a new model is not routed before)."""
+    route_publish_interval: float = Field(1.0, ge=0, le=600, allow_inf_nan=False)
     """Least time between two writes of the ConfigMap. Each write carries the
     whole document (282 KB for 1,000 models with 10-character names and no
     aliases, measured with build_document) to the API server and to every
@@ -94,8 +112,68 @@ class OperatorSettings(BaseSettings):
     @field_validator("watch_namespaces", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
-        if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if _LIST_LITERAL.match(text):
+            raise ValueError(
+                "a JSON or YAML list: write the namespaces comma-separated (llm,team-*)"
+            )
+        parts = tuple(part.strip() for part in text.split(",") if part.strip())
+        if text and not parts:
+            # An empty list would watch the whole cluster: only when unset or empty.
+            raise ValueError(
+                "names no namespace: leave it empty to watch the whole cluster"
+            )
+        return parts
+
+    @field_validator("watch_namespaces")
+    @classmethod
+    def _namespaces(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in value:
+            if not (_GLOB if _is_glob(pattern) else _LABEL).match(pattern):
+                raise ValueError(
+                    f"{pattern!r} is neither a namespace name ({_LABEL_RULE}) nor a "
+                    "glob of one ('*', '?', '[...]' among those characters)"
+                )
+        # Listed twice, a namespace would be listed and watched twice.
+        return tuple(dict.fromkeys(value))
+
+    @field_validator("gateway_namespace")
+    @classmethod
+    def _namespace(cls, value: str) -> str:
+        if not _LABEL.match(value):
+            raise ValueError(f"not a namespace name ({_LABEL_RULE})")
+        return value
+
+    @field_validator("routes_configmap", "peering_name")
+    @classmethod
+    def _object_name(cls, value: str) -> str:
+        if not _SUBDOMAIN.match(value):
+            raise ValueError(
+                f"not an object name (a DNS subdomain: {_LABEL_RULE}, joined by "
+                "'.', at most 253 characters)"
+            )
+        return value
+
+    @field_validator("default_vllm_image")
+    @classmethod
+    def _image(cls, value: str) -> str:
+        if not _IMAGE.match(value):
+            raise ValueError(
+                "not an image reference such as vllm/vllm-openai:v0.33.0 (a "
+                "lowercase repository path, then a tag and/or @sha256:<digest>)"
+            )
+        return value
+
+    @field_validator("resync_seconds")
+    @classmethod
+    def _resync(cls, value: float) -> float:
+        if 0 < value < MIN_RESYNC_SECONDS:
+            raise ValueError(
+                f"too short: 0 (never) or {MIN_RESYNC_SECONDS:g} s to a day, since "
+                "each period reconciles every model"
+            )
         return value
 
     @field_validator("pod_monitor_labels")
@@ -109,6 +187,16 @@ class OperatorSettings(BaseSettings):
             if not _LABEL_VALUE.match(text):
                 raise ValueError(f"{text!r} (label {key}) is not a label value")
         return value
+
+    @model_validator(mode="after")
+    def _ports_apart(self) -> OperatorSettings:
+        if self.metrics_port and self.metrics_port == self.health_port:
+            raise ValueError(
+                f"{ENV_PREFIX}METRICS_PORT and {ENV_PREFIX}HEALTH_PORT are both "
+                f"{self.metrics_port}: give each a port of its own (or 0 to turn "
+                "one off)"
+            )
+        return self
 
     @property
     def clusterwide(self) -> bool:
@@ -128,11 +216,51 @@ class OperatorSettings(BaseSettings):
         )
 
 
+def explain(error: ValidationError) -> str:
+    """What is wrong with the environment, one line per problem, each naming the
+    variable (`CITADEL_OPERATOR_RESYNC_SECONDS='inf': ...`).
+
+    Args:
+        error: what OperatorSettings() raised.
+    """
+    lines = []
+    for problem in error.errors(include_url=False):
+        message = problem["msg"].removeprefix("Value error, ")
+        field, *inner = problem["loc"] or ("",)
+        if field:
+            # The input of a problem inside a value (a label of
+            # POD_MONITOR_LABELS) is that part of it.
+            where = f" at {'.'.join(map(str, inner))}" if inner else ""
+            variable = f"{ENV_PREFIX}{str(field).upper()}"
+            lines.append(f"{variable}{where}={problem['input']!r}: {message}")
+        else:
+            lines.append(message)
+    return "\n".join(lines)
+
+
 _NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
 # A DNS subdomain: dot-separated DNS labels, 253 characters at most.
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
 _LABEL_KEY = re.compile(rf"^((?=.{{1,253}}/){_DNS_LABEL}(\.{_DNS_LABEL})*/)?{_NAME}$")
 _LABEL_VALUE = re.compile(rf"^({_NAME})?$")
+# Namespaces are DNS labels; object names such as a ConfigMap's DNS subdomains.
+_LABEL = re.compile(rf"^{_DNS_LABEL}$")
+_LABEL_RULE = (
+    "lowercase letters, digits and '-', beginning and ending with a letter or "
+    "digit, at most 63 characters"
+)
+_SUBDOMAIN = re.compile(rf"^(?=.{{1,253}}$){_DNS_LABEL}(\.{_DNS_LABEL})*$")
+# The patterns fnmatch understands, over the characters of a namespace name;
+# Kopf's `!` exclusions are not supported (watches() would not apply them).
+_GLOB = re.compile(r"^([-a-z0-9*?]|\[!?[-a-z0-9]+\])+$")
+# `[llm]` or `["llm", "x"]`: a list where a comma-separated string belongs.
+_LIST_LITERAL = re.compile(r"^\[[^\[\]]*\]$")
+with warnings.catch_warnings():
+    # `[[]` is the bracket itself, as RE2 reads it (spec.IMAGE_PATTERN is a CEL
+    # rule's too); `re` reads it so as well, and only warns that it might not
+    # one day.
+    warnings.filterwarnings("ignore", "Possible nested set", FutureWarning)
+    _IMAGE = re.compile(IMAGE_PATTERN)
 _OWN_LABELS = frozenset(
     {
         names.LABEL_NAME,

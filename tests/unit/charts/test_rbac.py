@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from citadel.operator.settings import PeeringMode
+
 if TYPE_CHECKING:
     from conftest import ChartKit, Obj
 
@@ -106,6 +108,58 @@ def test_peering_object_is_the_one_the_operator_uses(chart: ChartKit) -> None:
         chart.container(chart.one(objs, "Deployment", "citadel-operator"))
     )
     assert env["CITADEL_OPERATOR_PEERING_NAME"] == peering["metadata"]["name"]
+
+
+@pytest.mark.parametrize("namespaces", [[], ["llm-a", "llm-b"]])
+@pytest.mark.parametrize("replicas", [1, 3])
+def test_several_operator_replicas_need_their_peering_object(
+    chart: ChartKit, replicas: int, namespaces: list[str]
+) -> None:
+    objs = chart.render({"operator.replicas": replicas, "watchNamespaces": namespaces})
+    operator = chart.one(objs, "Deployment", "citadel-operator")
+    assert operator["spec"]["replicas"] == replicas
+    env = chart.env_of(chart.container(operator))
+    # In `auto`, replicas that find no peering object each work alone: with
+    # several, they must wait for it instead. One replica keeps `auto`.
+    mode = env.get("CITADEL_OPERATOR_PEERING", "auto")
+    assert PeeringMode(mode) is (
+        PeeringMode.MANDATORY if replicas > 1 else PeeringMode.AUTO
+    )
+    # The object that mode waits for, and the rights to announce in it.
+    name = env["CITADEL_OPERATOR_PEERING_NAME"]
+    if namespaces:
+        peerings = chart.find(objs, "KopfPeering", name)
+        assert {p["metadata"]["namespace"] for p in peerings} == set(namespaces)
+        scopes, plural = set(namespaces), "kopfpeerings"
+    else:
+        chart.one(objs, "ClusterKopfPeering", name)
+        scopes, plural = {"*"}, "clusterkopfpeerings"
+    granted = bound_to(objs, "citadel-operator")
+    for scope in scopes:
+        for verb in ("get", "list", "watch", "patch"):
+            assert (scope, "kopf.dev", plural, verb) in granted
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("CITADEL_OPERATOR_PEERING_PRIORITY", "7"), ("CITADEL_OPERATOR_PEERING", "auto")],
+)
+def test_several_operator_replicas_refuse_peering_settings_of_their_own(
+    chart: ChartKit, variable: str, value: str
+) -> None:
+    # One priority for every replica: Kopf pauses them all. Another mode: not
+    # mandatory, so without the peering object they would all work.
+    extra = [{"name": variable, "value": value}]
+    chart.render(
+        {"operator.replicas": 2, "operator.extraEnv": extra},
+        expect_error=f"operator.extraEnv may not set {variable} with "
+        "operator.replicas > 1",
+    )
+    objs = chart.render({"operator.replicas": 1, "operator.extraEnv": extra})
+    env = chart.env_of(
+        chart.container(chart.one(objs, "Deployment", "citadel-operator"))
+    )
+    assert env[variable] == value
 
 
 def test_gateway_reads_only(chart: ChartKit) -> None:

@@ -5,8 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from pydantic import ValidationError
 
-from citadel.operator.settings import LogFormat, OperatorSettings, PeeringMode
+from citadel.operator.settings import (
+    LogFormat,
+    OperatorSettings,
+    PeeringMode,
+    explain,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -77,3 +83,148 @@ def test_namespace_globs_list_everything_and_filter() -> None:
     assert not settings.watches("other")
     plain = OperatorSettings(watch_namespaces=("llm",))
     assert plain.list_scopes() == ("llm",)
+
+
+def test_namespaces_are_deduplicated_and_globs_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(
+        "CITADEL_OPERATOR_WATCH_NAMESPACES", " llm , team-*,llm-?, x-[ab],y-[!c-e],llm"
+    )
+    assert OperatorSettings().watch_namespaces == (
+        "llm",
+        "team-*",
+        "llm-?",
+        "x-[ab]",
+        "y-[!c-e]",
+    )
+    monkeypatch.setenv("CITADEL_OPERATOR_WATCH_NAMESPACES", "")
+    assert OperatorSettings().clusterwide
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        # A JSON or YAML list: its parts would be globs matching nothing, and
+        # the operator would list the whole cluster for them.
+        ('["llm","research"]', "a JSON or YAML list"),
+        ("[llm]", "a JSON or YAML list"),
+        ("[llm, research]", "a JSON or YAML list"),
+        # Naming none would silently watch the whole cluster.
+        (",,,", "names no namespace"),
+        (" , ", "names no namespace"),
+        ("LLM", "neither a namespace name"),
+        ("bad_ns!", "neither a namespace name"),
+        ("a b", "neither a namespace name"),
+        ("llm,-llm", "neither a namespace name"),
+        ("llm," + "a" * 64, "neither a namespace name"),
+        ("!kube-*", "neither a namespace name"),
+        ("Team-*", "neither a namespace name"),
+        ("team-[]", "neither a namespace name"),
+        ("team]", "neither a namespace name"),
+    ],
+)
+def test_bad_namespaces_are_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str, problem: str
+) -> None:
+    monkeypatch.setenv("CITADEL_OPERATOR_WATCH_NAMESPACES", value)
+    with pytest.raises(ValidationError, match=problem) as refused:
+        OperatorSettings()
+    assert "CITADEL_OPERATOR_WATCH_NAMESPACES=" in explain(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "problem"),
+    [
+        ("GATEWAY_NAMESPACE", "", "not a namespace name"),
+        ("GATEWAY_NAMESPACE", "Citadel System", "not a namespace name"),
+        ("GATEWAY_NAMESPACE", "-x", "not a namespace name"),
+        ("GATEWAY_NAMESPACE", "a.b", "not a namespace name"),
+        ("ROUTES_CONFIGMAP", "", "not an object name"),
+        ("ROUTES_CONFIGMAP", "Bad Name", "not an object name"),
+        ("ROUTES_CONFIGMAP", "a" * 254, "not an object name"),
+        ("PEERING_NAME", "", "not an object name"),
+        ("PEERING_NAME", "Bad Name", "not an object name"),
+        ("PEERING_NAME", "a..b", "not an object name"),
+        ("DEFAULT_VLLM_IMAGE", "", "not an image reference"),
+        ("DEFAULT_VLLM_IMAGE", "not an image", "not an image reference"),
+        ("RESYNC_SECONDS", "inf", "finite"),
+        ("RESYNC_SECONDS", "nan", "finite"),
+        ("RESYNC_SECONDS", "1e-9", "too short"),
+        ("RESYNC_SECONDS", "9.9", "too short"),
+        ("RESYNC_SECONDS", "86401", "less than or equal to 86400"),
+        ("ROUTE_PUBLISH_DELAY", "inf", "finite"),
+        ("ROUTE_PUBLISH_DELAY", "61", "less than or equal to 60"),
+        ("ROUTE_PUBLISH_INTERVAL", "inf", "finite"),
+        ("ROUTE_PUBLISH_INTERVAL", "601", "less than or equal to 600"),
+        ("PEERING_LIFETIME_SECONDS", "14", "greater than or equal to 15"),
+        ("PEERING_LIFETIME_SECONDS", "601", "less than or equal to 600"),
+        ("HEALTH_PORT", "8080", "METRICS_PORT and CITADEL_OPERATOR_HEALTH_PORT"),
+    ],
+)
+def test_bad_values_name_their_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, problem: str
+) -> None:
+    monkeypatch.setenv(f"CITADEL_OPERATOR_{variable}", value)
+    with pytest.raises(ValidationError, match=problem) as refused:
+        OperatorSettings()
+    assert f"CITADEL_OPERATOR_{variable}" in explain(refused.value)
+
+
+def test_explain_writes_one_line_per_problem(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CITADEL_OPERATOR_RESYNC_SECONDS", "inf")
+    monkeypatch.setenv("CITADEL_OPERATOR_GATEWAY_NAMESPACE", "Bad")
+    with pytest.raises(ValidationError) as refused:
+        OperatorSettings()
+    assert explain(refused.value).splitlines() == [
+        "CITADEL_OPERATOR_GATEWAY_NAMESPACE='Bad': not a namespace name (lowercase "
+        "letters, digits and '-', beginning and ending with a letter or digit, at "
+        "most 63 characters)",
+        "CITADEL_OPERATOR_RESYNC_SECONDS='inf': Input should be a finite number",
+    ]
+    # A problem inside a value says where.
+    monkeypatch.setenv("CITADEL_OPERATOR_POD_MONITOR_LABELS", '{"release": 5}')
+    monkeypatch.delenv("CITADEL_OPERATOR_RESYNC_SECONDS")
+    monkeypatch.delenv("CITADEL_OPERATOR_GATEWAY_NAMESPACE")
+    with pytest.raises(ValidationError) as refused:
+        OperatorSettings()
+    assert explain(refused.value) == (
+        "CITADEL_OPERATOR_POD_MONITOR_LABELS at release=5: Input should be a valid "
+        "string"
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "field", "read"),
+    [
+        ("RESYNC_SECONDS", "0", "resync_seconds", 0.0),
+        ("RESYNC_SECONDS", "10", "resync_seconds", 10.0),
+        ("RESYNC_SECONDS", "86400", "resync_seconds", 86400.0),
+        ("ROUTE_PUBLISH_DELAY", "0", "route_publish_delay", 0.0),
+        ("ROUTE_PUBLISH_INTERVAL", "600", "route_publish_interval", 600.0),
+        ("PEERING_LIFETIME_SECONDS", "15", "peering_lifetime_seconds", 15),
+        ("ROUTES_CONFIGMAP", "routes.v1", "routes_configmap", "routes.v1"),
+        ("HEALTH_PORT", "0", "health_port", 0),
+    ],
+)
+def test_values_at_the_bounds_are_taken(
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+    value: str,
+    field: str,
+    read: object,
+) -> None:
+    monkeypatch.setenv(f"CITADEL_OPERATOR_{variable}", value)
+    assert getattr(OperatorSettings(), field) == read
+
+
+def test_both_ports_may_be_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CITADEL_OPERATOR_METRICS_PORT", "0")
+    monkeypatch.setenv("CITADEL_OPERATOR_HEALTH_PORT", "0")
+    assert (OperatorSettings().metrics_port, OperatorSettings().health_port) == (0, 0)
+
+
+def test_peering_lifetime_defaults_to_kopfs() -> None:
+    # A longer one would not tolerate more clock skew (Kopf renews 5 to 10 s
+    # before the end whatever the lifetime), only slow the takeover.
+    assert OperatorSettings.model_fields["peering_lifetime_seconds"].default == 60
