@@ -18,7 +18,7 @@ from citadel.operator.background import Background
 from citadel.operator.kopfstate import MemoryState
 from citadel.operator.kube.client import ApiError
 from citadel.operator.reconcile import ReconcileError, Reconciler
-from citadel.operator.settings import OperatorSettings
+from citadel.operator.settings import OperatorSettings, PeeringMode
 from citadel.operator.sweep import IndexSweep
 from citadel.operator.view import (
     DEPLOYMENTS_INDEX,
@@ -44,17 +44,47 @@ async def _translated(work: Coroutine[Any, Any, object]) -> None:
 
 
 def _without_finalizers(registry: kopf.OperatorRegistry) -> None:
-    """Stops Kopf from putting a finalizer on every model for the timer.
+    """Stops Kopf from putting a finalizer on every model for the timer, and on
+    the peering object for its daemon.
 
-    Kopf marks every timer as needing one, to stop it gracefully before the object
-    goes; the resync needs no such care, and with a finalizer, deleting a model (or
-    its namespace) would hang whenever no operator runs. Kopf has no option for
-    this, hence the replacement of its (frozen) handler records.
+    Kopf marks every timer and daemon as needing one, to stop it gracefully
+    before the object goes; neither needs such care, and with a finalizer,
+    deleting a model (or its namespace, or the peering object) would hang
+    whenever no operator runs. Kopf has no option for this, hence the
+    replacement of its (frozen) handler records.
     """
     spawning = registry._spawning
     spawning._handlers = [
         dataclasses.replace(h, requires_finalizer=False) for h in spawning._handlers
     ]
+
+
+def _peering_resource(settings: OperatorSettings) -> tuple[str, str, str]:
+    """The group, version and plural of the replicas' peering object: Kopf
+    peers cluster-wide through a ClusterKopfPeering, else through a KopfPeering
+    in each watched namespace."""
+    plural = "clusterkopfpeerings" if settings.clusterwide else "kopfpeerings"
+    return ("kopf.dev", "v1", plural)
+
+
+async def _sense_pauses(reconciler: Reconciler, stopped: kopf.DaemonStopped) -> None:
+    """Tells the reconciler when Kopf pauses this replica for a peer, and when
+    it resumes: the body of a Kopf daemon on the peering object.
+
+    Kopf has no hook for either, and stops only its own watches, handlers and
+    daemons, not the tasks they set off (see `Reconciler.pause`). But it stops
+    every daemon when it pauses, saying so (`OPERATOR_PAUSING`), and starts
+    them again from the listing that follows the resume: a running daemon
+    means an active replica. A replica that starts paused (a peer of higher
+    priority is active) runs no daemon and no handler until it resumes, and
+    its publisher waits for the first handler (`RoutePublisher.hold`).
+    """
+    reconciler.resume()
+    await stopped.wait()
+    if stopped.reason is not None and (
+        kopf.DaemonStoppingReason.OPERATOR_PAUSING in stopped.reason
+    ):
+        reconciler.pause()
 
 
 def _kept(body: kopf.Body) -> dict[str, Any]:
@@ -210,7 +240,19 @@ def build_registry(
                 return
             await _translated(reconciler.reconcile(body, resync=True))
 
-        _without_finalizers(registry)
+    if settings.peering is not PeeringMode.STANDALONE:
+
+        @kopf.daemon(
+            *_peering_resource(settings),
+            id="peering-pause",
+            field="metadata.name",
+            value=settings.peering_name,
+            registry=registry,
+        )
+        async def peering_pause(stopped: kopf.DaemonStopped, **_: Any) -> None:
+            await _sense_pauses(reconciler, stopped)
+
+    _without_finalizers(registry)
 
     @kopf.on.event(*LLMMODEL, id="llmmodel-event", registry=registry)
     async def llmmodel_event(

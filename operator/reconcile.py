@@ -372,11 +372,35 @@ class Reconciler:
         self._failed: dict[str, tuple[int, Blocker]] = {}
         # Refreshes running as tasks of their own (see spawn_refresh).
         self._spawned: set[asyncio.Task[None]] = set()
+        # Whether this replica stands by for a peer (see pause).
+        self._paused = False
 
     def use(self, view: ClusterView) -> None:
         """Reads through `view` from now on (the handlers' indexes, once Kopf has
         made them)."""
         self.view = view
+
+    def pause(self) -> None:
+        """This replica stands by for a peer until `resume()`: it writes no
+        status and no routing document.
+
+        Kopf stops its watches, handlers and timers, but not what they set off
+        in tasks of their own: the refreshes (cancelled here, and no new one
+        starts) and the route publisher's pending writes and retries. Each
+        would write from indexes frozen at the pause over what the peer, which
+        sees the cluster as it is, writes.
+        """
+        self._paused = True
+        self.routes.pause()
+        for task in list(self._spawned):
+            task.cancel()
+
+    def resume(self) -> None:
+        """This replica is active again after `pause()`: the routing document is
+        written again once the models are listed anew (see
+        `RoutePublisher.resume`)."""
+        self._paused = False
+        self.routes.resume()
 
     # -- entry points ------------------------------------------------------------
 
@@ -1113,7 +1137,11 @@ class Reconciler:
             blocker,
             nodes_autoscaled=self.settings.nodes_autoscaled,
         )
-        if status != model.status:
+        if status != model.status and self._paused:
+            # A pass that Kopf started before the pause: its view is frozen,
+            # and the peer reports the model now.
+            log.info("%s: status not written: paused for a peer", model.key)
+        elif status != model.status:
             written = await self._call(
                 self.kube.apply(status_patch(model, status), subresource="status")
             )
@@ -1156,6 +1184,8 @@ class Reconciler:
         finds name conflicts changed: awaited one after another, its rechecks
         held every model's routes back.
         """
+        if self._paused:
+            return  # a late event of the paused watches (see pause)
         task = asyncio.create_task(self.refresh(namespace, name, fix_drift=fix_drift))
         self._spawned.add(task)
         task.add_done_callback(self._spawned_done)

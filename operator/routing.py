@@ -7,6 +7,11 @@ and writes are at least `route_publish_interval` apart.
 A served name or alias claimed by two models goes to the older one; the newer is
 left out of the document and told why in its status. A model whose Service is not
 its own (see `service_taken`) is left out too, though it keeps its names.
+
+Only the active replica writes: one paused for a peer (`RoutePublisher.pause`)
+writes nothing, retries included, and one that resumes rewrites the document once
+its models are listed again, even if it looks unchanged to it, since the peer's, or
+a stale write's, may be there instead.
 """
 
 from __future__ import annotations
@@ -168,6 +173,14 @@ def backoff(delay: float, err: Exception) -> float:
 ConflictsChanged = Callable[[set[str]], Awaitable[None]]
 ModelSource = Callable[[], Awaitable[list[Manifest]]]
 
+CATCH_UP_MIN_POLL_S = 0.05
+"""The shortest wait between two checks of whether a resumed replica's source
+lists every model again (otherwise `route_publish_interval`)."""
+
+
+def _uids(bodies: Iterable[Manifest]) -> set[str]:
+    return {str(body.get("metadata", {}).get("uid", "")) for body in bodies}
+
 
 class RoutePublisher:
     """Writes the routing ConfigMap after `kick()`, coalescing bursts."""
@@ -178,9 +191,12 @@ class RoutePublisher:
         settings: OperatorSettings,
         on_conflicts: ConflictsChanged | None = None,
         source: ModelSource | None = None,
+        listing: ModelSource | None = None,
     ) -> None:
         """Makes a publisher; `source` lists the models (default: the API server,
-        in the namespaces `settings` lists)."""
+        in the namespaces `settings` lists), and so does `listing` (default:
+        the API server), which a resumed publisher waits for `source` to catch
+        up with."""
         self._kube = kube
         self._settings = settings
         self._on_conflicts = on_conflicts
@@ -188,12 +204,21 @@ class RoutePublisher:
         self._forced = False
         self._ready = asyncio.Event()
         self._ready.set()
+        self._active = asyncio.Event()
+        self._active.set()
+        # Set by `resume`: the next write goes out even if unchanged.
+        self._repair = False
+        # `resume` counts up; `_writable` records the count once the source has
+        # caught up with `listing` after it.
+        self._resumes = self._listed = 0
         self.conflicts: Conflicts = {}
         # Whether `conflicts` holds what the models say: from a publish, or
         # derived by `conflict` before the first one.
         self._known = False
         self.published: RoutingDocument | None = None
-        self._source = source or ApiView(kube, settings.list_scopes()).models
+        api = ApiView(kube, settings.list_scopes()).models
+        self._source = source or api
+        self._listing = listing or api
         # Each model's entry by uid, with the resourceVersion it was made at, so
         # a publish parses and routes only the models that changed since the
         # last one: with all of them done on every publish, publishing was 23% of
@@ -214,12 +239,38 @@ class RoutePublisher:
 
     def hold(self) -> None:
         """Writes nothing until `ready()`: the source does not hold every model
-        yet (Kopf's indexes before their first listing, or for as long as this
-        replica stands by for a peer). A document built from them would drop
-        the models it misses, and every gateway would answer 404 for them.
-        Once ready, it writes only when kicked, and Kopf's handlers, which kick
-        it, pause with the replica."""
+        yet (Kopf's indexes before their first listing). A document built from
+        them would drop the models it misses, and every gateway would answer
+        404 for them. A replica that stands by for a peer is `pause()`d."""
         self._ready.clear()
+
+    @property
+    def paused(self) -> bool:
+        """Whether `pause()` holds the writes back."""
+        return not self._active.is_set()
+
+    def pause(self) -> None:
+        """Writes nothing, and retries no failed write, until `resume()`: this
+        replica stands by for a peer, which writes the document now. Kopf stops
+        the handlers that kick the publisher, but not a retry already owed, nor
+        a kick already made: either would write this replica's frozen document
+        over the peer's (a leader cut off from the API server whose write
+        failed, paused meanwhile, retried once it could reach it again)."""
+        self._active.clear()
+
+    def resume(self) -> None:
+        """Writes again after `pause()` (else does nothing): once `source` holds
+        every model that `listing` lists, the document is written, even if it
+        is the one this replica wrote last. What the ConfigMap holds now is the
+        peer's, or a write of a paused replica that was already on its way: an
+        unforced write, skipped as unchanged, would leave the models that one
+        dropped out until the periodic resync."""
+        if self._active.is_set():
+            return
+        self._resumes += 1
+        self._repair = True
+        self._active.set()
+        self._wanted.set()
 
     async def ensure(self) -> None:
         """Creates the ConfigMap with no model if there is none (never changes
@@ -294,6 +345,10 @@ class RoutePublisher:
         """
         bodies = routable(await self._source(), self._settings)
         doc, conflicts = assemble(self._entries_of(bodies))
+        if self.paused:
+            # Paused while it listed: the peer writes now (`resume` rewrites).
+            log.info("routing ConfigMap not written: paused for a peer")
+            return doc
         if force or doc != self.published:
             await self._kube.apply(configmap(self._settings, doc))
         changed = set(conflicts) ^ set(self.conflicts)
@@ -303,26 +358,71 @@ class RoutePublisher:
             await self._on_conflicts(changed)
         return doc
 
+    async def _caught_up(self) -> bool:
+        """Whether `source` holds every model that `listing` lists (False when
+        listing fails)."""
+        try:
+            listed = _uids(routable(await self._listing(), self._settings))
+        except ApiError as err:
+            log.warning("could not list the models: %s", err)
+            return False
+        missing = listed - _uids(routable(await self._source(), self._settings))
+        if missing:
+            log.info("waiting for %d model(s) to be listed again", len(missing))
+        return not missing
+
+    async def _writable(self) -> None:
+        """Returns once a write may go out: the source holds every model, the
+        replica is not paused, and since it last resumed the source has caught
+        up with `listing`.
+
+        Kopf holds a starting operator's handlers until its indexes are listed,
+        but lets those of a resumed one run while its watches list again: until
+        then its indexes are as they were at the pause, and lack every model
+        made since.
+        """
+        wait_s = max(self._settings.route_publish_interval, CATCH_UP_MIN_POLL_S)
+        while True:
+            await self._ready.wait()
+            await self._active.wait()
+            if not self._ready.is_set():
+                continue
+            resumes = self._resumes
+            if self._listed == resumes:
+                return
+            if await self._caught_up():
+                # Checked again from the top: a pause may have come meanwhile.
+                self._listed = resumes
+            else:
+                await asyncio.sleep(wait_s)
+
     async def run(self, on_result: Callable[[bool], None] | None = None) -> None:
         """Publishes after every kick until cancelled; failures, whatever they
         are, are logged, counted and retried with backoff.
 
-        Nothing is written without a kick: a replica paused for a peer, whose
-        indexes no longer change, must not write its old document over the
-        active replica's (the periodic resync kicks with `force` instead, from
-        a Kopf timer, which pauses with the replica).
+        Nothing is written without a kick, nor while paused (`pause`): a
+        replica paused for a peer, whose indexes no longer change, must not
+        write its old document over the active replica's (the periodic resync
+        kicks with `force` instead, from a Kopf timer, which pauses with the
+        replica). A failed write is retried once the replica resumes, if it
+        was paused meanwhile, and then forced.
         """
         delay = 1.0
         loop = asyncio.get_running_loop()
         last = last_forced = -math.inf
-        await self._ready.wait()
         while True:
             await self._wanted.wait()
+            await self._writable()
             gap = last + self._settings.route_publish_interval - loop.time()
             await asyncio.sleep(max(self._settings.route_publish_delay, gap))
+            if self.paused:
+                continue  # still wanted: `_writable` waits for the resume
             self._wanted.clear()
             last = loop.time()
-            force = self._forced and last - last_forced >= self._settings.resync_seconds
+            repair, self._repair = self._repair, False
+            force = repair or (
+                self._forced and last - last_forced >= self._settings.resync_seconds
+            )
             self._forced = False
             try:
                 await self.publish(force=force)
@@ -337,6 +437,7 @@ class RoutePublisher:
                     # nothing would say so (no error counted, liveness fine).
                     log.exception("publishing the routes failed")
                 self._forced |= force  # the retry still owes the forced write
+                self._repair |= repair
                 if on_result:
                     on_result(False)
                 self._wanted.set()

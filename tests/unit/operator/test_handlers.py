@@ -8,6 +8,7 @@ from typing import Any, cast
 import kopf
 import orjson
 import pytest
+from kopf._core.intents.stoppers import DaemonStopper
 
 from citadel.operator import __version__, names, view
 from citadel.operator.handlers import _translated, build_registry
@@ -54,10 +55,13 @@ def test_registry_has_every_handler(settings: OperatorSettings, resync: float) -
     assert {"reconcile-create", "reconcile-update", "reconcile-resume"} <= changing
     watching = {h.id for h in registry._watching.get_all_handlers()}
     assert {"llmmodel-event", "deployment-event", "pod-event"} <= watching
-    timers = registry._spawning.get_all_handlers()
-    assert [h.id for h in timers] == (["resync"] if resync else [])
-    # No finalizers: deleting a model must never wait for the operator.
-    for handler in [*timers, *registry._changing.get_all_handlers()]:
+    spawning = registry._spawning.get_all_handlers()
+    assert [h.id for h in spawning] == (["resync"] if resync else []) + [
+        "peering-pause/metadata.name"
+    ]
+    # No finalizers: deleting a model (or the peering object) must never wait
+    # for the operator.
+    for handler in [*spawning, *registry._changing.get_all_handlers()]:
         assert not handler.requires_finalizer, handler.id
 
 
@@ -321,3 +325,47 @@ async def test_liveness_fails_once_a_background_task_ends(
             await probe()
     finally:
         await _activity(registry, "cleanup")()
+
+
+@pytest.mark.parametrize(
+    ("watched", "plural"), [((), "clusterkopfpeerings"), (("llm",), "kopfpeerings")]
+)
+async def test_a_daemon_on_the_peering_object_tells_pauses_and_resumes(
+    settings: OperatorSettings, watched: tuple[str, ...], plural: str
+) -> None:
+    """Kopf stops every daemon when it pauses the replica for a peer, and
+    starts them again once it resumes: the reconciler learns both from one on
+    the peering object, and stops writing in between."""
+    settings = settings.model_copy(update={"watch_namespaces": watched})
+    reconciler = Reconciler(FakeKube(), settings, Metrics())
+    registry = build_registry(reconciler, settings, _login, _noop, MemoryState())
+    [daemon] = [
+        h
+        for h in registry._spawning.get_all_handlers()
+        if h.id == "peering-pause/metadata.name"
+    ]
+    assert daemon.selector is not None
+    assert (daemon.selector.group, daemon.selector.any_name) == ("kopf.dev", plural)
+    assert (daemon.field, daemon.value) == (("metadata", "name"), "citadel-operator")
+    fn: Any = daemon.fn
+
+    async def run_until(reason: kopf.DaemonStoppingReason) -> None:
+        stopper = DaemonStopper()
+        task = asyncio.create_task(fn(stopped=kopf.AsyncDaemonStopperChecker(stopper)))
+        await asyncio.sleep(0.01)
+        assert not reconciler.routes.paused  # running: the replica is active
+        stopper.set(reason=reason)
+        await asyncio.wait_for(task, timeout=1)
+
+    await run_until(kopf.DaemonStoppingReason.OPERATOR_PAUSING)
+    assert reconciler.routes.paused
+    await run_until(kopf.DaemonStoppingReason.OPERATOR_EXITING)  # resumed, then
+    assert not reconciler.routes.paused
+
+
+def test_a_standalone_operator_senses_no_pauses(settings: OperatorSettings) -> None:
+    settings = settings.model_copy(update={"peering": PeeringMode.STANDALONE})
+    reconciler = Reconciler(FakeKube(), settings, Metrics())
+    registry = build_registry(reconciler, settings, _login, _noop, MemoryState())
+    spawning = {h.id for h in registry._spawning.get_all_handlers()}
+    assert not [i for i in spawning if i.startswith("peering-pause")]

@@ -1413,3 +1413,39 @@ async def test_a_spec_change_after_a_restart_does_not_inherit_the_failure(
     assert (status["phase"], status["observedGeneration"]) == ("Pending", 3)
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["reason"] != "ReconcileFailed"
+
+
+async def test_a_paused_replica_writes_no_status(settings: OperatorSettings) -> None:
+    """Kopf pauses its handlers for a peer, not the refreshes they set off:
+    those in flight are cancelled, new ones do not start, and a pass that
+    still ends writes no status from the frozen view."""
+    kube, reconciler = _setup(settings, model_body())
+    await reconciler.reconcile(model_body())
+    gate = asyncio.Event()
+    view = reconciler.view
+
+    class Slow(ApiView):
+        async def model(self, namespace: str, name: str) -> dict[str, Any] | None:
+            await gate.wait()
+            return await view.model(namespace, name)
+
+    reconciler.use(Slow(kube))
+    kube.put(pod("mixtral-abc", waiting="CrashLoopBackOff"))
+    reconciler.spawn_refresh("llm", "mixtral")
+    await asyncio.sleep(0)
+    [in_flight] = reconciler._spawned
+    reconciler.pause()
+    reconciler.spawn_refresh("llm", "mixtral")
+    assert reconciler._spawned == {in_flight}
+    await asyncio.gather(in_flight, return_exceptions=True)
+    assert in_flight.cancelled() and not reconciler._spawned
+    gate.set()
+    written = len(kube.applied)
+    await reconciler.refresh("llm", "mixtral")  # a pass Kopf started before
+    assert len(kube.applied) == written
+    assert kube.stored(LLMMODELS, "mixtral", "llm")["status"]["phase"] != "Degraded"
+    assert reconciler.routes.paused
+    reconciler.resume()
+    assert not reconciler.routes.paused
+    await reconciler.refresh("llm", "mixtral")
+    assert kube.stored(LLMMODELS, "mixtral", "llm")["status"]["phase"] == "Degraded"

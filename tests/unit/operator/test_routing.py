@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from citadel.operator.routing import (
     RoutePublisher,
     backoff,
     build_document,
+    configmap,
     route_for,
 )
 from citadel.operator.settings import OperatorSettings
@@ -376,3 +378,132 @@ def test_a_failed_write_waits_as_long_as_the_api_server_asks() -> None:
     assert backoff(1.0, slow) == PUBLISH_BACKOFF_MAX_S
     assert backoff(2.0, ApiError(500, "InternalError", "boom")) == 2
     assert backoff(2.0, RuntimeError("a bug")) == 2
+
+
+def _documents(kube: FakeKube) -> list[list[str]]:
+    """The model names of every routing document written, in order."""
+    return [
+        [r.name for r in parse_document(o["data"]["routes.json"]).models]
+        for _, o in kube.applied
+        if o["kind"] == "ConfigMap"
+    ]
+
+
+async def _until(check: Callable[[], bool], timeout: float = 2.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not check() and loop.time() < end:
+        await asyncio.sleep(0.01)
+    assert check()
+
+
+async def _stopped(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def _frozen(bodies: list[dict[str, Any]]) -> Callable[[], Awaitable[list[Any]]]:
+    """A source that lists `bodies` (a paused replica's indexes)."""
+
+    async def source() -> list[Any]:
+        return list(bodies)
+
+    return source
+
+
+async def test_a_paused_publisher_does_not_retry_its_failed_write(
+    settings: OperatorSettings,
+) -> None:
+    """A leader whose write failed (cut off from the API server) is paused for
+    a peer meanwhile: once it reaches the API server again, neither its retry
+    nor a kick made before the pause writes its frozen document over the
+    peer's."""
+    kube = FakeKube([model_body("m1"), model_body("m2"), model_body("m3")])
+    frozen = [kube.stored(LLMMODELS, n, "llm") for n in ("m1", "m2")]
+    publisher = RoutePublisher(kube, settings, source=_frozen(frozen))
+    results: list[bool] = []
+    task = asyncio.create_task(publisher.run(results.append))
+    try:
+        kube.fail["configmaps"] = ApiError(0, "ClientConnectorError", "partition")
+        publisher.kick()
+        await _until(lambda: results == [False])
+        publisher.pause()
+        kube.fail.clear()
+        await RoutePublisher(kube, settings).publish()  # the peer, now active
+        publisher.kick()  # a handler's, made before the pause
+        await asyncio.sleep(1.3)  # past the retry's backoff (1 s)
+        assert _documents(kube) == [["m1", "m2", "m3"]]
+        assert results == [False]
+    finally:
+        await _stopped(task)
+
+
+async def test_a_resumed_publisher_repairs_a_document_it_thinks_unchanged(
+    settings: OperatorSettings,
+) -> None:
+    """What the ConfigMap holds when a replica resumes may be a stale write
+    (of a peer paused too late) that drops models: the first write after the
+    resume goes out even if the document is the one this replica wrote last."""
+    kube = FakeKube([model_body("a"), model_body("b")])
+    publisher = RoutePublisher(kube, settings)
+    task = asyncio.create_task(publisher.run())
+    try:
+        publisher.kick()
+        await _until(lambda: _documents(kube) == [["a", "b"]])
+        publisher.pause()
+        stale, _ = build_document([LLMModel.from_body(model_body("a"))])
+        await kube.apply(configmap(settings, stale))
+        publisher.resume()
+        await _until(lambda: len(_documents(kube)) == 3)
+        assert _documents(kube)[-1] == ["a", "b"]
+        publisher.resume()  # not paused: nothing to repair
+        await asyncio.sleep(0.1)
+        assert len(_documents(kube)) == 3
+    finally:
+        await _stopped(task)
+
+
+async def test_a_resumed_publisher_waits_for_its_source_to_list_every_model(
+    settings: OperatorSettings,
+) -> None:
+    """Kopf lets a resumed replica's handlers run while its watches list
+    again: its indexes still lack the models made during the pause, and a
+    document written from them would drop those."""
+    kube = FakeKube([model_body("a")])
+    index = [kube.stored(LLMMODELS, "a", "llm")]
+    publisher = RoutePublisher(kube, settings, source=_frozen(index))
+    task = asyncio.create_task(publisher.run())
+    try:
+        publisher.kick()
+        await _until(lambda: _documents(kube) == [["a"]])
+        publisher.pause()
+        kube.put(model_body("b"))  # made while paused: the peer routes it
+        await RoutePublisher(kube, settings).publish()
+        publisher.resume()
+        publisher.kick()
+        await asyncio.sleep(0.2)
+        assert _documents(kube) == [["a"], ["a", "b"]]
+        index.append(kube.stored(LLMMODELS, "b", "llm"))  # listed again
+        await _until(lambda: len(_documents(kube)) == 3)
+        assert _documents(kube)[-1] == ["a", "b"]
+    finally:
+        await _stopped(task)
+
+
+async def test_a_publish_paused_while_it_listed_writes_nothing(
+    settings: OperatorSettings,
+) -> None:
+    kube = FakeKube([model_body("a")])
+    publisher = RoutePublisher(kube, settings)
+    listed = publisher._source
+
+    async def pausing() -> list[Any]:
+        found = await listed()
+        publisher.pause()  # the pause came while the models were listed
+        return found
+
+    publisher._source = pausing
+    await publisher.publish()
+    assert _documents(kube) == []
+    assert publisher.published is None

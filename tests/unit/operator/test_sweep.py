@@ -377,7 +377,7 @@ async def test_the_operator_sweeps_and_forgets_what_its_timer_finds_gone(
     [cleanup] = [fn for id_, fn in activities.items() if "cleanup" in id_]
     start: Any = startup
     await start(**indexes.data)
-    [timer] = registry._spawning.get_all_handlers()
+    [timer] = [h for h in registry._spawning.get_all_handlers() if h.id == "resync"]
     resync: Any = timer.fn
     handlers = {h.id: h.fn for h in registry._watching.get_all_handlers()}
     try:
