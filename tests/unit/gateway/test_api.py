@@ -13,7 +13,7 @@ from openai import AsyncOpenAI, NotFoundError
 
 from citadel.gateway.services.auth import KeyRecord, hash_key
 from citadel.gateway.services.replicas import Endpoint, LoadReport
-from citadel.gateway.services.requests import CHAT
+from citadel.gateway.services.requests import CHAT, MAX_MESSAGES
 from citadel.gateway.upstream import (
     UpstreamDropped,
     UpstreamTimeout,
@@ -907,6 +907,23 @@ async def test_the_access_log_names_the_session_and_replica(
     logged = [r for r in caplog.records if r.name == "citadel.gateway.access"]
     assert [getattr(r, "session", "absent") for r in logged] == ["conv-7", None]
     assert all(getattr(r, "replica", "").startswith("http://r") for r in logged)
+
+
+async def test_an_array_past_its_limit_is_a_400_that_reaches_no_replica(
+    harness: Any,
+) -> None:
+    harness.deps.max_body_bytes = 1 << 20
+    body = {"model": "chat", "messages": [{}] * (MAX_MESSAGES + 1)}
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 400
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == "messages"
+    assert (
+        error["message"] == "`messages` has 10,001 items; at most 10,000 are allowed."
+    )
+    assert harness.upstream.calls == []
 
 
 async def test_the_access_log_names_the_api_as_the_metrics_do(
