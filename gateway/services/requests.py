@@ -91,8 +91,10 @@ after every token it generates."""
 _LISTS = (("tools", MAX_TOOLS), ("functions", MAX_TOOLS), ("stop", MAX_STOP))
 """The optional arrays of any endpoint, with their limits."""
 
-_COUNTS = ("max_tokens", "max_completion_tokens", "n")
-"""The numbers the token estimate reads: each, when set, a positive integer."""
+_COUNTS = ("max_tokens", "max_completion_tokens", "n", "best_of")
+"""The numbers the token estimate reads: each, when set, a positive integer
+(an estimate that skipped a `best_of` of "64" or 64.0, which vLLM reads as 64,
+charged one sequence for 64)."""
 
 
 def parse_body(raw: bytes, call: ApiCall) -> dict[str, Any]:

@@ -59,6 +59,10 @@ def test_streams_ask_for_usage_keeping_other_options() -> None:
         (COMPLETIONS, b'{"model": "m", "prompt": 4}', "prompt"),
         (EMBEDDINGS, b'{"model": "m"}', "input"),
         (CHAT, b'{"model": "m", "messages": [{}], "n": -1}', "n"),
+        # What vLLM reads as 64 sequences, which the estimate must not read as 1.
+        (COMPLETIONS, b'{"model": "m", "prompt": "x", "best_of": "64"}', "best_of"),
+        (COMPLETIONS, b'{"model": "m", "prompt": "x", "best_of": 64.0}', "best_of"),
+        (COMPLETIONS, b'{"model": "m", "prompt": "x", "best_of": 0}', "best_of"),
     ],
 )
 def test_invalid_fields_name_the_param(call: object, raw: bytes, param: str) -> None:
