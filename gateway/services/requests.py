@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import enum
 import gc
+import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -213,6 +215,30 @@ def _check_messages(messages: list[Any]) -> None:
             f"{MAX_CONTENT_PARTS:,} are allowed.",
             param="messages",
         )
+
+
+_SESSION_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+"""What a session id the gateway routes and logs as sent may be: what a
+request id may be."""
+
+
+def session_id(value: str | None) -> str | None:
+    """The session header's value as the gateway routes and logs it.
+
+    As sent when it looks like an id (1 to 128 letters, digits and `._:/+=-`,
+    as a request id); else `sha256:` and the hex SHA-256 of its UTF-8 bytes,
+    which pins the conversation as well, so a client is never refused for the
+    header of an optional feature. Either way what reaches the log is bounded
+    and cannot forge a field of a text log line (`x key=root status=200`), and
+    session affinity hashes at most 128 characters per replica, not 4 MB.
+    None when absent or empty (no session).
+    """
+    if not value:
+        return None
+    if _SESSION_ID.fullmatch(value):
+        return value
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"sha256:{digest}"
 
 
 def client_wants_usage(body: dict[str, Any]) -> bool:

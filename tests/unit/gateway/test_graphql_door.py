@@ -5,6 +5,7 @@ request ids, and a client that leaves."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from typing import Any
 
@@ -239,6 +240,29 @@ async def test_the_session_header_reaches_the_router(kit: Any) -> None:
             headers={"x-session-id": "conv-1"},
         )
     assert seen == ["conv-1"]
+
+
+async def test_a_session_header_that_is_no_id_reaches_the_router_hashed(
+    kit: Any,
+) -> None:
+    harness = kit.build(kit.document(strategy="session-affinity"))
+    router = harness.deps.proxy._router
+    seen: list[str | None] = []
+    choose = router.choose
+
+    def spy(route: Any, request: Any, tried: Any) -> Any:
+        seen.append(request.session)
+        return choose(route, request, tried)
+
+    router.choose = spy
+    sent = "x" * 4096
+    async with harness.client() as client:
+        await client.post(
+            "/graphql",
+            json={"query": CHAT, "variables": {"input": INPUT}},
+            headers={"x-session-id": sent},
+        )
+    assert seen == ["sha256:" + hashlib.sha256(sent.encode()).hexdigest()]
 
 
 async def test_each_model_call_of_a_document_has_its_own_request_id(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -300,3 +301,18 @@ async def test_a_replicas_refusal_that_is_not_json_is_invalid_argument(
     assert kit.counted(harness, str(status), door="grpc") == 1
     assert kit.counted(harness, "502", door="grpc") is None
     assert _access(caplog) == [(status, None)]
+
+
+async def test_a_session_id_that_is_no_id_is_logged_as_its_hash_as_on_rest(
+    door: tuple[Any, pb_grpc.InferenceStub],
+    kit: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _harness, stub = door
+    caplog.set_level("INFO", logger="citadel.gateway.access")
+    sent = "x key=root status=200"
+    metadata = (("authorization", f"Bearer {kit.key}"), ("x-session-id", sent))
+    await stub.ChatCompletion(_chat(), metadata=metadata)
+    logged = [r for r in caplog.records if r.name == "citadel.gateway.access"]
+    hashed = "sha256:" + hashlib.sha256(sent.encode()).hexdigest()
+    assert [getattr(r, "session", None) for r in logged] == [hashed]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +24,7 @@ from citadel.gateway.services.requests import (
     TOO_DEEP,
     ApiCall,
     parse_body,
+    session_id,
     upstream_body,
 )
 
@@ -191,3 +193,30 @@ def test_reading_a_body_leaves_a_disabled_collector_disabled() -> None:
     with pytest.raises(InvalidRequest):
         parse_body(b"{", COMPLETIONS)
     assert gc.isenabled()
+
+
+@pytest.mark.parametrize("sent", ["conv-7", "a" * 128, "org/team:conv.1+x=y_z-2"])
+def test_a_session_id_that_looks_like_an_id_is_kept(sent: str) -> None:
+    assert session_id(sent) == sent
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        "x key=root status=200",  # a text log line's fields, forged
+        "a" * 129,
+        "a" * 4_000_000,
+        "alice@example.com",
+        "conv\n7",
+        "Zoë",
+    ],
+)
+def test_any_other_session_id_is_its_hash(sent: str) -> None:
+    digest = hashlib.sha256(sent.encode()).hexdigest()
+    assert session_id(sent) == f"sha256:{digest}"
+    assert session_id(sent) == session_id(sent)  # the conversation stays pinned
+
+
+@pytest.mark.parametrize("sent", [None, ""])
+def test_no_session_id(sent: str | None) -> None:
+    assert session_id(sent) is None
