@@ -130,7 +130,7 @@ def parse_body(raw: bytes, call: ApiCall) -> dict[str, Any]:
             raise InvalidRequest(
                 "`messages` must be a non-empty array of messages.", param="messages"
             )
-        _check_length("messages", len(prompt), MAX_MESSAGES)
+        check_length("messages", len(prompt), MAX_MESSAGES)
         _check_messages(prompt)
     elif not isinstance(prompt, str | list):
         raise InvalidRequest(
@@ -140,11 +140,11 @@ def parse_body(raw: bytes, call: ApiCall) -> dict[str, Any]:
     elif isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         # A batch: the estimate walks it. Token ids (integers throughout, the
         # first tells, as for the estimate) are one prompt.
-        _check_length(call.prompt_field, len(prompt), MAX_PROMPTS)
+        check_length(call.prompt_field, len(prompt), MAX_PROMPTS)
     for field, limit in _LISTS:
         value = body.get(field)
         if isinstance(value, list):
-            _check_length(field, len(value), limit)
+            check_length(field, len(value), limit)
     if "stream" in body and not isinstance(body["stream"], bool | None):
         raise InvalidRequest("`stream` must be a boolean.", param="stream")
     for field in _COUNTS:
@@ -189,8 +189,12 @@ def _read_json(raw: bytes) -> Any:
             gc.enable()
 
 
-def _check_length(field: str, length: int, limit: int) -> None:
-    """Refuses an array longer than `limit` (before anything walks it)."""
+def check_length(field: str, length: int, limit: int) -> None:
+    """Refuses an array longer than `limit` (before anything walks it).
+
+    Raises:
+        InvalidRequest: it is longer, naming `field` and the limit.
+    """
     if length > limit:
         raise InvalidRequest(
             f"`{field}` has {length:,} items; at most {limit:,} are allowed.",
