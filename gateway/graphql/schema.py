@@ -4,7 +4,9 @@ subscription, with limits on what one document may ask.
 Every operation that reaches a model runs `ProxyService.handle`, like REST and
 gRPC. Validation refuses documents deeper than `MAX_DEPTH`, longer than
 `MAX_TOKENS` tokens or with more than `MAX_ALIASES` aliases (the way to ask for
-the same field twice), so one document cannot fan out into unbounded work.
+the same field twice), so one document cannot fan out into unbounded work;
+execution refuses variables holding a list longer than `MAX_LIST_ITEMS`, before
+they are coerced (`citadel.gateway.graphql.limits`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from citadel.gateway.deps import ClientWatch
 from citadel.gateway.errors import GatewayError
 from citadel.gateway.graphql.context import GraphQLContext
 from citadel.gateway.graphql.errors import reported
+from citadel.gateway.graphql.limits import VariableListLimiter
 from citadel.gateway.graphql.types import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -240,5 +243,6 @@ def build_schema() -> strawberry.Schema:
             lambda: QueryDepthLimiter(max_depth=MAX_DEPTH),
             lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
             lambda: MaxAliasesLimiter(max_alias_count=MAX_ALIASES),
+            VariableListLimiter,
         ],
     )

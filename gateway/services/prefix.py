@@ -31,14 +31,34 @@ def prompt_text(body: Mapping[str, Any]) -> str:
         parts: list[str] = []
         for message in messages:
             if isinstance(message, Mapping):
-                parts.append(f"{message.get('role')}\x1f{_content(message)}\x1e")
+                # Only a string is a role (vLLM refuses any other): str() of
+                # anything else could be megabytes of text, made for nothing.
+                role = message.get("role")
+                role = role if isinstance(role, str) else None
+                parts.append(f"{role}\x1f{_content(message)}\x1e")
         return "".join(parts)
     for field in ("prompt", "input"):
         value = body.get(field)
         if isinstance(value, str):
             return value
         if isinstance(value, list) and value:
-            return str(value[0])
+            return _first_prompt(value[0])
+    return ""
+
+
+def _first_prompt(value: object) -> str:
+    """The text of a batch's first prompt (or a token-id prompt's first id):
+    of token ids, only as many as the hashed blocks can hold (each id writes
+    at least one character), so a prompt of a million ids is not written out
+    whole; nothing for a shape the backend refuses."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list):
+        ids = value[: BLOCK_CHARS * MAX_BLOCKS]
+        if all(isinstance(i, int) for i in ids):
+            return str(ids)
     return ""
 
 
@@ -50,11 +70,17 @@ def _content(message: Mapping[str, Any]) -> str:
         # vLLM takes a plain string among the parts as text; media parts have
         # none, and their payload (base64) is no text to route or charge by.
         return "".join(
-            part if isinstance(part, str) else str(part.get("text", ""))
+            part if isinstance(part, str) else _text(part.get("text"))
             for part in content
             if isinstance(part, str | Mapping)
         )
     return ""
+
+
+def _text(value: object) -> str:
+    """A part's `text`: only a string (vLLM refuses any other), never str() of
+    a value that could be megabytes of JSON."""
+    return value if isinstance(value, str) else ""
 
 
 def block_hashes(text: str, block_chars: int = BLOCK_CHARS) -> list[int]:

@@ -35,6 +35,7 @@ from citadel.gateway.services.requests import (
     Door,
     client_wants_usage,
     parse_body,
+    session_id,
     upstream_body,
 )
 from citadel.gateway.services.routing import Router
@@ -88,7 +89,8 @@ class _Context:
     request_id: str
     started: float
     session: str | None = None
-    """The conversation's id from the session header, if sent."""
+    """The conversation's id from the session header, if sent (`session_id`:
+    as sent, or its hash)."""
     door: Door = Door.REST
     model: str = UNKNOWN_MODEL
     route: ModelRoute | None = None
@@ -181,6 +183,9 @@ class ProxyService:
         """Answers one request.
 
         Args:
+            session: the session header as sent, if it was; routed by and
+                logged as `session_id` makes it (every door's goes through
+                here).
             read: a door's reading of a whole answer with status 200, run
                 before the request is counted: a `GatewayError` it raises (an
                 answer the door cannot use) is what the request ends with and
@@ -190,7 +195,9 @@ class ProxyService:
         Raises:
             GatewayError: any refusal or failure, to be shown in OpenAI's shape.
         """
-        ctx = _Context(call, principal, request_id, self._clock(), session, door)
+        ctx = _Context(
+            call, principal, request_id, self._clock(), session_id(session), door
+        )
         try:
             return await self._handle(ctx, raw, read)
         except GatewayError as err:

@@ -8,6 +8,9 @@ known or not, goes to the backend untouched for it to judge.
 from __future__ import annotations
 
 import enum
+import gc
+import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,14 +62,52 @@ TOO_DEEP = (
 )
 
 
+# How many items the arrays the gateway walks (to estimate tokens, to route by
+# prefix) may hold. The body size alone does not bound that work: 8 MiB of
+# `[{}, {}, ...]` is 2.8 million messages, which took seconds of the event loop
+# (every other request and stream waited) even for a request then refused with
+# a 429. Each limit is far past legitimate use, and at the limits the walk (40
+# to 50 ms for 10,000 messages of 2 parts) costs less than reading 8 MiB of
+# small arrays at all (about 200 ms, see `_read_json`).
+MAX_MESSAGES = 10_000
+"""A chat's `messages`: a 128k-token context filled with messages of 13
+tokens each (the chat template alone adds about 5 to each)."""
+
+MAX_CONTENT_PARTS = 20_000
+"""Content parts of a chat's messages, all together: two for each message at
+the limit (clients that always send parts send one or two each)."""
+
+MAX_PROMPTS = 2_048
+"""Prompts of one completion or embedding batch: OpenAI's limit on an
+embedding's `input`. One prompt of token ids may be as long as the body allows
+(a 128k context): the estimate reads its length, never its items."""
+
+MAX_TOOLS = 1_024
+"""A chat's `tools` (or `functions`): eight times OpenAI's 128; vLLM renders
+each into the prompt with the chat template, in Python."""
+
+MAX_STOP = 64
+"""`stop` strings: sixteen times OpenAI's 4; vLLM looks for each in the text
+after every token it generates."""
+
+_LISTS = (("tools", MAX_TOOLS), ("functions", MAX_TOOLS), ("stop", MAX_STOP))
+"""The optional arrays of any endpoint, with their limits."""
+
+_COUNTS = ("max_tokens", "max_completion_tokens", "n", "best_of")
+"""The numbers the token estimate reads: each, when set, a positive integer
+(an estimate that skipped a `best_of` of "64" or 64.0, which vLLM reads as 64,
+charged one sequence for 64)."""
+
+
 def parse_body(raw: bytes, call: ApiCall) -> dict[str, Any]:
     """The request body as a dict, checked just enough to route it.
 
     Raises:
-        InvalidRequest: malformed JSON or a missing or mistyped field.
+        InvalidRequest: malformed JSON, a missing or mistyped field, or an
+            array longer than the gateway reads (`MAX_MESSAGES` and others).
     """
     try:
-        body = orjson.loads(raw)
+        body = _read_json(raw)
     except orjson.JSONDecodeError as err:
         raise InvalidRequest(
             f"We could not parse the JSON body of your request: {err}."
@@ -89,16 +130,24 @@ def parse_body(raw: bytes, call: ApiCall) -> dict[str, Any]:
             raise InvalidRequest(
                 "`messages` must be a non-empty array of messages.", param="messages"
             )
-        if not all(isinstance(m, dict) for m in prompt):
-            raise InvalidRequest("Each message must be an object.", param="messages")
+        check_length("messages", len(prompt), MAX_MESSAGES)
+        _check_messages(prompt)
     elif not isinstance(prompt, str | list):
         raise InvalidRequest(
             f"`{call.prompt_field}` must be a string or an array.",
             param=call.prompt_field,
         )
+    elif isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        # A batch: the estimate walks it. Token ids (integers throughout, the
+        # first tells, as for the estimate) are one prompt.
+        check_length(call.prompt_field, len(prompt), MAX_PROMPTS)
+    for field, limit in _LISTS:
+        value = body.get(field)
+        if isinstance(value, list):
+            check_length(field, len(value), limit)
     if "stream" in body and not isinstance(body["stream"], bool | None):
         raise InvalidRequest("`stream` must be a boolean.", param="stream")
-    for field in ("max_tokens", "max_completion_tokens", "n"):
+    for field in _COUNTS:
         value = body.get(field)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise InvalidRequest(f"`{field}` must be a positive integer.", param=field)
@@ -119,6 +168,81 @@ def dumps_request(body: dict[str, Any]) -> bytes:
         if "recursion" in str(err).lower():
             raise InvalidRequest(TOO_DEEP) from err
         raise InvalidRequest(f"The request cannot be sent as JSON: {err}.") from err
+
+
+def _read_json(raw: bytes) -> Any:
+    """`raw` parsed, without the cyclic garbage collector running meanwhile.
+
+    orjson makes every array and object of the body, each tracked by the
+    collector, whose passes (one per 700 new ones, the older generations among
+    them) made reading 8 MiB of `[[], [], ...]` take 1.3 s instead of 0.17 s.
+    Parsed JSON holds no cycles, so they would find nothing; the one pass that
+    follows sees the body once. orjson holds the GIL throughout, so no other
+    thread runs without the collector.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return orjson.loads(raw)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def check_length(field: str, length: int, limit: int) -> None:
+    """Refuses an array longer than `limit` (before anything walks it).
+
+    Raises:
+        InvalidRequest: it is longer, naming `field` and the limit.
+    """
+    if length > limit:
+        raise InvalidRequest(
+            f"`{field}` has {length:,} items; at most {limit:,} are allowed.",
+            param=field,
+        )
+
+
+def _check_messages(messages: list[Any]) -> None:
+    """Refuses a message that is no object, and messages with more than
+    `MAX_CONTENT_PARTS` content parts in all (counted by their arrays' lengths,
+    in the same pass over at most `MAX_MESSAGES`)."""
+    parts = 0
+    for message in messages:
+        if not isinstance(message, dict):
+            raise InvalidRequest("Each message must be an object.", param="messages")
+        content = message.get("content")
+        if isinstance(content, list):
+            parts += len(content)
+    if parts > MAX_CONTENT_PARTS:
+        raise InvalidRequest(
+            f"`messages` have {parts:,} content parts in all; at most "
+            f"{MAX_CONTENT_PARTS:,} are allowed.",
+            param="messages",
+        )
+
+
+_SESSION_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+"""What a session id the gateway routes and logs as sent may be: what a
+request id may be."""
+
+
+def session_id(value: str | None) -> str | None:
+    """The session header's value as the gateway routes and logs it.
+
+    As sent when it looks like an id (1 to 128 letters, digits and `._:/+=-`,
+    as a request id); else `sha256:` and the hex SHA-256 of its UTF-8 bytes,
+    which pins the conversation as well, so a client is never refused for the
+    header of an optional feature. Either way what reaches the log is bounded
+    and cannot forge a field of a text log line (`x key=root status=200`), and
+    session affinity hashes at most 128 characters per replica, not 4 MB.
+    None when absent or empty (no session).
+    """
+    if not value:
+        return None
+    if _SESSION_ID.fullmatch(value):
+        return value
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"sha256:{digest}"
 
 
 def client_wants_usage(body: dict[str, Any]) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -13,7 +14,7 @@ from openai import AsyncOpenAI, NotFoundError
 
 from citadel.gateway.services.auth import KeyRecord, hash_key
 from citadel.gateway.services.replicas import Endpoint, LoadReport
-from citadel.gateway.services.requests import CHAT
+from citadel.gateway.services.requests import CHAT, MAX_MESSAGES
 from citadel.gateway.upstream import (
     UpstreamDropped,
     UpstreamTimeout,
@@ -907,6 +908,44 @@ async def test_the_access_log_names_the_session_and_replica(
     logged = [r for r in caplog.records if r.name == "citadel.gateway.access"]
     assert [getattr(r, "session", "absent") for r in logged] == ["conv-7", None]
     assert all(getattr(r, "replica", "").startswith("http://r") for r in logged)
+
+
+async def test_a_session_id_that_is_no_id_is_routed_and_logged_as_its_hash(
+    kit: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 4 MB header was a 4 MB log line, and `x key=root status=200` forged
+    fields of a text one; refusing it would break clients over a hint."""
+    harness = kit.build(kit.document(strategy="session-affinity"))
+    caplog.set_level("INFO", logger="citadel.gateway.access")
+    sent = "x key=root status=200"
+    hashed = "sha256:" + hashlib.sha256(sent.encode()).hexdigest()
+    async with harness.client() as client:
+        for _ in range(4):
+            answer = await client.post(
+                "/v1/chat/completions", json=kit.chat, headers={"x-session-id": sent}
+            )
+            assert answer.status_code == 200
+    logged = [r for r in caplog.records if r.name == "citadel.gateway.access"]
+    assert [getattr(r, "session", None) for r in logged] == [hashed] * 4
+    # Pinned all the same: every request went to one replica.
+    assert len({url for url, _, _ in harness.upstream.calls}) == 1
+
+
+async def test_an_array_past_its_limit_is_a_400_that_reaches_no_replica(
+    harness: Any,
+) -> None:
+    harness.deps.max_body_bytes = 1 << 20
+    body = {"model": "chat", "messages": [{}] * (MAX_MESSAGES + 1)}
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 400
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == "messages"
+    assert (
+        error["message"] == "`messages` has 10,001 items; at most 10,000 are allowed."
+    )
+    assert harness.upstream.calls == []
 
 
 async def test_the_access_log_names_the_api_as_the_metrics_do(

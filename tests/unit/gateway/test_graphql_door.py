@@ -5,6 +5,7 @@ request ids, and a client that leaves."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from typing import Any
 
@@ -239,6 +240,29 @@ async def test_the_session_header_reaches_the_router(kit: Any) -> None:
             headers={"x-session-id": "conv-1"},
         )
     assert seen == ["conv-1"]
+
+
+async def test_a_session_header_that_is_no_id_reaches_the_router_hashed(
+    kit: Any,
+) -> None:
+    harness = kit.build(kit.document(strategy="session-affinity"))
+    router = harness.deps.proxy._router
+    seen: list[str | None] = []
+    choose = router.choose
+
+    def spy(route: Any, request: Any, tried: Any) -> Any:
+        seen.append(request.session)
+        return choose(route, request, tried)
+
+    router.choose = spy
+    sent = "x" * 4096
+    async with harness.client() as client:
+        await client.post(
+            "/graphql",
+            json={"query": CHAT, "variables": {"input": INPUT}},
+            headers={"x-session-id": sent},
+        )
+    assert seen == ["sha256:" + hashlib.sha256(sent.encode()).hexdigest()]
 
 
 async def test_each_model_call_of_a_document_has_its_own_request_id(
@@ -590,3 +614,42 @@ async def test_a_replicas_refusal_that_is_not_json_is_an_invalid_request(
     assert kit.counted(harness, str(status), door="graphql") == 1
     assert kit.counted(harness, "502", door="graphql") is None
     assert _access(caplog) == [(status, None)]
+
+
+@pytest.mark.parametrize(
+    ("field", "items"),
+    [("messages", {"role": "user", "content": ""}), ("stop", "x")],
+)
+async def test_a_list_in_the_variables_past_the_limit_is_refused_before_coercion(
+    kit: Any, field: str, items: object
+) -> None:
+    """graphql-core coerced the 300,000 messages that fit in 8 MiB for 8 s
+    before the proxy could refuse them: the refusal names the variable, which
+    the proxy's (`messages` has ...) would not."""
+    harness = kit.build()
+    harness.deps.max_body_bytes = 1 << 20
+    variables = {"input": {**INPUT, field: [items] * 10_001}}
+    async with harness.client() as client:
+        answer = await client.post(
+            "/graphql", json={"query": CHAT, "variables": variables}
+        )
+    error = answer.json()["errors"][0]
+    assert error["message"] == (
+        f"`$input.{field}` has 10,001 items; at most 10,000 are allowed."
+    )
+    assert error["extensions"]["status"] == 400
+    assert harness.upstream.calls == []
+    assert kit.counted(harness, "400", door="graphql", model="unknown") == 1
+
+
+async def test_lists_in_the_variables_up_to_the_limit_are_taken(kit: Any) -> None:
+    harness = kit.build()
+    harness.deps.max_body_bytes = 1 << 20
+    messages = [{"role": "user", "content": "hi"}] * 10_000
+    variables = {"input": {**INPUT, "messages": messages}}
+    async with harness.client() as client:
+        answer = await client.post(
+            "/graphql", json={"query": CHAT, "variables": variables}
+        )
+    assert "errors" not in answer.json()
+    assert len(harness.upstream.calls[0][1]["messages"]) == 10_000

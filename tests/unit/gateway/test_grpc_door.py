@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,9 +12,12 @@ import orjson
 import pytest
 from google.protobuf import struct_pb2
 
+from citadel.gateway.errors import InvalidRequest
+from citadel.gateway.rpc import convert
 from citadel.gateway.rpc.server import GrpcServer
 from citadel.gateway.rpc.v1 import citadel_pb2 as pb
 from citadel.gateway.rpc.v1 import citadel_pb2_grpc as pb_grpc
+from citadel.gateway.services.requests import MAX_MESSAGES, MAX_PROMPTS, MAX_STOP
 from citadel.gateway.upstream import UpstreamFailure
 
 pytestmark = pytest.mark.unit
@@ -300,3 +304,71 @@ async def test_a_replicas_refusal_that_is_not_json_is_invalid_argument(
     assert kit.counted(harness, str(status), door="grpc") == 1
     assert kit.counted(harness, "502", door="grpc") is None
     assert _access(caplog) == [(status, None)]
+
+
+async def test_a_session_id_that_is_no_id_is_logged_as_its_hash_as_on_rest(
+    door: tuple[Any, pb_grpc.InferenceStub],
+    kit: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _harness, stub = door
+    caplog.set_level("INFO", logger="citadel.gateway.access")
+    sent = "x key=root status=200"
+    metadata = (("authorization", f"Bearer {kit.key}"), ("x-session-id", sent))
+    await stub.ChatCompletion(_chat(), metadata=metadata)
+    logged = [r for r in caplog.records if r.name == "citadel.gateway.access"]
+    hashed = "sha256:" + hashlib.sha256(sent.encode()).hexdigest()
+    assert [getattr(r, "session", None) for r in logged] == [hashed]
+
+
+@pytest.mark.parametrize(
+    ("field", "body_of"),
+    [
+        (
+            "messages",
+            lambda n: convert.chat_body(
+                pb.ChatCompletionRequest(model="chat", messages=[pb.ChatMessage()] * n),
+                stream=False,
+            ),
+        ),
+        (
+            "stop",
+            lambda n: convert.chat_body(
+                pb.ChatCompletionRequest(
+                    model="chat",
+                    messages=[pb.ChatMessage(role="user", content="hi")],
+                    sampling=pb.Sampling(stop=["x"] * n),
+                ),
+                stream=False,
+            ),
+        ),
+        (
+            "stop",
+            lambda n: convert.completion_body(
+                pb.CompletionRequest(
+                    model="chat", prompt="hi", sampling=pb.Sampling(stop=["x"] * n)
+                )
+            ),
+        ),
+        (
+            "input",
+            lambda n: convert.embeddings_body(
+                pb.EmbeddingsRequest(model="chat", input=["x"] * n)
+            ),
+        ),
+    ],
+)
+def test_arrays_past_rests_limits_are_refused_before_they_are_converted(
+    field: str, body_of: Any
+) -> None:
+    # 4.5 million empty messages fit in a 9 MiB message: 1.5 s of the event
+    # loop to write out as dicts, before the proxy refused them.
+    limit = {
+        "messages": MAX_MESSAGES,
+        "stop": MAX_STOP,
+        "input": MAX_PROMPTS,
+    }[field]
+    assert len(body_of(limit)[field]) == limit
+    with pytest.raises(InvalidRequest) as info:
+        body_of(limit + 1)
+    assert info.value.param == field

@@ -278,6 +278,25 @@ def test_a_chat_counts_each_media_part_at_a_fixed_size(part: dict[str, Any]) -> 
     assert estimate_tokens({**chat, "max_tokens": 1}, CHAT, 256) == 102 + 6_000 + 1
 
 
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"role": [0] * 10_000, "content": "x" * 400},
+        {"role": {"a": "b" * 10_000}, "content": "x" * 400},
+        {"role": None, "content": [{"type": "text", "text": [0] * 10_000}, "x" * 400]},
+        {"role": None, "content": [{"text": {"a": "b" * 10_000}}, "x" * 400]},
+    ],
+)
+def test_a_role_or_text_that_is_no_string_is_not_written_out(
+    message: dict[str, Any],
+) -> None:
+    """str() of it was megabytes of text for a role of a million numbers, made
+    on the event loop and counted as tokens; vLLM refuses it anyway."""
+    # "None", separators, 400 characters: 102 tokens, and a reply.
+    chat = {"messages": [message], "max_tokens": 1}
+    assert estimate_tokens(chat, CHAT, 256) == 102 + 1
+
+
 async def test_rpm_per_key_and_per_model() -> None:
     clock = Clock()
     limiter = Limiter(InProcessBuckets(), clock)

@@ -10,7 +10,13 @@ from collections import Counter
 import pytest
 
 from citadel.gateway.routes import RoutingStrategy
-from citadel.gateway.services.prefix import block_hashes, prompt_text, rendezvous
+from citadel.gateway.services.prefix import (
+    BLOCK_CHARS,
+    MAX_BLOCKS,
+    block_hashes,
+    prompt_text,
+    rendezvous,
+)
 from citadel.gateway.services.replicas import LoadReport, Replica
 from citadel.gateway.services.strategies import (
     KvAware,
@@ -286,6 +292,19 @@ def test_prompt_text_reads_plain_string_parts() -> None:
     part of the prompt, to route by and to charge for."""
     parts = {"role": "user", "content": ["hi ", {"type": "text", "text": "there"}]}
     assert prompt_text({"messages": [parts]}) == "user\x1fhi there\x1e"
+
+
+def test_a_batch_of_token_ids_is_written_out_only_as_far_as_it_is_hashed() -> None:
+    """A first prompt of a million ids was written out whole (megabytes, on
+    the event loop) to hash its first 64 blocks."""
+    short = list(range(100))
+    assert prompt_text({"prompt": [short, [1]]}) == str(short)
+    long = [7] * 1_000_000
+    text = prompt_text({"prompt": [long]})
+    assert len(text) <= 3 * BLOCK_CHARS * MAX_BLOCKS
+    assert block_hashes(text) == block_hashes(str(long))
+    assert prompt_text({"prompt": [[[7] * 1_000_000]]}) == ""  # no token ids
+    assert prompt_text({"prompt": [{"a": [7] * 1_000_000}]}) == ""
 
 
 def test_rendezvous_is_stable() -> None:
