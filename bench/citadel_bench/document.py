@@ -9,6 +9,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from citadel_bench import peers
 from citadel_bench.config import BenchConfig
 from citadel_bench.goprofile import CATEGORIES, CHUNK_S, OTHER, ApiServerProfile
 from citadel_bench.memory import MemoryRun
@@ -194,9 +195,11 @@ def _overhead(r: Results) -> list[str]:
         "median (p99) minus `direct`'s in the same round, then the median over rounds;",
         "`spread` is the lowest and highest per-round median (drift). CPU is the",
         "proxy's (or backend's, for `direct`) CPU time over wall time, in cores; RSS",
-        "its resident memory at the end. Defaults of each proxy: Citadel's",
-        "`prefix-aware` strategy, vllm-router's `cache_aware` policy, one LiteLLM",
-        "worker; Citadel logs one line per request (its default).",
+        "its resident memory at the end (of every process of the proxy). A verdict",
+        "whose two targets' per-round RPS ranges overlap says so: which is ahead",
+        "may change from run to run.",
+        "",
+        *_peer_setup(),
         "",
     ]
     for name, why in r.overhead.skipped.items():
@@ -262,6 +265,34 @@ def _overhead(r: Results) -> list[str]:
             "",
         ]
     return out
+
+
+def _peer_setup() -> list[str]:
+    """How each proxy runs, for the overhead method (`citadel_bench.peers`)."""
+    return [
+        "How each proxy runs ([bench/citadel_bench/peers.py]"
+        "(../bench/citadel_bench/peers.py)):",
+        "",
+        "- Citadel: its defaults, so the `prefix-aware` strategy, keys required "
+        "and one log line per request. Its one key has no limits; it is made "
+        "by Citadel's CLI (`citadel keys --file`) in the key file the gateway "
+        "reads, and the load generator sends it (`Authorization: Bearer`) to "
+        "Citadel alone.",
+        "- vllm-router: its defaults (the `cache_aware` policy here); it has no "
+        "client keys. Its log is at warning level through `RUST_LOG=warn`: its "
+        "`--log-level warning` reaches its Rust core as a level it does not "
+        "know, which then logs at INFO, a line per request for some policies.",
+        f"- LiteLLM: as its docs advise for throughput where that is cheap: "
+        f"{peers.litellm_workers()} workers (`--num_workers`, one per core), "
+        "`callbacks: []` and `num_retries: 0` as in LiteLLM's own benchmark "
+        "config, a `model_info` pricing each deployment (at zero) so that the "
+        "cost of an answer is read from the deployment's own entry, and "
+        "uvicorn's access log off (`--log_config`); uvicorn's supervisor "
+        f"waits {peers.LITELLM_HEALTHCHECK_S} s for a worker's health check "
+        "(`--timeout_worker_healthcheck`) where its 5 s killed workers still "
+        "starting. No master key, so it checks no key: its docs' production "
+        "setup adds one, with a database.",
+    ]
 
 
 def routing_part(workload: ChatWorkload) -> str:

@@ -32,23 +32,25 @@ def run_memory(log_dir: Path, total: int, batches: int = 10) -> MemoryRun:
     """`total` requests (half streamed) at concurrency 16, in `batches` batches."""
     procs: list[Proc] = []
     try:
-        gateway, url = start_instant_citadel(log_dir, "memory", procs)
-        chat = url + "/v1/chat/completions"
+        gateway = start_instant_citadel(log_dir, "memory", procs)
+        chat = gateway.url + "/v1/chat/completions"
         per_batch = max(1, total // batches)
 
         async def batch(i: int) -> loadgen.Run:
             make = body(stream=i % 2 == 1)
-            return await loadgen.closed_loop(chat, make, 16, per_batch, 600)
+            return await loadgen.closed_loop(
+                chat, make, 16, per_batch, 600, gateway.headers
+            )
 
         warm = asyncio.run(batch(0))
-        curve = [(0, gateway.rss_bytes() / 2**20)]
+        curve = [(0, gateway.proc.rss_bytes() / 2**20)]
         done, errors, wall = 0, warm.errors, 0.0
         for i in range(batches):
             run = asyncio.run(batch(i))
             done += len(run.samples)
             errors += run.errors
             wall += run.wall_s
-            curve.append((done, gateway.rss_bytes() / 2**20))
+            curve.append((done, gateway.proc.rss_bytes() / 2**20))
             print(f"memory after {done} requests: {curve[-1][1]:.1f} MiB", flush=True)
         return MemoryRun(done, errors, curve, wall)
     finally:
