@@ -391,3 +391,20 @@ def test_an_rps_verdict_within_the_rounds_noise_says_so() -> None:
     )
     apart = verdicts["RPS at least LiteLLM's (design target) (json, concurrency 64)"]
     assert apart.ok and apart.note == ""
+
+
+def test_routing_method_says_what_was_tuned_and_what_the_relay_compares(
+    tmp_path: Path,
+) -> None:
+    r = _results()
+    r.routing = [_result(SHORT_CHAT, 82.0)]
+    method = " ".join(_write(r, tmp_path).split("## Routing quality")[1].split())
+    # Which of prefix-aware's parameters were tuned on which workload, and that
+    # the peer's were not.
+    for commit in ("1f4ae66", "ededc39", "6f1b9ab"):
+        assert commit in method
+    assert "`cache_aware` included, run at their command-line defaults" in method
+    # The relay compares stacks at the same placement only.
+    assert "splits a gap" not in method
+    assert "compares HTTP stacks only where the placement is the same" in method
+    assert "client TTFT minus replica TTFT" in method
