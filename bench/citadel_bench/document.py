@@ -12,7 +12,7 @@ from pathlib import Path
 from citadel_bench import peers
 from citadel_bench.config import BenchConfig
 from citadel_bench.goprofile import CATEGORIES, CHUNK_S, OTHER, ApiServerProfile
-from citadel_bench.memory import MemoryRun
+from citadel_bench.memory import CONCURRENCY, MemoryRun
 from citadel_bench.operator_scale import (
     APPLY_STREAMS,
     RESYNC_S,
@@ -491,18 +491,52 @@ def _memory(r: Results) -> list[str]:
     if not r.memory:
         return [*out, f"Not run: {r.failures.get('memory', 'skipped')}", ""]
     m = r.memory
+    measured = len([n for n, _ in m.curve if n > m.warmup])
     out += [
-        f"{m.requests:,} chat completions through the gateway to the `--instant`",
-        "simulator at concurrency 16, in ten batches alternating plain and streamed,",
-        "after a warm-up batch; RSS of the gateway after each batch "
-        f"({m.errors} errors, {m.wall_s:.0f} s of load).",
+        f"{m.requests:,} chat completions through the gateway (its default "
+        "`prefix-aware` strategy) to the",
+        f"`--instant` simulator at concurrency {CONCURRENCY}, in {measured} "
+        "batches alternating plain and",
+        f"streamed, after a warm-up of {m.warmup:,} requests; RSS of the gateway "
+        "at start-up (before any completion) and after",
+        f"each batch ({m.errors} errors, {m.wall_s:.0f} s of measured load). "
+        "Every request of the run is a",
+        f"prompt of its own, {m.blocks_per_request} blocks of the gateway's "
+        "prefix hashes long (its number",
+        "leads, so each block hash is new): the strategy remembers each, and its "
+        "table is bounded",
+        f"at {m.table_capacity:,} block hashes, least recently used ones evicted. "
+        f"Full of this run's hashes it",
+        f"weighs {fmt(m.table_mib, 1)} MiB (Python allocations of the table "
+        "alone, measured in the benchmark's",
+        "process before the run). The warm-up fills the table to its cap and "
+        "runs one batch more, so",
+        "the measured window is steady state: from there the table only turns "
+        "over, and RSS that",
+        "still grows is growth of something else. The target is the growth over "
+        "the measured",
+        "requests, from the end of the warm-up to the end.",
         "",
-        table(["requests", "RSS MiB"], [(n, rss) for n, rss in m.curve]),
+        table(
+            ["requests", "RSS MiB", "phase"],
+            [(n, rss, _memory_phase(n, m.warmup)) for n, rss in m.curve],
+        ),
         "",
         "![gateway RSS](benchmarks/memory.png)",
         "",
     ]
     return out
+
+
+def _memory_phase(sent: int, warmup: int) -> str:
+    """Which part of the memory run a sample closes."""
+    if sent == 0:
+        return "start-up, before any completion"
+    if sent < warmup:
+        return "warm-up"
+    if sent == warmup:
+        return "end of the warm-up (measured from here)"
+    return "measured"
 
 
 def _cpu_rows(label: str, cpu: dict[str, float], wall: float) -> list[tuple[str, str]]:
