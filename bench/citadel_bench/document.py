@@ -9,9 +9,10 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from citadel_bench import peers
 from citadel_bench.config import BenchConfig
 from citadel_bench.goprofile import CATEGORIES, CHUNK_S, OTHER, ApiServerProfile
-from citadel_bench.memory import MemoryRun
+from citadel_bench.memory import CONCURRENCY, MemoryRun
 from citadel_bench.operator_scale import (
     APPLY_STREAMS,
     RESYNC_S,
@@ -194,9 +195,11 @@ def _overhead(r: Results) -> list[str]:
         "median (p99) minus `direct`'s in the same round, then the median over rounds;",
         "`spread` is the lowest and highest per-round median (drift). CPU is the",
         "proxy's (or backend's, for `direct`) CPU time over wall time, in cores; RSS",
-        "its resident memory at the end. Defaults of each proxy: Citadel's",
-        "`prefix-aware` strategy, vllm-router's `cache_aware` policy, one LiteLLM",
-        "worker; Citadel logs one line per request (its default).",
+        "its resident memory at the end (of every process of the proxy). A verdict",
+        "whose two targets' per-round RPS ranges overlap says so: which is ahead",
+        "may change from run to run.",
+        "",
+        *_peer_setup(),
         "",
     ]
     for name, why in r.overhead.skipped.items():
@@ -262,6 +265,34 @@ def _overhead(r: Results) -> list[str]:
             "",
         ]
     return out
+
+
+def _peer_setup() -> list[str]:
+    """How each proxy runs, for the overhead method (`citadel_bench.peers`)."""
+    return [
+        "How each proxy runs ([bench/citadel_bench/peers.py]"
+        "(../bench/citadel_bench/peers.py)):",
+        "",
+        "- Citadel: its defaults, so the `prefix-aware` strategy, keys required "
+        "and one log line per request. Its one key has no limits; it is made "
+        "by Citadel's CLI (`citadel keys --file`) in the key file the gateway "
+        "reads, and the load generator sends it (`Authorization: Bearer`) to "
+        "Citadel alone.",
+        "- vllm-router: its defaults (the `cache_aware` policy here); it has no "
+        "client keys. Its log is at warning level through `RUST_LOG=warn`: its "
+        "`--log-level warning` reaches its Rust core as a level it does not "
+        "know, which then logs at INFO, a line per request for some policies.",
+        f"- LiteLLM: as its docs advise for throughput where that is cheap: "
+        f"{peers.litellm_workers()} workers (`--num_workers`, one per core), "
+        "`callbacks: []` and `num_retries: 0` as in LiteLLM's own benchmark "
+        "config, a `model_info` pricing each deployment (at zero) so that the "
+        "cost of an answer is read from the deployment's own entry, and "
+        "uvicorn's access log off (`--log_config`); uvicorn's supervisor "
+        f"waits {peers.LITELLM_HEALTHCHECK_S} s for a worker's health check "
+        "(`--timeout_worker_healthcheck`) where its 5 s killed workers still "
+        "starting. No master key, so it checks no key: its docs' production "
+        "setup adds one, with a database.",
+    ]
 
 
 def routing_part(workload: ChatWorkload) -> str:
@@ -364,16 +395,39 @@ def _routing(r: Results) -> list[str]:
         "token accounting),",
         "each conversation kept where it first went (the replica with the fewest "
         "requests in",
-        "flight), as `sticky_least_loaded` places them: beside the two, it splits "
-        "a gap at the",
-        "client into the stack's part and Citadel's request work. `hit rate` "
-        "is the replicas' prefix-cache hits / queries.",
+        "flight), as `sticky_least_loaded` places them. It compares HTTP stacks "
+        "only where the",
+        "placement is the same: against vllm-router's `sticky_least_loaded`, on "
+        "the time in front",
+        "of the replicas (client TTFT minus replica TTFT). Where placements "
+        "differ, as against",
+        "Citadel's strategies, a gap at the client is placement and stack "
+        "together, and the",
+        "relay does not split it. `hit rate` is the replicas' prefix-cache hits "
+        "/ queries.",
         "`replica TTFT mean` is the replicas' own `vllm:time_to_first_token_seconds`",
         "(from a request's arrival at a replica to its first token): what the "
         "routing decided,",
         "without the time a proxy adds in front (which the client's TTFT includes).",
         "vllm-router's `kv_aware` policy needs vLLM's KV-cache event stream, which the",
         "simulator does not produce, so it is left out.",
+        "",
+        "Tuning: Citadel's `prefix-aware` was tuned on these two workloads. Its "
+        "`cache_threshold`",
+        "(0.5, SGLang's cut) was adopted against multi-round QA's burst of new "
+        "conversations",
+        "(commit 1f4ae66), its choice of the least-loaded replica among those "
+        "holding a shared",
+        "prefix was checked on short chat (ededc39), and its `blocks_per_request` "
+        "(8) was chosen",
+        "on multi-round QA and checked on short chat, where a fixed lead did "
+        "worse (6f1b9ab);",
+        "`load_factor` (1.25) and `capacity` came before the benchmark. "
+        "vllm-router's policies,",
+        "`cache_aware` included, run at their command-line defaults; none was "
+        "tuned here. Citadel",
+        "runs with keys required, as in the overhead part, and the load "
+        "generator sends its key.",
         "",
     ]
     found = {result.workload.name: result for result in r.routing}
@@ -437,18 +491,52 @@ def _memory(r: Results) -> list[str]:
     if not r.memory:
         return [*out, f"Not run: {r.failures.get('memory', 'skipped')}", ""]
     m = r.memory
+    measured = len([n for n, _ in m.curve if n > m.warmup])
     out += [
-        f"{m.requests:,} chat completions through the gateway to the `--instant`",
-        "simulator at concurrency 16, in ten batches alternating plain and streamed,",
-        "after a warm-up batch; RSS of the gateway after each batch "
-        f"({m.errors} errors, {m.wall_s:.0f} s of load).",
+        f"{m.requests:,} chat completions through the gateway (its default "
+        "`prefix-aware` strategy) to the",
+        f"`--instant` simulator at concurrency {CONCURRENCY}, in {measured} "
+        "batches alternating plain and",
+        f"streamed, after a warm-up of {m.warmup:,} requests; RSS of the gateway "
+        "at start-up (before any completion) and after",
+        f"each batch ({m.errors} errors, {m.wall_s:.0f} s of measured load). "
+        "Every request of the run is a",
+        f"prompt of its own, {m.blocks_per_request} blocks of the gateway's "
+        "prefix hashes long (its number",
+        "leads, so each block hash is new): the strategy remembers each, and its "
+        "table is bounded",
+        f"at {m.table_capacity:,} block hashes, least recently used ones evicted. "
+        f"Full of this run's hashes it",
+        f"weighs {fmt(m.table_mib, 1)} MiB (Python allocations of the table "
+        "alone, measured in the benchmark's",
+        "process before the run). The warm-up fills the table to its cap and "
+        "runs one batch more, so",
+        "the measured window is steady state: from there the table only turns "
+        "over, and RSS that",
+        "still grows is growth of something else. The target is the growth over "
+        "the measured",
+        "requests, from the end of the warm-up to the end.",
         "",
-        table(["requests", "RSS MiB"], [(n, rss) for n, rss in m.curve]),
+        table(
+            ["requests", "RSS MiB", "phase"],
+            [(n, rss, _memory_phase(n, m.warmup)) for n, rss in m.curve],
+        ),
         "",
         "![gateway RSS](benchmarks/memory.png)",
         "",
     ]
     return out
+
+
+def _memory_phase(sent: int, warmup: int) -> str:
+    """Which part of the memory run a sample closes."""
+    if sent == 0:
+        return "start-up, before any completion"
+    if sent < warmup:
+        return "warm-up"
+    if sent == warmup:
+        return "end of the warm-up (measured from here)"
+    return "measured"
 
 
 def _cpu_rows(label: str, cpu: dict[str, float], wall: float) -> list[tuple[str, str]]:

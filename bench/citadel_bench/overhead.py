@@ -60,27 +60,32 @@ def body(stream: bool) -> Callable[[int], dict[str, Any]]:
 
 
 def measure(
-    target: str,
-    url: str,
-    proc: Proc,
+    name: str,
+    target: peers.Target,
     mode: str,
     concurrency: int,
     round_: int,
     seconds: float,
 ) -> Point:
-    """One run against `url`, with the CPU and memory of `proc` around it."""
+    """One run against `target`, with the CPU and memory of its process around
+    it."""
     make = body(mode == "stream")
-    chat = url + "/v1/chat/completions"
+    chat = target.url + "/v1/chat/completions"
+    proc, headers = target.proc, target.headers
     # A short warm-up opens the connections.
-    asyncio.run(loadgen.closed_loop(chat, make, concurrency, concurrency * 4, 2.0))
+    asyncio.run(
+        loadgen.closed_loop(chat, make, concurrency, concurrency * 4, 2.0, headers)
+    )
     cpu0, t0 = proc.cpu_seconds(), time.monotonic()
-    run = asyncio.run(loadgen.closed_loop(chat, make, concurrency, 10**6, seconds))
+    run = asyncio.run(
+        loadgen.closed_loop(chat, make, concurrency, 10**6, seconds, headers)
+    )
     cpu = (proc.cpu_seconds() - cpu0) / (time.monotonic() - t0)
     ok = run.ok
     latencies = [s.latency * 1000 for s in ok]
     firsts = [s.first_chunk * 1000 for s in ok]
     return Point(
-        target=target,
+        target=name,
         mode=mode,
         concurrency=concurrency,
         round=round_,
@@ -108,10 +113,9 @@ def run_overhead(log_dir: Path, rounds: int, seconds: float) -> OverheadResult:
         )
         procs.append(sim)
         backend = f"http://127.0.0.1:{wait_listening(sim)[0]}"
-        targets: dict[str, tuple[Proc, str]] = {"direct": (sim, backend)}
-        proc, url = peers.start_citadel([backend], log_dir)
-        procs.append(proc)
-        targets["citadel"] = (proc, url)
+        targets = {"direct": peers.Target(sim, backend)}
+        targets["citadel"] = peers.start_citadel([backend], log_dir)
+        procs.append(targets["citadel"].proc)
         for name, starter in (
             ("vllm-router", peers.start_vllm_router),
             ("litellm", peers.start_litellm),
@@ -121,13 +125,12 @@ def run_overhead(log_dir: Path, rounds: int, seconds: float) -> OverheadResult:
                 skipped[name] = problem
                 continue
             try:
-                proc, url = starter([backend], log_dir)
+                targets[name] = starter([backend], log_dir)
             except RuntimeError as err:
                 skipped[name] = f"did not start: {str(err)[-400:]}"
                 continue
-            procs.append(proc)
-            targets[name] = (proc, url)
-        rss_start = {n: p.rss_bytes() / 2**20 for n, (p, _) in targets.items()}
+            procs.append(targets[name].proc)
+        rss_start = {n: t.proc.rss_bytes() / 2**20 for n, t in targets.items()}
         points: list[Point] = []
         names = list(targets)
         for r in range(rounds):
@@ -136,9 +139,8 @@ def run_overhead(log_dir: Path, rounds: int, seconds: float) -> OverheadResult:
                     # Rotate the order each round so no target always goes first.
                     shift = r % len(names)
                     for name in names[shift:] + names[:shift]:
-                        proc, url = targets[name]
                         points.append(
-                            measure(name, url, proc, mode, concurrency, r, seconds)
+                            measure(name, targets[name], mode, concurrency, r, seconds)
                         )
                         print(_line(points[-1]), flush=True)
         return OverheadResult(points, skipped, rss_start)
@@ -156,11 +158,9 @@ def _line(p: Point) -> str:
     )
 
 
-def start_instant_citadel(
-    log_dir: Path, name: str, procs: list[Proc]
-) -> tuple[Proc, str]:
+def start_instant_citadel(log_dir: Path, name: str, procs: list[Proc]) -> peers.Target:
     """An `--instant` simulated replica with a Citadel gateway in front; both
-    join `procs` (for the caller to stop); returns the gateway and its URL."""
+    join `procs` (for the caller to stop); returns the gateway."""
     sim = start(
         f"{name}-sim",
         simulator_argv(1, "--instant", "--default-max-tokens", str(REPLY_TOKENS)),
@@ -168,9 +168,9 @@ def start_instant_citadel(
     )
     procs.append(sim)
     backend = f"http://127.0.0.1:{wait_listening(sim)[0]}"
-    gateway, url = peers.start_citadel([backend], log_dir, name=f"citadel-{name}")
-    procs.append(gateway)
-    return gateway, url
+    gateway = peers.start_citadel([backend], log_dir, name=f"citadel-{name}")
+    procs.append(gateway.proc)
+    return gateway
 
 
 def profile_citadel(log_dir: Path, seconds: float, py_spy: Path) -> list[str]:
@@ -180,7 +180,7 @@ def profile_citadel(log_dir: Path, seconds: float, py_spy: Path) -> list[str]:
 
     procs: list[Proc] = []
     try:
-        gateway, url = start_instant_citadel(log_dir, "profile", procs)
+        gateway = start_instant_citadel(log_dir, "profile", procs)
         out = log_dir / "citadel-profile.txt"
         spy = subprocess.Popen(
             [
@@ -194,13 +194,15 @@ def profile_citadel(log_dir: Path, seconds: float, py_spy: Path) -> list[str]:
                 "-o",
                 str(out),
                 "-p",
-                str(gateway.pid),
+                str(gateway.proc.pid),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        chat = url + "/v1/chat/completions"
-        asyncio.run(loadgen.closed_loop(chat, body(False), 64, 10**6, seconds))
+        chat = gateway.url + "/v1/chat/completions"
+        asyncio.run(
+            loadgen.closed_loop(chat, body(False), 64, 10**6, seconds, gateway.headers)
+        )
         spy.wait(timeout=seconds + 30)
         return top_functions(out.read_text() if out.exists() else "")
     finally:

@@ -1,18 +1,47 @@
 """Starting the proxies under test in front of given backends: Citadel's gateway,
 vllm-router and the LiteLLM proxy (the last two from their venvs under
-$CITADEL_CACHE/bench, installed by bench/peers/install.sh)."""
+$CITADEL_CACHE/bench, installed by bench/peers/install.sh).
+
+Each runs as its own documentation has it run, not tuned to the benchmark: Citadel
+with its defaults (keys required, so the load generator sends one), vllm-router
+with its defaults, LiteLLM with what its docs advise for throughput where that is
+cheap to do (a worker per core, no callbacks, no retries, no access log).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from citadel_bench.procs import Proc, bench_env, free_port, start, stop, wait_http
+from citadel_bench.procs import (
+    Proc,
+    bench_env,
+    free_port,
+    start,
+    stop,
+    wait_http,
+    wait_logged,
+)
 
 MODEL = "sim"
+KEY_NAME = "bench"
+"""The one key Citadel is started with: no limits, every model."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A target that is up: its process, its base URL and the headers every
+    request to it carries (Citadel's key; the peers check none by default)."""
+
+    proc: Proc
+    url: str
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 def cache_dir() -> Path:
@@ -32,13 +61,46 @@ def peer_problem(name: str) -> str | None:
     return None
 
 
+def create_key(path: Path) -> str:
+    """A key with no limits (`KEY_NAME`) in a new static key file at `path`,
+    made by Citadel's own CLI (`citadel keys --file PATH create bench`), as a
+    user running the gateway outside Kubernetes makes one; returns the key.
+
+    Raises:
+        RuntimeError: the CLI refused.
+    """
+    from citadel.gateway import cli
+
+    path.unlink(missing_ok=True)
+    shown = io.StringIO()
+    with contextlib.redirect_stdout(shown), contextlib.redirect_stderr(shown):
+        code = cli.main(["keys", "--file", str(path), "create", KEY_NAME])
+    if code != 0:
+        raise RuntimeError(f"citadel keys create failed: {shown.getvalue().strip()}")
+    # The key is the last line: "created key 'bench'; ...", then the key.
+    return shown.getvalue().split()[-1]
+
+
+def citadel_env(port: int, routes: Path, keys: Path) -> dict[str, str]:
+    """The gateway's environment: routes and keys from files, the rest at its
+    defaults (keys required, the metrics scrape period of `kv-aware`)."""
+    return bench_env(
+        CITADEL_GATEWAY_HOST="127.0.0.1",
+        CITADEL_GATEWAY_PORT=str(port),
+        CITADEL_GATEWAY_ROUTES_SOURCE="file",
+        CITADEL_GATEWAY_ROUTES_FILE=str(routes),
+        CITADEL_GATEWAY_KEYS_FILE=str(keys),
+    )
+
+
 def start_citadel(
     backends: Sequence[str],
     log_dir: Path,
     strategy: str | None = None,
     name: str = "citadel",
-) -> tuple[Proc, str]:
-    """The gateway on a routes file listing `backends`; auth disabled."""
+) -> Target:
+    """The gateway on a routes file listing `backends`, with one key (sent in
+    the target's headers)."""
     port = free_port()
     route: dict[str, object] = {
         "name": MODEL,
@@ -52,30 +114,32 @@ def start_citadel(
         route["strategy"] = strategy
     routes = log_dir / f"{name}-routes.json"
     routes.write_text(json.dumps({"schemaVersion": 1, "models": [route]}))
-    env = bench_env(
-        CITADEL_GATEWAY_HOST="127.0.0.1",
-        CITADEL_GATEWAY_PORT=str(port),
-        CITADEL_GATEWAY_ROUTES_SOURCE="file",
-        CITADEL_GATEWAY_ROUTES_FILE=str(routes),
-        CITADEL_GATEWAY_AUTH="disabled",
-        CITADEL_GATEWAY_METRICS_SCRAPE_PERIOD_S="0.5",
-    )
+    keys = log_dir / f"{name}-keys.json"
+    headers = {"authorization": f"Bearer {create_key(keys)}"}
     gateway = Path(sys.executable).with_name("citadel-gateway")
-    proc = start(name, [str(gateway)], log_dir, env=env)
+    proc = start(name, [str(gateway)], log_dir, env=citadel_env(port, routes, keys))
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(proc, url + "/readyz")
+        # Routes and keys are read apart: a request with the key must pass
+        # before the first measured one goes.
+        wait_http(proc, url + "/v1/models", headers=headers)
     except RuntimeError:
         stop(proc)
         raise
-    return proc, url
+    return Target(proc, url, headers)
 
 
-def start_vllm_router(
-    backends: Sequence[str], log_dir: Path, policy: str | None = None
-) -> tuple[Proc, str]:
-    """vllm-router over `backends` (its default policy unless `policy`)."""
-    port = free_port()
+def vllm_router_command(
+    backends: Sequence[str], port: int, metrics_port: int, policy: str | None
+) -> tuple[list[str], dict[str, str]]:
+    """vllm-router's command line and environment.
+
+    Its Python launcher takes `--log-level warning` but hands the word to its
+    Rust core, which knows `warn` and falls back to INFO (0.1.17), logging a line
+    per request for `consistent_hash` and `power_of_two`. The core reads
+    RUST_LOG first, so the level goes there.
+    """
     argv = [
         str(cache_dir() / "vllm-router" / "bin" / "vllm-router"),
         "--host",
@@ -84,27 +148,45 @@ def start_vllm_router(
         str(port),
         "--worker-urls",
         *backends,
-        "--log-level",
-        "warning",
         "--prometheus-port",
-        str(free_port()),
+        str(metrics_port),
     ]
     if policy:
         argv += ["--policy", policy]
+    return argv, bench_env(RUST_LOG="warn")
+
+
+def start_vllm_router(
+    backends: Sequence[str], log_dir: Path, policy: str | None = None
+) -> Target:
+    """vllm-router over `backends` (its default policy unless `policy`)."""
+    port = free_port()
+    argv, env = vllm_router_command(backends, port, free_port(), policy)
     name = f"vllm-router-{policy or 'default'}"
-    proc = start(name, argv, log_dir, env=bench_env())
+    proc = start(name, argv, log_dir, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(proc, url + "/health", timeout_s=90)
     except RuntimeError:
         stop(proc)
         raise
-    return proc, url
+    return Target(proc, url)
 
 
-def start_litellm(backends: Sequence[str], log_dir: Path) -> tuple[Proc, str]:
-    """The LiteLLM proxy with one model deployment per backend."""
-    port = free_port()
+def litellm_workers() -> int:
+    """LiteLLM's worker processes: one per core this process may use, as its
+    docs advise."""
+    return len(os.sched_getaffinity(0))
+
+
+def litellm_config(backends: Sequence[str]) -> dict[str, object]:
+    """The LiteLLM proxy's config: one deployment per backend, with the
+    settings of LiteLLM's own benchmark config (no callbacks, no retries).
+
+    Each deployment's `model_info` prices it (at zero): the cost of every
+    answer is then looked up in the deployment's own entry, not searched for
+    under the served model's name in the cost map.
+    """
     deployments = [
         {
             "model_name": MODEL,
@@ -113,34 +195,95 @@ def start_litellm(backends: Sequence[str], log_dir: Path) -> tuple[Proc, str]:
                 "api_base": backend + "/v1",
                 "api_key": "none",
             },
+            "model_info": {
+                "mode": "chat",
+                "input_cost_per_token": 0.0,
+                "output_cost_per_token": 0.0,
+            },
         }
         for backend in backends
     ]
+    return {
+        "model_list": deployments,
+        "litellm_settings": {"callbacks": [], "num_retries": 0},
+    }
+
+
+LITELLM_LOG_CONFIG: dict[str, object] = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "default": {
+            "()": "uvicorn.logging.DefaultFormatter",
+            "fmt": "%(levelprefix)s %(message)s",
+            "use_colors": False,
+        },
+    },
+    "handlers": {
+        "default": {
+            "formatter": "default",
+            "class": "logging.StreamHandler",
+            "stream": "ext://sys.stderr",
+        },
+    },
+    "loggers": {
+        "uvicorn": {"handlers": ["default"], "level": "INFO", "propagate": False},
+        # No handler and no propagation: what uvicorn's `access_log=False` does,
+        # which LiteLLM's CLI has no option for.
+        "uvicorn.access": {"handlers": [], "propagate": False},
+    },
+}
+"""uvicorn's logging for LiteLLM (`--log_config`): its own lines, no access log."""
+
+
+LITELLM_HEALTHCHECK_S = 60
+"""How long uvicorn's supervisor waits for a LiteLLM worker's answer before it
+kills the worker (`--timeout_worker_healthcheck`): at its 5 s default it killed
+a worker still importing LiteLLM on a busy 2-core machine, and could kill one
+starved of CPU under load."""
+
+
+def litellm_argv(config: Path, log_config: Path, port: int) -> list[str]:
+    """The LiteLLM proxy's command line."""
+    return [
+        str(cache_dir() / "litellm" / "bin" / "litellm"),
+        "--config",
+        str(config),
+        "--log_config",
+        str(log_config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--num_workers",
+        str(litellm_workers()),
+        "--timeout_worker_healthcheck",
+        str(LITELLM_HEALTHCHECK_S),
+    ]
+
+
+def start_litellm(backends: Sequence[str], log_dir: Path) -> Target:
+    """The LiteLLM proxy with one model deployment per backend."""
+    port = free_port()
     config = log_dir / "litellm.json"
-    config.write_text(json.dumps({"model_list": deployments}))
-    venv = cache_dir() / "litellm"
+    config.write_text(json.dumps(litellm_config(backends)))
+    # uvicorn reads a log config as JSON only when the name ends in .json.
+    log_config = log_dir / "litellm-log.json"
+    log_config.write_text(json.dumps(LITELLM_LOG_CONFIG))
     env = bench_env(
         LITELLM_LOCAL_MODEL_COST_MAP="True",
         LITELLM_TELEMETRY="False",
         LITELLM_LOG="ERROR",
         PYTHONPATH="",
     )
-    argv = [
-        str(venv / "bin" / "litellm"),
-        "--config",
-        str(config),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--num_workers",
-        "1",
-    ]
+    argv = litellm_argv(config, log_config, port)
     proc = start("litellm", argv, log_dir, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(proc, url + "/health/liveliness", timeout_s=180)
+        # One worker answering is not all of them serving.
+        wait_logged(proc, "Application startup complete.", litellm_workers(), 180)
     except RuntimeError:
         stop(proc)
         raise
-    return proc, url
+    return Target(proc, url)

@@ -87,6 +87,8 @@ def memory_plot(run: MemoryRun, path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.plot([c[0] for c in run.curve], [c[1] for c in run.curve], marker="o")
+    ax.axvline(run.warmup, color="grey", linestyle="--", label="end of the warm-up")
+    ax.legend(loc="lower right")
     ax.set_xlabel("requests")
     ax.set_ylabel("gateway RSS (MiB)")
     ax.set_ylim(bottom=0)

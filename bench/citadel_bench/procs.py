@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,20 +135,44 @@ def stop(
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def wait_http(proc: Proc, url: str, timeout_s: float = 60.0) -> None:
-    """Waits until `url` answers 200 (bounded); raises with the log's tail."""
+def wait_http(
+    proc: Proc,
+    url: str,
+    timeout_s: float = 60.0,
+    headers: Mapping[str, str] | None = None,
+) -> None:
+    """Waits until a GET of `url` (with `headers`) answers 200 (bounded); raises
+    with the log's tail."""
     deadline = time.monotonic() + timeout_s
+    request = urllib.request.Request(url, headers=dict(headers or {}))
     while time.monotonic() < deadline:
         if not proc.alive():
             raise RuntimeError(f"{proc.name} exited:\n{proc.tail()}")
         with (
             contextlib.suppress(OSError),
-            urllib.request.urlopen(url, timeout=2) as response,
+            urllib.request.urlopen(request, timeout=2) as response,
         ):
             if response.status == 200:
                 return
         time.sleep(0.2)
     raise RuntimeError(f"{proc.name} not ready in {timeout_s}s:\n{proc.tail()}")
+
+
+def wait_logged(proc: Proc, text: str, count: int, timeout_s: float = 60.0) -> None:
+    """Waits until the log holds `text` `count` times (bounded); raises with the
+    log's tail."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if proc.log.read_text(errors="replace").count(text) >= count:
+                return
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited:\n{proc.tail()}")
+        time.sleep(0.2)
+    raise RuntimeError(
+        f"{proc.name} did not log {text!r} {count} times in {timeout_s}s:\n"
+        f"{proc.tail()}"
+    )
 
 
 def wait_listening(proc: Proc, timeout_s: float = 30.0) -> list[int]:

@@ -36,6 +36,8 @@ class OverheadRow:
     first_chunk_ms: float
     spread_ms: tuple[float, float]
     """Lowest and highest per-round median (drift)."""
+    round_rps: list[float]
+    """Each round's RPS."""
     cpu_cores: float
     rss_mb: float
     errors: int
@@ -76,6 +78,7 @@ def overhead_rows(points: list[Point]) -> list[OverheadRow]:
                 added_p99_ms=median(added99),
                 first_chunk_ms=median([p.first_chunk_ms for p in mine]),
                 spread_ms=(min(medians), max(medians)),
+                round_rps=[p.rps for p in mine],
                 cpu_cores=median([p.cpu_cores for p in mine]),
                 rss_mb=max(p.rss_mb for p in mine),
                 errors=sum(p.errors for p in mine),
@@ -133,9 +136,12 @@ def overhead_verdicts(
                     f"{label} ({mode}, concurrency 64)",
                     f"{fmt(ours.rps, 0)} vs {fmt(theirs.rps, 0)} RPS = {fmt(r)}x",
                     r >= wanted,
-                    ""
-                    if r >= wanted
-                    else f"short by {fmt(100 * (wanted - r) / wanted, 0)}%",
+                    _joined(
+                        ""
+                        if r >= wanted
+                        else f"short by {fmt(100 * (wanted - r) / wanted, 0)}%",
+                        _rps_overlap(ours.round_rps, theirs.round_rps),
+                    ),
                 )
             )
     return verdicts
@@ -248,16 +254,33 @@ def _joined(*notes: str) -> str:
     return "; ".join(n for n in notes if n)
 
 
+def _ranges_overlap(ours: list[float], theirs: list[float]) -> bool:
+    """Whether two targets' per-round values (two rounds or more each) overlap:
+    then which is ahead may change from run to run."""
+    if len(ours) < 2 or len(theirs) < 2:
+        return False
+    return not (max(ours) < min(theirs) or max(theirs) < min(ours))
+
+
 def _overlap(ours: list[float], theirs: list[float]) -> str:
     """A note when two targets' single-round means overlap, so the comparison of
     their pooled means is within the run-to-run spread."""
-    if len(ours) < 2 or len(theirs) < 2:
-        return ""
-    if max(ours) < min(theirs) or max(theirs) < min(ours):
+    if not _ranges_overlap(ours, theirs):
         return ""
     return (
         f"within the spread between rounds (round means {spread(ours)} vs "
         f"{spread(theirs)} ms)"
+    )
+
+
+def _rps_overlap(ours: list[float], theirs: list[float]) -> str:
+    """A note when two targets' per-round RPS ranges overlap: the comparison of
+    their medians is within the run-to-run noise."""
+    if not _ranges_overlap(ours, theirs):
+        return ""
+    return (
+        f"per-round RPS ranges overlap ({spread(ours, 0)} vs {spread(theirs, 0)}): "
+        "within noise"
     )
 
 
@@ -297,9 +320,13 @@ def scale_verdicts(run: ScaleRun) -> list[Verdict]:
 
 
 def memory_verdict(run: MemoryRun) -> Verdict:
+    """RSS growth over the measured requests, from the end of the warm-up (the
+    prefix table full) to the end; the RSS at start-up is a note."""
     return Verdict(
         f"gateway RSS growth < 10% over {run.requests:,} requests",
-        f"{fmt(run.curve[0][1], 1)} -> {fmt(run.curve[-1][1], 1)} MiB "
+        f"{fmt(run.warm_mb, 1)} -> {fmt(run.end_mb, 1)} MiB "
         f"({fmt(100 * run.growth, 1)}%)",
         run.growth < 0.10,
+        f"after a warm-up of {run.warmup:,} requests that filled the prefix "
+        f"table; {fmt(run.start_mb, 1)} MiB at start-up, before any completion",
     )

@@ -12,7 +12,7 @@ import statistics
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,7 +140,10 @@ def plain_picker(target: str, backends: list[str]) -> Callable[[int], str]:
 
 
 async def drive(
-    workload: ChatWorkload, url_for: Callable[[int], str], deadline_s: float
+    workload: ChatWorkload,
+    url_for: Callable[[int], str],
+    deadline_s: float,
+    headers: Mapping[str, str] | None = None,
 ) -> tuple[list[tuple[int, loadgen.Sample]], float]:
     """Every user holds its conversations turn by turn; bounded by `deadline_s`.
 
@@ -148,6 +151,7 @@ async def drive(
         workload: what the users send.
         url_for: the base URL for a request of user N.
         deadline_s: no new request after this long.
+        headers: what every request carries besides its session (a key).
 
     Returns:
         (turn in its conversation from 0, sample) per request, and the wall time.
@@ -164,10 +168,8 @@ async def drive(
                         return
                     body = conv.next_request(workload, peers.MODEL)
                     url = url_for(u) + "/v1/chat/completions"
-                    headers = {"x-session-id": conv.session}
-                    sample = await loadgen.send(
-                        client, url, body, headers, keep_text=True
-                    )
+                    sent = {**(headers or {}), "x-session-id": conv.session}
+                    sample = await loadgen.send(client, url, body, sent, keep_text=True)
                     samples.append((turn, sample))
                     if not sample.ok:
                         return
@@ -246,7 +248,7 @@ def replica_counters(backends: list[str]) -> ReplicaCounters:
     )
 
 
-def start_relay(backends: list[str], log_dir: Path) -> tuple[Proc, str]:
+def start_relay(backends: list[str], log_dir: Path) -> peers.Target:
     """The bare relay (`BARE_RELAY`) in front of `backends`."""
     port = free_port()
     proc = start(
@@ -261,7 +263,7 @@ def start_relay(backends: list[str], log_dir: Path) -> tuple[Proc, str]:
     except RuntimeError:
         stop(proc)
         raise
-    return proc, url
+    return peers.Target(proc, url)
 
 
 def run_target(
@@ -280,26 +282,28 @@ def run_target(
         backends = [f"http://127.0.0.1:{p}" for p in wait_listening(sim)]
         kind, _, variant = target.partition(":")
         url_for: Callable[[int], str]
+        headers: Mapping[str, str] = {}
         if kind == "plain":
             url_for = plain_picker(target, backends)
             if target == PINNED_WARM:
                 asyncio.run(warm_up(workload, backends))
         else:
             if kind == "citadel":
-                proc, url = peers.start_citadel(
+                proxy = peers.start_citadel(
                     backends, log_dir, variant, name=f"citadel-{variant}"
                 )
             elif target == BARE_RELAY:
-                proc, url = start_relay(backends, log_dir)
+                proxy = start_relay(backends, log_dir)
             else:
-                proc, url = peers.start_vllm_router(backends, log_dir, variant)
-            procs.append(proc)
+                proxy = peers.start_vllm_router(backends, log_dir, variant)
+            procs.append(proxy.proc)
+            url, headers = proxy.url, proxy.headers
             url_for = lambda _: url  # noqa: E731
         # Read for every target, not only after a warm-up: whatever reached the
         # replicas before the workload (the reference's warm-up, a proxy's
         # probes) stays out of the hit rate and the replicas' TTFT.
         before = replica_counters(backends)
-        samples, wall = asyncio.run(drive(workload, url_for, deadline_s))
+        samples, wall = asyncio.run(drive(workload, url_for, deadline_s, headers))
         counted = replica_counters(backends).since(before)
     finally:
         for proc in reversed(procs):

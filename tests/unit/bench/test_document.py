@@ -11,8 +11,14 @@ from citadel_bench.document import (
 )
 from citadel_bench.goprofile import ApiServerProfile
 from citadel_bench.operator_scale import ScaleRun
+from citadel_bench.overhead import Point
 from citadel_bench.report import DASH, Verdict
-from citadel_bench.results import routing_verdicts, scale_verdicts
+from citadel_bench.results import (
+    overhead_rows,
+    overhead_verdicts,
+    routing_verdicts,
+    scale_verdicts,
+)
 from citadel_bench.routing import RoutingResult, RoutingRun, merge_rounds
 from citadel_bench.stats import Summary
 from citadel_bench.workload import MULTI_ROUND_QA, SHORT_CHAT, ChatWorkload
@@ -357,3 +363,48 @@ def test_the_bare_relay_is_named_beside_the_best_peer_policy() -> None:
     # Without it, no note; it is never the peer compared against.
     alone = routing_verdicts(RoutingResult(MULTI_ROUND_QA, [ours, plain, best]))
     assert alone[1].note == ""
+
+
+def _points(target: str, rps: list[float]) -> list[Point]:
+    return [
+        Point(target, "json", 64, n, 100, 0, r, 1.0, 2.0, 1.0, 0.5, 90.0)
+        for n, r in enumerate(rps)
+    ]
+
+
+def test_an_rps_verdict_within_the_rounds_noise_says_so() -> None:
+    points = [
+        *_points("direct", [5000.0, 5100.0, 5200.0]),
+        *_points("citadel", [2400.0, 2600.0, 2500.0]),
+        *_points("vllm-router", [2450.0, 2550.0, 2480.0]),
+        *_points("litellm", [900.0, 1000.0, 950.0]),
+    ]
+    verdicts = {
+        v.target: v for v in overhead_verdicts(overhead_rows(points), skipped={})
+    }
+    close = verdicts[
+        "RPS at least vllm-router's (design target) (json, concurrency 64)"
+    ]
+    assert close.ok
+    assert close.note == (
+        "per-round RPS ranges overlap (2,400-2,600 vs 2,450-2,550): within noise"
+    )
+    apart = verdicts["RPS at least LiteLLM's (design target) (json, concurrency 64)"]
+    assert apart.ok and apart.note == ""
+
+
+def test_routing_method_says_what_was_tuned_and_what_the_relay_compares(
+    tmp_path: Path,
+) -> None:
+    r = _results()
+    r.routing = [_result(SHORT_CHAT, 82.0)]
+    method = " ".join(_write(r, tmp_path).split("## Routing quality")[1].split())
+    # Which of prefix-aware's parameters were tuned on which workload, and that
+    # the peer's were not.
+    for commit in ("1f4ae66", "ededc39", "6f1b9ab"):
+        assert commit in method
+    assert "`cache_aware` included, run at their command-line defaults" in method
+    # The relay compares stacks at the same placement only.
+    assert "splits a gap" not in method
+    assert "compares HTTP stacks only where the placement is the same" in method
+    assert "client TTFT minus replica TTFT" in method

@@ -3,10 +3,13 @@ counting only what came after."""
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
+from aiohttp.typedefs import Handler
 from citadel_bench import loadgen, peers
 from citadel_bench.relay import BareRelay, StickyLeastLoaded
 from citadel_bench.routing import (
@@ -14,6 +17,7 @@ from citadel_bench.routing import (
     PINNED_WARM,
     PLAIN_RR,
     ReplicaCounters,
+    drive,
     plain_picker,
     replica_counters,
     targets,
@@ -144,3 +148,40 @@ async def test_the_bare_relay_streams_the_replicas_answer_as_it_came(
     assert b'"usage"' not in stream and stream.endswith(b"data: [DONE]\n\n")
     assert chunks[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
     assert placement.in_flight == dict.fromkeys(replicas, 0)
+
+
+async def test_every_turn_carries_the_targets_headers_and_its_session(
+    replicas: list[str],
+) -> None:
+    seen: list[tuple[str | None, str | None]] = []
+
+    @web.middleware
+    async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path == "/v1/chat/completions":
+            seen.append(
+                (
+                    request.headers.get("authorization"),
+                    request.headers.get("x-session-id"),
+                )
+            )
+        return await handler(request)
+
+    app = make_app(SimParams(decode_base_s=0.001, decode_per_seq_s=0.0), peers.MODEL)
+    app.middlewares.append(record)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        url = str(server.make_url("")).rstrip("/")
+        workload = replace(WORKLOAD, turns=2)
+        samples, _ = await drive(
+            workload, lambda _: url, 30.0, {"authorization": "Bearer ctd-k"}
+        )
+    finally:
+        await server.close()
+    assert len(samples) == workload.requests and all(s.ok for _, s in samples)
+    assert sorted(seen) == [
+        ("Bearer ctd-k", f"user{u}-conv{c}")
+        for u in range(workload.users)
+        for c in range(workload.conversations_per_user)
+        for _ in range(workload.turns)
+    ]
