@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -28,10 +26,10 @@ from citadel.gateway.metrics import GatewayMetrics
 from citadel.gateway.services.auth import Authenticator, Principal
 from citadel.gateway.services.catalog import Catalog
 from citadel.gateway.services.proxy import ProxyService
+from citadel.gateway.services.requests import request_id as sane_request_id
 from citadel.gateway.sources.base import Source
 
 REQUEST_ID = "x-request-id"
-_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
 
 @dataclass
@@ -78,7 +76,7 @@ def take_request_id(request: Request) -> str:
     """The caller's `x-request-id` when it is sane, else a new one; kept on the
     request so error responses carry it too."""
     given = request.headers.get(REQUEST_ID)
-    rid = given if given and _REQUEST_ID_OK.match(given) else uuid.uuid4().hex
+    rid = sane_request_id(given)
     request.state.request_id = rid
     return rid
 

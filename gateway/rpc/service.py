@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
-import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -41,6 +39,7 @@ from citadel.gateway.services.requests import (
     EMBEDDINGS,
     ApiCall,
     Door,
+    request_id,
 )
 from citadel.gateway.services.structured import Answer, ask, usable_models
 from citadel.gateway.versioning import (
@@ -54,7 +53,6 @@ M = TypeVar("M", bound=Message)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 REQUEST_ID = "x-request-id"
-_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
 
 @dataclass
@@ -226,7 +224,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             if isinstance(v, str)
         }
         given = metadata.get(REQUEST_ID, "")
-        rid = given if _REQUEST_ID_OK.match(given) else uuid.uuid4().hex
+        rid = request_id(given)
         head = {VERSION_HEADER: API_VERSION, REQUEST_ID: rid}
         deprecation = GRPC_DEPRECATIONS.get(_method(context))
         if deprecation is not None:

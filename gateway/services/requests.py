@@ -11,6 +11,7 @@ import enum
 import gc
 import hashlib
 import re
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -221,9 +222,15 @@ def _check_messages(messages: list[Any]) -> None:
         )
 
 
-_SESSION_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
-"""What a session id the gateway routes and logs as sent may be: what a
-request id may be."""
+_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+"""What a client's request or session id may be for the gateway to log and
+forward it as sent (matched whole: `re.match` with `$` let a newline end it)."""
+
+
+def request_id(value: str | None) -> str:
+    """The client's request id (`x-request-id`) when it is sane, else a new
+    one: it goes into every log line and to the replica as sent."""
+    return value if value and _ID.fullmatch(value) else uuid.uuid4().hex
 
 
 def session_id(value: str | None) -> str | None:
@@ -239,7 +246,7 @@ def session_id(value: str | None) -> str | None:
     """
     if not value:
         return None
-    if _SESSION_ID.fullmatch(value):
+    if _ID.fullmatch(value):
         return value
     digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
     return f"sha256:{digest}"

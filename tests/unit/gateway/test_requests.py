@@ -24,6 +24,7 @@ from citadel.gateway.services.requests import (
     TOO_DEEP,
     ApiCall,
     parse_body,
+    request_id,
     session_id,
     upstream_body,
 )
@@ -220,3 +221,15 @@ def test_any_other_session_id_is_its_hash(sent: str) -> None:
 @pytest.mark.parametrize("sent", [None, ""])
 def test_no_session_id(sent: str | None) -> None:
     assert session_id(sent) is None
+
+
+@pytest.mark.parametrize("sent", ["abc-1\n", "", "a b", "x" * 129, None])
+def test_a_request_id_that_is_no_id_is_replaced(sent: str | None) -> None:
+    """Matched whole: the pattern's `$` let a newline end an id, into every
+    log line and the replica's header."""
+    made = request_id(sent)
+    assert made != sent and len(made) == 32
+
+
+def test_a_request_id_that_is_an_id_is_kept() -> None:
+    assert request_id("r-9:a/b+c=") == "r-9:a/b+c="
