@@ -226,6 +226,15 @@ class Catalog:
             chosen = [r for r in self._of(serving) if r not in exclude]
         return chosen
 
+    def terminating(
+        self, route: ModelRoute, exclude: Collection[Replica] = ()
+    ) -> list[Replica]:
+        """Replicas shutting down that still serve, but those in `exclude`: the
+        router's next choice when every ready one is ejected."""
+        endpoints = self._endpoints.get((route.namespace, route.service), ())
+        serving = [e for e in endpoints if e.serving and e.terminating]
+        return [r for r in self._of(serving) if r not in exclude]
+
     def _of(self, endpoints: Sequence[Endpoint]) -> list[Replica]:
         return [self._replicas[e.url] for e in endpoints]
 

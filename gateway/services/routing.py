@@ -58,15 +58,19 @@ class Router:
     ) -> Replica:
         """A replica for `route` not in `exclude`.
 
-        Healthy replicas come first; when every one is ejected the ejected ones are
-        tried anyway (a guess beats a certain 503).
+        Healthy replicas come first; when every ready one is ejected, healthy
+        ones shutting down that still serve (a rolling update's old pods); then
+        the ejected ones are tried anyway (a guess beats a certain 503).
 
         Raises:
             NoReplica: the model has no replica left to try.
         """
         candidates = self._catalog.replicas(route, exclude)
         now = self._clock()
-        healthy = [r for r in candidates if r.available(now)] or candidates
+        healthy = [r for r in candidates if r.available(now)]
+        if not healthy and candidates:
+            leaving = self._catalog.terminating(route, exclude)
+            healthy = [r for r in leaving if r.available(now)] or candidates
         if not healthy:
             raise NoReplica(
                 f"The model `{route.served_name}` has no ready replica; "

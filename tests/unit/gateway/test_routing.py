@@ -87,6 +87,23 @@ def test_exclusion_and_no_replica() -> None:
     assert info.value.headers["retry-after"] == "5"
 
 
+def test_a_terminating_replica_serves_before_an_ejected_ready_one() -> None:
+    # The only ready replica is ejected while an old pod of a rolling update
+    # still serves: the old pod takes the request, not the replica that just
+    # failed three in a row; with both out, the ejected one is still tried.
+    catalog, router, _ = setup(
+        Endpoint("http://a"),
+        Endpoint("http://b", ready=False, serving=True, terminating=True),
+    )
+    route = DOC.models[0]
+    [ready] = catalog.replicas(route)
+    ready.ejected_until = 100.0
+    assert router.choose(route, RouteRequest({})).url == "http://b"
+    [leaving] = catalog.terminating(route)
+    leaving.ejected_until = 100.0
+    assert router.choose(route, RouteRequest({})) is ready
+
+
 def test_all_ejected_are_still_tried() -> None:
     catalog, router, _ = setup(Endpoint("http://a"))
     replica = catalog.replicas(DOC.models[0])[0]
