@@ -409,7 +409,8 @@ async def list_watch(
             # gateway spins a CPU and floods the API server. The jitter keeps
             # the gateways' watches from coming back all together.
             empty_in_row += 1
-            pause = watch_backoff_s(empty_in_row) * jitter(0.5, 1.0)
+            pause = doubling_s(empty_in_row, WATCH_BACKOFF_BASE_S, WATCH_BACKOFF_MAX_S)
+            pause *= jitter(0.5, 1.0)
             log.warning(
                 "watch ended at once without an event; pausing",
                 extra={"path": path, "empty_in_row": empty_in_row, "pause_s": pause},
@@ -424,7 +425,10 @@ async def list_watch(
             # behind etcd) is not waited out either: the list, from etcd,
             # gives a version to watch from, as client-go's reflector does.
             relists_in_row += 1
-            pause = jitter(0.0, relist_backoff_s(relists_in_row))
+            longest = doubling_s(
+                relists_in_row, RELIST_BACKOFF_BASE_S, RELIST_BACKOFF_MAX_S
+            )
+            pause = jitter(0.0, longest)
             why = "expired" if isinstance(err, WatchExpired) else "version too large"
             log.info(
                 "watch version unusable; listing again",
@@ -444,7 +448,8 @@ async def list_watch(
             failures_in_row += 1
             in_sync = False
             report(False)
-            pause = failure_backoff_s(failures_in_row, retry_s) * jitter(0.5, 1.0)
+            pause = doubling_s(failures_in_row, retry_s, FAILURE_BACKOFF_MAX_S)
+            pause *= jitter(0.5, 1.0)
             log.error(
                 "watch handler failed; listing again",
                 exc_info=err.__cause__,
@@ -460,7 +465,8 @@ async def list_watch(
             failures_in_row += 1
             in_sync = False
             report(False)
-            pause = failure_backoff_s(failures_in_row, retry_s) * jitter(0.5, 1.0)
+            pause = doubling_s(failures_in_row, retry_s, FAILURE_BACKOFF_MAX_S)
+            pause *= jitter(0.5, 1.0)
             asked = err.retry_after_s if isinstance(err, KubeApiError) else None
             if asked is not None:
                 pause = max(pause, min(asked, FAILURE_BACKOFF_MAX_S))
@@ -481,24 +487,11 @@ async def list_watch(
             raise
 
 
-def watch_backoff_s(empty_in_row: int) -> float:
-    """The longest pause after `empty_in_row` (1 or more) empty watches in a row."""
-    exponent = min(empty_in_row - 1, 16)  # past the cap long before: no overflow
-    return min(WATCH_BACKOFF_MAX_S, WATCH_BACKOFF_BASE_S * 2.0**exponent)
-
-
-def failure_backoff_s(failures_in_row: int, base_s: float) -> float:
-    """The longest pause after `failures_in_row` (1 or more) failed lists or
-    watches in a row, the first one's being `base_s`."""
-    exponent = min(failures_in_row - 1, 16)  # past the cap long before: no overflow
-    return min(FAILURE_BACKOFF_MAX_S, base_s * 2.0**exponent)
-
-
-def relist_backoff_s(relists_in_row: int) -> float:
-    """The longest pause before the `relists_in_row`-th (1 or more) list in a
-    row that a 410 or a version too large asked for."""
-    exponent = min(relists_in_row - 1, 16)  # past the cap long before: no overflow
-    return min(RELIST_BACKOFF_MAX_S, RELIST_BACKOFF_BASE_S * 2.0**exponent)
+def doubling_s(in_row: int, base_s: float, max_s: float) -> float:
+    """The longest pause after `in_row` (1 or more) failures in a row: `base_s`
+    for the first, doubling with each, never more than `max_s`."""
+    exponent = min(in_row - 1, 16)  # past any cap long before: no overflow
+    return min(max_s, base_s * 2.0**exponent)
 
 
 class _CallbackFailed(Exception):

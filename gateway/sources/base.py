@@ -9,6 +9,8 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
+from citadel.gateway.kube.client import doubling_s
+
 log = logging.getLogger(__name__)
 
 RESTART_BASE_S = 1.0
@@ -117,8 +119,7 @@ async def keep_running(
         if clock() - started >= RESTART_MAX_S:
             ends_in_row = 0
         ends_in_row += 1
-        exponent = min(ends_in_row - 1, 16)  # past the cap long before
-        pause = min(RESTART_MAX_S, RESTART_BASE_S * 2.0**exponent)
+        pause = doubling_s(ends_in_row, RESTART_BASE_S, RESTART_MAX_S)
         pause *= jitter(0.5, 1.0)
         log.error(
             "background task failed; starting it again"
