@@ -503,19 +503,20 @@ def _memory(r: Results) -> list[str]:
         "Every request of the run is a",
         f"prompt of its own, {m.blocks_per_request} blocks of the gateway's "
         "prefix hashes long (its number",
-        "leads, so each block hash is new): the strategy remembers each, and its "
-        "table is bounded",
-        f"at {m.table_capacity:,} block hashes, least recently used ones evicted. "
-        f"Full of this run's hashes it",
-        f"weighs {fmt(m.table_mib, 1)} MiB (Python allocations of the table "
-        "alone, measured in the benchmark's",
-        "process before the run). The warm-up fills the table to its cap and "
-        "runs one batch more, so",
-        "the measured window is steady state: from there the table only turns "
-        "over, and RSS that",
-        "still grows is growth of something else. The target is the growth over "
-        "the measured",
-        "requests, from the end of the warm-up to the end.",
+        "leads, so each block hash is new): the strategy remembers each in a table of",
+        f"{m.table_capacity:,} slots at most, a hash each (past that, new hashes "
+        "displace old ones);",
+        "its arrays grow until a quarter of the slots are taken, then stay. "
+        "Once sent as many hashes as it has",
+        f"slots, it weighs {fmt(m.table_mib, 1)} MiB (Python allocations of the "
+        "table alone, measured in the benchmark's",
+        "process before the run). The warm-up sends as many block hashes as the "
+        "table has slots and",
+        "one batch more, so the measured window is steady state: from there the "
+        "table only turns over,",
+        "and RSS that still grows is growth of something else. The target is "
+        "the growth over the",
+        "measured requests, from the end of the warm-up to the end.",
         "",
         table(
             ["requests", "RSS MiB", "phase"],

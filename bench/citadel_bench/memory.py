@@ -52,24 +52,26 @@ def blocks_per_request() -> int:
 
 
 def table_capacity() -> int:
-    """Block hashes the prefix-aware table holds (the gateway builds it with
-    its defaults), least recently used ones evicted beyond."""
+    """Slots of the prefix-aware table (the gateway builds it with its
+    defaults), a block hash each at most."""
     capacity: int = inspect.signature(PrefixAware).parameters["capacity"].default
     return capacity
 
 
 def warmup_requests(per_batch: int) -> int:
-    """Requests before the first measured sample: whole batches, enough to fill
-    the prefix table to its cap and one batch more, so that the measured window
-    starts with the table full and evicting (steady state)."""
+    """Requests before the first measured sample: whole batches, enough to send
+    as many block hashes as the prefix table has slots and one batch more, so
+    that the measured window starts with the table at its full size and
+    turning over (steady state)."""
     fill = math.ceil(table_capacity() / blocks_per_request())
     return per_batch * (math.ceil(fill / per_batch) + 1)
 
 
 def full_table_mib() -> float:
-    """What the prefix-aware table weighs when full of this run's hashes: a
-    `PrefixAware` alone, in this process, fed the run's requests until full,
-    its Python allocations traced (the gateway's interpreter is this one)."""
+    """What the prefix-aware table weighs once sent as many of this run's
+    hashes as it has slots: a `PrefixAware` alone, in this process, fed the
+    run's requests, its Python allocations traced (the gateway's interpreter
+    is this one)."""
     strategy = PrefixAware()
     replicas = [Replica("http://replica")]
     requests = math.ceil(table_capacity() / blocks_per_request())
@@ -97,7 +99,7 @@ class MemoryRun:
         warmup: requests of the warm-up.
         wall_s: load time of the measured batches.
         blocks_per_request: block hashes each request adds to the table.
-        table_capacity: block hashes the table holds.
+        table_capacity: slots of the table (a block hash each).
         table_mib: what the full table weighs (`full_table_mib`).
     """
 

@@ -321,12 +321,13 @@ def scale_verdicts(run: ScaleRun) -> list[Verdict]:
 
 def memory_verdict(run: MemoryRun) -> Verdict:
     """RSS growth over the measured requests, from the end of the warm-up (the
-    prefix table full) to the end; the RSS at start-up is a note."""
+    prefix table at its full size) to the end; the RSS at start-up is a note."""
     return Verdict(
         f"gateway RSS growth < 10% over {run.requests:,} requests",
         f"{fmt(run.warm_mb, 1)} -> {fmt(run.end_mb, 1)} MiB "
         f"({fmt(100 * run.growth, 1)}%)",
         run.growth < 0.10,
-        f"after a warm-up of {run.warmup:,} requests that filled the prefix "
-        f"table; {fmt(run.start_mb, 1)} MiB at start-up, before any completion",
+        f"after a warm-up of {run.warmup:,} requests that took the prefix "
+        f"table to its full size; {fmt(run.start_mb, 1)} MiB at start-up, "
+        "before any completion",
     )

@@ -15,7 +15,9 @@ of every request.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import sys
+from array import array
+from collections.abc import Mapping, MutableSequence, Sequence
 from typing import Any
 
 import xxhash
@@ -110,3 +112,147 @@ def rendezvous(key: str | int, urls: list[str]) -> str:
         return hashlib.blake2b(f"{key}|{url}".encode(), digest_size=8).digest()
 
     return max(urls, key=weight)
+
+
+class BlockTable:
+    """Block hash -> bit mask of the replicas it was sent to, in flat arrays.
+
+    A hash may live in one of two slots, named by two slices of its bits, and
+    takes whichever is free; when both are taken it displaces the first one's
+    hash: past its size the table forgets at random rather than strictly the
+    least recently used (two choices keep displacements rare until then, one
+    in eleven at most while it grows). That costs routing little: a
+    conversation's every request writes its blocks again, so a lost one is
+    back at the next turn, and the longest known prefix still wins. What it
+    buys is weight and steadiness: 16 bytes a slot, where an LRU dictionary of
+    Python ints held ~200 bytes a hash (41 MiB at 200,000 hashes, and its
+    resizes under churn kept RSS growing for a while after it was full); here
+    the arrays stop growing at `max_slots` and then only their values change.
+
+    The arrays start small and double while more than a quarter of the slots
+    are taken, up to `max_slots`, so an idle model's table weighs 16 KiB.
+    Masks are 64-bit integers until `widen` makes them Python ints, for models
+    that use more than 64 replica bits at once.
+
+    Args:
+        max_slots: slots at most, a power of two.
+    """
+
+    _FIRST_SLOTS = 1024
+
+    def __init__(self, max_slots: int) -> None:
+        if max_slots < 1 or max_slots & (max_slots - 1):
+            raise ValueError(f"max_slots must be a power of two, not {max_slots}")
+        self._max_slots = max_slots
+        self._wide = False
+        self._allocate(min(self._FIRST_SLOTS, max_slots))
+
+    def _allocate(self, slots: int) -> None:
+        self._keys = array("Q", bytes(8 * slots))
+        self._masks: MutableSequence[int] = (
+            [0] * slots if self._wide else array("Q", bytes(8 * slots))
+        )
+        self._slot = slots - 1
+        self._used = 0
+
+    @property
+    def width(self) -> int:
+        """How many replica bits a mask holds."""
+        return sys.maxsize if self._wide else 64
+
+    def __len__(self) -> int:
+        """Hashes held (slots with a mask)."""
+        return self._used
+
+    @property
+    def slots(self) -> int:
+        """Slots allocated now."""
+        return self._slot + 1
+
+    def owners(self, block: int) -> int:
+        """The mask of `block`, 0 if it is not held."""
+        keys, masks, slot = self._keys, self._masks, self._slot
+        i = block & slot
+        if keys[i] == block and masks[i]:
+            return masks[i]
+        i = (block >> 32) & slot
+        return masks[i] if keys[i] == block else 0
+
+    def add(self, blocks: Sequence[int], bit: int) -> None:
+        """Records that `blocks` were sent to the replica of `bit`."""
+        keys, masks, slot, put = self._keys, self._masks, self._slot, self._put
+        for block in blocks:
+            i = block & slot
+            # Most of a conversation's blocks were sent to this replica before.
+            if not (keys[i] == block and masks[i] & bit):
+                put(block, bit)
+        if self._used * 4 > self._slot + 1 and self._slot + 1 < self._max_slots:
+            self._grow()
+
+    def _put(self, block: int, bit: int) -> None:
+        keys, masks, slot = self._keys, self._masks, self._slot
+        i = block & slot
+        if keys[i] != block or not masks[i]:
+            second = (block >> 32) & slot
+            if keys[second] == block and masks[second]:
+                i = second
+            elif not masks[i]:
+                keys[i] = block
+            elif not masks[second]:
+                i = second
+                keys[i] = block
+            else:
+                # Both are taken: one of their hashes moves to its other slot
+                # if that is free, else the first one's is forgotten.
+                for j in (i, second):
+                    if self._move(j):
+                        i = j
+                        break
+                else:
+                    masks[i] = 0
+                    self._used -= 1
+                keys[i] = block
+        mask = masks[i]
+        if not mask & bit:
+            masks[i] = mask | bit
+            self._used += not mask
+
+    def _move(self, i: int) -> bool:
+        """Moves the hash in slot `i` to its other slot if that one is free."""
+        keys, masks, slot = self._keys, self._masks, self._slot
+        block = keys[i]
+        j = block & slot
+        if j == i:
+            j = (block >> 32) & slot
+        if masks[j]:
+            return False
+        keys[j], masks[j], masks[i] = block, masks[i], 0
+        return True
+
+    def _grow(self) -> None:
+        """Doubles the slots (until a quarter or less are taken, at most to
+        `max_slots`) and puts each hash again."""
+        slots = self.slots
+        while self._used * 4 > slots and slots < self._max_slots:
+            slots *= 2
+        held = [(k, m) for k, m in zip(self._keys, self._masks, strict=True) if m]
+        self._allocate(slots)
+        put = self._put
+        for block, mask in held:
+            put(block, mask)
+
+    def keep(self, bits: int) -> None:
+        """Clears every bit but `bits` from every mask."""
+        masks = [m & bits for m in self._masks]
+        self._masks = masks if self._wide else array("Q", masks)
+        self._used = len(masks) - masks.count(0)
+
+    def widen(self) -> None:
+        """Lets masks hold more than 64 bits."""
+        if not self._wide:
+            self._wide = True
+            self._masks = list(self._masks)
+
+    def clear(self) -> None:
+        """Forgets every hash (the slots stay allocated)."""
+        self._allocate(self.slots)

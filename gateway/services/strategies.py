@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from citadel.gateway.routes import RoutingStrategy
-from citadel.gateway.services.prefix import block_hashes, prompt_text, rendezvous
+from citadel.gateway.services.prefix import (
+    BlockTable,
+    block_hashes,
+    prompt_text,
+    rendezvous,
+)
 from citadel.gateway.services.replicas import Replica
 
 
@@ -109,7 +113,8 @@ class PrefixAware(_Turns):
 
     Args:
         load_factor: how far above average a replica may be before overflow.
-        capacity: block hashes remembered (least recently used ones go first).
+        capacity: slots of the table of block hashes, a power of two; each
+            holds one hash (see `BlockTable`: 8 MiB when all are allocated).
         cache_threshold: the share of the prompt's blocks a known prefix must
             cover to decide the replica.
         blocks_per_request: blocks of held prefix that each request of lead
@@ -118,25 +123,25 @@ class PrefixAware(_Turns):
     """
 
     # Replica URLs get one bit each in the masks below. Pods come and go, each
-    # new one a new URL: once this many bits are handed out, those of the URLs
-    # no longer among the replicas are taken back; only this many replicas at
-    # once make the table start afresh.
+    # new one a new URL: once the table's masks are full (64 bits) or this many
+    # bits are handed out, those of the URLs no longer among the replicas are
+    # taken back; more than 64 replicas at once widen the masks, and only this
+    # many at once make the table start afresh.
     _MAX_REPLICAS = 1024
 
     def __init__(
         self,
         load_factor: float = 1.25,
-        capacity: int = 200_000,
+        capacity: int = 1 << 19,
         cache_threshold: float = 0.5,
         blocks_per_request: int = 8,
     ) -> None:
         super().__init__()
         self._load_factor = load_factor
-        self._capacity = capacity
         self._cache_threshold = cache_threshold
         self._blocks_per_request = blocks_per_request
         # Block hash -> bit mask of the replicas it was sent to.
-        self._owners: OrderedDict[int, int] = OrderedDict()
+        self._owners = BlockTable(capacity)
         self._bits: dict[str, int] = {}
         # Bits taken back from URLs gone, cleared from every mask, to hand out
         # again. While none is free every bit below 1 << len(self._bits) is
@@ -157,7 +162,7 @@ class PrefixAware(_Turns):
             chosen, how = least_loaded(replicas, turn), "least"
         elif instead := self._overflow(chosen, replicas, matched, turn):
             chosen, how = instead, "overflow"
-        self._remember(hashes, self._bit(chosen.url, replicas))
+        self._owners.add(hashes, self._bit(chosen.url, replicas))
         return chosen, how
 
     def _overflow(
@@ -176,7 +181,8 @@ class PrefixAware(_Turns):
         """The bit of `url` (one of `replicas`) in the masks."""
         bit = self._bits.get(url)
         if bit is None:
-            if not self._free and len(self._bits) >= self._MAX_REPLICAS:
+            full = min(self._owners.width, self._MAX_REPLICAS)
+            if not self._free and len(self._bits) >= full:
                 self._reclaim(replicas)
             bit = self._free.pop() if self._free else 1 << len(self._bits)
             self._bits[url] = bit
@@ -185,27 +191,25 @@ class PrefixAware(_Turns):
     def _reclaim(self, replicas: Sequence[Replica]) -> None:
         """Takes back the bits of the URLs not among `replicas` and clears them
         from every mask, so that the replicas still there keep what was sent
-        to them; starts afresh only when every URL is among them.
+        to them; when every URL is among them, widens the masks, or past
+        `_MAX_REPLICAS` starts afresh.
 
         One pass over the table, on the request that brings a new URL when no
-        bit is free: once per `_MAX_REPLICAS` new URLs, less the replicas
-        there. At 200,000 hashes it took 50 ms, against 4 ms to wipe the table
-        (1,024 URLs, 8 of them replicas, on a busy 2-core machine); the
-        prefills a wipe costs take far longer. A replica ejected, or tried
-        already for this request, is not among `replicas` and loses its
-        placements too: one replica's, where a wipe lost every replica's.
+        bit is free: once per 64 new URLs, less the replicas there. A replica
+        ejected, or tried already for this request, is not among `replicas`
+        and loses its placements too: one replica's, where a wipe lost every
+        replica's.
         """
         live = {r.url for r in replicas}
         gone = [url for url in self._bits if url not in live]
-        if not gone:
+        if gone:
+            self._free = [self._bits.pop(url) for url in gone]
+            self._owners.keep(sum(self._bits.values()))  # the bits held, one each
+        elif len(self._bits) < self._MAX_REPLICAS:
+            self._owners.widen()
+        else:
             self._bits.clear()
             self._owners.clear()
-            return
-        self._free = [self._bits.pop(url) for url in gone]
-        keep = sum(self._bits.values())  # the bits still held (one each)
-        self._owners = OrderedDict(
-            (h, kept) for h, mask in self._owners.items() if (kept := mask & keep)
-        )
 
     def _by_prefix(
         self, hashes: list[int], replicas: Sequence[Replica], turn: int
@@ -215,8 +219,9 @@ class PrefixAware(_Turns):
         if not hashes:
             return None, "least", 0
         bits = [self._bits.get(r.url, 0) for r in replicas]
+        owners = self._owners.owners
         for i in range(len(hashes) - 1, -1, -1):
-            mask = self._owners.get(hashes[i], 0)
+            mask = owners(hashes[i])
             if not mask:
                 continue
             holding = [r for r, bit in zip(replicas, bits, strict=True) if mask & bit]
@@ -225,19 +230,6 @@ class PrefixAware(_Turns):
         urls = [r.url for r in replicas]
         home = rendezvous(hashes[0], urls)
         return replicas[urls.index(home)], "hash", 0
-
-    def _remember(self, hashes: list[int], bit: int) -> None:
-        owners = self._owners
-        get, touch = owners.get, owners.move_to_end
-        for h in hashes:
-            mask = get(h, 0)
-            # A conversation's earlier blocks are usually known to this replica
-            # already: then only their recency changes.
-            if not mask & bit:
-                owners[h] = mask | bit
-            touch(h)
-        while len(owners) > self._capacity:
-            owners.popitem(last=False)
 
 
 class KvAware(_Turns):

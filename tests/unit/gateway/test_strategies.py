@@ -13,6 +13,7 @@ from citadel.gateway.routes import RoutingStrategy
 from citadel.gateway.services.prefix import (
     BLOCK_CHARS,
     MAX_BLOCKS,
+    BlockTable,
     block_hashes,
     prompt_text,
     rendezvous,
@@ -174,10 +175,75 @@ def test_prefix_aware_ties_go_round_every_replica() -> None:
 
 
 def test_prefix_table_is_bounded() -> None:
-    strategy = PrefixAware(capacity=10)
+    strategy = PrefixAware(capacity=16)
     for i in range(50):
         strategy.choose(pool(), chat(f"{i}" * 600))
-    assert len(strategy._owners) == 10
+    assert strategy._owners.slots == 16
+    assert 0 < len(strategy._owners) <= 16
+
+
+def test_block_table_grows_with_use_then_stays_put() -> None:
+    table = BlockTable(1 << 14)
+    assert table.slots == 1024  # an idle model's table is small
+    blocks = list(range(20_000))  # distinct slots up to the table's size
+    table.add(blocks[:200], 1)
+    assert table.slots == 1024 and len(table) == 200
+    # Growing loses nothing: every hash moves to its slot in the new arrays.
+    table.add(blocks[200:1000], 2)
+    assert table.slots == 4096 and len(table) == 1000
+    assert all(table.owners(b) == 1 for b in blocks[:200])
+    assert all(table.owners(b) == 2 for b in blocks[200:1000])
+    table.add(blocks, 4)
+    assert table.slots == 1 << 14  # its cap: from here hashes displace others
+    assert len(table) <= 1 << 14
+    assert table.owners(blocks[-1]) == 4
+
+
+def test_block_table_moves_or_displaces_when_both_slots_are_taken() -> None:
+    table = BlockTable(1024)
+    table.add([5], 1)
+    table.add([5], 2)
+    assert table.owners(5) == 3
+    # Slots are named by a hash's low bits, then by its bits from 32 up.
+    a, b, c = (7 << 32) | 5, (5 << 32) | 7, (5 << 32) | (5 + 1024)
+    table.add([a], 4)  # slot 5 is taken: a takes its other one, 7
+    # Both of b's are taken: a cannot move (5 is taken), 5's hash can (to 0).
+    table.add([b], 8)
+    assert [table.owners(h) for h in (5, a, b)] == [3, 4, 8]
+    assert (table._keys[0], table._keys[5], len(table)) == (5, b, 3)
+    # c's two slots are one, 5, and b cannot leave it (7 is taken): b goes.
+    table.add([c], 16)
+    assert [table.owners(h) for h in (5, a, b, c)] == [3, 4, 0, 16]
+    assert len(table) == 3
+    table.keep(1 | 16)
+    assert [table.owners(h) for h in (5, a, c)] == [1, 0, 16]
+    assert len(table) == 2
+    with pytest.raises(ValueError, match="power of two"):
+        BlockTable(1000)
+
+
+def test_prefix_aware_keeps_placements_of_more_than_64_replicas() -> None:
+    # Masks are 64-bit while a model has at most 64 replica URLs; the 65th
+    # replica at once widens them rather than wiping what the others hold.
+    strategy, replicas = PrefixAware(), pool(70)
+    prompts = [chat(f"conversation {i} " * 60) for i in range(400)]
+    placed = [strategy.choose(replicas, request)[0] for request in prompts]
+    assert len(set(map(id, placed))) > 64
+    assert strategy._owners.width > 64
+    for replica, request in zip(placed, prompts, strict=True):
+        assert strategy.choose(replicas, request) == (replica, "cache")
+
+
+def test_prefix_aware_takes_back_bits_of_pods_gone_before_widening() -> None:
+    strategy = PrefixAware()
+    stay = Replica("http://10.0.0.1:8000")
+    conversation = chat("system prompt " * 40, "a question " * 40)
+    _sent_to(strategy, [stay], stay, conversation)
+    for i in range(100):  # pods replaced one by one: never more than two
+        pod = Replica(f"http://10.0.1.{i}:8000")
+        _sent_to(strategy, [stay, pod], pod, chat(f"pod {i} conversation " * 50))
+    assert strategy._owners.width == 64
+    assert strategy.choose([stay, pod], conversation) == (stay, "cache")
 
 
 def _sent_to(
