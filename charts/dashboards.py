@@ -280,6 +280,39 @@ def overview() -> Any:
             ],
         ),
         panel(
+            "Kubernetes watches",
+            "Whether the gateway's watches are in sync, per resource (routes: the "
+            "routing ConfigMap; endpointslices: the model pods' addresses; secrets: "
+            "the API keys): 0 while any gateway pod's watches of it are not, its "
+            "view possibly stale (the alert CitadelGatewayWatchNotSynced names the "
+            "pod); and the failed lists and watches per second, per resource.",
+            [
+                (
+                    f"min by (resource) (citadel_gateway_watch_synced{{{GW}}})",
+                    "synced {{resource}}",
+                ),
+                (
+                    "sum by (resource) "
+                    f"(rate(citadel_gateway_watch_failures_total{{{GW}}}[{RI}]))",
+                    "failures/s {{resource}}",
+                ),
+            ],
+        ),
+        panel(
+            "Headers too large/s",
+            "Requests refused with 431 (connection closed) for a request line and "
+            "headers over the bound, before the app saw them (so not in "
+            "Requests/s). A steady rate is a client or a proxy in front adding "
+            "large headers; a burst, a flood.",
+            [
+                (
+                    f"sum(rate(citadel_gateway_headers_too_large_total{{{GW}}}[{RI}]))",
+                    "refused",
+                )
+            ],
+            unit="reqps",
+        ),
+        panel(
             "Models by phase",
             "LLMModels per phase (Pending, Progressing, Ready, Degraded, Failed).",
             [("max by (phase) (citadel_operator_models)", "{{phase}}")],

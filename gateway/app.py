@@ -15,7 +15,7 @@ from citadel.gateway.api.version import VersionHeaders
 from citadel.gateway.deps import Deps
 from citadel.gateway.graphql.router import graphql_router
 from citadel.gateway.settings import GatewaySettings
-from citadel.gateway.sources.base import start_supervised
+from citadel.gateway.sources.base import Source, keep_running, start_supervised
 
 
 def create_app(settings: GatewaySettings, deps: Deps) -> FastAPI:
@@ -25,10 +25,7 @@ def create_app(settings: GatewaySettings, deps: Deps) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for start in deps.startup:
             await start()
-        tasks = [
-            start_supervised(source.run(), type(source).__name__)
-            for source in deps.sources
-        ]
+        tasks = [_run_supervised(source) for source in deps.sources]
         try:
             yield
         finally:
@@ -55,6 +52,19 @@ def create_app(settings: GatewaySettings, deps: Deps) -> FastAPI:
     app.add_middleware(VersionHeaders)
     errors.install(app)
     return app
+
+
+def _run_supervised(source: Source) -> asyncio.Task[None]:
+    """Runs a source as a task, started again after a pause each time it ends
+    (logged), as each Kubernetes watch is.
+
+    Run once, a source that died with an error none of its own retries covers
+    stayed dead until the gateway restarted: the metrics scraper's (kv-aware
+    routing then went without load figures), the routes or keys file's (their
+    changes no longer seen).
+    """
+    name = type(source).__name__
+    return start_supervised(keep_running(source.run, name), name)
 
 
 def serving(app: FastAPI) -> ASGIApp:

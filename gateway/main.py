@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from citadel.gateway import __version__, logs
 from citadel.gateway.app import create_app, serving
-from citadel.gateway.protocol import head_bounded
+from citadel.gateway.protocol import RefusedHeads, head_bounded
 from citadel.gateway.rpc.server import add_grpc
 from citadel.gateway.settings import GatewaySettings
 from citadel.gateway.wiring import build_deps
@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         # httptools with a bound on the request line and headers: httptools
         # has none, and one endless header stalled the event loop.
         http=head_bounded(
-            settings.max_header_bytes, deps.metrics.headers_too_large.inc
+            settings.max_header_bytes,
+            RefusedHeads(deps.metrics.headers_too_large.inc),
         ),
         access_log=False,
         log_config=None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,61 @@ log = logging.getLogger(__name__)
 
 # What each parsed header field adds to its name and value: ": " and CRLF.
 _FIELD_OVERHEAD = 4
+
+LOG_EVERY_S = 10.0
+"""The shortest time between two log lines about refused heads."""
+
+
+class RefusedHeads:
+    """Counts each request head refused, and logs them at most once per
+    `log_every_s`: the first at once, then the next one after that time, with
+    how many were refused since the line before.
+
+    A line per refusal made a flood of oversized heads (one per connection,
+    some 800 a second) a flood of log lines too. The counter still counts each.
+
+    Args:
+        count: called once for each head refused (the metric).
+        log_every_s: the shortest time between two log lines.
+        clock: monotonic seconds.
+    """
+
+    def __init__(
+        self,
+        count: Callable[[], None],
+        log_every_s: float = LOG_EVERY_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._count = count
+        self._every = log_every_s
+        self._clock = clock
+        self._logged_at: float | None = None
+        self._unlogged = 0
+
+    def refused(self, client: tuple[str, int] | None, max_head_bytes: int) -> None:
+        """Counts one head refused; logs it, with those not logged before it,
+        unless a line went out less than `log_every_s` ago.
+
+        Args:
+            client: the address of the client refused (never its headers).
+            max_head_bytes: the bound it passed.
+        """
+        self._count()
+        self._unlogged += 1
+        now = self._clock()
+        if self._logged_at is not None and now - self._logged_at < self._every:
+            return
+        log.warning(
+            "request headers too large: answered 431, connection closed",
+            extra={
+                "client": client,
+                "max_head_bytes": max_head_bytes,
+                # This one and those refused since the last line.
+                "refused": self._unlogged,
+            },
+        )
+        self._logged_at = now
+        self._unlogged = 0
 
 
 class HeadBoundedProtocol(HttpToolsProtocol):
@@ -42,7 +98,7 @@ class HeadBoundedProtocol(HttpToolsProtocol):
         app_state: uvicorn's, as for `HttpToolsProtocol`.
         _loop: uvicorn's, as for `HttpToolsProtocol`.
         max_head_bytes: the largest head served.
-        refused: called once for each head refused (to count it).
+        refused: told of each head refused (to count and log it).
     """
 
     def __init__(
@@ -53,7 +109,7 @@ class HeadBoundedProtocol(HttpToolsProtocol):
         _loop: asyncio.AbstractEventLoop | None = None,
         *,
         max_head_bytes: int,
-        refused: Callable[[], None],
+        refused: RefusedHeads,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self._max_head = max_head_bytes
@@ -116,11 +172,7 @@ class HeadBoundedProtocol(HttpToolsProtocol):
             f"The request line and headers are over {self._max_head} bytes."
         )
         # Once per connection, as it closes; never the headers themselves.
-        log.warning(
-            "request headers too large: answered 431, connection closed",
-            extra={"client": self.client, "max_head_bytes": self._max_head},
-        )
-        self._refused()
+        self._refused.refused(self.client, self._max_head)
         body = error.to_json()
         head = [b"HTTP/1.1 431 Request Header Fields Too Large\r\n"]
         # uvicorn's headers for every response: `server`, `date`.
@@ -136,14 +188,15 @@ class HeadBoundedProtocol(HttpToolsProtocol):
 
 
 def head_bounded(
-    max_head_bytes: int, refused: Callable[[], None]
+    max_head_bytes: int, refused: RefusedHeads
 ) -> type[HeadBoundedProtocol]:
     """The protocol class to give `uvicorn.Config(http=...)`: uvicorn builds one
-    per connection with its own arguments only, so the bound comes with the class.
+    per connection with its own arguments only, so the bound and what counts
+    the refusals (shared by every connection) come with the class.
 
     Args:
         max_head_bytes: the largest request head served.
-        refused: called once for each head refused.
+        refused: told of each head refused.
     """
 
     class Protocol(HeadBoundedProtocol):

@@ -25,7 +25,9 @@ class Source(Protocol):
     """A background source of routes, replicas or keys.
 
     `run` keeps the services it was built with up to date until it is cancelled;
-    it never returns on a transient failure (it logs and retries).
+    it never returns on a transient failure (it logs and retries). The app runs
+    it under `keep_running`: a run that ends anyway is logged, and started
+    again after a pause.
     """
 
     async def run(self) -> None: ...

@@ -65,8 +65,10 @@ class FileWatcher:
         except OSError as err:
             log.error("cannot read file", extra={"path": str(self._path), "error": err})
             return
-        self._seen = seen
         self._load(data)
+        # Only once loaded: a load that raised is tried again by the watcher
+        # started again after it, as a Kubernetes watch lists again.
+        self._seen = seen
 
     async def run(self) -> None:
         """Checks until cancelled."""

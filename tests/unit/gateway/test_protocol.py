@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from citadel.gateway.protocol import HeadBoundedProtocol, head_bounded
+from citadel.gateway.protocol import HeadBoundedProtocol, RefusedHeads, head_bounded
 
 pytestmark = pytest.mark.unit
 
@@ -58,7 +58,7 @@ async def serving(bound: int = BOUND) -> AsyncIterator[Served]:
         app,
         host="127.0.0.1",
         port=0,
-        http=head_bounded(bound, lambda: served.refused.append(None)),
+        http=head_bounded(bound, RefusedHeads(lambda: served.refused.append(None))),
         lifespan="off",
         log_config=None,
     )
@@ -145,11 +145,44 @@ async def test_a_head_past_the_bound_gets_431_and_a_closed_connection(
         error = json.loads(body)["error"]
         assert error["code"] == "headers_too_large"
         assert str(BOUND) in error["message"]
-    # The app never saw them; each counted and logged once, without its headers.
+    # The app never saw them; each counted, the first logged (the second came
+    # within LOG_EVERY_S of it), without its headers.
     assert served.paths == [] and len(served.refused) == 2
     records = [r for r in caplog.records if r.name == "citadel.gateway.protocol"]
-    assert len(records) == 2
+    assert [r.refused for r in records] == [1]  # type: ignore[attr-defined]
     assert all("aaaa" not in str(vars(r)) for r in records)
+
+
+def test_a_flood_of_refused_heads_is_counted_each_and_logged_every_period(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A line per refusal turned a flood of oversized heads (some 800 a second)
+    into as many log lines."""
+    caplog.set_level(logging.WARNING, logger="citadel.gateway.protocol")
+    counted: list[None] = []
+    now = [100.0]
+    refusals = RefusedHeads(
+        lambda: counted.append(None), log_every_s=10.0, clock=lambda: now[0]
+    )
+    lines: list[tuple[float, int]] = []  # (when, how many) per line
+
+    def refuse(at: float, client: tuple[str, int]) -> None:
+        now[0] = at
+        before = len(caplog.records)
+        refusals.refused(client, BOUND)
+        lines.extend((at, r.refused) for r in caplog.records[before:])  # type: ignore[attr-defined]
+
+    for i in range(20_000):  # 25 s at 800 a second
+        refuse(100.0 + i / 800, ("10.0.0.7", 40_000 + i % 1000))
+    refuse(300.0, ("10.0.0.8", 50_000))  # quiet, then one more
+    assert len(counted) == 20_001
+    # The first at once; then at most one line per 10 s, each with how many
+    # were refused since the line before (this one included).
+    assert lines == [(100.0, 1), (110.0, 8000), (120.0, 8000), (300.0, 4000)]
+    last = caplog.records[-1]
+    assert last.name == "citadel.gateway.protocol"
+    assert last.client == ("10.0.0.8", 50_000)  # type: ignore[attr-defined]
+    assert last.max_head_bytes == BOUND  # type: ignore[attr-defined]
 
 
 async def test_a_head_that_never_ends_is_refused_once_past_the_bound() -> None:

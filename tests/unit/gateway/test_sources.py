@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,11 @@ from citadel.gateway.services.scraper import (
 )
 from citadel.gateway.settings import GatewaySettings
 from citadel.gateway.sources import base as sources_base
-from citadel.gateway.sources.files import keys_file_source, routes_file_source
+from citadel.gateway.sources.files import (
+    FileWatcher,
+    keys_file_source,
+    routes_file_source,
+)
 from citadel.gateway.sources.kubernetes import (
     KeySecretsSource,
     RoutesWatchSource,
@@ -833,6 +838,80 @@ async def test_a_source_that_dies_is_logged(
         errors = [r for r in caplog.records if r.levelname == "ERROR"]
         assert [r.task for r in errors] == ["Failing", "Ending"]  # type: ignore[attr-defined]
         assert errors[0].exc_info is not None
+        assert all("starting it again" in r.getMessage() for r in errors)
+
+
+class _RaisesOnce(_MetricsUpstream):
+    """Raises what no scrape expects (a bug) at its first call, then answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    async def request(
+        self, method: str, url: str, timeout_s: float | None = None
+    ) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("a bug")
+        return await super().request(method, url, timeout_s)
+
+
+def _restarts(caplog: pytest.LogCaptureFixture, task: str) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.levelname == "ERROR"
+        and getattr(r, "task", None) == task
+        and "starting it again" in r.getMessage()
+    ]
+
+
+async def test_a_metrics_scraper_that_dies_is_started_again(
+    kit: Any, caplog: pytest.LogCaptureFixture, quick_restarts: None
+) -> None:
+    """The app ran it once: a scraper that raised stayed dead, and kv-aware
+    routing went without load figures until the gateway restarted."""
+    harness = kit.build(kit.document(strategy="kv-aware"), replicas=("http://a",))
+    upstream = _RaisesOnce()
+    upstream.answers["http://a"] = "vllm:num_requests_waiting 3\n"
+    scraper = MetricsScraper(harness.deps.catalog, upstream, 0.0, lambda: 5.0)  # type: ignore[arg-type]
+    harness.deps.sources.append(scraper)
+    replica = harness.deps.catalog.all_replicas()["http://a"]
+    async with harness.app.router.lifespan_context(harness.app):
+        await _until(lambda: replica.load.scraped_at is not None)
+        assert replica.load.waiting == 3
+        [error] = _restarts(caplog, "MetricsScraper")
+        assert error.exc_info is not None and error.exc_info[0] is RuntimeError
+
+
+async def test_a_file_watcher_that_dies_is_started_again(
+    harness: Any,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    quick_restarts: None,
+) -> None:
+    """The app ran it once: a routes or keys file watcher that raised stayed
+    dead, the file's changes unseen until the gateway restarted. Started again,
+    it loads the contents whose load raised."""
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"keys": []}))
+    loads: list[bytes] = []
+
+    def load(data: bytes) -> None:
+        loads.append(data)
+        if len(loads) == 1:
+            raise RuntimeError("a bug")
+
+    harness.deps.sources.append(FileWatcher(path, load, 0.0))
+    async with harness.app.router.lifespan_context(harness.app):
+        await _until(lambda: len(loads) == 2)
+        [error] = _restarts(caplog, "FileWatcher")
+        assert error.exc_info is not None and error.exc_info[0] is RuntimeError
+        # And it watches on: a change is loaded.
+        path.write_text(json.dumps({"keys": [], "more": 1}))
+        await _until(lambda: len(loads) == 3)
+    assert loads[0] == loads[1] != loads[2]
 
 
 SYNCED = "citadel_gateway_watch_synced"
