@@ -97,6 +97,49 @@ async def test_a_request_that_cannot_become_json_is_invalid(
     assert error.code() is grpc.StatusCode.UNAUTHENTICATED
 
 
+def _nested(levels: int) -> Any:
+    """An object nested `levels` deep."""
+    value: Any = "x"
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize("streams", [False, True], ids=["unary", "stream"])
+async def test_a_message_nested_past_protobufs_limit_is_invalid_as_on_rest(
+    door: tuple[Any, pb_grpc.InferenceStub],
+    kit: Any,
+    caplog: pytest.LogCaptureFixture,
+    streams: bool,
+) -> None:
+    # protobuf reads 100 levels: a Struct object takes three (the Struct, its
+    # field's entry, the Value), so 40 objects in `extra` cannot be read. The
+    # caller's mistake, as a body too deep is on REST: not grpc's UNKNOWN,
+    # naming protobuf's internals, uncounted.
+    harness, stub = door
+    request = _chat()
+    request.extra.update({"deep": _nested(40)})
+    key = (("authorization", f"Bearer {kit.key}"),)
+
+    async def call(metadata: Any = None) -> None:
+        if streams:
+            async for _ in stub.ChatCompletionStream(request, metadata=metadata):
+                pass
+        else:
+            await stub.ChatCompletion(request, metadata=metadata)
+
+    error = await _refused(call(key))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "nested too deeply" in error.details()
+    assert "Unexpected" not in error.details() and "upb" not in error.details()
+    assert kit.counted(harness, "400", door="grpc", model="unknown") == 1
+    assert harness.upstream.calls == []
+    assert [r for r in caplog.records if r.levelname == "ERROR"] == []
+    # Without a key it is the key that is refused, first, as on REST.
+    error = await _refused(call())
+    assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
 async def test_embeddings_other_than_floats_are_refused_before_the_replica(
     door: tuple[Any, pb_grpc.InferenceStub], kit: Any
 ) -> None:
