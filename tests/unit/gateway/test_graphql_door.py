@@ -537,18 +537,43 @@ async def test_a_body_nested_too_deeply_is_refused_as_on_rest(
     assert _errors_logged(caplog) == []
 
 
-async def test_variables_nested_past_what_python_reads_are_a_400(
-    kit: Any, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"query": ',
+        # Deeper than the JSON reader recurses: still the caller's mistake.
+        f'{{"query": {json.dumps(CHAT)}, "variables": {{"input": '.encode()
+        + b"[" * 1500
+        + b"]" * 1500
+        + b"}}",
+    ],
+    ids=["malformed", "nested past what python reads"],
+)
+async def test_a_body_that_is_no_json_is_a_graphql_error_counted_as_on_rest(
+    kit: Any, caplog: pytest.LogCaptureFixture, raw: bytes
 ) -> None:
-    # Deeper than the JSON reader recurses: still the caller's mistake.
+    # Not strawberry's plain text, uncounted: the door's JSON errors, with
+    # REST's status and message, counted as REST counts its 400.
+    caplog.set_level("INFO", logger="citadel.gateway.access")
     harness = kit.build()
-    deep = "[" * 1500 + "]" * 1500
-    raw = f'{{"query": {json.dumps(CHAT)}, "variables": {{"input": {deep}}}}}'
+    json_type = {"content-type": "application/json", "x-request-id": "bad-1"}
     async with harness.client() as client:
-        answer = await client.post(
-            "/graphql", content=raw, headers={"content-type": "application/json"}
+        rest = await client.post(
+            "/v1/chat/completions", content=b'{"model": ', headers=json_type
         )
-    assert answer.status_code == 400
+        answer = await client.post("/graphql", content=raw, headers=json_type)
+    assert answer.status_code == rest.status_code == 400
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.headers["x-request-id"] == "bad-1"
+    (error,) = answer.json()["errors"]
+    said = "We could not parse the JSON body of your request"
+    assert error["message"].startswith(said)
+    assert rest.json()["error"]["message"].startswith(said)
+    extensions = error["extensions"]
+    assert (extensions["status"], extensions["code"]) == (400, "invalid_request_error")
+    assert harness.upstream.calls == []
+    assert kit.counted(harness, "400", door="graphql", model="unknown") == 1
+    assert _access(caplog) == [(400, None)] * 2  # REST's, then GraphQL's
     assert _errors_logged(caplog) == []
 
 
