@@ -25,11 +25,12 @@ import json
 from datetime import timedelta
 from typing import overload
 
-from cross_web import HTTPException
+from cross_web import AsyncHTTPRequestAdapter, HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from strawberry.fastapi import GraphQLRouter
+from strawberry.http import GraphQLRequestData
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
     BaseGraphQLTransportWSHandler,
 )
@@ -136,6 +137,16 @@ class _Router(GraphQLRouter[GraphQLContext, None]):
         except RecursionError as err:
             text = data if isinstance(data, str) else data.decode(errors="replace")
             raise json.JSONDecodeError("nested too deeply", text, 0) from err
+
+    async def parse_http_body(
+        self, request: AsyncHTTPRequestAdapter
+    ) -> GraphQLRequestData | list[GraphQLRequestData]:
+        try:
+            return await super().parse_http_body(request)
+        except AttributeError as err:
+            # strawberry reads any JSON body but a list as an object: a number,
+            # a string or null was an AttributeError, the gateway's 500.
+            raise HTTPException(400, "The request body must be a JSON object.") from err
 
     @overload
     async def run(

@@ -577,6 +577,24 @@ async def test_a_body_that_is_no_json_is_a_graphql_error_counted_as_on_rest(
     assert _errors_logged(caplog) == []
 
 
+@pytest.mark.parametrize("raw", [b"1", b'"query"', b"null"])
+async def test_a_json_body_that_is_no_object_is_a_400_as_on_rest(
+    kit: Any, caplog: pytest.LogCaptureFixture, raw: bytes
+) -> None:
+    # strawberry reads it as an object: an AttributeError, the gateway's 500.
+    harness = kit.build()
+    json_type = {"content-type": "application/json"}
+    async with harness.client() as client:
+        rest = await client.post("/v1/chat/completions", content=raw, headers=json_type)
+        answer = await client.post("/graphql", content=raw, headers=json_type)
+    assert answer.status_code == rest.status_code == 400
+    (error,) = answer.json()["errors"]
+    assert error["message"] == rest.json()["error"]["message"]
+    assert error["extensions"]["status"] == 400
+    assert kit.counted(harness, "400", door="graphql", model="unknown") == 1
+    assert _errors_logged(caplog) == []
+
+
 async def test_an_unreachable_limit_store_nulls_usage_alone(kit: Any) -> None:
     # `usage` fails alone: the fields asked beside it keep their answers.
     harness = kit.build()
