@@ -288,6 +288,7 @@ class _Held:
 
     status = 200
     content_type = "application/json"
+    retry_after = None
 
     def __init__(self) -> None:
         self.closed = False
@@ -401,6 +402,34 @@ async def test_a_replicas_own_refusal_carries_the_limit_values_as_on_rest(
     limits = {k: v for k, v in rest.headers.items() if k.startswith("x-ratelimit-")}
     assert limits["x-ratelimit-remaining-tokens"] == "1000"
     assert {k: extensions["headers"].get(k) for k in limits} == limits
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "expected"),
+    [
+        (404, None, (404, "model_not_found", None)),
+        (429, "7", (429, "rate_limit_exceeded", 7)),
+    ],
+    ids=["model unknown to the replica", "replica busy"],
+)
+async def test_a_replicas_own_404_and_429_keep_their_status_as_on_rest(
+    kit: Any, status: int, retry_after: str | None, expected: tuple[Any, ...]
+) -> None:
+    harness = kit.build()
+    said = {"error": {"message": f"The replica said {status}."}}
+    harness.upstream.handler = lambda url, sent: kit.reply(
+        status, orjson.dumps(said), retry_after=retry_after
+    )
+    async with harness.client() as client:
+        answer = await client.post(
+            "/graphql", json={"query": CHAT, "variables": {"input": INPUT}}
+        )
+    (error,) = answer.json()["errors"]
+    assert error["message"] == f"The replica said {status}."
+    extensions = error["extensions"]
+    got = (extensions["status"], extensions["code"], extensions.get("retryAfter"))
+    assert got == expected
+    assert kit.counted(harness, str(status), door="graphql") == 1
 
 
 def _errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -630,7 +659,7 @@ async def test_an_unreachable_limit_store_nulls_usage_alone(kit: Any) -> None:
     ],
     ids=["a proxy's HTML page", "plain text", "empty"],
 )
-async def test_a_replicas_refusal_that_is_not_json_is_an_invalid_request(
+async def test_a_replicas_refusal_that_is_not_json_is_a_refusal_not_a_failure(
     kit: Any,
     caplog: pytest.LogCaptureFixture,
     status: int,
@@ -648,10 +677,9 @@ async def test_a_replicas_refusal_that_is_not_json_is_an_invalid_request(
             "/graphql", json={"query": CHAT, "variables": {"input": INPUT}}
         )
     error = answer.json()["errors"][0]
-    assert (error["extensions"]["status"], error["extensions"]["code"]) == (
-        400,
-        "invalid_request_error",
-    )
+    codes = {400: "invalid_request_error", 404: "model_not_found"}
+    extensions = error["extensions"]
+    assert (extensions["status"], extensions["code"]) == (status, codes[status])
     assert said in error["message"] and "<" not in error["message"]
     assert str(status) in error["message"]
     assert kit.counted(harness, str(status), door="graphql") == 1
