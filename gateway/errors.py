@@ -181,6 +181,15 @@ class ShuttingDown(_RetryLater):
     code = "shutting_down"
 
 
+class LimitStoreUnavailable(GatewayError):
+    """503: the limit store (Redis) cannot be reached, for what only it knows
+    (where a key's limits stand); requests are admitted meanwhile."""
+
+    status = 503
+    type = "server_error"
+    code = "limit_store_unavailable"
+
+
 class BackendError(GatewayError):
     """502: the replica failed or answered with something unusable."""
 

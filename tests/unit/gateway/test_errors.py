@@ -20,6 +20,7 @@ pytestmark = pytest.mark.unit
         (errors.BodyTooLarge("x"), 413, "request_too_large"),
         (errors.RateLimited("x", retry_after_s=0.2), 429, "rate_limit_exceeded"),
         (errors.QuotaExceeded("x", retry_after_s=90), 429, "insufficient_quota"),
+        (errors.LimitStoreUnavailable("x"), 503, "limit_store_unavailable"),
         (errors.BackendError("x"), 502, "backend_error"),
         (errors.NoReplica("x", retry_after_s=5), 503, "model_not_ready"),
         (errors.BackendTimeout("x"), 504, "backend_timeout"),

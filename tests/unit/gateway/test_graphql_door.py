@@ -644,6 +644,13 @@ async def test_an_unreachable_limit_store_nulls_usage_alone(kit: Any) -> None:
     (error,) = got["errors"]
     assert error["path"] == ["usage"]
     assert error["message"] == "The limit store is unreachable."
+    # As every other field's errors: REST's shape in `extensions`.
+    extensions = error["extensions"]
+    assert (extensions["status"], extensions["code"], extensions["type"]) == (
+        503,
+        "limit_store_unavailable",
+        "server_error",
+    )
 
 
 @pytest.mark.parametrize(
