@@ -181,6 +181,15 @@ class ShuttingDown(_RetryLater):
     code = "shutting_down"
 
 
+class LimitStoreUnavailable(GatewayError):
+    """503: the limit store (Redis) cannot be reached, for what only it knows
+    (where a key's limits stand); requests are admitted meanwhile."""
+
+    status = 503
+    type = "server_error"
+    code = "limit_store_unavailable"
+
+
 class BackendError(GatewayError):
     """502: the replica failed or answered with something unusable."""
 
@@ -205,9 +214,24 @@ class InternalError(GatewayError):
     code = "internal_error"
 
 
-def refusal(status: int, body: Mapping[str, Any]) -> GatewayError:
+REPLICA_RETRY_AFTER_S = 1
+"""When to retry a replica's 429 that does not say (or not in seconds)."""
+REPLICA_RETRY_AFTER_MAX_S = 86_400
+"""The longest wait passed on from a replica (a `Duration` holds 10,000 years,
+Python's `int` reads 4,300 digits: a replica's header may hold more)."""
+
+
+def refusal(
+    status: int, body: Mapping[str, Any], retry_after: str | None = None
+) -> GatewayError:
     """The gateway error for a replica's own error answer: OpenAI's error object
-    in `body`, answered with `status` (502 for an error event in a stream)."""
+    in `body`, answered with `status` (502 for an error event in a stream).
+
+    A 404 (vLLM knows no such model) and a 429 (vLLM's queue is full) keep
+    their meaning, as REST relays them: `ModelNotFound`, and `RateLimited`
+    after the replica's `retry_after` (its `Retry-After` header, in seconds).
+    Any other 4xx is the caller's mistake, `InvalidRequest`.
+    """
     error = body.get("error")
     detail = error if isinstance(error, dict) else {}
     message = str(detail.get("message") or f"The model refused with status {status}.")
@@ -216,4 +240,18 @@ def refusal(status: int, body: Mapping[str, Any]) -> GatewayError:
         return BackendTimeout(message)
     if status >= 500:
         return BackendError(message)
+    if status == 404:
+        return ModelNotFound(message, param="model")
+    if status == 429:
+        return RateLimited(message, retry_after_s=_replica_wait(retry_after))
     return InvalidRequest(message, param=param if isinstance(param, str) else None)
+
+
+def _replica_wait(retry_after: str | None) -> int:
+    """A replica's `Retry-After` in seconds (an HTTP date is not read)."""
+    seconds = (retry_after or "").strip()
+    if not (seconds.isascii() and seconds.isdecimal()):
+        return REPLICA_RETRY_AFTER_S
+    if len(seconds) > len(str(REPLICA_RETRY_AFTER_MAX_S)):
+        return REPLICA_RETRY_AFTER_MAX_S
+    return min(int(seconds), REPLICA_RETRY_AFTER_MAX_S)

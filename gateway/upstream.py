@@ -97,6 +97,8 @@ class Reply(Protocol):
 
     status: int
     content_type: str
+    retry_after: str | None
+    """Its `Retry-After` header, as sent (a refusal's, such as a 429)."""
 
     async def read(self) -> bytes:
         """The whole body (then the connection goes back to the pool)."""
@@ -218,6 +220,7 @@ class _Connection(asyncio.Protocol):
     def _reset(self) -> None:
         self.status = 0
         self.content_type = "application/json"
+        self.retry_after: str | None = None
         self.complete = False
         self.keep_alive = False
         self.received = False
@@ -287,6 +290,8 @@ class _Connection(asyncio.Protocol):
         name = name.lower()
         if name == b"content-type":
             self.content_type = value.decode("latin-1")
+        elif name == b"retry-after":
+            self.retry_after = value.decode("latin-1")
         elif name in (b"content-length", b"transfer-encoding"):
             self._length_known = True
 
@@ -400,6 +405,7 @@ class UpstreamResponse:
         self._deadline = deadline
         self.status = conn.status
         self.content_type = conn.content_type
+        self.retry_after = conn.retry_after
 
     def _timeout(self) -> float:
         return _within(self._client.settings.read_timeout_s, self._deadline)

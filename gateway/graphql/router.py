@@ -11,6 +11,10 @@ key could hold sockets open for ever without running an operation. The key is
 checked again as each operation starts, before it runs: once it is revoked,
 every new operation is refused with the protocol's `error` message (as a
 document that does not validate is), while the streams already running finish.
+
+A request strawberry cannot read (a body that is not JSON, no query) gets the
+door's JSON error, with REST's 400 in its `extensions`, counted as REST counts
+that 400: strawberry's own answer is plain text, counted nowhere.
 """
 
 from __future__ import annotations
@@ -19,9 +23,14 @@ import asyncio
 import contextlib
 import json
 from datetime import timedelta
+from typing import overload
 
-from starlette.websockets import WebSocketDisconnect
+from cross_web import AsyncHTTPRequestAdapter, HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.websockets import WebSocket, WebSocketDisconnect
 from strawberry.fastapi import GraphQLRouter
+from strawberry.http import GraphQLRequestData
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
     BaseGraphQLTransportWSHandler,
 )
@@ -35,15 +44,18 @@ from strawberry.subscriptions.protocols.graphql_ws.types import (
     ConnectionInitMessage,
     StartMessage,
 )
-from strawberry.types.unset import UnsetType
+from strawberry.types.unset import UNSET, UnsetType
 
+from citadel.gateway.errors import InvalidRequest
 from citadel.gateway.graphql.context import (
     GraphQLContext,
     admit,
     context_of,
     refusal,
 )
+from citadel.gateway.graphql.errors import graphql_error
 from citadel.gateway.graphql.schema import build_schema
+from citadel.gateway.services.requests import CHAT, Door
 
 PATH = "/graphql"
 INIT_TIMEOUT_CLOSE = 4408
@@ -125,6 +137,63 @@ class _Router(GraphQLRouter[GraphQLContext, None]):
         except RecursionError as err:
             text = data if isinstance(data, str) else data.decode(errors="replace")
             raise json.JSONDecodeError("nested too deeply", text, 0) from err
+
+    async def parse_http_body(
+        self, request: AsyncHTTPRequestAdapter
+    ) -> GraphQLRequestData | list[GraphQLRequestData]:
+        try:
+            return await super().parse_http_body(request)
+        except AttributeError as err:
+            # strawberry reads any JSON body but a list as an object: a number,
+            # a string or null was an AttributeError, the gateway's 500.
+            raise HTTPException(400, "The request body must be a JSON object.") from err
+
+    @overload
+    async def run(
+        self, request: Request, context: GraphQLContext = ..., root_value: None = ...
+    ) -> Response: ...
+
+    @overload
+    async def run(
+        self, request: WebSocket, context: GraphQLContext = ..., root_value: None = ...
+    ) -> WebSocket: ...
+
+    async def run(
+        self,
+        request: Request | WebSocket,
+        context: GraphQLContext = UNSET,
+        root_value: None = UNSET,
+    ) -> Response | WebSocket:
+        try:
+            return await super().run(request, context, root_value)
+        except HTTPException as err:
+            # strawberry refuses a request it cannot read before the operation
+            # is known; over HTTP its key was checked (`context_of`).
+            if err.status_code != 400 or not isinstance(request, Request):
+                raise
+            return self._unreadable(request, context, err)
+
+    def _unreadable(
+        self, request: Request, context: GraphQLContext, err: HTTPException
+    ) -> Response:
+        """The door's error for an HTTP request strawberry could not read,
+        counted as a refused chat (as a bad key is), REST's 400."""
+        cause = err.__cause__
+        where = "query string" if request.method == "GET" else "body"
+        error = InvalidRequest(
+            f"We could not parse the JSON {where} of your request: {cause}."
+            if isinstance(cause, json.JSONDecodeError)
+            else err.reason
+        )
+        context.deps.proxy.refused(
+            CHAT, context.request_id, error, Door.GRAPHQL, context.principal()
+        )
+        sub_response = context.response
+        assert sub_response is not None  # over HTTP, the response's headers
+        sub_response.status_code = error.status
+        return self.create_response(
+            {"errors": [graphql_error(error).formatted]}, sub_response
+        )
 
     async def on_ws_connect(
         self, context: GraphQLContext

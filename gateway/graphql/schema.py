@@ -22,7 +22,7 @@ from strawberry.extensions import MaxAliasesLimiter, MaxTokensLimiter, QueryDept
 from strawberry.types import ExecutionContext, Info
 
 from citadel.gateway.deps import ClientWatch
-from citadel.gateway.errors import GatewayError
+from citadel.gateway.errors import GatewayError, LimitStoreUnavailable
 from citadel.gateway.graphql.context import GraphQLContext
 from citadel.gateway.graphql.errors import reported
 from citadel.gateway.graphql.limits import VariableListLimiter
@@ -67,7 +67,7 @@ async def _usage(info: Ctx) -> Usage:
                 principal, routes.values()
             )
         except StoreUnavailable as err:
-            raise GraphQLError("The limit store is unreachable.") from err
+            raise LimitStoreUnavailable("The limit store is unreachable.") from err
         key = principal.key
         return Usage(
             key=key.name if key else None,

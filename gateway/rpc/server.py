@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from citadel.gateway.deps import Deps
-from citadel.gateway.rpc.service import InferenceService
+from citadel.gateway.rpc.service import InferenceService, readable
 from citadel.gateway.rpc.v1 import citadel_pb2 as pb
-from citadel.gateway.rpc.v1 import citadel_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class GrpcServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_InferenceServicer_to_server(InferenceService(self._deps), server)
+        _add_inference(InferenceService(self._deps), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
@@ -117,6 +117,31 @@ class GrpcServer:
                     await self._health.set(name, status)
                 serving = ready
             await asyncio.sleep(HEALTH_PERIOD_S)
+
+
+def _add_inference(service: InferenceService, server: grpc.aio.Server) -> None:
+    """What the generated `add_InferenceServicer_to_server` does, with each
+    request message read by `readable`: a message protobuf refuses (nested past
+    its depth limit) then reaches the servicer, to be refused as
+    INVALID_ARGUMENT and counted, not ended by grpc with UNKNOWN."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in pb.DESCRIPTOR.services_by_name["Inference"].methods:
+        request = getattr(pb, method.input_type.name)
+        reply = getattr(pb, method.output_type.name)
+        handler = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = handler(
+            getattr(service, method.name),
+            request_deserializer=readable(request.FromString),
+            response_serializer=reply.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+    )
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def add_grpc(

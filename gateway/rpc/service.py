@@ -6,7 +6,9 @@ deadline, which also bounds the upstream request (the deadline is the upstream
 timeout). A cancelled call cancels the task, and with it the upstream request.
 The API version and request id go out in the initial and trailing metadata,
 with the `x-ratelimit-*` values in the trailers; errors leave through
-`citadel.gateway.rpc.status`.
+`citadel.gateway.rpc.status`. A request message protobuf cannot read reaches
+the servicer as `Unreadable` (see `readable`), refused there as REST refuses a
+body it cannot parse.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from citadel.gateway.deps import Deps
 from citadel.gateway.errors import (
@@ -27,6 +29,7 @@ from citadel.gateway.errors import (
     BodyTooLarge,
     GatewayError,
     InternalError,
+    InvalidRequest,
 )
 from citadel.gateway.rpc import convert
 from citadel.gateway.rpc.status import status_of
@@ -50,9 +53,45 @@ from citadel.gateway.versioning import (
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
+R = TypeVar("R", bound=Message)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 REQUEST_ID = "x-request-id"
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A request message protobuf could not read: nested past its 100 levels
+    (a Struct in `extra` takes three for each of its objects), or no message of
+    its type at all."""
+
+    size: int
+    """Its bytes, for the body limit, which REST checks before it parses."""
+    message: str
+    """What the caller is told (protobuf's own words name its internals)."""
+
+
+def readable(parse: Callable[[bytes], R]) -> Callable[[bytes], R | Unreadable]:
+    """`parse` as a request deserializer that never raises: grpc ends a call
+    whose deserializer raises with UNKNOWN, naming the exception, before the
+    servicer runs, so that nothing counts it. The servicer refuses an
+    `Unreadable` itself, once the key is checked, as REST refuses a body it
+    cannot parse (400)."""
+
+    def read(data: bytes) -> R | Unreadable:
+        try:
+            return parse(data)
+        except DecodeError as err:
+            if "depth" in str(err).lower():
+                message = (
+                    "The request message is nested too deeply: protobuf reads "
+                    "at most 100 levels (each object in a Struct takes three)."
+                )
+            else:
+                message = "The request message could not be read as protobuf."
+            return Unreadable(len(data), message)
+
+    return read
 
 
 @dataclass
@@ -73,31 +112,35 @@ class InferenceService(pb_grpc.InferenceServicer):
         self._deps = deps
 
     async def ListModels(
-        self, request: pb.ListModelsRequest, context: Context
+        self, request: pb.ListModelsRequest | Unreadable, context: Context
     ) -> pb.ListModelsResponse:
         async with self._call(context) as call:
+            _read(request)
             models = usable_models(self._deps.catalog, call.principal)
         return pb.ListModelsResponse(
             models=[pb.Model(id=name, owned_by="citadel") for name, _ in models]
         )
 
     async def ChatCompletion(
-        self, request: pb.ChatCompletionRequest, context: Context
+        self, request: pb.ChatCompletionRequest | Unreadable, context: Context
     ) -> pb.ChatCompletionResponse:
         return await self._unary(
             context,
             request,
             CHAT,
-            lambda: convert.chat_body(request, stream=False),
+            lambda message: convert.chat_body(message, stream=False),
             pb.ChatCompletionResponse,
         )
 
     async def ChatCompletionStream(
-        self, request: pb.ChatCompletionRequest, context: Context
+        self, request: pb.ChatCompletionRequest | Unreadable, context: Context
     ) -> AsyncIterator[pb.ChatCompletionChunk]:
         async with self._call(context, CHAT) as call:
             body = self._body(
-                request, CHAT, call, lambda: convert.chat_body(request, stream=True)
+                request,
+                CHAT,
+                call,
+                lambda message: convert.chat_body(message, stream=True),
             )
             # The deadline bounds the wait for the first answer; after that a
             # passed deadline cancels the call (and the stream) like a client
@@ -121,44 +164,48 @@ class InferenceService(pb_grpc.InferenceServicer):
                     await answer.chunks.aclose()
 
     async def Completion(
-        self, request: pb.CompletionRequest, context: Context
+        self, request: pb.CompletionRequest | Unreadable, context: Context
     ) -> pb.CompletionResponse:
         return await self._unary(
             context,
             request,
             COMPLETIONS,
-            lambda: convert.completion_body(request),
+            convert.completion_body,
             pb.CompletionResponse,
         )
 
     async def Embeddings(
-        self, request: pb.EmbeddingsRequest, context: Context
+        self, request: pb.EmbeddingsRequest | Unreadable, context: Context
     ) -> pb.EmbeddingsResponse:
         return await self._unary(
             context,
             request,
             EMBEDDINGS,
-            lambda: convert.embeddings_body(request),
+            convert.embeddings_body,
             pb.EmbeddingsResponse,
         )
 
     def _body(
         self,
-        request: Message,
+        request: R | Unreadable,
         api: ApiCall,
         call: _Call,
-        body_of: Callable[[], dict[str, Any]],
+        body_of: Callable[[R], dict[str, Any]],
     ) -> dict[str, Any]:
         """The OpenAI body of `request`; a message over the body limit, or one
-        that cannot become JSON, is refused as REST refuses its body (413, 400:
-        here INVALID_ARGUMENT), and counted. (grpc-core's own limit, set higher,
-        would answer RESOURCE_EXHAUSTED, a rate limit's code, and count nothing.)
+        that cannot be read or become JSON, is refused as REST refuses its body
+        (413, 400: here INVALID_ARGUMENT), and counted. (grpc-core's own limit,
+        set higher, would answer RESOURCE_EXHAUSTED, a rate limit's code, and
+        count nothing.)
         """
         limit = self._deps.max_body_bytes
         try:
-            if request.ByteSize() > limit:
+            size = (
+                request.size if isinstance(request, Unreadable) else request.ByteSize()
+            )
+            if size > limit:
                 raise BodyTooLarge(f"The request is over the limit of {limit} bytes.")
-            return body_of()
+            return body_of(_read(request))
         except GatewayError as err:
             self._deps.proxy.refused(
                 api, call.request_id, err, Door.GRPC, call.principal
@@ -168,9 +215,9 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def _unary(
         self,
         context: Context,
-        request: Message,
+        request: R | Unreadable,
         api: ApiCall,
-        body_of: Callable[[], dict[str, Any]],
+        body_of: Callable[[R], dict[str, Any]],
         reply: Callable[[], M],
     ) -> M:
         """One unary call: the body is made, and the answer read, inside the
@@ -253,6 +300,13 @@ class InferenceService(pb_grpc.InferenceServicer):
             )
         else:
             context.set_trailing_metadata(tuple(trailers.items()))
+
+
+def _read(request: R | Unreadable) -> R:
+    """The request message, or the caller's mistake (INVALID_ARGUMENT)."""
+    if isinstance(request, Unreadable):
+        raise InvalidRequest(request.message)
+    return request
 
 
 def _method(context: Context) -> str:

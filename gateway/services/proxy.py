@@ -349,6 +349,9 @@ class ProxyService:
             # estimate was given back, which its headers must show, as those
             # of an error the gateway raises do (`_fail`).
             headers = {**headers, **admitted.headers_after(ctx.settled)}
+        if response.status != 200 and response.retry_after is not None:
+            # When to try again, for a replica's 429 (its queue is full).
+            headers = {**headers, "retry-after": response.retry_after}
         return ProxyResponse(
             response.status, headers, data, media_type=response.content_type
         )

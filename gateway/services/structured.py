@@ -3,10 +3,12 @@ REST API (gRPC, GraphQL).
 
 They go through `ProxyService.handle` like REST, so keys, limits, routing,
 metrics and errors are the same; only the bytes are turned into objects here. A
-replica's own refusal (a 4xx, which REST relays as is) becomes an
-`InvalidRequest` carrying the replica's message (or, for a body that is not
-OpenAI's error, a short excerpt of its text), so every door reports it through
-the one error hierarchy, and it is counted with the replica's status as on REST.
+replica's own refusal (a 4xx, which REST relays as is) becomes the gateway
+error for its status (`refusal`: a 404 `ModelNotFound`, a 429 `RateLimited`
+with the replica's `Retry-After`, any other an `InvalidRequest`) carrying the
+replica's message (or, for a body that is not OpenAI's error, a short excerpt
+of its text), so every door reports it through the one error hierarchy, and it
+is counted with the replica's status as on REST.
 
 An answer the door cannot use (not JSON, or not what its message holds) is told
 to the proxy before the request is counted, so it is counted as the error the
@@ -72,10 +74,10 @@ async def ask(
             read: it tells `Answer.unusable` of one that does not fit.
 
     Raises:
-        GatewayError: as for REST, and `InvalidRequest` for a body that
-            cannot be written as JSON, or when the replica refused the request
-            itself (with the `x-ratelimit-*` values REST sends with it in its
-            `headers`).
+        GatewayError: as for REST, `InvalidRequest` for a body that cannot
+            be written as JSON, and when the replica refused the request itself
+            the error for its status (`refusal`), with the `x-ratelimit-*`
+            values REST sends with it in its `headers`.
     """
     # Read by the proxy before it counts the request, so that an answer that is
     # not a JSON object, or does not fit, is counted as the error it ends with.
@@ -99,7 +101,8 @@ async def ask(
         chunks = events(result.stream, result.unusable)
         return Answer(result.headers, chunks=chunks, unusable=result.unusable)
     if result.status != 200:
-        error = refusal(result.status, _refusal_of(result.status, result.body))
+        body = _refusal_of(result.status, result.body)
+        error = refusal(result.status, body, result.headers.get("retry-after"))
         # The limits' values after the estimate was given back, which REST
         # sends with the replica's error, leave with the door's error.
         error.headers.update(

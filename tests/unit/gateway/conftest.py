@@ -53,6 +53,7 @@ class FakeReply:
     body: bytes | Exception = b"{}"
     parts: list[bytes | Exception] = field(default_factory=list)
     content_type: str = "application/json"
+    retry_after: str | None = None
     closed: bool = False
 
     async def read(self) -> bytes:

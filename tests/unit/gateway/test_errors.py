@@ -20,6 +20,7 @@ pytestmark = pytest.mark.unit
         (errors.BodyTooLarge("x"), 413, "request_too_large"),
         (errors.RateLimited("x", retry_after_s=0.2), 429, "rate_limit_exceeded"),
         (errors.QuotaExceeded("x", retry_after_s=90), 429, "insufficient_quota"),
+        (errors.LimitStoreUnavailable("x"), 503, "limit_store_unavailable"),
         (errors.BackendError("x"), 502, "backend_error"),
         (errors.NoReplica("x", retry_after_s=5), 503, "model_not_ready"),
         (errors.BackendTimeout("x"), 504, "backend_timeout"),
@@ -44,3 +45,26 @@ def test_each_error_has_status_and_openai_shape(
 def test_retry_after_is_whole_seconds_at_least_one() -> None:
     assert errors.RateLimited("x", retry_after_s=0.2).headers["retry-after"] == "1"
     assert errors.NoReplica("x", retry_after_s=4.1).headers["retry-after"] == "5"
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "kind", "wait"),
+    [
+        (400, None, errors.InvalidRequest, None),
+        (404, None, errors.ModelNotFound, None),
+        (429, "30", errors.RateLimited, 30),
+        # Not in seconds (an HTTP date), or none: soon, as a full queue drains.
+        (429, "Wed, 21 Oct 2015 07:28:00 GMT", errors.RateLimited, 1),
+        (429, None, errors.RateLimited, 1),
+        (429, "9" * 5000, errors.RateLimited, 86_400),
+        (422, "30", errors.InvalidRequest, None),
+    ],
+)
+def test_a_replicas_refusal_keeps_the_meaning_of_its_status(
+    status: int, retry_after: str | None, kind: type, wait: int | None
+) -> None:
+    body = {"error": {"message": "no", "param": "max_tokens"}}
+    error = errors.refusal(status, body, retry_after)
+    assert type(error) is kind
+    assert error.message == "no"
+    assert getattr(error, "retry_after_s", None) == wait

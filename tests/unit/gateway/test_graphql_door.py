@@ -288,6 +288,7 @@ class _Held:
 
     status = 200
     content_type = "application/json"
+    retry_after = None
 
     def __init__(self) -> None:
         self.closed = False
@@ -401,6 +402,34 @@ async def test_a_replicas_own_refusal_carries_the_limit_values_as_on_rest(
     limits = {k: v for k, v in rest.headers.items() if k.startswith("x-ratelimit-")}
     assert limits["x-ratelimit-remaining-tokens"] == "1000"
     assert {k: extensions["headers"].get(k) for k in limits} == limits
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "expected"),
+    [
+        (404, None, (404, "model_not_found", None)),
+        (429, "7", (429, "rate_limit_exceeded", 7)),
+    ],
+    ids=["model unknown to the replica", "replica busy"],
+)
+async def test_a_replicas_own_404_and_429_keep_their_status_as_on_rest(
+    kit: Any, status: int, retry_after: str | None, expected: tuple[Any, ...]
+) -> None:
+    harness = kit.build()
+    said = {"error": {"message": f"The replica said {status}."}}
+    harness.upstream.handler = lambda url, sent: kit.reply(
+        status, orjson.dumps(said), retry_after=retry_after
+    )
+    async with harness.client() as client:
+        answer = await client.post(
+            "/graphql", json={"query": CHAT, "variables": {"input": INPUT}}
+        )
+    (error,) = answer.json()["errors"]
+    assert error["message"] == f"The replica said {status}."
+    extensions = error["extensions"]
+    got = (extensions["status"], extensions["code"], extensions.get("retryAfter"))
+    assert got == expected
+    assert kit.counted(harness, str(status), door="graphql") == 1
 
 
 def _errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -537,18 +566,61 @@ async def test_a_body_nested_too_deeply_is_refused_as_on_rest(
     assert _errors_logged(caplog) == []
 
 
-async def test_variables_nested_past_what_python_reads_are_a_400(
-    kit: Any, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"query": ',
+        # Deeper than the JSON reader recurses: still the caller's mistake.
+        f'{{"query": {json.dumps(CHAT)}, "variables": {{"input": '.encode()
+        + b"[" * 1500
+        + b"]" * 1500
+        + b"}}",
+    ],
+    ids=["malformed", "nested past what python reads"],
+)
+async def test_a_body_that_is_no_json_is_a_graphql_error_counted_as_on_rest(
+    kit: Any, caplog: pytest.LogCaptureFixture, raw: bytes
 ) -> None:
-    # Deeper than the JSON reader recurses: still the caller's mistake.
+    # Not strawberry's plain text, uncounted: the door's JSON errors, with
+    # REST's status and message, counted as REST counts its 400.
+    caplog.set_level("INFO", logger="citadel.gateway.access")
     harness = kit.build()
-    deep = "[" * 1500 + "]" * 1500
-    raw = f'{{"query": {json.dumps(CHAT)}, "variables": {{"input": {deep}}}}}'
+    json_type = {"content-type": "application/json", "x-request-id": "bad-1"}
     async with harness.client() as client:
-        answer = await client.post(
-            "/graphql", content=raw, headers={"content-type": "application/json"}
+        rest = await client.post(
+            "/v1/chat/completions", content=b'{"model": ', headers=json_type
         )
-    assert answer.status_code == 400
+        answer = await client.post("/graphql", content=raw, headers=json_type)
+    assert answer.status_code == rest.status_code == 400
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.headers["x-request-id"] == "bad-1"
+    (error,) = answer.json()["errors"]
+    said = "We could not parse the JSON body of your request"
+    assert error["message"].startswith(said)
+    assert rest.json()["error"]["message"].startswith(said)
+    extensions = error["extensions"]
+    assert (extensions["status"], extensions["code"]) == (400, "invalid_request_error")
+    assert harness.upstream.calls == []
+    assert kit.counted(harness, "400", door="graphql", model="unknown") == 1
+    assert _access(caplog) == [(400, None)] * 2  # REST's, then GraphQL's
+    assert _errors_logged(caplog) == []
+
+
+@pytest.mark.parametrize("raw", [b"1", b'"query"', b"null"])
+async def test_a_json_body_that_is_no_object_is_a_400_as_on_rest(
+    kit: Any, caplog: pytest.LogCaptureFixture, raw: bytes
+) -> None:
+    # strawberry reads it as an object: an AttributeError, the gateway's 500.
+    harness = kit.build()
+    json_type = {"content-type": "application/json"}
+    async with harness.client() as client:
+        rest = await client.post("/v1/chat/completions", content=raw, headers=json_type)
+        answer = await client.post("/graphql", content=raw, headers=json_type)
+    assert answer.status_code == rest.status_code == 400
+    (error,) = answer.json()["errors"]
+    assert error["message"] == rest.json()["error"]["message"]
+    assert error["extensions"]["status"] == 400
+    assert kit.counted(harness, "400", door="graphql", model="unknown") == 1
     assert _errors_logged(caplog) == []
 
 
@@ -572,6 +644,13 @@ async def test_an_unreachable_limit_store_nulls_usage_alone(kit: Any) -> None:
     (error,) = got["errors"]
     assert error["path"] == ["usage"]
     assert error["message"] == "The limit store is unreachable."
+    # As every other field's errors: REST's shape in `extensions`.
+    extensions = error["extensions"]
+    assert (extensions["status"], extensions["code"], extensions["type"]) == (
+        503,
+        "limit_store_unavailable",
+        "server_error",
+    )
 
 
 @pytest.mark.parametrize(
@@ -587,7 +666,7 @@ async def test_an_unreachable_limit_store_nulls_usage_alone(kit: Any) -> None:
     ],
     ids=["a proxy's HTML page", "plain text", "empty"],
 )
-async def test_a_replicas_refusal_that_is_not_json_is_an_invalid_request(
+async def test_a_replicas_refusal_that_is_not_json_is_a_refusal_not_a_failure(
     kit: Any,
     caplog: pytest.LogCaptureFixture,
     status: int,
@@ -605,10 +684,9 @@ async def test_a_replicas_refusal_that_is_not_json_is_an_invalid_request(
             "/graphql", json={"query": CHAT, "variables": {"input": INPUT}}
         )
     error = answer.json()["errors"][0]
-    assert (error["extensions"]["status"], error["extensions"]["code"]) == (
-        400,
-        "invalid_request_error",
-    )
+    codes = {400: "invalid_request_error", 404: "model_not_found"}
+    extensions = error["extensions"]
+    assert (extensions["status"], extensions["code"]) == (status, codes[status])
     assert said in error["message"] and "<" not in error["message"]
     assert str(status) in error["message"]
     assert kit.counted(harness, str(status), door="graphql") == 1

@@ -11,10 +11,13 @@ import grpc
 import orjson
 import pytest
 from google.protobuf import struct_pb2
+from google.rpc.error_details_pb2 import ErrorInfo, RetryInfo
+from google.rpc.status_pb2 import Status
 
 from citadel.gateway.errors import InvalidRequest
 from citadel.gateway.rpc import convert
 from citadel.gateway.rpc.server import GrpcServer
+from citadel.gateway.rpc.status import DETAILS_KEY
 from citadel.gateway.rpc.v1 import citadel_pb2 as pb
 from citadel.gateway.rpc.v1 import citadel_pb2_grpc as pb_grpc
 from citadel.gateway.services.requests import MAX_MESSAGES, MAX_PROMPTS, MAX_STOP
@@ -94,6 +97,49 @@ async def test_a_request_that_cannot_become_json_is_invalid(
     assert kit.counted(harness, "400", door="grpc", model="unknown") == 1
     # Without a key it is the key that is refused, first.
     error = await _refused(stub.ChatCompletion(request))
+    assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+def _nested(levels: int) -> Any:
+    """An object nested `levels` deep."""
+    value: Any = "x"
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize("streams", [False, True], ids=["unary", "stream"])
+async def test_a_message_nested_past_protobufs_limit_is_invalid_as_on_rest(
+    door: tuple[Any, pb_grpc.InferenceStub],
+    kit: Any,
+    caplog: pytest.LogCaptureFixture,
+    streams: bool,
+) -> None:
+    # protobuf reads 100 levels: a Struct object takes three (the Struct, its
+    # field's entry, the Value), so 40 objects in `extra` cannot be read. The
+    # caller's mistake, as a body too deep is on REST: not grpc's UNKNOWN,
+    # naming protobuf's internals, uncounted.
+    harness, stub = door
+    request = _chat()
+    request.extra.update({"deep": _nested(40)})
+    key = (("authorization", f"Bearer {kit.key}"),)
+
+    async def call(metadata: Any = None) -> None:
+        if streams:
+            async for _ in stub.ChatCompletionStream(request, metadata=metadata):
+                pass
+        else:
+            await stub.ChatCompletion(request, metadata=metadata)
+
+    error = await _refused(call(key))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "nested too deeply" in error.details()
+    assert "Unexpected" not in error.details() and "upb" not in error.details()
+    assert kit.counted(harness, "400", door="grpc", model="unknown") == 1
+    assert harness.upstream.calls == []
+    assert [r for r in caplog.records if r.levelname == "ERROR"] == []
+    # Without a key it is the key that is refused, first, as on REST.
+    error = await _refused(call())
     assert error.code() is grpc.StatusCode.UNAUTHENTICATED
 
 
@@ -284,7 +330,7 @@ async def test_a_number_too_big_for_an_integer_is_refused_as_on_rest(
     [(400, b"Invalid HTTP request received."), (404, b"<h1>404 Not Found</h1>")],
     ids=["plain text", "a proxy's HTML page"],
 )
-async def test_a_replicas_refusal_that_is_not_json_is_invalid_argument(
+async def test_a_replicas_refusal_that_is_not_json_is_a_refusal_not_a_failure(
     door: tuple[Any, pb_grpc.InferenceStub],
     kit: Any,
     caplog: pytest.LogCaptureFixture,
@@ -299,11 +345,70 @@ async def test_a_replicas_refusal_that_is_not_json_is_invalid_argument(
     harness.upstream.handler = lambda url, sent: reply
     key = (("authorization", f"Bearer {kit.key}"),)
     error = await _refused(stub.ChatCompletion(_chat(), metadata=key))
-    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    codes = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND}
+    assert error.code() is codes[status]
     assert str(status) in error.details() and "<" not in error.details()
     assert kit.counted(harness, str(status), door="grpc") == 1
     assert kit.counted(harness, "502", door="grpc") is None
     assert _access(caplog) == [(status, None)]
+
+
+async def test_a_replicas_own_404_is_not_found_as_on_rest(
+    door: tuple[Any, pb_grpc.InferenceStub], kit: Any
+) -> None:
+    # vLLM's answer for a model it does not serve (a served name out of step).
+    harness, stub = door
+    unknown = {"error": {"message": "The model `smollm2` does not exist."}}
+    harness.upstream.handler = lambda url, sent: kit.reply(404, orjson.dumps(unknown))
+    key = (("authorization", f"Bearer {kit.key}"),)
+    error = await _refused(stub.ChatCompletion(_chat(), metadata=key))
+    assert error.code() is grpc.StatusCode.NOT_FOUND
+    assert error.details() == "The model `smollm2` does not exist."
+    assert _reason(error) == "model_not_found"
+    assert kit.counted(harness, "404", door="grpc") == 1
+
+
+async def test_a_replicas_own_429_is_resource_exhausted_with_its_retry_after(
+    kit: Any,
+) -> None:
+    # vLLM's queue is full: the client is told when to retry, as for the
+    # gateway's own limits (RetryInfo and the `retry-after` trailer), with
+    # what the replica said, which REST relays.
+    harness = kit.build()
+    busy = {"error": {"message": "The server is busy."}}
+    harness.upstream.handler = lambda url, sent: kit.reply(
+        429, orjson.dumps(busy), retry_after="7"
+    )
+    async with harness.client() as client:
+        rest = await client.post("/v1/chat/completions", json=kit.chat)
+    key = (("authorization", f"Bearer {kit.key}"),)
+    async with _serving(harness) as stub:
+        error = await _refused(stub.ChatCompletion(_chat(), metadata=key))
+    assert (rest.status_code, rest.headers["retry-after"]) == (429, "7")
+    assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.details() == "The server is busy."
+    assert dict(error.trailing_metadata() or ())["retry-after"] == "7"
+    assert _reason(error) == "rate_limit_exceeded"
+    (retry,) = _details(error, RetryInfo)
+    assert retry.retry_delay.seconds == 7
+    assert kit.counted(harness, "429", door="grpc") == 1
+
+
+def _details(error: grpc.aio.AioRpcError, kind: Any) -> list[Any]:
+    """The details of `kind` in the status trailer."""
+    trailers = dict(error.trailing_metadata() or ())
+    status = Status.FromString(trailers[DETAILS_KEY])
+    found = []
+    for detail in status.details:
+        if detail.Is(kind.DESCRIPTOR):
+            found.append(kind())
+            detail.Unpack(found[-1])
+    return found
+
+
+def _reason(error: grpc.aio.AioRpcError) -> str:
+    (info,) = _details(error, ErrorInfo)
+    return str(info.reason)
 
 
 async def test_a_session_id_that_is_no_id_is_logged_as_its_hash_as_on_rest(

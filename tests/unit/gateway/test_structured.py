@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from citadel.gateway.errors import BackendTimeout, InvalidRequest
+from citadel.gateway.errors import BackendTimeout, InvalidRequest, ModelNotFound
 from citadel.gateway.routes import ModelRoute
 from citadel.gateway.services.buckets import InProcessBuckets
 from citadel.gateway.services.limits import Limiter
@@ -140,7 +140,7 @@ async def test_a_refusal_without_an_error_object_quotes_the_replica(
     harness = kit.build()
     harness.upstream.handler = lambda url, sent: kit.reply(404, body)
     who = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
-    with pytest.raises(InvalidRequest) as caught:
+    with pytest.raises(ModelNotFound) as caught:
         await ask(harness.deps.proxy, CHAT, who, dict(kit.chat), "rid", Door.GRPC)
     message = caught.value.message
     assert "status 404" in message

@@ -141,6 +141,34 @@ async def test_a_json_reply_and_the_connection_is_kept_for_the_next(
     assert head.endswith(b'\r\n\r\n{"model": "m"}')
 
 
+async def test_a_replicas_retry_after_is_read_with_its_reply_alone(
+    serve: Callable[..., Awaitable[Server]], client: UpstreamClient
+) -> None:
+    # The doors tell their clients when to retry a replica's 429 (vLLM's
+    # queue full): the next reply on the connection is read without it.
+    async def busy_then_ok(
+        _: int, number: int, __: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        body = b'{"error": {"message": "busy"}}'
+        if number == 0:
+            writer.write(
+                reply(body, b"Retry-After: 7").replace(b"200 OK", b"429 Too Many")
+            )
+        else:
+            writer.write(reply(b'{"ok": true}'))
+        await writer.drain()
+        return True
+
+    server = await serve(busy_then_ok)
+    busy = await client.post(server.url + "/", b"{}", {})
+    await busy.read()
+    assert (busy.status, busy.retry_after) == (429, "7")
+    ok = await client.post(server.url + "/", b"{}", {})
+    await ok.read()
+    assert (ok.status, ok.retry_after) == (200, None)
+    assert server.connections == 1
+
+
 def chunked(first: bytes, rest: bytes, go_on: asyncio.Event) -> Handler:
     """A handler that streams `first` (after the head), then `rest` once `go_on`
     is set; both are raw chunked-encoding bytes."""
