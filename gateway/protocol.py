@@ -10,15 +10,12 @@ bound a request is answered 431 and its connection closed, before the app sees i
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import ClassVar
 
-from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-from uvicorn.server import ServerState
 
 from citadel.gateway.errors import HeadersTooLarge
 
@@ -84,7 +81,7 @@ class RefusedHeads:
 
 
 class HeadBoundedProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, refusing a request head over `max_head_bytes`.
+    """uvicorn's httptools protocol, refusing a request head over `_max_head` bytes.
 
     A head that ends is measured as parsed: its request target, and each header
     field's name and value with 4 bytes for `: ` and the line end. A head that
@@ -92,34 +89,23 @@ class HeadBoundedProtocol(HttpToolsProtocol):
     that began it may hold the end of the request before): refused once they
     pass the bound, so httptools never holds more than the bound and two reads.
 
-    Args:
-        config: uvicorn's, as for `HttpToolsProtocol`.
-        server_state: uvicorn's, as for `HttpToolsProtocol`.
-        app_state: uvicorn's, as for `HttpToolsProtocol`.
-        _loop: uvicorn's, as for `HttpToolsProtocol`.
-        max_head_bytes: the largest head served.
-        refused: told of each head refused (to count and log it).
+    uvicorn builds one per connection with its own arguments only, so the bound
+    comes with the class: serve the subclass `head_bounded` makes.
     """
 
-    def __init__(
-        self,
-        config: Config,
-        server_state: ServerState,
-        app_state: dict[str, Any],
-        _loop: asyncio.AbstractEventLoop | None = None,
-        *,
-        max_head_bytes: int,
-        refused: RefusedHeads,
-    ) -> None:
-        super().__init__(config, server_state, app_state, _loop)
-        self._max_head = max_head_bytes
-        self._refused = refused
-        # Between a request's first byte and the end of its headers.
-        self._in_head = False
-        # Whether the read being parsed began a request.
-        self._began = False
-        self._read_bytes = 0
-        self._too_large = False
+    _max_head: ClassVar[int]
+    """The largest head served."""
+    _refused: ClassVar[RefusedHeads]
+    """Told of each head refused, to count and log it (shared by every
+    connection)."""
+    # The state of the connection: these defaults until it sets its own, as
+    # there is no __init__ (its arguments are uvicorn's to change).
+    # Between a request's first byte and the end of its headers.
+    _in_head = False
+    # Whether the read being parsed began a request.
+    _began = False
+    _read_bytes = 0
+    _too_large = False
 
     def data_received(self, data: bytes) -> None:
         """Parses a read, then refuses the request if its head is too large."""
@@ -190,30 +176,15 @@ class HeadBoundedProtocol(HttpToolsProtocol):
 def head_bounded(
     max_head_bytes: int, refused: RefusedHeads
 ) -> type[HeadBoundedProtocol]:
-    """The protocol class to give `uvicorn.Config(http=...)`: uvicorn builds one
-    per connection with its own arguments only, so the bound and what counts
-    the refusals (shared by every connection) come with the class.
+    """The protocol class to give `uvicorn.Config(http=...)`.
 
     Args:
         max_head_bytes: the largest request head served.
-        refused: told of each head refused.
+        refused: told of each head refused (one for every connection).
     """
 
     class Protocol(HeadBoundedProtocol):
-        def __init__(
-            self,
-            config: Config,
-            server_state: ServerState,
-            app_state: dict[str, Any],
-            _loop: asyncio.AbstractEventLoop | None = None,
-        ) -> None:
-            super().__init__(
-                config,
-                server_state,
-                app_state,
-                _loop,
-                max_head_bytes=max_head_bytes,
-                refused=refused,
-            )
+        _max_head = max_head_bytes
+        _refused = refused
 
     return Protocol

@@ -16,10 +16,15 @@ _WARNING = {
     (ConditionType.SCHEDULED, "False"),
     (ConditionType.DEGRADED, "True"),
 }
-# Reasons that are bad news whatever the condition: the last two are the
+# Reasons that are bad news whatever the condition: all but the first are the
 # operator's own (observe.Blocker), and make the model Failed.
 _WARNING_REASONS = frozenset(
-    {"ProgressDeadlineExceeded", "ReconcileFailed", "ServedNameConflict"}
+    {
+        "ProgressDeadlineExceeded",
+        "ReconcileFailed",
+        "ServiceNameTaken",
+        "ServedNameConflict",
+    }
 )
 # Reasons of a wait, not a failure, though their condition reads like one:
 # pods that a queue (Kueue) holds back with scheduling gates are Scheduled=False

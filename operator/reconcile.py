@@ -47,6 +47,8 @@ from citadel.operator.routing import RoutePublisher
 from citadel.operator.settings import OperatorSettings
 from citadel.operator.status import (
     RECONCILE_FAILED,
+    RECONCILE_FAILURES,
+    SERVICE_NAME_TAKEN,
     ConditionType,
     LLMModelStatus,
     name_taken,
@@ -67,12 +69,21 @@ def utc_now() -> str:
 
 
 class ReconcileError(Exception):
-    """A reconcile that failed; `retryable` says whether trying again may help."""
+    """A reconcile that failed; `retryable` says whether trying again may help,
+    and `reason` is the Ready reason the model reports if it does not."""
 
-    def __init__(self, message: str, *, retryable: bool, delay: float = 5.0) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool,
+        delay: float = 5.0,
+        reason: str = RECONCILE_FAILED,
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.delay = delay
+        self.reason = reason
 
 
 class _ModelGone(Exception):
@@ -245,11 +256,13 @@ def _stored_failure(model: LLMModel) -> Blocker | None:
     if _first_look(model):
         return None
     ready = model.status.condition(ConditionType.READY)
-    if ready is None or (ready.status, ready.reason) != ("False", RECONCILE_FAILED):
+    if ready is None or ready.status != "False":
+        return None
+    if ready.reason not in RECONCILE_FAILURES:
         return None
     if ready.observed_generation not in (None, model.generation):
         return None
-    return Blocker(RECONCILE_FAILED, ready.message)
+    return Blocker(ready.reason, ready.message)
 
 
 def _refuses_dry_runs(err: ApiError) -> bool:
@@ -312,7 +325,10 @@ def _refusal(model: LLMModel, obj: Manifest, current: Manifest | None) -> None:
             "yet (a deleted one of the same name is being cleaned up)",
             retryable=True,
         )
-    raise ReconcileError(name_taken(kind, name), retryable=False)
+    # The Service's clash has a reason of its own: the routes leave the model
+    # out for it (routing.service_taken).
+    reason = SERVICE_NAME_TAKEN if kind == "Service" else RECONCILE_FAILED
+    raise ReconcileError(name_taken(kind, name), retryable=False, reason=reason)
 
 
 class Reconciler:
@@ -489,7 +505,7 @@ class Reconciler:
                     if not err.retryable:
                         # Say it where people look, not only in the logs; and
                         # keep saying it: refreshes report this generation too.
-                        blocker = Blocker(RECONCILE_FAILED, str(err))
+                        blocker = Blocker(err.reason, str(err))
                         self._failed[model.key] = (model.generation, blocker)
                         with contextlib.suppress(ReconcileError):
                             async with self._slots:

@@ -32,7 +32,7 @@ from citadel.operator import names
 from citadel.operator.kube.client import ApiError, Kube, Manifest
 from citadel.operator.model import LLMModel
 from citadel.operator.settings import OperatorSettings
-from citadel.operator.status import RECONCILE_FAILED, ConditionType, name_taken
+from citadel.operator.status import SERVICE_NAME_TAKEN, ConditionType
 from citadel.operator.view import ApiView
 
 log = logging.getLogger(__name__)
@@ -67,15 +67,15 @@ def service_taken(model: LLMModel) -> bool:
     Its route would name that Service, and the gateway would send the model's
     clients, their prompts and their keys' traffic, to someone else's pods. The
     model's status tells, at no cost to the publisher: the reconciler checks the
-    Service first, before it writes anything, and reports a taken one as
-    `ReconcileFailed` with the message of `name_taken`. Once a reconcile makes
-    the model's own Service, that report goes, and the route comes back.
+    Service first, before it writes anything, and reports a taken one with the
+    Ready reason `ServiceNameTaken` (the reason, not the message, whose wording
+    may change). Once a reconcile makes the model's own Service, that report
+    goes, and the route comes back.
     """
     ready = model.status.condition(ConditionType.READY)
-    return (
-        ready is not None
-        and (ready.status, ready.reason) == ("False", RECONCILE_FAILED)
-        and ready.message == name_taken("Service", model.name)
+    return ready is not None and (ready.status, ready.reason) == (
+        "False",
+        SERVICE_NAME_TAKEN,
     )
 
 
@@ -298,7 +298,7 @@ class RoutePublisher:
         models as the source shows them now, and kept as if published: the
         refreshes and resume reconciles before it reported a model left out of
         the routes as Ready, Failed again once the publish found the clash.
-        Derived, not read back from the model's status as a ReconcileFailed
+        Derived, not read back from the model's status as a taken Service
         is: a clash depends on the other models, which may have changed while
         no operator ran. The first publish rechecks the models whose conflict
         changed since, as any publish does; and parses no model again.

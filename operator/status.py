@@ -14,15 +14,18 @@ from citadel.operator.spec import ApiModel, Time
 MAX_NODES = 128
 # The Ready reason of a model whose reconcile failed for good.
 RECONCILE_FAILED = "ReconcileFailed"
+# The Ready reason of a model whose reconcile failed for good because a Service
+# of its name is not its own: a reason of its own, as the routes leave such a
+# model out (routing.service_taken) and must not tell it from the message.
+SERVICE_NAME_TAKEN = "ServiceNameTaken"
+# The Ready reasons of a reconcile that failed for good: each stays until a
+# reconcile of the model succeeds, across operator restarts too.
+RECONCILE_FAILURES = frozenset({RECONCILE_FAILED, SERVICE_NAME_TAKEN})
 
 
 def name_taken(kind: str, name: str) -> str:
-    """The `ReconcileFailed` message for an object the model would own whose name
-    an object that is not the model's already has.
-
-    One wording, written by the reconciler and recognised by the routes
-    (routing.py leaves out a model whose Service is not its own).
-    """
+    """The message of a failed reconcile for an object the model would own whose
+    name an object that is not the model's already has."""
     return (
         f"{kind} {name} already exists and does not belong to this LLMModel: "
         "rename the model or remove that object"

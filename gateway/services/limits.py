@@ -79,7 +79,8 @@ def estimate_tokens(
     (`max_completion_tokens`, else `max_tokens`, else `default_max_tokens`) for
     each prompt and each sequence generated for it: `n`, or `best_of` when
     larger, as every candidate is generated (and billed by OpenAI) though only
-    `n` come back; an embedding generates nothing.
+    `n` come back; an embedding generates nothing. `body` is one `parse_body`
+    checked: it nests no deeper than JSON is written.
     """
     if call.kind is ApiKind.CHAT:
         tokens, prompts = _chat_tokens(body), 1
@@ -121,9 +122,9 @@ def _chat_tokens(body: Mapping[str, Any]) -> int:
     structured = [value for value in rendered if value is not None]
     tokens = _text_tokens(prompt_text(body)) + media * MEDIA_PART_TOKENS
     if structured:
-        # One serialisation of them all, in C; the walk is for what orjson
-        # refuses.
-        tokens += math.ceil(_json_chars(structured) / 4)
+        # One serialisation of them all, in C, which cannot fail: they nest
+        # no deeper than the body, which `parse_body` wrote.
+        tokens += math.ceil(len(orjson.dumps(structured)) / 4)
     return tokens
 
 
@@ -139,37 +140,6 @@ def _media_parts(content: object) -> int:
         and "text" not in part
         and part.get("type") not in _TEXT_PARTS
     )
-
-
-def _json_chars(value: object) -> int:
-    """The size of `value` written as JSON (UTF-8 bytes: its characters, or
-    more for non-ASCII text)."""
-    try:
-        return len(orjson.dumps(value))
-    except orjson.JSONEncodeError:
-        # Nested deeper than orjson writes (254 levels; it reads 1,024, so a
-        # body may hold such a value): measured by a walk, ten times slower.
-        return _walked_json_chars(value)
-
-
-def _walked_json_chars(value: object) -> int:
-    """`value`'s JSON characters (escapes aside), walked on a stack rather
-    than by recursion, which a deep value would take past Python's limit."""
-    chars, stack = 0, [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            chars += len(item) + 2  # and its quotes
-        elif isinstance(item, Mapping):
-            # Braces and commas; each key with its quotes and colon.
-            chars += max(2, len(item) + 1) + sum(len(str(k)) + 3 for k in item)
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            chars += max(2, len(item) + 1)  # brackets and commas
-            stack.extend(item)
-        else:
-            chars += len(str(item))  # a number; True, False, None as long
-    return chars
 
 
 def _prompt_tokens(value: object) -> tuple[int, int]:

@@ -36,7 +36,6 @@ from citadel.gateway.services.requests import (
     client_wants_usage,
     parse_body,
     session_id,
-    upstream_body,
 )
 from citadel.gateway.services.routing import Router
 from citadel.gateway.services.sse import EventFilter, Usage, error_event, usage_of_body
@@ -221,11 +220,12 @@ class ProxyService:
     async def _handle(
         self, ctx: _Context, raw: bytes, read: Reader | None
     ) -> ProxyResponse:
-        body = parse_body(raw, ctx.call)
+        parsed = parse_body(raw, ctx.call)
+        body = parsed.body
         ctx.route = route = self._catalog.resolve(body["model"])
         ctx.model = route.served_name
         ctx.principal.check(route, body["model"])
-        stream = ctx.call.streams and body.get("stream") is True
+        stream = parsed.stream
         estimate = estimate_tokens(body, ctx.call, self._options.default_max_tokens)
         try:
             ctx.admission = await self._limiter.admit(ctx.principal, route, estimate)
@@ -234,7 +234,7 @@ class ProxyService:
             scope = getattr(err, "scope", "") or "requests"
             self._metrics.rate_limited.labels(ctx.model, key, scope).inc()
             raise
-        out = upstream_body(raw, body, route.served_name, stream)
+        out = parsed.upstream(route.served_name)
         headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
         request = RouteRequest(body, ctx.session)
         response = await self._send(ctx, route, out, headers, request)

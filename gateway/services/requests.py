@@ -100,8 +100,32 @@ _COUNTS = ("max_tokens", "max_completion_tokens", "n", "best_of")
 charged one sequence for 64)."""
 
 
-def parse_body(raw: bytes, call: ApiCall) -> dict[str, Any]:
-    """The request body as a dict, checked just enough to route it.
+@dataclass(frozen=True)
+class ParsedBody:
+    """A request body as `parse_body` read and checked it, and as it goes to
+    the backend."""
+
+    body: dict[str, Any]
+    """The client's body."""
+    stream: bool
+    """Whether the answer streams: the endpoint can, and `stream` is true."""
+    sent: dict[str, Any]
+    """The body for the backend under the client's model name: the client's,
+    with the usage chunk asked for on a stream (see `client_wants_usage`)."""
+    written: bytes
+    """`sent` as JSON: the bytes the client sent when it is the client's body."""
+
+    def upstream(self, served_name: str) -> bytes:
+        """The body for the backend: `sent`, with the served model name. The
+        bytes the client sent when nothing changes; none are written again
+        unless the client named the model by an alias."""
+        if self.body["model"] == served_name:
+            return self.written
+        return dumps_request({**self.sent, "model": served_name})
+
+
+def parse_body(raw: bytes, call: ApiCall) -> ParsedBody:
+    """The request body, checked just enough to route it.
 
     Raises:
         InvalidRequest: malformed JSON, a missing or mistyped field, or an
@@ -115,11 +139,24 @@ def parse_body(raw: bytes, call: ApiCall) -> dict[str, Any]:
         ) from err
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    stream = call.streams and body.get("stream") is True
+    sent = _usage_asked(body) if stream else body
     # Writing it is the depth check: in C, about 4 us for a 20 KB chat (a fifth
     # of the read), where a walk in Python takes 35 us. What orjson reads it
     # fails to write only past MAX_DEPTH (numbers past 64 bits it reads as
-    # floats, and it refuses lone surrogates), so nothing needs a walk.
-    dumps_request(body)
+    # floats, and it refuses lone surrogates), so nothing needs a walk. What it
+    # writes is what the backend gets, so that a stream, to which the gateway
+    # adds the usage option, is written once (parse and upstream body of a 20
+    # KB chat: 22.2 us, 20.2 us with one write). That nests as deeply as the
+    # body, unless the option it replaces is no object: that may be what nests
+    # too deeply, and the body is written as well.
+    if sent is body:
+        dumps_request(body)
+        written = raw
+    else:
+        if not isinstance(body.get("stream_options"), dict | None):
+            dumps_request(body)
+        written = dumps_request(sent)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest(
@@ -152,7 +189,7 @@ def parse_body(raw: bytes, call: ApiCall) -> dict[str, Any]:
         value = body.get(field)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise InvalidRequest(f"`{field}` must be a positive integer.", param=field)
-    return body
+    return ParsedBody(body, stream, sent, written)
 
 
 def dumps_request(body: dict[str, Any]) -> bytes:
@@ -258,20 +295,17 @@ def client_wants_usage(body: dict[str, Any]) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
-def upstream_body(
-    raw: bytes, body: dict[str, Any], served_name: str, stream: bool
-) -> bytes:
-    """The body for the backend: the client's, with the served model name and, on
-    a stream, a request for the usage chunk. Unchanged bytes when nothing changes."""
-    needs_usage = stream and not client_wants_usage(body)
-    if body["model"] == served_name and not needs_usage:
-        return raw
-    out = dict(body)
-    out["model"] = served_name
-    if needs_usage:
-        options = body.get("stream_options")
-        out["stream_options"] = {
+def _usage_asked(body: dict[str, Any]) -> dict[str, Any]:
+    """A stream's `body` asking for the usage chunk, which the gateway reads
+    (and keeps from a client that did not ask for it); `body` itself when the
+    client asked. Other stream options are kept."""
+    if client_wants_usage(body):
+        return body
+    options = body.get("stream_options")
+    return {
+        **body,
+        "stream_options": {
             **(options if isinstance(options, dict) else {}),
             "include_usage": True,
-        }
-    return dumps_request(out)
+        },
+    }

@@ -557,20 +557,27 @@ async def test_client_errors_in_openai_shape(
 
 
 @pytest.mark.parametrize(
-    ("model", "stream"),
-    [("chat", False), ("smollm2", True), ("smollm2", False)],
-    ids=["alias", "stream", "unchanged"],
+    ("model", "stream", "field"),
+    [
+        ("chat", False, "deep"),
+        ("smollm2", True, "deep"),
+        ("smollm2", False, "deep"),
+        # The estimate writes a chat's tools to measure them: never deeper.
+        ("smollm2", False, "tools"),
+    ],
+    ids=["alias", "stream", "unchanged", "tools"],
 )
 async def test_a_body_nested_too_deeply_is_a_400_whatever_is_done_with_it(
-    kit: Any, caplog: pytest.LogCaptureFixture, model: str, stream: bool
+    kit: Any, caplog: pytest.LogCaptureFixture, model: str, stream: bool, field: str
 ) -> None:
     """orjson reads 1,024 levels but writes 254: a body between the two is
     refused as it is read, not failed with a 500 when the gateway writes it
-    again (an alias, a stream's usage option), nor sent on when it does not."""
+    again (an alias, a stream's usage option, the estimate's tools), nor sent
+    on when it does not."""
     h = kit.build()
     deep = b"[" * 300 + b"]" * 300
     raw = orjson.dumps({**kit.chat, "model": model, "stream": stream})
-    raw = raw[:-1] + b', "deep": ' + deep + b"}"
+    raw = raw[:-1] + f', "{field}": '.encode() + deep + b"}"
     async with h.client() as client:
         answer = await client.post(
             "/v1/chat/completions",

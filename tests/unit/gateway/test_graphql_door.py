@@ -222,28 +222,17 @@ async def test_a_body_over_the_limit_is_refused_as_on_rest(kit: Any) -> None:
     assert kit.counted(harness, "413", door="graphql", model="unknown") == 1
 
 
-async def test_the_session_header_reaches_the_router(kit: Any) -> None:
-    harness = kit.build(kit.document(strategy="session-affinity"))
-    router = harness.deps.proxy._router
-    seen: list[str | None] = []
-    choose = router.choose
-
-    def spy(route: Any, request: Any, tried: Any) -> Any:
-        seen.append(request.session)
-        return choose(route, request, tried)
-
-    router.choose = spy
-    async with harness.client() as client:
-        await client.post(
-            "/graphql",
-            json={"query": CHAT, "variables": {"input": INPUT}},
-            headers={"x-session-id": "conv-1"},
-        )
-    assert seen == ["conv-1"]
-
-
-async def test_a_session_header_that_is_no_id_reaches_the_router_hashed(
-    kit: Any,
+@pytest.mark.parametrize(
+    ("sent", "routed"),
+    [
+        ("conv-1", "conv-1"),
+        # One that is no id reaches it hashed.
+        ("x" * 4096, "sha256:" + hashlib.sha256(b"x" * 4096).hexdigest()),
+    ],
+    ids=["an id", "no id"],
+)
+async def test_the_session_header_reaches_the_router(
+    kit: Any, sent: str, routed: str
 ) -> None:
     harness = kit.build(kit.document(strategy="session-affinity"))
     router = harness.deps.proxy._router
@@ -255,14 +244,13 @@ async def test_a_session_header_that_is_no_id_reaches_the_router_hashed(
         return choose(route, request, tried)
 
     router.choose = spy
-    sent = "x" * 4096
     async with harness.client() as client:
         await client.post(
             "/graphql",
             json={"query": CHAT, "variables": {"input": INPUT}},
             headers={"x-session-id": sent},
         )
-    assert seen == ["sha256:" + hashlib.sha256(sent.encode()).hexdigest()]
+    assert seen == [routed]
 
 
 async def test_each_model_call_of_a_document_has_its_own_request_id(

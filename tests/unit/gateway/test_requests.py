@@ -26,31 +26,120 @@ from citadel.gateway.services.requests import (
     parse_body,
     request_id,
     session_id,
-    upstream_body,
 )
 
 pytestmark = pytest.mark.unit
 
 
+def _forwarded(raw: bytes, call: ApiCall, served_name: str) -> bytes:
+    """What goes to the backend for `raw`, sent to a model served as
+    `served_name`."""
+    return parse_body(raw, call).upstream(served_name)
+
+
 def test_alias_is_replaced_and_everything_else_kept() -> None:
     body = {"model": "chat", "messages": [{"role": "user"}], "mystery": {"a": 1}}
-    raw = orjson.dumps(body)
-    out = orjson.loads(upstream_body(raw, body, "smollm2", stream=False))
+    out = orjson.loads(_forwarded(orjson.dumps(body), CHAT, "smollm2"))
     assert out == {**body, "model": "smollm2"}
 
 
-def test_unchanged_bodies_are_the_same_bytes() -> None:
-    raw = b'{"model":"smollm2",  "prompt":"x"}'
-    assert upstream_body(raw, orjson.loads(raw), "smollm2", stream=False) is raw
+@pytest.mark.parametrize(
+    ("call", "raw"),
+    [
+        (COMPLETIONS, b'{"model":"smollm2",  "prompt":"x"}'),
+        (COMPLETIONS, b'{"model": "smollm2", "prompt": "x", "stream": false}'),
+        # A stream that asked for the usage chunk itself.
+        (
+            COMPLETIONS,
+            b'{"model": "smollm2", "prompt": "x", "stream": true, '
+            b'"stream_options": {"include_usage": true}}',
+        ),
+        # Embeddings do not stream, whatever the body says.
+        (EMBEDDINGS, b'{"model": "smollm2", "input": "x", "stream": true}'),
+    ],
+)
+def test_unchanged_bodies_are_the_same_bytes(call: ApiCall, raw: bytes) -> None:
+    assert _forwarded(raw, call, "smollm2") is raw
 
 
 def test_streams_ask_for_usage_keeping_other_options() -> None:
     body = {"model": "m", "stream": True, "stream_options": {"continuous": True}}
-    out = orjson.loads(upstream_body(orjson.dumps(body), body, "m", stream=True))
+    raw = orjson.dumps({**body, "prompt": "x"})
+    out = orjson.loads(_forwarded(raw, COMPLETIONS, "m"))
     assert out["stream_options"] == {"continuous": True, "include_usage": True}
-    asked = {"model": "m", "stream": True, "stream_options": {"include_usage": True}}
-    raw = orjson.dumps(asked)
-    assert upstream_body(raw, asked, "m", stream=True) is raw
+
+
+# What each rewrite sends, byte for byte: the served name and the usage option
+# where the client's body had them, else added at its end.
+REWRITES = [
+    (b'{"model":"chat","prompt":"x","n":2}', b'{"model":"m","prompt":"x","n":2}'),
+    (
+        b'{"model":"m","prompt":"x","stream":true}',
+        b'{"model":"m","prompt":"x","stream":true,'
+        b'"stream_options":{"include_usage":true}}',
+    ),
+    (
+        b'{"model":"chat","prompt":"x","stream":true}',
+        b'{"model":"m","prompt":"x","stream":true,'
+        b'"stream_options":{"include_usage":true}}',
+    ),
+    (
+        b'{"stream_options":{"continuous":true},"model":"m","prompt":"x",'
+        b'"stream":true}',
+        b'{"stream_options":{"continuous":true,"include_usage":true},"model":"m",'
+        b'"prompt":"x","stream":true}',
+    ),
+    (
+        b'{"model":"m","prompt":"x","stream":true,'
+        b'"stream_options":{"include_usage":false}}',
+        b'{"model":"m","prompt":"x","stream":true,'
+        b'"stream_options":{"include_usage":true}}',
+    ),
+    (
+        b'{"model":"chat","prompt":"x","stream_options":"yes","stream":true}',
+        b'{"model":"m","prompt":"x","stream_options":{"include_usage":true},'
+        b'"stream":true}',
+    ),
+]
+
+
+@pytest.mark.parametrize(("raw", "sent"), REWRITES)
+def test_a_rewritten_body_is_the_clients_with_the_rewritten_fields(
+    raw: bytes, sent: bytes
+) -> None:
+    assert _forwarded(raw, COMPLETIONS, "m") == sent
+
+
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """What orjson writes meanwhile."""
+    written: list[object] = []
+    dumps = orjson.dumps
+
+    def counted(value: object, *args: Any, **kwargs: Any) -> bytes:
+        written.append(value)
+        return dumps(value, *args, **kwargs)
+
+    monkeypatch.setattr(orjson, "dumps", counted)
+    return written
+
+
+@pytest.mark.parametrize(
+    ("raw", "served", "times"),
+    [
+        (b'{"model":"m","prompt":"x"}', "m", 1),  # the depth check
+        # The check writes what goes upstream: a stream's usage option added.
+        (b'{"model":"m","prompt":"x","stream":true}', "m", 1),
+        # The served name is known only once the body was checked.
+        (b'{"model":"chat","prompt":"x","stream":true}', "m", 2),
+        (b'{"model":"chat","prompt":"x"}', "m", 2),
+    ],
+)
+def test_a_body_is_written_once_unless_its_model_is_an_alias(
+    writes: list[object], raw: bytes, served: str, times: int
+) -> None:
+    _forwarded(raw, COMPLETIONS, served)
+    assert len(writes) == times
 
 
 @pytest.mark.parametrize(
@@ -94,11 +183,24 @@ def test_a_body_nested_deeper_than_json_can_be_written_is_refused() -> None:
     assert str(MAX_DEPTH) in TOO_DEEP
 
 
-def test_a_body_as_deep_as_json_can_be_written_is_read_and_rewritten() -> None:
-    raw = _deep_body(MAX_DEPTH)
-    body = parse_body(raw, COMPLETIONS)
-    out = orjson.loads(upstream_body(raw, body, "served", stream=True))
+@pytest.mark.parametrize("stream", [b"", b'"stream": true, '])
+def test_a_body_as_deep_as_json_can_be_written_is_read_and_rewritten(
+    stream: bytes,
+) -> None:
+    raw = _deep_body(MAX_DEPTH).replace(b"{", b"{" + stream, 1)
+    body = parse_body(raw, COMPLETIONS).body
+    out = orjson.loads(_forwarded(raw, COMPLETIONS, "served"))
     assert out["deep"] == body["deep"]
+
+
+def test_a_stream_option_nested_too_deeply_is_refused_though_replaced() -> None:
+    # The option the gateway replaces (it is no object) is what nests too
+    # deeply: the body is refused all the same, as the client sent it.
+    deep = b"[" * MAX_DEPTH + b"]" * MAX_DEPTH
+    raw = b'{"model": "m", "prompt": "x", "stream": true, "stream_options": '
+    with pytest.raises(InvalidRequest) as info:
+        parse_body(raw + deep + b"}", COMPLETIONS)
+    assert info.value.message == TOO_DEEP
 
 
 def _with(call: ApiCall, field: str, value: Any) -> dict[str, Any]:
@@ -149,7 +251,7 @@ def test_content_parts_are_limited_over_all_the_messages() -> None:
 def test_a_prompt_of_token_ids_is_bounded_by_the_body_size_alone() -> None:
     ids = list(range(128_000))  # a 128k context
     for call in (COMPLETIONS, EMBEDDINGS):
-        body = parse_body(orjson.dumps(_with(call, call.prompt_field, ids)), call)
+        body = parse_body(orjson.dumps(_with(call, call.prompt_field, ids)), call).body
         assert body[call.prompt_field] == ids
 
 

@@ -39,7 +39,9 @@ def test_bad_news_is_a_warning_and_counts_alone_are_not_news() -> None:
     assert "full" in scheduled.message
 
 
-@pytest.mark.parametrize("reason", ["ReconcileFailed", "ServedNameConflict"])
+@pytest.mark.parametrize(
+    "reason", ["ReconcileFailed", "ServiceNameTaken", "ServedNameConflict"]
+)
 def test_a_model_the_operator_fails_is_a_warning(reason: str) -> None:
     # `kubectl get events --field-selector type=Warning` and alerts on Events
     # must see every model turning Failed, not only those that cannot be placed.

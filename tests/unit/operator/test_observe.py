@@ -68,35 +68,35 @@ def test_unschedulable_pod_quotes_the_scheduler() -> None:
     assert _cond(status, ConditionType.READY)[1] == "Unschedulable"
 
 
-def test_unknown_node_is_named() -> None:
-    model = make_model(placement={"nodeName": "hx-nope"})
-    status = _derive(
-        model, deployment(ready=0), [pod("p1", node_name=None, unschedulable="x")]
-    )
+@pytest.mark.parametrize(
+    ("spec", "pods", "reason", "told"),
+    [
+        # An unknown node is named, beside the nodes there are and what the
+        # scheduler said.
+        (
+            {"placement": {"nodeName": "hx-nope"}},
+            [pod("p1", node_name=None, unschedulable="x")],
+            "NodeNotFound",
+            ["'hx-nope' does not exist", "hx-llm-server-01", "scheduler: x"],
+        ),
+        (
+            {"placement": {"nodeName": "hx-llm-server-01"}, "resources": {"gpus": 16}},
+            [],
+            "InsufficientGPUs",
+            ["16 nvidia.com/gpu", "hx-llm-server-01 has 4"],
+        ),
+        ({"placement": {"gpuProduct": "NVIDIA-B200"}}, [], "NoMatchingNode", []),
+    ],
+    ids=["unknown node", "more GPUs than the node has", "GPU product no node has"],
+)
+def test_a_placement_no_node_can_take_is_named_and_fails(
+    spec: dict[str, Any], pods: list[dict[str, Any]], reason: str, told: list[str]
+) -> None:
+    status = _derive(make_model(**spec), deployment(ready=0), pods)
     scheduled = _cond(status, ConditionType.SCHEDULED)
-    assert scheduled[:2] == ("False", "NodeNotFound")
-    assert "'hx-nope' does not exist" in scheduled[2]
-    assert "hx-llm-server-01" in scheduled[2]
-    assert "scheduler: x" in scheduled[2]
+    assert scheduled[:2] == ("False", reason)
+    assert [part for part in told if part not in scheduled[2]] == []
     assert status.phase is Phase.FAILED
-
-
-def test_more_gpus_than_the_node_has() -> None:
-    model = make_model(
-        placement={"nodeName": "hx-llm-server-01"}, resources={"gpus": 16}
-    )
-    status = _derive(model, deployment(ready=0), [])
-    scheduled = _cond(status, ConditionType.SCHEDULED)
-    assert scheduled[:2] == ("False", "InsufficientGPUs")
-    assert "16 nvidia.com/gpu" in scheduled[2]
-    assert "hx-llm-server-01 has 4" in scheduled[2]
-    assert status.phase is Phase.FAILED
-
-
-def test_gpu_product_that_no_node_has() -> None:
-    model = make_model(placement={"gpuProduct": "NVIDIA-B200"})
-    status = _derive(model, deployment(ready=0), [])
-    assert _cond(status, ConditionType.SCHEDULED)[:2] == ("False", "NoMatchingNode")
 
 
 def test_gpu_product_checks_capacity_of_matching_nodes_only() -> None:

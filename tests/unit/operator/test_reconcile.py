@@ -413,6 +413,14 @@ async def test_a_taken_name_is_refused_before_anything_is_made(
         taken.plural,
     }
     assert kube.stored(taken, "mixtral", "llm")["spec"] == theirs["spec"]
+    # The Service's clash has a reason of its own: the routes leave the model
+    # out for that one only (routing.service_taken).
+    status = kube.stored(LLMMODELS, "mixtral", "llm")["status"]
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == (
+        "ServiceNameTaken" if taken is SERVICES else "ReconcileFailed"
+    )
+    assert status["phase"] == "Failed"
 
 
 async def test_a_resync_that_finds_the_service_taken_makes_nothing_again(
@@ -450,6 +458,14 @@ async def test_a_model_refused_its_service_is_routed_once_it_has_its_own(
     doc = await reconciler.routes.publish()
     assert [r.name for r in doc.models] == ["llama"]
     assert await RoutePublisher(kube, settings).publish() == doc
+    # A new operator's refresh before its first reconcile keeps the failure
+    # (the status says so), and the model stays out of the routes.
+    restarted = Reconciler(kube, settings, Metrics(), clock=lambda: NOW)
+    await restarted.refresh("llm", "mixtral")
+    status = kube.stored(LLMMODELS, "mixtral", "llm")["status"]
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (status["phase"], ready["reason"]) == ("Failed", "ServiceNameTaken")
+    assert await restarted.routes.publish() == doc
     # Their Service goes; the periodic pass makes the model's own.
     del kube.objects[(SERVICES.plural, "llm", "mixtral")]
     await _resync(kube, reconciler)

@@ -80,12 +80,12 @@ def test_older_model_keeps_a_contested_name() -> None:
     parse_document(doc.to_json())  # the gateway accepts it
 
 
-def _failed(message: str) -> dict[str, Any]:
+def _failed(message: str, reason: str = "ReconcileFailed") -> dict[str, Any]:
     """A status whose Ready condition says the reconcile failed for good."""
     ready = {
         "type": "Ready",
         "status": "False",
-        "reason": "ReconcileFailed",
+        "reason": reason,
         "message": message,
         "lastTransitionTime": "2026-01-01T00:00:00Z",
     }
@@ -93,8 +93,13 @@ def _failed(message: str) -> dict[str, Any]:
 
 
 def test_a_model_whose_service_is_not_its_own_is_left_out() -> None:
+    # Told by the reason: the message's wording may change.
     taken = LLMModel.from_body(
-        model_body("a", servedName="chat", status=_failed(name_taken("Service", "a")))
+        model_body(
+            "a",
+            servedName="chat",
+            status=_failed("Service a is someone else's", "ServiceNameTaken"),
+        )
     )
     # Failed for another name: its Service, checked first, is its own.
     other = LLMModel.from_body(
