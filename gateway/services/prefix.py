@@ -242,9 +242,12 @@ class BlockTable:
             put(block, mask)
 
     def keep(self, bits: int) -> None:
-        """Clears every bit but `bits` from every mask."""
-        masks = [m & bits for m in self._masks]
-        self._masks = masks if self._wide else array("Q", masks)
+        """Clears every bit but `bits` from every mask (in place: a copy of a
+        full table would weigh some 20 MiB of Python ints while it lasts)."""
+        masks, drop = self._masks, ~bits
+        for i, mask in enumerate(masks):
+            if mask & drop:
+                masks[i] = mask & bits
         self._used = len(masks) - masks.count(0)
 
     def widen(self) -> None:
