@@ -1,21 +1,24 @@
-"""`citadel`: the command-line tool. `citadel keys create|list|revoke` manages API
-keys as Kubernetes Secrets (with your kubeconfig) or in a static key file
-(`--file`, for a gateway run outside Kubernetes)."""
+"""`citadel`: the command-line tool. `citadel keys create|list|rotate|revoke`
+manages API keys as Kubernetes Secrets (with your kubeconfig) or in a static key
+file (`--file`, for a gateway run outside Kubernetes)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
+import secrets as random
+import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
 from pydantic import ValidationError
 
 from citadel.gateway import __version__
-from citadel.gateway.kube.client import KubeApiError, KubeClient, secrets
+from citadel.gateway.kube.client import KubeApiError, KubeClient, Obj, secrets
 from citadel.gateway.kube.config import KubeConfigError, load_kubeconfig
 from citadel.gateway.routes import invalid_fields
 from citadel.gateway.services.auth import (
@@ -56,9 +59,33 @@ def _parser() -> argparse.ArgumentParser:
     for limit in ("rpm", "tpm", "daily-tokens", "monthly-tokens"):
         create.add_argument(f"--{limit}", type=int)
     actions.add_parser("list", help="list keys (never the keys themselves)")
-    revoke = actions.add_parser("revoke", help="revoke every key of a name now")
-    revoke.add_argument("name")
+    rotate = actions.add_parser(
+        "rotate", help="replace a key by a new one of the same name (shown once)"
+    )
+    rotate.add_argument("name")
+    rotate.add_argument(
+        "--keep-old-for",
+        type=_seconds,
+        metavar="SECONDS",
+        help="keep the old key working (not with --file): prints the command "
+        "that revokes it, to run once its clients have moved (default: revoke now)",
+    )
+    revoke = actions.add_parser(
+        "revoke", help="revoke every key of a name, or one key Secret, now"
+    )
+    target = revoke.add_mutually_exclusive_group(required=True)
+    target.add_argument("name", nargs="?")
+    target.add_argument(
+        "--secret", help="delete this one key Secret (an old key `rotate` kept)"
+    )
     return parser
+
+
+def _seconds(text: str) -> int:
+    seconds = int(text)
+    if seconds < 1:
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text}")
+    return seconds
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -93,17 +120,37 @@ def _new_record(args: argparse.Namespace) -> tuple[str, KeyRecord]:
     return key, record
 
 
-def _show_created(key: str, record: KeyRecord) -> None:
-    print(f"created key {record.name!r}; it is shown once, store it now:")
+def rotated(current: KeyRecord) -> tuple[str, KeyRecord]:
+    """A new key and its record: `current`'s name, role, models and limits."""
+    key = generate_key()
+    return key, current.model_copy(
+        update={"hash": hash_key(key), "created": datetime.now(UTC)}
+    )
+
+
+def newest(records: Sequence[tuple[str, KeyRecord]]) -> KeyRecord:
+    """The record made last of those held (holder, record): the key in force
+    that a rotation copies when a name has several (an earlier rotation kept)."""
+    return max(records, key=lambda held: (held[1].created, held[0]))[1]
+
+
+def _show_created(key: str, record: KeyRecord, verb: str = "created") -> None:
+    print(f"{verb} key {record.name!r}; it is shown once, store it now:")
     print(key)
 
 
-def _show_list(records: Sequence[KeyRecord]) -> None:
-    print(f"{'NAME':<24} {'ROLE':<6} {'MODELS':<24} {'RPM':>7} {'TPM':>9}  CREATED")
-    for r in sorted(records, key=lambda r: r.name):
+def _show_list(rows: Sequence[tuple[str | None, KeyRecord]]) -> None:
+    """One line per key; its Secret last (none in a key file), which tells two
+    keys of one name apart."""
+    print(
+        f"{'NAME':<24} {'ROLE':<6} {'MODELS':<24} {'RPM':>7} {'TPM':>9}  "
+        f"{'CREATED':<20}  SECRET"
+    )
+    for secret, r in sorted(rows, key=lambda row: (row[1].name, row[1].created)):
         print(
             f"{r.name:<24} {r.role.value:<6} {','.join(r.models):<24} "
-            f"{r.rpm or '-':>7} {r.tpm or '-':>9}  {r.created:%Y-%m-%dT%H:%M:%SZ}"
+            f"{r.rpm or '-':>7} {r.tpm or '-':>9}  "
+            f"{r.created:%Y-%m-%dT%H:%M:%SZ}  {secret or '-'}"
         )
 
 
@@ -112,7 +159,7 @@ def _file_command(args: argparse.Namespace) -> None:
     current = read_key_file(path)
     names = {r.name for r in current.keys}
     if args.action == "list":
-        _show_list(current.keys)
+        _show_list([(None, r) for r in current.keys])
         return
     if args.action == "create":
         if args.name in names:
@@ -121,11 +168,22 @@ def _file_command(args: argparse.Namespace) -> None:
         _write_key_file(path, KeyFile(keys=[*current.keys, record]))
         _show_created(key, record)
         return
+    if args.action == "revoke" and args.secret is not None:
+        raise CliError("a key file has no Secrets: revoke a key by its name")
     if args.name not in names:
         raise CliError(f"no key named {args.name!r}")
-    _write_key_file(
-        path, KeyFile(keys=[r for r in current.keys if r.name != args.name])
-    )
+    others = [r for r in current.keys if r.name != args.name]
+    if args.action == "rotate":
+        if args.keep_old_for is not None:
+            # Its entries have no name of their own to revoke one by later.
+            raise CliError("--keep-old-for needs Secrets, not a key file")
+        mine = [(str(i), r) for i, r in enumerate(current.keys) if r.name == args.name]
+        key, record = rotated(newest(mine))
+        _write_key_file(path, KeyFile(keys=[*others, record]))
+        _show_created(key, record, "rotated")
+        print(f"the old key {args.name!r} is revoked")
+        return
+    _write_key_file(path, KeyFile(keys=others))
     print(f"revoked key {args.name!r}")
 
 
@@ -148,48 +206,145 @@ async def _kube_command(args: argparse.Namespace) -> None:
     await client.start()
     try:
         path = secrets(args.namespace)
+        held = await _key_secrets(client, path)
         if args.action == "list":
-            items, _ = await client.list(path, {"labelSelector": f"{KEY_LABEL}=true"})
-            _show_list([r for r in map(key_from_secret, items) if r is not None])
+            _show_list([(s, r) for s, r in held.items() if r is not None])
         elif args.action == "create":
-            key, record = _new_record(args)
-            try:
-                await client.request(
-                    "POST", path, body=key_secret(record, args.namespace)
-                )
-            except KubeApiError as err:
-                if err.status == 409:
-                    raise CliError(f"a key named {args.name!r} exists") from err
-                raise
-            _show_created(key, record)
+            await _create(client, path, held, args)
+        elif args.action == "rotate":
+            await _rotate(client, path, held, args)
+        elif args.secret is not None:
+            await _revoke_secret(client, path, held, args.secret)
         else:
-            await _revoke_secrets(client, path, args.name)
+            deleted = await _delete(client, path, secrets_of(held, args.name))
+            if not deleted:
+                raise CliError(f"no key named {args.name!r}")
+            print(f"revoked key {args.name!r} (Secrets: {', '.join(deleted)})")
     finally:
         await client.close()
 
 
-async def _revoke_secrets(client: KubeClient, path: str, name: str) -> None:
-    """Deletes every key Secret whose record names the key, and the one
-    `create` made for it (readable or not): the gateway takes each Secret for a
-    key of its own, so a second Secret of the name (a rotation made by hand)
-    left behind would keep a key of that name working."""
+async def _key_secrets(client: KubeClient, path: str) -> dict[str, KeyRecord | None]:
+    """The key Secrets by name, each with its record (None: unreadable)."""
     items, _ = await client.list(path, {"labelSelector": f"{KEY_LABEL}=true"})
-    doomed = {KEY_SECRET_PREFIX + name}
+    held: dict[str, KeyRecord | None] = {}
     for item in items:
-        record = key_from_secret(item)
         meta = item.get("metadata")
         secret = meta.get("name") if isinstance(meta, dict) else None
-        if record is not None and record.name == name and isinstance(secret, str):
-            doomed.add(secret)
+        if isinstance(secret, str):
+            held[secret] = key_from_secret(item)
+    return held
+
+
+def secrets_of(held: dict[str, KeyRecord | None], name: str) -> set[str]:
+    """The key Secrets to delete to revoke every key of a name: those whose
+    record names it, and the one `create` makes for it (readable or not). The
+    gateway takes each Secret for a key of its own, so a second Secret of the
+    name (a kept rotation, one made by hand) left behind would keep a key of
+    that name working."""
+    mine = {s for s, r in held.items() if r is not None and r.name == name}
+    return mine | {KEY_SECRET_PREFIX + name}
+
+
+async def _create(
+    client: KubeClient,
+    path: str,
+    held: dict[str, KeyRecord | None],
+    args: argparse.Namespace,
+) -> None:
+    # The 409 alone misses a name whose keys sit in other Secrets (rotated).
+    if any(r is not None and r.name == args.name for r in held.values()):
+        raise CliError(f"a key named {args.name!r} exists; rotate or revoke it")
+    key, record = _new_record(args)
+    await _post(client, path, key_secret(record, args.namespace), args.name)
+    _show_created(key, record)
+
+
+async def _post(client: KubeClient, path: str, secret: Obj, name: str) -> None:
+    try:
+        await client.request("POST", path, body=secret)
+    except KubeApiError as err:
+        if err.status == 409:
+            raise CliError(f"a key named {name!r} exists") from err
+        raise
+
+
+async def _rotate(
+    client: KubeClient,
+    path: str,
+    held: dict[str, KeyRecord | None],
+    args: argparse.Namespace,
+) -> None:
+    """Makes the new key in a Secret of its own before the old ones go, so
+    that the name always has a key that works."""
+    mine = [(s, r) for s, r in held.items() if r is not None and r.name == args.name]
+    if not mine:
+        raise CliError(f"no key named {args.name!r}")
+    key, record = rotated(newest(mine))
+    # Random: the old Secret (perhaps citadel-key-<name>) is still there.
+    secret = f"{KEY_SECRET_PREFIX}{args.name}-{random.token_hex(3)}"
+    await _post(client, path, key_secret(record, args.namespace, secret), args.name)
+    _show_created(key, record, "rotated")
+    print(f"its Secret: {secret}")
+    old = sorted(secrets_of(held, args.name) - {secret})
+    if args.keep_old_for is None:
+        try:
+            deleted = await _delete(client, path, old)
+        except KubeApiError as err:
+            # The new key is shown already: say what still works, and the way out.
+            again = shlex.join([*_keys_prefix(args), "revoke", "--secret", "SECRET"])
+            raise CliError(
+                f"the old key is not revoked ({err}); its Secrets: "
+                f"{', '.join(s for s in old if s in held)}; run `{again}` for each"
+            ) from err
+        print(f"the old key is revoked (Secrets: {', '.join(deleted) or 'none'})")
+        return
+    # Nothing expires a key by itself: say when, and what to run then.
+    until = datetime.now(UTC) + timedelta(seconds=args.keep_old_for)
+    print(
+        f"the old key works until its Secrets are deleted; after "
+        f"{until:%Y-%m-%dT%H:%M:%SZ}, revoke it with:"
+    )
+    for name in (s for s in old if s in held):
+        print(shlex.join([*_keys_prefix(args), "revoke", "--secret", name]))
+
+
+def _keys_prefix(args: argparse.Namespace) -> list[str]:
+    """`citadel keys` with the options that found the Secrets."""
+    words = ["citadel", "keys", "-n", args.namespace]
+    if args.kubeconfig is not None:
+        words += ["--kubeconfig", str(args.kubeconfig)]
+    if args.context is not None:
+        words += ["--context", args.context]
+    return words
+
+
+async def _revoke_secret(
+    client: KubeClient, path: str, held: dict[str, KeyRecord | None], secret: str
+) -> None:
+    # Only a labelled key Secret: a mistyped name must not delete another
+    # Secret of the namespace (the admin key's plain text, a TLS key).
+    if secret not in held or not await _delete(client, path, [secret]):
+        raise CliError(f"no key Secret named {secret!r}")
+    record = held[secret]
+    if record is None:
+        print(f"deleted the unreadable key Secret {secret}")
+        return
+    print(f"revoked the key {record.name!r} of Secret {secret}")
+    left = sorted(secrets_of(held, record.name) & held.keys() - {secret})
+    if left:
+        print(f"other keys of that name still work (Secrets: {', '.join(left)})")
+
+
+async def _delete(client: KubeClient, path: str, doomed: Iterable[str]) -> list[str]:
+    """Deletes these Secrets; those it deleted (404: gone already, or never made)."""
     deleted = []
     for secret in sorted(doomed):
         try:
             await client.request("DELETE", f"{path}/{secret}")
         except KubeApiError as err:
-            if err.status != 404:  # 404: gone already, or never made
+            if err.status != 404:
                 raise
             continue
         deleted.append(secret)
-    if not deleted:
-        raise CliError(f"no key named {name!r}")
-    print(f"revoked key {name!r} (Secrets: {', '.join(deleted)})")
+    return deleted

@@ -329,15 +329,23 @@ class RoutesWatchSource:
         )
 
 
-def key_secret(record: KeyRecord, namespace: str) -> Obj:
-    """The Secret that stores a key's record."""
+def key_secret(record: KeyRecord, namespace: str, name: str | None = None) -> Obj:
+    """The Secret that stores a key's record.
+
+    Args:
+        record: the key's record.
+        namespace: the Secret's namespace.
+        name: the Secret's name; by default `citadel-key-<key name>`, the one
+            `citadel keys create` makes (a rotation's new key needs another, as
+            the old Secret may stay a while).
+    """
     data = record.model_dump_json(by_alias=True).encode()
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "Opaque",
         "metadata": {
-            "name": KEY_SECRET_PREFIX + record.name,
+            "name": name or KEY_SECRET_PREFIX + record.name,
             "namespace": namespace,
             "labels": {
                 KEY_LABEL: "true",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ from citadel.gateway.cli import main
 from citadel.gateway.kube.client import KubeApiError
 from citadel.gateway.services.auth import KeyRecord, hash_key
 from citadel.gateway.sources.files import read_key_file
-from citadel.gateway.sources.kubernetes import key_secret
+from citadel.gateway.sources.kubernetes import KEY_LABEL, key_from_secret, key_secret
 
 pytestmark = pytest.mark.unit
 
@@ -57,7 +59,7 @@ def test_bad_input_is_one_line_not_a_traceback(
 
 
 class _FakeKube:
-    """The Secrets API, as far as `citadel keys revoke` uses it."""
+    """The Secrets API, as far as `citadel keys` uses it."""
 
     def __init__(self, items: list[dict[str, Any]]) -> None:
         self.items = {item["metadata"]["name"]: item for item in items}
@@ -72,14 +74,55 @@ class _FakeKube:
         self, path: str, params: dict[str, str]
     ) -> tuple[list[dict[str, Any]], str]:
         assert params == {"labelSelector": "citadel.ai/api-key=true"}
-        return list(self.items.values()), "1"
+        labelled = [
+            item
+            for item in self.items.values()
+            if item["metadata"].get("labels", {}).get(KEY_LABEL) == "true"
+        ]
+        return labelled, "1"
 
-    async def request(self, method: str, path: str, **_: Any) -> dict[str, Any]:
+    async def request(
+        self, method: str, path: str, body: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        if method == "POST":
+            assert body is not None
+            name = body["metadata"]["name"]
+            if name in self.items:
+                raise KubeApiError(409, "already exists")
+            self.items[name] = body
+            return body
         assert method == "DELETE"
         name = path.rsplit("/", 1)[-1]
         if self.items.pop(name, None) is None:
             raise KubeApiError(404, "not found")
         return {}
+
+    def records(self) -> dict[str, KeyRecord]:
+        """The readable key records, by Secret."""
+        found = {name: key_from_secret(item) for name, item in self.items.items()}
+        return {name: r for name, r in found.items() if r is not None}
+
+
+@pytest.fixture
+def kube(monkeypatch: pytest.MonkeyPatch) -> _FakeKube:
+    """The fake API in place of the cluster: alice with one key in the Secret
+    `create` makes, bob, and the admin key's plain text (not a key Secret)."""
+    alice = key_secret(
+        KeyRecord(name="alice", hash=hash_key("a1"), models=("smol*",), rpm=60), "ns"
+    )
+    bob = key_secret(KeyRecord(name="bob", hash=hash_key("b")), "ns")
+    plain = {"metadata": {"name": "citadel-admin-key"}, "data": {"key": "eA=="}}
+    fake = _FakeKube([alice, bob, plain])
+    monkeypatch.setattr(cli, "load_kubeconfig", lambda *_: None)
+    monkeypatch.setattr(cli, "KubeClient", lambda _: fake)
+    return fake
+
+
+def _shown_key(out: str) -> str:
+    """The key printed after `... shown once, store it now:`."""
+    lines = out.splitlines()
+    [at] = [i for i, line in enumerate(lines) if line.endswith("store it now:")]
+    return lines[at + 1]
 
 
 def test_revoke_deletes_every_secret_holding_a_key_of_the_name(
@@ -99,3 +142,136 @@ def test_revoke_deletes_every_secret_holding_a_key_of_the_name(
     assert "alice-rotated, citadel-key-alice" in capsys.readouterr().out
     assert main(["keys", "-n", "ns", "revoke", "alice"]) == 1
     assert "no key named 'alice'" in capsys.readouterr().err
+
+
+def test_rotate_replaces_every_key_of_the_name_at_once(
+    kube: _FakeKube, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The new key copies the newest record's models and limits, in a Secret of
+    its own; the old Secrets (a hand-made second one too) go after it is made."""
+    earlier = key_secret(
+        KeyRecord(
+            name="alice",
+            hash=hash_key("a0"),
+            rpm=1,
+            created=datetime(2020, 1, 1, tzinfo=UTC),
+        ),
+        "ns",
+        "alice-by-hand",
+    )
+    kube.items["alice-by-hand"] = earlier
+    before = kube.records()["citadel-key-alice"]
+    assert main(["keys", "-n", "ns", "rotate", "alice"]) == 0
+    out = capsys.readouterr().out
+    key = _shown_key(out)
+    [(secret, record)] = [
+        (s, r) for s, r in kube.records().items() if r.name == "alice"
+    ]
+    assert secret.startswith("citadel-key-alice-") and secret in out
+    assert record.hash == hash_key(key) and key.startswith("ctd-")
+    assert record.model_dump(exclude={"hash", "created"}) == before.model_dump(
+        exclude={"hash", "created"}
+    )
+    assert record.created > before.created
+    assert "revoked (Secrets: alice-by-hand, citadel-key-alice)" in out
+    assert set(kube.items) == {secret, "citadel-key-bob", "citadel-admin-key"}
+    # A name can be rotated again, from a Secret that rotation made.
+    assert main(["keys", "-n", "ns", "rotate", "alice"]) == 0
+    again = _shown_key(capsys.readouterr().out)
+    [record] = [r for r in kube.records().values() if r.name == "alice"]
+    assert record.hash == hash_key(again) and record.rpm == 60
+
+
+def test_rotate_keeping_the_old_key_prints_how_to_revoke_it(
+    kube: _FakeKube, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two keys of one name work side by side until the printed command deletes
+    the old one's Secret, and only it."""
+    args = ["keys", "-n", "ns", "--context", "prod"]
+    assert main([*args, "rotate", "alice", "--keep-old-for", "3600"]) == 0
+    out = capsys.readouterr().out
+    key = _shown_key(out)
+    alices = {s: r for s, r in kube.records().items() if r.name == "alice"}
+    assert len(alices) == 2 and "citadel-key-alice" in alices
+    [command] = [line for line in out.splitlines() if "revoke --secret" in line]
+    assert command == (
+        "citadel keys -n ns --context prod revoke --secret citadel-key-alice"
+    )
+    assert main(shlex.split(command)[1:]) == 0
+    out = capsys.readouterr().out
+    assert "revoked the key 'alice' of Secret citadel-key-alice" in out
+    assert "other keys of that name still work" in out
+    [record] = [r for r in kube.records().values() if r.name == "alice"]
+    assert record.hash == hash_key(key)
+    assert "citadel-key-bob" in kube.items
+
+
+def test_revoke_secret_deletes_only_a_key_secret(
+    kube: _FakeKube, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for secret in ("citadel-admin-key", "citadel-key-nobody"):
+        assert main(["keys", "-n", "ns", "revoke", "--secret", secret]) == 1
+        assert f"no key Secret named {secret!r}" in capsys.readouterr().err
+    assert len(kube.items) == 3
+    # A name or a Secret, not both: which one was meant?
+    with pytest.raises(SystemExit):
+        main(["keys", "-n", "ns", "revoke", "alice", "--secret", "citadel-key-bob"])
+    with pytest.raises(SystemExit):
+        main(["keys", "-n", "ns", "revoke"])
+    assert main(["keys", "-n", "ns", "revoke", "--secret", "citadel-key-bob"]) == 0
+    assert "revoked the key 'bob' of Secret citadel-key-bob" in capsys.readouterr().out
+    assert set(kube.items) == {"citadel-key-alice", "citadel-admin-key"}
+
+
+def test_list_tells_two_keys_of_one_name_apart(
+    kube: _FakeKube, capsys: pytest.CaptureFixture[str]
+) -> None:
+    second = key_secret(KeyRecord(name="alice", hash=hash_key("a2")), "ns")
+    second["metadata"]["name"] = "a-2"  # a second key of the name, made by hand
+    kube.items["a-2"] = second
+    assert main(["keys", "-n", "ns", "list"]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split()[-1] == "SECRET"
+    assert sorted(row.split()[-1] for row in rows if row.startswith("alice ")) == [
+        "a-2",
+        "citadel-key-alice",
+    ]
+
+
+def test_rotate_an_unknown_name_makes_nothing(
+    kube: _FakeKube, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["keys", "-n", "ns", "rotate", "carol"]) == 1
+    assert "no key named 'carol'" in capsys.readouterr().err
+    assert len(kube.items) == 3
+
+
+def test_create_refuses_a_name_whose_key_sits_in_another_secret(
+    kube: _FakeKube, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After a rotation the name's key is not in `citadel-key-<name>`: creating
+    the name again would make a second key of it, not a conflict the API sees."""
+    kube.items["citadel-key-alice-1a2b3c"] = kube.items.pop("citadel-key-alice")
+    assert main(["keys", "-n", "ns", "create", "alice"]) == 1
+    assert "a key named 'alice' exists" in capsys.readouterr().err
+    assert len(kube.items) == 3
+
+
+def test_rotate_in_a_key_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "keys.json"
+    args = ["keys", "--file", str(path)]
+    assert main([*args, "create", "alice", "--models", "smol*", "--tpm", "9"]) == 0
+    assert main([*args, "create", "bob"]) == 0
+    capsys.readouterr()
+    assert main([*args, "rotate", "alice"]) == 0
+    key = _shown_key(capsys.readouterr().out)
+    alice, bob = sorted(read_key_file(path).keys, key=lambda r: r.name)
+    assert alice.hash == hash_key(key) and alice.models == ("smol*",)
+    assert alice.tpm == 9 and bob.name == "bob"
+    # Entries have no name of their own to revoke one of them by later.
+    assert main([*args, "rotate", "alice", "--keep-old-for", "60"]) == 1
+    assert main([*args, "revoke", "--secret", "citadel-key-alice"]) == 1
+    assert capsys.readouterr().err.count("citadel: ") == 2
+    assert read_key_file(path).keys == [bob, alice]
