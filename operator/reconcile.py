@@ -61,6 +61,10 @@ CAPABILITY_CACHE_SECONDS = 60.0
 # The longest a status refresh waits behind reconciles of new or changed models
 # (see Precedence).
 PRECEDENCE_MAX_WAIT_S = 10.0
+# The longest a failed reconcile waits for its retry when the API server asks
+# for more (Retry-After): a failure that lasts is still tried, and reported,
+# that often.
+RETRY_AFTER_MAX_S = 600.0
 
 
 def utc_now() -> str:
@@ -70,7 +74,14 @@ def utc_now() -> str:
 
 class ReconcileError(Exception):
     """A reconcile that failed; `retryable` says whether trying again may help,
-    and `reason` is the Ready reason the model reports if it does not."""
+    and `reason` is the Ready reason the model reports if it does not.
+
+    Attributes:
+        delay: seconds before a retry: the back-off asked for, or as long as the
+            API server asked (`retry_after_s`) when that is longer, up to
+            RETRY_AFTER_MAX_S. A throttling API server (429) or one in trouble
+            (503) says how long; retrying sooner adds to its load.
+    """
 
     def __init__(
         self,
@@ -79,11 +90,26 @@ class ReconcileError(Exception):
         retryable: bool,
         delay: float = 5.0,
         reason: str = RECONCILE_FAILED,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.delay = delay
+        if retry_after_s is not None:
+            self.delay = max(delay, min(retry_after_s, RETRY_AFTER_MAX_S))
         self.reason = reason
+
+
+def _request_failed(
+    err: ApiError, message: str | None = None, *, retryable: bool | None = None
+) -> ReconcileError:
+    """The ReconcileError for a failed request: retryable as the request is
+    (unless `retryable` says), retried no sooner than the API server asked."""
+    return ReconcileError(
+        str(err) if message is None else message,
+        retryable=err.retryable if retryable is None else retryable,
+        retry_after_s=err.retry_after_s,
+    )
 
 
 class _ModelGone(Exception):
@@ -762,7 +788,7 @@ class Reconciler:
             return await request
         except ApiError as err:
             if err.status != 409:
-                raise ReconcileError(str(err), retryable=err.retryable) from err
+                raise _request_failed(err) from err
         log.info(
             "%s: %s %s changed since it was read; left for the next pass",
             model.key,
@@ -775,7 +801,7 @@ class Reconciler:
         try:
             return await request
         except ApiError as err:
-            raise ReconcileError(str(err), retryable=err.retryable) from err
+            raise _request_failed(err) from err
 
     async def _plan(self, model: LLMModel, resync: bool) -> _Plan:
         """Builds what the pass applies, and refuses it before anything is
@@ -969,7 +995,7 @@ class Reconciler:
             applied: Manifest = await self.kube.apply(claim)
         except ApiError as err:
             if err.retryable:
-                raise ReconcileError(str(err), retryable=True) from err
+                raise _request_failed(err) from err
             # Claims are mostly immutable (a class may not allow resizing): the
             # model keeps running on the claim it has. Said once per change of
             # the spec, not at every resync while the spec still asks. Each
@@ -1002,12 +1028,13 @@ class Reconciler:
             created = await self.kube.create(claim)
         except ApiError as err:
             if err.status == 409:
-                raise ReconcileError(
+                raise _request_failed(
+                    err,
                     f"PersistentVolumeClaim {claim['metadata']['name']} was created "
                     "by someone else meanwhile; looking again",
                     retryable=True,
                 ) from err
-            raise ReconcileError(str(err), retryable=err.retryable) from err
+            raise _request_failed(err) from err
         uid = created.get("metadata", {}).get("uid")
         await self._call(self.kube.apply(_built_claim(model, model.uid, uid)))
 
@@ -1040,10 +1067,10 @@ class Reconciler:
         try:
             applied: Manifest = await self.kube.apply(kept)
         except ApiError as err:
-            raise ReconcileError(
+            raise _request_failed(
+                err,
                 f"PersistentVolumeClaim {kept['metadata']['name']}: its owner "
                 f"reference could not follow deletePolicy: {err.message}",
-                retryable=err.retryable,
             ) from err
         return applied
 

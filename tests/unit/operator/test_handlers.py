@@ -13,7 +13,7 @@ from kopf._core.intents.stoppers import DaemonStopper
 from citadel.operator import __version__, names, view
 from citadel.operator.handlers import _translated, build_registry
 from citadel.operator.kopfstate import MemoryState
-from citadel.operator.kube.client import Manifest
+from citadel.operator.kube.client import ApiError, Manifest
 from citadel.operator.kube.fake import FakeKube
 from citadel.operator.main import kopf_settings, main
 from citadel.operator.metrics import Metrics
@@ -36,6 +36,29 @@ async def test_retryable_errors_become_temporary() -> None:
     assert err.value.delay == 3
     with pytest.raises(kopf.PermanentError):
         await _translated(_fail(False))
+
+
+@pytest.mark.parametrize(
+    ("failure", "delay"),
+    [
+        # The overload filter's 429 asks for longer than the back-off.
+        (ApiError(429, "TooManyRequests", "slow down", retry_after_s=30), 30),
+        # Bounded, so that a failure that lasts is still retried and reported.
+        (ApiError(429, "TooManyRequests", "slow down", retry_after_s=3600), 600),
+        # Never sooner than the back-off.
+        (ApiError(503, "ServiceUnavailable", "etcd", retry_after_s=1), 5),
+        (ApiError(503, "ServiceUnavailable", "etcd"), 5),
+    ],
+)
+async def test_a_retry_waits_as_long_as_the_api_server_asks(
+    settings: OperatorSettings, failure: ApiError, delay: float
+) -> None:
+    kube = FakeKube([model_body()])
+    kube.fail["services"] = failure
+    reconciler = Reconciler(kube, settings, Metrics())
+    with pytest.raises(kopf.TemporaryError) as err:
+        await _translated(reconciler.reconcile(model_body()))
+    assert err.value.delay == delay
 
 
 def _login() -> kopf.ConnectionInfo:
