@@ -17,7 +17,7 @@ from citadel.operator import names
 from citadel.operator.background import Background
 from citadel.operator.kopfstate import MemoryState
 from citadel.operator.kube.client import ApiError
-from citadel.operator.reconcile import ReconcileError, Reconciler
+from citadel.operator.reconcile import ReconcileError, Reconciler, owner_uid
 from citadel.operator.settings import OperatorSettings, PeeringMode
 from citadel.operator.sweep import IndexSweep
 from citadel.operator.view import (
@@ -283,6 +283,29 @@ def build_registry(
         owner = labels.get(names.LABEL_MODEL)
         if owner and namespace:
             reconciler.spawn_refresh(namespace, owner, fix_drift=True)
+
+    # Services only for their deletion, which cuts the model off the gateway
+    # (its endpoints go too): made again at once, as a Deployment is, instead of
+    # at the periodic pass. A hand edit still waits for that pass. Not by the
+    # label alone: the garbage collector deletes a deleted model's Service, and
+    # a model made again under its name has its own reconcile coming.
+    @kopf.on.event(
+        "", "v1", "services", id="service-event", labels=MANAGED, registry=registry
+    )
+    async def service_event(
+        type: str | None,
+        labels: kopf.Labels,
+        namespace: str | None,
+        body: kopf.Body,
+        **_: Any,
+    ) -> None:
+        reconciler.routes.ready()
+        owner = labels.get(names.LABEL_MODEL)
+        if type != "DELETED" or not owner or not namespace:
+            return
+        model = await reconciler.view.model(namespace, owner)
+        if model is not None and model["metadata"].get("uid") == owner_uid(body):
+            reconciler.spawn_refresh(namespace, owner, fix_service=True)
 
     @kopf.on.event("", "v1", "pods", id="pod-event", labels=MANAGED, registry=registry)
     async def pod_event(labels: kopf.Labels, namespace: str | None, **_: Any) -> None:

@@ -45,11 +45,12 @@ def kopf_settings(
     ks.persistence.finalizer = f"{KOPF_PREFIX}/finalizer"
     ks.persistence.progress_storage = state.progress
     ks.persistence.diffbase_storage = state.diffbase
-    # Only our own pods and Deployments are sent: the handlers' label filters
-    # run in the operator, after the API server has sent, and Kopf decoded and
-    # processed, every pod and Deployment of the cluster (or watched namespaces).
+    # Only our own pods, Deployments and Services are sent: the handlers' label
+    # filters run in the operator, after the API server has sent, and Kopf
+    # decoded and processed, every one of the cluster (or watched namespaces).
     ks.watching.label_selectors["", "v1", "pods"] = MANAGED_SELECTOR
     ks.watching.label_selectors["apps", "v1", "deployments"] = MANAGED_SELECTOR
+    ks.watching.label_selectors["", "v1", "services"] = MANAGED_SELECTOR
     # Our own Events describe the model; Kopf's per-handler ones only when failing.
     ks.posting.level = logging.WARNING
     ks.peering.name = settings.peering_name

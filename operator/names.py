@@ -44,7 +44,7 @@ PodMonitor copies it onto its targets (`podTargetLabels`, which the Prometheus
 Operator spells with `_` for `.` and `/`). The chart's model alerts select
 Citadel's pods by it, not any vLLM pod the same Prometheus scrapes."""
 MANAGED_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGER_NAME}"
-"""The label selector of the pods and Deployments the operator watches."""
+"""The label selector of the pods, Deployments and Services the operator watches."""
 
 ANNOTATION_CREATED_FOR = f"{GROUP}/created-for"
 """On a cache claim the operator created: the uid of the LLMModel it was made for.

@@ -32,7 +32,6 @@ from citadel.operator.drift import drifted, fingerprint, unchanged_by
 from citadel.operator.events import Notice, combined, event_object, transitions
 from citadel.operator.kube.client import ApiError, Kube, Manifest
 from citadel.operator.kube.resources import (
-    DEPLOYMENTS,
     LLMMODELS,
     PDBS,
     POD_MONITORS,
@@ -61,6 +60,10 @@ CAPABILITY_CACHE_SECONDS = 60.0
 # The longest a status refresh waits behind reconciles of new or changed models
 # (see Precedence).
 PRECEDENCE_MAX_WAIT_S = 10.0
+# The longest a failed reconcile waits for its retry when the API server asks
+# for more (Retry-After): a failure that lasts is still tried, and reported,
+# that often.
+RETRY_AFTER_MAX_S = 600.0
 
 
 def utc_now() -> str:
@@ -70,7 +73,14 @@ def utc_now() -> str:
 
 class ReconcileError(Exception):
     """A reconcile that failed; `retryable` says whether trying again may help,
-    and `reason` is the Ready reason the model reports if it does not."""
+    and `reason` is the Ready reason the model reports if it does not.
+
+    Attributes:
+        delay: seconds before a retry: the back-off asked for, or as long as the
+            API server asked (`retry_after_s`) when that is longer, up to
+            RETRY_AFTER_MAX_S. A throttling API server (429) or one in trouble
+            (503) says how long; retrying sooner adds to its load.
+    """
 
     def __init__(
         self,
@@ -79,11 +89,26 @@ class ReconcileError(Exception):
         retryable: bool,
         delay: float = 5.0,
         reason: str = RECONCILE_FAILED,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.delay = delay
+        if retry_after_s is not None:
+            self.delay = max(delay, min(retry_after_s, RETRY_AFTER_MAX_S))
         self.reason = reason
+
+
+def _request_failed(
+    err: ApiError, message: str | None = None, *, retryable: bool | None = None
+) -> ReconcileError:
+    """The ReconcileError for a failed request: retryable as the request is
+    (unless `retryable` says), retried no sooner than the API server asked."""
+    return ReconcileError(
+        str(err) if message is None else message,
+        retryable=err.retryable if retryable is None else retryable,
+        retry_after_s=err.retry_after_s,
+    )
 
 
 class _ModelGone(Exception):
@@ -97,6 +122,9 @@ class RefreshWish:
 
     fix_drift: bool = False
     """Put the Deployment back first if it was changed by hand (or deleted)."""
+    fix_service: bool = False
+    """Make the Service again first if it was deleted (or put it back if it
+    was changed)."""
 
 
 @dataclass(frozen=True)
@@ -162,6 +190,7 @@ class Serializer:
         waiting = self._waiting.get(key)
         if waiting is not None:
             waiting.fix_drift |= wish.fix_drift
+            waiting.fix_service |= wish.fix_service
             yield None
             return
         mine = dataclasses.replace(wish)
@@ -221,7 +250,8 @@ class Precedence:
             await asyncio.wait_for(self._calm.wait(), self._max_wait_s)
 
 
-def _owner_uid(obj: Manifest) -> str | None:
+def owner_uid(obj: Mapping[str, Any]) -> str | None:
+    """The uid of the LLMModel that controls `obj` (its owner reference), if any."""
     for ref in obj.get("metadata", {}).get("ownerReferences", []) or []:
         if ref.get("controller") and ref.get("kind") == names.KIND:
             return str(ref.get("uid"))
@@ -289,7 +319,7 @@ def _created_for(claim: Manifest, model: LLMModel) -> str | None:
         return str(made_for) if made_as == meta.get("uid") else None
     if made_for:
         return model.uid if made_for == model.uid else None
-    return model.uid if _owner_uid(claim) == model.uid else None
+    return model.uid if owner_uid(claim) == model.uid else None
 
 
 def _with_spec_of(claim: Manifest, current: Manifest) -> Manifest:
@@ -316,10 +346,10 @@ def _refusal(model: LLMModel, obj: Manifest, current: Manifest | None) -> None:
         ReconcileError: it is someone else's (for good: the status names it), or
             a deleted model's of the same name still being cleaned up (retryable).
     """
-    if current is None or _owner_uid(current) == model.uid:
+    if current is None or owner_uid(current) == model.uid:
         return
     kind, name = obj["kind"], obj["metadata"]["name"]
-    if _owner_uid(current) is not None and _is_ours(current):
+    if owner_uid(current) is not None and _is_ours(current):
         raise ReconcileError(
             f"{kind} {name} already exists and does not belong to this LLMModel "
             "yet (a deleted one of the same name is being cleaned up)",
@@ -524,12 +554,18 @@ class Reconciler:
         return status
 
     async def refresh(
-        self, namespace: str, name: str, *, fix_drift: bool = False
+        self,
+        namespace: str,
+        name: str,
+        *,
+        fix_drift: bool = False,
+        fix_service: bool = False,
     ) -> None:
         """Re-derives the status after a change to an owned object or pod.
 
         With `fix_drift`, the Deployment is first put back if it was changed by hand
-        (or deleted). Errors are logged: the next event or resync tries again.
+        (or deleted); with `fix_service`, the Service likewise. Errors are logged:
+        the next event or resync tries again.
         """
         key = f"{namespace}/{name}"
         # Waits for the reconciles of new models before the model's lock (a
@@ -537,7 +573,7 @@ class Reconciler:
         # waiting: during a burst, each event of a model's pods and Deployment
         # asks for a refresh, and all but one are merged into it.
         async with self._serial.coalesce(
-            key, RefreshWish(fix_drift), first=self._precedence.wait
+            key, RefreshWish(fix_drift, fix_service), first=self._precedence.wait
         ) as wish:
             if wish is None:
                 return
@@ -564,11 +600,11 @@ class Reconciler:
                             # Failed before this operator started: the same
                             # until a reconcile of this generation succeeds.
                             blocker = _stored_failure(model)
-                        if blocker is None and wish.fix_drift:
-                            await self._revert_drift(model)
+                        if blocker is None:
+                            await self._revert_drift(model, wish)
                         await self._refresh(model, blocker)
             except _ModelGone:
-                log.info("%s is gone: its Deployment is not made again", key)
+                log.info("%s is gone: nothing of it is made again", key)
             except (ApiError, ReconcileError, ValidationError) as err:
                 log.warning("refreshing %s failed: %s", key, err)
 
@@ -652,7 +688,7 @@ class Reconciler:
             # decided on etcd's copy, as the cache may be behind.
             if (
                 first is not None
-                and _owner_uid(first) == model.uid
+                and owner_uid(first) == model.uid
                 and self._holds(model, obj, first)
             ):
                 return first
@@ -762,7 +798,7 @@ class Reconciler:
             return await request
         except ApiError as err:
             if err.status != 409:
-                raise ReconcileError(str(err), retryable=err.retryable) from err
+                raise _request_failed(err) from err
         log.info(
             "%s: %s %s changed since it was read; left for the next pass",
             model.key,
@@ -775,7 +811,7 @@ class Reconciler:
         try:
             return await request
         except ApiError as err:
-            raise ReconcileError(str(err), retryable=err.retryable) from err
+            raise _request_failed(err) from err
 
     async def _plan(self, model: LLMModel, resync: bool) -> _Plan:
         """Builds what the pass applies, and refuses it before anything is
@@ -817,7 +853,7 @@ class Reconciler:
         for obj, current in zip(plan.named(), found, strict=True):
             if (
                 current is not None
-                and _owner_uid(current) != model.uid
+                and owner_uid(current) != model.uid
                 and (obj is not deployment or resync)
             ):
                 current = await self._look(model, obj)  # the cache may be behind
@@ -969,7 +1005,7 @@ class Reconciler:
             applied: Manifest = await self.kube.apply(claim)
         except ApiError as err:
             if err.retryable:
-                raise ReconcileError(str(err), retryable=True) from err
+                raise _request_failed(err) from err
             # Claims are mostly immutable (a class may not allow resizing): the
             # model keeps running on the claim it has. Said once per change of
             # the spec, not at every resync while the spec still asks. Each
@@ -1002,12 +1038,13 @@ class Reconciler:
             created = await self.kube.create(claim)
         except ApiError as err:
             if err.status == 409:
-                raise ReconcileError(
+                raise _request_failed(
+                    err,
                     f"PersistentVolumeClaim {claim['metadata']['name']} was created "
                     "by someone else meanwhile; looking again",
                     retryable=True,
                 ) from err
-            raise ReconcileError(str(err), retryable=err.retryable) from err
+            raise _request_failed(err) from err
         uid = created.get("metadata", {}).get("uid")
         await self._call(self.kube.apply(_built_claim(model, model.uid, uid)))
 
@@ -1040,10 +1077,10 @@ class Reconciler:
         try:
             applied: Manifest = await self.kube.apply(kept)
         except ApiError as err:
-            raise ReconcileError(
+            raise _request_failed(
+                err,
                 f"PersistentVolumeClaim {kept['metadata']['name']}: its owner "
                 f"reference could not follow deletePolicy: {err.message}",
-                retryable=err.retryable,
             ) from err
         return applied
 
@@ -1056,10 +1093,10 @@ class Reconciler:
             cached = await self._existing(
                 resource, name, model.namespace, None, cached=True
             )
-            if cached is None or _owner_uid(cached) != model.uid:
+            if cached is None or owner_uid(cached) != model.uid:
                 return
         current = await self._existing(resource, name, model.namespace, None)
-        if current is not None and _owner_uid(current) == model.uid:
+        if current is not None and owner_uid(current) == model.uid:
             # Only that very object: one made under the same name since is not.
             uid = current["metadata"]["uid"]
             await self._unless_changed(
@@ -1079,15 +1116,21 @@ class Reconciler:
         self._monitoring_cache = (now, found)
         return found
 
-    async def _revert_drift(self, model: LLMModel) -> None:
-        desired = self._deployment(model)
-        actual = await self._existing(
-            DEPLOYMENTS,
-            model.name,
-            model.namespace,
-            await self.view.deployment(model.namespace, model.name),
-        )
-        if actual is not None and _owner_uid(actual) != model.uid:
+    async def _revert_drift(self, model: LLMModel, wish: RefreshWish) -> None:
+        """Puts back what `wish` names: the Service, read from etcd (the operator
+        keeps no index of Services), and the Deployment, as its watch saw it."""
+        if wish.fix_service:
+            await self._put_back_owned(model, build_service(model), None)
+        if wish.fix_drift:
+            known = await self.view.deployment(model.namespace, model.name)
+            await self._put_back_owned(model, self._deployment(model), known)
+
+    async def _put_back_owned(
+        self, model: LLMModel, desired: Manifest, known: Manifest | None
+    ) -> None:
+        """`_put_back` unless an object of that name is someone else's."""
+        actual = await self._look(model, desired, known)
+        if actual is not None and owner_uid(actual) != model.uid:
             return
         await self._put_back(model, desired, actual)
 
@@ -1186,7 +1229,12 @@ class Reconciler:
             )
 
     def spawn_refresh(
-        self, namespace: str, name: str, *, fix_drift: bool = False
+        self,
+        namespace: str,
+        name: str,
+        *,
+        fix_drift: bool = False,
+        fix_service: bool = False,
     ) -> None:
         """`refresh` in a task of its own, its failure logged.
 
@@ -1202,7 +1250,9 @@ class Reconciler:
         """
         if self._paused:
             return  # a late event of the paused watches (see pause)
-        task = asyncio.create_task(self.refresh(namespace, name, fix_drift=fix_drift))
+        task = asyncio.create_task(
+            self.refresh(namespace, name, fix_drift=fix_drift, fix_service=fix_service)
+        )
         self._spawned.add(task)
         task.add_done_callback(self._spawned_done)
 

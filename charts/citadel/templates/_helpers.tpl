@@ -181,7 +181,8 @@ PodMonitor), the pods it reads to explain a model's status, and Events. Used by 
 {{- define "citadel.operator.modelRules" -}}
 # Only the verbs the operator sends: it applies (patch), creates claims and
 # Events (create), deletes what it owns, and watches models, Deployments and pods
-# (Kopf's indexes); it never updates (PUT).
+# (Kopf's indexes) and its Services (to make one deleted by hand again at once);
+# it never updates (PUT).
 - apiGroups: [citadel.ai]
   resources: [llmmodels]
   verbs: [get, list, watch, patch]
@@ -199,7 +200,10 @@ PodMonitor), the pods it reads to explain a model's status, and Events. Used by 
   resources: [pods]
   verbs: [get, list, watch]
 - apiGroups: [""]
-  resources: [services, persistentvolumeclaims]
+  resources: [services]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
   verbs: [get, create, patch, delete]
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]

@@ -51,11 +51,12 @@ def bound_to(objs: list[Obj], subject: str) -> set[tuple[str, str, str, str]]:
 def test_operator_cluster_wide(chart: ChartKit) -> None:
     granted = bound_to(chart.render(), "citadel-operator")
     # What it manages, everywhere, with the verbs it sends (it applies: patch;
-    # it never updates) and watches where Kopf indexes them.
+    # it never updates) and watches where Kopf indexes them, or reacts to their
+    # deletion.
     applied = {"get", "create", "patch", "delete"}
     for resource, group, verbs in [
         ("deployments", "apps", applied | {"list", "watch"}),
-        ("services", "", applied),
+        ("services", "", applied | {"list", "watch"}),
         ("persistentvolumeclaims", "", applied),
         ("poddisruptionbudgets", "policy", applied),
         ("podmonitors", "monitoring.coreos.com", applied),
@@ -90,6 +91,9 @@ def test_operator_namespaced(chart: ChartKit) -> None:
     assert env["CITADEL_OPERATOR_WATCH_NAMESPACES"] == "llm-a,llm-b"
     scopes = {s for s, g, r, v in granted if r == "deployments"}
     assert scopes == {"llm-a", "llm-b"}
+    # Its Services watched where its models are, nowhere else.
+    for verb in ("list", "watch"):
+        assert {s for s, g, r, v in granted if (r, v) == ("services", verb)} == scopes
     cluster = {(g, r) for s, g, r, v in granted if s == "*"}
     assert cluster == {
         ("", "nodes"),

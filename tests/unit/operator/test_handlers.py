@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 from typing import Any, cast
 
 import kopf
@@ -11,9 +12,10 @@ import pytest
 from kopf._core.intents.stoppers import DaemonStopper
 
 from citadel.operator import __version__, names, view
+from citadel.operator.builders.objects import build_service
 from citadel.operator.handlers import _translated, build_registry
 from citadel.operator.kopfstate import MemoryState
-from citadel.operator.kube.client import Manifest
+from citadel.operator.kube.client import ApiError, Manifest
 from citadel.operator.kube.fake import FakeKube
 from citadel.operator.main import kopf_settings, main
 from citadel.operator.metrics import Metrics
@@ -21,7 +23,7 @@ from citadel.operator.reconcile import ReconcileError, Reconciler
 from citadel.operator.settings import OperatorSettings, PeeringMode
 from citadel.operator.sweep import IndexSweep
 
-from .samples import model_body
+from .samples import make_model, model_body
 
 pytestmark = pytest.mark.unit
 
@@ -36,6 +38,29 @@ async def test_retryable_errors_become_temporary() -> None:
     assert err.value.delay == 3
     with pytest.raises(kopf.PermanentError):
         await _translated(_fail(False))
+
+
+@pytest.mark.parametrize(
+    ("failure", "delay"),
+    [
+        # The overload filter's 429 asks for longer than the back-off.
+        (ApiError(429, "TooManyRequests", "slow down", retry_after_s=30), 30),
+        # Bounded, so that a failure that lasts is still retried and reported.
+        (ApiError(429, "TooManyRequests", "slow down", retry_after_s=3600), 600),
+        # Never sooner than the back-off.
+        (ApiError(503, "ServiceUnavailable", "etcd", retry_after_s=1), 5),
+        (ApiError(503, "ServiceUnavailable", "etcd"), 5),
+    ],
+)
+async def test_a_retry_waits_as_long_as_the_api_server_asks(
+    settings: OperatorSettings, failure: ApiError, delay: float
+) -> None:
+    kube = FakeKube([model_body()])
+    kube.fail["services"] = failure
+    reconciler = Reconciler(kube, settings, Metrics())
+    with pytest.raises(kopf.TemporaryError) as err:
+        await _translated(reconciler.reconcile(model_body()))
+    assert err.value.delay == delay
 
 
 def _login() -> kopf.ConnectionInfo:
@@ -54,7 +79,9 @@ def test_registry_has_every_handler(settings: OperatorSettings, resync: float) -
     changing = {h.id for h in registry._changing.get_all_handlers()}
     assert {"reconcile-create", "reconcile-update", "reconcile-resume"} <= changing
     watching = {h.id for h in registry._watching.get_all_handlers()}
-    assert {"llmmodel-event", "deployment-event", "pod-event"} <= watching
+    assert {"llmmodel-event", "deployment-event", "service-event", "pod-event"} <= (
+        watching
+    )
     spawning = registry._spawning.get_all_handlers()
     assert [h.id for h in spawning] == (["resync"] if resync else []) + [
         "peering-pause/metadata.name"
@@ -80,7 +107,7 @@ def test_kopf_settings_keep_state_in_memory(settings: OperatorSettings) -> None:
     assert kopf_settings(fixed, state, default_priority=7).peering.priority == 3
 
 
-def test_watches_of_pods_and_deployments_carry_our_label_selector(
+def test_watches_of_our_objects_carry_our_label_selector(
     settings: OperatorSettings,
 ) -> None:
     # Kopf's `labels=` on a handler filters in the operator, after the API server
@@ -94,6 +121,7 @@ def test_watches_of_pods_and_deployments_carry_our_label_selector(
     managed = ["app.kubernetes.io/managed-by=citadel-operator"]
     assert selector("", "pods", "Pod") == managed
     assert selector("apps", "deployments", "Deployment") == managed
+    assert selector("", "services", "Service") == managed
     # Models, and nodes that are anyone's, come whole.
     assert selector("citadel.ai", "llmmodels", "LLMModel") == []
     assert selector("", "nodes", "Node") == []
@@ -156,7 +184,12 @@ async def test_pod_and_deployment_events_hand_the_refresh_to_a_task(
 
     class Waiting(Reconciler):
         async def refresh(
-            self, namespace: str, name: str, *, fix_drift: bool = False
+            self,
+            namespace: str,
+            name: str,
+            *,
+            fix_drift: bool = False,
+            fix_service: bool = False,
         ) -> None:
             asked.append((namespace, name, fix_drift))
             await gate.wait()
@@ -185,6 +218,56 @@ async def test_pod_and_deployment_events_hand_the_refresh_to_a_task(
     cleanup_fn: Any = cleanup.fn
     await asyncio.wait_for(cleanup_fn(), timeout=1)
     assert len(asked) == 3
+
+
+async def test_a_deleted_service_of_a_live_model_is_made_again_at_once(
+    settings: OperatorSettings,
+) -> None:
+    # As a deleted Deployment is: through a refresh in a task of its own, not at
+    # the next periodic pass.
+    asked: list[tuple[str, str, bool]] = []
+
+    class Recording(Reconciler):
+        async def refresh(
+            self,
+            namespace: str,
+            name: str,
+            *,
+            fix_drift: bool = False,
+            fix_service: bool = False,
+        ) -> None:
+            asked.append((namespace, name, fix_service))
+
+    reconciler = Recording(FakeKube([model_body()]), settings, Metrics())
+    registry = build_registry(reconciler, settings, _login, _noop, MemoryState())
+    handlers = {h.id: h.fn for h in registry._watching.get_all_handlers()}
+    service_event: Any = handlers["service-event"]
+    service = build_service(make_model())
+    assert service["metadata"]["ownerReferences"][0]["uid"] == "uid-mixtral"
+
+    async def event(type: str | None, body: Manifest, name: str = "mixtral") -> None:
+        labels = {**body["metadata"]["labels"], names.LABEL_MODEL: name}
+        await asyncio.wait_for(
+            service_event(
+                type=type,
+                labels=labels,
+                namespace="llm",
+                body=kopf.Body(cast(kopf.RawBody, body)),
+            ),
+            timeout=1,
+        )
+        await asyncio.sleep(0)
+
+    for type_ in (None, "ADDED", "MODIFIED"):
+        await event(type_, service)  # nothing lost: the periodic pass looks
+    # The garbage collector's, of a model gone or made again under its name.
+    other = copy.deepcopy(service)
+    other["metadata"]["ownerReferences"][0]["uid"] = "uid-before"
+    await event("DELETED", other)
+    await event("DELETED", service, name="gone")
+    assert asked == []
+    await event("DELETED", service)
+    assert asked == [("llm", "mixtral", True)]
 
 
 async def test_routes_wait_for_the_first_resource_handler(

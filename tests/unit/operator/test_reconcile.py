@@ -790,6 +790,24 @@ async def test_refresh_recreates_a_deleted_deployment(
     assert kube.stored(DEPLOYMENTS, "mixtral", "llm")
 
 
+async def test_refresh_recreates_a_deleted_service(settings: OperatorSettings) -> None:
+    kube, reconciler = _setup(settings, model_body())
+    await reconciler.reconcile(model_body())
+    made = copy.deepcopy(kube.stored(SERVICES, "mixtral", "llm"))
+    await kube.delete(SERVICES, "mixtral", "llm")
+    await reconciler.refresh("llm", "mixtral", fix_service=True)
+    again = kube.stored(SERVICES, "mixtral", "llm")
+    assert again["spec"] == made["spec"]
+    assert again["metadata"]["ownerReferences"] == made["metadata"]["ownerReferences"]
+    assert kube.events[-1]["reason"] == "DriftReverted"
+    assert kube.events[-1]["message"] == "created the missing Service mixtral"
+    # Someone else's of that name, made before the refresh, is left alone.
+    await kube.delete(SERVICES, "mixtral", "llm")
+    kube.put(foreign(SERVICES))
+    await reconciler.refresh("llm", "mixtral", fix_service=True)
+    assert "ownerReferences" not in kube.stored(SERVICES, "mixtral", "llm")["metadata"]
+
+
 async def test_drift_repair_leaves_a_deployment_of_someone_else_alone(
     settings: OperatorSettings,
 ) -> None:
