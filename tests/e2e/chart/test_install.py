@@ -114,6 +114,7 @@ def test_install_upgrade_uninstall_cluster_wide(
     assert can_i(cluster, op, ns, "create", "deployments", "-n", models)
     assert can_i(cluster, op, ns, "patch", "llmmodels.citadel.ai/status", "-n", models)
     assert can_i(cluster, op, ns, "create", "podmonitors.monitoring.coreos.com", "-A")
+    assert can_i(cluster, op, ns, "watch", "services", "-A")
     assert can_i(cluster, op, ns, "patch", "configmaps", "-n", ns)
     assert not can_i(cluster, op, ns, "patch", "configmaps", "-n", models)
     assert not can_i(cluster, op, ns, "update", "deployments", "-n", models)
@@ -187,6 +188,8 @@ def test_namespaced_install_keeps_the_admin_key_when_asked(
 
     op, gw = f"{RELEASE}-operator", f"{RELEASE}-gateway"
     assert can_i(cluster, op, ns, "list", "llmmodels.citadel.ai", "-n", models)
+    assert can_i(cluster, op, ns, "watch", "services", "-n", models)
+    assert not can_i(cluster, op, ns, "watch", "services", "-n", other)
     assert not can_i(cluster, op, ns, "list", "llmmodels.citadel.ai", "-n", other)
     assert not can_i(cluster, op, ns, "list", "llmmodels.citadel.ai", "-A")
     assert can_i(cluster, op, ns, "list", "nodes")

@@ -210,3 +210,24 @@ def test_the_periodic_pass_puts_back_a_service_changed_by_hand(kube: Kube) -> No
         9000,
     ]
     kube.delete_model("svc")
+
+
+def test_a_deleted_service_is_made_again_at_once(kube: Kube) -> None:
+    # Services carrying the operator's label are watched: a deletion brings the
+    # model's Service back within a second or two, where the resync (every 30 s
+    # here) would take 15 s on average; 10 s leaves room for a slow machine.
+    kube.apply(llmmodel("gone-svc", placement={"nodeName": "hx-llm-server-02"}))
+    kube.wait_phase("gone-svc", "Ready")
+    before = kube.get("service", "gone-svc")["metadata"]["uid"]
+    kube.cluster.kubectl("delete", "service", "gone-svc", "-n", kube.namespace)
+
+    def remade() -> str | None:
+        found = kube.get("service", "gone-svc")
+        uid: str | None = found["metadata"]["uid"] if found else None
+        return uid if uid not in (None, before) else None
+
+    assert kube.wait("the Service to be made again", remade, timeout=10, interval=0.5)
+    assert [p["port"] for p in kube.get("service", "gone-svc")["spec"]["ports"]] == [
+        8000
+    ]
+    kube.delete_model("gone-svc")
