@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from citadel.gateway.services.prefix import block_hashes, prompt_text
+from citadel.gateway.services.prefix import block_hashes, prefix_text
 from citadel.gateway.services.replicas import Replica
 from citadel.gateway.services.strategies import PrefixAware, RouteRequest
 from citadel_bench import loadgen, peers
@@ -48,7 +48,7 @@ def memory_body(n: int, stream: bool) -> dict[str, Any]:
 def blocks_per_request() -> int:
     """Block hashes each request adds to the prefix-aware table, counted by the
     gateway's own code."""
-    return len(block_hashes(prompt_text(memory_body(0, False))))
+    return len(block_hashes(prefix_text(memory_body(0, False))))
 
 
 def table_capacity() -> int:

@@ -37,7 +37,7 @@ from citadel.gateway.services.buckets import (
     format_reset,
     reset_time,
 )
-from citadel.gateway.services.prefix import prompt_text
+from citadel.gateway.services.prefix import TEXT_PARTS, prompt_text
 from citadel.gateway.services.requests import ApiCall, ApiKind
 
 MINUTE = 60.0
@@ -55,9 +55,6 @@ Qwen2-VL, one per 28x28 pixels; LLaVA-NeXT's largest grid is 2,928, LLaVA-1.5's
 one image 576). The part's payload (a `data:` URL, base64 audio) is never
 counted as text: 1 MB of it would be 250,000 tokens. The reply's usage corrects
 the estimate either way."""
-
-_TEXT_PARTS = frozenset({"text", "input_text", "output_text", "refusal", "thinking"})
-"""The content part types vLLM reads as text, not media."""
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +135,7 @@ def _media_parts(content: object) -> int:
         for part in content
         if isinstance(part, Mapping)
         and "text" not in part
-        and part.get("type") not in _TEXT_PARTS
+        and part.get("type") not in TEXT_PARTS
     )
 
 

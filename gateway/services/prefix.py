@@ -10,6 +10,12 @@ The hashes are xxh3 (64 bits) of the whole prefix up to each block's end, taken
 from one running hash state: they only pick replicas, and a 20 KB prompt's 64
 blocks hash in 11 us this way against 61 us with a blake2b per block, on the path
 of every request.
+
+What is hashed for a chat (`prefix_text`) is what the backend's prefix cache
+tells prompts apart by, not just the messages' text: the chat template writes
+the tool schemas at the head of the prompt, and a media part's place in the KV
+cache is keyed by a hash of the media, so the tools come first and each media
+part stands in its place as a hash of its payload.
 """
 
 from __future__ import annotations
@@ -20,10 +26,25 @@ from array import array
 from collections.abc import Mapping, MutableSequence, Sequence
 from typing import Any
 
+import orjson
 import xxhash
 
 BLOCK_CHARS = 256
 MAX_BLOCKS = 64
+_HASHED_CHARS = BLOCK_CHARS * MAX_BLOCKS
+"""Characters of a prompt `block_hashes` can read at most: each encodes to one
+byte or more, so this many hold the hashed bytes whatever they are."""
+
+_LONG_CHARS = 4 * _HASHED_CHARS
+"""A text longer than this is cut to what is hashed before it is written."""
+
+TEXT_PARTS = frozenset({"text", "input_text", "output_text", "refusal", "thinking"})
+"""The content part types vLLM reads as text, not media."""
+
+_MEDIA_PAYLOADS = ("url", "data", "file_data", "file_id")
+"""The fields of a media part's object that name or hold the media: `url`
+(`image_url`, `audio_url`, `video_url`; a data URL holds the media itself),
+`data` (`input_audio`), `file_data` and `file_id` (`file`)."""
 
 
 def prompt_text(body: Mapping[str, Any]) -> str:
@@ -83,6 +104,138 @@ def _text(value: object) -> str:
     """A part's `text`: only a string (vLLM refuses any other), never str() of
     a value that could be megabytes of JSON."""
     return value if isinstance(value, str) else ""
+
+
+def prefix_text(body: Mapping[str, Any]) -> str:
+    """The start of a request's prompt as the backend's prefix cache tells
+    prompts apart, for `block_hashes`.
+
+    For a chat: the canonical JSON of its `tools` and `functions` (sorted keys,
+    compact) first, as chat templates (Llama 3, Qwen 2.5, Mistral, Hermes) write
+    the schemas at the head of the prompt, so agents sharing a tool set meet on
+    a replica and another tool set is another prefix from the first block;
+    then the messages as `prompt_text` writes them, except that each media
+    part stands in its place as the hash of its payload (vLLM keys a media
+    part's blocks by a hash of the media, so two images are two prefixes,
+    however alike the text around them). Only the first `MAX_BLOCKS` blocks
+    are ever hashed, so no more text than they hold is written: a megabyte of
+    tools costs no megabyte of text. A chat without tools or media hashes as
+    its `prompt_text` does; any other request is its `prompt_text`.
+    """
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return prompt_text(body)
+    pieces: list[str] = []
+    # The characters still to write: as many as the bytes still to hash, as
+    # each character is a byte or more.
+    left = _HASHED_CHARS
+    if body.get("tools") is not None or body.get("functions") is not None:
+        tools = _tools_json(body, left)
+        pieces.append(tools.decode(errors="ignore"))
+        left -= len(tools)
+    for message in messages:
+        if left <= 0:
+            break
+        if isinstance(message, Mapping):
+            role = message.get("role")
+            role = role if isinstance(role, str) else None
+            content = message.get("content")
+            if not isinstance(content, str):
+                content = _prefix_content(content, left)
+            elif len(content) > _LONG_CHARS:
+                # A slice is a copy: worth it only where it saves much more.
+                content = content[:left]
+            text = f"{role}\x1f{content}\x1e"
+            pieces.append(text)
+            left -= len(text)
+    return "".join(pieces)
+
+
+def _tools_json(body: Mapping[str, Any], limit: int) -> bytes:
+    """The canonical JSON of a chat's `tools` and `functions` (OpenAI's older
+    name), one array and a separator, or nothing when it has neither; cut a
+    few bytes past `limit` bytes.
+
+    Each schema is written once, in C, and none after the ones that fill
+    `limit`: 50 schemas of 2 KB cost the nine that fill the hashed blocks.
+    The body was written whole when it was read (`parse_body`), so no schema
+    nests too deeply to write.
+    """
+    schemas: list[bytes] = []
+    size = 0
+    for field in ("tools", "functions"):
+        value = body.get(field)
+        for schema in value if isinstance(value, list) else [value]:
+            if size > limit:
+                break
+            if schema is not None:
+                schemas.append(orjson.dumps(schema, option=orjson.OPT_SORT_KEYS))
+                size += len(schemas[-1]) + 1
+    if not schemas:
+        return b""
+    # Three bytes more than `limit`, as orjson writes UTF-8: the cut can split
+    # only the last character, which decoding drops, and leaves `limit` bytes.
+    return (b"[" + b",".join(schemas) + b"]\x1d")[: limit + 3]
+
+
+def _prefix_content(content: object, limit: int) -> str:
+    """A message's content parts as `_content` reads them, with a stand-in
+    for each media part, cut past `limit` characters."""
+    if not isinstance(content, list):
+        return ""
+    pieces: list[str] = []
+    for part in content:
+        if limit <= 0:
+            break
+        if isinstance(part, str):
+            text = part
+        elif isinstance(part, Mapping):
+            text = _text(part["text"]) if "text" in part else _stand_in(part)
+        else:
+            continue
+        text = text[:limit]
+        pieces.append(text)
+        limit -= len(text)
+    return "".join(pieces)
+
+
+def _stand_in(part: Mapping[str, Any]) -> str:
+    """A part without `text`: nothing for a text type without it (as
+    `_content`), else a media part's stand-in, the hex xxh3 of its payload
+    between separators.
+
+    The payload is hashed as bytes, never put in the text: a base64 image may
+    be megabytes. vLLM takes the part's `uuid`, when the client names one, as
+    the media's identity in its cache instead of the media's hash, and a part
+    without `type` by its one other field.
+    """
+    kind = part.get("type")
+    if isinstance(kind, str) and kind in TEXT_PARTS:
+        return ""
+    payload = part.get("uuid")
+    if not isinstance(payload, str):
+        payload = part.get(kind) if isinstance(kind, str) else None
+        if payload is None:
+            payload = next(
+                (v for k, v in part.items() if k not in ("type", "uuid")), None
+            )
+        if isinstance(payload, Mapping):
+            payload = next(
+                (
+                    payload[k]
+                    for k in _MEDIA_PAYLOADS
+                    if isinstance(payload.get(k), str)
+                ),
+                payload,
+            )
+    data = (
+        payload.encode()
+        if isinstance(payload, str)
+        # Any other shape (embeddings, a part vLLM will refuse): all of it, in
+        # C; it nests no deeper than the body, which `parse_body` wrote.
+        else orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
+    )
+    return f"\x1c{xxhash.xxh3_64_hexdigest(data)}\x1c"
 
 
 def block_hashes(text: str, block_chars: int = BLOCK_CHARS) -> list[int]:

@@ -18,7 +18,7 @@ from citadel.gateway.routes import RoutingStrategy
 from citadel.gateway.services.prefix import (
     BlockTable,
     block_hashes,
-    prompt_text,
+    prefix_text,
     rendezvous,
 )
 from citadel.gateway.services.replicas import Replica
@@ -84,6 +84,10 @@ def least_loaded(replicas: Sequence[Replica], start: int = 0) -> Replica:
 class PrefixAware(_Turns):
     """Requests sharing a prompt prefix go where that prefix was sent, with
     bounded load.
+
+    The prefix is the prompt as the backend's prefix cache tells prompts apart
+    (`prefix_text`): a chat's tool schemas first, its media parts as hashes of
+    their payloads.
 
     The longest known chain of block hashes wins (`cache`); when several replicas
     were sent that prefix (a system prompt many conversations start with), the
@@ -151,7 +155,7 @@ class PrefixAware(_Turns):
     def choose(
         self, replicas: Sequence[Replica], request: RouteRequest
     ) -> tuple[Replica, str]:
-        hashes = block_hashes(prompt_text(request.body))
+        hashes = block_hashes(prefix_text(request.body))
         # One turn per request, wherever ties are broken: taking one at each
         # step would move the starting point by two and skip replicas.
         turn = self._turn()

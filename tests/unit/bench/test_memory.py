@@ -6,13 +6,13 @@ from citadel_bench import memory
 from citadel_bench.memory import MemoryRun, memory_body
 from citadel_bench.results import memory_verdict
 
-from citadel.gateway.services.prefix import block_hashes, prompt_text
+from citadel.gateway.services.prefix import block_hashes, prefix_text
 
 pytestmark = pytest.mark.unit
 
 
 def _hashes(n: int) -> list[int]:
-    return block_hashes(prompt_text(memory_body(n, n % 2 == 1)))
+    return block_hashes(prefix_text(memory_body(n, n % 2 == 1)))
 
 
 def test_every_request_is_distinct_and_spans_several_blocks() -> None:

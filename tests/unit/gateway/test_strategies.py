@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from typing import Any
 
+import orjson
 import pytest
 
 from citadel.gateway.routes import RoutingStrategy
@@ -15,6 +17,7 @@ from citadel.gateway.services.prefix import (
     MAX_BLOCKS,
     BlockTable,
     block_hashes,
+    prefix_text,
     prompt_text,
     rendezvous,
 )
@@ -371,6 +374,151 @@ def test_a_batch_of_token_ids_is_written_out_only_as_far_as_it_is_hashed() -> No
     assert block_hashes(text) == block_hashes(str(long))
     assert prompt_text({"prompt": [[[7] * 1_000_000]]}) == ""  # no token ids
     assert prompt_text({"prompt": [{"a": [7] * 1_000_000}]}) == ""
+
+
+def tool(name: str, description: str = "Looks things up.") -> dict[str, Any]:
+    return {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": description,
+            "parameters": {"type": "object", "properties": {"q": {"type": "string"}}},
+        },
+    }
+
+
+AGENT = [
+    {"role": "system", "content": "You are an agent with tools. " * 30},
+    {"role": "user", "content": "Find the release notes."},
+]
+
+
+def image(payload: str) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": payload}}
+
+
+def test_a_chat_s_tools_lead_its_prefix() -> None:
+    """Chat templates write the tool schemas at the head of the prompt: the
+    same messages with another tool set share no KV prefix in vLLM."""
+    plain = block_hashes(prefix_text({"messages": AGENT}))
+    search = block_hashes(prefix_text({"messages": AGENT, "tools": [tool("search")]}))
+    fetch = block_hashes(prefix_text({"messages": AGENT, "tools": [tool("fetch")]}))
+    legacy = block_hashes(
+        prefix_text({"messages": AGENT, "functions": [tool("search")["function"]]})
+    )
+    assert len({plain[0], search[0], fetch[0], legacy[0]}) == 4
+    # The same tools are the same prefix, however the client ordered the keys.
+    function = dict(reversed(tool("search")["function"].items()))
+    reordered = [{"function": function, "type": "function"}]
+    again = block_hashes(prefix_text({"messages": AGENT, "tools": reordered}))
+    assert again == search
+    assert block_hashes(prefix_text({"messages": AGENT, "tools": []})) == plain
+
+
+def test_prefix_aware_routes_a_new_tool_set_as_a_new_prefix() -> None:
+    replicas, strategy = pool(4), PrefixAware()
+    first, _ = strategy.choose(
+        replicas, RouteRequest({"messages": AGENT, "tools": [tool("search")]})
+    )
+    same, how = strategy.choose(
+        replicas, RouteRequest({"messages": AGENT, "tools": [tool("search")]})
+    )
+    assert (same, how) == (first, "cache")
+    _, how = strategy.choose(
+        replicas, RouteRequest({"messages": AGENT, "tools": [tool("fetch")]})
+    )
+    assert how == "hash"
+
+
+@pytest.mark.parametrize("description", ["ascii " * 400, "多字节描述 " * 400])
+def test_only_the_hashed_head_of_the_tools_is_written(description: str) -> None:
+    """500 schemas of 2 KB (more than a megabyte) hash as their whole JSON
+    would, from a text no longer than the hashed blocks, whatever bytes each
+    character takes."""
+    tools = [tool(f"tool_{i}", description[:2000]) for i in range(500)]
+    body = {"messages": AGENT, "tools": tools}
+    whole = orjson.dumps(tools, option=orjson.OPT_SORT_KEYS).decode()
+    text = prefix_text(body)
+    assert len(text) <= BLOCK_CHARS * MAX_BLOCKS + 3
+    assert block_hashes(text) == block_hashes(f"{whole}\x1d{prompt_text(body)}")
+    # Tools that fill fewer blocks are followed by the messages.
+    few = {"messages": AGENT, "tools": tools[:2], "functions": [tool("x")]}
+    whole = orjson.dumps([*tools[:2], tool("x")], option=orjson.OPT_SORT_KEYS)
+    reference = f"{whole.decode()}\x1d{prompt_text(few)}"
+    assert block_hashes(prefix_text(few)) == block_hashes(reference)
+
+
+def test_a_media_part_stands_in_its_place_as_a_hash_of_its_payload() -> None:
+    """vLLM keys a media part's KV blocks by a hash of the media: two images
+    after the same text share the blocks before them and none after."""
+    before = "Compare this picture with the last one. " * 20  # 3 blocks
+    after = "Then describe the differences in detail. " * 20
+
+    def hashes(*parts: dict[str, Any]) -> list[int]:
+        content = [{"type": "text", "text": before}, *parts]
+        content.append({"type": "text", "text": after})
+        return block_hashes(
+            prefix_text({"messages": [{"role": "user", "content": content}]})
+        )
+
+    png = "data:image/png;base64,"
+    a, b = hashes(image(png + "A" * 5000)), hashes(image(png + "B" + "A" * 4999))
+    assert a[:3] == b[:3] and a[3] != b[3] and len(a) == len(b)
+    assert hashes(image(png + "A" * 5000)) == a
+    audio = {"type": "input_audio", "input_audio": {"data": "UklGR", "format": "wav"}}
+    other = {"type": "input_audio", "input_audio": {"data": "UklGS", "format": "wav"}}
+    assert hashes(audio)[3] != hashes(other)[3] != a[3]
+    # vLLM takes a client's uuid as the media's identity, not its bytes.
+    named = [{**image(png + c), "uuid": "sku-1"} for c in "AB"]
+    assert hashes(named[0]) == hashes(named[1]) != a
+    # A text type without text is no media (as `prompt_text` reads it).
+    assert hashes({"type": "refusal", "refusal": "no"}) == hashes()
+
+
+def test_prefix_aware_routes_a_new_image_as_a_new_prefix() -> None:
+    replicas, strategy = pool(4), PrefixAware()
+
+    def request(payload: str) -> RouteRequest:
+        content = [image(payload), {"type": "text", "text": "Describe it. " * 100}]
+        return RouteRequest({"messages": [{"role": "user", "content": content}]})
+
+    first, _ = strategy.choose(replicas, request("https://img.example/a.png"))
+    same, how = strategy.choose(replicas, request("https://img.example/a.png"))
+    assert (same, how) == (first, "cache")
+    _, how = strategy.choose(replicas, request("https://img.example/b.png"))
+    assert how == "hash"
+
+
+def test_a_large_base64_image_is_hashed_not_written() -> None:
+    payload = "data:image/png;base64," + "iVBORw0KGgo" * 400_000  # 4.4 MB
+    content = [{"type": "text", "text": "What is this?"}, image(payload)]
+    text = prefix_text({"messages": [{"role": "user", "content": content}]})
+    assert "iVBORw0KGgo" not in text and len(text) < 100
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        AGENT,
+        [{"role": "user", "content": "turn " * 10_000}],  # one message, 50 KB
+        [{"role": "user", "content": "turn " * 100_000}],  # 500 KB
+        [{"role": r, "content": f"turn {i} " * 300} for i, r in enumerate("ab" * 20)],
+        [{"role": "user", "content": ["hi ", {"type": "text", "text": "there"}]}],
+        [{"role": "user", "content": [{"type": "input_text", "text": "é" * 20_000}]}],
+    ],
+)
+def test_a_plain_chat_hashes_as_its_prompt_text(messages: list[Any]) -> None:
+    """Without tools or media a chat routes as it did, from a text cut after
+    the hashed blocks (a message a few times longer than they hold is kept
+    whole: cutting it would copy more than it saves)."""
+    body = {"messages": messages}
+    assert block_hashes(prefix_text(body)) == block_hashes(prompt_text(body))
+    assert len(prefix_text(body)) <= 5 * BLOCK_CHARS * MAX_BLOCKS
+
+
+def test_prefix_text_of_a_completion_or_embedding_is_its_prompt_text() -> None:
+    for body in ({"prompt": "p" * 20_000}, {"input": ["a", "b"]}, {"prompt": [[1, 2]]}):
+        assert prefix_text(body) == prompt_text(body)
 
 
 def test_rendezvous_is_stable() -> None:
