@@ -168,6 +168,54 @@ the root context, so the plain-key Secret and the hashed record agree.
 {{- get $ "citadelAdminKey" }}
 {{- end }}
 
+{{/*
+The admin key's SHA-256 as its record stores it ("sha256:<hex>"): the hash given in
+gateway.adminKey.sha256 when the key is the user's (existingSecret: no lookup and
+no generated key, so `helm template` and Argo CD render the same record every
+time), else the hash of the generated key. Fails on values that do not go together.
+*/}}
+{{- define "citadel.adminKey.hash" -}}
+{{- include "citadel.adminKey.check" . }}
+{{- if .Values.gateway.adminKey.existingSecret }}
+{{- printf "sha256:%s" .Values.gateway.adminKey.sha256 }}
+{{- else }}
+{{- printf "sha256:%s" (include "citadel.adminKey" . | sha256sum) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Refuses admin-key values that do not go together. The schema checks each value's
+form; only a template can check them against one another.
+*/}}
+{{- define "citadel.adminKey.check" -}}
+{{- with .Values.gateway.adminKey }}
+{{- if .existingSecret }}
+{{- if not .create }}
+{{- fail "gateway.adminKey.existingSecret is set but gateway.adminKey.create is false: set create=true for the chart to store that key's record, or unset existingSecret" }}
+{{- end }}
+{{- if not .sha256 }}
+{{- fail (printf "gateway.adminKey.existingSecret needs gateway.adminKey.sha256, the SHA-256 of the key in Secret %s (key %s), as 64 lowercase hex digits: printf %%s \"$KEY\" | sha256sum" .existingSecret .existingSecretKey) }}
+{{- end }}
+{{- else if .sha256 }}
+{{- fail "gateway.adminKey.sha256 is set without gateway.adminKey.existingSecret: name the Secret holding the key, or unset sha256 for a generated key" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret holding the plain admin key: the user's, or the generated one. */}}
+{{- define "citadel.adminKey.secretName" -}}
+{{- .Values.gateway.adminKey.existingSecret | default (printf "%s-admin-key" (include "citadel.fullname" .)) }}
+{{- end }}
+
+{{/* The key of that Secret's data holding the admin key. */}}
+{{- define "citadel.adminKey.secretKey" -}}
+{{- if .Values.gateway.adminKey.existingSecret }}
+{{- .Values.gateway.adminKey.existingSecretKey }}
+{{- else -}}
+key
+{{- end }}
+{{- end }}
+
 {{/* The name of the Kopf peering object the operator replicas share. */}}
 {{- define "citadel.operator.peeringName" -}}
 {{ include "citadel.operator.fullname" . }}-{{ .Release.Namespace }}

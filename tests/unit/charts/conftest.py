@@ -124,6 +124,32 @@ class ChartKit:
         assert result.returncode == 0, result.stderr
         return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
+    def notes(self, values: dict[str, Any], workdir: Path) -> str:
+        """NOTES.txt as `helm install` would print it with these values.
+
+        `helm template` never renders NOTES.txt (and `helm install --dry-run` needs
+        a cluster), so a copy of the chart gets a template that renders it inside
+        a YAML document.
+
+        Args:
+            values: dotted value paths to JSON-able values.
+            workdir: an empty folder for the copy of the chart.
+        """
+        copy = workdir / "citadel"
+        # The CRDs are symbolic links to crds/: copy what they point at.
+        shutil.copytree(CHART, copy)
+        notes = (copy / "templates" / "NOTES.txt").read_text()
+        (copy / "templates" / "zz-notes.yaml").write_text(
+            '{{- define "test.notes" }}' + notes + "{{- end }}\n"
+            "kind: Notes\n"
+            'text: {{ include "test.notes" . | toJson }}\n'
+        )
+        args = ["template", RELEASE, str(copy), "--namespace", NAMESPACE]
+        args += ["--show-only", "templates/zz-notes.yaml", *_set_args(values)]
+        result = self.run(*args)
+        assert result.returncode == 0, result.stderr
+        return str(yaml.safe_load(result.stdout)["text"])
+
     @staticmethod
     def find(objs: list[Obj], kind: str, name: str | None = None) -> list[Obj]:
         """The objects of one kind (and name)."""

@@ -29,6 +29,9 @@ LINT_CASES: dict[str, dict[str, Any]] = {
     },
     "external-redis": {"redis": {"externalUrl": "redis://redis:6379/0"}},
     "auth-off": {"gateway": {"auth": "disabled", "adminKey": {"create": False}}},
+    "own-admin-key": {
+        "gateway": {"adminKey": {"existingSecret": "my-admin", "sha256": "0f" * 32}}
+    },
 }
 
 
@@ -72,6 +75,23 @@ def test_helm_lint_strict(chart: ChartKit, case: str, tmp_path: Path) -> None:
             "/networkPolicy/modelPodLabels",
         ),
         ({"redis.image.tag": ""}, "redis.image.tag (or digest) must be set"),
+        # The admin key's hash: 64 lowercase hex digits, no more, nothing else
+        # (not the record's "sha256:" prefix, nor sha256sum's trailing " -").
+        ({"gateway.adminKey.sha256": "ABCD" * 16}, "/gateway/adminKey/sha256"),
+        ({"gateway.adminKey.sha256": "abcd" * 15}, "/gateway/adminKey/sha256"),
+        (
+            {"gateway.adminKey.sha256": "sha256:" + "abcd" * 16},
+            "/gateway/adminKey/sha256",
+        ),
+        ({"gateway.adminKey.sha256": "abcd" * 16 + "  -"}, "/gateway/adminKey/sha256"),
+        (
+            {"gateway.adminKey.existingSecret": "My_Secret"},
+            "at '/gateway/adminKey/existingSecret'",
+        ),
+        (
+            {"gateway.adminKey.existingSecretKey": ""},
+            "at '/gateway/adminKey/existingSecretKey'",
+        ),
     ],
 )
 def test_schema_refuses_bad_values(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -208,6 +209,97 @@ def test_helm_test_pod_calls_models_with_the_admin_key(chart: ChartKit) -> None:
     assert "CITADEL_API_KEY" not in env and env["CITADEL_EXPECT"] == "401"
     pulled = chart.render({"imagePullSecrets": [{"name": "regcred"}]})
     assert chart.one(pulled, "Pod")["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+
+
+# The admin key a GitOps user makes and keeps in a Secret of their own.
+OWN_KEY = "ctd-" + "k" * 43
+OWN_KEY_VALUES = {
+    "gateway.adminKey.existingSecret": "my-admin",
+    "gateway.adminKey.existingSecretKey": "api.key",
+    "gateway.adminKey.sha256": hashlib.sha256(OWN_KEY.encode()).hexdigest(),
+}
+
+
+def test_admin_key_from_an_existing_secret_renders_the_same_every_time(
+    chart: ChartKit,
+) -> None:
+    objs = chart.render(OWN_KEY_VALUES)
+    # No generated key: the record is the only Secret, made from the given hash.
+    (record_secret,) = chart.find(objs, "Secret")
+    assert record_secret["metadata"]["name"] == "citadel-key-admin"
+    record = key_from_secret(record_secret)
+    assert record is not None
+    assert record.role is Role.ADMIN
+    assert record.hash == hash_key(OWN_KEY)
+    # helm test calls the gateway with the user's key, so a wrong hash fails it.
+    pod = chart.one(objs, "Pod")
+    assert chart.env_of(pod["spec"]["containers"][0])["CITADEL_API_KEY"] == {
+        "secretKeyRef": {"name": "my-admin", "key": "api.key"}
+    }
+    # Nothing random left: `helm template` and Argo CD see no change to sync.
+    assert chart.render(OWN_KEY_VALUES) == objs
+    # The Secret's key defaults to `key`, as in the generated Secret.
+    default_key = {**OWN_KEY_VALUES}
+    del default_key["gateway.adminKey.existingSecretKey"]
+    pod = chart.one(chart.render(default_key), "Pod")
+    assert chart.env_of(pod["spec"]["containers"][0])["CITADEL_API_KEY"] == {
+        "secretKeyRef": {"name": "my-admin", "key": "key"}
+    }
+
+
+def test_admin_key_record_follows_the_keys_namespace_with_an_existing_secret(
+    chart: ChartKit,
+) -> None:
+    objs = chart.render(
+        {
+            **OWN_KEY_VALUES,
+            "gateway.keysNamespace": "llm-keys",
+            "gateway.adminKey.keepOnUninstall": True,
+        }
+    )
+    (record_secret,) = chart.find(objs, "Secret")
+    assert record_secret["metadata"]["namespace"] == "llm-keys"
+    annotations = record_secret["metadata"]["annotations"]
+    assert annotations["helm.sh/resource-policy"] == "keep"
+
+
+@pytest.mark.parametrize(
+    ("values", "error"),
+    [
+        (
+            {"gateway.adminKey.existingSecret": "my-admin"},
+            "gateway.adminKey.existingSecret needs gateway.adminKey.sha256, the "
+            "SHA-256 of the key in Secret my-admin (key key), as 64 lowercase hex "
+            'digits: printf %s "$KEY" | sha256sum',
+        ),
+        (
+            {"gateway.adminKey.sha256": OWN_KEY_VALUES["gateway.adminKey.sha256"]},
+            "gateway.adminKey.sha256 is set without gateway.adminKey.existingSecret",
+        ),
+        (
+            {**OWN_KEY_VALUES, "gateway.adminKey.create": False},
+            "gateway.adminKey.existingSecret is set but gateway.adminKey.create is "
+            "false",
+        ),
+    ],
+)
+def test_admin_key_values_that_do_not_go_together_fail(
+    chart: ChartKit, values: dict[str, object], error: str
+) -> None:
+    chart.render(values, expect_error=error)
+
+
+def test_notes_read_the_admin_key_where_it_is(chart: ChartKit, tmp_path: Path) -> None:
+    generated = chart.notes({}, tmp_path / "generated")
+    assert (
+        "get secret citadel-admin-key -o jsonpath='{.data.key}' | base64 -d"
+        in generated
+    )
+    own = chart.notes(OWN_KEY_VALUES, tmp_path / "own")
+    assert "from your Secret" in own
+    # kubectl's JSONPath reads a dot in a key name as a path step unless escaped.
+    assert r"get secret my-admin -o jsonpath='{.data.api\.key}' | base64 -d" in own
+    assert "citadel-admin-key" not in own
 
 
 def test_model_network_policy(chart: ChartKit) -> None:
