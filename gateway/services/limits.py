@@ -127,7 +127,8 @@ def _chat_tokens(body: Mapping[str, Any]) -> int:
 
 def _media_parts(content: object) -> int:
     """How many parts of a message's content are media: any part object that
-    is not text (vLLM takes an image without its `type`, so none is needed)."""
+    is not text (vLLM takes an image without its `type`, so none is needed; a
+    `type` that is no string, which vLLM refuses, is no text either)."""
     if not isinstance(content, list):
         return 0
     return sum(
@@ -135,7 +136,7 @@ def _media_parts(content: object) -> int:
         for part in content
         if isinstance(part, Mapping)
         and "text" not in part
-        and part.get("type") not in TEXT_PARTS
+        and not (isinstance(kind := part.get("type"), str) and kind in TEXT_PARTS)
     )
 
 

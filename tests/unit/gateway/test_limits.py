@@ -264,6 +264,19 @@ def test_a_chat_counts_each_media_part_at_a_fixed_size(part: dict[str, Any]) -> 
     assert estimate_tokens({**chat, "max_tokens": 1}, CHAT, 256) == 102 + 6_000 + 1
 
 
+@pytest.mark.parametrize("kind", [["image_url"], {"a": "b"}, 7])
+def test_a_part_of_a_type_no_string_is_counted_as_media(kind: object) -> None:
+    """A list or object for `type` raised TypeError (unhashable) out of the
+    estimate: a 500 for a body vLLM refuses with a 400."""
+
+    def chat(kind: object) -> dict[str, Any]:
+        part = {"type": kind, "image_url": {"url": "https://example.com/cat.png"}}
+        return {"messages": [{"role": "user", "content": [part]}], "max_tokens": 1}
+
+    image = estimate_tokens(chat("image_url"), CHAT, 256)
+    assert estimate_tokens(chat(kind), CHAT, 256) == image > 3_000
+
+
 @pytest.mark.parametrize(
     "message",
     [
