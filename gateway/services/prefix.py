@@ -110,10 +110,13 @@ def prefix_text(body: Mapping[str, Any]) -> str:
     """The start of a request's prompt as the backend's prefix cache tells
     prompts apart, for `block_hashes`.
 
-    For a chat: the canonical JSON of its `tools` and `functions` (sorted keys,
-    compact) first, as chat templates (Llama 3, Qwen 2.5, Mistral, Hermes) write
-    the schemas at the head of the prompt, so agents sharing a tool set meet on
-    a replica and another tool set is another prefix from the first block;
+    For a chat: the canonical JSON of its `tools` (sorted keys, compact)
+    first, as most chat templates (Llama 3, Qwen 2.5, Hermes) write the schemas
+    at the head of the prompt, so agents sharing a tool set meet on a replica
+    and another tool set is another prefix from the first block (Mistral's
+    write them before the last user message: there the tools split prefixes
+    that only later differ); `functions`, OpenAI's older name, vLLM does not
+    read, so they are no part of its prompt;
     then the messages as `prompt_text` writes them, except that each media
     part stands in its place as the hash of its payload (vLLM keys a media
     part's blocks by a hash of the media, so two images are two prefixes,
@@ -129,8 +132,8 @@ def prefix_text(body: Mapping[str, Any]) -> str:
     # The characters still to write: as many as the bytes still to hash, as
     # each character is a byte or more.
     left = _HASHED_CHARS
-    if body.get("tools") is not None or body.get("functions") is not None:
-        tools = _tools_json(body, left)
+    if body.get("tools") is not None:
+        tools = _tools_json(body["tools"], left)
         pieces.append(tools.decode(errors="ignore"))
         left -= len(tools)
     for message in messages:
@@ -151,10 +154,9 @@ def prefix_text(body: Mapping[str, Any]) -> str:
     return "".join(pieces)
 
 
-def _tools_json(body: Mapping[str, Any], limit: int) -> bytes:
-    """The canonical JSON of a chat's `tools` and `functions` (OpenAI's older
-    name), one array and a separator, or nothing when it has neither; cut a
-    few bytes past `limit` bytes.
+def _tools_json(tools: object, limit: int) -> bytes:
+    """The canonical JSON of a chat's `tools`, an array and a separator, or
+    nothing when there are none; cut a few bytes past `limit` bytes.
 
     Each schema is written once, in C, and none after the ones that fill
     `limit`: 50 schemas of 2 KB cost the nine that fill the hashed blocks.
@@ -163,14 +165,12 @@ def _tools_json(body: Mapping[str, Any], limit: int) -> bytes:
     """
     schemas: list[bytes] = []
     size = 0
-    for field in ("tools", "functions"):
-        value = body.get(field)
-        for schema in value if isinstance(value, list) else [value]:
-            if size > limit:
-                break
-            if schema is not None:
-                schemas.append(orjson.dumps(schema, option=orjson.OPT_SORT_KEYS))
-                size += len(schemas[-1]) + 1
+    for schema in tools if isinstance(tools, list) else [tools]:
+        if size > limit:
+            break
+        if schema is not None:
+            schemas.append(orjson.dumps(schema, option=orjson.OPT_SORT_KEYS))
+            size += len(schemas[-1]) + 1
     if not schemas:
         return b""
     # Three bytes more than `limit`, as orjson writes UTF-8: the cut can split
