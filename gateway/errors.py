@@ -140,6 +140,17 @@ class HeadersTooLarge(GatewayError):
     code = "headers_too_large"
 
 
+class HeadersTimeout(GatewayError):
+    """408: the request line and headers did not all come within the gateway's
+    time from their first byte (a slow client, or one holding the connection
+    open on purpose); answered before the app sees the request, and the
+    connection closed."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "headers_timeout"
+
+
 class RateLimited(_RetryLater):
     """429: a requests or tokens per minute limit."""
 

@@ -95,6 +95,11 @@ class GatewaySettings(BaseSettings):
     """Largest request line and headers accepted, in all; past it the request gets
     431 and its connection is closed. httptools has no bound of its own, and its
     cost grows with the square of a header's size: 1 MiB at most (Go's default)."""
+    head_timeout_s: float = Field(30.0, gt=0)
+    """Longest time a request line and headers may take from their first byte
+    (and a new connection from its start to its first byte); past it the
+    request gets 408 and its connection is closed. uvicorn bounds neither, so
+    a client sending its headers a byte at a time held a socket for ever."""
     connect_timeout_s: float = Field(2.0, gt=0)
     """Time to open a connection to a replica before trying another."""
     read_timeout_s: float = Field(600.0, gt=0)
