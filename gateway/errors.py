@@ -159,6 +159,15 @@ class RateLimited(_RetryLater):
     code = "rate_limit_exceeded"
 
 
+class TooManySockets(GatewayError):
+    """429: the key holds as many GraphQL WebSockets open as it may; another
+    opens once one of them closes (so no `Retry-After`)."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "too_many_sockets"
+
+
 class QuotaExceeded(_RetryLater):
     """429: a daily or monthly token quota is used up."""
 

@@ -89,6 +89,10 @@ class GatewaySettings(BaseSettings):
     graphql_init_timeout_s: float = Field(10.0, gt=0)
     """How long a GraphQL WebSocket may stay open before its `connection_init`,
     which must carry a valid key; then it is closed (code 4408)."""
+    max_sockets_per_key: int = Field(64, ge=0)
+    """Most GraphQL WebSockets one key may hold open at once (in this gateway
+    process); the next is refused at its `connection_init` (code 4429). 0 turns
+    the cap off."""
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     """Largest request body accepted; larger ones get 413."""
     max_header_bytes: int = Field(64 * 1024, ge=8 * 1024, le=1024 * 1024)

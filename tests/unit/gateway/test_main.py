@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from citadel.gateway import main as entry
 from citadel.gateway.settings import GatewaySettings
+from citadel.gateway.wiring import build_deps
 
 pytestmark = pytest.mark.unit
 
@@ -182,6 +183,19 @@ def test_request_heads_past_the_settings_are_refused_and_counted(
     assert seen["slow"].startswith(b"HTTP/1.1 408 ")
     assert b"citadel_gateway_headers_too_large_total 1.0" in seen["metrics"]
     assert b"citadel_gateway_head_timeouts_total 1.0" in seen["metrics"]
+
+
+def test_the_socket_cap_per_key_comes_from_its_setting(tmp_path: Path) -> None:
+    assert GatewaySettings().max_sockets_per_key == 64
+    with pytest.raises(ValidationError, match="max_sockets_per_key"):
+        GatewaySettings(max_sockets_per_key=-1)
+    settings = GatewaySettings(
+        routes_source="file",
+        routes_file=tmp_path / "routes.json",
+        auth="disabled",
+        max_sockets_per_key=3,
+    )
+    assert build_deps(settings, {}).sockets.max_per_key == 3
 
 
 def test_the_head_timeout_is_a_positive_time() -> None:
