@@ -299,16 +299,22 @@ def overview() -> Any:
             ],
         ),
         panel(
-            "Headers too large/s",
-            "Requests refused with 431 (connection closed) for a request line and "
-            "headers over the bound, before the app saw them (so not in "
-            "Requests/s). A steady rate is a client or a proxy in front adding "
-            "large headers; a burst, a flood.",
+            "Heads refused/s",
+            "Requests refused before the app saw them (so not in Requests/s), "
+            "their connection closed: 431 for a request line and headers over "
+            "the bound, 408 for those not complete within the head timeout. A "
+            "steady rate of 431 is a client or a proxy in front adding large "
+            "headers, of 408 clients on slow links; a burst, a flood (of 408: "
+            "Slowloris, connections held open by heads sent a byte at a time).",
             [
                 (
                     f"sum(rate(citadel_gateway_headers_too_large_total{{{GW}}}[{RI}]))",
-                    "refused",
-                )
+                    "431 too large",
+                ),
+                (
+                    f"sum(rate(citadel_gateway_head_timeouts_total{{{GW}}}[{RI}]))",
+                    "408 too slow",
+                ),
             ],
             unit="reqps",
         ),

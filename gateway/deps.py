@@ -27,6 +27,7 @@ from citadel.gateway.services.auth import Authenticator, Principal
 from citadel.gateway.services.catalog import Catalog
 from citadel.gateway.services.proxy import ProxyService
 from citadel.gateway.services.requests import request_id as sane_request_id
+from citadel.gateway.services.sockets import SocketCounts
 from citadel.gateway.sources.base import Source
 
 REQUEST_ID = "x-request-id"
@@ -51,6 +52,8 @@ class Deps:
         load_max_age_s: how old a replica's vLLM load report may be and still
             count (`scraper.report_max_age_s`); /admin/replicas marks older
             ones stale.
+        sockets: the GraphQL WebSockets each key holds open, and the cap on
+            them (none unless given).
     """
 
     catalog: Catalog
@@ -64,6 +67,7 @@ class Deps:
     max_body_bytes: int = 8 * 1024 * 1024
     clock: Callable[[], float] = time.monotonic
     load_max_age_s: float = math.inf
+    sockets: SocketCounts = field(default_factory=SocketCounts)
 
 
 def deps_of(request: Request) -> Deps:

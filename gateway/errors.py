@@ -140,12 +140,32 @@ class HeadersTooLarge(GatewayError):
     code = "headers_too_large"
 
 
+class HeadersTimeout(GatewayError):
+    """408: the request line and headers did not all come within the gateway's
+    time from their first byte (a slow client, or one holding the connection
+    open on purpose); answered before the app sees the request, and the
+    connection closed."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "headers_timeout"
+
+
 class RateLimited(_RetryLater):
     """429: a requests or tokens per minute limit."""
 
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
+
+
+class TooManySockets(GatewayError):
+    """429: the key holds as many GraphQL WebSockets open as it may; another
+    opens once one of them closes (so no `Retry-After`)."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "too_many_sockets"
 
 
 class QuotaExceeded(_RetryLater):

@@ -15,7 +15,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from citadel.gateway import __version__, logs
 from citadel.gateway.app import create_app, serving
-from citadel.gateway.protocol import RefusedHeads, head_bounded
+from citadel.gateway.metrics import GatewayMetrics
+from citadel.gateway.protocol import HeadRefusal, RefusedHeads, head_bounded
 from citadel.gateway.rpc.server import add_grpc
 from citadel.gateway.settings import GatewaySettings
 from citadel.gateway.wiring import build_deps
@@ -71,10 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         loop="uvloop",
         # httptools with a bound on the request line and headers: httptools
-        # has none, and one endless header stalled the event loop.
+        # has none, and one endless header stalled the event loop; and on the
+        # time they take, which uvicorn does not bound (Slowloris).
         http=head_bounded(
             settings.max_header_bytes,
-            RefusedHeads(deps.metrics.headers_too_large.inc),
+            RefusedHeads(_head_counter(deps.metrics)),
+            head_timeout_s=settings.head_timeout_s,
         ),
         access_log=False,
         log_config=None,
@@ -89,6 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop_metrics()
     return 0 if server.started else 3  # uvicorn's code for a failed start
+
+
+def _head_counter(metrics: GatewayMetrics) -> Callable[[HeadRefusal], None]:
+    """Counts a refused request head in the metric of its reason."""
+    counters = {
+        HeadRefusal.TOO_LARGE: metrics.headers_too_large,
+        HeadRefusal.TIMED_OUT: metrics.head_timeouts,
+    }
+    return lambda reason: counters[reason].inc()
 
 
 def _serve_metrics(

@@ -95,6 +95,15 @@ class GatewayMetrics:
             "request line and headers over the bound, or never ending past it.",
             registry=r,
         )
+        # Apart from `headers_too_large`, not a label of it: that series (and
+        # what reads it) predates this one, and a label would rename it.
+        self.head_timeouts = Counter(
+            PREFIX + "head_timeouts",
+            "Requests refused (408, connection closed) before the app saw them: "
+            "request line and headers not complete within the head timeout of "
+            "their first byte.",
+            registry=r,
+        )
         self.tokens = Counter(
             PREFIX + "tokens",
             "Tokens used, by model, key name and kind (prompt or completion).",

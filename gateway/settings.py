@@ -89,12 +89,21 @@ class GatewaySettings(BaseSettings):
     graphql_init_timeout_s: float = Field(10.0, gt=0)
     """How long a GraphQL WebSocket may stay open before its `connection_init`,
     which must carry a valid key; then it is closed (code 4408)."""
+    max_sockets_per_key: int = Field(64, ge=0)
+    """Most GraphQL WebSockets one key may hold open at once (in this gateway
+    process); the next is refused at its `connection_init` (code 4429). 0 turns
+    the cap off."""
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     """Largest request body accepted; larger ones get 413."""
     max_header_bytes: int = Field(64 * 1024, ge=8 * 1024, le=1024 * 1024)
     """Largest request line and headers accepted, in all; past it the request gets
     431 and its connection is closed. httptools has no bound of its own, and its
     cost grows with the square of a header's size: 1 MiB at most (Go's default)."""
+    head_timeout_s: float = Field(30.0, gt=0)
+    """Longest time a request line and headers may take from their first byte
+    (and a new connection from its start to its first byte); past it the
+    request gets 408 and its connection is closed. uvicorn bounds neither, so
+    a client sending its headers a byte at a time held a socket for ever."""
     connect_timeout_s: float = Field(2.0, gt=0)
     """Time to open a connection to a replica before trying another."""
     read_timeout_s: float = Field(600.0, gt=0)

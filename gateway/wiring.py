@@ -18,6 +18,7 @@ from citadel.gateway.services.redis_buckets import RedisBuckets
 from citadel.gateway.services.replicas import EjectionPolicy
 from citadel.gateway.services.routing import Router
 from citadel.gateway.services.scraper import MetricsScraper, report_max_age_s
+from citadel.gateway.services.sockets import SocketCounts
 from citadel.gateway.settings import AuthMode, GatewaySettings, RoutesSource
 from citadel.gateway.sources.files import keys_file_source, routes_file_source
 from citadel.gateway.sources.kubernetes import KeySecretsSource, RoutesWatchSource
@@ -64,6 +65,7 @@ def build_deps(settings: GatewaySettings, environ: Mapping[str, str]) -> Deps:
         session_header=settings.session_header,
         max_body_bytes=settings.max_body_bytes,
         load_max_age_s=load_max_age_s,
+        sockets=SocketCounts(settings.max_sockets_per_key),
     )
     deps.sources.append(
         MetricsScraper(

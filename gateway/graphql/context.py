@@ -7,7 +7,9 @@ a 401 in OpenAI's shape, as on REST, counted as a refused chat. Over WebSocket
 headers on a WebSocket) or the handshake's `Authorization` header. It is checked
 at `connection_init`, where a socket without a valid key is refused (counted
 like the HTTP 401), and again when each operation starts, whatever it asks for:
-a key revoked while the socket is open gets no more answers.
+a key revoked while the socket is open gets no more answers. At `connection_init`
+the socket is also counted against its key's cap on open sockets
+(`Deps.sockets`), until it closes.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from strawberry.exceptions import ConnectionRejectionError
 from strawberry.fastapi import BaseContext
 
 from citadel.gateway.deps import REQUEST_ID, Deps, read_body, take_request_id
-from citadel.gateway.errors import GatewayError
+from citadel.gateway.errors import GatewayError, TooManySockets
 from citadel.gateway.graphql.errors import graphql_error
 from citadel.gateway.services.auth import Principal
 from citadel.gateway.services.requests import CHAT, Door
@@ -54,6 +56,9 @@ class GraphQLContext(BaseContext):
         self.session = session
         self._principal = principal
         self._calls = 0
+        # The key name a WebSocket is counted under, from its connection_init
+        # until it closes (a key revoked meanwhile is still the one it holds).
+        self._socket_key: str | None = None
 
     def next_request_id(self) -> str:
         """The id of the next model call: the request's own for the first (the
@@ -84,6 +89,39 @@ class GraphQLContext(BaseContext):
             _authorization(self.connection_params, self.request)
         )
 
+    def hold_socket(self) -> None:
+        """Counts the WebSocket against its key's cap, once (the older protocol
+        may send `connection_init` again). Without keys (auth disabled) there is
+        no cap: every socket would count against one.
+
+        Raises:
+            AuthenticationFailed: no key, or an unknown or revoked one.
+            TooManySockets: the key holds as many sockets as it may; counted as
+                a refused request (a 429) is.
+        """
+        if self._socket_key is not None:
+            return
+        principal = self.principal()
+        name = principal.name
+        if name is None:
+            return
+        if not self.deps.sockets.open(name):
+            error = TooManySockets(
+                f"The key `{name}` holds {self.deps.sockets.max_per_key} "
+                "WebSockets open, the most it may: close one first."
+            )
+            self.deps.proxy.refused(
+                CHAT, self.request_id, error, Door.GRAPHQL, principal
+            )
+            raise error
+        self._socket_key = name
+
+    def release_socket(self) -> None:
+        """The WebSocket closed, however it did: its key may open another."""
+        if self._socket_key is not None:
+            self.deps.sockets.close(self._socket_key)
+            self._socket_key = None
+
 
 def refusal(context: GraphQLContext) -> GraphQLError | None:
     """Checks the key of a WebSocket against the key store as it is now.
@@ -103,15 +141,19 @@ def refusal(context: GraphQLContext) -> GraphQLError | None:
 
 
 def admit(context: GraphQLContext) -> None:
-    """Checks the key of a WebSocket at its `connection_init`.
+    """Checks the key of a WebSocket at its `connection_init`, and counts the
+    socket against the key's cap (`GraphQLContext.release_socket` when it
+    closes).
 
     Raises:
         ConnectionRejectionError: no key, or an unknown or revoked one; its
             payload is the GraphQL error (`graphql-ws` sends it to the client).
+        TooManySockets: the key holds as many sockets as it may.
     """
     error = refusal(context)
     if error is not None:
         raise ConnectionRejectionError(dict(error.formatted))
+    context.hold_socket()
 
 
 def _authorization(params: Any, connection: Any) -> str | None:

@@ -11,6 +11,9 @@ key could hold sockets open for ever without running an operation. The key is
 checked again as each operation starts, before it runs: once it is revoked,
 every new operation is refused with the protocol's `error` message (as a
 document that does not validate is), while the streams already running finish.
+A key holds at most `Deps.sockets.max_per_key` sockets open: the next is
+refused at its `connection_init` (code 4429), and each one counts until it
+closes, however it does.
 
 A request strawberry cannot read (a body that is not JSON, no query) gets the
 door's JSON error, with REST's 400 in its `extensions`, counted as REST counts
@@ -35,6 +38,9 @@ from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
     BaseGraphQLTransportWSHandler,
 )
 from strawberry.subscriptions.protocols.graphql_transport_ws.types import (
+    ConnectionInitMessage as TransportInitMessage,
+)
+from strawberry.subscriptions.protocols.graphql_transport_ws.types import (
     SubscribeMessage,
 )
 from strawberry.subscriptions.protocols.graphql_ws.handlers import (
@@ -46,7 +52,7 @@ from strawberry.subscriptions.protocols.graphql_ws.types import (
 )
 from strawberry.types.unset import UNSET, UnsetType
 
-from citadel.gateway.errors import InvalidRequest
+from citadel.gateway.errors import InvalidRequest, TooManySockets
 from citadel.gateway.graphql.context import (
     GraphQLContext,
     admit,
@@ -61,10 +67,34 @@ PATH = "/graphql"
 INIT_TIMEOUT_CLOSE = 4408
 """The close code of a socket that sent no `connection_init` in time: the one
 `graphql-transport-ws` uses, for the older protocol too."""
+TOO_MANY_SOCKETS_CLOSE = 4429
+"""The close code of a socket refused at its `connection_init` because its key
+holds as many open as it may, on either protocol: 4000 and HTTP's 429, as
+4403 and 4408 are 4000 and HTTP's status (`graphql-transport-ws` closes a
+socket that sends `connection_init` twice with 4429 too, with its own reason)."""
+TOO_MANY_SOCKETS_REASON = "Too many WebSockets for this key"
 
 
 class _GraphQLTransportWSHandler(BaseGraphQLTransportWSHandler[GraphQLContext, None]):
-    """`graphql-transport-ws`, with the key checked as each operation starts."""
+    """`graphql-transport-ws`, with the key checked as each operation starts,
+    and a cap on the sockets each key holds open."""
+
+    async def handle(self) -> None:
+        try:
+            await super().handle()
+        finally:
+            # However it ended: the client or the gateway closed it, or it
+            # failed.
+            self.context.release_socket()
+
+    async def handle_connection_init(self, message: TransportInitMessage) -> None:
+        try:
+            await super().handle_connection_init(message)
+        except TooManySockets:
+            # The protocol has no message before the ack: the code says it.
+            await self.websocket.close(
+                code=TOO_MANY_SOCKETS_CLOSE, reason=TOO_MANY_SOCKETS_REASON
+            )
 
     async def handle_subscribe(self, message: SubscribeMessage) -> None:
         # Not acknowledged, or an id in use: the base class closes the socket.
@@ -82,8 +112,8 @@ class _GraphQLTransportWSHandler(BaseGraphQLTransportWSHandler[GraphQLContext, N
 
 class _GraphQLWSHandler(BaseGraphQLWSHandler[GraphQLContext, None]):
     """The older `graphql-ws` protocol, with the key checked as each operation
-    starts and the `connection_init` wait that strawberry gives
-    `graphql-transport-ws` only."""
+    starts, a cap on the sockets each key holds open, and the
+    `connection_init` wait that strawberry gives `graphql-transport-ws` only."""
 
     _init_wait: asyncio.Task[None] | None = None
 
@@ -93,12 +123,22 @@ class _GraphQLWSHandler(BaseGraphQLWSHandler[GraphQLContext, None]):
             await super().handle()
         finally:
             self._init_wait.cancel()
+            self.context.release_socket()  # however it ended
 
     async def handle_connection_init(self, message: ConnectionInitMessage) -> None:
         # The key is checked now: the socket is refused or acknowledged.
         if self._init_wait is not None:
             self._init_wait.cancel()
-        await super().handle_connection_init(message)
+        try:
+            await super().handle_connection_init(message)
+        except TooManySockets as err:
+            # As a bad key is refused (`connection_error`, saying why), with
+            # the code that says this refusal.
+            payload = dict(graphql_error(err).formatted)
+            await self.send_message({"type": "connection_error", "payload": payload})
+            await self.websocket.close(
+                code=TOO_MANY_SOCKETS_CLOSE, reason=TOO_MANY_SOCKETS_REASON
+            )
 
     async def handle_start(self, message: StartMessage) -> None:
         # Not acknowledged: the base class closes the socket. An id in use: the
@@ -198,8 +238,9 @@ class _Router(GraphQLRouter[GraphQLContext, None]):
     async def on_ws_connect(
         self, context: GraphQLContext
     ) -> UnsetType | dict[str, object] | None:
-        # Refused: graphql-transport-ws closes with 4403; graphql-ws sends
-        # `connection_error` and closes with 1011.
+        # Refused for its key: graphql-transport-ws closes with 4403; graphql-ws
+        # sends `connection_error` and closes with 1011. Refused for its key's
+        # cap (TooManySockets): the handlers close with 4429.
         admit(context)
         return await super().on_ws_connect(context)  # acknowledged, no payload
 

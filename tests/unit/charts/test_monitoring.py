@@ -337,6 +337,7 @@ def test_every_metric_named_is_exported(chart: ChartKit) -> None:
         "citadel_gateway_rate_limited_total",
         "citadel_gateway_request_cost_sum",
         "citadel_gateway_headers_too_large_total",
+        "citadel_gateway_head_timeouts_total",
         "citadel_gateway_watch_synced",
         "citadel_gateway_watch_failures_total",
         "citadel_operator_models",

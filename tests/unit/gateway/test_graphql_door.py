@@ -5,8 +5,11 @@ request ids, and a client that leaves."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
@@ -16,6 +19,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from citadel.gateway.app import create_app, serving
 from citadel.gateway.services.buckets import StoreUnavailable
+from citadel.gateway.services.sockets import SocketCounts
 from citadel.gateway.settings import GatewaySettings
 
 pytestmark = pytest.mark.unit
@@ -167,6 +171,137 @@ def test_the_older_protocol_streams_with_a_key_in_connection_init(kit: Any) -> N
     chunk = data["payload"]["data"]["chatCompletionStream"]
     assert chunk["choices"][0]["delta"]["content"] == "x"
     assert len(harness.upstream.calls) == 1
+
+
+def _open_socket(
+    client: TestClient, protocol: str, key: str
+) -> contextlib.AbstractContextManager[Any]:
+    """A socket of `key`, past its `connection_init` (acknowledged or not)."""
+
+    @contextlib.contextmanager
+    def opened() -> Iterator[Any]:
+        with client.websocket_connect("/graphql", subprotocols=[protocol]) as ws:
+            auth = {"authorization": f"Bearer {key}"}
+            ws.send_json({"type": "connection_init", "payload": auth})
+            yield ws
+
+    return opened()
+
+
+def _until(check: Callable[[], bool]) -> bool:
+    """Whether `check` comes true within 5 s (the server ends a socket in its
+    own thread, after the client's side is done with it)."""
+    deadline = time.monotonic() + 5
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_key_past_its_sockets_is_refused_until_one_closes(
+    kit: Any, protocol: str
+) -> None:
+    harness = kit.build()
+    harness.deps.sockets = SocketCounts(2)
+    with TestClient(harness.app) as client:
+        with (
+            _open_socket(client, protocol, kit.key) as first,
+            _open_socket(client, protocol, kit.key) as second,
+        ):
+            assert first.receive_json()["type"] == "connection_ack"
+            assert second.receive_json()["type"] == "connection_ack"
+            with _open_socket(client, protocol, kit.key) as third:
+                if protocol == "graphql-ws":  # says why before it closes
+                    error = third.receive_json()
+                    assert error["type"] == "connection_error"
+                    extensions = error["payload"]["extensions"]
+                    assert extensions["code"] == "too_many_sockets"
+                    assert extensions["status"] == 429
+                with pytest.raises(WebSocketDisconnect) as closed:
+                    third.receive_json()
+            assert closed.value.code == 4429
+            # Another key has a cap of its own.
+            with _open_socket(client, protocol, kit.admin_key) as other:
+                assert other.receive_json()["type"] == "connection_ack"
+            assert harness.deps.sockets.held("alice") == 2
+        # Both closed: the key may open two again.
+        assert _until(lambda: harness.deps.sockets.held("alice") == 0)
+        with (
+            _open_socket(client, protocol, kit.key) as first,
+            _open_socket(client, protocol, kit.key) as second,
+        ):
+            assert first.receive_json()["type"] == "connection_ack"
+            assert second.receive_json()["type"] == "connection_ack"
+    # The refusal counted as REST counts a 429, under the key's name.
+    assert kit.counted(harness, "429", door="graphql", model="unknown") == 1
+
+
+# How the gateway closes a socket on each protocol: a message it does not
+# know (graphql-transport-ws closes with 4400), `connection_terminate`.
+GATEWAY_CLOSES = {
+    "graphql-transport-ws": ({"type": "no-such-message"}, 4400),
+    "graphql-ws": ({"type": "connection_terminate"}, 1000),
+}
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("ending", ["client", "gateway", "revoked", "error"])
+def test_a_socket_counts_until_it_closes_however_it_does(
+    kit: Any, protocol: str, ending: str
+) -> None:
+    harness = kit.build()
+    harness.deps.sockets = SocketCounts(1)
+    harness.upstream.handler = lambda url, body: kit.reply(
+        parts=_sse(CHUNK), content_type="text/event-stream"
+    )
+    # An error in the gateway ends the socket, and comes to the test client as
+    # the socket ends.
+    fails = ending == "error"
+    ended = pytest.raises(RuntimeError, match="a bug") if fails else None
+    with TestClient(harness.app) as client:
+        with (
+            ended or contextlib.nullcontext(),
+            _open_socket(client, protocol, kit.key) as ws,
+        ):
+            assert ws.receive_json()["type"] == "connection_ack"
+            assert harness.deps.sockets.held("alice") == 1
+            if ending == "gateway":
+                message, code = GATEWAY_CLOSES[protocol]
+                ws.send_json(message)
+                with pytest.raises(WebSocketDisconnect) as closed:
+                    ws.receive_json()
+                assert closed.value.code == code
+            elif ending == "revoked":
+                # Revoked while open: still counted under the key it opened with.
+                harness.keys.remove("alice")
+                assert harness.deps.sockets.held("alice") == 1
+            elif ending == "error":
+
+                def fail(authorization: str | None) -> Any:
+                    raise RuntimeError("a bug in the gateway")
+
+                # The next operation's key check fails unexpectedly.
+                harness.deps.authenticator.authenticate = fail
+                payload = {"query": STREAM, "variables": {"input": INPUT}}
+                ws.send_json({"id": "1", "type": START[protocol], "payload": payload})
+        assert _until(lambda: harness.deps.sockets.held("alice") == 0)
+
+
+def test_sockets_without_keys_have_no_cap(kit: Any) -> None:
+    """With auth disabled every socket is anonymous: one cap for them all
+    would let anyone hold every other client out."""
+    harness = kit.build(auth=False)
+    harness.deps.sockets = SocketCounts(1)
+    protocol = "graphql-transport-ws"
+    with (
+        TestClient(harness.app) as client,
+        _open_socket(client, protocol, "") as first,
+        _open_socket(client, protocol, "") as second,
+    ):
+        assert first.receive_json()["type"] == "connection_ack"
+        assert second.receive_json()["type"] == "connection_ack"
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from citadel.gateway import main as entry
 from citadel.gateway.settings import GatewaySettings
+from citadel.gateway.wiring import build_deps
 
 pytestmark = pytest.mark.unit
 
@@ -128,7 +129,7 @@ def test_the_metrics_port_must_be_a_port_of_its_own() -> None:
     assert GatewaySettings(metrics_port=9090).metrics_port == 9090
 
 
-def test_request_heads_past_the_setting_are_refused_and_counted(
+def test_request_heads_past_the_settings_are_refused_and_counted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     routes = tmp_path / "routes.json"
@@ -141,6 +142,7 @@ def test_request_heads_past_the_setting_are_refused_and_counted(
     monkeypatch.setenv("CITADEL_GATEWAY_PORT", str(_free_port()))
     monkeypatch.setenv("CITADEL_GATEWAY_METRICS_PORT", str(metrics_port))
     monkeypatch.setenv("CITADEL_GATEWAY_MAX_HEADER_BYTES", "8192")
+    monkeypatch.setenv("CITADEL_GATEWAY_HEAD_TIMEOUT_S", "0.3")
     seen: dict[str, bytes] = {}
 
     async def ask(port: int, pad: int) -> bytes:
@@ -153,12 +155,20 @@ def test_request_heads_past_the_setting_are_refused_and_counted(
         writer.close()
         return answer
 
+    async def stall(port: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nhost: gw\r\n")  # and no more
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        return answer
+
     async def serve(server: Any) -> None:
         task = asyncio.create_task(server.serve())
         while not server.started:
             await asyncio.sleep(0.01)
         seen["small"] = await ask(server.config.port, 4000)
         seen["large"] = await ask(server.config.port, 9000)
+        seen["slow"] = await stall(server.config.port)
         server.should_exit = True
         await task
 
@@ -170,7 +180,29 @@ def test_request_heads_past_the_setting_are_refused_and_counted(
     assert entry.main([]) == 0
     assert seen["small"].startswith(b"HTTP/1.1 200 ")
     assert seen["large"].startswith(b"HTTP/1.1 431 ")
+    assert seen["slow"].startswith(b"HTTP/1.1 408 ")
     assert b"citadel_gateway_headers_too_large_total 1.0" in seen["metrics"]
+    assert b"citadel_gateway_head_timeouts_total 1.0" in seen["metrics"]
+
+
+def test_the_socket_cap_per_key_comes_from_its_setting(tmp_path: Path) -> None:
+    assert GatewaySettings().max_sockets_per_key == 64
+    with pytest.raises(ValidationError, match="max_sockets_per_key"):
+        GatewaySettings(max_sockets_per_key=-1)
+    settings = GatewaySettings(
+        routes_source="file",
+        routes_file=tmp_path / "routes.json",
+        auth="disabled",
+        max_sockets_per_key=3,
+    )
+    assert build_deps(settings, {}).sockets.max_per_key == 3
+
+
+def test_the_head_timeout_is_a_positive_time() -> None:
+    assert GatewaySettings().head_timeout_s == 30.0
+    for wrong in (0, -1):
+        with pytest.raises(ValidationError, match="head_timeout_s"):
+            GatewaySettings(head_timeout_s=wrong)
 
 
 def test_the_header_bound_stays_within_what_httptools_bears() -> None:
