@@ -40,6 +40,10 @@ class CliError(Exception):
     """A failure to report in one line, exit code 1."""
 
 
+# The label a Helm release puts on what it renders (`.Release.Service`).
+MANAGED_BY = "app.kubernetes.io/managed-by"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="citadel", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
@@ -206,7 +210,9 @@ async def _kube_command(args: argparse.Namespace) -> None:
     await client.start()
     try:
         path = secrets(args.namespace)
-        held = await _key_secrets(client, path)
+        held, charted = await _key_secrets(client, path)
+        if args.action in ("rotate", "revoke"):
+            _refuse_charted(args, held, charted)
         if args.action == "list":
             _show_list([(s, r) for s, r in held.items() if r is not None])
         elif args.action == "create":
@@ -224,26 +230,52 @@ async def _kube_command(args: argparse.Namespace) -> None:
         await client.close()
 
 
-async def _key_secrets(client: KubeClient, path: str) -> dict[str, KeyRecord | None]:
-    """The key Secrets by name, each with its record (None: unreadable)."""
+async def _key_secrets(
+    client: KubeClient, path: str
+) -> tuple[dict[str, KeyRecord | None], set[str]]:
+    """The key Secrets by name, each with its record (None: unreadable), and
+    the names of those a Helm release renders (the chart's admin key)."""
     items, _ = await client.list(path, {"labelSelector": f"{KEY_LABEL}=true"})
     held: dict[str, KeyRecord | None] = {}
+    charted: set[str] = set()
     for item in items:
         meta = item.get("metadata")
         secret = meta.get("name") if isinstance(meta, dict) else None
         if isinstance(secret, str):
             held[secret] = key_from_secret(item)
-    return held
+            labels = meta.get("labels") if isinstance(meta, dict) else None
+            if isinstance(labels, dict) and labels.get(MANAGED_BY) == "Helm":
+                charted.add(secret)
+    return held, charted
+
+
+def _refuse_charted(
+    args: argparse.Namespace, held: dict[str, KeyRecord | None], charted: set[str]
+) -> None:
+    """Refuses to rotate or revoke a key whose Secret a Helm release renders:
+    the next upgrade or Argo CD sync would make it again, and the old key
+    would work again beside the new one."""
+    secret = getattr(args, "secret", None)
+    doomed = {secret} if secret is not None else secrets_of(held, args.name)
+    mine = sorted(doomed & charted)
+    if mine:
+        raise CliError(
+            f"the Secret {mine[0]} is rendered by the Helm chart, which would make "
+            "it again at the next upgrade or sync: rotate the admin key through "
+            "the chart's values (gateway.adminKey, see docs/install.md)"
+        )
 
 
 def secrets_of(held: dict[str, KeyRecord | None], name: str) -> set[str]:
     """The key Secrets to delete to revoke every key of a name: those whose
-    record names it, and the one `create` makes for it (readable or not). The
-    gateway takes each Secret for a key of its own, so a second Secret of the
-    name (a kept rotation, one made by hand) left behind would keep a key of
-    that name working."""
+    record names it, and the one `create` makes for it when its record cannot
+    be read. The gateway takes each Secret for a key of its own, so a second
+    Secret of the name (a kept rotation, one made by hand) left behind would
+    keep a key of that name working. A readable Secret of `create`'s name whose
+    record names another key is that key's, not this name's."""
     mine = {s for s, r in held.items() if r is not None and r.name == name}
-    return mine | {KEY_SECRET_PREFIX + name}
+    made = KEY_SECRET_PREFIX + name
+    return mine | {made} if made in held and held[made] is None else mine
 
 
 async def _create(
@@ -281,8 +313,10 @@ async def _rotate(
     if not mine:
         raise CliError(f"no key named {args.name!r}")
     key, record = rotated(newest(mine))
-    # Random: the old Secret (perhaps citadel-key-<name>) is still there.
-    secret = f"{KEY_SECRET_PREFIX}{args.name}-{random.token_hex(3)}"
+    # Random: the old Secret (perhaps citadel-key-<name>) is still there. A
+    # dot, which no key name holds, so that it is never the Secret `create`
+    # makes for another name (bob-1a2b3c's would be citadel-key-bob-1a2b3c).
+    secret = f"{KEY_SECRET_PREFIX}{args.name}.{random.token_hex(3)}"
     await _post(client, path, key_secret(record, args.namespace, secret), args.name)
     _show_created(key, record, "rotated")
     print(f"its Secret: {secret}")

@@ -167,7 +167,7 @@ def test_rotate_replaces_every_key_of_the_name_at_once(
     [(secret, record)] = [
         (s, r) for s, r in kube.records().items() if r.name == "alice"
     ]
-    assert secret.startswith("citadel-key-alice-") and secret in out
+    assert secret.startswith("citadel-key-alice.") and secret in out
     assert record.hash == hash_key(key) and key.startswith("ctd-")
     assert record.model_dump(exclude={"hash", "created"}) == before.model_dump(
         exclude={"hash", "created"}
@@ -236,6 +236,41 @@ def test_list_tells_two_keys_of_one_name_apart(
         "a-2",
         "citadel-key-alice",
     ]
+
+
+def test_a_rotated_secret_is_no_other_name_s(
+    kube: _FakeKube, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A rotation's Secret was `citadel-key-<name>-<hex>`, the Secret `create`
+    makes for the name `<name>-<hex>`: revoking that name, which has no key,
+    deleted the rotated key, and creating it said it existed."""
+    assert main(["keys", "-n", "ns", "rotate", "bob"]) == 0
+    [rotated] = [s for s, r in kube.records().items() if r.name == "bob"]
+    other = rotated.removeprefix("citadel-key-").replace(".", "-")
+    kube.items[f"citadel-key-{other}"] = kube.items.pop(rotated)
+    capsys.readouterr()
+    assert main(["keys", "-n", "ns", "revoke", other]) == 1
+    assert f"no key named {other!r}" in capsys.readouterr().err
+    assert [r.name for r in kube.records().values()].count("bob") == 1
+    assert main(["keys", "-n", "ns", "create", other]) == 1
+    assert "exists" in capsys.readouterr().err  # the Secret's name is taken
+
+
+def test_the_chart_s_admin_key_is_not_rotated_or_revoked_here(
+    kube: _FakeKube, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The chart renders the admin key's record: an upgrade or Argo CD sync
+    would make it again, and the old key would work beside the new one."""
+    admin = key_secret(KeyRecord(name="admin", hash=hash_key("x"), role="admin"), "ns")
+    admin["metadata"]["labels"]["app.kubernetes.io/managed-by"] = "Helm"
+    kube.items["citadel-key-admin"] = admin
+    for action in (["rotate", "admin"], ["revoke", "admin"]):
+        assert main(["keys", "-n", "ns", *action]) == 1
+        assert "rendered by the Helm chart" in capsys.readouterr().err
+    command = ["keys", "-n", "ns", "revoke", "--secret", "citadel-key-admin"]
+    assert main(command) == 1
+    assert "gateway.adminKey" in capsys.readouterr().err
+    assert len(kube.items) == 4
 
 
 def test_rotate_an_unknown_name_makes_nothing(
