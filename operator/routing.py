@@ -32,7 +32,12 @@ from citadel.operator import names
 from citadel.operator.kube.client import ApiError, Kube, Manifest
 from citadel.operator.model import LLMModel
 from citadel.operator.settings import OperatorSettings
-from citadel.operator.status import SERVICE_NAME_TAKEN, ConditionType
+from citadel.operator.status import (
+    RECONCILE_FAILED,
+    SERVICE_NAME_TAKEN,
+    ConditionType,
+    name_taken,
+)
 from citadel.operator.view import ApiView
 
 log = logging.getLogger(__name__)
@@ -73,9 +78,16 @@ def service_taken(model: LLMModel) -> bool:
     goes, and the route comes back.
     """
     ready = model.status.condition(ConditionType.READY)
-    return ready is not None and (ready.status, ready.reason) == (
-        "False",
-        SERVICE_NAME_TAKEN,
+    if ready is None or ready.status != "False":
+        return False
+    if ready.reason == SERVICE_NAME_TAKEN:
+        return True
+    # Operators before the reason of its own wrote the shared one, told apart
+    # by the message alone: such a status lasts past an upgrade until the
+    # model's next full pass, and routing the model meanwhile is the very harm
+    # this check prevents. Kept while statuses of those operators may remain.
+    return ready.reason == RECONCILE_FAILED and ready.message == name_taken(
+        "Service", model.name
     )
 
 

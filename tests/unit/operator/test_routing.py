@@ -114,6 +114,19 @@ def test_a_model_whose_service_is_not_its_own_is_left_out() -> None:
     assert "llm/a" in conflicts["llm/b"]
 
 
+def test_a_status_from_before_the_reason_still_leaves_the_model_out() -> None:
+    # Operators before ServiceNameTaken wrote the shared reason with this
+    # message; after an upgrade it lasts until the model's next full pass.
+    old = LLMModel.from_body(
+        model_body("a", status=_failed(name_taken("Service", "a")))
+    )
+    another = LLMModel.from_body(
+        model_body("b", status=_failed(name_taken("Service", "someone-else")))
+    )
+    doc, _ = build_document([old, another])
+    assert [r.name for r in doc.models] == ["b"]
+
+
 async def test_publisher_writes_the_whole_document(settings: OperatorSettings) -> None:
     kube = FakeKube(
         [model_body("a", servedName="x"), model_body("b", namespace="other")]
