@@ -272,6 +272,9 @@ def _replica_wait(retry_after: str | None) -> int:
     seconds = (retry_after or "").strip()
     if not (seconds.isascii() and seconds.isdecimal()):
         return REPLICA_RETRY_AFTER_S
+    # Leading zeros are allowed (RFC 9110 delta-seconds: 1*DIGIT); the length
+    # check, which spares int() a huge number, is on what is left.
+    seconds = seconds.lstrip("0") or "0"
     if len(seconds) > len(str(REPLICA_RETRY_AFTER_MAX_S)):
         return REPLICA_RETRY_AFTER_MAX_S
     return min(int(seconds), REPLICA_RETRY_AFTER_MAX_S)

@@ -91,18 +91,23 @@ class GraphQLContext(BaseContext):
 
     def hold_socket(self) -> None:
         """Counts the WebSocket against its key's cap, once (the older protocol
-        may send `connection_init` again). Without keys (auth disabled) there is
-        no cap: every socket would count against one.
+        may send `connection_init` again; with another key, the socket is
+        counted against that one from then on). Without keys (auth disabled)
+        there is no cap: every socket would count against one.
 
         Raises:
             AuthenticationFailed: no key, or an unknown or revoked one.
             TooManySockets: the key holds as many sockets as it may; counted as
                 a refused request (a 429) is.
         """
-        if self._socket_key is not None:
-            return
         principal = self.principal()
         name = principal.name
+        if self._socket_key is not None:
+            if name == self._socket_key:
+                return
+            # Counted under the first key while it runs the second's
+            # operations, a socket let a key hold one past its cap.
+            self.release_socket()
         if name is None:
             return
         if not self.deps.sockets.open(name):

@@ -160,6 +160,11 @@ class _GraphQLWSHandler(BaseGraphQLWSHandler[GraphQLContext, None]):
             await self.websocket.close(code=INIT_TIMEOUT_CLOSE, reason=reason)
 
 
+def _text(data: str | bytes) -> str:
+    """A body as text, for a decoding error's message."""
+    return data if isinstance(data, str) else data.decode(errors="replace")
+
+
 class _Router(GraphQLRouter[GraphQLContext, None]):
     graphql_transport_ws_handler_class = _GraphQLTransportWSHandler
     graphql_ws_handler_class = _GraphQLWSHandler
@@ -168,15 +173,17 @@ class _Router(GraphQLRouter[GraphQLContext, None]):
         """A body or socket message as JSON; strawberry answers one it cannot
         parse with a 400 (over HTTP) or closes the socket (4400).
 
-        The standard library's reader recurses: JSON nested deeper than
-        Python's recursion limit would be a RecursionError, the gateway's 500,
-        for what is the caller's mistake.
+        The standard library's reader recurses, and decodes bytes before it
+        parses: JSON nested deeper than Python's recursion limit would be a
+        RecursionError, and bytes that are no UTF-8 a UnicodeDecodeError, each
+        the gateway's 500 for what is the caller's mistake.
         """
         try:
             return json.loads(data)
         except RecursionError as err:
-            text = data if isinstance(data, str) else data.decode(errors="replace")
-            raise json.JSONDecodeError("nested too deeply", text, 0) from err
+            raise json.JSONDecodeError("nested too deeply", _text(data), 0) from err
+        except UnicodeDecodeError as err:
+            raise json.JSONDecodeError("not UTF-8", _text(data), err.start) from err
 
     async def parse_http_body(
         self, request: AsyncHTTPRequestAdapter

@@ -57,6 +57,9 @@ def test_retry_after_is_whole_seconds_at_least_one() -> None:
         (429, "Wed, 21 Oct 2015 07:28:00 GMT", errors.RateLimited, 1),
         (429, None, errors.RateLimited, 1),
         (429, "9" * 5000, errors.RateLimited, 86_400),
+        # Leading zeros are allowed: 5 s, not the cap.
+        (429, "000005", errors.RateLimited, 5),
+        (429, "0000000", errors.RateLimited, 0),
         (422, "30", errors.InvalidRequest, None),
     ],
 )

@@ -289,6 +289,34 @@ def test_a_socket_counts_until_it_closes_however_it_does(
         assert _until(lambda: harness.deps.sockets.held("alice") == 0)
 
 
+def test_a_socket_initialised_again_with_another_key_counts_under_it(
+    kit: Any,
+) -> None:
+    """The older protocol takes a second connection_init, whose key then runs
+    the socket's operations: counted under the first key, a socket let the
+    second hold one past its cap."""
+    harness = kit.build()
+    harness.deps.sockets = SocketCounts(1)
+    protocol = "graphql-ws"
+    with (
+        TestClient(harness.app) as client,
+        _open_socket(client, protocol, kit.key) as first,
+    ):
+        assert first.receive_json()["type"] == "connection_ack"
+        with _open_socket(client, protocol, kit.admin_key) as other:
+            assert other.receive_json()["type"] == "connection_ack"
+            auth = {"authorization": f"Bearer {kit.key}"}
+            other.send_json({"type": "connection_init", "payload": auth})
+            error = other.receive_json()
+            assert error["type"] == "connection_error"
+            assert error["payload"]["extensions"]["code"] == "too_many_sockets"
+            with pytest.raises(WebSocketDisconnect) as closed:
+                other.receive_json()
+            assert closed.value.code == 4429
+        assert _until(lambda: harness.deps.sockets.held("admin") == 0)
+        assert harness.deps.sockets.held("alice") == 1
+
+
 def test_sockets_without_keys_have_no_cap(kit: Any) -> None:
     """With auth disabled every socket is anonymous: one cap for them all
     would let anyone hold every other client out."""
@@ -698,8 +726,10 @@ async def test_a_body_nested_too_deeply_is_refused_as_on_rest(
         + b"[" * 1500
         + b"]" * 1500
         + b"}}",
+        # Bytes that are no UTF-8: the reader decodes before it parses.
+        b'{"query": "\xff"}',
     ],
-    ids=["malformed", "nested past what python reads"],
+    ids=["malformed", "nested past what python reads", "not utf-8"],
 )
 async def test_a_body_that_is_no_json_is_a_graphql_error_counted_as_on_rest(
     kit: Any, caplog: pytest.LogCaptureFixture, raw: bytes
