@@ -31,6 +31,7 @@ from citadel.operator.builders.objects import (
 from citadel.operator.drift import drifted, fingerprint, unchanged_by
 from citadel.operator.events import Notice, combined, event_object, transitions
 from citadel.operator.kube.client import ApiError, Kube, Manifest
+from citadel.operator.kube.heed import AskedWait, HeedingKube
 from citadel.operator.kube.resources import (
     LLMMODELS,
     PDBS,
@@ -371,15 +372,20 @@ class Reconciler:
         metrics: Metrics,
         clock: Callable[[], str] = utc_now,
         view: ClusterView | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.kube = kube
+        # Until when the API server asked this process to wait (Retry-After),
+        # as any request's answer said: periodic passes and refreshes send
+        # nothing before then (see `_told_to_wait`).
+        self.asked_wait = AskedWait(RETRY_AFTER_MAX_S, monotonic)
+        self.kube: Kube = HeedingKube(kube, self.asked_wait)
         self.settings = settings
         self.metrics = metrics
-        self.view: ClusterView = view or ApiView(kube, settings.list_scopes())
+        self.view: ClusterView = view or ApiView(self.kube, settings.list_scopes())
         # Through `self.view` at each publish: `use` swaps it once Kopf's indexes
         # exist.
         self.routes = RoutePublisher(
-            kube,
+            self.kube,
             settings,
             on_conflicts=self._recheck,
             source=lambda: self.view.models(),
@@ -476,6 +482,8 @@ class Reconciler:
                 await held.enter_async_context(self._precedence.urgent())
             await held.enter_async_context(self._serial.hold(key))
             model = await self._parse(self._newest(key, body))
+            if resync and self._told_to_wait(key, "periodic pass"):
+                return model.status
             # A generation not yet reconciled (its update may be waiting for a
             # slot or backing off), or whose reconcile failed for good (here or
             # before a restart, as the status says), was never applied in full:
@@ -579,6 +587,8 @@ class Reconciler:
                 return
             try:
                 async with self._refresh_slots:
+                    if self._told_to_wait(key, "status refresh"):
+                        return
                     with self.metrics.timed("refresh"):
                         body = await self.view.model(namespace, name)
                         if body is None or body["metadata"].get("deletionTimestamp"):
@@ -607,6 +617,26 @@ class Reconciler:
                 log.info("%s is gone: nothing of it is made again", key)
             except (ApiError, ReconcileError, ValidationError) as err:
                 log.warning("refreshing %s failed: %s", key, err)
+
+    def _told_to_wait(self, key: str, what: str) -> bool:
+        """Whether the API server asked this process to wait (Retry-After) for
+        longer still; `what` (of the model `key`) then sends nothing.
+
+        Checked once the pass has its slot, where its requests would start: a
+        pass queued before the answer came must not send them either. The next
+        period or event after the wait does what it would have done; a changed
+        spec's reconcile is not held back, and its failure retries no sooner
+        than asked (`ReconcileError.delay`).
+        """
+        left = self.asked_wait.left()
+        if left > 0:
+            log.debug(
+                "%s: %s skipped: the API server asked to wait %.1f s more",
+                key,
+                what,
+                left,
+            )
+        return left > 0
 
     async def forget(self, namespace: str, name: str) -> None:
         """The model is gone: drop its route and metrics."""

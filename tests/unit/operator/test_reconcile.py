@@ -720,14 +720,16 @@ async def test_retain_drops_the_owner_reference_even_when_a_resize_is_refused(
     original = kube.apply
     refused: list[str] = []
 
-    async def refuse_growth(obj: dict[str, Any], *, subresource: str = "") -> Any:
+    async def refuse_growth(
+        obj: dict[str, Any], *, subresource: str = "", dry_run: bool = False
+    ) -> Any:
         size = obj.get("spec", {}).get("resources", {}).get("requests", {})
         if obj["kind"] == "PersistentVolumeClaim" and size.get("storage") == "200Gi":
             refused.append(obj["metadata"]["name"])
             raise ApiError(
                 403, "Forbidden", "only dynamically provisioned pvc can be resized"
             )
-        return await original(obj, subresource=subresource)
+        return await original(obj, subresource=subresource, dry_run=dry_run)
 
     kube.apply = refuse_growth  # type: ignore[method-assign]
     retaining = model_body(cache={"size": "200Gi", "deletePolicy": "Retain"})
@@ -1481,5 +1483,87 @@ async def test_a_paused_replica_writes_no_status(settings: OperatorSettings) -> 
     assert reconciler.routes.paused
     reconciler.resume()
     assert not reconciler.routes.paused
+    await reconciler.refresh("llm", "mixtral")
+    assert kube.stored(LLMMODELS, "mixtral", "llm")["status"]["phase"] == "Degraded"
+
+
+def _requests(kube: FakeKube) -> int:
+    """How many requests reached the fake API server (refused writes aside)."""
+    made = (kube.reads, kube.applied, kube.dry_runs, kube.created, kube.events)
+    return sum(map(len, made)) + len(kube.deleted) + len(kube.patched)
+
+
+async def test_periodic_passes_send_nothing_while_the_api_server_asks_to_wait(
+    settings: OperatorSettings,
+) -> None:
+    now = [0.0]
+    kube = FakeKube([*NODES, model_body()])
+    reconciler = Reconciler(
+        kube, settings, Metrics(), clock=lambda: NOW, monotonic=lambda: now[0]
+    )
+    await reconciler.reconcile(model_body())
+    stored = kube.stored(LLMMODELS, "mixtral", "llm")
+    # A hand edit the pass puts back; the overloaded API server refuses that
+    # write and asks for 30 s of quiet.
+    _portless_service(kube)
+    kube.fail["services"] = ApiError(429, "TooManyRequests", "slow", retry_after_s=30)
+    with pytest.raises(ReconcileError):
+        await reconciler.reconcile(stored, resync=True)
+    del kube.fail["services"]
+    sent = _requests(kube)
+    now[0] = 29.0
+    await reconciler.reconcile(stored, resync=True)
+    await reconciler.refresh("llm", "mixtral", fix_service=True)
+    reconciler.spawn_refresh("llm", "mixtral", fix_drift=True)
+    await asyncio.gather(*reconciler._spawned)
+    assert _requests(kube) == sent
+    assert kube.stored(SERVICES, "mixtral", "llm")["spec"]["ports"] == []
+    # After the wait, the next pass does what the skipped ones would have.
+    now[0] = 30.5
+    await reconciler.reconcile(stored, resync=True)
+    assert _requests(kube) > sent
+    assert kube.stored(SERVICES, "mixtral", "llm")["spec"]["ports"] != []
+
+
+async def test_a_changed_spec_is_applied_while_the_api_server_asks_to_wait(
+    settings: OperatorSettings,
+) -> None:
+    kube = FakeKube([*NODES, model_body()])
+    reconciler = Reconciler(
+        kube, settings, Metrics(), clock=lambda: NOW, monotonic=lambda: 0.0
+    )
+    kube.fail["services"] = ApiError(429, "TooManyRequests", "slow", retry_after_s=30)
+    with pytest.raises(ReconcileError) as failed:
+        await reconciler.reconcile(model_body())
+    assert failed.value.delay == 30  # Kopf's retry waits as asked
+    del kube.fail["services"]
+    # Kopf's create and update handlers are not held back: their retry
+    # already waits as long as the API server asked.
+    await reconciler.reconcile(model_body())
+    assert kube.stored(SERVICES, "mixtral", "llm")
+
+
+async def test_a_wait_asked_on_any_request_holds_refreshes_back(
+    settings: OperatorSettings,
+) -> None:
+    now = [0.0]
+    kube = FakeKube([*NODES, model_body()])
+    reconciler = Reconciler(
+        kube, settings, Metrics(), clock=lambda: NOW, monotonic=lambda: now[0]
+    )
+    await reconciler.reconcile(model_body())
+    # The routing ConfigMap's write, not a reconcile, got the 429.
+    kube.fail["configmaps"] = ApiError(
+        429, "TooManyRequests", "slow", retry_after_s=3600
+    )
+    with pytest.raises(ApiError):
+        await reconciler.routes.publish()
+    del kube.fail["configmaps"]
+    kube.put(pod("mixtral-abc", waiting="CrashLoopBackOff"))
+    now[0] = reconcile.RETRY_AFTER_MAX_S - 1  # the asked hour is capped
+    sent = _requests(kube)
+    await reconciler.refresh("llm", "mixtral")
+    assert _requests(kube) == sent
+    now[0] = reconcile.RETRY_AFTER_MAX_S
     await reconciler.refresh("llm", "mixtral")
     assert kube.stored(LLMMODELS, "mixtral", "llm")["status"]["phase"] == "Degraded"
