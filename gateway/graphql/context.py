@@ -1,7 +1,9 @@
 """Who is asking: the GraphQL context, built per request (or per WebSocket).
 
-Over HTTP the key is checked before the query runs, so a missing or bad key is
-a 401 in OpenAI's shape, as on REST, counted as a refused chat. Over WebSocket
+Over HTTP the key is checked, and the body read under the gateway's limit,
+before the query runs: a missing or bad key is REST's 401, a body over the limit
+REST's 413, each counted as a refused chat and answered by the router in the
+door's shape (`GraphQLContext.refused`). Over WebSocket
 (subscriptions) the key comes from the `connection_init` payload
 (`{"authorization": "Bearer ..."}`, the only way for browsers, which cannot set
 headers on a WebSocket) or the handshake's `Authorization` header. It is checked
@@ -41,6 +43,9 @@ class GraphQLContext(BaseContext):
         principal: the caller, checked before the operation (HTTP); None over
             WebSocket, where the key is checked as each operation starts.
         session: the session header, for session-affinity routing.
+        refused: why the HTTP request is refused before any operation (no key
+            or a bad one, a body over the limit), counted already; the router
+            answers it. None over WebSocket, and for a request let through.
     """
 
     def __init__(
@@ -49,11 +54,13 @@ class GraphQLContext(BaseContext):
         request_id: str,
         principal: Principal | None,
         session: str | None = None,
+        refused: GatewayError | None = None,
     ):
         super().__init__()
         self.deps = deps
         self.request_id = request_id
         self.session = session
+        self.refused = refused
         self._principal = principal
         self._calls = 0
         # The key name a WebSocket is counted under, from its connection_init
@@ -175,7 +182,13 @@ async def context_of(
     connection: HTTPConnection,
     response: Response = None,  # type: ignore[assignment]
 ) -> GraphQLContext:
-    """The context getter (a FastAPI dependency)."""
+    """The context getter (a FastAPI dependency).
+
+    A request refused here comes back as a context that says why
+    (`GraphQLContext.refused`), not as an exception: raised from a dependency,
+    the app's handlers would answer it in REST's shape, which a GraphQL client
+    does not read as it reads every other error of the door.
+    """
     deps: Deps = connection.app.state.deps
     # take_request_id reads only headers and state, which a WebSocket has too.
     rid = take_request_id(connection)  # type: ignore[arg-type]
@@ -194,7 +207,7 @@ async def context_of(
             # chats are what keys are for), or a flood of bad keys would not
             # show in the request metrics.
             deps.proxy.refused(CHAT, rid, err, Door.GRAPHQL, principal)
-            raise
+            return GraphQLContext(deps, rid, principal, session, refused=err)
         except ClientDisconnect as err:  # gone during the upload
             deps.proxy.left(CHAT, rid, Door.GRAPHQL, principal)
             # Answered to nobody; unlike any other exception, logged as nothing.

@@ -17,7 +17,9 @@ closes, however it does.
 
 A request strawberry cannot read (a body that is not JSON, no query) gets the
 door's JSON error, with REST's 400 in its `extensions`, counted as REST counts
-that 400: strawberry's own answer is plain text, counted nowhere.
+that 400: strawberry's own answer is plain text, counted nowhere. So does a
+request refused before strawberry reads it (no key or a bad one, a body over
+the limit: see `context_of`), with REST's 401 or 413, not REST's error shape.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from strawberry.subscriptions.protocols.graphql_ws.types import (
 )
 from strawberry.types.unset import UNSET, UnsetType
 
-from citadel.gateway.errors import InvalidRequest, TooManySockets
+from citadel.gateway.errors import GatewayError, InvalidRequest, TooManySockets
 from citadel.gateway.graphql.context import (
     GraphQLContext,
     admit,
@@ -211,6 +213,9 @@ class _Router(GraphQLRouter[GraphQLContext, None]):
         context: GraphQLContext = UNSET,
         root_value: None = UNSET,
     ) -> Response | WebSocket:
+        if isinstance(request, Request) and context.refused is not None:
+            # Refused before the operation is known, and counted then.
+            return self._error_response(context, context.refused)
         try:
             return await super().run(request, context, root_value)
         except HTTPException as err:
@@ -235,9 +240,16 @@ class _Router(GraphQLRouter[GraphQLContext, None]):
         context.deps.proxy.refused(
             CHAT, context.request_id, error, Door.GRAPHQL, context.principal()
         )
+        return self._error_response(context, error)
+
+    def _error_response(self, context: GraphQLContext, error: GatewayError) -> Response:
+        """`error` as the door answers a request it runs no operation for: one
+        GraphQL error in `errors`, with REST's status and headers, and the
+        request id (set on the sub-response by `context_of`)."""
         sub_response = context.response
         assert sub_response is not None  # over HTTP, the response's headers
         sub_response.status_code = error.status
+        sub_response.headers.update(error.headers)
         return self.create_response(
             {"errors": [graphql_error(error).formatted]}, sub_response
         )

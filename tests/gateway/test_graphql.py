@@ -138,7 +138,9 @@ def test_errors_carry_the_rest_error_in_extensions(setup: dict[str, Any]) -> Non
         headers={"authorization": "Bearer wrong"},
     )
     assert bad_key.status_code == 401
-    assert bad_key.json()["error"]["code"] == "invalid_api_key"
+    (error,) = bad_key.json()["errors"]  # the door's shape, as every other error
+    assert error["extensions"]["code"] == "invalid_api_key"
+    assert error["extensions"]["status"] == 401
 
 
 def test_rate_limit_in_extensions(setup: dict[str, Any]) -> None:

@@ -371,18 +371,69 @@ async def test_a_socket_that_never_sends_connection_init_is_closed(
     assert sent[-1]["code"] == 4408
 
 
-async def test_a_body_over_the_limit_is_refused_as_on_rest(kit: Any) -> None:
+async def test_a_body_over_the_limit_is_refused_as_on_rest(
+    kit: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="citadel.gateway.access")
     harness = kit.build()  # max_body_bytes 4096
     big = {"model": "chat", "messages": [{"role": "user", "content": "a" * 10_000}]}
     async with harness.client() as client:
         rest = await client.post("/v1/chat/completions", json=big)
         graphql = await client.post(
-            "/graphql", json={"query": CHAT, "variables": {"input": big}}
+            "/graphql",
+            json={"query": CHAT, "variables": {"input": big}},
+            headers={"x-request-id": "big-1"},
         )
     assert rest.status_code == graphql.status_code == 413
-    assert graphql.json()["error"]["code"] == "request_too_large"
+    # REST's shape on REST, the door's own on GraphQL, as every other error.
+    assert rest.json()["error"]["code"] == "request_too_large"
+    assert graphql.headers["content-type"] == "application/json"
+    assert graphql.headers["x-request-id"] == "big-1"
+    (error,) = graphql.json()["errors"]
+    assert error["message"] == rest.json()["error"]["message"]
+    extensions = error["extensions"]
+    assert (extensions["status"], extensions["code"]) == (413, "request_too_large")
     assert harness.upstream.calls == []
     assert kit.counted(harness, "413", door="graphql", model="unknown") == 1
+    assert _access(caplog) == [(413, "request_too_large")] * 2  # REST's, GraphQL's
+
+
+@pytest.mark.parametrize(
+    "authorization", ["", "Bearer ctd-wrong"], ids=["no key", "a bad key"]
+)
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_a_refused_key_over_http_is_a_graphql_error_counted_as_on_rest(
+    kit: Any, caplog: pytest.LogCaptureFixture, authorization: str, method: str
+) -> None:
+    caplog.set_level("INFO", logger="citadel.gateway.access")
+    harness = kit.build()
+    headers = {"authorization": authorization, "x-request-id": "key-1"}
+    async with harness.client() as client:
+        rest = await client.post("/v1/chat/completions", json=kit.chat, headers=headers)
+        answer = await client.request(
+            method,
+            "/graphql",
+            params={"query": "{ apiVersion }"} if method == "GET" else None,
+            json={"query": CHAT, "variables": {"input": INPUT}}
+            if method == "POST"
+            else None,
+            headers=headers,
+        )
+    assert answer.status_code == rest.status_code == 401
+    assert rest.json()["error"]["code"] == "invalid_api_key"  # REST unchanged
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.headers["x-request-id"] == "key-1"
+    (error,) = answer.json()["errors"]
+    assert error["message"] == rest.json()["error"]["message"]
+    extensions = error["extensions"]
+    assert (extensions["status"], extensions["code"]) == (401, "invalid_api_key")
+    assert "ctd-wrong" not in answer.text
+    assert harness.upstream.calls == []
+    labels = {"api": "chat", "model": "unknown", "status": "401"}
+    labels.update(key="anonymous", door="graphql")
+    sample = harness.deps.metrics.registry.get_sample_value
+    assert sample("citadel_gateway_requests_total", labels) == 1
+    assert _access(caplog) == [(401, "invalid_api_key")] * 2  # REST's, GraphQL's
 
 
 @pytest.mark.parametrize(
