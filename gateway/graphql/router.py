@@ -63,7 +63,12 @@ from citadel.gateway.graphql.context import (
 )
 from citadel.gateway.graphql.errors import graphql_error
 from citadel.gateway.graphql.schema import build_schema
-from citadel.gateway.services.requests import CHAT, Door
+from citadel.gateway.services.requests import (
+    CHAT,
+    NOT_AN_OBJECT,
+    Door,
+    unparsable,
+)
 
 PATH = "/graphql"
 INIT_TIMEOUT_CLOSE = 4408
@@ -195,7 +200,7 @@ class _Router(GraphQLRouter[GraphQLContext, None]):
         except AttributeError as err:
             # strawberry reads any JSON body but a list as an object: a number,
             # a string or null was an AttributeError, the gateway's 500.
-            raise HTTPException(400, "The request body must be a JSON object.") from err
+            raise HTTPException(400, NOT_AN_OBJECT) from err
 
     @overload
     async def run(
@@ -232,10 +237,10 @@ class _Router(GraphQLRouter[GraphQLContext, None]):
         counted as a refused chat (as a bad key is), REST's 400."""
         cause = err.__cause__
         where = "query string" if request.method == "GET" else "body"
-        error = InvalidRequest(
-            f"We could not parse the JSON {where} of your request: {cause}."
+        error = (
+            unparsable(cause, where)
             if isinstance(cause, json.JSONDecodeError)
-            else err.reason
+            else InvalidRequest(err.reason)
         )
         context.deps.proxy.refused(
             CHAT, context.request_id, error, Door.GRAPHQL, context.principal()

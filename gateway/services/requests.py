@@ -124,6 +124,18 @@ class ParsedBody:
         return dumps_request({**self.sent, "model": served_name})
 
 
+NOT_AN_OBJECT = "The request body must be a JSON object."
+"""What every door answers (400) for a JSON body that is no object."""
+
+
+def unparsable(err: Exception, where: str = "body") -> InvalidRequest:
+    """The 400 every door answers for JSON it cannot read (`where`: the body,
+    or GraphQL's query string), saying why."""
+    return InvalidRequest(
+        f"We could not parse the JSON {where} of your request: {err}."
+    )
+
+
 def parse_body(raw: bytes, call: ApiCall) -> ParsedBody:
     """The request body, checked just enough to route it.
 
@@ -134,11 +146,9 @@ def parse_body(raw: bytes, call: ApiCall) -> ParsedBody:
     try:
         body = _read_json(raw)
     except orjson.JSONDecodeError as err:
-        raise InvalidRequest(
-            f"We could not parse the JSON body of your request: {err}."
-        ) from err
+        raise unparsable(err) from err
     if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
+        raise InvalidRequest(NOT_AN_OBJECT)
     stream = call.streams and body.get("stream") is True
     sent = _usage_asked(body) if stream else body
     # Writing it is the depth check: in C, about 4 us for a 20 KB chat (a fifth
