@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import sys
 from array import array
-from collections.abc import Mapping, MutableSequence, Sequence
+from collections.abc import Callable, Mapping, MutableSequence, Sequence
 from typing import Any
 
 import orjson
@@ -51,15 +51,11 @@ def prompt_text(body: Mapping[str, Any]) -> str:
     """The prompt of a chat, completion or embedding request, as one string."""
     messages = body.get("messages")
     if isinstance(messages, list):
-        parts: list[str] = []
-        for message in messages:
-            if isinstance(message, Mapping):
-                # Only a string is a role (vLLM refuses any other): str() of
-                # anything else could be megabytes of text, made for nothing.
-                role = message.get("role")
-                role = role if isinstance(role, str) else None
-                parts.append(f"{role}\x1f{_content(message)}\x1e")
-        return "".join(parts)
+        return "".join(
+            _message_text(message, _content(message.get("content")))
+            for message in messages
+            if isinstance(message, Mapping)
+        )
     for field in ("prompt", "input"):
         value = body.get(field)
         if isinstance(value, str):
@@ -85,19 +81,48 @@ def _first_prompt(value: object) -> str:
     return ""
 
 
-def _content(message: Mapping[str, Any]) -> str:
-    content = message.get("content")
+def _message_text(message: Mapping[str, Any], content: str) -> str:
+    """A message as the prompt texts write it: its role, then `content`."""
+    # Only a string is a role (vLLM refuses any other): str() of anything else
+    # could be megabytes of text, made for nothing.
+    role = message.get("role")
+    role = role if isinstance(role, str) else None
+    return f"{role}\x1f{content}\x1e"
+
+
+def _no_text(part: Mapping[str, Any]) -> str:
+    """Nothing, for a part without `text` (media: its payload, base64, is no
+    text to charge by)."""
+    return ""
+
+
+def _content(
+    content: object,
+    limit: int = sys.maxsize,
+    media: Callable[[Mapping[str, Any]], str] = _no_text,
+) -> str:
+    """A message's content as text: a string as it is, or its parts' text
+    (vLLM takes a plain string among them as text) with `media` of each part
+    without text; parts cut past `limit` characters."""
     if isinstance(content, str):
         return content
-    if isinstance(content, list):
-        # vLLM takes a plain string among the parts as text; media parts have
-        # none, and their payload (base64) is no text to route or charge by.
-        return "".join(
-            part if isinstance(part, str) else _text(part.get("text"))
-            for part in content
-            if isinstance(part, str | Mapping)
-        )
-    return ""
+    if not isinstance(content, list):
+        return ""
+    pieces: list[str] = []
+    for part in content:
+        if limit <= 0:
+            break
+        if isinstance(part, str):
+            text = part
+        elif isinstance(part, Mapping):
+            text = _text(part["text"]) if "text" in part else media(part)
+        else:
+            continue
+        if len(text) > limit:
+            text = text[:limit]
+        pieces.append(text)
+        limit -= len(text)
+    return "".join(pieces)
 
 
 def _text(value: object) -> str:
@@ -140,15 +165,13 @@ def prefix_text(body: Mapping[str, Any]) -> str:
         if left <= 0:
             break
         if isinstance(message, Mapping):
-            role = message.get("role")
-            role = role if isinstance(role, str) else None
             content = message.get("content")
             if not isinstance(content, str):
-                content = _prefix_content(content, left)
+                content = _content(content, left, _stand_in)
             elif len(content) > _LONG_CHARS:
                 # A slice is a copy: worth it only where it saves much more.
                 content = content[:left]
-            text = f"{role}\x1f{content}\x1e"
+            text = _message_text(message, content)
             pieces.append(text)
             left -= len(text)
     return "".join(pieces)
@@ -178,30 +201,9 @@ def _tools_json(tools: object, limit: int) -> bytes:
     return (b"[" + b",".join(schemas) + b"]\x1d")[: limit + 3]
 
 
-def _prefix_content(content: object, limit: int) -> str:
-    """A message's content parts as `_content` reads them, with a stand-in
-    for each media part, cut past `limit` characters."""
-    if not isinstance(content, list):
-        return ""
-    pieces: list[str] = []
-    for part in content:
-        if limit <= 0:
-            break
-        if isinstance(part, str):
-            text = part
-        elif isinstance(part, Mapping):
-            text = _text(part["text"]) if "text" in part else _stand_in(part)
-        else:
-            continue
-        text = text[:limit]
-        pieces.append(text)
-        limit -= len(text)
-    return "".join(pieces)
-
-
 def _stand_in(part: Mapping[str, Any]) -> str:
     """A part without `text`: nothing for a text type without it (as
-    `_content`), else a media part's stand-in, the hex xxh3 of its payload
+    `_no_text`), else a media part's stand-in, the hex xxh3 of its payload
     between separators.
 
     The payload is hashed as bytes, never put in the text: a base64 image may
