@@ -172,10 +172,10 @@ the root context, so the plain-key Secret and the hashed record agree.
 The admin key's SHA-256 as its record stores it ("sha256:<hex>"): the hash given in
 gateway.adminKey.sha256 when the key is the user's (existingSecret: no lookup and
 no generated key, so `helm template` and Argo CD render the same record every
-time), else the hash of the generated key. Fails on values that do not go together.
+time), else the hash of the generated key. The record's template checks the values
+first (citadel.adminKey.check).
 */}}
 {{- define "citadel.adminKey.hash" -}}
-{{- include "citadel.adminKey.check" . }}
 {{- if .Values.gateway.adminKey.existingSecret }}
 {{- printf "sha256:%s" .Values.gateway.adminKey.sha256 }}
 {{- else }}
