@@ -1,9 +1,11 @@
 """The routing document: the contract between the operator and the gateway.
 
 The operator writes it as JSON under the key `routes.json` of the ConfigMap
-`citadel-routes` in the gateway's namespace; the gateway watches that ConfigMap (or
-reads the same document from a file outside Kubernetes). The gateway owns the
-schema, so the operator imports it from here.
+`citadel-routes` in the gateway's namespace, or gzipped under the binary key
+`routes.json.gz` once it is too large to keep as text (`configmap_content`); the
+gateway watches that ConfigMap (or reads the same document from a file outside
+Kubernetes). The gateway owns the schema and both forms, so the operator imports
+them from here.
 
 Compatibility: `schemaVersion` is bumped only for changes an older reader cannot
 ignore. Readers accept every version up to the one they know and ignore unknown
@@ -16,7 +18,12 @@ default, and any other route it cannot read is left out, each with a reason.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
+import gzip
+import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Self
 
@@ -26,6 +33,18 @@ from pydantic_core import from_json
 SCHEMA_VERSION = 1
 CONFIGMAP_NAME = "citadel-routes"
 CONFIGMAP_KEY = "routes.json"
+CONFIGMAP_GZIP_KEY = "routes.json.gz"
+"""The `binaryData` key of the document gzipped, written instead of
+`CONFIGMAP_KEY` from `GZIP_FROM_BYTES` on."""
+GZIP_FROM_BYTES = 512 * 1024
+"""From this size of its JSON on, the document is stored gzipped. A ConfigMap
+holds 1 MiB: as text, some 2,800-3,700 models (see `RoutingDocument.to_json`);
+gzipped, some 25 times more (1,000 to 30,000 models of generated names
+compressed 24-28x, 2026-12-06). Below it the document stays readable with
+`kubectl get` and readable by gateways older than the gzipped form."""
+MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
+"""The most a gateway unpacks of a gzipped document (some 200,000 models): a
+ConfigMap of 1 MiB of crafted gzip could otherwise unpack to gigabytes."""
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # What clients may send as "model": Hugging Face style names included.
 SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
@@ -118,8 +137,8 @@ class RoutingDocument(_Model):
         ConfigMap holds at most 1 MiB. A model without aliases takes 282 to 373
         bytes (names of 10 to 35 characters, namespaces of 3 to 19), some
         2,800-3,700 models a MiB (1,000 models through the operator's
-        build_document, 2026-12-05); indented JSON took some 160 bytes more a
-        model."""
+        build_document, 2026-12-05), more once gzipped (`configmap_content`);
+        indented JSON took some 160 bytes more a model."""
         ordered = sorted(self.models, key=lambda r: (r.namespace, r.name))
         doc = self.model_copy(update={"models": tuple(ordered)})
         return doc.model_dump_json(by_alias=True)
@@ -220,6 +239,73 @@ def read_document(raw: str | bytes) -> DocumentReading:
     except ValidationError as err:
         raise RoutesError(f"invalid routing document: {invalid_fields(err)}") from err
     return DocumentReading(document, tuple(problems), tuple(left_out))
+
+
+def configmap_content(doc: RoutingDocument) -> dict[str, dict[str, str]]:
+    """The routing ConfigMap's `data` or `binaryData` holding `doc`: its JSON
+    as text, or from `GZIP_FROM_BYTES` on gzipped (base64, as the API takes
+    binary data). The same document gives the same bytes every time (no time
+    in the gzip header), so that an unchanged write changes nothing."""
+    text = doc.to_json().encode()
+    if len(text) < GZIP_FROM_BYTES:
+        return {"data": {CONFIGMAP_KEY: text.decode()}}
+    packed = gzip.compress(text, mtime=0)
+    return {"binaryData": {CONFIGMAP_GZIP_KEY: base64.b64encode(packed).decode()}}
+
+
+def configmap_document(configmap: Mapping[str, Any]) -> str | bytes:
+    """The routing document a ConfigMap holds (`configmap_content`'s either
+    form), not yet parsed. The gzipped one wins when both are there: the
+    operator writes it, then removes the text one.
+
+    Raises:
+        RoutesError: neither key, or what is there cannot be read.
+    """
+    binary = configmap.get("binaryData")
+    packed = binary.get(CONFIGMAP_GZIP_KEY) if isinstance(binary, dict) else None
+    if packed is not None:
+        if not isinstance(packed, str):
+            raise RoutesError(f"ConfigMap key {CONFIGMAP_GZIP_KEY!r} is not base64")
+        try:
+            raw = base64.b64decode(packed, validate=True)
+        except binascii.Error as err:
+            raise RoutesError(
+                f"ConfigMap key {CONFIGMAP_GZIP_KEY!r} is not base64: {err}"
+            ) from err
+        return _gunzip(raw)
+    data = configmap.get("data")
+    text = data.get(CONFIGMAP_KEY) if isinstance(data, dict) else None
+    if text is None:
+        raise RoutesError(
+            f"ConfigMap has neither key {CONFIGMAP_KEY!r} nor {CONFIGMAP_GZIP_KEY!r}"
+        )
+    if not isinstance(text, str):
+        raise RoutesError(f"ConfigMap key {CONFIGMAP_KEY!r} is not text")
+    return text
+
+
+def _gunzip(packed: bytes) -> bytes:
+    """`packed` unpacked, up to `MAX_DOCUMENT_BYTES`.
+
+    Raises:
+        RoutesError: not gzip, cut short, or larger than that once unpacked.
+    """
+    # wbits 16 + MAX_WBITS: the gzip header and trailer, checked.
+    unpacker = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        raw = unpacker.decompress(packed, MAX_DOCUMENT_BYTES)
+    except zlib.error as err:
+        raise RoutesError(
+            f"ConfigMap key {CONFIGMAP_GZIP_KEY!r} is not gzip: {err}"
+        ) from err
+    if unpacker.unconsumed_tail:
+        raise RoutesError(
+            f"ConfigMap key {CONFIGMAP_GZIP_KEY!r} unpacks to more than "
+            f"{MAX_DOCUMENT_BYTES} bytes"
+        )
+    if not unpacker.eof:
+        raise RoutesError(f"ConfigMap key {CONFIGMAP_GZIP_KEY!r} is cut short")
+    return raw
 
 
 def parse_document(raw: str | bytes) -> RoutingDocument:

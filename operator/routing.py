@@ -23,13 +23,16 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from citadel.gateway.routes import (
+    CONFIGMAP_GZIP_KEY,
     CONFIGMAP_KEY,
     ModelRoute,
     RouteLimits,
     RoutingDocument,
+    configmap_content,
 )
 from citadel.operator import names
 from citadel.operator.kube.client import ApiError, Kube, Manifest
+from citadel.operator.kube.resources import CONFIGMAPS
 from citadel.operator.model import LLMModel
 from citadel.operator.settings import OperatorSettings
 from citadel.operator.status import (
@@ -144,7 +147,8 @@ def assemble(entries: Sequence[Entry]) -> tuple[RoutingDocument, Conflicts]:
 
 
 def configmap(settings: OperatorSettings, doc: RoutingDocument) -> Manifest:
-    """The ConfigMap holding `doc`."""
+    """The ConfigMap holding `doc`: as text, or gzipped when large (the
+    gateway's `configmap_content`)."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -157,8 +161,29 @@ def configmap(settings: OperatorSettings, doc: RoutingDocument) -> Manifest:
                 names.LABEL_MANAGED_BY: names.MANAGER_NAME,
             },
         },
-        "data": {CONFIGMAP_KEY: doc.to_json()},
+        **configmap_content(doc),
     }
+
+
+def _other_form(written: Manifest, stored: Manifest) -> list[Manifest]:
+    """JSON patch operations removing the document's other form from `stored`,
+    the ConfigMap as an apply of `written` left it; none when it holds only the
+    form written.
+
+    Server-side apply drops a key the operator no longer applies only when no
+    other field manager owns it too; the text key of the ConfigMap `ensure`
+    created is also owned by that create's entry (as long as no apply changed
+    it), and a text key an older operator or a person wrote may be anyone's.
+    Left there beside the gzipped form, it would be a stale copy for `kubectl
+    get` to show (gateways read the gzipped one first).
+    """
+    ops = []
+    for section, key in (("data", CONFIGMAP_KEY), ("binaryData", CONFIGMAP_GZIP_KEY)):
+        if key in (stored.get(section) or {}) and key not in (
+            written.get(section) or {}
+        ):
+            ops.append({"op": "remove", "path": f"/{section}/{key}"})
+    return ops
 
 
 def routable(bodies: Iterable[Manifest], settings: OperatorSettings) -> list[Manifest]:
@@ -362,7 +387,15 @@ class RoutePublisher:
             log.info("routing ConfigMap not written: paused for a peer")
             return doc
         if force or doc != self.published:
-            await self._kube.apply(configmap(self._settings, doc))
+            written = configmap(self._settings, doc)
+            stored = await self._kube.apply(written)
+            if ops := _other_form(written, stored):
+                await self._kube.json_patch(
+                    CONFIGMAPS,
+                    self._settings.routes_configmap,
+                    self._settings.gateway_namespace,
+                    ops,
+                )
         changed = set(conflicts) ^ set(self.conflicts)
         changed |= {k for k in conflicts if self.conflicts.get(k) != conflicts[k]}
         self.conflicts, self.published, self._known = conflicts, doc, True

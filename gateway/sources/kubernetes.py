@@ -1,8 +1,9 @@
 """Routes, replicas and keys from the Kubernetes API, kept current by watches.
 
 - The `citadel-routes` ConfigMap in the gateway's namespace holds the routing
-  document (key `routes.json`); a deleted or invalid one leaves the last good one in
-  force (a deleted one counts as a reload that is `missing`).
+  document (key `routes.json`, or gzipped `routes.json.gz` of `binaryData` when
+  large); a deleted or invalid one leaves the last good one in force (a deleted
+  one counts as a reload that is `missing`).
 - EndpointSlices (discovery.k8s.io/v1, label `kubernetes.io/service-name`) of every
   namespace the document names give each Service's pod addresses with their ready,
   serving and terminating conditions; one that cannot be read is logged and counts
@@ -35,9 +36,9 @@ from citadel.gateway.kube.client import (
     secrets,
 )
 from citadel.gateway.routes import (
-    CONFIGMAP_KEY,
     CONFIGMAP_NAME,
     RoutesError,
+    configmap_document,
     invalid_fields,
     read_document,
 )
@@ -274,18 +275,8 @@ class RoutesWatchSource:
         self._catalog.lose_document(f"routes ConfigMap deleted: {CONFIGMAP_NAME}")
 
     def _load(self, configmap: Obj) -> None:
-        data = configmap.get("data")
-        raw = data.get(CONFIGMAP_KEY) if isinstance(data, dict) else None
-        if raw is None:
-            self._catalog.reject_document(f"ConfigMap has no key {CONFIGMAP_KEY!r}")
-            return
-        if not isinstance(raw, str):
-            self._catalog.reject_document(
-                f"ConfigMap key {CONFIGMAP_KEY!r} is not text"
-            )
-            return
         try:
-            reading = read_document(raw)
+            reading = read_document(configmap_document(configmap))
         except RoutesError as err:
             self._catalog.reject_document(err)
             return

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import base64
+import gzip
 import json
+import re
+from typing import Any
 
 import pytest
 
+from citadel.gateway import routes
 from citadel.gateway.routes import (
+    CONFIGMAP_GZIP_KEY,
+    CONFIGMAP_KEY,
+    GZIP_FROM_BYTES,
     SCHEMA_VERSION,
     ModelRoute,
     RoutesError,
     RoutingDocument,
     RoutingStrategy,
+    configmap_content,
+    configmap_document,
     parse_document,
     read_document,
 )
@@ -160,3 +170,92 @@ def test_a_kept_route_whose_names_are_taken_now_is_left_out() -> None:
     assert sorted(r.name for r in kept.document.models) == ["b", "c"]
     assert "model llm/a: left out, its names are taken" in kept.problems
     assert "model llm/c: its previous route stays in force" in kept.problems
+
+
+def _many(count: int) -> RoutingDocument:
+    """A document of `count` models with names of 30-odd characters."""
+    return RoutingDocument.model_validate(
+        {
+            "models": [
+                _route(f"model-{i:05d}-instruct-v2", f"served-{i:05d}-instruct-v2")
+                for i in range(count)
+            ]
+        }
+    )
+
+
+def test_a_small_document_is_stored_as_text() -> None:
+    doc = _many(10)
+    content = configmap_content(doc)
+    assert content == {"data": {CONFIGMAP_KEY: doc.to_json()}}
+    assert parse_document(configmap_document(content)) == doc
+
+
+def test_a_large_document_is_stored_gzipped_and_reads_back() -> None:
+    # 4,000 models: past the 1 MiB a ConfigMap holds as text.
+    doc = _many(4000)
+    assert len(doc.to_json()) > 1024 * 1024
+    content = configmap_content(doc)
+    assert set(content) == {"binaryData"}
+    packed = content["binaryData"][CONFIGMAP_GZIP_KEY]
+    assert len(base64.b64decode(packed)) < 100 * 1024
+    assert parse_document(configmap_document(content)) == doc
+    # The same bytes each time: an unchanged document is no change to apply.
+    assert configmap_content(_many(4000)) == content
+
+
+def test_the_text_form_ends_where_the_gzipped_one_starts() -> None:
+    # Sizes either side of GZIP_FROM_BYTES decide the form, not the count.
+    size = len(_many(1).to_json())
+    per_model = len(_many(2).to_json()) - size
+    below = 1 + (GZIP_FROM_BYTES - 1 - size) // per_model  # the most as text
+    assert len(_many(below).to_json()) < GZIP_FROM_BYTES
+    assert "data" in configmap_content(_many(below))
+    assert len(_many(below + 1).to_json()) >= GZIP_FROM_BYTES
+    assert "binaryData" in configmap_content(_many(below + 1))
+
+
+def test_the_gzipped_form_wins_when_both_are_there() -> None:
+    # Between the operator's write of one form and its removal of the other.
+    new, old = _many(2), _many(1)
+    packed = base64.b64encode(gzip.compress(new.to_json().encode())).decode()
+    configmap = {
+        "data": {CONFIGMAP_KEY: old.to_json()},
+        "binaryData": {CONFIGMAP_GZIP_KEY: packed},
+    }
+    assert parse_document(configmap_document(configmap)) == new
+
+
+def _gz(data: bytes) -> dict[str, Any]:
+    return {"binaryData": {CONFIGMAP_GZIP_KEY: base64.b64encode(data).decode()}}
+
+
+@pytest.mark.parametrize(
+    ("configmap", "said"),
+    [
+        ({}, "neither key 'routes.json' nor 'routes.json.gz'"),
+        ({"data": None}, "neither key"),
+        ({"data": {"other": "{}"}}, "neither key"),
+        ({"data": {CONFIGMAP_KEY: 5}}, "'routes.json' is not text"),
+        ({"binaryData": {CONFIGMAP_GZIP_KEY: 5}}, "is not base64"),
+        ({"binaryData": {CONFIGMAP_GZIP_KEY: "no base64!"}}, "is not base64"),
+        (_gz(b'{"models": []}'), "is not gzip"),
+        (_gz(gzip.compress(b'{"models": []}')[:-12]), "is cut short"),
+    ],
+)
+def test_a_configmap_it_cannot_read_says_why(
+    configmap: dict[str, Any], said: str
+) -> None:
+    with pytest.raises(RoutesError, match=re.escape(said)):
+        configmap_document(configmap)
+
+
+def test_a_gzipped_document_unpacks_to_a_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 1 MiB of gzip can unpack to a GiB: no more than the bound is unpacked.
+    monkeypatch.setattr(routes, "MAX_DOCUMENT_BYTES", 4096)
+    text = b'{"models": []}' + b" " * 4096
+    with pytest.raises(RoutesError, match="unpacks to more than 4096 bytes"):
+        configmap_document(_gz(gzip.compress(text)))
+    assert configmap_document(_gz(gzip.compress(text[:4096]))) == text[:4096]

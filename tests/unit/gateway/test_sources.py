@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ import pytest
 from citadel.gateway.errors import ModelNotFound
 from citadel.gateway.kube.client import KubeApiError
 from citadel.gateway.metrics import GatewayMetrics
-from citadel.gateway.routes import CONFIGMAP_KEY, RoutingDocument
+from citadel.gateway.routes import CONFIGMAP_GZIP_KEY, CONFIGMAP_KEY, RoutingDocument
 from citadel.gateway.services.auth import InMemoryKeyStore, KeyRecord, hash_key
 from citadel.gateway.services.catalog import Catalog
 from citadel.gateway.services.replicas import Endpoint, LoadReport
@@ -1013,3 +1014,16 @@ def test_the_kubernetes_watches_report_to_the_gateways_metrics() -> None:
     ]
     assert len(watches) == 2
     assert all(s._health is deps.metrics for s in watches)
+
+
+async def test_a_gzipped_routes_configmap_feeds_the_catalog() -> None:
+    # What the operator writes once the document is too large for text.
+    results: list[str] = []
+    catalog = Catalog(results.append)
+    source = RoutesWatchSource(None, "citadel-system", catalog)  # type: ignore[arg-type]
+    packed = base64.b64encode(gzip.compress(doc("big").encode())).decode()
+    source._sync([{"binaryData": {CONFIGMAP_GZIP_KEY: packed}}])
+    for task in source._slice_watches.values():
+        task.cancel()
+    assert results == ["ok"]
+    assert catalog.resolve("big").name == "m"

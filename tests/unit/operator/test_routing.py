@@ -10,7 +10,12 @@ from typing import Any
 
 import pytest
 
-from citadel.gateway.routes import RoutingDocument, RoutingStrategy, parse_document
+from citadel.gateway.routes import (
+    RoutingDocument,
+    RoutingStrategy,
+    configmap_document,
+    parse_document,
+)
 from citadel.operator.kube.client import ApiError, Manifest
 from citadel.operator.kube.fake import FakeKube
 from citadel.operator.kube.resources import CONFIGMAPS, LLMMODELS
@@ -525,3 +530,39 @@ async def test_a_publish_paused_while_it_listed_writes_nothing(
     await publisher.publish()
     assert _documents(kube) == []
     assert publisher.published is None
+
+
+async def test_a_large_document_goes_gzipped_and_back_to_text(
+    settings: OperatorSettings,
+) -> None:
+    # 2,000 models: past GZIP_FROM_BYTES as text. Some 3,000 passed the 1 MiB
+    # of a ConfigMap: the API server refused it, and gateways kept the last
+    # document for good.
+    many = [model_body(f"model-{i:05d}-instruct-v2") for i in range(2000)]
+    models = many
+    kube = FakeKube([])
+
+    async def source() -> list[Manifest]:
+        return models
+
+    publisher = RoutePublisher(kube, settings, source=source, listing=source)
+    await publisher.ensure()
+    doc = await publisher.publish()
+    stored = kube.stored(CONFIGMAPS, "citadel-routes", "citadel-system")
+    # The create's text key, left by the fake's apply as by the API server's
+    # (another manager owns it too), is removed.
+    assert set(stored.get("data") or {}) == set()
+    assert set(stored["binaryData"]) == {"routes.json.gz"}
+    assert parse_document(configmap_document(stored)) == doc
+    assert len(doc.models) == 2000
+    models = many[:1]
+    doc = await publisher.publish()
+    stored = kube.stored(CONFIGMAPS, "citadel-routes", "citadel-system")
+    assert set(stored.get("binaryData") or {}) == set()
+    assert [r.name for r in parse_document(stored["data"]["routes.json"]).models] == [
+        "model-00000-instruct-v2"
+    ]
+    # Once one form is all there is, a write removes nothing.
+    patches = len(kube.patched)
+    await publisher.publish()
+    assert len(kube.patched) == patches == 2
