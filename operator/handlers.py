@@ -17,7 +17,12 @@ from citadel.operator import names
 from citadel.operator.background import Background
 from citadel.operator.kopfstate import MemoryState
 from citadel.operator.kube.client import ApiError
-from citadel.operator.reconcile import ReconcileError, Reconciler, owner_uid
+from citadel.operator.reconcile import (
+    ReconcileError,
+    Reconciler,
+    owner_uid,
+    service_drifted,
+)
 from citadel.operator.settings import OperatorSettings, PeeringMode
 from citadel.operator.sweep import IndexSweep
 from citadel.operator.view import (
@@ -284,11 +289,14 @@ def build_registry(
         if owner and namespace:
             reconciler.spawn_refresh(namespace, owner, fix_drift=True)
 
-    # Services only for their deletion, which cuts the model off the gateway
-    # (its endpoints go too): made again at once, as a Deployment is, instead of
-    # at the periodic pass. A hand edit still waits for that pass. Not by the
-    # label alone: the garbage collector deletes a deleted model's Service, and
-    # a model made again under its name has its own reconcile coming.
+    # A deleted Service cuts the model off the gateway (its endpoints go too),
+    # and one edited by hand (its selector, its port) may send the model's
+    # traffic elsewhere: made again or put back at once, as a Deployment is,
+    # instead of at the periodic pass. Not by the label alone: the garbage
+    # collector deletes a deleted model's Service, and a model made again under
+    # its name has its own reconcile coming. A change that takes nothing of
+    # ours (another controller's annotation, the operator's own apply) costs no
+    # request: the quick drift check on the event's copy decides.
     @kopf.on.event(
         "", "v1", "services", id="service-event", labels=MANAGED, registry=registry
     )
@@ -301,10 +309,12 @@ def build_registry(
     ) -> None:
         reconciler.routes.ready()
         owner = labels.get(names.LABEL_MODEL)
-        if type != "DELETED" or not owner or not namespace:
+        if type not in ("DELETED", "MODIFIED") or not owner or not namespace:
             return
         model = await reconciler.view.model(namespace, owner)
-        if model is not None and model["metadata"].get("uid") == owner_uid(body):
+        if model is None or model["metadata"].get("uid") != owner_uid(body):
+            return
+        if type == "DELETED" or service_drifted(model, body):
             reconciler.spawn_refresh(namespace, owner, fix_service=True)
 
     @kopf.on.event("", "v1", "pods", id="pod-event", labels=MANAGED, registry=registry)

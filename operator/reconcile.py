@@ -271,6 +271,18 @@ def _refers_to(obj: Manifest, uid: str) -> bool:
     return any(ref.get("uid") == uid for ref in refs)
 
 
+def service_drifted(model: Mapping[str, Any], service: Mapping[str, Any]) -> bool:
+    """Whether `service`, the Service of the LLMModel `model`, lost something
+    the operator's apply sets, by the quick check (a put-back confirms it with
+    a dry run first). False for a model whose spec cannot be read: its periodic
+    pass says why."""
+    try:
+        desired = build_service(LLMModel.from_body(model))
+    except ValidationError:
+        return False
+    return drifted(desired, dict(service))
+
+
 def _first_look(model: LLMModel) -> bool:
     """Whether this generation of the model was never reconciled."""
     return model.status.observed_generation != model.generation

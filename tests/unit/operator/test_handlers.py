@@ -19,7 +19,7 @@ from citadel.operator.kube.client import ApiError, Manifest
 from citadel.operator.kube.fake import FakeKube
 from citadel.operator.main import kopf_settings, main
 from citadel.operator.metrics import Metrics
-from citadel.operator.reconcile import ReconcileError, Reconciler
+from citadel.operator.reconcile import ReconcileError, Reconciler, service_drifted
 from citadel.operator.settings import OperatorSettings, PeeringMode
 from citadel.operator.sweep import IndexSweep
 
@@ -220,11 +220,11 @@ async def test_pod_and_deployment_events_hand_the_refresh_to_a_task(
     assert len(asked) == 3
 
 
-async def test_a_deleted_service_of_a_live_model_is_made_again_at_once(
+async def test_a_deleted_or_edited_service_of_a_live_model_is_fixed_at_once(
     settings: OperatorSettings,
 ) -> None:
-    # As a deleted Deployment is: through a refresh in a task of its own, not at
-    # the next periodic pass.
+    # As a deleted or edited Deployment is: through a refresh in a task of its
+    # own, not at the next periodic pass.
     asked: list[tuple[str, str, bool]] = []
 
     class Recording(Reconciler):
@@ -259,15 +259,32 @@ async def test_a_deleted_service_of_a_live_model_is_made_again_at_once(
         await asyncio.sleep(0)
 
     for type_ in (None, "ADDED", "MODIFIED"):
-        await event(type_, service)  # nothing lost: the periodic pass looks
+        await event(type_, service)  # nothing of ours lost
+    # Another controller's annotation and a default the API server fills in
+    # take nothing the operator sets.
+    annotated = copy.deepcopy(service)
+    annotated["metadata"]["annotations"] = {"example.com/seen": "yes"}
+    annotated["spec"]["clusterIP"] = "10.96.0.12"
+    await event("MODIFIED", annotated)
     # The garbage collector's, of a model gone or made again under its name.
     other = copy.deepcopy(service)
     other["metadata"]["ownerReferences"][0]["uid"] = "uid-before"
     await event("DELETED", other)
     await event("DELETED", service, name="gone")
+    edited_other = copy.deepcopy(other)
+    edited_other["spec"]["selector"] = {"app": "theirs"}
+    await event("MODIFIED", edited_other)
     assert asked == []
     await event("DELETED", service)
     assert asked == [("llm", "mixtral", True)]
+    # A hand edit of what the operator sets: the selector, the port.
+    rerouted = copy.deepcopy(service)
+    rerouted["spec"]["selector"] = {"app": "theirs"}
+    await event("MODIFIED", rerouted)
+    moved = copy.deepcopy(service)
+    moved["spec"]["ports"][0]["port"] = 9000
+    await event("MODIFIED", moved)
+    assert asked == [("llm", "mixtral", True)] * 3
 
 
 async def test_routes_wait_for_the_first_resource_handler(
@@ -452,3 +469,12 @@ def test_a_standalone_operator_senses_no_pauses(settings: OperatorSettings) -> N
     registry = build_registry(reconciler, settings, _login, _noop, MemoryState())
     spawning = {h.id for h in registry._spawning.get_all_handlers()}
     assert not [i for i in spawning if i.startswith("peering-pause")]
+
+
+def test_a_service_of_a_model_it_cannot_read_is_left_to_the_periodic_pass() -> None:
+    service = build_service(make_model())
+    service["spec"]["selector"] = {"app": "theirs"}
+    assert service_drifted(model_body(), service)
+    unreadable = model_body()
+    unreadable["spec"]["replicas"] = "many"
+    assert not service_drifted(unreadable, service)
