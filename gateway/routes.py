@@ -39,8 +39,9 @@ CONFIGMAP_GZIP_KEY = "routes.json.gz"
 GZIP_FROM_BYTES = 512 * 1024
 """From this size of its JSON on, the document is stored gzipped. A ConfigMap
 holds 1 MiB: as text, some 2,800-3,700 models (see `RoutingDocument.to_json`);
-gzipped, some 25 times more (1,000 to 30,000 models of generated names
-compressed 24-28x, 2026-12-06). Below it the document stays readable with
+gzipped, some 40,000 or more (4,000 models with random names of 10 to 35
+characters compressed 12x, 26 bytes a model; names that share most of their
+characters 24-35x, 2026-12-06). Below it the document stays readable with
 `kubectl get` and readable by gateways older than the gzipped form."""
 MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
 """The most a gateway unpacks of a gzipped document (some 200,000 models): a
@@ -305,6 +306,12 @@ def _gunzip(packed: bytes) -> bytes:
         )
     if not unpacker.eof:
         raise RoutesError(f"ConfigMap key {CONFIGMAP_GZIP_KEY!r} is cut short")
+    if unpacker.unused_data:
+        # More after the first gzip member (another member, or anything):
+        # read, it would be a document cut at the first member's end.
+        raise RoutesError(
+            f"ConfigMap key {CONFIGMAP_GZIP_KEY!r} holds more than one gzip member"
+        )
     return raw
 
 

@@ -386,22 +386,44 @@ class RoutePublisher:
             # Paused while it listed: the peer writes now (`resume` rewrites).
             log.info("routing ConfigMap not written: paused for a peer")
             return doc
+        wrote: tuple[Manifest, Manifest] | None = None
         if force or doc != self.published:
             written = configmap(self._settings, doc)
-            stored = await self._kube.apply(written)
-            if ops := _other_form(written, stored):
-                await self._kube.json_patch(
-                    CONFIGMAPS,
-                    self._settings.routes_configmap,
-                    self._settings.gateway_namespace,
-                    ops,
-                )
+            wrote = written, await self._kube.apply(written)
         changed = set(conflicts) ^ set(self.conflicts)
         changed |= {k for k in conflicts if self.conflicts.get(k) != conflicts[k]}
         self.conflicts, self.published, self._known = conflicts, doc, True
+        if wrote is not None:
+            await self._drop_other_form(*wrote)
         if changed and self._on_conflicts is not None:
             await self._on_conflicts(changed)
         return doc
+
+    async def _drop_other_form(self, written: Manifest, stored: Manifest) -> None:
+        """Removes the document's other form that the apply of `written` left
+        in `stored` (see `_other_form`), only from the very version the apply
+        made: a write since, a peer's after this replica paused, is newer and
+        stays. The document is written either way, so a failure is only
+        logged: the next forced write (each resync) looks again, and gateways
+        read the gzipped form first meanwhile."""
+        ops = _other_form(written, stored)
+        if not ops or self.paused:
+            return
+        version = stored.get("metadata", {}).get("resourceVersion")
+        test = {"op": "test", "path": "/metadata/resourceVersion", "value": version}
+        try:
+            await self._kube.json_patch(
+                CONFIGMAPS,
+                self._settings.routes_configmap,
+                self._settings.gateway_namespace,
+                [test, *ops],
+            )
+        except ApiError as err:
+            log.warning(
+                "routing ConfigMap written; its stale %s left for the next write: %s",
+                ", ".join(op["path"] for op in ops),
+                err,
+            )
 
     async def _caught_up(self) -> bool:
         """Whether `source` holds every model that `listing` lists (False when

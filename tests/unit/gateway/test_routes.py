@@ -259,3 +259,14 @@ def test_a_gzipped_document_unpacks_to_a_bound(
     with pytest.raises(RoutesError, match="unpacks to more than 4096 bytes"):
         configmap_document(_gz(gzip.compress(text)))
     assert configmap_document(_gz(gzip.compress(text[:4096]))) == text[:4096]
+
+
+def test_more_than_one_gzip_member_is_refused() -> None:
+    # Read, it would be a document cut at the first member's end.
+    text = _many(2).to_json().encode()
+    half = len(text) // 2
+    members = gzip.compress(text[:half]) + gzip.compress(text[half:])
+    with pytest.raises(RoutesError, match="more than one gzip member"):
+        configmap_document(_gz(members))
+    with pytest.raises(RoutesError, match="more than one gzip member"):
+        configmap_document(_gz(gzip.compress(text) + b"junk"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -566,3 +567,52 @@ async def test_a_large_document_goes_gzipped_and_back_to_text(
     patches = len(kube.patched)
     await publisher.publish()
     assert len(kube.patched) == patches == 2
+
+
+class _PeerWritesAfterApply(FakeKube):
+    """A peer's write of the ConfigMap between this replica's apply and its
+    removal of the other form."""
+
+    async def apply(
+        self, obj: Manifest, *, subresource: str = "", dry_run: bool = False
+    ) -> Manifest:
+        applied = await super().apply(obj, subresource=subresource, dry_run=dry_run)
+        if obj["kind"] == "ConfigMap":
+            peer = copy.deepcopy(applied)
+            peer["data"] = {"routes.json": '{"schemaVersion":1,"models":[]}'}
+            peer["metadata"]["resourceVersion"] = "peer"
+            self.objects[self._key(CONFIGMAPS, "citadel-routes", "citadel-system")] = (
+                peer
+            )
+        return applied
+
+
+async def test_removing_the_other_form_spares_a_newer_write(
+    settings: OperatorSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Only from the version the apply made: the peer's text key stays, the
+    # document counts as written, and the clash it holds is reported.
+    models = [model_body(f"model-{i:05d}-instruct-v2") for i in range(2000)]
+    models.append(
+        model_body(
+            "b", servedName="model-00000-instruct-v2", created="2026-02-01T00:00:00Z"
+        )
+    )
+    kube = _PeerWritesAfterApply([])
+    told: list[set[str]] = []
+
+    async def source() -> list[Manifest]:
+        return models
+
+    async def on_conflicts(changed: set[str]) -> None:
+        told.append(changed)
+
+    publisher = RoutePublisher(kube, settings, on_conflicts, source, source)
+    await publisher.ensure()
+    doc = await publisher.publish()
+    stored = kube.stored(CONFIGMAPS, "citadel-routes", "citadel-system")
+    assert stored["metadata"]["resourceVersion"] == "peer"
+    assert set(stored["data"]) == {"routes.json"}
+    assert publisher.published == doc
+    assert told == [{"llm/b"}]
+    assert "its stale /data/routes.json left for the next write" in caplog.text
