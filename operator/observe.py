@@ -7,6 +7,7 @@ without a cluster. docs/concepts.md lists every reason produced here.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -17,6 +18,8 @@ from citadel.operator.builders.deployment import node_selector
 from citadel.operator.model import LLMModel
 from citadel.operator.status import (
     MAX_NODES,
+    REASON_MAX_LENGTH,
+    REASON_PATTERN,
     Condition,
     ConditionType,
     LLMModelStatus,
@@ -55,6 +58,10 @@ PERMANENT_PLACEMENT = frozenset({"NodeNotFound", "NoMatchingNode", "Insufficient
 # admits them, and no scheduler tries them before. A wait, not a failure.
 SCHEDULING_GATED = "SchedulingGated"
 MAX_LISTED = 5
+# The Degraded reason of a pod the kubelet refused for want of a resource whose
+# name does not fit a condition's reason: `OutOf` and the resource's name
+# (pkg/kubelet/lifecycle/predicate.go), `OutOfnvidia.com/gpu` for a GPU.
+OUT_OF_RESOURCE = "OutOfResource"
 
 
 @dataclass(frozen=True)
@@ -249,6 +256,26 @@ def _container_failure(pods: Sequence[Obj]) -> Verdict | None:
     return None
 
 
+def _condition_reason(raw: str, default: str) -> str:
+    """`raw`, a reason the cluster gave, as a condition's reason.
+
+    A pod's reason is free text to the API server, but a condition's must be
+    a CamelCase word (REASON_PATTERN): copied as it is, `OutOfnvidia.com/gpu`
+    made the status fail validation, and it stayed frozen at its last value.
+    One that does not fit becomes `OutOfResource` for the kubelet's
+    `OutOf<resource>`, else its letters and digits in CamelCase, else
+    `default`; the same raw reason always gives the same word, so the status
+    is not rewritten while it holds.
+    """
+    if len(raw) <= REASON_MAX_LENGTH and re.fullmatch(REASON_PATTERN, raw):
+        return raw
+    if raw.startswith("OutOf"):
+        return OUT_OF_RESOURCE
+    words = re.findall(r"[A-Za-z0-9]+", raw)
+    word = "".join(w[:1].upper() + w[1:] for w in words).lstrip("0123456789")
+    return word[:REASON_MAX_LENGTH] or default
+
+
 def _failure(pods: Sequence[Obj], short: bool) -> Verdict | None:
     """The first container stuck in a state that will not fix itself, else a
     failed pod that explains why the model is `short` of ready replicas.
@@ -278,8 +305,14 @@ def _failure(pods: Sequence[Obj], short: bool) -> Verdict | None:
             continue
         ours = bool(current) and _template_hash(pod) == current
         if ours or newest is None or _created(pod) >= _created(newest):
-            reason = status.get("reason") or "PodFailed"
-            message = f"pod {pod['metadata']['name']}: {status.get('message', '')}"
+            raw = str(status.get("reason") or "")
+            reason = _condition_reason(raw, "PodFailed")
+            # The kubelet's own word stays in the message when the reason
+            # could not carry it.
+            said = f" ({raw})" if raw and reason != raw else ""
+            message = (
+                f"pod {pod['metadata']['name']}{said}: {status.get('message', '')}"
+            )
             return Verdict("True", reason, message)
     return None
 

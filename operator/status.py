@@ -21,6 +21,10 @@ SERVICE_NAME_TAKEN = "ServiceNameTaken"
 # The Ready reasons of a reconcile that failed for good: each stays until a
 # reconcile of the model succeeds, across operator restarts too.
 RECONCILE_FAILURES = frozenset({RECONCILE_FAILED, SERVICE_NAME_TAKEN})
+# metav1.Condition's reason: what the API server accepts, and what the model
+# checks before it writes one (a reason copied from the cluster may not fit).
+REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+REASON_MAX_LENGTH = 1024
 
 
 def name_taken(kind: str, name: str) -> str:
@@ -56,9 +60,7 @@ class Condition(ApiModel):
 
     type: Annotated[str, Field(max_length=316)]
     status: Literal["True", "False", "Unknown"]
-    reason: Annotated[
-        str, Field(max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
-    ]
+    reason: Annotated[str, Field(max_length=REASON_MAX_LENGTH, pattern=REASON_PATTERN)]
     """A CamelCase word saying why; docs/concepts.md lists them."""
     message: Annotated[str, Field(max_length=32768)] = ""
     """What a person needs to know."""

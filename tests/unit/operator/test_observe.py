@@ -334,6 +334,33 @@ def test_a_failed_pod_counts_only_while_replicas_are_short(
     )
 
 
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ("OutOfnvidia.com/gpu", "OutOfResource"),
+        ("OutOfephemeral-storage", "OutOfResource"),
+        ("node shutdown/graceful", "NodeShutdownGraceful"),
+        ("42-x", "X"),
+        ("---", "PodFailed"),
+    ],
+)
+def test_a_failed_pod_reason_no_condition_can_carry_is_mapped(
+    raw: str, reason: str
+) -> None:
+    """The kubelet refuses a pod with `OutOf<resource>`, a reason a condition's
+    pattern rejects: copied as it is, the status failed validation and froze."""
+    message = "Pod was rejected: Node didn't have enough resource: nvidia.com/gpu"
+    model = make_model(**PINNED)
+    status = _derive(model, deployment(ready=0), [_failed_pod("p-old", raw, message)])
+    assert _cond(status, ConditionType.DEGRADED) == (
+        "True",
+        reason,
+        f"pod p-old ({raw}): {message}",
+    )
+    assert _cond(status, ConditionType.READY)[:2] == ("False", reason)
+    LLMModelStatus.model_validate(status.model_dump())
+
+
 def test_node_labels_matter_only_until_the_pods_are_placed() -> None:
     """A node's GPU label that feature discovery drops and puts back while it
     restarts must not turn a serving model Degraded."""
