@@ -57,6 +57,11 @@ PERMANENT_PLACEMENT = frozenset({"NodeNotFound", "NoMatchingNode", "Insufficient
 # model whose pods wait for theirs: a queue such as Kueue holds them until it
 # admits them, and no scheduler tries them before. A wait, not a failure.
 SCHEDULING_GATED = "SchedulingGated"
+# The kubelet alternates these two waiting reasons at every retry of a pull
+# that fails: the pull's error, then the back-off before the next try
+# (pkg/kubelet/images/image_manager.go). Both are reported as the second.
+PULL_ERROR = "ErrImagePull"
+PULL_BACK_OFF = "ImagePullBackOff"
 MAX_LISTED = 5
 # The Degraded reason of a pod the kubelet refused for want of a resource whose
 # name does not fit a condition's reason: `OutOf` and the resource's name
@@ -231,8 +236,9 @@ def _crash(cs: Obj) -> str | None:
     return f"last exit: {reason or 'Error'} (exit code {code})"
 
 
-def _container_failure(pods: Sequence[Obj]) -> Verdict | None:
-    """The first container of a pod still running, or about to, that is stuck."""
+def _container_failure(pods: Sequence[Obj], previous: str) -> Verdict | None:
+    """The first container of a pod still running, or about to, that is stuck;
+    `previous` is the Degraded message the model carries while Degraded."""
     for pod in pods:
         if _ended(pod):
             continue
@@ -249,6 +255,15 @@ def _container_failure(pods: Sequence[Obj]) -> Verdict | None:
                 # One message whether it waits out the back-off or loads again:
                 # the status is not rewritten at every restart.
                 reason, detail = "CrashLoopBackOff", crash or detail
+            pulling = f"{where}: {PULL_BACK_OFF} "
+            if reason == PULL_BACK_OFF and previous.startswith(pulling):
+                # Between tries the kubelet says only that it waits: the error
+                # of its last try stays, and neither the reason nor the
+                # message changes at every retry (a status write and a
+                # Warning Event each).
+                return Verdict("True", PULL_BACK_OFF, previous)
+            if reason == PULL_ERROR:
+                reason = PULL_BACK_OFF
             if reason in BAD_WAITING:
                 return Verdict(
                     "True", str(reason), f"{where}: {reason} {detail}".rstrip()
@@ -276,7 +291,7 @@ def _condition_reason(raw: str, default: str) -> str:
     return word[:REASON_MAX_LENGTH] or default
 
 
-def _failure(pods: Sequence[Obj], short: bool) -> Verdict | None:
+def _failure(pods: Sequence[Obj], short: bool, previous: str) -> Verdict | None:
     """The first container stuck in a state that will not fix itself, else a
     failed pod that explains why the model is `short` of ready replicas.
 
@@ -290,7 +305,7 @@ def _failure(pods: Sequence[Obj], short: bool) -> Verdict | None:
     for the cause when that pod stops being ready for a while (a readiness
     probe failing, its node NotReady; see `_has_served`).
     """
-    stuck = _container_failure(pods)
+    stuck = _container_failure(pods, previous)
     if stuck is not None or not short:
         return stuck
     running = [p for p in pods if not _ended(p)]
@@ -423,8 +438,12 @@ def _progressing(model: LLMModel, deployment: Obj | None, n: ReplicaCounts) -> V
     )
 
 
-def _degraded(deployment: Obj | None, pods: Sequence[Obj], n: ReplicaCounts) -> Verdict:
-    failure = _failure(pods, short=n.ready < n.desired)
+def _degraded(
+    model: LLMModel, deployment: Obj | None, pods: Sequence[Obj], n: ReplicaCounts
+) -> Verdict:
+    before = model.status.condition(ConditionType.DEGRADED)
+    previous = before.message if before is not None and before.status == "True" else ""
+    failure = _failure(pods, short=n.ready < n.desired, previous=previous)
     if failure is not None:
         return failure
     progress = _deployment_condition(deployment, "Progressing")
@@ -534,7 +553,7 @@ def derive_status(
     n = counts(model, deployment)
     verdicts: dict[ConditionType, Verdict] = {
         ConditionType.SCHEDULED: _scheduled(model, running, nodes),
-        ConditionType.DEGRADED: _degraded(deployment, live, n),
+        ConditionType.DEGRADED: _degraded(model, deployment, live, n),
         ConditionType.PROGRESSING: _progressing(model, deployment, n),
     }
     verdicts[ConditionType.READY] = _ready(

@@ -118,13 +118,18 @@ def test_gpu_product_checks_capacity_of_matching_nodes_only() -> None:
 
 
 @pytest.mark.parametrize(
-    "reason", ["CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull"]
+    ("waiting", "reason"),
+    [
+        ("CrashLoopBackOff", "CrashLoopBackOff"),
+        ("ImagePullBackOff", "ImagePullBackOff"),
+        ("ErrImagePull", "ImagePullBackOff"),
+    ],
 )
-def test_crash_loops_and_pull_failures_degrade(reason: str) -> None:
+def test_crash_loops_and_pull_failures_degrade(waiting: str, reason: str) -> None:
     status = _derive(
         make_model(**PINNED),
         deployment(ready=0),
-        [pod("p1", ready=False, waiting=reason)],
+        [pod("p1", ready=False, waiting=waiting)],
     )
     degraded = _cond(status, ConditionType.DEGRADED)
     assert degraded[:2] == ("True", reason)
@@ -588,6 +593,61 @@ def _restarted(state: dict[str, Any], ended: dict[str, Any]) -> dict[str, Any]:
 OOM = {"reason": "OOMKilled", "exitCode": 137}
 BACK_OFF = {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s"}}
 RUNNING = {"running": {"startedAt": NOW}}
+
+
+def _pulling(reason: str, message: str) -> dict[str, Any]:
+    body = pod("p1", ready=False)
+    body["status"]["containerStatuses"] = [
+        {
+            "name": "vllm",
+            "ready": False,
+            "restartCount": 0,
+            "state": {"waiting": {"reason": reason, "message": message}},
+        }
+    ]
+    return body
+
+
+def test_a_failing_pull_is_one_reason_and_message_across_retries() -> None:
+    """The kubelet alternates ErrImagePull and ImagePullBackOff at every retry:
+    each change was a status write and a Warning Event."""
+    error = 'failed to pull and unpack image "docker.io/vllm/vllm:v0.99": not found'
+    back_off = 'Back-off pulling image "vllm/vllm:v0.99"'
+    body = model_body(**PINNED)
+    seen = set()
+    for i, (reason, message) in enumerate(
+        [("ErrImagePull", error), ("ImagePullBackOff", back_off)] * 3
+    ):
+        model = LLMModel.from_body(body)
+        status = derive_status(
+            model,
+            deployment(ready=0),
+            [_pulling(reason, message)],
+            NODES,
+            f"2026-05-01T12:0{i}:00Z",
+        )
+        assert status.phase is Phase.DEGRADED
+        seen.add(_cond(status, ConditionType.DEGRADED))
+        body["status"] = status.model_dump(
+            by_alias=True, exclude_none=True, mode="json"
+        )
+    assert seen == {
+        (
+            "True",
+            "ImagePullBackOff",
+            f"pod p1, container vllm: ImagePullBackOff {error}",
+        )
+    }
+    # Seen first while it waits, the back-off's message is all there is.
+    first = _derive(
+        make_model(**PINNED),
+        deployment(ready=0),
+        [_pulling("ImagePullBackOff", back_off)],
+    )
+    assert _cond(first, ConditionType.DEGRADED)[1:] == (
+        "ImagePullBackOff",
+        f"pod p1, container vllm: ImagePullBackOff {back_off}",
+    )
 
 
 def test_a_crash_loop_stays_degraded_while_the_container_loads_again() -> None:
