@@ -392,11 +392,6 @@ def _scheduled(model: LLMModel, pods: Sequence[Obj], nodes: Sequence[Obj]) -> Ve
 def _progressing(model: LLMModel, deployment: Obj | None, n: ReplicaCounts) -> Verdict:
     if deployment is None:
         return Verdict("True", "Creating", "creating the Deployment")
-    progress = _deployment_condition(deployment, "Progressing")
-    if progress.get("reason") == "ProgressDeadlineExceeded":
-        return Verdict(
-            "False", "ProgressDeadlineExceeded", str(progress.get("message", ""))
-        )
     observed = deployment.get("status", {}).get("observedGeneration", 0)
     previous = model.status.condition(ConditionType.PROGRESSING)
     lagging = observed < deployment.get("metadata", {}).get("generation", 0)
@@ -407,10 +402,18 @@ def _progressing(model: LLMModel, deployment: Obj | None, n: ReplicaCounts) -> V
         # would turn Progressing and back to Ready at every such change. Not
         # after a change of the model's spec: that one we just applied.
         return Verdict(previous.status, previous.reason, previous.message)
-    if lagging or n.updated < n.desired:
+    rolling = Verdict("True", "RollingOut", f"{n.updated}/{n.desired} replicas updated")
+    if lagging:
+        # Its progress deadline, if any, is the old spec's: a change that fixes
+        # a stuck rollout must not be reported stuck under the new generation.
+        return rolling
+    progress = _deployment_condition(deployment, "Progressing")
+    if progress.get("reason") == "ProgressDeadlineExceeded":
         return Verdict(
-            "True", "RollingOut", f"{n.updated}/{n.desired} replicas updated"
+            "False", "ProgressDeadlineExceeded", str(progress.get("message", ""))
         )
+    if n.updated < n.desired:
+        return rolling
     if n.current > n.updated:
         # A surge rollout (maxSurge > 0) has started every updated replica and
         # keeps the old ones until those turn ready: not a scale-down.
@@ -439,18 +442,17 @@ def _progressing(model: LLMModel, deployment: Obj | None, n: ReplicaCounts) -> V
 
 
 def _degraded(
-    model: LLMModel, deployment: Obj | None, pods: Sequence[Obj], n: ReplicaCounts
+    model: LLMModel, pods: Sequence[Obj], n: ReplicaCounts, progressing: Verdict
 ) -> Verdict:
+    """Degraded; a progress deadline counts as `progressing` reads it (not
+    while the Deployment's controller has yet to look at a change)."""
     before = model.status.condition(ConditionType.DEGRADED)
     previous = before.message if before is not None and before.status == "True" else ""
     failure = _failure(pods, short=n.ready < n.desired, previous=previous)
     if failure is not None:
         return failure
-    progress = _deployment_condition(deployment, "Progressing")
-    if progress.get("reason") == "ProgressDeadlineExceeded":
-        return Verdict(
-            "True", "ProgressDeadlineExceeded", str(progress.get("message", ""))
-        )
+    if progressing.reason == "ProgressDeadlineExceeded":
+        return Verdict("True", progressing.reason, progressing.message)
     return Verdict("False", "AsExpected", "no replica is failing")
 
 
@@ -551,10 +553,11 @@ def derive_status(
     live = _live(pods)
     running = [p for p in live if not _ended(p)]
     n = counts(model, deployment)
+    progressing = _progressing(model, deployment, n)
     verdicts: dict[ConditionType, Verdict] = {
         ConditionType.SCHEDULED: _scheduled(model, running, nodes),
-        ConditionType.DEGRADED: _degraded(model, deployment, live, n),
-        ConditionType.PROGRESSING: _progressing(model, deployment, n),
+        ConditionType.DEGRADED: _degraded(model, live, n, progressing),
+        ConditionType.PROGRESSING: progressing,
     }
     verdicts[ConditionType.READY] = _ready(
         model,

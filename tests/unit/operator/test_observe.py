@@ -202,6 +202,34 @@ def test_progress_deadline_exceeded() -> None:
     assert status.phase is Phase.DEGRADED
 
 
+def test_a_deadline_its_controller_set_before_a_spec_change_is_not_trusted() -> None:
+    """A change of spec that fixes a stuck rollout: until the Deployment's
+    controller has looked at it, its ProgressDeadlineExceeded is the old spec's
+    and must not be reported under the new generation."""
+    stuck = _derive(
+        make_model(**PINNED),
+        deployment(ready=0, deadline_exceeded=True),
+        [pod("p1", ready=False)],
+    )
+    body = model_body(**PINNED)
+    body["status"] = stuck.model_dump(by_alias=True, exclude_none=True, mode="json")
+    lagging = deployment(ready=0, deadline_exceeded=True, generation=2, observed=1)
+    # Someone annotated the Deployment: the same spec, still stuck.
+    annotated = _derive(LLMModel.from_body(body), lagging, [pod("p1", ready=False)])
+    assert annotated.phase is Phase.DEGRADED
+    for kind in (ConditionType.PROGRESSING, ConditionType.DEGRADED):
+        assert _cond(annotated, kind)[1] == "ProgressDeadlineExceeded"
+    # The model's spec changed and the operator applied it.
+    body["metadata"]["generation"] = 2
+    body["spec"]["engine"] = {"image": "vllm/vllm-openai:v0.9.2"}
+    fixed = _derive(LLMModel.from_body(body), lagging, [pod("p1", ready=False)])
+    assert fixed.observed_generation == 2
+    assert _cond(fixed, ConditionType.PROGRESSING)[:2] == ("True", "RollingOut")
+    assert _cond(fixed, ConditionType.DEGRADED)[:2] == ("False", "AsExpected")
+    assert _cond(fixed, ConditionType.READY)[:2] == ("False", "RollingOut")
+    assert fixed.phase is Phase.PROGRESSING
+
+
 def test_partly_unschedulable_while_serving_is_degraded() -> None:
     status = _derive(
         make_model(**PINNED, replicas=2),
