@@ -236,6 +236,23 @@ def _crash(cs: Obj) -> str | None:
     return f"last exit: {reason or 'Error'} (exit code {code})"
 
 
+def _served_since_start(pod: Obj, cs: Obj) -> bool:
+    """Whether `pod` has been ready since `cs`, its container, last started.
+
+    A container that crashes turns its pod not ready before the kubelet starts
+    it again, and the pod stays so while vLLM loads: Ready's last transition is
+    no later than the start. One later turned True in between and back, a
+    readiness probe failing for a while, say: the restart was long ago (an OOM
+    kill last week) and the container is no crash loop. Times are whole
+    seconds, so a pod ready and back within a second of its start reads as
+    not ready since; without a start time (not running) nothing tells.
+    """
+    running = (cs.get("state") or {}).get("running") or {}
+    started = str(running.get("startedAt") or "")
+    ready = _pod_condition(pod, "Ready") or {}
+    return bool(started) and str(ready.get("lastTransitionTime") or "") > started
+
+
 def _container_failure(pods: Sequence[Obj], previous: str) -> Verdict | None:
     """The first container of a pod still running, or about to, that is stuck;
     `previous` is the Degraded message the model carries while Degraded."""
@@ -247,7 +264,7 @@ def _container_failure(pods: Sequence[Obj], previous: str) -> Verdict | None:
         for cs in pod.get("status", {}).get("containerStatuses", []) or []:
             where = f"pod {name}, container {cs.get('name')}"
             waiting = (cs.get("state") or {}).get("waiting") or {}
-            crash = _crash(cs) if loading else None
+            crash = _crash(cs) if loading and not _served_since_start(pod, cs) else None
             reason = waiting.get("reason")
             last = ((cs.get("lastState") or {}).get("terminated") or {}).get("reason")
             detail = waiting.get("message") or (f"last exit: {last}" if last else "")

@@ -714,6 +714,34 @@ def test_a_restart_that_exited_cleanly_or_turned_ready_is_not_a_crash() -> None:
     assert status.phase is Phase.READY
 
 
+def test_a_restart_long_ago_does_not_make_a_readiness_blip_a_crash_loop() -> None:
+    """A container OOM-killed once, 11 days ago, that has served since: its
+    readiness probe failing for a while is no crash loop (nor a Warning)."""
+    model = make_model(**PINNED)
+    started = "2026-04-20T01:00:00Z"
+    blip = _restarted({"running": {"startedAt": started}}, OOM)
+    blip["status"]["conditions"][1]["lastTransitionTime"] = "2026-05-01T11:59:30Z"
+    status = _derive(model, deployment(ready=0), [blip])
+    assert _cond(status, ConditionType.DEGRADED)[:2] == ("False", "AsExpected")
+    assert _cond(status, ConditionType.PROGRESSING)[:2] == (
+        "True",
+        "WaitingForReplicas",
+    )
+    # Not ready since it started again (the crash turned it not ready): a loop.
+    for since in ("2026-04-20T00:59:55Z", started):
+        blip["status"]["conditions"][1]["lastTransitionTime"] = since
+        status = _derive(model, deployment(ready=0), [blip])
+        assert _cond(status, ConditionType.DEGRADED)[:2] == (
+            "True",
+            "CrashLoopBackOff",
+        )
+    # Waiting out the back-off is a crash loop whatever the times say.
+    waiting = _restarted(BACK_OFF, OOM)
+    waiting["status"]["conditions"][1]["lastTransitionTime"] = NOW
+    status = _derive(model, deployment(ready=0), [waiting])
+    assert _cond(status, ConditionType.DEGRADED)[:2] == ("True", "CrashLoopBackOff")
+
+
 def test_a_surge_rollout_is_rolling_out_not_scaling_down() -> None:
     """maxSurge 1, maxUnavailable 0: the new pod loads while the old one serves."""
     model = make_model(**PINNED, rollout={"maxSurge": 1, "maxUnavailable": 0})
