@@ -299,3 +299,27 @@ CITADEL_GATEWAY_NAMESPACE) are elsewhere; empty when it is the keys' namespace.
 {{- $ns }}
 {{- end }}
 {{- end }}
+
+{{/*
+A value the programs cannot start without, by its dotted path; call with
+(list $ "gateway.metricsPort"). `helm upgrade --reuse-values` renders this chart
+with the defaults of the chart the release was installed with, so a key added
+since is missing: a clear failure here beats pods that crash on an empty
+variable.
+*/}}
+{{- define "citadel.requiredValue" -}}
+{{- $path := index . 1 }}
+{{- $node := (index . 0).Values }}
+{{- $found := true }}
+{{- range $key := splitList "." $path }}
+{{- if and $found (kindIs "map" $node) (hasKey $node $key) }}
+{{- $node = index $node $key }}
+{{- else }}
+{{- $found = false }}
+{{- end }}
+{{- end }}
+{{- if or (not $found) (kindIs "invalid" $node) }}
+{{- fail (printf "%s is not set: with `helm upgrade --reuse-values` Helm keeps the defaults of the chart the release was installed with, and this key is newer; upgrade with --reset-then-reuse-values (Helm 3.14+) or a full values file (docs/install.md, Upgrade)" $path) }}
+{{- end }}
+{{- $node }}
+{{- end }}

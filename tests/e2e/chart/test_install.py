@@ -135,7 +135,7 @@ def test_install_upgrade_uninstall_cluster_wide(
         "apply", "--server-side", "--force-conflicts", "-f", "-", input_text=crds
     )
     cluster.helm(
-        "upgrade", RELEASE, CHART, "-n", ns, *WAIT, "--reuse-values",
+        "upgrade", RELEASE, CHART, "-n", ns, *WAIT, "--reset-then-reuse-values",
         "--set", "gateway.replicas=3",
         "--set-json", "monitoring.rules.errorRatio=0.2",
     )  # fmt: skip

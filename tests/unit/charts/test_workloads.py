@@ -273,3 +273,33 @@ def test_names_in_shared_namespaces_carry_the_release_namespace(
 
     assert shared(objs) and shared(team)
     assert not shared(objs) & shared(team)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "gateway.port",
+        "gateway.grpcPort",
+        "gateway.metricsPort",
+        "operator.metrics.port",
+        "operator.health.port",
+    ],
+)
+def test_a_port_missing_from_reused_values_fails_the_render(
+    chart: ChartKit, path: str
+) -> None:
+    # `helm upgrade --reuse-values` renders with the old chart's defaults: a key
+    # added since is missing, and an empty port variable crashes the pods.
+    chart.render(
+        {path: None},
+        expect_error=f"{path} is not set: with `helm upgrade --reuse-values`",
+    )
+
+
+def test_the_upgrade_guide_takes_the_new_charts_defaults(chart: ChartKit) -> None:
+    guide = (chart.root / "docs" / "install.md").read_text()
+    upgrades = [line for line in guide.splitlines() if "helm upgrade citadel" in line]
+    assert upgrades
+    for line in upgrades:
+        assert "--reuse-values" not in line, line
+    assert "--reset-then-reuse-values" in upgrades[0]
