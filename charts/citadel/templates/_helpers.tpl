@@ -342,3 +342,17 @@ one name in two namespaces do not take each other's ConfigMaps.
 {{- end }}
 {{- $name }}
 {{- end }}
+
+{{/*
+The name of the admin key's record: `citadel-key-admin`, the Secret
+`citadel keys create admin` would make, in the release namespace. In another
+namespace (gateway.keysNamespace), which other releases may share, it carries
+the release namespace after a dot, the form `citadel keys rotate` gives a key's
+further Secrets: no key name holds a dot, so it is never the Secret `create`
+makes for another key. The gateway and `citadel keys` find records by label and
+by the name inside, never by the Secret's name.
+*/}}
+{{- define "citadel.adminKey.recordName" -}}
+citadel-key-admin
+{{- if ne (include "citadel.gateway.keysNamespace" .) .Release.Namespace }}.{{ .Release.Namespace }}{{ end }}
+{{- end }}

@@ -14,7 +14,7 @@ from citadel.gateway.services.auth import Role, hash_key
 from citadel.gateway.sources.kubernetes import KEY_LABEL, key_from_secret
 
 if TYPE_CHECKING:
-    from conftest import ChartKit
+    from conftest import ChartKit, Obj
 
 pytestmark = pytest.mark.unit
 
@@ -261,6 +261,37 @@ def test_admin_key_record_follows_the_keys_namespace_with_an_existing_secret(
     assert record_secret["metadata"]["namespace"] == "llm-keys"
     annotations = record_secret["metadata"]["annotations"]
     assert annotations["helm.sh/resource-policy"] == "keep"
+
+
+def test_admin_key_records_of_releases_sharing_a_keys_namespace_differ(
+    chart: ChartKit,
+) -> None:
+    # Two releases whose gateways keep their keys in one namespace: each renders
+    # its own record there, as a further Secret of the key `admin` (the dotted
+    # form of `citadel keys rotate`, never the Secret `create` makes for a key).
+    values = {"gateway.keysNamespace": "llm-keys"}
+
+    def record(namespace: str) -> Obj:
+        objs = chart.render(values, namespace=namespace)
+        (found,) = [
+            o
+            for o in chart.find(objs, "Secret")
+            if o["metadata"]["namespace"] == "llm-keys"
+        ]
+        return found
+
+    a, b = record("team-a"), record("team-b")
+    assert a["metadata"]["name"] == "citadel-key-admin.team-a"
+    assert b["metadata"]["name"] == "citadel-key-admin.team-b"
+    for secret in (a, b):
+        labels = secret["metadata"]["labels"]
+        assert labels[KEY_LABEL] == "true"
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        stored = key_from_secret(secret)
+        assert stored is not None and stored.name == "admin"
+    # In the release namespace the record keeps the name `create` gives it.
+    for keys in ({}, {"gateway.keysNamespace": chart.namespace}):
+        assert chart.find(chart.render(keys), "Secret", "citadel-key-admin")
 
 
 @pytest.mark.parametrize(
