@@ -403,3 +403,18 @@ def test_a_gateway_beside_another_releases_operator(chart: ChartKit) -> None:
         {"gateway.routesNamespace": "elsewhere"},
         expect_error="gateway.routesNamespace is for operator.enabled=false",
     )
+
+
+def test_notes_create_keys_where_the_gateway_reads_them(
+    chart: ChartKit, tmp_path: Path
+) -> None:
+    # Without the chart's admin key the notes say how to make one: in the keys'
+    # namespace, the only one the gateway reads keys from.
+    values = {"gateway.adminKey.create": False}
+    assert f"citadel keys -n {chart.namespace} create NAME" in chart.notes(
+        values, tmp_path / "release"
+    )
+    notes = chart.notes(
+        {**values, "gateway.keysNamespace": "llm-keys"}, tmp_path / "keys"
+    )
+    assert "citadel keys -n llm-keys create NAME" in notes
