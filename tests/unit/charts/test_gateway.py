@@ -418,3 +418,16 @@ def test_notes_create_keys_where_the_gateway_reads_them(
         {**values, "gateway.keysNamespace": "llm-keys"}, tmp_path / "keys"
     )
     assert "citadel keys -n llm-keys create NAME" in notes
+
+
+def test_notes_serve_the_model_where_the_operator_watches(
+    chart: ChartKit, tmp_path: Path
+) -> None:
+    clusterwide = chart.notes({}, tmp_path / "all")
+    assert "kubectl create namespace llm\n" in clusterwide
+    assert "kubectl -n llm apply -f docs/examples/minimal.yaml" in clusterwide
+    # With namespaces listed the operator ignores every other one (`llm` too).
+    notes = chart.notes({"watchNamespaces": ["team-a", "team-b"]}, tmp_path / "ns")
+    assert "kubectl -n team-a apply -f docs/examples/minimal.yaml" in notes
+    assert "kubectl -n team-a get llmmodels -w" in notes
+    assert "namespace llm" not in notes and "-n llm " not in notes
