@@ -295,9 +295,10 @@ def test_dashboards_in_grafanas_namespace_carry_the_release_namespace(
     assert not dashboards("team-a") & dashboards("team-b")
     assert "citadel-dashboard-overview-team-a" in dashboards("team-a")
     # In the release namespace the names stay what they were.
-    assert {
-        o["metadata"]["name"] for o in chart.find(chart.render(), "ConfigMap")
-    } >= {"citadel-dashboard-overview", "citadel-dashboard-key-usage"}
+    assert {o["metadata"]["name"] for o in chart.find(chart.render(), "ConfigMap")} >= {
+        "citadel-dashboard-overview",
+        "citadel-dashboard-key-usage",
+    }
 
 
 @pytest.mark.parametrize(
@@ -328,3 +329,48 @@ def test_the_upgrade_guide_takes_the_new_charts_defaults(chart: ChartKit) -> Non
     for line in upgrades:
         assert "--reuse-values" not in line, line
     assert "--reset-then-reuse-values" in upgrades[0]
+
+
+@pytest.mark.parametrize(
+    ("values", "error"),
+    [
+        (
+            {"operator.health.port": 8080},
+            "operator.metrics.port and operator.health.port are both 8080",
+        ),
+        (
+            {"gateway.metricsPort": 8000},
+            "gateway.metricsPort 8000 is also the HTTP (gateway.port) or gRPC",
+        ),
+        (
+            {"gateway.grpcPort": 9090},
+            "gateway.metricsPort 9090 is also the HTTP (gateway.port) or gRPC",
+        ),
+        (
+            {"gateway.grpcPort": 8000, "gateway.metricsPort": 0},
+            "gateway.grpcPort 8000 is also gateway.port",
+        ),
+    ],
+)
+def test_ports_the_programs_refuse_fail_the_render(
+    chart: ChartKit, values: dict[str, Any], error: str
+) -> None:
+    # The operator and the gateway refuse these at start-up: say so at install.
+    chart.render(values, expect_error=error)
+
+
+def test_ports_the_programs_accept_render(chart: ChartKit) -> None:
+    # 0 turns the gRPC port off and serves /metrics on the HTTP port.
+    objs = chart.render({"gateway.grpcPort": 0, "gateway.metricsPort": 0})
+    env = chart.env_of(
+        chart.container(chart.one(objs, "Deployment", "citadel-gateway"))
+    )
+    settings = GatewaySettings.model_validate(
+        {
+            "port": env["CITADEL_GATEWAY_PORT"],
+            "grpc_port": env["CITADEL_GATEWAY_GRPC_PORT"],
+            "metrics_port": env["CITADEL_GATEWAY_METRICS_PORT"],
+        }
+    )
+    assert (settings.grpc_port, settings.metrics_port) == (0, 0)
+    chart.render({"gateway.grpcPort": 50051, "gateway.metricsPort": 9090})
