@@ -299,3 +299,60 @@ CITADEL_GATEWAY_NAMESPACE) are elsewhere; empty when it is the keys' namespace.
 {{- $ns }}
 {{- end }}
 {{- end }}
+
+{{/*
+A value the programs cannot start without, by its dotted path; call with
+(list $ "gateway.metricsPort"). `helm upgrade --reuse-values` renders this chart
+with the defaults of the chart the release was installed with, so a key added
+since is missing: a clear failure here beats pods that crash on an empty
+variable.
+*/}}
+{{- define "citadel.requiredValue" -}}
+{{- $path := index . 1 }}
+{{- $node := (index . 0).Values }}
+{{- $found := true }}
+{{- range $key := splitList "." $path }}
+{{- if and $found (kindIs "map" $node) (hasKey $node $key) }}
+{{- $node = index $node $key }}
+{{- else }}
+{{- $found = false }}
+{{- end }}
+{{- end }}
+{{- if or (not $found) (kindIs "invalid" $node) }}
+{{- fail (printf "%s is not set: with `helm upgrade --reuse-values` Helm keeps the defaults of the chart the release was installed with, and this key is newer; upgrade with --reset-then-reuse-values (Helm 3.14+) or a full values file (docs/install.md, Upgrade)" $path) }}
+{{- end }}
+{{- $node }}
+{{- end }}
+
+{{/* The namespace of the dashboards' ConfigMaps. */}}
+{{- define "citadel.dashboards.namespace" -}}
+{{- .Values.monitoring.dashboards.namespace | default .Release.Namespace }}
+{{- end }}
+
+{{/*
+A dashboard ConfigMap's name; call with (dict "ctx" $ "name" "overview"). In
+another namespace (monitoring.dashboards.namespace, Grafana's) it carries the
+release namespace, as the chart's other objects there do, so that releases of
+one name in two namespaces do not take each other's ConfigMaps.
+*/}}
+{{- define "citadel.dashboards.name" -}}
+{{- $name := printf "%s-dashboard-%s" (include "citadel.fullname" .ctx) .name }}
+{{- if ne (include "citadel.dashboards.namespace" .ctx) .ctx.Release.Namespace }}
+{{- $name = printf "%s-%s" $name .ctx.Release.Namespace }}
+{{- end }}
+{{- $name }}
+{{- end }}
+
+{{/*
+The name of the admin key's record: `citadel-key-admin`, the Secret
+`citadel keys create admin` would make, in the release namespace. In another
+namespace (gateway.keysNamespace), which other releases may share, it carries
+the release namespace after a dot, the form `citadel keys rotate` gives a key's
+further Secrets: no key name holds a dot, so it is never the Secret `create`
+makes for another key. The gateway and `citadel keys` find records by label and
+by the name inside, never by the Secret's name.
+*/}}
+{{- define "citadel.adminKey.recordName" -}}
+citadel-key-admin
+{{- if ne (include "citadel.gateway.keysNamespace" .) .Release.Namespace }}.{{ .Release.Namespace }}{{ end }}
+{{- end }}

@@ -135,7 +135,7 @@ def test_install_upgrade_uninstall_cluster_wide(
         "apply", "--server-side", "--force-conflicts", "-f", "-", input_text=crds
     )
     cluster.helm(
-        "upgrade", RELEASE, CHART, "-n", ns, *WAIT, "--reuse-values",
+        "upgrade", RELEASE, CHART, "-n", ns, *WAIT, "--reset-then-reuse-values",
         "--set", "gateway.replicas=3",
         "--set-json", "monitoring.rules.errorRatio=0.2",
     )  # fmt: skip
@@ -216,7 +216,7 @@ def test_namespaced_install_keeps_the_admin_key_when_asked(
     assert not can_i(cluster, gw, team, "list", "secrets", "-n", ns)
     assert can_i(cluster, gw, team, "watch", "secrets", "-n", team_keys)
     assert not can_i(cluster, gw, team, "get", "secrets", "-n", team)
-    assert get(cluster, "secret", "citadel-key-admin", "-n", team_keys)
+    assert get(cluster, "secret", f"citadel-key-admin.{team}", "-n", team_keys)
     cluster.helm("uninstall", RELEASE, "-n", team, "--wait", "--timeout", "100s")
 
     key = admin_key(cluster, ns)

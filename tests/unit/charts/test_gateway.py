@@ -14,7 +14,7 @@ from citadel.gateway.services.auth import Role, hash_key
 from citadel.gateway.sources.kubernetes import KEY_LABEL, key_from_secret
 
 if TYPE_CHECKING:
-    from conftest import ChartKit
+    from conftest import ChartKit, Obj
 
 pytestmark = pytest.mark.unit
 
@@ -263,6 +263,37 @@ def test_admin_key_record_follows_the_keys_namespace_with_an_existing_secret(
     assert annotations["helm.sh/resource-policy"] == "keep"
 
 
+def test_admin_key_records_of_releases_sharing_a_keys_namespace_differ(
+    chart: ChartKit,
+) -> None:
+    # Two releases whose gateways keep their keys in one namespace: each renders
+    # its own record there, as a further Secret of the key `admin` (the dotted
+    # form of `citadel keys rotate`, never the Secret `create` makes for a key).
+    values = {"gateway.keysNamespace": "llm-keys"}
+
+    def record(namespace: str) -> Obj:
+        objs = chart.render(values, namespace=namespace)
+        (found,) = [
+            o
+            for o in chart.find(objs, "Secret")
+            if o["metadata"]["namespace"] == "llm-keys"
+        ]
+        return found
+
+    a, b = record("team-a"), record("team-b")
+    assert a["metadata"]["name"] == "citadel-key-admin.team-a"
+    assert b["metadata"]["name"] == "citadel-key-admin.team-b"
+    for secret in (a, b):
+        labels = secret["metadata"]["labels"]
+        assert labels[KEY_LABEL] == "true"
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        stored = key_from_secret(secret)
+        assert stored is not None and stored.name == "admin"
+    # In the release namespace the record keeps the name `create` gives it.
+    for keys in ({}, {"gateway.keysNamespace": chart.namespace}):
+        assert chart.find(chart.render(keys), "Secret", "citadel-key-admin")
+
+
 @pytest.mark.parametrize(
     ("values", "error"),
     [
@@ -372,3 +403,31 @@ def test_a_gateway_beside_another_releases_operator(chart: ChartKit) -> None:
         {"gateway.routesNamespace": "elsewhere"},
         expect_error="gateway.routesNamespace is for operator.enabled=false",
     )
+
+
+def test_notes_create_keys_where_the_gateway_reads_them(
+    chart: ChartKit, tmp_path: Path
+) -> None:
+    # Without the chart's admin key the notes say how to make one: in the keys'
+    # namespace, the only one the gateway reads keys from.
+    values = {"gateway.adminKey.create": False}
+    assert f"citadel keys -n {chart.namespace} create NAME" in chart.notes(
+        values, tmp_path / "release"
+    )
+    notes = chart.notes(
+        {**values, "gateway.keysNamespace": "llm-keys"}, tmp_path / "keys"
+    )
+    assert "citadel keys -n llm-keys create NAME" in notes
+
+
+def test_notes_serve_the_model_where_the_operator_watches(
+    chart: ChartKit, tmp_path: Path
+) -> None:
+    clusterwide = chart.notes({}, tmp_path / "all")
+    assert "kubectl create namespace llm\n" in clusterwide
+    assert "kubectl -n llm apply -f docs/examples/minimal.yaml" in clusterwide
+    # With namespaces listed the operator ignores every other one (`llm` too).
+    notes = chart.notes({"watchNamespaces": ["team-a", "team-b"]}, tmp_path / "ns")
+    assert "kubectl -n team-a apply -f docs/examples/minimal.yaml" in notes
+    assert "kubectl -n team-a get llmmodels -w" in notes
+    assert "namespace llm" not in notes and "-n llm " not in notes

@@ -211,7 +211,7 @@ def test_gateway_keys_in_a_namespace_of_their_own(chart: ChartKit) -> None:
     assert env["CITADEL_GATEWAY_ROUTES_NAMESPACE"] == chart.namespace
     # The admin key's record goes where the gateway reads keys; its plain copy,
     # for people, stays in the release namespace.
-    record = chart.one(objs, "Secret", "citadel-key-admin")
+    record = chart.one(objs, "Secret", f"citadel-key-admin.{chart.namespace}")
     assert record["metadata"]["namespace"] == "llm-keys"
     plain = chart.one(objs, "Secret", "citadel-admin-key")
     assert plain["metadata"]["namespace"] == chart.namespace

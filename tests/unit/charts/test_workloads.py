@@ -273,3 +273,104 @@ def test_names_in_shared_namespaces_carry_the_release_namespace(
 
     assert shared(objs) and shared(team)
     assert not shared(objs) & shared(team)
+
+
+def test_dashboards_in_grafanas_namespace_carry_the_release_namespace(
+    chart: ChartKit,
+) -> None:
+    # Releases of one name in two namespaces both put their dashboards into
+    # Grafana's namespace: each must keep its own ConfigMaps there.
+    values = {"monitoring.dashboards.namespace": "grafana"}
+
+    def dashboards(namespace: str) -> set[str]:
+        objs = chart.render(values, namespace=namespace)
+        found = {
+            o["metadata"]["name"]
+            for o in chart.find(objs, "ConfigMap")
+            if o["metadata"]["namespace"] == "grafana"
+        }
+        assert len(found) == 3, chart.names(objs)
+        return found
+
+    assert not dashboards("team-a") & dashboards("team-b")
+    assert "citadel-dashboard-overview-team-a" in dashboards("team-a")
+    # In the release namespace the names stay what they were.
+    assert {o["metadata"]["name"] for o in chart.find(chart.render(), "ConfigMap")} >= {
+        "citadel-dashboard-overview",
+        "citadel-dashboard-key-usage",
+    }
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "gateway.port",
+        "gateway.grpcPort",
+        "gateway.metricsPort",
+        "operator.metrics.port",
+        "operator.health.port",
+    ],
+)
+def test_a_port_missing_from_reused_values_fails_the_render(
+    chart: ChartKit, path: str
+) -> None:
+    # `helm upgrade --reuse-values` renders with the old chart's defaults: a key
+    # added since is missing, and an empty port variable crashes the pods.
+    chart.render(
+        {path: None},
+        expect_error=f"{path} is not set: with `helm upgrade --reuse-values`",
+    )
+
+
+def test_the_upgrade_guide_takes_the_new_charts_defaults(chart: ChartKit) -> None:
+    guide = (chart.root / "docs" / "install.md").read_text()
+    upgrades = [line for line in guide.splitlines() if "helm upgrade citadel" in line]
+    assert upgrades
+    for line in upgrades:
+        assert "--reuse-values" not in line, line
+    assert "--reset-then-reuse-values" in upgrades[0]
+
+
+@pytest.mark.parametrize(
+    ("values", "error"),
+    [
+        (
+            {"operator.health.port": 8080},
+            "operator.metrics.port and operator.health.port are both 8080",
+        ),
+        (
+            {"gateway.metricsPort": 8000},
+            "gateway.metricsPort 8000 is also the HTTP (gateway.port) or gRPC",
+        ),
+        (
+            {"gateway.grpcPort": 9090},
+            "gateway.metricsPort 9090 is also the HTTP (gateway.port) or gRPC",
+        ),
+        (
+            {"gateway.grpcPort": 8000, "gateway.metricsPort": 0},
+            "gateway.grpcPort 8000 is also gateway.port",
+        ),
+    ],
+)
+def test_ports_the_programs_refuse_fail_the_render(
+    chart: ChartKit, values: dict[str, Any], error: str
+) -> None:
+    # The operator and the gateway refuse these at start-up: say so at install.
+    chart.render(values, expect_error=error)
+
+
+def test_ports_the_programs_accept_render(chart: ChartKit) -> None:
+    # 0 turns the gRPC port off and serves /metrics on the HTTP port.
+    objs = chart.render({"gateway.grpcPort": 0, "gateway.metricsPort": 0})
+    env = chart.env_of(
+        chart.container(chart.one(objs, "Deployment", "citadel-gateway"))
+    )
+    settings = GatewaySettings.model_validate(
+        {
+            "port": env["CITADEL_GATEWAY_PORT"],
+            "grpc_port": env["CITADEL_GATEWAY_GRPC_PORT"],
+            "metrics_port": env["CITADEL_GATEWAY_METRICS_PORT"],
+        }
+    )
+    assert (settings.grpc_port, settings.metrics_port) == (0, 0)
+    chart.render({"gateway.grpcPort": 50051, "gateway.metricsPort": 9090})
