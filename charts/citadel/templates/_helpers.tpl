@@ -324,25 +324,6 @@ variable.
 {{- $node }}
 {{- end }}
 
-{{/* The namespace of the dashboards' ConfigMaps. */}}
-{{- define "citadel.dashboards.namespace" -}}
-{{- .Values.monitoring.dashboards.namespace | default .Release.Namespace }}
-{{- end }}
-
-{{/*
-A dashboard ConfigMap's name; call with (dict "ctx" $ "name" "overview"). In
-another namespace (monitoring.dashboards.namespace, Grafana's) it carries the
-release namespace, as the chart's other objects there do, so that releases of
-one name in two namespaces do not take each other's ConfigMaps.
-*/}}
-{{- define "citadel.dashboards.name" -}}
-{{- $name := printf "%s-dashboard-%s" (include "citadel.fullname" .ctx) .name }}
-{{- if ne (include "citadel.dashboards.namespace" .ctx) .ctx.Release.Namespace }}
-{{- $name = printf "%s-%s" $name .ctx.Release.Namespace }}
-{{- end }}
-{{- $name }}
-{{- end }}
-
 {{/*
 The name of the admin key's record: `citadel-key-admin`, the Secret
 `citadel keys create admin` would make, in the release namespace. In another

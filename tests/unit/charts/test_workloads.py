@@ -275,32 +275,6 @@ def test_names_in_shared_namespaces_carry_the_release_namespace(
     assert not shared(objs) & shared(team)
 
 
-def test_dashboards_in_grafanas_namespace_carry_the_release_namespace(
-    chart: ChartKit,
-) -> None:
-    # Releases of one name in two namespaces both put their dashboards into
-    # Grafana's namespace: each must keep its own ConfigMaps there.
-    values = {"monitoring.dashboards.namespace": "grafana"}
-
-    def dashboards(namespace: str) -> set[str]:
-        objs = chart.render(values, namespace=namespace)
-        found = {
-            o["metadata"]["name"]
-            for o in chart.find(objs, "ConfigMap")
-            if o["metadata"]["namespace"] == "grafana"
-        }
-        assert len(found) == 3, chart.names(objs)
-        return found
-
-    assert not dashboards("team-a") & dashboards("team-b")
-    assert "citadel-dashboard-overview-team-a" in dashboards("team-a")
-    # In the release namespace the names stay what they were.
-    assert {o["metadata"]["name"] for o in chart.find(chart.render(), "ConfigMap")} >= {
-        "citadel-dashboard-overview",
-        "citadel-dashboard-key-usage",
-    }
-
-
 @pytest.mark.parametrize(
     "path",
     [
