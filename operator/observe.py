@@ -18,6 +18,7 @@ from citadel.operator.builders.deployment import node_selector
 from citadel.operator.model import LLMModel
 from citadel.operator.status import (
     MAX_NODES,
+    MESSAGE_MAX_LENGTH,
     REASON_MAX_LENGTH,
     REASON_PATTERN,
     Condition,
@@ -528,6 +529,16 @@ def _phase(
     return Phase.READY
 
 
+def _bounded(message: str) -> str:
+    """`message` cut to what a condition holds: messages come from the cluster
+    (a scheduler's, a kubelet's, an API server's refusal) in any length, and
+    one too long failed the status's validation, which then froze."""
+    if len(message) <= MESSAGE_MAX_LENGTH:
+        return message
+    cut = " [cut]"
+    return message[: MESSAGE_MAX_LENGTH - len(cut)] + cut
+
+
 def _stamp(
     kind: ConditionType, verdict: Verdict, model: LLMModel, now: str
 ) -> Condition:
@@ -537,7 +548,7 @@ def _stamp(
         type=str(kind),
         status=verdict.status,
         reason=verdict.reason,
-        message=verdict.message,
+        message=_bounded(verdict.message),
         observed_generation=model.generation,
         last_transition_time=previous.last_transition_time
         if unchanged and previous

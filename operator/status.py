@@ -25,6 +25,8 @@ RECONCILE_FAILURES = frozenset({RECONCILE_FAILED, SERVICE_NAME_TAKEN})
 # checks before it writes one (a reason copied from the cluster may not fit).
 REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 REASON_MAX_LENGTH = 1024
+MESSAGE_MAX_LENGTH = 32768
+"""metav1.Condition's message, at most (the API server refuses more)."""
 
 
 def name_taken(kind: str, name: str) -> str:
@@ -62,7 +64,7 @@ class Condition(ApiModel):
     status: Literal["True", "False", "Unknown"]
     reason: Annotated[str, Field(max_length=REASON_MAX_LENGTH, pattern=REASON_PATTERN)]
     """A CamelCase word saying why; docs/concepts.md lists them."""
-    message: Annotated[str, Field(max_length=32768)] = ""
+    message: Annotated[str, Field(max_length=MESSAGE_MAX_LENGTH)] = ""
     """What a person needs to know."""
     observed_generation: Annotated[int, Field(ge=0)] | None = None
     last_transition_time: Time

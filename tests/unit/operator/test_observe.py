@@ -794,3 +794,18 @@ def test_every_node_of_the_largest_surge_rollout_is_listed() -> None:
     )
     assert len(status.nodes) == 128
     LLMModelStatus.model_validate(status.model_dump())
+
+
+def test_a_message_longer_than_a_condition_holds_is_cut() -> None:
+    """A message from the cluster of any length: copied whole, one past 32,768
+    characters failed the status's validation, which then froze."""
+    message = "Node didn't have enough resource: " + "x" * 40_000
+    model = make_model(**PINNED)
+    failed = _failed_pod("p-old", "OutOfnvidia.com/gpu", message)
+    status = _derive(model, deployment(ready=0), [failed])
+    degraded = _cond(status, ConditionType.DEGRADED)
+    assert degraded[:2] == ("True", "OutOfResource")
+    assert len(degraded[2]) == 32768
+    assert degraded[2].startswith("pod p-old (OutOfnvidia.com/gpu): Node didn't")
+    assert degraded[2].endswith("x [cut]")
+    LLMModelStatus.model_validate(status.model_dump())
