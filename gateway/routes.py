@@ -247,10 +247,11 @@ def configmap_content(doc: RoutingDocument) -> dict[str, dict[str, str]]:
     as text, or from `GZIP_FROM_BYTES` on gzipped (base64, as the API takes
     binary data). The same document gives the same bytes every time (no time
     in the gzip header), so that an unchanged write changes nothing."""
-    text = doc.to_json().encode()
-    if len(text) < GZIP_FROM_BYTES:
-        return {"data": {CONFIGMAP_KEY: text.decode()}}
-    packed = gzip.compress(text, mtime=0)
+    text = doc.to_json()
+    raw = text.encode()
+    if len(raw) < GZIP_FROM_BYTES:
+        return {"data": {CONFIGMAP_KEY: text}}
+    packed = gzip.compress(raw, mtime=0)
     return {"binaryData": {CONFIGMAP_GZIP_KEY: base64.b64encode(packed).decode()}}
 
 
