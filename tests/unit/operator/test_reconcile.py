@@ -1487,6 +1487,18 @@ async def test_a_paused_replica_writes_no_status(settings: OperatorSettings) -> 
     assert kube.stored(LLMMODELS, "mixtral", "llm")["status"]["phase"] == "Degraded"
 
 
+async def _reconciled_at(
+    settings: OperatorSettings, now: list[float]
+) -> tuple[FakeKube, Reconciler]:
+    """A model reconciled by a reconciler whose monotonic clock reads `now[0]`."""
+    kube = FakeKube([*NODES, model_body()])
+    reconciler = Reconciler(
+        kube, settings, Metrics(), clock=lambda: NOW, monotonic=lambda: now[0]
+    )
+    await reconciler.reconcile(model_body())
+    return kube, reconciler
+
+
 def _requests(kube: FakeKube) -> int:
     """How many requests reached the fake API server (refused writes aside)."""
     made = (kube.reads, kube.applied, kube.dry_runs, kube.created, kube.events)
@@ -1497,11 +1509,7 @@ async def test_periodic_passes_send_nothing_while_the_api_server_asks_to_wait(
     settings: OperatorSettings,
 ) -> None:
     now = [0.0]
-    kube = FakeKube([*NODES, model_body()])
-    reconciler = Reconciler(
-        kube, settings, Metrics(), clock=lambda: NOW, monotonic=lambda: now[0]
-    )
-    await reconciler.reconcile(model_body())
+    kube, reconciler = await _reconciled_at(settings, now)
     stored = kube.stored(LLMMODELS, "mixtral", "llm")
     # A hand edit the pass puts back; the overloaded API server refuses that
     # write and asks for 30 s of quiet.
@@ -1547,11 +1555,7 @@ async def test_a_wait_asked_on_any_request_holds_refreshes_back(
     settings: OperatorSettings,
 ) -> None:
     now = [0.0]
-    kube = FakeKube([*NODES, model_body()])
-    reconciler = Reconciler(
-        kube, settings, Metrics(), clock=lambda: NOW, monotonic=lambda: now[0]
-    )
-    await reconciler.reconcile(model_body())
+    kube, reconciler = await _reconciled_at(settings, now)
     # The routing ConfigMap's write, not a reconcile, got the 429.
     kube.fail["configmaps"] = ApiError(
         429, "TooManyRequests", "slow", retry_after_s=3600
