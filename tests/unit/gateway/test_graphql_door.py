@@ -387,15 +387,22 @@ async def test_a_body_over_the_limit_is_refused_as_on_rest(
     assert rest.status_code == graphql.status_code == 413
     # REST's shape on REST, the door's own on GraphQL, as every other error.
     assert rest.json()["error"]["code"] == "request_too_large"
-    assert graphql.headers["content-type"] == "application/json"
-    assert graphql.headers["x-request-id"] == "big-1"
-    (error,) = graphql.json()["errors"]
-    assert error["message"] == rest.json()["error"]["message"]
-    extensions = error["extensions"]
-    assert (extensions["status"], extensions["code"]) == (413, "request_too_large")
+    _as_rest_in_door_shape(graphql, rest, "big-1", 413, "request_too_large")
     assert harness.upstream.calls == []
     assert kit.counted(harness, "413", door="graphql", model="unknown") == 1
     assert _access(caplog) == [(413, "request_too_large")] * 2  # REST's, GraphQL's
+
+
+def _as_rest_in_door_shape(
+    answer: Any, rest: Any, request_id: str, status: int, code: str
+) -> None:
+    """GraphQL's answer is REST's error (`rest`) in the door's own shape."""
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.headers["x-request-id"] == request_id
+    (error,) = answer.json()["errors"]
+    assert error["message"] == rest.json()["error"]["message"]
+    extensions = error["extensions"]
+    assert (extensions["status"], extensions["code"]) == (status, code)
 
 
 @pytest.mark.parametrize(
@@ -421,12 +428,7 @@ async def test_a_refused_key_over_http_is_a_graphql_error_counted_as_on_rest(
         )
     assert answer.status_code == rest.status_code == 401
     assert rest.json()["error"]["code"] == "invalid_api_key"  # REST unchanged
-    assert answer.headers["content-type"] == "application/json"
-    assert answer.headers["x-request-id"] == "key-1"
-    (error,) = answer.json()["errors"]
-    assert error["message"] == rest.json()["error"]["message"]
-    extensions = error["extensions"]
-    assert (extensions["status"], extensions["code"]) == (401, "invalid_api_key")
+    _as_rest_in_door_shape(answer, rest, "key-1", 401, "invalid_api_key")
     assert "ctd-wrong" not in answer.text
     assert harness.upstream.calls == []
     labels = {"api": "chat", "model": "unknown", "status": "401"}
