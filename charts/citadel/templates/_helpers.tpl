@@ -337,3 +337,26 @@ by the name inside, never by the Secret's name.
 citadel-key-admin
 {{- if ne (include "citadel.gateway.keysNamespace" .) .Release.Namespace }}.{{ .Release.Namespace }}{{ end }}
 {{- end }}
+
+{{/*
+Fails the install when another release already runs a cluster-wide operator. Each
+release's operator peers only with its own replicas (the peering object is named
+after the release), so two cluster-wide operators would both act on every model:
+with two chart versions they would rewrite each other's Deployments for ever. Seen
+through that release's ClusterKopfPeering, which the chart labels; `lookup` finds
+nothing under `helm template`, `--dry-run` (client) or Argo CD, which therefore
+cannot check.
+*/}}
+{{- define "citadel.operator.aloneClusterWide" -}}
+{{- $found := lookup "kopf.dev/v1" "ClusterKopfPeering" "" "" }}
+{{- range $peering := ($found.items | default list) }}
+{{- $meta := $peering.metadata }}
+{{- $labels := $meta.labels | default dict }}
+{{- $notes := $meta.annotations | default dict }}
+{{- $release := get $notes "meta.helm.sh/release-name" }}
+{{- $releaseNs := get $notes "meta.helm.sh/release-namespace" }}
+{{- if and (eq (get $labels "app.kubernetes.io/part-of") "citadel") (eq (get $labels "app.kubernetes.io/component") "operator") (not (and (eq $release $.Release.Name) (eq $releaseNs $.Release.Namespace))) }}
+{{- fail (printf "release %s/%s already runs a cluster-wide Citadel operator (ClusterKopfPeering %s): two would both act on every model. Install this release with operator.enabled=false and gateway.routesNamespace=%s (a gateway of its own beside that operator; docs/install.md), or uninstall that release first" $releaseNs $release $meta.name $releaseNs) }}
+{{- end }}
+{{- end }}
+{{- end }}

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from harness.kube import KubeCluster
+from harness.kube import KubeCluster, KubectlError
 
 pytestmark = pytest.mark.e2e
 
@@ -124,6 +124,17 @@ def test_install_upgrade_uninstall_cluster_wide(
     assert can_i(cluster, gw, ns, "list", "secrets", "-n", ns)
     assert not can_i(cluster, gw, ns, "list", "secrets", "-n", models)
     assert not can_i(cluster, gw, ns, "update", "configmaps", "-n", ns)
+
+    # A second cluster-wide operator is refused before anything is made (Helm's
+    # server-side dry run renders with the cluster's lookups, as an install does);
+    # the way the message offers, a gateway of its own, is not.
+    other = namespaces("other")
+    with pytest.raises(KubectlError, match="already runs a cluster-wide Citadel"):
+        cluster.helm("install", "citadel-other", CHART, "-n", other, "--dry-run=server")
+    cluster.helm(
+        "install", "citadel-other", CHART, "-n", other, "--dry-run=server",
+        "--set", "operator.enabled=false", "--set", f"gateway.routesNamespace={ns}",
+    )  # fmt: skip
 
     key, stored = admin_key(cluster, ns)
     hooks = cluster.helm("get", "hooks", RELEASE, "-n", ns)
