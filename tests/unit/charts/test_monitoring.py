@@ -231,6 +231,31 @@ def test_rule_thresholds_come_from_values(chart: ChartKit) -> None:
     assert not {n for n in names if "Gateway" in n}
 
 
+@pytest.mark.parametrize(
+    "key",
+    [
+        "errorRatio",
+        "p99LatencySeconds",
+        "p99TimeToFirstTokenSeconds",
+        "kvCacheUsage",
+        "rateLimitedRatio",
+        "modelNotReadyFor",
+        "replicasUnavailableFor",
+    ],
+)
+def test_a_threshold_missing_from_reused_values_fails_the_render(
+    chart: ChartKit, key: str
+) -> None:
+    # Rendered without it, the alert's expression ends in a bare `>` (or its `for`
+    # is empty) and Prometheus refuses the whole rule file.
+    path = f"monitoring.rules.{key}"
+    chart.render(
+        {path: None},
+        monitoring=True,
+        expect_error=f"{path} is not set: with `helm upgrade --reuse-values`",
+    )
+
+
 def test_model_alerts_only_where_the_release_runs_the_operator(
     chart: ChartKit,
 ) -> None:
