@@ -1,4 +1,4 @@
-"""The memory of how long the API server asked to wait, and the Kube that tells it."""
+"""The memory of how long the API server asked to wait, and the fake that tells it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from citadel.operator.kube.client import ApiError
 from citadel.operator.kube.fake import FakeKube
-from citadel.operator.kube.heed import AskedWait, HeedingKube
+from citadel.operator.kube.heed import AskedWait
 from citadel.operator.kube.resources import SERVICES
 
 pytestmark = pytest.mark.unit
@@ -34,27 +34,6 @@ def test_the_latest_asked_wait_counts_up_to_the_cap() -> None:
     assert wait.left() == 600
     now[0] = 610.0
     assert wait.left() == 0
-
-
-async def test_every_refused_request_tells_the_wait() -> None:
-    now = [0.0]
-    wait = AskedWait(600.0, lambda: now[0])
-    fake = FakeKube()
-    kube = HeedingKube(fake, wait)
-    fake.fail["services"] = _throttled(5)
-    with pytest.raises(ApiError):
-        await kube.list_uids(SERVICES, "llm")
-    assert wait.left() == 5
-    now[0] = 2.0
-    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "m"}}
-    with pytest.raises(ApiError):
-        await kube.create(service)
-    assert wait.left() == 5
-    # What succeeds passes through as it is, and the wait stays.
-    del fake.fail["services"]
-    assert (await kube.create(service))["metadata"]["name"] == "m"
-    assert (await kube.get(SERVICES, "m"))["metadata"]["name"] == "m"
-    assert wait.left() == 5
 
 
 async def test_the_fake_tells_its_refusals_as_the_client_does() -> None:
