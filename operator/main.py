@@ -18,10 +18,11 @@ from pydantic_settings import SettingsError
 from citadel.operator import __version__
 from citadel.operator.handlers import build_registry
 from citadel.operator.kopfstate import MemoryState
-from citadel.operator.kube.client import AioKube
+from citadel.operator.kube.client import AioKube, Login
+from citadel.operator.kube.heed import AskedWait
 from citadel.operator.metrics import Metrics
 from citadel.operator.names import KOPF_PREFIX, MANAGED_SELECTOR
-from citadel.operator.reconcile import Reconciler
+from citadel.operator.reconcile import RETRY_AFTER_MAX_S, Reconciler
 from citadel.operator.settings import (
     LogFormat,
     OperatorSettings,
@@ -82,6 +83,25 @@ def login_function(ks: kopf.OperatorSettings) -> kopf.ConnectionInfo:
     return info
 
 
+def connect(
+    login: Login, settings: OperatorSettings, metrics: Metrics
+) -> tuple[AioKube, Reconciler]:
+    """The API client, and the reconciler that works through it.
+
+    They share one `AskedWait`: the client tells it every refusal, whichever
+    request got it, and the reconciler's periodic passes and refreshes send
+    nothing for as long as the latest Retry-After asked.
+
+    Args:
+        login: returns fresh credentials.
+        settings: the operator's settings.
+        metrics: where the reconciler reports.
+    """
+    asked_wait = AskedWait(RETRY_AFTER_MAX_S)
+    kube = AioKube(login, on_refusal=asked_wait.heed)
+    return kube, Reconciler(kube, settings, metrics, asked_wait=asked_wait)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the operator until it is stopped (SIGINT/SIGTERM)."""
     parser = argparse.ArgumentParser(
@@ -120,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     def login() -> kopf.ConnectionInfo:
         return login_function(ks)
 
-    kube = AioKube(login)
-    reconciler = Reconciler(kube, settings, metrics)
+    kube, reconciler = connect(login, settings, metrics)
     registry = build_registry(reconciler, settings, login, kube.close, state)
     kopf.run(
         registry=registry,

@@ -31,7 +31,7 @@ from citadel.operator.builders.objects import (
 from citadel.operator.drift import drifted, fingerprint, unchanged_by
 from citadel.operator.events import Notice, combined, event_object, transitions
 from citadel.operator.kube.client import ApiError, Kube, Manifest
-from citadel.operator.kube.heed import AskedWait, HeedingKube
+from citadel.operator.kube.heed import AskedWait
 from citadel.operator.kube.resources import (
     LLMMODELS,
     PDBS,
@@ -384,13 +384,16 @@ class Reconciler:
         metrics: Metrics,
         clock: Callable[[], str] = utc_now,
         view: ClusterView | None = None,
-        monotonic: Callable[[], float] = time.monotonic,
+        asked_wait: AskedWait | None = None,
     ) -> None:
         # Until when the API server asked this process to wait (Retry-After),
-        # as any request's answer said: periodic passes and refreshes send
-        # nothing before then (see `_told_to_wait`).
-        self.asked_wait = AskedWait(RETRY_AFTER_MAX_S, monotonic)
-        self.kube: Kube = HeedingKube(kube, self.asked_wait)
+        # as any request's answer said: `kube` tells it every refusal (its
+        # `on_refusal`, wired in main), and periodic passes and refreshes send
+        # nothing before then (see `_told_to_wait`). Without one, nothing asks.
+        self.asked_wait = (
+            asked_wait if asked_wait is not None else AskedWait(RETRY_AFTER_MAX_S)
+        )
+        self.kube = kube
         self.settings = settings
         self.metrics = metrics
         self.view: ClusterView = view or ApiView(self.kube, settings.list_scopes())

@@ -80,6 +80,10 @@ class ApiError(Exception):
         return self.status in RETRYABLE
 
 
+# What a client tells each ApiError it raises, before raising it.
+OnRefusal = Callable[[ApiError], None]
+
+
 class Kube(Protocol):
     """What the operator needs from the Kubernetes API."""
 
@@ -164,14 +168,25 @@ class Kube(Protocol):
 class AioKube:
     """`Kube` over aiohttp, with the credentials Kopf's login functions find."""
 
-    def __init__(self, login: Login, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        login: Login,
+        *,
+        timeout: float = 30.0,
+        on_refusal: OnRefusal | None = None,
+    ) -> None:
         """Creates a client; the connection opens on the first request.
 
         Args:
             login: returns fresh credentials; called again after a 401.
             timeout: seconds per request.
+            on_refusal: told every ApiError a request raises (a refusal, or
+                no usable answer), whichever method sent it: where the
+                process hears how long the API server asked it to wait
+                (`heed.AskedWait.heed`).
         """
         self._login = login
+        self._on_refusal = on_refusal
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
         self._info: kopf.ConnectionInfo | None = None
@@ -210,6 +225,24 @@ class AioKube:
         body: Manifest | list[Manifest] | None = None,
         content_type: str = "application/json",
         accept: str | None = None,
+    ) -> Manifest | None:
+        """The answer to one request: every method's one way to the API server,
+        and so the one place its errors pass (`on_refusal`)."""
+        try:
+            return await self._send(method, path, params, body, content_type, accept)
+        except ApiError as err:
+            if self._on_refusal is not None:
+                self._on_refusal(err)
+            raise
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        params: dict[str, str] | None,
+        body: Manifest | list[Manifest] | None,
+        content_type: str,
+        accept: str | None,
     ) -> Manifest | None:
         for attempt in (1, 2):
             session = await self._open(fresh=attempt == 2)

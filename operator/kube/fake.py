@@ -7,7 +7,7 @@ import itertools
 from collections.abc import Iterable
 from typing import Any
 
-from citadel.operator.kube.client import ApiError, Listing, Manifest
+from citadel.operator.kube.client import ApiError, Listing, Manifest, OnRefusal
 from citadel.operator.kube.resources import Resource, resource_for
 
 
@@ -51,13 +51,19 @@ class FakeKube:
         behind: (plural, namespace, name) -> what a `cached` get answers
             instead of the stored object (None: not found), as a watch cache
             behind the store would.
+        on_refusal: told every ApiError the fake raises, as `AioKube` tells
+            its own.
 
     Every write gives the object a new, growing `resourceVersion`; an apply
     that carries one is refused (409) unless it is the stored object's.
     """
 
     def __init__(
-        self, objects: Iterable[Manifest] = (), served: Iterable[Resource] = ()
+        self,
+        objects: Iterable[Manifest] = (),
+        served: Iterable[Resource] = (),
+        *,
+        on_refusal: OnRefusal | None = None,
     ):
         self.objects: dict[tuple[str, str, str], Manifest] = {}
         self.applied: list[tuple[str, Manifest]] = []
@@ -73,8 +79,15 @@ class FakeKube:
         self._versions = itertools.count(1)
         self.reads: list[tuple[str, str]] = []
         self.behind: dict[tuple[str, str, str], Manifest | None] = {}
+        self.on_refusal = on_refusal
         for obj in objects:
             self.put(obj)
+
+    def _refused(self, err: ApiError) -> ApiError:
+        """`err`, once `on_refusal` has been told: what every refusal raises."""
+        if self.on_refusal is not None:
+            self.on_refusal(err)
+        return err
 
     @staticmethod
     def _key(
@@ -105,7 +118,7 @@ class FakeKube:
     ) -> Manifest:
         resource = resource_for(obj["apiVersion"], obj["kind"])
         if resource.plural in self.fail:
-            raise self.fail[resource.plural]
+            raise self._refused(self.fail[resource.plural])
         (self.dry_runs if dry_run else self.applied).append(
             (subresource, copy.deepcopy(obj))
         )
@@ -116,10 +129,14 @@ class FakeKube:
         if version is not None and (
             current is None or current["metadata"]["resourceVersion"] != version
         ):
-            raise ApiError(409, "Conflict", "the object has been modified")
+            raise self._refused(
+                ApiError(409, "Conflict", "the object has been modified")
+            )
         if current is None:
             if subresource:
-                raise ApiError(404, "NotFound", f"{resource.plural} {meta['name']}")
+                raise self._refused(
+                    ApiError(404, "NotFound", f"{resource.plural} {meta['name']}")
+                )
             if dry_run:
                 return copy.deepcopy(obj)
             return copy.deepcopy(self.put(obj))
@@ -157,7 +174,7 @@ class FakeKube:
         """Supports `test` and `remove` (what the operator sends)."""
         key = self._key(resource, name, namespace)
         if key not in self.objects:
-            raise ApiError(404, "NotFound", f"{resource.plural} {name}")
+            raise self._refused(ApiError(404, "NotFound", f"{resource.plural} {name}"))
         obj = copy.deepcopy(self.objects[key])
         for op in operations:
             *parents, last = [_index(p) for p in op["path"].split("/")[1:]]
@@ -166,11 +183,14 @@ class FakeKube:
                 for part in parents:
                     holder = holder[part]
                 if op["op"] == "test" and holder[_index(last)] != op["value"]:
-                    raise ApiError(422, "Invalid", f"test failed at {op['path']}")
+                    raise self._refused(
+                        ApiError(422, "Invalid", f"test failed at {op['path']}")
+                    )
                 if op["op"] == "remove":
                     del holder[_index(last)]
             except (KeyError, IndexError, TypeError) as err:
-                raise ApiError(422, "Invalid", f"no {op['path']}") from err
+                refused = ApiError(422, "Invalid", f"no {op['path']}")
+                raise self._refused(refused) from err
         if not obj["metadata"].get("ownerReferences"):
             obj["metadata"].pop("ownerReferences", None)
             self._created_owners.discard(key)
@@ -230,7 +250,7 @@ class FakeKube:
         resource."""
         self.reads.append(("list cached", resource.plural))
         if resource.plural in self.fail:
-            raise self.fail[resource.plural]
+            raise self._refused(self.fail[resource.plural])
         found = self._listed(resource, namespace, label_selector)
         return Listing(
             uids=frozenset(obj["metadata"]["uid"] for obj in found),
@@ -250,8 +270,10 @@ class FakeKube:
         if found is None:
             return False
         if uid is not None and found["metadata"]["uid"] != uid:
-            raise ApiError(
-                409, "Conflict", f"Precondition failed: UID in precondition: {uid}"
+            raise self._refused(
+                ApiError(
+                    409, "Conflict", f"Precondition failed: UID in precondition: {uid}"
+                )
             )
         del self.objects[key]
         self.deleted.append(key)
@@ -263,10 +285,12 @@ class FakeKube:
             return obj
         resource = resource_for(obj["apiVersion"], obj["kind"])
         if resource.plural in self.fail:
-            raise self.fail[resource.plural]
+            raise self._refused(self.fail[resource.plural])
         meta = obj["metadata"]
         if self._key(resource, meta["name"], meta.get("namespace")) in self.objects:
-            raise ApiError(409, "AlreadyExists", f"{resource.plural} {meta['name']}")
+            raise self._refused(
+                ApiError(409, "AlreadyExists", f"{resource.plural} {meta['name']}")
+            )
         self.created.append(copy.deepcopy(obj))
         if meta.get("ownerReferences"):
             self._created_owners.add(

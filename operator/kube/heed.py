@@ -1,4 +1,4 @@
-"""How long the API server asked this process to wait, and a `Kube` that tells.
+"""How long the API server asked this process to wait.
 
 An API server under load refuses with 429 (or a 5xx) and says how long to wait
 (Retry-After). The failed request's own retry waits that long (see
@@ -6,19 +6,20 @@ An API server under load refuses with 429 (or a 5xx) and says how long to wait
 process, so that work which can wait (periodic passes, status refreshes) sends
 no new requests meanwhile: 1,000 models resynced every 120 s are about 8
 requests a second that an API server asking for 30 s of quiet still got.
+
+The process makes one and hands its `heed` to the client as `on_refusal`
+(`AioKube`, whose every request raises through one place), so that a
+Retry-After is remembered whichever request got it: a status write, the
+sweep's list, the routing ConfigMap's write.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Callable
 
-from citadel.operator.kube.client import ApiError, Kube, Listing, Manifest
-from citadel.operator.kube.resources import Resource
-
-T = TypeVar("T")
+from citadel.operator.kube.client import ApiError
 
 
 class AskedWait:
@@ -49,91 +50,3 @@ class AskedWait:
     def left(self) -> float:
         """Seconds still to wait; 0 when the API server asked for no more."""
         return max(0.0, self._until - self._clock())
-
-
-class HeedingKube:
-    """`kube` whose refusals tell `wait` how long the API server asked to wait.
-
-    Every request of the process goes through one, so that a Retry-After is
-    remembered whichever request got it (a status write, the sweep's list, the
-    routing ConfigMap's write).
-    """
-
-    def __init__(self, kube: Kube, wait: AskedWait) -> None:
-        self._kube = kube
-        self._wait = wait
-
-    async def _heeded(self, request: Awaitable[T]) -> T:
-        try:
-            return await request
-        except ApiError as err:
-            self._wait.heed(err)
-            raise
-
-    async def apply(
-        self, obj: Manifest, *, subresource: str = "", dry_run: bool = False
-    ) -> Manifest:
-        return await self._heeded(
-            self._kube.apply(obj, subresource=subresource, dry_run=dry_run)
-        )
-
-    async def get(
-        self,
-        resource: Resource,
-        name: str,
-        namespace: str | None = None,
-        *,
-        cached: bool = False,
-    ) -> Manifest | None:
-        return await self._heeded(
-            self._kube.get(resource, name, namespace, cached=cached)
-        )
-
-    async def json_patch(
-        self,
-        resource: Resource,
-        name: str,
-        namespace: str | None,
-        operations: list[Manifest],
-    ) -> Manifest:
-        return await self._heeded(
-            self._kube.json_patch(resource, name, namespace, operations)
-        )
-
-    async def list(
-        self,
-        resource: Resource,
-        namespace: str | None = None,
-        *,
-        label_selector: str | None = None,
-    ) -> list[Manifest]:
-        return await self._heeded(
-            self._kube.list(resource, namespace, label_selector=label_selector)
-        )
-
-    async def list_uids(
-        self,
-        resource: Resource,
-        namespace: str | None = None,
-        *,
-        label_selector: str | None = None,
-    ) -> Listing:
-        return await self._heeded(
-            self._kube.list_uids(resource, namespace, label_selector=label_selector)
-        )
-
-    async def delete(
-        self,
-        resource: Resource,
-        name: str,
-        namespace: str | None = None,
-        *,
-        uid: str | None = None,
-    ) -> bool:
-        return await self._heeded(self._kube.delete(resource, name, namespace, uid=uid))
-
-    async def create(self, obj: Manifest) -> Manifest:
-        return await self._heeded(self._kube.create(obj))
-
-    async def has_resource(self, resource: Resource) -> bool:
-        return await self._heeded(self._kube.has_resource(resource))

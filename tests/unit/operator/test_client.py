@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import kopf
@@ -9,8 +11,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from citadel.operator.kube.client import METADATA_ONLY, AioKube, ApiError, Listing
-from citadel.operator.kube.resources import NODES, PODS
+from citadel.operator.kube.client import (
+    METADATA_ONLY,
+    AioKube,
+    ApiError,
+    Kube,
+    Listing,
+)
+from citadel.operator.kube.resources import CONFIGMAPS, NODES, PODS
 
 pytestmark = pytest.mark.unit
 
@@ -169,3 +177,89 @@ async def test_a_success_that_is_not_a_json_object_is_an_api_error(
 
 async def test_an_empty_success_is_an_empty_object() -> None:
     assert await _apply_against(web.Response(status=200)) == {}
+
+
+# One call of each method of `Kube`, whatever the server answers.
+CALLS: dict[str, Callable[[Kube], Awaitable[object]]] = {
+    "apply": lambda kube: kube.apply(CONFIGMAP, subresource="status"),
+    "get": lambda kube: kube.get(CONFIGMAPS, "x", "ns", cached=True),
+    "json_patch": lambda kube: kube.json_patch(
+        CONFIGMAPS, "x", "ns", [{"op": "remove", "path": "/data/key"}]
+    ),
+    "list": lambda kube: kube.list(PODS, "ns", label_selector="x=y"),
+    "list_uids": lambda kube: kube.list_uids(PODS),
+    "delete": lambda kube: kube.delete(CONFIGMAPS, "x", "ns", uid="u"),
+    "create": lambda kube: kube.create(CONFIGMAP),
+    "has_resource": lambda kube: kube.has_resource(PODS),
+}
+
+
+@pytest.mark.parametrize(
+    "method",
+    sorted(
+        name
+        for name, member in vars(Kube).items()
+        if inspect.iscoroutinefunction(member)
+    ),
+)
+@pytest.mark.parametrize(
+    ("answer", "told"),
+    [
+        pytest.param(
+            lambda: web.Response(status=429, headers={"Retry-After": "7"}),
+            (429, 7.0),
+            id="throttled",
+        ),
+        # No usable answer: still an ApiError, still told.
+        pytest.param(
+            lambda: web.Response(text="<html>", content_type="text/html"),
+            (0, None),
+            id="not-json",
+        ),
+    ],
+)
+async def test_every_method_tells_its_refusals(
+    method: str,
+    answer: Callable[[], web.Response],
+    told: tuple[int, float | None],
+) -> None:
+    """Whichever method of `Kube` got it, the ApiError reaches `on_refusal`
+    (where the process remembers a Retry-After) before it is raised: a method
+    added to `Kube` has a case here, and fails it unless its requests go
+    through the client's one error path."""
+
+    async def respond(request: web.Request) -> web.Response:
+        return answer()
+
+    heard: list[ApiError] = []
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", respond)
+    async with TestServer(app) as server:
+        url = str(server.make_url("/"))
+        kube = AioKube(lambda: kopf.ConnectionInfo(server=url), on_refusal=heard.append)
+        try:
+            with pytest.raises(ApiError) as err:
+                await CALLS[method](kube)
+        finally:
+            await kube.close()
+    assert heard == [err.value]
+    assert (err.value.status, err.value.retry_after_s) == told
+
+
+async def test_what_succeeds_tells_nothing() -> None:
+    heard: list[ApiError] = []
+
+    async def respond(request: web.Request) -> web.Response:
+        return web.Response(status=404 if request.method == "GET" else 200)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", respond)
+    async with TestServer(app) as server:
+        url = str(server.make_url("/"))
+        kube = AioKube(lambda: kopf.ConnectionInfo(server=url), on_refusal=heard.append)
+        try:
+            assert await kube.get(CONFIGMAPS, "x", "ns") is None  # not found
+            assert await kube.apply(CONFIGMAP) == {}
+        finally:
+            await kube.close()
+    assert heard == []

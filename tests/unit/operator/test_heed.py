@@ -1,4 +1,4 @@
-"""The memory of how long the API server asked to wait, and the Kube that tells it."""
+"""The memory of how long the API server asked to wait, and the fake that tells it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from citadel.operator.kube.client import ApiError
 from citadel.operator.kube.fake import FakeKube
-from citadel.operator.kube.heed import AskedWait, HeedingKube
+from citadel.operator.kube.heed import AskedWait
 from citadel.operator.kube.resources import SERVICES
 
 pytestmark = pytest.mark.unit
@@ -36,22 +36,36 @@ def test_the_latest_asked_wait_counts_up_to_the_cap() -> None:
     assert wait.left() == 0
 
 
-async def test_every_refused_request_tells_the_wait() -> None:
+async def test_the_fake_tells_its_refusals_as_the_client_does() -> None:
+    """Tests drive the wait through FakeKube: each refusal it raises, asked
+    for (`fail`) or its own (a conflict, a failed patch test), is told."""
     now = [0.0]
     wait = AskedWait(600.0, lambda: now[0])
-    fake = FakeKube()
-    kube = HeedingKube(fake, wait)
-    fake.fail["services"] = _throttled(5)
+    heard: list[ApiError] = []
+
+    def told(err: ApiError) -> None:
+        heard.append(err)
+        wait.heed(err)
+
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "m"}}
+    kube = FakeKube(on_refusal=told)
+    kube.fail["services"] = _throttled(5)
     with pytest.raises(ApiError):
         await kube.list_uids(SERVICES, "llm")
     assert wait.left() == 5
     now[0] = 2.0
-    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "m"}}
     with pytest.raises(ApiError):
         await kube.create(service)
     assert wait.left() == 5
     # What succeeds passes through as it is, and the wait stays.
-    del fake.fail["services"]
+    del kube.fail["services"]
     assert (await kube.create(service))["metadata"]["name"] == "m"
     assert (await kube.get(SERVICES, "m"))["metadata"]["name"] == "m"
     assert wait.left() == 5
+    with pytest.raises(ApiError) as taken:
+        await kube.create(service)
+    test = [{"op": "test", "path": "/metadata/name", "value": "n"}]
+    with pytest.raises(ApiError) as patched:
+        await kube.json_patch(SERVICES, "m", None, test)
+    assert heard[2:] == [taken.value, patched.value]
+    assert [err.status for err in heard] == [429, 429, 409, 422]

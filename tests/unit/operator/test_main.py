@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import kopf
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from citadel.operator.kopfstate import MemoryState
-from citadel.operator.main import kopf_settings, main
+from citadel.operator.kube.client import ApiError
+from citadel.operator.kube.resources import PODS
+from citadel.operator.main import connect, kopf_settings, main
+from citadel.operator.metrics import Metrics
 from citadel.operator.settings import OperatorSettings
 
 pytestmark = pytest.mark.unit
@@ -39,3 +45,29 @@ def test_bad_settings_stop_the_start_naming_the_variable(
     err = capsys.readouterr().err
     assert err.startswith("citadel-operator: invalid settings\n")
     assert said in err
+
+
+async def test_the_clients_refusals_make_the_reconciler_wait(
+    settings: OperatorSettings,
+) -> None:
+    """One AskedWait, told by the client, read by the reconciler: a wait
+    asked on any request holds its periodic passes back."""
+
+    async def respond(request: web.Request) -> web.Response:
+        return web.Response(status=429, headers={"Retry-After": "30"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", respond)
+    async with TestServer(app) as server:
+        url = str(server.make_url("/"))
+        kube, reconciler = connect(
+            lambda: kopf.ConnectionInfo(server=url), settings, Metrics()
+        )
+        try:
+            assert reconciler.asked_wait.left() == 0
+            with pytest.raises(ApiError):
+                await kube.list(PODS)
+        finally:
+            await kube.close()
+    assert reconciler.kube is kube
+    assert 29 < reconciler.asked_wait.left() <= 30

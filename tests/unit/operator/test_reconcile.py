@@ -11,6 +11,7 @@ import pytest
 from citadel.operator import names, reconcile
 from citadel.operator.kube.client import ApiError
 from citadel.operator.kube.fake import FakeKube
+from citadel.operator.kube.heed import AskedWait
 from citadel.operator.kube.resources import (
     DEPLOYMENTS,
     LLMMODELS,
@@ -1490,10 +1491,12 @@ async def test_a_paused_replica_writes_no_status(settings: OperatorSettings) -> 
 async def _reconciled_at(
     settings: OperatorSettings, now: list[float]
 ) -> tuple[FakeKube, Reconciler]:
-    """A model reconciled by a reconciler whose monotonic clock reads `now[0]`."""
-    kube = FakeKube([*NODES, model_body()])
+    """A model reconciled by a reconciler whose asked wait's clock reads
+    `now[0]`, told by the fake as the client tells it (see main.connect)."""
+    wait = AskedWait(reconcile.RETRY_AFTER_MAX_S, lambda: now[0])
+    kube = FakeKube([*NODES, model_body()], on_refusal=wait.heed)
     reconciler = Reconciler(
-        kube, settings, Metrics(), clock=lambda: NOW, monotonic=lambda: now[0]
+        kube, settings, Metrics(), clock=lambda: NOW, asked_wait=wait
     )
     await reconciler.reconcile(model_body())
     return kube, reconciler
@@ -1536,14 +1539,16 @@ async def test_periodic_passes_send_nothing_while_the_api_server_asks_to_wait(
 async def test_a_changed_spec_is_applied_while_the_api_server_asks_to_wait(
     settings: OperatorSettings,
 ) -> None:
-    kube = FakeKube([*NODES, model_body()])
+    wait = AskedWait(reconcile.RETRY_AFTER_MAX_S, lambda: 0.0)
+    kube = FakeKube([*NODES, model_body()], on_refusal=wait.heed)
     reconciler = Reconciler(
-        kube, settings, Metrics(), clock=lambda: NOW, monotonic=lambda: 0.0
+        kube, settings, Metrics(), clock=lambda: NOW, asked_wait=wait
     )
     kube.fail["services"] = ApiError(429, "TooManyRequests", "slow", retry_after_s=30)
     with pytest.raises(ReconcileError) as failed:
         await reconciler.reconcile(model_body())
     assert failed.value.delay == 30  # Kopf's retry waits as asked
+    assert reconciler.asked_wait.left() == 30
     del kube.fail["services"]
     # Kopf's create and update handlers are not held back: their retry
     # already waits as long as the API server asked.
