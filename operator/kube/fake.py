@@ -44,8 +44,9 @@ class FakeKube:
         deleted: (plural, namespace, name) of every successful delete.
         events: every object passed to `create` (Events).
         served: resources that `has_resource` reports as installed.
-        fail: plural -> ApiError raised by any write to that resource (and
-            by `list_uids`).
+        fail: plural -> ApiError raised by `apply` and `create` of that
+            resource (and by `list_uids`); `json_patch` and `delete` do not
+            read it.
         reads: (verb, plural) of every get ("get cached" with `cached`) and
             list ("list cached" for `list_uids`), in order.
         behind: (plural, namespace, name) -> what a `cached` get answers
