@@ -169,6 +169,24 @@ def test_monitoring_labels_reach_the_operators_pod_monitors(
     assert OperatorSettings().pod_monitor_labels == labels
 
 
+def test_monitoring_off_turns_the_operators_pod_monitors_off(
+    chart: ChartKit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def settings(values: dict[str, Any]) -> OperatorSettings:
+        objs = chart.render(values, monitoring=True)
+        env = chart.env_of(
+            chart.container(chart.one(objs, "Deployment", "citadel-operator"))
+        )
+        for name, value in env.items():
+            if name.startswith("CITADEL_OPERATOR_"):
+                monkeypatch.setenv(name, value)
+        return OperatorSettings()
+
+    monkeypatch.delenv("CITADEL_OPERATOR_POD_MONITORS", raising=False)
+    assert settings({}).pod_monitors is True
+    assert settings({"monitoring.enabled": False}).pod_monitors is False
+
+
 def test_gateway_env_names_are_settings_the_gateway_reads(chart: ChartKit) -> None:
     objs = chart.render()
     env = chart.env_of(
