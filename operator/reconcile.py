@@ -138,7 +138,8 @@ class _Plan:
     pdb: Manifest | None
     """None: the model has no PodDisruptionBudget (one of its own goes)."""
     monitor: Manifest | None
-    """None: the PodMonitor CRD is not served."""
+    """None: the PodMonitor CRD is not served, or PodMonitors are turned off
+    (`OperatorSettings.pod_monitors`; one of its own goes)."""
     seen: Mapping[str, Manifest | None]
     """Kind -> the object of that name as `_apply` first reads it (None: there
     was none), where the pass may start from that read."""
@@ -883,7 +884,7 @@ class Reconciler:
         """
         deployment = self._deployment(model)
         monitor = None
-        if await self._monitoring_installed():
+        if self.settings.pod_monitors and await self._monitoring_installed():
             monitor = build_pod_monitor(model, self.settings.pod_monitor_labels)
         plan = _Plan(deployment, build_service(model), build_pdb(model), monitor, {})
         known = await self._call(self.view.deployment(model.namespace, model.name))
@@ -939,6 +940,12 @@ class Reconciler:
             await self._delete_owned(model, PDBS, model.name, resync=resync)
         if plan.monitor is not None:
             await self._apply_named(model, plan, plan.monitor, resync)
+        elif not self.settings.pod_monitors:
+            # Turned off (the chart's monitoring.enabled=false): one made while
+            # they were on is ours and goes; one of that name that someone else
+            # made stays. Without the CRD there is none to look for.
+            if await self._monitoring_installed():
+                await self._delete_owned(model, POD_MONITORS, model.name, resync=resync)
         elif first_look:
             await self._post(
                 model,

@@ -99,6 +99,12 @@ class OperatorSettings(BaseSettings):
     aliases, measured with build_document) to the API server and to every
     gateway's watch; while models keep changing, as in a burst of new ones, this
     bounds how often."""
+    pod_monitors: bool = True
+    """Make a PodMonitor per model where the PodMonitor CRD is served. False
+    makes none and deletes those this operator made (controlled by their
+    LLMModel); a PodMonitor of that name it did not make is left alone. The
+    chart sets it from `monitoring.enabled`: another Prometheus stack may
+    scrape every PodMonitor it finds."""
     pod_monitor_labels: dict[str, str] = {}
     """Labels added to every PodMonitor, as a JSON object: those a Prometheus
     selects PodMonitors by (kube-prometheus-stack's `release`). The operator's

@@ -127,17 +127,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and .Values.monitoring.enabled (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1") }}true{{ end }}
 {{- end }}
 
-{{/* The pod security context every Citadel pod runs with. */}}
-{{- define "citadel.podSecurityContext" -}}
-runAsNonRoot: true
-runAsUser: 65532
-runAsGroup: 65532
-fsGroup: 65532
-seccompProfile:
-  type: RuntimeDefault
-{{- end }}
-
-{{/* The container security context: the "restricted" Pod Security Standard. */}}
+{{/*
+Redis's container security context: the "restricted" Pod Security Standard. The
+operator's and the gateway's come from their values (podSecurityContext,
+securityContext), with the same defaults.
+*/}}
 {{- define "citadel.containerSecurityContext" -}}
 allowPrivilegeEscalation: false
 readOnlyRootFilesystem: true

@@ -75,6 +75,15 @@ def test_helm_lint_strict(chart: ChartKit, case: str, tmp_path: Path) -> None:
             "/networkPolicy/modelPodLabels",
         ),
         ({"redis.image.tag": ""}, "redis.image.tag (or digest) must be set"),
+        # A misspelled field would leave the one it meant as it was.
+        (
+            {"operator.podSecurityContext.runAsUSer": None},
+            "/operator/podSecurityContext",
+        ),
+        (
+            {"gateway.securityContext.allowPrivilegeEscalation": "no"},
+            "/gateway/securityContext/allowPrivilegeEscalation",
+        ),
         # The admin key's hash: 64 lowercase hex digits, no more, nothing else
         # (not the record's "sha256:" prefix, nor sha256sum's trailing " -").
         ({"gateway.adminKey.sha256": "ABCD" * 16}, "/gateway/adminKey/sha256"),

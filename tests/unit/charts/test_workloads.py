@@ -98,6 +98,115 @@ def test_selectors_match_their_pods(chart: ChartKit) -> None:
         assert len(matched) == 1, f"Service {svc['metadata']['name']} selects {matched}"
 
 
+# OpenShift's restricted-v2 SCC assigns the ids from the namespace's range and
+# refuses a pod that names others.
+OPENSHIFT: dict[str, Any] = {
+    f"{part}.podSecurityContext": {
+        "runAsUser": None,
+        "runAsGroup": None,
+        "fsGroup": None,
+    }
+    for part in ("operator", "gateway")
+}
+# The volume types the "restricted" Pod Security Standard allows.
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+
+
+def restricted_violations(spec: Obj) -> list[str]:
+    """What in a pod spec the "restricted" Pod Security Standard (its baseline
+    checks included) refuses, as Pod Security Admission checks it."""
+    found = []
+    pod = spec.get("securityContext") or {}
+    containers = [
+        *spec.get("initContainers", []),
+        *spec["containers"],
+        *spec.get("ephemeralContainers", []),
+    ]
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(field):
+            found.append(field)
+    for volume in spec.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            found.append(f"volume {volume['name']}: {sorted(kinds)}")
+    if pod.get("runAsUser") == 0:
+        found.append("pod runAsUser 0")
+    pod_seccomp = (pod.get("seccompProfile") or {}).get("type")
+    if pod_seccomp not in {None, "RuntimeDefault", "Localhost"}:
+        found.append(f"pod seccompProfile {pod_seccomp}")
+    for c in containers:
+        ctx = c.get("securityContext") or {}
+        name = c["name"]
+        if ctx.get("privileged"):
+            found.append(f"{name}: privileged")
+        if ctx.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{name}: allowPrivilegeEscalation not false")
+        non_root = ctx.get("runAsNonRoot", pod.get("runAsNonRoot"))
+        if non_root is not True:
+            found.append(f"{name}: runAsNonRoot not true")
+        if ctx.get("runAsUser") == 0:
+            found.append(f"{name}: runAsUser 0")
+        seccomp = (ctx.get("seccompProfile") or {}).get("type", pod_seccomp)
+        if seccomp not in {"RuntimeDefault", "Localhost"}:
+            found.append(f"{name}: seccompProfile {seccomp}")
+        capabilities = ctx.get("capabilities") or {}
+        if "ALL" not in capabilities.get("drop", []):
+            found.append(f"{name}: capabilities do not drop ALL")
+        if set(capabilities.get("add", [])) - {"NET_BIND_SERVICE"}:
+            found.append(f"{name}: capabilities add {capabilities['add']}")
+        if any(p.get("hostPort") for p in c.get("ports", [])):
+            found.append(f"{name}: hostPort")
+    return found
+
+
+@pytest.mark.parametrize(
+    "values",
+    [{}, EVERYTHING, {**EVERYTHING, **OPENSHIFT}],
+    ids=["defaults", "everything", "openshift"],
+)
+def test_every_pod_meets_the_restricted_pod_security_standard(
+    chart: ChartKit, values: dict[str, Any]
+) -> None:
+    specs = pod_specs(chart.render(values))
+    assert len(specs) == 4  # operator, gateway, Redis and the `helm test` Pod
+    for name, spec in specs:
+        assert restricted_violations(spec) == [], name
+
+
+def test_security_contexts_come_from_values(chart: ChartKit) -> None:
+    objs = chart.render(
+        {
+            **OPENSHIFT,
+            "operator.podSecurityContext.supplementalGroups": [5],
+            "gateway.securityContext.readOnlyRootFilesystem": False,
+        }
+    )
+    specs = dict(pod_specs(objs))
+    assigned = {"runAsUser", "runAsGroup", "fsGroup"}
+    for name in ("citadel-operator", "citadel-gateway", "citadel-test-models"):
+        assert not assigned & set(specs[name]["securityContext"]), name
+    assert specs["citadel-operator"]["securityContext"]["supplementalGroups"] == [5]
+    gateway = specs["citadel-gateway"]["containers"][0]["securityContext"]
+    # The `helm test` Pod runs the gateway image, with the gateway's contexts.
+    test = specs["citadel-test-models"]["containers"][0]["securityContext"]
+    assert gateway["readOnlyRootFilesystem"] is test["readOnlyRootFilesystem"] is False
+    operator = specs["citadel-operator"]["containers"][0]["securityContext"]
+    assert operator["readOnlyRootFilesystem"] is True
+    # By default every id is the images' user (images/*.Dockerfile: USER 65532).
+    for name, spec in pod_specs(chart.render()):
+        if name != "citadel-redis":
+            assert {spec["securityContext"][k] for k in assigned} == {65532}, name
+
+
 @pytest.mark.parametrize("values", [{}, EVERYTHING], ids=["defaults", "everything"])
 def test_containers_are_non_root_read_only_and_restricted(
     chart: ChartKit, values: dict[str, Any]
@@ -167,6 +276,24 @@ def test_monitoring_labels_reach_the_operators_pod_monitors(
     given = env({"monitoring.labels": labels})["CITADEL_OPERATOR_POD_MONITOR_LABELS"]
     monkeypatch.setenv("CITADEL_OPERATOR_POD_MONITOR_LABELS", given)
     assert OperatorSettings().pod_monitor_labels == labels
+
+
+def test_monitoring_off_turns_the_operators_pod_monitors_off(
+    chart: ChartKit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def settings(values: dict[str, Any]) -> OperatorSettings:
+        objs = chart.render(values, monitoring=True)
+        env = chart.env_of(
+            chart.container(chart.one(objs, "Deployment", "citadel-operator"))
+        )
+        for name, value in env.items():
+            if name.startswith("CITADEL_OPERATOR_"):
+                monkeypatch.setenv(name, value)
+        return OperatorSettings()
+
+    monkeypatch.delenv("CITADEL_OPERATOR_POD_MONITORS", raising=False)
+    assert settings({}).pod_monitors is True
+    assert settings({"monitoring.enabled": False}).pod_monitors is False
 
 
 def test_gateway_env_names_are_settings_the_gateway_reads(chart: ChartKit) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from citadel.operator import names, reconcile
+from citadel.operator.builders.objects import build_pod_monitor
 from citadel.operator.kube.client import ApiError
 from citadel.operator.kube.fake import FakeKube
 from citadel.operator.kube.heed import AskedWait
@@ -22,6 +23,7 @@ from citadel.operator.kube.resources import (
     Resource,
 )
 from citadel.operator.metrics import Metrics
+from citadel.operator.model import LLMModel
 from citadel.operator.reconcile import (
     Precedence,
     ReconcileError,
@@ -362,6 +364,60 @@ async def test_pod_monitor_when_the_crd_exists(settings: OperatorSettings) -> No
     await reconciler.reconcile(model_body())
     assert kube.stored(POD_MONITORS, "mixtral", "llm")
     assert "MonitoringUnavailable" not in _reasons(kube)
+
+
+def _has_pod_monitor(kube: FakeKube) -> bool:
+    return (POD_MONITORS.plural, "llm", "mixtral") in kube.objects
+
+
+async def test_no_pod_monitor_when_they_are_turned_off(
+    settings: OperatorSettings,
+) -> None:
+    off = settings.model_copy(update={"pod_monitors": False})
+    kube, reconciler = _setup(off, model_body(), monitoring=True)
+    await reconciler.reconcile(model_body())
+    assert kube.stored(DEPLOYMENTS, "mixtral", "llm")
+    assert not _has_pod_monitor(kube)
+    assert "PodMonitor" not in _kinds_applied(kube)
+    # Asked for none: nothing is missing, so nothing to say.
+    assert "MonitoringUnavailable" not in _reasons(kube)
+
+
+async def test_turning_pod_monitors_off_removes_only_ours(
+    settings: OperatorSettings,
+) -> None:
+    kube, reconciler = _setup(settings, model_body(), monitoring=True)
+    await reconciler.reconcile(model_body())
+    assert kube.stored(POD_MONITORS, "mixtral", "llm")
+    # The operator restarts with them off (the chart's monitoring.enabled).
+    off = settings.model_copy(update={"pod_monitors": False})
+    restarted = Reconciler(kube, off, Metrics(), clock=lambda: NOW)
+    await restarted.reconcile(kube.stored(LLMMODELS, "mixtral", "llm"))
+    assert (POD_MONITORS.plural, "llm", "mixtral") in kube.deleted
+    assert not _has_pod_monitor(kube)
+    # One of that name that someone else made is neither refused nor deleted,
+    # at a full pass or a periodic one.
+    theirs = foreign(POD_MONITORS)
+    kube.put(theirs)
+    kube.deleted.clear()
+    await restarted.reconcile(kube.stored(LLMMODELS, "mixtral", "llm"))
+    await _resync(kube, restarted)
+    assert kube.deleted == []
+    assert kube.stored(POD_MONITORS, "mixtral", "llm")["spec"] == theirs["spec"]
+
+
+async def test_a_resync_removes_a_pod_monitor_of_ours_when_they_are_off(
+    settings: OperatorSettings,
+) -> None:
+    off = settings.model_copy(update={"pod_monitors": False})
+    kube, reconciler = _setup(off, model_body(), monitoring=True)
+    await reconciler.reconcile(model_body())
+    # One of ours turns up after the full pass (an operator with them on, say,
+    # that was still stopping).
+    model = LLMModel.from_body(kube.stored(LLMMODELS, "mixtral", "llm"))
+    kube.put(build_pod_monitor(model))
+    await _resync(kube, reconciler)
+    assert not _has_pod_monitor(kube)
 
 
 async def test_scaling_to_one_removes_the_pdb(settings: OperatorSettings) -> None:

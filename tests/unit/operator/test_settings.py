@@ -18,7 +18,7 @@ pytestmark = pytest.mark.unit
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("WATCH_NAMESPACES", "GATEWAY_NAMESPACE", "LOG_FORMAT"):
+    for name in ("WATCH_NAMESPACES", "GATEWAY_NAMESPACE", "LOG_FORMAT", "POD_MONITORS"):
         monkeypatch.delenv(f"CITADEL_OPERATOR_{name}", raising=False)
     settings = OperatorSettings()
     assert settings.clusterwide
@@ -26,6 +26,12 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.routes_configmap == "citadel-routes"
     assert settings.default_vllm_image.startswith("vllm/vllm-openai:v")
     assert (settings.metrics_port, settings.health_port) == (8080, 8081)
+    assert settings.pod_monitors is True
+
+
+def test_pod_monitors_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CITADEL_OPERATOR_POD_MONITORS", "false")
+    assert OperatorSettings().pod_monitors is False
 
 
 def test_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
