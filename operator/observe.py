@@ -225,11 +225,16 @@ def _crash(cs: Obj) -> str | None:
 
     Between back-offs a crash-looping container is `running` (vLLM loads again)
     and only its restart count and last termination tell; without this the
-    model would flip Degraded, Progressing, Degraded at every restart.
+    model would flip Degraded, Progressing, Degraded at every restart. One
+    that has just ended (`terminated` now, what `kubectl get pods` shows as
+    `Error` or `Init:Error`) is read from that end: the kubelet restarts it,
+    its pod being `restartPolicy: Always`, and an init container that fails at
+    once does so before it is ever restarted.
     """
-    if cs.get("ready") or not cs.get("restartCount"):
+    now = (cs.get("state") or {}).get("terminated") or {}
+    if cs.get("ready") or not (cs.get("restartCount") or now):
         return None
-    ended = (cs.get("lastState") or {}).get("terminated") or {}
+    ended = now or (cs.get("lastState") or {}).get("terminated") or {}
     code = ended.get("exitCode")
     reason = ended.get("reason")
     if reason != "OOMKilled" and not (isinstance(code, int) and code != 0):
@@ -254,6 +259,22 @@ def _served_since_start(pod: Obj, cs: Obj) -> bool:
     return bool(started) and str(ready.get("lastTransitionTime") or "") > started
 
 
+def _container_statuses(pod: Obj) -> list[tuple[str, Obj]]:
+    """`pod`'s container statuses, each with what it is a status of: its init
+    containers' first, as they run first. An init container that crash-loops
+    or cannot be pulled holds the others `PodInitializing`, a wait that says
+    nothing; unread, it left the model loading for ever."""
+    status = pod.get("status", {})
+    return [
+        (kind, cs)
+        for kind, key in (
+            ("init container", "initContainerStatuses"),
+            ("container", "containerStatuses"),
+        )
+        for cs in status.get(key) or []
+    ]
+
+
 def _container_failure(pods: Sequence[Obj], previous: str) -> Verdict | None:
     """The first container of a pod still running, or about to, that is stuck;
     `previous` is the Degraded message the model carries while Degraded."""
@@ -262,8 +283,8 @@ def _container_failure(pods: Sequence[Obj], previous: str) -> Verdict | None:
             continue
         name = pod["metadata"]["name"]
         loading = not _is_ready(pod)
-        for cs in pod.get("status", {}).get("containerStatuses", []) or []:
-            where = f"pod {name}, container {cs.get('name')}"
+        for kind, cs in _container_statuses(pod):
+            where = f"pod {name}, {kind} {cs.get('name')}"
             waiting = (cs.get("state") or {}).get("waiting") or {}
             crash = _crash(cs) if loading and not _served_since_start(pod, cs) else None
             reason = waiting.get("reason")

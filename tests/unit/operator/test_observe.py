@@ -809,3 +809,117 @@ def test_a_message_longer_than_a_condition_holds_is_cut() -> None:
     assert degraded[2].startswith("pod p-old (OutOfnvidia.com/gpu): Node didn't")
     assert degraded[2].endswith("x [cut]")
     LLMModelStatus.model_validate(status.model_dump())
+
+
+INIT = "fetch-weights"
+INIT_CRASH = (
+    "CrashLoopBackOff",
+    f"pod p1, init container {INIT}: CrashLoopBackOff last exit: Error (exit code 1)",
+)
+
+
+def _initializing(init: dict[str, Any]) -> dict[str, Any]:
+    """A pod whose init container `fetch-weights` is in `init` (its status's
+    state, lastState and restartCount), as the kubelet reports it: the pod
+    Pending, not Initialized, its server container waiting PodInitializing."""
+    body = pod("p1", ready=False)
+    body["status"]["phase"] = "Pending"
+    body["status"]["conditions"] += [
+        {
+            "type": "Initialized",
+            "status": "False",
+            "reason": "ContainersNotInitialized",
+            "message": f"containers with incomplete status: [{INIT}]",
+        },
+        {"type": "ContainersReady", "status": "False", "reason": "ContainersNotReady"},
+    ]
+    body["status"]["initContainerStatuses"] = [
+        {"name": INIT, "ready": False, "restartCount": 0, **init}
+    ]
+    body["status"]["containerStatuses"] = [
+        {
+            "name": "vllm",
+            "ready": False,
+            "restartCount": 0,
+            "state": {"waiting": {"reason": "PodInitializing"}},
+        }
+    ]
+    return body
+
+
+FAILED_ONCE = {"terminated": {"reason": "Error", "exitCode": 1}}
+
+
+@pytest.mark.parametrize(
+    ("init", "degraded"),
+    [
+        (
+            {
+                "state": {
+                    "waiting": {
+                        "reason": "CrashLoopBackOff",
+                        "message": f"back-off 40s restarting failed container={INIT}",
+                    }
+                },
+                "lastState": FAILED_ONCE,
+                "restartCount": 3,
+            },
+            INIT_CRASH,
+        ),
+        # Run again between back-offs, and failed just now (`Init:Error`,
+        # before any restart): one reason and message throughout.
+        (
+            {
+                "state": {"running": {"startedAt": NOW}},
+                "lastState": FAILED_ONCE,
+                "restartCount": 4,
+            },
+            INIT_CRASH,
+        ),
+        ({"state": FAILED_ONCE}, INIT_CRASH),
+        (
+            {"state": {"waiting": {"reason": "ErrImagePull", "message": "not found"}}},
+            (
+                "ImagePullBackOff",
+                f"pod p1, init container {INIT}: ImagePullBackOff not found",
+            ),
+        ),
+        (
+            {
+                "state": {
+                    "waiting": {
+                        "reason": "CreateContainerConfigError",
+                        "message": 'secret "hf-token" not found',
+                    }
+                }
+            },
+            (
+                "CreateContainerConfigError",
+                f"pod p1, init container {INIT}: CreateContainerConfigError "
+                'secret "hf-token" not found',
+            ),
+        ),
+    ],
+    ids=["crash loop back-off", "crash loop running", "error", "pull", "config"],
+)
+def test_a_stuck_init_container_degrades_and_is_named(
+    init: dict[str, Any], degraded: tuple[str, str]
+) -> None:
+    """An init container that keeps failing holds the server back for ever:
+    read like the server's own container, and named as an init container."""
+    status = _derive(make_model(**PINNED), deployment(ready=0), [_initializing(init)])
+    assert _cond(status, ConditionType.DEGRADED) == ("True", *degraded)
+    assert _cond(status, ConditionType.READY) == ("False", *degraded)
+    assert status.phase is Phase.DEGRADED
+
+
+def test_an_init_container_that_runs_or_completed_is_no_failure() -> None:
+    model = make_model(**PINNED)
+    for init in (
+        {"state": {"running": {"startedAt": NOW}}},
+        {"state": {"terminated": {"reason": "Completed", "exitCode": 0}}},
+    ):
+        status = _derive(model, deployment(ready=0), [_initializing(init)])
+        assert _cond(status, ConditionType.DEGRADED)[:2] == ("False", "AsExpected")
+        assert _cond(status, ConditionType.PROGRESSING)[1] == "WaitingForReplicas"
+        assert status.phase is Phase.PROGRESSING
