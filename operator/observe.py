@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 from citadel.operator import names
@@ -68,6 +69,21 @@ MAX_LISTED = 5
 # name does not fit a condition's reason: `OutOf` and the resource's name
 # (pkg/kubelet/lifecycle/predicate.go), `OutOfnvidia.com/gpu` for a GPU.
 OUT_OF_RESOURCE = "OutOfResource"
+# How long a replica that has served may stay not ready before the model is
+# Degraded for it (NodeNotReady, ReplicaNotReady), read from when the pod's
+# Ready condition last changed: no state of the operator's own, so every
+# replica of the operator, and one just restarted, says the same. The
+# readiness probe (every 5 s, 3 failures: builders/deployment.py) takes 15 s to
+# mark a replica not ready and one answer to mark it ready again, so a stall it
+# catches (a slow /health under a burst of long prompts) is over well within a
+# minute; past that, capacity is lost: a NotReady node, a server that no longer
+# answers. Until then the replica reads as loading, as before it first served.
+NOT_READY_GRACE_SECONDS = 60
+# The Degraded reasons of a replica that served and is no longer ready: on a
+# node that is not Ready (or gone), or for another reason (its readiness
+# probe). They stand in Progressing too while no replica is loading.
+NODE_NOT_READY = "NodeNotReady"
+REPLICA_NOT_READY = "ReplicaNotReady"
 
 
 @dataclass(frozen=True)
@@ -216,6 +232,104 @@ def _has_served(pod: Obj) -> bool:
     return bool(since) and str(ready.get("lastTransitionTime") or "") > since
 
 
+def _seconds(start: str, end: str) -> float | None:
+    """Seconds from `start` to `end`, RFC 3339 times; None if either is not one."""
+    try:
+        delta = datetime.fromisoformat(end) - datetime.fromisoformat(start)
+    except (TypeError, ValueError):
+        return None
+    return delta.total_seconds()
+
+
+def _not_ready_since(pod: Obj) -> str | None:
+    """When `pod`, a replica that has served, stopped being ready; None for a
+    pod that is ready, has ended, or has not been ready since its containers
+    last started.
+
+    A container started again since (a crash, a liveness probe's restart)
+    loads the model again: loading, or a crash loop, not a replica lost. The
+    node lifecycle controller marks the pods of a NotReady node not ready
+    without touching their containers' statuses, so theirs still read as
+    running since before.
+    """
+    if _ended(pod) or _is_ready(pod) or not _has_served(pod):
+        return None
+    ready = _pod_condition(pod, "Ready") or {}
+    since = str(ready.get("lastTransitionTime") or "")
+    for cs in pod.get("status", {}).get("containerStatuses", []) or []:
+        started = ((cs.get("state") or {}).get("running") or {}).get("startedAt")
+        if started and str(started) >= since:
+            return None
+    return since
+
+
+def _lost(pods: Sequence[Obj], now: str) -> list[tuple[str, Obj]]:
+    """The pods not ready for NOT_READY_GRACE_SECONDS since they served, each
+    with when it stopped, longest first (then by name: the same pods always
+    give the same message)."""
+    found = []
+    for pod in pods:
+        since = _not_ready_since(pod)
+        elapsed = _seconds(since, now) if since else None
+        if elapsed is not None and elapsed >= NOT_READY_GRACE_SECONDS:
+            found.append((since or "", pod))
+    return sorted(found, key=lambda lost: (lost[0], lost[1]["metadata"]["name"]))
+
+
+def _node_trouble(name: str, nodes: Sequence[Obj]) -> str | None:
+    """What is wrong with the node `name`: its Ready condition not True (with
+    the node's reason and message), or no such node among `nodes` (none at
+    all tells nothing); None if nothing is."""
+    node = next((n for n in nodes if n["metadata"]["name"] == name), None)
+    if node is None:
+        return f"node {name} no longer exists" if nodes else None
+    ready = next(
+        (
+            c
+            for c in node.get("status", {}).get("conditions", []) or []
+            if c.get("type") == "Ready"
+        ),
+        None,
+    )
+    if ready is None or ready.get("status") == "True":
+        return None
+    said = f"Ready={ready.get('status')}" + (
+        f", {ready['reason']}" if ready.get("reason") else ""
+    )
+    if ready.get("message"):
+        said += f": {ready['message']}"
+    return f"node {name} is NotReady ({said})"
+
+
+def _lost_verdict(lost: Sequence[tuple[str, Obj]], nodes: Sequence[Obj]) -> Verdict:
+    """Degraded for `lost` (see `_lost`, not empty), named by its first pod.
+
+    The node lifecycle controller turns the pods of a node that stopped
+    reporting `Ready=False` and leaves the rest of their status to the kubelet,
+    which cannot write it: no reason on Ready, and ContainersReady still True.
+    The kubelet itself never writes that pair, so it tells a NotReady node
+    apart even when the node's own condition is not at hand.
+    """
+    since, pod = lost[0]
+    name = pod["metadata"]["name"]
+    node = str(pod.get("spec", {}).get("nodeName") or "")
+    ready = _pod_condition(pod, "Ready") or {}
+    containers = _pod_condition(pod, "ContainersReady") or {}
+    marked = not ready.get("reason") and containers.get("status") == "True"
+    trouble = _node_trouble(node, nodes) if node else None
+    if trouble is None and marked:
+        trouble = "marked not ready by the node lifecycle controller"
+    said = ": ".join(str(ready[key]) for key in ("reason", "message") if ready.get(key))
+    message = f"pod {name} on node {node or '(none)'}: not ready since {since}" + (
+        f"; {trouble}" if trouble else f" ({said})" if said else ""
+    )
+    more = len(lost) - 1
+    if more:
+        message += f"; {more} more " + ("replica" if more == 1 else "replicas")
+        message += " that served not ready either"
+    return Verdict("True", NODE_NOT_READY if trouble else REPLICA_NOT_READY, message)
+
+
 def _template_hash(pod: Obj) -> str:
     return str(pod.get("metadata", {}).get("labels", {}).get("pod-template-hash", ""))
 
@@ -225,11 +339,16 @@ def _crash(cs: Obj) -> str | None:
 
     Between back-offs a crash-looping container is `running` (vLLM loads again)
     and only its restart count and last termination tell; without this the
-    model would flip Degraded, Progressing, Degraded at every restart.
+    model would flip Degraded, Progressing, Degraded at every restart. One
+    that has just ended (`terminated` now, what `kubectl get pods` shows as
+    `Error` or `Init:Error`) is read from that end: the kubelet restarts it,
+    its pod being `restartPolicy: Always`, and an init container that fails at
+    once does so before it is ever restarted.
     """
-    if cs.get("ready") or not cs.get("restartCount"):
+    now = (cs.get("state") or {}).get("terminated") or {}
+    if cs.get("ready") or not (cs.get("restartCount") or now):
         return None
-    ended = (cs.get("lastState") or {}).get("terminated") or {}
+    ended = now or (cs.get("lastState") or {}).get("terminated") or {}
     code = ended.get("exitCode")
     reason = ended.get("reason")
     if reason != "OOMKilled" and not (isinstance(code, int) and code != 0):
@@ -254,6 +373,22 @@ def _served_since_start(pod: Obj, cs: Obj) -> bool:
     return bool(started) and str(ready.get("lastTransitionTime") or "") > started
 
 
+def _container_statuses(pod: Obj) -> list[tuple[str, Obj]]:
+    """`pod`'s container statuses, each with what it is a status of: its init
+    containers' first, as they run first. An init container that crash-loops
+    or cannot be pulled holds the others `PodInitializing`, a wait that says
+    nothing; unread, it left the model loading for ever."""
+    status = pod.get("status", {})
+    return [
+        (kind, cs)
+        for kind, key in (
+            ("init container", "initContainerStatuses"),
+            ("container", "containerStatuses"),
+        )
+        for cs in status.get(key) or []
+    ]
+
+
 def _container_failure(pods: Sequence[Obj], previous: str) -> Verdict | None:
     """The first container of a pod still running, or about to, that is stuck;
     `previous` is the Degraded message the model carries while Degraded."""
@@ -262,8 +397,8 @@ def _container_failure(pods: Sequence[Obj], previous: str) -> Verdict | None:
             continue
         name = pod["metadata"]["name"]
         loading = not _is_ready(pod)
-        for cs in pod.get("status", {}).get("containerStatuses", []) or []:
-            where = f"pod {name}, container {cs.get('name')}"
+        for kind, cs in _container_statuses(pod):
+            where = f"pod {name}, {kind} {cs.get('name')}"
             waiting = (cs.get("state") or {}).get("waiting") or {}
             crash = _crash(cs) if loading and not _served_since_start(pod, cs) else None
             reason = waiting.get("reason")
@@ -309,9 +444,12 @@ def _condition_reason(raw: str, default: str) -> str:
     return word[:REASON_MAX_LENGTH] or default
 
 
-def _failure(pods: Sequence[Obj], short: bool, previous: str) -> Verdict | None:
+def _failure(
+    pods: Sequence[Obj], short: bool, previous: str, lost: Verdict | None
+) -> Verdict | None:
     """The first container stuck in a state that will not fix itself, else a
-    failed pod that explains why the model is `short` of ready replicas.
+    failed pod that explains why the model is `short` of ready replicas, else
+    `lost`, replicas that served and have not been ready for a while.
 
     An evicted pod, or one the kubelet refused, stays listed after its
     ReplicaSet replaced it, and must not stand for the cause when a later
@@ -347,7 +485,7 @@ def _failure(pods: Sequence[Obj], short: bool, previous: str) -> Verdict | None:
                 f"pod {pod['metadata']['name']}{said}: {status.get('message', '')}"
             )
             return Verdict("True", reason, message)
-    return None
+    return lost
 
 
 def _deployment_condition(deployment: Obj | None, kind: str) -> Obj:
@@ -407,7 +545,14 @@ def _scheduled(model: LLMModel, pods: Sequence[Obj], nodes: Sequence[Obj]) -> Ve
     return Verdict("True", "Scheduled", f"{count} placed on {_listing(placed)}")
 
 
-def _progressing(model: LLMModel, deployment: Obj | None, n: ReplicaCounts) -> Verdict:
+def _progressing(
+    model: LLMModel,
+    deployment: Obj | None,
+    n: ReplicaCounts,
+    lost: tuple[Verdict, int] | None,
+) -> Verdict:
+    """Progressing; `lost`: the Degraded verdict of the replicas that served
+    and are no longer ready (see `_lost`), and how many they are."""
     if deployment is None:
         return Verdict("True", "Creating", "creating the Deployment")
     observed = deployment.get("status", {}).get("observedGeneration", 0)
@@ -443,6 +588,17 @@ def _progressing(model: LLMModel, deployment: Obj | None, n: ReplicaCounts) -> V
             + ("replica" if old == 1 else "replicas")
             + " still running",
         )
+    if lost is not None and n.ready + lost[1] >= n.desired:
+        # Every replica short is one that served: none loads, nothing is
+        # under way, and Degraded says why.
+        verdict, count = lost
+        return Verdict(
+            "False",
+            verdict.reason,
+            f"{n.ready}/{n.desired} replicas ready, none loading: {count} "
+            + ("replica" if count == 1 else "replicas")
+            + " stopped being ready (see Degraded)",
+        )
     if n.ready < n.desired:
         return Verdict(
             "True",
@@ -460,13 +616,18 @@ def _progressing(model: LLMModel, deployment: Obj | None, n: ReplicaCounts) -> V
 
 
 def _degraded(
-    model: LLMModel, pods: Sequence[Obj], n: ReplicaCounts, progressing: Verdict
+    model: LLMModel,
+    pods: Sequence[Obj],
+    n: ReplicaCounts,
+    progressing: Verdict,
+    lost: Verdict | None,
 ) -> Verdict:
     """Degraded; a progress deadline counts as `progressing` reads it (not
-    while the Deployment's controller has yet to look at a change)."""
+    while the Deployment's controller has yet to look at a change); `lost`:
+    the verdict of the replicas that served and are no longer ready."""
     before = model.status.condition(ConditionType.DEGRADED)
     previous = before.message if before is not None and before.status == "True" else ""
-    failure = _failure(pods, short=n.ready < n.desired, previous=previous)
+    failure = _failure(pods, n.ready < n.desired, previous, lost)
     if failure is not None:
         return failure
     if progressing.reason == "ProgressDeadlineExceeded":
@@ -581,10 +742,16 @@ def derive_status(
     live = _live(pods)
     running = [p for p in live if not _ended(p)]
     n = counts(model, deployment)
-    progressing = _progressing(model, deployment, n)
+    lost = _lost(running, now)
+    # Only while the model is short of ready replicas: a surge rollout's old
+    # pod on a node that went NotReady, say, takes no capacity the model has.
+    lapse = _lost_verdict(lost, nodes) if lost and n.ready < n.desired else None
+    progressing = _progressing(
+        model, deployment, n, (lapse, len(lost)) if lapse else None
+    )
     verdicts: dict[ConditionType, Verdict] = {
         ConditionType.SCHEDULED: _scheduled(model, running, nodes),
-        ConditionType.DEGRADED: _degraded(model, live, n, progressing),
+        ConditionType.DEGRADED: _degraded(model, live, n, progressing, lapse),
         ConditionType.PROGRESSING: progressing,
     }
     verdicts[ConditionType.READY] = _ready(

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 
 from citadel.operator.model import LLMModel
-from citadel.operator.observe import Blocker, derive_status
+from citadel.operator.observe import NOT_READY_GRACE_SECONDS, Blocker, derive_status
 from citadel.operator.status import ConditionType, LLMModelStatus, Phase
 
 from .samples import NODES, NOW, deployment, make_model, model_body, node, pod
@@ -534,7 +535,7 @@ def _since(body: dict[str, Any], initialized: str, ready: str) -> dict[str, Any]
 def test_an_eviction_its_replacement_has_served_since_does_not_count_again() -> None:
     """The replacement of an evicted replica turned ready, then stopped being
     ready for a while (a readiness probe failing, its node NotReady): the old
-    eviction, which pod GC keeps listed, is not why."""
+    eviction, which pod GC keeps listed, is not why; that replica is."""
     model = make_model(**PINNED)
     evicted = _evicted("mixtral-bbb-x", "2026-03-01T00:00:00Z", template="bbb")
     lapsed = _since(
@@ -543,8 +544,13 @@ def test_an_eviction_its_replacement_has_served_since_does_not_count_again() -> 
         ready="2026-03-09T00:00:00Z",  # True -> False, long after it started
     )
     status = _derive(model, deployment(ready=0), [evicted, lapsed])
-    assert _cond(status, ConditionType.DEGRADED)[:2] == ("False", "AsExpected")
-    assert status.phase is Phase.PROGRESSING
+    assert _cond(status, ConditionType.DEGRADED) == (
+        "True",
+        "ReplicaNotReady",
+        "pod mixtral-bbb-y on node hx-llm-server-01: not ready since "
+        "2026-03-09T00:00:00Z",
+    )
+    assert status.phase is Phase.DEGRADED
     # A replacement still loading for the first time has not: the eviction is
     # the cause (its Ready turned False when the kubelet first wrote it).
     loading = _since(
@@ -809,3 +815,351 @@ def test_a_message_longer_than_a_condition_holds_is_cut() -> None:
     assert degraded[2].startswith("pod p-old (OutOfnvidia.com/gpu): Node didn't")
     assert degraded[2].endswith("x [cut]")
     LLMModelStatus.model_validate(status.model_dump())
+
+
+INIT = "fetch-weights"
+INIT_CRASH = (
+    "CrashLoopBackOff",
+    f"pod p1, init container {INIT}: CrashLoopBackOff last exit: Error (exit code 1)",
+)
+
+
+def _initializing(init: dict[str, Any]) -> dict[str, Any]:
+    """A pod whose init container `fetch-weights` is in `init` (its status's
+    state, lastState and restartCount), as the kubelet reports it: the pod
+    Pending, not Initialized, its server container waiting PodInitializing."""
+    body = pod("p1", ready=False)
+    body["status"]["phase"] = "Pending"
+    body["status"]["conditions"] += [
+        {
+            "type": "Initialized",
+            "status": "False",
+            "reason": "ContainersNotInitialized",
+            "message": f"containers with incomplete status: [{INIT}]",
+        },
+        {"type": "ContainersReady", "status": "False", "reason": "ContainersNotReady"},
+    ]
+    body["status"]["initContainerStatuses"] = [
+        {"name": INIT, "ready": False, "restartCount": 0, **init}
+    ]
+    body["status"]["containerStatuses"] = [
+        {
+            "name": "vllm",
+            "ready": False,
+            "restartCount": 0,
+            "state": {"waiting": {"reason": "PodInitializing"}},
+        }
+    ]
+    return body
+
+
+FAILED_ONCE = {"terminated": {"reason": "Error", "exitCode": 1}}
+
+
+@pytest.mark.parametrize(
+    ("init", "degraded"),
+    [
+        (
+            {
+                "state": {
+                    "waiting": {
+                        "reason": "CrashLoopBackOff",
+                        "message": f"back-off 40s restarting failed container={INIT}",
+                    }
+                },
+                "lastState": FAILED_ONCE,
+                "restartCount": 3,
+            },
+            INIT_CRASH,
+        ),
+        # Run again between back-offs, and failed just now (`Init:Error`,
+        # before any restart): one reason and message throughout.
+        (
+            {
+                "state": {"running": {"startedAt": NOW}},
+                "lastState": FAILED_ONCE,
+                "restartCount": 4,
+            },
+            INIT_CRASH,
+        ),
+        ({"state": FAILED_ONCE}, INIT_CRASH),
+        (
+            {"state": {"waiting": {"reason": "ErrImagePull", "message": "not found"}}},
+            (
+                "ImagePullBackOff",
+                f"pod p1, init container {INIT}: ImagePullBackOff not found",
+            ),
+        ),
+        (
+            {
+                "state": {
+                    "waiting": {
+                        "reason": "CreateContainerConfigError",
+                        "message": 'secret "hf-token" not found',
+                    }
+                }
+            },
+            (
+                "CreateContainerConfigError",
+                f"pod p1, init container {INIT}: CreateContainerConfigError "
+                'secret "hf-token" not found',
+            ),
+        ),
+    ],
+    ids=["crash loop back-off", "crash loop running", "error", "pull", "config"],
+)
+def test_a_stuck_init_container_degrades_and_is_named(
+    init: dict[str, Any], degraded: tuple[str, str]
+) -> None:
+    """An init container that keeps failing holds the server back for ever:
+    read like the server's own container, and named as an init container."""
+    status = _derive(make_model(**PINNED), deployment(ready=0), [_initializing(init)])
+    assert _cond(status, ConditionType.DEGRADED) == ("True", *degraded)
+    assert _cond(status, ConditionType.READY) == ("False", *degraded)
+    assert status.phase is Phase.DEGRADED
+
+
+def test_an_init_container_that_runs_or_completed_is_no_failure() -> None:
+    model = make_model(**PINNED)
+    for init in (
+        {"state": {"running": {"startedAt": NOW}}},
+        {"state": {"terminated": {"reason": "Completed", "exitCode": 0}}},
+    ):
+        status = _derive(model, deployment(ready=0), [_initializing(init)])
+        assert _cond(status, ConditionType.DEGRADED)[:2] == ("False", "AsExpected")
+        assert _cond(status, ConditionType.PROGRESSING)[1] == "WaitingForReplicas"
+        assert status.phase is Phase.PROGRESSING
+
+
+STARTED = "2026-05-01T09:00:00Z"
+UNREADY = "containers with unready status: [vllm]"
+NODE_GONE_QUIET = {
+    "type": "Ready",
+    "status": "Unknown",
+    "reason": "NodeStatusUnknown",
+    "message": "Kubelet stopped posting node status.",
+}
+
+
+def _served(name: str, since: str, *, node_down: bool = False) -> dict[str, Any]:
+    """A replica that started at 09:00, turned ready, and has not been ready
+    since `since`, as the cluster writes it: its readiness probe failing (the
+    kubelet's ContainersNotReady on Ready and ContainersReady), or, with
+    `node_down`, its node NotReady (the node lifecycle controller turns Ready
+    False and nothing else; the kubelet, cut off, last said it was ready)."""
+    body = pod(name, ready=False)
+    body["metadata"]["creationTimestamp"] = STARTED
+    if node_down:
+        ready = {"type": "Ready", "status": "False", "lastTransitionTime": since}
+        containers = {
+            "type": "ContainersReady",
+            "status": "True",
+            "lastTransitionTime": "2026-05-01T09:04:00Z",
+        }
+    else:
+        ready = {
+            "type": "Ready",
+            "status": "False",
+            "lastTransitionTime": since,
+            "reason": "ContainersNotReady",
+            "message": UNREADY,
+        }
+        containers = {**ready, "type": "ContainersReady"}
+    body["status"]["conditions"] = [
+        {"type": "PodReadyToStartContainers", "status": "True"},
+        {"type": "Initialized", "status": "True", "lastTransitionTime": STARTED},
+        ready,
+        containers,
+        {"type": "PodScheduled", "status": "True", "lastTransitionTime": STARTED},
+    ]
+    body["status"]["containerStatuses"] = [
+        {
+            "name": "vllm",
+            "ready": node_down,
+            "started": True,
+            "restartCount": 0,
+            "state": {"running": {"startedAt": "2026-05-01T09:00:01Z"}},
+        }
+    ]
+    return body
+
+
+def _unready_nodes() -> list[dict[str, Any]]:
+    """NODES with hx-llm-server-01 cut off: its kubelet stopped reporting."""
+    down = node("hx-llm-server-01", 4)
+    down["status"]["conditions"] = [NODE_GONE_QUIET]
+    down["spec"] = {
+        "taints": [{"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"}]
+    }
+    return [down, *NODES[1:]]
+
+
+def test_a_replica_whose_node_went_not_ready_degrades_the_model() -> None:
+    """The node stopped reporting, its pod was marked not ready two minutes
+    ago: capacity lost, not a model loading; the pod, its node and the node's
+    condition are named, and the message holds while nothing changes."""
+    model = make_model(**PINNED)
+    lost = _served("mixtral-abc-x", "2026-05-01T11:58:00Z", node_down=True)
+    expected = (
+        "True",
+        "NodeNotReady",
+        "pod mixtral-abc-x on node hx-llm-server-01: not ready since "
+        "2026-05-01T11:58:00Z; node hx-llm-server-01 is NotReady (Ready=Unknown, "
+        "NodeStatusUnknown: Kubelet stopped posting node status.)",
+    )
+    for now in (NOW, "2026-05-01T12:04:00Z"):
+        status = derive_status(
+            model, deployment(ready=0), [lost], _unready_nodes(), now
+        )
+        assert _cond(status, ConditionType.DEGRADED) == expected
+        assert status.phase is Phase.DEGRADED
+        assert _cond(status, ConditionType.READY) == ("False", *expected[1:])
+        assert _cond(status, ConditionType.PROGRESSING) == (
+            "False",
+            "NodeNotReady",
+            "0/1 replicas ready, none loading: 1 replica stopped being ready "
+            "(see Degraded)",
+        )
+    # The node's own condition out of reach, the pod's status tells alike:
+    # the kubelet never turns Ready False with its containers ready.
+    status = _derive(model, deployment(ready=0), [lost])
+    assert _cond(status, ConditionType.DEGRADED)[1:] == (
+        "NodeNotReady",
+        "pod mixtral-abc-x on node hx-llm-server-01: not ready since "
+        "2026-05-01T11:58:00Z; marked not ready by the node lifecycle controller",
+    )
+
+
+def test_a_replica_that_stopped_answering_degrades_a_serving_model() -> None:
+    """One of two replicas fails its readiness probe for two minutes: the
+    model still serves (Ready), with a replica short (Degraded)."""
+    model = make_model(**PINNED, replicas=2)
+    lost = _served("mixtral-abc-y", "2026-05-01T11:58:00Z")
+    status = _derive(model, deployment(replicas=2, ready=1), [pod("p1"), lost])
+    assert _cond(status, ConditionType.DEGRADED) == (
+        "True",
+        "ReplicaNotReady",
+        "pod mixtral-abc-y on node hx-llm-server-01: not ready since "
+        f"2026-05-01T11:58:00Z (ContainersNotReady: {UNREADY})",
+    )
+    assert _cond(status, ConditionType.READY)[:2] == ("True", "ReplicasReady")
+    assert _cond(status, ConditionType.PROGRESSING)[:2] == (
+        "False",
+        "ReplicaNotReady",
+    )
+    assert status.phase is Phase.DEGRADED
+
+
+def _after(time: str, seconds: int) -> str:
+    later = datetime.fromisoformat(time) + timedelta(seconds=seconds)
+    return later.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@pytest.mark.parametrize("node_down", [False, True], ids=["probe", "node"])
+def test_a_replica_not_ready_for_less_than_the_grace_is_not_yet_degraded(
+    node_down: bool,
+) -> None:
+    """A readiness probe that fails three times and answers again is no lost
+    replica: within NOT_READY_GRACE_SECONDS it reads as loading, as before."""
+    model = make_model(**PINNED)
+    since = "2026-05-01T11:59:30Z"
+    blip = _served("p1", since, node_down=node_down)
+    nodes = _unready_nodes() if node_down else NODES
+    for now in (since, _after(since, NOT_READY_GRACE_SECONDS - 1)):
+        status = derive_status(model, deployment(ready=0), [blip], nodes, now)
+        assert _cond(status, ConditionType.DEGRADED)[:2] == ("False", "AsExpected")
+        assert _cond(status, ConditionType.PROGRESSING)[:2] == (
+            "True",
+            "WaitingForReplicas",
+        )
+        assert status.phase is Phase.PROGRESSING
+    now = _after(since, NOT_READY_GRACE_SECONDS)
+    status = derive_status(model, deployment(ready=0), [blip], nodes, now)
+    assert _cond(status, ConditionType.DEGRADED)[:2] == (
+        "True",
+        "NodeNotReady" if node_down else "ReplicaNotReady",
+    )
+
+
+def test_a_replica_that_never_served_since_it_started_is_loading() -> None:
+    """Hours after it started, a pod whose Ready has not changed since the
+    kubelet first wrote it, or whose container started again after it last
+    was ready (a crash, a liveness probe's restart), loads the model."""
+    model = make_model(**PINNED)
+    never = _served("p1", STARTED)  # Ready False since its first status
+    restarted = _served("p2", "2026-05-01T10:00:00Z")
+    restarted["status"]["containerStatuses"][0].update(
+        restartCount=1, state={"running": {"startedAt": "2026-05-01T10:00:00Z"}}
+    )
+    for loading in (never, restarted):
+        status = _derive(model, deployment(ready=0), [loading])
+        assert _cond(status, ConditionType.DEGRADED)[:2] == ("False", "AsExpected")
+        assert _cond(status, ConditionType.PROGRESSING)[1] == "WaitingForReplicas"
+        assert status.phase is Phase.PROGRESSING
+
+
+def test_a_lost_replica_beside_one_loading_leaves_progressing_as_it_is() -> None:
+    """A scale-up loads while another replica is lost: both are said, the
+    load in Progressing, the loss in Degraded; a lost pod that takes no
+    capacity the model needs (the old one of a surge rollout) is none."""
+    model = make_model(**PINNED, replicas=2)
+    lost = _served("old", "2026-05-01T11:50:00Z")
+    pods = [lost, pod("new", ready=False)]
+    status = _derive(model, deployment(replicas=2, ready=0), pods)
+    assert _cond(status, ConditionType.PROGRESSING)[:2] == (
+        "True",
+        "WaitingForReplicas",
+    )
+    assert _cond(status, ConditionType.DEGRADED)[:2] == ("True", "ReplicaNotReady")
+    surge = make_model(**PINNED, rollout={"maxSurge": 1, "maxUnavailable": 0})
+    status = _derive(
+        surge, deployment(replicas=2, ready=1, updated=1), [lost, pod("p")]
+    )
+    assert _cond(status, ConditionType.DEGRADED)[:2] == ("False", "AsExpected")
+
+
+def test_every_lost_replica_is_counted_and_the_longest_lost_named() -> None:
+    model = make_model(**PINNED, replicas=3)
+    pods = [
+        _served("b", "2026-05-01T11:50:00Z"),
+        _served("a", "2026-05-01T11:55:00Z"),
+        _served("c", "2026-05-01T11:50:00Z"),
+    ]
+    status = _derive(model, deployment(replicas=3, ready=0), pods)
+    degraded = _cond(status, ConditionType.DEGRADED)[2]
+    assert degraded.startswith("pod b on node hx-llm-server-01: not ready since")
+    assert degraded.endswith("; 2 more replicas that served not ready either")
+    assert _cond(status, ConditionType.PROGRESSING)[2].startswith(
+        "0/3 replicas ready, none loading: 3 replicas stopped being ready"
+    )
+
+
+def test_a_replica_on_a_node_that_says_it_is_not_ready_or_is_gone() -> None:
+    """A node whose kubelet still reports says why itself (the pods' own
+    status then reads as a failing probe); a node deleted is named so."""
+    model = make_model(**PINNED)
+    lost = _served("p1", "2026-05-01T11:58:00Z")
+    sick = node("hx-llm-server-01", 4)
+    sick["status"]["conditions"] = [
+        {
+            "type": "Ready",
+            "status": "False",
+            "reason": "KubeletNotReady",
+            "message": "container runtime is down",
+        }
+    ]
+    for nodes, said in (
+        (
+            [sick, *NODES[1:]],
+            "node hx-llm-server-01 is NotReady (Ready=False, KubeletNotReady: "
+            "container runtime is down)",
+        ),
+        (NODES[1:], "node hx-llm-server-01 no longer exists"),
+    ):
+        status = derive_status(model, deployment(ready=0), [lost], nodes, NOW)
+        assert _cond(status, ConditionType.DEGRADED) == (
+            "True",
+            "NodeNotReady",
+            "pod p1 on node hx-llm-server-01: not ready since "
+            f"2026-05-01T11:58:00Z; {said}",
+        )
