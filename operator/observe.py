@@ -276,6 +276,25 @@ def _lost(pods: Sequence[Obj], now: str) -> list[tuple[str, Obj]]:
     return sorted(found, key=lambda lost: (lost[0], lost[1]["metadata"]["name"]))
 
 
+def lapse_due_in(pods: Sequence[Obj], now: str) -> float | None:
+    """Seconds until the first replica that served and is not ready now has
+    been so for NOT_READY_GRACE_SECONDS, when the status would turn Degraded
+    for it (see `_lost`); None when no replica waits for that.
+
+    Nothing in the cluster changes at that moment (a NotReady node's pods are
+    marked once): without a refresh then, Degraded waited for the next event
+    or periodic pass, up to a resync period late.
+    """
+    due = [
+        NOT_READY_GRACE_SECONDS - elapsed
+        for pod in _live(pods)
+        if (since := _not_ready_since(pod)) is not None
+        and (elapsed := _seconds(since, now)) is not None
+        and elapsed < NOT_READY_GRACE_SECONDS
+    ]
+    return min(due) if due else None
+
+
 def _node_trouble(name: str, nodes: Sequence[Obj]) -> str | None:
     """What is wrong with the node `name`: its Ready condition not True (with
     the node's reason and message), or no such node among `nodes` (none at

@@ -42,7 +42,7 @@ from citadel.operator.kube.resources import (
 )
 from citadel.operator.metrics import Metrics
 from citadel.operator.model import LLMModel
-from citadel.operator.observe import Blocker, derive_status
+from citadel.operator.observe import Blocker, derive_status, lapse_due_in
 from citadel.operator.routing import RoutePublisher
 from citadel.operator.settings import OperatorSettings
 from citadel.operator.status import (
@@ -65,6 +65,9 @@ PRECEDENCE_MAX_WAIT_S = 10.0
 # for more (Retry-After): a failure that lasts is still tried, and reported,
 # that often.
 RETRY_AFTER_MAX_S = 600.0
+# How long after a lost replica's grace ends its refresh runs (see
+# `Reconciler._refresh_at_lapse`).
+LAPSE_MARGIN_S = 1.0
 
 
 def utc_now() -> str:
@@ -438,6 +441,9 @@ class Reconciler:
         self._settled: dict[str, dict[str, str]] = {}
         # Per model, the generation whose reconcile failed for good, and why.
         self._failed: dict[str, tuple[int, Blocker]] = {}
+        # Per model, the refresh asked for when a replica that served will have
+        # been not ready for the grace (observe.lapse_due_in).
+        self._lapses: dict[str, asyncio.TimerHandle] = {}
         # Refreshes running as tasks of their own (see spawn_refresh).
         self._spawned: set[asyncio.Task[None]] = set()
         # Whether this replica stands by for a peer (see pause).
@@ -661,6 +667,7 @@ class Reconciler:
         self._written.pop(key, None)
         self._settled.pop(key, None)
         self._failed.pop(key, None)
+        self._refresh_at_lapse(key, None)
         self.routes.kick()
 
     def _newest(self, key: str, body: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -1239,15 +1246,17 @@ class Reconciler:
         conflict = await self._call(self.routes.conflict(model.key))
         if conflict and blocker is None:
             blocker = Blocker("ServedNameConflict", conflict)
+        now = self._clock()
         status = derive_status(
             model,
             deployment,
             pods,
             await self._call(self.view.nodes()),
-            self._clock(),
+            now,
             blocker,
             nodes_autoscaled=self.settings.nodes_autoscaled,
         )
+        self._refresh_at_lapse(model.key, lapse_due_in(pods, now))
         if status != model.status and self._paused:
             # A pass that Kopf started before the pause: its view is frozen,
             # and the peer reports the model now.
@@ -1308,13 +1317,41 @@ class Reconciler:
         self._spawned.add(task)
         task.add_done_callback(self._spawned_done)
 
+    def _refresh_at_lapse(self, key: str, due_s: float | None) -> None:
+        """Asks for a refresh of the model `key` in `due_s` seconds (None: no
+        more), in place of any asked before: a replica that served and is not
+        ready turns the model Degraded once the grace is over, a moment at
+        which no event comes (a NotReady node's pods are marked once), so the
+        status would wait up to a resync period for the next pass."""
+        handle = self._lapses.pop(key, None)
+        if handle is not None:
+            handle.cancel()
+        if due_s is not None:
+            namespace, name = key.split("/", 1)
+            self._lapses[key] = asyncio.get_running_loop().call_later(
+                # Past the grace by a margin: times in the status have whole
+                # seconds.
+                due_s + LAPSE_MARGIN_S,
+                self._lapse_due,
+                namespace,
+                name,
+            )
+
+    def _lapse_due(self, namespace: str, name: str) -> None:
+        self._lapses.pop(f"{namespace}/{name}", None)
+        self.spawn_refresh(namespace, name)
+
     def _spawned_done(self, task: asyncio.Task[None]) -> None:
         self._spawned.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("status refresh failed", exc_info=task.exception())
 
     async def stop(self) -> None:
-        """Cancels the refreshes still running in tasks of their own."""
+        """Cancels the refreshes still running in tasks of their own, and those
+        asked for later."""
+        for handle in self._lapses.values():
+            handle.cancel()
+        self._lapses.clear()
         tasks = list(self._spawned)
         for task in tasks:
             task.cancel()

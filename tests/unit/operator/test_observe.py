@@ -8,7 +8,12 @@ from typing import Any
 import pytest
 
 from citadel.operator.model import LLMModel
-from citadel.operator.observe import NOT_READY_GRACE_SECONDS, Blocker, derive_status
+from citadel.operator.observe import (
+    NOT_READY_GRACE_SECONDS,
+    Blocker,
+    derive_status,
+    lapse_due_in,
+)
 from citadel.operator.status import ConditionType, LLMModelStatus, Phase
 
 from .samples import NODES, NOW, deployment, make_model, model_body, node, pod
@@ -1079,6 +1084,23 @@ def test_a_replica_not_ready_for_less_than_the_grace_is_not_yet_degraded(
         "True",
         "NodeNotReady" if node_down else "ReplicaNotReady",
     )
+
+
+def test_a_lapse_is_due_when_the_first_lost_replica_reaches_the_grace() -> None:
+    """The refresh that turns the model Degraded is asked for then: nothing in
+    the cluster changes at that moment."""
+    since = "2026-05-01T11:59:30Z"
+    lost = [_served("p1", since), _served("p2", _after(since, 10), node_down=True)]
+    now = _after(since, 20)
+    assert lapse_due_in(lost, now) == NOT_READY_GRACE_SECONDS - 20
+    assert lapse_due_in(lost[1:], now) == NOT_READY_GRACE_SECONDS - 10
+    # Past the grace it is Degraded already; a ready or never-served pod waits
+    # for nothing.
+    assert lapse_due_in(lost, _after(since, NOT_READY_GRACE_SECONDS + 10)) is None
+    assert lapse_due_in([pod("p3"), pod("p4", ready=False)], now) is None
+    gone = _served("p5", since)
+    gone["metadata"]["deletionTimestamp"] = now
+    assert lapse_due_in([gone], now) is None
 
 
 def test_a_replica_that_never_served_since_it_started_is_loading() -> None:

@@ -25,6 +25,7 @@ from citadel.operator.kube.resources import (
 from citadel.operator.metrics import Metrics
 from citadel.operator.model import LLMModel
 from citadel.operator.reconcile import (
+    LAPSE_MARGIN_S,
     Precedence,
     ReconcileError,
     Reconciler,
@@ -907,6 +908,62 @@ async def test_refresh_follows_the_pods(settings: OperatorSettings) -> None:
     # Ready, Progressing and Degraded all changed: one Event, led by the warning.
     assert _reasons(kube) == ["MonitoringUnavailable", "CrashLoopBackOff"]
     assert kube.events[-1]["type"] == "Warning"
+
+
+def _lost_since(since: str) -> dict[str, Any]:
+    """A replica that served and has not been ready since `since`: its node
+    stopped reporting (the node controller turned Ready False, nothing else)."""
+    body = pod("mixtral-abc", ready=False)
+    body["status"]["conditions"] = [
+        {
+            "type": "Initialized",
+            "status": "True",
+            "lastTransitionTime": "2026-05-01T09:00:00Z",
+        },
+        {"type": "Ready", "status": "False", "lastTransitionTime": since},
+        {
+            "type": "ContainersReady",
+            "status": "True",
+            "lastTransitionTime": "2026-05-01T09:04:00Z",
+        },
+        {"type": "PodScheduled", "status": "True"},
+    ]
+    body["status"]["containerStatuses"] = [
+        {
+            "name": "vllm",
+            "ready": True,
+            "restartCount": 0,
+            "state": {"running": {"startedAt": "2026-05-01T09:00:01Z"}},
+        }
+    ]
+    return body
+
+
+async def test_a_replica_lost_within_the_grace_is_refreshed_when_it_ends(
+    settings: OperatorSettings,
+) -> None:
+    kube = FakeKube([*NODES, model_body(), _lost_since("2026-05-01T11:59:30Z")])
+    now = [NOW]
+    reconciler = Reconciler(kube, settings, Metrics(), clock=lambda: now[0])
+    await reconciler.reconcile(model_body())
+    status = kube.stored(LLMMODELS, "mixtral", "llm")["status"]
+    assert status["phase"] == "Progressing"  # 30 s of the grace gone
+    due = reconciler._lapses["llm/mixtral"]
+    loop = asyncio.get_running_loop()
+    assert 30 < due.when() - loop.time() <= 30 + LAPSE_MARGIN_S
+    # When it is due: Degraded, with no event from the cluster.
+    now[0] = "2026-05-01T12:00:31Z"
+    reconciler._lapse_due("llm", "mixtral")
+    await asyncio.gather(*reconciler._spawned)
+    status = kube.stored(LLMMODELS, "mixtral", "llm")["status"]
+    assert status["phase"] == "Degraded"
+    assert "llm/mixtral" not in reconciler._lapses
+    # A model deleted meanwhile asks for nothing more.
+    now[0] = NOW
+    await reconciler.refresh("llm", "mixtral")
+    assert "llm/mixtral" in reconciler._lapses
+    await reconciler.forget("llm", "mixtral")
+    assert reconciler._lapses == {}
 
 
 async def test_refresh_of_a_missing_model_is_quiet(settings: OperatorSettings) -> None:
