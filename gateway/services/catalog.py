@@ -242,6 +242,11 @@ class Catalog:
         for ns, service in [k for k in self._endpoints if k[0] == namespace]:
             self.set_endpoints(ns, service, ())
 
+    def route_named(self, name: str) -> ModelRoute | None:
+        """The route for a model name or alias, or None when the document in
+        force (if any) has no model by that name."""
+        return self._by_name.get(name)
+
     def resolve(self, name: str) -> ModelRoute:
         """The route for a model name or alias.
 
