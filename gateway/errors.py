@@ -7,7 +7,10 @@ Other front doors (gRPC, GraphQL) map the same classes to their own codes.
 
 from __future__ import annotations
 
+import contextlib
+import html
 import math
+import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -177,7 +180,8 @@ class QuotaExceeded(_RetryLater):
 
 
 class NoReplica(_RetryLater):
-    """503: the model has no ready replica."""
+    """503: the model has no ready replica, none of those tried could be
+    reached, or each refused the request unworked (a 503, or 429 and 503)."""
 
     status = 503
     type = "server_error"
@@ -269,12 +273,67 @@ def refusal(
 
 def _replica_wait(retry_after: str | None) -> int:
     """A replica's `Retry-After` in seconds (an HTTP date is not read)."""
+    seconds = retry_after_seconds(retry_after)
+    return REPLICA_RETRY_AFTER_S if seconds is None else seconds
+
+
+def retry_after_seconds(retry_after: str | None) -> int | None:
+    """A replica's `Retry-After` in seconds, at most a day; None when it sent
+    none, or not in seconds (an HTTP date is not read)."""
     seconds = (retry_after or "").strip()
     if not (seconds.isascii() and seconds.isdecimal()):
-        return REPLICA_RETRY_AFTER_S
+        return None
     # Leading zeros are allowed (RFC 9110 delta-seconds: 1*DIGIT); the length
     # check, which spares int() a huge number, is on what is left.
     seconds = seconds.lstrip("0") or "0"
     if len(seconds) > len(str(REPLICA_RETRY_AFTER_MAX_S)):
         return REPLICA_RETRY_AFTER_MAX_S
     return min(int(seconds), REPLICA_RETRY_AFTER_MAX_S)
+
+
+def is_openai_error(data: bytes) -> bool:
+    """True when `data` is JSON holding OpenAI's error object (vLLM's refusals)."""
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(parsed, dict) and isinstance(parsed.get("error"), dict)
+
+
+def refusal_body(status: int, data: bytes) -> dict[str, Any]:
+    """The body of a replica's refusal (a 4xx), as OpenAI's error object.
+
+    One that is no JSON object (a proxy's HTML page, a server's plain text) is
+    the replica refusing all the same: not its failure (502). Its message
+    quotes a short excerpt of the text, markup, controls and runs of white
+    space taken out.
+    """
+    with contextlib.suppress(orjson.JSONDecodeError):
+        parsed = orjson.loads(data)
+        if isinstance(parsed, dict):
+            return parsed
+    excerpt = _excerpt(data)
+    if not excerpt:
+        return {}  # `refusal` says the status alone
+    return {"error": {"message": f"The model refused with status {status}: {excerpt}"}}
+
+
+_EXCERPT_CHARS = 200
+_READ_BYTES = 4096
+"""How much of a refusal's body is read for its excerpt: a page may be large."""
+_MARKUP = re.compile(
+    r"<(script|style)\b.*?(</\1\s*>|$)|<!--.*?(-->|$)|<[^>]*(>|$)",
+    re.DOTALL | re.IGNORECASE,
+)
+"""Scripts, styles, comments and tags, also where the read cut one short."""
+
+
+def _excerpt(data: bytes) -> str:
+    """The start of `data` as one line of plain, printable text."""
+    text = data[:_READ_BYTES].decode("utf-8", "replace")
+    text = html.unescape(_MARKUP.sub(" ", text))
+    words = "".join(c if c.isprintable() else " " for c in text).split()
+    line = " ".join(words)
+    if len(line) > _EXCERPT_CHARS:
+        line = line[: _EXCERPT_CHARS - 1].rstrip() + "…"
+    return line

@@ -107,9 +107,11 @@ class GatewaySettings(BaseSettings):
     connect_timeout_s: float = Field(2.0, gt=0)
     """Time to open a connection to a replica before trying another."""
     read_timeout_s: float = Field(600.0, gt=0)
-    """Longest silence from a replica (between chunks) before a 504."""
+    """Longest silence from a replica (between chunks) before a 504; also the
+    most a request's tries take together until its answer begins."""
     retries: int = Field(2, ge=0, le=10)
-    """Extra replicas tried when a connection fails before any byte was sent."""
+    """Extra replicas tried when a connection fails before any byte was sent,
+    a replica refuses unworked (503, 429), or (once) one drops the request."""
     eject_after_failures: int = Field(3, ge=1)
     """Consecutive failures that take a replica out of rotation."""
     eject_base_s: float = Field(5.0, gt=0)

@@ -23,7 +23,9 @@ Failures are sorted into kinds that the proxy treats differently:
   but counts the request as having reached a replica;
 - `UpstreamTimeout`: no answer (or no next piece of the body) in time: 504, not
   retried;
-- `UpstreamBroken`: a broken or unreadable response after it began: 502.
+- `UpstreamBroken`: a broken or unreadable response after it began: 502, though
+  the proxy tries another replica for a whole answer that broke off (the client
+  saw none of it), counting it as it counts a drop.
 """
 
 from __future__ import annotations
@@ -100,8 +102,9 @@ class Reply(Protocol):
     retry_after: str | None
     """Its `Retry-After` header, as sent (a refusal's, such as a 429)."""
 
-    async def read(self) -> bytes:
-        """The whole body (then the connection goes back to the pool)."""
+    async def read(self, timeout_s: float | None = None) -> bytes:
+        """The whole body (then the connection goes back to the pool), within
+        `timeout_s` when given."""
 
     def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives."""
@@ -113,8 +116,15 @@ class Reply(Protocol):
 class Upstream(Protocol):
     """What the proxy needs from an upstream client (a fake in unit tests)."""
 
-    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> Reply:
-        """Sends a POST; returns once the status and headers came."""
+    async def post(
+        self,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        timeout_s: float | None = None,
+    ) -> Reply:
+        """Sends a POST; returns once the status and headers came, within
+        `timeout_s` (connecting included) when given."""
 
 
 _HIGH_WATER = 256 * 1024
@@ -407,24 +417,35 @@ class UpstreamResponse:
         self.content_type = conn.content_type
         self.retry_after = conn.retry_after
 
-    def _timeout(self) -> float:
-        return _within(self._client.settings.read_timeout_s, self._deadline)
-
-    async def read(self) -> bytes:
+    async def read(self, timeout_s: float | None = None) -> bytes:
         """The whole body; the connection then goes back to the pool.
+
+        Args:
+            timeout_s: the most the whole body may take from now (each piece
+                still waits the read timeout at most).
 
         Raises:
             UpstreamTimeout, UpstreamBroken: as the module says.
         """
-        return b"".join([chunk async for chunk in self.chunks()])
+        deadline = self._deadline
+        if timeout_s is not None:
+            mine = time.monotonic() + timeout_s
+            deadline = mine if deadline is None else min(deadline, mine)
+        return b"".join([chunk async for chunk in self._pieces(deadline)])
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives: each piece is what came since the last one."""
+        return self._pieces(self._deadline)
+
+    async def _pieces(self, deadline: float | None) -> AsyncIterator[bytes]:
         conn = self._conn
         if conn is None:
             return
+        read_timeout_s = self._client.settings.read_timeout_s
         try:
-            while (chunk := await conn.next_chunk(self._timeout())) is not None:
+            while (
+                chunk := await conn.next_chunk(_within(read_timeout_s, deadline))
+            ) is not None:
                 yield chunk
         finally:
             self.close()
@@ -471,15 +492,27 @@ class UpstreamClient:
             conn.close()
 
     async def post(
-        self, url: str, body: bytes, headers: Mapping[str, str]
+        self,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        timeout_s: float | None = None,
     ) -> UpstreamResponse:
         """Sends a POST and returns once the response's status and headers came.
+
+        Args:
+            timeout_s: the most connecting and the wait for the status and
+                headers may take (what is left of a request's time over all
+                its tries); the body is not bounded by it, as a stream may run
+                for as long as it has something to say (`read` takes a bound
+                of its own).
 
         Raises:
             UpstreamUnreachable, UpstreamDropped, UpstreamTimeout, UpstreamBroken:
                 see the module.
         """
-        return await self.request("POST", url, body, headers)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        return await self._exchange("POST", url, body, headers, deadline, None)
 
     async def request(
         self,
@@ -492,6 +525,20 @@ class UpstreamClient:
         """Any request (`GET /metrics` for the scraper, with `timeout_s` bounding
         the whole of it, body included)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        return await self._exchange(method, url, body, headers, deadline, deadline)
+
+    async def _exchange(
+        self,
+        method: str,
+        url: str,
+        body: bytes | None,
+        headers: Mapping[str, str] | None,
+        deadline: float | None,
+        body_deadline: float | None,
+    ) -> UpstreamResponse:
+        """Sends a request, with the status and headers due by `deadline` and
+        the body by `body_deadline` (monotonic; None: no bound but the read
+        timeout)."""
         target = self._target(url)
         data = request_bytes(method, target, headers, body)
         conn = await self._connection(target.address, deadline, reuse=True)
@@ -506,7 +553,7 @@ class UpstreamClient:
             # A kept-alive connection the replica had closed: one new one.
             conn = await self._connection(target.address, deadline, reuse=False)
             await self._start(conn, data, deadline)
-        return UpstreamResponse(self, conn, deadline)
+        return UpstreamResponse(self, conn, body_deadline)
 
     async def _start(
         self, conn: _Connection, data: bytes, deadline: float | None

@@ -90,6 +90,8 @@ def _options(settings: GatewaySettings) -> ProxyOptions:
     return ProxyOptions(
         retries=settings.retries,
         default_max_tokens=settings.default_max_tokens,
+        # One read timeout for all of a request's tries, not one each.
+        answer_within_s=settings.read_timeout_s,
         ejection=EjectionPolicy(
             settings.eject_after_failures, settings.eject_base_s, settings.eject_max_s
         ),

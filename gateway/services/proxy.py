@@ -22,7 +22,10 @@ from citadel.gateway.errors import (
     InternalError,
     NoReplica,
     ShuttingDown,
+    is_openai_error,
     refusal,
+    refusal_body,
+    retry_after_seconds,
 )
 from citadel.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from citadel.gateway.routes import ModelRoute
@@ -37,13 +40,14 @@ from citadel.gateway.services.requests import (
     parse_body,
     session_id,
 )
-from citadel.gateway.services.routing import Router
+from citadel.gateway.services.routing import NO_REPLICA_RETRY_S, Router
 from citadel.gateway.services.sse import EventFilter, Usage, error_event, usage_of_body
 from citadel.gateway.services.strategies import RouteRequest
 from citadel.gateway.services.streams import Closing
 from citadel.gateway.upstream import (
     Reply,
     Upstream,
+    UpstreamBroken,
     UpstreamDropped,
     UpstreamFailure,
     UpstreamTimeout,
@@ -54,6 +58,15 @@ log = logging.getLogger("citadel.gateway.access")
 
 Reader = Callable[[bytes], None]
 """A door's reading of a whole answer (`ProxyService.handle`'s `read`)."""
+
+_UNWORKED = frozenset({429, 503})
+"""A replica's statuses that say it took the request on no work (its queue is
+full, or it is not serving): another replica is tried."""
+_DROPS_RETRIED = 1
+"""Replicas tried again after one dropped the request (or broke off a whole
+answer): a request that crashes vLLM would otherwise take down every replica
+it is retried on, up to `retries` + 1 of them; one more try still saves a
+request whose replica died under it for another reason."""
 
 
 def _read_already(error: GatewayError) -> None:
@@ -102,10 +115,12 @@ class _Context:
     that failed before the request got to the replica)."""
     dropped: bool = False
     """True once a replica closed the connection without answering after the
-    request was written (`UpstreamDropped`): it may have worked on it."""
+    request was written (`UpstreamDropped`), or broke off a whole answer: it
+    may have worked on it."""
     worked: bool = False
     """True once a replica may have worked on it without answering it whole:
-    it dropped it, or did not answer in time after the request was written
+    it dropped it, broke off its answer, or did not answer in time after the
+    request was written
     (`UpstreamTimeout`, waiting for the headers or for the rest of the body).
     Its estimate then stays charged, though no usage came back."""
     finished: bool = False
@@ -120,6 +135,39 @@ class _Context:
         self.unusable = error
 
 
+@dataclass
+class _Refusals:
+    """What the replicas that refused a request unworked (`_UNWORKED`) said."""
+
+    statuses: set[int] = field(default_factory=set)
+    wait_s: int | None = None
+    """The shortest `Retry-After` one of them gave, in seconds."""
+    body: bytes = b""
+    """The last one's body (for its message)."""
+
+    def add(self, reply: Reply, body: bytes) -> None:
+        """Notes one replica's refusal."""
+        self.statuses.add(reply.status)
+        wait = retry_after_seconds(reply.retry_after)
+        if wait is not None:
+            self.wait_s = wait if self.wait_s is None else min(self.wait_s, wait)
+        self.body = body
+
+    def error(self, model: str) -> GatewayError:
+        """The answer once no replica is left to try: a 429, with the replica's
+        message, when every one said 429, else a 503; either tells the client
+        to come back when the first replica said it could."""
+        wait = NO_REPLICA_RETRY_S if self.wait_s is None else self.wait_s
+        if self.statuses == {429}:
+            seconds = str(math.ceil(wait))  # as a replica's header says it
+            return refusal(429, refusal_body(429, self.body), seconds)
+        return NoReplica(
+            f"Every replica of `{model}` tried is busy or not serving; "
+            "try again shortly.",
+            retry_after_s=wait,
+        )
+
+
 @dataclass(frozen=True)
 class ProxyOptions:
     """How hard the proxy tries, and its token estimate."""
@@ -127,6 +175,11 @@ class ProxyOptions:
     retries: int = 2
     default_max_tokens: int = 256
     ejection: EjectionPolicy = field(default_factory=EjectionPolicy)
+    answer_within_s: float = 600.0
+    """The most a request's tries may take together, from the first, until
+    its answer begins (a stream's headers, or a whole answer's body): a try
+    gets what is left of it, and none starts once it is spent. Without it each
+    of `retries` + 1 tries could wait the whole read timeout."""
 
 
 class ProxyService:
@@ -237,9 +290,9 @@ class ProxyService:
         out = parsed.upstream(route.served_name)
         headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
         request = RouteRequest(body, ctx.session)
-        response = await self._send(ctx, route, out, headers, request)
+        response, data = await self._send(ctx, route, out, headers, request, stream)
         reply_headers = {**ctx.admission.headers, "x-request-id": ctx.request_id}
-        if stream and response.status == 200:
+        if data is None:
             keep = client_wants_usage(body)
             return ProxyResponse(
                 200,
@@ -248,7 +301,7 @@ class ProxyService:
                 media_type="text/event-stream",
                 unusable=ctx.found_unusable,
             )
-        return await self._whole(ctx, response, reply_headers, read)
+        return await self._whole(ctx, response, data, reply_headers, read)
 
     async def _send(
         self,
@@ -257,33 +310,44 @@ class ProxyService:
         body: bytes,
         headers: dict[str, str],
         request: RouteRequest,
-    ) -> Reply:
-        """The first replica response, trying others while connections fail."""
+        stream: bool,
+    ) -> tuple[Reply, bytes | None]:
+        """The first replica answer to give, trying others while a replica
+        fails or refuses before it answered (`_Context.reached` and
+        `_Context.worked` say what it may have done meanwhile).
+
+        Returns:
+            The reply, and its whole body; None for a stream to relay (a 200
+            to a request for one), whose body is read as it comes.
+        """
+        deadline = self._clock() + self._options.answer_within_s
         tried: list[Replica] = []
+        refused = _Refusals()
         last: UpstreamFailure | None = None
-        for _ in range(self._options.retries + 1):
+        drops = 0
+        for attempt in range(self._options.retries + 1):
+            left = deadline - self._clock()
+            if attempt and left <= 0:
+                break  # the request's time is spent: a try would have none
             try:
                 replica = self._router.choose(route, request, tried)
             except NoReplica:
-                if last is None:
+                if not attempt:
                     raise
                 break
             tried.append(replica)
             self._acquire(ctx, replica)
+            reply: Reply | None = None
             try:
                 reply = await self._upstream.post(
-                    replica.url + ctx.call.path, body, headers
+                    replica.url + ctx.call.path, body, headers, left
                 )
+                ctx.reached = True
+                data = None
+                if not (stream and reply.status == 200):
+                    data = await reply.read(max(0.0, deadline - self._clock()))
             except UpstreamFailure as err:
                 self._release(ctx, replica, err)
-                if isinstance(err, UpstreamDropped):
-                    # Tried on another replica all the same (a replica killed
-                    # mid-load must not lose the request), but charged: a
-                    # request that kills every replica it meets must not be
-                    # repeatable past the client's limits.
-                    ctx.reached = ctx.dropped = ctx.worked = True
-                elif not isinstance(err, UpstreamUnreachable):
-                    ctx.reached = True
                 last = err
                 if isinstance(err, UpstreamTimeout):
                     # Only ever after the request was written (a connection
@@ -291,42 +355,68 @@ class ProxyService:
                     # be working on it still, so it stays charged, or a client
                     # whose requests always time out (huge prompts, huge
                     # `max_tokens`) would never meet its token limits.
-                    ctx.worked = True
+                    ctx.reached = ctx.worked = True
                     raise BackendTimeout(
                         f"The model `{route.served_name}` did not answer in time."
                     ) from err
-                if not isinstance(err, UpstreamUnreachable):
-                    break
-            else:
-                ctx.reached = True
-                return reply
+                broke_off = reply is not None and isinstance(err, UpstreamBroken)
+                if isinstance(err, UpstreamDropped) or broke_off:
+                    # Tried on another replica all the same (a replica killed
+                    # mid-load must not lose the request; the client saw
+                    # nothing of a whole answer that broke off), but charged:
+                    # the replica may have generated all of it, and a request
+                    # that kills every replica it meets must not be repeatable
+                    # past the client's limits (nor take more than
+                    # `_DROPS_RETRIED` + 1 replicas down with it).
+                    ctx.reached = ctx.dropped = ctx.worked = True
+                    drops += 1
+                    if drops > _DROPS_RETRIED:
+                        break
+                elif not isinstance(err, UpstreamUnreachable):
+                    ctx.reached = True
+                    raise BackendError(
+                        f"The model `{route.served_name}` answered with "
+                        "something that could not be read."
+                    ) from err
+                continue
+            if data is not None and reply.status in _UNWORKED:
+                # The replica did no work: free to try another. A 503 counts
+                # as its failure (it is not serving), a 429 does not (it is, at
+                # capacity).
+                failed = reply.status == 503
+                status = UpstreamFailure(f"status {reply.status}") if failed else None
+                self._release(ctx, replica, status)
+                refused.add(reply, data)
+                continue
+            return reply, data
         # The failure's own text names the pod's address: logged with the
         # replica (_release), not told to clients.
-        if not isinstance(last, UpstreamUnreachable):
-            why = "could be reached (the answer could not be read)"
-        elif ctx.dropped:
-            why = "answered (the replica closed the connection without answering)"
-        else:
-            why = "could be reached (no connection could be made)"
-        raise BackendError(f"No replica of `{route.served_name}` {why}.")
+        if drops > _DROPS_RETRIED or (ctx.dropped and not refused.statuses):
+            if isinstance(last, UpstreamDropped):
+                why = "the replica closed the connection without answering"
+            else:
+                why = "the answer broke off"
+            raise BackendError(f"No replica of `{route.served_name}` answered ({why}).")
+        if refused.statuses:
+            raise refused.error(route.served_name)
+        # Nothing reached a replica (every connection failed, or the time ran
+        # out): as for a model with none ready, the client may come back, and
+        # is charged nothing.
+        raise NoReplica(
+            f"No replica of `{route.served_name}` could be reached; try again shortly.",
+            retry_after_s=NO_REPLICA_RETRY_S,
+        )
 
     async def _whole(
         self,
         ctx: _Context,
         response: Reply,
+        data: bytes,
         headers: dict[str, str],
         read: Reader | None,
     ) -> ProxyResponse:
         replica = ctx.replica
         assert replica is not None
-        try:
-            data = await response.read()
-        except UpstreamFailure as err:
-            self._release(ctx, replica, err)
-            if isinstance(err, UpstreamTimeout):
-                ctx.worked = True  # as for a timeout before the headers (_send)
-                raise BackendTimeout("The model did not answer in time.") from err
-            raise BackendError(f"The model's reply broke off ({err}).") from err
         if response.status >= 500:
             self._release(ctx, replica, UpstreamFailure(f"status {response.status}"))
             raise BackendError(
@@ -344,17 +434,21 @@ class ProxyService:
                 raise
         admitted = ctx.admission
         await self._account(ctx, usage, response.status, None, answered=True)
+        content_type = response.content_type
         if response.status != 200 and admitted is not None:
             # An error the replica answered (vLLM's 400) used nothing: its
             # estimate was given back, which its headers must show, as those
             # of an error the gateway raises do (`_fail`).
             headers = {**headers, **admitted.headers_after(ctx.settled)}
         if response.status != 200 and response.retry_after is not None:
-            # When to try again, for a replica's 429 (its queue is full).
             headers = {**headers, "retry-after": response.retry_after}
-        return ProxyResponse(
-            response.status, headers, data, media_type=response.content_type
-        )
+        if 400 <= response.status < 500 and not is_openai_error(data):
+            # Not vLLM's own (a proxy's plain text or HTML page in front of
+            # it): in OpenAI's shape, as every door's client expects, still
+            # counted with the replica's status.
+            error = refusal(response.status, refusal_body(response.status, data))
+            data, content_type = error.to_json(), "application/json"
+        return ProxyResponse(response.status, headers, data, media_type=content_type)
 
     def _relay(
         self, ctx: _Context, response: Reply, keep_usage: bool
@@ -414,7 +508,15 @@ class ProxyService:
         gone: bool,
     ) -> None:
         response.close()
-        self._release(ctx, replica, failure)
+        if gone and failure is None:
+            # The client left (or the server cut the stream): the replica's
+            # stream may have been as good as a stalled one, so it is judged on
+            # neither, as a cancelled whole answer is not (`_abandon`). Counted
+            # a success, a replica that stalls mid-stream would be healed by
+            # every client that gives up on it.
+            self._free(ctx, replica)
+        else:
+            self._release(ctx, replica, failure)
         status, code = 200, None
         if ctx.unusable is not None:
             # The door ends its call with an error for what it was sent (a

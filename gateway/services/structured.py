@@ -3,12 +3,14 @@ REST API (gRPC, GraphQL).
 
 They go through `ProxyService.handle` like REST, so keys, limits, routing,
 metrics and errors are the same; only the bytes are turned into objects here. A
-replica's own refusal (a 4xx, which REST relays as is) becomes the gateway
-error for its status (`refusal`: a 404 `ModelNotFound`, a 429 `RateLimited`
-with the replica's `Retry-After`, any other an `InvalidRequest`) carrying the
-replica's message (or, for a body that is not OpenAI's error, a short excerpt
-of its text), so every door reports it through the one error hierarchy, and it
-is counted with the replica's status as on REST.
+replica's own refusal (a 4xx, which REST relays with its status) becomes the
+gateway error for its status (`refusal`: a 404 `ModelNotFound`, a 429
+`RateLimited` with the replica's `Retry-After`, any other an `InvalidRequest`)
+carrying the replica's message (or, for a body that is not OpenAI's error, a
+short excerpt of its text, `refusal_body`), so every door reports it through
+the one error hierarchy, and it is counted with the replica's status as on
+REST. Replicas' 429s and 503s the proxy answers itself once none is left to
+try (it raises the error).
 
 An answer the door cannot use (not JSON, or not what its message holds) is told
 to the proxy before the request is counted, so it is counted as the error the
@@ -17,16 +19,19 @@ door's client gets (502 `backend_error`), not as the replica's 200.
 
 from __future__ import annotations
 
-import contextlib
-import html
-import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from citadel.gateway.errors import BackendError, GatewayError, InvalidRequest, refusal
+from citadel.gateway.errors import (
+    BackendError,
+    GatewayError,
+    InvalidRequest,
+    refusal,
+    refusal_body,
+)
 from citadel.gateway.routes import ModelRoute
 from citadel.gateway.services.auth import Principal
 from citadel.gateway.services.catalog import Catalog
@@ -101,7 +106,7 @@ async def ask(
         chunks = events(result.stream, result.unusable)
         return Answer(result.headers, chunks=chunks, unusable=result.unusable)
     if result.status != 200:
-        body = _refusal_of(result.status, result.body)
+        body = refusal_body(result.status, result.body)
         error = refusal(result.status, body, result.headers.get("retry-after"))
         # The limits' values after the estimate was given back, which REST
         # sends with the replica's error, leave with the door's error.
@@ -110,45 +115,6 @@ async def ask(
         )
         raise error
     return Answer(result.headers, read)
-
-
-def _refusal_of(status: int, data: bytes) -> dict[str, Any]:
-    """The body of a replica's refusal (a 4xx), as OpenAI's error object.
-
-    One that is no JSON object (a proxy's HTML page, a server's plain text) is
-    the replica refusing all the same, which REST relays with its status: not
-    its failure (502). Its message quotes a short excerpt of the text, markup,
-    controls and runs of white space taken out.
-    """
-    with contextlib.suppress(orjson.JSONDecodeError):
-        parsed = orjson.loads(data)
-        if isinstance(parsed, dict):
-            return parsed
-    excerpt = _excerpt(data)
-    if not excerpt:
-        return {}  # `refusal` says the status alone
-    return {"error": {"message": f"The model refused with status {status}: {excerpt}"}}
-
-
-_EXCERPT_CHARS = 200
-_READ_BYTES = 4096
-"""How much of a refusal's body is read for its excerpt: a page may be large."""
-_MARKUP = re.compile(
-    r"<(script|style)\b.*?(</\1\s*>|$)|<!--.*?(-->|$)|<[^>]*(>|$)",
-    re.DOTALL | re.IGNORECASE,
-)
-"""Scripts, styles, comments and tags, also where the read cut one short."""
-
-
-def _excerpt(data: bytes) -> str:
-    """The start of `data` as one line of plain, printable text."""
-    text = data[:_READ_BYTES].decode("utf-8", "replace")
-    text = html.unescape(_MARKUP.sub(" ", text))
-    words = "".join(c if c.isprintable() else " " for c in text).split()
-    line = " ".join(words)
-    if len(line) > _EXCERPT_CHARS:
-        line = line[: _EXCERPT_CHARS - 1].rstrip() + "…"
-    return line
 
 
 def _json_of(data: bytes) -> dict[str, Any]:

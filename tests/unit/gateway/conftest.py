@@ -56,7 +56,7 @@ class FakeReply:
     retry_after: str | None = None
     closed: bool = False
 
-    async def read(self) -> bytes:
+    async def read(self, timeout_s: float | None = None) -> bytes:
         if isinstance(self.body, Exception):
             raise self.body
         return self.body
@@ -84,17 +84,24 @@ def completion(model: str = "smollm2", usage: tuple[int, int] = (10, 5)) -> Fake
 
 
 class FakeUpstream:
-    """Answers with `handler(url, body)`; remembers every call."""
+    """Answers with `handler(url, body)`; remembers every call, and the time
+    each was given (`timeouts`)."""
 
     def __init__(self, handler: Handler | None = None) -> None:
         self.handler: Handler = handler or (lambda url, body: completion())
         self.calls: list[tuple[str, dict[str, Any], Mapping[str, str]]] = []
+        self.timeouts: list[float | None] = []
 
     async def post(
-        self, url: str, body: bytes, headers: Mapping[str, str]
+        self,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        timeout_s: float | None = None,
     ) -> FakeReply:
         parsed = orjson.loads(body)
         self.calls.append((url, parsed, headers))
+        self.timeouts.append(timeout_s)
         result = self.handler(url, parsed)
         if isinstance(result, Exception):
             raise result

@@ -45,9 +45,9 @@ async def test_body_is_forwarded_byte_for_byte_when_nothing_changes(
     seen: list[bytes] = []
     post = harness.upstream.post
 
-    async def spy(url: str, body: bytes, headers: Any) -> Any:
+    async def spy(url: str, body: bytes, headers: Any, timeout_s: Any = None) -> Any:
         seen.append(body)
-        return await post(url, body, headers)
+        return await post(url, body, headers, timeout_s)
 
     harness.upstream.post = spy
     async with harness.client() as client:
@@ -286,8 +286,8 @@ async def test_failing_replica_is_ejected_then_readmitted(
     [
         (
             UpstreamUnreachable("cannot connect to 10.0.0.7:8000: refused"),
-            502,
-            "backend_error",
+            503,
+            "model_not_ready",
         ),
         (
             UpstreamTimeout("no answer from 10.0.0.7:8000 in 30 s"),
@@ -393,7 +393,7 @@ async def test_a_request_that_timed_out_at_its_replica_stays_charged(
     h.upstream.handler = handler
     async with h.client() as client:
         answer = await client.post("/v1/chat/completions", json=kit.chat)
-    assert answer.status_code == (504 if kept else 502)
+    assert answer.status_code == (504 if kept else 503)
     estimate = estimate_tokens(dict(kit.chat), CHAT, 256)
     left = 10_000 - estimate if kept else 10_000
     assert answer.headers["x-ratelimit-remaining-tokens"] == str(left)
@@ -421,7 +421,7 @@ async def test_an_error_after_admission_says_where_the_limits_stand(
     h.upstream.handler = lambda url, body: UpstreamUnreachable("refused")
     async with h.client() as client:
         answer = await client.post("/v1/chat/completions", json=kit.chat)
-        assert answer.status_code == 502
+        assert answer.status_code == 503
         # No replica answered: the request was given back, tokens and all, and
         # the answer's headers say so.
         assert answer.headers["x-ratelimit-remaining-requests"] == "5"
@@ -1058,7 +1058,9 @@ async def test_a_client_that_leaves_stops_a_whole_answer(
     # notice, or the replica generates an answer nobody reads.
     started, stopped = asyncio.Event(), asyncio.Event()
 
-    async def generating(url: str, body: bytes, headers: Any) -> Any:
+    async def generating(
+        url: str, body: bytes, headers: Any, timeout_s: Any = None
+    ) -> Any:
         started.set()
         try:
             await asyncio.Event().wait()
@@ -1144,7 +1146,7 @@ async def test_a_request_the_server_cuts_gets_an_openai_error(
 
     waiting = asyncio.Event()
 
-    async def post(url: str, body: bytes, headers: Any) -> Any:
+    async def post(url: str, body: bytes, headers: Any, timeout_s: Any = None) -> Any:
         waiting.set()
         if not stream:
             await asyncio.Event().wait()  # a long answer

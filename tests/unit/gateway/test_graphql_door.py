@@ -497,7 +497,7 @@ class _Held:
     def __init__(self) -> None:
         self.closed = False
 
-    async def read(self) -> bytes:
+    async def read(self, timeout_s: float | None = None) -> bytes:
         await asyncio.sleep(3600)
         return b""
 

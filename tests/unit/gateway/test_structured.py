@@ -80,7 +80,13 @@ class HangingUpstream:
     def __init__(self) -> None:
         self.started = asyncio.Event()
 
-    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> Any:
+    async def post(
+        self,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        timeout_s: float | None = None,
+    ) -> Any:
         self.started.set()
         await asyncio.Event().wait()
 

@@ -482,3 +482,48 @@ async def test_https_replicas_are_verified(
     with pytest.raises(UpstreamUnreachable, match="CERTIFICATE_VERIFY_FAILED"):
         await default.post(server.url + "/", b"{}", {})
     await default.close()
+
+
+async def test_a_posts_time_bounds_its_headers(
+    serve: Callable[..., Awaitable[Server]], client: UpstreamClient
+) -> None:
+    """What is left of a request's time, shorter than the read timeout (5 s),
+    is all a try waits for the headers."""
+
+    async def silent(
+        _: int, __: int, reader: asyncio.StreamReader, ___: object
+    ) -> bool:
+        await reader.read()
+        return False
+
+    server = await serve(silent)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    with pytest.raises(UpstreamTimeout, match="no answer"):
+        await client.post(server.url + "/", b"{}", {}, timeout_s=0.2)
+    assert loop.time() - began < 2
+
+
+async def test_a_whole_bodys_time_is_bounded_but_a_streams_is_not(
+    serve: Callable[..., Awaitable[Server]], client: UpstreamClient
+) -> None:
+    """`read` takes the time left; a stream relayed piece by piece outlives
+    the post's bound (it may run as long as it has something to say)."""
+
+    async def slow_body(
+        _: int, __: int, ___: object, writer: asyncio.StreamWriter
+    ) -> bool:
+        whole = reply(b"0123456789")
+        writer.write(whole[:-5])
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        writer.write(whole[-5:])
+        await writer.drain()
+        return True
+
+    server = await serve(slow_body)
+    response = await client.post(server.url + "/", b"{}", {}, timeout_s=0.2)
+    with pytest.raises(UpstreamTimeout):
+        await response.read(timeout_s=0.1)
+    response = await client.post(server.url + "/", b"{}", {}, timeout_s=0.2)
+    assert b"".join([piece async for piece in response.chunks()]) == b"0123456789"

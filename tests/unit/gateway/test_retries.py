@@ -1,0 +1,332 @@
+"""The proxy's tries on a model's replicas: which failures it tries again on
+another replica, how often, for how long, and what the client gets when none
+answers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from citadel.gateway.errors import GatewayError
+from citadel.gateway.services.limits import estimate_tokens
+from citadel.gateway.services.requests import CHAT, Door
+from citadel.gateway.services.structured import ask
+from citadel.gateway.upstream import (
+    UpstreamBroken,
+    UpstreamDropped,
+    UpstreamUnreachable,
+)
+
+pytestmark = pytest.mark.unit
+
+THREE = ("http://r1", "http://r2", "http://r3")
+TPM = {"tpm": 10_000}
+
+
+def _refusal(kit: Any, status: int, retry_after: str | None = None) -> Any:
+    said = {"error": {"message": f"The replica said {status}.", "type": "x"}}
+    return kit.reply(status, orjson.dumps(said), retry_after=retry_after)
+
+
+def _replica(harness: Any, url: str) -> Any:
+    return harness.deps.catalog.all_replicas()[url]
+
+
+def _backend_errors(harness: Any, url: str, kind: str) -> float | None:
+    labels = {"model": "smollm2", "replica": url, "kind": kind}
+    sample = harness.deps.metrics.registry.get_sample_value
+    return sample("citadel_gateway_backend_errors_total", labels)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("status", [503, 429])
+async def test_a_replica_that_refuses_unworked_hands_the_request_on(
+    kit: Any, status: int
+) -> None:
+    """A 503 or 429 says the replica did nothing with the request: another
+    one answers it, and the client never hears of the refusal."""
+    harness = kit.build()
+    harness.upstream.handler = lambda url, body: (
+        _refusal(kit, status, "7") if "r1" in url else kit.completion()
+    )
+    async with harness.client() as client:
+        answers = [
+            await client.post("/v1/chat/completions", json=kit.chat) for _ in range(2)
+        ]
+    assert [a.status_code for a in answers] == [200, 200]
+    assert all("retry-after" not in a.headers for a in answers)
+    urls = [call[0] for call in harness.upstream.calls]
+    assert len(urls) == 3 and sum("r1" in url for url in urls) == 1
+    assert kit.counted(harness, "200") == 2
+    # A 503 is the replica's failure (counted once, for ejection); a 429 is a
+    # replica at capacity, serving.
+    failed = _backend_errors(harness, "http://r1", "protocol")
+    assert failed == (1 if status == 503 else None)
+    assert _replica(harness, "http://r1").failures == (1 if status == 503 else 0)
+
+
+@pytest.mark.parametrize(
+    ("said", "expected"),
+    [
+        ([(429, "7"), (429, "3")], (429, "rate_limit_exceeded", "3")),
+        ([(503, "7"), (429, "9")], (503, "model_not_ready", "7")),
+        ([(503, None), (503, None)], (503, "model_not_ready", "5")),
+        ([(429, None), (429, "x")], (429, "rate_limit_exceeded", "5")),
+    ],
+    ids=["all 429", "503 and 429", "503s that say nothing", "429s without seconds"],
+)
+async def test_when_every_replica_refuses_the_client_comes_back_at_the_soonest(
+    kit: Any,
+    said: list[tuple[int, str | None]],
+    expected: tuple[int, str, str],
+) -> None:
+    """A 429 only when each replica said so (the model is at capacity), else
+    a 503; either in OpenAI's shape with the shortest `Retry-After` a replica
+    gave, else the gateway's own for a model with no replica ready (5 s). No
+    replica worked on it: its tokens are given back."""
+    harness = kit.build(doc=kit.document(limits=TPM))
+    replies = {f"http://r{n}": _refusal(kit, *s) for n, s in enumerate(said, 1)}
+    harness.upstream.handler = lambda url, body: replies[url[:9]]
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    status, code, retry_after = expected
+    assert answer.status_code == status
+    error = answer.json()["error"]
+    assert error["code"] == code
+    if status == 429:
+        assert error["message"] == "The replica said 429."
+    assert answer.headers["retry-after"] == retry_after
+    assert answer.headers["x-ratelimit-remaining-tokens"] == "10000"
+    assert len(harness.upstream.calls) == 2
+    assert kit.counted(harness, str(status)) == 1
+
+
+async def test_every_replicas_429_is_the_same_refusal_on_every_door(
+    kit: Any,
+) -> None:
+    harness = kit.build()
+    harness.upstream.handler = lambda url, body: _refusal(kit, 429, "7")
+    principal = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
+    with pytest.raises(GatewayError) as refused:
+        await ask(harness.deps.proxy, CHAT, principal, dict(kit.chat), "r", Door.GRPC)
+    error = refused.value
+    assert (error.status, error.code) == (429, "rate_limit_exceeded")
+    assert error.headers["retry-after"] == "7"
+    assert len(harness.upstream.calls) == 2
+
+
+async def test_a_stream_refused_unworked_is_handed_on(kit: Any) -> None:
+    """Nothing of a stream reached the client before its headers: a 503 is
+    tried elsewhere as for a whole answer."""
+    harness = kit.build()
+    events = [b'data: {"choices": []}\n\n', b"data: [DONE]\n\n"]
+    harness.upstream.handler = lambda url, body: (
+        _refusal(kit, 503) if "r1" in url else kit.reply(parts=events)
+    )
+    async with harness.client() as client:
+        for _ in range(2):
+            answer = await client.post(
+                "/v1/chat/completions", json={**kit.chat, "stream": True}
+            )
+            assert answer.status_code == 200
+            assert answer.text.endswith("data: [DONE]\n\n")
+
+
+async def test_a_whole_answer_that_breaks_off_is_tried_again(kit: Any) -> None:
+    """The client saw nothing of it: another replica answers."""
+    harness = kit.build()
+    harness.upstream.handler = lambda url, body: (
+        kit.reply(body=UpstreamBroken("the response broke off"))
+        if "r1" in url
+        else kit.completion()
+    )
+    async with harness.client() as client:
+        answers = [
+            await client.post("/v1/chat/completions", json=kit.chat) for _ in range(2)
+        ]
+    assert [a.status_code for a in answers] == [200, 200]
+    assert len(harness.upstream.calls) == 3
+    assert _backend_errors(harness, "http://r1", "protocol") == 1
+
+
+async def test_a_whole_answer_broken_off_everywhere_stays_charged(kit: Any) -> None:
+    """Its replicas may have generated all of it: the estimate stays charged,
+    as for a dropped request."""
+    harness = kit.build(doc=kit.document(limits=TPM))
+    harness.upstream.handler = lambda url, body: kit.reply(
+        body=UpstreamBroken("the response broke off at 10.0.0.7")
+    )
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert answer.status_code == 502
+    assert "broke off" in answer.json()["error"]["message"]
+    assert "10.0.0.7" not in answer.text
+    assert len(harness.upstream.calls) == 2
+    left = 10_000 - estimate_tokens(dict(kit.chat), CHAT, 256)
+    assert answer.headers["x-ratelimit-remaining-tokens"] == str(left)
+
+
+@pytest.mark.parametrize(
+    "second",
+    [UpstreamDropped("closed"), UpstreamBroken("the response broke off")],
+    ids=["dropped", "broken off"],
+)
+async def test_a_request_that_may_crash_replicas_takes_down_two_at_most(
+    kit: Any, second: Exception
+) -> None:
+    """A request that crashes vLLM would take down every replica it is tried
+    on: after a second one dropped it (or broke off its answer), it is not
+    tried again however many retries are left."""
+    harness = kit.build(replicas=THREE, retries=2)
+    failures = [UpstreamDropped("closed"), second]
+
+    def handler(url: str, body: Any) -> Any:
+        failure = failures.pop(0)
+        return (
+            kit.reply(body=failure) if isinstance(failure, UpstreamBroken) else failure
+        )
+
+    harness.upstream.handler = handler
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert answer.status_code == 502
+    assert answer.json()["error"]["code"] == "backend_error"
+    assert len(harness.upstream.calls) == 2
+
+
+async def test_a_dropped_request_still_gets_its_retries_past_unreachable_ones(
+    kit: Any,
+) -> None:
+    """Only drops are capped: a replica that cannot be reached never had it."""
+    harness = kit.build(replicas=THREE, retries=2)
+    replies: list[Any] = [
+        UpstreamDropped("closed"),
+        UpstreamUnreachable("refused"),
+        kit.completion(),
+    ]
+    harness.upstream.handler = lambda url, body: replies.pop(0)
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert answer.status_code == 200
+
+
+async def test_when_no_replica_can_be_reached_the_client_is_told_to_come_back(
+    kit: Any,
+) -> None:
+    """As for a model with no replica ready: a 503 with `Retry-After`, and
+    nothing charged (the request never got to a replica)."""
+    harness = kit.build(doc=kit.document(limits={"rpm": 5, **TPM}))
+    harness.upstream.handler = lambda url, body: UpstreamUnreachable(
+        "cannot connect to 10.0.0.7:8000"
+    )
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert answer.status_code == 503
+    assert answer.json()["error"]["code"] == "model_not_ready"
+    assert answer.headers["retry-after"] == "5"
+    assert "10.0.0.7" not in answer.text
+    assert answer.headers["x-ratelimit-remaining-requests"] == "5"
+    assert answer.headers["x-ratelimit-remaining-tokens"] == "10000"
+    assert kit.counted(harness, "503") == 1
+
+
+async def test_every_try_shares_one_deadline(kit: Any) -> None:
+    """Each try gets what is left of the read timeout since the first began,
+    and none starts once it is spent: not the whole read timeout each, which
+    made (retries + 1) x 600 s."""
+    harness = kit.build(replicas=THREE, retries=2)
+
+    def slow_and_gone(url: str, body: Any) -> Any:
+        harness.clock.now += 400  # each try takes 400 s, then fails
+        return UpstreamDropped("closed") if "r1" in url else UpstreamUnreachable("x")
+
+    harness.upstream.handler = slow_and_gone
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert harness.upstream.timeouts == [600.0, 200.0]
+    assert answer.status_code == 502  # the first dropped it
+
+
+async def test_a_whole_answers_body_shares_the_deadline(kit: Any) -> None:
+    harness = kit.build()
+    given: list[float | None] = []
+
+    class Slow(kit.reply):  # type: ignore[misc]
+        async def read(self, timeout_s: float | None = None) -> bytes:
+            given.append(timeout_s)
+            body: bytes = await super().read(timeout_s)
+            return body
+
+    def slow(url: str, body: Any) -> Any:
+        harness.clock.now += 250  # the headers took 250 s
+        return Slow(body=kit.completion().body)
+
+    harness.upstream.handler = slow
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert answer.status_code == 200
+    assert given == [350.0]
+
+
+@pytest.mark.parametrize("read", [True, False], ids=["mid-stream", "unread"])
+async def test_a_client_leaving_a_stream_judges_no_replica(
+    kit: Any, read: bool
+) -> None:
+    """A client that gives up on a stalled stream says nothing of the
+    replica: counted a success, each one reset the replica's failures, so
+    one that stalls mid-stream was never ejected."""
+    harness = kit.build()
+    chunk = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+    harness.upstream.handler = lambda url, body: kit.reply(parts=[chunk] * 3)
+    principal = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
+    raw = orjson.dumps({**kit.chat, "stream": True})
+    result = await harness.deps.proxy.handle(CHAT, principal, raw, "r-1")
+    (url, _, _) = harness.upstream.calls[0]
+    state = _replica(harness, url[:9])
+    state.failures = 2
+    if read:
+        await anext(result.stream)
+    await result.stream.aclose()
+    assert state.failures == 2
+    assert state.in_flight == 0
+    assert kit.counted(harness, "200") == 1
+
+
+async def test_a_stream_read_to_its_end_still_heals_its_replica(kit: Any) -> None:
+    harness = kit.build()
+    harness.upstream.handler = lambda url, body: kit.reply(parts=[b"data: [DONE]\n\n"])
+    principal = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
+    raw = orjson.dumps({**kit.chat, "stream": True})
+    result = await harness.deps.proxy.handle(CHAT, principal, raw, "r-1")
+    (url, _, _) = harness.upstream.calls[0]
+    state = _replica(harness, url[:9])
+    state.failures = 2
+    async for _ in result.stream:
+        pass
+    assert state.failures == 0
+
+
+@pytest.mark.parametrize(
+    ("status", "code"), [(429, "rate_limit_exceeded"), (404, "model_not_found")]
+)
+async def test_a_refusal_that_is_not_openais_is_put_in_its_shape(
+    kit: Any, status: int, code: str
+) -> None:
+    """A proxy in front of the replica (a sidecar's plain-text 429, an HTML
+    404 page) refuses in its own words: REST's client gets OpenAI's error
+    object, as the other doors' do, quoting the text."""
+    harness = kit.build(replicas=("http://r1",))
+    plain = kit.reply(
+        status, b"<h1>local_rate_limited</h1>", "text/html", retry_after="2"
+    )
+    harness.upstream.handler = lambda url, body: plain
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert answer.status_code == status
+    assert answer.headers["content-type"] == "application/json"
+    error = answer.json()["error"]
+    assert error["code"] == code
+    assert "local_rate_limited" in error["message"] and "<" not in error["message"]
+    assert answer.headers["retry-after"] == "2"
+    assert kit.counted(harness, str(status)) == 1
