@@ -231,9 +231,16 @@ def test_cancelling_a_unary_call_frees_the_replica(setup: dict[str, Any]) -> Non
 def test_health_and_reflection(setup: dict[str, Any]) -> None:
     channel = setup["channel"]
     health = health_pb2_grpc.HealthStub(channel)
+    serving = health_pb2.HealthCheckResponse.SERVING
     for service in ("", "citadel.v1.Inference"):
-        answer = health.Check(health_pb2.HealthCheckRequest(service=service))
-        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        # In step with /readyz within the health service's poll (HEALTH_PERIOD_S):
+        # the routes are read off the event loop, so the first poll may come
+        # before them.
+        check = health_pb2.HealthCheckRequest(service=service)
+        _wait_until(
+            lambda c=check: health.Check(c).status == serving,
+            timeout_s=5,
+        )
     reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
     ask = reflection_pb2.ServerReflectionRequest(list_services="")
     (reply,) = list(reflect.ServerReflectionInfo(iter([ask])))
