@@ -304,7 +304,9 @@ class RoutesWatchSource:
         # Routes and replicas stay current to the last document: the operator
         # writes it again (at the latest at its periodic resync), and every
         # gateway turning unready, or dropping its routes, meanwhile would take
-        # the whole API down. The reload gauge drops, for the alert.
+        # the whole API down. The reload gauge drops, for the alert. A read
+        # still under way is of a ConfigMap deleted since: it must not count.
+        self._offered += 1
         self._catalog.lose_document(f"routes ConfigMap deleted: {CONFIGMAP_NAME}")
 
     async def _load(self, configmap: Obj) -> None:
@@ -320,8 +322,8 @@ class RoutesWatchSource:
         except RoutesError as err:
             read = err
         if offered != self._offered:
-            # A newer ConfigMap came while this one was read: its outcome is
-            # the one that counts, put in force and reported.
+            # A newer ConfigMap (or its deletion) came while this one was read:
+            # its outcome is the one that counts, put in force and reported.
             return
         if isinstance(read, RoutesError):
             self._catalog.reject_document(read)

@@ -1156,6 +1156,34 @@ async def test_of_two_routes_configmaps_read_at_once_the_newer_wins(
         _stop_slice_watches(source)
 
 
+async def test_a_routes_configmap_deleted_while_read_is_not_put_in_force(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A deletion that comes while a ConfigMap is read makes that read stale: put
+    in force after, it would report `ok` with the ConfigMap gone and quiet the
+    alert on the reload gauge."""
+    may_end = threading.Event()
+
+    def read(raw: str | bytes) -> DocumentReading:
+        may_end.wait(timeout=5)
+        return read_document(raw)
+
+    monkeypatch.setattr(kube_source, "read_document", read)
+    results: list[str] = []
+    catalog = Catalog(results.append)
+    source = RoutesWatchSource(None, "citadel-system", catalog)  # type: ignore[arg-type]
+    try:
+        reading = asyncio.create_task(source._load(_routes_configmap("m")))
+        await asyncio.sleep(0)  # its read starts first
+        await source._event("DELETED", _routes_configmap("m"))
+        may_end.set()
+        await reading
+        assert results == ["missing"]
+        assert not catalog.loaded
+    finally:
+        _stop_slice_watches(source)
+
+
 def test_a_table_made_against_a_document_no_longer_in_force_is_made_again() -> None:
     """A model a document left out keeps its route from the document in force
     when the document is put in force, not from the older one it was read
