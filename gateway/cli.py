@@ -120,6 +120,7 @@ def _new_record(args: argparse.Namespace) -> tuple[str, KeyRecord]:
         tpm=args.tpm,
         daily_tokens=args.daily_tokens,
         monthly_tokens=args.monthly_tokens,
+        created=datetime.now(UTC),
     )
     return key, record
 
@@ -134,8 +135,20 @@ def rotated(current: KeyRecord) -> tuple[str, KeyRecord]:
 
 def newest(records: Sequence[tuple[str, KeyRecord]]) -> KeyRecord:
     """The record made last of those held (holder, record): the key in force
-    that a rotation copies when a name has several (an earlier rotation kept)."""
-    return max(records, key=lambda held: (held[1].created, held[0]))[1]
+    that a rotation copies when a name has several (an earlier rotation kept).
+    A record that does not say when it was made counts as the oldest."""
+    return max(records, key=lambda held: (_made(held[1]), held[0]))[1]
+
+
+def _made(record: KeyRecord) -> datetime:
+    """When the key was made, in UTC: the earliest time when the record does not
+    say, and UTC when it says without a zone (written by hand), so that any two
+    compare."""
+    if record.created is None:
+        return datetime.min.replace(tzinfo=UTC)
+    if record.created.tzinfo is None:
+        return record.created.replace(tzinfo=UTC)
+    return record.created.astimezone(UTC)
 
 
 def _show_created(key: str, record: KeyRecord, verb: str = "created") -> None:
@@ -150,11 +163,13 @@ def _show_list(rows: Sequence[tuple[str | None, KeyRecord]]) -> None:
         f"{'NAME':<24} {'ROLE':<6} {'MODELS':<24} {'RPM':>7} {'TPM':>9}  "
         f"{'CREATED':<20}  SECRET"
     )
-    for secret, r in sorted(rows, key=lambda row: (row[1].name, row[1].created)):
+    for secret, r in sorted(rows, key=lambda row: (row[1].name, _made(row[1]))):
+        # Made at a time the record does not say (the chart's admin key): `-`.
+        created = f"{_made(r):%Y-%m-%dT%H:%M:%SZ}" if r.created else "-"
         print(
             f"{r.name:<24} {r.role.value:<6} {','.join(r.models):<24} "
             f"{r.rpm or '-':>7} {r.tpm or '-':>9}  "
-            f"{r.created:%Y-%m-%dT%H:%M:%SZ}  {secret or '-'}"
+            f"{created:<20}  {secret or '-'}"
         )
 
 

@@ -197,6 +197,32 @@ async def test_a_rejected_key_file_logs_fields_not_values(
     assert secret not in record.error  # type: ignore[attr-defined]
 
 
+def test_copies_of_the_chart_s_admin_key_record_keep_it_working() -> None:
+    """Two releases sharing a keys namespace with one admin key render
+    byte-identical records without `created`: the key works while either is
+    there, whatever way the gateway saw them come."""
+    raw = orjson.dumps(
+        {"hash": hash_key("k"), "models": ["*"], "name": "admin", "role": "admin"}
+    )
+
+    def secret(name: str) -> dict[str, Any]:
+        labels = {"citadel.ai/api-key": "true"}
+        data = {"key.json": base64.b64encode(raw).decode()}
+        return {"metadata": {"name": name, "labels": labels}, "data": data}
+
+    staging = secret("citadel-key-admin.staging")
+    prod = secret("citadel-key-admin.prod")
+    watched, listed = InMemoryKeyStore(), InMemoryKeyStore()
+    source = KeySecretsSource(None, "ns", watched)  # type: ignore[arg-type]
+    source._sync([staging])
+    source._event("ADDED", prod)
+    KeySecretsSource(None, "ns", listed)._sync([staging, prod])  # type: ignore[arg-type]
+    for store in (watched, listed):
+        assert _accepted(store, ["k"]) == {"k"}
+    source._event("DELETED", staging)
+    assert _accepted(watched, ["k"]) == {"k"}
+
+
 def test_endpoint_slice_conditions() -> None:
     slice_ = {
         "ports": [{"name": "metrics", "port": 9000}, {"name": "http", "port": 8000}],
