@@ -9,7 +9,9 @@ import asyncio
 import os
 import secrets as random
 import shlex
+import stat
 import sys
+import tempfile
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -207,14 +209,48 @@ def _file_command(args: argparse.Namespace) -> None:
 
 
 def _write_key_file(path: Path, content: KeyFile) -> None:
-    """Writes atomically (a gateway may be reading it) and private to the user."""
+    """Writes atomically (a gateway may be reading it), with the mode, owner and
+    group of the file it replaces; a new file is private to the user (0600).
+
+    The replacement is another file: made with the CLI's user and 0600, a
+    gateway running as another user could no longer read it, kept its old keys
+    (a revoke never took effect) and had none after a restart.
+    """
     data = orjson.dumps(
         content.model_dump(mode="json", by_alias=True), option=orjson.OPT_INDENT_2
     )
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.chmod(0o600)
-    tmp.replace(path)
+    try:
+        before: os.stat_result | None = path.stat()
+    except FileNotFoundError:
+        before = None
+    # A name of its own (mkstemp makes it 0600): two runs at once must not
+    # write into one temporary file, nor one replace the file with the other's.
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            if before is not None:
+                _keep_access(out.fileno(), before)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _keep_access(fd: int, before: os.stat_result) -> None:
+    """Gives the open file `fd` the owner, group and mode of `before`: the owner
+    and group where this user may (root; a member of the group), else leaves
+    them the user's, since the mode (read by group or others) may still let the
+    gateway read it."""
+    for uid in (before.st_uid, -1):  # -1: the group alone, when not the owner
+        try:
+            os.fchown(fd, uid, before.st_gid)
+        except PermissionError:
+            continue
+        break
+    # After chown, which may clear set-id bits.
+    os.fchmod(fd, stat.S_IMODE(before.st_mode))
 
 
 async def _kube_command(args: argparse.Namespace) -> None:

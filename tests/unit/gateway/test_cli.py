@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from datetime import UTC, datetime
 from pathlib import Path
@@ -349,3 +350,60 @@ def test_records_that_do_not_say_when_they_were_made_list_and_rotate(
     assert main([*args, "create", "carol"]) == 0
     [carol] = [r for r in read_key_file(path).keys if r.name == "carol"]
     assert carol.created is not None
+
+
+def test_rewriting_a_key_file_keeps_its_mode_owner_and_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway running as another user reads the file through its group or
+    others: rewritten 0600 by the CLI's user, it could no longer read it and
+    kept the keys a revoke took away."""
+    path = tmp_path / "keys.json"
+    args = ["keys", "--file", str(path)]
+    owners: list[tuple[int, int]] = []
+
+    def fchown(fd: int, uid: int, gid: int) -> None:
+        owners.append((uid, gid))
+        if uid != -1:  # not root: only a group of the user's may be given
+            raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchown", fchown)
+    assert main([*args, "create", "alice"]) == 0
+    assert path.stat().st_mode & 0o777 == 0o600  # new: private to the user
+    assert owners == []
+    path.chmod(0o640)
+    before = path.stat()
+    assert main([*args, "create", "bob"]) == 0
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert owners == [(before.st_uid, before.st_gid), (-1, before.st_gid)]
+    assert [r.name for r in read_key_file(path).keys] == ["alice", "bob"]
+    monkeypatch.setattr(os, "fchown", lambda fd, uid, gid: owners.append((uid, gid)))
+    owners.clear()
+    path.chmod(0o604)
+    assert main([*args, "revoke", "alice"]) == 0
+    assert path.stat().st_mode & 0o777 == 0o604
+    assert owners == [(before.st_uid, before.st_gid)]  # root: owner and group
+
+
+def test_a_key_file_is_written_through_a_temporary_file_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two runs at once wrote one `keys.json.tmp`: one could put the other's
+    half-written file in place. A failed write leaves no temporary file."""
+    path = tmp_path / "keys.json"
+    other = tmp_path / "keys.json.tmp"  # another run's, mid-write
+    other.write_bytes(b"another run's")
+    args = ["keys", "--file", str(path)]
+    assert main([*args, "create", "alice"]) == 0
+    assert other.read_bytes() == b"another run's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keys.json", other.name]
+    written = path.read_bytes()
+
+    def fchmod(fd: int, mode: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fchmod", fchmod)
+    assert main([*args, "create", "bob"]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keys.json", other.name]
+    assert path.read_bytes() == written
