@@ -9,7 +9,9 @@ import asyncio
 import os
 import secrets as random
 import shlex
+import stat
 import sys
+import tempfile
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -120,6 +122,7 @@ def _new_record(args: argparse.Namespace) -> tuple[str, KeyRecord]:
         tpm=args.tpm,
         daily_tokens=args.daily_tokens,
         monthly_tokens=args.monthly_tokens,
+        created=datetime.now(UTC),
     )
     return key, record
 
@@ -134,8 +137,20 @@ def rotated(current: KeyRecord) -> tuple[str, KeyRecord]:
 
 def newest(records: Sequence[tuple[str, KeyRecord]]) -> KeyRecord:
     """The record made last of those held (holder, record): the key in force
-    that a rotation copies when a name has several (an earlier rotation kept)."""
-    return max(records, key=lambda held: (held[1].created, held[0]))[1]
+    that a rotation copies when a name has several (an earlier rotation kept).
+    A record that does not say when it was made counts as the oldest."""
+    return max(records, key=lambda held: (_made(held[1]), held[0]))[1]
+
+
+def _made(record: KeyRecord) -> datetime:
+    """When the key was made, in UTC: the earliest time when the record does not
+    say, and UTC when it says without a zone (written by hand), so that any two
+    compare."""
+    if record.created is None:
+        return datetime.min.replace(tzinfo=UTC)
+    if record.created.tzinfo is None:
+        return record.created.replace(tzinfo=UTC)
+    return record.created.astimezone(UTC)
 
 
 def _show_created(key: str, record: KeyRecord, verb: str = "created") -> None:
@@ -150,11 +165,13 @@ def _show_list(rows: Sequence[tuple[str | None, KeyRecord]]) -> None:
         f"{'NAME':<24} {'ROLE':<6} {'MODELS':<24} {'RPM':>7} {'TPM':>9}  "
         f"{'CREATED':<20}  SECRET"
     )
-    for secret, r in sorted(rows, key=lambda row: (row[1].name, row[1].created)):
+    for secret, r in sorted(rows, key=lambda row: (row[1].name, _made(row[1]))):
+        # Made at a time the record does not say (the chart's admin key): `-`.
+        created = f"{_made(r):%Y-%m-%dT%H:%M:%SZ}" if r.created else "-"
         print(
             f"{r.name:<24} {r.role.value:<6} {','.join(r.models):<24} "
             f"{r.rpm or '-':>7} {r.tpm or '-':>9}  "
-            f"{r.created:%Y-%m-%dT%H:%M:%SZ}  {secret or '-'}"
+            f"{created:<20}  {secret or '-'}"
         )
 
 
@@ -192,14 +209,48 @@ def _file_command(args: argparse.Namespace) -> None:
 
 
 def _write_key_file(path: Path, content: KeyFile) -> None:
-    """Writes atomically (a gateway may be reading it) and private to the user."""
+    """Writes atomically (a gateway may be reading it), with the mode, owner and
+    group of the file it replaces; a new file is private to the user (0600).
+
+    The replacement is another file: made with the CLI's user and 0600, a
+    gateway running as another user could no longer read it, kept its old keys
+    (a revoke never took effect) and had none after a restart.
+    """
     data = orjson.dumps(
         content.model_dump(mode="json", by_alias=True), option=orjson.OPT_INDENT_2
     )
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.chmod(0o600)
-    tmp.replace(path)
+    try:
+        before: os.stat_result | None = path.stat()
+    except FileNotFoundError:
+        before = None
+    # A name of its own (mkstemp makes it 0600): two runs at once must not
+    # write into one temporary file, nor one replace the file with the other's.
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            if before is not None:
+                _keep_access(out.fileno(), before)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _keep_access(fd: int, before: os.stat_result) -> None:
+    """Gives the open file `fd` the owner, group and mode of `before`: the owner
+    and group where this user may (root; a member of the group), else leaves
+    them the user's, since the mode (read by group or others) may still let the
+    gateway read it."""
+    for uid in (before.st_uid, -1):  # -1: the group alone, when not the owner
+        try:
+            os.fchown(fd, uid, before.st_gid)
+        except PermissionError:
+            continue
+        break
+    # After chown, which may clear set-id bits.
+    os.fchmod(fd, stat.S_IMODE(before.st_mode))
 
 
 async def _kube_command(args: argparse.Namespace) -> None:

@@ -16,7 +16,7 @@ import secrets
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from fnmatch import fnmatchcase
 from typing import Annotated, Protocol
 
@@ -54,7 +54,10 @@ class KeyRecord(BaseModel):
     monthly_tokens: Annotated[int, Field(ge=1)] | None = Field(
         None, alias="monthlyTokens"
     )
-    created: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    created: datetime | None = None
+    """When the key was made; None when its record does not say (the chart's
+    admin key record, one written by hand). Never filled in on reading: a
+    record's copies must read the same, or the store refuses their key."""
 
 
 def generate_key() -> str:

@@ -42,6 +42,10 @@ def read_key_file(path: Path) -> KeyFile:
     return KeyFile.model_validate_json(path.read_bytes())
 
 
+_GONE = (-1, -1, -1, -1)
+"""What a FileWatcher has seen of a file that does not exist."""
+
+
 class FileWatcher:
     """Awaits `load(bytes)` with a file's contents now and whenever it changes,
     one load at a time.
@@ -49,25 +53,44 @@ class FileWatcher:
     Args:
         path: the file.
         load: what to do with new contents.
-        period_s: how often the file's modification time and size are checked.
+        period_s: how often the file's identity (device and inode: an atomic
+            replace makes another file), modification time and size are checked.
+        gone: what to do when the file does not exist, once each time it goes;
+            None: log it as a file that cannot be read, keeping what was loaded.
     """
 
     def __init__(
-        self, path: Path, load: Callable[[bytes], Awaitable[None]], period_s: float
+        self,
+        path: Path,
+        load: Callable[[bytes], Awaitable[None]],
+        period_s: float,
+        gone: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._path = path
         self._load = load
         self._period = period_s
-        self._seen: tuple[int, int] | None = None
+        self._gone = gone
+        self._seen: tuple[int, int, int, int] | None = None
 
     async def check(self) -> None:
         """Loads the file if it changed since the last check."""
         try:
             stat = self._path.stat()
-            seen = (stat.st_mtime_ns, stat.st_size)
+            # The inode too: a file replaced by one of the same size within one
+            # tick of the file system's clock has the same mtime.
+            seen = (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
             if seen == self._seen:
                 return
             data = self._path.read_bytes()
+        except FileNotFoundError as err:
+            if self._gone is None:
+                log.error(
+                    "cannot read file", extra={"path": str(self._path), "error": err}
+                )
+            elif self._seen != _GONE:
+                await self._gone()
+                self._seen = _GONE
+            return
         except OSError as err:
             log.error("cannot read file", extra={"path": str(self._path), "error": err})
             return
@@ -164,7 +187,13 @@ def check_file_endpoints(doc: RoutingDocument) -> None:
 def keys_file_source(
     path: Path, store: InMemoryKeyStore, period_s: float
 ) -> FileWatcher:
-    """The keys from a static key file; a bad file keeps the keys in force."""
+    """The keys from a static key file; a file that cannot be read or parsed
+    keeps the keys in force, and no file is no keys.
+
+    No file is no keys as for a gateway started now and for `citadel keys`
+    (`read_key_file`): deleting the file revokes every key, where the keys of a
+    file that is there but unreadable or half-written are the last good ones.
+    """
 
     async def load(data: bytes) -> None:
         try:
@@ -178,4 +207,8 @@ def keys_file_source(
         store.replace_all(keys)
         log.info("keys loaded", extra={"keys": len(keys)})
 
-    return FileWatcher(path, load, period_s)
+    async def gone() -> None:
+        store.replace_all(())
+        log.warning("key file missing; no keys in force", extra={"path": str(path)})
+
+    return FileWatcher(path, load, period_s, gone)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from citadel.gateway.errors import AuthenticationFailed, PermissionDenied
@@ -117,6 +118,22 @@ def test_a_key_whose_holders_disagree_is_refused(
     assert len(InMemoryKeyStore([narrow, wide])) == 0  # as a key file, too
     store.hold("copy", None)
     assert store.lookup(wide.hash) == narrow
+
+
+def test_copies_of_a_record_that_does_not_say_when_it_was_made_agree() -> None:
+    """The chart's admin key record has no `created`. Reading one filled it in
+    with the time of reading, so that two byte-identical copies (two releases
+    sharing a keys namespace, a Secret copied) differed and refused the key."""
+    raw = orjson.dumps(
+        {"hash": hash_key("k"), "models": ["*"], "name": "admin", "role": "admin"}
+    )
+    first, copy = (KeyRecord.model_validate_json(raw) for _ in range(2))
+    assert first.created is None and first == copy
+    store = InMemoryKeyStore()
+    store.hold("citadel-key-admin.staging", first)
+    store.hold("citadel-key-admin.prod", copy)
+    assert store.lookup(hash_key("k")) == first
+    assert len(InMemoryKeyStore([first, copy])) == 1  # as a key file, too
 
 
 def test_record_reads_camel_case_quota_fields() -> None:

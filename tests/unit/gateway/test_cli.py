@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
 from datetime import UTC, datetime
 from pathlib import Path
@@ -108,7 +110,14 @@ def kube(monkeypatch: pytest.MonkeyPatch) -> _FakeKube:
     """The fake API in place of the cluster: alice with one key in the Secret
     `create` makes, bob, and the admin key's plain text (not a key Secret)."""
     alice = key_secret(
-        KeyRecord(name="alice", hash=hash_key("a1"), models=("smol*",), rpm=60), "ns"
+        KeyRecord(
+            name="alice",
+            hash=hash_key("a1"),
+            models=("smol*",),
+            rpm=60,
+            created=datetime(2024, 1, 1, tzinfo=UTC),
+        ),
+        "ns",
     )
     bob = key_secret(KeyRecord(name="bob", hash=hash_key("b")), "ns")
     plain = {"metadata": {"name": "citadel-admin-key"}, "data": {"key": "eA=="}}
@@ -172,6 +181,7 @@ def test_rotate_replaces_every_key_of_the_name_at_once(
     assert record.model_dump(exclude={"hash", "created"}) == before.model_dump(
         exclude={"hash", "created"}
     )
+    assert record.created is not None and before.created is not None
     assert record.created > before.created
     assert "revoked (Secrets: alice-by-hand, citadel-key-alice)" in out
     assert set(kube.items) == {secret, "citadel-key-bob", "citadel-admin-key"}
@@ -310,3 +320,90 @@ def test_rotate_in_a_key_file(
     assert main([*args, "revoke", "--secret", "citadel-key-alice"]) == 1
     assert capsys.readouterr().err.count("citadel: ") == 2
     assert read_key_file(path).keys == [bob, alice]
+
+
+def test_records_that_do_not_say_when_they_were_made_list_and_rotate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A record without `created` (the chart's admin key, one written by hand)
+    has no creation time, shown `-`, and is older than any that says; one
+    written without a zone is in UTC. Reading one used to make it now."""
+    path = tmp_path / "keys.json"
+    undated = {"name": "alice", "hash": hash_key("a1"), "rpm": 1}
+    naive = {"name": "alice", "hash": hash_key("a2"), "rpm": 2}
+    naive["created"] = "2020-01-01T00:00:00"
+    bob = {"name": "bob", "hash": hash_key("b"), "created": "2021-01-01T01:00+02:00"}
+    path.write_text(json.dumps({"keys": [undated, naive, bob]}))
+    args = ["keys", "--file", str(path)]
+    assert main([*args, "list"]) == 0
+    rows = [row.split() for row in capsys.readouterr().out.splitlines()[1:]]
+    assert [(row[0], row[3], row[-2]) for row in rows] == [
+        ("alice", "1", "-"),
+        ("alice", "2", "2020-01-01T00:00:00Z"),
+        ("bob", "-", "2020-12-31T23:00:00Z"),
+    ]
+    assert main([*args, "rotate", "alice"]) == 0
+    key = _shown_key(capsys.readouterr().out)
+    [alice] = [r for r in read_key_file(path).keys if r.name == "alice"]
+    assert alice.hash == hash_key(key) and alice.rpm == 2  # the dated one's
+    assert alice.created is not None and alice.created.year > 2020
+    assert main([*args, "create", "carol"]) == 0
+    [carol] = [r for r in read_key_file(path).keys if r.name == "carol"]
+    assert carol.created is not None
+
+
+def test_rewriting_a_key_file_keeps_its_mode_owner_and_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway running as another user reads the file through its group or
+    others: rewritten 0600 by the CLI's user, it could no longer read it and
+    kept the keys a revoke took away."""
+    path = tmp_path / "keys.json"
+    args = ["keys", "--file", str(path)]
+    owners: list[tuple[int, int]] = []
+
+    def fchown(fd: int, uid: int, gid: int) -> None:
+        owners.append((uid, gid))
+        if uid != -1:  # not root: only a group of the user's may be given
+            raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchown", fchown)
+    assert main([*args, "create", "alice"]) == 0
+    assert path.stat().st_mode & 0o777 == 0o600  # new: private to the user
+    assert owners == []
+    path.chmod(0o640)
+    before = path.stat()
+    assert main([*args, "create", "bob"]) == 0
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert owners == [(before.st_uid, before.st_gid), (-1, before.st_gid)]
+    assert [r.name for r in read_key_file(path).keys] == ["alice", "bob"]
+    monkeypatch.setattr(os, "fchown", lambda fd, uid, gid: owners.append((uid, gid)))
+    owners.clear()
+    path.chmod(0o604)
+    assert main([*args, "revoke", "alice"]) == 0
+    assert path.stat().st_mode & 0o777 == 0o604
+    assert owners == [(before.st_uid, before.st_gid)]  # root: owner and group
+
+
+def test_a_key_file_is_written_through_a_temporary_file_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two runs at once wrote one `keys.json.tmp`: one could put the other's
+    half-written file in place. A failed write leaves no temporary file."""
+    path = tmp_path / "keys.json"
+    other = tmp_path / "keys.json.tmp"  # another run's, mid-write
+    other.write_bytes(b"another run's")
+    args = ["keys", "--file", str(path)]
+    assert main([*args, "create", "alice"]) == 0
+    assert other.read_bytes() == b"another run's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keys.json", other.name]
+    written = path.read_bytes()
+
+    def fchmod(fd: int, mode: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fchmod", fchmod)
+    assert main([*args, "create", "bob"]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keys.json", other.name]
+    assert path.read_bytes() == written

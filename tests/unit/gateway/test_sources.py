@@ -197,6 +197,95 @@ async def test_a_rejected_key_file_logs_fields_not_values(
     assert secret not in record.error  # type: ignore[attr-defined]
 
 
+async def test_deleting_the_key_file_revokes_every_key(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No file is no keys, as for a gateway started now and for `citadel keys`;
+    a file there but unreadable keeps the keys in force."""
+    store = InMemoryKeyStore()
+    path = tmp_path / "keys.json"
+    record = KeyRecord(name="a", hash=hash_key("k"))
+    content = orjson.dumps({"keys": [record.model_dump(mode="json")]})
+    path.write_bytes(content)
+    watcher = keys_file_source(path, store, 1.0)
+    await watcher.check()
+    assert store.lookup(record.hash) == record
+    path.unlink()
+    path.mkdir()  # there, but no file to read: kept
+    await watcher.check()
+    assert store.lookup(record.hash) == record
+    path.rmdir()
+    await watcher.check()
+    await watcher.check()
+    assert len(store) == 0
+    [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.getMessage() == "key file missing; no keys in force"
+    path.write_bytes(content)  # back: loaded again
+    await watcher.check()
+    assert store.lookup(record.hash) == record
+
+
+async def test_a_deleted_routes_file_keeps_the_routes(tmp_path: Path) -> None:
+    """Unlike keys: losing the routes file must not take every model away."""
+    catalog = Catalog()
+    path = tmp_path / "routes.json"
+    path.write_text(doc("first"))
+    watcher = routes_file_source(path, catalog, 1.0)
+    await watcher.check()
+    path.unlink()
+    await watcher.check()
+    assert catalog.resolve("first").name == "m"
+
+
+async def test_a_file_replaced_by_one_of_the_same_size_and_mtime_is_loaded(
+    tmp_path: Path,
+) -> None:
+    """An atomic replace within one tick of the file system's clock, with as
+    many bytes: only the inode tells the new file from the old."""
+    loaded: list[bytes] = []
+
+    async def load(data: bytes) -> None:
+        loaded.append(data)
+
+    path, new = tmp_path / "keys.json", tmp_path / "keys.json.new"
+    path.write_bytes(b"old")
+    watcher = FileWatcher(path, load, 1.0)
+    await watcher.check()
+    new.write_bytes(b"new")
+    before = path.stat()
+    os.utime(new, ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.replace(new, path)
+    await watcher.check()
+    await watcher.check()
+    assert loaded == [b"old", b"new"]
+
+
+def test_copies_of_the_chart_s_admin_key_record_keep_it_working() -> None:
+    """Two releases sharing a keys namespace with one admin key render
+    byte-identical records without `created`: the key works while either is
+    there, whatever way the gateway saw them come."""
+    raw = orjson.dumps(
+        {"hash": hash_key("k"), "models": ["*"], "name": "admin", "role": "admin"}
+    )
+
+    def secret(name: str) -> dict[str, Any]:
+        labels = {"citadel.ai/api-key": "true"}
+        data = {"key.json": base64.b64encode(raw).decode()}
+        return {"metadata": {"name": name, "labels": labels}, "data": data}
+
+    staging = secret("citadel-key-admin.staging")
+    prod = secret("citadel-key-admin.prod")
+    watched, listed = InMemoryKeyStore(), InMemoryKeyStore()
+    source = KeySecretsSource(None, "ns", watched)  # type: ignore[arg-type]
+    source._sync([staging])
+    source._event("ADDED", prod)
+    KeySecretsSource(None, "ns", listed)._sync([staging, prod])  # type: ignore[arg-type]
+    for store in (watched, listed):
+        assert _accepted(store, ["k"]) == {"k"}
+    source._event("DELETED", staging)
+    assert _accepted(watched, ["k"]) == {"k"}
+
+
 def test_endpoint_slice_conditions() -> None:
     slice_ = {
         "ports": [{"name": "metrics", "port": 9000}, {"name": "http", "port": 8000}],
