@@ -25,6 +25,7 @@ from citadel.gateway.errors import (
     is_openai_error,
     refusal,
     refusal_body,
+    refusal_json,
     retry_after_seconds,
 )
 from citadel.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
@@ -443,11 +444,11 @@ class ProxyService:
         if response.status != 200 and response.retry_after is not None:
             headers = {**headers, "retry-after": response.retry_after}
         if 400 <= response.status < 500 and not is_openai_error(data):
-            # Not vLLM's own (a proxy's plain text or HTML page in front of
-            # it): in OpenAI's shape, as every door's client expects, still
-            # counted with the replica's status.
-            error = refusal(response.status, refusal_body(response.status, data))
-            data, content_type = error.to_json(), "application/json"
+            # Not OpenAI's error object (old vLLM's flat one, a proxy's plain
+            # text or HTML page in front of it): in OpenAI's shape, as every
+            # door's client expects, still counted with the replica's status.
+            data = refusal_json(response.status, data)
+            content_type = "application/json"
         return ProxyResponse(response.status, headers, data, media_type=content_type)
 
     def _relay(

@@ -330,3 +330,61 @@ async def test_a_refusal_that_is_not_openais_is_put_in_its_shape(
     assert "local_rate_limited" in error["message"] and "<" not in error["message"]
     assert answer.headers["retry-after"] == "2"
     assert kit.counted(harness, str(status)) == 1
+
+
+FLAT_400 = {
+    "object": "error",
+    "message": "This model's maximum context length is 2048 tokens.",
+    "type": "BadRequestError",
+    "param": None,
+    "code": 400,
+}
+
+
+@pytest.mark.parametrize(
+    ("status", "said", "expected"),
+    [
+        (400, FLAT_400, (FLAT_400["message"], "BadRequestError", 400)),
+        (404, {"detail": "Not Found"}, ("Not Found", None, "model_not_found")),
+        (400, {"message": "bad"}, ("bad", None, None)),
+        (429, {"error": "slow down"}, ("slow down", None, "rate_limit_exceeded")),
+    ],
+    ids=["vLLM before 0.10", "FastAPI's detail", "a sidecar's message", "error"],
+)
+async def test_a_json_refusal_with_its_message_on_top_keeps_it(
+    kit: Any,
+    status: int,
+    said: dict[str, Any],
+    expected: tuple[str, str | None, Any],
+) -> None:
+    """Old vLLM, FastAPI and sidecars say why at the top of their JSON: REST's
+    client gets that in OpenAI's shape, with vLLM's own type and code, and
+    every other door the same message."""
+    harness = kit.build(replicas=("http://r1",))
+    harness.upstream.handler = lambda url, body: kit.reply(status, orjson.dumps(said))
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    message, kind, code = expected
+    assert answer.status_code == status
+    error = answer.json()["error"]
+    assert error["message"] == message
+    assert error["code"] == code
+    if kind is not None:
+        assert error["type"] == kind
+    principal = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
+    for door in (Door.GRPC, Door.GRAPHQL):
+        with pytest.raises(GatewayError) as refused:
+            await ask(harness.deps.proxy, CHAT, principal, dict(kit.chat), "r", door)
+        assert (refused.value.status, refused.value.message) == (status, message)
+
+
+async def test_a_json_refusal_without_a_message_is_quoted(kit: Any) -> None:
+    harness = kit.build(replicas=("http://r1",))
+    said = orjson.dumps({"detail": [{"loc": ["body"], "msg": "field required"}]})
+    harness.upstream.handler = lambda url, body: kit.reply(422, said)
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    error = answer.json()["error"]
+    assert error["message"].startswith("The model refused with status 422: ")
+    assert "field required" in error["message"]
+    assert error["type"] == "invalid_request_error"
