@@ -141,6 +141,8 @@ class _Refusals:
     """What the replicas that refused a request unworked (`_UNWORKED`) said."""
 
     statuses: set[int] = field(default_factory=set)
+    count: int = 0
+    """Replicas that refused."""
     wait_s: int | None = None
     """The shortest `Retry-After` one of them gave, in seconds."""
     body: bytes = b""
@@ -149,17 +151,20 @@ class _Refusals:
     def add(self, reply: Reply, body: bytes) -> None:
         """Notes one replica's refusal."""
         self.statuses.add(reply.status)
+        self.count += 1
         wait = retry_after_seconds(reply.retry_after)
         if wait is not None:
             self.wait_s = wait if self.wait_s is None else min(self.wait_s, wait)
         self.body = body
 
-    def error(self, model: str) -> GatewayError:
-        """The answer once no replica is left to try: a 429, with the replica's
-        message, when every one said 429, else a 503; either tells the client
-        to come back when the first replica said it could."""
+    def error(self, model: str, tries: int) -> GatewayError:
+        """The answer once no replica is left to try, after `tries` tries
+        (none dropped): a 429, with the replica's message, when every one said
+        429, else a 503 (one not serving, or not reachable, is more than a
+        model at capacity); either tells the client to come back when the
+        first replica said it could."""
         wait = NO_REPLICA_RETRY_S if self.wait_s is None else self.wait_s
-        if self.statuses == {429}:
+        if self.statuses == {429} and self.count == tries:
             seconds = str(math.ceil(wait))  # as a replica's header says it
             return refusal(429, refusal_body(429, self.body), seconds)
         return NoReplica(
@@ -392,14 +397,17 @@ class ProxyService:
             return reply, data
         # The failure's own text names the pod's address: logged with the
         # replica (_release), not told to clients.
-        if drops > _DROPS_RETRIED or (ctx.dropped and not refused.statuses):
+        if ctx.dropped:
+            # A replica may have crashed on it, whatever the others said: a
+            # 502 (which 5xx alerts see), with its estimate charged. A 429 or
+            # 503 would say the model is only busy.
             if isinstance(last, UpstreamDropped):
                 why = "the replica closed the connection without answering"
             else:
                 why = "the answer broke off"
             raise BackendError(f"No replica of `{route.served_name}` answered ({why}).")
         if refused.statuses:
-            raise refused.error(route.served_name)
+            raise refused.error(route.served_name, len(tried))
         # Nothing reached a replica (every connection failed, or the time ran
         # out): as for a model with none ready, the client may come back, and
         # is charged nothing.
@@ -425,6 +433,11 @@ class ProxyService:
             )
         self._release(ctx, replica, None)
         usage = usage_of_body(data) if response.status == 200 else Usage()
+        if response.status != 200 and ctx.worked:
+            # The replica before this one dropped the request (or broke off
+            # its answer): it may have generated all of it, so the estimate
+            # stays charged, as when no other replica answers (`_settle`).
+            usage = None
         if read is not None and response.status == 200:
             try:
                 read(data)
@@ -438,8 +451,9 @@ class ProxyService:
         content_type = response.content_type
         if response.status != 200 and admitted is not None:
             # An error the replica answered (vLLM's 400) used nothing: its
-            # estimate was given back, which its headers must show, as those
-            # of an error the gateway raises do (`_fail`).
+            # estimate was given back (unless a replica before dropped it),
+            # which its headers must show, as those of an error the gateway
+            # raises do (`_fail`).
             headers = {**headers, **admitted.headers_after(ctx.settled)}
         if response.status != 200 and response.retry_after is not None:
             headers = {**headers, "retry-after": response.retry_after}

@@ -332,6 +332,87 @@ async def test_a_refusal_that_is_not_openais_is_put_in_its_shape(
     assert kit.counted(harness, str(status)) == 1
 
 
+def _estimate(kit: Any) -> int:
+    return estimate_tokens(dict(kit.chat), CHAT, 256)
+
+
+@pytest.mark.parametrize(
+    ("said", "retries"),
+    [
+        ([None, (429, "2"), (429, "2")], 2),
+        ([(429, "2"), None], 1),
+        ([None, (503, "2"), (503, "2")], 2),
+    ],
+    ids=["drop then 429s", "429 then drop", "drop then 503s"],
+)
+async def test_a_drop_among_refusals_is_a_502_and_stays_charged(
+    kit: Any, said: list[tuple[int, str] | None], retries: int
+) -> None:
+    """A replica that dropped the request may have crashed on it: that is
+    what the client is told (a 502, which 5xx alerts see), not that the model
+    is busy (429, 503); and the estimate stays charged, as it may have
+    generated all of it."""
+    harness = kit.build(doc=kit.document(limits=TPM), replicas=THREE, retries=retries)
+    replies = [
+        UpstreamDropped("closed") if s is None else _refusal(kit, *s) for s in said
+    ]
+    harness.upstream.handler = lambda url, body: replies.pop(0)
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert len(harness.upstream.calls) == len(said)
+    assert answer.status_code == 502
+    assert answer.json()["error"]["code"] == "backend_error"
+    assert "closed the connection" in answer.json()["error"]["message"]
+    assert "retry-after" not in answer.headers
+    left = 10_000 - _estimate(kit)
+    assert answer.headers["x-ratelimit-remaining-tokens"] == str(left)
+    assert kit.counted(harness, "502") == 1
+
+
+async def test_429s_and_a_replica_out_of_reach_are_a_503(kit: Any) -> None:
+    """Only a model whose every replica tried said 429 is at capacity."""
+    harness = kit.build(retries=1)
+    replies = [_refusal(kit, 429, "2"), UpstreamUnreachable("refused")]
+    harness.upstream.handler = lambda url, body: replies.pop(0)
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert answer.status_code == 503
+    assert answer.json()["error"]["code"] == "model_not_ready"
+    assert answer.headers["retry-after"] == "2"
+
+
+@pytest.mark.parametrize(
+    "first",
+    [UpstreamDropped("closed"), UpstreamBroken("the response broke off")],
+    ids=["dropped", "broken off"],
+)
+async def test_a_refusal_after_a_drop_keeps_the_estimate_charged(
+    kit: Any, first: Exception
+) -> None:
+    """The replica's 400 used nothing, but the one before it may have used
+    all of it."""
+    harness = kit.build(doc=kit.document(limits=TPM))
+    replies: list[Any] = [
+        kit.reply(body=first) if isinstance(first, UpstreamBroken) else first,
+        _refusal(kit, 400),
+    ]
+    harness.upstream.handler = lambda url, body: replies.pop(0)
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert answer.status_code == 400
+    left = 10_000 - _estimate(kit)
+    assert answer.headers["x-ratelimit-remaining-tokens"] == str(left)
+
+
+async def test_a_lone_refusal_still_gives_its_estimate_back(kit: Any) -> None:
+    harness = kit.build(doc=kit.document(limits=TPM))
+    harness.upstream.handler = lambda url, body: _refusal(kit, 400)
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert answer.status_code == 400
+    assert answer.headers["x-ratelimit-remaining-tokens"] == "10000"
+
+
 FLAT_400 = {
     "object": "error",
     "message": "This model's maximum context length is 2048 tokens.",
