@@ -184,8 +184,19 @@ class ProxyOptions:
     answer_within_s: float = 600.0
     """The most a request's tries may take together, from the first, until
     its answer begins (a stream's headers, or a whole answer's body): a try
-    gets what is left of it, and none starts once it is spent. Without it each
-    of `retries` + 1 tries could wait the whole read timeout."""
+    gets what is left of it, and none starts with less than `least_try_s`
+    left. Without it each of `retries` + 1 tries could wait the whole read
+    timeout. Wired as the
+    upstream's read timeout: a later try, given less, timed out on the
+    request's deadline, not on the replica's slowness."""
+    least_try_s: float = 2.0
+    """No try after the first starts with less than this left of
+    `answer_within_s`. Wired as the upstream's connect timeout, so that every
+    try may connect for as long as the first: a connect timeout is then always
+    the replica's (the proxy cannot tell it from a refused connection to judge
+    it otherwise). A try with less left would seldom see an answer begin
+    anyway, and would load a replica (its prefill runs on once the gateway
+    stops waiting) for an answer the client never gets."""
 
 
 class ProxyService:
@@ -333,8 +344,12 @@ class ProxyService:
         drops = 0
         for attempt in range(self._options.retries + 1):
             left = deadline - self._clock()
-            if attempt and left <= 0:
-                break  # the request's time is spent: a try would have none
+            if attempt and (left <= 0 or left < self._options.least_try_s):
+                break  # the request's time is spent (`least_try_s` says why)
+            # A try given less than the first (the leftover of the request's
+            # time, below the replica's read timeout) that times out ran out of
+            # the gateway's time: not the replica's fault.
+            cut_short = left < self._options.answer_within_s
             try:
                 replica = self._router.choose(route, request, tried)
             except NoReplica:
@@ -353,9 +368,16 @@ class ProxyService:
                 if not (stream and reply.status == 200):
                     data = await reply.read(max(0.0, deadline - self._clock()))
             except UpstreamFailure as err:
-                self._release(ctx, replica, err)
+                timed_out = isinstance(err, UpstreamTimeout)
+                if timed_out and cut_short:
+                    # Judged, a healthy replica tried last with a sliver of the
+                    # time would take the blame (and could be ejected) for the
+                    # replicas before it that used the rest.
+                    self._free(ctx, replica)
+                else:
+                    self._release(ctx, replica, err)
                 last = err
-                if isinstance(err, UpstreamTimeout):
+                if timed_out:
                     # Only ever after the request was written (a connection
                     # that timed out is `UpstreamUnreachable`): the replica may
                     # be working on it still, so it stays charged, or a client

@@ -16,6 +16,7 @@ from citadel.gateway.services.structured import ask
 from citadel.gateway.upstream import (
     UpstreamBroken,
     UpstreamDropped,
+    UpstreamTimeout,
     UpstreamUnreachable,
 )
 
@@ -334,6 +335,72 @@ async def test_a_refusal_that_is_not_openais_is_put_in_its_shape(
 
 def _estimate(kit: Any) -> int:
     return estimate_tokens(dict(kit.chat), CHAT, 256)
+
+
+async def test_a_retry_cut_short_by_the_deadline_judges_no_replica(
+    kit: Any,
+) -> None:
+    """A replica tried with what the ones before it left of the request's time
+    (100 s of 600 s) ran out of the gateway's time, not its own: the client
+    gets its 504, the replica no failure towards its ejection."""
+    harness = kit.build()
+    timeouts: list[Exception] = [UpstreamTimeout("no answer in 100 s")]
+
+    def handler(url: str, body: Any) -> Any:
+        if not timeouts:
+            raise AssertionError("a third try")
+        if len(harness.upstream.calls) == 1:
+            harness.clock.now += 500  # the first worked 500 s, then died
+            return UpstreamDropped("closed")
+        return timeouts.pop()
+
+    harness.upstream.handler = handler
+    for url in ("http://r1", "http://r2"):
+        _replica(harness, url).failures = 2  # one more failure ejects either
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert answer.status_code == 504
+    assert answer.json()["error"]["code"] == "backend_timeout"
+    assert harness.upstream.timeouts == [600.0, 100.0]
+    first, second = (call[0][:9] for call in harness.upstream.calls)
+    assert _replica(harness, first).ejections_in_row == 1  # it dropped it
+    late = _replica(harness, second)
+    assert (late.failures, late.ejections_in_row, late.in_flight) == (2, 0, 0)
+    assert _backend_errors(harness, second, "timeout") is None
+
+
+async def test_a_first_try_that_times_out_is_still_its_replicas_failure(
+    kit: Any,
+) -> None:
+    """The first try has the whole read timeout: its timeout is the replica's."""
+    harness = kit.build()
+    harness.upstream.handler = lambda url, body: UpstreamTimeout("no answer")
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert answer.status_code == 504
+    (url, _, _) = harness.upstream.calls[0]
+    assert _replica(harness, url[:9]).failures == 1
+    assert _backend_errors(harness, url[:9], "timeout") == 1
+
+
+async def test_no_retry_starts_with_less_than_a_connection_may_take(
+    kit: Any,
+) -> None:
+    """With 1 s left (less than the connect timeout, 2 s) a try would mostly
+    time out, on the gateway's time: none starts, and the drop before is the
+    answer."""
+    harness = kit.build(replicas=THREE)
+
+    def dropped_late(url: str, body: Any) -> Any:
+        harness.clock.now += 599
+        return UpstreamDropped("closed")
+
+    harness.upstream.handler = dropped_late
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert len(harness.upstream.calls) == 1
+    assert answer.status_code == 502
+    assert answer.json()["error"]["code"] == "backend_error"
 
 
 @pytest.mark.parametrize(
