@@ -409,11 +409,15 @@ class ProxyService:
                 continue
             if data is not None and reply.status in _UNWORKED:
                 # The replica did no work: free to try another. A 503 counts
-                # as its failure (it is not serving), a 429 does not (it is, at
-                # capacity).
-                failed = reply.status == 503
-                status = UpstreamFailure(f"status {reply.status}") if failed else None
-                self._release(ctx, replica, status)
+                # as its failure (it is not serving). A 429 judges nothing: the
+                # replica is serving, at capacity, which says nothing of its
+                # health; counted a success, a sidecar's 429 would heal a
+                # replica on its trial after an ejection.
+                if reply.status == 503:
+                    failure = UpstreamFailure(f"status {reply.status}")
+                    self._release(ctx, replica, failure)
+                else:
+                    self._free(ctx, replica)
                 refused.add(reply, data)
                 continue
             return reply, data

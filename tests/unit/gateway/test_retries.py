@@ -480,6 +480,23 @@ async def test_a_lone_refusal_still_gives_its_estimate_back(kit: Any) -> None:
     assert answer.headers["x-ratelimit-remaining-tokens"] == "10000"
 
 
+async def test_a_replicas_429_judges_nothing(kit: Any) -> None:
+    """A 429 says the replica is at capacity, nothing of its health: a
+    sidecar's 429 must not heal a replica on its trial after an ejection (nor
+    reset its failures), as a success would."""
+    harness = kit.build()
+    harness.upstream.handler = lambda url, body: (
+        _refusal(kit, 429, "1") if "r1" in url else kit.completion()
+    )
+    trial = _replica(harness, "http://r1")
+    trial.failures, trial.ejections_in_row = 1, 2
+    async with harness.client() as client:
+        for _ in range(2):
+            answer = await client.post("/v1/chat/completions", json=kit.chat)
+            assert answer.status_code == 200
+    assert (trial.failures, trial.ejections_in_row, trial.in_flight) == (1, 2, 0)
+
+
 FLAT_400 = {
     "object": "error",
     "message": "This model's maximum context length is 2048 tokens.",
