@@ -63,10 +63,15 @@ class _RetryLater(GatewayError):
         headers: dict[str, str] | None = None,
         scope: str = "",
     ) -> None:
+        # Whole seconds, at least one, as the header says it: gRPC's RetryInfo
+        # and GraphQL's `retryAfter` read this, and must tell the client what
+        # REST's header does (a 0 s RetryInfo beside a 1 s header was a retry
+        # storm for a client that reads the former).
+        seconds = max(1, math.ceil(retry_after_s))
         merged = dict(headers or {})
-        merged["retry-after"] = str(max(1, math.ceil(retry_after_s)))
+        merged["retry-after"] = str(seconds)
         super().__init__(message, headers=merged)
-        self.retry_after_s = retry_after_s
+        self.retry_after_s = seconds
         self.scope = scope
         """For limits: which kind refused it (requests, tokens or quota)."""
 
@@ -303,19 +308,69 @@ def is_openai_error(data: bytes) -> bool:
 def refusal_body(status: int, data: bytes) -> dict[str, Any]:
     """The body of a replica's refusal (a 4xx), as OpenAI's error object.
 
-    One that is no JSON object (a proxy's HTML page, a server's plain text) is
-    the replica refusing all the same: not its failure (502). Its message
-    quotes a short excerpt of the text, markup, controls and runs of white
-    space taken out.
+    OpenAI's own is kept as it is. A JSON object with its message at the top
+    (vLLM before 0.10: `{"object": "error", "message", "type", "param",
+    "code"}`; FastAPI's `{"detail": "Not Found"}`; a sidecar's `{"message"}`
+    or `{"error": "..."}`) is put in its shape, with the message, and the
+    `type`, `param` and `code` it gives that fit OpenAI's. Any other body (a
+    proxy's HTML page, a server's plain text, JSON without a message) is the
+    replica refusing all the same: not its failure (502). Its message quotes a
+    short excerpt of the text, markup, controls and runs of white space taken
+    out.
     """
     with contextlib.suppress(orjson.JSONDecodeError):
         parsed = orjson.loads(data)
         if isinstance(parsed, dict):
-            return parsed
+            if isinstance(parsed.get("error"), dict):
+                return parsed
+            flat = _flat_error(parsed)
+            if flat:
+                return {"error": flat}
     excerpt = _excerpt(data)
     if not excerpt:
         return {}  # `refusal` says the status alone
     return {"error": {"message": f"The model refused with status {status}: {excerpt}"}}
+
+
+def refusal_json(status: int, data: bytes) -> bytes:
+    """A replica's refusal (a 4xx) whose body is not OpenAI's error object, in
+    its shape (`refusal_body`) for REST's client: the fields the replica gave
+    kept, the others those of the gateway's error for its status (`refusal`),
+    as the other doors report it."""
+    body = refusal_body(status, data)
+    given = body.get("error", {})
+    return orjson.dumps({"error": {**refusal(status, body).body()["error"], **given}})
+
+
+_MESSAGE_KEYS = ("message", "detail", "error")
+"""Where a JSON refusal not in OpenAI's shape puts its message, in the order
+they are looked for."""
+
+
+def _flat_error(parsed: Mapping[str, Any]) -> dict[str, Any]:
+    """OpenAI's error fields in a JSON refusal that holds them at its top
+    level; empty when it has no message (a non-empty string) there."""
+    message = next(
+        (
+            value
+            for key in _MESSAGE_KEYS
+            if isinstance(value := parsed.get(key), str) and value.strip()
+        ),
+        None,
+    )
+    if message is None:
+        return {}
+    error: dict[str, Any] = {"message": message}
+    kind, param, code = (parsed.get(k) for k in ("type", "param", "code"))
+    if isinstance(kind, str) and kind:
+        error["type"] = kind
+    if isinstance(param, str):
+        error["param"] = param
+    # vLLM's code is the HTTP status, as a number (as in its OpenAI-shaped
+    # errors, relayed as they are); a bool is JSON's, not a code.
+    if isinstance(code, str) or (isinstance(code, int) and not isinstance(code, bool)):
+        error["code"] = code
+    return error
 
 
 _EXCERPT_CHARS = 200

@@ -105,7 +105,8 @@ class GatewaySettings(BaseSettings):
     request gets 408 and its connection is closed. uvicorn bounds neither, so
     a client sending its headers a byte at a time held a socket for ever."""
     connect_timeout_s: float = Field(2.0, gt=0)
-    """Time to open a connection to a replica before trying another."""
+    """Time to open a connection to a replica before trying another; also the
+    least time left of `read_timeout_s` for another try to start."""
     read_timeout_s: float = Field(600.0, gt=0)
     """Longest silence from a replica (between chunks) before a 504; also the
     most a request's tries take together until its answer begins."""

@@ -92,6 +92,8 @@ def _options(settings: GatewaySettings) -> ProxyOptions:
         default_max_tokens=settings.default_max_tokens,
         # One read timeout for all of a request's tries, not one each.
         answer_within_s=settings.read_timeout_s,
+        # A retry may always connect for as long as the first try could.
+        least_try_s=settings.connect_timeout_s,
         ejection=EjectionPolicy(
             settings.eject_after_failures, settings.eject_base_s, settings.eject_max_s
         ),

@@ -25,6 +25,7 @@ from citadel.gateway.errors import (
     is_openai_error,
     refusal,
     refusal_body,
+    refusal_json,
     retry_after_seconds,
 )
 from citadel.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
@@ -140,6 +141,8 @@ class _Refusals:
     """What the replicas that refused a request unworked (`_UNWORKED`) said."""
 
     statuses: set[int] = field(default_factory=set)
+    count: int = 0
+    """Replicas that refused."""
     wait_s: int | None = None
     """The shortest `Retry-After` one of them gave, in seconds."""
     body: bytes = b""
@@ -148,17 +151,20 @@ class _Refusals:
     def add(self, reply: Reply, body: bytes) -> None:
         """Notes one replica's refusal."""
         self.statuses.add(reply.status)
+        self.count += 1
         wait = retry_after_seconds(reply.retry_after)
         if wait is not None:
             self.wait_s = wait if self.wait_s is None else min(self.wait_s, wait)
         self.body = body
 
-    def error(self, model: str) -> GatewayError:
-        """The answer once no replica is left to try: a 429, with the replica's
-        message, when every one said 429, else a 503; either tells the client
-        to come back when the first replica said it could."""
+    def error(self, model: str, tries: int) -> GatewayError:
+        """The answer once no replica is left to try, after `tries` tries
+        (none dropped): a 429, with the replica's message, when every one said
+        429, else a 503 (one not serving, or not reachable, is more than a
+        model at capacity); either tells the client to come back when the
+        first replica said it could."""
         wait = NO_REPLICA_RETRY_S if self.wait_s is None else self.wait_s
-        if self.statuses == {429}:
+        if self.statuses == {429} and self.count == tries:
             seconds = str(math.ceil(wait))  # as a replica's header says it
             return refusal(429, refusal_body(429, self.body), seconds)
         return NoReplica(
@@ -178,8 +184,19 @@ class ProxyOptions:
     answer_within_s: float = 600.0
     """The most a request's tries may take together, from the first, until
     its answer begins (a stream's headers, or a whole answer's body): a try
-    gets what is left of it, and none starts once it is spent. Without it each
-    of `retries` + 1 tries could wait the whole read timeout."""
+    gets what is left of it, and none starts with less than `least_try_s`
+    left. Without it each of `retries` + 1 tries could wait the whole read
+    timeout. Wired as the
+    upstream's read timeout: a later try, given less, timed out on the
+    request's deadline, not on the replica's slowness."""
+    least_try_s: float = 2.0
+    """No try after the first starts with less than this left of
+    `answer_within_s`. Wired as the upstream's connect timeout, so that every
+    try may connect for as long as the first: a connect timeout is then always
+    the replica's (the proxy cannot tell it from a refused connection to judge
+    it otherwise). A try with less left would seldom see an answer begin
+    anyway, and would load a replica (its prefill runs on once the gateway
+    stops waiting) for an answer the client never gets."""
 
 
 class ProxyService:
@@ -327,8 +344,12 @@ class ProxyService:
         drops = 0
         for attempt in range(self._options.retries + 1):
             left = deadline - self._clock()
-            if attempt and left <= 0:
-                break  # the request's time is spent: a try would have none
+            if attempt and (left <= 0 or left < self._options.least_try_s):
+                break  # the request's time is spent (`least_try_s` says why)
+            # A try given less than the first (the leftover of the request's
+            # time, below the replica's read timeout) that times out ran out of
+            # the gateway's time: not the replica's fault.
+            cut_short = left < self._options.answer_within_s
             try:
                 replica = self._router.choose(route, request, tried)
             except NoReplica:
@@ -347,9 +368,16 @@ class ProxyService:
                 if not (stream and reply.status == 200):
                     data = await reply.read(max(0.0, deadline - self._clock()))
             except UpstreamFailure as err:
-                self._release(ctx, replica, err)
+                timed_out = isinstance(err, UpstreamTimeout)
+                if timed_out and cut_short:
+                    # Judged, a healthy replica tried last with a sliver of the
+                    # time would take the blame (and could be ejected) for the
+                    # replicas before it that used the rest.
+                    self._free(ctx, replica)
+                else:
+                    self._release(ctx, replica, err)
                 last = err
-                if isinstance(err, UpstreamTimeout):
+                if timed_out:
                     # Only ever after the request was written (a connection
                     # that timed out is `UpstreamUnreachable`): the replica may
                     # be working on it still, so it stays charged, or a client
@@ -381,24 +409,31 @@ class ProxyService:
                 continue
             if data is not None and reply.status in _UNWORKED:
                 # The replica did no work: free to try another. A 503 counts
-                # as its failure (it is not serving), a 429 does not (it is, at
-                # capacity).
-                failed = reply.status == 503
-                status = UpstreamFailure(f"status {reply.status}") if failed else None
-                self._release(ctx, replica, status)
+                # as its failure (it is not serving). A 429 judges nothing: the
+                # replica is serving, at capacity, which says nothing of its
+                # health; counted a success, a sidecar's 429 would heal a
+                # replica on its trial after an ejection.
+                if reply.status == 503:
+                    failure = UpstreamFailure(f"status {reply.status}")
+                    self._release(ctx, replica, failure)
+                else:
+                    self._free(ctx, replica)
                 refused.add(reply, data)
                 continue
             return reply, data
         # The failure's own text names the pod's address: logged with the
         # replica (_release), not told to clients.
-        if drops > _DROPS_RETRIED or (ctx.dropped and not refused.statuses):
+        if ctx.dropped:
+            # A replica may have crashed on it, whatever the others said: a
+            # 502 (which 5xx alerts see), with its estimate charged. A 429 or
+            # 503 would say the model is only busy.
             if isinstance(last, UpstreamDropped):
                 why = "the replica closed the connection without answering"
             else:
                 why = "the answer broke off"
             raise BackendError(f"No replica of `{route.served_name}` answered ({why}).")
         if refused.statuses:
-            raise refused.error(route.served_name)
+            raise refused.error(route.served_name, len(tried))
         # Nothing reached a replica (every connection failed, or the time ran
         # out): as for a model with none ready, the client may come back, and
         # is charged nothing.
@@ -424,6 +459,11 @@ class ProxyService:
             )
         self._release(ctx, replica, None)
         usage = usage_of_body(data) if response.status == 200 else Usage()
+        if response.status != 200 and ctx.worked:
+            # The replica before this one dropped the request (or broke off
+            # its answer): it may have generated all of it, so the estimate
+            # stays charged, as when no other replica answers (`_settle`).
+            usage = None
         if read is not None and response.status == 200:
             try:
                 read(data)
@@ -437,17 +477,18 @@ class ProxyService:
         content_type = response.content_type
         if response.status != 200 and admitted is not None:
             # An error the replica answered (vLLM's 400) used nothing: its
-            # estimate was given back, which its headers must show, as those
-            # of an error the gateway raises do (`_fail`).
+            # estimate was given back (unless a replica before dropped it),
+            # which its headers must show, as those of an error the gateway
+            # raises do (`_fail`).
             headers = {**headers, **admitted.headers_after(ctx.settled)}
         if response.status != 200 and response.retry_after is not None:
             headers = {**headers, "retry-after": response.retry_after}
         if 400 <= response.status < 500 and not is_openai_error(data):
-            # Not vLLM's own (a proxy's plain text or HTML page in front of
-            # it): in OpenAI's shape, as every door's client expects, still
-            # counted with the replica's status.
-            error = refusal(response.status, refusal_body(response.status, data))
-            data, content_type = error.to_json(), "application/json"
+            # Not OpenAI's error object (old vLLM's flat one, a proxy's plain
+            # text or HTML page in front of it): in OpenAI's shape, as every
+            # door's client expects, still counted with the replica's status.
+            data = refusal_json(response.status, data)
+            content_type = "application/json"
         return ProxyResponse(response.status, headers, data, media_type=content_type)
 
     def _relay(

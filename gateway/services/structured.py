@@ -6,11 +6,11 @@ metrics and errors are the same; only the bytes are turned into objects here. A
 replica's own refusal (a 4xx, which REST relays with its status) becomes the
 gateway error for its status (`refusal`: a 404 `ModelNotFound`, a 429
 `RateLimited` with the replica's `Retry-After`, any other an `InvalidRequest`)
-carrying the replica's message (or, for a body that is not OpenAI's error, a
-short excerpt of its text, `refusal_body`), so every door reports it through
-the one error hierarchy, and it is counted with the replica's status as on
-REST. Replicas' 429s and 503s the proxy answers itself once none is left to
-try (it raises the error).
+carrying the replica's message (for a body that is not OpenAI's error, the one
+at its top, else a short excerpt of its text: `refusal_body`), so every door
+reports it through the one error hierarchy, and it is counted with the
+replica's status as on REST. Replicas' 429s and 503s the proxy answers itself
+once none is left to try (it raises the error).
 
 An answer the door cannot use (not JSON, or not what its message holds) is told
 to the proxy before the request is counted, so it is counted as the error the

@@ -59,7 +59,8 @@ def test_retry_after_is_whole_seconds_at_least_one() -> None:
         (429, "9" * 5000, errors.RateLimited, 86_400),
         # Leading zeros are allowed: 5 s, not the cap.
         (429, "000005", errors.RateLimited, 5),
-        (429, "0000000", errors.RateLimited, 0),
+        # 0 s: 1 s, as the header the client gets says (at least one).
+        (429, "0000000", errors.RateLimited, 1),
         (422, "30", errors.InvalidRequest, None),
     ],
 )
@@ -71,3 +72,40 @@ def test_a_replicas_refusal_keeps_the_meaning_of_its_status(
     assert type(error) is kind
     assert error.message == "no"
     assert getattr(error, "retry_after_s", None) == wait
+
+
+@pytest.mark.parametrize(
+    ("said", "expected"),
+    [
+        # OpenAI's own: as it is.
+        ({"error": {"message": "no", "code": 7}}, {"message": "no", "code": 7}),
+        # vLLM before 0.10: its fields kept, in OpenAI's shape.
+        (
+            {
+                "object": "error",
+                "message": "no",
+                "type": "BadRequestError",
+                "param": "n",
+                "code": 400,
+            },
+            {"message": "no", "type": "BadRequestError", "param": "n", "code": 400},
+        ),
+        # What does not fit OpenAI's fields is left out.
+        (
+            {"message": "no", "type": 3, "param": ["n"], "code": True},
+            {"message": "no"},
+        ),
+        ({"detail": "Not Found"}, {"message": "Not Found"}),
+        ({"message": " ", "detail": "why"}, {"message": "why"}),
+        # No message at the top: the text quoted.
+        (
+            {"detail": []},
+            {"message": 'The model refused with status 400: {"detail":[]}'},
+        ),
+    ],
+)
+def test_a_refusal_body_finds_its_message(
+    said: dict[str, object], expected: dict[str, object]
+) -> None:
+    body = errors.refusal_body(400, orjson.dumps(said))
+    assert body == {"error": expected}

@@ -16,6 +16,7 @@ from citadel.gateway.services.structured import ask
 from citadel.gateway.upstream import (
     UpstreamBroken,
     UpstreamDropped,
+    UpstreamTimeout,
     UpstreamUnreachable,
 )
 
@@ -330,3 +331,225 @@ async def test_a_refusal_that_is_not_openais_is_put_in_its_shape(
     assert "local_rate_limited" in error["message"] and "<" not in error["message"]
     assert answer.headers["retry-after"] == "2"
     assert kit.counted(harness, str(status)) == 1
+
+
+def _estimate(kit: Any) -> int:
+    return estimate_tokens(dict(kit.chat), CHAT, 256)
+
+
+async def test_a_retry_cut_short_by_the_deadline_judges_no_replica(
+    kit: Any,
+) -> None:
+    """A replica tried with what the ones before it left of the request's time
+    (100 s of 600 s) ran out of the gateway's time, not its own: the client
+    gets its 504, the replica no failure towards its ejection."""
+    harness = kit.build()
+    timeouts: list[Exception] = [UpstreamTimeout("no answer in 100 s")]
+
+    def handler(url: str, body: Any) -> Any:
+        if not timeouts:
+            raise AssertionError("a third try")
+        if len(harness.upstream.calls) == 1:
+            harness.clock.now += 500  # the first worked 500 s, then died
+            return UpstreamDropped("closed")
+        return timeouts.pop()
+
+    harness.upstream.handler = handler
+    for url in ("http://r1", "http://r2"):
+        _replica(harness, url).failures = 2  # one more failure ejects either
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert answer.status_code == 504
+    assert answer.json()["error"]["code"] == "backend_timeout"
+    assert harness.upstream.timeouts == [600.0, 100.0]
+    first, second = (call[0][:9] for call in harness.upstream.calls)
+    assert _replica(harness, first).ejections_in_row == 1  # it dropped it
+    late = _replica(harness, second)
+    assert (late.failures, late.ejections_in_row, late.in_flight) == (2, 0, 0)
+    assert _backend_errors(harness, second, "timeout") is None
+
+
+async def test_a_first_try_that_times_out_is_still_its_replicas_failure(
+    kit: Any,
+) -> None:
+    """The first try has the whole read timeout: its timeout is the replica's."""
+    harness = kit.build()
+    harness.upstream.handler = lambda url, body: UpstreamTimeout("no answer")
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert answer.status_code == 504
+    (url, _, _) = harness.upstream.calls[0]
+    assert _replica(harness, url[:9]).failures == 1
+    assert _backend_errors(harness, url[:9], "timeout") == 1
+
+
+async def test_no_retry_starts_with_less_than_a_connection_may_take(
+    kit: Any,
+) -> None:
+    """With 1 s left (less than the connect timeout, 2 s) a try would mostly
+    time out, on the gateway's time: none starts, and the drop before is the
+    answer."""
+    harness = kit.build(replicas=THREE)
+
+    def dropped_late(url: str, body: Any) -> Any:
+        harness.clock.now += 599
+        return UpstreamDropped("closed")
+
+    harness.upstream.handler = dropped_late
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert len(harness.upstream.calls) == 1
+    assert answer.status_code == 502
+    assert answer.json()["error"]["code"] == "backend_error"
+
+
+@pytest.mark.parametrize(
+    ("said", "retries"),
+    [
+        ([None, (429, "2"), (429, "2")], 2),
+        ([(429, "2"), None], 1),
+        ([None, (503, "2"), (503, "2")], 2),
+    ],
+    ids=["drop then 429s", "429 then drop", "drop then 503s"],
+)
+async def test_a_drop_among_refusals_is_a_502_and_stays_charged(
+    kit: Any, said: list[tuple[int, str] | None], retries: int
+) -> None:
+    """A replica that dropped the request may have crashed on it: that is
+    what the client is told (a 502, which 5xx alerts see), not that the model
+    is busy (429, 503); and the estimate stays charged, as it may have
+    generated all of it."""
+    harness = kit.build(doc=kit.document(limits=TPM), replicas=THREE, retries=retries)
+    replies = [
+        UpstreamDropped("closed") if s is None else _refusal(kit, *s) for s in said
+    ]
+    harness.upstream.handler = lambda url, body: replies.pop(0)
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert len(harness.upstream.calls) == len(said)
+    assert answer.status_code == 502
+    assert answer.json()["error"]["code"] == "backend_error"
+    assert "closed the connection" in answer.json()["error"]["message"]
+    assert "retry-after" not in answer.headers
+    left = 10_000 - _estimate(kit)
+    assert answer.headers["x-ratelimit-remaining-tokens"] == str(left)
+    assert kit.counted(harness, "502") == 1
+
+
+async def test_429s_and_a_replica_out_of_reach_are_a_503(kit: Any) -> None:
+    """Only a model whose every replica tried said 429 is at capacity."""
+    harness = kit.build(retries=1)
+    replies = [_refusal(kit, 429, "2"), UpstreamUnreachable("refused")]
+    harness.upstream.handler = lambda url, body: replies.pop(0)
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert answer.status_code == 503
+    assert answer.json()["error"]["code"] == "model_not_ready"
+    assert answer.headers["retry-after"] == "2"
+
+
+@pytest.mark.parametrize(
+    "first",
+    [UpstreamDropped("closed"), UpstreamBroken("the response broke off")],
+    ids=["dropped", "broken off"],
+)
+async def test_a_refusal_after_a_drop_keeps_the_estimate_charged(
+    kit: Any, first: Exception
+) -> None:
+    """The replica's 400 used nothing, but the one before it may have used
+    all of it."""
+    harness = kit.build(doc=kit.document(limits=TPM))
+    replies: list[Any] = [
+        kit.reply(body=first) if isinstance(first, UpstreamBroken) else first,
+        _refusal(kit, 400),
+    ]
+    harness.upstream.handler = lambda url, body: replies.pop(0)
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert answer.status_code == 400
+    left = 10_000 - _estimate(kit)
+    assert answer.headers["x-ratelimit-remaining-tokens"] == str(left)
+
+
+async def test_a_lone_refusal_still_gives_its_estimate_back(kit: Any) -> None:
+    harness = kit.build(doc=kit.document(limits=TPM))
+    harness.upstream.handler = lambda url, body: _refusal(kit, 400)
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert answer.status_code == 400
+    assert answer.headers["x-ratelimit-remaining-tokens"] == "10000"
+
+
+async def test_a_replicas_429_judges_nothing(kit: Any) -> None:
+    """A 429 says the replica is at capacity, nothing of its health: a
+    sidecar's 429 must not heal a replica on its trial after an ejection (nor
+    reset its failures), as a success would."""
+    harness = kit.build()
+    harness.upstream.handler = lambda url, body: (
+        _refusal(kit, 429, "1") if "r1" in url else kit.completion()
+    )
+    trial = _replica(harness, "http://r1")
+    trial.failures, trial.ejections_in_row = 1, 2
+    async with harness.client() as client:
+        for _ in range(2):
+            answer = await client.post("/v1/chat/completions", json=kit.chat)
+            assert answer.status_code == 200
+    assert (trial.failures, trial.ejections_in_row, trial.in_flight) == (1, 2, 0)
+
+
+FLAT_400 = {
+    "object": "error",
+    "message": "This model's maximum context length is 2048 tokens.",
+    "type": "BadRequestError",
+    "param": None,
+    "code": 400,
+}
+
+
+@pytest.mark.parametrize(
+    ("status", "said", "expected"),
+    [
+        (400, FLAT_400, (FLAT_400["message"], "BadRequestError", 400)),
+        (404, {"detail": "Not Found"}, ("Not Found", None, "model_not_found")),
+        (400, {"message": "bad"}, ("bad", None, None)),
+        (429, {"error": "slow down"}, ("slow down", None, "rate_limit_exceeded")),
+    ],
+    ids=["vLLM before 0.10", "FastAPI's detail", "a sidecar's message", "error"],
+)
+async def test_a_json_refusal_with_its_message_on_top_keeps_it(
+    kit: Any,
+    status: int,
+    said: dict[str, Any],
+    expected: tuple[str, str | None, Any],
+) -> None:
+    """Old vLLM, FastAPI and sidecars say why at the top of their JSON: REST's
+    client gets that in OpenAI's shape, with vLLM's own type and code, and
+    every other door the same message."""
+    harness = kit.build(replicas=("http://r1",))
+    harness.upstream.handler = lambda url, body: kit.reply(status, orjson.dumps(said))
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    message, kind, code = expected
+    assert answer.status_code == status
+    error = answer.json()["error"]
+    assert error["message"] == message
+    assert error["code"] == code
+    if kind is not None:
+        assert error["type"] == kind
+    principal = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
+    for door in (Door.GRPC, Door.GRAPHQL):
+        with pytest.raises(GatewayError) as refused:
+            await ask(harness.deps.proxy, CHAT, principal, dict(kit.chat), "r", door)
+        assert (refused.value.status, refused.value.message) == (status, message)
+
+
+async def test_a_json_refusal_without_a_message_is_quoted(kit: Any) -> None:
+    harness = kit.build(replicas=("http://r1",))
+    said = orjson.dumps({"detail": [{"loc": ["body"], "msg": "field required"}]})
+    harness.upstream.handler = lambda url, body: kit.reply(422, said)
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    error = answer.json()["error"]
+    assert error["message"].startswith("The model refused with status 422: ")
+    assert "field required" in error["message"]
+    assert error["type"] == "invalid_request_error"

@@ -67,4 +67,17 @@ def test_details_carry_error_info_retry_info_and_trailers() -> None:
     assert detail.details[0].Unpack(info) and detail.details[1].Unpack(retry)
     assert info.reason == "rate_limit_exceeded"
     assert info.metadata["http_status"] == "429"
-    assert retry.retry_delay.ToNanoseconds() == 2_500_000_000
+    # What the trailer says: whole seconds, rounded up.
+    assert retry.retry_delay.ToNanoseconds() == 3_000_000_000
+
+
+def test_retry_info_says_what_the_retry_after_trailer_says() -> None:
+    """A replica's `Retry-After: 0` is 1 s in the trailer (at least one): a
+    RetryInfo of 0 s beside it would have the client retry at once."""
+    error = errors.refusal(429, {}, "0")
+    trailers = dict(status_of(error).trailing_metadata)
+    detail = status_pb2.Status.FromString(trailers[DETAILS_KEY])  # type: ignore[arg-type]
+    retry = error_details_pb2.RetryInfo()
+    assert detail.details[1].Unpack(retry)
+    assert trailers["retry-after"] == "1"
+    assert retry.retry_delay.ToNanoseconds() == 1_000_000_000
