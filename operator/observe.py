@@ -297,7 +297,7 @@ def lapse_due_in(pods: Sequence[Obj], now: str) -> float | None:
 
 def _node_trouble(name: str, nodes: Sequence[Obj]) -> str | None:
     """What is wrong with the node `name`: its Ready condition not True (with
-    the node's reason and message), or no such node among `nodes` (none at
+    its status and reason), or no such node among `nodes` (none at
     all tells nothing); None if nothing is."""
     node = next((n for n in nodes if n["metadata"]["name"] == name), None)
     if node is None:
@@ -312,11 +312,12 @@ def _node_trouble(name: str, nodes: Sequence[Obj]) -> str | None:
     )
     if ready is None or ready.get("status") == "True":
         return None
+    # Not the condition's message: free text that may carry a duration the
+    # kubelet counts ("PLEG ... last seen active 5m2.533s ago"), which made a
+    # status write, the same verdict, at every pass.
     said = f"Ready={ready.get('status')}" + (
         f", {ready['reason']}" if ready.get("reason") else ""
     )
-    if ready.get("message"):
-        said += f": {ready['message']}"
     return f"node {name} is NotReady ({said})"
 
 
