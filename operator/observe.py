@@ -84,6 +84,11 @@ NOT_READY_GRACE_SECONDS = 60
 # probe). They stand in Progressing too while no replica is loading.
 NODE_NOT_READY = "NodeNotReady"
 REPLICA_NOT_READY = "ReplicaNotReady"
+# The reasons of a container's end that nobody saw: containerd's for a
+# container whose task it lost (a node reboot, its own state gone:
+# pkg/cri/server/restart.go, exit code 255), and the kubelet's for one it can
+# no longer find (kubelet_pods.go, exit code 137). Neither says it crashed.
+UNSEEN_END = frozenset({"Unknown", "ContainerStatusUnknown"})
 
 
 @dataclass(frozen=True)
@@ -363,7 +368,8 @@ def _crash(cs: Obj) -> str | None:
     that has just ended (`terminated` now, what `kubectl get pods` shows as
     `Error` or `Init:Error`) is read from that end: the kubelet restarts it,
     its pod being `restartPolicy: Always`, and an init container that fails at
-    once does so before it is ever restarted.
+    once does so before it is ever restarted. An end that nobody saw
+    (UNSEEN_END: a node reboot) is no crash.
     """
     now = (cs.get("state") or {}).get("terminated") or {}
     if cs.get("ready") or not (cs.get("restartCount") or now):
@@ -371,6 +377,8 @@ def _crash(cs: Obj) -> str | None:
     ended = now or (cs.get("lastState") or {}).get("terminated") or {}
     code = ended.get("exitCode")
     reason = ended.get("reason")
+    if reason in UNSEEN_END:
+        return None
     if reason != "OOMKilled" and not (isinstance(code, int) and code != 0):
         return None
     return f"last exit: {reason or 'Error'} (exit code {code})"

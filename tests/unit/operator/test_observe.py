@@ -1225,3 +1225,30 @@ def test_a_node_message_that_counts_time_rewrites_nothing() -> None:
             "node hx-llm-server-01 is NotReady (Ready=False, KubeletNotReady)",
         )
     }
+
+
+@pytest.mark.parametrize(
+    "ended",
+    [
+        # containerd, for a container whose task was gone after a reboot.
+        {"reason": "Unknown", "exitCode": 255},
+        # The kubelet, for a container it could no longer find.
+        {"reason": "ContainerStatusUnknown", "exitCode": 137},
+    ],
+    ids=["containerd", "kubelet"],
+)
+def test_a_restart_after_an_end_nobody_saw_is_no_crash(ended: dict[str, Any]) -> None:
+    """Its node rebooted, the container runs again (vLLM loads) and its last
+    end is one the runtime did not see: no crash loop, and no Warning."""
+    model = make_model(**PINNED)
+    rebooted = _restarted(
+        {"running": {"startedAt": NOW}}, {**ended, "finishedAt": "2026-05-01T11:58:00Z"}
+    )
+    status = _derive(model, deployment(ready=0), [rebooted])
+    assert _cond(status, ConditionType.DEGRADED)[:2] == ("False", "AsExpected")
+    assert _cond(status, ConditionType.PROGRESSING)[1] == "WaitingForReplicas"
+    assert status.phase is Phase.PROGRESSING
+    # Ended so now, before it is started again, likewise.
+    ending = _restarted({"terminated": ended}, OOM)
+    status = _derive(model, deployment(ready=0), [ending])
+    assert _cond(status, ConditionType.DEGRADED)[:2] == ("False", "AsExpected")
