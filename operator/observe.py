@@ -359,22 +359,31 @@ def _template_hash(pod: Obj) -> str:
     return str(pod.get("metadata", {}).get("labels", {}).get("pod-template-hash", ""))
 
 
-def _crash(cs: Obj) -> str | None:
-    """How a container that keeps crashing last ended, or None if it does not.
+def _crash(cs: Obj, once: bool) -> str | None:
+    """How a container that keeps crashing last ended, or None if it does not;
+    `once`: an init container that runs to completion (not a sidecar).
 
     Between back-offs a crash-looping container is `running` (vLLM loads again)
     and only its restart count and last termination tell; without this the
     model would flip Degraded, Progressing, Degraded at every restart. One
     that has just ended (`terminated` now, what `kubectl get pods` shows as
-    `Error` or `Init:Error`) is read from that end: the kubelet restarts it,
-    its pod being `restartPolicy: Always`, and an init container that fails at
-    once does so before it is ever restarted. An end that nobody saw
-    (UNSEEN_END: a node reboot) is no crash.
+    `Error` or `Init:Error`) is read from that end. An init container that
+    fails at once does so before it is ever restarted; the others count only
+    once restarted: when a pod's sandbox is made again (a runtime or network
+    plugin restart), the kubelet kills the server's container and reports it
+    `terminated` (exit code 137, no restart yet) while the init containers run
+    again, a wait of minutes and no crash. An end that nobody saw (UNSEEN_END:
+    a node reboot) is no crash either.
     """
     now = (cs.get("state") or {}).get("terminated") or {}
-    if cs.get("ready") or not (cs.get("restartCount") or now):
+    if cs.get("ready"):
         return None
-    ended = now or (cs.get("lastState") or {}).get("terminated") or {}
+    if once and now:
+        ended = now
+    elif cs.get("restartCount"):
+        ended = now or (cs.get("lastState") or {}).get("terminated") or {}
+    else:
+        return None
     code = ended.get("exitCode")
     reason = ended.get("reason")
     if reason in UNSEEN_END:
@@ -391,27 +400,44 @@ def _served_since_start(pod: Obj, cs: Obj) -> bool:
     it again, and the pod stays so while vLLM loads: Ready's last transition is
     no later than the start. One later turned True in between and back, a
     readiness probe failing for a while, say: the restart was long ago (an OOM
-    kill last week) and the container is no crash loop. Times are whole
-    seconds, so a pod ready and back within a second of its start reads as
-    not ready since; without a start time (not running) nothing tells.
+    kill last week) and the container is no crash loop. A container that has
+    ended is read from when it started (a server's container killed for a new
+    sandbox had served). Times are whole seconds, so a pod ready and back
+    within a second of its start reads as not ready since; without a start
+    time (waiting) nothing tells.
     """
-    running = (cs.get("state") or {}).get("running") or {}
-    started = str(running.get("startedAt") or "")
+    state = cs.get("state") or {}
+    run = state.get("running") or state.get("terminated") or {}
+    started = str(run.get("startedAt") or "")
     ready = _pod_condition(pod, "Ready") or {}
     return bool(started) and str(ready.get("lastTransitionTime") or "") > started
 
 
-def _container_statuses(pod: Obj) -> list[tuple[str, Obj]]:
-    """`pod`'s container statuses, each with what it is a status of: its init
-    containers' first, as they run first. An init container that crash-loops
-    or cannot be pulled holds the others `PodInitializing`, a wait that says
-    nothing; unread, it left the model loading for ever."""
+def _sidecars(pod: Obj) -> frozenset[str]:
+    """The names of `pod`'s sidecars: init containers with `restartPolicy:
+    Always`, which start in order with the others and then run beside the
+    server, restarted as it is."""
+    return frozenset(
+        str(c.get("name"))
+        for c in pod.get("spec", {}).get("initContainers") or []
+        if c.get("restartPolicy") == "Always"
+    )
+
+
+def _container_statuses(pod: Obj) -> list[tuple[str, Obj, bool]]:
+    """`pod`'s container statuses, each with what it is a status of and
+    whether it is of an init container that runs to completion (not a
+    sidecar): its init containers' first, as they run first. An init
+    container that crash-loops or cannot be pulled holds the others
+    `PodInitializing`, a wait that says nothing; unread, it left the model
+    loading for ever."""
     status = pod.get("status", {})
+    sidecars = _sidecars(pod)
     return [
-        (kind, cs)
-        for kind, key in (
-            ("init container", "initContainerStatuses"),
-            ("container", "containerStatuses"),
+        (kind, cs, init and cs.get("name") not in sidecars)
+        for kind, key, init in (
+            ("init container", "initContainerStatuses", True),
+            ("container", "containerStatuses", False),
         )
         for cs in status.get(key) or []
     ]
@@ -425,10 +451,14 @@ def _container_failure(pods: Sequence[Obj], previous: str) -> Verdict | None:
             continue
         name = pod["metadata"]["name"]
         loading = not _is_ready(pod)
-        for kind, cs in _container_statuses(pod):
+        for kind, cs, once in _container_statuses(pod):
             where = f"pod {name}, {kind} {cs.get('name')}"
             waiting = (cs.get("state") or {}).get("waiting") or {}
-            crash = _crash(cs) if loading and not _served_since_start(pod, cs) else None
+            crash = (
+                _crash(cs, once)
+                if loading and not _served_since_start(pod, cs)
+                else None
+            )
             reason = waiting.get("reason")
             last = ((cs.get("lastState") or {}).get("terminated") or {}).get("reason")
             detail = waiting.get("message") or (f"last exit: {last}" if last else "")

@@ -1252,3 +1252,61 @@ def test_a_restart_after_an_end_nobody_saw_is_no_crash(ended: dict[str, Any]) ->
     ending = _restarted({"terminated": ended}, OOM)
     status = _derive(model, deployment(ready=0), [ending])
     assert _cond(status, ConditionType.DEGRADED)[:2] == ("False", "AsExpected")
+
+
+def _new_sandbox(restarts: int) -> dict[str, Any]:
+    """A pod that served until 12:00:00, when its sandbox was made again (a
+    runtime or network plugin restart): the kubelet killed its server's
+    container, started at 09:00:01 (it reads `terminated`, exit code 137,
+    not yet restarted), and runs the init container again (it downloads)."""
+    since = "2026-05-01T12:00:00Z"
+    body = _served("p1", since)
+    body["status"]["phase"] = "Pending"
+    conditions = body["status"]["conditions"]
+    initialized = next(c for c in conditions if c["type"] == "Initialized")
+    initialized.update(
+        status="False",
+        lastTransitionTime=since,
+        reason="ContainersNotInitialized",
+        message=f"containers with incomplete status: [{INIT}]",
+    )
+    body["status"]["initContainerStatuses"] = [
+        {
+            "name": INIT,
+            "ready": False,
+            "restartCount": 1,
+            "state": {"running": {"startedAt": since}},
+            "lastState": {"terminated": {"reason": "Completed", "exitCode": 0}},
+        }
+    ]
+    body["status"]["containerStatuses"][0].update(
+        restartCount=restarts,
+        state={
+            "terminated": {
+                "reason": "Error",
+                "exitCode": 137,
+                "startedAt": "2026-05-01T09:00:01Z",
+                "finishedAt": since,
+            }
+        },
+        lastState={"terminated": OOM} if restarts else {},
+    )
+    return body
+
+
+NEW_SANDBOX_NOW = "2026-05-01T12:02:00Z"
+
+
+@pytest.mark.parametrize("restarts", [0, 2], ids=["never restarted", "restarted"])
+def test_a_server_killed_for_a_new_sandbox_is_no_crash(restarts: int) -> None:
+    """Its init container runs again for minutes meanwhile: the model loads,
+    it is not Degraded (a Warning) for a crash loop. The rule that reads an
+    init container just ended (Init:Error) is for init containers alone, and
+    a container that served since it last started is none."""
+    model = make_model(**PINNED)
+    status = derive_status(
+        model, deployment(ready=0), [_new_sandbox(restarts)], NODES, NEW_SANDBOX_NOW
+    )
+    assert _cond(status, ConditionType.DEGRADED)[:2] == ("False", "AsExpected")
+    assert _cond(status, ConditionType.PROGRESSING)[1] == "WaitingForReplicas"
+    assert status.phase is Phase.PROGRESSING
