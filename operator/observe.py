@@ -248,22 +248,28 @@ def _seconds(start: str, end: str) -> float | None:
 
 def _not_ready_since(pod: Obj) -> str | None:
     """When `pod`, a replica that has served, stopped being ready; None for a
-    pod that is ready, has ended, or has not been ready since its containers
-    last started.
+    pod that is ready, has ended, has not been ready since its containers
+    last started, or has a container not running now.
 
-    A container started again since (a crash, a liveness probe's restart)
-    loads the model again: loading, or a crash loop, not a replica lost. The
-    node lifecycle controller marks the pods of a NotReady node not ready
-    without touching their containers' statuses, so theirs still read as
-    running since before.
+    A container started again since (a crash, a liveness probe's restart), or
+    waiting or ended now (a crash loop's back-off, a new sandbox being made),
+    loads the model again: loading, or a crash loop, not a replica lost. Read
+    from the running containers alone, a crash-looping replica that once
+    served flipped between lost (in its back-off) and loading (running again)
+    at every restart, a status write and an Event each. The node lifecycle
+    controller marks the pods of a NotReady node not ready without touching
+    their containers' statuses, so theirs still read as running since before.
+    Sidecars (init containers that keep running) count as the server does.
     """
     if _ended(pod) or _is_ready(pod) or not _has_served(pod):
         return None
     ready = _pod_condition(pod, "Ready") or {}
     since = str(ready.get("lastTransitionTime") or "")
-    for cs in pod.get("status", {}).get("containerStatuses", []) or []:
+    for _, cs, once in _container_statuses(pod):
+        if once:
+            continue  # ran to completion before the pod first served
         started = ((cs.get("state") or {}).get("running") or {}).get("startedAt")
-        if started and str(started) >= since:
+        if not started or str(started) >= since:
             return None
     return since
 

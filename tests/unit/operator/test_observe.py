@@ -1227,6 +1227,68 @@ def test_a_node_message_that_counts_time_rewrites_nothing() -> None:
     }
 
 
+def _served_crashing(state: dict[str, Any], restarts: int) -> dict[str, Any]:
+    """A replica that served until its container was OOM-killed at 11:00, and
+    has crash-looped since (not ready since then), its container in `state`."""
+    body = _served("p1", "2026-05-01T11:00:00Z")
+    body["status"]["containerStatuses"][0].update(
+        restartCount=restarts, state=state, lastState={"terminated": OOM}
+    )
+    return body
+
+
+def test_a_served_replica_that_crash_loops_does_not_flip_at_each_restart() -> None:
+    """Waiting out a back-off, or just ended, its container is not running:
+    read as a replica lost (ReplicaNotReady) then, and as loading while it ran
+    again, Progressing flipped at every restart, a status write and an Event
+    each. Restarting is loading, or a crash loop, throughout."""
+    body = model_body(**PINNED)
+    seen = set()
+    for i, (state, at) in enumerate(
+        [
+            (BACK_OFF, "11:10:00"),
+            ({"running": {"startedAt": "2026-05-01T11:15:00Z"}}, "11:15:05"),
+            ({"terminated": OOM}, "11:19:00"),
+            (BACK_OFF, "11:19:01"),
+            ({"running": {"startedAt": "2026-05-01T11:24:00Z"}}, "11:24:05"),
+        ]
+    ):
+        now = f"2026-05-01T{at}Z"
+        pods = [_served_crashing(state, 5 + i)]
+        model = LLMModel.from_body(body)
+        status = derive_status(model, deployment(ready=0), pods, NODES, now)
+        assert i == 0 or status == model.status
+        assert lapse_due_in(pods, now) is None
+        seen.add(
+            (
+                _cond(status, ConditionType.PROGRESSING)[:2],
+                _cond(status, ConditionType.DEGRADED)[:2],
+            )
+        )
+        body["status"] = status.model_dump(
+            by_alias=True, exclude_none=True, mode="json"
+        )
+    assert seen == {(("True", "WaitingForReplicas"), ("True", "CrashLoopBackOff"))}
+
+
+def test_a_replica_whose_container_is_made_again_is_loading_not_lost() -> None:
+    """Its node back from a reboot, the kubelet makes the pod's sandbox and
+    containers again (waiting ContainerCreating): a replica on its way back,
+    not one lost, though the pod has not been ready for minutes."""
+    model = make_model(**PINNED)
+    back = _served("p1", "2026-05-01T11:58:00Z")
+    back["status"]["containerStatuses"][0].update(
+        ready=False, state={"waiting": {"reason": "ContainerCreating"}}
+    )
+    status = _derive(model, deployment(ready=0), [back])
+    assert _cond(status, ConditionType.DEGRADED)[:2] == ("False", "AsExpected")
+    assert _cond(status, ConditionType.PROGRESSING)[:2] == (
+        "True",
+        "WaitingForReplicas",
+    )
+    assert lapse_due_in([back], NOW) is None
+
+
 @pytest.mark.parametrize(
     "ended",
     [
@@ -1310,3 +1372,54 @@ def test_a_server_killed_for_a_new_sandbox_is_no_crash(restarts: int) -> None:
     assert _cond(status, ConditionType.DEGRADED)[:2] == ("False", "AsExpected")
     assert _cond(status, ConditionType.PROGRESSING)[1] == "WaitingForReplicas"
     assert status.phase is Phase.PROGRESSING
+
+
+def _with_sidecar(body: dict[str, Any], sidecar: dict[str, Any]) -> dict[str, Any]:
+    """`body` with a sidecar, `mesh-proxy` (an init container that keeps
+    running, `restartPolicy: Always`), in the state, restart count and last
+    state `sidecar`."""
+    body["spec"]["initContainers"] = [
+        {"name": "mesh-proxy", "image": "proxy:1", "restartPolicy": "Always"}
+    ]
+    body["status"]["initContainerStatuses"] = [
+        {"name": "mesh-proxy", "ready": False, "restartCount": 0, **sidecar}
+    ]
+    return body
+
+
+def test_a_sidecar_is_read_as_a_container_that_runs_beside_the_server() -> None:
+    """A sidecar runs for as long as the pod does: running since before, it
+    leaves a lost replica lost; started again since, the replica is
+    restarting; ended before any restart, it is no crash yet, as the server's
+    own container would not be (an init container's first end would be)."""
+    model = make_model(**PINNED)
+    since = "2026-05-01T11:58:00Z"
+    before = {"state": {"running": {"startedAt": "2026-05-01T09:00:00Z"}}}
+    lost = _with_sidecar(_served("p1", since, node_down=True), before)
+    status = _derive(model, deployment(ready=0), [lost])
+    assert _cond(status, ConditionType.DEGRADED)[:2] == ("True", "NodeNotReady")
+    restarted = {
+        "state": {"running": {"startedAt": "2026-05-01T11:58:05Z"}},
+        "restartCount": 1,
+        "lastState": {"terminated": {"reason": "Completed", "exitCode": 0}},
+    }
+    back = _with_sidecar(_served("p1", since), restarted)
+    status = _derive(model, deployment(ready=0), [back])
+    assert _cond(status, ConditionType.DEGRADED)[:2] == ("False", "AsExpected")
+    assert _cond(status, ConditionType.PROGRESSING)[1] == "WaitingForReplicas"
+    killed = {"state": {"terminated": {"reason": "Error", "exitCode": 137}}}
+    ended = _with_sidecar(_served("p1", since), killed)
+    status = _derive(model, deployment(ready=0), [ended])
+    assert _cond(status, ConditionType.DEGRADED)[:2] == ("False", "AsExpected")
+    assert _cond(status, ConditionType.PROGRESSING)[1] == "WaitingForReplicas"
+    # One that crash-loops is named, as any init container.
+    looping = {**killed, "restartCount": 3}
+    status = _derive(
+        model, deployment(ready=0), [_with_sidecar(_served("p1", since), looping)]
+    )
+    assert _cond(status, ConditionType.DEGRADED) == (
+        "True",
+        "CrashLoopBackOff",
+        "pod p1, init container mesh-proxy: CrashLoopBackOff last exit: Error "
+        "(exit code 137)",
+    )
