@@ -84,6 +84,11 @@ NOT_READY_GRACE_SECONDS = 60
 # probe). They stand in Progressing too while no replica is loading.
 NODE_NOT_READY = "NodeNotReady"
 REPLICA_NOT_READY = "ReplicaNotReady"
+# The reasons of a container's end that nobody saw: containerd's for a
+# container whose task it lost (a node reboot, its own state gone:
+# pkg/cri/server/restart.go, exit code 255), and the kubelet's for one it can
+# no longer find (kubelet_pods.go, exit code 137). Neither says it crashed.
+UNSEEN_END = frozenset({"Unknown", "ContainerStatusUnknown"})
 
 
 @dataclass(frozen=True)
@@ -243,22 +248,28 @@ def _seconds(start: str, end: str) -> float | None:
 
 def _not_ready_since(pod: Obj) -> str | None:
     """When `pod`, a replica that has served, stopped being ready; None for a
-    pod that is ready, has ended, or has not been ready since its containers
-    last started.
+    pod that is ready, has ended, has not been ready since its containers
+    last started, or has a container not running now.
 
-    A container started again since (a crash, a liveness probe's restart)
-    loads the model again: loading, or a crash loop, not a replica lost. The
-    node lifecycle controller marks the pods of a NotReady node not ready
-    without touching their containers' statuses, so theirs still read as
-    running since before.
+    A container started again since (a crash, a liveness probe's restart), or
+    waiting or ended now (a crash loop's back-off, a new sandbox being made),
+    loads the model again: loading, or a crash loop, not a replica lost. Read
+    from the running containers alone, a crash-looping replica that once
+    served flipped between lost (in its back-off) and loading (running again)
+    at every restart, a status write and an Event each. The node lifecycle
+    controller marks the pods of a NotReady node not ready without touching
+    their containers' statuses, so theirs still read as running since before.
+    Sidecars (init containers that keep running) count as the server does.
     """
     if _ended(pod) or _is_ready(pod) or not _has_served(pod):
         return None
     ready = _pod_condition(pod, "Ready") or {}
     since = str(ready.get("lastTransitionTime") or "")
-    for cs in pod.get("status", {}).get("containerStatuses", []) or []:
+    for _, cs, once in _container_statuses(pod):
+        if once:
+            continue  # ran to completion before the pod first served
         started = ((cs.get("state") or {}).get("running") or {}).get("startedAt")
-        if started and str(started) >= since:
+        if not started or str(started) >= since:
             return None
     return since
 
@@ -297,7 +308,7 @@ def lapse_due_in(pods: Sequence[Obj], now: str) -> float | None:
 
 def _node_trouble(name: str, nodes: Sequence[Obj]) -> str | None:
     """What is wrong with the node `name`: its Ready condition not True (with
-    the node's reason and message), or no such node among `nodes` (none at
+    its status and reason), or no such node among `nodes` (none at
     all tells nothing); None if nothing is."""
     node = next((n for n in nodes if n["metadata"]["name"] == name), None)
     if node is None:
@@ -312,11 +323,12 @@ def _node_trouble(name: str, nodes: Sequence[Obj]) -> str | None:
     )
     if ready is None or ready.get("status") == "True":
         return None
+    # Not the condition's message: free text that may carry a duration the
+    # kubelet counts ("PLEG ... last seen active 5m2.533s ago"), which made a
+    # status write, the same verdict, at every pass.
     said = f"Ready={ready.get('status')}" + (
         f", {ready['reason']}" if ready.get("reason") else ""
     )
-    if ready.get("message"):
-        said += f": {ready['message']}"
     return f"node {name} is NotReady ({said})"
 
 
@@ -353,23 +365,35 @@ def _template_hash(pod: Obj) -> str:
     return str(pod.get("metadata", {}).get("labels", {}).get("pod-template-hash", ""))
 
 
-def _crash(cs: Obj) -> str | None:
-    """How a container that keeps crashing last ended, or None if it does not.
+def _crash(cs: Obj, once: bool) -> str | None:
+    """How a container that keeps crashing last ended, or None if it does not;
+    `once`: an init container that runs to completion (not a sidecar).
 
     Between back-offs a crash-looping container is `running` (vLLM loads again)
     and only its restart count and last termination tell; without this the
     model would flip Degraded, Progressing, Degraded at every restart. One
     that has just ended (`terminated` now, what `kubectl get pods` shows as
-    `Error` or `Init:Error`) is read from that end: the kubelet restarts it,
-    its pod being `restartPolicy: Always`, and an init container that fails at
-    once does so before it is ever restarted.
+    `Error` or `Init:Error`) is read from that end. An init container that
+    fails at once does so before it is ever restarted; the others count only
+    once restarted: when a pod's sandbox is made again (a runtime or network
+    plugin restart), the kubelet kills the server's container and reports it
+    `terminated` (exit code 137, no restart yet) while the init containers run
+    again, a wait of minutes and no crash. An end that nobody saw (UNSEEN_END:
+    a node reboot) is no crash either.
     """
     now = (cs.get("state") or {}).get("terminated") or {}
-    if cs.get("ready") or not (cs.get("restartCount") or now):
+    if cs.get("ready"):
         return None
-    ended = now or (cs.get("lastState") or {}).get("terminated") or {}
+    if once and now:
+        ended = now
+    elif cs.get("restartCount"):
+        ended = now or (cs.get("lastState") or {}).get("terminated") or {}
+    else:
+        return None
     code = ended.get("exitCode")
     reason = ended.get("reason")
+    if reason in UNSEEN_END:
+        return None
     if reason != "OOMKilled" and not (isinstance(code, int) and code != 0):
         return None
     return f"last exit: {reason or 'Error'} (exit code {code})"
@@ -382,27 +406,44 @@ def _served_since_start(pod: Obj, cs: Obj) -> bool:
     it again, and the pod stays so while vLLM loads: Ready's last transition is
     no later than the start. One later turned True in between and back, a
     readiness probe failing for a while, say: the restart was long ago (an OOM
-    kill last week) and the container is no crash loop. Times are whole
-    seconds, so a pod ready and back within a second of its start reads as
-    not ready since; without a start time (not running) nothing tells.
+    kill last week) and the container is no crash loop. A container that has
+    ended is read from when it started (a server's container killed for a new
+    sandbox had served). Times are whole seconds, so a pod ready and back
+    within a second of its start reads as not ready since; without a start
+    time (waiting) nothing tells.
     """
-    running = (cs.get("state") or {}).get("running") or {}
-    started = str(running.get("startedAt") or "")
+    state = cs.get("state") or {}
+    run = state.get("running") or state.get("terminated") or {}
+    started = str(run.get("startedAt") or "")
     ready = _pod_condition(pod, "Ready") or {}
     return bool(started) and str(ready.get("lastTransitionTime") or "") > started
 
 
-def _container_statuses(pod: Obj) -> list[tuple[str, Obj]]:
-    """`pod`'s container statuses, each with what it is a status of: its init
-    containers' first, as they run first. An init container that crash-loops
-    or cannot be pulled holds the others `PodInitializing`, a wait that says
-    nothing; unread, it left the model loading for ever."""
+def _sidecars(pod: Obj) -> frozenset[str]:
+    """The names of `pod`'s sidecars: init containers with `restartPolicy:
+    Always`, which start in order with the others and then run beside the
+    server, restarted as it is."""
+    return frozenset(
+        str(c.get("name"))
+        for c in pod.get("spec", {}).get("initContainers") or []
+        if c.get("restartPolicy") == "Always"
+    )
+
+
+def _container_statuses(pod: Obj) -> list[tuple[str, Obj, bool]]:
+    """`pod`'s container statuses, each with what it is a status of and
+    whether it is of an init container that runs to completion (not a
+    sidecar): its init containers' first, as they run first. An init
+    container that crash-loops or cannot be pulled holds the others
+    `PodInitializing`, a wait that says nothing; unread, it left the model
+    loading for ever."""
     status = pod.get("status", {})
+    sidecars = _sidecars(pod)
     return [
-        (kind, cs)
-        for kind, key in (
-            ("init container", "initContainerStatuses"),
-            ("container", "containerStatuses"),
+        (kind, cs, init and cs.get("name") not in sidecars)
+        for kind, key, init in (
+            ("init container", "initContainerStatuses", True),
+            ("container", "containerStatuses", False),
         )
         for cs in status.get(key) or []
     ]
@@ -416,10 +457,14 @@ def _container_failure(pods: Sequence[Obj], previous: str) -> Verdict | None:
             continue
         name = pod["metadata"]["name"]
         loading = not _is_ready(pod)
-        for kind, cs in _container_statuses(pod):
+        for kind, cs, once in _container_statuses(pod):
             where = f"pod {name}, {kind} {cs.get('name')}"
             waiting = (cs.get("state") or {}).get("waiting") or {}
-            crash = _crash(cs) if loading and not _served_since_start(pod, cs) else None
+            crash = (
+                _crash(cs, once)
+                if loading and not _served_since_start(pod, cs)
+                else None
+            )
             reason = waiting.get("reason")
             last = ((cs.get("lastState") or {}).get("terminated") or {}).get("reason")
             detail = waiting.get("message") or (f"last exit: {last}" if last else "")

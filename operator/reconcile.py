@@ -1256,7 +1256,6 @@ class Reconciler:
             blocker,
             nodes_autoscaled=self.settings.nodes_autoscaled,
         )
-        self._refresh_at_lapse(model.key, lapse_due_in(pods, now))
         if status != model.status and self._paused:
             # A pass that Kopf started before the pause: its view is frozen,
             # and the peer reports the model now.
@@ -1274,10 +1273,13 @@ class Reconciler:
                 await self._post(model, notice)
             self.routes.kick()
         # A pass that started before the model was deleted may end after
-        # forget(): its report would bring the deleted model's series back.
+        # forget(): its report would bring the deleted model's series back, and
+        # its lapse timer would refresh a model that is gone (forget() cancels
+        # only the timers armed before it).
         current = await self._call(self.view.model(model.namespace, model.name))
         if current is not None and current["metadata"].get("uid") == model.uid:
             self.metrics.set_model(model.namespace, model.name, status)
+            self._refresh_at_lapse(model.key, lapse_due_in(pods, now))
         return status
 
     async def _post(self, model: LLMModel, notice: Notice) -> None:

@@ -18,6 +18,7 @@ from citadel.operator.kube.resources import (
     LLMMODELS,
     PDBS,
     POD_MONITORS,
+    PODS,
     PVCS,
     SERVICES,
     Resource,
@@ -964,6 +965,44 @@ async def test_a_replica_lost_within_the_grace_is_refreshed_when_it_ends(
     assert "llm/mixtral" in reconciler._lapses
     await reconciler.forget("llm", "mixtral")
     assert reconciler._lapses == {}
+
+
+async def test_a_refresh_that_ends_after_the_delete_asks_for_no_lapse(
+    settings: OperatorSettings,
+) -> None:
+    """A refresh in flight when the model is deleted ends after forget(): the
+    refresh it would ask for at the lost replica's grace is of a model gone."""
+    gate = asyncio.Event()
+    gate.set()
+
+    class SlowKube(FakeKube):
+        async def list(
+            self,
+            resource: Resource,
+            namespace: str | None = None,
+            *,
+            label_selector: str | None = None,
+        ) -> list[dict[str, Any]]:
+            if resource == PODS:
+                await gate.wait()
+            return await super().list(
+                resource, namespace, label_selector=label_selector
+            )
+
+    kube = SlowKube([*NODES, model_body(), _lost_since("2026-05-01T11:59:30Z")])
+    reconciler = Reconciler(kube, settings, Metrics(), clock=lambda: NOW)
+    await reconciler.reconcile(model_body())
+    assert "llm/mixtral" in reconciler._lapses
+    # The model is deleted while its refresh reads the pods.
+    gate.clear()
+    refresh = asyncio.create_task(reconciler.refresh("llm", "mixtral"))
+    await asyncio.sleep(0.01)
+    await kube.delete(LLMMODELS, "mixtral", "llm")
+    await reconciler.forget("llm", "mixtral")
+    gate.set()
+    await refresh
+    assert reconciler._lapses == {}
+    await reconciler.stop()
 
 
 async def test_refresh_of_a_missing_model_is_quiet(settings: OperatorSettings) -> None:
