@@ -346,10 +346,13 @@ class ProxyService:
             left = deadline - self._clock()
             if attempt and (left <= 0 or left < self._options.least_try_s):
                 break  # the request's time is spent (`least_try_s` says why)
-            # A try given less than the first (the leftover of the request's
-            # time, below the replica's read timeout) that times out ran out of
-            # the gateway's time: not the replica's fault.
-            cut_short = left < self._options.answer_within_s
+            # A try's timeout is its replica's when the try was bounded by the
+            # whole read timeout: the first always (its `left` falls short of
+            # it only by the time between two reads of the clock), a later one
+            # only with as much left, which one deadline never leaves. A try
+            # given the leftover of the request's time ran out of the
+            # gateway's time, not its replica's.
+            whole_time = not attempt or left >= self._options.answer_within_s
             try:
                 replica = self._router.choose(route, request, tried)
             except NoReplica:
@@ -369,7 +372,7 @@ class ProxyService:
                     data = await reply.read(max(0.0, deadline - self._clock()))
             except UpstreamFailure as err:
                 timed_out = isinstance(err, UpstreamTimeout)
-                if timed_out and cut_short:
+                if timed_out and not whole_time:
                     # Judged, a healthy replica tried last with a sliver of the
                     # time would take the blame (and could be ejected) for the
                     # replicas before it that used the rest.

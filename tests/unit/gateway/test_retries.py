@@ -4,14 +4,18 @@ answers."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import orjson
 import pytest
 
-from citadel.gateway.errors import GatewayError
-from citadel.gateway.services.limits import estimate_tokens
+from citadel.gateway.errors import BackendTimeout, GatewayError
+from citadel.gateway.services.buckets import InProcessBuckets
+from citadel.gateway.services.limits import Limiter, estimate_tokens
+from citadel.gateway.services.proxy import ProxyOptions, ProxyService
 from citadel.gateway.services.requests import CHAT, Door
+from citadel.gateway.services.routing import Router
 from citadel.gateway.services.structured import ask
 from citadel.gateway.upstream import (
     UpstreamBroken,
@@ -381,6 +385,41 @@ async def test_a_first_try_that_times_out_is_still_its_replicas_failure(
     (url, _, _) = harness.upstream.calls[0]
     assert _replica(harness, url[:9]).failures == 1
     assert _backend_errors(harness, url[:9], "timeout") == 1
+
+
+def _on_real_clock(harness: Any, options: ProxyOptions) -> ProxyService:
+    """A proxy on the harness's parts reading `time.monotonic`, as wired in
+    production: it moves between any two reads, where the harness's clock
+    stands still until a test moves it."""
+    deps = harness.deps
+    return ProxyService(
+        deps.catalog,
+        Router(deps.catalog, time.monotonic),
+        Limiter(InProcessBuckets(), time.monotonic),
+        harness.upstream,
+        deps.metrics,
+        options,
+        time.monotonic,
+    )
+
+
+async def test_a_first_try_that_times_out_is_its_replicas_on_a_real_clock(
+    kit: Any,
+) -> None:
+    """The first try's time left is read after its deadline was set, so it
+    falls short of the read timeout by a hair: taken for a try cut short by
+    the deadline, a replica that never answers was never judged, counted or
+    ejected."""
+    harness = kit.build(replicas=("http://r1",))
+    proxy = _on_real_clock(harness, ProxyOptions(retries=2))
+    harness.upstream.handler = lambda url, body: UpstreamTimeout("no answer")
+    principal = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
+    for _ in range(3):
+        with pytest.raises(BackendTimeout):
+            await proxy.handle(CHAT, principal, orjson.dumps(kit.chat), "r-1")
+    state = _replica(harness, "http://r1")
+    assert _backend_errors(harness, "http://r1", "timeout") == 3
+    assert (state.ejections_in_row, state.in_flight) == (1, 0)  # after 3 in a row
 
 
 async def test_no_retry_starts_with_less_than_a_connection_may_take(
