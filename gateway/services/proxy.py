@@ -369,7 +369,7 @@ class ProxyService:
                 ctx.reached = True
                 data = None
                 if not (stream and reply.status == 200):
-                    data = await reply.read(max(0.0, deadline - self._clock()))
+                    data = await self._body(ctx, replica, reply, deadline)
             except UpstreamFailure as err:
                 timed_out = isinstance(err, UpstreamTimeout)
                 if timed_out and not whole_time:
@@ -444,6 +444,38 @@ class ProxyService:
             f"No replica of `{route.served_name}` could be reached; try again shortly.",
             retry_after_s=NO_REPLICA_RETRY_S,
         )
+
+    async def _body(
+        self, ctx: _Context, replica: Replica, reply: Reply, deadline: float
+    ) -> bytes:
+        """A reply's whole body, by the request's `deadline`.
+
+        Only an answer's body (a status below 400) is the answer: one that
+        breaks off or does not come in time is a failure to handle (a drop, a
+        504). Any other body only explains its status, which says all that
+        matters (a 429 or 503: no work done, another replica is tried; another
+        4xx: the caller's error; a 5xx: the server's), so one that cannot be
+        read is taken as empty: a refusal whose body broke off was answered as
+        a drop (a 502, its estimate charged, the one retry after a drop used).
+
+        Raises:
+            UpstreamFailure: an answer's body could not be read.
+        """
+        try:
+            return await reply.read(max(0.0, deadline - self._clock()))
+        except UpstreamFailure as err:
+            if reply.status < 400:
+                raise
+            log.warning(
+                "replica's error body unread",
+                extra={
+                    "request_id": ctx.request_id,
+                    "replica": replica.url,
+                    "status": reply.status,
+                    "error": str(err),
+                },
+            )
+            return b""
 
     async def _whole(
         self,

@@ -592,3 +592,74 @@ async def test_a_json_refusal_without_a_message_is_quoted(kit: Any) -> None:
     assert error["message"].startswith("The model refused with status 422: ")
     assert "field required" in error["message"]
     assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [UpstreamBroken("the response broke off"), UpstreamTimeout("no next piece")],
+    ids=["broken off", "timed out"],
+)
+@pytest.mark.parametrize("status", [503, 429])
+async def test_a_refusal_whose_body_cannot_be_read_is_still_a_refusal(
+    kit: Any, status: int, failure: Exception
+) -> None:
+    """The status says the replica did no work; its body only says why. One
+    that broke off was taken for a drop: a 502, the estimate charged, the one
+    retry after a drop used up."""
+    harness = kit.build(doc=kit.document(limits=TPM), replicas=THREE)
+    said = {"error": {"message": "The replica said no.", "type": "x"}}
+    replies = [
+        kit.reply(status, failure, retry_after="3"),
+        kit.reply(status, failure, retry_after="4"),
+        kit.reply(status, orjson.dumps(said), retry_after="9"),
+    ]
+    harness.upstream.handler = lambda url, body: replies.pop(0)
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert len(harness.upstream.calls) == 3
+    assert answer.status_code == status
+    code = "rate_limit_exceeded" if status == 429 else "model_not_ready"
+    assert answer.json()["error"]["code"] == code
+    assert answer.headers["retry-after"] == "3"
+    assert answer.headers["x-ratelimit-remaining-tokens"] == "10000"
+    first = harness.upstream.calls[0][0][:9]
+    assert _backend_errors(harness, first, "protocol") == (1 if status == 503 else None)
+    assert _backend_errors(harness, first, "timeout") is None
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [UpstreamBroken("the response broke off"), UpstreamTimeout("no next piece")],
+    ids=["broken off", "timed out"],
+)
+@pytest.mark.parametrize(
+    ("status", "expected", "kind", "code"),
+    [
+        (400, 400, "invalid_request_error", None),
+        (404, 404, "invalid_request_error", "model_not_found"),
+        (500, 502, "server_error", "backend_error"),
+    ],
+)
+async def test_an_error_whose_body_cannot_be_read_keeps_its_status(
+    kit: Any,
+    status: int,
+    expected: int,
+    kind: str,
+    code: str | None,
+    failure: Exception,
+) -> None:
+    """The caller's error (a 4xx) or the server's (a 5xx) is what its status
+    says, body or not: answered as such, in OpenAI's shape, with nothing
+    charged, and not sent to another replica (as for one whose body came
+    whole)."""
+    harness = kit.build(doc=kit.document(limits=TPM))
+    harness.upstream.handler = lambda url, body: kit.reply(status, failure)
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert len(harness.upstream.calls) == 1
+    assert answer.status_code == expected
+    error = answer.json()["error"]
+    assert (error["type"], error["code"]) == (kind, code)
+    assert f"status {status}" in error["message"]
+    assert answer.headers["x-ratelimit-remaining-tokens"] == "10000"
+    assert kit.counted(harness, str(expected)) == 1
