@@ -106,7 +106,8 @@ class GatewaySettings(BaseSettings):
     a client sending its headers a byte at a time held a socket for ever."""
     connect_timeout_s: float = Field(2.0, gt=0)
     """Time to open a connection to a replica before trying another; also the
-    least time left of `read_timeout_s` for another try to start."""
+    least time left of `read_timeout_s` for another try to start (at most half
+    of `read_timeout_s`, or no retry could start)."""
     read_timeout_s: float = Field(600.0, gt=0)
     """Longest silence from a replica (between chunks) before a 504; also the
     most a request's tries take together until its answer begins."""

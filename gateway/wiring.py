@@ -57,7 +57,7 @@ def build_deps(settings: GatewaySettings, environ: Mapping[str, str]) -> Deps:
         catalog=catalog,
         authenticator=Authenticator(keys, settings.auth is AuthMode.REQUIRED),
         proxy=ProxyService(
-            catalog, router, limiter, upstream, metrics, _options(settings)
+            catalog, router, limiter, upstream, metrics, proxy_options(settings)
         ),
         metrics=metrics,
         startup=[upstream.start],
@@ -86,14 +86,20 @@ def _bucket_store(
     return store, [store.close]
 
 
-def _options(settings: GatewaySettings) -> ProxyOptions:
+def proxy_options(settings: GatewaySettings) -> ProxyOptions:
+    """How hard the proxy tries, as the settings say."""
     return ProxyOptions(
         retries=settings.retries,
         default_max_tokens=settings.default_max_tokens,
         # One read timeout for all of a request's tries, not one each.
         answer_within_s=settings.read_timeout_s,
-        # A retry may always connect for as long as the first try could.
-        least_try_s=settings.connect_timeout_s,
+        # A retry may connect for as long as the first try could, unless that
+        # leaves it no room: the first try's failure, however quick (a refused
+        # connection), uses some of the read timeout, so a floor at the read
+        # timeout or near it (one of 1 s with a connect timeout of 2 s, both
+        # valid settings) would let no retry ever start. At most half of it, a
+        # retry there may have its connection cut short by the deadline.
+        least_try_s=min(settings.connect_timeout_s, settings.read_timeout_s / 2),
         ejection=EjectionPolicy(
             settings.eject_after_failures, settings.eject_base_s, settings.eject_max_s
         ),

@@ -196,7 +196,10 @@ class ProxyOptions:
     the replica's (the proxy cannot tell it from a refused connection to judge
     it otherwise). A try with less left would seldom see an answer begin
     anyway, and would load a replica (its prefill runs on once the gateway
-    stops waiting) for an answer the client never gets."""
+    stops waiting) for an answer the client never gets. It must be well below
+    `answer_within_s`: the first try's failure, however quick, takes some of
+    that, so a floor at or above it lets no retry start (wired at most half of
+    it)."""
 
 
 class ProxyService:

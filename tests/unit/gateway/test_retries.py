@@ -17,12 +17,14 @@ from citadel.gateway.services.proxy import ProxyOptions, ProxyService
 from citadel.gateway.services.requests import CHAT, Door
 from citadel.gateway.services.routing import Router
 from citadel.gateway.services.structured import ask
+from citadel.gateway.settings import GatewaySettings
 from citadel.gateway.upstream import (
     UpstreamBroken,
     UpstreamDropped,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from citadel.gateway.wiring import proxy_options
 
 pytestmark = pytest.mark.unit
 
@@ -420,6 +422,28 @@ async def test_a_first_try_that_times_out_is_its_replicas_on_a_real_clock(
     state = _replica(harness, "http://r1")
     assert _backend_errors(harness, "http://r1", "timeout") == 3
     assert (state.ejections_in_row, state.in_flight) == (1, 0)  # after 3 in a row
+
+
+@pytest.mark.parametrize(("read_s", "connect_s"), [(1.0, 2.0), (2.0, 2.0), (3.0, 2.0)])
+async def test_a_read_timeout_near_the_connect_timeout_still_lets_a_retry_start(
+    kit: Any, read_s: float, connect_s: float
+) -> None:
+    """No retry starts with less left than the connect timeout: one at or
+    above the read timeout (both valid settings) let none start after a
+    refused connection, which takes next to nothing of it."""
+    settings = GatewaySettings(
+        routes_source="file", read_timeout_s=read_s, connect_timeout_s=connect_s
+    )
+    harness = kit.build()
+    proxy = _on_real_clock(harness, proxy_options(settings))
+    harness.upstream.handler = lambda url, body: (
+        UpstreamUnreachable("refused") if "r1" in url else kit.completion()
+    )
+    principal = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
+    for _ in range(2):  # one of them starts on r1, whichever the first pick
+        answer = await proxy.handle(CHAT, principal, orjson.dumps(kit.chat), "r-1")
+        assert answer.status == 200
+    assert len(harness.upstream.calls) == 3
 
 
 async def test_no_retry_starts_with_less_than_a_connection_may_take(
