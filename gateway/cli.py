@@ -214,11 +214,16 @@ def _write_key_file(path: Path, content: KeyFile) -> None:
 
     The replacement is another file: made with the CLI's user and 0600, a
     gateway running as another user could no longer read it, kept its old keys
-    (a revoke never took effect) and had none after a restart.
+    (a revoke never took effect) and had none after a restart. A path through
+    a symbolic link writes the file the link names: the replacement put in the
+    link's place left the gateway, which reads the target, its old keys.
     """
     data = orjson.dumps(
         content.model_dump(mode="json", by_alias=True), option=orjson.OPT_INDENT_2
     )
+    # The link's target is replaced, by a temporary file beside it: a rename
+    # cannot cross file systems, and the link's folder may be on another.
+    path = path.resolve()
     try:
         before: os.stat_result | None = path.stat()
     except FileNotFoundError:

@@ -407,3 +407,26 @@ def test_a_key_file_is_written_through_a_temporary_file_of_its_own(
     assert "No space left on device" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keys.json", other.name]
     assert path.read_bytes() == written
+
+
+def test_a_key_file_behind_a_link_is_rewritten_where_it_lies(
+    tmp_path: Path,
+) -> None:
+    """An operator's link to the file the gateway reads: replaced by the new
+    file, the link became a file of its own, and the gateway, reading the
+    target, kept the key revoked through it."""
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "home").mkdir()
+    target = tmp_path / "etc" / "keys.json"
+    link = tmp_path / "home" / "keys.json"
+    link.symlink_to(Path("..") / "etc" / "keys.json")  # dangling until created
+    args = ["keys", "--file", str(link)]
+    assert main([*args, "create", "alice"]) == 0
+    assert main([*args, "create", "bob"]) == 0
+    target.chmod(0o640)
+    assert main([*args, "revoke", "alice"]) == 0
+    assert link.is_symlink() and link.resolve() == target
+    assert [r.name for r in read_key_file(target).keys] == ["bob"]
+    assert target.stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in (tmp_path / "home").iterdir()] == ["keys.json"]
+    assert [p.name for p in (tmp_path / "etc").iterdir()] == ["keys.json"]
