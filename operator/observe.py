@@ -110,7 +110,8 @@ class Blocker:
 
 
 def _gpus(node: Obj) -> int:
-    raw = node.get("status", {}).get("allocatable", {}).get(names.GPU_RESOURCE, "0")
+    status = node.get("status") or {}
+    raw = (status.get("allocatable") or {}).get(names.GPU_RESOURCE, "0")
     try:
         return int(str(raw))
     except ValueError:
@@ -145,7 +146,8 @@ def check_placement(model: LLMModel, nodes: Sequence[Obj]) -> Verdict | None:
             n
             for n in candidates
             if all(
-                n["metadata"].get("labels", {}).get(k) == v for k, v in wanted.items()
+                (n["metadata"].get("labels") or {}).get(k) == v
+                for k, v in wanted.items()
             )
         ]
         if not candidates:
@@ -170,11 +172,11 @@ def _live(pods: Sequence[Obj]) -> list[Obj]:
 def _ended(pod: Obj) -> bool:
     """A pod that will not run again (Failed or Succeeded): its ReplicaSet has
     made another, and the object stays until someone or the pod GC deletes it."""
-    return pod.get("status", {}).get("phase") in ("Failed", "Succeeded")
+    return (pod.get("status") or {}).get("phase") in ("Failed", "Succeeded")
 
 
 def _pod_condition(pod: Obj, kind: str) -> Obj | None:
-    for cond in pod.get("status", {}).get("conditions", []) or []:
+    for cond in (pod.get("status") or {}).get("conditions") or []:
         if cond.get("type") == kind:
             return dict(cond)
     return None
@@ -316,7 +318,7 @@ def _node_trouble(name: str, nodes: Sequence[Obj]) -> str | None:
     ready = next(
         (
             c
-            for c in node.get("status", {}).get("conditions", []) or []
+            for c in (node.get("status") or {}).get("conditions") or []
             if c.get("type") == "Ready"
         ),
         None,
@@ -362,7 +364,8 @@ def _lost_verdict(lost: Sequence[tuple[str, Obj]], nodes: Sequence[Obj]) -> Verd
 
 
 def _template_hash(pod: Obj) -> str:
-    return str(pod.get("metadata", {}).get("labels", {}).get("pod-template-hash", ""))
+    labels = pod.get("metadata", {}).get("labels") or {}
+    return str(labels.get("pod-template-hash") or "")
 
 
 def _crash(cs: Obj, once: bool) -> str | None:
@@ -437,7 +440,7 @@ def _container_statuses(pod: Obj) -> list[tuple[str, Obj, bool]]:
     container that crash-loops or cannot be pulled holds the others
     `PodInitializing`, a wait that says nothing; unread, it left the model
     loading for ever."""
-    status = pod.get("status", {})
+    status = pod.get("status") or {}
     sidecars = _sidecars(pod)
     return [
         (kind, cs, init and cs.get("name") not in sidecars)
@@ -535,7 +538,7 @@ def _failure(
     newest = max(running, key=_created, default=None)
     current = _template_hash(newest) if newest is not None else ""
     for pod in pods:
-        status = pod.get("status", {})
+        status = pod.get("status") or {}
         if status.get("phase") != "Failed" or _created(pod) < newest_served:
             continue
         ours = bool(current) and _template_hash(pod) == current
@@ -553,7 +556,7 @@ def _failure(
 
 
 def _deployment_condition(deployment: Obj | None, kind: str) -> Obj:
-    for cond in (deployment or {}).get("status", {}).get("conditions", []) or []:
+    for cond in ((deployment or {}).get("status") or {}).get("conditions") or []:
         if cond.get("type") == kind:
             return dict(cond)
     return {}
@@ -561,12 +564,12 @@ def _deployment_condition(deployment: Obj | None, kind: str) -> Obj:
 
 def counts(model: LLMModel, deployment: Obj | None) -> ReplicaCounts:
     """Replica counts from the Deployment's status."""
-    status = (deployment or {}).get("status", {})
+    status = (deployment or {}).get("status") or {}
     return ReplicaCounts(
         desired=model.spec.replicas,
-        current=int(status.get("replicas", 0)),
-        updated=int(status.get("updatedReplicas", 0)),
-        ready=int(status.get("readyReplicas", 0)),
+        current=int(status.get("replicas") or 0),
+        updated=int(status.get("updatedReplicas") or 0),
+        ready=int(status.get("readyReplicas") or 0),
     )
 
 
@@ -619,9 +622,9 @@ def _progressing(
     and are no longer ready (see `_lost`), and how many they are."""
     if deployment is None:
         return Verdict("True", "Creating", "creating the Deployment")
-    observed = deployment.get("status", {}).get("observedGeneration", 0)
+    observed = (deployment.get("status") or {}).get("observedGeneration") or 0
     previous = model.status.condition(ConditionType.PROGRESSING)
-    lagging = observed < deployment.get("metadata", {}).get("generation", 0)
+    lagging = observed < (deployment.get("metadata", {}).get("generation") or 0)
     if lagging and previous and previous.observed_generation == model.generation:
         # Its controller has not looked at the latest change yet. A change to a
         # Deployment's annotations (anyone's) bumps its generation too and rolls

@@ -1423,3 +1423,36 @@ def test_a_sidecar_is_read_as_a_container_that_runs_beside_the_server() -> None:
         "pod p1, init container mesh-proxy: CrashLoopBackOff last exit: Error "
         "(exit code 137)",
     )
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        "pod status",
+        "pod labels",
+        "node status",
+        "deployment status",
+        "deployment counts",
+    ],
+)
+def test_fields_the_api_returns_as_null_are_read_as_absent(odd: str) -> None:
+    """An object may carry null where a field is unset: read with `.get(key,
+    default)`, it raised, and the model's status was never written."""
+    served = _served("p1", "2026-05-01T09:04:00Z")
+    served["metadata"]["labels"]["pod-template-hash"] = "abc"
+    nodes = [node(n["metadata"]["name"], 4) for n in NODES]
+    deploy = deployment(ready=0)
+    if odd == "pod status":
+        served["status"] = None
+    elif odd == "pod labels":
+        served["metadata"]["labels"] = None
+    elif odd == "node status":
+        nodes[0]["status"] = None
+    elif odd == "deployment status":
+        deploy["status"] = None
+    else:
+        deploy["status"].update(replicas=None, updatedReplicas=None, readyReplicas=None)
+    model = make_model(replicas=1, placement={"nodeName": "hx-llm-server-01"})
+    status = derive_status(model, deploy, [served], nodes, NOW)
+    assert status.replicas.ready == 0
+    assert _cond(status, ConditionType.DEGRADED)[0] in ("True", "False")
