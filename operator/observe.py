@@ -89,6 +89,22 @@ REPLICA_NOT_READY = "ReplicaNotReady"
 # pkg/cri/server/restart.go, exit code 255), and the kubelet's for one it can
 # no longer find (kubelet_pods.go, exit code 137). Neither says it crashed.
 UNSEEN_END = frozenset({"Unknown", "ContainerStatusUnknown"})
+# The pod conditions that turn False when the kubelet finds a pod's sandbox
+# gone and True once it has made a new one: PodReadyToStartContainers
+# (Kubernetes 1.29 on), PodHasNetwork before it (1.25 to 1.28, alpha).
+SANDBOX_CONDITIONS = ("PodReadyToStartContainers", "PodHasNetwork")
+# How long a restarted sidecar must run before it is past a crash loop. A
+# sidecar without a readiness probe turns its pod ready as soon as it runs, so
+# readiness tells nothing of it: read by it, one that crash-loops flipped the
+# model Degraded and back at every restart. The kubelet forgets a container's
+# back-off once it has run for twice the maximum back-off of 300 s
+# (flowcontrol.Backoff, pkg/kubelet/kuberuntime: doBackOff) and restarts it at
+# once at its next end: until then it still counts the restarts as a loop.
+SIDECAR_LOOP_SECONDS = 600
+# The kubelet's CrashLoopBackOff message starts with the back-off it waits out
+# ("back-off 40s restarting failed container=..."), which doubles at every
+# restart: copied, it rewrote the status at each.
+BACK_OFF_PREFIX = re.compile(r"^back-off \S+ ")
 
 
 @dataclass(frozen=True)
@@ -110,7 +126,8 @@ class Blocker:
 
 
 def _gpus(node: Obj) -> int:
-    raw = node.get("status", {}).get("allocatable", {}).get(names.GPU_RESOURCE, "0")
+    status = node.get("status") or {}
+    raw = (status.get("allocatable") or {}).get(names.GPU_RESOURCE, "0")
     try:
         return int(str(raw))
     except ValueError:
@@ -145,7 +162,8 @@ def check_placement(model: LLMModel, nodes: Sequence[Obj]) -> Verdict | None:
             n
             for n in candidates
             if all(
-                n["metadata"].get("labels", {}).get(k) == v for k, v in wanted.items()
+                (n["metadata"].get("labels") or {}).get(k) == v
+                for k, v in wanted.items()
             )
         ]
         if not candidates:
@@ -170,11 +188,11 @@ def _live(pods: Sequence[Obj]) -> list[Obj]:
 def _ended(pod: Obj) -> bool:
     """A pod that will not run again (Failed or Succeeded): its ReplicaSet has
     made another, and the object stays until someone or the pod GC deletes it."""
-    return pod.get("status", {}).get("phase") in ("Failed", "Succeeded")
+    return (pod.get("status") or {}).get("phase") in ("Failed", "Succeeded")
 
 
 def _pod_condition(pod: Obj, kind: str) -> Obj | None:
-    for cond in pod.get("status", {}).get("conditions", []) or []:
+    for cond in (pod.get("status") or {}).get("conditions") or []:
         if cond.get("type") == kind:
             return dict(cond)
     return None
@@ -316,7 +334,7 @@ def _node_trouble(name: str, nodes: Sequence[Obj]) -> str | None:
     ready = next(
         (
             c
-            for c in node.get("status", {}).get("conditions", []) or []
+            for c in (node.get("status") or {}).get("conditions") or []
             if c.get("type") == "Ready"
         ),
         None,
@@ -362,28 +380,52 @@ def _lost_verdict(lost: Sequence[tuple[str, Obj]], nodes: Sequence[Obj]) -> Verd
 
 
 def _template_hash(pod: Obj) -> str:
-    return str(pod.get("metadata", {}).get("labels", {}).get("pod-template-hash", ""))
+    labels = pod.get("metadata", {}).get("labels") or {}
+    return str(labels.get("pod-template-hash") or "")
 
 
-def _crash(cs: Obj, once: bool) -> str | None:
+def _sandbox_since(pod: Obj) -> str:
+    """When `pod`'s sandbox last changed, as far as its conditions tell: the
+    later of the last changes of SANDBOX_CONDITIONS and of `Initialized`.
+
+    When the kubelet makes a pod's sandbox again (a runtime or network plugin
+    restart), it kills every container and runs the init containers again:
+    the sandbox's condition turns False and True again, and `Initialized`,
+    on a kubelet that reads it from the init containers alone, False until
+    they are done. Neither changes at a crash. Without init containers,
+    `Initialized` is True from the pod's first status on, before any end.
+    """
+    times = (
+        str((_pod_condition(pod, kind) or {}).get("lastTransitionTime") or "")
+        for kind in (*SANDBOX_CONDITIONS, "Initialized")
+    )
+    return max(times, default="")
+
+
+def _crash(cs: Obj, once: bool, sandbox: str) -> str | None:
     """How a container that keeps crashing last ended, or None if it does not;
-    `once`: an init container that runs to completion (not a sidecar).
+    `once`: an init container that runs to completion (not a sidecar);
+    `sandbox`: when its pod's sandbox last changed (`_sandbox_since`).
 
     Between back-offs a crash-looping container is `running` (vLLM loads again)
     and only its restart count and last termination tell; without this the
     model would flip Degraded, Progressing, Degraded at every restart. One
     that has just ended (`terminated` now, what `kubectl get pods` shows as
     `Error` or `Init:Error`) is read from that end. An init container that
-    fails at once does so before it is ever restarted; the others count only
-    once restarted: when a pod's sandbox is made again (a runtime or network
-    plugin restart), the kubelet kills the server's container and reports it
-    `terminated` (exit code 137, no restart yet) while the init containers run
-    again, a wait of minutes and no crash. An end that nobody saw (UNSEEN_END:
-    a node reboot) is no crash either.
+    fails at once does so before it is ever restarted, and one that exits 0
+    has done its work; the others count only once restarted, and whatever
+    their exit code: the kubelet backs off restarting a server that exits 0
+    as one that fails (kubectl: `Completed`, then `CrashLoopBackOff`), and
+    read as no crash it flipped at every restart. No crash either: an end
+    that nobody saw (UNSEEN_END: a node reboot), and one no later than the
+    pod's new sandbox: the kubelet kills the containers when it makes the
+    sandbox again and starts them in the new one, minutes of loading (the
+    server's end reads `terminated`, exit code 137, no restart yet, while
+    the init containers run again; then its last state once it runs again).
+    Times are whole seconds, so an end in the second the kubelet stamped its
+    pod's sandbox ready counts as one before it.
     """
     now = (cs.get("state") or {}).get("terminated") or {}
-    if cs.get("ready"):
-        return None
     if once and now:
         ended = now
     elif cs.get("restartCount"):
@@ -392,11 +434,28 @@ def _crash(cs: Obj, once: bool) -> str | None:
         return None
     code = ended.get("exitCode")
     reason = ended.get("reason")
-    if reason in UNSEEN_END:
+    if not ended or reason in UNSEEN_END:
         return None
-    if reason != "OOMKilled" and not (isinstance(code, int) and code != 0):
+    finished = str(ended.get("finishedAt") or "")
+    if finished and finished <= sandbox:
         return None
-    return f"last exit: {reason or 'Error'} (exit code {code})"
+    if once and reason != "OOMKilled" and not (isinstance(code, int) and code != 0):
+        return None
+    said = reason or ("Completed" if code == 0 else "Error")
+    return f"last exit: {said} (exit code {code})"
+
+
+def _backing_off(cs: Obj, now: str) -> bool:
+    """Whether the kubelet would back off restarting `cs`, a sidecar, were it
+    to end now: it has been restarted, and is not running or has run for less
+    than SIDECAR_LOOP_SECONDS since."""
+    if not cs.get("restartCount"):
+        return False
+    running = (cs.get("state") or {}).get("running")
+    if running is None:
+        return True
+    elapsed = _seconds(str(running.get("startedAt") or ""), now)
+    return elapsed is not None and elapsed < SIDECAR_LOOP_SECONDS
 
 
 def _served_since_start(pod: Obj, cs: Obj) -> bool:
@@ -437,7 +496,7 @@ def _container_statuses(pod: Obj) -> list[tuple[str, Obj, bool]]:
     container that crash-loops or cannot be pulled holds the others
     `PodInitializing`, a wait that says nothing; unread, it left the model
     loading for ever."""
-    status = pod.get("status", {})
+    status = pod.get("status") or {}
     sidecars = _sidecars(pod)
     return [
         (kind, cs, init and cs.get("name") not in sidecars)
@@ -449,25 +508,45 @@ def _container_statuses(pod: Obj) -> list[tuple[str, Obj, bool]]:
     ]
 
 
-def _container_failure(pods: Sequence[Obj], previous: str) -> Verdict | None:
+def _crashing(pod: Obj, cs: Obj, once: bool, now: str) -> str | None:
+    """How `cs`, a container of `pod`, last ended if it is in a crash loop
+    (see `_crash`), else None.
+
+    The server's container and the init containers are read while the pod is
+    not ready and has not been since the container last started: a server
+    that turned ready again after a restart is past it. A sidecar is read
+    while the kubelet backs off its restarts (`_backing_off`), ready or not:
+    one without a readiness probe makes its pod ready as soon as it runs.
+    """
+    sidecar = not once and cs.get("name") in _sidecars(pod)
+    if sidecar:
+        looping = _backing_off(cs, now)
+    else:
+        looping = (
+            not _is_ready(pod)
+            and not cs.get("ready")
+            and not _served_since_start(pod, cs)
+        )
+    return _crash(cs, once, _sandbox_since(pod)) if looping else None
+
+
+def _container_failure(pods: Sequence[Obj], previous: str, now: str) -> Verdict | None:
     """The first container of a pod still running, or about to, that is stuck;
     `previous` is the Degraded message the model carries while Degraded."""
     for pod in pods:
         if _ended(pod):
             continue
         name = pod["metadata"]["name"]
-        loading = not _is_ready(pod)
         for kind, cs, once in _container_statuses(pod):
             where = f"pod {name}, {kind} {cs.get('name')}"
             waiting = (cs.get("state") or {}).get("waiting") or {}
-            crash = (
-                _crash(cs, once)
-                if loading and not _served_since_start(pod, cs)
-                else None
-            )
+            crash = _crashing(pod, cs, once, now)
             reason = waiting.get("reason")
             last = ((cs.get("lastState") or {}).get("terminated") or {}).get("reason")
-            detail = waiting.get("message") or (f"last exit: {last}" if last else "")
+            said = str(waiting.get("message") or "")
+            if reason == "CrashLoopBackOff":
+                said = BACK_OFF_PREFIX.sub("", said)
+            detail = said or (f"last exit: {last}" if last else "")
             if reason == "CrashLoopBackOff" or (crash and reason not in BAD_WAITING):
                 # One message whether it waits out the back-off or loads again:
                 # the status is not rewritten at every restart.
@@ -509,7 +588,11 @@ def _condition_reason(raw: str, default: str) -> str:
 
 
 def _failure(
-    pods: Sequence[Obj], short: bool, previous: str, lost: Verdict | None
+    pods: Sequence[Obj],
+    short: bool,
+    previous: str,
+    lost: Verdict | None,
+    now: str,
 ) -> Verdict | None:
     """The first container stuck in a state that will not fix itself, else a
     failed pod that explains why the model is `short` of ready replicas, else
@@ -525,7 +608,7 @@ def _failure(
     for the cause when that pod stops being ready for a while (a readiness
     probe failing, its node NotReady; see `_has_served`).
     """
-    stuck = _container_failure(pods, previous)
+    stuck = _container_failure(pods, previous, now)
     if stuck is not None or not short:
         return stuck
     running = [p for p in pods if not _ended(p)]
@@ -535,7 +618,7 @@ def _failure(
     newest = max(running, key=_created, default=None)
     current = _template_hash(newest) if newest is not None else ""
     for pod in pods:
-        status = pod.get("status", {})
+        status = pod.get("status") or {}
         if status.get("phase") != "Failed" or _created(pod) < newest_served:
             continue
         ours = bool(current) and _template_hash(pod) == current
@@ -553,7 +636,7 @@ def _failure(
 
 
 def _deployment_condition(deployment: Obj | None, kind: str) -> Obj:
-    for cond in (deployment or {}).get("status", {}).get("conditions", []) or []:
+    for cond in ((deployment or {}).get("status") or {}).get("conditions") or []:
         if cond.get("type") == kind:
             return dict(cond)
     return {}
@@ -561,12 +644,12 @@ def _deployment_condition(deployment: Obj | None, kind: str) -> Obj:
 
 def counts(model: LLMModel, deployment: Obj | None) -> ReplicaCounts:
     """Replica counts from the Deployment's status."""
-    status = (deployment or {}).get("status", {})
+    status = (deployment or {}).get("status") or {}
     return ReplicaCounts(
         desired=model.spec.replicas,
-        current=int(status.get("replicas", 0)),
-        updated=int(status.get("updatedReplicas", 0)),
-        ready=int(status.get("readyReplicas", 0)),
+        current=int(status.get("replicas") or 0),
+        updated=int(status.get("updatedReplicas") or 0),
+        ready=int(status.get("readyReplicas") or 0),
     )
 
 
@@ -619,9 +702,9 @@ def _progressing(
     and are no longer ready (see `_lost`), and how many they are."""
     if deployment is None:
         return Verdict("True", "Creating", "creating the Deployment")
-    observed = deployment.get("status", {}).get("observedGeneration", 0)
+    observed = (deployment.get("status") or {}).get("observedGeneration") or 0
     previous = model.status.condition(ConditionType.PROGRESSING)
-    lagging = observed < deployment.get("metadata", {}).get("generation", 0)
+    lagging = observed < (deployment.get("metadata", {}).get("generation") or 0)
     if lagging and previous and previous.observed_generation == model.generation:
         # Its controller has not looked at the latest change yet. A change to a
         # Deployment's annotations (anyone's) bumps its generation too and rolls
@@ -685,13 +768,15 @@ def _degraded(
     n: ReplicaCounts,
     progressing: Verdict,
     lost: Verdict | None,
+    now: str,
 ) -> Verdict:
     """Degraded; a progress deadline counts as `progressing` reads it (not
     while the Deployment's controller has yet to look at a change); `lost`:
-    the verdict of the replicas that served and are no longer ready."""
+    the verdict of the replicas that served and are no longer ready; `now`,
+    for how long a restarted sidecar has run."""
     before = model.status.condition(ConditionType.DEGRADED)
     previous = before.message if before is not None and before.status == "True" else ""
-    failure = _failure(pods, n.ready < n.desired, previous, lost)
+    failure = _failure(pods, n.ready < n.desired, previous, lost, now)
     if failure is not None:
         return failure
     if progressing.reason == "ProgressDeadlineExceeded":
@@ -815,7 +900,7 @@ def derive_status(
     )
     verdicts: dict[ConditionType, Verdict] = {
         ConditionType.SCHEDULED: _scheduled(model, running, nodes),
-        ConditionType.DEGRADED: _degraded(model, live, n, progressing, lapse),
+        ConditionType.DEGRADED: _degraded(model, live, n, progressing, lapse, now),
         ConditionType.PROGRESSING: progressing,
     }
     verdicts[ConditionType.READY] = _ready(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -711,12 +712,8 @@ def test_a_crash_loop_stays_degraded_while_the_container_loads_again() -> None:
     assert _cond(status, ConditionType.DEGRADED)[:2] == ("True", "CrashLoopBackOff")
 
 
-def test_a_restart_that_exited_cleanly_or_turned_ready_is_not_a_crash() -> None:
+def test_a_restart_that_turned_ready_is_not_a_crash() -> None:
     model = make_model(**PINNED)
-    clean = {"reason": "Completed", "exitCode": 0}
-    status = _derive(model, deployment(ready=0), [_restarted(RUNNING, clean)])
-    assert _cond(status, ConditionType.DEGRADED)[0] == "False"
-    assert status.phase is Phase.PROGRESSING
     serving = _restarted(RUNNING, OOM)
     serving["status"]["conditions"][1]["status"] = "True"
     serving["status"]["containerStatuses"][0]["ready"] = True
@@ -1398,10 +1395,11 @@ def test_a_sidecar_is_read_as_a_container_that_runs_beside_the_server() -> None:
     lost = _with_sidecar(_served("p1", since, node_down=True), before)
     status = _derive(model, deployment(ready=0), [lost])
     assert _cond(status, ConditionType.DEGRADED)[:2] == ("True", "NodeNotReady")
+    # Its node rebooted: its last end is one nobody saw, no crash.
     restarted = {
         "state": {"running": {"startedAt": "2026-05-01T11:58:05Z"}},
         "restartCount": 1,
-        "lastState": {"terminated": {"reason": "Completed", "exitCode": 0}},
+        "lastState": {"terminated": {"reason": "Unknown", "exitCode": 255}},
     }
     back = _with_sidecar(_served("p1", since), restarted)
     status = _derive(model, deployment(ready=0), [back])
@@ -1423,3 +1421,307 @@ def test_a_sidecar_is_read_as_a_container_that_runs_beside_the_server() -> None:
         "pod p1, init container mesh-proxy: CrashLoopBackOff last exit: Error "
         "(exit code 137)",
     )
+
+
+def _follow(
+    steps: list[tuple[str, list[dict[str, Any]], dict[str, Any]]],
+) -> list[tuple[str, str, str]]:
+    """The Degraded condition at each of `steps` (a time, the pods and the
+    Deployment then), each status fed back as the model's, as the
+    reconciler does."""
+    body = model_body(**PINNED)
+    seen = []
+    for now, pods, deploy in steps:
+        model = LLMModel.from_body(body)
+        status = derive_status(model, deploy, pods, NODES, now)
+        seen.append(_cond(status, ConditionType.DEGRADED))
+        body["status"] = status.model_dump(
+            by_alias=True, exclude_none=True, mode="json"
+        )
+    return seen
+
+
+SANDBOX_GONE = "2026-05-01T12:00:00Z"
+KILLED = {
+    "reason": "Error",
+    "exitCode": 137,
+    "startedAt": "2026-05-01T09:00:01Z",
+    "finishedAt": SANDBOX_GONE,
+}
+
+
+def _in_new_sandbox(signal: str, started: str) -> dict[str, Any]:
+    """The pod of `_new_sandbox(0)` once its server's container runs again in
+    the new sandbox since `started`, restarted once, its last state the kill:
+    with `signal` PodReadyToStartContainers, a pod without init containers
+    whose sandbox condition turned True again at 12:00:02; with Initialized,
+    one whose init container ran again until 12:02:30, on a kubelet without
+    the sandbox condition (before 1.29)."""
+    body = _new_sandbox(0)
+    body["status"]["phase"] = "Running"
+    conditions = body["status"]["conditions"]
+    for cond in conditions:
+        if cond["type"] == "PodReadyToStartContainers":
+            cond["lastTransitionTime"] = "2026-05-01T12:00:02Z"
+        if cond["type"] == "Initialized":
+            cond.update(status="True", lastTransitionTime=STARTED)
+    if signal == "Initialized":
+        body["status"]["conditions"] = [
+            c for c in conditions if c["type"] != "PodReadyToStartContainers"
+        ]
+        init = next(c for c in conditions if c["type"] == "Initialized")
+        init["lastTransitionTime"] = "2026-05-01T12:02:30Z"
+        body["status"]["initContainerStatuses"][0].update(
+            ready=True,
+            state={"terminated": {"reason": "Completed", "exitCode": 0}},
+        )
+    else:
+        del body["status"]["initContainerStatuses"]
+    body["status"]["containerStatuses"][0].update(
+        restartCount=1,
+        state={"running": {"startedAt": started}},
+        lastState={"terminated": KILLED},
+    )
+    return body
+
+
+@pytest.mark.parametrize("signal", ["PodReadyToStartContainers", "Initialized"])
+def test_a_server_started_again_in_a_new_sandbox_is_no_crash(signal: str) -> None:
+    """Once the kubelet starts the server again in the new sandbox, it has
+    restarted once and its last state is the kill: read as a crash, the model
+    was Degraded/CrashLoopBackOff, a Warning, for the whole reload. The
+    sandbox's condition (or Initialized, where init containers ran again)
+    changed after that end: no crash. One in the new sandbox still is."""
+    started = "2026-05-01T12:02:31Z"
+    loading = _in_new_sandbox(signal, started)
+    ready = copy.deepcopy(loading)
+    for cond in ready["status"]["conditions"]:
+        if cond["type"] in ("Ready", "ContainersReady"):
+            cond.update(status="True", lastTransitionTime="2026-05-01T12:06:40Z")
+    ready["status"]["containerStatuses"][0]["ready"] = True
+    seen = _follow(
+        [
+            (
+                "2026-05-01T11:59:00Z",
+                [_served("p1", "2026-05-01T09:04:00Z")],
+                deployment(),
+            ),
+            ("2026-05-01T12:00:05Z", [_new_sandbox(0)], deployment(ready=0)),
+            ("2026-05-01T12:02:35Z", [loading], deployment(ready=0)),
+            ("2026-05-01T12:05:00Z", [loading], deployment(ready=0)),
+            ("2026-05-01T12:06:41Z", [ready], deployment()),
+        ]
+    )
+    assert {degraded[:2] for degraded in seen} == {("False", "AsExpected")}
+    # It crashes in the new sandbox: that end is later than the sandbox.
+    crashed = copy.deepcopy(loading)
+    crashed["status"]["containerStatuses"][0].update(
+        restartCount=2,
+        state={"running": {"startedAt": "2026-05-01T12:03:10Z"}},
+        lastState={"terminated": {**OOM, "finishedAt": "2026-05-01T12:03:00Z"}},
+    )
+    status = derive_status(
+        make_model(**PINNED), deployment(ready=0), [crashed], NODES, NOW
+    )
+    assert _cond(status, ConditionType.DEGRADED) == (
+        "True",
+        "CrashLoopBackOff",
+        "pod p1, container vllm: CrashLoopBackOff last exit: OOMKilled (exit code 137)",
+    )
+
+
+def test_an_init_container_killed_for_a_new_sandbox_is_no_crash() -> None:
+    """A new sandbox kills the init container mid-download (exit code 137,
+    not yet restarted: what reads as `Init:Error`), then runs it again: the
+    sandbox's condition turned False then, and True again once made."""
+    gone = {
+        "type": "PodReadyToStartContainers",
+        "status": "False",
+        "lastTransitionTime": SANDBOX_GONE,
+    }
+    back = {**gone, "status": "True", "lastTransitionTime": "2026-05-01T12:00:02Z"}
+    killed = {"reason": "Error", "exitCode": 137, "finishedAt": SANDBOX_GONE}
+
+    def fetching(init: dict[str, Any], sandbox: dict[str, Any]) -> dict[str, Any]:
+        body = _initializing(init)
+        body["status"]["conditions"].append(sandbox)
+        return body
+
+    seen = _follow(
+        [
+            (
+                "2026-05-01T12:00:01Z",
+                [fetching({"state": {"terminated": killed}}, gone)],
+                deployment(ready=0),
+            ),
+            (
+                "2026-05-01T12:00:05Z",
+                [
+                    fetching(
+                        {
+                            "state": {"running": {"startedAt": "2026-05-01T12:00:03Z"}},
+                            "restartCount": 1,
+                            "lastState": {"terminated": killed},
+                        },
+                        back,
+                    )
+                ],
+                deployment(ready=0),
+            ),
+        ]
+    )
+    assert {degraded[:2] for degraded in seen} == {("False", "AsExpected")}
+
+
+def test_a_server_that_exits_0_at_each_start_is_one_crash_loop() -> None:
+    """The kubelet backs off restarting a container that exits 0 as one that
+    fails (kubectl: Completed, then CrashLoopBackOff): read as no crash while
+    it ran again, and with the back-off's doubling wait in the message, the
+    status was rewritten at every restart, a Warning and a Normal Event each."""
+    steps = []
+    for i, back_off in enumerate((10, 20, 40, 80)):
+        ended = {"reason": "Completed", "exitCode": 0}
+        waiting = {
+            "waiting": {
+                "reason": "CrashLoopBackOff",
+                "message": f"back-off {back_off}s restarting failed container=vllm "
+                "pod=p1_llm(uid)",
+            }
+        }
+        for state in (waiting, RUNNING):
+            body = _restarted(state, ended)
+            body["status"]["containerStatuses"][0]["restartCount"] = i + 1
+            steps.append((NOW, [body], deployment(ready=0)))
+    assert set(_follow(steps)) == {
+        (
+            "True",
+            "CrashLoopBackOff",
+            "pod p1, container vllm: CrashLoopBackOff last exit: Completed "
+            "(exit code 0)",
+        )
+    }
+
+
+def test_a_crash_loop_message_leaves_out_the_back_off() -> None:
+    """Without a last end to name, the kubelet's message, less its wait, which
+    doubles at every restart and rewrote the status at each."""
+    unknown = []
+    for back_off in (10, 20):
+        message = (
+            f"back-off {back_off}s restarting failed container=vllm pod=p1_llm(uid)"
+        )
+        body = _restarted(
+            {"waiting": {"reason": "CrashLoopBackOff", "message": message}}, {}
+        )
+        del body["status"]["containerStatuses"][0]["lastState"]
+        unknown.append((NOW, [body], deployment(ready=0)))
+    assert set(_follow(unknown)) == {
+        (
+            "True",
+            "CrashLoopBackOff",
+            "pod p1, container vllm: CrashLoopBackOff restarting failed "
+            "container=vllm pod=p1_llm(uid)",
+        )
+    }
+
+
+def test_a_sidecar_that_crash_loops_is_one_crash_loop_ready_or_not() -> None:
+    """A sidecar without a readiness probe makes its pod ready as soon as it
+    runs: read only while the pod was not ready, its crash loop flipped the
+    model Degraded and back at every restart. It is one crash loop while the
+    kubelet backs off its restarts, until it has run for 10 minutes."""
+    crash_at = "2026-05-01T12:00:00Z"
+    last = {
+        "reason": "Error",
+        "exitCode": 1,
+        "startedAt": "2026-05-01T11:59:20Z",
+        "finishedAt": crash_at,
+    }
+
+    def served(ready: bool, sidecar: dict[str, Any]) -> dict[str, Any]:
+        body = _with_sidecar(_served("p1", crash_at), sidecar)
+        if ready:
+            for cond in body["status"]["conditions"]:
+                if cond["type"] in ("Ready", "ContainersReady"):
+                    cond.update(
+                        status="True", lastTransitionTime="2026-05-01T12:00:10Z"
+                    )
+                    cond.pop("reason")
+                    cond.pop("message")
+            body["status"]["containerStatuses"][0]["ready"] = True
+        return body
+
+    backing_off = {
+        "state": {
+            "waiting": {
+                "reason": "CrashLoopBackOff",
+                "message": "back-off 10s restarting failed container=mesh-proxy",
+            }
+        },
+        "restartCount": 3,
+        "lastState": {"terminated": last},
+    }
+    running = {
+        "state": {"running": {"startedAt": "2026-05-01T12:00:10Z"}},
+        "ready": True,
+        "restartCount": 4,
+        "lastState": {"terminated": last},
+    }
+    seen = _follow(
+        [
+            ("2026-05-01T12:00:01Z", [served(False, backing_off)], deployment(ready=0)),
+            ("2026-05-01T12:00:11Z", [served(True, running)], deployment()),
+            ("2026-05-01T12:09:00Z", [served(True, running)], deployment()),
+        ]
+    )
+    assert set(seen) == {
+        (
+            "True",
+            "CrashLoopBackOff",
+            "pod p1, init container mesh-proxy: CrashLoopBackOff last exit: Error "
+            "(exit code 1)",
+        )
+    }
+    # Ten minutes running since: the kubelet has forgotten its back-off.
+    status = derive_status(
+        make_model(**PINNED),
+        deployment(),
+        [served(True, running)],
+        NODES,
+        "2026-05-01T12:10:10Z",
+    )
+    assert _cond(status, ConditionType.DEGRADED)[:2] == ("False", "AsExpected")
+    assert status.phase is Phase.READY
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        "pod status",
+        "pod labels",
+        "node status",
+        "deployment status",
+        "deployment counts",
+    ],
+)
+def test_fields_the_api_returns_as_null_are_read_as_absent(odd: str) -> None:
+    """An object may carry null where a field is unset: read with `.get(key,
+    default)`, it raised, and the model's status was never written."""
+    served = _served("p1", "2026-05-01T09:04:00Z")
+    served["metadata"]["labels"]["pod-template-hash"] = "abc"
+    nodes = [node(n["metadata"]["name"], 4) for n in NODES]
+    deploy = deployment(ready=0)
+    if odd == "pod status":
+        served["status"] = None
+    elif odd == "pod labels":
+        served["metadata"]["labels"] = None
+    elif odd == "node status":
+        nodes[0]["status"] = None
+    elif odd == "deployment status":
+        deploy["status"] = None
+    else:
+        deploy["status"].update(replicas=None, updatedReplicas=None, readyReplicas=None)
+    model = make_model(replicas=1, placement={"nodeName": "hx-llm-server-01"})
+    status = derive_status(model, deploy, [served], nodes, NOW)
+    assert status.replicas.ready == 0
+    assert _cond(status, ConditionType.DEGRADED)[0] in ("True", "False")
