@@ -128,9 +128,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{/*
-Redis's container security context: the "restricted" Pod Security Standard. The
-operator's and the gateway's come from their values (podSecurityContext,
-securityContext), with the same defaults.
+The container security context of the "restricted" Pod Security Standard, with a
+read-only root filesystem: Redis's, and the default of the operator's and the
+gateway's securityContext values (values.yaml holds the same; see
+citadel.securityContext).
 */}}
 {{- define "citadel.containerSecurityContext" -}}
 allowPrivilegeEscalation: false
@@ -140,6 +141,39 @@ capabilities:
   drop: [ALL]
 seccompProfile:
   type: RuntimeDefault
+{{- end }}
+
+{{/*
+The default of the operator's and the gateway's podSecurityContext values
+(values.yaml holds the same): the "restricted" standard, as the images' user.
+*/}}
+{{- define "citadel.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+fsGroup: 65532
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/*
+A pod's or container's securityContext from a component's values, as YAML, empty
+when there is nothing to set; call with (dict "values" .Values.gateway "key"
+"podSecurityContext") or "securityContext". Without the key (or with it null,
+which Helm removes), the defaults above: `helm upgrade --reuse-values` from a
+chart older than these values renders with that chart's defaults, which lack
+them, and rendering nothing would silently drop every protection. An explicit {}
+sets nothing.
+*/}}
+{{- define "citadel.securityContext" -}}
+{{- $given := get .values .key }}
+{{- if kindIs "map" $given }}
+{{- with $given }}{{ toYaml . }}{{ end }}
+{{- else if eq .key "podSecurityContext" }}
+{{- include "citadel.podSecurityContext" . }}
+{{- else }}
+{{- include "citadel.containerSecurityContext" . }}
+{{- end }}
 {{- end }}
 
 {{/*

@@ -102,6 +102,7 @@ class ChartKit:
         monitoring: bool = False,
         namespace: str = NAMESPACE,
         expect_error: str | None = None,
+        path: Path = CHART,
     ) -> list[Obj]:
         """Renders the chart with `--set-json` values and returns its objects (the
         `helm test` Pod included).
@@ -111,8 +112,9 @@ class ChartKit:
             monitoring: pretend the monitoring.coreos.com/v1 API is served.
             namespace: the release namespace.
             expect_error: text of the error expected instead of objects.
+            path: the chart's folder, when not the chart itself (a copy).
         """
-        args = ["template", RELEASE, str(CHART), "--namespace", namespace]
+        args = ["template", RELEASE, str(path), "--namespace", namespace]
         args += _set_args(values or {})
         if monitoring:
             args += ["--api-versions", MONITORING_API]
