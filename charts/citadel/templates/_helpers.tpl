@@ -168,11 +168,31 @@ sets nothing.
 {{- define "citadel.securityContext" -}}
 {{- $given := get .values .key }}
 {{- if kindIs "map" $given }}
-{{- with $given }}{{ toYaml . }}{{ end }}
+{{- include "citadel.withoutNulls" $given }}
 {{- else if eq .key "podSecurityContext" }}
 {{- include "citadel.podSecurityContext" . }}
 {{- else }}
 {{- include "citadel.containerSecurityContext" . }}
+{{- end }}
+{{- end }}
+
+{{/*
+A map as YAML without its null fields, in nested maps too; empty when nothing is
+left. Helm removes a value set to null only where the chart's values.yaml has
+that key (runAsUser), not elsewhere (procMount: null), and toYaml would write
+those out as null.
+*/}}
+{{- define "citadel.withoutNulls" -}}
+{{- $kept := dict }}
+{{- range $key, $value := . }}
+{{- if kindIs "map" $value }}
+{{- $_ := set $kept $key (include "citadel.withoutNulls" $value | fromYaml) }}
+{{- else if not (kindIs "invalid" $value) }}
+{{- $_ := set $kept $key $value }}
+{{- end }}
+{{- end }}
+{{- with $kept }}
+{{- toYaml . }}
 {{- end }}
 {{- end }}
 

@@ -210,6 +210,36 @@ def test_security_contexts_come_from_values(chart: ChartKit) -> None:
             assert {spec["securityContext"][k] for k in assigned} == {65532}, name
 
 
+def test_security_context_fields_set_to_null_are_left_out(chart: ChartKit) -> None:
+    # Helm removes a null only where values.yaml has the key (runAsUser); the
+    # others, any field the schema takes, would render as `procMount: null`.
+    objs = chart.render(
+        {
+            "operator.podSecurityContext.fsGroupChangePolicy": None,
+            "operator.securityContext.procMount": None,
+            "gateway.podSecurityContext.seccompProfile.localhostProfile": None,
+            "gateway.securityContext.seLinuxOptions": {"level": None, "user": "u"},
+        }
+    )
+
+    def nulls(node: object, path: str) -> list[str]:
+        if isinstance(node, dict):
+            return [p for k, v in node.items() for p in nulls(v, f"{path}.{k}")]
+        return [path] if node is None else []
+
+    for name, contexts in security_contexts(objs).items():
+        for i, context in enumerate(contexts):
+            assert context and nulls(context, f"{name}[{i}]") == []
+    specs = dict(pod_specs(objs))
+    operator = specs["citadel-operator"]
+    assert "fsGroupChangePolicy" not in operator["securityContext"]
+    assert "procMount" not in operator["containers"][0]["securityContext"]
+    gateway = specs["citadel-gateway"]
+    assert gateway["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    selinux = gateway["containers"][0]["securityContext"]["seLinuxOptions"]
+    assert selinux == {"user": "u"}
+
+
 def security_contexts(objs: list[Obj]) -> dict[str, list[Obj | None]]:
     """Each pod's securityContext, then each of its containers'."""
     return {
