@@ -393,9 +393,12 @@ after the release), so two cluster-wide operators would both act on every model:
 with two chart versions they would rewrite each other's Deployments for ever. Seen
 through that release's ClusterKopfPeering, which the chart labels; `lookup` finds
 nothing under `helm template`, `--dry-run` (client) or Argo CD, which therefore
-cannot check.
+cannot check. Without Kopf's API (no CRDs yet: a first `helm install
+--dry-run=server`, as Helm installs crds/ only for a real install) no operator
+runs, and a lookup of an API the cluster does not serve fails the render.
 */}}
 {{- define "citadel.operator.aloneClusterWide" -}}
+{{- if .Capabilities.APIVersions.Has "kopf.dev/v1/ClusterKopfPeering" }}
 {{- $found := lookup "kopf.dev/v1" "ClusterKopfPeering" "" "" }}
 {{- range $peering := ($found.items | default list) }}
 {{- $meta := $peering.metadata }}
@@ -405,6 +408,7 @@ cannot check.
 {{- $releaseNs := get $notes "meta.helm.sh/release-namespace" }}
 {{- if and (eq (get $labels "app.kubernetes.io/part-of") "citadel") (eq (get $labels "app.kubernetes.io/component") "operator") (not (and (eq $release $.Release.Name) (eq $releaseNs $.Release.Namespace))) }}
 {{- fail (printf "release %s/%s already runs a cluster-wide Citadel operator (ClusterKopfPeering %s): two would both act on every model. Install this release with operator.enabled=false and gateway.routesNamespace=%s (a gateway of its own beside that operator; docs/install.md), or uninstall that release first" $releaseNs $release $meta.name $releaseNs) }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
