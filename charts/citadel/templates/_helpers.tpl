@@ -407,7 +407,15 @@ runs, and a lookup of an API the cluster does not serve fails the render.
 {{- $release := get $notes "meta.helm.sh/release-name" }}
 {{- $releaseNs := get $notes "meta.helm.sh/release-namespace" }}
 {{- if and (eq (get $labels "app.kubernetes.io/part-of") "citadel") (eq (get $labels "app.kubernetes.io/component") "operator") (not (and (eq $release $.Release.Name) (eq $releaseNs $.Release.Namespace))) }}
-{{- fail (printf "release %s/%s already runs a cluster-wide Citadel operator (ClusterKopfPeering %s): two would both act on every model. Install this release with operator.enabled=false and gateway.routesNamespace=%s (a gateway of its own beside that operator; docs/install.md), or uninstall that release first" $releaseNs $release $meta.name $releaseNs) }}
+{{- /* Applied without Helm (`helm template | kubectl apply`, Argo CD), it has
+no Helm annotations: the release is its instance label, the namespace unknown. */}}
+{{- $who := printf "%s/%s" $releaseNs $release }}
+{{- $routes := $releaseNs }}
+{{- if not (and $release $releaseNs) }}
+{{- $who = printf "%s (namespace unknown)" ($release | default (get $labels "app.kubernetes.io/instance") | default "unknown") }}
+{{- $routes = "<the operator's release namespace>" }}
+{{- end }}
+{{- fail (printf "release %s already runs a cluster-wide Citadel operator (ClusterKopfPeering %s): two would both act on every model. Install this release with operator.enabled=false and gateway.routesNamespace=%s (a gateway of its own beside that operator; docs/install.md), or uninstall that release first" $who $meta.name $routes) }}
 {{- end }}
 {{- end }}
 {{- end }}

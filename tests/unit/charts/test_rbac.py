@@ -166,8 +166,18 @@ def test_a_first_install_without_kopfs_api_renders(
             "on every model. Install this release with operator.enabled=false and "
             "gateway.routesNamespace=team ",
         ),
+        # Applied without Helm (`helm template | kubectl apply`, Argo CD): its
+        # labels name the release, nothing names the namespace.
+        (
+            [peering("prod-citadel-operator-prod", "prod", None)],
+            "release prod (namespace unknown) already runs a cluster-wide Citadel "
+            "operator (ClusterKopfPeering prod-citadel-operator-prod): two would "
+            "both act on every model. Install this release with "
+            "operator.enabled=false and gateway.routesNamespace=<the operator's "
+            "release namespace> ",
+        ),
     ],
-    ids=["own", "other"],
+    ids=["own", "other", "without-helm"],
 )
 def test_a_second_cluster_wide_operator_is_refused(
     chart: ChartKit, fake_api: FakeApiServer, found: list[Obj], error: str | None
