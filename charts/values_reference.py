@@ -40,7 +40,9 @@ def _type(node: Schema) -> str:
     kind = node.get("type", "any")
     text = " or ".join(kind) if isinstance(kind, list) else str(kind)
     if "enum" in node:
-        text += ": " + ", ".join(f"`{v}`" for v in node["enum"])
+        # null is in an enum only because the type allows it: "or null" says so.
+        allowed = [v for v in node["enum"] if v is not None]
+        text += ": " + ", ".join(f"`{v}`" for v in allowed)
     return text
 
 

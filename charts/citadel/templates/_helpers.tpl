@@ -128,9 +128,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{/*
-Redis's container security context: the "restricted" Pod Security Standard. The
-operator's and the gateway's come from their values (podSecurityContext,
-securityContext), with the same defaults.
+The container security context of the "restricted" Pod Security Standard, with a
+read-only root filesystem: Redis's, and the default of the operator's and the
+gateway's securityContext values (values.yaml holds the same; see
+citadel.securityContext).
 */}}
 {{- define "citadel.containerSecurityContext" -}}
 allowPrivilegeEscalation: false
@@ -140,6 +141,59 @@ capabilities:
   drop: [ALL]
 seccompProfile:
   type: RuntimeDefault
+{{- end }}
+
+{{/*
+The default of the operator's and the gateway's podSecurityContext values
+(values.yaml holds the same): the "restricted" standard, as the images' user.
+*/}}
+{{- define "citadel.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+fsGroup: 65532
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/*
+A pod's or container's securityContext from a component's values, as YAML, empty
+when there is nothing to set; call with (dict "values" .Values.gateway "key"
+"podSecurityContext") or "securityContext". Without the key (or with it null,
+which Helm removes), the defaults above: `helm upgrade --reuse-values` from a
+chart older than these values renders with that chart's defaults, which lack
+them, and rendering nothing would silently drop every protection. An explicit {}
+sets nothing.
+*/}}
+{{- define "citadel.securityContext" -}}
+{{- $given := get .values .key }}
+{{- if kindIs "map" $given }}
+{{- include "citadel.withoutNulls" $given }}
+{{- else if eq .key "podSecurityContext" }}
+{{- include "citadel.podSecurityContext" . }}
+{{- else }}
+{{- include "citadel.containerSecurityContext" . }}
+{{- end }}
+{{- end }}
+
+{{/*
+A map as YAML without its null fields, in nested maps too; empty when nothing is
+left. Helm removes a value set to null only where the chart's values.yaml has
+that key (runAsUser), not elsewhere (procMount: null), and toYaml would write
+those out as null.
+*/}}
+{{- define "citadel.withoutNulls" -}}
+{{- $kept := dict }}
+{{- range $key, $value := . }}
+{{- if kindIs "map" $value }}
+{{- $_ := set $kept $key (include "citadel.withoutNulls" $value | fromYaml) }}
+{{- else if not (kindIs "invalid" $value) }}
+{{- $_ := set $kept $key $value }}
+{{- end }}
+{{- end }}
+{{- with $kept }}
+{{- toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -339,9 +393,12 @@ after the release), so two cluster-wide operators would both act on every model:
 with two chart versions they would rewrite each other's Deployments for ever. Seen
 through that release's ClusterKopfPeering, which the chart labels; `lookup` finds
 nothing under `helm template`, `--dry-run` (client) or Argo CD, which therefore
-cannot check.
+cannot check. Without Kopf's API (no CRDs yet: a first `helm install
+--dry-run=server`, as Helm installs crds/ only for a real install) no operator
+runs, and a lookup of an API the cluster does not serve fails the render.
 */}}
 {{- define "citadel.operator.aloneClusterWide" -}}
+{{- if .Capabilities.APIVersions.Has "kopf.dev/v1/ClusterKopfPeering" }}
 {{- $found := lookup "kopf.dev/v1" "ClusterKopfPeering" "" "" }}
 {{- range $peering := ($found.items | default list) }}
 {{- $meta := $peering.metadata }}
@@ -350,7 +407,16 @@ cannot check.
 {{- $release := get $notes "meta.helm.sh/release-name" }}
 {{- $releaseNs := get $notes "meta.helm.sh/release-namespace" }}
 {{- if and (eq (get $labels "app.kubernetes.io/part-of") "citadel") (eq (get $labels "app.kubernetes.io/component") "operator") (not (and (eq $release $.Release.Name) (eq $releaseNs $.Release.Namespace))) }}
-{{- fail (printf "release %s/%s already runs a cluster-wide Citadel operator (ClusterKopfPeering %s): two would both act on every model. Install this release with operator.enabled=false and gateway.routesNamespace=%s (a gateway of its own beside that operator; docs/install.md), or uninstall that release first" $releaseNs $release $meta.name $releaseNs) }}
+{{- /* Applied without Helm (`helm template | kubectl apply`, Argo CD), it has
+no Helm annotations: the release is its instance label, the namespace unknown. */}}
+{{- $who := printf "%s/%s" $releaseNs $release }}
+{{- $routes := $releaseNs }}
+{{- if not (and $release $releaseNs) }}
+{{- $who = printf "%s (namespace unknown)" ($release | default (get $labels "app.kubernetes.io/instance") | default "unknown") }}
+{{- $routes = "<the operator's release namespace>" }}
+{{- end }}
+{{- fail (printf "release %s already runs a cluster-wide Citadel operator (ClusterKopfPeering %s): two would both act on every model. Install this release with operator.enabled=false and gateway.routesNamespace=%s (a gateway of its own beside that operator; docs/install.md), or uninstall that release first" $who $meta.name $routes) }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}

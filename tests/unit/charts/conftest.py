@@ -9,7 +9,9 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -68,16 +70,118 @@ def _set_args(values: dict[str, Any]) -> list[str]:
     ]
 
 
-def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """Runs helm with no kubeconfig and a throw-away cache."""
+def run_helm(
+    helm: str, *args: str, kubeconfig: str = "/dev/null"
+) -> subprocess.CompletedProcess[str]:
+    """Runs helm with no kubeconfig (unless given) and a throw-away cache."""
     env = {
         **os.environ,
-        "KUBECONFIG": "/dev/null",
+        "KUBECONFIG": kubeconfig,
         "HELM_CACHE_HOME": "/tmp/citadel-helm",
     }
     return subprocess.run(
         [helm, *args], capture_output=True, text=True, timeout=60, env=env, check=False
     )
+
+
+class FakeApiServer:
+    """An API server on localhost that answers what the chart's `lookup`s ask,
+    for `helm template --dry-run=server`: the kopf.dev/v1 discovery and the list
+    of ClusterKopfPeerings. Everything else is 404 (a Secret looked up is then
+    not found). With `peerings` None, kopf.dev/v1 is not served at all, as on a
+    cluster without Kopf's CRDs.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.peerings: list[Obj] | None = None
+        self._http = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._thread = threading.Thread(target=self._http.serve_forever, daemon=True)
+        self._thread.start()
+        host, port = self._http.server_address[:2]
+        self.kubeconfig = workdir / "kubeconfig"
+        self.kubeconfig.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [
+                        {
+                            "name": "fake",
+                            "cluster": {"server": f"http://{host!s}:{port}"},
+                        }
+                    ],
+                    "users": [{"name": "fake", "user": {"token": "fake"}}],
+                    "contexts": [
+                        {"name": "fake", "context": {"cluster": "fake", "user": "fake"}}
+                    ],
+                    "current-context": "fake",
+                }
+            )
+        )
+
+    def close(self) -> None:
+        """Stops serving."""
+        self._http.shutdown()
+        self._http.server_close()
+        self._thread.join()
+
+    def answer(self, path: str) -> tuple[int, Obj]:
+        """The status and JSON body for a GET of `path`."""
+        if self.peerings is not None:
+            if path == "/apis/kopf.dev/v1":
+                resource = {
+                    "name": "clusterkopfpeerings",
+                    "singularName": "clusterkopfpeering",
+                    "namespaced": False,
+                    "kind": "ClusterKopfPeering",
+                    "verbs": ["get", "list"],
+                }
+                return 200, {
+                    "kind": "APIResourceList",
+                    "apiVersion": "v1",
+                    "groupVersion": "kopf.dev/v1",
+                    "resources": [resource],
+                }
+            if path == "/apis/kopf.dev/v1/clusterkopfpeerings":
+                return 200, {
+                    "kind": "ClusterKopfPeeringList",
+                    "apiVersion": "kopf.dev/v1",
+                    "metadata": {"resourceVersion": "1"},
+                    "items": self.peerings,
+                }
+        return 404, {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "status": "Failure",
+            "reason": "NotFound",
+            "code": 404,
+        }
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                code, body = fake.answer(self.path.partition("?")[0])
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # not the test's output
+
+        return Handler
+
+
+@pytest.fixture
+def fake_api(tmp_path: Path) -> Iterator[FakeApiServer]:
+    """An API server for the chart's lookups (FakeApiServer)."""
+    server = FakeApiServer(tmp_path)
+    yield server
+    server.close()
 
 
 class ChartKit:
@@ -91,9 +195,12 @@ class ChartKit:
     def __init__(self, helm: str) -> None:
         self.helm = helm
 
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """Runs helm offline (template and lint read no kubeconfig)."""
-        return run_helm(self.helm, *args)
+    def run(
+        self, *args: str, kubeconfig: str = "/dev/null"
+    ) -> subprocess.CompletedProcess[str]:
+        """Runs helm offline (template and lint read no kubeconfig), unless a
+        kubeconfig is given."""
+        return run_helm(self.helm, *args, kubeconfig=kubeconfig)
 
     def render(
         self,
@@ -102,6 +209,9 @@ class ChartKit:
         monitoring: bool = False,
         namespace: str = NAMESPACE,
         expect_error: str | None = None,
+        path: Path = CHART,
+        api: FakeApiServer | None = None,
+        api_versions: Sequence[str] = (),
     ) -> list[Obj]:
         """Renders the chart with `--set-json` values and returns its objects (the
         `helm test` Pod included).
@@ -111,12 +221,19 @@ class ChartKit:
             monitoring: pretend the monitoring.coreos.com/v1 API is served.
             namespace: the release namespace.
             expect_error: text of the error expected instead of objects.
+            path: the chart's folder, when not the chart itself (a copy).
+            api: a server for the lookups (`--dry-run=server`), else none.
+            api_versions: more APIs to pretend are served.
         """
-        args = ["template", RELEASE, str(CHART), "--namespace", namespace]
+        args = ["template", RELEASE, str(path), "--namespace", namespace]
         args += _set_args(values or {})
-        if monitoring:
-            args += ["--api-versions", MONITORING_API]
-        result = self.run(*args)
+        for version in [*api_versions, *([MONITORING_API] if monitoring else [])]:
+            args += ["--api-versions", version]
+        kubeconfig = "/dev/null"
+        if api is not None:
+            args.append("--dry-run=server")
+            kubeconfig = str(api.kubeconfig)
+        result = self.run(*args, kubeconfig=kubeconfig)
         if expect_error is not None:
             assert result.returncode != 0, "rendered although it should have failed"
             assert expect_error in result.stderr, result.stderr

@@ -231,18 +231,16 @@ def test_rule_thresholds_come_from_values(chart: ChartKit) -> None:
     assert not {n for n in names if "Gateway" in n}
 
 
-@pytest.mark.parametrize(
-    "key",
-    [
-        "errorRatio",
-        "p99LatencySeconds",
-        "p99TimeToFirstTokenSeconds",
-        "kvCacheUsage",
-        "rateLimitedRatio",
-        "modelNotReadyFor",
-        "replicasUnavailableFor",
-    ],
-)
+GATEWAY_THRESHOLDS = [
+    "errorRatio",
+    "p99LatencySeconds",
+    "p99TimeToFirstTokenSeconds",
+    "rateLimitedRatio",
+]
+OPERATOR_THRESHOLDS = ["kvCacheUsage", "modelNotReadyFor", "replicasUnavailableFor"]
+
+
+@pytest.mark.parametrize("key", GATEWAY_THRESHOLDS + OPERATOR_THRESHOLDS)
 def test_a_threshold_missing_from_reused_values_fails_the_render(
     chart: ChartKit, key: str
 ) -> None:
@@ -254,6 +252,24 @@ def test_a_threshold_missing_from_reused_values_fails_the_render(
         monitoring=True,
         expect_error=f"{path} is not set: with `helm upgrade --reuse-values`",
     )
+
+
+@pytest.mark.parametrize(
+    ("without", "key"),
+    [("operator", k) for k in OPERATOR_THRESHOLDS]
+    + [("gateway", k) for k in GATEWAY_THRESHOLDS],
+)
+def test_a_threshold_of_rules_not_rendered_is_not_required(
+    chart: ChartKit, without: str, key: str
+) -> None:
+    # A gateway-only release (docs/install.md, "A gateway of its own") renders no
+    # model or operator rule, an operator-only one no gateway rule.
+    alone = {
+        "operator": {"operator.enabled": False, "gateway.routesNamespace": "llm"},
+        "gateway": {"gateway.enabled": False},
+    }[without]
+    spec = rules(chart, {**alone, f"monitoring.rules.{key}": None})
+    assert spec["groups"]
 
 
 def test_model_alerts_only_where_the_release_runs_the_operator(

@@ -9,7 +9,7 @@ import pytest
 from citadel.operator.settings import PeeringMode
 
 if TYPE_CHECKING:
-    from conftest import ChartKit, Obj
+    from conftest import ChartKit, FakeApiServer, Obj
 
 pytestmark = pytest.mark.unit
 
@@ -112,6 +112,81 @@ def test_peering_object_is_the_one_the_operator_uses(chart: ChartKit) -> None:
         chart.container(chart.one(objs, "Deployment", "citadel-operator"))
     )
     assert env["CITADEL_OPERATOR_PEERING_NAME"] == peering["metadata"]["name"]
+
+
+PEERING_API = "kopf.dev/v1/ClusterKopfPeering"
+
+
+def peering(name: str, release: str, namespace: str | None) -> Obj:
+    """A release's ClusterKopfPeering as the cluster holds it: Helm's annotations
+    name its release, unless it was applied without Helm (`namespace` None)."""
+    labels = {
+        "app.kubernetes.io/part-of": "citadel",
+        "app.kubernetes.io/component": "operator",
+        "app.kubernetes.io/instance": release,
+    }
+    metadata: Obj = {"name": name, "labels": labels}
+    if namespace is not None:
+        metadata["annotations"] = {
+            "meta.helm.sh/release-name": release,
+            "meta.helm.sh/release-namespace": namespace,
+        }
+    return {
+        "apiVersion": "kopf.dev/v1",
+        "kind": "ClusterKopfPeering",
+        "metadata": metadata,
+    }
+
+
+def test_a_first_install_without_kopfs_api_renders(
+    chart: ChartKit, fake_api: FakeApiServer
+) -> None:
+    # `helm install --dry-run=server` before Kopf's CRDs exist (Helm installs
+    # crds/ only for a real install): a lookup of an API group not served fails,
+    # and no other release's operator can be there.
+    objs = chart.render(api=fake_api)
+    chart.one(objs, "ClusterKopfPeering")
+    # Offline, with the API served or not, the check has nothing to look up.
+    for versions in [(), (PEERING_API,)]:
+        chart.one(chart.render(api_versions=versions), "ClusterKopfPeering")
+
+
+@pytest.mark.parametrize(
+    ("found", "error"),
+    [
+        # This release's own, at an upgrade.
+        (
+            [peering("citadel-operator-citadel-system", "citadel", "citadel-system")],
+            None,
+        ),
+        (
+            [peering("team-citadel-operator-team", "team", "team")],
+            "release team/team already runs a cluster-wide Citadel operator "
+            "(ClusterKopfPeering team-citadel-operator-team): two would both act "
+            "on every model. Install this release with operator.enabled=false and "
+            "gateway.routesNamespace=team ",
+        ),
+        # Applied without Helm (`helm template | kubectl apply`, Argo CD): its
+        # labels name the release, nothing names the namespace.
+        (
+            [peering("prod-citadel-operator-prod", "prod", None)],
+            "release prod (namespace unknown) already runs a cluster-wide Citadel "
+            "operator (ClusterKopfPeering prod-citadel-operator-prod): two would "
+            "both act on every model. Install this release with "
+            "operator.enabled=false and gateway.routesNamespace=<the operator's "
+            "release namespace> ",
+        ),
+    ],
+    ids=["own", "other", "without-helm"],
+)
+def test_a_second_cluster_wide_operator_is_refused(
+    chart: ChartKit, fake_api: FakeApiServer, found: list[Obj], error: str | None
+) -> None:
+    fake_api.peerings = found
+    chart.render(api=fake_api, api_versions=[PEERING_API], expect_error=error)
+    # The way out the message gives renders.
+    way_out = {"operator.enabled": False, "gateway.routesNamespace": "team"}
+    chart.render(way_out, api=fake_api, api_versions=[PEERING_API])
 
 
 @pytest.mark.parametrize("namespaces", [[], ["llm-a", "llm-b"]])

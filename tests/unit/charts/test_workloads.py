@@ -3,9 +3,12 @@ and configured with settings the operator and the gateway actually read."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import yaml
 
 from citadel.gateway.settings import GatewaySettings
 from citadel.operator.settings import OperatorSettings
@@ -205,6 +208,78 @@ def test_security_contexts_come_from_values(chart: ChartKit) -> None:
     for name, spec in pod_specs(chart.render()):
         if name != "citadel-redis":
             assert {spec["securityContext"][k] for k in assigned} == {65532}, name
+
+
+def test_security_context_fields_set_to_null_are_left_out(chart: ChartKit) -> None:
+    # Helm removes a null only where values.yaml has the key (runAsUser); the
+    # others, any field the schema takes, would render as `procMount: null`.
+    objs = chart.render(
+        {
+            "operator.podSecurityContext.fsGroupChangePolicy": None,
+            "operator.securityContext.procMount": None,
+            "gateway.podSecurityContext.seccompProfile.localhostProfile": None,
+            "gateway.securityContext.seLinuxOptions": {"level": None, "user": "u"},
+        }
+    )
+
+    def nulls(node: object, path: str) -> list[str]:
+        if isinstance(node, dict):
+            return [p for k, v in node.items() for p in nulls(v, f"{path}.{k}")]
+        return [path] if node is None else []
+
+    for name, contexts in security_contexts(objs).items():
+        for i, context in enumerate(contexts):
+            assert context and nulls(context, f"{name}[{i}]") == []
+    specs = dict(pod_specs(objs))
+    operator = specs["citadel-operator"]
+    assert "fsGroupChangePolicy" not in operator["securityContext"]
+    assert "procMount" not in operator["containers"][0]["securityContext"]
+    gateway = specs["citadel-gateway"]
+    assert gateway["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    selinux = gateway["containers"][0]["securityContext"]["seLinuxOptions"]
+    assert selinux == {"user": "u"}
+
+
+def security_contexts(objs: list[Obj]) -> dict[str, list[Obj | None]]:
+    """Each pod's securityContext, then each of its containers'."""
+    return {
+        name: [
+            spec.get("securityContext"),
+            *(c.get("securityContext") for c in spec["containers"]),
+        ]
+        for name, spec in pod_specs(objs)
+    }
+
+
+def test_values_without_the_security_contexts_keep_the_defaults(
+    chart: ChartKit, tmp_path: Path
+) -> None:
+    # `helm upgrade --reuse-values` from a chart before these values renders with
+    # that chart's values.yaml, which lacks them: a copy of the chart without
+    # them. Rendering nothing would drop every protection.
+    copy = tmp_path / "citadel"
+    shutil.copytree(chart.path, copy)
+    values = yaml.safe_load((copy / "values.yaml").read_text())
+    keys = ("podSecurityContext", "securityContext")
+    for part in ("operator", "gateway"):
+        for key in keys:
+            del values[part][key]
+    (copy / "values.yaml").write_text(yaml.safe_dump(values))
+    reused = chart.render(path=copy)
+    for name, spec in pod_specs(reused):
+        assert restricted_violations(spec) == [], name
+    defaults = security_contexts(chart.render())
+    assert security_contexts(reused) == defaults
+    # Helm removes a value set to null: the same as without it.
+    nulls = {f"{part}.{key}": None for part in ("operator", "gateway") for key in keys}
+    assert security_contexts(chart.render(nulls)) == defaults
+    # An explicit {} sets nothing (only such values keep one: Helm merges a {}
+    # with the chart's values.yaml).
+    empty = {f"{part}.{key}": {} for part in ("operator", "gateway") for key in keys}
+    contexts = security_contexts(chart.render(empty, path=copy))
+    del contexts["citadel-redis"]
+    ours = ("citadel-operator", "citadel-gateway", "citadel-test-models")
+    assert contexts == {name: [None, None] for name in ours}
 
 
 @pytest.mark.parametrize("values", [{}, EVERYTHING], ids=["defaults", "everything"])
