@@ -420,3 +420,19 @@ no Helm annotations: the release is its instance label, the namespace unknown. *
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/*
+Fails the render when the values are of another layout than this chart's (see
+valuesLayout in values.yaml): `helm upgrade --reuse-values` keeps the values of the
+chart the release was installed with, and every key added since would be missing,
+some silently (a security context rendered with only the field set beside it).
+Raise the number with every chart version that adds or moves a key.
+*/}}
+{{- define "citadel.valuesLayout" -}}2{{- end }}
+{{- define "citadel.checkValuesLayout" -}}
+{{- $own := include "citadel.valuesLayout" . }}
+{{- $given := .Values.valuesLayout }}
+{{- if or (kindIs "invalid" $given) (ne (toString $given) $own) }}
+{{- fail (printf "valuesLayout is %s where this chart's is %s: with `helm upgrade --reuse-values` Helm keeps the values of the chart the release was installed with, and the keys added since would be missing; upgrade with --reset-then-reuse-values (Helm 3.14+) or a full values file made for this chart (docs/install.md, Upgrade)" (ternary "not set" (toString $given) (kindIs "invalid" $given)) $own) }}
+{{- end }}
+{{- end }}

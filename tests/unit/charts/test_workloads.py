@@ -477,6 +477,19 @@ def test_names_in_shared_namespaces_carry_the_release_namespace(
     assert not shared(objs) & shared(team)
 
 
+@pytest.mark.parametrize("layout", [None, 1])
+def test_values_of_another_layout_fail_the_render(chart: ChartKit, layout: Any) -> None:
+    # `helm upgrade --reuse-values` from an older chart: its values lack every key
+    # added since, some of which would render silently wrong (a security context
+    # holding only the one field set beside it).
+    said = "not set" if layout is None else str(layout)
+    chart.render(
+        {"valuesLayout": layout},
+        expect_error=f"valuesLayout is {said} where this chart's is 2: with "
+        "`helm upgrade --reuse-values`",
+    )
+
+
 @pytest.mark.parametrize(
     "path",
     [
