@@ -199,7 +199,11 @@ class ProxyOptions:
     stops waiting) for an answer the client never gets. It must be well below
     `answer_within_s`: the first try's failure, however quick, takes some of
     that, so a floor at or above it lets no retry start (wired at most half of
-    it)."""
+    it).
+
+    It also says how much of `answer_within_s` a retry may lack and still be
+    judged by its timeout as the first try is (the tries before it took less
+    than a connection may)."""
 
 
 class ProxyService:
@@ -349,13 +353,18 @@ class ProxyService:
             left = deadline - self._clock()
             if attempt and (left <= 0 or left < self._options.least_try_s):
                 break  # the request's time is spent (`least_try_s` says why)
-            # A try's timeout is its replica's when the try was bounded by the
-            # whole read timeout: the first always (its `left` falls short of
-            # it only by the time between two reads of the clock), a later one
-            # only with as much left, which one deadline never leaves. A try
-            # given the leftover of the request's time ran out of the
+            # A try's timeout is its replica's when the try had nearly the
+            # whole read timeout: the first always, a later one when the tries
+            # before it took less than the floor, as a refused connection or
+            # a 429 at once do. Testing for all of it (6929a0a) judged no
+            # retry ever, its `left` read after the clock moved: a wedged
+            # replica always tried after one that says 429 was never ejected.
+            # A try given the leftover of the request's time ran out of the
             # gateway's time, not its replica's.
-            whole_time = not attempt or left >= self._options.answer_within_s
+            whole_time = (
+                not attempt
+                or left >= self._options.answer_within_s - self._options.least_try_s
+            )
             try:
                 replica = self._router.choose(route, request, tried)
             except NoReplica:

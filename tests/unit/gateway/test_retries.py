@@ -424,6 +424,27 @@ async def test_a_first_try_that_times_out_is_its_replicas_on_a_real_clock(
     assert (state.ejections_in_row, state.in_flight) == (1, 0)  # after 3 in a row
 
 
+async def test_a_retry_with_nearly_the_whole_time_is_judged_on_a_real_clock(
+    kit: Any,
+) -> None:
+    """A retry after a 429 that came at once had all but a hair of the read
+    timeout, so its timeout is its replica's. Judged only with the whole of
+    it, which a retry never has on a real clock, a wedged replica always
+    tried after one at capacity got 504s for ever and was never ejected."""
+    harness = kit.build()  # round robin: each replica first once in two
+    proxy = _on_real_clock(harness, ProxyOptions(retries=2))
+    harness.upstream.handler = lambda url, body: (
+        _refusal(kit, 429) if "r1" in url else UpstreamTimeout("no answer")
+    )
+    principal = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
+    for _ in range(2):
+        with pytest.raises(BackendTimeout):
+            await proxy.handle(CHAT, principal, orjson.dumps(kit.chat), "r-1")
+    assert [call[0][:9] for call in harness.upstream.calls].count("http://r1") == 1
+    assert _backend_errors(harness, "http://r2", "timeout") == 2
+    assert _replica(harness, "http://r2").failures == 2
+
+
 @pytest.mark.parametrize(("read_s", "connect_s"), [(1.0, 2.0), (2.0, 2.0), (3.0, 2.0)])
 async def test_a_read_timeout_near_the_connect_timeout_still_lets_a_retry_start(
     kit: Any, read_s: float, connect_s: float
