@@ -203,7 +203,8 @@ class ProxyOptions:
 
     It also says how much of `answer_within_s` a retry may lack and still be
     judged by its timeout as the first try is (the tries before it took less
-    than a connection may)."""
+    than a connection may), and half of it bounds the read of an error's body
+    (`ProxyService._body`)."""
 
 
 class ProxyService:
@@ -470,11 +471,22 @@ class ProxyService:
         read is taken as empty: a refusal whose body broke off was answered as
         a drop (a 502, its estimate charged, the one retry after a drop used).
 
+        An error's body gets half of `ProxyOptions.least_try_s` at most, not
+        the request's time: it is a few hundred bytes a server writes with its
+        headers (vLLM does), so one not in by then has stalled, and a 429 or
+        503 whose body stalled ate the whole read timeout, leaving none for
+        another replica. Half, so that the retry after a refusal answered at
+        once still has the floor left, and nearly the whole read timeout (its
+        timeout judges its replica), even where the floor is half of it.
+
         Raises:
             UpstreamFailure: an answer's body could not be read.
         """
+        within = max(0.0, deadline - self._clock())
+        if reply.status >= 400:
+            within = min(within, self._options.least_try_s / 2)
         try:
-            return await reply.read(max(0.0, deadline - self._clock()))
+            return await reply.read(within)
         except UpstreamFailure as err:
             if reply.status < 400:
                 raise

@@ -5,6 +5,7 @@ answers."""
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -708,3 +709,48 @@ async def test_an_error_whose_body_cannot_be_read_keeps_its_status(
     assert f"status {status}" in error["message"]
     assert answer.headers["x-ratelimit-remaining-tokens"] == "10000"
     assert kit.counted(harness, str(expected)) == 1
+
+
+class _Stalled:
+    """A refusal whose headers came and whose body never does: each read
+    takes all the time it is given (on the harness's clock), then times out."""
+
+    content_type = "application/json"
+    retry_after = None
+
+    def __init__(self, status: int, clock: Any) -> None:
+        self.status = status
+        self.clock = clock
+        self.given: list[float | None] = []
+
+    async def read(self, timeout_s: float | None = None) -> bytes:
+        self.given.append(timeout_s)
+        self.clock.now += timeout_s or 0.0
+        raise UpstreamTimeout("no next piece")
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for _ in ():  # an async generator that never yields: no body comes
+            yield b""
+        raise UpstreamTimeout("no next piece")
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("status", [503, 429])
+async def test_a_refusal_whose_body_stalls_leaves_time_for_another_replica(
+    kit: Any, status: int
+) -> None:
+    """An error's body is read for half the floor (1 s) at most, not for what
+    is left of the request's time: a 429 or 503 whose body never came ate the
+    whole read timeout, and no other replica was tried."""
+    harness = kit.build()
+    stalled = _Stalled(status, harness.clock)
+    harness.upstream.handler = lambda url, body: (
+        stalled if len(harness.upstream.calls) == 1 else kit.completion()
+    )
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert answer.status_code == 200
+    assert stalled.given == [1.0]
+    assert harness.upstream.timeouts == [600.0, 599.0]
