@@ -49,6 +49,7 @@ from citadel.gateway.upstream import (
     Reply,
     Upstream,
     UpstreamBroken,
+    UpstreamConnectTimeout,
     UpstreamDropped,
     UpstreamFailure,
     UpstreamTimeout,
@@ -192,19 +193,24 @@ class ProxyOptions:
     least_try_s: float = 2.0
     """No try after the first starts with less than this left of
     `answer_within_s`. Wired as the upstream's connect timeout, so that every
-    try may connect for as long as the first: a connect timeout is then always
-    the replica's (the proxy cannot tell it from a refused connection to judge
-    it otherwise). A try with less left would seldom see an answer begin
-    anyway, and would load a replica (its prefill runs on once the gateway
-    stops waiting) for an answer the client never gets. It must be well below
-    `answer_within_s`: the first try's failure, however quick, takes some of
-    that, so a floor at or above it lets no retry start (wired at most half of
-    it).
+    try may connect for as long as the first. A try with less left would
+    seldom see an answer begin anyway, and would load a replica (its prefill
+    runs on once the gateway stops waiting) for an answer the client never
+    gets. It must be well below `answer_within_s`: the first try's failure,
+    however quick, takes some of that, so a floor at or above it lets no retry
+    start (wired at most half of it). Below `connect_within_s` (so wired with a
+    read timeout under twice the connect timeout) a retry's connection may be
+    cut short by the request's deadline: a connect timeout is then the
+    deadline's, and judges no replica.
 
     It also says how much of `answer_within_s` a retry may lack and still be
     judged by its timeout as the first try is (the tries before it took less
     than a connection may), and half of it bounds the read of an error's body
     (`ProxyService._body`)."""
+    connect_within_s: float = 2.0
+    """The upstream's connect timeout: a retry given less than this whose
+    connection timed out was cut short by the request's deadline, not by its
+    replica."""
 
 
 class ProxyService:
@@ -366,6 +372,10 @@ class ProxyService:
                 not attempt
                 or left >= self._options.answer_within_s - self._options.least_try_s
             )
+            # Likewise a connection: a retry given less than the connect
+            # timeout (a floor under it, for a short read timeout) may have
+            # been cut short by the deadline. The first try has as long as any.
+            connect_cut = bool(attempt) and left < self._options.connect_within_s
             try:
                 replica = self._router.choose(route, request, tried)
             except NoReplica:
@@ -385,7 +395,8 @@ class ProxyService:
                     data = await self._body(ctx, replica, reply, deadline)
             except UpstreamFailure as err:
                 timed_out = isinstance(err, UpstreamTimeout)
-                if timed_out and not whole_time:
+                cut = isinstance(err, UpstreamConnectTimeout) and connect_cut
+                if (timed_out and not whole_time) or cut:
                     # Judged, a healthy replica tried last with a sliver of the
                     # time would take the blame (and could be ejected) for the
                     # replicas before it that used the rest.

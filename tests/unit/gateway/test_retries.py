@@ -21,6 +21,7 @@ from citadel.gateway.services.structured import ask
 from citadel.gateway.settings import GatewaySettings
 from citadel.gateway.upstream import (
     UpstreamBroken,
+    UpstreamConnectTimeout,
     UpstreamDropped,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -394,15 +395,20 @@ def _on_real_clock(harness: Any, options: ProxyOptions) -> ProxyService:
     """A proxy on the harness's parts reading `time.monotonic`, as wired in
     production: it moves between any two reads, where the harness's clock
     stands still until a test moves it."""
+    return _proxy(harness, options, time.monotonic)
+
+
+def _proxy(harness: Any, options: ProxyOptions, clock: Any) -> ProxyService:
+    """A proxy on the harness's parts with `options`, reading `clock`."""
     deps = harness.deps
     return ProxyService(
         deps.catalog,
-        Router(deps.catalog, time.monotonic),
-        Limiter(InProcessBuckets(), time.monotonic),
+        Router(deps.catalog, clock),
+        Limiter(InProcessBuckets(), clock),
         harness.upstream,
         deps.metrics,
         options,
-        time.monotonic,
+        clock,
     )
 
 
@@ -466,6 +472,53 @@ async def test_a_read_timeout_near_the_connect_timeout_still_lets_a_retry_start(
         answer = await proxy.handle(CHAT, principal, orjson.dumps(kit.chat), "r-1")
         assert answer.status == 200
     assert len(harness.upstream.calls) == 3
+
+
+async def test_a_retrys_connection_cut_short_by_the_deadline_judges_no_replica(
+    kit: Any,
+) -> None:
+    """With a read timeout of 1 s and a connect timeout of 2 s, a retry after
+    a 503 that took 0.45 s may connect for 0.55 s only: its connect timeout is
+    the deadline's, and its replica (it may connect in 0.7 s) no failure."""
+    settings = GatewaySettings(
+        routes_source="file", read_timeout_s=1.0, connect_timeout_s=2.0
+    )
+    harness = kit.build()
+    proxy = _proxy(harness, proxy_options(settings), harness.clock)
+
+    def handler(url: str, body: Any) -> Any:
+        if len(harness.upstream.calls) == 1:
+            harness.clock.now += 0.45
+            return _refusal(kit, 503)
+        return UpstreamConnectTimeout("connect timeout to 10.0.0.7:8000")
+
+    harness.upstream.handler = handler
+    principal = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
+    with pytest.raises(GatewayError) as caught:
+        await proxy.handle(CHAT, principal, orjson.dumps(kit.chat), "r-1")
+    assert caught.value.status == 503
+    assert harness.upstream.timeouts == [1.0, pytest.approx(0.55)]
+    late = harness.upstream.calls[1][0][:9]
+    assert _backend_errors(harness, late, "connect") is None
+    state = _replica(harness, late)
+    assert (state.failures, state.in_flight) == (0, 0)
+
+
+async def test_a_first_connect_timeout_is_still_its_replicas_failure(
+    kit: Any,
+) -> None:
+    """The first try may connect for as long as any: its connect timeout is
+    its replica's, whatever the settings."""
+    settings = GatewaySettings(
+        routes_source="file", read_timeout_s=1.0, connect_timeout_s=2.0
+    )
+    harness = kit.build(replicas=("http://r1",))
+    proxy = _proxy(harness, proxy_options(settings), harness.clock)
+    harness.upstream.handler = lambda url, body: UpstreamConnectTimeout("slow")
+    principal = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
+    with pytest.raises(GatewayError):
+        await proxy.handle(CHAT, principal, orjson.dumps(kit.chat), "r-1")
+    assert _backend_errors(harness, "http://r1", "connect") == 1
 
 
 async def test_no_retry_starts_with_less_than_a_connection_may_take(
