@@ -16,6 +16,8 @@ Failures are sorted into kinds that the proxy treats differently:
   `_STALE_WITHIN_S` of the write). Safe to retry on another replica; a kept-alive
   connection that fails so is first retried once on a new connection to the same
   replica;
+- `UpstreamConnectTimeout` (an `UpstreamUnreachable`): the connection was not
+  made in time, which the caller's own deadline may have shortened;
 - `UpstreamDropped` (an `UpstreamUnreachable`): the replica closed the connection,
   without a response byte, after the request was written: it may have read the
   request and worked on it (vLLM crashing mid-generation, or on this very
@@ -65,6 +67,15 @@ class UpstreamDropped(UpstreamUnreachable):
     """
 
     kind = "dropped"
+
+
+class UpstreamConnectTimeout(UpstreamUnreachable):
+    """The connection was not made in time: within the connect timeout, or
+    less when the caller's time (`timeout_s`) left less.
+
+    Told apart from a refused connection because a caller that gave the try
+    less than the connect timeout may have cut it short itself: then the
+    replica is not to blame."""
 
 
 class UpstreamTimeout(UpstreamFailure):
@@ -599,7 +610,7 @@ class UpstreamClient:
                     ssl=self._tls_context() if tls else None,
                 )
         except TimeoutError:
-            raise UpstreamUnreachable(f"connect timeout to {host}:{port}") from None
+            raise UpstreamConnectTimeout(f"connect timeout to {host}:{port}") from None
         except (OSError, ssl.SSLError) as err:
             raise UpstreamUnreachable(
                 f"cannot connect to {host}:{port}: {err}"

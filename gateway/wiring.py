@@ -100,6 +100,7 @@ def proxy_options(settings: GatewaySettings) -> ProxyOptions:
         # valid settings) would let no retry ever start. At most half of it, a
         # retry there may have its connection cut short by the deadline.
         least_try_s=min(settings.connect_timeout_s, settings.read_timeout_s / 2),
+        connect_within_s=settings.connect_timeout_s,
         ejection=EjectionPolicy(
             settings.eject_after_failures, settings.eject_base_s, settings.eject_max_s
         ),

@@ -49,6 +49,7 @@ from citadel.gateway.upstream import (
     Reply,
     Upstream,
     UpstreamBroken,
+    UpstreamConnectTimeout,
     UpstreamDropped,
     UpstreamFailure,
     UpstreamTimeout,
@@ -192,14 +193,24 @@ class ProxyOptions:
     least_try_s: float = 2.0
     """No try after the first starts with less than this left of
     `answer_within_s`. Wired as the upstream's connect timeout, so that every
-    try may connect for as long as the first: a connect timeout is then always
-    the replica's (the proxy cannot tell it from a refused connection to judge
-    it otherwise). A try with less left would seldom see an answer begin
-    anyway, and would load a replica (its prefill runs on once the gateway
-    stops waiting) for an answer the client never gets. It must be well below
-    `answer_within_s`: the first try's failure, however quick, takes some of
-    that, so a floor at or above it lets no retry start (wired at most half of
-    it)."""
+    try may connect for as long as the first. A try with less left would
+    seldom see an answer begin anyway, and would load a replica (its prefill
+    runs on once the gateway stops waiting) for an answer the client never
+    gets. It must be well below `answer_within_s`: the first try's failure,
+    however quick, takes some of that, so a floor at or above it lets no retry
+    start (wired at most half of it). Below `connect_within_s` (so wired with a
+    read timeout under twice the connect timeout) a retry's connection may be
+    cut short by the request's deadline: a connect timeout is then the
+    deadline's, and judges no replica.
+
+    It also says how much of `answer_within_s` a retry may lack and still be
+    judged by its timeout as the first try is (the tries before it took less
+    than a connection may), and half of it bounds the read of an error's body
+    (`ProxyService._body`)."""
+    connect_within_s: float = 2.0
+    """The upstream's connect timeout: a retry given less than this whose
+    connection timed out was cut short by the request's deadline, not by its
+    replica."""
 
 
 class ProxyService:
@@ -349,13 +360,22 @@ class ProxyService:
             left = deadline - self._clock()
             if attempt and (left <= 0 or left < self._options.least_try_s):
                 break  # the request's time is spent (`least_try_s` says why)
-            # A try's timeout is its replica's when the try was bounded by the
-            # whole read timeout: the first always (its `left` falls short of
-            # it only by the time between two reads of the clock), a later one
-            # only with as much left, which one deadline never leaves. A try
-            # given the leftover of the request's time ran out of the
+            # A try's timeout is its replica's when the try had nearly the
+            # whole read timeout: the first always, a later one when the tries
+            # before it took less than the floor, as a refused connection or
+            # a 429 at once do. Testing for all of it (6929a0a) judged no
+            # retry ever, its `left` read after the clock moved: a wedged
+            # replica always tried after one that says 429 was never ejected.
+            # A try given the leftover of the request's time ran out of the
             # gateway's time, not its replica's.
-            whole_time = not attempt or left >= self._options.answer_within_s
+            whole_time = (
+                not attempt
+                or left >= self._options.answer_within_s - self._options.least_try_s
+            )
+            # Likewise a connection: a retry given less than the connect
+            # timeout (a floor under it, for a short read timeout) may have
+            # been cut short by the deadline. The first try has as long as any.
+            connect_cut = bool(attempt) and left < self._options.connect_within_s
             try:
                 replica = self._router.choose(route, request, tried)
             except NoReplica:
@@ -375,7 +395,8 @@ class ProxyService:
                     data = await self._body(ctx, replica, reply, deadline)
             except UpstreamFailure as err:
                 timed_out = isinstance(err, UpstreamTimeout)
-                if timed_out and not whole_time:
+                cut = isinstance(err, UpstreamConnectTimeout) and connect_cut
+                if (timed_out and not whole_time) or cut:
                     # Judged, a healthy replica tried last with a sliver of the
                     # time would take the blame (and could be ejected) for the
                     # replicas before it that used the rest.
@@ -461,11 +482,22 @@ class ProxyService:
         read is taken as empty: a refusal whose body broke off was answered as
         a drop (a 502, its estimate charged, the one retry after a drop used).
 
+        An error's body gets half of `ProxyOptions.least_try_s` at most, not
+        the request's time: it is a few hundred bytes a server writes with its
+        headers (vLLM does), so one not in by then has stalled, and a 429 or
+        503 whose body stalled ate the whole read timeout, leaving none for
+        another replica. Half, so that the retry after a refusal answered at
+        once still has the floor left, and nearly the whole read timeout (its
+        timeout judges its replica), even where the floor is half of it.
+
         Raises:
             UpstreamFailure: an answer's body could not be read.
         """
+        within = max(0.0, deadline - self._clock())
+        if reply.status >= 400:
+            within = min(within, self._options.least_try_s / 2)
         try:
-            return await reply.read(max(0.0, deadline - self._clock()))
+            return await reply.read(within)
         except UpstreamFailure as err:
             if reply.status < 400:
                 raise

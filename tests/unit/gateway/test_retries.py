@@ -5,6 +5,7 @@ answers."""
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -20,6 +21,7 @@ from citadel.gateway.services.structured import ask
 from citadel.gateway.settings import GatewaySettings
 from citadel.gateway.upstream import (
     UpstreamBroken,
+    UpstreamConnectTimeout,
     UpstreamDropped,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -393,15 +395,20 @@ def _on_real_clock(harness: Any, options: ProxyOptions) -> ProxyService:
     """A proxy on the harness's parts reading `time.monotonic`, as wired in
     production: it moves between any two reads, where the harness's clock
     stands still until a test moves it."""
+    return _proxy(harness, options, time.monotonic)
+
+
+def _proxy(harness: Any, options: ProxyOptions, clock: Any) -> ProxyService:
+    """A proxy on the harness's parts with `options`, reading `clock`."""
     deps = harness.deps
     return ProxyService(
         deps.catalog,
-        Router(deps.catalog, time.monotonic),
-        Limiter(InProcessBuckets(), time.monotonic),
+        Router(deps.catalog, clock),
+        Limiter(InProcessBuckets(), clock),
         harness.upstream,
         deps.metrics,
         options,
-        time.monotonic,
+        clock,
     )
 
 
@@ -424,6 +431,27 @@ async def test_a_first_try_that_times_out_is_its_replicas_on_a_real_clock(
     assert (state.ejections_in_row, state.in_flight) == (1, 0)  # after 3 in a row
 
 
+async def test_a_retry_with_nearly_the_whole_time_is_judged_on_a_real_clock(
+    kit: Any,
+) -> None:
+    """A retry after a 429 that came at once had all but a hair of the read
+    timeout, so its timeout is its replica's. Judged only with the whole of
+    it, which a retry never has on a real clock, a wedged replica always
+    tried after one at capacity got 504s for ever and was never ejected."""
+    harness = kit.build()  # round robin: each replica first once in two
+    proxy = _on_real_clock(harness, ProxyOptions(retries=2))
+    harness.upstream.handler = lambda url, body: (
+        _refusal(kit, 429) if "r1" in url else UpstreamTimeout("no answer")
+    )
+    principal = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
+    for _ in range(2):
+        with pytest.raises(BackendTimeout):
+            await proxy.handle(CHAT, principal, orjson.dumps(kit.chat), "r-1")
+    assert [call[0][:9] for call in harness.upstream.calls].count("http://r1") == 1
+    assert _backend_errors(harness, "http://r2", "timeout") == 2
+    assert _replica(harness, "http://r2").failures == 2
+
+
 @pytest.mark.parametrize(("read_s", "connect_s"), [(1.0, 2.0), (2.0, 2.0), (3.0, 2.0)])
 async def test_a_read_timeout_near_the_connect_timeout_still_lets_a_retry_start(
     kit: Any, read_s: float, connect_s: float
@@ -444,6 +472,53 @@ async def test_a_read_timeout_near_the_connect_timeout_still_lets_a_retry_start(
         answer = await proxy.handle(CHAT, principal, orjson.dumps(kit.chat), "r-1")
         assert answer.status == 200
     assert len(harness.upstream.calls) == 3
+
+
+async def test_a_retrys_connection_cut_short_by_the_deadline_judges_no_replica(
+    kit: Any,
+) -> None:
+    """With a read timeout of 1 s and a connect timeout of 2 s, a retry after
+    a 503 that took 0.45 s may connect for 0.55 s only: its connect timeout is
+    the deadline's, and its replica (it may connect in 0.7 s) no failure."""
+    settings = GatewaySettings(
+        routes_source="file", read_timeout_s=1.0, connect_timeout_s=2.0
+    )
+    harness = kit.build()
+    proxy = _proxy(harness, proxy_options(settings), harness.clock)
+
+    def handler(url: str, body: Any) -> Any:
+        if len(harness.upstream.calls) == 1:
+            harness.clock.now += 0.45
+            return _refusal(kit, 503)
+        return UpstreamConnectTimeout("connect timeout to 10.0.0.7:8000")
+
+    harness.upstream.handler = handler
+    principal = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
+    with pytest.raises(GatewayError) as caught:
+        await proxy.handle(CHAT, principal, orjson.dumps(kit.chat), "r-1")
+    assert caught.value.status == 503
+    assert harness.upstream.timeouts == [1.0, pytest.approx(0.55)]
+    late = harness.upstream.calls[1][0][:9]
+    assert _backend_errors(harness, late, "connect") is None
+    state = _replica(harness, late)
+    assert (state.failures, state.in_flight) == (0, 0)
+
+
+async def test_a_first_connect_timeout_is_still_its_replicas_failure(
+    kit: Any,
+) -> None:
+    """The first try may connect for as long as any: its connect timeout is
+    its replica's, whatever the settings."""
+    settings = GatewaySettings(
+        routes_source="file", read_timeout_s=1.0, connect_timeout_s=2.0
+    )
+    harness = kit.build(replicas=("http://r1",))
+    proxy = _proxy(harness, proxy_options(settings), harness.clock)
+    harness.upstream.handler = lambda url, body: UpstreamConnectTimeout("slow")
+    principal = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
+    with pytest.raises(GatewayError):
+        await proxy.handle(CHAT, principal, orjson.dumps(kit.chat), "r-1")
+    assert _backend_errors(harness, "http://r1", "connect") == 1
 
 
 async def test_no_retry_starts_with_less_than_a_connection_may_take(
@@ -687,3 +762,48 @@ async def test_an_error_whose_body_cannot_be_read_keeps_its_status(
     assert f"status {status}" in error["message"]
     assert answer.headers["x-ratelimit-remaining-tokens"] == "10000"
     assert kit.counted(harness, str(expected)) == 1
+
+
+class _Stalled:
+    """A refusal whose headers came and whose body never does: each read
+    takes all the time it is given (on the harness's clock), then times out."""
+
+    content_type = "application/json"
+    retry_after = None
+
+    def __init__(self, status: int, clock: Any) -> None:
+        self.status = status
+        self.clock = clock
+        self.given: list[float | None] = []
+
+    async def read(self, timeout_s: float | None = None) -> bytes:
+        self.given.append(timeout_s)
+        self.clock.now += timeout_s or 0.0
+        raise UpstreamTimeout("no next piece")
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for _ in ():  # an async generator that never yields: no body comes
+            yield b""
+        raise UpstreamTimeout("no next piece")
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("status", [503, 429])
+async def test_a_refusal_whose_body_stalls_leaves_time_for_another_replica(
+    kit: Any, status: int
+) -> None:
+    """An error's body is read for half the floor (1 s) at most, not for what
+    is left of the request's time: a 429 or 503 whose body never came ate the
+    whole read timeout, and no other replica was tried."""
+    harness = kit.build()
+    stalled = _Stalled(status, harness.clock)
+    harness.upstream.handler = lambda url, body: (
+        stalled if len(harness.upstream.calls) == 1 else kit.completion()
+    )
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=kit.chat)
+    assert answer.status_code == 200
+    assert stalled.given == [1.0]
+    assert harness.upstream.timeouts == [600.0, 599.0]

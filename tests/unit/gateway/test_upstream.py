@@ -24,6 +24,7 @@ from citadel.gateway.upstream import (
     _STALE_WITHIN_S,
     UpstreamBroken,
     UpstreamClient,
+    UpstreamConnectTimeout,
     UpstreamDropped,
     UpstreamSettings,
     UpstreamTimeout,
@@ -257,6 +258,23 @@ async def test_nothing_listening_is_unreachable(client: UpstreamClient) -> None:
     await server.stop()
     with pytest.raises(UpstreamUnreachable, match="cannot connect"):
         await client.post(server.url + "/", b"{}", {})
+
+
+async def test_a_connection_not_made_in_time_is_a_connect_timeout(
+    client: UpstreamClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Told apart from a refused connection (both unreachable): the proxy
+    frees a retry's replica unjudged when its own deadline cut the wait
+    short, as the caller's `timeout_s` (0.05 s) does here."""
+    loop = asyncio.get_running_loop()
+
+    async def never(*args: object, **kwargs: object) -> object:
+        await asyncio.sleep(3600)
+        raise AssertionError("connected")
+
+    monkeypatch.setattr(loop, "create_connection", never)
+    with pytest.raises(UpstreamConnectTimeout, match="connect timeout"):
+        await client.post("http://127.0.0.1:9/", b"{}", {}, timeout_s=0.05)
 
 
 LATE = _STALE_WITHIN_S * 3
