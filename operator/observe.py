@@ -230,7 +230,7 @@ def _unschedulable(pods: Sequence[Obj]) -> list[tuple[str, str]]:
     for pod in pods:
         cond = _pod_condition(pod, "PodScheduled")
         if cond and cond.get("status") == "False" and not _gated(pod):
-            found.append((pod["metadata"]["name"], str(cond.get("message", ""))))
+            found.append((pod["metadata"]["name"], str(cond.get("message") or "")))
     return found
 
 
@@ -719,8 +719,10 @@ def _failure(
             # The kubelet's own word stays in the message when the reason
             # could not carry it.
             said = f" ({raw})" if raw and reason != raw else ""
-            message = (
-                f"pod {pod['metadata']['name']}{said}: {status.get('message', '')}"
+            # The API returns an unset message as null: no `None` in ours.
+            text = str(status.get("message") or "")
+            message = f"pod {pod['metadata']['name']}{said}" + (
+                f": {text}" if text else ""
             )
             return Verdict("True", reason, message)
     return lost
@@ -811,7 +813,7 @@ def _progressing(
     progress = _deployment_condition(deployment, "Progressing")
     if progress.get("reason") == "ProgressDeadlineExceeded":
         return Verdict(
-            "False", "ProgressDeadlineExceeded", str(progress.get("message", ""))
+            "False", "ProgressDeadlineExceeded", str(progress.get("message") or "")
         )
     if n.updated < n.desired:
         return rolling

@@ -1910,6 +1910,35 @@ def test_one_server_restart_is_a_reload_until_its_second_end(
     assert [degraded[:2] for degraded in seen] == [("True", "CrashLoopBackOff")] * 2
 
 
+def test_a_null_message_is_no_message() -> None:
+    """A message the API returns as null was written as `None`."""
+    model = make_model(**PINNED)
+    stuck = pod("p1", node_name=None, unschedulable="x")
+    stuck["status"]["conditions"][0]["message"] = None
+    status = _derive(model, deployment(ready=0), [stuck])
+    assert _cond(status, ConditionType.SCHEDULED)[:2] == ("False", "Unschedulable")
+    assert "None" not in _cond(status, ConditionType.SCHEDULED)[2]
+    failed = _failed_pod("p-old", "Evicted", "")
+    failed["status"]["message"] = None
+    status = _derive(model, deployment(ready=0), [failed])
+    assert _cond(status, ConditionType.DEGRADED) == ("True", "Evicted", "pod p-old")
+    stalled = deployment(ready=0)
+    stalled["status"]["conditions"] = [
+        {
+            "type": "Progressing",
+            "status": "False",
+            "reason": "ProgressDeadlineExceeded",
+            "message": None,
+        }
+    ]
+    status = _derive(model, stalled, [])
+    assert _cond(status, ConditionType.PROGRESSING) == (
+        "False",
+        "ProgressDeadlineExceeded",
+        "",
+    )
+
+
 @pytest.mark.parametrize(
     "odd",
     [
