@@ -91,16 +91,26 @@ REPLICA_NOT_READY = "ReplicaNotReady"
 UNSEEN_END = frozenset({"Unknown", "ContainerStatusUnknown"})
 # The pod conditions that turn False when the kubelet finds a pod's sandbox
 # gone and True once it has made a new one: PodReadyToStartContainers
-# (Kubernetes 1.29 on), PodHasNetwork before it (1.25 to 1.28, alpha).
+# (Kubernetes 1.29 on, by default from 1.30, the chart's minimum), PodHasNetwork
+# before it (1.25 to 1.28, alpha).
 SANDBOX_CONDITIONS = ("PodReadyToStartContainers", "PodHasNetwork")
-# How long a restarted sidecar must run before it is past a crash loop. A
-# sidecar without a readiness probe turns its pod ready as soon as it runs, so
-# readiness tells nothing of it: read by it, one that crash-loops flipped the
-# model Degraded and back at every restart. The kubelet forgets a container's
-# back-off once it has run for twice the maximum back-off of 300 s
+# How long a sidecar the kubelet backed off must run before it is past a crash
+# loop, and how long a run must have lasted for its end to be restarted at
+# once. A sidecar without a readiness probe turns its pod ready as soon as it
+# runs, so readiness tells nothing of it: read by it, one that crash-loops
+# flipped the model Degraded and back at every restart. The kubelet forgets a
+# container's back-off once it has run for twice the maximum back-off of 300 s
 # (flowcontrol.Backoff, pkg/kubelet/kuberuntime: doBackOff) and restarts it at
 # once at its next end: until then it still counts the restarts as a loop.
 SIDECAR_LOOP_SECONDS = 600
+# The restart count from which a container running again (or waiting for
+# anything but the back-off) is read as in a crash loop. The kubelet restarts a
+# container at once after its first end and backs off only from its second
+# (flowcontrol.Backoff has no entry for it before), so one restart is a crash
+# or an OOM kill, not yet a loop: read as one, a single restart made the model
+# Degraded, a Warning, for the whole reload (minutes for a large model), and a
+# sidecar's for SIDECAR_LOOP_SECONDS with every replica serving.
+LOOP_RESTARTS = 2
 # The kubelet's CrashLoopBackOff message starts with the back-off it waits out
 # ("back-off 40s restarting failed container=..."), which doubles at every
 # restart: copied, it rewrote the status at each.
@@ -220,7 +230,7 @@ def _unschedulable(pods: Sequence[Obj]) -> list[tuple[str, str]]:
     for pod in pods:
         cond = _pod_condition(pod, "PodScheduled")
         if cond and cond.get("status") == "False" and not _gated(pod):
-            found.append((pod["metadata"]["name"], str(cond.get("message", ""))))
+            found.append((pod["metadata"]["name"], str(cond.get("message") or "")))
     return found
 
 
@@ -306,13 +316,17 @@ def _lost(pods: Sequence[Obj], now: str) -> list[tuple[str, Obj]]:
 
 
 def lapse_due_in(pods: Sequence[Obj], now: str) -> float | None:
-    """Seconds until the first replica that served and is not ready now has
-    been so for NOT_READY_GRACE_SECONDS, when the status would turn Degraded
-    for it (see `_lost`); None when no replica waits for that.
+    """Seconds until the status may change with nothing in the cluster
+    changing, the earliest of: the first replica that served and is not ready
+    now has been so for NOT_READY_GRACE_SECONDS, when the status would turn
+    Degraded for it (see `_lost`); a sidecar in a crash loop has run for
+    SIDECAR_LOOP_SECONDS, when it is past it (see `_sidecar_loop_ends_in`).
+    None when neither waits.
 
-    Nothing in the cluster changes at that moment (a NotReady node's pods are
-    marked once): without a refresh then, Degraded waited for the next event
-    or periodic pass, up to a resync period late.
+    Nothing in the cluster changes at those moments (a NotReady node's pods
+    are marked once, a sidecar that keeps running writes nothing): without a
+    refresh then, the status waited for the next event or periodic pass, up
+    to a resync period late.
     """
     due = [
         NOT_READY_GRACE_SECONDS - elapsed
@@ -321,6 +335,9 @@ def lapse_due_in(pods: Sequence[Obj], now: str) -> float | None:
         and (elapsed := _seconds(since, now)) is not None
         and elapsed < NOT_READY_GRACE_SECONDS
     ]
+    loop = _sidecar_loop_ends_in(pods, now)
+    if loop is not None:
+        due.append(loop)
     return min(due) if due else None
 
 
@@ -386,26 +403,57 @@ def _template_hash(pod: Obj) -> str:
 
 def _sandbox_since(pod: Obj) -> str:
     """When `pod`'s sandbox last changed, as far as its conditions tell: the
-    later of the last changes of SANDBOX_CONDITIONS and of `Initialized`.
+    last change of SANDBOX_CONDITIONS, or of `Initialized` on a kubelet that
+    reports neither.
 
     When the kubelet makes a pod's sandbox again (a runtime or network plugin
     restart), it kills every container and runs the init containers again:
-    the sandbox's condition turns False and True again, and `Initialized`,
-    on a kubelet that reads it from the init containers alone, False until
-    they are done. Neither changes at a crash. Without init containers,
-    `Initialized` is True from the pod's first status on, before any end.
+    the sandbox's condition turns False and True again, and nothing else
+    moves it. `Initialized` does at a crash: from Kubernetes 1.29 the kubelet
+    reads it from its sidecars' `started` too until the server has started
+    (its startup probe passed, minutes of loading), so it turned False and
+    True at every sidecar restart then. Read with it, a sidecar's crash loop
+    during the load was no crash at every restart and one at every back-off,
+    and one sidecar restart hid a crash loop of the server. Only a kubelet
+    without the sandbox conditions (before 1.25, or 1.25 to 1.28 without the
+    alpha gate) is read from `Initialized`, which there follows the init
+    containers that run to completion alone.
     """
-    times = (
-        str((_pod_condition(pod, kind) or {}).get("lastTransitionTime") or "")
-        for kind in (*SANDBOX_CONDITIONS, "Initialized")
-    )
+    conditions = [
+        cond
+        for kind in SANDBOX_CONDITIONS
+        if (cond := _pod_condition(pod, kind)) is not None
+    ]
+    if not conditions:
+        conditions = [_pod_condition(pod, "Initialized") or {}]
+    times = (str(cond.get("lastTransitionTime") or "") for cond in conditions)
     return max(times, default="")
 
 
-def _crash(cs: Obj, once: bool, sandbox: str) -> str | None:
+def _restarts_to_loop(cs: Obj, once: bool, shown: bool) -> int:
+    """The restart count from which `cs`'s last end makes a crash loop (see
+    `_crash`); `shown`: the model is Degraded for its CrashLoopBackOff.
+
+    One just ended again (`terminated` now, restarted before) ends for the
+    second time, and the kubelet waits out the back-off before it restarts
+    it, as it does while it waits; one running again after one restart was
+    restarted at once (LOOP_RESTARTS), unless the kubelet had backed it off
+    (`shown`: the back-off was seen, and the model stays Degraded through the
+    reload). An init container that runs to completion reruns at once after
+    a failure that was already a crash (`Init:Error`).
+    """
+    state = cs.get("state") or {}
+    waiting = (state.get("waiting") or {}).get("reason")
+    if once or shown or state.get("terminated") or waiting == "CrashLoopBackOff":
+        return 1
+    return LOOP_RESTARTS
+
+
+def _crash(cs: Obj, once: bool, sandbox: str, shown: bool = False) -> str | None:
     """How a container that keeps crashing last ended, or None if it does not;
     `once`: an init container that runs to completion (not a sidecar);
-    `sandbox`: when its pod's sandbox last changed (`_sandbox_since`).
+    `sandbox`: when its pod's sandbox last changed (`_sandbox_since`);
+    `shown`: as for `_restarts_to_loop`.
 
     Between back-offs a crash-looping container is `running` (vLLM loads again)
     and only its restart count and last termination tell; without this the
@@ -413,10 +461,11 @@ def _crash(cs: Obj, once: bool, sandbox: str) -> str | None:
     that has just ended (`terminated` now, what `kubectl get pods` shows as
     `Error` or `Init:Error`) is read from that end. An init container that
     fails at once does so before it is ever restarted, and one that exits 0
-    has done its work; the others count only once restarted, and whatever
-    their exit code: the kubelet backs off restarting a server that exits 0
-    as one that fails (kubectl: `Completed`, then `CrashLoopBackOff`), and
-    read as no crash it flipped at every restart. No crash either: an end
+    has done its work; the others count only once restarted (running again,
+    only once restarted twice: `_restarts_to_loop`), and whatever their exit
+    code: the kubelet backs off restarting a server that exits 0 as one that
+    fails (kubectl: `Completed`, then `CrashLoopBackOff`), and read as no
+    crash it flipped at every restart. No crash either: an end
     that nobody saw (UNSEEN_END: a node reboot), and one no later than the
     pod's new sandbox: the kubelet kills the containers when it makes the
     sandbox again and starts them in the new one, minutes of loading (the
@@ -426,9 +475,10 @@ def _crash(cs: Obj, once: bool, sandbox: str) -> str | None:
     pod's sandbox ready counts as one before it.
     """
     now = (cs.get("state") or {}).get("terminated") or {}
+    restarts = int(cs.get("restartCount") or 0)
     if once and now:
         ended = now
-    elif cs.get("restartCount"):
+    elif restarts and restarts >= _restarts_to_loop(cs, once, shown):
         ended = now or (cs.get("lastState") or {}).get("terminated") or {}
     else:
         return None
@@ -445,17 +495,31 @@ def _crash(cs: Obj, once: bool, sandbox: str) -> str | None:
     return f"last exit: {said} (exit code {code})"
 
 
-def _backing_off(cs: Obj, now: str) -> bool:
-    """Whether the kubelet would back off restarting `cs`, a sidecar, were it
-    to end now: it has been restarted, and is not running or has run for less
-    than SIDECAR_LOOP_SECONDS since."""
-    if not cs.get("restartCount"):
-        return False
-    running = (cs.get("state") or {}).get("running")
+def _loop_left(cs: Obj, now: str) -> float | None:
+    """For how many more seconds the kubelet backs off `cs`, a sidecar, for
+    its last end (were it to end again, or while it waits): None when it does
+    not; `inf` until it runs again.
+
+    The kubelet forgets a back-off once the container has run for
+    SIDECAR_LOOP_SECONDS: a run that lasted that long ended with no back-off,
+    and one running that long since is past it. Whether it backs off at all
+    (not after a first end) is `_crash`'s count of restarts.
+    """
+    state = cs.get("state") or {}
+    ended = state.get("terminated") or (cs.get("lastState") or {}).get("terminated")
+    ran = _seconds(
+        str((ended or {}).get("startedAt") or ""),
+        str((ended or {}).get("finishedAt") or ""),
+    )
+    if ran is not None and ran >= SIDECAR_LOOP_SECONDS:
+        return None
+    running = state.get("running")
     if running is None:
-        return True
+        return float("inf")
     elapsed = _seconds(str(running.get("startedAt") or ""), now)
-    return elapsed is not None and elapsed < SIDECAR_LOOP_SECONDS
+    if elapsed is None or elapsed >= SIDECAR_LOOP_SECONDS:
+        return None
+    return SIDECAR_LOOP_SECONDS - elapsed
 
 
 def _served_since_start(pod: Obj, cs: Obj) -> bool:
@@ -508,26 +572,52 @@ def _container_statuses(pod: Obj) -> list[tuple[str, Obj, bool]]:
     ]
 
 
-def _crashing(pod: Obj, cs: Obj, once: bool, now: str) -> str | None:
+def _crashing(
+    pod: Obj, cs: Obj, once: bool, now: str, shown: bool = False
+) -> str | None:
     """How `cs`, a container of `pod`, last ended if it is in a crash loop
-    (see `_crash`), else None.
+    (see `_crash`; `shown` as there), else None.
 
     The server's container and the init containers are read while the pod is
     not ready and has not been since the container last started: a server
     that turned ready again after a restart is past it. A sidecar is read
-    while the kubelet backs off its restarts (`_backing_off`), ready or not:
+    while the kubelet backs off its restarts (`_loop_left`), ready or not:
     one without a readiness probe makes its pod ready as soon as it runs.
     """
     sidecar = not once and cs.get("name") in _sidecars(pod)
     if sidecar:
-        looping = _backing_off(cs, now)
+        looping = _loop_left(cs, now) is not None
     else:
         looping = (
             not _is_ready(pod)
             and not cs.get("ready")
             and not _served_since_start(pod, cs)
         )
-    return _crash(cs, once, _sandbox_since(pod)) if looping else None
+    return _crash(cs, once, _sandbox_since(pod), shown) if looping else None
+
+
+def _sidecar_loop_ends_in(pods: Sequence[Obj], now: str) -> float | None:
+    """Seconds until the first sidecar read as in a crash loop while it runs
+    again (see `_crashing`) has run for SIDECAR_LOOP_SECONDS and is past it;
+    None when none is.
+
+    Its pod is ready by then and nothing in the cluster changes: without a
+    refresh at that moment, the model stayed Degraded up to a resync period
+    longer. Read as if the model were Degraded for it already (`shown`): at
+    worst one refresh that changes nothing.
+    """
+    due = [
+        left
+        for pod in _live(pods)
+        if not _ended(pod)
+        for _, cs, once in _container_statuses(pod)
+        if not once
+        and cs.get("name") in _sidecars(pod)
+        and (cs.get("state") or {}).get("running") is not None
+        and _crashing(pod, cs, once, now, shown=True) is not None
+        and (left := _loop_left(cs, now)) is not None
+    ]
+    return min(due) if due else None
 
 
 def _container_failure(pods: Sequence[Obj], previous: str, now: str) -> Verdict | None:
@@ -540,7 +630,8 @@ def _container_failure(pods: Sequence[Obj], previous: str, now: str) -> Verdict 
         for kind, cs, once in _container_statuses(pod):
             where = f"pod {name}, {kind} {cs.get('name')}"
             waiting = (cs.get("state") or {}).get("waiting") or {}
-            crash = _crashing(pod, cs, once, now)
+            shown = previous.startswith(f"{where}: CrashLoopBackOff")
+            crash = _crashing(pod, cs, once, now, shown)
             reason = waiting.get("reason")
             last = ((cs.get("lastState") or {}).get("terminated") or {}).get("reason")
             said = str(waiting.get("message") or "")
@@ -628,8 +719,10 @@ def _failure(
             # The kubelet's own word stays in the message when the reason
             # could not carry it.
             said = f" ({raw})" if raw and reason != raw else ""
-            message = (
-                f"pod {pod['metadata']['name']}{said}: {status.get('message', '')}"
+            # The API returns an unset message as null: no `None` in ours.
+            text = str(status.get("message") or "")
+            message = f"pod {pod['metadata']['name']}{said}" + (
+                f": {text}" if text else ""
             )
             return Verdict("True", reason, message)
     return lost
@@ -720,7 +813,7 @@ def _progressing(
     progress = _deployment_condition(deployment, "Progressing")
     if progress.get("reason") == "ProgressDeadlineExceeded":
         return Verdict(
-            "False", "ProgressDeadlineExceeded", str(progress.get("message", ""))
+            "False", "ProgressDeadlineExceeded", str(progress.get("message") or "")
         )
     if n.updated < n.desired:
         return rolling

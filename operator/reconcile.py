@@ -442,7 +442,8 @@ class Reconciler:
         # Per model, the generation whose reconcile failed for good, and why.
         self._failed: dict[str, tuple[int, Blocker]] = {}
         # Per model, the refresh asked for when a replica that served will have
-        # been not ready for the grace (observe.lapse_due_in).
+        # been not ready for the grace, or a sidecar's crash loop will be over
+        # (observe.lapse_due_in).
         self._lapses: dict[str, asyncio.TimerHandle] = {}
         # Refreshes running as tasks of their own (see spawn_refresh).
         self._spawned: set[asyncio.Task[None]] = set()
@@ -1322,9 +1323,11 @@ class Reconciler:
     def _refresh_at_lapse(self, key: str, due_s: float | None) -> None:
         """Asks for a refresh of the model `key` in `due_s` seconds (None: no
         more), in place of any asked before: a replica that served and is not
-        ready turns the model Degraded once the grace is over, a moment at
-        which no event comes (a NotReady node's pods are marked once), so the
-        status would wait up to a resync period for the next pass."""
+        ready turns the model Degraded once the grace is over, and a sidecar
+        that ran long enough after a crash loop turns it back, moments at
+        which no event comes (a NotReady node's pods are marked once, a
+        running sidecar writes nothing), so the status would wait up to a
+        resync period for the next pass."""
         handle = self._lapses.pop(key, None)
         if handle is not None:
             handle.cancel()

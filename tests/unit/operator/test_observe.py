@@ -11,6 +11,7 @@ import pytest
 from citadel.operator.model import LLMModel
 from citadel.operator.observe import (
     NOT_READY_GRACE_SECONDS,
+    SIDECAR_LOOP_SECONDS,
     Blocker,
     derive_status,
     lapse_due_in,
@@ -1452,11 +1453,11 @@ KILLED = {
 
 def _in_new_sandbox(signal: str, started: str) -> dict[str, Any]:
     """The pod of `_new_sandbox(0)` once its server's container runs again in
-    the new sandbox since `started`, restarted once, its last state the kill:
-    with `signal` PodReadyToStartContainers, a pod without init containers
-    whose sandbox condition turned True again at 12:00:02; with Initialized,
-    one whose init container ran again until 12:02:30, on a kubelet without
-    the sandbox condition (before 1.29)."""
+    the new sandbox since `started`, restarted twice (once last week), its
+    last state the kill: with `signal` PodReadyToStartContainers, a pod
+    without init containers whose sandbox condition turned True again at
+    12:00:02; with Initialized, one whose init container ran again until
+    12:02:30, on a kubelet without a sandbox condition (before 1.25)."""
     body = _new_sandbox(0)
     body["status"]["phase"] = "Running"
     conditions = body["status"]["conditions"]
@@ -1478,7 +1479,7 @@ def _in_new_sandbox(signal: str, started: str) -> dict[str, Any]:
     else:
         del body["status"]["initContainerStatuses"]
     body["status"]["containerStatuses"][0].update(
-        restartCount=1,
+        restartCount=2,
         state={"running": {"startedAt": started}},
         lastState={"terminated": KILLED},
     )
@@ -1488,7 +1489,7 @@ def _in_new_sandbox(signal: str, started: str) -> dict[str, Any]:
 @pytest.mark.parametrize("signal", ["PodReadyToStartContainers", "Initialized"])
 def test_a_server_started_again_in_a_new_sandbox_is_no_crash(signal: str) -> None:
     """Once the kubelet starts the server again in the new sandbox, it has
-    restarted once and its last state is the kill: read as a crash, the model
+    restarted again and its last state is the kill: read as a crash, the model
     was Degraded/CrashLoopBackOff, a Warning, for the whole reload. The
     sandbox's condition (or Initialized, where init containers ran again)
     changed after that end: no crash. One in the new sandbox still is."""
@@ -1516,7 +1517,7 @@ def test_a_server_started_again_in_a_new_sandbox_is_no_crash(signal: str) -> Non
     # It crashes in the new sandbox: that end is later than the sandbox.
     crashed = copy.deepcopy(loading)
     crashed["status"]["containerStatuses"][0].update(
-        restartCount=2,
+        restartCount=3,
         state={"running": {"startedAt": "2026-05-01T12:03:10Z"}},
         lastState={"terminated": {**OOM, "finishedAt": "2026-05-01T12:03:00Z"}},
     )
@@ -1692,6 +1693,250 @@ def test_a_sidecar_that_crash_loops_is_one_crash_loop_ready_or_not() -> None:
     )
     assert _cond(status, ConditionType.DEGRADED)[:2] == ("False", "AsExpected")
     assert status.phase is Phase.READY
+
+
+def _serving_with_sidecar(sidecar: dict[str, Any]) -> dict[str, Any]:
+    """A replica ready since 09:04, its sandbox made at 09:00, with a sidecar
+    without a readiness probe (ready whenever it runs) in `sidecar`."""
+    body = _with_sidecar(_served("p1", "2026-05-01T09:04:00Z"), sidecar)
+    for cond in body["status"]["conditions"]:
+        if cond["type"] in ("Ready", "ContainersReady"):
+            cond.update(status="True")
+            cond.pop("reason", None)
+            cond.pop("message", None)
+        if cond["type"] == "PodReadyToStartContainers":
+            cond["lastTransitionTime"] = STARTED
+    body["status"]["containerStatuses"][0]["ready"] = True
+    body["status"]["initContainerStatuses"][0]["ready"] = True
+    return body
+
+
+SIDECAR_OOM = {
+    "reason": "OOMKilled",
+    "exitCode": 137,
+    "startedAt": "2026-05-01T09:00:00Z",
+    "finishedAt": "2026-05-01T12:00:00Z",
+}
+
+
+def test_one_sidecar_restart_is_no_crash_loop() -> None:
+    """The kubelet restarts a sidecar at once after its first end (OOM-killed
+    once after hours), and backs off only from its second: read as a crash
+    loop for SIDECAR_LOOP_SECONDS, one restart made the model Degraded, a
+    Warning, for ten minutes with every replica serving. Nor is an end after
+    a run that long: the kubelet had forgotten the back-off."""
+    once = {
+        "state": {"running": {"startedAt": "2026-05-01T12:00:01Z"}},
+        "restartCount": 1,
+        "lastState": {"terminated": SIDECAR_OOM},
+    }
+    again_next_day = {
+        "state": {"running": {"startedAt": "2026-05-02T12:00:01Z"}},
+        "restartCount": 2,
+        "lastState": {
+            "terminated": {
+                **SIDECAR_OOM,
+                "startedAt": "2026-05-01T12:00:01Z",
+                "finishedAt": "2026-05-02T12:00:00Z",
+            }
+        },
+    }
+    for sidecar, day in ((once, "2026-05-01"), (again_next_day, "2026-05-02")):
+        pods = [_serving_with_sidecar(sidecar)]
+        for at in ("12:00:03", "12:09:00"):
+            now = f"{day}T{at}Z"
+            status = derive_status(make_model(**PINNED), deployment(), pods, NODES, now)
+            assert _cond(status, ConditionType.DEGRADED)[:2] == ("False", "AsExpected")
+            assert status.phase is Phase.READY
+            assert lapse_due_in(pods, now) is None
+
+
+def test_a_sidecar_crash_loop_is_refreshed_away_when_its_back_off_lapses() -> None:
+    """Ended twice within a minute, the sidecar was backed off: a crash loop
+    until it has run for SIDECAR_LOOP_SECONDS. Its pod is ready throughout
+    and nothing in the cluster changes when that time is over: lapse_due_in
+    asks for the refresh that turns the model back."""
+    last = {
+        "reason": "Error",
+        "exitCode": 1,
+        "startedAt": "2026-05-01T11:59:40Z",
+        "finishedAt": "2026-05-01T12:00:00Z",
+    }
+    looped = {
+        "state": {"running": {"startedAt": "2026-05-01T12:00:10Z"}},
+        "restartCount": 2,
+        "lastState": {"terminated": last},
+    }
+    pods = [_serving_with_sidecar(looped)]
+    now = "2026-05-01T12:05:10Z"
+    status = derive_status(make_model(**PINNED), deployment(), pods, NODES, now)
+    assert _cond(status, ConditionType.DEGRADED) == (
+        "True",
+        "CrashLoopBackOff",
+        "pod p1, init container mesh-proxy: CrashLoopBackOff last exit: Error "
+        "(exit code 1)",
+    )
+    assert lapse_due_in(pods, now) == SIDECAR_LOOP_SECONDS - 300
+    # A lost replica's grace that ends first comes first.
+    lost = _served("p2", "2026-05-01T12:05:00Z")
+    assert lapse_due_in([*pods, lost], now) == NOT_READY_GRACE_SECONDS - 10
+    over = _after(now, 300)
+    status = derive_status(make_model(**PINNED), deployment(), pods, NODES, over)
+    assert _cond(status, ConditionType.DEGRADED)[:2] == ("False", "AsExpected")
+    assert status.phase is Phase.READY
+    assert lapse_due_in(pods, over) is None
+
+
+def _loading_with_sidecar(
+    server: dict[str, Any], sidecar: dict[str, Any], initialized: str
+) -> dict[str, Any]:
+    """A new pod (sandbox made at 11:55) whose server loads, not yet
+    `started`, beside the sidecar `mesh-proxy` in `sidecar`; Initialized last
+    changed at `initialized`, as a kubelet from 1.29 moves it at a sidecar's
+    restart until the server has started."""
+    body = _with_sidecar(_served("p1", "2026-05-01T11:55:00Z"), sidecar)
+    for cond in body["status"]["conditions"]:
+        if cond["type"] == "PodReadyToStartContainers":
+            cond["lastTransitionTime"] = "2026-05-01T11:55:00Z"
+        if cond["type"] == "Initialized":
+            cond["lastTransitionTime"] = initialized
+    body["status"]["containerStatuses"][0].update(started=False, **server)
+    return body
+
+
+def test_a_sidecar_restart_during_the_load_is_no_new_sandbox() -> None:
+    """From Kubernetes 1.29 the kubelet reads Initialized from the sidecars'
+    `started` too until the server has started: a sidecar's restart while
+    vLLM loads moves it, and nothing of the sandbox. Read as a new sandbox,
+    one sidecar OOM kill hid the server's crash loop, and a sidecar's own
+    crash loop was no crash at each of its ends."""
+    server_loop = {
+        "restartCount": 3,
+        "state": {"running": {"startedAt": "2026-05-01T12:07:36Z"}},
+        "lastState": {
+            "terminated": {
+                "reason": "Error",
+                "exitCode": 1,
+                "startedAt": "2026-05-01T12:05:49Z",
+                "finishedAt": "2026-05-01T12:07:15Z",
+            }
+        },
+    }
+    sidecar_once = {
+        "state": {"running": {"startedAt": "2026-05-01T12:08:01Z"}},
+        "restartCount": 1,
+        "lastState": {
+            "terminated": {**SIDECAR_OOM, "finishedAt": "2026-05-01T12:08:00Z"}
+        },
+    }
+    body = _loading_with_sidecar(server_loop, sidecar_once, "2026-05-01T12:08:01Z")
+    status = derive_status(
+        make_model(**PINNED), deployment(ready=0), [body], NODES, "2026-05-01T12:08:02Z"
+    )
+    assert _cond(status, ConditionType.DEGRADED) == (
+        "True",
+        "CrashLoopBackOff",
+        "pod p1, container vllm: CrashLoopBackOff last exit: Error (exit code 1)",
+    )
+    # The sidecar ends a second time, 20 s after its restart: Initialized
+    # turned False then.
+    loading = {"restartCount": 0, "state": {"running": {"startedAt": STARTED}}}
+    ended = {
+        "reason": "Error",
+        "exitCode": 1,
+        "startedAt": "2026-05-01T12:08:01Z",
+        "finishedAt": "2026-05-01T12:08:21Z",
+    }
+    sidecar_again = {"state": {"terminated": ended}, "restartCount": 1}
+    body = _loading_with_sidecar(loading, sidecar_again, "2026-05-01T12:08:21Z")
+    status = derive_status(
+        make_model(**PINNED), deployment(ready=0), [body], NODES, "2026-05-01T12:08:22Z"
+    )
+    assert _cond(status, ConditionType.DEGRADED) == (
+        "True",
+        "CrashLoopBackOff",
+        "pod p1, init container mesh-proxy: CrashLoopBackOff last exit: Error "
+        "(exit code 1)",
+    )
+
+
+@pytest.mark.parametrize(
+    "ended",
+    [OOM, {"reason": "Completed", "exitCode": 0}, {"reason": "Error", "exitCode": 137}],
+    ids=["oom", "exit 0", "killed"],
+)
+def test_one_server_restart_is_a_reload_until_its_second_end(
+    ended: dict[str, Any],
+) -> None:
+    """The kubelet restarts a server at once after its first end, whatever
+    its exit code: read as a crash loop, one restart made the model Degraded,
+    a Warning and a page, for the whole reload (minutes for a large model).
+    Its second end is one, through the back-off and every reload after; and
+    once the back-off has been seen, the reload after it too."""
+    said = f"last exit: {ended['reason']} (exit code {ended['exitCode']})"
+    back_off = {
+        "waiting": {
+            "reason": "CrashLoopBackOff",
+            "message": "back-off 10s restarting failed container=vllm pod=p1",
+        }
+    }
+    steps = []
+    for restarts, state in (
+        (1, RUNNING),
+        (1, {"terminated": ended}),
+        (1, back_off),
+        (2, RUNNING),
+    ):
+        body = _restarted(state, ended)
+        body["status"]["containerStatuses"][0]["restartCount"] = restarts
+        steps.append((NOW, [body], deployment(ready=0)))
+    seen = _follow(steps)
+    assert seen[0] == ("False", "AsExpected", "no replica is failing")
+    loop = (
+        "True",
+        "CrashLoopBackOff",
+        f"pod p1, container vllm: CrashLoopBackOff {said}",
+    )
+    assert seen[1:] == [loop] * 3
+    # The kubelet backed off its first end (kubectl: CrashLoopBackOff with no
+    # restart yet): the reload after it stays a crash loop.
+    waited = _restarted(back_off, {})
+    waited["status"]["containerStatuses"][0].update(restartCount=0, lastState={})
+    reload = _restarted(RUNNING, ended)
+    reload["status"]["containerStatuses"][0]["restartCount"] = 1
+    seen = _follow(
+        [(NOW, [waited], deployment(ready=0)), (NOW, [reload], deployment(ready=0))]
+    )
+    assert [degraded[:2] for degraded in seen] == [("True", "CrashLoopBackOff")] * 2
+
+
+def test_a_null_message_is_no_message() -> None:
+    """A message the API returns as null was written as `None`."""
+    model = make_model(**PINNED)
+    stuck = pod("p1", node_name=None, unschedulable="x")
+    stuck["status"]["conditions"][0]["message"] = None
+    status = _derive(model, deployment(ready=0), [stuck])
+    assert _cond(status, ConditionType.SCHEDULED)[:2] == ("False", "Unschedulable")
+    assert "None" not in _cond(status, ConditionType.SCHEDULED)[2]
+    failed = _failed_pod("p-old", "Evicted", "")
+    failed["status"]["message"] = None
+    status = _derive(model, deployment(ready=0), [failed])
+    assert _cond(status, ConditionType.DEGRADED) == ("True", "Evicted", "pod p-old")
+    stalled = deployment(ready=0)
+    stalled["status"]["conditions"] = [
+        {
+            "type": "Progressing",
+            "status": "False",
+            "reason": "ProgressDeadlineExceeded",
+            "message": None,
+        }
+    ]
+    status = _derive(model, stalled, [])
+    assert _cond(status, ConditionType.PROGRESSING) == (
+        "False",
+        "ProgressDeadlineExceeded",
+        "",
+    )
 
 
 @pytest.mark.parametrize(
