@@ -430,9 +430,10 @@ def _sandbox_since(pod: Obj) -> str:
     return max(times, default="")
 
 
-def _restarts_to_loop(cs: Obj, once: bool, shown: bool) -> int:
+def _restarts_to_loop(cs: Obj, once: bool, shown: bool) -> int | None:
     """The restart count from which `cs`'s last end makes a crash loop (see
-    `_crash`); `shown`: the model is Degraded for its CrashLoopBackOff.
+    `_crash`), None for none; `shown`: the model is Degraded for its
+    CrashLoopBackOff.
 
     One just ended again (`terminated` now, restarted before) ends for the
     second time, and the kubelet waits out the back-off before it restarts
@@ -446,6 +447,15 @@ def _restarts_to_loop(cs: Obj, once: bool, shown: bool) -> int:
     waiting = (state.get("waiting") or {}).get("reason")
     if once or shown or state.get("terminated") or waiting == "CrashLoopBackOff":
         return 1
+    ended = (cs.get("lastState") or {}).get("terminated") or {}
+    ran = _seconds(
+        str(ended.get("startedAt") or ""), str(ended.get("finishedAt") or "")
+    )
+    if ran is not None and ran >= SIDECAR_LOOP_SECONDS:
+        # Its last run outlasted any back-off: the kubelet restarted it at
+        # once, as after a first end, whatever the count (every restart of
+        # the pod's life: a reboot last week, one OOM kill) says.
+        return None
     return LOOP_RESTARTS
 
 
@@ -476,9 +486,10 @@ def _crash(cs: Obj, once: bool, sandbox: str, shown: bool = False) -> str | None
     """
     now = (cs.get("state") or {}).get("terminated") or {}
     restarts = int(cs.get("restartCount") or 0)
+    loop_from = _restarts_to_loop(cs, once, shown)
     if once and now:
         ended = now
-    elif restarts and restarts >= _restarts_to_loop(cs, once, shown):
+    elif restarts and loop_from is not None and restarts >= loop_from:
         ended = now or (cs.get("lastState") or {}).get("terminated") or {}
     else:
         return None

@@ -367,10 +367,16 @@ class ProxyService:
             # retry ever, its `left` read after the clock moved: a wedged
             # replica always tried after one that says 429 was never ejected.
             # A try given the leftover of the request's time ran out of the
-            # gateway's time, not its replica's.
+            # gateway's time, not its replica's. The allowance is the connect
+            # timeout, and a tenth of the read timeout at most: with a short
+            # read timeout the floor is half of it, and a retry left with half
+            # the time was blamed (3 s read, a 503 after 1.4 s: the healthy
+            # replica after it ejected).
+            allowance = min(
+                self._options.connect_within_s, self._options.answer_within_s / 10
+            )
             whole_time = (
-                not attempt
-                or left >= self._options.answer_within_s - self._options.least_try_s
+                not attempt or left >= self._options.answer_within_s - allowance
             )
             # Likewise a connection: a retry given less than the connect
             # timeout (a floor under it, for a short read timeout) may have

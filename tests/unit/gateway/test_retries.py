@@ -377,6 +377,34 @@ async def test_a_retry_cut_short_by_the_deadline_judges_no_replica(
     assert _backend_errors(harness, second, "timeout") is None
 
 
+async def test_a_retry_left_half_a_short_read_timeout_judges_no_replica(
+    kit: Any,
+) -> None:
+    """With a read timeout under twice the connect timeout the floor is half of
+    it, and so was the allowance for a retry to count as having the whole
+    time: a replica tried with 1.6 of 3 s left was blamed for the 503 before it
+    that took 1.4 s, and healthy replicas were ejected."""
+    settings = GatewaySettings(
+        routes_source="file", read_timeout_s=3.0, connect_timeout_s=2.0
+    )
+    harness = kit.build()
+    proxy = _proxy(harness, proxy_options(settings), harness.clock)
+
+    def handler(url: str, body: Any) -> Any:
+        if len(harness.upstream.calls) == 1:
+            harness.clock.now += 1.4  # a 503 after 1.4 s
+            return _refusal(kit, 503)
+        return UpstreamTimeout("no answer in 1.6 s")
+
+    harness.upstream.handler = handler
+    principal = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
+    with pytest.raises(BackendTimeout):
+        await proxy.handle(CHAT, principal, orjson.dumps(kit.chat), "r-1")
+    second = harness.upstream.calls[1][0][:9]
+    assert _replica(harness, second).failures == 0
+    assert _backend_errors(harness, second, "timeout") is None
+
+
 async def test_a_first_try_that_times_out_is_still_its_replicas_failure(
     kit: Any,
 ) -> None:

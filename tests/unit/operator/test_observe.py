@@ -1910,6 +1910,22 @@ def test_one_server_restart_is_a_reload_until_its_second_end(
     assert [degraded[:2] for degraded in seen] == [("True", "CrashLoopBackOff")] * 2
 
 
+def test_a_restart_after_a_long_run_is_a_reload_whatever_the_count() -> None:
+    """The restart count spans the pod's life (a reboot last week, an OOM kill
+    a month ago): after a run that outlasted any back-off the kubelet restarts
+    the server at once, a reload, not the second end of a loop. A short run
+    that ended the same way still is one."""
+    long_run = {**OOM, "startedAt": "2026-04-28T12:00:00Z", "finishedAt": NOW}
+    short_run = {**OOM, "startedAt": "2026-05-01T11:58:00Z", "finishedAt": NOW}
+    for ended, verdict in (
+        (long_run, ("False", "AsExpected")),
+        (short_run, ("True", "CrashLoopBackOff")),
+    ):
+        body = _restarted(RUNNING, ended)  # restartCount 3
+        seen = _follow([(NOW, [body], deployment(ready=0))])
+        assert seen[0][:2] == verdict
+
+
 def test_a_null_message_is_no_message() -> None:
     """A message the API returns as null was written as `None`."""
     model = make_model(**PINNED)
