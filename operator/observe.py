@@ -230,7 +230,10 @@ def _unschedulable(pods: Sequence[Obj]) -> list[tuple[str, str]]:
     for pod in pods:
         cond = _pod_condition(pod, "PodScheduled")
         if cond and cond.get("status") == "False" and not _gated(pod):
-            found.append((pod["metadata"]["name"], str(cond.get("message") or "")))
+            # The reason where there is no message (the scheduler writes one):
+            # "cannot be placed: " with nothing after it said nothing.
+            said = cond.get("message") or cond.get("reason") or "no reason given"
+            found.append((pod["metadata"]["name"], str(said)))
     return found
 
 

@@ -1934,6 +1934,7 @@ def test_a_null_message_is_no_message() -> None:
     status = _derive(model, deployment(ready=0), [stuck])
     assert _cond(status, ConditionType.SCHEDULED)[:2] == ("False", "Unschedulable")
     assert "None" not in _cond(status, ConditionType.SCHEDULED)[2]
+    assert _cond(status, ConditionType.SCHEDULED)[2].endswith(": Unschedulable")
     failed = _failed_pod("p-old", "Evicted", "")
     failed["status"]["message"] = None
     status = _derive(model, deployment(ready=0), [failed])
