@@ -433,10 +433,13 @@ def _sandbox_since(pod: Obj) -> str:
     return max(times, default="")
 
 
-def _restarts_to_loop(cs: Obj, once: bool, shown: bool) -> int | None:
+def _restarts_to_loop(
+    cs: Obj, once: bool, shown: bool, ready_changed: str
+) -> int | None:
     """The restart count from which `cs`'s last end makes a crash loop (see
     `_crash`), None for none; `shown`: the model is Degraded for its
-    CrashLoopBackOff.
+    CrashLoopBackOff; `ready_changed`: when its pod's Ready condition last
+    changed.
 
     One just ended again (`terminated` now, restarted before) ends for the
     second time, and the kubelet waits out the back-off before it restarts
@@ -454,19 +457,26 @@ def _restarts_to_loop(cs: Obj, once: bool, shown: bool) -> int | None:
     ran = _seconds(
         str(ended.get("startedAt") or ""), str(ended.get("finishedAt") or "")
     )
-    if ran is not None and ran >= SIDECAR_LOOP_SECONDS:
-        # Its last run outlasted any back-off: the kubelet restarted it at
-        # once, as after a first end, whatever the count (every restart of
-        # the pod's life: a reboot last week, one OOM kill) says.
+    started = str(ended.get("startedAt") or "")
+    if ran is not None and ran >= SIDECAR_LOOP_SECONDS and ready_changed >= started:
+        # Its last run outlasted any back-off and served (its pod's Ready
+        # changed during it, turning False at its end): the kubelet restarted
+        # it at once, as after a first end, whatever the count (every restart
+        # of the pod's life: a reboot last week, one OOM kill) says. A run as
+        # long that never served (a startup probe's kill after 30 minutes, a
+        # slow load that fails) is a loop the kubelet never backs off: read by
+        # the count, or it never turned the model Degraded.
         return None
     return LOOP_RESTARTS
 
 
-def _crash(cs: Obj, once: bool, sandbox: str, shown: bool = False) -> str | None:
+def _crash(
+    cs: Obj, once: bool, sandbox: str, shown: bool = False, ready_changed: str = ""
+) -> str | None:
     """How a container that keeps crashing last ended, or None if it does not;
     `once`: an init container that runs to completion (not a sidecar);
     `sandbox`: when its pod's sandbox last changed (`_sandbox_since`);
-    `shown`: as for `_restarts_to_loop`.
+    `shown`, `ready_changed`: as for `_restarts_to_loop`.
 
     Between back-offs a crash-looping container is `running` (vLLM loads again)
     and only its restart count and last termination tell; without this the
@@ -489,7 +499,7 @@ def _crash(cs: Obj, once: bool, sandbox: str, shown: bool = False) -> str | None
     """
     now = (cs.get("state") or {}).get("terminated") or {}
     restarts = int(cs.get("restartCount") or 0)
-    loop_from = _restarts_to_loop(cs, once, shown)
+    loop_from = _restarts_to_loop(cs, once, shown, ready_changed)
     if once and now:
         ended = now
     elif restarts and loop_from is not None and restarts >= loop_from:
@@ -607,7 +617,11 @@ def _crashing(
             and not cs.get("ready")
             and not _served_since_start(pod, cs)
         )
-    return _crash(cs, once, _sandbox_since(pod), shown) if looping else None
+    if not looping:
+        return None
+    ready = _pod_condition(pod, "Ready") or {}
+    changed = str(ready.get("lastTransitionTime") or "")
+    return _crash(cs, once, _sandbox_since(pod), shown, changed)
 
 
 def _sidecar_loop_ends_in(pods: Sequence[Obj], now: str) -> float | None:

@@ -1917,11 +1917,17 @@ def test_a_restart_after_a_long_run_is_a_reload_whatever_the_count() -> None:
     that ended the same way still is one."""
     long_run = {**OOM, "startedAt": "2026-04-28T12:00:00Z", "finishedAt": NOW}
     short_run = {**OOM, "startedAt": "2026-05-01T11:58:00Z", "finishedAt": NOW}
-    for ended, verdict in (
-        (long_run, ("False", "AsExpected")),
-        (short_run, ("True", "CrashLoopBackOff")),
+    for ended, ready_changed, verdict in (
+        # Served during the long run: Ready turned False at its end.
+        (long_run, NOW, ("False", "AsExpected")),
+        (short_run, NOW, ("True", "CrashLoopBackOff")),
+        # A run as long that never served (a startup probe's kill after 30
+        # minutes: the kubelet never backs it off) is a loop all the same.
+        (long_run, "2026-04-01T00:00:00Z", ("True", "CrashLoopBackOff")),
     ):
         body = _restarted(RUNNING, ended)  # restartCount 3
+        ready = {"type": "Ready", "status": "False"}
+        body["status"]["conditions"] = [{**ready, "lastTransitionTime": ready_changed}]
         seen = _follow([(NOW, [body], deployment(ready=0))])
         assert seen[0][:2] == verdict
 
