@@ -296,15 +296,6 @@ def retry_after_seconds(retry_after: str | None) -> int | None:
     return min(int(seconds), REPLICA_RETRY_AFTER_MAX_S)
 
 
-def is_openai_error(data: bytes) -> bool:
-    """True when `data` is JSON holding OpenAI's error object (vLLM's refusals)."""
-    try:
-        parsed = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return False
-    return isinstance(parsed, dict) and isinstance(parsed.get("error"), dict)
-
-
 def refusal_body(status: int, data: bytes) -> dict[str, Any]:
     """The body of a replica's refusal (a 4xx), as OpenAI's error object.
 
@@ -318,26 +309,34 @@ def refusal_body(status: int, data: bytes) -> dict[str, Any]:
     short excerpt of the text, markup, controls and runs of white space taken
     out.
     """
+    return _refusal_of(status, data)[0]
+
+
+def _refusal_of(status: int, data: bytes) -> tuple[dict[str, Any], bool]:
+    """`refusal_body`, and whether `data` was OpenAI's error object already."""
     with contextlib.suppress(orjson.JSONDecodeError):
         parsed = orjson.loads(data)
         if isinstance(parsed, dict):
             if isinstance(parsed.get("error"), dict):
-                return parsed
+                return parsed, True
             flat = _flat_error(parsed)
             if flat:
-                return {"error": flat}
+                return {"error": flat}, False
     excerpt = _excerpt(data)
     if not excerpt:
-        return {}  # `refusal` says the status alone
-    return {"error": {"message": f"The model refused with status {status}: {excerpt}"}}
+        return {}, False  # `refusal` says the status alone
+    message = f"The model refused with status {status}: {excerpt}"
+    return {"error": {"message": message}}, False
 
 
-def refusal_json(status: int, data: bytes) -> bytes:
-    """A replica's refusal (a 4xx) whose body is not OpenAI's error object, in
-    its shape (`refusal_body`) for REST's client: the fields the replica gave
-    kept, the others those of the gateway's error for its status (`refusal`),
-    as the other doors report it."""
-    body = refusal_body(status, data)
+def refusal_json(status: int, data: bytes) -> bytes | None:
+    """A replica's refusal (a 4xx) in OpenAI's shape (`refusal_body`) for
+    REST's client, None when it is in it already (vLLM's own): the fields the
+    replica gave kept, the others those of the gateway's error for its status
+    (`refusal`), as the other doors report it. The body is parsed once."""
+    body, shaped = _refusal_of(status, data)
+    if shaped:
+        return None
     given = body.get("error", {})
     return orjson.dumps({"error": {**refusal(status, body).body()["error"], **given}})
 

@@ -22,7 +22,6 @@ from citadel.gateway.errors import (
     InternalError,
     NoReplica,
     ShuttingDown,
-    is_openai_error,
     refusal,
     refusal_body,
     refusal_json,
@@ -559,12 +558,12 @@ class ProxyService:
             headers = {**headers, **admitted.headers_after(ctx.settled)}
         if response.status != 200 and response.retry_after is not None:
             headers = {**headers, "retry-after": response.retry_after}
-        if 400 <= response.status < 500 and not is_openai_error(data):
+        shaped = refusal_json(response.status, data) if response.status >= 400 else None
+        if shaped is not None:
             # Not OpenAI's error object (old vLLM's flat one, a proxy's plain
             # text or HTML page in front of it): in OpenAI's shape, as every
             # door's client expects, still counted with the replica's status.
-            data = refusal_json(response.status, data)
-            content_type = "application/json"
+            data, content_type = shaped, "application/json"
         return ProxyResponse(response.status, headers, data, media_type=content_type)
 
     def _relay(
