@@ -141,12 +141,6 @@ class Catalog:
         reading = DocumentReading(doc, tuple(problems))
         self.put_in_force(routing_table(reading, self._document))
 
-    def take_reading(self, reading: DocumentReading) -> RoutingDocument:
-        """Puts a document read by `read_document` in force, where each model
-        it left out keeps its route from the document in force now; returns
-        the document put in force."""
-        return self.put_in_force(routing_table(reading, self._document))
-
     def put_in_force(self, table: RoutingTable) -> RoutingDocument:
         """Puts a table made by `routing_table` in force; returns its document.
 

@@ -1285,8 +1285,8 @@ def test_a_table_made_against_a_document_no_longer_in_force_is_made_again() -> N
         )
 
     catalog = Catalog()
-    catalog.take_reading(reading(5))
+    catalog.put_in_force(routing_table(reading(5), catalog.document))
     table = routing_table(reading(0), catalog.document)  # rpm 0: left out
-    catalog.take_reading(reading(7))
+    catalog.put_in_force(routing_table(reading(7), catalog.document))
     catalog.put_in_force(table)
     assert catalog.resolve("m").limits.rpm == 7
