@@ -201,8 +201,9 @@ def _ended(pod: Obj) -> bool:
     return (pod.get("status") or {}).get("phase") in ("Failed", "Succeeded")
 
 
-def _pod_condition(pod: Obj, kind: str) -> Obj | None:
-    for cond in (pod.get("status") or {}).get("conditions") or []:
+def _condition(obj: Obj, kind: str) -> Obj | None:
+    """`obj`'s (a pod's, a node's) status condition of type `kind`, if any."""
+    for cond in (obj.get("status") or {}).get("conditions") or []:
         if cond.get("type") == kind:
             return dict(cond)
     return None
@@ -219,7 +220,7 @@ def _gated(pod: Obj) -> bool:
     first try since they were removed (the condition still says so)."""
     if pod.get("spec", {}).get("nodeName"):
         return False
-    cond = _pod_condition(pod, "PodScheduled") or {}
+    cond = _condition(pod, "PodScheduled") or {}
     held = (cond.get("status"), cond.get("reason")) == ("False", SCHEDULING_GATED)
     return held or bool(_gates(pod))
 
@@ -228,7 +229,7 @@ def _unschedulable(pods: Sequence[Obj]) -> list[tuple[str, str]]:
     """The pods the scheduler tried and could not place, with its message."""
     found = []
     for pod in pods:
-        cond = _pod_condition(pod, "PodScheduled")
+        cond = _condition(pod, "PodScheduled")
         if cond and cond.get("status") == "False" and not _gated(pod):
             # The reason where there is no message (the scheduler writes one):
             # "cannot be placed: " with nothing after it said nothing.
@@ -243,7 +244,7 @@ def _created(pod: Obj) -> str:
 
 
 def _is_ready(pod: Obj) -> bool:
-    cond = _pod_condition(pod, "Ready")
+    cond = _condition(pod, "Ready")
     return bool(cond and cond.get("status") == "True") and not _ended(pod)
 
 
@@ -262,8 +263,8 @@ def _has_served(pod: Obj) -> bool:
     """
     if _is_ready(pod):
         return True
-    ready = _pod_condition(pod, "Ready") or {}
-    initialized = _pod_condition(pod, "Initialized") or {}
+    ready = _condition(pod, "Ready") or {}
+    initialized = _condition(pod, "Initialized") or {}
     since = str(initialized.get("lastTransitionTime") or "")
     return bool(since) and str(ready.get("lastTransitionTime") or "") > since
 
@@ -294,7 +295,7 @@ def _not_ready_since(pod: Obj) -> str | None:
     """
     if _ended(pod) or _is_ready(pod) or not _has_served(pod):
         return None
-    ready = _pod_condition(pod, "Ready") or {}
+    ready = _condition(pod, "Ready") or {}
     since = str(ready.get("lastTransitionTime") or "")
     for _, cs, once in _container_statuses(pod):
         if once:
@@ -305,16 +306,27 @@ def _not_ready_since(pod: Obj) -> str | None:
     return since
 
 
-def _lost(pods: Sequence[Obj], now: str) -> list[tuple[str, Obj]]:
-    """The pods not ready for NOT_READY_GRACE_SECONDS since they served, each
-    with when it stopped, longest first (then by name: the same pods always
-    give the same message)."""
+def _not_ready_for(pods: Sequence[Obj], now: str) -> list[tuple[str, float, Obj]]:
+    """Each of `pods` that served and is not ready now (`_not_ready_since`),
+    with since when and for how many seconds."""
     found = []
     for pod in pods:
         since = _not_ready_since(pod)
         elapsed = _seconds(since, now) if since else None
-        if elapsed is not None and elapsed >= NOT_READY_GRACE_SECONDS:
-            found.append((since or "", pod))
+        if since and elapsed is not None:
+            found.append((since, elapsed, pod))
+    return found
+
+
+def _lost(pods: Sequence[Obj], now: str) -> list[tuple[str, Obj]]:
+    """The pods not ready for NOT_READY_GRACE_SECONDS since they served, each
+    with when it stopped, longest first (then by name: the same pods always
+    give the same message)."""
+    found = [
+        (since, pod)
+        for since, elapsed, pod in _not_ready_for(pods, now)
+        if elapsed >= NOT_READY_GRACE_SECONDS
+    ]
     return sorted(found, key=lambda lost: (lost[0], lost[1]["metadata"]["name"]))
 
 
@@ -333,10 +345,8 @@ def lapse_due_in(pods: Sequence[Obj], now: str) -> float | None:
     """
     due = [
         NOT_READY_GRACE_SECONDS - elapsed
-        for pod in _live(pods)
-        if (since := _not_ready_since(pod)) is not None
-        and (elapsed := _seconds(since, now)) is not None
-        and elapsed < NOT_READY_GRACE_SECONDS
+        for _, elapsed, _ in _not_ready_for(_live(pods), now)
+        if elapsed < NOT_READY_GRACE_SECONDS
     ]
     loop = _sidecar_loop_ends_in(pods, now)
     if loop is not None:
@@ -351,14 +361,7 @@ def _node_trouble(name: str, nodes: Sequence[Obj]) -> str | None:
     node = next((n for n in nodes if n["metadata"]["name"] == name), None)
     if node is None:
         return f"node {name} no longer exists" if nodes else None
-    ready = next(
-        (
-            c
-            for c in (node.get("status") or {}).get("conditions") or []
-            if c.get("type") == "Ready"
-        ),
-        None,
-    )
+    ready = _condition(node, "Ready")
     if ready is None or ready.get("status") == "True":
         return None
     # Not the condition's message: free text that may carry a duration the
@@ -382,8 +385,8 @@ def _lost_verdict(lost: Sequence[tuple[str, Obj]], nodes: Sequence[Obj]) -> Verd
     since, pod = lost[0]
     name = pod["metadata"]["name"]
     node = str(pod.get("spec", {}).get("nodeName") or "")
-    ready = _pod_condition(pod, "Ready") or {}
-    containers = _pod_condition(pod, "ContainersReady") or {}
+    ready = _condition(pod, "Ready") or {}
+    containers = _condition(pod, "ContainersReady") or {}
     marked = not ready.get("reason") and containers.get("status") == "True"
     trouble = _node_trouble(node, nodes) if node else None
     if trouble is None and marked:
@@ -425,12 +428,21 @@ def _sandbox_since(pod: Obj) -> str:
     conditions = [
         cond
         for kind in SANDBOX_CONDITIONS
-        if (cond := _pod_condition(pod, kind)) is not None
+        if (cond := _condition(pod, kind)) is not None
     ]
     if not conditions:
-        conditions = [_pod_condition(pod, "Initialized") or {}]
+        conditions = [_condition(pod, "Initialized") or {}]
     times = (str(cond.get("lastTransitionTime") or "") for cond in conditions)
     return max(times, default="")
+
+
+def _outlasted_back_off(ended: Obj) -> bool:
+    """Whether the run that ended so (a `terminated` state) lasted
+    SIDECAR_LOOP_SECONDS or more, after which the kubelet forgets its back-off."""
+    ran = _seconds(
+        str(ended.get("startedAt") or ""), str(ended.get("finishedAt") or "")
+    )
+    return ran is not None and ran >= SIDECAR_LOOP_SECONDS
 
 
 def _restarts_to_loop(
@@ -454,11 +466,8 @@ def _restarts_to_loop(
     if once or shown or state.get("terminated") or waiting == "CrashLoopBackOff":
         return 1
     ended = (cs.get("lastState") or {}).get("terminated") or {}
-    ran = _seconds(
-        str(ended.get("startedAt") or ""), str(ended.get("finishedAt") or "")
-    )
     started = str(ended.get("startedAt") or "")
-    if ran is not None and ran >= SIDECAR_LOOP_SECONDS and ready_changed >= started:
+    if _outlasted_back_off(ended) and ready_changed >= started:
         # Its last run outlasted any back-off and served (its pod's Ready
         # changed during it, turning False at its end): the kubelet restarted
         # it at once, as after a first end, whatever the count (every restart
@@ -531,11 +540,7 @@ def _loop_left(cs: Obj, now: str) -> float | None:
     """
     state = cs.get("state") or {}
     ended = state.get("terminated") or (cs.get("lastState") or {}).get("terminated")
-    ran = _seconds(
-        str((ended or {}).get("startedAt") or ""),
-        str((ended or {}).get("finishedAt") or ""),
-    )
-    if ran is not None and ran >= SIDECAR_LOOP_SECONDS:
+    if _outlasted_back_off(ended or {}):
         return None
     running = state.get("running")
     if running is None:
@@ -562,7 +567,7 @@ def _served_since_start(pod: Obj, cs: Obj) -> bool:
     state = cs.get("state") or {}
     run = state.get("running") or state.get("terminated") or {}
     started = str(run.get("startedAt") or "")
-    ready = _pod_condition(pod, "Ready") or {}
+    ready = _condition(pod, "Ready") or {}
     return bool(started) and str(ready.get("lastTransitionTime") or "") > started
 
 
@@ -619,7 +624,7 @@ def _crashing(
         )
     if not looping:
         return None
-    ready = _pod_condition(pod, "Ready") or {}
+    ready = _condition(pod, "Ready") or {}
     changed = str(ready.get("lastTransitionTime") or "")
     return _crash(cs, once, _sandbox_since(pod), shown, changed)
 
