@@ -29,6 +29,10 @@ the rest add at most 16), as before that Service existed, so that no name moves.
 
 {{/* Labels of every object; call with (dict "ctx" $ "component" "gateway"). */}}
 {{- define "citadel.labels" -}}
+{{- /* Here, as every object's labels come before anything it reads from the
+values: checked in a file of its own, Helm rendered that file after the
+templates in folders, which failed first on the missing keys. */}}
+{{- include "citadel.checkValuesLayout" .ctx }}
 helm.sh/chart: {{ include "citadel.chart" .ctx }}
 {{ include "citadel.selectorLabels" . }}
 app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}

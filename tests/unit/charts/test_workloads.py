@@ -490,6 +490,25 @@ def test_values_of_another_layout_fail_the_render(chart: ChartKit, layout: Any) 
     )
 
 
+def test_an_older_charts_values_fail_on_their_layout_first(
+    chart: ChartKit, tmp_path: Path
+) -> None:
+    # As `helm upgrade --reuse-values` renders: an older chart's values.yaml,
+    # without the layout and without keys added since (here a whole section).
+    # The check ran in a file Helm renders after the templates in folders,
+    # which failed first on the missing keys (a nil pointer, no advice).
+    copy = tmp_path / "citadel"
+    shutil.copytree(chart.path, copy)
+    values = yaml.safe_load((copy / "values.yaml").read_text())
+    del values["valuesLayout"], values["operator"]["metrics"]
+    (copy / "values.yaml").write_text(yaml.safe_dump(values))
+    chart.render(
+        path=copy,
+        expect_error="valuesLayout is not set where this chart's is 2: with "
+        "`helm upgrade --reuse-values`",
+    )
+
+
 @pytest.mark.parametrize(
     "path",
     [
