@@ -111,6 +111,9 @@ class _Context:
     admission: Admission | None = None
     holding: bool = False
     """True while `replica` counts this request as in flight."""
+    ejections: int = 0
+    """`replica`'s ejections when the request took it: its result judges the
+    replica only if none came since (`Replica.record_success`)."""
     reached: bool = False
     """True once a replica may have worked on it (anything but a connection
     that failed before the request got to the replica)."""
@@ -706,6 +709,7 @@ class ProxyService:
 
     def _acquire(self, ctx: _Context, replica: Replica) -> None:
         ctx.replica, ctx.holding = replica, True
+        ctx.ejections = replica.ejections
         replica.in_flight += 1
         self._metrics.in_flight.labels(ctx.model, replica.url).inc()
 
@@ -714,7 +718,7 @@ class ProxyService:
     ) -> None:
         self._free(ctx, replica)
         if failure is None:
-            replica.record_success(self._clock())
+            replica.record_success(self._clock(), ctx.ejections)
             return
         self._metrics.backend_errors.labels(ctx.model, replica.url, failure.kind).inc()
         log.warning(
@@ -725,7 +729,8 @@ class ProxyService:
                 "error": str(failure),
             },
         )
-        if replica.record_failure(self._clock(), self._options.ejection):
+        ejection = self._options.ejection
+        if replica.record_failure(self._clock(), ejection, ctx.ejections):
             self._metrics.ejections.labels(ctx.model, replica.url).inc()
             log.warning("replica ejected", extra={"replica": replica.url})
 

@@ -4,7 +4,8 @@ Health is passive: a replica that fails `eject_after` times in a row is taken ou
 rotation for a back-off that doubles with each ejection in a row (up to a maximum),
 then re-admitted on trial; one success makes it healthy again. An ejection lasts its
 period, as Envoy's outlier detection has it: what the requests in flight when it
-began do meanwhile, well or not, changes nothing.
+began do, meanwhile or after it, well or not, changes nothing. Only a request sent
+since the replica's latest ejection judges it.
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ class Replica:
     failures: int = 0
     ejections_in_row: int = 0
     ejected_until: float = 0.0
+    ejections: int = 0
+    """How many times it was ejected. A request notes it when it takes the
+    replica and hands it back with its result (`record_success`,
+    `record_failure`): a different count says an ejection came in between."""
     load: LoadReport = field(default_factory=LoadReport)
     load_read_at: float | None = None
     """When its `/metrics` last answered, kept when a later read fails and
@@ -72,29 +77,48 @@ class Replica:
         """True unless the replica is ejected at `now`."""
         return now >= self.ejected_until
 
-    def record_success(self, now: float) -> None:
+    def _judged_by(self, now: float, seen: int) -> bool:
+        """Whether a result at `now`, of a request sent when the replica had
+        been ejected `seen` times, says anything of its health.
+
+        A request sent before the latest ejection says nothing, whenever it
+        ends: LLM streams outlast the back-off, and the trial after it is the
+        first request sent once it is over. Nor does one that ends while the
+        replica is ejected (sent meanwhile, as a guess when every replica is
+        ejected): the ejection lasts its period.
+        """
+        return seen == self.ejections and now >= self.ejected_until
+
+    def record_success(self, now: float, seen: int) -> None:
         """A request completed: the replica is healthy.
 
-        While the replica is ejected a success counts for nothing, as a failure
-        does (`record_failure`): it comes from a request sent before the
-        ejection (a long stream, as likely as not), not from the trial after
-        it. Counted, it would end the ejections in a row, so the replica would
-        come back needing `eject_after` failures, each a client's error, where
-        one failed trial should eject it again for twice as long.
+        Args:
+            now: when it completed.
+            seen: the replica's `ejections` when the request took it. A success
+                of a request sent before the latest ejection (a long stream,
+                as likely as not) counts for nothing: counted, it would end the
+                ejections in a row, so the replica would come back needing
+                `eject_after` failures, each a client's error, where one failed
+                trial should eject it again for twice as long.
         """
-        if now < self.ejected_until:
+        if not self._judged_by(now, seen):
             return
         self.failures = 0
         self.ejections_in_row = 0
 
-    def record_failure(self, now: float, policy: EjectionPolicy) -> bool:
+    def record_failure(self, now: float, policy: EjectionPolicy, seen: int) -> bool:
         """A request failed; returns True when this failure ejects the replica.
 
-        While the replica is ejected a failure counts for nothing: it comes from a
-        request sent before the ejection, not from the trial after it, and
-        counting it would double the back-off once per request that was in flight.
+        Args:
+            now: when it failed.
+            policy: when to eject, and for how long.
+            seen: the replica's `ejections` when the request took it. A failure
+                of a request sent before the latest ejection counts for
+                nothing: it is not the trial after it, and counted, it would
+                eject the replica again, doubling the back-off, once per
+                request that was in flight, before any trial was sent.
         """
-        if now < self.ejected_until:
+        if not self._judged_by(now, seen):
             return False
         self.failures += 1
         trial = self.ejections_in_row > 0 and self.failures == 1
@@ -103,5 +127,6 @@ class Replica:
         backoff = min(policy.max_s, policy.base_s * 2**self.ejections_in_row)
         self.ejected_until = now + backoff
         self.ejections_in_row += 1
+        self.ejections += 1
         self.failures = 0
         return True

@@ -316,6 +316,62 @@ async def test_a_stream_read_to_its_end_still_heals_its_replica(kit: Any) -> Non
     assert state.failures == 0
 
 
+async def _stream_then_eject(kit: Any, harness: Any, end: bytes | Exception) -> Any:
+    """A stream taken on the lone replica `http://r1`, ending with `end` once
+    read, and three requests after it that fail (503) and eject the replica."""
+    chunk = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+    harness.upstream.handler = lambda url, body: (
+        kit.reply(parts=[chunk, end]) if body.get("stream") else _refusal(kit, 503)
+    )
+    principal = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
+    raw = orjson.dumps({**kit.chat, "stream": True})
+    result = await harness.deps.proxy.handle(CHAT, principal, raw, "r-1")
+    for _ in range(3):
+        with pytest.raises(GatewayError):
+            await harness.deps.proxy.handle(
+                CHAT, principal, orjson.dumps(kit.chat), "r-1"
+            )
+    state = _replica(harness, "http://r1")
+    assert state.ejected_until == harness.clock.now + 5
+    return result.stream
+
+
+async def test_a_stream_sent_before_an_ejection_does_not_heal_its_replica_after(
+    kit: Any,
+) -> None:
+    """A stream that outlasts its replica's ejection and ends well says nothing
+    of the replica since: counted, it healed it, so the failed trial after
+    did not eject it again and the back-off started over instead of doubling."""
+    harness = kit.build(replicas=("http://r1",))
+    stream = await _stream_then_eject(kit, harness, b"data: [DONE]\n\n")
+    state = _replica(harness, "http://r1")
+    harness.clock.now += 30
+    async for _ in stream:
+        pass
+    assert (state.ejections_in_row, state.in_flight) == (1, 0)
+    principal = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
+    with pytest.raises(GatewayError):  # the trial fails: ejected for 10 s
+        await harness.deps.proxy.handle(CHAT, principal, orjson.dumps(kit.chat), "r-1")
+    assert state.ejected_until == harness.clock.now + 10
+
+
+async def test_a_stream_sent_before_an_ejection_that_breaks_after_it_is_no_trial(
+    kit: Any,
+) -> None:
+    """A stream that outlasts its replica's ejection and breaks off is not the
+    trial after it: taken for one, it ejected the replica again, for twice as
+    long, before any request was sent to it."""
+    harness = kit.build(replicas=("http://r1",))
+    stream = await _stream_then_eject(kit, harness, UpstreamBroken("reset"))
+    state = _replica(harness, "http://r1")
+    harness.clock.now += 9
+    async for _ in stream:
+        pass
+    assert _backend_errors(harness, "http://r1", "protocol") == 4  # 3 503s, 1 break
+    assert state.available(harness.clock.now)
+    assert (state.failures, state.ejections_in_row, state.in_flight) == (0, 1, 0)
+
+
 @pytest.mark.parametrize(
     ("status", "code"), [(429, "rate_limit_exceeded"), (404, "model_not_found")]
 )

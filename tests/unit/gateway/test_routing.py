@@ -117,14 +117,16 @@ def test_all_ejected_are_still_tried() -> None:
 def test_ejection_backoff_doubles_and_success_resets() -> None:
     policy = EjectionPolicy(eject_after=2, base_s=5, max_s=12)
     r = Replica("http://a")
-    assert not r.record_failure(0, policy)
-    assert r.record_failure(0, policy) and r.ejected_until == 5
+    # Each result is of a request sent just before it (`r.ejections` then).
+    assert not r.record_failure(0, policy, r.ejections)
+    assert r.record_failure(0, policy, r.ejections) and r.ejected_until == 5
     assert not r.available(4) and r.available(5)
     # On trial after the back-off: one failure ejects again, for twice as long.
-    assert r.record_failure(6, policy) and r.ejected_until == 16
-    assert r.record_failure(20, policy) and r.ejected_until == 32  # capped at 12
-    r.record_success(40)
-    assert not r.record_failure(40, policy)
+    assert r.record_failure(6, policy, r.ejections) and r.ejected_until == 16
+    assert r.record_failure(20, policy, r.ejections) and r.ejected_until == 32
+    assert r.ejections == 3  # the last one capped at 12
+    r.record_success(40, r.ejections)
+    assert not r.record_failure(40, policy, r.ejections)
 
 
 def test_failures_from_before_an_ejection_do_not_lengthen_it() -> None:
@@ -132,11 +134,12 @@ def test_failures_from_before_an_ejection_do_not_lengthen_it() -> None:
     # ejection their first failures cause stays the first back-off.
     policy = EjectionPolicy(eject_after=2, base_s=5, max_s=60)
     r = Replica("http://a")
-    ejected = [r.record_failure(100.0, policy) for _ in range(8)]
+    sent = r.ejections
+    ejected = [r.record_failure(100.0, policy, sent) for _ in range(8)]
     assert ejected == [False, True, False, False, False, False, False, False]
     assert r.ejected_until == 105.0 and r.ejections_in_row == 1
     # The trial after the back-off still doubles it.
-    assert r.record_failure(106.0, policy) and r.ejected_until == 116.0
+    assert r.record_failure(106.0, policy, r.ejections) and r.ejected_until == 116.0
 
 
 def test_a_success_while_ejected_neither_ends_the_ejection_nor_its_doubling() -> None:
@@ -145,15 +148,64 @@ def test_a_success_while_ejected_neither_ends_the_ejection_nor_its_doubling() ->
     # failures, not one failed trial, and the back-off never doubled.
     policy = EjectionPolicy(eject_after=2, base_s=5, max_s=60)
     r = Replica("http://a")
-    r.record_failure(100.0, policy)
-    assert r.record_failure(100.0, policy) and r.ejected_until == 105.0
-    r.record_success(101.0)
+    stream = r.ejections
+    r.record_failure(100.0, policy, r.ejections)
+    assert r.record_failure(100.0, policy, r.ejections) and r.ejected_until == 105.0
+    r.record_success(101.0, stream)
     assert not r.available(104.0) and r.available(105.0)
-    assert r.record_failure(106.0, policy) and r.ejected_until == 116.0
-    # A success once the ejection is over is the trial's: healthy again.
-    r.record_success(117.0)
+    assert r.record_failure(106.0, policy, r.ejections) and r.ejected_until == 116.0
+    # A success of a trial sent once the ejection is over: healthy again.
+    r.record_success(117.0, r.ejections)
     assert (r.failures, r.ejections_in_row) == (0, 0)
-    assert not r.record_failure(118.0, policy)
+    assert not r.record_failure(118.0, policy, r.ejections)
+
+
+def test_a_success_sent_before_an_ejection_does_not_heal_after_it() -> None:
+    # A long stream sent before the replica failed ends well after its
+    # ejection (LLM streams outlast the 5 s back-off). Counted, it cleared the
+    # ejections in a row: the failed trial after it did not eject the replica
+    # again, and the back-off started over at 5 s instead of doubling.
+    policy = EjectionPolicy(eject_after=3, base_s=5, max_s=60)
+    r = Replica("http://a")
+    stream = r.ejections
+    for t in (1.0, 2.0, 3.0):
+        r.record_failure(t, policy, r.ejections)
+    assert r.ejected_until == 8.0 and r.ejections_in_row == 1
+    r.record_success(30.0, stream)
+    assert r.ejections_in_row == 1
+    # The trial fails: ejected again at once, for twice as long.
+    assert r.record_failure(31.0, policy, r.ejections) and r.ejected_until == 41.0
+
+
+def test_a_failure_sent_before_an_ejection_does_not_eject_again_after_it() -> None:
+    # A request sent before the replica failed fails after its ejection, before
+    # any trial was sent: taken for the trial, it ejected the replica again for
+    # twice as long.
+    policy = EjectionPolicy(eject_after=3, base_s=5, max_s=60)
+    r = Replica("http://a")
+    old = r.ejections
+    for t in (1.0, 2.0, 3.0):
+        r.record_failure(t, policy, r.ejections)
+    assert not r.record_failure(9.0, policy, old)
+    assert r.available(9.0) and r.ejected_until == 8.0
+    assert (r.failures, r.ejections_in_row) == (0, 1)
+    # The real trial still doubles the back-off.
+    assert r.record_failure(10.0, policy, r.ejections) and r.ejected_until == 20.0
+
+
+def test_a_guess_sent_while_ejected_judges_only_once_the_ejection_is_over() -> None:
+    # With every replica ejected, an ejected one is tried all the same: what
+    # its guess does while the replica is ejected changes nothing (the
+    # ejection lasts its period); ending after it, it is as good as a trial.
+    policy = EjectionPolicy(eject_after=1, base_s=5, max_s=60)
+    r = Replica("http://a")
+    assert r.record_failure(0.0, policy, r.ejections) and r.ejected_until == 5.0
+    guess = r.ejections
+    assert not r.record_failure(1.0, policy, guess)
+    r.record_success(2.0, guess)
+    assert (r.ejected_until, r.ejections_in_row) == (5.0, 1)
+    r.record_success(6.0, guess)
+    assert r.ejections_in_row == 0
 
 
 def test_replica_state_survives_endpoint_updates() -> None:
