@@ -26,8 +26,9 @@ Failures are sorted into kinds that the proxy treats differently:
 - `UpstreamTimeout`: no answer (or no next piece of the body) in time: 504, not
   retried;
 - `UpstreamBroken`: a broken or unreadable response after it began: 502, though
-  the proxy tries another replica for a whole answer that broke off (the client
-  saw none of it), counting it as it counts a drop.
+  the proxy tries another replica for a whole answer that broke off, or a stream
+  that broke before its first event (the client saw none of it), counting it as
+  it counts a drop.
 """
 
 from __future__ import annotations

@@ -11,7 +11,13 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Mapping,
+)
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,9 +71,10 @@ _UNWORKED = frozenset({429, 503})
 full, or it is not serving): another replica is tried."""
 _DROPS_RETRIED = 1
 """Replicas tried again after one dropped the request (or broke off a whole
-answer): a request that crashes vLLM would otherwise take down every replica
-it is retried on, up to `retries` + 1 of them; one more try still saves a
-request whose replica died under it for another reason."""
+answer, or a stream before its first event): a request that crashes vLLM
+would otherwise take down every replica it is retried on, up to `retries` + 1
+of them; one more try still saves a request whose replica died under it for
+another reason."""
 
 
 def _read_already(error: GatewayError) -> None:
@@ -119,13 +126,14 @@ class _Context:
     that failed before the request got to the replica)."""
     dropped: bool = False
     """True once a replica closed the connection without answering after the
-    request was written (`UpstreamDropped`), or broke off a whole answer: it
-    may have worked on it."""
+    request was written (`UpstreamDropped`), or broke off a whole answer or a
+    stream before its first event: it may have worked on it."""
     worked: bool = False
     """True once a replica may have worked on it without answering it whole:
     it dropped it, broke off its answer, or did not answer in time after the
     request was written
-    (`UpstreamTimeout`, waiting for the headers or for the rest of the body).
+    (`UpstreamTimeout`, waiting for the headers, for the rest of the body, or
+    for a stream's first event).
     Its estimate then stays charged, though no usage came back."""
     finished: bool = False
     """True once the request is counted and logged."""
@@ -137,6 +145,21 @@ class _Context:
     def found_unusable(self, error: GatewayError) -> None:
         """Notes why the door could not use the stream (before it closes it)."""
         self.unusable = error
+
+
+@dataclass
+class _Begun:
+    """A stream's reply read up to its first output (`ProxyService._begin`),
+    which its door relays from."""
+
+    reply: Reply
+    events: EventFilter
+    """What cut the first output; it cuts the rest, its state carried over."""
+    chunks: AsyncIterator[bytes]
+    """The reply's body, past what `first` was cut from."""
+    first: bytes
+    """The first output to relay: empty only for a stream that ended with
+    nothing to relay."""
 
 
 @dataclass
@@ -186,7 +209,7 @@ class ProxyOptions:
     ejection: EjectionPolicy = field(default_factory=EjectionPolicy)
     answer_within_s: float = 600.0
     """The most a request's tries may take together, from the first, until
-    its answer begins (a stream's headers, or a whole answer's body): a try
+    its answer begins (a stream's first event, or a whole answer's body): a try
     gets what is left of it, and none starts with less than `least_try_s`
     left. Without it each of `retries` + 1 tries could wait the whole read
     timeout. Wired as the
@@ -323,14 +346,16 @@ class ProxyService:
         out = parsed.upstream(route.served_name)
         headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
         request = RouteRequest(body, ctx.session)
-        response, data = await self._send(ctx, route, out, headers, request, stream)
+        keep = stream and client_wants_usage(body)
+        response, data = await self._send(
+            ctx, route, out, headers, request, stream, keep
+        )
         reply_headers = {**ctx.admission.headers, "x-request-id": ctx.request_id}
-        if data is None:
-            keep = client_wants_usage(body)
+        if isinstance(data, _Begun):
             return ProxyResponse(
                 200,
                 {**reply_headers, "cache-control": "no-cache"},
-                stream=self._relay(ctx, response, keep),
+                stream=self._relay(ctx, data),
                 media_type="text/event-stream",
                 unusable=ctx.found_unusable,
             )
@@ -344,14 +369,19 @@ class ProxyService:
         headers: dict[str, str],
         request: RouteRequest,
         stream: bool,
-    ) -> tuple[Reply, bytes | None]:
+        keep_usage: bool,
+    ) -> tuple[Reply, bytes | _Begun]:
         """The first replica answer to give, trying others while a replica
         fails or refuses before it answered (`_Context.reached` and
         `_Context.worked` say what it may have done meanwhile).
 
+        Args:
+            keep_usage: a stream's client asked for the usage chunk itself.
+
         Returns:
-            The reply, and its whole body; None for a stream to relay (a 200
-            to a request for one), whose body is read as it comes.
+            The reply, and its whole body; for a stream to relay (a 200 to a
+            request for one), the reply read up to its first output, whose
+            rest is read as it comes.
         """
         deadline = self._clock() + self._options.answer_within_s
         tried: list[Replica] = []
@@ -398,8 +428,10 @@ class ProxyService:
                     replica.url + ctx.call.path, body, headers, left
                 )
                 ctx.reached = True
-                data = None
-                if not (stream and reply.status == 200):
+                data: bytes | _Begun
+                if stream and reply.status == 200:
+                    data = await self._begin(ctx, reply, keep_usage, deadline)
+                else:
                     data = await self._body(ctx, replica, reply, deadline)
             except UpstreamFailure as err:
                 timed_out = isinstance(err, UpstreamTimeout)
@@ -426,7 +458,8 @@ class ProxyService:
                 if isinstance(err, UpstreamDropped) or broke_off:
                     # Tried on another replica all the same (a replica killed
                     # mid-load must not lose the request; the client saw
-                    # nothing of a whole answer that broke off), but charged:
+                    # nothing of a whole answer that broke off, nor of a stream
+                    # that broke before its first event), but charged:
                     # the replica may have generated all of it, and a request
                     # that kills every replica it meets must not be repeatable
                     # past the client's limits (nor take more than
@@ -442,7 +475,7 @@ class ProxyService:
                         "something that could not be read."
                     ) from err
                 continue
-            if data is not None and reply.status in _UNWORKED:
+            if isinstance(data, bytes) and reply.status in _UNWORKED:
                 # The replica did no work: free to try another. A 503 counts
                 # as its failure (it is not serving). A 429 judges nothing: the
                 # replica is serving, at capacity, which says nothing of its
@@ -520,6 +553,48 @@ class ProxyService:
             )
             return b""
 
+    async def _begin(
+        self, ctx: _Context, reply: Reply, keep_usage: bool, deadline: float
+    ) -> _Begun:
+        """A stream's reply read up to its first output, by the request's
+        `deadline` (as a whole answer's body is), before its door commits a
+        200.
+
+        A replica that fails before then (killed during prefill, its
+        connection reset) sent nothing the client would see, as one whose
+        whole answer broke off: another replica may answer it (`_send`).
+        Relayed from its headers on, the client got a 200 and an error event
+        with nothing of the answer. The first output is handed on as it comes
+        (TTFT observed then, as the relay did); a break after it ends the
+        stream with an error event.
+
+        Raises:
+            UpstreamFailure: the body broke off before the first output, or
+                none came by the deadline (`UpstreamTimeout`).
+        """
+        events = EventFilter(keep_usage)
+        chunks = reply.chunks()
+        first = b""
+        within = max(0.0, deadline - self._clock())
+        try:
+            async with asyncio.timeout(within):
+                async for chunk in chunks:
+                    first = events.feed(chunk)
+                    if first:
+                        ttft = self._clock() - ctx.started
+                        self._metrics.ttft.labels(ctx.model).observe(ttft)
+                        break  # the rest is the relay's, on the same body
+                else:
+                    first = events.rest()  # it ended with no complete event
+        except BaseException as err:
+            # A failure, the deadline or a client that left: the body left
+            # unread, its connection cannot be reused.
+            reply.close()
+            if isinstance(err, TimeoutError):
+                raise UpstreamTimeout(f"no first event in {within:.3g} s") from None
+            raise
+        return _Begun(reply, events, chunks, first)
+
     async def _whole(
         self,
         ctx: _Context,
@@ -569,35 +644,31 @@ class ProxyService:
             data, content_type = shaped, "application/json"
         return ProxyResponse(response.status, headers, data, media_type=content_type)
 
-    def _relay(
-        self, ctx: _Context, response: Reply, keep_usage: bool
-    ) -> Closing[bytes]:
-        """The reply's SSE events as they arrive; accounts once the stream ends
-        or is closed, read or not."""
+    def _relay(self, ctx: _Context, begun: _Begun) -> Closing[bytes]:
+        """The reply's SSE events, its first output then the rest as they
+        arrive; accounts once the stream ends or is closed, read or not."""
         replica = ctx.replica
         assert replica is not None
-        events = EventFilter(keep_usage)
+        response, events = begun.reply, begun.events
 
         async def unread() -> None:
             await self._end_relay(ctx, response, replica, events, None, gone=True)
 
-        return Closing(self._forward(ctx, response, replica, events), unread)
+        return Closing(self._forward(ctx, begun, replica), unread)
 
     async def _forward(
-        self, ctx: _Context, response: Reply, replica: Replica, events: EventFilter
+        self, ctx: _Context, begun: _Begun, replica: Replica
     ) -> AsyncGenerator[bytes, None]:
         """Forwards SSE events as they arrive; accounts when the stream ends."""
+        response, events = begun.reply, begun.events
         failure: UpstreamFailure | None = None
         gone = False
-        first = True
         try:
-            async for chunk in response.chunks():
+            if begun.first:
+                yield begun.first
+            async for chunk in begun.chunks:
                 out = events.feed(chunk)
                 if out:
-                    if first:
-                        first = False
-                        ttft = self._clock() - ctx.started
-                        self._metrics.ttft.labels(ctx.model).observe(ttft)
                     yield out
             rest = events.rest()
             if rest:

@@ -1188,3 +1188,58 @@ async def test_a_request_the_server_cuts_gets_an_openai_error(
         assert orjson.loads(bodies)["error"]["code"] == "shutting_down"
         assert kit.counted(harness, "503") == 1
     assert _in_flight(harness) == 0
+
+
+@pytest.mark.parametrize("ended_by", ["the client", "the server"])
+async def test_a_stream_ended_before_its_first_event_sends_no_200(
+    harness: Any, kit: Any, ended_by: str
+) -> None:
+    """The gateway waits for a stream's first event before it commits its
+    200: a client that leaves meanwhile is counted as one that left while
+    it waited (499, the replica freed and its connection closed, judged on
+    nothing), and one the server cuts at the end of its shutdown grace gets
+    a 503 `shutting_down` in OpenAI's shape, not a 200 and an error event."""
+
+    class Silent(kit.reply):  # type: ignore[misc,name-defined]
+        async def chunks(self) -> Any:
+            waiting.set()
+            await asyncio.Event().wait()
+            yield b""  # never reached
+
+    waiting = asyncio.Event()
+    reply = Silent(content_type="text/event-stream")
+    harness.upstream.handler = lambda url, body: reply
+    messages = [
+        {"type": "http.request", "body": orjson.dumps({**kit.chat, "stream": True})}
+    ]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await waiting.wait()
+        if ended_by == "the server":
+            await asyncio.Event().wait()  # the client stays
+        return {"type": "http.disconnect"}
+
+    sent: list[Any] = []
+    task = asyncio.create_task(
+        harness.served(kit.post_scope("/v1/chat/completions"), receive, _collect(sent))
+    )
+    await asyncio.wait_for(waiting.wait(), 5)
+    if ended_by == "the server":
+        await asyncio.sleep(0.01)
+        harness.deps.proxy.stopping(0)
+        task.cancel()  # what uvicorn does when the grace has run out
+    await asyncio.wait_for(task, 5)
+    assert reply.closed
+    assert _in_flight(harness) == 0
+    assert all(r.failures == 0 for r in harness.deps.catalog.all_replicas().values())
+    assert kit.counted(harness, "200") is None
+    if ended_by == "the client":
+        assert not sent
+        assert kit.counted(harness, "499") == 1
+    else:
+        assert sent[0]["status"] == 503
+        body = b"".join(m.get("body", b"") for m in sent)
+        assert orjson.loads(body)["error"]["code"] == "shutting_down"
+        assert kit.counted(harness, "503") == 1

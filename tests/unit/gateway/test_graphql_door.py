@@ -21,6 +21,7 @@ from citadel.gateway.app import create_app, serving
 from citadel.gateway.services.buckets import StoreUnavailable
 from citadel.gateway.services.sockets import SocketCounts
 from citadel.gateway.settings import GatewaySettings
+from citadel.gateway.upstream import UpstreamBroken
 
 pytestmark = pytest.mark.unit
 
@@ -744,6 +745,43 @@ def test_a_chunk_that_does_not_fit_ends_the_stream_counted_as_its_502(
     assert _access(caplog) == [(502, "backend_error")]
     assert _errors_logged(caplog) == []
     assert reply.closed
+
+
+def test_a_stream_broken_before_its_first_chunk_is_answered_by_another(
+    kit: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A replica that dies before its first event sent the client nothing:
+    another replica answers, and the subscription gets its chunks, not an
+    error."""
+    caplog.set_level("INFO", logger="citadel.gateway.access")
+    harness = kit.build()
+    broken = kit.reply(
+        parts=[UpstreamBroken("the response broke off")],
+        content_type="text/event-stream",
+    )
+    whole = kit.reply(parts=_sse(CHUNK, CHUNK), content_type="text/event-stream")
+    harness.upstream.handler = lambda url, body: (
+        broken if len(harness.upstream.calls) == 1 else whole
+    )
+    auth = {"authorization": f"Bearer {kit.key}"}
+    payload = {"query": STREAM, "variables": {"input": INPUT}}
+    with (
+        TestClient(harness.app) as client,
+        client.websocket_connect(
+            "/graphql", subprotocols=["graphql-transport-ws"]
+        ) as ws,
+    ):
+        ws.send_json({"type": "connection_init", "payload": auth})
+        assert ws.receive_json()["type"] == "connection_ack"
+        ws.send_json({"id": "1", "type": "subscribe", "payload": payload})
+        messages = [ws.receive_json()]
+        while messages[-1]["type"] not in ("complete", "error"):
+            messages.append(ws.receive_json())
+    assert [m["type"] for m in messages] == ["next", "next", "complete"]
+    assert all("errors" not in m["payload"] for m in messages[:-1])
+    assert len(harness.upstream.calls) == 2
+    assert kit.counted(harness, "200", door="graphql") == 1
+    assert _access(caplog) == [(200, None)]
 
 
 async def test_a_body_nested_too_deeply_is_refused_as_on_rest(

@@ -21,7 +21,7 @@ from citadel.gateway.rpc.status import DETAILS_KEY
 from citadel.gateway.rpc.v1 import citadel_pb2 as pb
 from citadel.gateway.rpc.v1 import citadel_pb2_grpc as pb_grpc
 from citadel.gateway.services.requests import MAX_MESSAGES, MAX_PROMPTS, MAX_STOP
-from citadel.gateway.upstream import UpstreamFailure
+from citadel.gateway.upstream import UpstreamBroken, UpstreamFailure
 
 pytestmark = pytest.mark.unit
 
@@ -268,6 +268,32 @@ async def test_a_stream_broken_upstream_is_counted_as_the_failure_its_client_get
     assert kit.counted(harness, "502", door="grpc") == 1
     assert kit.counted(harness, "200", door="grpc") is None
     assert _access(caplog) == [(502, "stream_broken")]
+
+
+async def test_a_stream_broken_before_its_first_chunk_is_answered_by_another(
+    door: tuple[Any, pb_grpc.InferenceStub],
+    kit: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A replica that dies before its first event sent the client nothing:
+    another replica answers, and the client gets its chunks, not
+    UNAVAILABLE."""
+    caplog.set_level("INFO", logger="citadel.gateway.access")
+    harness, stub = door
+    broken = kit.reply(
+        parts=[UpstreamBroken("the response broke off")],
+        content_type="text/event-stream",
+    )
+    whole = kit.reply(parts=_events(CHUNK, CHUNK), content_type="text/event-stream")
+    harness.upstream.handler = lambda url, body: (
+        broken if len(harness.upstream.calls) == 1 else whole
+    )
+    key = (("authorization", f"Bearer {kit.key}"),)
+    got = [c async for c in stub.ChatCompletionStream(_chat(), metadata=key)]
+    assert [c.choices[0].delta.content for c in got] == ["hi", "hi"]
+    assert len(harness.upstream.calls) == 2
+    assert kit.counted(harness, "200", door="grpc") == 1
+    assert _access(caplog) == [(200, None)]
 
 
 async def test_grpc_core_refuses_what_is_far_over_the_limit_before_any_key(

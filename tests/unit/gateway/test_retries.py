@@ -4,6 +4,7 @@ answers."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -891,3 +892,252 @@ async def test_a_refusal_whose_body_stalls_leaves_time_for_another_replica(
     assert answer.status_code == 200
     assert stalled.given == [1.0]
     assert harness.upstream.timeouts == [600.0, 599.0]
+
+
+def _events(*payloads: Any) -> list[bytes]:
+    """A replica's SSE events for `payloads`, then `[DONE]`."""
+    return [b"data: " + orjson.dumps(p) + b"\n\n" for p in payloads] + [
+        b"data: [DONE]\n\n"
+    ]
+
+
+CHUNK = {"choices": [{"index": 0, "delta": {"content": "hi"}}]}
+USAGE = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+STREAM = {"stream": True}
+
+
+def _sample(harness: Any, name: str, **labels: str) -> float | None:
+    sample = harness.deps.metrics.registry.get_sample_value
+    return sample(name, labels)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        [UpstreamBroken("the response broke off")],
+        [_events(CHUNK)[0][:12], UpstreamBroken("the response broke off")],
+        [_events(USAGE)[0], UpstreamBroken("the response broke off")],
+    ],
+    ids=["before any byte", "mid-event", "after a usage chunk not relayed"],
+)
+async def test_a_stream_that_breaks_before_its_first_event_is_tried_again(
+    kit: Any, broken: list[Any]
+) -> None:
+    """A replica that answers 200 and dies before the first event it would
+    relay (killed during prefill, its connection reset) answered nothing the
+    client saw: as for a whole answer that broke off, another replica answers
+    it, and the client gets that one's stream whole with its 200, not a 200
+    and an error event. The replica that broke is judged; the key pays for
+    the tokens the answer reports, once."""
+    harness = kit.build(doc=kit.document(limits=TPM))
+    first = kit.reply(parts=broken, content_type="text/event-stream")
+    parts = _events(CHUNK, CHUNK, USAGE)
+    # The answer cut across network chunks: nothing read twice, nor lost.
+    split = [parts[0][:7], parts[0][7:] + parts[1][:9], *[parts[1][9:], *parts[2:]]]
+    second = kit.reply(parts=split, content_type="text/event-stream")
+
+    harness.upstream.handler = lambda url, body: (
+        first if len(harness.upstream.calls) == 1 else second
+    )
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json={**kit.chat, **STREAM})
+        assert answer.status_code == 200
+        assert answer.content == parts[0] + parts[1] + parts[3]  # no usage asked
+        assert len(harness.upstream.calls) == 2
+        assert first.closed
+        late = harness.upstream.calls[0][0][:9]
+        assert _backend_errors(harness, late, "protocol") == 1
+        assert _replica(harness, late).failures == 1
+        replicas = harness.deps.catalog.all_replicas().values()
+        assert all(r.in_flight == 0 for r in replicas)
+        assert kit.counted(harness, "200") == 1
+        # Charged once, what the answer reports (the 400 after gives its back).
+        harness.upstream.handler = lambda url, body: _refusal(kit, 400)
+        after = await client.post("/v1/chat/completions", json=kit.chat)
+    assert after.headers["x-ratelimit-remaining-tokens"] == str(10_000 - 5)
+    tokens = "citadel_gateway_tokens_total"
+    labels = {"model": "smollm2", "key": "alice"}
+    assert _sample(harness, tokens, kind="completion", **labels) == 2
+    ttft = "citadel_gateway_time_to_first_token_seconds_count"
+    assert _sample(harness, ttft, model="smollm2") == 1
+
+
+async def test_a_stream_broken_before_its_first_event_everywhere_is_a_502(
+    kit: Any,
+) -> None:
+    """No retry left: the client gets the 502 a whole answer gets, in
+    OpenAI's shape (on gRPC and GraphQL that error), not a 200 and an error
+    event; the estimate stays charged, as the replicas may have generated
+    all of it, and only two replicas are tried (`_DROPS_RETRIED`)."""
+    harness = kit.build(doc=kit.document(limits=TPM), replicas=THREE, retries=2)
+    replies: list[Any] = []
+
+    def broken(url: str, body: Any) -> Any:
+        reply = kit.reply(parts=[UpstreamBroken("the response broke off at 10.0.0.7")])
+        replies.append(reply)
+        return reply
+
+    harness.upstream.handler = broken
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json={**kit.chat, **STREAM})
+    assert answer.status_code == 502
+    assert answer.headers["content-type"] == "application/json"
+    error = answer.json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "backend_error")
+    assert "broke off" in error["message"] and "10.0.0.7" not in answer.text
+    assert len(harness.upstream.calls) == 2
+    assert all(reply.closed for reply in replies)
+    left = 10_000 - estimate_tokens({**kit.chat, **STREAM}, CHAT, 256)
+    assert answer.headers["x-ratelimit-remaining-tokens"] == str(left)
+    assert kit.counted(harness, "502") == 1
+    assert kit.counted(harness, "200") is None
+    principal = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
+    body = {**kit.chat, **STREAM}
+    for door in (Door.GRPC, Door.GRAPHQL):
+        with pytest.raises(GatewayError) as failed:
+            await ask(harness.deps.proxy, CHAT, principal, body, "r", door)
+        assert (failed.value.status, failed.value.code) == (502, "backend_error")
+        assert kit.counted(harness, "502", door=door.value) == 1
+
+
+async def test_a_stream_that_breaks_after_its_first_event_ends_with_an_error(
+    kit: Any,
+) -> None:
+    """Once an event went out the status is the client's: the stream is not
+    tried again (the client would get the answer's start twice), and ends
+    with an error event after its 200."""
+    harness = kit.build()
+    reply = kit.reply(parts=[_events(CHUNK)[0], UpstreamBroken("reset")])
+    harness.upstream.handler = lambda url, body: reply
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json={**kit.chat, **STREAM})
+    assert answer.status_code == 200
+    first, broke, _ = answer.content.split(b"\n\n")
+    assert first + b"\n\n" == _events(CHUNK)[0]
+    assert orjson.loads(broke[6:])["error"]["code"] == "backend_error"
+    assert len(harness.upstream.calls) == 1
+    url = harness.upstream.calls[0][0][:9]
+    assert _backend_errors(harness, url, "protocol") == 1
+    stream_errors = "citadel_gateway_stream_errors_total"
+    labels = {"api": "chat", "model": "smollm2", "code": "stream_broken"}
+    assert _sample(harness, stream_errors, **labels) == 1
+
+
+async def test_a_replicas_own_error_event_first_is_relayed_not_tried_again(
+    kit: Any,
+) -> None:
+    """vLLM's error event (its generation failed) is the replica's answer: it
+    is relayed after the 200, as it always was."""
+    harness = kit.build()
+    said = {"error": {"message": "engine died", "type": "InternalServerError"}}
+    harness.upstream.handler = lambda url, body: kit.reply(parts=_events(said))
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json={**kit.chat, **STREAM})
+    assert answer.status_code == 200
+    assert answer.content == b"".join(_events(said))
+    assert len(harness.upstream.calls) == 1
+
+
+class _Silent:
+    """A stream whose 200 came and whose first event never does: it waits
+    until it is cancelled."""
+
+    status = 200
+    content_type = "text/event-stream"
+    retry_after = None
+
+    def __init__(self) -> None:
+        self.waiting = asyncio.Event()
+        self.closed = False
+
+    async def read(self, timeout_s: float | None = None) -> bytes:
+        raise AssertionError("a stream's body is relayed, not read whole")
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        self.waiting.set()
+        await asyncio.Event().wait()
+        yield b""  # never reached
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_streams_first_event_is_waited_for_within_the_deadline(
+    kit: Any,
+) -> None:
+    """A replica that answers 200 and then says nothing is bounded by the
+    request's time, as a whole answer's body is: a 504 once it is spent,
+    the replica's failure (the first try had all of it), not a 200 held
+    until the read timeout and then an error event."""
+    harness = kit.build(replicas=("http://r1",))
+    options = ProxyOptions(answer_within_s=0.2, least_try_s=0.1, connect_within_s=0.1)
+    proxy = _on_real_clock(harness, options)
+    silent = _Silent()
+    harness.upstream.handler = lambda url, body: silent
+    principal = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
+    raw = orjson.dumps({**kit.chat, **STREAM})
+    with pytest.raises(BackendTimeout):
+        await asyncio.wait_for(proxy.handle(CHAT, principal, raw, "r-1"), 5)
+    assert silent.closed
+    state = _replica(harness, "http://r1")
+    assert (state.failures, state.in_flight) == (1, 0)
+    assert _backend_errors(harness, "http://r1", "timeout") == 1
+
+
+async def test_a_retrys_stream_cut_short_by_the_deadline_judges_no_replica(
+    kit: Any,
+) -> None:
+    """As for a whole answer: a retry that had only what the drop before it
+    left (100 s of 600 s) and saw no first event in it ran out of the
+    gateway's time, not its own."""
+    harness = kit.build()
+
+    class Stalled(kit.reply):  # type: ignore[misc]
+        async def chunks(self) -> AsyncIterator[bytes]:
+            for _ in ():  # an async generator that never yields
+                yield b""
+            raise UpstreamTimeout("no first event")
+
+    def handler(url: str, body: Any) -> Any:
+        if len(harness.upstream.calls) == 1:
+            harness.clock.now += 500
+            return UpstreamDropped("closed")
+        return Stalled(content_type="text/event-stream")
+
+    harness.upstream.handler = handler
+    for url in ("http://r1", "http://r2"):
+        _replica(harness, url).failures = 2  # one more failure ejects either
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json={**kit.chat, **STREAM})
+    assert answer.status_code == 504
+    assert answer.json()["error"]["code"] == "backend_timeout"
+    first, second = (call[0][:9] for call in harness.upstream.calls)
+    assert _replica(harness, first).ejections_in_row == 1  # it dropped it
+    late = _replica(harness, second)
+    assert (late.failures, late.ejections_in_row, late.in_flight) == (2, 0, 0)
+    assert _backend_errors(harness, second, "timeout") is None
+
+
+async def test_a_client_gone_before_the_first_event_frees_the_replica(
+    kit: Any,
+) -> None:
+    """A cancel (a client that left, a gRPC deadline) while the gateway waits
+    for the first event ends the request as one cancelled while it waited
+    for its answer: the replica freed and its connection closed, judged on
+    nothing, the request counted once (499)."""
+    harness = kit.build(replicas=("http://r1",))
+    silent = _Silent()
+    harness.upstream.handler = lambda url, body: silent
+    principal = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
+    raw = orjson.dumps({**kit.chat, **STREAM})
+    handling = asyncio.create_task(harness.deps.proxy.handle(CHAT, principal, raw, "r"))
+    await asyncio.wait_for(silent.waiting.wait(), 5)
+    handling.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await handling
+    assert silent.closed
+    state = _replica(harness, "http://r1")
+    assert (state.failures, state.in_flight) == (0, 0)
+    assert _backend_errors(harness, "http://r1", "timeout") is None
+    assert kit.counted(harness, "499") == 1
+    assert kit.counted(harness, "200") is None
