@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+_READ = frozenset((RUNNING, WAITING, *KV_USAGE))
 STALE_AFTER_PERIODS = 5
 """Scrape periods after which a report no longer counts: a scrape may take a
 period and the next one starts a period later, so two periods pass between
@@ -33,19 +34,63 @@ def report_max_age_s(period_s: float) -> float:
 
 
 def parse_vllm_metrics(text: str, now: float) -> LoadReport:
-    """The load figures in a Prometheus text exposition (summed over labels)."""
+    """The load figures in a Prometheus text exposition.
+
+    vLLM with `--data-parallel-size` above 1 exports each figure once per engine
+    (label `engine`): the requests running and waiting are summed over them, and
+    the KV-cache use, a fraction of each engine's own cache, is their mean (two
+    engines at 0.9 are a pod at 0.9, not 1.8).
+    """
     sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
     for line in text.splitlines():
         if not line.startswith("vllm:"):
             continue
-        name_part, _, value = line.rpartition(" ")
-        name = name_part.split("{", 1)[0].strip()
-        try:
-            sums[name] = sums.get(name, 0.0) + float(value)
-        except ValueError:
-            continue
-    kv = next((sums[n] for n in KV_USAGE if n in sums), 0.0)
+        sample = _sample(line)
+        if sample is not None:
+            name, value = sample
+            sums[name] = sums.get(name, 0.0) + value
+            counts[name] = counts.get(name, 0) + 1
+    kv = next((sums[n] / counts[n] for n in KV_USAGE if n in sums), 0.0)
     return LoadReport(sums.get(RUNNING, 0.0), sums.get(WAITING, 0.0), kv, now)
+
+
+def _sample(line: str) -> tuple[str, float] | None:
+    """The name and value of a sample line of a figure read, else None.
+
+    A sample is `name{labels} value [timestamp]`: the value is the first field
+    after the labels (not the last, which is the timestamp when there is one),
+    and a quoted label value may hold spaces and braces.
+    """
+    brace = line.find("{")
+    name = line.split(maxsplit=1)[0] if brace == -1 else line[:brace].rstrip()
+    # Checked before the labels are read: most lines are histograms' buckets.
+    if name not in _READ:
+        return None
+    rest = line[len(name) :] if brace == -1 else line[_after_labels(line, brace) :]
+    values = rest.split()
+    if not values:
+        return None
+    try:
+        return name, float(values[0])
+    except ValueError:
+        return None
+
+
+def _after_labels(line: str, brace: int) -> int:
+    """The index just past the `}` that closes the labels opened at `brace`."""
+    quoted = escaped = False
+    for i in range(brace + 1, len(line)):
+        char = line[i]
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = quoted
+        elif char == '"':
+            quoted = not quoted
+        elif char == "}" and not quoted:
+            return i + 1
+    return len(line)
 
 
 class MetricsScraper:

@@ -100,23 +100,36 @@ class PrefixAware(_Turns):
     takes it instead (`balance`): most of its prefill is due wherever it goes, and
     a burst of such conversations would otherwise pile onto the system prompt's
     replica (SGLang's router makes the same cut, at the same default). A choice is
-    overruled (`overflow`) and the least-loaded replica takes the request when the
-    chosen one carries more than `load_factor` x the average load + 1 requests and
-    also leads the least-loaded one by at least one request per
-    `blocks_per_request` blocks of the prompt it holds (at least one): moving a
-    request costs the prefill of the prefix it leaves behind, so the longer that
-    prefix, the more load it is worth. A whole known prompt (64 blocks) may lead
-    by 7 before it moves; a new conversation that shares a system prompt of a few
-    blocks moves as soon as the relative bound is passed, which keeps the
-    conversations on a system prompt from piling onto its replica. With the
-    relative bound alone, multi-round QA lost conversations at its end, when a
-    replica held three requests against one elsewhere, and each prefilled its
-    5,000 tokens again (issue 8's note of the ninth session has the runs).
-    vllm-router's and SGLang's cache-aware policies also require an absolute
-    lead (64 requests, and 1.5x) before they balance.
+    overruled (`overflow`) and the least-loaded replica takes the request when
+    the chosen one leads it by at least one request per `blocks_per_request`
+    blocks of the prompt it holds (at least one), and one of the two is out of
+    line with the average load: the chosen one carries more than `load_factor`
+    x the average + 1 requests (a hot spot), or the least-loaded one fewer than
+    the average / `load_factor` - 1 (a cold spot: a new replica, or one left
+    idle, among busy ones). Moving a request costs the prefill of the prefix it
+    leaves behind, so the longer that prefix, the more load it is worth. A
+    whole known prompt (64 blocks) may lead by 7 before it moves; a new
+    conversation that shares a system prompt of a few blocks moves as soon as
+    a relative bound is passed, which keeps the conversations on a system
+    prompt from piling onto its replica. With a relative bound alone,
+    multi-round QA lost conversations at its end, when a replica held three
+    requests against one elsewhere, and each prefilled its 5,000 tokens again
+    (issue 8's note of the ninth session has the runs). vllm-router's and
+    SGLang's cache-aware policies also require an absolute lead (64 requests,
+    and 1.5x) before they balance. The relative bounds keep a request where it
+    is for an imbalance small next to the load (40 against 40, 40 and 33 stays,
+    whatever the lead), and even loads move nothing. The hot bound alone missed
+    the cold spot: a new replica at 0 among n at L leaves the average at
+    n / (n + 1) x L, which L never passes by 25% from n = 4 on. When every
+    request shares the whole hashed window (16 KiB of tool schemas or system
+    prompt) and the replicas holding it are a full match for each, a new pod
+    then never got one, so it never came to hold the window, and a scale-up or
+    a rolling update added no capacity. Once it takes one such request it holds
+    the window too and, the least loaded of its holders, takes the next ones.
 
     Args:
-        load_factor: how far above average a replica may be before overflow.
+        load_factor: how far above the average load the chosen replica, or
+            below it the least-loaded one, may be before overflow.
         capacity: slots of the table of block hashes, a power of two; each
             holds one hash (see `BlockTable`: 8 MiB when all are allocated).
         cache_threshold: the share of the prompt's blocks a known prefix must
@@ -173,13 +186,17 @@ class PrefixAware(_Turns):
         self, chosen: Replica, replicas: Sequence[Replica], matched: int, turn: int
     ) -> Replica | None:
         """The least-loaded replica when `chosen`, holding `matched` blocks of the
-        prompt, carries too much to take the request; else None."""
-        average = sum(r.in_flight for r in replicas) / len(replicas)
-        if chosen.in_flight <= self._load_factor * average + 1:
-            return None
+        prompt, carries too much more than it to take the request; else None."""
         least = least_loaded(replicas, turn)
         lead = max(1, matched // self._blocks_per_request)
-        return least if chosen.in_flight - least.in_flight >= lead else None
+        if chosen.in_flight - least.in_flight < lead:
+            return None
+        average = sum(r.in_flight for r in replicas) / len(replicas)
+        hot = chosen.in_flight > self._load_factor * average + 1
+        # One idle replica barely moves the average, so `hot` alone never sees
+        # a new pod among four or more busy ones holding the same prompt.
+        cold = least.in_flight < average / self._load_factor - 1
+        return least if hot or cold else None
 
     def _bit(self, url: str, replicas: Sequence[Replica]) -> int:
         """The bit of `url` (one of `replicas`) in the masks."""

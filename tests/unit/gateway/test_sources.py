@@ -540,6 +540,37 @@ vllm:bogus{model_name="m"} nan-ish
     assert report.scraped_at == 7.0
 
 
+@pytest.mark.parametrize(
+    "kv", ["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"]
+)
+def test_vllm_metrics_of_several_engines_average_the_kv_cache_use(kv: str) -> None:
+    """With --data-parallel-size 2, vLLM exports each figure once per engine: a
+    fraction of each engine's cache is averaged, not summed (two at 0.9 read as
+    1.8); the requests are summed."""
+    text = f"""vllm:num_requests_running{{engine="0",model_name="m"}} 3.0
+vllm:num_requests_running{{engine="1",model_name="m"}} 1.0
+vllm:num_requests_waiting{{engine="0",model_name="m"}} 2.0
+vllm:num_requests_waiting{{engine="1",model_name="m"}} 5.0
+{kv}{{engine="0",model_name="m"}} 0.9
+{kv}{{engine="1",model_name="m"}} 0.7
+"""
+    report = parse_vllm_metrics(text, 0.0)
+    assert (report.running, report.waiting) == (4, 7)
+    assert report.kv_cache_usage == pytest.approx(0.8)
+
+
+def test_vllm_metrics_read_the_value_before_a_timestamp() -> None:
+    """A sample may end with a timestamp (`name{labels} value ms`): the value
+    is the field after the labels, which may hold spaces and braces."""
+    text = """vllm:num_requests_waiting{engine="0"} 3 1712345678000
+vllm:num_requests_running 2 1712345678000
+vllm:kv_cache_usage_perc{model_name="a } \\" b",engine="0"} 0.25 1712345678000
+vllm:num_requests_running{model_name="x"}
+"""
+    report = parse_vllm_metrics(text, 0.0)
+    assert (report.running, report.waiting, report.kv_cache_usage) == (2, 3, 0.25)
+
+
 class _MetricsUpstream:
     """Answers /metrics per replica URL: text (200), a status, or a failure."""
 

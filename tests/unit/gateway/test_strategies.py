@@ -93,7 +93,7 @@ def test_a_long_known_prefix_stays_until_its_replica_leads_by_more() -> None:
     history = ["context of this conversation " * 600]  # over 64 blocks
     home, _ = strategy.choose(replicas, chat(*history))
     request = chat(*history, "and then?")
-    # Little load everywhere: 3 against 1 passes the relative bound (2.25) but
+    # Little load everywhere: 3 against 1 passes the relative bound (2.875) but
     # not the lead that 64 held blocks are worth (8 blocks per request).
     for replica in replicas:
         replica.in_flight = 1
@@ -162,6 +162,94 @@ def test_a_prefix_sent_to_several_replicas_goes_to_the_least_loaded() -> None:
     home.in_flight = 1
     again, how = strategy.choose(replicas, chat(*history, "and then?"))
     assert (again, how) == (home, "cache")
+
+
+def agent_turn(user: int) -> RouteRequest:
+    """An agent's request whose tool schemas (20 KB) fill the whole hashed
+    window: every user's is the same prefix as far as it is hashed."""
+    schemas = [tool(f"tool_{i}", "Does one thing. " * 25) for i in range(40)]
+    messages = [{"role": "user", "content": f"user {user} asks"}]
+    return RouteRequest({"messages": messages, "tools": schemas})
+
+
+def _holding_the_window(strategy: PrefixAware, replicas: list[Replica]) -> None:
+    """Sends an agent's request to each replica, so that all hold its window."""
+    for replica in replicas:
+        assert strategy.choose([replica], agent_turn(-1))[0] is replica
+
+
+@pytest.mark.parametrize(
+    ("old", "load", "new_load"), [(3, 8, 0), (4, 8, 0), (8, 8, 0), (4, 1000, 1)]
+)
+def test_a_new_replica_takes_a_window_the_others_all_hold(
+    old: int, load: int, new_load: int
+) -> None:
+    """Every request is a whole match for the replicas holding the window, so
+    only an overflow brings it to a new one. The bound was 1.25 x the average
+    + 1, and a new replica at 0 among n at L leaves the average at
+    n / (n + 1) x L: from four replicas on, the new one never got a request
+    (with three, not below 17 each), and scaling up added nothing."""
+    replicas, strategy = pool(old), PrefixAware()
+    assert len(block_hashes(prefix_text(agent_turn(0).body))) == MAX_BLOCKS
+    _holding_the_window(strategy, replicas)
+    for replica in replicas:
+        replica.in_flight = load
+    new = Replica("http://10.0.1.1:8000", in_flight=new_load)
+    replicas.append(new)
+    # A whole window held is worth a lead of 8: it moves at 8, not before.
+    for replica in replicas[:-1]:
+        replica.in_flight = new_load + 7
+    assert strategy.choose(replicas, agent_turn(0))[1] == "cache"
+    for replica in replicas[:-1]:
+        replica.in_flight = load
+    chosen, how = strategy.choose(replicas, agent_turn(1))
+    assert (chosen, how) == (new, "overflow")
+    # Now it holds the window too: the least loaded of its holders takes the
+    # next requests, until the loads are even.
+    for user in range(2, 2 + load - new_load):
+        chosen.in_flight += 1
+        chosen, how = strategy.choose(replicas, agent_turn(user))
+        assert how == "cache"
+    assert new.in_flight == load
+
+
+def test_a_rolling_update_s_every_new_pod_takes_a_shared_window() -> None:
+    """With maxSurge 1, each new pod joins 7 busy ones holding the window, one
+    at a time; the last one stayed idle for good."""
+    replicas, strategy = pool(8), PrefixAware()
+    _holding_the_window(strategy, replicas)
+    for replica in replicas:
+        replica.in_flight = 10
+    for i in range(8):
+        pod = Replica(f"http://10.0.1.{i}:8000")
+        replicas = [*replicas[1:], pod]  # the surge pod is ready, an old one goes
+        for user in range(10):
+            chosen, _ = strategy.choose(replicas, agent_turn(user))
+            chosen.in_flight += 1
+        assert pod.in_flight == 10, i
+
+
+def test_even_or_busy_loads_keep_each_request_where_its_prefix_is() -> None:
+    replicas, strategy = pool(4), PrefixAware()
+    conversations = [[f"conversation {c} " * 400] for c in range(8)]  # 64 blocks
+    homes = [replicas[c % 4] for c in range(8)]
+    for history, home in zip(conversations, homes, strict=True):
+        _sent_to(strategy, replicas, home, chat(*history))
+    _holding_the_window(strategy, replicas)
+    for load in (0, 1, 20, 1000):
+        for replica in replicas:
+            replica.in_flight = load
+        for history, home in zip(conversations, homes, strict=True):
+            again = strategy.choose(replicas, chat(*history, "and then?"))
+            assert again == (home, "cache")
+        assert strategy.choose(replicas, agent_turn(load))[1] == "cache"
+    # All busy, a small imbalance next to the load: even a request worth a
+    # lead of one stays, as the average kept it before.
+    system = "shared system prompt " * 50  # ~4 blocks
+    home, _ = strategy.choose(replicas, chat(system, "first"))
+    for replica in replicas:
+        replica.in_flight = 40 if replica is home else 33
+    assert strategy.choose(replicas, chat(system, "second")) == (home, "cache")
 
 
 def test_prefix_aware_ties_go_round_every_replica() -> None:
