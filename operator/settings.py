@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import fnmatch
+import ipaddress
 import re
 import warnings
 from typing import Annotated
@@ -15,6 +16,9 @@ from citadel.operator import names
 from citadel.operator.spec import IMAGE_PATTERN
 
 DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.33.0"
+# vLLM's `--host` as the releases before had it: a new default would roll every
+# model at the operator's upgrade.
+DEFAULT_VLLM_HOST = "0.0.0.0"
 ENV_PREFIX = "CITADEL_OPERATOR_"
 # A resync reconciles every model: more often than this it keeps the API server
 # busy with nothing but resyncs.
@@ -57,6 +61,11 @@ class OperatorSettings(BaseSettings):
     """The routing ConfigMap's name."""
     default_vllm_image: str = DEFAULT_VLLM_IMAGE
     """The vLLM image for models that do not name one (a pinned tag)."""
+    vllm_host: str = DEFAULT_VLLM_HOST
+    """The address vLLM listens on in every model's pod (`--host`): `0.0.0.0`
+    (IPv4 only), or `::` for single-stack IPv6 and IPv6-first dual-stack
+    clusters (on Linux it takes IPv4 too). The probes and the gateway reach the
+    pod's IP address, so only these wildcard addresses serve every pod."""
     log_format: LogFormat = LogFormat.JSON
     """`json` for log collectors, `text` for people."""
     verbose: bool = False
@@ -171,6 +180,25 @@ class OperatorSettings(BaseSettings):
                 "lowercase repository path, then a tag and/or @sha256:<digest>)"
             )
         return value
+
+    @field_validator("vllm_host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        try:
+            address = ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(
+                "not an IP address: 0.0.0.0 (IPv4) or :: (IPv6, and IPv4 too on Linux)"
+            ) from None
+        if str(address) not in ("0.0.0.0", "::"):
+            # A pod's own address is not known before it starts, the probes and
+            # the gateway do not reach the loopback, and a zone (`::%eth0`) would
+            # name an interface every node must have.
+            raise ValueError(
+                "not a wildcard address: 0.0.0.0 (IPv4) or :: (IPv6, and IPv4 too "
+                "on Linux), so that vLLM listens on every pod's address"
+            )
+        return str(address)
 
     @field_validator("resync_seconds")
     @classmethod

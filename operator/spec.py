@@ -71,6 +71,62 @@ IMAGE_PATTERN = (
     r"(@[A-Za-z][A-Za-z0-9]*([-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9A-Fa-f]{32,})?$"
 )
 MANAGED_ARGS = ("model", "port", "host", "served-model-name", "tensor-parallel-size")
+# vLLM's flags that make a replica's world other than resources.gpus GPUs of one
+# node (more GPUs, other ranks, other nodes): the pod has exactly that many and
+# vLLM refuses to start. Each with the shortest abbreviation that vLLM 0.32's
+# parser takes for it alone, or for it and others listed here (argparse takes any
+# unambiguous prefix; a longer flag of a later release makes it ambiguous, which
+# vLLM refuses too).
+WORLD_ARGS = (
+    ("pipeline-parallel-size", "pi"),
+    ("prefill-context-parallel-size", "prefill-c"),
+    ("data-parallel-size-local", "data-parallel-si"),  # and --data-parallel-size
+    ("data-parallel-rank", "data-parallel-ra"),
+    ("data-parallel-start-rank", "data-parallel-st"),
+    ("nnodes", "nn"),
+    ("node-rank", "nod"),
+)
+# Their one-dash forms; -pc is -pcp abbreviated. -n and -r take their value
+# attached too (-n2), as argparse reads a one-letter option.
+WORLD_SHORT_ARGS = ("pp", "pcp", "pc", "dp", "dpl", "dpn", "dpr")
+WORLD_LETTER_ARGS = ("n", "r")
+# vLLM's flags that make it listen other than plain HTTP on the pod's port: a unix
+# socket, or HTTPS. The probes and the gateway speak HTTP to port `http`.
+# (--root-path moves no route: /health and /v1 still answer at the root.)
+LISTENER_ARGS = (
+    ("uds", "ud"),
+    ("ssl-keyfile", "ssl-k"),
+    ("ssl-certfile", "ssl-certf"),
+)
+
+
+def _dashes(text: str) -> str:
+    """`text` with each dash as vLLM's parser reads it: `-` or `_`."""
+    return text.replace("-", "[-_]")
+
+
+def _abbreviations(flag: str, shortest: str) -> str:
+    """A pattern of `flag` and its prefixes down to `shortest` (without `--`)."""
+    rest = ""
+    for char in reversed(flag.removeprefix(shortest)):
+        rest = f"({_dashes(char)}{rest})?"
+    return _dashes(shortest) + rest
+
+
+def _flags_rule(
+    long: tuple[tuple[str, str], ...],
+    short: tuple[str, ...] = (),
+    letters: tuple[str, ...] = (),
+) -> str:
+    """A CEL rule refusing each element of a list that sets one of these flags,
+    in any spelling vLLM's parser takes: the long ones abbreviated, with `_`
+    for `-`, with `=value` or before their value."""
+    spellings = ["--(" + "|".join(_abbreviations(*f) for f in long) + ")(=.*)?"]
+    if short:
+        spellings.append("-(" + "|".join(short) + ")(=.*)?")
+    if letters:
+        spellings.append("-[" + "".join(letters) + "].*")
+    return "self.all(a, !a.matches('^(" + "|".join(spellings) + ")$'))"
 
 
 def _rule(rule: str, message: str, **extra: str) -> dict[str, str]:
@@ -315,7 +371,9 @@ class Resources(ApiModel):
 
     gpus: int = Field(1, ge=0, le=64)
     """NVIDIA GPUs per replica: the `nvidia.com/gpu` limit and vLLM's tensor-parallel
-    size. 0 runs on the CPU."""
+    size, so engine.extraArgs may set no other parallelism (pipeline, data,
+    prefill-context, more nodes): the pod has exactly these GPUs. 0 runs on the
+    CPU."""
     cpu: Annotated[str | int, _int_or_quantity("resources.cpu")] | None = None
     """CPU request per replica, such as `8`."""
     memory: Annotated[str | int, _int_or_quantity("resources.memory")] | None = None
@@ -512,11 +570,31 @@ class Engine(ApiModel):
                     "engine.extraArgs must not set --"
                     + ", --".join(MANAGED_ARGS)
                     + " (or -tp): the operator sets them from the spec",
-                )
+                ),
+                _rule(
+                    _flags_rule(WORLD_ARGS, WORLD_SHORT_ARGS, WORLD_LETTER_ARGS),
+                    "engine.extraArgs must not set --pipeline-parallel-size, "
+                    "--prefill-context-parallel-size, --data-parallel-size(-local), "
+                    "--data-parallel-rank, --data-parallel-start-rank, --nnodes or "
+                    "--node-rank (nor -pp, -pcp, -dp, -dpl, -dpn, -dpr, -n, -r, nor "
+                    "an abbreviation): resources.gpus sets the tensor-parallel size "
+                    "and the pod gets exactly that many GPUs, on one node, so vLLM "
+                    "would refuse to start for want of the others; set "
+                    "resources.gpus, and replicas for more servers",
+                ),
+                _rule(
+                    _flags_rule(LISTENER_ARGS),
+                    "engine.extraArgs must not set --uds, --ssl-keyfile or "
+                    "--ssl-certfile (nor an abbreviation): the probes and the "
+                    "gateway speak plain HTTP to the pod's port, which vLLM would "
+                    "no longer serve (a unix socket, or HTTPS)",
+                ),
             ),
         ),
     ] = []
-    """More vLLM arguments, such as `--enable-prefix-caching`."""
+    """More vLLM arguments, such as `--enable-prefix-caching`. Not the flags the
+    operator sets, nor other parallelism than resources.gpus, nor another listener
+    than plain HTTP on the pod's port (`--uds`, `--ssl-keyfile`, `--ssl-certfile`)."""
     env: Annotated[
         list[EnvVar],
         Field(

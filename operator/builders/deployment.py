@@ -14,7 +14,7 @@ from citadel.operator.builders.common import (
     selector_labels,
 )
 from citadel.operator.model import LLMModel
-from citadel.operator.settings import OperatorSettings
+from citadel.operator.settings import DEFAULT_VLLM_HOST, OperatorSettings
 
 CACHE_MOUNT = "/cache"
 SOURCE_MOUNT = "/model-source"
@@ -39,8 +39,13 @@ def model_argument(model: LLMModel) -> str:
     return source
 
 
-def engine_args(model: LLMModel) -> list[str]:
-    """The arguments of vLLM's OpenAI server, from the spec."""
+def engine_args(model: LLMModel, host: str = DEFAULT_VLLM_HOST) -> list[str]:
+    """The arguments of vLLM's OpenAI server, from the spec.
+
+    Args:
+        model: the model served.
+        host: the address vLLM listens on (OperatorSettings.vllm_host).
+    """
     spec, engine = model.spec, model.spec.engine
     args: list[str] = []
     if spec.resources.gpus > 0:
@@ -68,7 +73,7 @@ def engine_args(model: LLMModel) -> list[str]:
         f"--model={model_argument(model)}",
         "--served-model-name",
         model.served_name,
-        "--host=0.0.0.0",
+        f"--host={host}",
         f"--port={names.HTTP_PORT}",
     ]
     if spec.resources.gpus > 0:
@@ -221,7 +226,7 @@ def _container(model: LLMModel, settings: OperatorSettings) -> Manifest:
         "image": engine.image or settings.default_vllm_image,
         # The images' entrypoints differ between releases; the module does not.
         "command": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
-        "args": engine_args(model),
+        "args": engine_args(model, settings.vllm_host),
         "ports": [
             {
                 "name": names.HTTP_PORT_NAME,

@@ -432,7 +432,7 @@ chart the release was installed with, and every key added since would be missing
 some silently (a security context rendered with only the field set beside it).
 Raise the number with every chart version that adds or moves a key.
 */}}
-{{- define "citadel.valuesLayout" -}}2{{- end }}
+{{- define "citadel.valuesLayout" -}}3{{- end }}
 {{- define "citadel.checkValuesLayout" -}}
 {{- $own := include "citadel.valuesLayout" . }}
 {{- $given := .Values.valuesLayout }}

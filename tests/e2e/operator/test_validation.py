@@ -60,6 +60,18 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.engine.extraArgs",
     ),
     (
+        "parallelism-extra-arg",
+        {"engine": {"extraArgs": ["--pipeline-parallel-size=2"]}},
+        "bad",
+        "spec.engine.extraArgs",
+    ),
+    (
+        "listener-extra-arg",
+        {"engine": {"extraArgs": ["--uds", "/tmp/vllm.sock"]}},
+        "bad",
+        "spec.engine.extraArgs",
+    ),
+    (
         "managed-extra-arg-underscores",
         {"engine": {"extraArgs": ["--served_model_name=x"]}},
         "bad",

@@ -320,6 +320,7 @@ def test_operator_env_names_are_settings_the_operator_reads(chart: ChartKit) -> 
         {
             "operator.defaultVllmImage": "vllm/vllm-openai:v0.1.0",
             "operator.nodesAutoscaled": True,
+            "operator.vllmHost": "::",
         }
     )
     env = chart.env_of(
@@ -332,6 +333,9 @@ def test_operator_env_names_are_settings_the_operator_reads(chart: ChartKit) -> 
     assert env["CITADEL_OPERATOR_DEFAULT_VLLM_IMAGE"] == "vllm/vllm-openai:v0.1.0"
     autoscaled = env["CITADEL_OPERATOR_NODES_AUTOSCALED"]
     assert OperatorSettings(nodes_autoscaled=autoscaled).nodes_autoscaled is True
+    assert (
+        OperatorSettings(vllm_host=env["CITADEL_OPERATOR_VLLM_HOST"]).vllm_host == "::"
+    )
     assert OperatorSettings.model_fields["metrics_port"].default == 8080
     assert env["CITADEL_OPERATOR_METRICS_PORT"] == "8080"
     assert "POD_ID" in env  # Kopf names the replica after its pod when peering
@@ -477,7 +481,7 @@ def test_names_in_shared_namespaces_carry_the_release_namespace(
     assert not shared(objs) & shared(team)
 
 
-@pytest.mark.parametrize("layout", [None, 1])
+@pytest.mark.parametrize("layout", [None, 1, 2])
 def test_values_of_another_layout_fail_the_render(chart: ChartKit, layout: Any) -> None:
     # `helm upgrade --reuse-values` from an older chart: its values lack every key
     # added since, some of which would render silently wrong (a security context
@@ -485,7 +489,7 @@ def test_values_of_another_layout_fail_the_render(chart: ChartKit, layout: Any) 
     said = "not set" if layout is None else str(layout)
     chart.render(
         {"valuesLayout": layout},
-        expect_error=f"valuesLayout is {said} where this chart's is 2: with "
+        expect_error=f"valuesLayout is {said} where this chart's is 3: with "
         "`helm upgrade --reuse-values`",
     )
 
@@ -504,7 +508,7 @@ def test_an_older_charts_values_fail_on_their_layout_first(
     (copy / "values.yaml").write_text(yaml.safe_dump(values))
     chart.render(
         path=copy,
-        expect_error="valuesLayout is not set where this chart's is 2: with "
+        expect_error="valuesLayout is not set where this chart's is 3: with "
         "`helm upgrade --reuse-values`",
     )
 

@@ -182,7 +182,9 @@ CEL_CALLS_OF_KUBERNETES_1_30 = {
 
 def test_rules_call_only_what_kubernetes_1_30_offers() -> None:
     for rule in _all_rules():
-        called = set(re.findall(r"([A-Za-z_][A-Za-z0-9_]*)\s*\(", rule["rule"]))
+        # Not inside string literals: a pattern's `pi(p(e...)?)?` calls nothing.
+        code = re.sub(r"'[^']*'", "''", rule["rule"])
+        called = set(re.findall(r"([A-Za-z_][A-Za-z0-9_]*)\s*\(", code))
         assert called <= CEL_CALLS_OF_KUBERNETES_1_30, rule["rule"]
         assert "format." not in rule["rule"], rule["rule"]
 
@@ -364,3 +366,102 @@ def test_qualified_name_pattern(key: str, legal: bool) -> None:
     # The 253-character limit of the prefix is the rule's indexOf, not the pattern.
     matches = bool(re.search(QUALIFIED_NAME, key)) and key.find("/") <= 253
     assert matches is legal
+
+
+def _refusing_message(arg: str) -> str | None:
+    """The message of the engine.extraArgs rule that refuses a list holding `arg`,
+    None when each takes it. Each rule is `self.all(a, !a.matches('...'))`,
+    matched here with `re` (RE2 in the API server: the same answers for these
+    patterns)."""
+    for rule in _rules("engine.extraArgs"):
+        found = re.fullmatch(r"self\.all\(a, !a\.matches\('(.*)'\)\)", rule["rule"])
+        assert found, rule["rule"]
+        if re.search(found.group(1), arg):
+            return rule["message"]
+    return None
+
+
+WORLD = "resources.gpus sets the tensor-parallel size"
+LISTENER = "the probes and the gateway speak plain HTTP"
+
+
+# Each spelling below was checked against vLLM 0.32's own parser: those refused
+# set the flag named (argparse takes unambiguous prefixes, the parser `_` for
+# `-`), those taken set none of them.
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        # More GPUs than the pod has: vLLM refuses to start ("World size (4) is
+        # larger than the number of available GPUs (2)").
+        ("--pipeline-parallel-size=2", WORLD),
+        ("--pipeline-parallel-size", WORLD),
+        ("--pipeline_parallel_size=2", WORLD),
+        ("--pipeline-parallel=2", WORLD),
+        ("--pi", WORLD),
+        ("-pp", WORLD),
+        ("-pp=2", WORLD),
+        ("--prefill-context-parallel-size=2", WORLD),
+        ("--prefill_c=2", WORLD),
+        ("-pcp", WORLD),
+        ("-pc", WORLD),
+        ("--data-parallel-size=2", WORLD),
+        ("--data_parallel_size", WORLD),
+        ("--data-parallel-si=2", WORLD),
+        ("-dp", WORLD),
+        ("--data-parallel-size-local=2", WORLD),
+        ("-dpl=2", WORLD),
+        ("--data-parallel-rank=1", WORLD),
+        ("-dpn", WORLD),
+        ("--data-parallel-start-rank=1", WORLD),
+        ("-dpr", WORLD),
+        # Other nodes, which the pod never meets.
+        ("--nnodes=2", WORLD),
+        ("--nn", WORLD),
+        ("-n", WORLD),
+        ("-n2", WORLD),
+        ("--node-rank=1", WORLD),
+        ("--node_rank", WORLD),
+        ("-r1", WORLD),
+        # Not plain HTTP on the pod's port.
+        ("--uds=/tmp/vllm.sock", LISTENER),
+        ("--uds", LISTENER),
+        ("--ud", LISTENER),
+        ("--ssl-keyfile=/tls/key.pem", LISTENER),
+        ("--ssl_keyfile", LISTENER),
+        ("--ssl-k=/tls/key.pem", LISTENER),
+        ("--ssl-certfile=/tls/cert.pem", LISTENER),
+        ("--ssl-certf", LISTENER),
+        # Taken: none of those flags.
+        ("--enable-prefix-caching", None),
+        ("--max-num-seqs", None),
+        ("128", None),
+        ("-O3", None),
+        ("--enforce-eager", None),
+        ("--decode-context-parallel-size=2", None),  # within the TP ranks
+        ("-dcp", None),
+        ("--data-parallel-backend=mp", None),
+        ("--data-parallel-supervisor-port=9000", None),
+        ("--enable-expert-parallel", None),
+        ("-ep", None),
+        ("--api-server-count=2", None),
+        ("--numa-bind-nodes", None),
+        ("--no-enable-log-requests", None),
+        ("--ssl-ca-certs=/tls/ca.pem", None),
+        # vLLM's app keeps serving /health and /v1 at the root under it.
+        ("--root-path=/llm", None),
+        ("--max-model-len=32k", None),
+    ],
+)
+def test_extra_args_may_not_change_the_world_or_the_listener(
+    arg: str, message: str | None
+) -> None:
+    refused = _refusing_message(arg)
+    if message is None:
+        assert refused is None, arg
+    else:
+        assert refused is not None and message in refused, arg
+
+
+def test_the_operators_own_flags_keep_the_first_extra_args_rule() -> None:
+    assert _refusing_message("-tp=4") == _rules("engine.extraArgs")[0]["message"]
+    assert _refusing_message("--port=9000") == _rules("engine.extraArgs")[0]["message"]

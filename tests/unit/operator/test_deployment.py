@@ -146,6 +146,18 @@ def test_served_name_defaults_to_the_model_name(settings: OperatorSettings) -> N
     assert args[at : at + 3] == ["--served-model-name", "smol", "--host=0.0.0.0"]
 
 
+@pytest.mark.parametrize("extra", [[], ["--enable-prefix-caching"]])
+def test_vllm_listens_on_the_operators_host(extra: list[str]) -> None:
+    """On an IPv6 cluster the probes and the gateway reach the pod's IPv6
+    address, where a server on 0.0.0.0 refuses the connection."""
+    settings = OperatorSettings(vllm_host="::")
+    pod = build_deployment(make_model(engine={"extraArgs": extra}), settings)
+    args = pod["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert [a for a in args if a.startswith("--host")] == ["--host=::"]
+    if extra:  # after them, so that no spelling there overrides it
+        assert args.index("--host=::") > args.index(extra[0])
+
+
 def test_s3_models_stream_with_the_run_ai_loader(settings: OperatorSettings) -> None:
     args = engine_args(make_model(model="s3://weights/llama/8b"))
     assert "--model=s3://weights/llama/8b" in args

@@ -18,7 +18,13 @@ pytestmark = pytest.mark.unit
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("WATCH_NAMESPACES", "GATEWAY_NAMESPACE", "LOG_FORMAT", "POD_MONITORS"):
+    for name in (
+        "WATCH_NAMESPACES",
+        "GATEWAY_NAMESPACE",
+        "LOG_FORMAT",
+        "POD_MONITORS",
+        "VLLM_HOST",
+    ):
         monkeypatch.delenv(f"CITADEL_OPERATOR_{name}", raising=False)
     settings = OperatorSettings()
     assert settings.clusterwide
@@ -27,6 +33,8 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.default_vllm_image.startswith("vllm/vllm-openai:v")
     assert (settings.metrics_port, settings.health_port) == (8080, 8081)
     assert settings.pod_monitors is True
+    # As before the setting existed: no model's Deployment changes on upgrade.
+    assert settings.vllm_host == "0.0.0.0"
 
 
 def test_pod_monitors_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -166,6 +174,17 @@ def test_bad_namespaces_are_refused(
         ("PEERING_LIFETIME_SECONDS", "14", "greater than or equal to 15"),
         ("PEERING_LIFETIME_SECONDS", "601", "less than or equal to 600"),
         ("HEALTH_PORT", "8080", "METRICS_PORT and CITADEL_OPERATOR_HEALTH_PORT"),
+        ("VLLM_HOST", "", "not an IP address"),
+        ("VLLM_HOST", "localhost", "not an IP address"),
+        ("VLLM_HOST", "[::]", "not an IP address"),
+        ("VLLM_HOST", "0.0.0.0:8000", "not an IP address"),
+        ("VLLM_HOST", "0.0.0.0; rm -rf /", "not an IP address"),
+        # A pod's own address is not known beforehand; the probes and the gateway
+        # do not reach the loopback.
+        ("VLLM_HOST", "127.0.0.1", "not a wildcard address"),
+        ("VLLM_HOST", "::1", "not a wildcard address"),
+        ("VLLM_HOST", "10.244.0.5", "not a wildcard address"),
+        ("VLLM_HOST", "::%eth0", "not a wildcard address"),
     ],
 )
 def test_bad_values_name_their_variable(
@@ -211,6 +230,9 @@ def test_explain_writes_one_line_per_problem(monkeypatch: pytest.MonkeyPatch) ->
         ("PEERING_LIFETIME_SECONDS", "15", "peering_lifetime_seconds", 15),
         ("ROUTES_CONFIGMAP", "routes.v1", "routes_configmap", "routes.v1"),
         ("HEALTH_PORT", "0", "health_port", 0),
+        ("VLLM_HOST", "0.0.0.0", "vllm_host", "0.0.0.0"),
+        ("VLLM_HOST", "::", "vllm_host", "::"),
+        ("VLLM_HOST", "0:0:0:0:0:0:0:0", "vllm_host", "::"),
     ],
 )
 def test_values_at_the_bounds_are_taken(
