@@ -657,9 +657,11 @@ class Cache(ApiModel):
             )
         ),
     ] = AccessMode.READ_WRITE_ONCE
-    """ReadWriteMany lets replicas on several nodes share one cache;
-    ReadWriteOncePod lets only one pod use it, so it needs replicas <= 1 and
-    rollout.maxSurge 0."""
+    """ReadWriteOnce (the default) attaches the claim to one node: a pod on
+    another node waits in ContainerCreating (Multi-Attach error), so keep more
+    pods than one on one node (placement) or use ReadWriteMany, which lets
+    replicas on several nodes share one cache. ReadWriteOncePod lets only one pod
+    use it, so it needs replicas <= 1 and rollout.maxSurge 0."""
     delete_policy: DeletePolicy = DeletePolicy.RETAIN
     """`Retain` keeps the claim (and the downloaded weights) when the model is
     deleted; `Delete` removes it with the model."""
