@@ -104,9 +104,10 @@ class PrefixAware(_Turns):
     the chosen one leads it by at least one request per `blocks_per_request`
     blocks of the prompt it holds (at least one), and one of the two is out of
     line with the average load: the chosen one carries more than `load_factor`
-    x the average + 1 requests (a hot spot), or the least-loaded one fewer than
-    the average / `load_factor` - 1 (a cold spot: a new replica, or one left
-    idle, among busy ones). Moving a request costs the prefill of the prefix it
+    x the average + 1 requests (a hot spot), or the least-loaded one holds none
+    of the prompt, not even its first block, and carries fewer than the
+    average / `load_factor` - 1 (a cold spot: a new pod, or one restarted,
+    among busy holders). Moving a request costs the prefill of the prefix it
     leaves behind, so the longer that prefix, the more load it is worth. A
     whole known prompt (64 blocks) may lead by 7 before it moves; a new
     conversation that shares a system prompt of a few blocks moves as soon as
@@ -126,10 +127,16 @@ class PrefixAware(_Turns):
     then never got one, so it never came to hold the window, and a scale-up or
     a rolling update added no capacity. Once it takes one such request it holds
     the window too and, the least loaded of its holders, takes the next ones.
+    A replica that holds the prompt is not cold, however few it carries: at
+    small loads the cold bound is a request or two below the average, and a
+    holder's momentary dip (2, 2, 2 and 0; 12, 12, 12 and 7) moved a steady
+    chat load's conversations off their replicas five times as often, each to
+    prefill its history again, for no gain in balance.
 
     Args:
         load_factor: how far above the average load the chosen replica, or
-            below it the least-loaded one, may be before overflow.
+            below it a least-loaded one that holds none of the prompt, may be
+            before overflow.
         capacity: slots of the table of block hashes, a power of two; each
             holds one hash (see `BlockTable`: 8 MiB when all are allocated).
         cache_threshold: the share of the prompt's blocks a known prefix must
@@ -177,26 +184,41 @@ class PrefixAware(_Turns):
             chosen, how = least_loaded(replicas, turn), "balance"
         if chosen is None:
             chosen, how = least_loaded(replicas, turn), "least"
-        elif instead := self._overflow(chosen, replicas, matched, turn):
+        elif instead := self._overflow(chosen, replicas, hashes[0], matched, turn):
             chosen, how = instead, "overflow"
         self._owners.add(hashes, self._bit(chosen.url, replicas))
         return chosen, how
 
     def _overflow(
-        self, chosen: Replica, replicas: Sequence[Replica], matched: int, turn: int
+        self,
+        chosen: Replica,
+        replicas: Sequence[Replica],
+        first: int,
+        matched: int,
+        turn: int,
     ) -> Replica | None:
         """The least-loaded replica when `chosen`, holding `matched` blocks of the
-        prompt, carries too much more than it to take the request; else None."""
+        prompt, carries too much more than it to take the request; else None.
+
+        `first` is the hash of the prompt's first block: the cold bound is only
+        for a least-loaded replica that holds none of the prompt.
+        """
         least = least_loaded(replicas, turn)
         lead = max(1, matched // self._blocks_per_request)
         if chosen.in_flight - least.in_flight < lead:
             return None
         average = sum(r.in_flight for r in replicas) / len(replicas)
-        hot = chosen.in_flight > self._load_factor * average + 1
-        # One idle replica barely moves the average, so `hot` alone never sees
-        # a new pod among four or more busy ones holding the same prompt.
-        cold = least.in_flight < average / self._load_factor - 1
-        return least if hot or cold else None
+        if chosen.in_flight > self._load_factor * average + 1:
+            return least
+        # One idle replica barely moves the average, so the hot bound alone
+        # never sees a new pod among four or more busy ones holding the same
+        # prompt. Only one that holds none of it: a holder's momentary dip is
+        # no reason to prefill the prompt elsewhere (at small loads the bound
+        # is a request or two below the average).
+        if least.in_flight >= average / self._load_factor - 1:
+            return None
+        holds = self._owners.owners(first) & self._bits.get(least.url, 0)
+        return None if holds else least
 
     def _bit(self, url: str, replicas: Sequence[Replica]) -> int:
         """The bit of `url` (one of `replicas`) in the masks."""

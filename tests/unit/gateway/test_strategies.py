@@ -252,6 +252,36 @@ def test_even_or_busy_loads_keep_each_request_where_its_prefix_is() -> None:
     assert strategy.choose(replicas, chat(system, "second")) == (home, "cache")
 
 
+@pytest.mark.parametrize(
+    "loads", [(2, 2, 2, 0), (4, 4, 4, 1), (5, 5, 5, 2), (12, 12, 12, 7)]
+)
+def test_a_dip_of_a_replica_holding_the_prompt_moves_nothing(
+    loads: tuple[int, ...],
+) -> None:
+    """The cold bound is for a replica that holds none of the prompt. At small
+    loads it is a request or two below the average: a replica that holds the
+    prompt's first block (a shared system prompt) and dipped a moment took
+    conversations off their replicas, each to prefill its history again (5x
+    the moves of a steady chat load over four replicas, for no balance)."""
+    replicas, strategy = pool(4), PrefixAware()
+    system = "shared system prompt " * 30  # 3 blocks
+    for replica in replicas:
+        assert strategy.choose([replica], chat(system, "hello"))[0] is replica
+    home, dipped = replicas[0], replicas[-1]
+    history = [system, "a question " * 60, "an answer " * 120]  # ~10 blocks
+    _sent_to(strategy, replicas, home, chat(*history))
+    request = chat(*history, "and then?")
+    first = block_hashes(prefix_text(request.body))[0]
+    assert strategy._owners.owners(first) & strategy._bits[dipped.url]
+    for replica, load in zip(replicas, loads, strict=True):
+        replica.in_flight = load
+    assert strategy.choose(replicas, request) == (home, "cache")
+    # The same loads, the least-loaded replica a new one that holds none of the
+    # prompt: it takes the request, as a new pod among busy ones must.
+    new = Replica("http://10.0.1.1:8000", in_flight=loads[-1])
+    assert strategy.choose([*replicas[:-1], new], request) == (new, "overflow")
+
+
 def test_prefix_aware_ties_go_round_every_replica() -> None:
     replicas, strategy = pool(4), PrefixAware()
     system = "shared system prompt " * 50
