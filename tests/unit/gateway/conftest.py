@@ -61,11 +61,14 @@ class FakeReply:
             raise self.body
         return self.body
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self, timeout_s: float | None = None) -> AsyncIterator[bytes]:
         for part in self.parts:
             if isinstance(part, Exception):
                 raise part
             yield part
+
+    def lift(self) -> None:
+        pass
 
     def close(self) -> None:
         self.closed = True

@@ -1140,7 +1140,7 @@ async def test_a_request_the_server_cuts_gets_an_openai_error(
     plain-text 500 or a stream cut without a word, and it is counted so."""
 
     class Endless(kit.reply):  # type: ignore[misc,name-defined]
-        async def chunks(self) -> Any:
+        async def chunks(self, timeout_s: float | None = None) -> Any:
             yield _sse(CHUNK)[0]
             await asyncio.Event().wait()
 
@@ -1201,7 +1201,7 @@ async def test_a_stream_ended_before_its_first_event_sends_no_200(
     a 503 `shutting_down` in OpenAI's shape, not a 200 and an error event."""
 
     class Silent(kit.reply):  # type: ignore[misc,name-defined]
-        async def chunks(self) -> Any:
+        async def chunks(self, timeout_s: float | None = None) -> Any:
             waiting.set()
             await asyncio.Event().wait()
             yield b""  # never reached

@@ -866,10 +866,13 @@ class _Stalled:
         self.clock.now += timeout_s or 0.0
         raise UpstreamTimeout("no next piece")
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self, timeout_s: float | None = None) -> AsyncIterator[bytes]:
         for _ in ():  # an async generator that never yields: no body comes
             yield b""
         raise UpstreamTimeout("no next piece")
+
+    def lift(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -1040,7 +1043,8 @@ async def test_a_replicas_own_error_event_first_is_relayed_not_tried_again(
 
 class _Silent:
     """A stream whose 200 came and whose first event never does: it waits
-    until it is cancelled."""
+    until it is cancelled, or as the upstream client does, until the bound
+    `chunks` was given has passed."""
 
     status = 200
     content_type = "text/event-stream"
@@ -1053,10 +1057,17 @@ class _Silent:
     async def read(self, timeout_s: float | None = None) -> bytes:
         raise AssertionError("a stream's body is relayed, not read whole")
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self, timeout_s: float | None = None) -> AsyncIterator[bytes]:
         self.waiting.set()
-        await asyncio.Event().wait()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.Event().wait()
+        except TimeoutError:
+            raise UpstreamTimeout(f"no answer in {timeout_s} s") from None
         yield b""  # never reached
+
+    def lift(self) -> None:
+        raise AssertionError("no first event came: nothing to lift the bound for")
 
     def close(self) -> None:
         self.closed = True
@@ -1084,6 +1095,41 @@ async def test_a_streams_first_event_is_waited_for_within_the_deadline(
     assert _backend_errors(harness, "http://r1", "timeout") == 1
 
 
+async def test_a_streams_first_output_is_awaited_on_the_replys_own_reads(
+    kit: Any,
+) -> None:
+    """What is left of the request's time bounds the reply's reads until the
+    first output came (`Reply.chunks`), as the upstream client bounds each
+    read anyway, and the bound is lifted before the relay reads on: a timer
+    of the proxy's own around the wait cost each streamed request 11 us of
+    CPU, a sixth of the proxy's."""
+    harness = kit.build()
+    seen: list[Any] = []
+
+    class Bounded(kit.reply):  # type: ignore[misc]
+        async def chunks(self, timeout_s: float | None = None) -> AsyncIterator[bytes]:
+            seen.append(timeout_s)
+            for part in self.parts:
+                seen.append("piece")
+                yield part
+
+        def lift(self) -> None:
+            seen.append("lifted")
+
+    parts = _events(USAGE, CHUNK)  # the usage chunk is not relayed: no output
+
+    def handler(url: str, body: Any) -> Any:
+        harness.clock.now += 100  # the headers took 100 s of the 600
+        return Bounded(parts=parts, content_type="text/event-stream")
+
+    harness.upstream.handler = handler
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json={**kit.chat, **STREAM})
+    assert answer.status_code == 200
+    assert answer.content == parts[1] + parts[2]
+    assert seen == [500.0, "piece", "piece", "lifted", "piece"]
+
+
 async def test_a_retrys_stream_cut_short_by_the_deadline_judges_no_replica(
     kit: Any,
 ) -> None:
@@ -1093,7 +1139,7 @@ async def test_a_retrys_stream_cut_short_by_the_deadline_judges_no_replica(
     harness = kit.build()
 
     class Stalled(kit.reply):  # type: ignore[misc]
-        async def chunks(self) -> AsyncIterator[bytes]:
+        async def chunks(self, timeout_s: float | None = None) -> AsyncIterator[bytes]:
             for _ in ():  # an async generator that never yields
                 yield b""
             raise UpstreamTimeout("no first event")

@@ -545,3 +545,39 @@ async def test_a_whole_bodys_time_is_bounded_but_a_streams_is_not(
         await response.read(timeout_s=0.1)
     response = await client.post(server.url + "/", b"{}", {}, timeout_s=0.2)
     assert b"".join([piece async for piece in response.chunks()]) == b"0123456789"
+
+
+async def test_a_streams_pieces_are_bounded_until_the_bound_is_lifted(
+    serve: Callable[..., Awaitable[Server]], client: UpstreamClient
+) -> None:
+    """`chunks` given a bound holds the pieces to it from the call on, over as
+    many pieces as they take, though each may wait the read timeout (5 s):
+    the proxy's wait for a stream's first output, which may span pieces,
+    with no timer of its own. Once lifted, the rest may take longer."""
+
+    async def pause(_: int, __: int, ___: object, writer: asyncio.StreamWriter) -> bool:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n"
+        )
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        writer.write(b"6\r\nsecond\r\n0\r\n\r\n")
+        await writer.drain()
+        return True
+
+    server = await serve(pause)
+    loop = asyncio.get_running_loop()
+    response = await client.post(server.url + "/v1/completions", b"{}", {})
+    began = loop.time()
+    pieces = response.chunks(timeout_s=0.1)
+    assert await anext(pieces) == b"first"
+    with pytest.raises(UpstreamTimeout, match="no answer"):
+        await anext(pieces)
+    assert loop.time() - began < 0.3
+    response = await client.post(server.url + "/v1/completions", b"{}", {})
+    pieces = response.chunks(timeout_s=0.1)
+    assert await anext(pieces) == b"first"
+    response.lift()
+    assert [piece async for piece in pieces] == [b"second"]
+    assert server.connections == 2  # the stream cut short was not reused
