@@ -104,10 +104,11 @@ class PrefixAware(_Turns):
     the chosen one leads it by at least one request per `blocks_per_request`
     blocks of the prompt it holds (at least one), and one of the two is out of
     line with the average load: the chosen one carries more than `load_factor`
-    x the average + 1 requests (a hot spot), or the least-loaded one was never
-    sent a request by this table (a new pod, or one whose bit was taken back)
-    and carries fewer than the average / `load_factor` - 1 (a cold spot among
-    busy replicas). Moving a request costs the prefill of the prefix it
+    x the average + 1 requests (a hot spot), or the least-loaded one carries
+    fewer than the average / `load_factor` - 1 while the chosen one's holders
+    know the whole hashed prompt and it holds none of it, not even the first
+    block (a cold spot: a new pod among busy replicas that every request's
+    shared window would pass by). Moving a request costs the prefill of the prefix it
     leaves behind, so the longer that prefix, the more load it is worth. A
     whole known prompt (64 blocks) may lead by 7 before it moves; a new
     conversation that shares a system prompt of a few blocks moves as soon as
@@ -127,18 +128,16 @@ class PrefixAware(_Turns):
     then never got one, so it never came to hold the window, and a scale-up or
     a rolling update added no capacity. Once it takes one such request it holds
     the window too and, the least loaded of its holders, takes the next ones.
-    A replica sent anything before is not cold, however few it carries: at
-    small loads the cold bound is a request or two below the average, and a
-    momentary dip (2, 2, 2 and 0; 12, 12, 12 and 7) moved a steady chat load's
-    conversations off their replicas five times as often, each to prefill its
-    history again, for no gain in balance; with "holds none of this prompt" as
-    the test, a replica holding other system prompts than this one was cold
-    for it, which cost short chat 3 ms of mean TTFT.
+    Nothing else is cold, however few it carries: at small loads the cold
+    bound is a request or two below the average, and a momentary dip (2, 2, 2
+    and 0; 12, 12, 12 and 7) moved a steady chat load's conversations off
+    their replicas five times as often, each to prefill its history again, for
+    no gain in balance; a growing conversation's prompt is never known whole
+    (its last answer is new), so chats keep their replicas.
 
     Args:
         load_factor: how far above the average load the chosen replica, or
-            below it a least-loaded one never sent a request, may be before
-            overflow.
+            below it a cold least-loaded one, may be before overflow.
         capacity: slots of the table of block hashes, a power of two; each
             holds one hash (see `BlockTable`: 8 MiB when all are allocated).
         cache_threshold: the share of the prompt's blocks a known prefix must
@@ -186,7 +185,7 @@ class PrefixAware(_Turns):
             chosen, how = least_loaded(replicas, turn), "balance"
         if chosen is None:
             chosen, how = least_loaded(replicas, turn), "least"
-        elif instead := self._overflow(chosen, replicas, matched, turn):
+        elif instead := self._overflow(chosen, replicas, hashes, matched, turn):
             chosen, how = instead, "overflow"
         self._owners.add(hashes, self._bit(chosen.url, replicas))
         return chosen, how
@@ -195,11 +194,13 @@ class PrefixAware(_Turns):
         self,
         chosen: Replica,
         replicas: Sequence[Replica],
+        hashes: list[int],
         matched: int,
         turn: int,
     ) -> Replica | None:
-        """The least-loaded replica when `chosen`, holding `matched` blocks of the
-        prompt, carries too much more than it to take the request; else None."""
+        """The least-loaded replica when `chosen`, holding `matched` of the
+        prompt's `hashes`, carries too much more than it to take the request;
+        else None."""
         least = least_loaded(replicas, turn)
         lead = max(1, matched // self._blocks_per_request)
         if chosen.in_flight - least.in_flight < lead:
@@ -209,18 +210,23 @@ class PrefixAware(_Turns):
             return least
         # One idle replica barely moves the average, so the hot bound alone
         # never sees a new pod among four or more busy ones holding the same
-        # prompt. Only a replica this table never sent anything (a new pod, or
-        # one whose bit was taken back): once it took a request it competes
-        # by what it holds. A momentary dip is no reason to prefill a prompt
-        # elsewhere (at small loads the bound is a request or two below the
-        # average), nor is a replica that holds other prompts but not this one:
-        # with the first block as the test, short chat's four system prompts
-        # each found a replica "cold" and moved conversations off their cache
-        # (mean TTFT 34.0 -> 37.2 ms, the replicas' own 29.4 -> 32.4, four
-        # rounds each beside the code before c880c95).
+        # prompt. The cold bound is for the one case where no prompt could
+        # ever send it one: the holders know the whole hashed prompt (a
+        # window every request shares, such as 16 KiB of tool schemas) and
+        # it holds none of it, not even the first block. Otherwise a dip is
+        # no reason to prefill a prompt elsewhere (at small loads the bound
+        # is a request or two below the average): tested on any replica
+        # holding none of the prompt, short chat's four system prompts made a
+        # replica holding the others "cold" for each (mean TTFT 34.0 -> 37.2
+        # ms, four rounds beside the code before c880c95); tested on a
+        # replica never sent anything, a new pod whose first request was
+        # another prompt never took a share of the shared window.
         if least.in_flight >= average / self._load_factor - 1:
             return None
-        return None if least.url in self._bits else least
+        if matched < len(hashes):
+            return None
+        holds = self._owners.owners(hashes[0]) & self._bits.get(least.url, 0)
+        return None if holds else least
 
     def _bit(self, url: str, replicas: Sequence[Replica]) -> int:
         """The bit of `url` (one of `replicas`) in the masks."""

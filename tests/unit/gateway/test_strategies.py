@@ -258,9 +258,10 @@ def test_even_or_busy_loads_keep_each_request_where_its_prefix_is() -> None:
 def test_a_dip_of_a_replica_holding_the_prompt_moves_nothing(
     loads: tuple[int, ...],
 ) -> None:
-    """The cold bound is for a replica never sent a request (a new pod). At
-    small loads it is a request or two below the average: a replica that holds
-    the prompt's first block (a shared system prompt) and dipped a moment took
+    """The cold bound is for a replica that holds none of a prompt known whole
+    (a new pod). At small loads it is a request or two below the average: a
+    replica that holds the prompt's first block (a shared system prompt) and
+    dipped a moment took
     conversations off their replicas, each to prefill its history again (5x
     the moves of a steady chat load over four replicas, for no balance)."""
     replicas, strategy = pool(4), PrefixAware()
@@ -276,21 +277,21 @@ def test_a_dip_of_a_replica_holding_the_prompt_moves_nothing(
     for replica, load in zip(replicas, loads, strict=True):
         replica.in_flight = load
     assert strategy.choose(replicas, request) == (home, "cache")
-    # The same loads, the least-loaded replica a new one, never sent anything:
-    # it takes the request, as a new pod among busy ones must.
+    # The same loads, the least-loaded replica a new one that holds none of the
+    # prompt: it takes the request, as a new pod among busy ones must.
     new = Replica("http://10.0.1.1:8000", in_flight=loads[-1])
     assert strategy.choose([*replicas[:-1], new], request) == (new, "overflow")
 
 
 @pytest.mark.parametrize("loads", [(2, 2, 2, 0), (5, 5, 5, 2), (12, 12, 12, 7)])
-def test_a_replica_holding_other_prompts_is_not_cold_for_this_one(
+def test_a_conversation_stays_though_a_replica_holds_none_of_it(
     loads: tuple[int, ...],
 ) -> None:
-    """A replica that served before but holds none of this prompt (another of
-    the system prompts a workload has) is no new pod: moving a conversation to
-    it at each dip prefilled its history again (short chat, four system
-    prompts: mean TTFT 34.0 -> 37.2 ms with "holds none of this prompt" as
-    the test)."""
+    """A replica holding other system prompts than this conversation's is no
+    new pod: moving a conversation to it at each dip prefilled its history
+    again (short chat, four system prompts: mean TTFT 34.0 -> 37.2 ms with
+    "holds none of this prompt" alone as the test). A growing conversation's
+    prompt is never known whole (its new turn is new), which keeps it."""
     replicas, strategy = pool(4), PrefixAware()
     home, other = replicas[0], replicas[-1]
     mine, theirs = "my system prompt " * 40, "their system prompt " * 40
@@ -299,12 +300,33 @@ def test_a_replica_holding_other_prompts_is_not_cold_for_this_one(
     assert strategy.choose([other], chat(theirs, "hello"))[0] is other
     history = [mine, "a question " * 60, "an answer " * 120]
     _sent_to(strategy, replicas, home, chat(*history))
-    request = chat(*history, "and then?")
-    first = block_hashes(prefix_text(request.body))[0]
-    assert not strategy._owners.owners(first) & strategy._bits[other.url]
+    request = chat(*history, "and then? " * 40)
+    hashes = block_hashes(prefix_text(request.body))
+    assert not strategy._owners.owners(hashes[0]) & strategy._bits[other.url]
     for replica, load in zip(replicas, loads, strict=True):
         replica.in_flight = load
     assert strategy.choose(replicas, request) == (home, "cache")
+
+
+def test_a_new_pod_first_sent_another_prompt_takes_a_shared_window() -> None:
+    """A new pod whose first request was something else (a warm-up, another
+    tool set) holds none of the window every other request shares: with
+    "never sent anything" as the test it was never cold again and stayed
+    idle while the others ran 100 each."""
+    replicas, strategy = pool(4), PrefixAware()
+    _holding_the_window(strategy, replicas)
+    new = Replica("http://10.0.1.1:8000")
+    assert strategy.choose([new], chat("warm-up", "hello"))[0] is new
+    for replica in replicas:
+        replica.in_flight = 100
+    replicas.append(new)
+    chosen, how = strategy.choose(replicas, agent_turn(0))
+    assert (chosen, how) == (new, "overflow")
+    for user in range(1, 100):
+        chosen.in_flight += 1
+        chosen, how = strategy.choose(replicas, agent_turn(user))
+        assert how == "cache"
+    assert new.in_flight == 99 and chosen is new
 
 
 def test_prefix_aware_ties_go_round_every_replica() -> None:
