@@ -7,11 +7,13 @@ down.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import random
+from collections.abc import Callable
 
 import kopf
-from prometheus_client import start_http_server
+from prometheus_client import CollectorRegistry, start_http_server
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
@@ -67,6 +69,38 @@ def kopf_settings(
         else default_priority
     )
     return ks
+
+
+def liveness_endpoint(settings: OperatorSettings) -> str | None:
+    """The URL Kopf serves `/healthz` at, on `listen_host`; None when off.
+
+    Kopf reads the address to listen on from the URL's host, where an IPv6 one
+    goes in brackets (`http://[::]:8081/healthz`).
+    """
+    if not settings.health_port:
+        return None
+    host = settings.listen_host
+    if ipaddress.ip_address(host).version == 6:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.health_port}/healthz"
+
+
+def serve_metrics(
+    settings: OperatorSettings, registry: CollectorRegistry
+) -> Callable[[], None]:
+    """Serves `/metrics` on `listen_host` and `metrics_port`, if set, from a
+    thread of its own (prometheus_client's server); returns what stops it."""
+    if not settings.metrics_port:
+        return lambda: None
+    server, _ = start_http_server(
+        settings.metrics_port, addr=settings.listen_host, registry=registry
+    )
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+
+    return stop
 
 
 def login_function(ks: kopf.OperatorSettings) -> kopf.ConnectionInfo:
@@ -134,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     # (ModelSeries): under CitadelModelFailed's 5 minutes with the default 120 s.
     # Without resyncs nothing renews them, so they never do.
     metrics = Metrics(stale_after_s=2 * settings.resync_seconds or None)
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, registry=metrics.registry)
+    serve_metrics(settings, metrics.registry)
 
     def login() -> kopf.ConnectionInfo:
         return login_function(ks)
@@ -149,10 +182,6 @@ def main(argv: list[str] | None = None) -> int:
         namespaces=settings.watch_namespaces,
         # Peering comes from `ks` alone: kopf.run's peering_name would make it
         # mandatory whatever the mode says.
-        liveness_endpoint=(
-            f"http://0.0.0.0:{settings.health_port}/healthz"
-            if settings.health_port
-            else None
-        ),
+        liveness_endpoint=liveness_endpoint(settings),
     )
     return 0

@@ -19,6 +19,8 @@ DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.33.0"
 # vLLM's `--host` as the releases before had it: a new default would roll every
 # model at the operator's upgrade.
 DEFAULT_VLLM_HOST = "0.0.0.0"
+# The operator's own endpoints (metrics, /healthz) as the releases before had them.
+DEFAULT_LISTEN_HOST = "0.0.0.0"
 ENV_PREFIX = "CITADEL_OPERATOR_"
 # A resync reconciles every model: more often than this it keeps the API server
 # busy with nothing but resyncs.
@@ -66,6 +68,13 @@ class OperatorSettings(BaseSettings):
     (IPv4 only), or `::` for single-stack IPv6 and IPv6-first dual-stack
     clusters (on Linux it takes IPv4 too). The probes and the gateway reach the
     pod's IP address, so only these wildcard addresses serve every pod."""
+    listen_host: str = DEFAULT_LISTEN_HOST
+    """The address the operator's own endpoints listen on (`/metrics` and the
+    liveness `/healthz`): `0.0.0.0` (IPv4 only), or `::` for single-stack IPv6
+    and IPv6-first dual-stack clusters, where the kubelet's probes and
+    Prometheus reach the pod's IPv6 address. On `::` the liveness endpoint takes
+    IPv6 only (asyncio's servers set IPV6_V6ONLY), `/metrics` IPv4 too on
+    Linux."""
     log_format: LogFormat = LogFormat.JSON
     """`json` for log collectors, `text` for people."""
     verbose: bool = False
@@ -181,22 +190,20 @@ class OperatorSettings(BaseSettings):
             )
         return value
 
-    @field_validator("vllm_host")
+    @field_validator("vllm_host", "listen_host")
     @classmethod
     def _host(cls, value: str) -> str:
         try:
             address = ipaddress.ip_address(value)
         except ValueError:
-            raise ValueError(
-                "not an IP address: 0.0.0.0 (IPv4) or :: (IPv6, and IPv4 too on Linux)"
-            ) from None
+            raise ValueError("not an IP address: 0.0.0.0 (IPv4) or :: (IPv6)") from None
         if str(address) not in ("0.0.0.0", "::"):
             # A pod's own address is not known before it starts, the probes and
             # the gateway do not reach the loopback, and a zone (`::%eth0`) would
             # name an interface every node must have.
             raise ValueError(
-                "not a wildcard address: 0.0.0.0 (IPv4) or :: (IPv6, and IPv4 too "
-                "on Linux), so that vLLM listens on every pod's address"
+                "not a wildcard address: 0.0.0.0 (IPv4) or :: (IPv6), so that it "
+                "listens on every pod's address"
             )
         return str(address)
 

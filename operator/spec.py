@@ -113,6 +113,17 @@ def _abbreviations(flag: str, shortest: str) -> str:
     return _dashes(shortest) + rest
 
 
+def _refuse_each(pattern: str) -> str:
+    """A CEL rule refusing each element of a list that `pattern` matches whole.
+
+    `(?s)`: in RE2 `.` stops at a newline, and `$` is the end of the text, so
+    `--port=9000` followed by a newline (what a YAML block scalar `- |` yields)
+    would match no rule and be admitted, where vLLM's parser reads
+    int("9000\\n") as 9000.
+    """
+    return "self.all(a, !a.matches('(?s)^(" + pattern + ")$'))"
+
+
 def _flags_rule(
     long: tuple[tuple[str, str], ...],
     short: tuple[str, ...] = (),
@@ -126,7 +137,7 @@ def _flags_rule(
         spellings.append("-(" + "|".join(short) + ")(=.*)?")
     if letters:
         spellings.append("-[" + "".join(letters) + "].*")
-    return "self.all(a, !a.matches('^(" + "|".join(spellings) + ")$'))"
+    return _refuse_each("|".join(spellings))
 
 
 def _rule(rule: str, message: str, **extra: str) -> dict[str, str]:
@@ -564,9 +575,11 @@ class Engine(ApiModel):
             max_length=64,
             json_schema_extra=_cel(
                 _rule(
-                    "self.all(a, !a.matches('^(--("
-                    + "|".join(a.replace("-", "[-_]") for a in MANAGED_ARGS)
-                    + ")|-tp)(=.*)?$'))",
+                    _refuse_each(
+                        "(--("
+                        + "|".join(_dashes(a) for a in MANAGED_ARGS)
+                        + ")|-tp)(=.*)?"
+                    ),
                     "engine.extraArgs must not set --"
                     + ", --".join(MANAGED_ARGS)
                     + " (or -tp): the operator sets them from the spec",

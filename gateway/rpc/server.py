@@ -31,6 +31,15 @@ def grpc_limit(max_body_bytes: int) -> int:
     return max_body_bytes + max_body_bytes // 8 + 64 * 1024
 
 
+def listen_address(host: str, port: int) -> str:
+    """`host:port` as grpc-core reads it, an IPv6 address in brackets
+    (`[::]:50051`): grpc-core reads `:::50051` as a host without a port, and the
+    server fails to start."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 HEALTH_PERIOD_S = 0.5
 
@@ -56,7 +65,7 @@ class GrpcServer:
     ) -> None:
         self._deps = deps
         self._stop_grace_s = stop_grace_s
-        self._address = f"{host}:{port}"
+        self._address = listen_address(host, port)
         self._max = max_message_bytes
         self._server: grpc.aio.Server | None = None
         self._stopping: asyncio.Future[None] | None = None

@@ -66,6 +66,13 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.engine.extraArgs",
     ),
     (
+        # A YAML block scalar's final newline: RE2's `.` stops at it.
+        "parallelism-extra-arg-newline",
+        {"engine": {"extraArgs": ["--pipeline-parallel-size=4\n"]}},
+        "bad",
+        "spec.engine.extraArgs",
+    ),
+    (
         "listener-extra-arg",
         {"engine": {"extraArgs": ["--uds", "/tmp/vllm.sock"]}},
         "bad",

@@ -320,7 +320,7 @@ def test_operator_env_names_are_settings_the_operator_reads(chart: ChartKit) -> 
         {
             "operator.defaultVllmImage": "vllm/vllm-openai:v0.1.0",
             "operator.nodesAutoscaled": True,
-            "operator.vllmHost": "::",
+            "listenHost": "::",
         }
     )
     env = chart.env_of(
@@ -336,9 +336,48 @@ def test_operator_env_names_are_settings_the_operator_reads(chart: ChartKit) -> 
     assert (
         OperatorSettings(vllm_host=env["CITADEL_OPERATOR_VLLM_HOST"]).vllm_host == "::"
     )
+    listen = env["CITADEL_OPERATOR_LISTEN_HOST"]
+    assert OperatorSettings(listen_host=listen).listen_host == "::"
     assert OperatorSettings.model_fields["metrics_port"].default == 8080
     assert env["CITADEL_OPERATOR_METRICS_PORT"] == "8080"
     assert "POD_ID" in env  # Kopf names the replica after its pod when peering
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
+def test_every_listener_follows_listen_host(chart: ChartKit, host: str) -> None:
+    """On an IPv6 cluster the kubelet's probes, Prometheus and the gateway reach
+    each pod's IPv6 address: one server left on 0.0.0.0 refuses them."""
+    values = {"gateway.grpcPort": 50051, "gateway.metricsPort": 9090}
+    if host != "0.0.0.0":
+        values["listenHost"] = host
+    objs = chart.render(values)
+    gateway = chart.env_of(
+        chart.container(chart.one(objs, "Deployment", "citadel-gateway"))
+    )
+    # HTTP, gRPC and /metrics all bind GatewaySettings.host.
+    assert GatewaySettings(host=gateway["CITADEL_GATEWAY_HOST"]).host == host
+    assert {
+        gateway["CITADEL_GATEWAY_GRPC_PORT"],
+        gateway["CITADEL_GATEWAY_METRICS_PORT"],
+    } == {"50051", "9090"}
+    operator = chart.env_of(
+        chart.container(chart.one(objs, "Deployment", "citadel-operator"))
+    )
+    read = OperatorSettings(
+        listen_host=operator["CITADEL_OPERATOR_LISTEN_HOST"],
+        vllm_host=operator["CITADEL_OPERATOR_VLLM_HOST"],
+    )
+    assert (read.listen_host, read.vllm_host) == (host, host)
+    # Redis without a `--bind` keeps its default, `* -::*`: IPv4 and IPv6.
+    redis = chart.container(chart.one(objs, "Deployment", "citadel-redis"))
+    assert not [a for a in redis["args"] if "bind" in a]
+
+
+def test_listen_host_is_an_address_every_pod_has(chart: ChartKit) -> None:
+    chart.render({"listenHost": "127.0.0.1"}, expect_error="listenHost")
+    chart.render({"listenHost": "[::]"}, expect_error="listenHost")
+    # One value for every listener now, not vLLM's alone.
+    chart.render({"operator.vllmHost": "::"}, expect_error="vllmHost")
 
 
 def test_monitoring_labels_reach_the_operators_pod_monitors(

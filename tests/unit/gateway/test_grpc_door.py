@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,10 +14,11 @@ import pytest
 from google.protobuf import struct_pb2
 from google.rpc.error_details_pb2 import ErrorInfo, RetryInfo
 from google.rpc.status_pb2 import Status
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from citadel.gateway.errors import InvalidRequest
 from citadel.gateway.rpc import convert
-from citadel.gateway.rpc.server import GrpcServer
+from citadel.gateway.rpc.server import GrpcServer, listen_address
 from citadel.gateway.rpc.status import DETAILS_KEY
 from citadel.gateway.rpc.v1 import citadel_pb2 as pb
 from citadel.gateway.rpc.v1 import citadel_pb2_grpc as pb_grpc
@@ -44,6 +46,49 @@ async def door(kit: Any) -> AsyncIterator[tuple[Any, pb_grpc.InferenceStub]]:
     harness = kit.build()  # max_body_bytes 4096
     async with _serving(harness) as stub:
         yield harness, stub
+
+
+@pytest.mark.parametrize(
+    ("host", "address"),
+    [
+        ("0.0.0.0", "0.0.0.0:50051"),
+        ("127.0.0.1", "127.0.0.1:50051"),
+        # grpc-core reads `:::50051` as a host without a port and fails to bind.
+        ("::", "[::]:50051"),
+        ("::1", "[::1]:50051"),
+        ("[::]", "[::]:50051"),
+        ("localhost", "localhost:50051"),
+    ],
+)
+def test_the_listen_address_brackets_ipv6(host: str, address: str) -> None:
+    assert listen_address(host, 50051) == address
+
+
+def _ipv6() -> bool:
+    """Whether this machine can listen on IPv6 (a container may have it off)."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6(), reason="no IPv6 on this machine")
+async def test_the_door_listens_on_ipv6(kit: Any) -> None:
+    """CITADEL_GATEWAY_HOST `::` (the chart's listenHost on IPv6 clusters)."""
+    harness = kit.build()
+    server = GrpcServer(harness.deps, "::", 0, harness.deps.max_body_bytes)
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"[::1]:{server.port}")
+    try:
+        stub = health_pb2_grpc.HealthStub(channel)
+        await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+    finally:
+        await channel.close()
+        await server.stop()
 
 
 def _chat(content: str = "hi") -> pb.ChatCompletionRequest:

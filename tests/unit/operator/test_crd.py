@@ -368,15 +368,24 @@ def test_qualified_name_pattern(key: str, legal: bool) -> None:
     assert matches is legal
 
 
+def _re2_search(pattern: str, text: str) -> bool:
+    """CEL's `text.matches(pattern)` as the API server answers it, with RE2, for
+    patterns anchored `^...$`: `re` with `$` read as RE2 reads it, the end of
+    the text (Python's `$` also matches before a final newline, which hid
+    `--port=9000` followed by one). `.` is alike: no newline unless `(?s)`."""
+    assert pattern.count("$") == 1 and pattern.endswith("$"), pattern
+    # Not a CEL escape: the literal would not reach RE2 as written.
+    assert "\\" not in pattern, pattern
+    return re.search(pattern[:-1] + r"\Z", text) is not None
+
+
 def _refusing_message(arg: str) -> str | None:
     """The message of the engine.extraArgs rule that refuses a list holding `arg`,
-    None when each takes it. Each rule is `self.all(a, !a.matches('...'))`,
-    matched here with `re` (RE2 in the API server: the same answers for these
-    patterns)."""
+    None when each takes it. Each rule is `self.all(a, !a.matches('...'))`."""
     for rule in _rules("engine.extraArgs"):
         found = re.fullmatch(r"self\.all\(a, !a\.matches\('(.*)'\)\)", rule["rule"])
         assert found, rule["rule"]
-        if re.search(found.group(1), arg):
+        if _re2_search(found.group(1), arg):
             return rule["message"]
     return None
 
@@ -431,6 +440,15 @@ LISTENER = "the probes and the gateway speak plain HTTP"
         ("--ssl-k=/tls/key.pem", LISTENER),
         ("--ssl-certfile=/tls/cert.pem", LISTENER),
         ("--ssl-certf", LISTENER),
+        # A final newline, as a YAML block scalar (`- |`) leaves it: vLLM's
+        # parser reads int("4\n") as 4, and a path up to it.
+        ("--pipeline-parallel-size=4\n", WORLD),
+        ("-pp=2\n", WORLD),
+        ("-n2\n", WORLD),
+        ("-r\n1", WORLD),
+        ("--uds=/x\n", LISTENER),
+        ("--ssl-keyfile=/tls/key.pem\n", LISTENER),
+        ("--ssl-certfile=/tls/\ncert.pem", LISTENER),
         # Taken: none of those flags.
         ("--enable-prefix-caching", None),
         ("--max-num-seqs", None),
@@ -450,6 +468,8 @@ LISTENER = "the probes and the gateway speak plain HTTP"
         # vLLM's app keeps serving /health and /v1 at the root under it.
         ("--root-path=/llm", None),
         ("--max-model-len=32k", None),
+        ("--max-num-seqs=128\n", None),
+        ("--enable-prefix-caching\n", None),
     ],
 )
 def test_extra_args_may_not_change_the_world_or_the_listener(
@@ -465,3 +485,5 @@ def test_extra_args_may_not_change_the_world_or_the_listener(
 def test_the_operators_own_flags_keep_the_first_extra_args_rule() -> None:
     assert _refusing_message("-tp=4") == _rules("engine.extraArgs")[0]["message"]
     assert _refusing_message("--port=9000") == _rules("engine.extraArgs")[0]["message"]
+    for arg in ("--port=9000\n", "-tp=4\n", "--host=::\n", "--model=\n/x"):
+        assert _refusing_message(arg) == _rules("engine.extraArgs")[0]["message"], arg

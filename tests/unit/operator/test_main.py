@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import socket
+import urllib.request
+
 import kopf
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from kopf._core.engines.probing import health_reporter
 
 from citadel.operator.kopfstate import MemoryState
 from citadel.operator.kube.client import ApiError
 from citadel.operator.kube.resources import PODS
-from citadel.operator.main import connect, kopf_settings, main
+from citadel.operator.main import (
+    connect,
+    kopf_settings,
+    liveness_endpoint,
+    main,
+    serve_metrics,
+)
 from citadel.operator.metrics import Metrics
 from citadel.operator.settings import OperatorSettings
 
@@ -71,3 +83,92 @@ async def test_the_clients_refusals_make_the_reconciler_wait(
             await kube.close()
     assert reconciler.kube is kube
     assert 29 < reconciler.asked_wait.left() <= 30
+
+
+def _ipv6() -> bool:
+    """Whether this machine can listen on IPv6 (a container may have it off)."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+needs_ipv6 = pytest.mark.skipif(not _ipv6(), reason="no IPv6 on this machine")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET6 if _ipv6() else socket.AF_INET) as sock:
+        sock.bind(("::" if _ipv6() else "0.0.0.0", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _status(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        status: int = response.status
+        return status
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("0.0.0.0", "http://0.0.0.0:8081/healthz"),
+        # Unbracketed, `http://:::8081` names no host Kopf could listen on.
+        ("::", "http://[::]:8081/healthz"),
+    ],
+)
+def test_the_liveness_endpoint_listens_on_the_listen_host(
+    settings: OperatorSettings, host: str, url: str
+) -> None:
+    on = settings.model_copy(update={"listen_host": host})
+    assert liveness_endpoint(on) == url
+    off = settings.model_copy(update={"listen_host": host, "health_port": 0})
+    assert liveness_endpoint(off) is None
+
+
+@needs_ipv6
+async def test_kopf_serves_the_liveness_endpoint_to_ipv6_probes() -> None:
+    """On an IPv6 cluster the kubelet probes the pod's IPv6 address: a server
+    on 0.0.0.0 refuses it, and the operator is restarted over and over."""
+    port = _free_port()
+    settings = OperatorSettings(listen_host="::", health_port=port, metrics_port=0)
+    url = liveness_endpoint(settings)
+    assert url is not None
+    ready = asyncio.Event()
+    reporter = asyncio.create_task(
+        health_reporter(
+            url,
+            memo=kopf.Memo(),
+            indices={},
+            registry=kopf.OperatorRegistry(),
+            settings=kopf.OperatorSettings(),
+            ready_flag=ready,
+        )
+    )
+    try:
+        await asyncio.wait_for(ready.wait(), 5)
+        status = await asyncio.to_thread(_status, f"http://[::1]:{port}/healthz")
+        assert status == 200
+    finally:
+        reporter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reporter
+
+
+@needs_ipv6
+def test_metrics_are_served_to_ipv6_scrapes() -> None:
+    port = _free_port()
+    settings = OperatorSettings(listen_host="::", metrics_port=port, health_port=0)
+    stop = serve_metrics(settings, Metrics().registry)
+    try:
+        assert _status(f"http://[::1]:{port}/metrics") == 200
+    finally:
+        stop()
+
+
+def test_metrics_turned_off_serve_nothing(settings: OperatorSettings) -> None:
+    serve_metrics(settings.model_copy(update={"metrics_port": 0}), Metrics().registry)()

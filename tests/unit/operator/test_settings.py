@@ -24,6 +24,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         "LOG_FORMAT",
         "POD_MONITORS",
         "VLLM_HOST",
+        "LISTEN_HOST",
     ):
         monkeypatch.delenv(f"CITADEL_OPERATOR_{name}", raising=False)
     settings = OperatorSettings()
@@ -35,6 +36,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.pod_monitors is True
     # As before the setting existed: no model's Deployment changes on upgrade.
     assert settings.vllm_host == "0.0.0.0"
+    assert settings.listen_host == "0.0.0.0"
 
 
 def test_pod_monitors_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -185,6 +187,12 @@ def test_bad_namespaces_are_refused(
         ("VLLM_HOST", "::1", "not a wildcard address"),
         ("VLLM_HOST", "10.244.0.5", "not a wildcard address"),
         ("VLLM_HOST", "::%eth0", "not a wildcard address"),
+        # The operator's own endpoints: the kubelet and Prometheus reach the
+        # pod's address, as for vLLM.
+        ("LISTEN_HOST", "[::]", "not an IP address"),
+        ("LISTEN_HOST", "localhost", "not an IP address"),
+        ("LISTEN_HOST", "127.0.0.1", "not a wildcard address"),
+        ("LISTEN_HOST", "::1", "not a wildcard address"),
     ],
 )
 def test_bad_values_name_their_variable(
@@ -233,6 +241,9 @@ def test_explain_writes_one_line_per_problem(monkeypatch: pytest.MonkeyPatch) ->
         ("VLLM_HOST", "0.0.0.0", "vllm_host", "0.0.0.0"),
         ("VLLM_HOST", "::", "vllm_host", "::"),
         ("VLLM_HOST", "0:0:0:0:0:0:0:0", "vllm_host", "::"),
+        ("LISTEN_HOST", "0.0.0.0", "listen_host", "0.0.0.0"),
+        ("LISTEN_HOST", "::", "listen_host", "::"),
+        ("LISTEN_HOST", "0::0", "listen_host", "::"),
     ],
 )
 def test_values_at_the_bounds_are_taken(
