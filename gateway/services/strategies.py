@@ -105,12 +105,12 @@ class PrefixAware(_Turns):
     blocks of the prompt it holds (at least one), and one of the two is out of
     line with the average load: the chosen one carries more than `load_factor`
     x the average + 1 requests (a hot spot), or the least-loaded one carries
-    fewer than the average / `load_factor` - 1 while the chosen one's holders
-    know the whole hashed prompt and it holds none of it, not even the first
-    block (a cold spot: a new pod among busy replicas that every request's
-    shared window would pass by). Moving a request costs the prefill of the prefix it
-    leaves behind, so the longer that prefix, the more load it is worth. A
-    whole known prompt (64 blocks) may lead by 7 before it moves; a new
+    fewer than the average / `load_factor` - 1 and lacks the last block the
+    prompt is known by while two replicas or more hold it (a cold spot: a new
+    pod among busy replicas that hold a prefix every request shares). Moving
+    a request costs the prefill of the prefix it leaves behind, so the longer
+    that prefix, the more load it is worth. A whole known prompt (64 blocks)
+    may lead by 7 before it moves; a new
     conversation that shares a system prompt of a few blocks moves as soon as
     a relative bound is passed, which keeps the conversations on a system
     prompt from piling onto its replica. With a relative bound alone,
@@ -132,8 +132,8 @@ class PrefixAware(_Turns):
     bound is a request or two below the average, and a momentary dip (2, 2, 2
     and 0; 12, 12, 12 and 7) moved a steady chat load's conversations off
     their replicas five times as often, each to prefill its history again, for
-    no gain in balance; a growing conversation's prompt is never known whole
-    (its last answer is new), so chats keep their replicas.
+    no gain in balance. A conversation's history is known by one replica
+    alone, so chats keep their replicas.
 
     Args:
         load_factor: how far above the average load the chosen replica, or
@@ -209,24 +209,26 @@ class PrefixAware(_Turns):
         if chosen.in_flight > self._load_factor * average + 1:
             return least
         # One idle replica barely moves the average, so the hot bound alone
-        # never sees a new pod among four or more busy ones holding the same
-        # prompt. The cold bound is for the one case where no prompt could
-        # ever send it one: the holders know the whole hashed prompt (a
-        # window every request shares, such as 16 KiB of tool schemas) and
-        # it holds none of it, not even the first block. Otherwise a dip is
-        # no reason to prefill a prompt elsewhere (at small loads the bound
-        # is a request or two below the average): tested on any replica
-        # holding none of the prompt, short chat's four system prompts made a
-        # replica holding the others "cold" for each (mean TTFT 34.0 -> 37.2
-        # ms, four rounds beside the code before c880c95); tested on a
-        # replica never sent anything, a new pod whose first request was
-        # another prompt never took a share of the shared window.
-        if least.in_flight >= average / self._load_factor - 1:
+        # never sees a new pod among four or more busy ones that hold what
+        # every request shares (a system prompt, tool schemas). The cold bound
+        # is for that: the least-loaded replica lacks the last block the
+        # prompt is known by, and two replicas or more hold it (a shared
+        # prefix, not one conversation's history, which one replica holds).
+        # So a conversation keeps its replica at a dip, and a new pod takes
+        # its share of a shared prefix whatever it was sent before. Earlier
+        # tests missed one or the other: any replica (dips moved chats 5x as
+        # often), one lacking the first block (short chat's four system
+        # prompts: 3 ms of mean TTFT), one never sent a request (a new pod
+        # sent a warm-up first stayed idle), a prompt known whole (a new pod
+        # under a shared system prompt with questions of their own stayed
+        # idle, and long chats, known whole past 64 blocks, moved at dips).
+        if not matched or least.in_flight >= average / self._load_factor - 1:
             return None
-        if matched < len(hashes):
+        known = self._owners.owners(hashes[matched - 1])
+        if known & self._bits.get(least.url, 0):
             return None
-        holds = self._owners.owners(hashes[0]) & self._bits.get(least.url, 0)
-        return None if holds else least
+        holders = sum(1 for r in replicas if known & self._bits.get(r.url, 0))
+        return least if holders >= 2 else None
 
     def _bit(self, url: str, replicas: Sequence[Replica]) -> int:
         """The bit of `url` (one of `replicas`) in the masks."""

@@ -258,7 +258,7 @@ def test_even_or_busy_loads_keep_each_request_where_its_prefix_is() -> None:
 def test_a_dip_of_a_replica_holding_the_prompt_moves_nothing(
     loads: tuple[int, ...],
 ) -> None:
-    """The cold bound is for a replica that holds none of a prompt known whole
+    """The cold bound is for a replica lacking a prefix two or more others hold
     (a new pod). At small loads it is a request or two below the average: a
     replica that holds the prompt's first block (a shared system prompt) and
     dipped a moment took
@@ -277,10 +277,13 @@ def test_a_dip_of_a_replica_holding_the_prompt_moves_nothing(
     for replica, load in zip(replicas, loads, strict=True):
         replica.in_flight = load
     assert strategy.choose(replicas, request) == (home, "cache")
-    # The same loads, the least-loaded replica a new one that holds none of the
-    # prompt: it takes the request, as a new pod among busy ones must.
+    # The same loads, the least-loaded replica a new one: the conversation
+    # stays (its history is on one replica alone), but a new one on the
+    # system prompt every replica holds goes to the new pod, as it must.
     new = Replica("http://10.0.1.1:8000", in_flight=loads[-1])
-    assert strategy.choose([*replicas[:-1], new], request) == (new, "overflow")
+    assert strategy.choose([*replicas[:-1], new], request) == (home, "cache")
+    fresh = chat(system, "another user's question")
+    assert strategy.choose([*replicas[:-1], new], fresh) == (new, "overflow")
 
 
 @pytest.mark.parametrize("loads", [(2, 2, 2, 0), (5, 5, 5, 2), (12, 12, 12, 7)])
@@ -327,6 +330,46 @@ def test_a_new_pod_first_sent_another_prompt_takes_a_shared_window() -> None:
         chosen, how = strategy.choose(replicas, agent_turn(user))
         assert how == "cache"
     assert new.in_flight == 99 and chosen is new
+
+
+def test_a_new_pod_takes_its_share_of_a_shared_system_prompt() -> None:
+    """Each request a shared system prompt and a question of its own: the
+    prompt is never known whole, and the replicas holding the system prompt
+    are a match for every request. With "known whole" as the cold test the
+    new pod stayed at 0 while the others ran 20 each."""
+    replicas, strategy = pool(4), PrefixAware()
+    system = "a long shared system prompt " * 300  # 32 blocks
+    for user, replica in enumerate(replicas):
+        request = chat(system, f"user {user} asks " * 20)
+        assert strategy.choose([replica], request)[0] is replica
+        replica.in_flight = 20
+    new = Replica("http://10.0.1.1:8000")
+    replicas.append(new)
+    for user in range(4, 4 + 19):
+        chosen, _ = strategy.choose(replicas, chat(system, f"user {user} asks " * 20))
+        chosen.in_flight += 1
+    assert new.in_flight >= 15
+
+
+@pytest.mark.parametrize("follow_up", ["ok", "and then? " * 40])
+def test_a_long_conversation_stays_at_a_dip(follow_up: str) -> None:
+    """Past 64 blocks (16 KiB) a conversation's hashed prompt stops growing,
+    so it is known whole at every turn, as is a short follow-up that fills
+    no new block: with "known whole" as the cold test, a dip moved it to a
+    replica holding another system prompt, to prefill 16 KiB again."""
+    replicas, strategy = pool(4), PrefixAware()
+    home, other = replicas[0], replicas[-1]
+    mine, theirs = "my system prompt " * 40, "their system prompt " * 40
+    for replica in replicas[:-1]:
+        assert strategy.choose([replica], chat(mine, "hello"))[0] is replica
+    assert strategy.choose([other], chat(theirs, "hello"))[0] is other
+    history = [mine, "a long question " * 600, "a long answer " * 600]
+    _sent_to(strategy, replicas, home, chat(*history))
+    request = chat(*history, follow_up)
+    assert len(block_hashes(prefix_text(request.body))) == MAX_BLOCKS
+    for replica, load in zip(replicas, (12, 12, 12, 3), strict=True):
+        replica.in_flight = load
+    assert strategy.choose(replicas, request) == (home, "cache")
 
 
 def test_prefix_aware_ties_go_round_every_replica() -> None:
