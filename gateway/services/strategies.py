@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -105,9 +106,9 @@ class PrefixAware(_Turns):
     blocks of the prompt it holds (at least one), and one of the two is out of
     line with the average load: the chosen one carries more than `load_factor`
     x the average + 1 requests (a hot spot), or the least-loaded one carries
-    fewer than the average / `load_factor` - 1 and lacks the last block the
-    prompt is known by while two replicas or more hold it (a cold spot: a new
-    pod among busy replicas that hold a prefix every request shares). Moving
+    fewer than the average / `load_factor` - 1 and had under half its
+    share of the last `RECENT` choices (a cold spot: a new pod, or one left
+    out, among busy replicas whose prefixes every request matches). Moving
     a request costs the prefill of the prefix it leaves behind, so the longer
     that prefix, the more load it is worth. A whole known prompt (64 blocks)
     may lead by 7 before it moves; a new
@@ -132,8 +133,8 @@ class PrefixAware(_Turns):
     bound is a request or two below the average, and a momentary dip (2, 2, 2
     and 0; 12, 12, 12 and 7) moved a steady chat load's conversations off
     their replicas five times as often, each to prefill its history again, for
-    no gain in balance. A conversation's history is known by one replica
-    alone, so chats keep their replicas.
+    no gain in balance. A replica that dips has had its share of late, so
+    chats keep their replicas.
 
     Args:
         load_factor: how far above the average load the chosen replica, or
@@ -153,6 +154,9 @@ class PrefixAware(_Turns):
     # taken back; more than 64 replicas at once widen the masks, and only this
     # many at once make the table start afresh.
     _MAX_REPLICAS = 1024
+    RECENT = 256
+    """Choices remembered to tell a replica left out (a new pod) from one that
+    dipped a moment: its share of these."""
 
     def __init__(
         self,
@@ -172,6 +176,10 @@ class PrefixAware(_Turns):
         # again. While none is free every bit below 1 << len(self._bits) is
         # held, so that one is the next.
         self._free: list[int] = []
+        # The replicas of the last RECENT choices, and how many each had: a
+        # replica with under half its share is cold (`_overflow`).
+        self._recent: deque[str] = deque(maxlen=self.RECENT)
+        self._recent_counts: dict[str, int] = {}
 
     def choose(
         self, replicas: Sequence[Replica], request: RouteRequest
@@ -185,22 +193,34 @@ class PrefixAware(_Turns):
             chosen, how = least_loaded(replicas, turn), "balance"
         if chosen is None:
             chosen, how = least_loaded(replicas, turn), "least"
-        elif instead := self._overflow(chosen, replicas, hashes, matched, turn):
+        elif instead := self._overflow(chosen, replicas, matched, turn):
             chosen, how = instead, "overflow"
         self._owners.add(hashes, self._bit(chosen.url, replicas))
+        self._remember(chosen.url)
         return chosen, how
+
+    def _remember(self, url: str) -> None:
+        """Counts `url` among the last RECENT choices."""
+        counts, recent = self._recent_counts, self._recent
+        if len(recent) == recent.maxlen:
+            gone = recent[0]
+            left = counts[gone] - 1
+            if left:
+                counts[gone] = left
+            else:
+                del counts[gone]
+        recent.append(url)
+        counts[url] = counts.get(url, 0) + 1
 
     def _overflow(
         self,
         chosen: Replica,
         replicas: Sequence[Replica],
-        hashes: list[int],
         matched: int,
         turn: int,
     ) -> Replica | None:
-        """The least-loaded replica when `chosen`, holding `matched` of the
-        prompt's `hashes`, carries too much more than it to take the request;
-        else None."""
+        """The least-loaded replica when `chosen`, holding `matched` blocks of the
+        prompt, carries too much more than it to take the request; else None."""
         least = least_loaded(replicas, turn)
         lead = max(1, matched // self._blocks_per_request)
         if chosen.in_flight - least.in_flight < lead:
@@ -209,26 +229,24 @@ class PrefixAware(_Turns):
         if chosen.in_flight > self._load_factor * average + 1:
             return least
         # One idle replica barely moves the average, so the hot bound alone
-        # never sees a new pod among four or more busy ones that hold what
-        # every request shares (a system prompt, tool schemas). The cold bound
-        # is for that: the least-loaded replica lacks the last block the
-        # prompt is known by, and two replicas or more hold it (a shared
-        # prefix, not one conversation's history, which one replica holds).
-        # So a conversation keeps its replica at a dip, and a new pod takes
-        # its share of a shared prefix whatever it was sent before. Earlier
-        # tests missed one or the other: any replica (dips moved chats 5x as
-        # often), one lacking the first block (short chat's four system
-        # prompts: 3 ms of mean TTFT), one never sent a request (a new pod
-        # sent a warm-up first stayed idle), a prompt known whole (a new pod
-        # under a shared system prompt with questions of their own stayed
-        # idle, and long chats, known whole past 64 blocks, moved at dips).
-        if not matched or least.in_flight >= average / self._load_factor - 1:
+        # never sees a new pod among four or more busy ones whose prefixes
+        # every request matches. The cold bound is for that, and a new pod is
+        # told from a dip by how it was chosen of late: under half its
+        # share of the last RECENT choices. Tests by what the replica holds
+        # each missed a case: any replica (dips moved chats 5x as often), one
+        # lacking the first block (short chat's four system prompts: 3 ms of
+        # mean TTFT), one never sent a request (a new pod sent a warm-up
+        # first stayed idle), a prompt known whole (a shared system prompt
+        # with questions of their own: idle), a prefix two replicas hold (a
+        # tenant's tools on one replica each: idle; a conversation retried or
+        # moved once then followed every dip). Half: with a quarter, a new
+        # pod among replicas each holding their tenants' tool schemas stopped
+        # at 50 requests where they ran 120; at two thirds, replicas slower
+        # than the others counted as cold and conversations moved off them.
+        if least.in_flight >= average / self._load_factor - 1:
             return None
-        known = self._owners.owners(hashes[matched - 1])
-        if known & self._bits.get(least.url, 0):
-            return None
-        holders = sum(1 for r in replicas if known & self._bits.get(r.url, 0))
-        return least if holders >= 2 else None
+        share = len(self._recent) / len(replicas)
+        return least if self._recent_counts.get(least.url, 0) < share / 2 else None
 
     def _bit(self, url: str, replicas: Sequence[Replica]) -> int:
         """The bit of `url` (one of `replicas`) in the masks."""
