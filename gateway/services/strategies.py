@@ -254,8 +254,13 @@ class PrefixAware(_Turns):
         # than the others counted as cold and conversations moved off them.
         if least.in_flight >= average / self._load_factor - 1:
             return None
-        share = len(self._recent) / len(replicas)
-        return least if self._recent_counts.get(least.url, 0) < share / 2 else None
+        # The share is the offered replicas' own mean: the window is sized for
+        # the largest pool seen, and after a scale-in from 16 replicas to 4
+        # its length over 4 made every replica left "under half" (a
+        # reviewer's run: conversations moved at 13 of 20 dips).
+        counts = self._recent_counts
+        share = sum(counts.get(r.url, 0) for r in replicas) / len(replicas)
+        return least if counts.get(least.url, 0) < share / 2 else None
 
     def _bit(self, url: str, replicas: Sequence[Replica]) -> int:
         """The bit of `url` (one of `replicas`) in the masks."""

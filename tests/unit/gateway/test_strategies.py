@@ -412,6 +412,24 @@ def test_a_conversation_moved_once_does_not_follow_dips() -> None:
         assert chosen in (first, second), (turn, how)
 
 
+def test_after_a_scale_in_no_replica_left_is_cold() -> None:
+    """The window of choices is sized for the largest pool seen: after 16
+    replicas went down to 4, its length over 4 put each replica left under
+    half its share, and a conversation followed every dip."""
+    replicas, strategy = pool(16), PrefixAware()
+    for user in range(64 * 16):
+        strategy.choose(replicas, chat(f"user {user} " * 100))
+    left = replicas[:4]
+    home = left[0]
+    history = ["shared system prompt " * 40, "a question " * 60, "an answer " * 120]
+    _sent_to(strategy, left, home, chat(*history))
+    for turn in range(6):
+        dipped = left[1 + turn % 3]
+        for replica in left:
+            replica.in_flight = 7 if replica is dipped else 12
+        assert strategy.choose(left, chat(*history, f"turn {turn} " * 40))[0] is home
+
+
 def test_prefix_aware_ties_go_round_every_replica() -> None:
     replicas, strategy = pool(4), PrefixAware()
     system = "shared system prompt " * 50
