@@ -250,8 +250,8 @@ class PrefixAware(_Turns):
         # tenant's tools on one replica each: idle; a conversation retried or
         # moved once then followed every dip). Half: with a quarter, a new
         # pod among replicas each holding their tenants' tool schemas stopped
-        # at 50 requests where they ran 120; at two thirds, replicas slower
-        # than the others counted as cold and conversations moved off them.
+        # at 50 requests where they ran 120; at two thirds, conversations over
+        # replicas of uneven speeds moved more (4.7 -> 6.7 per 1,000 turns).
         if least.in_flight >= average / self._load_factor - 1:
             return None
         # The share is the offered replicas' own mean: the window is sized for
