@@ -91,50 +91,46 @@ class PrefixAware(_Turns):
     their payloads.
 
     The longest known chain of block hashes wins (`cache`); when several replicas
-    were sent that prefix (a system prompt many conversations start with), the
-    least loaded of them takes the request, as in SGLang's cache-aware router,
-    which picks the worker with the longest match and breaks ties by load. A
-    prefix never seen goes to the replica its first block hashes to (`hash`), so
-    requests sharing a system prompt meet on one replica. When the known part is
-    less than `cache_threshold` of the prompt (a new conversation that shares only
-    a system prompt, followed by a long text of its own), the least-loaded replica
-    takes it instead (`balance`): most of its prefill is due wherever it goes, and
-    a burst of such conversations would otherwise pile onto the system prompt's
-    replica (SGLang's router makes the same cut, at the same default). A choice is
-    overruled (`overflow`) and the least-loaded replica takes the request when
-    the chosen one leads it by at least one request per `blocks_per_request`
-    blocks of the prompt it holds (at least one), and one of the two is out of
-    line with the average load: the chosen one carries more than `load_factor`
-    x the average + 1 requests (a hot spot), or the least-loaded one carries
-    fewer than the average / `load_factor` - 1 and had under half its
-    share of the last `RECENT` choices (a cold spot: a new pod, or one left
-    out, among busy replicas whose prefixes every request matches). Moving
-    a request costs the prefill of the prefix it leaves behind, so the longer
-    that prefix, the more load it is worth. A whole known prompt (64 blocks)
-    may lead by 7 before it moves; a new
-    conversation that shares a system prompt of a few blocks moves as soon as
-    a relative bound is passed, which keeps the conversations on a system
-    prompt from piling onto its replica. With a relative bound alone,
-    multi-round QA lost conversations at its end, when a replica held three
-    requests against one elsewhere, and each prefilled its 5,000 tokens again
-    (issue 8's note of the ninth session has the runs). vllm-router's and
-    SGLang's cache-aware policies also require an absolute lead (64 requests,
-    and 1.5x) before they balance. The relative bounds keep a request where it
-    is for an imbalance small next to the load (40 against 40, 40 and 33 stays,
-    whatever the lead), and even loads move nothing. The hot bound alone missed
-    the cold spot: a new replica at 0 among n at L leaves the average at
-    n / (n + 1) x L, which L never passes by 25% from n = 4 on. When every
-    request shares the whole hashed window (16 KiB of tool schemas or system
-    prompt) and the replicas holding it are a full match for each, a new pod
-    then never got one, so it never came to hold the window, and a scale-up or
-    a rolling update added no capacity. Once it takes one such request it holds
-    the window too and, the least loaded of its holders, takes the next ones.
-    Nothing else is cold, however few it carries: at small loads the cold
-    bound is a request or two below the average, and a momentary dip (2, 2, 2
-    and 0; 12, 12, 12 and 7) moved a steady chat load's conversations off
-    their replicas five times as often, each to prefill its history again, for
-    no gain in balance. A replica that dips has had its share of late, so
-    chats keep their replicas.
+    were sent that prefix (a system prompt many conversations start with), the least
+    loaded of them takes the request, as in SGLang's cache-aware router, which picks
+    the worker with the longest match and breaks ties by load. A prefix never seen
+    goes to the replica its first block hashes to (`hash`), so requests sharing a
+    system prompt meet on one replica. When the known part is less than
+    `cache_threshold` of the prompt (a new conversation that shares only a system
+    prompt, followed by a long text of its own), the least-loaded replica takes it
+    instead (`balance`): most of its prefill is due wherever it goes, and a burst of
+    such conversations would otherwise pile onto the system prompt's replica
+    (SGLang's router makes the same cut, at the same default). A choice is overruled
+    (`overflow`) and the least-loaded replica takes the request when the chosen one
+    leads it by at least one request per `blocks_per_request` blocks of the prompt
+    it holds (at least one), and one of the two is out of line with the average
+    load: the chosen one carries more than `load_factor` x the average + 1 requests
+    (a hot spot), or the least-loaded one carries fewer than the average /
+    `load_factor` - 1 and was chosen for under half as many of the last choices as
+    the offered replicas' mean (a cold spot: a new pod, or one left out, among busy
+    replicas whose prefixes every request matches; see `_remember` for the window).
+    Moving a request costs the prefill of the prefix it leaves behind, so the longer
+    that prefix, the more load it is worth. A whole known prompt (64 blocks) may
+    lead by 7 before it moves; a new conversation that shares a system prompt of a
+    few blocks moves as soon as a relative bound is passed, which keeps the
+    conversations on a system prompt from piling onto its replica. With a relative
+    bound alone, multi-round QA lost conversations at its end, when a replica held
+    three requests against one elsewhere, and each prefilled its 5,000 tokens again
+    (issue 8's note of the ninth session has the runs). vllm-router's and SGLang's
+    cache-aware policies also require an absolute lead (64 requests, and 1.5x)
+    before they balance. The relative bounds keep a request where it is for an
+    imbalance small next to the load (40 against 40, 40 and 33 stays, whatever the
+    lead), and even loads move nothing. The hot bound alone missed the cold spot: a
+    new replica at 0 among n at L leaves the average at n / (n + 1) x L, which L
+    never passes by 25% from n = 4 on. When every request matches prefixes the old
+    replicas hold (a shared system prompt, tool schemas), a new pod then never got
+    one, so it never came to hold them, and a scale-up or a rolling update added no
+    capacity. Once it took some it holds them too and, the least loaded of their
+    holders, takes the next ones. A replica chosen its share of late is not cold,
+    however few it carries: at small loads the cold bound is a request or two below
+    the average, and a momentary dip (2, 2, 2 and 0; 12, 12, 12 and 7) moved a
+    steady chat load's conversations off their replicas five times as often, each to
+    prefill its history again, for no gain in balance.
 
     Args:
         load_factor: how far above the average load the chosen replica, or
@@ -206,7 +202,8 @@ class PrefixAware(_Turns):
 
     def _remember(self, url: str, offered: int) -> None:
         """Counts `url` among the last choices: RECENT, or RECENT_SHARE for
-        each of the `offered` replicas if more (the window only grows)."""
+        each of the `offered` replicas if more (the window only grows: a
+        share is read as the offered replicas' mean, whatever the length)."""
         wanted = self.RECENT_SHARE * offered
         if wanted > (self._recent.maxlen or 0):
             self._recent = deque(self._recent, maxlen=wanted)
@@ -237,27 +234,19 @@ class PrefixAware(_Turns):
         average = sum(r.in_flight for r in replicas) / len(replicas)
         if chosen.in_flight > self._load_factor * average + 1:
             return least
-        # One idle replica barely moves the average, so the hot bound alone
-        # never sees a new pod among four or more busy ones whose prefixes
-        # every request matches. The cold bound is for that, and a new pod is
-        # told from a dip by how it was chosen of late: under half its
-        # share of the last RECENT choices. Tests by what the replica holds
-        # each missed a case: any replica (dips moved chats 5x as often), one
-        # lacking the first block (short chat's four system prompts: 3 ms of
-        # mean TTFT), one never sent a request (a new pod sent a warm-up
-        # first stayed idle), a prompt known whole (a shared system prompt
-        # with questions of their own: idle), a prefix two replicas hold (a
-        # tenant's tools on one replica each: idle; a conversation retried or
-        # moved once then followed every dip). Half: with a quarter, a new
-        # pod among replicas each holding their tenants' tool schemas stopped
-        # at 50 requests where they ran 120; at two thirds, conversations over
-        # replicas of uneven speeds moved more (4.7 -> 6.7 per 1,000 turns).
+        # A new pod is told from a dip by how often it was chosen of late.
+        # Tests by what the least-loaded replica holds each missed a case this
+        # session (lacks the first block, never sent anything, a prompt known
+        # whole, a prefix two replicas hold: a new pod idle for good, or a
+        # conversation retried once following every dip). Half the mean: with
+        # a quarter a new pod among tenants' replicas stopped at 50 requests
+        # where they ran 120; at two thirds conversations over replicas of
+        # uneven speeds moved more (4.7 -> 6.7 per 1,000 turns). The mean of
+        # the offered replicas, not the window over the pool: the window is
+        # sized for the largest pool seen, and after a scale-in from 16 to 4
+        # every replica left was "under half" (13 of 20 dips moved).
         if least.in_flight >= average / self._load_factor - 1:
             return None
-        # The share is the offered replicas' own mean: the window is sized for
-        # the largest pool seen, and after a scale-in from 16 replicas to 4
-        # its length over 4 made every replica left "under half" (a
-        # reviewer's run: conversations moved at 13 of 20 dips).
         counts = self._recent_counts
         share = sum(counts.get(r.url, 0) for r in replicas) / len(replicas)
         return least if counts.get(least.url, 0) < share / 2 else None
