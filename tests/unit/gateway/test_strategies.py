@@ -282,6 +282,20 @@ def test_a_dip_of_a_replica_holding_the_prompt_moves_nothing(
     assert strategy.choose([*replicas[:-1], new], request) == (new, "overflow")
 
 
+MINE = "my system prompt " * 40
+
+
+def _other_prompt_on_last() -> tuple[list[Replica], PrefixAware]:
+    """Four replicas: the first three hold MINE, the last another system
+    prompt only."""
+    replicas, strategy = pool(4), PrefixAware()
+    for replica in replicas[:-1]:
+        assert strategy.choose([replica], chat(MINE, "hello"))[0] is replica
+    theirs = "their system prompt " * 40
+    assert strategy.choose([replicas[-1]], chat(theirs, "hello"))[0] is replicas[-1]
+    return replicas, strategy
+
+
 @pytest.mark.parametrize("loads", [(2, 2, 2, 0), (5, 5, 5, 2), (12, 12, 12, 7)])
 def test_a_conversation_stays_though_a_replica_holds_none_of_it(
     loads: tuple[int, ...],
@@ -291,12 +305,8 @@ def test_a_conversation_stays_though_a_replica_holds_none_of_it(
     again (short chat, four system prompts: mean TTFT 34.0 -> 37.2 ms with
     "holds none of this prompt" alone as the test). A growing conversation's
     prompt is never known whole (its new turn is new), which keeps it."""
-    replicas, strategy = pool(4), PrefixAware()
-    home, other = replicas[0], replicas[-1]
-    mine, theirs = "my system prompt " * 40, "their system prompt " * 40
-    for replica in replicas[:-1]:
-        assert strategy.choose([replica], chat(mine, "hello"))[0] is replica
-    assert strategy.choose([other], chat(theirs, "hello"))[0] is other
+    replicas, strategy = _other_prompt_on_last()
+    home, other, mine = replicas[0], replicas[-1], MINE
     history = [mine, "a question " * 60, "an answer " * 120]
     _sent_to(strategy, replicas, home, chat(*history))
     request = chat(*history, "and then? " * 40)
@@ -355,13 +365,9 @@ def test_a_long_conversation_stays_at_a_dip(follow_up: str) -> None:
     so it is known whole at every turn, as is a short follow-up that fills
     no new block: with "known whole" as the cold test, a dip moved it to a
     replica holding another system prompt, to prefill 16 KiB again."""
-    replicas, strategy = pool(4), PrefixAware()
-    home, other = replicas[0], replicas[-1]
-    mine, theirs = "my system prompt " * 40, "their system prompt " * 40
-    for replica in replicas[:-1]:
-        assert strategy.choose([replica], chat(mine, "hello"))[0] is replica
-    assert strategy.choose([other], chat(theirs, "hello"))[0] is other
-    history = [mine, "a long question " * 600, "a long answer " * 600]
+    replicas, strategy = _other_prompt_on_last()
+    home = replicas[0]
+    history = [MINE, "a long question " * 600, "a long answer " * 600]
     _sent_to(strategy, replicas, home, chat(*history))
     request = chat(*history, follow_up)
     assert len(block_hashes(prefix_text(request.body))) == MAX_BLOCKS
