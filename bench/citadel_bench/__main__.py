@@ -101,6 +101,7 @@ def main() -> None:
                     log_dir,
                     config.routing_deadline_s,
                     config.routing_rounds,
+                    Path(py_spy) if Path(py_spy).exists() else None,
                 ),
             )
             if found_routing:

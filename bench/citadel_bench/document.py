@@ -9,7 +9,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from citadel_bench import peers
+from citadel_bench import peers, pyspy
 from citadel_bench.config import BenchConfig
 from citadel_bench.goprofile import CATEGORIES, CHUNK_S, OTHER, ApiServerProfile
 from citadel_bench.memory import CONCURRENCY, MemoryRun
@@ -32,6 +32,7 @@ from citadel_bench.results import (
 )
 from citadel_bench.routing import (
     KV_CAPACITY_TOKENS,
+    PROFILE_RATE,
     REPLICAS,
     SIM_OPTIONS,
     RoutingResult,
@@ -405,6 +406,11 @@ def _routing(r: Results) -> list[str]:
         "together, and the",
         "relay does not split it. `hit rate` is the replicas' prefix-cache hits "
         "/ queries.",
+        "`proxy CPU ms/req` is the proxy's CPU time over the workload (user and "
+        "system, every",
+        "process of it, from /proc) per request; the proxy shares the machine's "
+        "cores with the",
+        "replicas and the load generator, so its CPU is also time they wait.",
         "`replica TTFT mean` is the replicas' own `vllm:time_to_first_token_seconds`",
         "(from a request's arrival at a replica to its first token): what the "
         "routing decided,",
@@ -446,8 +452,48 @@ def _routing(r: Results) -> list[str]:
             "",
             f"![TTFT per target, {w.name}](benchmarks/{routing_figure(w)})",
             "",
+            *_proxy_profile(result.profiled),
         ]
     return out
+
+
+def _proxy_profile(runs: list[RoutingRun]) -> list[str]:
+    """Where each profiled proxy's CPU went on the workload, per request."""
+    runs = [run for run in runs if run.profile and run.requests]
+    if not runs:
+        return []
+    names = [c.name for c in pyspy.PROXY_CATEGORIES] + [pyspy.OTHER]
+
+    def per_request(run: RoutingRun, name: str) -> float:
+        # py-spy counts the samples with a thread on the CPU (no idle ones), so
+        # a kind's share of them is its share of the process's CPU time.
+        return run.proxy_cpu_ms * run.profile[name] / sum(run.profile.values())
+
+    return [
+        "CPU per request of each profiled proxy, by kind of work: py-spy "
+        f"(`record --format raw --nonblocking`, {PROFILE_RATE} samples a second) "
+        "on the proxy "
+        "over one more run of the workload each, after the rounds and not in the "
+        "table above; each sample goes to the innermost frame whose file tells "
+        "the kind (`PROXY_CATEGORIES` in "
+        "[bench/citadel_bench/pyspy.py](../bench/citadel_bench/pyspy.py)), and a "
+        "kind's share of the samples is applied to the proxy's CPU time per "
+        "request in that run. The relay's own file, which does its placement, "
+        "falls under `other`.",
+        "",
+        table(
+            ["kind of work", *(f"{run.target} ms" for run in runs)],
+            [
+                (name, *(fmt(per_request(run, name), 3) for run in runs))
+                for name in names
+            ]
+            + [
+                ("all (CPU ms per request)", *(fmt(r.proxy_cpu_ms, 3) for r in runs)),
+                ("samples", *(sum(r.profile.values()) for r in runs)),
+            ],
+        ),
+        "",
+    ]
 
 
 def _routing_table(runs: list[RoutingRun]) -> str:
@@ -465,6 +511,7 @@ def _routing_table(runs: list[RoutingRun]) -> str:
             "req/s",
             "output tok/s",
             "hit rate",
+            "proxy CPU ms/req",
         ],
         [
             (
@@ -480,6 +527,7 @@ def _routing_table(runs: list[RoutingRun]) -> str:
                 run.rps,
                 run.tokens_per_s,
                 run.hit_rate,
+                run.proxy_cpu_ms if run.proxy_cpu_s else DASH,
             )
             for run in runs
         ],

@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ from pathlib import Path
 
 from citadel_bench.goprofile import ApiServerProfile, ApiServerProfiler
 from citadel_bench.procs import REPO, TICKS, Proc, free_port, start, stop, wait_http
+from citadel_bench.pyspy import start_sampling, stop_sampling, top_functions
 
 NAMESPACE = "bench-scale"
 ROUTES_NAMESPACE = "citadel-bench"
@@ -194,25 +194,13 @@ def requests_since(kube: Kubectl, before: dict[str, float]) -> dict[str, float]:
 
 
 def start_profile(py_spy: Path | None, pid: int, log_dir: Path) -> Proc | None:
-    """py-spy sampling `pid` (raw stacks into log_dir) until stopped; 25 samples
-    a second, without pausing the process, to disturb the run little."""
-    if py_spy is None:
-        return None
-    out = log_dir / PROFILE
-    argv = [str(py_spy), "record", "--format", "raw", "--nonblocking", "-r", "25"]
-    return start("operator-py-spy", [*argv, "-o", str(out), "-p", str(pid)], log_dir)
+    """py-spy sampling the operator (`pid`) until `stop_profile`."""
+    return start_sampling(py_spy, pid, log_dir / PROFILE, log_dir)
 
 
 def stop_profile(spy: Proc | None, log_dir: Path) -> list[str]:
-    """Stops py-spy (it writes its stacks on SIGINT); the hottest frames."""
-    if spy is None:
-        return []
-    stop(spy, timeout_s=30, first=signal.SIGINT)
-    # Imported here: overhead pulls in the load generator.
-    from citadel_bench.overhead import top_functions
-
-    out = log_dir / PROFILE
-    return top_functions(out.read_text()) if out.exists() else []
+    """Stops py-spy; the hottest frames."""
+    return top_functions(stop_sampling(spy, log_dir / PROFILE))
 
 
 class Window:

@@ -12,6 +12,7 @@ from typing import Any
 
 from citadel_bench import loadgen, peers
 from citadel_bench.procs import Proc, simulator_argv, start, stop, wait_listening
+from citadel_bench.pyspy import top_functions
 from citadel_bench.stats import median, percentile
 
 CONCURRENCY = (1, 16, 64)
@@ -208,28 +209,3 @@ def profile_citadel(log_dir: Path, seconds: float, py_spy: Path) -> list[str]:
     finally:
         for proc in reversed(procs):
             stop(proc)
-
-
-def top_functions(collapsed: str, count: int = 12) -> list[str]:
-    """Self-time and inclusive shares of the hottest frames in py-spy's collapsed
-    stacks ("frame;frame;frame N" lines)."""
-    own: dict[str, int] = {}
-    inclusive: dict[str, int] = {}
-    total = 0
-    for line in collapsed.splitlines():
-        stack, _, n = line.rpartition(" ")
-        if not stack or not n.isdigit():
-            continue
-        samples = int(n)
-        total += samples
-        frames = stack.split(";")
-        own[frames[-1]] = own.get(frames[-1], 0) + samples
-        for frame in set(frames):
-            inclusive[frame] = inclusive.get(frame, 0) + samples
-    if not total:
-        return []
-    ranked = sorted(own.items(), key=lambda kv: -kv[1])[:count]
-    return [
-        f"{100 * n / total:5.1f}% self, {100 * inclusive[f] / total:5.1f}% incl  {f}"
-        for f, n in ranked
-    ]

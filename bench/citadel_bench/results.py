@@ -11,14 +11,13 @@ from citadel_bench.overhead import Point
 from citadel_bench.report import DASH, Verdict, fmt, spread
 from citadel_bench.routing import (
     BARE_RELAY,
+    DEFAULT_STRATEGY,
     PINNED_WARM,
     PLAIN_RR,
     RoutingResult,
     RoutingRun,
 )
 from citadel_bench.stats import median, percentile, ratio
-
-DEFAULT_STRATEGY = "citadel:prefix-aware"
 
 
 @dataclass(frozen=True)
@@ -185,6 +184,7 @@ def routing_verdicts(result: RoutingResult) -> list[Verdict]:
                     _later(default, best),
                     _at_replicas(default, best),
                     _relay(by.get(BARE_RELAY)),
+                    _in_front(default, best, by.get(BARE_RELAY)),
                 ),
             )
         )
@@ -246,6 +246,23 @@ def _at_replicas(ours: RoutingRun, theirs: RoutingRun) -> str:
     return (
         f"at the replicas (vllm:time_to_first_token_seconds): "
         f"{fmt(ours.replica_ttft_ms, 1)} vs {fmt(theirs.replica_ttft_ms, 1)} ms"
+    )
+
+
+def _in_front(ours: RoutingRun, theirs: RoutingRun, relay: RoutingRun | None) -> str:
+    """The time in front of the replicas (`RoutingRun.front_ms`) and the proxy's
+    CPU per request, ours against theirs (and the relay's), as a note: what the
+    proxies themselves add where the replicas' TTFT is alike."""
+    runs = [run for run in (ours, theirs, relay) if run is not None]
+    if not all(run.replica_ttft_count and run.proxy_cpu_s for run in runs):
+        return ""
+    relay_front = f", relay {fmt(relay.front_ms, 1)}" if relay else ""
+    relay_cpu = f", relay {fmt(relay.proxy_cpu_ms, 2)}" if relay else ""
+    return (
+        f"in front of the replicas (client minus replica TTFT): "
+        f"{fmt(ours.front_ms, 1)} vs {fmt(theirs.front_ms, 1)}{relay_front} ms; "
+        f"proxy CPU per request {fmt(ours.proxy_cpu_ms, 2)} vs "
+        f"{fmt(theirs.proxy_cpu_ms, 2)}{relay_cpu} ms"
     )
 
 

@@ -27,6 +27,12 @@ from citadel_bench.procs import (
     wait_http,
     wait_listening,
 )
+from citadel_bench.pyspy import (
+    PROXY_CATEGORIES,
+    categorize,
+    start_sampling,
+    stop_sampling,
+)
 from citadel_bench.stats import Summary
 from citadel_bench.workload import ChatWorkload, conversation, system_prompts
 
@@ -85,6 +91,11 @@ class RoutingRun:
     decides."""
     round_means_ms: list[float] = field(default_factory=list)
     """Mean TTFT of each round on its own (the spread between rounds)."""
+    proxy_cpu_s: float = 0.0
+    """CPU time of the proxy's processes over the workload (0 without a proxy)."""
+    profile: dict[str, int] = field(default_factory=dict)
+    """py-spy samples of the proxy per kind of work (`pyspy.PROXY_CATEGORIES`),
+    for a run made to be profiled; empty otherwise."""
 
     @property
     def hit_rate(self) -> float:
@@ -102,6 +113,18 @@ class RoutingRun:
     def later_mean_ms(self) -> float:
         """Mean TTFT after each conversation's first turn."""
         return statistics.fmean(self.later_ttfts_ms) if self.later_ttfts_ms else 0.0
+
+    @property
+    def front_ms(self) -> float:
+        """Mean time in front of the replicas: client TTFT minus replica TTFT
+        (the proxy's, the load generator's and the network's; 0 when the
+        replicas' TTFT is unknown)."""
+        return self.ttft.mean - self.replica_ttft_ms if self.replica_ttft_count else 0.0
+
+    @property
+    def proxy_cpu_ms(self) -> float:
+        """The proxy's CPU time per request (0 without a proxy)."""
+        return 1000 * self.proxy_cpu_s / self.requests if self.requests else 0.0
 
     @property
     def rps(self) -> float:
@@ -123,6 +146,17 @@ front. One fixed, even placement that starts warm, as no router does."""
 BARE_RELAY = "python:bare-relay"
 """A reference: Citadel's HTTP stack relaying with none of its request work, sticky
 sessions placed as `sticky_least_loaded` places them (`citadel_bench.relay`)."""
+
+DEFAULT_STRATEGY = "citadel:prefix-aware"
+"""Citadel's default strategy, the one the targets are about."""
+
+PROFILED = (DEFAULT_STRATEGY, BARE_RELAY)
+"""The targets whose proxy is profiled on each workload (in an extra run): the
+default strategy, and the relay that shows what its HTTP stack alone costs."""
+
+PROFILE_RATE = 1000
+"""py-spy's samples a second on a profiled proxy: it is on the CPU for a few
+percent of the run, and only those samples count."""
 
 
 def plain_picker(target: str, backends: list[str]) -> Callable[[int], str]:
@@ -271,9 +305,13 @@ def run_target(
     workload: ChatWorkload,
     log_dir: Path,
     deadline_s: float,
+    py_spy: Path | None = None,
 ) -> RoutingRun:
-    """Fresh replicas (cold caches) and a fresh proxy for one target."""
+    """Fresh replicas (cold caches) and a fresh proxy for one target; with
+    `py_spy`, the proxy is sampled over the workload (`RoutingRun.profile`)."""
     procs: list[Proc] = []
+    proxy: peers.Target | None = None
+    collapsed = ""
     try:
         sim = start(
             f"routing-sim-{target}", simulator_argv(REPLICAS, *SIM_OPTIONS), log_dir
@@ -303,7 +341,18 @@ def run_target(
         # replicas before the workload (the reference's warm-up, a proxy's
         # probes) stays out of the hit rate and the replicas' TTFT.
         before = replica_counters(backends)
-        samples, wall = asyncio.run(drive(workload, url_for, deadline_s, headers))
+        cpu_before = proxy.proc.cpu_seconds() if proxy else 0.0
+        out = log_dir / f"py-spy-{target.replace(':', '-')}.txt"
+        spy = (
+            start_sampling(py_spy, proxy.proc.pid, out, log_dir, PROFILE_RATE)
+            if proxy
+            else None
+        )
+        try:
+            samples, wall = asyncio.run(drive(workload, url_for, deadline_s, headers))
+        finally:
+            collapsed = stop_sampling(spy, out)
+        proxy_cpu_s = proxy.proc.cpu_seconds() - cpu_before if proxy else 0.0
         counted = replica_counters(backends).since(before)
     finally:
         for proc in reversed(procs):
@@ -325,6 +374,8 @@ def run_target(
         ttfts_ms=ttfts,
         later_ttfts_ms=[s.first_chunk * 1000 for turn, s in ok if turn > 0],
         round_means_ms=[summary.mean],
+        proxy_cpu_s=proxy_cpu_s,
+        profile=categorize(collapsed, PROXY_CATEGORIES) if collapsed else {},
     )
 
 
@@ -346,6 +397,7 @@ def merge_rounds(runs: list[RoutingRun]) -> RoutingRun:
         ttfts_ms=ttfts,
         later_ttfts_ms=[t for run in runs for t in run.later_ttfts_ms],
         round_means_ms=[m for run in runs for m in run.round_means_ms],
+        proxy_cpu_s=sum(run.proxy_cpu_s for run in runs),
     )
 
 
@@ -371,15 +423,23 @@ class RoutingResult:
     workload: ChatWorkload
     runs: list[RoutingRun] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    profiled: list[RoutingRun] = field(default_factory=list)
+    """Runs of `PROFILED` targets made after the rounds with the proxy sampled
+    by py-spy: not in `runs`, so the sampling disturbs no measured run."""
 
 
 def run_routing(
-    workload: ChatWorkload, log_dir: Path, deadline_s: float, rounds: int = 1
+    workload: ChatWorkload,
+    log_dir: Path,
+    deadline_s: float,
+    rounds: int = 1,
+    py_spy: Path | None = None,
 ) -> RoutingResult:
     """Every target, `rounds` times over, the order rotated each round so that
     drift on the shared machine does not always fall on the same targets; a
     target's rounds are pooled. Failures are recorded, not raised: a target that
-    fails in any round is left out."""
+    fails in any round is left out. With `py_spy`, each of `PROFILED` runs once
+    more, sampled (`RoutingResult.profiled`)."""
     problem = peers.peer_problem("vllm-router")
     result = RoutingResult(workload)
     if problem:
@@ -412,4 +472,17 @@ def run_routing(
         for name in names
         if done[name] and name not in result.skipped
     ]
+    if py_spy is None:
+        return result
+    profile_dir = log_dir / f"routing-{workload.slug}-profiled"
+    profile_dir.mkdir(parents=True, exist_ok=True)
+    for target in PROFILED:
+        if target not in names or target in result.skipped:
+            continue
+        try:
+            result.profiled.append(
+                run_target(target, workload, profile_dir, deadline_s, py_spy)
+            )
+        except RuntimeError as err:
+            print(f"routing {workload.slug} profile of {target} failed: {err}")
     return result

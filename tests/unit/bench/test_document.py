@@ -365,6 +365,80 @@ def test_the_bare_relay_is_named_beside_the_best_peer_policy() -> None:
     assert alone[1].note == ""
 
 
+def _in_front(
+    target: str, client_ms: float, replica_ms: float, cpu_s: float
+) -> RoutingRun:
+    run = _round(target, [client_ms], 1, 1)
+    run.replica_ttft_sum_s, run.replica_ttft_count = replica_ms / 1000, 1
+    run.proxy_cpu_s = cpu_s
+    return run
+
+
+def test_the_peer_verdict_splits_the_time_in_front_of_the_replicas() -> None:
+    ours = merge_rounds(
+        [
+            _in_front("citadel:prefix-aware", 82.0, 74.0, 0.001),
+            _in_front("citadel:prefix-aware", 82.0, 74.0, 0.002),
+        ]
+    )
+    # CPU pools over the rounds' requests: 3 ms over 2 requests.
+    assert ours.proxy_cpu_s == 0.003 and ours.proxy_cpu_ms == 1.5
+    assert ours.front_ms == 8.0
+    best = _in_front("vllm-router:sticky_least_loaded", 79.0, 74.0, 0.0008)
+    relay = _in_front("python:bare-relay", 79.5, 74.0, 0.0005)
+    plain = _round("plain:round-robin", [220.0], 1, 1)
+    below = routing_verdicts(RoutingResult(MULTI_ROUND_QA, [ours, plain, best, relay]))
+    assert below[1].note.endswith(
+        "in front of the replicas (client minus replica TTFT): 8.0 vs 5.0, "
+        "relay 5.5 ms; proxy CPU per request 1.50 vs 0.80, relay 0.50 ms"
+    )
+    without = routing_verdicts(RoutingResult(MULTI_ROUND_QA, [ours, plain, best]))
+    assert without[1].note.endswith(
+        "8.0 vs 5.0 ms; proxy CPU per request 1.50 vs 0.80 ms"
+    )
+    # Without the replicas' TTFT or the proxies' CPU there is nothing to split.
+    bare = routing_verdicts(
+        RoutingResult(
+            MULTI_ROUND_QA, [_round("citadel:prefix-aware", [82.0], 1, 1), plain, best]
+        )
+    )
+    assert "in front" not in bare[1].note
+
+
+def test_document_shows_where_each_profiled_proxy_spends_its_cpu(
+    tmp_path: Path,
+) -> None:
+    from citadel_bench.pyspy import OTHER, PROXY_CATEGORIES
+
+    def profiled(target: str, cpu_s: float, samples: dict[str, int]) -> RoutingRun:
+        run = _in_front(target, 80.0, 74.0, cpu_s)
+        run.profile = dict.fromkeys([c.name for c in PROXY_CATEGORIES] + [OTHER], 0)
+        run.profile.update(samples)
+        return run
+
+    r = _results()
+    result = _result(MULTI_ROUND_QA, 80.0)
+    result.profiled = [
+        profiled("citadel:prefix-aware", 0.002, {"log lines": 1, "upstream client": 3}),
+        profiled("python:bare-relay", 0.001, {"upstream client": 2, OTHER: 2}),
+    ]
+    r.routing = [result]
+    doc = _write(r, tmp_path)
+    qa = doc.split("### Multi-round QA")[1]
+    assert "| kind of work | citadel:prefix-aware ms | python:bare-relay ms |" in qa
+    # A kind's share of the samples, of the CPU per request (2 ms and 1 ms).
+    assert "| log lines | 0.500 | 0.000 |" in qa
+    assert "| upstream client | 1.500 | 0.500 |" in qa
+    assert "| other | 0.000 | 0.500 |" in qa
+    assert "| all (CPU ms per request) | 2.000 | 1.000 |" in qa
+    assert "| samples | 4 | 4 |" in qa
+    # The measured table gets the CPU column; targets without a proxy a dash.
+    assert "| proxy CPU ms/req |" in qa
+    # No profiled runs, no section.
+    r.routing = [_result(MULTI_ROUND_QA, 80.0)]
+    assert "kind of work" not in _write(r, tmp_path)
+
+
 def _points(target: str, rps: list[float]) -> list[Point]:
     return [
         Point(target, "json", 64, n, 100, 0, r, 1.0, 2.0, 1.0, 0.5, 90.0)
