@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 
 from citadel.gateway.routes import RoutingStrategy
@@ -39,7 +40,9 @@ def parse_vllm_metrics(text: str, now: float) -> LoadReport:
     vLLM with `--data-parallel-size` above 1 exports each figure once per engine
     (label `engine`): the requests running and waiting are summed over them, and
     the KV-cache use, a fraction of each engine's own cache, is their mean (two
-    engines at 0.9 are a pod at 0.9, not 1.8).
+    engines at 0.9 are a pod at 0.9, not 1.8). A sample that is not a finite
+    number (`NaN`, `+Inf`, `-Inf`) is left out, as if that engine did not
+    export it; a figure with no sample left reads as 0, as a missing one does.
     """
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
@@ -56,7 +59,8 @@ def parse_vllm_metrics(text: str, now: float) -> LoadReport:
 
 
 def _sample(line: str) -> tuple[str, float] | None:
-    """The name and value of a sample line of a figure read, else None.
+    """The name and value of a sample line of a figure read, else None (also
+    when the value is not a finite number).
 
     A sample is `name{labels} value [timestamp]`: the value is the first field
     after the labels (not the last, which is the timestamp when there is one),
@@ -72,9 +76,13 @@ def _sample(line: str) -> tuple[str, float] | None:
     if not values:
         return None
     try:
-        return name, float(values[0])
+        value = float(values[0])
     except ValueError:
         return None
+    # Prometheus text allows NaN and +-Inf; neither measures a load, and a NaN
+    # score would win kv-aware's min() (nothing compares below it): such a
+    # sample counts as absent, like a figure the replica does not export.
+    return (name, value) if math.isfinite(value) else None
 
 
 def _after_labels(line: str, brace: int) -> int:

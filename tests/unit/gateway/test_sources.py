@@ -571,6 +571,29 @@ vllm:num_requests_running{model_name="x"}
     assert (report.running, report.waiting, report.kv_cache_usage) == (2, 3, 0.25)
 
 
+@pytest.mark.parametrize("bad", ["NaN", "+Inf", "-Inf"])
+def test_vllm_metrics_drop_a_sample_that_is_not_finite(bad: str) -> None:
+    """Prometheus text allows NaN and infinities: read as figures, a NaN score
+    could win kv-aware's min() (every comparison with it is false) and one NaN
+    engine made the pod's mean KV-cache use NaN. Such a sample is no measure: it
+    counts as absent, as a figure the replica does not export."""
+    text = f"""vllm:num_requests_running{{engine="0"}} {bad}
+vllm:num_requests_running{{engine="1"}} 2
+vllm:num_requests_waiting {bad}
+vllm:kv_cache_usage_perc{{engine="0"}} {bad}
+vllm:kv_cache_usage_perc{{engine="1"}} 0.6
+"""
+    report = parse_vllm_metrics(text, 0.0)
+    assert (report.running, report.waiting, report.kv_cache_usage) == (2, 0, 0.6)
+    # The only sample of the newer name is not finite: the older name counts.
+    text = f"vllm:kv_cache_usage_perc {bad}\nvllm:gpu_cache_usage_perc 0.3\n"
+    assert parse_vllm_metrics(text, 0.0).kv_cache_usage == 0.3
+    # None that is finite: as when the figure is missing.
+    missing = parse_vllm_metrics("", 0.0)
+    report = parse_vllm_metrics(f"vllm:kv_cache_usage_perc {bad}\n", 0.0)
+    assert report.kv_cache_usage == missing.kv_cache_usage
+
+
 class _MetricsUpstream:
     """Answers /metrics per replica URL: text (200), a status, or a failure."""
 
