@@ -29,6 +29,7 @@ from citadel.gateway.services.auth import InMemoryKeyStore, KeyRecord, hash_key
 from citadel.gateway.services.catalog import Catalog, routing_table
 from citadel.gateway.services.replicas import Endpoint, LoadReport
 from citadel.gateway.services.scraper import (
+    MAX_CONCURRENT_SCRAPES,
     MetricsScraper,
     parse_vllm_metrics,
     report_max_age_s,
@@ -646,6 +647,45 @@ async def test_a_failed_scrape_drops_the_last_report(
     # When it last answered stays, for /admin/replicas: unknown since then.
     assert replica.load_read_at == 0.0
     assert report_max_age_s(2.0) == 10.0
+
+
+async def test_scrapes_run_a_bounded_number_at_a_time() -> None:
+    """Every replica's /metrics was read at once: with thousands of replicas,
+    each period opened thousands of connections together."""
+    route = {
+        "name": "m",
+        "namespace": "llm",
+        "servedName": "m",
+        "service": "m",
+        "strategy": "kv-aware",
+    }
+    catalog = Catalog(clock=lambda: 0.0)
+    catalog.set_document(RoutingDocument.model_validate({"models": [route]}))
+    urls = [f"http://10.0.{i // 250}.{i % 250}:8000" for i in range(300)]
+    catalog.set_endpoints("llm", "m", [Endpoint(url) for url in urls])
+    in_flight, most = 0, 0
+
+    class Upstream(_MetricsUpstream):
+        async def request(
+            self, method: str, url: str, timeout_s: float | None = None
+        ) -> Any:
+            nonlocal in_flight, most
+            in_flight += 1
+            most = max(most, in_flight)
+            try:
+                for _ in range(3):  # the others start meanwhile, if they may
+                    await asyncio.sleep(0)
+                return await super().request(method, url, timeout_s)
+            finally:
+                in_flight -= 1
+
+    upstream = Upstream()
+    upstream.answers = dict.fromkeys(urls, "vllm:num_requests_running 1\n")
+    scraper = MetricsScraper(catalog, upstream, 2.0, lambda: 3.0)  # type: ignore[arg-type]
+    await scraper.scrape_once()
+    assert most == MAX_CONCURRENT_SCRAPES
+    replicas = catalog.all_replicas()
+    assert all(replicas[url].load.scraped_at == 3.0 for url in urls)
 
 
 def _pod_slice(name: str, service: str, *pods: tuple[str, str]) -> dict[str, object]:
