@@ -8,9 +8,10 @@ stable.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -41,7 +42,9 @@ class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CITADEL_GATEWAY_", frozen=True)
 
     host: str = "0.0.0.0"
-    """Address to listen on."""
+    """Address the HTTP, gRPC and `/metrics` ports listen on: an IP address,
+    `0.0.0.0` (every IPv4 address) or `::` (IPv6) in a pod, `127.0.0.1` for
+    this machine alone. Names such as `localhost` are refused."""
     port: int = Field(8000, ge=1, le=65535)
     """Port to listen on."""
     grpc_port: int = Field(0, ge=0, le=65535)
@@ -132,6 +135,22 @@ class GatewaySettings(BaseSettings):
     max_key_labels: int = Field(100, ge=1)
     """Distinct key names used as metric labels; later ones are counted as
     `other`, so metrics stay bounded."""
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        try:
+            address = ipaddress.ip_address(value)
+        except ValueError:
+            # A name would be resolved by each of the three servers on its own
+            # when it binds: a typo surfaced only then, as a resolver's error,
+            # and a name says nothing certain of which addresses are served.
+            raise ValueError(
+                f"CITADEL_GATEWAY_HOST={value!r} is not an IP address: set 0.0.0.0 "
+                "(every IPv4 address), :: (IPv6) or an address of this machine "
+                "such as 127.0.0.1"
+            ) from None
+        return str(address)
 
     @model_validator(mode="after")
     def _ports_apart(self) -> GatewaySettings:

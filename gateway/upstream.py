@@ -373,17 +373,17 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def _wait(self, timeout_s: float) -> None:
+    async def _wait(self, limit_s: float, deadline: float | None) -> None:
+        """Waits for the parser's next news, `limit_s` at most, or until
+        `deadline` (monotonic) when that comes sooner."""
+        timeout_s = _within(limit_s, deadline)
         self._waiter = asyncio.get_running_loop().create_future()
         try:
             async with asyncio.timeout(timeout_s):
                 await self._waiter
         except TimeoutError:
             self.close()
-            host, port, _ = self.address
-            raise UpstreamTimeout(
-                f"no answer from {host}:{port} in {timeout_s:.3g} s"
-            ) from None
+            raise UpstreamTimeout(self._timed_out(limit_s, timeout_s)) from None
         except BaseException:
             # Cancelled mid-response: the rest of it could not be told apart
             # from the next response on this connection.
@@ -392,15 +392,33 @@ class _Connection(asyncio.Protocol):
         finally:
             self._waiter = None
 
-    async def headers(self, timeout_s: float) -> None:
-        """Waits for the status line and the headers."""
+    def _timed_out(self, limit_s: float, timeout_s: float) -> str:
+        """What a wait of `timeout_s` that ended with no answer means, `limit_s`
+        being the most it could have been (less: a deadline cut it short)."""
+        host, port, _ = self.address
+        if timeout_s >= limit_s:
+            return f"no answer from {host}:{port} in {timeout_s:.3g} s"
+        # "in 0 s" read as a replica that failed at once, where the request
+        # had used up its time before this wait began (earlier tries, or the
+        # wait for the headers, took it).
+        if timeout_s <= 0:
+            return f"no answer from {host}:{port}: the request's deadline had passed"
+        return (
+            f"no answer from {host}:{port} in the {timeout_s:.3g} s left to the"
+            " request's deadline"
+        )
+
+    async def headers(self, limit_s: float, deadline: float | None) -> None:
+        """Waits for the status line and the headers, `limit_s` at most, or
+        until `deadline` (monotonic) when that comes sooner."""
         while not self._headers_done:
             if self._error is not None:
                 raise self._error
-            await self._wait(timeout_s)
+            await self._wait(limit_s, deadline)
 
-    async def next_chunk(self, timeout_s: float) -> bytes | None:
-        """All of the body received so far and not yet taken, or None at its end."""
+    async def next_chunk(self, limit_s: float, deadline: float | None) -> bytes | None:
+        """All of the body received so far and not yet taken, or None at its end;
+        waits `limit_s` at most, or until `deadline` (monotonic) when sooner."""
         while True:
             if self._chunks:
                 # One piece for everything that is here: httptools hands over each
@@ -418,7 +436,7 @@ class _Connection(asyncio.Protocol):
                 return None
             if self._error is not None:
                 raise self._error
-            await self._wait(timeout_s)
+            await self._wait(limit_s, deadline)
 
 
 class UpstreamResponse:
@@ -487,7 +505,7 @@ class UpstreamResponse:
         try:
             # `_until` is read for each piece: `lift` may move it meanwhile.
             while (
-                chunk := await conn.next_chunk(_within(read_timeout_s, self._until))
+                chunk := await conn.next_chunk(read_timeout_s, self._until)
             ) is not None:
                 yield chunk
         finally:
@@ -601,11 +619,10 @@ class UpstreamClient:
     async def _start(
         self, conn: _Connection, data: bytes, deadline: float | None
     ) -> None:
-        timeout = _within(self.settings.read_timeout_s, deadline)
         if conn.closed:  # closed by the replica while it waited in the pool
             raise UpstreamUnreachable("the replica closed the connection")
         conn.send(data)
-        await conn.headers(timeout)
+        await conn.headers(self.settings.read_timeout_s, deadline)
 
     def _target(self, url: str) -> _Target:
         target = self._targets.get(url)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 
 from citadel.gateway.routes import RoutingStrategy
@@ -26,6 +27,13 @@ STALE_AFTER_PERIODS = 5
 """Scrape periods after which a report no longer counts: a scrape may take a
 period and the next one starts a period later, so two periods pass between
 reports in the worst case."""
+MAX_CONCURRENT_SCRAPES = 32
+"""Replicas whose `/metrics` are read at once. All at once, thousands of
+replicas opened thousands of connections together every period, and their
+answers were all parsed in one burst on the event loop that serves requests.
+At a few milliseconds a read, 32 at a time still read a thousand replicas in a
+fraction of the default 2 s period; a replica that does not answer holds its
+place for a period at most (its read's timeout)."""
 
 
 def report_max_age_s(period_s: float) -> float:
@@ -39,7 +47,9 @@ def parse_vllm_metrics(text: str, now: float) -> LoadReport:
     vLLM with `--data-parallel-size` above 1 exports each figure once per engine
     (label `engine`): the requests running and waiting are summed over them, and
     the KV-cache use, a fraction of each engine's own cache, is their mean (two
-    engines at 0.9 are a pod at 0.9, not 1.8).
+    engines at 0.9 are a pod at 0.9, not 1.8). A sample that is not a finite
+    number (`NaN`, `+Inf`, `-Inf`) is left out, as if that engine did not
+    export it; a figure with no sample left reads as 0, as a missing one does.
     """
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
@@ -56,7 +66,8 @@ def parse_vllm_metrics(text: str, now: float) -> LoadReport:
 
 
 def _sample(line: str) -> tuple[str, float] | None:
-    """The name and value of a sample line of a figure read, else None.
+    """The name and value of a sample line of a figure read, else None (also
+    when the value is not a finite number).
 
     A sample is `name{labels} value [timestamp]`: the value is the first field
     after the labels (not the last, which is the timestamp when there is one),
@@ -72,9 +83,13 @@ def _sample(line: str) -> tuple[str, float] | None:
     if not values:
         return None
     try:
-        return name, float(values[0])
+        value = float(values[0])
     except ValueError:
         return None
+    # Prometheus text allows NaN and +-Inf; neither measures a load, and a NaN
+    # score would win kv-aware's min() (nothing compares below it): such a
+    # sample counts as absent, like a figure the replica does not export.
+    return (name, value) if math.isfinite(value) else None
 
 
 def _after_labels(line: str, brace: int) -> int:
@@ -122,14 +137,24 @@ class MetricsScraper:
             await asyncio.sleep(self._period)
 
     async def scrape_once(self) -> None:
-        """Reads every `kv-aware` replica once, all at the same time."""
+        """Reads every `kv-aware` replica once, `MAX_CONCURRENT_SCRAPES` at a
+        time."""
         replicas = {
             r.url: r
             for route in self._catalog.routes()
             if route.strategy is RoutingStrategy.KV_AWARE
             for r in self._catalog.replicas(route)
         }
-        await asyncio.gather(*(self._scrape(r) for r in replicas.values()))
+        # One iterator shared by the readers: each takes the next replica as
+        # it finishes one, so no more reads run at once than there are readers.
+        todo = iter(replicas.values())
+
+        async def reader() -> None:
+            for replica in todo:
+                await self._scrape(replica)
+
+        readers = min(MAX_CONCURRENT_SCRAPES, len(replicas))
+        await asyncio.gather(*(reader() for _ in range(readers)))
 
     async def _scrape(self, replica: Replica) -> None:
         try:

@@ -198,6 +198,39 @@ def test_the_socket_cap_per_key_comes_from_its_setting(tmp_path: Path) -> None:
     assert build_deps(settings, {}).sockets.max_per_key == 3
 
 
+@pytest.mark.parametrize(
+    ("host", "kept"),
+    [
+        ("0.0.0.0", "0.0.0.0"),
+        ("::", "::"),
+        ("0:0:0:0:0:0:0:0", "::"),
+        ("127.0.0.1", "127.0.0.1"),  # the benchmarks' and tests' gateways
+        ("::1", "::1"),
+        ("10.0.0.7", "10.0.0.7"),
+    ],
+)
+def test_the_listen_host_is_an_ip_address(host: str, kept: str) -> None:
+    assert GatewaySettings(host=host).host == kept
+
+
+@pytest.mark.parametrize(
+    "host", ["localhost", "gateway.example", "", "0.0.0.0:8000", "[::]", "256.0.0.1"]
+)
+def test_a_listen_host_that_is_not_an_ip_address_stops_the_start(
+    host: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anything was taken, and failed (or listened somewhere unexpected) only
+    when each server bound it: it is refused at once, naming the variable to
+    set and what it takes."""
+    monkeypatch.setenv("CITADEL_GATEWAY_HOST", host)
+    # Without the check, start-up goes on and fails at once on the cluster.
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(ValidationError) as refused:
+        entry.main([])
+    message = str(refused.value)
+    assert "CITADEL_GATEWAY_HOST" in message and "0.0.0.0" in message
+
+
 def test_the_head_timeout_is_a_positive_time() -> None:
     assert GatewaySettings().head_timeout_s == 30.0
     for wrong in (0, -1):

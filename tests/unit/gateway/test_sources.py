@@ -29,6 +29,7 @@ from citadel.gateway.services.auth import InMemoryKeyStore, KeyRecord, hash_key
 from citadel.gateway.services.catalog import Catalog, routing_table
 from citadel.gateway.services.replicas import Endpoint, LoadReport
 from citadel.gateway.services.scraper import (
+    MAX_CONCURRENT_SCRAPES,
     MetricsScraper,
     parse_vllm_metrics,
     report_max_age_s,
@@ -571,6 +572,29 @@ vllm:num_requests_running{model_name="x"}
     assert (report.running, report.waiting, report.kv_cache_usage) == (2, 3, 0.25)
 
 
+@pytest.mark.parametrize("bad", ["NaN", "+Inf", "-Inf"])
+def test_vllm_metrics_drop_a_sample_that_is_not_finite(bad: str) -> None:
+    """Prometheus text allows NaN and infinities: read as figures, a NaN score
+    could win kv-aware's min() (every comparison with it is false) and one NaN
+    engine made the pod's mean KV-cache use NaN. Such a sample is no measure: it
+    counts as absent, as a figure the replica does not export."""
+    text = f"""vllm:num_requests_running{{engine="0"}} {bad}
+vllm:num_requests_running{{engine="1"}} 2
+vllm:num_requests_waiting {bad}
+vllm:kv_cache_usage_perc{{engine="0"}} {bad}
+vllm:kv_cache_usage_perc{{engine="1"}} 0.6
+"""
+    report = parse_vllm_metrics(text, 0.0)
+    assert (report.running, report.waiting, report.kv_cache_usage) == (2, 0, 0.6)
+    # The only sample of the newer name is not finite: the older name counts.
+    text = f"vllm:kv_cache_usage_perc {bad}\nvllm:gpu_cache_usage_perc 0.3\n"
+    assert parse_vllm_metrics(text, 0.0).kv_cache_usage == 0.3
+    # None that is finite: as when the figure is missing.
+    missing = parse_vllm_metrics("", 0.0)
+    report = parse_vllm_metrics(f"vllm:kv_cache_usage_perc {bad}\n", 0.0)
+    assert report.kv_cache_usage == missing.kv_cache_usage
+
+
 class _MetricsUpstream:
     """Answers /metrics per replica URL: text (200), a status, or a failure."""
 
@@ -623,6 +647,45 @@ async def test_a_failed_scrape_drops_the_last_report(
     # When it last answered stays, for /admin/replicas: unknown since then.
     assert replica.load_read_at == 0.0
     assert report_max_age_s(2.0) == 10.0
+
+
+async def test_scrapes_run_a_bounded_number_at_a_time() -> None:
+    """Every replica's /metrics was read at once: with thousands of replicas,
+    each period opened thousands of connections together."""
+    route = {
+        "name": "m",
+        "namespace": "llm",
+        "servedName": "m",
+        "service": "m",
+        "strategy": "kv-aware",
+    }
+    catalog = Catalog(clock=lambda: 0.0)
+    catalog.set_document(RoutingDocument.model_validate({"models": [route]}))
+    urls = [f"http://10.0.{i // 250}.{i % 250}:8000" for i in range(300)]
+    catalog.set_endpoints("llm", "m", [Endpoint(url) for url in urls])
+    in_flight, most = 0, 0
+
+    class Upstream(_MetricsUpstream):
+        async def request(
+            self, method: str, url: str, timeout_s: float | None = None
+        ) -> Any:
+            nonlocal in_flight, most
+            in_flight += 1
+            most = max(most, in_flight)
+            try:
+                for _ in range(3):  # the others start meanwhile, if they may
+                    await asyncio.sleep(0)
+                return await super().request(method, url, timeout_s)
+            finally:
+                in_flight -= 1
+
+    upstream = Upstream()
+    upstream.answers = dict.fromkeys(urls, "vllm:num_requests_running 1\n")
+    scraper = MetricsScraper(catalog, upstream, 2.0, lambda: 3.0)  # type: ignore[arg-type]
+    await scraper.scrape_once()
+    assert most == MAX_CONCURRENT_SCRAPES
+    replicas = catalog.all_replicas()
+    assert all(replicas[url].load.scraped_at == 3.0 for url in urls)
 
 
 def _pod_slice(name: str, service: str, *pods: tuple[str, str]) -> dict[str, object]:

@@ -22,6 +22,7 @@ from citadel.gateway.services.prefix import (
     rendezvous,
 )
 from citadel.gateway.services.replicas import LoadReport, Replica
+from citadel.gateway.services.scraper import parse_vllm_metrics
 from citadel.gateway.services.strategies import (
     KvAware,
     LeastLoad,
@@ -568,6 +569,26 @@ def test_kv_aware_prefers_idle_cache_and_short_queue() -> None:
     replicas[1].load = LoadReport(2, waiting=0, kv_cache_usage=0.2, scraped_at=0)
     replicas[2].load = LoadReport(1, waiting=0, kv_cache_usage=0.95, scraped_at=0)
     assert strategy.choose(replicas, chat("x"))[0] is replicas[1]
+
+
+@pytest.mark.parametrize("bad", ["NaN", "+Inf", "-Inf"])
+def test_kv_aware_never_picks_a_busy_replica_for_a_figure_that_is_not_finite(
+    bad: str,
+) -> None:
+    """A replica exporting NaN won kv-aware's min() whenever the rotation put it
+    first (nothing compares below NaN), and one exporting -Inf every time, busy
+    as it was: such a figure reads as missing, and the busy one stays out."""
+    healthy = "vllm:num_requests_running 1\nvllm:kv_cache_usage_perc 0.5\n"
+    busy = f"""vllm:num_requests_running 6
+vllm:num_requests_waiting 5
+vllm:kv_cache_usage_perc {bad}
+"""
+    replicas, strategy = pool(), KvAware()
+    for replica, text in zip(replicas, (busy, healthy, healthy), strict=True):
+        replica.load = parse_vllm_metrics(text, 0.0)
+    picks = [strategy.choose(replicas, chat("x")) for _ in range(6)]
+    assert {how for _, how in picks} == {"score"}
+    assert {r.url for r, _ in picks} == {replicas[1].url, replicas[2].url}
 
 
 def test_session_affinity_pins_sessions_and_survives_other_replicas_leaving() -> None:

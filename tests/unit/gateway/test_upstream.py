@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ipaddress
+import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -247,7 +248,7 @@ async def test_a_client_that_falls_behind_pauses_the_replica(
 
     # Over 256 KB held and nothing taken: the socket is no longer read.
     await asyncio.wait_for(paused(), 5)
-    first = await conn.next_chunk(5)
+    first = await conn.next_chunk(5, None)
     assert first and not conn._paused
     rest = [chunk async for chunk in response.chunks()]
     assert first + b"".join(rest) == piece * 6
@@ -581,3 +582,42 @@ async def test_a_streams_pieces_are_bounded_until_the_bound_is_lifted(
     response.lift()
     assert [piece async for piece in pieces] == [b"second"]
     assert server.connections == 2  # the stream cut short was not reused
+
+
+async def test_a_timeout_says_whether_the_deadline_or_the_read_timeout_ended_it(
+    serve: Callable[..., Awaitable[Server]],
+) -> None:
+    """A stream whose first output was due when the request's deadline had
+    already passed was logged as "no answer from host:port in 0 s"; one cut
+    short by the deadline named the time left as if it were the read timeout."""
+
+    async def stall(
+        _: int, __: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        await writer.drain()
+        await reader.read()  # until the client gives up and closes
+        return False
+
+    server = await serve(stall)
+    upstream = UpstreamClient(UpstreamSettings(read_timeout_s=0.3))
+    host_port = server.url.removeprefix("http://")
+    response = await upstream.post(server.url + "/v1/completions", b"{}", {})
+    with pytest.raises(UpstreamTimeout) as passed:
+        await anext(response.chunks(timeout_s=0))
+    assert str(passed.value) == (
+        f"no answer from {host_port}: the request's deadline had passed"
+    )
+    response = await upstream.post(server.url + "/v1/completions", b"{}", {})
+    with pytest.raises(UpstreamTimeout) as cut:
+        await anext(response.chunks(timeout_s=0.1))
+    left = r"in the 0\.\d+ s left to the request's deadline"
+    assert re.fullmatch(f"no answer from {re.escape(host_port)} {left}", str(cut.value))
+    response = await upstream.post(server.url + "/v1/completions", b"{}", {})
+    with pytest.raises(UpstreamTimeout) as read:
+        await anext(response.chunks())
+    assert str(read.value) == f"no answer from {host_port} in 0.3 s"
+    await upstream.close()
