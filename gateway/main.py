@@ -12,13 +12,14 @@ from collections.abc import Awaitable, Callable
 
 import uvicorn
 from prometheus_client import CollectorRegistry, start_http_server
+from pydantic import ValidationError
 
 from citadel.gateway import __version__, logs
 from citadel.gateway.app import create_app, serving
 from citadel.gateway.metrics import GatewayMetrics
 from citadel.gateway.protocol import HeadRefusal, RefusedHeads, head_bounded
 from citadel.gateway.rpc.server import add_grpc
-from citadel.gateway.settings import GatewaySettings
+from citadel.gateway.settings import GatewaySettings, explain
 from citadel.gateway.wiring import build_deps
 
 
@@ -35,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--version", action="version", version=__version__)
     parser.parse_args(argv)
-    settings = GatewaySettings()
+    try:
+        settings = GatewaySettings()
+    except ValidationError as error:
+        parser.exit(2, f"citadel-gateway: invalid settings\n{explain(error)}\n")
     logs.configure(settings.log_format, settings.log_level)
     deps = build_deps(settings, dict(os.environ))
     draining: list[Callable[[], Awaitable[None]]] = []

@@ -11,7 +11,7 @@ import enum
 import ipaddress
 from pathlib import Path
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -36,10 +36,13 @@ class LogFormat(enum.StrEnum):
     TEXT = "text"
 
 
+ENV_PREFIX = "CITADEL_GATEWAY_"
+
+
 class GatewaySettings(BaseSettings):
     """Typed configuration of one gateway process."""
 
-    model_config = SettingsConfigDict(env_prefix="CITADEL_GATEWAY_", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True)
 
     host: str = "0.0.0.0"
     """Address the HTTP, gRPC and `/metrics` ports listen on: an IP address,
@@ -146,9 +149,8 @@ class GatewaySettings(BaseSettings):
             # when it binds: a typo surfaced only then, as a resolver's error,
             # and a name says nothing certain of which addresses are served.
             raise ValueError(
-                f"CITADEL_GATEWAY_HOST={value!r} is not an IP address: set 0.0.0.0 "
-                "(every IPv4 address), :: (IPv6) or an address of this machine "
-                "such as 127.0.0.1"
+                "not an IP address: set 0.0.0.0 (every IPv4 address), :: (IPv6) "
+                "or an address of this machine such as 127.0.0.1"
             ) from None
         return str(address)
 
@@ -160,3 +162,22 @@ class GatewaySettings(BaseSettings):
                 "give it a port of its own, or 0 to serve /metrics on the HTTP port"
             )
         return self
+
+
+def explain(error: ValidationError) -> str:
+    """What is wrong with the environment, one line per problem, each naming the
+    variable (`CITADEL_GATEWAY_HOST='localhost': not an IP address: ...`); a
+    problem of two settings together (the ports) as its message alone.
+
+    Args:
+        error: what GatewaySettings() raised.
+    """
+    lines = []
+    for problem in error.errors(include_url=False):
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["loc"]:
+            variable = f"{ENV_PREFIX}{str(problem['loc'][0]).upper()}"
+            lines.append(f"{variable}={problem['input']!r}: {message}")
+        else:
+            lines.append(message)
+    return "\n".join(lines)
