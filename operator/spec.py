@@ -70,7 +70,18 @@ IMAGE_PATTERN = (
     r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
     r"(@[A-Za-z][A-Za-z0-9]*([-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9A-Fa-f]{32,})?$"
 )
-MANAGED_ARGS = ("model", "port", "host", "served-model-name", "tensor-parallel-size")
+# The flags the operator sets, each with the shortest abbreviation vLLM 0.32's
+# parser takes for it alone. Its own come after extraArgs and a flag keeps its last
+# value, but the parser moves a flag with a dotted key (`--ser.x=y`) after every
+# other argument.
+MANAGED_ARGS = (
+    ("model", "model"),
+    ("port", "por"),
+    ("host", "ho"),
+    ("served-model-name", "ser"),
+    ("tensor-parallel-size", "te"),
+)
+MANAGED_SHORT_ARGS = ("tp",)
 # vLLM's flags that make a replica's world other than resources.gpus GPUs of one
 # node (more GPUs, other ranks, other nodes): the pod has exactly that many and
 # vLLM refuses to start. Each with the shortest abbreviation that vLLM 0.32's
@@ -131,10 +142,11 @@ def _flags_rule(
 ) -> str:
     """A CEL rule refusing each element of a list that sets one of these flags,
     in any spelling vLLM's parser takes: the long ones abbreviated, with `_`
-    for `-`, with `=value` or before their value."""
-    spellings = ["--(" + "|".join(_abbreviations(*f) for f in long) + ")(=.*)?"]
+    for `-`, with `=value`, before their value, or with a dotted key, which
+    the parser reads as JSON (`--uds.x=y` is `--uds '{"x": "y"}'`)."""
+    spellings = ["--(" + "|".join(_abbreviations(*f) for f in long) + ")([=.].*)?"]
     if short:
-        spellings.append("-(" + "|".join(short) + ")(=.*)?")
+        spellings.append("-(" + "|".join(short) + ")([=.].*)?")
     if letters:
         spellings.append("-[" + "".join(letters) + "].*")
     return _refuse_each("|".join(spellings))
@@ -575,14 +587,11 @@ class Engine(ApiModel):
             max_length=64,
             json_schema_extra=_cel(
                 _rule(
-                    _refuse_each(
-                        "(--("
-                        + "|".join(_dashes(a) for a in MANAGED_ARGS)
-                        + ")|-tp)(=.*)?"
-                    ),
+                    _flags_rule(MANAGED_ARGS, MANAGED_SHORT_ARGS),
                     "engine.extraArgs must not set --"
-                    + ", --".join(MANAGED_ARGS)
-                    + " (or -tp): the operator sets them from the spec",
+                    + ", --".join(flag for flag, _ in MANAGED_ARGS)
+                    + " (nor -tp, nor an abbreviation): the operator sets them "
+                    "from the spec",
                 ),
                 _rule(
                     _flags_rule(WORLD_ARGS, WORLD_SHORT_ARGS, WORLD_LETTER_ARGS),

@@ -84,6 +84,13 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "bad",
         "spec.engine.extraArgs",
     ),
+    (
+        # vLLM's parser moves a dotted flag after the operator's own.
+        "managed-extra-arg-dotted",
+        {"engine": {"extraArgs": ["--served-model.x=y"]}},
+        "bad",
+        "spec.engine.extraArgs",
+    ),
     ("served-name", {"servedName": "has space"}, "bad", "spec.servedName"),
     (
         "alias-repeats-name",
