@@ -110,6 +110,16 @@ LISTENER_ARGS = (
     ("ssl-certfile", "ssl-certf"),
 )
 
+# vLLM's flag that makes it answer 401 to a /v1 request without that bearer token;
+# the gateway sends it none, and /health, the probe, needs none.
+API_KEY_ARGS = (("api-key", "api-k"),)
+API_KEY_HELP = (
+    "vLLM would answer 401 to every request the gateway sends it, which carries no "
+    "such key, while its health probe stays green; the gateway's keys (citadel "
+    "keys create) guard the model, and the chart's networkPolicy can let only the "
+    "gateway reach its pods"
+)
+
 
 def _dashes(text: str) -> str:
     """`text` with each dash as vLLM's parser reads it: `-` or `_`."""
@@ -327,7 +337,12 @@ EnvVar = Annotated[
                 _rule(
                     "!has(self.valueFrom) || !has(self.value) || self.value == ''",
                     "engine.env: an entry sets either value or valueFrom, not both",
-                )
+                ),
+                # vLLM reads it when --api-key is not given.
+                _rule(
+                    "self.name != 'VLLM_API_KEY'",
+                    f"engine.env must not set VLLM_API_KEY: {API_KEY_HELP}",
+                ),
             ),
         }
     ),
@@ -611,12 +626,18 @@ class Engine(ApiModel):
                     "gateway speak plain HTTP to the pod's port, which vLLM would "
                     "no longer serve (a unix socket, or HTTPS)",
                 ),
+                _rule(
+                    _flags_rule(API_KEY_ARGS),
+                    "engine.extraArgs must not set --api-key (nor an abbreviation): "
+                    + API_KEY_HELP,
+                ),
             ),
         ),
     ] = []
     """More vLLM arguments, such as `--enable-prefix-caching`. Not the flags the
     operator sets, nor other parallelism than resources.gpus, nor another listener
-    than plain HTTP on the pod's port (`--uds`, `--ssl-keyfile`, `--ssl-certfile`)."""
+    than plain HTTP on the pod's port (`--uds`, `--ssl-keyfile`, `--ssl-certfile`),
+    nor `--api-key`: the gateway sends vLLM no key."""
     env: Annotated[
         list[EnvVar],
         Field(
@@ -629,7 +650,8 @@ class Engine(ApiModel):
             },
         ),
     ] = []
-    """Extra environment variables (core/v1 EnvVar), one per name."""
+    """Extra environment variables (core/v1 EnvVar), one per name; not
+    `VLLM_API_KEY`: the gateway sends vLLM no key."""
     hf_token_secret_ref: SecretKeyRef | None = None
     """A Secret holding a Hugging Face token, exported as `HF_TOKEN`."""
     startup_timeout_seconds: int = Field(1800, ge=60, le=14400)

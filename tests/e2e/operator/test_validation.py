@@ -85,6 +85,18 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.engine.extraArgs",
     ),
     (
+        "api-key-extra-arg",
+        {"engine": {"extraArgs": ["--api-key", "secret"]}},
+        "bad",
+        "spec.engine.extraArgs",
+    ),
+    (
+        "api-key-env",
+        {"engine": {"env": [{"name": "VLLM_API_KEY", "value": "secret"}]}},
+        "bad",
+        "spec.engine.env[0]",
+    ),
+    (
         # vLLM's parser moves a dotted flag after the operator's own.
         "managed-extra-arg-dotted",
         {"engine": {"extraArgs": ["--served-model.x=y"]}},

@@ -390,6 +390,16 @@ def _refusing_message(arg: str) -> str | None:
     return None
 
 
+def _assert_refused(arg: str, message: str | None) -> None:
+    """That the engine.extraArgs rule saying `message` refuses `arg`, or, with
+    None, that each rule takes it."""
+    refused = _refusing_message(arg)
+    if message is None:
+        assert refused is None, arg
+    else:
+        assert refused is not None and message in refused, arg
+
+
 WORLD = "resources.gpus sets the tensor-parallel size"
 LISTENER = "the probes and the gateway speak plain HTTP"
 
@@ -486,11 +496,7 @@ LISTENER = "the probes and the gateway speak plain HTTP"
 def test_extra_args_may_not_change_the_world_or_the_listener(
     arg: str, message: str | None
 ) -> None:
-    refused = _refusing_message(arg)
-    if message is None:
-        assert refused is None, arg
-    else:
-        assert refused is not None and message in refused, arg
+    _assert_refused(arg, message)
 
 
 def test_the_operators_own_flags_keep_the_first_extra_args_rule() -> None:
@@ -535,8 +541,39 @@ MANAGED = "the operator sets them from the spec"
 def test_extra_args_may_not_set_the_operators_flags_in_any_spelling(
     arg: str, message: str | None
 ) -> None:
-    refused = _refusing_message(arg)
-    if message is None:
-        assert refused is None, arg
-    else:
-        assert refused is not None and message in refused, arg
+    _assert_refused(arg, message)
+
+
+API_KEY = "vLLM would answer 401 to every request the gateway sends"
+
+
+# Checked against vLLM 0.32's parser like those above. /health, the probe, needs
+# no key: the model would look Ready and answer nothing.
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("--api-key=K", API_KEY),
+        ("--api-key", API_KEY),
+        ("--api_key", API_KEY),
+        ("--api_key=K", API_KEY),
+        ("--api-k", API_KEY),
+        ("--api-ke=K", API_KEY),
+        ("--api_k=K", API_KEY),
+        ("--api-key.x=K", API_KEY),
+        ("--api-k.x", API_KEY),
+        ("--api-key=K\n", API_KEY),
+        # Taken: the other flag it begins like, whole or abbreviated.
+        ("--api-server-count=2", None),
+        ("--api-s=2", None),
+        ("-asc=2", None),
+    ],
+)
+def test_extra_args_may_not_set_an_api_key(arg: str, message: str | None) -> None:
+    _assert_refused(arg, message)
+
+
+def test_env_may_not_set_vllms_api_key() -> None:
+    # vLLM takes the key from VLLM_API_KEY when --api-key is not given.
+    rule = next(r for r in _rules("engine.env[]") if "VLLM_API_KEY" in r["rule"])
+    assert rule["rule"] == "self.name != 'VLLM_API_KEY'"
+    assert API_KEY in rule["message"]
