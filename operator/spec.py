@@ -120,6 +120,11 @@ API_KEY_HELP = (
     "gateway reach its pods"
 )
 
+# vLLM's flag that reads more flags from a YAML file, past these rules: the file
+# can be in a pvc:// model's claim, the cache or the image. Not abbreviated: every
+# prefix also begins --config-format.
+CONFIG_ARGS = (("config", "config"),)
+
 
 def _dashes(text: str) -> str:
     """`text` with each dash as vLLM's parser reads it: `-` or `_`."""
@@ -631,13 +636,21 @@ class Engine(ApiModel):
                     "engine.extraArgs must not set --api-key (nor an abbreviation): "
                     + API_KEY_HELP,
                 ),
+                _rule(
+                    _flags_rule(CONFIG_ARGS),
+                    "engine.extraArgs must not set --config: vLLM would read more "
+                    "flags from that file, which these rules cannot check (--host, "
+                    "--port, --api-key, ...); put the flags in engine.extraArgs "
+                    "instead",
+                ),
             ),
         ),
     ] = []
     """More vLLM arguments, such as `--enable-prefix-caching`. Not the flags the
     operator sets, nor other parallelism than resources.gpus, nor another listener
     than plain HTTP on the pod's port (`--uds`, `--ssl-keyfile`, `--ssl-certfile`),
-    nor `--api-key`: the gateway sends vLLM no key."""
+    nor `--api-key`: the gateway sends vLLM no key, nor `--config`: the flags
+    belong here, where they are checked."""
     env: Annotated[
         list[EnvVar],
         Field(

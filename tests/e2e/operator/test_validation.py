@@ -91,6 +91,12 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.engine.extraArgs",
     ),
     (
+        "config-file-extra-arg",
+        {"engine": {"extraArgs": ["--config", "/model-source/vllm.yaml"]}},
+        "bad",
+        "spec.engine.extraArgs",
+    ),
+    (
         "api-key-env",
         {"engine": {"env": [{"name": "VLLM_API_KEY", "value": "secret"}]}},
         "bad",

@@ -577,3 +577,26 @@ def test_env_may_not_set_vllms_api_key() -> None:
     rule = next(r for r in _rules("engine.env[]") if "VLLM_API_KEY" in r["rule"])
     assert rule["rule"] == "self.name != 'VLLM_API_KEY'"
     assert API_KEY in rule["message"]
+
+
+CONFIG = "put the flags in engine.extraArgs instead"
+
+
+# Checked against vLLM 0.32's parser like those above: `--config FILE` reads
+# flags from a YAML file (a claim's or the image's), unchecked; `--config=FILE`
+# is kept and ignored. No abbreviation: each also begins --config-format.
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("--config", CONFIG),
+        ("--config=/model-source/vllm.yaml", CONFIG),
+        ("--config.x=y", CONFIG),
+        ("--config-format=auto", None),
+        ("--config_format=auto", None),
+        ("--config-f=auto", None),
+        ("--hf-config-path=/model-source", None),
+        ("--compilation-config={}", None),
+    ],
+)
+def test_extra_args_may_not_name_a_config_file(arg: str, message: str | None) -> None:
+    _assert_refused(arg, message)
