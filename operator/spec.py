@@ -70,7 +70,18 @@ IMAGE_PATTERN = (
     r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
     r"(@[A-Za-z][A-Za-z0-9]*([-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9A-Fa-f]{32,})?$"
 )
-MANAGED_ARGS = ("model", "port", "host", "served-model-name", "tensor-parallel-size")
+# The flags the operator sets, each with the shortest abbreviation vLLM 0.32's
+# parser takes for it alone. Its own come after extraArgs and a flag keeps its last
+# value, but the parser moves a flag with a dotted key (`--ser.x=y`) after every
+# other argument.
+MANAGED_ARGS = (
+    ("model", "model"),
+    ("port", "por"),
+    ("host", "ho"),
+    ("served-model-name", "ser"),
+    ("tensor-parallel-size", "te"),
+)
+MANAGED_SHORT_ARGS = ("tp",)
 # vLLM's flags that make a replica's world other than resources.gpus GPUs of one
 # node (more GPUs, other ranks, other nodes): the pod has exactly that many and
 # vLLM refuses to start. Each with the shortest abbreviation that vLLM 0.32's
@@ -98,6 +109,21 @@ LISTENER_ARGS = (
     ("ssl-keyfile", "ssl-k"),
     ("ssl-certfile", "ssl-certf"),
 )
+
+# vLLM's flag that makes it answer 401 to a /v1 request without that bearer token;
+# the gateway sends it none, and /health, the probe, needs none.
+API_KEY_ARGS = (("api-key", "api-k"),)
+API_KEY_HELP = (
+    "vLLM would answer 401 to every request the gateway sends it, which carries no "
+    "such key, while its health probe stays green; the gateway's keys (citadel "
+    "keys create) guard the model, and the chart's networkPolicy can let only the "
+    "gateway reach its pods"
+)
+
+# vLLM's flag that reads more flags from a YAML file, past these rules: the file
+# can be in a pvc:// model's claim, the cache or the image. Not abbreviated: every
+# prefix also begins --config-format.
+CONFIG_ARGS = (("config", "config"),)
 
 
 def _dashes(text: str) -> str:
@@ -131,10 +157,11 @@ def _flags_rule(
 ) -> str:
     """A CEL rule refusing each element of a list that sets one of these flags,
     in any spelling vLLM's parser takes: the long ones abbreviated, with `_`
-    for `-`, with `=value` or before their value."""
-    spellings = ["--(" + "|".join(_abbreviations(*f) for f in long) + ")(=.*)?"]
+    for `-`, with `=value`, before their value, or with a dotted key, which
+    the parser reads as JSON (`--uds.x=y` is `--uds '{"x": "y"}'`)."""
+    spellings = ["--(" + "|".join(_abbreviations(*f) for f in long) + ")([=.].*)?"]
     if short:
-        spellings.append("-(" + "|".join(short) + ")(=.*)?")
+        spellings.append("-(" + "|".join(short) + ")([=.].*)?")
     if letters:
         spellings.append("-[" + "".join(letters) + "].*")
     return _refuse_each("|".join(spellings))
@@ -315,7 +342,12 @@ EnvVar = Annotated[
                 _rule(
                     "!has(self.valueFrom) || !has(self.value) || self.value == ''",
                     "engine.env: an entry sets either value or valueFrom, not both",
-                )
+                ),
+                # vLLM reads it when --api-key is not given.
+                _rule(
+                    "self.name != 'VLLM_API_KEY'",
+                    f"engine.env must not set VLLM_API_KEY: {API_KEY_HELP}",
+                ),
             ),
         }
     ),
@@ -575,14 +607,11 @@ class Engine(ApiModel):
             max_length=64,
             json_schema_extra=_cel(
                 _rule(
-                    _refuse_each(
-                        "(--("
-                        + "|".join(_dashes(a) for a in MANAGED_ARGS)
-                        + ")|-tp)(=.*)?"
-                    ),
+                    _flags_rule(MANAGED_ARGS, MANAGED_SHORT_ARGS),
                     "engine.extraArgs must not set --"
-                    + ", --".join(MANAGED_ARGS)
-                    + " (or -tp): the operator sets them from the spec",
+                    + ", --".join(flag for flag, _ in MANAGED_ARGS)
+                    + " (nor -tp, nor an abbreviation): the operator sets them "
+                    "from the spec",
                 ),
                 _rule(
                     _flags_rule(WORLD_ARGS, WORLD_SHORT_ARGS, WORLD_LETTER_ARGS),
@@ -602,12 +631,26 @@ class Engine(ApiModel):
                     "gateway speak plain HTTP to the pod's port, which vLLM would "
                     "no longer serve (a unix socket, or HTTPS)",
                 ),
+                _rule(
+                    _flags_rule(API_KEY_ARGS),
+                    "engine.extraArgs must not set --api-key (nor an abbreviation): "
+                    + API_KEY_HELP,
+                ),
+                _rule(
+                    _flags_rule(CONFIG_ARGS),
+                    "engine.extraArgs must not set --config: vLLM would read more "
+                    "flags from that file, which these rules cannot check (--host, "
+                    "--port, --api-key, ...); put the flags in engine.extraArgs "
+                    "instead",
+                ),
             ),
         ),
     ] = []
     """More vLLM arguments, such as `--enable-prefix-caching`. Not the flags the
     operator sets, nor other parallelism than resources.gpus, nor another listener
-    than plain HTTP on the pod's port (`--uds`, `--ssl-keyfile`, `--ssl-certfile`)."""
+    than plain HTTP on the pod's port (`--uds`, `--ssl-keyfile`, `--ssl-certfile`),
+    nor `--api-key`: the gateway sends vLLM no key, nor `--config`: the flags
+    belong here, where they are checked."""
     env: Annotated[
         list[EnvVar],
         Field(
@@ -620,7 +663,8 @@ class Engine(ApiModel):
             },
         ),
     ] = []
-    """Extra environment variables (core/v1 EnvVar), one per name."""
+    """Extra environment variables (core/v1 EnvVar), one per name; not
+    `VLLM_API_KEY`: the gateway sends vLLM no key."""
     hf_token_secret_ref: SecretKeyRef | None = None
     """A Secret holding a Hugging Face token, exported as `HF_TOKEN`."""
     startup_timeout_seconds: int = Field(1800, ge=60, le=14400)

@@ -65,8 +65,9 @@ def engine_args(model: LLMModel, host: str = DEFAULT_VLLM_HOST) -> list[str]:
         # pod's grace period leaves it SHUTDOWN_SECONDS after the drain.
         args.append(f"--shutdown-timeout={SHUTDOWN_SECONDS - SHUTDOWN_MARGIN_SECONDS}")
     # What the operator must own comes after extraArgs: vLLM keeps a flag's last
-    # value, and its parser takes spellings the CRD's rule cannot all list
-    # (argparse accepts any unambiguous prefix, such as --served-model).
+    # value, and another vLLM release's parser may take spellings the CRD's rule
+    # does not list (argparse accepts any unambiguous prefix). Not a dotted one
+    # (`--ser.x=y`), which the parser moves last: the CRD refuses those.
     # Only the served name: the gateway sends every request under it, so the
     # aliases are the gateway's alone, and changing them restarts no replica.
     managed = [

@@ -84,6 +84,31 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "bad",
         "spec.engine.extraArgs",
     ),
+    (
+        "api-key-extra-arg",
+        {"engine": {"extraArgs": ["--api-key", "secret"]}},
+        "bad",
+        "spec.engine.extraArgs",
+    ),
+    (
+        "config-file-extra-arg",
+        {"engine": {"extraArgs": ["--config", "/model-source/vllm.yaml"]}},
+        "bad",
+        "spec.engine.extraArgs",
+    ),
+    (
+        "api-key-env",
+        {"engine": {"env": [{"name": "VLLM_API_KEY", "value": "secret"}]}},
+        "bad",
+        "spec.engine.env[0]",
+    ),
+    (
+        # vLLM's parser moves a dotted flag after the operator's own.
+        "managed-extra-arg-dotted",
+        {"engine": {"extraArgs": ["--served-model.x=y"]}},
+        "bad",
+        "spec.engine.extraArgs",
+    ),
     ("served-name", {"servedName": "has space"}, "bad", "spec.servedName"),
     (
         "alias-repeats-name",

@@ -390,6 +390,16 @@ def _refusing_message(arg: str) -> str | None:
     return None
 
 
+def _assert_refused(arg: str, message: str | None) -> None:
+    """That the engine.extraArgs rule saying `message` refuses `arg`, or, with
+    None, that each rule takes it."""
+    refused = _refusing_message(arg)
+    if message is None:
+        assert refused is None, arg
+    else:
+        assert refused is not None and message in refused, arg
+
+
 WORLD = "resources.gpus sets the tensor-parallel size"
 LISTENER = "the probes and the gateway speak plain HTTP"
 
@@ -449,6 +459,14 @@ LISTENER = "the probes and the gateway speak plain HTTP"
         ("--uds=/x\n", LISTENER),
         ("--ssl-keyfile=/tls/key.pem\n", LISTENER),
         ("--ssl-certfile=/tls/\ncert.pem", LISTENER),
+        # A dotted key: vLLM's parser makes `--uds.x=y` into `--uds '{"x": "y"}'`,
+        # a socket of that name, and `--pi.x 2` into an int it refuses.
+        ("--uds.x=y", LISTENER),
+        ("--ud.x", LISTENER),
+        ("--ssl_keyfile.x=y", LISTENER),
+        ("--pipeline-parallel-size.x=2", WORLD),
+        ("--pi.x", WORLD),
+        ("-pp.x=2", WORLD),
         # Taken: none of those flags.
         ("--enable-prefix-caching", None),
         ("--max-num-seqs", None),
@@ -470,16 +488,15 @@ LISTENER = "the probes and the gateway speak plain HTTP"
         ("--max-model-len=32k", None),
         ("--max-num-seqs=128\n", None),
         ("--enable-prefix-caching\n", None),
+        # Dotted keys of other flags, as vLLM documents them for its JSON ones.
+        ("--speculative-config.num_speculative_tokens=3", None),
+        ("--compilation-config.mode", None),
     ],
 )
 def test_extra_args_may_not_change_the_world_or_the_listener(
     arg: str, message: str | None
 ) -> None:
-    refused = _refusing_message(arg)
-    if message is None:
-        assert refused is None, arg
-    else:
-        assert refused is not None and message in refused, arg
+    _assert_refused(arg, message)
 
 
 def test_the_operators_own_flags_keep_the_first_extra_args_rule() -> None:
@@ -487,3 +504,99 @@ def test_the_operators_own_flags_keep_the_first_extra_args_rule() -> None:
     assert _refusing_message("--port=9000") == _rules("engine.extraArgs")[0]["message"]
     for arg in ("--port=9000\n", "-tp=4\n", "--host=::\n", "--model=\n/x"):
         assert _refusing_message(arg) == _rules("engine.extraArgs")[0]["message"], arg
+
+
+MANAGED = "the operator sets them from the spec"
+
+
+# Checked against vLLM 0.32's parser like those above. The operator's own flags
+# come after extraArgs and a flag keeps its last value, but the parser moves a
+# dotted one (`--ser.x=y`, `--served-model-name '{"x": "y"}'`) after them all:
+# vLLM would serve another name than the one the gateway asks for.
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("--served-model-name.x=y", MANAGED),
+        ("--served_model.x=y", MANAGED),
+        ("--ser.x", MANAGED),
+        ("--ser=other", MANAGED),
+        ("--host.x=y", MANAGED),
+        ("--ho=::", MANAGED),
+        ("--model.x=y", MANAGED),
+        ("--port.x=1", MANAGED),
+        ("--por=9000", MANAGED),
+        ("--te=2", MANAGED),
+        ("--tensor_parallel.x=2", MANAGED),
+        ("-tp.x=2", MANAGED),
+        # Taken: other flags these begin.
+        ("--seed=1", None),
+        ("--hf-token=x", None),
+        ("--headless", None),
+        ("--pooler-config={}", None),
+        ("--model-impl=vllm", None),
+        ("--model_loader_extra_config.x=1", None),
+        ("--tokenizer=x", None),
+    ],
+)
+def test_extra_args_may_not_set_the_operators_flags_in_any_spelling(
+    arg: str, message: str | None
+) -> None:
+    _assert_refused(arg, message)
+
+
+API_KEY = "vLLM would answer 401 to every request the gateway sends"
+
+
+# Checked against vLLM 0.32's parser like those above. /health, the probe, needs
+# no key: the model would look Ready and answer nothing.
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("--api-key=K", API_KEY),
+        ("--api-key", API_KEY),
+        ("--api_key", API_KEY),
+        ("--api_key=K", API_KEY),
+        ("--api-k", API_KEY),
+        ("--api-ke=K", API_KEY),
+        ("--api_k=K", API_KEY),
+        ("--api-key.x=K", API_KEY),
+        ("--api-k.x", API_KEY),
+        ("--api-key=K\n", API_KEY),
+        # Taken: the other flag it begins like, whole or abbreviated.
+        ("--api-server-count=2", None),
+        ("--api-s=2", None),
+        ("-asc=2", None),
+    ],
+)
+def test_extra_args_may_not_set_an_api_key(arg: str, message: str | None) -> None:
+    _assert_refused(arg, message)
+
+
+def test_env_may_not_set_vllms_api_key() -> None:
+    # vLLM takes the key from VLLM_API_KEY when --api-key is not given.
+    rule = next(r for r in _rules("engine.env[]") if "VLLM_API_KEY" in r["rule"])
+    assert rule["rule"] == "self.name != 'VLLM_API_KEY'"
+    assert API_KEY in rule["message"]
+
+
+CONFIG = "put the flags in engine.extraArgs instead"
+
+
+# Checked against vLLM 0.32's parser like those above: `--config FILE` reads
+# flags from a YAML file (a claim's or the image's), unchecked; `--config=FILE`
+# is kept and ignored. No abbreviation: each also begins --config-format.
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("--config", CONFIG),
+        ("--config=/model-source/vllm.yaml", CONFIG),
+        ("--config.x=y", CONFIG),
+        ("--config-format=auto", None),
+        ("--config_format=auto", None),
+        ("--config-f=auto", None),
+        ("--hf-config-path=/model-source", None),
+        ("--compilation-config={}", None),
+    ],
+)
+def test_extra_args_may_not_name_a_config_file(arg: str, message: str | None) -> None:
+    _assert_refused(arg, message)
