@@ -32,8 +32,10 @@ MAX_CONCURRENT_SCRAPES = 32
 replicas opened thousands of connections together every period, and their
 answers were all parsed in one burst on the event loop that serves requests.
 At a few milliseconds a read, 32 at a time still read a thousand replicas in a
-fraction of the default 2 s period; a replica that does not answer holds its
-place for a period at most (its read's timeout)."""
+fraction of the default 2 s period. A replica that does not answer holds a
+reader for a period at most (its read's timeout), and no read starts after a
+round's first period: replicas that answered last time are read first, so
+many that hang cannot make every report stale (see `MetricsScraper`)."""
 
 
 def report_max_age_s(period_s: float) -> float:
@@ -129,6 +131,12 @@ class MetricsScraper:
         self._upstream = upstream
         self._period = period_s
         self._clock = clock
+        self._failed: set[str] = set()
+        """Replicas whose last read failed: read after the others."""
+        self._tried_at: dict[str, float] = {}
+        """When each replica's last read started: among the failed, the one
+        tried longest ago goes first, so a round cut short skips no one for
+        good."""
 
     async def run(self) -> None:
         """Scrapes until cancelled."""
@@ -138,19 +146,41 @@ class MetricsScraper:
 
     async def scrape_once(self) -> None:
         """Reads every `kv-aware` replica once, `MAX_CONCURRENT_SCRAPES` at a
-        time."""
+        time, starting no read after one period: those that answered last
+        time first, then those whose read failed, the least recently tried
+        first.
+
+        Reads that hang hold their readers a period each: with more of them
+        than readers, a round that read every replica lasted a period per 32
+        of them, and the reports of the replicas that answer, read once per
+        round, grew older than `STALE_AFTER_PERIODS` (200 hung replicas: a
+        report every 8 periods). Now a round lasts two periods at most and
+        the replicas that answer are read in each.
+        """
         replicas = {
             r.url: r
             for route in self._catalog.routes()
             if route.strategy is RoutingStrategy.KV_AWARE
             for r in self._catalog.replicas(route)
         }
+        self._failed &= replicas.keys()
+        for gone in self._tried_at.keys() - replicas.keys():
+            del self._tried_at[gone]
+        order = sorted(
+            replicas.values(),
+            key=lambda r: (r.url in self._failed, self._tried_at.get(r.url, 0.0)),
+        )
+        stop_at = self._clock() + self._period
         # One iterator shared by the readers: each takes the next replica as
         # it finishes one, so no more reads run at once than there are readers.
-        todo = iter(replicas.values())
+        todo = iter(order)
 
         async def reader() -> None:
             for replica in todo:
+                now = self._clock()
+                if now > stop_at:
+                    return
+                self._tried_at[replica.url] = now
                 await self._scrape(replica)
 
         readers = min(MAX_CONCURRENT_SCRAPES, len(replicas))
@@ -167,11 +197,14 @@ class MetricsScraper:
                 "metrics scrape failed", extra={"replica": replica.url, "error": err}
             )
             replica.load = LoadReport()
+            self._failed.add(replica.url)
             return
         if response.status == 200:
             replica.load = parse_vllm_metrics(text, self._clock())
             replica.load_read_at = replica.load.scraped_at
+            self._failed.discard(replica.url)
         else:
+            self._failed.add(replica.url)
             # The last figures would be trusted for ever, and the replica whose
             # /metrics fails is as likely as not the busiest one.
             replica.load = LoadReport()

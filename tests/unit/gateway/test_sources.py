@@ -688,6 +688,60 @@ async def test_scrapes_run_a_bounded_number_at_a_time() -> None:
     assert all(replicas[url].load.scraped_at == 3.0 for url in urls)
 
 
+async def test_replicas_that_hang_never_make_the_others_reports_stale() -> None:
+    """Reads run 32 at a time and each hangs a period at most, so a round over
+    200 hung replicas lasted 7 periods and the others' reports (5 periods old at
+    most) were all stale: kv-aware fell back to counting requests in flight.
+    A round now starts no read after its first period, and reads first the
+    replicas that answered last time."""
+    period = 2.0
+    now = [0.0]  # time moves when a hung read times out, a period after it began
+    route = {
+        "name": "m",
+        "namespace": "llm",
+        "servedName": "m",
+        "service": "m",
+        "strategy": "kv-aware",
+    }
+    catalog = Catalog(clock=lambda: now[0])
+    catalog.set_document(RoutingDocument.model_validate({"models": [route]}))
+    hung = [f"http://10.0.1.{i}:8000" for i in range(200)]
+    healthy = [f"http://10.0.2.{i}:8000" for i in range(8)]
+    # The healthy ones listed last: a round in list order reached them last.
+    catalog.set_endpoints("llm", "m", [Endpoint(url) for url in hung + healthy])
+
+    class Upstream(_MetricsUpstream):
+        async def request(
+            self, method: str, url: str, timeout_s: float | None = None
+        ) -> Any:
+            if url.removesuffix("/metrics") not in hung:
+                return await super().request(method, url, timeout_s)
+            began = now[0]
+            for _ in range(3):  # the other readers start theirs meanwhile
+                await asyncio.sleep(0)
+            now[0] = max(now[0], began + period)
+            raise UpstreamTimeout("slow")
+
+    upstream = Upstream()
+    upstream.answers = dict.fromkeys(healthy, "vllm:num_requests_running 1\n")
+    scraper = MetricsScraper(catalog, upstream, period, lambda: now[0])  # type: ignore[arg-type]
+    replicas = catalog.all_replicas()
+    for n in range(8):
+        began = now[0]
+        await scraper.scrape_once()
+        # Two periods at most: none starts after the first, each takes one.
+        assert now[0] - began <= 2 * period, n
+        if n >= 4:
+            # 64 hung replicas found a round, 4 rounds (the last reaching the
+            # healthy ones): from then on the healthy are read first, at once.
+            assert all(replicas[url].load.scraped_at == began for url in healthy)
+    # No hung replica is skipped for good: each was tried again since the
+    # healthy ones were first read first (the 200, 64 a round, in 4 rounds).
+    tried = scraper._tried_at
+    assert all(tried[url] >= 4 * 2 * period for url in hung)
+    assert all(replicas[url].load == LoadReport() for url in hung)
+
+
 def _pod_slice(name: str, service: str, *pods: tuple[str, str]) -> dict[str, object]:
     """A slice whose endpoints name their pods: (ip, pod uid) each."""
     slice_ = _slice(name, service)
