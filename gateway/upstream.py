@@ -394,7 +394,9 @@ class _Connection(asyncio.Protocol):
 
     def _timed_out(self, limit_s: float, timeout_s: float) -> str:
         """What a wait of `timeout_s` that ended with no answer means, `limit_s`
-        being the most it could have been (less: a deadline cut it short)."""
+        being the most it could have been (less: a bound on the whole request
+        or body cut it short: the request's deadline, or the time a read was
+        given)."""
         host, port, _ = self.address
         if timeout_s >= limit_s:
             return f"no answer from {host}:{port} in {timeout_s:.3g} s"
@@ -402,11 +404,8 @@ class _Connection(asyncio.Protocol):
         # had used up its time before this wait began (earlier tries, or the
         # wait for the headers, took it).
         if timeout_s <= 0:
-            return f"no answer from {host}:{port}: the request's deadline had passed"
-        return (
-            f"no answer from {host}:{port} in the {timeout_s:.3g} s left to the"
-            " request's deadline"
-        )
+            return f"no answer from {host}:{port}: no time was left to wait"
+        return f"no answer from {host}:{port} in the {timeout_s:.3g} s left to wait"
 
     async def headers(self, limit_s: float, deadline: float | None) -> None:
         """Waits for the status line and the headers, `limit_s` at most, or
