@@ -478,8 +478,7 @@ def _proxy_profile(runs: list[RoutingRun]) -> list[str]:
         "the kind (`PROXY_CATEGORIES` in "
         "[bench/citadel_bench/pyspy.py](../bench/citadel_bench/pyspy.py)), and a "
         "kind's share of the samples is applied to the proxy's CPU time per "
-        "request in that run. The relay's own file, which does its placement, "
-        "falls under `other`.",
+        "request in that run.",
         "",
         table(
             ["kind of work", *(f"{run.target} ms" for run in runs)],

@@ -97,10 +97,13 @@ PROXY_CATEGORIES = (
         ("uvicorn/", "starlette/", f"{_GATEWAY}protocol.py"),
     ),
     Category("other gateway code (doors, proxy, errors)", (_GATEWAY,)),
+    # Without a kind of their own, the relay's frames went to uvicorn's
+    # around them (the HTTP server's).
+    Category("the bare relay's own code (placement)", ("citadel_bench/relay.py",)),
     Category("event loop (uvloop: sockets, callbacks)", ("asyncio/", "uvloop/")),
 )
-"""The gateway's work per request, by kind, for `categorize`. The bare relay's
-frames fall into the same kinds (its own file into none: `OTHER`)."""
+"""The gateway's work per request, by kind, for `categorize`; the bare relay's
+frames fall into the same kinds, and its own file into a kind of its own."""
 
 OTHER = "other"
 

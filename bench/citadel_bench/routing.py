@@ -123,8 +123,10 @@ class RoutingRun:
 
     @property
     def proxy_cpu_ms(self) -> float:
-        """The proxy's CPU time per request (0 without a proxy)."""
-        return 1000 * self.proxy_cpu_s / self.requests if self.requests else 0.0
+        """The proxy's CPU time per request sent, failed ones included: they
+        cost it too (0 without a proxy)."""
+        sent = self.requests + self.errors
+        return 1000 * self.proxy_cpu_s / sent if sent else 0.0
 
     @property
     def rps(self) -> float:
@@ -483,6 +485,8 @@ def run_routing(
             result.profiled.append(
                 run_target(target, workload, profile_dir, deadline_s, py_spy)
             )
-        except RuntimeError as err:
-            print(f"routing {workload.slug} profile of {target} failed: {err}")
+        except Exception as err:
+            # A profile is an extra: its failure (py-spy refused, say) must not
+            # lose the workload's measured results.
+            print(f"routing {workload.slug} profile of {target} failed: {err!r}")
     return result

@@ -383,6 +383,10 @@ def test_the_peer_verdict_splits_the_time_in_front_of_the_replicas() -> None:
     )
     # CPU pools over the rounds' requests: 3 ms over 2 requests.
     assert ours.proxy_cpu_s == 0.003 and ours.proxy_cpu_ms == 1.5
+    # Failed requests cost the proxy too: the CPU is per request sent.
+    failing = _in_front("citadel:prefix-aware", 82.0, 74.0, 0.003)
+    failing.errors = 2
+    assert failing.proxy_cpu_ms == 1.0
     assert ours.front_ms == 8.0
     best = _in_front("vllm-router:sticky_least_loaded", 79.0, 74.0, 0.0008)
     relay = _in_front("python:bare-relay", 79.5, 74.0, 0.0005)

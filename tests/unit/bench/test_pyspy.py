@@ -37,7 +37,14 @@ def test_each_stack_goes_to_its_innermost_known_frame() -> None:
                 samples=2,
             ),
             _stack(_LOOP, samples=5),
-            _stack("relay (citadel_bench/relay.py:90)", samples=1),
+            # The relay's placement, inside uvicorn's frames, is its own.
+            _stack(
+                _LOOP,
+                "ProxyHeadersMiddleware.__call__ (uvicorn/middleware/p.py:63)",
+                "StickyLeastLoaded.choose (citadel_bench/relay.py:56)",
+                samples=2,
+            ),
+            _stack("Thread.run (threading.py:982)", samples=1),
             "not a stack line",
         ]
     )
@@ -46,11 +53,12 @@ def test_each_stack_goes_to_its_innermost_known_frame() -> None:
     assert counts["HTTP server (uvicorn, httptools)"] == 3
     assert counts["log lines"] == 2
     assert counts["event loop (uvloop: sockets, callbacks)"] == 5
+    assert counts["the bare relay's own code (placement)"] == 2
     assert counts[OTHER] == 1
     # Every kind is listed, those without samples at 0.
     assert set(counts) == {c.name for c in PROXY_CATEGORIES} | {OTHER}
     assert counts["metrics"] == 0
-    assert sum(counts.values()) == 15
+    assert sum(counts.values()) == 17
 
 
 def test_top_functions_rank_by_self_time() -> None:

@@ -4,6 +4,7 @@ counting only what came after."""
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 
 import orjson
 import pytest
@@ -23,6 +24,7 @@ from citadel_bench.routing import (
     targets,
     warm_up,
 )
+from citadel_bench.stats import Summary
 from citadel_bench.workload import ChatWorkload, conversation
 from simulator.params import SimParams
 from simulator.server import make_app
@@ -185,3 +187,38 @@ async def test_every_turn_carries_the_targets_headers_and_its_session(
         for c in range(workload.conversations_per_user)
         for _ in range(workload.turns)
     ]
+
+
+def test_a_profile_that_fails_keeps_the_measured_rounds(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The profiled runs come after the rounds; one that raised anything but a
+    RuntimeError (py-spy not executable: PermissionError) lost the workload's
+    measured results."""
+    from citadel_bench import routing
+
+    def run_target(
+        target: str,
+        workload: ChatWorkload,
+        log_dir: Path,
+        deadline_s: float,
+        py_spy: Path | None = None,
+    ) -> routing.RoutingRun:
+        if py_spy is not None:
+            raise PermissionError(13, "Permission denied")
+        return routing.RoutingRun(
+            target=target,
+            requests=1,
+            errors=0,
+            ttft=Summary.of([10.0]),
+            wall_s=1.0,
+            output_tokens=4,
+            cache_hits=0.0,
+            cache_queries=1.0,
+        )
+
+    monkeypatch.setattr(routing, "run_target", run_target)
+    monkeypatch.setattr(routing.peers, "peer_problem", lambda name: "absent")
+    result = routing.run_routing(WORKLOAD, tmp_path, 1.0, 1, tmp_path / "py-spy")
+    assert [run.target for run in result.runs] == targets(False)
+    assert result.profiled == []
