@@ -126,6 +126,16 @@ API_KEY_HELP = (
 CONFIG_ARGS = (("config", "config"),)
 
 
+# vLLM's parser reads an argument that starts with `-` and holds a `.` (and no
+# `=`) as a dotted flag (`--hf-overrides.x`, even a value such as `-0.5`) and
+# takes the next argument as its value, whatever it is: last in extraArgs, that
+# is the operator's first flag (--model=...), and vLLM serves its default model
+# under this one's name.
+LAST_ARG_RULE = (
+    "self.size() == 0 || !self[self.size() - 1].matches('(?s)^-[^=]*[.][^=]*$')"
+)
+
+
 def _dashes(text: str) -> str:
     """`text` with each dash as vLLM's parser reads it: `-` or `_`."""
     return text.replace("-", "[-_]")
@@ -642,6 +652,14 @@ class Engine(ApiModel):
                     "flags from that file, which these rules cannot check (--host, "
                     "--port, --api-key, ...); put the flags in engine.extraArgs "
                     "instead",
+                ),
+                _rule(
+                    LAST_ARG_RULE,
+                    "engine.extraArgs must not end with a dotted flag without its "
+                    "value (such as --hf-overrides.x): vLLM would take the "
+                    "operator's flag after it (--model=...) as its value and "
+                    "serve another model; write --hf-overrides.x=VALUE, or give "
+                    "the value as the next element",
                 ),
             ),
         ),

@@ -17,6 +17,7 @@ from citadel.operator.schema import structural_schema
 from citadel.operator.spec import (
     IMAGE_PATTERN,
     LABEL_VALUE,
+    LAST_ARG_RULE,
     QUALIFIED_NAME,
     LLMModelSpec,
 )
@@ -175,6 +176,7 @@ CEL_CALLS_OF_KUBERNETES_1_30 = {
     "lowerAscii",
     "matches",
     "quantity",
+    "size",  # CEL's standard library, in every release
     "startsWith",
     "type",
 }
@@ -383,6 +385,8 @@ def _refusing_message(arg: str) -> str | None:
     """The message of the engine.extraArgs rule that refuses a list holding `arg`,
     None when each takes it. Each rule is `self.all(a, !a.matches('...'))`."""
     for rule in _rules("engine.extraArgs"):
+        if rule["rule"] == LAST_ARG_RULE:  # on the list's last element alone
+            continue
         found = re.fullmatch(r"self\.all\(a, !a\.matches\('(.*)'\)\)", rule["rule"])
         assert found, rule["rule"]
         if _re2_search(found.group(1), arg):
@@ -600,3 +604,40 @@ CONFIG = "put the flags in engine.extraArgs instead"
 )
 def test_extra_args_may_not_name_a_config_file(arg: str, message: str | None) -> None:
     _assert_refused(arg, message)
+
+
+def _last_arg_refused(args: list[str]) -> bool:
+    """Whether LAST_ARG_RULE refuses `args`, as the API server would (RE2)."""
+    found = re.fullmatch(
+        r"self\.size\(\) == 0 \|\| !self\[self\.size\(\) - 1\]\.matches\('(.*)'\)",
+        LAST_ARG_RULE,
+    )
+    assert found, LAST_ARG_RULE
+    return bool(args) and _re2_search(found.group(1), args[-1])
+
+
+# Checked against vLLM 0.32's parser with the operator's flags after extraArgs:
+# the dotted flags refused made it read `--model=...` as their value (vLLM's
+# default model, served under this one's name); a negative number last, read as
+# a dotted flag too, and `-O.mode`, lack their value whatever follows.
+@pytest.mark.parametrize(
+    ("args", "refused"),
+    [
+        (["--hf-overrides.x"], True),
+        (["--hf-overrides", "{}", "--speculative-config.num_speculative_tokens"], True),
+        (["--max-logprobs", "-0.5"], True),
+        (["-O.mode"], True),
+        (["--hf-overrides.x\n"], True),
+        (["--hf-overrides.x", "1"], False),
+        (["--hf-overrides.x=1"], False),
+        (["--max-model-len", "4096"], False),
+        (["--tokenizer", "org/model.v2"], False),
+        (["--chat-template=/t/a.jinja"], False),
+        ([], False),
+    ],
+)
+def test_extra_args_may_not_end_with_a_dotted_flag_without_its_value(
+    args: list[str], refused: bool
+) -> None:
+    assert _last_arg_refused(args) is refused
+    assert any(r["rule"] == LAST_ARG_RULE for r in _rules("engine.extraArgs"))
