@@ -90,45 +90,48 @@ class PrefixAware(_Turns):
     (`prefix_text`): a chat's tool schemas first, its media parts as hashes of
     their payloads.
 
-    The longest known chain of block hashes wins (`cache`); when several replicas
-    were sent that prefix (a system prompt many conversations start with), the least
-    loaded of them takes the request, as in SGLang's cache-aware router, which picks
-    the worker with the longest match and breaks ties by load. A prefix never seen
-    goes to the replica its first block hashes to (`hash`), so requests sharing a
-    system prompt meet on one replica. When the known part is less than
-    `cache_threshold` of the prompt (a new conversation that shares only a system
-    prompt, followed by a long text of its own), the least-loaded replica takes it
-    instead (`balance`): most of its prefill is due wherever it goes, and a burst of
-    such conversations would otherwise pile onto the system prompt's replica
-    (SGLang's router makes the same cut, at the same default). A choice is overruled
-    (`overflow`) and the least-loaded replica takes the request when the chosen one
-    leads it by at least one request per `blocks_per_request` blocks of the prompt
-    it holds (at least one), and one of the two is out of line with the average
-    load: the chosen one carries more than `load_factor` x the average + 1 requests
-    (a hot spot), or the least-loaded one carries fewer than the average /
-    `load_factor` - 1 and was chosen for under half as many of the last choices as
-    the offered replicas' mean (a cold spot: a new pod, or one left out, among busy
-    replicas whose prefixes every request matches; see `_remember` for the window).
-    Moving a request costs the prefill of the prefix it leaves behind, so the longer
-    that prefix, the more load it is worth. A whole known prompt (64 blocks) may
-    lead by 7 before it moves; a new conversation that shares a system prompt of a
-    few blocks moves as soon as a relative bound is passed, which keeps the
-    conversations on a system prompt from piling onto its replica. With a relative
-    bound alone, multi-round QA lost conversations at its end, when a replica held
-    three requests against one elsewhere, and each prefilled its 5,000 tokens again
-    (issue 8's note of the ninth session has the runs). vllm-router's and SGLang's
-    cache-aware policies also require an absolute lead (64 requests, and 1.5x)
-    before they balance. The relative bounds keep a request where it is for an
-    imbalance small next to the load (40 against 40, 40 and 33 stays, whatever the
-    lead), and even loads move nothing. The hot bound alone missed the cold spot: a
-    new replica at 0 among n at L leaves the average at n / (n + 1) x L, which L
-    never passes by 25% from n = 4 on. When every request matches prefixes the old
-    replicas hold (a shared system prompt, tool schemas), a new pod then never got
-    one, so it never came to hold them, and a scale-up or a rolling update added no
-    capacity. Once it took some it holds them too and, the least loaded of their
-    holders, takes the next ones. A replica chosen its share of late is not cold,
-    however few it carries: at small loads the cold bound is a request or two below
-    the average, and a momentary dip (2, 2, 2 and 0; 12, 12, 12 and 7) moved a
+    The longest known chain of block hashes wins (`cache`); when several replicas were
+    sent that prefix (a system prompt many conversations start with), the least loaded
+    of them takes the request, as in SGLang's cache-aware router, which picks the worker
+    with the longest match and breaks ties by load. A prefix never seen goes to the
+    replica its first block hashes to (`hash`), so requests sharing a system prompt meet
+    on one replica. When the known part is less than `cache_threshold` of the prompt (a
+    new conversation that shares only a system prompt, followed by a long text of its
+    own), the least-loaded replica takes it instead (`balance`): most of its prefill is
+    due wherever it goes, and a burst of such conversations would otherwise pile onto
+    the system prompt's replica (SGLang's router makes the same cut, at the same
+    default). A choice is overruled (`overflow`) and the least-loaded replica takes the
+    request when one of the two is out of line with the average load: the chosen one
+    carries more than `load_factor` x the average + 1 requests and leads the
+    least-loaded one by at least one request per `blocks_per_request` blocks of the
+    prompt it holds (a hot spot), or the least-loaded one carries fewer than the average
+    / `load_factor` - 1, fewer than the chosen one, and was chosen for under half as
+    many of the last choices as the offered replicas' mean (a cold spot: a new pod, or
+    one left out, among busy replicas whose prefixes every request matches; see
+    `_remember` for the window). Moving a request off a busy replica costs the prefill
+    of the prefix it leaves behind, so the longer that prefix, the more load it is worth
+    to the hot bound. A whole known prompt (64 blocks) may lead by 7 before it moves; a
+    new conversation that shares a system prompt of a few blocks moves as soon as a
+    relative bound is passed, which keeps the conversations on a system prompt from
+    piling onto its replica. With a relative bound alone, multi-round QA lost
+    conversations at its end, when a replica held three requests against one elsewhere,
+    and each prefilled its 5,000 tokens again (issue 8's note of the ninth session has
+    the runs). vllm-router's and SGLang's cache-aware policies also require an absolute
+    lead (64 requests, and 1.5x) before they balance. The cold bound asks no such lead:
+    the prefill there is paid once and the replica then holds the prefix, and with it a
+    window every request shares (64 blocks of system prompt) had to lead by 8, which a
+    closed loop of 16 users on 2 of 4 replicas never reached: the other 2, and every pod
+    scaled up to, served nothing (a soak with real processes). The relative bounds keep
+    a request where it is for an imbalance small next to the load (40 against 40, 40 and
+    33 stays, whatever the lead), and even loads move nothing. The hot bound alone
+    missed the cold spot: a new replica at 0 among n at L leaves the average at n / (n +
+    1) x L, which L never passes by 25% from n = 4 on. When every request matches
+    prefixes the old replicas hold (a shared system prompt, tool schemas), a new pod
+    then never got one, so it never came to hold them, and a scale-up or a rolling
+    update added no capacity. Once it took some it holds them too and, the least loaded
+    of their holders, takes the next ones. A replica chosen its share of late is not
+    cold, however few it carries: at small loads the cold bound is a request or two
+    below the average, and a momentary dip (2, 2, 2 and 0; 12, 12, 12 and 7) moved a
     steady chat load's conversations off their replicas five times as often, each to
     prefill its history again, for no gain in balance.
 
@@ -141,7 +144,7 @@ class PrefixAware(_Turns):
             cover to decide the replica.
         blocks_per_request: blocks of held prefix that each request of lead
             over the least-loaded replica must be worth before a request leaves
-            it.
+            a hot spot.
     """
 
     # Replica URLs get one bit each in the masks below. Pods come and go, each
@@ -228,12 +231,14 @@ class PrefixAware(_Turns):
         """The least-loaded replica when `chosen`, holding `matched` blocks of the
         prompt, carries too much more than it to take the request; else None."""
         least = least_loaded(replicas, turn)
-        lead = max(1, matched // self._blocks_per_request)
-        if chosen.in_flight - least.in_flight < lead:
+        gap = chosen.in_flight - least.in_flight
+        if gap < 1:
             return None
         average = sum(r.in_flight for r in replicas) / len(replicas)
-        if chosen.in_flight > self._load_factor * average + 1:
+        lead = max(1, matched // self._blocks_per_request)
+        if gap >= lead and chosen.in_flight > self._load_factor * average + 1:
             return least
+        # The cold bound asks no lead (the class docstring says why).
         # A new pod is told from a dip by how often it was chosen of late.
         # Tests by what the least-loaded replica holds each missed a case this
         # session (lacks the first block, never sent anything, a prompt known
