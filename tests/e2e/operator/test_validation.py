@@ -109,6 +109,13 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "bad",
         "spec.engine.extraArgs",
     ),
+    (
+        # The parser would take the operator's --model=... as its value.
+        "dotted-extra-arg-last",
+        {"engine": {"extraArgs": ["--hf-overrides.x"]}},
+        "bad",
+        "spec.engine.extraArgs",
+    ),
     ("served-name", {"servedName": "has space"}, "bad", "spec.servedName"),
     (
         "alias-repeats-name",
@@ -336,6 +343,19 @@ def test_legal_edge_cases_are_accepted(
         },
         "engine": {
             "image": "registry.example.com/ml/vllm-openai:v0.8.5-CUDA12",
+            # Flags near the refused ones, which the rules must let through:
+            # a dotted flag with its value, next or after '=', a prefix of
+            # --config that is another flag, --api-server-count.
+            "extraArgs": [
+                "--enable-prefix-caching",
+                "--hf-overrides.rope_scaling.factor",
+                "2",
+                "--compilation-config.level=3",
+                "--config-format=hf",
+                "--api-server-count=1",
+                "--max-model-len",
+                "4096",
+            ],
             "env": [
                 {"name": "A", "value": "1"},
                 {
