@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from citadel.gateway import __version__, logs
 from citadel.gateway.app import create_app, serving
+from citadel.gateway.kube.config import KubeConfigError
 from citadel.gateway.metrics import GatewayMetrics
 from citadel.gateway.protocol import HeadRefusal, RefusedHeads, head_bounded
 from citadel.gateway.rpc.server import add_grpc
@@ -41,7 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as error:
         parser.exit(2, f"citadel-gateway: invalid settings\n{explain(error)}\n")
     logs.configure(settings.log_format, settings.log_level)
-    deps = build_deps(settings, dict(os.environ))
+    try:
+        deps = build_deps(settings, dict(os.environ))
+    except KubeConfigError as error:
+        # Outside a cluster with the default routes source: the message says
+        # which setting to give; a traceback would bury it.
+        parser.exit(2, f"citadel-gateway: {error}\n")
     draining: list[Callable[[], Awaitable[None]]] = []
     if settings.grpc_port:
         grpc_server = add_grpc(

@@ -278,3 +278,18 @@ def test_the_header_bound_stays_within_what_httptools_bears() -> None:
     for wrong in (1024, 2 * 1024 * 1024):
         with pytest.raises(ValidationError, match="max_header_bytes"):
             GatewaySettings(max_header_bytes=wrong)
+
+
+def test_no_cluster_and_no_routes_file_stops_the_start_with_what_to_set(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The message was there, at the end of a traceback."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.delenv("CITADEL_GATEWAY_KUBECONFIG", raising=False)
+    monkeypatch.delenv("CITADEL_GATEWAY_ROUTES_SOURCE", raising=False)
+    with pytest.raises(SystemExit) as refused:
+        entry.main([])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("citadel-gateway: not in a cluster")
+    assert "CITADEL_GATEWAY_ROUTES_SOURCE=file" in err and "Traceback" not in err
