@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -617,13 +618,8 @@ class _MetricsUpstream:
         return Response()
 
 
-@pytest.mark.parametrize("failure", [UpstreamTimeout("slow"), 503])
-async def test_a_failed_scrape_drops_the_last_report(
-    failure: Exception | int,
-) -> None:
-    """The last figures were kept for ever: the busiest replica, whose
-    /metrics times out, looked idle to kv-aware."""
-    now = [0.0]
+def _kv_aware_catalog(clock: Callable[[], float]) -> Catalog:
+    """A catalog with one kv-aware model, `m` in `llm`, and no replicas yet."""
     route = {
         "name": "m",
         "namespace": "llm",
@@ -631,8 +627,19 @@ async def test_a_failed_scrape_drops_the_last_report(
         "service": "m",
         "strategy": "kv-aware",
     }
-    catalog = Catalog(clock=lambda: now[0])
+    catalog = Catalog(clock=clock)
     catalog.set_document(RoutingDocument.model_validate({"models": [route]}))
+    return catalog
+
+
+@pytest.mark.parametrize("failure", [UpstreamTimeout("slow"), 503])
+async def test_a_failed_scrape_drops_the_last_report(
+    failure: Exception | int,
+) -> None:
+    """The last figures were kept for ever: the busiest replica, whose
+    /metrics times out, looked idle to kv-aware."""
+    now = [0.0]
+    catalog = _kv_aware_catalog(lambda: now[0])
     catalog.set_endpoints("llm", "m", [Endpoint("http://a")])
     upstream = _MetricsUpstream()
     scraper = MetricsScraper(catalog, upstream, 2.0, lambda: now[0])  # type: ignore[arg-type]
@@ -652,15 +659,7 @@ async def test_a_failed_scrape_drops_the_last_report(
 async def test_scrapes_run_a_bounded_number_at_a_time() -> None:
     """Every replica's /metrics was read at once: with thousands of replicas,
     each period opened thousands of connections together."""
-    route = {
-        "name": "m",
-        "namespace": "llm",
-        "servedName": "m",
-        "service": "m",
-        "strategy": "kv-aware",
-    }
-    catalog = Catalog(clock=lambda: 0.0)
-    catalog.set_document(RoutingDocument.model_validate({"models": [route]}))
+    catalog = _kv_aware_catalog(lambda: 0.0)
     urls = [f"http://10.0.{i // 250}.{i % 250}:8000" for i in range(300)]
     catalog.set_endpoints("llm", "m", [Endpoint(url) for url in urls])
     in_flight, most = 0, 0
@@ -696,15 +695,7 @@ async def test_replicas_that_hang_never_make_the_others_reports_stale() -> None:
     replicas that answered last time."""
     period = 2.0
     now = [0.0]  # time moves when a hung read times out, a period after it began
-    route = {
-        "name": "m",
-        "namespace": "llm",
-        "servedName": "m",
-        "service": "m",
-        "strategy": "kv-aware",
-    }
-    catalog = Catalog(clock=lambda: now[0])
-    catalog.set_document(RoutingDocument.model_validate({"models": [route]}))
+    catalog = _kv_aware_catalog(lambda: now[0])
     hung = [f"http://10.0.1.{i}:8000" for i in range(200)]
     healthy = [f"http://10.0.2.{i}:8000" for i in range(8)]
     # The healthy ones listed last: a round in list order reached them last.
