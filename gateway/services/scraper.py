@@ -24,18 +24,19 @@ WAITING = "vllm:num_requests_waiting"
 KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 _READ = frozenset((RUNNING, WAITING, *KV_USAGE))
 STALE_AFTER_PERIODS = 5
-"""Scrape periods after which a report no longer counts: a scrape may take a
-period and the next one starts a period later, so two periods pass between
-reports in the worst case."""
+"""Scrape periods after which a report no longer counts: a round takes two
+periods at most once hung replicas are found out (`MetricsScraper.scrape_once`)
+and the next starts a period later, so three pass between reports."""
 MAX_CONCURRENT_SCRAPES = 32
 """Replicas whose `/metrics` are read at once. All at once, thousands of
 replicas opened thousands of connections together every period, and their
 answers were all parsed in one burst on the event loop that serves requests.
 At a few milliseconds a read, 32 at a time still read a thousand replicas in a
 fraction of the default 2 s period. A replica that does not answer holds a
-reader for a period at most (its read's timeout), and no read starts after a
-round's first period: replicas that answered last time are read first, so
-many that hang cannot make every report stale (see `MetricsScraper`)."""
+reader for a period at most (its read's timeout), and no read of a replica
+that failed last time starts after a round's first period: replicas that
+answered are read first, so many that hang cannot keep every report stale (see
+`MetricsScraper`)."""
 
 
 def report_max_age_s(period_s: float) -> float:
@@ -146,16 +147,18 @@ class MetricsScraper:
 
     async def scrape_once(self) -> None:
         """Reads every `kv-aware` replica once, `MAX_CONCURRENT_SCRAPES` at a
-        time, starting no read after one period: those that answered last
-        time first, then those whose read failed, the least recently tried
-        first.
+        time: those that answered last time (or are new) first, then those
+        whose read failed, the least recently tried first, starting none of
+        these after one period.
 
         Reads that hang hold their readers a period each: with more of them
         than readers, a round that read every replica lasted a period per 32
         of them, and the reports of the replicas that answer, read once per
         round, grew older than `STALE_AFTER_PERIODS` (200 hung replicas: a
-        report every 8 periods). Now a round lasts two periods at most and
-        the replicas that answer are read in each.
+        report every 8 periods). Now, once found out, hung replicas hold a
+        round to two periods and the replicas that answer are read in each;
+        the round in which many start to hang at once lasts a period per 32
+        of them, as every round did before.
         """
         replicas = {
             r.url: r
@@ -178,7 +181,11 @@ class MetricsScraper:
         async def reader() -> None:
             for replica in todo:
                 now = self._clock()
-                if now > stop_at:
+                # Only the failed wait for the next round: a replica that
+                # answered last time is read even late, or a batch of them
+                # hanging at once (a node gone) kept the rest unread, round
+                # after round, until they were all found out.
+                if now > stop_at and replica.url in self._failed:
                     return
                 self._tried_at[replica.url] = now
                 await self._scrape(replica)

@@ -717,20 +717,59 @@ async def test_replicas_that_hang_never_make_the_others_reports_stale() -> None:
     upstream.answers = dict.fromkeys(healthy, "vllm:num_requests_running 1\n")
     scraper = MetricsScraper(catalog, upstream, period, lambda: now[0])  # type: ignore[arg-type]
     replicas = catalog.all_replicas()
-    for n in range(8):
+    for n in range(6):
         began = now[0]
         await scraper.scrape_once()
-        # Two periods at most: none starts after the first, each takes one.
+        if n == 0:
+            # Not known to hang yet, every one is read: a period per 32.
+            assert now[0] - began == 7 * period
+            continue
+        # Found out: two periods at most, none started after the first.
         assert now[0] - began <= 2 * period, n
-        if n >= 4:
-            # 64 hung replicas found a round, 4 rounds (the last reaching the
-            # healthy ones): from then on the healthy are read first, at once.
-            assert all(replicas[url].load.scraped_at == began for url in healthy)
-    # No hung replica is skipped for good: each was tried again since the
-    # healthy ones were first read first (the 200, 64 a round, in 4 rounds).
+        # And the healthy ones are read first, at once.
+        assert all(replicas[url].load.scraped_at == began for url in healthy)
+    # No hung replica is skipped for good: each was tried again since they
+    # were found out (64 a round).
     tried = scraper._tried_at
-    assert all(tried[url] >= 4 * 2 * period for url in hung)
+    assert all(tried[url] >= 7 * period for url in hung)
+
     assert all(replicas[url].load == LoadReport() for url in hung)
+
+
+async def test_replicas_that_start_to_hang_together_leave_the_others_read() -> None:
+    """Cut off after a period, a round left unread the replicas listed after
+    64 that had just started to hang (a node gone), round after round until
+    all were found out: only a replica whose read failed waits for the next
+    round."""
+    period = 2.0
+    now = [0.0]
+    catalog = _kv_aware_catalog(lambda: now[0])
+    urls = [f"http://10.0.3.{i}:8000" for i in range(100)]
+    catalog.set_endpoints("llm", "m", [Endpoint(url) for url in urls])
+    hanging: set[str] = set()
+
+    class Upstream(_MetricsUpstream):
+        async def request(
+            self, method: str, url: str, timeout_s: float | None = None
+        ) -> Any:
+            if url.removesuffix("/metrics") not in hanging:
+                return await super().request(method, url, timeout_s)
+            began = now[0]
+            for _ in range(3):
+                await asyncio.sleep(0)
+            now[0] = max(now[0], began + period)
+            raise UpstreamTimeout("slow")
+
+    upstream = Upstream()
+    upstream.answers = dict.fromkeys(urls, "vllm:num_requests_running 1\n")
+    scraper = MetricsScraper(catalog, upstream, period, lambda: now[0])  # type: ignore[arg-type]
+    await scraper.scrape_once()
+    hanging.update(urls[:64])  # listed first, read first among equals
+    now[0] = began = 10.0
+    await scraper.scrape_once()
+    replicas = catalog.all_replicas()
+    assert all(replicas[url].load.scraped_at is not None for url in urls[64:])
+    assert all(replicas[url].load.scraped_at >= began for url in urls[64:])  # type: ignore[operator]
 
 
 def _pod_slice(name: str, service: str, *pods: tuple[str, str]) -> dict[str, object]:
