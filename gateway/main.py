@@ -21,7 +21,7 @@ from citadel.gateway.metrics import GatewayMetrics
 from citadel.gateway.protocol import HeadRefusal, RefusedHeads, head_bounded
 from citadel.gateway.rpc.server import add_grpc
 from citadel.gateway.settings import GatewaySettings, explain
-from citadel.gateway.wiring import build_deps
+from citadel.gateway.wiring import StartupError, build_deps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,9 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_format, settings.log_level)
     try:
         deps = build_deps(settings, dict(os.environ))
-    except KubeConfigError as error:
-        # Outside a cluster with the default routes source: the message says
-        # which setting to give; a traceback would bury it.
+    except (KubeConfigError, StartupError) as error:
+        # Outside a cluster with the default routes source, or without the
+        # routes or keys file: the message says which setting to give; a
+        # traceback would bury it.
         parser.exit(2, f"citadel-gateway: {error}\n")
     draining: list[Callable[[], Awaitable[None]]] = []
     if settings.grpc_port:

@@ -25,6 +25,11 @@ from citadel.gateway.sources.kubernetes import KeySecretsSource, RoutesWatchSour
 from citadel.gateway.upstream import UpstreamClient, UpstreamSettings
 
 
+class StartupError(ValueError):
+    """The settings lack what the gateway needs to start (a routes or keys
+    file outside Kubernetes): the message says which to set."""
+
+
 def kube_config(settings: GatewaySettings, environ: Mapping[str, str]) -> KubeConfig:
     """The kubeconfig file when one is set, else the in-cluster service account."""
     if settings.kubeconfig is not None:
@@ -129,7 +134,7 @@ def _add_sources(
             routes_file_source(settings.routes_file, deps.catalog, period)
         )
     else:
-        raise ValueError(
+        raise StartupError(
             "CITADEL_GATEWAY_ROUTES_FILE is required with "
             "CITADEL_GATEWAY_ROUTES_SOURCE=file"
         )
@@ -142,7 +147,7 @@ def _add_sources(
     elif settings.keys_file is not None:
         deps.sources.append(keys_file_source(settings.keys_file, keys, period))
     else:
-        raise ValueError(
+        raise StartupError(
             "CITADEL_GATEWAY_KEYS_FILE is required outside Kubernetes unless "
             "CITADEL_GATEWAY_AUTH=disabled"
         )

@@ -293,3 +293,36 @@ def test_no_cluster_and_no_routes_file_stops_the_start_with_what_to_set(
     err = capsys.readouterr().err
     assert err.startswith("citadel-gateway: not in a cluster")
     assert "CITADEL_GATEWAY_ROUTES_SOURCE=file" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("env", "missing"),
+    [
+        ({"CITADEL_GATEWAY_ROUTES_SOURCE": "file"}, "CITADEL_GATEWAY_ROUTES_FILE"),
+        (
+            {
+                "CITADEL_GATEWAY_ROUTES_SOURCE": "file",
+                "CITADEL_GATEWAY_ROUTES_FILE": "/nonexistent/routes.json",
+            },
+            "CITADEL_GATEWAY_KEYS_FILE",
+        ),
+    ],
+)
+def test_a_missing_routes_or_keys_file_stops_the_start_with_what_to_set(
+    env: dict[str, str],
+    missing: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """What the line about the cluster advises, set alone, ended in a
+    traceback of its own."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.delenv("CITADEL_GATEWAY_KUBECONFIG", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as refused:
+        entry.main([])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"citadel-gateway: {missing} is required")
+    assert "Traceback" not in err
