@@ -132,7 +132,7 @@ CONFIG_ARGS = (("config", "config"),)
 # is the operator's first flag (--model=...), and vLLM serves its default model
 # under this one's name.
 LAST_ARG_RULE = (
-    "self.size() == 0 || !self[self.size() - 1].matches('(?s)^-[^=]*[.][^=]*$')"
+    "self.size() == 0 || !self[self.size() - 1].matches('(?s)^-(O=-)?[^=]*[.][^=]*$')"
 )
 
 
@@ -659,7 +659,8 @@ class Engine(ApiModel):
                     "value (such as --hf-overrides.x): vLLM would take the "
                     "operator's flag after it (--model=...) as its value and "
                     "serve another model; write --hf-overrides.x=VALUE, or give "
-                    "the value as the next element",
+                    "the value as the next element (with '=' when it starts "
+                    "with '-', such as -0.5)",
                 ),
             ),
         ),

@@ -628,6 +628,12 @@ def _last_arg_refused(args: list[str]) -> bool:
         (["--max-logprobs", "-0.5"], True),
         (["-O.mode"], True),
         (["--hf-overrides.x\n"], True),
+        (["--hf-overrides.x", "-O=--hf-overrides.y"], True),
+        # vLLM's parser would keep the model here, but a value that starts
+        # with '-' next is what the message says to write with '='.
+        (["--hf-overrides.x", "-0.5"], True),
+        (["--hf-overrides.x=-0.5"], False),
+        (["-O=3"], False),
         (["--hf-overrides.x", "1"], False),
         (["--hf-overrides.x=1"], False),
         (["--max-model-len", "4096"], False),
