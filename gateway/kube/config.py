@@ -69,18 +69,36 @@ class KubeConfig:
 
 
 def _data(entry: Mapping[str, Any], field: str, base: Path) -> bytes | None:
-    """`<field>-data` (base64) or the file named by `<field>`."""
-    if entry.get(f"{field}-data"):
-        return base64.b64decode(entry[f"{field}-data"])
+    """`<field>-data` (base64) or the file named by `<field>`.
+
+    Raises:
+        KubeConfigError: the data is not base64, or the file cannot be read.
+    """
+    data = entry.get(f"{field}-data")
+    if data:
+        try:
+            # Whitespace (a value folded over lines) is no error; anything
+            # else outside the alphabet is, where b64decode dropped it.
+            return base64.b64decode("".join(str(data).split()), validate=True)
+        except ValueError as err:  # binascii.Error is one
+            raise KubeConfigError(f"kubeconfig {field}-data is not base64") from err
     if entry.get(field):
-        return (base / str(entry[field])).expanduser().read_bytes()
+        path = (base / str(entry[field])).expanduser()
+        try:
+            return path.read_bytes()
+        except OSError as err:
+            raise KubeConfigError(
+                f"cannot read kubeconfig {field} {path}: {err}"
+            ) from err
     return None
 
 
 def _named(items: Any, name: str, kind: str) -> dict[str, Any]:
-    for item in items or []:
-        if item.get("name") == name:
-            found: dict[str, Any] = item.get(kind) or {}
+    for item in items if isinstance(items, list) else []:
+        if isinstance(item, dict) and item.get("name") == name:
+            found = item.get(kind) or {}
+            if not isinstance(found, dict):
+                raise KubeConfigError(f"kubeconfig {kind} {name!r} is not a mapping")
             return found
     raise KubeConfigError(f"kubeconfig has no {kind} named {name!r}")
 
@@ -89,12 +107,15 @@ def load_kubeconfig(path: Path, context: str | None = None) -> KubeConfig:
     """Reads a kubeconfig file (client certificates or token; no exec plugins).
 
     Raises:
-        KubeConfigError: the file lacks the context, cluster or user named.
+        KubeConfigError: the file cannot be read or is no kubeconfig, lacks
+            the context, cluster or user named, or names data it cannot read.
     """
     try:
         doc = yaml.safe_load(path.expanduser().read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
         raise KubeConfigError(f"cannot read kubeconfig {path}: {err}") from err
+    if not isinstance(doc, dict):
+        raise KubeConfigError(f"kubeconfig {path} is not a mapping of settings")
     name = context or doc.get("current-context")
     if not name:
         raise KubeConfigError(f"kubeconfig {path} has no current context")

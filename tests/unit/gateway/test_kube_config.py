@@ -72,3 +72,33 @@ def test_in_cluster(tmp_path: Path) -> None:
     assert cfg.namespace == "citadel-system"
     with pytest.raises(KubeConfigError, match="not in a cluster"):
         in_cluster({}, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("text", "user", "cluster", "message"),
+    [
+        ("- a\n- b\n", None, {}, "is not a mapping of settings"),
+        (None, {"client-certificate": "missing.crt"}, {}, "cannot read kubeconfig"),
+        (
+            None,
+            {},
+            {"certificate-authority-data": "not base64!"},
+            "certificate-authority-data is not base64",
+        ),
+    ],
+)
+def test_a_kubeconfig_it_cannot_use_says_why(
+    tmp_path: Path,
+    text: str | None,
+    user: dict[str, object] | None,
+    cluster: dict[str, object],
+    message: str,
+) -> None:
+    """A YAML list, a certificate file that is not there, data that is not
+    base64: each ended the gateway's start in a traceback (AttributeError,
+    FileNotFoundError, binascii.Error) where a KubeConfigError is one line."""
+    path = write(tmp_path, user or {}, **cluster)
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(KubeConfigError, match=message):
+        load_kubeconfig(path)
