@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -64,19 +63,7 @@ def test_the_listen_address_brackets_ipv6(host: str, address: str) -> None:
     assert listen_address(host, 50051) == address
 
 
-def _ipv6() -> bool:
-    """Whether this machine can listen on IPv6 (a container may have it off)."""
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _ipv6(), reason="no IPv6 on this machine")
+@pytest.mark.ipv6
 async def test_the_door_listens_on_ipv6(kit: Any) -> None:
     """CITADEL_GATEWAY_HOST `::` (the chart's listenHost on IPv6 clusters)."""
     harness = kit.build()

@@ -85,24 +85,9 @@ async def test_the_clients_refusals_make_the_reconciler_wait(
     assert 29 < reconciler.asked_wait.left() <= 30
 
 
-def _ipv6() -> bool:
-    """Whether this machine can listen on IPv6 (a container may have it off)."""
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-needs_ipv6 = pytest.mark.skipif(not _ipv6(), reason="no IPv6 on this machine")
-
-
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET6 if _ipv6() else socket.AF_INET) as sock:
-        sock.bind(("::" if _ipv6() else "0.0.0.0", 0))
+    with socket.socket(socket.AF_INET6) as sock:
+        sock.bind(("::", 0))
         port: int = sock.getsockname()[1]
         return port
 
@@ -130,7 +115,7 @@ def test_the_liveness_endpoint_listens_on_the_listen_host(
     assert liveness_endpoint(off) is None
 
 
-@needs_ipv6
+@pytest.mark.ipv6
 async def test_kopf_serves_the_liveness_endpoint_to_ipv6_probes() -> None:
     """On an IPv6 cluster the kubelet probes the pod's IPv6 address: a server
     on 0.0.0.0 refuses it, and the operator is restarted over and over."""
@@ -159,7 +144,7 @@ async def test_kopf_serves_the_liveness_endpoint_to_ipv6_probes() -> None:
             await reporter
 
 
-@needs_ipv6
+@pytest.mark.ipv6
 def test_metrics_are_served_to_ipv6_scrapes() -> None:
     port = _free_port()
     settings = OperatorSettings(listen_host="::", metrics_port=port, health_port=0)
