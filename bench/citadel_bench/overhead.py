@@ -12,7 +12,7 @@ from typing import Any
 
 from citadel_bench import loadgen, peers
 from citadel_bench.procs import Proc, simulator_argv, start, stop, wait_listening
-from citadel_bench.pyspy import top_functions
+from citadel_bench.pyspy import start_sampling, stop_sampling, top_functions
 from citadel_bench.stats import median, percentile
 
 CONCURRENCY = (1, 16, 64)
@@ -177,35 +177,22 @@ def start_instant_citadel(log_dir: Path, name: str, procs: list[Proc]) -> peers.
 def profile_citadel(log_dir: Path, seconds: float, py_spy: Path) -> list[str]:
     """py-spy on the gateway at concurrency 64, non-streaming: the functions with
     the most samples (self time), as text lines."""
-    import subprocess
-
     procs: list[Proc] = []
     try:
         gateway = start_instant_citadel(log_dir, "profile", procs)
         out = log_dir / "citadel-profile.txt"
-        spy = subprocess.Popen(
-            [
-                str(py_spy),
-                "record",
-                "--format",
-                "raw",
-                "--nonblocking",
-                "-d",
-                str(int(seconds)),
-                "-o",
-                str(out),
-                "-p",
-                str(gateway.proc.pid),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        # py-spy's own default rate (100 a second), as this profile always had.
+        spy = start_sampling(py_spy, gateway.proc.pid, out, log_dir, rate=100)
         chat = gateway.url + "/v1/chat/completions"
-        asyncio.run(
-            loadgen.closed_loop(chat, body(False), 64, 10**6, seconds, gateway.headers)
-        )
-        spy.wait(timeout=seconds + 30)
-        return top_functions(out.read_text() if out.exists() else "")
+        try:
+            asyncio.run(
+                loadgen.closed_loop(
+                    chat, body(False), 64, 10**6, seconds, gateway.headers
+                )
+            )
+        finally:
+            collapsed = stop_sampling(spy, out)
+        return top_functions(collapsed)
     finally:
         for proc in reversed(procs):
             stop(proc)
