@@ -240,10 +240,10 @@ class PrefixAware(_Turns):
             return least
         # The cold bound asks no lead (the class docstring says why).
         # A new pod is told from a dip by how often it was chosen of late.
-        # Tests by what the least-loaded replica holds each missed a case this
-        # session (lacks the first block, never sent anything, a prompt known
-        # whole, a prefix two replicas hold: a new pod idle for good, or a
-        # conversation retried once following every dip). Half the mean: with
+        # Tests by what the least-loaded replica holds each missed a case
+        # (c880c95 to 7666300: lacks the first block, never sent anything, a
+        # prompt known whole, a prefix two replicas hold: a new pod idle for
+        # good, or a conversation retried once following every dip). Half the mean: with
         # a quarter a new pod among tenants' replicas stopped at 50 requests
         # where they ran 120; at two thirds conversations over replicas of
         # uneven speeds moved more (4.7 -> 6.7 per 1,000 turns). The mean of
