@@ -130,7 +130,8 @@ CONFIG_ARGS = (("config", "config"),)
 # `=`) as a dotted flag (`--hf-overrides.x`, even a value such as `-0.5`) and
 # takes the next argument as its value, whatever it is: last in extraArgs, that
 # is the operator's first flag (--model=...), and vLLM serves its default model
-# under this one's name.
+# under this one's name. `-O=X` is read as `--optimization-level X` before that,
+# so `-O=--hf-overrides.y` last ends the same way.
 LAST_ARG_RULE = (
     "self.size() == 0 || !self[self.size() - 1].matches('(?s)^-(O=-)?[^=]*[.][^=]*$')"
 )
