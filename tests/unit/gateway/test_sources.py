@@ -687,12 +687,32 @@ async def test_scrapes_run_a_bounded_number_at_a_time() -> None:
     assert all(replicas[url].load.scraped_at == 3.0 for url in urls)
 
 
+class _HangingUpstream(_MetricsUpstream):
+    """Answers as `_MetricsUpstream`, but the replicas in `hanging` time out a
+    period after their read began, on the virtual clock `now`."""
+
+    def __init__(self, now: list[float], period: float, hanging: set[str]) -> None:
+        super().__init__()
+        self.now, self.period, self.hanging = now, period, hanging
+
+    async def request(
+        self, method: str, url: str, timeout_s: float | None = None
+    ) -> Any:
+        if url.removesuffix("/metrics") not in self.hanging:
+            return await super().request(method, url, timeout_s)
+        began = self.now[0]
+        for _ in range(3):  # the other readers start theirs meanwhile
+            await asyncio.sleep(0)
+        self.now[0] = max(self.now[0], began + self.period)
+        raise UpstreamTimeout("slow")
+
+
 async def test_replicas_that_hang_never_make_the_others_reports_stale() -> None:
     """Reads run 32 at a time and each hangs a period at most, so a round over
     200 hung replicas lasted 7 periods and the others' reports (5 periods old at
     most) were all stale: kv-aware fell back to counting requests in flight.
-    A round now starts no read after its first period, and reads first the
-    replicas that answered last time."""
+    Once found out, a failed replica's read starts in a round's first period
+    only, after those of the replicas that answered last time."""
     period = 2.0
     now = [0.0]  # time moves when a hung read times out, a period after it began
     catalog = _kv_aware_catalog(lambda: now[0])
@@ -701,19 +721,7 @@ async def test_replicas_that_hang_never_make_the_others_reports_stale() -> None:
     # The healthy ones listed last: a round in list order reached them last.
     catalog.set_endpoints("llm", "m", [Endpoint(url) for url in hung + healthy])
 
-    class Upstream(_MetricsUpstream):
-        async def request(
-            self, method: str, url: str, timeout_s: float | None = None
-        ) -> Any:
-            if url.removesuffix("/metrics") not in hung:
-                return await super().request(method, url, timeout_s)
-            began = now[0]
-            for _ in range(3):  # the other readers start theirs meanwhile
-                await asyncio.sleep(0)
-            now[0] = max(now[0], began + period)
-            raise UpstreamTimeout("slow")
-
-    upstream = Upstream()
+    upstream = _HangingUpstream(now, period, set(hung))
     upstream.answers = dict.fromkeys(healthy, "vllm:num_requests_running 1\n")
     scraper = MetricsScraper(catalog, upstream, period, lambda: now[0])  # type: ignore[arg-type]
     replicas = catalog.all_replicas()
@@ -732,7 +740,6 @@ async def test_replicas_that_hang_never_make_the_others_reports_stale() -> None:
     # were found out (64 a round).
     tried = scraper._tried_at
     assert all(tried[url] >= 7 * period for url in hung)
-
     assert all(replicas[url].load == LoadReport() for url in hung)
 
 
@@ -748,19 +755,7 @@ async def test_replicas_that_start_to_hang_together_leave_the_others_read() -> N
     catalog.set_endpoints("llm", "m", [Endpoint(url) for url in urls])
     hanging: set[str] = set()
 
-    class Upstream(_MetricsUpstream):
-        async def request(
-            self, method: str, url: str, timeout_s: float | None = None
-        ) -> Any:
-            if url.removesuffix("/metrics") not in hanging:
-                return await super().request(method, url, timeout_s)
-            began = now[0]
-            for _ in range(3):
-                await asyncio.sleep(0)
-            now[0] = max(now[0], began + period)
-            raise UpstreamTimeout("slow")
-
-    upstream = Upstream()
+    upstream = _HangingUpstream(now, period, hanging)
     upstream.answers = dict.fromkeys(urls, "vllm:num_requests_running 1\n")
     scraper = MetricsScraper(catalog, upstream, period, lambda: now[0])  # type: ignore[arg-type]
     await scraper.scrape_once()
