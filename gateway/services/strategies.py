@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from citadel.gateway.routes import RoutingStrategy
 from citadel.gateway.services.prefix import (
+    MAX_BLOCKS,
     BlockTable,
     block_hashes,
     prefix_text,
@@ -93,15 +94,17 @@ class PrefixAware(_Turns):
     The longest known chain of block hashes wins (`cache`); when several replicas were
     sent that prefix (a system prompt many conversations start with), the least loaded
     of them takes the request, as in SGLang's cache-aware router, which picks the worker
-    with the longest match and breaks ties by load. A prefix never seen goes to the
-    replica its first block hashes to (`hash`), so requests sharing a system prompt meet
-    on one replica. When the known part is less than `cache_threshold` of the prompt (a
-    new conversation that shares only a system prompt, followed by a long text of its
-    own), the least-loaded replica takes it instead (`balance`): most of its prefill is
-    due wherever it goes, and a burst of such conversations would otherwise pile onto
-    the system prompt's replica (SGLang's router makes the same cut, at the same
-    default). A choice is overruled (`overflow`) and the least-loaded replica takes the
-    request when one of the two is out of line with the average load: the chosen one
+    with the longest match and breaks ties by load; a prompt known to its last hashed
+    block (a conversation past the window) goes back where it went last, unless that
+    holder leads the least loaded by `HOLDER_LEAD` (`_last_holder`). A prefix never seen
+    goes to the replica its first block hashes to (`hash`), so requests sharing a system
+    prompt meet on one replica. When the known part is less than `cache_threshold` of
+    the prompt (a new conversation that shares only a system prompt, followed by a long
+    text of its own), the least-loaded replica takes it instead (`balance`): most of its
+    prefill is due wherever it goes, and a burst of such conversations would otherwise
+    pile onto the system prompt's replica (SGLang's router makes the same cut, at the
+    same default). A choice is overruled (`overflow`) and the least-loaded replica takes
+    the request when one of the two is out of line with the average load: the chosen one
     carries more than `load_factor` x the average + 1 requests and leads the
     least-loaded one by at least one request per `blocks_per_request` blocks of the
     prompt it holds (a hot spot), or the least-loaded one carries fewer than the average
@@ -161,6 +164,14 @@ class PrefixAware(_Turns):
     """Choices remembered per replica offered: with a share of 4 (256 over 64
     replicas) a replica serving its share had under half of it one time in
     ten by chance, and conversations moved to it at dips 3.5x as often."""
+    WINDOWS = 1 << 14
+    """Whole hashed windows whose last replica is remembered (`_last_holder`),
+    the oldest forgotten first: a long conversation each, in flight or between
+    turns, per gateway replica (1.2 MiB when full); one forgotten goes to the
+    least loaded of its holders."""
+    HOLDER_LEAD = 2
+    """Requests in flight by which a window's last replica must lead another
+    holder of it before the window's next request goes to that one."""
 
     def __init__(
         self,
@@ -184,6 +195,9 @@ class PrefixAware(_Turns):
         # replica with under half its share is cold (`_overflow`).
         self._recent: deque[str] = deque(maxlen=self.RECENT)
         self._recent_counts: dict[str, int] = {}
+        # Hash of a whole hashed window -> the replica its last request went
+        # to, oldest first (`_last_holder`).
+        self._windows: dict[int, str] = {}
 
     def choose(
         self, replicas: Sequence[Replica], request: RouteRequest
@@ -201,7 +215,48 @@ class PrefixAware(_Turns):
             chosen, how = instead, "overflow"
         self._owners.add(hashes, self._bit(chosen.url, replicas))
         self._remember(chosen.url, len(replicas))
+        if len(hashes) == MAX_BLOCKS:
+            self._note_window(hashes[-1], chosen.url)
         return chosen, how
+
+    def _note_window(self, window: int, url: str) -> None:
+        """Remembers `url` as where the whole window `window` went last."""
+        windows = self._windows
+        windows.pop(window, None)
+        windows[window] = url
+        if len(windows) > self.WINDOWS:
+            del windows[next(iter(windows))]
+
+    def _last_holder(
+        self, window: int, holding: Sequence[Replica], turn: int
+    ) -> Replica:
+        """Of the replicas that hold the whole window `window`, the one its last
+        request went to, unless it leads the least loaded of them by
+        `HOLDER_LEAD`; else that least-loaded one.
+
+        A prompt known to its last hashed block tells the gateway nothing of
+        what follows: a conversation longer than the window. Two replicas come
+        to hold such a window when the conversation is moved (a cold or hot
+        bound, a retry); the least loaded of them, taken afresh at each turn,
+        sent it back and forth as their loads crossed, each time to prefill
+        again what the other had served since: in a closed-loop simulation
+        (conversations of 20 KB of their own, 16 or 32 users, a scale-up from 4
+        replicas to 5 or 8) 10 to 26 moves per moved conversation, 1.3 to 1.4
+        with the last one kept, which holds that tail. Where every
+        request shares the whole window (a long system prompt or tool set), the
+        gateway cannot tell conversations apart, and the lead keeps its holders
+        within two requests of each other.
+        """
+        least = least_loaded(holding, turn)
+        last = self._windows.get(window)
+        if last is None or last == least.url:
+            return least
+        for replica in holding:
+            if replica.url == last:
+                if replica.in_flight - least.in_flight < self.HOLDER_LEAD:
+                    return replica
+                break
+        return least
 
     def _remember(self, url: str, offered: int) -> None:
         """Counts `url` among the last choices: RECENT, or RECENT_SHARE for
@@ -304,6 +359,8 @@ class PrefixAware(_Turns):
             if not mask:
                 continue
             holding = [r for r, bit in zip(replicas, bits, strict=True) if mask & bit]
+            if len(holding) > 1 and i == MAX_BLOCKS - 1:
+                return self._last_holder(hashes[i], holding, turn), "cache", i + 1
             if holding:
                 return least_loaded(holding, turn), "cache", i + 1
         urls = [r.url for r in replicas]

@@ -426,6 +426,63 @@ def test_a_conversation_moved_once_does_not_follow_dips() -> None:
         assert chosen in (first, second), (turn, how)
 
 
+def test_a_conversation_past_the_window_stays_with_the_replica_it_went_to() -> None:
+    """Moved once (a retry, a bound), a conversation longer than the window is
+    held whole by two replicas: the least loaded of them, taken at each turn,
+    sent it back and forth as their loads crossed, each time to prefill again
+    the turns the other had served."""
+    replicas, strategy = pool(4), PrefixAware()
+    history = ["a long question " * 600, "a long answer " * 600]
+    assert len(block_hashes(prefix_text(chat(*history).body))) == MAX_BLOCKS
+    first, second = replicas[0], replicas[1]
+    _sent_to(strategy, replicas, first, chat(*history))
+    # A retry: the first is not offered, the second takes the turn.
+    chosen, _ = strategy.choose(replicas[1:], chat(*history, "ok"))
+    assert chosen is second
+    for turn in range(6):
+        # The loads cross at every turn, by less than the lead.
+        first.in_flight, second.in_flight = (0, 1) if turn % 2 else (1, 0)
+        replicas[2].in_flight = replicas[3].in_flight = 1
+        chosen, how = strategy.choose(replicas, chat(*history, f"turn {turn}"))
+        assert (chosen, how) == (second, "cache"), turn
+    # Leading the other holder by HOLDER_LEAD, it gives the conversation up.
+    first.in_flight, second.in_flight = 0, PrefixAware.HOLDER_LEAD
+    chosen, how = strategy.choose(replicas, chat(*history, "and now?"))
+    assert (chosen, how) == (first, "cache")
+    second.in_flight = 0
+    chosen, _ = strategy.choose(replicas, chat(*history, "and then?"))
+    assert chosen is first
+
+
+def test_holders_of_a_window_every_request_shares_stay_within_the_lead() -> None:
+    """Where every request shares the whole window, the gateway cannot tell
+    conversations apart: the requests go to the last holder until it leads
+    the least loaded by HOLDER_LEAD, which spreads them over every holder."""
+    replicas, strategy = pool(4), PrefixAware()
+    _holding_the_window(strategy, replicas)
+    for user in range(40):
+        chosen, how = strategy.choose(replicas, agent_turn(user))
+        assert how == "cache"
+        chosen.in_flight += 1
+        loads = [r.in_flight for r in replicas]
+        assert max(loads) - min(loads) <= PrefixAware.HOLDER_LEAD, (user, loads)
+    assert [r.in_flight for r in replicas] == [10, 10, 10, 10]
+
+
+def test_the_windows_remembered_are_bounded_oldest_first() -> None:
+    strategy = PrefixAware()
+    strategy.WINDOWS = 4
+    replicas = pool(2)
+    windows = [chat(f"conversation {i} " * 1200) for i in range(6)]
+    for request in windows:
+        strategy.choose(replicas, request)
+    remembered = list(strategy._windows)
+    last = [block_hashes(prefix_text(r.body))[-1] for r in windows]
+    assert remembered == last[2:]
+    strategy.choose(replicas, windows[2])  # used again: now the newest
+    assert list(strategy._windows) == [*last[3:], last[2]]
+
+
 def test_after_a_scale_in_no_replica_left_is_cold() -> None:
     """The window of choices is sized for the largest pool seen: after 16
     replicas went down to 4, its length over 4 put each replica left under
