@@ -26,8 +26,16 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Self
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from pydantic_core import from_json
 
 SCHEMA_VERSION = 1
@@ -50,6 +58,34 @@ NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # What clients may send as "model": Hugging Face style names included.
 SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 ENDPOINT_PATTERN = r"^https?://[^/\s]+$"
+
+
+def _usable_endpoint(url: str) -> str:
+    """`url`, once it splits into a host and a port as the upstream client
+    splits it.
+
+    Raises:
+        ValueError: it does not (the message holds no value: see
+            `invalid_fields`).
+    """
+    authority = url.partition("://")[2]
+    # `http://fd00::1:8000` matched the pattern and failed every request sent
+    # to it ("bad port"): urlsplit reads a host before the first colon.
+    if authority.count(":") > 1 and not authority.startswith("["):
+        raise ValueError(
+            "an IPv6 address goes in brackets, as in http://[fd00::1]:8000"
+        )
+    try:
+        _ = urlsplit(url).port  # reading it checks it
+    except ValueError:  # a port that is no number, an unclosed bracket
+        raise ValueError("not a URL of a host and a port") from None
+    return url
+
+
+Endpoint = Annotated[
+    str, Field(pattern=ENDPOINT_PATTERN), AfterValidator(_usable_endpoint)
+]
+"""A replica's base URL, `http://host:port`."""
 
 
 class RoutesError(ValueError):
@@ -103,9 +139,10 @@ class ModelRoute(_Model):
     ready: bool = False
     """True when at least one replica is Ready (the LLMModel's Ready condition)."""
     ready_replicas: int = Field(0, ge=0, alias="readyReplicas")
-    endpoints: tuple[Annotated[str, Field(pattern=ENDPOINT_PATTERN)], ...] = ()
-    """Replica base URLs (`http://host:port`) for a gateway run from a file;
-    in Kubernetes they come from the Service's EndpointSlices instead."""
+    endpoints: tuple[Endpoint, ...] = ()
+    """Replica base URLs (`http://host:port`, an IPv6 address in brackets:
+    `http://[fd00::1]:8000`) for a gateway run from a file; in Kubernetes they
+    come from the Service's EndpointSlices instead."""
 
     @property
     def names(self) -> tuple[str, ...]:

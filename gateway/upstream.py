@@ -166,6 +166,13 @@ Address = tuple[str, int, bool]
 """Host, port, TLS."""
 
 
+def _authority(host: str, port: int) -> str:
+    """`host:port` for a message: an IPv6 address in brackets (`[fd00::1]:8000`),
+    where `fd00::1:8000` reads as an address without a port (`urlsplit` takes
+    the host without its brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _within(limit_s: float, deadline: float | None) -> float:
     """`limit_s`, or less when `deadline` (monotonic) comes sooner."""
     if deadline is None:
@@ -397,15 +404,15 @@ class _Connection(asyncio.Protocol):
         being the most it could have been (less: a bound on the whole request
         or body cut it short: the request's deadline, or the time a read was
         given)."""
-        host, port, _ = self.address
+        where = _authority(*self.address[:2])
         if timeout_s >= limit_s:
-            return f"no answer from {host}:{port} in {timeout_s:.3g} s"
+            return f"no answer from {where} in {timeout_s:.3g} s"
         # "in 0 s" read as a replica that failed at once, where the request
         # had used up its time before this wait began (earlier tries, or the
         # wait for the headers, took it).
         if timeout_s <= 0:
-            return f"no answer from {host}:{port}: no time was left to wait"
-        return f"no answer from {host}:{port} in the {timeout_s:.3g} s left to wait"
+            return f"no answer from {where}: no time was left to wait"
+        return f"no answer from {where} in the {timeout_s:.3g} s left to wait"
 
     async def headers(self, limit_s: float, deadline: float | None) -> None:
         """Waits for the status line and the headers, `limit_s` at most, or
@@ -658,10 +665,12 @@ class UpstreamClient:
                     ssl=self._tls_context() if tls else None,
                 )
         except TimeoutError:
-            raise UpstreamConnectTimeout(f"connect timeout to {host}:{port}") from None
+            raise UpstreamConnectTimeout(
+                f"connect timeout to {_authority(host, port)}"
+            ) from None
         except (OSError, ssl.SSLError) as err:
             raise UpstreamUnreachable(
-                f"cannot connect to {host}:{port}: {err}"
+                f"cannot connect to {_authority(host, port)}: {err}"
             ) from err
         return protocol
 

@@ -34,11 +34,13 @@ async def replicas(
                     "url": r.url,
                     "inFlight": r.in_flight,
                     "ejected": not r.available(now),
+                    # null: not exported, or no report (never read, or
+                    # the last read failed), where a 0 read as idle.
                     "running": r.load.running,
                     "waiting": r.load.waiting,
                     "kvCacheUsage": r.load.kv_cache_usage,
-                    # A failed read of /metrics leaves zeros, as an idle
-                    # replica shows: these tell unknown from idle.
+                    # Since when the load is unknown, and whether a report
+                    # is too old to count.
                     "loadAgeS": _age(now, r.load_read_at),
                     "loadStale": r.load.stale(now, max_age_s),
                 }

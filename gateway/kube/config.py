@@ -53,12 +53,7 @@ class KubeConfig:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
         if self.cert_data and self.key_data:
-            # load_cert_chain reads files only: write them where only we can read.
-            with tempfile.TemporaryDirectory() as tmp:
-                cert, key = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
-                cert.write_bytes(self.cert_data)
-                key.write_bytes(self.key_data)
-                ctx.load_cert_chain(cert, key)
+            _load_client_pair(ctx, self.cert_data, self.key_data)
         return ctx
 
     def bearer(self) -> str | None:
@@ -68,7 +63,12 @@ class KubeConfig:
         return self.token
 
 
-def _data(entry: Mapping[str, Any], field: str, base: Path) -> bytes | None:
+_Source = tuple[bytes, str]
+"""Data a kubeconfig names, and where it came from, for messages:
+`<field>-data`, or `<field> <path>`."""
+
+
+def _data(entry: Mapping[str, Any], field: str, base: Path) -> _Source | None:
     """`<field>-data` (base64) or the file named by `<field>`.
 
     Raises:
@@ -79,18 +79,90 @@ def _data(entry: Mapping[str, Any], field: str, base: Path) -> bytes | None:
         try:
             # Whitespace (a value folded over lines) is no error; anything
             # else outside the alphabet is, where b64decode dropped it.
-            return base64.b64decode("".join(str(data).split()), validate=True)
+            decoded = base64.b64decode("".join(str(data).split()), validate=True)
         except ValueError as err:  # binascii.Error is one
             raise KubeConfigError(f"kubeconfig {field}-data is not base64") from err
+        return decoded, f"{field}-data"
     if entry.get(field):
         path = (base / str(entry[field])).expanduser()
         try:
-            return path.read_bytes()
+            return path.read_bytes(), f"{field} {path}"
         except OSError as err:
             raise KubeConfigError(
                 f"cannot read kubeconfig {field} {path}: {err}"
             ) from err
     return None
+
+
+def _no_password() -> bytes:
+    """An encrypted key's password: none. Without a callback OpenSSL asks for
+    one on the terminal, which a start-up must never wait on."""
+    return b""
+
+
+def _load_client_pair(ctx: ssl.SSLContext, cert: bytes, key: bytes) -> None:
+    """Loads a client certificate and its key into `ctx`.
+
+    Raises:
+        ssl.SSLError: either is no PEM, or the key is not the certificate's.
+    """
+    # load_cert_chain reads files only: write them where only we can read.
+    with tempfile.TemporaryDirectory() as tmp:
+        cert_file, key_file = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
+        cert_file.write_bytes(cert)
+        key_file.write_bytes(key)
+        ctx.load_cert_chain(cert_file, key_file, password=_no_password)
+
+
+def _certificates(source: _Source | None) -> bytes | None:
+    """The data of `source`, once OpenSSL finds a PEM certificate in it.
+
+    Raises:
+        KubeConfigError: it holds none (the message says where it came from).
+    """
+    if source is None:
+        return None
+    data, where = source
+    try:
+        # The parse the CA gets in `ssl_context`; it also tells a client
+        # certificate from anything else, its key included.
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(
+            cadata=data.decode("ascii")
+        )
+    except (ssl.SSLError, ValueError) as err:  # not ASCII, or empty: ValueError
+        raise KubeConfigError(f"kubeconfig {where} holds no PEM certificate") from err
+    return data
+
+
+def _client_pair(
+    cert: _Source | None, key: _Source | None
+) -> tuple[bytes | None, bytes | None]:
+    """The client certificate and its key, once they load as a pair.
+
+    Raises:
+        KubeConfigError: one without the other, a certificate that is none, or
+            a key that is no PEM private key, or not the certificate's.
+    """
+    if cert is None or key is None:
+        # One alone went unused, and the API server refused every request.
+        if cert is not None:
+            raise KubeConfigError(f"kubeconfig {cert[1]} comes without a client-key")
+        if key is not None:
+            raise KubeConfigError(
+                f"kubeconfig {key[1]} comes without a client-certificate"
+            )
+        return None, None
+    cert_data = _certificates(cert)
+    try:
+        _load_client_pair(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), cert[0], key[0])
+    except ssl.SSLError as err:
+        why = (
+            "is not the key of the client certificate"
+            if err.reason == "KEY_VALUES_MISMATCH"
+            else "holds no PEM private key (an encrypted one is not supported)"
+        )
+        raise KubeConfigError(f"kubeconfig {key[1]} {why}") from err
+    return cert_data, key[0]
 
 
 def _named(items: Any, name: str, kind: str) -> dict[str, Any]:
@@ -108,7 +180,10 @@ def load_kubeconfig(path: Path, context: str | None = None) -> KubeConfig:
 
     Raises:
         KubeConfigError: the file cannot be read or is no kubeconfig, lacks
-            the context, cluster or user named, or names data it cannot read.
+            the context, cluster or user named, or names data it cannot read:
+            not base64, a CA or client certificate with no PEM certificate in
+            it, a client key that is no PEM private key or not the
+            certificate's, or one of the two without the other.
     """
     try:
         doc = yaml.safe_load(path.expanduser().read_text()) or {}
@@ -124,12 +199,18 @@ def load_kubeconfig(path: Path, context: str | None = None) -> KubeConfig:
     user = _named(doc.get("users"), ctx.get("user", ""), "user")
     base = path.expanduser().parent
     token_file = user.get("tokenFile")
+    # Read here as `ssl_context` reads them: data OpenSSL cannot use stops the
+    # start with a line naming it, where it stopped the app's start-up with an
+    # SSLError's traceback.
+    cert_data, key_data = _client_pair(
+        _data(user, "client-certificate", base), _data(user, "client-key", base)
+    )
     return KubeConfig(
         server=str(cluster.get("server", "")).rstrip("/"),
-        ca_data=_data(cluster, "certificate-authority", base),
+        ca_data=_certificates(_data(cluster, "certificate-authority", base)),
         insecure=bool(cluster.get("insecure-skip-tls-verify", False)),
-        cert_data=_data(user, "client-certificate", base),
-        key_data=_data(user, "client-key", base),
+        cert_data=cert_data,
+        key_data=key_data,
         token=user.get("token"),
         token_file=base / token_file if token_file else None,
         namespace=ctx.get("namespace"),

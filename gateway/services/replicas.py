@@ -41,18 +41,25 @@ class EjectionPolicy:
 
 @dataclass
 class LoadReport:
-    """What a replica's vLLM `/metrics` said at the last scrape."""
+    """What a replica's vLLM `/metrics` said at the last scrape: each figure
+    None when the replica did not export it (or only as NaN or an infinity),
+    since a 0 in its place would read as an idle replica."""
 
-    running: float = 0.0
-    waiting: float = 0.0
-    kv_cache_usage: float = 0.0
+    running: float | None = None
+    waiting: float | None = None
+    kv_cache_usage: float | None = None
     scraped_at: float | None = None
 
     def stale(self, now: float, max_age_s: float) -> bool:
-        """True when there are no figures (none read yet, or the last read
-        failed) or they are older than `max_age_s` at `now`: they do not
-        count, and the zeros of no figures say nothing of the load."""
+        """True when there is no report (none read yet, or the last read
+        failed) or it is older than `max_age_s` at `now`: its figures do not
+        count."""
         return self.scraped_at is None or self.scraped_at < now - max_age_s
+
+    def figures(self) -> tuple[float | None, float | None, float | None]:
+        """Requests running, requests waiting, KV-cache use (None: not
+        exported)."""
+        return self.running, self.waiting, self.kv_cache_usage
 
 
 @dataclass(eq=False)

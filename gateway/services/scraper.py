@@ -54,7 +54,8 @@ def parse_vllm_metrics(text: str, now: float) -> LoadReport:
     the KV-cache use, a fraction of each engine's own cache, is their mean (two
     engines at 0.9 are a pod at 0.9, not 1.8). A sample that is not a finite
     number (`NaN`, `+Inf`, `-Inf`) is left out, as if that engine did not
-    export it; a figure with no sample left reads as 0, as a missing one does.
+    export it; a figure with no sample left is None, as a missing one is (read
+    as 0, it made a replica that exports none look idle to `kv-aware`).
     """
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
@@ -66,8 +67,8 @@ def parse_vllm_metrics(text: str, now: float) -> LoadReport:
             name, value = sample
             sums[name] = sums.get(name, 0.0) + value
             counts[name] = counts.get(name, 0) + 1
-    kv = next((sums[n] / counts[n] for n in KV_USAGE if n in sums), 0.0)
-    return LoadReport(sums.get(RUNNING, 0.0), sums.get(WAITING, 0.0), kv, now)
+    kv = next((sums[n] / counts[n] for n in KV_USAGE if n in sums), None)
+    return LoadReport(sums.get(RUNNING), sums.get(WAITING), kv, now)
 
 
 def _sample(line: str) -> tuple[str, float] | None:

@@ -375,11 +375,18 @@ class KvAware(_Turns):
     requests weigh most, a nearly full KV cache means evictions and re-computation,
     and this gateway's own requests in flight count at once, between scrapes.
 
-    While a replica has no report, or only one older than `max_age_s` (its
-    /metrics fails, or it is new), the replicas are compared on their
-    requests in flight alone (`least`): figures for some and none for others
-    would make the one that cannot be read, as likely as not the busiest,
-    look idle.
+    A figure counts only when every replica offered reports it; otherwise it is
+    left out of every replica's score. A replica that does not export one (or
+    exports only NaN or infinities, which the scraper drops) scored 0 on it and
+    looked idler than the replicas that report theirs; compared on the figures
+    all of them report, it is ranked as busy as it says, no less.
+
+    A replica with no report, or only one older than `max_age_s` (its /metrics
+    fails, or it is new), reports no figure: then none counts, and the
+    replicas are compared on their requests in flight alone (`least`), as they
+    are when no figure is reported by all. Figures for some and none for others
+    would make the one that cannot be read, as likely as not the busiest, look
+    idle.
 
     Args:
         clock: monotonic seconds, the clock of `LoadReport.scraped_at`.
@@ -400,22 +407,37 @@ class KvAware(_Turns):
     ) -> tuple[Replica, str]:
         start, n = self._turn(), len(replicas)
         ordered = [replicas[(start + i) % n] for i in range(n)]
-        now, max_age_s = self._clock(), self._max_age_s
-        for replica in ordered:
-            if replica.load.stale(now, max_age_s):
-                return least_loaded(ordered), "least"
-        return min(ordered, key=kv_score), "score"
+        scores = kv_scores(ordered, self._clock(), self._max_age_s)
+        if scores is None:
+            return least_loaded(ordered), "least"
+        return ordered[scores.index(min(scores))], "score"
 
 
-def kv_score(replica: Replica) -> float:
-    """The KvAware score of one replica (lower is better)."""
-    load = replica.load
-    return (
-        replica.in_flight
-        + load.running / 2
-        + 2 * load.waiting
-        + 4 * load.kv_cache_usage
-    )
+KV_WEIGHTS = (0.5, 2.0, 4.0)
+"""The weights of the requests running, the requests waiting and the KV-cache
+use (`LoadReport.figures`) in the KvAware score."""
+
+
+def kv_scores(
+    replicas: Sequence[Replica], now: float, max_age_s: float
+) -> list[float] | None:
+    """The KvAware score of each replica (lower is better), from the figures
+    that every one of them reports in a report younger than `max_age_s`; None
+    when no figure is reported by all."""
+    scores = [float(r.in_flight) for r in replicas]
+    counted = False
+    lacking = (None, None, None)
+    reports = [
+        lacking if r.load.stale(now, max_age_s) else r.load.figures() for r in replicas
+    ]
+    for k, weight in enumerate(KV_WEIGHTS):
+        values = [v for figures in reports if (v := figures[k]) is not None]
+        if len(values) < len(replicas):
+            continue  # one replica lacks it: it counts for none
+        counted = True
+        for i, value in enumerate(values):
+            scores[i] += weight * value
+    return scores if counted else None
 
 
 class SessionAffinity:

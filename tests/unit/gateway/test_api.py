@@ -797,7 +797,7 @@ async def test_admin_replicas_tells_an_unknown_load_from_an_idle_one(
     harness: Any, kit: Any
 ) -> None:
     # A failed read of /metrics drops the figures: the zeros it left showed as
-    # an idle replica's would, with nothing to say since when.
+    # an idle replica's would, with nothing to say since when. Now null.
     harness.deps.load_max_age_s = 10.0
     now = harness.clock.now
     idle, unknown = harness.deps.catalog.replicas(harness.deps.catalog.resolve("chat"))
@@ -810,14 +810,17 @@ async def test_admin_replicas_tells_an_unknown_load_from_an_idle_one(
         harness.clock.now += 9
         later = (await client.get("/admin/replicas", headers=admin)).json()
 
-    def load(answer: Any) -> list[tuple[str, float, float | None, bool]]:
+    def load(answer: Any) -> list[tuple[str, float | None, float | None, bool]]:
         [model] = answer["models"]
         return [
             (r["url"], r["running"], r["loadAgeS"], r["loadStale"])
             for r in model["replicas"]
         ]
 
-    assert load(first) == [("http://r1", 0, 2.0, False), ("http://r2", 0, 30.0, True)]
+    assert load(first) == [
+        ("http://r1", 0, 2.0, False),
+        ("http://r2", None, 30.0, True),
+    ]
     # Older than a report may be and count (kv-aware's bound): stale too.
     assert load(later)[0] == ("http://r1", 0, 11.0, True)
 

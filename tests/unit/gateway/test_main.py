@@ -326,3 +326,39 @@ def test_a_missing_routes_or_keys_file_stops_the_start_with_what_to_set(
     err = capsys.readouterr().err
     assert err.startswith(f"citadel-gateway: {missing} is required")
     assert "Traceback" not in err
+
+
+def test_a_kubeconfig_whose_tls_data_is_no_pem_stops_the_start_in_a_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Valid base64 of no certificate passed the load and stopped the app's
+    start-up in an SSLError traceback, exit code 3."""
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "current-context": "c",
+                "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+                "clusters": [
+                    {
+                        "name": "k",
+                        "cluster": {
+                            "server": "https://127.0.0.1:6443",
+                            "certificate-authority-data": "aGVsbG8=",  # hello
+                        },
+                    }
+                ],
+                "users": [{"name": "u", "user": {"token": "t0k"}}],
+            }
+        )
+    )
+    monkeypatch.setenv("CITADEL_GATEWAY_KUBECONFIG", str(kubeconfig))
+    with pytest.raises(SystemExit) as refused:
+        entry.main([])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err == (
+        "citadel-gateway: kubeconfig certificate-authority-data holds no PEM "
+        "certificate\n"
+    )

@@ -85,6 +85,31 @@ def test_bad_documents_raise_routes_error(raw: str) -> None:
         parse_document(raw)
 
 
+@pytest.mark.parametrize(
+    ("endpoint", "says"),
+    [
+        ("http://fd00::1:8000", "an IPv6 address goes in brackets"),
+        ("http://fd00::1", "an IPv6 address goes in brackets"),
+        ("http://[fd00::1:8000", "not a URL of a host and a port"),
+        ("http://10.0.0.7:http", "not a URL of a host and a port"),
+    ],
+)
+def test_an_endpoint_the_gateway_cannot_split_is_refused(
+    endpoint: str, says: str
+) -> None:
+    """An IPv6 address without brackets matched the pattern, and every request
+    to it failed ("bad port": urlsplit reads the host up to the first colon)."""
+    raw = json.dumps({"models": [_route(endpoints=["http://10.0.0.6:8000", endpoint])]})
+    with pytest.raises(RoutesError, match=f"endpoints.1: Value error, {says}"):
+        parse_document(raw)
+
+
+def test_an_ipv6_endpoint_in_brackets_is_taken() -> None:
+    urls = ["http://[fd00::1]:8000", "http://[::1]", "https://[fd00::1]:8443"]
+    route = parse_document(json.dumps({"models": [_route(endpoints=urls)]})).models[0]
+    assert route.endpoints == tuple(urls)
+
+
 def test_a_route_a_gateway_cannot_use_costs_that_route_only() -> None:
     """A newer operator's value for one model leaves every other route in force."""
     raw = json.dumps(

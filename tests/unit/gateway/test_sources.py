@@ -586,12 +586,14 @@ vllm:kv_cache_usage_perc{{engine="0"}} {bad}
 vllm:kv_cache_usage_perc{{engine="1"}} 0.6
 """
     report = parse_vllm_metrics(text, 0.0)
-    assert (report.running, report.waiting, report.kv_cache_usage) == (2, 0, 0.6)
+    assert report.figures() == (2, None, 0.6)
     # The only sample of the newer name is not finite: the older name counts.
     text = f"vllm:kv_cache_usage_perc {bad}\nvllm:gpu_cache_usage_perc 0.3\n"
     assert parse_vllm_metrics(text, 0.0).kv_cache_usage == 0.3
-    # None that is finite: as when the figure is missing.
+    # None that is finite: as when the figure is missing, which is no 0 (an
+    # idle replica's figure) but None, for kv-aware to leave out.
     missing = parse_vllm_metrics("", 0.0)
+    assert missing.figures() == (None, None, None) and missing.scraped_at == 0.0
     report = parse_vllm_metrics(f"vllm:kv_cache_usage_perc {bad}\n", 0.0)
     assert report.kv_cache_usage == missing.kv_cache_usage
 

@@ -655,6 +655,58 @@ vllm:kv_cache_usage_perc {bad}
     assert {r.url for r, _ in picks} == {replicas[1].url, replicas[2].url}
 
 
+REPORTING = """vllm:num_requests_running 4
+vllm:num_requests_waiting 2
+vllm:kv_cache_usage_perc 0.7
+"""
+
+
+@pytest.mark.parametrize(
+    "silent",
+    [
+        "",
+        "# HELP http_requests_total Not vLLM.\nhttp_requests_total 5\n",
+        "vllm:num_requests_running NaN\nvllm:num_requests_waiting NaN\n"
+        "vllm:kv_cache_usage_perc NaN\n",
+    ],
+    ids=["empty", "not-vllm", "only-nan"],
+)
+def test_kv_aware_does_not_favour_a_replica_that_reports_no_figure(
+    silent: str,
+) -> None:
+    """A replica whose /metrics answered without the figures (or with NaN
+    alone) scored 0 on each and took every request, busier as it was than the
+    one reporting them: the two are compared on their requests in flight."""
+    replicas, strategy = pool(2), KvAware()
+    quiet, reporting = replicas
+    quiet.load = parse_vllm_metrics(silent, 0.0)
+    quiet.in_flight = 2
+    reporting.load = parse_vllm_metrics(REPORTING, 0.0)
+    reporting.in_flight = 1
+    picks = [strategy.choose(replicas, chat("x")) for _ in range(4)]
+    assert picks == [(reporting, "least")] * 4
+
+
+def test_kv_aware_leaves_out_a_figure_one_replica_does_not_report() -> None:
+    """A replica without the KV-cache figure scored 0 on it against another's
+    0.5: the figure now counts for neither, and the rest decide."""
+    replicas, strategy = pool(2), KvAware()
+    lacking, reporting = replicas
+    lacking.load = parse_vllm_metrics(
+        "vllm:num_requests_running 2\nvllm:num_requests_waiting 0\n", 0.0
+    )
+    reporting.load = parse_vllm_metrics(
+        "vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n"
+        "vllm:kv_cache_usage_perc 0.5\n",
+        0.0,
+    )
+    picks = [strategy.choose(replicas, chat("x")) for _ in range(4)]
+    assert picks == [(reporting, "score")] * 4
+    # Reported by both, the figure counts again.
+    lacking.load.kv_cache_usage = 0.0
+    assert strategy.choose(replicas, chat("x")) == (lacking, "score")
+
+
 def test_session_affinity_pins_sessions_and_survives_other_replicas_leaving() -> None:
     replicas, strategy = pool(4), SessionAffinity()
     pinned = {

@@ -14,6 +14,7 @@ import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -276,6 +277,58 @@ async def test_a_connection_not_made_in_time_is_a_connect_timeout(
     monkeypatch.setattr(loop, "create_connection", never)
     with pytest.raises(UpstreamConnectTimeout, match="connect timeout"):
         await client.post("http://127.0.0.1:9/", b"{}", {}, timeout_s=0.05)
+
+
+async def test_an_ipv6_replica_is_named_in_brackets(
+    serve: Callable[..., Awaitable[Server]],
+    client: UpstreamClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A failure at an IPv6 pod's address named it `fd00::1:8000`: an address
+    without a port, or another address on port 1:8000."""
+    loop = asyncio.get_running_loop()
+    real = loop.create_connection
+    url = "http://[fd00::1]:8000/v1/completions"
+
+    async def refused(*args: object, **kwargs: object) -> object:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(loop, "create_connection", refused)
+    with pytest.raises(
+        UpstreamUnreachable, match=r"^cannot connect to \[fd00::1\]:8000: "
+    ):
+        await client.post(url, b"{}", {})
+
+    async def never(*args: object, **kwargs: object) -> object:
+        await asyncio.sleep(3600)
+        raise AssertionError("connected")
+
+    monkeypatch.setattr(loop, "create_connection", never)
+    with pytest.raises(
+        UpstreamConnectTimeout, match=r"^connect timeout to \[fd00::1\]:8000$"
+    ):
+        await client.post(url, b"{}", {}, timeout_s=0.05)
+
+    async def silent(
+        _: int, __: int, reader: asyncio.StreamReader, ___: asyncio.StreamWriter
+    ) -> bool:
+        await reader.read()  # until the client gives up and closes
+        return False
+
+    server = await serve(silent)
+    port = int(server.url.rsplit(":", 1)[1])
+
+    async def to_server(factory: Any, host: str, _: int, **kwargs: Any) -> Any:
+        assert host == "fd00::1"  # what the socket is asked for: no brackets
+        return await real(factory, "127.0.0.1", port, **kwargs)
+
+    monkeypatch.setattr(loop, "create_connection", to_server)
+    upstream = UpstreamClient(UpstreamSettings(read_timeout_s=0.2))
+    with pytest.raises(UpstreamTimeout) as silence:
+        await upstream.post(url, b"{}", {})
+    assert str(silence.value) == "no answer from [fd00::1]:8000 in 0.2 s"
+    assert b"host: [fd00::1]:8000\r\n" in server.requests[0]
+    await upstream.close()
 
 
 LATE = _STALE_WITHIN_S * 3
