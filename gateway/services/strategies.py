@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -81,6 +81,30 @@ def least_loaded(replicas: Sequence[Replica], start: int = 0) -> Replica:
         if candidate.in_flight < best.in_flight:
             best = candidate
     return best
+
+
+class _Window:
+    """Where a whole hashed window's last request went, and how often that
+    changed (`PrefixAware._last_holder`)."""
+
+    __slots__ = ("changes", "sent_count", "url")
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.sent_count = 1
+        self.changes = 0
+
+    def sent(self, url: str) -> None:
+        """Counts a request of the window sent to `url`."""
+        self.sent_count += 1
+        if url != self.url:
+            self.url = url
+            self.changes += 1
+
+    def shared(self, changes: int, rate: int) -> bool:
+        """Whether its last replica changed `changes` times or more, and at
+        more than one in `rate` of its requests."""
+        return self.changes >= changes and self.changes * rate > self.sent_count
 
 
 class PrefixAware(_Turns):
@@ -164,14 +188,20 @@ class PrefixAware(_Turns):
     """Choices remembered per replica offered: with a share of 4 (256 over 64
     replicas) a replica serving its share had under half of it one time in
     ten by chance, and conversations moved to it at dips 3.5x as often."""
-    WINDOWS = 1 << 14
-    """Whole hashed windows whose last replica is remembered (`_last_holder`),
-    the oldest forgotten first: a long conversation each, in flight or between
-    turns, per gateway replica (1.2 MiB when full); one forgotten goes to the
-    least loaded of its holders."""
+    WINDOWS = 1 << 13
+    """Whole hashed windows held by more than one replica whose last replica is
+    remembered (`_note_window`), the least recently sent forgotten first: a
+    moved long conversation each, or a window many requests share, per gateway
+    replica (1.4 MiB when full, 2 MiB after much turnover); one forgotten goes to
+    the least loaded of its holders."""
     HOLDER_LEAD = 2
     """Requests in flight by which a window's last replica must lead another
     holder of it before the window's next request goes to that one."""
+    SHARED_CHANGES = 3
+    """Changes of a window's last replica from which, when they are also more
+    than one in `SHARED_RATE` of its requests, the window is taken as shared by
+    many conversations (`_Window.shared`)."""
+    SHARED_RATE = 10
 
     def __init__(
         self,
@@ -195,9 +225,9 @@ class PrefixAware(_Turns):
         # replica with under half its share is cold (`_overflow`).
         self._recent: deque[str] = deque(maxlen=self.RECENT)
         self._recent_counts: dict[str, int] = {}
-        # Hash of a whole hashed window -> the replica its last request went
-        # to, oldest first (`_last_holder`).
-        self._windows: dict[int, str] = {}
+        # Hash of a whole hashed window -> where its last request went, least
+        # recently sent first (`_last_holder`).
+        self._windows: OrderedDict[int, _Window] = OrderedDict()
 
     def choose(
         self, replicas: Sequence[Replica], request: RouteRequest
@@ -220,19 +250,27 @@ class PrefixAware(_Turns):
         return chosen, how
 
     def _note_window(self, window: int, url: str) -> None:
-        """Remembers `url` as where the whole window `window` went last."""
+        """Remembers `url` as where the whole window `window` went last, once
+        more than one replica holds it: one holder leaves nothing to choose, and
+        a one-off long prompt (a document, a batch) takes no room."""
         windows = self._windows
-        windows.pop(window, None)
-        windows[window] = url
-        if len(windows) > self.WINDOWS:
-            del windows[next(iter(windows))]
+        entry = windows.get(window)
+        if entry is not None:
+            entry.sent(url)
+            windows.move_to_end(window)
+            return
+        mask = self._owners.owners(window)
+        if mask & (mask - 1):
+            windows[window] = _Window(url)
+            if len(windows) > self.WINDOWS:
+                windows.popitem(last=False)
 
     def _last_holder(
         self, window: int, holding: Sequence[Replica], turn: int
     ) -> Replica:
         """Of the replicas that hold the whole window `window`, the one its last
         request went to, unless it leads the least loaded of them by
-        `HOLDER_LEAD`; else that least-loaded one.
+        `HOLDER_LEAD` or the window is shared; else that least-loaded one.
 
         A prompt known to its last hashed block tells the gateway nothing of
         what follows: a conversation longer than the window. Two replicas come
@@ -242,17 +280,30 @@ class PrefixAware(_Turns):
         again what the other had served since: in a closed-loop simulation
         (conversations of 20 KB of their own, 16 or 32 users, a scale-up from 4
         replicas to 5 or 8) 10 to 26 moves per moved conversation, 1.3 to 1.4
-        with the last one kept, which holds that tail. Where every
-        request shares the whole window (a long system prompt or tool set), the
-        gateway cannot tell conversations apart, and the lead keeps its holders
-        within two requests of each other.
+        with the last one kept, which holds that tail.
+
+        Where every request shares the whole window (a long system prompt or
+        tool set), the gateway cannot tell conversations apart; the last
+        replica is then anyone's last request, and keeping it sent turns to a
+        replica other than their own more often than the least-loaded holder
+        does (a user's own request, just done, leaves its replica the least
+        loaded): 323 against 612 moves per 1,000 turns in a review's closed
+        loop, and requests to busy replicas while one was idle. Such a window's
+        last replica changes at most requests, a moved conversation's once or
+        twice, so a window whose last replica changed `SHARED_CHANGES` times and
+        at more than one in `SHARED_RATE` of its requests goes to the least
+        loaded of its holders, as before.
         """
         least = least_loaded(holding, turn)
-        last = self._windows.get(window)
-        if last is None or last == least.url:
+        entry = self._windows.get(window)
+        if (
+            entry is None
+            or entry.url == least.url
+            or entry.shared(self.SHARED_CHANGES, self.SHARED_RATE)
+        ):
             return least
         for replica in holding:
-            if replica.url == last:
+            if replica.url == entry.url:
                 if replica.in_flight - least.in_flight < self.HOLDER_LEAD:
                     return replica
                 break

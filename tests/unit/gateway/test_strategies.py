@@ -436,9 +436,8 @@ def test_a_conversation_past_the_window_stays_with_the_replica_it_went_to() -> N
     assert len(block_hashes(prefix_text(chat(*history).body))) == MAX_BLOCKS
     first, second = replicas[0], replicas[1]
     _sent_to(strategy, replicas, first, chat(*history))
-    # A retry: the first is not offered, the second takes the turn.
-    chosen, _ = strategy.choose(replicas[1:], chat(*history, "ok"))
-    assert chosen is second
+    # A retry: the first failed, the second is the one left to try.
+    assert strategy.choose([second], chat(*history, "ok"))[0] is second
     for turn in range(6):
         # The loads cross at every turn, by less than the lead.
         first.in_flight, second.in_flight = (0, 1) if turn % 2 else (1, 0)
@@ -454,10 +453,32 @@ def test_a_conversation_past_the_window_stays_with_the_replica_it_went_to() -> N
     assert chosen is first
 
 
+def test_a_conversation_a_new_pod_took_stays_there_as_loads_cross() -> None:
+    """The cold bound moves a long conversation to a new pod; the window is
+    remembered where it went after the bound, not where the prefix sent it."""
+    replicas, strategy = pool(4), PrefixAware()
+    for user in range(PrefixAware.RECENT):  # every replica's share of late
+        strategy.choose(replicas, chat(f"user {user} " * 100))
+    history = ["a long question " * 600, "a long answer " * 600]
+    home = replicas[0]
+    _sent_to(strategy, replicas, home, chat(*history))
+    new = Replica("http://10.0.1.1:8000")
+    replicas.append(new)
+    for replica in replicas[:-1]:
+        replica.in_flight = 8
+    chosen, how = strategy.choose(replicas, chat(*history, "ok"))
+    assert (chosen, how) == (new, "overflow")
+    for turn in range(6):
+        for replica in replicas:
+            replica.in_flight = 3
+        (new if turn % 2 else home).in_flight = 2
+        chosen, how = strategy.choose(replicas, chat(*history, f"turn {turn}"))
+        assert (chosen, how) == (new, "cache"), turn
+
+
 def test_holders_of_a_window_every_request_shares_stay_within_the_lead() -> None:
     """Where every request shares the whole window, the gateway cannot tell
-    conversations apart: the requests go to the last holder until it leads
-    the least loaded by HOLDER_LEAD, which spreads them over every holder."""
+    conversations apart: its requests spread over every holder."""
     replicas, strategy = pool(4), PrefixAware()
     _holding_the_window(strategy, replicas)
     for user in range(40):
@@ -469,17 +490,46 @@ def test_holders_of_a_window_every_request_shares_stay_within_the_lead() -> None
     assert [r.in_flight for r in replicas] == [10, 10, 10, 10]
 
 
-def test_the_windows_remembered_are_bounded_oldest_first() -> None:
+def test_a_window_many_requests_share_goes_to_its_least_loaded_holder() -> None:
+    """Its last replica changes at most requests: once that is seen, the least
+    loaded holder takes each, as a user's own request just done leaves its
+    replica the least loaded (keeping the last sent turns elsewhere)."""
+    replicas, strategy = pool(4), PrefixAware()
+    _holding_the_window(strategy, replicas)  # the last replica changed twice
+    last = replicas[-1]
+    last.in_flight = 1
+    assert strategy.choose(replicas, agent_turn(0))[0] is last  # leads by 1 only
+    replicas[0].in_flight, replicas[2].in_flight, last.in_flight = 2, 1, 2
+    chosen, _ = strategy.choose(replicas, agent_turn(1))  # a third change
+    assert chosen is replicas[1]
+    chosen.in_flight = 2
+    chosen, _ = strategy.choose(replicas, agent_turn(2))
+    assert chosen is replicas[2]  # the least loaded, though replicas[1] led by 1
+
+
+def test_a_window_one_replica_holds_is_not_remembered() -> None:
+    """A one-off long prompt (a document, a batch) leaves its place to the
+    windows there is a choice for."""
+    replicas, strategy = pool(2), PrefixAware()
+    document = chat("a long document " * 1200)
+    held = {strategy.choose(replicas, document)[0] for _ in range(3)}
+    assert len(held) == 1 and not strategy._windows
+    other = replicas[1] if replicas[0] in held else replicas[0]
+    strategy.choose([other], document)  # a retry: now two hold it
+    assert list(strategy._windows) == [block_hashes(prefix_text(document.body))[-1]]
+
+
+def test_the_windows_remembered_are_bounded_least_recent_first() -> None:
     strategy = PrefixAware()
     strategy.WINDOWS = 4
     replicas = pool(2)
     windows = [chat(f"conversation {i} " * 1200) for i in range(6)]
     for request in windows:
-        strategy.choose(replicas, request)
-    remembered = list(strategy._windows)
+        strategy.choose([replicas[0]], request)
+        strategy.choose([replicas[1]], request)
     last = [block_hashes(prefix_text(r.body))[-1] for r in windows]
-    assert remembered == last[2:]
-    strategy.choose(replicas, windows[2])  # used again: now the newest
+    assert list(strategy._windows) == last[2:]
+    strategy.choose(replicas, windows[2])  # sent again: now the most recent
     assert list(strategy._windows) == [*last[3:], last[2]]
 
 
