@@ -69,6 +69,8 @@ def _usable_endpoint(url: str) -> str:
             `invalid_fields`).
     """
     authority = url.partition("://")[2]
+    # The host and port only: not a user part before "@", nor a query after.
+    authority = authority.partition("?")[0].partition("#")[0].rpartition("@")[2]
     # `http://fd00::1:8000` matched the pattern and failed every request sent
     # to it ("bad port"): urlsplit reads a host before the first colon.
     if authority.count(":") > 1 and not authority.startswith("["):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import ssl
 import tempfile
 from collections.abc import Mapping
@@ -123,15 +124,24 @@ def _certificates(source: _Source | None) -> bytes | None:
     if source is None:
         return None
     data, where = source
+    # The certificates alone: text around them (a bundle's comments, in any
+    # language) is no part of them, and OpenSSL's cadata takes ASCII only.
+    blocks = _PEM_CERTIFICATE.findall(data)
     try:
+        pem = b"\n".join(blocks)
         # The parse the CA gets in `ssl_context`; it also tells a client
         # certificate from anything else, its key included.
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(
-            cadata=data.decode("ascii")
+            cadata=pem.decode("ascii")
         )
     except (ssl.SSLError, ValueError) as err:  # not ASCII, or empty: ValueError
         raise KubeConfigError(f"kubeconfig {where} holds no PEM certificate") from err
-    return data
+    return pem + b"\n"
+
+
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.S
+)
 
 
 def _client_pair(
@@ -156,13 +166,30 @@ def _client_pair(
     try:
         _load_client_pair(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), cert[0], key[0])
     except ssl.SSLError as err:
+        if err.reason in _CERTIFICATE_REFUSED:
+            raise KubeConfigError(
+                f"kubeconfig {cert[1]} is refused by OpenSSL ({err.reason}): a "
+                "stronger certificate is needed"
+            ) from err
         why = (
             "is not the key of the client certificate"
-            if err.reason == "KEY_VALUES_MISMATCH"
+            if err.reason in _NOT_THE_KEY
             else "holds no PEM private key (an encrypted one is not supported)"
         )
         raise KubeConfigError(f"kubeconfig {key[1]} {why}") from err
     return cert_data, key[0]
+
+
+_NOT_THE_KEY = frozenset({"KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"})
+"""OpenSSL's reasons for a key that does not go with the certificate: of
+another certificate, or of another type (an EC key beside an RSA
+certificate)."""
+
+_CERTIFICATE_REFUSED = frozenset(
+    {"CA_MD_TOO_WEAK", "EE_KEY_TOO_SMALL", "CA_KEY_TOO_SMALL"}
+)
+"""OpenSSL's reasons for refusing a client certificate under its security
+level: signed with SHA-1 or MD5, or a key too small (1024-bit RSA)."""
 
 
 def _named(items: Any, name: str, kind: str) -> dict[str, Any]:

@@ -53,27 +53,36 @@ def parse_vllm_metrics(text: str, now: float) -> LoadReport:
     (label `engine`): the requests running and waiting are summed over them, and
     the KV-cache use, a fraction of each engine's own cache, is their mean (two
     engines at 0.9 are a pod at 0.9, not 1.8). A sample that is not a finite
-    number (`NaN`, `+Inf`, `-Inf`) is left out, as if that engine did not
-    export it; a figure with no sample left is None, as a missing one is (read
-    as 0, it made a replica that exports none look idle to `kv-aware`).
+    number (`NaN`, `+Inf`, `-Inf`, or no number) makes its figure None, as a
+    missing one is: read as 0, it made a replica that exports none look idle
+    to `kv-aware`, and the other engines' sum alone, a pod busier than it
+    looked.
     """
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
+    # A figure one engine's sample of is left out is not known in full: the
+    # other engines' sum alone made a pod look idler than one that reports.
+    unknown: set[str] = set()
     for line in text.splitlines():
         if not line.startswith("vllm:"):
             continue
         sample = _sample(line)
         if sample is not None:
             name, value = sample
+            if value is None:
+                unknown.add(name)
+                continue
             sums[name] = sums.get(name, 0.0) + value
             counts[name] = counts.get(name, 0) + 1
+    for name in unknown:
+        sums.pop(name, None)
     kv = next((sums[n] / counts[n] for n in KV_USAGE if n in sums), None)
     return LoadReport(sums.get(RUNNING), sums.get(WAITING), kv, now)
 
 
-def _sample(line: str) -> tuple[str, float] | None:
-    """The name and value of a sample line of a figure read, else None (also
-    when the value is not a finite number).
+def _sample(line: str) -> tuple[str, float | None] | None:
+    """The name and value of a sample line of a figure read (the value None
+    when it is not a finite number), else None.
 
     A sample is `name{labels} value [timestamp]`: the value is the first field
     after the labels (not the last, which is the timestamp when there is one),
@@ -91,11 +100,11 @@ def _sample(line: str) -> tuple[str, float] | None:
     try:
         value = float(values[0])
     except ValueError:
-        return None
+        return name, None
     # Prometheus text allows NaN and +-Inf; neither measures a load, and a NaN
     # score would win kv-aware's min() (nothing compares below it): such a
     # sample counts as absent, like a figure the replica does not export.
-    return (name, value) if math.isfinite(value) else None
+    return (name, value) if math.isfinite(value) else (name, None)
 
 
 def _after_labels(line: str, brace: int) -> int:

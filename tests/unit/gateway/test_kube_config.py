@@ -12,7 +12,7 @@ import pytest
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from citadel.gateway.kube.config import KubeConfigError, in_cluster, load_kubeconfig
@@ -32,8 +32,10 @@ class Pki:
     encrypted_key: bytes
 
 
-def _self_signed(name: str) -> tuple[bytes, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
+def _self_signed(
+    name: str, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | None = None
+) -> tuple[bytes, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey]:
+    key = key or ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = dt.datetime.now(dt.UTC)
     cert = (
@@ -49,7 +51,9 @@ def _self_signed(name: str) -> tuple[bytes, ec.EllipticCurvePrivateKey]:
     return cert.public_bytes(serialization.Encoding.PEM), key
 
 
-def _pem(key: ec.EllipticCurvePrivateKey, password: bytes | None = None) -> bytes:
+def _pem(
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, password: bytes | None = None
+) -> bytes:
     encryption: serialization.KeySerializationEncryption = (
         serialization.BestAvailableEncryption(password)
         if password
@@ -290,3 +294,45 @@ def test_tls_data_it_cannot_use_is_refused_at_load_naming_the_field(
     path = write(tmp_path, {k: inline.get(v, v) for k, v in user.items()}, **cluster)
     with pytest.raises(KubeConfigError, match=message):
         load_kubeconfig(path)
+
+
+def test_a_key_of_another_type_is_not_the_certificate_s(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """OpenSSL says NO_CERTIFICATE_ASSIGNED, not KEY_VALUES_MISMATCH, for an EC
+    key beside an RSA certificate: it was called no PEM private key."""
+    rsa_cert, _ = _self_signed("client", rsa.generate_private_key(65537, 2048))
+    user = {"client-certificate-data": b64(rsa_cert), "client-key-data": b64(pki.key)}
+    with pytest.raises(KubeConfigError, match="client-key-data is not the key of"):
+        load_kubeconfig(write(tmp_path, user))
+
+
+def test_a_certificate_openssl_refuses_is_named_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    """A 1024-bit RSA certificate, below OpenSSL's security level: its key,
+    a fine PEM, was blamed."""
+    cert, key = _self_signed("client", rsa.generate_private_key(65537, 1024))
+    user = {"client-certificate-data": b64(cert), "client-key-data": b64(_pem(key))}
+    with pytest.raises(KubeConfigError) as err:
+        load_kubeconfig(write(tmp_path, user))
+    assert str(err.value).startswith(
+        "kubeconfig client-certificate-data is refused by OpenSSL (EE_KEY_TOO_SMALL)"
+    )
+
+
+def test_a_ca_bundle_with_text_around_its_certificates_loads(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """A bundle's comments may be in any language (older Mozilla bundles name
+    issuers in Hungarian); OpenSSL's cadata takes ASCII only, and kubectl reads
+    the certificates alone."""
+    other, _ = _self_signed("other ca")
+    bundle = "# Issuer: CN=Főtanúsítvány\n".encode() + pki.ca + b"trailing\r\n" + other
+    cfg = load_kubeconfig(
+        write(tmp_path, {"token": "t"}, **{"certificate-authority-data": b64(bundle)})
+    )
+    assert cfg.ca_data == pki.ca + other  # each ends in a line end
+    context = cfg.ssl_context()
+    assert isinstance(context, ssl.SSLContext)
+    assert context.cert_store_stats()["x509"] == 2

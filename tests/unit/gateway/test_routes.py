@@ -295,3 +295,24 @@ def test_more_than_one_gzip_member_is_refused() -> None:
         configmap_document(_gz(members))
     with pytest.raises(RoutesError, match="more than one gzip member"):
         configmap_document(_gz(gzip.compress(text) + b"junk"))
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["http://user:pw@vllm:8000", "http://vllm:8000?x=a:b", "http://u@[::1]"]
+)
+def test_a_user_part_or_a_query_is_no_part_of_the_host(endpoint: str) -> None:
+    """Their colons were counted as an IPv6 address's, and the endpoint refused
+    as one without brackets."""
+    doc = {
+        "models": [
+            {
+                "name": "m",
+                "namespace": "ns",
+                "servedName": "m",
+                "service": "s",
+                "endpoints": [endpoint],
+            }
+        ]
+    }
+    reading = read_document(json.dumps(doc))
+    assert not reading.problems and reading.document.models[0].endpoints == (endpoint,)

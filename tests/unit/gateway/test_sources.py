@@ -577,16 +577,21 @@ vllm:num_requests_running{model_name="x"}
 def test_vllm_metrics_drop_a_sample_that_is_not_finite(bad: str) -> None:
     """Prometheus text allows NaN and infinities: read as figures, a NaN score
     could win kv-aware's min() (every comparison with it is false) and one NaN
-    engine made the pod's mean KV-cache use NaN. Such a sample is no measure: it
-    counts as absent, as a figure the replica does not export."""
+    engine made the pod's mean KV-cache use NaN. Such a sample is no measure: its
+    figure is not known, as one the replica does not export; the other engines'
+    alone made a data-parallel pod look idler than it was."""
     text = f"""vllm:num_requests_running{{engine="0"}} {bad}
 vllm:num_requests_running{{engine="1"}} 2
 vllm:num_requests_waiting {bad}
 vllm:kv_cache_usage_perc{{engine="0"}} {bad}
 vllm:kv_cache_usage_perc{{engine="1"}} 0.6
+vllm:num_requests_waiting{{engine="1"}} 1
 """
     report = parse_vllm_metrics(text, 0.0)
-    assert report.figures() == (2, None, 0.6)
+    assert report.figures() == (None, None, None)
+    running = f'vllm:num_requests_running{{engine="0"}} {bad}'
+    text = text.replace(running, 'vllm:num_requests_running{engine="0"} 3')
+    assert parse_vllm_metrics(text, 0.0).figures() == (5, None, None)
     # The only sample of the newer name is not finite: the older name counts.
     text = f"vllm:kv_cache_usage_perc {bad}\nvllm:gpu_cache_usage_perc 0.3\n"
     assert parse_vllm_metrics(text, 0.0).kv_cache_usage == 0.3
