@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import socket
 import urllib.request
+from collections.abc import Iterator
+from typing import Any
 
 import kopf
 import pytest
@@ -157,3 +160,34 @@ def test_metrics_are_served_to_ipv6_scrapes() -> None:
 
 def test_metrics_turned_off_serve_nothing(settings: OperatorSettings) -> None:
     serve_metrics(settings.model_copy(update={"metrics_port": 0}), Metrics().registry)()
+
+
+@pytest.fixture
+def collector() -> Iterator[None]:
+    """Gives the collector back as it was: a test that runs main tunes it for
+    the whole (test) process."""
+    thresholds = gc.get_threshold()
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)
+
+
+def test_the_collector_is_tuned_before_kopf_runs(
+    monkeypatch: pytest.MonkeyPatch, collector: None
+) -> None:
+    monkeypatch.setenv("CITADEL_OPERATOR_METRICS_PORT", "0")
+    monkeypatch.setenv("CITADEL_OPERATOR_HEALTH_PORT", "0")
+    monkeypatch.setattr(kopf, "configure", lambda **_: None)
+    seen: dict[str, Any] = {}
+
+    def run(**_: Any) -> None:
+        seen["thresholds"] = gc.get_threshold()
+        seen["frozen"] = gc.get_freeze_count()
+
+    monkeypatch.setattr(kopf, "run", run)
+    assert main([]) == 0
+    # Full collections far apart (see tune_collector).
+    assert seen["thresholds"][2] >= 100
+    # Start-up's objects are left out of full collections.
+    assert seen["frozen"] > 10_000
