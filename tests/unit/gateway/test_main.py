@@ -42,6 +42,14 @@ def unfrozen() -> Iterator[None]:
     gc.unfreeze()
 
 
+def refused_start(capsys: pytest.CaptureFixture[str]) -> str:
+    """What `citadel-gateway` printed when it refused to start (exit code 2)."""
+    with pytest.raises(SystemExit) as refused:
+        entry.main([])
+    assert refused.value.code == 2
+    return capsys.readouterr().err
+
+
 def test_startup_objects_are_frozen_before_serving(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unfrozen: None
 ) -> None:
@@ -225,11 +233,8 @@ def test_a_listen_host_that_is_not_an_ip_address_stops_the_start(
     monkeypatch.setenv("CITADEL_GATEWAY_HOST", host)
     # Without the check, start-up goes on and fails at once on the cluster.
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    with pytest.raises(SystemExit) as refused:
-        entry.main([])
-    assert refused.value.code == 2
     # One line naming the variable, what it was and what to set; no traceback.
-    assert capsys.readouterr().err == (
+    assert refused_start(capsys) == (
         "citadel-gateway: invalid settings\n"
         f"CITADEL_GATEWAY_HOST={host!r}: not an IP address: set 0.0.0.0 (every "
         "IPv4 address), :: (IPv6) or an address of this machine such as 127.0.0.1\n"
@@ -260,10 +265,7 @@ def test_bad_settings_stop_the_start_with_a_line_each(
 ) -> None:
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    with pytest.raises(SystemExit) as refused:
-        entry.main([])
-    assert refused.value.code == 2
-    assert capsys.readouterr().err == f"citadel-gateway: invalid settings\n{line}\n"
+    assert refused_start(capsys) == f"citadel-gateway: invalid settings\n{line}\n"
 
 
 def test_the_head_timeout_is_a_positive_time() -> None:
@@ -287,10 +289,7 @@ def test_no_cluster_and_no_routes_file_stops_the_start_with_what_to_set(
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.delenv("CITADEL_GATEWAY_KUBECONFIG", raising=False)
     monkeypatch.delenv("CITADEL_GATEWAY_ROUTES_SOURCE", raising=False)
-    with pytest.raises(SystemExit) as refused:
-        entry.main([])
-    assert refused.value.code == 2
-    err = capsys.readouterr().err
+    err = refused_start(capsys)
     assert err.startswith("citadel-gateway: not in a cluster")
     assert "CITADEL_GATEWAY_ROUTES_SOURCE=file" in err and "Traceback" not in err
 
@@ -320,10 +319,7 @@ def test_a_missing_routes_or_keys_file_stops_the_start_with_what_to_set(
     monkeypatch.delenv("CITADEL_GATEWAY_KUBECONFIG", raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    with pytest.raises(SystemExit) as refused:
-        entry.main([])
-    assert refused.value.code == 2
-    err = capsys.readouterr().err
+    err = refused_start(capsys)
     assert err.startswith(f"citadel-gateway: {missing} is required")
     assert "Traceback" not in err
 
@@ -355,10 +351,7 @@ def test_a_kubeconfig_whose_tls_data_is_no_pem_stops_the_start_in_a_line(
         )
     )
     monkeypatch.setenv("CITADEL_GATEWAY_KUBECONFIG", str(kubeconfig))
-    with pytest.raises(SystemExit) as refused:
-        entry.main([])
-    assert refused.value.code == 2
-    assert capsys.readouterr().err == (
+    assert refused_start(capsys) == (
         "citadel-gateway: kubeconfig certificate-authority-data holds no PEM "
         "certificate\n"
     )
