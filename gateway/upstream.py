@@ -166,11 +166,14 @@ Address = tuple[str, int, bool]
 """Host, port, TLS."""
 
 
-def _authority(host: str, port: int) -> str:
-    """`host:port` for a message: an IPv6 address in brackets (`[fd00::1]:8000`),
-    where `fd00::1:8000` reads as an address without a port (`urlsplit` takes
-    the host without its brackets)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def authority(host: str, port: int) -> str:
+    """`host:port`, an IPv6 address in brackets (`[fd00::1]:8000`), as URLs,
+    messages and grpc-core read it: `fd00::1:8000` reads as an address without
+    a port. A host in brackets already (as `urlsplit` does not leave it) stays
+    as it is."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
 
 
 def _within(limit_s: float, deadline: float | None) -> float:
@@ -404,7 +407,7 @@ class _Connection(asyncio.Protocol):
         being the most it could have been (less: a bound on the whole request
         or body cut it short: the request's deadline, or the time a read was
         given)."""
-        where = _authority(*self.address[:2])
+        where = authority(*self.address[:2])
         if timeout_s >= limit_s:
             return f"no answer from {where} in {timeout_s:.3g} s"
         # "in 0 s" read as a replica that failed at once, where the request
@@ -666,11 +669,11 @@ class UpstreamClient:
                 )
         except TimeoutError:
             raise UpstreamConnectTimeout(
-                f"connect timeout to {_authority(host, port)}"
+                f"connect timeout to {authority(host, port)}"
             ) from None
         except (OSError, ssl.SSLError) as err:
             raise UpstreamUnreachable(
-                f"cannot connect to {_authority(host, port)}: {err}"
+                f"cannot connect to {authority(host, port)}: {err}"
             ) from err
         return protocol
 

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from citadel.gateway.deps import Deps
 from citadel.gateway.rpc.service import InferenceService, readable
 from citadel.gateway.rpc.v1 import citadel_pb2 as pb
+from citadel.gateway.upstream import authority
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +36,7 @@ def listen_address(host: str, port: int) -> str:
     """`host:port` as grpc-core reads it, an IPv6 address in brackets
     (`[::]:50051`): grpc-core reads `:::50051` as a host without a port, and the
     server fails to start."""
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"{host}:{port}"
+    return authority(host, port)
 
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name

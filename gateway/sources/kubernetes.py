@@ -56,6 +56,7 @@ from citadel.gateway.sources.base import (
     start_supervised,
     watch_reporter,
 )
+from citadel.gateway.upstream import authority
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +100,13 @@ def slice_endpoints(slice_: Obj) -> list[Endpoint]:
         address = addresses[0]
         if not isinstance(address, str):
             raise TypeError(f"an address that is not a string: {address!r}")
-        host = f"[{address}]" if ":" in address else address
         cond = endpoint.get("conditions") or {}
         ready = cond.get("ready") is not False  # unset means ready
         serving = cond.get("serving", ready) is not False
         terminating = cond.get("terminating") is True
         uid = (endpoint.get("targetRef") or {}).get("uid")
         pod = uid if isinstance(uid, str) and uid else None
-        url = f"http://{host}:{port}"
+        url = f"http://{authority(address, port)}"
         result.append(Endpoint(url, ready, serving, terminating, pod))
     return result
 
