@@ -115,14 +115,12 @@ def _load_client_pair(ctx: ssl.SSLContext, cert: bytes, key: bytes) -> None:
         ctx.load_cert_chain(cert_file, key_file, password=_no_password)
 
 
-def _certificates(source: _Source | None) -> bytes | None:
-    """The data of `source`, once OpenSSL finds a PEM certificate in it.
+def _certificates(source: _Source) -> bytes:
+    """The PEM certificates in `source`, once OpenSSL reads them.
 
     Raises:
         KubeConfigError: it holds none (the message says where it came from).
     """
-    if source is None:
-        return None
     data, where = source
     # The certificates alone: text around them (a bundle's comments, in any
     # language) is no part of them, and OpenSSL's cadata takes ASCII only.
@@ -164,7 +162,8 @@ def _client_pair(
         return None, None
     cert_data = _certificates(cert)
     try:
-        _load_client_pair(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), cert[0], key[0])
+        # What `ssl_context` will load: the certificates alone.
+        _load_client_pair(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), cert_data, key[0])
     except ssl.SSLError as err:
         if err.reason in _CERTIFICATE_REFUSED:
             raise KubeConfigError(
@@ -229,12 +228,13 @@ def load_kubeconfig(path: Path, context: str | None = None) -> KubeConfig:
     # Read here as `ssl_context` reads them: data OpenSSL cannot use stops the
     # start with a line naming it, where it stopped the app's start-up with an
     # SSLError's traceback.
+    ca = _data(cluster, "certificate-authority", base)
     cert_data, key_data = _client_pair(
         _data(user, "client-certificate", base), _data(user, "client-key", base)
     )
     return KubeConfig(
         server=str(cluster.get("server", "")).rstrip("/"),
-        ca_data=_certificates(_data(cluster, "certificate-authority", base)),
+        ca_data=_certificates(ca) if ca else None,
         insecure=bool(cluster.get("insecure-skip-tls-verify", False)),
         cert_data=cert_data,
         key_data=key_data,
