@@ -68,19 +68,23 @@ def _usable_endpoint(url: str) -> str:
         ValueError: it does not (the message holds no value: see
             `invalid_fields`).
     """
-    authority = url.partition("://")[2]
-    # The host and port only: not a user part before "@", nor a query after.
-    authority = authority.partition("?")[0].partition("#")[0].rpartition("@")[2]
-    # `http://fd00::1:8000` matched the pattern and failed every request sent
-    # to it ("bad port"): urlsplit reads a host before the first colon.
-    if authority.count(":") > 1 and not authority.startswith("["):
+    unreadable = "not a URL of a host and a port"
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unclosed bracket
+        raise ValueError(unreadable) from None
+    # The host and port, without a user part: `http://fd00::1:8000` matched
+    # the pattern and failed every request sent to it ("bad port"), as
+    # urlsplit reads a host before the first colon.
+    host_port = parts.netloc.rpartition("@")[2]
+    if host_port.count(":") > 1 and not host_port.startswith("["):
         raise ValueError(
             "an IPv6 address goes in brackets, as in http://[fd00::1]:8000"
         )
     try:
-        _ = urlsplit(url).port  # reading it checks it
-    except ValueError:  # a port that is no number, an unclosed bracket
-        raise ValueError("not a URL of a host and a port") from None
+        _ = parts.port  # reading it checks it
+    except ValueError:  # a port that is no number
+        raise ValueError(unreadable) from None
     return url
 
 
