@@ -299,6 +299,29 @@ def overview() -> Any:
             ],
         ),
         panel(
+            "Placements shared/s",
+            "Prefix-aware placements the gateway replicas share through Redis: "
+            "published (each gateway's own) and learned (the others', recorded); "
+            "with two gateways, learned follows published. Dropped ones by "
+            "reason: outbox (more waiting than 10,000), redis (a publish "
+            "failed: the gateway's log says why), unknown (a model or pod a "
+            "gateway does not route to, for a moment after pods change), "
+            "malformed. None published while Redis is set: the sharing is off "
+            "(CITADEL_GATEWAY_SHARE_PLACEMENTS) or failing.",
+            [
+                (
+                    "sum by (direction) "
+                    f"(rate(citadel_gateway_placements_shared_total{{{GW}}}[{RI}]))",
+                    "{{direction}}",
+                ),
+                (
+                    "sum by (reason) "
+                    f"(rate(citadel_gateway_placements_dropped_total{{{GW}}}[{RI}]))",
+                    "dropped {{reason}}",
+                ),
+            ],
+        ),
+        panel(
             "Heads refused/s",
             "Requests refused before the app saw them (so not in Requests/s), "
             "their connection closed: 431 for a request line and headers over "

@@ -27,6 +27,8 @@ LABEL_DOOR = "door"
 LABEL_CODE = "code"
 # The kind of object a Kubernetes watch keeps (routes, endpointslices, secrets).
 LABEL_RESOURCE = "resource"
+LABEL_DIRECTION = "direction"
+LABEL_REASON = "reason"
 
 OTHER_KEY = "other"
 ANONYMOUS_KEY = "anonymous"
@@ -144,6 +146,23 @@ class GatewayMetrics:
             PREFIX + "routing_decisions",
             "Replica choices, by strategy and how the choice was made.",
             [LABEL_MODEL, LABEL_STRATEGY, LABEL_KIND],
+            registry=r,
+        )
+        self.placements_shared = Counter(
+            PREFIX + "placements_shared",
+            "Prefix-aware placements shared with the other gateway replicas "
+            "through Redis, by direction: published (this gateway's) or learned "
+            "(another's, recorded here).",
+            [LABEL_DIRECTION],
+            registry=r,
+        )
+        self.placements_dropped = Counter(
+            PREFIX + "placements_dropped",
+            "Placements not shared, by reason: outbox (more waiting than the "
+            "outbox holds), redis (the publish failed), unknown (another "
+            "gateway's, for a model or replica this one does not route to), "
+            "malformed (a message on the channel not the gateway's).",
+            [LABEL_REASON],
             registry=r,
         )
         self.ejections = Counter(

@@ -84,6 +84,19 @@ class GatewaySettings(BaseSettings):
     """How long a Redis call may take before limits fail open for that request;
     without it a stalled Redis would hold every request for the client's
     default of seconds."""
+    share_placements: bool = True
+    """With `redis_url` set, publish each `prefix-aware` placement (which
+    replica was sent which prompt prefix) to the other gateway replicas and
+    record theirs (Redis pub/sub), so that a conversation whose turns reach
+    different gateway replicas stays on one model replica. False keeps each
+    gateway's placements its own (Redis then serves the limits alone)."""
+    placements_channel: str = ""
+    """The Redis channel of the placements; empty: `citadel:placements:`
+    and the routing document's namespace (`routes_namespace`, else
+    `namespace`), so that releases sharing one Redis keep theirs apart."""
+    placements_flush_s: float = Field(0.005, gt=0, le=1)
+    """How long a placement waits for others to share its Redis message: the
+    longer, the fewer messages, and the later the other gateways know it."""
     shutdown_grace_s: int = Field(30, ge=0)
     """After SIGTERM, how long requests in flight (open streams too) may finish
     before they are cut (503 `shutting_down`), REST and gRPC at once. Keep it

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
+import redis.asyncio as aioredis
+
 from citadel.gateway.deps import Deps
 from citadel.gateway.kube.client import KubeClient
 from citadel.gateway.kube.config import KubeConfig, in_cluster, load_kubeconfig
@@ -13,6 +15,11 @@ from citadel.gateway.services.auth import Authenticator, InMemoryKeyStore
 from citadel.gateway.services.buckets import BucketStore, InProcessBuckets
 from citadel.gateway.services.catalog import Catalog
 from citadel.gateway.services.limits import Limiter
+from citadel.gateway.services.placements import (
+    Placement,
+    PlacementExchange,
+    channel_name,
+)
 from citadel.gateway.services.proxy import ProxyOptions, ProxyService
 from citadel.gateway.services.redis_buckets import RedisBuckets
 from citadel.gateway.services.replicas import EjectionPolicy
@@ -55,7 +62,20 @@ def build_deps(settings: GatewaySettings, environ: Mapping[str, str]) -> Deps:
         metrics.routing_decisions.labels(model, strategy, how).inc()
 
     load_max_age_s = report_max_age_s(settings.metrics_scrape_period_s)
-    router = Router(catalog, time.monotonic, decided, load_max_age_s=load_max_age_s)
+    exchange: PlacementExchange | None = None
+    on_placed: Callable[[Placement], None] | None = None
+    if settings.redis_url and settings.share_placements:
+        exchange = _placement_exchange(settings, metrics)
+        on_placed = exchange.offer
+    router = Router(
+        catalog,
+        time.monotonic,
+        decided,
+        load_max_age_s=load_max_age_s,
+        on_placed=on_placed,
+    )
+    if exchange is not None:
+        exchange.learn = router.learn
     store, shutdown = _bucket_store(settings)
     limiter = Limiter(store, time.time)
     deps = Deps(
@@ -77,8 +97,56 @@ def build_deps(settings: GatewaySettings, environ: Mapping[str, str]) -> Deps:
             catalog, upstream, settings.metrics_scrape_period_s, time.monotonic
         )
     )
+    if exchange is not None:
+        deps.sources.append(exchange)
+        deps.shutdown.append(exchange.close)
     _add_sources(settings, environ, deps, keys)
     return deps
+
+
+class _PlacementMetrics:
+    """`PlacementCounts` as the gateway's metrics."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self._metrics = metrics
+
+    def published(self, count: int) -> None:
+        self._metrics.placements_shared.labels("published").inc(count)
+
+    def learned(self, count: int) -> None:
+        self._metrics.placements_shared.labels("learned").inc(count)
+
+    def dropped(self, reason: str, count: int) -> None:
+        self._metrics.placements_dropped.labels(reason).inc(count)
+
+
+def _placement_exchange(
+    settings: GatewaySettings, metrics: GatewayMetrics
+) -> PlacementExchange:
+    """The exchange of placements on the settings' Redis (`share_placements`);
+    its `learn` is set once the router exists."""
+    client = aioredis.Redis.from_url(
+        settings.redis_url,
+        # A publish that stalls holds back only the placements behind it; the
+        # subscription waits with a timeout of its own, and pings Redis when
+        # idle so that a connection cut without a word is found.
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        health_check_interval=PLACEMENTS_HEALTH_CHECK_S,
+    )
+    channel = settings.placements_channel or channel_name(
+        settings.routes_namespace or settings.namespace
+    )
+    return PlacementExchange(
+        client,
+        channel,
+        counts=_PlacementMetrics(metrics),
+        flush_s=settings.placements_flush_s,
+    )
+
+
+PLACEMENTS_HEALTH_CHECK_S = 10.0
+"""Seconds of silence on the placements subscription before Redis is pinged."""
 
 
 def _bucket_store(

@@ -260,6 +260,70 @@ def block_hashes(text: str, block_chars: int = BLOCK_CHARS) -> list[int]:
     return hashes
 
 
+Mark = tuple[int, int]
+"""Where a prompt ends (`prompt_mark`): a length and a hash of what ends it."""
+
+_TAIL_CHARS = BLOCK_CHARS
+"""Characters before a prompt string's end that its mark hashes."""
+
+
+def prompt_mark(body: Mapping[str, Any]) -> Mark | None:
+    """Where a request's prompt ends, so that a later request can be told to
+    continue it (`continues`): the same conversation, longer by a turn or more,
+    or the same request again.
+
+    For a chat: its number of messages and the hash of the last one (as JSON
+    with sorted keys, so its media and tool calls count); for a prompt
+    string: its length and the hash of its last `BLOCK_CHARS` characters.
+    None for anything else (a batch, token ids, an empty chat).
+    """
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        if not messages:
+            return None
+        return len(messages), _message_hash(messages[-1])
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) and prompt:
+        return len(prompt), _text_hash(prompt[-_TAIL_CHARS:])
+    return None
+
+
+def continues(body: Mapping[str, Any], mark: Mark) -> bool:
+    """Whether the request's prompt starts with the prompt `mark` was taken
+    of, as far as the mark tells: the message (or the characters) that ended
+    that one is where it ended it.
+
+    A chat that sends its whole history at each turn continues its last
+    turn; a turn of another conversation that shares the hashed window (a
+    long system prompt or tool set) does not, unless its messages there are
+    the same ones.
+    """
+    count, digest = mark
+    if count < 1:
+        return False
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        return len(messages) >= count and _message_hash(messages[count - 1]) == digest
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        tail = prompt[max(0, count - _TAIL_CHARS) : count]
+        return len(prompt) >= count and _text_hash(tail) == digest
+    return False
+
+
+def _text_hash(text: str) -> int:
+    """xxh3 of `text` in UTF-8 (a lone surrogate, which JSON may carry, as
+    it is)."""
+    return xxhash.xxh3_64_intdigest(text.encode(errors="surrogatepass"))
+
+
+def _message_hash(message: object) -> int:
+    """A message's identity: xxh3 of its JSON with sorted keys, written in C
+    (the body was written whole when it was read, so it nests no deeper than
+    orjson writes)."""
+    return xxhash.xxh3_64_intdigest(orjson.dumps(message, option=orjson.OPT_SORT_KEYS))
+
+
 def rendezvous(key: str | int, urls: list[str]) -> str:
     """The URL with the highest hash for `key` (stable when others come and go)."""
 
@@ -334,16 +398,21 @@ class BlockTable:
         i = (block >> 32) & slot
         return masks[i] if keys[i] == block else 0
 
-    def add(self, blocks: Sequence[int], bit: int) -> None:
-        """Records that `blocks` were sent to the replica of `bit`."""
+    def add(self, blocks: Sequence[int], bit: int) -> list[int]:
+        """Records that `blocks` were sent to the replica of `bit`; returns
+        those it was not known to hold (a few may have been: a hash in its
+        second slot is not looked for there, to keep the common case short)."""
         keys, masks, slot, put = self._keys, self._masks, self._slot, self._put
+        fresh: list[int] = []
         for block in blocks:
             i = block & slot
             # Most of a conversation's blocks were sent to this replica before.
             if not (keys[i] == block and masks[i] & bit):
                 put(block, bit)
+                fresh.append(block)
         if self._used * 4 > self._slot + 1 and self._slot + 1 < self._max_slots:
             self._grow()
+        return fresh
 
     def _put(self, block: int, bit: int) -> None:
         keys, masks, slot = self._keys, self._masks, self._slot

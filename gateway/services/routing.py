@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Collection
 
 from citadel.gateway.errors import NoReplica
-from citadel.gateway.routes import ModelRoute, RoutingDocument
+from citadel.gateway.routes import ModelRoute, RoutingDocument, RoutingStrategy
 from citadel.gateway.services.catalog import Catalog
+from citadel.gateway.services.placements import Placement
+from citadel.gateway.services.prefix import Mark
 from citadel.gateway.services.replicas import Replica
-from citadel.gateway.services.strategies import RouteRequest, Strategy, make_strategy
+from citadel.gateway.services.strategies import (
+    PrefixAware,
+    RouteRequest,
+    Strategy,
+    make_strategy,
+)
 
 NO_REPLICA_RETRY_S = 5.0
 
@@ -27,6 +35,8 @@ class Router:
         on_decision: called with (model, strategy, how) after each choice.
         load_max_age_s: how old a replica's vLLM load report may be and still
             count for `kv-aware` (see `scraper.report_max_age_s`).
+        on_placed: told each `prefix-aware` placement, to share it with the
+            other gateway replicas (`placements.PlacementExchange.offer`).
     """
 
     def __init__(
@@ -35,8 +45,10 @@ class Router:
         clock: Callable[[], float],
         on_decision: Callable[[str, str, str], None] | None = None,
         load_max_age_s: float = math.inf,
+        on_placed: Callable[[Placement], None] | None = None,
     ) -> None:
         self._catalog = catalog
+        self._on_placed = on_placed
         self._clock = clock
         self._load_max_age_s = load_max_age_s
         self._on_decision = on_decision
@@ -87,13 +99,52 @@ class Router:
                 "try again shortly.",
                 retry_after_s=NO_REPLICA_RETRY_S,
             )
-        key = (route.served_name, route.strategy.value)
-        strategy = self._strategies.get(key)
-        if strategy is None:
-            strategy = self._strategies[key] = make_strategy(
-                route.strategy, self._clock, self._load_max_age_s
-            )
-        replica, how = strategy.choose(healthy, request)
+        replica, how = self._strategy(route).choose(healthy, request)
         if self._on_decision:
             self._on_decision(route.served_name, route.strategy.value, how)
         return replica
+
+    def learn(self, placement: Placement) -> bool:
+        """Records another gateway replica's `prefix-aware` placement in the
+        model's strategy, as if this one had made it.
+
+        Returns False, recording nothing, when no model of the document in
+        force has that served name and routes prefix-aware, or the replica is
+        not one of its replicas here (a pod gone, or not seen yet): the
+        gateways' views of the pods differ for a moment after each change.
+        """
+        route = self._catalog.route_named(placement.model)
+        if (
+            route is None
+            or route.served_name != placement.model
+            or route.strategy is not RoutingStrategy.PREFIX_AWARE
+        ):
+            return False
+        strategy = self._strategy(route)
+        if not isinstance(strategy, PrefixAware):
+            return False
+        return strategy.learn(
+            placement.url,
+            placement.blocks,
+            placement.window,
+            self._catalog.replicas(route),
+        )
+
+    def _strategy(self, route: ModelRoute) -> Strategy:
+        """The model's strategy, made at its first request (or placement)."""
+        key = (route.served_name, route.strategy.value)
+        strategy = self._strategies.get(key)
+        if strategy is None:
+            placed = None
+            if self._on_placed is not None:
+                placed = functools.partial(self._placed, route.served_name)
+            strategy = self._strategies[key] = make_strategy(
+                route.strategy, self._clock, self._load_max_age_s, placed
+            )
+        return strategy
+
+    def _placed(
+        self, model: str, url: str, blocks: list[int], window: Mark | None
+    ) -> None:
+        if self._on_placed is not None:
+            self._on_placed(Placement(model, url, tuple(blocks), window))

@@ -1,0 +1,291 @@
+"""Prefix-aware placements shared between gateway replicas through Redis pub/sub.
+
+`PrefixAware` keeps, in each gateway process, which replica was sent which prompt
+prefix. Behind a Service that spreads requests over several gateway replicas (the
+chart runs two), a conversation's turns reach them in turn, and each sent the
+conversation where it had sent it last: a closed-loop simulation of 16
+conversations on 4 replicas moved ~300 of every 1,000 turns with two gateways, 0
+with one, each move a prefill of the whole conversation again.
+
+Each gateway publishes, a few milliseconds after it routes a request, where it
+sent which blocks (only the blocks new to that replica in its own table, and the
+deepest one); every other gateway on the channel records them as if it had routed
+the request itself. The next turn of the conversation, whichever gateway gets it,
+then finds the replica that holds it. Only placements travel, never loads: each
+gateway balances by its own requests in flight, as before.
+
+Sharing is a hint, never on a request's path: a request is routed and sent
+without waiting for Redis; placements that cannot be published (Redis down, the
+outbox full) are dropped and counted, and a gateway cut off from the channel
+routes by what it knows itself, as a single gateway does.
+
+A message is one batch: a header (`MAGIC`, the sender's id, the number of
+records), then per record a header (`_RECORD`: flags, block count, lengths of the
+model name and the replica URL), the name and the URL in UTF-8 and the block
+hashes as little-endian 64-bit integers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import struct
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import redis.asyncio as aioredis
+
+from citadel.gateway.services.prefix import Mark
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"CPL1"
+_HEADER = struct.Struct("<4s8sH")
+_RECORD = struct.Struct("<BBHH")
+_WINDOW = 1
+"""Record flag: the last block closes a whole hashed window (`PrefixAware`);
+the record's blocks are followed by the prompt's mark (`_MARK`)."""
+_MARK = struct.Struct("<QQ")
+MAX_RECORDS = 1024
+"""Records per message at most (a message of 1,024 records of 64 blocks and
+long names is under 700 KB; most carry a block or two each)."""
+MAX_BLOCKS = 255
+"""Blocks per record at most (the count is one byte; a prefix has 64)."""
+LISTEN_S = 1.0
+"""How long the subscription waits for a message before it looks again."""
+MAX_NAME = 4096
+"""Bytes of a model name or a replica URL at most."""
+
+
+class PlacementFormatError(ValueError):
+    """A message on the placements channel that is not one `encode` writes."""
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Blocks of a prompt prefix a gateway sent to a replica.
+
+    Attributes:
+        model: the model's served name.
+        url: the replica's URL.
+        blocks: block hashes (`prefix.block_hashes`) now held there.
+        window: when the last of `blocks` closes a whole hashed window, where
+            the prompt ends (`prefix.prompt_mark`); else None.
+    """
+
+    model: str
+    url: str
+    blocks: tuple[int, ...]
+    window: Mark | None = None
+
+
+def encode(sender: bytes, placements: Sequence[Placement]) -> bytes:
+    """One message of `placements` from `sender` (8 bytes).
+
+    Raises:
+        ValueError: too many placements or blocks, or a name too long, for
+            the format (the caller keeps within `MAX_*`).
+    """
+    if len(placements) > MAX_RECORDS:
+        raise ValueError(f"{len(placements)} placements, at most {MAX_RECORDS}")
+    parts = [_HEADER.pack(MAGIC, sender, len(placements))]
+    for p in placements:
+        model, url = p.model.encode(), p.url.encode()
+        if len(p.blocks) > MAX_BLOCKS or max(len(model), len(url)) > MAX_NAME:
+            raise ValueError(f"placement of {p.model!r} too large to share")
+        flags = _WINDOW if p.window is not None else 0
+        parts.append(_RECORD.pack(flags, len(p.blocks), len(model), len(url)))
+        parts.append(model)
+        parts.append(url)
+        parts.append(struct.pack(f"<{len(p.blocks)}Q", *p.blocks))
+        if p.window is not None:
+            parts.append(_MARK.pack(*p.window))
+    return b"".join(parts)
+
+
+def decode(message: bytes) -> tuple[bytes, list[Placement]]:
+    """The sender and placements of a message `encode` wrote.
+
+    Raises:
+        PlacementFormatError: anything else (another version, cut short,
+            trailing bytes, names not UTF-8, a record with no block).
+    """
+    try:
+        magic, sender, count = _HEADER.unpack_from(message)
+        if magic != MAGIC:
+            raise PlacementFormatError(f"not a placements message: {magic!r}")
+        at = _HEADER.size
+        placements = []
+        for _ in range(count):
+            flags, blocks, model_size, url_size = _RECORD.unpack_from(message, at)
+            at += _RECORD.size
+            model = message[at : at + model_size].decode()
+            at += model_size
+            url = message[at : at + url_size].decode()
+            at += url_size
+            hashes = struct.unpack_from(f"<{blocks}Q", message, at)
+            at += 8 * blocks
+            window: Mark | None = None
+            if flags & _WINDOW:
+                window = _MARK.unpack_from(message, at)
+                at += _MARK.size
+            if not (blocks and model and url):
+                raise PlacementFormatError("a placement with no block, model or URL")
+            placements.append(Placement(model, url, hashes, window))
+    except (struct.error, UnicodeDecodeError) as err:
+        raise PlacementFormatError(f"malformed placements message: {err}") from err
+    if at != len(message):
+        raise PlacementFormatError(
+            f"malformed placements message: {len(message) - at} bytes past its end"
+        )
+    return sender, placements
+
+
+class PlacementCounts(Protocol):
+    """What the exchange tells of its work (the gateway's metrics count it).
+
+    Each method takes how many placements (or messages) it is about.
+    """
+
+    def published(self, count: int) -> None:
+        """Placements sent to the channel."""
+
+    def learned(self, count: int) -> None:
+        """Placements of other gateways recorded."""
+
+    def dropped(self, reason: str, count: int) -> None:
+        """Placements not shared: `outbox` (more waiting than `max_pending`),
+        `redis` (the publish failed), `unknown` (a model or replica this
+        gateway does not route to), `malformed` (a message not `encode`'s)."""
+
+
+class Uncounted:
+    """`PlacementCounts` that keeps nothing."""
+
+    def published(self, count: int) -> None:
+        """Keeps nothing."""
+
+    def learned(self, count: int) -> None:
+        """Keeps nothing."""
+
+    def dropped(self, reason: str, count: int) -> None:
+        """Keeps nothing."""
+
+
+class PlacementExchange:
+    """Publishes this gateway's placements and records the other gateways'.
+
+    A `Source`: `run` keeps the subscription and the publishing going until it
+    is cancelled, and raises when Redis fails so that `keep_running` starts it
+    again after a pause; placements offered meanwhile wait in the outbox, the
+    oldest dropped past `max_pending`.
+
+    Args:
+        client: a `redis.asyncio` client with no read timeout (the
+            subscription waits for messages as long as there are none).
+        channel: the channel every gateway of the release shares.
+        learn: records another gateway's placement; says whether it was taken
+            (False: a model or replica this gateway does not route to). The
+            router's `learn`, set as the attribute `learn` once the router,
+            which is told this exchange's `offer`, exists.
+        counts: where the work is counted.
+        flush_s: how long a placement waits for others to share its message.
+        max_pending: placements waiting to be published at most.
+        sender: this process's id on the channel (random by default).
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        channel: str,
+        learn: Callable[[Placement], bool] = lambda placement: False,
+        counts: PlacementCounts | None = None,
+        flush_s: float = 0.005,
+        max_pending: int = 10_000,
+        sender: bytes | None = None,
+    ) -> None:
+        self._client = client
+        self._channel = channel
+        self.learn = learn
+        self._counts = counts or Uncounted()
+        self._flush_s = flush_s
+        self._outbox: deque[Placement] = deque()
+        self._max_pending = max_pending
+        self._waiting = asyncio.Event()
+        self._sender = sender or os.urandom(8)
+
+    def offer(self, placement: Placement) -> None:
+        """Queues `placement` to be published (on the request's path: no I/O)."""
+        outbox = self._outbox
+        if len(outbox) >= self._max_pending:
+            outbox.popleft()
+            self._counts.dropped("outbox", 1)
+        outbox.append(placement)
+        self._waiting.set()
+
+    async def close(self) -> None:
+        """Closes the client's connections."""
+        await self._client.aclose()
+
+    async def run(self) -> None:
+        """Subscribes and publishes until cancelled; raises on a Redis error."""
+        async with self._client.pubsub() as pubsub, asyncio.TaskGroup() as tasks:
+            await pubsub.subscribe(self._channel)
+            log.info("sharing placements", extra={"channel": self._channel})
+            tasks.create_task(self._publish())
+            while True:
+                # A timeout, so that the client's health check pings an idle
+                # connection now and then: one cut without a word (a node
+                # gone) would otherwise be waited on for ever.
+                message = await pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=LISTEN_S
+                )
+                if message is not None and message["type"] == "message":
+                    self.receive(message["data"])
+
+    async def _publish(self) -> None:
+        while True:
+            await self._waiting.wait()
+            # A moment for the requests arriving with this one to join it.
+            await asyncio.sleep(self._flush_s)
+            self._waiting.clear()
+            while self._outbox:
+                batch = self._take(MAX_RECORDS)
+                try:
+                    await self._client.publish(
+                        self._channel, encode(self._sender, batch)
+                    )
+                except Exception:
+                    self._counts.dropped("redis", len(batch))
+                    raise
+                self._counts.published(len(batch))
+
+    def _take(self, limit: int) -> list[Placement]:
+        outbox = self._outbox
+        return [outbox.popleft() for _ in range(min(limit, len(outbox)))]
+
+    def receive(self, message: bytes) -> None:
+        """Records the placements of another gateway's `message`; skips this
+        one's own (Redis sends a publisher its messages too)."""
+        try:
+            sender, placements = decode(message)
+        except PlacementFormatError as err:
+            self._counts.dropped("malformed", 1)
+            log.warning("placements message dropped", extra={"reason": str(err)})
+            return
+        if sender == self._sender:
+            return
+        taken = sum(self.learn(p) for p in placements)
+        if taken:
+            self._counts.learned(taken)
+        if taken < len(placements):
+            self._counts.dropped("unknown", len(placements) - taken)
+
+
+def channel_name(namespace: str) -> str:
+    """The channel of the gateways that route by the routing document of
+    `namespace` (several releases may share one Redis)."""
+    return f"citadel:placements:{namespace}"

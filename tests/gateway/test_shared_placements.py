@@ -1,0 +1,187 @@
+"""Two gateway processes sharing one Redis keep each conversation on one replica,
+whichever of them gets its turns.
+
+Behind a Service without session affinity (the chart's two gateway replicas), a
+conversation's turns reach both gateways; each routes by the prefixes it has seen,
+and without the placements of the other it sends the turns it gets where it sent
+its own. Four simulated vLLM replicas (bench/simulator) serve; the gateways' log
+lines say which replica each conversation's turns went to.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from citadel_bench import procs
+
+pytestmark = pytest.mark.integration
+
+SIM_OPTIONS = (
+    "--prefill-tokens-per-s",
+    "10000000",
+    "--decode-base-s",
+    "0.0005",
+    "--decode-per-seq-s",
+    "0",
+)
+USERS = 7
+TURNS = 4
+LEARNED = 'citadel_gateway_placements_shared_total{direction="learned"}'
+PUBLISHED = 'citadel_gateway_placements_shared_total{direction="published"}'
+
+
+@pytest.fixture
+def replicas(tmp_path: Path) -> Iterator[list[str]]:
+    proc = procs.start("simulator", procs.simulator_argv(4, *SIM_OPTIONS), tmp_path)
+    try:
+        ports = procs.wait_listening(proc)
+        yield [f"http://127.0.0.1:{p}" for p in ports]
+    finally:
+        procs.stop(proc)
+
+
+def _converse(gateways: list[Any], key: str, settle: bool) -> None:
+    """Seven users, four turns each, a long text of each user's own at the head
+    of its first message after a shared system prompt; each turn through the
+    gateway of its turn's parity, the users in a different order each turn so
+    that neither gateway's own tie-breaking puts a conversation back where the
+    other sent it. With `settle`, each gateway has learned every placement of
+    the other before the next request."""
+    clients = [
+        openai.OpenAI(base_url=g.url + "/v1", api_key=key, max_retries=0)
+        for g in gateways
+    ]
+    system = "You answer questions about clusters. " * 40
+    chats: list[list[Any]] = [
+        [{"role": "system", "content": system}] for _ in range(USERS)
+    ]
+    order = random.Random(7)
+    for turn in range(TURNS):
+        users = list(range(USERS))
+        order.shuffle(users)
+        for user in users:
+            messages = chats[user]
+            own = f"User {user}'s notes: " + "lorem ipsum dolor " * 200 + "\n\n"
+            question = f"Question {turn} from user {user}?"
+            messages.append(
+                {"role": "user", "content": own + question if turn == 0 else question}
+            )
+            answer = clients[turn % 2].chat.completions.create(
+                model="chat",
+                messages=messages,
+                max_tokens=8,
+                extra_headers={"x-session-id": f"user-{user}"},
+            )
+            messages.append(
+                {"role": "assistant", "content": answer.choices[0].message.content}
+            )
+            if settle:
+                _wait_learned(gateways)
+    for client in clients:
+        client.close()
+
+
+def _wait_learned(gateways: list[Any]) -> None:
+    """Until each gateway has learned as many placements as the other has
+    published."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        first, second = gateways
+        if first.metric(LEARNED) == second.metric(PUBLISHED) and second.metric(
+            LEARNED
+        ) == first.metric(PUBLISHED):
+            return
+        time.sleep(0.02)
+    raise AssertionError("placements not learned within 10 s")
+
+
+def _replicas_by_session(gateways: list[Any]) -> dict[str, list[tuple[str, str]]]:
+    """Each session's (time, replica) of its requests, from both gateways' logs."""
+    found: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for gateway in gateways:
+        for line in gateway.log.read_text().splitlines():
+            if not line.startswith("{"):
+                continue
+            record = json.loads(line)
+            if record.get("msg") == "request" and record.get("session"):
+                found[record["session"]].append((record["ts"], record["replica"]))
+    return found
+
+
+def _start(
+    replicas: list[str],
+    start_gateway: Any,
+    helpers: Any,
+    tmp_path: Path,
+    redis_url: str,
+    **env: str,
+) -> tuple[list[Any], str]:
+    model = {
+        "name": "chat",
+        "namespace": "llm",
+        "servedName": "chat",
+        "service": "chat",
+        "endpoints": replicas,
+        "ready": True,
+        "strategy": "prefix-aware",
+    }
+    keys = tmp_path / "keys.json"
+    key = helpers.create_key(keys, "user")
+    gateways = [
+        start_gateway([model], keys, redis_url=redis_url, **env) for _ in range(2)
+    ]
+    return gateways, key
+
+
+def test_two_gateways_sharing_redis_keep_each_conversation_on_one_replica(
+    replicas: list[str],
+    start_gateway: Any,
+    helpers: Any,
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    gateways, key = _start(replicas, start_gateway, helpers, tmp_path, redis_url)
+    _converse(gateways, key, settle=True)
+    sessions = _replicas_by_session(gateways)
+    assert len(sessions) == USERS
+    for session, sent in sessions.items():
+        assert len(sent) == TURNS, session
+        assert len({replica for _, replica in sent}) == 1, (session, sorted(sent))
+    published = sum(g.metric(PUBLISHED) for g in gateways)
+    assert published == USERS * TURNS
+    assert sum(g.metric(LEARNED) for g in gateways) == published
+    assert (
+        sum(g.metric("citadel_gateway_placements_dropped_total") for g in gateways) == 0
+    )
+
+
+def test_without_sharing_the_gateways_split_conversations(
+    replicas: list[str],
+    start_gateway: Any,
+    helpers: Any,
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    """The same conversations with the sharing turned off (Redis for the limits
+    alone): the control that shows the test above can fail."""
+    gateways, key = _start(
+        replicas,
+        start_gateway,
+        helpers,
+        tmp_path,
+        redis_url,
+        share_placements="false",
+    )
+    _converse(gateways, key, settle=False)
+    sessions = _replicas_by_session(gateways)
+    split = [s for s, sent in sessions.items() if len({r for _, r in sent}) > 1]
+    assert split, sessions
+    assert sum(g.metric(PUBLISHED) for g in gateways) == 0

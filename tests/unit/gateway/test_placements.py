@@ -1,0 +1,442 @@
+"""Placements shared between gateway replicas: marks, learning, the message
+format, the exchange and the router's part."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import Any
+
+import pytest
+
+from citadel.gateway.routes import RoutingDocument
+from citadel.gateway.services.catalog import Catalog
+from citadel.gateway.services.placements import (
+    MAGIC,
+    MAX_RECORDS,
+    Placement,
+    PlacementExchange,
+    PlacementFormatError,
+    channel_name,
+    decode,
+    encode,
+)
+from citadel.gateway.services.prefix import (
+    MAX_BLOCKS,
+    Mark,
+    block_hashes,
+    continues,
+    prefix_text,
+    prompt_mark,
+)
+from citadel.gateway.services.replicas import Endpoint, Replica
+from citadel.gateway.services.routing import Router
+from citadel.gateway.services.strategies import PrefixAware, RouteRequest
+from citadel.gateway.settings import GatewaySettings
+from citadel.gateway.wiring import build_deps
+
+pytestmark = pytest.mark.unit
+
+
+def chat(*contents: str) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": c} for c in contents]}
+
+
+def pool(n: int) -> list[Replica]:
+    return [Replica(f"http://10.0.0.{i}:8000") for i in range(n)]
+
+
+# Marks: where a prompt ends, and what continues it.
+
+
+def test_a_chat_s_next_turn_and_the_same_request_continue_it() -> None:
+    mark = prompt_mark(chat("system", "question"))
+    assert mark is not None
+    assert continues(chat("system", "question"), mark)
+    assert continues(chat("system", "question", "answer", "more"), mark)
+
+
+def test_another_conversation_or_an_edited_turn_does_not_continue_a_chat() -> None:
+    mark = prompt_mark(chat("system", "question"))
+    assert mark is not None
+    assert not continues(chat("system", "another question"), mark)
+    assert not continues(chat("system", "question edited", "answer"), mark)
+    assert not continues(chat("system"), mark)  # shorter
+    assert not continues({"prompt": "system question"}, mark)
+
+
+def test_a_message_s_media_and_fields_count_in_its_mark() -> None:
+    def image(url: str) -> dict[str, Any]:
+        part = {"type": "image_url", "image_url": {"url": url}}
+        return {"messages": [{"role": "user", "content": [part]}]}
+
+    mark = prompt_mark(image("https://a/1.png"))
+    assert mark is not None
+    assert continues(image("https://a/1.png"), mark)
+    assert not continues(image("https://a/2.png"), mark)
+    # Keys in another order are the same message.
+    reordered = {"messages": [{"content": "x", "role": "user"}]}
+    mark = prompt_mark({"messages": [{"role": "user", "content": "x"}]})
+    assert mark is not None and continues(reordered, mark)
+
+
+def test_a_prompt_string_is_continued_by_a_longer_one_that_starts_with_it() -> None:
+    prompt = "context " * 100
+    mark = prompt_mark({"prompt": prompt})
+    assert mark == (len(prompt), mark[1] if mark else 0)
+    assert mark is not None
+    assert continues({"prompt": prompt}, mark)
+    assert continues({"prompt": prompt + " and more"}, mark)
+    assert not continues({"prompt": prompt[:-1] + "X and more"}, mark)
+    assert not continues({"prompt": prompt[:-1]}, mark)
+    short = prompt_mark({"prompt": "hi"})
+    assert short is not None and continues({"prompt": "hi there"}, short)
+
+
+def test_what_cannot_be_marked_has_no_mark_and_nothing_continues_it() -> None:
+    assert prompt_mark({"messages": []}) is None
+    assert prompt_mark({"prompt": [1, 2, 3]}) is None
+    assert prompt_mark({"input": "embed me"}) is None
+    assert not continues(chat("x"), (0, 0))
+    assert not continues({"input": "x"}, (1, 0))
+
+
+# The strategy: what it tells, and what it learns.
+
+
+def test_a_choice_tells_the_blocks_new_to_the_replica_and_the_deepest() -> None:
+    told: list[tuple[str, list[int], Mark | None]] = []
+    strategy = PrefixAware(on_placed=lambda *p: told.append(p))
+    replicas = pool(2)
+    body = chat("system prompt " * 40, "question " * 40)
+    hashes = block_hashes(prefix_text(body))
+    chosen, _ = strategy.choose(replicas, RouteRequest(body))
+    assert told == [(chosen.url, hashes, None)]
+    chosen, _ = strategy.choose(replicas, RouteRequest(body))  # all known there
+    assert told[-1] == (chosen.url, [hashes[-1]], None)
+    longer = chat("system prompt " * 40, "question " * 40, "answer " * 60)
+    more = block_hashes(prefix_text(longer))
+    chosen, _ = strategy.choose(replicas, RouteRequest(longer))
+    assert more[: len(hashes)] == hashes
+    assert told[-1] == (chosen.url, more[len(hashes) :], None)
+
+
+def test_a_choice_of_a_whole_window_tells_where_the_prompt_ends() -> None:
+    told: list[tuple[str, list[int], Mark | None]] = []
+    strategy = PrefixAware(on_placed=lambda *p: told.append(p))
+    body = chat("a long document " * 1200, "question")
+    assert len(block_hashes(prefix_text(body))) == MAX_BLOCKS
+    strategy.choose(pool(2), RouteRequest(body))
+    assert told[-1][2] == prompt_mark(body)
+
+
+def test_a_gateway_that_learned_a_placement_sends_the_next_turn_there() -> None:
+    """The second gateway never saw the conversation: without the placement
+    it sends the next turn where its own loads say."""
+    told: list[tuple[str, list[int], Mark | None]] = []
+    first = PrefixAware(on_placed=lambda *p: told.append(p))
+    second = PrefixAware()
+    replicas = pool(4)
+    system = "shared system prompt " * 30
+    for user in range(8):  # both know the system prompt everywhere
+        for strategy in (first, second):
+            strategy.choose(replicas, RouteRequest(chat(system, f"user {user}")))
+    history = [system, "my own long context " * 200]
+    home, _ = first.choose(replicas, RouteRequest(chat(*history)))
+    for replica in replicas:
+        replica.in_flight = 0 if replica is not home else 1
+    turn = RouteRequest(chat(*history, "answer", "next question"))
+    assert second.choose(replicas, turn)[0] is not home  # no placement shared
+    fresh = PrefixAware()
+    for user in range(8):
+        fresh.choose(replicas, RouteRequest(chat(system, f"user {user}")))
+    url, blocks, window = told[-1]
+    assert fresh.learn(url, blocks, window, replicas)
+    assert fresh.choose(replicas, turn) == (home, "cache")
+
+
+def test_a_learned_window_keeps_a_conversation_on_its_last_replica() -> None:
+    """Two replicas hold a long conversation; the gateway that did not route its
+    last turn learns where that went and where its prompt ended, and keeps the
+    next turn there although another holder is idler."""
+    told: list[tuple[str, list[int], Mark | None]] = []
+    first = PrefixAware(on_placed=lambda *p: told.append(p))
+    second = PrefixAware()
+    replicas = pool(2)
+    history = ["a long question " * 600, "a long answer " * 600]
+    for strategy in (first, second):
+        for replica in replicas:  # both replicas hold the window
+            strategy.choose([replica], RouteRequest(chat(*history)))
+    history.append("ok")
+    first.choose([replicas[1]], RouteRequest(chat(*history)))
+    url, blocks, window = told[-1]
+    assert window is not None and url == replicas[1].url
+    assert second.learn(url, blocks, window, replicas)
+    replicas[0].in_flight, replicas[1].in_flight = 0, 1
+    history += ["answer", "next"]
+    assert second.choose(replicas, RouteRequest(chat(*history)))[0] is replicas[1]
+
+
+def test_a_placement_on_a_replica_not_known_here_is_not_learned() -> None:
+    strategy, replicas = PrefixAware(), pool(2)
+    assert not strategy.learn("http://10.9.9.9:8000", [1, 2], None, replicas)
+    assert not strategy.learn(replicas[0].url, [], None, replicas)
+    assert strategy._bits == {}
+    assert strategy.learn(replicas[0].url, [1, 2], None, replicas)
+
+
+# The router: which model's strategy learns.
+
+
+def _document(strategy: str = "prefix-aware") -> RoutingDocument:
+    return RoutingDocument.model_validate(
+        {
+            "models": [
+                {
+                    "name": "m",
+                    "namespace": "llm",
+                    "servedName": "m",
+                    "service": "m",
+                    "strategy": strategy,
+                    "aliases": ["alias"],
+                }
+            ]
+        }
+    )
+
+
+def _router(
+    strategy: str = "prefix-aware",
+) -> tuple[Router, list[Placement], RoutingDocument]:
+    catalog = Catalog()
+    document = _document(strategy)
+    catalog.set_document(document)
+    catalog.set_endpoints("llm", "m", [Endpoint("http://a"), Endpoint("http://b")])
+    shared: list[Placement] = []
+    return Router(catalog, lambda: 0.0, on_placed=shared.append), shared, document
+
+
+def test_the_router_shares_each_prefix_aware_choice_with_the_model_s_name() -> None:
+    router, shared, document = _router()
+    body = chat("hello " * 100)
+    replica = router.choose(document.models[0], RouteRequest(body))
+    assert shared == [
+        Placement("m", replica.url, tuple(block_hashes(prefix_text(body))))
+    ]
+
+
+def test_the_router_learns_for_prefix_aware_models_it_routes_only() -> None:
+    router, _, document = _router()
+    body = chat("hello " * 100)
+    blocks = tuple(block_hashes(prefix_text(body)))
+    assert not router.learn(Placement("other", "http://a", blocks))
+    assert not router.learn(Placement("alias", "http://a", blocks))
+    assert not router.learn(Placement("m", "http://gone", blocks))
+    assert router.learn(Placement("m", "http://b", blocks))
+    for _ in range(4):
+        chosen = router.choose(document.models[0], RouteRequest(body))
+        assert chosen.url == "http://b"
+    other, _, _ = _router("round-robin")
+    assert not other.learn(Placement("m", "http://b", blocks))
+
+
+# The message format.
+
+
+def test_placements_go_through_a_message_unchanged() -> None:
+    placements = [
+        Placement("m", "http://10.0.0.1:8000", (1, 2**64 - 1)),
+        Placement("modèle", "http://[fd00::1]:8000", (7,), (12, 2**63)),
+    ]
+    assert decode(encode(b"12345678", placements)) == (b"12345678", placements)
+    assert decode(encode(b"12345678", [])) == (b"12345678", [])
+
+
+@pytest.mark.parametrize(
+    ("message", "why"),
+    [
+        (b"", "malformed"),
+        (b"XXXX" + bytes(10), "not a placements message"),
+        (encode(b"s" * 8, [Placement("m", "u", (1,))])[:-1], "malformed"),
+        (encode(b"s" * 8, [Placement("m", "u", (1,))]) + b"x", "past its end"),
+        (
+            struct.pack("<4s8sH", MAGIC, b"s" * 8, 1)
+            + struct.pack("<BBHH", 0, 1, 1, 1)
+            + b"\xff"
+            + b"u"
+            + bytes(8),
+            "malformed",
+        ),
+        (
+            struct.pack("<4s8sH", MAGIC, b"s" * 8, 1)
+            + struct.pack("<BBHH", 0, 0, 1, 1)
+            + b"mu",
+            "no block",
+        ),
+        (encode(b"s" * 8, [Placement("m", "u", (1,), (1, 2))])[:-3], "malformed"),
+    ],
+)
+def test_a_message_not_encode_s_is_refused(message: bytes, why: str) -> None:
+    with pytest.raises(PlacementFormatError, match=why):
+        decode(message)
+
+
+def test_a_message_is_kept_within_the_format_s_bounds() -> None:
+    with pytest.raises(ValueError, match="at most"):
+        encode(b"s" * 8, [Placement("m", "u", (1,))] * (MAX_RECORDS + 1))
+    with pytest.raises(ValueError, match="too large"):
+        encode(b"s" * 8, [Placement("m", "u", tuple(range(256)))])
+
+
+def test_each_namespace_s_gateways_have_a_channel_of_their_own() -> None:
+    assert channel_name("a") != channel_name("b")
+
+
+# The exchange.
+
+
+class Counts:
+    def __init__(self) -> None:
+        self.seen: dict[str, int] = {}
+
+    def published(self, count: int) -> None:
+        self.seen["published"] = self.seen.get("published", 0) + count
+
+    def learned(self, count: int) -> None:
+        self.seen["learned"] = self.seen.get("learned", 0) + count
+
+    def dropped(self, reason: str, count: int) -> None:
+        self.seen[reason] = self.seen.get(reason, 0) + count
+
+
+class FakeRedis:
+    """What the exchange uses of a client: publish (and it may fail)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+        self.fail = fail
+
+    async def publish(self, channel: str, message: bytes) -> int:
+        if self.fail:
+            from redis.exceptions import ConnectionError
+
+            raise ConnectionError("down")
+        self.sent.append((channel, message))
+        return 1
+
+
+def _exchange(
+    client: FakeRedis, learned: list[Placement], counts: Counts, **options: Any
+) -> PlacementExchange:
+    def learn(placement: Placement) -> bool:
+        learned.append(placement)
+        return placement.model == "m"
+
+    return PlacementExchange(
+        client,  # type: ignore[arg-type]
+        "channel",
+        learn,
+        counts,
+        sender=b"me" * 4,
+        **options,
+    )
+
+
+async def test_placements_offered_together_go_out_in_one_message() -> None:
+    client, counts = FakeRedis(), Counts()
+    exchange = _exchange(client, [], counts, flush_s=0.001)
+    placements = [Placement("m", "u", (i,)) for i in range(3)]
+    for placement in placements:
+        exchange.offer(placement)
+    task = asyncio.create_task(exchange._publish())
+    for _ in range(100):
+        if client.sent:
+            break
+        await asyncio.sleep(0.005)
+    task.cancel()
+    assert client.sent == [("channel", encode(b"me" * 4, placements))]
+    assert counts.seen == {"published": 3}
+
+
+async def test_a_failed_publish_is_counted_and_ends_the_run() -> None:
+    client, counts = FakeRedis(fail=True), Counts()
+    exchange = _exchange(client, [], counts, flush_s=0.001)
+    exchange.offer(Placement("m", "u", (1,)))
+    from redis.exceptions import ConnectionError
+
+    with pytest.raises(ConnectionError):
+        await asyncio.wait_for(exchange._publish(), 1)
+    assert counts.seen == {"redis": 1}
+
+
+def test_the_outbox_drops_its_oldest_past_its_bound() -> None:
+    client, counts = FakeRedis(), Counts()
+    exchange = _exchange(client, [], counts, max_pending=2)
+    for i in range(5):
+        exchange.offer(Placement("m", "u", (i,)))
+    assert [p.blocks for p in exchange._outbox] == [(3,), (4,)]
+    assert counts.seen == {"outbox": 3}
+
+
+def test_other_gateways_placements_are_learned_and_its_own_skipped() -> None:
+    learned: list[Placement] = []
+    counts = Counts()
+    exchange = _exchange(FakeRedis(), learned, counts)
+    placements = [Placement("m", "u", (1,)), Placement("gone", "u", (2,))]
+    exchange.receive(encode(b"me" * 4, placements))
+    assert learned == [] and counts.seen == {}
+    exchange.receive(encode(b"other!!!", placements))
+    assert learned == placements
+    assert counts.seen == {"learned": 1, "unknown": 1}
+    exchange.receive(b"not a message")
+    assert counts.seen["malformed"] == 1
+
+
+# Wiring: shared when Redis is there, unless turned off.
+
+
+def _settings(tmp_path: Any, **extra: Any) -> GatewaySettings:
+    return GatewaySettings(
+        routes_source="file",
+        routes_file=tmp_path / "routes.json",
+        auth="disabled",
+        **extra,
+    )
+
+
+def test_gateways_with_redis_share_placements_on_their_namespace_s_channel(
+    tmp_path: Any,
+) -> None:
+    deps = build_deps(
+        _settings(tmp_path, redis_url="redis://127.0.0.1:1/0", namespace="ns"), {}
+    )
+    exchanges = [s for s in deps.sources if isinstance(s, PlacementExchange)]
+    assert len(exchanges) == 1
+    exchange = exchanges[0]
+    assert exchange._channel == channel_name("ns")
+    assert exchange.close in deps.shutdown
+    # The router tells the exchange, and the exchange the router.
+    router = deps.proxy._router
+    assert router._on_placed == exchange.offer
+    assert exchange.learn == router.learn
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"redis_url": "redis://127.0.0.1:1/0", "share_placements": False}],
+)
+def test_placements_stay_in_process_without_redis_or_when_turned_off(
+    tmp_path: Any, extra: dict[str, Any]
+) -> None:
+    deps = build_deps(_settings(tmp_path, **extra), {})
+    assert not any(isinstance(s, PlacementExchange) for s in deps.sources)
+    assert deps.proxy._router._on_placed is None
+
+
+def test_a_channel_set_is_used_as_it_is(tmp_path: Any) -> None:
+    settings = _settings(
+        tmp_path, redis_url="redis://127.0.0.1:1/0", placements_channel="mine"
+    )
+    deps = build_deps(settings, {})
+    exchange = next(s for s in deps.sources if isinstance(s, PlacementExchange))
+    assert exchange._channel == "mine"
