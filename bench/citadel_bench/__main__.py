@@ -22,10 +22,12 @@ from citadel_bench import plots
 from citadel_bench.config import FULL, QUICK, BenchConfig
 from citadel_bench.document import (
     Results,
+    gateways_part,
     routing_figure,
     routing_part,
     write_document,
 )
+from citadel_bench.gateways import run_gateways
 from citadel_bench.memory import run_memory
 from citadel_bench.operator_scale import run_scale
 from citadel_bench.overhead import profile_citadel, run_overhead
@@ -56,12 +58,13 @@ def main() -> None:
         "--only",
         nargs="*",
         default=None,
-        help="parts to run: check overhead profile routing memory scale",
+        help="parts to run: check overhead profile routing gateways memory scale",
     )
     args = parser.parse_args()
     config: BenchConfig = QUICK if os.environ.get("BENCH_QUICK") == "1" else FULL
     wanted = set(
-        args.only or ["check", "overhead", "profile", "routing", "memory", "scale"]
+        args.only
+        or ["check", "overhead", "profile", "routing", "gateways", "memory", "scale"]
     )
     log_dir = Path(tempfile.mkdtemp(prefix="citadel-bench-"))
     print(f"logs in {log_dir}", flush=True)
@@ -107,6 +110,22 @@ def main() -> None:
             if found_routing:
                 results.routing.append(found_routing)
                 plots.routing_plot(found_routing, figures / routing_figure(workload))
+    if "gateways" in wanted:
+        # One part per workload, as routing.
+        for workload in config.gateways:
+            found_gateways = attempt(
+                results,
+                gateways_part(workload),
+                functools.partial(
+                    run_gateways,
+                    workload,
+                    log_dir,
+                    config.gateways_deadline_s,
+                    config.gateways_rounds,
+                ),
+            )
+            if found_gateways:
+                results.gateways.append(found_gateways)
     if "memory" in wanted:
         results.memory = attempt(
             results, "memory", lambda: run_memory(log_dir, config.memory_requests)

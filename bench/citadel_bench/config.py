@@ -21,6 +21,11 @@ class BenchConfig:
     routing_rounds: int
     """How many times every routing target runs each workload (the first turns'
     cold prefills dominate a mean, and vary from run to run)."""
+    gateways: tuple[ChatWorkload, ...]
+    """The two-gateway part's workloads, each through every target."""
+    gateways_deadline_s: float
+    gateways_rounds: int
+    """How many times every two-gateway target runs each workload."""
     memory_requests: int
     scale_models: int
     scale_nodes: int
@@ -36,6 +41,9 @@ FULL = BenchConfig(
     routing=(SHORT_CHAT, MULTI_ROUND_QA),
     routing_deadline_s=120.0,
     routing_rounds=3,
+    gateways=(MULTI_ROUND_QA, SHORT_CHAT),
+    gateways_deadline_s=120.0,
+    gateways_rounds=2,
     memory_requests=100_000,
     scale_models=1000,
     scale_nodes=100,
@@ -43,17 +51,20 @@ FULL = BenchConfig(
     vllm_check=True,
 )
 
+_QUICK_CHAT = replace(SHORT_CHAT, users=8, conversations_per_user=1, turns=6)
+_QUICK_QA = replace(MULTI_ROUND_QA, users=8, turns=4)
+
 QUICK = BenchConfig(
     quick=True,
     overhead_rounds=1,
     overhead_seconds=1.0,
     profile_seconds=3.0,
-    routing=(
-        replace(SHORT_CHAT, users=8, conversations_per_user=1, turns=6),
-        replace(MULTI_ROUND_QA, users=8, turns=4),
-    ),
+    routing=(_QUICK_CHAT, _QUICK_QA),
     routing_deadline_s=40.0,
     routing_rounds=1,
+    gateways=(_QUICK_QA, _QUICK_CHAT),
+    gateways_deadline_s=40.0,
+    gateways_rounds=1,
     memory_requests=10_000,
     scale_models=100,
     scale_nodes=10,

@@ -11,6 +11,18 @@ from pathlib import Path
 
 from citadel_bench import peers, pyspy
 from citadel_bench.config import BenchConfig
+from citadel_bench.gateways import (
+    ONE,
+    SETUPS,
+    SHARE_ENV,
+    SHARE_SETTING,
+    STRATEGY,
+    TWO,
+    TWO_REDIS,
+    TWO_REDIS_UNSHARED,
+    GatewaysResult,
+    GatewaysRun,
+)
 from citadel_bench.goprofile import CATEGORIES, CHUNK_S, OTHER, ApiServerProfile
 from citadel_bench.memory import CONCURRENCY, MemoryRun
 from citadel_bench.operator_scale import (
@@ -24,6 +36,7 @@ from citadel_bench.overhead import REPLY_TOKENS, OverheadResult
 from citadel_bench.procs import REPO
 from citadel_bench.report import DASH, Verdict, fmt, spread, table, verdict_table
 from citadel_bench.results import (
+    later_versus_one,
     memory_verdict,
     overhead_rows,
     overhead_verdicts,
@@ -87,6 +100,8 @@ class Results:
     profile: list[str] | None = None
     routing: list[RoutingResult] = field(default_factory=list)
     """One per workload that ran, in the order of `config.routing`."""
+    gateways: list[GatewaysResult] = field(default_factory=list)
+    """One per workload that ran, in the order of `config.gateways`."""
     memory: MemoryRun | None = None
     scale: ScaleRun | None = None
 
@@ -533,6 +548,156 @@ def _routing_table(runs: list[RoutingRun]) -> str:
     )
 
 
+def gateways_part(workload: ChatWorkload) -> str:
+    """The two-gateway part's name (in `Results.failures` and `durations`) for
+    one workload."""
+    return f"gateways ({workload.name})"
+
+
+def _gateways(r: Results) -> list[str]:
+    out = [
+        "## Routing through two gateway replicas",
+        "",
+        "The Helm chart runs two gateway replicas behind one Service, with no "
+        "session affinity,",
+        "and a bundled Redis they share for rate limits. `prefix-aware` keeps, "
+        "in each gateway",
+        "process, a table of which replica it sent which prompt prefix, so a "
+        "conversation whose",
+        "turns land on different gateways may be placed apart: each gateway sends "
+        "it where it",
+        "sent it last. This part measures that. The same "
+        f"{REPLICAS} simulated replicas as the routing part",
+        f"(options `{' '.join(SIM_OPTIONS)}`), a fresh simulator, fresh "
+        "gateways and a fresh Redis",
+        "for every target so caches start cold; each gateway is "
+        "`citadel-gateway` run as in the",
+        f"routing part (keys required, the `{STRATEGY}` strategy, the same "
+        "routes file and key file",
+        "for every gateway of a target), on a port of its own. Every target runs "
+        "each workload",
+        f"{_times(r.config.gateways_rounds)} (`rounds`), the order of targets "
+        "rotated each round, the rounds pooled.",
+        "",
+        f"- `{ONE.target}`: one gateway, the reference (the routing part's "
+        "`citadel:prefix-aware`).",
+        f"- `{TWO.target}`: two gateways, no Redis (each alone, as the chart "
+        "without Redis). The",
+        "  load generator sends each request to one of the two at random, every "
+        "turn on its own",
+        "  (a `random.Random` per user, seeded alike in every run, so every run "
+        "of every two-gateway",
+        "  target sends each user's turns to the same gateways): what a Service "
+        "does to clients",
+        "  that open a connection per request, where one that keeps its "
+        "connection stays on one gateway.",
+        f"- `{TWO_REDIS.target}`: the same two gateways sharing one Redis "
+        "(`CITADEL_GATEWAY_REDIS_URL`,",
+        "  a local `redis-server` without persistence), "
+        f"`{SHARE_ENV}` unset: its default,",
+        "  each gateway publishes its placements and learns the other's.",
+        f"- `{TWO_REDIS_UNSHARED.target}`: the same with `{SHARE_ENV}=false`: "
+        "Redis for",
+        "  the limits alone, so against the target above it shows what the "
+        "sharing itself changes.",
+        "",
+        "`moves / 1,000 later turns`: of the turns after each conversation's "
+        "first, how many went",
+        "to another replica than the conversation's turn before, per 1,000. "
+        "Every request carries",
+        "its conversation as `x-session-id` and its conversation and turn as "
+        "`x-request-id`",
+        "(`user3-conv0.4`); each gateway logs both with the replica it chose "
+        "(its `request` line),",
+        "and both gateways' logs together give every turn's replica. A move "
+        "costs the conversation",
+        "its prefix cache: the new replica prefills what the old one held. "
+        "`later turns vs 1 gateway`",
+        "is the target's later turns mean over the reference's. The other "
+        "columns are the routing",
+        "part's; `gateway CPU ms/req` is the CPU time of every gateway of the "
+        "target (Redis left out)",
+        "per request.",
+        "",
+    ]
+    if r.gateways and not any(result.sharing for result in r.gateways):
+        out += [
+            f"The gateway measured has no `{SHARE_SETTING}` setting (no placement "
+            "sharing at this",
+            f"commit): it ignores `{SHARE_ENV}`, so the two Redis targets run the "
+            "same gateway and",
+            "differ by noise alone.",
+            "",
+        ]
+    found = {result.workload.name: result for result in r.gateways}
+    for w in r.config.gateways:
+        out += [f"### Two gateways, {w.name}", ""]
+        result = found.get(w.name)
+        if result is None:
+            why = r.failures.get(gateways_part(w), "skipped")
+            out += [f"Not run: {why}", ""]
+            continue
+        out += [
+            f"The routing part's {w.name} workload: {w.users} users, "
+            f"{w.requests:,} requests a round "
+            f"({w.conversations_per_user * w.users} conversations of {w.turns} "
+            "turns).",
+            "",
+        ]
+        for name, why in result.skipped.items():
+            out += [f"- {name}: {why}", ""]
+        out += [gateways_table(result), ""]
+    return out
+
+
+def _times(n: int) -> str:
+    return "once" if n == 1 else f"{n} times over"
+
+
+def gateways_table(result: GatewaysResult) -> str:
+    """One workload's table of the two-gateway part, in the order of `SETUPS`."""
+    versus = later_versus_one(result)
+    order = [s.target for s in SETUPS]
+    runs = sorted(result.runs, key=lambda run: order.index(run.target))
+    return table(
+        [
+            "target",
+            "requests",
+            "errors",
+            "TTFT mean ms",
+            "round means ms",
+            "later turns mean ms",
+            "later turns vs 1 gateway",
+            "replica TTFT mean ms",
+            "TTFT p90 ms",
+            "hit rate",
+            "moves / later turns",
+            "moves / 1,000 later turns",
+            "gateway CPU ms/req",
+        ],
+        [_gateways_row(run, versus[run.target]) for run in runs],
+    )
+
+
+def _gateways_row(found: GatewaysRun, versus: float) -> tuple[object, ...]:
+    run, moves = found.run, found.moves
+    return (
+        run.target,
+        run.requests,
+        run.errors,
+        run.ttft.mean,
+        spread(run.round_means_ms),
+        run.later_mean_ms,
+        versus,
+        run.replica_ttft_ms,
+        run.ttft.p90,
+        run.hit_rate,
+        f"{moves.moved:,} / {moves.followed:,}",
+        fmt(moves.per_1000, 0),
+        run.proxy_cpu_ms,
+    )
+
+
 def _memory(r: Results) -> list[str]:
     out = ["## Gateway memory over many requests", ""]
     if not r.memory:
@@ -819,6 +984,7 @@ def write_document(r: Results, path: Path, figures: Path) -> None:
         *_check(r),
         *_overhead(r),
         *_routing(r),
+        *_gateways(r),
         *_scale(r),
         *_memory(r),
         *_failures(r),

@@ -81,27 +81,45 @@ def create_key(path: Path) -> str:
     return shown.getvalue().split()[-1]
 
 
-def citadel_env(port: int, routes: Path, keys: Path) -> dict[str, str]:
-    """The gateway's environment: routes and keys from files, the rest at its
-    defaults (keys required, the metrics scrape period of `kv-aware`)."""
+def citadel_env(
+    port: int, routes: Path, keys: Path, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The gateway's environment: routes and keys from files, `extra` (more
+    `CITADEL_GATEWAY_*` settings), the rest at its defaults (keys required, the
+    metrics scrape period of `kv-aware`)."""
     return bench_env(
         CITADEL_GATEWAY_HOST="127.0.0.1",
         CITADEL_GATEWAY_PORT=str(port),
         CITADEL_GATEWAY_ROUTES_SOURCE="file",
         CITADEL_GATEWAY_ROUTES_FILE=str(routes),
         CITADEL_GATEWAY_KEYS_FILE=str(keys),
+        **(extra or {}),
     )
 
 
-def start_citadel(
+@dataclass(frozen=True)
+class CitadelFiles:
+    """What gateways read at start-up, and the headers that pass their keys.
+
+    Attributes:
+        routes: the routes file (one model, `MODEL`).
+        keys: the static key file (one key, `KEY_NAME`).
+        headers: the key as every request sends it.
+    """
+
+    routes: Path
+    keys: Path
+    headers: Mapping[str, str]
+
+
+def citadel_files(
     backends: Sequence[str],
     log_dir: Path,
     strategy: str | None = None,
     name: str = "citadel",
-) -> Target:
-    """The gateway on a routes file listing `backends`, with one key (sent in
-    the target's headers)."""
-    port = free_port()
+) -> CitadelFiles:
+    """A routes file listing `backends` (with `strategy`, else the default) and
+    a key file of one key, under `log_dir`, named after `name`."""
     route: dict[str, object] = {
         "name": MODEL,
         "namespace": "bench",
@@ -116,18 +134,52 @@ def start_citadel(
     routes.write_text(json.dumps({"schemaVersion": 1, "models": [route]}))
     keys = log_dir / f"{name}-keys.json"
     headers = {"authorization": f"Bearer {create_key(keys)}"}
+    return CitadelFiles(routes, keys, headers)
+
+
+def start_gateways(
+    files: CitadelFiles,
+    log_dir: Path,
+    names: Sequence[str],
+    extra_env: Mapping[str, str] | None = None,
+) -> list[Target]:
+    """A gateway process per name, each on a port of its own, all on the same
+    `files` (so the same key passes every one), with `extra_env`; started
+    together, then waited for one by one. If one does not come up, all stop.
+
+    Raises:
+        RuntimeError: a gateway exited or did not become ready.
+    """
     gateway = Path(sys.executable).with_name("citadel-gateway")
-    proc = start(name, [str(gateway)], log_dir, env=citadel_env(port, routes, keys))
-    url = f"http://127.0.0.1:{port}"
+    started: list[Target] = []
     try:
-        wait_http(proc, url + "/readyz")
-        # Routes and keys are read apart: a request with the key must pass
-        # before the first measured one goes.
-        wait_http(proc, url + "/v1/models", headers=headers)
-    except RuntimeError:
-        stop(proc)
+        for name in names:
+            port = free_port()
+            env = citadel_env(port, files.routes, files.keys, extra_env)
+            proc = start(name, [str(gateway)], log_dir, env=env)
+            started.append(Target(proc, f"http://127.0.0.1:{port}", files.headers))
+        for target in started:
+            wait_http(target.proc, target.url + "/readyz")
+            # Routes and keys are read apart: a request with the key must pass
+            # before the first measured one goes.
+            wait_http(target.proc, target.url + "/v1/models", headers=files.headers)
+    except BaseException:
+        for target in started:
+            stop(target.proc)
         raise
-    return Target(proc, url, headers)
+    return started
+
+
+def start_citadel(
+    backends: Sequence[str],
+    log_dir: Path,
+    strategy: str | None = None,
+    name: str = "citadel",
+) -> Target:
+    """The gateway on a routes file listing `backends`, with one key (sent in
+    the target's headers)."""
+    files = citadel_files(backends, log_dir, strategy, name)
+    return start_gateways(files, log_dir, [name])[0]
 
 
 def vllm_router_command(

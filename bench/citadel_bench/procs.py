@@ -30,10 +30,13 @@ def free_port() -> int:
 
 def bench_env(**extra: str) -> dict[str, str]:
     """The environment for child processes: no CITADEL_GATEWAY_* leaking in,
-    `bench/` importable, the repository root never on sys.path."""
+    `bench/` importable, the repository root never on sys.path, and `citadel`
+    imported from this checkout's `src/`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CITADEL_GATEWAY_")}
     env["PYTHONSAFEPATH"] = "1"
-    env["PYTHONPATH"] = str(BENCH_DIR)
+    # Ahead of the editable install, which may point at another checkout (the
+    # main one, while it is being edited): the code measured is the code here.
+    env["PYTHONPATH"] = os.pathsep.join((str(BENCH_DIR), str(REPO / "src")))
     return {**env, **extra}
 
 

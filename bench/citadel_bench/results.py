@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from citadel_bench.gateways import ONE, GatewaysResult
 from citadel_bench.memory import MemoryRun
 from citadel_bench.operator_scale import ScaleRun
 from citadel_bench.overhead import Point
@@ -348,3 +349,16 @@ def memory_verdict(run: MemoryRun) -> Verdict:
         f"table to its full size; {fmt(run.start_mb, 1)} MiB at start-up, "
         "before any completion",
     )
+
+
+def later_versus_one(result: GatewaysResult) -> dict[str, float]:
+    """Each target's mean TTFT after the first turns over the one-gateway
+    reference's (NaN for all without the reference): what the placements cost
+    the turns that placement decides."""
+    one = next((run for run in result.runs if run.target == ONE.target), None)
+    return {
+        run.target: ratio(run.run.later_mean_ms, one.run.later_mean_ms)
+        if one and one.run.later_ttfts_ms and run.run.later_ttfts_ms
+        else math.nan
+        for run in result.runs
+    }

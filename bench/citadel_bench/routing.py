@@ -175,19 +175,29 @@ def plain_picker(target: str, backends: list[str]) -> Callable[[int], str]:
     raise ValueError(f"no proxy-less target {target!r}")
 
 
+def turn_request_id(session: str, turn: int) -> str:
+    """The `x-request-id` of a conversation's turn (from 0): the gateway logs
+    it as sent, so its log says where each turn went."""
+    return f"{session}.{turn}"
+
+
 async def drive(
     workload: ChatWorkload,
     url_for: Callable[[int], str],
     deadline_s: float,
     headers: Mapping[str, str] | None = None,
+    request_ids: bool = False,
 ) -> tuple[list[tuple[int, loadgen.Sample]], float]:
     """Every user holds its conversations turn by turn; bounded by `deadline_s`.
 
     Args:
         workload: what the users send.
-        url_for: the base URL for a request of user N.
+        url_for: the base URL for a request of user N (asked once per request,
+            in the order of that user's requests).
         deadline_s: no new request after this long.
         headers: what every request carries besides its session (a key).
+        request_ids: each request also carries its conversation and turn as
+            `x-request-id` (`turn_request_id`).
 
     Returns:
         (turn in its conversation from 0, sample) per request, and the wall time.
@@ -205,6 +215,8 @@ async def drive(
                     body = conv.next_request(workload, peers.MODEL)
                     url = url_for(u) + "/v1/chat/completions"
                     sent = {**(headers or {}), "x-session-id": conv.session}
+                    if request_ids:
+                        sent["x-request-id"] = turn_request_id(conv.session, turn)
                     sample = await loadgen.send(client, url, body, sent, keep_text=True)
                     samples.append((turn, sample))
                     if not sample.ok:

@@ -5,15 +5,25 @@ import pytest
 from citadel_bench.config import FULL
 from citadel_bench.document import (
     Results,
+    gateways_part,
     routing_figure,
     routing_part,
     write_document,
+)
+from citadel_bench.gateways import (
+    ONE,
+    TWO,
+    TWO_REDIS,
+    GatewaysResult,
+    GatewaysRun,
+    Moves,
 )
 from citadel_bench.goprofile import ApiServerProfile
 from citadel_bench.operator_scale import ScaleRun
 from citadel_bench.overhead import Point
 from citadel_bench.report import DASH, Verdict
 from citadel_bench.results import (
+    later_versus_one,
     overhead_rows,
     overhead_verdicts,
     routing_verdicts,
@@ -486,3 +496,57 @@ def test_routing_method_says_what_was_tuned_and_what_the_relay_compares(
     assert "splits a gap" not in method
     assert "compares HTTP stacks only where the placement is the same" in method
     assert "client TTFT minus replica TTFT" in method
+
+
+def _gateways_run(target: str, later_ms: float, moves: Moves) -> GatewaysRun:
+    run = _run(target, 50.0)
+    run.later_ttfts_ms = [later_ms]
+    return GatewaysRun(run, moves)
+
+
+def _gateways(workload: ChatWorkload, sharing: bool) -> GatewaysResult:
+    # Out of order: the table follows the targets' order.
+    return GatewaysResult(
+        workload,
+        [
+            _gateways_run(TWO.target, 45.0, Moves(86, 288)),
+            _gateways_run(ONE.target, 18.0, Moves(0, 288)),
+        ],
+        skipped={TWO_REDIS.target: "did not run: redis-server is not installed"},
+        sharing=sharing,
+    )
+
+
+def test_later_turns_are_compared_with_one_gateway() -> None:
+    result = _gateways(MULTI_ROUND_QA, True)
+    assert later_versus_one(result) == {TWO.target: 2.5, ONE.target: 1.0}
+    result.runs = result.runs[:1]
+    assert all(v != v for v in later_versus_one(result).values())  # NaN
+
+
+def test_document_shows_each_workload_through_two_gateways(tmp_path: Path) -> None:
+    r = _results()
+    r.gateways = [_gateways(MULTI_ROUND_QA, False)]
+    r.failures[gateways_part(SHORT_CHAT)] = "RuntimeError: no simulator"
+    doc = _write(r, tmp_path)
+    part = doc.split("## Routing through two gateway replicas")[1].split("\n## ")[0]
+    qa = part.split("### Two gateways, multi-round QA")[1].split("###")[0]
+    rows = [line for line in qa.splitlines() if line.startswith("| citadel:")]
+    assert [row.split(" | ")[0] for row in rows] == [
+        f"| {ONE.target}",
+        f"| {TWO.target}",
+    ]
+    # Moves as counted and per 1,000 later turns, the later turns against one.
+    assert "| 0 / 288 | 0 |" in rows[0] and "| 1.00 |" in rows[0]
+    assert "| 86 / 288 | 299 |" in rows[1] and "| 2.50 |" in rows[1]
+    assert f"- {TWO_REDIS.target}: did not run: redis-server" in qa
+    assert "16 users, 160 requests a round (16 conversations of 10 turns)" in qa
+    short = part.split("### Two gateways, short chat")[1]
+    assert "Not run: RuntimeError: no simulator" in short
+    # A gateway without the setting: the two Redis targets are the same.
+    assert "no `share_placements` setting" in part
+    r.gateways = [_gateways(MULTI_ROUND_QA, True)]
+    assert "no `share_placements` setting" not in _write(r, tmp_path)
+    # The part is a measurement: no target of its own.
+    targets = doc.split("## Targets")[1].split("\n## ")[0]
+    assert "gateway" not in targets
