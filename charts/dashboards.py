@@ -302,9 +302,10 @@ def overview() -> Any:
             "Placements shared/s",
             "Prefix-aware placements the gateway replicas share through Redis: "
             "published (each gateway's own) and learned (the others', recorded); "
-            "with two gateways, learned follows published. Dropped ones by "
-            "reason: outbox (more waiting than 10,000), redis (a publish "
-            "failed: the gateway's log says why), unknown (a model or pod a "
+            "with two gateways both subscribed, learned follows published (Redis "
+            "keeps nothing for a gateway while it is not). Dropped ones by "
+            "reason: redis (waiting when Redis failed: the gateway's log says "
+            "why), outbox (more waiting than 10,000), unknown (a model or pod a "
             "gateway does not route to, for a moment after pods change), "
             "malformed. None published while Redis is set: the sharing is off "
             "(CITADEL_GATEWAY_SHARE_PLACEMENTS) or failing.",

@@ -159,7 +159,8 @@ class GatewayMetrics:
         self.placements_dropped = Counter(
             PREFIX + "placements_dropped",
             "Placements not shared, by reason: outbox (more waiting than the "
-            "outbox holds), redis (the publish failed), unknown (another "
+            "outbox holds), redis (waiting to be published when Redis "
+            "failed), unknown (another "
             "gateway's, for a model or replica this one does not route to), "
             "malformed (a message on the channel not the gateway's).",
             [LABEL_REASON],

@@ -14,10 +14,12 @@ the request itself. The next turn of the conversation, whichever gateway gets it
 then finds the replica that holds it. Only placements travel, never loads: each
 gateway balances by its own requests in flight, as before.
 
-Sharing is a hint, never on a request's path: a request is routed and sent
-without waiting for Redis; placements that cannot be published (Redis down, the
-outbox full) are dropped and counted, and a gateway cut off from the channel
-routes by what it knows itself, as a single gateway does.
+Sharing is a hint: a request is routed and sent without waiting for Redis, and
+another gateway's placements are learned on the event loop a slice at a time
+(`LEARN_SLICE` records, then other work runs). Placements that cannot be
+published (Redis down, the outbox full) are dropped and counted, and a gateway
+cut off from the channel routes by what it knows itself, as a single gateway
+does, until it subscribes again (after `RETRY_MAX_S` at most).
 
 A message is one batch: a header (`MAGIC`, the sender's id, the number of
 records), then per record a header (`_RECORD`: flags, block count, lengths of the
@@ -29,14 +31,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import struct
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from citadel.gateway.services.prefix import Mark
 
@@ -48,10 +53,20 @@ _RECORD = struct.Struct("<BBHH")
 _WINDOW = 1
 """Record flag: the last block closes a whole hashed window (`PrefixAware`);
 the record's blocks are followed by the prompt's mark (`_MARK`)."""
-_MARK = struct.Struct("<QQ")
-MAX_RECORDS = 1024
-"""Records per message at most (a message of 1,024 records of 64 blocks and
-long names is under 700 KB; most carry a block or two each)."""
+_MARK = struct.Struct("<QQQ")
+MAX_RECORDS = 128
+"""Records per message at most (128 of 64 blocks each and long names are under
+100 KB; most carry a block or two each)."""
+LEARN_SLICE = 32
+"""Records of a message learned before other work on the event loop runs: 32
+of 64 blocks each take about 3 ms."""
+RETRY_BASE_S = 0.5
+"""The first pause before subscribing again after Redis failed; it doubles
+with each failure in a row."""
+RETRY_MAX_S = 5.0
+"""The longest pause before subscribing again."""
+WARN_EVERY_S = 60.0
+"""Malformed messages on the channel are logged at most once in this long."""
 MAX_BLOCKS = 255
 """Blocks per record at most (the count is one byte; a prefix has 64)."""
 LISTEN_S = 1.0
@@ -89,20 +104,29 @@ def encode(sender: bytes, placements: Sequence[Placement]) -> bytes:
         ValueError: too many placements or blocks, or a name too long, for
             the format (the caller keeps within `MAX_*`).
     """
-    if len(placements) > MAX_RECORDS:
-        raise ValueError(f"{len(placements)} placements, at most {MAX_RECORDS}")
-    parts = [_HEADER.pack(MAGIC, sender, len(placements))]
-    for p in placements:
-        model, url = p.model.encode(), p.url.encode()
-        if len(p.blocks) > MAX_BLOCKS or max(len(model), len(url)) > MAX_NAME:
-            raise ValueError(f"placement of {p.model!r} too large to share")
-        flags = _WINDOW if p.window is not None else 0
-        parts.append(_RECORD.pack(flags, len(p.blocks), len(model), len(url)))
-        parts.append(model)
-        parts.append(url)
-        parts.append(struct.pack(f"<{len(p.blocks)}Q", *p.blocks))
-        if p.window is not None:
-            parts.append(_MARK.pack(*p.window))
+    return _message(sender, [_record(p) for p in placements])
+
+
+def _message(sender: bytes, records: Sequence[bytes]) -> bytes:
+    if len(records) > MAX_RECORDS:
+        raise ValueError(f"{len(records)} placements, at most {MAX_RECORDS}")
+    return _HEADER.pack(MAGIC, sender, len(records)) + b"".join(records)
+
+
+def _record(p: Placement) -> bytes:
+    """One placement as the message format writes it."""
+    model, url = p.model.encode(), p.url.encode()
+    if len(p.blocks) > MAX_BLOCKS or max(len(model), len(url)) > MAX_NAME:
+        raise ValueError(f"placement of {p.model!r} too large to share")
+    flags = _WINDOW if p.window is not None else 0
+    parts = [
+        _RECORD.pack(flags, len(p.blocks), len(model), len(url)),
+        model,
+        url,
+        struct.pack(f"<{len(p.blocks)}Q", *p.blocks),
+    ]
+    if p.window is not None:
+        parts.append(_MARK.pack(*p.window))
     return b"".join(parts)
 
 
@@ -158,7 +182,7 @@ class PlacementCounts(Protocol):
 
     def dropped(self, reason: str, count: int) -> None:
         """Placements not shared: `outbox` (more waiting than `max_pending`),
-        `redis` (the publish failed), `unknown` (a model or replica this
+        `redis` (waiting when Redis failed), `unknown` (a model or replica this
         gateway does not route to), `malformed` (a message not `encode`'s)."""
 
 
@@ -179,13 +203,13 @@ class PlacementExchange:
     """Publishes this gateway's placements and records the other gateways'.
 
     A `Source`: `run` keeps the subscription and the publishing going until it
-    is cancelled, and raises when Redis fails so that `keep_running` starts it
-    again after a pause; placements offered meanwhile wait in the outbox, the
-    oldest dropped past `max_pending`.
+    is cancelled. When Redis fails, the placements waiting are dropped (and
+    counted: their conversations are learned again at their next turns), one
+    warning says so, and it subscribes again after a pause that doubles up to
+    `RETRY_MAX_S`; a line says when sharing resumes.
 
     Args:
-        client: a `redis.asyncio` client with no read timeout (the
-            subscription waits for messages as long as there are none).
+        client: a `redis.asyncio` client.
         channel: the channel every gateway of the release shares.
         learn: records another gateway's placement; says whether it was taken
             (False: a model or replica this gateway does not route to). The
@@ -193,8 +217,10 @@ class PlacementExchange:
             which is told this exchange's `offer`, exists.
         counts: where the work is counted.
         flush_s: how long a placement waits for others to share its message.
-        max_pending: placements waiting to be published at most.
+        max_pending: placements waiting to be published at most (each is
+            kept as the bytes it is sent as: 10,000 of 64 blocks are 6 MB).
         sender: this process's id on the channel (random by default).
+        clock: monotonic seconds (for the rate of warnings).
     """
 
     def __init__(
@@ -206,24 +232,34 @@ class PlacementExchange:
         flush_s: float = 0.005,
         max_pending: int = 10_000,
         sender: bytes | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
         self._channel = channel
         self.learn = learn
         self._counts = counts or Uncounted()
         self._flush_s = flush_s
-        self._outbox: deque[Placement] = deque()
+        self._outbox: deque[bytes] = deque()
         self._max_pending = max_pending
         self._waiting = asyncio.Event()
         self._sender = sender or os.urandom(8)
+        self._clock = clock
+        self._malformed_since_warning = 0
+        self._warned_at = -math.inf
+        self._sharing = False
 
     def offer(self, placement: Placement) -> None:
         """Queues `placement` to be published (on the request's path: no I/O)."""
+        try:
+            record = _record(placement)
+        except ValueError:
+            self._counts.dropped("outbox", 1)
+            return
         outbox = self._outbox
         if len(outbox) >= self._max_pending:
             outbox.popleft()
             self._counts.dropped("outbox", 1)
-        outbox.append(placement)
+        outbox.append(record)
         self._waiting.set()
 
     async def close(self) -> None:
@@ -231,20 +267,56 @@ class PlacementExchange:
         await self._client.aclose()
 
     async def run(self) -> None:
-        """Subscribes and publishes until cancelled; raises on a Redis error."""
-        async with self._client.pubsub() as pubsub, asyncio.TaskGroup() as tasks:
-            await pubsub.subscribe(self._channel)
-            log.info("sharing placements", extra={"channel": self._channel})
-            tasks.create_task(self._publish())
-            while True:
-                # A timeout, so that the client's health check pings an idle
-                # connection now and then: one cut without a word (a node
-                # gone) would otherwise be waited on for ever.
-                message = await pubsub.get_message(
-                    ignore_subscribe_messages=True, timeout=LISTEN_S
+        """Subscribes and publishes until cancelled, subscribing again after
+        Redis fails."""
+        failures = 0
+        while True:
+            self._sharing = False
+            try:
+                await self._session(resumed=failures > 0)
+            except (RedisError, OSError) as err:
+                if self._sharing:
+                    failures = 0  # it was sharing: a new outage
+                lost = len(self._outbox)
+                self._outbox.clear()
+                if lost:
+                    self._counts.dropped("redis", lost)
+                if not failures:
+                    log.warning(
+                        "placements not shared: Redis failed; subscribing again",
+                        extra={"channel": self._channel, "error": repr(err)},
+                    )
+                failures += 1
+                await asyncio.sleep(
+                    min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (failures - 1))
                 )
-                if message is not None and message["type"] == "message":
-                    self.receive(message["data"])
+
+    async def _session(self, resumed: bool) -> None:
+        """Subscribes, then publishes and learns until Redis fails (raised as
+        the first error of either, not a group)."""
+        async with self._client.pubsub() as pubsub:
+            await pubsub.subscribe(self._channel)
+            self._sharing = True
+            log.info(
+                "sharing placements again" if resumed else "sharing placements",
+                extra={"channel": self._channel},
+            )
+            publisher = asyncio.create_task(self._publish())
+            try:
+                while not publisher.done():
+                    # A timeout, so that the client's health check pings an
+                    # idle connection now and then: one cut without a word (a
+                    # node gone) would otherwise be waited on for ever; and so
+                    # that a publisher's failure is seen.
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=LISTEN_S
+                    )
+                    if message is not None and message["type"] == "message":
+                        await self.receive(message["data"])
+                publisher.result()  # its error, if it ended by one
+            finally:
+                publisher.cancel()
+                await asyncio.gather(publisher, return_exceptions=True)
 
     async def _publish(self) -> None:
         while True:
@@ -256,33 +328,56 @@ class PlacementExchange:
                 batch = self._take(MAX_RECORDS)
                 try:
                     await self._client.publish(
-                        self._channel, encode(self._sender, batch)
+                        self._channel, _message(self._sender, batch)
                     )
                 except Exception:
                     self._counts.dropped("redis", len(batch))
                     raise
                 self._counts.published(len(batch))
 
-    def _take(self, limit: int) -> list[Placement]:
+    def _take(self, limit: int) -> list[bytes]:
         outbox = self._outbox
         return [outbox.popleft() for _ in range(min(limit, len(outbox)))]
 
-    def receive(self, message: bytes) -> None:
-        """Records the placements of another gateway's `message`; skips this
-        one's own (Redis sends a publisher its messages too)."""
+    async def receive(self, message: bytes) -> None:
+        """Records the placements of another gateway's `message`, `LEARN_SLICE`
+        at a time; skips this one's own (Redis sends a publisher its messages
+        too)."""
         try:
             sender, placements = decode(message)
         except PlacementFormatError as err:
             self._counts.dropped("malformed", 1)
-            log.warning("placements message dropped", extra={"reason": str(err)})
+            self._warn_malformed(err)
             return
         if sender == self._sender:
             return
-        taken = sum(self.learn(p) for p in placements)
+        taken = 0
+        for start in range(0, len(placements), LEARN_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            taken += sum(self.learn(p) for p in placements[start : start + LEARN_SLICE])
         if taken:
             self._counts.learned(taken)
         if taken < len(placements):
             self._counts.dropped("unknown", len(placements) - taken)
+
+    def _warn_malformed(self, error: PlacementFormatError) -> None:
+        """Logs a malformed message, at most once in `WARN_EVERY_S` (someone
+        else publishing on the channel would otherwise fill the log)."""
+        self._malformed_since_warning += 1
+        now = self._clock()
+        if now - self._warned_at < WARN_EVERY_S:
+            return
+        log.warning(
+            "placements messages dropped",
+            extra={
+                "channel": self._channel,
+                "reason": str(error),
+                "messages": self._malformed_since_warning,
+            },
+        )
+        self._warned_at = now
+        self._malformed_since_warning = 0
 
 
 def channel_name(namespace: str) -> str:

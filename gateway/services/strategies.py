@@ -90,7 +90,7 @@ def least_loaded(replicas: Sequence[Replica], start: int = 0) -> Replica:
     return best
 
 
-_NO_MARK: Mark = (0, 0)
+_NO_MARK: Mark = (0, 0, 0)
 """The mark of a prompt `prompt_mark` cannot mark: nothing continues it."""
 
 

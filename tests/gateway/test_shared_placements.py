@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
+import socket
+import subprocess
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -48,13 +51,15 @@ def replicas(tmp_path: Path) -> Iterator[list[str]]:
         procs.stop(proc)
 
 
-def _converse(gateways: list[Any], key: str, settle: bool) -> None:
+def _converse(
+    gateways: list[Any], key: str, settle: bool, sessions: str = "user"
+) -> None:
     """Seven users, four turns each, a long text of each user's own at the head
     of its first message after a shared system prompt; each turn through the
     gateway of its turn's parity, the users in a different order each turn so
     that neither gateway's own tie-breaking puts a conversation back where the
     other sent it. With `settle`, each gateway has learned every placement of
-    the other before the next request."""
+    the other before the next request. Sessions are named `sessions`-user."""
     clients = [
         openai.OpenAI(base_url=g.url + "/v1", api_key=key, max_retries=0)
         for g in gateways
@@ -78,7 +83,7 @@ def _converse(gateways: list[Any], key: str, settle: bool) -> None:
                 model="chat",
                 messages=messages,
                 max_tokens=8,
-                extra_headers={"x-session-id": f"user-{user}"},
+                extra_headers={"x-session-id": f"{sessions}-{user}"},
             )
             messages.append(
                 {"role": "assistant", "content": answer.choices[0].message.content}
@@ -185,3 +190,86 @@ def test_without_sharing_the_gateways_split_conversations(
     split = [s for s, sent in sessions.items() if len({r for _, r in sent}) > 1]
     assert split, sessions
     assert sum(g.metric(PUBLISHED) for g in gateways) == 0
+
+
+class RedisServer:
+    """redis-server on a port of its own, which can be stopped and started
+    again on the same port (conftest's `redis_url` starts one for good)."""
+
+    def __init__(self, port: int, cwd: Path) -> None:
+        self.port, self.cwd = port, cwd
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        server = shutil.which("redis-server")
+        if server is None:
+            pytest.fail("redis-server is not installed")
+        args = ["--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--save", "", "--appendonly", "no"]
+        self.proc = subprocess.Popen(
+            [server, *args], stdout=subprocess.DEVNULL, cwd=self.cwd
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), 1) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def test_sharing_resumes_after_redis_comes_back(
+    replicas: list[str],
+    start_gateway: Any,
+    helpers: Any,
+    tmp_path: Path,
+) -> None:
+    """Redis restarted (its pod rescheduled): every request is served while it
+    is away, and once both gateways have subscribed again their placements
+    are shared as before."""
+    redis = RedisServer(helpers.free_port(), tmp_path)
+    redis.start()
+    try:
+        gateways, key = _start(replicas, start_gateway, helpers, tmp_path, redis.url)
+        _converse(gateways, key, settle=True)
+        redis.stop()
+        _converse(gateways, key, settle=False)  # served by each gateway alone
+        redis.start()
+        deadline = time.monotonic() + 30
+        while not all(
+            "sharing placements again" in g.log.read_text() for g in gateways
+        ):
+            assert time.monotonic() < deadline, "sharing did not resume in 30 s"
+            time.sleep(0.1)
+        learned = [g.metric(LEARNED) for g in gateways]
+        published = [g.metric(PUBLISHED) for g in gateways]
+        _converse(gateways, key, settle=True, sessions="again")
+        sessions = {
+            s: sent
+            for s, sent in _replicas_by_session(gateways).items()
+            if s.startswith("again")
+        }
+        assert len(sessions) == USERS
+        for session, sent in sessions.items():
+            assert len({replica for _, replica in sent}) == 1, (session, sent)
+        # Everything published since was learned by the other.
+        assert gateways[0].metric(LEARNED) - learned[0] == (
+            gateways[1].metric(PUBLISHED) - published[1]
+        )
+        assert gateways[1].metric(LEARNED) - learned[1] == (
+            gateways[0].metric(PUBLISHED) - published[0]
+        )
+    finally:
+        redis.stop()
