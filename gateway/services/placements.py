@@ -246,7 +246,8 @@ class PlacementExchange:
         self._clock = clock
         self._malformed_since_warning = 0
         self._warned_at = -math.inf
-        self._sharing = False
+        self._failures = 0
+        self._shared_once = False
 
     def offer(self, placement: Placement) -> None:
         """Queues `placement` to be published (on the request's path: no I/O)."""
@@ -269,38 +270,45 @@ class PlacementExchange:
     async def run(self) -> None:
         """Subscribes and publishes until cancelled, subscribing again after
         Redis fails."""
-        failures = 0
         while True:
-            self._sharing = False
             try:
-                await self._session(resumed=failures > 0)
+                await self._session()
             except (RedisError, OSError) as err:
-                if self._sharing:
-                    failures = 0  # it was sharing: a new outage
                 lost = len(self._outbox)
                 self._outbox.clear()
                 if lost:
                     self._counts.dropped("redis", lost)
-                if not failures:
+                if not self._failures:
                     log.warning(
                         "placements not shared: Redis failed; subscribing again",
                         extra={"channel": self._channel, "error": repr(err)},
                     )
-                failures += 1
+                self._failures += 1
                 await asyncio.sleep(
-                    min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (failures - 1))
+                    min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (self._failures - 1))
                 )
 
-    async def _session(self, resumed: bool) -> None:
+    def _shared(self) -> None:
+        """A placement went through Redis (published, or another gateway's
+        learned): after failures, the sharing works again, which a
+        subscription alone does not show (a publish may still fail: an ACL,
+        a replica of Redis read-only)."""
+        if self._failures or not self._shared_once:
+            log.info(
+                "sharing placements again"
+                if self._shared_once
+                else "sharing placements",
+                extra={"channel": self._channel},
+            )
+        self._failures = 0
+        self._shared_once = True
+
+    async def _session(self) -> None:
         """Subscribes, then publishes and learns until Redis fails (raised as
         the first error of either, not a group)."""
         async with self._client.pubsub() as pubsub:
             await pubsub.subscribe(self._channel)
-            self._sharing = True
-            log.info(
-                "sharing placements again" if resumed else "sharing placements",
-                extra={"channel": self._channel},
-            )
+            log.debug("placements channel subscribed", extra={"channel": self._channel})
             publisher = asyncio.create_task(self._publish())
             try:
                 while not publisher.done():
@@ -313,6 +321,9 @@ class PlacementExchange:
                     )
                     if message is not None and message["type"] == "message":
                         await self.receive(message["data"])
+                    # get_message returns at once while messages are buffered:
+                    # a backlog of them would hold the loop until it drains.
+                    await asyncio.sleep(0)
                 publisher.result()  # its error, if it ended by one
             finally:
                 publisher.cancel()
@@ -334,6 +345,7 @@ class PlacementExchange:
                     self._counts.dropped("redis", len(batch))
                     raise
                 self._counts.published(len(batch))
+                self._shared()
 
     def _take(self, limit: int) -> list[bytes]:
         outbox = self._outbox
@@ -358,6 +370,7 @@ class PlacementExchange:
             taken += sum(self.learn(p) for p in placements[start : start + LEARN_SLICE])
         if taken:
             self._counts.learned(taken)
+            self._shared()
         if taken < len(placements):
             self._counts.dropped("unknown", len(placements) - taken)
 

@@ -151,10 +151,18 @@ def prefix_text(body: Mapping[str, Any]) -> str:
     tools costs no megabyte of text. A chat without tools or media hashes as
     its `prompt_text` does; any other request is its `prompt_text`.
     """
+    return prefix_window(body)[0]
+
+
+def prefix_window(body: Mapping[str, Any]) -> tuple[str, int]:
+    """`prefix_text`, and how many of a chat's messages it writes (those that
+    start within the hashed characters; 0 for any other request): a message
+    past them is no part of the prefix the hashed window names."""
     messages = body.get("messages")
     if not isinstance(messages, list):
-        return prompt_text(body)
+        return prompt_text(body), 0
     pieces: list[str] = []
+    written = 0
     # The characters still to write: as many as the bytes still to hash, as
     # each character is a byte or more.
     left = _HASHED_CHARS
@@ -165,6 +173,7 @@ def prefix_text(body: Mapping[str, Any]) -> str:
     for message in messages:
         if left <= 0:
             break
+        written += 1
         if isinstance(message, Mapping):
             content = message.get("content")
             if not isinstance(content, str):
@@ -175,7 +184,7 @@ def prefix_text(body: Mapping[str, Any]) -> str:
             text = _message_text(message, content)
             pieces.append(text)
             left -= len(text)
-    return "".join(pieces)
+    return "".join(pieces), written
 
 
 def _tools_json(tools: object, limit: int) -> bytes:
@@ -272,14 +281,17 @@ _MESSAGE_CHARS = 8192
 last `_MESSAGE_CHARS // 2` characters (`_message_hash`)."""
 
 
-def prompt_mark(body: Mapping[str, Any]) -> Mark | None:
+def prompt_mark(body: Mapping[str, Any], *, in_window: int) -> Mark | None:
     """Where a request's prompt ends, so that a later request can be told to
     continue it (`continues`): the same conversation, longer by a turn or more,
     or the same request again.
 
     For a chat: its number of messages, the hash of the last one and, when the
-    one before it is the assistant's, the hash of that one with the one before
-    it (else 0); for a
+    one before it is the assistant's and both it and the one before it are
+    past the first `in_window` messages (`prefix_window`), the hash of those
+    two (else 0): a pair within the hashed window is one every request of
+    the window may share (a few-shot prompt's example, an agent's preamble),
+    and would make another conversation look continued; for a
     prompt string: its length and the hash of its last `BLOCK_CHARS`
     characters. None for anything else (a batch, token ids, an empty chat).
     """
@@ -288,7 +300,8 @@ def prompt_mark(body: Mapping[str, Any]) -> Mark | None:
         if not messages:
             return None
         before = 0
-        if len(messages) > 2 and _role(messages[-2]) == "assistant":
+        pair = len(messages) - 3
+        if pair >= max(in_window, 0) and _role(messages[-2]) == "assistant":
             before = _exchange_hash(messages[-3], messages[-2])
         return len(messages), _message_hash(messages[-1]), before
     prompt = body.get("prompt")
@@ -352,19 +365,30 @@ def _text_hash(text: str) -> int:
 
 
 def _message_hash(message: object) -> int:
-    """A message's identity: xxh3 of its JSON with sorted keys, written in C
-    (the body was written whole when it was read, so it nests no deeper than
-    orjson writes); a text content longer than `_MESSAGE_CHARS` stands in as
-    its length and its two ends, so that a long document costs no more than
-    8 KB (a 7 MiB one took 2.9 ms to write; media parts are written whole).
-    A message that is not an object hashes as what it is."""
-    if isinstance(message, Mapping):
-        content = message.get("content")
-        if isinstance(content, str) and len(content) > _MESSAGE_CHARS:
-            half = _MESSAGE_CHARS // 2
-            ends = f"{len(content)}\x1f{content[:half]}\x1f{content[-half:]}"
-            message = {**message, "content": ends}
-    return xxhash.xxh3_64_intdigest(orjson.dumps(message, option=orjson.OPT_SORT_KEYS))
+    """A message's identity: xxh3 of its JSON with sorted keys, written in C,
+    each string longer than `_MESSAGE_CHARS` (a document, a text part, a tool
+    call's arguments) standing in as its length and its two ends, so that no
+    message costs more than a few of 8 KB to write (a 7 MiB one took 2.9 ms
+    whole, at every request of the window). The body was written whole when
+    it was read, so it nests no deeper than `_bounded` recurses."""
+    return xxhash.xxh3_64_intdigest(
+        orjson.dumps(_bounded(message), option=orjson.OPT_SORT_KEYS)
+    )
+
+
+def _bounded(value: object) -> object:
+    """`value` with each string longer than `_MESSAGE_CHARS` as its length
+    and its ends (a copy where one is; `value` itself where none is)."""
+    if isinstance(value, str):
+        if len(value) <= _MESSAGE_CHARS:
+            return value
+        half = _MESSAGE_CHARS // 2
+        return f"{len(value)}\x1f{value[:half]}\x1f{value[-half:]}"
+    if isinstance(value, Mapping):
+        return {k: _bounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_bounded(v) for v in value]
+    return value
 
 
 def rendezvous(key: str | int, urls: list[str]) -> str:

@@ -22,7 +22,7 @@ from citadel.gateway.services.prefix import (
     Mark,
     block_hashes,
     continues,
-    prefix_text,
+    prefix_window,
     prompt_mark,
     rendezvous,
 )
@@ -236,7 +236,8 @@ class PrefixAware(_Turns):
     def choose(
         self, replicas: Sequence[Replica], request: RouteRequest
     ) -> tuple[Replica, str]:
-        hashes = block_hashes(prefix_text(request.body))
+        text, in_window = prefix_window(request.body)
+        hashes = block_hashes(text)
         # One turn per request, wherever ties are broken: taking one at each
         # step would move the starting point by two and skip replicas.
         turn = self._turn()
@@ -251,7 +252,7 @@ class PrefixAware(_Turns):
         self._remember(chosen.url, len(replicas))
         window: Mark | None = None
         if len(hashes) == MAX_BLOCKS:
-            window = prompt_mark(request.body) or _NO_MARK
+            window = prompt_mark(request.body, in_window=in_window) or _NO_MARK
             self._note_window(hashes[-1], chosen.url, window)
         if self._on_placed is not None and hashes:
             # The deepest block always: a peer that missed it (a message lost,

@@ -28,6 +28,7 @@ from citadel.gateway.services.prefix import (
     block_hashes,
     continues,
     prefix_text,
+    prefix_window,
     prompt_mark,
     rendezvous,
 )
@@ -38,6 +39,11 @@ from citadel.gateway.settings import GatewaySettings
 from citadel.gateway.wiring import build_deps
 
 pytestmark = pytest.mark.unit
+
+
+def mark_of(body: dict[str, Any]) -> Mark | None:
+    """The mark `PrefixAware` takes of a request."""
+    return prompt_mark(body, in_window=prefix_window(body)[1])
 
 
 def chat(*contents: str) -> dict[str, Any]:
@@ -52,14 +58,14 @@ def pool(n: int) -> list[Replica]:
 
 
 def test_a_chat_s_next_turn_and_the_same_request_continue_it() -> None:
-    mark = prompt_mark(chat("system", "question"))
+    mark = mark_of(chat("system", "question"))
     assert mark is not None
     assert continues(chat("system", "question"), mark)
     assert continues(chat("system", "question", "answer", "more"), mark)
 
 
 def test_another_conversation_or_an_edited_turn_does_not_continue_a_chat() -> None:
-    mark = prompt_mark(chat("system", "question"))
+    mark = mark_of(chat("system", "question"))
     assert mark is not None
     assert not continues(chat("system", "another question"), mark)
     assert not continues(chat("system", "question edited", "answer"), mark)
@@ -79,7 +85,8 @@ def assistant(text: str) -> dict[str, Any]:
     return {"role": "assistant", "content": text}
 
 
-SYSTEM = {"role": "system", "content": "you help"}
+SYSTEM = {"role": "system", "content": "you help. " * 1700}
+"""A system prompt past the hashed window (17,000 characters)."""
 
 
 @pytest.mark.parametrize(
@@ -121,17 +128,17 @@ def test_a_turn_that_changes_the_last_message_continues_by_the_answer_before(
 ) -> None:
     """Clients change the last message when they send it again; the answer
     before it comes back as it was."""
-    mark = prompt_mark(turns(*sent))
+    mark = mark_of(turns(*sent))
     assert mark is not None
     assert continues(turns(*next_turn), mark)
 
 
 def test_only_the_assistant_s_message_before_the_last_counts() -> None:
     """Before a first question is a system prompt other conversations share."""
-    mark = prompt_mark(turns(SYSTEM, user("mine")))
+    mark = mark_of(turns(SYSTEM, user("mine")))
     assert mark is not None
     assert not continues(turns(SYSTEM, user("yours"), assistant("a"), user("q")), mark)
-    mark = prompt_mark(turns(SYSTEM, user("example"), user("mine")))
+    mark = mark_of(turns(SYSTEM, user("example"), user("mine")))
     assert mark is not None
     assert not continues(turns(SYSTEM, user("example"), user("yours")), mark)
 
@@ -139,10 +146,24 @@ def test_only_the_assistant_s_message_before_the_last_counts() -> None:
 def test_the_same_answer_in_another_conversation_does_not_continue_it() -> None:
     """Two conversations may get the same answer at the same turn (a greeting,
     a template's); the question before it tells them apart."""
-    mark = prompt_mark(turns(SYSTEM, user("mine"), assistant("Sure."), user("q")))
+    mark = mark_of(turns(SYSTEM, user("mine"), assistant("Sure."), user("q")))
     assert mark is not None
     other = turns(SYSTEM, user("yours"), assistant("Sure."), user("q2"))
     assert not continues(other, mark)
+
+
+def test_a_pair_within_the_hashed_window_is_no_sign_of_a_conversation() -> None:
+    """A few-shot prompt's example question and answer (or an agent's
+    preamble) fill the window every request shares: taken as the pair before
+    the last message, they made every conversation continue every other."""
+    short = {"role": "system", "content": "you help"}
+    example = [user("an example question " * 900), assistant("its answer")]
+    mark = mark_of(turns(short, *example, user("mine")))
+    assert mark is not None and mark[2] == 0
+    assert not continues(turns(short, *example, user("yours")), mark)
+    # Past the window, the pair counts.
+    mark = mark_of(turns(short, *example, user("mine"), assistant("a"), user("q")))
+    assert mark is not None and mark[2] != 0
 
 
 def test_a_long_message_is_hashed_by_its_length_and_ends(
@@ -159,8 +180,15 @@ def test_a_long_message_is_hashed_by_its_length_and_ends(
 
     monkeypatch.setattr(prefix.orjson, "dumps", spy)
     long = "x" * 1_000_000
-    mark = prompt_mark(turns(user(long)))
+    mark = mark_of(turns(user(long)))
     assert mark is not None and max(written) < 9000
+    written.clear()
+    part = {"role": "user", "content": [{"type": "text", "text": long}]}
+    call = {"id": "c", "type": "function"}
+    call["function"] = {"name": "f", "arguments": long}
+    tool_call = {"role": "assistant", "content": None, "tool_calls": [call]}
+    assert mark_of(turns(SYSTEM, part, tool_call, part)) is not None
+    assert max(written) < 9000
     assert continues(turns(user(long), assistant("a"), user("q")), mark)
     assert not continues(turns(user(long + "y")), mark)
     assert not continues(turns(user("y" + long[1:])), mark)
@@ -171,32 +199,32 @@ def test_a_message_s_media_and_fields_count_in_its_mark() -> None:
         part = {"type": "image_url", "image_url": {"url": url}}
         return {"messages": [{"role": "user", "content": [part]}]}
 
-    mark = prompt_mark(image("https://a/1.png"))
+    mark = mark_of(image("https://a/1.png"))
     assert mark is not None
     assert continues(image("https://a/1.png"), mark)
     assert not continues(image("https://a/2.png"), mark)
     # Keys in another order are the same message.
     reordered = {"messages": [{"content": "x", "role": "user"}]}
-    mark = prompt_mark({"messages": [{"role": "user", "content": "x"}]})
+    mark = mark_of({"messages": [{"role": "user", "content": "x"}]})
     assert mark is not None and continues(reordered, mark)
 
 
 def test_a_prompt_string_is_continued_by_a_longer_one_that_starts_with_it() -> None:
     prompt = "context " * 100
-    mark = prompt_mark({"prompt": prompt})
+    mark = mark_of({"prompt": prompt})
     assert mark is not None and mark[0] == len(prompt)
     assert continues({"prompt": prompt}, mark)
     assert continues({"prompt": prompt + " and more"}, mark)
     assert not continues({"prompt": prompt[:-1] + "X and more"}, mark)
     assert not continues({"prompt": prompt[:-1]}, mark)
-    short = prompt_mark({"prompt": "hi"})
+    short = mark_of({"prompt": "hi"})
     assert short is not None and continues({"prompt": "hi there"}, short)
 
 
 def test_what_cannot_be_marked_has_no_mark_and_nothing_continues_it() -> None:
-    assert prompt_mark({"messages": []}) is None
-    assert prompt_mark({"prompt": [1, 2, 3]}) is None
-    assert prompt_mark({"input": "embed me"}) is None
+    assert mark_of({"messages": []}) is None
+    assert mark_of({"prompt": [1, 2, 3]}) is None
+    assert mark_of({"input": "embed me"}) is None
     assert not continues(chat("x"), (0, 0, 0))
     assert not continues({"input": "x"}, (1, 0, 0))
 
@@ -227,7 +255,7 @@ def test_a_choice_of_a_whole_window_tells_where_the_prompt_ends() -> None:
     body = chat("a long document " * 1200, "question")
     assert len(block_hashes(prefix_text(body))) == MAX_BLOCKS
     strategy.choose(pool(2), RouteRequest(body))
-    assert told[-1][2] == prompt_mark(body)
+    assert told[-1][2] == mark_of(body)
 
 
 def test_a_gateway_that_learned_a_placement_sends_the_next_turn_there() -> None:
@@ -599,6 +627,8 @@ class FakePubSub:
         self, ignore_subscribe_messages: bool, timeout: float
     ) -> dict[str, Any] | None:
         self.owner.check()
+        if self.owner.inbox:  # buffered: returned without waiting, as redis-py
+            return {"type": "message", "data": self.owner.inbox.pop(0)}
         await asyncio.sleep(0.001)
         return None
 
@@ -610,6 +640,15 @@ class FakeChannel(FakeRedis):
     def __init__(self) -> None:
         super().__init__()
         self.subscriptions = 0
+        self.inbox: list[bytes] = []
+        self.publish_denied = False
+
+    async def publish(self, channel: str, message: bytes) -> int:
+        if self.publish_denied:
+            from redis.exceptions import NoPermissionError
+
+            raise NoPermissionError("no permissions to run the 'publish' command")
+        return await super().publish(channel, message)
 
     def check(self) -> None:
         if self.fail:
@@ -699,3 +738,87 @@ async def test_a_long_message_is_learned_a_slice_at_a_time() -> None:
     meanwhile = asyncio.create_task(other())
     await asyncio.gather(receiving, meanwhile)
     assert order.index("other") == LEARN_SLICE
+
+
+async def test_a_publish_refused_after_each_subscription_is_one_outage(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Subscribing works, publishing does not (an ACL, a read-only replica of
+    Redis): the pauses still grow, one warning, and no line says it shares."""
+    from citadel.gateway.services import placements
+
+    caplog.set_level("INFO", logger=placements.__name__)
+    monkeypatch.setattr(placements, "RETRY_BASE_S", 0.01)
+    monkeypatch.setattr(placements, "RETRY_MAX_S", 0.08)
+    monkeypatch.setattr(placements, "LISTEN_S", 0.01)
+    client, counts = FakeChannel(), Counts()
+    client.publish_denied = True
+    exchange = _exchange(client, [], counts, flush_s=0.001)  # type: ignore[arg-type]
+    task = asyncio.create_task(exchange.run())
+    for i in range(6):
+        await _until(lambda i=i: client.subscriptions > i)
+        exchange.offer(Placement("m", "u", (i,)))
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert exchange._failures >= 5
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["placements not shared: Redis failed; subscribing again"]
+
+
+async def test_the_first_sharing_is_not_called_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis down when the gateway starts: once it shares, it says so, not
+    that it shares again."""
+    from citadel.gateway.services import placements
+
+    caplog.set_level("INFO", logger=placements.__name__)
+    monkeypatch.setattr(placements, "RETRY_BASE_S", 0.01)
+    client = FakeChannel()
+    client.fail = True
+    counts = Counts()
+    exchange = _exchange(client, [], counts, flush_s=0.001)  # type: ignore[arg-type]
+    task = asyncio.create_task(exchange.run())
+    await asyncio.sleep(0.05)
+    client.fail = False
+    exchange.offer(Placement("m", "u", (1,)))
+    await _until(lambda: counts.seen.get("published") == 1)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[-1] == "sharing placements"
+    assert "sharing placements again" not in messages
+
+
+async def test_a_backlog_of_messages_lets_other_work_run_between_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """redis-py returns buffered messages without waiting: 20,000 small ones
+    held the event loop 350 ms."""
+    from citadel.gateway.services import placements
+
+    monkeypatch.setattr(placements, "LISTEN_S", 0.01)
+    order: list[str] = []
+
+    def learn(placement: Placement) -> bool:
+        order.append("learn")
+        return True
+
+    client = FakeChannel()
+    client.inbox = [encode(b"other!!!", [Placement("m", "u", (i,))]) for i in range(5)]
+    exchange = PlacementExchange(client, "c", learn)  # type: ignore[arg-type]
+
+    async def ticking() -> None:
+        while True:
+            order.append("tick")
+            await asyncio.sleep(0)
+
+    ticker = asyncio.create_task(ticking())
+    task = asyncio.create_task(exchange.run())
+    await _until(lambda: not client.inbox)
+    for running in (task, ticker):
+        running.cancel()
+    await asyncio.gather(task, ticker, return_exceptions=True)
+    learned = [i for i, what in enumerate(order) if what == "learn"]
+    assert len(learned) == 5
+    assert "tick" in order[learned[0] : learned[-1]]
