@@ -509,10 +509,7 @@ async def test_placements_offered_together_go_out_in_one_message() -> None:
     for placement in placements:
         exchange.offer(placement)
     task = asyncio.create_task(exchange._publish())
-    for _ in range(100):
-        if client.sent:
-            break
-        await asyncio.sleep(0.005)
+    await _until(lambda: client.sent)
     task.cancel()
     assert client.sent == [("channel", encode(b"me" * 4, placements))]
     assert counts.seen == {"published": 3}
@@ -536,10 +533,7 @@ async def test_the_outbox_drops_its_oldest_past_its_bound() -> None:
         exchange.offer(Placement("m", "u", (i,)))
     assert counts.seen == {"outbox": 3}
     task = asyncio.create_task(exchange._publish())
-    for _ in range(100):
-        if client.sent:
-            break
-        await asyncio.sleep(0.005)
+    await _until(lambda: client.sent)
     task.cancel()
     [(_, message)] = client.sent
     assert [p.blocks for p in decode(message)[1]] == [(3,), (4,)]
