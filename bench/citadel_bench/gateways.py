@@ -39,8 +39,8 @@ from citadel_bench.routing import (
     drive,
     merge_rounds,
     replica_counters,
+    routing_run,
 )
-from citadel_bench.stats import Summary
 from citadel_bench.workload import ChatWorkload
 
 STRATEGY = "prefix-aware"
@@ -331,24 +331,7 @@ def run_target(
         raise RuntimeError(
             f"the gateways logged {len(placed)} placements for {len(ok)} requests"
         )
-    ttfts = [s.first_chunk * 1000 for _, s in ok]
-    summary = Summary.of(ttfts)
-    run = RoutingRun(
-        target=setup.target,
-        requests=len(ok),
-        errors=len(samples) - len(ok),
-        ttft=summary,
-        wall_s=wall,
-        output_tokens=len(ok) * workload.max_tokens,
-        cache_hits=counted.cache_hits,
-        cache_queries=counted.cache_queries,
-        replica_ttft_sum_s=counted.ttft_sum_s,
-        replica_ttft_count=counted.ttft_count,
-        ttfts_ms=ttfts,
-        later_ttfts_ms=[s.first_chunk * 1000 for turn, s in ok if turn > 0],
-        round_means_ms=[summary.mean],
-        proxy_cpu_s=cpu_s,
-    )
+    run = routing_run(setup.target, workload, samples, wall, counted, cpu_s)
     return GatewaysRun(run, count_moves(placed))
 
 

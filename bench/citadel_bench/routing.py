@@ -371,6 +371,38 @@ def run_target(
     finally:
         for proc in reversed(procs):
             stop(proc)
+    return routing_run(
+        target,
+        workload,
+        samples,
+        wall,
+        counted,
+        proxy_cpu_s,
+        categorize(collapsed, PROXY_CATEGORIES) if collapsed else {},
+    )
+
+
+def routing_run(
+    target: str,
+    workload: ChatWorkload,
+    samples: list[tuple[int, loadgen.Sample]],
+    wall: float,
+    counted: ReplicaCounters,
+    proxy_cpu_s: float,
+    profile: dict[str, int] | None = None,
+) -> RoutingRun:
+    """One round of a target as a `RoutingRun`: the answered requests' TTFTs,
+    the replicas' counters over the round, the proxy's CPU time.
+
+    Args:
+        target: the target's name.
+        workload: what was sent.
+        samples: (turn in its conversation from 0, sample) per request (`drive`).
+        wall: the round's wall time.
+        counted: the replicas' counters over the round.
+        proxy_cpu_s: CPU time of the proxy's processes over the round.
+        profile: py-spy samples per kind of work, for a profiled round.
+    """
     ok = [(turn, s) for turn, s in samples if s.ok]
     ttfts = [s.first_chunk * 1000 for _, s in ok]
     summary = Summary.of(ttfts)
@@ -389,7 +421,7 @@ def run_target(
         later_ttfts_ms=[s.first_chunk * 1000 for turn, s in ok if turn > 0],
         round_means_ms=[summary.mean],
         proxy_cpu_s=proxy_cpu_s,
-        profile=categorize(collapsed, PROXY_CATEGORIES) if collapsed else {},
+        profile=profile or {},
     )
 
 
