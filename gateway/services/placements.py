@@ -65,6 +65,9 @@ RETRY_BASE_S = 0.5
 with each failure in a row."""
 RETRY_MAX_S = 5.0
 """The longest pause before subscribing again."""
+STABLE_S = 10.0
+"""A subscription that lasted this long before Redis failed ends a streak of
+failures: the pauses start again from `RETRY_BASE_S`, with a warning."""
 WARN_EVERY_S = 60.0
 """Malformed messages on the channel are logged at most once in this long."""
 MAX_BLOCKS = 255
@@ -248,6 +251,7 @@ class PlacementExchange:
         self._warned_at = -math.inf
         self._failures = 0
         self._shared_once = False
+        self._publish_failed = False
 
     def offer(self, placement: Placement) -> None:
         """Queues `placement` to be published (on the request's path: no I/O)."""
@@ -271,9 +275,15 @@ class PlacementExchange:
         """Subscribes and publishes until cancelled, subscribing again after
         Redis fails."""
         while True:
+            started = self._clock()
             try:
                 await self._session()
             except (RedisError, OSError) as err:
+                if self._clock() - started >= STABLE_S:
+                    # A subscription that lasted: this is a new outage (an
+                    # idle gateway, which shares nothing, never said the
+                    # last one ended).
+                    self._failures = 0
                 lost = len(self._outbox)
                 self._outbox.clear()
                 if lost:
@@ -288,11 +298,14 @@ class PlacementExchange:
                     min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (self._failures - 1))
                 )
 
-    def _shared(self) -> None:
+    def _shared(self, learned: bool = False) -> None:
         """A placement went through Redis (published, or another gateway's
-        learned): after failures, the sharing works again, which a
+        `learned`): after failures, the sharing works again, which a
         subscription alone does not show (a publish may still fail: an ACL,
-        a replica of Redis read-only)."""
+        a replica of Redis read-only); but not by learning while this
+        gateway's last publish failed (its peers may publish)."""
+        if learned and self._publish_failed:
+            return
         if self._failures or not self._shared_once:
             log.info(
                 "sharing placements again"
@@ -343,7 +356,9 @@ class PlacementExchange:
                     )
                 except Exception:
                     self._counts.dropped("redis", len(batch))
+                    self._publish_failed = True
                     raise
+                self._publish_failed = False
                 self._counts.published(len(batch))
                 self._shared()
 
@@ -370,7 +385,7 @@ class PlacementExchange:
             taken += sum(self.learn(p) for p in placements[start : start + LEARN_SLICE])
         if taken:
             self._counts.learned(taken)
-            self._shared()
+            self._shared(learned=True)
         if taken < len(placements):
             self._counts.dropped("unknown", len(placements) - taken)
 

@@ -95,14 +95,41 @@ _NO_MARK: Mark = (0, 0, 0)
 
 
 class _Window:
-    """Where a whole hashed window's last request went, and where that
-    request's prompt ended (`PrefixAware._last_holder`)."""
+    """Where a whole hashed window's last request went, where that request's
+    prompt ended (`PrefixAware._last_holder`), and the pairs of messages
+    before a last message that more than one conversation sent."""
 
-    __slots__ = ("mark", "url")
+    __slots__ = ("mark", "shared_pairs", "url")
+
+    SHARED_PAIRS = 4
+    """Shared pairs kept per window (a few-shot prompt has one)."""
 
     def __init__(self, url: str, mark: Mark) -> None:
         self.url = url
         self.mark = mark
+        self.shared_pairs: tuple[int, ...] = ()
+
+    def sent(self, url: str, mark: Mark) -> None:
+        """Notes a request of the window sent to `url`, its prompt ending at
+        `mark`. Two requests as long, with the same pair before different
+        last messages, are two conversations sharing that pair (a few-shot
+        example past the window, behind tools that fill it): the pair tells
+        nothing of a conversation from then on (or a client edited its last
+        message, which then continues by that message alone)."""
+        count, last, before = mark
+        old_count, old_last, old_before = self.mark
+        shared = before and (count, before) == (old_count, old_before)
+        if shared and last != old_last and before not in self.shared_pairs:
+            self.shared_pairs = (*self.shared_pairs, before)[-self.SHARED_PAIRS :]
+        self.url, self.mark = url, mark
+
+    def continued_by(self, body: Mapping[str, Any]) -> bool:
+        """Whether `body` continues the window's last request, its pair
+        counting only if not shared."""
+        count, last, before = self.mark
+        if before in self.shared_pairs:
+            return continues(body, (count, last, 0))
+        return continues(body, self.mark)
 
 
 class PrefixAware(_Turns):
@@ -295,7 +322,7 @@ class PrefixAware(_Turns):
         windows = self._windows
         entry = windows.get(window)
         if entry is not None:
-            entry.url, entry.mark = url, mark
+            entry.sent(url, mark)
             windows.move_to_end(window)
             return
         mask = self._owners.owners(window)
@@ -343,7 +370,7 @@ class PrefixAware(_Turns):
         """
         least = least_loaded(holding, turn)
         entry = self._windows.get(window)
-        if entry is None or entry.url == least.url or not continues(body, entry.mark):
+        if entry is None or entry.url == least.url or not entry.continued_by(body):
             return least
         for replica in holding:
             if replica.url == entry.url:

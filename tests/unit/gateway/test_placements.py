@@ -166,6 +166,43 @@ def test_a_pair_within_the_hashed_window_is_no_sign_of_a_conversation() -> None:
     assert mark is not None and mark[2] != 0
 
 
+def test_the_window_s_messages_are_counted_in_bytes() -> None:
+    """The window is 16,384 bytes: 6,000 CJK characters (18,000 bytes) fill
+    it, and the messages after them are past it."""
+    cjk = {"role": "system", "content": "漢" * 6000}
+    body = turns(cjk, *[user(f"q{i}") for i in range(17)])
+    assert prefix_window(body)[1] == 1
+
+
+def test_a_pair_two_conversations_share_past_the_window_stops_counting() -> None:
+    """Tools filling the window put a few-shot example past it: its pair is
+    every conversation's. Seen before two different questions, it no longer
+    makes one conversation continue another."""
+    schemas = [
+        {
+            "type": "function",
+            "function": {"name": f"tool_{i}", "description": "Does one thing. " * 25},
+        }
+        for i in range(40)
+    ]
+    example = [user("an example question"), assistant("its answer")]
+
+    def request(*messages: dict[str, Any]) -> RouteRequest:
+        return RouteRequest({"messages": list(messages), "tools": schemas})
+
+    replicas, strategy = pool(2), PrefixAware()
+    short = {"role": "system", "content": "you help"}
+    for replica in replicas:  # both hold the window
+        strategy.choose([replica], request(short, *example, user("warm-up")))
+    assert strategy.choose([replicas[0]], request(short, *example, user("alice")))
+    # Bob's first request looks like Alice's next (once), and shows the pair
+    # shared; Carol's, after it, goes to the least loaded.
+    strategy.choose([replicas[0]], request(short, *example, user("bob")))
+    replicas[0].in_flight = 1
+    chosen, how = strategy.choose(replicas, request(short, *example, user("carol")))
+    assert (chosen, how) == (replicas[1], "cache")
+
+
 def test_a_long_message_is_hashed_by_its_length_and_ends(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -182,13 +219,6 @@ def test_a_long_message_is_hashed_by_its_length_and_ends(
     long = "x" * 1_000_000
     mark = mark_of(turns(user(long)))
     assert mark is not None and max(written) < 9000
-    written.clear()
-    part = {"role": "user", "content": [{"type": "text", "text": long}]}
-    call = {"id": "c", "type": "function"}
-    call["function"] = {"name": "f", "arguments": long}
-    tool_call = {"role": "assistant", "content": None, "tool_calls": [call]}
-    assert mark_of(turns(SYSTEM, part, tool_call, part)) is not None
-    assert max(written) < 9000
     assert continues(turns(user(long), assistant("a"), user("q")), mark)
     assert not continues(turns(user(long + "y")), mark)
     assert not continues(turns(user("y" + long[1:])), mark)
@@ -816,3 +846,57 @@ async def test_a_backlog_of_messages_lets_other_work_run_between_them(
     learned = [i for i, what in enumerate(order) if what == "learn"]
     assert len(learned) == 5
     assert "tick" in order[learned[0] : learned[-1]]
+
+
+async def test_a_new_outage_after_a_lasting_subscription_warns_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gateway that routes nothing shares nothing: its subscription having
+    lasted says the last outage ended."""
+    from citadel.gateway.services import placements
+
+    now = [0.0]
+    monkeypatch.setattr(placements, "RETRY_BASE_S", 0.01)
+    monkeypatch.setattr(placements, "LISTEN_S", 0.01)
+    client = FakeChannel()
+    client.fail = True
+    exchange = PlacementExchange(
+        client,  # type: ignore[arg-type]
+        "c",
+        clock=lambda: now[0],
+    )
+    task = asyncio.create_task(exchange.run())
+    await asyncio.sleep(0.05)  # failing, pauses growing
+    client.fail = False
+    await _until(lambda: client.subscriptions == 1)
+    now[0] += placements.STABLE_S
+    client.fail = True
+    await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2
+
+
+async def test_learning_while_publishing_fails_is_no_recovery(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Subscribing works and peers publish, but this gateway may not: what it
+    learns does not reset its pauses."""
+    from citadel.gateway.services import placements
+
+    monkeypatch.setattr(placements, "RETRY_BASE_S", 0.01)
+    monkeypatch.setattr(placements, "RETRY_MAX_S", 0.08)
+    monkeypatch.setattr(placements, "LISTEN_S", 0.01)
+    client = FakeChannel()
+    client.publish_denied = True
+    exchange = _exchange(client, [], Counts(), flush_s=0.001)  # type: ignore[arg-type]
+    task = asyncio.create_task(exchange.run())
+    for i in range(6):
+        await _until(lambda i=i: client.subscriptions > i)
+        client.inbox.append(encode(b"other!!!", [Placement("m", "u", (i,))]))
+        await _until(lambda: not client.inbox)
+        exchange.offer(Placement("m", "u", (i,)))
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert exchange._failures >= 5
