@@ -43,6 +43,7 @@ from typing import Protocol
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from citadel.gateway.kube.client import doubling_s
 from citadel.gateway.services.prefix import Mark
 
 log = logging.getLogger(__name__)
@@ -295,7 +296,7 @@ class PlacementExchange:
                     )
                 self._failures += 1
                 await asyncio.sleep(
-                    min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (self._failures - 1))
+                    doubling_s(self._failures, RETRY_BASE_S, RETRY_MAX_S)
                 )
 
     def _shared(self, learned: bool = False) -> None:
