@@ -62,10 +62,12 @@ def build_deps(settings: GatewaySettings, environ: Mapping[str, str]) -> Deps:
         metrics.routing_decisions.labels(model, strategy, how).inc()
 
     load_max_age_s = report_max_age_s(settings.metrics_scrape_period_s)
+    # One client, one pool of connections, for the limits and the placements.
+    redis = _redis_client(settings) if settings.redis_url else None
     exchange: PlacementExchange | None = None
     on_placed: Callable[[Placement], None] | None = None
-    if settings.redis_url and settings.share_placements:
-        exchange = _placement_exchange(settings, metrics)
+    if redis is not None and settings.share_placements:
+        exchange = _placement_exchange(settings, redis, metrics)
         on_placed = exchange.offer
     router = Router(
         catalog,
@@ -76,7 +78,11 @@ def build_deps(settings: GatewaySettings, environ: Mapping[str, str]) -> Deps:
     )
     if exchange is not None:
         exchange.learn = router.learn
-    store, shutdown = _bucket_store(settings)
+    store: BucketStore = InProcessBuckets()
+    shutdown: list[Callable[[], Awaitable[None]]] = []
+    if redis is not None:
+        store = RedisBuckets(redis)
+        shutdown.append(redis.aclose)
     limiter = Limiter(store, time.time)
     deps = Deps(
         catalog=catalog,
@@ -99,7 +105,6 @@ def build_deps(settings: GatewaySettings, environ: Mapping[str, str]) -> Deps:
     )
     if exchange is not None:
         deps.sources.append(exchange)
-        deps.shutdown.append(exchange.close)
     _add_sources(settings, environ, deps, keys)
     return deps
 
@@ -120,20 +125,26 @@ class _PlacementMetrics:
         self._metrics.placements_dropped.labels(reason).inc(count)
 
 
-def _placement_exchange(
-    settings: GatewaySettings, metrics: GatewayMetrics
-) -> PlacementExchange:
-    """The exchange of placements on the settings' Redis (`share_placements`);
-    its `learn` is set once the router exists."""
-    client = aioredis.Redis.from_url(
+def _redis_client(settings: GatewaySettings) -> aioredis.Redis:
+    """The client of the settings' Redis (limits, placements). A call or a
+    connect slower than `redis_timeout_s` fails (limits then fail open; a
+    publish that stalls holds back only the placements behind it); a
+    connection idle for `REDIS_HEALTH_CHECK_S` is pinged before its next use,
+    so that the placements subscription, which waits with a timeout of its
+    own, finds one cut without a word."""
+    return aioredis.Redis.from_url(
         settings.redis_url,
-        # A publish that stalls holds back only the placements behind it; the
-        # subscription waits with a timeout of its own, and pings Redis when
-        # idle so that a connection cut without a word is found.
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
-        health_check_interval=PLACEMENTS_HEALTH_CHECK_S,
+        health_check_interval=REDIS_HEALTH_CHECK_S,
     )
+
+
+def _placement_exchange(
+    settings: GatewaySettings, client: aioredis.Redis, metrics: GatewayMetrics
+) -> PlacementExchange:
+    """The exchange of placements on `client` (`share_placements`); its
+    `learn` is set once the router exists."""
     channel = settings.placements_channel or channel_name(
         settings.routes_namespace or settings.namespace
     )
@@ -145,18 +156,8 @@ def _placement_exchange(
     )
 
 
-PLACEMENTS_HEALTH_CHECK_S = 10.0
-"""Seconds of silence on the placements subscription before Redis is pinged."""
-
-
-def _bucket_store(
-    settings: GatewaySettings,
-) -> tuple[BucketStore, list[Callable[[], Awaitable[None]]]]:
-    """Redis when a URL is set (limits shared by every replica), else in process."""
-    if not settings.redis_url:
-        return InProcessBuckets(), []
-    store = RedisBuckets.from_url(settings.redis_url, settings.redis_timeout_s)
-    return store, [store.close]
+REDIS_HEALTH_CHECK_S = 10.0
+"""Seconds a Redis connection may stay idle before it is pinged at its next use."""
 
 
 def proxy_options(settings: GatewaySettings) -> ProxyOptions:

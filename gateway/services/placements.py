@@ -268,10 +268,6 @@ class PlacementExchange:
         outbox.append(record)
         self._waiting.set()
 
-    async def close(self) -> None:
-        """Closes the client's connections."""
-        await self._client.aclose()
-
     async def run(self) -> None:
         """Subscribes and publishes until cancelled, subscribing again after
         Redis fails."""

@@ -605,7 +605,10 @@ def test_gateways_with_redis_share_placements_on_their_namespace_s_channel(
     assert len(exchanges) == 1
     exchange = exchanges[0]
     assert exchange._channel == channel_name("ns")
-    assert exchange.close in deps.shutdown
+    # One client for the limits and the placements, closed at shutdown.
+    client = exchange._client
+    assert deps.proxy._limiter._store._client is client
+    assert client.aclose in deps.shutdown
     # The router tells the exchange, and the exchange the router.
     router = deps.proxy._router
     assert router._on_placed == exchange.offer
