@@ -228,9 +228,9 @@ class PrefixAware(_Turns):
     """Requests in flight by which a window's last replica must lead another
     holder of it before the conversation's next turn goes to that one. With
     two gateway replicas sharing placements, each seeing its own requests in
-    flight, a lead of 2 moved 35 of every 1,000 turns in a closed loop (32
-    users, 4 to 8 replicas), 3 moved 9.6 and 4 moved 6.0, with one gateway
-    2.4, 2.2 and 2.1; the latencies were the same."""
+    flight, a lead of 2 moved 35.7 of every 1,000 turns in a closed loop (32
+    users, 4 to 8 replicas, 3 seeds), 3 moved 9.2 and 4 moved 5.8, with one
+    gateway 2.4, 2.1 and 2.1; the mean latencies were within 1%."""
 
     def __init__(
         self,
