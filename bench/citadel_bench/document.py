@@ -15,7 +15,6 @@ from citadel_bench.gateways import (
     ONE,
     SETUPS,
     SHARE_ENV,
-    SHARE_SETTING,
     STRATEGY,
     TWO,
     TWO_REDIS,
@@ -620,15 +619,6 @@ def _gateways(r: Results) -> list[str]:
         "per request.",
         "",
     ]
-    if r.gateways and not any(result.sharing for result in r.gateways):
-        out += [
-            f"The gateway measured has no `{SHARE_SETTING}` setting (no placement "
-            "sharing at this",
-            f"commit): it ignores `{SHARE_ENV}`, so the two Redis targets run the "
-            "same gateway and",
-            "differ by noise alone.",
-            "",
-        ]
     found = {result.workload.name: result for result in r.gateways}
     for w in r.config.gateways:
         out += [f"### Two gateways, {w.name}", ""]

@@ -50,9 +50,6 @@ SHARE_ENV = "CITADEL_GATEWAY_SHARE_PLACEMENTS"
 """The gateway's setting that turns the sharing of placements through Redis on
 (default) or off."""
 
-SHARE_SETTING = "share_placements"
-"""The same setting's field in `GatewaySettings`."""
-
 PICKER_SEED = 2
 """Seeds the choice of gateway: every run of every two-gateway target sends
 each user's requests to the same gateways in the same order."""
@@ -224,22 +221,11 @@ class GatewaysResult:
         workload: what ran.
         runs: one per target that ran, in the order of `SETUPS`.
         skipped: target -> why it did not run.
-        sharing: whether the gateway measured has `SHARE_SETTING` (without it
-            the two Redis targets run the same gateway).
     """
 
     workload: ChatWorkload
     runs: list[GatewaysRun] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
-    sharing: bool = False
-
-
-def gateway_knows_sharing() -> bool:
-    """Whether the gateway code the bench starts has `SHARE_SETTING` (the
-    bench imports the same `citadel` as the gateways it starts)."""
-    from citadel.gateway.settings import GatewaySettings
-
-    return SHARE_SETTING in GatewaySettings.model_fields
 
 
 def wait_redis(proc: Proc, port: int, timeout_s: float = 30.0) -> None:
@@ -353,7 +339,7 @@ def run_gateways(
     """Every target, `rounds` times over, the order rotated each round (as the
     routing part does); a target's rounds are pooled. A target that fails in
     any round is left out, with why."""
-    result = GatewaysResult(workload, sharing=gateway_knows_sharing())
+    result = GatewaysResult(workload)
     done: dict[str, list[GatewaysRun]] = {s.target: [] for s in setups}
     for n in range(rounds):
         round_dir = log_dir / f"gateways-{workload.slug}-round-{n + 1}"

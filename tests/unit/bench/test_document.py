@@ -504,7 +504,7 @@ def _gateways_run(target: str, later_ms: float, moves: Moves) -> GatewaysRun:
     return GatewaysRun(run, moves)
 
 
-def _gateways(workload: ChatWorkload, sharing: bool) -> GatewaysResult:
+def _gateways(workload: ChatWorkload) -> GatewaysResult:
     # Out of order: the table follows the targets' order.
     return GatewaysResult(
         workload,
@@ -513,12 +513,11 @@ def _gateways(workload: ChatWorkload, sharing: bool) -> GatewaysResult:
             _gateways_run(ONE.target, 18.0, Moves(0, 288)),
         ],
         skipped={TWO_REDIS.target: "did not run: redis-server is not installed"},
-        sharing=sharing,
     )
 
 
 def test_later_turns_are_compared_with_one_gateway() -> None:
-    result = _gateways(MULTI_ROUND_QA, True)
+    result = _gateways(MULTI_ROUND_QA)
     assert later_versus_one(result) == {TWO.target: 2.5, ONE.target: 1.0}
     result.runs = result.runs[:1]
     assert all(v != v for v in later_versus_one(result).values())  # NaN
@@ -526,7 +525,7 @@ def test_later_turns_are_compared_with_one_gateway() -> None:
 
 def test_document_shows_each_workload_through_two_gateways(tmp_path: Path) -> None:
     r = _results()
-    r.gateways = [_gateways(MULTI_ROUND_QA, False)]
+    r.gateways = [_gateways(MULTI_ROUND_QA)]
     r.failures[gateways_part(SHORT_CHAT)] = "RuntimeError: no simulator"
     doc = _write(r, tmp_path)
     part = doc.split("## Routing through two gateway replicas")[1].split("\n## ")[0]
@@ -543,10 +542,6 @@ def test_document_shows_each_workload_through_two_gateways(tmp_path: Path) -> No
     assert "16 users, 160 requests a round (16 conversations of 10 turns)" in qa
     short = part.split("### Two gateways, short chat")[1]
     assert "Not run: RuntimeError: no simulator" in short
-    # A gateway without the setting: the two Redis targets are the same.
-    assert "no `share_placements` setting" in part
-    r.gateways = [_gateways(MULTI_ROUND_QA, True)]
-    assert "no `share_placements` setting" not in _write(r, tmp_path)
     # The part is a measurement: no target of its own.
     targets = doc.split("## Targets")[1].split("\n## ")[0]
     assert "gateway" not in targets
