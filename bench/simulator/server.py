@@ -1,10 +1,12 @@
-"""The HTTP side: vLLM's OpenAI routes, `/health` and `/metrics` over an Engine."""
+"""The HTTP side: vLLM's OpenAI routes (chat, completions, responses), `/health`
+and `/metrics` over an Engine."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import orjson
@@ -12,9 +14,32 @@ from aiohttp import web
 
 from simulator.engine import TTFT_BUCKETS_S, Engine, Sequence, output_text
 from simulator.params import SimParams
+from simulator.responses import (
+    EventStream,
+    ResponseHead,
+    ResponsesError,
+    new_ids,
+    parse_request,
+    response_object,
+    usage,
+)
 
 ENGINE = web.AppKey("engine", Engine)
 SERVED = web.AppKey("served", str)
+
+
+def render_messages(messages: list[Any]) -> str:
+    """Chat messages in a simple template, ending where the reply starts."""
+    parts = []
+    for message in messages:
+        if isinstance(message, Mapping):
+            content = message.get("content")
+            if isinstance(content, list):
+                content = "".join(
+                    str(p.get("text", "")) for p in content if isinstance(p, dict)
+                )
+            parts.append(f"<|{message.get('role')}|>\n{content}\n")
+    return "".join(parts) + "<|assistant|>\n"
 
 
 def render_prompt(body: Mapping[str, Any]) -> str:
@@ -22,24 +47,20 @@ def render_prompt(body: Mapping[str, Any]) -> str:
     completion prompt."""
     messages = body.get("messages")
     if isinstance(messages, list):
-        parts = []
-        for message in messages:
-            if isinstance(message, Mapping):
-                content = message.get("content")
-                if isinstance(content, list):
-                    content = "".join(
-                        str(p.get("text", "")) for p in content if isinstance(p, dict)
-                    )
-                parts.append(f"<|{message.get('role')}|>\n{content}\n")
-        return "".join(parts) + "<|assistant|>\n"
+        return render_messages(messages)
     prompt = body.get("prompt")
     if isinstance(prompt, list):
         prompt = prompt[0] if prompt else ""
     return str(prompt or "")
 
 
-def _error(status: int, message: str) -> web.Response:
-    error = {"message": message, "type": "BadRequestError", "param": None}
+def _error(
+    status: int,
+    message: str,
+    kind: str = "BadRequestError",
+    param: str | None = None,
+) -> web.Response:
+    error = {"message": message, "type": kind, "param": param}
     return web.json_response(
         {"error": {**error, "code": status}}, status=status, dumps=_dumps
     )
@@ -57,14 +78,22 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, chat=False)
 
 
-async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
-    engine = request.app[ENGINE]
+async def _read_body(request: web.Request) -> dict[str, Any] | web.Response:
+    """The request's JSON object, or the error answer."""
     try:
         body = orjson.loads(await request.read())
     except orjson.JSONDecodeError:
         return _error(400, "The request body is not valid JSON.")
     if not isinstance(body, dict):
         return _error(400, "The request body must be a JSON object.")
+    return body
+
+
+async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
+    engine = request.app[ENGINE]
+    body = await _read_body(request)
+    if isinstance(body, web.Response):
+        return body
     max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
     if not isinstance(max_tokens, int):
         max_tokens = engine.params.default_max_tokens
@@ -122,6 +151,31 @@ async def _run(engine: Engine, seq: Sequence) -> int:
     return seq.generated
 
 
+async def _pieces(
+    engine: Engine, seq: Sequence
+) -> AsyncGenerator[tuple[int, int], None]:
+    """Runs `seq` and yields the token ranges (start, end) a stream sends: the
+    first token alone, then every `stream_every` tokens and the last; with
+    `instant`, every token at once. Drops `seq` if the stream stops early
+    (close it, with `contextlib.aclosing`, so that this happens at once)."""
+    if engine.params.instant:
+        await _run(engine, seq)
+        seq.generated = seq.max_tokens
+        for i in range(seq.max_tokens):
+            yield i, i + 1
+        return
+    engine.submit(seq)
+    every, sent = engine.params.stream_every, 0
+    try:
+        while (n := await seq.tokens.get()) is not None:
+            if n == 1 or n == seq.max_tokens or n - sent >= every:
+                yield sent, n
+                sent = n
+    finally:
+        if seq.generated < seq.max_tokens:
+            engine.cancel(seq)
+
+
 async def _stream(
     request: web.Request,
     engine: Engine,
@@ -155,30 +209,74 @@ async def _stream(
 
     # Like vLLM, the role comes in the first chunk, once the first token exists.
     role = {"index": 0, "delta": {"role": "assistant", "content": ""}}
-    if engine.params.instant:
-        await _run(engine, seq)
-        if chat:
-            await send(role)
-        for i in range(seq.max_tokens):
-            await send(choice(i, i + 1, i == seq.max_tokens - 1))
-        seq.generated = seq.max_tokens
-    else:
-        engine.submit(seq)
-        every, sent = engine.params.stream_every, 0
-        try:
-            while (n := await seq.tokens.get()) is not None:
-                if n == 1 and chat:
-                    await send(role)
-                last = n == seq.max_tokens
-                if n == 1 or last or n - sent >= every:
-                    await send(choice(sent, n, last))
-                    sent = n
-        finally:
-            if seq.generated < seq.max_tokens:
-                engine.cancel(seq)
+    async with contextlib.aclosing(_pieces(engine, seq)) as pieces:
+        async for start, end in pieces:
+            if start == 0 and chat:
+                await send(role)
+            await send(choice(start, end, end == seq.max_tokens))
     if include_usage:
         await send(None, _usage(seq, seq.generated))
     await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    """`POST /v1/responses`, as vLLM 0.32.0 without its response store."""
+    engine = request.app[ENGINE]
+    body = await _read_body(request)
+    if isinstance(body, web.Response):
+        return body
+    try:
+        parsed = parse_request(body)
+    except ResponsesError as e:
+        return _error(e.status, e.message, e.kind, e.param)
+    max_tokens = parsed.max_output_tokens or engine.params.default_max_tokens
+    seq = engine.prepare(render_messages(parsed.messages), max_tokens)
+    if not engine.fits(seq):
+        return _error(
+            400,
+            "The prompt and max_output_tokens exceed the model's length.",
+            param="max_output_tokens",
+        )
+    response_id, item_id = new_ids()
+    model = body.get("model") or request.app[SERVED]
+    head = ResponseHead(response_id, item_id, int(time.time()), str(model), parsed)
+    if parsed.stream:
+        return await _stream_response(request, engine, seq, head)
+    count = await _run(engine, seq)
+    text = output_text(count, 0, engine.params.chars_per_token)
+    answer = response_object(
+        head, text, usage(seq.prompt_tokens, seq.cached_tokens, count)
+    )
+    return web.Response(body=orjson.dumps(answer), content_type="application/json")
+
+
+async def _stream_response(
+    request: web.Request, engine: Engine, seq: Sequence, head: ResponseHead
+) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    events = EventStream(head)
+    size = engine.params.chars_per_token
+
+    async def send(batch: list[dict[str, Any]]) -> None:
+        await response.write(
+            b"".join(
+                b"event: %s\ndata: %s\n\n" % (e["type"].encode(), orjson.dumps(e))
+                for e in batch
+            )
+        )
+
+    # Like vLLM: created and in_progress at once, the message item with the
+    # first token, and no `data: [DONE]` at the end.
+    await send(events.opening())
+    async with contextlib.aclosing(_pieces(engine, seq)) as pieces:
+        async for start, end in pieces:
+            first = events.first_token() if start == 0 else []
+            await send([*first, events.delta(output_text(end, start, size))])
+    used = usage(seq.prompt_tokens, seq.cached_tokens, seq.generated)
+    await send(events.closing(output_text(seq.generated, 0, size), used))
     await response.write_eof()
     return response
 
@@ -260,6 +358,7 @@ def make_app(params: SimParams, served: str) -> web.Application:
     app.on_cleanup.append(_stop_engine)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/responses", responses)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)

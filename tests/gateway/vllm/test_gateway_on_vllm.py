@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from vllm_server import VLLMServer
@@ -20,10 +21,10 @@ QUESTION: Any = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture
-def clients(
+def gateway(
     tmp_path: Path, smollm2_server: VLLMServer, start_gateway: Any, helpers: Any
-) -> Iterator[tuple[openai.OpenAI, openai.OpenAI]]:
-    """(through the gateway, straight to vLLM)."""
+) -> tuple[Any, str]:
+    """(a gateway in front of vLLM, a key for smollm2 and its alias)."""
     keys = tmp_path / "keys.json"
     key = helpers.create_key(keys, "vllm-user", "--models", "smollm2", "smol-chat")
     route = {
@@ -34,9 +35,17 @@ def clients(
         "service": "smollm2",
         "endpoints": [smollm2_server.base_url],
     }
-    gateway = start_gateway([route], keys)
+    return start_gateway([route], keys), key
+
+
+@pytest.fixture
+def clients(
+    gateway: tuple[Any, str], smollm2_server: VLLMServer
+) -> Iterator[tuple[openai.OpenAI, openai.OpenAI]]:
+    """(through the gateway, straight to vLLM)."""
+    started, key = gateway
     via = openai.OpenAI(
-        base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=120
+        base_url=started.url + "/v1", api_key=key, max_retries=0, timeout=120
     )
     direct = openai.OpenAI(
         base_url=smollm2_server.openai_url, api_key="unused", timeout=120
@@ -112,3 +121,39 @@ def test_errors_from_the_gateway_and_from_vllm(clients: Any) -> None:
         via.chat.completions.create(
             model="smollm2", messages=QUESTION, max_tokens=10_000_000
         )
+
+
+def test_responses_through_the_gateway_with_usage_counted(
+    gateway: tuple[Any, str], clients: Any
+) -> None:
+    via, _ = clients
+    answer = via.responses.create(
+        model="smol-chat", input="What is the capital of France?", max_output_tokens=16
+    )
+    assert answer.output_text and answer.model == "smollm2"
+    assert answer.usage is not None and answer.usage.output_tokens > 0
+    events = list(
+        via.responses.create(
+            model="smollm2", input=QUESTION, max_output_tokens=16, stream=True
+        )
+    )
+    assert events[0].type == "response.created"
+    last = events[-1]
+    assert last.type == "response.completed" and last.response.usage is not None
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text and text == last.response.output_text
+    started, _ = gateway
+    lines = httpx.get(started.url + "/metrics").text.splitlines()
+
+    def counted(name: str, *labels: str) -> float:
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in lines
+            if line.startswith(name + "{") and all(x in line for x in labels)
+        )
+
+    tokens = counted(
+        "citadel_gateway_tokens_total", 'kind="completion"', 'model="smollm2"'
+    )
+    assert tokens == answer.usage.output_tokens + last.response.usage.output_tokens
+    assert counted("citadel_gateway_requests_total", 'api="responses"') == 2
