@@ -58,7 +58,7 @@ def error_of(payload: Any) -> dict[str, Any] | None:
     `error` or `response.failed` event), else None."""
     if not isinstance(payload, dict):
         return None
-    if "error" in payload and "choices" not in payload and "type" not in payload:
+    if "error" in payload and "choices" not in payload:
         return payload
     return payload if payload.get("type") in FAILED_EVENTS else None
 
