@@ -15,6 +15,7 @@ from citadel.gateway.api.schemas import (
     CHAT_REQUEST,
     COMPLETION_REQUEST,
     EMBEDDING_REQUEST,
+    RESPONSE_REQUEST,
     error_responses,
     request_body,
 )
@@ -37,6 +38,7 @@ from citadel.gateway.services.requests import (
     CHAT,
     COMPLETIONS,
     EMBEDDINGS,
+    RESPONSES,
     ApiCall,
     Door,
 )
@@ -172,6 +174,17 @@ async def embeddings(request: Request) -> Response:
     return await forward(EMBEDDINGS, request)
 
 
+@router.post("/responses", openapi_extra=request_body(RESPONSE_REQUEST))
+async def responses(request: Request) -> Response:
+    """Creates a model response (streamed as server-sent events with `stream`).
+
+    The gateway keeps no responses: a `previous_response_id` goes to the
+    replica as it is, and retrieving, cancelling or deleting a response by
+    its id is not served (404).
+    """
+    return await forward(RESPONSES, request)
+
+
 def _model(name: str) -> dict[str, object]:
     """A model object in OpenAI's shape."""
     return {"id": name, "object": "model", "created": 0, "owned_by": "citadel"}
@@ -244,7 +257,7 @@ class ForwardingFastPath:
         self.app = app
         self._calls = {
             call.path: (call, response_headers(call.path))
-            for call in (CHAT, COMPLETIONS, EMBEDDINGS)
+            for call in (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES)
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -7,7 +7,7 @@ forwards them (content parts, tool messages, token-id prompts) and allow any oth
 field, as the backend receives them unchanged. Every body they describe passes the
 gateway's own checks (`citadel.gateway.services.requests.parse_body`) but for one
 gap JSON Schema cannot close: it counts 2.0 as an integer, which the gateway
-refuses where it wants one (`max_tokens`, `n`).
+refuses where it wants one (`max_tokens`, `n`, `max_output_tokens`).
 """
 
 from __future__ import annotations
@@ -114,6 +114,57 @@ EMBEDDING_REQUEST: dict[str, Any] = {
     "properties": {
         "model": _MODEL,
         "input": _PROMPT,
+    },
+    "additionalProperties": True,
+}
+
+# Any item of a Responses `input`: a message (with `role`, and `"type":
+# "message"` or none), a function call, its output, reasoning; the gateway
+# reads each as an object and forwards it as it is.
+_INPUT_ITEM = {
+    "type": "object",
+    "properties": {
+        "type": {
+            "type": "string",
+            "description": "`message`, `function_call`, `function_call_output`, "
+            "`reasoning`, ...",
+        },
+        "role": {
+            "type": "string",
+            "enum": ["developer", "system", "user", "assistant"],
+        },
+        "content": {
+            "oneOf": [
+                {"type": "string"},
+                {"type": "array", "items": _PART},
+            ],
+            "description": "Text, or parts (`input_text`, `input_image`, ...).",
+        },
+    },
+    "additionalProperties": True,
+}
+
+RESPONSE_REQUEST: dict[str, Any] = {
+    "type": "object",
+    "required": ["model", "input"],
+    "properties": {
+        "model": _MODEL,
+        "input": {
+            "oneOf": [
+                {"type": "string"},
+                {"type": "array", "items": _INPUT_ITEM},
+            ],
+            "description": "A text (one user message), or input items.",
+        },
+        "instructions": {"type": "string", "description": "The system message."},
+        "max_output_tokens": _POSITIVE,
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "stream": {"type": "boolean"},
+        "previous_response_id": {
+            "type": "string",
+            "description": "Forwarded as it is: the gateway keeps no responses, "
+            "and the model's server answers 404 unless it stores them.",
+        },
     },
     "additionalProperties": True,
 }

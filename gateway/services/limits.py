@@ -38,7 +38,7 @@ from citadel.gateway.services.buckets import (
     reset_time,
 )
 from citadel.gateway.services.prefix import TEXT_PARTS, prompt_text
-from citadel.gateway.services.requests import ApiCall, ApiKind
+from citadel.gateway.services.requests import ApiCall, ApiKind, prompt_body
 
 MINUTE = 60.0
 MAX_ESTIMATE = 10**9
@@ -66,7 +66,8 @@ def estimate_tokens(
 
     What counts follows the endpoint called (`call`), never the fields the body
     happens to carry: a chat's `messages`, a completion's `prompt`, an
-    embedding's `input`. Every prompt counts: its characters / 4, or for a
+    embedding's `input`, a Responses request's `instructions` and `input`.
+    Every prompt counts: its characters / 4, or for a
     prompt given as token ids one token each; a chat is one prompt, its
     messages as `prompt_text` joins them, `MEDIA_PART_TOKENS` for each of
     their image, audio, video or file parts (not their payload's characters),
@@ -76,18 +77,25 @@ def estimate_tokens(
     (`max_completion_tokens`, else `max_tokens`, else `default_max_tokens`) for
     each prompt and each sequence generated for it: `n`, or `best_of` when
     larger, as every candidate is generated (and billed by OpenAI) though only
-    `n` come back; an embedding generates nothing. `body` is one `parse_body`
-    checked: it nests no deeper than JSON is written.
+    `n` come back; an embedding generates nothing. A Responses request counts
+    as the chat it stands for (`prompt_body`: `instructions` and the `input`
+    items as messages, its `tools`), with one reply of `max_output_tokens`,
+    else `default_max_tokens`. `body` is one `parse_body` checked: it nests no
+    deeper than JSON is written.
     """
-    if call.kind is ApiKind.CHAT:
-        tokens, prompts = _chat_tokens(body), 1
+    if call.kind in (ApiKind.CHAT, ApiKind.RESPONSES):
+        tokens, prompts = _chat_tokens(prompt_body(body, call)), 1
     else:
         tokens, prompts = _prompt_tokens(body.get(call.prompt_field))
     if call.kind is not ApiKind.EMBEDDINGS:
-        reply = body.get("max_completion_tokens") or body.get("max_tokens")
+        if call.kind is ApiKind.RESPONSES:
+            reply, sequences = body.get("max_output_tokens"), 1  # it has no `n`
+        else:
+            reply = body.get("max_completion_tokens") or body.get("max_tokens")
+            sequences = _sequences(body)
         if not isinstance(reply, int) or reply < 1:
             reply = default_max_tokens
-        tokens += reply * prompts * _sequences(body)
+        tokens += reply * prompts * sequences
     return min(MAX_ESTIMATE, max(1, tokens))
 
 

@@ -47,6 +47,10 @@ _MEDIA_PAYLOADS = ("url", "data", "file_data", "file_id")
 (`image_url`, `audio_url`, `video_url`; a data URL holds the media itself),
 `data` (`input_audio`), `file_data` and `file_id` (`file`)."""
 
+_PART_PAYLOADS = ("image_url", "file_url", "file_data", "file_id")
+"""The fields of a Responses media part that name or hold the media, a string
+at the part's top level (`input_image`, `input_file`)."""
+
 
 def prompt_text(body: Mapping[str, Any]) -> str:
     """The prompt of a chat, completion or embedding request, as one string."""
@@ -232,6 +236,14 @@ def _stand_in(part: Mapping[str, Any]) -> str:
     payload = part.get("uuid")
     if not isinstance(payload, str):
         payload = part.get(kind) if isinstance(kind, str) else None
+        if payload is None:
+            # A Responses part holds its media in a field named otherwise
+            # than its type (`input_image`'s `image_url`), maybe after
+            # another (its `detail`).
+            payload = next(
+                (part[k] for k in _PART_PAYLOADS if isinstance(part.get(k), str)),
+                None,
+            )
         if payload is None:
             payload = next(
                 (v for k, v in part.items() if k not in ("type", "uuid")), None

@@ -44,6 +44,7 @@ from citadel.gateway.services.requests import (
     Door,
     client_wants_usage,
     parse_body,
+    prompt_body,
     session_id,
 )
 from citadel.gateway.services.routing import NO_REPLICA_RETRY_S, Router
@@ -345,8 +346,9 @@ class ProxyService:
             raise
         out = parsed.upstream(route.served_name)
         headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
-        request = RouteRequest(body, ctx.session)
-        keep = stream and client_wants_usage(body)
+        request = RouteRequest(prompt_body(body, ctx.call), ctx.session)
+        # The usage chunk is dropped only where the gateway asked for it.
+        keep = stream and (not ctx.call.usage_option or client_wants_usage(body))
         response, data = await self._send(
             ctx, route, out, headers, request, stream, keep
         )
@@ -376,7 +378,8 @@ class ProxyService:
         `_Context.worked` say what it may have done meanwhile).
 
         Args:
-            keep_usage: a stream's client asked for the usage chunk itself.
+            keep_usage: a stream's usage chunk goes to its client: the
+                client asked for it, or the endpoint always sends it.
 
         Returns:
             The reply, and its whole body; for a stream to relay (a 200 to a
@@ -564,7 +567,11 @@ class ProxyService:
         connection reset) sent nothing the client would see, as one whose
         whole answer broke off: another replica may answer it (`_send`).
         Relayed from its headers on, the client got a 200 and an error event
-        with nothing of the answer. The first output is handed on as it comes
+        with nothing of the answer. Events a replica sends before it worked
+        on the request (`ApiCall.held`: a Responses stream's
+        `response.created`) are no output: held back, they go out with the
+        first output, so a client never sees those of a replica that failed.
+        The first output is handed on as it comes
         (TTFT observed then, as the relay did); a break after it ends the
         stream with an error event.
 
@@ -572,7 +579,7 @@ class ProxyService:
             UpstreamFailure: the body broke off before the first output, or
                 none came by the deadline (`UpstreamTimeout`).
         """
-        events = EventFilter(keep_usage)
+        events = EventFilter(keep_usage, ctx.call.held)
         # The deadline bounds the reads the upstream client waits on anyway,
         # each within the read timeout: a timer of its own (asyncio.timeout)
         # cost each streamed request 11 us of CPU, a sixth of the proxy's.

@@ -12,12 +12,14 @@ import gc
 import hashlib
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from citadel.gateway.errors import InvalidRequest
+from citadel.gateway.services.responses import OPENING_EVENTS, chat_view
 
 
 class Door(enum.StrEnum):
@@ -34,6 +36,7 @@ class ApiKind(enum.StrEnum):
     CHAT = "chat"
     COMPLETIONS = "completions"
     EMBEDDINGS = "embeddings"
+    RESPONSES = "responses"
 
 
 @dataclass(frozen=True)
@@ -44,11 +47,26 @@ class ApiCall:
     path: str
     prompt_field: str
     streams: bool
+    usage_option: bool = False
+    """Its stream carries the usage only when asked (`stream_options`), which
+    the gateway then asks for (`client_wants_usage`). A Responses stream
+    always ends with it, and has no such option."""
+    held: frozenset[str] = frozenset()
+    """The stream events a replica sends before it has worked on the request:
+    held back and relayed with the first output (`EventFilter`), so that a
+    replica that fails during prefill is tried again unseen."""
 
 
-CHAT = ApiCall(ApiKind.CHAT, "/v1/chat/completions", "messages", True)
-COMPLETIONS = ApiCall(ApiKind.COMPLETIONS, "/v1/completions", "prompt", True)
+CHAT = ApiCall(ApiKind.CHAT, "/v1/chat/completions", "messages", True, True)
+COMPLETIONS = ApiCall(ApiKind.COMPLETIONS, "/v1/completions", "prompt", True, True)
 EMBEDDINGS = ApiCall(ApiKind.EMBEDDINGS, "/v1/embeddings", "input", False)
+RESPONSES = ApiCall(
+    ApiKind.RESPONSES,
+    "/v1/responses",
+    "input",
+    True,
+    held=OPENING_EVENTS,
+)
 
 MAX_DEPTH = 254
 """How deeply a body's arrays and objects may nest (the body is the first level).
@@ -99,6 +117,10 @@ _COUNTS = ("max_tokens", "max_completion_tokens", "n", "best_of")
 (an estimate that skipped a `best_of` of "64" or 64.0, which vLLM reads as 64,
 charged one sequence for 64)."""
 
+_RESPONSE_COUNTS = ("max_output_tokens",)
+"""The one number the estimate reads of a Responses request (the others are
+no fields of it: vLLM ignores them, so the gateway does not judge them)."""
+
 
 @dataclass(frozen=True)
 class ParsedBody:
@@ -111,7 +133,8 @@ class ParsedBody:
     """Whether the answer streams: the endpoint can, and `stream` is true."""
     sent: dict[str, Any]
     """The body for the backend under the client's model name: the client's,
-    with the usage chunk asked for on a stream (see `client_wants_usage`)."""
+    with the usage chunk asked for on a stream that carries it only when
+    asked (see `ApiCall.usage_option` and `client_wants_usage`)."""
     written: bytes
     """`sent` as JSON: the bytes the client sent when it is the client's body."""
 
@@ -150,7 +173,7 @@ def parse_body(raw: bytes, call: ApiCall) -> ParsedBody:
     if not isinstance(body, dict):
         raise InvalidRequest(NOT_AN_OBJECT)
     stream = call.streams and body.get("stream") is True
-    sent = _usage_asked(body) if stream else body
+    sent = _usage_asked(body) if stream and call.usage_option else body
     # Writing it is the depth check: in C, about 4 us for a 20 KB chat (a fifth
     # of the read), where a walk in Python takes 35 us. What orjson reads it
     # fails to write only past MAX_DEPTH (numbers past 64 bits it reads as
@@ -180,6 +203,8 @@ def parse_body(raw: bytes, call: ApiCall) -> ParsedBody:
             )
         check_length("messages", len(prompt), MAX_MESSAGES)
         _check_messages(prompt)
+    elif call.kind is ApiKind.RESPONSES:
+        _check_input(body)
     elif not isinstance(prompt, str | list):
         raise InvalidRequest(
             f"`{call.prompt_field}` must be a string or an array.",
@@ -195,11 +220,19 @@ def parse_body(raw: bytes, call: ApiCall) -> ParsedBody:
             check_length(field, len(value), limit)
     if "stream" in body and not isinstance(body["stream"], bool | None):
         raise InvalidRequest("`stream` must be a boolean.", param="stream")
-    for field in _COUNTS:
+    counts = _RESPONSE_COUNTS if call.kind is ApiKind.RESPONSES else _COUNTS
+    for field in counts:
         value = body.get(field)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise InvalidRequest(f"`{field}` must be a positive integer.", param=field)
     return ParsedBody(body, stream, sent, written)
+
+
+def prompt_body(body: Mapping[str, Any], call: ApiCall) -> Mapping[str, Any]:
+    """`body` as what reads a prompt (the token estimate, prefix-aware
+    routing) reads it: a Responses request as the chat it stands for
+    (`chat_view`), any other as it is."""
+    return chat_view(body) if call.kind is ApiKind.RESPONSES else body
 
 
 def dumps_request(body: dict[str, Any]) -> bytes:
@@ -250,23 +283,44 @@ def check_length(field: str, length: int, limit: int) -> None:
         )
 
 
-def _check_messages(messages: list[Any]) -> None:
-    """Refuses a message that is no object, and messages with more than
-    `MAX_CONTENT_PARTS` content parts in all (counted by their arrays' lengths,
-    in the same pass over at most `MAX_MESSAGES`)."""
+def _check_messages(messages: list[Any], field: str = "messages") -> None:
+    """Refuses a message (or a Responses input item, `field` "input") that is
+    no object, and messages with more than `MAX_CONTENT_PARTS` content parts
+    in all (counted by their arrays' lengths, in the same pass over at most
+    `MAX_MESSAGES`)."""
     parts = 0
     for message in messages:
         if not isinstance(message, dict):
-            raise InvalidRequest("Each message must be an object.", param="messages")
+            what = "message" if field == "messages" else "input item"
+            raise InvalidRequest(f"Each {what} must be an object.", param=field)
         content = message.get("content")
         if isinstance(content, list):
             parts += len(content)
     if parts > MAX_CONTENT_PARTS:
         raise InvalidRequest(
-            f"`messages` have {parts:,} content parts in all; at most "
+            f"`{field}` have {parts:,} content parts in all; at most "
             f"{MAX_CONTENT_PARTS:,} are allowed.",
-            param="messages",
+            param=field,
         )
+
+
+def _check_input(body: dict[str, Any]) -> None:
+    """Checks what a Responses request's estimate and routing read: `input`, a
+    string (one user message) or an array of items (messages, function calls
+    and their outputs, reasoning), walked as a chat's messages are and bounded
+    as they are; `instructions`, a string if set. An empty array goes on, for
+    the backend to judge (with `previous_response_id` it may mean something).
+    """
+    items = body.get("input")
+    if isinstance(items, list):
+        check_length("input", len(items), MAX_MESSAGES)
+        _check_messages(items, "input")
+    elif not isinstance(items, str):
+        raise InvalidRequest(
+            "`input` must be a string or an array of input items.", param="input"
+        )
+    if not isinstance(body.get("instructions"), str | None):
+        raise InvalidRequest("`instructions` must be a string.", param="instructions")
 
 
 _ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")

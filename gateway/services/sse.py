@@ -13,6 +13,8 @@ from typing import Any
 
 import orjson
 
+from citadel.gateway.services.responses import FAILED_EVENTS, FINAL_EVENTS
+
 EVENT_END = b"\n\n"
 USAGE_MARK = b'"usage"'
 ERROR_MARK = b'"error"'
@@ -31,14 +33,20 @@ class Usage:
 
 
 def usage_of(payload: Any) -> Usage | None:
-    """The usage in a parsed response or chunk, if it has one."""
+    """The usage in a parsed response or chunk, if it has one: its `usage`,
+    or a Responses stream's final event's (`FINAL_EVENTS`), in its `response`;
+    counted in `prompt_tokens` and `completion_tokens`, or as the Responses
+    API counts, `input_tokens` and `output_tokens`."""
     if not isinstance(payload, dict):
         return None
     usage = payload.get("usage")
+    if usage is None and payload.get("type") in FINAL_EVENTS:
+        response = payload.get("response")
+        usage = response.get("usage") if isinstance(response, dict) else None
     if not isinstance(usage, dict):
         return None
-    prompt = usage.get("prompt_tokens") or 0
-    completion = usage.get("completion_tokens") or 0
+    prompt = usage.get("prompt_tokens") or usage.get("input_tokens") or 0
+    completion = usage.get("completion_tokens") or usage.get("output_tokens") or 0
     if not isinstance(prompt, int) or not isinstance(completion, int):
         return None
     return Usage(prompt, completion)
@@ -46,10 +54,13 @@ def usage_of(payload: Any) -> Usage | None:
 
 def error_of(payload: Any) -> dict[str, Any] | None:
     """`payload` when it is an error event's (OpenAI's error object, which vLLM
-    writes into a stream whose generation failed), else None."""
-    if isinstance(payload, dict) and "error" in payload and "choices" not in payload:
+    writes into a stream whose generation failed, or a Responses stream's
+    `error` or `response.failed` event), else None."""
+    if not isinstance(payload, dict):
+        return None
+    if "error" in payload and "choices" not in payload:
         return payload
-    return None
+    return payload if payload.get("type") in FAILED_EVENTS else None
 
 
 def usage_of_body(body: bytes) -> Usage | None:
@@ -67,12 +78,26 @@ class EventFilter:
     first error event they carry, and drops the usage-only chunk when the client
     did not ask for it.
 
+    Events of the `held` types (a Responses stream's `response.created` and
+    `response.in_progress`, which vLLM sends before prefill) that come before
+    any other are held back, and given out with the first other one: what
+    `feed` first gives out is the first output, from a replica that got
+    through prefill.
+
     Args:
         keep_usage_chunk: False when the gateway added `include_usage` itself.
+        held: the types of the opening events to hold back (by an event's
+            `event:` field, else its data's `type`).
     """
 
-    def __init__(self, keep_usage_chunk: bool) -> None:
+    def __init__(
+        self, keep_usage_chunk: bool, held: frozenset[str] = frozenset()
+    ) -> None:
         self._keep = keep_usage_chunk
+        self._held = held
+        self._holding = bool(held)
+        self._opening = b""
+        """The held events, as they came."""
         self._buffer = b""
         self.usage: Usage | None = None
         self.error: dict[str, Any] | None = None
@@ -91,16 +116,42 @@ class EventFilter:
         cut = end + len(EVENT_END)
         complete, self._buffer = data[:cut], data[cut:]
         self.count += complete.count(EVENT_END)
+        if self._holding:
+            after = self._past_opening(complete)
+            if after is None:
+                return b""
+            opening, self._opening = self._opening, b""
+            return opening + self._filter(after)
+        return self._filter(complete)
+
+    def rest(self) -> bytes:
+        """Whatever followed the last complete event (sent as is at the end),
+        after any opening events still held."""
+        rest, self._buffer = self._opening + self._buffer, b""
+        self._opening = b""
+        return rest
+
+    def _past_opening(self, complete: bytes) -> bytes | None:
+        """The complete events from the first that is no opening event on
+        (ending holding), the ones before it held; None while all are."""
+        start = 0
+        while start < len(complete):
+            end = complete.index(EVENT_END, start) + len(EVENT_END)
+            if _type_of(complete[start:end]) not in self._held:
+                self._holding = False
+                return complete[start:]
+            self._opening += complete[start:end]
+            start = end
+        return None
+
+    def _filter(self, complete: bytes) -> bytes:
+        """`complete` events without a usage-only chunk not asked for, noting
+        usage and errors."""
         if USAGE_MARK not in complete and ERROR_MARK not in complete:
             return complete
         events = complete.split(EVENT_END)
         kept = [e for e in events[:-1] if self._keep_event(e)]
         return b"".join(e + EVENT_END for e in kept)
-
-    def rest(self) -> bytes:
-        """Whatever followed the last complete event (sent as is at the end)."""
-        rest, self._buffer = self._buffer, b""
-        return rest
 
     def _keep_event(self, event: bytes) -> bool:
         if USAGE_MARK not in event and ERROR_MARK not in event:
@@ -116,6 +167,16 @@ class EventFilter:
         self.usage = usage
         usage_only = isinstance(payload, dict) and payload.get("choices") == []
         return self._keep or not usage_only
+
+
+def _type_of(event: bytes) -> str | None:
+    """An event's type: its `event:` field, else its data's `type`."""
+    for line in event.split(b"\n"):
+        if line.startswith(b"event:"):
+            return line[6:].strip().decode(errors="replace")
+    payload = _data_of(event)
+    kind = payload.get("type") if isinstance(payload, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 def _data_of(event: bytes) -> Any:

@@ -55,6 +55,27 @@ OPENAI_SHAPES: list[tuple[str, dict[str, Any]]] = [
     ("/v1/completions", {"model": "chat", "prompt": [[1, 2], [3]]}),
     ("/v1/embeddings", {"model": "chat", "input": [1, 2, 3]}),
     ("/v1/embeddings", {"model": "chat", "input": [[1, 2], [3]]}),
+    ("/v1/responses", {"model": "chat", "input": "hi", "instructions": "Be brief."}),
+    (
+        "/v1/responses",
+        {
+            "model": "chat",
+            "max_output_tokens": 16,
+            "tools": [{"type": "function", "name": "f", "parameters": {}}],
+            "input": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "input_text", "text": "What is this?"},
+                        {"type": "input_image", "image_url": "https://x/a.png"},
+                    ],
+                },
+                {"type": "function_call", "call_id": "c1", "name": "f"},
+                {"type": "function_call_output", "call_id": "c1", "output": "42"},
+                {"type": "reasoning", "summary": []},
+            ],
+        },
+    ),
 ]
 
 # Bodies the gateway refuses itself (400), which the document must not describe.
@@ -67,6 +88,11 @@ REFUSED: list[tuple[str, dict[str, Any]]] = [
     ("/v1/completions", {"model": "chat", "prompt": "x", "max_tokens": 0}),
     ("/v1/completions", {"model": "chat", "prompt": "x", "stream": "yes"}),
     ("/v1/embeddings", {"model": "chat"}),
+    ("/v1/responses", {"model": "chat"}),
+    ("/v1/responses", {"model": "chat", "input": 5}),
+    ("/v1/responses", {"model": "chat", "input": ["hi"]}),
+    ("/v1/responses", {"model": "chat", "input": "x", "instructions": 5}),
+    ("/v1/responses", {"model": "chat", "input": "x", "max_output_tokens": 0}),
 ]
 
 

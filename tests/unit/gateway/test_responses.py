@@ -1,0 +1,499 @@
+"""OpenAI's Responses API (`POST /v1/responses`): checked, estimated, routed,
+relayed and counted as the other forwarded endpoints are."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from starlette.types import Receive, Scope, Send
+
+from citadel.gateway.api.openai import ForwardingFastPath
+from citadel.gateway.errors import InvalidRequest
+from citadel.gateway.services.limits import MEDIA_PART_TOKENS, estimate_tokens
+from citadel.gateway.services.prefix import prefix_window, prompt_mark
+from citadel.gateway.services.requests import (
+    CHAT,
+    MAX_MESSAGES,
+    RESPONSES,
+    parse_body,
+    prompt_body,
+)
+from citadel.gateway.services.sse import EventFilter, Usage, error_of, usage_of_body
+from citadel.gateway.upstream import UpstreamBroken
+
+pytestmark = pytest.mark.unit
+
+USAGE = {"input_tokens": 21, "output_tokens": 5, "total_tokens": 26}
+WHOLE = {
+    "id": "resp_b934",
+    "object": "response",
+    "status": "incomplete",
+    "output": [{"type": "message", "role": "assistant", "content": []}],
+    "usage": {
+        "input_tokens": 37,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": 16,
+        "total_tokens": 53,
+    },
+    "error": None,
+}
+ASK = {"model": "chat", "input": "What is the capital of France?"}
+
+
+def _response(rid: str, status: str, usage: Any = None) -> dict[str, Any]:
+    """A response object as vLLM 0.32 writes it into events (abridged)."""
+    return {"id": rid, "object": "response", "status": status, "error": None}
+
+
+def _event(kind: str, number: int, **payload: Any) -> bytes:
+    """One event as vLLM 0.32 writes it: its type named twice, no `[DONE]`."""
+    data = {**payload, "sequence_number": number, "type": kind}
+    return f"event: {kind}\ndata: ".encode() + orjson.dumps(data) + b"\n\n"
+
+
+def _opening(rid: str) -> list[bytes]:
+    response = {**_response(rid, "in_progress"), "usage": None}
+    return [
+        _event("response.created", 0, response=response),
+        _event("response.in_progress", 1, response=response),
+    ]
+
+
+def _output(rid: str, final: str = "response.completed") -> list[bytes]:
+    item = {"id": "msg_1", "type": "message", "role": "assistant", "content": []}
+    done = {**_response(rid, "completed"), "usage": USAGE}
+    return [
+        _event("response.output_item.added", 2, item=item, output_index=0),
+        _event("response.output_text.delta", 3, delta="Paris", item_id="msg_1"),
+        _event(final, 4, response=done),
+    ]
+
+
+def _sample(harness: Any, name: str, **labels: str) -> float | None:
+    sample = harness.deps.metrics.registry.get_sample_value
+    return sample(name, labels)  # type: ignore[no-any-return]
+
+
+def _requests(harness: Any, status: str) -> float | None:
+    labels = {"api": "responses", "model": "smollm2", "status": status}
+    labels.update(key="alice", door="rest")
+    return _sample(harness, "citadel_gateway_requests_total", **labels)
+
+
+# -- the request ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        ASK,
+        {**ASK, "instructions": "Be brief.", "max_output_tokens": 5},
+        {"model": "chat", "input": [{"role": "user", "content": "hi"}]},
+        {
+            "model": "chat",
+            "input": [
+                {
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"type": "input_text"}],
+                },
+                {"type": "function_call", "call_id": "c1", "name": "f"},
+                {"type": "function_call_output", "call_id": "c1", "output": "42"},
+            ],
+        },
+        # Not Responses fields: vLLM ignores them, so the gateway does too.
+        {**ASK, "n": "two", "max_tokens": 0},
+        # With `previous_response_id` an empty input may mean something.
+        {"model": "chat", "input": [], "previous_response_id": "resp_1"},
+    ],
+)
+def test_responses_requests_pass_as_sent(body: dict[str, Any]) -> None:
+    """A stream goes as sent: its usage always comes in its last event, and
+    vLLM has no `stream_options` to ask for it."""
+    raw = orjson.dumps({**body, "stream": True})
+    parsed = parse_body(raw, RESPONSES)
+    assert parsed.stream
+    assert parsed.written == raw
+    assert parsed.upstream(body["model"]) == raw
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "chat"}, "input"),
+        ({"model": "chat", "input": 5}, "input"),
+        ({"model": "chat", "input": None}, "input"),
+        ({"model": "chat", "input": ["hi"]}, "input"),
+        ({**ASK, "instructions": 5}, "instructions"),
+        ({**ASK, "max_output_tokens": 0}, "max_output_tokens"),
+        ({**ASK, "max_output_tokens": "16"}, "max_output_tokens"),
+        ({**ASK, "max_output_tokens": 16.0}, "max_output_tokens"),
+        ({**ASK, "stream": "yes"}, "stream"),
+        ({"model": "chat", "input": [{}] * (MAX_MESSAGES + 1)}, "input"),
+        ({"input": "hi"}, "model"),
+    ],
+)
+def test_what_the_gateway_reads_of_a_response_request_is_checked(
+    body: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        parse_body(orjson.dumps(body), RESPONSES)
+    assert refused.value.param == param
+
+
+def test_instructions_and_a_string_input_are_read_as_a_chat() -> None:
+    """What reads a prompt (the estimate, prefix-aware routing) reads the
+    request as the chat vLLM renders for it."""
+    body = {**ASK, "instructions": "Be brief.", "tools": [{"name": "f"}]}
+    chat = {
+        "model": "chat",
+        "tools": [{"name": "f"}],
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": ASK["input"]},
+        ],
+    }
+    assert prefix_window(prompt_body(body, RESPONSES)) == prefix_window(chat)
+    assert prompt_mark(prompt_body(body, RESPONSES), in_window=0) == prompt_mark(
+        chat, in_window=0
+    )
+    items = {"model": "chat", "input": chat["messages"], "tools": [{"name": "f"}]}
+    assert prefix_window(prompt_body(items, RESPONSES)) == prefix_window(chat)
+    # Any other endpoint's body is read as it is.
+    assert prompt_body(chat, CHAT) is chat
+
+
+def test_two_images_after_the_same_text_are_two_prefixes() -> None:
+    """An `input_image` part stands in as its URL's hash, not its `detail`."""
+
+    def asking(url: str) -> dict[str, Any]:
+        image = {"type": "input_image", "detail": "auto", "image_url": url}
+        content = [{"type": "input_text", "text": "What is this?"}, image]
+        return {"model": "chat", "input": [{"role": "user", "content": content}]}
+
+    one, two = (prompt_body(asking(u), RESPONSES) for u in ("https://a", "https://b"))
+    assert prefix_window(one)[0] != prefix_window(two)[0]
+
+
+# -- the estimate -----------------------------------------------------------
+
+
+def test_a_response_is_estimated_as_its_chat_with_max_output_tokens() -> None:
+    body = {**ASK, "instructions": "Be brief.", "max_output_tokens": 40}
+    chat = {
+        "model": "chat",
+        "max_tokens": 40,
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": ASK["input"]},
+        ],
+    }
+    assert estimate_tokens(body, RESPONSES, 256) == estimate_tokens(chat, CHAT, 256)
+    without = {**body, "max_output_tokens": None}
+    assert estimate_tokens(without, RESPONSES, 256) == estimate_tokens(
+        body, RESPONSES, 256
+    ) + (256 - 40)
+    # Chat's fields are no Responses fields: they change nothing.
+    odd = {**body, "n": 8, "max_tokens": 9000}
+    assert estimate_tokens(odd, RESPONSES, 256) == estimate_tokens(body, RESPONSES, 256)
+
+
+def test_calls_their_outputs_and_images_count_in_the_estimate() -> None:
+    call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
+    output = {"type": "function_call_output", "call_id": "c1", "output": "x" * 400}
+    image = {"type": "input_image", "image_url": "data:image/png;base64," + "A" * 4000}
+    base = {"model": "chat", "input": [], "max_output_tokens": 1}
+    counted = {
+        "call": len(orjson.dumps([[call]])) // 4,
+        "output": 100,
+        "image": MEDIA_PART_TOKENS,
+    }
+    empty = estimate_tokens(base, RESPONSES, 256)
+    for name, item in (("call", call), ("output", output)):
+        body = {**base, "input": [item]}
+        assert estimate_tokens(body, RESPONSES, 256) - empty >= counted[name]
+    pictured = {**base, "input": [{"role": "user", "content": [image]}]}
+    bare = {**base, "input": [{"role": "user", "content": []}]}
+    added = estimate_tokens(pictured, RESPONSES, 256) - estimate_tokens(
+        bare, RESPONSES, 256
+    )
+    assert added == counted["image"]
+
+
+# -- usage and events -------------------------------------------------------
+
+
+def test_the_usage_of_a_whole_response_is_read() -> None:
+    assert usage_of_body(orjson.dumps(WHOLE)) == Usage(37, 16)
+
+
+@pytest.mark.parametrize(
+    "final", ["response.completed", "response.incomplete", "response.failed"]
+)
+def test_the_usage_is_read_from_each_final_event(final: str) -> None:
+    events = EventFilter(True, RESPONSES.held)
+    sent = b"".join(_opening("resp_1") + _output("resp_1", final))
+    assert events.feed(sent) == sent
+    assert events.usage == Usage(21, 5)
+
+
+def test_no_usage_is_read_from_other_events() -> None:
+    """The opening events' `usage` is null; an event that is no final one
+    holding a `response` with a usage (none such today) is not read."""
+    events = EventFilter(True)
+    usage = {**_response("r", "completed"), "usage": USAGE}
+    events.feed(_event("response.output_item.done", 3, response=usage))
+    events.feed(b"".join(_opening("resp_1")))
+    assert events.usage is None
+
+
+def test_opening_events_are_held_until_the_first_output() -> None:
+    opening, output = _opening("resp_1"), _output("resp_1")
+    events = EventFilter(True, RESPONSES.held)
+    assert events.feed(opening[0]) == b""
+    assert events.feed(opening[1] + output[0][:10]) == b""
+    assert events.feed(output[0][10:]) == opening[0] + opening[1] + output[0]
+    assert events.feed(output[1]) == output[1]
+    assert events.rest() == b""
+
+
+def test_opening_events_of_a_stream_that_ends_there_are_given_at_its_end() -> None:
+    opening = _opening("resp_1")
+    events = EventFilter(True, RESPONSES.held)
+    assert events.feed(b"".join(opening) + b"event: x") == b""
+    assert events.rest() == b"".join(opening) + b"event: x"
+
+
+def test_an_event_without_an_event_field_is_held_by_its_type() -> None:
+    created = b'data: {"type":"response.created","response":{}}\n\n'
+    events = EventFilter(True, RESPONSES.held)
+    assert events.feed(created) == b""
+
+
+@pytest.mark.parametrize(
+    ("payload", "failed"),
+    [
+        ({"type": "error", "code": "x", "message": "boom", "param": None}, True),
+        ({"type": "response.failed", "response": {"error": {"code": "x"}}}, True),
+        ({"type": "response.created", "response": {"error": None}}, False),
+        ({"error": {"message": "boom"}}, True),
+    ],
+)
+def test_a_responses_streams_failure_events_are_errors(
+    payload: dict[str, Any], failed: bool
+) -> None:
+    assert (error_of(payload) is not None) is failed
+
+
+# -- through the gateway ----------------------------------------------------
+
+
+@dataclass
+class Ticking:
+    """A streamed reply whose replica takes `prefill_s` between its opening
+    events and its first output, on the test's clock."""
+
+    parts: list[bytes | Exception]
+    clock: Any
+    prefill_s: float = 3.0
+    status: int = 200
+    content_type: str = "text/event-stream"
+    retry_after: str | None = None
+    closed: bool = False
+    opened: list[bytes] = field(default_factory=list)
+
+    async def read(self, timeout_s: float | None = None) -> bytes:
+        return b""
+
+    async def chunks(self, timeout_s: float | None = None) -> AsyncIterator[bytes]:
+        for part in self.parts:
+            if isinstance(part, Exception):
+                raise part
+            if b"response.output_item.added" in part:
+                self.clock.now += self.prefill_s
+            yield part
+
+    def lift(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_replica_that_dies_in_prefill_is_tried_again_unseen(
+    kit: Any,
+) -> None:
+    """The first replica sent its opening events, then died: the client gets
+    the second's stream whole, never the first's response id; TTFT is the
+    first output's, 3 s into prefill, not the opening's."""
+    harness = kit.build(doc=kit.document(limits={"tpm": 10_000}))
+    dead = Ticking([*_opening("resp_dead"), UpstreamBroken("reset")], harness.clock)
+    good = Ticking([*_opening("resp_good"), *_output("resp_good")], harness.clock)
+    harness.upstream.handler = lambda url, body: (
+        dead if len(harness.upstream.calls) == 1 else good
+    )
+    body = {**ASK, "stream": True, "max_output_tokens": 16}
+    async with harness.client() as client:
+        answer = await client.post("/v1/responses", json=body)
+    assert answer.status_code == 200
+    assert answer.content == b"".join(_opening("resp_good") + _output("resp_good"))
+    assert b"resp_dead" not in answer.content
+    assert dead.closed
+    assert [c[0][9:] for c in harness.upstream.calls] == ["/v1/responses"] * 2
+    assert all("stream_options" not in c[1] for c in harness.upstream.calls)
+    ttft = "citadel_gateway_time_to_first_token_seconds"
+    assert _sample(harness, ttft + "_count", model="smollm2") == 1
+    assert _sample(harness, ttft + "_sum", model="smollm2") == 3.0
+    assert _requests(harness, "200") == 1
+    tokens = "citadel_gateway_tokens_total"
+    labels = {"model": "smollm2", "key": "alice"}
+    assert _sample(harness, tokens, kind="prompt", **labels) == 21
+    assert _sample(harness, tokens, kind="completion", **labels) == 5
+
+
+async def test_a_whole_response_is_settled_on_its_usage_and_logged(
+    kit: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="citadel.gateway.access")
+    harness = kit.build(doc=kit.document(limits={"tpm": 10_000}))
+    harness.upstream.handler = lambda url, body: kit.reply(body=orjson.dumps(WHOLE))
+    async with harness.client() as client:
+        answer = await client.post("/v1/responses", json=ASK)
+        after = await client.post("/v1/responses", json=ASK)
+    assert answer.status_code == 200
+    assert answer.json() == WHOLE
+    assert harness.upstream.calls[0][0].endswith("/v1/responses")
+    assert harness.upstream.calls[0][1] == {**ASK, "model": "smollm2"}
+    left = 10_000 - 53 - estimate_tokens(ASK, RESPONSES, 256)
+    assert after.headers["x-ratelimit-remaining-tokens"] == str(left)
+    assert _requests(harness, "200") == 2
+    logged = [r for r in caplog.records if r.name == "citadel.gateway.access"]
+    assert [getattr(r, "api", None) for r in logged] == ["responses"] * 2
+
+
+async def test_the_key_must_be_allowed_the_model(kit: Any) -> None:
+    harness = kit.build(kit.document("other"))
+    async with harness.client() as client:
+        answer = await client.post("/v1/responses", json={**ASK, "model": "other"})
+        bare = await client.post(
+            "/v1/responses", json=ASK, headers={"authorization": ""}
+        )
+    assert answer.status_code == 403
+    assert bare.status_code == 401
+    assert not harness.upstream.calls
+
+
+async def test_a_replicas_404_for_a_previous_response_is_relayed(kit: Any) -> None:
+    """vLLM keeps no responses (unless told to): it answers the 404 itself."""
+    said = {
+        "error": {
+            "message": "Response with id 'resp_abc' not found.",
+            "type": "NotFoundError",
+            "param": None,
+            "code": 404,
+        }
+    }
+    harness = kit.build()
+    harness.upstream.handler = lambda url, body: kit.reply(404, orjson.dumps(said))
+    async with harness.client() as client:
+        body = {**ASK, "previous_response_id": "resp_abc"}
+        answer = await client.post("/v1/responses", json=body)
+    assert answer.status_code == 404
+    assert answer.json() == said
+    assert harness.upstream.calls[0][1]["previous_response_id"] == "resp_abc"
+    assert len(harness.upstream.calls) == 1
+    assert _requests(harness, "404") == 1
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/v1/responses/resp_abc", 404),
+        ("POST", "/v1/responses/resp_abc/cancel", 404),
+        ("DELETE", "/v1/responses/resp_abc", 404),
+        ("GET", "/v1/responses/resp_abc/input_items", 404),
+        ("GET", "/v1/responses", 405),
+    ],
+)
+async def test_stored_responses_are_not_served(
+    harness: Any, method: str, path: str, status: int
+) -> None:
+    """The gateway keeps no responses; these carry no model to route by."""
+    async with harness.client() as client:
+        answer = await client.request(method, path)
+    assert answer.status_code == status
+    error = answer.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert not harness.upstream.calls
+
+
+async def test_responses_are_routed_by_prefix_as_the_chat_they_stand_for(
+    kit: Any,
+) -> None:
+    """A conversation sent as a Responses request goes where the same one
+    sent as a chat went: instructions and input read as its messages."""
+    harness = kit.build(
+        kit.document(strategy="prefix-aware"),
+        replicas=("http://r1", "http://r2", "http://r3", "http://r4"),
+    )
+    async with harness.client() as client:
+        for n in range(8):
+            system, question = f"You are helper {n}. " * 40, f"Question {n}?"
+            chat = {
+                "model": "chat",
+                "messages": [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": question},
+                ],
+            }
+            await client.post("/v1/chat/completions", json=chat)
+            items = [{"type": "message", "role": "user", "content": question}]
+            body = {"model": "chat", "instructions": system, "input": items}
+            await client.post("/v1/responses", json=body)
+    urls = [url.rsplit("/v1/", 1)[0] for url, _, _ in harness.upstream.calls]
+    assert len(urls) == 16
+    assert urls[0::2] == urls[1::2]
+    assert len(set(urls)) > 1
+
+
+class _Spy:
+    """An app that notes the paths that reach it (past the fast path)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app, self.state, self.paths = app, app.state, []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.paths.append(scope["path"])
+        await self.app(scope, receive, send)
+
+
+async def test_the_fast_path_serves_responses_as_the_route_does(kit: Any) -> None:
+    harness = kit.build()
+    harness.upstream.handler = lambda url, body: (
+        Ticking([*_opening("r"), *_output("r")], harness.clock)
+        if body.get("stream")
+        else kit.reply(body=orjson.dumps(WHOLE))
+    )
+    spy = _Spy(harness.app)
+
+    async def answers(app: Any) -> list[tuple[int, bytes]]:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://gateway",
+            headers={"authorization": f"Bearer {kit.key}"},
+        ) as client:
+            got = [
+                await client.post("/v1/responses", json=body)
+                for body in (ASK, {**ASK, "stream": True}, {"model": "chat"})
+            ]
+        return [(a.status_code, a.content) for a in got]
+
+    fast = await answers(ForwardingFastPath(spy))  # type: ignore[arg-type]
+    assert spy.paths == []
+    assert await answers(harness.app) == fast
+    assert [status for status, _ in fast] == [200, 200, 400]
