@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 
 class ResponsesError(Exception):
     """A request vLLM refuses, with its HTTP status and error fields."""
@@ -67,7 +69,21 @@ def _input_messages(given: Any) -> list[dict[str, str]]:
     messages = []
     for i, item in enumerate(given):
         where = f"input[{i}]"
-        if not isinstance(item, Mapping) or not isinstance(item.get("role"), str):
+        if not isinstance(item, Mapping):
+            raise ResponsesError(f"{where} must be an object.")
+        kind = item.get("type")
+        if "role" not in item and kind == "function_call_output":
+            output = item.get("output")
+            messages.append({"role": "tool", "content": str(output)})
+            continue
+        if "role" not in item and isinstance(kind, str):
+            # A function call, reasoning, ...: vLLM renders them too, here
+            # as the assistant's text of the item (tokens to prefill, cached
+            # as a chat's tool calls are).
+            text = orjson.dumps(item).decode()
+            messages.append({"role": "assistant", "content": text})
+            continue
+        if not isinstance(item.get("role"), str):
             raise ResponsesError(f"{where} must be a message with a `role`.")
         if "content" not in item:
             raise ResponsesError(f"{where} has no `content`.")
@@ -94,13 +110,33 @@ def parse_request(body: Mapping[str, Any]) -> ResponsesRequest:
                 "`instructions` must be a string.", param="instructions"
             )
         messages.insert(0, {"role": "system", "content": instructions})
-    limit = body.get("max_output_tokens")
-    if limit is not None and (
-        not isinstance(limit, int) or isinstance(limit, bool) or limit < 1
-    ):
+    if not messages:
         raise ResponsesError(
-            "`max_output_tokens` must be a positive integer.", param="max_output_tokens"
+            "Cannot apply chat template to an empty conversation. "
+            "Provide at least one message."
         )
+    limit = body.get("max_output_tokens")
+    if limit is not None:
+        # pydantic's lax ints, as vLLM reads it: `true` is 1.
+        if not isinstance(limit, int) or limit < 1:
+            raise ResponsesError(
+                "`max_output_tokens` must be a positive integer.",
+                param="max_output_tokens",
+            )
+        limit = int(limit)
+    if body.get("background") is True:
+        # vLLM's answers without its store: `store` defaults to true.
+        if body.get("store", True) is False:
+            message = "background can only be used when `store` is true"
+        else:
+            message = (
+                "This vLLM engine does not support `store=True` and therefore "
+                "does not support the background mode. To enable these "
+                "features, set the environment variable "
+                "`VLLM_ENABLE_RESPONSES_API_STORE=1` when launching the vLLM "
+                "server."
+            )
+        raise ResponsesError(message, kind="invalid_request_error", param="background")
     previous = body.get("previous_response_id")
     if previous is not None:
         raise ResponsesError(

@@ -205,6 +205,10 @@ async def test_previous_response_id_is_not_found_as_without_a_store(
         {"input": "hi", "instructions": 3},
         {"input": "hi", "max_output_tokens": "many"},
         {"input": "hi", "max_output_tokens": 10**6},
+        {"input": "hi", "max_output_tokens": False},
+        {"input": []},
+        {"input": "hi", "background": True},
+        {"input": "hi", "background": True, "store": False},
     ],
 )
 async def test_bad_requests_are_400(
@@ -213,6 +217,45 @@ async def test_bad_requests_are_400(
     status, answer = await post(client, **body)
     assert status == 400
     assert answer["error"]["code"] == 400 and answer["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "tokens"),
+    [
+        # As vLLM 0.32 reads them (measured on the CPU vLLM with SmolLM2):
+        # `true` is 1, instructions alone are a conversation.
+        ({"input": "hi", "max_output_tokens": True}, 1),
+        ({"input": [], "instructions": "Be brief.", "max_output_tokens": 2}, 2),
+        (
+            {
+                "input": [
+                    {"role": "user", "content": "weather?"},
+                    {"type": "function_call", "call_id": "c1", "name": "w"},
+                    {"type": "function_call_output", "call_id": "c1", "output": "1"},
+                    {"type": "reasoning", "id": "rs_1", "summary": []},
+                ],
+                "max_output_tokens": 2,
+            },
+            2,
+        ),
+    ],
+)
+async def test_what_vllm_takes_is_taken(
+    client: TestClient[object, object], body: dict[str, Any], tokens: int
+) -> None:
+    status, answer = await post(client, **body)
+    assert status == 200, answer
+    assert answer["usage"]["output_tokens"] == tokens
+
+
+async def test_items_other_than_messages_are_prefilled(
+    client: TestClient[object, object],
+) -> None:
+    ask = {"role": "user", "content": "weather?"}
+    call = {"type": "function_call", "call_id": "c1", "name": "w", "arguments": "{}"}
+    _, alone = await post(client, input=[ask], max_output_tokens=1)
+    _, more = await post(client, input=[ask, call], max_output_tokens=1)
+    assert more["usage"]["input_tokens"] > alone["usage"]["input_tokens"]
 
 
 async def test_a_stream_left_early_frees_its_request() -> None:
