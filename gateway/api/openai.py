@@ -107,13 +107,13 @@ async def _serve(call: ApiCall, request: Request, send: Send, extra: Headers) ->
         # The proxy counted it (499, client_closed, or shutting_down).
         task.uncancel()
         if not watch.gone:
-            await _cut_off(request, send, watch, extra)
+            await _cut_off(call, request, send, watch, extra)
     finally:
         watch.stop()
 
 
 async def _cut_off(
-    request: Request, send: Send, watch: ClientWatch, extra: Headers
+    call: ApiCall, request: Request, send: Send, watch: ClientWatch, extra: Headers
 ) -> None:
     """Ends a request the server cut at the end of its shutdown grace: an error
     in OpenAI's shape (uvicorn would send a plain-text 500, or drop a stream
@@ -127,7 +127,7 @@ async def _cut_off(
             await send(
                 {
                     "type": "http.response.body",
-                    "body": error_event(error.body()),
+                    "body": error_event(error.body(), call.typed_events),
                     "more_body": True,
                 }
             )

@@ -579,7 +579,7 @@ class ProxyService:
             UpstreamFailure: the body broke off before the first output, or
                 none came by the deadline (`UpstreamTimeout`).
         """
-        events = EventFilter(keep_usage, ctx.call.held)
+        events = EventFilter(keep_usage, ctx.call.held, ctx.call.closing)
         # The deadline bounds the reads the upstream client waits on anyway,
         # each within the read timeout: a timer of its own (asyncio.timeout)
         # cost each streamed request 11 us of CPU, a sixth of the proxy's.
@@ -593,6 +593,10 @@ class ProxyService:
                     self._metrics.ttft.labels(ctx.model).observe(ttft)
                     break  # the rest is the relay's, on the same body
             else:
+                if events.holding:
+                    # Only opening events, sent before any work (a Responses
+                    # stream's): no answer began, another replica may give one.
+                    raise UpstreamBroken("the stream ended before its first output")
                 first = events.rest()  # it ended with no complete event
         except BaseException:
             # A failure, the deadline (`UpstreamTimeout`) or a client that
@@ -680,6 +684,10 @@ class ProxyService:
             rest = events.rest()
             if rest:
                 yield rest
+            if not events.ended:
+                # Its closing event never came (the openai client's stream
+                # helper would fail on its own, saying less): as a break.
+                raise UpstreamBroken("the stream ended without its closing event")
         except UpstreamFailure as err:
             failure = err
             gateway_error = (
@@ -687,7 +695,7 @@ class ProxyService:
                 if isinstance(err, UpstreamTimeout)
                 else BackendError(f"The model's stream broke off ({err}).")
             )
-            yield error_event(gateway_error.body())
+            yield error_event(gateway_error.body(), ctx.call.typed_events)
         except (asyncio.CancelledError, GeneratorExit):
             # Stopped from outside: the client went away mid-stream.
             gone = True

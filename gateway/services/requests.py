@@ -19,7 +19,12 @@ from typing import Any
 import orjson
 
 from citadel.gateway.errors import InvalidRequest
-from citadel.gateway.services.responses import OPENING_EVENTS, chat_view
+from citadel.gateway.services.responses import (
+    FAILED_EVENTS,
+    FINAL_EVENTS,
+    OPENING_EVENTS,
+    chat_view,
+)
 
 
 class Door(enum.StrEnum):
@@ -55,6 +60,13 @@ class ApiCall:
     """The stream events a replica sends before it has worked on the request:
     held back and relayed with the first output (`EventFilter`), so that a
     replica that fails during prefill is tried again unseen."""
+    closing: frozenset[str] = frozenset()
+    """The stream events its stream ends with when complete: one that ends
+    after another is broken (a chat's stream needs none: its `[DONE]` tells
+    clients nothing they rely on)."""
+    typed_events: bool = False
+    """Its stream's events are typed (`event:` lines, a `type` in each), so
+    the gateway's own error event is typed too (`sse.error_event`)."""
 
 
 CHAT = ApiCall(ApiKind.CHAT, "/v1/chat/completions", "messages", True, True)
@@ -66,6 +78,8 @@ RESPONSES = ApiCall(
     "input",
     True,
     held=OPENING_EVENTS,
+    closing=FINAL_EVENTS | FAILED_EVENTS,
+    typed_events=True,
 )
 
 MAX_DEPTH = 254

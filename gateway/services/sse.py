@@ -18,6 +18,10 @@ from citadel.gateway.services.responses import FAILED_EVENTS, FINAL_EVENTS
 EVENT_END = b"\n\n"
 USAGE_MARK = b'"usage"'
 ERROR_MARK = b'"error"'
+MAX_HELD_EVENTS = 8
+"""Opening events held back at most (vLLM sends two)."""
+MAX_HELD_BYTES = 64 * 1024
+"""Bytes of opening events held back at most (vLLM's two are about 2 KB)."""
 
 
 @dataclass(frozen=True)
@@ -84,20 +88,32 @@ class EventFilter:
     `feed` first gives out is the first output, from a replica that got
     through prefill.
 
+    At most `MAX_HELD_EVENTS` events or `MAX_HELD_BYTES` are held: a replica
+    that sends more opening events than that is relayed from there on.
+
     Args:
         keep_usage_chunk: False when the gateway added `include_usage` itself.
         held: the types of the opening events to hold back (by an event's
             `event:` field, else its data's `type`).
+        closing: the types of the events a complete stream ends with (a
+            Responses stream's); `ended` says whether the last one was.
     """
 
     def __init__(
-        self, keep_usage_chunk: bool, held: frozenset[str] = frozenset()
+        self,
+        keep_usage_chunk: bool,
+        held: frozenset[str] = frozenset(),
+        closing: frozenset[str] = frozenset(),
     ) -> None:
         self._keep = keep_usage_chunk
         self._held = held
         self._holding = bool(held)
-        self._opening = b""
+        self._opening: list[bytes] = []
         """The held events, as they came."""
+        self._opening_bytes = 0
+        self._closing = closing
+        self._last = b""
+        """The last complete event, kept only when `closing` is set."""
         self._buffer = b""
         self.usage: Usage | None = None
         self.error: dict[str, Any] | None = None
@@ -116,31 +132,58 @@ class EventFilter:
         cut = end + len(EVENT_END)
         complete, self._buffer = data[:cut], data[cut:]
         self.count += complete.count(EVENT_END)
+        if self._closing:
+            before = complete.rfind(EVENT_END, 0, cut - len(EVENT_END))
+            self._last = complete[before + len(EVENT_END) if before >= 0 else 0 :]
         if self._holding:
             after = self._past_opening(complete)
             if after is None:
                 return b""
-            opening, self._opening = self._opening, b""
-            return opening + self._filter(after)
+            return self._release_opening() + self._filter(after)
         return self._filter(complete)
 
     def rest(self) -> bytes:
         """Whatever followed the last complete event (sent as is at the end),
         after any opening events still held."""
-        rest, self._buffer = self._opening + self._buffer, b""
-        self._opening = b""
+        rest, self._buffer = self._release_opening() + self._buffer, b""
         return rest
+
+    @property
+    def holding(self) -> bool:
+        """Whether every event so far was an opening one, held back (or
+        none came)."""
+        return self._holding
+
+    @property
+    def ended(self) -> bool:
+        """Whether the stream's last complete event is one it may end with:
+        always, for a stream with no `closing` events."""
+        return not self._closing or _type_of(self._last) in self._closing
+
+    def _release_opening(self) -> bytes:
+        opening = b"".join(self._opening)
+        self._opening.clear()
+        self._opening_bytes = 0
+        return opening
 
     def _past_opening(self, complete: bytes) -> bytes | None:
         """The complete events from the first that is no opening event on
-        (ending holding), the ones before it held; None while all are."""
+        (ending holding), the ones before it held; None while all are. Past
+        the bounds on what is held, the event that would exceed them is
+        relayed as if it were output."""
         start = 0
         while start < len(complete):
             end = complete.index(EVENT_END, start) + len(EVENT_END)
-            if _type_of(complete[start:end]) not in self._held:
+            size = self._opening_bytes + end - start
+            if (
+                _type_of(complete[start:end]) not in self._held
+                or len(self._opening) >= MAX_HELD_EVENTS
+                or size > MAX_HELD_BYTES
+            ):
                 self._holding = False
                 return complete[start:]
-            self._opening += complete[start:end]
+            self._opening.append(complete[start:end])
+            self._opening_bytes = size
             start = end
         return None
 
@@ -194,6 +237,23 @@ def _data_of(event: bytes) -> Any:
         return None
 
 
-def error_event(body: dict[str, Any]) -> bytes:
-    """An SSE event carrying an error object (sent when a stream breaks off)."""
-    return b"data: " + orjson.dumps(body) + EVENT_END
+def error_event(body: dict[str, Any], typed: bool = False) -> bytes:
+    """An SSE event carrying an error object (sent when a stream breaks off).
+
+    With `typed`, as a Responses stream's `error` event: `event: error`, and
+    the error's `code`, `message` and `param` beside `"type": "error"`, where
+    clients that read events by type look for them, the error object kept
+    too, where the openai client looks (it raises it as an `APIError`).
+    """
+    if not typed:
+        return b"data: " + orjson.dumps(body) + EVENT_END
+    error = body.get("error")
+    fields = error if isinstance(error, dict) else {}
+    payload = {
+        "type": "error",
+        "code": fields.get("code"),
+        "message": fields.get("message"),
+        "param": fields.get("param"),
+        **body,
+    }
+    return b"event: error\ndata: " + orjson.dumps(payload) + EVENT_END

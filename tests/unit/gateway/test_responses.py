@@ -23,7 +23,15 @@ from citadel.gateway.services.requests import (
     parse_body,
     prompt_body,
 )
-from citadel.gateway.services.sse import EventFilter, Usage, error_of, usage_of_body
+from citadel.gateway.services.sse import (
+    MAX_HELD_BYTES,
+    MAX_HELD_EVENTS,
+    EventFilter,
+    Usage,
+    error_event,
+    error_of,
+    usage_of_body,
+)
 from citadel.gateway.upstream import UpstreamBroken
 
 pytestmark = pytest.mark.unit
@@ -275,6 +283,61 @@ def test_an_event_without_an_event_field_is_held_by_its_type() -> None:
     assert events.feed(created) == b""
 
 
+def test_no_more_opening_events_are_held_than_the_bounds() -> None:
+    """A replica that sends opening events without end is relayed from the
+    first past the bounds: neither memory nor the wait grows with them."""
+    created = _opening("resp_1")[0]
+    events = EventFilter(True, RESPONSES.held)
+    held = [events.feed(created) for _ in range(MAX_HELD_EVENTS)]
+    assert held == [b""] * MAX_HELD_EVENTS
+    assert events.feed(created) == created * (MAX_HELD_EVENTS + 1)
+    assert not events.holding
+    big = _event("response.in_progress", 1, response={"x": "y" * MAX_HELD_BYTES})
+    events = EventFilter(True, RESPONSES.held)
+    assert events.feed(created) == b""
+    assert events.feed(big) == created + big
+
+
+@pytest.mark.parametrize(
+    ("parts", "ended"),
+    [
+        ([*_opening("r"), *_output("r")], True),
+        ([*_opening("r"), *_output("r", "response.incomplete")], True),
+        ([*_opening("r"), *_output("r")[:2]], False),
+        ([*_opening("r"), _event("error", 2, code="x", message="boom")], True),
+        ([], False),
+    ],
+)
+def test_a_responses_stream_has_ended_only_on_its_closing_event(
+    parts: list[bytes], ended: bool
+) -> None:
+    events = EventFilter(True, RESPONSES.held, RESPONSES.closing)
+    for part in parts:
+        events.feed(part)
+    # Cut anywhere, the same: only complete events count.
+    whole = EventFilter(True, RESPONSES.held, RESPONSES.closing)
+    whole.feed(b"".join(parts)[:-1])
+    whole.feed(b"".join(parts)[-1:])
+    assert events.ended is ended
+    assert whole.ended is ended
+    assert EventFilter(True).ended  # a chat's needs no closing event
+
+
+def test_the_gateways_error_event_in_a_responses_stream_is_typed() -> None:
+    body = {"error": {"message": "boom", "type": "api_error", "code": "x"}}
+    event = error_event(body, typed=True)
+    assert event.startswith(b"event: error\ndata: ")
+    payload = orjson.loads(event.split(b"data: ", 1)[1])
+    assert payload == {
+        "type": "error",
+        "code": "x",
+        "message": "boom",
+        "param": None,
+        "error": body["error"],
+    }
+    assert error_event(body) == b"data: " + orjson.dumps(body) + b"\n\n"
+
+
 @pytest.mark.parametrize(
     ("payload", "failed"),
     [
@@ -354,6 +417,57 @@ async def test_a_replica_that_dies_in_prefill_is_tried_again_unseen(
     labels = {"model": "smollm2", "key": "alice"}
     assert _sample(harness, tokens, kind="prompt", **labels) == 21
     assert _sample(harness, tokens, kind="completion", **labels) == 5
+
+
+async def test_a_replica_that_ends_after_its_opening_events_is_tried_again(
+    kit: Any,
+) -> None:
+    """Opening events and then the end: no answer began, so another replica
+    answers, the client never seeing the first's response id; with none
+    other, a 502 rather than a 200 with no answer."""
+    harness = kit.build()
+    empty = Ticking(_opening("resp_empty"), harness.clock)
+    good = Ticking([*_opening("resp_good"), *_output("resp_good")], harness.clock)
+    harness.upstream.handler = lambda url, body: (
+        empty if len(harness.upstream.calls) == 1 else good
+    )
+    body = {**ASK, "stream": True}
+    async with harness.client() as client:
+        answer = await client.post("/v1/responses", json=body)
+    assert answer.status_code == 200
+    assert answer.content == b"".join(_opening("resp_good") + _output("resp_good"))
+    assert len(harness.upstream.calls) == 2
+    harness.upstream.handler = lambda url, body: Ticking(
+        _opening("resp_empty"), harness.clock
+    )
+    async with harness.client() as client:
+        answer = await client.post("/v1/responses", json=body)
+    assert answer.status_code == 502
+    assert answer.json()["error"]["code"] == "backend_error"
+
+
+async def test_a_responses_stream_without_its_closing_event_ends_with_an_error(
+    kit: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The replica's stream stopped, cleanly, before `response.completed`:
+    the client gets a typed error event (the openai client raises it), and
+    the request is counted and logged as a broken stream."""
+    harness = kit.build()
+    cut = [*_opening("resp_1"), *_output("resp_1")[:2]]
+    harness.upstream.handler = lambda url, body: Ticking(cut, harness.clock)
+    caplog.set_level("INFO", logger="citadel.gateway.access")
+    async with harness.client() as client:
+        answer = await client.post("/v1/responses", json={**ASK, "stream": True})
+    assert answer.status_code == 200
+    assert answer.content.startswith(b"".join(cut))
+    last = answer.content[len(b"".join(cut)) :]
+    assert last.startswith(b"event: error\ndata: ")
+    error = orjson.loads(last.split(b"data: ", 1)[1])
+    assert error["type"] == "error" and error["code"] == "backend_error"
+    assert "closing event" in error["message"]
+    assert _requests(harness, "200") == 1
+    logged = [r for r in caplog.records if r.getMessage() == "request"]
+    assert [getattr(r, "code", None) for r in logged] == ["stream_broken"]
 
 
 async def test_a_whole_response_is_settled_on_its_usage_and_logged(
