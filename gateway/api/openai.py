@@ -98,6 +98,7 @@ async def _serve(call: ApiCall, request: Request, send: Send, extra: Headers) ->
     task = asyncio.current_task()
     assert task is not None
     watch = ClientWatch(request.receive, task)
+    result: ProxyResponse | None = None
     try:
         result = await deps.proxy.handle(call, principal, raw, rid, session)
         await send_result(result, send, watch, extra)
@@ -107,13 +108,17 @@ async def _serve(call: ApiCall, request: Request, send: Send, extra: Headers) ->
         # The proxy counted it (499, client_closed, or shutting_down).
         task.uncancel()
         if not watch.gone:
-            await _cut_off(call, request, send, watch, extra)
+            await _cut_off(result, request, send, watch, extra)
     finally:
         watch.stop()
 
 
 async def _cut_off(
-    call: ApiCall, request: Request, send: Send, watch: ClientWatch, extra: Headers
+    result: ProxyResponse | None,
+    request: Request,
+    send: Send,
+    watch: ClientWatch,
+    extra: Headers,
 ) -> None:
     """Ends a request the server cut at the end of its shutdown grace: an error
     in OpenAI's shape (uvicorn would send a plain-text 500, or drop a stream
@@ -122,12 +127,14 @@ async def _cut_off(
         "The gateway stopped before the answer came; send the request again.",
         retry_after_s=1,
     )
+    # The stream's own kind of error event (a Responses stream's is typed).
+    written = result.error_event if result is not None else error_event
     with contextlib.suppress(Exception):  # the connection may be gone already
         if watch.started:
             await send(
                 {
                     "type": "http.response.body",
-                    "body": error_event(error.body(), call.typed_events),
+                    "body": written(error.body()),
                     "more_body": True,
                 }
             )

@@ -99,6 +99,20 @@ class ProxyResponse:
     message); the request is then counted as that error, which is what the
     door's client gets, not as the 200 the replica sent. REST relays the bytes
     and never calls it."""
+    error_event: Callable[[dict[str, Any]], bytes] = error_event
+    """For a stream: how an error is written into it after it began (an
+    OpenAI error body in, SSE bytes out), in the stream's own kind of event."""
+
+
+def _error_event_of(
+    ctx: _Context, events: EventFilter
+) -> Callable[[dict[str, Any]], bytes]:
+    """How the gateway writes an error into this stream: typed and numbered
+    after the replica's last event where its events are (`ApiCall.typed_events`,
+    a Responses stream), else as a chat's error chunk."""
+    if not ctx.call.typed_events:
+        return error_event
+    return lambda body: error_event(body, events.next_sequence())
 
 
 @dataclass
@@ -359,6 +373,7 @@ class ProxyService:
                 {**reply_headers, "cache-control": "no-cache"},
                 stream=self._relay(ctx, data),
                 media_type="text/event-stream",
+                error_event=_error_event_of(ctx, data.events),
                 unusable=ctx.found_unusable,
             )
         return await self._whole(ctx, response, data, reply_headers, read)
@@ -593,11 +608,11 @@ class ProxyService:
                     self._metrics.ttft.labels(ctx.model).observe(ttft)
                     break  # the rest is the relay's, on the same body
             else:
+                first = events.finish()  # it ended with no complete event
                 if events.holding:
                     # Only opening events, sent before any work (a Responses
                     # stream's): no answer began, another replica may give one.
                     raise UpstreamBroken("the stream ended before its first output")
-                first = events.rest()  # it ended with no complete event
         except BaseException:
             # A failure, the deadline (`UpstreamTimeout`) or a client that
             # left: the body left unread, its connection cannot be reused.
@@ -681,7 +696,7 @@ class ProxyService:
                 out = events.feed(chunk)
                 if out:
                     yield out
-            rest = events.rest()
+            rest = events.finish()
             if rest:
                 yield rest
             if not events.ended:
@@ -695,7 +710,7 @@ class ProxyService:
                 if isinstance(err, UpstreamTimeout)
                 else BackendError(f"The model's stream broke off ({err}).")
             )
-            yield error_event(gateway_error.body(), ctx.call.typed_events)
+            yield _error_event_of(ctx, events)(gateway_error.body())
         except (asyncio.CancelledError, GeneratorExit):
             # Stopped from outside: the client went away mid-stream.
             gone = True

@@ -112,9 +112,14 @@ class EventFilter:
         """The held events, as they came."""
         self._opening_bytes = 0
         self._closing = closing
-        self._last = b""
-        """The last complete event, kept only when `closing` is set."""
+        self._last_type: str | None = None
+        """The type of the last complete event that has one (not a comment,
+        a blank event or `[DONE]`), noted only when `closing` is set."""
+        self._last_typed = b""
+        """That event."""
         self._buffer = b""
+        self._cr = False
+        """The last chunk ended with a CR, which a LF may complete."""
         self.usage: Usage | None = None
         self.error: dict[str, Any] | None = None
         """The first error event's payload (`error_of`), relayed as is."""
@@ -123,8 +128,17 @@ class EventFilter:
         first and the usage chunk)."""
 
     def feed(self, chunk: bytes) -> bytes:
-        """The complete events in `chunk` (with any earlier partial one)."""
+        """The complete events in `chunk` (with any earlier partial one).
+
+        Lines that end in CR LF or CR, which SSE allows and vLLM does not
+        send, are relayed ending in LF: events are cut at blank lines."""
+        if self._cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]  # the LF of a CR LF cut between two chunks
+        self._cr = False
         data = self._buffer + chunk if self._buffer else chunk
+        if b"\r" in data:
+            self._cr = data.endswith(b"\r")
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         end = data.rfind(EVENT_END)
         if end < 0:
             self._buffer = data
@@ -133,8 +147,7 @@ class EventFilter:
         complete, self._buffer = data[:cut], data[cut:]
         self.count += complete.count(EVENT_END)
         if self._closing:
-            before = complete.rfind(EVENT_END, 0, cut - len(EVENT_END))
-            self._last = complete[before + len(EVENT_END) if before >= 0 else 0 :]
+            self._note_last(complete)
         if self._holding:
             after = self._past_opening(complete)
             if after is None:
@@ -148,6 +161,41 @@ class EventFilter:
         rest, self._buffer = self._release_opening() + self._buffer, b""
         return rest
 
+    def finish(self) -> bytes:
+        """What is left at the end of the body: as `rest`, but for a stream
+        with `closing` events a last event without its blank line is taken
+        as complete (its type, usage and error read), so that whatever the
+        relay writes after it is an event of its own."""
+        if self._closing and self._buffer.strip():
+            tail = b"\n" if self._buffer.endswith(b"\n") else EVENT_END
+            return self.feed(tail) + self.rest()
+        return self.rest()
+
+    def next_sequence(self) -> int:
+        """The `sequence_number` an event appended to the stream takes: one
+        past the last typed event's, else the count of events."""
+        payload = _data_of(self._last_typed) if self._last_typed else None
+        number = payload.get("sequence_number") if isinstance(payload, dict) else None
+        if isinstance(number, int) and not isinstance(number, bool):
+            return number + 1
+        return self.count
+
+    def _note_last(self, complete: bytes) -> None:
+        """Notes the last event of `complete` that has a type, from the end
+        (a stream may end with `[DONE]`, a comment or a blank event)."""
+        end = len(complete) - len(EVENT_END)
+        while end >= 0:
+            before = complete.rfind(EVENT_END, 0, end)
+            start = before + len(EVENT_END) if before >= 0 else 0
+            event = complete[start:end]
+            kind = _type_of(event) if event.strip() else None
+            if kind is not None:
+                self._last_type, self._last_typed = kind, event
+                return
+            if before < 0:
+                return
+            end = before
+
     @property
     def holding(self) -> bool:
         """Whether every event so far was an opening one, held back (or
@@ -158,7 +206,7 @@ class EventFilter:
     def ended(self) -> bool:
         """Whether the stream's last complete event is one it may end with:
         always, for a stream with no `closing` events."""
-        return not self._closing or _type_of(self._last) in self._closing
+        return not self._closing or self._last_type in self._closing
 
     def _release_opening(self) -> bytes:
         opening = b"".join(self._opening)
@@ -237,15 +285,16 @@ def _data_of(event: bytes) -> Any:
         return None
 
 
-def error_event(body: dict[str, Any], typed: bool = False) -> bytes:
+def error_event(body: dict[str, Any], sequence: int | None = None) -> bytes:
     """An SSE event carrying an error object (sent when a stream breaks off).
 
-    With `typed`, as a Responses stream's `error` event: `event: error`, and
-    the error's `code`, `message` and `param` beside `"type": "error"`, where
-    clients that read events by type look for them, the error object kept
-    too, where the openai client looks (it raises it as an `APIError`).
+    With a `sequence` number, as a Responses stream's `error` event (OpenAI's
+    `ResponseErrorEvent`): `event: error`, and the error's `code`, `message`
+    and `param` beside `"type": "error"` and `sequence_number`, where clients
+    that read events by type look for them, the error object kept too, where
+    the openai client looks (it raises it as an `APIError`).
     """
-    if not typed:
+    if sequence is None:
         return b"data: " + orjson.dumps(body) + EVENT_END
     error = body.get("error")
     fields = error if isinstance(error, dict) else {}
@@ -254,6 +303,7 @@ def error_event(body: dict[str, Any], typed: bool = False) -> bytes:
         "code": fields.get("code"),
         "message": fields.get("message"),
         "param": fields.get("param"),
+        "sequence_number": sequence,
         **body,
     }
     return b"event: error\ndata: " + orjson.dumps(payload) + EVENT_END

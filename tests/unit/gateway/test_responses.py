@@ -3,6 +3,7 @@ relayed and counted as the other forwarded endpoints are."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from openai.types.responses import ResponseErrorEvent
 from starlette.types import Receive, Scope, Send
 
 from citadel.gateway.api.openai import ForwardingFastPath
@@ -325,7 +327,7 @@ def test_a_responses_stream_has_ended_only_on_its_closing_event(
 
 def test_the_gateways_error_event_in_a_responses_stream_is_typed() -> None:
     body = {"error": {"message": "boom", "type": "api_error", "code": "x"}}
-    event = error_event(body, typed=True)
+    event = error_event(body, 7)
     assert event.startswith(b"event: error\ndata: ")
     payload = orjson.loads(event.split(b"data: ", 1)[1])
     assert payload == {
@@ -333,9 +335,76 @@ def test_the_gateways_error_event_in_a_responses_stream_is_typed() -> None:
         "code": "x",
         "message": "boom",
         "param": None,
+        "sequence_number": 7,
         "error": body["error"],
     }
+    # What a client that reads events by OpenAI's types takes it for.
+    typed = ResponseErrorEvent.model_validate(payload)
+    assert (typed.code, typed.message, typed.sequence_number) == ("x", "boom", 7)
     assert error_event(body) == b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def test_an_appended_event_is_numbered_after_the_replicas_last() -> None:
+    events = EventFilter(True, RESPONSES.held, RESPONSES.closing)
+    for part in [*_opening("r"), *_output("r")[:2]]:
+        events.feed(part)
+    assert events.next_sequence() == 4
+    events.feed(b": keep-alive\n\n")
+    assert events.next_sequence() == 4
+
+
+@pytest.mark.parametrize(
+    "after",
+    [b"data: [DONE]\n\n", b": keep-alive\n\n", b"\n\n", b"data: [DONE]\n\n\n\n"],
+)
+def test_what_follows_the_closing_event_does_not_unend_it(after: bytes) -> None:
+    """Some servers end with `[DONE]`, a comment or a blank line after the
+    closing event: the stream is complete all the same."""
+    whole = b"".join([*_opening("r"), *_output("r")]) + after
+    for cut in (len(whole), len(whole) - len(after), len(whole) - 1):
+        events = EventFilter(True, RESPONSES.held, RESPONSES.closing)
+        events.feed(whole[:cut])
+        events.feed(whole[cut:])
+        events.finish()
+        assert events.ended, (after, cut)
+
+
+def test_a_last_event_without_its_blank_line_is_taken_whole() -> None:
+    """The closing event ends with one LF, the body then ends: it is read
+    (ended, its usage), and what follows goes after a blank line."""
+    whole = b"".join([*_opening("r"), *_output("r")])[:-1]
+    events = EventFilter(True, RESPONSES.held, RESPONSES.closing)
+    out = events.feed(whole) + events.finish()
+    assert events.ended and events.usage == Usage(21, 5)
+    assert out.endswith(b"\n\n")
+    partial = b"".join([*_opening("r"), *_output("r")[:2]])[:-2]
+    events = EventFilter(True, RESPONSES.held, RESPONSES.closing)
+    out = events.feed(partial) + events.finish()
+    assert not events.ended and out.endswith(b"\n\n")
+    assert EventFilter(True).finish() == b""  # a chat's rest as before
+
+
+@pytest.mark.parametrize("newline", [b"\r\n", b"\r"])
+def test_events_with_cr_line_ends_are_cut_and_held_as_with_lf(
+    newline: bytes,
+) -> None:
+    """SSE lets lines end in CR LF or CR (sse-starlette's default): held,
+    relayed and ended as the same stream with LF, whatever the chunks."""
+    parts = [*_opening("r"), *_output("r")]
+    lf = b"".join(parts)
+    crlf = lf.replace(b"\n", newline)
+    for size in (1, 2, 3, 7, len(crlf)):
+        events = EventFilter(True, RESPONSES.held, RESPONSES.closing)
+        out = b"".join(
+            events.feed(crlf[i : i + size]) for i in range(0, len(crlf), size)
+        )
+        out += events.finish()
+        assert out == lf, size
+        assert events.ended and events.usage == Usage(21, 5)
+    chat = EventFilter(True)
+    assert chat.feed(b"data: {}\r\n\r") == b"data: {}\n\n"
+    assert chat.feed(b"\ndata: {}\r\n") == b""
+    assert chat.feed(b"\r\n") == b"data: {}\n\n"
 
 
 @pytest.mark.parametrize(
@@ -464,10 +533,56 @@ async def test_a_responses_stream_without_its_closing_event_ends_with_an_error(
     assert last.startswith(b"event: error\ndata: ")
     error = orjson.loads(last.split(b"data: ", 1)[1])
     assert error["type"] == "error" and error["code"] == "backend_error"
+    assert error["sequence_number"] == 4
     assert "closing event" in error["message"]
     assert _requests(harness, "200") == 1
     logged = [r for r in caplog.records if r.getMessage() == "request"]
     assert [getattr(r, "code", None) for r in logged] == ["stream_broken"]
+
+
+async def test_a_responses_stream_the_server_cuts_ends_with_a_typed_error(
+    harness: Any, kit: Any
+) -> None:
+    """At the end of the shutdown grace a Responses stream still going ends
+    with the error event of its kind, numbered after the replica's last."""
+    began = asyncio.Event()
+
+    class Endless(kit.reply):  # type: ignore[misc,name-defined]
+        async def chunks(self, timeout_s: float | None = None) -> Any:
+            yield b"".join([*_opening("r"), _output("r")[0]])
+            began.set()
+            await asyncio.Event().wait()
+
+    async def post(url: str, body: bytes, headers: Any, timeout_s: Any = None) -> Any:
+        return Endless(content_type="text/event-stream")
+
+    harness.upstream.post = post
+    messages = [{"type": "http.request", "body": orjson.dumps({**ASK, "stream": True})}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await asyncio.Event().wait()  # the client stays
+        return {}
+
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    task = asyncio.create_task(
+        harness.served(kit.post_scope("/v1/responses"), receive, send)
+    )
+    await asyncio.wait_for(began.wait(), 5)
+    while len(sent) < 2:
+        await asyncio.sleep(0.01)
+    harness.deps.proxy.stopping(0)
+    task.cancel()  # what uvicorn does when the grace has run out
+    await asyncio.wait_for(task, 5)
+    last = b"".join(m.get("body", b"") for m in sent).split(b"\n\n")[-2]
+    assert last.startswith(b"event: error\ndata: ")
+    error = ResponseErrorEvent.model_validate_json(last.split(b"data: ", 1)[1])
+    assert error.code == "shutting_down" and error.sequence_number == 3
 
 
 async def test_a_whole_response_is_settled_on_its_usage_and_logged(
