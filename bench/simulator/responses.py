@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from pydantic import TypeAdapter, ValidationError
+
+_LAX_INT = TypeAdapter(int)
 
 
 class ResponsesError(Exception):
@@ -74,9 +77,10 @@ def _input_messages(given: Any) -> list[dict[str, str]]:
         kind = item.get("type")
         if "role" not in item and kind == "function_call_output":
             output = item.get("output")
-            messages.append({"role": "tool", "content": str(output)})
+            text = output if isinstance(output, str) else orjson.dumps(output).decode()
+            messages.append({"role": "tool", "content": text})
             continue
-        if "role" not in item and isinstance(kind, str):
+        if "role" not in item and isinstance(kind, str) and kind != "message":
             # A function call, reasoning, ...: vLLM renders them too, here
             # as the assistant's text of the item (tokens to prefill, cached
             # as a chat's tool calls are).
@@ -117,13 +121,18 @@ def parse_request(body: Mapping[str, Any]) -> ResponsesRequest:
         )
     limit = body.get("max_output_tokens")
     if limit is not None:
-        # pydantic's lax ints, as vLLM reads it: `true` is 1.
-        if not isinstance(limit, int) or limit < 1:
+        # As vLLM's pydantic model reads it (lax: `true`, `5.0` and "5" are
+        # numbers), then vLLM's own check.
+        try:
+            limit = _LAX_INT.validate_python(limit)
+        except ValidationError as err:
             raise ResponsesError(
-                "`max_output_tokens` must be a positive integer.",
-                param="max_output_tokens",
+                "`max_output_tokens` must be an integer.", param="max_output_tokens"
+            ) from err
+        if limit < 1:
+            raise ResponsesError(
+                f"max_tokens must be at least 1, got {limit}.", param="max_tokens"
             )
-        limit = int(limit)
     if body.get("background") is True:
         # vLLM's answers without its store: `store` defaults to true.
         if body.get("store", True) is False:

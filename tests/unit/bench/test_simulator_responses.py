@@ -206,6 +206,8 @@ async def test_previous_response_id_is_not_found_as_without_a_store(
         {"input": "hi", "max_output_tokens": "many"},
         {"input": "hi", "max_output_tokens": 10**6},
         {"input": "hi", "max_output_tokens": False},
+        {"input": "hi", "max_output_tokens": 2.5},
+        {"input": [{"type": "message", "content": "no role"}]},
         {"input": []},
         {"input": "hi", "background": True},
         {"input": "hi", "background": True, "store": False},
@@ -225,6 +227,8 @@ async def test_bad_requests_are_400(
         # As vLLM 0.32 reads them (measured on the CPU vLLM with SmolLM2):
         # `true` is 1, instructions alone are a conversation.
         ({"input": "hi", "max_output_tokens": True}, 1),
+        ({"input": "hi", "max_output_tokens": "3"}, 3),
+        ({"input": "hi", "max_output_tokens": 2.0}, 2),
         ({"input": [], "instructions": "Be brief.", "max_output_tokens": 2}, 2),
         (
             {
