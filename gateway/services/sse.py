@@ -164,11 +164,15 @@ class EventFilter:
     def finish(self) -> bytes:
         """What is left at the end of the body: as `rest`, but for a stream
         with `closing` events a last event without its blank line is taken
-        as complete (its type, usage and error read), so that whatever the
-        relay writes after it is an event of its own."""
+        as complete (its type, usage and error read) when its data is whole,
+        and dropped when cut off (as an SSE client drops it), so that what
+        the relay writes after it is an event of its own."""
         if self._closing and self._buffer.strip():
-            tail = b"\n" if self._buffer.endswith(b"\n") else EVENT_END
-            return self.feed(tail) + self.rest()
+            if _data_of(self._buffer) is None:
+                self._buffer = b""
+            else:
+                tail = b"\n" if self._buffer.endswith(b"\n") else EVENT_END
+                return self.feed(tail) + self.rest()
         return self.rest()
 
     def next_sequence(self) -> int:

@@ -381,6 +381,13 @@ def test_a_last_event_without_its_blank_line_is_taken_whole() -> None:
     events = EventFilter(True, RESPONSES.held, RESPONSES.closing)
     out = events.feed(partial) + events.finish()
     assert not events.ended and out.endswith(b"\n\n")
+    # Cut off inside its data: dropped, as an SSE client would drop it,
+    # rather than relayed as an event whose JSON a client cannot read.
+    whole = b"".join([*_opening("r"), *_output("r")])
+    events = EventFilter(True, RESPONSES.held, RESPONSES.closing)
+    out = events.feed(whole[:-20]) + events.finish()
+    assert out == b"".join([*_opening("r"), *_output("r")[:2]])
+    assert not events.ended
     assert EventFilter(True).finish() == b""  # a chat's rest as before
 
 
