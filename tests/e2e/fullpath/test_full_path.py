@@ -90,6 +90,32 @@ def test_chat_and_completion_plain_and_streaming(platform: Platform) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
 
 
+def test_responses_plain_and_streaming(platform: Platform) -> None:
+    """The Responses API (the openai client's default) through the chart's
+    gateway to the model's vLLM pod, as a user's client calls it."""
+    openai = client(platform)
+    reply = openai.responses.create(
+        model=MODEL,
+        input="What is the capital of France?",
+        max_output_tokens=30,
+        temperature=0,
+    )
+    assert "Paris" in reply.output_text
+    assert reply.usage is not None and reply.usage.output_tokens > 0
+    with openai.responses.stream(
+        model=MODEL,
+        instructions="Answer in one short sentence.",
+        input=[{"role": "user", "content": "Count from one to five."}],
+        max_output_tokens=20,
+    ) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert "response.output_text.delta" in kinds
+    assert kinds[-1] == "response.completed"
+    assert final.output_text and final.usage is not None
+
+
 def test_scaled_to_two_replicas_both_receive_traffic(platform: Platform) -> None:
     platform.cluster.kubectl("scale", "llmmodel", MODEL, "-n", MODEL_NS, "--replicas=2")
     demo.watch_until_ready(platform.cluster, 600, MODEL_NS, replicas=2)
