@@ -120,6 +120,8 @@ class EventFilter:
         self._buffer = b""
         self._cr = False
         """The last chunk ended with a CR, which a LF may complete."""
+        self._typed = bool(held or closing)
+        """A stream of typed events, whose opening or end is looked for."""
         self.usage: Usage | None = None
         self.error: dict[str, Any] | None = None
         """The first error event's payload (`error_of`), relayed as is."""
@@ -132,13 +134,10 @@ class EventFilter:
 
         Lines that end in CR LF or CR, which SSE allows and vLLM does not
         send, are relayed ending in LF: events are cut at blank lines."""
-        if self._cr and chunk.startswith(b"\n"):
-            chunk = chunk[1:]  # the LF of a CR LF cut between two chunks
-        self._cr = False
+        # Each check on this path runs for every chunk of every stream.
+        if self._cr or b"\r" in chunk:
+            chunk = self._lf(chunk)
         data = self._buffer + chunk if self._buffer else chunk
-        if b"\r" in data:
-            self._cr = data.endswith(b"\r")
-            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         end = data.rfind(EVENT_END)
         if end < 0:
             self._buffer = data
@@ -146,14 +145,24 @@ class EventFilter:
         cut = end + len(EVENT_END)
         complete, self._buffer = data[:cut], data[cut:]
         self.count += complete.count(EVENT_END)
-        if self._closing:
-            self._note_last(complete)
-        if self._holding:
-            after = self._past_opening(complete)
-            if after is None:
-                return b""
-            return self._release_opening() + self._filter(after)
+        if self._typed:
+            if self._closing:
+                self._note_last(complete)
+            if self._holding:
+                after = self._past_opening(complete)
+                if after is None:
+                    return b""
+                return self._release_opening() + self._filter(after)
+        if USAGE_MARK not in complete and ERROR_MARK not in complete:
+            return complete  # as `_filter` would: a token chunk, unparsed
         return self._filter(complete)
+
+    def _lf(self, chunk: bytes) -> bytes:
+        """`chunk` with its lines ending in LF (the part before it was)."""
+        if self._cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]  # the LF of a CR LF cut between two chunks
+        self._cr = chunk.endswith(b"\r")
+        return chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
 
     def rest(self) -> bytes:
         """Whatever followed the last complete event (sent as is at the end),
