@@ -159,6 +159,8 @@ class EventFilter:
 
     def _lf(self, chunk: bytes) -> bytes:
         """`chunk` with its lines ending in LF (the part before it was)."""
+        if not chunk:
+            return chunk
         if self._cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]  # the LF of a CR LF cut between two chunks
         self._cr = chunk.endswith(b"\r")
@@ -176,6 +178,9 @@ class EventFilter:
         as complete (its type, usage and error read) when its data is whole,
         and dropped when cut off (as an SSE client drops it), so that what
         the relay writes after it is an event of its own."""
+        # A CR that ended the body was an LF already: the LF added here is
+        # no half of a CR LF.
+        self._cr = False
         if self._closing and self._buffer.strip():
             if _data_of(self._buffer) is None:
                 self._buffer = b""
@@ -229,21 +234,26 @@ class EventFilter:
 
     def _past_opening(self, complete: bytes) -> bytes | None:
         """The complete events from the first that is no opening event on
-        (ending holding), the ones before it held; None while all are. Past
-        the bounds on what is held, the event that would exceed them is
-        relayed as if it were output."""
+        (ending holding), the ones before it held; None while all are. An
+        event without data (a comment such as a keep-alive, a blank line) is
+        no output and is held too. Past the bounds on what is held, the
+        event that would exceed them is relayed as if it were output."""
         start = 0
         while start < len(complete):
-            end = complete.index(EVENT_END, start) + len(EVENT_END)
+            found = complete.find(EVENT_END, start)
+            # Past the last event, only the blank line `feed` cut after.
+            end = found + len(EVENT_END) if found >= 0 else len(complete)
+            event = complete[start:end]
             size = self._opening_bytes + end - start
+            idle = b"data:" not in event
             if (
-                _type_of(complete[start:end]) not in self._held
+                (not idle and _type_of(event) not in self._held)
                 or len(self._opening) >= MAX_HELD_EVENTS
                 or size > MAX_HELD_BYTES
             ):
                 self._holding = False
                 return complete[start:]
-            self._opening.append(complete[start:end])
+            self._opening.append(event)
             self._opening_bytes = size
             start = end
         return None
@@ -274,9 +284,10 @@ class EventFilter:
 
 
 def _type_of(event: bytes) -> str | None:
-    """An event's type: its `event:` field, else its data's `type`."""
+    """An event's type: its `event:` field, else (none, or an empty one,
+    which SSE reads as no type) its data's `type`."""
     for line in event.split(b"\n"):
-        if line.startswith(b"event:"):
+        if line.startswith(b"event:") and line[6:].strip():
             return line[6:].strip().decode(errors="replace")
     payload = _data_of(event)
     kind = payload.get("type") if isinstance(payload, dict) else None

@@ -414,6 +414,57 @@ def test_events_with_cr_line_ends_are_cut_and_held_as_with_lf(
     assert chat.feed(b"\r\n") == b"data: {}\n\n"
 
 
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+def test_a_last_event_ending_in_one_newline_of_any_kind_is_taken_whole(
+    newline: bytes,
+) -> None:
+    """The body ends right after the closing event's last line: its CR (or
+    the CR of a CR LF cut there) ends that line, and the event is read."""
+    whole = b"".join([*_opening("r"), *_output("r")])[:-1].replace(b"\n", newline)
+    for size in (1, len(whole)):
+        events = EventFilter(True, RESPONSES.held, RESPONSES.closing)
+        out = b"".join(
+            events.feed(whole[i : i + size]) for i in range(0, len(whole), size)
+        )
+        out += events.finish()
+        assert events.ended and events.usage == Usage(21, 5), size
+        assert events.next_sequence() == 5
+        assert out == b"".join([*_opening("r"), *_output("r")])
+    # An empty read between a CR and its LF leaves the pair one line end.
+    chat = EventFilter(True)
+    assert chat.feed(b"data: {}\r") + chat.feed(b"") == b""
+    assert chat.feed(b"\n\r\n") == b"data: {}\n\n"
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n"])
+def test_a_blank_line_after_an_opening_event_is_held_with_it(newline: bytes) -> None:
+    opening, output = _opening("r"), _output("r")
+    events = EventFilter(True, RESPONSES.held, RESPONSES.closing)
+    assert events.feed((opening[0] + b"\n").replace(b"\n", newline)) == b""
+    assert events.holding
+    out = events.feed(b"".join([opening[1], *output]).replace(b"\n", newline))
+    assert out == opening[0] + b"\n" + b"".join([opening[1], *output])
+
+
+def test_a_keep_alive_before_the_opening_events_is_no_output() -> None:
+    """A comment (a proxy's keep-alive) carries nothing: held as the
+    opening events are, so the first output is still what ends holding."""
+    opening, output = _opening("r"), _output("r")
+    events = EventFilter(True, RESPONSES.held, RESPONSES.closing)
+    assert events.feed(b": ping\n\n" + opening[0]) == b""
+    assert events.holding
+    assert events.feed(output[0]) == b": ping\n\n" + opening[0] + output[0]
+
+
+def test_an_empty_event_field_is_no_type() -> None:
+    """SSE reads `event:` with nothing after it as no type: the data's tells."""
+    done = orjson.dumps({"type": "response.completed", "response": {"usage": USAGE}})
+    events = EventFilter(True, RESPONSES.held, RESPONSES.closing)
+    events.feed(b"".join(_opening("r")) + _output("r")[0])
+    events.feed(b"event:\ndata: " + done + b"\n\n")
+    assert events.ended and events.usage == Usage(21, 5)
+
+
 @pytest.mark.parametrize(
     ("payload", "failed"),
     [
