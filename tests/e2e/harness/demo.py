@@ -225,6 +225,9 @@ NEXT_STEPS = """Call it yourself (the key is shown once; keep it):
     .chat.completions.create(model="{model}",
     messages=[{{"role": "user", "content": "Hi!"}}]).choices[0].message.content)'
 
+  .venv/bin/python -P -c 'from openai import OpenAI; print(OpenAI()
+    .responses.create(model="{model}", input="Hi!").output_text)'
+
   kubectl get llmmodels -A          # the context citadel-local is now current
   kubectl describe llmmodel -n llm-demo {model}
 
