@@ -107,10 +107,14 @@ class EventFilter:
     ) -> None:
         self._keep = keep_usage_chunk
         self._held = held
-        self._holding = bool(held)
+        self._holding = True
+        """No event with data came yet: what came (comments, and the `held`
+        types) waits for the first output."""
         self._opening: list[bytes] = []
         """The held events, as they came."""
         self._opening_bytes = 0
+        self._opened = 0
+        """Held events with data (the `held` types)."""
         self._closing = closing
         self._last_type: str | None = None
         """The type of the last complete event that has one (not a comment,
@@ -120,8 +124,6 @@ class EventFilter:
         self._buffer = b""
         self._cr = False
         """The last chunk ended with a CR, which a LF may complete."""
-        self._typed = bool(held or closing)
-        """A stream of typed events, whose opening or end is looked for."""
         self.usage: Usage | None = None
         self.error: dict[str, Any] | None = None
         """The first error event's payload (`error_of`), relayed as is."""
@@ -145,7 +147,7 @@ class EventFilter:
         cut = end + len(EVENT_END)
         complete, self._buffer = data[:cut], data[cut:]
         self.count += complete.count(EVENT_END)
-        if self._typed:
+        if self._holding or self._closing:
             if self._closing:
                 self._note_last(complete)
             if self._holding:
@@ -227,17 +229,21 @@ class EventFilter:
         return not self._closing or self._last_type in self._closing
 
     def _release_opening(self) -> bytes:
+        if not self._opening:
+            return b""
         opening = b"".join(self._opening)
         self._opening.clear()
         self._opening_bytes = 0
         return opening
 
     def _past_opening(self, complete: bytes) -> bytes | None:
-        """The complete events from the first that is no opening event on
-        (ending holding), the ones before it held; None while all are. An
-        event without data (a comment such as a keep-alive, a blank line) is
-        no output and is held too. Past the bounds on what is held, the
-        event that would exceed them is relayed as if it were output."""
+        """The complete events from the first output on (ending holding), the
+        ones before it held; None while all are. Output is an event with
+        data that is none of the `held` types: an event without data (a
+        comment such as a proxy's keep-alive, a blank line) is none, in any
+        stream. Past the bounds on what is held (`MAX_HELD_EVENTS` of the
+        `held` types, `MAX_HELD_BYTES` in all), the event that would exceed
+        them is relayed as if it were output."""
         start = 0
         while start < len(complete):
             found = complete.find(EVENT_END, start)
@@ -245,16 +251,17 @@ class EventFilter:
             end = found + len(EVENT_END) if found >= 0 else len(complete)
             event = complete[start:end]
             size = self._opening_bytes + end - start
-            idle = b"data:" not in event
+            data = _has_data(event)
             if (
-                (not idle and _type_of(event) not in self._held)
-                or len(self._opening) >= MAX_HELD_EVENTS
+                (data and (not self._held or _type_of(event) not in self._held))
+                or (data and self._opened >= MAX_HELD_EVENTS)
                 or size > MAX_HELD_BYTES
             ):
                 self._holding = False
                 return complete[start:]
             self._opening.append(event)
             self._opening_bytes = size
+            self._opened += data
             start = end
         return None
 
@@ -283,12 +290,26 @@ class EventFilter:
         return self._keep or not usage_only
 
 
+def _has_data(event: bytes) -> bool:
+    """Whether an event has a data field (`data: ...`, or a bare `data`,
+    which SSE reads as empty data), not only comments and other fields."""
+    if b"data" not in event:
+        return False
+    return any(
+        line == b"data" or line.startswith(b"data:") for line in event.split(b"\n")
+    )
+
+
 def _type_of(event: bytes) -> str | None:
-    """An event's type: its `event:` field, else (none, or an empty one,
-    which SSE reads as no type) its data's `type`."""
-    for line in event.split(b"\n"):
-        if line.startswith(b"event:") and line[6:].strip():
-            return line[6:].strip().decode(errors="replace")
+    """An event's type: its last `event:` field, as SSE reads it, else (none,
+    an empty one or `message`, SSE's default: no type) its data's `type`,
+    which the openai client reads."""
+    for line in reversed(event.split(b"\n")):
+        if line.startswith(b"event:"):
+            field = line[6:].strip()
+            if field and field != b"message":
+                return field.decode(errors="replace")
+            break
     payload = _data_of(event)
     kind = payload.get("type") if isinstance(payload, dict) else None
     return kind if isinstance(kind, str) else None

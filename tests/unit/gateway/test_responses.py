@@ -465,6 +465,52 @@ def test_an_empty_event_field_is_no_type() -> None:
     assert events.ended and events.usage == Usage(21, 5)
 
 
+def test_only_data_fields_make_an_event_output() -> None:
+    """A comment that mentions `data:` is still a comment; a bare `data`
+    line is data (empty), as SSE reads them."""
+    opening = _opening("r")
+    events = EventFilter(True, RESPONSES.held, RESPONSES.closing)
+    assert events.feed(b":data: ping\n\n" + opening[0]) == b""
+    assert events.holding
+    assert events.feed(b"data\n\n") == b":data: ping\n\n" + opening[0] + b"data\n\n"
+    assert not events.holding
+
+
+def test_keep_alives_do_not_use_up_the_held_events() -> None:
+    """A proxy's pings through a long prefill (one per 15 s: 9 within two
+    minutes) are held however many, within the bytes bound."""
+    opening, output = _opening("r"), _output("r")
+    events = EventFilter(True, RESPONSES.held, RESPONSES.closing)
+    pings = b": ping\n\n" * (MAX_HELD_EVENTS * 4)
+    assert events.feed(opening[0] + pings + opening[1]) == b""
+    assert events.holding
+    assert events.feed(output[0]) == opening[0] + pings + opening[1] + output[0]
+
+
+@pytest.mark.parametrize(
+    "head", [b"event: message\n", b"event: response.completed\nevent: message\n"]
+)
+def test_sses_default_type_is_no_type(head: bytes) -> None:
+    """`event: message` (SSE's default, and the last `event:` line wins) is
+    no type: the data's `type` tells, as the openai client reads it."""
+    done = orjson.dumps({"type": "response.completed", "response": {"usage": USAGE}})
+    created = orjson.dumps({"type": "response.created", "response": {}})
+    events = EventFilter(True, RESPONSES.held, RESPONSES.closing)
+    assert events.feed(head + b"data: " + created + b"\n\n") == b""
+    events.feed(_output("r")[0])
+    events.feed(head + b"data: " + done + b"\n\n")
+    assert events.ended and events.usage == Usage(21, 5)
+
+
+def test_a_chat_streams_keep_alives_wait_for_its_first_chunk() -> None:
+    chunk = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+    events = EventFilter(True)
+    assert events.feed(b": ping\n\n") == b""
+    assert events.holding
+    assert events.feed(chunk) == b": ping\n\n" + chunk
+    assert events.feed(chunk) == chunk
+
+
 @pytest.mark.parametrize(
     ("payload", "failed"),
     [
@@ -641,6 +687,26 @@ async def test_a_responses_stream_the_server_cuts_ends_with_a_typed_error(
     assert last.startswith(b"event: error\ndata: ")
     error = ResponseErrorEvent.model_validate_json(last.split(b"data: ", 1)[1])
     assert error.code == "shutting_down" and error.sequence_number == 3
+
+
+async def test_a_chat_replica_that_sent_only_a_keep_alive_is_tried_again(
+    kit: Any,
+) -> None:
+    """A chat stream's replica that sent a comment and died did no work:
+    another replica answers, the client never sees the first's comment."""
+    harness = kit.build()
+    chunk = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+    dead = Ticking([b": ping\n\n", UpstreamBroken("reset")], harness.clock)
+    good = Ticking([chunk, b"data: [DONE]\n\n"], harness.clock)
+    harness.upstream.handler = lambda url, body: (
+        dead if len(harness.upstream.calls) == 1 else good
+    )
+    body = {**kit.chat, "stream": True}
+    async with harness.client() as client:
+        answer = await client.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 200
+    assert answer.content == chunk + b"data: [DONE]\n\n"
+    assert len(harness.upstream.calls) == 2
 
 
 async def test_a_whole_response_is_settled_on_its_usage_and_logged(
