@@ -104,6 +104,18 @@ class ProxyResponse:
     OpenAI error body in, SSE bytes out), in the stream's own kind of event."""
 
 
+def _server_error(payload: Mapping[str, Any]) -> bool:
+    """Whether a stream's error event says the server failed (a code of 500
+    or more, as vLLM writes its HTTP status), not the request: the request
+    may succeed on another replica."""
+    error = payload.get("error")
+    fields = error if isinstance(error, Mapping) else payload
+    code = fields.get("code")
+    if isinstance(code, str) and code.isdigit():
+        code = int(code)
+    return isinstance(code, int) and not isinstance(code, bool) and code >= 500
+
+
 def _error_event_of(
     ctx: _Context, events: EventFilter
 ) -> Callable[[dict[str, Any]], bytes]:
@@ -604,8 +616,14 @@ class ProxyService:
             async for chunk in chunks:
                 first = events.feed(chunk)
                 if first:
-                    ttft = self._clock() - ctx.started
-                    self._metrics.ttft.labels(ctx.model).observe(ttft)
+                    failed = events.first_error
+                    if failed is not None and _server_error(failed):
+                        # The replica failed before any token (vLLM writes
+                        # its error into the stream it began): nothing went
+                        # to the client, another replica may answer.
+                        raise UpstreamBroken("the stream began with an error")
+                    if events.began:
+                        self._observe_ttft(ctx)
                     break  # the rest is the relay's, on the same body
             else:
                 first = events.finish()  # it ended with no complete event
@@ -620,6 +638,9 @@ class ProxyService:
             raise
         reply.lift()  # the rest may take as long as it has something to say
         return _Begun(reply, events, chunks, first)
+
+    def _observe_ttft(self, ctx: _Context) -> None:
+        self._metrics.ttft.labels(ctx.model).observe(self._clock() - ctx.started)
 
     async def _whole(
         self,
@@ -692,13 +713,21 @@ class ProxyService:
         try:
             if begun.first:
                 yield begun.first
+            # Begun with a keep-alive: TTFT when the answer itself begins.
+            timed = events.began
             async for chunk in begun.chunks:
                 out = events.feed(chunk)
+                if not timed and events.began:
+                    timed = True
+                    self._observe_ttft(ctx)
                 if out:
                     yield out
             rest = events.finish()
             if rest:
                 yield rest
+            if not events.began:
+                # Begun with a keep-alive, then nothing: no answer at all.
+                raise UpstreamBroken("the stream ended without an answer")
             if not events.ended:
                 # Its closing event never came (the openai client's stream
                 # helper would fail on its own, saying less): as a break.

@@ -108,8 +108,14 @@ class EventFilter:
         self._keep = keep_usage_chunk
         self._held = held
         self._holding = True
-        """No event with data came yet: what came (comments, and the `held`
-        types) waits for the first output."""
+        """No output came yet: what came (blank events, a lone `[DONE]`, the
+        `held` types) waits for it."""
+        self.began: bool = False
+        """An event with data (not `[DONE]`) was given out: the answer began.
+        A comment given out first (a keep-alive) does not make it so."""
+        self.first_error: dict[str, Any] | None = None
+        """The payload of the first event with data when it was an error
+        (`error_of`): the stream began with the server's error."""
         self._opening: list[bytes] = []
         """The held events, as they came."""
         self._opening_bytes = 0
@@ -147,14 +153,19 @@ class EventFilter:
         cut = end + len(EVENT_END)
         complete, self._buffer = data[:cut], data[cut:]
         self.count += complete.count(EVENT_END)
-        if self._holding or self._closing:
+        if self._holding or self._closing or not self.began:
             if self._closing:
                 self._note_last(complete)
             if self._holding:
                 after = self._past_opening(complete)
                 if after is None:
                     return b""
-                return self._release_opening() + self._filter(after)
+                if not self.began:
+                    self._note_beginning(after)
+                return self._filter(self._release_opening() + after)
+            if not self.began:
+                self._note_beginning(complete)
+            return self._filter(complete)
         if USAGE_MARK not in complete and ERROR_MARK not in complete:
             return complete  # as `_filter` would: a token chunk, unparsed
         return self._filter(complete)
@@ -238,12 +249,15 @@ class EventFilter:
 
     def _past_opening(self, complete: bytes) -> bytes | None:
         """The complete events from the first output on (ending holding), the
-        ones before it held; None while all are. Output is an event with
-        data that is none of the `held` types: an event without data (a
-        comment such as a proxy's keep-alive, a blank line) is none, in any
-        stream. Past the bounds on what is held (`MAX_HELD_EVENTS` of the
-        `held` types, `MAX_HELD_BYTES` in all), the event that would exceed
-        them is relayed as if it were output."""
+        ones before it held; None while all are.
+
+        Held, in any stream: blank events and a `[DONE]` (no output: a
+        replica that sends nothing else did no work), and the `held` types
+        (at most `MAX_HELD_EVENTS`). Anything else is output, a comment too:
+        a keep-alive is sent to keep the connections in front alive through
+        a long wait, so it goes at once, committing the stream (a failure
+        after it is no longer tried again unseen). Past `MAX_HELD_BYTES` held,
+        the event that would exceed it is relayed as if it were output."""
         start = 0
         while start < len(complete):
             found = complete.find(EVENT_END, start)
@@ -251,19 +265,37 @@ class EventFilter:
             end = found + len(EVENT_END) if found >= 0 else len(complete)
             event = complete[start:end]
             size = self._opening_bytes + end - start
-            data = _has_data(event)
-            if (
-                (data and (not self._held or _type_of(event) not in self._held))
-                or (data and self._opened >= MAX_HELD_EVENTS)
-                or size > MAX_HELD_BYTES
-            ):
-                self._holding = False
-                return complete[start:]
+            if size > MAX_HELD_BYTES:
+                break
+            if event.strip() and event.strip() != b"data: [DONE]":
+                if (
+                    not self._held
+                    or self._opened >= MAX_HELD_EVENTS
+                    or not _has_data(event)
+                    or _type_of(event) not in self._held
+                ):
+                    break
+                self._opened += 1
             self._opening.append(event)
             self._opening_bytes = size
-            self._opened += data
             start = end
-        return None
+        else:
+            return None
+        self._holding = False
+        return complete[start:]
+
+    def _note_beginning(self, complete: bytes) -> None:
+        """Notes whether an event of `complete` has data and is none of the
+        `held` types (the answer began) and, for the first, whether it is an
+        error."""
+        for event in complete.split(EVENT_END):
+            if _has_data(event) and (
+                not self._held or _type_of(event) not in self._held
+            ):
+                self.began = True
+                if ERROR_MARK in event:  # parsed only when it may be one
+                    self.first_error = error_of(_data_of(event))
+                return
 
     def _filter(self, complete: bytes) -> bytes:
         """`complete` events without a usage-only chunk not asked for, noting
@@ -292,11 +324,13 @@ class EventFilter:
 
 def _has_data(event: bytes) -> bool:
     """Whether an event has a data field (`data: ...`, or a bare `data`,
-    which SSE reads as empty data), not only comments and other fields."""
+    which SSE reads as empty data) other than `[DONE]`, not only comments
+    and other fields."""
     if b"data" not in event:
         return False
     return any(
-        line == b"data" or line.startswith(b"data:") for line in event.split(b"\n")
+        line == b"data" or (line.startswith(b"data:") and line[5:].strip() != b"[DONE]")
+        for line in event.split(b"\n")
     )
 
 

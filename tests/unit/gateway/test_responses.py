@@ -446,16 +446,6 @@ def test_a_blank_line_after_an_opening_event_is_held_with_it(newline: bytes) -> 
     assert out == opening[0] + b"\n" + b"".join([opening[1], *output])
 
 
-def test_a_keep_alive_before_the_opening_events_is_no_output() -> None:
-    """A comment (a proxy's keep-alive) carries nothing: held as the
-    opening events are, so the first output is still what ends holding."""
-    opening, output = _opening("r"), _output("r")
-    events = EventFilter(True, RESPONSES.held, RESPONSES.closing)
-    assert events.feed(b": ping\n\n" + opening[0]) == b""
-    assert events.holding
-    assert events.feed(output[0]) == b": ping\n\n" + opening[0] + output[0]
-
-
 def test_an_empty_event_field_is_no_type() -> None:
     """SSE reads `event:` with nothing after it as no type: the data's tells."""
     done = orjson.dumps({"type": "response.completed", "response": {"usage": USAGE}})
@@ -463,28 +453,6 @@ def test_an_empty_event_field_is_no_type() -> None:
     events.feed(b"".join(_opening("r")) + _output("r")[0])
     events.feed(b"event:\ndata: " + done + b"\n\n")
     assert events.ended and events.usage == Usage(21, 5)
-
-
-def test_only_data_fields_make_an_event_output() -> None:
-    """A comment that mentions `data:` is still a comment; a bare `data`
-    line is data (empty), as SSE reads them."""
-    opening = _opening("r")
-    events = EventFilter(True, RESPONSES.held, RESPONSES.closing)
-    assert events.feed(b":data: ping\n\n" + opening[0]) == b""
-    assert events.holding
-    assert events.feed(b"data\n\n") == b":data: ping\n\n" + opening[0] + b"data\n\n"
-    assert not events.holding
-
-
-def test_keep_alives_do_not_use_up_the_held_events() -> None:
-    """A proxy's pings through a long prefill (one per 15 s: 9 within two
-    minutes) are held however many, within the bytes bound."""
-    opening, output = _opening("r"), _output("r")
-    events = EventFilter(True, RESPONSES.held, RESPONSES.closing)
-    pings = b": ping\n\n" * (MAX_HELD_EVENTS * 4)
-    assert events.feed(opening[0] + pings + opening[1]) == b""
-    assert events.holding
-    assert events.feed(output[0]) == opening[0] + pings + opening[1] + output[0]
 
 
 @pytest.mark.parametrize(
@@ -502,13 +470,43 @@ def test_sses_default_type_is_no_type(head: bytes) -> None:
     assert events.ended and events.usage == Usage(21, 5)
 
 
-def test_a_chat_streams_keep_alives_wait_for_its_first_chunk() -> None:
-    chunk = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+CHUNK = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+
+
+@pytest.mark.parametrize("ping", [b": ping\n\n", b":data: ping\n\n"])
+def test_a_keep_alive_is_relayed_at_once_but_begins_no_answer(ping: bytes) -> None:
+    """A comment (a proxy's keep-alive through a long wait, even one that
+    mentions data:) goes out at once, with what was held, so the connections
+    in front stay alive; the answer begins with the first data."""
+    opening, output = _opening("r"), _output("r")
+    events = EventFilter(True, RESPONSES.held, RESPONSES.closing)
+    assert events.feed(opening[0]) == b""
+    assert events.feed(ping) == opening[0] + ping
+    assert not events.holding and not events.began
+    assert events.feed(opening[1] + output[0]) == opening[1] + output[0]
+    assert events.began
+    chat = EventFilter(True)
+    assert chat.feed(ping) == ping and not chat.began
+    assert chat.feed(b"data\n\n") == b"data\n\n" and chat.began  # empty data
+
+
+def test_a_lone_done_is_no_output() -> None:
+    """A stream of nothing but `[DONE]` (and blank lines): the replica did
+    no work, as one that sent nothing."""
     events = EventFilter(True)
-    assert events.feed(b": ping\n\n") == b""
+    assert events.feed(b"data: [DONE]\n\n\n") == b""
     assert events.holding
-    assert events.feed(chunk) == b": ping\n\n" + chunk
-    assert events.feed(chunk) == chunk
+    assert events.feed(CHUNK) == b"data: [DONE]\n\n\n" + CHUNK
+
+
+def test_an_error_as_the_first_data_is_noted() -> None:
+    error = b'data: {"error": {"message": "boom", "code": 500}}\n\n'
+    events = EventFilter(True)
+    assert events.feed(error) == error
+    assert events.first_error == {"error": {"message": "boom", "code": 500}}
+    events = EventFilter(True)
+    events.feed(CHUNK + error)
+    assert events.first_error is None and events.error is not None
 
 
 @pytest.mark.parametrize(
@@ -689,24 +687,70 @@ async def test_a_responses_stream_the_server_cuts_ends_with_a_typed_error(
     assert error.code == "shutting_down" and error.sequence_number == 3
 
 
-async def test_a_chat_replica_that_sent_only_a_keep_alive_is_tried_again(
+async def test_ttft_of_a_stream_begun_with_a_keep_alive_is_its_first_data(
     kit: Any,
 ) -> None:
-    """A chat stream's replica that sent a comment and died did no work:
-    another replica answers, the client never sees the first's comment."""
+    """The keep-alive goes out at once (the 200 with it); the time to the
+    first token is taken at the answer's first output, 3 s into prefill."""
     harness = kit.build()
-    chunk = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
-    dead = Ticking([b": ping\n\n", UpstreamBroken("reset")], harness.clock)
-    good = Ticking([chunk, b"data: [DONE]\n\n"], harness.clock)
-    harness.upstream.handler = lambda url, body: (
-        dead if len(harness.upstream.calls) == 1 else good
-    )
-    body = {**kit.chat, "stream": True}
+    parts = [*_opening("r")[:1], b": ping\n\n", *_opening("r")[1:], *_output("r")]
+    harness.upstream.handler = lambda url, body: Ticking(parts, harness.clock)
     async with harness.client() as client:
-        answer = await client.post("/v1/chat/completions", json=body)
+        answer = await client.post("/v1/responses", json={**ASK, "stream": True})
+    assert answer.status_code == 200 and answer.content == b"".join(parts)
+    ttft = "citadel_gateway_time_to_first_token_seconds"
+    assert _sample(harness, ttft + "_count", model="smollm2") == 1
+    assert _sample(harness, ttft + "_sum", model="smollm2") == 3.0
+
+
+@pytest.mark.parametrize(
+    ("first", "tries", "status"),
+    [
+        # vLLM's error chunk when its engine fails before the first token.
+        (b'data: {"error": {"message": "boom", "code": 500}}\n\n', 2, 200),
+        (b'event: error\ndata: {"type": "error", "code": "500"}\n\n', 2, 200),
+        # The request's own fault: another replica would say the same.
+        (b'data: {"error": {"message": "bad", "code": 400}}\n\n', 1, 200),
+        # Nothing but the end: no work done.
+        (b"data: [DONE]\n\n", 2, 200),
+    ],
+)
+async def test_a_stream_that_begins_with_a_servers_error_is_tried_again(
+    kit: Any, first: bytes, tries: int, status: int
+) -> None:
+    harness = kit.build()
+    good = [CHUNK, b"data: [DONE]\n\n"]
+    harness.upstream.handler = lambda url, body: Ticking(
+        [first] if len(harness.upstream.calls) == 1 else good, harness.clock
+    )
+    async with harness.client() as client:
+        answer = await client.post(
+            "/v1/chat/completions", json={**kit.chat, "stream": True}
+        )
+    assert answer.status_code == status
+    assert len(harness.upstream.calls) == tries
+    assert answer.content == (b"".join(good) if tries == 2 else first)
+
+
+async def test_a_stream_of_only_a_keep_alive_ends_as_broken(
+    kit: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The keep-alive began the stream, then it ended with no answer: the
+    client gets the error event, and it is counted as a broken stream."""
+    harness = kit.build()
+    harness.upstream.handler = lambda url, body: Ticking(
+        [b": ping\n\n", b"data: [DONE]\n\n"], harness.clock
+    )
+    caplog.set_level("INFO", logger="citadel.gateway.access")
+    async with harness.client() as client:
+        answer = await client.post(
+            "/v1/chat/completions", json={**kit.chat, "stream": True}
+        )
     assert answer.status_code == 200
-    assert answer.content == chunk + b"data: [DONE]\n\n"
-    assert len(harness.upstream.calls) == 2
+    assert answer.content.startswith(b": ping\n\ndata: [DONE]\n\ndata: {")
+    assert b"without an answer" in answer.content
+    logged = [r for r in caplog.records if r.getMessage() == "request"]
+    assert [getattr(r, "code", None) for r in logged] == ["stream_broken"]
 
 
 async def test_a_whole_response_is_settled_on_its_usage_and_logged(

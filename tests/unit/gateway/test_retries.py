@@ -305,7 +305,10 @@ async def test_a_client_leaving_a_stream_judges_no_replica(
 
 async def test_a_stream_read_to_its_end_still_heals_its_replica(kit: Any) -> None:
     harness = kit.build()
-    harness.upstream.handler = lambda url, body: kit.reply(parts=[b"data: [DONE]\n\n"])
+    chunk = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+    harness.upstream.handler = lambda url, body: kit.reply(
+        parts=[chunk, b"data: [DONE]\n\n"]
+    )
     principal = harness.deps.authenticator.authenticate(f"Bearer {kit.key}")
     raw = orjson.dumps({**kit.chat, "stream": True})
     result = await harness.deps.proxy.handle(CHAT, principal, raw, "r-1")
