@@ -104,18 +104,6 @@ class ProxyResponse:
     OpenAI error body in, SSE bytes out), in the stream's own kind of event."""
 
 
-def _server_error(payload: Mapping[str, Any]) -> bool:
-    """Whether a stream's error event says the server failed (a code of 500
-    or more, as vLLM writes its HTTP status), not the request: the request
-    may succeed on another replica."""
-    error = payload.get("error")
-    fields = error if isinstance(error, Mapping) else payload
-    code = fields.get("code")
-    if isinstance(code, str) and code.isdigit():
-        code = int(code)
-    return isinstance(code, int) and not isinstance(code, bool) and code >= 500
-
-
 def _error_event_of(
     ctx: _Context, events: EventFilter
 ) -> Callable[[dict[str, Any]], bytes]:
@@ -616,13 +604,7 @@ class ProxyService:
             async for chunk in chunks:
                 first = events.feed(chunk)
                 if first:
-                    failed = events.first_error
-                    if failed is not None and _server_error(failed):
-                        # The replica failed before any token (vLLM writes
-                        # its error into the stream it began): nothing went
-                        # to the client, another replica may answer.
-                        raise UpstreamBroken("the stream began with an error")
-                    if events.began:
+                    if events.began and events.first_error is None:
                         self._observe_ttft(ctx)
                     break  # the rest is the relay's, on the same body
             else:
@@ -641,6 +623,13 @@ class ProxyService:
 
     def _observe_ttft(self, ctx: _Context) -> None:
         self._metrics.ttft.labels(ctx.model).observe(self._clock() - ctx.started)
+
+    def _observed_ttft(self, ctx: _Context, events: EventFilter) -> bool:
+        """Observes the time to the first token, unless the first data was an
+        error; True either way (the answer began: nothing more to time)."""
+        if events.first_error is None:
+            self._observe_ttft(ctx)
+        return True
 
     async def _whole(
         self,
@@ -713,16 +702,18 @@ class ProxyService:
         try:
             if begun.first:
                 yield begun.first
-            # Begun with a keep-alive: TTFT when the answer itself begins.
+            # Begun with a keep-alive: TTFT when the answer itself begins (not
+            # at an error that stands for it).
             timed = events.began
             async for chunk in begun.chunks:
                 out = events.feed(chunk)
                 if not timed and events.began:
-                    timed = True
-                    self._observe_ttft(ctx)
+                    timed = self._observed_ttft(ctx, events)
                 if out:
                     yield out
             rest = events.finish()
+            if not timed and events.began:
+                timed = self._observed_ttft(ctx, events)
             if rest:
                 yield rest
             if not events.began:
