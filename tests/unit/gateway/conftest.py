@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -221,6 +222,20 @@ def post_scope(path: str, key: str = KEY, length: int | None = None) -> dict[str
     }
 
 
+def staying(body: bytes) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """An ASGI receive of a client that sends `body` whole and then stays on
+    (never disconnects), for tests that drive the app's receive themselves."""
+    messages = [{"type": "http.request", "body": body}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await asyncio.Event().wait()
+        return {}
+
+    return receive
+
+
 def counted(
     harness: Harness, status: str, *, door: str = "rest", model: str = "smollm2"
 ) -> float | None:
@@ -241,6 +256,7 @@ class Kit:
     completion: Callable[..., FakeReply] = completion
     reply: type[FakeReply] = FakeReply
     post_scope: Callable[..., dict[str, Any]] = post_scope
+    staying: Callable[[bytes], Callable[[], Awaitable[dict[str, Any]]]] = staying
     counted: Callable[..., float | None] = counted
     key: str = KEY
     admin_key: str = ADMIN_KEY

@@ -1156,16 +1156,7 @@ async def test_a_request_the_server_cuts_gets_an_openai_error(
         return Endless(content_type="text/event-stream")
 
     harness.upstream.post = post
-    messages = [
-        {"type": "http.request", "body": orjson.dumps({**kit.chat, "stream": stream})}
-    ]
-
-    async def receive() -> dict[str, Any]:
-        if messages:
-            return messages.pop()
-        await asyncio.Event().wait()  # the client stays
-        return {}
-
+    receive = kit.staying(orjson.dumps({**kit.chat, "stream": stream}))
     sent: list[Any] = []
     task = asyncio.create_task(
         harness.served(kit.post_scope("/v1/chat/completions"), receive, _collect(sent))

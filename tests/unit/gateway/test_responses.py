@@ -659,14 +659,7 @@ async def test_a_responses_stream_the_server_cuts_ends_with_a_typed_error(
         return Endless(content_type="text/event-stream")
 
     harness.upstream.post = post
-    messages = [{"type": "http.request", "body": orjson.dumps({**ASK, "stream": True})}]
-
-    async def receive() -> dict[str, Any]:
-        if messages:
-            return messages.pop()
-        await asyncio.Event().wait()  # the client stays
-        return {}
-
+    receive = kit.staying(orjson.dumps({**ASK, "stream": True}))
     sent: list[Any] = []
 
     async def send(message: Any) -> None:
