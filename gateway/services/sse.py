@@ -2,8 +2,9 @@
 
 The relay forwards every complete event the moment its last byte arrives; only a
 partial event at the end of a network chunk waits for the rest. Events are parsed
-only when they mention usage or an error, so ordinary token chunks cost two byte
-searches.
+only when they mention usage or an error, so an ordinary token chunk, once the
+answer began, costs four byte searches (a CR, the last event end, the usage and
+error marks): about 1.0 us per chunk (timeit, a 190-byte chat chunk).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ ERROR_MARK = b'"error"'
 MAX_HELD_EVENTS = 8
 """Opening events held back at most (vLLM sends two)."""
 MAX_HELD_BYTES = 64 * 1024
-"""Bytes of opening events held back at most (vLLM's two are about 2 KB)."""
+"""Bytes of opening events held back at most (vLLM 0.32's two came to 1,498
+bytes for a short request, captured from the CPU vLLM with SmolLM2)."""
 
 
 @dataclass(frozen=True)
