@@ -124,11 +124,9 @@ class EventFilter:
         self._opened = 0
         """Held events with data (the `held` types)."""
         self._closing = closing
-        self._last_type: str | None = None
-        """The type of the last complete event that has one (not a comment,
-        a blank event or `[DONE]`), noted only when `closing` is set."""
         self._last_typed = b""
-        """That event."""
+        """The last complete event that has a type (not a comment, a blank
+        event or `[DONE]`), noted only when `closing` is set."""
         self._buffer = b""
         self._cr = False
         """The last chunk ended with a CR, which a LF may complete."""
@@ -221,9 +219,8 @@ class EventFilter:
             before = complete.rfind(EVENT_END, 0, end)
             start = before + len(EVENT_END) if before >= 0 else 0
             event = complete[start:end]
-            kind = _type_of(event) if event.strip() else None
-            if kind is not None:
-                self._last_type, self._last_typed = kind, event
+            if event.strip() and _type_of(event) is not None:
+                self._last_typed = event
                 return
             if before < 0:
                 return
@@ -239,7 +236,7 @@ class EventFilter:
     def ended(self) -> bool:
         """Whether the stream's last complete event is one it may end with:
         always, for a stream with no `closing` events."""
-        return not self._closing or self._last_type in self._closing
+        return not self._closing or _type_of(self._last_typed) in self._closing
 
     def _release_opening(self) -> bytes:
         if not self._opening:
@@ -253,9 +250,10 @@ class EventFilter:
         """The complete events from the first output on (ending holding), the
         ones before it held; None while all are.
 
-        Held, in any stream: blank events and a `[DONE]` (no output: a
-        replica that sends nothing else did no work), and the `held` types
-        (at most `MAX_HELD_EVENTS`). Anything else is output, a comment too:
+        Held, in any stream: events without data nor comment (blank ones, a
+        `[DONE]`, an `id:` alone: no output, a replica that sends nothing
+        else did no work), and the `held` types (at most `MAX_HELD_EVENTS`).
+        Anything else is output, a comment too:
         a keep-alive is sent to keep the connections in front alive through
         a long wait, so it goes at once, committing the stream (a failure
         after it is no longer tried again unseen). Past `MAX_HELD_BYTES` held,
@@ -269,15 +267,16 @@ class EventFilter:
             size = self._opening_bytes + end - start
             if size > MAX_HELD_BYTES:
                 break
-            if event.strip() and event.strip() != b"data: [DONE]":
+            if _has_data(event):
                 if (
                     not self._held
                     or self._opened >= MAX_HELD_EVENTS
-                    or not _has_data(event)
                     or _type_of(event) not in self._held
                 ):
                     break
                 self._opened += 1
+            elif _is_comment(event):
+                break  # a keep-alive: output
             self._opening.append(event)
             self._opening_bytes = size
             start = end
@@ -334,6 +333,11 @@ def _has_data(event: bytes) -> bool:
         line == b"data" or (line.startswith(b"data:") and line[5:].strip() != b"[DONE]")
         for line in event.split(b"\n")
     )
+
+
+def _is_comment(event: bytes) -> bool:
+    """Whether an event holds a comment (a line that starts with a colon)."""
+    return event.startswith(b":") or b"\n:" in event
 
 
 def _type_of(event: bytes) -> str | None:
