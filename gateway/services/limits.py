@@ -60,7 +60,10 @@ log = logging.getLogger(__name__)
 
 
 def estimate_tokens(
-    body: Mapping[str, Any], call: ApiCall, default_max_tokens: int
+    body: Mapping[str, Any],
+    call: ApiCall,
+    default_max_tokens: int,
+    prompt: Mapping[str, Any] | None = None,
 ) -> int:
     """A cautious guess of a request's tokens, before it is sent.
 
@@ -81,10 +84,12 @@ def estimate_tokens(
     as the chat it stands for (`prompt_body`: `instructions` and the `input`
     items as messages, its `tools`), with one reply of `max_output_tokens`,
     else `default_max_tokens`. `body` is one `parse_body` checked: it nests no
-    deeper than JSON is written.
+    deeper than JSON is written; `prompt` is its `prompt_body` where the caller
+    made it already.
     """
     if call.kind in (ApiKind.CHAT, ApiKind.RESPONSES):
-        tokens, prompts = _chat_tokens(prompt_body(body, call)), 1
+        chat = prompt if prompt is not None else prompt_body(body, call)
+        tokens, prompts = _chat_tokens(chat), 1
     else:
         tokens, prompts = _prompt_tokens(body.get(call.prompt_field))
     if call.kind is not ApiKind.EMBEDDINGS:

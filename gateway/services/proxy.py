@@ -175,6 +175,8 @@ class _Begun:
     first: bytes
     """The first output to relay: empty only for a stream that ended with
     nothing to relay."""
+    error_event: Callable[[dict[str, Any]], bytes]
+    """How an error is written into this stream (`_error_event_of`)."""
 
 
 @dataclass
@@ -350,7 +352,12 @@ class ProxyService:
         ctx.model = route.served_name
         ctx.principal.check(route, body["model"])
         stream = parsed.stream
-        estimate = estimate_tokens(body, ctx.call, self._options.default_max_tokens)
+        # What reads the prompt reads a Responses request as its chat: made
+        # once for the estimate and the routing (4 us for 20 items).
+        prompt = prompt_body(body, ctx.call)
+        estimate = estimate_tokens(
+            body, ctx.call, self._options.default_max_tokens, prompt
+        )
         try:
             ctx.admission = await self._limiter.admit(ctx.principal, route, estimate)
         except GatewayError as err:
@@ -360,7 +367,7 @@ class ProxyService:
             raise
         out = parsed.upstream(route.served_name)
         headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
-        request = RouteRequest(prompt_body(body, ctx.call), ctx.session)
+        request = RouteRequest(prompt, ctx.session)
         # The usage chunk is dropped only where the gateway asked for it.
         keep = stream and (not ctx.call.usage_option or client_wants_usage(body))
         response, data = await self._send(
@@ -373,7 +380,7 @@ class ProxyService:
                 {**reply_headers, "cache-control": "no-cache"},
                 stream=self._relay(ctx, data),
                 media_type="text/event-stream",
-                error_event=_error_event_of(ctx, data.events),
+                error_event=data.error_event,
                 unusable=ctx.found_unusable,
             )
         return await self._whole(ctx, response, data, reply_headers, read)
@@ -604,8 +611,8 @@ class ProxyService:
             async for chunk in chunks:
                 first = events.feed(chunk)
                 if first:
-                    if events.began and events.first_error is None:
-                        self._observe_ttft(ctx)
+                    if events.began:
+                        self._time_first_token(ctx, events)
                     break  # the rest is the relay's, on the same body
             else:
                 first = events.finish()  # it ended with no complete event
@@ -619,17 +626,13 @@ class ProxyService:
             reply.close()
             raise
         reply.lift()  # the rest may take as long as it has something to say
-        return _Begun(reply, events, chunks, first)
+        return _Begun(reply, events, chunks, first, _error_event_of(ctx, events))
 
-    def _observe_ttft(self, ctx: _Context) -> None:
-        self._metrics.ttft.labels(ctx.model).observe(self._clock() - ctx.started)
-
-    def _observed_ttft(self, ctx: _Context, events: EventFilter) -> bool:
-        """Observes the time to the first token, unless the first data was an
-        error; True either way (the answer began: nothing more to time)."""
+    def _time_first_token(self, ctx: _Context, events: EventFilter) -> None:
+        """Observes the time to the first token, now that the answer began,
+        unless its first data was an error standing for it."""
         if events.first_error is None:
-            self._observe_ttft(ctx)
-        return True
+            self._metrics.ttft.labels(ctx.model).observe(self._clock() - ctx.started)
 
     async def _whole(
         self,
@@ -708,12 +711,13 @@ class ProxyService:
             async for chunk in begun.chunks:
                 out = events.feed(chunk)
                 if not timed and events.began:
-                    timed = self._observed_ttft(ctx, events)
+                    timed = True
+                    self._time_first_token(ctx, events)
                 if out:
                     yield out
             rest = events.finish()
             if not timed and events.began:
-                timed = self._observed_ttft(ctx, events)
+                self._time_first_token(ctx, events)
             if rest:
                 yield rest
             if not events.began:
@@ -730,7 +734,7 @@ class ProxyService:
                 if isinstance(err, UpstreamTimeout)
                 else BackendError(f"The model's stream broke off ({err}).")
             )
-            yield _error_event_of(ctx, events)(gateway_error.body())
+            yield begun.error_event(gateway_error.body())
         except (asyncio.CancelledError, GeneratorExit):
             # Stopped from outside: the client went away mid-stream.
             gone = True
