@@ -21,7 +21,7 @@ from citadel.gateway.services.placements import (
     channel_name,
 )
 from citadel.gateway.services.proxy import ProxyOptions, ProxyService
-from citadel.gateway.services.redis_buckets import RedisBuckets
+from citadel.gateway.services.redis_buckets import RedisBuckets, redis_client
 from citadel.gateway.services.replicas import EjectionPolicy
 from citadel.gateway.services.routing import Router
 from citadel.gateway.services.scraper import MetricsScraper, report_max_age_s
@@ -63,7 +63,11 @@ def build_deps(settings: GatewaySettings, environ: Mapping[str, str]) -> Deps:
 
     load_max_age_s = report_max_age_s(settings.metrics_scrape_period_s)
     # One client, one pool of connections, for the limits and the placements.
-    redis = _redis_client(settings) if settings.redis_url else None
+    redis = (
+        redis_client(settings.redis_url, settings.redis_timeout_s)
+        if settings.redis_url
+        else None
+    )
     exchange: PlacementExchange | None = None
     on_placed: Callable[[Placement], None] | None = None
     if redis is not None and settings.share_placements:
@@ -125,21 +129,6 @@ class _PlacementMetrics:
         self._metrics.placements_dropped.labels(reason).inc(count)
 
 
-def _redis_client(settings: GatewaySettings) -> aioredis.Redis:
-    """The client of the settings' Redis (limits, placements). A call or a
-    connect slower than `redis_timeout_s` fails (limits then fail open; a
-    publish that stalls holds back only the placements behind it); a
-    connection idle for `REDIS_HEALTH_CHECK_S` is pinged before its next use,
-    so that the placements subscription, which waits with a timeout of its
-    own, finds one cut without a word."""
-    return aioredis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-        health_check_interval=REDIS_HEALTH_CHECK_S,
-    )
-
-
 def _placement_exchange(
     settings: GatewaySettings, client: aioredis.Redis, metrics: GatewayMetrics
 ) -> PlacementExchange:
@@ -154,10 +143,6 @@ def _placement_exchange(
         counts=_PlacementMetrics(metrics),
         flush_s=settings.placements_flush_s,
     )
-
-
-REDIS_HEALTH_CHECK_S = 10.0
-"""Seconds a Redis connection may stay idle before it is pinged at its next use."""
 
 
 def proxy_options(settings: GatewaySettings) -> ProxyOptions:

@@ -64,6 +64,26 @@ return out
 """
 
 
+HEALTH_CHECK_S = 10.0
+"""Seconds a Redis connection may stay idle before it is pinged at its next use."""
+
+
+def redis_client(url: str, timeout_s: float) -> aioredis.Redis:
+    """The gateway's client of its Redis (`redis://host:port/db`), one pool for
+    the limits and the placements. A call or a connect slower than `timeout_s`
+    fails (limits then fail open as StoreUnavailable; a publish that stalls
+    holds back only the placements behind it); a connection idle for
+    `HEALTH_CHECK_S` is pinged before its next use, so that the placements
+    subscription, which waits with a timeout of its own, finds one cut
+    without a word."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        health_check_interval=HEALTH_CHECK_S,
+    )
+
+
 class RedisBuckets:
     """Buckets shared through Redis.
 
@@ -74,20 +94,6 @@ class RedisBuckets:
     def __init__(self, client: aioredis.Redis) -> None:
         self._client = client
         self._script = client.register_script(_SCRIPT)
-
-    @classmethod
-    def from_url(cls, url: str, timeout_s: float = 0.25) -> RedisBuckets:
-        """A store on a new client for `url` (`redis://host:port/db`); a call
-        (or a connect) that takes over `timeout_s` fails as StoreUnavailable."""
-        return cls(
-            aioredis.Redis.from_url(
-                url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
-            )
-        )
-
-    async def close(self) -> None:
-        """Closes the client's connections."""
-        await self._client.aclose()
 
     async def _run(self, takes: Sequence[Take], now: float, check: bool) -> list[Level]:
         keys = [PREFIX + t.bucket.key for t in takes]

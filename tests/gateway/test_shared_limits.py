@@ -15,9 +15,12 @@ from citadel.gateway.routes import ModelRoute
 from citadel.gateway.services.auth import KeyRecord, Principal
 from citadel.gateway.services.buckets import Bucket, Take
 from citadel.gateway.services.limits import Limiter
-from citadel.gateway.services.redis_buckets import PREFIX, RedisBuckets
+from citadel.gateway.services.redis_buckets import PREFIX, RedisBuckets, redis_client
 
 pytestmark = pytest.mark.integration
+
+TIMEOUT_S = 0.25
+"""The stores' calls' bound here (the gateway's default redis_timeout_s)."""
 
 
 def test_two_gateways_share_one_rate_limit(
@@ -77,7 +80,8 @@ def test_requests_are_served_while_redis_is_down(
 
 
 async def test_redis_keeps_a_debt_until_it_has_refilled(redis_url: str) -> None:
-    store = RedisBuckets.from_url(redis_url)
+    client = redis_client(redis_url, TIMEOUT_S)
+    store = RedisBuckets(client)
     bucket = Bucket("debt", 100, 100 / 60, 120)  # a 100-per-minute bucket
     try:
         assert (await store.take([Take(bucket, 1_000, 100)], 0.0))[0].ok
@@ -86,7 +90,7 @@ async def test_redis_keeps_a_debt_until_it_has_refilled(redis_url: str) -> None:
         assert 599_000 <= ttl_ms <= 600_000
         assert (await store.take([Take(bucket, 1, 1)], 130.0))[0].ok is False
     finally:
-        await store.close()
+        await client.aclose()
 
 
 async def test_a_debt_past_lua_numbers_still_expires_and_is_given_back(
@@ -95,7 +99,8 @@ async def test_a_debt_past_lua_numbers_still_expires_and_is_given_back(
     """A debt whose refill takes longer than 10^14 ms broke the script half way
     (Lua wrote the expiry in exponent form): the request was let through
     unchecked, the bucket kept its debt for ever, and nothing gave it back."""
-    store = RedisBuckets.from_url(redis_url)
+    client = redis_client(redis_url, TIMEOUT_S)
+    store = RedisBuckets(client)
     bucket = Bucket("deep", 1_000, 1_000 / 60, 120)
     try:
         # The gateway's estimates stop at 10^9 tokens; the store takes more.
@@ -105,7 +110,7 @@ async def test_a_debt_past_lua_numbers_still_expires_and_is_given_back(
         await store.adjust([Take(bucket, -(10**13), 0)], 1.0)  # given back
         assert (await store.take([Take(bucket, 1, 1)], 2.0))[0].ok
     finally:
-        await store.close()
+        await client.aclose()
 
 
 async def test_a_quota_in_redis_follows_its_key_within_the_period(
@@ -113,7 +118,8 @@ async def test_a_quota_in_redis_follows_its_key_within_the_period(
 ) -> None:
     """Quota buckets count what is used, offset by 10^12 (Lua's numbers must
     keep it exact): a raised quota unblocks the key at once."""
-    store = RedisBuckets.from_url(redis_url)
+    client = redis_client(redis_url, TIMEOUT_S)
+    store = RedisBuckets(client)
     limiter = Limiter(store, time.time)
     route = ModelRoute.model_validate(
         {"name": "m", "namespace": "n", "servedName": "m", "service": "m"}
@@ -132,7 +138,7 @@ async def test_a_quota_in_redis_follows_its_key_within_the_period(
         [standing] = await limiter.standing(key(5_000), [route])
         assert standing.remaining == 4_000
     finally:
-        await store.close()
+        await client.aclose()
 
 
 async def test_a_stalled_redis_fails_open_within_its_timeout() -> None:
@@ -144,7 +150,8 @@ async def test_a_stalled_redis_fails_open_within_its_timeout() -> None:
 
     server = await asyncio.start_server(hang, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    store = RedisBuckets.from_url(f"redis://127.0.0.1:{port}/0", timeout_s=0.2)
+    client = redis_client(f"redis://127.0.0.1:{port}/0", 0.2)
+    store = RedisBuckets(client)
     limiter = Limiter(store, time.time)
     who = Principal(KeyRecord(name="k", hash="sha256:" + "0" * 64, rpm=5))
     route = ModelRoute.model_validate(
@@ -154,7 +161,7 @@ async def test_a_stalled_redis_fails_open_within_its_timeout() -> None:
     try:
         admission = await limiter.admit(who, route, 10)
     finally:
-        await store.close()
+        await client.aclose()
         for writer in accepted:
             writer.close()
         server.close()
