@@ -240,6 +240,18 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
     _stop(proc)
 
 
+FAST_SIMULATOR = (
+    "--prefill-tokens-per-s",
+    "10000000",
+    "--decode-base-s",
+    "0.0005",
+    "--decode-per-seq-s",
+    "0",
+)
+"""Simulator options for tests about where requests go and what is relayed,
+not how long they take: prefill at once, decode 0.5 ms a step."""
+
+
 @dataclass(frozen=True)
 class Helpers:
     """Plain helpers for the tests (conftest itself is not importable)."""
@@ -247,6 +259,7 @@ class Helpers:
     route: Callable[..., dict[str, Any]] = route
     create_key: Callable[..., str] = create_key
     free_port: Callable[[], int] = free_port
+    fast_simulator: tuple[str, ...] = FAST_SIMULATOR
 
 
 @pytest.fixture

@@ -15,17 +15,6 @@ from citadel_bench import procs
 
 pytestmark = pytest.mark.integration
 
-# Fast steps: these tests are about what the gateway relays and counts.
-SIM_OPTIONS = (
-    "--served-name",
-    "smol",
-    "--prefill-tokens-per-s",
-    "10000000",
-    "--decode-base-s",
-    "0.0005",
-    "--decode-per-seq-s",
-    "0",
-)
 # What vLLM 0.32.0 sends for a reply of three tokens, one delta per token.
 EVENTS = [
     "response.created",
@@ -57,7 +46,9 @@ def counted(url: str, name: str, **labels: str) -> float:
 
 @pytest.fixture
 def setup(tmp_path: Path, start_gateway: Any, helpers: Any) -> Iterator[dict[str, Any]]:
-    proc = procs.start("simulator", procs.simulator_argv(1, *SIM_OPTIONS), tmp_path)
+    # Fast steps: these tests are about what the gateway relays and counts.
+    argv = procs.simulator_argv(1, "--served-name", "smol", *helpers.fast_simulator)
+    proc = procs.start("simulator", argv, tmp_path)
     try:
         [port] = procs.wait_listening(proc)
         replica = f"http://127.0.0.1:{port}"

@@ -21,25 +21,14 @@ from citadel_bench.routing import replica_counters
 pytestmark = pytest.mark.integration
 
 REPLICAS = 4
-# Fast steps: the test is about where requests go, not how long they take.
-SIM_OPTIONS = (
-    "--prefill-tokens-per-s",
-    "10000000",
-    "--decode-base-s",
-    "0.0005",
-    "--decode-per-seq-s",
-    "0",
-)
 
 
 class Simulator:
     """`python -m simulator --replicas 4`, one process, started as the bench
     starts it."""
 
-    def __init__(self, log_dir: Path, name: str) -> None:
-        self.proc = procs.start(
-            name, procs.simulator_argv(REPLICAS, *SIM_OPTIONS), log_dir
-        )
+    def __init__(self, log_dir: Path, name: str, options: tuple[str, ...]) -> None:
+        self.proc = procs.start(name, procs.simulator_argv(REPLICAS, *options), log_dir)
         try:
             ports = procs.wait_listening(self.proc)
         except RuntimeError:
@@ -67,11 +56,12 @@ class Simulator:
 
 
 @pytest.fixture
-def simulators(tmp_path: Path) -> Iterator[Callable[[], Simulator]]:
+def simulators(tmp_path: Path, helpers: Any) -> Iterator[Callable[[], Simulator]]:
     started: list[Simulator] = []
 
     def start() -> Simulator:
-        sim = Simulator(tmp_path, f"simulator-{len(started)}")
+        # Fast steps: the tests are about where requests go, not how long.
+        sim = Simulator(tmp_path, f"simulator-{len(started)}", helpers.fast_simulator)
         started.append(sim)
         return sim
 

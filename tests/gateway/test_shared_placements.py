@@ -27,14 +27,6 @@ from citadel_bench import procs
 
 pytestmark = pytest.mark.integration
 
-SIM_OPTIONS = (
-    "--prefill-tokens-per-s",
-    "10000000",
-    "--decode-base-s",
-    "0.0005",
-    "--decode-per-seq-s",
-    "0",
-)
 USERS = 7
 TURNS = 4
 LEARNED = 'citadel_gateway_placements_shared_total{direction="learned"}'
@@ -42,8 +34,9 @@ PUBLISHED = 'citadel_gateway_placements_shared_total{direction="published"}'
 
 
 @pytest.fixture
-def replicas(tmp_path: Path) -> Iterator[list[str]]:
-    proc = procs.start("simulator", procs.simulator_argv(4, *SIM_OPTIONS), tmp_path)
+def replicas(tmp_path: Path, helpers: Any) -> Iterator[list[str]]:
+    argv = procs.simulator_argv(4, *helpers.fast_simulator)
+    proc = procs.start("simulator", argv, tmp_path)
     try:
         ports = procs.wait_listening(proc)
         yield [f"http://127.0.0.1:{p}" for p in ports]

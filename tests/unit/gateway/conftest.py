@@ -143,12 +143,7 @@ class Harness:
         return serving(self.app)
 
     def client(self) -> httpx.AsyncClient:
-        transport = httpx.ASGITransport(app=self.served)
-        return httpx.AsyncClient(
-            transport=transport,
-            base_url="http://gateway",
-            headers={"authorization": f"Bearer {KEY}"},
-        )
+        return asgi_client(self.served)
 
 
 def build(
@@ -195,6 +190,15 @@ def build(
     )
     app = create_app(GatewaySettings(routes_source="file"), deps)
     return Harness(app, deps, upstream, keys, clock)
+
+
+def asgi_client(app: ASGIApp, key: str = KEY) -> httpx.AsyncClient:
+    """An HTTP client of `app` in process, sending `key`."""
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://gateway",
+        headers={"authorization": f"Bearer {key}"},
+    )
 
 
 def post_scope(path: str, key: str = KEY, length: int | None = None) -> dict[str, Any]:
@@ -256,6 +260,7 @@ class Kit:
     completion: Callable[..., FakeReply] = completion
     reply: type[FakeReply] = FakeReply
     post_scope: Callable[..., dict[str, Any]] = post_scope
+    asgi_client: Callable[..., httpx.AsyncClient] = asgi_client
     staying: Callable[[bytes], Callable[[], Awaitable[dict[str, Any]]]] = staying
     counted: Callable[..., float | None] = counted
     key: str = KEY

@@ -887,11 +887,7 @@ async def test_the_routes_answer_as_the_fast_path_does(harness: Any, kit: Any) -
     stream = {**kit.chat, "stream": True, "stream_options": {"include_usage": True}}
 
     async def answers(app: Any) -> list[tuple[int, dict[str, str], bytes]]:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://gateway",
-            headers={"authorization": f"Bearer {kit.key}"},
-        ) as client:
+        async with kit.asgi_client(app) as client:
             got = [
                 await client.post("/v1/chat/completions", json=body)
                 for body in (kit.chat, stream, {"model": "chat"})

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import orjson
 import pytest
 from openai.types.responses import ResponseErrorEvent
@@ -878,11 +877,7 @@ async def test_the_fast_path_serves_responses_as_the_route_does(kit: Any) -> Non
     spy = _Spy(harness.app)
 
     async def answers(app: Any) -> list[tuple[int, bytes]]:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://gateway",
-            headers={"authorization": f"Bearer {kit.key}"},
-        ) as client:
+        async with kit.asgi_client(app) as client:
             got = [
                 await client.post("/v1/responses", json=body)
                 for body in (ASK, {**ASK, "stream": True}, {"model": "chat"})
