@@ -184,6 +184,11 @@ class ModelRoute(_Model):
         then its adapters'."""
         return (*self.names, *self.adapters)
 
+    def parent_of(self, name: str) -> str | None:
+        """The served name of the base model when `name` is one of its
+        adapters (what vLLM lists as the adapter's `parent`), else None."""
+        return self.served_name if name in self.adapters else None
+
     def upstream_name(self, requested: str) -> str:
         """The `model` sent to the replicas for a request naming `requested`
         (one of `all_names`): an adapter's name as it is, for vLLM to apply
