@@ -247,3 +247,11 @@ async def test_the_graphql_door_lists_and_calls_an_adapter(kit: Any) -> None:
     ((_, sent, _),) = h.upstream.calls
     assert sent["model"] == ADAPTER
     assert kit.counted(h, "200", door="graphql", model=ADAPTER) == 1
+
+
+async def test_admin_replicas_names_each_model_s_adapters(kit: Any) -> None:
+    h = _build(kit)
+    async with h.client() as client:
+        answer = await client.get("/admin/replicas", headers=_as(kit.admin_key))
+    [model] = answer.json()["models"]
+    assert model["adapters"] == [ADAPTER, OTHER]
