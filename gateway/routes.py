@@ -34,6 +34,8 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 from pydantic_core import from_json
@@ -136,6 +138,9 @@ class ModelRoute(_Model):
     served_name: Annotated[str, Field(pattern=SERVED_NAME_PATTERN, alias="servedName")]
     """What clients send as `model`."""
     aliases: tuple[Annotated[str, Field(pattern=SERVED_NAME_PATTERN)], ...] = ()
+    adapters: tuple[Annotated[str, Field(pattern=SERVED_NAME_PATTERN)], ...] = ()
+    """The names of the model's LoRA adapters: each routes to the model's
+    replicas and is sent to them as it is (vLLM applies the adapter)."""
     service: Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]
     """The Service whose EndpointSlices list the replicas."""
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
@@ -150,10 +155,46 @@ class ModelRoute(_Model):
     `http://[fd00::1]:8000`) for a gateway run from a file; in Kubernetes they
     come from the Service's EndpointSlices instead."""
 
+    @field_validator("adapters")
+    @classmethod
+    def _adapters_named_apart(
+        cls, adapters: tuple[str, ...], info: ValidationInfo
+    ) -> tuple[str, ...]:
+        # An adapter is another model on the same replicas: under the base's
+        # own name it could not be told from the base, nor from its twin.
+        # (`info.data` holds the fields before it that were valid.)
+        seen = {info.data.get("served_name"), *info.data.get("aliases", ())}
+        for adapter in adapters:
+            if adapter in seen:
+                raise ValueError(
+                    f"{adapter!r} repeats the served name, an alias or another adapter"
+                )
+            seen.add(adapter)
+        return adapters
+
     @property
     def names(self) -> tuple[str, ...]:
-        """Every name that routes to this model: the served name, then aliases."""
+        """The base model's own names: the served name, then aliases (not its
+        adapters', which name other models on the same replicas)."""
         return (self.served_name, *self.aliases)
+
+    @property
+    def all_names(self) -> tuple[str, ...]:
+        """Every name that routes to this model's replicas: its own names,
+        then its adapters'."""
+        return (*self.names, *self.adapters)
+
+    def parent_of(self, name: str) -> str | None:
+        """The served name of the base model when `name` is one of its
+        adapters (what vLLM lists as the adapter's `parent`), else None."""
+        return self.served_name if name in self.adapters else None
+
+    def upstream_name(self, requested: str) -> str:
+        """The `model` sent to the replicas for a request naming `requested`
+        (one of `all_names`): an adapter's name as it is, for vLLM to apply
+        the adapter; any other name of the model as its served name (the
+        aliases are the gateway's alone)."""
+        return requested if requested in self.adapters else self.served_name
 
 
 class RoutingDocument(_Model):
@@ -166,7 +207,7 @@ class RoutingDocument(_Model):
     def _names_unique(self) -> Self:
         seen: dict[str, str] = {}
         for route in self.models:
-            for name in route.names:
+            for name in route.all_names:
                 owner = f"{route.namespace}/{route.name}"
                 if name in seen and seen[name] != owner:
                     raise ValueError(
@@ -204,7 +245,7 @@ class DocumentReading:
         answering 404, until the gateway can read its new route."""
         wanted = set(self.left_out)
         owners = {
-            n: (r.namespace, r.name) for r in self.document.models for n in r.names
+            n: (r.namespace, r.name) for r in self.document.models for n in r.all_names
         }
         kept: list[ModelRoute] = []
         notes = list(self.problems)
@@ -213,10 +254,11 @@ class DocumentReading:
             if identity not in wanted:
                 continue
             where = f"model {route.namespace}/{route.name}"
-            if any(owners.get(name, identity) != identity for name in route.names):
+            names = route.all_names
+            if any(owners.get(name, identity) != identity for name in names):
                 notes.append(f"{where}: left out, its names are taken")
                 continue
-            owners.update(dict.fromkeys(route.names, identity))
+            owners.update(dict.fromkeys(names, identity))
             kept.append(route)
             notes.append(f"{where}: its previous route stays in force")
         if not kept:

@@ -28,6 +28,7 @@ async def replicas(
             "namespace": route.namespace,
             "servedName": route.served_name,
             "aliases": list(route.aliases),
+            "adapters": list(route.adapters),
             "strategy": route.strategy.value,
             "replicas": [
                 {

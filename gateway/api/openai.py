@@ -31,6 +31,7 @@ from citadel.gateway.deps import (
     take_request_id,
 )
 from citadel.gateway.errors import GatewayError, ShuttingDown
+from citadel.gateway.routes import ModelRoute
 from citadel.gateway.services.auth import Principal
 from citadel.gateway.services.catalog import unknown_model
 from citadel.gateway.services.proxy import ProxyResponse
@@ -44,6 +45,7 @@ from citadel.gateway.services.requests import (
 )
 from citadel.gateway.services.sse import error_event
 from citadel.gateway.services.streams import Closing
+from citadel.gateway.services.structured import usable_models
 from citadel.gateway.versioning import response_headers
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=error_responses())
@@ -192,22 +194,29 @@ async def responses(request: Request) -> Response:
     return await forward(RESPONSES, request)
 
 
-def _model(name: str) -> dict[str, object]:
-    """A model object in OpenAI's shape."""
-    return {"id": name, "object": "model", "created": 0, "owned_by": "citadel"}
+def _model(name: str, route: ModelRoute) -> dict[str, object]:
+    """A model object in OpenAI's shape; an adapter's names its base model
+    under `parent`, as vLLM's own list does."""
+    model: dict[str, object] = {
+        "id": name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "citadel",
+    }
+    if (parent := route.parent_of(name)) is not None:
+        model["parent"] = parent
+    return model
 
 
 @router.get("/models")
 async def list_models(
     response: Response, deps: DepsDep, rid: RequestIdDep, principal: PrincipalDep
 ) -> dict[str, object]:
-    """The models the caller's key may use (served names and aliases)."""
+    """The models the caller's key may use (served names, aliases and the
+    adapters it may use)."""
     response.headers[REQUEST_ID] = rid
     data = [
-        _model(name)
-        for route in deps.catalog.routes()
-        for name in route.names
-        if principal.may_use(route, name)
+        _model(name, route) for name, route in usable_models(deps.catalog, principal)
     ]
     return {"object": "list", "data": data}
 
@@ -231,7 +240,7 @@ async def retrieve_model(
     route = deps.catalog.resolve(model)  # 503 before the routes are loaded
     if not principal.may_use(route, model):
         raise unknown_model(model)
-    return _model(model)
+    return _model(model, route)
 
 
 class ForwardingFastPath:

@@ -14,7 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
-_MODEL = {"type": "string", "minLength": 1, "description": "Served name or alias."}
+_MODEL = {
+    "type": "string",
+    "minLength": 1,
+    "description": "Served name, alias or LoRA adapter name.",
+}
 _POSITIVE = {"type": "integer", "minimum": 1}
 _PART = {
     "type": "object",

@@ -52,8 +52,16 @@ async def _models(info: Ctx) -> list[Model]:
     with reported():
         ctx = info.context
         catalog = ctx.deps.catalog
-        routes = {r.served_name: r for _, r in usable_models(catalog, ctx.principal())}
-        return [Model.of(r, len(catalog.replicas(r))) for r in routes.values()]
+        # One entry per base model the key may use by any of its names, and
+        # one per adapter it may use (a model of its own).
+        models: dict[str, Model] = {}
+        for name, route in usable_models(catalog, ctx.principal()):
+            adapter = name if route.parent_of(name) else None
+            shown = adapter or route.served_name
+            if shown not in models:
+                replicas = len(catalog.replicas(route))
+                models[shown] = Model.of(route, replicas, adapter)
+        return list(models.values())
 
 
 async def _usage(info: Ctx) -> Usage:

@@ -37,8 +37,14 @@ class ModelLimits:
 class Model:
     """A model the caller may use."""
 
-    id: str = strawberry.field(description="The served name, sent as `model`.")
+    id: str = strawberry.field(
+        description="The served name, sent as `model`; a LoRA adapter's name."
+    )
     aliases: list[str]
+    parent: str | None = strawberry.field(
+        description="For a LoRA adapter, its base model's served name (the "
+        "replicas, readiness and limits are the base's); null for a base model."
+    )
     ready: bool = strawberry.field(description="At least one replica is Ready.")
     ready_replicas: int = strawberry.field(
         description="Ready replicas, as the operator last reported."
@@ -48,10 +54,12 @@ class Model:
     limits: ModelLimits
 
     @classmethod
-    def of(cls, route: ModelRoute, replicas: int) -> Model:
+    def of(cls, route: ModelRoute, replicas: int, adapter: str | None = None) -> Model:
+        """The base model of `route`, or its adapter `adapter`."""
         return cls(
-            id=route.served_name,
-            aliases=list(route.aliases),
+            id=adapter or route.served_name,
+            aliases=[] if adapter else list(route.aliases),
+            parent=route.served_name if adapter else None,
             ready=route.ready,
             ready_replicas=route.ready_replicas,
             replicas=replicas,

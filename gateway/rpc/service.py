@@ -118,7 +118,14 @@ class InferenceService(pb_grpc.InferenceServicer):
             _read(request)
             models = usable_models(self._deps.catalog, call.principal)
         return pb.ListModelsResponse(
-            models=[pb.Model(id=name, owned_by="citadel") for name, _ in models]
+            models=[
+                pb.Model(
+                    id=name,
+                    owned_by="citadel",
+                    parent=route.parent_of(name) or "",
+                )
+                for name, route in models
+            ]
         )
 
     async def ChatCompletion(

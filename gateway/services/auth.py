@@ -47,7 +47,8 @@ class KeyRecord(BaseModel):
     hash: Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]
     role: Role = Role.USER
     models: tuple[str, ...] = ("*",)
-    """Glob patterns (`fnmatch`) of the model names or aliases it may call."""
+    """Glob patterns (`fnmatch`) of the model names or aliases it may call; an
+    adapter's name only by a pattern that matches it (`Principal.may_use`)."""
     rpm: Annotated[int, Field(ge=1)] | None = None
     tpm: Annotated[int, Field(ge=1)] | None = None
     daily_tokens: Annotated[int, Field(ge=1)] | None = Field(None, alias="dailyTokens")
@@ -82,10 +83,21 @@ class Principal:
         return self.key.name if self.key else None
 
     def may_use(self, route: ModelRoute, requested: str | None = None) -> bool:
-        """True when the key may call this model (by any of its names)."""
+        """True when the key may call the model `requested` names on `route`
+        (None: the base model).
+
+        An alias is the same model, so a key allowed any of the base's names
+        may use all of them. An adapter is a model of its own (a tenant's
+        fine-tune on the same replicas): only a pattern matching its name
+        allows it, and allowing it allows neither the base nor another
+        adapter.
+        """
         if self.key is None or self.key.role is Role.ADMIN:
             return True
-        names = (requested, *route.names) if requested else route.names
+        if requested is not None and requested in route.adapters:
+            names: tuple[str, ...] = (requested,)
+        else:
+            names = route.names
         return any(
             fnmatchcase(name, pattern) for pattern in self.key.models for name in names
         )

@@ -47,7 +47,8 @@ class RoutingTable:
     kept from `previous`."""
     problems: tuple[str, ...]
     by_name: Mapping[str, ModelRoute]
-    """Each route by each of its names (`ModelRoute.names`)."""
+    """Each route by each name that routes to it (`ModelRoute.all_names`: an
+    adapter's too)."""
 
 
 def routing_table(
@@ -62,7 +63,9 @@ def routing_table(
             out keep (`DocumentReading.keeping`).
     """
     kept = reading.keeping(previous)
-    by_name = {name: route for route in kept.document.models for name in route.names}
+    by_name = {
+        name: route for route in kept.document.models for name in route.all_names
+    }
     return RoutingTable(reading, previous, kept.document, kept.problems, by_name)
 
 
@@ -237,12 +240,13 @@ class Catalog:
             self.set_endpoints(ns, service, ())
 
     def route_named(self, name: str) -> ModelRoute | None:
-        """The route for a model name or alias, or None when the document in
-        force (if any) has no model by that name."""
+        """The route for a model name, alias or adapter name, or None when the
+        document in force (if any) has no model by that name."""
         return self._by_name.get(name)
 
     def resolve(self, name: str) -> ModelRoute:
-        """The route for a model name or alias.
+        """The route for a model name, alias or adapter name (an adapter's is
+        its base model's: the same replicas).
 
         Raises:
             NotReady: no routing document has been loaded yet.

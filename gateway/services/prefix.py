@@ -267,16 +267,26 @@ def _stand_in(part: Mapping[str, Any]) -> str:
     return f"\x1c{xxhash.xxh3_64_hexdigest(data)}\x1c"
 
 
-def block_hashes(text: str, block_chars: int = BLOCK_CHARS) -> list[int]:
+def block_hashes(
+    text: str, block_chars: int = BLOCK_CHARS, *, adapter: str | None = None
+) -> list[int]:
     """Chained hashes of the prompt's full blocks (and of a short prompt whole).
 
     Only complete blocks count, like a KV cache; a prompt shorter than one block is
     hashed whole so it still has an identity.
+
+    Args:
+        adapter: the LoRA adapter the request names, if any. vLLM's prefix
+            cache keeps an adapter's blocks apart from the base model's and
+            every other adapter's (its block hashes include the LoRA), so the
+            same prompt is another chain of hashes under each adapter: the
+            hash is seeded by the adapter's name. The base model's hashes are
+            unseeded, as they were before adapters, so its placements stay.
     """
     data = memoryview(text.encode())
     size = block_chars
     count = min(len(data) // size, MAX_BLOCKS) or (1 if data else 0)
-    state = xxhash.xxh3_64()
+    state = xxhash.xxh3_64(seed=_adapter_seed(adapter) if adapter else 0)
     # intdigest() leaves the state as it is, so one pass over the prompt gives the
     # hash of every prefix in turn.
     update, digest = state.update, state.intdigest
@@ -285,6 +295,11 @@ def block_hashes(text: str, block_chars: int = BLOCK_CHARS) -> list[int]:
         update(data[start : start + size])
         hashes.append(digest())
     return hashes
+
+
+def _adapter_seed(adapter: str) -> int:
+    """The seed of an adapter's block hashes: never 0, the base model's."""
+    return xxhash.xxh3_64_intdigest(b"lora\x1f" + adapter.encode()) or 1
 
 
 Mark = tuple[int, int, int]

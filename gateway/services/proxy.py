@@ -157,6 +157,13 @@ class _Context:
     unusable: GatewayError | None = None
     """Why its door could not use the streamed answer, if it could not."""
 
+    @property
+    def replica_model(self) -> str:
+        """The model label of what is counted per replica (in flight, failures,
+        ejections): the base model's served name, an adapter's request's too,
+        as the replica and its health are the base's."""
+        return self.route.served_name if self.route else self.model
+
     def found_unusable(self, error: GatewayError) -> None:
         """Notes why the door could not use the stream (before it closes it)."""
         self.unusable = error
@@ -349,7 +356,11 @@ class ProxyService:
         parsed = parse_body(raw, ctx.call)
         body = parsed.body
         ctx.route = route = self._catalog.resolve(body["model"])
-        ctx.model = route.served_name
+        # What the replicas are sent and what the request is counted under:
+        # the served name for any of the base's names, an adapter's own name
+        # (a model of its own, billed as such, on the base's replicas).
+        upstream_model = route.upstream_name(body["model"])
+        ctx.model = upstream_model
         ctx.principal.check(route, body["model"])
         stream = parsed.stream
         # What reads the prompt reads a Responses request as its chat: made
@@ -365,9 +376,11 @@ class ProxyService:
             scope = getattr(err, "scope", "") or "requests"
             self._metrics.rate_limited.labels(ctx.model, key, scope).inc()
             raise
-        out = parsed.upstream(route.served_name)
+        out = parsed.upstream(upstream_model)
         headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
-        request = RouteRequest(prompt, ctx.session)
+        # An adapter's prefixes are its own (vLLM's cache keeps them apart).
+        adapter = upstream_model if upstream_model != route.served_name else None
+        request = RouteRequest(prompt, ctx.session, adapter)
         # The usage chunk is dropped only where the gateway asked for it.
         keep = stream and (not ctx.call.usage_option or client_wants_usage(body))
         response, data = await self._send(
@@ -836,7 +849,7 @@ class ProxyService:
         ctx.replica, ctx.holding = replica, True
         ctx.ejections = replica.ejections
         replica.in_flight += 1
-        self._metrics.in_flight.labels(ctx.model, replica.url).inc()
+        self._metrics.in_flight.labels(ctx.replica_model, replica.url).inc()
 
     def _release(
         self, ctx: _Context, replica: Replica, failure: UpstreamFailure | None
@@ -845,7 +858,9 @@ class ProxyService:
         if failure is None:
             replica.record_success(self._clock(), ctx.ejections)
             return
-        self._metrics.backend_errors.labels(ctx.model, replica.url, failure.kind).inc()
+        self._metrics.backend_errors.labels(
+            ctx.replica_model, replica.url, failure.kind
+        ).inc()
         log.warning(
             "replica failed",
             extra={
@@ -856,7 +871,7 @@ class ProxyService:
         )
         ejection = self._options.ejection
         if replica.record_failure(self._clock(), ejection, ctx.ejections):
-            self._metrics.ejections.labels(ctx.model, replica.url).inc()
+            self._metrics.ejections.labels(ctx.replica_model, replica.url).inc()
             log.warning("replica ejected", extra={"replica": replica.url})
 
     def _abandon(self, ctx: _Context) -> None:
@@ -877,7 +892,7 @@ class ProxyService:
     def _free(self, ctx: _Context, replica: Replica) -> None:
         ctx.holding = False
         replica.in_flight -= 1
-        self._metrics.in_flight.labels(ctx.model, replica.url).dec()
+        self._metrics.in_flight.labels(ctx.replica_model, replica.url).dec()
 
     async def _settle(
         self,

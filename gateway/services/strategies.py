@@ -39,6 +39,9 @@ class RouteRequest:
 
     body: Mapping[str, Any]
     session: str | None = None
+    adapter: str | None = None
+    """The LoRA adapter the request names, sent to the replica as its model;
+    None for the base model (by any of its names)."""
 
 
 class Strategy(Protocol):
@@ -264,7 +267,7 @@ class PrefixAware(_Turns):
         self, replicas: Sequence[Replica], request: RouteRequest
     ) -> tuple[Replica, str]:
         text, in_window = prefix_window(request.body)
-        hashes = block_hashes(text)
+        hashes = block_hashes(text, adapter=request.adapter)
         # One turn per request, wherever ties are broken: taking one at each
         # step would move the starting point by two and skip replicas.
         turn = self._turn()

@@ -191,11 +191,12 @@ def usable_models(
     catalog: Catalog, principal: Principal
 ) -> list[tuple[str, ModelRoute]]:
     """Every name the caller may send as `model`, with its route (REST's
-    `GET /v1/models` order: each model's served name, then its aliases)."""
+    `GET /v1/models` order: each model's served name, then its aliases, then
+    its adapters; an adapter only where the key may use it by its own name)."""
     return [
         (name, route)
         for route in catalog.routes()
-        for name in route.names
+        for name in route.all_names
         if principal.may_use(route, name)
     ]
 

@@ -51,18 +51,22 @@ class Model(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     OWNED_BY_FIELD_NUMBER: _builtins.int
+    PARENT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """A name to send as `model`: a served name or an alias."""
+    """A name to send as `model`: a served name, an alias or a LoRA adapter's name."""
     owned_by: _builtins.str
+    parent: _builtins.str
+    """For a LoRA adapter, its base model's served name; empty for a base model."""
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
         owned_by: _builtins.str = ...,
+        parent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "owned_by", b"owned_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "owned_by", b"owned_by", "parent", b"parent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

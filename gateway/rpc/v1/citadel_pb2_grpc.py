@@ -68,7 +68,7 @@ class InferenceServicer:
     """
 
     def ListModels(self, request, context):
-        """The models the caller's key may use (served names and aliases).
+        """The models the caller's key may use (served names, aliases and LoRA adapters).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -45,7 +45,7 @@ class InferenceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> InferenceAsyncStub: ...
     ListModels: _grpc.UnaryUnaryMultiCallable[_citadel_pb2.ListModelsRequest, _citadel_pb2.ListModelsResponse]
-    """The models the caller's key may use (served names and aliases)."""
+    """The models the caller's key may use (served names, aliases and LoRA adapters)."""
     ChatCompletion: _grpc.UnaryUnaryMultiCallable[_citadel_pb2.ChatCompletionRequest, _citadel_pb2.ChatCompletionResponse]
     """A chat completion, answered whole."""
     ChatCompletionStream: _grpc.UnaryStreamMultiCallable[_citadel_pb2.ChatCompletionRequest, _citadel_pb2.ChatCompletionChunk]
@@ -63,7 +63,7 @@ class InferenceAsyncStub(InferenceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListModels: _aio.UnaryUnaryMultiCallable[_citadel_pb2.ListModelsRequest, _citadel_pb2.ListModelsResponse]  # type: ignore[assignment]
-    """The models the caller's key may use (served names and aliases)."""
+    """The models the caller's key may use (served names, aliases and LoRA adapters)."""
     ChatCompletion: _aio.UnaryUnaryMultiCallable[_citadel_pb2.ChatCompletionRequest, _citadel_pb2.ChatCompletionResponse]  # type: ignore[assignment]
     """A chat completion, answered whole."""
     ChatCompletionStream: _aio.UnaryStreamMultiCallable[_citadel_pb2.ChatCompletionRequest, _citadel_pb2.ChatCompletionChunk]  # type: ignore[assignment]
@@ -84,7 +84,7 @@ class InferenceServicer(metaclass=_abc_1.ABCMeta):
         request: _citadel_pb2.ListModelsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_citadel_pb2.ListModelsResponse, _abc.Awaitable[_citadel_pb2.ListModelsResponse]]:
-        """The models the caller's key may use (served names and aliases)."""
+        """The models the caller's key may use (served names, aliases and LoRA adapters)."""
 
     @_abc_1.abstractmethod
     def ChatCompletion(

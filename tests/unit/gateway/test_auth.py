@@ -24,6 +24,7 @@ ROUTE = ModelRoute.model_validate(
         "namespace": "n",
         "servedName": "meta-llama/Llama-3-8B",
         "aliases": ["llama"],
+        "adapters": ["sql-expert", "support-bot"],
         "service": "m",
     }
 )
@@ -77,10 +78,38 @@ def test_model_patterns(
             who.check(ROUTE, requested)
 
 
+@pytest.mark.parametrize(
+    ("patterns", "requested", "allowed"),
+    [
+        (("*",), "sql-expert", True),
+        (("sql-*",), "sql-expert", True),
+        (("sql-expert",), "sql-expert", True),
+        # The base's names allow the base, not the tenants' fine-tunes on it.
+        (("llama",), "sql-expert", False),
+        (("meta-llama/*",), "sql-expert", False),
+        # An adapter allows neither the base (by any name) nor another adapter.
+        (("sql-expert",), "llama", False),
+        (("sql-expert",), "meta-llama/Llama-3-8B", False),
+        (("sql-expert",), "support-bot", False),
+        (("s*",), "llama", False),
+    ],
+)
+def test_an_adapter_is_allowed_by_its_own_name_only(
+    patterns: tuple[str, ...], requested: str, allowed: bool
+) -> None:
+    store = InMemoryKeyStore([KeyRecord(name="u", hash=hash_key("k"), models=patterns)])
+    who = Authenticator(store).authenticate("Bearer k")
+    assert who.may_use(ROUTE, requested) is allowed
+    if not allowed:
+        with pytest.raises(PermissionDenied):
+            who.check(ROUTE, requested)
+
+
 def test_admins_may_use_every_model() -> None:
     record = KeyRecord(name="a", hash=hash_key("k"), role=Role.ADMIN, models=())
     who = Authenticator(InMemoryKeyStore([record])).authenticate("Bearer k")
     who.check(ROUTE, "llama")
+    who.check(ROUTE, "sql-expert")
 
 
 def test_the_store_is_keyed_by_holder_not_by_name() -> None:

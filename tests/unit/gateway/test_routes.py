@@ -316,3 +316,72 @@ def test_a_user_part_or_a_query_is_no_part_of_the_host(endpoint: str) -> None:
     }
     reading = read_document(json.dumps(doc))
     assert not reading.problems and reading.document.models[0].endpoints == (endpoint,)
+
+
+def test_adapters_round_trip_and_route_to_their_model() -> None:
+    raw = json.dumps({"models": [_route(aliases=["chat"], adapters=["sql", "org/x"])]})
+    doc = parse_document(raw)
+    route = doc.models[0]
+    assert route.adapters == ("sql", "org/x")
+    assert route.names == ("smollm2", "chat")  # the base's own names only
+    assert route.all_names == ("smollm2", "chat", "sql", "org/x")
+    assert parse_document(doc.to_json()) == doc
+    assert json.loads(doc.to_json())["models"][0]["adapters"] == ["sql", "org/x"]
+
+
+def test_an_adapter_is_sent_by_its_own_name_an_alias_by_the_served_one() -> None:
+    route = ModelRoute.model_validate(_route(aliases=["chat"], adapters=["sql"]))
+    assert route.upstream_name("sql") == "sql"
+    assert route.upstream_name("chat") == "smollm2"
+    assert route.upstream_name("smollm2") == "smollm2"
+
+
+@pytest.mark.parametrize(
+    "adapters", [["smollm2"], ["chat"], ["sql", "sql"], ["bad name"]]
+)
+def test_a_route_whose_adapter_names_clash_costs_that_route_only(
+    adapters: list[str],
+) -> None:
+    raw = json.dumps(
+        {
+            "models": [
+                _route("a", "smollm2", aliases=["chat"], adapters=adapters),
+                _route("b", "bb"),
+            ]
+        }
+    )
+    reading = read_document(raw)
+    assert [r.name for r in reading.document.models] == ["b"]
+    assert reading.left_out == (("llm", "a"),)
+    assert reading.problems[0].startswith("model llm/a: left out: adapters")
+    with pytest.raises(RoutesError, match="llm/a: left out"):
+        parse_document(raw)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ({"adapters": ["same"]}, {"adapters": ["same"]}),
+        ({"adapters": ["same"]}, {"aliases": ["same"]}),
+        ({"aliases": ["same"]}, {"adapters": ["same"]}),
+        ({}, {"adapters": ["aa"]}),
+    ],
+)
+def test_an_adapter_name_cannot_route_to_two_models(
+    first: dict[str, Any], second: dict[str, Any]
+) -> None:
+    raw = json.dumps(
+        {"models": [_route("a", "aa", **first), _route("b", "bb", **second)]}
+    )
+    with pytest.raises(RoutesError, match="claimed by both"):
+        read_document(raw)
+
+
+def test_a_kept_route_whose_adapter_name_is_taken_now_is_left_out() -> None:
+    previous = parse_document(
+        json.dumps({"models": [_route("a", "aa", adapters=["sql"])]})
+    )
+    raw = json.dumps({"models": [_route("a", "aa", port=0), _route("b", "sql")]})
+    kept = read_document(raw).keeping(previous)
+    assert [r.name for r in kept.document.models] == ["b"]
+    assert "model llm/a: left out, its names are taken" in kept.problems

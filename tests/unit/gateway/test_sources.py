@@ -87,6 +87,17 @@ async def test_routes_file_reloads_and_keeps_last_good(tmp_path: Path) -> None:
     assert results == ["ok", "invalid", "ok"]
 
 
+async def test_a_routes_file_routes_adapters_to_their_model(tmp_path: Path) -> None:
+    catalog = Catalog()
+    path = tmp_path / "routes.json"
+    route = {**json.loads(doc("base"))["models"][0], "adapters": ["sql-expert"]}
+    path.write_text(json.dumps({"models": [route]}))
+    await routes_file_source(path, catalog, 1.0).check()
+    adapter = catalog.resolve("sql-expert")
+    assert adapter is catalog.resolve("base")
+    assert [r.url for r in catalog.replicas(adapter)] == ["http://127.0.0.1:9"]
+
+
 async def test_a_route_left_out_of_a_document_keeps_the_others_current(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 import pytest
+import xxhash
 
 from citadel.gateway.routes import RoutingStrategy
 from citadel.gateway.services.prefix import (
@@ -815,6 +816,52 @@ def test_block_hashes_share_exactly_the_common_prefix() -> None:
     assert c[0] != a[0] and c[1] != a[1]
     assert block_hashes("short") == block_hashes("short") != []
     assert block_hashes("") == []
+
+
+def test_the_base_model_s_block_hashes_are_as_before_adapters() -> None:
+    """Placements of existing traffic stay put: the base model's hashes are
+    the unseeded xxh3 of each prefix, as before adapters came (values taken
+    from the code before them)."""
+    text = "p" * 700 + "\u00e9" * 300
+    before = [
+        4362046760042216546,
+        14478944429796467017,
+        10314844114981282061,
+        10452520119061177617,
+        17897469456989021566,
+    ]
+    assert block_hashes(text) == block_hashes(text, adapter=None) == before
+    data = text.encode()
+    assert before == [
+        xxhash.xxh3_64_intdigest(data[: BLOCK_CHARS * (i + 1)]) for i in range(5)
+    ]
+
+
+def test_an_adapter_s_block_hashes_are_its_own() -> None:
+    """vLLM caches an adapter's blocks apart from the base's and from every
+    other adapter's: none of their hashes may meet, while each still chains
+    (a shared prefix under one adapter is a shared prefix)."""
+    text = "p" * 700
+    base = block_hashes(text)
+    sql = block_hashes(text, adapter="sql")
+    bot = block_hashes(text, adapter="bot")
+    assert len(base) == len(sql) == len(bot) == 2
+    assert not {*base} & {*sql} and not {*base} & {*bot} and not {*sql} & {*bot}
+    assert sql == block_hashes(text, adapter="sql")
+    assert block_hashes(text + "more", adapter="sql")[:2] == sql
+
+
+def test_prefix_aware_takes_no_base_prefix_for_an_adapter_s() -> None:
+    strategy = PrefixAware()
+    replicas = pool(4)
+    body = {"messages": [{"role": "user", "content": "x" * 2000}]}
+    first, _ = strategy.choose(replicas, RouteRequest(body))
+    again, how = strategy.choose(replicas, RouteRequest(body))
+    assert (again, how) == (first, "cache")
+    _, how = strategy.choose(replicas, RouteRequest(body, adapter="sql"))
+    assert how == "hash"
+    _, how = strategy.choose(replicas, RouteRequest(body, adapter="sql"))
+    assert how == "cache"
 
 
 def test_block_hashes_are_the_same_in_every_process() -> None:
