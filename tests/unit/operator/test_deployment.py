@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from citadel.operator.builders.common import BuildError
 from citadel.operator.builders.deployment import build_deployment, engine_args
+from citadel.operator.model import LLMModel
 from citadel.operator.settings import OperatorSettings
 
-from .samples import make_model
+from .samples import make_model, model_body
 
 pytestmark = pytest.mark.unit
 # The flags the operator owns, for the two-GPU Mixtral of these tests.
@@ -138,6 +141,26 @@ def test_without_extra_args_the_arguments_keep_their_order() -> None:
         "--dtype=auto",
         "--shutdown-timeout=55",
     ]
+
+
+# Deployments as the operator built them before adapters existed, with the specs
+# they were built from. A deliberate change to the pod updates this file, and
+# rolls every model when the operator is upgraded.
+GOLDEN = Path(__file__).parent / "golden" / "deployments.json"
+
+
+@pytest.mark.parametrize("adapters", [None, []])
+def test_a_model_without_adapters_keeps_its_deployment(
+    settings: OperatorSettings, adapters: list[Any] | None
+) -> None:
+    """Upgrading the operator must roll no model that has no adapters."""
+    golden = json.loads(GOLDEN.read_text())
+    for name, case in golden.items():
+        spec = dict(case["spec"])
+        if adapters is not None:
+            spec["adapters"] = adapters
+        built = build_deployment(LLMModel.from_body(model_body(name, **spec)), settings)
+        assert json.dumps(built) == json.dumps(case["deployment"]), name
 
 
 def test_served_name_defaults_to_the_model_name(settings: OperatorSettings) -> None:
