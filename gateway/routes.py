@@ -136,6 +136,9 @@ class ModelRoute(_Model):
     served_name: Annotated[str, Field(pattern=SERVED_NAME_PATTERN, alias="servedName")]
     """What clients send as `model`."""
     aliases: tuple[Annotated[str, Field(pattern=SERVED_NAME_PATTERN)], ...] = ()
+    adapters: tuple[Annotated[str, Field(pattern=SERVED_NAME_PATTERN)], ...] = ()
+    """The names of the model's LoRA adapters: each routes to the model's
+    replicas and is sent to them as it is (vLLM applies the adapter)."""
     service: Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]
     """The Service whose EndpointSlices list the replicas."""
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
