@@ -50,19 +50,22 @@ def _pvc(source: str) -> tuple[str, str] | None:
     return claim, path
 
 
-def _adapter_claims(model: LLMModel) -> dict[str, str]:
-    """Where each claim of the adapters' pvc:// sources is mounted, by claim.
-
-    The model's own source claim and its cache claim are mounted already, and
-    are used where they are: a claim in two volumes of one pod is mounted twice,
-    which some storage drivers refuse.
-    """
+def _mounted_claims(model: LLMModel) -> dict[str, str]:
+    """The claims the pod mounts for the model itself (its pvc:// source, its
+    cache), by claim: an adapter in one is read where it is, rather than from
+    a second volume of the same claim."""
     mounted: dict[str, str] = {}
     own = _pvc(model.spec.model)
     if own is not None:
         mounted[own[0]] = SOURCE_MOUNT
     if model.spec.cache is not None:
         mounted.setdefault(names.cache_claim_name(model.name), CACHE_MOUNT)
+    return mounted
+
+
+def _adapter_claims(model: LLMModel) -> dict[str, str]:
+    """Where each claim of the adapters' pvc:// sources is mounted, by claim."""
+    mounted = _mounted_claims(model)
     claims: dict[str, str] = {}
     for adapter in model.spec.adapters:
         pvc = _pvc(adapter.source)
@@ -287,10 +290,11 @@ def _volumes(model: LLMModel) -> tuple[list[Manifest], list[Manifest]]:
         mounts.append(
             {"name": "model-source", "mountPath": SOURCE_MOUNT, "readOnly": True}
         )
+    mounted = _mounted_claims(model)
     adapter_claims = [
         (claim, path)
         for claim, path in _adapter_claims(model).items()
-        if path.startswith(f"{ADAPTERS_MOUNT}/")
+        if claim not in mounted
     ]
     # Numbered, not named after the claim: a claim's name may be longer than a
     # volume's (63 characters).
