@@ -995,18 +995,20 @@ class LLMModelSpec(ApiModel):
         return (self.served_name, *self.aliases)
 
 
-# Rules on the whole object, where `self.metadata.name` is known: the served
-# name is the model's name when servedName is absent.
-OBJECT_RULES = _cel(
-    _rule(
-        "!has(self.spec.adapters) || has(self.spec.servedName) || "
-        "self.spec.adapters.all(a, a.name != self.metadata.name)",
-        "adapters: an adapter's name must differ from the model's served name, "
-        "which is metadata.name when servedName is absent: clients choose the "
-        "model or one of its adapters by that name; rename the adapter",
-        fieldPath=".spec.adapters",
+def object_rules() -> dict[str, Any]:
+    """The CEL rules on the whole object, where `self.metadata.name` is known:
+    the served name is the model's name when servedName is absent."""
+    return _cel(
+        _rule(
+            "!has(self.spec.adapters) || has(self.spec.servedName) || "
+            "self.spec.adapters.all(a, a.name != self.metadata.name)",
+            "adapters: an adapter's name must differ from the model's served "
+            "name, which is metadata.name when servedName is absent: clients "
+            "choose the model or one of its adapters by that name; rename the "
+            "adapter",
+            fieldPath=".spec.adapters",
+        )
     )
-)
 
 
 def parse_spec(name: str, raw: Mapping[str, Any]) -> LLMModelSpec:
