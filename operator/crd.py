@@ -10,7 +10,7 @@ from typing import Any
 
 from citadel.operator import names
 from citadel.operator.schema import Schema, structural_schema
-from citadel.operator.spec import LLMModelSpec
+from citadel.operator.spec import LLMModelSpec, object_rules
 from citadel.operator.status import LLMModelStatus
 
 Manifest = dict[str, Any]
@@ -65,6 +65,7 @@ def openapi_schema() -> Schema:
             "spec": structural_schema(LLMModelSpec),
             "status": structural_schema(LLMModelStatus),
         },
+        **object_rules(),
     }
 
 

@@ -113,6 +113,11 @@ def render_reference(crd: dict[str, Any]) -> str:
         f"(`{meta['pattern']}`), so every derived object name stays legal.",
         "- Subresources: `status`, and `scale` (`kubectl scale llmmodel/NAME "
         "--replicas=N`, autoscalers).",
+    ]
+    # Rules on the whole object (they read metadata.name beside the spec).
+    for rule in schema.get("x-kubernetes-validations", ()):
+        out.append(f"- Rule: {rule['message']} (`{rule['rule']}`)")
+    out += [
         "",
         "## Columns of `kubectl get llmmodels`",
         "",

@@ -4,9 +4,10 @@ Several models share the ConfigMap, so it is never patched per model: a single
 publisher task lists all models and writes the whole document (server-side apply,
 a no-op when nothing changed). Changes within `route_publish_delay` are coalesced,
 and writes are at least `route_publish_interval` apart.
-A served name or alias claimed by two models goes to the older one; the newer is
-left out of the document and told why in its status. A model whose Service is not
-its own (see `service_taken`) is left out too, though it keeps its names.
+A served name, alias or adapter name claimed by two models goes to the older
+one; the newer is left out of the document and told why in its status. A model
+whose Service is not its own (see `service_taken`) is left out too, though it
+keeps its names.
 
 Only the active replica writes: one paused for a peer (`RoutePublisher.pause`)
 writes nothing, retries included, and one that resumes rewrites the document once
@@ -59,6 +60,7 @@ def route_for(model: LLMModel) -> ModelRoute:
         namespace=model.namespace,
         served_name=model.served_name,
         aliases=tuple(model.spec.aliases),
+        adapters=tuple(a.name for a in model.spec.adapters),
         service=model.name,
         port=names.HTTP_PORT,
         strategy=model.spec.routing.strategy,
@@ -133,14 +135,16 @@ def assemble(entries: Sequence[Entry]) -> tuple[RoutingDocument, Conflicts]:
     conflicts: Conflicts = {}
     for entry in sorted(entries, key=lambda e: e.order):
         route = entry.route
-        taken = [n for n in route.names if n in claimed]
+        # An adapter's name is a model name clients send, as the others are.
+        claims = (*route.names, *route.adapters)
+        taken = [n for n in claims if n in claimed]
         if taken:
             conflicts[entry.key] = (
                 f"model name {taken[0]!r} is already served by {claimed[taken[0]]}; "
-                "choose another servedName or alias"
+                "choose another servedName, alias or adapter name"
             )
             continue
-        claimed.update(dict.fromkeys(route.names, entry.key))
+        claimed.update(dict.fromkeys(claims, entry.key))
         if entry.routed:
             routes.append(route)
     return RoutingDocument(models=tuple(routes)), conflicts

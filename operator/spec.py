@@ -126,6 +126,21 @@ API_KEY_HELP = (
 CONFIG_ARGS = (("config", "config"),)
 
 
+# vLLM's LoRA flags, each with the shortest abbreviation vLLM 0.32's parser takes
+# for it alone (--max-loras has none: every prefix also begins --max-lora-rank).
+# The operator sets them from spec.adapters: the gateway routes a request by its
+# model name, and an adapter named here alone would be served by vLLM but never
+# reached.
+LORA_ARGS = (
+    ("lora-modules", "lora-m"),
+    ("enable-lora", "enable-lor"),
+    ("max-lora-rank", "max-lora-r"),
+    ("max-loras", "max-loras"),
+)
+# The ranks vLLM 0.32 takes for --max-lora-rank (vllm/config/lora.py).
+LoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
+
+
 # vLLM's parser reads an argument that starts with `-` and holds a `.` (and no
 # `=`) as a dotted flag (`--hf-overrides.x`, even a value such as `-0.5`) and
 # takes the next argument as its value, whatever it is: last in extraArgs, that
@@ -655,6 +670,14 @@ class Engine(ApiModel):
                     "instead",
                 ),
                 _rule(
+                    _flags_rule(LORA_ARGS),
+                    "engine.extraArgs must not set --lora-modules, --enable-lora, "
+                    "--max-lora-rank or --max-loras (nor an abbreviation): the "
+                    "operator sets them from spec.adapters, spec.engine.maxLoraRank "
+                    "and spec.engine.maxLoras; the gateway routes an adapter by "
+                    "its name, so it would never reach one named here alone",
+                ),
+                _rule(
                     LAST_ARG_RULE,
                     "engine.extraArgs must not end with a dotted flag without its "
                     "value (such as --hf-overrides.x): vLLM would take the "
@@ -670,7 +693,8 @@ class Engine(ApiModel):
     operator sets, nor other parallelism than resources.gpus, nor another listener
     than plain HTTP on the pod's port (`--uds`, `--ssl-keyfile`, `--ssl-certfile`),
     nor `--api-key`: the gateway sends vLLM no key, nor `--config`: the flags
-    belong here, where they are checked."""
+    belong here, where they are checked, nor the LoRA flags (`--lora-modules`,
+    `--enable-lora`, `--max-lora-rank`, `--max-loras`): spec.adapters sets them."""
     env: Annotated[
         list[EnvVar],
         Field(
@@ -685,6 +709,12 @@ class Engine(ApiModel):
     ] = []
     """Extra environment variables (core/v1 EnvVar), one per name; not
     `VLLM_API_KEY`: the gateway sends vLLM no key."""
+    max_lora_rank: LoraRank | None = None
+    """The highest rank of the LoRA adapters (`--max-lora-rank`), one of those
+    vLLM takes; vLLM's default, 16, when absent. Only with spec.adapters."""
+    max_loras: Annotated[int, Field(ge=1, le=32)] | None = None
+    """How many different adapters one batch may use (`--max-loras`); vLLM's
+    default, 1, when absent. Only with spec.adapters."""
     hf_token_secret_ref: SecretKeyRef | None = None
     """A Secret holding a Hugging Face token, exported as `HF_TOKEN`."""
     startup_timeout_seconds: int = Field(1800, ge=60, le=14400)
@@ -822,6 +852,38 @@ class PodOptions(ApiModel):
     """Secrets for pulling the image (only `name` is used)."""
 
 
+class Adapter(ApiModel):
+    """A LoRA adapter vLLM applies to the model for the requests that name it."""
+
+    name: ServedName
+    """The name clients send as `model` to use the adapter: a model name of its
+    own, routed as the served name and the aliases are (an API key must allow
+    it), and sent to vLLM as it is."""
+    source: Annotated[
+        str,
+        Field(
+            max_length=512,
+            # The model's pattern, s3:// included, so that an S3 source gets the
+            # rule's message alone rather than the pattern's beside it.
+            pattern=MODEL_SOURCE_PATTERN,
+            json_schema_extra=_cel(
+                _rule(
+                    "!self.startsWith('s3://')",
+                    "adapters: source cannot be s3://: vLLM loads an adapter "
+                    "from a directory or a Hugging Face repo only; copy it to a "
+                    "PersistentVolumeClaim and write pvc://<claim>/<path>, or "
+                    "give a Hugging Face repo id (org/name) or an absolute path "
+                    "inside the container",
+                )
+            ),
+        ),
+    ]
+    """Where the adapter's files are: a Hugging Face repo id (`org/name`,
+    downloaded into the model's cache, with engine.hfTokenSecretRef's token),
+    `pvc://<claim>/<path>` (the claim is mounted read-only) or an absolute path
+    inside the container. Not `s3://`: vLLM cannot load an adapter from it."""
+
+
 def _object_default() -> dict[str, Any]:
     # `default: {}` lets the API server fill in the nested defaults, so
     # `kubectl get -o yaml` shows what the operator will use.
@@ -859,6 +921,23 @@ class LLMModelSpec(ApiModel):
                 "pods (accessMode is immutable: a new cache claim)",
                 fieldPath=".cache.accessMode",
             ),
+            _rule(
+                "!has(self.adapters) || self.adapters.all(a, "
+                "(!has(self.servedName) || a.name != self.servedName) && "
+                "(!has(self.aliases) || !(a.name in self.aliases)))",
+                "adapters: an adapter's name must differ from servedName and from "
+                "every alias: clients choose the model or one of its adapters by "
+                "that name; rename the adapter",
+                fieldPath=".adapters",
+            ),
+            _rule(
+                "(has(self.adapters) && self.adapters.size() > 0) || "
+                "!has(self.engine) || "
+                "(!has(self.engine.maxLoraRank) && !has(self.engine.maxLoras))",
+                "engine.maxLoraRank and engine.maxLoras apply to LoRA adapters "
+                "only: list the adapters in spec.adapters, or leave both out",
+                fieldPath=".engine",
+            ),
         )
     )
 
@@ -873,6 +952,22 @@ class LLMModelSpec(ApiModel):
         Field(max_length=16, json_schema_extra={"x-kubernetes-list-type": "set"}),
     ] = []
     """More names that route to this model."""
+    adapters: Annotated[
+        list[Adapter],
+        Field(
+            max_length=32,
+            # Keyed by name: a name given twice is refused, and the API
+            # server's message names it (a CEL rule's message could not).
+            json_schema_extra={
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["name"],
+            },
+        ),
+    ] = []
+    """LoRA adapters served on top of the model, each under a name of its own
+    (at most 32, names unique, none the served name or an alias). vLLM loads
+    them when it starts: a change here restarts the replicas (rollout), and a
+    source it cannot load stops it from starting."""
     replicas: int = Field(1, ge=0, le=64)
     """Number of vLLM servers; 0 stops the model but keeps its cache."""
     resources: Resources = Field(
@@ -898,6 +993,22 @@ class LLMModelSpec(ApiModel):
         """The served name then the aliases (the served name must be resolved)."""
         assert self.served_name is not None
         return (self.served_name, *self.aliases)
+
+
+def object_rules() -> dict[str, Any]:
+    """The CEL rules on the whole object, where `self.metadata.name` is known:
+    the served name is the model's name when servedName is absent."""
+    return _cel(
+        _rule(
+            "!has(self.spec.adapters) || has(self.spec.servedName) || "
+            "self.spec.adapters.all(a, a.name != self.metadata.name)",
+            "adapters: an adapter's name must differ from the model's served "
+            "name, which is metadata.name when servedName is absent: clients "
+            "choose the model or one of its adapters by that name; rename the "
+            "adapter",
+            fieldPath=".spec.adapters",
+        )
+    )
 
 
 def parse_spec(name: str, raw: Mapping[str, Any]) -> LLMModelSpec:

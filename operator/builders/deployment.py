@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -18,6 +19,8 @@ from citadel.operator.settings import DEFAULT_VLLM_HOST, OperatorSettings
 
 CACHE_MOUNT = "/cache"
 SOURCE_MOUNT = "/model-source"
+# Where each other claim of the adapters' pvc:// sources is mounted, by its name.
+ADAPTERS_MOUNT = "/adapters"
 UID = 1000
 # Time a stopping server gets after the drain to finish what it is generating.
 SHUTDOWN_SECONDS = 60
@@ -37,6 +40,75 @@ def model_argument(model: LLMModel) -> str:
         _claim, _, path = source.removeprefix("pvc://").partition("/")
         return f"{SOURCE_MOUNT}/{path}".rstrip("/")
     return source
+
+
+def _pvc(source: str) -> tuple[str, str] | None:
+    """(claim, path inside it) of a `pvc://` source, else None."""
+    if not source.startswith("pvc://"):
+        return None
+    claim, _, path = source.removeprefix("pvc://").partition("/")
+    return claim, path
+
+
+def _mounted_claims(model: LLMModel) -> dict[str, str]:
+    """The claims the pod mounts for the model itself (its pvc:// source, its
+    cache), by claim: an adapter in one is read where it is, rather than from
+    a second volume of the same claim."""
+    mounted: dict[str, str] = {}
+    own = _pvc(model.spec.model)
+    if own is not None:
+        mounted[own[0]] = SOURCE_MOUNT
+    if model.spec.cache is not None:
+        mounted.setdefault(names.cache_claim_name(model.name), CACHE_MOUNT)
+    return mounted
+
+
+def _adapter_claims(model: LLMModel) -> dict[str, str]:
+    """Where each claim of the adapters' pvc:// sources is mounted, by claim."""
+    mounted = _mounted_claims(model)
+    claims: dict[str, str] = {}
+    for adapter in model.spec.adapters:
+        pvc = _pvc(adapter.source)
+        if pvc is not None:
+            claim = pvc[0]
+            claims[claim] = mounted.get(claim, f"{ADAPTERS_MOUNT}/{claim}")
+    return claims
+
+
+def adapter_path(model: LLMModel, source: str) -> str:
+    """What vLLM loads an adapter from: a repo id (downloaded into HF_HOME) or
+    a path inside the container."""
+    pvc = _pvc(source)
+    if pvc is None:
+        return source
+    claim, path = pvc
+    return f"{_adapter_claims(model)[claim]}/{path}".rstrip("/")
+
+
+def lora_args(model: LLMModel) -> list[str]:
+    """vLLM's LoRA flags for the model's adapters; none without adapters.
+
+    Each adapter is one JSON object (compact, keys in a fixed order, so the
+    Deployment changes only when an adapter does) naming the served name as
+    its base, which /v1/models lists as the adapter's parent.
+    """
+    spec, engine = model.spec, model.spec.engine
+    if not spec.adapters:
+        return []
+    args = ["--enable-lora"]
+    if engine.max_lora_rank is not None:
+        args.append(f"--max-lora-rank={engine.max_lora_rank}")
+    if engine.max_loras is not None:
+        args.append(f"--max-loras={engine.max_loras}")
+    args.append("--lora-modules")
+    for adapter in spec.adapters:
+        module = {
+            "name": adapter.name,
+            "path": adapter_path(model, adapter.source),
+            "base_model_name": model.served_name,
+        }
+        args.append(json.dumps(module, separators=(",", ":")))
+    return args
 
 
 def engine_args(model: LLMModel, host: str = DEFAULT_VLLM_HOST) -> list[str]:
@@ -79,6 +151,8 @@ def engine_args(model: LLMModel, host: str = DEFAULT_VLLM_HOST) -> list[str]:
     ]
     if spec.resources.gpus > 0:
         managed.append(f"--tensor-parallel-size={spec.resources.gpus}")
+    # Last: --lora-modules takes every argument up to the next flag.
+    managed += lora_args(model)
     if not engine.extra_args:
         # Nothing to override them: the order of the releases before, so that an
         # upgrade of the operator rolls no model that has no extraArgs.
@@ -216,6 +290,23 @@ def _volumes(model: LLMModel) -> tuple[list[Manifest], list[Manifest]]:
         mounts.append(
             {"name": "model-source", "mountPath": SOURCE_MOUNT, "readOnly": True}
         )
+    mounted = _mounted_claims(model)
+    adapter_claims = [
+        (claim, path)
+        for claim, path in _adapter_claims(model).items()
+        if claim not in mounted
+    ]
+    # Numbered, not named after the claim: a claim's name may be longer than a
+    # volume's (63 characters).
+    for i, (claim, path) in enumerate(adapter_claims):
+        name = f"adapters-{i}"
+        volumes.append(
+            {
+                "name": name,
+                "persistentVolumeClaim": {"claimName": claim, "readOnly": True},
+            }
+        )
+        mounts.append({"name": name, "mountPath": path, "readOnly": True})
     return volumes, mounts
 
 

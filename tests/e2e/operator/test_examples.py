@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,29 @@ def _target_nodes(kube: Kube, spec: dict[str, Any]) -> set[str]:
     return found
 
 
+def _adapter_claims(spec: dict[str, Any]) -> list[str]:
+    """The claims of the spec's pvc:// adapter sources, each once."""
+    claims = [
+        a["source"].removeprefix("pvc://").split("/")[0]
+        for a in spec.get("adapters", [])
+        if a["source"].startswith("pvc://")
+    ]
+    return list(dict.fromkeys(claims))
+
+
+def _claim(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name},
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": "",
+            "resources": {"requests": {"storage": "1Gi"}},
+        },
+    }
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_example_becomes_ready_on_its_node(
     kube: Kube, cache_volume: Callable[..., str], path: Path
@@ -45,6 +69,10 @@ def test_example_becomes_ready_on_its_node(
         cache_volume(
             f"{name}-cache", storage_class=spec["cache"].get("storageClassName", "")
         )
+    for claim in _adapter_claims(spec):
+        # The adapters' claims are the user's: made here as the example asks.
+        cache_volume(claim)
+        kube.apply(json.dumps(_claim(claim)))
     kube.apply(path.read_text())
     kube.wait_phase(name, "Ready")
 
@@ -63,6 +91,7 @@ def test_example_becomes_ready_on_its_node(
     assert container["resources"]["limits"]["nvidia.com/gpu"] == str(gpus)
     assert f"--tensor-parallel-size={gpus}" in container["args"]
     assert f"--model={spec['model']}" in container["args"]
+    assert ("--enable-lora" in container["args"]) == bool(spec.get("adapters"))
     owner = deployment["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["name"], owner["controller"]) == (
         "LLMModel",
@@ -91,6 +120,8 @@ def test_example_becomes_ready_on_its_node(
     )[0]
     assert route["servedName"] == spec.get("servedName", name)
     assert route["aliases"] == spec.get("aliases", [])
+    adapters = [a["name"] for a in spec.get("adapters", [])]
+    assert route.get("adapters", []) == adapters
     assert route["service"] == name and route["port"] == 8000
     assert route["readyReplicas"] == replicas
     if "limits" in spec:

@@ -277,6 +277,138 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
 ]
 
 
+SQL = {"name": "sql", "source": "org/sql-lora"}
+NAME_MESSAGE = "an adapter's name must differ from servedName and from every alias"
+LORA_FLAGS = "the operator sets them from spec.adapters"
+LORA_LIMITS = "engine.maxLoraRank and engine.maxLoras apply to LoRA adapters only"
+
+# LoRA adapters: refused naming the field, and with the message saying what to
+# fix (the rules' own, or the API server's where it names the value).
+ADAPTER_CASES: list[tuple[str, dict[str, Any], str, str, str]] = [
+    (
+        "adapter-from-s3",
+        {"adapters": [{"name": "sql", "source": "s3://bucket/sql"}]},
+        "bad",
+        "spec.adapters[0].source",
+        "source cannot be s3://: vLLM loads an adapter from a directory or a "
+        "Hugging Face repo only",
+    ),
+    (
+        "adapter-source",
+        {"adapters": [{"name": "sql", "source": "ftp://x/y"}]},
+        "bad",
+        "spec.adapters[0].source",
+        "should match",
+    ),
+    (
+        "adapter-without-source",
+        {"adapters": [{"name": "sql"}]},
+        "bad",
+        "spec.adapters[0].source",
+        "Required value",
+    ),
+    (
+        "adapter-name",
+        {"adapters": [{"name": "has space", "source": "org/x"}]},
+        "bad",
+        "spec.adapters[0].name",
+        "should match",
+    ),
+    (
+        "adapter-twice",
+        {"adapters": [SQL, {"name": "sql", "source": "/opt/other"}]},
+        "bad",
+        "spec.adapters[1]",
+        'Duplicate value: map[string]interface {}{"name":"sql"}',
+    ),
+    (
+        "too-many-adapters",
+        {"adapters": [{"name": f"a{i}", "source": "org/x"} for i in range(33)]},
+        "bad",
+        "spec.adapters",
+        "must have at most 32 items",
+    ),
+    (
+        "adapter-repeats-served-name",
+        {"servedName": "sql", "adapters": [SQL]},
+        "bad",
+        "spec.adapters",
+        NAME_MESSAGE,
+    ),
+    (
+        "adapter-repeats-alias",
+        {"aliases": ["chat", "sql"], "adapters": [SQL]},
+        "bad",
+        "spec.adapters",
+        NAME_MESSAGE,
+    ),
+    (
+        # No servedName: the model's name is the served name.
+        "adapter-repeats-model-name",
+        {"adapters": [SQL]},
+        "sql",
+        "spec.adapters",
+        "which is metadata.name when servedName is absent",
+    ),
+    (
+        "lora-rank",
+        {"adapters": [SQL], "engine": {"maxLoraRank": 17}},
+        "bad",
+        "spec.engine.maxLoraRank",
+        "Unsupported value: 17",
+    ),
+    (
+        "max-loras-zero",
+        {"adapters": [SQL], "engine": {"maxLoras": 0}},
+        "bad",
+        "spec.engine.maxLoras",
+        "should be greater than or equal to 1",
+    ),
+    (
+        "lora-rank-without-adapters",
+        {"engine": {"maxLoraRank": 16}},
+        "bad",
+        "spec.engine",
+        LORA_LIMITS,
+    ),
+    (
+        "max-loras-with-no-adapter",
+        {"adapters": [], "engine": {"maxLoras": 2}},
+        "bad",
+        "spec.engine",
+        LORA_LIMITS,
+    ),
+    (
+        "lora-modules-extra-arg",
+        {"engine": {"extraArgs": ["--lora-modules", "sql=/adapters/sql"]}},
+        "bad",
+        "spec.engine.extraArgs",
+        LORA_FLAGS,
+    ),
+    (
+        "enable-lora-extra-arg-abbreviated",
+        {"engine": {"extraArgs": ["--enable-lor"]}},
+        "bad",
+        "spec.engine.extraArgs",
+        LORA_FLAGS,
+    ),
+    (
+        "max-lora-rank-extra-arg",
+        {"adapters": [SQL], "engine": {"extraArgs": ["--max_lora_rank=64"]}},
+        "bad",
+        "spec.engine.extraArgs",
+        LORA_FLAGS,
+    ),
+    (
+        "max-loras-extra-arg",
+        {"adapters": [SQL], "engine": {"extraArgs": ["--max-loras", "2"]}},
+        "bad",
+        "spec.engine.extraArgs",
+        LORA_FLAGS,
+    ),
+]
+
+
 def _apply(
     cluster: KubeCluster, namespace: str, name: str, spec: dict[str, Any]
 ) -> str:
@@ -311,6 +443,26 @@ def test_invalid_manifest_is_refused_naming_the_field(
     refusals = ("is invalid", "Invalid value", "strict decoding error: unknown field")
     assert any(refusal in out for refusal in refusals), out
     assert field in out, out
+    assert cluster.kubectl("get", "llmmodels", "-n", namespace, "-o", "name") == ""
+
+
+@pytest.mark.parametrize(
+    ("spec", "name", "field", "message"),
+    [c[1:] for c in ADAPTER_CASES],
+    ids=[c[0] for c in ADAPTER_CASES],
+)
+def test_invalid_adapters_are_refused_saying_what_to_fix(
+    cluster: KubeCluster,
+    namespace: str,
+    crds: None,
+    spec: dict[str, Any],
+    name: str,
+    field: str,
+    message: str,
+) -> None:
+    out = _apply(cluster, namespace, name, spec)
+    assert "is invalid" in out, out
+    assert field in out and message in out, out
     assert cluster.kubectl("get", "llmmodels", "-n", namespace, "-o", "name") == ""
 
 
@@ -355,7 +507,13 @@ def test_legal_edge_cases_are_accepted(
                 "--api-server-count=1",
                 "--max-model-len",
                 "4096",
+                # LoRA settings the operator leaves to the user.
+                "--max-cpu-loras=4",
+                "--lora-dtype=auto",
+                "--no-enable-lora",
             ],
+            "maxLoraRank": 320,
+            "maxLoras": 32,
             "env": [
                 {"name": "A", "value": "1"},
                 {
@@ -366,6 +524,14 @@ def test_legal_edge_cases_are_accepted(
         },
         "cache": {"size": "1Gi", "accessMode": "ReadWriteOncePod"},
         "pod": {"labels": {"team": "ml"}, "annotations": {"Example.com/Note": "x"}},
+        # Every source form but s3://, and names as servedName takes them.
+        "adapters": [
+            {"name": "sql-expert", "source": "org/sql-lora"},
+            {"name": "bot", "source": "sql-lora"},
+            {"name": "org/support:v3", "source": "pvc://adapters/support-bot/v3"},
+            {"name": "whole-claim", "source": "pvc://adapters/"},
+            {"name": "baked", "source": "/opt/adapters/baked"},
+        ],
     }
     out = cluster.kubectl(
         "apply",

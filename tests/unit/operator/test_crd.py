@@ -18,6 +18,7 @@ from citadel.operator.spec import (
     IMAGE_PATTERN,
     LABEL_VALUE,
     LAST_ARG_RULE,
+    MODEL_SOURCE_PATTERN,
     QUALIFIED_NAME,
     LLMModelSpec,
 )
@@ -225,6 +226,7 @@ def test_affinity_shape_is_checked_and_the_rest_kept() -> None:
         ("pod.annotations", "k.lowerAscii().matches(", "qualified names"),
         ("engine.env[]", "has(self.valueFrom)", "value or valueFrom, not both"),
         ("engine.image", "self.matches(", "lowercase repository path"),
+        ("adapters[].source", "!self.startsWith('s3://')", "cannot be s3://"),
         ("resources.cpu", "isLessThan(quantity('0'))", "at least 0"),
         ("resources.memory", "isLessThan(quantity('0'))", "at least 0"),
         ("engine.shmSize", "isLessThan(quantity('0'))", "at least 0"),
@@ -647,3 +649,135 @@ def test_extra_args_may_not_end_with_a_dotted_flag_without_its_value(
 ) -> None:
     assert _last_arg_refused(args) is refused
     assert any(r["rule"] == LAST_ARG_RULE for r in _rules("engine.extraArgs"))
+
+
+LORA = "the operator sets them from spec.adapters"
+
+
+# Checked against vLLM 0.32's parser like those above: each refused sets
+# --lora-modules, --enable-lora, --max-lora-rank or --max-loras (or makes vLLM
+# refuse a dotted key it cannot read); those taken set none of them.
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("--lora-modules", LORA),
+        ("--lora-modules=sql=/adapters/sql", LORA),
+        ("--lora_modules", LORA),
+        ("--lora-m", LORA),
+        ("--lora-m=sql=/x", LORA),
+        ("--lora-modules.x=y", LORA),
+        ("--enable-lora", LORA),
+        ("--enable_lora", LORA),
+        ("--enable-lor", LORA),
+        ("--enable-lora.x=y", LORA),
+        ("--max-lora-rank=8", LORA),
+        ("--max_lora_rank", LORA),
+        ("--max-lora-r=8", LORA),
+        ("--max-lora-rank.x=8", LORA),
+        ("--max-loras=2", LORA),
+        ("--max_loras", LORA),
+        ("--max-loras.x=2", LORA),
+        ("--max-loras=2\n", LORA),
+        # Taken: the other LoRA settings, and flags these begin.
+        ("--lora-dtype=auto", None),
+        ("--lora-target-modules", None),
+        ("--max-cpu-loras=4", None),
+        ("--max-lora-cls-labels=3", None),
+        ("--fully-sharded-loras", None),
+        ("--no-enable-lora", None),
+        ("--enable-log-requests", None),
+        ("--max-logprobs=5", None),
+        ("--long-prefill-token-threshold=0", None),
+    ],
+)
+def test_extra_args_may_not_set_the_lora_flags(arg: str, message: str | None) -> None:
+    _assert_refused(arg, message)
+
+
+def test_adapters_are_a_map_keyed_by_name() -> None:
+    # A name given twice is refused by the API server, which names it.
+    adapters = _at("adapters")
+    assert adapters["x-kubernetes-list-type"] == "map"
+    assert adapters["x-kubernetes-list-map-keys"] == ["name"]
+    assert adapters["maxItems"] == 32
+    assert adapters["items"]["required"] == ["name", "source"]
+    # Each is a model name, as the served name is.
+    name, served = _at("adapters[].name"), _at("servedName")
+    assert (name["pattern"], name["maxLength"]) == (
+        served["pattern"],
+        served["maxLength"],
+    )
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "org/sql-lora",
+        "sql-lora",
+        "pvc://adapters/support-bot/v3",
+        "pvc://adapters/",
+        "/opt/adapters/sql",
+        "s3://bucket/sql",  # the pattern's, refused by the rule with its message
+    ],
+)
+def test_adapter_sources_take_the_models_forms(source: str) -> None:
+    assert _at("adapters[].source")["pattern"] == MODEL_SOURCE_PATTERN
+    assert _re2_search(MODEL_SOURCE_PATTERN, source)
+    assert [r["rule"] for r in _rules("adapters[].source")] == [
+        "!self.startsWith('s3://')"
+    ]
+
+
+def _spec_rule(fragment: str) -> dict[str, str]:
+    rules = openapi_schema()["properties"]["spec"]["x-kubernetes-validations"]
+    found: dict[str, str] = next(r for r in rules if fragment in r["rule"])
+    return found
+
+
+def test_an_adapter_may_not_take_the_served_name_or_an_alias() -> None:
+    rule = _spec_rule("self.adapters.all(")
+    assert "a.name != self.servedName" in rule["rule"]
+    assert "!(a.name in self.aliases)" in rule["rule"]
+    assert rule["fieldPath"] == ".adapters"
+    assert "rename the adapter" in rule["message"]
+
+
+def test_an_adapter_may_not_take_the_model_name_that_serves_it() -> None:
+    # Without servedName the served name is metadata.name, which only a rule on
+    # the whole object can read.
+    (rule,) = openapi_schema()["x-kubernetes-validations"]
+    assert rule["rule"] == (
+        "!has(self.spec.adapters) || has(self.spec.servedName) || "
+        "self.spec.adapters.all(a, a.name != self.metadata.name)"
+    )
+    assert rule["fieldPath"] == ".spec.adapters"
+    assert "metadata.name when servedName is absent" in rule["message"]
+
+
+def test_lora_limits_are_vllms_and_need_adapters() -> None:
+    rank = _at("engine.maxLoraRank")
+    assert rank["enum"] == [1, 8, 16, 32, 64, 128, 256, 320, 512]
+    assert "default" not in rank
+    loras = _at("engine.maxLoras")
+    assert (loras["minimum"], loras["maximum"]) == (1, 32)
+    rule = _spec_rule("self.engine.maxLoraRank")
+    assert rule["rule"] == (
+        "(has(self.adapters) && self.adapters.size() > 0) || !has(self.engine) || "
+        "(!has(self.engine.maxLoraRank) && !has(self.engine.maxLoras))"
+    )
+    assert rule["fieldPath"] == ".engine"
+    assert "spec.adapters" in rule["message"]
+
+
+def test_an_adapter_spec_parses() -> None:
+    spec = LLMModelSpec.model_validate(
+        {
+            "model": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+            "adapters": [{"name": "sql-expert", "source": "org/sql-lora"}],
+            "engine": {"maxLoraRank": 64, "maxLoras": 2},
+        }
+    )
+    assert [(a.name, a.source) for a in spec.adapters] == [
+        ("sql-expert", "org/sql-lora")
+    ]
+    assert (spec.engine.max_lora_rank, spec.engine.max_loras) == (64, 2)

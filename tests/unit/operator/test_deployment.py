@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from citadel.operator.builders.common import BuildError
 from citadel.operator.builders.deployment import build_deployment, engine_args
+from citadel.operator.model import LLMModel
 from citadel.operator.settings import OperatorSettings
 
-from .samples import make_model
+from .samples import make_model, model_body
 
 pytestmark = pytest.mark.unit
 # The flags the operator owns, for the two-GPU Mixtral of these tests.
@@ -138,6 +141,26 @@ def test_without_extra_args_the_arguments_keep_their_order() -> None:
         "--dtype=auto",
         "--shutdown-timeout=55",
     ]
+
+
+# Deployments as the operator built them before adapters existed, with the specs
+# they were built from. A deliberate change to the pod updates this file, and
+# rolls every model when the operator is upgraded.
+GOLDEN = Path(__file__).parent / "golden" / "deployments.json"
+
+
+@pytest.mark.parametrize("adapters", [None, []])
+def test_a_model_without_adapters_keeps_its_deployment(
+    settings: OperatorSettings, adapters: list[Any] | None
+) -> None:
+    """Upgrading the operator must roll no model that has no adapters."""
+    golden = json.loads(GOLDEN.read_text())
+    for name, case in golden.items():
+        spec = dict(case["spec"])
+        if adapters is not None:
+            spec["adapters"] = adapters
+        built = build_deployment(LLMModel.from_body(model_body(name, **spec)), settings)
+        assert json.dumps(built) == json.dumps(case["deployment"]), name
 
 
 def test_served_name_defaults_to_the_model_name(settings: OperatorSettings) -> None:
@@ -394,3 +417,132 @@ def test_a_model_without_gpus_sees_none_of_the_node(
     container = _container(settings, resources={"gpus": gpus})
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env.get("NVIDIA_VISIBLE_DEVICES") == visible
+
+
+ADAPTERS = [
+    {"name": "sql-expert", "source": "org/sql-lora"},
+    {"name": "support-bot", "source": "pvc://adapters/support-bot/v3"},
+    {"name": "legal", "source": "pvc://adapters/legal"},
+    {"name": "baked", "source": "/opt/adapters/baked"},
+    {"name": "whole-claim", "source": "pvc://other-claim/"},
+]
+
+
+@pytest.mark.parametrize("extra", [[], ["--enable-prefix-caching"]])
+def test_adapters_become_vllms_lora_flags(extra: list[str]) -> None:
+    model = make_model(
+        "smollm2",
+        adapters=ADAPTERS,
+        resources={"gpus": 2},
+        engine={"maxLoraRank": 64, "maxLoras": 2, "extraArgs": extra},
+    )
+    args = engine_args(model)
+    lora = [
+        "--enable-lora",
+        "--max-lora-rank=64",
+        "--max-loras=2",
+        "--lora-modules",
+        '{"name":"sql-expert","path":"org/sql-lora","base_model_name":"smollm2"}',
+        '{"name":"support-bot","path":"/adapters/adapters/support-bot/v3",'
+        '"base_model_name":"smollm2"}',
+        '{"name":"legal","path":"/adapters/adapters/legal",'
+        '"base_model_name":"smollm2"}',
+        '{"name":"baked","path":"/opt/adapters/baked","base_model_name":"smollm2"}',
+        '{"name":"whole-claim","path":"/adapters/other-claim",'
+        '"base_model_name":"smollm2"}',
+    ]
+    # Right after the operator's other flags: after extraArgs, so that no
+    # spelling there overrides them, and --lora-modules ends at the next flag.
+    at = args.index("--tensor-parallel-size=2") + 1
+    assert args[at : at + len(lora)] == lora
+    if extra:
+        assert args[at + len(lora) :] == []
+    else:
+        assert args[at + len(lora)].startswith("--gpu-memory-utilization")
+
+
+def test_an_adapter_names_the_served_name_as_its_base() -> None:
+    model = make_model(
+        "smollm2",
+        servedName="smol",
+        adapters=[{"name": "sql", "source": "org/sql-lora"}],
+    )
+    args = engine_args(model)
+    assert args[args.index("--lora-modules") + 1 :][0] == (
+        '{"name":"sql","path":"org/sql-lora","base_model_name":"smol"}'
+    )
+    # vLLM's defaults where the spec leaves them out.
+    assert not [a for a in args if a.startswith(("--max-lora-rank", "--max-loras"))]
+
+
+def test_each_adapter_claim_is_mounted_once_read_only(
+    settings: OperatorSettings,
+) -> None:
+    long_claim = "a" * 100  # longer than a volume's name may be
+    pod = _pod(
+        settings,
+        adapters=[*ADAPTERS, {"name": "long", "source": f"pvc://{long_claim}/x"}],
+    )
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    claims = {
+        name: (v["persistentVolumeClaim"], mounts[name]["mountPath"])
+        for name, v in volumes.items()
+        if name.startswith("adapters-")
+    }
+    assert claims == {
+        "adapters-0": (
+            {"claimName": "adapters", "readOnly": True},
+            "/adapters/adapters",
+        ),
+        "adapters-1": (
+            {"claimName": "other-claim", "readOnly": True},
+            "/adapters/other-claim",
+        ),
+        "adapters-2": (
+            {"claimName": long_claim, "readOnly": True},
+            f"/adapters/{long_claim}",
+        ),
+    }
+    assert all(mounts[name]["readOnly"] is True for name in claims)
+    for name in volumes:
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63
+    assert len(pod["volumes"]) == len(volumes)  # unique names
+    paths = [m["mountPath"] for m in pod["containers"][0]["volumeMounts"]]
+    assert len(paths) == len(set(paths))
+
+
+def test_an_adapter_in_a_claim_already_mounted_uses_that_mount(
+    settings: OperatorSettings,
+) -> None:
+    """The model's own claim and its cache claim are not mounted twice."""
+    model = make_model(
+        "smollm2",
+        model="pvc://weights/smollm2",
+        cache={"size": "50Gi"},
+        adapters=[
+            {"name": "sql", "source": "pvc://weights/lora/sql"},
+            {"name": "chat", "source": "pvc://smollm2-cache/lora/chat"},
+        ],
+    )
+    args = engine_args(model)
+    after = args[args.index("--lora-modules") + 1 :]
+    modules = [json.loads(a) for a in after if a.startswith("{")]
+    assert [m["path"] for m in modules] == [
+        "/model-source/lora/sql",
+        "/cache/lora/chat",
+    ]
+    pod = build_deployment(model, settings)["spec"]["template"]["spec"]
+    claims = [
+        v["persistentVolumeClaim"]["claimName"]
+        for v in pod["volumes"]
+        if "persistentVolumeClaim" in v
+    ]
+    assert sorted(claims) == ["smollm2-cache", "weights"]
+
+
+def test_changing_the_adapters_rolls_the_replicas(settings: OperatorSettings) -> None:
+    """vLLM loads adapters at start: a new list needs new pods."""
+    before = build_deployment(make_model(adapters=ADAPTERS[:1]), settings)
+    after = build_deployment(make_model(adapters=ADAPTERS[:2]), settings)
+    assert after["spec"]["template"] != before["spec"]["template"]

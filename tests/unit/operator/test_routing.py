@@ -86,6 +86,55 @@ def test_older_model_keeps_a_contested_name() -> None:
     parse_document(doc.to_json())  # the gateway accepts it
 
 
+def test_route_names_the_adapters() -> None:
+    model = LLMModel.from_body(
+        model_body(
+            "smollm2",
+            adapters=[
+                {"name": "sql-expert", "source": "org/sql-lora"},
+                {"name": "support-bot", "source": "pvc://adapters/support-bot/v3"},
+            ],
+        )
+    )
+    route = route_for(model)
+    assert route.adapters == ("sql-expert", "support-bot")
+    assert route.names == ("smollm2",)
+    assert json.loads(route.model_dump_json(by_alias=True))["adapters"] == [
+        "sql-expert",
+        "support-bot",
+    ]
+    assert route_for(LLMModel.from_body(model_body())).adapters == ()
+
+
+def _adapters(*names: str) -> list[dict[str, str]]:
+    return [{"name": n, "source": f"org/{n}"} for n in names]
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        # An adapter's name against a served name, an alias, an adapter.
+        ({"adapters": _adapters("sql")}, {"servedName": "sql"}),
+        ({"adapters": _adapters("sql")}, {"aliases": ["sql"]}),
+        ({"adapters": _adapters("sql")}, {"adapters": _adapters("x", "sql")}),
+        ({"servedName": "sql"}, {"adapters": _adapters("sql")}),
+        ({"aliases": ["sql"]}, {"adapters": _adapters("sql")}),
+    ],
+)
+def test_an_adapter_name_is_claimed_as_a_served_name_is(
+    old: dict[str, Any], new: dict[str, Any]
+) -> None:
+    older = LLMModel.from_body(model_body("a", created="2026-01-01T00:00:00Z", **old))
+    newer = LLMModel.from_body(model_body("b", created="2026-02-01T00:00:00Z", **new))
+    doc, conflicts = build_document([newer, older])
+    assert [r.name for r in doc.models] == ["a"]
+    assert conflicts["llm/b"] == (
+        "model name 'sql' is already served by llm/a; "
+        "choose another servedName, alias or adapter name"
+    )
+    parse_document(doc.to_json())  # the gateway accepts it
+
+
 def _failed(message: str, reason: str = "ReconcileFailed") -> dict[str, Any]:
     """A status whose Ready condition says the reconcile failed for good."""
     ready = {
