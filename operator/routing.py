@@ -136,7 +136,7 @@ def assemble(entries: Sequence[Entry]) -> tuple[RoutingDocument, Conflicts]:
     for entry in sorted(entries, key=lambda e: e.order):
         route = entry.route
         # An adapter's name is a model name clients send, as the others are.
-        claims = (*route.names, *route.adapters)
+        claims = route.all_names
         taken = [n for n in claims if n in claimed]
         if taken:
             conflicts[entry.key] = (
