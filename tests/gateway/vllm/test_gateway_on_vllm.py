@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from vllm_fixtures import SMOLLM2_ADAPTER_SERVED
 from vllm_server import VLLMServer
 
 pytestmark = pytest.mark.vllm
@@ -23,27 +24,32 @@ QUESTION: Any = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture
 def gateway(
     tmp_path: Path, smollm2_server: VLLMServer, start_gateway: Any, helpers: Any
-) -> tuple[Any, str]:
-    """(a gateway in front of vLLM, a key for smollm2 and its alias)."""
+) -> tuple[Any, str, str]:
+    """(a gateway in front of vLLM, a key for smollm2, its alias and its adapter,
+    a key for smollm2 alone)."""
     keys = tmp_path / "keys.json"
-    key = helpers.create_key(keys, "vllm-user", "--models", "smollm2", "smol-chat")
+    key = helpers.create_key(
+        keys, "vllm-user", "--models", "smollm2", "smol-chat", SMOLLM2_ADAPTER_SERVED
+    )
+    base_only = helpers.create_key(keys, "base-only", "--models", "smollm2")
     route = {
         "name": "smollm2",
         "namespace": "llm",
         "servedName": "smollm2",
         "aliases": ["smol-chat"],
+        "adapters": [SMOLLM2_ADAPTER_SERVED],
         "service": "smollm2",
         "endpoints": [smollm2_server.base_url],
     }
-    return start_gateway([route], keys), key
+    return start_gateway([route], keys), key, base_only
 
 
 @pytest.fixture
 def clients(
-    gateway: tuple[Any, str], smollm2_server: VLLMServer
+    gateway: tuple[Any, str, str], smollm2_server: VLLMServer
 ) -> Iterator[tuple[openai.OpenAI, openai.OpenAI]]:
     """(through the gateway, straight to vLLM)."""
-    started, key = gateway
+    started, key, _ = gateway
     via = openai.OpenAI(
         base_url=started.url + "/v1", api_key=key, max_retries=0, timeout=120
     )
@@ -124,7 +130,7 @@ def test_errors_from_the_gateway_and_from_vllm(clients: Any) -> None:
 
 
 def test_responses_through_the_gateway_with_usage_counted(
-    gateway: tuple[Any, str], clients: Any
+    gateway: tuple[Any, str, str], clients: Any
 ) -> None:
     via, _ = clients
     answer = via.responses.create(
@@ -142,7 +148,7 @@ def test_responses_through_the_gateway_with_usage_counted(
     assert last.type == "response.completed" and last.response.usage is not None
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert text and text == last.response.output_text
-    started, _ = gateway
+    started, _, _ = gateway
     lines = httpx.get(started.url + "/metrics").text.splitlines()
 
     def counted(name: str, *labels: str) -> float:
@@ -157,3 +163,62 @@ def test_responses_through_the_gateway_with_usage_counted(
     )
     assert tokens == answer.usage.output_tokens + last.response.usage.output_tokens
     assert counted("citadel_gateway_requests_total", 'api="responses"') == 2
+
+
+def test_adapter_through_the_gateway_as_vllm_answers_it(
+    gateway: tuple[Any, str, str], clients: Any
+) -> None:
+    """A request naming the model's LoRA adapter reaches vLLM under that name:
+    the answer is vLLM's own for the adapter, not the base model's."""
+    via, direct = clients
+
+    def ask(client: openai.OpenAI, model: str) -> Any:
+        return client.chat.completions.create(
+            model=model, messages=QUESTION, max_tokens=12, temperature=0
+        )
+
+    adapted = ask(via, SMOLLM2_ADAPTER_SERVED)
+    assert adapted.model == SMOLLM2_ADAPTER_SERVED
+    assert adapted.choices[0].message.content == (
+        ask(direct, SMOLLM2_ADAPTER_SERVED).choices[0].message.content
+    )
+    assert adapted.choices[0].message.content != (
+        ask(via, "smollm2").choices[0].message.content
+    )
+    chunks = list(
+        via.chat.completions.create(
+            model=SMOLLM2_ADAPTER_SERVED,
+            messages=QUESTION,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == adapted.choices[0].message.content
+    listed = {m.id for m in via.models.list()}
+    assert {"smollm2", "smol-chat", SMOLLM2_ADAPTER_SERVED} <= listed
+    started, _, _ = gateway
+    lines = httpx.get(started.url + "/metrics").text.splitlines()
+    assert any(
+        line.startswith("citadel_gateway_requests_total{")
+        and f'model="{SMOLLM2_ADAPTER_SERVED}"' in line
+        for line in lines
+    )
+
+
+def test_a_key_for_the_base_model_may_not_use_its_adapter(
+    gateway: tuple[Any, str, str],
+) -> None:
+    """An adapter is a model of its own to keys: the base model's key is refused
+    it, and does not see it listed."""
+    started, _, base_only = gateway
+    with openai.OpenAI(
+        base_url=started.url + "/v1", api_key=base_only, max_retries=0, timeout=120
+    ) as client:
+        with pytest.raises(openai.PermissionDeniedError):
+            client.chat.completions.create(
+                model=SMOLLM2_ADAPTER_SERVED, messages=QUESTION, max_tokens=4
+            )
+        assert SMOLLM2_ADAPTER_SERVED not in {m.id for m in client.models.list()}

@@ -9,6 +9,8 @@ Use them from a conftest.py with this folder on sys.path (see tests/vllm/conftes
   skips silently.
 - `smollm2_server`: SmolLM2-135M-Instruct served as "smollm2" (real answers).
 - `tiny_random_server`: random weights served as "tiny-random" (fast, nonsense).
+- `smollm2_adapter_server`: SmolLM2 as "smollm2" with LoRA on, serving the tests'
+  adapter (`vllm_server.ensure_adapter`) as "smollm2-lora".
 
 Each server is started once per session on a free loopback port and stopped at the
 end; its log is in pytest's temporary folder (printed on start-up failure).
@@ -16,14 +18,17 @@ end; its log is in pytest's temporary folder (printed on start-up failure).
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 from vllm_server import (
+    ADAPTER_RANK,
     SMOLLM2,
     TINY_RANDOM,
     VLLMServer,
+    ensure_adapter,
     ensure_installed,
     free_port,
     missing_reason,
@@ -32,6 +37,24 @@ from vllm_server import (
 )
 
 SMOLLM2_SERVED = "smollm2"
+SMOLLM2_ADAPTER_SERVED = "smollm2-lora"
+
+
+def adapter_args(name: str, base_served: str) -> list[str]:
+    """vLLM's flags serving the test adapter as `name` on `base_served`, in the
+    form the operator writes them (one JSON object per adapter)."""
+    module = {
+        "name": name,
+        "path": str(ensure_adapter()),
+        "base_model_name": base_served,
+    }
+    return [
+        "--enable-lora",
+        "--max-lora-rank",
+        str(ADAPTER_RANK),
+        "--lora-modules",
+        json.dumps(module, separators=(",", ":")),
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -46,11 +69,18 @@ def vllm_installed() -> None:
 
 
 def serve(
-    name: str, served: str, tmp_path_factory: pytest.TempPathFactory
+    name: str,
+    served: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[VLLMServer]:
     log = tmp_path_factory.mktemp("vllm") / f"{name}.log"
     with run_vllm(
-        model_path(name), port=free_port(), served_names=[served], log_path=log
+        model_path(name),
+        port=free_port(),
+        served_names=[served],
+        extra_args=extra_args,
+        log_path=log,
     ) as server:
         yield server
 
@@ -67,3 +97,11 @@ def tiny_random_server(
     vllm_installed: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[VLLMServer]:
     yield from serve(TINY_RANDOM, TINY_RANDOM, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def smollm2_adapter_server(
+    vllm_installed: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[VLLMServer]:
+    args = adapter_args(SMOLLM2_ADAPTER_SERVED, SMOLLM2_SERVED)
+    yield from serve(SMOLLM2, SMOLLM2_SERVED, tmp_path_factory, args)

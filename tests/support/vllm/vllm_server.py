@@ -25,10 +25,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -40,6 +42,13 @@ HERE = Path(__file__).resolve().parent
 INSTALL_SCRIPT = HERE / "install.sh"
 SMOLLM2 = "smollm2-135m-instruct"
 TINY_RANDOM = "tiny-random"
+ADAPTER = "smollm2-135m-lora-test"
+"""A LoRA adapter for SMOLLM2 that the tests write (`ensure_adapter`)."""
+ADAPTER_RANK = 8
+"""Its rank (write_adapter.py): vLLM's --max-lora-rank must be at least this."""
+ADAPTER_VERSION = "1"
+"""Kept in the adapter's folder: a change of write_adapter.py bumps it, so the
+adapter is written again."""
 
 # CPU settings that work on a 2-core machine: a small KV cache (GiB, an integer for
 # vLLM), a short context, float32 (the model folders hold float32), and eager mode:
@@ -72,6 +81,48 @@ def models_dir() -> Path:
 def model_path(name: str) -> Path:
     """The folder of a prepared model: SMOLLM2 or TINY_RANDOM."""
     return models_dir() / name
+
+
+def ensure_adapter() -> Path:
+    """The folder of the test LoRA adapter for SMOLLM2 ($CITADEL_CACHE/models/
+    smollm2-135m-lora-test), written first if missing or of another version.
+
+    No adapter for the test models ships on PyPI and no model hub is reachable, so
+    write_adapter.py makes one with the vLLM venv's interpreter (torch and
+    safetensors are there), beside the final folder, renamed into it when complete.
+
+    Raises:
+        RuntimeError: the adapter could not be written.
+    """
+    final = model_path(ADAPTER)
+    mark = final / "citadel-adapter-version"
+    if mark.is_file() and mark.read_text() == ADAPTER_VERSION:
+        return final
+    with tempfile.TemporaryDirectory(dir=models_dir()) as tmp:
+        staging = Path(tmp) / ADAPTER
+        done = subprocess.run(
+            [
+                str(venv_python()),
+                str(HERE / "write_adapter.py"),
+                "--base",
+                str(model_path(SMOLLM2)),
+                "--out",
+                str(staging),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"writing the test LoRA adapter failed ({done.returncode}): "
+                f"{done.stderr[-2000:]}"
+            )
+        (staging / mark.name).write_text(ADAPTER_VERSION)
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+    return final
 
 
 def missing_reason() -> str | None:
