@@ -17,7 +17,8 @@ import httpx
 import pytest
 from harness import demo
 from harness.wait import wait_for
-from openai import OpenAI
+from openai import NotFoundError, OpenAI
+from vllm_server import ADAPTER_RANK, ensure_adapter
 
 from .conftest import MODEL_NS, RELEASE, SYSTEM_NS, Platform
 
@@ -114,6 +115,82 @@ def test_responses_plain_and_streaming(platform: Platform) -> None:
     assert "response.output_text.delta" in kinds
     assert kinds[-1] == "response.completed"
     assert final.output_text and final.usage is not None
+
+
+ADAPTED = "smollm2-adapted"
+ADAPTER = "smollm2-sql"
+
+
+def adapted_model(source: str) -> dict[str, Any]:
+    """SmolLM2 with one LoRA adapter, on the pod runtime like the demo's model."""
+    return {
+        "apiVersion": "citadel.ai/v1alpha1",
+        "kind": "LLMModel",
+        "metadata": {"name": ADAPTED, "namespace": MODEL_NS},
+        "spec": {
+            "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "resources": {"gpus": 1},
+            "placement": {"nodeName": "hx-llm-server-02"},
+            "engine": {"maxModelLen": 2048, "maxLoraRank": ADAPTER_RANK},
+            "adapters": [{"name": ADAPTER, "source": source}],
+            "pod": {"annotations": {"citadel.ai/runtime": "local"}},
+        },
+    }
+
+
+def test_adapter_answers_through_the_gateway(platform: Platform) -> None:
+    """A model with a LoRA adapter: the operator starts vLLM with it, the routes
+    name it, and a request for it goes through the gateway to the model's replica
+    as it is, where vLLM applies it: its answer is not the base model's."""
+    # The pod runtime's programs see this machine's files: an absolute path is
+    # a path in the container, as spec.adapters allows.
+    manifest = adapted_model(str(ensure_adapter()))
+    platform.cluster.kubectl("apply", "-f", "-", input_text=json.dumps(manifest))
+    try:
+
+        def ready() -> bool:
+            out = platform.cluster.kubectl(
+                "get", "llmmodel", ADAPTED, "-n", MODEL_NS, "-o", "json"
+            )
+            return bool(json.loads(out).get("status", {}).get("phase") == "Ready")
+
+        wait_for(f"{ADAPTED} Ready", ready, timeout=300, interval=2)
+        openai = client(platform)
+        listed = {m.id for m in openai.models.list()}
+        assert {ADAPTED, ADAPTER} <= listed
+
+        def answer(model: str) -> Any:
+            return openai.chat.completions.create(
+                model=model,
+                messages=[
+                    {"role": "user", "content": "What is the capital of France?"}
+                ],
+                max_tokens=12,
+                temperature=0,
+            )
+
+        base, adapted = wait_for(
+            f"{ADAPTER} answering through the gateway",
+            lambda: _answers_or_none(answer),
+            timeout=60,
+            interval=1,
+        )
+        assert adapted.model == ADAPTER
+        assert adapted.usage is not None and adapted.usage.completion_tokens > 0
+        assert adapted.choices[0].message.content != base.choices[0].message.content
+    finally:
+        platform.cluster.kubectl(
+            "delete", "llmmodel", ADAPTED, "-n", MODEL_NS, "--wait=true", check=False
+        )
+
+
+def _answers_or_none(answer: Any) -> tuple[Any, Any] | None:
+    """(the base model's answer, the adapter's), or None while the gateway has
+    not yet learned the new model's route (a 404 for its names)."""
+    try:
+        return answer(ADAPTED), answer(ADAPTER)
+    except NotFoundError:
+        return None
 
 
 def test_scaled_to_two_replicas_both_receive_traffic(platform: Platform) -> None:

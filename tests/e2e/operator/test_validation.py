@@ -319,7 +319,7 @@ ADAPTER_CASES: list[tuple[str, dict[str, Any], str, str, str]] = [
         {"adapters": [SQL, {"name": "sql", "source": "/opt/other"}]},
         "bad",
         "spec.adapters[1]",
-        'Duplicate value: map[string]interface {}{"name":"sql"}',
+        'Duplicate value: {"name":"sql"}',
     ),
     (
         "too-many-adapters",
