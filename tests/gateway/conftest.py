@@ -252,6 +252,19 @@ FAST_SIMULATOR = (
 not how long they take: prefill at once, decode 0.5 ms a step."""
 
 
+def counted(url: str, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` at `url`/metrics that carry `labels`,
+    whatever their other labels and their order."""
+    total = 0.0
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        series, value = line.rsplit(" ", 1)
+        if all(f'{k}="{v}"' in series for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
 @dataclass(frozen=True)
 class Helpers:
     """Plain helpers for the tests (conftest itself is not importable)."""
@@ -260,6 +273,7 @@ class Helpers:
     create_key: Callable[..., str] = create_key
     free_port: Callable[[], int] = free_port
     fast_simulator: tuple[str, ...] = FAST_SIMULATOR
+    counted: Callable[..., float] = counted
 
 
 @pytest.fixture

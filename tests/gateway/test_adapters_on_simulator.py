@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
 from citadel_bench import procs
@@ -16,18 +15,6 @@ from citadel_bench import procs
 pytestmark = pytest.mark.integration
 
 ADAPTER = "sql-expert"
-
-
-def counted(url: str, name: str, **labels: str) -> float:
-    """The sum of the samples of `name` at `url`/metrics that carry `labels`."""
-    total = 0.0
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        series, value = line.rsplit(" ", 1)
-        if all(f'{k}="{v}"' in series for k, v in labels.items()):
-            total += float(value)
-    return total
 
 
 @pytest.fixture
@@ -59,7 +46,7 @@ def setup(tmp_path: Path, start_gateway: Any, helpers: Any) -> Iterator[dict[str
 
 
 def test_an_adapter_is_called_by_its_name_and_counted_under_it(
-    setup: dict[str, Any],
+    setup: dict[str, Any], helpers: Any
 ) -> None:
     tenant: openai.OpenAI = setup["tenant"]
     chat = tenant.chat.completions.create(
@@ -84,8 +71,8 @@ def test_an_adapter_is_called_by_its_name_and_counted_under_it(
             model="chat", messages=[{"role": "user", "content": "hi"}]
         )
     url = setup["gateway"].url
-    assert counted(url, "citadel_gateway_requests_total", model=ADAPTER) == 3
-    assert counted(url, "citadel_gateway_tokens_total", model=ADAPTER) > 0
+    assert helpers.counted(url, "citadel_gateway_requests_total", model=ADAPTER) == 3
+    assert helpers.counted(url, "citadel_gateway_tokens_total", model=ADAPTER) > 0
 
 
 def test_the_base_model_s_key_may_not_use_the_adapter(setup: dict[str, Any]) -> None:

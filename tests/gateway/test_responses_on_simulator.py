@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
 from citadel_bench import procs
@@ -29,19 +28,6 @@ EVENTS = [
     "response.output_item.done",
     "response.completed",
 ]
-
-
-def counted(url: str, name: str, **labels: str) -> float:
-    """The sum of the samples of `name` at `url`/metrics that carry `labels`,
-    whatever their other labels and their order."""
-    total = 0.0
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        series, value = line.rsplit(" ", 1)
-        if all(f'{k}="{v}"' in series for k, v in labels.items()):
-            total += float(value)
-    return total
 
 
 @pytest.fixture
@@ -99,7 +85,9 @@ def test_stream_events_arrive_in_order_and_end_with_usage(
     assert last.response.usage.output_tokens == 3
 
 
-def test_gateway_and_replica_count_responses(setup: dict[str, Any]) -> None:
+def test_gateway_and_replica_count_responses(
+    setup: dict[str, Any], helpers: Any
+) -> None:
     client: openai.OpenAI = setup["client"]
     url = setup["gateway"].url
     whole = client.responses.create(model="smol", input="One", max_output_tokens=3)
@@ -113,15 +101,15 @@ def test_gateway_and_replica_count_responses(setup: dict[str, Any]) -> None:
     assert whole.usage is not None and final.response.usage is not None
     prompt = whole.usage.input_tokens + final.response.usage.input_tokens
     ok = {"api": "responses", "model": "smol", "key": "alice", "status": "200"}
-    assert counted(url, "citadel_gateway_requests_total", **ok) == 2
+    assert helpers.counted(url, "citadel_gateway_requests_total", **ok) == 2
     tokens = "citadel_gateway_tokens_total"
     mine = {"model": "smol", "key": "alice"}
-    assert counted(url, tokens, kind="completion", **mine) == 7
-    assert counted(url, tokens, kind="prompt", **mine) == prompt
+    assert helpers.counted(url, tokens, kind="completion", **mine) == 7
+    assert helpers.counted(url, tokens, kind="prompt", **mine) == prompt
     # The replica counts them as vLLM does a chat request.
     replica = setup["replica"]
-    assert counted(replica, "vllm:request_success_total") == 2
-    assert counted(replica, "vllm:generation_tokens_total") == 7
+    assert helpers.counted(replica, "vllm:request_success_total") == 2
+    assert helpers.counted(replica, "vllm:generation_tokens_total") == 7
 
 
 def test_errors_have_openai_types(setup: dict[str, Any]) -> None:
