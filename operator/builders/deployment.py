@@ -16,6 +16,7 @@ from citadel.operator.builders.common import (
 )
 from citadel.operator.model import LLMModel
 from citadel.operator.settings import DEFAULT_VLLM_HOST, OperatorSettings
+from citadel.operator.spec import LORA_ARGS
 
 CACHE_MOUNT = "/cache"
 SOURCE_MOUNT = "/model-source"
@@ -91,10 +92,25 @@ def lora_args(model: LLMModel) -> list[str]:
     Each adapter is one JSON object (compact, keys in a fixed order, so the
     Deployment changes only when an adapter does) naming the served name as
     its base, which /v1/models lists as the adapter's parent.
+
+    Raises:
+        BuildError: engine.extraArgs set a LoRA flag too. The CRD refuses that,
+            but a model applied before it did keeps its extraArgs (the API
+            server lets an unchanged field stay); vLLM would keep only the last
+            `--lora-modules`, and the adapters named in extraArgs would be gone
+            without a word.
     """
     spec, engine = model.spec, model.spec.engine
     if not spec.adapters:
         return []
+    for arg in engine.extra_args:
+        if _lora_flag(arg):
+            raise BuildError(
+                f"engine.extraArgs sets {arg!r}, which spec.adapters now sets: "
+                "move the adapters named there into spec.adapters and the rank "
+                "and count into engine.maxLoraRank and engine.maxLoras, and "
+                "remove the LoRA flags from engine.extraArgs"
+            )
     args = ["--enable-lora"]
     if engine.max_lora_rank is not None:
         args.append(f"--max-lora-rank={engine.max_lora_rank}")
@@ -109,6 +125,17 @@ def lora_args(model: LLMModel) -> list[str]:
         }
         args.append(json.dumps(module, separators=(",", ":")))
     return args
+
+
+def _lora_flag(arg: str) -> bool:
+    """Whether `arg` sets one of vLLM's LoRA flags, spelled as the CRD's rule
+    reads them (spec.LORA_ARGS: abbreviated down to the shortest vLLM takes,
+    `_` for `-`, with `=value` or a dotted key)."""
+    key = arg.split("=", 1)[0].split(".", 1)[0].replace("_", "-")
+    return any(
+        key.startswith(f"--{shortest}") and f"--{flag}".startswith(key)
+        for flag, shortest in LORA_ARGS
+    )
 
 
 def engine_args(model: LLMModel, host: str = DEFAULT_VLLM_HOST) -> list[str]:
@@ -140,8 +167,9 @@ def engine_args(model: LLMModel, host: str = DEFAULT_VLLM_HOST) -> list[str]:
     # value, and another vLLM release's parser may take spellings the CRD's rule
     # does not list (argparse accepts any unambiguous prefix). Not a dotted one
     # (`--ser.x=y`), which the parser moves last: the CRD refuses those.
-    # Only the served name: the gateway sends every request under it, so the
-    # aliases are the gateway's alone, and changing them restarts no replica.
+    # Only the served name: the gateway sends every request for the base model
+    # under it (an adapter's under the adapter's name), so the aliases are the
+    # gateway's alone, and changing them restarts no replica.
     managed = [
         f"--model={model_argument(model)}",
         "--served-model-name",
@@ -151,7 +179,8 @@ def engine_args(model: LLMModel, host: str = DEFAULT_VLLM_HOST) -> list[str]:
     ]
     if spec.resources.gpus > 0:
         managed.append(f"--tensor-parallel-size={spec.resources.gpus}")
-    # Last: --lora-modules takes every argument up to the next flag.
+    # The last of the operator's own: --lora-modules takes every argument up to
+    # the next flag.
     managed += lora_args(model)
     if not engine.extra_args:
         # Nothing to override them: the order of the releases before, so that an

@@ -546,3 +546,39 @@ def test_changing_the_adapters_rolls_the_replicas(settings: OperatorSettings) ->
     before = build_deployment(make_model(adapters=ADAPTERS[:1]), settings)
     after = build_deployment(make_model(adapters=ADAPTERS[:2]), settings)
     assert after["spec"]["template"] != before["spec"]["template"]
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        "--lora-modules",
+        "--lora_m=old=/old",
+        "--enable-lora",
+        "--enable-lor",
+        "--max-lora-r=8",
+        "--max-loras=2",
+        "--max_loras.x=1",
+    ],
+)
+def test_lora_flags_kept_in_extra_args_refuse_adapters(flag: str) -> None:
+    """A model applied before the CRD refused LoRA flags in extraArgs keeps
+    them (the API server lets an unchanged field stay); given spec.adapters
+    too, vLLM would keep only the last --lora-modules and drop the adapters
+    named in extraArgs without a word: a failure saying what to move."""
+    extra = [flag, "old=/old"] if "=" not in flag else [flag]
+    model = make_model("smollm2", adapters=ADAPTERS, engine={"extraArgs": extra})
+    with pytest.raises(BuildError, match=re.escape("spec.adapters now sets")):
+        engine_args(model)
+    # Without adapters they stay as they were: the model is not rolled.
+    kept = make_model("smollm2", engine={"extraArgs": extra})
+    args = engine_args(kept)
+    at = args.index(extra[0])
+    assert args[at : at + len(extra)] == extra
+
+
+@pytest.mark.parametrize(
+    "flag", ["--max-cpu-loras=4", "--lora-dtype=auto", "--no-enable-lora-bias"]
+)
+def test_other_lora_settings_in_extra_args_go_with_adapters(flag: str) -> None:
+    model = make_model("smollm2", adapters=ADAPTERS, engine={"extraArgs": [flag]})
+    assert flag in engine_args(model)
