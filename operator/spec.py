@@ -137,6 +137,8 @@ LORA_ARGS = (
     ("max-lora-rank", "max-lora-r"),
     ("max-loras", "max-loras"),
 )
+# A pvc:// source whose path inside the claim has a `..` segment.
+PVC_DOT_DOT_PATTERN = "^pvc://[^/]*/(.*/)?[.][.](/.*)?$"
 # The ranks vLLM 0.32 takes for --max-lora-rank (vllm/config/lora.py).
 LoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
 
@@ -874,7 +876,15 @@ class Adapter(ApiModel):
                     "PersistentVolumeClaim and write pvc://<claim>/<path>, or "
                     "give a Hugging Face repo id (org/name) or an absolute path "
                     "inside the container",
-                )
+                ),
+                # The path is read under the claim's mount: `..` would leave it
+                # (another claim's mount, the image) and fail only at start.
+                _rule(
+                    f"!self.matches('{PVC_DOT_DOT_PATTERN}')",
+                    "adapters: a pvc:// source's path may not hold a `..` "
+                    "segment: write the path inside the claim from its root, "
+                    "pvc://<claim>/<path>",
+                ),
             ),
         ),
     ]

@@ -19,6 +19,7 @@ from citadel.operator.spec import (
     LABEL_VALUE,
     LAST_ARG_RULE,
     MODEL_SOURCE_PATTERN,
+    PVC_DOT_DOT_PATTERN,
     QUALIFIED_NAME,
     LLMModelSpec,
 )
@@ -724,8 +725,28 @@ def test_adapter_sources_take_the_models_forms(source: str) -> None:
     assert _at("adapters[].source")["pattern"] == MODEL_SOURCE_PATTERN
     assert _re2_search(MODEL_SOURCE_PATTERN, source)
     assert [r["rule"] for r in _rules("adapters[].source")] == [
-        "!self.startsWith('s3://')"
+        "!self.startsWith('s3://')",
+        f"!self.matches('{PVC_DOT_DOT_PATTERN}')",
     ]
+    assert not _re2_search(PVC_DOT_DOT_PATTERN, source)
+
+
+@pytest.mark.parametrize(
+    ("source", "refused"),
+    [
+        ("pvc://x/../y/b", True),
+        ("pvc://x/..", True),
+        ("pvc://x/a/../../b", True),
+        ("pvc://x/a/..", True),
+        ("pvc://x/a..b/c", False),
+        ("pvc://x/..a/b", False),
+        ("pvc://x/a/b..", False),
+        ("pvc://x/.../b", False),
+        ("/opt/../adapters", False),  # a path in the image, as any absolute one
+    ],
+)
+def test_a_pvc_adapter_path_may_not_leave_its_claim(source: str, refused: bool) -> None:
+    assert _re2_search(PVC_DOT_DOT_PATTERN, source) is refused
 
 
 def _spec_rule(fragment: str) -> dict[str, str]:
