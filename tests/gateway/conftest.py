@@ -36,6 +36,13 @@ def free_port() -> int:
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CITADEL_GATEWAY_")}
+    if env.get("PYTHONPATH"):
+        # The processes start in a temporary folder: a relative entry (a
+        # worktree's `PYTHONPATH=src`) would name nothing there, and they would
+        # import the editable install's code instead of the checkout's.
+        env["PYTHONPATH"] = os.pathsep.join(
+            os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep) if p
+        )
     return {**env, "PYTHONSAFEPATH": "1", **extra}
 
 
