@@ -199,6 +199,15 @@ def _rule(rule: str, message: str, **extra: str) -> dict[str, str]:
     return {"rule": rule, "message": message, **extra}
 
 
+def _leaves_claim_rule(field: str) -> dict[str, str]:
+    """The rule refusing a pvc:// source whose path leaves its claim."""
+    return _rule(
+        f"!self.matches('{PVC_DOT_DOT_PATTERN}')",
+        f"{field}: a pvc:// source's path may not hold a `..` segment: write the "
+        "path inside the claim from its root, pvc://<claim>/<path>",
+    )
+
+
 def _cel(*rules: dict[str, str]) -> dict[str, Any]:
     return {"x-kubernetes-validations": list(rules)}
 
@@ -879,12 +888,7 @@ class Adapter(ApiModel):
                 ),
                 # The path is read under the claim's mount: `..` would leave it
                 # (another claim's mount, the image) and fail only at start.
-                _rule(
-                    f"!self.matches('{PVC_DOT_DOT_PATTERN}')",
-                    "adapters: a pvc:// source's path may not hold a `..` "
-                    "segment: write the path inside the claim from its root, "
-                    "pvc://<claim>/<path>",
-                ),
+                _leaves_claim_rule("adapters"),
             ),
         ),
     ]
@@ -951,7 +955,15 @@ class LLMModelSpec(ApiModel):
         )
     )
 
-    model: Annotated[str, Field(max_length=512, pattern=MODEL_SOURCE_PATTERN)]
+    model: Annotated[
+        str,
+        Field(
+            max_length=512,
+            pattern=MODEL_SOURCE_PATTERN,
+            # Read under the claim's mount, as an adapter's path is.
+            json_schema_extra=_cel(_leaves_claim_rule("model")),
+        ),
+    ]
     """What to serve: a Hugging Face repo id (`org/name`), `pvc://<claim>/<path>`,
     `s3://<bucket>/<key>` (credentials through engine.env) or an absolute path
     inside the container."""

@@ -103,14 +103,13 @@ def lora_args(model: LLMModel) -> list[str]:
     spec, engine = model.spec, model.spec.engine
     if not spec.adapters:
         return []
-    for arg in engine.extra_args:
-        if _lora_flag(arg):
-            raise BuildError(
-                f"engine.extraArgs sets {arg!r}, which spec.adapters now sets: "
-                "move the adapters named there into spec.adapters and the rank "
-                "and count into engine.maxLoraRank and engine.maxLoras, and "
-                "remove the LoRA flags from engine.extraArgs"
-            )
+    if found := [arg for arg in engine.extra_args if _lora_flag(arg)]:
+        raise BuildError(
+            f"engine.extraArgs sets {', '.join(map(repr, found))}, which "
+            "spec.adapters now sets: move the adapters named there into "
+            "spec.adapters and the rank and count into engine.maxLoraRank and "
+            "engine.maxLoras, and remove the LoRA flags from engine.extraArgs"
+        )
     args = ["--enable-lora"]
     if engine.max_lora_rank is not None:
         args.append(f"--max-lora-rank={engine.max_lora_rank}")
@@ -131,7 +130,9 @@ def _lora_flag(arg: str) -> bool:
     """Whether `arg` sets one of vLLM's LoRA flags, spelled as the CRD's rule
     reads them (spec.LORA_ARGS: abbreviated down to the shortest vLLM takes,
     `_` for `-`, with `=value` or a dotted key)."""
-    key = arg.split("=", 1)[0].split(".", 1)[0].replace("_", "-")
+    if not arg.startswith("--"):
+        return False  # vLLM reads `_` as `-` only after the two dashes
+    key = "--" + arg[2:].split("=", 1)[0].split(".", 1)[0].replace("_", "-")
     return any(
         key.startswith(f"--{shortest}") and f"--{flag}".startswith(key)
         for flag, shortest in LORA_ARGS

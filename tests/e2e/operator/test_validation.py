@@ -286,6 +286,13 @@ LORA_LIMITS = "engine.maxLoraRank and engine.maxLoras apply to LoRA adapters onl
 # fix (the rules' own, or the API server's where it names the value).
 ADAPTER_CASES: list[tuple[str, dict[str, Any], str, str, str]] = [
     (
+        "model-leaves-its-claim",
+        {"model": "pvc://weights/../cache/llama"},
+        "bad",
+        "spec.model",
+        "model: a pvc:// source's path may not hold a `..` segment",
+    ),
+    (
         "adapter-leaves-its-claim",
         {"adapters": [{"name": "sql", "source": "pvc://adapters/../other/sql"}]},
         "bad",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -90,38 +91,53 @@ def ensure_adapter() -> Path:
     No adapter for the test models ships on PyPI and no model hub is reachable, so
     write_adapter.py makes one with the vLLM venv's interpreter (torch and
     safetensors are there), beside the final folder, renamed into it when complete.
+    A lock keeps two test sessions from writing it at once: the second would
+    replace the folder under a vLLM the first one started with it.
 
     Raises:
-        RuntimeError: the adapter could not be written.
+        RuntimeError: SmolLM2 is not prepared, or the adapter could not be written.
     """
     final = model_path(ADAPTER)
     mark = final / "citadel-adapter-version"
-    if mark.is_file() and mark.read_text() == ADAPTER_VERSION:
-        return final
-    with tempfile.TemporaryDirectory(dir=models_dir()) as tmp:
-        staging = Path(tmp) / ADAPTER
-        done = subprocess.run(
-            [
-                str(venv_python()),
-                str(HERE / "write_adapter.py"),
-                "--base",
-                str(model_path(SMOLLM2)),
-                "--out",
-                str(staging),
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
+    base = model_path(SMOLLM2)
+    if not (base / "config.json").is_file():
+        raise RuntimeError(
+            f"SmolLM2 is not prepared at {base}: run `make vllm` first "
+            "(the adapter is written for it)"
         )
-        if done.returncode != 0:
-            raise RuntimeError(
-                f"writing the test LoRA adapter failed ({done.returncode}): "
-                f"{done.stderr[-2000:]}"
+    with open(models_dir() / ".adapter.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if mark.is_file() and mark.read_text() == ADAPTER_VERSION:
+            return final
+        with tempfile.TemporaryDirectory(dir=models_dir()) as tmp:
+            staging = Path(tmp) / ADAPTER
+            done = subprocess.run(
+                [
+                    str(venv_python()),
+                    str(HERE / "write_adapter.py"),
+                    "--base",
+                    str(base),
+                    "--out",
+                    str(staging),
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
             )
-        (staging / mark.name).write_text(ADAPTER_VERSION)
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
+            if done.returncode != 0:
+                raise RuntimeError(
+                    f"writing the test LoRA adapter failed ({done.returncode}): "
+                    f"{done.stderr[-2000:]}"
+                )
+            (staging / mark.name).write_text(ADAPTER_VERSION)
+            # Readable by all, as the model folders are (a pod may run as
+            # another user); safetensors writes its file for its owner alone.
+            staging.chmod(0o755)
+            for f in staging.iterdir():
+                f.chmod(0o644)
+            if final.exists():
+                shutil.rmtree(final)
+            staging.rename(final)
     return final
 
 

@@ -749,6 +749,14 @@ def test_a_pvc_adapter_path_may_not_leave_its_claim(source: str, refused: bool) 
     assert _re2_search(PVC_DOT_DOT_PATTERN, source) is refused
 
 
+def test_a_pvc_model_path_may_not_leave_its_claim() -> None:
+    # The model's claim is mounted at /model-source as an adapter's at
+    # /adapters/<claim>: the same rule, its message naming the field.
+    (rule,) = _rules("model")
+    assert rule["rule"] == f"!self.matches('{PVC_DOT_DOT_PATTERN}')"
+    assert rule["message"].startswith("model: a pvc:// source's path may not hold")
+
+
 def _spec_rule(fragment: str) -> dict[str, str]:
     rules = openapi_schema()["properties"]["spec"]["x-kubernetes-validations"]
     found: dict[str, str] = next(r for r in rules if fragment in r["rule"])

@@ -569,6 +569,15 @@ def test_lora_flags_kept_in_extra_args_refuse_adapters(flag: str) -> None:
     model = make_model("smollm2", adapters=ADAPTERS, engine={"extraArgs": extra})
     with pytest.raises(BuildError, match=re.escape("spec.adapters now sets")):
         engine_args(model)
+    both = make_model(
+        "smollm2",
+        adapters=ADAPTERS,
+        engine={"extraArgs": [*extra, "--max-model-len=4096", "--enable-lora"]},
+    )
+    # Every one named at once, so that one change is enough.
+    named = f"sets {extra[0]!r}, '--enable-lora', which"
+    with pytest.raises(BuildError, match=re.escape(named)):
+        engine_args(both)
     # Without adapters they stay as they were: the model is not rolled.
     kept = make_model("smollm2", engine={"extraArgs": extra})
     args = engine_args(kept)
@@ -577,7 +586,18 @@ def test_lora_flags_kept_in_extra_args_refuse_adapters(flag: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "flag", ["--max-cpu-loras=4", "--lora-dtype=auto", "--no-enable-lora-bias"]
+    "flag",
+    [
+        "--max-cpu-loras=4",
+        "--lora-dtype=auto",
+        "--no-enable-lora-bias",
+        # A flag of vLLM's that only begins like --max-lora-rank.
+        "--max-lora-cls-labels=2",
+        # `_` is `-` only after the two dashes, for vLLM as for the CRD's rule:
+        # these are no LoRA flags (vLLM refuses them as unknown).
+        "-_lora-m=1",
+        "__enable-lora",
+    ],
 )
 def test_other_lora_settings_in_extra_args_go_with_adapters(flag: str) -> None:
     model = make_model("smollm2", adapters=ADAPTERS, engine={"extraArgs": [flag]})
