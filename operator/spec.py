@@ -178,21 +178,37 @@ def _refuse_each(pattern: str) -> str:
     return "self.all(a, !a.matches('(?s)^(" + pattern + ")$'))"
 
 
-def _flags_rule(
+def flags_pattern(
     long: tuple[tuple[str, str], ...],
     short: tuple[str, ...] = (),
     letters: tuple[str, ...] = (),
 ) -> str:
-    """A CEL rule refusing each element of a list that sets one of these flags,
-    in any spelling vLLM's parser takes: the long ones abbreviated, with `_`
-    for `-`, with `=value`, before their value, or with a dotted key, which
-    the parser reads as JSON (`--uds.x=y` is `--uds '{"x": "y"}'`)."""
+    """A pattern of an argument that sets one of these flags, in any spelling
+    vLLM's parser takes: the long ones abbreviated, with `_` for `-`, with
+    `=value`, before their value, or with a dotted key, which the parser reads
+    as JSON (`--uds.x=y` is `--uds '{"x": "y"}'`). Whole-argument, `.`
+    matching newlines too (see `_refuse_each`)."""
     spellings = ["--(" + "|".join(_abbreviations(*f) for f in long) + ")([=.].*)?"]
     if short:
         spellings.append("-(" + "|".join(short) + ")([=.].*)?")
     if letters:
         spellings.append("-[" + "".join(letters) + "].*")
-    return _refuse_each("|".join(spellings))
+    return "|".join(spellings)
+
+
+def _flags_rule(
+    long: tuple[tuple[str, str], ...],
+    short: tuple[str, ...] = (),
+    letters: tuple[str, ...] = (),
+) -> str:
+    """A CEL rule refusing each element of a list that sets one of these flags
+    (`flags_pattern`)."""
+    return _refuse_each(flags_pattern(long, short, letters))
+
+
+LORA_FLAGS = flags_pattern(LORA_ARGS)
+"""An argument that sets one of vLLM's LoRA flags (the CRD refuses it in
+engine.extraArgs; the builder, in a model stored before it did)."""
 
 
 def _rule(rule: str, message: str, **extra: str) -> dict[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from citadel.operator import names
@@ -16,7 +17,7 @@ from citadel.operator.builders.common import (
 )
 from citadel.operator.model import LLMModel
 from citadel.operator.settings import DEFAULT_VLLM_HOST, OperatorSettings
-from citadel.operator.spec import LORA_ARGS
+from citadel.operator.spec import LORA_FLAGS
 
 CACHE_MOUNT = "/cache"
 SOURCE_MOUNT = "/model-source"
@@ -36,11 +37,7 @@ PROGRESS_MARGIN_SECONDS = 300
 
 def model_argument(model: LLMModel) -> str:
     """vLLM's `--model`: a repo id, an S3 URL, or a path inside the container."""
-    source = model.spec.model
-    if source.startswith("pvc://"):
-        _claim, _, path = source.removeprefix("pvc://").partition("/")
-        return f"{SOURCE_MOUNT}/{path}".rstrip("/")
-    return source
+    return _in_container(model.spec.model, _own_claims(model))
 
 
 def _pvc(source: str) -> tuple[str, str] | None:
@@ -51,7 +48,17 @@ def _pvc(source: str) -> tuple[str, str] | None:
     return claim, path
 
 
-def _mounted_claims(model: LLMModel) -> dict[str, str]:
+def _in_container(source: str, mounts: dict[str, str]) -> str:
+    """Where vLLM reads `source`: a pvc:// source under its claim's mount (by
+    claim in `mounts`), anything else as it is."""
+    pvc = _pvc(source)
+    if pvc is None:
+        return source
+    claim, path = pvc
+    return f"{mounts[claim]}/{path}".rstrip("/")
+
+
+def _own_claims(model: LLMModel) -> dict[str, str]:
     """The claims the pod mounts for the model itself (its pvc:// source, its
     cache), by claim: an adapter in one is read where it is, rather than from
     a second volume of the same claim."""
@@ -64,26 +71,15 @@ def _mounted_claims(model: LLMModel) -> dict[str, str]:
     return mounted
 
 
-def _adapter_claims(model: LLMModel) -> dict[str, str]:
-    """Where each claim of the adapters' pvc:// sources is mounted, by claim."""
-    mounted = _mounted_claims(model)
+def _adapter_claims(model: LLMModel, own: dict[str, str]) -> dict[str, str]:
+    """The claims of the adapters' pvc:// sources that the pod mounts for them
+    alone (none of `own`), by claim: each at /adapters/<claim>."""
     claims: dict[str, str] = {}
     for adapter in model.spec.adapters:
         pvc = _pvc(adapter.source)
-        if pvc is not None:
-            claim = pvc[0]
-            claims[claim] = mounted.get(claim, f"{ADAPTERS_MOUNT}/{claim}")
+        if pvc is not None and pvc[0] not in own:
+            claims[pvc[0]] = f"{ADAPTERS_MOUNT}/{pvc[0]}"
     return claims
-
-
-def adapter_path(model: LLMModel, source: str) -> str:
-    """What vLLM loads an adapter from: a repo id (downloaded into HF_HOME) or
-    a path inside the container."""
-    pvc = _pvc(source)
-    if pvc is None:
-        return source
-    claim, path = pvc
-    return f"{_adapter_claims(model)[claim]}/{path}".rstrip("/")
 
 
 def lora_args(model: LLMModel) -> list[str]:
@@ -116,10 +112,12 @@ def lora_args(model: LLMModel) -> list[str]:
     if engine.max_loras is not None:
         args.append(f"--max-loras={engine.max_loras}")
     args.append("--lora-modules")
+    own = _own_claims(model)
+    mounts = {**_adapter_claims(model, own), **own}
     for adapter in spec.adapters:
         module = {
             "name": adapter.name,
-            "path": adapter_path(model, adapter.source),
+            "path": _in_container(adapter.source, mounts),
             "base_model_name": model.served_name,
         }
         args.append(json.dumps(module, separators=(",", ":")))
@@ -127,16 +125,9 @@ def lora_args(model: LLMModel) -> list[str]:
 
 
 def _lora_flag(arg: str) -> bool:
-    """Whether `arg` sets one of vLLM's LoRA flags, spelled as the CRD's rule
-    reads them (spec.LORA_ARGS: abbreviated down to the shortest vLLM takes,
-    `_` for `-`, with `=value` or a dotted key)."""
-    if not arg.startswith("--"):
-        return False  # vLLM reads `_` as `-` only after the two dashes
-    key = "--" + arg[2:].split("=", 1)[0].split(".", 1)[0].replace("_", "-")
-    return any(
-        key.startswith(f"--{shortest}") and f"--{flag}".startswith(key)
-        for flag, shortest in LORA_ARGS
-    )
+    """Whether `arg` sets one of vLLM's LoRA flags, in a spelling the CRD's rule
+    refuses (its own pattern, so that the two never differ)."""
+    return re.fullmatch(LORA_FLAGS, arg, re.DOTALL) is not None
 
 
 def engine_args(model: LLMModel, host: str = DEFAULT_VLLM_HOST) -> list[str]:
@@ -309,8 +300,9 @@ def _volumes(model: LLMModel) -> tuple[list[Manifest], list[Manifest]]:
         {"name": "cache", "mountPath": CACHE_MOUNT},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
-    if model.spec.model.startswith("pvc://"):
-        claim = model.spec.model.removeprefix("pvc://").partition("/")[0]
+    own = _pvc(model.spec.model)
+    if own is not None:
+        claim = own[0]
         volumes.append(
             {
                 "name": "model-source",
@@ -320,15 +312,10 @@ def _volumes(model: LLMModel) -> tuple[list[Manifest], list[Manifest]]:
         mounts.append(
             {"name": "model-source", "mountPath": SOURCE_MOUNT, "readOnly": True}
         )
-    mounted = _mounted_claims(model)
-    adapter_claims = [
-        (claim, path)
-        for claim, path in _adapter_claims(model).items()
-        if claim not in mounted
-    ]
+    adapter_claims = _adapter_claims(model, _own_claims(model))
     # Numbered, not named after the claim: a claim's name may be longer than a
     # volume's (63 characters).
-    for i, (claim, path) in enumerate(adapter_claims):
+    for i, (claim, path) in enumerate(adapter_claims.items()):
         name = f"adapters-{i}"
         volumes.append(
             {
