@@ -364,7 +364,7 @@ class ProxyService:
         ctx.principal.check(route, body["model"])
         stream = parsed.stream
         # What reads the prompt reads a Responses request as its chat: made
-        # once for the estimate and the routing (4 us for 20 items).
+        # once for the estimate and the routing (4.7 us for 20 items, timeit).
         prompt = prompt_body(body, ctx.call)
         estimate = estimate_tokens(
             body, ctx.call, self._options.default_max_tokens, prompt
