@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+from citadel_bench import procs
 
 BIN = Path(sys.executable).parent
 FAKE_BACKEND = Path(__file__).with_name("fake_backend.py")
@@ -257,6 +258,19 @@ FAST_SIMULATOR = (
 )
 """Simulator options for tests about where requests go and what is relayed,
 not how long they take: prefill at once, decode 0.5 ms a step."""
+
+
+@pytest.fixture
+def smol_replica(tmp_path: Path) -> Iterator[str]:
+    """One simulated replica serving "smol" with FAST_SIMULATOR's steps, for
+    tests about what the gateway relays and counts: its base URL."""
+    argv = procs.simulator_argv(1, "--served-name", "smol", *FAST_SIMULATOR)
+    proc = procs.start("simulator", argv, tmp_path)
+    try:
+        [port] = procs.wait_listening(proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        procs.stop(proc)
 
 
 def counted(url: str, name: str, **labels: str) -> float:

@@ -10,7 +10,6 @@ from typing import Any
 
 import openai
 import pytest
-from citadel_bench import procs
 
 pytestmark = pytest.mark.integration
 
@@ -18,31 +17,26 @@ ADAPTER = "sql-expert"
 
 
 @pytest.fixture
-def setup(tmp_path: Path, start_gateway: Any, helpers: Any) -> Iterator[dict[str, Any]]:
-    argv = procs.simulator_argv(1, "--served-name", "smol", *helpers.fast_simulator)
-    proc = procs.start("simulator", argv, tmp_path)
-    try:
-        [port] = procs.wait_listening(proc)
-        replica = f"http://127.0.0.1:{port}"
-        keys = tmp_path / "keys.json"
-        tenant = helpers.create_key(keys, "tenant", "--models", "sql-*")
-        base = helpers.create_key(keys, "base", "--models", "smol")
-        models = [
-            helpers.route(
-                "smol", [], aliases=["chat"], adapters=[ADAPTER], endpoints=[replica]
-            )
-        ]
-        gateway = start_gateway(models, keys)
-        clients = [
-            openai.OpenAI(
-                base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=30
-            )
-            for key in (tenant, base)
-        ]
-        with clients[0] as as_tenant, clients[1] as as_base:
-            yield {"tenant": as_tenant, "base": as_base, "gateway": gateway}
-    finally:
-        procs.stop(proc)
+def setup(
+    tmp_path: Path, start_gateway: Any, helpers: Any, smol_replica: str
+) -> Iterator[dict[str, Any]]:
+    keys = tmp_path / "keys.json"
+    tenant = helpers.create_key(keys, "tenant", "--models", "sql-*")
+    base = helpers.create_key(keys, "base", "--models", "smol")
+    models = [
+        helpers.route(
+            "smol", [], aliases=["chat"], adapters=[ADAPTER], endpoints=[smol_replica]
+        )
+    ]
+    gateway = start_gateway(models, keys)
+    clients = [
+        openai.OpenAI(
+            base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=30
+        )
+        for key in (tenant, base)
+    ]
+    with clients[0] as as_tenant, clients[1] as as_base:
+        yield {"tenant": as_tenant, "base": as_base, "gateway": gateway}
 
 
 def test_an_adapter_is_called_by_its_name_and_counted_under_it(

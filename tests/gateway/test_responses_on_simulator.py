@@ -10,7 +10,6 @@ from typing import Any
 
 import openai
 import pytest
-from citadel_bench import procs
 
 pytestmark = pytest.mark.integration
 
@@ -31,26 +30,20 @@ EVENTS = [
 
 
 @pytest.fixture
-def setup(tmp_path: Path, start_gateway: Any, helpers: Any) -> Iterator[dict[str, Any]]:
-    # Fast steps: these tests are about what the gateway relays and counts.
-    argv = procs.simulator_argv(1, "--served-name", "smol", *helpers.fast_simulator)
-    proc = procs.start("simulator", argv, tmp_path)
-    try:
-        [port] = procs.wait_listening(proc)
-        replica = f"http://127.0.0.1:{port}"
-        keys = tmp_path / "keys.json"
-        key = helpers.create_key(keys, "alice", "--models", "smol*", "chat")
-        models = [
-            helpers.route("smol", [], aliases=["chat"], endpoints=[replica]),
-            helpers.route("other", [], endpoints=[replica]),
-        ]
-        gateway = start_gateway(models, keys)
-        with openai.OpenAI(
-            base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=30
-        ) as client:
-            yield {"client": client, "gateway": gateway, "replica": replica}
-    finally:
-        procs.stop(proc)
+def setup(
+    tmp_path: Path, start_gateway: Any, helpers: Any, smol_replica: str
+) -> Iterator[dict[str, Any]]:
+    keys = tmp_path / "keys.json"
+    key = helpers.create_key(keys, "alice", "--models", "smol*", "chat")
+    models = [
+        helpers.route("smol", [], aliases=["chat"], endpoints=[smol_replica]),
+        helpers.route("other", [], endpoints=[smol_replica]),
+    ]
+    gateway = start_gateway(models, keys)
+    with openai.OpenAI(
+        base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=30
+    ) as client:
+        yield {"client": client, "gateway": gateway, "replica": smol_replica}
 
 
 def test_response_with_output_text_and_usage(setup: dict[str, Any]) -> None:
