@@ -18,7 +18,6 @@ end; its log is in pytest's temporary folder (printed on start-up failure).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 
@@ -36,25 +35,31 @@ from vllm_server import (
     run_vllm,
 )
 
+from citadel.operator.builders.deployment import lora_args
+from citadel.operator.model import LLMModel
+
 SMOLLM2_SERVED = "smollm2"
 SMOLLM2_ADAPTER_SERVED = "smollm2-lora"
 
 
 def adapter_args(name: str, base_served: str) -> list[str]:
-    """vLLM's flags serving the test adapter as `name` on `base_served`, in the
-    form the operator writes them (one JSON object per adapter)."""
-    module = {
-        "name": name,
-        "path": str(ensure_adapter()),
-        "base_model_name": base_served,
-    }
-    return [
-        "--enable-lora",
-        "--max-lora-rank",
-        str(ADAPTER_RANK),
-        "--lora-modules",
-        json.dumps(module, separators=(",", ":")),
-    ]
+    """vLLM's flags serving the test adapter as `name` on `base_served`: the
+    operator's own (its Deployment builder's `lora_args`), so that these tests
+    load on the real vLLM what the operator would write."""
+    model = LLMModel.from_body(
+        {
+            "apiVersion": "citadel.ai/v1alpha1",
+            "kind": "LLMModel",
+            "metadata": {"name": "tests", "namespace": "tests"},
+            "spec": {
+                "model": base_served,
+                "servedName": base_served,
+                "adapters": [{"name": name, "source": str(ensure_adapter())}],
+                "engine": {"maxLoraRank": ADAPTER_RANK},
+            },
+        }
+    )
+    return lora_args(model)
 
 
 @pytest.fixture(scope="session")
