@@ -46,7 +46,8 @@ TINY_RANDOM = "tiny-random"
 ADAPTER = "smollm2-135m-lora-test"
 """A LoRA adapter for SMOLLM2 that the tests write (`ensure_adapter`)."""
 ADAPTER_RANK = 8
-"""Its rank (write_adapter.py): vLLM's --max-lora-rank must be at least this."""
+"""Its rank, given to write_adapter.py: vLLM's --max-lora-rank must be at least
+this."""
 ADAPTER_VERSION = "1"
 """Kept in the adapter's folder: a change of write_adapter.py bumps it, so the
 adapter is written again."""
@@ -119,6 +120,8 @@ def ensure_adapter() -> Path:
                     str(base),
                     "--out",
                     str(staging),
+                    "--rank",
+                    str(ADAPTER_RANK),
                 ],
                 capture_output=True,
                 text=True,

@@ -3,13 +3,14 @@
 Run by `vllm_server.ensure_adapter` with the vLLM venv's interpreter (torch,
 safetensors), so the tests' own venv needs neither:
 
-    write_adapter.py --base MODEL_DIR --out NEW_DIR
+    write_adapter.py --base MODEL_DIR --out NEW_DIR --rank 8
 
 The PEFT layout vLLM loads (`adapter_config.json`, `adapter_model.safetensors`),
-rank 8 on every layer's `q_proj` and `v_proj`, with seeded random weights large
-enough that the adapter visibly changes the answers (greedy decoding with SmolLM2:
-"The capital of France is Paris. It is a city that" where the base model stops after
-"Paris."). It means nothing; it shows that the adapter was applied.
+of the rank given (vllm_server.ADAPTER_RANK) on every layer's `q_proj` and
+`v_proj`, with seeded random weights large enough that the adapter visibly
+changes the answers (greedy decoding with SmolLM2: "The capital of France is
+Paris. It is a city that" where the base model stops after "Paris."). It means
+nothing; it shows that the adapter was applied.
 """
 
 from __future__ import annotations
@@ -21,11 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-RANK = 8
-"""vllm_server.ADAPTER_RANK: vLLM's --max-lora-rank must be at least this."""
 
-
-def write_adapter(base: Path, out: Path) -> None:
+def write_adapter(base: Path, out: Path, rank: int) -> None:
     """Writes the adapter for the Llama-shaped model in `base` into `out`."""
     config = json.loads((base / "config.json").read_text())
     hidden = int(config["hidden_size"])
@@ -40,18 +38,18 @@ def write_adapter(base: Path, out: Path) -> None:
             # B is usually zero at the start of training (no change); large
             # random values make the change show in the first tokens.
             tensors[f"{prefix}.lora_A.weight"] = (
-                torch.randn(RANK, hidden, generator=generator) * 0.01
+                torch.randn(rank, hidden, generator=generator) * 0.01
             )
             tensors[f"{prefix}.lora_B.weight"] = (
-                torch.randn(width, RANK, generator=generator) * 0.5
+                torch.randn(width, rank, generator=generator) * 0.5
             )
     out.mkdir(parents=True)
     save_file(tensors, str(out / "adapter_model.safetensors"))
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "r": RANK,
-        "lora_alpha": 2 * RANK,
+        "r": rank,
+        "lora_alpha": 2 * rank,
         "lora_dropout": 0.0,
         "bias": "none",
         "target_modules": ["q_proj", "v_proj"],
@@ -64,8 +62,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--rank", type=int, required=True)
     args = parser.parse_args()
-    write_adapter(args.base, args.out)
+    write_adapter(args.base, args.out, args.rank)
 
 
 if __name__ == "__main__":
