@@ -150,6 +150,10 @@ class ModelRoute(_Model):
     ready: bool = False
     """True when at least one replica is Ready (the LLMModel's Ready condition)."""
     ready_replicas: int = Field(0, ge=0, alias="readyReplicas")
+    scale_from_zero: bool = Field(False, alias="scaleFromZero")
+    """True when the operator's autoscaler may scale the model to zero
+    (`spec.autoscaling.minReplicas` 0): a request that finds no ready replica
+    waits for one (the autoscaler starts one for it) instead of a 503."""
     endpoints: tuple[Endpoint, ...] = ()
     """Replica base URLs (`http://host:port`, an IPv6 address in brackets:
     `http://[fd00::1]:8000`) for a gateway run from a file; in Kubernetes they
