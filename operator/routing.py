@@ -290,6 +290,11 @@ class RoutePublisher:
         self._ready.clear()
 
     @property
+    def holding(self) -> bool:
+        """Whether `hold()` holds the writes back until `ready()`."""
+        return not self._ready.is_set()
+
+    @property
     def paused(self) -> bool:
         """Whether `pause()` holds the writes back."""
         return not self._active.is_set()
