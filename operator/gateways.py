@@ -1,6 +1,6 @@
 """Reading the gateways' demand: which gateways, and what their /metrics say.
 
-Each gateway serves `citadel_gateway_model_requests{namespace, llmmodel,
+Each gateway serves `citadel_gateway_model_requests{model_namespace, llmmodel,
 state}` (state `in_flight` or `waiting`); the autoscaler sums it per model over
 every gateway it finds: the URLs the settings list, and the ready endpoints of
 the gateway's metrics Service.
@@ -102,7 +102,7 @@ def parse_model_requests(text: str) -> dict[ModelKey, Demand]:
             continue
         if not value >= 0:  # NaN or negative: not a count
             continue
-        key = (labels.get("namespace", ""), labels.get("llmmodel", ""))
+        key = (labels.get("model_namespace", ""), labels.get("llmmodel", ""))
         if not all(key):
             continue
         demand = found.setdefault(key, Demand())

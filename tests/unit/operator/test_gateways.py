@@ -27,7 +27,7 @@ def exposition() -> str:
     gauge = Gauge(
         MODEL_REQUESTS,
         "Requests per model.",
-        ["namespace", "llmmodel", "state"],
+        ["model_namespace", "llmmodel", "state"],
         registry=registry,
     )
     gauge.labels("llm", "mixtral", "in_flight").set(3)
@@ -39,7 +39,7 @@ def exposition() -> str:
     Counter(
         f"{MODEL_REQUESTS}_other",
         "Not the gauge.",
-        ["namespace", "llmmodel", "state"],
+        ["model_namespace", "llmmodel", "state"],
         registry=registry,
     ).labels("llm", "mixtral", "in_flight").inc(100)
     return generate_latest(registry).decode()
@@ -61,17 +61,17 @@ def test_labels_in_any_order_and_other_lines_ignored() -> None:
             "# HELP citadel_gateway_model_requests x",
             "# TYPE citadel_gateway_model_requests gauge",
             'citadel_gateway_model_requests{state="waiting",llmmodel="m",'
-            'namespace="ns"} 4.0',
-            'citadel_gateway_model_requests{llmmodel="m",namespace="ns",'
+            'model_namespace="ns"} 4.0',
+            'citadel_gateway_model_requests{llmmodel="m",model_namespace="ns",'
             'state="in_flight",} 1e1 1700000000000',
-            'citadel_gateway_model_requests{namespace="ns",llmmodel="m",'
+            'citadel_gateway_model_requests{model_namespace="ns",llmmodel="m",'
             'state="queued"} 7',
-            'citadel_gateway_model_requests{namespace="ns",state="waiting"} 7',
-            'citadel_gateway_model_requests{namespace="ns",llmmodel="m",'
+            'citadel_gateway_model_requests{model_namespace="ns",state="waiting"} 7',
+            'citadel_gateway_model_requests{model_namespace="ns",llmmodel="m",'
             'state="waiting"} NaN',
-            'citadel_gateway_model_requests{namespace="ns",llmmodel="m",'
+            'citadel_gateway_model_requests{model_namespace="ns",llmmodel="m",'
             'state="waiting"} -3',
-            'citadel_gateway_requests_total{namespace="ns",llmmodel="m",'
+            'citadel_gateway_requests_total{model_namespace="ns",llmmodel="m",'
             'state="waiting"} 9',
             "garbage",
         ]
