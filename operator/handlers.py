@@ -14,7 +14,9 @@ from typing import Any
 import kopf
 
 from citadel.operator import names
+from citadel.operator.autoscaler import Autoscaler
 from citadel.operator.background import Background
+from citadel.operator.gateways import Gateways
 from citadel.operator.kopfstate import MemoryState
 from citadel.operator.kube.client import ApiError
 from citadel.operator.reconcile import (
@@ -180,6 +182,21 @@ def build_registry(
             reconciler.metrics.publishes.labels(result="ok" if ok else "error").inc()
 
         background.start("route-publisher", lambda: reconciler.routes.run(count))
+        # Reads no gateway while no model has spec.autoscaling, and acts only
+        # in the active replica.
+        autoscaler = Autoscaler(
+            reconciler.kube,
+            settings,
+            reconciler.metrics,
+            models=lambda: reconciler.view.models(),
+            active=lambda: reconciler.active,
+            gateways=Gateways(
+                reconciler.kube,
+                settings.gateway_metrics_urls,
+                settings.gateway_metrics_service,
+            ),
+        )
+        background.start("autoscaler", autoscaler.run)
         try:
             await reconciler.routes.ensure()
         except ApiError as err:  # the first kick will write it

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -25,6 +25,10 @@ MODEL_LABELS = ("model_namespace", "model", "served_name")
 REPLICA_STATES = ("desired", "current", "updated", "ready")
 ROUTE_PUBLISHES = "citadel_operator_route_publishes_total"
 DRIFT_REVERTS = "citadel_operator_drift_reverts_total"
+AUTOSCALER_DEMAND = "citadel_operator_autoscaler_demand"
+AUTOSCALER_SCALES = "citadel_operator_autoscaler_scales_total"
+# The gateways' request states the autoscaler reads (the gateway's own names).
+DEMAND_STATES = ("in_flight", "waiting")
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -74,6 +78,20 @@ class Metrics:
             DRIFT_REVERTS,
             "Owned objects put back after a manual change.",
             ["kind"],
+            registry=self.registry,
+        )
+        self.demand = Gauge(
+            AUTOSCALER_DEMAND,
+            "Requests of each autoscaled LLMModel at the gateways, summed over "
+            "those read at the autoscaler's last tick, by state (in_flight, "
+            "waiting).",
+            ["model_namespace", "model", "state"],
+            registry=self.registry,
+        )
+        self.scales = Counter(
+            AUTOSCALER_SCALES,
+            "Replica counts the autoscaler wrote, by direction (up, down).",
+            ["direction"],
             registry=self.registry,
         )
         self.model_series = ModelSeries(clock, stale_after_s)

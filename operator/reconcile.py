@@ -470,6 +470,13 @@ class Reconciler:
         for task in list(self._spawned):
             task.cancel()
 
+    @property
+    def active(self) -> bool:
+        """Whether this replica is the one that acts: not paused for a peer,
+        and past its first handler (a replica that starts standing by runs
+        none: see `RoutePublisher.hold`)."""
+        return not self._paused and not self.routes.holding
+
     def resume(self) -> None:
         """This replica is active again after `pause()`: the routing document is
         written again once the models are listed anew (see

@@ -55,6 +55,7 @@ Conflicts = dict[str, str]
 def route_for(model: LLMModel) -> ModelRoute:
     """The model's entry in the routing document."""
     ready = model.status.condition(ConditionType.READY)
+    scaling = model.spec.autoscaling
     return ModelRoute(
         name=model.name,
         namespace=model.namespace,
@@ -67,6 +68,9 @@ def route_for(model: LLMModel) -> ModelRoute:
         limits=RouteLimits(rpm=model.spec.limits.rpm, tpm=model.spec.limits.tpm),
         ready=ready is not None and ready.status == "True",
         ready_replicas=model.status.replicas.ready,
+        # The autoscaler may take the model to zero: the gateway holds a
+        # request that finds no ready replica while the autoscaler wakes one.
+        scale_from_zero=scaling is not None and scaling.min_replicas == 0,
     )
 
 
@@ -284,6 +288,11 @@ class RoutePublisher:
         them would drop the models it misses, and every gateway would answer
         404 for them. A replica that stands by for a peer is `pause()`d."""
         self._ready.clear()
+
+    @property
+    def holding(self) -> bool:
+        """Whether `hold()` holds the writes back until `ready()`."""
+        return not self._ready.is_set()
 
     @property
     def paused(self) -> bool:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import enum
 import fnmatch
 import ipaddress
+import json
 import re
+import urllib.parse
 import warnings
 from typing import Annotated
 
@@ -132,6 +134,60 @@ class OperatorSettings(BaseSettings):
     rest wait their turn in arrival order. Without a bound, a burst of new models
     started every reconcile at once against a saturated API server and requests
     timed out waiting for it."""
+
+    gateway_metrics_urls: Annotated[tuple[str, ...], NoDecode] = ()
+    """The gateways' `/metrics` URLs the autoscaler reads, comma-separated (or a
+    JSON list): for local runs and tests; in a cluster,
+    `gateway_metrics_service` finds them."""
+    gateway_metrics_service: str = ""
+    """`namespace/name` of the Service whose ready endpoints are the gateway
+    pods the autoscaler reads (its port named `metrics`, else its first port,
+    path `/metrics`); empty reads none."""
+    autoscale_interval_seconds: float = Field(2.0, ge=0.2, le=60, allow_inf_nan=False)
+    """How often the autoscaler reads the gateways and sizes the models that
+    have spec.autoscaling (0.2 to 60)."""
+    autoscale_window_seconds: float = Field(30.0, ge=0, le=3600, allow_inf_nan=False)
+    """The window whose mean demand sizes a model (0: the latest read alone);
+    requests waiting for a replica wake a model at zero at once regardless."""
+
+    @field_validator("gateway_metrics_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                parsed = json.loads(text)
+            except ValueError as err:
+                raise ValueError(f"not a JSON list of URLs: {err}") from None
+            return parsed
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+
+    @field_validator("gateway_metrics_urls")
+    @classmethod
+    def _urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for url in value:
+            parts = urllib.parse.urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(
+                    f"{url!r} is not an http(s) URL such as "
+                    "http://127.0.0.1:8080/metrics"
+                )
+        return tuple(dict.fromkeys(value))
+
+    @field_validator("gateway_metrics_service")
+    @classmethod
+    def _service(cls, value: str) -> str:
+        if not value:
+            return value
+        namespace, _, name = value.partition("/")
+        if not _LABEL.match(namespace) or not _LABEL.match(name):
+            raise ValueError(
+                "not namespace/name of a Service, such as "
+                "citadel-system/citadel-gateway-metrics"
+            )
+        return value
 
     @field_validator("watch_namespaces", mode="before")
     @classmethod

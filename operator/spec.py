@@ -914,6 +914,38 @@ class Adapter(ApiModel):
     inside the container. Not `s3://`: vLLM cannot load an adapter from it."""
 
 
+class Autoscaling(ApiModel):
+    """Sizes the model by the gateway's demand, as a HorizontalPodAutoscaler
+    would: the operator writes spec.replicas (through the scale subresource)
+    from the requests in flight and waiting at the gateways."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_cel(
+            _rule(
+                # has(): the rule also runs before the defaults are filled in.
+                "!has(self.minReplicas) || self.minReplicas <= self.maxReplicas",
+                "autoscaling.minReplicas must be at most autoscaling.maxReplicas: "
+                "lower minReplicas or raise maxReplicas",
+                fieldPath=".minReplicas",
+            )
+        )
+    )
+
+    min_replicas: int = Field(1, ge=0, le=64)
+    """The fewest replicas; 0 stops the model when no request comes for
+    scaleDownDelaySeconds, and the gateway holds the first request that comes
+    while a replica starts."""
+    max_replicas: int = Field(ge=1, le=64)
+    """The most replicas."""
+    target_requests: int = Field(8, ge=1, le=100_000)
+    """Requests in flight (and waiting) per replica the autoscaler aims at.
+    vLLM batches concurrent requests: 8 suits a CPU or a small GPU; raise it for
+    large GPUs, which batch far more sequences at once."""
+    scale_down_delay_seconds: int = Field(300, ge=0, le=86_400)
+    """How long demand must stay low before replicas are removed; adding them
+    is immediate."""
+
+
 def _object_default() -> dict[str, Any]:
     # `default: {}` lets the API server fill in the nested defaults, so
     # `kubectl get -o yaml` shows what the operator will use.
@@ -950,6 +982,16 @@ class LLMModelSpec(ApiModel):
                 "stay unschedulable); use ReadWriteOnce or ReadWriteMany for more "
                 "pods (accessMode is immutable: a new cache claim)",
                 fieldPath=".cache.accessMode",
+            ),
+            _rule(
+                "!has(self.cache) || !has(self.cache.accessMode) || "
+                "self.cache.accessMode != 'ReadWriteOncePod' || "
+                "!has(self.autoscaling) || self.autoscaling.maxReplicas <= 1",
+                "cache.accessMode ReadWriteOncePod lets only one pod use the cache: "
+                "it needs autoscaling.maxReplicas <= 1 (the other pods would stay "
+                "unschedulable); use ReadWriteOnce or ReadWriteMany for more pods "
+                "(accessMode is immutable: a new cache claim)",
+                fieldPath=".autoscaling.maxReplicas",
             ),
             _rule(
                 "!has(self.adapters) || self.adapters.all(a, "
@@ -1007,7 +1049,14 @@ class LLMModelSpec(ApiModel):
     them when it starts: a change here restarts the replicas (rollout), and a
     source it cannot load stops it from starting."""
     replicas: int = Field(1, ge=0, le=64)
-    """Number of vLLM servers; 0 stops the model but keeps its cache."""
+    """Number of vLLM servers; 0 stops the model but keeps its cache. With
+    spec.autoscaling the operator writes it (leave it out of what GitOps
+    compares, as for an HPA)."""
+    autoscaling: Autoscaling | None = None
+    """Absent: spec.replicas is what a person (or an HPA) sets. Present: the
+    operator sets spec.replicas by the gateway's demand, through the scale
+    subresource (docs/concepts.md, Autoscaling); do not also point an HPA at
+    this LLMModel, the two would fight over spec.replicas."""
     resources: Resources = Field(
         default_factory=Resources, json_schema_extra=_object_default()
     )

@@ -121,6 +121,20 @@ class Kube(Protocol):
         operation raises ApiError (422)."""
         ...
 
+    async def merge_patch(
+        self,
+        resource: Resource,
+        name: str,
+        namespace: str | None,
+        body: Manifest,
+        *,
+        subresource: str = "",
+    ) -> Manifest:
+        """Applies a JSON merge patch (RFC 7386), to a subresource such as
+        `scale` if given: what an HPA sends. A `metadata.resourceVersion` in
+        `body` is a precondition: another version is a 409 ApiError."""
+        ...
+
     async def list(
         self,
         resource: Resource,
@@ -311,6 +325,24 @@ class AioKube:
             params={"fieldManager": names.FIELD_MANAGER},
             body=operations,
             content_type="application/json-patch+json",
+        )
+        return result or {}
+
+    async def merge_patch(
+        self,
+        resource: Resource,
+        name: str,
+        namespace: str | None,
+        body: Manifest,
+        *,
+        subresource: str = "",
+    ) -> Manifest:
+        result = await self._request(
+            "PATCH",
+            resource.path(namespace, name, subresource),
+            params={"fieldManager": names.FIELD_MANAGER},
+            body=body,
+            content_type="application/merge-patch+json",
         )
         return result or {}
 

@@ -44,9 +44,11 @@ class FakeKube:
         deleted: (plural, namespace, name) of every successful delete.
         events: every object passed to `create` (Events).
         served: resources that `has_resource` reports as installed.
-        fail: plural -> ApiError raised by `apply` and `create` of that
-            resource (and by `list_uids`); `json_patch` and `delete` do not
-            read it.
+        merged: (plural, namespace, name, subresource, body) of every
+            `merge_patch`, refused or not.
+        fail: plural -> ApiError raised by `apply`, `create` and
+            `merge_patch` of that resource (and by `list_uids`); `json_patch`
+            and `delete` do not read it.
         reads: (verb, plural) of every get ("get cached" with `cached`) and
             list ("list cached" for `list_uids`), in order.
         behind: (plural, namespace, name) -> what a `cached` get answers
@@ -73,6 +75,7 @@ class FakeKube:
         self.events: list[Manifest] = []
         self.created: list[Manifest] = []
         self.patched: list[tuple[str, str, list[Manifest]]] = []
+        self.merged: list[tuple[str, str, str, str, Manifest]] = []
         self._created_owners: set[tuple[str, str, str]] = set()
         self.served = set(served)
         self.fail: dict[str, ApiError] = {}
@@ -199,6 +202,42 @@ class FakeKube:
         self.objects[key] = obj
         self.patched.append((resource.plural, name, copy.deepcopy(operations)))
         return copy.deepcopy(obj)
+
+    async def merge_patch(
+        self,
+        resource: Resource,
+        name: str,
+        namespace: str | None,
+        body: Manifest,
+        *,
+        subresource: str = "",
+    ) -> Manifest:
+        """Merges `body` into the object (for `scale`: its spec.replicas), with
+        the resourceVersion precondition; recorded in `merged`."""
+        key = self._key(resource, name, namespace)
+        if resource.plural in self.fail:
+            raise self._refused(self.fail[resource.plural])
+        current = self.objects.get(key)
+        if current is None:
+            raise self._refused(ApiError(404, "NotFound", f"{resource.plural} {name}"))
+        self.merged.append(
+            (resource.plural, namespace or "", name, subresource, copy.deepcopy(body))
+        )
+        version = body.get("metadata", {}).get("resourceVersion")
+        if version is not None and current["metadata"]["resourceVersion"] != version:
+            raise self._refused(
+                ApiError(409, "Conflict", "the object has been modified")
+            )
+        if subresource == "scale":
+            patch = {"spec": {"replicas": body["spec"]["replicas"]}}
+        else:
+            patch = {k: v for k, v in body.items() if k != "metadata"}
+        merged = _merge(current, patch)
+        if merged.get("spec") != current.get("spec"):
+            merged["metadata"]["generation"] = current["metadata"]["generation"] + 1
+        merged["metadata"]["resourceVersion"] = str(next(self._versions))
+        self.objects[key] = merged
+        return copy.deepcopy(merged)
 
     async def get(
         self,

@@ -55,6 +55,7 @@ CONFIGMAPS = Resource("", "v1", "configmaps", "ConfigMap")
 EVENTS = Resource("", "v1", "events", "Event")
 PDBS = Resource("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget")
 POD_MONITORS = Resource("monitoring.coreos.com", "v1", "podmonitors", "PodMonitor")
+ENDPOINT_SLICES = Resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice")
 
 KNOWN = (
     LLMMODELS,
@@ -67,6 +68,7 @@ KNOWN = (
     EVENTS,
     PDBS,
     POD_MONITORS,
+    ENDPOINT_SLICES,
 )
 
 

@@ -380,6 +380,37 @@ MESSAGE_CASES: list[tuple[str, dict[str, Any], str, str, str]] = [
         "should be greater than or equal to 1",
     ),
     (
+        "autoscaling-min-above-max",
+        {"autoscaling": {"minReplicas": 3, "maxReplicas": 2}},
+        "bad",
+        "spec.autoscaling.minReplicas",
+        "autoscaling.minReplicas must be at most autoscaling.maxReplicas",
+    ),
+    (
+        "autoscaling-without-max",
+        {"autoscaling": {"minReplicas": 0}},
+        "bad",
+        "spec.autoscaling.maxReplicas",
+        "Required value",
+    ),
+    (
+        "autoscaling-max-zero",
+        {"autoscaling": {"maxReplicas": 0}},
+        "bad",
+        "spec.autoscaling.maxReplicas",
+        "should be greater than or equal to 1",
+    ),
+    (
+        "read-write-once-pod-autoscaled",
+        {
+            "autoscaling": {"minReplicas": 0, "maxReplicas": 2},
+            "cache": {"size": "1Gi", "accessMode": "ReadWriteOncePod"},
+        },
+        "bad",
+        "spec.autoscaling.maxReplicas",
+        "it needs autoscaling.maxReplicas <= 1",
+    ),
+    (
         "lora-rank-without-adapters",
         {"engine": {"maxLoraRank": 16}},
         "bad",

@@ -18,7 +18,7 @@ from citadel.operator.kube.client import (
     Kube,
     Listing,
 )
-from citadel.operator.kube.resources import CONFIGMAPS, NODES, PODS
+from citadel.operator.kube.resources import CONFIGMAPS, LLMMODELS, NODES, PODS
 
 pytestmark = pytest.mark.unit
 
@@ -186,6 +186,9 @@ CALLS: dict[str, Callable[[Kube], Awaitable[object]]] = {
     "json_patch": lambda kube: kube.json_patch(
         CONFIGMAPS, "x", "ns", [{"op": "remove", "path": "/data/key"}]
     ),
+    "merge_patch": lambda kube: kube.merge_patch(
+        LLMMODELS, "x", "ns", {"spec": {"replicas": 1}}, subresource="scale"
+    ),
     "list": lambda kube: kube.list(PODS, "ns", label_selector="x=y"),
     "list_uids": lambda kube: kube.list_uids(PODS),
     "delete": lambda kube: kube.delete(CONFIGMAPS, "x", "ns", uid="u"),
@@ -263,3 +266,42 @@ async def test_what_succeeds_tells_nothing() -> None:
         finally:
             await kube.close()
     assert heard == []
+
+
+async def test_merge_patch_writes_the_scale_as_an_hpa_does() -> None:
+    asked: list[tuple[str, str, str | None, dict[str, str], Any]] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        asked.append(
+            (
+                request.method,
+                request.path,
+                request.headers.get("Content-Type"),
+                dict(request.query),
+                await request.json(),
+            )
+        )
+        return web.json_response({"kind": "Scale", "spec": {"replicas": 3}})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    body = {"metadata": {"resourceVersion": "7"}, "spec": {"replicas": 3}}
+    async with TestServer(app) as server:
+        url = str(server.make_url("/"))
+        kube = AioKube(lambda: kopf.ConnectionInfo(server=url))
+        try:
+            scale = await kube.merge_patch(
+                LLMMODELS, "mixtral", "llm", body, subresource="scale"
+            )
+        finally:
+            await kube.close()
+    assert scale["spec"] == {"replicas": 3}
+    assert asked == [
+        (
+            "PATCH",
+            "/apis/citadel.ai/v1alpha1/namespaces/llm/llmmodels/mixtral/scale",
+            "application/merge-patch+json",
+            {"fieldManager": "citadel-operator"},
+            body,
+        )
+    ]

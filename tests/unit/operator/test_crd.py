@@ -810,3 +810,61 @@ def test_an_adapter_spec_parses() -> None:
         ("sql-expert", "org/sql-lora")
     ]
     assert (spec.engine.max_lora_rank, spec.engine.max_loras) == (64, 2)
+
+
+def test_autoscaling_bounds_and_defaults() -> None:
+    scaling = _at("autoscaling")
+    assert scaling["required"] == ["maxReplicas"]
+    assert "default" not in scaling  # absent: no autoscaling at all
+    props = scaling["properties"]
+    assert (props["minReplicas"]["minimum"], props["minReplicas"]["maximum"]) == (
+        0,
+        64,
+    )
+    assert props["minReplicas"]["default"] == 1
+    assert (props["maxReplicas"]["minimum"], props["maxReplicas"]["maximum"]) == (
+        1,
+        64,
+    )
+    assert "default" not in props["maxReplicas"]
+    target = props["targetRequests"]
+    assert (target["minimum"], target["maximum"], target["default"]) == (
+        1,
+        100_000,
+        8,
+    )
+    delay = props["scaleDownDelaySeconds"]
+    assert (delay["minimum"], delay["maximum"], delay["default"]) == (0, 86_400, 300)
+
+
+def test_autoscaling_min_may_not_exceed_max() -> None:
+    (rule,) = _rules("autoscaling")
+    assert rule["rule"] == (
+        "!has(self.minReplicas) || self.minReplicas <= self.maxReplicas"
+    )
+    assert rule["fieldPath"] == ".minReplicas"
+    assert "lower minReplicas or raise maxReplicas" in rule["message"]
+
+
+def test_a_read_write_once_pod_cache_caps_the_autoscaler_at_one_pod() -> None:
+    rule = _spec_rule("self.autoscaling.maxReplicas")
+    assert rule["rule"] == (
+        "!has(self.cache) || !has(self.cache.accessMode) || "
+        "self.cache.accessMode != 'ReadWriteOncePod' || "
+        "!has(self.autoscaling) || self.autoscaling.maxReplicas <= 1"
+    )
+    assert rule["fieldPath"] == ".autoscaling.maxReplicas"
+    assert "only one pod" in rule["message"]
+    assert "autoscaling.maxReplicas <= 1" in rule["message"]
+
+
+def test_an_autoscaling_spec_parses_with_its_defaults() -> None:
+    spec = LLMModelSpec.model_validate(
+        {"model": "org/model", "autoscaling": {"maxReplicas": 4}}
+    )
+    assert spec.autoscaling is not None
+    assert spec.autoscaling.min_replicas == 1
+    assert spec.autoscaling.max_replicas == 4
+    assert spec.autoscaling.target_requests == 8
+    assert spec.autoscaling.scale_down_delay_seconds == 300
+    assert LLMModelSpec.model_validate({"model": "org/model"}).autoscaling is None

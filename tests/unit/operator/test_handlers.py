@@ -415,7 +415,7 @@ async def test_liveness_fails_once_a_background_task_ends(
     await _activity(registry, "startup")(**_empty_indexes())
     try:
         # Started, and held as a replica standing by for a peer is: alive.
-        assert await probe() == ["index-sweep", "route-publisher"]
+        assert await probe() == ["autoscaler", "index-sweep", "route-publisher"]
         crash.set()
         for _ in range(3):
             await asyncio.sleep(0)

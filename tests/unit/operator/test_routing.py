@@ -67,6 +67,25 @@ def test_route_carries_every_field() -> None:
     assert route.ready and route.ready_replicas == 2
 
 
+@pytest.mark.parametrize(
+    ("spec", "from_zero"),
+    [
+        ({}, False),
+        ({"replicas": 0}, False),  # stopped by hand: nothing wakes it
+        ({"autoscaling": {"maxReplicas": 2}}, False),  # minReplicas 1
+        ({"autoscaling": {"minReplicas": 1, "maxReplicas": 2}}, False),
+        ({"autoscaling": {"minReplicas": 0, "maxReplicas": 2}}, True),
+    ],
+)
+def test_a_model_the_autoscaler_may_stop_is_scaled_from_zero(
+    spec: dict[str, Any], from_zero: bool
+) -> None:
+    route = route_for(LLMModel.from_body(model_body(**spec)))
+    assert route.scale_from_zero is from_zero
+    document = json.loads(RoutingDocument(models=(route,)).to_json())
+    assert document["models"][0]["scaleFromZero"] is from_zero
+
+
 def test_not_ready_without_the_condition() -> None:
     assert route_for(LLMModel.from_body(model_body())).ready is False
 

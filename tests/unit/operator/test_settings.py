@@ -267,3 +267,45 @@ def test_peering_lifetime_defaults_to_kopfs() -> None:
     # A longer one would not tolerate more clock skew (Kopf renews 5 to 10 s
     # before the end whatever the lifetime), only slow the takeover.
     assert OperatorSettings.model_fields["peering_lifetime_seconds"].default == 60
+
+
+def test_autoscaler_settings_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(
+        "CITADEL_OPERATOR_GATEWAY_METRICS_URLS",
+        "http://127.0.0.1:8080/metrics, http://[::1]:9090/metrics",
+    )
+    monkeypatch.setenv(
+        "CITADEL_OPERATOR_GATEWAY_METRICS_SERVICE", "citadel-system/gw-metrics"
+    )
+    settings = OperatorSettings()
+    assert settings.gateway_metrics_urls == (
+        "http://127.0.0.1:8080/metrics",
+        "http://[::1]:9090/metrics",
+    )
+    assert settings.gateway_metrics_service == "citadel-system/gw-metrics"
+    assert settings.autoscale_interval_seconds == 2.0
+    assert settings.autoscale_window_seconds == 30.0
+    monkeypatch.setenv("CITADEL_OPERATOR_GATEWAY_METRICS_URLS", '["http://gw/metrics"]')
+    assert OperatorSettings().gateway_metrics_urls == ("http://gw/metrics",)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("GATEWAY_METRICS_URLS", "gw:8080/metrics", "not an http(s) URL"),
+        ("GATEWAY_METRICS_URLS", "[not json", "not a JSON list"),
+        ("GATEWAY_METRICS_SERVICE", "gw-metrics", "not namespace/name"),
+        ("GATEWAY_METRICS_SERVICE", "a/b/c", "not namespace/name"),
+        ("AUTOSCALE_INTERVAL_SECONDS", "0.1", "greater than or equal to 0.2"),
+        ("AUTOSCALE_WINDOW_SECONDS", "3601", "less than or equal to 3600"),
+    ],
+)
+def test_bad_autoscaler_settings_are_refused(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(f"CITADEL_OPERATOR_{variable}", value)
+    with pytest.raises(ValidationError) as err:
+        OperatorSettings()
+    assert message in explain(err.value)

@@ -1,0 +1,258 @@
+"""The autoscaler: sizes each model with spec.autoscaling by the gateways' demand.
+
+Every `autoscale_interval_seconds` it reads every gateway's requests per model
+(gateways.py), keeps each autoscaled model's recent demand, and writes the
+replica count `autoscale.decide` gives through the model's scale subresource,
+as a HorizontalPodAutoscaler would: the reconcile that the change sets off does
+the rest (the Deployment, ScaledToZero, the PDB).
+
+Only the active replica acts (`active`): one standing by for a peer reads and
+writes nothing, and forgets what it saw, so that once it takes over its first
+scale-down waits a whole delay of its own readings. Every write carries the
+model's resourceVersion as read: a model changed since (by a person, or a copy
+that a resumed replica has not listed again yet) refuses it, and the next tick
+decides again from the new copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from citadel.operator.autoscale import Decision, Sample, decide
+from citadel.operator.events import Notice, event_object
+from citadel.operator.gateways import Demand, Reading
+from citadel.operator.kube.client import ApiError, Kube, Manifest
+from citadel.operator.kube.resources import LLMMODELS
+from citadel.operator.metrics import DEMAND_STATES, Metrics
+from citadel.operator.model import LLMModel
+from citadel.operator.settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+AUTOSCALED = "Autoscaled"
+AUTOSCALING_BLIND = "AutoscalingBlind"
+
+
+def utc_now() -> str:
+    """The time now as an Event timestamp."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class GatewayReader(Protocol):
+    """Reads the gateways' demand (gateways.Gateways)."""
+
+    async def read(self) -> Reading:
+        """One read of every gateway."""
+        ...
+
+    async def close(self) -> None:
+        """Releases its connections."""
+        ...
+
+
+ModelSource = Callable[[], Awaitable[list[Manifest]]]
+
+
+@dataclass
+class _Tracked:
+    """What the autoscaler keeps of one model between ticks."""
+
+    uid: str
+    since: float
+    """When its history began to count for a scale-down: first seen, or last
+    scaled."""
+    history: deque[Sample] = field(default_factory=deque)
+    blind_told: bool = False
+    """An AutoscalingBlind Event was posted since the gateways last answered."""
+
+
+class Autoscaler:
+    """Sizes the autoscaled models, one tick at a time.
+
+    Args:
+        kube: writes the scale and posts Events.
+        settings: the interval and the window.
+        metrics: the demand read and the scales written.
+        models: lists the models (the reconciler's view).
+        active: whether this replica is the one that acts (not standing by
+            for a peer).
+        gateways: reads the demand.
+        clock: monotonic seconds.
+        wall: the time for Events.
+    """
+
+    def __init__(
+        self,
+        kube: Kube,
+        settings: OperatorSettings,
+        metrics: Metrics,
+        *,
+        models: ModelSource,
+        active: Callable[[], bool],
+        gateways: GatewayReader,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], str] = utc_now,
+    ) -> None:
+        self._kube = kube
+        self._settings = settings
+        self._metrics = metrics
+        self._models = models
+        self._active = active
+        self._gateways = gateways
+        self._clock = clock
+        self._wall = wall
+        self._tracked: dict[tuple[str, str], _Tracked] = {}
+
+    async def run(self) -> None:
+        """Ticks until cancelled; a failed tick is logged and the next one comes."""
+        try:
+            while True:
+                try:
+                    await self.tick()
+                except ApiError as err:
+                    log.warning("autoscaling: could not list the models: %s", err)
+                except Exception:
+                    log.exception("autoscaling tick failed")
+                await asyncio.sleep(self._settings.autoscale_interval_seconds)
+        finally:
+            await self._gateways.close()
+
+    def _forget(self, keep: set[tuple[str, str]]) -> None:
+        for key in set(self._tracked) - keep:
+            del self._tracked[key]
+            for state in DEMAND_STATES:
+                with contextlib.suppress(KeyError):  # never read: no series
+                    self._metrics.demand.remove(*key, state)
+
+    def _autoscaled(self, bodies: list[Manifest]) -> list[tuple[LLMModel, Manifest]]:
+        found = []
+        for body in bodies:
+            meta = body.get("metadata", {})
+            if meta.get("deletionTimestamp"):
+                continue  # never scale a model on its way out
+            if not (body.get("spec") or {}).get("autoscaling"):
+                continue
+            if not self._settings.watches(str(meta.get("namespace", ""))):
+                continue
+            try:
+                model = LLMModel.from_body(body)
+            except ValueError as err:
+                log.warning("autoscaling: skipping unparsable LLMModel: %s", err)
+                continue
+            found.append((model, body))
+        return found
+
+    async def tick(self) -> None:
+        """Reads the gateways once and sizes every autoscaled model."""
+        if not self._active():
+            self._forget(set())
+            return
+        models = self._autoscaled(await self._models())
+        self._forget({(m.namespace, m.name) for m, _ in models})
+        if not models:
+            return  # nothing to size: no gateway is read
+        reading = await self._gateways.read()
+        now = self._clock()
+        for model, body in models:
+            await self._size(model, body, reading, now)
+
+    def _track(self, model: LLMModel, now: float) -> _Tracked:
+        key = (model.namespace, model.name)
+        tracked = self._tracked.get(key)
+        if tracked is None or tracked.uid != model.uid:
+            tracked = self._tracked[key] = _Tracked(model.uid, since=now)
+        return tracked
+
+    async def _size(
+        self, model: LLMModel, body: Manifest, reading: Reading, now: float
+    ) -> None:
+        scaling = model.spec.autoscaling
+        assert scaling is not None
+        tracked = self._track(model, now)
+        if reading.answered == 0:
+            tracked.history.append(Sample(now, None))
+            if not tracked.blind_told:
+                tracked.blind_told = True
+                await self._post(
+                    model,
+                    Notice(
+                        "Warning",
+                        AUTOSCALING_BLIND,
+                        "no gateway could be read, replicas left as they are: "
+                        + "; ".join(reading.failures),
+                    ),
+                )
+        else:
+            tracked.blind_told = False
+            demand = reading.demand.get((model.namespace, model.name), Demand())
+            for state, value in zip(
+                DEMAND_STATES, (demand.in_flight, demand.waiting), strict=True
+            ):
+                self._metrics.demand.labels(model.namespace, model.name, state).set(
+                    value
+                )
+            tracked.history.append(
+                Sample(now, demand.total, demand.waiting, not reading.failures)
+            )
+        # Enough for the scale-down's delay, each of its samples with its window.
+        keep_from = (
+            now
+            - scaling.scale_down_delay_seconds
+            - self._settings.autoscale_window_seconds
+            - self._settings.autoscale_interval_seconds
+        )
+        while tracked.history and tracked.history[0].at < keep_from:
+            tracked.history.popleft()
+        decision = decide(
+            model.spec.replicas,
+            scaling,
+            tracked.history,
+            window_s=self._settings.autoscale_window_seconds,
+            since=tracked.since,
+        )
+        if decision is not None:
+            await self._scale(model, body, decision, tracked, now)
+
+    async def _scale(
+        self,
+        model: LLMModel,
+        body: Manifest,
+        decision: Decision,
+        tracked: _Tracked,
+        now: float,
+    ) -> None:
+        patch: dict[str, Any] = {
+            "metadata": {"resourceVersion": body["metadata"].get("resourceVersion")},
+            "spec": {"replicas": decision.replicas},
+        }
+        try:
+            await self._kube.merge_patch(
+                LLMMODELS, model.name, model.namespace, patch, subresource="scale"
+            )
+        except ApiError as err:
+            if err.status in (404, 409):
+                # Deleted, or changed since it was read: the next tick decides
+                # from the new copy.
+                log.info("%s: scale not written: %s", model.key, err)
+            else:
+                log.warning("%s: could not write the scale: %s", model.key, err)
+            return
+        log.info("%s: %s", model.key, decision.message)
+        tracked.since = now
+        direction = "up" if decision.replicas > model.spec.replicas else "down"
+        self._metrics.scales.labels(direction=direction).inc()
+        await self._post(model, Notice("Normal", AUTOSCALED, decision.message))
+
+    async def _post(self, model: LLMModel, notice: Notice) -> None:
+        try:
+            await self._kube.create(event_object(model, notice, self._wall()))
+        except ApiError as err:
+            log.warning(
+                "could not post event %s for %s: %s", notice.reason, model.key, err
+            )
