@@ -289,6 +289,11 @@ PodMonitor), the pods it reads to explain a model's status, and Events. Used by 
 - apiGroups: [citadel.ai]
   resources: [llmmodels/status]
   verbs: [get, patch]
+# The autoscaler sizes a model with `spec.autoscaling` as an HPA would: through
+# the scale subresource.
+- apiGroups: [citadel.ai]
+  resources: [llmmodels/scale]
+  verbs: [get, patch]
 # Owner references with blockOwnerDeletion need update on the owner's finalizers.
 - apiGroups: [citadel.ai]
   resources: [llmmodels/finalizers]

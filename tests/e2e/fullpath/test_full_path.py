@@ -46,18 +46,7 @@ def ask(openai: OpenAI, prompt: str, max_tokens: int = 8) -> str:
 
 
 def model_pods(platform: Platform) -> list[dict[str, Any]]:
-    out = platform.cluster.kubectl(
-        "get",
-        "pods",
-        "-n",
-        MODEL_NS,
-        "-l",
-        f"app.kubernetes.io/instance={MODEL}",
-        "-o",
-        "json",
-    )
-    items: list[dict[str, Any]] = json.loads(out)["items"]
-    return [p for p in items if not p["metadata"].get("deletionTimestamp")]
+    return model_pods_of(platform, MODEL)
 
 
 def served_requests(pod_ip: str) -> float:
@@ -191,6 +180,128 @@ def _answers_or_none(answer: Any) -> tuple[Any, Any] | None:
         return answer(ADAPTED), answer(ADAPTER)
     except NotFoundError:
         return None
+
+
+IDLE = "smollm2-idle"
+
+
+def idle_model() -> dict[str, Any]:
+    """SmolLM2 sized by the operator's autoscaler, down to zero when idle; made
+    at zero, so its first request is the one that wakes it."""
+    return {
+        "apiVersion": "citadel.ai/v1alpha1",
+        "kind": "LLMModel",
+        "metadata": {"name": IDLE, "namespace": MODEL_NS},
+        "spec": {
+            "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "replicas": 0,
+            "autoscaling": {
+                "minReplicas": 0,
+                "maxReplicas": 1,
+                "scaleDownDelaySeconds": 5,
+            },
+            "resources": {"gpus": 1},
+            "placement": {"nodeName": "hx-llm-server-02"},
+            "engine": {"maxModelLen": 2048},
+            "pod": {"annotations": {"citadel.ai/runtime": "local"}},
+        },
+    }
+
+
+def idle_state(platform: Platform) -> dict[str, Any]:
+    out = platform.cluster.kubectl(
+        "get", "llmmodel", IDLE, "-n", MODEL_NS, "-o", "json"
+    )
+    state: dict[str, Any] = json.loads(out)
+    return state
+
+
+def autoscaled_events(platform: Platform) -> list[str]:
+    """The messages of the model's `Autoscaled` Events, oldest first."""
+    out = platform.cluster.kubectl(
+        "get",
+        "events",
+        "-n",
+        MODEL_NS,
+        "--field-selector",
+        f"involvedObject.name={IDLE},reason=Autoscaled",
+        "--sort-by=.metadata.creationTimestamp",
+        "-o",
+        "json",
+    )
+    return [e["message"] for e in json.loads(out)["items"]]
+
+
+def test_a_model_at_zero_wakes_on_a_request_and_sleeps_when_idle(
+    platform: Platform,
+) -> None:
+    """The autoscaler with the chart's wiring: a request for a model at zero is
+    held by the gateway, counted as waiting, read by the operator from the
+    gateway pods, which scales the model to one; the request is answered once
+    vLLM is ready; with no requests for scaleDownDelaySeconds, back to zero."""
+    platform.cluster.kubectl("apply", "-f", "-", input_text=json.dumps(idle_model()))
+    try:
+        openai = OpenAI(
+            base_url=f"{platform.gateway_url()}/v1",
+            api_key=platform.key,
+            timeout=600,
+            max_retries=0,
+        )
+
+        def routed() -> bool:
+            # The gateway knows the model (at zero: listed, not ready) once the
+            # operator published its route.
+            try:
+                openai.models.retrieve(IDLE)
+            except NotFoundError:
+                return False
+            return True
+
+        wait_for(f"{IDLE}'s route in the gateway", routed, timeout=60, interval=1)
+        assert idle_state(platform)["status"]["phase"] != "Ready"
+        assert not model_pods_of(platform, IDLE)
+        started = time.monotonic()
+        reply = openai.chat.completions.create(
+            model=IDLE,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=8,
+            temperature=0,
+        )
+        woke_s = time.monotonic() - started
+        print(f"{IDLE} answered from zero in {woke_s:.1f} s")
+        assert "Paris" in (reply.choices[0].message.content or "")
+        assert idle_state(platform)["spec"]["replicas"] == 1
+        assert any("from 0 to 1" in m for m in autoscaled_events(platform))
+
+        def asleep() -> bool:
+            state = idle_state(platform)
+            return bool(
+                state["spec"]["replicas"] == 0 and not model_pods_of(platform, IDLE)
+            )
+
+        # 5 s of no requests, the operator's ticks, and the pod's graceful stop.
+        wait_for(f"{IDLE} back to zero", asleep, timeout=180, interval=2)
+        assert any("from 1 to 0" in m for m in autoscaled_events(platform))
+    finally:
+        platform.cluster.kubectl(
+            "delete", "llmmodel", IDLE, "-n", MODEL_NS, "--wait=true", check=False
+        )
+
+
+def model_pods_of(platform: Platform, name: str) -> list[dict[str, Any]]:
+    """The live pods of the model `name`."""
+    out = platform.cluster.kubectl(
+        "get",
+        "pods",
+        "-n",
+        MODEL_NS,
+        "-l",
+        f"app.kubernetes.io/instance={name}",
+        "-o",
+        "json",
+    )
+    items: list[dict[str, Any]] = json.loads(out)["items"]
+    return [p for p in items if not p["metadata"].get("deletionTimestamp")]
 
 
 def test_scaled_to_two_replicas_both_receive_traffic(platform: Platform) -> None:

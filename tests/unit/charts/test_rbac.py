@@ -317,3 +317,46 @@ def test_rbac_can_be_left_to_the_platform_team(chart: ChartKit) -> None:
     assert [s["metadata"]["name"] for s in chart.find(objs, "ServiceAccount")] == [
         "citadel-gateway"
     ]
+
+
+@pytest.mark.parametrize("values", [{}, {"watchNamespaces": ["llm-a"]}])
+def test_operator_autoscaler_reads_gateways_and_scales_models(
+    chart: ChartKit, values: dict[str, object]
+) -> None:
+    objs = chart.render(values)
+    granted = bound_to(objs, "citadel-operator")
+    scopes = {s for s, g, r, v in granted if r == "deployments"}
+    # Through the scale subresource, as an HPA sizes its target: never a PUT.
+    scale = {
+        (s, v) for s, g, r, v in granted if (g, r) == ("citadel.ai", "llmmodels/scale")
+    }
+    assert scale == {(s, v) for s in scopes for v in ("get", "patch")}
+    # The gateway pods' addresses, read only, in the release namespace only.
+    slices = {(s, v) for s, g, r, v in granted if r == "endpointslices"}
+    assert slices == {(chart.namespace, v) for v in ("get", "list", "watch")}
+    env = chart.env_of(
+        chart.container(chart.one(objs, "Deployment", "citadel-operator"))
+    )
+    service = env["CITADEL_OPERATOR_GATEWAY_METRICS_SERVICE"]
+    assert service == f"{chart.namespace}/citadel-gateway-metrics"
+    assert chart.one(objs, "Service", "citadel-gateway-metrics")
+
+
+def test_operator_autoscaler_follows_where_the_gateway_serves_metrics(
+    chart: ChartKit,
+) -> None:
+    objs = chart.render({"gateway.metricsPort": 0})
+    env = chart.env_of(
+        chart.container(chart.one(objs, "Deployment", "citadel-operator"))
+    )
+    # /metrics on the API port then: the gateway's own Service.
+    assert env["CITADEL_OPERATOR_GATEWAY_METRICS_SERVICE"] == (
+        f"{chart.namespace}/citadel-gateway"
+    )
+    objs = chart.render({"gateway.enabled": False})
+    env = chart.env_of(
+        chart.container(chart.one(objs, "Deployment", "citadel-operator"))
+    )
+    assert "CITADEL_OPERATOR_GATEWAY_METRICS_SERVICE" not in env
+    granted = bound_to(objs, "citadel-operator")
+    assert not {g for g in granted if g[2] == "endpointslices"}
