@@ -35,9 +35,10 @@ LABEL_DIRECTION = "direction"
 LABEL_REASON = "reason"
 # A model's route identity (its LLMModel's namespace and name) and what its
 # requests are doing, on `model_requests`: the operator's autoscaler reads it
-# straight from each gateway (not through Prometheus, which renames a scraped
-# `namespace` to `exported_namespace`), so these names are its contract.
-LABEL_NAMESPACE = "namespace"
+# straight from each gateway, so these names are its contract. `model_namespace`
+# as the operator's own metrics name it: Prometheus renames a scraped
+# `namespace` label to `exported_namespace`.
+LABEL_NAMESPACE = "model_namespace"
 LABEL_LLMMODEL = "llmmodel"
 LABEL_STATE = "state"
 MODEL_REQUESTS = PREFIX + "model_requests"
@@ -75,7 +76,7 @@ ModelIdentity = tuple[str, str]
 
 
 class ModelDemand(Collector):
-    """`citadel_gateway_model_requests{namespace,llmmodel,state}`: each model's
+    """`citadel_gateway_model_requests{model_namespace,llmmodel,state}`: each model's
     requests in flight at its replicas and waiting for one, by route identity
     (every name of the model, its adapters' too, counted together).
 

@@ -30,7 +30,7 @@ def demand(url: str) -> dict[str, float]:
         if line.startswith("#"):
             continue
         assert line.startswith("citadel_gateway_model_requests{"), line
-        assert 'namespace="llm"' in line and 'llmmodel="smol"' in line
+        assert 'model_namespace="llm"' in line and 'llmmodel="smol"' in line
         state = line.split('state="', 1)[1].split('"', 1)[0]
         found[state] = float(line.rsplit(" ", 1)[1])
     return found

@@ -140,12 +140,6 @@ def promtool() -> str:
     return found
 
 
-# Metrics read straight from the pod by Citadel itself, not through Prometheus,
-# whose labels are a contract with their reader: the operator's autoscaler
-# reads the gateway's demand by (namespace, llmmodel), as named there.
-TARGET_LABELS_READ_DIRECTLY = {"citadel_gateway_model_requests": ["namespace"]}
-
-
 def test_no_metric_label_is_a_target_label() -> None:
     gateway = GatewayMetrics(CollectorRegistry())
     # Its series exist only for the models routed.
@@ -168,7 +162,7 @@ def test_no_metric_label_is_a_target_label() -> None:
         for name, names in labels.items()
         if names & TARGET_LABELS
     }
-    assert clashes == TARGET_LABELS_READ_DIRECTLY
+    assert clashes == {}
 
 
 def test_monitoring_objects_only_where_the_api_is_served(chart: ChartKit) -> None:
@@ -401,10 +395,6 @@ OFF_THE_DASHBOARDS = {
     # CitadelGatewayRoutesNotApplied reads the gauge, and the log says why.
     "citadel_gateway_config_reloads",
     "citadel_gateway_config_last_reload_successful",
-    # The operator's autoscaler reads it from each gateway pod (its demand per
-    # LLMModel), not through Prometheus, where its `namespace` label is
-    # renamed `exported_namespace` (test_no_metric_label_is_a_target_label).
-    "citadel_gateway_model_requests",
 }
 
 

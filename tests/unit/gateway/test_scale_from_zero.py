@@ -27,7 +27,7 @@ CHUNK = {"choices": [{"index": 0, "delta": {"content": "hi"}}]}
 
 def demand(h: Any, state: str, model: tuple[str, str] = SMOL) -> float | None:
     """The model's `model_requests` sample in `state` (None: no series)."""
-    labels = {"namespace": model[0], "llmmodel": model[1], "state": state}
+    labels = {"model_namespace": model[0], "llmmodel": model[1], "state": state}
     value = h.deps.metrics.registry.get_sample_value(
         "citadel_gateway_model_requests", labels
     )
@@ -289,9 +289,9 @@ async def test_metrics_can_be_filtered_by_name(kit: Any) -> None:
         everything = (await client.get("/metrics")).text
     samples = [line for line in text.splitlines() if not line.startswith("#")]
     assert sorted(samples) == [
-        'citadel_gateway_model_requests{llmmodel="smol",namespace="llm",'
+        'citadel_gateway_model_requests{llmmodel="smol",model_namespace="llm",'
         'state="in_flight"} 0.0',
-        'citadel_gateway_model_requests{llmmodel="smol",namespace="llm",'
+        'citadel_gateway_model_requests{llmmodel="smol",model_namespace="llm",'
         'state="waiting"} 0.0',
     ]
     assert "# TYPE citadel_gateway_model_requests gauge" in text
