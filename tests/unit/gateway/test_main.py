@@ -136,7 +136,7 @@ def test_metrics_on_a_port_of_their_own_and_not_on_the_api_port(
     status, text = seen["demand"]
     assert status == 200
     assert [line for line in text.splitlines() if not line.startswith("#")] == [
-        f'citadel_gateway_model_requests{{llmmodel="smol",namespace="llm",'
+        f'citadel_gateway_model_requests{{llmmodel="smol",model_namespace="llm",'
         f'state="{state}"}} 0.0'
         for state in ("in_flight", "waiting")
     ]
