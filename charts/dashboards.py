@@ -257,6 +257,20 @@ def overview() -> Any:
             ],
         ),
         panel(
+            "Demand by LLMModel",
+            "Requests of each LLMModel at the gateways, in flight at its replicas "
+            "or waiting for one (a model at zero waking, spec.autoscaling): what "
+            "the operator's autoscaler sizes models by. Models with none are "
+            "left out.",
+            [
+                (
+                    "sum by (model_namespace, llmmodel, state) "
+                    f"(citadel_gateway_model_requests{{{GW}}}) > 0",
+                    "{{model_namespace}}/{{llmmodel}} {{state}}",
+                )
+            ],
+        ),
+        panel(
             "Rate-limited/s",
             "Requests refused with 429, by limit (requests, tokens, quota).",
             [

@@ -8,7 +8,11 @@ addresses from discovery, watched resources from the few kinds the sources watch
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 PREFIX = "citadel_gateway_"
 
@@ -29,6 +33,18 @@ LABEL_CODE = "code"
 LABEL_RESOURCE = "resource"
 LABEL_DIRECTION = "direction"
 LABEL_REASON = "reason"
+# A model's route identity (its LLMModel's namespace and name) and what its
+# requests are doing, on `model_requests`: the operator's autoscaler reads it
+# straight from each gateway, so these names are its contract. `model_namespace`
+# as the operator's own metrics name it: Prometheus renames a scraped
+# `namespace` label to `exported_namespace`.
+LABEL_NAMESPACE = "model_namespace"
+LABEL_LLMMODEL = "llmmodel"
+LABEL_STATE = "state"
+MODEL_REQUESTS = PREFIX + "model_requests"
+STATE_IN_FLIGHT = "in_flight"
+STATE_WAITING = "waiting"
+MODEL_REQUEST_STATES = (STATE_IN_FLIGHT, STATE_WAITING)
 
 OTHER_KEY = "other"
 ANONYMOUS_KEY = "anonymous"
@@ -53,6 +69,78 @@ LATENCY_BUCKETS = (
 )
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 COST_BUCKETS = (0.00001, 0.0001, 0.001, 0.01, 0.1, 1.0, 10.0)
+
+
+ModelIdentity = tuple[str, str]
+"""A model's route identity: its LLMModel's (namespace, name)."""
+
+
+class ModelDemand(Collector):
+    """`citadel_gateway_model_requests{model_namespace,llmmodel,state}`: each model's
+    requests in flight at its replicas and waiting for one, by route identity
+    (every name of the model, its adapters' too, counted together).
+
+    A custom collector rather than a labelled Gauge: each routed model has its
+    two series at 0 from when its route is in force, read from the routes at
+    each scrape, and they go with the route (a labelled Gauge would hold a
+    child per model and state, 80,000 of them at 40,000 models, each to be
+    removed by hand). A model whose route went while requests were counted
+    keeps its series until they end.
+
+    The counts change on the event loop and are read by the metrics port's
+    thread: a scrape reads a copy (one step under the GIL).
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str, str], int] = {}
+        self._routed: Callable[[], Iterable[ModelIdentity]] = tuple
+
+    def follow(self, routed: Callable[[], Iterable[ModelIdentity]]) -> None:
+        """Exports a pair of series for each model `routed()` names at a
+        scrape (the routing document in force)."""
+        self._routed = routed
+
+    def add(self, model: ModelIdentity, state: str, delta: int) -> None:
+        """Counts `delta` more (or fewer) requests of `model` in `state`
+        (`STATE_IN_FLIGHT` or `STATE_WAITING`)."""
+        key = (*model, state)
+        count = self._counts.get(key, 0) + delta
+        if count:
+            self._counts[key] = count
+        else:
+            del self._counts[key]
+
+    def count(self, model: ModelIdentity, state: str) -> int:
+        """How many requests of `model` are in `state` now."""
+        return self._counts.get((*model, state), 0)
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        """The family without samples (registering reads no routes)."""
+        return [self._family()]
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        """Two samples for each model routed or still counted."""
+        counts = self._counts.copy()
+        family = self._family()
+        models = dict.fromkeys(self._routed())
+        models.update(dict.fromkeys((key[0], key[1]) for key in counts))
+        for namespace, name in models:
+            for state in MODEL_REQUEST_STATES:
+                value = counts.get((namespace, name, state), 0)
+                family.add_metric([namespace, name, state], value)
+        return [family]
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            MODEL_REQUESTS,
+            "Requests of each LLMModel (any of its names: served name, alias, "
+            "adapter) by state: in_flight (sent to one of its replicas and not "
+            "finished; a stream until it ends) or waiting (held for a replica "
+            "of a model at zero, scaleFromZero). Read by the operator's "
+            "autoscaler.",
+            labels=[LABEL_NAMESPACE, LABEL_LLMMODEL, LABEL_STATE],
+        )
 
 
 class GatewayMetrics:
@@ -142,6 +230,8 @@ class GatewayMetrics:
             [LABEL_MODEL, LABEL_REPLICA],
             registry=r,
         )
+        self.model_requests = ModelDemand()
+        r.register(self.model_requests)
         self.routing_decisions = Counter(
             PREFIX + "routing_decisions",
             "Replica choices, by strategy and how the choice was made.",

@@ -160,6 +160,7 @@ def proxy_options(settings: GatewaySettings) -> ProxyOptions:
         # retry there may have its connection cut short by the deadline.
         least_try_s=min(settings.connect_timeout_s, settings.read_timeout_s / 2),
         connect_within_s=settings.connect_timeout_s,
+        scale_from_zero_within_s=settings.scale_from_zero_timeout_s,
         ejection=EjectionPolicy(
             settings.eject_after_failures, settings.eject_base_s, settings.eject_max_s
         ),

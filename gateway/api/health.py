@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from citadel.gateway.deps import DepsDep
@@ -28,8 +28,12 @@ async def readyz(deps: DepsDep) -> dict[str, str]:
 
 
 @metrics_router.get("/metrics", include_in_schema=False)
-async def metrics(deps: DepsDep) -> Response:
-    """Prometheus text exposition of the gateway's metrics."""
-    return Response(
-        generate_latest(deps.metrics.registry), media_type=CONTENT_TYPE_LATEST
-    )
+async def metrics(request: Request, deps: DepsDep) -> Response:
+    """Prometheus text exposition of the gateway's metrics; only the series
+    named by `name[]` parameters when there are any, as prometheus_client's own
+    server (the metrics port) does: the operator's autoscaler reads
+    `?name[]=citadel_gateway_model_requests` every few seconds."""
+    registry = deps.metrics.registry
+    names = request.query_params.getlist("name[]")
+    text = generate_latest(registry.restricted_registry(names) if names else registry)
+    return Response(text, media_type=CONTENT_TYPE_LATEST)

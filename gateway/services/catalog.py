@@ -116,6 +116,7 @@ class Catalog:
         self._on_reload = on_reload
         self._clock = clock
         self._document_listeners: list[Callable[[RoutingDocument], None]] = []
+        self._change_listeners: list[Callable[[], None]] = []
 
     @property
     def loaded(self) -> bool:
@@ -131,6 +132,16 @@ class Catalog:
         """Calls `listener` with each document put in force from now on (after
         it is in force)."""
         self._document_listeners.append(listener)
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Calls `listener` after each change that may give a model a replica
+        or take one away: a document put in force, a Service's addresses
+        replaced (requests held for a model at zero wait on it)."""
+        self._change_listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._change_listeners:
+            listener()
 
     def set_document(self, doc: RoutingDocument, problems: Sequence[str] = ()) -> None:
         """Puts a new routing document in force (`put_in_force`, with its
@@ -165,6 +176,7 @@ class Catalog:
         )
         if self._on_reload:
             self._on_reload("partial" if problems else "ok")
+        self._changed()
         return doc
 
     def reject_document(self, error: RoutesError | str) -> None:
@@ -225,6 +237,7 @@ class Catalog:
                 self._departed[url] = _Departed(
                     now, self._replicas.pop(url), key, previous[url].pod
                 )
+        self._changed()
 
     def _forget_departed(self, now: float) -> None:
         while self._departed:

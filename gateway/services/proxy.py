@@ -8,6 +8,7 @@ request comes through.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -33,7 +34,13 @@ from citadel.gateway.errors import (
     refusal_json,
     retry_after_seconds,
 )
-from citadel.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
+from citadel.gateway.metrics import (
+    STATE_IN_FLIGHT,
+    STATE_WAITING,
+    UNKNOWN_MODEL,
+    GatewayMetrics,
+    ModelIdentity,
+)
 from citadel.gateway.routes import ModelRoute
 from citadel.gateway.services.auth import Principal
 from citadel.gateway.services.catalog import Catalog
@@ -76,6 +83,10 @@ answer, or a stream before its first event): a request that crashes vLLM
 would otherwise take down every replica it is retried on, up to `retries` + 1
 of them; one more try still saves a request whose replica died under it for
 another reason."""
+_RECHECK_S = 1.0
+"""How often a request held for a model at zero looks for a replica besides
+each change the catalog reports (`ProxyService._await_replica`): a change
+missed for any reason costs it a second at most."""
 
 
 def _read_already(error: GatewayError) -> None:
@@ -102,6 +113,14 @@ class ProxyResponse:
     error_event: Callable[[dict[str, Any]], bytes] = error_event
     """For a stream: how an error is written into it after it began (an
     OpenAI error body in, SSE bytes out), in the stream's own kind of event."""
+
+
+def _identity(ctx: _Context) -> ModelIdentity:
+    """The model a request that holds a replica is counted under (its route
+    is set before any replica is chosen)."""
+    route = ctx.route
+    assert route is not None
+    return route.namespace, route.name
 
 
 def _error_event_of(
@@ -260,6 +279,11 @@ class ProxyOptions:
     """The upstream's connect timeout: a retry given less than this whose
     connection timed out was cut short by the request's deadline, not by its
     replica."""
+    scale_from_zero_within_s: float = 300.0
+    """How long a request for a model that scales from zero
+    (`ModelRoute.scale_from_zero`) waits for a ready replica before its 503;
+    0 waits not at all. Its tries' `answer_within_s` starts once one is
+    found."""
 
 
 class ProxyService:
@@ -286,11 +310,29 @@ class ProxyService:
         # (a task nothing references may be collected before it finishes).
         self._unfinished: set[asyncio.Task[None]] = set()
         self._cut_at = math.inf
+        self._stopping = False
+        # Set, and dropped, at each change of the catalog or the start of a
+        # shutdown: what requests held for a model at zero wait on. None
+        # while none waits, so that a change costs nothing then.
+        self._wake: asyncio.Event | None = None
+        catalog.on_change(self._wake_waiters)
+        metrics.model_requests.follow(
+            lambda: ((r.namespace, r.name) for r in catalog.routes())
+        )
 
     def stopping(self, grace_s: float) -> None:
         """The server stops: what still runs after `grace_s` is cut by it, not
-        by its client, and is counted so (503 `shutting_down`)."""
+        by its client, and is counted so (503 `shutting_down`). Requests held
+        for a model at zero end now (503 `shutting_down`): one may wait
+        minutes, past the grace, and another gateway replica can hold it."""
         self._cut_at = self._clock() + grace_s
+        self._stopping = True
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        wake, self._wake = self._wake, None
+        if wake is not None:
+            wake.set()
 
     @property
     def cut(self) -> bool:
@@ -376,6 +418,8 @@ class ProxyService:
             scope = getattr(err, "scope", "") or "requests"
             self._metrics.rate_limited.labels(ctx.model, key, scope).inc()
             raise
+        # Only once admitted: a refused request never wakes a model.
+        route = await self._await_replica(ctx, route, body["model"])
         out = parsed.upstream(upstream_model)
         headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
         # An adapter's prefixes are its own (vLLM's cache keeps them apart).
@@ -397,6 +441,61 @@ class ProxyService:
                 unusable=ctx.found_unusable,
             )
         return await self._whole(ctx, response, data, reply_headers, read)
+
+    async def _await_replica(
+        self, ctx: _Context, route: ModelRoute, name: str
+    ) -> ModelRoute:
+        """`route`, as it stands once its model has a replica to try.
+
+        A request for a model that scales from zero (`ModelRoute.
+        scale_from_zero`) with no replica is held, counted as waiting (what the
+        operator's autoscaler reads to start one), until the catalog has one,
+        for up to `ProxyOptions.scale_from_zero_within_s`. It looks again at
+        each change of the catalog, and every `_RECHECK_S`, under the route in
+        force for `name` then: a route that no longer scales from zero, or
+        that went, is returned as it is, and the router answers it as any
+        model without a replica (503 at once). Any other request goes on at
+        once. A client that leaves cancels the wait.
+
+        Raises:
+            NoReplica: no replica within the time.
+            ShuttingDown: the gateway began to stop meanwhile.
+        """
+        within = self._options.scale_from_zero_within_s
+        if not route.scale_from_zero or within <= 0 or self._catalog.replicas(route):
+            return route
+        model: ModelIdentity = (route.namespace, route.name)
+        demand = self._metrics.model_requests
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + within
+        demand.add(model, STATE_WAITING, 1)
+        try:
+            while not self._stopping and (left := ends - loop.time()) > 0:
+                if self._wake is None:
+                    self._wake = asyncio.Event()
+                wake = self._wake
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(left, _RECHECK_S)):
+                        await wake.wait()
+                current = self._catalog.route_named(name)
+                if current is None or (current.namespace, current.name) != model:
+                    return route
+                ctx.route = route = current
+                if not route.scale_from_zero or self._catalog.replicas(route):
+                    return route
+        finally:
+            demand.add(model, STATE_WAITING, -1)
+        if self._stopping:
+            raise ShuttingDown(
+                f"The model `{route.served_name}` is starting from zero and the "
+                "gateway is stopping; try again.",
+                retry_after_s=1,
+            )
+        raise NoReplica(
+            f"The model `{route.served_name}` is starting from zero and had no "
+            f"ready replica within {within:g} s; try again shortly.",
+            retry_after_s=NO_REPLICA_RETRY_S,
+        )
 
     async def _send(
         self,
@@ -850,6 +949,7 @@ class ProxyService:
         ctx.ejections = replica.ejections
         replica.in_flight += 1
         self._metrics.in_flight.labels(ctx.replica_model, replica.url).inc()
+        self._metrics.model_requests.add(_identity(ctx), STATE_IN_FLIGHT, 1)
 
     def _release(
         self, ctx: _Context, replica: Replica, failure: UpstreamFailure | None
@@ -893,6 +993,7 @@ class ProxyService:
         ctx.holding = False
         replica.in_flight -= 1
         self._metrics.in_flight.labels(ctx.replica_model, replica.url).dec()
+        self._metrics.model_requests.add(_identity(ctx), STATE_IN_FLIGHT, -1)
 
     async def _settle(
         self,

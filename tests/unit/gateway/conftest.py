@@ -153,6 +153,7 @@ def build(
     records: tuple[KeyRecord, ...] | None = None,
     auth: bool = True,
     retries: int = 2,
+    scale_from_zero_s: float = 300.0,
 ) -> Harness:
     clock = Clock()
     metrics = GatewayMetrics()
@@ -177,7 +178,7 @@ def build(
         Limiter(InProcessBuckets(), clock),
         upstream,
         metrics,
-        ProxyOptions(retries=retries),
+        ProxyOptions(retries=retries, scale_from_zero_within_s=scale_from_zero_s),
         clock,
     )
     deps = Deps(

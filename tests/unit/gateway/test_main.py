@@ -18,6 +18,7 @@ import pytest
 from pydantic import ValidationError
 
 from citadel.gateway import main as entry
+from citadel.gateway.routes import RoutingDocument
 from citadel.gateway.settings import GatewaySettings
 from citadel.gateway.wiring import build_deps
 
@@ -84,6 +85,9 @@ def _free_port() -> int:
         return port
 
 
+SMOL = {"name": "smol", "namespace": "llm", "servedName": "smollm2", "service": "smol"}
+
+
 def _get(url: str) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -107,6 +111,12 @@ def test_metrics_on_a_port_of_their_own_and_not_on_the_api_port(
 
     def run(server: Any) -> None:
         seen["metrics"] = _get(f"http://127.0.0.1:{port}/metrics")
+        # A model routed (the routes file's source runs only once served).
+        deps = server.config.app.app.state.deps
+        deps.catalog.set_document(RoutingDocument.model_validate({"models": [SMOL]}))
+        seen["demand"] = _get(
+            f"http://127.0.0.1:{port}/metrics?name[]=citadel_gateway_model_requests"
+        )
 
         async def api() -> httpx.Response:
             transport = httpx.ASGITransport(app=server.config.app)
@@ -122,6 +132,14 @@ def test_metrics_on_a_port_of_their_own_and_not_on_the_api_port(
     assert entry.main([]) == 0
     status, text = seen["metrics"]
     assert status == 200 and "citadel_gateway_" in text
+    # The family the operator's autoscaler reads, alone.
+    status, text = seen["demand"]
+    assert status == 200
+    assert [line for line in text.splitlines() if not line.startswith("#")] == [
+        f'citadel_gateway_model_requests{{llmmodel="smol",model_namespace="llm",'
+        f'state="{state}"}} 0.0'
+        for state in ("in_flight", "waiting")
+    ]
     # The API port, which an Ingress may publish, does not serve them.
     assert seen["api"].status_code == 404
     assert seen["api"].json()["error"]["code"] == "not_found"
