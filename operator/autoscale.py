@@ -19,6 +19,7 @@ loop that reads the gateways and writes the scale lives in autoscaler.py.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -57,32 +58,40 @@ def _requests(value: float) -> str:
     return f"{round(value, 1):g} request{'' if value == 1 else 's'}"
 
 
-def _window_mean(history: Sequence[Sample], end: int, window_s: float) -> float:
-    """The mean demand of the seen samples in (at - window, at] of sample `end`
-    (that sample alone for a window of 0)."""
-    last = history[end]
-    assert last.demand is not None
-    if window_s <= 0:
-        return last.demand
-    values = [
-        s.demand
-        for s in history[: end + 1]
-        if s.demand is not None and s.at > last.at - window_s
-    ]
-    return sum(values) / len(values)
+def _wanted_counts(
+    history: Sequence[Sample], target: int, window_s: float
+) -> list[tuple[int, float] | None]:
+    """Replicas wanted at each sample (unclamped) and the mean demand behind
+    it; None for a blind one.
 
-
-def wanted(
-    history: Sequence[Sample], end: int, target: int, window_s: float
-) -> tuple[int, float]:
-    """Replicas wanted at sample `end` (unclamped), and the mean demand behind it."""
-    mean = _window_mean(history, end, window_s)
-    # The tolerance absorbs the float sum's error (a mean of 16.000000000000004
-    # for a target of 8 is 2 replicas, not 3).
-    count = math.ceil(mean / target - 1e-9)
-    if history[end].waiting > 0:
-        count = max(count, 1)
-    return count, mean
+    One pass over `history`, each window's sum kept as it slides: the
+    scale-down looks at every sample of its delay (150 at 300 s and 2 s
+    ticks), each with its window, for every autoscaled model at every tick.
+    Iterated, never sliced: the loop keeps a deque.
+    """
+    counts: list[tuple[int, float] | None] = []
+    window: deque[Sample] = deque()
+    total = 0.0
+    for sample in history:
+        if sample.demand is None:
+            counts.append(None)
+            continue
+        if window_s <= 0:
+            mean = sample.demand
+        else:
+            # The seen samples in (at - window, at].
+            window.append(sample)
+            total += sample.demand
+            while window[0].at <= sample.at - window_s:
+                total -= window.popleft().demand or 0.0
+            mean = total / len(window)
+        # The tolerance absorbs the float sum's error (a mean of
+        # 16.000000000000004 for a target of 8 is 2 replicas, not 3).
+        count = math.ceil(mean / target - 1e-9)
+        if sample.waiting > 0:
+            count = max(count, 1)
+        counts.append((count, mean))
+    return counts
 
 
 def decide(
@@ -120,7 +129,10 @@ def decide(
         )
     latest = history[-1]
     target = policy.target_requests
-    count, mean = wanted(history, len(history) - 1, target, window_s)
+    counts = _wanted_counts(history, target, window_s)
+    last = counts[-1]
+    assert last is not None  # the latest sample is not blind (above)
+    count, mean = last
     if count > current:
         new = min(count, high)
         if current == 0 and latest.waiting > 0:
@@ -128,15 +140,15 @@ def decide(
         else:
             why = f"{_requests(mean)} for a target of {target} per replica"
         return Decision(new, f"scaled from {current} to {new}: {why}")
-    return _down(current, policy, history, window_s=window_s, since=since)
+    return _down(current, policy, history, counts, since=since)
 
 
 def _down(
     current: int,
     policy: Autoscaling,
     history: Sequence[Sample],
+    counts: Sequence[tuple[int, float] | None],
     *,
-    window_s: float,
     since: float,
 ) -> Decision | None:
     """The scale-down, if the delay has passed with demand below `current`."""
@@ -148,12 +160,12 @@ def _down(
     if since > start:
         return None  # the history does not cover the delay yet
     highest, peak = 0, 0.0
-    for index, sample in enumerate(history):
+    for sample, wanted in zip(history, counts, strict=True):
         if sample.at < start:
             continue
-        if sample.demand is None:
+        if wanted is None:
             return None  # a blind tick within the delay: demand unknown
-        count, mean = wanted(history, index, policy.target_requests, window_s)
+        count, mean = wanted
         if count >= current:
             return None
         # The peak of the means that sized each wanted, so that the message

@@ -258,7 +258,10 @@ def test_a_model_at_zero_wakes_on_a_request_and_sleeps_when_idle(
             return True
 
         wait_for(f"{IDLE}'s route in the gateway", routed, timeout=60, interval=1)
-        assert idle_state(platform)["status"]["phase"] != "Ready"
+        conditions = {
+            c["type"]: c for c in idle_state(platform)["status"]["conditions"]
+        }
+        assert conditions["Ready"]["reason"] == "ScaledToZero"
         assert not model_pods_of(platform, IDLE)
         started = time.monotonic()
         reply = openai.chat.completions.create(

@@ -143,6 +143,33 @@ async def test_wakes_from_zero_and_stops_after_the_delay() -> None:
     )
 
 
+async def test_a_window_holds_the_scale_down_until_its_mean_is_low() -> None:
+    # The loop's own history (a deque) through the window's mean: a busy
+    # minute, then nothing; the 10 s delay starts counting once the 30 s
+    # window no longer holds the busy samples.
+    h = Harness(model_body(replicas=0, autoscaling=SCALING), window_s=30)
+    h.gateways.reading = reading(mixtral=(0, 1))
+    await h.tick()
+    assert h.replicas() == 1
+    h.gateways.reading = reading(mixtral=(8, 0))
+    for _ in range(30):
+        await h.tick()
+    assert h.replicas() == 1
+    h.gateways.reading = reading(mixtral=(0, 0))
+    # The window empties of busy samples after 30 s, then 10 s of wanting 0.
+    for _ in range(19):
+        await h.tick()
+    assert h.replicas() == 1
+    for _ in range(4):
+        await h.tick()
+    assert h.replicas() == 0
+    assert h.events()[-1] == (
+        "mixtral",
+        "Autoscaled",
+        "scaled from 1 to 0: no requests for 10 s",
+    )
+
+
 async def test_no_scale_down_when_one_gateway_failed() -> None:
     h = Harness(model_body(replicas=2, autoscaling=SCALING))
     h.gateways.reading = reading(failures=("http://10.0.0.2:9090/metrics: x",))
