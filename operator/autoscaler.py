@@ -20,12 +20,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from citadel.operator.autoscale import Decision, Sample, decide
+from citadel.operator.autoscale import Decision, DemandTrack, Sample, decide_on
 from citadel.operator.events import Notice, event_object
 from citadel.operator.gateways import Demand, Reading
 from citadel.operator.kube.client import ApiError, Kube, Manifest
@@ -64,10 +63,9 @@ class _Tracked:
     """What the autoscaler keeps of one model between ticks."""
 
     uid: str
-    since: float
-    """When its history began to count for a scale-down: first seen, or last
-    scaled."""
-    history: deque[Sample] = field(default_factory=deque)
+    track: DemandTrack
+    """Its samples, as the decision needs them (since first seen, or last
+    scaled)."""
     blind_told: bool = False
     """An AutoscalingBlind Event was posted since the gateways last answered."""
 
@@ -166,7 +164,10 @@ class Autoscaler:
         key = (model.namespace, model.name)
         tracked = self._tracked.get(key)
         if tracked is None or tracked.uid != model.uid:
-            tracked = self._tracked[key] = _Tracked(model.uid, since=now)
+            tracked = self._tracked[key] = _Tracked(
+                model.uid,
+                DemandTrack(now, self._settings.autoscale_window_seconds),
+            )
         return tracked
 
     async def _size(
@@ -176,7 +177,7 @@ class Autoscaler:
         assert scaling is not None
         tracked = self._track(model, now)
         if reading.answered == 0:
-            tracked.history.append(Sample(now, None))
+            tracked.track.add(Sample(now, None))
             if not tracked.blind_told:
                 tracked.blind_told = True
                 await self._post(
@@ -197,26 +198,11 @@ class Autoscaler:
                 self._metrics.demand.labels(model.namespace, model.name, state).set(
                     value
                 )
-            tracked.history.append(
+            tracked.track.add(
                 Sample(now, demand.total, demand.waiting, not reading.failures)
             )
-        # Enough for the scale-down's delay, each of its samples with its window.
-        keep_from = (
-            now
-            - scaling.scale_down_delay_seconds
-            - self._settings.autoscale_window_seconds
-            - self._settings.autoscale_interval_seconds
-        )
-        while tracked.history and tracked.history[0].at < keep_from:
-            tracked.history.popleft()
-        decision = decide(
-            model.spec.replicas,
-            scaling,
-            tracked.history,
-            window_s=self._settings.autoscale_window_seconds,
-            since=tracked.since,
-        )
-        if decision is not None:
+        decision = decide_on(model.spec.replicas, scaling, tracked.track)
+        if decision is not None and decision.replicas != model.spec.replicas:
             await self._scale(model, body, decision, tracked, now)
 
     async def _scale(
@@ -244,7 +230,7 @@ class Autoscaler:
                 log.warning("%s: could not write the scale: %s", model.key, err)
             return
         log.info("%s: %s", model.key, decision.message)
-        tracked.since = now
+        tracked.track.scaled(now)
         direction = "up" if decision.replicas > model.spec.replicas else "down"
         self._metrics.scales.labels(direction=direction).inc()
         await self._post(model, Notice("Normal", AUTOSCALED, decision.message))

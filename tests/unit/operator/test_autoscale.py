@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Sequence
 
 import pytest
 
-from citadel.operator.autoscale import Decision, Sample, decide
+from citadel.operator.autoscale import (
+    Decision,
+    DemandTrack,
+    Sample,
+    decide,
+    decide_on,
+)
 from citadel.operator.spec import Autoscaling
 
 pytestmark = pytest.mark.unit
@@ -217,3 +225,105 @@ def test_a_model_below_min_replicas_comes_up_at_once() -> None:
 
 def test_within_range_and_demand_met_nothing_changes() -> None:
     assert run(2, steady(12, 0, 400), policy(delay=60)) is None
+
+
+def test_at_max_replicas_more_demand_writes_nothing() -> None:
+    # Overloaded at the cap: no "scaled from 4 to 4" every tick.
+    assert run(4, steady(100, 0, 60), policy(high=4)) is None
+
+
+def _reference(
+    current: int,
+    scaling: Autoscaling,
+    history: Sequence[Sample],
+    window_s: float,
+    since: float,
+) -> int | None:
+    """The decision's replicas as first written: every sample's window mean
+    taken afresh from the whole history (quadratic, plain)."""
+    if not history or history[-1].demand is None:
+        return None
+    low, high = scaling.min_replicas, scaling.max_replicas
+    if current > high:
+        return high
+    if current < low:
+        return low
+
+    def wanted(end: int) -> tuple[int, float]:
+        last = history[end]
+        seen = [
+            s.demand
+            for s in history[: end + 1]
+            if s.demand is not None
+            and (s.at > last.at - window_s if window_s > 0 else s is last)
+        ]
+        mean = sum(seen) / len(seen)
+        count = math.ceil(mean / scaling.target_requests - 1e-9)
+        return (max(count, 1) if last.waiting > 0 else count), mean
+
+    count, _ = wanted(len(history) - 1)
+    if count > current:
+        return min(count, high) if min(count, high) > current else None
+    latest = history[-1]
+    if current <= low or not latest.complete:
+        return None
+    start = latest.at - scaling.scale_down_delay_seconds
+    if since > start:
+        return None
+    highest = 0
+    for index, sample in enumerate(history):
+        if sample.at < start:
+            continue
+        if sample.demand is None:
+            return None
+        highest = max(highest, wanted(index)[0])
+    new = max(highest, low)
+    return new if new < current else None
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_track_decides_as_the_whole_history_would(seed: int) -> None:
+    rng = random.Random(seed)
+    scaling = policy(
+        low=rng.choice([0, 1]),
+        high=rng.choice([1, 3, 8]),
+        target=rng.choice([1, 4, 8]),
+        delay=rng.choice([0, 6, 20, 60]),
+    )
+    window_s = rng.choice([0.0, 5.0, 30.0])
+    since = rng.choice([0.0, 10.0])
+    track = DemandTrack(since, window_s)
+    history: list[Sample] = []
+    for tick in range(120):
+        roll = rng.random()
+        if roll < 0.05:
+            sample = Sample(tick * 2.0, None)
+        else:
+            sample = Sample(
+                tick * 2.0,
+                float(rng.choice([0, 0, 1, 3, 9, 20])),
+                float(rng.random() < 0.1),
+                rng.random() > 0.05,
+            )
+        history.append(sample)
+        track.add(sample)
+        current = rng.randint(0, 9)
+        got = decide_on(current, scaling, track)
+        expected = _reference(current, scaling, history, window_s, since)
+        assert (got.replicas if got else None) == expected, (tick, current)
+
+
+def test_a_longer_delay_waits_until_the_samples_cover_it() -> None:
+    track = DemandTrack(0.0, 0.0)
+    for tick in range(31):  # 60 s of nothing
+        track.add(Sample(tick * 2.0, 0.0))
+        decision = decide_on(2, policy(low=0, delay=10), track)
+    assert decision is not None and decision.replicas == 0
+    # The delay raised to 100 s: what was kept reaches back to 50 s, so no
+    # scale-down until the delay starts there (at 150 s).
+    for tick in range(31, 75):
+        track.add(Sample(tick * 2.0, 0.0))
+        assert decide_on(2, policy(low=0, delay=100), track) is None, tick
+    track.add(Sample(150.0, 0.0))
+    decision = decide_on(2, policy(low=0, delay=100), track)
+    assert decision is not None and decision.replicas == 0

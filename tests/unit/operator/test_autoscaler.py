@@ -170,6 +170,15 @@ async def test_a_window_holds_the_scale_down_until_its_mean_is_low() -> None:
     )
 
 
+async def test_at_max_replicas_an_overload_writes_and_posts_nothing() -> None:
+    h = Harness(model_body(replicas=4, autoscaling=SCALING), window_s=30)
+    h.gateways.reading = reading(mixtral=(100, 0))
+    for _ in range(5):
+        await h.tick()
+    assert h.kube.merged == [] and h.events() == []
+    assert h.replicas() == 4
+
+
 async def test_no_scale_down_when_one_gateway_failed() -> None:
     h = Harness(model_body(replicas=2, autoscaling=SCALING))
     h.gateways.reading = reading(failures=("http://10.0.0.2:9090/metrics: x",))
