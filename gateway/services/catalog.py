@@ -295,6 +295,13 @@ class Catalog:
             chosen = [r for r in self._of(serving) if r not in exclude]
         return chosen
 
+    def has_ready(self, route: ModelRoute) -> bool:
+        """Whether a replica of the model is ready and not shutting down (one
+        that is, still serving, is no replica to hold a request for: the last
+        pod of a model scaling to zero refuses new connections at once)."""
+        endpoints = self._endpoints.get((route.namespace, route.service), ())
+        return any(e.ready and not e.terminating for e in endpoints)
+
     def terminating(
         self, route: ModelRoute, exclude: Collection[Replica] = ()
     ) -> list[Replica]:

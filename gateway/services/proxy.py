@@ -462,7 +462,12 @@ class ProxyService:
             ShuttingDown: the gateway began to stop meanwhile.
         """
         within = self._options.scale_from_zero_within_s
-        if not route.scale_from_zero or within <= 0 or self._catalog.replicas(route):
+        # Held unless a replica is ready and staying: a model scaling to zero
+        # keeps its last pod in its endpoints, terminating and "serving", for
+        # the seconds its readiness probe takes to fail, and vLLM refuses new
+        # connections from its SIGTERM on, so a request sent there got a 503
+        # and was never counted as waiting: nothing woke the model.
+        if not route.scale_from_zero or within <= 0 or self._catalog.has_ready(route):
             return route
         model: ModelIdentity = (route.namespace, route.name)
         demand = self._metrics.model_requests
@@ -481,7 +486,7 @@ class ProxyService:
                 if current is None or (current.namespace, current.name) != model:
                     return route
                 ctx.route = route = current
-                if not route.scale_from_zero or self._catalog.replicas(route):
+                if not route.scale_from_zero or self._catalog.has_ready(route):
                     return route
         finally:
             demand.add(model, STATE_WAITING, -1)

@@ -15,6 +15,7 @@ from citadel.gateway.services.auth import KeyRecord, hash_key
 from citadel.gateway.services.replicas import Endpoint
 from citadel.gateway.services.requests import CHAT
 from citadel.gateway.settings import GatewaySettings, explain
+from citadel.gateway.upstream import UpstreamUnreachable
 from citadel.gateway.wiring import proxy_options
 
 pytestmark = pytest.mark.unit
@@ -136,6 +137,27 @@ async def test_a_request_for_a_model_at_zero_waits_for_a_replica(kit: Any) -> No
     assert demand(h, "waiting") == 0
     assert demand(h, "in_flight") == 0
     assert kit.counted(h, "200") == 1
+
+
+async def test_a_model_scaling_to_zero_holds_requests_past_its_last_pod(
+    kit: Any,
+) -> None:
+    # Its last pod shuts down (the autoscaler's 1 -> 0): terminating, still
+    # listed as serving until its readiness probe fails, refusing connections.
+    h = at_zero(kit)
+    give_replica(h, Endpoint("http://r1", ready=False, serving=True, terminating=True))
+    h.upstream.handler = lambda url, body: UpstreamUnreachable("connection refused")
+    async with h.client() as client:
+        asking = asyncio.create_task(client.post("/v1/chat/completions", json=kit.chat))
+        # Held and counted as waiting (what wakes the model), not sent there.
+        await until(lambda: demand(h, "waiting") == 1)
+        assert not h.upstream.calls
+        h.upstream.handler = lambda url, body: kit.reply()
+        give_replica(h, Endpoint("http://r2"))
+        answer = await asyncio.wait_for(asking, 5)
+    assert answer.status_code == 200
+    assert [url for url, _, _ in h.upstream.calls] == ["http://r2/v1/chat/completions"]
+    assert demand(h, "waiting") == 0
 
 
 async def test_a_request_held_too_long_gets_a_503_saying_why(kit: Any) -> None:
