@@ -52,6 +52,21 @@ def netns_name(uid: str) -> str:
     return f"{NETNS_PREFIX}{uid.replace('-', '')[:12]}"
 
 
+def mac_of(address: str) -> str:
+    """The MAC address of the pod with `address`: its IPv4 bytes behind
+    0a:58 (a locally administered prefix, as OVN-Kubernetes derives them).
+
+    The same address always has the same MAC: a pod that takes an address a
+    deleted pod had is reached at once by the pods and the host that talked to
+    the old one, whose neighbour caches still map the address to a MAC. With
+    the kernel's random MAC they sent to the old one's, and connections timed
+    out for the seconds until the entry was probed again (the gateway ejected
+    a new replica so).
+    """
+    packed = ipaddress.IPv4Address(address).packed
+    return "0a:58:" + ":".join(f"{byte:02x}" for byte in packed)
+
+
 def add_pod(uid: str, address: str) -> str:
     """Creates the namespace of pod `uid` with `address` on its eth0.
 
@@ -68,6 +83,7 @@ def add_pod(uid: str, address: str) -> str:
     _ip("link", "add", host_end, "type", "veth", "peer", "name", pod_end)
     _ip("link", "set", pod_end, "netns", ns)
     _ip("-n", ns, "link", "set", pod_end, "name", "eth0")
+    _ip("-n", ns, "link", "set", "eth0", "address", mac_of(address))
     _ip("-n", ns, "addr", "add", f"{address}/{NETWORK.prefixlen}", "dev", "eth0")
     _ip("-n", ns, "link", "set", "eth0", "up")
     _ip("-n", ns, "link", "set", "lo", "up")
