@@ -19,10 +19,10 @@ import aiohttp
 
 from citadel.operator.kube.client import ApiError, Kube
 from citadel.operator.kube.resources import ENDPOINT_SLICES, SERVICES
+from citadel.operator.metrics import DEMAND_STATES
 
 MODEL_REQUESTS = "citadel_gateway_model_requests"
 """The gateway's gauge of requests per model (the contract's name)."""
-STATES = ("in_flight", "waiting")
 READ_TIMEOUT_S = 1.0
 """How long one gateway's /metrics may take: a gateway slower than that is one
 that could not be read this tick."""
@@ -94,7 +94,7 @@ def parse_model_requests(text: str) -> dict[ModelKey, Demand]:
         if match is None:
             continue
         labels = _labels(match["labels"])
-        if labels is None or labels.get("state") not in STATES:
+        if labels is None or labels.get("state") not in DEMAND_STATES:
             continue
         try:
             value = float(match["value"])

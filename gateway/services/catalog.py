@@ -288,7 +288,7 @@ class Catalog:
         rather than end in a 502.
         """
         endpoints = self._endpoints.get((route.namespace, route.service), ())
-        ready = [e for e in endpoints if e.ready and not e.terminating]
+        ready = [e for e in endpoints if _staying(e)]
         chosen = [r for r in self._of(ready) if r not in exclude]
         if not chosen:
             serving = [e for e in endpoints if e.serving]
@@ -300,7 +300,7 @@ class Catalog:
         that is, still serving, is no replica to hold a request for: the last
         pod of a model scaling to zero refuses new connections at once)."""
         endpoints = self._endpoints.get((route.namespace, route.service), ())
-        return any(e.ready and not e.terminating for e in endpoints)
+        return any(_staying(e) for e in endpoints)
 
     def terminating(
         self, route: ModelRoute, exclude: Collection[Replica] = ()
@@ -329,9 +329,14 @@ def unknown_model(name: str) -> ModelNotFound:
     return ModelNotFound(f"The model `{name}` does not exist.", param="model")
 
 
+def _staying(endpoint: Endpoint) -> bool:
+    """Ready and not shutting down: a replica to send new requests to."""
+    return endpoint.ready and not endpoint.terminating
+
+
 def _usability(endpoint: Endpoint) -> tuple[bool, bool, bool]:
     return (
-        endpoint.ready and not endpoint.terminating,
+        _staying(endpoint),
         endpoint.serving,
         not endpoint.terminating,
     )

@@ -93,6 +93,16 @@ class Harness:
         ]
 
 
+def assert_stopped_after_the_delay(h: Harness) -> None:
+    """The model is at zero, the last Event saying it idled for SCALING's delay."""
+    assert h.replicas() == 0
+    assert h.events()[-1] == (
+        "mixtral",
+        "Autoscaled",
+        "scaled from 1 to 0: no requests for 10 s",
+    )
+
+
 async def test_scales_up_through_the_scale_subresource_with_an_event() -> None:
     h = Harness(model_body(replicas=1, autoscaling=SCALING))
     version = h.kube.stored(LLMMODELS, "mixtral", "llm")["metadata"]["resourceVersion"]
@@ -135,12 +145,7 @@ async def test_wakes_from_zero_and_stops_after_the_delay() -> None:
         await h.tick()
     assert h.replicas() == 1
     await h.tick()
-    assert h.replicas() == 0
-    assert h.events()[-1] == (
-        "mixtral",
-        "Autoscaled",
-        "scaled from 1 to 0: no requests for 10 s",
-    )
+    assert_stopped_after_the_delay(h)
 
 
 async def test_a_window_holds_the_scale_down_until_its_mean_is_low() -> None:
@@ -162,12 +167,7 @@ async def test_a_window_holds_the_scale_down_until_its_mean_is_low() -> None:
     assert h.replicas() == 1
     for _ in range(4):
         await h.tick()
-    assert h.replicas() == 0
-    assert h.events()[-1] == (
-        "mixtral",
-        "Autoscaled",
-        "scaled from 1 to 0: no requests for 10 s",
-    )
+    assert_stopped_after_the_delay(h)
 
 
 async def test_at_max_replicas_an_overload_writes_and_posts_nothing() -> None:
