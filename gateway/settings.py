@@ -130,17 +130,10 @@ class GatewaySettings(BaseSettings):
     read_timeout_s: float = Field(600.0, gt=0)
     """Longest silence from a replica (between chunks) before a 504; also the
     most a request's tries take together until its answer begins."""
-    scale_from_zero_timeout_s: float = Field(
-        300.0,
-        ge=0,
-        # The name the operator's docs and the chart use (the autoscaler's
-        # settings count in `_SECONDS`); the field keeps the gateway's `_s`.
-        validation_alias=ENV_PREFIX + "SCALE_FROM_ZERO_TIMEOUT_SECONDS",
-    )
+    scale_from_zero_timeout_s: float = Field(300.0, ge=0)
     """How long a request for a model whose route has `scaleFromZero` waits
     for a ready replica (while the autoscaler starts one) before a 503; 0
-    answers 503 at once, as for any model without a ready replica. Its
-    variable is `CITADEL_GATEWAY_SCALE_FROM_ZERO_TIMEOUT_SECONDS`."""
+    answers 503 at once, as for any model without a ready replica."""
     retries: int = Field(2, ge=0, le=10)
     """Extra replicas tried when a connection fails before any byte was sent,
     a replica refuses unworked (503, 429), or (once) one drops the request."""
@@ -200,9 +193,7 @@ def explain(error: ValidationError) -> str:
     for problem in error.errors(include_url=False):
         message = problem["msg"].removeprefix("Value error, ")
         if problem["loc"]:
-            variable = str(problem["loc"][0]).upper()
-            if not variable.startswith(ENV_PREFIX):  # an alias is the whole name
-                variable = ENV_PREFIX + variable
+            variable = f"{ENV_PREFIX}{str(problem['loc'][0]).upper()}"
             lines.append(f"{variable}={problem['input']!r}: {message}")
         else:
             lines.append(message)

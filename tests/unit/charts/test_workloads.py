@@ -312,15 +312,7 @@ def test_images_are_pinned(chart: ChartKit) -> None:
 
 
 def settings_env(settings: type[Any], prefix: str) -> set[str]:
-    """The variables `settings` reads: its prefix and each field's name, or the
-    whole name a field's alias gives it
-    (`CITADEL_GATEWAY_SCALE_FROM_ZERO_TIMEOUT_SECONDS`)."""
-    return {
-        field.validation_alias
-        if isinstance(field.validation_alias, str)
-        else prefix + name.upper()
-        for name, field in settings.model_fields.items()
-    }
+    return {prefix + name.upper() for name in settings.model_fields}
 
 
 def test_operator_env_names_are_settings_the_operator_reads(chart: ChartKit) -> None:

@@ -182,7 +182,7 @@ async def test_a_request_held_too_long_gets_a_503_saying_why(kit: Any) -> None:
 async def test_no_timeout_answers_503_at_once(
     kit: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("CITADEL_GATEWAY_SCALE_FROM_ZERO_TIMEOUT_SECONDS", "0")
+    monkeypatch.setenv("CITADEL_GATEWAY_SCALE_FROM_ZERO_TIMEOUT_S", "0")
     options = proxy_options(GatewaySettings(routes_source="file"))
     assert options.scale_from_zero_within_s == 0
     h = at_zero(kit, scale_from_zero_s=options.scale_from_zero_within_s)
@@ -324,9 +324,9 @@ def test_the_timeout_is_read_from_its_variable(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     assert GatewaySettings().scale_from_zero_timeout_s == 300
-    monkeypatch.setenv("CITADEL_GATEWAY_SCALE_FROM_ZERO_TIMEOUT_SECONDS", "-1")
+    monkeypatch.setenv("CITADEL_GATEWAY_SCALE_FROM_ZERO_TIMEOUT_S", "-1")
     with pytest.raises(ValidationError) as refused:
         GatewaySettings()
     assert explain(refused.value).startswith(
-        "CITADEL_GATEWAY_SCALE_FROM_ZERO_TIMEOUT_SECONDS='-1': "
+        "CITADEL_GATEWAY_SCALE_FROM_ZERO_TIMEOUT_S='-1': "
     )
