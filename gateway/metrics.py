@@ -110,10 +110,6 @@ class ModelDemand(Collector):
         else:
             del self._counts[key]
 
-    def count(self, model: ModelIdentity, state: str) -> int:
-        """How many requests of `model` are in `state` now."""
-        return self._counts.get((*model, state), 0)
-
     def describe(self) -> Iterable[GaugeMetricFamily]:
         """The family without samples (registering reads no routes)."""
         return [self._family()]
