@@ -110,21 +110,31 @@ ADAPTED = "smollm2-adapted"
 ADAPTER = "smollm2-sql"
 
 
-def adapted_model(source: str) -> dict[str, Any]:
-    """SmolLM2 with one LoRA adapter, on the pod runtime like the demo's model."""
+def second_model(name: str, **spec: Any) -> dict[str, Any]:
+    """SmolLM2 as `name` on hx-llm-server-02, on the pod runtime like the
+    demo's model; `spec` adds to (or replaces) its spec's fields."""
+    base: dict[str, Any] = {
+        "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "resources": {"gpus": 1},
+        "placement": {"nodeName": "hx-llm-server-02"},
+        "engine": {"maxModelLen": 2048},
+        "pod": {"annotations": {"citadel.ai/runtime": "local"}},
+    }
     return {
         "apiVersion": "citadel.ai/v1alpha1",
         "kind": "LLMModel",
-        "metadata": {"name": ADAPTED, "namespace": MODEL_NS},
-        "spec": {
-            "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
-            "resources": {"gpus": 1},
-            "placement": {"nodeName": "hx-llm-server-02"},
-            "engine": {"maxModelLen": 2048, "maxLoraRank": ADAPTER_RANK},
-            "adapters": [{"name": ADAPTER, "source": source}],
-            "pod": {"annotations": {"citadel.ai/runtime": "local"}},
-        },
+        "metadata": {"name": name, "namespace": MODEL_NS},
+        "spec": {**base, **spec},
     }
+
+
+def adapted_model(source: str) -> dict[str, Any]:
+    """SmolLM2 with one LoRA adapter."""
+    return second_model(
+        ADAPTED,
+        engine={"maxModelLen": 2048, "maxLoraRank": ADAPTER_RANK},
+        adapters=[{"name": ADAPTER, "source": source}],
+    )
 
 
 def test_adapter_answers_through_the_gateway(platform: Platform) -> None:
@@ -188,24 +198,11 @@ IDLE = "smollm2-idle"
 def idle_model() -> dict[str, Any]:
     """SmolLM2 sized by the operator's autoscaler, down to zero when idle; made
     at zero, so its first request is the one that wakes it."""
-    return {
-        "apiVersion": "citadel.ai/v1alpha1",
-        "kind": "LLMModel",
-        "metadata": {"name": IDLE, "namespace": MODEL_NS},
-        "spec": {
-            "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
-            "replicas": 0,
-            "autoscaling": {
-                "minReplicas": 0,
-                "maxReplicas": 1,
-                "scaleDownDelaySeconds": 5,
-            },
-            "resources": {"gpus": 1},
-            "placement": {"nodeName": "hx-llm-server-02"},
-            "engine": {"maxModelLen": 2048},
-            "pod": {"annotations": {"citadel.ai/runtime": "local"}},
-        },
-    }
+    return second_model(
+        IDLE,
+        replicas=0,
+        autoscaling={"minReplicas": 0, "maxReplicas": 1, "scaleDownDelaySeconds": 5},
+    )
 
 
 def idle_state(platform: Platform) -> dict[str, Any]:
