@@ -154,6 +154,10 @@ class ModelRoute(_Model):
     """True when the operator's autoscaler may scale the model to zero
     (`spec.autoscaling.minReplicas` 0): a request that finds no ready replica
     waits for one (the autoscaler starts one for it) instead of a 503."""
+    fallbacks: tuple[Annotated[str, Field(pattern=SERVED_NAME_PATTERN)], ...] = ()
+    """Other models' names, in order, that serve a request for this model
+    when none of its replicas can (`spec.routing.fallbacks`): none ready, none
+    reachable, or every one refusing it unworked."""
     endpoints: tuple[Endpoint, ...] = ()
     """Replica base URLs (`http://host:port`, an IPv6 address in brackets:
     `http://[fd00::1]:8000`) for a gateway run from a file; in Kubernetes they
@@ -175,6 +179,27 @@ class ModelRoute(_Model):
                 )
             seen.add(adapter)
         return adapters
+
+    @field_validator("fallbacks")
+    @classmethod
+    def _fallbacks_elsewhere(
+        cls, fallbacks: tuple[str, ...], info: ValidationInfo
+    ) -> tuple[str, ...]:
+        # A fallback is another model: one of this model's own names would
+        # send the request back to the replicas that just failed it.
+        own = {
+            info.data.get("served_name"),
+            *info.data.get("aliases", ()),
+            *info.data.get("adapters", ()),
+        }
+        seen: set[str] = set()
+        for name in fallbacks:
+            if name in own:
+                raise ValueError(f"fallback {name!r} is a name of the model itself")
+            if name in seen:
+                raise ValueError(f"fallback {name!r} is listed twice")
+            seen.add(name)
+        return fallbacks
 
     @property
     def names(self) -> tuple[str, ...]:

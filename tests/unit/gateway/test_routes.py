@@ -385,3 +385,46 @@ def test_a_kept_route_whose_adapter_name_is_taken_now_is_left_out() -> None:
     kept = read_document(raw).keeping(previous)
     assert [r.name for r in kept.document.models] == ["b"]
     assert "model llm/a: left out, its names are taken" in kept.problems
+
+
+def test_fallbacks_round_trip_in_order() -> None:
+    raw = json.dumps({"models": [_route(fallbacks=["small", "org/tiny"])]})
+    doc = parse_document(raw)
+    assert doc.models[0].fallbacks == ("small", "org/tiny")
+    assert parse_document(doc.to_json()) == doc
+    assert json.loads(doc.to_json())["models"][0]["fallbacks"] == ["small", "org/tiny"]
+    # A writer before fallbacks: none.
+    assert parse_document(json.dumps({"models": [_route()]})).models[0].fallbacks == ()
+
+
+@pytest.mark.parametrize(
+    ("fallbacks", "why"),
+    [
+        (["smollm2"], "name of the model itself"),
+        (["chat"], "name of the model itself"),
+        (["sql"], "name of the model itself"),
+        (["small", "small"], "listed twice"),
+        (["bad name"], "fallbacks"),
+    ],
+)
+def test_a_route_whose_fallbacks_name_itself_costs_that_route_only(
+    fallbacks: list[str], why: str
+) -> None:
+    raw = json.dumps(
+        {
+            "models": [
+                _route(
+                    "a",
+                    "smollm2",
+                    aliases=["chat"],
+                    adapters=["sql"],
+                    fallbacks=fallbacks,
+                ),
+                _route("b", "bb"),
+            ]
+        }
+    )
+    reading = read_document(raw)
+    assert [r.name for r in reading.document.models] == ["b"]
+    assert reading.left_out == (("llm", "a"),)
+    assert why in reading.problems[0]
