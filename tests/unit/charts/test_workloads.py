@@ -625,3 +625,28 @@ def test_ports_the_programs_accept_render(chart: ChartKit) -> None:
     )
     assert (settings.grpc_port, settings.metrics_port) == (0, 0)
     chart.render({"gateway.grpcPort": 50051, "gateway.metricsPort": 9090})
+
+
+def test_gateway_scale_from_zero_timeout_is_a_value(
+    chart: ChartKit, tmp_path: Path
+) -> None:
+    def timeout(objs: list[dict[str, Any]]) -> str:
+        deployment = chart.one(objs, "Deployment", "citadel-gateway")
+        return str(
+            chart.env_of(chart.container(deployment))[
+                "CITADEL_GATEWAY_SCALE_FROM_ZERO_TIMEOUT_S"
+            ]
+        )
+
+    assert timeout(chart.render({})) == "300"
+    assert timeout(chart.render({"gateway.scaleFromZeroTimeoutSeconds": 0})) == "0"
+    assert timeout(chart.render({"gateway.scaleFromZeroTimeoutSeconds": 900})) == "900"
+    chart.render({"gateway.scaleFromZeroTimeoutSeconds": -1}, expect_error="minimum")
+    # Reused values of a chart before the value: the gateway's own default, not
+    # an empty variable that would stop it at start-up.
+    copy = tmp_path / "citadel"
+    shutil.copytree(chart.path, copy)
+    values = yaml.safe_load((copy / "values.yaml").read_text())
+    del values["gateway"]["scaleFromZeroTimeoutSeconds"]
+    (copy / "values.yaml").write_text(yaml.safe_dump(values))
+    assert timeout(chart.render(path=copy)) == "300"
