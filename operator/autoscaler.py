@@ -6,6 +6,12 @@ replica count `autoscale.decide` gives through the model's scale subresource,
 as a HorizontalPodAutoscaler would: the reconcile that the change sets off does
 the rest (the Deployment, ScaledToZero, the PDB).
 
+A model that a HorizontalPodAutoscaler sizes too (its scaleTargetRef names the
+LLMModel) is left to it: two writers of one spec.replicas would undo each other
+at every tick, each scale a rollout of GPU pods. The autoscaler says so once
+(an `AutoscalingConflict` Event) and writes nothing for it until the HPA goes;
+it lists each namespace's HPAs at most every `HPA_RECHECK_S`.
+
 Only the active replica acts (`active`): one standing by for a peer reads and
 writes nothing, and forgets what it saw, so that once it takes over its first
 scale-down waits a whole delay of its own readings. Every write carries the
@@ -24,11 +30,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from citadel.operator import names
 from citadel.operator.autoscale import Decision, DemandTrack, Sample, decide_on
 from citadel.operator.events import Notice, event_object
 from citadel.operator.gateways import Demand, Reading
 from citadel.operator.kube.client import ApiError, Kube, Manifest
-from citadel.operator.kube.resources import LLMMODELS
+from citadel.operator.kube.resources import HPAS, LLMMODELS
 from citadel.operator.metrics import DEMAND_STATES, Metrics
 from citadel.operator.model import LLMModel
 from citadel.operator.settings import OperatorSettings
@@ -36,6 +43,11 @@ from citadel.operator.settings import OperatorSettings
 log = logging.getLogger(__name__)
 AUTOSCALED = "Autoscaled"
 AUTOSCALING_BLIND = "AutoscalingBlind"
+AUTOSCALING_CONFLICT = "AutoscalingConflict"
+HPA_RECHECK_S = 30.0
+"""How long one listing of a namespace's HorizontalPodAutoscalers is used: an
+HPA made or deleted is seen within that (a list per namespace with autoscaled
+models, where reading them every tick would be one every 2 s)."""
 
 
 def utc_now() -> str:
@@ -58,6 +70,42 @@ class GatewayReader(Protocol):
 ModelSource = Callable[[], Awaitable[list[Manifest]]]
 
 
+def hpa_sizers(hpas: list[Manifest]) -> dict[str, tuple[str, ...]]:
+    """The HorizontalPodAutoscalers of one namespace that size an LLMModel, by
+    the model's name (sorted names of the HPAs; any version of the API group,
+    as the scale subresource is the same)."""
+    found: dict[str, list[str]] = {}
+    for hpa in hpas:
+        ref = (hpa.get("spec") or {}).get("scaleTargetRef") or {}
+        group = str(ref.get("apiVersion", "")).split("/", 1)[0]
+        if ref.get("kind") != names.KIND or group != names.GROUP:
+            continue
+        found.setdefault(str(ref.get("name", "")), []).append(
+            str(hpa.get("metadata", {}).get("name", ""))
+        )
+    return {model: tuple(sorted(hpa_names)) for model, hpa_names in found.items()}
+
+
+def conflict_message(hpa_names: tuple[str, ...]) -> str:
+    """The AutoscalingConflict Event's message."""
+    if len(hpa_names) == 1:
+        who = f"HorizontalPodAutoscaler {hpa_names[0]} also sizes"
+    else:
+        who = f"HorizontalPodAutoscalers {', '.join(hpa_names)} also size"
+    return (
+        f"{who} this model through its scale subresource: spec.autoscaling is "
+        "not applied while it does (delete the HPA, or spec.autoscaling)"
+    )
+
+
+@dataclass(frozen=True)
+class _HpaListing:
+    """One namespace's HPAs as last listed."""
+
+    at: float
+    sizers: dict[str, tuple[str, ...]]
+
+
 @dataclass
 class _Tracked:
     """What the autoscaler keeps of one model between ticks."""
@@ -68,6 +116,8 @@ class _Tracked:
     scaled)."""
     blind_told: bool = False
     """An AutoscalingBlind Event was posted since the gateways last answered."""
+    conflict: tuple[str, ...] = ()
+    """The HPAs an AutoscalingConflict Event named, while they size the model."""
 
 
 class Autoscaler:
@@ -106,6 +156,9 @@ class Autoscaler:
         self._clock = clock
         self._wall = wall
         self._tracked: dict[tuple[str, str], _Tracked] = {}
+        self._hpas: dict[str, _HpaListing] = {}
+        self._hpas_unread: set[str] = set()
+        """Namespaces whose HPAs could not be listed, told once in the log."""
 
     async def run(self) -> None:
         """Ticks until cancelled; a failed tick is logged and the next one comes."""
@@ -122,6 +175,9 @@ class Autoscaler:
             await self._gateways.close()
 
     def _forget(self, keep: set[tuple[str, str]]) -> None:
+        namespaces = {namespace for namespace, _ in keep}
+        for namespace in set(self._hpas) - namespaces:
+            del self._hpas[namespace]
         for key in set(self._tracked) - keep:
             del self._tracked[key]
             for state in DEMAND_STATES:
@@ -158,7 +214,33 @@ class Autoscaler:
         reading = await self._gateways.read()
         now = self._clock()
         for model, body in models:
-            await self._size(model, body, reading, now)
+            sizers = await self._sizers(model.namespace, now)
+            await self._size(model, body, reading, now, sizers.get(model.name, ()))
+
+    async def _sizers(self, namespace: str, now: float) -> dict[str, tuple[str, ...]]:
+        """The namespace's HPAs that size LLMModels (`hpa_sizers`), listed at
+        most every `HPA_RECHECK_S`. None known when they cannot be listed (no
+        grant for them, say): the autoscaler then acts as before it looked."""
+        listing = self._hpas.get(namespace)
+        if listing is not None and now - listing.at < HPA_RECHECK_S:
+            return listing.sizers
+        sizers: dict[str, tuple[str, ...]] = {}
+        try:
+            sizers = hpa_sizers(await self._kube.list(HPAS, namespace))
+        except ApiError as err:
+            if namespace not in self._hpas_unread:
+                log.warning(
+                    "autoscaling: could not list the HorizontalPodAutoscalers "
+                    "of %s (one sizing an autoscaled model would fight the "
+                    "autoscaler unseen): %s",
+                    namespace,
+                    err,
+                )
+            self._hpas_unread.add(namespace)
+        else:
+            self._hpas_unread.discard(namespace)
+        self._hpas[namespace] = _HpaListing(now, sizers)
+        return sizers
 
     def _track(self, model: LLMModel, now: float) -> _Tracked:
         key = (model.namespace, model.name)
@@ -171,7 +253,12 @@ class Autoscaler:
         return tracked
 
     async def _size(
-        self, model: LLMModel, body: Manifest, reading: Reading, now: float
+        self,
+        model: LLMModel,
+        body: Manifest,
+        reading: Reading,
+        now: float,
+        sizers: tuple[str, ...] = (),
     ) -> None:
         scaling = model.spec.autoscaling
         assert scaling is not None
@@ -201,6 +288,17 @@ class Autoscaler:
             tracked.track.add(
                 Sample(now, demand.total, demand.waiting, not reading.failures)
             )
+        if sizers:
+            # Its demand is still kept: once the HPA goes, a scale-down waits
+            # for the delay's worth of it, not for a new history.
+            if tracked.conflict != sizers:
+                tracked.conflict = sizers
+                await self._post(
+                    model,
+                    Notice("Warning", AUTOSCALING_CONFLICT, conflict_message(sizers)),
+                )
+            return
+        tracked.conflict = ()
         decision = decide_on(model.spec.replicas, scaling, tracked.track)
         if decision is not None and decision.replicas != model.spec.replicas:
             await self._scale(model, body, decision, tracked, now)

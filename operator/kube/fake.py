@@ -263,6 +263,8 @@ class FakeKube:
         label_selector: str | None = None,
     ) -> list[Manifest]:
         self.reads.append(("list", resource.plural))
+        if resource.plural in self.fail:
+            raise self._refused(self.fail[resource.plural])
         return [
             copy.deepcopy(obj)
             for obj in self._listed(resource, namespace, label_selector)

@@ -56,6 +56,9 @@ EVENTS = Resource("", "v1", "events", "Event")
 PDBS = Resource("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget")
 POD_MONITORS = Resource("monitoring.coreos.com", "v1", "podmonitors", "PodMonitor")
 ENDPOINT_SLICES = Resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice")
+HPAS = Resource(
+    "autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler"
+)
 
 KNOWN = (
     LLMMODELS,
@@ -69,6 +72,7 @@ KNOWN = (
     PDBS,
     POD_MONITORS,
     ENDPOINT_SLICES,
+    HPAS,
 )
 
 

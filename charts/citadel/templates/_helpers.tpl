@@ -294,6 +294,11 @@ PodMonitor), the pods it reads to explain a model's status, and Events. Used by 
 - apiGroups: [citadel.ai]
   resources: [llmmodels/scale]
   verbs: [get, patch]
+# It leaves a model that an HPA sizes too to the HPA, and says so: it lists
+# HPAs (read only) to know.
+- apiGroups: [autoscaling]
+  resources: [horizontalpodautoscalers]
+  verbs: [list]
 # Owner references with blockOwnerDeletion need update on the owner's finalizers.
 - apiGroups: [citadel.ai]
   resources: [llmmodels/finalizers]

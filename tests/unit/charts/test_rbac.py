@@ -331,6 +331,13 @@ def test_operator_autoscaler_reads_gateways_and_scales_models(
         (s, v) for s, g, r, v in granted if (g, r) == ("citadel.ai", "llmmodels/scale")
     }
     assert scale == {(s, v) for s in scopes for v in ("get", "patch")}
+    # HPAs that size a model too, listed where the models are: nothing more.
+    hpas = {
+        (s, v)
+        for s, g, r, v in granted
+        if (g, r) == ("autoscaling", "horizontalpodautoscalers")
+    }
+    assert hpas == {(s, "list") for s in scopes}
     # The gateway pods' addresses, read only, in the release namespace only
     # (and its Service's ports: everywhere when cluster-wide, for the models').
     slices = {(s, v) for s, g, r, v in granted if r == "endpointslices"}

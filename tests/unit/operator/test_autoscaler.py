@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 
-from citadel.operator.autoscaler import Autoscaler
+from citadel.operator.autoscaler import HPA_RECHECK_S, Autoscaler, hpa_sizers
 from citadel.operator.gateways import Demand, Reading
+from citadel.operator.kube.client import ApiError
 from citadel.operator.kube.fake import FakeKube
-from citadel.operator.kube.resources import LLMMODELS
+from citadel.operator.kube.resources import HPAS, LLMMODELS
 from citadel.operator.metrics import Metrics
 from citadel.operator.settings import OperatorSettings
 from citadel.operator.view import ApiView
@@ -267,3 +268,107 @@ async def test_the_loop_closes_the_gateway_reader_when_stopped() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert h.gateways.closed
+
+
+def hpa(name: str, target: str = "mixtral", **ref: str) -> dict[str, Any]:
+    """An HPA in namespace `llm` sizing the LLMModel `target` (or what `ref`
+    says instead)."""
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": name, "namespace": "llm"},
+        "spec": {
+            "scaleTargetRef": {
+                "apiVersion": "citadel.ai/v1alpha1",
+                "kind": "LLMModel",
+                "name": target,
+                **ref,
+            },
+            "minReplicas": 1,
+            "maxReplicas": 4,
+        },
+    }
+
+
+def test_hpa_sizers_names_the_hpas_of_each_llmmodel() -> None:
+    assert hpa_sizers(
+        [
+            hpa("b"),
+            hpa("a"),
+            hpa("other", "qwen"),
+            hpa("any-version", "qwen", apiVersion="citadel.ai/v1"),
+            hpa("a-deployment", kind="Deployment", apiVersion="apps/v1"),
+            hpa("elsewhere", apiVersion="example.com/v1alpha1"),
+            {"metadata": {"name": "no-spec"}},
+        ]
+    ) == {"mixtral": ("a", "b"), "qwen": ("any-version", "other")}
+
+
+async def test_a_model_an_hpa_sizes_too_is_left_to_it_and_told_once() -> None:
+    h = Harness(model_body(replicas=1, autoscaling=SCALING), hpa("team-hpa"))
+    h.gateways.reading = reading(mixtral=(30, 0))
+    for _ in range(3):
+        await h.tick()
+    assert h.kube.merged == [] and h.replicas() == 1
+    assert h.events() == [
+        (
+            "mixtral",
+            "AutoscalingConflict",
+            "HorizontalPodAutoscaler team-hpa also sizes this model through its "
+            "scale subresource: spec.autoscaling is not applied while it does "
+            "(delete the HPA, or spec.autoscaling)",
+        )
+    ]
+    assert h.kube.events[0]["type"] == "Warning"
+    # Listed once for the three ticks (6 s), again once HPA_RECHECK_S passed.
+    assert h.kube.reads.count(("list", "horizontalpodautoscalers")) == 1
+    await h.kube.delete(HPAS, "team-hpa", "llm")
+    await h.tick()
+    assert h.replicas() == 1  # the listing still says it is there
+    h.clock.now += HPA_RECHECK_S
+    await h.tick()
+    assert h.kube.reads.count(("list", "horizontalpodautoscalers")) == 2
+    assert h.replicas() == 4
+
+
+async def test_a_second_hpa_is_told_again() -> None:
+    h = Harness(model_body(replicas=1, autoscaling=SCALING), hpa("one"))
+    h.gateways.reading = reading(mixtral=(30, 0))
+    await h.tick()
+    h.kube.put(hpa("two"))
+    h.clock.now += HPA_RECHECK_S
+    await h.tick()
+    await h.tick()
+    assert [m for _, reason, m in h.events() if reason == "AutoscalingConflict"] == [
+        "HorizontalPodAutoscaler one also sizes this model through its scale "
+        "subresource: spec.autoscaling is not applied while it does (delete the "
+        "HPA, or spec.autoscaling)",
+        "HorizontalPodAutoscalers one, two also size this model through its scale "
+        "subresource: spec.autoscaling is not applied while it does (delete the "
+        "HPA, or spec.autoscaling)",
+    ]
+
+
+async def test_an_hpa_of_another_target_changes_nothing() -> None:
+    h = Harness(
+        model_body(replicas=1, autoscaling=SCALING),
+        hpa("web", "mixtral", kind="Deployment", apiVersion="apps/v1"),
+    )
+    h.gateways.reading = reading(mixtral=(30, 0))
+    await h.tick()
+    assert h.replicas() == 4
+    assert [reason for _, reason, _ in h.events()] == ["Autoscaled"]
+
+
+async def test_hpas_that_cannot_be_listed_leave_the_autoscaler_as_it_was(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    h = Harness(model_body(replicas=1, autoscaling=SCALING), hpa("unseen"))
+    h.kube.fail[HPAS.plural] = ApiError(403, "Forbidden", "no grant")
+    h.gateways.reading = reading(mixtral=(30, 0))
+    await h.tick()
+    h.clock.now += HPA_RECHECK_S
+    await h.tick()
+    assert h.replicas() == 4
+    told = [r for r in caplog.records if "HorizontalPodAutoscalers" in r.message]
+    assert len(told) == 1 and "no grant" in told[0].message
