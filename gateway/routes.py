@@ -48,7 +48,7 @@ CONFIGMAP_GZIP_KEY = "routes.json.gz"
 `CONFIGMAP_KEY` from `GZIP_FROM_BYTES` on."""
 GZIP_FROM_BYTES = 512 * 1024
 """From this size of its JSON on, the document is stored gzipped. A ConfigMap
-holds 1 MiB: as text, some 2,800-3,700 models (see `RoutingDocument.to_json`);
+holds 1 MiB: as text, some 2,450-3,100 models (see `RoutingDocument.to_json`);
 gzipped, some 40,000 or more (4,000 models with random names of 10 to 35
 characters compressed 12x, 26 bytes a model; names that share most of their
 characters 24-35x, 2026-12-06). Below it the document stays readable with
@@ -248,12 +248,13 @@ class RoutingDocument(_Model):
 
     def to_json(self) -> str:
         """The canonical JSON form (sorted models, stable key order), compact: a
-        ConfigMap holds at most 1 MiB. A model without aliases or adapters
-        takes 296 to 387 bytes (names of 10 to 35 characters, namespaces of 3
-        to 19; its empty `adapters` 14 of them), some 2,700-3,500 models a MiB
-        (1,000 models through the operator's build_document, 2026-12-07), more
-        once gzipped (`configmap_content`);
-        indented JSON took some 160 bytes more a model."""
+        ConfigMap holds at most 1 MiB. A model without aliases, adapters or
+        fallbacks takes 333 to 424 bytes (names of 10 to 35 characters,
+        namespaces of 3 to 19; its empty `adapters` 14 of them, `fallbacks`
+        15), some 2,450-3,100 models a MiB (1,000 models of random names
+        through the operator's build_document, 2026-12-07), more once gzipped
+        (`configmap_content`); indented JSON took some 160 bytes more a
+        model."""
         ordered = sorted(self.models, key=lambda r: (r.namespace, r.name))
         doc = self.model_copy(update={"models": tuple(ordered)})
         return doc.model_dump_json(by_alias=True)

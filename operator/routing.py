@@ -71,6 +71,8 @@ def route_for(model: LLMModel) -> ModelRoute:
         # The autoscaler may take the model to zero: the gateway holds a
         # request that finds no ready replica while the autoscaler wakes one.
         scale_from_zero=scaling is not None and scaling.min_replicas == 0,
+        # As listed: a name no model serves yet is the gateway's to skip.
+        fallbacks=tuple(model.spec.routing.fallbacks),
     )
 
 

@@ -801,10 +801,41 @@ class Cache(ApiModel):
     deleted; `Delete` removes it with the model."""
 
 
+MAX_FALLBACKS = 4
+"""The most fallbacks a model lists: each one tried costs a failing request
+another round of routing (and retries) at the gateway."""
+FALLBACKS_MESSAGE = (
+    "spec.routing.fallbacks: each fallback must name another model, not this "
+    "model's servedName, an alias or an adapter"
+)
+"""What the rules refusing a fallback that names the model itself say (they
+add what to fix)."""
+
+
 class Routing(ApiModel):
-    """How the gateway spreads requests over the replicas."""
+    """How the gateway spreads requests over the replicas, and which other models
+    answer when none of them can."""
 
     strategy: RoutingStrategy = RoutingStrategy.PREFIX_AWARE
+    fallbacks: Annotated[
+        list[ServedName],
+        Field(
+            max_length=MAX_FALLBACKS,
+            # A set: the API server refuses a name given twice, and names it.
+            json_schema_extra={"x-kubernetes-list-type": "set"},
+        ),
+    ] = []
+    """Other models' names (a servedName, alias or adapter name), in order,
+    that answer this model's requests when it cannot: no replica ready, none
+    reachable, every one refusing the request unworked (503) or busy (429),
+    or, with autoscaling.minReplicas 0, none started yet (the gateway then
+    sends the request on at once instead of holding it, and wakes the model).
+    Never once a replica may have worked on the request, nor when the gateway
+    itself refuses it (unknown model, the key's permissions or limits). A
+    fallback is skipped when it names no model (it may be created later), the
+    key may not use it, its limits refuse the key, or it is scaled to zero
+    with no replica ready; a fallback's own fallbacks are not followed. None
+    may be one of this model's own names."""
 
 
 class Limits(ApiModel):
@@ -1003,6 +1034,19 @@ class LLMModelSpec(ApiModel):
                 fieldPath=".adapters",
             ),
             _rule(
+                # has(): `routing` defaults to {}, filled in after the rules
+                # ran (see Rollout).
+                "!has(self.routing) || !has(self.routing.fallbacks) || "
+                "self.routing.fallbacks.all(f, "
+                "(!has(self.servedName) || f != self.servedName) && "
+                "(!has(self.aliases) || !(f in self.aliases)) && "
+                "(!has(self.adapters) || self.adapters.all(a, a.name != f)))",
+                f"{FALLBACKS_MESSAGE}: the gateway would send the request back "
+                "to the replicas that just failed it; remove the name, or name "
+                "another model's",
+                fieldPath=".routing.fallbacks",
+            ),
+            _rule(
                 "(has(self.adapters) && self.adapters.size() > 0) || "
                 "!has(self.engine) || "
                 "(!has(self.engine.maxLoraRank) && !has(self.engine.maxLoras))",
@@ -1094,7 +1138,15 @@ def object_rules() -> dict[str, Any]:
             "choose the model or one of its adapters by that name; rename the "
             "adapter",
             fieldPath=".spec.adapters",
-        )
+        ),
+        _rule(
+            "!has(self.spec.routing) || !has(self.spec.routing.fallbacks) || "
+            "has(self.spec.servedName) || "
+            "!(self.metadata.name in self.spec.routing.fallbacks)",
+            f"{FALLBACKS_MESSAGE}; the servedName is metadata.name when "
+            "servedName is absent: remove the name, or name another model's",
+            fieldPath=".spec.routing.fallbacks",
+        ),
     )
 
 

@@ -281,6 +281,10 @@ SQL = {"name": "sql", "source": "org/sql-lora"}
 NAME_MESSAGE = "an adapter's name must differ from servedName and from every alias"
 LORA_FLAGS = "the operator sets them from spec.adapters"
 LORA_LIMITS = "engine.maxLoraRank and engine.maxLoras apply to LoRA adapters only"
+FALLBACK_MESSAGE = (
+    "spec.routing.fallbacks: each fallback must name another model, not this "
+    "model's servedName, an alias or an adapter"
+)
 
 # Refused naming the field, and with the message saying what to fix (the rules'
 # own, or the API server's where it names the value): LoRA adapters, and a
@@ -452,6 +456,56 @@ MESSAGE_CASES: list[tuple[str, dict[str, Any], str, str, str]] = [
         "spec.engine.extraArgs",
         LORA_FLAGS,
     ),
+    (
+        "fallback-repeats-served-name",
+        {"servedName": "big", "routing": {"fallbacks": ["smol", "big"]}},
+        "bad",
+        "spec.routing.fallbacks",
+        FALLBACK_MESSAGE,
+    ),
+    (
+        "fallback-repeats-alias",
+        {"aliases": ["chat"], "routing": {"fallbacks": ["chat"]}},
+        "bad",
+        "spec.routing.fallbacks",
+        FALLBACK_MESSAGE,
+    ),
+    (
+        "fallback-repeats-adapter",
+        {"adapters": [SQL], "routing": {"fallbacks": ["sql"]}},
+        "bad",
+        "spec.routing.fallbacks",
+        FALLBACK_MESSAGE,
+    ),
+    (
+        # No servedName: the model's name is the served name.
+        "fallback-repeats-model-name",
+        {"routing": {"fallbacks": ["smol", "big"]}},
+        "big",
+        "spec.routing.fallbacks",
+        "the servedName is metadata.name when servedName is absent",
+    ),
+    (
+        "fallback-twice",
+        {"routing": {"fallbacks": ["smol", "smol"]}},
+        "bad",
+        "spec.routing.fallbacks[1]",
+        'Duplicate value: "smol"',
+    ),
+    (
+        "too-many-fallbacks",
+        {"routing": {"fallbacks": [f"f{i}" for i in range(5)]}},
+        "bad",
+        "spec.routing.fallbacks",
+        "must have at most 4 items",
+    ),
+    (
+        "fallback-name",
+        {"routing": {"fallbacks": ["has space"]}},
+        "bad",
+        "spec.routing.fallbacks[0]",
+        "should match",
+    ),
 ]
 
 
@@ -567,6 +621,9 @@ def test_legal_edge_cases_are_accepted(
             {"name": "whole-claim", "source": "pvc://adapters/"},
             {"name": "baked", "source": "/opt/adapters/baked"},
         ],
+        # Two, in Hugging Face style too, naming no model yet: the gateway
+        # skips a name no model serves.
+        "routing": {"strategy": "least-load", "fallbacks": ["smol", "org/tiny:v1"]},
     }
     out = cluster.kubectl(
         "apply",

@@ -15,6 +15,7 @@ from citadel.operator.crd import llmmodel_crd, openapi_schema
 from citadel.operator.generate import main, render_files
 from citadel.operator.schema import structural_schema
 from citadel.operator.spec import (
+    FALLBACKS_MESSAGE,
     IMAGE_PATTERN,
     LABEL_VALUE,
     LAST_ARG_RULE,
@@ -763,6 +764,14 @@ def _spec_rule(fragment: str) -> dict[str, str]:
     return found
 
 
+def _object_rule(field_path: str) -> dict[str, str]:
+    """The rule on the whole object whose fieldPath is `field_path`."""
+    rules = openapi_schema()["x-kubernetes-validations"]
+    (found,) = [r for r in rules if r["fieldPath"] == field_path]
+    rule: dict[str, str] = found
+    return rule
+
+
 def test_an_adapter_may_not_take_the_served_name_or_an_alias() -> None:
     rule = _spec_rule("self.adapters.all(")
     assert "a.name != self.servedName" in rule["rule"]
@@ -774,7 +783,7 @@ def test_an_adapter_may_not_take_the_served_name_or_an_alias() -> None:
 def test_an_adapter_may_not_take_the_model_name_that_serves_it() -> None:
     # Without servedName the served name is metadata.name, which only a rule on
     # the whole object can read.
-    (rule,) = openapi_schema()["x-kubernetes-validations"]
+    rule = _object_rule(".spec.adapters")
     assert rule["rule"] == (
         "!has(self.spec.adapters) || has(self.spec.servedName) || "
         "self.spec.adapters.all(a, a.name != self.metadata.name)"
@@ -868,3 +877,60 @@ def test_an_autoscaling_spec_parses_with_its_defaults() -> None:
     assert spec.autoscaling.target_requests == 8
     assert spec.autoscaling.scale_down_delay_seconds == 300
     assert LLMModelSpec.model_validate({"model": "org/model"}).autoscaling is None
+
+
+def test_fallbacks_are_a_short_set_of_model_names() -> None:
+    fallbacks = _at("routing.fallbacks")
+    assert fallbacks["type"] == "array"
+    assert fallbacks["maxItems"] == 4
+    # A set: the API server refuses a name given twice, naming it.
+    assert fallbacks["x-kubernetes-list-type"] == "set"
+    # Absent and empty alike: nothing written into the stored object.
+    assert "default" not in fallbacks
+    # Each is a model name, as the served name is.
+    served = _at("servedName")
+    assert fallbacks["items"] == {
+        "type": "string",
+        "pattern": served["pattern"],
+        "maxLength": served["maxLength"],
+    }
+    assert "fallbacks" not in _at("routing").get("required", [])
+
+
+def test_a_fallback_may_not_name_the_model_itself() -> None:
+    rule = _spec_rule("self.routing.fallbacks.all(")
+    assert rule["rule"] == (
+        "!has(self.routing) || !has(self.routing.fallbacks) || "
+        "self.routing.fallbacks.all(f, "
+        "(!has(self.servedName) || f != self.servedName) && "
+        "(!has(self.aliases) || !(f in self.aliases)) && "
+        "(!has(self.adapters) || self.adapters.all(a, a.name != f)))"
+    )
+    assert rule["fieldPath"] == ".routing.fallbacks"
+    assert rule["message"].startswith(FALLBACKS_MESSAGE)
+    assert FALLBACKS_MESSAGE == (
+        "spec.routing.fallbacks: each fallback must name another model, not this "
+        "model's servedName, an alias or an adapter"
+    )
+    assert "remove the name" in rule["message"]
+
+
+def test_a_fallback_may_not_name_the_model_without_a_served_name() -> None:
+    # Without servedName the served name is metadata.name, which only a rule on
+    # the whole object can read; with one, metadata.name is no model name here.
+    rule = _object_rule(".spec.routing.fallbacks")
+    assert rule["rule"] == (
+        "!has(self.spec.routing) || !has(self.spec.routing.fallbacks) || "
+        "has(self.spec.servedName) || "
+        "!(self.metadata.name in self.spec.routing.fallbacks)"
+    )
+    assert rule["message"].startswith(FALLBACKS_MESSAGE)
+    assert "metadata.name when servedName is absent" in rule["message"]
+
+
+def test_a_fallbacks_spec_parses_in_order() -> None:
+    spec = LLMModelSpec.model_validate(
+        {"model": "org/model", "routing": {"fallbacks": ["smol", "org/tiny:v1"]}}
+    )
+    assert spec.routing.fallbacks == ["smol", "org/tiny:v1"]
+    assert LLMModelSpec.model_validate({"model": "org/model"}).routing.fallbacks == []

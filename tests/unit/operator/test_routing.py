@@ -86,6 +86,42 @@ def test_a_model_the_autoscaler_may_stop_is_scaled_from_zero(
     assert document["models"][0]["scaleFromZero"] is from_zero
 
 
+@pytest.mark.parametrize(
+    ("routing", "fallbacks"),
+    [
+        (None, ()),
+        ({"strategy": "least-load"}, ()),
+        ({"fallbacks": []}, ()),
+        # In order, and a name no model serves (yet) as listed: the gateway
+        # skips it.
+        ({"fallbacks": ["smol", "org/tiny:v1"]}, ("smol", "org/tiny:v1")),
+        ({"fallbacks": ["org/tiny:v1", "smol"]}, ("org/tiny:v1", "smol")),
+    ],
+)
+def test_a_route_carries_the_fallbacks_as_listed(
+    routing: dict[str, Any] | None, fallbacks: tuple[str, ...]
+) -> None:
+    spec: dict[str, Any] = {"servedName": "big", "aliases": ["chat"]}
+    if routing is not None:
+        spec["routing"] = routing
+    route = route_for(LLMModel.from_body(model_body("big", **spec)))
+    assert route.fallbacks == fallbacks
+    document = json.loads(RoutingDocument(models=(route,)).to_json())
+    assert document["models"][0]["fallbacks"] == list(fallbacks)
+
+
+def test_fallbacks_are_published_with_the_document() -> None:
+    big = LLMModel.from_body(
+        model_body("big", routing={"fallbacks": ["smol", "gone"]}, status=READY)
+    )
+    smol = LLMModel.from_body(model_body("smol"))
+    doc, conflicts = build_document([big, smol])
+    assert conflicts == {}
+    routes = {r.name: r for r in parse_document(doc.to_json()).models}
+    assert routes["big"].fallbacks == ("smol", "gone")
+    assert routes["smol"].fallbacks == ()
+
+
 def test_not_ready_without_the_condition() -> None:
     assert route_for(LLMModel.from_body(model_body())).ready is False
 
