@@ -271,6 +271,22 @@ def overview() -> Any:
             ],
         ),
         panel(
+            "Fallbacks/s",
+            "Requests a model could not answer that went to one of its fallbacks "
+            "(spec.routing.fallbacks), by the model asked for, the fallback tried "
+            "and why the model before it could not answer: no_replica, busy "
+            "(every replica said 429) or waking (at zero). Served by the "
+            "fallback, a request counts under the fallback's model.",
+            [
+                (
+                    "sum by (model, fallback, reason) "
+                    f"(rate(citadel_gateway_fallbacks_total{{{GW_MODEL}}}[{RI}]))",
+                    "{{model}} -> {{fallback}} ({{reason}})",
+                )
+            ],
+            unit="reqps",
+        ),
+        panel(
             "Rate-limited/s",
             "Requests refused with 429, by limit (requests, tokens, quota).",
             [

@@ -33,6 +33,8 @@ LABEL_CODE = "code"
 LABEL_RESOURCE = "resource"
 LABEL_DIRECTION = "direction"
 LABEL_REASON = "reason"
+# The model a fallback name routes to, as its route lists it.
+LABEL_FALLBACK = "fallback"
 # A model's route identity (its LLMModel's namespace and name) and what its
 # requests are doing, on `model_requests`: the operator's autoscaler reads it
 # straight from each gateway, so these names are its contract. `model_namespace`
@@ -45,6 +47,10 @@ MODEL_REQUESTS = PREFIX + "model_requests"
 STATE_IN_FLIGHT = "in_flight"
 STATE_WAITING = "waiting"
 MODEL_REQUEST_STATES = (STATE_IN_FLIGHT, STATE_WAITING)
+# Why a request left a model for its fallback (`fallbacks`' reason label).
+FALLBACK_NO_REPLICA = "no_replica"
+FALLBACK_BUSY = "busy"
+FALLBACK_WAKING = "waking"
 
 OTHER_KEY = "other"
 ANONYMOUS_KEY = "anonymous"
@@ -250,6 +256,16 @@ class GatewayMetrics:
             "gateway's, for a model or replica this one does not route to), "
             "malformed (a message on the channel not the gateway's).",
             [LABEL_REASON],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            PREFIX + "fallbacks",
+            "Requests the gateway turned to a fallback model for, then tried it, "
+            "by the model asked for, the fallback tried (as its route lists it) "
+            "and why the model before it could not answer: no_replica (none "
+            "ready, reachable or serving it), busy (every replica answered 429), "
+            "waking (it scales from zero and had no ready replica).",
+            [LABEL_MODEL, LABEL_FALLBACK, LABEL_REASON],
             registry=r,
         )
         self.ejections = Counter(

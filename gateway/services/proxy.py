@@ -28,6 +28,7 @@ from citadel.gateway.errors import (
     GatewayError,
     InternalError,
     NoReplica,
+    RateLimited,
     ShuttingDown,
     refusal,
     refusal_body,
@@ -35,6 +36,9 @@ from citadel.gateway.errors import (
     retry_after_seconds,
 )
 from citadel.gateway.metrics import (
+    FALLBACK_BUSY,
+    FALLBACK_NO_REPLICA,
+    FALLBACK_WAKING,
     STATE_IN_FLIGHT,
     STATE_WAITING,
     UNKNOWN_MODEL,
@@ -49,6 +53,7 @@ from citadel.gateway.services.replicas import EjectionPolicy, Replica
 from citadel.gateway.services.requests import (
     ApiCall,
     Door,
+    ParsedBody,
     client_wants_usage,
     parse_body,
     prompt_body,
@@ -87,6 +92,15 @@ _RECHECK_S = 1.0
 """How often a request held for a model at zero looks for a replica besides
 each change the catalog reports (`ProxyService._await_replica`): a change
 missed for any reason costs it a second at most."""
+WAKE_SIGNAL_S = 5.0
+"""How long a request for a model at zero that went to a fallback at once
+counts as waiting for the model (`citadel_gateway_model_requests`), whatever
+becomes of it: it is not held, yet the operator's autoscaler must see the
+demand to start a replica, and it reads the count every 2 s, so this spans two
+of its reads whatever their phase."""
+FALLBACK_HEADER = "x-citadel-fallback"
+"""The response header that names the fallback that answered, as the
+requested model's route lists it."""
 
 
 def _read_already(error: GatewayError) -> None:
@@ -113,6 +127,12 @@ class ProxyResponse:
     error_event: Callable[[dict[str, Any]], bytes] = error_event
     """For a stream: how an error is written into it after it began (an
     OpenAI error body in, SSE bytes out), in the stream's own kind of event."""
+
+
+def _fallback_reason(error: NoReplica | RateLimited) -> str:
+    """Why a request leaves a model whose `_send` raised `error` for a
+    fallback (`GatewayMetrics.fallbacks`' reason)."""
+    return FALLBACK_BUSY if isinstance(error, RateLimited) else FALLBACK_NO_REPLICA
 
 
 def _identity(ctx: _Context) -> ModelIdentity:
@@ -175,6 +195,11 @@ class _Context:
     """What settling its tokens took from each bucket (`Limiter.settle`)."""
     unusable: GatewayError | None = None
     """Why its door could not use the streamed answer, if it could not."""
+    fallback: str | None = None
+    """The fallback tried, as the requested model's route lists it, once the
+    request left that model for it (`route` and `model` are then its)."""
+    fallback_from: str | None = None
+    """The requested model's upstream name while a fallback is tried."""
 
     @property
     def replica_model(self) -> str:
@@ -241,6 +266,22 @@ class _Refusals:
             "try again shortly.",
             retry_after_s=wait,
         )
+
+
+@dataclass(frozen=True)
+class _Outbound:
+    """What a request sends to whichever model answers it: made only for a
+    model with fallbacks (`ProxyService._send_or_fall_back`), which may send
+    it to several."""
+
+    parsed: ParsedBody
+    prompt: Mapping[str, Any]
+    """What reads the prompt (`prompt_body`)."""
+    estimate: int
+    """Its tokens as admitted, the same for each model."""
+    headers: dict[str, str]
+    stream: bool
+    keep_usage: bool
 
 
 @dataclass(frozen=True)
@@ -418,19 +459,27 @@ class ProxyService:
             scope = getattr(err, "scope", "") or "requests"
             self._metrics.rate_limited.labels(ctx.model, key, scope).inc()
             raise
-        # Only once admitted: a refused request never wakes a model.
-        route = await self._await_replica(ctx, route, body["model"])
-        out = parsed.upstream(upstream_model)
         headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
-        # An adapter's prefixes are its own (vLLM's cache keeps them apart).
-        adapter = upstream_model if upstream_model != route.served_name else None
-        request = RouteRequest(prompt, ctx.session, adapter)
         # The usage chunk is dropped only where the gateway asked for it.
         keep = stream and (not ctx.call.usage_option or client_wants_usage(body))
-        response, data = await self._send(
-            ctx, route, out, headers, request, stream, keep
-        )
-        reply_headers = {**ctx.admission.headers, "x-request-id": ctx.request_id}
+        if route.fallbacks:
+            outbound = _Outbound(parsed, prompt, estimate, headers, stream, keep)
+            response, data = await self._send_or_fall_back(ctx, route, outbound)
+        else:
+            # Only once admitted: a refused request never wakes a model.
+            route = await self._await_replica(ctx, route, body["model"])
+            out = parsed.upstream(upstream_model)
+            # An adapter's prefixes are its own (vLLM's cache keeps them apart).
+            adapter = upstream_model if upstream_model != route.served_name else None
+            request = RouteRequest(prompt, ctx.session, adapter)
+            response, data = await self._send(
+                ctx, route, out, headers, request, stream, keep
+            )
+        admission = ctx.admission
+        assert admission is not None  # the answering model's, taken above
+        reply_headers = {**admission.headers, "x-request-id": ctx.request_id}
+        if ctx.fallback is not None:
+            reply_headers[FALLBACK_HEADER] = ctx.fallback
         if isinstance(data, _Begun):
             return ProxyResponse(
                 200,
@@ -441,6 +490,165 @@ class ProxyService:
                 unusable=ctx.found_unusable,
             )
         return await self._whole(ctx, response, data, reply_headers, read)
+
+    async def _send_or_fall_back(
+        self, ctx: _Context, route: ModelRoute, outbound: _Outbound
+    ) -> tuple[Reply, bytes | _Begun]:
+        """The answer of the requested model (`route`, admitted), else of the
+        first of its fallbacks that gives one (`_fallback` says which are
+        skipped), tried in their order.
+
+        The request turns to the next fallback only where the model before
+        could not answer it and did no work on it: `_send` found no replica
+        (`NoReplica`: none ready, none reachable, or each refused it unworked
+        with a 503), or every replica answered 429 (`_Refusals.error`); or
+        the requested model scales from zero and has no ready replica, whose
+        demand is then signalled (`_signal_waking`) instead of the request
+        being held. Any other failure is the answer, as without fallbacks:
+        one after a replica may have worked on the request (a drop, a
+        timeout) would have it worked twice. A fallback's own fallbacks are
+        never followed (no chains, no loops).
+
+        Each model's admission is given back in full before the request
+        leaves it; the one that answers keeps its own, and the request is
+        counted under it (`_Context.fallback` says which it was).
+
+        Raises:
+            GatewayError: the requested model's own error when no fallback
+                could answer (counted under it, with its `x-ratelimit-*`
+                headers), or the failure of the fallback that was sent it.
+        """
+        model = ctx.model
+        error: GatewayError
+        if route.scale_from_zero and not self._catalog.has_ready(route):
+            self._signal_waking(route)
+            reason = FALLBACK_WAKING
+            error = NoReplica(
+                f"The model `{route.served_name}` is starting from zero; "
+                "try again shortly.",
+                retry_after_s=NO_REPLICA_RETRY_S,
+            )
+        else:
+            try:
+                return await self._send_as(ctx, route, model, outbound)
+            except (NoReplica, RateLimited) as err:
+                if ctx.worked:  # `_send` raises neither then: kept so
+                    raise
+                reason, error = _fallback_reason(err), err
+        admission, replica = ctx.admission, ctx.replica
+        settled = await self._give_back(ctx)
+        for name in route.fallbacks:
+            fallback = await self._fallback(ctx, route, name, outbound.estimate)
+            if fallback is None:
+                continue
+            ctx.route, ctx.admission = fallback
+            ctx.model = ctx.route.upstream_name(name)
+            ctx.fallback, ctx.fallback_from = name, model
+            # Whether a replica of this model may have worked on it: that of
+            # the model before judged what it gave back, and is done with.
+            ctx.reached = False
+            self._metrics.fallbacks.labels(model, name, reason).inc()
+            try:
+                return await self._send_as(ctx, ctx.route, ctx.model, outbound)
+            except (NoReplica, RateLimited) as err:
+                if ctx.worked:
+                    err.headers[FALLBACK_HEADER] = name
+                    raise
+                reason = _fallback_reason(err)
+                await self._give_back(ctx)
+            except GatewayError as err:
+                # The fallback's own failure is the answer: its client can
+                # tell whose it is, as from an answer.
+                err.headers[FALLBACK_HEADER] = name
+                raise
+        # None could answer: the client learns why the model it asked for
+        # could not, and the request counts under that model.
+        ctx.route, ctx.model, ctx.replica = route, model, replica
+        ctx.fallback = ctx.fallback_from = None
+        if admission is not None:
+            error.headers = {**admission.headers_after(settled), **error.headers}
+        raise error
+
+    async def _fallback(
+        self, ctx: _Context, route: ModelRoute, name: str, estimate: int
+    ) -> tuple[ModelRoute, Admission] | None:
+        """The route of the fallback `name` of `route`, and its admission for
+        the request; None when it is skipped: no model by that name, the
+        requested model itself, one the key may not use, one whose own limits
+        refuse the key (nothing taken then), or one that scales from zero and
+        has no ready replica (a fallback is never held for)."""
+        fallback = self._catalog.route_named(name)
+        why = None
+        if fallback is None:
+            why = "no model by that name"
+        elif (fallback.namespace, fallback.name) == (route.namespace, route.name):
+            why = "the requested model itself"
+        elif not ctx.principal.may_use(fallback, name):
+            why = "the key may not use it"
+        elif fallback.scale_from_zero and not self._catalog.has_ready(fallback):
+            why = "starting from zero"
+        else:
+            try:
+                admission = await self._limiter.admit(ctx.principal, fallback, estimate)
+            except GatewayError as err:
+                why = f"its limits refuse the key ({err.code})"
+            else:
+                return fallback, admission
+        extra = {"request_id": ctx.request_id, "fallback": name, "why": why}
+        log.debug("fallback skipped", extra=extra)
+        return None
+
+    async def _send_as(
+        self,
+        ctx: _Context,
+        route: ModelRoute,
+        upstream_model: str,
+        outbound: _Outbound,
+    ) -> tuple[Reply, bytes | _Begun]:
+        """`_send` of the request to `route`'s replicas, named `upstream_model`
+        in its body, routed by `route`'s own strategy."""
+        out = outbound.parsed.upstream(upstream_model)
+        # An adapter's prefixes are its own (vLLM's cache keeps them apart).
+        adapter = upstream_model if upstream_model != route.served_name else None
+        request = RouteRequest(outbound.prompt, ctx.session, adapter)
+        return await self._send(
+            ctx,
+            route,
+            out,
+            outbound.headers,
+            request,
+            outbound.stream,
+            outbound.keep_usage,
+        )
+
+    async def _give_back(self, ctx: _Context) -> Mapping[str, float]:
+        """Gives back the admission of the model the request leaves for a
+        fallback, in full (its request and tokens): that model did no work on
+        it, and the model that answers charges its own.
+
+        Returns:
+            What was given back to each bucket (`Limiter.settle`).
+        """
+        admission, ctx.admission = ctx.admission, None
+        if admission is None:
+            return {}
+        try:
+            return await self._limiter.settle(admission, 0, served=False)
+        except Exception:  # a limit store hiccup must not fail the request
+            log.exception(
+                "could not give back an admission", extra=self._log_fields(ctx)
+            )
+            return {}
+
+    def _signal_waking(self, route: ModelRoute) -> None:
+        """Counts a request for `route`'s model at zero as waiting for
+        `WAKE_SIGNAL_S`, though it is not held (it went to a fallback): what
+        the operator's autoscaler reads to start a replica."""
+        model: ModelIdentity = (route.namespace, route.name)
+        demand = self._metrics.model_requests
+        demand.add(model, STATE_WAITING, 1)
+        loop = asyncio.get_running_loop()
+        loop.call_later(WAKE_SIGNAL_S, demand.add, model, STATE_WAITING, -1)
 
     async def _await_replica(
         self, ctx: _Context, route: ModelRoute, name: str
@@ -1106,6 +1314,9 @@ class ProxyService:
         fields.update(status=status, duration_ms=round(elapsed * 1000, 3))
         if code:
             fields["code"] = code
+        if ctx.fallback_from is not None:
+            # The model asked for, where a fallback (`model`) answered.
+            fields["fallback_from"] = ctx.fallback_from
         log.info("request", extra=fields)
 
     @staticmethod

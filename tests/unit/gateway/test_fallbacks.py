@@ -1,0 +1,494 @@
+"""Fallbacks: other models that answer a model's requests when none of its own
+replicas can (`ModelRoute.fallbacks`, `ProxyService._send_or_fall_back`)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+
+from citadel.gateway.routes import RoutingDocument
+from citadel.gateway.services.auth import KeyRecord, hash_key
+from citadel.gateway.services.limits import Standing
+from citadel.gateway.services.proxy import FALLBACK_HEADER, WAKE_SIGNAL_S
+from citadel.gateway.services.replicas import Endpoint
+from citadel.gateway.services.requests import CHAT
+from citadel.gateway.upstream import (
+    UpstreamDropped,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+
+pytestmark = pytest.mark.unit
+
+ADAPTER = "sql-expert"
+CHUNK = {"choices": [{"index": 0, "delta": {"content": "hi"}}]}
+USAGE = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+
+
+def route(name: str, served: str, **fields: Any) -> dict[str, Any]:
+    """A route of its own Service (`name`), replicas named after it."""
+    return {
+        "name": name,
+        "namespace": "llm",
+        "servedName": served,
+        "service": name,
+        "strategy": "round-robin",
+        **fields,
+    }
+
+
+def document(big: dict[str, Any] | None = None, **others: Any) -> RoutingDocument:
+    """`big` (falls back to `chat` unless `big` says otherwise), `smollm2`
+    (alias `chat`, adapter `sql-expert`) and `tiny`, each changed by its
+    keyword's fields."""
+    return RoutingDocument.model_validate(
+        {
+            "models": [
+                route("big", "big", **{"fallbacks": ["chat"], **(big or {})}),
+                route(
+                    "smol",
+                    "smollm2",
+                    aliases=["chat"],
+                    adapters=[ADAPTER],
+                    **others.get("smol", {}),
+                ),
+                route("tiny", "tiny", **others.get("tiny", {})),
+            ]
+        }
+    )
+
+
+def build(kit: Any, doc: RoutingDocument | None = None, **replicas: Any) -> Any:
+    """A harness on `doc`, with alice allowed every model: `big` without a
+    replica and one for each other model (`http://<name>1`) unless `replicas`
+    says otherwise (a model's name: its replicas' addresses)."""
+    h = kit.build(doc=doc or document(), retries=2)
+    h.keys.replace_all(
+        (KeyRecord(name="alice", hash=hash_key(kit.key), models=("*",)),)
+    )
+    placed = {"big": (), "smol": ("http://smol1",), "tiny": ("http://tiny1",)}
+    for name, urls in {**placed, **replicas}.items():
+        h.deps.catalog.set_endpoints("llm", name, [Endpoint(u) for u in urls])
+    return h
+
+
+def answering(kit: Any, **by_host: Any) -> Callable[[str, Any], Any]:
+    """An upstream handler: a replica whose host is a key of `by_host` gives
+    its reply (or raises it); any other answers as the model sent."""
+
+    def handler(url: str, body: Any) -> Any:
+        host = url.split("/")[2]
+        if host in by_host:
+            return by_host[host]
+        return kit.completion(model=body["model"])
+
+    return handler
+
+
+def asked(h: Any) -> list[tuple[str, str]]:
+    """Each replica called, and the model its body named."""
+    return [(url.split("/")[2], body["model"]) for url, body, _ in h.upstream.calls]
+
+
+def fallbacks(h: Any, fallback: str, reason: str, model: str = "big") -> float | None:
+    sample = h.deps.metrics.registry.get_sample_value
+    labels = {"model": model, "fallback": fallback, "reason": reason}
+    return sample("citadel_gateway_fallbacks_total", labels)  # type: ignore[no-any-return]
+
+
+def tried(h: Any) -> float:
+    """Every fallback the gateway turned to, whatever the labels."""
+    metrics = h.deps.metrics.registry.collect()
+    family = next(m for m in metrics if m.name == "citadel_gateway_fallbacks")
+    return sum(s.value for s in family.samples if s.name.endswith("_total"))
+
+
+def demand(h: Any, model: str) -> float | None:
+    labels = {"model_namespace": "llm", "llmmodel": model, "state": "waiting"}
+    value = h.deps.metrics.registry.get_sample_value(
+        "citadel_gateway_model_requests", labels
+    )
+    return value  # type: ignore[no-any-return]
+
+
+async def standing(h: Any, kit: Any, name: str) -> list[Standing]:
+    """Where alice's buckets for the model `name` stand."""
+    principal = h.deps.authenticator.authenticate(f"Bearer {kit.key}")
+    model = h.deps.catalog.route_named(name)
+    return await h.deps.proxy.limiter.standing(principal, [model])  # type: ignore[no-any-return]
+
+
+async def ask(h: Any, kit: Any, model: str = "big", **body: Any) -> Any:
+    async with h.client() as client:
+        return await client.post(
+            "/v1/chat/completions", json={**kit.chat, "model": model, **body}
+        )
+
+
+async def test_a_model_without_replicas_is_answered_by_its_fallback(
+    kit: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = build(kit)
+    caplog.set_level("INFO", logger="citadel.gateway.access")
+    answer = await ask(h, kit)
+    assert answer.status_code == 200
+    # Listed as `chat`, an alias: sent as the served name, named as listed.
+    assert answer.headers[FALLBACK_HEADER] == "chat"
+    assert answer.json()["model"] == "smollm2"
+    assert asked(h) == [("smol1", "smollm2")]
+    # Counted once, under the model that answered.
+    assert kit.counted(h, "200", model="smollm2") == 1
+    assert kit.counted(h, "200", model="big") is None
+    assert kit.counted(h, "503", model="big") is None
+    assert fallbacks(h, "chat", "no_replica") == 1
+    tokens = h.deps.metrics.registry.get_sample_value(
+        "citadel_gateway_tokens_total",
+        {"model": "smollm2", "key": "alice", "kind": "completion"},
+    )
+    assert tokens == 5
+    [line] = [r for r in caplog.records if r.getMessage() == "request"]
+    assert (line.model, line.fallback_from) == ("smollm2", "big")  # type: ignore[attr-defined]
+
+
+async def test_a_model_without_fallbacks_answers_as_before(
+    kit: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = build(kit, document(big={"fallbacks": []}))
+    caplog.set_level("INFO", logger="citadel.gateway.access")
+    answer = await ask(h, kit)
+    assert answer.status_code == 503
+    assert answer.json()["error"]["code"] == "model_not_ready"
+    assert FALLBACK_HEADER not in answer.headers
+    assert not h.upstream.calls
+    assert tried(h) == 0
+    [line] = [r for r in caplog.records if r.getMessage() == "request"]
+    assert not hasattr(line, "fallback_from")
+
+
+async def test_a_model_that_answers_keeps_its_requests(kit: Any) -> None:
+    h = build(kit, big=("http://big1",))
+    answer = await ask(h, kit)
+    assert answer.status_code == 200
+    assert FALLBACK_HEADER not in answer.headers
+    assert asked(h) == [("big1", "big")]
+    assert kit.counted(h, "200", model="big") == 1
+    assert tried(h) == 0
+
+
+async def test_the_requested_models_limits_are_final(kit: Any) -> None:
+    """A client its own limits refuse is refused, never served elsewhere."""
+    h = build(kit, document(big={"limits": {"rpm": 1}}), big=("http://big1",))
+    assert (await ask(h, kit)).status_code == 200
+    h.deps.catalog.set_endpoints("llm", "big", [])
+    refused = await ask(h, kit)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert FALLBACK_HEADER not in refused.headers
+    assert asked(h) == [("big1", "big")]
+    assert tried(h) == 0
+
+
+async def test_a_key_that_may_not_use_the_model_is_refused(kit: Any) -> None:
+    h = build(kit)
+    h.keys.replace_all(
+        (KeyRecord(name="alice", hash=hash_key(kit.key), models=("smollm2",)),)
+    )
+    refused = await ask(h, kit)
+    assert refused.status_code == 403
+    assert not h.upstream.calls
+    assert tried(h) == 0
+
+
+async def test_a_fallback_the_key_may_not_use_is_skipped(kit: Any) -> None:
+    h = build(kit, document(big={"fallbacks": ["tiny", "chat"]}))
+    h.keys.replace_all(
+        (KeyRecord(name="alice", hash=hash_key(kit.key), models=("big", "chat")),)
+    )
+    answer = await ask(h, kit)
+    assert answer.status_code == 200
+    assert answer.headers[FALLBACK_HEADER] == "chat"
+    assert asked(h) == [("smol1", "smollm2")]
+    assert fallbacks(h, "tiny", "no_replica") is None  # skipped: not counted
+    assert fallbacks(h, "chat", "no_replica") == 1
+
+
+async def test_a_fallback_whose_limits_refuse_the_key_is_skipped_untouched(
+    kit: Any,
+) -> None:
+    doc = document(
+        big={"fallbacks": ["tiny", "chat"]},
+        tiny={"limits": {"rpm": 1, "tpm": 100_000}},
+    )
+    h = build(kit, doc)
+    assert (await ask(h, kit, "tiny")).status_code == 200  # its one request
+    before = await standing(h, kit, "tiny")
+    assert [s.remaining for s in before] == [0, 100_000 - 15]
+    answer = await ask(h, kit)
+    assert answer.status_code == 200
+    assert answer.headers[FALLBACK_HEADER] == "chat"
+    assert asked(h) == [("tiny1", "tiny"), ("smol1", "smollm2")]
+    # Its refusal took nothing, tokens neither.
+    assert await standing(h, kit, "tiny") == before
+    assert fallbacks(h, "tiny", "no_replica") is None
+
+
+async def test_the_models_left_give_their_admissions_back(kit: Any) -> None:
+    """The requested model's request and tokens go back to its buckets, and
+    the key's own buckets are charged once, by the model that answered."""
+    doc = document(
+        big={"fallbacks": ["tiny", "chat"], "limits": {"rpm": 1, "tpm": 1000}},
+        tiny={"limits": {"rpm": 1}},
+        smol={"limits": {"rpm": 10}},
+    )
+    h = build(kit, doc, tiny=())
+    h.keys.replace_all(
+        (KeyRecord(name="alice", hash=hash_key(kit.key), models=("*",), rpm=1),)
+    )
+    answer = await ask(h, kit)
+    assert answer.status_code == 200
+    assert answer.headers[FALLBACK_HEADER] == "chat"
+    # The answering model's limits, as any request for it shows them.
+    assert answer.headers["x-ratelimit-limit-requests"] == "1"  # the key's
+    assert answer.headers["x-ratelimit-remaining-requests"] == "0"
+    assert fallbacks(h, "tiny", "no_replica") == 1
+    assert fallbacks(h, "chat", "no_replica") == 1
+    big = {(s.scope, s.model): s.remaining for s in await standing(h, kit, "big")}
+    assert big[("requests", "big")] == 1
+    assert big[("tokens", "big")] == 1000
+    assert big[("requests", None)] == 0  # the key's: one request, charged once
+    tiny = {(s.scope, s.model): s.remaining for s in await standing(h, kit, "tiny")}
+    assert tiny[("requests", "tiny")] == 1
+    smol = await standing(h, kit, "chat")
+    assert {(s.scope, s.model): s.remaining for s in smol}[("requests", "smollm2")] == 9
+
+
+async def test_with_every_fallback_failing_the_client_gets_the_models_error(
+    kit: Any,
+) -> None:
+    doc = document(
+        big={"fallbacks": ["ghost", "tiny", "chat"], "limits": {"rpm": 5}},
+    )
+    h = build(kit, doc, tiny=())
+    h.upstream.handler = answering(kit, smol1=UpstreamUnreachable("connection refused"))
+    answer = await ask(h, kit)
+    assert answer.status_code == 503
+    error = answer.json()["error"]
+    assert error["code"] == "model_not_ready"
+    assert "`big` has no ready replica" in error["message"]
+    assert answer.headers["retry-after"] == "5"
+    assert FALLBACK_HEADER not in answer.headers
+    # Its requests-per-minute given back, as its headers say.
+    assert answer.headers["x-ratelimit-limit-requests"] == "5"
+    assert answer.headers["x-ratelimit-remaining-requests"] == "5"
+    assert kit.counted(h, "503", model="big") == 1
+    assert kit.counted(h, "503", model="smollm2") is None
+    # `ghost` names no model: skipped; the others tried.
+    assert tried(h) == 2
+    assert fallbacks(h, "tiny", "no_replica") == 1
+    assert fallbacks(h, "chat", "no_replica") == 1
+    assert asked(h) == [("smol1", "smollm2")]
+
+
+async def test_with_every_fallback_skipped_the_client_gets_the_models_error(
+    kit: Any,
+) -> None:
+    h = build(kit, document(big={"fallbacks": ["ghost"]}))
+    answer = await ask(h, kit)
+    assert answer.status_code == 503
+    assert "`big` has no ready replica" in answer.json()["error"]["message"]
+    assert not h.upstream.calls
+    assert tried(h) == 0
+
+
+async def test_a_busy_model_turns_to_its_fallback(kit: Any) -> None:
+    h = build(kit, big=("http://big1", "http://big2"))
+    busy = kit.reply(status=429, body=b'{"error": {"message": "queue full"}}')
+    h.upstream.handler = answering(kit, big1=busy, big2=busy)
+    answer = await ask(h, kit)
+    assert answer.status_code == 200
+    assert answer.headers[FALLBACK_HEADER] == "chat"
+    *both, last = asked(h)
+    assert sorted(both) == [("big1", "big"), ("big2", "big")]
+    assert last == ("smol1", "smollm2")
+    assert fallbacks(h, "chat", "busy") == 1
+
+
+async def test_the_reason_is_why_the_model_before_could_not_answer(kit: Any) -> None:
+    h = build(kit, document(big={"fallbacks": ["tiny", "chat"]}))
+    h.upstream.handler = answering(
+        kit, tiny1=kit.reply(status=429, body=b"{}", retry_after="1")
+    )
+    answer = await ask(h, kit)
+    assert answer.headers[FALLBACK_HEADER] == "chat"
+    assert fallbacks(h, "tiny", "no_replica") == 1
+    assert fallbacks(h, "chat", "busy") == 1
+    assert tried(h) == 2
+
+
+async def test_a_busy_model_without_a_fallback_left_says_so(kit: Any) -> None:
+    h = build(kit, big=("http://big1",), smol=())
+    h.upstream.handler = answering(
+        kit, big1=kit.reply(status=429, body=b"{}", retry_after="7")
+    )
+    answer = await ask(h, kit)
+    assert answer.status_code == 429
+    assert answer.headers["retry-after"] == "7"
+    assert kit.counted(h, "429", model="big") == 1
+    assert fallbacks(h, "chat", "busy") == 1
+
+
+@pytest.mark.parametrize(
+    ("failure", "status"),
+    [
+        (UpstreamDropped("connection closed"), 502),
+        (UpstreamTimeout("no answer"), 504),
+    ],
+)
+async def test_a_model_that_may_have_worked_on_it_is_final(
+    kit: Any, failure: Exception, status: int
+) -> None:
+    h = build(kit, big=("http://big1", "http://big2"))
+    h.upstream.handler = answering(kit, big1=failure, big2=failure)
+    answer = await ask(h, kit)
+    assert answer.status_code == status
+    assert FALLBACK_HEADER not in answer.headers
+    assert all(host != "smol1" for host, _ in asked(h))
+    assert tried(h) == 0
+
+
+async def test_a_fallbacks_own_failure_is_the_answer(kit: Any) -> None:
+    h = build(kit, document(big={"fallbacks": ["chat", "tiny"]}))
+    h.upstream.handler = answering(kit, smol1=UpstreamTimeout("no answer"))
+    answer = await ask(h, kit)
+    assert answer.status_code == 504
+    assert answer.headers[FALLBACK_HEADER] == "chat"
+    assert kit.counted(h, "504", model="smollm2") == 1
+    assert all(host != "tiny1" for host, _ in asked(h))
+
+
+async def test_a_stream_is_answered_by_the_fallback(kit: Any) -> None:
+    h = build(kit)
+    parts = [
+        b"data: " + orjson.dumps(CHUNK) + b"\n\n",
+        b"data: " + orjson.dumps(USAGE) + b"\n\n",
+        b"data: [DONE]\n\n",
+    ]
+    h.upstream.handler = answering(
+        kit, smol1=kit.reply(parts=parts, content_type="text/event-stream")
+    )
+    async with (
+        h.client() as client,
+        client.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={**kit.chat, "model": "big", "stream": True},
+        ) as answer,
+    ):
+        assert answer.status_code == 200
+        assert answer.headers[FALLBACK_HEADER] == "chat"
+        relayed = b"".join([chunk async for chunk in answer.aiter_bytes()])
+    assert b'"hi"' in relayed
+    assert asked(h) == [("smol1", "smollm2")]
+    assert kit.counted(h, "200", model="smollm2") == 1
+    assert fallbacks(h, "chat", "no_replica") == 1
+
+
+async def test_an_adapter_listed_as_a_fallback_is_sent_by_its_name(kit: Any) -> None:
+    h = build(kit, document(big={"fallbacks": [ADAPTER]}))
+    answer = await ask(h, kit)
+    assert answer.headers[FALLBACK_HEADER] == ADAPTER
+    assert asked(h) == [("smol1", ADAPTER)]
+    assert kit.counted(h, "200", model=ADAPTER) == 1
+
+
+async def test_a_model_at_zero_turns_to_its_fallback_at_once_and_is_woken(
+    kit: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The loop's timers run a hundred times faster: the wake signal's 5 s
+    # pass in 50 ms, its delay recorded as asked.
+    loop = asyncio.get_running_loop()
+    real = loop.call_later
+    delays: list[float] = []
+
+    def faster(delay: float, callback: Any, *args: Any, **kw: Any) -> Any:
+        delays.append(delay)
+        return real(delay / 100, callback, *args, **kw)
+
+    monkeypatch.setattr(loop, "call_later", faster)
+    h = build(kit, document(big={"scaleFromZero": True}))
+    began = loop.time()
+    answer = await ask(h, kit)
+    assert loop.time() - began < 0.5  # not held
+    assert answer.status_code == 200
+    assert answer.headers[FALLBACK_HEADER] == "chat"
+    assert fallbacks(h, "chat", "waking") == 1
+    assert demand(h, "big") == 1  # what the autoscaler reads to start it
+    assert WAKE_SIGNAL_S in delays
+    async with asyncio.timeout(1):
+        while demand(h, "big") != 0:
+            await asyncio.sleep(0.005)
+    assert WAKE_SIGNAL_S == 5.0
+
+
+async def test_a_model_at_zero_with_no_fallback_left_is_not_held(kit: Any) -> None:
+    h = build(kit, document(big={"scaleFromZero": True}), smol=())
+    answer = await asyncio.wait_for(ask(h, kit), 0.5)
+    assert answer.status_code == 503
+    assert "`big` is starting from zero" in answer.json()["error"]["message"]
+    assert kit.counted(h, "503", model="big") == 1
+    assert demand(h, "big") == 1
+    assert fallbacks(h, "chat", "waking") == 1
+
+
+async def test_a_model_at_zero_with_a_ready_replica_answers_itself(kit: Any) -> None:
+    h = build(kit, document(big={"scaleFromZero": True}), big=("http://big1",))
+    answer = await ask(h, kit)
+    assert FALLBACK_HEADER not in answer.headers
+    assert asked(h) == [("big1", "big")]
+    assert demand(h, "big") == 0
+
+
+async def test_a_fallback_at_zero_is_skipped_not_held(kit: Any) -> None:
+    doc = document(big={"fallbacks": ["tiny", "chat"]}, tiny={"scaleFromZero": True})
+    h = build(kit, doc, tiny=())
+    answer = await asyncio.wait_for(ask(h, kit), 0.5)
+    assert answer.headers[FALLBACK_HEADER] == "chat"
+    assert fallbacks(h, "tiny", "no_replica") is None
+    assert demand(h, "tiny") == 0
+
+
+async def test_a_fallbacks_own_fallbacks_are_not_followed(kit: Any) -> None:
+    doc = document(big={"fallbacks": ["tiny"]}, tiny={"fallbacks": ["chat"]})
+    h = build(kit, doc, tiny=())
+    answer = await ask(h, kit)
+    assert answer.status_code == 503
+    assert "`big` has no ready replica" in answer.json()["error"]["message"]
+    assert not h.upstream.calls
+    assert fallbacks(h, "tiny", "no_replica") == 1
+    assert tried(h) == 1
+
+
+async def test_a_fallback_naming_the_model_itself_is_skipped(kit: Any) -> None:
+    # The document refuses such a route; one made past its checks still
+    # never sends the request back to the replicas that failed it.
+    doc = document()
+    big = doc.models[0].model_copy(update={"fallbacks": ("big", "chat")})
+    h = build(kit, RoutingDocument(models=(big, *doc.models[1:])))
+    answer = await ask(h, kit)
+    assert answer.headers[FALLBACK_HEADER] == "chat"
+    assert fallbacks(h, "big", "no_replica") is None
+    assert tried(h) == 1
+
+
+async def test_every_door_goes_through_it(kit: Any) -> None:
+    """The other doors call `handle` as REST does (their own headers aside)."""
+    h = build(kit)
+    principal = h.deps.authenticator.authenticate(f"Bearer {kit.key}")
+    raw = orjson.dumps({**kit.chat, "model": "big"})
+    answer = await h.deps.proxy.handle(CHAT, principal, raw, "r-1")
+    assert answer.status == 200
+    assert answer.headers[FALLBACK_HEADER] == "chat"
