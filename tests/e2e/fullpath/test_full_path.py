@@ -288,6 +288,141 @@ def test_a_model_at_zero_wakes_on_a_request_and_sleeps_when_idle(
         )
 
 
+CONTESTED = "smollm2-contested"
+
+
+def test_a_model_an_hpa_sizes_too_is_left_to_it(platform: Platform) -> None:
+    """An HPA pointed at a model with spec.autoscaling: the chart's operator
+    lists it (its grant), leaves the model to it, and says so in an Event."""
+    model = second_model(
+        CONTESTED,
+        replicas=0,
+        autoscaling={"minReplicas": 0, "maxReplicas": 2},
+    )
+    hpa = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": f"{CONTESTED}-hpa", "namespace": MODEL_NS},
+        "spec": {
+            "scaleTargetRef": {
+                "apiVersion": "citadel.ai/v1alpha1",
+                "kind": "LLMModel",
+                "name": CONTESTED,
+            },
+            "minReplicas": 1,
+            "maxReplicas": 2,
+        },
+    }
+    kubectl = platform.cluster.kubectl
+    kubectl("apply", "-f", "-", input_text=json.dumps(hpa))
+    kubectl("apply", "-f", "-", input_text=json.dumps(model))
+    try:
+
+        def told() -> list[str]:
+            out = kubectl(
+                "get",
+                "events",
+                "-n",
+                MODEL_NS,
+                "--field-selector",
+                f"involvedObject.name={CONTESTED},reason=AutoscalingConflict",
+                "-o",
+                "json",
+            )
+            return [e["message"] for e in json.loads(out)["items"]]
+
+        [message] = wait_for(
+            "the AutoscalingConflict Event", told, timeout=60, interval=1
+        )
+        assert f"HorizontalPodAutoscaler {CONTESTED}-hpa also sizes" in message
+    finally:
+        kubectl("delete", "hpa", f"{CONTESTED}-hpa", "-n", MODEL_NS, check=False)
+        kubectl(
+            "delete", "llmmodel", CONTESTED, "-n", MODEL_NS, "--wait=true", check=False
+        )
+
+
+FALLING = "smollm2-falling"
+
+
+def falling_model() -> dict[str, Any]:
+    """SmolLM2 at zero, woken on demand, with the demo's model as its fallback:
+    its requests are answered by the fallback while it wakes."""
+    return second_model(
+        FALLING,
+        replicas=0,
+        autoscaling={"minReplicas": 0, "maxReplicas": 1, "scaleDownDelaySeconds": 60},
+        routing={"fallbacks": [MODEL]},
+    )
+
+
+def model_state(platform: Platform, name: str) -> dict[str, Any]:
+    out = platform.cluster.kubectl(
+        "get", "llmmodel", name, "-n", MODEL_NS, "-o", "json"
+    )
+    state: dict[str, Any] = json.loads(out)
+    return state
+
+
+def test_a_model_at_zero_with_a_fallback_is_answered_by_it_while_it_wakes(
+    platform: Platform,
+) -> None:
+    """spec.routing.fallbacks through the chart's operator and gateway: a
+    request for a model at zero is not held but answered by its fallback (the
+    demo's model), which the answer's header and model say; the request still
+    wakes the model, which then answers for itself."""
+    platform.cluster.kubectl("apply", "-f", "-", input_text=json.dumps(falling_model()))
+    try:
+        openai = client(platform)
+
+        def routed() -> bool:
+            try:
+                openai.models.retrieve(FALLING)
+            except NotFoundError:
+                return False
+            return True
+
+        wait_for(f"{FALLING}'s route in the gateway", routed, timeout=60, interval=1)
+        assert not model_pods_of(platform, FALLING)
+
+        def chat() -> Any:
+            return openai.chat.completions.with_raw_response.create(
+                model=FALLING,
+                messages=[
+                    {"role": "user", "content": "What is the capital of France?"}
+                ],
+                max_tokens=8,
+                temperature=0,
+            )
+
+        started = time.monotonic()
+        raw = chat()
+        print(
+            f"{FALLING} answered by its fallback in {time.monotonic() - started:.1f} s"
+        )
+        assert raw.headers.get("x-citadel-fallback") == MODEL
+        reply = raw.parse()
+        assert reply.model == MODEL
+        assert "Paris" in (reply.choices[0].message.content or "")
+
+        def woken() -> bool:
+            return bool(model_state(platform, FALLING)["spec"]["replicas"] == 1)
+
+        # The request counted as waiting for the autoscaler's next ticks.
+        wait_for(f"{FALLING} woken by the request", woken, timeout=60, interval=1)
+
+        def answers_itself() -> bool:
+            raw = chat()
+            return raw.headers.get("x-citadel-fallback") is None
+
+        wait_for(f"{FALLING} answering itself", answers_itself, timeout=300, interval=3)
+        assert chat().parse().model == FALLING
+    finally:
+        platform.cluster.kubectl(
+            "delete", "llmmodel", FALLING, "-n", MODEL_NS, "--wait=true", check=False
+        )
+
+
 def model_pods_of(platform: Platform, name: str) -> list[dict[str, Any]]:
     """The live pods of the model `name`."""
     out = platform.cluster.kubectl(
