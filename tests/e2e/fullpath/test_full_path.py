@@ -205,12 +205,26 @@ def idle_model() -> dict[str, Any]:
     )
 
 
-def idle_state(platform: Platform) -> dict[str, Any]:
+def model_state(platform: Platform, name: str) -> dict[str, Any]:
     out = platform.cluster.kubectl(
-        "get", "llmmodel", IDLE, "-n", MODEL_NS, "-o", "json"
+        "get", "llmmodel", name, "-n", MODEL_NS, "-o", "json"
     )
     state: dict[str, Any] = json.loads(out)
     return state
+
+
+def wait_routed(openai: OpenAI, name: str) -> None:
+    """Until the gateway knows the model (at zero: listed, not ready), once the
+    operator published its route."""
+
+    def routed() -> bool:
+        try:
+            openai.models.retrieve(name)
+        except NotFoundError:
+            return False
+        return True
+
+    wait_for(f"{name}'s route in the gateway", routed, timeout=60, interval=1)
 
 
 def autoscaled_events(platform: Platform) -> list[str]:
@@ -245,18 +259,9 @@ def test_a_model_at_zero_wakes_on_a_request_and_sleeps_when_idle(
             max_retries=0,
         )
 
-        def routed() -> bool:
-            # The gateway knows the model (at zero: listed, not ready) once the
-            # operator published its route.
-            try:
-                openai.models.retrieve(IDLE)
-            except NotFoundError:
-                return False
-            return True
-
-        wait_for(f"{IDLE}'s route in the gateway", routed, timeout=60, interval=1)
+        wait_routed(openai, IDLE)
         conditions = {
-            c["type"]: c for c in idle_state(platform)["status"]["conditions"]
+            c["type"]: c for c in model_state(platform, IDLE)["status"]["conditions"]
         }
         assert conditions["Ready"]["reason"] == "ScaledToZero"
         assert not model_pods_of(platform, IDLE)
@@ -270,11 +275,11 @@ def test_a_model_at_zero_wakes_on_a_request_and_sleeps_when_idle(
         woke_s = time.monotonic() - started
         print(f"{IDLE} answered from zero in {woke_s:.1f} s")
         assert "Paris" in (reply.choices[0].message.content or "")
-        assert idle_state(platform)["spec"]["replicas"] == 1
+        assert model_state(platform, IDLE)["spec"]["replicas"] == 1
         assert any("from 0 to 1" in m for m in autoscaled_events(platform))
 
         def asleep() -> bool:
-            state = idle_state(platform)
+            state = model_state(platform, IDLE)
             return bool(
                 state["spec"]["replicas"] == 0 and not model_pods_of(platform, IDLE)
             )
@@ -356,14 +361,6 @@ def falling_model() -> dict[str, Any]:
     )
 
 
-def model_state(platform: Platform, name: str) -> dict[str, Any]:
-    out = platform.cluster.kubectl(
-        "get", "llmmodel", name, "-n", MODEL_NS, "-o", "json"
-    )
-    state: dict[str, Any] = json.loads(out)
-    return state
-
-
 def test_a_model_at_zero_with_a_fallback_is_answered_by_it_while_it_wakes(
     platform: Platform,
 ) -> None:
@@ -375,14 +372,7 @@ def test_a_model_at_zero_with_a_fallback_is_answered_by_it_while_it_wakes(
     try:
         openai = client(platform)
 
-        def routed() -> bool:
-            try:
-                openai.models.retrieve(FALLING)
-            except NotFoundError:
-                return False
-            return True
-
-        wait_for(f"{FALLING}'s route in the gateway", routed, timeout=60, interval=1)
+        wait_routed(openai, FALLING)
         assert not model_pods_of(platform, FALLING)
 
         def chat() -> Any:
