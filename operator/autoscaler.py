@@ -219,12 +219,14 @@ class Autoscaler:
 
     async def _sizers(self, namespace: str, now: float) -> dict[str, tuple[str, ...]]:
         """The namespace's HPAs that size LLMModels (`hpa_sizers`), listed at
-        most every `HPA_RECHECK_S`. None known when they cannot be listed (no
-        grant for them, say): the autoscaler then acts as before it looked."""
+        most every `HPA_RECHECK_S`. A listing that fails keeps the last one
+        (a 500 or a timeout must not let the autoscaler write a model an HPA
+        sizes: the two would fight until the next listing), and the next tick
+        lists again; none known when none ever was (no grant for them, say):
+        the autoscaler then acts as before it looked."""
         listing = self._hpas.get(namespace)
         if listing is not None and now - listing.at < HPA_RECHECK_S:
             return listing.sizers
-        sizers: dict[str, tuple[str, ...]] = {}
         try:
             sizers = hpa_sizers(await self._kube.list(HPAS, namespace))
         except ApiError as err:
@@ -237,8 +239,8 @@ class Autoscaler:
                     err,
                 )
             self._hpas_unread.add(namespace)
-        else:
-            self._hpas_unread.discard(namespace)
+            return listing.sizers if listing is not None else {}
+        self._hpas_unread.discard(namespace)
         self._hpas[namespace] = _HpaListing(now, sizers)
         return sizers
 

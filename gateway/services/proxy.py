@@ -489,7 +489,14 @@ class ProxyService:
                 error_event=data.error_event,
                 unusable=ctx.found_unusable,
             )
-        return await self._whole(ctx, response, data, reply_headers, read)
+        try:
+            return await self._whole(ctx, response, data, reply_headers, read)
+        except GatewayError as err:
+            if ctx.fallback is not None:
+                # A fallback's replica failed its answer (a 5xx, a body that
+                # cannot be read): its client learns whose failure it is.
+                err.headers[FALLBACK_HEADER] = ctx.fallback
+            raise
 
     async def _send_or_fall_back(
         self, ctx: _Context, route: ModelRoute, outbound: _Outbound
@@ -632,13 +639,22 @@ class ProxyService:
         admission, ctx.admission = ctx.admission, None
         if admission is None:
             return {}
-        try:
-            return await self._limiter.settle(admission, 0, served=False)
-        except Exception:  # a limit store hiccup must not fail the request
-            log.exception(
-                "could not give back an admission", extra=self._log_fields(ctx)
-            )
-            return {}
+        given: dict[str, float] = {}
+
+        async def give() -> None:
+            nonlocal given
+            try:
+                given = await self._limiter.settle(admission, 0, served=False)
+            except Exception:  # a limit store hiccup must not fail the request
+                log.exception(
+                    "could not give back an admission", extra=self._log_fields(ctx)
+                )
+
+        # Spared by a client that leaves meanwhile, as `_account`'s settle: the
+        # model did no work, and a refund cut short (Redis) would keep it
+        # charged.
+        await self._shielded(give())
+        return given
 
     def _signal_waking(self, route: ModelRoute) -> None:
         """Counts a request for `route`'s model at zero as waiting for

@@ -492,3 +492,54 @@ async def test_every_door_goes_through_it(kit: Any) -> None:
     answer = await h.deps.proxy.handle(CHAT, principal, raw, "r-1")
     assert answer.status == 200
     assert answer.headers[FALLBACK_HEADER] == "chat"
+
+
+async def test_a_fallbacks_failed_answer_names_it(kit: Any) -> None:
+    # Its replica answered 500: the 502 says whose failure it is, as the
+    # failures raised while it was tried do.
+    h = build(kit)
+    h.upstream.handler = answering(
+        kit, smol1=kit.reply(status=500, body=b'{"error": {"message": "boom"}}')
+    )
+    answer = await ask(h, kit)
+    assert answer.status_code == 502
+    assert answer.headers[FALLBACK_HEADER] == "chat"
+    assert kit.counted(h, "502", model="smollm2") == 1
+
+
+class SlowAdjust:
+    """The in-process buckets with an adjust that takes a round trip, as
+    Redis's does."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.entered = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def adjust(self, takes: Any, now: float) -> Any:
+        self.entered.set()
+        await asyncio.sleep(0.05)
+        return await self.inner.adjust(takes, now)
+
+
+async def test_a_client_that_leaves_during_the_give_back_does_not_cut_it(
+    kit: Any,
+) -> None:
+    h = build(kit, document(big={"limits": {"rpm": 3, "tpm": 1000}}))
+    limiter = h.deps.proxy.limiter
+    slow = SlowAdjust(limiter._store)
+    limiter._store = slow
+    principal = h.deps.authenticator.authenticate(f"Bearer {kit.key}")
+    raw = orjson.dumps({**kit.chat, "model": "big"})
+    task = asyncio.create_task(h.deps.proxy.handle(CHAT, principal, raw, "r-1"))
+    await slow.entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.1)  # the give-back, spared, ends
+    limiter._store = slow.inner
+    left = {(s.scope, s.model): s.remaining for s in await standing(h, kit, "big")}
+    assert left[("requests", "big")] == 3
+    assert left[("tokens", "big")] == 1000

@@ -372,3 +372,20 @@ async def test_hpas_that_cannot_be_listed_leave_the_autoscaler_as_it_was(
     assert h.replicas() == 4
     told = [r for r in caplog.records if "HorizontalPodAutoscalers" in r.message]
     assert len(told) == 1 and "no grant" in told[0].message
+
+
+async def test_a_failed_listing_of_hpas_keeps_the_last_one() -> None:
+    # A 500 once the listing is due again: the HPA still sizes the model as
+    # far as the autoscaler knows, so it writes nothing and tells nothing new.
+    h = Harness(model_body(replicas=1, autoscaling=SCALING), hpa("team-hpa"))
+    h.gateways.reading = reading(mixtral=(30, 0))
+    await h.tick()
+    h.clock.now += HPA_RECHECK_S
+    h.kube.fail[HPAS.plural] = ApiError(500, "InternalError", "etcd timeout")
+    await h.tick()
+    await h.tick()  # listed again at the next tick, not HPA_RECHECK_S later
+    assert h.kube.reads.count(("list", "horizontalpodautoscalers")) == 3
+    del h.kube.fail[HPAS.plural]
+    await h.tick()
+    assert h.kube.merged == [] and h.replicas() == 1
+    assert [reason for _, reason, _ in h.events()] == ["AutoscalingConflict"]
