@@ -49,6 +49,9 @@ class RoutingTable:
     by_name: Mapping[str, ModelRoute]
     """Each route by each name that routes to it (`ModelRoute.all_names`: an
     adapter's too)."""
+    unknown_fallbacks: frozenset[tuple[str, str, str]] = frozenset()
+    """`unknown_fallbacks` of `document`: found here, off the event loop, as
+    it walks every route."""
 
 
 def routing_table(
@@ -66,7 +69,27 @@ def routing_table(
     by_name = {
         name: route for route in kept.document.models for name in route.all_names
     }
-    return RoutingTable(reading, previous, kept.document, kept.problems, by_name)
+    return RoutingTable(
+        reading,
+        previous,
+        kept.document,
+        kept.problems,
+        by_name,
+        unknown_fallbacks(kept.document, by_name),
+    )
+
+
+def unknown_fallbacks(
+    document: RoutingDocument, by_name: Mapping[str, ModelRoute]
+) -> frozenset[tuple[str, str, str]]:
+    """(namespace, model, fallback) for each fallback of `document` that no
+    route of it has as a name (`by_name`: the routes by each of their names)."""
+    return frozenset(
+        (route.namespace, route.name, fallback)
+        for route in document.models
+        for fallback in route.fallbacks
+        if fallback not in by_name
+    )
 
 
 @dataclass(frozen=True)
@@ -116,6 +139,9 @@ class Catalog:
         self._on_reload = on_reload
         self._clock = clock
         self._document_listeners: list[Callable[[RoutingDocument], None]] = []
+        self._unknown_fallbacks: frozenset[tuple[str, str, str]] = frozenset()
+        """(namespace, model, fallback) of the document in force whose
+        fallback names no model (`unknown_fallbacks`), each logged once."""
         self._change_listeners: list[Callable[[], None]] = []
 
     @property
@@ -170,6 +196,19 @@ class Catalog:
             listener(doc)
         for problem in problems:
             log.warning("routing document: %s", problem)
+        unknown = table.unknown_fallbacks
+        for namespace, name, fallback in sorted(unknown - self._unknown_fallbacks):
+            # Not a problem of the document (which a reload's result and its
+            # alert would report): a fallback may name a model made later. Told
+            # once, when it starts naming none, so that a typo shows.
+            log.warning(
+                "routing document: model %s/%s: its fallback %r names no model; "
+                "skipped until one does",
+                namespace,
+                name,
+                fallback,
+            )
+        self._unknown_fallbacks = unknown
         log.info(
             "routing document loaded",
             extra={"models": len(doc.models), "problems": len(problems)},

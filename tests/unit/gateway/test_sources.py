@@ -140,6 +140,53 @@ async def test_a_serving_model_whose_route_turns_unreadable_keeps_its_route(
     assert any("llm/m: its previous route stays in force" in m for m in said)
 
 
+async def test_a_fallback_that_names_no_model_is_told_once_and_not_a_problem(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    results: list[str] = []
+    catalog = Catalog(results.append)
+    path = tmp_path / "routes.json"
+    good = json.loads(doc("first"))["models"][0]
+    other = {**good, "name": "o", "servedName": "other", "service": "o"}
+    watcher = routes_file_source(path, catalog, 1.0)
+
+    def told() -> list[str]:
+        said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        caplog.clear()
+        return said
+
+    path.write_text(json.dumps({"models": [{**good, "fallbacks": ["later"]}]}))
+    await watcher.check()
+    assert told() == [
+        "routing document: model llm/m: its fallback 'later' names no model; "
+        "skipped until one does"
+    ]
+    # Another change: the same fallback, not told again.
+    path.write_text(
+        json.dumps({"models": [{**good, "fallbacks": ["later"], "aliases": ["f"]}]})
+    )
+    await watcher.check()
+    assert told() == []
+    # The model comes: nothing to tell; it goes again: told again.
+    path.write_text(
+        json.dumps(
+            {
+                "models": [
+                    {**good, "fallbacks": ["later"]},
+                    {**other, "aliases": ["later"]},
+                ]
+            }
+        )
+    )
+    await watcher.check()
+    assert told() == []
+    path.write_text(json.dumps({"models": [{**good, "fallbacks": ["later"]}]}))
+    await watcher.check()
+    assert len(told()) == 1
+    # None of it made a reload partial (no alert for a model made later).
+    assert results == ["ok", "ok", "ok", "ok"]
+
+
 def test_the_last_reload_gauge_holds_until_a_document_is_used_in_full() -> None:
     metrics = GatewayMetrics()
     sample = metrics.registry.get_sample_value
