@@ -20,7 +20,7 @@ from collections.abc import (
     Mapping,
 )
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from citadel.gateway.errors import (
     BackendError,
@@ -79,6 +79,7 @@ log = logging.getLogger("citadel.gateway.access")
 Reader = Callable[[bytes], None]
 """A door's reading of a whole answer (`ProxyService.handle`'s `read`)."""
 
+T = TypeVar("T")
 _UNWORKED = frozenset({429, 503})
 """A replica's statuses that say it took the request on no work (its queue is
 full, or it is not serving): another replica is tried."""
@@ -268,11 +269,12 @@ class _Refusals:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Outbound:
-    """What a request sends to whichever model answers it: made only for a
-    model with fallbacks (`ProxyService._send_or_fall_back`), which may send
-    it to several."""
+    """What a request sends to whichever model answers it: the model asked
+    for, or its fallbacks (`ProxyService._send_or_fall_back`), which may send
+    it to several (slots, not frozen: made for every request, in 0.17 us
+    where a frozen one took 0.74, timeit)."""
 
     parsed: ParsedBody
     prompt: Mapping[str, Any]
@@ -349,7 +351,7 @@ class ProxyService:
         self._clock = clock
         # Settles running on after the request that started them was cancelled
         # (a task nothing references may be collected before it finishes).
-        self._unfinished: set[asyncio.Task[None]] = set()
+        self._unfinished: set[asyncio.Task[Any]] = set()
         self._cut_at = math.inf
         self._stopping = False
         # Set, and dropped, at each change of the catalog or the start of a
@@ -462,19 +464,13 @@ class ProxyService:
         headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
         # The usage chunk is dropped only where the gateway asked for it.
         keep = stream and (not ctx.call.usage_option or client_wants_usage(body))
+        outbound = _Outbound(parsed, prompt, estimate, headers, stream, keep)
         if route.fallbacks:
-            outbound = _Outbound(parsed, prompt, estimate, headers, stream, keep)
             response, data = await self._send_or_fall_back(ctx, route, outbound)
         else:
             # Only once admitted: a refused request never wakes a model.
             route = await self._await_replica(ctx, route, body["model"])
-            out = parsed.upstream(upstream_model)
-            # An adapter's prefixes are its own (vLLM's cache keeps them apart).
-            adapter = upstream_model if upstream_model != route.served_name else None
-            request = RouteRequest(prompt, ctx.session, adapter)
-            response, data = await self._send(
-                ctx, route, out, headers, request, stream, keep
-            )
+            response, data = await self._send_as(ctx, route, upstream_model, outbound)
         admission = ctx.admission
         assert admission is not None  # the answering model's, taken above
         reply_headers = {**admission.headers, "x-request-id": ctx.request_id}
@@ -536,11 +532,11 @@ class ProxyService:
                 retry_after_s=NO_REPLICA_RETRY_S,
             )
         else:
+            # `_send` raises neither once a replica may have worked on the
+            # request (a drop, a timeout: BackendError, BackendTimeout).
             try:
                 return await self._send_as(ctx, route, model, outbound)
             except (NoReplica, RateLimited) as err:
-                if ctx.worked:  # `_send` raises neither then: kept so
-                    raise
                 reason, error = _fallback_reason(err), err
         admission, replica = ctx.admission, ctx.replica
         settled = await self._give_back(ctx)
@@ -558,9 +554,6 @@ class ProxyService:
             try:
                 return await self._send_as(ctx, ctx.route, ctx.model, outbound)
             except (NoReplica, RateLimited) as err:
-                if ctx.worked:
-                    err.headers[FALLBACK_HEADER] = name
-                    raise
                 reason = _fallback_reason(err)
                 await self._give_back(ctx)
             except GatewayError as err:
@@ -639,22 +632,21 @@ class ProxyService:
         admission, ctx.admission = ctx.admission, None
         if admission is None:
             return {}
-        given: dict[str, float] = {}
-
-        async def give() -> None:
-            nonlocal given
-            try:
-                given = await self._limiter.settle(admission, 0, served=False)
-            except Exception:  # a limit store hiccup must not fail the request
-                log.exception(
-                    "could not give back an admission", extra=self._log_fields(ctx)
-                )
-
         # Spared by a client that leaves meanwhile, as `_account`'s settle: the
         # model did no work, and a refund cut short (Redis) would keep it
         # charged.
-        await self._shielded(give())
-        return given
+        return await self._shielded(self._given_back(ctx, admission))
+
+    async def _given_back(
+        self, ctx: _Context, admission: Admission
+    ) -> Mapping[str, float]:
+        try:
+            return await self._limiter.settle(admission, 0, served=False)
+        except Exception:  # a limit store hiccup must not fail the request
+            log.exception(
+                "could not give back an admission", extra=self._log_fields(ctx)
+            )
+            return {}
 
     def _signal_waking(self, route: ModelRoute) -> None:
         """Counts a request for `route`'s model at zero as waiting for
@@ -1166,12 +1158,12 @@ class ProxyService:
             limits = admitted.headers_after(ctx.settled)
             error.headers = {**limits, **error.headers}
 
-    async def _shielded(self, work: Coroutine[Any, Any, None]) -> None:
+    async def _shielded(self, work: Coroutine[Any, Any, T]) -> T:
         """Awaits `work` in a task of its own that a cancel of this one spares."""
         task = asyncio.create_task(work)
         self._unfinished.add(task)
         task.add_done_callback(self._unfinished.discard)
-        await asyncio.shield(task)
+        return await asyncio.shield(task)
 
     def _acquire(self, ctx: _Context, replica: Replica) -> None:
         ctx.replica, ctx.holding = replica, True
