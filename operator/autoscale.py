@@ -195,7 +195,7 @@ def decide(
 
 def decide_on(current: int, policy: Autoscaling, track: DemandTrack) -> Decision | None:
     """The replicas `current` should become by `track`'s samples, the latest
-    being this tick's, or None to leave it."""
+    being this tick's, or None to leave it (a decision is always a change)."""
     latest = track.latest
     if latest is None or latest.demand is None:
         return None  # blind: nothing known of the demand

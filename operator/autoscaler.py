@@ -260,7 +260,7 @@ class Autoscaler:
         body: Manifest,
         reading: Reading,
         now: float,
-        sizers: tuple[str, ...] = (),
+        sizers: tuple[str, ...],
     ) -> None:
         scaling = model.spec.autoscaling
         assert scaling is not None
@@ -301,8 +301,9 @@ class Autoscaler:
                 )
             return
         tracked.conflict = ()
+        # A decision is a change (`decide_on` gives None at maxReplicas).
         decision = decide_on(model.spec.replicas, scaling, tracked.track)
-        if decision is not None and decision.replicas != model.spec.replicas:
+        if decision is not None:
             await self._scale(model, body, decision, tracked, now)
 
     async def _scale(
