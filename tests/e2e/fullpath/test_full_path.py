@@ -227,15 +227,15 @@ def wait_routed(openai: OpenAI, name: str) -> None:
     wait_for(f"{name}'s route in the gateway", routed, timeout=60, interval=1)
 
 
-def autoscaled_events(platform: Platform) -> list[str]:
-    """The messages of the model's `Autoscaled` Events, oldest first."""
+def events_of(platform: Platform, name: str, reason: str) -> list[str]:
+    """The messages of the model `name`'s Events of `reason`, oldest first."""
     out = platform.cluster.kubectl(
         "get",
         "events",
         "-n",
         MODEL_NS,
         "--field-selector",
-        f"involvedObject.name={IDLE},reason=Autoscaled",
+        f"involvedObject.name={name},reason={reason}",
         "--sort-by=.metadata.creationTimestamp",
         "-o",
         "json",
@@ -276,7 +276,7 @@ def test_a_model_at_zero_wakes_on_a_request_and_sleeps_when_idle(
         print(f"{IDLE} answered from zero in {woke_s:.1f} s")
         assert "Paris" in (reply.choices[0].message.content or "")
         assert model_state(platform, IDLE)["spec"]["replicas"] == 1
-        assert any("from 0 to 1" in m for m in autoscaled_events(platform))
+        assert any("from 0 to 1" in m for m in events_of(platform, IDLE, "Autoscaled"))
 
         def asleep() -> bool:
             state = model_state(platform, IDLE)
@@ -286,7 +286,7 @@ def test_a_model_at_zero_wakes_on_a_request_and_sleeps_when_idle(
 
         # 5 s of no requests, the operator's ticks, and the pod's graceful stop.
         wait_for(f"{IDLE} back to zero", asleep, timeout=180, interval=2)
-        assert any("from 1 to 0" in m for m in autoscaled_events(platform))
+        assert any("from 1 to 0" in m for m in events_of(platform, IDLE, "Autoscaled"))
     finally:
         platform.cluster.kubectl(
             "delete", "llmmodel", IDLE, "-n", MODEL_NS, "--wait=true", check=False
@@ -322,22 +322,11 @@ def test_a_model_an_hpa_sizes_too_is_left_to_it(platform: Platform) -> None:
     kubectl("apply", "-f", "-", input_text=json.dumps(hpa))
     kubectl("apply", "-f", "-", input_text=json.dumps(model))
     try:
-
-        def told() -> list[str]:
-            out = kubectl(
-                "get",
-                "events",
-                "-n",
-                MODEL_NS,
-                "--field-selector",
-                f"involvedObject.name={CONTESTED},reason=AutoscalingConflict",
-                "-o",
-                "json",
-            )
-            return [e["message"] for e in json.loads(out)["items"]]
-
         [message] = wait_for(
-            "the AutoscalingConflict Event", told, timeout=60, interval=1
+            "the AutoscalingConflict Event",
+            lambda: events_of(platform, CONTESTED, "AutoscalingConflict"),
+            timeout=60,
+            interval=1,
         )
         assert f"HorizontalPodAutoscaler {CONTESTED}-hpa also sizes" in message
     finally:

@@ -68,6 +68,26 @@ def doc(served: str = "m", endpoints: tuple[str, ...] = ("http://127.0.0.1:9",))
     return json.dumps({"schemaVersion": 1, "models": [route]})
 
 
+class RoutesFile:
+    """A catalog fed from a routes file, and what each of its reloads gave."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.results: list[str] = []
+        self.catalog = Catalog(self.results.append)
+        self.path = tmp_path / "routes.json"
+        self.watcher = routes_file_source(self.path, self.catalog, 1.0)
+
+    async def load(self, *models: dict[str, Any]) -> None:
+        """Writes a document of `models` and reloads it."""
+        self.path.write_text(json.dumps({"models": list(models)}))
+        await self.watcher.check()
+
+
+# The one route of `doc("first")`, and another model's beside it.
+FIRST = json.loads(doc("first"))["models"][0]
+OTHER = {**FIRST, "name": "o", "servedName": "other", "service": "o"}
+
+
 async def test_routes_file_reloads_and_keeps_last_good(tmp_path: Path) -> None:
     results: list[str] = []
     catalog = Catalog(results.append)
@@ -101,15 +121,11 @@ async def test_a_routes_file_routes_adapters_to_their_model(tmp_path: Path) -> N
 async def test_a_route_left_out_of_a_document_keeps_the_others_current(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    results: list[str] = []
-    catalog = Catalog(results.append)
-    path = tmp_path / "routes.json"
-    good = json.loads(doc("first"))["models"][0]
-    newer = {**good, "name": "n", "servedName": "newer", "port": "any"}
-    path.write_text(json.dumps({"models": [good, newer]}))
-    await routes_file_source(path, catalog, 1.0).check()
-    assert catalog.resolve("first").name == "m"
-    assert results == ["partial"]
+    routes = RoutesFile(tmp_path)
+    newer = {**FIRST, "name": "n", "servedName": "newer", "port": "any"}
+    await routes.load(FIRST, newer)
+    assert routes.catalog.resolve("first").name == "m"
+    assert routes.results == ["partial"]
     [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
     assert "model llm/n: left out: port" in warning.getMessage()
 
@@ -119,18 +135,12 @@ async def test_a_serving_model_whose_route_turns_unreadable_keeps_its_route(
 ) -> None:
     """A newer operator's value for one model (read by an older gateway) must not
     turn that serving model into a 404."""
-    results: list[str] = []
-    catalog = Catalog(results.append)
-    path = tmp_path / "routes.json"
-    good = json.loads(doc("first"))["models"][0]
-    other = {**good, "name": "o", "servedName": "other", "service": "o"}
-    path.write_text(json.dumps({"models": [{**good, "limits": {"rpm": 5}}, other]}))
-    watcher = routes_file_source(path, catalog, 1.0)
-    await watcher.check()
-    newer = {**good, "limits": {"rpm": 0}}  # refused by this gateway's schema
-    path.write_text(json.dumps({"models": [newer, {**other, "aliases": ["o2"]}]}))
-    await watcher.check()
-    assert results == ["ok", "partial"]
+    routes = RoutesFile(tmp_path)
+    catalog = routes.catalog
+    await routes.load({**FIRST, "limits": {"rpm": 5}}, OTHER)
+    newer = {**FIRST, "limits": {"rpm": 0}}  # refused by this gateway's schema
+    await routes.load(newer, {**OTHER, "aliases": ["o2"]})
+    assert routes.results == ["ok", "partial"]
     assert catalog.resolve("first").limits.rpm == 5  # as before
     assert catalog.resolve("o2").name == "o"  # the other model's change is in
     assert [r.url for r in catalog.replicas(catalog.resolve("first"))] == [
@@ -143,48 +153,29 @@ async def test_a_serving_model_whose_route_turns_unreadable_keeps_its_route(
 async def test_a_fallback_that_names_no_model_is_told_once_and_not_a_problem(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    results: list[str] = []
-    catalog = Catalog(results.append)
-    path = tmp_path / "routes.json"
-    good = json.loads(doc("first"))["models"][0]
-    other = {**good, "name": "o", "servedName": "other", "service": "o"}
-    watcher = routes_file_source(path, catalog, 1.0)
+    routes = RoutesFile(tmp_path)
+    falling = {**FIRST, "fallbacks": ["later"]}
 
     def told() -> list[str]:
         said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         caplog.clear()
         return said
 
-    path.write_text(json.dumps({"models": [{**good, "fallbacks": ["later"]}]}))
-    await watcher.check()
+    await routes.load(falling)
     assert told() == [
         "routing document: model llm/m: its fallback 'later' names no model; "
         "skipped until one does"
     ]
     # Another change: the same fallback, not told again.
-    path.write_text(
-        json.dumps({"models": [{**good, "fallbacks": ["later"], "aliases": ["f"]}]})
-    )
-    await watcher.check()
+    await routes.load({**falling, "aliases": ["f"]})
     assert told() == []
     # The model comes: nothing to tell; it goes again: told again.
-    path.write_text(
-        json.dumps(
-            {
-                "models": [
-                    {**good, "fallbacks": ["later"]},
-                    {**other, "aliases": ["later"]},
-                ]
-            }
-        )
-    )
-    await watcher.check()
+    await routes.load(falling, {**OTHER, "aliases": ["later"]})
     assert told() == []
-    path.write_text(json.dumps({"models": [{**good, "fallbacks": ["later"]}]}))
-    await watcher.check()
+    await routes.load(falling)
     assert len(told()) == 1
     # None of it made a reload partial (no alert for a model made later).
-    assert results == ["ok", "ok", "ok", "ok"]
+    assert routes.results == ["ok", "ok", "ok", "ok"]
 
 
 def test_the_last_reload_gauge_holds_until_a_document_is_used_in_full() -> None:
