@@ -454,13 +454,7 @@ class ProxyService:
         estimate = estimate_tokens(
             body, ctx.call, self._options.default_max_tokens, prompt
         )
-        try:
-            ctx.admission = await self._limiter.admit(ctx.principal, route, estimate)
-        except GatewayError as err:
-            key = self._metrics.key_label(ctx.principal.name)
-            scope = getattr(err, "scope", "") or "requests"
-            self._metrics.rate_limited.labels(ctx.model, key, scope).inc()
-            raise
+        ctx.admission = await self._admit(ctx, route, estimate)
         headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
         # The usage chunk is dropped only where the gateway asked for it.
         keep = stream and (not ctx.call.usage_option or client_wants_usage(body))
@@ -494,6 +488,19 @@ class ProxyService:
                 err.headers[FALLBACK_HEADER] = ctx.fallback
             raise
 
+    async def _admit(
+        self, ctx: _Context, route: ModelRoute, estimate: int
+    ) -> Admission:
+        """The key's admission to `route` for the request (`ctx.model`), a
+        refusal counted as rate limited."""
+        try:
+            return await self._limiter.admit(ctx.principal, route, estimate)
+        except GatewayError as err:
+            key = self._metrics.key_label(ctx.principal.name)
+            scope = getattr(err, "scope", "") or "requests"
+            self._metrics.rate_limited.labels(ctx.model, key, scope).inc()
+            raise
+
     async def _send_or_fall_back(
         self, ctx: _Context, route: ModelRoute, outbound: _Outbound
     ) -> tuple[Reply, bytes | _Begun]:
@@ -507,7 +514,10 @@ class ProxyService:
         with a 503), or every replica answered 429 (`_Refusals.error`); or
         the requested model scales from zero and has no ready replica, whose
         demand is then signalled (`_signal_waking`) instead of the request
-        being held. Any other failure is the answer, as without fallbacks:
+        being held; it is held for that model after all, as it would be
+        without fallbacks, when none of them answers (a fallback makes the
+        answer come sooner, never later or worse). Any other failure is the
+        answer, as without fallbacks:
         one after a replica may have worked on the request (a drop, a
         timeout) would have it worked twice. A fallback's own fallbacks are
         never followed (no chains, no loops).
@@ -523,8 +533,9 @@ class ProxyService:
         """
         model = ctx.model
         error: GatewayError
+        waking: Callable[[], None] | None = None
         if route.scale_from_zero and not self._catalog.has_ready(route):
-            self._signal_waking(route)
+            waking = self._signal_waking(route)
             reason = FALLBACK_WAKING
             error = NoReplica(
                 f"The model `{route.served_name}` is starting from zero; "
@@ -561,10 +572,18 @@ class ProxyService:
                 # tell whose it is, as from an answer.
                 err.headers[FALLBACK_HEADER] = name
                 raise
-        # None could answer: the client learns why the model it asked for
-        # could not, and the request counts under that model.
+        # None could answer: the request is the requested model's again.
         ctx.route, ctx.model, ctx.replica = route, model, replica
         ctx.fallback = ctx.fallback_from = None
+        if waking is not None and self._options.scale_from_zero_within_s > 0:
+            # Held for it, as without fallbacks, and counted as waiting by the
+            # hold alone (the signal would count it twice: a second replica).
+            waking()
+            ctx.admission = await self._admit(ctx, route, outbound.estimate)
+            held = await self._await_replica(ctx, route, outbound.parsed.body["model"])
+            return await self._send_as(ctx, held, model, outbound)
+        # The client learns why the model it asked for could not, and the
+        # request counts under that model.
         if admission is not None:
             error.headers = {**admission.headers_after(settled), **error.headers}
         raise error
@@ -648,15 +667,27 @@ class ProxyService:
             )
             return {}
 
-    def _signal_waking(self, route: ModelRoute) -> None:
+    def _signal_waking(self, route: ModelRoute) -> Callable[[], None]:
         """Counts a request for `route`'s model at zero as waiting for
         `WAKE_SIGNAL_S`, though it is not held (it went to a fallback): what
-        the operator's autoscaler reads to start a replica."""
+        the operator's autoscaler reads to start a replica.
+
+        Returns:
+            What ends the count at once (the timer's end is then a no-op).
+        """
         model: ModelIdentity = (route.namespace, route.name)
         demand = self._metrics.model_requests
         demand.add(model, STATE_WAITING, 1)
-        loop = asyncio.get_running_loop()
-        loop.call_later(WAKE_SIGNAL_S, demand.add, model, STATE_WAITING, -1)
+        counting = True
+
+        def end() -> None:
+            nonlocal counting
+            if counting:
+                counting = False
+                demand.add(model, STATE_WAITING, -1)
+
+        asyncio.get_running_loop().call_later(WAKE_SIGNAL_S, end)
+        return end
 
     async def _await_replica(
         self, ctx: _Context, route: ModelRoute, name: str

@@ -62,11 +62,16 @@ def document(big: dict[str, Any] | None = None, **others: Any) -> RoutingDocumen
     )
 
 
-def build(kit: Any, doc: RoutingDocument | None = None, **replicas: Any) -> Any:
+def build(
+    kit: Any,
+    doc: RoutingDocument | None = None,
+    scale_from_zero_s: float = 300.0,
+    **replicas: Any,
+) -> Any:
     """A harness on `doc`, with alice allowed every model: `big` without a
     replica and one for each other model (`http://<name>1`) unless `replicas`
     says otherwise (a model's name: its replicas' addresses)."""
-    h = kit.build(doc=doc or document(), retries=2)
+    h = kit.build(doc=doc or document(), retries=2, scale_from_zero_s=scale_from_zero_s)
     h.keys.replace_all(
         (KeyRecord(name="alice", hash=hash_key(kit.key), models=("*",)),)
     )
@@ -434,13 +439,83 @@ async def test_a_model_at_zero_turns_to_its_fallback_at_once_and_is_woken(
     assert WAKE_SIGNAL_S == 5.0
 
 
-async def test_a_model_at_zero_with_no_fallback_left_is_not_held(kit: Any) -> None:
-    h = build(kit, document(big={"scaleFromZero": True}), smol=())
+def faster_timers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop's timers run twenty times faster (the wake signal's 5 s pass
+    in 0.25 s)."""
+    loop = asyncio.get_running_loop()
+    real = loop.call_later
+
+    def faster(delay: float, callback: Any, *args: Any, **kw: Any) -> Any:
+        return real(delay / 20, callback, *args, **kw)
+
+    monkeypatch.setattr(loop, "call_later", faster)
+
+
+async def test_a_model_at_zero_with_no_fallback_left_is_held_for_itself(
+    kit: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As it would be without fallbacks: they make an answer come sooner,
+    # never a 503 where the model would have answered once awake.
+    faster_timers(monkeypatch)
+    doc = document(
+        big={"scaleFromZero": True, "limits": {"rpm": 2}},
+        smol={"limits": {"rpm": 10}},
+    )
+    h = build(kit, doc, smol=())
+    h.keys.replace_all(
+        (KeyRecord(name="alice", hash=hash_key(kit.key), models=("*",), rpm=5),)
+    )
+    asking = asyncio.create_task(ask(h, kit))
+    async with asyncio.timeout(1):
+        while not fallbacks(h, "chat", "waking"):
+            await asyncio.sleep(0.005)
+    # Held, and counted as waiting once (by the hold; the wake signal's
+    # count ends when the hold begins): twice would ask for two replicas.
+    await asyncio.sleep(0.05)
+    assert not asking.done()
+    assert demand(h, "big") == 1
+    h.deps.catalog.set_endpoints("llm", "big", [Endpoint("http://big1")])
+    answer = await asyncio.wait_for(asking, 1)
+    assert answer.status_code == 200
+    assert FALLBACK_HEADER not in answer.headers
+    assert asked(h) == [("big1", "big")]
+    assert kit.counted(h, "200", model="big") == 1
+    assert demand(h, "big") == 0
+    await asyncio.sleep(0.3)  # the signal's own end, now, takes nothing
+    assert demand(h, "big") == 0
+    # The fallback that could not answer gave its admission back; the model
+    # and the key are charged one request each.
+    big = {(s.scope, s.model): s.remaining for s in await standing(h, kit, "big")}
+    assert big[("requests", "big")] == 1
+    assert big[("requests", None)] == 4
+    smol = await standing(h, kit, "chat")
+    assert {(s.scope, s.model): s.remaining for s in smol}[
+        ("requests", "smollm2")
+    ] == 10
+
+
+async def test_a_model_at_zero_held_after_its_fallbacks_says_why_it_timed_out(
+    kit: Any,
+) -> None:
+    h = build(kit, document(big={"scaleFromZero": True}), 0.2, smol=())
+    answer = await asyncio.wait_for(ask(h, kit), 2)
+    assert answer.status_code == 503
+    error = answer.json()["error"]["message"]
+    assert "`big` is starting from zero and had no ready replica within 0.2 s" in error
+    assert FALLBACK_HEADER not in answer.headers
+    assert kit.counted(h, "503", model="big") == 1
+    assert demand(h, "big") == 0
+
+
+async def test_a_model_at_zero_with_no_hold_and_no_fallback_left_answers_at_once(
+    kit: Any,
+) -> None:
+    h = build(kit, document(big={"scaleFromZero": True}), 0, smol=())
     answer = await asyncio.wait_for(ask(h, kit), 0.5)
     assert answer.status_code == 503
     assert "`big` is starting from zero" in answer.json()["error"]["message"]
     assert kit.counted(h, "503", model="big") == 1
-    assert demand(h, "big") == 1
+    assert demand(h, "big") == 1  # the signal wakes it all the same
     assert fallbacks(h, "chat", "waking") == 1
 
 
