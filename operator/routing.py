@@ -156,6 +156,28 @@ def assemble(entries: Sequence[Entry]) -> tuple[RoutingDocument, Conflicts]:
     return RoutingDocument(models=tuple(routes)), conflicts
 
 
+def unknown_fallbacks(doc: RoutingDocument) -> UnknownFallbacks:
+    """Each routed model whose fallbacks name models the document does not
+    route, and those names, as listed.
+
+    The gateway skips such a fallback (it may name a model made later), so
+    a typo would show nowhere but in the gateway's log: the operator tells the
+    model's owner (`RoutePublisher`'s `on_unknown_fallbacks`). A model left
+    out of the document (a name clash, a Service taken) is unknown as well:
+    the gateway cannot send it anything.
+    """
+    listing = [route for route in doc.models if route.fallbacks]
+    if not listing:
+        return {}
+    served = {name for route in doc.models for name in route.all_names}
+    found: UnknownFallbacks = {}
+    for route in listing:
+        unknown = tuple(name for name in route.fallbacks if name not in served)
+        if unknown:
+            found[f"{route.namespace}/{route.name}"] = unknown
+    return found
+
+
 def configmap(settings: OperatorSettings, doc: RoutingDocument) -> Manifest:
     """The ConfigMap holding `doc`: as text, or gzipped when large (the
     gateway's `configmap_content`)."""
@@ -218,6 +240,8 @@ def backoff(delay: float, err: Exception) -> float:
 
 
 ConflictsChanged = Callable[[set[str]], Awaitable[None]]
+UnknownFallbacks = dict[str, tuple[str, ...]]
+"""`namespace/name` -> the fallbacks of the model that name no routed model."""
 ModelSource = Callable[[], Awaitable[list[Manifest]]]
 
 CATCH_UP_MIN_POLL_S = 0.05
@@ -239,14 +263,19 @@ class RoutePublisher:
         on_conflicts: ConflictsChanged | None = None,
         source: ModelSource | None = None,
         listing: ModelSource | None = None,
+        on_unknown_fallbacks: Callable[[UnknownFallbacks], None] | None = None,
     ) -> None:
         """Makes a publisher; `source` lists the models (default: the API server,
         in the namespaces `settings` lists), and so does `listing` (default:
         the API server), which a resumed publisher waits for `source` to catch
-        up with."""
+        up with. `on_unknown_fallbacks` hears, after a publish, of each model
+        whose fallbacks that name no routed model changed to a set of some
+        (`unknown_fallbacks`): once per set, again only after it changed."""
         self._kube = kube
         self._settings = settings
         self._on_conflicts = on_conflicts
+        self._on_unknown = on_unknown_fallbacks
+        self._unknown: UnknownFallbacks = {}
         self._wanted = asyncio.Event()
         self._forced = False
         self._ready = asyncio.Event()
@@ -402,7 +431,8 @@ class RoutePublisher:
             log.info("routing ConfigMap not written: paused for a peer")
             return doc
         wrote: tuple[Manifest, Manifest] | None = None
-        if force or doc != self.published:
+        new = doc != self.published
+        if force or new:
             written = configmap(self._settings, doc)
             wrote = written, await self._kube.apply(written)
         changed = set(conflicts) ^ set(self.conflicts)
@@ -412,7 +442,15 @@ class RoutePublisher:
             await self._drop_other_form(*wrote)
         if changed and self._on_conflicts is not None:
             await self._on_conflicts(changed)
+        if new:
+            self._tell_unknown(unknown_fallbacks(doc))
         return doc
+
+    def _tell_unknown(self, found: UnknownFallbacks) -> None:
+        told = {k: v for k, v in found.items() if self._unknown.get(k) != v}
+        self._unknown = found
+        if told and self._on_unknown is not None:
+            self._on_unknown(told)
 
     async def _drop_other_form(self, written: Manifest, stored: Manifest) -> None:
         """Removes the document's other form that the apply of `written` left

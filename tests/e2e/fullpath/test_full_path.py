@@ -337,16 +337,18 @@ def test_a_model_an_hpa_sizes_too_is_left_to_it(platform: Platform) -> None:
 
 
 FALLING = "smollm2-falling"
+UNMADE = "smollm2-unmade"
 
 
 def falling_model() -> dict[str, Any]:
     """SmolLM2 at zero, woken on demand, with the demo's model as its fallback:
-    its requests are answered by the fallback while it wakes."""
+    its requests are answered by the fallback while it wakes. Its second
+    fallback names no model (never reached: the first answers)."""
     return second_model(
         FALLING,
         replicas=0,
         autoscaling={"minReplicas": 0, "maxReplicas": 1, "scaleDownDelaySeconds": 60},
-        routing={"fallbacks": [MODEL]},
+        routing={"fallbacks": [MODEL, UNMADE]},
     )
 
 
@@ -356,13 +358,22 @@ def test_a_model_at_zero_with_a_fallback_is_answered_by_it_while_it_wakes(
     """spec.routing.fallbacks through the chart's operator and gateway: a
     request for a model at zero is not held but answered by its fallback (the
     demo's model), which the answer's header and model say; the request still
-    wakes the model, which then answers for itself."""
+    wakes the model, which then answers for itself. A fallback that names no
+    model gets a Warning Event on the model."""
     platform.cluster.kubectl("apply", "-f", "-", input_text=json.dumps(falling_model()))
     try:
         openai = client(platform)
 
         wait_routed(openai, FALLING)
         assert not model_pods_of(platform, FALLING)
+        # The fallback that names no model shows where the model's owner looks.
+        [told] = wait_for(
+            "the UnknownFallback Event",
+            lambda: events_of(platform, FALLING, "UnknownFallback"),
+            timeout=30,
+            interval=1,
+        )
+        assert told.startswith(f"spec.routing.fallbacks: '{UNMADE}' names no model")
 
         def chat() -> Any:
             return openai.chat.completions.with_raw_response.create(

@@ -1025,6 +1025,27 @@ async def test_name_conflict_shows_in_the_status(settings: OperatorSettings) -> 
     assert status["phase"] == "Failed"
 
 
+async def test_a_fallback_that_names_no_model_is_told_on_the_model(
+    settings: OperatorSettings,
+) -> None:
+    big = model_body("big", routing={"fallbacks": ["smoll", "later"]})
+    kube, reconciler = _setup(settings, big, model_body("smol", servedName="smoll"))
+    await reconciler.routes.publish()
+    await asyncio.gather(*reconciler._spawned)
+    [event] = [e for e in kube.events if e["reason"] == reconcile.UNKNOWN_FALLBACK]
+    assert event["type"] == "Warning"
+    assert event["involvedObject"]["name"] == "big"
+    assert event["message"].startswith(
+        "spec.routing.fallbacks: 'later' names no model the gateway routes"
+    )
+    # A replica paused for a peer tells nothing (the peer does).
+    kube.put(model_body("other", routing={"fallbacks": ["nowhere"]}))
+    reconciler.pause()
+    await reconciler.routes.publish()
+    await asyncio.gather(*reconciler._spawned)
+    assert _reasons(kube).count(reconcile.UNKNOWN_FALLBACK) == 1
+
+
 async def _conflicting_and_serving(
     settings: OperatorSettings,
 ) -> tuple[FakeKube, dict[str, Any]]:

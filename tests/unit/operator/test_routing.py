@@ -28,6 +28,7 @@ from citadel.operator.routing import (
     build_document,
     configmap,
     route_for,
+    unknown_fallbacks,
 )
 from citadel.operator.settings import OperatorSettings
 from citadel.operator.status import name_taken
@@ -120,6 +121,42 @@ def test_fallbacks_are_published_with_the_document() -> None:
     routes = {r.name: r for r in parse_document(doc.to_json()).models}
     assert routes["big"].fallbacks == ("smol", "gone")
     assert routes["smol"].fallbacks == ()
+
+
+def test_fallbacks_that_name_no_routed_model_are_found() -> None:
+    def model(name: str, **spec: Any) -> LLMModel:
+        return LLMModel.from_body(model_body(name, **spec))
+
+    big = model("big", routing={"fallbacks": ["chat", "gone", "sql", "clash"]})
+    smol = model("smol", aliases=["chat"], adapters=_adapters("sql"))
+    # Its name is smol's: left out of the document, so no fallback either.
+    late = model("clash", servedName="chat", created="2026-03-01T00:00:00Z")
+    plain = model("plain", routing={"fallbacks": ["smol"]})
+    doc, conflicts = build_document([big, smol, late, plain])
+    assert set(conflicts) == {"llm/clash"}
+    assert unknown_fallbacks(doc) == {"llm/big": ("gone", "clash")}
+    assert unknown_fallbacks(build_document([smol])[0]) == {}
+
+
+async def test_fallbacks_that_name_no_model_are_told_once_per_set(
+    settings: OperatorSettings,
+) -> None:
+    told: list[dict[str, tuple[str, ...]]] = []
+    big = model_body("big", routing={"fallbacks": ["later", "smol"]})
+    kube = FakeKube([big])
+    publisher = RoutePublisher(kube, settings, on_unknown_fallbacks=told.append)
+    await publisher.publish()
+    await publisher.publish()  # the same: not told again
+    assert told == [{"llm/big": ("later", "smol")}]
+    kube.put(model_body("smol"))
+    await publisher.publish()  # fewer: told what is left
+    assert told[1:] == [{"llm/big": ("later",)}]
+    kube.put(model_body("later"))
+    await publisher.publish()  # none left: nothing to tell
+    assert len(told) == 2
+    await kube.delete(LLMMODELS, "later", "llm")
+    await publisher.publish()  # gone again: told again
+    assert told[2:] == [{"llm/big": ("later",)}]
 
 
 def test_not_ready_without_the_condition() -> None:
