@@ -37,7 +37,12 @@ from citadel.gateway.graphql.types import (
 from citadel.gateway.services.auth import Principal
 from citadel.gateway.services.buckets import StoreUnavailable
 from citadel.gateway.services.requests import CHAT, Door
-from citadel.gateway.services.structured import Answer, ask, usable_models
+from citadel.gateway.services.structured import (
+    Answer,
+    ask,
+    passed_on,
+    usable_models,
+)
 from citadel.gateway.versioning import API_VERSION
 
 MAX_DEPTH = 6
@@ -131,9 +136,7 @@ async def _chat_completion(info: Ctx, input: ChatCompletionInput) -> ChatComplet
             read.append(ChatCompletion.of(payload))
 
         answer = await _unless_gone(ctx.request, _ask(ctx, body, fit))
-        ctx.add_headers(
-            {k: v for k, v in answer.headers.items() if k.startswith("x-ratelimit-")}
-        )
+        ctx.add_headers(passed_on(answer.headers))
         return read[0]
 
 

@@ -5,7 +5,8 @@ Every call: the key from the `authorization` metadata, the request id from
 deadline, which also bounds the upstream request (the deadline is the upstream
 timeout). A cancelled call cancels the task, and with it the upstream request.
 The API version and request id go out in the initial and trailing metadata,
-with the `x-ratelimit-*` values in the trailers; errors leave through
+with the `x-ratelimit-*` values (and a fallback's `x-citadel-fallback`) in the
+trailers; errors leave through
 `citadel.gateway.rpc.status`. A request message protobuf cannot read reaches
 the servicer as `Unreadable` (see `readable`), refused there as REST refuses a
 body it cannot parse.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -44,7 +45,12 @@ from citadel.gateway.services.requests import (
     Door,
     request_id,
 )
-from citadel.gateway.services.structured import Answer, ask, usable_models
+from citadel.gateway.services.structured import (
+    Answer,
+    ask,
+    passed_on,
+    usable_models,
+)
 from citadel.gateway.versioning import (
     API_VERSION,
     GRPC_DEPRECATIONS,
@@ -259,7 +265,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             call.session,
             fit,
         )
-        call.trailers.update(_passed(answer.headers))
+        call.trailers.update(passed_on(answer.headers))
         return answer
 
     @contextlib.asynccontextmanager
@@ -331,10 +337,6 @@ async def _deadline(context: Context) -> AsyncIterator[None]:
             yield
     except TimeoutError as err:
         raise BackendTimeout("The call's deadline passed.") from err
-
-
-def _passed(headers: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k.startswith("x-ratelimit-")}
 
 
 async def _abort(

@@ -35,7 +35,7 @@ from citadel.gateway.errors import (
 from citadel.gateway.routes import ModelRoute
 from citadel.gateway.services.auth import Principal
 from citadel.gateway.services.catalog import Catalog
-from citadel.gateway.services.proxy import ProxyService
+from citadel.gateway.services.proxy import FALLBACK_HEADER, ProxyService
 from citadel.gateway.services.requests import ApiCall, Door, dumps_request
 from citadel.gateway.services.sse import EVENT_END, error_of
 from citadel.gateway.services.streams import Closing
@@ -47,7 +47,7 @@ _LIMIT_PREFIX = "x-ratelimit-"
 @dataclass
 class Answer:
     """A whole answer (`body`) or a stream of chunks (`chunks`), with the
-    headers REST would send (request id, `x-ratelimit-*`)."""
+    headers REST would send (request id, `x-ratelimit-*`, `x-citadel-fallback`)."""
 
     headers: dict[str, str]
     body: dict[str, Any] = field(default_factory=dict)
@@ -57,6 +57,17 @@ class Answer:
     """For a stream: call it, before closing `chunks`, with the error that a
     chunk the door cannot use ends the call with; the request is counted as
     that error."""
+
+
+def passed_on(headers: Mapping[str, str]) -> dict[str, str]:
+    """What of an answer's REST headers a door without them passes on (gRPC's
+    trailers, GraphQL's HTTP response): the `x-ratelimit-*` values and, from
+    a fallback, `x-citadel-fallback` with its name."""
+    return {
+        k: v
+        for k, v in headers.items()
+        if k.startswith("x-ratelimit-") or k == FALLBACK_HEADER
+    }
 
 
 async def ask(
