@@ -60,6 +60,9 @@ ConfigMap of 1 MiB of crafted gzip could otherwise unpack to gigabytes."""
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # What clients may send as "model": Hugging Face style names included.
 SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
+SPLIT_WEIGHT_TOTAL = 100
+"""A split's weights are percents of the model's requests: together at most
+this (all of them sent elsewhere)."""
 ENDPOINT_PATTERN = r"^https?://[^/\s]+$"
 
 
@@ -130,6 +133,17 @@ class RoutePricing(_Model):
     completion_per_million: float = Field(0.0, ge=0, alias="completionPerMillion")
 
 
+class SplitTarget(_Model):
+    """Another model that takes a share of a model's requests
+    (`spec.routing.split`)."""
+
+    model: Annotated[str, Field(pattern=SERVED_NAME_PATTERN)]
+    """Its name as the split lists it: the servedName, an alias or an adapter
+    of another model."""
+    weight: Annotated[int, Field(ge=1, le=SPLIT_WEIGHT_TOTAL)]
+    """The percent of the model's requests it takes."""
+
+
 class ModelRoute(_Model):
     """One served model and where its replicas are."""
 
@@ -159,6 +173,10 @@ class ModelRoute(_Model):
     """Other models' names, in order, that serve a request for this model
     when none of its replicas can (`spec.routing.fallbacks`): none ready, none
     reachable, or every one refusing it unworked."""
+    split: tuple[SplitTarget, ...] = ()
+    """Other models that take a share of the requests for this model's own
+    names (`spec.routing.split`), in order: each its `weight` percent, the
+    model the rest. The weights add up to at most 100."""
     endpoints: tuple[Endpoint, ...] = ()
     """Replica base URLs (`http://host:port`, an IPv6 address in brackets:
     `http://[fd00::1]:8000`) for a gateway run from a file; in Kubernetes they
@@ -201,6 +219,34 @@ class ModelRoute(_Model):
                 raise ValueError(f"fallback {name!r} is listed twice")
             seen.add(name)
         return fallbacks
+
+    @field_validator("split")
+    @classmethod
+    def _split_elsewhere(
+        cls, split: tuple[SplitTarget, ...], info: ValidationInfo
+    ) -> tuple[SplitTarget, ...]:
+        # A share sent to one of the model's own names would be no split.
+        own = {
+            info.data.get("served_name"),
+            *info.data.get("aliases", ()),
+            *info.data.get("adapters", ()),
+        }
+        seen: set[str] = set()
+        for target in split:
+            if target.model in own:
+                raise ValueError(
+                    f"split target {target.model!r} is a name of the model itself"
+                )
+            if target.model in seen:
+                raise ValueError(f"split target {target.model!r} is listed twice")
+            seen.add(target.model)
+        total = sum(target.weight for target in split)
+        if total > SPLIT_WEIGHT_TOTAL:
+            raise ValueError(
+                f"the split's weights add up to {total}, more than "
+                f"{SPLIT_WEIGHT_TOTAL} percent"
+            )
+        return split
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -397,6 +397,58 @@ def test_fallbacks_round_trip_in_order() -> None:
     assert parse_document(json.dumps({"models": [_route()]})).models[0].fallbacks == ()
 
 
+def test_a_split_round_trips_in_order() -> None:
+    split = [{"model": "v2", "weight": 10}, {"model": "org/v3", "weight": 90}]
+    doc = parse_document(json.dumps({"models": [_route(split=split)]}))
+    assert [(t.model, t.weight) for t in doc.models[0].split] == [
+        ("v2", 10),
+        ("org/v3", 90),
+    ]
+    assert parse_document(doc.to_json()) == doc
+    assert json.loads(doc.to_json())["models"][0]["split"] == split
+    # A writer before splits: none.
+    assert parse_document(json.dumps({"models": [_route()]})).models[0].split == ()
+
+
+@pytest.mark.parametrize(
+    ("split", "why"),
+    [
+        ([("smollm2", 10)], "name of the model itself"),
+        ([("chat", 10)], "name of the model itself"),
+        ([("sql", 10)], "name of the model itself"),
+        ([("v2", 10), ("v2", 20)], "listed twice"),
+        ([("v2", 60), ("v3", 41)], "add up to 101, more than 100 percent"),
+        ([("v2", 0)], "split"),
+        ([("v2", 101)], "split"),
+        ([("bad name", 10)], "split"),
+    ],
+)
+def test_a_route_with_a_split_it_cannot_take_costs_that_route_only(
+    split: list[tuple[str, int]], why: str
+) -> None:
+    targets = [{"model": m, "weight": w} for m, w in split]
+    raw = json.dumps(
+        {
+            "models": [
+                _route(
+                    "a", "smollm2", aliases=["chat"], adapters=["sql"], split=targets
+                ),
+                _route("b", "bb"),
+            ]
+        }
+    )
+    reading = read_document(raw)
+    assert [r.name for r in reading.document.models] == ["b"]
+    assert reading.left_out == (("llm", "a"),)
+    assert why in reading.problems[0]
+
+
+def test_a_split_may_send_every_request_elsewhere() -> None:
+    split = [{"model": "v2", "weight": 40}, {"model": "v3", "weight": 60}]
+    doc = parse_document(json.dumps({"models": [_route(split=split)]}))
+    assert sum(t.weight for t in doc.models[0].split) == 100
+
+
 @pytest.mark.parametrize(
     ("fallbacks", "why"),
     [
