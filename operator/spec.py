@@ -16,7 +16,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic.alias_generators import to_camel
 
-from citadel.gateway.routes import SERVED_NAME_PATTERN, RoutingStrategy
+from citadel.gateway.routes import (
+    SERVED_NAME_PATTERN,
+    SPLIT_WEIGHT_TOTAL,
+    RoutingStrategy,
+)
 from citadel.operator import names
 
 # Kubernetes' own patterns, so bad values are refused by the API server at once.
@@ -810,11 +814,34 @@ FALLBACKS_MESSAGE = (
 )
 """What the rules refusing a fallback that names the model itself say (they
 add what to fix)."""
+MAX_SPLIT = 4
+"""The most models a model's split lists."""
+SPLIT_MESSAGE = (
+    "spec.routing.split: each target must name another model, not this "
+    "model's servedName, an alias or an adapter"
+)
+"""What the rules refusing a split target that names the model itself say (they
+add what to fix)."""
+SPLIT_WEIGHTS_MESSAGE = (
+    f"spec.routing.split: the weights add up to more than {SPLIT_WEIGHT_TOTAL} "
+    "(each is the percent of this model's requests sent to that model)"
+)
+"""What the rule refusing a split of more than all the requests says (it adds
+what to fix)."""
+
+
+class SplitTarget(ApiModel):
+    """Another model that takes a share of this model's requests."""
+
+    model: ServedName
+    """Its name: the servedName, an alias or an adapter name of another model."""
+    weight: int = Field(ge=1, le=SPLIT_WEIGHT_TOTAL)
+    """The percent of this model's requests sent to it."""
 
 
 class Routing(ApiModel):
-    """How the gateway spreads requests over the replicas, and which other models
-    answer when none of them can."""
+    """How the gateway spreads requests over the replicas, which other models
+    take a share of them, and which answer when none of them can."""
 
     strategy: RoutingStrategy = RoutingStrategy.PREFIX_AWARE
     fallbacks: Annotated[
@@ -836,6 +863,27 @@ class Routing(ApiModel):
     key may not use it, its limits refuse the key, or it is scaled to zero
     with no replica ready; a fallback's own fallbacks are not followed. None
     may be one of this model's own names."""
+    split: Annotated[
+        list[SplitTarget],
+        Field(
+            max_length=MAX_SPLIT,
+            # Keyed by model: the API server refuses a target given twice, and
+            # names it.
+            json_schema_extra={
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["model"],
+            },
+        ),
+    ] = []
+    """Other models (a servedName, alias or adapter name each) that take a share
+    of the requests for this model's servedName and aliases, in order: each its
+    weight in percent, this model the rest; the weights add up to at most 100.
+    A request with a session stays on one model while the weights stay. The
+    gateway checks the key may use this model first; the request then becomes
+    the target's entirely (its limits, its fallbacks), and the answer says
+    which (x-citadel-split). A target is skipped, and this model answers, when
+    it names no model (it may be created later), the key may not use it, or no
+    replica of it is ready. None may be one of this model's own names."""
 
 
 class Limits(ApiModel):
@@ -1047,6 +1095,25 @@ class LLMModelSpec(ApiModel):
                 fieldPath=".routing.fallbacks",
             ),
             _rule(
+                "!has(self.routing) || !has(self.routing.split) || "
+                "self.routing.split.all(s, "
+                "(!has(self.servedName) || s.model != self.servedName) && "
+                "(!has(self.aliases) || !(s.model in self.aliases)) && "
+                "(!has(self.adapters) || self.adapters.all(a, a.name != s.model)))",
+                f"{SPLIT_MESSAGE}: the share would come back to this model; "
+                "remove the target, or name another model's",
+                fieldPath=".routing.split",
+            ),
+            _rule(
+                # sum(): Kubernetes' lists library, in every CEL environment
+                # the API server gives CRD rules (1.30's included).
+                "!has(self.routing) || !has(self.routing.split) || "
+                f"self.routing.split.map(s, s.weight).sum() <= {SPLIT_WEIGHT_TOTAL}",
+                f"{SPLIT_WEIGHTS_MESSAGE}: lower the weights so that they add up "
+                f"to at most {SPLIT_WEIGHT_TOTAL}",
+                fieldPath=".routing.split",
+            ),
+            _rule(
                 "(has(self.adapters) && self.adapters.size() > 0) || "
                 "!has(self.engine) || "
                 "(!has(self.engine.maxLoraRank) && !has(self.engine.maxLoras))",
@@ -1146,6 +1213,14 @@ def object_rules() -> dict[str, Any]:
             f"{FALLBACKS_MESSAGE}; the servedName is metadata.name when "
             "servedName is absent: remove the name, or name another model's",
             fieldPath=".spec.routing.fallbacks",
+        ),
+        _rule(
+            "!has(self.spec.routing) || !has(self.spec.routing.split) || "
+            "has(self.spec.servedName) || "
+            "self.spec.routing.split.all(s, s.model != self.metadata.name)",
+            f"{SPLIT_MESSAGE}; the servedName is metadata.name when servedName "
+            "is absent: remove the target, or name another model's",
+            fieldPath=".spec.routing.split",
         ),
     )
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from citadel.operator import names
 from citadel.operator.crd import llmmodel_crd, openapi_schema
@@ -22,6 +23,8 @@ from citadel.operator.spec import (
     MODEL_SOURCE_PATTERN,
     PVC_DOT_DOT_PATTERN,
     QUALIFIED_NAME,
+    SPLIT_MESSAGE,
+    SPLIT_WEIGHTS_MESSAGE,
     LLMModelSpec,
 )
 
@@ -177,10 +180,12 @@ CEL_CALLS_OF_KUBERNETES_1_30 = {
     "isLessThan",
     "isQuantity",
     "lowerAscii",
+    "map",  # CEL's standard macros, in every release
     "matches",
     "quantity",
     "size",  # CEL's standard library, in every release
     "startsWith",
+    "sum",  # Kubernetes' lists library, in every release's base environment
     "type",
 }
 
@@ -934,3 +939,112 @@ def test_a_fallbacks_spec_parses_in_order() -> None:
     )
     assert spec.routing.fallbacks == ["smol", "org/tiny:v1"]
     assert LLMModelSpec.model_validate({"model": "org/model"}).routing.fallbacks == []
+
+
+def test_a_split_is_a_short_list_of_targets_keyed_by_model() -> None:
+    split = _at("routing.split")
+    assert split["type"] == "array"
+    assert split["maxItems"] == 4
+    # Keyed by model: the API server refuses a target given twice, naming it.
+    assert split["x-kubernetes-list-type"] == "map"
+    assert split["x-kubernetes-list-map-keys"] == ["model"]
+    # Absent and empty alike: nothing written into the stored object.
+    assert "default" not in split
+    assert "split" not in _at("routing").get("required", [])
+    target = _at("routing.split[]")
+    assert target["type"] == "object"
+    assert sorted(target["required"]) == ["model", "weight"]
+    # A model name, as the served name is.
+    served = _at("servedName")
+    model = _at("routing.split[].model")
+    assert (model["type"], model["pattern"], model["maxLength"]) == (
+        "string",
+        served["pattern"],
+        served["maxLength"],
+    )
+    weight = _at("routing.split[].weight")
+    assert (weight["type"], weight["minimum"], weight["maximum"]) == ("integer", 1, 100)
+    assert "default" not in weight
+
+
+def test_a_split_target_may_not_name_the_model_itself() -> None:
+    rule = _spec_rule("self.routing.split.all(")
+    assert rule["rule"] == (
+        "!has(self.routing) || !has(self.routing.split) || "
+        "self.routing.split.all(s, "
+        "(!has(self.servedName) || s.model != self.servedName) && "
+        "(!has(self.aliases) || !(s.model in self.aliases)) && "
+        "(!has(self.adapters) || self.adapters.all(a, a.name != s.model)))"
+    )
+    assert rule["fieldPath"] == ".routing.split"
+    assert rule["message"].startswith(SPLIT_MESSAGE)
+    assert SPLIT_MESSAGE == (
+        "spec.routing.split: each target must name another model, not this "
+        "model's servedName, an alias or an adapter"
+    )
+    assert "remove the target" in rule["message"]
+
+
+def test_a_split_target_may_not_name_the_model_without_a_served_name() -> None:
+    # As for fallbacks: only a rule on the whole object reads metadata.name.
+    rule = _object_rule(".spec.routing.split")
+    assert rule["rule"] == (
+        "!has(self.spec.routing) || !has(self.spec.routing.split) || "
+        "has(self.spec.servedName) || "
+        "self.spec.routing.split.all(s, s.model != self.metadata.name)"
+    )
+    assert rule["message"].startswith(SPLIT_MESSAGE)
+    assert "metadata.name when servedName is absent" in rule["message"]
+
+
+def test_a_split_sends_at_most_all_the_requests() -> None:
+    rule = _spec_rule("self.routing.split.map(")
+    assert rule["rule"] == (
+        "!has(self.routing) || !has(self.routing.split) || "
+        "self.routing.split.map(s, s.weight).sum() <= 100"
+    )
+    assert rule["fieldPath"] == ".routing.split"
+    assert rule["message"].startswith(SPLIT_WEIGHTS_MESSAGE)
+    assert SPLIT_WEIGHTS_MESSAGE == (
+        "spec.routing.split: the weights add up to more than 100 (each is the "
+        "percent of this model's requests sent to that model)"
+    )
+    assert "lower the weights" in rule["message"]
+
+
+def test_a_split_spec_parses_in_order() -> None:
+    spec = LLMModelSpec.model_validate(
+        {
+            "model": "org/model",
+            "routing": {
+                "split": [
+                    {"model": "v2", "weight": 10},
+                    {"model": "org/tiny:v1", "weight": 90},
+                ]
+            },
+        }
+    )
+    assert [(t.model, t.weight) for t in spec.routing.split] == [
+        ("v2", 10),
+        ("org/tiny:v1", 90),
+    ]
+    assert LLMModelSpec.model_validate({"model": "org/model"}).routing.split == []
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        {"model": "v2"},
+        {"weight": 10},
+        {"model": "v2", "weight": 0},
+        {"model": "v2", "weight": 101},
+        {"model": "has space", "weight": 10},
+    ],
+)
+def test_a_split_target_needs_a_model_name_and_a_weight_of_1_to_100(
+    target: dict[str, Any],
+) -> None:
+    with pytest.raises(ValidationError):
+        LLMModelSpec.model_validate(
+            {"model": "org/model", "routing": {"split": [target]}}
+        )
