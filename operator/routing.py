@@ -29,6 +29,7 @@ from citadel.gateway.routes import (
     ModelRoute,
     RouteLimits,
     RoutingDocument,
+    SplitTarget,
     configmap_content,
 )
 from citadel.operator import names
@@ -73,6 +74,11 @@ def route_for(model: LLMModel) -> ModelRoute:
         scale_from_zero=scaling is not None and scaling.min_replicas == 0,
         # As listed: a name no model serves yet is the gateway's to skip.
         fallbacks=tuple(model.spec.routing.fallbacks),
+        # As listed too: the gateway skips a target it cannot send to.
+        split=tuple(
+            SplitTarget(model=target.model, weight=target.weight)
+            for target in model.spec.routing.split
+        ),
     )
 
 

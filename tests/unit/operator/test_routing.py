@@ -111,6 +111,69 @@ def test_a_route_carries_the_fallbacks_as_listed(
     assert document["models"][0]["fallbacks"] == list(fallbacks)
 
 
+@pytest.mark.parametrize(
+    ("routing", "split"),
+    [
+        # In order, and a name no model serves (yet) as listed: the gateway
+        # skips it.
+        (
+            {
+                "split": [
+                    {"model": "v2", "weight": 10},
+                    {"model": "org/tiny:v1", "weight": 5},
+                ]
+            },
+            (("v2", 10), ("org/tiny:v1", 5)),
+        ),
+        (
+            {
+                "split": [
+                    {"model": "org/tiny:v1", "weight": 5},
+                    {"model": "v2", "weight": 95},
+                ]
+            },
+            (("org/tiny:v1", 5), ("v2", 95)),
+        ),
+    ],
+)
+def test_a_route_carries_the_split_as_listed(
+    routing: dict[str, Any], split: tuple[tuple[str, int], ...]
+) -> None:
+    spec: dict[str, Any] = {"servedName": "big", "aliases": ["chat"]}
+    route = route_for(LLMModel.from_body(model_body("big", routing=routing, **spec)))
+    assert tuple((t.model, t.weight) for t in route.split) == split
+    document = json.loads(RoutingDocument(models=(route,)).to_json())
+    assert document["models"][0]["split"] == [
+        {"model": model, "weight": weight} for model, weight in split
+    ]
+
+
+def test_the_split_is_published_with_the_document() -> None:
+    big = LLMModel.from_body(
+        model_body(
+            "big",
+            routing={
+                "split": [
+                    {"model": "smol", "weight": 20},
+                    {"model": "gone", "weight": 5},
+                ]
+            },
+            status=READY,
+        )
+    )
+    smol = LLMModel.from_body(model_body("smol"))
+    # Empty and absent alike: no split.
+    plain = LLMModel.from_body(model_body("plain", routing={"split": []}))
+    doc, conflicts = build_document([big, smol, plain])
+    assert conflicts == {}
+    routes = {r.name: r for r in parse_document(doc.to_json()).models}
+    assert [(t.model, t.weight) for t in routes["big"].split] == [
+        ("smol", 20),
+        ("gone", 5),
+    ]
+    assert routes["smol"].split == routes["plain"].split == ()
+
+
 def test_fallbacks_are_published_with_the_document() -> None:
     big = LLMModel.from_body(
         model_body("big", routing={"fallbacks": ["smol", "gone"]}, status=READY)
