@@ -285,6 +285,11 @@ FALLBACK_MESSAGE = (
     "spec.routing.fallbacks: each fallback must name another model, not this "
     "model's servedName, an alias or an adapter"
 )
+SPLIT_MESSAGE = (
+    "spec.routing.split: each target must name another model, not this "
+    "model's servedName, an alias or an adapter"
+)
+SPLIT_WEIGHTS_MESSAGE = "spec.routing.split: the weights add up to more than 100"
 
 # Refused naming the field, and with the message saying what to fix (the rules'
 # own, or the API server's where it names the value): LoRA adapters, and a
@@ -506,6 +511,113 @@ MESSAGE_CASES: list[tuple[str, dict[str, Any], str, str, str]] = [
         "spec.routing.fallbacks[0]",
         "should match",
     ),
+    (
+        "split-repeats-served-name",
+        {
+            "servedName": "big",
+            "routing": {
+                "split": [
+                    {"model": "smol", "weight": 10},
+                    {"model": "big", "weight": 10},
+                ]
+            },
+        },
+        "bad",
+        "spec.routing.split",
+        SPLIT_MESSAGE,
+    ),
+    (
+        "split-repeats-alias",
+        {"aliases": ["chat"], "routing": {"split": [{"model": "chat", "weight": 10}]}},
+        "bad",
+        "spec.routing.split",
+        SPLIT_MESSAGE,
+    ),
+    (
+        "split-repeats-adapter",
+        {"adapters": [SQL], "routing": {"split": [{"model": "sql", "weight": 10}]}},
+        "bad",
+        "spec.routing.split",
+        SPLIT_MESSAGE,
+    ),
+    (
+        # No servedName: the model's name is the served name.
+        "split-repeats-model-name",
+        {
+            "routing": {
+                "split": [
+                    {"model": "smol", "weight": 10},
+                    {"model": "big", "weight": 10},
+                ]
+            }
+        },
+        "big",
+        "spec.routing.split",
+        "the servedName is metadata.name when servedName is absent",
+    ),
+    (
+        "split-twice",
+        {
+            "routing": {
+                "split": [
+                    {"model": "smol", "weight": 10},
+                    {"model": "smol", "weight": 20},
+                ]
+            }
+        },
+        "bad",
+        "spec.routing.split[1]",
+        "Duplicate value",
+    ),
+    (
+        "too-many-splits",
+        {"routing": {"split": [{"model": f"s{i}", "weight": 1} for i in range(5)]}},
+        "bad",
+        "spec.routing.split",
+        "must have at most 4 items",
+    ),
+    (
+        "split-weights-over-100",
+        {
+            "routing": {
+                "split": [
+                    {"model": "smol", "weight": 60},
+                    {"model": "v2", "weight": 41},
+                ]
+            }
+        },
+        "bad",
+        "spec.routing.split",
+        SPLIT_WEIGHTS_MESSAGE,
+    ),
+    (
+        "split-weight-zero",
+        {"routing": {"split": [{"model": "smol", "weight": 0}]}},
+        "bad",
+        "spec.routing.split[0].weight",
+        "should be greater than or equal to 1",
+    ),
+    (
+        "split-weight-above-100",
+        {"routing": {"split": [{"model": "smol", "weight": 101}]}},
+        "bad",
+        "spec.routing.split[0].weight",
+        "should be less than or equal to 100",
+    ),
+    (
+        "split-without-weight",
+        {"routing": {"split": [{"model": "smol"}]}},
+        "bad",
+        "spec.routing.split[0].weight",
+        "Required value",
+    ),
+    (
+        "split-model-name",
+        {"routing": {"split": [{"model": "has space", "weight": 10}]}},
+        "bad",
+        "spec.routing.split[0].model",
+        "should match",
+    ),
 ]
 
 
@@ -622,8 +734,16 @@ def test_legal_edge_cases_are_accepted(
             {"name": "baked", "source": "/opt/adapters/baked"},
         ],
         # Two, in Hugging Face style too, naming no model yet: the gateway
-        # skips a name no model serves.
-        "routing": {"strategy": "least-load", "fallbacks": ["smol", "org/tiny:v1"]},
+        # skips a name no model serves. The split's weights add up to all of
+        # the requests, the most they may.
+        "routing": {
+            "strategy": "least-load",
+            "fallbacks": ["smol", "org/tiny:v1"],
+            "split": [
+                {"model": "org/tiny:v2", "weight": 60},
+                {"model": "big-v2", "weight": 40},
+            ],
+        },
     }
     out = cluster.kubectl(
         "apply",
