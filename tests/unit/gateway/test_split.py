@@ -6,10 +6,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import grpc
 import orjson
 import pytest
 
 from citadel.gateway.routes import RoutingDocument, SplitTarget
+from citadel.gateway.rpc.server import GrpcServer
+from citadel.gateway.rpc.v1 import citadel_pb2 as pb
+from citadel.gateway.rpc.v1 import citadel_pb2_grpc as pb_grpc
 from citadel.gateway.services.auth import KeyRecord, hash_key
 from citadel.gateway.services.proxy import FALLBACK_HEADER, SPLIT_HEADER
 from citadel.gateway.services.replicas import Endpoint
@@ -540,4 +544,39 @@ async def test_every_door_goes_through_it(kit: Any) -> None:
     raw = orjson.dumps({**kit.chat, "model": "big"})
     answer = await h.deps.proxy.handle(CHAT, principal, raw, "r-1")
     assert answer.status == 200
+    assert answer.headers[SPLIT_HEADER] == "chat"
+
+
+async def test_grpc_passes_the_split_on_in_its_trailers(kit: Any) -> None:
+    h = build(kit)
+    server = GrpcServer(h.deps, "127.0.0.1", 0, h.deps.max_body_bytes)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            message = pb.ChatMessage(role="user", content="hi")
+            request = pb.ChatCompletionRequest(model="big", messages=[message])
+            key = (("authorization", f"Bearer {kit.key}"),)
+            call = stub.ChatCompletion(request, metadata=key)
+            await call
+            assert dict(await call.trailing_metadata())[SPLIT_HEADER] == "chat"
+            # The target's own failure says whose it is, as on REST.
+            h.upstream.handler = answering(kit, smol1=kit.reply(500, b"boom"))
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await stub.ChatCompletion(request, metadata=key)
+            assert dict(failed.value.trailing_metadata())[SPLIT_HEADER] == "chat"
+    finally:
+        await server.stop()
+
+
+async def test_graphql_passes_the_split_on_in_its_response(kit: Any) -> None:
+    h = build(kit)
+    chat = """mutation C($input: ChatCompletionInput!) {
+      chatCompletion(input: $input) { model } }"""
+    said = {"model": "big", "messages": [{"role": "user", "content": "hi"}]}
+    async with h.client() as client:
+        answer = await client.post(
+            "/graphql", json={"query": chat, "variables": {"input": said}}
+        )
+    assert answer.json()["data"]["chatCompletion"]["model"] == "smollm2"
     assert answer.headers[SPLIT_HEADER] == "chat"
