@@ -287,6 +287,22 @@ def overview() -> Any:
             unit="reqps",
         ),
         panel(
+            "Split/s",
+            "Requests for a model that its split (spec.routing.split) sent to "
+            "another model, by the model asked for and the target: a canary's or "
+            "an A/B test's share. Sent to the target, a request counts under the "
+            "target's model. A target unknown, not allowed to the key or without "
+            "a ready replica takes none: the model asked for keeps them.",
+            [
+                (
+                    "sum by (model, target) "
+                    f"(rate(citadel_gateway_splits_total{{{GW_MODEL}}}[{RI}]))",
+                    "{{model}} -> {{target}}",
+                )
+            ],
+            unit="reqps",
+        ),
+        panel(
             "Rate-limited/s",
             "Requests refused with 429, by limit (requests, tokens, quota).",
             [

@@ -35,6 +35,8 @@ LABEL_DIRECTION = "direction"
 LABEL_REASON = "reason"
 # The model a fallback name routes to, as its route lists it.
 LABEL_FALLBACK = "fallback"
+# The model a split sends a share of a model's requests to, as its route lists it.
+LABEL_TARGET = "target"
 # A model's route identity (its LLMModel's namespace and name) and what its
 # requests are doing, on `model_requests`: the operator's autoscaler reads it
 # straight from each gateway, so these names are its contract. `model_namespace`
@@ -266,6 +268,16 @@ class GatewayMetrics:
             "ready, reachable or serving it), busy (every replica answered 429), "
             "waking (it scales from zero and had no ready replica).",
             [LABEL_MODEL, LABEL_FALLBACK, LABEL_REASON],
+            registry=r,
+        )
+        self.splits = Counter(
+            PREFIX + "splits",
+            "Requests for a model that its split (spec.routing.split) sent to "
+            "another model, by the model asked for (its served name) and the "
+            "target (as the split lists it); each is then counted under the "
+            "target's model. A target skipped (unknown, not allowed to the key, "
+            "no ready replica) takes none: the model asked for serves them.",
+            [LABEL_MODEL, LABEL_TARGET],
             registry=r,
         )
         self.ejections = Counter(

@@ -7,7 +7,8 @@ with a `google.rpc.ErrorInfo` (reason: the REST error `code`, metadata: its
 `type` and `param`) and, for errors that say when to retry (limits, no ready
 replica), a `google.rpc.RetryInfo`. The plain trailers repeat what REST sends as
 headers (`retry-after`, `x-ratelimit-*`, `x-request-id`, a fallback's
-`x-citadel-fallback`) for clients that do not decode details.
+`x-citadel-fallback`, a split's `x-citadel-split`) for clients that do not
+decode details.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from google.rpc.error_details_pb2 import ErrorInfo, RetryInfo
 from google.rpc.status_pb2 import Status
 
 from citadel.gateway.errors import GatewayError
-from citadel.gateway.services.proxy import FALLBACK_HEADER
+from citadel.gateway.services.proxy import FALLBACK_HEADER, SPLIT_HEADER
 
 DOMAIN = "citadel.ai"
 DETAILS_KEY = "grpc-status-details-bin"
@@ -44,7 +45,7 @@ CODE_OF_HTTP: Mapping[int, grpc.StatusCode] = {
 with 502, a replica that failed, as UNAVAILABLE)."""
 
 # Metadata keys must be lowercase ASCII; binary ones end in -bin.
-_PASSED_HEADERS = ("retry-after", "x-request-id", FALLBACK_HEADER)
+_PASSED_HEADERS = ("retry-after", "x-request-id", FALLBACK_HEADER, SPLIT_HEADER)
 _PASSED_PREFIX = "x-ratelimit-"
 
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import random
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -21,6 +22,8 @@ from collections.abc import (
 )
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+import xxhash
 
 from citadel.gateway.errors import (
     BackendError,
@@ -45,7 +48,7 @@ from citadel.gateway.metrics import (
     GatewayMetrics,
     ModelIdentity,
 )
-from citadel.gateway.routes import ModelRoute
+from citadel.gateway.routes import SPLIT_WEIGHT_TOTAL, ModelRoute
 from citadel.gateway.services.auth import Principal
 from citadel.gateway.services.catalog import Catalog
 from citadel.gateway.services.limits import Admission, Limiter, estimate_tokens
@@ -102,6 +105,13 @@ of its reads whatever their phase."""
 FALLBACK_HEADER = "x-citadel-fallback"
 """The response header that names the fallback that answered, as the
 requested model's route lists it."""
+SPLIT_HEADER = "x-citadel-split"
+"""The response header that names the model the requested model's split sent
+the request to, as the split lists it."""
+_HASH_SPAN = float(1 << 53)
+"""The points a session's hash is cut to (`_session_point`): a float holds 53
+bits exactly, so each point is below 1 (64 bits divided by 2**64 may round to
+1.0, past every split)."""
 
 
 def _read_already(error: GatewayError) -> None:
@@ -134,6 +144,16 @@ def _fallback_reason(error: NoReplica | RateLimited) -> str:
     """Why a request leaves a model whose `_send` raised `error` for a
     fallback (`GatewayMetrics.fallbacks`' reason)."""
     return FALLBACK_BUSY if isinstance(error, RateLimited) else FALLBACK_NO_REPLICA
+
+
+def _session_point(model: str, session: str) -> float:
+    """Where a conversation falls in the split of `model` (its served name):
+    a point in [0, 1) from a hash of both. The model's name keeps a
+    conversation's place in one model's split apart from its place in
+    another's, so that the same conversations are not the canaries' of every
+    model."""
+    digest = xxhash.xxh3_64_intdigest(f"{model}\x1f{session}".encode())
+    return (digest >> 11) / _HASH_SPAN
 
 
 def _identity(ctx: _Context) -> ModelIdentity:
@@ -201,6 +221,13 @@ class _Context:
     request left that model for it (`route` and `model` are then its)."""
     fallback_from: str | None = None
     """The requested model's upstream name while a fallback is tried."""
+    split: str | None = None
+    """The model the requested model's split sent the request to, as the
+    split lists it (`route` and `model` are then its, from before admission
+    on)."""
+    split_from: str | None = None
+    """The requested model's upstream name (its served name) once its split
+    sent the request to another model."""
 
     @property
     def replica_model(self) -> str:
@@ -330,7 +357,12 @@ class ProxyOptions:
 
 
 class ProxyService:
-    """Forwards OpenAI requests to a model's replicas."""
+    """Forwards OpenAI requests to a model's replicas.
+
+    Args:
+        draw: where a request without a session falls in a model's split
+            (`ModelRoute.split`): a number in [0, 1), uniformly at random.
+    """
 
     def __init__(
         self,
@@ -341,6 +373,7 @@ class ProxyService:
         metrics: GatewayMetrics,
         options: ProxyOptions,
         clock: Callable[[], float] = time.monotonic,
+        draw: Callable[[], float] = random.random,
     ) -> None:
         self._catalog = catalog
         self._router = router
@@ -349,6 +382,7 @@ class ProxyService:
         self._metrics = metrics
         self._options = options
         self._clock = clock
+        self._draw = draw
         # Settles running on after the request that started them was cancelled
         # (a task nothing references may be collected before it finishes).
         self._unfinished: set[asyncio.Task[Any]] = set()
@@ -418,6 +452,10 @@ class ProxyService:
         try:
             return await self._handle(ctx, raw, read)
         except GatewayError as err:
+            if ctx.split is not None:
+                # Raised by the model the split sent it to (its limits, its
+                # failure): its client learns whose it is, as from an answer.
+                err.headers[SPLIT_HEADER] = ctx.split
             await self._fail(ctx, err)
             raise
         except asyncio.CancelledError:
@@ -432,6 +470,8 @@ class ProxyService:
             log.error("unexpected error", exc_info=err, extra=self._log_fields(ctx))
             self._let_go(ctx)
             failure = InternalError("The gateway failed unexpectedly.")
+            if ctx.split is not None:
+                failure.headers[SPLIT_HEADER] = ctx.split
             await self._account(ctx, None, failure.status, failure.code)
             raise failure from err
 
@@ -440,13 +480,25 @@ class ProxyService:
     ) -> ProxyResponse:
         parsed = parse_body(raw, ctx.call)
         body = parsed.body
-        ctx.route = route = self._catalog.resolve(body["model"])
+        name = body["model"]
+        ctx.route = route = self._catalog.resolve(name)
         # What the replicas are sent and what the request is counted under:
         # the served name for any of the base's names, an adapter's own name
         # (a model of its own, billed as such, on the base's replicas).
-        upstream_model = route.upstream_name(body["model"])
+        upstream_model = route.upstream_name(name)
         ctx.model = upstream_model
-        ctx.principal.check(route, body["model"])
+        # The model asked for refuses the key for good: a split is no way
+        # around its permissions.
+        ctx.principal.check(route, name)
+        if route.split:
+            split = self._split(ctx, route, name)
+            if split is not None:
+                # The request is the target's from here on, as if asked for
+                # by its name: its limits, its fallbacks, its metrics.
+                name, route = split
+                ctx.split, ctx.split_from, ctx.route = name, upstream_model, route
+                upstream_model = ctx.model = route.upstream_name(name)
+                self._metrics.splits.labels(ctx.split_from, name).inc()
         stream = parsed.stream
         # What reads the prompt reads a Responses request as its chat: made
         # once for the estimate and the routing (4.7 us for 20 items, timeit).
@@ -460,16 +512,18 @@ class ProxyService:
         keep = stream and (not ctx.call.usage_option or client_wants_usage(body))
         outbound = _Outbound(parsed, prompt, estimate, headers, stream, keep)
         if route.fallbacks:
-            response, data = await self._send_or_fall_back(ctx, route, outbound)
+            response, data = await self._send_or_fall_back(ctx, route, name, outbound)
         else:
             # Only once admitted: a refused request never wakes a model.
-            route = await self._await_replica(ctx, route, body["model"])
+            route = await self._await_replica(ctx, route, name)
             response, data = await self._send_as(ctx, route, upstream_model, outbound)
         admission = ctx.admission
         assert admission is not None  # the answering model's, taken above
         reply_headers = {**admission.headers, "x-request-id": ctx.request_id}
         if ctx.fallback is not None:
             reply_headers[FALLBACK_HEADER] = ctx.fallback
+        if ctx.split is not None:
+            reply_headers[SPLIT_HEADER] = ctx.split
         if isinstance(data, _Begun):
             return ProxyResponse(
                 200,
@@ -488,6 +542,57 @@ class ProxyService:
                 err.headers[FALLBACK_HEADER] = ctx.fallback
             raise
 
+    def _split(
+        self, ctx: _Context, route: ModelRoute, requested: str
+    ) -> tuple[str, ModelRoute] | None:
+        """The target of `route`'s split that takes the request for its name
+        `requested`, as the split lists it, and its route; None where `route`
+        keeps the request.
+
+        A request for one of the model's own names (`ModelRoute.names`, not
+        an adapter's: an adapter is a model of its own) falls at a point in
+        [0, 1): one its session's hash gives (`_session_point`), so that a
+        conversation stays on one model while the weights stay, else one drawn
+        at random. The targets take the points below their weights added up
+        in order (10 and 20: below 0.1 the first, below 0.3 the second); the
+        model keeps the rest. A target is skipped, and the model keeps the
+        request as if it had no split, when no model has its name, it is the
+        model itself, the key may not use it, or it has no ready replica (a
+        model still starting, or at zero, takes no share, and no request is
+        held for it).
+        """
+        if requested not in route.names:
+            return None
+        session = ctx.session
+        point = (
+            self._draw()
+            if session is None
+            else _session_point(route.served_name, session)
+        )
+        total = 0
+        for target in route.split:
+            total += target.weight
+            if point < total / SPLIT_WEIGHT_TOTAL:
+                break
+        else:
+            return None
+        name = target.model
+        chosen = self._catalog.route_named(name)
+        why = None
+        if chosen is None:
+            why = "no model by that name"
+        elif (chosen.namespace, chosen.name) == (route.namespace, route.name):
+            why = "the requested model itself"
+        elif not ctx.principal.may_use(chosen, name):
+            why = "the key may not use it"
+        elif not self._catalog.has_ready(chosen):
+            why = "no ready replica"
+        else:
+            return name, chosen
+        extra = {"request_id": ctx.request_id, "split": name, "why": why}
+        log.debug("split target skipped", extra=extra)
+        return None
+
     async def _admit(
         self, ctx: _Context, route: ModelRoute, estimate: int
     ) -> Admission:
@@ -502,11 +607,12 @@ class ProxyService:
             raise
 
     async def _send_or_fall_back(
-        self, ctx: _Context, route: ModelRoute, outbound: _Outbound
+        self, ctx: _Context, route: ModelRoute, requested: str, outbound: _Outbound
     ) -> tuple[Reply, bytes | _Begun]:
-        """The answer of the requested model (`route`, admitted), else of the
-        first of its fallbacks that gives one (`_fallback` says which are
-        skipped), tried in their order.
+        """The answer of the requested model (`route`, admitted, asked for by
+        `requested`: the request's name, or its split's target as listed), else
+        of the first of its fallbacks that gives one (`_fallback` says which
+        are skipped), tried in their order.
 
         The request turns to the next fallback only where the model before
         could not answer it and did no work on it: `_send` found no replica
@@ -580,7 +686,7 @@ class ProxyService:
             # hold alone (the signal would count it twice: a second replica).
             waking()
             ctx.admission = await self._admit(ctx, route, outbound.estimate)
-            held = await self._await_replica(ctx, route, outbound.parsed.body["model"])
+            held = await self._await_replica(ctx, route, requested)
             return await self._send_as(ctx, held, model, outbound)
         # The client learns why the model it asked for could not, and the
         # request counts under that model.
@@ -1356,6 +1462,10 @@ class ProxyService:
         if ctx.fallback_from is not None:
             # The model asked for, where a fallback (`model`) answered.
             fields["fallback_from"] = ctx.fallback_from
+        if ctx.split_from is not None:
+            # The model asked for, whose split sent it to `model` (or to the
+            # model whose fallback then answered).
+            fields["split_from"] = ctx.split_from
         log.info("request", extra=fields)
 
     @staticmethod

@@ -35,19 +35,25 @@ from citadel.gateway.errors import (
 from citadel.gateway.routes import ModelRoute
 from citadel.gateway.services.auth import Principal
 from citadel.gateway.services.catalog import Catalog
-from citadel.gateway.services.proxy import FALLBACK_HEADER, ProxyService
+from citadel.gateway.services.proxy import (
+    FALLBACK_HEADER,
+    SPLIT_HEADER,
+    ProxyService,
+)
 from citadel.gateway.services.requests import ApiCall, Door, dumps_request
 from citadel.gateway.services.sse import EVENT_END, error_of
 from citadel.gateway.services.streams import Closing
 
 DONE = b"[DONE]"
 _LIMIT_PREFIX = "x-ratelimit-"
+_PASSED = (FALLBACK_HEADER, SPLIT_HEADER)
 
 
 @dataclass
 class Answer:
     """A whole answer (`body`) or a stream of chunks (`chunks`), with the
-    headers REST would send (request id, `x-ratelimit-*`, `x-citadel-fallback`)."""
+    headers REST would send (request id, `x-ratelimit-*`, `x-citadel-fallback`,
+    `x-citadel-split`)."""
 
     headers: dict[str, str]
     body: dict[str, Any] = field(default_factory=dict)
@@ -62,11 +68,10 @@ class Answer:
 def passed_on(headers: Mapping[str, str]) -> dict[str, str]:
     """What of an answer's REST headers a door without them passes on (gRPC's
     trailers, GraphQL's HTTP response): the `x-ratelimit-*` values and, from
-    a fallback, `x-citadel-fallback` with its name."""
+    a fallback, `x-citadel-fallback` with its name, from a split's target,
+    `x-citadel-split` with its."""
     return {
-        k: v
-        for k, v in headers.items()
-        if k.startswith("x-ratelimit-") or k == FALLBACK_HEADER
+        k: v for k, v in headers.items() if k.startswith("x-ratelimit-") or k in _PASSED
     }
 
 

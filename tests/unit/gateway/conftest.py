@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,6 +155,7 @@ def build(
     auth: bool = True,
     retries: int = 2,
     scale_from_zero_s: float = 300.0,
+    draw: Callable[[], float] = random.random,
 ) -> Harness:
     clock = Clock()
     metrics = GatewayMetrics()
@@ -180,6 +182,7 @@ def build(
         metrics,
         ProxyOptions(retries=retries, scale_from_zero_within_s=scale_from_zero_s),
         clock,
+        draw,
     )
     deps = Deps(
         catalog=catalog,
