@@ -43,7 +43,11 @@ from citadel.operator.kube.resources import (
 from citadel.operator.metrics import Metrics
 from citadel.operator.model import LLMModel
 from citadel.operator.observe import Blocker, derive_status, lapse_due_in
-from citadel.operator.routing import RoutePublisher, UnknownFallbacks
+from citadel.operator.routing import (
+    FALLBACKS_FIELD,
+    RoutePublisher,
+    UnknownNames,
+)
 from citadel.operator.settings import OperatorSettings
 from citadel.operator.status import (
     RECONCILE_FAILED,
@@ -58,6 +62,8 @@ from citadel.operator.view import ApiView, ClusterView, is_newer, resource_versi
 log = logging.getLogger(__name__)
 UNKNOWN_FALLBACK = "UnknownFallback"
 """The Event's reason when a model's fallbacks name no routed model."""
+UNKNOWN_SPLIT_TARGET = "UnknownSplitTarget"
+"""The Event's reason when a model's split targets name no routed model."""
 T = TypeVar("T")
 CAPABILITY_CACHE_SECONDS = 60.0
 # The longest a status refresh waits behind reconciles of new or changed models
@@ -410,7 +416,7 @@ class Reconciler:
             settings,
             on_conflicts=self._recheck,
             source=lambda: self.view.models(),
-            on_unknown_fallbacks=self._tell_unknown_fallbacks,
+            on_unknown_names=self._tell_unknown_names,
         )
         self._clock = clock
         self._serial = Serializer()
@@ -1377,18 +1383,20 @@ class Reconciler:
             namespace, _, name = key.partition("/")
             self.spawn_refresh(namespace, name)
 
-    def _tell_unknown_fallbacks(self, found: UnknownFallbacks) -> None:
+    def _tell_unknown_names(self, found: UnknownNames) -> None:
         """Posts, in tasks of their own (a publish waits for none), a Warning
-        Event on each model of `found` naming its fallbacks that name no
-        routed model: the gateway skips them, and its log is not where a
-        model's owner looks. A replica paused for a peer publishes nothing,
-        so tells nothing either."""
-        for key, unknown in found.items():
-            task = asyncio.create_task(self._post_unknown_fallbacks(key, unknown))
+        Event on each model of `found` naming its fallbacks or split targets
+        that name no routed model: the gateway skips them, and its log is not
+        where a model's owner looks. A replica paused for a peer publishes
+        nothing, so tells nothing either."""
+        for (key, field), unknown in found.items():
+            task = asyncio.create_task(self._post_unknown_names(key, field, unknown))
             self._spawned.add(task)
             task.add_done_callback(self._spawned_done)
 
-    async def _post_unknown_fallbacks(self, key: str, unknown: tuple[str, ...]) -> None:
+    async def _post_unknown_names(
+        self, key: str, field: str, unknown: tuple[str, ...]
+    ) -> None:
         namespace, _, name = key.partition("/")
         body = await self.view.model(namespace, name)
         if body is None:
@@ -1399,15 +1407,22 @@ class Reconciler:
             return  # unparsable: its reconcile says why
         listed = ", ".join(repr(n) for n in unknown)
         one = len(unknown) == 1
+        fallbacks = field == FALLBACKS_FIELD
         await self._post(
             model,
             Notice(
                 "Warning",
-                UNKNOWN_FALLBACK,
-                f"spec.routing.fallbacks: {listed} {'names' if one else 'name'} "
+                UNKNOWN_FALLBACK if fallbacks else UNKNOWN_SPLIT_TARGET,
+                f"spec.routing.{field}: {listed} {'names' if one else 'name'} "
                 "no model the gateway routes (the servedName, an alias or an "
-                f"adapter of another model): requests skip {'it' if one else 'them'}"
-                " until one does; check the spelling",
+                "adapter of another model): "
+                + (
+                    f"requests skip {'it' if one else 'them'}"
+                    if fallbacks
+                    else f"{'its share stays' if one else 'their shares stay'} "
+                    "with this model"
+                )
+                + " until one does; check the spelling",
             ),
         )
 

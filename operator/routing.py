@@ -162,25 +162,31 @@ def assemble(entries: Sequence[Entry]) -> tuple[RoutingDocument, Conflicts]:
     return RoutingDocument(models=tuple(routes)), conflicts
 
 
-def unknown_fallbacks(doc: RoutingDocument) -> UnknownFallbacks:
-    """Each routed model whose fallbacks name models the document does not
-    route, and those names, as listed.
+def unknown_names(doc: RoutingDocument) -> UnknownNames:
+    """Each routed model's fallbacks and split targets that name models the
+    document does not route, by model and field, as listed.
 
-    The gateway skips such a fallback (it may name a model made later), so
-    a typo would show nowhere but in the gateway's log: the operator tells the
-    model's owner (`RoutePublisher`'s `on_unknown_fallbacks`). A model left
-    out of the document (a name clash, a Service taken) is unknown as well:
-    the gateway cannot send it anything.
+    The gateway skips such a name (it may name a model made later), so a typo
+    would show nowhere but in the gateway's log: the operator tells the
+    model's owner (`RoutePublisher`'s `on_unknown_names`). A model left out of
+    the document (a name clash, a Service taken) is unknown as well: the
+    gateway cannot send it anything.
     """
-    listing = [route for route in doc.models if route.fallbacks]
+    listing = [route for route in doc.models if route.fallbacks or route.split]
     if not listing:
         return {}
     served = {name for route in doc.models for name in route.all_names}
-    found: UnknownFallbacks = {}
+    found: UnknownNames = {}
     for route in listing:
-        unknown = tuple(name for name in route.fallbacks if name not in served)
-        if unknown:
-            found[f"{route.namespace}/{route.name}"] = unknown
+        key = f"{route.namespace}/{route.name}"
+        named = {
+            FALLBACKS_FIELD: route.fallbacks,
+            SPLIT_FIELD: tuple(target.model for target in route.split),
+        }
+        for field, listed in named.items():
+            unknown = tuple(name for name in listed if name not in served)
+            if unknown:
+                found[key, field] = unknown
     return found
 
 
@@ -246,8 +252,11 @@ def backoff(delay: float, err: Exception) -> float:
 
 
 ConflictsChanged = Callable[[set[str]], Awaitable[None]]
-UnknownFallbacks = dict[str, tuple[str, ...]]
-"""`namespace/name` -> the fallbacks of the model that name no routed model."""
+FALLBACKS_FIELD = "fallbacks"
+SPLIT_FIELD = "split"
+UnknownNames = dict[tuple[str, str], tuple[str, ...]]
+"""(`namespace/name`, a field of spec.routing: `fallbacks` or `split`) -> the
+names in it that name no routed model."""
 ModelSource = Callable[[], Awaitable[list[Manifest]]]
 
 CATCH_UP_MIN_POLL_S = 0.05
@@ -269,19 +278,19 @@ class RoutePublisher:
         on_conflicts: ConflictsChanged | None = None,
         source: ModelSource | None = None,
         listing: ModelSource | None = None,
-        on_unknown_fallbacks: Callable[[UnknownFallbacks], None] | None = None,
+        on_unknown_names: Callable[[UnknownNames], None] | None = None,
     ) -> None:
         """Makes a publisher; `source` lists the models (default: the API server,
         in the namespaces `settings` lists), and so does `listing` (default:
         the API server), which a resumed publisher waits for `source` to catch
-        up with. `on_unknown_fallbacks` hears, after a publish, of each model
-        whose fallbacks that name no routed model changed to a set of some
-        (`unknown_fallbacks`): once per set, again only after it changed."""
+        up with. `on_unknown_names` hears, after a publish, of each model whose
+        fallbacks or split targets that name no routed model changed to a set
+        of some (`unknown_names`): once per set, again only after it changed."""
         self._kube = kube
         self._settings = settings
         self._on_conflicts = on_conflicts
-        self._on_unknown = on_unknown_fallbacks
-        self._unknown: UnknownFallbacks = {}
+        self._on_unknown = on_unknown_names
+        self._unknown: UnknownNames = {}
         self._wanted = asyncio.Event()
         self._forced = False
         self._ready = asyncio.Event()
@@ -449,10 +458,10 @@ class RoutePublisher:
         if changed and self._on_conflicts is not None:
             await self._on_conflicts(changed)
         if new:
-            self._tell_unknown(unknown_fallbacks(doc))
+            self._tell_unknown(unknown_names(doc))
         return doc
 
-    def _tell_unknown(self, found: UnknownFallbacks) -> None:
+    def _tell_unknown(self, found: UnknownNames) -> None:
         told = {k: v for k, v in found.items() if self._unknown.get(k) != v}
         self._unknown = found
         if told and self._on_unknown is not None:

@@ -856,7 +856,8 @@ class Routing(ApiModel):
     that answer this model's requests when it cannot: no replica ready, none
     reachable, every one refusing the request unworked (503) or busy (429),
     or, with autoscaling.minReplicas 0, none started yet (the gateway then
-    sends the request on at once instead of holding it, and wakes the model).
+    sends the request on at once, wakes the model, and holds the request for
+    it only if no fallback answers).
     Never once a replica may have worked on the request, nor when the gateway
     itself refuses it (unknown model, the key's permissions or limits). A
     fallback is skipped when it names no model (it may be created later), the

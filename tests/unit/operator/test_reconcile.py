@@ -1025,25 +1025,36 @@ async def test_name_conflict_shows_in_the_status(settings: OperatorSettings) -> 
     assert status["phase"] == "Failed"
 
 
-async def test_a_fallback_that_names_no_model_is_told_on_the_model(
+async def test_fallbacks_and_split_targets_of_no_model_are_told_on_the_model(
     settings: OperatorSettings,
 ) -> None:
-    big = model_body("big", routing={"fallbacks": ["smoll", "later"]})
+    routing = {
+        "fallbacks": ["smoll", "later"],
+        "split": [{"model": "v2", "weight": 5}, {"model": "v3", "weight": 5}],
+    }
+    big = model_body("big", routing=routing)
     kube, reconciler = _setup(settings, big, model_body("smol", servedName="smoll"))
     await reconciler.routes.publish()
     await asyncio.gather(*reconciler._spawned)
-    [event] = [e for e in kube.events if e["reason"] == reconcile.UNKNOWN_FALLBACK]
-    assert event["type"] == "Warning"
-    assert event["involvedObject"]["name"] == "big"
-    assert event["message"].startswith(
+    [fallback] = [e for e in kube.events if e["reason"] == reconcile.UNKNOWN_FALLBACK]
+    assert fallback["type"] == "Warning"
+    assert fallback["involvedObject"]["name"] == "big"
+    assert fallback["message"].startswith(
         "spec.routing.fallbacks: 'later' names no model the gateway routes"
     )
+    assert "requests skip it until one does" in fallback["message"]
+    [split] = [e for e in kube.events if e["reason"] == reconcile.UNKNOWN_SPLIT_TARGET]
+    assert split["type"] == "Warning"
+    assert split["message"].startswith(
+        "spec.routing.split: 'v2', 'v3' name no model the gateway routes"
+    )
+    assert "their shares stay with this model until one does" in split["message"]
     # A replica paused for a peer tells nothing (the peer does).
     kube.put(model_body("other", routing={"fallbacks": ["nowhere"]}))
     reconciler.pause()
     await reconciler.routes.publish()
     await asyncio.gather(*reconciler._spawned)
-    assert _reasons(kube).count(reconcile.UNKNOWN_FALLBACK) == 1
+    assert len(kube.events) == 2
 
 
 async def _conflicting_and_serving(

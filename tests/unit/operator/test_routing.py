@@ -28,7 +28,7 @@ from citadel.operator.routing import (
     build_document,
     configmap,
     route_for,
-    unknown_fallbacks,
+    unknown_names,
 )
 from citadel.operator.settings import OperatorSettings
 from citadel.operator.status import name_taken
@@ -186,40 +186,51 @@ def test_fallbacks_are_published_with_the_document() -> None:
     assert routes["smol"].fallbacks == ()
 
 
-def test_fallbacks_that_name_no_routed_model_are_found() -> None:
+def test_fallbacks_and_split_targets_that_name_no_routed_model_are_found() -> None:
     def model(name: str, **spec: Any) -> LLMModel:
         return LLMModel.from_body(model_body(name, **spec))
 
-    big = model("big", routing={"fallbacks": ["chat", "gone", "sql", "clash"]})
+    routing = {
+        "fallbacks": ["chat", "gone", "sql", "clash"],
+        "split": [{"model": "v2", "weight": 10}, {"model": "smol", "weight": 10}],
+    }
+    big = model("big", routing=routing)
     smol = model("smol", aliases=["chat"], adapters=_adapters("sql"))
     # Its name is smol's: left out of the document, so no fallback either.
     late = model("clash", servedName="chat", created="2026-03-01T00:00:00Z")
     plain = model("plain", routing={"fallbacks": ["smol"]})
     doc, conflicts = build_document([big, smol, late, plain])
     assert set(conflicts) == {"llm/clash"}
-    assert unknown_fallbacks(doc) == {"llm/big": ("gone", "clash")}
-    assert unknown_fallbacks(build_document([smol])[0]) == {}
+    assert unknown_names(doc) == {
+        ("llm/big", "fallbacks"): ("gone", "clash"),
+        ("llm/big", "split"): ("v2",),
+    }
+    assert unknown_names(build_document([smol])[0]) == {}
 
 
-async def test_fallbacks_that_name_no_model_are_told_once_per_set(
+async def test_names_of_no_model_are_told_once_per_set(
     settings: OperatorSettings,
 ) -> None:
-    told: list[dict[str, tuple[str, ...]]] = []
-    big = model_body("big", routing={"fallbacks": ["later", "smol"]})
-    kube = FakeKube([big])
-    publisher = RoutePublisher(kube, settings, on_unknown_fallbacks=told.append)
+    told: list[dict[tuple[str, str], tuple[str, ...]]] = []
+    routing = {
+        "fallbacks": ["later", "smol"],
+        "split": [{"model": "later", "weight": 5}],
+    }
+    kube = FakeKube([model_body("big", routing=routing)])
+    publisher = RoutePublisher(kube, settings, on_unknown_names=told.append)
     await publisher.publish()
     await publisher.publish()  # the same: not told again
-    assert told == [{"llm/big": ("later", "smol")}]
+    fallbacks, split = ("llm/big", "fallbacks"), ("llm/big", "split")
+    assert told == [{fallbacks: ("later", "smol"), split: ("later",)}]
     kube.put(model_body("smol"))
-    await publisher.publish()  # fewer: told what is left
-    assert told[1:] == [{"llm/big": ("later",)}]
+    await publisher.publish()  # fewer: told what is left, the split not again
+    assert told[1:] == [{fallbacks: ("later",)}]
     kube.put(model_body("later"))
     await publisher.publish()  # none left: nothing to tell
     assert len(told) == 2
     await kube.delete(LLMMODELS, "later", "llm")
     await publisher.publish()  # gone again: told again
-    assert told[2:] == [{"llm/big": ("later",)}]
+    assert told[2:] == [{fallbacks: ("later",), split: ("later",)}]
 
 
 def test_not_ready_without_the_condition() -> None:
