@@ -413,6 +413,87 @@ def test_a_model_at_zero_with_a_fallback_is_answered_by_it_while_it_wakes(
         )
 
 
+CANARY = "smollm2-canary"
+
+
+def split_of(platform: Platform, weight: int | None) -> None:
+    """Sets the demo model's spec.routing.split to `weight` percent for the
+    canary (None: no split)."""
+    split = [{"model": CANARY, "weight": weight}] if weight is not None else None
+    patch = {"spec": {"routing": {"split": split}}}
+    platform.cluster.kubectl(
+        "patch",
+        "llmmodel",
+        MODEL,
+        "-n",
+        MODEL_NS,
+        "--type=merge",
+        "-p",
+        json.dumps(patch),
+    )
+
+
+def test_a_split_sends_a_share_of_a_models_requests_to_another(
+    platform: Platform,
+) -> None:
+    """spec.routing.split through the chart's operator and gateway: half of the
+    demo model's requests go to a second model (a canary), which the answer's
+    header and model say, a conversation (its session header) stays on one of
+    them, and without the split every request is the demo model's again."""
+    platform.cluster.kubectl(
+        "apply", "-f", "-", input_text=json.dumps(second_model(CANARY))
+    )
+    try:
+        openai = client(platform)
+        wait_for(
+            f"{CANARY} Ready",
+            lambda: (
+                model_state(platform, CANARY).get("status", {}).get("phase") == "Ready"
+            ),
+            timeout=300,
+            interval=2,
+        )
+        split_of(platform, 50)
+
+        def chat(session: str | None = None) -> Any:
+            headers = {"x-session-id": session} if session else None
+            return openai.chat.completions.with_raw_response.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "Say hi."}],
+                max_tokens=2,
+                temperature=0,
+                extra_headers=headers,
+            )
+
+        def split_once() -> bool:
+            return chat().headers.get("x-citadel-split") == CANARY
+
+        wait_for("the split in the gateway", split_once, timeout=60, interval=0.5)
+        answered: dict[str, int] = {MODEL: 0, CANARY: 0}
+        for _ in range(30):
+            raw = chat()
+            model = raw.parse().model
+            answered[model] += 1
+            assert (raw.headers.get("x-citadel-split") == CANARY) == (model == CANARY)
+        print(f"30 requests for {MODEL} at a split of 50: {answered}")
+        # Both, by chance: each misses with a chance of 2 in a billion.
+        assert answered[MODEL] and answered[CANARY]
+        for session in ("conversation-1", "conversation-2", "conversation-3"):
+            models = {chat(session).parse().model for _ in range(4)}
+            assert len(models) == 1, f"{session} answered by {models}"
+        split_of(platform, None)
+
+        def whole_again() -> bool:
+            return all(chat().headers.get("x-citadel-split") is None for _ in range(16))
+
+        wait_for(f"{MODEL} whole again", whole_again, timeout=60, interval=0.5)
+    finally:
+        split_of(platform, None)
+        platform.cluster.kubectl(
+            "delete", "llmmodel", CANARY, "-n", MODEL_NS, "--wait=true", check=False
+        )
+
+
 def model_pods_of(platform: Platform, name: str) -> list[dict[str, Any]]:
     """The live pods of the model `name`."""
     out = platform.cluster.kubectl(
