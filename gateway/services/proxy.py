@@ -682,10 +682,15 @@ class ProxyService:
         ctx.route, ctx.model, ctx.replica = route, model, replica
         ctx.fallback = ctx.fallback_from = None
         if waking is not None and self._options.scale_from_zero_within_s > 0:
-            # Held for it, as without fallbacks, and counted as waiting by the
-            # hold alone (the signal would count it twice: a second replica).
-            waking()
+            # Held for it, as without fallbacks: its admission taken again (a
+            # refusal leaves the wake signal running: the model is still
+            # wanted), no replica of it reached yet (a fallback's that said 429
+            # must not keep the request charged if the hold times out), and
+            # counted as waiting by the hold alone (the signal would count it
+            # twice: a second replica).
             ctx.admission = await self._admit(ctx, route, outbound.estimate)
+            ctx.reached = False
+            waking()
             held = await self._await_replica(ctx, route, requested)
             return await self._send_as(ctx, held, model, outbound)
         # The client learns why the model it asked for could not, and the

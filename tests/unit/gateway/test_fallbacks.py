@@ -11,6 +11,7 @@ import grpc
 import orjson
 import pytest
 
+from citadel.gateway.errors import RateLimited
 from citadel.gateway.routes import RoutingDocument
 from citadel.gateway.rpc.server import GrpcServer
 from citadel.gateway.rpc.v1 import citadel_pb2 as pb
@@ -509,6 +510,53 @@ async def test_a_model_at_zero_held_after_its_fallbacks_says_why_it_timed_out(
     assert FALLBACK_HEADER not in answer.headers
     assert kit.counted(h, "503", model="big") == 1
     assert demand(h, "big") == 0
+
+
+@pytest.mark.parametrize("listed", [[], ["chat"]])
+async def test_a_hold_that_times_out_after_busy_fallbacks_charges_nothing(
+    kit: Any, listed: list[str]
+) -> None:
+    # The fallback's replica said 429 (it reached one); the model's own hold
+    # then ended with no replica of it ever reached: given back in full, as
+    # the same hold without fallbacks.
+    doc = document(
+        big={"scaleFromZero": True, "fallbacks": listed, "limits": {"rpm": 5}}
+    )
+    h = build(kit, doc, 0.2)
+    h.keys.replace_all(
+        (KeyRecord(name="alice", hash=hash_key(kit.key), models=("*",), rpm=10),)
+    )
+    h.upstream.handler = answering(kit, smol1=kit.reply(429, b'{"error": {}}'))
+    answer = await asyncio.wait_for(ask(h, kit), 3)
+    assert answer.status_code == 503
+    big = {(s.scope, s.model): s.remaining for s in await standing(h, kit, "big")}
+    assert big[("requests", "big")] == 5
+    assert big[("requests", None)] == 10
+
+
+async def test_a_refused_second_admission_leaves_the_model_woken(kit: Any) -> None:
+    # Held after its fallback failed, the model's admission is taken again;
+    # refused (the key's last request went meanwhile to another model), the
+    # refusal is the answer, and the wake signal still counts the request.
+    h = build(kit, document(big={"scaleFromZero": True}))
+    h.upstream.handler = answering(kit, smol1=kit.reply(429, b'{"error": {}}'))
+    limiter = h.deps.proxy.limiter
+    admit = limiter.admit
+    asked_for: list[str] = []
+
+    async def refusing_the_second(principal: Any, route: Any, estimate: int) -> Any:
+        asked_for.append(route.served_name)
+        if asked_for.count("big") == 2:
+            raise RateLimited(
+                "The key's requests per minute are used up.", retry_after_s=30
+            )
+        return await admit(principal, route, estimate)
+
+    limiter.admit = refusing_the_second
+    answer = await asyncio.wait_for(ask(h, kit), 2)
+    assert answer.status_code == 429
+    assert asked_for == ["big", "smollm2", "big"]
+    assert demand(h, "big") == 1
 
 
 async def test_a_model_at_zero_with_no_hold_and_no_fallback_left_answers_at_once(
