@@ -453,16 +453,23 @@ class RoutePublisher:
         changed = set(conflicts) ^ set(self.conflicts)
         changed |= {k for k in conflicts if self.conflicts.get(k) != conflicts[k]}
         self.conflicts, self.published, self._known = conflicts, doc, True
-        if wrote is not None:
-            await self._drop_other_form(*wrote)
+        # Told before the other form is dropped: the document is recorded as
+        # published, so a failure there would leave them untold for good.
         if changed and self._on_conflicts is not None:
             await self._on_conflicts(changed)
         if new:
             self._tell_unknown(unknown_names(doc))
+        if wrote is not None:
+            await self._drop_other_form(*wrote)
         return doc
 
     def _tell_unknown(self, found: UnknownNames) -> None:
-        told = {k: v for k, v in found.items() if self._unknown.get(k) != v}
+        """Tells the sets of unknown names in `found` that this publisher has
+        not told (as sets: the same names in another order are no news); a
+        publisher that starts, or resumes after a peer, has told none."""
+        told = {
+            k: v for k, v in found.items() if set(self._unknown.get(k, ())) != set(v)
+        }
         self._unknown = found
         if told and self._on_unknown is not None:
             self._on_unknown(told)

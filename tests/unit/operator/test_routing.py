@@ -233,6 +233,55 @@ async def test_names_of_no_model_are_told_once_per_set(
     assert told[2:] == [{fallbacks: ("later",), split: ("later",)}]
 
 
+async def test_the_same_unknown_names_in_another_order_are_no_news(
+    settings: OperatorSettings,
+) -> None:
+    told: list[dict[tuple[str, str], tuple[str, ...]]] = []
+    kube = FakeKube([model_body("big", routing={"fallbacks": ["soon", "later"]})])
+    publisher = RoutePublisher(kube, settings, on_unknown_names=told.append)
+    await publisher.publish()
+    kube.put(model_body("big", routing={"fallbacks": ["later", "soon"]}))
+    await publisher.publish()
+    assert told == [{("llm/big", "fallbacks"): ("soon", "later")}]
+
+
+class _DropFails(FakeKube):
+    """Its first JSON patch (the removal of the document's other form) fails
+    with what no API error is: an answer that is not JSON."""
+
+    failures = 1
+
+    async def json_patch(self, *args: Any, **kwargs: Any) -> Manifest:
+        if self.failures:
+            self.failures -= 1
+            raise json.JSONDecodeError("Expecting value", "<html>", 0)
+        return await super().json_patch(*args, **kwargs)
+
+
+async def test_unknown_names_are_told_though_the_other_form_stays(
+    settings: OperatorSettings,
+) -> None:
+    # Large enough to go gzipped, so the write is followed by the removal of
+    # the text form the create left; its failure comes after the document is
+    # recorded as published, and a retry finds nothing new.
+    models = [model_body(f"model-{i:05d}-instruct-v2") for i in range(2000)]
+    models.append(model_body("big", routing={"fallbacks": ["typo"]}))
+
+    async def source() -> list[Manifest]:
+        return models
+
+    told: list[dict[tuple[str, str], tuple[str, ...]]] = []
+    kube = _DropFails([])
+    publisher = RoutePublisher(
+        kube, settings, source=source, listing=source, on_unknown_names=told.append
+    )
+    await publisher.ensure()
+    with pytest.raises(json.JSONDecodeError):
+        await publisher.publish()
+    await publisher.publish(force=False)
+    assert told == [{("llm/big", "fallbacks"): ("typo",)}]
+
+
 def test_not_ready_without_the_condition() -> None:
     assert route_for(LLMModel.from_body(model_body())).ready is False
 
