@@ -5,8 +5,8 @@ Every call: the key from the `authorization` metadata, the request id from
 deadline, which also bounds the upstream request (the deadline is the upstream
 timeout). A cancelled call cancels the task, and with it the upstream request.
 The API version and request id go out in the initial and trailing metadata,
-with the `x-ratelimit-*` values (and a fallback's `x-citadel-fallback`) in the
-trailers; errors leave through
+with the `x-ratelimit-*` values (and `x-citadel-fallback`, `x-citadel-split`)
+in the trailers; errors leave through
 `citadel.gateway.rpc.status`. A request message protobuf cannot read reaches
 the servicer as `Unreadable` (see `readable`), refused there as REST refuses a
 body it cannot parse.
