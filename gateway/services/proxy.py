@@ -577,21 +577,29 @@ class ProxyService:
         else:
             return None
         name = target.model
-        chosen = self._catalog.route_named(name)
-        why = None
-        if chosen is None:
-            why = "no model by that name"
-        elif (chosen.namespace, chosen.name) == (route.namespace, route.name):
-            why = "the requested model itself"
-        elif not ctx.principal.may_use(chosen, name):
-            why = "the key may not use it"
-        elif not self._catalog.has_ready(chosen):
+        chosen, why = self._other_model(ctx, route, name)
+        if chosen is not None:
+            if self._catalog.has_ready(chosen):
+                return name, chosen
             why = "no ready replica"
-        else:
-            return name, chosen
         extra = {"request_id": ctx.request_id, "split": name, "why": why}
         log.debug("split target skipped", extra=extra)
         return None
+
+    def _other_model(
+        self, ctx: _Context, route: ModelRoute, name: str
+    ) -> tuple[ModelRoute | None, str]:
+        """The route of the model `name` that `route`'s fallbacks or split
+        list, if the request may go there, else None and why not: no model by
+        that name, the requested model itself, or one the key may not use."""
+        other = self._catalog.route_named(name)
+        if other is None:
+            return None, "no model by that name"
+        if (other.namespace, other.name) == (route.namespace, route.name):
+            return None, "the requested model itself"
+        if not ctx.principal.may_use(other, name):
+            return None, "the key may not use it"
+        return other, ""
 
     async def _admit(
         self, ctx: _Context, route: ModelRoute, estimate: int
@@ -707,23 +715,19 @@ class ProxyService:
         requested model itself, one the key may not use, one whose own limits
         refuse the key (nothing taken then), or one that scales from zero and
         has no ready replica (a fallback is never held for)."""
-        fallback = self._catalog.route_named(name)
-        why = None
-        if fallback is None:
-            why = "no model by that name"
-        elif (fallback.namespace, fallback.name) == (route.namespace, route.name):
-            why = "the requested model itself"
-        elif not ctx.principal.may_use(fallback, name):
-            why = "the key may not use it"
-        elif fallback.scale_from_zero and not self._catalog.has_ready(fallback):
-            why = "starting from zero"
-        else:
-            try:
-                admission = await self._limiter.admit(ctx.principal, fallback, estimate)
-            except GatewayError as err:
-                why = f"its limits refuse the key ({err.code})"
+        fallback, why = self._other_model(ctx, route, name)
+        if fallback is not None:
+            if fallback.scale_from_zero and not self._catalog.has_ready(fallback):
+                why = "starting from zero"
             else:
-                return fallback, admission
+                try:
+                    admission = await self._limiter.admit(
+                        ctx.principal, fallback, estimate
+                    )
+                except GatewayError as err:
+                    why = f"its limits refuse the key ({err.code})"
+                else:
+                    return fallback, admission
         extra = {"request_id": ctx.request_id, "fallback": name, "why": why}
         log.debug("fallback skipped", extra=extra)
         return None
