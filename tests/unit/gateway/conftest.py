@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import httpx
 import orjson
 import pytest
@@ -18,6 +20,9 @@ from citadel.gateway.app import create_app, serving
 from citadel.gateway.deps import Deps
 from citadel.gateway.metrics import GatewayMetrics
 from citadel.gateway.routes import RoutingDocument
+from citadel.gateway.rpc.server import GrpcServer
+from citadel.gateway.rpc.v1 import citadel_pb2 as pb
+from citadel.gateway.rpc.v1 import citadel_pb2_grpc as pb_grpc
 from citadel.gateway.services.auth import (
     Authenticator,
     InMemoryKeyStore,
@@ -255,6 +260,75 @@ def counted(
     return sample("citadel_gateway_requests_total", labels)  # type: ignore[no-any-return]
 
 
+@contextlib.asynccontextmanager
+async def grpc_stub(harness: Harness) -> AsyncIterator[pb_grpc.InferenceStub]:
+    """A stub on a gRPC server running on `harness`'s parts."""
+    server = GrpcServer(harness.deps, "127.0.0.1", 0, harness.deps.max_body_bytes)
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        yield pb_grpc.InferenceStub(channel)
+    finally:
+        await channel.close()
+        await server.stop()
+
+
+async def grpc_chat(
+    stub: pb_grpc.InferenceStub, model: str, key: str = KEY
+) -> tuple[grpc.StatusCode, dict[str, Any]]:
+    """A chat completion for `model` over gRPC: its status code and trailers,
+    answered or refused."""
+    message = pb.ChatMessage(role="user", content="hi")
+    request = pb.ChatCompletionRequest(model=model, messages=[message])
+    call = stub.ChatCompletion(request, metadata=(("authorization", f"Bearer {key}"),))
+    try:
+        await call
+    except grpc.aio.AioRpcError as err:
+        return err.code(), dict(err.trailing_metadata() or ())
+    return grpc.StatusCode.OK, dict(await call.trailing_metadata() or ())
+
+
+async def graphql_chat(harness: Harness, model: str) -> httpx.Response:
+    """A `chatCompletion` mutation for `model` asking for the answer's model."""
+    mutation = """mutation C($input: ChatCompletionInput!) {
+      chatCompletion(input: $input) { model } }"""
+    said = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+    async with harness.client() as client:
+        return await client.post(
+            "/graphql", json={"query": mutation, "variables": {"input": said}}
+        )
+
+
+async def stream_chat(harness: Harness, model: str) -> tuple[httpx.Response, bytes]:
+    """A streamed chat completion for `model` (its replica's answer is what
+    `harness.upstream` gives: `sse_reply` makes one): the response and the
+    bytes relayed."""
+    async with (
+        harness.client() as client,
+        client.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={
+                "model": model,
+                "messages": [{"role": "user", "content": "hello"}],
+                "stream": True,
+            },
+        ) as answer,
+    ):
+        relayed = b"".join([chunk async for chunk in answer.aiter_bytes()])
+    return answer, relayed
+
+
+def sse_reply(*chunks: Any) -> FakeReply:
+    """A replica's streamed answer: each of `chunks` as an SSE event, then
+    `[DONE]`."""
+    parts: list[bytes | Exception] = [
+        b"data: " + orjson.dumps(chunk) + b"\n\n" for chunk in chunks
+    ]
+    parts.append(b"data: [DONE]\n\n")
+    return FakeReply(parts=parts, content_type="text/event-stream")
+
+
 @dataclass(frozen=True)
 class Kit:
     """What tests build harnesses and replies with (conftest is not importable)."""
@@ -267,6 +341,15 @@ class Kit:
     asgi_client: Callable[..., httpx.AsyncClient] = asgi_client
     staying: Callable[[bytes], Callable[[], Awaitable[dict[str, Any]]]] = staying
     counted: Callable[..., float | None] = counted
+    grpc_stub: Callable[
+        [Harness], contextlib.AbstractAsyncContextManager[pb_grpc.InferenceStub]
+    ] = grpc_stub
+    grpc_chat: Callable[..., Awaitable[tuple[grpc.StatusCode, dict[str, Any]]]] = (
+        grpc_chat
+    )
+    graphql_chat: Callable[[Harness, str], Awaitable[httpx.Response]] = graphql_chat
+    stream_chat: Callable[..., Awaitable[tuple[httpx.Response, bytes]]] = stream_chat
+    sse_reply: Callable[..., FakeReply] = sse_reply
     key: str = KEY
     admin_key: str = ADMIN_KEY
     chat: Mapping[str, Any] = field(

@@ -13,9 +13,6 @@ import pytest
 
 from citadel.gateway.errors import RateLimited
 from citadel.gateway.routes import RoutingDocument
-from citadel.gateway.rpc.server import GrpcServer
-from citadel.gateway.rpc.v1 import citadel_pb2 as pb
-from citadel.gateway.rpc.v1 import citadel_pb2_grpc as pb_grpc
 from citadel.gateway.services.auth import KeyRecord, hash_key
 from citadel.gateway.services.limits import Standing
 from citadel.gateway.services.proxy import FALLBACK_HEADER, WAKE_SIGNAL_S
@@ -382,29 +379,13 @@ async def test_a_fallbacks_own_failure_is_the_answer(kit: Any) -> None:
 
 async def test_a_stream_is_answered_by_the_fallback(kit: Any) -> None:
     h = build(kit)
-    parts = [
-        b"data: " + orjson.dumps(CHUNK) + b"\n\n",
-        b"data: " + orjson.dumps(USAGE) + b"\n\n",
-        b"data: [DONE]\n\n",
-    ]
-    h.upstream.handler = answering(
-        kit, smol1=kit.reply(parts=parts, content_type="text/event-stream")
-    )
-    async with (
-        h.client() as client,
-        client.stream(
-            "POST",
-            "/v1/chat/completions",
-            json={**kit.chat, "model": "big", "stream": True},
-        ) as answer,
-    ):
-        assert answer.status_code == 200
-        assert answer.headers[FALLBACK_HEADER] == "chat"
-        relayed = b"".join([chunk async for chunk in answer.aiter_bytes()])
+    h.upstream.handler = answering(kit, smol1=kit.sse_reply(CHUNK, USAGE))
+    answer, relayed = await kit.stream_chat(h, "big")
+    assert answer.status_code == 200
+    assert answer.headers[FALLBACK_HEADER] == "chat"
     assert b'"hi"' in relayed
     assert asked(h) == [("smol1", "smollm2")]
     assert kit.counted(h, "200", model="smollm2") == 1
-    assert fallbacks(h, "chat", "no_replica") == 1
 
 
 async def test_an_adapter_listed_as_a_fallback_is_sent_by_its_name(kit: Any) -> None:
@@ -623,35 +604,20 @@ async def test_every_door_goes_through_it(kit: Any) -> None:
 
 async def test_grpc_passes_the_fallback_on_in_its_trailers(kit: Any) -> None:
     h = build(kit)
-    server = GrpcServer(h.deps, "127.0.0.1", 0, h.deps.max_body_bytes)
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = pb_grpc.InferenceStub(channel)
-            message = pb.ChatMessage(role="user", content="hi")
-            request = pb.ChatCompletionRequest(model="big", messages=[message])
-            key = (("authorization", f"Bearer {kit.key}"),)
-            call = stub.ChatCompletion(request, metadata=key)
-            await call
-            assert dict(await call.trailing_metadata())[FALLBACK_HEADER] == "chat"
-            # A fallback's own failure says whose it is, as on REST.
-            h.upstream.handler = answering(kit, smol1=kit.reply(500, b"boom"))
-            with pytest.raises(grpc.aio.AioRpcError) as failed:
-                await stub.ChatCompletion(request, metadata=key)
-            assert dict(failed.value.trailing_metadata())[FALLBACK_HEADER] == "chat"
-    finally:
-        await server.stop()
+    async with kit.grpc_stub(h) as stub:
+        code, trailers = await kit.grpc_chat(stub, "big")
+        assert (code, trailers[FALLBACK_HEADER]) == (grpc.StatusCode.OK, "chat")
+        # A fallback's own failure says whose it is, as on REST.
+        h.upstream.handler = answering(kit, smol1=kit.reply(500, b"boom"))
+        code, trailers = await kit.grpc_chat(stub, "big")
+        assert (code, trailers[FALLBACK_HEADER]) == (
+            grpc.StatusCode.UNAVAILABLE,
+            "chat",
+        )
 
 
 async def test_graphql_passes_the_fallback_on_in_its_response(kit: Any) -> None:
-    h = build(kit)
-    chat = """mutation C($input: ChatCompletionInput!) {
-      chatCompletion(input: $input) { model } }"""
-    said = {"model": "big", "messages": [{"role": "user", "content": "hi"}]}
-    async with h.client() as client:
-        answer = await client.post(
-            "/graphql", json={"query": chat, "variables": {"input": said}}
-        )
+    answer = await kit.graphql_chat(build(kit), "big")
     assert answer.json()["data"]["chatCompletion"]["model"] == "smollm2"
     assert answer.headers[FALLBACK_HEADER] == "chat"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,23 +26,10 @@ from citadel.gateway.upstream import UpstreamBroken, UpstreamFailure
 pytestmark = pytest.mark.unit
 
 
-@contextlib.asynccontextmanager
-async def _serving(harness: Any) -> AsyncIterator[pb_grpc.InferenceStub]:
-    """A stub on a gRPC server running on `harness`'s parts."""
-    server = GrpcServer(harness.deps, "127.0.0.1", 0, harness.deps.max_body_bytes)
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-    try:
-        yield pb_grpc.InferenceStub(channel)
-    finally:
-        await channel.close()
-        await server.stop()
-
-
 @pytest.fixture
 async def door(kit: Any) -> AsyncIterator[tuple[Any, pb_grpc.InferenceStub]]:
     harness = kit.build()  # max_body_bytes 4096
-    async with _serving(harness) as stub:
+    async with kit.grpc_stub(harness) as stub:
         yield harness, stub
 
 
@@ -354,7 +340,7 @@ async def test_a_replicas_own_refusal_carries_the_limit_values_as_on_rest(
     request = _chat()
     request.sampling.max_tokens = 500
     key = (("authorization", f"Bearer {kit.key}"),)
-    async with _serving(harness) as stub:
+    async with kit.grpc_stub(harness) as stub:
         error = await _refused(stub.ChatCompletion(request, metadata=key))
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     limits = {k: v for k, v in rest.headers.items() if k.startswith("x-ratelimit-")}
@@ -440,7 +426,7 @@ async def test_a_replicas_own_429_is_resource_exhausted_with_its_retry_after(
     async with harness.client() as client:
         rest = await client.post("/v1/chat/completions", json=kit.chat)
     key = (("authorization", f"Bearer {kit.key}"),)
-    async with _serving(harness) as stub:
+    async with kit.grpc_stub(harness) as stub:
         error = await _refused(stub.ChatCompletion(_chat(), metadata=key))
     assert (rest.status_code, rest.headers["retry-after"]) == (429, "7")
     assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED

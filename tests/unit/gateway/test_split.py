@@ -11,9 +11,6 @@ import orjson
 import pytest
 
 from citadel.gateway.routes import RoutingDocument, SplitTarget
-from citadel.gateway.rpc.server import GrpcServer
-from citadel.gateway.rpc.v1 import citadel_pb2 as pb
-from citadel.gateway.rpc.v1 import citadel_pb2_grpc as pb_grpc
 from citadel.gateway.services.auth import KeyRecord, hash_key
 from citadel.gateway.services.proxy import FALLBACK_HEADER, SPLIT_HEADER
 from citadel.gateway.services.replicas import Endpoint
@@ -483,29 +480,13 @@ async def test_a_target_at_zero_after_its_split_is_held_for_as_itself(
 
 async def test_a_stream_is_answered_by_the_target(kit: Any) -> None:
     h = build(kit)
-    parts = [
-        b"data: " + orjson.dumps(CHUNK) + b"\n\n",
-        b"data: " + orjson.dumps(USAGE) + b"\n\n",
-        b"data: [DONE]\n\n",
-    ]
-    h.upstream.handler = answering(
-        kit, smol1=kit.reply(parts=parts, content_type="text/event-stream")
-    )
-    async with (
-        h.client() as client,
-        client.stream(
-            "POST",
-            "/v1/chat/completions",
-            json={**kit.chat, "model": "big", "stream": True},
-        ) as answer,
-    ):
-        assert answer.status_code == 200
-        assert answer.headers[SPLIT_HEADER] == "chat"
-        relayed = b"".join([chunk async for chunk in answer.aiter_bytes()])
+    h.upstream.handler = answering(kit, smol1=kit.sse_reply(CHUNK, USAGE))
+    answer, relayed = await kit.stream_chat(h, "big")
+    assert answer.status_code == 200
+    assert answer.headers[SPLIT_HEADER] == "chat"
     assert b'"hi"' in relayed
     assert asked(h) == [("smol1", "smollm2")]
     assert kit.counted(h, "200", model="smollm2") == 1
-    assert splits(h, "chat") == 1
 
 
 @pytest.mark.parametrize(
@@ -549,34 +530,16 @@ async def test_every_door_goes_through_it(kit: Any) -> None:
 
 async def test_grpc_passes_the_split_on_in_its_trailers(kit: Any) -> None:
     h = build(kit)
-    server = GrpcServer(h.deps, "127.0.0.1", 0, h.deps.max_body_bytes)
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = pb_grpc.InferenceStub(channel)
-            message = pb.ChatMessage(role="user", content="hi")
-            request = pb.ChatCompletionRequest(model="big", messages=[message])
-            key = (("authorization", f"Bearer {kit.key}"),)
-            call = stub.ChatCompletion(request, metadata=key)
-            await call
-            assert dict(await call.trailing_metadata())[SPLIT_HEADER] == "chat"
-            # The target's own failure says whose it is, as on REST.
-            h.upstream.handler = answering(kit, smol1=kit.reply(500, b"boom"))
-            with pytest.raises(grpc.aio.AioRpcError) as failed:
-                await stub.ChatCompletion(request, metadata=key)
-            assert dict(failed.value.trailing_metadata())[SPLIT_HEADER] == "chat"
-    finally:
-        await server.stop()
+    async with kit.grpc_stub(h) as stub:
+        code, trailers = await kit.grpc_chat(stub, "big")
+        assert (code, trailers[SPLIT_HEADER]) == (grpc.StatusCode.OK, "chat")
+        # The target's own failure says whose it is, as on REST.
+        h.upstream.handler = answering(kit, smol1=kit.reply(500, b"boom"))
+        code, trailers = await kit.grpc_chat(stub, "big")
+        assert (code, trailers[SPLIT_HEADER]) == (grpc.StatusCode.UNAVAILABLE, "chat")
 
 
 async def test_graphql_passes_the_split_on_in_its_response(kit: Any) -> None:
-    h = build(kit)
-    chat = """mutation C($input: ChatCompletionInput!) {
-      chatCompletion(input: $input) { model } }"""
-    said = {"model": "big", "messages": [{"role": "user", "content": "hi"}]}
-    async with h.client() as client:
-        answer = await client.post(
-            "/graphql", json={"query": chat, "variables": {"input": said}}
-        )
+    answer = await kit.graphql_chat(build(kit), "big")
     assert answer.json()["data"]["chatCompletion"]["model"] == "smollm2"
     assert answer.headers[SPLIT_HEADER] == "chat"
