@@ -156,6 +156,18 @@ def _session_point(model: str, session: str) -> float:
     return (digest >> 11) / _HASH_SPAN
 
 
+def _sent_elsewhere(ctx: _Context) -> dict[str, str]:
+    """The headers that name where the request went instead of the model asked
+    for: its split's target (`SPLIT_HEADER`), the fallback that answered or
+    failed it (`FALLBACK_HEADER`); none for a request that stayed."""
+    named = {}
+    if ctx.split is not None:
+        named[SPLIT_HEADER] = ctx.split
+    if ctx.fallback is not None:
+        named[FALLBACK_HEADER] = ctx.fallback
+    return named
+
+
 def _identity(ctx: _Context) -> ModelIdentity:
     """The model a request that holds a replica is counted under (its route
     is set before any replica is chosen)."""
@@ -452,10 +464,10 @@ class ProxyService:
         try:
             return await self._handle(ctx, raw, read)
         except GatewayError as err:
-            if ctx.split is not None:
-                # Raised by the model the split sent it to (its limits, its
-                # failure): its client learns whose it is, as from an answer.
-                err.headers[SPLIT_HEADER] = ctx.split
+            # Raised by a model the request went to instead of the one asked
+            # for (its limits, its failure): its client learns whose it is,
+            # as from an answer.
+            err.headers.update(_sent_elsewhere(ctx))
             await self._fail(ctx, err)
             raise
         except asyncio.CancelledError:
@@ -470,8 +482,7 @@ class ProxyService:
             log.error("unexpected error", exc_info=err, extra=self._log_fields(ctx))
             self._let_go(ctx)
             failure = InternalError("The gateway failed unexpectedly.")
-            if ctx.split is not None:
-                failure.headers[SPLIT_HEADER] = ctx.split
+            failure.headers.update(_sent_elsewhere(ctx))
             await self._account(ctx, None, failure.status, failure.code)
             raise failure from err
 
@@ -519,11 +530,11 @@ class ProxyService:
             response, data = await self._send_as(ctx, route, upstream_model, outbound)
         admission = ctx.admission
         assert admission is not None  # the answering model's, taken above
-        reply_headers = {**admission.headers, "x-request-id": ctx.request_id}
-        if ctx.fallback is not None:
-            reply_headers[FALLBACK_HEADER] = ctx.fallback
-        if ctx.split is not None:
-            reply_headers[SPLIT_HEADER] = ctx.split
+        reply_headers = {
+            **admission.headers,
+            "x-request-id": ctx.request_id,
+            **_sent_elsewhere(ctx),
+        }
         if isinstance(data, _Begun):
             return ProxyResponse(
                 200,
@@ -533,14 +544,7 @@ class ProxyService:
                 error_event=data.error_event,
                 unusable=ctx.found_unusable,
             )
-        try:
-            return await self._whole(ctx, response, data, reply_headers, read)
-        except GatewayError as err:
-            if ctx.fallback is not None:
-                # A fallback's replica failed its answer (a 5xx, a body that
-                # cannot be read): its client learns whose failure it is.
-                err.headers[FALLBACK_HEADER] = ctx.fallback
-            raise
+        return await self._whole(ctx, response, data, reply_headers, read)
 
     def _split(
         self, ctx: _Context, route: ModelRoute, requested: str
@@ -676,16 +680,13 @@ class ProxyService:
             # the model before judged what it gave back, and is done with.
             ctx.reached = False
             self._metrics.fallbacks.labels(model, name, reason).inc()
+            # Any other failure of the fallback is the answer (`handle` names
+            # the fallback on it, as on an answer).
             try:
                 return await self._send_as(ctx, ctx.route, ctx.model, outbound)
             except (NoReplica, RateLimited) as err:
                 reason = _fallback_reason(err)
                 await self._give_back(ctx)
-            except GatewayError as err:
-                # The fallback's own failure is the answer: its client can
-                # tell whose it is, as from an answer.
-                err.headers[FALLBACK_HEADER] = name
-                raise
         # None could answer: the request is the requested model's again.
         ctx.route, ctx.model, ctx.replica = route, model, replica
         ctx.fallback = ctx.fallback_from = None
