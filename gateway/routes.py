@@ -23,7 +23,7 @@ import binascii
 import enum
 import gzip
 import zlib
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Self
 from urllib.parse import urlsplit
@@ -64,6 +64,11 @@ SPLIT_WEIGHT_TOTAL = 100
 """A split's weights are percents of the model's requests: together at most
 this (all of them sent elsewhere)."""
 ENDPOINT_PATTERN = r"^https?://[^/\s]+$"
+FALLBACKS_FIELD = "fallbacks"
+SPLIT_FIELD = "split"
+UnknownNames = dict[tuple[str, str], tuple[str, ...]]
+"""(`namespace/name` of a route, `FALLBACKS_FIELD` or `SPLIT_FIELD`) -> the
+names that field lists that no route of the document has (`unknown_names`)."""
 
 
 def _usable_endpoint(url: str) -> str:
@@ -522,3 +527,32 @@ def invalid_fields(err: ValidationError, whole: str = "document") -> str:
         f"{'.'.join(str(part) for part in e['loc']) or whole}: {e['msg']}"
         for e in err.errors(include_input=False, include_url=False)
     )
+
+
+def unknown_names(
+    document: RoutingDocument, named: Container[str] | None = None
+) -> UnknownNames:
+    """Each route's fallbacks and split targets that name no route of
+    `document` (`named`: its routes' names, when the caller has them), as
+    listed.
+
+    Neither is a problem of the document: either may name a model made later,
+    and the gateway skips it meanwhile. So both sides tell of them, that a typo
+    shows: the gateway in its log, the operator in an Event on the model.
+    """
+    listing = [route for route in document.models if route.fallbacks or route.split]
+    if not listing:
+        return {}
+    if named is None:
+        named = {name for route in document.models for name in route.all_names}
+    found: UnknownNames = {}
+    for route in listing:
+        key = f"{route.namespace}/{route.name}"
+        for field, listed in (
+            (FALLBACKS_FIELD, route.fallbacks),
+            (SPLIT_FIELD, tuple(target.model for target in route.split)),
+        ):
+            unknown = tuple(name for name in listed if name not in named)
+            if unknown:
+                found[key, field] = unknown
+    return found

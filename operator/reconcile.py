@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
+from citadel.gateway.routes import FALLBACKS_FIELD, UnknownNames
 from citadel.operator import names
 from citadel.operator.builders.common import BuildError, label_selector
 from citadel.operator.builders.deployment import build_deployment
@@ -43,11 +44,7 @@ from citadel.operator.kube.resources import (
 from citadel.operator.metrics import Metrics
 from citadel.operator.model import LLMModel
 from citadel.operator.observe import Blocker, derive_status, lapse_due_in
-from citadel.operator.routing import (
-    FALLBACKS_FIELD,
-    RoutePublisher,
-    UnknownNames,
-)
+from citadel.operator.routing import RoutePublisher
 from citadel.operator.settings import OperatorSettings
 from citadel.operator.status import (
     RECONCILE_FAILED,

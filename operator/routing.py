@@ -30,7 +30,9 @@ from citadel.gateway.routes import (
     RouteLimits,
     RoutingDocument,
     SplitTarget,
+    UnknownNames,
     configmap_content,
+    unknown_names,
 )
 from citadel.operator import names
 from citadel.operator.kube.client import ApiError, Kube, Manifest
@@ -162,34 +164,6 @@ def assemble(entries: Sequence[Entry]) -> tuple[RoutingDocument, Conflicts]:
     return RoutingDocument(models=tuple(routes)), conflicts
 
 
-def unknown_names(doc: RoutingDocument) -> UnknownNames:
-    """Each routed model's fallbacks and split targets that name models the
-    document does not route, by model and field, as listed.
-
-    The gateway skips such a name (it may name a model made later), so a typo
-    would show nowhere but in the gateway's log: the operator tells the
-    model's owner (`RoutePublisher`'s `on_unknown_names`). A model left out of
-    the document (a name clash, a Service taken) is unknown as well: the
-    gateway cannot send it anything.
-    """
-    listing = [route for route in doc.models if route.fallbacks or route.split]
-    if not listing:
-        return {}
-    served = {name for route in doc.models for name in route.all_names}
-    found: UnknownNames = {}
-    for route in listing:
-        key = f"{route.namespace}/{route.name}"
-        named = {
-            FALLBACKS_FIELD: route.fallbacks,
-            SPLIT_FIELD: tuple(target.model for target in route.split),
-        }
-        for field, listed in named.items():
-            unknown = tuple(name for name in listed if name not in served)
-            if unknown:
-                found[key, field] = unknown
-    return found
-
-
 def configmap(settings: OperatorSettings, doc: RoutingDocument) -> Manifest:
     """The ConfigMap holding `doc`: as text, or gzipped when large (the
     gateway's `configmap_content`)."""
@@ -252,11 +226,6 @@ def backoff(delay: float, err: Exception) -> float:
 
 
 ConflictsChanged = Callable[[set[str]], Awaitable[None]]
-FALLBACKS_FIELD = "fallbacks"
-SPLIT_FIELD = "split"
-UnknownNames = dict[tuple[str, str], tuple[str, ...]]
-"""(`namespace/name`, a field of spec.routing: `fallbacks` or `split`) -> the
-names in it that name no routed model."""
 ModelSource = Callable[[], Awaitable[list[Manifest]]]
 
 CATCH_UP_MIN_POLL_S = 0.05
@@ -285,7 +254,9 @@ class RoutePublisher:
         the API server), which a resumed publisher waits for `source` to catch
         up with. `on_unknown_names` hears, after a publish, of each model whose
         fallbacks or split targets that name no routed model changed to a set
-        of some (`unknown_names`): once per set, again only after it changed."""
+        of some (`unknown_names`; a model left out of the document for a name
+        clash or a Service taken is unknown too: the gateway cannot send it
+        anything): once per set, again only after it changed."""
         self._kube = kube
         self._settings = settings
         self._on_conflicts = on_conflicts

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 
 from citadel.gateway.errors import ModelNotFound, NotReady
 from citadel.gateway.routes import (
+    FALLBACKS_FIELD,
     DocumentReading,
     ModelRoute,
     RoutesError,
     RoutingDocument,
+    unknown_names,
 )
 from citadel.gateway.services.replicas import Endpoint, Replica
 
@@ -49,9 +51,10 @@ class RoutingTable:
     by_name: Mapping[str, ModelRoute]
     """Each route by each name that routes to it (`ModelRoute.all_names`: an
     adapter's too)."""
-    unknown_fallbacks: frozenset[tuple[str, str, str]] = frozenset()
-    """`unknown_fallbacks` of `document`: found here, off the event loop, as
-    it walks every route."""
+    unknown: frozenset[tuple[str, str, str]] = frozenset()
+    """(`namespace/name`, field, name) of each fallback or split target of
+    `document` that names no route of it (`unknown_names`): found here, off
+    the event loop, as it walks every route."""
 
 
 def routing_table(
@@ -75,20 +78,11 @@ def routing_table(
         kept.document,
         kept.problems,
         by_name,
-        unknown_fallbacks(kept.document, by_name),
-    )
-
-
-def unknown_fallbacks(
-    document: RoutingDocument, by_name: Mapping[str, ModelRoute]
-) -> frozenset[tuple[str, str, str]]:
-    """(namespace, model, fallback) for each fallback of `document` that no
-    route of it has as a name (`by_name`: the routes by each of their names)."""
-    return frozenset(
-        (route.namespace, route.name, fallback)
-        for route in document.models
-        for fallback in route.fallbacks
-        if fallback not in by_name
+        frozenset(
+            (key, field, name)
+            for (key, field), names in unknown_names(kept.document, by_name).items()
+            for name in names
+        ),
     )
 
 
@@ -139,9 +133,8 @@ class Catalog:
         self._on_reload = on_reload
         self._clock = clock
         self._document_listeners: list[Callable[[RoutingDocument], None]] = []
-        self._unknown_fallbacks: frozenset[tuple[str, str, str]] = frozenset()
-        """(namespace, model, fallback) of the document in force whose
-        fallback names no model (`unknown_fallbacks`), each logged once."""
+        self._unknown: frozenset[tuple[str, str, str]] = frozenset()
+        """`RoutingTable.unknown` of the document in force, each logged once."""
         self._change_listeners: list[Callable[[], None]] = []
 
     @property
@@ -196,19 +189,20 @@ class Catalog:
             listener(doc)
         for problem in problems:
             log.warning("routing document: %s", problem)
-        unknown = table.unknown_fallbacks
-        for namespace, name, fallback in sorted(unknown - self._unknown_fallbacks):
+        for key, field, name in sorted(table.unknown - self._unknown):
             # Not a problem of the document (which a reload's result and its
-            # alert would report): a fallback may name a model made later. Told
-            # once, when it starts naming none, so that a typo shows.
+            # alert would report): it may name a model made later. Told once,
+            # when it starts naming none, so that a typo shows.
             log.warning(
-                "routing document: model %s/%s: its fallback %r names no model; "
-                "skipped until one does",
-                namespace,
+                "routing document: model %s: its %s %r names no model; %s",
+                key,
+                "fallback" if field == FALLBACKS_FIELD else "split target",
                 name,
-                fallback,
+                "skipped until one does"
+                if field == FALLBACKS_FIELD
+                else "its share stays with the model until one does",
             )
-        self._unknown_fallbacks = unknown
+        self._unknown = table.unknown
         log.info(
             "routing document loaded",
             extra={"models": len(doc.models), "problems": len(problems)},

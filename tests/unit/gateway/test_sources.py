@@ -178,6 +178,19 @@ async def test_a_fallback_that_names_no_model_is_told_once_and_not_a_problem(
     assert routes.results == ["ok", "ok", "ok", "ok"]
 
 
+async def test_a_split_target_that_names_no_model_is_told_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    routes = RoutesFile(tmp_path)
+    await routes.load({**FIRST, "split": [{"model": "later", "weight": 10}]})
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said == [
+        "routing document: model llm/m: its split target 'later' names no model; "
+        "its share stays with the model until one does"
+    ]
+    assert routes.results == ["ok"]
+
+
 def test_the_last_reload_gauge_holds_until_a_document_is_used_in_full() -> None:
     metrics = GatewayMetrics()
     sample = metrics.registry.get_sample_value

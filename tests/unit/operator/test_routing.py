@@ -16,6 +16,7 @@ from citadel.gateway.routes import (
     RoutingStrategy,
     configmap_document,
     parse_document,
+    unknown_names,
 )
 from citadel.operator.kube.client import ApiError, Manifest
 from citadel.operator.kube.fake import FakeKube
@@ -28,7 +29,6 @@ from citadel.operator.routing import (
     build_document,
     configmap,
     route_for,
-    unknown_names,
 )
 from citadel.operator.settings import OperatorSettings
 from citadel.operator.status import name_taken
