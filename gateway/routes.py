@@ -138,6 +138,24 @@ class RoutePricing(_Model):
     completion_per_million: float = Field(0.0, ge=0, alias="completionPerMillion")
 
 
+def _elsewhere(names: tuple[str, ...], info: ValidationInfo, what: str) -> None:
+    """Refuses a name among `names` (a route's fallbacks or split targets,
+    each a `what`) that is one of the route's own (`info.data`: its fields
+    before, those that were valid), or that is listed twice."""
+    own = {
+        info.data.get("served_name"),
+        *info.data.get("aliases", ()),
+        *info.data.get("adapters", ()),
+    }
+    seen: set[str] = set()
+    for name in names:
+        if name in own:
+            raise ValueError(f"{what} {name!r} is a name of the model itself")
+        if name in seen:
+            raise ValueError(f"{what} {name!r} is listed twice")
+        seen.add(name)
+
+
 class SplitTarget(_Model):
     """Another model that takes a share of a model's requests
     (`spec.routing.split`)."""
@@ -211,18 +229,7 @@ class ModelRoute(_Model):
     ) -> tuple[str, ...]:
         # A fallback is another model: one of this model's own names would
         # send the request back to the replicas that just failed it.
-        own = {
-            info.data.get("served_name"),
-            *info.data.get("aliases", ()),
-            *info.data.get("adapters", ()),
-        }
-        seen: set[str] = set()
-        for name in fallbacks:
-            if name in own:
-                raise ValueError(f"fallback {name!r} is a name of the model itself")
-            if name in seen:
-                raise ValueError(f"fallback {name!r} is listed twice")
-            seen.add(name)
+        _elsewhere(fallbacks, info, "fallback")
         return fallbacks
 
     @field_validator("split")
@@ -231,20 +238,7 @@ class ModelRoute(_Model):
         cls, split: tuple[SplitTarget, ...], info: ValidationInfo
     ) -> tuple[SplitTarget, ...]:
         # A share sent to one of the model's own names would be no split.
-        own = {
-            info.data.get("served_name"),
-            *info.data.get("aliases", ()),
-            *info.data.get("adapters", ()),
-        }
-        seen: set[str] = set()
-        for target in split:
-            if target.model in own:
-                raise ValueError(
-                    f"split target {target.model!r} is a name of the model itself"
-                )
-            if target.model in seen:
-                raise ValueError(f"split target {target.model!r} is listed twice")
-            seen.add(target.model)
+        _elsewhere(tuple(target.model for target in split), info, "split target")
         total = sum(target.weight for target in split)
         if total > SPLIT_WEIGHT_TOTAL:
             raise ValueError(
