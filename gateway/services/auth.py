@@ -38,6 +38,16 @@ class Role(enum.StrEnum):
     USER = "user"
 
 
+class Priority(enum.StrEnum):
+    """How a key's requests fare when their model is saturated: `sheddable`
+    ones are refused (503 `model_overloaded`) while every replica of the
+    model is full, so that `standard` ones keep their room (batch jobs, evals
+    and other traffic that can wait, beside interactive users)."""
+
+    STANDARD = "standard"
+    SHEDDABLE = "sheddable"
+
+
 class KeyRecord(BaseModel):
     """Everything stored about one key (never the key itself)."""
 
@@ -55,6 +65,10 @@ class KeyRecord(BaseModel):
     monthly_tokens: Annotated[int, Field(ge=1)] | None = Field(
         None, alias="monthlyTokens"
     )
+    priority: Priority = Priority.STANDARD
+    """The highest priority of its requests (a request may ask for a lower
+    one, `x-citadel-priority`). A gateway from before priorities ignores the
+    field: its keys are all standard there."""
     created: datetime | None = None
     """When the key was made; None when its record does not say (the chart's
     admin key record, one written by hand). Never filled in on reading: a
