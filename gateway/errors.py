@@ -193,6 +193,15 @@ class NoReplica(_RetryLater):
     code = "model_not_ready"
 
 
+class ModelOverloaded(_RetryLater):
+    """503: a sheddable request for a model whose every replica is full (see
+    `services.shedding`)."""
+
+    status = 503
+    type = "server_error"
+    code = "model_overloaded"
+
+
 class NotReady(_RetryLater):
     """503: the gateway has no routing configuration yet."""
 

@@ -280,6 +280,15 @@ class GatewayMetrics:
             [LABEL_MODEL, LABEL_TARGET],
             registry=r,
         )
+        self.shed = Counter(
+            PREFIX + "shed",
+            "Sheddable requests refused (503 model_overloaded) because every "
+            "replica of their model was full, by model (the one they would have "
+            "been served by, after a split) and key name; counted in requests "
+            "too, with status 503.",
+            [LABEL_MODEL, LABEL_KEY],
+            registry=r,
+        )
         self.ejections = Counter(
             PREFIX + "replica_ejections",
             "Times a replica was taken out of rotation after failures.",

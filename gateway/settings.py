@@ -144,7 +144,15 @@ class GatewaySettings(BaseSettings):
     eject_max_s: float = Field(60.0, gt=0)
     """Longest ejection."""
     metrics_scrape_period_s: float = Field(2.0, gt=0)
-    """How often each replica's vLLM `/metrics` is read (for `kv-aware`)."""
+    """How often each replica's vLLM `/metrics` is read (for `kv-aware`, and
+    for load shedding)."""
+    shed_queue_depth: int = Field(5, ge=1)
+    """Requests waiting at a replica (`vllm:num_requests_waiting`) that make
+    it full: while every replica of a model is, its sheddable requests get
+    503 `model_overloaded`."""
+    shed_kv_cache_usage: float = Field(0.8, gt=0, le=1)
+    """The fraction of a replica's KV cache in use (`vllm:kv_cache_usage_perc`)
+    that makes it full, as `shed_queue_depth` does."""
     file_poll_period_s: float = Field(1.0, gt=0)
     """How often the routes file and the keys file are checked for changes."""
     session_header: str = "x-session-id"

@@ -43,6 +43,7 @@ from citadel.gateway.services.requests import (
     ApiCall,
     Door,
 )
+from citadel.gateway.services.shedding import PRIORITY_HEADER
 from citadel.gateway.services.sse import error_event
 from citadel.gateway.services.streams import Closing
 from citadel.gateway.services.structured import usable_models
@@ -102,7 +103,10 @@ async def _serve(call: ApiCall, request: Request, send: Send, extra: Headers) ->
     watch = ClientWatch(request.receive, task)
     result: ProxyResponse | None = None
     try:
-        result = await deps.proxy.handle(call, principal, raw, rid, session)
+        priority = request.headers.get(PRIORITY_HEADER)
+        result = await deps.proxy.handle(
+            call, principal, raw, rid, session, priority=priority
+        )
         await send_result(result, send, watch, extra)
     except asyncio.CancelledError:
         if not watch.gone and not deps.proxy.cut:

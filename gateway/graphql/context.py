@@ -31,6 +31,7 @@ from citadel.gateway.errors import GatewayError, TooManySockets
 from citadel.gateway.graphql.errors import graphql_error
 from citadel.gateway.services.auth import Principal
 from citadel.gateway.services.requests import CHAT, Door
+from citadel.gateway.services.shedding import PRIORITY_HEADER
 
 
 class GraphQLContext(BaseContext):
@@ -43,6 +44,7 @@ class GraphQLContext(BaseContext):
         principal: the caller, checked before the operation (HTTP); None over
             WebSocket, where the key is checked as each operation starts.
         session: the session header, for session-affinity routing.
+        priority: the priority header (`x-citadel-priority`), if sent.
         refused: why the HTTP request is refused before any operation (no key
             or a bad one, a body over the limit), counted already; the router
             answers it. None over WebSocket, and for a request let through.
@@ -55,11 +57,13 @@ class GraphQLContext(BaseContext):
         principal: Principal | None,
         session: str | None = None,
         refused: GatewayError | None = None,
+        priority: str | None = None,
     ):
         super().__init__()
         self.deps = deps
         self.request_id = request_id
         self.session = session
+        self.priority = priority
         self.refused = refused
         self._principal = principal
         self._calls = 0
@@ -195,6 +199,7 @@ async def context_of(
     if response is not None:
         response.headers[REQUEST_ID] = rid
     session = connection.headers.get(deps.session_header)
+    priority = connection.headers.get(PRIORITY_HEADER)
     if isinstance(connection, Request):
         principal: Principal | None = None
         try:
@@ -207,13 +212,15 @@ async def context_of(
             # chats are what keys are for), or a flood of bad keys would not
             # show in the request metrics.
             deps.proxy.refused(CHAT, rid, err, Door.GRAPHQL, principal)
-            return GraphQLContext(deps, rid, principal, session, refused=err)
+            return GraphQLContext(
+                deps, rid, principal, session, refused=err, priority=priority
+            )
         except ClientDisconnect as err:  # gone during the upload
             deps.proxy.left(CHAT, rid, Door.GRAPHQL, principal)
             # Answered to nobody; unlike any other exception, logged as nothing.
             raise HTTPException(499, "The client left during the upload.") from err
-        return GraphQLContext(deps, rid, principal, session)
-    return GraphQLContext(deps, rid, None, session)
+        return GraphQLContext(deps, rid, principal, session, priority=priority)
+    return GraphQLContext(deps, rid, None, session, priority=priority)
 
 
 async def _read_body(request: Request, limit: int) -> None:

@@ -121,6 +121,7 @@ def _ask(
         Door.GRAPHQL,
         ctx.session,
         fit,
+        ctx.priority,
     )
 
 

@@ -45,6 +45,7 @@ from citadel.gateway.services.requests import (
     Door,
     request_id,
 )
+from citadel.gateway.services.shedding import PRIORITY_HEADER
 from citadel.gateway.services.structured import (
     Answer,
     ask,
@@ -109,6 +110,8 @@ class _Call:
     metadata: dict[str, str]
     session: str | None
     trailers: dict[str, str] = field(default_factory=dict)
+    priority: str | None = None
+    """The priority metadata (`x-citadel-priority`), if sent."""
 
 
 class InferenceService(pb_grpc.InferenceServicer):
@@ -264,6 +267,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             Door.GRPC,
             call.session,
             fit,
+            call.priority,
         )
         call.trailers.update(passed_on(answer.headers))
         return answer
@@ -297,7 +301,14 @@ class InferenceService(pb_grpc.InferenceServicer):
                 metadata.get("authorization")
             )
             session = metadata.get(self._deps.session_header)
-            call = _Call(principal, rid, metadata, session, trailers)
+            call = _Call(
+                principal,
+                rid,
+                metadata,
+                session,
+                trailers,
+                priority=metadata.get(PRIORITY_HEADER),
+            )
             yield call
         except GatewayError as err:
             if call is None and api is not None:

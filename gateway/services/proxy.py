@@ -30,6 +30,8 @@ from citadel.gateway.errors import (
     BackendTimeout,
     GatewayError,
     InternalError,
+    InvalidRequest,
+    ModelOverloaded,
     NoReplica,
     RateLimited,
     ShuttingDown,
@@ -49,7 +51,7 @@ from citadel.gateway.metrics import (
     ModelIdentity,
 )
 from citadel.gateway.routes import SPLIT_WEIGHT_TOTAL, ModelRoute
-from citadel.gateway.services.auth import Principal
+from citadel.gateway.services.auth import Principal, Priority
 from citadel.gateway.services.catalog import Catalog
 from citadel.gateway.services.limits import Admission, Limiter, estimate_tokens
 from citadel.gateway.services.replicas import EjectionPolicy, Replica
@@ -63,6 +65,12 @@ from citadel.gateway.services.requests import (
     session_id,
 )
 from citadel.gateway.services.routing import NO_REPLICA_RETRY_S, Router
+from citadel.gateway.services.shedding import (
+    PRIORITY_HEADER,
+    LoadShedder,
+    SheddingSettings,
+    priority_of,
+)
 from citadel.gateway.services.sse import EventFilter, Usage, error_event, usage_of_body
 from citadel.gateway.services.strategies import RouteRequest
 from citadel.gateway.services.streams import Closing
@@ -144,6 +152,21 @@ def _fallback_reason(error: NoReplica | RateLimited) -> str:
     """Why a request leaves a model whose `_send` raised `error` for a
     fallback (`GatewayMetrics.fallbacks`' reason)."""
     return FALLBACK_BUSY if isinstance(error, RateLimited) else FALLBACK_NO_REPLICA
+
+
+def _priority(principal: Principal, asked: str | None) -> Priority:
+    """The request's priority (`shedding.priority_of`); anonymous requests
+    (auth disabled) are standard unless they ask for less.
+
+    Raises:
+        InvalidRequest: the header names no priority.
+    """
+    key = principal.key.priority if principal.key else Priority.STANDARD
+    priority = priority_of(key, asked)
+    if priority is None:
+        names = " or ".join(f"`{p.value}`" for p in Priority)
+        raise InvalidRequest(f"The header `{PRIORITY_HEADER}` must be {names}.")
+    return priority
 
 
 def _session_point(model: str, session: str) -> float:
@@ -240,6 +263,9 @@ class _Context:
     split_from: str | None = None
     """The requested model's upstream name (its served name) once its split
     sent the request to another model."""
+    priority: Priority = Priority.STANDARD
+    """What it is served at: the key's priority, or the lower one it asked
+    for (`shedding.priority_of`)."""
 
     @property
     def replica_model(self) -> str:
@@ -366,6 +392,8 @@ class ProxyOptions:
     (`ModelRoute.scale_from_zero`) waits for a ready replica before its 503;
     0 waits not at all. Its tries' `answer_within_s` starts once one is
     found."""
+    shedding: SheddingSettings = field(default_factory=SheddingSettings)
+    """When a replica counts as full, for shedding sheddable requests."""
 
 
 class ProxyService:
@@ -395,6 +423,7 @@ class ProxyService:
         self._options = options
         self._clock = clock
         self._draw = draw
+        self._shedder = LoadShedder(catalog, options.shedding, clock)
         # Settles running on after the request that started them was cancelled
         # (a task nothing references may be collected before it finishes).
         self._unfinished: set[asyncio.Task[Any]] = set()
@@ -428,6 +457,11 @@ class ProxyService:
         """True once the shutdown grace has run out."""
         return self._clock() >= self._cut_at
 
+    def shedding_watched(self) -> set[tuple[str, str]]:
+        """The models whose replicas' `/metrics` shedding needs read
+        (`LoadShedder.watched`), for the scraper."""
+        return self._shedder.watched()
+
     @property
     def limiter(self) -> Limiter:
         """The limits it enforces (read by the GraphQL `usage` query)."""
@@ -442,6 +476,7 @@ class ProxyService:
         session: str | None = None,
         door: Door = Door.REST,
         read: Reader | None = None,
+        priority: str | None = None,
     ) -> ProxyResponse:
         """Answers one request.
 
@@ -449,6 +484,8 @@ class ProxyService:
             session: the session header as sent, if it was; routed by and
                 logged as `session_id` makes it (every door's goes through
                 here).
+            priority: the priority header (`x-citadel-priority`) as sent, if
+                it was: a lower priority than the key's, or a 400.
             read: a door's reading of a whole answer with status 200, run
                 before the request is counted: a `GatewayError` it raises (an
                 answer the door cannot use) is what the request ends with and
@@ -462,7 +499,7 @@ class ProxyService:
             call, principal, request_id, self._clock(), session_id(session), door
         )
         try:
-            return await self._handle(ctx, raw, read)
+            return await self._handle(ctx, raw, read, priority)
         except GatewayError as err:
             # Raised by a model the request went to instead of the one asked
             # for (its limits, its failure): its client learns whose it is,
@@ -487,8 +524,9 @@ class ProxyService:
             raise failure from err
 
     async def _handle(
-        self, ctx: _Context, raw: bytes, read: Reader | None
+        self, ctx: _Context, raw: bytes, read: Reader | None, asked: str | None
     ) -> ProxyResponse:
+        ctx.priority = _priority(ctx.principal, asked)
         parsed = parse_body(raw, ctx.call)
         body = parsed.body
         name = body["model"]
@@ -510,6 +548,16 @@ class ProxyService:
                 ctx.split, ctx.split_from, ctx.route = name, upstream_model, route
                 upstream_model = ctx.model = route.upstream_name(name)
                 self._metrics.splits.labels(ctx.split_from, name).inc()
+        if ctx.priority is Priority.SHEDDABLE and self._shedder.saturated(route):
+            # Before admission: a request shed costs its key nothing.
+            key = self._metrics.key_label(ctx.principal.name)
+            self._metrics.shed.labels(ctx.model, key).inc()
+            raise ModelOverloaded(
+                f"The model `{ctx.model}` is overloaded: every replica is full, "
+                "so requests of priority sheddable are refused until one has "
+                "room. Retry later.",
+                retry_after_s=self._options.shedding.max_age_s / 2,
+            )
         stream = parsed.stream
         # What reads the prompt reads a Responses request as its chat: made
         # once for the estimate and the routing (4.7 us for 20 items, timeit).
@@ -1476,6 +1524,8 @@ class ProxyService:
             # The model asked for, whose split sent it to `model` (or to the
             # model whose fallback then answered).
             fields["split_from"] = ctx.split_from
+        if ctx.priority is not Priority.STANDARD:
+            fields["priority"] = ctx.priority.value
         log.info("request", extra=fields)
 
     @staticmethod

@@ -1,8 +1,11 @@
-"""Reads each replica's vLLM `/metrics` on a short period, for `kv-aware` routing.
+"""Reads each replica's vLLM `/metrics` on a short period, for `kv-aware` routing
+and load shedding.
 
-Only replicas of models routed `kv-aware` are read. A replica that cannot be read
-loses its last report (routed by its requests in flight alone until it answers
-again); its health is judged by real requests, not by this.
+Only replicas of models routed `kv-aware`, or watched for shedding (a
+sheddable request lately, `LoadShedder.watched`), are read. A replica that
+cannot be read loses its last report (routed by its requests in flight alone
+until it answers again, and never taken for full); its health is judged by real
+requests, not by this.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from citadel.gateway.routes import RoutingStrategy
 from citadel.gateway.services.catalog import Catalog
@@ -132,6 +135,8 @@ class MetricsScraper:
         upstream: the shared client.
         period_s: time between two reads of the same replica.
         clock: monotonic seconds.
+        watched: the models (namespace, name) to read besides those routed
+            `kv-aware`, asked at each round.
     """
 
     def __init__(
@@ -140,8 +145,10 @@ class MetricsScraper:
         upstream: UpstreamClient,
         period_s: float,
         clock: Callable[[], float],
+        watched: Callable[[], Collection[tuple[str, str]]] = frozenset,
     ) -> None:
         self._catalog = catalog
+        self._watched = watched
         self._upstream = upstream
         self._period = period_s
         self._clock = clock
@@ -159,10 +166,10 @@ class MetricsScraper:
             await asyncio.sleep(self._period)
 
     async def scrape_once(self) -> None:
-        """Reads every `kv-aware` replica once, `MAX_CONCURRENT_SCRAPES` at a
-        time: those that answered last time (or are new) first, then those
-        whose read failed, the least recently tried first, starting none of
-        these after one period.
+        """Reads every replica of a `kv-aware` or watched model once,
+        `MAX_CONCURRENT_SCRAPES` at a time: those that answered last time (or
+        are new) first, then those whose read failed, the least recently tried
+        first, starting none of these after one period.
 
         Reads that hang hold their readers a period each: with more of them
         than readers, a round that read every replica lasted a period per 32
@@ -173,10 +180,12 @@ class MetricsScraper:
         the round in which many start to hang at once lasts a period per 32
         of them, as every round did before.
         """
+        watched = self._watched()
         replicas = {
             r.url: r
             for route in self._catalog.routes()
             if route.strategy is RoutingStrategy.KV_AWARE
+            or (route.namespace, route.name) in watched
             for r in self._catalog.replicas(route)
         }
         self._failed &= replicas.keys()

@@ -84,10 +84,12 @@ async def ask(
     door: Door,
     session: str | None = None,
     fit: Callable[[dict[str, Any]], object] | None = None,
+    priority: str | None = None,
 ) -> Answer:
     """Runs one request through the proxy.
 
     Args:
+        priority: the priority header as the door got it (`ProxyService.handle`).
         fit: the door's reading of a whole answer (a JSON object), run before
             the request is counted; the `GatewayError` it raises for an answer
             that does not fit the door's message is what the request is counted
@@ -117,7 +119,9 @@ async def ask(
         # words) and counted as REST refuses a bad body.
         proxy.refused(call, request_id, invalid, door, principal)
         raise
-    result = await proxy.handle(call, principal, raw, request_id, session, door, reader)
+    result = await proxy.handle(
+        call, principal, raw, request_id, session, door, reader, priority
+    )
     if result.stream is not None:
         chunks = events(result.stream, result.unusable)
         return Answer(result.headers, chunks=chunks, unusable=result.unusable)

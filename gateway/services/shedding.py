@@ -1,0 +1,124 @@
+"""Load shedding: a model's `sheddable` requests are refused while every one of
+its replicas is full, so that its `standard` ones keep the room there is.
+
+What counts as full is what vLLM's own `/metrics` say (read by the
+`MetricsScraper`): a replica with requests waiting for a place in its batch
+(`vllm:num_requests_waiting` at `queue_depth` or more) or its KV cache nearly
+used up (`vllm:kv_cache_usage_perc` at `kv_cache_usage` or more), the signs of
+a replica whose every new request waits for others to finish. The Gateway API
+Inference Extension's saturation check reads the same two figures, with the
+same defaults (5 requests, 80%).
+
+A replica read too long ago, or never, is not taken for full: without a recent
+report nothing is shed, as the limits admit requests unchecked when their store
+is unreachable. Replicas are read only for the models that need it (`kv-aware`
+routing, or a sheddable request lately): the first sheddable request of a model
+no one watched finds no report and passes, and the model's replicas are read
+from the next scrape on, for `WATCH_S` after its last sheddable request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from citadel.gateway.routes import ModelRoute
+from citadel.gateway.services.auth import Priority
+from citadel.gateway.services.catalog import Catalog
+from citadel.gateway.services.replicas import Replica
+
+WATCH_S = 300.0
+"""How long a model's replicas are read after its last sheddable request."""
+
+FRESH_PERIODS = 2
+"""Scrape periods within which a replica's report counts for shedding: a
+replica full 10 s ago (the five periods `kv-aware` trusts a report) may have
+room now, and a sheddable request refused for an old report is refused for
+nothing."""
+
+PRIORITY_HEADER = "x-citadel-priority"
+"""The request header that asks for a lower priority than the key's."""
+
+
+@dataclass(frozen=True)
+class SheddingSettings:
+    """When a replica counts as full (see the module's docstring).
+
+    Attributes:
+        queue_depth: requests waiting at a replica that make it full.
+        kv_cache_usage: the fraction of its KV cache in use that makes it full.
+        max_age_s: how old a replica's report may be and still count.
+    """
+
+    queue_depth: int = 5
+    kv_cache_usage: float = 0.8
+    max_age_s: float = 4.0
+
+
+def priority_of(key_priority: Priority, asked: str | None) -> Priority | None:
+    """The priority a request is served at: the key's, or the lower one its
+    `x-citadel-priority` header asks for (a header never raises it: a
+    sheddable key's request asking `standard` stays sheddable).
+
+    Returns:
+        None for a header that names no priority (the caller refuses it).
+    """
+    if asked is None:
+        return key_priority
+    try:
+        wanted = Priority(asked.strip().lower())
+    except ValueError:
+        return None
+    return (
+        Priority.SHEDDABLE if Priority.SHEDDABLE in (wanted, key_priority) else wanted
+    )
+
+
+class LoadShedder:
+    """Decides whether a model is saturated, and tells the scraper which
+    models' replicas to read for it.
+
+    Args:
+        catalog: the models and their replicas.
+        settings: when a replica counts as full.
+        clock: monotonic seconds.
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        settings: SheddingSettings,
+        clock: Callable[[], float],
+    ) -> None:
+        self._catalog = catalog
+        self._settings = settings
+        self._clock = clock
+        self._asked: dict[tuple[str, str], float] = {}
+        """When each model last had a sheddable request."""
+
+    def watched(self) -> set[tuple[str, str]]:
+        """The models (namespace, name) whose replicas are to be read: those
+        with a sheddable request in the last `WATCH_S`."""
+        since = self._clock() - WATCH_S
+        for key in [k for k, at in self._asked.items() if at < since]:
+            del self._asked[key]
+        return set(self._asked)
+
+    def saturated(self, route: ModelRoute) -> bool:
+        """Whether every replica that may take the model's requests is full,
+        by a recent report each; notes the model as one to watch. False for
+        a model with no such replica (no load to protect: the request goes on
+        to be held, or refused, as any other)."""
+        now = self._clock()
+        self._asked[(route.namespace, route.name)] = now
+        replicas = [r for r in self._catalog.replicas(route) if r.available(now)]
+        return bool(replicas) and all(self._full(r, now) for r in replicas)
+
+    def _full(self, replica: Replica, now: float) -> bool:
+        report = replica.load
+        if report.stale(now, self._settings.max_age_s):
+            return False
+        waiting, usage = report.waiting, report.kv_cache_usage
+        return (waiting is not None and waiting >= self._settings.queue_depth) or (
+            usage is not None and usage >= self._settings.kv_cache_usage
+        )
