@@ -526,7 +526,6 @@ class ProxyService:
     async def _handle(
         self, ctx: _Context, raw: bytes, read: Reader | None, asked: str | None
     ) -> ProxyResponse:
-        ctx.priority = _priority(ctx.principal, asked)
         parsed = parse_body(raw, ctx.call)
         body = parsed.body
         name = body["model"]
@@ -539,6 +538,7 @@ class ProxyService:
         # The model asked for refuses the key for good: a split is no way
         # around its permissions.
         ctx.principal.check(route, name)
+        ctx.priority = _priority(ctx.principal, asked)
         if route.split:
             split = self._split(ctx, route, name)
             if split is not None:

@@ -274,13 +274,17 @@ async def grpc_stub(harness: Harness) -> AsyncIterator[pb_grpc.InferenceStub]:
 
 
 async def grpc_chat(
-    stub: pb_grpc.InferenceStub, model: str, key: str = KEY
+    stub: pb_grpc.InferenceStub,
+    model: str,
+    key: str = KEY,
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> tuple[grpc.StatusCode, dict[str, Any]]:
-    """A chat completion for `model` over gRPC: its status code and trailers,
-    answered or refused."""
+    """A chat completion for `model` over gRPC, with `metadata` besides the
+    key: its status code and trailers, answered or refused."""
     message = pb.ChatMessage(role="user", content="hi")
     request = pb.ChatCompletionRequest(model=model, messages=[message])
-    call = stub.ChatCompletion(request, metadata=(("authorization", f"Bearer {key}"),))
+    sent = (("authorization", f"Bearer {key}"), *metadata)
+    call = stub.ChatCompletion(request, metadata=sent)
     try:
         await call
     except grpc.aio.AioRpcError as err:
@@ -288,14 +292,19 @@ async def grpc_chat(
     return grpc.StatusCode.OK, dict(await call.trailing_metadata() or ())
 
 
-async def graphql_chat(harness: Harness, model: str) -> httpx.Response:
-    """A `chatCompletion` mutation for `model` asking for the answer's model."""
+async def graphql_chat(
+    harness: Harness, model: str, headers: Mapping[str, str] | None = None
+) -> httpx.Response:
+    """A `chatCompletion` mutation for `model` asking for the answer's model,
+    with `headers` besides the key."""
     mutation = """mutation C($input: ChatCompletionInput!) {
       chatCompletion(input: $input) { model } }"""
     said = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
     async with harness.client() as client:
         return await client.post(
-            "/graphql", json={"query": mutation, "variables": {"input": said}}
+            "/graphql",
+            json={"query": mutation, "variables": {"input": said}},
+            headers=headers,
         )
 
 
@@ -347,7 +356,7 @@ class Kit:
     grpc_chat: Callable[..., Awaitable[tuple[grpc.StatusCode, dict[str, Any]]]] = (
         grpc_chat
     )
-    graphql_chat: Callable[[Harness, str], Awaitable[httpx.Response]] = graphql_chat
+    graphql_chat: Callable[..., Awaitable[httpx.Response]] = graphql_chat
     stream_chat: Callable[..., Awaitable[tuple[httpx.Response, bytes]]] = stream_chat
     sse_reply: Callable[..., FakeReply] = sse_reply
     key: str = KEY
