@@ -25,6 +25,7 @@ from citadel.gateway.kube.config import KubeConfigError, load_kubeconfig
 from citadel.gateway.routes import invalid_fields
 from citadel.gateway.services.auth import (
     KeyRecord,
+    Priority,
     Role,
     generate_key,
     hash_key,
@@ -59,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     create = actions.add_parser("create", help="create a key (shown once)")
     create.add_argument("name")
     create.add_argument("--role", choices=[r.value for r in Role], default="user")
+    create.add_argument(
+        "--priority",
+        choices=[p.value for p in Priority],
+        default=Priority.STANDARD.value,
+        help="sheddable: refused (503) while every replica of its model is full "
+        "(default: standard)",
+    )
     create.add_argument(
         "--models", nargs="+", default=["*"], help="glob patterns (default: *)"
     )
@@ -118,6 +126,14 @@ def _new_record(args: argparse.Namespace) -> tuple[str, KeyRecord]:
         hash=hash_key(key),
         role=Role(args.role),
         models=tuple(args.models),
+        # Stored always, `standard` too, as every field is (`rpm: null`). Old
+        # gateways are unharmed: KeyRecord has ignored unknown fields since the
+        # first, so they read every key as standard. Old records are too: the
+        # store compares records as read, where one without the field (written
+        # before it, the chart's admin key) is standard, the same record as one
+        # that says so. Leaving it out when standard would spare neither, and
+        # the record would no longer say its priority.
+        priority=Priority(args.priority),
         rpm=args.rpm,
         tpm=args.tpm,
         daily_tokens=args.daily_tokens,
@@ -128,7 +144,8 @@ def _new_record(args: argparse.Namespace) -> tuple[str, KeyRecord]:
 
 
 def rotated(current: KeyRecord) -> tuple[str, KeyRecord]:
-    """A new key and its record: `current`'s name, role, models and limits."""
+    """A new key and its record: `current`'s name, role, priority, models and
+    limits."""
     key = generate_key()
     return key, current.model_copy(
         update={"hash": hash_key(key), "created": datetime.now(UTC)}
@@ -162,15 +179,15 @@ def _show_list(rows: Sequence[tuple[str | None, KeyRecord]]) -> None:
     """One line per key; its Secret last (none in a key file), which tells two
     keys of one name apart."""
     print(
-        f"{'NAME':<24} {'ROLE':<6} {'MODELS':<24} {'RPM':>7} {'TPM':>9}  "
-        f"{'CREATED':<20}  SECRET"
+        f"{'NAME':<24} {'ROLE':<6} {'PRIORITY':<9} {'MODELS':<24} {'RPM':>7} "
+        f"{'TPM':>9}  {'CREATED':<20}  SECRET"
     )
     for secret, r in sorted(rows, key=lambda row: (row[1].name, _made(row[1]))):
         # Made at a time the record does not say (the chart's admin key): `-`.
         created = f"{_made(r):%Y-%m-%dT%H:%M:%SZ}" if r.created else "-"
         print(
-            f"{r.name:<24} {r.role.value:<6} {','.join(r.models):<24} "
-            f"{r.rpm or '-':>7} {r.tpm or '-':>9}  "
+            f"{r.name:<24} {r.role.value:<6} {r.priority.value:<9} "
+            f"{','.join(r.models):<24} {r.rpm or '-':>7} {r.tpm or '-':>9}  "
             f"{created:<20}  {secret or '-'}"
         )
 

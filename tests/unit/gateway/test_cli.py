@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shlex
@@ -14,7 +15,12 @@ import pytest
 from citadel.gateway import cli
 from citadel.gateway.cli import main
 from citadel.gateway.kube.client import KubeApiError
-from citadel.gateway.services.auth import KeyRecord, hash_key
+from citadel.gateway.services.auth import (
+    InMemoryKeyStore,
+    KeyRecord,
+    Priority,
+    hash_key,
+)
 from citadel.gateway.sources.files import read_key_file
 from citadel.gateway.sources.kubernetes import KEY_LABEL, key_from_secret, key_secret
 
@@ -337,7 +343,7 @@ def test_records_that_do_not_say_when_they_were_made_list_and_rotate(
     args = ["keys", "--file", str(path)]
     assert main([*args, "list"]) == 0
     rows = [row.split() for row in capsys.readouterr().out.splitlines()[1:]]
-    assert [(row[0], row[3], row[-2]) for row in rows] == [
+    assert [(row[0], row[4], row[-2]) for row in rows] == [
         ("alice", "1", "-"),
         ("alice", "2", "2020-01-01T00:00:00Z"),
         ("bob", "-", "2020-12-31T23:00:00Z"),
@@ -430,3 +436,78 @@ def test_a_key_file_behind_a_link_is_rewritten_where_it_lies(
     assert target.stat().st_mode & 0o777 == 0o640
     assert [p.name for p in (tmp_path / "home").iterdir()] == ["keys.json"]
     assert [p.name for p in (tmp_path / "etc").iterdir()] == ["keys.json"]
+
+
+def test_a_sheddable_key_stays_sheddable_when_rotated_in_a_key_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A batch job's key is made sheddable, listed so, and its rotation is too:
+    a new key that came back standard would take the room of interactive users
+    while its model is saturated."""
+    path = tmp_path / "keys.json"
+    args = ["keys", "--file", str(path)]
+    with pytest.raises(SystemExit):
+        main([*args, "create", "batch", "--priority", "urgent"])
+    assert main([*args, "create", "batch", "--priority", "sheddable"]) == 0
+    assert main([*args, "create", "alice"]) == 0
+    capsys.readouterr()
+    assert main([*args, "rotate", "batch"]) == 0
+    key = _shown_key(capsys.readouterr().out)
+    alice, batch = sorted(read_key_file(path).keys, key=lambda r: r.name)
+    assert batch.hash == hash_key(key) and batch.priority is Priority.SHEDDABLE
+    assert alice.priority is Priority.STANDARD
+    assert main([*args, "list"]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split()[:4] == ["NAME", "ROLE", "PRIORITY", "MODELS"]
+    assert [row.split()[:3] for row in rows] == [
+        ["alice", "user", "standard"],
+        ["batch", "user", "sheddable"],
+    ]
+
+
+def test_a_sheddable_key_stays_sheddable_when_rotated_in_secrets(
+    kube: _FakeKube, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Whether the old key goes at once or is kept a while."""
+    assert main(["keys", "-n", "ns", "create", "batch", "--priority", "sheddable"]) == 0
+    assert kube.records()["citadel-key-batch"].priority is Priority.SHEDDABLE
+    assert main(["keys", "-n", "ns", "rotate", "batch"]) == 0
+    assert main(["keys", "-n", "ns", "rotate", "batch", "--keep-old-for", "60"]) == 0
+    batches = [r for r in kube.records().values() if r.name == "batch"]
+    assert len(batches) == 2
+    assert {r.priority for r in batches} == {Priority.SHEDDABLE}
+    assert kube.records()["citadel-key-alice"].priority is Priority.STANDARD
+    capsys.readouterr()
+    assert main(["keys", "-n", "ns", "list"]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [row.split()[2] for row in rows if row.startswith("batch ")] == [
+        "sheddable",
+        "sheddable",
+    ]
+
+
+def test_a_record_from_before_priorities_is_standard(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A record without `priority` (written before it, the chart's admin key)
+    lists as standard; rewritten now it says so, and the two are one record to
+    the gateway's store, which refuses a key whose records differ."""
+    path = tmp_path / "keys.json"
+    before = {"name": "alice", "hash": hash_key("a"), "models": ["*"], "role": "user"}
+    path.write_text(json.dumps({"keys": [before]}))
+    args = ["keys", "--file", str(path)]
+    assert main([*args, "list"]) == 0
+    [row] = capsys.readouterr().out.splitlines()[1:]
+    assert row.split()[:3] == ["alice", "user", "standard"]
+    assert main([*args, "create", "bob"]) == 0  # rewrites alice's entry
+    now = json.loads(path.read_text())["keys"][0]
+    assert now["priority"] == "standard" and "priority" not in before
+    old, new = (KeyRecord.model_validate(r) for r in (before, now))
+    store = InMemoryKeyStore()
+    store.hold_all({"old": old, "new": new})  # a copy made before, one now
+    assert store.lookup(hash_key("a")) == old == new
+    # As Secrets: one the chart renders (no `priority`), one the CLI writes now.
+    written = key_secret(new, "ns")
+    data = base64.b64encode(json.dumps(before).encode()).decode()
+    charted = {**written, "data": {"key.json": data}}
+    assert key_from_secret(charted) == key_from_secret(written) == new
