@@ -85,6 +85,7 @@ async def _usage(info: Ctx) -> Usage:
         return Usage(
             key=key.name if key else None,
             role=key.role.value if key else None,
+            priority=key.priority.value if key else None,
             limits=[Limit.of(s) for s in standings],
         )
 

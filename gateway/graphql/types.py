@@ -101,6 +101,10 @@ class Usage:
 
     key: str | None = strawberry.field(description="Null when auth is disabled.")
     role: str | None
+    priority: str | None = strawberry.field(
+        description="standard or sheddable (refused while the model is full); "
+        "null when auth is disabled."
+    )
     limits: list[Limit]
 
 

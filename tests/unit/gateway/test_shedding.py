@@ -341,3 +341,14 @@ def test_saturated_needs_every_replica_full() -> None:
     assert not shedder.saturated(route)
     b.load = LoadReport(waiting=2, scraped_at=10.0)
     assert shedder.saturated(route)
+
+
+@pytest.mark.parametrize("priority", ["standard", "sheddable"])
+async def test_graphql_usage_tells_the_keys_priority(kit: Any, priority: str) -> None:
+    h = build(kit, priority)
+    async with h.client() as client:
+        answer = await client.post(
+            "/graphql", json={"query": "{ usage { key role priority } }"}
+        )
+    usage = answer.json()["data"]["usage"]
+    assert usage == {"key": "batch", "role": "user", "priority": priority}
