@@ -586,6 +586,38 @@ def test_revoked_key_is_refused_within_seconds(platform: Platform) -> None:
     wait_for("the revoked key to get 401", refused, timeout=30)
 
 
+def test_a_sheddable_key_made_by_the_cli_is_served_as_one(platform: Platform) -> None:
+    """`citadel keys create --priority sheddable` writes the priority into the
+    key's Secret, and the chart's gateway reads it from there: GraphQL's
+    `usage` tells it, and an idle model answers the key (nothing is shed
+    without load). Shedding under load is tested on the real vLLM beside the
+    gateway (tests/gateway/vllm/test_shedding_on_vllm.py)."""
+    key = demo.create_key(
+        platform.cluster, SYSTEM_NS, "fullpath-batch", "--priority", "sheddable"
+    )
+    openai = client(platform, key)
+    wait_for("the new key to work", lambda: ask(openai, "Hi"), timeout=30)
+    answer = httpx.post(
+        f"{platform.gateway_url()}/graphql",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"query": "{ usage { key priority } }"},
+        timeout=30,
+    )
+    assert answer.json()["data"]["usage"] == {
+        "key": "fullpath-batch",
+        "priority": "sheddable",
+    }
+    # A header that names no priority is refused through the whole path.
+    refused = httpx.post(
+        f"{platform.gateway_url()}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}", "x-citadel-priority": "urgent"},
+        json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]},
+        timeout=60,
+    )
+    assert refused.status_code == 400, refused.text
+    assert "x-citadel-priority" in refused.json()["error"]["message"]
+
+
 def owned_objects(platform: Platform) -> dict[str, int]:
     counts = {}
     for kind in ("deployments", "services", "replicasets"):

@@ -147,8 +147,11 @@ def gateway_url(
     return wait_for("a ready gateway endpoint", ready_address, timeout=120)
 
 
-def create_key(k: KubeCluster, namespace: str = SYSTEM_NS, name: str = "") -> str:
-    """A new API key for every model, made with the `citadel keys` CLI."""
+def create_key(
+    k: KubeCluster, namespace: str = SYSTEM_NS, name: str = "", *options: str
+) -> str:
+    """A new API key for every model, made with the `citadel keys` CLI (with
+    `options` besides, as `--priority sheddable`)."""
     result = subprocess.run(
         [
             str(REPO / ".venv" / "bin" / "citadel"),
@@ -159,6 +162,7 @@ def create_key(k: KubeCluster, namespace: str = SYSTEM_NS, name: str = "") -> st
             name or f"demo-{int(time.time())}",
             "--models",
             "*",
+            *options,
         ],
         capture_output=True,
         text=True,
