@@ -303,6 +303,22 @@ def overview() -> Any:
             unit="reqps",
         ),
         panel(
+            "Shed/s",
+            "Sheddable requests (their key's priority, or x-citadel-priority) "
+            "refused with 503 model_overloaded, by model: every replica of the "
+            "model was full by its own metrics (requests waiting, KV cache in "
+            "use), and standard requests kept the room. Counted in Requests/s "
+            "too, with status 503. A model with none shed shows none.",
+            [
+                (
+                    "sum by (model) "
+                    f"(rate(citadel_gateway_shed_total{{{GW_MODEL}}}[{RI}]))",
+                    "{{model}}",
+                )
+            ],
+            unit="reqps",
+        ),
+        panel(
             "Rate-limited/s",
             "Requests refused with 429, by limit (requests, tokens, quota).",
             [
@@ -646,6 +662,19 @@ def key_usage() -> Any:
                     "sum by (key, scope) (rate("
                     f"citadel_gateway_rate_limited_total{{{GW_KEY}}}[{RI}]))",
                     "{{key}} {{scope}}",
+                )
+            ],
+            unit="reqps",
+        ),
+        panel(
+            "Shed/s by key",
+            "Sheddable requests refused (503 model_overloaded) per key name and "
+            "model, while every replica of the model was full.",
+            [
+                (
+                    "sum by (key, model) (rate("
+                    f"citadel_gateway_shed_total{{{GW_KEY}}}[{RI}]))",
+                    "{{key}} {{model}}",
                 )
             ],
             unit="reqps",
