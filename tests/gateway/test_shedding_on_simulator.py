@@ -115,7 +115,11 @@ def test_sheddable_requests_are_refused_while_the_replica_is_full(
     tmp_path: Path, start_gateway: Any, helpers: Any, serial_replica: str
 ) -> None:
     keys = tmp_path / "keys.json"
-    batch_key = helpers.create_key(keys, "batch", "--models", MODEL)
+    # Sheddable by its record (the CLI's --priority); user's requests only by
+    # the header.
+    batch_key = helpers.create_key(
+        keys, "batch", "--models", MODEL, "--priority", "sheddable"
+    )
     user_key = helpers.create_key(keys, "user", "--models", MODEL)
     gateway = start_gateway(
         [helpers.route(MODEL, [], endpoints=[serial_replica])],
@@ -132,7 +136,7 @@ def test_sheddable_requests_are_refused_while_the_replica_is_full(
             default_headers=headers,
         )
 
-    batch, user = client(batch_key, **SHEDDABLE), client(user_key)
+    batch, user = client(batch_key), client(user_key)
     # Idle: answered, and the model is watched from now on.
     assert ask(batch) is None
     refused = {"batch": 0, "user": 0}
@@ -155,7 +159,7 @@ def test_sheddable_requests_are_refused_while_the_replica_is_full(
             if (err := probe.result()) is not None:
                 assert_shed(err)
                 refused["batch"] += 1
-    with client(batch_key, **SHEDDABLE) as batch:
+    with client(batch_key) as batch:
         # Done: the next read finds the replica with room again.
         deadline = time.monotonic() + DEADLINE_S
         while (err := ask(batch)) is not None:
