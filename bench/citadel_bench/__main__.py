@@ -32,6 +32,7 @@ from citadel_bench.memory import run_memory
 from citadel_bench.operator_scale import run_scale
 from citadel_bench.overhead import profile_citadel, run_overhead
 from citadel_bench.routing import run_routing
+from citadel_bench.shedding import run_shedding
 from citadel_bench.vllm_check import run_check
 
 T = TypeVar("T")
@@ -58,13 +59,23 @@ def main() -> None:
         "--only",
         nargs="*",
         default=None,
-        help="parts to run: check overhead profile routing gateways memory scale",
+        help="parts to run: check overhead profile routing gateways shedding memory "
+        "scale",
     )
     args = parser.parse_args()
     config: BenchConfig = QUICK if os.environ.get("BENCH_QUICK") == "1" else FULL
     wanted = set(
         args.only
-        or ["check", "overhead", "profile", "routing", "gateways", "memory", "scale"]
+        or [
+            "check",
+            "overhead",
+            "profile",
+            "routing",
+            "gateways",
+            "shedding",
+            "memory",
+            "scale",
+        ]
     )
     log_dir = Path(tempfile.mkdtemp(prefix="citadel-bench-"))
     print(f"logs in {log_dir}", flush=True)
@@ -126,6 +137,12 @@ def main() -> None:
             )
             if found_gateways:
                 results.gateways.append(found_gateways)
+    if "shedding" in wanted:
+        results.shedding = attempt(
+            results,
+            "shedding",
+            lambda: run_shedding(log_dir, config.shedding_seconds),
+        )
     if "memory" in wanted:
         results.memory = attempt(
             results, "memory", lambda: run_memory(log_dir, config.memory_requests)

@@ -27,6 +27,8 @@ class BenchConfig:
     gateways_rounds: int
     """How many times every two-gateway target runs each workload."""
     memory_requests: int
+    shedding_seconds: float
+    """How long the interactive users run in each phase of the shedding part."""
     scale_models: int
     scale_nodes: int
     scale_timeout_s: float
@@ -45,6 +47,7 @@ FULL = BenchConfig(
     gateways_deadline_s=120.0,
     gateways_rounds=2,
     memory_requests=100_000,
+    shedding_seconds=30.0,
     scale_models=1000,
     scale_nodes=100,
     scale_timeout_s=420.0,
@@ -66,6 +69,7 @@ QUICK = BenchConfig(
     gateways_deadline_s=40.0,
     gateways_rounds=1,
     memory_requests=10_000,
+    shedding_seconds=6.0,
     scale_models=100,
     scale_nodes=10,
     scale_timeout_s=120.0,

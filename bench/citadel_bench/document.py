@@ -50,6 +50,17 @@ from citadel_bench.routing import (
     RoutingResult,
     RoutingRun,
 )
+from citadel_bench.shedding import (
+    BATCH_HEAD_S,
+    BATCH_TOKENS,
+    BATCH_WORKERS,
+    MAX_NUM_SEQS,
+    THINK_S,
+    USER_TOKENS,
+    USERS,
+    SheddingResult,
+)
+from citadel_bench.shedding import REPLICAS as SHED_REPLICAS
 from citadel_bench.stats import percentile
 from citadel_bench.vllm_check import BLOCK, CheckRow
 from citadel_bench.workload import CHARS_PER_TOKEN, ChatWorkload
@@ -101,6 +112,7 @@ class Results:
     """One per workload that ran, in the order of `config.routing`."""
     gateways: list[GatewaysResult] = field(default_factory=list)
     """One per workload that ran, in the order of `config.gateways`."""
+    shedding: SheddingResult | None = None
     memory: MemoryRun | None = None
     scale: ScaleRun | None = None
 
@@ -688,6 +700,70 @@ def _gateways_row(found: GatewaysRun, versus: float) -> tuple[object, ...]:
     )
 
 
+def _shedding(r: Results) -> list[str]:
+    out = ["## Priorities under overload", ""]
+    if not r.shedding:
+        return [*out, f"Not run: {r.failures.get('shedding', 'skipped')}", ""]
+    out += [
+        f"{SHED_REPLICAS} simulated replicas that each run {MAX_NUM_SEQS} requests at "
+        "once (`--max-num-seqs`: the rest wait in their queue), behind one "
+        "Citadel gateway at its defaults (a replica full at 5 requests waiting, "
+        "read every 2 s: [load shedding](gateway.md#priorities-and-load-shedding)). "
+        f"{USERS} interactive users each send a streamed chat of "
+        f"{USER_TOKENS} tokens, then pause {THINK_S} s; a batch job keeps "
+        f"{BATCH_WORKERS} requests of {BATCH_TOKENS} tokens going, more than the "
+        "replicas run at once, starting "
+        f"{BATCH_HEAD_S:.0f} s before the users so that its queue stands. The "
+        f"users run {r.config.shedding_seconds:.0f} s in each phase, each phase "
+        "on fresh processes: the users alone; with the batch sent as every "
+        "request is without priorities (`standard`); with the batch sent "
+        "`x-citadel-priority: sheddable`, a refused worker waiting the 503's "
+        "`Retry-After` before its next request (as the OpenAI client does); the "
+        "same with `CITADEL_GATEWAY_SHED_QUEUE_DEPTH=1`. TTFT is the users' "
+        "(answered requests); the batch's tokens a second count the requests "
+        "answered while the users ran "
+        "([bench/citadel_bench/shedding.py](../bench/citadel_bench/shedding.py)).",
+        "",
+    ]
+    rows = []
+    for p in r.shedding.phases:
+        rows.append(
+            (
+                p.name,
+                p.ttft_ms.count,
+                p.user_errors,
+                p.ttft_ms.mean,
+                p.ttft_ms.median,
+                p.ttft_ms.p90,
+                p.ttft_ms.p99,
+                p.batch_answered,
+                p.batch_shed,
+                p.batch_errors,
+                fmt(p.batch_tokens_per_s, 0),
+            )
+        )
+    out += [
+        table(
+            [
+                "phase",
+                "user requests",
+                "user errors",
+                "TTFT mean ms",
+                "TTFT p50 ms",
+                "TTFT p90 ms",
+                "TTFT p99 ms",
+                "batch answered",
+                "batch shed",
+                "batch errors",
+                "batch tokens/s",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    return out
+
+
 def _memory(r: Results) -> list[str]:
     out = ["## Gateway memory over many requests", ""]
     if not r.memory:
@@ -975,6 +1051,7 @@ def write_document(r: Results, path: Path, figures: Path) -> None:
         *_overhead(r),
         *_routing(r),
         *_gateways(r),
+        *_shedding(r),
         *_scale(r),
         *_memory(r),
         *_failures(r),
