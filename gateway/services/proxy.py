@@ -484,13 +484,13 @@ class ProxyService:
             session: the session header as sent, if it was; routed by and
                 logged as `session_id` makes it (every door's goes through
                 here).
-            priority: the priority header (`x-citadel-priority`) as sent, if
-                it was: a lower priority than the key's, or a 400.
             read: a door's reading of a whole answer with status 200, run
                 before the request is counted: a `GatewayError` it raises (an
                 answer the door cannot use) is what the request ends with and
                 is counted as. A stream's door says so through
                 `ProxyResponse.unusable`.
+            priority: the priority header (`x-citadel-priority`) as sent, if
+                it was: a lower priority than the key's, or a 400.
 
         Raises:
             GatewayError: any refusal or failure, to be shown in OpenAI's shape.
