@@ -146,13 +146,14 @@ class GatewaySettings(BaseSettings):
     metrics_scrape_period_s: float = Field(2.0, gt=0)
     """How often each replica's vLLM `/metrics` is read (for `kv-aware`, and
     for load shedding)."""
-    shed_queue_depth: int = Field(5, ge=1)
-    """Requests waiting at a replica (`vllm:num_requests_waiting`) that make
-    it full: while every replica of a model is, its sheddable requests get
-    503 `model_overloaded`."""
+    shed_queue_depth: int = Field(5, ge=0)
+    """The most requests waiting at a replica (`vllm:num_requests_waiting`)
+    while it still has room; more make it full, and while every ready replica
+    of a model is, its sheddable requests get 503 `model_overloaded`."""
     shed_kv_cache_usage: float = Field(0.8, gt=0, le=1)
-    """The fraction of a replica's KV cache in use (`vllm:kv_cache_usage_perc`)
-    that makes it full, as `shed_queue_depth` does."""
+    """The largest fraction of a replica's KV cache in use
+    (`vllm:kv_cache_usage_perc`) at which it still has room; more makes it
+    full, as for `shed_queue_depth` (1: never by its cache)."""
     file_poll_period_s: float = Field(1.0, gt=0)
     """How often the routes file and the keys file are checked for changes."""
     session_header: str = "x-session-id"

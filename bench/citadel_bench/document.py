@@ -707,7 +707,8 @@ def _shedding(r: Results) -> list[str]:
     out += [
         f"{SHED_REPLICAS} simulated replicas that each run {MAX_NUM_SEQS} requests at "
         "once (`--max-num-seqs`: the rest wait in their queue), behind one "
-        "Citadel gateway at its defaults (a replica full at 5 requests waiting, "
+        "Citadel gateway at its defaults (a replica full at more than 5 requests "
+        "waiting, "
         "read every 2 s: [load shedding](gateway.md#priorities-and-load-shedding)). "
         f"{USERS} interactive users each send a streamed chat of "
         f"{USER_TOKENS} tokens, then pause {THINK_S} s; a batch job keeps "
@@ -719,7 +720,8 @@ def _shedding(r: Results) -> list[str]:
         "request is without priorities (`standard`); with the batch sent "
         "`x-citadel-priority: sheddable`, a refused worker waiting the 503's "
         "`Retry-After` before its next request (as the OpenAI client does); the "
-        "same with `CITADEL_GATEWAY_SHED_QUEUE_DEPTH=1`. TTFT is the users' "
+        "same with `CITADEL_GATEWAY_SHED_QUEUE_DEPTH=0` (full once a request "
+        "waits). TTFT is the users' "
         "(answered requests); the batch's tokens a second count the requests "
         "answered while the users ran "
         "([bench/citadel_bench/shedding.py](../bench/citadel_bench/shedding.py)).",

@@ -4,9 +4,10 @@ batch job fills a model's replicas.
 Two simulated replicas that each run `MAX_NUM_SEQS` requests at once (the rest
 wait in their queue, as vLLM's `--max-num-seqs` makes them) sit behind one
 Citadel gateway at its defaults (`prefix-aware`, a 2 s scrape period, a replica
-full at 5 requests waiting). Interactive users hold short streamed chats with a
-pause between them (`USERS`, `THINK_S`); a batch job keeps `BATCH_WORKERS`
-long requests going (`BATCH_TOKENS` each), more than the replicas run at once.
+full at more than 5 requests waiting). Interactive users hold short streamed
+chats with a pause between them (`USERS`, `THINK_S`); a batch job keeps
+`BATCH_WORKERS` long requests going (`BATCH_TOKENS` each), more than the
+replicas run at once.
 Each phase runs on fresh processes:
 
 - `interactive alone`: the users without the batch, the latency the replicas
@@ -16,8 +17,8 @@ Each phase runs on fresh processes:
 - `batch as sheddable`: the batch's requests sent with `x-citadel-priority:
   sheddable`: refused (503 `model_overloaded`) while both replicas are full,
   each refused worker waiting the answer's `Retry-After` before its next;
-- `batch as sheddable, queue depth 1`: the same with
-  `CITADEL_GATEWAY_SHED_QUEUE_DEPTH=1`, a replica full as soon as one request
+- `batch as sheddable, queue depth 0`: the same with
+  `CITADEL_GATEWAY_SHED_QUEUE_DEPTH=0`, a replica full as soon as one request
   waits there: the users' latency for less of the batch's throughput.
 
 The batch starts first and runs `BATCH_HEAD_S` alone so its queue stands when
@@ -56,9 +57,9 @@ PHASES: tuple[tuple[str, str | None, dict[str, str]], ...] = (
     ("batch as standard", "standard", {}),
     ("batch as sheddable", "sheddable", {}),
     (
-        "batch as sheddable, queue depth 1",
+        "batch as sheddable, queue depth 0",
         "sheddable",
-        {"CITADEL_GATEWAY_SHED_QUEUE_DEPTH": "1"},
+        {"CITADEL_GATEWAY_SHED_QUEUE_DEPTH": "0"},
     ),
 )
 """Each phase: its name, the batch's priority (None: no batch), the gateway's

@@ -103,7 +103,7 @@ async def _serve(call: ApiCall, request: Request, send: Send, extra: Headers) ->
     watch = ClientWatch(request.receive, task)
     result: ProxyResponse | None = None
     try:
-        priority = request.headers.get(PRIORITY_HEADER)
+        priority = request.headers.getlist(PRIORITY_HEADER)
         result = await deps.proxy.handle(
             call, principal, raw, rid, session, priority=priority
         )

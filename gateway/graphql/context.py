@@ -44,7 +44,7 @@ class GraphQLContext(BaseContext):
         principal: the caller, checked before the operation (HTTP); None over
             WebSocket, where the key is checked as each operation starts.
         session: the session header, for session-affinity routing.
-        priority: the priority header (`x-citadel-priority`), if sent.
+        priority: every value of the priority header (`x-citadel-priority`).
         refused: why the HTTP request is refused before any operation (no key
             or a bad one, a body over the limit), counted already; the router
             answers it. None over WebSocket, and for a request let through.
@@ -57,7 +57,7 @@ class GraphQLContext(BaseContext):
         principal: Principal | None,
         session: str | None = None,
         refused: GatewayError | None = None,
-        priority: str | None = None,
+        priority: tuple[str, ...] = (),
     ):
         super().__init__()
         self.deps = deps
@@ -199,7 +199,7 @@ async def context_of(
     if response is not None:
         response.headers[REQUEST_ID] = rid
     session = connection.headers.get(deps.session_header)
-    priority = connection.headers.get(PRIORITY_HEADER)
+    priority = tuple(connection.headers.getlist(PRIORITY_HEADER))
     if isinstance(connection, Request):
         principal: Principal | None = None
         try:

@@ -110,8 +110,8 @@ class _Call:
     metadata: dict[str, str]
     session: str | None
     trailers: dict[str, str] = field(default_factory=dict)
-    priority: str | None = None
-    """The priority metadata (`x-citadel-priority`), if sent."""
+    priority: tuple[str, ...] = ()
+    """Every value of the priority metadata (`x-citadel-priority`) sent."""
 
 
 class InferenceService(pb_grpc.InferenceServicer):
@@ -307,7 +307,11 @@ class InferenceService(pb_grpc.InferenceServicer):
                 metadata,
                 session,
                 trailers,
-                priority=metadata.get(PRIORITY_HEADER),
+                priority=tuple(
+                    v
+                    for k, v in context.invocation_metadata() or ()
+                    if k.lower() == PRIORITY_HEADER and isinstance(v, str)
+                ),
             )
             yield call
         except GatewayError as err:

@@ -19,6 +19,7 @@ from collections.abc import (
     Callable,
     Coroutine,
     Mapping,
+    Sequence,
 )
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -154,15 +155,19 @@ def _fallback_reason(error: NoReplica | RateLimited) -> str:
     return FALLBACK_BUSY if isinstance(error, RateLimited) else FALLBACK_NO_REPLICA
 
 
-def _priority(principal: Principal, asked: str | None) -> Priority:
-    """The request's priority (`shedding.priority_of`); anonymous requests
-    (auth disabled) are standard unless they ask for less.
+def _key_priority(principal: Principal) -> Priority:
+    """The key's priority; anonymous requests (auth disabled) are standard."""
+    return principal.key.priority if principal.key else Priority.STANDARD
+
+
+def _priority(principal: Principal, asked: Sequence[str]) -> Priority:
+    """The request's priority (`shedding.priority_of`): the key's, or the
+    lower one its headers ask for.
 
     Raises:
-        InvalidRequest: the header names no priority.
+        InvalidRequest: a header names no priority.
     """
-    key = principal.key.priority if principal.key else Priority.STANDARD
-    priority = priority_of(key, asked)
+    priority = priority_of(_key_priority(principal), asked)
     if priority is None:
         names = " or ".join(f"`{p.value}`" for p in Priority)
         raise InvalidRequest(f"The header `{PRIORITY_HEADER}` must be {names}.")
@@ -476,7 +481,7 @@ class ProxyService:
         session: str | None = None,
         door: Door = Door.REST,
         read: Reader | None = None,
-        priority: str | None = None,
+        priority: Sequence[str] = (),
     ) -> ProxyResponse:
         """Answers one request.
 
@@ -489,8 +494,9 @@ class ProxyService:
                 answer the door cannot use) is what the request ends with and
                 is counted as. A stream's door says so through
                 `ProxyResponse.unusable`.
-            priority: the priority header (`x-citadel-priority`) as sent, if
-                it was: a lower priority than the key's, or a 400.
+            priority: every value of the priority header
+                (`x-citadel-priority`) as sent: a lower priority than the
+                key's, or a 400.
 
         Raises:
             GatewayError: any refusal or failure, to be shown in OpenAI's shape.
@@ -498,6 +504,9 @@ class ProxyService:
         ctx = _Context(
             call, principal, request_id, self._clock(), session_id(session), door
         )
+        # The key's until the headers are read: a sheddable key's request
+        # refused before (a 404, a 400) is logged as sheddable too.
+        ctx.priority = _key_priority(principal)
         try:
             return await self._handle(ctx, raw, read, priority)
         except GatewayError as err:
@@ -524,7 +533,7 @@ class ProxyService:
             raise failure from err
 
     async def _handle(
-        self, ctx: _Context, raw: bytes, read: Reader | None, asked: str | None
+        self, ctx: _Context, raw: bytes, read: Reader | None, asked: Sequence[str]
     ) -> ProxyResponse:
         parsed = parse_body(raw, ctx.call)
         body = parsed.body
@@ -1496,6 +1505,7 @@ class ProxyService:
     ) -> None:
         who = principal if principal is not None else Principal(None)
         ctx = _Context(call, who, request_id, self._clock(), door=door)
+        ctx.priority = _key_priority(who)
         self._finish(ctx, status, code)
 
     def _finish(self, ctx: _Context, status: int, code: str | None) -> None:

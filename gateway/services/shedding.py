@@ -2,24 +2,27 @@
 its replicas is full, so that its `standard` ones keep the room there is.
 
 What counts as full is what vLLM's own `/metrics` say (read by the
-`MetricsScraper`): a replica with requests waiting for a place in its batch
-(`vllm:num_requests_waiting` at `queue_depth` or more) or its KV cache nearly
-used up (`vllm:kv_cache_usage_perc` at `kv_cache_usage` or more), the signs of
-a replica whose every new request waits for others to finish. The Gateway API
-Inference Extension's saturation check reads the same two figures, with the
-same defaults (5 requests, 80%).
+`MetricsScraper`): a replica with more than `queue_depth` requests waiting for a
+place in its batch (`vllm:num_requests_waiting`) or more than `kv_cache_usage`
+of its KV cache in use (`vllm:kv_cache_usage_perc`), the signs of a replica
+whose every new request waits for others to finish. The Gateway API Inference
+Extension's saturation detector reads the same two figures against the same
+bounds (a pod has room while at most 5 requests wait and at most 80% of its
+cache is used).
 
 A replica read too long ago, or never, is not taken for full: without a recent
 report nothing is shed, as the limits admit requests unchecked when their store
-is unreachable. Replicas are read only for the models that need it (`kv-aware`
-routing, or a sheddable request lately): the first sheddable request of a model
-no one watched finds no report and passes, and the model's replicas are read
-from the next scrape on, for `WATCH_S` after its last sheddable request.
+is unreachable (the Inference Extension takes a stale pod for one without room:
+there a scraper that stops sheds every sheddable request). Replicas are read
+only for the models that need it (`kv-aware` routing, or a sheddable request
+lately): the first sheddable request of a model no one watched finds no report
+and passes, and the model's replicas are read from the next scrape on, for
+`WATCH_S` after its last sheddable request.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from citadel.gateway.routes import ModelRoute
@@ -45,8 +48,10 @@ class SheddingSettings:
     """When a replica counts as full (see the module's docstring).
 
     Attributes:
-        queue_depth: requests waiting at a replica that make it full.
-        kv_cache_usage: the fraction of its KV cache in use that makes it full.
+        queue_depth: the most requests waiting at a replica that still has
+            room (0: a replica is full once one request waits).
+        kv_cache_usage: the largest fraction of its KV cache in use at which
+            a replica still has room.
         max_age_s: how old a replica's report may be and still count.
     """
 
@@ -55,23 +60,30 @@ class SheddingSettings:
     max_age_s: float = 4.0
 
 
-def priority_of(key_priority: Priority, asked: str | None) -> Priority | None:
+def priority_of(key_priority: Priority, asked: Sequence[str]) -> Priority | None:
     """The priority a request is served at: the key's, or the lower one its
-    `x-citadel-priority` header asks for (a header never raises it: a
+    `x-citadel-priority` headers ask for (a header never raises it: a
     sheddable key's request asking `standard` stays sheddable).
 
+    Args:
+        key_priority: the key's.
+        asked: every value of the header the request carries (a repeated
+            header, or one value listing several with commas, as HTTP reads
+            them alike): the lowest counts, whatever the order, on every
+            door. Otherwise a proxy in front that adds `sheddable` to a batch
+            job's requests is undone by a client that sends `standard` first.
+
     Returns:
-        None for a header that names no priority (the caller refuses it).
+        None when a value names no priority (the caller refuses it).
     """
-    if asked is None:
-        return key_priority
-    try:
-        wanted = Priority(asked.strip().lower())
-    except ValueError:
-        return None
-    return (
-        Priority.SHEDDABLE if Priority.SHEDDABLE in (wanted, key_priority) else wanted
-    )
+    found = {key_priority}
+    for value in asked:
+        for part in value.split(","):
+            try:
+                found.add(Priority(part.strip().lower()))
+            except ValueError:
+                return None
+    return Priority.SHEDDABLE if Priority.SHEDDABLE in found else Priority.STANDARD
 
 
 class LoadShedder:
@@ -105,12 +117,15 @@ class LoadShedder:
         return set(self._asked)
 
     def saturated(self, route: ModelRoute) -> bool:
-        """Whether every replica that may take the model's requests is full,
-        by a recent report each; notes the model as one to watch. False for
-        a model with no such replica (no load to protect: the request goes on
-        to be held, or refused, as any other)."""
+        """Whether every ready replica of the model that is not ejected is
+        full, by a recent report each; notes the model as one to watch. False
+        for a model without a ready replica (none, or only some shutting down
+        that still serve: it is waking from zero or going to it, and the
+        request goes on to be held, or refused, as any other)."""
         now = self._clock()
         self._asked[(route.namespace, route.name)] = now
+        if not self._catalog.has_ready(route):
+            return False
         replicas = [r for r in self._catalog.replicas(route) if r.available(now)]
         return bool(replicas) and all(self._full(r, now) for r in replicas)
 
@@ -119,6 +134,6 @@ class LoadShedder:
         if report.stale(now, self._settings.max_age_s):
             return False
         waiting, usage = report.waiting, report.kv_cache_usage
-        return (waiting is not None and waiting >= self._settings.queue_depth) or (
-            usage is not None and usage >= self._settings.kv_cache_usage
+        return (waiting is not None and waiting > self._settings.queue_depth) or (
+            usage is not None and usage > self._settings.kv_cache_usage
         )

@@ -19,7 +19,7 @@ door's client gets (502 `backend_error`), not as the replica's 200.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,12 +84,13 @@ async def ask(
     door: Door,
     session: str | None = None,
     fit: Callable[[dict[str, Any]], object] | None = None,
-    priority: str | None = None,
+    priority: Sequence[str] = (),
 ) -> Answer:
     """Runs one request through the proxy.
 
     Args:
-        priority: the priority header as the door got it (`ProxyService.handle`).
+        priority: every value of the priority header as the door got it
+            (`ProxyService.handle`).
         fit: the door's reading of a whole answer (a JSON object), run before
             the request is counted; the `GatewayError` it raises for an answer
             that does not fit the door's message is what the request is counted

@@ -124,7 +124,7 @@ def test_sheddable_requests_are_refused_while_the_replica_is_full(
     gateway = start_gateway(
         [helpers.route(MODEL, [], endpoints=[serial_replica])],
         keys,
-        shed_queue_depth="1",
+        shed_queue_depth="0",
     )
 
     def client(key: str, **headers: str) -> openai.OpenAI:

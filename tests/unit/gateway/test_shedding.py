@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 
 from citadel.gateway.routes import RoutingDocument
@@ -44,7 +45,7 @@ def load(h: Any, url: str, age_s: float = 0.0, **figures: Any) -> None:
 def fill(h: Any, *urls: str) -> None:
     """Every replica in `urls` (default: both) full by its waiting requests."""
     for url in urls or ("http://r1", "http://r2"):
-        load(h, url, running=4, waiting=5, kv_cache_usage=0.3)
+        load(h, url, running=4, waiting=6, kv_cache_usage=0.3)
 
 
 async def ask(h: Any, kit: Any, headers: Any = None, **body: Any) -> Any:
@@ -113,10 +114,12 @@ async def test_a_standard_request_is_never_shed(
 @pytest.mark.parametrize(
     ("figures", "full"),
     [
-        ({"waiting": 5}, True),
-        ({"waiting": 4}, False),
-        ({"kv_cache_usage": 0.8}, True),
-        ({"kv_cache_usage": 0.79}, False),
+        # More than 5 waiting, more than 80% of the cache: as the Gateway API
+        # Inference Extension bounds a pod with room.
+        ({"waiting": 6}, True),
+        ({"waiting": 5}, False),
+        ({"kv_cache_usage": 0.81}, True),
+        ({"kv_cache_usage": 0.8}, False),
         ({"waiting": 0, "kv_cache_usage": 0.95}, True),
         # Not exported: unknown, never full.
         ({"running": 200}, False),
@@ -157,6 +160,48 @@ async def test_an_ejected_replica_does_not_count(kit: Any) -> None:
     ejected = h.deps.catalog.all_replicas()["http://r2"]
     ejected.ejected_until = h.clock.now + 30
     assert (await ask(h, kit)).status_code == 503
+
+
+async def test_replicas_that_are_shutting_down_alone_are_not_shed(kit: Any) -> None:
+    """The last pods of a model going to zero (or replaced) still serve, full:
+    no ready replica, so its requests fare as any other's (a model that
+    scales from zero holds them for the next one)."""
+    h = build(kit, "sheddable")
+    going = [
+        Endpoint(u, ready=False, serving=True, terminating=True)
+        for u in ("http://r1", "http://r2")
+    ]
+    h.deps.catalog.set_endpoints("llm", "smol", going)
+    fill(h)
+    assert (await ask(h, kit)).status_code == 200
+    assert shed(h) is None
+
+
+async def test_a_sheddable_keys_request_refused_early_is_logged_as_such(
+    kit: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = build(kit, "sheddable")
+    caplog.set_level("INFO", logger="citadel.gateway.access")
+    assert (await ask(h, kit, model="nope")).status_code == 404
+    [line] = [r for r in caplog.records if r.getMessage() == "request"]
+    assert (line.status, line.priority) == (404, "sheddable")
+
+
+async def test_a_repeated_header_counts_its_lowest_value(kit: Any) -> None:
+    """A proxy in front that adds `sheddable` to a batch job's requests is not
+    undone by a client that sends `standard` first."""
+    h = build(kit)
+    fill(h)
+    twice = [(PRIORITY_HEADER, "standard"), (PRIORITY_HEADER, "sheddable")]
+    async with h.client() as client:
+        answer = await client.post(
+            "/v1/chat/completions", json=kit.chat, headers=httpx.Headers(twice)
+        )
+    assert answer.json()["error"]["code"] == "model_overloaded"
+    async with kit.grpc_stub(h) as stub:
+        code, _ = await kit.grpc_chat(stub, "chat", metadata=tuple(twice))
+    assert code is grpc.StatusCode.UNAVAILABLE
+    assert shed(h) == 2
 
 
 async def test_a_model_without_a_ready_replica_is_not_shed(kit: Any) -> None:
@@ -303,16 +348,23 @@ async def test_graphql_requests_ask_by_the_header(kit: Any) -> None:
 @pytest.mark.parametrize(
     ("key", "asked", "served"),
     [
-        (Priority.STANDARD, None, Priority.STANDARD),
-        (Priority.SHEDDABLE, None, Priority.SHEDDABLE),
-        (Priority.STANDARD, "sheddable", Priority.SHEDDABLE),
-        (Priority.STANDARD, "STANDARD", Priority.STANDARD),
-        (Priority.SHEDDABLE, "standard", Priority.SHEDDABLE),
-        (Priority.STANDARD, "critical", None),
-        (Priority.STANDARD, "", None),
+        (Priority.STANDARD, (), Priority.STANDARD),
+        (Priority.SHEDDABLE, (), Priority.SHEDDABLE),
+        (Priority.STANDARD, ("sheddable",), Priority.SHEDDABLE),
+        (Priority.STANDARD, ("STANDARD",), Priority.STANDARD),
+        (Priority.SHEDDABLE, ("standard",), Priority.SHEDDABLE),
+        # Repeated, or listed with commas: the lowest, whatever the order.
+        (Priority.STANDARD, ("standard", "sheddable"), Priority.SHEDDABLE),
+        (Priority.STANDARD, ("sheddable", "standard"), Priority.SHEDDABLE),
+        (Priority.STANDARD, ("standard, sheddable",), Priority.SHEDDABLE),
+        (Priority.STANDARD, ("standard", "urgent"), None),
+        (Priority.STANDARD, ("critical",), None),
+        (Priority.STANDARD, ("",), None),
     ],
 )
-def test_priority_of(key: Priority, asked: str | None, served: Priority | None) -> None:
+def test_priority_of(
+    key: Priority, asked: tuple[str, ...], served: Priority | None
+) -> None:
     assert priority_of(key, asked) is served
 
 
@@ -336,11 +388,17 @@ def test_saturated_needs_every_replica_full() -> None:
     [route] = doc.models
     shedder = LoadShedder(catalog, SheddingSettings(queue_depth=2), lambda: 10.0)
     a, b = (catalog.all_replicas()[u] for u in ("http://a", "http://b"))
-    a.load = LoadReport(waiting=2, scraped_at=10.0)
-    b.load = LoadReport(waiting=1, scraped_at=10.0)
-    assert not shedder.saturated(route)
+    a.load = LoadReport(waiting=3, scraped_at=10.0)
     b.load = LoadReport(waiting=2, scraped_at=10.0)
+    assert not shedder.saturated(route)
+    b.load = LoadReport(waiting=3, scraped_at=10.0)
     assert shedder.saturated(route)
+    # 0: full once a request waits.
+    zero = LoadShedder(catalog, SheddingSettings(queue_depth=0), lambda: 10.0)
+    a.load = b.load = LoadReport(waiting=1, scraped_at=10.0)
+    assert zero.saturated(route)
+    a.load = LoadReport(waiting=0, scraped_at=10.0)
+    assert not zero.saturated(route)
 
 
 @pytest.mark.parametrize("priority", ["standard", "sheddable"])
