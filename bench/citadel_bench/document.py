@@ -724,7 +724,13 @@ def _shedding(r: Results) -> list[str]:
         "waits). TTFT is the users' "
         "(answered requests); the batch's tokens a second count the requests "
         "answered while the users ran "
-        "([bench/citadel_bench/shedding.py](../bench/citadel_bench/shedding.py)).",
+        "([bench/citadel_bench/shedding.py](../bench/citadel_bench/shedding.py)). "
+        "Shedding refuses new batch requests only: those a replica took while it "
+        "had room keep their places in its queue, which it serves in order, so a "
+        "user's request still waits for the batch requests running and queued "
+        "before it; and a replica is judged by its last report, up to two scrape "
+        "periods old, so the gate lets batch requests in for a while after the "
+        "queue has grown past its bound.",
         "",
     ]
     rows = []
