@@ -1328,7 +1328,8 @@ class Reconciler:
         if self._paused:
             return  # a late event of the paused watches (see pause)
         task = asyncio.create_task(
-            self.refresh(namespace, name, fix_drift=fix_drift, fix_service=fix_service)
+            self.refresh(namespace, name, fix_drift=fix_drift, fix_service=fix_service),
+            name=f"status refresh of {namespace}/{name}",
         )
         self._spawned.add(task)
         task.add_done_callback(self._spawned_done)
@@ -1362,7 +1363,8 @@ class Reconciler:
     def _spawned_done(self, task: asyncio.Task[None]) -> None:
         self._spawned.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("status refresh failed", exc_info=task.exception())
+            # Named for what it did: a status refresh, or an Event's post.
+            log.error("%s failed", task.get_name(), exc_info=task.exception())
 
     async def stop(self) -> None:
         """Cancels the refreshes still running in tasks of their own, and those
@@ -1387,7 +1389,10 @@ class Reconciler:
         where a model's owner looks. A replica paused for a peer publishes
         nothing, so tells nothing either."""
         for (key, field), unknown in found.items():
-            task = asyncio.create_task(self._post_unknown_names(key, field, unknown))
+            task = asyncio.create_task(
+                self._post_unknown_names(key, field, unknown),
+                name=f"the {field} Event of {key}",
+            )
             self._spawned.add(task)
             task.add_done_callback(self._spawned_done)
 

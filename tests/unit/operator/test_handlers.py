@@ -208,7 +208,8 @@ async def test_pod_and_deployment_events_hand_the_refresh_to_a_task(
     gate.set()
     for _ in range(3):
         await asyncio.sleep(0)
-    assert [r.message for r in caplog.records].count("status refresh failed") == 2
+    failed = [r.getMessage() for r in caplog.records]
+    assert failed.count("status refresh of ns/m failed") == 2
     # Cleanup cancels what still runs.
     gate.clear()
     await handlers["pod-event"](labels=labels, namespace="ns")
@@ -218,6 +219,26 @@ async def test_pod_and_deployment_events_hand_the_refresh_to_a_task(
     cleanup_fn: Any = cleanup.fn
     await asyncio.wait_for(cleanup_fn(), timeout=1)
     assert len(asked) == 3
+
+
+async def test_a_failed_event_post_is_logged_as_one(
+    settings: OperatorSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tasks that post the unknown-names Events were logged as a failed status
+    refresh."""
+
+    class Failing(Reconciler):
+        async def _post_unknown_names(
+            self, key: str, field: str, unknown: tuple[str, ...]
+        ) -> None:
+            raise RuntimeError("a bug")
+
+    reconciler = Failing(FakeKube(), settings, Metrics())
+    reconciler._tell_unknown_names({("ns/m", "fallbacks"): ("later",)})
+    for _ in range(3):
+        await asyncio.sleep(0)
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged == ["the fallbacks Event of ns/m failed"]
 
 
 async def test_a_deleted_or_edited_service_of_a_live_model_is_fixed_at_once(
