@@ -6,6 +6,7 @@ stopped at teardown. Waits are bounded (`START_TIMEOUT_S`), never asserted on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -260,17 +261,24 @@ FAST_SIMULATOR = (
 not how long they take: prefill at once, decode 0.5 ms a step."""
 
 
-@pytest.fixture
-def smol_replica(tmp_path: Path) -> Iterator[str]:
-    """One simulated replica serving "smol" with FAST_SIMULATOR's steps, for
-    tests about what the gateway relays and counts: its base URL."""
-    argv = procs.simulator_argv(1, "--served-name", "smol", *FAST_SIMULATOR)
-    proc = procs.start("simulator", argv, tmp_path)
+@contextlib.contextmanager
+def simulator(log_dir: Path, *options: str) -> Iterator[str]:
+    """One simulated replica serving "smol" with `options`: its base URL."""
+    argv = procs.simulator_argv(1, "--served-name", "smol", *options)
+    proc = procs.start("simulator", argv, log_dir)
     try:
         [port] = procs.wait_listening(proc)
         yield f"http://127.0.0.1:{port}"
     finally:
         procs.stop(proc)
+
+
+@pytest.fixture
+def smol_replica(tmp_path: Path) -> Iterator[str]:
+    """One simulated replica serving "smol" with FAST_SIMULATOR's steps, for
+    tests about what the gateway relays and counts: its base URL."""
+    with simulator(tmp_path, *FAST_SIMULATOR) as url:
+        yield url
 
 
 def counted(url: str, name: str, **labels: str) -> float:
@@ -295,6 +303,7 @@ class Helpers:
     free_port: Callable[[], int] = free_port
     fast_simulator: tuple[str, ...] = FAST_SIMULATOR
     counted: Callable[..., float] = counted
+    simulator: Callable[..., contextlib.AbstractContextManager[str]] = simulator
 
 
 @pytest.fixture

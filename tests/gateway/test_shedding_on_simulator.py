@@ -17,7 +17,6 @@ from typing import Any
 
 import openai
 import pytest
-from citadel_bench import procs
 
 pytestmark = pytest.mark.integration
 
@@ -39,24 +38,12 @@ one let through waits its turn behind the long requests."""
 
 
 @pytest.fixture
-def serial_replica(tmp_path: Path) -> Iterator[str]:
+def serial_replica(tmp_path: Path, helpers: Any) -> Iterator[str]:
     """One simulated replica serving "smol" that runs one request at a time,
     at the simulator's default decode speed: its base URL."""
-    argv = procs.simulator_argv(
-        1,
-        "--served-name",
-        MODEL,
-        "--max-num-seqs",
-        "1",
-        "--prefill-tokens-per-s",
-        "10000000",
-    )
-    proc = procs.start("simulator", argv, tmp_path)
-    try:
-        [port] = procs.wait_listening(proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        procs.stop(proc)
+    fast_prefill = ("--prefill-tokens-per-s", "10000000")
+    with helpers.simulator(tmp_path, "--max-num-seqs", "1", *fast_prefill) as url:
+        yield url
 
 
 def ask(

@@ -46,13 +46,7 @@ def test_sheddable_requests_are_refused_while_vllm_is_full(
 ) -> None:
     keys = tmp_path / "keys.json"
     key = helpers.create_key(keys, "batch", "--models", "smollm2")
-    route = {
-        "name": "smollm2",
-        "namespace": "llm",
-        "servedName": "smollm2",
-        "service": "smollm2",
-        "endpoints": [smollm2_server.base_url],
-    }
+    route = helpers.route("smollm2", [], endpoints=[smollm2_server.base_url])
     gateway = start_gateway([route], keys, shed_kv_cache_usage="0.0001")
     client = openai.OpenAI(
         base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=120
