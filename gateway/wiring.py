@@ -25,7 +25,7 @@ from citadel.gateway.services.redis_buckets import RedisBuckets, redis_client
 from citadel.gateway.services.replicas import EjectionPolicy
 from citadel.gateway.services.routing import Router
 from citadel.gateway.services.scraper import MetricsScraper, report_max_age_s
-from citadel.gateway.services.shedding import FRESH_PERIODS, SheddingSettings
+from citadel.gateway.services.shedding import SheddingSettings
 from citadel.gateway.services.sockets import SocketCounts
 from citadel.gateway.settings import AuthMode, GatewaySettings, RoutesSource
 from citadel.gateway.sources.files import keys_file_source, routes_file_source
@@ -169,7 +169,7 @@ def proxy_options(settings: GatewaySettings) -> ProxyOptions:
         shedding=SheddingSettings(
             queue_depth=settings.shed_queue_depth,
             kv_cache_usage=settings.shed_kv_cache_usage,
-            max_age_s=FRESH_PERIODS * settings.metrics_scrape_period_s,
+            scrape_period_s=settings.metrics_scrape_period_s,
         ),
         ejection=EjectionPolicy(
             settings.eject_after_failures, settings.eject_base_s, settings.eject_max_s

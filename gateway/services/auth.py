@@ -96,6 +96,11 @@ class Principal:
         """The key's name (a bounded metric label), None when anonymous."""
         return self.key.name if self.key else None
 
+    @property
+    def priority(self) -> Priority:
+        """The key's priority; standard when anonymous (auth disabled)."""
+        return self.key.priority if self.key else Priority.STANDARD
+
     def may_use(self, route: ModelRoute, requested: str | None = None) -> bool:
         """True when the key may call the model `requested` names on `route`
         (None: the base model).

@@ -155,11 +155,6 @@ def _fallback_reason(error: NoReplica | RateLimited) -> str:
     return FALLBACK_BUSY if isinstance(error, RateLimited) else FALLBACK_NO_REPLICA
 
 
-def _key_priority(principal: Principal) -> Priority:
-    """The key's priority; anonymous requests (auth disabled) are standard."""
-    return principal.key.priority if principal.key else Priority.STANDARD
-
-
 def _priority(principal: Principal, asked: Sequence[str]) -> Priority:
     """The request's priority (`shedding.priority_of`): the key's, or the
     lower one its headers ask for.
@@ -167,7 +162,7 @@ def _priority(principal: Principal, asked: Sequence[str]) -> Priority:
     Raises:
         InvalidRequest: a header names no priority.
     """
-    priority = priority_of(_key_priority(principal), asked)
+    priority = priority_of(principal.priority, asked)
     if priority is None:
         names = " or ".join(f"`{p.value}`" for p in Priority)
         raise InvalidRequest(f"The header `{PRIORITY_HEADER}` must be {names}.")
@@ -270,7 +265,12 @@ class _Context:
     sent the request to another model."""
     priority: Priority = Priority.STANDARD
     """What it is served at: the key's priority, or the lower one it asked
-    for (`shedding.priority_of`)."""
+    for (`shedding.priority_of`). The key's until its headers are read, so a
+    sheddable key's request refused before (a 404, a 400) is logged as
+    sheddable too."""
+
+    def __post_init__(self) -> None:
+        self.priority = self.principal.priority
 
     @property
     def replica_model(self) -> str:
@@ -504,9 +504,6 @@ class ProxyService:
         ctx = _Context(
             call, principal, request_id, self._clock(), session_id(session), door
         )
-        # The key's until the headers are read: a sheddable key's request
-        # refused before (a 404, a 400) is logged as sheddable too.
-        ctx.priority = _key_priority(principal)
         try:
             return await self._handle(ctx, raw, read, priority)
         except GatewayError as err:
@@ -565,7 +562,7 @@ class ProxyService:
                 f"The model `{ctx.model}` is overloaded: every replica is full, "
                 "so requests of priority sheddable are refused until one has "
                 "room. Retry later.",
-                retry_after_s=self._options.shedding.max_age_s / 2,
+                retry_after_s=self._options.shedding.scrape_period_s,
             )
         stream = parsed.stream
         # What reads the prompt reads a Responses request as its chat: made
@@ -1505,7 +1502,6 @@ class ProxyService:
     ) -> None:
         who = principal if principal is not None else Principal(None)
         ctx = _Context(call, who, request_id, self._clock(), door=door)
-        ctx.priority = _key_priority(who)
         self._finish(ctx, status, code)
 
     def _finish(self, ctx: _Context, status: int, code: str | None) -> None:

@@ -52,12 +52,19 @@ class SheddingSettings:
             room (0: a replica is full once one request waits).
         kv_cache_usage: the largest fraction of its KV cache in use at which
             a replica still has room.
-        max_age_s: how old a replica's report may be and still count.
+        scrape_period_s: how often replicas' `/metrics` are read: a refused
+            request is told to come back after one period (`Retry-After`),
+            when the next read may find room.
     """
 
     queue_depth: int = 5
     kv_cache_usage: float = 0.8
-    max_age_s: float = 4.0
+    scrape_period_s: float = 2.0
+
+    @property
+    def max_age_s(self) -> float:
+        """How old a replica's report may be and still count."""
+        return FRESH_PERIODS * self.scrape_period_s
 
 
 def priority_of(key_priority: Priority, asked: Sequence[str]) -> Priority | None:
@@ -76,6 +83,8 @@ def priority_of(key_priority: Priority, asked: Sequence[str]) -> Priority | None
     Returns:
         None when a value names no priority (the caller refuses it).
     """
+    if not asked:  # most requests: no set built for them
+        return key_priority
     found = {key_priority}
     for value in asked:
         for part in value.split(","):
