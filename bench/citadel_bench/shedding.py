@@ -28,7 +28,9 @@ the users start; the users' requests are the measured ones.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,7 +136,7 @@ async def _batch_worker(
     url: str,
     headers: dict[str, str],
     tally: _Batch,
-    numbers: Any,
+    numbers: Iterator[int],
     stop_at: float,
 ) -> None:
     """Sends batch requests one after another until `stop_at`; a refused one
@@ -181,7 +183,7 @@ async def _drive(
 ) -> tuple[list[loadgen.Sample], _Batch, float]:
     chat = url + "/v1/chat/completions"
     tally = _Batch()
-    numbers = iter(range(10**9))
+    numbers = itertools.count()
     began = time.perf_counter()
     head = BATCH_HEAD_S if priority else 0.0
     stop_at = began + head + seconds
