@@ -259,9 +259,10 @@ def overview() -> Any:
         panel(
             "Demand by LLMModel",
             "Requests of each LLMModel at the gateways, in flight at its replicas "
-            "or waiting for one (a model at zero waking, spec.autoscaling): what "
-            "the operator's autoscaler sizes models by. Models with none are "
-            "left out.",
+            "or waiting for one (a model at zero waking, spec.autoscaling; or "
+            "every replica at spec.routing.maxRequestsPerReplica): what the "
+            "operator's autoscaler sizes models by. Models with none are left "
+            "out.",
             [
                 (
                     "sum by (model_namespace, llmmodel, state) "
@@ -269,6 +270,27 @@ def overview() -> Any:
                     "{{model_namespace}}/{{llmmodel}} {{state}}",
                 )
             ],
+        ),
+        panel(
+            "Queue wait (p90)",
+            "How long requests waited at the gateway for a replica with room, "
+            "by model and priority: a model with spec.routing."
+            "maxRequestsPerReplica whose every replica had that many. Standard "
+            "requests go before sheddable ones; one that waits past the "
+            "gateway's queue timeout gets 503 model_overloaded. Requests "
+            "served at once are not counted; a model none waited for shows none.",
+            [
+                (
+                    quantile(
+                        0.9,
+                        "citadel_gateway_queue_wait_seconds",
+                        GW_MODEL,
+                        "model, priority",
+                    ),
+                    "{{model}} {{priority}}",
+                )
+            ],
+            unit="s",
         ),
         panel(
             "Fallbacks/s",

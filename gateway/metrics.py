@@ -37,6 +37,8 @@ LABEL_REASON = "reason"
 LABEL_FALLBACK = "fallback"
 # The model a split sends a share of a model's requests to, as its route lists it.
 LABEL_TARGET = "target"
+# A request's priority (standard or sheddable: services.auth.Priority).
+LABEL_PRIORITY = "priority"
 # A model's route identity (its LLMModel's namespace and name) and what its
 # requests are doing, on `model_requests`: the operator's autoscaler reads it
 # straight from each gateway, so these names are its contract. `model_namespace`
@@ -141,8 +143,8 @@ class ModelDemand(Collector):
             "Requests of each LLMModel (any of its names: served name, alias, "
             "adapter) by state: in_flight (sent to one of its replicas and not "
             "finished; a stream until it ends) or waiting (held for a replica "
-            "of a model at zero, scaleFromZero). Read by the operator's "
-            "autoscaler.",
+            "of a model at zero, scaleFromZero, or for one with room, "
+            "maxRequestsPerReplica). Read by the operator's autoscaler.",
             labels=[LABEL_NAMESPACE, LABEL_LLMMODEL, LABEL_STATE],
         )
 
@@ -287,6 +289,17 @@ class GatewayMetrics:
             "been served by, after a split) and key name; counted in requests "
             "too, with status 503.",
             [LABEL_MODEL, LABEL_KEY],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            PREFIX + "queue_wait_seconds",
+            "Time requests waited at the gateway for a replica with room, by "
+            "model and priority: those of a model with maxRequestsPerReplica "
+            "that found every replica at it (served in their turn, or refused "
+            "with 503 model_overloaded once the queue timeout passed). "
+            "Requests served at once are not observed.",
+            [LABEL_MODEL, LABEL_PRIORITY],
+            buckets=TTFT_BUCKETS,
             registry=r,
         )
         self.ejections = Counter(

@@ -134,6 +134,10 @@ class GatewaySettings(BaseSettings):
     """How long a request for a model whose route has `scaleFromZero` waits
     for a ready replica (while the autoscaler starts one) before a 503; 0
     answers 503 at once, as for any model without a ready replica."""
+    queue_timeout_s: float = Field(60.0, ge=0)
+    """How long a request for a model whose route has `maxRequestsPerReplica`
+    waits at the gateway for a replica with room before a 503
+    `model_overloaded`; 0 answers 503 at once when every replica is at it."""
     retries: int = Field(2, ge=0, le=10)
     """Extra replicas tried when a connection fails before any byte was sent,
     a replica refuses unworked (503, 429), or (once) one drops the request."""

@@ -166,6 +166,7 @@ def proxy_options(settings: GatewaySettings) -> ProxyOptions:
         least_try_s=min(settings.connect_timeout_s, settings.read_timeout_s / 2),
         connect_within_s=settings.connect_timeout_s,
         scale_from_zero_within_s=settings.scale_from_zero_timeout_s,
+        queue_within_s=settings.queue_timeout_s,
         shedding=SheddingSettings(
             queue_depth=settings.shed_queue_depth,
             kv_cache_usage=settings.shed_kv_cache_usage,

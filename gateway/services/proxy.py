@@ -55,6 +55,7 @@ from citadel.gateway.routes import SPLIT_WEIGHT_TOTAL, ModelRoute
 from citadel.gateway.services.auth import Principal, Priority
 from citadel.gateway.services.catalog import Catalog
 from citadel.gateway.services.limits import Admission, Limiter, estimate_tokens
+from citadel.gateway.services.queueing import ReplicaQueue
 from citadel.gateway.services.replicas import EjectionPolicy, Replica
 from citadel.gateway.services.requests import (
     ApiCall,
@@ -399,6 +400,10 @@ class ProxyOptions:
     found."""
     shedding: SheddingSettings = field(default_factory=SheddingSettings)
     """When a replica counts as full, for shedding sheddable requests."""
+    queue_within_s: float = 60.0
+    """How long a request for a model with `maxRequestsPerReplica` waits at
+    the gateway for a replica with room before its 503 `model_overloaded`; 0
+    waits not at all. Its tries' `answer_within_s` starts once one is found."""
 
 
 class ProxyService:
@@ -429,6 +434,7 @@ class ProxyService:
         self._clock = clock
         self._draw = draw
         self._shedder = LoadShedder(catalog, options.shedding, clock)
+        self._queue: ReplicaQueue[Replica] = ReplicaQueue()
         # Settles running on after the request that started them was cancelled
         # (a task nothing references may be collected before it finishes).
         self._unfinished: set[asyncio.Task[Any]] = set()
@@ -439,6 +445,8 @@ class ProxyService:
         # while none waits, so that a change costs nothing then.
         self._wake: asyncio.Event | None = None
         catalog.on_change(self._wake_waiters)
+        # A replica added, or a bound raised, is room for requests queued.
+        catalog.on_change(self._queue.offer_all)
         metrics.model_requests.follow(
             lambda: ((r.namespace, r.name) for r in catalog.routes())
         )
@@ -974,13 +982,27 @@ class ProxyService:
             # been cut short by the deadline. The first try has as long as any.
             connect_cut = bool(attempt) and left < self._options.connect_within_s
             try:
-                replica = self._router.choose(route, request, tried)
+                if route.max_requests_per_replica is None:
+                    replica = self._router.choose(route, request, tried)
+                    self._acquire(ctx, replica)
+                else:
+                    within = left if attempt else self._options.queue_within_s
+                    found = await self._queued(ctx, route, request, tried, within)
+                    if found is None:
+                        if attempt:
+                            break
+                        raise self._overloaded(route)
+                    if not attempt:
+                        # Its time to be answered starts now, as for a request
+                        # held for a model at zero.
+                        deadline = self._clock() + self._options.answer_within_s
+                        left = self._options.answer_within_s
+                    replica = found
             except NoReplica:
                 if not attempt:
                     raise
                 break
             tried.append(replica)
-            self._acquire(ctx, replica)
             reply: Reply | None = None
             try:
                 reply = await self._upstream.post(
@@ -1067,6 +1089,67 @@ class ProxyService:
         raise NoReplica(
             f"No replica of `{route.served_name}` could be reached; try again shortly.",
             retry_after_s=NO_REPLICA_RETRY_S,
+        )
+
+    async def _queued(
+        self,
+        ctx: _Context,
+        route: ModelRoute,
+        request: RouteRequest,
+        tried: list[Replica],
+        within_s: float,
+    ) -> Replica | None:
+        """A replica of `route` with room for the request, not in `tried`,
+        taken (counted in flight) in its turn (`ReplicaQueue.take`): counted
+        as waiting meanwhile, as a request held for a model at zero is (demand
+        the operator's autoscaler reads). None when none had room within
+        `within_s`.
+
+        Each look reads the bound of the model's route in force then: one
+        raised or dropped while requests wait applies to them.
+
+        Raises:
+            NoReplica: the model has no replica left to try.
+        """
+        identity: ModelIdentity = (route.namespace, route.name)
+
+        def take() -> Replica | None:
+            current = self._catalog.route_named(route.served_name)
+            if current is None or (current.namespace, current.name) != identity:
+                current = route
+            bound = current.max_requests_per_replica
+            if bound is None:
+                replica: Replica | None = self._router.choose(current, request, tried)
+            else:
+                replica = self._router.choose_with_room(current, request, tried, bound)
+            if replica is not None:
+                self._acquire(ctx, replica)
+            return replica
+
+        demand = self._metrics.model_requests
+        demand.add(identity, STATE_WAITING, 1)
+        start = self._clock()
+        try:
+            replica, waited = await self._queue.take(
+                identity, ctx.priority, take, within_s, excludes=bool(tried)
+            )
+        finally:
+            demand.add(identity, STATE_WAITING, -1)
+        if waited:
+            self._metrics.queue_wait.labels(ctx.model, ctx.priority.value).observe(
+                self._clock() - start
+            )
+        return replica
+
+    def _overloaded(self, route: ModelRoute) -> ModelOverloaded:
+        """The 503 of a request that found no replica with room in time."""
+        within = self._options.queue_within_s
+        waited = f"for {within:g} s" if within > 0 else "(the gateway holds none)"
+        return ModelOverloaded(
+            f"The model `{route.served_name}` is overloaded: every replica had "
+            f"{route.max_requests_per_replica} requests (its "
+            f"maxRequestsPerReplica) {waited}. Retry later.",
+            retry_after_s=1,
         )
 
     async def _body(
@@ -1415,7 +1498,10 @@ class ProxyService:
         ctx.holding = False
         replica.in_flight -= 1
         self._metrics.in_flight.labels(ctx.replica_model, replica.url).dec()
-        self._metrics.model_requests.add(_identity(ctx), STATE_IN_FLIGHT, -1)
+        identity = _identity(ctx)
+        self._metrics.model_requests.add(identity, STATE_IN_FLIGHT, -1)
+        # Room for the first request queued for the model, if any waits.
+        self._queue.offer(identity)
 
     async def _settle(
         self,

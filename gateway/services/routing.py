@@ -87,6 +87,30 @@ class Router:
         Raises:
             NoReplica: the model has no replica left to try.
         """
+        return self._choose(route, request, self._candidates(route, exclude))
+
+    def choose_with_room(
+        self,
+        route: ModelRoute,
+        request: RouteRequest,
+        exclude: Collection[Replica],
+        bound: int,
+    ) -> Replica | None:
+        """As `choose`, among the replicas with fewer than `bound` requests in
+        flight; None when every one it would choose from has `bound` (the
+        request waits: see `queueing`). A replica ejected or shutting down is
+        no room while one before it in `choose`'s order is only busy.
+
+        Raises:
+            NoReplica: the model has no replica left to try.
+        """
+        roomy = [r for r in self._candidates(route, exclude) if r.in_flight < bound]
+        return self._choose(route, request, roomy) if roomy else None
+
+    def _candidates(
+        self, route: ModelRoute, exclude: Collection[Replica]
+    ) -> list[Replica]:
+        """The replicas `choose` chooses from, in its order (see there)."""
         candidates = self._catalog.replicas(route, exclude)
         now = self._clock()
         healthy = [r for r in candidates if r.available(now)]
@@ -99,7 +123,12 @@ class Router:
                 "try again shortly.",
                 retry_after_s=NO_REPLICA_RETRY_S,
             )
-        replica, how = self._strategy(route).choose(healthy, request)
+        return healthy
+
+    def _choose(
+        self, route: ModelRoute, request: RouteRequest, replicas: list[Replica]
+    ) -> Replica:
+        replica, how = self._strategy(route).choose(replicas, request)
         if self._on_decision:
             self._on_decision(route.served_name, route.strategy.value, how)
         return replica
