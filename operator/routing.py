@@ -81,6 +81,7 @@ def route_for(model: LLMModel) -> ModelRoute:
             SplitTarget(model=target.model, weight=target.weight)
             for target in model.spec.routing.split
         ),
+        max_requests_per_replica=model.spec.routing.max_requests_per_replica,
     )
 
 

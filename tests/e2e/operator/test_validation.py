@@ -618,6 +618,13 @@ MESSAGE_CASES: list[tuple[str, dict[str, Any], str, str, str]] = [
         "spec.routing.split[0].model",
         "should match",
     ),
+    (
+        "max-requests-per-replica-zero",
+        {"routing": {"maxRequestsPerReplica": 0}},
+        "bad",
+        "spec.routing.maxRequestsPerReplica",
+        "should be greater than or equal to 1",
+    ),
 ]
 
 
@@ -735,7 +742,7 @@ def test_legal_edge_cases_are_accepted(
         ],
         # Two, in Hugging Face style too, naming no model yet: the gateway
         # skips a name no model serves. The split's weights add up to all of
-        # the requests, the most they may.
+        # the requests, the most they may; maxRequestsPerReplica is its most.
         "routing": {
             "strategy": "least-load",
             "fallbacks": ["smol", "org/tiny:v1"],
@@ -743,6 +750,7 @@ def test_legal_edge_cases_are_accepted(
                 {"model": "org/tiny:v2", "weight": 60},
                 {"model": "big-v2", "weight": 40},
             ],
+            "maxRequestsPerReplica": 100_000,
         },
     }
     out = cluster.kubectl(

@@ -1048,3 +1048,33 @@ def test_a_split_target_needs_a_model_name_and_a_weight_of_1_to_100(
         LLMModelSpec.model_validate(
             {"model": "org/model", "routing": {"split": [target]}}
         )
+
+
+def test_max_requests_per_replica_is_an_optional_bound_of_at_least_1() -> None:
+    bound = _at("routing.maxRequestsPerReplica")
+    # `minimum`: the API server refuses 0 or less naming the field and the bound
+    # ("should be greater than or equal to 1").
+    assert (bound["type"], bound["minimum"], bound["maximum"]) == (
+        "integer",
+        1,
+        100_000,
+    )
+    assert "default" not in bound  # absent: no bound
+    assert "maxRequestsPerReplica" not in _at("routing").get("required", [])
+
+
+def test_a_max_requests_per_replica_spec_parses() -> None:
+    spec = LLMModelSpec.model_validate(
+        {"model": "org/model", "routing": {"maxRequestsPerReplica": 256}}
+    )
+    assert spec.routing.max_requests_per_replica == 256
+    plain = LLMModelSpec.model_validate({"model": "org/model"})
+    assert plain.routing.max_requests_per_replica is None
+
+
+@pytest.mark.parametrize("bound", [0, -1, 100_001])
+def test_max_requests_per_replica_is_1_to_100000(bound: int) -> None:
+    with pytest.raises(ValidationError):
+        LLMModelSpec.model_validate(
+            {"model": "org/model", "routing": {"maxRequestsPerReplica": bound}}
+        )

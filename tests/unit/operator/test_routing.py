@@ -148,6 +148,23 @@ def test_a_route_carries_the_split_as_listed(
     ]
 
 
+@pytest.mark.parametrize("bound", [1, 256])
+def test_a_route_carries_the_max_requests_per_replica(bound: int) -> None:
+    routing = {"maxRequestsPerReplica": bound}
+    route = route_for(LLMModel.from_body(model_body("big", routing=routing)))
+    assert route.max_requests_per_replica == bound
+    document = json.loads(RoutingDocument(models=(route,)).to_json())
+    assert document["models"][0]["maxRequestsPerReplica"] == bound
+
+
+def test_a_route_without_max_requests_per_replica_has_no_bound() -> None:
+    route = route_for(LLMModel.from_body(model_body("big")))
+    assert route.max_requests_per_replica is None
+    # Left out of the document, which reads back the same.
+    document = json.loads(RoutingDocument(models=(route,)).to_json())
+    assert "maxRequestsPerReplica" not in document["models"][0]
+
+
 def test_the_split_is_published_with_the_document() -> None:
     big = LLMModel.from_body(
         model_body(
