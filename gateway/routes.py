@@ -48,7 +48,7 @@ CONFIGMAP_GZIP_KEY = "routes.json.gz"
 `CONFIGMAP_KEY` from `GZIP_FROM_BYTES` on."""
 GZIP_FROM_BYTES = 512 * 1024
 """From this size of its JSON on, the document is stored gzipped. A ConfigMap
-holds 1 MiB: as text, some 2,400-3,050 models (see `RoutingDocument.to_json`);
+holds 1 MiB: as text, some 2,500-3,250 models (see `RoutingDocument.to_json`);
 gzipped, some 29,000 to 41,000 (4,000 models with random names of 10 to 35
 characters: 36 bytes a model, 10.6x, each in a namespace of its own; 26 bytes,
 14.8x, in 10 namespaces; 2026-12-07); names that share most of their
@@ -302,17 +302,16 @@ class RoutingDocument(_Model):
     def to_json(self) -> str:
         """The canonical JSON form (sorted models, stable key order), compact: a
         ConfigMap holds at most 1 MiB. A model without aliases, adapters,
-        fallbacks or split takes 344 to 435 bytes (names of 10 to 35
+        fallbacks or split takes 322 to 413 bytes (names of 10 to 35
         characters, namespaces of 3 to 19; its empty `adapters` 14 of them,
-        `fallbacks` 15, `split` 11), some 2,400-3,050 models a MiB (1,000
-        models of random names through the operator's build_document,
-        2026-12-07; the empty `split` leaves the gzipped size as it was: 4,000
-        models with and without it, 33.8 bytes a model each), more once gzipped
-        (`configmap_content`); indented JSON took some 160 bytes more a
-        model. Fields that are None are left out, which reads back the same
-        (each defaults to None): 1,000 such models of random names took 368
-        bytes each, 35.1 gzipped, against 418 and 36.1 with their nulls
-        (`limits`, `maxRequestsPerReplica`; 2026-12-08)."""
+        `fallbacks` 15, `split` 11), some 2,500-3,250 models a MiB, more once
+        gzipped (`configmap_content`); indented JSON took some 160 bytes more
+        a model. Fields that are None are left out, which reads back the same
+        (each defaults to None): 1,000 models of random names took 368 bytes
+        each, 35.1 gzipped, against 418 and 36.1 with their nulls (`limits`'
+        `rpm` and `tpm`, `maxRequestsPerReplica`; 2026-12-08); the empty
+        `split` had left the gzipped size as it was (4,000 models with and
+        without it, 33.8 bytes a model each, 2026-12-07)."""
         ordered = sorted(self.models, key=lambda r: (r.namespace, r.name))
         doc = self.model_copy(update={"models": tuple(ordered)})
         return doc.model_dump_json(by_alias=True, exclude_none=True)

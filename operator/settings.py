@@ -115,7 +115,7 @@ class OperatorSettings(BaseSettings):
     most a minute: a new model is not routed before)."""
     route_publish_interval: float = Field(1.0, ge=0, le=600, allow_inf_nan=False)
     """Least time between two writes of the ConfigMap. Each write carries the
-    whole document (344 KB for 1,000 models with 10-character names, namespaces
+    whole document (322 KB for 1,000 models with 10-character names, namespaces
     of 3 and no aliases, adapters, fallbacks or split, measured with
     build_document) to the API server and to every gateway's watch; while
     models keep changing, as in a burst of new ones, this bounds how often."""

@@ -888,13 +888,14 @@ class Routing(ApiModel):
     max_requests_per_replica: Annotated[int, Field(ge=1, le=100_000)] | None = None
     """The most requests a gateway replica has at one model replica at once;
     more wait at the gateway for a replica with room, standard priority before
-    sheddable, and are refused (503 `model_overloaded`) after the gateway's wait
-    bound. Each gateway replica keeps its own count, so a model replica may get
-    up to this many from every gateway replica. vLLM's `--max-num-seqs` (what a
-    replica runs at once) suits it: the gateway holds the rest, so a standard
-    request goes before queued sheddable ones, and to whichever replica frees
-    first. Waiting requests count as demand for spec.autoscaling. Absent: no
-    bound (vLLM queues what it cannot run)."""
+    sheddable, and are refused (503 `model_overloaded`) after the gateway's
+    queue timeout (CITADEL_GATEWAY_QUEUE_TIMEOUT_S, 60 s; the chart's
+    gateway.queueTimeoutSeconds). Each gateway replica keeps its own count, so
+    a model replica may get up to this many from every gateway replica. vLLM's
+    `--max-num-seqs` (what a replica runs at once) suits it: the gateway holds
+    the rest, so a standard request goes before queued sheddable ones, and to
+    whichever replica frees first. Waiting requests count as demand for
+    spec.autoscaling. Absent: no bound (vLLM queues what it cannot run)."""
 
 
 class Limits(ApiModel):
