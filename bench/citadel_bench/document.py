@@ -721,16 +721,22 @@ def _shedding(r: Results) -> list[str]:
         "`x-citadel-priority: sheddable`, a refused worker waiting the 503's "
         "`Retry-After` before its next request (as the OpenAI client does); the "
         "same with `CITADEL_GATEWAY_SHED_QUEUE_DEPTH=0` (full once a request "
-        "waits). TTFT is the users' "
+        "waits); then with the route's `maxRequestsPerReplica` at "
+        f"{MAX_NUM_SEQS}, what the replicas run at once, so that the rest waits "
+        "at the gateway for the first replica that frees "
+        "([the queue](gateway.md#requests-per-replica-and-the-queue)): with the "
+        "batch standard (arrival order), and sheddable (the users' requests "
+        "before every queued batch request). TTFT is the users' "
         "(answered requests); the batch's tokens a second count the requests "
         "answered while the users ran "
         "([bench/citadel_bench/shedding.py](../bench/citadel_bench/shedding.py)). "
-        "Shedding refuses new batch requests only: those a replica took while it "
-        "had room keep their places in its queue, which it serves in order, so a "
-        "user's request still waits for the batch requests running and queued "
-        "before it; and a replica is judged by its last report, up to two scrape "
-        "periods old, so the gate lets batch requests in for a while after the "
-        "queue has grown past its bound.",
+        "Shedding alone refuses new batch requests only: those a replica took "
+        "while it had room keep their places in its queue, which it serves in "
+        "order, so a user's request still waits for the batch requests running "
+        "and queued before it; and a replica is judged by its last report, up to "
+        "two scrape periods old, so the gate lets batch requests in for a while "
+        "after the queue has grown past its bound. Queued at the gateway, a "
+        "user's request waits only for a running request to end.",
         "",
     ]
     rows = []

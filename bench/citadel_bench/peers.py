@@ -117,9 +117,11 @@ def citadel_files(
     log_dir: Path,
     strategy: str | None = None,
     name: str = "citadel",
+    route_options: Mapping[str, object] | None = None,
 ) -> CitadelFiles:
-    """A routes file listing `backends` (with `strategy`, else the default) and
-    a key file of one key, under `log_dir`, named after `name`."""
+    """A routes file listing `backends` (with `strategy`, else the default, and
+    any other fields of the route in `route_options`) and a key file of one
+    key, under `log_dir`, named after `name`."""
     route: dict[str, object] = {
         "name": MODEL,
         "namespace": "bench",
@@ -127,6 +129,7 @@ def citadel_files(
         "service": MODEL,
         "endpoints": list(backends),
         "ready": True,
+        **(route_options or {}),
     }
     if strategy:
         route["strategy"] = strategy

@@ -19,7 +19,13 @@ Each phase runs on fresh processes:
   each refused worker waiting the answer's `Retry-After` before its next;
 - `batch as sheddable, queue depth 0`: the same with
   `CITADEL_GATEWAY_SHED_QUEUE_DEPTH=0`, a replica full as soon as one request
-  waits there: the users' latency for less of the batch's throughput.
+  waits there: the users' latency for less of the batch's throughput;
+- `batch as standard, queued at the gateway`: the route's
+  `maxRequestsPerReplica` at `MAX_NUM_SEQS`, so that what the replicas cannot
+  run waits at the gateway (in arrival order, every request standard) and
+  goes to the first replica that frees: what that alone changes;
+- `batch as sheddable, queued at the gateway`: the same with the batch
+  sheddable: the users' requests go before every queued batch request.
 
 The batch starts first and runs `BATCH_HEAD_S` alone so its queue stands when
 the users start; the users' requests are the measured ones.
@@ -54,18 +60,23 @@ BATCH_HEAD_S = 8.0
 _QUESTION = "Explain in a few sentences how a load balancer picks a server. " * 12
 _DOCUMENT = "Summarise this report on quarterly capacity planning for GPUs. " * 60
 
-PHASES: tuple[tuple[str, str | None, dict[str, str]], ...] = (
-    ("interactive alone", None, {}),
-    ("batch as standard", "standard", {}),
-    ("batch as sheddable", "sheddable", {}),
+_QUEUED: dict[str, object] = {"maxRequestsPerReplica": MAX_NUM_SEQS}
+
+PHASES: tuple[tuple[str, str | None, dict[str, str], dict[str, object]], ...] = (
+    ("interactive alone", None, {}, {}),
+    ("batch as standard", "standard", {}, {}),
+    ("batch as sheddable", "sheddable", {}, {}),
     (
         "batch as sheddable, queue depth 0",
         "sheddable",
         {"CITADEL_GATEWAY_SHED_QUEUE_DEPTH": "0"},
+        {},
     ),
+    ("batch as standard, queued at the gateway", "standard", {}, _QUEUED),
+    ("batch as sheddable, queued at the gateway", "sheddable", {}, _QUEUED),
 )
 """Each phase: its name, the batch's priority (None: no batch), the gateway's
-settings besides its defaults."""
+settings besides its defaults, the route's fields besides its defaults."""
 
 
 @dataclass(frozen=True)
@@ -219,6 +230,7 @@ def run_phase(
     name: str,
     priority: str | None,
     env: dict[str, str],
+    route: dict[str, object],
     log_dir: Path,
     seconds: float,
 ) -> Phase:
@@ -232,7 +244,9 @@ def run_phase(
     procs = [sim]
     try:
         backends = [f"http://127.0.0.1:{p}" for p in wait_listening(sim)]
-        files = peers.citadel_files(backends, log_dir, name=f"shed-{slug}")
+        files = peers.citadel_files(
+            backends, log_dir, name=f"shed-{slug}", route_options=route
+        )
         [gateway] = peers.start_gateways(files, log_dir, [f"shed-{slug}"], env)
         procs.append(gateway.proc)
         samples, tally, users_s = asyncio.run(
@@ -257,7 +271,7 @@ def run_shedding(log_dir: Path, seconds: float) -> SheddingResult:
     """Every phase of `PHASES`, the users running `seconds` in each."""
     return SheddingResult(
         [
-            run_phase(name, priority, env, log_dir, seconds)
-            for name, priority, env in PHASES
+            run_phase(name, priority, env, route, log_dir, seconds)
+            for name, priority, env, route in PHASES
         ]
     )

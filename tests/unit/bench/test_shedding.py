@@ -45,13 +45,13 @@ def _phase(name: str, ttft_ms: float, shed: int) -> Phase:
 def test_the_document_shows_every_phase(tmp_path: Path) -> None:
     r = _results()
     r.shedding = SheddingResult(
-        [_phase(name, 100.0 * (i + 1), 7 * i) for i, (name, _, _) in enumerate(PHASES)]
+        [_phase(name, 100.0 * (i + 1), 7 * i) for i, (name, *_) in enumerate(PHASES)]
     )
     path = tmp_path / "benchmarks.md"
     write_document(r, path, tmp_path)
     part = path.read_text().split("## Priorities under overload")[1].split("\n## ")[0]
     rows = [line for line in part.splitlines() if line.startswith("| batch as")]
-    assert len(rows) == 3
+    assert len(rows) == 5
     # Mean of 300 and 900 ms; 30 answered of 256 tokens over 30 s.
     assert rows[1].startswith("| batch as sheddable | 2 | 0 | 600.00 |")
     assert rows[1].endswith(f"| 30 | 14 | 0 | {30 * BATCH_TOKENS // 30} |")
