@@ -627,26 +627,39 @@ def test_ports_the_programs_accept_render(chart: ChartKit) -> None:
     chart.render({"gateway.grpcPort": 50051, "gateway.metricsPort": 9090})
 
 
-def test_gateway_scale_from_zero_timeout_is_a_value(
-    chart: ChartKit, tmp_path: Path
+@pytest.mark.parametrize(
+    ("value", "variable", "default"),
+    [
+        (
+            "scaleFromZeroTimeoutSeconds",
+            "CITADEL_GATEWAY_SCALE_FROM_ZERO_TIMEOUT_S",
+            300,
+        ),
+        ("queueTimeoutSeconds", "CITADEL_GATEWAY_QUEUE_TIMEOUT_S", 60),
+    ],
+)
+def test_gateway_wait_timeout_is_a_value(
+    chart: ChartKit, tmp_path: Path, value: str, variable: str, default: int
 ) -> None:
     def timeout(objs: list[dict[str, Any]]) -> str:
         deployment = chart.one(objs, "Deployment", "citadel-gateway")
-        return str(
-            chart.env_of(chart.container(deployment))[
-                "CITADEL_GATEWAY_SCALE_FROM_ZERO_TIMEOUT_S"
-            ]
-        )
+        return str(chart.env_of(chart.container(deployment))[variable])
 
-    assert timeout(chart.render({})) == "300"
-    assert timeout(chart.render({"gateway.scaleFromZeroTimeoutSeconds": 0})) == "0"
-    assert timeout(chart.render({"gateway.scaleFromZeroTimeoutSeconds": 900})) == "900"
-    chart.render({"gateway.scaleFromZeroTimeoutSeconds": -1}, expect_error="minimum")
+    assert timeout(chart.render({})) == str(default)
+    assert timeout(chart.render({f"gateway.{value}": 0})) == "0"
+    assert timeout(chart.render({f"gateway.{value}": 900})) == "900"
+    chart.render({f"gateway.{value}": -1}, expect_error="minimum")
+    chart.render({f"gateway.{value}": 86401}, expect_error="maximum")
     # Reused values of a chart before the value: the gateway's own default, not
     # an empty variable that would stop it at start-up.
     copy = tmp_path / "citadel"
     shutil.copytree(chart.path, copy)
     values = yaml.safe_load((copy / "values.yaml").read_text())
-    del values["gateway"]["scaleFromZeroTimeoutSeconds"]
+    del values["gateway"][value]
     (copy / "values.yaml").write_text(yaml.safe_dump(values))
-    assert timeout(chart.render(path=copy)) == "300"
+    assert timeout(chart.render(path=copy)) == str(default)
+    # The chart's default is the gateway's.
+    field = GatewaySettings.model_fields[
+        variable.removeprefix("CITADEL_GATEWAY_").lower()
+    ]
+    assert field.default == default
