@@ -50,7 +50,8 @@ LABEL_STATE = "state"
 MODEL_REQUESTS = PREFIX + "model_requests"
 STATE_IN_FLIGHT = "in_flight"
 STATE_WAITING = "waiting"
-MODEL_REQUEST_STATES = (STATE_IN_FLIGHT, STATE_WAITING)
+STATE_QUEUED = "queued"
+MODEL_REQUEST_STATES = (STATE_IN_FLIGHT, STATE_WAITING, STATE_QUEUED)
 # Why a request left a model for its fallback (`fallbacks`' reason label).
 FALLBACK_NO_REPLICA = "no_replica"
 FALLBACK_BUSY = "busy"
@@ -142,9 +143,10 @@ class ModelDemand(Collector):
             MODEL_REQUESTS,
             "Requests of each LLMModel (any of its names: served name, alias, "
             "adapter) by state: in_flight (sent to one of its replicas and not "
-            "finished; a stream until it ends) or waiting (held for a replica "
-            "of a model at zero, scaleFromZero, or for one with room, "
-            "maxRequestsPerReplica). Read by the operator's autoscaler.",
+            "finished; a stream until it ends), waiting (held for a replica of "
+            "a model at zero, scaleFromZero) or queued (waiting for a replica "
+            "with room, maxRequestsPerReplica). Read by the operator's "
+            "autoscaler.",
             labels=[LABEL_NAMESPACE, LABEL_LLMMODEL, LABEL_STATE],
         )
 

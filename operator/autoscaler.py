@@ -282,7 +282,9 @@ class Autoscaler:
             tracked.blind_told = False
             demand = reading.demand.get((model.namespace, model.name), Demand())
             for state, value in zip(
-                DEMAND_STATES, (demand.in_flight, demand.waiting), strict=True
+                DEMAND_STATES,
+                (demand.in_flight, demand.waiting, demand.queued),
+                strict=True,
             ):
                 self._metrics.demand.labels(model.namespace, model.name, state).set(
                     value

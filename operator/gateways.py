@@ -1,9 +1,9 @@
 """Reading the gateways' demand: which gateways, and what their /metrics say.
 
 Each gateway serves `citadel_gateway_model_requests{model_namespace, llmmodel,
-state}` (state `in_flight` or `waiting`); the autoscaler sums it per model over
-every gateway it finds: the URLs the settings list, and the ready endpoints of
-the gateway's metrics Service.
+state}` (state `in_flight`, `waiting` or `queued`); the autoscaler sums it per
+model over every gateway it finds: the URLs the settings list, and the ready
+endpoints of the gateway's metrics Service.
 """
 
 from __future__ import annotations
@@ -45,11 +45,15 @@ class Demand:
 
     in_flight: float = 0.0
     waiting: float = 0.0
+    """Held for a model without a ready replica (at zero)."""
+    queued: float = 0.0
+    """Waiting at a gateway for a replica with room (maxRequestsPerReplica):
+    the model has replicas, all busy; gateways before it count none."""
 
     @property
     def total(self) -> float:
-        """In flight plus waiting: what the replicas must serve."""
-        return self.in_flight + self.waiting
+        """In flight, waiting and queued: what the replicas must serve."""
+        return self.in_flight + self.waiting + self.queued
 
 
 @dataclass
@@ -106,8 +110,11 @@ def parse_model_requests(text: str) -> dict[ModelKey, Demand]:
         if not all(key):
             continue
         demand = found.setdefault(key, Demand())
-        if labels["state"] == "waiting":
+        state = labels["state"]
+        if state == "waiting":
             demand.waiting += value
+        elif state == "queued":
+            demand.queued += value
         else:
             demand.in_flight += value
     return found
@@ -245,4 +252,5 @@ class Gateways:
                 total = reading.demand.setdefault(key, Demand())
                 total.in_flight += demand.in_flight
                 total.waiting += demand.waiting
+                total.queued += demand.queued
         return reading

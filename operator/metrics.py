@@ -28,7 +28,7 @@ DRIFT_REVERTS = "citadel_operator_drift_reverts_total"
 AUTOSCALER_DEMAND = "citadel_operator_autoscaler_demand"
 AUTOSCALER_SCALES = "citadel_operator_autoscaler_scales_total"
 # The gateways' request states the autoscaler reads (the gateway's own names).
-DEMAND_STATES = ("in_flight", "waiting")
+DEMAND_STATES = ("in_flight", "waiting", "queued")
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -84,7 +84,7 @@ class Metrics:
             AUTOSCALER_DEMAND,
             "Requests of each autoscaled LLMModel at the gateways, summed over "
             "those read at the autoscaler's last tick, by state (in_flight, "
-            "waiting).",
+            "waiting, queued).",
             ["model_namespace", "model", "state"],
             registry=self.registry,
         )

@@ -46,6 +46,7 @@ from citadel.gateway.metrics import (
     FALLBACK_NO_REPLICA,
     FALLBACK_WAKING,
     STATE_IN_FLIGHT,
+    STATE_QUEUED,
     STATE_WAITING,
     UNKNOWN_MODEL,
     GatewayMetrics,
@@ -1107,9 +1108,9 @@ class ProxyService:
     ) -> Replica | None:
         """A replica of `route` with room for the request, not in `tried`,
         taken (counted in flight) in its turn (`ReplicaQueue.take`): counted
-        as waiting meanwhile, as a request held for a model at zero is (demand
-        the operator's autoscaler reads). None when none had room within
-        `within_s`.
+        as queued meanwhile (demand the operator's autoscaler reads, as it
+        reads requests held for a model at zero, which are waiting). None
+        when none had room within `within_s`.
 
         Each look reads the bound of the model's route in force then: one
         raised or dropped while requests wait applies to them.
@@ -1133,14 +1134,14 @@ class ProxyService:
             return replica
 
         demand = self._metrics.model_requests
-        demand.add(identity, STATE_WAITING, 1)
+        demand.add(identity, STATE_QUEUED, 1)
         start = self._clock()
         try:
             replica, waited = await self._queue.take(
                 identity, ctx.priority, take, within_s, excludes=bool(tried)
             )
         finally:
-            demand.add(identity, STATE_WAITING, -1)
+            demand.add(identity, STATE_QUEUED, -1)
         if waited:
             self._metrics.queue_wait.labels(ctx.model, ctx.priority.value).observe(
                 self._clock() - start

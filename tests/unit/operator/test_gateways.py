@@ -65,7 +65,9 @@ def test_labels_in_any_order_and_other_lines_ignored() -> None:
             'citadel_gateway_model_requests{llmmodel="m",model_namespace="ns",'
             'state="in_flight",} 1e1 1700000000000',
             'citadel_gateway_model_requests{model_namespace="ns",llmmodel="m",'
-            'state="queued"} 7',
+            'state="queued"} 2',
+            'citadel_gateway_model_requests{model_namespace="ns",llmmodel="m",'
+            'state="sleeping"} 7',
             'citadel_gateway_model_requests{model_namespace="ns",state="waiting"} 7',
             'citadel_gateway_model_requests{model_namespace="ns",llmmodel="m",'
             'state="waiting"} NaN',
@@ -76,7 +78,7 @@ def test_labels_in_any_order_and_other_lines_ignored() -> None:
             "garbage",
         ]
     )
-    assert parse_model_requests(text) == {("ns", "m"): Demand(10.0, 4.0)}
+    assert parse_model_requests(text) == {("ns", "m"): Demand(10.0, 4.0, 2.0)}
 
 
 SERVICE = {
