@@ -455,11 +455,21 @@ class ProxyService:
     def stopping(self, grace_s: float) -> None:
         """The server stops: what still runs after `grace_s` is cut by it, not
         by its client, and is counted so (503 `shutting_down`). Requests held
-        for a model at zero end now (503 `shutting_down`): one may wait
-        minutes, past the grace, and another gateway replica can hold it."""
+        for a model at zero, or queued for a replica with room, end now (503
+        `shutting_down`): one may wait minutes, past the grace, and another
+        gateway replica can hold it."""
         self._cut_at = self._clock() + grace_s
         self._stopping = True
         self._wake_waiters()
+        self._queue.close(self._stopping_error)
+
+    @staticmethod
+    def _stopping_error() -> ShuttingDown:
+        return ShuttingDown(
+            "The gateway is stopping and every replica of the model is busy; "
+            "try again.",
+            retry_after_s=1,
+        )
 
     def _wake_waiters(self) -> None:
         wake, self._wake = self._wake, None

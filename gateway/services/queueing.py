@@ -66,6 +66,7 @@ class ReplicaQueue(Generic[T]):
     def __init__(self) -> None:
         self._waiting: dict[object, list[_Waiter[T]]] = {}
         self._order = itertools.count()
+        self._closed: Callable[[], Exception] | None = None
 
     def waiting(self, model: object) -> int:
         """How many requests wait for `model` now."""
@@ -99,6 +100,10 @@ class ReplicaQueue(Generic[T]):
 
         A cancel that comes as `take` was run for it still leaves it taken:
         the caller, which counts what `take` takes, gives it back.
+
+        Raises:
+            Exception: once `close`d, the error it gives, where the request
+                would have to wait.
         """
         waiter = _Waiter(RANKS[priority], next(self._order), take, excludes)
         queue = self._waiting.setdefault(model, [])
@@ -106,6 +111,9 @@ class ReplicaQueue(Generic[T]):
         self.offer(model)
         if waiter.future.done():
             return waiter.future.result(), False
+        if self._closed is not None:
+            self._drop(model, waiter)
+            raise self._closed()
         loop = asyncio.get_running_loop()
         ends = loop.time() + within_s
         try:
@@ -146,6 +154,18 @@ class ReplicaQueue(Generic[T]):
             queue.remove(waiter)
         if not queue:
             del self._waiting[model]
+
+    def close(self, error: Callable[[], Exception]) -> None:
+        """Ends every wait with `error()`, and any later one that would wait:
+        the server stops, and another gateway replica can take the requests
+        sooner than a replica here frees (one may wait minutes, past the
+        shutdown grace)."""
+        self._closed = error
+        for queue in self._waiting.values():
+            for waiter in queue:
+                if not waiter.future.done():
+                    waiter.future.set_exception(error())
+        self._waiting.clear()
 
     def offer_all(self) -> None:
         """`offer` for every model with requests waiting: after a change of
