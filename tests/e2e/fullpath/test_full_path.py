@@ -618,6 +618,74 @@ def test_a_sheddable_key_made_by_the_cli_is_served_as_one(platform: Platform) ->
     assert "x-citadel-priority" in refused.json()["error"]["message"]
 
 
+def gateway_counted(platform: Platform, name: str) -> float:
+    """The sum of the samples of `name` the gateway pod serves on its metrics
+    port (the chart's gateway.metricsPort, 9090)."""
+    host = httpx.URL(platform.gateway_url()).host
+    text = httpx.get(f"http://{host}:9090/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{")
+    )
+
+
+def bound_of(platform: Platform, bound: int | None) -> None:
+    """Sets the demo model's spec.routing.maxRequestsPerReplica (None: none)."""
+    patch = {"spec": {"routing": {"maxRequestsPerReplica": bound}}}
+    platform.cluster.kubectl(
+        "patch",
+        "llmmodel",
+        MODEL,
+        "-n",
+        MODEL_NS,
+        "--type=merge",
+        "-p",
+        json.dumps(patch),
+    )
+
+
+def test_requests_past_the_replicas_bound_wait_at_the_gateway(
+    platform: Platform,
+) -> None:
+    """spec.routing.maxRequestsPerReplica through the chart's operator and
+    gateway: with a bound of 1 on each of the demo model's replicas, two
+    requests more than it has replicas, sent at once, are all answered, and
+    those that found every replica busy waited at the gateway (its
+    queue_wait_seconds count); without the bound none waits again."""
+    at_once = len(model_pods(platform)) + 2
+    waited = "citadel_gateway_queue_wait_seconds_count"
+
+    def all_at_once() -> list[str]:
+        with ThreadPoolExecutor(max_workers=at_once) as pool:
+            return list(
+                pool.map(
+                    lambda i: ask(client(platform), f"Count to {i}.", max_tokens=24),
+                    range(at_once),
+                )
+            )
+
+    bound_of(platform, 1)
+    try:
+        before = gateway_counted(platform, waited)
+
+        def queued_some() -> bool:
+            all_at_once()
+            return gateway_counted(platform, waited) > before
+
+        wait_for("requests queued at the gateway", queued_some, timeout=120)
+        bound_of(platform, None)
+
+        def none_queued() -> bool:
+            seen = gateway_counted(platform, waited)
+            all_at_once()
+            return gateway_counted(platform, waited) == seen
+
+        wait_for("no request queued without the bound", none_queued, timeout=120)
+    finally:
+        bound_of(platform, None)
+
+
 def owned_objects(platform: Platform) -> dict[str, int]:
     counts = {}
     for kind in ("deployments", "services", "replicasets"):
