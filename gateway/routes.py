@@ -207,6 +207,11 @@ class ModelRoute(_Model):
     (`spec.routing.maxRequestsPerReplica`); more wait at the gateway for a
     replica with room, standard priority before sheddable. None: no bound
     (the replicas queue what they cannot run)."""
+    reserved_per_replica: int | None = Field(None, ge=1, alias="reservedPerReplica")
+    """Of `max_requests_per_replica`, the places at each replica that only
+    standard requests take (`spec.routing.reservedPerReplica`): a sheddable
+    request takes a replica only while it has fewer than the bound less these
+    in flight. Less than the bound, and only with one. None: none kept."""
     endpoints: tuple[Endpoint, ...] = ()
     """Replica base URLs (`http://host:port`, an IPv6 address in brackets:
     `http://[fd00::1]:8000`) for a gateway run from a file; in Kubernetes they
@@ -253,6 +258,20 @@ class ModelRoute(_Model):
                 f"{SPLIT_WEIGHT_TOTAL} percent"
             )
         return split
+
+    @model_validator(mode="after")
+    def _reserve_within_bound(self) -> Self:
+        reserved, bound = self.reserved_per_replica, self.max_requests_per_replica
+        if reserved is None:
+            return self
+        if bound is None:
+            raise ValueError("reservedPerReplica needs maxRequestsPerReplica")
+        if reserved >= bound:
+            raise ValueError(
+                f"reservedPerReplica ({reserved}) must be less than "
+                f"maxRequestsPerReplica ({bound}): sheddable requests need a place"
+            )
+        return self
 
     @property
     def names(self) -> tuple[str, ...]:

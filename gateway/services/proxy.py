@@ -1123,7 +1123,9 @@ class ProxyService:
         when none had room within `within_s`.
 
         Each look reads the bound of the model's route in force then: one
-        raised or dropped while requests wait applies to them.
+        raised or dropped while requests wait applies to them. A sheddable
+        request's bound is less the places kept for standard requests
+        (`ModelRoute.reserved_per_replica`).
 
         Raises:
             NoReplica: the model has no replica left to try.
@@ -1135,6 +1137,9 @@ class ProxyService:
             if current is None or (current.namespace, current.name) != identity:
                 current = route
             bound = current.max_requests_per_replica
+            if bound is not None and ctx.priority is Priority.SHEDDABLE:
+                # The places kept for standard requests are not its to take.
+                bound -= current.reserved_per_replica or 0
             if bound is None:
                 replica: Replica | None = self._router.choose(current, request, tried)
             else:
