@@ -55,6 +55,7 @@ from citadel_bench.shedding import (
     BATCH_TOKENS,
     BATCH_WORKERS,
     MAX_NUM_SEQS,
+    RESERVED,
     THINK_S,
     USER_TOKENS,
     USERS,
@@ -725,8 +726,11 @@ def _shedding(r: Results) -> list[str]:
         f"{MAX_NUM_SEQS}, what the replicas run at once, so that the rest waits "
         "at the gateway for the first replica that frees "
         "([the queue](gateway.md#requests-per-replica-and-the-queue)): with the "
-        "batch standard (arrival order), and sheddable (the users' requests "
-        "before every queued batch request). TTFT is the users' "
+        "batch standard (arrival order), sheddable (the users' requests "
+        "before every queued batch request), and sheddable with the route's "
+        f"`reservedPerReplica` at {RESERVED} (the batch takes at most "
+        f"{MAX_NUM_SEQS - RESERVED} places of each replica, the rest kept for "
+        "standard requests). TTFT is the users' "
         "(answered requests); the batch's tokens a second count the requests "
         "answered while the users ran "
         "([bench/citadel_bench/shedding.py](../bench/citadel_bench/shedding.py)). "
@@ -736,7 +740,8 @@ def _shedding(r: Results) -> list[str]:
         "and queued before it; and a replica is judged by its last report, up to "
         "two scrape periods old, so the gate lets batch requests in for a while "
         "after the queue has grown past its bound. Queued at the gateway, a "
-        "user's request waits only for a running request to end.",
+        "user's request waits only for a running request to end; with places "
+        "kept, for none while fewer users than those places run there.",
         "",
     ]
     rows = []

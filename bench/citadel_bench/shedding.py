@@ -25,7 +25,11 @@ Each phase runs on fresh processes:
   run waits at the gateway (in arrival order, every request standard) and
   goes to the first replica that frees: what that alone changes;
 - `batch as sheddable, queued at the gateway`: the same with the batch
-  sheddable: the users' requests go before every queued batch request.
+  sheddable: the users' requests go before every queued batch request;
+- `batch as sheddable, queued, places kept`: the same with the route's
+  `reservedPerReplica` at `RESERVED`: the batch takes at most
+  `MAX_NUM_SEQS` - `RESERVED` places of each replica, and a user's request
+  finds one free rather than wait for a batch request to end.
 
 The batch starts first and runs `BATCH_HEAD_S` alone so its queue stands when
 the users start; the users' requests are the measured ones.
@@ -57,10 +61,12 @@ USER_TOKENS = 64
 BATCH_WORKERS = 32
 BATCH_TOKENS = 256
 BATCH_HEAD_S = 8.0
+RESERVED = 2
 _QUESTION = "Explain in a few sentences how a load balancer picks a server. " * 12
 _DOCUMENT = "Summarise this report on quarterly capacity planning for GPUs. " * 60
 
 _QUEUED: dict[str, object] = {"maxRequestsPerReplica": MAX_NUM_SEQS}
+_KEPT: dict[str, object] = {**_QUEUED, "reservedPerReplica": RESERVED}
 
 PHASES: tuple[tuple[str, str | None, dict[str, str], dict[str, object]], ...] = (
     ("interactive alone", None, {}, {}),
@@ -74,6 +80,7 @@ PHASES: tuple[tuple[str, str | None, dict[str, str], dict[str, object]], ...] = 
     ),
     ("batch as standard, queued at the gateway", "standard", {}, _QUEUED),
     ("batch as sheddable, queued at the gateway", "sheddable", {}, _QUEUED),
+    ("batch as sheddable, queued, places kept", "sheddable", {}, _KEPT),
 )
 """Each phase: its name, the batch's priority (None: no batch), the gateway's
 settings besides its defaults, the route's fields besides its defaults."""

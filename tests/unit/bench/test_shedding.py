@@ -51,7 +51,7 @@ def test_the_document_shows_every_phase(tmp_path: Path) -> None:
     write_document(r, path, tmp_path)
     part = path.read_text().split("## Priorities under overload")[1].split("\n## ")[0]
     rows = [line for line in part.splitlines() if line.startswith("| batch as")]
-    assert len(rows) == 5
+    assert len(rows) == 6
     # Mean of 300 and 900 ms; 30 answered of 256 tokens over 30 s.
     assert rows[1].startswith("| batch as sheddable | 2 | 0 | 600.00 |")
     assert rows[1].endswith(f"| 30 | 14 | 0 | {30 * BATCH_TOKENS // 30} |")
