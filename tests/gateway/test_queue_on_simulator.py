@@ -78,7 +78,7 @@ def test_requests_wait_at_the_gateway_and_standard_ones_go_first(
                 gateway.url,
                 "citadel_gateway_model_requests",
                 llmmodel=MODEL,
-                state="waiting",
+                state="queued",
             )
         )
 
@@ -152,3 +152,58 @@ def test_a_request_that_waits_past_the_queue_timeout_is_refused(
         )
         == 1
     )
+
+
+def test_places_kept_for_standard_requests_are_not_taken_by_sheddable_ones(
+    tmp_path: Path, start_gateway: Any, helpers: Any
+) -> None:
+    """A replica that runs two requests at once under a bound of 2 with one
+    place kept: a sheddable request runs, a second waits at the gateway, and a
+    standard one sent after it runs at once in the kept place."""
+    keys = tmp_path / "keys.json"
+    batch_key = helpers.create_key(
+        keys, "batch", "--models", MODEL, "--priority", "sheddable"
+    )
+    user_key = helpers.create_key(keys, "user", "--models", MODEL)
+    fast_prefill = ("--prefill-tokens-per-s", "10000000")
+    with helpers.simulator(tmp_path, "--max-num-seqs", "2", *fast_prefill) as url:
+        route = helpers.route(
+            MODEL,
+            [],
+            endpoints=[url],
+            maxRequestsPerReplica=2,
+            reservedPerReplica=1,
+        )
+        gateway = start_gateway([route], keys)
+
+        def client(key: str) -> openai.OpenAI:
+            return openai.OpenAI(
+                base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=30
+            )
+
+        def queued() -> float:
+            return float(
+                helpers.counted(
+                    gateway.url,
+                    "citadel_gateway_model_requests",
+                    llmmodel=MODEL,
+                    state="queued",
+                )
+            )
+
+        batch, user = client(batch_key), client(user_key)
+        with batch, user, ThreadPoolExecutor(max_workers=4) as pool:
+            first = pool.submit(ask, batch, max_tokens=FILL_TOKENS)
+            poll(
+                "the first request never ran",
+                lambda: helpers.counted(url, "vllm:num_requests_running") == 1,
+            )
+            second = pool.submit(ask, batch, max_tokens=FILL_TOKENS)
+            poll("the second sheddable request not queued", lambda: queued() == 1)
+            # The kept place: answered while both sheddable ones are not.
+            _, err = ask(user)
+            assert err is None
+            assert not first.done() and not second.done()
+            assert queued() == 1
+            assert first.result()[1] is None
+            assert second.result()[1] is None
