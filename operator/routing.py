@@ -82,6 +82,7 @@ def route_for(model: LLMModel) -> ModelRoute:
             for target in model.spec.routing.split
         ),
         max_requests_per_replica=model.spec.routing.max_requests_per_replica,
+        reserved_per_replica=model.spec.routing.reserved_per_replica,
     )
 
 

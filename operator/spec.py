@@ -843,6 +843,27 @@ class Routing(ApiModel):
     """How the gateway spreads requests over the replicas, which other models
     take a share of them, and which answer when none of them can."""
 
+    model_config = ConfigDict(
+        json_schema_extra=_cel(
+            _rule(
+                "!has(self.reservedPerReplica) || has(self.maxRequestsPerReplica)",
+                "routing.reservedPerReplica needs routing.maxRequestsPerReplica: "
+                "it keeps places of that bound for standard requests; set "
+                "maxRequestsPerReplica, or leave reservedPerReplica out",
+                fieldPath=".reservedPerReplica",
+            ),
+            _rule(
+                "!has(self.reservedPerReplica) || !has(self.maxRequestsPerReplica) "
+                "|| self.reservedPerReplica < self.maxRequestsPerReplica",
+                "routing.reservedPerReplica must be less than "
+                "routing.maxRequestsPerReplica: sheddable requests need a place "
+                "at each replica; lower reservedPerReplica or raise "
+                "maxRequestsPerReplica",
+                fieldPath=".reservedPerReplica",
+            ),
+        )
+    )
+
     strategy: RoutingStrategy = RoutingStrategy.PREFIX_AWARE
     fallbacks: Annotated[
         list[ServedName],
@@ -896,6 +917,16 @@ class Routing(ApiModel):
     the rest, so a standard request goes before queued sheddable ones, and to
     whichever replica frees first. Waiting requests count as demand for
     spec.autoscaling. Absent: no bound (vLLM queues what it cannot run)."""
+    reserved_per_replica: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    """Of maxRequestsPerReplica, the places at each model replica that only
+    standard-priority requests take: a sheddable request takes a replica only
+    while a gateway replica has fewer than maxRequestsPerReplica less these
+    there, a standard one up to the bound. A standard (interactive) request
+    then starts at once while fewer than this many standard ones run there,
+    instead of waiting for a sheddable (batch) request to end; sheddable
+    requests alone use at most maxRequestsPerReplica less these places of each
+    replica. Less than maxRequestsPerReplica, and only with it. Absent: none
+    kept (a sheddable request may take every place)."""
 
 
 class Limits(ApiModel):

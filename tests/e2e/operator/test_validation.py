@@ -625,6 +625,20 @@ MESSAGE_CASES: list[tuple[str, dict[str, Any], str, str, str]] = [
         "spec.routing.maxRequestsPerReplica",
         "should be greater than or equal to 1",
     ),
+    (
+        "reserved-per-replica-without-bound",
+        {"routing": {"reservedPerReplica": 4}},
+        "bad",
+        "spec.routing.reservedPerReplica",
+        "routing.reservedPerReplica needs routing.maxRequestsPerReplica",
+    ),
+    (
+        "reserved-per-replica-at-bound",
+        {"routing": {"maxRequestsPerReplica": 4, "reservedPerReplica": 4}},
+        "bad",
+        "spec.routing.reservedPerReplica",
+        "routing.reservedPerReplica must be less than routing.maxRequestsPerReplica",
+    ),
 ]
 
 
@@ -742,7 +756,8 @@ def test_legal_edge_cases_are_accepted(
         ],
         # Two, in Hugging Face style too, naming no model yet: the gateway
         # skips a name no model serves. The split's weights add up to all of
-        # the requests, the most they may; maxRequestsPerReplica is its most.
+        # the requests, the most they may; maxRequestsPerReplica is its most,
+        # and reservedPerReplica the most it may keep of it.
         "routing": {
             "strategy": "least-load",
             "fallbacks": ["smol", "org/tiny:v1"],
@@ -751,6 +766,7 @@ def test_legal_edge_cases_are_accepted(
                 {"model": "big-v2", "weight": 40},
             ],
             "maxRequestsPerReplica": 100_000,
+            "reservedPerReplica": 99_999,
         },
     }
     out = cluster.kubectl(

@@ -1078,3 +1078,103 @@ def test_max_requests_per_replica_is_1_to_100000(bound: int) -> None:
         LLMModelSpec.model_validate(
             {"model": "org/model", "routing": {"maxRequestsPerReplica": bound}}
         )
+
+
+def test_reserved_per_replica_is_an_optional_count_of_at_least_1() -> None:
+    reserved = _at("routing.reservedPerReplica")
+    assert (reserved["type"], reserved["minimum"], reserved["maximum"]) == (
+        "integer",
+        1,
+        100_000,
+    )
+    assert "default" not in reserved  # absent: no place kept
+    assert "reservedPerReplica" not in _at("routing").get("required", [])
+
+
+def test_a_reserved_per_replica_spec_parses() -> None:
+    spec = LLMModelSpec.model_validate(
+        {
+            "model": "org/model",
+            "routing": {"maxRequestsPerReplica": 16, "reservedPerReplica": 4},
+        }
+    )
+    assert spec.routing.reserved_per_replica == 4
+    plain = LLMModelSpec.model_validate({"model": "org/model"})
+    assert plain.routing.reserved_per_replica is None
+
+
+@pytest.mark.parametrize("reserved", [0, -1, 100_001])
+def test_reserved_per_replica_is_1_to_100000(reserved: int) -> None:
+    with pytest.raises(ValidationError):
+        LLMModelSpec.model_validate(
+            {
+                "model": "org/model",
+                "routing": {
+                    "maxRequestsPerReplica": 100_000,
+                    "reservedPerReplica": reserved,
+                },
+            }
+        )
+
+
+def _holds(atom: str, routing: dict[str, int]) -> bool:
+    """One term of a routing rule's `||`, as CEL reads it on `routing`:
+    `has(self.f)`, its negation, or `self.f < self.g`."""
+    if found := re.fullmatch(r"(!?)has\(self\.(\w+)\)", atom):
+        return (found.group(2) in routing) != bool(found.group(1))
+    found = re.fullmatch(r"self\.(\w+) < self\.(\w+)", atom)
+    assert found, atom
+    return routing[found.group(1)] < routing[found.group(2)]
+
+
+def _routing_refusals(routing: dict[str, int]) -> list[str]:
+    """The messages of the rules on spec.routing that refuse `routing` (each
+    rule a `||` of terms `_holds` reads; CEL's `||` stops at the first true)."""
+    return [
+        rule["message"]
+        for rule in _rules("routing")
+        if not any(_holds(atom, routing) for atom in rule["rule"].split(" || "))
+    ]
+
+
+def test_reserved_per_replica_rules_name_the_field() -> None:
+    assert [(r["rule"], r["fieldPath"]) for r in _rules("routing")] == [
+        (
+            "!has(self.reservedPerReplica) || has(self.maxRequestsPerReplica)",
+            ".reservedPerReplica",
+        ),
+        (
+            "!has(self.reservedPerReplica) || !has(self.maxRequestsPerReplica) "
+            "|| self.reservedPerReplica < self.maxRequestsPerReplica",
+            ".reservedPerReplica",
+        ),
+    ]
+
+
+NEEDS_BOUND = "routing.reservedPerReplica needs routing.maxRequestsPerReplica"
+BELOW_BOUND = (
+    "routing.reservedPerReplica must be less than routing.maxRequestsPerReplica"
+)
+
+
+@pytest.mark.parametrize(
+    ("routing", "refusal"),
+    [
+        ({}, None),
+        ({"maxRequestsPerReplica": 16}, None),
+        ({"maxRequestsPerReplica": 16, "reservedPerReplica": 4}, None),
+        ({"maxRequestsPerReplica": 2, "reservedPerReplica": 1}, None),
+        ({"reservedPerReplica": 4}, NEEDS_BOUND),
+        ({"maxRequestsPerReplica": 4, "reservedPerReplica": 4}, BELOW_BOUND),
+        ({"maxRequestsPerReplica": 4, "reservedPerReplica": 5}, BELOW_BOUND),
+    ],
+)
+def test_reserved_per_replica_needs_a_greater_bound(
+    routing: dict[str, int], refusal: str | None
+) -> None:
+    refusals = _routing_refusals(routing)
+    if refusal is None:
+        assert refusals == []
+    else:
+        (message,) = refusals
+        assert message.startswith(refusal)

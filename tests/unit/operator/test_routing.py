@@ -165,6 +165,23 @@ def test_a_route_without_max_requests_per_replica_has_no_bound() -> None:
     assert "maxRequestsPerReplica" not in document["models"][0]
 
 
+def test_a_route_carries_the_places_reserved_per_replica() -> None:
+    routing = {"maxRequestsPerReplica": 16, "reservedPerReplica": 4}
+    route = route_for(LLMModel.from_body(model_body("big", routing=routing)))
+    assert (route.max_requests_per_replica, route.reserved_per_replica) == (16, 4)
+    document = json.loads(RoutingDocument(models=(route,)).to_json())
+    assert document["models"][0]["reservedPerReplica"] == 4
+
+
+def test_a_route_without_reserved_per_replica_keeps_no_place() -> None:
+    routing = {"maxRequestsPerReplica": 16}
+    route = route_for(LLMModel.from_body(model_body("big", routing=routing)))
+    assert route.reserved_per_replica is None
+    # Left out of the document, which reads back the same.
+    document = json.loads(RoutingDocument(models=(route,)).to_json())
+    assert "reservedPerReplica" not in document["models"][0]
+
+
 def test_the_split_is_published_with_the_document() -> None:
     big = LLMModel.from_body(
         model_body(
