@@ -959,6 +959,34 @@ class ProxyService:
             left = deadline - self._clock()
             if attempt and (left <= 0 or left < self._options.least_try_s):
                 break  # the request's time is spent (`least_try_s` says why)
+            try:
+                if route.max_requests_per_replica is None:
+                    replica = self._router.choose(route, request, tried)
+                    self._acquire(ctx, replica)
+                else:
+                    within = left if attempt else self._options.queue_within_s
+                    found = await self._queued(ctx, route, request, tried, within)
+                    if found is None:
+                        if attempt:
+                            break
+                        raise self._overloaded(route)
+                    replica = found
+                    if not attempt:
+                        # Its time to be answered starts now, as for a request
+                        # held for a model at zero.
+                        deadline = self._clock() + self._options.answer_within_s
+                        left = self._options.answer_within_s
+                    else:
+                        # A retry's wait took from the request's time: the try
+                        # has what is left, judged as a try with that much.
+                        left = deadline - self._clock()
+                        if left < self._options.least_try_s:
+                            self._free(ctx, replica)
+                            break
+            except NoReplica:
+                if not attempt:
+                    raise
+                break
             # A try's timeout is its replica's when the try had nearly the
             # whole read timeout: the first always, a later one when the tries
             # before it took less than the floor, as a refused connection or
@@ -981,27 +1009,6 @@ class ProxyService:
             # timeout (a floor under it, for a short read timeout) may have
             # been cut short by the deadline. The first try has as long as any.
             connect_cut = bool(attempt) and left < self._options.connect_within_s
-            try:
-                if route.max_requests_per_replica is None:
-                    replica = self._router.choose(route, request, tried)
-                    self._acquire(ctx, replica)
-                else:
-                    within = left if attempt else self._options.queue_within_s
-                    found = await self._queued(ctx, route, request, tried, within)
-                    if found is None:
-                        if attempt:
-                            break
-                        raise self._overloaded(route)
-                    if not attempt:
-                        # Its time to be answered starts now, as for a request
-                        # held for a model at zero.
-                        deadline = self._clock() + self._options.answer_within_s
-                        left = self._options.answer_within_s
-                    replica = found
-            except NoReplica:
-                if not attempt:
-                    raise
-                break
             tried.append(replica)
             reply: Reply | None = None
             try:

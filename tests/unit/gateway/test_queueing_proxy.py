@@ -373,3 +373,48 @@ async def test_an_ejected_replica_is_no_room_while_a_healthy_one_is_busy(
     assert [(await done(t)).status_code for t in (first, second)] == [200, 200]
     assert held.at("second") == R1
     assert in_flight(h, R2) == 0
+
+
+async def test_a_retry_that_waited_is_given_what_is_left_of_the_requests_time(
+    kit: Any,
+) -> None:
+    """A retry waits in the queue within the request's time (600 s to answer
+    here): its try has what the wait left of it, not what it had before."""
+    h = bounded(kit, replicas=(R1, R2))
+    held = Held(h, kit)
+    held.refuse.add("retried")
+    busy = ask(h, kit, "busy")
+    await until(lambda: held.at("busy") is not None)
+    retried = ask(h, kit, "retried")
+    # Refused (429) by the other replica, its retry waits for the busy one.
+    await until(lambda: demand(h, "waiting") == 1)
+    assert held.timeouts == [600, 600]
+    h.clock.now += 100
+    held.answer("retried")
+    held.answer("busy")
+    assert (await done(retried)).status_code == 200
+    assert (await done(busy)).status_code == 200
+    assert held.arrived[-1] == (held.at("busy"), "retried")
+    assert held.timeouts[-1] == 500
+
+
+async def test_a_retry_whose_wait_left_too_little_time_is_not_sent(
+    kit: Any,
+) -> None:
+    """As any retry with less than `least_try_s` left: none is sent, and the
+    replica it was given is freed."""
+    h = bounded(kit, replicas=(R1, R2))
+    held = Held(h, kit)
+    held.refuse.add("retried")
+    busy = ask(h, kit, "busy")
+    await until(lambda: held.at("busy") is not None)
+    retried = ask(h, kit, "retried")
+    await until(lambda: demand(h, "waiting") == 1)
+    h.clock.now += 599
+    held.answer("busy")
+    answer = await done(retried)
+    # The replicas' refusal, as when no retry is left.
+    assert answer.status_code == 429
+    assert [said for _, said in held.arrived] == ["busy", "retried"]
+    assert (await done(busy)).status_code == 200
+    assert (in_flight(h, R1), in_flight(h, R2)) == (0, 0)
