@@ -403,7 +403,8 @@ class ProxyOptions:
     queue_within_s: float = 60.0
     """How long a request for a model with `maxRequestsPerReplica` waits at
     the gateway for a replica with room before its 503 `model_overloaded`; 0
-    waits not at all. Its tries' `answer_within_s` starts once one is found."""
+    waits not at all. Its tries' `answer_within_s` starts once one is found; a
+    retry waits as long at most, within that time."""
 
 
 class ProxyService:
@@ -964,7 +965,11 @@ class ProxyService:
                     replica = self._router.choose(route, request, tried)
                     self._acquire(ctx, replica)
                 else:
-                    within = left if attempt else self._options.queue_within_s
+                    # A retry waits within the request's time, and no longer
+                    # than any request waits here.
+                    within = self._options.queue_within_s
+                    if attempt:
+                        within = min(within, left)
                     found = await self._queued(ctx, route, request, tried, within)
                     if found is None:
                         if attempt:

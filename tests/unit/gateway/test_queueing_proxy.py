@@ -418,3 +418,21 @@ async def test_a_retry_whose_wait_left_too_little_time_is_not_sent(
     assert [said for _, said in held.arrived] == ["busy", "retried"]
     assert (await done(busy)).status_code == 200
     assert (in_flight(h, R1), in_flight(h, R2)) == (0, 0)
+
+
+async def test_a_retry_waits_no_longer_than_the_queue_timeout(kit: Any) -> None:
+    """A retry waits within the request's time, but no longer than any
+    request waits at the gateway (none at all here): not up to the whole
+    read timeout."""
+    h = bounded(kit, replicas=(R1, R2), queue_s=0)
+    held = Held(h, kit)
+    held.refuse.add("retried")
+    busy = ask(h, kit, "busy")
+    await until(lambda: held.at("busy") is not None)
+    answer = await asyncio.wait_for(ask(h, kit, "retried"), 0.5)
+    # The other replica's refusal: every replica it may try was at its bound.
+    assert answer.status_code == 429
+    assert demand(h, "waiting") == 0
+    assert [said for _, said in held.arrived] == ["busy", "retried"]
+    held.answer("busy")
+    assert (await done(busy)).status_code == 200
