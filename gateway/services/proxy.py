@@ -404,7 +404,8 @@ class ProxyOptions:
     queue_within_s: float = 60.0
     """How long a request for a model with `maxRequestsPerReplica` waits at
     the gateway for a replica with room before its 503 `model_overloaded`; 0
-    waits not at all. Its tries' `answer_within_s` starts once one is found."""
+    waits not at all. Its tries' `answer_within_s` starts once one is found; a
+    retry waits as long at most, within that time."""
 
 
 class ProxyService:
@@ -975,7 +976,11 @@ class ProxyService:
                     replica = self._router.choose(route, request, tried)
                     self._acquire(ctx, replica)
                 else:
-                    within = left if attempt else self._options.queue_within_s
+                    # A retry waits within the request's time, and no longer
+                    # than any request waits here.
+                    within = self._options.queue_within_s
+                    if attempt:
+                        within = min(within, left)
                     found = await self._queued(ctx, route, request, tried, within)
                     if found is None:
                         if attempt:
@@ -988,7 +993,8 @@ class ProxyService:
                         deadline = self._clock() + self._options.answer_within_s
                         left = self._options.answer_within_s
                     else:
-                        # A retry's wait came out of the request's time.
+                        # A retry's wait took from the request's time: the try
+                        # has what is left, judged as a try with that much.
                         left = deadline - self._clock()
                         if left < self._options.least_try_s:
                             self._free(ctx, replica)

@@ -161,6 +161,7 @@ def build(
     retries: int = 2,
     scale_from_zero_s: float = 300.0,
     draw: Callable[[], float] = random.random,
+    queue_s: float = 60.0,
 ) -> Harness:
     clock = Clock()
     metrics = GatewayMetrics()
@@ -185,7 +186,11 @@ def build(
         Limiter(InProcessBuckets(), clock),
         upstream,
         metrics,
-        ProxyOptions(retries=retries, scale_from_zero_within_s=scale_from_zero_s),
+        ProxyOptions(
+            retries=retries,
+            scale_from_zero_within_s=scale_from_zero_s,
+            queue_within_s=queue_s,
+        ),
         clock,
         draw,
     )
