@@ -156,6 +156,13 @@ def create_key(keys_file: Path, name: str, *options: str) -> str:
     return out.strip().splitlines()[-1]
 
 
+def batch_and_user_keys(keys_file: Path, model: str) -> tuple[str, str]:
+    """Two keys for `model` made by the real CLI: `batch`, sheddable by its
+    record (`--priority sheddable`), and `user`, standard."""
+    batch = create_key(keys_file, "batch", "--models", model, "--priority", "sheddable")
+    return batch, create_key(keys_file, "user", "--models", model)
+
+
 def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -300,6 +307,7 @@ class Helpers:
 
     route: Callable[..., dict[str, Any]] = route
     create_key: Callable[..., str] = create_key
+    batch_and_user_keys: Callable[[Path, str], tuple[str, str]] = batch_and_user_keys
     free_port: Callable[[], int] = free_port
     fast_simulator: tuple[str, ...] = FAST_SIMULATOR
     counted: Callable[..., float] = counted

@@ -47,6 +47,25 @@ def ask(
     return time.monotonic(), None
 
 
+def client_of(gateway: Any, key: str) -> openai.OpenAI:
+    """The official client on `gateway` with `key`, retrying nothing."""
+    return openai.OpenAI(
+        base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=30
+    )
+
+
+def queued_at(helpers: Any, gateway: Any) -> float:
+    """The requests `gateway` holds for a replica with room now."""
+    return float(
+        helpers.counted(
+            gateway.url,
+            "citadel_gateway_model_requests",
+            llmmodel=MODEL,
+            state="queued",
+        )
+    )
+
+
 def poll(what: str, check: Callable[[], bool]) -> None:
     deadline = time.monotonic() + DEADLINE_S
     while not check():
@@ -58,29 +77,17 @@ def test_requests_wait_at_the_gateway_and_standard_ones_go_first(
     tmp_path: Path, start_gateway: Any, helpers: Any, serial_replica: str
 ) -> None:
     keys = tmp_path / "keys.json"
-    batch_key = helpers.create_key(
-        keys, "batch", "--models", MODEL, "--priority", "sheddable"
-    )
-    user_key = helpers.create_key(keys, "user", "--models", MODEL)
+    batch_key, user_key = helpers.batch_and_user_keys(keys, MODEL)
     route = helpers.route(
         MODEL, [], endpoints=[serial_replica], maxRequestsPerReplica=1
     )
     gateway = start_gateway([route], keys)
 
     def client(key: str) -> openai.OpenAI:
-        return openai.OpenAI(
-            base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=30
-        )
+        return client_of(gateway, key)
 
     def queued() -> float:
-        return float(
-            helpers.counted(
-                gateway.url,
-                "citadel_gateway_model_requests",
-                llmmodel=MODEL,
-                state="queued",
-            )
-        )
+        return queued_at(helpers, gateway)
 
     def running_at_replica() -> float:
         return float(helpers.counted(serial_replica, "vllm:num_requests_running"))
@@ -122,12 +129,7 @@ def test_a_request_that_waits_past_the_queue_timeout_is_refused(
         MODEL, [], endpoints=[serial_replica], maxRequestsPerReplica=1
     )
     gateway = start_gateway([route], keys, queue_timeout_s="0.5")
-    with (
-        openai.OpenAI(
-            base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=30
-        ) as client,
-        ThreadPoolExecutor(max_workers=2) as pool,
-    ):
+    with client_of(gateway, key) as client, ThreadPoolExecutor(max_workers=2) as pool:
         fill = pool.submit(ask, client, max_tokens=FILL_TOKENS)
         poll(
             "the first request never ran",
@@ -161,10 +163,7 @@ def test_places_kept_for_standard_requests_are_not_taken_by_sheddable_ones(
     place kept: a sheddable request runs, a second waits at the gateway, and a
     standard one sent after it runs at once in the kept place."""
     keys = tmp_path / "keys.json"
-    batch_key = helpers.create_key(
-        keys, "batch", "--models", MODEL, "--priority", "sheddable"
-    )
-    user_key = helpers.create_key(keys, "user", "--models", MODEL)
+    batch_key, user_key = helpers.batch_and_user_keys(keys, MODEL)
     fast_prefill = ("--prefill-tokens-per-s", "10000000")
     with helpers.simulator(tmp_path, "--max-num-seqs", "2", *fast_prefill) as url:
         route = helpers.route(
@@ -176,22 +175,10 @@ def test_places_kept_for_standard_requests_are_not_taken_by_sheddable_ones(
         )
         gateway = start_gateway([route], keys)
 
-        def client(key: str) -> openai.OpenAI:
-            return openai.OpenAI(
-                base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=30
-            )
-
         def queued() -> float:
-            return float(
-                helpers.counted(
-                    gateway.url,
-                    "citadel_gateway_model_requests",
-                    llmmodel=MODEL,
-                    state="queued",
-                )
-            )
+            return queued_at(helpers, gateway)
 
-        batch, user = client(batch_key), client(user_key)
+        batch, user = client_of(gateway, batch_key), client_of(gateway, user_key)
         with batch, user, ThreadPoolExecutor(max_workers=4) as pool:
             first = pool.submit(ask, batch, max_tokens=FILL_TOKENS)
             poll(

@@ -104,10 +104,7 @@ def test_sheddable_requests_are_refused_while_the_replica_is_full(
     keys = tmp_path / "keys.json"
     # Sheddable by its record (the CLI's --priority); user's requests only by
     # the header.
-    batch_key = helpers.create_key(
-        keys, "batch", "--models", MODEL, "--priority", "sheddable"
-    )
-    user_key = helpers.create_key(keys, "user", "--models", MODEL)
+    batch_key, user_key = helpers.batch_and_user_keys(keys, MODEL)
     gateway = start_gateway(
         [helpers.route(MODEL, [], endpoints=[serial_replica])],
         keys,

@@ -420,7 +420,13 @@ def split_of(platform: Platform, weight: int | None) -> None:
     """Sets the demo model's spec.routing.split to `weight` percent for the
     canary (None: no split)."""
     split = [{"model": CANARY, "weight": weight}] if weight is not None else None
-    patch = {"spec": {"routing": {"split": split}}}
+    routing_of(platform, split=split)
+
+
+def routing_of(platform: Platform, **fields: object) -> None:
+    """Sets fields of the demo model's spec.routing (None: unset) with a merge
+    patch."""
+    patch = {"spec": {"routing": fields}}
     platform.cluster.kubectl(
         "patch",
         "llmmodel",
@@ -632,17 +638,7 @@ def gateway_counted(platform: Platform, name: str) -> float:
 
 def bound_of(platform: Platform, bound: int | None) -> None:
     """Sets the demo model's spec.routing.maxRequestsPerReplica (None: none)."""
-    patch = {"spec": {"routing": {"maxRequestsPerReplica": bound}}}
-    platform.cluster.kubectl(
-        "patch",
-        "llmmodel",
-        MODEL,
-        "-n",
-        MODEL_NS,
-        "--type=merge",
-        "-p",
-        json.dumps(patch),
-    )
+    routing_of(platform, maxRequestsPerReplica=bound)
 
 
 def test_requests_past_the_replicas_bound_wait_at_the_gateway(

@@ -93,6 +93,25 @@ def ask(
     return asyncio.create_task(send())
 
 
+async def first_held(kit: Any) -> tuple[Any, Held, asyncio.Task[Any]]:
+    """A harness whose one replica, at its bound of 1, holds the request that
+    says "first": the harness, its held replica, and that request."""
+    h = bounded(kit)
+    held = Held(h, kit)
+    first = ask(h, kit, "first")
+    await until(lambda: held.at("first") is not None)
+    return h, held, first
+
+
+def handled(h: Any, kit: Any) -> asyncio.Task[Any]:
+    """A chat handed to the proxy itself, as a task: cancelling it is a client
+    that leaves (a gRPC cancel), which HTTP tests cannot send."""
+    principal = h.deps.authenticator.authenticate(f"Bearer {kit.key}")
+    return asyncio.create_task(
+        h.deps.proxy.handle(CHAT, principal, orjson.dumps(kit.chat), "r-2")
+    )
+
+
 def demand(h: Any, state: str) -> float | None:
     labels = {"model_namespace": SMOL[0], "llmmodel": SMOL[1], "state": state}
     value = h.deps.metrics.registry.get_sample_value(
@@ -128,10 +147,7 @@ async def until(condition: Callable[[], bool], within_s: float = 5.0) -> None:
 async def test_a_request_waits_for_the_replica_at_its_bound_and_is_served_next(
     kit: Any,
 ) -> None:
-    h = bounded(kit)
-    held = Held(h, kit)
-    first = ask(h, kit, "first")
-    await until(lambda: held.at("first") is not None)
+    h, held, first = await first_held(kit)
     assert demand(h, "queued") == 0
     second = ask(h, kit, "second")
     await until(lambda: demand(h, "queued") == 1)
@@ -265,14 +281,8 @@ async def test_no_queue_timeout_refuses_at_once(
 
 
 async def test_a_request_cancelled_while_it_waits_frees_nothing(kit: Any) -> None:
-    h = bounded(kit)
-    held = Held(h, kit)
-    first = ask(h, kit, "first")
-    await until(lambda: held.at("first") is not None)
-    principal = h.deps.authenticator.authenticate(f"Bearer {kit.key}")
-    gone = asyncio.create_task(
-        h.deps.proxy.handle(CHAT, principal, orjson.dumps(kit.chat), "r-2")
-    )
+    h, held, first = await first_held(kit)
+    gone = handled(h, kit)
     await until(lambda: demand(h, "queued") == 1)
     gone.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -292,14 +302,8 @@ async def test_a_request_cancelled_as_it_is_given_a_replica_gives_it_back(
 ) -> None:
     """The cancel comes, then room (a bound raised) before the request's task
     runs again: the queue hands it the replica, and the cancel frees it."""
-    h = bounded(kit)
-    held = Held(h, kit)
-    first = ask(h, kit, "first")
-    await until(lambda: held.at("first") is not None)
-    principal = h.deps.authenticator.authenticate(f"Bearer {kit.key}")
-    gone = asyncio.create_task(
-        h.deps.proxy.handle(CHAT, principal, orjson.dumps(kit.chat), "r-2")
-    )
+    h, held, first = await first_held(kit)
+    gone = handled(h, kit)
     await until(lambda: demand(h, "queued") == 1)
     gone.cancel()
     h.deps.catalog.set_document(kit.document(maxRequestsPerReplica=2))
@@ -316,10 +320,7 @@ async def test_a_request_cancelled_as_it_is_given_a_replica_gives_it_back(
 async def test_a_change_of_the_route_serves_the_waiting_requests_at_once(
     kit: Any, change: str
 ) -> None:
-    h = bounded(kit)
-    held = Held(h, kit)
-    first = ask(h, kit, "first")
-    await until(lambda: held.at("first") is not None)
+    h, held, first = await first_held(kit)
     second = ask(h, kit, "second")
     await until(lambda: demand(h, "queued") == 1)
     if change == "replica added":
@@ -378,19 +379,28 @@ async def test_an_ejected_replica_is_no_room_while_a_healthy_one_is_busy(
     assert in_flight(h, R2) == 0
 
 
-async def test_a_retry_that_waited_is_given_what_is_left_of_the_requests_time(
+async def retry_waiting(
     kit: Any,
-) -> None:
-    """A retry waits in the queue within the request's time (600 s to answer
-    here): its try has what the wait left of it, not what it had before."""
+) -> tuple[Any, Held, asyncio.Task[Any], asyncio.Task[Any]]:
+    """Two replicas at a bound of 1: one holds the request "busy"; the other
+    refuses "retried" (429), whose retry waits for the busy one. The harness,
+    its replicas, and both requests."""
     h = bounded(kit, replicas=(R1, R2))
     held = Held(h, kit)
     held.refuse.add("retried")
     busy = ask(h, kit, "busy")
     await until(lambda: held.at("busy") is not None)
     retried = ask(h, kit, "retried")
-    # Refused (429) by the other replica, its retry waits for the busy one.
     await until(lambda: demand(h, "queued") == 1)
+    return h, held, busy, retried
+
+
+async def test_a_retry_that_waited_is_given_what_is_left_of_the_requests_time(
+    kit: Any,
+) -> None:
+    """A retry waits in the queue within the request's time (600 s to answer
+    here): its try has what the wait left of it, not what it had before."""
+    h, held, busy, retried = await retry_waiting(kit)
     assert held.timeouts == [600, 600]
     h.clock.now += 100
     held.answer("retried")
@@ -406,13 +416,7 @@ async def test_a_retry_whose_wait_left_too_little_time_is_not_sent(
 ) -> None:
     """As any retry with less than `least_try_s` left: none is sent, and the
     replica it was given is freed."""
-    h = bounded(kit, replicas=(R1, R2))
-    held = Held(h, kit)
-    held.refuse.add("retried")
-    busy = ask(h, kit, "busy")
-    await until(lambda: held.at("busy") is not None)
-    retried = ask(h, kit, "retried")
-    await until(lambda: demand(h, "queued") == 1)
+    h, held, busy, retried = await retry_waiting(kit)
     h.clock.now += 599
     held.answer("busy")
     answer = await done(retried)
@@ -442,10 +446,7 @@ async def test_a_retry_waits_no_longer_than_the_queue_timeout(kit: Any) -> None:
 
 
 async def test_a_gateway_that_begins_to_stop_ends_the_waits(kit: Any) -> None:
-    h = bounded(kit)
-    held = Held(h, kit)
-    first = ask(h, kit, "first")
-    await until(lambda: held.at("first") is not None)
+    h, held, first = await first_held(kit)
     second = ask(h, kit, "second")
     await until(lambda: demand(h, "queued") == 1)
     h.deps.proxy.stopping(30)
