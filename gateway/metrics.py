@@ -92,11 +92,12 @@ class ModelDemand(Collector):
     (every name of the model, its adapters' too, counted together).
 
     A custom collector rather than a labelled Gauge: each routed model has its
-    two series at 0 from when its route is in force, read from the routes at
-    each scrape, and they go with the route (a labelled Gauge would hold a
-    child per model and state, 80,000 of them at 40,000 models, each to be
-    removed by hand). A model whose route went while requests were counted
-    keeps its series until they end.
+    in_flight and waiting series at 0 from when its route is in force, and
+    queued too where its route bounds the requests per replica, read from the
+    routes at each scrape, and they go with the route (a labelled Gauge would
+    hold a child per model and state, 80,000 of them at 40,000 models, each to
+    be removed by hand). A model whose route went while requests were counted
+    keeps its series until they end; a count not 0 is always exported.
 
     The counts change on the event loop and are read by the metrics port's
     thread: a scrape reads a copy (one step under the GIL).
@@ -105,15 +106,23 @@ class ModelDemand(Collector):
     def __init__(self) -> None:
         self._counts: dict[tuple[str, str, str], int] = {}
         self._routed: Callable[[], Iterable[ModelIdentity]] = tuple
+        self._bounded: Callable[[], Iterable[ModelIdentity]] = tuple
 
-    def follow(self, routed: Callable[[], Iterable[ModelIdentity]]) -> None:
-        """Exports a pair of series for each model `routed()` names at a
-        scrape (the routing document in force)."""
-        self._routed = routed
+    def follow(
+        self,
+        routed: Callable[[], Iterable[ModelIdentity]],
+        bounded: Callable[[], Iterable[ModelIdentity]] = tuple,
+    ) -> None:
+        """Exports in_flight and waiting for each model `routed()` names at a
+        scrape (the routing document in force), and queued for each that
+        `bounded()` names (those whose route has maxRequestsPerReplica: at
+        40,000 routes a third series for each took the family from 7.8 to 11.7
+        MB, which the operator's autoscaler reads at each tick)."""
+        self._routed, self._bounded = routed, bounded
 
     def add(self, model: ModelIdentity, state: str, delta: int) -> None:
         """Counts `delta` more (or fewer) requests of `model` in `state`
-        (`STATE_IN_FLIGHT` or `STATE_WAITING`)."""
+        (one of `MODEL_REQUEST_STATES`)."""
         key = (*model, state)
         count = self._counts.get(key, 0) + delta
         if count:
@@ -126,15 +135,18 @@ class ModelDemand(Collector):
         return [self._family()]
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        """Two samples for each model routed or still counted."""
+        """A sample for each state of each model routed or still counted (see
+        `follow`)."""
         counts = self._counts.copy()
         family = self._family()
         models = dict.fromkeys(self._routed())
         models.update(dict.fromkeys((key[0], key[1]) for key in counts))
+        bounded = set(self._bounded())
         for namespace, name in models:
             for state in MODEL_REQUEST_STATES:
                 value = counts.get((namespace, name, state), 0)
-                family.add_metric([namespace, name, state], value)
+                if value or state != STATE_QUEUED or (namespace, name) in bounded:
+                    family.add_metric([namespace, name, state], value)
         return [family]
 
     @staticmethod

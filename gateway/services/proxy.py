@@ -450,7 +450,12 @@ class ProxyService:
         # A replica added, or a bound raised, is room for requests queued.
         catalog.on_change(self._queue.offer_all)
         metrics.model_requests.follow(
-            lambda: ((r.namespace, r.name) for r in catalog.routes())
+            lambda: ((r.namespace, r.name) for r in catalog.routes()),
+            lambda: (
+                (r.namespace, r.name)
+                for r in catalog.routes()
+                if r.max_requests_per_replica is not None
+            ),
         )
 
     def stopping(self, grace_s: float) -> None:
@@ -977,15 +982,27 @@ class ProxyService:
                     self._acquire(ctx, replica)
                 else:
                     # A retry waits within the request's time, and no longer
-                    # than any request waits here.
+                    # than any request waits here. A fallback's request waits
+                    # not at all: the next fallback, or the hold for the model
+                    # asked for, may answer sooner.
                     within = self._options.queue_within_s
                     if attempt:
                         within = min(within, left)
-                    found = await self._queued(ctx, route, request, tried, within)
+                    if ctx.fallback is not None:
+                        within = 0
+                    found, bound = await self._queued(
+                        ctx, route, request, tried, within, observe=not attempt
+                    )
                     if found is None:
                         if attempt:
                             break
-                        raise self._overloaded(route)
+                        if ctx.fallback is not None:
+                            raise NoReplica(
+                                f"Every replica of `{route.served_name}` has its "
+                                "maxRequestsPerReplica requests.",
+                                retry_after_s=1,
+                            )
+                        raise self._overloaded(route, bound)
                     replica = found
                     if not attempt:
                         # Its time to be answered starts now, as for a request
@@ -1121,12 +1138,19 @@ class ProxyService:
         request: RouteRequest,
         tried: list[Replica],
         within_s: float,
-    ) -> Replica | None:
+        *,
+        observe: bool,
+    ) -> tuple[Replica | None, int | None]:
         """A replica of `route` with room for the request, not in `tried`,
         taken (counted in flight) in its turn (`ReplicaQueue.take`): counted
         as queued meanwhile (demand the operator's autoscaler reads, as it
         reads requests held for a model at zero, which are waiting). None
-        when none had room within `within_s`.
+        when none had room within `within_s`. With the bound the request was
+        held to at its last look.
+
+        Args:
+            observe: a wait goes into `queue_wait_seconds` (a request's first
+                wait only: a retry's is not another request's).
 
         Each look reads the bound of the model's route in force then: one
         raised or dropped while requests wait applies to them. A sheddable
@@ -1137,8 +1161,10 @@ class ProxyService:
             NoReplica: the model has no replica left to try.
         """
         identity: ModelIdentity = (route.namespace, route.name)
+        held_to: int | None = None
 
         def take() -> Replica | None:
+            nonlocal held_to
             current = self._catalog.route_named(route.served_name)
             if current is None or (current.namespace, current.name) != identity:
                 current = route
@@ -1146,6 +1172,7 @@ class ProxyService:
             if bound is not None and ctx.priority is Priority.SHEDDABLE:
                 # The places kept for standard requests are not its to take.
                 bound -= current.reserved_per_replica or 0
+            held_to = bound
             if bound is None:
                 replica: Replica | None = self._router.choose(current, request, tried)
             else:
@@ -1163,20 +1190,23 @@ class ProxyService:
             )
         finally:
             demand.add(identity, STATE_QUEUED, -1)
-        if waited:
+        if waited and observe:
             self._metrics.queue_wait.labels(ctx.model, ctx.priority.value).observe(
                 self._clock() - start
             )
-        return replica
+        return replica, held_to
 
-    def _overloaded(self, route: ModelRoute) -> ModelOverloaded:
-        """The 503 of a request that found no replica with room in time."""
+    def _overloaded(self, route: ModelRoute, bound: int | None) -> ModelOverloaded:
+        """The 503 of a request that found no replica with room in time, held
+        to `bound` requests a replica."""
         within = self._options.queue_within_s
         waited = f" for {within:g} s" if within > 0 else ""
+        whose = "its maxRequestsPerReplica"
+        if bound != route.max_requests_per_replica:
+            whose += " less its reservedPerReplica, for sheddable requests"
         return ModelOverloaded(
             f"The model `{route.served_name}` is overloaded: every replica had "
-            f"{route.max_requests_per_replica} requests (its "
-            f"maxRequestsPerReplica){waited}. Retry later.",
+            f"{bound} requests ({whose}){waited}. Retry later.",
             retry_after_s=1,
         )
 
@@ -1487,7 +1517,16 @@ class ProxyService:
     def _release(
         self, ctx: _Context, replica: Replica, failure: UpstreamFailure | None
     ) -> None:
-        self._free(ctx, replica)
+        # Judged before it is freed: freeing offers it to the requests queued
+        # for the model, which must not get a replica this failure ejects.
+        try:
+            self._judge(ctx, replica, failure)
+        finally:
+            self._free(ctx, replica)
+
+    def _judge(
+        self, ctx: _Context, replica: Replica, failure: UpstreamFailure | None
+    ) -> None:
         if failure is None:
             replica.record_success(self._clock(), ctx.ejections)
             return

@@ -111,9 +111,12 @@ class ReplicaQueue(Generic[T]):
         self.offer(model)
         if waiter.future.done():
             return waiter.future.result(), False
-        if self._closed is not None:
+        if self._closed is not None or within_s <= 0:
+            # Nothing to wait for: no request waited.
             self._drop(model, waiter)
-            raise self._closed()
+            if self._closed is not None:
+                raise self._closed()
+            return None, False
         loop = asyncio.get_running_loop()
         ends = loop.time() + within_s
         try:

@@ -104,8 +104,9 @@ class Router:
         Raises:
             NoReplica: the model has no replica left to try.
         """
-        roomy = [r for r in self._candidates(route, exclude) if r.in_flight < bound]
-        return self._choose(route, request, roomy) if roomy else None
+        candidates = self._candidates(route, exclude)
+        roomy = [r for r in candidates if r.in_flight < bound]
+        return self._choose(route, request, roomy, candidates) if roomy else None
 
     def _candidates(
         self, route: ModelRoute, exclude: Collection[Replica]
@@ -126,9 +127,20 @@ class Router:
         return healthy
 
     def _choose(
-        self, route: ModelRoute, request: RouteRequest, replicas: list[Replica]
+        self,
+        route: ModelRoute,
+        request: RouteRequest,
+        replicas: list[Replica],
+        pool: list[Replica] | None = None,
     ) -> Replica:
-        replica, how = self._strategy(route).choose(replicas, request)
+        """The strategy's choice among `replicas`, part of `pool` (the
+        replicas it would choose from were none busy): `prefix-aware` keeps
+        what it knows of every replica of the pool, not only of those."""
+        strategy = self._strategy(route)
+        if pool is not None and isinstance(strategy, PrefixAware):
+            replica, how = strategy.choose(replicas, request, pool=pool)
+        else:
+            replica, how = strategy.choose(replicas, request)
         if self._on_decision:
             self._on_decision(route.served_name, route.strategy.value, how)
         return replica

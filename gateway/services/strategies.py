@@ -264,8 +264,19 @@ class PrefixAware(_Turns):
         self._windows: OrderedDict[int, _Window] = OrderedDict()
 
     def choose(
-        self, replicas: Sequence[Replica], request: RouteRequest
+        self,
+        replicas: Sequence[Replica],
+        request: RouteRequest,
+        *,
+        pool: Sequence[Replica] | None = None,
     ) -> tuple[Replica, str]:
+        """A replica of `replicas`, and how it was chosen.
+
+        Args:
+            pool: the replicas the model has, of which `replicas` are those
+                with room (`Router.choose_with_room`); what is known of the
+                others is kept (a new replica's bit reclaims only gone ones).
+        """
         text, in_window = prefix_window(request.body)
         hashes = block_hashes(text, adapter=request.adapter)
         # One turn per request, wherever ties are broken: taking one at each
@@ -278,7 +289,7 @@ class PrefixAware(_Turns):
             chosen, how = least_loaded(replicas, turn), "least"
         elif instead := self._overflow(chosen, replicas, matched, turn):
             chosen, how = instead, "overflow"
-        fresh = self._owners.add(hashes, self._bit(chosen.url, replicas))
+        fresh = self._owners.add(hashes, self._bit(chosen.url, pool or replicas))
         self._remember(chosen.url, len(replicas))
         window: Mark | None = None
         if len(hashes) == MAX_BLOCKS:

@@ -138,7 +138,7 @@ def test_metrics_on_a_port_of_their_own_and_not_on_the_api_port(
     assert [line for line in text.splitlines() if not line.startswith("#")] == [
         f'citadel_gateway_model_requests{{llmmodel="smol",model_namespace="llm",'
         f'state="{state}"}} 0.0'
-        for state in ("in_flight", "waiting", "queued")
+        for state in ("in_flight", "waiting")
     ]
     # The API port, which an Ingress may publish, does not serve them.
     assert seen["api"].status_code == 404

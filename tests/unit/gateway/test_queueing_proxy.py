@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
+from citadel.gateway.routes import RoutingDocument
 from citadel.gateway.services import queueing
 from citadel.gateway.services.auth import KeyRecord, hash_key
 from citadel.gateway.services.replicas import Endpoint
@@ -220,7 +221,8 @@ async def test_a_model_without_a_bound_never_queues(kit: Any) -> None:
     tasks = [ask(h, kit, said) for said in ("a", "b", "c")]
     await until(lambda: len(held.arrived) == 3)
     assert in_flight(h) == 3
-    assert demand(h, "queued") == 0
+    # Nothing queues for it: no series of queued requests either.
+    assert demand(h, "queued") is None
     for said in ("a", "b", "c"):
         held.answer(said)
     assert [(await done(t)).status_code for t in tasks] == [200, 200, 200]
@@ -485,3 +487,146 @@ async def test_places_kept_for_standard_requests_are_theirs_alone(kit: Any) -> N
     assert (await done(batch)).status_code == 200
     assert (await done(more)).status_code == 200
     assert waited(h, "sheddable") == 1 and waited(h) is None
+
+
+class Failing(Held):
+    """As `Held`; a request that says one of `fail` is answered 500 once let go."""
+
+    def __init__(self, h: Any, kit: Any) -> None:
+        super().__init__(h, kit)
+        self.fail: set[str] = set()
+
+    async def post(
+        self, url: str, body: bytes, headers: Any, timeout_s: float | None = None
+    ) -> Any:
+        said = orjson.loads(body)["messages"][-1]["content"]
+        if said not in self.fail:
+            return await super().post(url, body, headers, timeout_s)
+        self.arrived.append((url.removesuffix("/v1/chat/completions"), said))
+        await self._gate(said).wait()
+        return self.kit.reply(status=500, body=b'{"error": "boom"}')
+
+
+async def test_a_replica_its_failure_ejects_is_not_given_to_a_queued_request(
+    kit: Any,
+) -> None:
+    h = bounded(kit, replicas=(R1, R2))
+    held = Failing(h, kit)
+    held.fail.add("a")
+    a = ask(h, kit, "a")
+    await until(lambda: held.at("a") is not None)
+    b = ask(h, kit, "b")
+    await until(lambda: held.at("b") is not None)
+    failing = h.deps.catalog.all_replicas()[held.at("a")]
+    failing.failures = 2  # the next failure ejects it (after 3)
+    queued = ask(h, kit, "queued")
+    await until(lambda: demand(h, "queued") == 1)
+    held.answer("a")  # a 500: ejected, and its place freed
+    await until(lambda: not failing.available(h.clock.now))
+    await asyncio.sleep(0.05)
+    # Not sent to the ejected replica: it waits for the healthy one.
+    assert held.at("queued") is None
+    held.answer("b")
+    await until(lambda: held.at("queued") is not None)
+    assert held.at("queued") == held.at("b")
+    held.answer("queued")
+    assert (await done(queued)).status_code == 200
+    await asyncio.gather(a, b)
+
+
+async def test_a_busy_fallback_with_a_bound_is_skipped_not_waited_for(
+    kit: Any,
+) -> None:
+    """The model asked for is at zero; its fallback is at its bound: the
+    request is held for the model, as if the fallback could not answer, and
+    the model answers it once it has a replica."""
+    base = {"namespace": "llm", "strategy": "round-robin"}
+    doc = RoutingDocument.model_validate(
+        {
+            "models": [
+                {
+                    **base,
+                    "name": "smol",
+                    "servedName": "smollm2",
+                    "service": "smol",
+                    "scaleFromZero": True,
+                    "fallbacks": ["fb"],
+                },
+                {
+                    **base,
+                    "name": "fb",
+                    "servedName": "fb",
+                    "service": "fb",
+                    "maxRequestsPerReplica": 1,
+                },
+            ]
+        }
+    )
+    key = KeyRecord(name="alice", hash=hash_key(kit.key), models=("*",))
+    h = kit.build(doc=doc, replicas=(), records=(key,), scale_from_zero_s=5)
+    h.deps.catalog.set_endpoints("llm", "fb", [Endpoint(R2)])
+    held = Held(h, kit)
+
+    async def send(model: str, said: str) -> Any:
+        body = {"model": model, "messages": [{"role": "user", "content": said}]}
+        async with h.client() as client:
+            return await client.post("/v1/chat/completions", json=body)
+
+    busy = asyncio.create_task(send("fb", "busy"))
+    await until(lambda: held.at("busy") is not None)
+    mine = asyncio.create_task(send("smollm2", "mine"))
+    await until(lambda: demand(h, "waiting") == 1)  # held for its model
+    assert demand(h, "queued") in (None, 0)
+    h.deps.catalog.set_endpoints("llm", "smol", [Endpoint(R1)])
+    held.answer("mine")
+    answer = await done(mine)
+    assert answer.status_code == 200
+    assert "x-citadel-fallback" not in answer.headers
+    held.answer("busy")
+    assert (await done(busy)).status_code == 200
+
+
+async def test_the_wait_is_observed_once_a_request(kit: Any) -> None:
+    """A request that waits, is refused by the replica it gets (429) and waits
+    again for its retry is one wait; one refused at once waited for nothing."""
+    h = bounded(kit, replicas=(R1, R2))
+    held = Held(h, kit)
+    held.refuse.add("retried")
+    a = ask(h, kit, "a")
+    await until(lambda: held.at("a") is not None)
+    b = ask(h, kit, "b")
+    await until(lambda: held.at("b") is not None)
+    retried = ask(h, kit, "retried")
+    await until(lambda: demand(h, "queued") == 1)
+    held.answer("a")  # its place goes to "retried": a 429, and its retry waits
+    await until(lambda: demand(h, "queued") == 1 and len(held.arrived) == 3)
+    held.answer("b")
+    held.answer("retried")
+    await asyncio.gather(a, b, retried)
+    assert waited(h) == 1
+    at_once = bounded(kit, queue_s=0)
+    held = Held(at_once, kit)
+    first = ask(at_once, kit, "first")
+    await until(lambda: held.at("first") is not None)
+    assert (await done(ask(at_once, kit, "second"))).status_code == 503
+    assert waited(at_once) is None
+    held.answer("first")
+    await done(first)
+
+
+async def test_a_sheddable_requests_503_names_the_bound_it_was_held_to(
+    kit: Any,
+) -> None:
+    doc = kit.document(maxRequestsPerReplica=2, reservedPerReplica=1)
+    h = kit.build(doc=doc, replicas=(R1,), queue_s=0.05)
+    held = Held(h, kit)
+    sheddable = {PRIORITY_HEADER: "sheddable"}
+    batch = ask(h, kit, "batch", sheddable)
+    await until(lambda: held.at("batch") is not None)
+    refused = await done(ask(h, kit, "more", sheddable))
+    assert refused.status_code == 503
+    message = refused.json()["error"]["message"]
+    assert "every replica had 1 requests" in message
+    assert "less its reservedPerReplica" in message
+    held.answer("batch")
+    await done(batch)

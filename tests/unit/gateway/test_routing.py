@@ -8,7 +8,12 @@ from collections.abc import Iterator
 import pytest
 
 from citadel.gateway.errors import NoReplica
-from citadel.gateway.routes import DocumentReading, ModelRoute, RoutingDocument
+from citadel.gateway.routes import (
+    DocumentReading,
+    ModelRoute,
+    RoutingDocument,
+    RoutingStrategy,
+)
 from citadel.gateway.services.catalog import Catalog, routing_table
 from citadel.gateway.services.replicas import (
     EjectionPolicy,
@@ -305,3 +310,32 @@ def test_the_router_passes_the_report_age_to_kv_aware() -> None:
     assert router.choose(kv.models[0], RouteRequest({})) is a
     now[0] = 11.0  # neither report counts now: in flight alone
     assert router.choose(kv.models[0], RouteRequest({})) is b
+
+
+def test_a_choice_among_replicas_with_room_keeps_prefix_awares_knowledge() -> None:
+    """prefix-aware gives a new replica a bit taken from replicas gone, once all
+    are held: those at their bound are busy, not gone, and keep their
+    conversations."""
+    route = DOC.models[0].model_copy(update={"strategy": RoutingStrategy.PREFIX_AWARE})
+    catalog = Catalog()
+    catalog.set_document(RoutingDocument(models=(route,)))
+    router = Router(catalog, lambda: 0.0)
+
+    def chat(text: str) -> RouteRequest:
+        return RouteRequest({"messages": [{"role": "user", "content": text * 80}]})
+
+    # 63 replicas met and gone, then `a`, which holds the conversation P: no
+    # bit left for the next new replica.
+    for i in range(63):
+        catalog.set_endpoints("llm", "m", [Endpoint(f"http://old{i}")])
+        router.choose(route, chat(f"old {i} "))
+    catalog.set_endpoints("llm", "m", [Endpoint("http://a")])
+    a = router.choose(route, chat("conversation P. "))
+    catalog.set_endpoints("llm", "m", [Endpoint("http://a"), Endpoint("http://b")])
+    a.in_flight = 1
+    # `a` at its bound of 1: the new replica takes Q.
+    assert router.choose_with_room(route, chat("conversation Q. "), (), 1).url == (
+        "http://b"
+    )
+    a.in_flight = 0
+    assert router.choose(route, chat("conversation P. ")).url == "http://a"
