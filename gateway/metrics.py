@@ -105,20 +105,17 @@ class ModelDemand(Collector):
 
     def __init__(self) -> None:
         self._counts: dict[tuple[str, str, str], int] = {}
-        self._routed: Callable[[], Iterable[ModelIdentity]] = tuple
-        self._bounded: Callable[[], Iterable[ModelIdentity]] = tuple
+        self._routed: Callable[[], Iterable[tuple[ModelIdentity, bool]]] = tuple
 
     def follow(
-        self,
-        routed: Callable[[], Iterable[ModelIdentity]],
-        bounded: Callable[[], Iterable[ModelIdentity]] = tuple,
+        self, routed: Callable[[], Iterable[tuple[ModelIdentity, bool]]]
     ) -> None:
         """Exports in_flight and waiting for each model `routed()` names at a
-        scrape (the routing document in force), and queued for each that
-        `bounded()` names (those whose route has maxRequestsPerReplica: at
-        40,000 routes a third series for each took the family from 7.8 to 11.7
-        MB, which the operator's autoscaler reads at each tick)."""
-        self._routed, self._bounded = routed, bounded
+        scrape (the routing document in force), and queued for those it says
+        are bounded (their route has maxRequestsPerReplica: at 40,000 routes a
+        third series for each took the family from 7.8 to 11.7 MB, which the
+        operator's autoscaler reads at each tick)."""
+        self._routed = routed
 
     def add(self, model: ModelIdentity, state: str, delta: int) -> None:
         """Counts `delta` more (or fewer) requests of `model` in `state`
@@ -139,13 +136,13 @@ class ModelDemand(Collector):
         `follow`)."""
         counts = self._counts.copy()
         family = self._family()
-        models = dict.fromkeys(self._routed())
-        models.update(dict.fromkeys((key[0], key[1]) for key in counts))
-        bounded = set(self._bounded())
-        for namespace, name in models:
+        models = dict(self._routed())
+        for key in counts:
+            models.setdefault((key[0], key[1]), False)
+        for (namespace, name), bounded in models.items():
             for state in MODEL_REQUEST_STATES:
                 value = counts.get((namespace, name, state), 0)
-                if value or state != STATE_QUEUED or (namespace, name) in bounded:
+                if value or bounded or state != STATE_QUEUED:
                     family.add_metric([namespace, name, state], value)
         return [family]
 

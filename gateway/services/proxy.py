@@ -450,12 +450,10 @@ class ProxyService:
         # A replica added, or a bound raised, is room for requests queued.
         catalog.on_change(self._queue.offer_all)
         metrics.model_requests.follow(
-            lambda: ((r.namespace, r.name) for r in catalog.routes()),
             lambda: (
-                (r.namespace, r.name)
+                ((r.namespace, r.name), r.max_requests_per_replica is not None)
                 for r in catalog.routes()
-                if r.max_requests_per_replica is not None
-            ),
+            )
         )
 
     def stopping(self, grace_s: float) -> None:

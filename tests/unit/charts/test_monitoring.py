@@ -143,7 +143,7 @@ def promtool() -> str:
 def test_no_metric_label_is_a_target_label() -> None:
     gateway = GatewayMetrics(CollectorRegistry())
     # Its series exist only for the models routed.
-    gateway.model_requests.follow(lambda: [("llm", "m")])
+    gateway.model_requests.follow(lambda: [(("llm", "m"), False)])
     operator = OperatorMetrics(CollectorRegistry())
     # The per-model series exist only once a model is reported.
     counts = ReplicaCounts(desired=2, current=2, updated=2, ready=1)
