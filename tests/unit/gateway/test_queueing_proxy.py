@@ -99,8 +99,7 @@ async def first_held(kit: Any) -> tuple[Any, Held, asyncio.Task[Any]]:
     says "first": the harness, its held replica, and that request."""
     h = bounded(kit)
     held = Held(h, kit)
-    first = ask(h, kit, "first")
-    await until(lambda: held.at("first") is not None)
+    first = await arrived(held, h, kit, "first")
     return h, held, first
 
 
@@ -111,6 +110,15 @@ def handled(h: Any, kit: Any) -> asyncio.Task[Any]:
     return asyncio.create_task(
         h.deps.proxy.handle(CHAT, principal, orjson.dumps(kit.chat), "r-2")
     )
+
+
+async def arrived(
+    held: Held, h: Any, kit: Any, said: str, headers: dict[str, str] | None = None
+) -> asyncio.Task[Any]:
+    """`ask`, once the request is held at a replica."""
+    task = ask(h, kit, said, headers)
+    await until(lambda: held.at(said) is not None)
+    return task
 
 
 def demand(h: Any, state: str) -> float | None:
@@ -236,8 +244,7 @@ async def test_a_request_waiting_past_the_queue_timeout_gets_a_503_and_its_refun
     key = KeyRecord(name="alice", hash=hash_key(kit.key), models=("*",), rpm=2)
     h = bounded(kit, records=(key,), queue_s=0.1)
     held = Held(h, kit)
-    first = ask(h, kit, "first")
-    await until(lambda: held.at("first") is not None)
+    first = await arrived(held, h, kit, "first")
     loop = asyncio.get_running_loop()
     began = loop.time()
     refused = await done(ask(h, kit, "second"))
@@ -271,8 +278,7 @@ async def test_no_queue_timeout_refuses_at_once(
     assert options.queue_within_s == 0
     h = bounded(kit, queue_s=options.queue_within_s)
     held = Held(h, kit)
-    first = ask(h, kit, "first")
-    await until(lambda: held.at("first") is not None)
+    first = await arrived(held, h, kit, "first")
     refused = await asyncio.wait_for(ask(h, kit, "second"), 0.5)
     assert refused.status_code == 503
     assert refused.json()["error"]["code"] == "model_overloaded"
@@ -367,8 +373,7 @@ async def test_an_ejected_replica_is_no_room_while_a_healthy_one_is_busy(
     h = bounded(kit, replicas=(R1, R2))
     h.deps.catalog.all_replicas()[R2].ejected_until = h.clock.now + 60
     held = Held(h, kit)
-    first = ask(h, kit, "first")
-    await until(lambda: held.at("first") is not None)
+    first = await arrived(held, h, kit, "first")
     assert held.at("first") == R1
     second = ask(h, kit, "second")
     await until(lambda: demand(h, "queued") == 1)
@@ -390,8 +395,7 @@ async def retry_waiting(
     h = bounded(kit, replicas=(R1, R2))
     held = Held(h, kit)
     held.refuse.add("retried")
-    busy = ask(h, kit, "busy")
-    await until(lambda: held.at("busy") is not None)
+    busy = await arrived(held, h, kit, "busy")
     retried = ask(h, kit, "retried")
     await until(lambda: demand(h, "queued") == 1)
     return h, held, busy, retried
@@ -436,8 +440,7 @@ async def test_a_retry_waits_no_longer_than_the_queue_timeout(kit: Any) -> None:
     h = bounded(kit, replicas=(R1, R2), queue_s=0)
     held = Held(h, kit)
     held.refuse.add("retried")
-    busy = ask(h, kit, "busy")
-    await until(lambda: held.at("busy") is not None)
+    busy = await arrived(held, h, kit, "busy")
     answer = await asyncio.wait_for(ask(h, kit, "retried"), 0.5)
     # The other replica's refusal: every replica it may try was at its bound.
     assert answer.status_code == 429
@@ -468,14 +471,12 @@ async def test_places_kept_for_standard_requests_are_theirs_alone(kit: Any) -> N
     h = kit.build(doc=doc, replicas=(R1,))
     held = Held(h, kit)
     sheddable = {PRIORITY_HEADER: "sheddable"}
-    batch = ask(h, kit, "batch", sheddable)
-    await until(lambda: held.at("batch") is not None)
+    batch = await arrived(held, h, kit, "batch", sheddable)
     # A second sheddable request finds the replica at its bound less the
     # kept place; a standard one takes the kept place at once.
     more = ask(h, kit, "more", sheddable)
     await until(lambda: demand(h, "queued") == 1)
-    user = ask(h, kit, "user")
-    await until(lambda: held.at("user") is not None)
+    user = await arrived(held, h, kit, "user")
     assert in_flight(h) == 2
     held.answer("user")
     assert (await done(user)).status_code == 200
@@ -513,8 +514,7 @@ async def test_a_replica_its_failure_ejects_is_not_given_to_a_queued_request(
     h = bounded(kit, replicas=(R1, R2))
     held = Failing(h, kit)
     held.fail.add("a")
-    a = ask(h, kit, "a")
-    await until(lambda: held.at("a") is not None)
+    a = await arrived(held, h, kit, "a")
     b = ask(h, kit, "b")
     await until(lambda: held.at("b") is not None)
     failing = h.deps.catalog.all_replicas()[held.at("a")]
@@ -592,8 +592,7 @@ async def test_the_wait_is_observed_once_a_request(kit: Any) -> None:
     h = bounded(kit, replicas=(R1, R2))
     held = Held(h, kit)
     held.refuse.add("retried")
-    a = ask(h, kit, "a")
-    await until(lambda: held.at("a") is not None)
+    a = await arrived(held, h, kit, "a")
     b = ask(h, kit, "b")
     await until(lambda: held.at("b") is not None)
     retried = ask(h, kit, "retried")
@@ -606,8 +605,7 @@ async def test_the_wait_is_observed_once_a_request(kit: Any) -> None:
     assert waited(h) == 1
     at_once = bounded(kit, queue_s=0)
     held = Held(at_once, kit)
-    first = ask(at_once, kit, "first")
-    await until(lambda: held.at("first") is not None)
+    first = await arrived(held, at_once, kit, "first")
     assert (await done(ask(at_once, kit, "second"))).status_code == 503
     assert waited(at_once) is None
     held.answer("first")
@@ -621,8 +619,7 @@ async def test_a_sheddable_requests_503_names_the_bound_it_was_held_to(
     h = kit.build(doc=doc, replicas=(R1,), queue_s=0.05)
     held = Held(h, kit)
     sheddable = {PRIORITY_HEADER: "sheddable"}
-    batch = ask(h, kit, "batch", sheddable)
-    await until(lambda: held.at("batch") is not None)
+    batch = await arrived(held, h, kit, "batch", sheddable)
     refused = await done(ask(h, kit, "more", sheddable))
     assert refused.status_code == 503
     message = refused.json()["error"]["message"]
