@@ -979,28 +979,9 @@ class ProxyService:
                     replica = self._router.choose(route, request, tried)
                     self._acquire(ctx, replica)
                 else:
-                    # A retry waits within the request's time, and no longer
-                    # than any request waits here. A fallback's request waits
-                    # not at all: the next fallback, or the hold for the model
-                    # asked for, may answer sooner.
-                    within = self._options.queue_within_s
-                    if attempt:
-                        within = min(within, left)
-                    if ctx.fallback is not None:
-                        within = 0
-                    found, bound = await self._queued(
-                        ctx, route, request, tried, within, observe=not attempt
-                    )
+                    found = await self._with_room(ctx, route, request, tried, left)
                     if found is None:
-                        if attempt:
-                            break
-                        if ctx.fallback is not None:
-                            raise NoReplica(
-                                f"Every replica of `{route.served_name}` has its "
-                                "maxRequestsPerReplica requests.",
-                                retry_after_s=1,
-                            )
-                        raise self._overloaded(route, bound)
+                        break
                     replica = found
                     if not attempt:
                         # Its time to be answered starts now, as for a request
@@ -1128,6 +1109,45 @@ class ProxyService:
             f"No replica of `{route.served_name}` could be reached; try again shortly.",
             retry_after_s=NO_REPLICA_RETRY_S,
         )
+
+    async def _with_room(
+        self,
+        ctx: _Context,
+        route: ModelRoute,
+        request: RouteRequest,
+        tried: list[Replica],
+        left: float,
+    ) -> Replica | None:
+        """A replica of `route`, which has `maxRequestsPerReplica`, with room
+        for a try of the request (`_queued`); None for a retry (`tried` not
+        empty) that found none within the time `left` of the request.
+
+        A first try waits up to the queue timeout; a retry no longer, and
+        within the request's time. A fallback's request waits not at all: the
+        next fallback, or the hold for the model asked for, may answer sooner.
+
+        Raises:
+            NoReplica: no replica at all; or a fallback's with none with room
+                (its request goes on to the next fallback).
+            ModelOverloaded: a first try that found no room in time.
+        """
+        within = self._options.queue_within_s
+        if tried:
+            within = min(within, left)
+        if ctx.fallback is not None:
+            within = 0
+        found, bound = await self._queued(
+            ctx, route, request, tried, within, observe=not tried
+        )
+        if found is not None or tried:
+            return found
+        if ctx.fallback is not None:
+            raise NoReplica(
+                f"Every replica of `{route.served_name}` has its "
+                "maxRequestsPerReplica requests.",
+                retry_after_s=1,
+            )
+        raise self._overloaded(route, bound)
 
     async def _queued(
         self,
