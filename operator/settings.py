@@ -115,10 +115,10 @@ class OperatorSettings(BaseSettings):
     most a minute: a new model is not routed before)."""
     route_publish_interval: float = Field(1.0, ge=0, le=600, allow_inf_nan=False)
     """Least time between two writes of the ConfigMap. Each write carries the
-    whole document (322 KB for 1,000 models with 10-character names, namespaces
-    of 3 and no aliases, adapters, fallbacks or split, measured with
-    build_document) to the API server and to every gateway's watch; while
-    models keep changing, as in a burst of new ones, this bounds how often."""
+    whole document (322 KB for 1,000 models with 10-character names, namespaces of 3
+    and no aliases, adapters, fallbacks or split: 322 bytes a route, read from one
+    such route's JSON on 2026-12-08) to the API server and to every gateway's watch;
+    while models keep changing, as in a burst of new ones, this bounds how often."""
     pod_monitors: bool = True
     """Make a PodMonitor per model where the PodMonitor CRD is served. False
     makes none and deletes those this operator made (controlled by their
